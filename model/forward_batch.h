@@ -1,0 +1,28 @@
+// ForwardBatch: what one model step consumes. Prefill of several sequences of different lengths
+// and decode of a batch share this one description (and one code path): each sequence contributes
+// `num_new_tokens` tokens that attend to everything already in its paged KV cache plus themselves
+// (causal). Host memory; the backend uploads what it needs.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace phishard {
+
+struct SequenceInput {
+  int num_new_tokens = 0;            // q_len of this sequence in this step (>= 1)
+  int context_len = 0;               // tokens in the cache after this step = past + new
+  std::vector<int32_t> block_table;  // KV block ids covering [0, context_len); block size from cache
+  int adapter_index = 0;             // 0 = base model (multi-LoRA picks adapters by this)
+};
+
+struct ForwardBatch {
+  std::vector<int32_t> token_ids;    // [T] new tokens, sequence-major (seq 0's tokens, then seq 1's…)
+  std::vector<int32_t> positions;    // [T] absolute position of each new token in its sequence
+  std::vector<SequenceInput> seqs;   // sum(seqs[i].num_new_tokens) == T
+  std::vector<int32_t> logit_rows;   // ascending indices into [0, T) whose logits are returned
+
+  int num_tokens() const { return static_cast<int>(token_ids.size()); }
+};
+
+}  // namespace phishard

@@ -1,0 +1,41 @@
+// ModelBackend: one rank's Phi model on one device (CPU float32 reference, or CUDA). The server
+// talks to this interface only, so everything above it is backend-agnostic.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "model/forward_batch.h"
+#include "model/phi_config.h"
+
+namespace phishard {
+
+class ModelBackend {
+ public:
+  virtual ~ModelBackend() = default;
+
+  virtual const PhiConfig& config() const = 0;
+  virtual std::string device_type() const = 0;  // "cpu" or "cuda"
+  virtual std::string dtype_name() const = 0;   // torch form: "torch.float32", "torch.bfloat16"…
+
+  // Number of KV blocks that fit in `memory_fraction` of the memory left after weights
+  // (and workspace for a step of `max_batch_tokens` tokens).
+  virtual absl::StatusOr<int> MaxKvBlocks(double memory_fraction, int max_batch_tokens) const = 0;
+  // (Re)allocates the KV pool: per layer K and V of [num_blocks, block_size, nKV, head_dim].
+  virtual absl::Status AllocateKvCache(int num_blocks, int block_size) = 0;
+  virtual int kv_num_blocks() const = 0;
+
+  // Runs one step: writes K/V of every new token into its slot
+  // (block_table[pos / block_size] * block_size + pos % block_size), and returns float32 logits
+  // [batch.logit_rows.size(), vocab_size] (host, row-major) for the requested rows.
+  virtual absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) = 0;
+
+  // A cheap real round trip to the device (Health).
+  virtual absl::Status Ping() = 0;
+};
+
+}  // namespace phishard

@@ -1,0 +1,89 @@
+// Safetensors reader: mmapped files, single or sharded (model.safetensors.index.json).
+// Every header field is validated before any tensor is touched (offsets in range, shape x dtype
+// size == byte length, no overlapping ranges, no duplicate names across files): a malformed file
+// is an absl::Status naming the file and tensor, never a crash.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace phishard {
+
+enum class DType { kF32, kF16, kBF16 };
+std::string_view DTypeName(DType d);  // "F32", "F16", "BF16"
+size_t DTypeSize(DType d);
+
+struct TensorView {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  const std::byte* data = nullptr;  // host, points into the mmapped file; nbytes long
+  size_t nbytes = 0;
+  std::string file;                 // file this tensor lives in (for error messages)
+  int64_t numel() const;
+};
+
+// One mmapped .safetensors file.
+class SafetensorsFile {
+ public:
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::filesystem::path& path);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  SafetensorsFile() = default;
+  std::filesystem::path path_;
+  void* map_ = nullptr;
+  size_t map_size_ = 0;
+  std::map<std::string, TensorView> tensors_;
+};
+
+// All weights of a model directory: model.safetensors.index.json when present (only the files it
+// names), else every *.safetensors file in the directory. A name in two files is an error.
+class WeightStore {
+ public:
+  static absl::StatusOr<std::unique_ptr<WeightStore>> OpenDir(const std::filesystem::path& dir);
+  // Opens exactly the given files (tests, adapters).
+  static absl::StatusOr<std::unique_ptr<WeightStore>> OpenFiles(
+      const std::vector<std::filesystem::path>& files);
+
+  bool Has(std::string_view name) const;
+  absl::StatusOr<const TensorView*> Get(std::string_view name) const;
+  std::vector<std::string> Names() const;
+
+  // Converts tensor `name` to float32 into `out` (resized), checking its shape equals `shape`
+  // (error names the tensor, expected and actual shape).
+  absl::Status ReadF32(std::string_view name, absl::Span<const int64_t> shape,
+                       std::vector<float>* out) const;
+  // Same, converting to IEEE half / bfloat16 bit patterns (for device upload).
+  absl::Status ReadF16(std::string_view name, absl::Span<const int64_t> shape,
+                       std::vector<uint16_t>* out) const;
+  absl::Status ReadBF16(std::string_view name, absl::Span<const int64_t> shape,
+                        std::vector<uint16_t>* out) const;
+
+ private:
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const TensorView*, std::less<>> index_;
+};
+
+// Scalar conversions (round-to-nearest-even for the narrowing ones).
+float HalfToFloat(uint16_t h);
+float BF16ToFloat(uint16_t b);
+uint16_t FloatToHalf(float f);
+uint16_t FloatToBF16(float f);
+
+}  // namespace phishard

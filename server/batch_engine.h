@@ -1,0 +1,56 @@
+// BatchEngine: the shard's state that outlives an RPC — the batch cache (batch id → requests and
+// their KV blocks, chooser and stopping state), the KV block allocator — and the steps that
+// change it. Not thread-safe: the service calls it from one executor thread, in arrival order.
+// Every method either succeeds or leaves all state exactly as it was (no leaked KV blocks, no
+// half-filtered batch). Error codes: unknown batch → NOT_FOUND "Batch ID <id> not found in cache.";
+// bad request field → INVALID_ARGUMENT naming the field; no KV room → RESOURCE_EXHAUSTED.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/model_backend.h"
+#include "model/tokenizer.h"
+#include "server/batch_types.h"
+
+namespace phishard {
+
+struct BatchEngineOptions {
+  int rank = 0;
+  int world_size = 1;
+  double memory_fraction = 1.0;      // CUDA_MEMORY_FRACTION
+  double memory_wiggle_room = 0.9;   // MEMORY_WIGGLE_ROOM
+  int max_kv_blocks = 0;             // > 0 caps the pool (tests); 0 = size from memory at Warmup
+  std::vector<int32_t> eos_token_ids;  // from generation_config/config/tokenizer
+};
+
+class BatchEngine {
+ public:
+  BatchEngine(ModelBackend* model, const Tokenizer* tokenizer, BatchEngineOptions options);
+  ~BatchEngine();
+
+  // Runs the warmup batch (tokenising it itself), sizes and allocates the KV pool, empties the
+  // cache, returns max_supported_total_tokens = num_blocks × block_size.
+  absl::StatusOr<uint32_t> Warmup(const BatchInput& batch, uint32_t max_input_length,
+                                  uint32_t max_prefill_tokens, uint32_t max_new_tokens);
+  absl::StatusOr<StepResult> Prefill(const BatchInput& batch);
+  absl::StatusOr<StepResult> Decode(const std::vector<uint64_t>& batch_ids);
+  absl::StatusOr<CachedBatchOut> FilterBatch(uint64_t batch_id,
+                                             const std::vector<uint64_t>& request_ids);
+  absl::Status ClearCache(std::optional<uint64_t> batch_id);
+
+  // Introspection for tests and metrics.
+  int kv_blocks_total() const;
+  int kv_blocks_free() const;
+  size_t num_cached_batches() const;
+
+  struct State;
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace phishard
