@@ -2,15 +2,15 @@
 
 #include <algorithm>
 
-#include "absl/log/check.h"
+#include "common/logging.h"
 #include "absl/strings/str_format.h"
 
 namespace phishard {
 
 KvBlockAllocator::KvBlockAllocator(int num_blocks, int block_size)
     : num_blocks_(num_blocks), block_size_(block_size) {
-  CHECK_GE(num_blocks, 0);
-  CHECK_GT(block_size, 0);
+  PHI_CHECK(num_blocks >= 0);
+  PHI_CHECK(block_size > 0);
   Reset();
 }
 
@@ -23,7 +23,7 @@ void KvBlockAllocator::Reset() {
 }
 
 absl::StatusOr<std::vector<int32_t>> KvBlockAllocator::Allocate(int n) {
-  CHECK_GE(n, 0);
+  PHI_CHECK(n >= 0);
   if (n > num_free()) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "KV cache exhausted: need %d blocks of %d tokens, %d of %d free", n, block_size_,
@@ -40,8 +40,8 @@ absl::StatusOr<std::vector<int32_t>> KvBlockAllocator::Allocate(int n) {
 
 void KvBlockAllocator::Free(absl::Span<const int32_t> blocks) {
   for (int32_t b : blocks) {
-    CHECK(b >= 0 && b < num_blocks_) << "KV block id " << b << " out of range";
-    CHECK(in_use_[b]) << "KV block " << b << " freed twice";
+    PHI_CHECK(b >= 0 && b < num_blocks_) << "KV block id " << b << " out of range";
+    PHI_CHECK(in_use_[b]) << "KV block " << b << " freed twice";
     in_use_[b] = 0;
     free_.push_back(b);
   }
