@@ -8,7 +8,7 @@ PKGS=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-dev
-  libgtest-dev libgmock-dev
+  libgtest-dev libgmock-dev libgloo-dev
   python3
 )
 
