@@ -1,0 +1,644 @@
+#include "model/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/logging.h"
+#include "nlohmann/json.hpp"
+
+namespace phishard {
+
+static_assert(std::endian::native == std::endian::little,
+              "safetensors data is little-endian; a big-endian host would need byte swaps");
+
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+// The Rust reference implementation refuses headers above 100 MB; so do we (a corrupt length
+// field must not make us parse gigabytes of tensor data as JSON).
+constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
+// A valid header nests 3 deep ({name: {shape: [..]}}); anything far deeper is garbage, and
+// rejecting it before parsing bounds the parser's memory on hostile input.
+constexpr int kMaxJsonDepth = 16;
+
+std::string ShapeStr(absl::Span<const int64_t> shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+// Safetensors dtypes that exist in the format but that phishard does not load: a file holding
+// one is refused at Open with UNIMPLEMENTED naming the tensor (Phi checkpoints and PEFT adapters
+// only hold F32/F16/BF16; accepting others would only defer the failure to a conversion).
+bool IsKnownUnsupportedDType(std::string_view s) {
+  static constexpr std::string_view kOthers[] = {
+      "BOOL",    "U8",  "I8",  "I16",         "U16",        "I32",     "I64",
+      "U32",     "U64", "F64", "F8_E4M3",     "F8_E5M2",    "F8_E8M0", "F6_E2M3",
+      "F6_E3M2", "F4",  "C64", "F8_E4M3FNUZ", "F8_E5M2FNUZ"};
+  return std::find(std::begin(kOthers), std::end(kOthers), s) != std::end(kOthers);
+}
+
+// Max nesting depth of the JSON text, ignoring brackets inside strings. Stops counting at
+// `limit + 1`.
+int JsonDepth(std::string_view text, int limit) {
+  int depth = 0, max_depth = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      max_depth = std::max(max_depth, ++depth);
+      if (max_depth > limit) return max_depth;
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  return max_depth;
+}
+
+// Parses JSON, reporting a duplicated key in any object (nlohmann silently keeps the last one,
+// which for a safetensors header would hide a tensor).
+absl::StatusOr<json> ParseJsonNoDuplicates(std::string_view text, const std::string& what) {
+  if (JsonDepth(text, kMaxJsonDepth) > kMaxJsonDepth) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: JSON nested deeper than %d levels", what, kMaxJsonDepth));
+  }
+  std::vector<std::set<std::string>> open_objects;
+  std::string duplicate;
+  json::parser_callback_t cb = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+        open_objects.emplace_back();
+        break;
+      case json::parse_event_t::key:
+        if (!open_objects.back().insert(parsed.get<std::string>()).second && duplicate.empty()) {
+          duplicate = parsed.get<std::string>();
+        }
+        break;
+      case json::parse_event_t::object_end:
+        open_objects.pop_back();
+        break;
+      default:
+        break;
+    }
+    return true;  // never discard: keeps object_start/object_end balanced
+  };
+  json j;
+  try {
+    j = json::parse(text.begin(), text.end(), cb);
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": not valid JSON: ", e.what()));
+  }
+  if (!duplicate.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: duplicate key '%s' in JSON header", what, duplicate));
+  }
+  return j;
+}
+
+// Reads a non-negative JSON integer into uint64_t; false for floats, negatives, bools, etc.
+bool GetUnsigned(const json& v, uint64_t* out) {
+  if (!v.is_number_unsigned()) return false;
+  *out = v.get<uint64_t>();
+  return true;
+}
+
+absl::StatusOr<std::string> ReadTextFile(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open '", path.string(), "'"));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading '", path.string(), "'"));
+  return ss.str();
+}
+
+// Narrowing targets for ConvertTo16.
+struct ToF16 {
+  using Out = uint16_t;
+  static constexpr DType kSelf = DType::kF16;
+  static uint16_t FromFloat(float f) { return FloatToHalf(f); }
+};
+struct ToBF16 {
+  using Out = uint16_t;
+  static constexpr DType kSelf = DType::kBF16;
+  static uint16_t FromFloat(float f) { return FloatToBF16(f); }
+};
+
+// Tight per-source-dtype loops (the switch is hoisted out of the loop so each loop is
+// branch-free apart from the scalar converter itself).
+void ConvertToF32(const TensorView& t, float* out) {
+  const size_t n = t.nbytes / DTypeSize(t.dtype);
+  const std::byte* src = t.data;
+  switch (t.dtype) {
+    case DType::kF32:
+      std::memcpy(out, src, t.nbytes);
+      return;
+    case DType::kF16:
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        out[i] = HalfToFloat(h);
+      }
+      return;
+    case DType::kBF16:
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t b;
+        std::memcpy(&b, src + 2 * i, 2);
+        out[i] = BF16ToFloat(b);
+      }
+      return;
+  }
+}
+
+template <typename To>
+void ConvertTo16(const TensorView& t, uint16_t* out) {
+  const size_t n = t.nbytes / DTypeSize(t.dtype);
+  const std::byte* src = t.data;
+  if (t.dtype == To::kSelf) {
+    std::memcpy(out, src, t.nbytes);
+    return;
+  }
+  switch (t.dtype) {
+    case DType::kF32:
+      for (size_t i = 0; i < n; ++i) {
+        float f;
+        std::memcpy(&f, src + 4 * i, 4);
+        out[i] = To::FromFloat(f);
+      }
+      return;
+    case DType::kF16:  // only reached for To = BF16; half -> float is exact, so one rounding
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        out[i] = To::FromFloat(HalfToFloat(h));
+      }
+      return;
+    case DType::kBF16:  // only reached for To = F16; bf16 -> float is exact, so one rounding
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t b;
+        std::memcpy(&b, src + 2 * i, 2);
+        out[i] = To::FromFloat(BF16ToFloat(b));
+      }
+      return;
+  }
+}
+
+uint32_t FloatBits(float f) { return std::bit_cast<uint32_t>(f); }
+float BitsFloat(uint32_t u) { return std::bit_cast<float>(u); }
+
+}  // namespace
+
+std::string_view DTypeName(DType d) {
+  switch (d) {
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
+  }
+  return "?";
+}
+
+size_t DTypeSize(DType d) {
+  switch (d) {
+    case DType::kF32:
+      return 4;
+    case DType::kF16:
+    case DType::kBF16:
+      return 2;
+  }
+  return 0;
+}
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;  // cannot overflow: validated against nbytes at Open
+  return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar conversions. Bit-exact, independent of the FPU rounding mode except FloatToHalf's
+// subnormal path, which relies on the default round-to-nearest-even (phishard never changes it
+// and is not built with -ffast-math, which would flush the subnormals).
+
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1f) return BitsFloat(sign | 0x7f800000u | (mant << 13));  // Inf / NaN (payload)
+  if (exp != 0) return BitsFloat(sign | ((exp + 112) << 23) | (mant << 13));
+  // Zero or subnormal: mant * 2^-24, exact in float.
+  const float mag = static_cast<float>(mant) * BitsFloat(0x33800000u);  // 2^-24
+  return BitsFloat(sign | FloatBits(mag));
+}
+
+float BF16ToFloat(uint16_t b) { return BitsFloat(static_cast<uint32_t>(b) << 16); }
+
+uint16_t FloatToHalf(float f) {
+  uint32_t u = FloatBits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  u &= 0x7fffffffu;
+  if (u > 0x7f800000u) {  // NaN: keep it a (quiet) NaN with the top payload bits
+    return sign | 0x7e00u | static_cast<uint16_t>((u >> 13) & 0x3ffu);
+  }
+  if (u >= 0x47800000u) return sign | 0x7c00u;  // >= 65536 (incl. Inf): rounds to Inf
+  if (u < 0x38800000u) {
+    // Result is a half subnormal or zero (|f| < 2^-14). Adding 0.5 (2^-1) puts the half's
+    // subnormal LSB (2^-24) at the float's mantissa LSB, so the FPU's round-to-nearest-even
+    // add does the rounding.
+    const float r = BitsFloat(u) + 0.5f;
+    return sign | static_cast<uint16_t>(FloatBits(r) - 0x3f000000u);
+  }
+  // Normal: rebias exponent (127 -> 15), round mantissa 23 -> 10 bits to nearest even. A
+  // carry out of the mantissa correctly bumps the exponent (up to Inf at 0x7c00).
+  const uint32_t odd = (u >> 13) & 1u;
+  u += 0xc8000fffu + odd;  // (15 - 127) << 23 (mod 2^32) + rounding bias
+  return sign | static_cast<uint16_t>(u >> 13);
+}
+
+uint16_t FloatToBF16(float f) {
+  const uint32_t u = FloatBits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: quiet it, keep sign and top payload
+    return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  }
+  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);  // nearest even; overflow -> Inf
+  return static_cast<uint16_t>(rounded >> 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SafetensorsFile
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_ != nullptr) munmap(map_, map_size_);
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs::path& path) {
+  const std::string where = absl::StrCat("safetensors file '", path.string(), "'");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    const std::string msg = absl::StrCat("cannot open ", where, ": ", std::strerror(err));
+    if (err == ENOENT || err == ENOTDIR) return absl::NotFoundError(msg);
+    if (err == EACCES || err == EPERM) return absl::PermissionDeniedError(msg);
+    return absl::InternalError(msg);
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(where, " is not a regular file"));
+  }
+  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  if (file_size < 8) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s is %d bytes, shorter than the 8-byte header length field", where, file_size));
+  }
+  void* map = mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const int map_err = errno;
+  ::close(fd);  // the mapping keeps the file referenced
+  if (map == MAP_FAILED) {
+    return absl::InternalError(
+        absl::StrCat("mmap of ", where, " failed: ", std::strerror(map_err)));
+  }
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+  file->map_ = map;
+  file->map_size_ = file_size;
+  const auto* bytes = static_cast<const std::byte*>(map);
+
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | std::to_integer<uint64_t>(bytes[i]);
+  if (header_len > kMaxHeaderBytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: header length %d exceeds the %d-byte limit (corrupt or not a safetensors file)", where,
+        header_len, kMaxHeaderBytes));
+  }
+  if (header_len > file_size - 8) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: header length %d runs past the end of the %d-byte file", where,
+                        header_len, file_size));
+  }
+  const std::string_view header_text(reinterpret_cast<const char*>(bytes + 8), header_len);
+  absl::StatusOr<json> header = ParseJsonNoDuplicates(header_text, where);
+  if (!header.ok()) return header.status();
+  if (!header->is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": header is not a JSON object but ", header->type_name()));
+  }
+
+  const std::byte* buffer = bytes + 8 + header_len;
+  const uint64_t buffer_size = file_size - 8 - header_len;
+  struct Range {
+    uint64_t begin, end;
+    const std::string* name;
+  };
+  std::vector<Range> ranges;
+  for (const auto& [name, entry] : header->items()) {
+    const std::string tw = absl::StrCat(where, ": tensor '", name, "'");
+    if (name == "__metadata__") {
+      if (!entry.is_object()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": __metadata__ is not an object but ", entry.type_name()));
+      }
+      for (const auto& [k, v] : entry.items()) {
+        if (!v.is_string()) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "%s: __metadata__['%s'] is %s, expected a string", where, k, v.type_name()));
+        }
+      }
+      continue;
+    }
+    if (!entry.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(tw, ": entry is ", entry.type_name(), ", expected an object"));
+    }
+    // dtype
+    const auto dt = entry.find("dtype");
+    if (dt == entry.end() || !dt->is_string()) {
+      return absl::InvalidArgumentError(absl::StrCat(tw, ": missing or non-string 'dtype'"));
+    }
+    const std::string& dts = dt->get_ref<const std::string&>();
+    DType dtype;
+    if (dts == "F32") {
+      dtype = DType::kF32;
+    } else if (dts == "F16") {
+      dtype = DType::kF16;
+    } else if (dts == "BF16") {
+      dtype = DType::kBF16;
+    } else if (IsKnownUnsupportedDType(dts)) {
+      return absl::UnimplementedError(absl::StrFormat(
+          "%s: unsupported dtype %s for tensor '%s' (phishard loads only F32, F16, BF16)", where,
+          dts, name));
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: unknown dtype '%s' for tensor '%s'", where, dts, name));
+    }
+    // shape
+    const auto sh = entry.find("shape");
+    if (sh == entry.end() || !sh->is_array()) {
+      return absl::InvalidArgumentError(absl::StrCat(tw, ": missing or non-list 'shape'"));
+    }
+    std::vector<int64_t> shape;
+    uint64_t numel = 1;
+    bool overflow = false;
+    for (const json& d : *sh) {
+      uint64_t dim;
+      if (!GetUnsigned(d, &dim) || dim > static_cast<uint64_t>(INT64_MAX)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(tw, ": shape ", sh->dump(), " is not a list of non-negative integers"));
+      }
+      shape.push_back(static_cast<int64_t>(dim));
+      overflow |= __builtin_mul_overflow(numel, dim, &numel);
+    }
+    uint64_t nbytes = 0;
+    overflow |= __builtin_mul_overflow(numel, static_cast<uint64_t>(DTypeSize(dtype)), &nbytes);
+    // A zero dimension makes numel 0 whatever the others are, but the overflow flag may still be
+    // set by an earlier huge product; only a non-zero element count can truly overflow.
+    if (numel == 0) overflow = false;
+    // data_offsets
+    const auto off = entry.find("data_offsets");
+    uint64_t begin = 0, end = 0;
+    if (off == entry.end() || !off->is_array() || off->size() != 2 ||
+        !GetUnsigned((*off)[0], &begin) || !GetUnsigned((*off)[1], &end)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(tw, ": 'data_offsets' must be two non-negative integers [begin, end], got ",
+                       off == entry.end() ? std::string("nothing") : off->dump()));
+    }
+    if (begin > end) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: data_offsets [%d, %d] has begin > end", tw, begin, end));
+    }
+    if (end > buffer_size) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: data_offsets [%d, %d] run past the %d-byte data buffer (file truncated?)", tw, begin,
+          end, buffer_size));
+    }
+    if (overflow || nbytes != end - begin) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: shape %s x %s (%d bytes) needs %s bytes but data_offsets [%d, %d] span %d", tw,
+          ShapeStr(shape), dts, DTypeSize(dtype),
+          overflow ? std::string("more than 2^64") : absl::StrCat(nbytes), begin, end,
+          end - begin));
+    }
+    TensorView view;
+    view.name = name;
+    view.dtype = dtype;
+    view.shape = std::move(shape);
+    view.data = buffer + begin;
+    view.nbytes = static_cast<size_t>(nbytes);
+    view.file = path.string();
+    auto [it, inserted] = file->tensors_.emplace(name, std::move(view));
+    PHI_CHECK(inserted) << "duplicate key passed the JSON check: " << name;
+    if (begin != end) ranges.push_back({begin, end, &it->first});
+  }
+
+  // Overlap check: sorted by begin, every range must start at or after the furthest end so far.
+  // Gaps are allowed (harmless, and some writers align tensors).
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  const Range* furthest = nullptr;
+  for (const Range& r : ranges) {
+    if (furthest != nullptr && r.begin < furthest->end) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: tensor '%s' bytes [%d, %d) overlap tensor '%s' bytes [%d, %d)", where, *r.name,
+          r.begin, r.end, *furthest->name, furthest->begin, furthest->end));
+    }
+    if (furthest == nullptr || r.end > furthest->end) furthest = &r;
+  }
+  return file;
+}
+
+// ---------------------------------------------------------------------------------------------
+// WeightStore
+
+absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenFiles(
+    const std::vector<fs::path>& files) {
+  if (files.empty()) return absl::InvalidArgumentError("WeightStore::OpenFiles: no files given");
+  std::unique_ptr<WeightStore> store(new WeightStore());
+  for (const fs::path& p : files) {
+    absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(p);
+    if (!f.ok()) return f.status();
+    for (const auto& [name, view] : (*f)->tensors()) {
+      auto [it, inserted] = store->index_.emplace(name, &view);
+      if (!inserted) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("tensor '%s' appears in two weight files: '%s' and '%s'", name,
+                            it->second->file, view.file));
+      }
+    }
+    store->files_.push_back(*std::move(f));
+  }
+  return store;
+}
+
+absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenDir(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    return absl::NotFoundError(
+        absl::StrCat("model directory '", dir.string(), "' does not exist or is not a directory"));
+  }
+  const fs::path index_path = dir / "model.safetensors.index.json";
+  if (!fs::exists(index_path, ec)) {
+    std::vector<fs::path> files;
+    for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+      // is_regular_file follows symlinks: HF cache snapshots are links into blobs/.
+      if (e.path().extension() == ".safetensors" && fs::is_regular_file(e.path(), ec)) {
+        files.push_back(e.path());
+      }
+    }
+    if (ec) {
+      return absl::InternalError(
+          absl::StrCat("cannot list directory '", dir.string(), "': ", ec.message()));
+    }
+    if (files.empty()) {
+      return absl::NotFoundError(
+          absl::StrCat("no *.safetensors files in model directory '", dir.string(), "'"));
+    }
+    std::sort(files.begin(), files.end());
+    return OpenFiles(files);
+  }
+
+  const std::string where = absl::StrCat("index '", index_path.string(), "'");
+  absl::StatusOr<std::string> text = ReadTextFile(index_path);
+  if (!text.ok()) return text.status();
+  absl::StatusOr<json> index = ParseJsonNoDuplicates(*text, where);
+  if (!index.ok()) return index.status();
+  const json* weight_map = nullptr;
+  if (index->is_object()) {
+    auto it = index->find("weight_map");
+    if (it != index->end() && it->is_object()) weight_map = &*it;
+  }
+  if (weight_map == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": missing 'weight_map' object {tensor name: file name}"));
+  }
+  std::set<std::string> names;  // sorted, unique file names
+  for (const auto& [tensor, file] : weight_map->items()) {
+    if (!file.is_string()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: weight_map['%s'] is %s, expected a file name string", where, tensor,
+                          file.type_name()));
+    }
+    const fs::path rel(file.get<std::string>());
+    bool escapes = rel.empty() || rel.is_absolute();
+    for (const fs::path& part : rel) escapes |= (part == "..");
+    if (escapes) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: weight_map['%s'] = '%s' is not a file inside the model directory",
+                          where, tensor, rel.string()));
+    }
+    if (names.insert(rel.string()).second && !fs::is_regular_file(dir / rel, ec)) {
+      return absl::NotFoundError(
+          absl::StrFormat("%s names file '%s' (for tensor '%s'), which does not exist in '%s'",
+                          where, rel.string(), tensor, dir.string()));
+    }
+  }
+  if (names.empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": empty weight_map"));
+  std::vector<fs::path> files;
+  for (const std::string& n : names) files.push_back(dir / n);
+  absl::StatusOr<std::unique_ptr<WeightStore>> store = OpenFiles(files);
+  if (!store.ok()) return store.status();
+  // Every tensor the index promises must be in the file it names.
+  for (const auto& [tensor, file] : weight_map->items()) {
+    const std::string expected = (dir / file.get<std::string>()).string();
+    auto it = (*store)->index_.find(tensor);
+    if (it == (*store)->index_.end()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s maps tensor '%s' to '%s', but no weight file holds it", where, tensor, expected));
+    }
+    if (it->second->file != expected) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s maps tensor '%s' to '%s', but it is in '%s'", where, tensor, expected,
+                          it->second->file));
+    }
+  }
+  return store;
+}
+
+bool WeightStore::Has(std::string_view name) const { return index_.find(name) != index_.end(); }
+
+absl::StatusOr<const TensorView*> WeightStore::Get(std::string_view name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) {
+    std::vector<std::string> paths;
+    for (const auto& f : files_) paths.push_back(f->path().string());
+    return absl::NotFoundError(absl::StrFormat("tensor '%s' not found in weight files: %s", name,
+                                               absl::StrJoin(paths, ", ")));
+  }
+  return it->second;
+}
+
+std::vector<std::string> WeightStore::Names() const {
+  std::vector<std::string> names;
+  names.reserve(index_.size());
+  for (const auto& [name, view] : index_) names.push_back(name);
+  return names;
+}
+
+namespace {
+absl::StatusOr<const TensorView*> GetWithShape(const WeightStore& store, std::string_view name,
+                                               absl::Span<const int64_t> shape) {
+  absl::StatusOr<const TensorView*> t = store.Get(name);
+  if (!t.ok()) return t.status();
+  if (absl::Span<const int64_t>((*t)->shape) != shape) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tensor '%s' in '%s' has shape %s, expected %s", name, (*t)->file,
+                        ShapeStr((*t)->shape), ShapeStr(shape)));
+  }
+  return t;
+}
+}  // namespace
+
+absl::Status WeightStore::ReadF32(std::string_view name, absl::Span<const int64_t> shape,
+                                  std::vector<float>* out) const {
+  absl::StatusOr<const TensorView*> t = GetWithShape(*this, name, shape);
+  if (!t.ok()) return t.status();
+  out->resize((*t)->nbytes / DTypeSize((*t)->dtype));
+  ConvertToF32(**t, out->data());
+  return absl::OkStatus();
+}
+
+absl::Status WeightStore::ReadF16(std::string_view name, absl::Span<const int64_t> shape,
+                                  std::vector<uint16_t>* out) const {
+  absl::StatusOr<const TensorView*> t = GetWithShape(*this, name, shape);
+  if (!t.ok()) return t.status();
+  out->resize((*t)->nbytes / DTypeSize((*t)->dtype));
+  ConvertTo16<ToF16>(**t, out->data());
+  return absl::OkStatus();
+}
+
+absl::Status WeightStore::ReadBF16(std::string_view name, absl::Span<const int64_t> shape,
+                                   std::vector<uint16_t>* out) const {
+  absl::StatusOr<const TensorView*> t = GetWithShape(*this, name, shape);
+  if (!t.ok()) return t.status();
+  out->resize((*t)->nbytes / DTypeSize((*t)->dtype));
+  ConvertTo16<ToBF16>(**t, out->data());
+  return absl::OkStatus();
+}
+
+}  // namespace phishard
