@@ -1,0 +1,78 @@
+#include "kernels/rotary_kv_write.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace phishard {
+namespace {
+
+// Rotates the first rotary_dim dims of one head in place; cos/sin are [rotary_dim / 2].
+void RotateHead(float* x, const float* cos, const float* sin, int half) {
+  for (int j = 0; j < half; ++j) {
+    const float x1 = x[j];
+    const float x2 = x[j + half];
+    x[j] = x1 * cos[j] - x2 * sin[j];
+    x[j + half] = x2 * cos[j] + x1 * sin[j];
+  }
+}
+
+}  // namespace
+
+KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
+  if (p.dtype != DataType::kF32) return KernelStatus::kUnsupportedDtype;
+  if (p.num_tokens < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
+      p.num_slots < 0 || p.rotary_dim < 0 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0) {
+    return KernelStatus::kInvalidShape;
+  }
+  const int qkv_width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
+  const int stride = p.qkv_stride == 0 ? qkv_width : p.qkv_stride;
+  if (stride < qkv_width) return KernelStatus::kInvalidShape;
+  if (p.num_tokens == 0) return KernelStatus::kOk;
+  if (!p.qkv || !p.positions || !p.slots || !p.k_cache || !p.v_cache) {
+    return KernelStatus::kNullPointer;
+  }
+  for (int t = 0; t < p.num_tokens; ++t) {
+    if (p.slots[t] < 0 || p.slots[t] >= p.num_slots || p.positions[t] < 0) {
+      return KernelStatus::kOutOfRange;
+    }
+  }
+
+  const int half = p.rotary_dim / 2;
+  // inv_freq in float32 as the Hugging Face reference computes it: 1 / theta^(2j / rotary_dim).
+  std::vector<float> inv_freq(half), cos(half), sin(half);
+  for (int j = 0; j < half; ++j) {
+    const float exponent = static_cast<float>(2 * j) / static_cast<float>(p.rotary_dim);
+    inv_freq[j] = 1.0f / std::pow(p.theta, exponent);
+  }
+
+  auto* qkv = static_cast<float*>(p.qkv);
+  auto* k_cache = static_cast<float*>(p.k_cache);
+  auto* v_cache = static_cast<float*>(p.v_cache);
+  const size_t kv_row = static_cast<size_t>(p.num_kv_heads) * p.head_dim;
+  for (int t = 0; t < p.num_tokens; ++t) {
+    const float pos = static_cast<float>(p.positions[t]);
+    for (int j = 0; j < half; ++j) {
+      const float angle = pos * inv_freq[j];
+      cos[j] = std::cos(angle);
+      sin[j] = std::sin(angle);
+    }
+    float* row = qkv + static_cast<size_t>(t) * stride;
+    float* q = row;
+    float* k = row + static_cast<size_t>(p.num_heads) * p.head_dim;
+    const float* v = k + kv_row;
+    if (half > 0) {
+      for (int h = 0; h < p.num_heads; ++h)
+        RotateHead(q + h * p.head_dim, cos.data(), sin.data(), half);
+      for (int h = 0; h < p.num_kv_heads; ++h) {
+        RotateHead(k + h * p.head_dim, cos.data(), sin.data(), half);
+      }
+    }
+    const size_t slot = static_cast<size_t>(p.slots[t]);
+    std::memcpy(k_cache + slot * kv_row, k, sizeof(float) * kv_row);
+    std::memcpy(v_cache + slot * kv_row, v, sizeof(float) * kv_row);
+  }
+  return KernelStatus::kOk;
+}
+
+}  // namespace phishard

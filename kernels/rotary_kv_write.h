@@ -1,0 +1,48 @@
+// Partial rotary embedding (GPT-NeoX "rotate half") on Q and K, fused with writing K and V into
+// the paged KV cache.
+//
+// `qkv` is the fused projection output, one row per new token:
+//   [num_tokens, qkv_stride], row t = [ q: num_heads x head_dim | k: num_kv_heads x head_dim |
+//                                       v: num_kv_heads x head_dim | (unused up to qkv_stride) ]
+// For every Q and K head, only dims [0, rotary_dim) rotate; [rotary_dim, head_dim) pass through.
+// With half = rotary_dim / 2, j in [0, half):
+//   inv_freq[j] = theta^(-2j / rotary_dim)      (float32)
+//   angle       = positions[t] * inv_freq[j]    (float32), cos/sin of it in float32
+//   x1 = x[j], x2 = x[j + half]
+//   x[j]        = x1 * cos - x2 * sin
+//   x[j + half] = x2 * cos + x1 * sin
+// Q and K are rotated in place in `qkv`; then the rotated K and the V of token t are copied to slot
+// slots[t] of the cache. One layer's cache is K and V, each [num_slots, num_kv_heads, head_dim]
+// (= [num_blocks, block_size, nKV, head_dim]); the slot of position p of a sequence is
+// block_table[p / block_size] * block_size + p % block_size (the caller computes it).
+// All slots are checked before anything is written: on error neither qkv nor the cache changes.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/dtype.h"
+#include "kernels/kernel_status.h"
+
+namespace phishard {
+
+struct RotaryKvWriteParams {
+  void* qkv = nullptr;                 // [num_tokens, qkv_stride], dtype, rotated in place
+  const int32_t* positions = nullptr;  // [num_tokens] absolute positions (>= 0)
+  const int64_t* slots = nullptr;      // [num_tokens] cache slot of each token, in [0, num_slots)
+  void* k_cache = nullptr;             // [num_slots, num_kv_heads, head_dim], dtype
+  void* v_cache = nullptr;             // [num_slots, num_kv_heads, head_dim], dtype
+  int64_t num_slots = 0;               // num_blocks * block_size
+  int num_tokens = 0;
+  int qkv_stride = 0;  // 0 means (num_heads + 2 * num_kv_heads) * head_dim
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int rotary_dim = 0;  // even, in [0, head_dim]; 0 disables rotation
+  float theta = 10000.0f;
+  DataType dtype = DataType::kF32;
+};
+
+// Host memory, kF32 only.
+KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p);
+
+}  // namespace phishard

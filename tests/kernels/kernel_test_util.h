@@ -1,0 +1,33 @@
+// Helpers shared by the kernel tests: seeded random data, NaN poisoning, comparisons.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <vector>
+
+namespace phishard::testing_util {
+
+inline constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Unit roundoff of float32 (half an ulp of 1).
+inline constexpr double kF32Unit = 1.0 / (1 << 24);
+
+inline std::vector<float> RandomVector(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+inline std::vector<float> Poisoned(size_t n) { return std::vector<float>(n, kNaN); }
+
+inline bool AllFinite(const std::vector<float>& v) {
+  for (float x : v) {
+    if (!std::isfinite(x)) return false;
+  }
+  return true;
+}
+
+}  // namespace phishard::testing_util

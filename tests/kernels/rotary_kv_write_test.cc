@@ -1,0 +1,179 @@
+#include "kernels/rotary_kv_write.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "tests/kernels/kernel_test_util.h"
+
+namespace phishard {
+namespace {
+
+using testing_util::kF32Unit;
+using testing_util::Poisoned;
+using testing_util::RandomVector;
+
+struct Case {
+  int num_heads, num_kv_heads, head_dim, rotary_dim;
+};
+
+class RotaryKvWriteTest : public ::testing::TestWithParam<Case> {};
+
+// Naive rotate-half in double on one head (rot dims only), straight from the HF formula
+// q_embed = q * cos + rotate_half(q) * sin with cos/sin = cat(freqs, freqs).
+std::vector<double> NaiveRotate(const float* x, int head_dim, int rot, int pos, double theta) {
+  std::vector<double> out(x, x + head_dim);
+  const int half = rot / 2;
+  for (int i = 0; i < rot; ++i) {
+    const int j = i % half;
+    const double angle = pos * std::pow(theta, -2.0 * j / rot);
+    const double rotated_half = i < half ? -x[i + half] : x[i - half];
+    out[i] = x[i] * std::cos(angle) + rotated_half * std::sin(angle);
+  }
+  return out;
+}
+
+// Tolerance: float32 computes inv_freq (<= 2 u relative, pow + divide) and the angle p * inv_freq
+// (1 u) like the HF reference does, so the angle carries up to 3 u * p absolute error -- inherent
+// to fp32 rotary, ~1.8e-4 rad at p = 1023 -- and each rotated output then errs by that times |x1| +
+// |x2|, plus ~4 u for cos/sin and the two products. We allow 2x:
+//   tol = 2 (3 p + 4) u (|x1| + |x2|).
+// Unrotated dims and V must be copied bit-exactly.
+TEST_P(RotaryKvWriteTest, MatchesNaiveReferenceAndWritesOnlyItsSlots) {
+  const Case c = GetParam();
+  const int block_size = 16, num_blocks = 70;
+  const int64_t num_slots = static_cast<int64_t>(num_blocks) * block_size;
+  const std::vector<int32_t> positions = {0, 1, 7, 15, 16, 17, 39, 200, 1023};
+  const int T = static_cast<int>(positions.size());
+  const int width = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
+  const int stride = width + 3;  // padding columns must stay untouched
+  const int kv_row = c.num_kv_heads * c.head_dim;
+  const float theta = 10000.0f;
+
+  std::vector<float> qkv = Poisoned(static_cast<size_t>(T) * stride);
+  const std::vector<float> vals = RandomVector(static_cast<size_t>(T) * width, c.head_dim);
+  for (int t = 0; t < T; ++t) {
+    std::copy_n(vals.begin() + static_cast<size_t>(t) * width, width, qkv.begin() + t * stride);
+  }
+  const std::vector<float> qkv_in = qkv;
+  // Distinct pseudo-random slots, including the first and the last of the pool.
+  std::vector<int64_t> all(num_slots);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin() + 1, all.end() - 1, std::mt19937(c.head_dim));
+  std::vector<int64_t> slots(all.begin(), all.begin() + T - 1);
+  slots.push_back(num_slots - 1);
+  std::vector<float> k_cache = Poisoned(num_slots * kv_row), v_cache = Poisoned(num_slots * kv_row);
+
+  RotaryKvWriteParams p{.qkv = qkv.data(),
+                        .positions = positions.data(),
+                        .slots = slots.data(),
+                        .k_cache = k_cache.data(),
+                        .v_cache = v_cache.data(),
+                        .num_slots = num_slots,
+                        .num_tokens = T,
+                        .qkv_stride = stride,
+                        .num_heads = c.num_heads,
+                        .num_kv_heads = c.num_kv_heads,
+                        .head_dim = c.head_dim,
+                        .rotary_dim = c.rotary_dim,
+                        .theta = theta};
+  ASSERT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOk);
+
+  for (int t = 0; t < T; ++t) {
+    const float* in = qkv_in.data() + t * stride;
+    const float* out = qkv.data() + t * stride;
+    for (int h = 0; h < c.num_heads + c.num_kv_heads; ++h) {  // Q heads then K heads
+      const float* x = in + h * c.head_dim;
+      const std::vector<double> ref = NaiveRotate(x, c.head_dim, c.rotary_dim, positions[t], theta);
+      for (int d = 0; d < c.head_dim; ++d) {
+        const float got = out[h * c.head_dim + d];
+        if (d >= c.rotary_dim) {
+          ASSERT_EQ(got, x[d]) << "pass-through dim changed: t=" << t << " h=" << h << " d=" << d;
+          continue;
+        }
+        const int half = c.rotary_dim / 2;
+        const double mag = std::fabs(x[d % half]) + std::fabs(x[d % half + half]);
+        const double tol = 2.0 * (3.0 * positions[t] + 4.0) * kF32Unit * mag;
+        ASSERT_NEAR(got, ref[d], tol)
+            << "t=" << t << " pos=" << positions[t] << " h=" << h << " d=" << d;
+      }
+    }
+    // V is not rotated; padding columns stay NaN.
+    for (int i = (c.num_heads + c.num_kv_heads) * c.head_dim; i < width; ++i) {
+      ASSERT_EQ(out[i], in[i]);
+    }
+    for (int i = width; i < stride; ++i) ASSERT_TRUE(std::isnan(out[i]));
+    // The cache rows of this token's slot hold exactly the rotated K and the V.
+    const float* k = out + c.num_heads * c.head_dim;
+    for (int i = 0; i < kv_row; ++i) {
+      ASSERT_EQ(k_cache[slots[t] * kv_row + i], k[i]);
+      ASSERT_EQ(v_cache[slots[t] * kv_row + i], k[kv_row + i]);
+    }
+  }
+  // Every other slot is untouched.
+  std::vector<bool> used(num_slots, false);
+  for (int64_t s : slots) used[s] = true;
+  for (int64_t s = 0; s < num_slots; ++s) {
+    if (used[s]) continue;
+    for (int i = 0; i < kv_row; ++i) {
+      ASSERT_TRUE(std::isnan(k_cache[s * kv_row + i]) && std::isnan(v_cache[s * kv_row + i]))
+          << "slot " << s << " written";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Heads, RotaryKvWriteTest,
+                         ::testing::Values(Case{4, 4, 64, 32},   // Phi-1.5 style, partial 0.5
+                                           Case{8, 2, 80, 32},   // GQA, Phi-2 partial 0.4
+                                           Case{3, 1, 80, 80},   // full rotary, MQA
+                                           Case{2, 2, 32, 16},   // tiny-phi-code
+                                           Case{2, 1, 64, 0}));  // no rotary at all
+
+TEST(RotaryKvWrite, BadSlotOrPositionChangesNothing) {
+  const int nH = 2, nKV = 1, hd = 8, T = 3;
+  const int width = (nH + 2 * nKV) * hd;
+  std::vector<float> qkv = RandomVector(T * width, 1);
+  const std::vector<float> qkv_in = qkv;
+  std::vector<int32_t> positions = {0, 1, 2};
+  std::vector<int64_t> slots = {0, 1, 32};  // 32 == num_slots: out of range
+  std::vector<float> k_cache = Poisoned(32 * nKV * hd), v_cache = Poisoned(32 * nKV * hd);
+  RotaryKvWriteParams p{.qkv = qkv.data(),
+                        .positions = positions.data(),
+                        .slots = slots.data(),
+                        .k_cache = k_cache.data(),
+                        .v_cache = v_cache.data(),
+                        .num_slots = 32,
+                        .num_tokens = T,
+                        .num_heads = nH,
+                        .num_kv_heads = nKV,
+                        .head_dim = hd,
+                        .rotary_dim = 4};
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOutOfRange);
+  slots[2] = -1;
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOutOfRange);
+  slots[2] = 2;
+  positions[1] = -5;
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOutOfRange);
+  EXPECT_EQ(qkv, qkv_in);
+  for (float v : k_cache) ASSERT_TRUE(std::isnan(v));
+  positions[1] = 1;
+  p.rotary_dim = 3;  // odd
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kInvalidShape);
+  p.rotary_dim = 10;  // > head_dim
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kInvalidShape);
+  p.rotary_dim = 4;
+  p.qkv_stride = width - 1;
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kInvalidShape);
+  p.qkv_stride = 0;
+  p.dtype = DataType::kBF16;
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kUnsupportedDtype);
+  p.dtype = DataType::kF32;
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOk);
+}
+
+}  // namespace
+}  // namespace phishard
