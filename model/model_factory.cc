@@ -1,0 +1,69 @@
+#include "model/model_factory.h"
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "kernels/device_info.h"
+#include "model/cpu_phi_model.h"
+
+namespace phishard {
+namespace {
+
+// --- CUDA backend hook -------------------------------------------------------------------------
+// The CUDA backend is not part of this build yet. When it lands, set kCudaBackendBuiltIn to
+// PHISHARD_HAVE_CUDA and make CreateCudaModelBackend construct it (dtype: "", "float16",
+// "bfloat16"; rank/world_size select the device and the tensor-parallel slice).
+constexpr bool kCudaBackendBuiltIn = false;
+
+absl::StatusOr<std::unique_ptr<ModelBackend>> CreateCudaModelBackend(
+    const ModelLoadOptions& options) {
+  (void)options;
+  return absl::FailedPreconditionError(
+      "device 'cuda': this build has no CUDA model backend yet; use --device cpu");
+}
+// ------------------------------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<ModelBackend>> CreateCpuModelBackend(
+    const ModelLoadOptions& options) {
+  if (!options.dtype.empty() && options.dtype != "float32") {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "dtype '%s' is not available on device 'cpu': the CPU backend computes in float32 "
+        "(pass dtype float32 or none)",
+        options.dtype));
+  }
+  if (options.world_size != 1) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "world_size %d on device 'cpu': the CPU backend runs unsharded (world_size 1) only",
+        options.world_size));
+  }
+  absl::StatusOr<std::unique_ptr<CpuPhiModel>> model = CpuPhiModel::Load(options.model_dir);
+  if (!model.ok()) return model.status();
+  return std::unique_ptr<ModelBackend>(*std::move(model));
+}
+
+}  // namespace
+
+bool CudaBackendUsable() { return kCudaBackendBuiltIn && CudaDeviceCount() > 0; }
+
+absl::StatusOr<std::unique_ptr<ModelBackend>> CreateModelBackend(const ModelLoadOptions& options) {
+  if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("rank %d / world_size %d: need world_size >= 1 and 0 <= rank < world_size",
+                        options.rank, options.world_size));
+  }
+  if (options.device == "cpu") return CreateCpuModelBackend(options);
+  if (options.device == "cuda") {
+    if (!kCudaBackendBuiltIn) return CreateCudaModelBackend(options);
+    if (CudaDeviceCount() == 0) {
+      return absl::FailedPreconditionError(
+          "device 'cuda': no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)");
+    }
+    return CreateCudaModelBackend(options);
+  }
+  if (options.device == "auto") {
+    return CudaBackendUsable() ? CreateCudaModelBackend(options) : CreateCpuModelBackend(options);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrFormat("device '%s' is not one of auto, cpu, cuda", options.device));
+}
+
+}  // namespace phishard

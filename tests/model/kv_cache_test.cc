@@ -1,0 +1,90 @@
+#include "model/kv_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <set>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace phishard {
+namespace {
+
+TEST(KvBlockAllocator, HandsOutLowestIdsFirstAndCounts) {
+  KvBlockAllocator a(8, 16);
+  EXPECT_EQ(a.num_blocks(), 8);
+  EXPECT_EQ(a.block_size(), 16);
+  EXPECT_EQ(a.num_free(), 8);
+  absl::StatusOr<std::vector<int32_t>> got = a.Allocate(3);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_EQ(a.num_free(), 5);
+  EXPECT_EQ(a.num_used(), 3);
+  absl::StatusOr<std::vector<int32_t>> none = a.Allocate(0);
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+  EXPECT_EQ(a.num_free(), 5);
+}
+
+TEST(KvBlockAllocator, ExhaustionTakesNothing) {
+  KvBlockAllocator a(4);
+  ASSERT_TRUE(a.Allocate(3).ok());
+  absl::StatusOr<std::vector<int32_t>> too_many = a.Allocate(2);
+  ASSERT_FALSE(too_many.ok());
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(too_many.status().message().find("1 of 4 free"), std::string::npos)
+      << too_many.status();
+  EXPECT_EQ(a.num_free(), 1);  // the failed call took nothing
+  absl::StatusOr<std::vector<int32_t>> last = a.Allocate(1);
+  ASSERT_TRUE(last.ok());
+  EXPECT_EQ(*last, (std::vector<int32_t>{3}));
+  EXPECT_EQ(a.Allocate(1).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST(KvBlockAllocator, FreedBlocksAreReusedAndNeverHandedOutTwice) {
+  KvBlockAllocator a(6);
+  std::vector<int32_t> first = *a.Allocate(4);  // 0..3
+  a.Free({first[1], first[2]});                 // 1, 2 back
+  EXPECT_EQ(a.num_free(), 4);
+  std::vector<int32_t> second = *a.Allocate(4);
+  // Every block handed out is distinct from the ones still held (0 and 3).
+  std::set<int32_t> held = {first[0], first[3]};
+  for (int32_t b : second) {
+    EXPECT_TRUE(b >= 0 && b < 6);
+    EXPECT_TRUE(held.insert(b).second) << "block " << b << " handed out twice";
+  }
+  EXPECT_EQ(held.size(), 6u);
+  EXPECT_EQ(a.num_free(), 0);
+}
+
+TEST(KvBlockAllocator, ResetFreesEverything) {
+  KvBlockAllocator a(5);
+  ASSERT_TRUE(a.Allocate(5).ok());
+  EXPECT_EQ(a.num_free(), 0);
+  a.Reset();
+  EXPECT_EQ(a.num_free(), 5);
+  std::vector<int32_t> all = *a.Allocate(5);
+  std::sort(all.begin(), all.end());
+  EXPECT_EQ(all, (std::vector<int32_t>{0, 1, 2, 3, 4}));
+}
+
+TEST(KvBlockAllocator, BlocksFor) {
+  EXPECT_EQ(KvBlockAllocator::BlocksFor(0), 0);
+  EXPECT_EQ(KvBlockAllocator::BlocksFor(1), 1);
+  EXPECT_EQ(KvBlockAllocator::BlocksFor(15), 1);
+  EXPECT_EQ(KvBlockAllocator::BlocksFor(16), 1);
+  EXPECT_EQ(KvBlockAllocator::BlocksFor(17), 2);
+  EXPECT_EQ(KvBlockAllocator::BlocksFor(33, 8), 5);
+}
+
+TEST(KvBlockAllocatorDeathTest, DoubleFreeAndBadIdsAreProgrammerErrors) {
+  KvBlockAllocator a(3);
+  std::vector<int32_t> got = *a.Allocate(1);
+  a.Free(got);
+  EXPECT_DEATH(a.Free(got), "freed twice");
+  EXPECT_DEATH(a.Free({7}), "out of range");
+}
+
+}  // namespace
+}  // namespace phishard
