@@ -32,6 +32,14 @@ class LogMessage {
   bool fatal_;
   std::ostringstream stream_;
 };
+// PHI_LOG(INFO) spells levels as the launcher does; these map those spellings to LogLevel.
+inline constexpr LogLevel kLogTRACE = LogLevel::kTrace;
+inline constexpr LogLevel kLogDEBUG = LogLevel::kDebug;
+inline constexpr LogLevel kLogINFO = LogLevel::kInfo;
+inline constexpr LogLevel kLogSUCCESS = LogLevel::kSuccess;
+inline constexpr LogLevel kLogWARNING = LogLevel::kWarning;
+inline constexpr LogLevel kLogERROR = LogLevel::kError;
+inline constexpr LogLevel kLogCRITICAL = LogLevel::kCritical;
 struct Voidify {
   void operator&(std::ostream&) {}
 };
@@ -40,7 +48,7 @@ struct Voidify {
 }  // namespace phishard
 
 #define PHI_LOG(level) \
-  ::phishard::internal::LogMessage(::phishard::LogLevel::k##level, __FILE__, __LINE__).stream()
+  ::phishard::internal::LogMessage(::phishard::internal::kLog##level, __FILE__, __LINE__).stream()
 
 // CHECK is for programmer errors only (violated invariants), never for user input.
 #define PHI_CHECK(cond)                                                                      \
