@@ -1,0 +1,232 @@
+#include "kernels/sgmv.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "tests/kernels/kernel_test_util.h"
+
+namespace phishard {
+namespace {
+
+using testing_util::kF32Unit;
+using testing_util::Poisoned;
+using testing_util::RandomVector;
+
+// One sweep case: segment lengths (0 = empty segment) with a rank per segment (0 = no adapter:
+// null pointers, the rows must keep their base output), over x/y that are column windows of wider
+// buffers when x_pad / y_pad > 0.
+struct Case {
+  std::string name;
+  int in, out;
+  std::vector<int> seg_lens;
+  std::vector<int> ranks;
+  int lead_rows = 0;  // rows before the first segment (not covered by any segment)
+  int x_pad = 0, y_pad = 0;
+};
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+class SgmvTest : public ::testing::TestWithParam<Case> {};
+
+// Tolerance. t is a float32 dot product over `in` terms: |t - t_ref| <= (in + 1) u Σ|x A|. The
+// expand adds scale · Σ_k t_k B_jk to y in float32: its own rounding is <= (r + 2) u of
+// |y_old| + |scale| Σ|t_k B_jk|, and t's error reaches y multiplied by |scale| Σ_k |B_jk|. Bounding
+// |t_k| by Σ|x A| makes one magnitude `mag` = |y_old| + |scale| Σ_k (Σ_i |x_i A_ki|) |B_jk| and
+// tol = 2 (in + r + 4) u mag: twice the first-order bound, far below any indexing bug (which moves
+// an element by O(mag)).
+TEST_P(SgmvTest, MatchesNaiveDoubleReference) {
+  const Case& c = GetParam();
+  const int S = static_cast<int>(c.seg_lens.size());
+  ASSERT_EQ(c.ranks.size(), c.seg_lens.size());
+  std::vector<int32_t> starts = {c.lead_rows};
+  for (int len : c.seg_lens) starts.push_back(starts.back() + len);
+  const int num_rows = starts.back() + 3;  // 3 trailing rows outside every segment
+  const int ldx = c.in + c.x_pad, ldy = c.out + c.y_pad;
+  const int max_rank = std::max(1, *std::max_element(c.ranks.begin(), c.ranks.end()));
+  const int ldt = max_rank + 1;
+
+  const std::vector<float> x = RandomVector(static_cast<size_t>(num_rows) * ldx, 11 + c.in);
+  const std::vector<float> y_old = RandomVector(static_cast<size_t>(num_rows) * ldy, 12 + c.out);
+  std::vector<std::vector<float>> a(S), b(S);
+  std::vector<const void*> a_ptrs(S, nullptr), b_ptrs(S, nullptr);
+  std::vector<float> scales(S);
+  for (int s = 0; s < S; ++s) {
+    scales[s] = 0.5f + 0.75f * s;
+    if (c.ranks[s] == 0) continue;
+    a[s] = RandomVector(static_cast<size_t>(c.ranks[s]) * c.in, 100 + s);
+    b[s] = RandomVector(static_cast<size_t>(c.out) * c.ranks[s], 200 + s);
+    a_ptrs[s] = a[s].data();
+    b_ptrs[s] = b[s].data();
+  }
+
+  std::vector<float> t = Poisoned(static_cast<size_t>(num_rows) * ldt);
+  SgmvShrinkParams sp;
+  sp.x = x.data();
+  sp.t = t.data();
+  sp.seg_starts = starts.data();
+  sp.a = a_ptrs.data();
+  sp.ranks = c.ranks.data();
+  sp.num_segments = S;
+  sp.num_rows = num_rows;
+  sp.in = c.in;
+  sp.ldx = ldx;
+  sp.ldt = ldt;
+  ASSERT_EQ(SgmvShrinkCpu(sp), KernelStatus::kOk);
+
+  std::vector<float> y = y_old;
+  SgmvExpandParams ep;
+  ep.t = t.data();
+  ep.y = y.data();
+  ep.seg_starts = starts.data();
+  ep.b = b_ptrs.data();
+  ep.ranks = c.ranks.data();
+  ep.scales = scales.data();
+  ep.num_segments = S;
+  ep.num_rows = num_rows;
+  ep.out = c.out;
+  ep.ldy = ldy;
+  ep.ldt = ldt;
+  ASSERT_EQ(SgmvExpandCpu(ep), KernelStatus::kOk);
+
+  std::vector<int> seg_of_row(num_rows, -1);
+  for (int s = 0; s < S; ++s) {
+    for (int i = starts[s]; i < starts[s + 1]; ++i) seg_of_row[i] = s;
+  }
+  for (int i = 0; i < num_rows; ++i) {
+    const int s = seg_of_row[i];
+    const bool adapted = s >= 0 && c.ranks[s] > 0;
+    // Columns of the padding window and rows without an adapter must be bitwise untouched.
+    for (int j = 0; j < ldy; ++j) {
+      if (adapted && j < c.out) continue;
+      ASSERT_EQ(std::memcmp(&y[i * ldy + j], &y_old[i * ldy + j], sizeof(float)), 0)
+          << c.name << ": untouched element (" << i << ", " << j << ") changed";
+    }
+    if (!adapted) continue;
+    const int r = c.ranks[s];
+    std::vector<double> t_ref(r), t_mag(r);
+    for (int k = 0; k < r; ++k) {
+      for (int q = 0; q < c.in; ++q) {
+        const double prod = static_cast<double>(x[i * ldx + q]) * a[s][k * c.in + q];
+        t_ref[k] += prod;
+        t_mag[k] += std::fabs(prod);
+      }
+      ASSERT_NEAR(t[i * ldt + k], t_ref[k], 2.0 * (c.in + 1) * kF32Unit * t_mag[k] + 1e-30)
+          << c.name << ": t(" << i << ", " << k << ")";
+    }
+    for (int j = 0; j < c.out; ++j) {
+      double delta = 0.0, mag = 0.0;
+      for (int k = 0; k < r; ++k) {
+        delta += t_ref[k] * b[s][j * r + k];
+        mag += t_mag[k] * std::fabs(b[s][j * r + k]);
+      }
+      const double ref = y_old[i * ldy + j] + scales[s] * delta;
+      mag = std::fabs(y_old[i * ldy + j]) + std::fabs(scales[s]) * mag;
+      ASSERT_NEAR(y[i * ldy + j], ref, 2.0 * (c.in + r + 4) * kF32Unit * mag)
+          << c.name << ": y(" << i << ", " << j << ") segment " << s << " rank " << r;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SgmvTest,
+    ::testing::Values(
+        Case{"one_segment_r4", 256, 256, {17}, {4}},
+        Case{"one_token_r64", 1024, 256, {1}, {64}},
+        Case{"decode_rows_mixed_ranks", 256, 768, {1, 1, 1, 1, 1}, {8, 0, 16, 4, 64}},
+        Case{"empty_segments", 80, 160, {0, 5, 0, 0, 9, 0}, {8, 16, 32, 4, 8, 64}},
+        Case{"base_between_adapters", 320, 96, {7, 13, 2}, {16, 0, 32}, /*lead_rows=*/4},
+        Case{"qkv_window", 256, 256, {3, 40, 1}, {8, 4, 64}, 0, /*x_pad=*/0, /*y_pad=*/512},
+        Case{"odd_sizes_strided_x", 65, 129, {31, 33}, {5, 63}, 2, /*x_pad=*/7, /*y_pad=*/3},
+        Case{"all_base", 64, 64, {4, 4}, {0, 0}}),
+    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+TEST(SgmvErrors, BadTablesAreRejectedWithoutWriting) {
+  const int in = 8, out = 8, rows = 4, r = 2;
+  std::vector<float> x = RandomVector(rows * in, 1), y(rows * out, 0.0f), t(rows * r, 0.0f);
+  std::vector<float> a = RandomVector(r * in, 2), bm = RandomVector(out * r, 3);
+  const void* a_ptr = a.data();
+  const void* b_ptr = bm.data();
+  std::vector<int32_t> starts = {0, 4}, ranks = {r};
+  SgmvShrinkParams sp;
+  sp.x = x.data();
+  sp.t = t.data();
+  sp.seg_starts = starts.data();
+  sp.a = &a_ptr;
+  sp.ranks = ranks.data();
+  sp.num_segments = 1;
+  sp.num_rows = rows;
+  sp.in = in;
+  sp.ldt = r;
+  ASSERT_EQ(SgmvShrinkCpu(sp), KernelStatus::kOk);
+
+  SgmvShrinkParams bad = sp;
+  std::vector<int32_t> past_end = {0, 5};
+  bad.seg_starts = past_end.data();
+  EXPECT_EQ(SgmvShrinkCpu(bad), KernelStatus::kInvalidShape);
+  std::vector<int32_t> decreasing = {3, 1};
+  bad.seg_starts = decreasing.data();
+  EXPECT_EQ(SgmvShrinkCpu(bad), KernelStatus::kInvalidShape);
+  bad = sp;
+  std::vector<int32_t> too_big_rank = {r + 1};
+  bad.ranks = too_big_rank.data();
+  EXPECT_EQ(SgmvShrinkCpu(bad), KernelStatus::kInvalidShape);
+  bad = sp;
+  bad.ldx = in - 1;
+  EXPECT_EQ(SgmvShrinkCpu(bad), KernelStatus::kInvalidShape);
+  bad = sp;
+  bad.a = nullptr;
+  EXPECT_EQ(SgmvShrinkCpu(bad), KernelStatus::kNullPointer);
+  bad = sp;
+  bad.x = nullptr;
+  EXPECT_EQ(SgmvShrinkCpu(bad), KernelStatus::kNullPointer);
+  bad = sp;
+  bad.dtype = DataType::kBF16;
+  EXPECT_EQ(SgmvShrinkCpu(bad), KernelStatus::kUnsupportedDtype);
+  bad = sp;
+  bad.num_segments = 0;  // nothing to do is fine, even with no tables
+  bad.seg_starts = nullptr;
+  bad.a = nullptr;
+  EXPECT_EQ(SgmvShrinkCpu(bad), KernelStatus::kOk);
+
+  SgmvExpandParams ep;
+  ep.t = t.data();
+  ep.y = y.data();
+  ep.seg_starts = starts.data();
+  ep.b = &b_ptr;
+  ep.ranks = ranks.data();
+  ep.num_segments = 1;
+  ep.num_rows = rows;
+  ep.out = out;
+  ep.ldt = r;
+  const std::vector<float> y_before = y;
+  SgmvExpandParams ebad = ep;
+  ebad.ldy = out - 1;
+  EXPECT_EQ(SgmvExpandCpu(ebad), KernelStatus::kInvalidShape);
+  ebad = ep;
+  ebad.seg_starts = past_end.data();
+  EXPECT_EQ(SgmvExpandCpu(ebad), KernelStatus::kInvalidShape);
+  ebad = ep;
+  ebad.y = nullptr;
+  EXPECT_EQ(SgmvExpandCpu(ebad), KernelStatus::kNullPointer);
+  ebad = ep;
+  ebad.dtype = DataType::kF16;
+  EXPECT_EQ(SgmvExpandCpu(ebad), KernelStatus::kUnsupportedDtype);
+  EXPECT_EQ(y, y_before) << "a rejected call wrote into y";
+  // Null scales mean 1: y = t · Bᵀ exactly as a plain product.
+  ASSERT_EQ(SgmvExpandCpu(ep), KernelStatus::kOk);
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < out; ++j) {
+      double ref = 0.0;
+      for (int k = 0; k < r; ++k) ref += static_cast<double>(t[i * r + k]) * bm[j * r + k];
+      EXPECT_NEAR(y[i * out + j], ref, 1e-5);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace phishard
