@@ -81,7 +81,7 @@ absl::StatusOr<std::unique_ptr<ControlChannel>> RendezvousRoot(const RendezvousO
                                                "rendezvous (", Where(o),
                                                "): ", listener.status().message()));
   }
-  PHI_LOG(Debug) << "rank 0: rendezvous listening on " << o.master_addr << ":" << o.master_port
+  PHI_LOG(DEBUG) << "rank 0: rendezvous listening on " << o.master_addr << ":" << o.master_port
                  << " for " << world - 1 << " peer(s)";
   const absl::Time deadline = absl::Now() + o.timeout;
   std::vector<std::unique_ptr<TcpConnection>> peers(world);
@@ -98,7 +98,7 @@ absl::StatusOr<std::unique_ptr<ControlChannel>> RendezvousRoot(const RendezvousO
     WireReader r(f.payload);
     if (f.type != static_cast<uint8_t>(ControlFrame::kHello) || !r.ReadU32(&magic) ||
         magic != kHelloMagic) {
-      PHI_LOG(Warning) << "rank 0: dropped a connection on MASTER_PORT " << o.master_port
+      PHI_LOG(WARNING) << "rank 0: dropped a connection on MASTER_PORT " << o.master_port
                        << " that is not a phishard shard";
       return;
     }
@@ -185,7 +185,7 @@ absl::StatusOr<std::unique_ptr<ControlChannel>> RendezvousRoot(const RendezvousO
     }
     if (verdict.reason.empty()) {
       std::string local_host = peers[1]->LocalHost();
-      PHI_LOG(Debug) << "rank 0: rendezvous complete, " << world << " ranks, local address "
+      PHI_LOG(DEBUG) << "rank 0: rendezvous complete, " << world << " ranks, local address "
                      << local_host;
       return std::make_unique<ControlChannel>(0, world, std::move(hostnames), std::move(local_host),
                                               std::move(peers));
