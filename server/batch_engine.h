@@ -25,6 +25,8 @@ struct BatchEngineOptions {
   double memory_wiggle_room = 0.9;   // MEMORY_WIGGLE_ROOM
   int max_kv_blocks = 0;             // > 0 caps the pool (tests); 0 = size from memory at Warmup
   std::vector<int32_t> eos_token_ids;  // from generation_config/config/tokenizer
+  double watermark_gamma = 0.5;        // WATERMARK_GAMMA (spec §5.3)
+  double watermark_delta = 2.0;        // WATERMARK_DELTA
 };
 
 class BatchEngine {

@@ -1,0 +1,123 @@
+// StoppingCriteria: spec §5.7 order and stop-sequence matching on incremental text.
+#include "server/stopping_criteria.h"
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace phishard {
+namespace {
+
+constexpr int32_t kEos = 50256;
+
+StoppingParams Params(uint32_t max_new, std::vector<std::string> stops = {},
+                      bool ignore_eos = false) {
+  StoppingParams p;
+  p.max_new_tokens = max_new;
+  p.stop_sequences = std::move(stops);
+  p.ignore_eos_token = ignore_eos;
+  return p;
+}
+
+TEST(StoppingCriteriaTest, MaxNewTokensGivesLength) {
+  StoppingCriteria s(Params(3), {kEos});
+  EXPECT_EQ(s.Step(5, "a"), std::nullopt);
+  EXPECT_EQ(s.Step(6, "b"), std::nullopt);
+  EXPECT_EQ(s.Step(7, "c"), FinishReason::kLength);
+  EXPECT_EQ(s.generated_tokens(), 3u);
+}
+
+TEST(StoppingCriteriaTest, MaxNewTokensOne) {
+  StoppingCriteria s(Params(1), {kEos});
+  EXPECT_EQ(s.Step(5, "a"), FinishReason::kLength);
+}
+
+TEST(StoppingCriteriaTest, EosGivesEosTokenAndIsCounted) {
+  StoppingCriteria s(Params(10), {kEos});
+  EXPECT_EQ(s.Step(5, "a"), std::nullopt);
+  EXPECT_EQ(s.Step(kEos, "<|endoftext|>"), FinishReason::kEosToken);
+  EXPECT_EQ(s.generated_tokens(), 2u);
+}
+
+TEST(StoppingCriteriaTest, LengthWinsOverEosOnTheLastToken) {
+  StoppingCriteria s(Params(2), {kEos});
+  EXPECT_EQ(s.Step(5, "a"), std::nullopt);
+  EXPECT_EQ(s.Step(kEos, "<|endoftext|>"), FinishReason::kLength);
+}
+
+TEST(StoppingCriteriaTest, IgnoreEosContinuesToLength) {
+  StoppingCriteria s(Params(3, {}, /*ignore_eos=*/true), {kEos});
+  EXPECT_EQ(s.Step(kEos, "<|endoftext|>"), std::nullopt);
+  EXPECT_EQ(s.Step(kEos, "<|endoftext|>"), std::nullopt);
+  EXPECT_EQ(s.Step(kEos, "<|endoftext|>"), FinishReason::kLength);
+}
+
+TEST(StoppingCriteriaTest, AnyOfSeveralEosIds) {
+  StoppingCriteria s(Params(10), {0, 7});
+  EXPECT_EQ(s.Step(5, "x"), std::nullopt);
+  EXPECT_EQ(s.Step(7, ""), FinishReason::kEosToken);
+  StoppingCriteria none(Params(3), {});
+  EXPECT_EQ(none.Step(kEos, ""), std::nullopt);
+}
+
+TEST(StoppingCriteriaTest, StopSequenceAcrossTokenBoundaries) {
+  StoppingCriteria s(Params(100, {"lo world"}), {kEos});
+  EXPECT_EQ(s.Step(1, "Hel"), std::nullopt);
+  EXPECT_EQ(s.Step(2, "lo wo"), std::nullopt);
+  EXPECT_EQ(s.Step(3, ""), std::nullopt);  // a token whose bytes are held back
+  EXPECT_EQ(s.Step(4, "rld"), FinishReason::kStopSequence);
+}
+
+TEST(StoppingCriteriaTest, StopSequenceFollowedByOneNewlineMatchesLikeDollarAnchor) {
+  StoppingCriteria a(Params(100, {"end"}), {kEos});
+  EXPECT_EQ(a.Step(1, "the en"), std::nullopt);
+  EXPECT_EQ(a.Step(2, "d\n"), FinishReason::kStopSequence);
+
+  StoppingCriteria b(Params(100, {"end"}), {kEos});
+  EXPECT_EQ(b.Step(1, "the end\n\n"), std::nullopt);  // two newlines: `$` does not match
+  EXPECT_EQ(b.Step(2, "end "), std::nullopt);         // text after the sequence
+}
+
+TEST(StoppingCriteriaTest, DoubleNewlineStopSequence) {
+  StoppingCriteria s(Params(100, {"\n\n"}), {kEos});
+  EXPECT_EQ(s.Step(1, "def f():\n"), std::nullopt);
+  EXPECT_EQ(s.Step(2, "    pass"), std::nullopt);
+  EXPECT_EQ(s.Step(3, "\n"), std::nullopt);
+  EXPECT_EQ(s.Step(4, "\n"), FinishReason::kStopSequence);
+}
+
+TEST(StoppingCriteriaTest, LongOutputStillMatchesAcrossTheTrimmedBuffer) {
+  // Many tokens before the stop sequence: the kept tail must still cover a sequence that
+  // straddles the point where old text is dropped.
+  const std::string stop = "STOP_SEQUENCE";
+  StoppingCriteria s(Params(100000, {stop, "zz"}), {kEos});
+  for (int i = 0; i < 5000; ++i) {
+    ASSERT_EQ(s.Step(1, "abcdefg"), std::nullopt) << i;
+  }
+  EXPECT_EQ(s.Step(2, "STOP_SE"), std::nullopt);
+  EXPECT_EQ(s.Step(3, "QUEN"), std::nullopt);
+  EXPECT_EQ(s.Step(4, "CE"), FinishReason::kStopSequence);
+}
+
+TEST(StoppingCriteriaTest, MultiByteStopSequence) {
+  StoppingCriteria s(Params(100, {"λ😀"}), {kEos});
+  EXPECT_EQ(s.Step(1, "xλ"), std::nullopt);
+  EXPECT_EQ(s.Step(2, ""), std::nullopt);
+  EXPECT_EQ(s.Step(3, "😀"), FinishReason::kStopSequence);
+}
+
+TEST(StoppingCriteriaTest, EmptyStopSequenceIsIgnored) {
+  StoppingCriteria s(Params(3, {""}), {kEos});
+  EXPECT_EQ(s.Step(1, "a"), std::nullopt);
+  EXPECT_EQ(s.Step(2, "b"), std::nullopt);
+}
+
+TEST(StoppingCriteriaTest, OrderEosBeforeStopSequence) {
+  StoppingCriteria s(Params(100, {"<|endoftext|>"}), {kEos});
+  EXPECT_EQ(s.Step(kEos, "<|endoftext|>"), FinishReason::kEosToken);
+}
+
+}  // namespace
+}  // namespace phishard
