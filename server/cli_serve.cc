@@ -1,0 +1,91 @@
+// `phishard serve`: validate everything, load tokenizer + model, build the engine, then (last)
+// publish the socket; wait for SIGTERM/SIGINT and shut down gracefully.
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "model/kv_cache.h"
+#include "model/model_factory.h"
+#include "model/model_path.h"
+#include "model/tokenizer.h"
+#include "server/batch_engine.h"
+#include "server/cli.h"
+#include "server/lorax_service.h"
+#include "server/shard_server.h"
+
+namespace phishard {
+namespace {
+
+// Fatal startup errors go to stdout as a log line (the launcher shows it) and to stderr (the
+// launcher prints stderr when the shard exits), spec §1.8.
+int Fail(const absl::Status& status) {
+  PHI_LOG(ERROR) << "serve: " << status.message();
+  std::cerr << "phishard serve: " << status.message() << std::endl;
+  return 1;
+}
+
+}  // namespace
+
+int RunServe(ServeOptions o) {
+  // Until the socket is published a signal simply ends the process with status 0.
+  TermSignalWatcher signals;
+
+  LogLevel level = LogLevel::kInfo;
+  ParseLogLevel(o.logger_level, &level);  // validated below; INFO until then
+  SetLogLevel(level);
+  SetLogJson(o.json_output);
+  if (absl::Status s = ApplyServeEnvironment(ProcessEnv(), &o); !s.ok()) return Fail(s);
+  SetLogRank(o.server.rank);
+
+  absl::StatusOr<std::filesystem::path> dir = ResolveModelDir(
+      o.model_id, o.revision.empty() ? std::nullopt : std::optional<std::string>(o.revision));
+  if (!dir.ok()) return Fail(dir.status());
+  PHI_LOG(INFO) << "Loading " << o.model_id << " from " << dir->string();
+
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromDir(*dir);
+  if (!tokenizer.ok()) return Fail(tokenizer.status());
+
+  ModelLoadOptions load;
+  load.model_dir = *dir;
+  load.device = o.device;
+  load.dtype = o.dtype;
+  load.rank = o.server.rank;
+  load.world_size = o.server.world_size;
+  absl::StatusOr<std::unique_ptr<ModelBackend>> model = CreateModelBackend(load);
+  if (!model.ok()) return Fail(model.status());
+  PHI_LOG(INFO) << "Model ready on " << (*model)->device_type() << " (" << (*model)->dtype_name()
+                << "), " << (*model)->config().num_hidden_layers << " layers, hidden "
+                << (*model)->config().hidden_size << ", vocab " << (*model)->config().vocab_size;
+
+  BatchEngineOptions eo;
+  eo.rank = o.server.rank;
+  eo.world_size = o.server.world_size;
+  eo.memory_fraction = o.cuda_memory_fraction;
+  eo.memory_wiggle_room = o.memory_wiggle_room;
+  eo.max_kv_blocks = o.max_kv_blocks;
+  eo.eos_token_ids = (*model)->config().eos_token_ids;  // empty: the engine uses the tokenizer's
+  eo.watermark_gamma = o.watermark_gamma;
+  eo.watermark_delta = o.watermark_delta;
+  BatchEngine engine(model->get(), tokenizer->get(), eo);
+
+  LoraxServiceOptions so;
+  so.urls = ShardUrls(o.server);
+  so.block_size = kKvBlockSize;
+  LoraxService service(&engine, model->get(), so);
+
+  // From here on a signal means "shut down gracefully".
+  signals.set_exit_on_signal(false);
+  absl::StatusOr<std::unique_ptr<ShardServer>> server = ShardServer::Start(o.server, &service);
+  if (!server.ok()) return Fail(server.status());
+
+  const int sig = signals.Wait();
+  PHI_LOG(INFO) << "Signal " << sig << " received. Shutting down";
+  (*server)->Shutdown();
+  std::fflush(stdout);
+  return 0;
+}
+
+}  // namespace phishard

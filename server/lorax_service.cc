@@ -1,0 +1,465 @@
+#include "server/lorax_service.h"
+
+#include <chrono>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/logging.h"
+#include "server/proto_convert.h"
+
+namespace phishard {
+namespace {
+
+namespace pb = ::generate::v1;
+
+constexpr char kBaseModelAdapterId[] = "__base_model__";
+// tonic 0.9 (the LoRAX router) never raises its 4 MiB decode limit: a bigger response fails on
+// the router side exactly like an error (spec §2.1). We still send it, but say so in the log.
+constexpr size_t kRouterDecodeLimit = 4u << 20;
+
+bool ReadAll(const grpc::ByteBuffer& buf, std::string* out) {
+  std::vector<grpc::Slice> slices;
+  if (!buf.Dump(&slices).ok()) return false;
+  out->clear();
+  out->reserve(buf.Length());
+  for (const grpc::Slice& s : slices) {
+    out->append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return true;
+}
+
+void WriteAll(const std::string& bytes, grpc::ByteBuffer* out) {
+  grpc::Slice slice(bytes);
+  *out = grpc::ByteBuffer(&slice, 1);
+}
+
+// Steps whose failure may mean the device is gone (as opposed to a bad request).
+bool MayBeDeviceFault(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kInternal || s.code() == absl::StatusCode::kUnknown ||
+         s.code() == absl::StatusCode::kDataLoss;
+}
+
+absl::Status PingNoThrow(ModelBackend* model) {
+  try {
+    return model->Ping();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("Ping threw: ", e.what()));
+  } catch (...) {
+    return absl::InternalError("Ping threw a non-std exception");
+  }
+}
+
+// adapter_ids == ["__base_model__"]: the router's adapter index 0 (requests without adapter).
+absl::StatusOr<bool> IsBaseModel(const pb::AdapterParameters& p) {
+  if (p.adapter_ids_size() == 0) {
+    return absl::InvalidArgumentError("adapter_parameters.adapter_ids is empty");
+  }
+  return p.adapter_ids_size() == 1 && p.adapter_ids(0) == kBaseModelAdapterId;
+}
+
+absl::Status AdaptersUnsupported(const pb::AdapterParameters& p, std::string_view what) {
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "adapters are not supported yet: cannot %s adapter '%s' (this shard serves only %s)", what,
+      absl::StrJoin(p.adapter_ids(), ","), kBaseModelAdapterId));
+}
+
+}  // namespace
+
+// ---- SerialExecutor ----------------------------------------------------------------------------
+
+SerialExecutor::SerialExecutor() : thread_([this] { Loop(); }) {}
+
+SerialExecutor::~SerialExecutor() { Stop(); }
+
+bool SerialExecutor::Submit(std::function<void()> task) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return false;
+    queue_.push_back(std::move(task));
+  }
+  cv_.notify_one();
+  return true;
+}
+
+bool SerialExecutor::SubmitIfIdle(std::function<void()> task) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ || running_ || !queue_.empty()) return false;
+    queue_.push_back(std::move(task));
+  }
+  cv_.notify_one();
+  return true;
+}
+
+void SerialExecutor::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+bool SerialExecutor::idle() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !running_ && queue_.empty();
+}
+
+void SerialExecutor::Loop() {
+  for (;;) {
+    std::function<void()> task;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping, and everything admitted has run
+      task = std::move(queue_.front());
+      queue_.pop_front();
+      running_ = true;
+    }
+    try {
+      task();
+    } catch (...) {
+      // Tasks finish their own RPC and catch their own exceptions; this only keeps the thread.
+      PHI_LOG(ERROR) << "executor task threw past its handler";
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    running_ = false;
+  }
+}
+
+// ---- ShardHealth -------------------------------------------------------------------------------
+
+bool ShardHealth::serving() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return serving_;
+}
+
+std::string ShardHealth::reason() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return reason_;
+}
+
+void ShardHealth::SetNotServing(std::string reason) {
+  std::vector<std::function<void(bool)>> notify;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!serving_) return;  // keep the first reason
+    serving_ = false;
+    reason_ = std::move(reason);
+    for (auto& [id, cb] : subscribers_) notify.push_back(cb);
+  }
+  for (auto& cb : notify) cb(false);
+}
+
+int ShardHealth::Subscribe(std::function<void(bool)> cb) {
+  std::lock_guard<std::mutex> lock(mu_);
+  subscribers_.emplace_back(next_id_, std::move(cb));
+  return next_id_++;
+}
+
+void ShardHealth::Unsubscribe(int id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::erase_if(subscribers_, [id](const auto& s) { return s.first == id; });
+}
+
+// ---- LoraxService ------------------------------------------------------------------------------
+
+LoraxService::LoraxService(BatchEngine* engine, ModelBackend* model, LoraxServiceOptions options)
+    : engine_(engine), model_(model), options_(std::move(options)) {
+  PHI_CHECK(engine_ != nullptr && model_ != nullptr);
+  PHI_CHECK(options_.block_size > 0);
+  // Info is static: computed once here so gRPC threads never call into the backend.
+  info_.set_requires_padding(false);
+  info_.set_dtype(model_->dtype_name());
+  info_.set_device_type(model_->device_type());
+  info_.set_block_size(options_.block_size);
+  info_.set_speculate(0);
+  info_.set_supports_generation(true);
+  info_.set_supports_embeddings(false);
+  info_.set_supports_classification(false);
+  info_.set_chunked_prefill(false);
+  info_.set_requires_block_allocator(false);  // the shard allocates its own KV blocks
+}
+
+LoraxService::~LoraxService() { executor_.Stop(); }
+
+void LoraxService::BeginShutdown() {
+  shutting_down_ = true;
+  health_.SetNotServing("shutting down");
+}
+
+void LoraxService::StopExecutor() { executor_.Stop(); }
+
+void LoraxService::CheckHealth(std::function<void(absl::Status)> done) {
+  if (!health_.serving()) {
+    done(absl::InternalError(absl::StrCat("shard is not serving: ", health_.reason())));
+    return;
+  }
+  auto shared_done = std::make_shared<std::function<void(absl::Status)>>(std::move(done));
+  const bool queued = executor_.SubmitIfIdle([this, shared_done] {
+    absl::Status st = PingNoThrow(model_);
+    if (!st.ok()) {
+      health_.SetNotServing(absl::StrCat("device Ping failed: ", st.message()));
+      st = absl::InternalError(absl::StrCat("device Ping failed: ", st.message()));
+    }
+    (*shared_done)(st);
+  });
+  // Busy: the running step is the device round trip; a failure there flips health_.
+  if (!queued) (*shared_done)(absl::OkStatus());
+}
+
+void LoraxService::CheckDeviceAfterFailure(const char* method, const absl::Status& status) {
+  if (!MayBeDeviceFault(status)) return;
+  const absl::Status ping = PingNoThrow(model_);
+  if (ping.ok()) return;
+  const std::string reason = absl::StrFormat("%s failed (%s) and the device no longer answers (%s)",
+                                             method, status.ToString(), ping.ToString());
+  PHI_LOG(CRITICAL) << reason;
+  health_.SetNotServing(reason);
+}
+
+absl::Status LoraxService::RequireDevice() const {
+  if (health_.serving()) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("shard is not serving: ", health_.reason()));
+}
+
+template <class Req, class Resp, class Fn>
+LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const Bytes* in,
+                                           Bytes* out, Lane lane, Fn fn) {
+  Reactor* reactor = ctx->DefaultReactor();
+  if (shutting_down_) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+    return reactor;
+  }
+  auto req = std::make_shared<Req>();
+  std::string bytes;
+  if (!ReadAll(*in, &bytes)) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INTERNAL, "could not read the request bytes"));
+    return reactor;
+  }
+  if (!req->ParseFromString(bytes)) {
+    const absl::Status st = ExplainParseFailure(Req::descriptor(), bytes);
+    PHI_LOG(WARNING) << method << ": " << st.message();
+    reactor->Finish(ToGrpcStatus(st));
+    return reactor;
+  }
+  bytes.clear();
+  bytes.shrink_to_fit();
+
+  auto run = [this, method, req, out, reactor, fn, lane] {
+    const auto t0 = std::chrono::steady_clock::now();
+    Resp resp;
+    absl::Status st;
+    try {
+      st = fn(*req, &resp);
+    } catch (const std::exception& e) {
+      st = absl::InternalError(absl::StrCat(method, " threw: ", e.what()));
+    } catch (...) {
+      st = absl::InternalError(absl::StrCat(method, " threw a non-std exception"));
+    }
+    if (st.ok()) {
+      std::string wire;
+      if (!resp.SerializeToString(&wire)) {
+        st = absl::InternalError(absl::StrCat(method, ": could not serialize the response"));
+      } else {
+        if (wire.size() > kRouterDecodeLimit) {
+          PHI_LOG(WARNING) << method << " response is " << wire.size()
+                           << " bytes, above the LoRAX router's 4 MiB decode limit";
+        }
+        WriteAll(wire, out);
+      }
+    }
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (st.ok()) {
+      PHI_LOG(DEBUG) << method << " ok in " << ms << " ms";
+    } else if (MayBeDeviceFault(st)) {
+      PHI_LOG(ERROR) << method << " failed after " << ms << " ms: " << st;
+      if (lane == Lane::kExecutor) CheckDeviceAfterFailure(method, st);
+    } else {
+      PHI_LOG(WARNING) << method << " rejected: " << st;
+    }
+    reactor->Finish(ToGrpcStatus(st));
+  };
+  if (lane == Lane::kInline) {
+    run();
+  } else if (!executor_.Submit(std::move(run))) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+  }
+  return reactor;
+}
+
+LoraxService::Reactor* LoraxService::Info(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::InfoRequest, pb::InfoResponse>(
+      "Info", ctx, in, out, Lane::kInline, [this](const pb::InfoRequest&, pb::InfoResponse* resp) {
+        *resp = info_;
+        return absl::OkStatus();
+      });
+}
+
+LoraxService::Reactor* LoraxService::ServiceDiscovery(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::ServiceDiscoveryRequest, pb::ServiceDiscoveryResponse>(
+      "ServiceDiscovery", ctx, in, out, Lane::kInline,
+      [this](const pb::ServiceDiscoveryRequest&, pb::ServiceDiscoveryResponse* resp) {
+        for (const std::string& url : options_.urls) resp->add_urls(url);
+        return absl::OkStatus();
+      });
+}
+
+LoraxService::Reactor* LoraxService::ClearCache(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::ClearCacheRequest, pb::ClearCacheResponse>(
+      "ClearCache", ctx, in, out, Lane::kExecutor,
+      [this](const pb::ClearCacheRequest& req, pb::ClearCacheResponse*) {
+        // Presence, not value: batch id 0 is a real batch (spec §2.3).
+        return engine_->ClearCache(req.has_id() ? std::optional<uint64_t>(req.id()) : std::nullopt);
+      });
+}
+
+LoraxService::Reactor* LoraxService::FilterBatch(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::FilterBatchRequest, pb::FilterBatchResponse>(
+      "FilterBatch", ctx, in, out, Lane::kExecutor,
+      [this](const pb::FilterBatchRequest& req, pb::FilterBatchResponse* resp) -> absl::Status {
+        std::vector<uint64_t> ids(req.request_ids().begin(), req.request_ids().end());
+        absl::StatusOr<CachedBatchOut> batch = engine_->FilterBatch(req.batch_id(), ids);
+        if (!batch.ok()) return batch.status();
+        CachedBatchToProto(*batch, resp->mutable_batch());  // always set (spec §2.3)
+        return absl::OkStatus();
+      });
+}
+
+LoraxService::Reactor* LoraxService::Warmup(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::WarmupRequest, pb::WarmupResponse>(
+      "Warmup", ctx, in, out, Lane::kExecutor,
+      [this](const pb::WarmupRequest& req, pb::WarmupResponse* resp) -> absl::Status {
+        if (absl::Status s = RequireDevice(); !s.ok()) return s;
+        if (!req.has_batch()) return absl::InvalidArgumentError("batch is required");
+        absl::StatusOr<BatchInput> batch = BatchFromProto(req.batch());
+        if (!batch.ok()) return batch.status();
+        absl::StatusOr<uint32_t> tokens = engine_->Warmup(
+            *batch, req.max_input_length(), req.max_prefill_tokens(), req.max_new_tokens());
+        if (!tokens.ok()) return tokens.status();
+        resp->set_max_supported_total_tokens(*tokens);  // always set (spec §2.3)
+        PHI_LOG(INFO) << "Warmup: max_supported_total_tokens = " << *tokens;
+        return absl::OkStatus();
+      });
+}
+
+LoraxService::Reactor* LoraxService::Prefill(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::PrefillRequest, pb::PrefillResponse>(
+      "Prefill", ctx, in, out, Lane::kExecutor,
+      [this](const pb::PrefillRequest& req, pb::PrefillResponse* resp) -> absl::Status {
+        if (absl::Status s = RequireDevice(); !s.ok()) return s;
+        if (!req.has_batch()) return absl::InvalidArgumentError("batch is required");
+        // Info.chunked_prefill = false: the router never sends cached_batch; upstream ignores it
+        // in that mode too.
+        if (req.has_cached_batch()) {
+          PHI_LOG(DEBUG) << "Prefill: ignoring cached_batch " << req.cached_batch().id()
+                         << " (chunked prefill is off)";
+        }
+        absl::StatusOr<BatchInput> batch = BatchFromProto(req.batch());
+        if (!batch.ok()) return batch.status();
+        absl::StatusOr<StepResult> step = engine_->Prefill(*batch);
+        if (!step.ok()) return step.status();
+        StepResultToProto(*step, resp);
+        return absl::OkStatus();
+      });
+}
+
+LoraxService::Reactor* LoraxService::Embed(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::EmbedRequest, pb::EmbedResponse>(
+      "Embed", ctx, in, out, Lane::kInline, [](const pb::EmbedRequest&, pb::EmbedResponse*) {
+        return absl::UnimplementedError("Model does not support embeddings");
+      });
+}
+
+LoraxService::Reactor* LoraxService::Classify(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::ClassifyRequest, pb::ClassifyResponse>(
+      "Classify", ctx, in, out, Lane::kInline,
+      [](const pb::ClassifyRequest&, pb::ClassifyResponse*) {
+        return absl::UnimplementedError("Model does not support classification");
+      });
+}
+
+LoraxService::Reactor* LoraxService::Decode(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::DecodeRequest, pb::DecodeResponse>(
+      "Decode", ctx, in, out, Lane::kExecutor,
+      [this](const pb::DecodeRequest& req, pb::DecodeResponse* resp) -> absl::Status {
+        if (absl::Status s = RequireDevice(); !s.ok()) return s;
+        if (req.batches_size() == 0) {
+          return absl::InvalidArgumentError("Must provide at least one batch");
+        }
+        std::vector<uint64_t> ids;
+        ids.reserve(req.batches_size());
+        for (const pb::CachedBatch& b : req.batches()) ids.push_back(b.id());
+        absl::StatusOr<StepResult> step = engine_->Decode(ids);
+        if (!step.ok()) return step.status();
+        StepResultToProto(*step, resp);
+        return absl::OkStatus();
+      });
+}
+
+LoraxService::Reactor* LoraxService::Health(Ctx* ctx, const Bytes* in, Bytes* out) {
+  Reactor* reactor = ctx->DefaultReactor();
+  if (shutting_down_) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+    return reactor;
+  }
+  std::string bytes;
+  pb::HealthRequest req;
+  if (!ReadAll(*in, &bytes) || !req.ParseFromString(bytes)) {
+    reactor->Finish(ToGrpcStatus(ExplainParseFailure(pb::HealthRequest::descriptor(), bytes)));
+    return reactor;
+  }
+  CheckHealth([reactor, out](absl::Status st) {
+    if (st.ok()) WriteAll(pb::HealthResponse().SerializeAsString(), out);
+    reactor->Finish(ToGrpcStatus(st));
+  });
+  return reactor;
+}
+
+LoraxService::Reactor* LoraxService::DownloadAdapter(Ctx* ctx, const Bytes* in, Bytes* out) {
+  // Disk/network only (spec §2.1): answered off the executor.
+  return Unary<pb::DownloadAdapterRequest, pb::DownloadAdapterResponse>(
+      "DownloadAdapter", ctx, in, out, Lane::kInline,
+      [](const pb::DownloadAdapterRequest& req, pb::DownloadAdapterResponse* resp) -> absl::Status {
+        absl::StatusOr<bool> base = IsBaseModel(req.adapter_parameters());
+        if (!base.ok()) return base.status();
+        if (!*base) return AdaptersUnsupported(req.adapter_parameters(), "download");
+        resp->set_downloaded(false);
+        resp->set_memory_fraction(0.0f);
+        return absl::OkStatus();
+      });
+}
+
+LoraxService::Reactor* LoraxService::LoadAdapter(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::LoadAdapterRequest, pb::LoadAdapterResponse>(
+      "LoadAdapter", ctx, in, out, Lane::kExecutor,
+      [](const pb::LoadAdapterRequest& req, pb::LoadAdapterResponse* resp) -> absl::Status {
+        absl::StatusOr<bool> base = IsBaseModel(req.adapter_parameters());
+        if (!base.ok()) return base.status();
+        if (!*base) return AdaptersUnsupported(req.adapter_parameters(), "load");
+        resp->set_loaded(false);  // base model: nothing to load (must succeed, spec §3.7)
+        return absl::OkStatus();
+      });
+}
+
+LoraxService::Reactor* LoraxService::OffloadAdapter(Ctx* ctx, const Bytes* in, Bytes* out) {
+  return Unary<pb::OffloadAdapterRequest, pb::OffloadAdapterResponse>(
+      "OffloadAdapter", ctx, in, out, Lane::kExecutor,
+      [](const pb::OffloadAdapterRequest& req, pb::OffloadAdapterResponse* resp) -> absl::Status {
+        absl::StatusOr<bool> base = IsBaseModel(req.adapter_parameters());
+        if (!base.ok()) return base.status();
+        // No adapter is ever loaded, so there is nothing to offload under any index: upstream's
+        // answer for an index that is not loaded is `false`, not an error.
+        resp->set_offloaded(false);
+        return absl::OkStatus();
+      });
+}
+
+}  // namespace phishard
