@@ -139,7 +139,7 @@ absl::StatusOr<std::unique_ptr<BpeRegex>> BpeRegex::Compile(std::string_view pat
     pcre2_jit_stack_assign(context, &JitStackCallback, nullptr);
     regex->context_ = context;
   } else {
-    PHI_LOG(Debug) << what << ": PCRE2 JIT unavailable, using the interpreter";
+    PHI_LOG(DEBUG) << what << ": PCRE2 JIT unavailable, using the interpreter";
   }
   return regex;
 }
@@ -166,7 +166,7 @@ void BpeRegex::FindAll(std::string_view text, absl::FunctionRef<void(size_t, siz
       if (!logged.exchange(true)) {
         PCRE2_UCHAR message[256];
         pcre2_get_error_message(rc, message, sizeof(message));
-        PHI_LOG(Warning) << "tokenizer regex: " << reinterpret_cast<char*>(message)
+        PHI_LOG(WARNING) << "tokenizer regex: " << reinterpret_cast<char*>(message)
                          << "; rest of a " << text.size() << "-byte piece left unsplit";
       }
       return;

@@ -329,7 +329,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
     if (is_added) continue;
     auto it = impl->vocab.find(s);
     if (it == impl->vocab.end()) {
-      PHI_LOG(Warning) << "tokenizer_config: special token \"" << s
+      PHI_LOG(WARNING) << "tokenizer_config: special token \"" << s
                        << "\" is in neither model.vocab nor added_tokens; ignored";
       continue;
     }
