@@ -297,10 +297,21 @@ TEST_F(BatchEngineTest, PrefillLogprobsFromRawLogits) {
   const std::vector<int32_t> prompt = tokenizer_->Encode("def f(x):\n    return x  # 😀");
   RequestInput req = Req(3, prompt, 3);
   req.prefill_logprobs = true;
-  req.parameters.repetition_penalty = 3.0f;  // must not touch prefill logprobs
-  auto r = engine->Prefill(Batch(0, {req, Req(4, Prompt(6, 1), 3)}));
+  RequestInput penalised = req;
+  penalised.id = 5;
+  penalised.parameters.repetition_penalty = 3.0f;  // must not touch prefill logprobs
+  auto r = engine->Prefill(Batch(0, {req, Req(4, Prompt(6, 1), 3), penalised}));
   ASSERT_TRUE(r.ok()) << r.status();
   const GenerationOut& g = r->generations[0];
+  // The next token comes from the logits of the last prompt position.
+  EXPECT_EQ(g.next_tokens.ids[0], ReferenceGreedy(prompt, 1)[0]);
+  EXPECT_NEAR(g.next_tokens.logprobs[0], RefLogprob(prompt, g.next_tokens.ids[0]), 1e-5);
+  ASSERT_TRUE(r->generations[2].prefill_tokens.has_value());
+  const std::vector<float>& penalised_lp = r->generations[2].prefill_tokens->logprobs;
+  ASSERT_EQ(penalised_lp.size(), prompt.size());
+  for (size_t k = 1; k < prompt.size(); ++k) {
+    EXPECT_EQ(penalised_lp[k], g.prefill_tokens->logprobs[k]) << k;
+  }
   ASSERT_TRUE(g.prefill_tokens.has_value());
   const TokensOut& pt = *g.prefill_tokens;
   EXPECT_EQ(pt.ids, prompt);
