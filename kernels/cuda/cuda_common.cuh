@@ -1,0 +1,129 @@
+// Shared device helpers for the CUDA ops: element conversions, warp/block reductions, the closed
+// dtype dispatch and launch-error mapping. Included by kernels/cuda/*.cu only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/dtype.h"
+#include "kernels/kernel_status.h"
+
+namespace phishard::cuda {
+
+// ---- element conversions (storage type <-> float32 compute) ----
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float x);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Two packed 16-bit elements (one 32-bit word) to float2.
+template <typename T>
+__device__ __forceinline__ float2 Word2ToFloat2(uint32_t w);
+template <>
+__device__ __forceinline__ float2 Word2ToFloat2<__half>(uint32_t w) {
+  __half2 h;
+  memcpy(&h, &w, 4);
+  return __half22float2(h);
+}
+template <>
+__device__ __forceinline__ float2 Word2ToFloat2<__nv_bfloat16>(uint32_t w) {
+  __nv_bfloat162 h;
+  memcpy(&h, &w, 4);
+  return __bfloat1622float2(h);
+}
+
+// ---- reductions ----
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum/max for blockDim.x a multiple of 32 (<= 1024). `scratch` holds 32 floats of
+// shared memory; the call starts with a barrier so the same scratch can be reused back to back.
+__device__ __forceinline__ float BlockSum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  v = WarpSum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < num_warps ? scratch[lane] : 0.0f;
+  return WarpSum(v);
+}
+__device__ __forceinline__ float BlockMax(float v, float* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  v = WarpMax(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < num_warps ? scratch[lane] : -INFINITY;
+  return WarpMax(v);
+}
+
+// ---- closed dtype dispatch ----
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) for the 16-bit storage types; any other dtype is kUnsupportedDtype.
+template <typename F>
+KernelStatus DispatchHalfTypes(DataType dtype, F&& f) {
+  switch (dtype) {
+    case DataType::kF16:
+      return f(TypeTag<__half>{});
+    case DataType::kBF16:
+      return f(TypeTag<__nv_bfloat16>{});
+    default:
+      return KernelStatus::kUnsupportedDtype;
+  }
+}
+// Same, float32 included (element-wise ops where f32 costs nothing extra).
+template <typename F>
+KernelStatus DispatchAllTypes(DataType dtype, F&& f) {
+  switch (dtype) {
+    case DataType::kF32:
+      return f(TypeTag<float>{});
+    case DataType::kF16:
+      return f(TypeTag<__half>{});
+    case DataType::kBF16:
+      return f(TypeTag<__nv_bfloat16>{});
+  }
+  return KernelStatus::kUnsupportedDtype;
+}
+
+// After a launch: a configuration or launch failure is kDeviceError (the caller reads the text
+// with DeviceErrorString(DeviceGetLastError()) if it wants it; we leave it in place by peeking).
+inline KernelStatus LaunchStatus() {
+  return cudaPeekAtLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
+}
+
+inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+}  // namespace phishard::cuda

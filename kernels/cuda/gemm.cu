@@ -1,0 +1,362 @@
+#include <cublasLt.h>
+
+#include <cmath>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemm_cuda.h"
+
+namespace phishard {
+namespace {
+
+// ---- activation kernel for epilogues cuBLASLt cannot do (erf GELU; tanh GELU if the probe
+// says its GELU is not the tanh form). In place on y[m, n] with row stride ldy. ----
+template <typename T, bool kTanh>
+__global__ void GeluInPlaceKernel(T* y, int m, int n, int ldy) {
+  const int64_t total = static_cast<int64_t>(m) * n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / n;
+    const int64_t c = i - r * n;
+    T* p = y + r * ldy + c;
+    const float x = cuda::ToFloat(*p);
+    float g;
+    if constexpr (kTanh) {
+      const float k0 = 0.7978845608028654f;  // sqrt(2/pi)
+      g = 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x)));
+    } else {
+      g = 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    }
+    *p = cuda::FromFloat<T>(g);
+  }
+}
+
+cudaDataType_t CudaType(DataType t) {
+  switch (t) {
+    case DataType::kF32:
+      return CUDA_R_32F;
+    case DataType::kF16:
+      return CUDA_R_16F;
+    case DataType::kBF16:
+      return CUDA_R_16BF;
+  }
+  return CUDA_R_32F;
+}
+
+// Largest power of two (<= 256) dividing the address: what the heuristic may assume.
+uint32_t Alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al >>= 1;
+  return al;
+}
+
+// Everything the algorithm choice depends on.
+using PlanKey = std::tuple<int, int, int, int, int, int, int, int, bool, uint32_t, uint32_t,
+                           uint32_t, uint32_t>;
+// (m, n, k, ldx, ldy, dtype, y_dtype, cublas epilogue, accumulate, align x, w, y, bias)
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr;  // w viewed column-major [k, n], ld k, op T
+  cublasLtMatrixLayout_t b = nullptr;  // x viewed column-major [k, m], ld ldx, op N
+  cublasLtMatrixLayout_t d = nullptr;  // y viewed column-major [n, m], ld ldy (also C)
+  cublasLtMatmulAlgo_t algo;
+  size_t workspace = 0;
+};
+
+void DestroyPlan(Plan& p) {
+  if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+  if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+  if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+  if (p.d) cublasLtMatrixLayoutDestroy(p.d);
+  p = Plan{};
+}
+
+}  // namespace
+
+struct CudaGemm::Impl {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  std::map<PlanKey, Plan> plans;
+  bool gelu_tanh_in_epilogue = false;
+  double probe_err_tanh = -1.0;
+  double probe_err_erf = -1.0;
+  std::string last_error;
+
+  ~Impl() {
+    for (auto& [key, plan] : plans) DestroyPlan(plan);
+    if (workspace) cudaFree(workspace);
+    if (handle) cublasLtDestroy(handle);
+  }
+
+  KernelStatus Fail(const char* what, cublasStatus_t st) {
+    last_error = std::string(what) + ": " + cublasLtGetStatusString(st);
+    return KernelStatus::kDeviceError;
+  }
+
+  // Finds or builds the plan; *plan stays null when no algorithm supports the configuration.
+  KernelStatus GetPlan(const GemmParams& p, DataType y_dtype, int ldx, int ldy,
+                       cublasLtEpilogue_t epi, Plan** plan) {
+    *plan = nullptr;
+    const PlanKey key{p.m,
+                      p.n,
+                      p.k,
+                      ldx,
+                      ldy,
+                      static_cast<int>(p.dtype),
+                      static_cast<int>(y_dtype),
+                      static_cast<int>(epi),
+                      p.accumulate,
+                      Alignment(p.x),
+                      Alignment(p.w),
+                      Alignment(p.y),
+                      p.bias ? Alignment(p.bias) : 256u};
+    if (auto it = plans.find(key); it != plans.end()) {
+      *plan = &it->second;
+      return KernelStatus::kOk;
+    }
+    Plan pl;
+    cublasStatus_t st = cublasLtMatmulDescCreate(&pl.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    if (st != CUBLAS_STATUS_SUCCESS) return Fail("cublasLtMatmulDescCreate", st);
+    const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+    cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t));
+    cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n));
+    cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
+    if (p.bias) {
+      // The bias has the output's type (float32 for float32 logits), set explicitly.
+      const int32_t bias_type = CudaType(y_dtype);
+      cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                     sizeof(bias_type));
+      cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
+                                     sizeof(p.bias));
+    }
+    st = cublasLtMatrixLayoutCreate(&pl.a, CudaType(p.dtype), p.k, p.n, p.k);
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatrixLayoutCreate(&pl.b, CudaType(p.dtype), p.k, p.m, ldx);
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatrixLayoutCreate(&pl.d, CudaType(y_dtype), p.n, p.m, ldy);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      DestroyPlan(pl);
+      return Fail("cublasLtMatrixLayoutCreate", st);
+    }
+    cublasLtMatmulPreference_t pref = nullptr;
+    st = cublasLtMatmulPreferenceCreate(&pref);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      DestroyPlan(pl);
+      return Fail("cublasLtMatmulPreferenceCreate", st);
+    }
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                         &workspace_bytes, sizeof(workspace_bytes));
+    const uint32_t al_a = Alignment(p.w), al_b = Alignment(p.x), al_d = Alignment(p.y);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
+                                         sizeof(al_a));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
+                                         sizeof(al_b));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d,
+                                         sizeof(al_d));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d,
+                                         sizeof(al_d));
+    cublasLtMatmulHeuristicResult_t result = {};
+    int returned = 0;
+    st = cublasLtMatmulAlgoGetHeuristic(handle, pl.desc, pl.a, pl.b, pl.d, pl.d, pref, 1, &result,
+                                        &returned);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS || returned == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
+      DestroyPlan(pl);
+      return KernelStatus::kOk;  // no algorithm: the caller may fall back
+    }
+    pl.algo = result.algo;
+    pl.workspace = result.workspaceSize;
+    auto [it, inserted] = plans.emplace(key, pl);
+    *plan = &it->second;
+    return KernelStatus::kOk;
+  }
+
+  KernelStatus Matmul(const GemmParams& p, DataType y_dtype, int ldx, int ldy,
+                      cublasLtEpilogue_t epi, bool* no_algo, cudaStream_t stream) {
+    Plan* plan = nullptr;
+    if (KernelStatus s = GetPlan(p, y_dtype, ldx, ldy, epi, &plan); s != KernelStatus::kOk) {
+      return s;
+    }
+    *no_algo = plan == nullptr;
+    if (!plan) return KernelStatus::kOk;
+    if (p.bias) {
+      cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
+                                     sizeof(p.bias));
+    }
+    const float alpha = 1.0f;
+    const float beta = p.accumulate ? 1.0f : 0.0f;
+    const cublasStatus_t st =
+        cublasLtMatmul(handle, plan->desc, &alpha, p.w, plan->a, p.x, plan->b, &beta, p.y, plan->d,
+                       p.y, plan->d, &plan->algo, workspace, workspace_bytes, stream);
+    if (st != CUBLAS_STATUS_SUCCESS) return Fail("cublasLtMatmul", st);
+    return KernelStatus::kOk;
+  }
+
+  KernelStatus Probe();
+};
+
+// Decides whether CUBLASLT_EPILOGUE_GELU_BIAS computes the tanh approximation (HF gelu_new), by
+// running it on pre-activations -4 + j/8 (exact in bf16) with a float32 output, where the
+// tanh/erf difference (up to 4.7e-4, at |x| = 2.75) is far above float32 rounding.
+KernelStatus CudaGemm::Impl::Probe() {
+  constexpr int kM = 8, kN = 64, kK = 16;
+  std::vector<uint16_t> x(kM * kK, 0), w(kN * kK, 0);
+  std::vector<float> bias(kN, 0.0f), pre(kN);
+  auto to_bf16 = [](float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return static_cast<uint16_t>(u >> 16);  // exact: every value used has <= 8 significant bits
+  };
+  for (int i = 0; i < kM; ++i) x[i * kK] = to_bf16(1.0f);
+  for (int j = 0; j < kN; ++j) {
+    pre[j] = -4.0f + 0.125f * j;
+    w[j * kK] = to_bf16(pre[j]);
+  }
+  void* dx = nullptr;
+  void* dw = nullptr;
+  void* db = nullptr;
+  void* dy = nullptr;
+  cudaError_t err = cudaMalloc(&dx, x.size() * 2);
+  if (err == cudaSuccess) err = cudaMalloc(&dw, w.size() * 2);
+  if (err == cudaSuccess) err = cudaMalloc(&db, bias.size() * 4);
+  if (err == cudaSuccess) err = cudaMalloc(&dy, kM * kN * 4);
+  std::vector<float> y(kM * kN, NAN);
+  KernelStatus status = KernelStatus::kOk;
+  if (err == cudaSuccess) err = cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess) err = cudaMemcpy(dw, w.data(), w.size() * 2, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess)
+    err = cudaMemcpy(db, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice);
+  bool no_algo = true;
+  if (err == cudaSuccess) {
+    GemmParams p;
+    p.x = dx;
+    p.w = dw;
+    p.bias = db;
+    p.y = dy;
+    p.m = kM;
+    p.n = kN;
+    p.k = kK;
+    p.dtype = DataType::kBF16;
+    status = Matmul(p, DataType::kF32, kK, kN, CUBLASLT_EPILOGUE_GELU_BIAS, &no_algo, nullptr);
+    if (status == KernelStatus::kOk && !no_algo) {
+      err = cudaMemcpy(y.data(), dy, y.size() * 4, cudaMemcpyDeviceToHost);
+    }
+  }
+  if (dx) cudaFree(dx);
+  if (dw) cudaFree(dw);
+  if (db) cudaFree(db);
+  if (dy) cudaFree(dy);
+  if (err != cudaSuccess) {
+    last_error = std::string("GELU probe: ") + cudaGetErrorString(err);
+    return KernelStatus::kDeviceError;
+  }
+  // A probe that cannot run (no algorithm, cuBLAS error) just means "use the separate kernel".
+  if (status != KernelStatus::kOk || no_algo) return KernelStatus::kOk;
+  double err_tanh = 0.0, err_erf = 0.0;
+  for (int i = 0; i < kM; ++i) {
+    for (int j = 0; j < kN; ++j) {
+      const double v = y[i * kN + j];
+      const double xx = pre[j];
+      const double gt =
+          0.5 * xx * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (xx + 0.044715 * xx * xx * xx)));
+      const double ge = 0.5 * xx * (1.0 + std::erf(xx / std::sqrt(2.0)));
+      err_tanh = std::isfinite(v) ? std::max(err_tanh, std::fabs(v - gt)) : INFINITY;
+      err_erf = std::isfinite(v) ? std::max(err_erf, std::fabs(v - ge)) : INFINITY;
+    }
+  }
+  probe_err_tanh = err_tanh;
+  probe_err_erf = err_erf;
+  // Within 1e-4 of tanh GELU (a fast tanh unit is fine: the bf16 output rounding is ~8e-3 at
+  // |x| = 2) and clearly closer to it than to erf GELU.
+  gelu_tanh_in_epilogue = err_tanh < 1e-4 && err_tanh * 4 < err_erf;
+  return KernelStatus::kOk;
+}
+
+CudaGemm::CudaGemm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaGemm::~CudaGemm() = default;
+
+KernelStatus CudaGemm::Create(size_t workspace_bytes, std::unique_ptr<CudaGemm>* out) {
+  out->reset();
+  auto impl = std::make_unique<Impl>();
+  if (cublasLtCreate(&impl->handle) != CUBLAS_STATUS_SUCCESS) return KernelStatus::kDeviceError;
+  if (workspace_bytes > 0) {
+    if (cudaMalloc(&impl->workspace, workspace_bytes) != cudaSuccess) {
+      impl->workspace = nullptr;
+      return KernelStatus::kDeviceError;
+    }
+    impl->workspace_bytes = workspace_bytes;
+  }
+  if (KernelStatus s = impl->Probe(); s != KernelStatus::kOk) return s;
+  out->reset(new CudaGemm(std::move(impl)));
+  return KernelStatus::kOk;
+}
+
+KernelStatus CudaGemm::Run(const GemmParams& p, cudaStream_t stream) {
+  return Run(p, p.dtype, stream);
+}
+
+KernelStatus CudaGemm::Run(const GemmParams& p, DataType y_dtype, cudaStream_t stream) {
+  if (p.dtype != DataType::kF16 && p.dtype != DataType::kBF16) {
+    impl_->last_error =
+        std::string("gemm operands must be f16 or bf16, got ") + DataTypeName(p.dtype);
+    return KernelStatus::kUnsupportedDtype;
+  }
+  if (y_dtype != p.dtype && y_dtype != DataType::kF32) {
+    impl_->last_error = "gemm output must be the operand dtype or f32";
+    return KernelStatus::kUnsupportedDtype;
+  }
+  if (p.m < 0 || p.n <= 0 || p.k <= 0) return KernelStatus::kInvalidShape;
+  const int ldx = p.ldx == 0 ? p.k : p.ldx;
+  const int ldy = p.ldy == 0 ? p.n : p.ldy;
+  if (ldx < p.k || ldy < p.n) return KernelStatus::kInvalidShape;
+  if (p.accumulate && p.epilogue != GemmEpilogue::kNone) return KernelStatus::kInvalidShape;
+  if (p.m == 0) return KernelStatus::kOk;
+  if (!p.x || !p.w || !p.y) return KernelStatus::kNullPointer;
+
+  const bool want_gelu = p.epilogue != GemmEpilogue::kNone;
+  const bool fused_gelu = p.epilogue == GemmEpilogue::kGeluTanh && impl_->gelu_tanh_in_epilogue;
+  const cublasLtEpilogue_t plain = p.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+  bool no_algo = true;
+  if (fused_gelu) {
+    const cublasLtEpilogue_t epi = p.bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+    if (KernelStatus s = impl_->Matmul(p, y_dtype, ldx, ldy, epi, &no_algo, stream);
+        s != KernelStatus::kOk) {
+      return s;
+    }
+    if (!no_algo) return KernelStatus::kOk;
+  }
+  if (KernelStatus s = impl_->Matmul(p, y_dtype, ldx, ldy, plain, &no_algo, stream);
+      s != KernelStatus::kOk) {
+    return s;
+  }
+  if (no_algo) {
+    impl_->last_error = "cuBLASLt has no algorithm for this gemm (check alignment and dtypes)";
+    return KernelStatus::kDeviceError;
+  }
+  if (!want_gelu) return KernelStatus::kOk;
+  auto launch = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int64_t total = static_cast<int64_t>(p.m) * p.n;
+    const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
+    if (p.epilogue == GemmEpilogue::kGeluTanh) {
+      GeluInPlaceKernel<T, true><<<blocks, 256, 0, stream>>>(static_cast<T*>(p.y), p.m, p.n, ldy);
+    } else {
+      GeluInPlaceKernel<T, false><<<blocks, 256, 0, stream>>>(static_cast<T*>(p.y), p.m, p.n, ldy);
+    }
+    return cuda::LaunchStatus();
+  };
+  return cuda::DispatchAllTypes(y_dtype, launch);
+}
+
+bool CudaGemm::gelu_tanh_in_epilogue() const { return impl_->gelu_tanh_in_epilogue; }
+double CudaGemm::probe_err_tanh() const { return impl_->probe_err_tanh; }
+double CudaGemm::probe_err_erf() const { return impl_->probe_err_erf; }
+const std::string& CudaGemm::last_error() const { return impl_->last_error; }
+size_t CudaGemm::num_cached_plans() const { return impl_->plans.size(); }
+
+}  // namespace phishard

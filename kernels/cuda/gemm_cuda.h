@@ -1,0 +1,49 @@
+// CUDA GEMM over the GemmParams of kernels/gemm.h, through cuBLASLt: kF16/kBF16 operands, float32
+// accumulation, bias in the epilogue, GELU-tanh in the epilogue when this cuBLASLt's GELU is the
+// tanh approximation (checked once at Create by a probe, see gelu_tanh_in_epilogue()), else a
+// separate in-place activation kernel after a bias epilogue. GELU-erf always uses that kernel.
+//
+// One CudaGemm owns one cuBLASLt handle and one device workspace, and caches the matmul
+// descriptors and the heuristic's algorithm per (shape, strides, dtypes, epilogue, alignment), so
+// a repeated shape costs no heuristic query. Not thread-safe: one CudaGemm per issuing thread.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "kernels/device.h"
+#include "kernels/gemm.h"
+
+namespace phishard {
+
+class CudaGemm {
+ public:
+  // Creates the handle and a workspace of `workspace_bytes` on the current device, and probes the
+  // GELU epilogue. On failure returns kDeviceError and leaves *out empty.
+  static KernelStatus Create(size_t workspace_bytes, std::unique_ptr<CudaGemm>* out);
+  ~CudaGemm();
+  CudaGemm(const CudaGemm&) = delete;
+  CudaGemm& operator=(const CudaGemm&) = delete;
+
+  // y = act(x·wᵀ + bias) or y += x·wᵀ + bias, operands of p.dtype (kF16/kBF16), device pointers.
+  KernelStatus Run(const GemmParams& p, cudaStream_t stream);
+  // Same with the output (and bias) of `y_dtype`, which may be kF32 (lm_head logits) or p.dtype.
+  KernelStatus Run(const GemmParams& p, DataType y_dtype, cudaStream_t stream);
+
+  // True when the probe found cuBLASLt's GELU epilogue to be the tanh approximation.
+  bool gelu_tanh_in_epilogue() const;
+  // Largest |epilogue - tanh GELU| and |epilogue - erf GELU| seen by the probe (float32 output).
+  double probe_err_tanh() const;
+  double probe_err_erf() const;
+  // Human-readable reason for the last kDeviceError / kUnsupportedDtype (cuBLAS status text).
+  const std::string& last_error() const;
+  size_t num_cached_plans() const;
+
+ private:
+  struct Impl;
+  explicit CudaGemm(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace phishard

@@ -1,0 +1,52 @@
+// CUDA entry point of the varlen causal attention over the paged KV cache
+// (kernels/paged_attention.h): same params, plus a host-side plan for what the host knows and the
+// device arrays cannot tell it without a round trip.
+//
+// Two kernels behind one entry, chosen per call:
+//  * prefill (any q_len): flash-attention style, one block per (64-query tile, sequence, head);
+//    the block walks 64-key tiles of the paged cache through the block table with an online
+//    softmax, S = QKᵀ and O += PV on tensor cores (WMMA 16x16x16, float32 accumulation); S x S
+//    is never materialised.
+//  * decode (every q_len == 1): one block per (context split, sequence, KV head) serving all
+//    num_heads / num_kv_heads query heads of that KV head (GQA reads K/V once), float32 FMA;
+//    with more than one split ("flash-decoding") a second kernel merges the splits' partial
+//    outputs by their log-sum-exp.
+// Closed dispatch: head_dim in {32, 64, 80} x {kF16, kBF16}; anything else is kInvalidShape /
+// kUnsupportedDtype before any launch.
+// Requirements beyond the CPU reference: q_stride and head_dim multiples of 8 and q, k_cache,
+// v_cache 16-byte aligned (16-byte vector loads). Block ids live in device memory and are not
+// validated here: an id outside [0, num_blocks) reads as zero K/V. The model validates block
+// tables on the host before upload.
+#pragma once
+
+#include <cstddef>
+
+#include "kernels/device.h"
+#include "kernels/paged_attention.h"
+
+namespace phishard {
+
+enum class AttentionKernel { kAuto, kPrefill, kDecode };
+
+struct PagedAttentionCudaPlan {
+  int max_q_len = 0;        // max over sequences of q_len (1 for a pure decode batch)
+  int max_context_len = 0;  // max over sequences of context_lens
+  AttentionKernel kernel = AttentionKernel::kAuto;  // kAuto: decode iff max_q_len == 1
+  // Decode split-K partials, device float32; null or too small means fewer (or no) splits.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  int num_multiprocessors = 132;  // sizes the split count: aim for ~2 blocks per SM
+  int force_splits = 0;           // > 0: use this many splits (tests), still capped by workspace
+};
+
+bool PagedAttentionCudaSupportsHeadDim(int head_dim);
+
+// Workspace that lets a decode step of `num_tokens` sequences use up to `max_splits` splits.
+size_t PagedAttentionCudaWorkspaceBytes(int num_tokens, int num_heads, int head_dim,
+                                        int max_splits);
+
+// `splits_used` (optional) receives the number of decode splits launched (0 for prefill).
+KernelStatus PagedAttentionCuda(const PagedAttentionParams& p, const PagedAttentionCudaPlan& plan,
+                                cudaStream_t stream, int* splits_used = nullptr);
+
+}  // namespace phishard
