@@ -1,0 +1,142 @@
+// CudaPhiModel: PhiForCausalLM on one CUDA device (world size 1), bf16 or fp16 storage with float32
+// accumulation. Plain C++: every device call goes through kernels/device.h and the CUDA ops'
+// entry points (kernels/cuda/*_cuda.h), so this file needs no CUDA headers. Built only when
+// PHISHARD_HAVE_CUDA (the .cc is empty otherwise).
+//
+// Memory (device): the weights in one allocation (q/k/v fused into one [(nH + 2 nKV) hd, H]
+// projection at load); the KV pool in one allocation (per layer K then V, each
+// [num_blocks, block_size, nKV, hd]); one step arena sized for `workspace_tokens()` tokens
+// (activations, full-vocabulary float32 logits for every token, decode split-K partials); a
+// small metadata buffer (ids, positions, slots, block tables) uploaded once per step from pinned
+// host memory. Forward allocates nothing unless a step exceeds what was reserved (then it grows
+// the arena once, with a warning).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/device.h"
+#include "kernels/dtype.h"
+#include "kernels/kernel_status.h"
+#include "model/forward_batch.h"
+#include "model/model_backend.h"
+#include "model/phi_config.h"
+#include "model/safetensors.h"
+
+namespace phishard {
+
+class CudaGemm;
+
+struct CudaModelOptions {
+  // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
+  // "bfloat16". "float32" is refused: the CUDA backend stores 16-bit weights.
+  std::string dtype;
+  int device = 0;             // CUDA device ordinal
+  int reserve_tokens = 2048;  // step arena reserved at load (grown by MaxKvBlocks' argument)
+};
+
+class CudaPhiModel final : public ModelBackend {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Load(const std::filesystem::path& model_dir,
+                                                            const CudaModelOptions& options);
+  static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Create(const PhiConfig& config,
+                                                              const WeightStore& store,
+                                                              const CudaModelOptions& options);
+  ~CudaPhiModel() override;
+  CudaPhiModel(const CudaPhiModel&) = delete;
+  CudaPhiModel& operator=(const CudaPhiModel&) = delete;
+
+  const PhiConfig& config() const override { return config_; }
+  std::string device_type() const override { return "cuda"; }
+  std::string dtype_name() const override;
+
+  // Blocks of kKvBlockSize tokens that fit in
+  //   free device memory + the current KV pool (AllocateKvCache frees it first)
+  //   - the growth of the step arena to `max_batch_tokens` tokens - (1 - fraction) x total memory.
+  // Remembers max_batch_tokens: the next AllocateKvCache grows the arena to it first.
+  absl::StatusOr<int> MaxKvBlocks(double memory_fraction, int max_batch_tokens) const override;
+  absl::Status AllocateKvCache(int num_blocks, int block_size) override;
+  int kv_num_blocks() const override { return kv_num_blocks_; }
+  int kv_block_size() const { return kv_block_size_; }
+
+  absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
+  // A 4-byte device-to-host copy on a separate stream, safe while Forward runs on another thread.
+  absl::Status Ping() override;
+
+  // --- introspection for tests and benchmarks ---
+  DataType dtype() const { return dtype_; }
+  int workspace_tokens() const { return arena_tokens_; }
+  bool gelu_in_gemm_epilogue() const;
+  int last_decode_splits() const { return last_decode_splits_; }
+  int64_t weight_bytes() const { return static_cast<int64_t>(weights_bytes_); }
+  // Device bytes of the step arena for `tokens` tokens.
+  size_t ArenaBytes(int tokens) const;
+  // Grows the step arena to hold steps of `tokens` tokens (never shrinks).
+  absl::Status ReserveWorkspace(int tokens);
+  // Device stream the model runs on (for timing from tests).
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  CudaPhiModel(PhiConfig config, DataType dtype, int device);
+  absl::Status UploadWeights(const WeightStore& store);
+  absl::Status ValidateBatch(const ForwardBatch& batch) const;
+  absl::Status EnsureMetadataCapacity(size_t bytes);
+  absl::Status DeviceStatus(int err, const char* what);
+  absl::Status KernelResult(KernelStatus status, const char* op);
+  int64_t KvBytesPerBlock(int block_size) const;
+
+  PhiConfig config_;
+  DataType dtype_;
+  int device_ = 0;
+  int multiprocessors_ = 132;
+  std::atomic<bool> healthy_{true};  // false after a device fault; read by Ping's thread
+
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<CudaGemm> gemm_;
+
+  // Weights (device, dtype unless noted): one allocation, offsets into it.
+  void* weights_ = nullptr;
+  size_t weights_bytes_ = 0;
+  struct Layer {
+    const void *ln_w, *ln_b, *qkv_w, *qkv_b, *dense_w, *dense_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+  };
+  std::vector<Layer> layers_;
+  const void* embed_ = nullptr;       // [V, H]
+  const void* final_ln_w_ = nullptr;  // [H]
+  const void* final_ln_b_ = nullptr;  // [H]
+  const void* lm_head_w_ = nullptr;   // [V, H] (== embed_ when tied)
+  const float* lm_head_b_ = nullptr;  // [V] float32, or null when the checkpoint has none
+
+  // KV pool (device): layer l's K at kv_ + 2 l * layer_bytes, V right after it.
+  void* kv_ = nullptr;
+  size_t kv_bytes_ = 0;
+  int kv_num_blocks_ = 0;
+  int kv_block_size_ = 0;
+
+  // Step arena (device), sized for arena_tokens_ tokens.
+  void* arena_ = nullptr;
+  size_t arena_bytes_ = 0;
+  int arena_tokens_ = 0;
+  mutable int reserve_tokens_ = 0;  // set by MaxKvBlocks, honoured by AllocateKvCache
+
+  // Per-step metadata: pinned host staging and its device mirror, same layout.
+  void* meta_host_ = nullptr;
+  void* meta_dev_ = nullptr;
+  size_t meta_bytes_ = 0;
+  int last_decode_splits_ = 0;
+
+  // Ping: own stream and buffers, serialised by its own mutex.
+  std::mutex ping_mu_;
+  cudaStream_t ping_stream_ = nullptr;
+  void* ping_dev_ = nullptr;
+  void* ping_host_ = nullptr;
+};
+
+}  // namespace phishard
