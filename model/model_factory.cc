@@ -4,22 +4,39 @@
 #include "absl/strings/str_format.h"
 #include "kernels/device_info.h"
 #include "model/cpu_phi_model.h"
+#include "model/cuda_phi_model.h"
 
 namespace phishard {
 namespace {
 
 // --- CUDA backend hook -------------------------------------------------------------------------
-// The CUDA backend is not part of this build yet. When it lands, set kCudaBackendBuiltIn to
-// PHISHARD_HAVE_CUDA and make CreateCudaModelBackend construct it (dtype: "", "float16",
-// "bfloat16"; rank/world_size select the device and the tensor-parallel slice).
+// model/cuda_phi_model.h (built when PHISHARD_HAVE_CUDA): dtype "", "float16", "bfloat16"; one
+// GPU per rank (device = rank); tensor parallelism on CUDA is not implemented yet.
+#if defined(PHISHARD_HAVE_CUDA) && PHISHARD_HAVE_CUDA
+constexpr bool kCudaBackendBuiltIn = true;
+
+absl::StatusOr<std::unique_ptr<ModelBackend>> CreateCudaModelBackend(
+    const ModelLoadOptions& options) {
+  if (options.world_size != 1) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "world_size %d on device 'cuda': the CUDA backend runs unsharded (world_size 1) only",
+        options.world_size));
+  }
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> model = CudaPhiModel::Load(
+      options.model_dir, CudaModelOptions{.dtype = options.dtype, .device = options.rank});
+  if (!model.ok()) return model.status();
+  return std::unique_ptr<ModelBackend>(*std::move(model));
+}
+#else
 constexpr bool kCudaBackendBuiltIn = false;
 
 absl::StatusOr<std::unique_ptr<ModelBackend>> CreateCudaModelBackend(
     const ModelLoadOptions& options) {
   (void)options;
   return absl::FailedPreconditionError(
-      "device 'cuda': this build has no CUDA model backend yet; use --device cpu");
+      "device 'cuda': this build has no CUDA model backend (built without nvcc); use --device cpu");
 }
+#endif
 // ------------------------------------------------------------------------------------------------
 
 absl::StatusOr<std::unique_ptr<ModelBackend>> CreateCpuModelBackend(
