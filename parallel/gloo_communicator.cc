@@ -12,6 +12,7 @@
 #include <gloo/transport/tcp/address.h>
 #include <gloo/transport/tcp/device.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -207,6 +208,13 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
   impl->op_timeout = ToMillis(op_timeout);
   impl->context = std::make_shared<MeshContext>(impl->rank, impl->world_size);
   if (impl->world_size > 1) {
+    // Gloo writes with writev(2), which raises SIGPIPE on a connection that a peer (or our own
+    // Abort) has shut down, and SIGPIPE's default action kills the process. Ignored, the write
+    // fails with EPIPE and Gloo turns that into an error. A handler someone installed is kept.
+    struct sigaction current {};
+    if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+      signal(SIGPIPE, SIG_IGN);
+    }
     try {
       gloo::transport::tcp::attr attr;
       attr.hostname = control.local_host();

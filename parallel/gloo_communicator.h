@@ -7,6 +7,8 @@
 // failure the communicator aborts itself (closing its connections), which in turn fails the
 // peers' pending collectives, so one dead rank brings the whole group down in bounded time.
 // Collectives are serialised (one at a time per communicator); Abort() may come from any thread.
+// Creating one sets SIGPIPE to ignored if it has its default action (Gloo's writes would otherwise
+// kill the process when a peer goes away).
 #pragma once
 
 #include <memory>

@@ -3,8 +3,11 @@
 // makes an RPC reaching only some ranks fail on all of them in bounded time.
 #include "parallel/control_channel.h"
 
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <memory>
@@ -14,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "parallel/rendezvous.h"
+#include "parallel/tcp_socket.h"
 #include "tests/parallel/parallel_test_util.h"
 
 namespace phishard {
@@ -92,28 +96,60 @@ TEST(ControlChannelTest, TimeoutLosesNothing) {
   EXPECT_EQ(none.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_GE(SecondsSince(start), 0.19);
   EXPECT_LT(SecondsSince(start), 1.0);
+  ASSERT_TRUE(group[0]->BroadcastFromRoot("after a timeout").ok());
+  auto m = group[1]->ReceiveFromRoot(absl::Seconds(5));
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(*m, "after a timeout");
+}
 
-  // A message bigger than any socket buffer, so that it certainly arrives in pieces, with a
-  // receiver that gives up after a few milliseconds and tries again: it must come out whole.
-  std::string big(8 << 20, '\0');
-  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 131 + 7);
-  std::thread sender([&] {
-    EXPECT_TRUE(group[0]->BroadcastFromRoot(big).ok());
-    EXPECT_TRUE(group[0]->BroadcastFromRoot("after").ok());
+// A message that is only half there when the receiver's deadline passes must come out whole on
+// the next call. Rank 0's end is a raw socket here, so the test decides where the message breaks.
+TEST(ControlChannelTest, MessageCutByTheDeadlineArrivesWholeLater) {
+  int fds[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+  fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK);
+  std::vector<std::unique_ptr<TcpConnection>> peers(2);
+  peers[0] = std::make_unique<TcpConnection>(fds[0]);
+  ControlChannel rank1(1, 2, {"h", "h"}, "127.0.0.1", std::move(peers));
+  const int root_end = fds[1];
+
+  std::string payload(100000, '\0');
+  for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>(i * 131 + 7);
+  std::string wire = {static_cast<char>(ControlFrame::kMessage), 0, 0, 0};
+  WireAppendU32(&wire, static_cast<uint32_t>(payload.size()));
+  wire += payload;
+  wire += wire;  // the same message twice, back to back
+  const size_t first_end = wire.size() / 2;
+
+  std::thread writer([&] {
+    // Cuts: inside the first header, inside the first payload, across both messages.
+    for (size_t from = 0; size_t cut : {size_t{3}, size_t{50000}, first_end + 6, wire.size()}) {
+      for (size_t done = from; done < cut;) {
+        ssize_t n = ::write(root_end, wire.data() + done, cut - done);
+        if (n <= 0) return;
+        done += static_cast<size_t>(n);
+      }
+      from = cut;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
   });
-  absl::StatusOr<std::string> got;
   int timeouts = 0;
-  do {
-    got = group[1]->ReceiveFromRoot(absl::Milliseconds(1));
-    timeouts += absl::IsDeadlineExceeded(got.status());
-  } while (absl::IsDeadlineExceeded(got.status()) && timeouts < 100000);
-  sender.join();
-  EXPECT_GT(timeouts, 0) << "the receiver never gave up mid-message; the test proved nothing";
-  ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_TRUE(*got == big) << "big message corrupted, size " << got->size();
-  auto after = group[1]->ReceiveFromRoot(absl::Seconds(5));
-  ASSERT_TRUE(after.ok()) << after.status();
-  EXPECT_EQ(*after, "after");
+  std::vector<std::string> got;
+  while (got.size() < 2 && timeouts < 1000) {
+    auto m = rank1.ReceiveFromRoot(absl::Milliseconds(5));
+    if (absl::IsDeadlineExceeded(m.status())) {
+      ++timeouts;
+      continue;
+    }
+    ASSERT_TRUE(m.ok()) << m.status();
+    got.push_back(*m);
+  }
+  writer.join();
+  ::close(root_end);
+  EXPECT_GE(timeouts, 3) << "every cut should have cost the receiver a timeout";
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_TRUE(got[0] == payload) << "first message corrupted";
+  EXPECT_TRUE(got[1] == payload) << "second message corrupted";
 }
 
 TEST(ControlChannelTest, GatherTimeoutNamesSilentRanksAndKeepsTheOthersReplies) {

@@ -1,0 +1,332 @@
+#include "parallel/nccl_communicator.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/logging.h"
+#include "parallel/abort_watch.h"
+
+namespace phishard {
+namespace {
+
+std::string NcclText(ncclResult_t r, ncclComm_t comm) {
+  const char* last = ncclGetLastError(comm);
+  return absl::StrCat(ncclGetErrorString(r), last != nullptr && last[0] != '\0' ? " (" : "",
+                      last != nullptr ? last : "", last != nullptr && last[0] != '\0' ? ")" : "");
+}
+
+// Polling cadence while waiting on the GPU or on NCCL: spin (yielding) for the first 50 us, which
+// covers a decode-sized all-reduce, then sleep 100 us per check to leave the CPU to others.
+void PollPause(absl::Time start) {
+  if (absl::Now() - start < absl::Microseconds(50)) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+}
+
+}  // namespace
+
+struct NcclCommunicator::Impl {
+  int rank = 0;
+  int world_size = 1;
+  int device = 0;
+  absl::Duration op_timeout;
+  cudaStream_t stream = nullptr;
+  float* scratch = nullptr;  // [1] float, device memory; Barrier's all-reduce operand
+  ncclComm_t comm = nullptr;
+
+  absl::Mutex op_mu;  // one collective at a time; also guards the comm's lifetime
+  bool comm_gone ABSL_GUARDED_BY(op_mu) = false;
+  std::atomic<bool> abort_requested{false};
+  absl::Mutex reason_mu;
+  std::string abort_reason ABSL_GUARDED_BY(reason_mu);
+  // Tells the peers when we abort and tells us when they abort or die; NCCL itself may not notice
+  // a dead peer over peer-to-peer transports.
+  std::unique_ptr<AbortWatch> watch;
+
+  ~Impl() {
+    watch.reset();  // joins its thread, which may call RequestAbort()
+    if (comm == nullptr && scratch == nullptr && stream == nullptr) return;
+    cudaSetDevice(device);
+    absl::MutexLock lock(&op_mu);
+    if (comm != nullptr && !comm_gone) {
+      // Finalize flushes outstanding work (non-blocking: poll, bounded); abort if it does not end.
+      ncclResult_t r = ncclCommFinalize(comm);
+      absl::Time start = absl::Now();
+      ncclResult_t state = r;
+      while (state == ncclInProgress && absl::Now() - start < absl::Seconds(10)) {
+        PollPause(start);
+        ncclCommGetAsyncError(comm, &state);
+      }
+      if (state == ncclSuccess) {
+        ncclCommDestroy(comm);
+      } else {
+        ncclCommAbort(comm);
+      }
+      comm_gone = true;
+    }
+    if (scratch != nullptr) cudaFree(scratch);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  std::string AbortReason() {
+    absl::MutexLock lock(&reason_mu);
+    return abort_reason;
+  }
+
+  // Any thread: makes the collective in flight (if any) and every later one abort the comm and
+  // fail. The op thread calls ncclCommAbort, so it never races another NCCL call on the comm.
+  void RequestAbort(const std::string& reason) {
+    {
+      absl::MutexLock lock(&reason_mu);
+      if (abort_reason.empty()) abort_reason = reason.empty() ? "communicator aborted" : reason;
+    }
+    abort_requested.store(true);
+  }
+
+  void AbortCommLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu) {
+    if (comm != nullptr && !comm_gone) {
+      ncclCommAbort(comm);
+      comm_gone = true;
+    }
+  }
+
+  absl::Status FailLocked(absl::StatusCode code, const std::string& message)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu) {
+    RequestAbort(message);
+    if (watch != nullptr) watch->Trigger(message);
+    AbortCommLocked();
+    return absl::Status(code, message);
+  }
+
+  // Entry check of every collective: not aborted, and the calling thread on our device.
+  absl::Status BeginLocked(const std::string& what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu) {
+    if (abort_requested.load() || comm_gone) {
+      AbortCommLocked();
+      return absl::AbortedError(
+          absl::StrCat("rank ", rank, ": ", what, " on an aborted communicator: ", AbortReason()));
+    }
+    if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) {
+      return FailLocked(
+          absl::StatusCode::kInternal,
+          absl::StrCat("rank ", rank, ": cudaSetDevice(", device, "): ", cudaGetErrorString(e)));
+    }
+    return absl::OkStatus();
+  }
+
+  // Waits for the NCCL call that returned `issued`: first its enqueue (ncclInProgress while the
+  // non-blocking communicator is still posting it), then its completion on `stream`, watching
+  // for asynchronous NCCL errors, Abort() and the deadline all along.
+  absl::Status WaitLocked(const std::string& what, ncclResult_t issued)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu) {
+    if (issued != ncclSuccess && issued != ncclInProgress) {
+      return FailLocked(absl::StatusCode::kInternal,
+                        absl::StrCat("rank ", rank, ": NCCL ", what, ": ", NcclText(issued, comm)));
+    }
+    const absl::Time start = absl::Now();
+    const absl::Time deadline = start + op_timeout;
+    for (;;) {
+      if (abort_requested.load()) {
+        AbortCommLocked();
+        return absl::AbortedError(
+            absl::StrCat("rank ", rank, ": ", what, " interrupted by abort: ", AbortReason()));
+      }
+      ncclResult_t state = ncclSuccess;
+      ncclResult_t r = ncclCommGetAsyncError(comm, &state);
+      if (r != ncclSuccess) state = r;
+      if (state != ncclSuccess && state != ncclInProgress) {
+        // A peer that died or aborted surfaces here (remote error / system error).
+        return FailLocked(
+            absl::StatusCode::kUnavailable,
+            absl::StrCat("rank ", rank, ": NCCL ", what, " failed: ", NcclText(state, comm)));
+      }
+      if (state == ncclSuccess) {
+        cudaError_t q = cudaStreamQuery(stream);
+        if (q == cudaSuccess) return absl::OkStatus();
+        if (q != cudaErrorNotReady) {
+          return FailLocked(absl::StatusCode::kInternal,
+                            absl::StrCat("rank ", rank, ": CUDA error during NCCL ", what, ": ",
+                                         cudaGetErrorString(q)));
+        }
+      }
+      if (absl::Now() >= deadline) {
+        return FailLocked(
+            absl::StatusCode::kDeadlineExceeded,
+            absl::StrCat("rank ", rank, ": NCCL ", what, " did not complete within ",
+                         absl::FormatDuration(op_timeout), " (a peer is missing or stuck)"));
+      }
+      PollPause(start);
+    }
+  }
+};
+
+NcclCommunicator::NcclCommunicator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+NcclCommunicator::~NcclCommunicator() = default;
+
+absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
+    ControlChannel& control, absl::Duration setup_timeout, absl::Duration op_timeout) {
+  auto impl = std::make_unique<Impl>();
+  impl->rank = control.rank();
+  impl->world_size = control.world_size();
+  impl->op_timeout = op_timeout;
+  const std::string me = absl::StrCat("rank ", impl->rank, ": ");
+  auto cuda_error = [&](const char* call, cudaError_t e) {
+    return absl::InternalError(absl::StrCat(me, call, ": ", cudaGetErrorString(e)));
+  };
+
+  int visible = 0;
+  if (cudaError_t e = cudaGetDeviceCount(&visible); e != cudaSuccess) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(me, "no usable CUDA device for NCCL: ", cudaGetErrorString(e)));
+  }
+  if (visible == 0) return absl::FailedPreconditionError(absl::StrCat(me, "no CUDA device"));
+  if (control.local_world_size() > visible) {
+    // Two ranks on one GPU would make NCCL fail or hang; upstream asserts the same.
+    return absl::FailedPreconditionError(
+        absl::StrCat(me, control.local_world_size(), " ranks on this host but only ", visible,
+                     " visible CUDA device(s) (CUDA_VISIBLE_DEVICES)"));
+  }
+  impl->device = impl->rank % visible;
+  if (cudaError_t e = cudaSetDevice(impl->device); e != cudaSuccess) {
+    return cuda_error("cudaSetDevice", e);
+  }
+  int least = 0, greatest = 0;
+  if (cudaError_t e = cudaDeviceGetStreamPriorityRange(&least, &greatest); e != cudaSuccess) {
+    return cuda_error("cudaDeviceGetStreamPriorityRange", e);
+  }
+  // Upstream runs NCCL on a high-priority stream so that collectives are not queued behind compute.
+  if (cudaError_t e = cudaStreamCreateWithPriority(&impl->stream, cudaStreamNonBlocking, greatest);
+      e != cudaSuccess) {
+    return cuda_error("cudaStreamCreateWithPriority", e);
+  }
+  if (cudaError_t e = cudaMalloc(&impl->scratch, sizeof(float)); e != cudaSuccess) {
+    return cuda_error("cudaMalloc", e);
+  }
+
+  ncclUniqueId id;
+  std::memset(&id, 0, sizeof(id));
+  if (impl->rank == 0) {
+    if (ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess) {
+      // The peers learn of this when our control channel closes.
+      return absl::InternalError(absl::StrCat(me, "ncclGetUniqueId: ", NcclText(r, nullptr)));
+    }
+  }
+  auto blob =
+      control.BroadcastBlob(std::string_view(id.internal, sizeof(id.internal)), setup_timeout);
+  if (!blob.ok()) return blob.status();
+  if (blob->size() != sizeof(id.internal)) {
+    return absl::InternalError(absl::StrCat(me, "NCCL unique id from rank 0 has ", blob->size(),
+                                            " bytes, want ", sizeof(id.internal)));
+  }
+  std::memcpy(id.internal, blob->data(), sizeof(id.internal));
+
+  Impl* raw = impl.get();
+  auto watch = AbortWatch::Create(control, setup_timeout,
+                                  [raw](const std::string& reason) { raw->RequestAbort(reason); });
+  if (!watch.ok()) return watch.status();
+  impl->watch = std::move(*watch);
+
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;  // so that a missing peer is a timeout here, not a hang
+  ncclResult_t r = ncclCommInitRankConfig(&impl->comm, impl->world_size, id, impl->rank, &config);
+  absl::Time start = absl::Now();
+  ncclResult_t state = r;
+  while (state == ncclInProgress) {
+    if (impl->abort_requested.load()) {
+      absl::MutexLock lock(&impl->op_mu);
+      impl->AbortCommLocked();
+      return absl::AbortedError(
+          absl::StrCat(me, "NCCL initialisation interrupted: ", impl->AbortReason()));
+    }
+    if (absl::Now() - start > setup_timeout) {
+      absl::MutexLock lock(&impl->op_mu);
+      impl->AbortCommLocked();
+      return absl::DeadlineExceededError(
+          absl::StrCat(me, "NCCL communicator initialisation did not finish within ",
+                       absl::FormatDuration(setup_timeout), " (a peer is missing?)"));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    ncclResult_t q = ncclCommGetAsyncError(impl->comm, &state);
+    if (q != ncclSuccess) state = q;
+  }
+  if (state != ncclSuccess) {
+    std::string text = NcclText(state, impl->comm);
+    absl::MutexLock lock(&impl->op_mu);
+    impl->AbortCommLocked();
+    impl->comm_gone = true;  // also when comm was never set
+    return absl::InternalError(absl::StrCat(me, "ncclCommInitRankConfig: ", text));
+  }
+  PHI_LOG(INFO) << "rank " << impl->rank << ": NCCL communicator ready on cuda:" << impl->device
+                << ", world " << impl->world_size;
+  return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(std::move(impl)));
+}
+
+int NcclCommunicator::rank() const { return impl_->rank; }
+int NcclCommunicator::world_size() const { return impl_->world_size; }
+void* NcclCommunicator::stream() const { return impl_->stream; }
+int NcclCommunicator::device() const { return impl_->device; }
+
+absl::Status NcclCommunicator::AllReduceSum(float* data, size_t count) {
+  absl::MutexLock lock(&impl_->op_mu);
+  const std::string what = absl::StrCat("all-reduce of ", count, " floats");
+  if (absl::Status s = impl_->BeginLocked(what); !s.ok() || count == 0) return s;
+  ncclResult_t r =
+      ncclAllReduce(data, data, count, ncclFloat32, ncclSum, impl_->comm, impl_->stream);
+  return impl_->WaitLocked(what, r);
+}
+
+absl::Status NcclCommunicator::AllGather(const float* send, float* recv, size_t count) {
+  const int world = impl_->world_size;
+  const float* own_slot = recv + static_cast<size_t>(impl_->rank) * count;
+  if (send != own_slot && send < recv + world * count && recv < send + count) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank ", impl_->rank, ": AllGather send buffer overlaps recv other than in place"));
+  }
+  absl::MutexLock lock(&impl_->op_mu);
+  const std::string what = absl::StrCat("all-gather of ", count, " floats");
+  if (absl::Status s = impl_->BeginLocked(what); !s.ok() || count == 0) return s;
+  ncclResult_t r = ncclAllGather(send, recv, count, ncclFloat32, impl_->comm, impl_->stream);
+  return impl_->WaitLocked(what, r);
+}
+
+absl::Status NcclCommunicator::Broadcast(void* data, size_t bytes, int root) {
+  if (root < 0 || root >= impl_->world_size) {
+    return absl::InvalidArgumentError(absl::StrCat("rank ", impl_->rank, ": broadcast root ", root,
+                                                   " not in [0, ", impl_->world_size, ")"));
+  }
+  absl::MutexLock lock(&impl_->op_mu);
+  const std::string what = absl::StrCat("broadcast of ", bytes, " bytes from rank ", root);
+  if (absl::Status s = impl_->BeginLocked(what); !s.ok() || bytes == 0) return s;
+  ncclResult_t r = ncclBroadcast(data, data, bytes, ncclUint8, root, impl_->comm, impl_->stream);
+  return impl_->WaitLocked(what, r);
+}
+
+absl::Status NcclCommunicator::Barrier() {
+  absl::MutexLock lock(&impl_->op_mu);
+  if (absl::Status s = impl_->BeginLocked("barrier"); !s.ok()) return s;
+  ncclResult_t r = ncclAllReduce(impl_->scratch, impl_->scratch, 1, ncclFloat32, ncclSum,
+                                 impl_->comm, impl_->stream);
+  return impl_->WaitLocked("barrier", r);
+}
+
+void NcclCommunicator::Abort(const std::string& reason) {
+  impl_->RequestAbort(reason);
+  impl_->watch->Trigger(reason);
+  // A collective in flight sees the flag within one poll step, aborts the comm and releases the
+  // lock; otherwise we abort it here. Either way ncclCommAbort runs on one thread only.
+  absl::MutexLock lock(&impl_->op_mu);
+  cudaSetDevice(impl_->device);
+  impl_->AbortCommLocked();
+}
+
+}  // namespace phishard
