@@ -219,7 +219,9 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
       gloo::transport::tcp::attr attr;
       attr.hostname = control.local_host();
       auto device = gloo::transport::tcp::CreateDevice(attr);
-      impl->context->setTimeout(ToMillis(setup_timeout));
+      // A pair waits up to 5x its timeout for its connection (Gloo 0.5), so that a peer dying
+      // between the address exchange and the connect costs at most `setup_timeout`.
+      impl->context->setTimeout(ToMillis(std::max(setup_timeout / 5, absl::Seconds(1))));
       absl::Status s = impl->context->ConnectMesh(control, std::move(device), setup_timeout);
       if (!s.ok()) return s;
       impl->context->setTimeout(impl->op_timeout);

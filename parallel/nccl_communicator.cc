@@ -58,8 +58,10 @@ struct NcclCommunicator::Impl {
     if (comm == nullptr && scratch == nullptr && stream == nullptr) return;
     cudaSetDevice(device);
     absl::MutexLock lock(&op_mu);
+    if (abort_requested.load()) AbortCommLocked();  // a broken group cannot finalize
     if (comm != nullptr && !comm_gone) {
-      // Finalize flushes outstanding work (non-blocking: poll, bounded); abort if it does not end.
+      // Finalize waits until the group is quiescent (non-blocking: poll, bounded); abort if it
+      // does not get there.
       ncclResult_t r = ncclCommFinalize(comm);
       absl::Time start = absl::Now();
       ncclResult_t state = r;
