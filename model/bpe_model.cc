@@ -1,13 +1,12 @@
 #include "model/bpe_model.h"
 
 #include <algorithm>
+#include <atomic>
 #include <queue>
 
 #include "absl/container/inlined_vector.h"
-#include "absl/hash/hash.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "model/bpe_utf8.h"
 
 namespace phishard {
@@ -35,7 +34,6 @@ std::array<int16_t, kInverseSize> BuildUnicodeToByte() {
   return inverse;
 }
 
-constexpr size_t kCacheShards = 16;
 constexpr size_t kMaxCachedWordBytes = 256;
 
 }  // namespace
@@ -67,15 +65,16 @@ std::optional<std::string> ByteLevelToBytes(std::string_view token) {
   return bytes;
 }
 
-// Word cache split into shards, each behind its own mutex, so that threads encoding different
-// requests rarely contend. A full shard is cleared (cheap, keeps adapting to the traffic).
-struct BpeModel::Cache {
-  struct Shard {
-    absl::Mutex mu;
-    absl::flat_hash_map<std::string, absl::InlinedVector<int32_t, 4>> map ABSL_GUARDED_BY(mu);
-  };
-  std::array<Shard, kCacheShards> shards;
+namespace {
+
+// Per-thread word cache: raw word bytes -> ids. It belongs to one model at a time (by instance
+// id, never by address, which a later model could reuse); using another model clears it.
+struct WordCache {
+  uint64_t owner = 0;
+  absl::flat_hash_map<std::string, absl::InlinedVector<int32_t, 4>> map;
 };
+
+}  // namespace
 
 BpeModel::BpeModel() = default;
 BpeModel::~BpeModel() = default;
@@ -85,7 +84,8 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Create(
     const Options& options) {
   auto model = std::unique_ptr<BpeModel>(new BpeModel());
   model->options_ = options;
-  model->cache_ = std::make_unique<Cache>();
+  static std::atomic<uint64_t> next_instance_id{1};
+  model->instance_id_ = next_instance_id.fetch_add(1);
   const auto& table = ByteToUnicode();
   for (int b = 0; b < 256; ++b) {
     std::string symbol;
@@ -235,16 +235,16 @@ void BpeModel::EncodeWord(std::string_view word, std::vector<int32_t>* out) cons
       return;
     }
   }
+  const absl::string_view key(word.data(), word.size());
   const bool cacheable = word.size() <= kMaxCachedWordBytes;
-  Cache::Shard* shard = nullptr;
+  thread_local WordCache cache;
   if (cacheable) {
-    shard =
-        &cache_
-             ->shards[absl::Hash<absl::string_view>{}(absl::string_view(word.data(), word.size())) %
-                      kCacheShards];
-    absl::ReaderMutexLock lock(&shard->mu);
-    auto it = shard->map.find(absl::string_view(word.data(), word.size()));
-    if (it != shard->map.end()) {
+    if (cache.owner != instance_id_) {
+      cache.map.clear();
+      cache.owner = instance_id_;
+    }
+    auto it = cache.map.find(key);
+    if (it != cache.map.end()) {
       out->insert(out->end(), it->second.begin(), it->second.end());
       return;
     }
@@ -254,10 +254,8 @@ void BpeModel::EncodeWord(std::string_view word, std::vector<int32_t>* out) cons
   MergeSymbols(&symbols);
   out->insert(out->end(), symbols.begin(), symbols.end());
   if (cacheable) {
-    absl::MutexLock lock(&shard->mu);
-    if (shard->map.size() >= options_.cache_entries_per_shard) shard->map.clear();
-    shard->map.try_emplace(absl::string_view(word.data(), word.size()), symbols.begin(),
-                           symbols.end());
+    if (cache.map.size() >= options_.cache_entries) cache.map.clear();
+    cache.map.try_emplace(key, symbols.begin(), symbols.end());
   }
 }
 

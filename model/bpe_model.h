@@ -32,7 +32,7 @@ class BpeModel {
     bool ignore_merges = false;     // a word found whole in the vocab skips the merges
     std::optional<int32_t> unk_id;  // for bytes whose symbol is not in the vocab
     bool fuse_unk = false;          // consecutive unknown bytes give one unk
-    size_t cache_entries_per_shard = 4096;
+    size_t cache_entries = 32768;   // per thread; a full cache is cleared
   };
   using Vocab = absl::flat_hash_map<std::string, int32_t>;  // byte-level token string -> id
 
@@ -42,7 +42,8 @@ class BpeModel {
       const Options& options);
   ~BpeModel();
 
-  // Appends the ids of one pre-tokenized word (raw bytes). Thread-safe.
+  // Appends the ids of one pre-tokenized word (raw bytes). Thread-safe: the word cache is
+  // per thread (no locks on the request path), bound to one model at a time.
   void EncodeWord(std::string_view word, std::vector<int32_t>* out) const;
 
   // Merges `symbols` (vocab ids) in place, no cache. kAuto: a linear scan per merge for words
@@ -75,8 +76,7 @@ class BpeModel {
   std::array<int32_t, 256> byte_to_id_;
   absl::flat_hash_map<uint64_t, Merge> merges_;
   absl::flat_hash_map<std::string, int32_t> bytes_to_id_;  // raw bytes -> id; ignore_merges only
-  struct Cache;
-  std::unique_ptr<Cache> cache_;
+  uint64_t instance_id_ = 0;  // unique per model: keys the per-thread word caches
 };
 
 }  // namespace phishard

@@ -295,8 +295,18 @@ absl::Status AddSteps(const Json& config, std::string where,
 // Splits `s` by the step's matches into `out`, HF `NormalizedString::split` semantics.
 void ApplySplit(const PreTokenizer::Step& step, std::string_view s,
                 std::vector<PreTokenizer::Segment>* segs, std::vector<std::string_view>* out) {
-  segs->clear();
   size_t prev = 0;
+  if (step.behavior == SplitBehavior::kIsolated && !step.invert && step.regex != nullptr) {
+    // The common case (ByteLevel's regex): every gap and every match is a word, in order.
+    step.regex->FindAll(s, [&](size_t start, size_t end) {
+      if (prev != start) out->push_back(s.substr(prev, start - prev));
+      if (end > start) out->push_back(s.substr(start, end - start));
+      prev = end;
+    });
+    if (prev != s.size()) out->push_back(s.substr(prev));
+    return;
+  }
+  segs->clear();
   auto on_match = [&](size_t start, size_t end) {
     if (prev != start) segs->push_back({prev, start, false});
     segs->push_back({start, end, true});

@@ -610,30 +610,27 @@ TEST(TokenizerAddedTokens, LstripRstripSingleWordAndTwoPasses) {
       R"({"id": 259, "content": "<l>", "lstrip": true, "normalized": false, "special": true})"));
   j["added_tokens"].push_back(Json::parse(
       R"({"id": 260, "content": "<r>", "rstrip": true, "normalized": false, "special": true})"));
-  j["added_tokens"].push_back(Json::parse(
-      R"({"id": 261, "content": "<w>", "single_word": true, "normalized": false})"));
+  j["added_tokens"].push_back(
+      Json::parse(R"({"id": 261, "content": "<w>", "single_word": true, "normalized": false})"));
   // "ab" is split out in the first pass (normalized = false), so the normalized "abc" can
   // never match: HF extracts the two kinds in two passes, not in one leftmost-longest pass.
-  j["added_tokens"].push_back(
-      Json::parse(R"({"id": 262, "content": "ab", "normalized": false})"));
-  j["added_tokens"].push_back(
-      Json::parse(R"({"id": 263, "content": "abc", "normalized": true})"));
-  j["added_tokens"].push_back(
-      Json::parse(R"({"id": 264, "content": "xyz", "normalized": true})"));
+  j["added_tokens"].push_back(Json::parse(R"({"id": 262, "content": "ab", "normalized": false})"));
+  j["added_tokens"].push_back(Json::parse(R"({"id": 263, "content": "abc", "normalized": true})"));
+  j["added_tokens"].push_back(Json::parse(R"({"id": 264, "content": "xyz", "normalized": true})"));
   absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromJson(j.dump(), "");
   ASSERT_TRUE(t.ok()) << t.status();
   const Tokenizer& tok = **t;
   using V = std::vector<int32_t>;
-  EXPECT_EQ(tok.Encode("q  <l>q"), (V{'q', 259, 'q'}));        // spaces before go with <l>
+  EXPECT_EQ(tok.Encode("q  <l>q"), (V{'q', 259, 'q'}));  // spaces before go with <l>
   EXPECT_EQ(tok.Encode("q \t<r>  \nq"), (V{'q', ' ', '\t', 260, 'q'}));  // after go with <r>
   EXPECT_EQ(tok.Encode("<l><l>"), (V{259, 259}));
   EXPECT_EQ(tok.Encode("q <w>"), (V{'q', ' ', 261}));
   EXPECT_EQ(tok.Encode("<w>!"), (V{261, '!'}));
   EXPECT_EQ(tok.Encode("\xF0\x9F\x98\x80<w>").back(), 261);  // emoji: not a word char
-  EXPECT_EQ(tok.Encode("q<w>"), (V{'q', '<', 'w', '>'}));      // glued to a word: not added
+  EXPECT_EQ(tok.Encode("q<w>"), (V{'q', '<', 'w', '>'}));    // glued to a word: not added
   EXPECT_EQ(tok.Encode("<w>_"), (V{'<', 'w', '>', '_'}));
-  EXPECT_EQ(tok.Encode("\xC3\xA9<w>").size(), 5u);              // é is a word char
-  EXPECT_EQ(tok.Encode("\xE6\x97\xA5<w>").size(), 6u);          // so is 日 (Lo)
+  EXPECT_EQ(tok.Encode("\xC3\xA9<w>").size(), 5u);      // é is a word char
+  EXPECT_EQ(tok.Encode("\xE6\x97\xA5<w>").size(), 6u);  // so is 日 (Lo)
   EXPECT_EQ(tok.Encode("abc"), (V{262, 'c'}));
   EXPECT_EQ(tok.Encode("xyz abcxyz"), (V{264, ' ', 262, 'c', 264}));
   EXPECT_EQ(tok.Decode(tok.Encode("q  <l>q<r> z"), false), "q<l>q<r>z");
