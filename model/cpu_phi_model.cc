@@ -18,6 +18,7 @@
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
 #include "kernels/rotary_kv_write.h"
+#include "kernels/sgmv.h"
 #include "model/kv_cache.h"
 
 namespace phishard {
@@ -45,6 +46,24 @@ int64_t AvailableHostBytes() {
   }
   const long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : 0;
+}
+
+// The MLP activation, applied on its own when a LoRA delta must land between fc1 and the GELU.
+void ActivateInPlace(float* x, size_t n, Activation act) {
+  float (*f)(float) = act == Activation::kGeluTanh ? GeluTanh : GeluErf;
+  for (size_t i = 0; i < n; ++i) x[i] = f(x[i]);
+}
+
+// Appends rows [.., end) for `adapter` to `segs`, extending the last segment when it has the
+// same adapter (so consecutive sequences of one adapter form one segment).
+void AppendSegment(std::vector<int32_t>* starts, std::vector<const LoraAdapter*>* adapters,
+                   const LoraAdapter* adapter, int end) {
+  if (!adapters->empty() && adapters->back() == adapter) {
+    starts->back() = end;
+  } else {
+    adapters->push_back(adapter);
+    starts->push_back(end);
+  }
 }
 
 }  // namespace
@@ -217,6 +236,101 @@ absl::Status CpuPhiModel::ValidateBatch(const ForwardBatch& b) const {
   return absl::OkStatus();
 }
 
+absl::Status CpuPhiModel::SetAdapterRegistry(const AdapterRegistry* registry) {
+  adapters_ = registry;
+  return absl::OkStatus();
+}
+
+absl::Status CpuPhiModel::PlanLora(const ForwardBatch& batch) {
+  LoraSegments& tok = step_.lora_tokens;
+  LoraSegments& rows = step_.lora_rows;
+  for (LoraSegments* segs : {&tok, &rows}) {
+    segs->starts.assign(1, 0);
+    segs->adapters.clear();
+    segs->any = false;
+  }
+  if (adapters_ == nullptr) return absl::OkStatus();
+  std::vector<const LoraAdapter*>& per_seq = step_.lora_seq_adapters;
+  per_seq.resize(batch.seqs.size());
+  for (size_t i = 0; i < batch.seqs.size(); ++i) {
+    const LoraAdapter* a = adapters_->Find(batch.seqs[i].adapter_index);
+    if (a != nullptr && a->num_layers() != config_.num_hidden_layers) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "adapter index %d ('%s') has %d layers but this model has %d",
+          batch.seqs[i].adapter_index, a->name(), a->num_layers(), config_.num_hidden_layers));
+    }
+    per_seq[i] = a;
+    tok.any = tok.any || a != nullptr;
+    AppendSegment(&tok.starts, &tok.adapters, a, step_.cu_q_lens[i + 1]);
+  }
+  // Logit row r belongs to the sequence whose token range holds batch.logit_rows[r].
+  for (size_t r = 0; r < batch.logit_rows.size(); ++r) {
+    const size_t seq =
+        std::upper_bound(step_.cu_q_lens.begin(), step_.cu_q_lens.end(), batch.logit_rows[r]) -
+        step_.cu_q_lens.begin() - 1;
+    rows.any = rows.any || per_seq[seq] != nullptr;
+    AppendSegment(&rows.starts, &rows.adapters, per_seq[seq], static_cast<int>(r) + 1);
+  }
+  return absl::OkStatus();
+}
+
+bool CpuPhiModel::LoraTouches(const LoraSegments& segs, int layer, LoraTarget t) const {
+  if (!segs.any) return false;
+  for (const LoraAdapter* a : segs.adapters) {
+    if (a != nullptr && a->module(layer, t).present()) return true;
+  }
+  return false;
+}
+
+absl::Status CpuPhiModel::ApplyLora(const LoraSegments& segs, int layer, LoraTarget t,
+                                    const float* x, int ldx, float* y, int ldy) {
+  if (!segs.any) return absl::OkStatus();
+  Step& s = step_;
+  const int n = static_cast<int>(segs.adapters.size());
+  s.lora_a.assign(n, nullptr);
+  s.lora_b.assign(n, nullptr);
+  s.lora_ranks.assign(n, 0);
+  s.lora_scales.assign(n, 0.0f);
+  int max_rank = 0;
+  for (int i = 0; i < n; ++i) {
+    if (segs.adapters[i] == nullptr) continue;
+    const LoraModule& m = segs.adapters[i]->module(layer, t);
+    if (!m.present()) continue;
+    s.lora_a[i] = m.a.data();
+    s.lora_b[i] = m.b.data();
+    s.lora_ranks[i] = m.rank;
+    s.lora_scales[i] = m.scale;
+    max_rank = std::max(max_rank, m.rank);
+  }
+  if (max_rank == 0) return absl::OkStatus();
+  const int rows = segs.starts.back();
+  s.lora_t.resize(static_cast<size_t>(rows) * max_rank);
+  const auto [in, out] = LoraTargetDims(config_, t);
+  PHI_RETURN_IF_ERROR(KernelResult(SgmvShrinkCpu({.x = x,
+                                                  .t = s.lora_t.data(),
+                                                  .seg_starts = segs.starts.data(),
+                                                  .a = s.lora_a.data(),
+                                                  .ranks = s.lora_ranks.data(),
+                                                  .num_segments = n,
+                                                  .num_rows = rows,
+                                                  .in = static_cast<int>(in),
+                                                  .ldx = ldx,
+                                                  .ldt = max_rank}),
+                                   "lora shrink"));
+  return KernelResult(SgmvExpandCpu({.t = s.lora_t.data(),
+                                     .y = y,
+                                     .seg_starts = segs.starts.data(),
+                                     .b = s.lora_b.data(),
+                                     .ranks = s.lora_ranks.data(),
+                                     .scales = s.lora_scales.data(),
+                                     .num_segments = n,
+                                     .num_rows = rows,
+                                     .out = static_cast<int>(out),
+                                     .ldy = ldy,
+                                     .ldt = max_rank}),
+                      "lora expand");
+}
+
 absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
   PHI_RETURN_IF_ERROR(ValidateBatch(batch));
   const PhiConfig& c = config_;
@@ -247,6 +361,7 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                    pos % kv_block_size_;
     }
   }
+  PHI_RETURN_IF_ERROR(PlanLora(batch));
   s.h.resize(static_cast<size_t>(T) * H);
   s.normed.resize(s.h.size());
   s.qkv.resize(static_cast<size_t>(T) * qkv_width);
@@ -285,6 +400,12 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                                               .n = qkv_width,
                                               .k = H}),
                                      "qkv gemm"));
+    // LoRA q/k/v deltas land in their column slices of the fused output, before rotary.
+    const int qkv_offsets[] = {0, nH * hd, (nH + nKV) * hd};
+    for (LoraTarget t : {LoraTarget::kQProj, LoraTarget::kKProj, LoraTarget::kVProj}) {
+      PHI_RETURN_IF_ERROR(ApplyLora(s.lora_tokens, l, t, s.normed.data(), H,
+                                    s.qkv.data() + qkv_offsets[static_cast<int>(t)], qkv_width));
+    }
     PHI_RETURN_IF_ERROR(KernelResult(
         RotaryKvWriteCpu({.qkv = s.qkv.data(),
                           .positions = batch.positions.data(),
@@ -318,6 +439,8 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                                         .q_stride = qkv_width,
                                         .scale = 1.0f / std::sqrt(static_cast<float>(hd))}),
                      "paged_attention"));
+    // An fc1 LoRA delta goes in before the activation, so the GELU then runs on its own.
+    const bool fc1_lora = LoraTouches(s.lora_tokens, l, LoraTarget::kFc1);
     PHI_RETURN_IF_ERROR(KernelResult(GemmCpu({.x = s.normed.data(),
                                               .w = w.fc1_weight.data(),
                                               .bias = w.fc1_bias.data(),
@@ -325,8 +448,13 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                                               .m = T,
                                               .n = c.intermediate_size,
                                               .k = H,
-                                              .epilogue = act}),
+                                              .epilogue = fc1_lora ? GemmEpilogue::kNone : act}),
                                      "fc1 gemm"));
+    if (fc1_lora) {
+      PHI_RETURN_IF_ERROR(ApplyLora(s.lora_tokens, l, LoraTarget::kFc1, s.normed.data(), H,
+                                    s.mlp.data(), c.intermediate_size));
+      ActivateInPlace(s.mlp.data(), s.mlp.size(), c.hidden_act);
+    }
     // h += dense(attn) + fc2(mlp): both accumulate straight into the residual stream (world 1;
     // tensor parallelism would sum them in a separate buffer and all-reduce it first).
     PHI_RETURN_IF_ERROR(KernelResult(GemmCpu({.x = s.attn.data(),
@@ -338,6 +466,8 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                                               .k = nH * hd,
                                               .accumulate = true}),
                                      "dense gemm"));
+    PHI_RETURN_IF_ERROR(
+        ApplyLora(s.lora_tokens, l, LoraTarget::kDense, s.attn.data(), nH * hd, s.h.data(), H));
     PHI_RETURN_IF_ERROR(KernelResult(GemmCpu({.x = s.mlp.data(),
                                               .w = w.fc2_weight.data(),
                                               .bias = w.fc2_bias.data(),
@@ -347,6 +477,8 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                                               .k = c.intermediate_size,
                                               .accumulate = true}),
                                      "fc2 gemm"));
+    PHI_RETURN_IF_ERROR(ApplyLora(s.lora_tokens, l, LoraTarget::kFc2, s.mlp.data(),
+                                  c.intermediate_size, s.h.data(), H));
   }
   if (R == 0) return absl::OkStatus();
   // Only the requested rows go through the final norm and the LM head.
@@ -365,14 +497,17 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                                                  .cols = H,
                                                  .eps = c.layer_norm_eps}),
                                    "final layer_norm"));
-  return KernelResult(GemmCpu({.x = s.last.data(),
-                               .w = w_.lm_head(),
-                               .bias = w_.lm_head_bias.empty() ? nullptr : w_.lm_head_bias.data(),
-                               .y = logits->data(),
-                               .m = R,
-                               .n = c.vocab_size,
-                               .k = H}),
-                      "lm_head gemm");
+  PHI_RETURN_IF_ERROR(
+      KernelResult(GemmCpu({.x = s.last.data(),
+                            .w = w_.lm_head(),
+                            .bias = w_.lm_head_bias.empty() ? nullptr : w_.lm_head_bias.data(),
+                            .y = logits->data(),
+                            .m = R,
+                            .n = c.vocab_size,
+                            .k = H}),
+                   "lm_head gemm"));
+  return ApplyLora(s.lora_rows, 0, LoraTarget::kLmHead, s.last.data(), H, logits->data(),
+                   c.vocab_size);
 }
 
 }  // namespace phishard

@@ -13,7 +13,9 @@ struct SequenceInput {
   int num_new_tokens = 0;            // q_len of this sequence in this step (>= 1)
   int context_len = 0;               // tokens in the cache after this step = past + new
   std::vector<int32_t> block_table;  // KV block ids covering [0, context_len); block size from cache
-  int adapter_index = 0;             // 0 = base model (multi-LoRA picks adapters by this)
+  // Router adapter index; the backend's AdapterRegistry maps it to a LoRA adapter. An index with
+  // no adapter loaded (0 unless a static adapter sits there) runs the base model, not an error.
+  uint32_t adapter_index = 0;
 };
 
 struct ForwardBatch {

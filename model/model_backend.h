@@ -14,6 +14,8 @@
 
 namespace phishard {
 
+class AdapterRegistry;
+
 class ModelBackend {
  public:
   virtual ~ModelBackend() = default;
@@ -33,6 +35,17 @@ class ModelBackend {
   // (block_table[pos / block_size] * block_size + pos % block_size), and returns float32 logits
   // [batch.logit_rows.size(), vocab_size] (host, row-major) for the requested rows.
   virtual absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) = 0;
+
+  // Multi-LoRA: Forward applies to each sequence the adapter `registry` holds under its
+  // SequenceInput::adapter_index (an index with no adapter there runs the base model). Not owned;
+  // it must outlive the backend or be replaced (nullptr = no adapters, the initial state). Load and
+  // Offload on the registry between steps are picked up by the next Forward. UNIMPLEMENTED from a
+  // backend that cannot apply adapters.
+  virtual absl::Status SetAdapterRegistry(const AdapterRegistry* registry) {
+    if (registry == nullptr) return absl::OkStatus();
+    return absl::UnimplementedError("the " + device_type() +
+                                    " backend does not apply LoRA adapters");
+  }
 
   // A cheap real round trip to the device (Health).
   virtual absl::Status Ping() = 0;
