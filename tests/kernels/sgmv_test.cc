@@ -132,6 +132,8 @@ TEST_P(SgmvTest, MatchesNaiveDoubleReference) {
   }
 }
 
+// One case a line.
+// clang-format off
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SgmvTest,
     ::testing::Values(
@@ -144,6 +146,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"odd_sizes_strided_x", 65, 129, {31, 33}, {5, 63}, 2, /*x_pad=*/7, /*y_pad=*/3},
         Case{"all_base", 64, 64, {4, 4}, {0, 0}}),
     [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+// clang-format on
 
 TEST(SgmvErrors, BadTablesAreRejectedWithoutWriting) {
   const int in = 8, out = 8, rows = 4, r = 2;
