@@ -13,7 +13,12 @@
 // float32 (the rank-r intermediate is accumulated in float32 whatever the storage dtype), rows of
 // stride ldt >= max rank over the segments.
 //
-// The CPU reference below is the spec; a CUDA implementation over the same params must match it.
+// The CPU reference below is the spec; a CUDA implementation over the same params must match it
+// (there every pointer, the segment and pointer tables included, is device memory).
+//
+// Tensor parallelism needs nothing here: model/lora_shard.h gives each rank A/B pieces whose
+// local deltas land in the rank's own output columns (column-parallel) or its partial sums
+// (row-parallel, before the layer's all-reduce).
 #pragma once
 
 #include <cstdint>
