@@ -77,21 +77,21 @@ SerialExecutor::SerialExecutor() : thread_([this] { Loop(); }) {}
 
 SerialExecutor::~SerialExecutor() { Stop(); }
 
-bool SerialExecutor::Submit(std::function<void()> task) {
+bool SerialExecutor::Submit(std::function<void()> work, std::function<void()> then) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return false;
-    queue_.push_back(std::move(task));
+    queue_.push_back(Task{std::move(work), std::move(then)});
   }
   cv_.notify_one();
   return true;
 }
 
-bool SerialExecutor::SubmitIfIdle(std::function<void()> task) {
+bool SerialExecutor::SubmitIfIdle(std::function<void()> work, std::function<void()> then) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_ || running_ || !queue_.empty()) return false;
-    queue_.push_back(std::move(task));
+    queue_.push_back(Task{std::move(work), std::move(then)});
   }
   cv_.notify_one();
   return true;
@@ -111,9 +111,15 @@ bool SerialExecutor::idle() const {
   return !running_ && queue_.empty();
 }
 
+bool SerialExecutor::WaitIdle(double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                      [this] { return !running_ && queue_.empty(); });
+}
+
 void SerialExecutor::Loop() {
   for (;;) {
-    std::function<void()> task;
+    Task task;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
@@ -123,13 +129,19 @@ void SerialExecutor::Loop() {
       running_ = true;
     }
     try {
-      task();
+      task.work();
     } catch (...) {
-      // Tasks finish their own RPC and catch their own exceptions; this only keeps the thread.
+      // Tasks catch their own exceptions; this only keeps the thread alive.
       PHI_LOG(ERROR) << "executor task threw past its handler";
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    running_ = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_ = false;
+    }
+    cv_.notify_all();  // WaitIdle() waiters; the loop re-checks its own predicate
+    // After `running_` is cleared: a client that reacts to this answer at once (e.g. Health right
+    // after Prefill returned) already finds the executor idle.
+    if (task.then) task.then();
   }
 }
 
@@ -202,20 +214,22 @@ void LoraxService::CheckHealth(std::function<void(absl::Status)> done) {
     return;
   }
   auto shared_done = std::make_shared<std::function<void(absl::Status)>>(std::move(done));
-  const bool queued = executor_.SubmitIfIdle([this, shared_done] {
-    absl::Status st = PingNoThrow(model_);
-    if (!st.ok()) {
-      health_.SetNotServing(absl::StrCat("device Ping failed: ", st.message()));
-      st = absl::InternalError(absl::StrCat("device Ping failed: ", st.message()));
-    }
-    (*shared_done)(st);
-  });
+  auto result = std::make_shared<absl::Status>();
+  const bool queued = executor_.SubmitIfIdle(
+      [this, result] {
+        absl::Status st = PingNoThrow(model_);
+        if (!st.ok()) {
+          health_.SetNotServing(absl::StrCat("device Ping failed: ", st.message()));
+          *result = absl::InternalError(absl::StrCat("device Ping failed: ", st.message()));
+        }
+      },
+      [result, shared_done] { (*shared_done)(*result); });
   // Busy: the running step is the device round trip; a failure there flips health_.
   if (!queued) (*shared_done)(absl::OkStatus());
 }
 
 void LoraxService::CheckDeviceAfterFailure(const char* method, const absl::Status& status) {
-  if (!MayBeDeviceFault(status)) return;
+  if (!MayBeDeviceFault(status) || !health_.serving()) return;
   const absl::Status ping = PingNoThrow(model_);
   if (ping.ok()) return;
   const std::string reason = absl::StrFormat("%s failed (%s) and the device no longer answers (%s)",
@@ -252,10 +266,12 @@ LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const B
   bytes.clear();
   bytes.shrink_to_fit();
 
-  auto run = [this, method, req, out, reactor, fn, lane] {
+  // `st` outlives `run` and is read by `finish` (run first, on the same thread).
+  auto st_holder = std::make_shared<absl::Status>();
+  auto run = [this, method, req, out, fn, lane, st_holder] {
+    absl::Status& st = *st_holder;
     const auto t0 = std::chrono::steady_clock::now();
     Resp resp;
-    absl::Status st;
     try {
       st = fn(*req, &resp);
     } catch (const std::exception& e) {
@@ -285,11 +301,12 @@ LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const B
     } else {
       PHI_LOG(WARNING) << method << " rejected: " << st;
     }
-    reactor->Finish(ToGrpcStatus(st));
   };
+  auto finish = [reactor, st_holder] { reactor->Finish(ToGrpcStatus(*st_holder)); };
   if (lane == Lane::kInline) {
     run();
-  } else if (!executor_.Submit(std::move(run))) {
+    finish();
+  } else if (!executor_.Submit(std::move(run), std::move(finish))) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
   }
   return reactor;

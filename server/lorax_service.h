@@ -46,20 +46,28 @@ class SerialExecutor {
   SerialExecutor(const SerialExecutor&) = delete;
   SerialExecutor& operator=(const SerialExecutor&) = delete;
 
-  // Queues `task`; false (task dropped) once Stop() was called.
-  bool Submit(std::function<void()> task);
-  // Queues `task` only if nothing is running or queued; false otherwise.
-  bool SubmitIfIdle(std::function<void()> task);
+  // Queues `work`; false (nothing queued) once Stop() was called. `then` runs on the executor
+  // thread right after `work`, but once the executor already counts as idle: it is where an RPC
+  // is finished, so a client reacting to the answer finds the executor free.
+  bool Submit(std::function<void()> work, std::function<void()> then = nullptr);
+  // Like Submit, but only if nothing is running or queued; false otherwise.
+  bool SubmitIfIdle(std::function<void()> work, std::function<void()> then = nullptr);
   // Runs everything already queued, then ends the thread. Idempotent.
   void Stop();
   bool idle() const;
+  // Waits until nothing runs or waits (true), or `timeout_s` passed (false).
+  bool WaitIdle(double timeout_s);
 
  private:
   void Loop();
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::function<void()>> queue_;
+  struct Task {
+    std::function<void()> work;
+    std::function<void()> then;
+  };
+  std::deque<Task> queue_;
   bool running_ = false;
   bool stopping_ = false;
   std::thread thread_;
@@ -120,6 +128,8 @@ class LoraxService final : public internal::RawLoraxService {
 
   // New RPCs fail with UNAVAILABLE from now on; calls already admitted still complete.
   void BeginShutdown();
+  // Waits up to `timeout_s` for the admitted executor work to finish; false on timeout.
+  bool WaitIdle(double timeout_s) { return executor_.WaitIdle(timeout_s); }
   // Waits for every admitted executor task to finish and stops the executor thread.
   void StopExecutor();
 

@@ -6,6 +6,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <condition_variable>
@@ -300,12 +301,22 @@ ShardServer::~ShardServer() { Shutdown(); }
 void ShardServer::Shutdown() {
   if (shut_down_ || server_ == nullptr) return;
   shut_down_ = true;
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            absl::ToChronoSeconds(options_.shutdown_grace));
+  // 1. Our handlers answer every new RPC with UNAVAILABLE while the admitted work drains (gRPC's
+  //    own shutdown would instead cancel new calls with an arbitrary code).
   service_->BeginShutdown();
   health_service_->EndAll();
-  // Waits for admitted calls (their executor tasks finish them) up to the grace period, then
-  // cancels what is left.
+  const double grace_s =
+      std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
+  if (!service_->WaitIdle(grace_s)) {
+    PHI_LOG(WARNING) << "shutdown grace period over with model work still running";
+  }
+  // 2. Stop gRPC: calls still open after the deadline are cancelled.
   server_->Shutdown(std::chrono::system_clock::now() +
-                    absl::ToChronoSeconds(options_.shutdown_grace));
+                    std::max(std::chrono::steady_clock::duration::zero(),
+                             deadline - std::chrono::steady_clock::now()));
   service_->StopExecutor();
   server_->Wait();
   // Remove the socket only if it is still ours (a new shard may have replaced it meanwhile).
