@@ -127,10 +127,7 @@ struct CudaGemm::Impl {
     cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n));
     cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
     if (p.bias) {
-      // The bias has the output's type (float32 for float32 logits), set explicitly.
-      const int32_t bias_type = CudaType(y_dtype);
-      cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
-                                     sizeof(bias_type));
+      // The bias has the output's type (the default: float32 for float32 logits).
       cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
                                      sizeof(p.bias));
     }

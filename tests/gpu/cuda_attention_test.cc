@@ -1,0 +1,294 @@
+// Paged attention on CUDA (prefill tensor-core kernel, decode split-K kernel + merge) against the
+// CPU reference on the same bf16/fp16-rounded Q, K and V. Block tables are shuffled (not
+// contiguous), unused cache slots hold NaN (a read of one poisons the output), and the output is
+// NaN-poisoned before every launch.
+//
+// Tolerance: OneRoundingTol (gpu_test_util.h): the device's extra roundings are the output
+// (2^-9 relative in bf16) and, on the tensor-core path, the softmax probabilities before P·V
+// (another 2^-9 relative per weight, averaging out over the keys); softmax and sums are float32.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/paged_attention_cuda.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/kernels/kernel_test_util.h"
+
+namespace phishard {
+namespace {
+
+using gpu_test::Compare;
+using gpu_test::Decode;
+using gpu_test::DeviceBuffer;
+using gpu_test::Encode;
+using testing_util::RandomVector;
+
+struct Seq {
+  int q_len, context_len;
+};
+
+struct AttnCase {
+  std::string name;
+  int num_heads, num_kv_heads, head_dim;
+  std::vector<Seq> seqs;
+};
+
+struct RunOptions {
+  DataType dtype = DataType::kBF16;
+  AttentionKernel kernel = AttentionKernel::kAuto;
+  int force_splits = 0;
+  int expect_splits = -1;  // >= 0: check the decode split count used
+};
+
+void RunCase(const AttnCase& c, const RunOptions& o) {
+  SCOPED_TRACE(testing::Message() << c.name << " " << DataTypeName(o.dtype) << " kernel "
+                                  << static_cast<int>(o.kernel) << " splits " << o.force_splits);
+  const int bs = 16, hd = c.head_dim;
+  const int S = static_cast<int>(c.seqs.size());
+  const int q_stride = (c.num_heads + 2 * c.num_kv_heads) * hd;  // q inside a fused qkv row
+  int T = 0, max_q = 0, max_ctx = 0, total_blocks = 0, max_blocks = 0;
+  for (const Seq& s : c.seqs) {
+    T += s.q_len;
+    max_q = std::max(max_q, s.q_len);
+    max_ctx = std::max(max_ctx, s.context_len);
+    const int nb = (s.context_len + bs - 1) / bs;
+    total_blocks += nb;
+    max_blocks = std::max(max_blocks, nb);
+  }
+  const int num_blocks = total_blocks + 7;  // spare blocks stay NaN
+  std::mt19937 rng(T * 131 + max_ctx);
+  std::vector<int32_t> ids(num_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  std::vector<int32_t> tables(static_cast<size_t>(S) * max_blocks, 0);
+  std::vector<int32_t> cu(S + 1, 0), ctx(S);
+  const size_t kv_row = static_cast<size_t>(c.num_kv_heads) * hd;
+  const size_t cache_elems = static_cast<size_t>(num_blocks) * bs * kv_row;
+  std::vector<float> k = RandomVector(cache_elems, rng(), -1, 1);
+  std::vector<float> v = RandomVector(cache_elems, rng(), -1, 1);
+  std::vector<char> used(static_cast<size_t>(num_blocks) * bs, 0);
+  for (int s = 0, next = 0; s < S; ++s) {
+    cu[s + 1] = cu[s] + c.seqs[s].q_len;
+    ctx[s] = c.seqs[s].context_len;
+    const int nb = (ctx[s] + bs - 1) / bs;
+    for (int b = 0; b < nb; ++b) tables[static_cast<size_t>(s) * max_blocks + b] = ids[next++];
+    for (int p = 0; p < ctx[s]; ++p) {
+      used[static_cast<size_t>(tables[static_cast<size_t>(s) * max_blocks + p / bs]) * bs +
+           p % bs] = 1;
+    }
+  }
+  for (size_t slot = 0; slot < used.size(); ++slot) {
+    if (used[slot]) continue;
+    std::fill_n(k.begin() + slot * kv_row, kv_row, testing_util::kNaN);
+    std::fill_n(v.begin() + slot * kv_row, kv_row, testing_util::kNaN);
+  }
+  // Scores of O(3) (q, k in [-1, 1], scale 1/sqrt(hd) over hd terms) keep the softmax non-trivial.
+  std::vector<float> q = RandomVector(static_cast<size_t>(T) * q_stride, rng(), -1, 1);
+  DeviceBuffer d_q = DeviceBuffer::From(Encode(q, o.dtype));
+  DeviceBuffer d_k = DeviceBuffer::From(Encode(k, o.dtype));  // NaN stays NaN when encoded
+  DeviceBuffer d_v = DeviceBuffer::From(Encode(v, o.dtype));
+  DeviceBuffer d_cu = DeviceBuffer::From(cu);
+  DeviceBuffer d_ctx = DeviceBuffer::From(ctx);
+  DeviceBuffer d_tables = DeviceBuffer::From(tables);
+  DeviceBuffer d_out(static_cast<size_t>(T) * c.num_heads * hd * DataTypeSize(o.dtype));
+  d_out.Poison();
+  const size_t ws_bytes = PagedAttentionCudaWorkspaceBytes(T, c.num_heads, hd, 16);
+  DeviceBuffer d_ws(ws_bytes);
+
+  PagedAttentionParams p{.q = d_q.get(),
+                         .k_cache = d_k.get(),
+                         .v_cache = d_v.get(),
+                         .out = d_out.get(),
+                         .cu_q_lens = d_cu.as<int32_t>(),
+                         .context_lens = d_ctx.as<int32_t>(),
+                         .block_tables = d_tables.as<int32_t>(),
+                         .num_seqs = S,
+                         .num_tokens = T,
+                         .max_blocks_per_seq = max_blocks,
+                         .num_blocks = num_blocks,
+                         .block_size = bs,
+                         .num_heads = c.num_heads,
+                         .num_kv_heads = c.num_kv_heads,
+                         .head_dim = hd,
+                         .q_stride = q_stride,
+                         .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                         .dtype = o.dtype};
+  PagedAttentionCudaPlan plan{.max_q_len = max_q,
+                              .max_context_len = max_ctx,
+                              .kernel = o.kernel,
+                              .workspace = d_ws.get(),
+                              .workspace_bytes = ws_bytes,
+                              .num_multiprocessors = 132,
+                              .force_splits = o.force_splits};
+  int splits = -1;
+  ASSERT_EQ(PagedAttentionCuda(p, plan, nullptr, &splits), KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  if (o.expect_splits >= 0) {
+    EXPECT_EQ(splits, o.expect_splits);
+  }
+
+  std::vector<float> ref(static_cast<size_t>(T) * c.num_heads * hd, 0.0f);
+  PagedAttentionParams pc = p;
+  pc.q = q.data();
+  pc.k_cache = k.data();
+  pc.v_cache = v.data();
+  pc.out = ref.data();
+  pc.cu_q_lens = cu.data();
+  pc.context_lens = ctx.data();
+  pc.block_tables = tables.data();
+  pc.dtype = DataType::kF32;
+  ASSERT_EQ(PagedAttentionCpu(pc), KernelStatus::kOk);
+  const std::vector<float> out = Decode(d_out.DownloadBytes(), o.dtype);
+  const gpu_test::Diff d = Compare(out, ref);
+  EXPECT_EQ(d.nonfinite, 0u) << "unwritten output or a read of an unused (NaN) cache slot";
+  EXPECT_LE(d.rel, gpu_test::OneRoundingTol(o.dtype)) << gpu_test::ToString(d);
+}
+
+std::vector<AttnCase> PrefillCases() {
+  std::vector<AttnCase> cases;
+  for (int hd : {32, 64, 80}) {
+    for (auto [nh, nkv] : {std::pair{4, 4}, std::pair{8, 2}}) {
+      const std::string tag =
+          "hd" + std::to_string(hd) + "_h" + std::to_string(nh) + "_kv" + std::to_string(nkv);
+      for (int n : {1, 15, 16, 17, 63, 64, 65, 130}) {
+        cases.push_back({tag + "_len" + std::to_string(n), nh, nkv, hd, {{n, n}}});
+      }
+      // Cached prefix (q_len < context) across block and 64-key tile boundaries.
+      cases.push_back({tag + "_prefix", nh, nkv, hd, {{17, 100}, {1, 16}, {64, 129}}});
+      // Mixed varlen batch, including decode-like rows.
+      cases.push_back(
+          {tag + "_mixed", nh, nkv, hd, {{1, 1}, {5, 37}, {16, 16}, {17, 300}, {70, 70}}});
+    }
+  }
+  cases.push_back({"hd80_long_prefill", 2, 1, 80, {{1000, 1000}}});
+  cases.push_back({"hd64_long_prefix", 2, 2, 64, {{64, 4096}}});
+  return cases;
+}
+
+TEST(CudaPagedAttention, PrefillMatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  for (const AttnCase& c : PrefillCases()) {
+    RunCase(c, {.dtype = DataType::kBF16});
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST(CudaPagedAttention, PrefillFp16MatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  for (const AttnCase& c : PrefillCases()) {
+    if (c.name.find("mixed") == std::string::npos && c.name.find("long") == std::string::npos) {
+      continue;
+    }
+    RunCase(c, {.dtype = DataType::kF16});
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST(CudaPagedAttention, LongPrefill4096) {
+  PHI_REQUIRE_GPU();
+  RunCase({"hd80_4096", 2, 1, 80, {{4096, 4096}}}, {.dtype = DataType::kBF16});
+}
+
+std::vector<AttnCase> DecodeCases() {
+  std::vector<AttnCase> cases;
+  for (int hd : {32, 64, 80}) {
+    for (auto [nh, nkv] : {std::pair{4, 4}, std::pair{8, 2}, std::pair{8, 1}}) {
+      const std::string tag =
+          "hd" + std::to_string(hd) + "_h" + std::to_string(nh) + "_kv" + std::to_string(nkv);
+      cases.push_back({tag + "_batch",
+                       nh,
+                       nkv,
+                       hd,
+                       {{1, 1}, {1, 15}, {1, 16}, {1, 17}, {1, 64}, {1, 65}, {1, 255}, {1, 1000}}});
+      cases.push_back({tag + "_one", nh, nkv, hd, {{1, 333}}});
+    }
+  }
+  cases.push_back({"hd80_ctx4096", 32, 32, 80, {{1, 4096}, {1, 2049}}});
+  return cases;
+}
+
+TEST(CudaPagedAttention, DecodeMatchesCpuReferenceWithEverySplitCount) {
+  PHI_REQUIRE_GPU();
+  for (const AttnCase& c : DecodeCases()) {
+    RunCase(c, {.dtype = DataType::kBF16, .kernel = AttentionKernel::kDecode});  // auto splits
+    RunCase(c, {.dtype = DataType::kBF16,
+                .kernel = AttentionKernel::kDecode,
+                .force_splits = 1,
+                .expect_splits = 1});
+    RunCase(c, {.dtype = DataType::kBF16, .kernel = AttentionKernel::kDecode, .force_splits = 3});
+    RunCase(c, {.dtype = DataType::kBF16, .kernel = AttentionKernel::kDecode, .force_splits = 16});
+    // The prefill kernel must give the same answer on decode batches (one code path contract).
+    RunCase(c, {.dtype = DataType::kBF16, .kernel = AttentionKernel::kPrefill});
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST(CudaPagedAttention, DecodeFp16) {
+  PHI_REQUIRE_GPU();
+  for (const AttnCase& c : DecodeCases()) {
+    RunCase(c, {.dtype = DataType::kF16, .kernel = AttentionKernel::kDecode, .force_splits = 3});
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST(CudaPagedAttention, AutoSplitsUseTheWorkspaceForShortBatches) {
+  PHI_REQUIRE_GPU();
+  // One sequence x 32 KV heads = 32 blocks < 2 x 132 SMs asks for ceil(264 / 32) = 9 splits;
+  // 4096 keys / 9 rounded up to whole 64-key tiles is 512 keys a split, hence 8 splits.
+  RunCase({"split_auto", 32, 32, 80, {{1, 4096}}},
+          {.dtype = DataType::kBF16, .kernel = AttentionKernel::kAuto, .expect_splits = 8});
+}
+
+// Small enough for compute-sanitizer (memcheck, racecheck): both kernels, GQA, a partial tile,
+// a cached prefix and the split merge.
+TEST(CudaPagedAttention, SmallCasesForSanitizer) {
+  PHI_REQUIRE_GPU();
+  RunCase({"sanitizer_prefill", 4, 2, 80, {{17, 40}, {1, 3}, {70, 70}}}, {});
+  RunCase({"sanitizer_decode", 8, 2, 64, {{1, 200}, {1, 17}}},
+          {.kernel = AttentionKernel::kDecode, .force_splits = 3});
+}
+
+TEST(CudaPagedAttention, RejectsUnsupportedShapes) {
+  PHI_REQUIRE_GPU();
+  DeviceBuffer buf(1 << 16);
+  PagedAttentionParams p{.q = buf.get(),
+                         .k_cache = buf.get(),
+                         .v_cache = buf.get(),
+                         .out = buf.get(),
+                         .cu_q_lens = buf.as<int32_t>(),
+                         .context_lens = buf.as<int32_t>(),
+                         .block_tables = buf.as<int32_t>(),
+                         .num_seqs = 1,
+                         .num_tokens = 1,
+                         .max_blocks_per_seq = 1,
+                         .num_blocks = 1,
+                         .block_size = 16,
+                         .num_heads = 2,
+                         .num_kv_heads = 2,
+                         .head_dim = 96,
+                         .scale = 0.1f,
+                         .dtype = DataType::kBF16};
+  PagedAttentionCudaPlan plan{.max_q_len = 1, .max_context_len = 1};
+  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);  // head_dim 96
+  p.head_dim = 80;
+  p.dtype = DataType::kF32;
+  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kUnsupportedDtype);
+  p.dtype = DataType::kBF16;
+  p.num_kv_heads = 3;
+  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
+  p.num_kv_heads = 2;
+  plan.kernel = AttentionKernel::kDecode;
+  plan.max_q_len = 2;
+  p.num_tokens = 2;
+  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);  // decode q_len 2
+  EXPECT_FALSE(PagedAttentionCudaSupportsHeadDim(96));
+  EXPECT_TRUE(PagedAttentionCudaSupportsHeadDim(80));
+}
+
+}  // namespace
+}  // namespace phishard

@@ -1,0 +1,472 @@
+// Each CUDA op against its CPU reference (kernels/*.cc) on the same random inputs: the inputs are
+// rounded to the device dtype first, so the two sides compute on identical values and the
+// comparison measures only the device's own rounding (tolerances in gpu_test_util.h unless a
+// test says otherwise). Outputs are NaN-poisoned before every launch; a NaN left behind fails.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/cuda/embedding_cuda.h"
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/layer_norm_cuda.h"
+#include "kernels/cuda/log_softmax_cuda.h"
+#include "kernels/cuda/rotary_kv_write_cuda.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/kernels/kernel_test_util.h"
+
+namespace phishard {
+namespace {
+
+using gpu_test::Compare;
+using gpu_test::Decode;
+using gpu_test::DeviceBuffer;
+using gpu_test::Encode;
+using gpu_test::OneRoundingTol;
+using testing_util::RandomVector;
+
+constexpr DataType kAllTypes[] = {DataType::kBF16, DataType::kF16, DataType::kF32};
+constexpr DataType kHalfTypes[] = {DataType::kBF16, DataType::kF16};
+
+// ---------------------------------------------------------------------------------------------
+TEST(CudaEmbedding, GathersExactlyAndZeroesForeignIds) {
+  PHI_REQUIRE_GPU();
+  for (DataType t : kAllTypes) {
+    for (int dim : {256, 80, 81}) {  // 81: not a multiple of 16 bytes, element-wise path
+      SCOPED_TRACE(testing::Message() << DataTypeName(t) << " dim " << dim);
+      const int num_rows = 500, row_offset = 100, T = 37;
+      std::vector<float> table = RandomVector(static_cast<size_t>(num_rows) * dim, 11 + dim);
+      const std::vector<char> table_dev_bytes = Encode(table, t);
+      std::vector<int32_t> ids(T);
+      std::mt19937 rng(dim);
+      for (int i = 0; i < T; ++i) ids[i] = static_cast<int32_t>(rng() % 800);  // some foreign
+      ids[0] = row_offset;
+      ids[1] = row_offset + num_rows - 1;
+      ids[2] = row_offset + num_rows;  // just past the slice: zero row
+      DeviceBuffer d_table = DeviceBuffer::From(table_dev_bytes);
+      DeviceBuffer d_ids = DeviceBuffer::From(ids);
+      DeviceBuffer d_out(static_cast<size_t>(T) * dim * DataTypeSize(t));
+      d_out.Poison();
+      ASSERT_EQ(EmbeddingCuda({.ids = d_ids.as<int32_t>(),
+                               .table = d_table.get(),
+                               .out = d_out.get(),
+                               .num_tokens = T,
+                               .num_rows = num_rows,
+                               .dim = dim,
+                               .row_offset = row_offset,
+                               .dtype = t},
+                              nullptr),
+                KernelStatus::kOk);
+      gpu_test::ExpectDeviceClean(nullptr);
+      std::vector<float> ref(static_cast<size_t>(T) * dim);
+      ASSERT_EQ(EmbeddingCpu({.ids = ids.data(),
+                              .table = table.data(),
+                              .out = ref.data(),
+                              .num_tokens = T,
+                              .num_rows = num_rows,
+                              .dim = dim,
+                              .row_offset = row_offset}),
+                KernelStatus::kOk);
+      const std::vector<float> out = Decode(d_out.DownloadBytes(), t);
+      EXPECT_EQ(out, ref);  // a copy: bit-exact, and no poison left
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(CudaLayerNorm, MatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  for (DataType t : kAllTypes) {
+    for (int cols : {256, 2560, 81, 5000}) {  // 5000: longer than the register-cached path
+      for (int rows : {1, 7, 64}) {
+        for (bool in_place : {false, true}) {
+          SCOPED_TRACE(testing::Message() << DataTypeName(t) << " rows " << rows << " cols " << cols
+                                          << " in_place " << in_place);
+          // Offset mean (values in [2, 4]) so a one-pass E[x²] - E[x]² variance would lose bits.
+          std::vector<float> x = RandomVector(static_cast<size_t>(rows) * cols, rows + cols, 2, 4);
+          std::vector<float> w = RandomVector(cols, 3 * cols, 0.5f, 1.5f);
+          std::vector<float> b = RandomVector(cols, 5 * cols);
+          DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
+          DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
+          DeviceBuffer d_b = DeviceBuffer::From(Encode(b, t));
+          DeviceBuffer d_y(d_x.bytes());
+          d_y.Poison();
+          void* y = in_place ? d_x.get() : d_y.get();
+          ASSERT_EQ(LayerNormCuda({.x = d_x.get(),
+                                   .weight = d_w.get(),
+                                   .bias = d_b.get(),
+                                   .y = y,
+                                   .rows = rows,
+                                   .cols = cols,
+                                   .eps = 1e-5f,
+                                   .dtype = t},
+                                  nullptr),
+                    KernelStatus::kOk);
+          gpu_test::ExpectDeviceClean(nullptr);
+          std::vector<float> ref(x.size());
+          ASSERT_EQ(LayerNormCpu({.x = x.data(),
+                                  .weight = w.data(),
+                                  .bias = b.data(),
+                                  .y = ref.data(),
+                                  .rows = rows,
+                                  .cols = cols,
+                                  .eps = 1e-5f}),
+                    KernelStatus::kOk);
+          const auto out = Decode((in_place ? d_x : d_y).DownloadBytes(), t);
+          const gpu_test::Diff d = Compare(out, ref);
+          EXPECT_EQ(d.nonfinite, 0u);
+          EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The output is float32 whatever the input, so the only difference from the reference is
+// expf/logf versus std::exp/std::log and summation order over <= 51200 terms: a few float32 ulp
+// of the row's log-sum-exp (|lse| < 15 here), so 1e-5 absolute.
+TEST(CudaLogSoftmax, MatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  for (DataType t : kAllTypes) {
+    for (int cols : {4095, 51200}) {
+      for (int rows : {1, 3}) {
+        SCOPED_TRACE(testing::Message() << DataTypeName(t) << " rows " << rows << " cols " << cols);
+        std::vector<float> x = RandomVector(static_cast<size_t>(rows) * cols, cols + rows, -8, 8);
+        DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
+        DeviceBuffer d_y(x.size() * sizeof(float));
+        d_y.Poison();
+        ASSERT_EQ(
+            LogSoftmaxCuda(
+                {.x = d_x.get(), .y = d_y.as<float>(), .rows = rows, .cols = cols, .dtype = t},
+                nullptr),
+            KernelStatus::kOk);
+        gpu_test::ExpectDeviceClean(nullptr);
+        std::vector<float> ref(x.size());
+        ASSERT_EQ(LogSoftmaxCpu({.x = x.data(), .y = ref.data(), .rows = rows, .cols = cols}),
+                  KernelStatus::kOk);
+        const gpu_test::Diff d = Compare(Decode(d_y.DownloadBytes(), DataType::kF32), ref);
+        EXPECT_EQ(d.nonfinite, 0u);
+        EXPECT_LE(d.max_abs, 1e-5) << gpu_test::ToString(d);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+struct RotaryShape {
+  int tokens, num_heads, num_kv_heads, head_dim, rotary_dim;
+};
+
+class CudaRotaryKvWrite : public ::testing::TestWithParam<RotaryShape> {};
+
+TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
+  PHI_REQUIRE_GPU();
+  const RotaryShape s = GetParam();
+  const int width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
+  const int stride = width + 16;  // a padded row: the tail must stay untouched
+  const int64_t num_slots = 64 * 16;
+  const size_t kv_row = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  for (DataType t : kAllTypes) {
+    SCOPED_TRACE(testing::Message() << DataTypeName(t) << " T " << s.tokens << " hd " << s.head_dim
+                                    << " rot " << s.rotary_dim);
+    std::vector<float> qkv = RandomVector(static_cast<size_t>(s.tokens) * stride, s.tokens + 7);
+    const std::vector<char> qkv_bytes = Encode(qkv, t);
+    std::vector<int32_t> positions(s.tokens);
+    std::vector<int64_t> slots(s.tokens);
+    std::mt19937 rng(s.tokens * 31 + s.head_dim);
+    std::vector<int64_t> perm(num_slots);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (int i = 0; i < s.tokens; ++i) {
+      positions[i] = static_cast<int32_t>(rng() % 4096);  // large angles too
+      slots[i] = perm[i];
+    }
+    positions[0] = 0;
+    positions[s.tokens - 1] = 4095;
+    DeviceBuffer d_qkv = DeviceBuffer::From(qkv_bytes);
+    DeviceBuffer d_pos = DeviceBuffer::From(positions);
+    DeviceBuffer d_slots = DeviceBuffer::From(slots);
+    DeviceBuffer d_k(num_slots * kv_row * DataTypeSize(t));
+    DeviceBuffer d_v(d_k.bytes());
+    d_k.Poison();
+    d_v.Poison();
+    ASSERT_EQ(RotaryKvWriteCuda({.qkv = d_qkv.get(),
+                                 .positions = d_pos.as<int32_t>(),
+                                 .slots = d_slots.as<int64_t>(),
+                                 .k_cache = d_k.get(),
+                                 .v_cache = d_v.get(),
+                                 .num_slots = num_slots,
+                                 .num_tokens = s.tokens,
+                                 .qkv_stride = stride,
+                                 .num_heads = s.num_heads,
+                                 .num_kv_heads = s.num_kv_heads,
+                                 .head_dim = s.head_dim,
+                                 .rotary_dim = s.rotary_dim,
+                                 .theta = 10000.0f,
+                                 .dtype = t},
+                                nullptr),
+              KernelStatus::kOk);
+    gpu_test::ExpectDeviceClean(nullptr);
+
+    std::vector<float> ref_qkv = qkv;
+    std::vector<float> ref_k(num_slots * kv_row, testing_util::kNaN);
+    std::vector<float> ref_v(ref_k.size(), testing_util::kNaN);
+    ASSERT_EQ(RotaryKvWriteCpu({.qkv = ref_qkv.data(),
+                                .positions = positions.data(),
+                                .slots = slots.data(),
+                                .k_cache = ref_k.data(),
+                                .v_cache = ref_v.data(),
+                                .num_slots = num_slots,
+                                .num_tokens = s.tokens,
+                                .qkv_stride = stride,
+                                .num_heads = s.num_heads,
+                                .num_kv_heads = s.num_kv_heads,
+                                .head_dim = s.head_dim,
+                                .rotary_dim = s.rotary_dim,
+                                .theta = 10000.0f}),
+              KernelStatus::kOk);
+    const std::vector<float> out_qkv = Decode(d_qkv.DownloadBytes(), t);
+    const std::vector<float> out_k = Decode(d_k.DownloadBytes(), t);
+    const std::vector<float> out_v = Decode(d_v.DownloadBytes(), t);
+    // Rotated q/k: one rounding of a float32 rotation (cos/sin to ~1 ulp at angles <= 4095 rad).
+    const gpu_test::Diff dq = Compare(out_qkv, ref_qkv);
+    EXPECT_EQ(dq.nonfinite, 0u);
+    EXPECT_LE(dq.rel, OneRoundingTol(t)) << "qkv: " << gpu_test::ToString(dq);
+    // Dims that do not rotate (and V, and the row padding) are copied bit for bit.
+    for (int tok = 0; tok < s.tokens; ++tok) {
+      for (int c = 0; c < stride; ++c) {
+        const bool rotated =
+            c < (s.num_heads + s.num_kv_heads) * s.head_dim && c % s.head_dim < s.rotary_dim;
+        if (rotated) continue;
+        const size_t i = static_cast<size_t>(tok) * stride + c;
+        ASSERT_EQ(out_qkv[i], qkv[i]) << "token " << tok << " column " << c;
+      }
+    }
+    // Cache: written slots match, every other slot still holds the NaN poison.
+    std::vector<char> written(num_slots, 0);
+    for (int64_t sl : slots) written[sl] = 1;
+    std::vector<float> got_k, want_k;
+    for (int64_t sl = 0; sl < num_slots; ++sl) {
+      for (size_t j = 0; j < kv_row; ++j) {
+        const size_t i = sl * kv_row + j;
+        if (written[sl]) {
+          got_k.push_back(out_k[i]);
+          want_k.push_back(ref_k[i]);
+          ASSERT_EQ(out_v[i], ref_v[i]) << "V slot " << sl;  // V is a plain copy
+        } else {
+          ASSERT_TRUE(std::isnan(out_k[i]) && std::isnan(out_v[i]))
+              << "slot " << sl << " was written";
+        }
+      }
+    }
+    const gpu_test::Diff dk = Compare(got_k, want_k);
+    EXPECT_EQ(dk.nonfinite, 0u);
+    EXPECT_LE(dk.rel, OneRoundingTol(t)) << "k cache: " << gpu_test::ToString(dk);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaRotaryKvWrite,
+                         ::testing::Values(RotaryShape{1, 32, 32, 80, 32},   // Phi-2 decode
+                                           RotaryShape{17, 32, 32, 64, 32},  // Phi-1.5
+                                           RotaryShape{64, 8, 2, 80, 32},    // GQA
+                                           RotaryShape{33, 8, 8, 32, 16},    // demo model
+                                           RotaryShape{5, 4, 1, 64, 0}));    // no rotation
+
+// ---------------------------------------------------------------------------------------------
+struct GemmShape {
+  int m, n, k;
+};
+
+class CudaGemmTest : public ::testing::TestWithParam<GemmShape> {
+ protected:
+  static void SetUpTestSuite() {
+    int n = 0;
+    DeviceGetCount(&n);
+    if (n > 0) {
+      ASSERT_EQ(CudaGemm::Create(size_t{32} << 20, &gemm_), KernelStatus::kOk);
+      std::printf("cuBLASLt GELU epilogue: %s (probe max |err| vs tanh %.3g, vs erf %.3g)\n",
+                  gemm_->gelu_tanh_in_epilogue() ? "tanh, fused" : "not tanh, separate kernel",
+                  gemm_->probe_err_tanh(), gemm_->probe_err_erf());
+    }
+  }
+  static void TearDownTestSuite() { gemm_.reset(); }
+  static std::unique_ptr<CudaGemm> gemm_;
+};
+std::unique_ptr<CudaGemm> CudaGemmTest::gemm_;
+
+// Every epilogue x bias x accumulate, with row strides wider than the matrices (a window of a
+// wider buffer, as the model uses), for bf16 and fp16. Tolerance: one output rounding (see
+// OneRoundingTol); the GELU variants run either in the epilogue (one rounding) or as a separate
+// kernel after a rounded pre-activation (|gelu'| <= 1.13 times one more rounding), so 1.5x.
+TEST_P(CudaGemmTest, MatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  const GemmShape s = GetParam();
+  for (DataType t : kHalfTypes) {
+    for (bool padded : {false, true}) {
+      const int ldx = padded ? s.k + 8 : s.k, ldy = padded ? s.n + 8 + (s.n % 2) : s.n;
+      std::vector<float> x = RandomVector(static_cast<size_t>(s.m) * ldx, s.m + s.k);
+      std::vector<float> w = RandomVector(static_cast<size_t>(s.n) * s.k, s.n + 1, -0.1f, 0.1f);
+      std::vector<float> bias = RandomVector(s.n, s.n + 2);
+      std::vector<float> y_old = RandomVector(static_cast<size_t>(s.m) * ldy, s.m + 3);
+      DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
+      DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
+      DeviceBuffer d_b = DeviceBuffer::From(Encode(bias, t));
+      const std::vector<char> y_old_bytes = Encode(y_old, t);
+      for (GemmEpilogue epi :
+           {GemmEpilogue::kNone, GemmEpilogue::kGeluTanh, GemmEpilogue::kGeluErf}) {
+        for (bool with_bias : {false, true}) {
+          for (bool acc : {false, true}) {
+            if (acc && epi != GemmEpilogue::kNone) continue;
+            SCOPED_TRACE(testing::Message()
+                         << DataTypeName(t) << " m " << s.m << " n " << s.n << " k " << s.k
+                         << " padded " << padded << " epi " << static_cast<int>(epi) << " bias "
+                         << with_bias << " acc " << acc);
+            DeviceBuffer d_y(y_old_bytes.size());
+            if (acc) {
+              d_y.Upload(y_old_bytes.data(), y_old_bytes.size());
+            } else {
+              d_y.Poison();
+            }
+            GemmParams p{.x = d_x.get(),
+                         .w = d_w.get(),
+                         .bias = with_bias ? d_b.get() : nullptr,
+                         .y = d_y.get(),
+                         .m = s.m,
+                         .n = s.n,
+                         .k = s.k,
+                         .ldx = ldx,
+                         .ldy = ldy,
+                         .accumulate = acc,
+                         .epilogue = epi,
+                         .dtype = t};
+            ASSERT_EQ(gemm_->Run(p, nullptr), KernelStatus::kOk) << gemm_->last_error();
+            gpu_test::ExpectDeviceClean(nullptr);
+            std::vector<float> ref = acc ? y_old : std::vector<float>(y_old.size(), 0.0f);
+            GemmParams pc = p;
+            pc.x = x.data();
+            pc.w = w.data();
+            pc.bias = with_bias ? bias.data() : nullptr;
+            pc.y = ref.data();
+            pc.dtype = DataType::kF32;
+            ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
+            std::vector<float> out = Decode(d_y.DownloadBytes(), t);
+            // Compare the [m, n] window; padding columns must be untouched (poison or y_old).
+            std::vector<float> o, r;
+            for (int i = 0; i < s.m; ++i) {
+              for (int j = 0; j < ldy; ++j) {
+                const size_t idx = static_cast<size_t>(i) * ldy + j;
+                if (j < s.n) {
+                  o.push_back(out[idx]);
+                  r.push_back(ref[idx]);
+                } else if (acc) {
+                  ASSERT_EQ(out[idx], y_old[idx]) << "padding column " << j << " changed";
+                } else {
+                  ASSERT_TRUE(std::isnan(out[idx])) << "padding column " << j << " written";
+                }
+              }
+            }
+            const gpu_test::Diff d = Compare(o, r);
+            EXPECT_EQ(d.nonfinite, 0u);
+            const double tol = OneRoundingTol(t) * (epi == GemmEpilogue::kNone ? 1.0 : 1.5);
+            EXPECT_LE(d.rel, tol) << gpu_test::ToString(d);
+          }
+        }
+      }
+    }
+  }
+}
+
+// lm_head style: 16-bit operands, float32 output and bias, padded row stride. Nothing is rounded
+// to 16 bits, so the only error is float32 accumulation order over k <= 2560 products (exact in
+// float32): ~1e-6 relative. 5e-4 still fails a result rounded to bf16 (~1e-3).
+TEST_P(CudaGemmTest, Float32OutputMatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  const GemmShape s = GetParam();
+  for (DataType t : kHalfTypes) {
+    SCOPED_TRACE(testing::Message()
+                 << DataTypeName(t) << " m " << s.m << " n " << s.n << " k " << s.k);
+    const int ldy = (s.n + 63) / 64 * 64;
+    std::vector<float> x = RandomVector(static_cast<size_t>(s.m) * s.k, s.m + 5 * s.k);
+    std::vector<float> w = RandomVector(static_cast<size_t>(s.n) * s.k, s.n + 6);
+    std::vector<float> bias = RandomVector(s.n, s.n + 7);  // stays float32
+    DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
+    DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
+    DeviceBuffer d_b = DeviceBuffer::From(bias);
+    DeviceBuffer d_y(static_cast<size_t>(s.m) * ldy * sizeof(float));
+    d_y.Poison();
+    GemmParams p{.x = d_x.get(),
+                 .w = d_w.get(),
+                 .bias = d_b.get(),
+                 .y = d_y.get(),
+                 .m = s.m,
+                 .n = s.n,
+                 .k = s.k,
+                 .ldy = ldy,
+                 .dtype = t};
+    ASSERT_EQ(gemm_->Run(p, DataType::kF32, nullptr), KernelStatus::kOk) << gemm_->last_error();
+    gpu_test::ExpectDeviceClean(nullptr);
+    std::vector<float> ref(static_cast<size_t>(s.m) * ldy, 0.0f);
+    ASSERT_EQ(GemmCpu({.x = x.data(),
+                       .w = w.data(),
+                       .bias = bias.data(),
+                       .y = ref.data(),
+                       .m = s.m,
+                       .n = s.n,
+                       .k = s.k,
+                       .ldy = ldy}),
+              KernelStatus::kOk);
+    const std::vector<float> out = Decode(d_y.DownloadBytes(), DataType::kF32);
+    std::vector<float> o, r;
+    for (int i = 0; i < s.m; ++i) {
+      for (int j = 0; j < s.n; ++j) {
+        o.push_back(out[static_cast<size_t>(i) * ldy + j]);
+        r.push_back(ref[static_cast<size_t>(i) * ldy + j]);
+      }
+    }
+    const gpu_test::Diff d = Compare(o, r);
+    EXPECT_EQ(d.nonfinite, 0u);
+    EXPECT_LE(d.rel, 5e-4) << gpu_test::ToString(d);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaGemmTest,
+                         ::testing::Values(GemmShape{1, 768, 256},   // decode, demo qkv
+                                           GemmShape{7, 4095, 256},  // odd n (demo vocab)
+                                           GemmShape{33, 320, 384},  // odd m
+                                           GemmShape{64, 1024, 256},
+                                           GemmShape{128, 7680, 2560},   // Phi-2 qkv
+                                           GemmShape{5, 2560, 10240}));  // Phi-2 fc2, long k
+
+TEST(CudaGemmErrors, RejectsWhatItCannotDo) {
+  PHI_REQUIRE_GPU();
+  std::unique_ptr<CudaGemm> gemm;
+  ASSERT_EQ(CudaGemm::Create(size_t{1} << 20, &gemm), KernelStatus::kOk);
+  DeviceBuffer buf(4096);
+  GemmParams p{.x = buf.get(),
+               .w = buf.get(),
+               .y = buf.get(),
+               .m = 4,
+               .n = 8,
+               .k = 8,
+               .dtype = DataType::kF32};
+  EXPECT_EQ(gemm->Run(p, nullptr), KernelStatus::kUnsupportedDtype);
+  p.dtype = DataType::kBF16;
+  p.accumulate = true;
+  p.epilogue = GemmEpilogue::kGeluTanh;
+  EXPECT_EQ(gemm->Run(p, nullptr), KernelStatus::kInvalidShape);
+  p.epilogue = GemmEpilogue::kNone;
+  p.ldx = 4;  // < k
+  EXPECT_EQ(gemm->Run(p, nullptr), KernelStatus::kInvalidShape);
+  p.ldx = 0;
+  p.x = nullptr;
+  EXPECT_EQ(gemm->Run(p, nullptr), KernelStatus::kNullPointer);
+}
+
+}  // namespace
+}  // namespace phishard
