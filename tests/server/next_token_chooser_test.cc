@@ -344,6 +344,8 @@ TEST(NextTokenChooserTest, ChiSquareOfSamplesAfterTemperatureAndTopP) {
   // Upper 0.1% critical values of chi-square (df 1..7): a correct sampler fails this with
   // probability 0.001 for a random seed; with this fixed seed the outcome is deterministic.
   const double kCritical999[] = {0, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32};
+  RecordProperty("chi2", std::to_string(chi2));
+  RecordProperty("df", df);
   ASSERT_GE(df, 1);
   ASSERT_LE(df, 7);
   EXPECT_LT(chi2, kCritical999[df]) << "df " << df;
