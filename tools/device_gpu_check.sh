@@ -9,6 +9,9 @@
 #   cmake --build build-cuda --target phishard cuda_ops_test cuda_attention_test cuda_model_test \
 #     cuda_phi2_bench_test -j2
 #   ../shared/tools/device-bundle .device-bundle build-cuda/bin/phishard build-cuda/tests/cuda_*_test
+#   strip --strip-unneeded .device-bundle/bin/* .device-bundle/lib/*
+#   (cd .device-bundle && tar -czf bundle.tgz bin lib env.sh && rm -rf bin lib env.sh)
+# (packed: the bundle is ~72 MB, over the 64 MiB a call may carry; OpenBLAS alone is 35 MB.)
 # Then: run(command="bash tools/device_gpu_check.sh", carry=[".device-bundle"], timeout_s=360).
 set -u
 OUT=${OUT:-/tmp/phishard-gpu-check}
@@ -24,6 +27,9 @@ if [ "$ROOT" != "$BUILD_ROOT" ] && [ ! -e "$BUILD_ROOT" ]; then
   mkdir -p "$(dirname "$BUILD_ROOT")" && ln -s "$ROOT" "$BUILD_ROOT"
 fi
 
+if [ -f .device-bundle/bundle.tgz ] && [ ! -d .device-bundle/bin ]; then
+  tar -xzf .device-bundle/bundle.tgz -C .device-bundle
+fi
 # shellcheck disable=SC1091
 source .device-bundle/env.sh
 B=.device-bundle/bin
@@ -56,7 +62,11 @@ step() {
   timeout "$tmo" "$@" >> "$OUT/$log" 2>&1
   rc=$?
   t1=$(date +%s.%N)
-  verdict=$(grep -E "^\[  (PASSED|FAILED|SKIPPED) \]" "$OUT/$log" | tail -n 3 | tr '\n' ' ')
+  # This step's own gtest totals (the log is shared by several steps: only lines after the marker).
+  verdict=$(awk -v m="===== $name: " 'index($0, m) == 1 {on = 1; next} on' "$OUT/$log" |
+    awk '/^\[  PASSED  \] [0-9]+ test/ {p = $4} /^\[  FAILED  \] [0-9]+ test/ {f = $4}
+         /^\[  SKIPPED \] [0-9]+ test/ {k = $4}
+         END {if (p != "" || f != "" || k != "") printf "passed %d, failed %d, skipped %d", p, f, k}')
   [ $rc -eq 124 ] && verdict="TIMEOUT after ${tmo}s; $verdict"
   printf "%-28s %4d %8.1f  %s\n" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "${verdict:0:120}" \
     >> "$SUMMARY"
