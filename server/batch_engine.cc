@@ -187,7 +187,7 @@ absl::Status BatchEngine::State::RunPrefill(std::vector<RequestState>* requests,
     seq.num_new_tokens = r.prompt_len;
     seq.context_len = r.prompt_len;
     seq.block_table = r.blocks;
-    seq.adapter_index = static_cast<int>(r.adapter_index);
+    seq.adapter_index = r.adapter_index;
     fb.seqs.push_back(std::move(seq));
     first_row[i] = static_cast<int>(fb.logit_rows.size());
     const int row_begin = r.prefill_logprobs ? start : start + r.prompt_len - 1;
@@ -247,7 +247,7 @@ absl::Status BatchEngine::State::RunDecode(const std::vector<RequestState*>& req
     seq.num_new_tokens = 1;
     seq.context_len = pos + 1;
     seq.block_table = r->blocks;
-    seq.adapter_index = static_cast<int>(r->adapter_index);
+    seq.adapter_index = r->adapter_index;
     fb.seqs.push_back(std::move(seq));
     fb.logit_rows.push_back(static_cast<int32_t>(fed.size()));
     fed.push_back(r);
