@@ -1,5 +1,7 @@
 #include "model/phi_config.h"
 
+#include "common/logging.h"
+
 #include <climits>
 #include <cmath>
 #include <fstream>
@@ -8,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/logging.h"
 #include "nlohmann/json.hpp"
 
 namespace phishard {
@@ -214,9 +217,12 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
       if (!r.Has(key)) continue;
       double v = 0;
       CONFIG_RETURN_IF_ERROR(r.OptionalPositive(key, &v));
+      // transformers 5.x reads RoPE settings from rope_parameters only, and its PhiConfig also
+      // writes a stale top-level default (partial_rotary_factor 0.5) next to it: follow HF.
       if (f.Has(key) && v != *top) {
-        return r.Error(key,
-                       absl::StrFormat("= %g disagrees with top-level '%s' = %g", v, key, *top));
+        PHI_LOG(WARNING) << source << ": rope_parameters." << key << " = " << v
+                         << " disagrees with top-level " << key << " = " << *top
+                         << "; using rope_parameters (transformers 5.x semantics)";
       }
       *top = v;
     }

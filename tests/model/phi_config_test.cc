@@ -315,11 +315,15 @@ TEST(PhiConfig, IdentityRopeScalingAccepted) {
   EXPECT_TRUE(Parse(j).ok());
 }
 
-TEST(PhiConfig, RopeLayoutsMustAgree) {
+TEST(PhiConfig, RopeParametersWinOverStaleTopLevel) {
   json j = Phi2ConfigV5();
+  // transformers 5.x writes a stale top-level default next to rope_parameters and reads only
+  // rope_parameters: so must we.
   j["partial_rotary_factor"] = 0.5;  // top level disagrees with rope_parameters (0.4)
-  ExpectError(j, absl::StatusCode::kInvalidArgument,
-              {"rope_parameters.partial_rotary_factor", "disagrees"});
+  auto c = ParsePhiConfig(j.dump(), "config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_DOUBLE_EQ(c->partial_rotary_factor, 0.4);
+  EXPECT_EQ(c->rotary_dim, 32);
   j["rope_parameters"] = "default";
   ExpectError(j, absl::StatusCode::kInvalidArgument, {"rope_parameters"});
 }
