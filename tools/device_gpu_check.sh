@@ -110,7 +110,7 @@ echo "== generate (ids/text, then timing line)"
 grep -E '^\{|prefill' "$OUT/generate.log" | cut -c1-200
 echo "== bench table"
 sed -n '/phi-2 shaped/,$p' "$OUT/bench.log" 2>/dev/null | head -20
-grep -E "decode vs prefill|GELU epilogue" "$OUT"/*.log | head -4
+grep -hE "decode vs prefill|GELU epilogue|^attention (prefill|decode)|one layer" "$OUT"/*.log | head -14
 echo "== failures (first 30 lines)"
 grep -hE "Failure|FAILED|error:|Expected|Which is|rel [0-9]" "$OUT"/ops.log "$OUT"/attention.log \
   "$OUT"/model.log 2>/dev/null | head -30

@@ -54,9 +54,7 @@ struct PrefillSmem {
   static constexpr size_t kS = kV + size_t{kKTile} * kLdT * 2;
   static constexpr size_t kP = kS + size_t{kQTile} * kLdS * 4;
   static constexpr size_t kO = kP + size_t{kQTile} * kLdP * 2;
-  static constexpr size_t kM = kO + size_t{kQTile} * kLdO * 4;
-  static constexpr size_t kL = kM + size_t{kQTile} * 4;
-  static constexpr size_t kBytes = kL + size_t{kQTile} * 4;
+  static constexpr size_t kBytes = kO + size_t{kQTile} * kLdO * 4;
   // WMMA pointers must be 32-byte aligned: every region and every 16-row strip is.
   static_assert(kK % 32 == 0 && kS % 32 == 0 && kP % 32 == 0 && kO % 32 == 0);
 };
@@ -79,8 +77,6 @@ __global__ void __launch_bounds__(kPrefillThreads)
   float* sS = reinterpret_cast<float*>(smem + L::kS);
   T* sP = reinterpret_cast<T*>(smem + L::kP);
   float* sO = reinterpret_cast<float*>(smem + L::kO);
-  float* sM = reinterpret_cast<float*>(smem + L::kM);
-  float* sL = reinterpret_cast<float*>(smem + L::kL);
 
   const int s = blockIdx.y;
   const int h = blockIdx.z;
@@ -108,11 +104,6 @@ __global__ void __launch_bounds__(kPrefillThreads)
     }
     *reinterpret_cast<uint4*>(sQ + r * L::kLdT + c * 8) = v;
   }
-  for (int i = lane; i < 16 * L::kLdO; i += 32) sO[warp * 16 * L::kLdO + i] = 0.0f;
-  if (lane < 16) {
-    sM[warp * 16 + lane] = -INFINITY;
-    sL[warp * 16 + lane] = 0.0f;
-  }
   __syncthreads();
 
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[HD / 16];
@@ -120,6 +111,13 @@ __global__ void __launch_bounds__(kPrefillThreads)
   for (int kk = 0; kk < HD / 16; ++kk) {
     wmma::load_matrix_sync(qf[kk], sQ + warp * 16 * L::kLdT + kk * 16, L::kLdT);
   }
+
+  // O strip [16, HD] of this warp, float32 accumulators in registers for the whole kernel.
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[HD / 16];
+#pragma unroll
+  for (int j = 0; j < HD / 16; ++j) wmma::fill_fragment(of[j], 0.0f);
+  float m_run = -INFINITY;  // running max (log2 domain) and sum of the lane's row
+  float l_run = 0.0f;
 
   // Softmax ownership: lane -> row (warp strip row lane / 2), half of the 64 key columns.
   const int row = warp * 16 + (lane >> 1);
@@ -157,59 +155,74 @@ __global__ void __launch_bounds__(kPrefillThreads)
     }
     __syncwarp();
 
-    // Online softmax on the lane's 32 scores (log2 domain: scores pre-multiplied by log2 e).
-    float* srow = sS + row * L::kLdS + half * 32;
+    // Online softmax on the lane's 32 scores in the log2 domain (scores x scale x log2 e). The
+    // row's running max and sum live in registers, identical in the row's two lanes.
+    const float* srow = sS + row * L::kLdS + half * 32;
+    const int key_lane0 = key0 + half * 32;
     float mx = -INFINITY;
 #pragma unroll 8
     for (int c = 0; c < 32; ++c) {
-      const int key = key0 + half * 32 + c;
-      const float v = key <= row_pos ? srow[c] * scale_log2 : -INFINITY;
-      srow[c] = v;
-      mx = fmaxf(mx, v);
+      if (key_lane0 + c <= row_pos) mx = fmaxf(mx, srow[c]);
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_old = sM[row];
-    const float m_new = fmaxf(m_old, mx);  // finite: key 0 is visible to every row in tile 0
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)) * scale_log2;  // scale > 0 keeps order
+    const float m_new = fmaxf(m_run, mx);  // finite: key 0 is visible to every row in tile 0
     T* prow = sP + row * L::kLdP + half * 32;
     float sum = 0.0f;
 #pragma unroll 8
     for (int c = 0; c < 32; ++c) {
-      const float pr = exp2f(srow[c] - m_new);
+      const float pr = key_lane0 + c <= row_pos ? exp2f(srow[c] * scale_log2 - m_new) : 0.0f;
       sum += pr;
       prow[c] = cuda::FromFloat<T>(pr);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    const float alpha = exp2f(m_old - m_new);  // 0 on the first tile (m_old = -inf)
-    __syncwarp();  // both lanes of a row have read sM[row] before it changes
-    if (half == 0) {
-      sM[row] = m_new;
-      sL[row] = sL[row] * alpha + sum;
-    }
-    float* orow = sO + row * L::kLdO + half * (HD / 2);
+    const float alpha =
+        exp2f(m_run - m_new);  // 0 on the first tile (m_run = -inf), 1 if no new max
+    m_run = m_new;
+    l_run = l_run * alpha + sum;
+    // The O strip stays in registers; only when some row of the strip raised its max does it go
+    // through shared memory to be rescaled row by row (the accumulator layout is opaque). Past the
+    // first tiles of a row that is rare, so most tiles touch no O in shared memory.
+    if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+#pragma unroll
+      for (int j = 0; j < HD / 16; ++j) {
+        wmma::store_matrix_sync(sO + warp * 16 * L::kLdO + j * 16, of[j], L::kLdO,
+                                wmma::mem_row_major);
+      }
+      __syncwarp();
+      float* orow = sO + row * L::kLdO + half * (HD / 2);
 #pragma unroll 8
-    for (int c = 0; c < HD / 2; ++c) orow[c] *= alpha;
-    __syncwarp();
+      for (int c = 0; c < HD / 2; ++c) orow[c] *= alpha;
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < HD / 16; ++j) {
+        wmma::load_matrix_sync(of[j], sO + warp * 16 * L::kLdO + j * 16, L::kLdO,
+                               wmma::mem_row_major);
+      }
+    }
+    __syncwarp();  // every lane's P is in shared memory before the warp reads the strip
 
     // O strip [16, HD] += P strip [16, 64] · V tile [64, HD].
 #pragma unroll
     for (int j = 0; j < HD / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, sO + warp * 16 * L::kLdO + j * 16, L::kLdO, wmma::mem_row_major);
 #pragma unroll
       for (int kk = 0; kk < kKTile / 16; ++kk) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
         wmma::load_matrix_sync(pf, sP + warp * 16 * L::kLdP + kk * 16, L::kLdP);
         wmma::load_matrix_sync(vf, sV + kk * 16 * L::kLdT + j * 16, L::kLdT);
-        wmma::mma_sync(acc, pf, vf, acc);
+        wmma::mma_sync(of[j], pf, vf, of[j]);
       }
-      wmma::store_matrix_sync(sO + warp * 16 * L::kLdO + j * 16, acc, L::kLdO, wmma::mem_row_major);
     }
-    __syncwarp();
+    __syncwarp();  // the strip's P is consumed before the next tile overwrites it
   }
 
+#pragma unroll
+  for (int j = 0; j < HD / 16; ++j) {
+    wmma::store_matrix_sync(sO + warp * 16 * L::kLdO + j * 16, of[j], L::kLdO, wmma::mem_row_major);
+  }
+  __syncwarp();
   if (row < rows) {
-    const float inv_l = 1.0f / sL[row];
+    const float inv_l = 1.0f / l_run;
     const float* orow = sO + row * L::kLdO + half * (HD / 2);
     T* dst = out + static_cast<size_t>(q_begin + tile0 + row) * num_heads * HD + h * HD +
              half * (HD / 2);
@@ -334,6 +347,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       sg[lane] = p0;
       sg[lane + 32] = p1;
       const float sum = cuda::WarpSum(p0 + p1);
+      __syncwarp();  // every lane has read sM[g] (racecheck flagged the read/write pair)
       if (lane == 0) {
         const float alpha = exp2f(m_old - m_new);
         sAlpha[g] = alpha;
@@ -421,7 +435,9 @@ int DecodeSplits(const PagedAttentionParams& p, const PagedAttentionCudaPlan& pl
     splits = plan.force_splits;
   } else {
     const int blocks = p.num_seqs * p.num_kv_heads;
-    const int target = 2 * std::max(plan.num_multiprocessors, 1);
+    // ~4 blocks per SM: a split walks its keys serially (load, scores, softmax, sum per 64-key
+    // tile), so more, shorter splits hide more latency; the merge costs one small launch.
+    const int target = 4 * std::max(plan.num_multiprocessors, 1);
     if (blocks < target) splits = std::min(kMaxSplits, cuda::CeilDiv(target, blocks));
   }
   splits = std::min(splits, cuda::CeilDiv(plan.max_context_len, kDecodeTile));

@@ -35,7 +35,7 @@ struct PagedAttentionCudaPlan {
   // Decode split-K partials, device float32; null or too small means fewer (or no) splits.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
-  int num_multiprocessors = 132;  // sizes the split count: aim for ~2 blocks per SM
+  int num_multiprocessors = 132;  // sizes the split count: aim for ~4 blocks per SM
   int force_splits = 0;           // > 0: use this many splits (tests), still capped by workspace
 };
 

@@ -238,10 +238,13 @@ TEST(CudaPagedAttention, DecodeFp16) {
 
 TEST(CudaPagedAttention, AutoSplitsUseTheWorkspaceForShortBatches) {
   PHI_REQUIRE_GPU();
-  // One sequence x 32 KV heads = 32 blocks < 2 x 132 SMs asks for ceil(264 / 32) = 9 splits;
-  // 4096 keys / 9 rounded up to whole 64-key tiles is 512 keys a split, hence 8 splits.
+  // One sequence x 32 KV heads = 32 blocks < 4 x 132 SMs asks for ceil(528 / 32) = 17 splits,
+  // capped at 16: 4096 keys / 16 = 256 keys (4 tiles) a split.
   RunCase({"split_auto", 32, 32, 80, {{1, 4096}}},
-          {.dtype = DataType::kBF16, .kernel = AttentionKernel::kAuto, .expect_splits = 8});
+          {.dtype = DataType::kBF16, .kernel = AttentionKernel::kAuto, .expect_splits = 16});
+  // 128 sequences x 8 KV heads = 1024 blocks already fill the GPU: no split.
+  RunCase({"split_many_seqs", 8, 8, 64, std::vector<Seq>(128, Seq{1, 100})},
+          {.dtype = DataType::kBF16, .kernel = AttentionKernel::kAuto, .expect_splits = 1});
 }
 
 // Small enough for compute-sanitizer (memcheck, racecheck): both kernels, GQA, a partial tile,

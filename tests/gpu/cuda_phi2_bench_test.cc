@@ -19,11 +19,14 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/paged_attention_cuda.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/kernels/kernel_test_util.h"
 
 namespace phishard {
 namespace {
@@ -277,6 +280,153 @@ TEST(CudaPhi2Bench, TimesStepsAndDecodeAgreesWithPrefill) {
   std::printf("\n%-34s %10s   %s\n", title.c_str(), "ms", "note");
   for (const Row& r : rows)
     std::printf("%-34s %10.3f   %s\n", r.what.c_str(), r.ms, r.note.c_str());
+}
+
+// The attention kernels alone at Phi-2 shape (32 heads x 80, bf16), timed with device events
+// over 10 launches after a warm-up: causal prefill of 4096 tokens (4 x 4096^2 / 2 x 80 x 32
+// FLOP = 86 GFLOP) and decode of one sequence at context 4096 (reads 42 MB of K/V; 10 us at
+// 4.3 TB/s). Random data (never zeros); outputs must be finite.
+TEST(CudaPhi2Bench, AttentionKernelTimes) {
+  PHI_REQUIRE_GPU();
+  if (std::getenv("PHISHARD_GPU_BENCH") == nullptr) GTEST_SKIP() << "set PHISHARD_GPU_BENCH=1";
+  const int nh = 32, hd = 80, bs = 16, ctx = 4096, blocks = ctx / bs;
+  const int q_stride = 3 * nh * hd;
+  std::vector<float> qf = testing_util::RandomVector(static_cast<size_t>(ctx) * q_stride, 1);
+  std::vector<float> kv = testing_util::RandomVector(static_cast<size_t>(blocks) * bs * nh * hd, 2);
+  gpu_test::DeviceBuffer q = gpu_test::DeviceBuffer::From(gpu_test::Encode(qf, DataType::kBF16));
+  gpu_test::DeviceBuffer k = gpu_test::DeviceBuffer::From(gpu_test::Encode(kv, DataType::kBF16));
+  gpu_test::DeviceBuffer v(k.bytes());
+  v.Upload(gpu_test::Encode(kv, DataType::kBF16).data(), k.bytes());
+  std::vector<int32_t> table(blocks);
+  std::iota(table.begin(), table.end(), 0);
+  gpu_test::DeviceBuffer d_table = gpu_test::DeviceBuffer::From(table);
+  gpu_test::DeviceBuffer out(static_cast<size_t>(ctx) * nh * hd * 2);
+  const size_t ws = PagedAttentionCudaWorkspaceBytes(1, nh, hd, 16);
+  gpu_test::DeviceBuffer d_ws(ws);
+  DeviceTimer* timer = nullptr;
+  ASSERT_EQ(DeviceTimerCreate(&timer), 0);
+  // Prefill once, then decode with the automatic split count and with 1, 4, 8, 16 splits.
+  for (int variant : {-1, 0, 1, 4, 8, 16}) {
+    const bool decode = variant >= 0;
+    const int q_len = decode ? 1 : ctx;
+    const std::vector<int32_t> cu = {0, q_len}, lens = {ctx};
+    gpu_test::DeviceBuffer d_cu = gpu_test::DeviceBuffer::From(cu);
+    gpu_test::DeviceBuffer d_lens = gpu_test::DeviceBuffer::From(lens);
+    out.Poison();
+    PagedAttentionParams p{.q = q.get(),
+                           .k_cache = k.get(),
+                           .v_cache = v.get(),
+                           .out = out.get(),
+                           .cu_q_lens = d_cu.as<int32_t>(),
+                           .context_lens = d_lens.as<int32_t>(),
+                           .block_tables = d_table.as<int32_t>(),
+                           .num_seqs = 1,
+                           .num_tokens = q_len,
+                           .max_blocks_per_seq = blocks,
+                           .num_blocks = blocks,
+                           .block_size = bs,
+                           .num_heads = nh,
+                           .num_kv_heads = nh,
+                           .head_dim = hd,
+                           .q_stride = q_stride,
+                           .scale = 1.0f / std::sqrt(80.0f),
+                           .dtype = DataType::kBF16};
+    PagedAttentionCudaPlan plan{.max_q_len = q_len,
+                                .max_context_len = ctx,
+                                .workspace = d_ws.get(),
+                                .workspace_bytes = ws,
+                                .num_multiprocessors = 132,
+                                .force_splits = decode ? variant : 0};
+    int splits = 0;
+    ASSERT_EQ(PagedAttentionCuda(p, plan, nullptr, &splits), KernelStatus::kOk);
+    ASSERT_EQ(DeviceTimerStart(timer, nullptr), 0);
+    for (int r = 0; r < 10; ++r) ASSERT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kOk);
+    ASSERT_EQ(DeviceTimerStop(timer, nullptr), 0);
+    float ms = 0;
+    ASSERT_EQ(DeviceTimerElapsedMs(timer, &ms), 0);
+    gpu_test::ExpectDeviceClean(nullptr);
+    const std::vector<float> o = gpu_test::Decode(out.DownloadBytes(), DataType::kBF16);
+    size_t nonfinite = 0;
+    for (size_t i = 0; i < static_cast<size_t>(q_len) * nh * hd; ++i) {
+      nonfinite += !std::isfinite(o[i]);
+    }
+    EXPECT_EQ(nonfinite, 0u);
+    const double per = ms / 10;
+    if (decode) {
+      std::printf(
+          "attention decode 1 x ctx 4096, 32 x 80 bf16, %s: %.4f ms (%d splits, %.0f GB/s)\n",
+          variant == 0 ? "auto" : "forced", per, splits,
+          2.0 * ctx * nh * hd * 2 / (per * 1e-3) / 1e9);
+    } else {
+      std::printf("attention prefill 4096 causal, 32 x 80 bf16: %.3f ms (%.0f TFLOP/s)\n", per,
+                  2.0 * ctx * static_cast<double>(ctx) * hd * nh / (per * 1e-3) / 1e12);
+    }
+  }
+  DeviceTimerDestroy(timer);
+}
+
+// One layer's GEMMs at Phi-2 shape through CudaGemm, bf16, device events over 20 launches after a
+// warm-up, for decode (m = 1, 64: weight-read bound, GB/s of weights) and prefill (m = 4096:
+// TFLOP/s). With the step times above this splits a decode step into GEMM time and the rest
+// (small kernels, launch gaps, host work).
+TEST(CudaPhi2Bench, LayerGemmTimes) {
+  PHI_REQUIRE_GPU();
+  if (std::getenv("PHISHARD_GPU_BENCH") == nullptr) GTEST_SKIP() << "set PHISHARD_GPU_BENCH=1";
+  std::unique_ptr<CudaGemm> gemm;
+  ASSERT_EQ(CudaGemm::Create(size_t{32} << 20, &gemm), KernelStatus::kOk);
+  struct Shape {
+    const char* name;
+    int n, k;
+    GemmEpilogue epi;
+    bool acc;
+  };
+  const Shape shapes[] = {{"qkv", 3 * kHidden, kHidden, GemmEpilogue::kNone, false},
+                          {"dense", kHidden, kHidden, GemmEpilogue::kNone, true},
+                          {"fc1+gelu", kInter, kHidden, GemmEpilogue::kGeluTanh, false},
+                          {"fc2", kHidden, kInter, GemmEpilogue::kNone, true}};
+  const int max_m = 4096;
+  std::vector<float> xf = testing_util::RandomVector(static_cast<size_t>(max_m) * kInter, 3);
+  std::vector<float> wf =
+      testing_util::RandomVector(static_cast<size_t>(kInter) * 3 * kHidden, 4, -0.05f, 0.05f);
+  std::vector<float> bf = testing_util::RandomVector(kInter, 5);
+  gpu_test::DeviceBuffer x = gpu_test::DeviceBuffer::From(gpu_test::Encode(xf, DataType::kBF16));
+  gpu_test::DeviceBuffer w = gpu_test::DeviceBuffer::From(gpu_test::Encode(wf, DataType::kBF16));
+  gpu_test::DeviceBuffer b = gpu_test::DeviceBuffer::From(gpu_test::Encode(bf, DataType::kBF16));
+  gpu_test::DeviceBuffer y(static_cast<size_t>(max_m) * kInter * 2);
+  y.Upload(gpu_test::Encode(xf, DataType::kBF16).data(), y.bytes());
+  DeviceTimer* timer = nullptr;
+  ASSERT_EQ(DeviceTimerCreate(&timer), 0);
+  for (int m : {1, 64, 4096}) {
+    double layer_us = 0;
+    for (const Shape& sh : shapes) {
+      GemmParams p{.x = x.get(),
+                   .w = w.get(),
+                   .bias = b.get(),
+                   .y = y.get(),
+                   .m = m,
+                   .n = sh.n,
+                   .k = sh.k,
+                   .accumulate = sh.acc,
+                   .epilogue = sh.epi,
+                   .dtype = DataType::kBF16};
+      ASSERT_EQ(gemm->Run(p, nullptr), KernelStatus::kOk) << gemm->last_error();
+      ASSERT_EQ(DeviceTimerStart(timer, nullptr), 0);
+      for (int r = 0; r < 20; ++r) ASSERT_EQ(gemm->Run(p, nullptr), KernelStatus::kOk);
+      ASSERT_EQ(DeviceTimerStop(timer, nullptr), 0);
+      float ms = 0;
+      ASSERT_EQ(DeviceTimerElapsedMs(timer, &ms), 0);
+      const double us = ms * 1e3 / 20;
+      layer_us += us;
+      const double bytes = 2.0 * sh.n * sh.k, flops = 2.0 * m * sh.n * sh.k;
+      std::printf("gemm m %4d %-9s n %5d k %5d: %8.1f us  %6.0f GB/s of weights  %6.1f TFLOP/s\n",
+                  m, sh.name, sh.n, sh.k, us, bytes / (us * 1e-6) / 1e9,
+                  flops / (us * 1e-6) / 1e12);
+    }
+    std::printf("gemm m %4d one layer: %.1f us, x 32 layers = %.3f ms\n", m, layer_us,
+                layer_us * 32 / 1e3);
+  }
+  gpu_test::ExpectDeviceClean(nullptr);
+  DeviceTimerDestroy(timer);
 }
 
 }  // namespace
