@@ -328,6 +328,9 @@ int RunCli(int argc, char** argv) {
     SetUpLogging(dl.logger_level, dl.json_output);
     return RunDownloadWeights(dl);
   }
+  // The tools print results on stdout, where common/logging also writes: keep it to errors (which
+  // the logger repeats on stderr) so `--json` output stays parseable.
+  if (*t || *g || *c) SetLogLevel(LogLevel::kError);
   if (*t) return RunTokenize(tok);
   if (*g) return RunGenerate(gen);
   if (*c) return RunClient(cl);

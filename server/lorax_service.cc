@@ -114,7 +114,7 @@ bool SerialExecutor::idle() const {
 bool SerialExecutor::WaitIdle(double timeout_s) {
   std::unique_lock<std::mutex> lock(mu_);
   return cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
-                      [this] { return !running_ && queue_.empty(); });
+                      [this] { return !running_ && !finishing_ && queue_.empty(); });
 }
 
 void SerialExecutor::Loop() {
@@ -137,11 +137,16 @@ void SerialExecutor::Loop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       running_ = false;
+      finishing_ = true;
     }
-    cv_.notify_all();  // WaitIdle() waiters; the loop re-checks its own predicate
     // After `running_` is cleared: a client that reacts to this answer at once (e.g. Health right
     // after Prefill returned) already finds the executor idle.
     if (task.then) task.then();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finishing_ = false;
+    }
+    cv_.notify_all();  // WaitIdle() waiters; the loop re-checks its own predicate
   }
 }
 

@@ -55,7 +55,7 @@ class SerialExecutor {
   // Runs everything already queued, then ends the thread. Idempotent.
   void Stop();
   bool idle() const;
-  // Waits until nothing runs or waits (true), or `timeout_s` passed (false).
+  // Waits until nothing runs or waits, `then` included (true), or `timeout_s` passed (false).
   bool WaitIdle(double timeout_s);
 
  private:
@@ -68,7 +68,8 @@ class SerialExecutor {
     std::function<void()> then;
   };
   std::deque<Task> queue_;
-  bool running_ = false;
+  bool running_ = false;    // a task's work is running
+  bool finishing_ = false;  // a task's `then` is running (idle for SubmitIfIdle, not WaitIdle)
   bool stopping_ = false;
   std::thread thread_;
 };

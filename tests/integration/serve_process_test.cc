@@ -1,0 +1,359 @@
+// The `phishard serve` process as the LoRAX launcher sees it: socket readiness and permissions,
+// signals, the launcher's command lines, refusals before binding, download-weights exit codes,
+// TCP, big requests, Health/Info during a long prefill, and the local tool subcommands.
+#include <sys/stat.h>
+
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "server/client.h"
+#include "tests/integration/shard_process.h"
+
+namespace phishard {
+namespace {
+
+namespace pb = ::generate::v1;
+namespace fs = std::filesystem;
+using integration::BinaryPath;
+using integration::DemoModel;
+using integration::DemoShard;
+using integration::IsSocket;
+using integration::ShardProcess;
+using integration::TempDir;
+using Clock = std::chrono::steady_clock;
+
+// Unset in every child: the tests must not depend on the caller's launcher environment.
+const std::map<std::string, std::string> kCleanEnv = {{"RANK", ""},
+                                                      {"WORLD_SIZE", ""},
+                                                      {"MASTER_ADDR", ""},
+                                                      {"MASTER_PORT", ""},
+                                                      {"PREFIX_CACHING", ""},
+                                                      {"CHUNKED_PREFILL", ""},
+                                                      {"CUDA_MEMORY_FRACTION", ""},
+                                                      {"PHISHARD_LISTEN_TCP", ""},
+                                                      {"PHISHARD_MODEL", ""},
+                                                      {"PHISHARD_UDS_PATH", ""}};
+
+std::map<std::string, std::string> Env(std::map<std::string, std::string> extra) {
+  std::map<std::string, std::string> env = kCleanEnv;
+  for (auto& [k, v] : extra) env[k] = v;
+  return env;
+}
+
+// Small warmup (one forward) so the KV pool exists; the values only size the warmup batch.
+void Warm(ShardClient& c) {
+  absl::StatusOr<pb::WarmupResponse> w = c.Warmup(RouterWarmupRequest(64, 100, 65));
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_TRUE(w->has_max_supported_total_tokens());
+}
+
+// `n` requests of 1000 prompt ids each (~2 s of CPU prefill apiece on the demo model).
+pb::PrefillRequest LongPrefill(uint64_t batch_id, int n) {
+  pb::PrefillRequest p;
+  p.mutable_batch()->set_id(batch_id);
+  for (int i = 0; i < n; ++i) {
+    std::vector<uint32_t> ids;
+    for (int k = 0; k < 1000; ++k) ids.push_back(static_cast<uint32_t>(100 + (k * 7 + i) % 3000));
+    *p.mutable_batch()->add_requests() = RouterRequest(i, "x", ids, 1000, 2);
+  }
+  return p;
+}
+
+TEST(ServeProcess, SocketAppearsOnlyOnceServingWithMode0660) {
+  TempDir dir;
+  const std::string uds = dir / "s";
+  ShardProcess p(BinaryPath(), {"serve", DemoModel(), "--uds-path", uds}, dir.path(), kCleanEnv);
+  ASSERT_TRUE(p.WaitForSocket(uds + "-0")) << p.Logs();
+  // The router dials once, without retries, the moment the file exists (spec §1.6): the very
+  // first call must succeed.
+  auto channel = grpc::CreateChannel("unix:" + uds + "-0", grpc::InsecureChannelCredentials());
+  auto stub = pb::LoraxService::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_wait_for_ready(false);
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  pb::InfoResponse info;
+  const grpc::Status st = stub->Info(&ctx, pb::InfoRequest(), &info);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+
+  struct stat s {};
+  ASSERT_EQ(::stat((uds + "-0").c_str(), &s), 0);
+  EXPECT_EQ(s.st_mode & 0777, 0660u);
+  for (const auto& e : fs::directory_iterator(dir.path())) {
+    EXPECT_EQ(e.path().filename().string().rfind(".s-0", 0), std::string::npos)
+        << "temporary socket left behind: " << e.path();
+  }
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.Wait(30), 0) << p.Logs();
+}
+
+TEST(ServeProcess, SigtermAndSigintExitZeroAndRemoveTheSocket) {
+  for (int sig : {SIGTERM, SIGINT}) {
+    TempDir dir;
+    DemoShard shard(dir, {}, kCleanEnv);
+    ASSERT_TRUE(shard.ready) << shard.process->Logs();
+    shard.process->Signal(sig);
+    EXPECT_EQ(shard.process->Wait(30), 0) << shard.process->Logs();
+    EXPECT_FALSE(fs::exists(shard.socket)) << "socket left behind after signal " << sig;
+  }
+}
+
+TEST(ServeProcess, StaleSocketFileIsReplaced) {
+  TempDir dir;
+  {
+    std::ofstream stale(dir / "s-0");
+    stale << "not a socket";
+  }
+  DemoShard shard(dir, {}, kCleanEnv);
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  EXPECT_TRUE(ShardClient::Connect("unix:" + shard.socket, 10)->Health().ok());
+}
+
+TEST(ServeProcess, HealthAndInfoAnswerWhileALongPrefillRuns) {
+  TempDir dir;
+  DemoShard shard(dir, {}, kCleanEnv);
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  auto client = ShardClient::Connect("unix:" + shard.socket, 120);
+  Warm(*client);
+  auto prefill = std::async(std::launch::async, [&] { return client->Prefill(LongPrefill(1, 2)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the prefill is now running
+  auto other = ShardClient::Connect("unix:" + shard.socket, 120);
+  const auto t0 = Clock::now();
+  const absl::Status health = other->Health();
+  absl::StatusOr<pb::InfoResponse> info = other->Info();
+  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const bool prefill_still_running =
+      prefill.wait_for(std::chrono::milliseconds(0)) == std::future_status::timeout;
+  EXPECT_TRUE(health.ok()) << health;
+  EXPECT_TRUE(info.ok()) << info.status();
+  EXPECT_LT(s, 0.5) << "Health/Info waited behind the prefill";
+  EXPECT_TRUE(prefill_still_running) << "prefill too short to show anything; make it longer";
+  absl::StatusOr<pb::PrefillResponse> r = prefill.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->generations_size(), 2);
+}
+
+TEST(ServeProcess, SigtermLetsTheRpcInFlightFinish) {
+  TempDir dir;
+  DemoShard shard(dir, {}, kCleanEnv);
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  auto client = ShardClient::Connect("unix:" + shard.socket, 120);
+  Warm(*client);
+  auto prefill = std::async(std::launch::async, [&] { return client->Prefill(LongPrefill(1, 1)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  shard.process->Signal(SIGTERM);
+  absl::StatusOr<pb::PrefillResponse> r = prefill.get();
+  EXPECT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(shard.process->Wait(60), 0) << shard.process->Logs();
+  EXPECT_FALSE(fs::exists(shard.socket));
+}
+
+TEST(ServeProcess, AcceptsAFiveMebibytePrefillRequest) {
+  TempDir dir;
+  DemoShard shard(dir, {}, kCleanEnv);
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  auto client = ShardClient::Connect("unix:" + shard.socket, 120);
+  Warm(*client);
+  // 2.7 M token ids (2 varint bytes each) truncated to the last 8: gRPC's 4 MiB default
+  // receive limit would reject this before the handler ever ran.
+  std::vector<uint32_t> ids(2'700'000);
+  for (size_t k = 0; k < ids.size(); ++k) ids[k] = 200 + k % 3000;
+  pb::PrefillRequest p;
+  p.mutable_batch()->set_id(3);
+  *p.mutable_batch()->add_requests() = RouterRequest(1, "x", ids, 8, 1);
+  ASSERT_GT(p.ByteSizeLong(), 5u << 20);
+  absl::StatusOr<pb::PrefillResponse> r = client->Prefill(p);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->generations_size(), 1);
+  EXPECT_EQ(r->generations(0).prefill_tokens_length(), 8u);
+}
+
+TEST(ServeProcess, LauncherCommandLineStartsWithJsonLogs) {
+  TempDir dir;
+  const std::string uds = dir / "x";
+  // Exactly what the LoRAX launcher runs (spec §10), through the lorax-server name.
+  ShardProcess p(BinaryPath("lorax-server"),
+                 {"serve", DemoModel(), "--uds-path", uds, "--logger-level", "INFO",
+                  "--json-output", "--source", "hub", "--adapter-source", "hub", "--compile",
+                  "--no-trust-remote-code", "--otlp-endpoint", "http://localhost:4317"},
+                 dir.path(), kCleanEnv);
+  ASSERT_TRUE(p.WaitForSocket(uds + "-0")) << p.Logs();
+  EXPECT_TRUE(ShardClient::Connect("unix:" + uds + "-0", 10)->Health().ok());
+  p.Signal(SIGTERM);
+  ASSERT_EQ(p.Wait(30), 0) << p.Logs();
+  const std::string out = p.out();
+  std::istringstream lines(out);
+  std::string line;
+  int n = 0;
+  const std::set<std::string> levels = {"TRACE",   "DEBUG", "INFO",    "SUCCESS",
+                                        "WARNING", "ERROR", "CRITICAL"};
+  while (std::getline(lines, line)) {
+    ++n;
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    ASSERT_FALSE(j.is_discarded()) << "not JSON: " << line;
+    ASSERT_TRUE(j.contains("text") && j["text"].is_string()) << line;
+    ASSERT_TRUE(levels.count(j["record"]["level"]["name"].get<std::string>())) << line;
+  }
+  EXPECT_GE(n, 3) << out;
+  EXPECT_NE(out.find("Server started at unix://" + uds + "-0"), std::string::npos) << out;
+}
+
+struct Refusal {
+  std::vector<std::string> extra_args;
+  std::map<std::string, std::string> env;
+  std::string stderr_contains;
+};
+
+TEST(ServeProcess, RefusesWhatItCannotHonourBeforeBinding) {
+  const std::vector<Refusal> cases = {
+      {{"--sharded"}, {}, "--sharded requires the environment variables RANK, WORLD_SIZE"},
+      {{"--sharded"},
+       {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "localhost"}, {"MASTER_PORT", "29500"}},
+       "tensor parallelism is not implemented yet"},
+      {{}, {{"WORLD_SIZE", "2"}}, "tensor parallelism is not implemented yet"},
+      {{}, {{"PREFIX_CACHING", "1"}}, "PREFIX_CACHING=1"},
+      {{}, {{"CHUNKED_PREFILL", "1"}}, "CHUNKED_PREFILL=1"},
+      {{"--speculative-tokens", "2"}, {}, "speculative decoding is not supported"},
+      {{"--quantize", "gptq"}, {}, "--quantize gptq"},
+      {{"--adapter-id", "some/adapter"}, {}, "adapters are not supported yet"},
+      {{"--preloaded-adapter-ids", "a"}, {}, "adapters are not supported yet"},
+      {{"--source", "s3"}, {}, "--source s3"},
+      {{}, {{"CUDA_MEMORY_FRACTION", "lots"}}, "CUDA_MEMORY_FRACTION"},
+      {{"--logger-level", "LOUD"}, {}, "--logger-level"},
+      {{"--no-such-flag"}, {}, "no-such-flag"},
+      {{"--listen-tcp", "not-an-address"}, {}, "--listen-tcp"},
+  };
+  for (const Refusal& c : cases) {
+    TempDir dir;
+    std::vector<std::string> args = {"serve", DemoModel(), "--uds-path", dir / "s"};
+    args.insert(args.end(), c.extra_args.begin(), c.extra_args.end());
+    ShardProcess p(BinaryPath("lorax-server"), args, dir.path(), Env(c.env));
+    const int code = p.Wait(60);
+    SCOPED_TRACE(c.stderr_contains);
+    EXPECT_NE(code, 0) << p.Logs();
+    EXPECT_NE(code, -1) << "still running";
+    EXPECT_NE(p.err().find(c.stderr_contains), std::string::npos) << p.Logs();
+    EXPECT_FALSE(fs::exists(dir / "s-0")) << "a refused shard must not create its socket";
+  }
+  // A model that does not exist locally.
+  TempDir dir;
+  ShardProcess p(BinaryPath(), {"serve", "no-org/no-such-model", "--uds-path", dir / "s"},
+                 dir.path(), Env({{"HUGGINGFACE_HUB_CACHE", dir / "hub"}}));
+  EXPECT_NE(p.Wait(60), 0);
+  EXPECT_NE(p.err().find("no-org/no-such-model"), std::string::npos) << p.Logs();
+  EXPECT_FALSE(fs::exists(dir / "s-0"));
+}
+
+TEST(ServeProcess, DownloadWeightsExitCodes) {
+  TempDir dir;
+  const std::vector<std::string> launcher = {"--extension", ".safetensors",     "--logger-level",
+                                             "INFO",        "--json-output",    "--source",
+                                             "hub",         "--adapter-source", "hub"};
+  auto run = [&](const std::string& model, std::map<std::string, std::string> env = {}) {
+    std::vector<std::string> args = {"download-weights", model};
+    args.insert(args.end(), launcher.begin(), launcher.end());
+    auto p = std::make_unique<ShardProcess>(BinaryPath("lorax-server"), args, dir.path(),
+                                            Env(std::move(env)));
+    p->Wait(60);
+    return p;
+  };
+  // A local directory with weights.
+  auto ok = run(DemoModel());
+  EXPECT_EQ(ok->Wait(), 0) << ok->Logs();
+  EXPECT_NE(ok->out().find("Files are already present on the host. Skipping download."),
+            std::string::npos)
+      << ok->Logs();
+  // Nowhere to be found (no network access): non-zero with the reason on stderr.
+  auto missing = run("no-org/no-model", {{"HUGGINGFACE_HUB_CACHE", dir / "hub"}});
+  EXPECT_NE(missing->Wait(), 0);
+  EXPECT_NE(missing->err().find("no-org/no-model"), std::string::npos) << missing->Logs();
+  // A directory without weight files.
+  fs::create_directories(dir / "empty");
+  auto empty = run(dir / "empty");
+  EXPECT_NE(empty->Wait(), 0);
+  EXPECT_NE(empty->err().find("safetensors"), std::string::npos) << empty->Logs();
+  // The Hugging Face cache layout: models--ORG--NAME/snapshots/REV via refs/main.
+  const fs::path repo = fs::path(dir / "hub") / "models--acme--tiny";
+  fs::create_directories(repo / "snapshots" / "abc123");
+  fs::create_directories(repo / "refs");
+  std::ofstream(repo / "refs" / "main") << "abc123";
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"}) {
+    fs::create_symlink(fs::path(DemoModel()) / f, repo / "snapshots" / "abc123" / f);
+  }
+  auto cached = run("acme/tiny", {{"HUGGINGFACE_HUB_CACHE", dir / "hub"}});
+  EXPECT_EQ(cached->Wait(), 0) << cached->Logs();
+}
+
+TEST(ServeProcess, ListensOnTcpWhenAsked) {
+  TempDir dir;
+  DemoShard shard(dir, {"--listen-tcp", "0"}, kCleanEnv);  // port 0: any free port
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  std::smatch m;
+  const std::string out = shard.process->out();
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("and 127\\.0\\.0\\.1:([0-9]+)"))) << out;
+  auto tcp = ShardClient::Connect("127.0.0.1:" + m[1].str(), 10);
+  absl::StatusOr<pb::InfoResponse> info = tcp->Info();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->block_size(), 16u);
+}
+
+TEST(ServeProcess, ToolSubcommandsMatchTheGolden) {
+  TempDir dir;
+  nlohmann::json golden = nlohmann::json::parse(integration::ReadFile(
+      std::string(PHISHARD_TESTDATA) + "/../tests/golden/tiny-phi-code.json"));
+  const auto& c = golden["cases"][0];
+  const std::string prompt = c["prompt"];
+
+  ShardProcess tok(BinaryPath(), {"tokenize", "--model", DemoModel(), "--text", prompt}, dir.path(),
+                   kCleanEnv);
+  ASSERT_EQ(tok.Wait(60), 0) << tok.Logs();
+  EXPECT_EQ(nlohmann::json::parse(tok.out())["ids"], c["prompt_ids"]);
+
+  ShardProcess gen(
+      BinaryPath(),
+      {"generate", "--model", DemoModel(), "--prompt", prompt, "--max-new-tokens",
+       std::to_string(c["greedy_ids"].size()), "--ignore-eos", "--json", "--device", "cpu"},
+      dir.path(), kCleanEnv);
+  ASSERT_EQ(gen.Wait(120), 0) << gen.Logs();
+  nlohmann::json g = nlohmann::json::parse(gen.out());
+  EXPECT_EQ(g["ids"], c["greedy_ids"]);
+  EXPECT_EQ(g["text"], c["greedy_text"]);
+  EXPECT_NE(gen.err().find("tokens/s"), std::string::npos);
+
+  DemoShard shard(dir, {}, kCleanEnv);
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  ShardProcess client(
+      BinaryPath(),
+      {"client", "generate", "--uds-path", shard.uds, "--prompt", prompt, "--max-new-tokens",
+       std::to_string(c["greedy_ids"].size()), "--max-input-length", "128", "--json"},
+      dir.path(), kCleanEnv);
+  ASSERT_EQ(client.Wait(120), 0) << client.Logs() << shard.process->Logs();
+  nlohmann::json cj = nlohmann::json::parse(client.out());
+  // The client stops at EOS like the router; the first golden case has none in 16 tokens.
+  EXPECT_EQ(cj["ids"], c["greedy_ids"]);
+  EXPECT_EQ(cj["text"], c["greedy_text"]);
+  EXPECT_EQ(cj["finish_reason"], "FINISH_REASON_LENGTH");
+
+  for (const char* sub : {"serve", "download-weights", "tokenize", "generate", "client"}) {
+    ShardProcess help(BinaryPath(), {sub, "--help"}, dir.path(), kCleanEnv);
+    EXPECT_EQ(help.Wait(30), 0) << sub;
+    EXPECT_NE(help.out().find("Usage"), std::string::npos) << sub << help.Logs();
+  }
+  ShardProcess bare(BinaryPath(), {}, dir.path(), kCleanEnv);
+  EXPECT_EQ(bare.Wait(30), 0);
+  EXPECT_NE(bare.out().find("serve"), std::string::npos) << bare.Logs();
+}
+
+}  // namespace
+}  // namespace phishard
