@@ -224,7 +224,7 @@ void LoraxService::CheckHealth(std::function<void(absl::Status)> done) {
       [this, result] {
         absl::Status st = PingNoThrow(model_);
         if (!st.ok()) {
-          health_.SetNotServing(absl::StrCat("device Ping failed: ", st.message()));
+          MarkDeviceLost(absl::StrCat("device Ping failed: ", st.message()));
           *result = absl::InternalError(absl::StrCat("device Ping failed: ", st.message()));
         }
       },
@@ -234,18 +234,27 @@ void LoraxService::CheckHealth(std::function<void(absl::Status)> done) {
 }
 
 void LoraxService::CheckDeviceAfterFailure(const char* method, const absl::Status& status) {
-  if (!MayBeDeviceFault(status) || !health_.serving()) return;
+  if (!MayBeDeviceFault(status) || !RequireDevice().ok()) return;
   const absl::Status ping = PingNoThrow(model_);
   if (ping.ok()) return;
-  const std::string reason = absl::StrFormat("%s failed (%s) and the device no longer answers (%s)",
-                                             method, status.ToString(), ping.ToString());
+  MarkDeviceLost(absl::StrFormat("%s failed (%s) and the device no longer answers (%s)", method,
+                                 status.ToString(), ping.ToString()));
+}
+
+void LoraxService::MarkDeviceLost(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(device_mu_);
+    if (!device_error_.empty()) return;
+    device_error_ = reason;
+  }
   PHI_LOG(CRITICAL) << reason;
   health_.SetNotServing(reason);
 }
 
 absl::Status LoraxService::RequireDevice() const {
-  if (health_.serving()) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("shard is not serving: ", health_.reason()));
+  std::lock_guard<std::mutex> lock(device_mu_);
+  if (device_error_.empty()) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("shard is not serving: ", device_error_));
 }
 
 template <class Req, class Resp, class Fn>

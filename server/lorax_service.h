@@ -165,12 +165,16 @@ class LoraxService final : public internal::RawLoraxService {
   void CheckDeviceAfterFailure(const char* method, const absl::Status& status);
   // INTERNAL once the device is considered lost; device steps fail fast with it.
   absl::Status RequireDevice() const;
+  // Records the first device fault and turns health NOT_SERVING for good.
+  void MarkDeviceLost(const std::string& reason);
 
   BatchEngine* engine_;
   ModelBackend* model_;
   LoraxServiceOptions options_;
   ::generate::v1::InfoResponse info_;
-  ShardHealth health_;
+  ShardHealth health_;  // NOT_SERVING after a device fault or once shutting down
+  mutable std::mutex device_mu_;
+  std::string device_error_;  // "" while the device answers
   std::atomic<bool> shutting_down_{false};
   SerialExecutor executor_;
 };

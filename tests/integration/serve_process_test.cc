@@ -59,7 +59,8 @@ void Warm(ShardClient& c) {
   ASSERT_TRUE(w->has_max_supported_total_tokens());
 }
 
-// `n` requests of 1000 prompt ids each (~2 s of CPU prefill apiece on the demo model).
+// `n` requests of 1000 prompt ids each (0.2-2 s of CPU prefill apiece on the demo model, with
+// attention being the O(P^2) part).
 pb::PrefillRequest LongPrefill(uint64_t batch_id, int n) {
   pb::PrefillRequest p;
   p.mutable_batch()->set_id(batch_id);
@@ -126,8 +127,8 @@ TEST(ServeProcess, HealthAndInfoAnswerWhileALongPrefillRuns) {
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   auto client = ShardClient::Connect("unix:" + shard.socket, 120);
   Warm(*client);
-  auto prefill = std::async(std::launch::async, [&] { return client->Prefill(LongPrefill(1, 2)); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the prefill is now running
+  auto prefill = std::async(std::launch::async, [&] { return client->Prefill(LongPrefill(1, 4)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the prefill is now running
   auto other = ShardClient::Connect("unix:" + shard.socket, 120);
   const auto t0 = Clock::now();
   const absl::Status health = other->Health();
@@ -141,7 +142,7 @@ TEST(ServeProcess, HealthAndInfoAnswerWhileALongPrefillRuns) {
   EXPECT_TRUE(prefill_still_running) << "prefill too short to show anything; make it longer";
   absl::StatusOr<pb::PrefillResponse> r = prefill.get();
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(r->generations_size(), 2);
+  EXPECT_EQ(r->generations_size(), 4);
 }
 
 TEST(ServeProcess, SigtermLetsTheRpcInFlightFinish) {
@@ -150,9 +151,11 @@ TEST(ServeProcess, SigtermLetsTheRpcInFlightFinish) {
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   auto client = ShardClient::Connect("unix:" + shard.socket, 120);
   Warm(*client);
-  auto prefill = std::async(std::launch::async, [&] { return client->Prefill(LongPrefill(1, 1)); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto prefill = std::async(std::launch::async, [&] { return client->Prefill(LongPrefill(1, 4)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
   shard.process->Signal(SIGTERM);
+  EXPECT_EQ(prefill.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout)
+      << "prefill finished before the signal; make it longer";
   absl::StatusOr<pb::PrefillResponse> r = prefill.get();
   EXPECT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(shard.process->Wait(60), 0) << shard.process->Logs();

@@ -320,7 +320,9 @@ TEST_F(InProcessShard, ShutdownFinishesTheStepInFlightAndRefusesNewWork) {
   auto prefill =
       std::async(std::launch::async, [&] { return client_->Prefill(SmallPrefill(9, 1, 4)); });
   ASSERT_TRUE(model_.WaitForEntries(entries + 1));
-  // Queued behind the held step: admitted before shutdown, so it must complete too.
+  // Queued behind the held step: admitted before shutdown, so they must complete too.
+  auto queued_prefill =
+      std::async(std::launch::async, [&] { return client_->Prefill(SmallPrefill(10, 2, 4)); });
   auto queued = std::async(std::launch::async, [&] { return client_->ClearCache(std::nullopt); });
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
 
@@ -337,6 +339,8 @@ TEST_F(InProcessShard, ShutdownFinishesTheStepInFlightAndRefusesNewWork) {
   model_.Open();
   absl::StatusOr<pb::PrefillResponse> r = prefill.get();
   EXPECT_TRUE(r.ok()) << r.status();
+  absl::StatusOr<pb::PrefillResponse> q = queued_prefill.get();
+  EXPECT_TRUE(q.ok()) << q.status();
   EXPECT_TRUE(queued.get().ok());
   ASSERT_EQ(shutdown.wait_for(std::chrono::seconds(10)), std::future_status::ready);
   EXPECT_FALSE(std::filesystem::exists(server_->socket_path()));
