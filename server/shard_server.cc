@@ -155,9 +155,14 @@ class ShardServer::HealthServiceImpl final : public hv1::Health::CallbackService
     });
   }
 
+  void Unsubscribe() {
+    if (subscription_ >= 0) lorax_->health().Unsubscribe(subscription_);
+    subscription_ = -1;
+  }
+
   // Ends every Watch stream (the server's Shutdown waits for open streams).
   void EndAll() {
-    lorax_->health().Unsubscribe(subscription_);
+    Unsubscribe();
     std::lock_guard<std::mutex> lock(mu_);
     ended_ = true;
     for (WatchReactor* w : watchers_) w->End(grpc::Status::OK);
@@ -296,7 +301,10 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(const ShardServe
   return s;
 }
 
-ShardServer::~ShardServer() { Shutdown(); }
+ShardServer::~ShardServer() {
+  Shutdown();
+  if (health_service_) health_service_->Unsubscribe();  // also when Start() failed half-way
+}
 
 void ShardServer::Shutdown() {
   if (shut_down_ || server_ == nullptr) return;

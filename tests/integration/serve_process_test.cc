@@ -75,7 +75,8 @@ pb::PrefillRequest LongPrefill(uint64_t batch_id, int n) {
 TEST(ServeProcess, SocketAppearsOnlyOnceServingWithMode0660) {
   TempDir dir;
   const std::string uds = dir / "s";
-  ShardProcess p(BinaryPath(), {"serve", DemoModel(), "--uds-path", uds}, dir.path(), kCleanEnv);
+  ShardProcess p(BinaryPath(), {"serve", DemoModel(), "--uds-path", uds, "--device", "cpu"},
+                 dir.path(), kCleanEnv);
   ASSERT_TRUE(p.WaitForSocket(uds + "-0")) << p.Logs();
   // The router dials once, without retries, the moment the file exists (spec §1.6): the very
   // first call must succeed.

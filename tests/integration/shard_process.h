@@ -164,12 +164,13 @@ class ShardProcess {
   std::string stdout_path_, stderr_path_;
 };
 
-// `phishard serve` of the demo model on `{dir}/s-0`, started and ready.
+// `phishard serve` of the demo model on `{dir}/s-0` (CPU), started; `ready` once the socket is up.
 struct DemoShard {
   explicit DemoShard(const TempDir& dir, std::vector<std::string> extra = {},
                      const std::map<std::string, std::string>& env = {})
       : uds(dir / "s"), socket(uds + "-0") {
-    std::vector<std::string> args = {"serve", DemoModel(), "--uds-path", uds};
+    // CPU float32 everywhere: the golden comparisons assume it, also on a machine with a GPU.
+    std::vector<std::string> args = {"serve", DemoModel(), "--uds-path", uds, "--device", "cpu"};
     args.insert(args.end(), extra.begin(), extra.end());
     process = std::make_unique<ShardProcess>(BinaryPath(), args, dir.path(), env);
     ready = process->WaitForSocket(socket);
