@@ -176,7 +176,9 @@ TEST_F(RouterFlow, GreedyOutputsEqualTheHuggingFaceGolden) {
       // Incremental texts (special tokens included, no clean-up) concatenate to the HF decode.
       EXPECT_EQ(joined, g.greedy_text);
       ASSERT_TRUE(o.generated_text.has_value());
-      if (!any_special) EXPECT_EQ(o.generated_text->text(), g.greedy_text);
+      if (!any_special) {
+        EXPECT_EQ(o.generated_text->text(), g.greedy_text);
+      }
       EXPECT_EQ(o.generated_text->finish_reason(), pb::FINISH_REASON_LENGTH);
       EXPECT_EQ(o.generated_text->generated_tokens(), g.greedy_ids.size());
       EXPECT_FALSE(o.generated_text->has_seed());  // greedy
