@@ -1,15 +1,12 @@
-#include <mma.h>
-
 #include <algorithm>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_cuda.h"
+#include "kernels/cuda/paged_attention_prefill.cuh"
 
 namespace phishard {
 namespace {
-
-namespace wmma = nvcuda::wmma;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxSplits = 16;
@@ -32,202 +29,6 @@ __device__ __forceinline__ void LoadKv16(const T* __restrict__ k_cache,
       col;
   *kv = *reinterpret_cast<const uint4*>(k_cache + off);
   *vv = *reinterpret_cast<const uint4*>(v_cache + off);
-}
-
-// ------------------------------------------------------------------------------------------------
-// Prefill: one block of 4 warps per (64-query tile, sequence, query head). Warp w owns query rows
-// [16w, 16w + 16) of the tile for the whole kernel (its S strip, softmax state and O strip), so
-// only the shared K/V tile needs block-wide barriers.
-constexpr int kQTile = 64;
-constexpr int kKTile = 64;
-constexpr int kPrefillThreads = 128;
-
-template <int HD>
-struct PrefillSmem {
-  static constexpr int kLdT = HD + 8;      // Q, K, V tiles (elements); +8 keeps WMMA alignment
-  static constexpr int kLdS = kKTile + 4;  // float scores
-  static constexpr int kLdP = kKTile + 8;  // probabilities (storage type)
-  static constexpr int kLdO = HD + 4;      // float output accumulators
-  static constexpr size_t kQ = 0;
-  static constexpr size_t kK = kQ + size_t{kQTile} * kLdT * 2;
-  static constexpr size_t kV = kK + size_t{kKTile} * kLdT * 2;
-  static constexpr size_t kS = kV + size_t{kKTile} * kLdT * 2;
-  static constexpr size_t kP = kS + size_t{kQTile} * kLdS * 4;
-  static constexpr size_t kO = kP + size_t{kQTile} * kLdP * 2;
-  static constexpr size_t kBytes = kO + size_t{kQTile} * kLdO * 4;
-  // WMMA pointers must be 32-byte aligned: every region and every 16-row strip is.
-  static_assert(kK % 32 == 0 && kS % 32 == 0 && kP % 32 == 0 && kO % 32 == 0);
-};
-
-template <typename T, int HD>
-__global__ void __launch_bounds__(kPrefillThreads)
-    PrefillAttentionKernel(const T* __restrict__ q, const T* __restrict__ k_cache,
-                           const T* __restrict__ v_cache, T* __restrict__ out,
-                           const int32_t* __restrict__ cu_q_lens,
-                           const int32_t* __restrict__ context_lens,
-                           const int32_t* __restrict__ block_tables, int max_blocks_per_seq,
-                           int num_blocks, int block_size, int num_heads, int num_kv_heads,
-                           int q_stride, float scale_log2) {
-  using L = PrefillSmem<HD>;
-  constexpr int kChunks = HD / 8;  // 16-byte chunks per row
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem + L::kQ);
-  T* sK = reinterpret_cast<T*>(smem + L::kK);
-  T* sV = reinterpret_cast<T*>(smem + L::kV);
-  float* sS = reinterpret_cast<float*>(smem + L::kS);
-  T* sP = reinterpret_cast<T*>(smem + L::kP);
-  float* sO = reinterpret_cast<float*>(smem + L::kO);
-
-  const int s = blockIdx.y;
-  const int h = blockIdx.z;
-  const int q_begin = cu_q_lens[s];
-  const int q_len = cu_q_lens[s + 1] - q_begin;
-  const int tile0 = blockIdx.x * kQTile;
-  if (tile0 >= q_len) return;
-  const int ctx = context_lens[s];
-  const int rows = min(kQTile, q_len - tile0);
-  const int pos0 = ctx - q_len + tile0;  // position of the tile's first query row
-  const int n_keys = pos0 + rows;        // keys [0, n_keys) are visible to some row
-  const int kvh = h / (num_heads / num_kv_heads);
-  const int32_t* table = block_tables + static_cast<size_t>(s) * max_blocks_per_seq;
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-
-  for (int i = tid; i < kQTile * kChunks; i += kPrefillThreads) {
-    const int r = i / kChunks;
-    const int c = i - r * kChunks;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < rows) {
-      v = *reinterpret_cast<const uint4*>(q + static_cast<size_t>(q_begin + tile0 + r) * q_stride +
-                                          h * HD + c * 8);
-    }
-    *reinterpret_cast<uint4*>(sQ + r * L::kLdT + c * 8) = v;
-  }
-  __syncthreads();
-
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[HD / 16];
-#pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk) {
-    wmma::load_matrix_sync(qf[kk], sQ + warp * 16 * L::kLdT + kk * 16, L::kLdT);
-  }
-
-  // O strip [16, HD] of this warp, float32 accumulators in registers for the whole kernel.
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[HD / 16];
-#pragma unroll
-  for (int j = 0; j < HD / 16; ++j) wmma::fill_fragment(of[j], 0.0f);
-  float m_run = -INFINITY;  // running max (log2 domain) and sum of the lane's row
-  float l_run = 0.0f;
-
-  // Softmax ownership: lane -> row (warp strip row lane / 2), half of the 64 key columns.
-  const int row = warp * 16 + (lane >> 1);
-  const int half = lane & 1;
-  // Padding rows (row >= rows) behave like row 0 so their state stays finite; never written.
-  const int row_pos = row < rows ? pos0 + row : pos0;
-  const int n_tiles = (n_keys + kKTile - 1) / kKTile;
-
-  for (int kt = 0; kt < n_tiles; ++kt) {
-    const int key0 = kt * kKTile;
-    __syncthreads();  // every warp is done with the previous K/V tile
-    for (int i = tid; i < kKTile * kChunks; i += kPrefillThreads) {
-      const int r = i / kChunks;
-      const int c = i - r * kChunks;
-      uint4 kv, vv;
-      LoadKv16(k_cache, v_cache, table, key0 + r, n_keys, num_blocks, block_size, num_kv_heads, kvh,
-               HD, c * 8, &kv, &vv);
-      *reinterpret_cast<uint4*>(sK + r * L::kLdT + c * 8) = kv;
-      *reinterpret_cast<uint4*>(sV + r * L::kLdT + c * 8) = vv;
-    }
-    __syncthreads();
-
-    // S strip [16, 64] = Q strip · Kᵀ (K row-major [key, d] is Kᵀ column-major).
-#pragma unroll
-    for (int j = 0; j < kKTile / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
-        wmma::load_matrix_sync(kf, sK + j * 16 * L::kLdT + kk * 16, L::kLdT);
-        wmma::mma_sync(acc, qf[kk], kf, acc);
-      }
-      wmma::store_matrix_sync(sS + warp * 16 * L::kLdS + j * 16, acc, L::kLdS, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // Online softmax on the lane's 32 scores in the log2 domain (scores x scale x log2 e). The
-    // row's running max and sum live in registers, identical in the row's two lanes.
-    const float* srow = sS + row * L::kLdS + half * 32;
-    const int key_lane0 = key0 + half * 32;
-    float mx = -INFINITY;
-#pragma unroll 8
-    for (int c = 0; c < 32; ++c) {
-      if (key_lane0 + c <= row_pos) mx = fmaxf(mx, srow[c]);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)) * scale_log2;  // scale > 0 keeps order
-    const float m_new = fmaxf(m_run, mx);  // finite: key 0 is visible to every row in tile 0
-    T* prow = sP + row * L::kLdP + half * 32;
-    float sum = 0.0f;
-#pragma unroll 8
-    for (int c = 0; c < 32; ++c) {
-      const float pr = key_lane0 + c <= row_pos ? exp2f(srow[c] * scale_log2 - m_new) : 0.0f;
-      sum += pr;
-      prow[c] = cuda::FromFloat<T>(pr);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    const float alpha =
-        exp2f(m_run - m_new);  // 0 on the first tile (m_run = -inf), 1 if no new max
-    m_run = m_new;
-    l_run = l_run * alpha + sum;
-    // The O strip stays in registers; only when some row of the strip raised its max does it go
-    // through shared memory to be rescaled row by row (the accumulator layout is opaque). Past the
-    // first tiles of a row that is rare, so most tiles touch no O in shared memory.
-    if (__any_sync(0xffffffffu, alpha != 1.0f)) {
-#pragma unroll
-      for (int j = 0; j < HD / 16; ++j) {
-        wmma::store_matrix_sync(sO + warp * 16 * L::kLdO + j * 16, of[j], L::kLdO,
-                                wmma::mem_row_major);
-      }
-      __syncwarp();
-      float* orow = sO + row * L::kLdO + half * (HD / 2);
-#pragma unroll 8
-      for (int c = 0; c < HD / 2; ++c) orow[c] *= alpha;
-      __syncwarp();
-#pragma unroll
-      for (int j = 0; j < HD / 16; ++j) {
-        wmma::load_matrix_sync(of[j], sO + warp * 16 * L::kLdO + j * 16, L::kLdO,
-                               wmma::mem_row_major);
-      }
-    }
-    __syncwarp();  // every lane's P is in shared memory before the warp reads the strip
-
-    // O strip [16, HD] += P strip [16, 64] · V tile [64, HD].
-#pragma unroll
-    for (int j = 0; j < HD / 16; ++j) {
-#pragma unroll
-      for (int kk = 0; kk < kKTile / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-        wmma::load_matrix_sync(pf, sP + warp * 16 * L::kLdP + kk * 16, L::kLdP);
-        wmma::load_matrix_sync(vf, sV + kk * 16 * L::kLdT + j * 16, L::kLdT);
-        wmma::mma_sync(of[j], pf, vf, of[j]);
-      }
-    }
-    __syncwarp();  // the strip's P is consumed before the next tile overwrites it
-  }
-
-#pragma unroll
-  for (int j = 0; j < HD / 16; ++j) {
-    wmma::store_matrix_sync(sO + warp * 16 * L::kLdO + j * 16, of[j], L::kLdO, wmma::mem_row_major);
-  }
-  __syncwarp();
-  if (row < rows) {
-    const float inv_l = 1.0f / l_run;
-    const float* orow = sO + row * L::kLdO + half * (HD / 2);
-    T* dst = out + static_cast<size_t>(q_begin + tile0 + row) * num_heads * HD + h * HD +
-             half * (HD / 2);
-    for (int c = 0; c < HD / 2; ++c) dst[c] = cuda::FromFloat<T>(orow[c] * inv_l);
-  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -475,6 +276,7 @@ KernelStatus PagedAttentionCuda(const PagedAttentionParams& p, const PagedAttent
   const int q_stride = p.q_stride == 0 ? p.num_heads * p.head_dim : p.q_stride;
   if (q_stride < p.num_heads * p.head_dim || q_stride % 8 != 0) return KernelStatus::kInvalidShape;
   if (p.num_seqs == 0) return p.num_tokens == 0 ? KernelStatus::kOk : KernelStatus::kInvalidShape;
+  if (p.num_seqs > 65535) return KernelStatus::kInvalidShape;  // a grid dimension of both kernels
   if (!p.q || !p.k_cache || !p.v_cache || !p.out || !p.cu_q_lens || !p.context_lens ||
       !p.block_tables) {
     return KernelStatus::kNullPointer;
@@ -491,6 +293,8 @@ KernelStatus PagedAttentionCuda(const PagedAttentionParams& p, const PagedAttent
   if (decode && plan.max_q_len != 1) return KernelStatus::kInvalidShape;
   const float scale_log2 = p.scale * kLog2e;
 
+  if (!decode) return LaunchPagedAttentionPrefill(p, plan, q_stride, stream);
+
   return DispatchHeadDim(p.head_dim, [&](auto hd_tag) {
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
@@ -499,19 +303,6 @@ KernelStatus PagedAttentionCuda(const PagedAttentionParams& p, const PagedAttent
       const T* kc = static_cast<const T*>(p.k_cache);
       const T* vc = static_cast<const T*>(p.v_cache);
       T* out = static_cast<T*>(p.out);
-      if (!decode) {
-        constexpr size_t smem = PrefillSmem<HD>::kBytes;
-        auto kernel = PrefillAttentionKernel<T, HD>;
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem)) != cudaSuccess) {
-          return KernelStatus::kDeviceError;
-        }
-        const dim3 grid(cuda::CeilDiv(plan.max_q_len, kQTile), p.num_seqs, p.num_heads);
-        kernel<<<grid, kPrefillThreads, smem, stream>>>(
-            q, kc, vc, out, p.cu_q_lens, p.context_lens, p.block_tables, p.max_blocks_per_seq,
-            p.num_blocks, p.block_size, p.num_heads, p.num_kv_heads, q_stride, scale_log2);
-        return cuda::LaunchStatus();
-      }
       int splits = DecodeSplits(p, plan);
       const int split_len =
           cuda::CeilDiv(cuda::CeilDiv(plan.max_context_len, splits), kDecodeTile) * kDecodeTile;

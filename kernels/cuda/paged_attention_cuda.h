@@ -3,20 +3,22 @@
 // device arrays cannot tell it without a round trip.
 //
 // Two kernels behind one entry, chosen per call:
-//  * prefill (any q_len): flash-attention style, one block per (64-query tile, sequence, head);
-//    the block walks 64-key tiles of the paged cache through the block table with an online
-//    softmax, S = QKᵀ and O += PV on tensor cores (WMMA 16x16x16, float32 accumulation); S x S
-//    is never materialised.
+//  * prefill (any q_len; paged_attention_prefill.cu): FlashAttention-2 layout, one block per
+//    (head, 64- or 128-query tile, sequence); each warp keeps its Q rows, scores, softmax state
+//    and O in registers (mma.sync m16n8k16, float32 accumulation), the block walks 64-key tiles
+//    gathered through the block table with cp.async into double-buffered shared memory, and the
+//    causal mask costs only on the tiles that cross a warp's diagonal. S x S is never stored.
 //  * decode (every q_len == 1): one block per (context split, sequence, KV head) serving all
 //    num_heads / num_kv_heads query heads of that KV head (GQA reads K/V once), float32 FMA;
 //    with more than one split ("flash-decoding") a second kernel merges the splits' partial
 //    outputs by their log-sum-exp.
 // Closed dispatch: head_dim in {32, 64, 80} x {kF16, kBF16}; anything else is kInvalidShape /
 // kUnsupportedDtype before any launch.
-// Requirements beyond the CPU reference: q_stride and head_dim multiples of 8 and q, k_cache,
-// v_cache 16-byte aligned (16-byte vector loads). Block ids live in device memory and are not
-// validated here: an id outside [0, num_blocks) reads as zero K/V. The model validates block
-// tables on the host before upload.
+// Requirements beyond the CPU reference: q_stride and head_dim multiples of 8, q, k_cache, v_cache
+// 16-byte aligned (16-byte vector loads), out 4-byte aligned, num_seqs <= 65535 (a grid
+// dimension), and for the prefill kernel a finite non-zero scale. Block ids live in device memory
+// and are not validated here: an id outside [0, num_blocks) reads as zero K/V. The model
+// validates block tables on the host before upload.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +30,16 @@ namespace phishard {
 
 enum class AttentionKernel { kAuto, kPrefill, kDecode };
 
+// Prefill query-tile shapes: rows a block, warps, m16 tiles a warp, keys a tile. kAuto takes kQ128
+// when that still makes >= 2 blocks per SM, else kQ64. The others are for tests and benchmarks.
+enum class PrefillTiling {
+  kAuto,
+  kQ64,         // 64 rows: 4 warps x 16 rows, 64-key tiles
+  kQ128,        // 128 rows: 4 warps x 32 rows (K/V fragments reused twice), 64-key tiles
+  kQ128Warps8,  // 128 rows: 8 warps x 16 rows, 64-key tiles
+  kQ128Keys32,  // 128 rows: 4 warps x 32 rows, 32-key tiles (fewer registers)
+};
+
 struct PagedAttentionCudaPlan {
   int max_q_len = 0;        // max over sequences of q_len (1 for a pure decode batch)
   int max_context_len = 0;  // max over sequences of context_lens
@@ -37,6 +49,7 @@ struct PagedAttentionCudaPlan {
   size_t workspace_bytes = 0;
   int num_multiprocessors = 132;  // sizes the split count: aim for ~4 blocks per SM
   int force_splits = 0;           // > 0: use this many splits (tests), still capped by workspace
+  PrefillTiling prefill_tiling = PrefillTiling::kAuto;
 };
 
 bool PagedAttentionCudaSupportsHeadDim(int head_dim);

@@ -1,7 +1,8 @@
 // Paged attention on CUDA (prefill tensor-core kernel, decode split-K kernel + merge) against the
 // CPU reference on the same bf16/fp16-rounded Q, K and V. Block tables are shuffled (not
 // contiguous), unused cache slots hold NaN (a read of one poisons the output), and the output is
-// NaN-poisoned before every launch.
+// NaN-poisoned before every launch. Prefill cases run every query tiling of the kernel, each
+// launched twice: the two outputs must agree bit for bit (a race shows up as a moving result).
 //
 // Tolerance: OneRoundingTol (gpu_test_util.h): the device's extra roundings are the output
 // (2^-9 relative in bf16) and, on the tensor-core path, the softmax probabilities before P·V
@@ -36,19 +37,26 @@ struct AttnCase {
   std::string name;
   int num_heads, num_kv_heads, head_dim;
   std::vector<Seq> seqs;
+  int block_size = 16;
 };
+
+constexpr PrefillTiling kAllTilings[] = {PrefillTiling::kAuto, PrefillTiling::kQ64,
+                                         PrefillTiling::kQ128, PrefillTiling::kQ128Warps8,
+                                         PrefillTiling::kQ128Keys32};
 
 struct RunOptions {
   DataType dtype = DataType::kBF16;
   AttentionKernel kernel = AttentionKernel::kAuto;
   int force_splits = 0;
   int expect_splits = -1;  // >= 0: check the decode split count used
+  std::vector<PrefillTiling> tilings = {PrefillTiling::kAuto};
+  float scale_sign = 1.0f;  // -1: a negative softmax scale (the prefill kernel negates Q)
 };
 
 void RunCase(const AttnCase& c, const RunOptions& o) {
   SCOPED_TRACE(testing::Message() << c.name << " " << DataTypeName(o.dtype) << " kernel "
                                   << static_cast<int>(o.kernel) << " splits " << o.force_splits);
-  const int bs = 16, hd = c.head_dim;
+  const int bs = c.block_size, hd = c.head_dim;
   const int S = static_cast<int>(c.seqs.size());
   const int q_stride = (c.num_heads + 2 * c.num_kv_heads) * hd;  // q inside a fused qkv row
   int T = 0, max_q = 0, max_ctx = 0, total_blocks = 0, max_blocks = 0;
@@ -116,22 +124,8 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
                          .num_kv_heads = c.num_kv_heads,
                          .head_dim = hd,
                          .q_stride = q_stride,
-                         .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                         .scale = o.scale_sign / std::sqrt(static_cast<float>(hd)),
                          .dtype = o.dtype};
-  PagedAttentionCudaPlan plan{.max_q_len = max_q,
-                              .max_context_len = max_ctx,
-                              .kernel = o.kernel,
-                              .workspace = d_ws.get(),
-                              .workspace_bytes = ws_bytes,
-                              .num_multiprocessors = 132,
-                              .force_splits = o.force_splits};
-  int splits = -1;
-  ASSERT_EQ(PagedAttentionCuda(p, plan, nullptr, &splits), KernelStatus::kOk);
-  gpu_test::ExpectDeviceClean(nullptr);
-  if (o.expect_splits >= 0) {
-    EXPECT_EQ(splits, o.expect_splits);
-  }
-
   std::vector<float> ref(static_cast<size_t>(T) * c.num_heads * hd, 0.0f);
   PagedAttentionParams pc = p;
   pc.q = q.data();
@@ -143,10 +137,38 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
   pc.block_tables = tables.data();
   pc.dtype = DataType::kF32;
   ASSERT_EQ(PagedAttentionCpu(pc), KernelStatus::kOk);
-  const std::vector<float> out = Decode(d_out.DownloadBytes(), o.dtype);
-  const gpu_test::Diff d = Compare(out, ref);
-  EXPECT_EQ(d.nonfinite, 0u) << "unwritten output or a read of an unused (NaN) cache slot";
-  EXPECT_LE(d.rel, gpu_test::OneRoundingTol(o.dtype)) << gpu_test::ToString(d);
+
+  for (PrefillTiling tiling : o.tilings) {
+    SCOPED_TRACE(testing::Message() << "prefill tiling " << static_cast<int>(tiling));
+    PagedAttentionCudaPlan plan{.max_q_len = max_q,
+                                .max_context_len = max_ctx,
+                                .kernel = o.kernel,
+                                .workspace = d_ws.get(),
+                                .workspace_bytes = ws_bytes,
+                                .num_multiprocessors = 132,
+                                .force_splits = o.force_splits,
+                                .prefill_tiling = tiling};
+    std::vector<char> first;
+    for (int launch = 0; launch < 2; ++launch) {
+      d_out.Poison();
+      int splits = -1;
+      ASSERT_EQ(PagedAttentionCuda(p, plan, nullptr, &splits), KernelStatus::kOk);
+      gpu_test::ExpectDeviceClean(nullptr);
+      if (o.expect_splits >= 0) {
+        EXPECT_EQ(splits, o.expect_splits);
+      }
+      std::vector<char> bytes = d_out.DownloadBytes();
+      if (launch == 1) {
+        EXPECT_TRUE(bytes == first) << "two launches on the same inputs differ (a race?)";
+        break;
+      }
+      const std::vector<float> out = Decode(bytes, o.dtype);
+      const gpu_test::Diff d = Compare(out, ref);
+      EXPECT_EQ(d.nonfinite, 0u) << "unwritten output or a read of an unused (NaN) cache slot";
+      EXPECT_LE(d.rel, gpu_test::OneRoundingTol(o.dtype)) << gpu_test::ToString(d);
+      first = std::move(bytes);
+    }
+  }
 }
 
 std::vector<AttnCase> PrefillCases() {
@@ -155,7 +177,7 @@ std::vector<AttnCase> PrefillCases() {
     for (auto [nh, nkv] : {std::pair{4, 4}, std::pair{8, 2}}) {
       const std::string tag =
           "hd" + std::to_string(hd) + "_h" + std::to_string(nh) + "_kv" + std::to_string(nkv);
-      for (int n : {1, 15, 16, 17, 63, 64, 65, 130}) {
+      for (int n : {1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 130, 257}) {
         cases.push_back({tag + "_len" + std::to_string(n), nh, nkv, hd, {{n, n}}});
       }
       // Cached prefix (q_len < context) across block and 64-key tile boundaries.
@@ -163,19 +185,33 @@ std::vector<AttnCase> PrefillCases() {
       // Mixed varlen batch, including decode-like rows.
       cases.push_back(
           {tag + "_mixed", nh, nkv, hd, {{1, 1}, {5, 37}, {16, 16}, {17, 300}, {70, 70}}});
+      // Several query tiles after a prefix that is no multiple of a key tile (the diagonal
+      // crosses tiles at an offset), and block sizes other than 16 (12 takes the division path).
+      cases.push_back({tag + "_prefix_tiles", nh, nkv, hd, {{300, 333}, {129, 1000}}});
+      cases.push_back({tag + "_bs12", nh, nkv, hd, {{100, 130}, {37, 37}}, 12});
+      cases.push_back({tag + "_bs32", nh, nkv, hd, {{200, 250}, {1, 33}}, 32});
     }
   }
   cases.push_back({"hd80_long_prefill", 2, 1, 80, {{1000, 1000}}});
+  cases.push_back({"hd80_phi2_heads", 32, 32, 80, {{300, 300}}});
   cases.push_back({"hd64_long_prefix", 2, 2, 64, {{64, 4096}}});
   return cases;
 }
 
+std::vector<PrefillTiling> AllTilings() { return {std::begin(kAllTilings), std::end(kAllTilings)}; }
+
 TEST(CudaPagedAttention, PrefillMatchesCpuReference) {
   PHI_REQUIRE_GPU();
   for (const AttnCase& c : PrefillCases()) {
-    RunCase(c, {.dtype = DataType::kBF16});
+    RunCase(c, {.dtype = DataType::kBF16, .tilings = AllTilings()});
     if (HasFatalFailure()) return;
   }
+}
+
+TEST(CudaPagedAttention, PrefillNegativeScale) {
+  PHI_REQUIRE_GPU();
+  RunCase({"neg_scale", 4, 2, 80, {{130, 200}, {17, 17}}},
+          {.dtype = DataType::kBF16, .tilings = AllTilings(), .scale_sign = -1.0f});
 }
 
 TEST(CudaPagedAttention, PrefillFp16MatchesCpuReference) {
@@ -184,14 +220,15 @@ TEST(CudaPagedAttention, PrefillFp16MatchesCpuReference) {
     if (c.name.find("mixed") == std::string::npos && c.name.find("long") == std::string::npos) {
       continue;
     }
-    RunCase(c, {.dtype = DataType::kF16});
+    RunCase(c, {.dtype = DataType::kF16, .tilings = AllTilings()});
     if (HasFatalFailure()) return;
   }
 }
 
 TEST(CudaPagedAttention, LongPrefill4096) {
   PHI_REQUIRE_GPU();
-  RunCase({"hd80_4096", 2, 1, 80, {{4096, 4096}}}, {.dtype = DataType::kBF16});
+  RunCase({"hd80_4096", 2, 1, 80, {{4096, 4096}}},
+          {.dtype = DataType::kBF16, .tilings = AllTilings()});
 }
 
 std::vector<AttnCase> DecodeCases() {
@@ -251,7 +288,8 @@ TEST(CudaPagedAttention, AutoSplitsUseTheWorkspaceForShortBatches) {
 // a cached prefix and the split merge.
 TEST(CudaPagedAttention, SmallCasesForSanitizer) {
   PHI_REQUIRE_GPU();
-  RunCase({"sanitizer_prefill", 4, 2, 80, {{17, 40}, {1, 3}, {70, 70}}}, {});
+  RunCase({"sanitizer_prefill", 4, 2, 80, {{17, 40}, {1, 3}, {70, 70}, {130, 150}}},
+          {.tilings = AllTilings()});
   RunCase({"sanitizer_decode", 8, 2, 64, {{1, 200}, {1, 17}}},
           {.kernel = AttentionKernel::kDecode, .force_splits = 3});
 }
@@ -289,6 +327,13 @@ TEST(CudaPagedAttention, RejectsUnsupportedShapes) {
   plan.max_q_len = 2;
   p.num_tokens = 2;
   EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);  // decode q_len 2
+  plan.kernel = AttentionKernel::kPrefill;
+  p.scale = 0.0f;  // the prefill kernel's masked scores would be 0 x -inf
+  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
+  p.scale = 0.1f;
+  p.num_seqs = 65536;  // a grid dimension
+  p.num_tokens = 65536;
+  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
   EXPECT_FALSE(PagedAttentionCudaSupportsHeadDim(96));
   EXPECT_TRUE(PagedAttentionCudaSupportsHeadDim(80));
 }

@@ -1,0 +1,471 @@
+// Prefill attention over the paged KV cache on tensor cores, FlashAttention-2 layout:
+// mma.sync m16n8k16 (bf16/fp16 in, float32 accumulation) fed by ldmatrix, the block's Q tile held
+// in registers, the online softmax on the accumulator registers (S never touches shared memory),
+// and K/V tiles gathered through the block table with cp.async into double-buffered shared memory.
+//
+// One thread block per (query head, query tile, sequence); warp w owns query rows
+// [w * 16 * MT, (w + 1) * 16 * MT) of the tile (MT m16 tiles a warp) for the whole kernel: its Q
+// fragments, its S tile, its softmax state and its O accumulators live in that warp's registers.
+// Per key tile: S = Q·Kᵀ (K fragments by ldmatrix from shared memory), causal mask on the tiles
+// that cross the warp's diagonal only, rescale-and-exponentiate in registers, then O += P·V with
+// P re-packed from the S accumulators as the A operand (the m16n8 C layout of two adjacent key
+// tiles is the m16k16 A layout) and V fragments by ldmatrix.trans. Only the K/V stage handoff
+// needs a block barrier: one per key tile.
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/paged_attention_prefill.cuh"
+
+namespace phishard {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- PTX wrappers (sm_80+) ----------------------------------------------------------------------
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1; with valid == false it reads nothing and writes
+// 16 zero bytes (src-size 0), which is how keys past the end and bad block ids become zero K/V.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void CpAsyncWaitAll() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives
+// matrix i in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4), +1; .trans swaps the
+// roles of rows and columns).
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// d[16x8] += a[16x16] · b[16x8], float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats to one 32-bit word of two 16-bit elements, `lo` in the low half (lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t PackFloat2(float lo, float hi) {
+  uint32_t w;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&w, &v, 4);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&w, &v, 4);
+  }
+  return w;
+}
+
+// ---- kernel -------------------------------------------------------------------------------------
+template <int HD, int kWarps, int kMT, int kN>
+struct PrefillCfg {
+  static_assert(HD % 16 == 0 && kN % 16 == 0);
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpRows = 16 * kMT;
+  static constexpr int kRows = kWarps * kWarpRows;  // query rows per block
+  static constexpr int kChunks = HD / 8;            // 16-byte chunks per row
+  // Shared-memory row pitch in elements: an odd number of 16-byte chunks (HD / 8 + 1), so the 8
+  // row addresses of an ldmatrix phase fall in 8 different 16-byte bank groups (no conflicts).
+  static constexpr int kLd = HD + 8;
+  static constexpr uint32_t kQBytes = kRows * kLd * 2;
+  static constexpr uint32_t kTileBytes = kN * kLd * 2;
+  static constexpr uint32_t kSmemBytes = kQBytes + 4 * kTileBytes;  // Q, K[2], V[2]
+  static constexpr int kKvIters = (kN * kChunks + kThreads - 1) / kThreads;
+  static constexpr int kQIters = (kRows * kChunks + kThreads - 1) / kThreads;
+};
+
+template <typename T>
+struct PrefillArgs {
+  const T* q;        // [num_tokens, q_stride] device
+  const T* k_cache;  // [num_blocks, block_size, num_kv_heads, HD] device
+  const T* v_cache;
+  T* out;  // [num_tokens, num_heads * HD] device
+  const int32_t* cu_q_lens;
+  const int32_t* context_lens;
+  const int32_t* block_tables;  // [num_seqs, max_blocks_per_seq] device
+  int max_blocks_per_seq, num_blocks, block_size;
+  int block_shift;  // log2(block_size) when a power of two, else -1
+  int num_heads, num_kv_heads, q_stride;
+  float scale_log2;  // |scale| * log2(e)
+  bool negate_q;     // scale < 0: softmax(scale q·k) = softmax(|scale| (-q)·k)
+};
+
+template <typename T, int HD, int kWarps, int kMT, int kN>
+__global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArgs<T> a) {
+  using C = PrefillCfg<HD, kWarps, kMT, kN>;
+  constexpr int kKSteps = HD / 16;  // k16 steps of Q·Kᵀ
+  constexpr int kDTiles = HD / 8;   // n8 tiles of O
+  constexpr int kNTiles = kN / 8;   // n8 tiles of S
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int h = blockIdx.x;
+  const int s = blockIdx.z;
+  const int q_begin = a.cu_q_lens[s];
+  const int q_len = a.cu_q_lens[s + 1] - q_begin;
+  // Causal work grows with the tile index: launch the last (heaviest) tiles first.
+  const int tile0 = (gridDim.y - 1 - blockIdx.y) * C::kRows;
+  if (tile0 >= q_len) return;
+  const int rows = min(C::kRows, q_len - tile0);
+  const int pos0 = a.context_lens[s] - q_len + tile0;  // position of the tile's row 0
+  const int n_keys = pos0 + rows;                      // keys [0, n_keys) are visible to some row
+  const int n_tiles = (n_keys + kN - 1) / kN;
+  const int kvh = h / (a.num_heads / a.num_kv_heads);
+  const int32_t* table = a.block_tables + static_cast<size_t>(s) * a.max_blocks_per_seq;
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+
+  const uint32_t sQ = SmemAddr(smem);
+  const uint32_t sK0 = sQ + C::kQBytes;
+  const uint32_t sV0 = sK0 + 2 * C::kTileBytes;
+
+  // Q tile [kRows, HD] -> shared (rows past the sequence's end are zeros).
+  {
+    const T* q_tile = a.q + static_cast<size_t>(q_begin + tile0) * a.q_stride + h * HD;
+#pragma unroll
+    for (int it = 0; it < C::kQIters; ++it) {
+      const int i = tid + it * C::kThreads;
+      if (i < C::kRows * C::kChunks) {
+        const int r = i / C::kChunks;
+        const int c = i - r * C::kChunks;
+        const bool valid = r < rows;
+        CpAsync16(sQ + (r * C::kLd + c * 8) * 2,
+                  valid ? q_tile + static_cast<size_t>(r) * a.q_stride + c * 8 : a.q, valid);
+      }
+    }
+  }
+  // K and V tile [kN, HD] of keys [key0, key0 + kN) -> stage `stage`, gathered through the block
+  // table; keys >= n_keys and block ids outside [0, num_blocks) become zeros (finite: P = 0 times
+  // a NaN V would still poison O).
+  auto load_kv = [&](int key0, int stage) {
+    const uint32_t dk = sK0 + stage * C::kTileBytes;
+    const uint32_t dv = sV0 + stage * C::kTileBytes;
+#pragma unroll
+    for (int it = 0; it < C::kKvIters; ++it) {
+      const int i = tid + it * C::kThreads;
+      if (i < kN * C::kChunks) {
+        const int r = i / C::kChunks;
+        const int c = i - r * C::kChunks;
+        const int key = key0 + r;
+        int blk = -1, in_blk = 0;
+        if (key < n_keys) {
+          if (a.block_shift >= 0) {
+            blk = table[key >> a.block_shift];
+            in_blk = key & (a.block_size - 1);
+          } else {
+            const int b = key / a.block_size;
+            blk = table[b];
+            in_blk = key - b * a.block_size;
+          }
+        }
+        const bool valid = blk >= 0 && blk < a.num_blocks;
+        const size_t off =
+            valid ? ((static_cast<size_t>(blk) * a.block_size + in_blk) * a.num_kv_heads + kvh) *
+                            HD +
+                        c * 8
+                  : 0;
+        const uint32_t so = (r * C::kLd + c * 8) * 2;
+        CpAsync16(dk + so, a.k_cache + off, valid);
+        CpAsync16(dv + so, a.v_cache + off, valid);
+      }
+    }
+  };
+  load_kv(0, 0);
+  CpAsyncCommit();
+
+  // Fragment coordinates: lane = 4 g + t; an m16n8 accumulator holds rows g and g + 8, columns
+  // 2t and 2t + 1.
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int warp_row0 = warp * C::kWarpRows;
+  const bool warp_active = warp_row0 < rows;
+  const int warp_pos_min = pos0 + warp_row0;
+  const int warp_pos_max = pos0 + min(warp_row0 + C::kWarpRows, rows) - 1;
+  // Per-lane ldmatrix byte offsets. Q (A operand, x4 = rows 0-7/8-15 x k 0-7/8-15): lane l points
+  // at row l % 16, column 8 (l / 16). K (B operand of S, non-transposed, x4 = keys 0-7 x d 0-7,
+  // keys 0-7 x d 8-15, keys 8-15 x d 0-7, keys 8-15 x d 8-15). V (B operand of O, transposed, x4 =
+  // keys 0-7 x d 0-7, keys 8-15 x d 0-7, keys 0-7 x d 8-15, keys 8-15 x d 8-15).
+  const uint32_t q_off = ((warp_row0 + (lane & 15)) * C::kLd + (lane >> 4) * 8) * 2;
+  const uint32_t k_off = (((lane & 7) + ((lane >> 4) << 3)) * C::kLd + ((lane >> 3) & 1) * 8) * 2;
+  const uint32_t v_off = ((lane & 15) * C::kLd + (lane >> 4) * 8) * 2;
+
+  uint32_t qf[kMT][kKSteps][4];  // Q strip [16 kMT, HD] as A fragments
+  float o[kMT][kDTiles][4];      // O strip [16 kMT, HD], float32, unnormalised
+  float m_run[kMT][2];           // running max of the raw scores of rows g and g + 8
+  float l_run[kMT][2];           // running sum of this lane's columns (quad-reduced at the end)
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < kDTiles; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.0f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.0f;
+  }
+
+  for (int j = 0; j < n_tiles; ++j) {
+    // Tile j has landed for every thread, and every warp is done with tile j - 1, whose stage
+    // the next load overwrites.
+    CpAsyncWaitAll();
+    __syncthreads();
+    if (j == 0) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int kk = 0; kk < kKSteps; ++kk) {
+          LdMatrixX4(qf[mt][kk], sQ + q_off + (mt * 16 * C::kLd + kk * 16) * 2);
+          if (a.negate_q) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) qf[mt][kk][e] ^= 0x80008000u;
+          }
+        }
+      }
+    }
+    if (j + 1 < n_tiles) {
+      load_kv((j + 1) * kN, (j + 1) & 1);
+      CpAsyncCommit();
+    }
+    const int key0 = j * kN;
+    // Tiles above the warp's diagonal (and warps holding only padding rows) do no math. Tile 0
+    // is never skipped by an active warp, so every row's running max is finite after it.
+    if (!warp_active || key0 > warp_pos_max) continue;
+    const uint32_t sK = sK0 + (j & 1) * C::kTileBytes;
+    const uint32_t sV = sV0 + (j & 1) * C::kTileBytes;
+
+    // S [16 kMT, kN] = Q · Kᵀ (raw scores; the scale is folded into the exponent below).
+    float sc[kMT][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) sc[mt][n][0] = sc[mt][n][1] = sc[mt][n][2] = sc[mt][n][3] = 0;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        uint32_t b[4];
+        LdMatrixX4(b, sK + k_off + (np * 16 * C::kLd + kk * 16) * 2);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma16816<T>(sc[mt][2 * np], qf[mt][kk], b[0], b[1]);
+          Mma16816<T>(sc[mt][2 * np + 1], qf[mt][kk], b[2], b[3]);
+        }
+      }
+    }
+    // Causal mask, only on tiles that reach past the warp's first row position.
+    if (key0 + kN - 1 > warp_pos_min) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row_pos = warp_pos_min + mt * 16 + g + (e >> 1) * 8;
+            const int key = key0 + n * 8 + 2 * t + (e & 1);
+            if (key > row_pos) sc[mt][n][e] = -INFINITY;
+          }
+        }
+      }
+    }
+    // Online softmax in the log2 domain. A row's 4 owner lanes (one quad) agree on its max.
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float mx = m_run[mt][hh];
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n) mx = fmaxf(mx, fmaxf(sc[mt][n][2 * hh], sc[mt][n][2 * hh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // exp2(-inf) = 0 on the row's first tile; 1 when the max did not move.
+        const float alpha = exp2f((m_run[mt][hh] - mx) * a.scale_log2);
+        m_run[mt][hh] = mx;
+        const float mb = mx * a.scale_log2;
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+          for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
+            const float pr = exp2f(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: exp2(-inf)
+            sc[mt][n][e] = pr;
+            sum += pr;
+          }
+        }
+        l_run[mt][hh] = l_run[mt][hh] * alpha + sum;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          o[mt][d][2 * hh] *= alpha;
+          o[mt][d][2 * hh + 1] *= alpha;
+        }
+      }
+    }
+    // O [16 kMT, HD] += P [16 kMT, kN] · V [kN, HD]; P rounded to T as the A operand.
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      uint32_t pa[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        pa[mt][0] = PackFloat2<T>(sc[mt][2 * kk][0], sc[mt][2 * kk][1]);
+        pa[mt][1] = PackFloat2<T>(sc[mt][2 * kk][2], sc[mt][2 * kk][3]);
+        pa[mt][2] = PackFloat2<T>(sc[mt][2 * kk + 1][0], sc[mt][2 * kk + 1][1]);
+        pa[mt][3] = PackFloat2<T>(sc[mt][2 * kk + 1][2], sc[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < HD / 16; ++dp) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, sV + v_off + (kk * 16 * C::kLd + dp * 16) * 2);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma16816<T>(o[mt][2 * dp], pa[mt], b[0], b[1]);
+          Mma16816<T>(o[mt][2 * dp + 1], pa[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+  if (!warp_active) return;
+
+  // out[row, h, :] = O / l, two elements (4 bytes) a store.
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float l = l_run[mt][hh];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv_l = 1.0f / l;  // l >= 1: the row's max element contributes exp2(0)
+      const int row = warp_row0 + mt * 16 + g + hh * 8;
+      if (row < rows) {
+        T* dst = a.out + static_cast<size_t>(q_begin + tile0 + row) * a.num_heads * HD + h * HD +
+                 2 * t;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          const uint32_t w = PackFloat2<T>(o[mt][d][2 * hh] * inv_l, o[mt][d][2 * hh + 1] * inv_l);
+          *reinterpret_cast<uint32_t*>(dst + d * 8) = w;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int HD, int kWarps, int kMT, int kN>
+KernelStatus Launch(const PrefillArgs<T>& args, int max_q_len, int num_seqs, cudaStream_t stream) {
+  using C = PrefillCfg<HD, kWarps, kMT, kN>;
+  auto kernel = PrefillMmaKernel<T, HD, kWarps, kMT, kN>;
+  if (C::kSmemBytes > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(C::kSmemBytes)) != cudaSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  const dim3 grid(args.num_heads, cuda::CeilDiv(max_q_len, C::kRows), num_seqs);
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(args);
+  return cuda::LaunchStatus();
+}
+
+template <typename T, int HD>
+KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int max_q_len,
+                          int num_seqs, cudaStream_t stream) {
+  switch (tiling) {
+    case PrefillTiling::kQ64:
+      return Launch<T, HD, 4, 1, 64>(args, max_q_len, num_seqs, stream);
+    case PrefillTiling::kQ128:
+      return Launch<T, HD, 4, 2, 64>(args, max_q_len, num_seqs, stream);
+    case PrefillTiling::kQ128Warps8:
+      return Launch<T, HD, 8, 1, 64>(args, max_q_len, num_seqs, stream);
+    case PrefillTiling::kQ128Keys32:
+      return Launch<T, HD, 4, 2, 32>(args, max_q_len, num_seqs, stream);
+    case PrefillTiling::kAuto:
+      break;
+  }
+  return KernelStatus::kInvalidShape;
+}
+
+}  // namespace
+
+PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
+                                          const PagedAttentionCudaPlan& plan) {
+  if (plan.prefill_tiling != PrefillTiling::kAuto) return plan.prefill_tiling;
+  // 128-row tiles reuse each K/V fragment for two m16 tiles (half the shared-memory traffic a
+  // MMA) but make half as many blocks: take them while they still fill ~2 blocks per SM.
+  const int64_t blocks128 =
+      int64_t{p.num_heads} * p.num_seqs * cuda::CeilDiv(plan.max_q_len, 128);
+  return blocks128 >= 2 * int64_t{std::max(plan.num_multiprocessors, 1)} ? PrefillTiling::kQ128
+                                                                         : PrefillTiling::kQ64;
+}
+
+KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
+                                         const PagedAttentionCudaPlan& plan, int q_stride,
+                                         cudaStream_t stream) {
+  if (!(p.scale != 0.0f && std::isfinite(p.scale))) return KernelStatus::kInvalidShape;
+  if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0) return KernelStatus::kInvalidShape;
+  const PrefillTiling tiling = PagedAttentionPrefillTiling(p, plan);
+  int block_shift = -1;
+  for (int b = 0; b < 31; ++b) {
+    if ((1 << b) == p.block_size) block_shift = b;
+  }
+  auto run = [&](auto hd_tag, auto type_tag) {
+    constexpr int HD = decltype(hd_tag)::value;
+    using T = typename decltype(type_tag)::type;
+    const PrefillArgs<T> args{.q = static_cast<const T*>(p.q),
+                              .k_cache = static_cast<const T*>(p.k_cache),
+                              .v_cache = static_cast<const T*>(p.v_cache),
+                              .out = static_cast<T*>(p.out),
+                              .cu_q_lens = p.cu_q_lens,
+                              .context_lens = p.context_lens,
+                              .block_tables = p.block_tables,
+                              .max_blocks_per_seq = p.max_blocks_per_seq,
+                              .num_blocks = p.num_blocks,
+                              .block_size = p.block_size,
+                              .block_shift = block_shift,
+                              .num_heads = p.num_heads,
+                              .num_kv_heads = p.num_kv_heads,
+                              .q_stride = q_stride,
+                              .scale_log2 = std::fabs(p.scale) * kLog2e,
+                              .negate_q = p.scale < 0.0f};
+    return LaunchTiling<T, HD>(tiling, args, plan.max_q_len, p.num_seqs, stream);
+  };
+  return cuda::DispatchHalfTypes(p.dtype, [&](auto type_tag) {
+    switch (p.head_dim) {
+      case 32:
+        return run(std::integral_constant<int, 32>{}, type_tag);
+      case 64:
+        return run(std::integral_constant<int, 64>{}, type_tag);
+      case 80:
+        return run(std::integral_constant<int, 80>{}, type_tag);
+      default:
+        return KernelStatus::kInvalidShape;
+    }
+  });
+}
+
+}  // namespace phishard
