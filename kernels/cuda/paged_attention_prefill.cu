@@ -30,10 +30,11 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 
 // 16-byte global -> shared copy that bypasses L1; with valid == false it reads nothing and writes
 // 16 zero bytes (src-size 0), which is how keys past the end and bad block ids become zero K/V.
+// No "memory" clobber: the block-table loads feeding several copies may then all be in flight at
+// once; the copies stay ordered against the commit/wait/ldmatrix asm (all volatile).
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
+               "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void CpAsyncCommit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -56,6 +57,13 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr)
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
                : "memory");
+}
+
+// 2^x on the special-function unit (one MUFU.EX2; 2^-inf = +0, relative error ~2^-22).
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // d[16x8] += a[16x16] · b[16x8], float32 accumulators.
@@ -309,7 +317,7 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // exp2(-inf) = 0 on the row's first tile; 1 when the max did not move.
-        const float alpha = exp2f((m_run[mt][hh] - mx) * a.scale_log2);
+        const float alpha = Exp2((m_run[mt][hh] - mx) * a.scale_log2);
         m_run[mt][hh] = mx;
         const float mb = mx * a.scale_log2;
         float sum = 0.0f;
@@ -317,7 +325,7 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
         for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
           for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
-            const float pr = exp2f(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: exp2(-inf)
+            const float pr = Exp2(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: 2^-inf = 0
             sc[mt][n][e] = pr;
             sum += pr;
           }
