@@ -20,6 +20,7 @@
 #include "kernels/rotary_kv_write.h"
 #include "kernels/sgmv.h"
 #include "model/kv_cache.h"
+#include "model/lora_shard.h"
 
 namespace phishard {
 namespace {
@@ -66,23 +67,63 @@ void AppendSegment(std::vector<int32_t>* starts, std::vector<const LoraAdapter*>
   }
 }
 
+// An adapter in the registry must have this rank's shapes (ModelBackend::ShardAdapter): the
+// kernels index its matrices with the local dims. A full adapter under tensor parallelism (or a
+// shard of another world size) is refused instead of read out of bounds.
+absl::Status CheckLocalShapes(const LoraAdapter& a, const PhiConfig& local, uint32_t index) {
+  for (LoraTarget t : kAllLoraTargets) {
+    const auto [in, out] = LoraTargetDims(local, t);
+    for (int l = 0; l < (t == LoraTarget::kLmHead ? 1 : a.num_layers()); ++l) {
+      const LoraModule& m = a.module(l, t);
+      if (!m.present()) continue;
+      if (static_cast<int64_t>(m.a.size()) != m.rank * in ||
+          static_cast<int64_t>(m.b.size()) != m.rank * out) {
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "adapter index %d ('%s'): %s has A of %d and B of %d values, but this rank computes "
+            "[%d, %d] x rank %d (was it sharded with ModelBackend::ShardAdapter?)",
+            index, a.name(), LoraModuleName(t, l), m.a.size(), m.b.size(), in, out, m.rank));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
-CpuPhiModel::CpuPhiModel(PhiConfig config, PhiWeightsF32 weights)
-    : config_(std::move(config)), w_(std::move(weights)) {}
+CpuPhiModel::CpuPhiModel(PhiConfig config, PhiShard shard, CpuParallel parallel,
+                         PhiWeightsF32 weights)
+    : config_(std::move(config)),
+      shard_(shard),
+      local_(LocalPhiConfig(config_, shard_)),
+      parallel_(parallel),
+      w_(std::move(weights)) {}
 
 absl::StatusOr<std::unique_ptr<CpuPhiModel>> CpuPhiModel::Load(
-    const std::filesystem::path& model_dir) {
+    const std::filesystem::path& model_dir, CpuParallel parallel) {
   absl::StatusOr<PhiConfig> config = LoadPhiConfig(model_dir);
   if (!config.ok()) return config.status();
   absl::StatusOr<std::unique_ptr<WeightStore>> store = WeightStore::OpenDir(model_dir);
   if (!store.ok()) return store.status();
-  return Create(*config, **store);
+  return Create(*config, **store, parallel);
 }
 
 absl::StatusOr<std::unique_ptr<CpuPhiModel>> CpuPhiModel::Create(const PhiConfig& config,
-                                                                 const WeightStore& store) {
-  absl::StatusOr<PhiWeightsF32> weights = LoadPhiWeightsF32(store, config);
+                                                                 const WeightStore& store,
+                                                                 CpuParallel parallel) {
+  Communicator* comm = parallel.comm;
+  if (comm != nullptr && comm->memory_space() != MemorySpace::kHost) {
+    return absl::InvalidArgumentError(
+        "the CPU backend needs a host-memory communicator (Gloo), not a device one (NCCL)");
+  }
+  if (parallel.ranks_on_host < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("ranks_on_host = %d must be >= 1", parallel.ranks_on_host));
+  }
+  absl::StatusOr<PhiShard> shard = comm == nullptr
+                                       ? MakePhiShard(config, 0, 1)
+                                       : MakePhiShard(config, comm->rank(), comm->world_size());
+  if (!shard.ok()) return shard.status();
+  absl::StatusOr<PhiWeightsF32> weights = LoadPhiWeightsF32(store, config, *shard);
   if (!weights.ok()) return weights.status();
   Log(LogLevel::kInfo,
       absl::StrFormat("CPU Phi model: %d layers, hidden %d, heads %d/%d x %d, rotary %d, vocab %d, "
@@ -91,24 +132,89 @@ absl::StatusOr<std::unique_ptr<CpuPhiModel>> CpuPhiModel::Create(const PhiConfig
                       config.num_key_value_heads, config.head_dim, config.rotary_dim,
                       config.vocab_size, weights->lm_head_tied() ? ", lm_head tied" : "",
                       weights->lm_head_bias.empty() ? "" : ", lm_head bias"));
-  return std::unique_ptr<CpuPhiModel>(new CpuPhiModel(config, *std::move(weights)));
+  if (shard->sharded()) {
+    Log(LogLevel::kInfo,
+        absl::StrFormat("tensor parallel rank %d of %d: heads [%d, %d), KV heads [%d, %d)%s, "
+                        "intermediate [%d, %d), embedding rows [%d, %d), lm_head %s",
+                        shard->rank, shard->world_size, shard->q_head_begin,
+                        shard->q_head_begin + shard->num_heads, shard->kv_head_begin,
+                        shard->kv_head_begin + shard->num_kv_heads,
+                        shard->kv_replicated ? " (replicated)" : "", shard->intermediate_begin,
+                        shard->intermediate_begin + shard->intermediate, shard->vocab_begin,
+                        shard->vocab_end,
+                        shard->lm_head_parallel
+                            ? absl::StrFormat("rows [%d, %d) + all-gather", shard->lm_head_begin,
+                                              shard->lm_head_end)
+                            : std::string("replicated (vocab not divisible by the shards)")));
+  } else {
+    parallel.comm = nullptr;  // world size 1: no collectives at all
+  }
+  return std::unique_ptr<CpuPhiModel>(
+      new CpuPhiModel(config, *shard, parallel, *std::move(weights)));
+}
+
+absl::StatusOr<LoraAdapter> CpuPhiModel::ShardAdapter(LoraAdapter full) const {
+  if (!shard_.sharded()) return full;
+  return ShardLoraAdapter(full, config_, shard_.rank, shard_.world_size);
+}
+
+absl::Status CpuPhiModel::Collective(absl::Status st, const char* what) const {
+  if (st.ok()) return st;
+  return absl::InternalError(absl::StrFormat("tensor-parallel rank %d of %d: %s failed: %s",
+                                             shard_.rank, shard_.world_size, what, st.message()));
 }
 
 int64_t CpuPhiModel::KvBytesPerToken() const {
-  return int64_t{2} * config_.num_hidden_layers * config_.num_key_value_heads * config_.head_dim *
+  return int64_t{2} * local_.num_hidden_layers * local_.num_key_value_heads * local_.head_dim *
          static_cast<int64_t>(sizeof(float));
 }
 
 int64_t CpuPhiModel::WorkspaceBytes(int num_tokens) const {
-  const PhiConfig& c = config_;
+  const PhiConfig& c = local_;
   const int64_t per_token = 3 * c.hidden_size  // h, normed, last
                             + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim +
                             c.num_attention_heads * c.head_dim + c.intermediate_size +
-                            c.vocab_size;  // logits when every row asks for them
+                            config_.vocab_size +  // logits when every row asks for them
+                            (shard_.sharded() ? c.hidden_size : 0) +  // partial sums
+                            (shard_.lm_head_parallel ? config_.vocab_size + c.vocab_size : 0);
   return static_cast<int64_t>(num_tokens) * per_token * static_cast<int64_t>(sizeof(float));
 }
 
 absl::StatusOr<int> CpuPhiModel::MaxKvBlocks(double memory_fraction, int max_batch_tokens) const {
+  absl::StatusOr<int> local = LocalMaxKvBlocks(memory_fraction, max_batch_tokens);
+  if (!shard_.sharded()) return local;
+  // Every rank must allocate the same pool (the engine on each rank hands out the same block ids),
+  // so the ranks agree on the smallest fit. An error is sent as 0 blocks, after the collective,
+  // so that no rank leaves a peer waiting in it. Counts go as two floats of < 2^24 (exact).
+  const int64_t mine = local.ok() ? *local : 0;
+  const float send[2] = {static_cast<float>(mine >> 20), static_cast<float>(mine & 0xFFFFF)};
+  std::vector<float> all(2 * static_cast<size_t>(shard_.world_size));
+  if (absl::Status st = Collective(parallel_.comm->AllGather(send, all.data(), 2),
+                                   "all-gather of the KV block counts");
+      !st.ok()) {
+    return st;
+  }
+  if (!local.ok()) return local.status();
+  int64_t fewest = mine;
+  int poorest = shard_.rank;
+  for (int r = 0; r < shard_.world_size; ++r) {
+    const int64_t n =
+        (static_cast<int64_t>(all[2 * r]) << 20) + static_cast<int64_t>(all[2 * r + 1]);
+    if (n < fewest) {
+      fewest = n;
+      poorest = r;
+    }
+  }
+  if (fewest < 1) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("no KV block fits on tensor-parallel rank %d (this rank %d fits %d blocks)",
+                        poorest, shard_.rank, mine));
+  }
+  return static_cast<int>(fewest);
+}
+
+absl::StatusOr<int> CpuPhiModel::LocalMaxKvBlocks(double memory_fraction,
+                                                  int max_batch_tokens) const {
   if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
     return absl::InvalidArgumentError(
         absl::StrFormat("memory_fraction = %g must be in (0, 1]", memory_fraction));
@@ -117,7 +223,8 @@ absl::StatusOr<int> CpuPhiModel::MaxKvBlocks(double memory_fraction, int max_bat
     return absl::InvalidArgumentError(
         absl::StrFormat("max_batch_tokens = %d must be >= 0", max_batch_tokens));
   }
-  const int64_t available = AvailableHostBytes();
+  // Ranks on one host share its memory.
+  const int64_t available = AvailableHostBytes() / parallel_.ranks_on_host;
   const int64_t budget =
       std::min<int64_t>(static_cast<int64_t>(memory_fraction * static_cast<double>(available)) -
                             WorkspaceBytes(max_batch_tokens),
@@ -259,6 +366,9 @@ absl::Status CpuPhiModel::PlanLora(const ForwardBatch& batch) {
           "adapter index %d ('%s') has %d layers but this model has %d",
           batch.seqs[i].adapter_index, a->name(), a->num_layers(), config_.num_hidden_layers));
     }
+    if (a != nullptr && (i == 0 || per_seq[i - 1] != a)) {
+      PHI_RETURN_IF_ERROR(CheckLocalShapes(*a, local_, batch.seqs[i].adapter_index));
+    }
     per_seq[i] = a;
     tok.any = tok.any || a != nullptr;
     AppendSegment(&tok.starts, &tok.adapters, a, step_.cu_q_lens[i + 1]);
@@ -305,7 +415,7 @@ absl::Status CpuPhiModel::ApplyLora(const LoraSegments& segs, int layer, LoraTar
   if (max_rank == 0) return absl::OkStatus();
   const int rows = segs.starts.back();
   s.lora_t.resize(static_cast<size_t>(rows) * max_rank);
-  const auto [in, out] = LoraTargetDims(config_, t);
+  const auto [in, out] = LoraTargetDims(local_, t);
   PHI_RETURN_IF_ERROR(KernelResult(SgmvShrinkCpu({.x = x,
                                                   .t = s.lora_t.data(),
                                                   .seg_starts = segs.starts.data(),
@@ -331,13 +441,85 @@ absl::Status CpuPhiModel::ApplyLora(const LoraSegments& segs, int layer, LoraTar
                       "lora expand");
 }
 
+absl::Status CpuPhiModel::Embed(const ForwardBatch& batch, float* h) {
+  const int T = batch.num_tokens(), H = config_.hidden_size;
+  if (!shard_.sharded()) {
+    return KernelResult(EmbeddingCpu({.ids = batch.token_ids.data(),
+                                      .table = w_.embed.data(),
+                                      .out = h,
+                                      .num_tokens = T,
+                                      .num_rows = config_.vocab_size,
+                                      .dim = H}),
+                        "embedding");
+  }
+  // Vocab-parallel: this rank's rows, zeros for ids another rank holds; the sum over ranks has
+  // exactly one non-zero term per token.
+  for (int t = 0; t < T; ++t) {
+    const int64_t id = batch.token_ids[t];
+    float* row = h + static_cast<size_t>(t) * H;
+    if (id >= shard_.vocab_begin && id < shard_.vocab_end) {
+      std::copy_n(w_.embed.data() + (id - shard_.vocab_begin) * H, H, row);
+    } else {
+      std::fill_n(row, H, 0.0f);
+    }
+  }
+  return Collective(parallel_.comm->AllReduceSum(h, static_cast<size_t>(T) * H),
+                    "embedding all-reduce");
+}
+
+absl::Status CpuPhiModel::LmHead(const float* last, int R, std::vector<float>* logits) {
+  const int H = config_.hidden_size, V = config_.vocab_size;
+  logits->resize(static_cast<size_t>(R) * V);
+  if (!shard_.lm_head_parallel) {  // world size 1, or a replicated head
+    PHI_RETURN_IF_ERROR(
+        KernelResult(GemmCpu({.x = last,
+                              .w = w_.lm_head(),
+                              .bias = w_.lm_head_bias.empty() ? nullptr : w_.lm_head_bias.data(),
+                              .y = logits->data(),
+                              .m = R,
+                              .n = V,
+                              .k = H}),
+                     "lm_head gemm"));
+    return ApplyLora(step_.lora_rows, 0, LoraTarget::kLmHead, last, H, logits->data(), V);
+  }
+  // Vocab-parallel: local logits [R, Vl] (bias slice and LoRA B rows of the same vocab range),
+  // all-gathered to [W, R, Vl], then laid out as [R, V] with rank w's columns at w * Vl.
+  const int W = shard_.world_size, Vl = local_.vocab_size;
+  Step& s = step_;
+  s.local_logits.resize(static_cast<size_t>(R) * Vl);
+  s.gathered.resize(static_cast<size_t>(W) * R * Vl);
+  PHI_RETURN_IF_ERROR(
+      KernelResult(GemmCpu({.x = last,
+                            .w = w_.lm_head(),
+                            .bias = w_.lm_head_bias.empty() ? nullptr : w_.lm_head_bias.data(),
+                            .y = s.local_logits.data(),
+                            .m = R,
+                            .n = Vl,
+                            .k = H}),
+                   "lm_head gemm"));
+  PHI_RETURN_IF_ERROR(
+      ApplyLora(s.lora_rows, 0, LoraTarget::kLmHead, last, H, s.local_logits.data(), Vl));
+  PHI_RETURN_IF_ERROR(Collective(
+      parallel_.comm->AllGather(s.local_logits.data(), s.gathered.data(), s.local_logits.size()),
+      "logits all-gather"));
+  for (int w = 0; w < W; ++w) {
+    for (int r = 0; r < R; ++r) {
+      std::copy_n(s.gathered.data() + (static_cast<size_t>(w) * R + r) * Vl, Vl,
+                  logits->data() + static_cast<size_t>(r) * V + static_cast<size_t>(w) * Vl);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
   PHI_RETURN_IF_ERROR(ValidateBatch(batch));
-  const PhiConfig& c = config_;
+  // Shapes are this rank's (local_): nH, nKV and I are divided among the ranks.
+  const PhiConfig& c = local_;
   const int T = batch.num_tokens(), S = static_cast<int>(batch.seqs.size());
   const int R = static_cast<int>(batch.logit_rows.size());
   const int H = c.hidden_size, nH = c.num_attention_heads, nKV = c.num_key_value_heads;
   const int hd = c.head_dim, qkv_width = (nH + 2 * nKV) * hd;
+  const bool tp = shard_.sharded();
 
   // Plan: slots, varlen offsets and the padded block-table matrix, once per step.
   Step& s = step_;
@@ -367,18 +549,12 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
   s.qkv.resize(static_cast<size_t>(T) * qkv_width);
   s.attn.resize(static_cast<size_t>(T) * nH * hd);
   s.mlp.resize(static_cast<size_t>(T) * c.intermediate_size);
+  if (tp) s.partial.resize(s.h.size());
   s.last.resize(static_cast<size_t>(R) * H);
-  logits->resize(static_cast<size_t>(R) * c.vocab_size);
   const GemmEpilogue act =
       c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
 
-  PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCpu({.ids = batch.token_ids.data(),
-                                                 .table = w_.embed.data(),
-                                                 .out = s.h.data(),
-                                                 .num_tokens = T,
-                                                 .num_rows = c.vocab_size,
-                                                 .dim = H}),
-                                   "embedding"));
+  PHI_RETURN_IF_ERROR(Embed(batch, s.h.data()));
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const PhiLayerWeightsF32& w = w_.layers[l];
     float* k_cache = kv_.get() + 2 * l * kv_layer_floats_;
@@ -455,32 +631,44 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                                     s.mlp.data(), c.intermediate_size));
       ActivateInPlace(s.mlp.data(), s.mlp.size(), c.hidden_act);
     }
-    // h += dense(attn) + fc2(mlp): both accumulate straight into the residual stream (world 1;
-    // tensor parallelism would sum them in a separate buffer and all-reduce it first).
-    PHI_RETURN_IF_ERROR(KernelResult(GemmCpu({.x = s.attn.data(),
-                                              .w = w.dense_weight.data(),
-                                              .bias = w.dense_bias.data(),
-                                              .y = s.h.data(),
-                                              .m = T,
-                                              .n = H,
-                                              .k = nH * hd,
-                                              .accumulate = true}),
-                                     "dense gemm"));
+    // World 1: h += dense(attn) + fc2(mlp), both accumulated straight into the residual stream.
+    // W > 1 (spec §6.9): the two row-parallel partials (biases on rank 0 only, LoRA deltas of the
+    // rank's input slice included) are summed in `partial`, all-reduced ONCE, then added to h.
+    float* out = tp ? s.partial.data() : s.h.data();
     PHI_RETURN_IF_ERROR(
-        ApplyLora(s.lora_tokens, l, LoraTarget::kDense, s.attn.data(), nH * hd, s.h.data(), H));
-    PHI_RETURN_IF_ERROR(KernelResult(GemmCpu({.x = s.mlp.data(),
-                                              .w = w.fc2_weight.data(),
-                                              .bias = w.fc2_bias.data(),
-                                              .y = s.h.data(),
-                                              .m = T,
-                                              .n = H,
-                                              .k = c.intermediate_size,
-                                              .accumulate = true}),
-                                     "fc2 gemm"));
-    PHI_RETURN_IF_ERROR(ApplyLora(s.lora_tokens, l, LoraTarget::kFc2, s.mlp.data(),
-                                  c.intermediate_size, s.h.data(), H));
+        KernelResult(GemmCpu({.x = s.attn.data(),
+                              .w = w.dense_weight.data(),
+                              .bias = w.dense_bias.empty() ? nullptr : w.dense_bias.data(),
+                              .y = out,
+                              .m = T,
+                              .n = H,
+                              .k = nH * hd,
+                              .accumulate = !tp}),
+                     "dense gemm"));
+    PHI_RETURN_IF_ERROR(
+        ApplyLora(s.lora_tokens, l, LoraTarget::kDense, s.attn.data(), nH * hd, out, H));
+    PHI_RETURN_IF_ERROR(
+        KernelResult(GemmCpu({.x = s.mlp.data(),
+                              .w = w.fc2_weight.data(),
+                              .bias = w.fc2_bias.empty() ? nullptr : w.fc2_bias.data(),
+                              .y = out,
+                              .m = T,
+                              .n = H,
+                              .k = c.intermediate_size,
+                              .accumulate = true}),
+                     "fc2 gemm"));
+    PHI_RETURN_IF_ERROR(
+        ApplyLora(s.lora_tokens, l, LoraTarget::kFc2, s.mlp.data(), c.intermediate_size, out, H));
+    if (tp) {
+      PHI_RETURN_IF_ERROR(Collective(
+          parallel_.comm->AllReduceSum(s.partial.data(), s.partial.size()), "layer all-reduce"));
+      for (size_t i = 0; i < s.h.size(); ++i) s.h[i] += s.partial[i];
+    }
   }
-  if (R == 0) return absl::OkStatus();
+  if (R == 0) {
+    logits->clear();
+    return absl::OkStatus();
+  }
   // Only the requested rows go through the final norm and the LM head.
   PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCpu({.ids = batch.logit_rows.data(),
                                                  .table = s.h.data(),
@@ -497,17 +685,7 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                                                  .cols = H,
                                                  .eps = c.layer_norm_eps}),
                                    "final layer_norm"));
-  PHI_RETURN_IF_ERROR(
-      KernelResult(GemmCpu({.x = s.last.data(),
-                            .w = w_.lm_head(),
-                            .bias = w_.lm_head_bias.empty() ? nullptr : w_.lm_head_bias.data(),
-                            .y = logits->data(),
-                            .m = R,
-                            .n = c.vocab_size,
-                            .k = H}),
-                   "lm_head gemm"));
-  return ApplyLora(s.lora_rows, 0, LoraTarget::kLmHead, s.last.data(), H, logits->data(),
-                   c.vocab_size);
+  return LmHead(s.last.data(), R, logits);
 }
 
 }  // namespace phishard

@@ -5,11 +5,32 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "model/phi_weights.h"
 
 namespace phishard {
 namespace {
 
 bool IsRowParallel(LoraTarget t) { return t == LoraTarget::kDense || t == LoraTarget::kFc2; }
+
+// First global output row of a column-parallel target held by `shard` (KV heads may be
+// replicated, so this is not always rank x local rows).
+int64_t ColumnParallelBegin(const PhiShard& shard, const PhiConfig& base, LoraTarget t) {
+  switch (t) {
+    case LoraTarget::kQProj:
+      return static_cast<int64_t>(shard.q_head_begin) * base.head_dim;
+    case LoraTarget::kKProj:
+    case LoraTarget::kVProj:
+      return static_cast<int64_t>(shard.kv_head_begin) * base.head_dim;
+    case LoraTarget::kFc1:
+      return shard.intermediate_begin;
+    case LoraTarget::kLmHead:
+      return shard.lm_head_begin;
+    case LoraTarget::kDense:
+    case LoraTarget::kFc2:
+      break;
+  }
+  return 0;
+}
 
 }  // namespace
 
@@ -18,22 +39,10 @@ absl::StatusOr<PhiConfig> LoraShardConfig(const PhiConfig& base, int world_size)
     return absl::InvalidArgumentError(
         absl::StrFormat("world_size must be >= 1, got %d", world_size));
   }
-  for (const auto& [what, value] :
-       {std::pair<const char*, int>{"num_attention_heads", base.num_attention_heads},
-        {"num_key_value_heads", base.num_key_value_heads},
-        {"intermediate_size", base.intermediate_size}}) {
-    if (value % world_size != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("cannot shard LoRA over %d ranks: %s = %d is not divisible by it",
-                          world_size, what, value));
-    }
-  }
-  PhiConfig local = base;
-  local.num_attention_heads /= world_size;
-  local.num_key_value_heads /= world_size;
-  local.intermediate_size /= world_size;
-  if (base.vocab_size % world_size == 0) local.vocab_size /= world_size;
-  return local;
+  // The base weights' layout (phi_weights.h) decides every split, KV-head replication included.
+  absl::StatusOr<PhiShard> shard = MakePhiShard(base, 0, world_size);
+  if (!shard.ok()) return shard.status();
+  return LocalPhiConfig(base, *shard);
 }
 
 absl::StatusOr<LoraAdapter> ShardLoraAdapter(const LoraAdapter& full, const PhiConfig& base,
@@ -44,6 +53,8 @@ absl::StatusOr<LoraAdapter> ShardLoraAdapter(const LoraAdapter& full, const PhiC
     return absl::InvalidArgumentError(
         absl::StrFormat("rank %d is outside [0, %d)", rank, world_size));
   }
+  absl::StatusOr<PhiShard> shard = MakePhiShard(base, rank, world_size);
+  if (!shard.ok()) return shard.status();
   if (full.num_layers() != base.num_hidden_layers) {
     return absl::InvalidArgumentError(
         absl::StrFormat("adapter '%s' has %d layers but the base model has %d", full.name(),
@@ -52,7 +63,7 @@ absl::StatusOr<LoraAdapter> ShardLoraAdapter(const LoraAdapter& full, const PhiC
   LoraAdapter out(world_size == 1 ? full.name() : absl::StrCat(full.name(), "@rank", rank),
                   full.num_layers());
   for (LoraTarget t : kAllLoraTargets) {
-    const auto [in, out_dim] = LoraTargetDims(base, t);
+    const int64_t in = LoraTargetDims(base, t).first;
     const auto [local_in, local_out] = LoraTargetDims(*local, t);
     for (int l = 0; l < (t == LoraTarget::kLmHead ? 1 : full.num_layers()); ++l) {
       const LoraModule& m = full.module(l, t);
@@ -71,7 +82,7 @@ absl::StatusOr<LoraAdapter> ShardLoraAdapter(const LoraAdapter& full, const PhiC
         s.b = m.b;
       } else {
         // A replicated; B [out, r] -> rows of this rank's outputs (all of them when replicated).
-        const int64_t r0 = local_out == out_dim ? 0 : rank * local_out;
+        const int64_t r0 = ColumnParallelBegin(*shard, base, t);
         s.a = m.a;
         s.b.assign(m.b.begin() + r0 * m.rank, m.b.begin() + (r0 + local_out) * m.rank);
       }

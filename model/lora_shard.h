@@ -1,5 +1,5 @@
-// Tensor-parallel placement of a LoRA adapter (spec §7.7, the correct scheme; used by a W > 1
-// backend, the CPU backend is world size 1). Every target follows its base weight's split
+// Tensor-parallel placement of a LoRA adapter (spec §7.7, the correct scheme; used by every
+// W > 1 backend through ModelBackend::ShardAdapter). Every target follows its base weight's split
 // (spec §6.8), and no LoRA step needs a collective of its own:
 //   column-parallel q_proj, k_proj, v_proj, fc1: A [r, in] replicated, B keeps the rank's output
 //     rows; the local delta (x · Aᵀ) · B_localᵀ · scale lands in the rank's output columns.
@@ -20,8 +20,10 @@ namespace phishard {
 
 // The shapes one rank holds, as a PhiConfig whose LoraTargetDims give the local [in, out] of every
 // target: heads, KV heads and intermediate size divided by W, vocab too when V % W == 0.
-// INVALID_ARGUMENT when world_size < 1 or nH, nKV or I is not divisible by it (KV-head
-// replication for nKV < W is not implemented).
+// The split is the base weights' (MakePhiShard in phi_weights.h): KV heads are replicated when
+// nKV < W divides W, and k/v B rows then come from the rank's replicated KV head.
+// INVALID_ARGUMENT when world_size < 1, or nH or I is not divisible by it, or nKV neither
+// divides by it nor divides it.
 absl::StatusOr<PhiConfig> LoraShardConfig(const PhiConfig& base, int world_size);
 
 // The part of `full` (loaded against `base`) that rank `rank` of `world_size` applies.

@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "model/forward_batch.h"
+#include "model/lora_adapter.h"
 #include "model/phi_config.h"
 
 namespace phishard {
@@ -49,6 +50,16 @@ class ModelBackend {
 
   // A cheap real round trip to the device (Health).
   virtual absl::Status Ping() = 0;
+
+  // Tensor parallelism (spec §6.8): this backend is rank tp_rank() of tp_world_size(). Every rank
+  // then calls Forward, MaxKvBlocks and AllocateKvCache in the same order with the same arguments
+  // (the server's sequencer sees to it); Forward and MaxKvBlocks are collectives, and every rank
+  // gets bit-identical logits and the same MaxKvBlocks, so that all ranks choose the same tokens.
+  virtual int tp_rank() const { return 0; }
+  virtual int tp_world_size() const { return 1; }
+  // This rank's part of an adapter loaded against the full model config (spec §7.7,
+  // ShardLoraAdapter); what to put in the AdapterRegistry. World size 1 returns `full` as is.
+  virtual absl::StatusOr<LoraAdapter> ShardAdapter(LoraAdapter full) const { return full; }
 };
 
 }  // namespace phishard

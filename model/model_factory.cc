@@ -47,12 +47,15 @@ absl::StatusOr<std::unique_ptr<ModelBackend>> CreateCpuModelBackend(
         "(pass dtype float32 or none)",
         options.dtype));
   }
-  if (options.world_size != 1) {
-    return absl::UnimplementedError(absl::StrFormat(
-        "world_size %d on device 'cpu': the CPU backend runs unsharded (world_size 1) only",
-        options.world_size));
+  if (options.world_size != 1 && (options.comm == nullptr || options.comm->rank() != options.rank ||
+                                  options.comm->world_size() != options.world_size)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "rank %d of world_size %d on device 'cpu' needs the group's communicator of that rank and "
+        "size (create it before loading the model)",
+        options.rank, options.world_size));
   }
-  absl::StatusOr<std::unique_ptr<CpuPhiModel>> model = CpuPhiModel::Load(options.model_dir);
+  absl::StatusOr<std::unique_ptr<CpuPhiModel>> model = CpuPhiModel::Load(
+      options.model_dir, CpuParallel{.comm = options.comm, .ranks_on_host = options.ranks_on_host});
   if (!model.ok()) return model.status();
   return std::unique_ptr<ModelBackend>(*std::move(model));
 }
@@ -60,6 +63,23 @@ absl::StatusOr<std::unique_ptr<ModelBackend>> CreateCpuModelBackend(
 }  // namespace
 
 bool CudaBackendUsable() { return kCudaBackendBuiltIn && CudaDeviceCount() > 0; }
+
+absl::StatusOr<std::string> ResolveDevice(const std::string& device) {
+  if (device == "cpu" || device == "cuda") return device;
+  if (device == "auto") return std::string(CudaBackendUsable() ? "cuda" : "cpu");
+  return absl::InvalidArgumentError(
+      absl::StrFormat("device '%s' is not one of auto, cpu, cuda", device));
+}
+
+absl::Status CheckTensorParallelSupport(const std::string& device, int world_size) {
+  absl::StatusOr<std::string> resolved = ResolveDevice(device);
+  if (!resolved.ok()) return resolved.status();
+  if (world_size <= 1 || *resolved == "cpu") return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrFormat(
+      "tensor parallelism (WORLD_SIZE=%d) is not implemented on device 'cuda' yet: the CUDA "
+      "backend runs unsharded; run --num-shard 1 per GPU, or --device cpu to shard on the CPU",
+      world_size));
+}
 
 absl::StatusOr<std::unique_ptr<ModelBackend>> CreateModelBackend(const ModelLoadOptions& options) {
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {

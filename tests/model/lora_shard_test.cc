@@ -9,6 +9,7 @@
 
 #include "model/lora_adapter.h"
 #include "model/phi_config.h"
+#include "model/phi_weights.h"
 #include "tests/model/lora_test_util.h"
 
 namespace phishard {
@@ -56,6 +57,24 @@ std::vector<double> Delta(const LoraModule& m, const double* x, int64_t in, int6
   return y;
 }
 
+// First global output row rank r holds of a column-parallel target (KV heads may be replicated).
+int64_t FirstOutputRow(const PhiConfig& c, int world, int r, LoraTarget t) {
+  absl::StatusOr<PhiShard> s = MakePhiShard(c, r, world);
+  EXPECT_TRUE(s.ok()) << s.status();
+  if (!s.ok()) return 0;
+  switch (t) {
+    case LoraTarget::kQProj:
+      return int64_t{s->q_head_begin} * c.head_dim;
+    case LoraTarget::kKProj:
+    case LoraTarget::kVProj:
+      return int64_t{s->kv_head_begin} * c.head_dim;
+    case LoraTarget::kFc1:
+      return s->intermediate_begin;
+    default:
+      return s->lm_head_begin;
+  }
+}
+
 // The ranks' deltas, combined as the model combines them (column-parallel: concatenated outputs;
 // row-parallel: sum of partial outputs over split inputs; replicated lm_head: each rank has all),
 // equal the unsharded delta. Everything in double from the same float values, so only summation
@@ -97,7 +116,7 @@ void ExpectShardsRecombine(const PhiConfig& c, int world) {
           for (int64_t j = 0; j < out; ++j) sum[j] += part[j];
         } else {
           const std::vector<double> part = Delta(m, x.data(), lin, lout);
-          const int64_t r0 = lout == out ? 0 : r * lout;
+          const int64_t r0 = FirstOutputRow(c, world, r, t);
           for (int64_t j = 0; j < lout; ++j) {
             ASSERT_NEAR(part[j], want[r0 + j], 1e-10 * mag)
                 << what << " rank " << r << " row " << j;
@@ -113,7 +132,8 @@ void ExpectShardsRecombine(const PhiConfig& c, int world) {
 
 TEST(LoraShard, GqaVocabParallelHeadRecombines) {
   const PhiConfig c = Config(kRepo / "tests/golden/phi-gqa-hd80");  // nH 4, nKV 2, V 512
-  for (int w : {1, 2}) ExpectShardsRecombine(c, w);
+  // W = 4 replicates each of the 2 KV heads on two ranks: k/v B rows follow the rank's head.
+  for (int w : {1, 2, 4}) ExpectShardsRecombine(c, w);
   absl::StatusOr<PhiConfig> local = LoraShardConfig(c, 2);
   ASSERT_TRUE(local.ok());
   EXPECT_EQ(local->vocab_size, 256) << "V % W == 0: lm_head B is split on vocab rows";
@@ -131,7 +151,9 @@ TEST(LoraShard, RejectsWhatCannotBeSplit) {
   const PhiConfig c = Config(kRepo / "tests/golden/phi-gqa-hd80");
   const LoraAdapter full = RandomAdapter(c);
   EXPECT_EQ(LoraShardConfig(c, 0).status().code(), absl::StatusCode::kInvalidArgument);
-  const absl::Status st = LoraShardConfig(c, 4).status();  // nKV = 2
+  PhiConfig odd_kv = c;  // nKV 3 over 2 ranks: neither split nor replicated
+  odd_kv.num_key_value_heads = 3;
+  const absl::Status st = LoraShardConfig(odd_kv, 2).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(std::string(st.message()).find("num_key_value_heads"), std::string::npos) << st;
   EXPECT_EQ(ShardLoraAdapter(full, c, 2, 2).status().code(), absl::StatusCode::kInvalidArgument);
