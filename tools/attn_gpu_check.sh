@@ -18,7 +18,7 @@
 set -u
 OUT=${OUT:-/tmp/phishard-attn-check}
 mkdir -p "$OUT"
-BUDGET=${PHISHARD_CHECK_BUDGET_S:-240}  # stop starting new steps after this many seconds
+BUDGET=${PHISHARD_CHECK_BUDGET_S:-245}  # stop starting new steps after this many seconds
 START=$(date +%s)
 ROOT=$(pwd)
 
@@ -76,6 +76,14 @@ if command -v compute-sanitizer > /dev/null; then
     $B/cuda_attention_test --gtest_filter='*Sanitizer*'
   step racecheck 90 sanitizer.log compute-sanitizer --tool racecheck --error-exitcode 9 \
     $B/cuda_attention_test --gtest_filter='*Sanitizer*'
+fi
+if command -v ncu > /dev/null; then
+  # One launch of the kQ128 kernel at 4096 x 32 heads x 80 (the first launch of that shape).
+  step ncu 60 ncu.log env PHISHARD_ATTN_BENCH_SHAPES=h32d80_s4096 ncu --clock-control none \
+    --kernel-name regex:PrefillMmaKernel --launch-count 1 --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section SchedulerStats --section Occupancy --section LaunchStats \
+    $B/cuda_attention_bench_test
 fi
 if command -v cuobjdump > /dev/null; then
   # Instruction mix of the bf16 head_dim 80, 4 warps x 32 rows, 64-key kernel.

@@ -201,10 +201,10 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
         }
         const bool valid = blk >= 0 && blk < a.num_blocks;
         const size_t off =
-            valid ? ((static_cast<size_t>(blk) * a.block_size + in_blk) * a.num_kv_heads + kvh) *
-                            HD +
-                        c * 8
-                  : 0;
+            valid
+                ? ((static_cast<size_t>(blk) * a.block_size + in_blk) * a.num_kv_heads + kvh) * HD +
+                      c * 8
+                : 0;
         const uint32_t so = (r * C::kLd + c * 8) * 2;
         CpAsync16(dk + so, a.k_cache + off, valid);
         CpAsync16(dv + so, a.v_cache + off, valid);
@@ -276,7 +276,9 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) sc[mt][n][0] = sc[mt][n][1] = sc[mt][n][2] = sc[mt][n][3] = 0;
+      for (int n = 0; n < kNTiles; ++n) {
+        sc[mt][n][0] = sc[mt][n][1] = sc[mt][n][2] = sc[mt][n][3] = 0.0f;
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
@@ -313,7 +315,9 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
       for (int hh = 0; hh < 2; ++hh) {
         float mx = m_run[mt][hh];
 #pragma unroll
-        for (int n = 0; n < kNTiles; ++n) mx = fmaxf(mx, fmaxf(sc[mt][n][2 * hh], sc[mt][n][2 * hh + 1]));
+        for (int n = 0; n < kNTiles; ++n) {
+          mx = fmaxf(mx, fmaxf(sc[mt][n][2 * hh], sc[mt][n][2 * hh + 1]));
+        }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // exp2(-inf) = 0 on the row's first tile; 1 when the max did not move.
@@ -363,7 +367,7 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
   }
   if (!warp_active) return;
 
-  // out[row, h, :] = O / l, two elements (4 bytes) a store.
+    // out[row, h, :] = O / l, two elements (4 bytes) a store.
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -374,8 +378,8 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
       const float inv_l = 1.0f / l;  // l >= 1: the row's max element contributes exp2(0)
       const int row = warp_row0 + mt * 16 + g + hh * 8;
       if (row < rows) {
-        T* dst = a.out + static_cast<size_t>(q_begin + tile0 + row) * a.num_heads * HD + h * HD +
-                 2 * t;
+        T* dst =
+            a.out + static_cast<size_t>(q_begin + tile0 + row) * a.num_heads * HD + h * HD + 2 * t;
 #pragma unroll
         for (int d = 0; d < kDTiles; ++d) {
           const uint32_t w = PackFloat2<T>(o[mt][d][2 * hh] * inv_l, o[mt][d][2 * hh + 1] * inv_l);
@@ -425,8 +429,7 @@ PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
   if (plan.prefill_tiling != PrefillTiling::kAuto) return plan.prefill_tiling;
   // 128-row tiles reuse each K/V fragment for two m16 tiles (half the shared-memory traffic a
   // MMA) but make half as many blocks: take them while they still fill ~2 blocks per SM.
-  const int64_t blocks128 =
-      int64_t{p.num_heads} * p.num_seqs * cuda::CeilDiv(plan.max_q_len, 128);
+  const int64_t blocks128 = int64_t{p.num_heads} * p.num_seqs * cuda::CeilDiv(plan.max_q_len, 128);
   return blocks128 >= 2 * int64_t{std::max(plan.num_multiprocessors, 1)} ? PrefillTiling::kQ128
                                                                          : PrefillTiling::kQ64;
 }

@@ -9,7 +9,8 @@
 // FlashAttention/cuDNN benchmarks. Random data (never zeros) through a shuffled block table;
 // every tiling's output must be finite and agree with the kQ128 output within two bf16 roundings
 // of the values (|o| <= 1: 2 x 2^-8). Each time is the median of 15 launches timed one by one with
-// device events after 3 warm-ups. Runs only with PHISHARD_GPU_BENCH=1.
+// device events after 3 warm-ups. Runs only with PHISHARD_GPU_BENCH=1; PHISHARD_ATTN_BENCH_SHAPES
+// (comma-separated names) runs only those shapes (one kernel under a profiler, say).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -118,8 +119,9 @@ void BenchShape(const Shape& s, DeviceTimer* timer) {
   const double flop = 4.0 * hd * nh * pairs * s.batch;
 
   std::vector<float> ref;
-  for (PrefillTiling tiling : {PrefillTiling::kQ128, PrefillTiling::kQ64, PrefillTiling::kQ128Warps8,
-                               PrefillTiling::kQ128Keys32, PrefillTiling::kAuto}) {
+  for (PrefillTiling tiling :
+       {PrefillTiling::kQ128, PrefillTiling::kQ64, PrefillTiling::kQ128Warps8,
+        PrefillTiling::kQ128Keys32, PrefillTiling::kAuto}) {
     const PagedAttentionCudaPlan plan{.max_q_len = s.q_len,
                                       .max_context_len = s.context_len,
                                       .kernel = AttentionKernel::kPrefill,
@@ -152,13 +154,18 @@ TEST(CudaAttentionBench, PrefillTilings) {
   ASSERT_EQ(DeviceTimerCreate(&timer), 0);
   // Shape names are what tools/attn_bench.py uses for the same problem.
   const std::vector<Shape> shapes = {
-      {"h32d80_s512", 32, 80, 512, 512, 1},      {"h32d80_s1024", 32, 80, 1024, 1024, 1},
-      {"h32d80_s2048", 32, 80, 2048, 2048, 1},   {"h32d80_s4096", 32, 80, 4096, 4096, 1},
-      {"h32d80_s8192", 32, 80, 8192, 8192, 1},   {"h32d80_b8_s1024", 32, 80, 1024, 1024, 8},
-      {"h32d64_s2048", 32, 64, 2048, 2048, 1},   {"h32d64_s4096", 32, 64, 4096, 4096, 1},
+      {"h32d80_s512", 32, 80, 512, 512, 1},          {"h32d80_s1024", 32, 80, 1024, 1024, 1},
+      {"h32d80_s2048", 32, 80, 2048, 2048, 1},       {"h32d80_s4096", 32, 80, 4096, 4096, 1},
+      {"h32d80_s8192", 32, 80, 8192, 8192, 1},       {"h32d80_b8_s1024", 32, 80, 1024, 1024, 8},
+      {"h32d64_s2048", 32, 64, 2048, 2048, 1},       {"h32d64_s4096", 32, 64, 4096, 4096, 1},
       {"h32d80_q512_ctx4096", 32, 80, 512, 4096, 1},
   };
+  const char* only = std::getenv("PHISHARD_ATTN_BENCH_SHAPES");
   for (const Shape& s : shapes) {
+    if (only != nullptr &&
+        ("," + std::string(only) + ",").find("," + s.name + ",") == std::string::npos) {
+      continue;
+    }
     BenchShape(s, timer);
     if (HasFatalFailure()) break;
   }
