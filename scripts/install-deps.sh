@@ -10,6 +10,7 @@ PKGS=(
   libabsl-dev nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-dev
   libgtest-dev libgmock-dev libgloo-dev
   python3
+  yamllint python3-yaml  # tests/deploy: manifest lint and checks (kubectl is optional there)
 )
 
 missing=()

@@ -15,28 +15,24 @@ if (($# == 0)); then
   exit 2
 fi
 
-owner() {  # owner PATH -> package name, trying the usrmerge twins of the path too
-  local path=$1 real candidates c out
+# Candidate paths of one library: as ldd printed it, its symlink target, and the usrmerge twins
+# of both (/lib/x.so and /usr/lib/x.so are one file, but dpkg knows only the name it installed).
+candidates() {
+  local path=$1 real c
   real=$(readlink -f "$path")
-  candidates=("$path" "$real")
+  printf '%s\n' "$path" "$real"
   for c in "$path" "$real"; do
     case $c in
-      /usr/*) candidates+=("${c#/usr}") ;;
-      *) candidates+=("/usr$c") ;;
+      /usr/*) printf '%s\n' "${c#/usr}" ;;
+      *) printf '%s\n' "/usr$c" ;;
     esac
   done
-  for c in "${candidates[@]}"; do
-    if out=$(dpkg-query -S "$c" 2>/dev/null); then
-      out=${out%%:*}          # "libfoo1:amd64: /usr/lib/..." -> "libfoo1"
-      printf '%s\n' "${out%%,*}"  # a file shared by several packages: the first is enough
-      return 0
-    fi
-  done
-  return 1
 }
 
 list_packages() {
-  local status=0 bin name arrow path pkg
+  local status=0 bin name arrow path lib c found
+  local -a libs=()
+  local -A owner=()
   for bin in "$@"; do
     if [[ ! -x $bin ]]; then
       echo "runtime-packages: $bin is not an executable file" >&2
@@ -51,16 +47,35 @@ list_packages() {
         continue
       fi
       case $(readlink -f "$path") in /usr/local/cuda*) continue ;; esac
-      if ! pkg=$(owner "$path"); then
-        echo "runtime-packages: no installed package owns $path (needed by $bin)" >&2
-        status=1
-        continue
-      fi
-      case $pkg in
-        cuda-* | libcublas* | libnccl* | libcudnn*) ;;
-        *) printf '%s\n' "$pkg" ;;
-      esac
+      libs+=("$path")
     done < <(ldd "$bin")
+  done
+  ((${#libs[@]})) || return "$status"
+  # One dpkg-query for everything (it reads its database once per call).
+  while IFS= read -r line; do
+    [[ $line == diversion* ]] && continue
+    path=${line#*: }
+    pkg=${line%%:*}          # "libfoo1:amd64: /usr/lib/..." -> "libfoo1"
+    owner[$path]=${pkg%%,*}  # a file shared by several packages: the first is enough
+  done < <(for lib in "${libs[@]}"; do candidates "$lib"; done | sort -u |
+    xargs dpkg-query -S 2>/dev/null)
+  for lib in "${libs[@]}"; do
+    found=""
+    while IFS= read -r c; do
+      if [[ -n ${owner[$c]:-} ]]; then
+        found=${owner[$c]}
+        break
+      fi
+    done < <(candidates "$lib")
+    if [[ -z $found ]]; then
+      echo "runtime-packages: no installed package owns $lib" >&2
+      status=1
+      continue
+    fi
+    case $found in
+      cuda-* | libcublas* | libnccl* | libcudnn*) ;;
+      *) printf '%s\n' "$found" ;;
+    esac
   done
   return "$status"
 }
