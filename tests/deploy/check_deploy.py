@@ -63,7 +63,7 @@ def phishard_cli():
     if "cli" in _CACHE:
         return _CACHE["cli"]
     if not BIN or not os.access(BIN, os.X_OK):
-        raise AssertionError(f"phishard binary '{BIN}' not found: build the `phishard` target first")
+        raise AssertionError(f"phishard binary '{BIN}' not found: build the `phishard` target")
     out = subprocess.run([BIN, "--help-all"], capture_output=True, text=True, timeout=30,
                          check=True).stdout
     cli, sub, in_subs = {}, None, False
@@ -512,7 +512,8 @@ class DockerfileTest(unittest.TestCase):
 
 DOCS = ["README.md", "docs/quickstart.md", "docs/kubernetes.md", "docs/flags.md",
         "docs/troubleshooting.md"]
-SUBCOMMAND_RX = r"(?:phishard|lorax-server)\s+(serve|download-weights|tokenize|generate|client|launch)"
+SUBCOMMAND_RX = (r"(?:phishard|lorax-server)\s+"
+                 r"(serve|download-weights|tokenize|generate|client|launch)")
 # `phishard SUB ...`, or `docker run --entrypoint phishard IMAGE SUB ...`.
 COMMAND_RX = (r"(?:--entrypoint[ =](?:phishard|lorax-server)\s+\S+|(?:phishard|lorax-server))\s+"
               r"([a-z][a-z-]*)\b([^|;&]*)")
