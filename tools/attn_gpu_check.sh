@@ -13,6 +13,7 @@
 #   rm -rf .attn-bundle && ../shared/tools/device-bundle .attn-bundle build-attn/tests/cuda_*_test
 #   strip --strip-unneeded .attn-bundle/bin/* .attn-bundle/lib/*
 #   (cd .attn-bundle && tar -czf bundle.tgz bin lib env.sh && rm -rf bin lib env.sh)
+#   echo /work/main > .attn-bundle/src_root   # the -S path of that build (default /work/main)
 #   echo /.attn-bundle/ >> .git/info/exclude   # once
 # Then: run(command="bash tools/attn_gpu_check.sh", carry=[".attn-bundle"], timeout_s=270).
 set -u
@@ -22,13 +23,14 @@ BUDGET=${PHISHARD_CHECK_BUDGET_S:-245}  # stop starting new steps after this man
 START=$(date +%s)
 ROOT=$(pwd)
 
-# The test binaries carry absolute paths of the build machine (PHISHARD_MODELS, golden fixtures).
-BUILD_ROOT=/work/main
-if [ "$ROOT" != "$BUILD_ROOT" ] && [ ! -e "$BUILD_ROOT" ]; then
-  mkdir -p "$(dirname "$BUILD_ROOT")" && ln -s "$ROOT" "$BUILD_ROOT"
-fi
 if [ -f .attn-bundle/bundle.tgz ] && [ ! -d .attn-bundle/bin ]; then
   tar -xzf .attn-bundle/bundle.tgz -C .attn-bundle
+fi
+# The test binaries carry absolute paths of the source tree they were built from (PHISHARD_MODELS,
+# golden fixtures): .attn-bundle/src_root names it (default /work/main); point it at this copy.
+SRC_ROOT=$(cat .attn-bundle/src_root 2>/dev/null || echo /work/main)
+if [ ! -e "$SRC_ROOT/models" ]; then
+  mkdir -p "$(dirname "$SRC_ROOT")" && ln -sfn "$ROOT" "$SRC_ROOT"
 fi
 # shellcheck disable=SC1091
 source .attn-bundle/env.sh
@@ -82,19 +84,25 @@ if command -v ncu > /dev/null; then
   step ncu 60 ncu.log env PHISHARD_ATTN_BENCH_SHAPES=h32d80_s4096 ncu --clock-control none \
     --kernel-name regex:PrefillMmaKernel --launch-count 1 --section SpeedOfLight \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
-    --section SchedulerStats --section Occupancy --section LaunchStats \
+    --section SchedulerStats --section Occupancy --section LaunchStats --section SourceCounters \
     $B/cuda_attention_bench_test
+  step ncu-w8 60 ncu.log env PHISHARD_ATTN_BENCH_SHAPES=h32d80_s1024 ncu --clock-control none \
+    --kernel-name-base demangled --kernel-name 'regex:PrefillMmaKernel<.*, 80, 8, 1, 64' \
+    --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+    --section Occupancy $B/cuda_attention_bench_test
 fi
 if command -v cuobjdump > /dev/null; then
-  # Instruction mix of the bf16 head_dim 80, 4 warps x 32 rows, 64-key kernel.
-  cuobjdump -sass -fun '_ZN8phishard*PrefillMmaKernelI13__nv_bfloat16Li80ELi4ELi2ELi64EEE*' \
-    $B/cuda_attention_test > "$OUT/sass.txt" 2>&1 ||
-    cuobjdump -sass $B/cuda_attention_test 2>/dev/null |
-    awk '/Function : .*PrefillMmaKernelI13__nv_bfloat16Li80ELi4ELi2ELi64E/ {on = 1}
-         on && /Function : / && !/PrefillMmaKernelI13__nv_bfloat16Li80ELi4ELi2ELi64E/ {on = 0}
-         on' > "$OUT/sass.txt"
-  grep -oE '^ +/\*[0-9a-f]{4}\*/ +[A-Z][A-Z0-9_.]+' "$OUT/sass.txt" | awk '{print $2}' |
-    sed 's/\..*//' | sort | uniq -c | sort -rn | head -25 > "$OUT/sass_mix.txt"
+  # Instruction mix of the bf16 head_dim 80, 4 warps x 32 rows, 64-key kernel (into ncu.log:
+  # at most 8 files come back).
+  cuobjdump -sass $B/cuda_attention_test 2>/dev/null |
+    awk '/Function : / {on = /PrefillMmaKernelI13__nv_bfloat16Li80ELi4ELi2ELi64E/} on' \
+    > /tmp/attn_sass.txt
+  {
+    echo "===== SASS mix: $(grep -c 'Function :' /tmp/attn_sass.txt) function(s)"
+    grep -oE '^ +/\*[0-9a-f]{4}\*/ +(@!?U?P[0-9T] +)?[A-Z][A-Z0-9_.]+' /tmp/attn_sass.txt |
+      awk '{print $NF}' | sed 's/\..*//' | sort | uniq -c | sort -rn | head -25
+  } > /tmp/attn_sass_mix.txt
+  cat /tmp/attn_sass_mix.txt >> "$OUT/ncu.log"
 fi
 step model-tests 120 model.log $B/cuda_model_test
 BENCH_DIR=/tmp
@@ -102,19 +110,20 @@ if [ -d /dev/shm ] && [ "$(df -k --output=avail /dev/shm | tail -1)" -gt 8000000
   BENCH_DIR=/dev/shm
 fi
 export PHISHARD_BENCH_DIR=$BENCH_DIR
-step phi2-bench 120 phi2.log $B/cuda_phi2_bench_test
+step phi2-bench 120 model.log $B/cuda_phi2_bench_test
 rm -rf "$BENCH_DIR"/phishard-phi2-L* 2>/dev/null
+# The kernel timings once more (run-to-run spread: a difference smaller than this is noise).
+step attention-bench-2 60 bench2.log $B/cuda_attention_bench_test
 
 echo "== SASS mix (PrefillMmaKernel bf16 hd80 q128)"
-head -14 "$OUT/sass_mix.txt" 2>/dev/null | tr '\n' ' '
+head -16 /tmp/attn_sass_mix.txt 2>/dev/null | tr '\n' ' '
 echo
 echo "== phi-2 steps"
-grep -hE "prefill 1 x|attention prefill|decode 1 seq" "$OUT/phi2.log" 2>/dev/null | head -8
+grep -hE "prefill 1 x|attention prefill|decode 1 seq" "$OUT/model.log" 2>/dev/null | head -8
 echo "== failures (first 25 lines)"
-grep -hE "Failure|FAILED|error:|Which is|rel [0-9]|differ" "$OUT"/attention.log "$OUT"/bench.log \
+grep -hE "Failure|FAILED|error:|Which is|max_abs|differ" "$OUT"/attention.log "$OUT"/bench.log \
   "$OUT"/model.log 2>/dev/null | head -25
-echo "== attention prefill: ms (TFLOP/s)"
-python3 - "$OUT/bench.log" <<'PY'
+cat > /tmp/attn_table.py <<'PY'
 import re, sys
 rows, impls = {}, []
 for line in open(sys.argv[1]):
@@ -129,5 +138,9 @@ print("shape".ljust(20) + "".join(i.replace("phishard-", "").ljust(15) for i in 
 for shape, r in rows.items():
     print(shape.ljust(20) + "".join(r.get(i, "-").ljust(15) for i in impls))
 PY
+echo "== attention prefill: ms (TFLOP/s)"
+python3 /tmp/attn_table.py "$OUT/bench.log" 2>/dev/null
+echo "== again (spread)"
+python3 /tmp/attn_table.py "$OUT/bench2.log" 2>/dev/null
 echo "== summary ($(( $(date +%s) - START )) s)"
 cat "$SUMMARY"

@@ -31,12 +31,13 @@ namespace phishard {
 enum class AttentionKernel { kAuto, kPrefill, kDecode };
 
 // Prefill query-tile shapes: rows a block, warps, m16 tiles a warp, keys a tile. kAuto takes kQ128
-// when that still makes >= 2 blocks per SM, else kQ64. The others are for tests and benchmarks.
+// for grids of >= 3 waves (2 blocks an SM), else kQ128Warps8. The others are for tests and
+// benchmarks.
 enum class PrefillTiling {
   kAuto,
-  kQ64,         // 64 rows: 4 warps x 16 rows, 64-key tiles
+  kQ64,         // 64 rows: 4 warps x 16 rows, 64-key tiles, registers capped for 4 blocks an SM
   kQ128,        // 128 rows: 4 warps x 32 rows (K/V fragments reused twice), 64-key tiles
-  kQ128Warps8,  // 128 rows: 8 warps x 16 rows, 64-key tiles
+  kQ128Warps8,  // 128 rows: 8 warps x 16 rows, 64-key tiles, registers capped for 2 blocks an SM
   kQ128Keys32,  // 128 rows: 4 warps x 32 rows, 32-key tiles (fewer registers)
 };
 

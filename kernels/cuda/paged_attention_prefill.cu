@@ -111,7 +111,9 @@ struct PrefillCfg {
   static constexpr uint32_t kQBytes = kRows * kLd * 2;
   static constexpr uint32_t kTileBytes = kN * kLd * 2;
   static constexpr uint32_t kSmemBytes = kQBytes + 4 * kTileBytes;  // Q, K[2], V[2]
-  static constexpr int kKvIters = (kN * kChunks + kThreads - 1) / kThreads;
+  static_assert(kThreads % kN == 0);
+  static constexpr int kTpr = kThreads / kN;  // threads per K/V row when loading a tile
+  static constexpr int kKvChunksPerThread = (kChunks + kTpr - 1) / kTpr;
   static constexpr int kQIters = (kRows * kChunks + kThreads - 1) / kThreads;
 };
 
@@ -131,8 +133,11 @@ struct PrefillArgs {
   bool negate_q;     // scale < 0: softmax(scale q·k) = softmax(|scale| (-q)·k)
 };
 
-template <typename T, int HD, int kWarps, int kMT, int kN>
-__global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArgs<T> a) {
+// kMinBlocks > 1 caps the registers so that many blocks fit on an SM (16 warps for the 16-row
+// tilings: more warps to overlap one warp's softmax with another's MMAs).
+template <typename T, int HD, int kWarps, int kMT, int kN, int kMinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
+    PrefillMmaKernel(const PrefillArgs<T> a) {
   using C = PrefillCfg<HD, kWarps, kMT, kN>;
   constexpr int kKSteps = HD / 16;  // k16 steps of Q·Kᵀ
   constexpr int kDTiles = HD / 8;   // n8 tiles of O
@@ -178,36 +183,34 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
   // K and V tile [kN, HD] of keys [key0, key0 + kN) -> stage `stage`, gathered through the block
   // table; keys >= n_keys and block ids outside [0, num_blocks) become zeros (finite: P = 0 times
   // a NaN V would still poison O).
+  // Thread -> (row kv_row, chunks kv_part, kv_part + kTpr, ...): one block-table lookup per
+  // thread and tile, and each warp-wide copy reads whole 32-byte sectors (kTpr x 16 bytes a row).
+  const int kv_row = tid / C::kTpr;
+  const int kv_part = tid - kv_row * C::kTpr;
   auto load_kv = [&](int key0, int stage) {
-    const uint32_t dk = sK0 + stage * C::kTileBytes;
-    const uint32_t dv = sV0 + stage * C::kTileBytes;
+    const int key = key0 + kv_row;
+    int blk = -1, in_blk = 0;
+    if (key < n_keys) {
+      if (a.block_shift >= 0) {
+        blk = table[key >> a.block_shift];
+        in_blk = key & (a.block_size - 1);
+      } else {
+        const int b = key / a.block_size;
+        blk = table[b];
+        in_blk = key - b * a.block_size;
+      }
+    }
+    const bool valid = blk >= 0 && blk < a.num_blocks;
+    const size_t off =
+        valid ? ((static_cast<size_t>(blk) * a.block_size + in_blk) * a.num_kv_heads + kvh) * HD
+              : 0;
+    const uint32_t so = stage * C::kTileBytes + kv_row * C::kLd * 2;
 #pragma unroll
-    for (int it = 0; it < C::kKvIters; ++it) {
-      const int i = tid + it * C::kThreads;
-      if (i < kN * C::kChunks) {
-        const int r = i / C::kChunks;
-        const int c = i - r * C::kChunks;
-        const int key = key0 + r;
-        int blk = -1, in_blk = 0;
-        if (key < n_keys) {
-          if (a.block_shift >= 0) {
-            blk = table[key >> a.block_shift];
-            in_blk = key & (a.block_size - 1);
-          } else {
-            const int b = key / a.block_size;
-            blk = table[b];
-            in_blk = key - b * a.block_size;
-          }
-        }
-        const bool valid = blk >= 0 && blk < a.num_blocks;
-        const size_t off =
-            valid
-                ? ((static_cast<size_t>(blk) * a.block_size + in_blk) * a.num_kv_heads + kvh) * HD +
-                      c * 8
-                : 0;
-        const uint32_t so = (r * C::kLd + c * 8) * 2;
-        CpAsync16(dk + so, a.k_cache + off, valid);
-        CpAsync16(dv + so, a.v_cache + off, valid);
+    for (int i = 0; i < C::kKvChunksPerThread; ++i) {
+      const int c = kv_part + i * C::kTpr;
+      if (C::kChunks % C::kTpr == 0 || c < C::kChunks) {
+        CpAsync16(sK0 + so + c * 16, a.k_cache + off + c * 8, valid);
+        CpAsync16(sV0 + so + c * 16, a.v_cache + off + c * 8, valid);
       }
     }
   };
@@ -309,36 +312,54 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
       }
     }
     // Online softmax in the log2 domain. A row's 4 owner lanes (one quad) agree on its max.
+    // Maxima and sums are pairwise trees (short dependency chains: only 2-4 warps a scheduler).
+    float alpha[kMT][2];
+    bool max_moved = false;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        float mx = m_run[mt][hh];
+        float v[kNTiles];
 #pragma unroll
-        for (int n = 0; n < kNTiles; ++n) {
-          mx = fmaxf(mx, fmaxf(sc[mt][n][2 * hh], sc[mt][n][2 * hh + 1]));
+        for (int n = 0; n < kNTiles; ++n) v[n] = fmaxf(sc[mt][n][2 * hh], sc[mt][n][2 * hh + 1]);
+#pragma unroll
+        for (int w = kNTiles / 2; w > 0; w /= 2) {
+#pragma unroll
+          for (int n = 0; n < w; ++n) v[n] = fmaxf(v[n], v[n + w]);
         }
+        float mx = fmaxf(m_run[mt][hh], v[0]);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // exp2(-inf) = 0 on the row's first tile; 1 when the max did not move.
-        const float alpha = Exp2((m_run[mt][hh] - mx) * a.scale_log2);
+        // 2^-inf = 0 on the row's first tile; exactly 1 when the max did not move.
+        alpha[mt][hh] = Exp2((m_run[mt][hh] - mx) * a.scale_log2);
+        max_moved |= alpha[mt][hh] != 1.0f;
         m_run[mt][hh] = mx;
         const float mb = mx * a.scale_log2;
-        float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
           for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
-            const float pr = Exp2(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: 2^-inf = 0
-            sc[mt][n][e] = pr;
-            sum += pr;
+            sc[mt][n][e] = Exp2(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: 2^-inf = 0
           }
+          v[n] = sc[mt][n][2 * hh] + sc[mt][n][2 * hh + 1];
         }
-        l_run[mt][hh] = l_run[mt][hh] * alpha + sum;
+#pragma unroll
+        for (int w = kNTiles / 2; w > 0; w /= 2) {
+#pragma unroll
+          for (int n = 0; n < w; ++n) v[n] += v[n + w];
+        }
+        l_run[mt][hh] = l_run[mt][hh] * alpha[mt][hh] + v[0];
+      }
+    }
+    // O is rescaled only when some row of the warp raised its max: after a row's first tiles
+    // that is rare, and skipping multiplies by exactly 1.
+    if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
         for (int d = 0; d < kDTiles; ++d) {
-          o[mt][d][2 * hh] *= alpha;
-          o[mt][d][2 * hh + 1] *= alpha;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[mt][d][e] *= alpha[mt][e >> 1];
         }
       }
     }
@@ -390,10 +411,10 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillMmaKernel(const PrefillArg
   }
 }
 
-template <typename T, int HD, int kWarps, int kMT, int kN>
+template <typename T, int HD, int kWarps, int kMT, int kN, int kMinBlocks>
 KernelStatus Launch(const PrefillArgs<T>& args, int max_q_len, int num_seqs, cudaStream_t stream) {
   using C = PrefillCfg<HD, kWarps, kMT, kN>;
-  auto kernel = PrefillMmaKernel<T, HD, kWarps, kMT, kN>;
+  auto kernel = PrefillMmaKernel<T, HD, kWarps, kMT, kN, kMinBlocks>;
   if (C::kSmemBytes > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(C::kSmemBytes)) != cudaSuccess) {
@@ -409,13 +430,13 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
                           int num_seqs, cudaStream_t stream) {
   switch (tiling) {
     case PrefillTiling::kQ64:
-      return Launch<T, HD, 4, 1, 64>(args, max_q_len, num_seqs, stream);
+      return Launch<T, HD, 4, 1, 64, 4>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kQ128:
-      return Launch<T, HD, 4, 2, 64>(args, max_q_len, num_seqs, stream);
+      return Launch<T, HD, 4, 2, 64, 1>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kQ128Warps8:
-      return Launch<T, HD, 8, 1, 64>(args, max_q_len, num_seqs, stream);
+      return Launch<T, HD, 8, 1, 64, 2>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kQ128Keys32:
-      return Launch<T, HD, 4, 2, 32>(args, max_q_len, num_seqs, stream);
+      return Launch<T, HD, 4, 2, 32, 1>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kAuto:
       break;
   }
@@ -427,11 +448,14 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
 PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
                                           const PagedAttentionCudaPlan& plan) {
   if (plan.prefill_tiling != PrefillTiling::kAuto) return plan.prefill_tiling;
-  // 128-row tiles reuse each K/V fragment for two m16 tiles (half the shared-memory traffic a
-  // MMA) but make half as many blocks: take them while they still fill ~2 blocks per SM.
+  // kQ128 (4 warps x 32 rows) reuses each K/V fragment for two m16 tiles: the fastest once the
+  // grid holds >= 3 waves of 2 blocks an SM (H200, run 1: 207 vs 172 TFLOP/s at 2048 x 32 heads,
+  // 512 blocks). Smaller grids are bound by their heaviest block: 8 warps x 16 rows halve it
+  // (133 vs 115 TFLOP/s at 1024 x 32 heads, 256 blocks; 173 vs 147 for 512 rows after 3584).
   const int64_t blocks128 = int64_t{p.num_heads} * p.num_seqs * cuda::CeilDiv(plan.max_q_len, 128);
-  return blocks128 >= 2 * int64_t{std::max(plan.num_multiprocessors, 1)} ? PrefillTiling::kQ128
-                                                                         : PrefillTiling::kQ64;
+  return blocks128 >= 3 * int64_t{std::max(plan.num_multiprocessors, 1)}
+             ? PrefillTiling::kQ128
+             : PrefillTiling::kQ128Warps8;
 }
 
 KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
