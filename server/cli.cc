@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
+#include "server/adapter_store.h"
 
 namespace phishard {
 namespace {
@@ -139,14 +140,23 @@ absl::Status ApplyServeEnvironment(const EnvFn& env, ServeOptions* o) {
   if (EnvIsOne(env, "CHUNKED_PREFILL")) {
     return absl::UnimplementedError("CHUNKED_PREFILL=1: chunked prefill is not supported");
   }
-  if (!o->adapter_id.empty() && o->adapter_id != kBaseModelAdapterId) {
-    return absl::UnimplementedError(
-        absl::StrFormat("--adapter-id %s: adapters are not supported yet", o->adapter_id));
+  if (absl::StatusOr<AdapterSourceKind> src =
+          ParseAdapterSource(o->adapter_source, "--adapter-source");
+      !src.ok()) {
+    return src.status();
   }
-  if (!o->preloaded_adapter_ids.empty()) {
-    return absl::UnimplementedError(
-        absl::StrFormat("--preloaded-adapter-ids %s: adapters are not supported yet",
-                        o->preloaded_adapter_ids.front()));
+  if (o->preloaded_adapter_source.empty()) o->preloaded_adapter_source = o->adapter_source;
+  if (absl::StatusOr<AdapterSourceKind> src =
+          ParseAdapterSource(o->preloaded_adapter_source, "--preloaded-adapter-source");
+      !src.ok()) {
+    return src.status();
+  }
+  if (o->merge_adapter_weights && (o->adapter_id.empty() || o->adapter_id == kBaseModelAdapterId)) {
+    return absl::InvalidArgumentError("--merge-adapter-weights requires --adapter-id");
+  }
+  if (o->adapter_slots < 1) return absl::InvalidArgumentError("--adapter-slots must be >= 1");
+  if (o->adapter_memory_bytes < 0) {
+    return absl::InvalidArgumentError("--adapter-memory-bytes must be >= 0");
   }
   if (o->source != "hub" && o->source != "local") {
     return absl::UnimplementedError(absl::StrFormat(
@@ -159,25 +169,21 @@ absl::Status ApplyServeEnvironment(const EnvFn& env, ServeOptions* o) {
   if (!ParseEnvDouble(env, "CUDA_MEMORY_FRACTION", 0.0, 1.0, &o->cuda_memory_fraction, &error) ||
       !ParseEnvDouble(env, "MEMORY_WIGGLE_ROOM", 0.0, 1.0, &o->memory_wiggle_room, &error) ||
       !ParseEnvDouble(env, "WATERMARK_GAMMA", 0.0, 1.0, &o->watermark_gamma, &error) ||
-      !ParseEnvDouble(env, "WATERMARK_DELTA", 0.0, 1e6, &o->watermark_delta, &error)) {
+      !ParseEnvDouble(env, "WATERMARK_DELTA", 0.0, 1e6, &o->watermark_delta, &error) ||
+      !ParseEnvDouble(env, "ADAPTER_MEMORY_FRACTION", 0.0, 1.0, &o->adapter_memory_fraction,
+                      &error)) {
     return error;
   }
 
   // Accepted for launcher compatibility; say what they do here.
   if (o->compile) PHI_LOG(INFO) << "--compile: accepted; CUDA graphs are not used by this shard";
   if (o->trust_remote_code) PHI_LOG(INFO) << "--trust-remote-code: accepted; no code is loaded";
-  if (o->merge_adapter_weights) {
-    PHI_LOG(INFO) << "--merge-adapter-weights: accepted; no static adapter to merge";
-  }
   if (!o->otlp_endpoint.empty()) {
     PHI_LOG(INFO) << "--otlp-endpoint " << o->otlp_endpoint
                   << ": accepted; tracing is not exported";
   }
   if (o->embedding_dim.has_value()) {
     PHI_LOG(INFO) << "--embedding-dim: accepted; Phi serves generation only";
-  }
-  if (o->adapter_source != "hub") {
-    PHI_LOG(DEBUG) << "--adapter-source " << o->adapter_source << ": no adapter is loaded";
   }
   return absl::OkStatus();
 }
@@ -219,16 +225,30 @@ int RunCli(int argc, char** argv) {
   AddBool(s, "json-output", &serve.json_output, "JSON log lines (LoRAX launcher format)");
   s->add_option("--source", serve.source, "Model source (hub | local)")->capture_default_str();
   s->add_option("--adapter-source", serve.adapter_source, "Adapter source")->capture_default_str();
-  s->add_option("--adapter-id", serve.adapter_id, "Static adapter (not supported yet)");
+  s->add_option("--adapter-id", serve.adapter_id, "Static adapter, served at adapter index 0");
   AddBool(s, "trust-remote-code", &serve.trust_remote_code, "Accepted, no effect");
   AddBool(s, "sharded", &serve.server.sharded, "Tensor parallel (needs RANK, WORLD_SIZE, ...)");
   s->add_option("--quantize", serve.quantize, "Not supported: any value is refused");
   AddBool(s, "compile", &serve.compile, "Accepted (CUDA graphs hint), no effect");
   s->add_option("--speculative-tokens", serve.speculative_tokens, "Must be 0");
   s->add_option("--preloaded-adapter-ids", serve.preloaded_adapter_ids,
-                "Adapters to preload (not supported yet)")
+                "Adapter loaded at startup at index 1, 2, ... (repeatable; disables dynamic "
+                "adapter loading)")
       ->allow_extra_args(false);
-  AddBool(s, "merge-adapter-weights", &serve.merge_adapter_weights, "Accepted, no effect");
+  AddBool(s, "merge-adapter-weights", &serve.merge_adapter_weights,
+          "Apply --adapter-id to every request and disable dynamic adapters");
+  s->add_option("--adapter-root", serve.adapter_roots,
+                "Directory adapters may be read from (repeatable or ':'-separated; default: the "
+                "model directory). The Hugging Face cache is always allowed")
+      ->envname("PHISHARD_ADAPTER_ROOT")
+      ->delimiter(':');
+  s->add_option("--adapter-memory-bytes", serve.adapter_memory_bytes,
+                "Memory ADAPTER_MEMORY_FRACTION applies to (default: GPU memory; on CPU "
+                "MemAvailable)")
+      ->envname("PHISHARD_ADAPTER_MEMORY_BYTES");
+  s->add_option("--adapter-slots", serve.adapter_slots, "Most dynamic adapters loaded at once")
+      ->envname("PHISHARD_ADAPTER_SLOTS")
+      ->capture_default_str();
   s->add_option("--preloaded-adapter-source", serve.preloaded_adapter_source,
                 "Source of preloaded adapters");
   s->add_option("--otlp-endpoint", serve.otlp_endpoint, "Accepted, no effect");

@@ -43,7 +43,12 @@ struct ServeOptions {
   std::string preloaded_adapter_source;
   std::string otlp_endpoint;
   std::optional<int> embedding_dim;
+  // Adapters (docs/adapters.md).
+  std::vector<std::string> adapter_roots;  // --adapter-root; empty = the model directory
+  int64_t adapter_memory_bytes = 0;        // what ADAPTER_MEMORY_FRACTION applies to; 0 = device
+  int adapter_slots = 1024;                // dynamic adapters resident at once
   // From the environment (spec §1.4), filled by ApplyServeEnvironment.
+  double adapter_memory_fraction = 0.1;  // ADAPTER_MEMORY_FRACTION
   double cuda_memory_fraction = 1.0;
   double memory_wiggle_room = 0.9;
   double watermark_gamma = 0.5;

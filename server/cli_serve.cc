@@ -11,6 +11,7 @@
 #include "model/model_factory.h"
 #include "model/model_path.h"
 #include "model/tokenizer.h"
+#include "server/adapter_service.h"
 #include "server/batch_engine.h"
 #include "server/cli.h"
 #include "server/lorax_service.h"
@@ -25,6 +26,38 @@ int Fail(const absl::Status& status) {
   PHI_LOG(ERROR) << "serve: " << status.message();
   std::cerr << "phishard serve: " << status.message() << std::endl;
   return 1;
+}
+
+// The adapter store, budget and registry, with the static / preloaded adapters already loaded
+// (spec §1.7: before the socket exists). Adapter roots default to the model directory.
+absl::StatusOr<std::unique_ptr<AdapterService>> StartAdapters(const ServeOptions& o,
+                                                              const std::filesystem::path& dir,
+                                                              ModelBackend* model) {
+  AdapterServiceOptions ao;
+  for (const std::string& r : o.adapter_roots) ao.store.roots.emplace_back(r);
+  if (ao.store.roots.empty()) ao.store.roots.push_back(dir);
+  ao.store.hub_cache = HubCacheFromEnv(ProcessEnv());
+  ao.memory_fraction = o.adapter_memory_fraction;
+  ao.num_slots = o.adapter_slots;
+  ao.static_adapter_id = o.adapter_id;
+  ao.merge_static = o.merge_adapter_weights;
+  ao.preloaded_ids = o.preloaded_adapter_ids;
+  absl::StatusOr<AdapterSourceKind> src = ParseAdapterSource(o.adapter_source, "--adapter-source");
+  if (!src.ok()) return src.status();
+  ao.static_source = *src;
+  src = ParseAdapterSource(o.preloaded_adapter_source, "--preloaded-adapter-source");
+  if (!src.ok()) return src.status();
+  ao.preloaded_source = *src;
+  absl::StatusOr<int64_t> memory = DeviceMemoryBytes(model->device_type(), o.adapter_memory_bytes);
+  if (!memory.ok()) {
+    const bool needed = (!o.adapter_id.empty() && o.adapter_id != kBaseModelAdapterId) ||
+                        !o.preloaded_adapter_ids.empty();
+    if (needed) return memory.status();
+    PHI_LOG(WARNING) << memory.status().message() << "; dynamic adapters get no memory";
+    memory = 0;
+  }
+  ao.device_memory_bytes = *memory;
+  return AdapterService::Create(model, std::move(ao));
 }
 
 }  // namespace
@@ -60,6 +93,9 @@ int RunServe(ServeOptions o) {
                 << "), " << (*model)->config().num_hidden_layers << " layers, hidden "
                 << (*model)->config().hidden_size << ", vocab " << (*model)->config().vocab_size;
 
+  absl::StatusOr<std::unique_ptr<AdapterService>> adapters = StartAdapters(o, *dir, model->get());
+  if (!adapters.ok()) return Fail(adapters.status());
+
   BatchEngineOptions eo;
   eo.rank = o.server.rank;
   eo.world_size = o.server.world_size;
@@ -74,6 +110,7 @@ int RunServe(ServeOptions o) {
   LoraxServiceOptions so;
   so.urls = ShardUrls(o.server);
   so.block_size = kKvBlockSize;
+  so.adapters = adapters->get();
   LoraxService service(&engine, model->get(), so);
 
   // From here on a signal means "shut down gracefully".

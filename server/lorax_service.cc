@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
+#include "server/adapter_service.h"
 #include "server/proto_convert.h"
 
 namespace phishard {
@@ -18,7 +19,6 @@ namespace {
 
 namespace pb = ::generate::v1;
 
-constexpr char kBaseModelAdapterId[] = "__base_model__";
 // tonic 0.9 (the LoRAX router) never raises its 4 MiB decode limit: a bigger response fails on
 // the router side exactly like an error (spec §2.1). We still send it, but say so in the log.
 constexpr size_t kRouterDecodeLimit = 4u << 20;
@@ -55,18 +55,12 @@ absl::Status PingNoThrow(ModelBackend* model) {
   }
 }
 
-// adapter_ids == ["__base_model__"]: the router's adapter index 0 (requests without adapter).
-absl::StatusOr<bool> IsBaseModel(const pb::AdapterParameters& p) {
-  if (p.adapter_ids_size() == 0) {
-    return absl::InvalidArgumentError("adapter_parameters.adapter_ids is empty");
-  }
-  return p.adapter_ids_size() == 1 && p.adapter_ids(0) == kBaseModelAdapterId;
-}
-
-absl::Status AdaptersUnsupported(const pb::AdapterParameters& p, std::string_view what) {
-  return absl::FailedPreconditionError(absl::StrFormat(
-      "adapters are not supported yet: cannot %s adapter '%s' (this shard serves only %s)", what,
-      absl::StrJoin(p.adapter_ids(), ","), kBaseModelAdapterId));
+// A shard started without an AdapterService serves only the base model.
+absl::Status AdaptersUnsupported(const AdapterSpec& spec, std::string_view what) {
+  return absl::FailedPreconditionError(
+      absl::StrFormat("adapters are not supported by this shard: cannot %s adapter '%s' (it "
+                      "serves only %s)",
+                      what, spec.Name(), kBaseModelAdapterId));
 }
 
 }  // namespace
@@ -202,6 +196,14 @@ LoraxService::LoraxService(BatchEngine* engine, ModelBackend* model, LoraxServic
   info_.set_supports_classification(false);
   info_.set_chunked_prefill(false);
   info_.set_requires_block_allocator(false);  // the shard allocates its own KV blocks
+  if (options_.adapters != nullptr) {
+    for (const PreloadedAdapterInfo& p : options_.adapters->preloaded()) {
+      pb::PreloadedAdapter* out = info_.add_preloaded_adapters();
+      out->mutable_adapter_parameters()->add_adapter_ids(p.id);
+      out->set_adapter_source(static_cast<pb::AdapterSource>(p.source));
+      out->set_adapter_index(p.index);
+    }
+  }
 }
 
 LoraxService::~LoraxService() { executor_.Stop(); }
@@ -455,15 +457,27 @@ LoraxService::Reactor* LoraxService::Health(Ctx* ctx, const Bytes* in, Bytes* ou
 }
 
 LoraxService::Reactor* LoraxService::DownloadAdapter(Ctx* ctx, const Bytes* in, Bytes* out) {
-  // Disk/network only (spec §2.1): answered off the executor.
+  // Disk only (spec §2.1): answered off the executor; AdapterService::Download reads no state
+  // that Load/Offload change.
   return Unary<pb::DownloadAdapterRequest, pb::DownloadAdapterResponse>(
       "DownloadAdapter", ctx, in, out, Lane::kInline,
-      [](const pb::DownloadAdapterRequest& req, pb::DownloadAdapterResponse* resp) -> absl::Status {
-        absl::StatusOr<bool> base = IsBaseModel(req.adapter_parameters());
-        if (!base.ok()) return base.status();
-        if (!*base) return AdaptersUnsupported(req.adapter_parameters(), "download");
-        resp->set_downloaded(false);
-        resp->set_memory_fraction(0.0f);
+      [this](const pb::DownloadAdapterRequest& req,
+             pb::DownloadAdapterResponse* resp) -> absl::Status {
+        absl::StatusOr<AdapterSpec> spec =
+            AdapterSpecFromProto(req.adapter_parameters(), req.adapter_source());
+        if (!spec.ok()) return spec.status();
+        DownloadResult r;  // base model: nothing to download (must succeed, spec §3.7)
+        if (options_.adapters != nullptr) {
+          absl::StatusOr<DownloadResult> d = options_.adapters->Download(*spec);
+          if (!d.ok()) return d.status();
+          r = *d;
+        } else if (!spec->is_base_model()) {
+          return AdaptersUnsupported(*spec, "download");
+        }
+        resp->set_downloaded(r.downloaded);
+        resp->set_memory_fraction(r.memory_fraction);
+        PHI_LOG(INFO) << "DownloadAdapter " << spec->Name() << ": downloaded=" << r.downloaded
+                      << " memory_fraction=" << r.memory_fraction;
         return absl::OkStatus();
       });
 }
@@ -471,11 +485,24 @@ LoraxService::Reactor* LoraxService::DownloadAdapter(Ctx* ctx, const Bytes* in, 
 LoraxService::Reactor* LoraxService::LoadAdapter(Ctx* ctx, const Bytes* in, Bytes* out) {
   return Unary<pb::LoadAdapterRequest, pb::LoadAdapterResponse>(
       "LoadAdapter", ctx, in, out, Lane::kExecutor,
-      [](const pb::LoadAdapterRequest& req, pb::LoadAdapterResponse* resp) -> absl::Status {
-        absl::StatusOr<bool> base = IsBaseModel(req.adapter_parameters());
-        if (!base.ok()) return base.status();
-        if (!*base) return AdaptersUnsupported(req.adapter_parameters(), "load");
-        resp->set_loaded(false);  // base model: nothing to load (must succeed, spec §3.7)
+      [this](const pb::LoadAdapterRequest& req, pb::LoadAdapterResponse* resp) -> absl::Status {
+        absl::StatusOr<AdapterSpec> spec =
+            AdapterSpecFromProto(req.adapter_parameters(), req.adapter_source());
+        if (!spec.ok()) return spec.status();
+        bool loaded = false;  // base model: nothing to load (must succeed, spec §3.7)
+        if (options_.adapters != nullptr) {
+          if (!spec->is_base_model()) {
+            if (absl::Status s = RequireDevice(); !s.ok()) return s;
+          }
+          absl::StatusOr<bool> l = options_.adapters->Load(*spec, req.adapter_index());
+          if (!l.ok()) return l.status();
+          loaded = *l;
+        } else if (!spec->is_base_model()) {
+          return AdaptersUnsupported(*spec, "load");
+        }
+        resp->set_loaded(loaded);
+        PHI_LOG(INFO) << "LoadAdapter " << spec->Name() << " at index " << req.adapter_index()
+                      << ": loaded=" << loaded;
         return absl::OkStatus();
       });
 }
@@ -483,12 +510,22 @@ LoraxService::Reactor* LoraxService::LoadAdapter(Ctx* ctx, const Bytes* in, Byte
 LoraxService::Reactor* LoraxService::OffloadAdapter(Ctx* ctx, const Bytes* in, Bytes* out) {
   return Unary<pb::OffloadAdapterRequest, pb::OffloadAdapterResponse>(
       "OffloadAdapter", ctx, in, out, Lane::kExecutor,
-      [](const pb::OffloadAdapterRequest& req, pb::OffloadAdapterResponse* resp) -> absl::Status {
-        absl::StatusOr<bool> base = IsBaseModel(req.adapter_parameters());
-        if (!base.ok()) return base.status();
-        // No adapter is ever loaded, so there is nothing to offload under any index: upstream's
-        // answer for an index that is not loaded is `false`, not an error.
-        resp->set_offloaded(false);
+      [this](const pb::OffloadAdapterRequest& req,
+             pb::OffloadAdapterResponse* resp) -> absl::Status {
+        absl::StatusOr<AdapterSpec> spec =
+            AdapterSpecFromProto(req.adapter_parameters(), req.adapter_source());
+        if (!spec.ok()) return spec.status();
+        // Without an AdapterService nothing is ever loaded: upstream's answer for an index that
+        // is not loaded is `false`, not an error.
+        bool offloaded = false;
+        if (options_.adapters != nullptr) {
+          absl::StatusOr<bool> o = options_.adapters->Offload(*spec, req.adapter_index());
+          if (!o.ok()) return o.status();
+          offloaded = *o;
+        }
+        resp->set_offloaded(offloaded);
+        PHI_LOG(INFO) << "OffloadAdapter " << spec->Name() << " at index " << req.adapter_index()
+                      << ": offloaded=" << offloaded;
         return absl::OkStatus();
       });
 }

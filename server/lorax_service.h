@@ -94,9 +94,14 @@ class ShardHealth {
   std::vector<std::pair<int, std::function<void(bool)>>> subscribers_;
 };
 
+class AdapterService;
+
 struct LoraxServiceOptions {
   std::vector<std::string> urls;  // ServiceDiscovery answer, rank order
   uint32_t block_size = 16;       // Info.block_size: the engine's KV block size
+  // Download/Load/OffloadAdapter and Info.preloaded_adapters (not owned, outlives the service).
+  // nullptr: only the base model (`__base_model__`); real adapters are FAILED_PRECONDITION.
+  AdapterService* adapters = nullptr;
 };
 
 namespace internal {

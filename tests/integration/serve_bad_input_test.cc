@@ -267,7 +267,7 @@ TEST_F(BadInput, EveryMalformedRequestGetsItsStatusAndTheShardKeepsServing) {
          d.mutable_adapter_parameters()->add_adapter_ids("org/lora");
          return Call(&pb::LoraxService::Stub::DownloadAdapter, d);
        },
-       C::FAILED_PRECONDITION, "adapters are not supported yet"},
+       C::FAILED_PRECONDITION, "phishard does not download adapters"},
       {"load a real adapter",
        [&] {
          pb::LoadAdapterRequest l;
@@ -275,7 +275,7 @@ TEST_F(BadInput, EveryMalformedRequestGetsItsStatusAndTheShardKeepsServing) {
          l.set_adapter_index(3);
          return Call(&pb::LoraxService::Stub::LoadAdapter, l);
        },
-       C::FAILED_PRECONDITION, "adapters are not supported yet"},
+       C::FAILED_PRECONDITION, "phishard does not download adapters"},
       {"adapter request without ids",
        [&] { return Call(&pb::LoraxService::Stub::DownloadAdapter, pb::DownloadAdapterRequest()); },
        C::INVALID_ARGUMENT, "adapter_parameters.adapter_ids is empty"},
