@@ -1,5 +1,6 @@
 #include "model/phi_weights.h"
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -8,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/logging.h"
 
 namespace phishard {
 namespace {
@@ -265,8 +267,16 @@ absl::StatusOr<PhiWeightsF32> LoadPhiWeightsF32(const WeightStore& store, const 
   PHI_RETURN_IF_ERROR(
       ReadF32Slice(store, "model.embed_tokens.weight", {V, H}, vocab_rows, &w.embed));
   w.layers.resize(c.num_hidden_layers);
+  // Startup progress for big models (a Phi-2 conversion takes tens of seconds on CPU): one line
+  // at most every 5 s, and always the last layer (docs/observability.md).
+  auto last_log = std::chrono::steady_clock::now();
   for (int i = 0; i < c.num_hidden_layers; ++i) {
     PHI_RETURN_IF_ERROR(LoadLayer(store, c, sh, i, &w.layers[i]));
+    const auto now = std::chrono::steady_clock::now();
+    if (i + 1 == c.num_hidden_layers || now - last_log >= std::chrono::seconds(5)) {
+      PHI_LOG(INFO) << "Weights loaded: layer " << (i + 1) << "/" << c.num_hidden_layers;
+      last_log = now;
+    }
   }
   PHI_RETURN_IF_ERROR(store.ReadF32("model.final_layernorm.weight", {H}, &w.final_ln_weight));
   PHI_RETURN_IF_ERROR(store.ReadF32("model.final_layernorm.bias", {H}, &w.final_ln_bias));

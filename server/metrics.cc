@@ -354,6 +354,38 @@ void MetricsSetLoadProgress(double fraction) {
   g.Set(std::clamp(fraction, 0.0, 1.0));
 }
 
+void MetricsRecordPrefill(double seconds, const BatchInput& batch, const StepResult& step) {
+  int64_t prompt = 0;
+  for (const RequestInput& r : batch.requests) {
+    const int64_t n = static_cast<int64_t>(r.token_ids.size());
+    prompt += r.truncate > 0 ? std::min<int64_t>(n, r.truncate) : n;
+  }
+  MetricsAddPromptTokens(prompt);
+  MetricsRecordStepResult("prefill", seconds, static_cast<int>(batch.requests.size()), step);
+}
+
+void MetricsRecordStepResult(std::string_view kind, double seconds, int batch_size,
+                             const StepResult& step) {
+  MetricsRecordStep(kind, seconds, batch_size);
+  int64_t tokens = 0;
+  for (const GenerationOut& g : step.generations) {
+    tokens += static_cast<int64_t>(g.next_tokens.ids.size());
+    if (!g.generated_text.has_value()) continue;
+    switch (g.generated_text->finish_reason) {
+      case FinishReason::kLength:
+        MetricsRecordFinished("length");
+        break;
+      case FinishReason::kEosToken:
+        MetricsRecordFinished("eos_token");
+        break;
+      case FinishReason::kStopSequence:
+        MetricsRecordFinished("stop_sequence");
+        break;
+    }
+  }
+  MetricsAddGeneratedTokens(tokens);
+}
+
 std::string_view GrpcCodeName(int code) {
   static constexpr std::string_view kNames[] = {"OK",
                                                 "CANCELLED",
