@@ -213,6 +213,9 @@ int RunCli(int argc, char** argv) {
   s->add_option("--listen-tcp", serve.server.listen_tcp,
                 "Also listen on TCP: PORT (binds 127.0.0.1) or HOST:PORT")
       ->envname("PHISHARD_LISTEN_TCP");
+  s->add_option("--metrics-addr", serve.metrics_addr,
+                "Serve Prometheus GET /metrics over HTTP: PORT (binds 127.0.0.1) or HOST:PORT")
+      ->envname("PHISHARD_METRICS_ADDR");
   s->add_option("--max-kv-blocks", serve.max_kv_blocks,
                 "Cap the KV pool at N blocks of 16 tokens (0 = size from memory at Warmup)")
       ->envname("PHISHARD_MAX_KV_BLOCKS");

@@ -15,6 +15,8 @@
 #include "server/batch_engine.h"
 #include "server/cli.h"
 #include "server/lorax_service.h"
+#include "server/metrics.h"
+#include "server/metrics_http.h"
 #include "server/shard_server.h"
 
 namespace phishard {
@@ -72,6 +74,19 @@ int RunServe(ServeOptions o) {
   SetLogJson(o.json_output);
   if (absl::Status s = ApplyServeEnvironment(ProcessEnv(), &o); !s.ok()) return Fail(s);
   SetLogRank(o.server.rank);
+  // Prometheus /metrics (docs/observability.md) is up before loading starts, so a scrape sees
+  // phishard_health_state 0 (loading) while the gRPC socket does not exist yet.
+  MetricsSetRank(o.server.rank);
+  MetricsSetHealth(HealthStateValue::kLoading);
+  std::unique_ptr<MetricsHttpServer> metrics_http;
+  if (!o.metrics_addr.empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> m =
+        MetricsHttpServer::Start(o.metrics_addr, [] { return ShardMetricsRegistry().Render(); });
+    if (!m.ok()) return Fail(m.status());
+    metrics_http = *std::move(m);
+    PHI_LOG(INFO) << "Prometheus metrics on " << o.metrics_addr << " (port "
+                  << metrics_http->port() << "), GET /metrics";
+  }
 
   absl::StatusOr<std::filesystem::path> dir = ResolveModelDir(
       o.model_id, o.revision.empty() ? std::nullopt : std::optional<std::string>(o.revision));
@@ -89,6 +104,7 @@ int RunServe(ServeOptions o) {
   load.world_size = o.server.world_size;
   absl::StatusOr<std::unique_ptr<ModelBackend>> model = CreateModelBackend(load);
   if (!model.ok()) return Fail(model.status());
+  MetricsSetLoadProgress(1.0);
   PHI_LOG(INFO) << "Model ready on " << (*model)->device_type() << " (" << (*model)->dtype_name()
                 << "), " << (*model)->config().num_hidden_layers << " layers, hidden "
                 << (*model)->config().hidden_size << ", vocab " << (*model)->config().vocab_size;
@@ -117,6 +133,11 @@ int RunServe(ServeOptions o) {
   signals.set_exit_on_signal(false);
   absl::StatusOr<std::unique_ptr<ShardServer>> server = ShardServer::Start(o.server, &service);
   if (!server.ok()) return Fail(server.status());
+  MetricsSetHealth(service.health().serving() ? HealthStateValue::kServing
+                                              : HealthStateValue::kNotServing);
+  service.health().Subscribe([](bool serving) {
+    MetricsSetHealth(serving ? HealthStateValue::kServing : HealthStateValue::kNotServing);
+  });
 
   const int sig = signals.Wait();
   PHI_LOG(INFO) << "Signal " << sig << " received. Shutting down";

@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
 #include "server/adapter_service.h"
+#include "server/metrics.h"
 #include "server/proto_convert.h"
 
 namespace phishard {
@@ -317,8 +318,15 @@ LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const B
     } else {
       PHI_LOG(WARNING) << method << " rejected: " << st;
     }
+    if (lane == Lane::kExecutor) {  // Warmup, steps, filter and clear all move KV blocks
+      MetricsSetKvBlocks(engine_->kv_blocks_total() - engine_->kv_blocks_free(),
+                         engine_->kv_blocks_free());
+    }
   };
-  auto finish = [reactor, st_holder] { reactor->Finish(ToGrpcStatus(*st_holder)); };
+  auto finish = [reactor, st_holder, method] {
+    MetricsRecordRpc(method, static_cast<int>(st_holder->code()));
+    reactor->Finish(ToGrpcStatus(*st_holder));
+  };
   if (lane == Lane::kInline) {
     run();
     finish();
@@ -374,11 +382,16 @@ LoraxService::Reactor* LoraxService::Warmup(Ctx* ctx, const Bytes* in, Bytes* ou
         if (!req.has_batch()) return absl::InvalidArgumentError("batch is required");
         absl::StatusOr<BatchInput> batch = BatchFromProto(req.batch());
         if (!batch.ok()) return batch.status();
+        PHI_LOG(INFO) << "Warmup started: " << batch->requests.size() << " requests, "
+                      << req.max_prefill_tokens() << " max prefill tokens";
+        const auto t0 = std::chrono::steady_clock::now();
         absl::StatusOr<uint32_t> tokens = engine_->Warmup(
             *batch, req.max_input_length(), req.max_prefill_tokens(), req.max_new_tokens());
         if (!tokens.ok()) return tokens.status();
         resp->set_max_supported_total_tokens(*tokens);  // always set (spec §2.3)
-        PHI_LOG(INFO) << "Warmup: max_supported_total_tokens = " << *tokens;
+        PHI_LOG(INFO) << "Warmup finished in "
+                      << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
+                      << " s: max_supported_total_tokens = " << *tokens;
         return absl::OkStatus();
       });
 }
@@ -397,8 +410,12 @@ LoraxService::Reactor* LoraxService::Prefill(Ctx* ctx, const Bytes* in, Bytes* o
         }
         absl::StatusOr<BatchInput> batch = BatchFromProto(req.batch());
         if (!batch.ok()) return batch.status();
+        const auto t0 = std::chrono::steady_clock::now();
         absl::StatusOr<StepResult> step = engine_->Prefill(*batch);
         if (!step.ok()) return step.status();
+        MetricsRecordPrefill(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), *batch,
+            *step);
         StepResultToProto(*step, resp);
         return absl::OkStatus();
       });
@@ -430,8 +447,14 @@ LoraxService::Reactor* LoraxService::Decode(Ctx* ctx, const Bytes* in, Bytes* ou
         std::vector<uint64_t> ids;
         ids.reserve(req.batches_size());
         for (const pb::CachedBatch& b : req.batches()) ids.push_back(b.id());
+        const auto t0 = std::chrono::steady_clock::now();
         absl::StatusOr<StepResult> step = engine_->Decode(ids);
         if (!step.ok()) return step.status();
+        int batch_size = 0;
+        for (const pb::CachedBatch& b : req.batches()) batch_size += b.request_ids_size();
+        MetricsRecordStepResult(
+            "decode", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+            batch_size, *step);
         StepResultToProto(*step, resp);
         return absl::OkStatus();
       });
