@@ -4,7 +4,7 @@
 //
 // Two kernels behind one entry, chosen per call:
 //  * prefill (any q_len; paged_attention_prefill.cu): FlashAttention-2 layout, one block per
-//    (head, 64- or 128-query tile, sequence); each warp keeps its Q rows, scores, softmax state
+//    (head, 128-query tile, sequence); each warp keeps its Q rows, scores, softmax state
 //    and O in registers (mma.sync m16n8k16, float32 accumulation), the block walks 64-key tiles
 //    gathered through the block table with cp.async into double-buffered shared memory, and the
 //    causal mask costs only on the tiles that cross a warp's diagonal. S x S is never stored.
@@ -30,15 +30,13 @@ namespace phishard {
 
 enum class AttentionKernel { kAuto, kPrefill, kDecode };
 
-// Prefill query-tile shapes: rows a block, warps, m16 tiles a warp, keys a tile. kAuto takes kQ128
-// for grids of >= 3 waves (2 blocks an SM), else kQ128Warps8. The others are for tests and
-// benchmarks.
+// Prefill query tiles (128 rows a block either way). kAuto is kQ128Warps8; kQ128 is kept for
+// tests and benchmarks (a close second: docs/perf-log.md, prefill attention run 2).
 enum class PrefillTiling {
   kAuto,
-  kQ64,         // 64 rows: 4 warps x 16 rows, 64-key tiles, registers capped for 4 blocks an SM
-  kQ128,        // 128 rows: 4 warps x 32 rows (K/V fragments reused twice), 64-key tiles
-  kQ128Warps8,  // 128 rows: 8 warps x 16 rows, 64-key tiles, registers capped for 2 blocks an SM
-  kQ128Keys32,  // 128 rows: 4 warps x 32 rows, 32-key tiles (fewer registers)
+  kQ128,        // 4 warps x 32 rows: each K/V fragment feeds two m16 tiles; 255 registers, 2 blocks
+                // (8 warps) an SM
+  kQ128Warps8,  // 8 warps x 16 rows, registers capped at 128: 2 blocks (16 warps) an SM
 };
 
 struct PagedAttentionCudaPlan {

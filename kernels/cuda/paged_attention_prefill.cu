@@ -429,14 +429,10 @@ template <typename T, int HD>
 KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int max_q_len,
                           int num_seqs, cudaStream_t stream) {
   switch (tiling) {
-    case PrefillTiling::kQ64:
-      return Launch<T, HD, 4, 1, 64, 4>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kQ128:
       return Launch<T, HD, 4, 2, 64, 1>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kQ128Warps8:
       return Launch<T, HD, 8, 1, 64, 2>(args, max_q_len, num_seqs, stream);
-    case PrefillTiling::kQ128Keys32:
-      return Launch<T, HD, 4, 2, 32, 1>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kAuto:
       break;
   }
@@ -445,17 +441,12 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
 
 }  // namespace
 
-PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
+PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& /*p*/,
                                           const PagedAttentionCudaPlan& plan) {
-  if (plan.prefill_tiling != PrefillTiling::kAuto) return plan.prefill_tiling;
-  // kQ128 (4 warps x 32 rows) reuses each K/V fragment for two m16 tiles: the fastest once the
-  // grid holds >= 3 waves of 2 blocks an SM (H200, run 1: 207 vs 172 TFLOP/s at 2048 x 32 heads,
-  // 512 blocks). Smaller grids are bound by their heaviest block: 8 warps x 16 rows halve it
-  // (133 vs 115 TFLOP/s at 1024 x 32 heads, 256 blocks; 173 vs 147 for 512 rows after 3584).
-  const int64_t blocks128 = int64_t{p.num_heads} * p.num_seqs * cuda::CeilDiv(plan.max_q_len, 128);
-  return blocks128 >= 3 * int64_t{std::max(plan.num_multiprocessors, 1)}
-             ? PrefillTiling::kQ128
-             : PrefillTiling::kQ128Warps8;
+  // H200, run 2 (docs/perf-log.md): kQ128Warps8 is within 2% of kQ128 at head dim 80 from 4096
+  // tokens up and 4-6% ahead at head dim 64 and on batched 1024-token prefills; ties elsewhere.
+  return plan.prefill_tiling == PrefillTiling::kAuto ? PrefillTiling::kQ128Warps8
+                                                     : plan.prefill_tiling;
 }
 
 KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,

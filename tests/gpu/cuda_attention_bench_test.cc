@@ -40,14 +40,10 @@ const char* TilingName(PrefillTiling t) {
   switch (t) {
     case PrefillTiling::kAuto:
       return "auto";
-    case PrefillTiling::kQ64:
-      return "q64";
     case PrefillTiling::kQ128:
       return "q128";
     case PrefillTiling::kQ128Warps8:
       return "q128w8";
-    case PrefillTiling::kQ128Keys32:
-      return "q128k32";
   }
   return "?";
 }
@@ -120,8 +116,7 @@ void BenchShape(const Shape& s, DeviceTimer* timer) {
 
   std::vector<float> ref;
   for (PrefillTiling tiling :
-       {PrefillTiling::kQ128, PrefillTiling::kQ64, PrefillTiling::kQ128Warps8,
-        PrefillTiling::kQ128Keys32, PrefillTiling::kAuto}) {
+       {PrefillTiling::kQ128, PrefillTiling::kQ128Warps8, PrefillTiling::kAuto}) {
     const PagedAttentionCudaPlan plan{.max_q_len = s.q_len,
                                       .max_context_len = s.context_len,
                                       .kernel = AttentionKernel::kPrefill,

@@ -40,9 +40,8 @@ struct AttnCase {
   int block_size = 16;
 };
 
-constexpr PrefillTiling kAllTilings[] = {PrefillTiling::kAuto, PrefillTiling::kQ64,
-                                         PrefillTiling::kQ128, PrefillTiling::kQ128Warps8,
-                                         PrefillTiling::kQ128Keys32};
+constexpr PrefillTiling kAllTilings[] = {PrefillTiling::kAuto, PrefillTiling::kQ128,
+                                         PrefillTiling::kQ128Warps8};
 
 struct RunOptions {
   DataType dtype = DataType::kBF16;
