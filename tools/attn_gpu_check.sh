@@ -80,14 +80,15 @@ if command -v compute-sanitizer > /dev/null; then
     $B/cuda_attention_test --gtest_filter='*Sanitizer*'
 fi
 if command -v ncu > /dev/null; then
-  # One launch of the kQ128 kernel at 4096 x 32 heads x 80 (the first launch of that shape).
+  # One launch of kQ128 at 4096 x 32 heads x 80 (the first launch of that shape), one of
+  # kQ128Warps8 at 1024 (demangled names read `PrefillMmaKernel<__nv_bfloat16, (int)80, ...>`).
   step ncu 60 ncu.log env PHISHARD_ATTN_BENCH_SHAPES=h32d80_s4096 ncu --clock-control none \
     --kernel-name regex:PrefillMmaKernel --launch-count 1 --section SpeedOfLight \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section SchedulerStats --section Occupancy --section LaunchStats --section SourceCounters \
     $B/cuda_attention_bench_test
   step ncu-w8 60 ncu.log env PHISHARD_ATTN_BENCH_SHAPES=h32d80_s1024 ncu --clock-control none \
-    --kernel-name-base demangled --kernel-name 'regex:PrefillMmaKernel<.*, 80, 8, 1, 64' \
+    --kernel-name-base demangled --kernel-name 'regex:PrefillMmaKernel<[^,]*, \(int\)80, \(int\)8,' \
     --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
     --section Occupancy $B/cuda_attention_bench_test
 fi
