@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 
 #include "common/logging.h"
 
@@ -225,8 +226,12 @@ std::string FormatMetricValue(double v) {
     std::snprintf(buf, sizeof(buf), "%.0f", v);
     return buf;
   }
+  // The shortest of %.15g..%.17g that reads back exactly: 0.0025, not 0.0025000000000000001.
   char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  for (int precision = 15; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof(buf), "%.*g", precision, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
   return buf;
 }
 

@@ -73,7 +73,11 @@ TEST(MetricsRegistry, ValueFormatting) {
   EXPECT_EQ(FormatMetricValue(INFINITY), "+Inf");
   EXPECT_EQ(FormatMetricValue(-INFINITY), "-Inf");
   EXPECT_EQ(FormatMetricValue(NAN), "NaN");
-  EXPECT_EQ(std::stod(FormatMetricValue(0.1)), 0.1);  // round-trips exactly
+  EXPECT_EQ(FormatMetricValue(0.0025), "0.0025");  // shortest form, as bucket `le` labels read
+  EXPECT_EQ(FormatMetricValue(1e20), "1e+20");
+  for (double v : {0.1, 1.0 / 3, 2.5e-7, 123456.789}) {
+    EXPECT_EQ(std::stod(FormatMetricValue(v)), v);  // round-trips exactly
+  }
 }
 
 TEST(MetricsRegistry, NameCharsets) {
