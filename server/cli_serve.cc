@@ -111,6 +111,9 @@ int RunServe(ServeOptions o) {
 
   absl::StatusOr<std::unique_ptr<AdapterService>> adapters = StartAdapters(o, *dir, model->get());
   if (!adapters.ok()) return Fail(adapters.status());
+  if ((*adapters)->registry() != nullptr) {
+    MetricsSetAdaptersLoaded((*adapters)->registry()->num_loaded());  // static and preloaded
+  }
 
   BatchEngineOptions eo;
   eo.rank = o.server.rank;

@@ -354,6 +354,16 @@ void MetricsSetKvBlocks(int64_t used, int64_t free) {
   f.Set(static_cast<double>(free));
 }
 
+void MetricsSetAdaptersLoaded(int n) {
+  static Gauge& g = []() -> Gauge& {
+    MetricsRegistry& r = ShardMetricsRegistry();
+    r.DeclareGauge("phishard_adapters_loaded",
+                   "LoRA adapters resident in the registry (static and preloaded included)");
+    return r.GetGauge("phishard_adapters_loaded");
+  }();
+  g.Set(n);
+}
+
 void MetricsSetLoadProgress(double fraction) {
   static Gauge& g = ShardMetricsRegistry().GetGauge(kLoadProgress);
   g.Set(std::clamp(fraction, 0.0, 1.0));

@@ -135,14 +135,16 @@ void MetricsAddGeneratedTokens(int64_t n);
 // reason: "length" | "eos_token" | "stop_sequence".
 void MetricsRecordFinished(std::string_view reason);
 void MetricsSetKvBlocks(int64_t used, int64_t free);
-void MetricsSetLoadProgress(double fraction);
+void MetricsSetLoadProgress(double fraction);  // phishard_load_progress_ratio, 0..1
+// phishard_adapters_loaded; the family exists only once a shard with adapters calls this.
+void MetricsSetAdaptersLoaded(int n);
 // A successful Prefill: its prompt tokens (the router's token ids, capped at `truncate`; requests
 // sent as text only are not counted), then as MetricsRecordStepResult.
 void MetricsRecordPrefill(double seconds, const BatchInput& batch, const StepResult& step);
 // A successful step of `batch_size` requests: latency, batch size, the tokens this rank emitted
 // (under tensor parallelism only the requests it owns) and the requests that finished.
 void MetricsRecordStepResult(std::string_view kind, double seconds, int batch_size,
-                             const StepResult& step);  // phishard_load_progress_ratio, 0..1
+                             const StepResult& step);
 
 // gRPC status code names as gRPC spells them (OK, INVALID_ARGUMENT, ...); "UNKNOWN" if out of
 // range.

@@ -50,6 +50,8 @@ TEST(MetricsProcess, CountersFollowARouterSessionAndTheTextParses) {
   EXPECT_EQ(p.Value("phishard_health_state", "phishard_health_state", {{"rank", "0"}}), 1);
   EXPECT_EQ(p.Value("phishard_load_progress_ratio", "phishard_load_progress_ratio"), 1);
   EXPECT_EQ(p.Value("phishard_generated_tokens_total", "phishard_generated_tokens_total"), 0);
+  // The CPU backend applies adapters: the registry exists, nothing is loaded without flags.
+  EXPECT_EQ(p.Value("phishard_adapters_loaded", "phishard_adapters_loaded"), 0);
 
   absl::StatusOr<std::unique_ptr<RouterSession>> session =
       RouterSession::Connect(UdsTarget(shard.uds), /*timeout_s=*/120);
