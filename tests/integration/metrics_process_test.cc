@@ -1,4 +1,4 @@
-// (Named metrics_process_test: tests/server/metrics_test.cc already owns the target name metrics_test.)
+// Named metrics_process_test: tests/server/metrics_test.cc already owns the target metrics_test.
 // `phishard serve --metrics-addr 127.0.0.1:0` on the demo model: the router's startup and one
 // batch run to completion over the real unix socket (server/client.h), then GET /metrics over
 // HTTP, checked with the strict exposition-format parser and against what the client saw.
