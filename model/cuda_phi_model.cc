@@ -15,87 +15,24 @@
 #include "common/logging.h"
 #include "kernels/cuda/embedding_cuda.h"
 #include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/layer_norm_cuda.h"
 #include "kernels/cuda/paged_attention_cuda.h"
+#include "kernels/cuda/random_fill_cuda.h"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
 #include "kernels/kernel_status.h"
+#include "model/cuda_graph_runner.h"
+#include "model/cuda_phi_internal.h"
 #include "model/kv_cache.h"
 
 namespace phishard {
 namespace {
 
-#define PHI_RETURN_IF_ERROR(expr) \
-  do {                            \
-    absl::Status _st = (expr);    \
-    if (!_st.ok()) return _st;    \
-  } while (0)
-
-constexpr size_t kAlign = 256;  // every device sub-buffer starts 256-byte aligned (cuBLASLt)
-constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
-// Decode split-K partials are reserved for this many sequences x kMaxDecodeSplits; bigger decode
-// batches fill the GPU without splitting (see DecodeSplits in kernels/cuda/paged_attention.cu).
-constexpr int kDecodeSplitRows = 256;
-constexpr int kMaxDecodeSplits = 16;
-
-size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
-// Logit rows are padded to 64 floats so every row starts 256-byte aligned.
-int VocabPad(int v) { return (v + 63) / 64 * 64; }
-
-double GiB(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
-
-// Byte offsets of the step arena for `tokens` tokens (all sub-buffers [tokens, width]).
-struct ArenaLayout {
-  size_t h, normed, qkv, attn, mlp, last, logits, attn_ws, attn_ws_bytes, total;
-};
-
-ArenaLayout MakeArenaLayout(const PhiConfig& c, int tokens) {
-  const size_t t = static_cast<size_t>(tokens), e = 2;  // 16-bit storage
-  const size_t qkv_w =
-      static_cast<size_t>(c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
-  ArenaLayout l;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += AlignUp(bytes);
-    return at;
-  };
-  l.h = take(t * c.hidden_size * e);       // residual stream
-  l.normed = take(t * c.hidden_size * e);  // LayerNorm output feeding attention and MLP
-  l.qkv = take(t * qkv_w * e);
-  l.attn = take(t * c.num_attention_heads * c.head_dim * e);
-  l.mlp = take(t * c.intermediate_size * e);
-  l.last = take(t * c.hidden_size * e);                         // hidden rows that return logits
-  l.logits = take(t * VocabPad(c.vocab_size) * sizeof(float));  // float32 logits
-  l.attn_ws_bytes = PagedAttentionCudaWorkspaceBytes(
-      std::min(tokens, kDecodeSplitRows), c.num_attention_heads, c.head_dim, kMaxDecodeSplits);
-  l.attn_ws = take(l.attn_ws_bytes);
-  l.total = off;
-  return l;
-}
-
-// Per-step metadata, one contiguous block (host pinned and device): int64 slots first.
-struct MetaLayout {
-  size_t slots, ids, positions, cu_q_lens, context_lens, logit_rows, block_tables, total;
-};
-
-MetaLayout MakeMetaLayout(int T, int S, int R, int max_blocks) {
-  MetaLayout m;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += (bytes + 15) / 16 * 16;
-    return at;
-  };
-  m.slots = take(sizeof(int64_t) * T);
-  m.ids = take(sizeof(int32_t) * T);
-  m.positions = take(sizeof(int32_t) * T);
-  m.cu_q_lens = take(sizeof(int32_t) * (S + 1));
-  m.context_lens = take(sizeof(int32_t) * S);
-  m.logit_rows = take(sizeof(int32_t) * std::max(R, 1));
-  m.block_tables = take(sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
-  m.total = off;
-  return m;
-}
+using cuda_model::AlignUp;
+using cuda_model::ArenaLayout;
+using cuda_model::GiB;
+using cuda_model::kGemmWorkspaceBytes;
+using cuda_model::MakeArenaLayout;
 
 absl::StatusOr<DataType> ResolveDtype(const std::string& requested, const PhiConfig& c,
                                       int cc_major) {
@@ -131,7 +68,12 @@ CudaPhiModel::CudaPhiModel(PhiConfig config, DataType dtype, int device)
 CudaPhiModel::~CudaPhiModel() {
   DeviceSet(device_);
   if (stream_) DeviceStreamSync(stream_);
+  graphs_.reset();
   gemm_.reset();
+  if (step_timer_) DeviceTimerDestroy(step_timer_);
+  if (decode_dev_) DeviceFree(decode_dev_);
+  if (decode_host_) DeviceFreeHost(decode_host_);
+  if (logits_host_) DeviceFreeHost(logits_host_);
   if (weights_) DeviceFree(weights_);
   if (kv_) DeviceFree(kv_);
   if (arena_) DeviceFree(arena_);
@@ -181,6 +123,24 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Load(
 
 absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Create(
     const PhiConfig& config, const WeightStore& store, const CudaModelOptions& options) {
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = Init(config, options);
+  if (!m.ok()) return m.status();
+  PHI_RETURN_IF_ERROR((*m)->UploadWeights(store));
+  PHI_RETURN_IF_ERROR((*m)->Finish(options));
+  return m;
+}
+
+absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::CreateRandom(
+    const PhiConfig& config, const CudaModelOptions& options, uint64_t seed) {
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = Init(config, options);
+  if (!m.ok()) return m.status();
+  PHI_RETURN_IF_ERROR((*m)->FillRandomWeights(seed));
+  PHI_RETURN_IF_ERROR((*m)->Finish(options));
+  return m;
+}
+
+absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig& config,
+                                                                 const CudaModelOptions& options) {
   int count = 0;
   DeviceGetCount(&count);
   if (options.device < 0 || options.device >= count) {
@@ -229,121 +189,37 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Create(
     return absl::InternalError(absl::StrCat("cuBLASLt initialisation failed on device ",
                                             options.device, ": ", KernelStatusName(st)));
   }
-  PHI_RETURN_IF_ERROR(m->UploadWeights(store));
-  PHI_RETURN_IF_ERROR(m->ReserveWorkspace(std::max(options.reserve_tokens, 1)));
+  if (options.max_graph_batch < 1 || options.gemv_max_rows < 0 ||
+      options.gemv_max_rows > kGemvMaxRows) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "CudaModelOptions: max_graph_batch = %d must be >= 1 and gemv_max_rows = %d in [0, %d]",
+        options.max_graph_batch, options.gemv_max_rows, kGemvMaxRows));
+  }
+  m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
+  m->use_graphs_ = options.cuda_graphs;
+  m->gemv_max_rows_ = options.gemv_max_rows;
+  m->pdl_ = options.pdl && props.cc_major >= 9;
+  m->props_name_ = props.name;
+  return m;
+}
+
+absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
+  // Decode steps of the largest bucket run in the arena too.
+  PHI_RETURN_IF_ERROR(
+      ReserveWorkspace(std::max({options.reserve_tokens, graphs_->max_batch(), 1})));
+  const int pitch = KvBlockAllocator::BlocksFor(std::max(config_.max_position_embeddings, 1));
+  PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(graphs_->max_batch(), pitch));
+  const PhiConfig& config = config_;
   Log(LogLevel::kInfo,
       absl::StrFormat(
           "CUDA Phi model on device %d (%s, %d SMs): %d layers, hidden %d, heads %d/%d x %d, "
           "rotary %d, vocab %d, %s, weights %.2f GiB, GELU %s (probe |err| tanh %.2g erf %.2g)",
-          options.device, props.name, props.multiprocessors, config.num_hidden_layers,
-          config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-          config.head_dim, config.rotary_dim, config.vocab_size, m->dtype_name(),
-          GiB(static_cast<double>(m->weights_bytes_)),
-          m->gemm_->gelu_tanh_in_epilogue() ? "in the cuBLASLt epilogue" : "as a separate kernel",
-          m->gemm_->probe_err_tanh(), m->gemm_->probe_err_erf()));
-  return m;
-}
-
-absl::Status CudaPhiModel::UploadWeights(const WeightStore& store) {
-  const PhiConfig& c = config_;
-  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, hd = c.head_dim;
-  const int64_t q_out = c.num_attention_heads * hd, kv_out = c.num_key_value_heads * hd;
-  const size_t e = 2;
-
-  // Pass 1: what goes where. Each entry is one checkpoint tensor; q/k/v land back to back.
-  struct Item {
-    std::string name;
-    std::vector<int64_t> shape;
-    bool f32;
-    size_t offset;
-  };
-  std::vector<Item> items;
-  size_t off = 0;
-  auto add = [&](std::string name, std::vector<int64_t> shape, bool f32 = false,
-                 bool aligned = true) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    if (aligned) off = AlignUp(off);
-    items.push_back({std::move(name), std::move(shape), f32, off});
-    off += static_cast<size_t>(n) * (f32 ? 4 : e);
-    return items.size() - 1;
-  };
-  const size_t embed_i = add("model.embed_tokens.weight", {V, H});
-  const size_t fln_w_i = add("model.final_layernorm.weight", {H});
-  const size_t fln_b_i = add("model.final_layernorm.bias", {H});
-  size_t lm_w_i = SIZE_MAX, lm_b_i = SIZE_MAX;
-  if (store.Has("lm_head.weight")) {
-    lm_w_i = add("lm_head.weight", {V, H});
-  } else if (!c.tie_word_embeddings) {
-    return absl::NotFoundError(
-        "tensor 'lm_head.weight' is missing and config.json does not set tie_word_embeddings");
-  }
-  if (store.Has("lm_head.bias")) lm_b_i = add("lm_head.bias", {V}, /*f32=*/true);
-  std::vector<std::array<size_t, 10>> layer_items(c.num_hidden_layers);
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    auto& li = layer_items[l];
-    li[0] = add(p + "input_layernorm.weight", {H});
-    li[1] = add(p + "input_layernorm.bias", {H});
-    li[2] = add(p + "self_attn.q_proj.weight", {q_out, H});
-    add(p + "self_attn.k_proj.weight", {kv_out, H}, false, /*aligned=*/false);
-    add(p + "self_attn.v_proj.weight", {kv_out, H}, false, /*aligned=*/false);
-    li[3] = add(p + "self_attn.q_proj.bias", {q_out});
-    add(p + "self_attn.k_proj.bias", {kv_out}, false, /*aligned=*/false);
-    add(p + "self_attn.v_proj.bias", {kv_out}, false, /*aligned=*/false);
-    li[4] = add(p + "self_attn.dense.weight", {H, q_out});
-    li[5] = add(p + "self_attn.dense.bias", {H});
-    li[6] = add(p + "mlp.fc1.weight", {I, H});
-    li[7] = add(p + "mlp.fc1.bias", {I});
-    li[8] = add(p + "mlp.fc2.weight", {H, I});
-    li[9] = add(p + "mlp.fc2.bias", {H});
-  }
-  weights_bytes_ = AlignUp(off);
-
-  size_t free_bytes = 0, total_bytes = 0;
-  DeviceMemGetInfo(&free_bytes, &total_bytes);
-  if (int err = DeviceMalloc(&weights_, weights_bytes_); err != 0) {
-    weights_ = nullptr;
-    DeviceGetLastError();
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "cannot allocate %.2f GiB for the weights on CUDA device %d (%.2f GiB free): %s",
-        GiB(weights_bytes_), device_, GiB(free_bytes), DeviceErrorString(err)));
-  }
-
-  // Pass 2: convert on the host (round to nearest even) and upload, one tensor at a time.
-  std::vector<uint16_t> half;
-  std::vector<float> f32;
-  char* base = static_cast<char*>(weights_);
-  for (const Item& it : items) {
-    const void* src = nullptr;
-    size_t bytes = 0;
-    if (it.f32) {
-      PHI_RETURN_IF_ERROR(store.ReadF32(it.name, it.shape, &f32));
-      src = f32.data();
-      bytes = f32.size() * sizeof(float);
-    } else {
-      PHI_RETURN_IF_ERROR(dtype_ == DataType::kBF16 ? store.ReadBF16(it.name, it.shape, &half)
-                                                    : store.ReadF16(it.name, it.shape, &half));
-      src = half.data();
-      bytes = half.size() * sizeof(uint16_t);
-    }
-    PHI_RETURN_IF_ERROR(
-        DeviceStatus(DeviceCopyToDevice(base + it.offset, src, bytes, stream_), "weight upload"));
-    // The host buffer is reused for the next tensor.
-    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "weight upload"));
-  }
-  auto at = [&](size_t i) -> const void* { return base + items[i].offset; };
-  embed_ = at(embed_i);
-  final_ln_w_ = at(fln_w_i);
-  final_ln_b_ = at(fln_b_i);
-  lm_head_w_ = lm_w_i == SIZE_MAX ? embed_ : at(lm_w_i);
-  lm_head_b_ = lm_b_i == SIZE_MAX ? nullptr : static_cast<const float*>(at(lm_b_i));
-  layers_.resize(c.num_hidden_layers);
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const auto& li = layer_items[l];
-    layers_[l] = Layer{at(li[0]), at(li[1]), at(li[2]), at(li[3]), at(li[4]),
-                       at(li[5]), at(li[6]), at(li[7]), at(li[8]), at(li[9])};
-  }
+          device_, props_name_, multiprocessors_, config.num_hidden_layers, config.hidden_size,
+          config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+          config.rotary_dim, config.vocab_size, dtype_name(),
+          GiB(static_cast<double>(weights_bytes_)),
+          gemm_->gelu_tanh_in_epilogue() ? "in the cuBLASLt epilogue" : "as a separate kernel",
+          gemm_->probe_err_tanh(), gemm_->probe_err_erf()));
   return absl::OkStatus();
 }
 
@@ -353,6 +229,7 @@ absl::Status CudaPhiModel::ReserveWorkspace(int tokens) {
   if (tokens <= arena_tokens_) return absl::OkStatus();
   DeviceSet(device_);
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
+  DropGraphs();  // they point into the arena
   const int old_tokens = arena_tokens_;
   if (arena_) DeviceFree(arena_);
   arena_ = nullptr;
@@ -417,17 +294,22 @@ absl::StatusOr<int> CudaPhiModel::MaxKvBlocks(double memory_fraction, int max_ba
   }
   const int reserve = std::max(max_batch_tokens, arena_tokens_);
   const double grow = static_cast<double>(ArenaBytes(reserve)) - static_cast<double>(arena_bytes_);
+  // Graphs are (re)captured after the KV pool is allocated: keep room for all of them.
+  const double graphs =
+      use_graphs_ ? static_cast<double>(graphs_->buckets().size() - graphs_->num_graphs()) *
+                        static_cast<double>(kDecodeGraphBytes)
+                  : 0.0;
   const double budget = static_cast<double>(free_bytes) + static_cast<double>(kv_bytes_) -
-                        std::max(grow, 0.0) -
+                        std::max(grow, 0.0) - graphs -
                         (1.0 - memory_fraction) * static_cast<double>(total_bytes);
   const double per_block = static_cast<double>(KvBytesPerBlock(kKvBlockSize));
   const double blocks = std::floor(std::max(budget, 0.0) / per_block);
   if (blocks < 1) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "no KV block fits on CUDA device %d: %.2f GiB free (+%.2f GiB of current KV pool) minus "
-        "%.2f GiB more step workspace for %d tokens minus (1 - fraction %g) x %.2f GiB total "
-        "leaves less than one block of %.1f KiB",
-        device_, GiB(free_bytes), GiB(kv_bytes_), GiB(std::max(grow, 0.0)), reserve,
+        "%.2f GiB more step workspace for %d tokens minus %.2f GiB for decode graphs minus (1 - "
+        "fraction %g) x %.2f GiB total leaves less than one block of %.1f KiB",
+        device_, GiB(free_bytes), GiB(kv_bytes_), GiB(std::max(grow, 0.0)), reserve, GiB(graphs),
         memory_fraction, GiB(total_bytes), per_block / 1024.0));
   }
   reserve_tokens_ = reserve;
@@ -442,6 +324,7 @@ absl::Status CudaPhiModel::AllocateKvCache(int num_blocks, int block_size) {
   }
   DeviceSet(device_);
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
+  DropGraphs();  // they point into the KV pool
   if (kv_) DeviceFree(kv_);
   kv_ = nullptr;
   kv_bytes_ = 0;
@@ -468,6 +351,107 @@ absl::Status CudaPhiModel::AllocateKvCache(int num_blocks, int block_size) {
   kv_block_size_ = block_size;
   return absl::OkStatus();
 }
+
+absl::Status CudaPhiModel::EnsureDecodeCapacity(int rows, int table_pitch) {
+  const int want_rows = std::max(rows, decode_rows_);
+  const int64_t want_ints =
+      std::max<int64_t>(static_cast<int64_t>(rows) * table_pitch, decode_table_ints_);
+  if (want_rows == decode_rows_ && want_ints == decode_table_ints_) return absl::OkStatus();
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
+  DropGraphs();  // they point into the decode buffer
+  if (decode_dev_) DeviceFree(decode_dev_);
+  if (decode_host_) DeviceFreeHost(decode_host_);
+  if (logits_host_) DeviceFreeHost(logits_host_);
+  decode_dev_ = decode_host_ = nullptr;
+  logits_host_ = nullptr;
+  decode_bytes_ = 0;
+  decode_rows_ = 0;
+  decode_table_ints_ = 0;
+  const size_t bytes = DecodeBufferBytes(want_rows, want_ints);
+  const size_t logit_bytes = static_cast<size_t>(want_rows) * config_.vocab_size * sizeof(float);
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&decode_dev_, bytes), "malloc (decode inputs)"));
+  PHI_RETURN_IF_ERROR(
+      DeviceStatus(DeviceMallocHost(&decode_host_, bytes), "host malloc (decode inputs)"));
+  void* lh = nullptr;
+  PHI_RETURN_IF_ERROR(
+      DeviceStatus(DeviceMallocHost(&lh, logit_bytes), "host malloc (decode logits)"));
+  logits_host_ = static_cast<float*>(lh);
+  // Rows past a step's batch are never read, but keep them defined.
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMemset(decode_dev_, 0, bytes, stream_), "memset"));
+  std::memset(decode_host_, 0, bytes);
+  decode_bytes_ = bytes;
+  decode_rows_ = want_rows;
+  decode_table_ints_ = want_ints;
+  return absl::OkStatus();
+}
+
+void CudaPhiModel::DropGraphs() {
+  if (graphs_) graphs_->Clear();
+}
+
+void CudaPhiModel::set_cuda_graphs(bool on) {
+  use_graphs_ = on;
+  if (!on) DropGraphs();
+}
+
+absl::Status CudaPhiModel::set_gemv_max_rows(int rows) {
+  if (rows < 0 || rows > kGemvMaxRows) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("gemv_max_rows = %d must be in [0, %d]", rows, kGemvMaxRows));
+  }
+  gemv_max_rows_ = rows;
+  DropGraphs();
+  return absl::OkStatus();
+}
+
+void CudaPhiModel::set_pdl(bool on) {
+  pdl_ = on;
+  DropGraphs();
+}
+
+void CudaPhiModel::set_step_timing(bool on) {
+  if (on && step_timer_ == nullptr) {
+    if (DeviceTimerCreate(&step_timer_) != 0) {
+      DeviceGetLastError();
+      step_timer_ = nullptr;
+    }
+  } else if (!on && step_timer_ != nullptr) {
+    DeviceTimerDestroy(step_timer_);
+    step_timer_ = nullptr;
+  }
+}
+
+void CudaPhiModel::StepTimerStart() {
+  if (step_timer_) DeviceTimerStart(step_timer_, stream_);
+}
+
+void CudaPhiModel::StepTimerStop() {
+  if (step_timer_ == nullptr) return;
+  DeviceTimerStop(step_timer_, stream_);
+  if (DeviceTimerElapsedMs(step_timer_, &last_step_device_ms_) != 0) {
+    DeviceGetLastError();
+    last_step_device_ms_ = 0.0f;
+  }
+}
+
+absl::Status CudaPhiModel::FillKvCacheRandom(uint64_t seed) {
+  if (kv_ == nullptr) return absl::FailedPreconditionError("KV cache is not allocated");
+  DeviceSet(device_);
+  PHI_RETURN_IF_ERROR(KernelResult(RandomFillCuda({.data = kv_,
+                                                   .count = static_cast<int64_t>(kv_bytes_ / 2),
+                                                   .center = 0.0f,
+                                                   .spread = 1.7320508f,  // std 1
+                                                   .seed = seed,
+                                                   .dtype = dtype_},
+                                                  stream_),
+                                   "random KV"));
+  return DeviceStatus(DeviceStreamSync(stream_), "random KV");
+}
+
+int CudaPhiModel::num_decode_graphs() const { return graphs_->num_graphs(); }
+int64_t CudaPhiModel::decode_graph_replays() const { return graphs_->replays(); }
+size_t CudaPhiModel::decode_graph_nodes() const { return graphs_->total_nodes(); }
+int CudaPhiModel::decode_bucket(int batch) const { return graphs_->Bucket(batch); }
 
 absl::Status CudaPhiModel::ValidateBatch(const ForwardBatch& b) const {
   if (kv_ == nullptr) {
@@ -545,209 +529,13 @@ absl::Status CudaPhiModel::Forward(const ForwardBatch& batch, std::vector<float>
   }
   PHI_RETURN_IF_ERROR(ValidateBatch(batch));
   DeviceSet(device_);
-  const PhiConfig& c = config_;
-  const int T = batch.num_tokens(), S = static_cast<int>(batch.seqs.size());
-  const int R = static_cast<int>(batch.logit_rows.size());
-  const int H = c.hidden_size, nH = c.num_attention_heads, nKV = c.num_key_value_heads;
-  const int hd = c.head_dim, qkv_width = (nH + 2 * nKV) * hd, V = c.vocab_size;
-  if (T > arena_tokens_) {
-    PHI_LOG(WARNING) << "step of " << T << " tokens exceeds the reserved workspace of "
-                     << arena_tokens_ << " tokens: growing it (a device allocation on the step "
-                     << "path; reserve more at warmup)";
-    PHI_RETURN_IF_ERROR(ReserveWorkspace(T));
+  const bool decode = std::all_of(batch.seqs.begin(), batch.seqs.end(),
+                                  [](const SequenceInput& s) { return s.num_new_tokens == 1; });
+  // Decode batches above the largest bucket run through the general path (unpadded, eager).
+  if (decode && static_cast<int>(batch.seqs.size()) <= graphs_->max_batch()) {
+    return DecodeStep(batch, logits);
   }
-
-  // Plan: slots, varlen offsets, the padded block-table matrix; one upload.
-  int max_blocks = 1, max_q_len = 0, max_ctx = 0;
-  for (const SequenceInput& seq : batch.seqs) {
-    max_blocks = std::max(max_blocks, static_cast<int>(seq.block_table.size()));
-    max_q_len = std::max(max_q_len, seq.num_new_tokens);
-    max_ctx = std::max(max_ctx, seq.context_len);
-  }
-  const MetaLayout ml = MakeMetaLayout(T, S, R, max_blocks);
-  PHI_RETURN_IF_ERROR(EnsureMetadataCapacity(ml.total));
-  char* mh = static_cast<char*>(meta_host_);
-  auto* slots = reinterpret_cast<int64_t*>(mh + ml.slots);
-  auto* cu_q_lens = reinterpret_cast<int32_t*>(mh + ml.cu_q_lens);
-  auto* ctx_lens = reinterpret_cast<int32_t*>(mh + ml.context_lens);
-  auto* tables = reinterpret_cast<int32_t*>(mh + ml.block_tables);
-  std::memcpy(mh + ml.ids, batch.token_ids.data(), sizeof(int32_t) * T);
-  std::memcpy(mh + ml.positions, batch.positions.data(), sizeof(int32_t) * T);
-  if (R > 0) std::memcpy(mh + ml.logit_rows, batch.logit_rows.data(), sizeof(int32_t) * R);
-  std::memset(tables, 0, sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
-  cu_q_lens[0] = 0;
-  for (int i = 0, t = 0; i < S; ++i) {
-    const SequenceInput& seq = batch.seqs[i];
-    std::copy(seq.block_table.begin(), seq.block_table.end(),
-              tables + static_cast<size_t>(i) * max_blocks);
-    cu_q_lens[i + 1] = cu_q_lens[i] + seq.num_new_tokens;
-    ctx_lens[i] = seq.context_len;
-    for (int j = 0; j < seq.num_new_tokens; ++j, ++t) {
-      const int pos = batch.positions[t];
-      slots[t] = static_cast<int64_t>(seq.block_table[pos / kv_block_size_]) * kv_block_size_ +
-                 pos % kv_block_size_;
-    }
-  }
-  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(meta_dev_, meta_host_, ml.total, stream_),
-                                   "metadata upload"));
-  char* md = static_cast<char*>(meta_dev_);
-  const auto* d_slots = reinterpret_cast<const int64_t*>(md + ml.slots);
-  const auto* d_ids = reinterpret_cast<const int32_t*>(md + ml.ids);
-  const auto* d_pos = reinterpret_cast<const int32_t*>(md + ml.positions);
-  const auto* d_cu = reinterpret_cast<const int32_t*>(md + ml.cu_q_lens);
-  const auto* d_ctx = reinterpret_cast<const int32_t*>(md + ml.context_lens);
-  const auto* d_rows = reinterpret_cast<const int32_t*>(md + ml.logit_rows);
-  const auto* d_tables = reinterpret_cast<const int32_t*>(md + ml.block_tables);
-
-  const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
-  char* a = static_cast<char*>(arena_);
-  void* h = a + al.h;
-  void* normed = a + al.normed;
-  void* qkv = a + al.qkv;
-  void* attn = a + al.attn;
-  void* mlp = a + al.mlp;
-  void* last = a + al.last;
-  float* d_logits = reinterpret_cast<float*>(a + al.logits);
-  const size_t layer_kv_bytes = static_cast<size_t>(kv_num_blocks_) * kv_block_size_ * nKV * hd * 2;
-  const GemmEpilogue act =
-      c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
-  const DataType dt = dtype_;
-  auto gemm = [&](const void* x, const void* w, const void* bias, void* y, int m, int n, int k,
-                  bool accumulate, GemmEpilogue epi, const char* op) {
-    GemmParams p;
-    p.x = x;
-    p.w = w;
-    p.bias = bias;
-    p.y = y;
-    p.m = m;
-    p.n = n;
-    p.k = k;
-    p.accumulate = accumulate;
-    p.epilogue = epi;
-    p.dtype = dt;
-    return KernelResult(gemm_->Run(p, stream_), op);
-  };
-
-  PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = d_ids,
-                                                  .table = embed_,
-                                                  .out = h,
-                                                  .num_tokens = T,
-                                                  .num_rows = V,
-                                                  .dim = H,
-                                                  .dtype = dt},
-                                                 stream_),
-                                   "embedding"));
-  PagedAttentionCudaPlan plan;
-  plan.max_q_len = max_q_len;
-  plan.max_context_len = max_ctx;
-  plan.workspace = a + al.attn_ws;
-  plan.workspace_bytes = al.attn_ws_bytes;
-  plan.num_multiprocessors = multiprocessors_;
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const Layer& w = layers_[l];
-    char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
-    char* v_cache = k_cache + layer_kv_bytes;
-    // n = LN(h) feeds both branches (parallel residual); h += dense(attn) + fc2(gelu(fc1(n))),
-    // both GEMMs accumulating straight into the residual stream (beta = 1).
-    PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = h,
-                                                    .weight = w.ln_w,
-                                                    .bias = w.ln_b,
-                                                    .y = normed,
-                                                    .rows = T,
-                                                    .cols = H,
-                                                    .eps = c.layer_norm_eps,
-                                                    .dtype = dt},
-                                                   stream_),
-                                     "layer_norm"));
-    PHI_RETURN_IF_ERROR(gemm(normed, w.qkv_w, w.qkv_b, qkv, T, qkv_width, H, false,
-                             GemmEpilogue::kNone, "qkv gemm"));
-    PHI_RETURN_IF_ERROR(KernelResult(
-        RotaryKvWriteCuda({.qkv = qkv,
-                           .positions = d_pos,
-                           .slots = d_slots,
-                           .k_cache = k_cache,
-                           .v_cache = v_cache,
-                           .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
-                           .num_tokens = T,
-                           .num_heads = nH,
-                           .num_kv_heads = nKV,
-                           .head_dim = hd,
-                           .rotary_dim = c.rotary_dim,
-                           .theta = static_cast<float>(c.rope_theta),
-                           .dtype = dt},
-                          stream_),
-        "rotary_kv_write"));
-    PHI_RETURN_IF_ERROR(
-        KernelResult(PagedAttentionCuda({.q = qkv,
-                                         .k_cache = k_cache,
-                                         .v_cache = v_cache,
-                                         .out = attn,
-                                         .cu_q_lens = d_cu,
-                                         .context_lens = d_ctx,
-                                         .block_tables = d_tables,
-                                         .num_seqs = S,
-                                         .num_tokens = T,
-                                         .max_blocks_per_seq = max_blocks,
-                                         .num_blocks = kv_num_blocks_,
-                                         .block_size = kv_block_size_,
-                                         .num_heads = nH,
-                                         .num_kv_heads = nKV,
-                                         .head_dim = hd,
-                                         .q_stride = qkv_width,
-                                         .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
-                                         .dtype = dt},
-                                        plan, stream_, &last_decode_splits_),
-                     "paged_attention"));
-    PHI_RETURN_IF_ERROR(
-        gemm(normed, w.fc1_w, w.fc1_b, mlp, T, c.intermediate_size, H, false, act, "fc1 gemm"));
-    PHI_RETURN_IF_ERROR(
-        gemm(attn, w.dense_w, w.dense_b, h, T, H, nH * hd, true, GemmEpilogue::kNone, "dense"));
-    PHI_RETURN_IF_ERROR(gemm(mlp, w.fc2_w, w.fc2_b, h, T, H, c.intermediate_size, true,
-                             GemmEpilogue::kNone, "fc2 gemm"));
-  }
-  logits->resize(static_cast<size_t>(R) * V);
-  if (R > 0) {
-    // Only the requested rows go through the final norm and the LM head (float32 logits).
-    PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = d_rows,
-                                                    .table = h,
-                                                    .out = last,
-                                                    .num_tokens = R,
-                                                    .num_rows = T,
-                                                    .dim = H,
-                                                    .dtype = dt},
-                                                   stream_),
-                                     "gather logit rows"));
-    PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = last,
-                                                    .weight = final_ln_w_,
-                                                    .bias = final_ln_b_,
-                                                    .y = last,
-                                                    .rows = R,
-                                                    .cols = H,
-                                                    .eps = c.layer_norm_eps,
-                                                    .dtype = dt},
-                                                   stream_),
-                                     "final layer_norm"));
-    GemmParams p;
-    p.x = last;
-    p.w = lm_head_w_;
-    p.bias = lm_head_b_;
-    p.y = d_logits;
-    p.m = R;
-    p.n = V;
-    p.k = H;
-    p.ldy = VocabPad(V);
-    p.dtype = dt;
-    PHI_RETURN_IF_ERROR(KernelResult(gemm_->Run(p, DataType::kF32, stream_), "lm_head gemm"));
-    PHI_RETURN_IF_ERROR(
-        DeviceStatus(DeviceCopy2DToHost(logits->data(), sizeof(float) * V, d_logits,
-                                        sizeof(float) * VocabPad(V), sizeof(float) * V, R, stream_),
-                     "logits download"));
-  }
-  if (absl::Status st = DeviceStatus(DeviceStreamSync(stream_), "step"); !st.ok()) {
-    healthy_ = false;
-    return st;
-  }
-  return absl::OkStatus();
+  return PrefillStep(batch, logits);
 }
 
 absl::Status CudaPhiModel::Ping() {

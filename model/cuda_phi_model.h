@@ -10,6 +10,15 @@
 // small metadata buffer (ids, positions, slots, block tables) uploaded once per step from pinned
 // host memory. Forward allocates nothing unless a step exceeds what was reserved (then it grows
 // the arena once, with a warning).
+//
+// Two step paths (model/cuda_phi_step.cc):
+//  * prefill (any sequence with more than one new token): eager launches, varlen flash attention;
+//  * decode (every sequence one new token): the batch is padded to a bucket of CudaGraphRunner
+//    (1, 2, 4, ..., max_graph_batch), its inputs go to fixed device buffers in one copy, and the
+//    step is the bucket's CUDA graph, captured right after the bucket's first (eager) step.
+//    Eager and replayed steps launch the same kernels with the same shapes, so their logits are
+//    bit-identical. Linear layers of steps with at most gemv_max_rows rows use the GEMV kernel
+//    (dense and fc2 fused into one pass), larger ones cuBLASLt.
 #pragma once
 
 #include <atomic>
@@ -24,6 +33,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
+#include "kernels/gemm.h"
 #include "kernels/kernel_status.h"
 #include "model/forward_batch.h"
 #include "model/model_backend.h"
@@ -33,6 +43,7 @@
 namespace phishard {
 
 class CudaGemm;
+class CudaGraphRunner;
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -40,6 +51,12 @@ struct CudaModelOptions {
   std::string dtype;
   int device = 0;             // CUDA device ordinal
   int reserve_tokens = 2048;  // step arena reserved at load (grown by MaxKvBlocks' argument)
+  bool cuda_graphs = true;    // replay decode steps as CUDA graphs (false: same launches, eager)
+  int max_graph_batch = 256;  // largest decode bucket; bigger decode batches run unpadded, eager
+  int gemv_max_rows = 4;      // linear layers of at most this many rows use the GEMV kernel
+  // GEMV kernels launched as programmatic dependents (Hopper PDL): each prefetches its weights
+  // while the kernel before it finishes (kernels/cuda/gemv_cuda.h).
+  bool pdl = false;
 };
 
 class CudaPhiModel final : public ModelBackend {
@@ -49,6 +66,12 @@ class CudaPhiModel final : public ModelBackend {
   static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Create(const PhiConfig& config,
                                                               const WeightStore& store,
                                                               const CudaModelOptions& options);
+  // A model of `config`'s shape with random weights made on the device (benchmarks): linear
+  // weights uniform with std 0.02 (the HF initialiser's), LayerNorm weights 1 +- 0.1, biases
+  // +- 0.01; lm_head untied, with a bias. Reproducible for a given seed.
+  static absl::StatusOr<std::unique_ptr<CudaPhiModel>> CreateRandom(const PhiConfig& config,
+                                                                    const CudaModelOptions& options,
+                                                                    uint64_t seed);
   ~CudaPhiModel() override;
   CudaPhiModel(const CudaPhiModel&) = delete;
   CudaPhiModel& operator=(const CudaPhiModel&) = delete;
@@ -59,7 +82,8 @@ class CudaPhiModel final : public ModelBackend {
 
   // Blocks of kKvBlockSize tokens that fit in
   //   free device memory + the current KV pool (AllocateKvCache frees it first)
-  //   - the growth of the step arena to `max_batch_tokens` tokens - (1 - fraction) x total memory.
+  //   - the growth of the step arena to `max_batch_tokens` tokens
+  //   - the decode graphs not yet captured (kDecodeGraphBytes each) - (1 - fraction) x total.
   // Remembers max_batch_tokens: the next AllocateKvCache grows the arena to it first.
   absl::StatusOr<int> MaxKvBlocks(double memory_fraction, int max_batch_tokens) const override;
   absl::Status AllocateKvCache(int num_blocks, int block_size) override;
@@ -70,7 +94,32 @@ class CudaPhiModel final : public ModelBackend {
   // A 4-byte device-to-host copy on a separate stream, safe while Forward runs on another thread.
   absl::Status Ping() override;
 
+  // Captures the decode graphs of every bucket up to `max_batch` now (warmup) instead of at each
+  // bucket's first step; runs one all-padding step per bucket (writes no KV slot).
+  absl::Status CaptureDecodeGraphs(int max_batch);
+  // Graphs on or off from the next step (off also drops the captured ones).
+  void set_cuda_graphs(bool on);
+  bool cuda_graphs() const { return use_graphs_; }
+  // Linear layers of at most `rows` rows use the GEMV kernel (0..kGemvMaxRows; drops graphs).
+  absl::Status set_gemv_max_rows(int rows);
+  void set_pdl(bool on);  // drops graphs
+  bool pdl() const { return pdl_; }
+  // Benchmarks: when on, each step records device events around its device work (inputs upload
+  // to logits download) and last_step_device_ms() reads them after the step.
+  void set_step_timing(bool on);
+  float last_step_device_ms() const { return last_step_device_ms_; }
+  // Benchmarks: fills the whole KV pool with random values of unit scale, as if every slot held a
+  // prefilled token (decode timings at long contexts without the prefills).
+  absl::Status FillKvCacheRandom(uint64_t seed);
+
   // --- introspection for tests and benchmarks ---
+  // Device memory a decode graph is assumed to take in MaxKvBlocks (instantiated graphs keep
+  // their kernel parameters and node tables on the device; measured in bench/ and the perf log).
+  static constexpr size_t kDecodeGraphBytes = size_t{4} << 20;
+  int num_decode_graphs() const;
+  int64_t decode_graph_replays() const;
+  size_t decode_graph_nodes() const;
+  int decode_bucket(int batch) const;
   DataType dtype() const { return dtype_; }
   int workspace_tokens() const { return arena_tokens_; }
   bool gelu_in_gemm_epilogue() const;
@@ -85,8 +134,30 @@ class CudaPhiModel final : public ModelBackend {
 
  private:
   CudaPhiModel(PhiConfig config, DataType dtype, int device);
+  static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Init(const PhiConfig& config,
+                                                            const CudaModelOptions& options);
+  absl::Status Finish(const CudaModelOptions& options);
+  // Weights (model/cuda_phi_weights.cc): from a checkpoint, or random on the device.
   absl::Status UploadWeights(const WeightStore& store);
+  absl::Status FillRandomWeights(uint64_t seed);
+  void SetWeightPointers(const void* weight_plan);  // a WeightPlan of cuda_phi_weights.cc
   absl::Status ValidateBatch(const ForwardBatch& batch) const;
+  // Step paths (model/cuda_phi_step.cc).
+  struct StepInputs;
+  absl::Status PrefillStep(const ForwardBatch& batch, std::vector<float>* logits);
+  absl::Status DecodeStep(const ForwardBatch& batch, std::vector<float>* logits);
+  absl::Status EnqueueDecode(int rows);  // the captured part of a decode step
+  absl::Status EnqueueLayers(const StepInputs& in);
+  absl::Status EnqueueLogits(const void* hidden, int rows, float* logits);
+  absl::Status Linear(const GemmParams& p, DataType y_dtype, const char* op,
+                      const GemmParams* second = nullptr);
+  absl::Status CopyLogitsOut(const ForwardBatch& batch, const float* d_logits,
+                             std::vector<float>* logits);
+  absl::Status EnsureDecodeCapacity(int rows, int table_pitch);
+  void StepTimerStart();
+  void StepTimerStop();
+  static size_t DecodeBufferBytes(int rows, int64_t table_ints);
+  void DropGraphs();
   absl::Status EnsureMetadataCapacity(size_t bytes);
   absl::Status DeviceStatus(int err, const char* what);
   absl::Status KernelResult(KernelStatus status, const char* op);
@@ -96,6 +167,7 @@ class CudaPhiModel final : public ModelBackend {
   DataType dtype_;
   int device_ = 0;
   int multiprocessors_ = 132;
+  std::string props_name_;
   std::atomic<bool> healthy_{true};  // false after a device fault; read by Ping's thread
 
   cudaStream_t stream_ = nullptr;
@@ -131,6 +203,22 @@ class CudaPhiModel final : public ModelBackend {
   void* meta_dev_ = nullptr;
   size_t meta_bytes_ = 0;
   int last_decode_splits_ = 0;
+
+  // Decode path: fixed device inputs of the graphs and their pinned host staging, same layout
+  // (model/cuda_phi_step.cc: DecodeLayout), for decode_rows_ rows and decode_table_ints_ block
+  // table entries; pinned staging for decode_rows_ logit rows of V floats.
+  void* decode_dev_ = nullptr;
+  void* decode_host_ = nullptr;
+  size_t decode_bytes_ = 0;
+  int decode_rows_ = 0;
+  int64_t decode_table_ints_ = 0;
+  float* logits_host_ = nullptr;
+  bool use_graphs_ = true;
+  int gemv_max_rows_ = 4;
+  bool pdl_ = false;
+  std::unique_ptr<CudaGraphRunner> graphs_;
+  DeviceTimer* step_timer_ = nullptr;  // non-null while step timing is on
+  float last_step_device_ms_ = 0.0f;
 
   // Ping: own stream and buffers, serialised by its own mutex.
   std::mutex ping_mu_;

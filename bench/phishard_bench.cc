@@ -1,0 +1,650 @@
+// phishard_bench: decode and prefill step times of a Phi-shaped model with random weights made on
+// the GPU (no checkpoint, no download), next to the hardware floor of each step measured in the
+// same run:
+//   memory floor  = bytes the step must move (weights once, the K/V it attends to, the logits)
+//                   / the device-to-device copy bandwidth (bytes read + written) measured here;
+//   compute floor = FLOPs (2 x tokens x linear params, QKᵀ and PV) / a big cuBLASLt bf16 GEMM's
+//                   rate measured here;
+//   floor = the larger; ratio = measured / floor (1.0 is the hardware, lower is impossible).
+// A decode step keeps its context fixed (it rewrites position ctx - 1), with the KV pool filled
+// with random K/V instead of prefills. Times are medians over --steps steps: `ms` is what the
+// caller of Forward sees (host clock, logits in host memory), `device ms` the device events from
+// the inputs' upload to the logits' download.
+//
+//   phishard_bench [--json out.json] [--layers 32] [--steps 20] [--quick]
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/gemv_cuda.h"
+#include "kernels/cuda/paged_decode_cuda.h"
+#include "kernels/cuda/random_fill_cuda.h"
+#include "kernels/device.h"
+#include "model/cuda_phi_model.h"
+#include "model/kv_cache.h"
+#include "model/phi_config.h"
+#include "nlohmann/json.hpp"
+
+namespace phishard {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+std::vector<int> ParseInts(const std::string& s) {
+  std::vector<int> out;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    out.push_back(std::stoi(std::string(p)));
+  }
+  return out;
+}
+
+#define BENCH_CHECK(cond, what)                                    \
+  do {                                                             \
+    if (!(cond)) {                                                 \
+      std::fprintf(stderr, "phishard_bench: %s failed\n", (what)); \
+      std::exit(1);                                                \
+    }                                                              \
+  } while (0)
+
+#define BENCH_OK(expr)                                                                 \
+  do {                                                                                 \
+    const absl::Status _st = (expr);                                                   \
+    if (!_st.ok()) {                                                                   \
+      std::fprintf(stderr, "phishard_bench: %s: %s\n", #expr, _st.ToString().c_str()); \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+// The two ceilings, measured on this device now.
+struct Ceilings {
+  double copy_bytes_per_s = 0;  // device-to-device copy, bytes read + written per second
+  double gemm_flops = 0;        // bf16 cuBLASLt GEMM, float32 accumulation, random data
+};
+
+float TimeMs(cudaStream_t stream, int reps, const std::function<void()>& body) {
+  DeviceTimer* t = nullptr;
+  BENCH_CHECK(DeviceTimerCreate(&t) == 0, "timer");
+  body();  // warm-up
+  DeviceTimerStart(t, stream);
+  for (int i = 0; i < reps; ++i) body();
+  DeviceTimerStop(t, stream);
+  float ms = 0;
+  BENCH_CHECK(DeviceTimerElapsedMs(t, &ms) == 0, "timer");
+  DeviceTimerDestroy(t);
+  return ms / reps;
+}
+
+Ceilings MeasureCeilings() {
+  Ceilings c;
+  cudaStream_t s = nullptr;
+  BENCH_CHECK(DeviceStreamCreate(&s) == 0, "stream");
+  const size_t bytes = size_t{2} << 30;  // 2 GiB each way: far past the 60 MB L2
+  void *a = nullptr, *b = nullptr;
+  BENCH_CHECK(DeviceMalloc(&a, bytes) == 0 && DeviceMalloc(&b, bytes) == 0, "copy buffers");
+  BENCH_CHECK(RandomFillCuda({.data = a,
+                              .count = static_cast<int64_t>(bytes / 2),
+                              .seed = 7,
+                              .dtype = DataType::kBF16},
+                             s) == KernelStatus::kOk,
+              "fill");
+  const float copy_ms = TimeMs(s, 10, [&] { DeviceCopyOnDevice(b, a, bytes, s); });
+  c.copy_bytes_per_s = 2.0 * bytes / (copy_ms * 1e-3);
+  DeviceFree(a);
+  DeviceFree(b);
+
+  const int n = 8192;
+  std::unique_ptr<CudaGemm> gemm;
+  BENCH_CHECK(CudaGemm::Create(size_t{32} << 20, &gemm) == KernelStatus::kOk, "cuBLASLt");
+  void *x = nullptr, *w = nullptr, *y = nullptr;
+  const size_t mat = size_t{2} * n * n;
+  BENCH_CHECK(
+      DeviceMalloc(&x, mat) == 0 && DeviceMalloc(&w, mat) == 0 && DeviceMalloc(&y, mat) == 0,
+      "gemm buffers");
+  RandomFillCuda({.data = x, .count = int64_t{n} * n, .seed = 1, .dtype = DataType::kBF16}, s);
+  RandomFillCuda({.data = w, .count = int64_t{n} * n, .seed = 2, .dtype = DataType::kBF16}, s);
+  GemmParams p{.x = x, .w = w, .y = y, .m = n, .n = n, .k = n, .dtype = DataType::kBF16};
+  const float gemm_ms = TimeMs(s, 10, [&] { gemm->Run(p, s); });
+  c.gemm_flops = 2.0 * n * n * static_cast<double>(n) / (gemm_ms * 1e-3);
+  DeviceStreamSync(s);
+  gemm.reset();
+  DeviceFree(x);
+  DeviceFree(w);
+  DeviceFree(y);
+  DeviceStreamDestroy(s);
+  BENCH_CHECK(DeviceGetLastError() == 0, "ceilings");
+  return c;
+}
+
+// The decode step's big kernels alone, device events over 20 back-to-back launches (launch gaps
+// included, as in a graph): each linear layer of Phi-2 at m = 1 through the GEMV kernel and
+// through cuBLASLt (GB/s of weights), and the decode attention (GB/s of K/V) at a few shapes.
+json KernelTimes(const Ceilings& ceil) {
+  json out = json::array();
+  cudaStream_t s = nullptr;
+  BENCH_CHECK(DeviceStreamCreate(&s) == 0, "stream");
+  const int H = 2560, I = 10240, V = 51200;
+  const size_t wbytes = size_t{2} * (size_t{V} * H);  // largest weight: lm_head
+  void *w = nullptr, *w2 = nullptr, *x = nullptr, *x2 = nullptr, *y = nullptr, *bias = nullptr;
+  BENCH_CHECK(
+      DeviceMalloc(&w, wbytes) == 0 && DeviceMalloc(&w2, size_t{2} * H * I) == 0 &&
+          DeviceMalloc(&x, size_t{2} * 8 * I) == 0 && DeviceMalloc(&x2, size_t{2} * 8 * I) == 0 &&
+          DeviceMalloc(&y, size_t{4} * 8 * V) == 0 && DeviceMalloc(&bias, size_t{4} * V) == 0,
+      "kernel buffers");
+  RandomFillCuda({.data = w,
+                  .count = static_cast<int64_t>(wbytes / 2),
+                  .spread = 0.03f,
+                  .seed = 3,
+                  .dtype = DataType::kBF16},
+                 s);
+  RandomFillCuda(
+      {.data = w2, .count = int64_t{H} * I, .spread = 0.03f, .seed = 4, .dtype = DataType::kBF16},
+      s);
+  RandomFillCuda({.data = x, .count = int64_t{8} * I, .seed = 5, .dtype = DataType::kBF16}, s);
+  RandomFillCuda({.data = x2, .count = int64_t{8} * I, .seed = 6, .dtype = DataType::kBF16}, s);
+  RandomFillCuda({.data = bias, .count = V, .spread = 0.01f, .seed = 7, .dtype = DataType::kF32},
+                 s);
+  std::unique_ptr<CudaGemm> gemm;
+  BENCH_CHECK(CudaGemm::Create(size_t{32} << 20, &gemm) == KernelStatus::kOk, "cuBLASLt");
+  struct Lin {
+    const char* name;
+    int n, k, k2;
+    GemmEpilogue epi;
+    bool acc, f32;
+  };
+  const Lin lins[] = {{"qkv", 3 * H, H, 0, GemmEpilogue::kNone, false, false},
+                      {"fc1+gelu", I, H, 0, GemmEpilogue::kGeluTanh, false, false},
+                      {"dense+fc2", H, H, I, GemmEpilogue::kNone, true, false},
+                      {"lm_head f32", V, H, 0, GemmEpilogue::kNone, false, true}};
+  for (int m : {1, 4, 8}) {
+    for (const Lin& l : lins) {
+      GemmParams g{.x = x,
+                   .w = w,
+                   .bias = bias,
+                   .y = y,
+                   .m = m,
+                   .n = l.n,
+                   .k = l.k,
+                   .accumulate = l.acc,
+                   .epilogue = l.epi,
+                   .dtype = DataType::kBF16};
+      if (!l.f32) g.bias = nullptr;
+      const DataType yt = l.f32 ? DataType::kF32 : DataType::kBF16;
+      GemvParams gv{.a = g, .y_dtype = yt};
+      GemmParams g2 = g;
+      if (l.k2 > 0) {
+        gv.x2 = x2;
+        gv.w2 = w2;
+        gv.k2 = l.k2;
+        g2.x = x2;
+        g2.w = w2;
+        g2.k = l.k2;
+        g2.accumulate = true;
+      }
+      const double bytes = 2.0 * l.n * (l.k + l.k2);
+      for (bool pdl : {false, true}) {
+        gv.programmatic_launch = pdl;
+        const float us = 1e3f * TimeMs(s, 20, [&] { GemvCuda(gv, s); });
+        out.push_back({{"op", std::string("gemv ") + l.name},
+                       {"m", m},
+                       {"pdl", pdl},
+                       {"us", us},
+                       {"gbps", bytes / (us * 1e-6) / 1e9},
+                       {"of_copy_bw", bytes / (us * 1e-6) / ceil.copy_bytes_per_s}});
+      }
+      const float us = 1e3f * TimeMs(s, 20, [&] {
+                         gemm->Run(g, yt, s);
+                         if (l.k2 > 0) gemm->Run(g2, yt, s);
+                       });
+      out.push_back({{"op", std::string("cublaslt ") + l.name},
+                     {"m", m},
+                     {"us", us},
+                     {"gbps", bytes / (us * 1e-6) / 1e9},
+                     {"of_copy_bw", bytes / (us * 1e-6) / ceil.copy_bytes_per_s}});
+    }
+  }
+  BENCH_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "linear kernels");
+  gemm.reset();
+  for (void* p : {w, w2, x, x2, y, bias}) DeviceFree(p);
+
+  // Decode attention, Phi-2 heads (32 x 80), one layer's K/V, sequences on consecutive blocks.
+  const int nh = 32, hd = 80, bs = 16;
+  struct Att {
+    int seqs, ctx;
+  };
+  for (Att a : {Att{1, 1024}, Att{1, 4096}, Att{32, 1024}, Att{256, 1024}}) {
+    const int64_t slots = int64_t{a.seqs} * a.ctx;
+    const size_t kv = static_cast<size_t>(slots) * nh * hd * 2;
+    void *k = nullptr, *v = nullptr, *q = nullptr, *o = nullptr, *ws = nullptr, *meta = nullptr;
+    const size_t ws_bytes = PagedDecodeCudaWorkspaceBytes(a.seqs, nh, hd, kPagedDecodeMaxSplits);
+    const int blocks_per = a.ctx / bs;
+    BENCH_CHECK(DeviceMalloc(&k, kv) == 0 && DeviceMalloc(&v, kv) == 0 &&
+                    DeviceMalloc(&q, size_t{2} * a.seqs * 3 * nh * hd) == 0 &&
+                    DeviceMalloc(&o, size_t{2} * a.seqs * nh * hd) == 0 &&
+                    DeviceMalloc(&ws, std::max<size_t>(ws_bytes, 16)) == 0 &&
+                    DeviceMalloc(&meta, size_t{4} * (a.seqs + static_cast<size_t>(a.seqs) *
+                                                                  blocks_per)) == 0,
+                "attention buffers");
+    RandomFillCuda(
+        {.data = k, .count = static_cast<int64_t>(kv / 2), .seed = 8, .dtype = DataType::kBF16}, s);
+    RandomFillCuda(
+        {.data = v, .count = static_cast<int64_t>(kv / 2), .seed = 9, .dtype = DataType::kBF16}, s);
+    RandomFillCuda(
+        {.data = q, .count = int64_t{a.seqs} * 3 * nh * hd, .seed = 10, .dtype = DataType::kBF16},
+        s);
+    std::vector<int32_t> host(a.seqs + static_cast<size_t>(a.seqs) * blocks_per);
+    for (int i = 0; i < a.seqs; ++i) host[i] = a.ctx;
+    for (size_t i = 0; i < static_cast<size_t>(a.seqs) * blocks_per; ++i) {
+      host[a.seqs + i] = static_cast<int32_t>(i);
+    }
+    DeviceCopyToDevice(meta, host.data(), host.size() * 4, s);
+    const int32_t* lens = static_cast<const int32_t*>(meta);
+    PagedAttentionParams p{.q = q,
+                           .k_cache = k,
+                           .v_cache = v,
+                           .out = o,
+                           .context_lens = lens,
+                           .block_tables = lens + a.seqs,
+                           .num_seqs = a.seqs,
+                           .num_tokens = a.seqs,
+                           .max_blocks_per_seq = blocks_per,
+                           .num_blocks = static_cast<int>(slots / bs),
+                           .block_size = bs,
+                           .num_heads = nh,
+                           .num_kv_heads = nh,
+                           .head_dim = hd,
+                           .q_stride = 3 * nh * hd,
+                           .scale = 0.1118f,
+                           .dtype = DataType::kBF16};
+    PagedDecodeCudaPlan plan{
+        .workspace = ws, .workspace_bytes = ws_bytes, .num_multiprocessors = 132};
+    int splits = 0;
+    PagedDecodeCuda(p, plan, s, &splits);
+    const float us = 1e3f * TimeMs(s, 20, [&] { PagedDecodeCuda(p, plan, s); });
+    BENCH_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "attention kernel");
+    out.push_back({{"op", "paged_decode"},
+                   {"m", a.seqs},
+                   {"context", a.ctx},
+                   {"splits", splits},
+                   {"us", us},
+                   {"gbps", 2.0 * kv / (us * 1e-6) / 1e9},
+                   {"of_copy_bw", 2.0 * kv / (us * 1e-6) / ceil.copy_bytes_per_s}});
+    for (void* ptr : {k, v, q, o, ws, meta}) DeviceFree(ptr);
+  }
+  DeviceStreamDestroy(s);
+  for (const json& j : out) {
+    std::printf(
+        "kernel %-22s m %3d%s%s: %8.1f us  %7.0f GB/s  %.2f of copy bw\n",
+        j["op"].get<std::string>().c_str(), j["m"].get<int>(),
+        j.contains("pdl") && j["pdl"].get<bool>() ? " pdl" : "",
+        j.contains("context")
+            ? absl::StrFormat(" ctx %d splits %d", j["context"].get<int>(), j["splits"].get<int>())
+                  .c_str()
+            : "",
+        j["us"].get<double>(), j["gbps"].get<double>(), j["of_copy_bw"].get<double>());
+  }
+  return out;
+}
+
+PhiConfig Phi2Config(int layers) {
+  const std::string text = absl::StrFormat(
+      R"({"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": 2560,
+          "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": %d,
+          "intermediate_size": 10240, "vocab_size": 51200, "partial_rotary_factor": 0.4,
+          "rope_theta": 10000.0, "layer_norm_eps": 1e-5, "hidden_act": "gelu_new",
+          "max_position_embeddings": 8192, "tie_word_embeddings": false,
+          "torch_dtype": "bfloat16"})",
+      layers);
+  absl::StatusOr<PhiConfig> c = ParsePhiConfig(text, "phi-2 shape");
+  BENCH_OK(c.status());
+  return *c;
+}
+
+// Work of one step, for the floors.
+struct StepCost {
+  double bytes = 0;
+  double flops = 0;
+};
+
+struct Shape {
+  double linear_params;  // per layer, all layers
+  double lm_head_params;
+  double weight_bytes;
+  double kv_bytes_per_token;  // K and V of every layer
+  int V, H, nH, hd, L;
+};
+
+StepCost DecodeCost(const Shape& s, int batch, int ctx) {
+  StepCost c;
+  c.bytes = s.weight_bytes + static_cast<double>(batch) * ctx * s.kv_bytes_per_token +
+            static_cast<double>(batch) * s.V * 4;
+  c.flops = 2.0 * batch * (s.linear_params + s.lm_head_params) +
+            4.0 * batch * static_cast<double>(ctx) * s.hd * s.nH * s.L;
+  return c;
+}
+
+StepCost PrefillCost(const Shape& s, int seqs, int len) {
+  StepCost c;
+  const double tokens = static_cast<double>(seqs) * len;
+  c.bytes = s.weight_bytes + tokens * s.kv_bytes_per_token;
+  // Causal: query i attends to i + 1 keys; QKᵀ and PV are 2 FLOPs per multiply-add each.
+  c.flops = 2.0 * tokens * s.linear_params + 2.0 * seqs * s.lm_head_params +
+            4.0 * seqs * (static_cast<double>(len) * (len + 1) / 2) * s.hd * s.nH * s.L;
+  return c;
+}
+
+struct Row {
+  std::string kind, mode;
+  int batch = 0, context = 0, tokens = 0;
+  double ms = 0, device_ms = 0, floor_ms = 0, mem_floor_ms = 0, compute_floor_ms = 0;
+  std::string note;
+};
+
+json RowJson(const Row& r) {
+  json j = {{"kind", r.kind},
+            {"mode", r.mode},
+            {"batch", r.batch},
+            {"ms", r.ms},
+            {"device_ms", r.device_ms},
+            {"floor_ms", r.floor_ms},
+            {"mem_floor_ms", r.mem_floor_ms},
+            {"compute_floor_ms", r.compute_floor_ms},
+            {"ratio", r.floor_ms > 0 ? r.ms / r.floor_ms : 0.0},
+            {"device_ratio", r.floor_ms > 0 ? r.device_ms / r.floor_ms : 0.0}};
+  if (r.kind == "decode") {
+    j["context"] = r.context;
+    j["tok_s"] = r.batch / (r.ms * 1e-3);
+  } else {
+    j["tokens"] = r.tokens;
+  }
+  if (!r.note.empty()) j["note"] = r.note;
+  return j;
+}
+
+class Bench {
+ public:
+  Bench(CudaPhiModel& m, const Ceilings& c, const Shape& s, int steps)
+      : m_(m), ceil_(c), shape_(s), steps_(steps), alloc_(m.kv_num_blocks()) {}
+
+  void Floors(const StepCost& cost, Row* r) const {
+    r->mem_floor_ms = cost.bytes / ceil_.copy_bytes_per_s * 1e3;
+    r->compute_floor_ms = cost.flops / ceil_.gemm_flops * 1e3;
+    r->floor_ms = std::max(r->mem_floor_ms, r->compute_floor_ms);
+  }
+
+  // Decode at `ctx` (context after the step) for `batch` sequences; false when the KV pool
+  // cannot hold them.
+  bool Decode(int batch, int ctx, const std::string& mode, Row* r) {
+    alloc_.Reset();
+    ForwardBatch b;
+    std::mt19937 rng(batch * 1000 + ctx);
+    for (int s = 0; s < batch; ++s) {
+      absl::StatusOr<std::vector<int32_t>> blocks =
+          alloc_.Allocate(KvBlockAllocator::BlocksFor(ctx));
+      if (!blocks.ok()) return false;
+      b.token_ids.push_back(static_cast<int32_t>(rng() % shape_.V));
+      b.positions.push_back(ctx - 1);
+      b.seqs.push_back({.num_new_tokens = 1, .context_len = ctx, .block_table = *blocks});
+      b.logit_rows.push_back(s);
+    }
+    std::vector<float> logits;
+    for (int i = 0; i < 3; ++i) BENCH_OK(m_.Forward(b, &logits));  // first: eager + capture
+    std::vector<double> host, dev;
+    for (int i = 0; i < steps_; ++i) {
+      const auto t0 = Clock::now();
+      BENCH_OK(m_.Forward(b, &logits));
+      host.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      dev.push_back(m_.last_step_device_ms());
+    }
+    for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite decode logits");
+    r->kind = "decode";
+    r->mode = mode;
+    r->batch = batch;
+    r->context = ctx;
+    r->ms = Median(host);
+    r->device_ms = Median(dev);
+    Floors(DecodeCost(shape_, batch, ctx), r);
+    r->note = absl::StrFormat("splits<=%d", m_.last_decode_splits());
+    return true;
+  }
+
+  bool Prefill(int seqs, int len, Row* r) {
+    alloc_.Reset();
+    ForwardBatch b;
+    std::mt19937 rng(seqs * 7 + len);
+    for (int s = 0; s < seqs; ++s) {
+      absl::StatusOr<std::vector<int32_t>> blocks =
+          alloc_.Allocate(KvBlockAllocator::BlocksFor(len));
+      if (!blocks.ok()) return false;
+      for (int i = 0; i < len; ++i) {
+        b.token_ids.push_back(static_cast<int32_t>(rng() % shape_.V));
+        b.positions.push_back(i);
+      }
+      b.seqs.push_back({.num_new_tokens = len, .context_len = len, .block_table = *blocks});
+      b.logit_rows.push_back((s + 1) * len - 1);
+    }
+    std::vector<float> logits;
+    BENCH_OK(m_.Forward(b, &logits));
+    std::vector<double> host, dev;
+    for (int i = 0; i < std::max(3, steps_ / 4); ++i) {
+      const auto t0 = Clock::now();
+      BENCH_OK(m_.Forward(b, &logits));
+      host.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      dev.push_back(m_.last_step_device_ms());
+    }
+    for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite prefill logits");
+    r->kind = "prefill";
+    r->mode = "eager";
+    r->batch = seqs;
+    r->tokens = len;
+    r->ms = Median(host);
+    r->device_ms = Median(dev);
+    Floors(PrefillCost(shape_, seqs, len), r);
+    const double tflops = PrefillCost(shape_, seqs, len).flops / (r->ms * 1e-3) / 1e12;
+    r->note = absl::StrFormat("%.0f TFLOP/s", tflops);
+    return true;
+  }
+
+ private:
+  CudaPhiModel& m_;
+  Ceilings ceil_;
+  Shape shape_;
+  int steps_;
+  KvBlockAllocator alloc_;
+};
+
+void PrintRow(const Row& r) {
+  const std::string what = r.kind == "decode"
+                               ? absl::StrFormat("decode %s b%d ctx%d", r.mode, r.batch, r.context)
+                               : absl::StrFormat("prefill %dx%d", r.batch, r.tokens);
+  std::printf(
+      "%-34s %9.3f %9.3f %9.3f %6.2f %6.2f %10.0f  %s\n", what.c_str(), r.ms, r.device_ms,
+      r.floor_ms, r.ms / r.floor_ms, r.device_ms / r.floor_ms,
+      r.kind == "decode" ? r.batch / (r.ms * 1e-3) : r.batch * r.tokens / (r.ms * 1e-3),
+      (std::string(r.mem_floor_ms >= r.compute_floor_ms ? "mem" : "flop") + "-bound; " + r.note)
+          .c_str());
+}
+
+int Main(int argc, char** argv) {
+  CLI::App app{"phishard_bench: Phi-shaped decode/prefill timings vs the hardware floor"};
+  std::string json_path, batches = "1,8,32,128,256", contexts = "128,1024,4096";
+  std::string prefills = "1x512,1x2048,8x2048";
+  int layers = 32, steps = 20;
+  double fraction = 0.92;
+  bool quick = false, gemv_sweep = true;
+  app.add_option("--json", json_path, "also write the results as JSON here");
+  app.add_option("--layers", layers, "decoder layers (Phi-2: 32)");
+  app.add_option("--steps", steps, "timed decode steps per case (median)");
+  app.add_option("--batches", batches, "decode batch sizes");
+  app.add_option("--contexts", contexts, "decode contexts");
+  app.add_option("--prefills", prefills, "prefill cases SEQSxLEN");
+  app.add_option("--memory-fraction", fraction, "device memory the model may use");
+  app.add_flag("--quick", quick, "batches 1,256 at context 1024, prefill 1x2048 only");
+  app.add_option("--gemv-sweep", gemv_sweep, "time batches 2-8 with and without the GEMV path");
+  CLI11_PARSE(app, argc, argv);
+  if (quick) {
+    batches = "1,256";
+    contexts = "1024";
+    prefills = "1x2048";
+  }
+
+  int count = 0;
+  DeviceGetCount(&count);
+  BENCH_CHECK(count > 0, "a visible CUDA device");
+  DeviceProps props;
+  DeviceGetProps(0, &props);
+  const Ceilings ceil = MeasureCeilings();
+  std::printf(
+      "device %s, %d SMs; measured: copy %.2f TB/s (read + write), bf16 GEMM %.0f TFLOP/s\n",
+      props.name.c_str(), props.multiprocessors, ceil.copy_bytes_per_s / 1e12,
+      ceil.gemm_flops / 1e12);
+
+  const json kernels = KernelTimes(ceil);
+  const PhiConfig config = Phi2Config(layers);
+  int max_prefill_tokens = 1;
+  std::vector<std::pair<int, int>> prefill_cases;
+  for (absl::string_view p : absl::StrSplit(prefills, ',', absl::SkipEmpty())) {
+    std::vector<std::string> ab = absl::StrSplit(p, 'x');
+    BENCH_CHECK(ab.size() == 2, "--prefills SEQSxLEN");
+    prefill_cases.emplace_back(std::stoi(ab[0]), std::stoi(ab[1]));
+    max_prefill_tokens =
+        std::max(max_prefill_tokens, prefill_cases.back().first * prefill_cases.back().second);
+  }
+  auto t0 = Clock::now();
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> made = CudaPhiModel::CreateRandom(
+      config, {.dtype = "bfloat16", .device = 0, .reserve_tokens = max_prefill_tokens}, 1234);
+  BENCH_OK(made.status());
+  CudaPhiModel& m = **made;
+  const double create_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  absl::StatusOr<int> blocks = m.MaxKvBlocks(fraction, max_prefill_tokens);
+  BENCH_OK(blocks.status());
+  BENCH_OK(m.AllocateKvCache(*blocks, kKvBlockSize));
+  BENCH_OK(m.FillKvCacheRandom(99));
+  size_t free0 = 0, free1 = 0, total = 0;
+  DeviceMemGetInfo(&free0, &total);
+  t0 = Clock::now();
+  BENCH_OK(m.CaptureDecodeGraphs(256));
+  const double capture_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  DeviceMemGetInfo(&free1, &total);
+  const double graph_mib = (static_cast<double>(free0) - static_cast<double>(free1)) / (1 << 20);
+  m.set_step_timing(true);
+
+  const int H = config.hidden_size, I = config.intermediate_size, V = config.vocab_size;
+  Shape shape;
+  shape.linear_params = static_cast<double>(layers) * (4.0 * H * H + 2.0 * H * I);
+  shape.lm_head_params = static_cast<double>(V) * H;
+  shape.weight_bytes = static_cast<double>(m.weight_bytes()) - 2.0 * V * H;  // embedding: gathered
+  shape.kv_bytes_per_token = 2.0 * layers * config.num_key_value_heads * config.head_dim * 2;
+  shape.V = V;
+  shape.H = H;
+  shape.nH = config.num_attention_heads;
+  shape.hd = config.head_dim;
+  shape.L = layers;
+  std::printf(
+      "model: phi-2 shape, %d layers, bf16 random weights %.2f GB (created in %.1f s); KV pool %d "
+      "blocks x %d tokens (%.1f GB); %d decode graphs (%zu nodes) captured in %.0f ms, %.1f MiB\n",
+      layers, m.weight_bytes() / 1e9, create_s, m.kv_num_blocks(), kKvBlockSize,
+      m.kv_num_blocks() * kKvBlockSize * shape.kv_bytes_per_token / 1e9, m.num_decode_graphs(),
+      m.decode_graph_nodes(), capture_ms, graph_mib);
+
+  Bench bench(m, ceil, shape, steps);
+  std::vector<Row> rows;
+  std::printf("\n%-34s %9s %9s %9s %6s %6s %10s  %s\n", "step", "ms", "dev ms", "floor", "ratio",
+              "dev r", "tok/s", "note");
+  for (int ctx : ParseInts(contexts)) {
+    for (int b : ParseInts(batches)) {
+      Row r;
+      if (!bench.Decode(b, ctx, "graph", &r)) {
+        std::printf("decode b%d ctx%d: skipped, KV pool too small\n", b, ctx);
+        continue;
+      }
+      PrintRow(r);
+      rows.push_back(r);
+    }
+  }
+  // GEMVs as programmatic dependents (PDL) at small batches.
+  m.set_pdl(!m.pdl());
+  for (int b : {1, 2, 4}) {
+    Row r;
+    if (bench.Decode(b, 1024, m.pdl() ? "graph-pdl" : "graph-nopdl", &r)) {
+      PrintRow(r);
+      rows.push_back(r);
+    }
+  }
+  m.set_pdl(!m.pdl());
+  // The same steps without graphs (same kernels, launched one by one).
+  m.set_cuda_graphs(false);
+  for (int b : {1, 256}) {
+    Row r;
+    if (bench.Decode(b, 1024, "eager", &r)) {
+      PrintRow(r);
+      rows.push_back(r);
+    }
+  }
+  m.set_cuda_graphs(true);
+  if (gemv_sweep && !quick) {
+    // GEMV (up to 8 rows) against cuBLASLt for small batches: where the threshold belongs.
+    for (int rows_limit : {kGemvMaxRows, 0}) {
+      BENCH_OK(m.set_gemv_max_rows(rows_limit));
+      for (int b : {2, 4, 8}) {
+        Row r;
+        if (bench.Decode(b, 1024, rows_limit > 0 ? "gemv8" : "cublas", &r)) {
+          PrintRow(r);
+          rows.push_back(r);
+        }
+      }
+    }
+    BENCH_OK(m.set_gemv_max_rows(4));
+  }
+  for (auto [seqs, len] : prefill_cases) {
+    Row r;
+    if (!bench.Prefill(seqs, len, &r)) {
+      std::printf("prefill %dx%d: skipped, KV pool too small\n", seqs, len);
+      continue;
+    }
+    PrintRow(r);
+    rows.push_back(r);
+  }
+
+  if (!json_path.empty()) {
+    json out = {{"device", props.name},
+                {"multiprocessors", props.multiprocessors},
+                {"copy_tbps", ceil.copy_bytes_per_s / 1e12},
+                {"gemm_tflops", ceil.gemm_flops / 1e12},
+                {"layers", layers},
+                {"weight_gb", m.weight_bytes() / 1e9},
+                {"kv_blocks", m.kv_num_blocks()},
+                {"graphs", m.num_decode_graphs()},
+                {"graph_nodes", m.decode_graph_nodes()},
+                {"graph_capture_ms", capture_ms},
+                {"graph_mib", graph_mib},
+                {"kernels", kernels},
+                {"rows", json::array()}};
+    for (const Row& r : rows) out["rows"].push_back(RowJson(r));
+    std::ofstream f(json_path);
+    f << out.dump(1) << "\n";
+    BENCH_CHECK(f.good(), "writing --json");
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace phishard
+
+int main(int argc, char** argv) { return phishard::Main(argc, argv); }

@@ -1,0 +1,48 @@
+// Skinny GEMM for decode steps (m <= kGemvMaxRows rows): at such m a linear layer is one pass
+// over its weights, and cuBLASLt's kernels reach 1.7-3.7 TB/s of the H200's ~4.3 on Phi-2's
+// shapes (perf-log run 2). Same math as kernels/gemm.h, plus an optional second input segment:
+//   y[m, n] (= | +=) act( x [m, :k ] · w [n, :k ]ᵀ + bias [n]
+//                       + x2[m, :k2] · w2[n, :k2]ᵀ + bias2[n] )
+// The second segment fuses two linear layers that add into the same output into one pass (Phi's
+// parallel residual: h += dense(attn) + fc2(mlp)); its sum is rounded once, not twice.
+//
+// One warp owns one output column n for all m rows (or a 1/ksplit slice of its k range, the
+// slices summed through shared memory in a fixed order): 16-byte weight loads that skip L1, four
+// in flight per lane, x read through L1 (every warp of the SM reads the same rows). float32
+// accumulation; deterministic (no atomics), so the same call gives the same bits every time.
+// The CPU reference is GemmCpu (twice for two segments).
+#pragma once
+
+#include "kernels/device.h"
+#include "kernels/gemm.h"
+
+namespace phishard {
+
+inline constexpr int kGemvMaxRows = 8;
+
+struct GemvParams {
+  GemmParams a;  // x, w, bias, y, m, n, k, ldx, ldy, accumulate, epilogue, dtype (kF16 / kBF16)
+  // Optional second segment (x2 == nullptr: none): [m, k2] with row stride ldx2, [n, k2] weights.
+  const void* x2 = nullptr;
+  const void* w2 = nullptr;
+  const void* bias2 = nullptr;
+  int k2 = 0;
+  int ldx2 = 0;
+  // Output (and bias) type: a.dtype or kF32 (lm_head logits).
+  DataType y_dtype = DataType::kF32;
+  // Programmatic dependent launch (Hopper): the kernel may start while the previous kernel on the
+  // stream is still running; it prefetches its weights into L2 (they do not depend on that
+  // kernel) and waits for it (griddepcontrol.wait) before reading x or touching y. Safe after any
+  // kernel; gains most after kernels that trigger their dependents early (GEMV, PagedDecode).
+  bool programmatic_launch = false;
+};
+
+// True when GemvCuda can run `p`: 1 <= m <= kGemvMaxRows, k and k2 multiples of 8, row strides
+// multiples of 8 elements, x/w pointers 16-byte aligned, dtype kF16/kBF16, y_dtype dtype or kF32.
+bool GemvCudaSupports(const GemvParams& p);
+
+// kInvalidShape when !GemvCudaSupports(p) (or accumulate with an activation), kNullPointer for a
+// missing pointer; never allocates.
+KernelStatus GemvCuda(const GemvParams& p, cudaStream_t stream);
+
+}  // namespace phishard

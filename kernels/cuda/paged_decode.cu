@@ -1,0 +1,394 @@
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/paged_decode_cuda.h"
+
+namespace phishard {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kLanesPerKey = 8;                        // one group = 8 lanes = one key at a time
+constexpr int kGroups = kWarps * (32 / kLanesPerKey);  // 16 key groups per block
+constexpr int kUnroll = 4;                             // keys per group loaded before use
+constexpr int kKeysPerIter = kGroups * kUnroll;        // 64 keys per block iteration
+
+template <int HD>
+struct Head {
+  static constexpr int kChunks = HD / 8;                                        // 16-byte slices
+  static constexpr int kPerLane = (kChunks + kLanesPerKey - 1) / kLanesPerKey;  // 1 or 2
+};
+
+struct Args {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  void* out;
+  float* partial_o;   // [num_seqs, num_heads, max_splits, HD]
+  float* partial_ml;  // [num_seqs, num_heads, max_splits, 2] (max, sum) in log2 units
+  const int32_t* context_lens;
+  const int32_t* block_tables;
+  const int32_t* step_info;
+  int num_seqs;
+  int max_blocks;
+  int num_blocks;
+  int block_size;
+  int num_heads;
+  int group;   // num_heads / num_kv_heads
+  int kv_row;  // num_kv_heads * head_dim: elements of one cache slot
+  int q_stride;
+  int max_splits;
+  int target_blocks;
+  float scale_log2;
+};
+
+// The split rule of the header; returns split_len, *splits the non-empty splits (ctx >= 1).
+__device__ __forceinline__ int SplitLen(const Args& a, int ctx, int* splits) {
+  const int live = max(a.step_info ? a.step_info[0] : a.num_seqs, 1);
+  const int per_split_blocks = live * a.num_heads;
+  const int want = max(1, (a.target_blocks + per_split_blocks - 1) / per_split_blocks);
+  const int n = max(1, min(min(want, a.max_splits), (ctx + kKeysPerIter - 1) / kKeysPerIter));
+  const int per = (ctx + n - 1) / n;
+  const int len = (per + kKeysPerIter - 1) / kKeysPerIter * kKeysPerIter;
+  *splits = (ctx + len - 1) / len;
+  return len;
+}
+
+template <typename T>
+__device__ __forceinline__ void Unpack8(uint4 v, float* f) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = cuda::Word2ToFloat2<T>(w[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+// Merges (m_o, l_o, acc_o) into (m, l, acc): log2-domain online-softmax states.
+__device__ __forceinline__ void Rescale(float m, float m_new, float* factor) {
+  *factor = m == -INFINITY ? 0.0f : exp2f(m - m_new);
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
+  using H = Head<HD>;
+  __shared__ float s_m[kWarps];
+  __shared__ float s_l[kWarps];
+  __shared__ float s_acc[kWarps][HD];
+  const int sp = blockIdx.x;
+  const int s = blockIdx.y;
+  const int h = blockIdx.z;
+  // A next kernel launched as a programmatic dependent (the fc1 GEMV) may start prefetching its
+  // weights once every block of this grid runs; it waits for this grid before reading anything.
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+  const int ctx = a.context_lens[s];
+  T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
+  if (ctx <= 0) {  // padding row
+    if (sp == 0) {
+      for (int d = threadIdx.x; d < HD; d += kThreads) out_row[d] = cuda::FromFloat<T>(0.0f);
+    }
+    return;
+  }
+  int splits = 1;
+  const int split_len = SplitLen(a, ctx, &splits);
+  if (sp >= splits) return;
+  const int k_begin = sp * split_len;
+  const int k_end = min(ctx, k_begin + split_len);
+  const int pitch = a.step_info ? a.step_info[1] : a.max_blocks;
+  const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int grp = warp * (32 / kLanesPerKey) + (lane / kLanesPerKey);  // 0..kGroups-1
+  const int cl = lane % kLanesPerKey;
+  const size_t head_off = static_cast<size_t>(h / a.group) * HD;
+
+  // This lane's slices of q (pre-scaled to log2 units): chunk j = cl + 8 i.
+  float q[H::kPerLane][8];
+  const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride + h * HD;
+#pragma unroll
+  for (int i = 0; i < H::kPerLane; ++i) {
+    const int j = cl + kLanesPerKey * i;
+    if (j < H::kChunks) {
+      Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[i][e] *= a.scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
+    }
+  }
+  float m = -INFINITY, l = 0.0f;
+  float acc[H::kPerLane][8];
+#pragma unroll
+  for (int i = 0; i < H::kPerLane; ++i) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
+  }
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+
+  // Group grp takes keys k0 + kGroups u (u < kUnroll); k0 itself is always < k_end.
+  for (int k0 = k_begin + grp; k0 < k_end; k0 += kKeysPerIter) {
+    uint4 kv[kUnroll][H::kPerLane], vv[kUnroll][H::kPerLane];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int key = k0 + kGroups * u;
+      valid[u] = key < k_end;
+      size_t base = 0;
+      bool in_range = false;
+      if (valid[u]) {
+        const int blk = table[key / a.block_size];
+        in_range = blk >= 0 && blk < a.num_blocks;
+        base = (static_cast<size_t>(blk) * a.block_size + key % a.block_size) * a.kv_row + head_off;
+      }
+#pragma unroll
+      for (int i = 0; i < H::kPerLane; ++i) {
+        const int j = cl + kLanesPerKey * i;
+        kv[u][i] = make_uint4(0, 0, 0, 0);
+        vv[u][i] = make_uint4(0, 0, 0, 0);
+        if (in_range && j < H::kChunks) {
+          kv[u][i] = __ldg(reinterpret_cast<const uint4*>(kc + base) + j);
+          vv[u][i] = __ldg(reinterpret_cast<const uint4*>(vc + base) + j);
+        }
+      }
+    }
+    float sc[kUnroll];
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float d = 0.0f;
+#pragma unroll
+      for (int i = 0; i < H::kPerLane; ++i) {
+        float kf[8];
+        Unpack8<T>(kv[u][i], kf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(q[i][e], kf[e], d);
+      }
+      // Sum over the 8 lanes of the group (lanes outside the head hold zeros).
+      d += __shfl_xor_sync(0xffffffffu, d, 1);
+      d += __shfl_xor_sync(0xffffffffu, d, 2);
+      d += __shfl_xor_sync(0xffffffffu, d, 4);
+      sc[u] = valid[u] ? d : -INFINITY;
+      m_new = fmaxf(m_new, sc[u]);
+    }
+    float alpha;
+    Rescale(m, m_new, &alpha);  // m_new is finite: key k0 is valid
+    float p[kUnroll];
+    float psum = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      p[u] = exp2f(sc[u] - m_new);  // -inf -> 0
+      psum += p[u];
+    }
+    l = l * alpha + psum;
+#pragma unroll
+    for (int i = 0; i < H::kPerLane; ++i) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[i][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        float vf[8];
+        Unpack8<T>(vv[u][i], vf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(p[u], vf[e], acc[i][e]);
+      }
+    }
+    m = m_new;
+  }
+
+  // The 4 groups of the warp (lanes cl, cl + 8, cl + 16, cl + 24 hold the same slices).
+#pragma unroll
+  for (int off = kLanesPerKey; off < 32; off *= 2) {
+    const float m_o = __shfl_xor_sync(0xffffffffu, m, off);
+    const float l_o = __shfl_xor_sync(0xffffffffu, l, off);
+    const float m_new = fmaxf(m, m_o);
+    float fa, fb;
+    Rescale(m, m_new, &fa);
+    Rescale(m_o, m_new, &fb);
+    l = l * fa + l_o * fb;
+#pragma unroll
+    for (int i = 0; i < H::kPerLane; ++i) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float o = __shfl_xor_sync(0xffffffffu, acc[i][e], off);
+        acc[i][e] = acc[i][e] * fa + o * fb;
+      }
+    }
+    m = m_new;
+  }
+  if (lane < kLanesPerKey) {
+    if (lane == 0) {
+      s_m[warp] = m;
+      s_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < H::kPerLane; ++i) {
+      const int j = cl + kLanesPerKey * i;
+      if (j < H::kChunks) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s_acc[warp][8 * j + e] = acc[i][e];
+      }
+    }
+  }
+  __syncthreads();
+  // One thread per output dim merges the warps.
+  for (int d = threadIdx.x; d < HD; d += kThreads) {
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, s_m[w]);
+    float ll = 0.0f, o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      float f;
+      Rescale(s_m[w], mm, &f);
+      ll = fmaf(s_l[w], f, ll);
+      o = fmaf(s_acc[w][d], f, o);
+    }
+    if (splits == 1) {
+      out_row[d] = cuda::FromFloat<T>(o / ll);
+    } else {
+      const size_t idx = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits + sp;
+      a.partial_o[idx * HD + d] = o / ll;
+      if (d == 0) {
+        a.partial_ml[idx * 2] = mm;
+        a.partial_ml[idx * 2 + 1] = ll;
+      }
+    }
+  }
+}
+
+// One block per (sequence, head): out = sum_i w_i o_i / sum_i w_i, w_i = l_i 2^(m_i - max m).
+template <typename T, int HD>
+__global__ void PagedDecodeMergeKernel(const Args a) {
+  const int s = blockIdx.x;
+  const int h = blockIdx.y;
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+  const int ctx = a.context_lens[s];
+  if (ctx <= 0) return;
+  int splits = 1;
+  SplitLen(a, ctx, &splits);
+  if (splits <= 1) return;  // the main kernel wrote the output
+  const size_t base = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits;
+  float mm = -INFINITY;
+  for (int i = 0; i < splits; ++i) mm = fmaxf(mm, a.partial_ml[(base + i) * 2]);
+  float wsum = 0.0f;
+  for (int i = 0; i < splits; ++i) {
+    wsum += a.partial_ml[(base + i) * 2 + 1] * exp2f(a.partial_ml[(base + i) * 2] - mm);
+  }
+  T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
+  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+    float o = 0.0f;
+    for (int i = 0; i < splits; ++i) {
+      const float w = a.partial_ml[(base + i) * 2 + 1] * exp2f(a.partial_ml[(base + i) * 2] - mm);
+      o = fmaf(w, a.partial_o[(base + i) * HD + d], o);
+    }
+    out_row[d] = cuda::FromFloat<T>(o / wsum);
+  }
+}
+
+template <typename F>
+KernelStatus DispatchHeadDim(int head_dim, F&& f) {
+  switch (head_dim) {
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 80:
+      return f(std::integral_constant<int, 80>{});
+    default:
+      return KernelStatus::kInvalidShape;
+  }
+}
+
+}  // namespace
+
+bool PagedDecodeCudaSupportsHeadDim(int head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 80;
+}
+
+int PagedDecodeCudaMaxSplits(int min_live_seqs, int num_heads, int num_multiprocessors) {
+  const int per_split = std::max(min_live_seqs, 1) * std::max(num_heads, 1);
+  const int target = 4 * std::max(num_multiprocessors, 1);
+  return std::clamp((target + per_split - 1) / per_split, 1, kPagedDecodeMaxSplits);
+}
+
+size_t PagedDecodeCudaWorkspaceBytes(int num_seqs, int num_heads, int head_dim, int max_splits) {
+  if (max_splits <= 1) return 0;
+  return static_cast<size_t>(num_seqs) * num_heads * max_splits * (head_dim + 2) * sizeof(float);
+}
+
+KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
+                             cudaStream_t stream, int* splits_bound) {
+  if (splits_bound) *splits_bound = 0;
+  if (p.dtype != DataType::kF16 && p.dtype != DataType::kBF16) {
+    return KernelStatus::kUnsupportedDtype;
+  }
+  if (p.num_seqs < 0 || p.num_tokens != p.num_seqs || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
+      p.block_size <= 0 || p.num_blocks < 0 || p.max_blocks_per_seq < 0 ||
+      p.num_heads % p.num_kv_heads != 0 || !PagedDecodeCudaSupportsHeadDim(p.head_dim)) {
+    return KernelStatus::kInvalidShape;
+  }
+  const int q_stride = p.q_stride == 0 ? p.num_heads * p.head_dim : p.q_stride;
+  if (q_stride < p.num_heads * p.head_dim || q_stride % 8 != 0) return KernelStatus::kInvalidShape;
+  if (p.num_seqs == 0) return KernelStatus::kOk;
+  if (!p.q || !p.k_cache || !p.v_cache || !p.out || !p.context_lens || !p.block_tables) {
+    return KernelStatus::kNullPointer;
+  }
+  if (reinterpret_cast<uintptr_t>(p.q) % 16 || reinterpret_cast<uintptr_t>(p.k_cache) % 16 ||
+      reinterpret_cast<uintptr_t>(p.v_cache) % 16) {
+    return KernelStatus::kInvalidShape;
+  }
+  int max_splits = plan.max_splits > 0 ? plan.max_splits
+                                       : PagedDecodeCudaMaxSplits(p.num_seqs, p.num_heads,
+                                                                  plan.num_multiprocessors);
+  max_splits = std::min(max_splits, kPagedDecodeMaxSplits);
+  while (max_splits > 1 && (plan.workspace == nullptr ||
+                            PagedDecodeCudaWorkspaceBytes(p.num_seqs, p.num_heads, p.head_dim,
+                                                          max_splits) > plan.workspace_bytes)) {
+    --max_splits;
+  }
+  if (splits_bound) *splits_bound = max_splits;
+  Args a;
+  a.q = p.q;
+  a.k_cache = p.k_cache;
+  a.v_cache = p.v_cache;
+  a.out = p.out;
+  a.partial_o = static_cast<float*>(plan.workspace);
+  a.partial_ml = max_splits > 1 ? a.partial_o + static_cast<size_t>(p.num_seqs) * p.num_heads *
+                                                    max_splits * p.head_dim
+                                : nullptr;
+  a.context_lens = p.context_lens;
+  a.block_tables = p.block_tables;
+  a.step_info = plan.step_info;
+  a.num_seqs = p.num_seqs;
+  a.max_blocks = p.max_blocks_per_seq;
+  a.num_blocks = p.num_blocks;
+  a.block_size = p.block_size;
+  a.num_heads = p.num_heads;
+  a.group = p.num_heads / p.num_kv_heads;
+  a.kv_row = p.num_kv_heads * p.head_dim;
+  a.q_stride = q_stride;
+  a.max_splits = max_splits;
+  a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);
+  a.scale_log2 = p.scale * kLog2e;
+  return DispatchHeadDim(p.head_dim, [&](auto hd_tag) {
+    constexpr int HD = decltype(hd_tag)::value;
+    return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      PagedDecodeKernel<T, HD>
+          <<<dim3(max_splits, p.num_seqs, p.num_heads), kThreads, 0, stream>>>(a);
+      if (KernelStatus st = cuda::LaunchStatus(); st != KernelStatus::kOk || max_splits == 1) {
+        return st;
+      }
+      PagedDecodeMergeKernel<T, HD><<<dim3(p.num_seqs, p.num_heads), 96, 0, stream>>>(a);
+      return cuda::LaunchStatus();
+    });
+  });
+}
+
+}  // namespace phishard

@@ -1,0 +1,112 @@
+#ifdef PHISHARD_HAVE_CUDA
+
+#include "model/cuda_graph_runner.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+#include "kernels/device_graph.h"
+
+namespace phishard {
+
+CudaGraphRunner::CudaGraphRunner(int max_batch) {
+  max_batch = std::max(max_batch, 1);
+  for (int b = 1; b < max_batch; b *= 2) buckets_.push_back(b);
+  buckets_.push_back(max_batch);
+  graphs_.assign(buckets_.size(), nullptr);
+  nodes_.assign(buckets_.size(), 0);
+}
+
+CudaGraphRunner::~CudaGraphRunner() { Clear(); }
+
+int CudaGraphRunner::Bucket(int batch) const {
+  if (batch < 1) return 0;
+  for (int b : buckets_) {
+    if (b >= batch) return b;
+  }
+  return 0;
+}
+
+int CudaGraphRunner::Index(int bucket) const {
+  const auto it = std::find(buckets_.begin(), buckets_.end(), bucket);
+  return it == buckets_.end() ? -1 : static_cast<int>(it - buckets_.begin());
+}
+
+bool CudaGraphRunner::Has(int bucket) const {
+  const int i = Index(bucket);
+  return i >= 0 && graphs_[i] != nullptr;
+}
+
+int CudaGraphRunner::num_graphs() const {
+  return static_cast<int>(std::count_if(graphs_.begin(), graphs_.end(),
+                                        [](const DeviceGraph* g) { return g != nullptr; }));
+}
+
+absl::Status CudaGraphRunner::Capture(int bucket, cudaStream_t stream,
+                                      absl::FunctionRef<absl::Status()> enqueue) {
+  const int i = Index(bucket);
+  PHI_CHECK(i >= 0) << "batch size " << bucket << " is not a graph bucket";
+  if (graphs_[i] != nullptr) {
+    DeviceGraphDestroy(graphs_[i]);
+    graphs_[i] = nullptr;
+    total_nodes_ -= nodes_[i];
+    nodes_[i] = 0;
+  }
+  if (int err = DeviceGraphBeginCapture(stream); err != 0) {
+    DeviceGetLastError();
+    return absl::InternalError(
+        absl::StrFormat("CUDA graph capture of the batch-%d decode step "
+                        "could not begin: %s",
+                        bucket, DeviceErrorString(err)));
+  }
+  const absl::Status enqueued = enqueue();
+  DeviceGraph* graph = nullptr;
+  size_t nodes = 0;
+  const int err = DeviceGraphEndCapture(stream, &graph, &nodes);  // always ends the capture
+  if (!enqueued.ok()) {
+    DeviceGraphDestroy(graph);
+    return enqueued;
+  }
+  if (err != 0) {
+    DeviceGetLastError();
+    return absl::InternalError(
+        absl::StrFormat("CUDA graph capture of the batch-%d decode step failed: %s", bucket,
+                        DeviceErrorString(err)));
+  }
+  graphs_[i] = graph;
+  nodes_[i] = nodes;
+  total_nodes_ += nodes;
+  ++captures_;
+  PHI_LOG(DEBUG) << "captured the batch-" << bucket << " decode step as a CUDA graph of " << nodes
+                 << " nodes";
+  return absl::OkStatus();
+}
+
+absl::Status CudaGraphRunner::Replay(int bucket, cudaStream_t stream) {
+  const int i = Index(bucket);
+  if (i < 0 || graphs_[i] == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("no CUDA graph captured for decode batch size %d", bucket));
+  }
+  if (int err = DeviceGraphLaunch(graphs_[i], stream); err != 0) {
+    DeviceGetLastError();
+    return absl::InternalError(absl::StrFormat("CUDA graph launch (decode batch %d) failed: %s",
+                                               bucket, DeviceErrorString(err)));
+  }
+  ++replays_;
+  return absl::OkStatus();
+}
+
+void CudaGraphRunner::Clear() {
+  for (size_t i = 0; i < graphs_.size(); ++i) {
+    if (graphs_[i] != nullptr) DeviceGraphDestroy(graphs_[i]);
+    graphs_[i] = nullptr;
+    nodes_[i] = 0;
+  }
+  total_nodes_ = 0;
+}
+
+}  // namespace phishard
+
+#endif  // PHISHARD_HAVE_CUDA

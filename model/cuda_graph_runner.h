@@ -1,0 +1,63 @@
+// CudaGraphRunner: one captured CUDA graph of a decode step per batch-size bucket. A decode step
+// of S sequences runs as the graph of the smallest bucket >= S (the rows past S are padding rows
+// the kernels skip), so a handful of graphs (1, 2, 4, ..., max_batch) cover every batch size and
+// a step costs one graph launch instead of ~300 kernel launches.
+//
+// The runner only records and replays: what a step computes is the caller's `enqueue`, which
+// must read every per-step input from device buffers whose addresses never change while the
+// graphs live (the graph keeps the pointers and launch shapes it saw). Whoever moves such a
+// buffer calls Clear(). Built only when PHISHARD_HAVE_CUDA.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "kernels/device.h"
+
+namespace phishard {
+
+struct DeviceGraph;
+
+class CudaGraphRunner {
+ public:
+  // Buckets: powers of two below max_batch, then max_batch (>= 1).
+  explicit CudaGraphRunner(int max_batch);
+  ~CudaGraphRunner();
+  CudaGraphRunner(const CudaGraphRunner&) = delete;
+  CudaGraphRunner& operator=(const CudaGraphRunner&) = delete;
+
+  int max_batch() const { return buckets_.back(); }
+  const std::vector<int>& buckets() const { return buckets_; }
+  // Smallest bucket >= batch, or 0 when batch > max_batch() (or batch < 1).
+  int Bucket(int batch) const;
+
+  bool Has(int bucket) const;
+  // Records what `enqueue` puts on `stream` as the graph of `bucket` (replacing any). `enqueue`
+  // must only enqueue work (no allocation, no synchronisation); its error, or the capture's,
+  // comes back and leaves no graph for the bucket.
+  absl::Status Capture(int bucket, cudaStream_t stream, absl::FunctionRef<absl::Status()> enqueue);
+  // Launches the graph of `bucket` on `stream` (FAILED_PRECONDITION if there is none).
+  absl::Status Replay(int bucket, cudaStream_t stream);
+  // Drops every graph (a buffer they point into moved).
+  void Clear();
+
+  int num_graphs() const;
+  size_t total_nodes() const { return total_nodes_; }
+  int64_t replays() const { return replays_; }
+  int64_t captures() const { return captures_; }
+
+ private:
+  int Index(int bucket) const;
+
+  std::vector<int> buckets_;
+  std::vector<DeviceGraph*> graphs_;  // parallel to buckets_, null where not captured
+  std::vector<size_t> nodes_;
+  size_t total_nodes_ = 0;
+  int64_t replays_ = 0;
+  int64_t captures_ = 0;
+};
+
+}  // namespace phishard

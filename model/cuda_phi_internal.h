@@ -1,0 +1,65 @@
+// Private to the CudaPhiModel sources (model/cuda_phi_*.cc): the step arena's layout and small
+// helpers they share. Not part of any interface.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+
+#include "absl/status/status.h"
+#include "kernels/cuda/paged_attention_cuda.h"
+#include "kernels/cuda/paged_decode_cuda.h"
+#include "model/phi_config.h"
+
+namespace phishard::cuda_model {
+
+#define PHI_RETURN_IF_ERROR(expr) \
+  do {                            \
+    absl::Status _st = (expr);    \
+    if (!_st.ok()) return _st;    \
+  } while (0)
+
+inline constexpr size_t kAlign = 256;  // every device sub-buffer starts 256-byte aligned (cuBLASLt)
+inline constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
+// Attention split-K partials are reserved for this many rows x kMaxDecodeSplits; bigger decode
+// batches fill the GPU without splitting.
+inline constexpr int kDecodeSplitRows = 256;
+inline constexpr int kMaxDecodeSplits = 16;
+
+inline size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+// Logit rows are padded to 64 floats so every row starts 256-byte aligned.
+inline int VocabPad(int v) { return (v + 63) / 64 * 64; }
+inline double GiB(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
+
+// Byte offsets of the step arena for `tokens` tokens (all sub-buffers [tokens, width], device).
+struct ArenaLayout {
+  size_t h, normed, qkv, attn, mlp, last, logits, attn_ws, attn_ws_bytes, total;
+};
+
+inline ArenaLayout MakeArenaLayout(const PhiConfig& c, int tokens) {
+  const size_t t = static_cast<size_t>(tokens), e = 2;  // 16-bit storage
+  const size_t qkv_w =
+      static_cast<size_t>(c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+  ArenaLayout l;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off += AlignUp(bytes);
+    return at;
+  };
+  l.h = take(t * c.hidden_size * e);       // residual stream
+  l.normed = take(t * c.hidden_size * e);  // LayerNorm output feeding attention and MLP
+  l.qkv = take(t * qkv_w * e);
+  l.attn = take(t * c.num_attention_heads * c.head_dim * e);
+  l.mlp = take(t * c.intermediate_size * e);
+  l.last = take(t * c.hidden_size * e);                         // hidden rows that return logits
+  l.logits = take(t * VocabPad(c.vocab_size) * sizeof(float));  // float32 logits
+  const int rows = std::min(tokens, kDecodeSplitRows);
+  l.attn_ws_bytes = std::max(
+      PagedAttentionCudaWorkspaceBytes(rows, c.num_attention_heads, c.head_dim, kMaxDecodeSplits),
+      PagedDecodeCudaWorkspaceBytes(rows, c.num_attention_heads, c.head_dim, kMaxDecodeSplits));
+  l.attn_ws = take(l.attn_ws_bytes);
+  l.total = off;
+  return l;
+}
+
+}  // namespace phishard::cuda_model

@@ -1,0 +1,542 @@
+// CudaPhiModel's steps: the layer loop both paths share, the eager prefill path, and the decode
+// path that pads the batch to a graph bucket and replays that bucket's CUDA graph.
+#ifdef PHISHARD_HAVE_CUDA
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+#include "kernels/cuda/embedding_cuda.h"
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/gemv_cuda.h"
+#include "kernels/cuda/layer_norm_cuda.h"
+#include "kernels/cuda/paged_attention_cuda.h"
+#include "kernels/cuda/paged_decode_cuda.h"
+#include "kernels/cuda/rotary_kv_write_cuda.h"
+#include "model/cuda_graph_runner.h"
+#include "model/cuda_phi_internal.h"
+#include "model/cuda_phi_model.h"
+#include "model/kv_cache.h"
+
+namespace phishard {
+namespace {
+
+using cuda_model::ArenaLayout;
+using cuda_model::MakeArenaLayout;
+using cuda_model::VocabPad;
+
+// Per-step metadata of the prefill path, one contiguous block (host pinned and device).
+struct MetaLayout {
+  size_t slots, ids, positions, cu_q_lens, context_lens, logit_rows, block_tables, total;
+};
+
+MetaLayout MakeMetaLayout(int T, int S, int R, int max_blocks) {
+  MetaLayout m;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off += (bytes + 15) / 16 * 16;
+    return at;
+  };
+  m.slots = take(sizeof(int64_t) * T);
+  m.ids = take(sizeof(int32_t) * T);
+  m.positions = take(sizeof(int32_t) * T);
+  m.cu_q_lens = take(sizeof(int32_t) * (S + 1));
+  m.context_lens = take(sizeof(int32_t) * S);
+  m.logit_rows = take(sizeof(int32_t) * std::max(R, 1));
+  m.block_tables = take(sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
+  m.total = off;
+  return m;
+}
+
+// The decode path's inputs, at fixed offsets for the life of the buffer (`rows` rows, `ints`
+// block-table entries): info = {live sequences, block-table pitch, 0, 0}, then per row the slot,
+// token id, position and context length, then the block tables [live, pitch] last, so a step
+// uploads only the prefix it uses.
+struct DecodeLayout {
+  size_t info, slots, ids, positions, context_lens, block_tables, total;
+};
+
+DecodeLayout MakeDecodeLayout(int rows, int64_t ints) {
+  DecodeLayout d;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off += (bytes + 15) / 16 * 16;
+    return at;
+  };
+  d.info = take(sizeof(int32_t) * 4);
+  d.slots = take(sizeof(int64_t) * rows);
+  d.ids = take(sizeof(int32_t) * rows);
+  d.positions = take(sizeof(int32_t) * rows);
+  d.context_lens = take(sizeof(int32_t) * rows);
+  d.block_tables = take(sizeof(int32_t) * static_cast<size_t>(ints));
+  d.total = off;
+  return d;
+}
+
+// Host copy of the logits out of pinned staging; big decode batches (256 x 51200 floats = 52 MB)
+// would spend milliseconds in one memcpy, so those are split over a few threads.
+void CopyOut(float* dst, const float* src, size_t floats) {
+  const size_t bytes = floats * sizeof(float);
+  constexpr size_t kPerThread = size_t{8} << 20;
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t parts = std::min<size_t>({bytes / kPerThread, hw / 2, 8});
+  if (parts <= 1) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (size_t i = 1; i < parts; ++i) {
+    const size_t a = floats * i / parts, b = floats * (i + 1) / parts;
+    pool.emplace_back([=] { std::memcpy(dst + a, src + a, (b - a) * sizeof(float)); });
+  }
+  std::memcpy(dst, src, floats / parts * sizeof(float));
+  for (std::thread& t : pool) t.join();
+}
+
+}  // namespace
+
+// Device pointers and sizes of one step's inputs.
+struct CudaPhiModel::StepInputs {
+  int tokens = 0;  // rows of the step (decode: the bucket, padding rows included)
+  const int32_t* ids = nullptr;
+  const int32_t* positions = nullptr;
+  const int64_t* slots = nullptr;
+  const int32_t* cu_q_lens = nullptr;  // prefill only
+  const int32_t* context_lens = nullptr;
+  const int32_t* block_tables = nullptr;
+  int num_seqs = 0;
+  int max_blocks = 0;                  // block-table pitch when step_info is null
+  const int32_t* step_info = nullptr;  // decode graphs: {live, pitch} on the device
+  bool decode = false;                 // one token per sequence: PagedDecodeCuda
+  int min_live = 1;                    // decode: fewest live sequences this launch serves
+  int max_q_len = 0;                   // prefill plan
+  int max_ctx = 0;
+};
+
+size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints) {
+  return MakeDecodeLayout(rows, table_ints).total;
+}
+
+absl::Status CudaPhiModel::Linear(const GemmParams& p, DataType y_dtype, const char* op,
+                                  const GemmParams* second) {
+  if (p.m <= gemv_max_rows_) {
+    GemvParams g{.a = p, .y_dtype = y_dtype, .programmatic_launch = pdl_};
+    if (second != nullptr) {
+      g.x2 = second->x;
+      g.w2 = second->w;
+      g.bias2 = second->bias;
+      g.k2 = second->k;
+      g.ldx2 = second->ldx;
+    }
+    if (GemvCudaSupports(g)) return KernelResult(GemvCuda(g, stream_), op);
+  }
+  PHI_RETURN_IF_ERROR(KernelResult(gemm_->Run(p, y_dtype, stream_), op));
+  if (second != nullptr) {
+    PHI_RETURN_IF_ERROR(KernelResult(gemm_->Run(*second, y_dtype, stream_), op));
+  }
+  return absl::OkStatus();
+}
+
+// Embedding and every layer; leaves the residual stream in the arena's h rows.
+absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
+  const PhiConfig& c = config_;
+  const int T = in.tokens;
+  const int H = c.hidden_size, nH = c.num_attention_heads, nKV = c.num_key_value_heads;
+  const int hd = c.head_dim, qkv_width = (nH + 2 * nKV) * hd, V = c.vocab_size;
+  const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
+  char* a = static_cast<char*>(arena_);
+  void* h = a + al.h;
+  void* normed = a + al.normed;
+  void* qkv = a + al.qkv;
+  void* attn = a + al.attn;
+  void* mlp = a + al.mlp;
+  const size_t layer_kv_bytes = static_cast<size_t>(kv_num_blocks_) * kv_block_size_ * nKV * hd * 2;
+  const GemmEpilogue act =
+      c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
+  const DataType dt = dtype_;
+  auto linear = [&](const void* x, const void* w, const void* bias, void* y, int n, int k,
+                    bool accumulate, GemmEpilogue epi) {
+    return GemmParams{.x = x,
+                      .w = w,
+                      .bias = bias,
+                      .y = y,
+                      .m = T,
+                      .n = n,
+                      .k = k,
+                      .accumulate = accumulate,
+                      .epilogue = epi,
+                      .dtype = dt};
+  };
+
+  PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = in.ids,
+                                                  .table = embed_,
+                                                  .out = h,
+                                                  .num_tokens = T,
+                                                  .num_rows = V,
+                                                  .dim = H,
+                                                  .dtype = dt},
+                                                 stream_),
+                                   "embedding"));
+  PagedAttentionCudaPlan prefill_plan;
+  prefill_plan.max_q_len = in.max_q_len;
+  prefill_plan.max_context_len = in.max_ctx;
+  prefill_plan.workspace = a + al.attn_ws;
+  prefill_plan.workspace_bytes = al.attn_ws_bytes;
+  prefill_plan.num_multiprocessors = multiprocessors_;
+  PagedDecodeCudaPlan decode_plan;
+  decode_plan.step_info = in.step_info;
+  decode_plan.max_splits = PagedDecodeCudaMaxSplits(in.min_live, nH, multiprocessors_);
+  decode_plan.workspace = a + al.attn_ws;
+  decode_plan.workspace_bytes = al.attn_ws_bytes;
+  decode_plan.num_multiprocessors = multiprocessors_;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const Layer& w = layers_[l];
+    char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
+    char* v_cache = k_cache + layer_kv_bytes;
+    // n = LN(h) feeds both branches (parallel residual); h += dense(attn) + fc2(gelu(fc1(n))),
+    // both accumulating straight into the residual stream.
+    PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = h,
+                                                    .weight = w.ln_w,
+                                                    .bias = w.ln_b,
+                                                    .y = normed,
+                                                    .rows = T,
+                                                    .cols = H,
+                                                    .eps = c.layer_norm_eps,
+                                                    .dtype = dt},
+                                                   stream_),
+                                     "layer_norm"));
+    PHI_RETURN_IF_ERROR(
+        Linear(linear(normed, w.qkv_w, w.qkv_b, qkv, qkv_width, H, false, GemmEpilogue::kNone), dt,
+               "qkv gemm"));
+    PHI_RETURN_IF_ERROR(KernelResult(
+        RotaryKvWriteCuda({.qkv = qkv,
+                           .positions = in.positions,
+                           .slots = in.slots,
+                           .k_cache = k_cache,
+                           .v_cache = v_cache,
+                           .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
+                           .num_tokens = T,
+                           .num_heads = nH,
+                           .num_kv_heads = nKV,
+                           .head_dim = hd,
+                           .rotary_dim = c.rotary_dim,
+                           .theta = static_cast<float>(c.rope_theta),
+                           .dtype = dt},
+                          stream_),
+        "rotary_kv_write"));
+    const PagedAttentionParams ap{.q = qkv,
+                                  .k_cache = k_cache,
+                                  .v_cache = v_cache,
+                                  .out = attn,
+                                  .cu_q_lens = in.cu_q_lens,
+                                  .context_lens = in.context_lens,
+                                  .block_tables = in.block_tables,
+                                  .num_seqs = in.num_seqs,
+                                  .num_tokens = T,
+                                  .max_blocks_per_seq = in.max_blocks,
+                                  .num_blocks = kv_num_blocks_,
+                                  .block_size = kv_block_size_,
+                                  .num_heads = nH,
+                                  .num_kv_heads = nKV,
+                                  .head_dim = hd,
+                                  .q_stride = qkv_width,
+                                  .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                                  .dtype = dt};
+    PHI_RETURN_IF_ERROR(KernelResult(
+        in.decode ? PagedDecodeCuda(ap, decode_plan, stream_, &last_decode_splits_)
+                  : PagedAttentionCuda(ap, prefill_plan, stream_, &last_decode_splits_),
+        "paged_attention"));
+    PHI_RETURN_IF_ERROR(Linear(
+        linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, act), dt, "fc1 gemm"));
+    const GemmParams fc2 =
+        linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size, true, GemmEpilogue::kNone);
+    PHI_RETURN_IF_ERROR(
+        Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone), dt,
+               "dense + fc2 gemm", &fc2));
+  }
+  return absl::OkStatus();
+}
+
+// Final LayerNorm of `rows` hidden rows into the arena's `last` (in place when hidden is last),
+// then the LM head into float32 logits [rows, VocabPad(V)].
+absl::Status CudaPhiModel::EnqueueLogits(const void* hidden, int rows, float* logits) {
+  const PhiConfig& c = config_;
+  const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
+  void* last = static_cast<char*>(arena_) + al.last;
+  PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = hidden,
+                                                  .weight = final_ln_w_,
+                                                  .bias = final_ln_b_,
+                                                  .y = last,
+                                                  .rows = rows,
+                                                  .cols = c.hidden_size,
+                                                  .eps = c.layer_norm_eps,
+                                                  .dtype = dtype_},
+                                                 stream_),
+                                   "final layer_norm"));
+  GemmParams p;
+  p.x = last;
+  p.w = lm_head_w_;
+  p.bias = lm_head_b_;
+  p.y = logits;
+  p.m = rows;
+  p.n = c.vocab_size;
+  p.k = c.hidden_size;
+  p.ldy = VocabPad(c.vocab_size);
+  p.dtype = dtype_;
+  return Linear(p, DataType::kF32, "lm_head gemm");
+}
+
+absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<float>* logits) {
+  const PhiConfig& c = config_;
+  const int T = batch.num_tokens(), S = static_cast<int>(batch.seqs.size());
+  const int R = static_cast<int>(batch.logit_rows.size());
+  const int H = c.hidden_size, V = c.vocab_size;
+  if (T > arena_tokens_) {
+    PHI_LOG(WARNING) << "step of " << T << " tokens exceeds the reserved workspace of "
+                     << arena_tokens_ << " tokens: growing it (a device allocation on the step "
+                     << "path; reserve more at warmup)";
+    PHI_RETURN_IF_ERROR(ReserveWorkspace(T));
+  }
+
+  // Plan: slots, varlen offsets, the padded block-table matrix; one upload.
+  int max_blocks = 1, max_q_len = 0, max_ctx = 0;
+  for (const SequenceInput& seq : batch.seqs) {
+    max_blocks = std::max(max_blocks, static_cast<int>(seq.block_table.size()));
+    max_q_len = std::max(max_q_len, seq.num_new_tokens);
+    max_ctx = std::max(max_ctx, seq.context_len);
+  }
+  const MetaLayout ml = MakeMetaLayout(T, S, R, max_blocks);
+  PHI_RETURN_IF_ERROR(EnsureMetadataCapacity(ml.total));
+  char* mh = static_cast<char*>(meta_host_);
+  auto* slots = reinterpret_cast<int64_t*>(mh + ml.slots);
+  auto* cu_q_lens = reinterpret_cast<int32_t*>(mh + ml.cu_q_lens);
+  auto* ctx_lens = reinterpret_cast<int32_t*>(mh + ml.context_lens);
+  auto* tables = reinterpret_cast<int32_t*>(mh + ml.block_tables);
+  std::memcpy(mh + ml.ids, batch.token_ids.data(), sizeof(int32_t) * T);
+  std::memcpy(mh + ml.positions, batch.positions.data(), sizeof(int32_t) * T);
+  if (R > 0) std::memcpy(mh + ml.logit_rows, batch.logit_rows.data(), sizeof(int32_t) * R);
+  std::memset(tables, 0, sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
+  cu_q_lens[0] = 0;
+  for (int i = 0, t = 0; i < S; ++i) {
+    const SequenceInput& seq = batch.seqs[i];
+    std::copy(seq.block_table.begin(), seq.block_table.end(),
+              tables + static_cast<size_t>(i) * max_blocks);
+    cu_q_lens[i + 1] = cu_q_lens[i] + seq.num_new_tokens;
+    ctx_lens[i] = seq.context_len;
+    for (int j = 0; j < seq.num_new_tokens; ++j, ++t) {
+      const int pos = batch.positions[t];
+      slots[t] = static_cast<int64_t>(seq.block_table[pos / kv_block_size_]) * kv_block_size_ +
+                 pos % kv_block_size_;
+    }
+  }
+  StepTimerStart();
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(meta_dev_, meta_host_, ml.total, stream_),
+                                   "metadata upload"));
+  char* md = static_cast<char*>(meta_dev_);
+  StepInputs in;
+  in.tokens = T;
+  in.ids = reinterpret_cast<const int32_t*>(md + ml.ids);
+  in.positions = reinterpret_cast<const int32_t*>(md + ml.positions);
+  in.slots = reinterpret_cast<const int64_t*>(md + ml.slots);
+  in.cu_q_lens = reinterpret_cast<const int32_t*>(md + ml.cu_q_lens);
+  in.context_lens = reinterpret_cast<const int32_t*>(md + ml.context_lens);
+  in.block_tables = reinterpret_cast<const int32_t*>(md + ml.block_tables);
+  in.num_seqs = S;
+  in.max_blocks = max_blocks;
+  in.decode = max_q_len == 1;  // a decode batch above the largest graph bucket
+  in.min_live = S;
+  in.max_q_len = max_q_len;
+  in.max_ctx = max_ctx;
+  PHI_RETURN_IF_ERROR(EnqueueLayers(in));
+
+  const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
+  char* a = static_cast<char*>(arena_);
+  float* d_logits = reinterpret_cast<float*>(a + al.logits);
+  logits->resize(static_cast<size_t>(R) * V);
+  if (R > 0) {
+    // Only the requested rows go through the final norm and the LM head (float32 logits).
+    PHI_RETURN_IF_ERROR(
+        KernelResult(EmbeddingCuda({.ids = reinterpret_cast<const int32_t*>(md + ml.logit_rows),
+                                    .table = a + al.h,
+                                    .out = a + al.last,
+                                    .num_tokens = R,
+                                    .num_rows = T,
+                                    .dim = H,
+                                    .dtype = dtype_},
+                                   stream_),
+                     "gather logit rows"));
+    PHI_RETURN_IF_ERROR(EnqueueLogits(a + al.last, R, d_logits));
+    PHI_RETURN_IF_ERROR(
+        DeviceStatus(DeviceCopy2DToHost(logits->data(), sizeof(float) * V, d_logits,
+                                        sizeof(float) * VocabPad(V), sizeof(float) * V, R, stream_),
+                     "logits download"));
+  }
+  if (absl::Status st = DeviceStatus(DeviceStreamSync(stream_), "step"); !st.ok()) {
+    healthy_ = false;
+    return st;
+  }
+  StepTimerStop();
+  return absl::OkStatus();
+}
+
+absl::Status CudaPhiModel::EnqueueDecode(int rows) {
+  const DecodeLayout dl = MakeDecodeLayout(decode_rows_, decode_table_ints_);
+  const char* md = static_cast<const char*>(decode_dev_);
+  StepInputs in;
+  in.tokens = rows;
+  in.ids = reinterpret_cast<const int32_t*>(md + dl.ids);
+  in.positions = reinterpret_cast<const int32_t*>(md + dl.positions);
+  in.slots = reinterpret_cast<const int64_t*>(md + dl.slots);
+  in.context_lens = reinterpret_cast<const int32_t*>(md + dl.context_lens);
+  in.block_tables = reinterpret_cast<const int32_t*>(md + dl.block_tables);
+  in.num_seqs = rows;
+  in.step_info = reinterpret_cast<const int32_t*>(md + dl.info);
+  in.decode = true;
+  in.min_live = std::max(1, rows / 2);  // the bucket below holds every smaller batch
+  in.max_q_len = 1;
+  PHI_RETURN_IF_ERROR(EnqueueLayers(in));
+  const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
+  char* a = static_cast<char*>(arena_);
+  return EnqueueLogits(a + al.h, rows, reinterpret_cast<float*>(a + al.logits));
+}
+
+absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<float>* logits) {
+  const int S = static_cast<int>(batch.seqs.size());
+  const int B = graphs_->Bucket(S);
+  int pitch = 1;
+  for (const SequenceInput& seq : batch.seqs) {
+    pitch = std::max(pitch, KvBlockAllocator::BlocksFor(seq.context_len, kv_block_size_));
+  }
+  if (B > decode_rows_ || static_cast<int64_t>(B) * pitch > decode_table_ints_) {
+    PHI_LOG(WARNING) << "decode step of " << S << " sequences x " << pitch
+                     << " blocks exceeds the decode input buffer: growing it (graphs are "
+                     << "captured again)";
+    PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(B, pitch));
+  }
+  const DecodeLayout dl = MakeDecodeLayout(decode_rows_, decode_table_ints_);
+  char* mh = static_cast<char*>(decode_host_);
+  auto* info = reinterpret_cast<int32_t*>(mh + dl.info);
+  auto* slots = reinterpret_cast<int64_t*>(mh + dl.slots);
+  auto* ids = reinterpret_cast<int32_t*>(mh + dl.ids);
+  auto* positions = reinterpret_cast<int32_t*>(mh + dl.positions);
+  auto* ctx_lens = reinterpret_cast<int32_t*>(mh + dl.context_lens);
+  auto* tables = reinterpret_cast<int32_t*>(mh + dl.block_tables);
+  info[0] = S;
+  info[1] = pitch;
+  for (int i = 0; i < B; ++i) {
+    if (i < S) {
+      const SequenceInput& seq = batch.seqs[i];
+      const int pos = batch.positions[i];
+      slots[i] = static_cast<int64_t>(seq.block_table[pos / kv_block_size_]) * kv_block_size_ +
+                 pos % kv_block_size_;
+      ids[i] = batch.token_ids[i];
+      positions[i] = pos;
+      ctx_lens[i] = seq.context_len;
+      const int n = std::min(pitch, static_cast<int>(seq.block_table.size()));
+      int32_t* row = tables + static_cast<size_t>(i) * pitch;
+      std::copy(seq.block_table.begin(), seq.block_table.begin() + n, row);
+      std::fill(row + n, row + pitch, 0);
+    } else {  // padding row: writes no KV slot, attends to nothing
+      slots[i] = -1;
+      ids[i] = 0;
+      positions[i] = 0;
+      ctx_lens[i] = 0;
+    }
+  }
+  const size_t upload = dl.block_tables + sizeof(int32_t) * static_cast<size_t>(S) * pitch;
+  StepTimerStart();
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(decode_dev_, decode_host_, upload, stream_),
+                                   "decode inputs upload"));
+  if (use_graphs_ && graphs_->Has(B)) {
+    PHI_RETURN_IF_ERROR(graphs_->Replay(B, stream_));
+  } else {
+    PHI_RETURN_IF_ERROR(EnqueueDecode(B));
+    if (use_graphs_) {
+      // Captured after the bucket's first eager step, so module loading and cuBLASLt's plan
+      // building happen outside the capture. A failed capture leaves the model eager.
+      absl::Status st = graphs_->Capture(B, stream_, [&] { return EnqueueDecode(B); });
+      if (!st.ok()) {
+        // Nothing ran during the capture (the eager step above did the work), so an op refusing
+        // to be captured is no device fault; a real one shows in the step's sync below.
+        PHI_LOG(WARNING) << "decode steps stay eager: " << st;
+        healthy_ = true;
+        use_graphs_ = false;
+        DropGraphs();
+      }
+    }
+  }
+  const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
+  return CopyLogitsOut(
+      batch, reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), logits);
+}
+
+// Requested rows of the device logits [rows, VocabPad(V)] -> pinned staging (one 2-D copy per
+// run of consecutive rows) -> `logits` [R, V]; ends the step with its stream sync.
+absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float* d_logits,
+                                         std::vector<float>* logits) {
+  const int V = config_.vocab_size, R = static_cast<int>(batch.logit_rows.size());
+  const size_t pad = VocabPad(V);
+  for (int r = 0; r < R;) {
+    int n = 1;
+    while (r + n < R && batch.logit_rows[r + n] == batch.logit_rows[r] + n) ++n;
+    PHI_RETURN_IF_ERROR(DeviceStatus(
+        DeviceCopy2DToHost(logits_host_ + static_cast<size_t>(r) * V, sizeof(float) * V,
+                           d_logits + static_cast<size_t>(batch.logit_rows[r]) * pad,
+                           sizeof(float) * pad, sizeof(float) * V, n, stream_),
+        "logits download"));
+    r += n;
+  }
+  if (absl::Status st = DeviceStatus(DeviceStreamSync(stream_), "step"); !st.ok()) {
+    healthy_ = false;
+    return st;
+  }
+  StepTimerStop();
+  logits->resize(static_cast<size_t>(R) * V);
+  if (R > 0) CopyOut(logits->data(), logits_host_, static_cast<size_t>(R) * V);
+  return absl::OkStatus();
+}
+
+absl::Status CudaPhiModel::CaptureDecodeGraphs(int max_batch) {
+  if (kv_ == nullptr) {
+    return absl::FailedPreconditionError("decode graphs need the KV cache (AllocateKvCache first)");
+  }
+  if (!use_graphs_) return absl::OkStatus();
+  DeviceSet(device_);
+  const DecodeLayout dl = MakeDecodeLayout(decode_rows_, decode_table_ints_);
+  for (int b : graphs_->buckets()) {
+    if (b > max_batch || graphs_->Has(b)) continue;
+    // An all-padding step: live 0, no KV slot written, every attention row empty.
+    char* mh = static_cast<char*>(decode_host_);
+    auto* info = reinterpret_cast<int32_t*>(mh + dl.info);
+    info[0] = 0;
+    info[1] = 1;
+    for (int i = 0; i < b; ++i) {
+      reinterpret_cast<int64_t*>(mh + dl.slots)[i] = -1;
+      reinterpret_cast<int32_t*>(mh + dl.ids)[i] = 0;
+      reinterpret_cast<int32_t*>(mh + dl.positions)[i] = 0;
+      reinterpret_cast<int32_t*>(mh + dl.context_lens)[i] = 0;
+    }
+    PHI_RETURN_IF_ERROR(DeviceStatus(
+        DeviceCopyToDevice(decode_dev_, decode_host_, dl.block_tables, stream_), "upload"));
+    PHI_RETURN_IF_ERROR(EnqueueDecode(b));
+    if (absl::Status st = graphs_->Capture(b, stream_, [&] { return EnqueueDecode(b); });
+        !st.ok()) {
+      healthy_ = true;  // as in DecodeStep: a refused capture ran nothing
+      use_graphs_ = false;
+      DropGraphs();
+      return st;
+    }
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "graph warmup"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace phishard
+
+#endif  // PHISHARD_HAVE_CUDA

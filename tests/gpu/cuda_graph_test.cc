@@ -1,0 +1,607 @@
+// The decode fast path: the GEMV kernel and the graph-friendly decode attention against their CPU
+// references, and CudaPhiModel's CUDA-graph decode steps against its own eager launches.
+//
+// Kernel tolerances: each output is rounded once to its 16-bit type after float32 arithmetic, so
+// OneRoundingTol (4x the rounding unit, see gpu_test_util.h) applies; float32 outputs (lm_head)
+// carry only summation-order error, ~1e-6 relative, checked at 5e-4 as in cuda_ops_test.cc.
+// Model tests compare bit for bit: a replayed graph runs the very launches the eager step runs,
+// and a padding row changes nothing any real row computes.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/gemv_cuda.h"
+#include "kernels/cuda/paged_decode_cuda.h"
+#include "kernels/gemm.h"
+#include "kernels/paged_attention.h"
+#include "model/cuda_phi_model.h"
+#include "model/kv_cache.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/kernels/kernel_test_util.h"
+
+namespace phishard {
+namespace {
+
+namespace fs = std::filesystem;
+using gpu_test::Compare;
+using gpu_test::Decode;
+using gpu_test::DeviceBuffer;
+using gpu_test::Encode;
+using gpu_test::OneRoundingTol;
+using testing_util::RandomVector;
+
+constexpr DataType kHalfTypes[] = {DataType::kBF16, DataType::kF16};
+
+// ---------------------------------------------------------------------------------------------
+// GEMV
+struct GemvShape {
+  int m, n, k, k2;  // k2 > 0: a second segment
+};
+
+class CudaGemvTest : public ::testing::TestWithParam<GemvShape> {};
+
+// Every epilogue x bias x accumulate, padded row strides, one or two segments, bf16 and fp16,
+// against GemmCpu on the same (rounded) inputs; poisoned outputs must be written exactly on
+// [m, n] and nowhere else. Two launches give the same bits (no atomics).
+TEST_P(CudaGemvTest, MatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  const GemvShape s = GetParam();
+  for (DataType t : kHalfTypes) {
+    const int ldx = s.k + 8, ldx2 = s.k2 + 16, ldy = s.n + 3;
+    std::vector<float> x = RandomVector(static_cast<size_t>(s.m) * ldx, s.m + s.k);
+    std::vector<float> w = RandomVector(static_cast<size_t>(s.n) * s.k, s.n, -0.1f, 0.1f);
+    std::vector<float> bias = RandomVector(s.n, s.n + 1);
+    std::vector<float> x2 = RandomVector(static_cast<size_t>(s.m) * std::max(ldx2, 1), s.k2 + 2);
+    std::vector<float> w2 =
+        RandomVector(static_cast<size_t>(s.n) * std::max(s.k2, 1), s.n + 3, -0.05f, 0.05f);
+    std::vector<float> bias2 = RandomVector(s.n, s.n + 4);
+    std::vector<float> y_old = RandomVector(static_cast<size_t>(s.m) * ldy, s.m + 5);
+    DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
+    DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
+    DeviceBuffer d_b = DeviceBuffer::From(Encode(bias, t));
+    DeviceBuffer d_x2 = DeviceBuffer::From(Encode(x2, t));
+    DeviceBuffer d_w2 = DeviceBuffer::From(Encode(w2, t));
+    DeviceBuffer d_b2 = DeviceBuffer::From(Encode(bias2, t));
+    const std::vector<char> y_old_bytes = Encode(y_old, t);
+    for (GemmEpilogue epi :
+         {GemmEpilogue::kNone, GemmEpilogue::kGeluTanh, GemmEpilogue::kGeluErf}) {
+      for (bool with_bias : {false, true}) {
+        for (bool acc : {false, true}) {
+          if (acc && epi != GemmEpilogue::kNone) continue;
+          SCOPED_TRACE(testing::Message()
+                       << DataTypeName(t) << " m " << s.m << " n " << s.n << " k " << s.k << " k2 "
+                       << s.k2 << " epi " << static_cast<int>(epi) << " bias " << with_bias
+                       << " acc " << acc);
+          DeviceBuffer d_y(y_old_bytes.size());
+          if (acc) {
+            d_y.Upload(y_old_bytes.data(), y_old_bytes.size());
+          } else {
+            d_y.Poison();
+          }
+          GemvParams p{.a = {.x = d_x.get(),
+                             .w = d_w.get(),
+                             .bias = with_bias ? d_b.get() : nullptr,
+                             .y = d_y.get(),
+                             .m = s.m,
+                             .n = s.n,
+                             .k = s.k,
+                             .ldx = ldx,
+                             .ldy = ldy,
+                             .accumulate = acc,
+                             .epilogue = epi,
+                             .dtype = t},
+                       .y_dtype = t};
+          if (s.k2 > 0) {
+            p.x2 = d_x2.get();
+            p.w2 = d_w2.get();
+            p.bias2 = with_bias ? d_b2.get() : nullptr;
+            p.k2 = s.k2;
+            p.ldx2 = ldx2;
+          }
+          ASSERT_TRUE(GemvCudaSupports(p));
+          ASSERT_EQ(GemvCuda(p, nullptr), KernelStatus::kOk);
+          gpu_test::ExpectDeviceClean(nullptr);
+          const std::vector<char> first = d_y.DownloadBytes();
+          if (!acc) {  // same bits on a second launch
+            ASSERT_EQ(GemvCuda(p, nullptr), KernelStatus::kOk);
+            ASSERT_EQ(first, d_y.DownloadBytes()) << "GEMV is not deterministic";
+          }
+          // Reference: pre-activation in float32, then the activation once.
+          std::vector<float> ref = acc ? y_old : std::vector<float>(y_old.size(), 0.0f);
+          GemmParams pc{.x = x.data(),
+                        .w = w.data(),
+                        .bias = with_bias ? bias.data() : nullptr,
+                        .y = ref.data(),
+                        .m = s.m,
+                        .n = s.n,
+                        .k = s.k,
+                        .ldx = ldx,
+                        .ldy = ldy,
+                        .accumulate = acc,
+                        .dtype = DataType::kF32};
+          ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
+          if (s.k2 > 0) {
+            GemmParams pc2 = pc;
+            pc2.x = x2.data();
+            pc2.w = w2.data();
+            pc2.bias = with_bias ? bias2.data() : nullptr;
+            pc2.k = s.k2;
+            pc2.ldx = ldx2;
+            pc2.accumulate = true;
+            ASSERT_EQ(GemmCpu(pc2), KernelStatus::kOk);
+          }
+          const std::vector<float> out = Decode(first, t);
+          std::vector<float> o, r;
+          for (int i = 0; i < s.m; ++i) {
+            for (int j = 0; j < ldy; ++j) {
+              const size_t idx = static_cast<size_t>(i) * ldy + j;
+              if (j < s.n) {
+                o.push_back(out[idx]);
+                float v = ref[idx];
+                if (epi == GemmEpilogue::kGeluTanh) v = GeluTanh(v);
+                if (epi == GemmEpilogue::kGeluErf) v = GeluErf(v);
+                r.push_back(v);
+              } else if (acc) {
+                ASSERT_EQ(out[idx], y_old[idx]) << "padding column " << j << " changed";
+              } else {
+                ASSERT_TRUE(std::isnan(out[idx])) << "padding column " << j << " written";
+              }
+            }
+          }
+          const gpu_test::Diff d = Compare(o, r);
+          EXPECT_EQ(d.nonfinite, 0u);
+          EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
+        }
+      }
+    }
+  }
+}
+
+// lm_head: float32 output and bias, padded output stride.
+TEST_P(CudaGemvTest, Float32OutputMatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  const GemvShape s = GetParam();
+  for (DataType t : kHalfTypes) {
+    const int ldy = (s.n + 63) / 64 * 64;
+    std::vector<float> x = RandomVector(static_cast<size_t>(s.m) * s.k, s.m + 7 * s.k);
+    std::vector<float> w = RandomVector(static_cast<size_t>(s.n) * s.k, s.n + 8);
+    std::vector<float> bias = RandomVector(s.n, s.n + 9);
+    DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
+    DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
+    DeviceBuffer d_b = DeviceBuffer::From(bias);
+    DeviceBuffer d_y(static_cast<size_t>(s.m) * ldy * sizeof(float));
+    d_y.Poison();
+    GemvParams p{.a = {.x = d_x.get(),
+                       .w = d_w.get(),
+                       .bias = d_b.get(),
+                       .y = d_y.get(),
+                       .m = s.m,
+                       .n = s.n,
+                       .k = s.k,
+                       .ldy = ldy,
+                       .dtype = t},
+                 .y_dtype = DataType::kF32};
+    ASSERT_EQ(GemvCuda(p, nullptr), KernelStatus::kOk);
+    gpu_test::ExpectDeviceClean(nullptr);
+    std::vector<float> ref(static_cast<size_t>(s.m) * ldy, 0.0f);
+    ASSERT_EQ(GemmCpu({.x = x.data(),
+                       .w = w.data(),
+                       .bias = bias.data(),
+                       .y = ref.data(),
+                       .m = s.m,
+                       .n = s.n,
+                       .k = s.k,
+                       .ldy = ldy}),
+              KernelStatus::kOk);
+    const std::vector<float> out = Decode(d_y.DownloadBytes(), DataType::kF32);
+    std::vector<float> o, r;
+    for (int i = 0; i < s.m; ++i) {
+      for (int j = 0; j < s.n; ++j) {
+        o.push_back(out[static_cast<size_t>(i) * ldy + j]);
+        r.push_back(ref[static_cast<size_t>(i) * ldy + j]);
+      }
+    }
+    const gpu_test::Diff d = Compare(o, r);
+    EXPECT_EQ(d.nonfinite, 0u);
+    EXPECT_LE(d.rel, 5e-4) << DataTypeName(t) << ": " << gpu_test::ToString(d);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaGemvTest,
+                         ::testing::Values(GemvShape{1, 768, 256, 0},        // demo qkv
+                                           GemvShape{3, 4095, 256, 0},       // odd n (demo vocab)
+                                           GemvShape{1, 2560, 10240, 0},     // Phi-2 fc2: k split
+                                           GemvShape{4, 2560, 2560, 10240},  // dense + fc2
+                                           GemvShape{8, 320, 384, 64},
+                                           GemvShape{5, 33, 8, 8}));  // tiny k, both segments
+
+TEST(CudaGemvErrors, RejectsWhatItCannotDo) {
+  PHI_REQUIRE_GPU();
+  DeviceBuffer buf(1 << 16);
+  GemvParams p{.a = {.x = buf.get(),
+                     .w = buf.get(),
+                     .y = buf.get(),
+                     .m = 9,
+                     .n = 8,
+                     .k = 16,
+                     .dtype = DataType::kBF16},
+               .y_dtype = DataType::kBF16};
+  EXPECT_FALSE(GemvCudaSupports(p));
+  EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kInvalidShape);  // m > kGemvMaxRows
+  p.a.m = 2;
+  p.a.k = 12;
+  EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kInvalidShape);  // k not a multiple of 8
+  p.a.k = 16;
+  p.a.x = static_cast<char*>(buf.get()) + 2;
+  EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kInvalidShape);  // x not 16-byte aligned
+  p.a.x = buf.get();
+  p.a.accumulate = true;
+  p.a.epilogue = GemmEpilogue::kGeluTanh;
+  EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kInvalidShape);
+  p.a.accumulate = false;
+  p.a.dtype = DataType::kF32;
+  EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kUnsupportedDtype);
+  p.a.dtype = DataType::kBF16;
+  p.a.w = nullptr;
+  EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kNullPointer);
+  gpu_test::ExpectDeviceClean(nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graph-friendly decode attention vs PagedAttentionCpu.
+struct DecodeCase {
+  std::vector<int> ctx;  // per sequence; 0 = padding row
+  int live;              // step_info[0] (< ctx.size(): the tail rows are padding)
+  int num_heads, num_kv_heads, head_dim, block_size;
+};
+
+// Runs one case with the given split bound; poisons the output, every cache slot no sequence
+// owns (K and V NaN: a read past a context shows up), and uses a table pitch wider than needed.
+void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_info) {
+  const int S = static_cast<int>(c.ctx.size());
+  const int bs = c.block_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+  int max_ctx = 1;
+  for (int x : c.ctx) max_ctx = std::max(max_ctx, x);
+  const int pitch = KvBlockAllocator::BlocksFor(max_ctx, bs) + 2;
+  const int num_blocks = S * pitch + 3;
+  std::mt19937 rng(S * 131 + hd + max_splits);
+  std::vector<int32_t> ids(num_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  std::vector<int32_t> tables(static_cast<size_t>(S) * pitch, 0);
+  std::vector<char> owned(static_cast<size_t>(num_blocks) * bs, 0);
+  for (int s = 0, next = 0; s < S; ++s) {
+    for (int b = 0; b < KvBlockAllocator::BlocksFor(c.ctx[s], bs); ++b) {
+      const int blk = ids[next++];
+      tables[static_cast<size_t>(s) * pitch + b] = blk;
+      for (int o = 0; o < bs && b * bs + o < c.ctx[s]; ++o) owned[blk * bs + o] = 1;
+    }
+  }
+  const int q_stride = (nh + 2 * nkv) * hd;
+  std::vector<float> q = RandomVector(static_cast<size_t>(S) * q_stride, S + hd, -2.0f, 2.0f);
+  const size_t slot_elems = static_cast<size_t>(nkv) * hd;
+  std::vector<float> k = RandomVector(num_blocks * bs * slot_elems, 11 + S);
+  std::vector<float> v = RandomVector(num_blocks * bs * slot_elems, 12 + S);
+  std::vector<char> kb = Encode(k, t), vb = Encode(v, t);
+  for (size_t slot = 0; slot < owned.size(); ++slot) {
+    if (owned[slot]) continue;
+    std::memset(kb.data() + slot * slot_elems * 2, 0xFF, slot_elems * 2);
+    std::memset(vb.data() + slot * slot_elems * 2, 0xFF, slot_elems * 2);
+  }
+  std::vector<int32_t> cu(S + 1), ctx(c.ctx.begin(), c.ctx.end());
+  std::iota(cu.begin(), cu.end(), 0);
+  const std::vector<int32_t> info = {c.live, pitch, 0, 0};
+  DeviceBuffer d_q = DeviceBuffer::From(Encode(q, t));
+  DeviceBuffer d_k = DeviceBuffer::From(kb);
+  DeviceBuffer d_v = DeviceBuffer::From(vb);
+  DeviceBuffer d_ctx = DeviceBuffer::From(ctx);
+  DeviceBuffer d_tables = DeviceBuffer::From(tables);
+  DeviceBuffer d_info = DeviceBuffer::From(info);
+  DeviceBuffer d_out(static_cast<size_t>(S) * nh * hd * 2);
+  d_out.Poison();
+  const size_t ws_bytes = PagedDecodeCudaWorkspaceBytes(S, nh, hd, kPagedDecodeMaxSplits);
+  DeviceBuffer d_ws(std::max<size_t>(ws_bytes, 16));
+  d_ws.Poison();
+  PagedAttentionParams p{.q = d_q.get(),
+                         .k_cache = d_k.get(),
+                         .v_cache = d_v.get(),
+                         .out = d_out.get(),
+                         .context_lens = d_ctx.as<int32_t>(),
+                         .block_tables = d_tables.as<int32_t>(),
+                         .num_seqs = S,
+                         .num_tokens = S,
+                         .max_blocks_per_seq = device_info ? 0 : pitch,
+                         .num_blocks = num_blocks,
+                         .block_size = bs,
+                         .num_heads = nh,
+                         .num_kv_heads = nkv,
+                         .head_dim = hd,
+                         .q_stride = q_stride,
+                         .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                         .dtype = t};
+  PagedDecodeCudaPlan plan{.step_info = device_info ? d_info.as<int32_t>() : nullptr,
+                           .max_splits = max_splits,
+                           .workspace = d_ws.get(),
+                           .workspace_bytes = ws_bytes,
+                           .num_multiprocessors = 132};
+  int bound = 0;
+  ASSERT_EQ(PagedDecodeCuda(p, plan, nullptr, &bound), KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  EXPECT_EQ(bound, max_splits);
+  const std::vector<float> out = Decode(d_out.DownloadBytes(), t);
+
+  // Reference over the live rows only (the CPU op has no padding rows).
+  std::vector<float> kf = Decode(kb, t), vf = Decode(vb, t);
+  std::vector<float> ref(static_cast<size_t>(S) * nh * hd, 0.0f);
+  std::vector<int32_t> live_idx;
+  for (int s = 0; s < S; ++s) {
+    if (c.ctx[s] > 0) live_idx.push_back(s);
+  }
+  for (int s : live_idx) {
+    const std::vector<int32_t> one_cu = {0, 1}, one_ctx = {c.ctx[s]};
+    std::vector<int32_t> one_table(tables.begin() + static_cast<size_t>(s) * pitch,
+                                   tables.begin() + static_cast<size_t>(s + 1) * pitch);
+    std::vector<float> one_out(static_cast<size_t>(nh) * hd);
+    PagedAttentionParams pc = p;
+    pc.q = q.data() + static_cast<size_t>(s) * q_stride;
+    pc.k_cache = kf.data();
+    pc.v_cache = vf.data();
+    pc.out = one_out.data();
+    pc.cu_q_lens = one_cu.data();
+    pc.context_lens = one_ctx.data();
+    pc.block_tables = one_table.data();
+    pc.num_seqs = 1;
+    pc.num_tokens = 1;
+    pc.max_blocks_per_seq = pitch;
+    pc.dtype = DataType::kF32;
+    ASSERT_EQ(PagedAttentionCpu(pc), KernelStatus::kOk);
+    std::copy(one_out.begin(), one_out.end(), ref.begin() + static_cast<size_t>(s) * nh * hd);
+  }
+  for (int s = 0; s < S; ++s) {
+    if (c.ctx[s] > 0) continue;
+    for (int i = 0; i < nh * hd; ++i) {
+      ASSERT_EQ(out[static_cast<size_t>(s) * nh * hd + i], 0.0f) << "padding row " << s;
+    }
+  }
+  const gpu_test::Diff d = Compare(out, ref);
+  EXPECT_EQ(d.nonfinite, 0u);
+  EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
+}
+
+TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
+  PHI_REQUIRE_GPU();
+  const std::vector<DecodeCase> cases = {
+      {{1}, 1, 32, 32, 80, 16},                          // one key
+      {{1000}, 1, 32, 32, 80, 16},                       // Phi-2, long
+      {{15, 16, 17, 63, 64, 65, 129}, 7, 8, 8, 64, 16},  // block and tile edges
+      {{300, 5, 0, 0}, 2, 4, 2, 80, 16},                 // GQA, padding rows
+      {{77, 200, 3}, 3, 8, 8, 32, 7},                    // odd block size, head_dim 32
+      {{4096, 2048}, 2, 32, 32, 80, 16}};
+  for (const DecodeCase& c : cases) {
+    for (DataType t : kHalfTypes) {
+      for (int splits : {1, 3, 16}) {
+        SCOPED_TRACE(testing::Message() << DataTypeName(t) << " seqs " << c.ctx.size()
+                                        << " head_dim " << c.head_dim << " splits " << splits);
+        RunDecodeCase(c, t, splits, /*device_info=*/true);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+  // Host-side pitch and live count (no step_info).
+  RunDecodeCase({{40, 41, 1}, 3, 8, 8, 64, 16}, DataType::kBF16, 4, /*device_info=*/false);
+}
+
+// Small enough for compute-sanitizer (memcheck, racecheck): splits, padding rows, GQA.
+TEST(CudaPagedDecode, SmallCasesForSanitizer) {
+  PHI_REQUIRE_GPU();
+  RunDecodeCase({{70, 3, 0}, 2, 4, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true);
+  RunDecodeCase({{33}, 1, 2, 2, 64, 16}, DataType::kF16, 1, /*device_info=*/false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CudaPhiModel decode graphs.
+const fs::path kRepo = fs::path(PHISHARD_MODELS).parent_path();
+
+std::unique_ptr<CudaPhiModel> Load(const fs::path& dir, CudaModelOptions o) {
+  o.reserve_tokens = 512;
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = CudaPhiModel::Load(dir, o);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? *std::move(m) : nullptr;
+}
+
+// A fixed workload: 8 sequences of different prompt lengths, prefilled together, then decode
+// steps over changing subsets (batch sizes 1..8, several per bucket), contexts crossing block
+// boundaries, and steps that ask for only some logit rows.
+class Workload {
+ public:
+  Workload(int vocab, int max_seqs_per_step) : vocab_(vocab), max_(max_seqs_per_step) {
+    const int prompts[] = {5, 16, 17, 31, 33, 64, 1, 100};
+    for (int s = 0; s < 8; ++s) {
+      Seq q;
+      q.ctx = prompts[s];
+      q.blocks.resize(KvBlockAllocator::BlocksFor(q.ctx + 64));
+      std::iota(q.blocks.begin(), q.blocks.end(), s * 16 + 1);  // block 0 owned by nobody
+      seqs_.push_back(q);
+    }
+  }
+  static constexpr int kBlocks = 8 * 16 + 1;
+
+  ForwardBatch Prefill() const {
+    ForwardBatch b;
+    int t = 0;
+    for (int s = 0; s < 8; ++s) {
+      for (int i = 0; i < seqs_[s].ctx; ++i, ++t) {
+        b.token_ids.push_back((s * 97 + i * 13 + 1) % vocab_);
+        b.positions.push_back(i);
+      }
+      b.logit_rows.push_back(t - 1);
+      b.seqs.push_back({.num_new_tokens = seqs_[s].ctx,
+                        .context_len = seqs_[s].ctx,
+                        .block_table = seqs_[s].blocks});
+    }
+    return b;
+  }
+
+  // Step i of the schedule (advances the chosen sequences' contexts).
+  ForwardBatch Step(int i) {
+    static const std::vector<std::vector<int>> kSchedule = {{0, 1, 2},
+                                                            {0, 1, 2, 3},
+                                                            {5},
+                                                            {4, 6},
+                                                            {0, 2, 4},
+                                                            {1, 3, 5, 6, 7},
+                                                            {0, 1, 2, 3, 4, 5, 6, 7},
+                                                            {3},
+                                                            {7, 6, 5},
+                                                            {2, 3},
+                                                            {0, 1, 2, 3, 4, 5}};
+    std::vector<int> pick;
+    for (int s : kSchedule[i % kSchedule.size()]) {
+      if (static_cast<int>(pick.size()) < max_) pick.push_back(s);
+    }
+    ForwardBatch b;
+    for (size_t j = 0; j < pick.size(); ++j) {
+      Seq& q = seqs_[pick[j]];
+      b.token_ids.push_back((q.ctx * 31 + pick[j] * 7 + i) % vocab_);
+      b.positions.push_back(q.ctx);
+      b.seqs.push_back({.num_new_tokens = 1, .context_len = q.ctx + 1, .block_table = q.blocks});
+      ++q.ctx;
+      if (i % 3 != 2 || j % 2 == 0) b.logit_rows.push_back(static_cast<int>(j));
+    }
+    return b;
+  }
+
+ private:
+  struct Seq {
+    int ctx;
+    std::vector<int32_t> blocks;
+  };
+  int vocab_, max_;
+  std::vector<Seq> seqs_;
+};
+
+// Runs the workload on `a` and `b` side by side; every step's logits must be identical bits.
+void ExpectSameSteps(CudaPhiModel& a, CudaPhiModel& b, int max_seqs, int steps) {
+  const int V = a.config().vocab_size;
+  Workload wa(V, max_seqs), wb(V, max_seqs);
+  std::vector<float> la, lb;
+  ASSERT_TRUE(a.Forward(wa.Prefill(), &la).ok());
+  ASSERT_TRUE(b.Forward(wb.Prefill(), &lb).ok());
+  ASSERT_EQ(la, lb) << "prefill differs";
+  for (int i = 0; i < steps; ++i) {
+    const ForwardBatch ba = wa.Step(i), bb = wb.Step(i);
+    absl::Status sa = a.Forward(ba, &la), sb = b.Forward(bb, &lb);
+    ASSERT_TRUE(sa.ok()) << sa;
+    ASSERT_TRUE(sb.ok()) << sb;
+    ASSERT_EQ(la.size(), ba.logit_rows.size() * V);
+    ASSERT_EQ(la.size(), lb.size());
+    for (float x : la) ASSERT_TRUE(std::isfinite(x)) << "step " << i;
+    ASSERT_EQ(std::memcmp(la.data(), lb.data(), la.size() * sizeof(float)), 0)
+        << "step " << i << " (" << ba.seqs.size() << " sequences) differs";
+  }
+}
+
+class CudaDecodeGraphs : public ::testing::TestWithParam<std::string> {
+ protected:
+  fs::path Dir() const {
+    return GetParam() == "tiny-phi-code" ? kRepo / "models" / "tiny-phi-code"
+                                         : kRepo / "tests" / "golden" / GetParam();
+  }
+};
+
+// Graph replays (including a replay after each bucket's first step, batch sizes inside one
+// bucket that differ, and more steps than buckets) give the eager launches' logits bit for bit.
+// The graph model also launches its GEMVs as programmatic dependents (PDL), which may only move
+// when they run, never what they compute.
+TEST_P(CudaDecodeGraphs, ReplayIsBitIdenticalToEager) {
+  PHI_REQUIRE_GPU();
+  std::unique_ptr<CudaPhiModel> eager =
+      Load(Dir(), {.dtype = "bfloat16", .cuda_graphs = false, .pdl = false});
+  std::unique_ptr<CudaPhiModel> graph =
+      Load(Dir(), {.dtype = "bfloat16", .cuda_graphs = true, .pdl = true});
+  ASSERT_TRUE(eager && graph);
+  ASSERT_TRUE(eager->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
+  ASSERT_TRUE(graph->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
+  ExpectSameSteps(*eager, *graph, 8, 33);
+  EXPECT_EQ(eager->num_decode_graphs(), 0);
+  EXPECT_EQ(graph->num_decode_graphs(), 4);  // buckets 1, 2, 4, 8
+  EXPECT_GE(graph->decode_graph_replays(), 33 - 4);
+  std::printf("  %s: %d graphs, %zu nodes, %lld replays\n", GetParam().c_str(),
+              graph->num_decode_graphs(), graph->decode_graph_nodes(),
+              static_cast<long long>(graph->decode_graph_replays()));
+
+  // A new KV pool moves what the graphs point at: they are captured again, still identical.
+  ASSERT_TRUE(eager->AllocateKvCache(Workload::kBlocks + 5, kKvBlockSize).ok());
+  ASSERT_TRUE(graph->AllocateKvCache(Workload::kBlocks + 5, kKvBlockSize).ok());
+  EXPECT_EQ(graph->num_decode_graphs(), 0);
+  ExpectSameSteps(*eager, *graph, 8, 12);
+  EXPECT_GT(graph->num_decode_graphs(), 0);
+}
+
+// Padding rows change nothing: a step padded to its bucket gives the same bits as the same step
+// run unpadded (max_graph_batch 1 sends every batch above 1 through the unpadded eager path).
+// Up to 4 rows both take the GEMV path, whose per-row arithmetic does not depend on the row
+// count, and the attention's split counts depend on the live count alone. A padding row that
+// wrote a KV slot or leaked into a real row would show in this or a later step.
+TEST_P(CudaDecodeGraphs, PaddingRowsAreHarmless) {
+  PHI_REQUIRE_GPU();
+  std::unique_ptr<CudaPhiModel> padded = Load(Dir(), {.dtype = "bfloat16"});
+  std::unique_ptr<CudaPhiModel> exact = Load(Dir(), {.dtype = "bfloat16", .max_graph_batch = 1});
+  ASSERT_TRUE(padded && exact);
+  ASSERT_TRUE(padded->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
+  ASSERT_TRUE(exact->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
+  EXPECT_EQ(padded->decode_bucket(3), 4);
+  EXPECT_EQ(exact->decode_bucket(3), 0);
+  ExpectSameSteps(*padded, *exact, 4, 22);
+  EXPECT_GT(padded->decode_graph_replays(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaDecodeGraphs,
+                         ::testing::Values("tiny-phi-code", "phi-gqa-hd80", "phi-mha-hd64"));
+
+// Warmup capture, and the graphs' memory in MaxKvBlocks.
+TEST(CudaDecodeGraphsWarmup, CapturesEveryBucketAndCountsTheirMemory) {
+  PHI_REQUIRE_GPU();
+  std::unique_ptr<CudaPhiModel> m =
+      Load(kRepo / "models" / "tiny-phi-code", {.dtype = "bfloat16", .max_graph_batch = 48});
+  ASSERT_TRUE(m);
+  EXPECT_FALSE(m->CaptureDecodeGraphs(48).ok()) << "needs the KV cache first";
+  absl::StatusOr<int> with_graphs = m->MaxKvBlocks(0.5, 512);
+  m->set_cuda_graphs(false);
+  absl::StatusOr<int> without = m->MaxKvBlocks(0.5, 512);
+  m->set_cuda_graphs(true);
+  ASSERT_TRUE(with_graphs.ok() && without.ok());
+  // 7 buckets (1, 2, 4, 8, 16, 32, 48) x kDecodeGraphBytes, in blocks of this model.
+  const double per_block = 2.0 * 4 * kKvBlockSize * 8 * 32 * 2;
+  const double expect = 7.0 * CudaPhiModel::kDecodeGraphBytes / per_block;
+  EXPECT_NEAR(*without - *with_graphs, expect, 2.0);
+
+  ASSERT_TRUE(m->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
+  size_t free_before = 0, free_after = 0, total = 0;
+  DeviceMemGetInfo(&free_before, &total);
+  ASSERT_TRUE(m->CaptureDecodeGraphs(48).ok());
+  DeviceMemGetInfo(&free_after, &total);
+  EXPECT_EQ(m->num_decode_graphs(), 7);
+  const double used = static_cast<double>(free_before) - static_cast<double>(free_after);
+  std::printf("  7 decode graphs (%zu nodes) took %.2f MiB of device memory\n",
+              m->decode_graph_nodes(), used / (1 << 20));
+  EXPECT_LE(used, 7.0 * CudaPhiModel::kDecodeGraphBytes) << "kDecodeGraphBytes is too small";
+  // The first real step of a captured bucket is already a replay.
+  Workload w(m->config().vocab_size, 8);
+  std::vector<float> logits;
+  ASSERT_TRUE(m->Forward(w.Prefill(), &logits).ok());
+  const int64_t before = m->decode_graph_replays();
+  ASSERT_TRUE(m->Forward(w.Step(0), &logits).ok());
+  EXPECT_EQ(m->decode_graph_replays(), before + 1);
+}
+
+}  // namespace
+}  // namespace phishard
