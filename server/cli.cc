@@ -10,7 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
+#include "model/model_factory.h"
 #include "server/adapter_store.h"
+#include "server/launch.h"
 
 namespace phishard {
 namespace {
@@ -115,11 +117,17 @@ absl::Status ApplyServeEnvironment(const EnvFn& env, ServeOptions* o) {
     o->server.rank = rank;
     o->server.world_size = world_size;
   }
-  if (o->server.sharded || world_size > 1) {
-    return absl::UnimplementedError(absl::StrFormat(
-        "tensor parallelism is not implemented yet (--sharded=%s, WORLD_SIZE=%d): run one shard "
-        "per model with --num-shard 1",
-        o->server.sharded ? "true" : "false", world_size));
+  if (!o->server.sharded && world_size > 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "WORLD_SIZE=%d but --sharded is not set: every rank of a tensor-parallel group needs "
+        "--sharded (the LoRAX launcher and `phishard launch` pass it)",
+        world_size));
+  }
+  if (o->server.sharded) {
+    if (absl::Status s = CheckTensorParallelSupport(o->device, world_size); !s.ok()) return s;
+  }
+  if (!(o->sequencer_timeout_s > 0)) {
+    return absl::InvalidArgumentError("--sequencer-timeout-s must be > 0");
   }
 
   // Features this shard cannot honour: refuse before loading anything (spec §4.11, §10).
@@ -231,6 +239,11 @@ int RunCli(int argc, char** argv) {
   s->add_option("--adapter-id", serve.adapter_id, "Static adapter, served at adapter index 0");
   AddBool(s, "trust-remote-code", &serve.trust_remote_code, "Accepted, no effect");
   AddBool(s, "sharded", &serve.server.sharded, "Tensor parallel (needs RANK, WORLD_SIZE, ...)");
+  s->add_option("--sequencer-timeout-s", serve.sequencer_timeout_s,
+                "Tensor parallel: how long an RPC that reached only some ranks waits before it "
+                "fails")
+      ->envname("PHISHARD_SEQUENCER_TIMEOUT_S")
+      ->capture_default_str();
   s->add_option("--quantize", serve.quantize, "Not supported: any value is refused");
   AddBool(s, "compile", &serve.compile, "Accepted (CUDA graphs hint), no effect");
   s->add_option("--speculative-tokens", serve.speculative_tokens, "Must be 0");
@@ -257,6 +270,36 @@ int RunCli(int argc, char** argv) {
   s->add_option("--otlp-endpoint", serve.otlp_endpoint, "Accepted, no effect");
   int embedding_dim = -1;
   CLI::Option* s_embedding = s->add_option("--embedding-dim", embedding_dim, "Accepted, no effect");
+
+  // ---- launch ----
+  LaunchOptions launch;
+  CLI::App* l = app.add_subcommand(
+      "launch",
+      "Run N tensor-parallel `serve` ranks of this binary (RANK, WORLD_SIZE, MASTER_ADDR, "
+      "MASTER_PORT set for each); every argument it does not know goes to `serve`");
+  l->add_option("--num-shard", launch.num_shard, "Number of ranks (tensor-parallel world size)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  l->add_option("--master-addr", launch.master_addr, "Rendezvous address (rank 0 listens)")
+      ->capture_default_str();
+  l->add_option("--master-port", launch.master_port, "Rendezvous port (0 = a free one)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  l->add_option("--uds-path", launch.uds_path, "Socket path prefix of the ranks")
+      ->envname("PHISHARD_UDS_PATH")
+      ->capture_default_str();
+  l->add_option("--ready-timeout-s", launch.ready_timeout_s,
+                "Fail when the sockets are not up in time (0 = wait as long as loading takes)")
+      ->capture_default_str();
+  l->add_option("--stop-timeout-s", launch.stop_timeout_s,
+                "After SIGTERM, seconds the ranks get before SIGKILL")
+      ->capture_default_str();
+  // Used by the launcher itself and passed on to every rank.
+  bool launch_json = false;
+  std::string launch_level;
+  AddBool(l, "json-output", &launch_json, "JSON log lines, here and in every rank");
+  l->add_option("--logger-level", launch_level, "Log level, here and in every rank");
+  l->allow_extras();
 
   // ---- download-weights ----
   DownloadWeightsOptions dl;
@@ -345,6 +388,14 @@ int RunCli(int argc, char** argv) {
     if (s_embedding->count() > 0) serve.embedding_dim = embedding_dim;
     serve.server.shutdown_grace = absl::Seconds(grace_s);
     return RunServe(std::move(serve));
+  }
+  if (*l) {
+    launch.serve_args = l->remaining();
+    if (launch_json) launch.serve_args.push_back("--json-output");
+    if (!launch_level.empty())
+      launch.serve_args.insert(launch.serve_args.end(), {"--logger-level", launch_level});
+    SetUpLogging(launch_level.empty() ? "INFO" : launch_level, launch_json);
+    return RunLaunch(launch);
   }
   if (*d) {
     if (dl_embedding_dim >= 0) dl.embedding_dim = dl_embedding_dim;

@@ -44,6 +44,8 @@ struct ServeOptions {
   std::string preloaded_adapter_source;
   std::string otlp_endpoint;
   std::optional<int> embedding_dim;
+  // Tensor parallelism: the sequencer's bound on a partial fan-out (server/sequencer.h).
+  double sequencer_timeout_s = 30;
   // Adapters (docs/adapters.md).
   std::vector<std::string> adapter_roots;  // --adapter-root; empty = the model directory
   int64_t adapter_memory_bytes = 0;        // what ADAPTER_MEMORY_FRACTION applies to; 0 = device

@@ -1,5 +1,8 @@
 // `phishard serve`: validate everything, load tokenizer + model, build the engine, then (last)
 // publish the socket; wait for SIGTERM/SIGINT and shut down gracefully.
+#include <signal.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -17,14 +20,22 @@
 #include "server/lorax_service.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
+#include "server/sequencer_group.h"
 #include "server/shard_server.h"
 
 namespace phishard {
 namespace {
 
+// Tensor parallelism: this rank's group while it starts up; a startup failure is sent to the
+// peers so that they stop at once instead of waiting for this rank.
+ShardGroup* g_starting_group = nullptr;
+
 // Fatal startup errors go to stdout as a log line (the launcher shows it) and to stderr (the
 // launcher prints stderr when the shard exits), spec §1.8.
 int Fail(const absl::Status& status) {
+  if (g_starting_group != nullptr) {
+    g_starting_group->Abandon(absl::StrCat("startup failed: ", status.message()));
+  }
   PHI_LOG(ERROR) << "serve: " << status.message();
   std::cerr << "phishard serve: " << status.message() << std::endl;
   return 1;
@@ -88,6 +99,26 @@ int RunServe(ServeOptions o) {
                   << metrics_http->port() << "), GET /metrics";
   }
 
+  // Tensor parallelism (spec §1.5): join the group before loading anything, so that a rank that
+  // cannot start stops the others at once.
+  std::unique_ptr<ShardGroup> group;
+  if (o.server.world_size > 1) {
+    absl::StatusOr<CommOptions> comm = CommOptionsFromEnv();
+    if (!comm.ok()) return Fail(comm.status());
+    absl::StatusOr<std::string> device = ResolveDevice(o.device);
+    if (!device.ok()) return Fail(device.status());
+    comm->backend = *device == "cpu" ? CommBackend::kGloo : CommBackend::kNccl;
+    PHI_LOG(INFO) << "Joining the tensor-parallel group as rank " << comm->rank << " of "
+                  << comm->world_size << " via " << comm->master_addr << ":" << comm->master_port;
+    ShardGroupOptions go;
+    go.comm = *comm;
+    go.sequencer.timeout = absl::Seconds(o.sequencer_timeout_s);
+    absl::StatusOr<std::unique_ptr<ShardGroup>> g = ShardGroup::Create(go);
+    if (!g.ok()) return Fail(g.status());
+    group = *std::move(g);
+    g_starting_group = group.get();
+  }
+
   absl::StatusOr<std::filesystem::path> dir = ResolveModelDir(
       o.model_id, o.revision.empty() ? std::nullopt : std::optional<std::string>(o.revision));
   if (!dir.ok()) return Fail(dir.status());
@@ -102,6 +133,10 @@ int RunServe(ServeOptions o) {
   load.dtype = o.dtype;
   load.rank = o.server.rank;
   load.world_size = o.server.world_size;
+  if (group != nullptr) {
+    load.comm = group->comm();
+    load.ranks_on_host = group->ranks_on_host();
+  }
   absl::StatusOr<std::unique_ptr<ModelBackend>> model = CreateModelBackend(load);
   if (!model.ok()) return Fail(model.status());
   MetricsSetLoadProgress(1.0);
@@ -113,6 +148,9 @@ int RunServe(ServeOptions o) {
   if (!adapters.ok()) return Fail(adapters.status());
   if ((*adapters)->registry() != nullptr) {
     MetricsSetAdaptersLoaded((*adapters)->registry()->num_loaded());  // static and preloaded
+  }
+  if (group != nullptr) {
+    if (absl::Status s = group->WaitForAllLoaded(); !s.ok()) return Fail(s);
   }
 
   BatchEngineOptions eo;
@@ -130,6 +168,7 @@ int RunServe(ServeOptions o) {
   so.urls = ShardUrls(o.server);
   so.block_size = kKvBlockSize;
   so.adapters = adapters->get();
+  so.sequencer = group != nullptr ? group->sequencer() : nullptr;
   LoraxService service(&engine, model->get(), so);
 
   // From here on a signal means "shut down gracefully".
@@ -141,12 +180,23 @@ int RunServe(ServeOptions o) {
   service.health().Subscribe([](bool serving) {
     MetricsSetHealth(serving ? HealthStateValue::kServing : HealthStateValue::kNotServing);
   });
+  g_starting_group = nullptr;
+  if (group != nullptr) {
+    // A broken group (a peer died or aborted, the ranks diverged) shuts this rank down too, the
+    // same way a signal does; the exit status then says it failed.
+    group->SetServing([] { ::kill(::getpid(), SIGTERM); },
+                      o.server.shutdown_grace + absl::Seconds(10));
+  }
 
   const int sig = signals.Wait();
-  PHI_LOG(INFO) << "Signal " << sig << " received. Shutting down";
+  if (group != nullptr && group->broken()) {
+    PHI_LOG(INFO) << "Tensor-parallel group ended (" << group->reason() << "). Shutting down";
+  } else {
+    PHI_LOG(INFO) << "Signal " << sig << " received. Shutting down";
+  }
   (*server)->Shutdown();
   std::fflush(stdout);
-  return 0;
+  return group != nullptr ? group->ExitCode() : 0;
 }
 
 }  // namespace phishard

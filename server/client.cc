@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <map>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -213,9 +215,29 @@ absl::StatusOr<std::unique_ptr<RouterSession>> RouterSession::Connect(const std:
   return session;
 }
 
+namespace {
+// Calls fn(i) for every shard at once and waits for all, as the router does (tokio join_all): a
+// tensor-parallel group runs a collective RPC only once every rank has received it, so calling
+// the shards one after the other would leave rank 0 waiting for rank 1's copy.
+template <class T>
+std::vector<T> FanOut(size_t n, const std::function<T(size_t)>& fn) {
+  std::vector<T> out(n);
+  if (n == 1) {
+    out[0] = fn(0);
+    return out;
+  }
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < n; ++i) threads.emplace_back([&, i] { out[i] = fn(i); });
+  for (std::thread& t : threads) t.join();
+  return out;
+}
+}  // namespace
+
 absl::Status RouterSession::ClearCache(std::optional<uint64_t> id) {
-  for (size_t i = 0; i < shards_.size(); ++i) {
-    if (absl::Status s = shards_[i]->ClearCache(id); !s.ok()) return ShardError(i, s);
+  std::vector<absl::Status> all = FanOut<absl::Status>(
+      shards_.size(), [&](size_t i) { return shards_[i]->ClearCache(id); });
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (!all[i].ok()) return ShardError(i, all[i]);
   }
   return absl::OkStatus();
 }
@@ -234,8 +256,11 @@ absl::Status RouterSession::Health() {
 
 absl::StatusOr<std::optional<uint32_t>> RouterSession::Warmup(const pb::WarmupRequest& req) {
   std::optional<uint32_t> min;
-  for (size_t i = 0; i < shards_.size(); ++i) {
-    absl::StatusOr<pb::WarmupResponse> r = shards_[i]->Warmup(req);
+  std::vector<absl::StatusOr<pb::WarmupResponse>> all =
+      FanOut<absl::StatusOr<pb::WarmupResponse>>(shards_.size(),
+                                                 [&](size_t i) { return shards_[i]->Warmup(req); });
+  for (size_t i = 0; i < all.size(); ++i) {
+    absl::StatusOr<pb::WarmupResponse>& r = all[i];
     if (!r.ok()) return ShardError(i, r.status());
     if (r->has_max_supported_total_tokens()) {
       min = std::min(min.value_or(UINT32_MAX), r->max_supported_total_tokens());
@@ -259,20 +284,24 @@ Resp MergeStep(std::vector<Resp> per_shard) {
 
 absl::StatusOr<pb::PrefillResponse> RouterSession::Prefill(const pb::PrefillRequest& req) {
   std::vector<pb::PrefillResponse> all;
-  for (size_t i = 0; i < shards_.size(); ++i) {
-    absl::StatusOr<pb::PrefillResponse> r = shards_[i]->Prefill(req);
-    if (!r.ok()) return ShardError(i, r.status());
-    all.push_back(std::move(*r));
+  std::vector<absl::StatusOr<pb::PrefillResponse>> got =
+      FanOut<absl::StatusOr<pb::PrefillResponse>>(
+          shards_.size(), [&](size_t i) { return shards_[i]->Prefill(req); });
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!got[i].ok()) return ShardError(i, got[i].status());
+    all.push_back(std::move(*got[i]));
   }
   return MergeStep(std::move(all));
 }
 
 absl::StatusOr<pb::DecodeResponse> RouterSession::Decode(const pb::DecodeRequest& req) {
   std::vector<pb::DecodeResponse> all;
-  for (size_t i = 0; i < shards_.size(); ++i) {
-    absl::StatusOr<pb::DecodeResponse> r = shards_[i]->Decode(req);
-    if (!r.ok()) return ShardError(i, r.status());
-    all.push_back(std::move(*r));
+  std::vector<absl::StatusOr<pb::DecodeResponse>> got =
+      FanOut<absl::StatusOr<pb::DecodeResponse>>(
+          shards_.size(), [&](size_t i) { return shards_[i]->Decode(req); });
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!got[i].ok()) return ShardError(i, got[i].status());
+    all.push_back(std::move(*got[i]));
   }
   return MergeStep(std::move(all));
 }
@@ -280,8 +309,11 @@ absl::StatusOr<pb::DecodeResponse> RouterSession::Decode(const pb::DecodeRequest
 absl::StatusOr<std::optional<pb::CachedBatch>> RouterSession::FilterBatch(
     uint64_t batch_id, const std::vector<uint64_t>& request_ids) {
   std::optional<pb::CachedBatch> last;
-  for (size_t i = 0; i < shards_.size(); ++i) {
-    absl::StatusOr<pb::FilterBatchResponse> r = shards_[i]->FilterBatch(batch_id, request_ids);
+  std::vector<absl::StatusOr<pb::FilterBatchResponse>> all =
+      FanOut<absl::StatusOr<pb::FilterBatchResponse>>(
+          shards_.size(), [&](size_t i) { return shards_[i]->FilterBatch(batch_id, request_ids); });
+  for (size_t i = 0; i < all.size(); ++i) {
+    absl::StatusOr<pb::FilterBatchResponse>& r = all[i];
     if (!r.ok()) return ShardError(i, r.status());
     last.reset();
     if (r->has_batch()) last = r->batch();

@@ -69,7 +69,8 @@ generate::v1::Request RouterRequest(uint64_t id, const std::string& prompt,
                                     const std::vector<uint32_t>& ids, uint32_t truncate,
                                     uint32_t max_new_tokens);
 
-// The router's view of all shards (its ShardedClient).
+// The router's view of all shards (its ShardedClient). Calls that every shard gets (ClearCache,
+// Warmup, Prefill, Decode, FilterBatch) go to all shards concurrently, as the router sends them.
 class RouterSession {
  public:
   // Connects to `target` (the master shard), calls ServiceDiscovery, connects to every URL.

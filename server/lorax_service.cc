@@ -14,6 +14,8 @@
 #include "server/adapter_service.h"
 #include "server/metrics.h"
 #include "server/proto_convert.h"
+#include "server/sequencer.h"
+#include "server/sequencer_key.h"
 
 namespace phishard {
 namespace {
@@ -186,6 +188,12 @@ LoraxService::LoraxService(BatchEngine* engine, ModelBackend* model, LoraxServic
     : engine_(engine), model_(model), options_(std::move(options)) {
   PHI_CHECK(engine_ != nullptr && model_ != nullptr);
   PHI_CHECK(options_.block_size > 0);
+  if (options_.sequencer != nullptr) {
+    // Ranks > 0 run what rank 0 announces on this executor (server/sequencer.h).
+    options_.sequencer->Start([this](std::function<void()> work, std::function<void()> then) {
+      return executor_.Submit(std::move(work), std::move(then));
+    });
+  }
   // Info is static: computed once here so gRPC threads never call into the backend.
   info_.set_requires_padding(false);
   info_.set_dtype(model_->dtype_name());
@@ -207,14 +215,19 @@ LoraxService::LoraxService(BatchEngine* engine, ModelBackend* model, LoraxServic
   }
 }
 
-LoraxService::~LoraxService() { executor_.Stop(); }
+LoraxService::~LoraxService() { StopExecutor(); }
 
 void LoraxService::BeginShutdown() {
   shutting_down_ = true;
+  // W > 1: calls not started yet fail (their peers are shutting down too).
+  if (options_.sequencer != nullptr) options_.sequencer->Shutdown();
   health_.SetNotServing("shutting down");
 }
 
-void LoraxService::StopExecutor() { executor_.Stop(); }
+void LoraxService::StopExecutor() {
+  if (options_.sequencer != nullptr) options_.sequencer->Stop();  // no more calls from peers
+  executor_.Stop();
+}
 
 void LoraxService::CheckHealth(std::function<void(absl::Status)> done) {
   if (!health_.serving()) {
@@ -280,6 +293,8 @@ LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const B
     reactor->Finish(ToGrpcStatus(st));
     return reactor;
   }
+  // W > 1: what every rank's copy of this call must match (method, batch ids, request bytes).
+  const uint64_t digest = options_.sequencer != nullptr ? RequestDigest(bytes) : 0;
   bytes.clear();
   bytes.shrink_to_fit();
 
@@ -321,9 +336,6 @@ LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const B
     if (lane == Lane::kExecutor) {  // Warmup, steps, filter and clear all move KV blocks
       MetricsSetKvBlocks(engine_->kv_blocks_total() - engine_->kv_blocks_free(),
                          engine_->kv_blocks_free());
-      if (options_.adapters != nullptr && options_.adapters->registry() != nullptr) {
-        MetricsSetAdaptersLoaded(options_.adapters->registry()->num_loaded());  // Load/Offload
-      }
     }
   };
   auto finish = [reactor, st_holder, method] {
@@ -333,6 +345,19 @@ LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const B
   if (lane == Lane::kInline) {
     run();
     finish();
+  } else if (options_.sequencer != nullptr) {
+    options_.sequencer->Admit(RpcSequencer::Call{
+        .id = SequencerId(method, *req),
+        .digest = digest,
+        .run = [run, st_holder] {
+          run();
+          return *st_holder;
+        },
+        .finish =
+            [st_holder, finish](absl::Status st) {
+              if (!st.ok()) *st_holder = std::move(st);  // the sequencer's refusal, if not run
+              finish();
+            }});
   } else if (!executor_.Submit(std::move(run), std::move(finish))) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
   }

@@ -95,6 +95,7 @@ class ShardHealth {
 };
 
 class AdapterService;
+class RpcSequencer;
 
 struct LoraxServiceOptions {
   std::vector<std::string> urls;  // ServiceDiscovery answer, rank order
@@ -102,6 +103,9 @@ struct LoraxServiceOptions {
   // Download/Load/OffloadAdapter and Info.preloaded_adapters (not owned, outlives the service).
   // nullptr: only the base model (`__base_model__`); real adapters are FAILED_PRECONDITION.
   AdapterService* adapters = nullptr;
+  // Tensor parallelism (W > 1): the executor-lane RPCs run in the order rank 0 decides
+  // (server/sequencer.h). Not owned; outlives the service. nullptr (W = 1): arrival order.
+  RpcSequencer* sequencer = nullptr;
 };
 
 namespace internal {

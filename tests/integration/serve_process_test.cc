@@ -222,10 +222,14 @@ struct Refusal {
 TEST(ServeProcess, RefusesWhatItCannotHonourBeforeBinding) {
   const std::vector<Refusal> cases = {
       {{"--sharded"}, {}, "--sharded requires the environment variables RANK, WORLD_SIZE"},
-      {{"--sharded"},
+      // Tensor parallelism runs on the CPU (tests/integration/tp_launch_test.cc), not on CUDA.
+      {{"--sharded", "--device", "cuda"},
        {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "localhost"}, {"MASTER_PORT", "29500"}},
-       "tensor parallelism is not implemented yet"},
-      {{}, {{"WORLD_SIZE", "2"}}, "tensor parallelism is not implemented yet"},
+       "is not implemented on device 'cuda'"},
+      {{}, {{"WORLD_SIZE", "2"}}, "WORLD_SIZE=2 but --sharded is not set"},
+      {{"--sharded", "--sequencer-timeout-s", "0"},
+       {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "localhost"}, {"MASTER_PORT", "29500"}},
+       "--sequencer-timeout-s must be > 0"},
       {{}, {{"PREFIX_CACHING", "1"}}, "PREFIX_CACHING=1"},
       {{}, {{"CHUNKED_PREFILL", "1"}}, "CHUNKED_PREFILL=1"},
       {{"--speculative-tokens", "2"}, {}, "speculative decoding is not supported"},
