@@ -1,5 +1,7 @@
 #include "model/cpu_phi_model.h"
 
+#include <cblas.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -146,6 +148,17 @@ absl::StatusOr<std::unique_ptr<CpuPhiModel>> CpuPhiModel::Create(const PhiConfig
                             ? absl::StrFormat("rows [%d, %d) + all-gather", shard->lm_head_begin,
                                               shard->lm_head_end)
                             : std::string("replicated (vocab not divisible by the shards)")));
+    // Ranks on one host share its cores: without a cap every rank's OpenBLAS would start a
+    // thread per core and they would preempt each other inside every GEMM. An explicit
+    // OPENBLAS_NUM_THREADS wins.
+    cpu_set_t cpus;
+    if (parallel.ranks_on_host > 1 && std::getenv("OPENBLAS_NUM_THREADS") == nullptr &&
+        sched_getaffinity(0, sizeof(cpus), &cpus) == 0) {
+      const int threads = std::max(1, CPU_COUNT(&cpus) / parallel.ranks_on_host);
+      openblas_set_num_threads(threads);
+      Log(LogLevel::kInfo, absl::StrFormat("%d ranks on this host: %d OpenBLAS thread(s) each",
+                                           parallel.ranks_on_host, threads));
+    }
   } else {
     parallel.comm = nullptr;  // world size 1: no collectives at all
   }

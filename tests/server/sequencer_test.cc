@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <iostream>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -142,6 +143,26 @@ TEST(Sequencer, RunsEveryRankInRankZerosOrder) {
     EXPECT_TRUE(p->status.ok()) << p->status;
   }
   for (int r = 0; r < 3; ++r) EXPECT_EQ(g.Ran(r), arrival[0]) << "rank " << r;
+}
+
+// Back-to-back calls like a decode loop (each admitted on both ranks, the next only after the
+// previous finished): all run, in order; prints the sequencing cost per call.
+TEST(Sequencer, DecodeLoopRunsInOrderAndReportsItsCost) {
+  Group g(2);
+  const int n = 200;
+  const Clock::time_point t = Clock::now();
+  for (int i = 0; i < n; ++i) {
+    const std::string id = "Decode batches " + std::to_string(i);
+    auto a = g.Admit(0, id), b = g.Admit(1, id);
+    ASSERT_TRUE(Wait(a) && Wait(b));
+    ASSERT_TRUE(a->status.ok() && b->status.ok()) << a->status << b->status;
+  }
+  const double per_call_ms = SecondsSince(t) * 1e3 / n;
+  std::cout << "sequenced call over loopback, 2 ranks: " << per_call_ms << " ms per call\n";
+  ::testing::Test::RecordProperty("per_call_ms", std::to_string(per_call_ms));
+  EXPECT_EQ(g.Ran(0).size(), static_cast<size_t>(n));
+  EXPECT_EQ(g.Ran(0), g.Ran(1));
+  EXPECT_LT(per_call_ms, 50.0) << "a handshake is three small messages over loopback";
 }
 
 TEST(Sequencer, RpcOnRankZeroOnlyFailsEverywhereAfterTheTimeout) {
