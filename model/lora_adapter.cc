@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
+#include "model/json_depth.h"
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
 
@@ -329,6 +330,7 @@ std::pair<int64_t, int64_t> LoraTargetDims(const PhiConfig& c, LoraTarget t) {
 absl::StatusOr<LoraAdapterConfig> ParseLoraAdapterConfig(std::string_view json_text,
                                                          std::string_view source_std) {
   const absl::string_view source(source_std.data(), source_std.size());
+  if (absl::Status s = CheckJsonNesting(json_text, source_std); !s.ok()) return s;
   ojson j;
   try {
     j = ojson::parse(json_text);

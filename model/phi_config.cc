@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
+#include "model/json_depth.h"
 #include "nlohmann/json.hpp"
 
 namespace phishard {
@@ -142,6 +143,7 @@ absl::Status CheckRopeType(const Fields& f, const std::string& source) {
 }
 
 absl::StatusOr<json> ParseJsonObject(std::string_view text, const std::string& source) {
+  if (absl::Status s = CheckJsonNesting(text, source); !s.ok()) return s;
   json j;
   try {
     j = json::parse(text.begin(), text.end());

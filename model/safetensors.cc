@@ -239,6 +239,9 @@ PHI_VECTOR_CLONES void BF16ToF16(const std::byte* src, size_t n, uint16_t* out) 
 }
 
 void ConvertToF32(const TensorView& t, float* out) {
+  // An empty tensor's destination is an empty vector's data(), possibly nullptr: memcpy with a
+  // null pointer is undefined even for 0 bytes (found by tests/fuzz/safetensors_fuzzer).
+  if (t.nbytes == 0) return;
   const size_t n = t.nbytes / DTypeSize(t.dtype);
   switch (t.dtype) {
     case DType::kF32:
@@ -252,6 +255,7 @@ void ConvertToF32(const TensorView& t, float* out) {
 }
 
 void ConvertToF16(const TensorView& t, uint16_t* out) {
+  if (t.nbytes == 0) return;
   const size_t n = t.nbytes / DTypeSize(t.dtype);
   switch (t.dtype) {
     case DType::kF32:
@@ -265,6 +269,7 @@ void ConvertToF16(const TensorView& t, uint16_t* out) {
 }
 
 void ConvertToBF16(const TensorView& t, uint16_t* out) {
+  if (t.nbytes == 0) return;
   const size_t n = t.nbytes / DTypeSize(t.dtype);
   switch (t.dtype) {
     case DType::kF32:

@@ -16,6 +16,7 @@
 #include "model/bpe_model.h"
 #include "model/bpe_pretokenizer.h"
 #include "model/bpe_utf8.h"
+#include "model/json_depth.h"
 
 namespace phishard {
 
@@ -43,6 +44,7 @@ struct Tokenizer::Impl {
 namespace {
 
 absl::StatusOr<Json> ParseJson(std::string_view text, std::string_view what) {
+  if (absl::Status s = CheckJsonNesting(text, what); !s.ok()) return s;
   // nlohmann reports the error position only through its exception; it does not escape here.
   try {
     return Json::parse(text.begin(), text.end());
