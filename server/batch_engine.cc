@@ -1,10 +1,12 @@
 #include "server/batch_engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <map>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -28,6 +30,15 @@ struct BatchEngine::State {
   std::map<uint64_t, BatchState> batches;
   ChooserWorkspace workspace;
   std::vector<float> logits;  // [rows, V] host, reused across steps
+  int stall_ms = 0;           // options.test_stall_next_step_ms until the first step used it
+
+  // The test-only stall (BatchEngineOptions::test_stall_next_step_ms): one step, once.
+  void MaybeStall() {
+    if (stall_ms <= 0) return;
+    Log(LogLevel::kWarning, absl::StrFormat("test hook: stalling this step for %d ms", stall_ms));
+    std::this_thread::sleep_for(std::chrono::milliseconds(stall_ms));
+    stall_ms = 0;
+  }
 
   bool Owns(uint64_t request_id) const {
     return request_id % static_cast<uint64_t>(options.world_size) ==
@@ -290,6 +301,7 @@ BatchEngine::BatchEngine(ModelBackend* model, const Tokenizer* tokenizer,
   }
   s.watermark.gamma = options.watermark_gamma;
   s.watermark.delta = options.watermark_delta;
+  s.stall_ms = options.test_stall_next_step_ms;
   s.options = std::move(options);
   // A backend whose pool already exists (tests, or a restarted engine) is adopted as is.
   s.allocator = KvBlockAllocator(std::max(model->kv_num_blocks(), 0), kKvBlockSize);
@@ -384,6 +396,7 @@ absl::StatusOr<uint32_t> BatchEngine::Warmup(const BatchInput& batch, uint32_t m
 
 absl::StatusOr<StepResult> BatchEngine::Prefill(const BatchInput& batch) {
   State& s = *state_;
+  s.MaybeStall();
   const int bs = s.allocator.block_size();
   if (s.allocator.num_blocks() == 0) {
     return absl::FailedPreconditionError("KV cache is not allocated: Warmup must succeed first");
@@ -440,6 +453,7 @@ absl::StatusOr<StepResult> BatchEngine::Prefill(const BatchInput& batch) {
 
 absl::StatusOr<StepResult> BatchEngine::Decode(const std::vector<uint64_t>& batch_ids) {
   State& s = *state_;
+  s.MaybeStall();
   if (batch_ids.empty()) return absl::InvalidArgumentError("Must provide at least one batch");
   absl::flat_hash_set<uint64_t> seen_batches;
   absl::flat_hash_set<uint64_t> seen_requests;

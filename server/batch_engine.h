@@ -27,6 +27,10 @@ struct BatchEngineOptions {
   std::vector<int32_t> eos_token_ids;  // from generation_config/config/tokenizer
   double watermark_gamma = 0.5;        // WATERMARK_GAMMA (spec §5.3)
   double watermark_delta = 2.0;        // WATERMARK_DELTA
+  // Test-only fault injection (PHISHARD_TEST_STALL_MS, read once by `serve`): the first
+  // Prefill or Decode sleeps this long before running, holding the executor like a stuck
+  // device step would. 0 = off.
+  int test_stall_next_step_ms = 0;
 };
 
 class BatchEngine {

@@ -4,10 +4,12 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <string>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "model/kv_cache.h"
@@ -84,6 +86,16 @@ int RunServe(ServeOptions o) {
   SetLogLevel(level);
   SetLogJson(o.json_output);
   if (absl::Status s = ApplyServeEnvironment(ProcessEnv(), &o); !s.ok()) return Fail(s);
+  // Test-only fault injection (docs/reliability.md), read once here and never on a step.
+  int test_stall_ms = 0;
+  if (const char* v = std::getenv("PHISHARD_TEST_STALL_MS"); v != nullptr && *v != '\0') {
+    if (!absl::SimpleAtoi(v, &test_stall_ms) || test_stall_ms < 0) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "environment variable PHISHARD_TEST_STALL_MS='", v, "' must be milliseconds >= 0")));
+    }
+    PHI_LOG(WARNING) << "PHISHARD_TEST_STALL_MS=" << test_stall_ms
+                     << ": test hook, the first Prefill/Decode stalls that long";
+  }
   SetLogRank(o.server.rank);
   // Prometheus /metrics (docs/observability.md) is up before loading starts, so a scrape sees
   // phishard_health_state 0 (loading) while the gRPC socket does not exist yet.
@@ -162,6 +174,7 @@ int RunServe(ServeOptions o) {
   eo.eos_token_ids = (*model)->config().eos_token_ids;  // empty: the engine uses the tokenizer's
   eo.watermark_gamma = o.watermark_gamma;
   eo.watermark_delta = o.watermark_delta;
+  eo.test_stall_next_step_ms = test_stall_ms;
   BatchEngine engine(model->get(), tokenizer->get(), eo);
 
   LoraxServiceOptions so;

@@ -269,7 +269,12 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(const ShardServe
   }
   builder.RegisterService(service);
   builder.RegisterService(s->health_service_.get());
+  // bind() creates the socket file with mode 0777 & ~umask; under umask 0 it would be connectable
+  // by anyone until the chmod below. Born 0660 instead (the process umask is restored at once;
+  // nothing else creates files during startup).
+  const mode_t old_umask = ::umask(0117);
   s->server_ = builder.BuildAndStart();
+  ::umask(old_umask);
   if (s->server_ == nullptr) {
     ::unlink(tmp.c_str());
     return absl::UnavailableError(absl::StrFormat(

@@ -1,0 +1,479 @@
+// Faults a production shard meets, against the real `phishard serve` process (CPU, demo model).
+// Each test's outcome is the documented behaviour of docs/reliability.md ("Faults"):
+//   - SIGTERM with work in flight and queued: admitted RPCs finish, new ones get UNAVAILABLE,
+//     exit status 0, socket removed;
+//   - SIGKILL leaves the socket file behind; a new server on the same path replaces it and serves
+//     the router's whole startup sequence;
+//   - a step that stalls (test hook PHISHARD_TEST_STALL_MS): Health, Info and grpc.health.v1
+//     still answer within 500 ms, queued work runs after it, a client that gave up leaves
+//     nothing behind;
+//   - Warmup that cannot get its KV pool (--max-kv-blocks too small, or over the backend's
+//     allocation limit): RESOURCE_EXHAUSTED with a message naming the knob, the process keeps
+//     serving, and a smaller Warmup succeeds.
+// Plus the security defaults: api_token never reaches the logs (DownloadAdapter / LoadAdapter at
+// TRACE level), no TCP listener unless asked.
+#include <poll.h>
+#include <sys/inotify.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "gtest/gtest.h"
+#include "proto/health.grpc.pb.h"
+#include "server/client.h"
+#include "tests/integration/raw_grpc.h"
+#include "tests/integration/shard_process.h"
+
+namespace phishard {
+namespace {
+
+namespace pb = ::generate::v1;
+namespace fs = std::filesystem;
+using integration::DemoShard;
+using integration::IsSocket;
+using integration::TempDir;
+using Clock = std::chrono::steady_clock;
+
+const std::map<std::string, std::string> kCleanEnv = {{"RANK", ""},
+                                                      {"WORLD_SIZE", ""},
+                                                      {"MASTER_ADDR", ""},
+                                                      {"MASTER_PORT", ""},
+                                                      {"PREFIX_CACHING", ""},
+                                                      {"CHUNKED_PREFILL", ""},
+                                                      {"PHISHARD_MODEL", ""},
+                                                      {"PHISHARD_LISTEN_TCP", ""},
+                                                      {"PHISHARD_UDS_PATH", ""},
+                                                      {"PHISHARD_TEST_STALL_MS", ""}};
+
+std::map<std::string, std::string> Env(std::map<std::string, std::string> extra = {}) {
+  std::map<std::string, std::string> env = kCleanEnv;
+  for (auto& [k, v] : extra) env[k] = v;
+  return env;
+}
+
+double Seconds(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void Warm(ShardClient& c) {
+  absl::StatusOr<pb::WarmupResponse> w = c.Warmup(RouterWarmupRequest(64, 100, 65));
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_TRUE(w->has_max_supported_total_tokens());
+}
+
+pb::PrefillRequest SmallPrefill(uint64_t batch_id, uint64_t request_id, uint32_t max_new) {
+  pb::PrefillRequest p;
+  p.mutable_batch()->set_id(batch_id);
+  *p.mutable_batch()->add_requests() =
+      RouterRequest(request_id, "def f(x):\n", {100, 200, 300, 400}, 4, max_new);
+  p.mutable_batch()->mutable_requests(0)->mutable_stopping_parameters()->set_ignore_eos_token(true);
+  p.mutable_batch()->set_size(1);
+  return p;
+}
+
+ino_t Inode(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 ? st.st_ino : 0;
+}
+
+TEST(Faults, SigtermWithWorkInFlightAndQueuedFinishesItAll) {
+  TempDir dir;
+  // The first Prefill/Decode stalls 1.5 s: the "in flight" step, without depending on how fast
+  // this machine runs a long prefill.
+  DemoShard shard(dir, {}, Env({{"PHISHARD_TEST_STALL_MS", "1500"}}));
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  const std::string target = "unix:" + shard.socket;
+  auto a = ShardClient::Connect(target, 60), b = ShardClient::Connect(target, 60),
+       c = ShardClient::Connect(target, 60);
+  Warm(*a);
+
+  auto in_flight =
+      std::async(std::launch::async, [&] { return a->Prefill(SmallPrefill(1, 1, 8)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  // Queued behind it on the executor.
+  auto queued_prefill =
+      std::async(std::launch::async, [&] { return b->Prefill(SmallPrefill(2, 2, 8)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  auto queued_decode = std::async(std::launch::async, [&] {
+    pb::DecodeRequest d;
+    d.add_batches()->set_id(1);
+    return c->Decode(d);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_EQ(in_flight.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout)
+      << "the stalled step already finished; the test hook did not stall";
+  const auto signalled = Clock::now();
+  shard.process->Signal(SIGTERM);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+
+  // A call that arrives after the signal is refused (UNAVAILABLE), never half-run.
+  auto late = ShardClient::Connect(target, 5);
+  absl::StatusOr<pb::PrefillResponse> refused = late->Prefill(SmallPrefill(3, 3, 2));
+  EXPECT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+
+  absl::StatusOr<pb::PrefillResponse> r1 = in_flight.get();
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  EXPECT_EQ(r1->generations_size(), 1);
+  EXPECT_TRUE(r1->has_batch());
+  absl::StatusOr<pb::PrefillResponse> r2 = queued_prefill.get();
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(r2->generations_size(), 1);
+  absl::StatusOr<pb::DecodeResponse> r3 = queued_decode.get();
+  ASSERT_TRUE(r3.ok()) << r3.status();
+  ASSERT_EQ(r3->generations_size(), 1);
+  EXPECT_EQ(r3->generations(0).request_id(), 1u);
+
+  EXPECT_EQ(shard.process->Wait(60), 0) << shard.process->Logs();
+  EXPECT_LT(Seconds(signalled), 30) << "shutdown waited for its grace period";
+  EXPECT_FALSE(fs::exists(shard.socket)) << "socket left behind";
+  EXPECT_NE(shard.process->out().find("Signal 15 received"), std::string::npos)
+      << shard.process->Logs();
+}
+
+TEST(Faults, SigkillLeavesTheSocketAndARestartReplacesIt) {
+  TempDir dir;
+  ino_t stale = 0;
+  {
+    DemoShard first(dir, {}, Env());
+    ASSERT_TRUE(first.ready) << first.process->Logs();
+    Warm(*ShardClient::Connect("unix:" + first.socket, 30));
+    first.process->Signal(SIGKILL);
+    EXPECT_EQ(first.process->Wait(30), 128 + SIGKILL);
+    ASSERT_TRUE(IsSocket(first.socket)) << "SIGKILL cannot clean up; the file must still be there";
+    stale = Inode(first.socket);
+    // Nobody listens on it any more.
+    EXPECT_FALSE(ShardClient::Connect("unix:" + first.socket, 2)->Health().ok());
+  }
+
+  // Same path, like a launcher that restarts the shard without deleting the file itself.
+  integration::ShardProcess second(
+      integration::BinaryPath(),
+      {"serve", integration::DemoModel(), "--uds-path", dir / "s", "--device", "cpu"}, dir.path(),
+      Env());
+  const auto deadline = Clock::now() + std::chrono::seconds(60);
+  while (Clock::now() < deadline && second.running() && Inode(dir / "s-0") == stale) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_NE(Inode(dir / "s-0"), stale) << "the stale socket was not replaced\n" << second.Logs();
+  ASSERT_TRUE(IsSocket(dir / "s-0"));
+
+  // The router's whole startup, then a request, on the new server.
+  absl::StatusOr<std::unique_ptr<RouterSession>> session =
+      RouterSession::Connect("unix:" + dir / "s-0", 60);
+  ASSERT_TRUE(session.ok()) << session.status();
+  ASSERT_TRUE((*session)->ClearCache(std::nullopt).ok());
+  ASSERT_TRUE((*session)->Info().ok());
+  absl::StatusOr<std::optional<uint32_t>> tokens =
+      (*session)->Warmup(RouterWarmupRequest(64, 100, 65));
+  ASSERT_TRUE(tokens.ok() && tokens->has_value()) << tokens.status();
+  pb::Batch batch = SmallPrefill(0, 7, 5).batch();
+  absl::StatusOr<std::vector<RequestOutcome>> out = RunBatchToCompletion(**session, batch);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->size(), 1u);
+  EXPECT_EQ((*out)[0].ids.size(), 5u);
+
+  second.Signal(SIGTERM);
+  EXPECT_EQ(second.Wait(30), 0) << second.Logs();
+  EXPECT_FALSE(fs::exists(dir / "s-0"));
+}
+
+TEST(Faults, HealthAnswersWhileAStepStalls) {
+  TempDir dir;
+  constexpr int kStallMs = 3000;
+  DemoShard shard(dir, {}, Env({{"PHISHARD_TEST_STALL_MS", std::to_string(kStallMs)}}));
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  const std::string target = "unix:" + shard.socket;
+  auto router = ShardClient::Connect(target, 60);
+  Warm(*router);
+
+  const auto t0 = Clock::now();
+  auto stalled =
+      std::async(std::launch::async, [&] { return router->Prefill(SmallPrefill(1, 1, 4)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+
+  // A client that gives up on a queued step (deadline) must not hurt anything.
+  auto impatient = ShardClient::Connect(target, 0.3);
+  absl::StatusOr<pb::PrefillResponse> gave_up = impatient->Prefill(SmallPrefill(2, 2, 4));
+  EXPECT_EQ(gave_up.status().code(), absl::StatusCode::kDeadlineExceeded) << gave_up.status();
+
+  // Health (LoraxService and grpc.health.v1) and Info answer from their own threads.
+  auto probe = ShardClient::Connect(target, 5);
+  for (int i = 0; i < 5; ++i) {
+    const auto h0 = Clock::now();
+    const absl::Status health = probe->Health();
+    absl::StatusOr<pb::InfoResponse> info = probe->Info();
+    auto channel = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+    auto hstub = grpc::health::v1::Health::NewStub(channel);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    grpc::health::v1::HealthCheckResponse hr;
+    const grpc::Status hs = hstub->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &hr);
+    const double s = Seconds(h0);
+    EXPECT_TRUE(health.ok()) << health;
+    EXPECT_TRUE(info.ok()) << info.status();
+    EXPECT_TRUE(hs.ok() && hr.status() == grpc::health::v1::HealthCheckResponse::SERVING);
+    EXPECT_LT(s, 0.5) << "Health/Info waited behind the stalled step";
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_EQ(stalled.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout)
+      << "the step did not stall";
+
+  absl::StatusOr<pb::PrefillResponse> r = stalled.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GE(Seconds(t0), kStallMs / 1000.0 - 0.1);
+  // The abandoned Prefill still ran after the stall (the executor does not know the client left);
+  // the router would ClearCache it, and that must leave the shard able to reuse the id.
+  ASSERT_TRUE(router->ClearCache(2).ok());
+  pb::DecodeRequest d;
+  d.add_batches()->set_id(1);
+  const auto d0 = Clock::now();
+  absl::StatusOr<pb::DecodeResponse> dec = router->Decode(d);
+  ASSERT_TRUE(dec.ok()) << dec.status();
+  EXPECT_LT(Seconds(d0), 1.0) << "the stall is one step, once";
+  absl::StatusOr<pb::PrefillResponse> again = router->Prefill(SmallPrefill(2, 2, 1));
+  EXPECT_TRUE(again.ok()) << again.status();
+  EXPECT_NE(shard.process->out().find("test hook"), std::string::npos)
+      << "the hook must announce itself in the log";
+}
+
+TEST(Faults, BadStallHookValueIsRefusedAtStartup) {
+  TempDir dir;
+  integration::ShardProcess p(
+      integration::BinaryPath(),
+      {"serve", integration::DemoModel(), "--uds-path", dir / "s", "--device", "cpu"}, dir.path(),
+      Env({{"PHISHARD_TEST_STALL_MS", "soon"}}));
+  EXPECT_EQ(p.Wait(60), 1) << p.Logs();
+  EXPECT_NE(p.err().find("PHISHARD_TEST_STALL_MS"), std::string::npos) << p.Logs();
+  EXPECT_FALSE(fs::exists(dir / "s-0"));
+}
+
+TEST(Faults, WarmupWithoutRoomForTheKvPoolFailsCleanlyAndTheShardKeepsServing) {
+  TempDir dir;
+  DemoShard shard(dir, {"--max-kv-blocks", "4"}, Env());
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  auto c = ShardClient::Connect("unix:" + shard.socket, 60);
+
+  // 100 prefill tokens need 7 blocks; the pool may hold 4.
+  absl::StatusOr<pb::WarmupResponse> w = c->Warmup(RouterWarmupRequest(64, 100, 65));
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().code(), absl::StatusCode::kResourceExhausted) << w.status();
+  EXPECT_NE(w.status().message().find("KV cache too small"), std::string::npos) << w.status();
+  EXPECT_NE(w.status().message().find("--max-batch-prefill-tokens"), std::string::npos);
+
+  EXPECT_TRUE(c->Health().ok());
+  EXPECT_TRUE(c->Info().ok());
+  absl::StatusOr<pb::PrefillResponse> early = c->Prefill(SmallPrefill(1, 1, 2));
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kFailedPrecondition) << early.status();
+  EXPECT_NE(early.status().message().find("Warmup must succeed first"), std::string::npos);
+
+  // A router restarted with a smaller --max-batch-prefill-tokens gets a working shard.
+  absl::StatusOr<pb::WarmupResponse> w2 = c->Warmup(RouterWarmupRequest(16, 32, 17));
+  ASSERT_TRUE(w2.ok()) << w2.status();
+  EXPECT_EQ(w2->max_supported_total_tokens(), 4u * 16);
+  absl::StatusOr<pb::PrefillResponse> p = c->Prefill(SmallPrefill(1, 1, 2));
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_TRUE(shard.process->running());
+}
+
+TEST(Faults, WarmupWhoseKvAllocationFailsIsResourceExhausted) {
+  TempDir dir;
+  // 100,000 blocks of the demo model are 12.5 GiB, over the CPU backend's 4 GiB KV limit: the
+  // allocation itself fails (the same path as a failed cudaMalloc on a GPU).
+  DemoShard shard(dir, {"--max-kv-blocks", "100000"}, Env());
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  auto c = ShardClient::Connect("unix:" + shard.socket, 60);
+  absl::StatusOr<pb::WarmupResponse> w = c->Warmup(RouterWarmupRequest(64, 100, 65));
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().code(), absl::StatusCode::kResourceExhausted) << w.status();
+  EXPECT_NE(w.status().message().find("Allocating the KV cache of 100000 blocks failed"),
+            std::string::npos)
+      << w.status();
+  EXPECT_TRUE(c->Health().ok()) << "an allocation failure is not a device fault";
+  EXPECT_EQ(c->Prefill(SmallPrefill(1, 1, 2)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(shard.process->running());
+  shard.process->Signal(SIGTERM);
+  EXPECT_EQ(shard.process->Wait(30), 0) << shard.process->Logs();
+}
+
+// ---- security defaults -------------------------------------------------------------------------
+
+TEST(Security, ApiTokenNeverReachesTheLogs) {
+  TempDir dir;
+  const std::string kToken = "hf_SECRETtoken1234567890abcdef";
+  DemoShard shard(dir, {"--logger-level", "TRACE", "--json-output"}, Env());
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  auto c = ShardClient::Connect("unix:" + shard.socket, 30);
+  Warm(*c);
+  // Base model, an adapter that does not exist, and one that exists under the model directory:
+  // success and failure paths alike.
+  const std::vector<std::string> ids = {"__base_model__", "no-org/no-such-adapter",
+                                        fs::path(integration::DemoModel()) / "adapters" / "prose"};
+  for (const std::string& id : ids) {
+    for (pb::AdapterSource source : {pb::HUB, pb::LOCAL, pb::S3}) {
+      pb::DownloadAdapterRequest d;
+      d.mutable_adapter_parameters()->add_adapter_ids(id);
+      d.set_adapter_source(source);
+      d.set_api_token(kToken);
+      grpc::ClientContext ctx;
+      pb::DownloadAdapterResponse dr;
+      (void)c->stub()->DownloadAdapter(&ctx, d, &dr);
+      pb::LoadAdapterRequest l;
+      l.mutable_adapter_parameters()->add_adapter_ids(id);
+      l.set_adapter_source(source);
+      l.set_adapter_index(3);
+      l.set_api_token(kToken);
+      grpc::ClientContext ctx2;
+      pb::LoadAdapterResponse lr;
+      const grpc::Status st = c->stub()->LoadAdapter(&ctx2, l, &lr);
+      EXPECT_EQ(st.error_message().find(kToken), std::string::npos) << "token in a status";
+    }
+  }
+  // A DownloadAdapter whose api_token is not UTF-8: the parse error names the field, not the
+  // bytes. Wire format by hand: field 1 (adapter_parameters{adapter_ids: "a"}), field 3 (token).
+  const std::string bad_token = kToken + "\xff";
+  std::string raw = std::string("\x0a\x03\x0a\x01") + "a";
+  raw += '\x1a';
+  raw += static_cast<char>(bad_token.size());
+  raw += bad_token;
+  auto channel = grpc::CreateChannel("unix:" + shard.socket, grpc::InsecureChannelCredentials());
+  const grpc::Status bad =
+      integration::RawUnary(channel, "/generate.v1.LoraxService/DownloadAdapter", raw, nullptr, 10);
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad.error_message();
+  EXPECT_NE(bad.error_message().find("api_token"), std::string::npos) << bad.error_message();
+  EXPECT_EQ(bad.error_message().find("SECRET"), std::string::npos) << bad.error_message();
+
+  shard.process->Signal(SIGTERM);
+  ASSERT_EQ(shard.process->Wait(30), 0) << shard.process->Logs();
+  const std::string logs = shard.process->out() + shard.process->err();
+  EXPECT_EQ(logs.find(kToken), std::string::npos) << "api_token printed:\n" << logs;
+  EXPECT_EQ(logs.find("SECRETtoken"), std::string::npos) << "part of api_token printed";
+}
+
+TEST(Security, NoTcpListenerUnlessAskedAndLoopbackByDefault) {
+  TempDir dir;
+  DemoShard shard(dir, {}, Env());
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  // Every socket the process holds: only unix ones may be listening.
+  std::ifstream tcp("/proc/" + std::to_string(shard.process->pid()) + "/net/tcp");
+  std::ifstream tcp6("/proc/" + std::to_string(shard.process->pid()) + "/net/tcp6");
+  // /proc/PID/net/tcp lists the network namespace's sockets, not only ours: match our inodes.
+  std::set<std::string> inodes;
+  for (const auto& e :
+       fs::directory_iterator("/proc/" + std::to_string(shard.process->pid()) + "/fd")) {
+    std::error_code ec;
+    const std::string link = fs::read_symlink(e.path(), ec).string();
+    if (link.rfind("socket:[", 0) == 0) inodes.insert(link.substr(8, link.size() - 9));
+  }
+  ASSERT_FALSE(inodes.empty());
+  for (std::ifstream* f : {&tcp, &tcp6}) {
+    std::string line;
+    std::getline(*f, line);  // header
+    while (std::getline(*f, line)) {
+      std::istringstream ss(line);
+      std::string sl, local, remote, state, queues, tr, retr, uid, timeout, inode;
+      ss >> sl >> local >> remote >> state >> queues >> tr >> retr >> uid >> timeout >> inode;
+      EXPECT_FALSE(inodes.count(inode) && state == "0A")
+          << "a TCP listener on " << local << " without --listen-tcp";
+    }
+  }
+  // With a bare port the listener binds loopback only.
+  TempDir dir2;
+  DemoShard tcp_shard(dir2, {"--listen-tcp", "0"}, Env());
+  ASSERT_TRUE(tcp_shard.ready) << tcp_shard.process->Logs();
+  EXPECT_NE(tcp_shard.process->out().find("and 127.0.0.1:"), std::string::npos)
+      << tcp_shard.process->out();
+}
+
+TEST(Security, PickleOnlyModelIsRefused) {
+  // A model directory whose weights exist only as a PyTorch pickle: never unpickled, refused
+  // before any socket exists.
+  TempDir dir;
+  const fs::path model = fs::path(dir.path()) / "model";
+  fs::create_directories(model);
+  for (const char* f :
+       {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
+    fs::copy_file(fs::path(integration::DemoModel()) / f, model / f);
+  }
+  std::ofstream(model / "pytorch_model.bin") << "\x80\x02}q\x00(X\x05\x00\x00\x00torchq";
+  integration::ShardProcess p(integration::BinaryPath(),
+                              {"serve", model.string(), "--uds-path", dir / "s", "--device", "cpu"},
+                              dir.path(), Env());
+  EXPECT_EQ(p.Wait(60), 1) << p.Logs();
+  EXPECT_NE(p.err().find("safetensors"), std::string::npos) << p.Logs();
+  EXPECT_FALSE(fs::exists(dir / "s-0"));
+}
+
+TEST(Security, SocketIsNeverConnectableByOthersEvenUnderUmaskZero) {
+  // The socket is bound on a temporary name and chmod'ed to 0660 before it is renamed into place.
+  // bind() applies the umask, so under umask 0 the temporary file would be 0777 (anyone may
+  // connect) until the chmod — unless the server narrows the umask around bind(). Watch the
+  // directory with inotify; when the temporary socket appears, SIGSTOP the server, stat the
+  // file, SIGCONT. The server runs at nice 19 to widen the window; a run may still miss it, so
+  // it tries a few times and skips (never passes vacuously) if it never sees the file.
+  int seen_mode = -1;
+  for (int attempt = 0; attempt < 8 && seen_mode < 0; ++attempt) {
+    TempDir dir;
+    const int fd = ::inotify_init1(IN_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    ASSERT_GE(::inotify_add_watch(fd, dir.path().c_str(), IN_CREATE), 0);
+    const mode_t old_umask = ::umask(0);  // inherited by the child forked below
+    integration::ShardProcess p(
+        integration::BinaryPath(),
+        {"serve", integration::DemoModel(), "--uds-path", dir / "s", "--device", "cpu"}, dir.path(),
+        Env());
+    ::umask(old_umask);
+    ::setpriority(PRIO_PROCESS, p.pid(), 19);
+    alignas(inotify_event) char buf[4096];
+    bool temp_seen = false;
+    while (!temp_seen) {
+      pollfd pfd{fd, POLLIN, 0};
+      if (::poll(&pfd, 1, 60000) <= 0) break;
+      const ssize_t n = ::read(fd, buf, sizeof(buf));
+      for (ssize_t off = 0; off < n;) {
+        const auto* ev = reinterpret_cast<const inotify_event*>(buf + off);
+        off += static_cast<ssize_t>(sizeof(inotify_event) + ev->len);
+        if (ev->len == 0) continue;
+        const std::string name = ev->name;
+        if (name == "s-0") break;      // renamed already: missed this time
+        if (name[0] != '.') continue;  // the temporary name starts with '.'
+        p.Signal(SIGSTOP);
+        struct stat st {};
+        if (::lstat((dir / name).c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+          seen_mode = static_cast<int>(st.st_mode & 0777);
+        }
+        p.Signal(SIGCONT);
+        temp_seen = true;
+        break;
+      }
+      if (IsSocket(dir / "s-0")) break;
+    }
+    ::close(fd);
+    ASSERT_TRUE(p.WaitForSocket(dir / "s-0")) << p.Logs();
+    struct stat st {};
+    ASSERT_EQ(::stat((dir / "s-0").c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0660u);
+    p.Signal(SIGTERM);
+    EXPECT_EQ(p.Wait(30), 0) << p.Logs();
+  }
+  if (seen_mode < 0) GTEST_SKIP() << "never caught the temporary socket before its rename";
+  EXPECT_EQ(seen_mode & 0007, 0) << "temporary socket was mode " << std::oct << seen_mode;
+  EXPECT_EQ(seen_mode, 0660) << std::oct << seen_mode;
+}
+
+}  // namespace
+}  // namespace phishard
