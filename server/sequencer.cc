@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -57,6 +58,11 @@ std::string Printable(std::string_view text) {
     if (c == '\n') c = ' ';
   }
   return out;
+}
+
+// What identifies a call in rank 0's list of waiting calls: id and request bytes together.
+uint64_t CallKey(const std::string& id, uint64_t digest) {
+  return RequestDigest(id) ^ (digest * 0x9e3779b97f4a7c15ull);
 }
 
 }  // namespace
@@ -115,9 +121,29 @@ void RpcSequencer::Admit(Call call) {
   }
   auto shared = std::make_shared<Call>(std::move(call));
   auto status = std::make_shared<absl::Status>();
-  const bool queued = submit([this, shared, status] { *status = Lead(*shared); },
-                             [shared, status] { shared->finish(*status); });
-  if (!queued) shared->finish(absl::UnavailableError("shard is shutting down"));
+  const uint64_t key = CallKey(shared->id, shared->digest);
+  {
+    absl::MutexLock lock(&mu_);
+    root_waiting_.push_back(key);
+  }
+  const bool queued = submit(
+      [this, shared, status, key] {
+        {
+          absl::MutexLock lock(&mu_);
+          auto it = std::find(root_waiting_.begin(), root_waiting_.end(), key);
+          if (it != root_waiting_.end()) root_waiting_.erase(it);
+        }
+        *status = Lead(*shared);
+      },
+      [shared, status] { shared->finish(*status); });
+  if (!queued) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = std::find(root_waiting_.begin(), root_waiting_.end(), key);
+      if (it != root_waiting_.end()) root_waiting_.erase(it);
+    }
+    shared->finish(absl::UnavailableError("shard is shutting down"));
+  }
 }
 
 void RpcSequencer::Shutdown() {
@@ -178,8 +204,16 @@ absl::Status RpcSequencer::Lead(Call& call) {
   }
   const uint64_t seq = ++next_seq_;
   const std::string& id = call.id;
+  // The calls queued behind this one: a peer holding a call that is not among them (nor this
+  // one) knows rank 0 never received it.
+  std::string waiting;
+  {
+    absl::MutexLock lock(&mu_);
+    for (uint64_t k : root_waiting_)
+      absl::StrAppend(&waiting, waiting.empty() ? "" : ",", absl::StrFormat("%016x", k));
+  }
   absl::Status st = control_->BroadcastFromRoot(
-      Encode('R', seq, {absl::StrFormat("%016x", call.digest), id}), options_.timeout);
+      Encode('R', seq, {absl::StrFormat("%016x", call.digest), id, waiting}), options_.timeout);
   if (!st.ok()) {
     Broken(absl::StrCat("cannot announce ", id, " to the other ranks: ", st.message()));
     return absl::AbortedError(absl::StrCat(id, ": not run: ", st.message()));
@@ -268,7 +302,7 @@ void RpcSequencer::FollowLoop() {
 
 void RpcSequencer::FollowOne(const std::string& announcement) {
   Message m;
-  if (!Decode(announcement, &m) || m.type != 'R' || m.fields.size() != 2) {
+  if (!Decode(announcement, &m) || m.type != 'R' || m.fields.size() != 3) {
     Broken(
         absl::StrFormat("ranks out of step: rank %d expected an announcement from rank 0, got "
                         "'%s'",
@@ -278,10 +312,18 @@ void RpcSequencer::FollowOne(const std::string& announcement) {
   const uint64_t seq = m.seq;
   const std::string& id = m.fields[1];
   uint64_t digest = 0;
-  if (!absl::SimpleHexAtoi(m.fields[0], &digest)) {
+  absl::flat_hash_set<uint64_t> root_waiting;
+  bool well_formed = absl::SimpleHexAtoi(m.fields[0], &digest);
+  for (absl::string_view k : absl::StrSplit(m.fields[2], ',', absl::SkipEmpty())) {
+    uint64_t key = 0;
+    well_formed = well_formed && absl::SimpleHexAtoi(k, &key);
+    root_waiting.insert(key);
+  }
+  if (!well_formed) {
     Broken(absl::StrCat("malformed announcement from rank 0: '", Printable(announcement), "'"));
     return;
   }
+  ExpireAbsent(root_waiting, CallKey(id, digest));
 
   // Wait for this rank's own copy of `id`.
   std::optional<Call> mine;
@@ -434,6 +476,34 @@ void RpcSequencer::ErrorRound(uint64_t seq, const std::string& id) {
                                  " and rank 0 did not confirm failing it too (the ranks diverged, "
                                  "or rank 0 waits in a collective): ",
                                  v.status().message()));
+  }
+}
+
+void RpcSequencer::ExpireAbsent(const absl::flat_hash_set<uint64_t>& root_waiting,
+                                uint64_t announced) {
+  // Rank 0 announced while it had neither these calls queued nor was running them: it never got
+  // them. `grace` covers a copy that reaches rank 0 a little later than this rank.
+  const absl::Duration grace = std::min(options_.timeout, absl::Seconds(2));
+  std::vector<Call> expired;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = absl::Now();
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      const uint64_t key = CallKey(it->call.id, it->call.digest);
+      if (key != announced && !root_waiting.contains(key) && now - it->arrived > grace) {
+        expired.push_back(std::move(it->call));
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (Call& c : expired) {
+    PHI_LOG(WARNING) << c.id << " expired: rank 0 does not have it";
+    c.finish(absl::AbortedError(absl::StrFormat(
+        "%s reached rank %d, but rank 0 did not announce it (rank 0 does not have it): collective "
+        "RPCs must be sent to every shard (did it reach rank 0?)",
+        c.id, rank())));
   }
 }
 

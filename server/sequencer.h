@@ -5,7 +5,7 @@
 // their collectives would then pair up wrongly and deadlock. So rank 0 decides the order:
 //
 //   rank 0 (executor thread, in its arrival order)      ranks k > 0 (follower thread)
-//   R seq id digest   --------------------------------> waits up to T for its own copy of `id`
+//   R seq digest id queue ----------------------------> waits up to T for its own copy of `id`
 //                     <-------------------------------- A seq ok | missing why | mismatch why
 //   all ok ? G seq : X seq why ----------------------->
 //   run on G (collectives pair up)                      run on G, on its executor
@@ -14,7 +14,8 @@
 // `id` is the method and its batch ids ("Decode batches 7,9"), `digest` a hash of the request
 // bytes. So an RPC runs on every rank or on none:
 //   - an RPC that reached only rank 0 fails there (and nowhere runs) after T: "missing";
-//   - an RPC that reached only rank k fails there after T without an announcement;
+//   - an RPC that reached only rank k fails there after T without an announcement, or at the
+//     first announcement whose `queue` (rank 0's admitted, not yet started calls) lacks it;
 //   - same id but other bytes on some rank: fails on every rank ("mismatch");
 //   - identical failures everywhere (a bad request, the usual case) are fine: the engine leaves its
 //     state unchanged on failure. A call that failed on some ranks but not on others (or whose
@@ -32,8 +33,10 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -104,8 +107,13 @@ class RpcSequencer {
   void FollowOne(const std::string& announcement);
   // After a failed call: every rank must have failed it too (see the header comment).
   void ErrorRound(uint64_t seq, const std::string& id);
-  // Fails the calls waiting longer than the timeout without an announcement (ranks > 0).
+  // Ranks > 0 fail the calls rank 0 will never announce: after `timeout` without any
+  // announcement (ExpireStale), or at once when an announcement shows that rank 0 has not queued
+  // them (ExpireAbsent; rank 0's queue rides on every announcement), so that a partial fan-out
+  // fails in bounded time under load too.
   void ExpireStale() ABSL_LOCKS_EXCLUDED(mu_);
+  void ExpireAbsent(const absl::flat_hash_set<uint64_t>& root_waiting, uint64_t announced)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Reports a broken group once.
   void Broken(const std::string& reason);
   absl::Status Refusal() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -117,10 +125,11 @@ class RpcSequencer {
   mutable absl::Mutex mu_;
   absl::CondVar cv_;  // pending_ grew, or the sequencer is breaking/stopping
   SubmitFn submit_ ABSL_GUARDED_BY(mu_);
-  std::deque<Pending> pending_ ABSL_GUARDED_BY(mu_);  // ranks > 0: not yet announced
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;        // Shutdown()
-  bool stopped_ ABSL_GUARDED_BY(mu_) = false;         // Stop()
-  std::string broken_ ABSL_GUARDED_BY(mu_);           // Break() reason
+  std::deque<Pending> pending_ ABSL_GUARDED_BY(mu_);         // ranks > 0: not yet announced
+  std::vector<uint64_t> root_waiting_ ABSL_GUARDED_BY(mu_);  // rank 0: admitted, not started
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;               // Shutdown()
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;                // Stop()
+  std::string broken_ ABSL_GUARDED_BY(mu_);                  // Break() reason
   bool reported_broken_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time last_activity_ ABSL_GUARDED_BY(mu_);    // last announcement handled (ranks > 0)
   bool follower_busy_ ABSL_GUARDED_BY(mu_) = false;  // ranks > 0: a sequenced call is running

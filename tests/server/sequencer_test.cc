@@ -195,6 +195,27 @@ TEST(Sequencer, RpcOnAnotherRankOnlyExpires) {
   EXPECT_TRUE(g.Ran(1).empty());
 }
 
+// Under load (rank 0 announcing call after call) a call that only rank 1 got still fails fast:
+// each announcement carries rank 0's queue, and the call is not in it.
+TEST(Sequencer, RpcOnAnotherRankOnlyExpiresUnderLoadToo) {
+  Group g(2);
+  auto lonely = g.Admit(1, "Prefill batch 99");
+  const Clock::time_point t = Clock::now();
+  int i = 0;
+  while (!lonely->done.HasBeenNotified() && SecondsSince(t) < 5.0) {
+    const std::string id = "Decode batches " + std::to_string(i++);
+    auto a = g.Admit(0, id), b = g.Admit(1, id);
+    ASSERT_TRUE(Wait(a) && Wait(b));
+    ASSERT_TRUE(a->status.ok() && b->status.ok()) << a->status << b->status;
+  }
+  ASSERT_TRUE(lonely->done.HasBeenNotified()) << "still pending after " << i << " other calls";
+  EXPECT_LT(SecondsSince(t), 2.0);
+  EXPECT_GT(i, 10) << "rank 0 was busy all along";
+  EXPECT_EQ(lonely->status.code(), absl::StatusCode::kAborted);
+  EXPECT_NE(lonely->status.message().find("rank 0 does not have it"), std::string::npos)
+      << lonely->status;
+}
+
 TEST(Sequencer, DifferentRequestBytesRunNowhere) {
   Group g(2);
   auto a = g.Admit(0, "Warmup batch 0", /*digest=*/1);
