@@ -541,6 +541,8 @@ int Main(int argc, char** argv) {
   t0 = Clock::now();
   BENCH_OK(m.CaptureDecodeGraphs(256));
   const double capture_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  const int num_graphs = m.num_decode_graphs();
+  const size_t graph_nodes = m.decode_graph_nodes();
   DeviceMemGetInfo(&free1, &total);
   const double graph_mib = (static_cast<double>(free0) - static_cast<double>(free1)) / (1 << 20);
   m.set_step_timing(true);
@@ -560,8 +562,8 @@ int Main(int argc, char** argv) {
       "model: phi-2 shape, %d layers, bf16 random weights %.2f GB (created in %.1f s); KV pool %d "
       "blocks x %d tokens (%.1f GB); %d decode graphs (%zu nodes) captured in %.0f ms, %.1f MiB\n",
       layers, m.weight_bytes() / 1e9, create_s, m.kv_num_blocks(), kKvBlockSize,
-      m.kv_num_blocks() * kKvBlockSize * shape.kv_bytes_per_token / 1e9, m.num_decode_graphs(),
-      m.decode_graph_nodes(), capture_ms, graph_mib);
+      m.kv_num_blocks() * kKvBlockSize * shape.kv_bytes_per_token / 1e9, num_graphs, graph_nodes,
+      capture_ms, graph_mib);
 
   Bench bench(m, ceil, shape, steps);
   std::vector<Row> rows;
@@ -599,18 +601,19 @@ int Main(int argc, char** argv) {
   }
   m.set_cuda_graphs(true);
   if (gemv_sweep && !quick) {
-    // GEMV (up to 8 rows) against cuBLASLt for small batches: where the threshold belongs.
+    // The GEMV path (fused dense + fc2, LM head) up to 8 rows against cuBLASLt for small batches:
+    // where CudaModelOptions::gemv_max_rows belongs.
     for (int rows_limit : {kGemvMaxRows, 0}) {
       BENCH_OK(m.set_gemv_max_rows(rows_limit));
       for (int b : {2, 4, 8}) {
         Row r;
-        if (bench.Decode(b, 1024, rows_limit > 0 ? "gemv8" : "cublas", &r)) {
+        if (bench.Decode(b, 1024, rows_limit > 0 ? "gemv8-pair" : "cublas", &r)) {
           PrintRow(r);
           rows.push_back(r);
         }
       }
     }
-    BENCH_OK(m.set_gemv_max_rows(4));
+    BENCH_OK(m.set_gemv_max_rows(CudaModelOptions{}.gemv_max_rows));
   }
   for (auto [seqs, len] : prefill_cases) {
     Row r;
@@ -630,8 +633,8 @@ int Main(int argc, char** argv) {
                 {"layers", layers},
                 {"weight_gb", m.weight_bytes() / 1e9},
                 {"kv_blocks", m.kv_num_blocks()},
-                {"graphs", m.num_decode_graphs()},
-                {"graph_nodes", m.decode_graph_nodes()},
+                {"graphs", num_graphs},
+                {"graph_nodes", graph_nodes},
                 {"graph_capture_ms", capture_ms},
                 {"graph_mib", graph_mib},
                 {"kernels", kernels},

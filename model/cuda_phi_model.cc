@@ -198,6 +198,7 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
   m->use_graphs_ = options.cuda_graphs;
   m->gemv_max_rows_ = options.gemv_max_rows;
+  m->gemv_single_segment_ = options.gemv_single_segment;
   m->pdl_ = options.pdl && props.cc_major >= 9;
   m->props_name_ = props.name;
   return m;

@@ -53,7 +53,15 @@ struct CudaModelOptions {
   int reserve_tokens = 2048;  // step arena reserved at load (grown by MaxKvBlocks' argument)
   bool cuda_graphs = true;    // replay decode steps as CUDA graphs (false: same launches, eager)
   int max_graph_batch = 256;  // largest decode bucket; bigger decode batches run unpadded, eager
-  int gemv_max_rows = 4;      // linear layers of at most this many rows use the GEMV kernel
+  // Steps of at most this many rows run the fused dense + fc2 pair and the LM head through the
+  // GEMV kernel, larger ones cuBLASLt (measured, docs/perf-log.md decode-graph runs: at m = 1 the
+  // fused pair takes 22.4 us against cuBLASLt's two GEMMs' 28.8 us, the LM head 67 against 68-71;
+  // from 2 rows on cuBLASLt wins, the GEMV re-reading x through L1 for every row).
+  int gemv_max_rows = 1;
+  // Also the one-segment layers (qkv, fc1) through the GEMV kernel. Off: cuBLASLt reads those at
+  // 0.72-0.81 of the copy bandwidth at m = 1, the GEMV at 0.56-0.69. Tests turn it on to make
+  // every row's arithmetic independent of the row count.
+  bool gemv_single_segment = false;
   // GEMV kernels launched as programmatic dependents (Hopper PDL): each prefetches its weights
   // while the kernel before it finishes (kernels/cuda/gemv_cuda.h).
   bool pdl = false;
@@ -214,7 +222,8 @@ class CudaPhiModel final : public ModelBackend {
   int64_t decode_table_ints_ = 0;
   float* logits_host_ = nullptr;
   bool use_graphs_ = true;
-  int gemv_max_rows_ = 4;
+  int gemv_max_rows_ = 1;
+  bool gemv_single_segment_ = false;
   bool pdl_ = false;
   std::unique_ptr<CudaGraphRunner> graphs_;
   DeviceTimer* step_timer_ = nullptr;  // non-null while step timing is on

@@ -125,7 +125,10 @@ size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints) {
 
 absl::Status CudaPhiModel::Linear(const GemmParams& p, DataType y_dtype, const char* op,
                                   const GemmParams* second) {
-  if (p.m <= gemv_max_rows_) {
+  // GEMV where it measured faster (CudaModelOptions::gemv_max_rows, gemv_single_segment): the
+  // fused residual pair and the float32 LM head; qkv and fc1 only when asked.
+  const bool gemv_shape = second != nullptr || y_dtype == DataType::kF32 || gemv_single_segment_;
+  if (p.m <= gemv_max_rows_ && gemv_shape) {
     GemvParams g{.a = p, .y_dtype = y_dtype, .programmatic_launch = pdl_};
     if (second != nullptr) {
       g.x2 = second->x;
@@ -455,6 +458,8 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
                                    "decode inputs upload"));
   if (use_graphs_ && graphs_->Has(B)) {
     PHI_RETURN_IF_ERROR(graphs_->Replay(B, stream_));
+    last_decode_splits_ =
+        PagedDecodeCudaMaxSplits(std::max(1, B / 2), config_.num_attention_heads, multiprocessors_);
   } else {
     PHI_RETURN_IF_ERROR(EnqueueDecode(B));
     if (use_graphs_) {

@@ -70,12 +70,12 @@ step() {  # step NAME TIMEOUT_S LOG COMMAND...
     >> "$SUMMARY"
 }
 
-step graph-test 100 tests.log $B/cuda_graph_test
-BENCH_TIMEOUT_S=100 PEER_TIMEOUT_S=150 step run_all 240 run_all.log \
+step graph-test 90 tests.log $B/cuda_graph_test
+step model-test 90 tests.log $B/cuda_model_test
+BENCH_TIMEOUT_S=70 PEER_TIMEOUT_S=60 step run_all 135 run_all.log \
   bash bench/run_all.sh --bin $B/phishard_bench --out "$OUT"
-step model-test 120 tests.log $B/cuda_model_test
 step ops-test 60 tests.log $B/cuda_ops_test
-step attention-test 90 tests.log $B/cuda_attention_test
+step attention-test 60 tests.log $B/cuda_attention_test
 if command -v compute-sanitizer > /dev/null; then
   step memcheck-decode 60 sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 9 \
     $B/cuda_graph_test --gtest_filter='*Sanitizer*:*ReplayIsBitIdenticalToEager/0'

@@ -8,9 +8,12 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // 16-byte weight loads in flight per lane
-// A warp slice of at least this many 16-byte chunks (10 per lane): below it the k range of a row
-// is not split further.
+// 16-byte weight loads in flight per lane, and the smallest k slice (in 16-byte chunks) a row is
+// split into across warps. Measured on the H200 at m = 1 (docs/perf-log.md, decode-graph runs 1
+// and 2): 4 loads and slices >= 320 chunks gave 0.56-0.92 of the copy bandwidth (dense + fc2
+// fused 22.4 us, lm_head 67 us); 8 loads with slices <= 256 chunks (one round of loads per warp,
+// more warps) was slower on every shape (0.50-0.65).
+constexpr int kUnroll = 4;
 constexpr int kMinSliceChunks = 320;
 
 struct Args {
@@ -84,8 +87,6 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(const Args a) {
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
   const uint4* w1 = static_cast<const uint4*>(a.w) + static_cast<size_t>(n) * a.c1;
   const uint4* w2 = static_cast<const uint4*>(a.w2) + static_cast<size_t>(n) * a.c2;
-  // Let the next kernel, if launched as a programmatic dependent, start when all blocks run.
-  asm volatile("griddepcontrol.launch_dependents;" :::);
   if (a.pdl) {
     // Weights never depend on the previous kernel: stream this warp's slice into L2 while that
     // kernel finishes, then wait for it (its writes to x, and its reads of y, are then done).
@@ -120,6 +121,8 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(const Args a) {
       }
     }
   }
+  // Every weight is loaded: a next kernel launched as a programmatic dependent may start now.
+  asm volatile("griddepcontrol.launch_dependents;" :::);
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = cuda::WarpSum(acc[m]);
   if (a.ksplit > 1) {

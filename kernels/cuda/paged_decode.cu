@@ -13,8 +13,10 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kLanesPerKey = 8;                        // one group = 8 lanes = one key at a time
 constexpr int kGroups = kWarps * (32 / kLanesPerKey);  // 16 key groups per block
-constexpr int kUnroll = 4;                             // keys per group loaded before use
-constexpr int kKeysPerIter = kGroups * kUnroll;        // 64 keys per block iteration
+constexpr int kUnroll = 2;                             // keys per group in one stage
+constexpr int kStep = kGroups * kUnroll;               // 32 keys per block stage
+// Splits start on multiples of this many keys (whole stages, whole blocks of 16).
+constexpr int kKeysPerIter = 64;
 
 template <int HD>
 struct Head {
@@ -73,7 +75,7 @@ __device__ __forceinline__ void Rescale(float m, float m_new, float* factor) {
   *factor = m == -INFINITY ? 0.0f : exp2f(m - m_new);
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool kBlock16>
 __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   using H = Head<HD>;
   __shared__ float s_m[kWarps];
@@ -82,9 +84,6 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   const int sp = blockIdx.x;
   const int s = blockIdx.y;
   const int h = blockIdx.z;
-  // A next kernel launched as a programmatic dependent (the fc1 GEMV) may start prefetching its
-  // weights once every block of this grid runs; it waits for this grid before reading anything.
-  asm volatile("griddepcontrol.launch_dependents;" :::);
   const int ctx = a.context_lens[s];
   T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
   if (ctx <= 0) {  // padding row
@@ -131,32 +130,47 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
 
-  // Group grp takes keys k0 + kGroups u (u < kUnroll); k0 itself is always < k_end.
-  for (int k0 = k_begin + grp; k0 < k_end; k0 += kKeysPerIter) {
-    uint4 kv[kUnroll][H::kPerLane], vv[kUnroll][H::kPerLane];
+  // Stage at k_it: group grp takes keys k_it + grp + kGroups u (u < kUnroll), so with blocks of
+  // 16 slots (k_it is a multiple of 16) key u sits in table entry k_it / 16 + u at offset grp.
+  // Two stages in registers: the next stage's K/V loads are in flight while this one computes.
+  // The loop is uniform over the block (every lane reaches every shuffle); keys past k_end are
+  // masked.
+  struct Stage {
+    uint4 k[kUnroll][H::kPerLane], v[kUnroll][H::kPerLane];
     bool valid[kUnroll];
+  };
+  auto load = [&](Stage& st, int k_it) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int key = k0 + kGroups * u;
-      valid[u] = key < k_end;
+      const int key = k_it + kGroups * u + grp;
+      st.valid[u] = key < k_end;
       size_t base = 0;
       bool in_range = false;
-      if (valid[u]) {
-        const int blk = table[key / a.block_size];
+      if (st.valid[u]) {
+        int blk, off;
+        if constexpr (kBlock16) {
+          blk = table[(k_it >> 4) + u];
+          off = grp;
+        } else {
+          blk = table[key / a.block_size];
+          off = key % a.block_size;
+        }
         in_range = blk >= 0 && blk < a.num_blocks;
-        base = (static_cast<size_t>(blk) * a.block_size + key % a.block_size) * a.kv_row + head_off;
+        base = (static_cast<size_t>(blk) * a.block_size + off) * a.kv_row + head_off;
       }
 #pragma unroll
       for (int i = 0; i < H::kPerLane; ++i) {
         const int j = cl + kLanesPerKey * i;
-        kv[u][i] = make_uint4(0, 0, 0, 0);
-        vv[u][i] = make_uint4(0, 0, 0, 0);
+        st.k[u][i] = make_uint4(0, 0, 0, 0);
+        st.v[u][i] = make_uint4(0, 0, 0, 0);
         if (in_range && j < H::kChunks) {
-          kv[u][i] = __ldg(reinterpret_cast<const uint4*>(kc + base) + j);
-          vv[u][i] = __ldg(reinterpret_cast<const uint4*>(vc + base) + j);
+          st.k[u][i] = __ldg(reinterpret_cast<const uint4*>(kc + base) + j);
+          st.v[u][i] = __ldg(reinterpret_cast<const uint4*>(vc + base) + j);
         }
       }
     }
+  };
+  auto compute = [&](const Stage& st) {
     float sc[kUnroll];
     float m_new = m;
 #pragma unroll
@@ -165,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
 #pragma unroll
       for (int i = 0; i < H::kPerLane; ++i) {
         float kf[8];
-        Unpack8<T>(kv[u][i], kf);
+        Unpack8<T>(st.k[u][i], kf);
 #pragma unroll
         for (int e = 0; e < 8; ++e) d = fmaf(q[i][e], kf[e], d);
       }
@@ -173,16 +187,17 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
       d += __shfl_xor_sync(0xffffffffu, d, 1);
       d += __shfl_xor_sync(0xffffffffu, d, 2);
       d += __shfl_xor_sync(0xffffffffu, d, 4);
-      sc[u] = valid[u] ? d : -INFINITY;
+      sc[u] = st.valid[u] ? d : -INFINITY;
       m_new = fmaxf(m_new, sc[u]);
     }
-    float alpha;
-    Rescale(m, m_new, &alpha);  // m_new is finite: key k0 is valid
+    // A group may have no key yet (m_new = -inf): then alpha = p = 0 and the state stays empty.
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    const float alpha = m == -INFINITY ? 0.0f : exp2f(m - m_use);
     float p[kUnroll];
     float psum = 0.0f;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      p[u] = exp2f(sc[u] - m_new);  // -inf -> 0
+      p[u] = exp2f(sc[u] - m_use);  // -inf -> 0
       psum += p[u];
     }
     l = l * alpha + psum;
@@ -193,13 +208,29 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         float vf[8];
-        Unpack8<T>(vv[u][i], vf);
+        Unpack8<T>(st.v[u][i], vf);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(p[u], vf[e], acc[i][e]);
       }
     }
     m = m_new;
+  };
+  Stage sa, sb;
+  int k_it = k_begin;
+  load(sa, k_it);
+  while (true) {
+    if (k_it + kStep < k_end) load(sb, k_it + kStep);
+    compute(sa);
+    k_it += kStep;
+    if (k_it >= k_end) break;
+    if (k_it + kStep < k_end) load(sa, k_it + kStep);
+    compute(sb);
+    k_it += kStep;
+    if (k_it >= k_end) break;
   }
+  // The next kernel, if a programmatic dependent (the fc1 GEMV), may start its weight prefetch
+  // once every block is past its loads; it waits for this grid before reading anything else.
+  asm volatile("griddepcontrol.launch_dependents;" :::);
 
   // The 4 groups of the warp (lanes cl, cl + 8, cl + 16, cl + 24 hold the same slices).
 #pragma unroll
@@ -380,8 +411,12 @@ KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCud
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      PagedDecodeKernel<T, HD>
-          <<<dim3(max_splits, p.num_seqs, p.num_heads), kThreads, 0, stream>>>(a);
+      const dim3 grid(max_splits, p.num_seqs, p.num_heads);
+      if (p.block_size == 16) {
+        PagedDecodeKernel<T, HD, true><<<grid, kThreads, 0, stream>>>(a);
+      } else {
+        PagedDecodeKernel<T, HD, false><<<grid, kThreads, 0, stream>>>(a);
+      }
       if (KernelStatus st = cuda::LaunchStatus(); st != KernelStatus::kOk || max_splits == 1) {
         return st;
       }

@@ -548,19 +548,24 @@ TEST_P(CudaDecodeGraphs, ReplayIsBitIdenticalToEager) {
 
 // Padding rows change nothing: a step padded to its bucket gives the same bits as the same step
 // run unpadded (max_graph_batch 1 sends every batch above 1 through the unpadded eager path).
-// Up to 4 rows both take the GEMV path, whose per-row arithmetic does not depend on the row
-// count, and the attention's split counts depend on the live count alone. A padding row that
-// wrote a KV slot or leaked into a real row would show in this or a later step.
+// Both models put every linear layer of up to kGemvMaxRows rows through the GEMV kernel, whose
+// per-row arithmetic does not depend on the row count, and the attention's split counts depend
+// on the live count alone. A padding row that wrote a KV slot or leaked into a real row would
+// show in this or a later step.
 TEST_P(CudaDecodeGraphs, PaddingRowsAreHarmless) {
   PHI_REQUIRE_GPU();
-  std::unique_ptr<CudaPhiModel> padded = Load(Dir(), {.dtype = "bfloat16"});
-  std::unique_ptr<CudaPhiModel> exact = Load(Dir(), {.dtype = "bfloat16", .max_graph_batch = 1});
+  std::unique_ptr<CudaPhiModel> padded = Load(
+      Dir(), {.dtype = "bfloat16", .gemv_max_rows = kGemvMaxRows, .gemv_single_segment = true});
+  std::unique_ptr<CudaPhiModel> exact = Load(Dir(), {.dtype = "bfloat16",
+                                                     .max_graph_batch = 1,
+                                                     .gemv_max_rows = kGemvMaxRows,
+                                                     .gemv_single_segment = true});
   ASSERT_TRUE(padded && exact);
   ASSERT_TRUE(padded->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
   ASSERT_TRUE(exact->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
   EXPECT_EQ(padded->decode_bucket(3), 4);
   EXPECT_EQ(exact->decode_bucket(3), 0);
-  ExpectSameSteps(*padded, *exact, 4, 22);
+  ExpectSameSteps(*padded, *exact, 8, 22);
   EXPECT_GT(padded->decode_graph_replays(), 0);
 }
 
@@ -585,6 +590,12 @@ TEST(CudaDecodeGraphsWarmup, CapturesEveryBucketAndCountsTheirMemory) {
   EXPECT_NEAR(*without - *with_graphs, expect, 2.0);
 
   ASSERT_TRUE(m->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
+  ASSERT_TRUE(m->CaptureDecodeGraphs(48).ok());
+  EXPECT_EQ(m->num_decode_graphs(), 7);
+  // Again, now that every kernel's module is loaded: the difference is the graphs alone.
+  m->set_cuda_graphs(false);
+  m->set_cuda_graphs(true);
+  EXPECT_EQ(m->num_decode_graphs(), 0);
   size_t free_before = 0, free_after = 0, total = 0;
   DeviceMemGetInfo(&free_before, &total);
   ASSERT_TRUE(m->CaptureDecodeGraphs(48).ok());
