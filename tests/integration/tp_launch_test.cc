@@ -9,10 +9,10 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <memory>
-#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -67,10 +67,11 @@ struct Launch {
   std::string Socket(int r) const { return uds + "-" + std::to_string(r); }
   // Rank r's pid, from the launcher's "shard r started (pid P)" line.
   pid_t RankPid(int r) const {
-    std::smatch m;
     const std::string out = process->out();
-    const std::regex re("launch: shard " + std::to_string(r) + " started \\(pid ([0-9]+)\\)");
-    return std::regex_search(out, m, re) ? static_cast<pid_t>(std::stol(m[1])) : -1;
+    const std::string key = "launch: shard " + std::to_string(r) + " started (pid ";
+    const size_t at = out.find(key);
+    return at == std::string::npos ? -1
+                                   : static_cast<pid_t>(std::atol(out.c_str() + at + key.size()));
   }
   std::string uds;
   std::unique_ptr<ShardProcess> process;
