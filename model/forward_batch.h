@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace phishard {
 
 struct SequenceInput {
@@ -26,5 +28,12 @@ struct ForwardBatch {
 
   int num_tokens() const { return static_cast<int>(token_ids.size()); }
 };
+
+// Checks a batch against the model and its KV pool before any backend touches memory: token ids in
+// [0, vocab_size), per-sequence token counts summing to the batch, positions consistent with
+// context_len, block tables long enough and holding valid block ids, logit rows in range.
+// INVALID_ARGUMENT naming the field otherwise.
+absl::Status ValidateForwardBatch(const ForwardBatch& batch, int vocab_size, int kv_num_blocks,
+                                  int kv_block_size);
 
 }  // namespace phishard
