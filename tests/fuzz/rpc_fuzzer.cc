@@ -2,7 +2,10 @@
 // LoraxService handlers (raw-bytes parse, ExplainParseFailure, proto conversion, validation, the
 // executor) on a BatchEngine over the deterministic fake backend of tests/server/fake_model.h
 // (its KV reads go through the block tables, so a wrong table is an INTERNAL error, not silent)
-// with the demo model's tokenizer, served in process (grpc::Server::InProcessChannel: no socket).
+// with the demo model's tokenizer and config, and a real AdapterService whose only adapter root is
+// the demo model's directory (adapters/prose inside it), served in process
+// (grpc::Server::InProcessChannel: no socket). The fake backend accepts the adapter registry but
+// does not apply adapters: the adapter RPCs run their real disk, budget and slot logic.
 //
 // An input is a sequence of calls against one shard state, each `[op u8][len u16][len bytes]`:
 //   op % 18 in 0..12: that RPC (kMethods order) with the bytes as its request;
@@ -12,16 +15,18 @@
 //   values included), which reaches the engine far more often than mutated wire bytes.
 // Properties checked on every call:
 //   - the status is one a client is meant to see (OK, INVALID_ARGUMENT, NOT_FOUND,
-//     RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNIMPLEMENTED); INTERNAL/UNKNOWN means the engine
-//     broke an invariant (adapter RPCs excepted: they may touch the disk);
+//     RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNIMPLEMENTED, and PERMISSION_DENIED for adapter
+//     ids leading outside the roots); INTERNAL/UNKNOWN means an invariant broke;
 //   - an OK response parses as its generated type (so every string is valid UTF-8);
 //   - Prefill/Decode: one generation per live request, equal-length token lists, a CachedBatch
 //     whose request_ids/size/max_tokens agree with the requests it holds, max_tokens % 16 == 0;
 //   - after the input, ClearCache(all) returns every KV block (no leak) and Health is OK.
-// Each input starts from an empty cache; a Warmup in the input triggers a re-warmup afterwards.
+// Each input starts from an empty cache and no adapter loaded; a Warmup in the input triggers a
+// re-warmup afterwards, adapters it loaded are offloaded.
 //
 // PHISHARD_FUZZ_WRITE_SEEDS=DIR: writes the seed inputs to DIR and exits (tests/fuzz/corpus/
 // rpc_fuzzer was made that way). PHISHARD_FUZZ_VERBOSE=1 prints every call and its status.
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -33,7 +38,10 @@
 #include <string>
 #include <vector>
 
+#include "google/protobuf/stubs/logging.h"
 #include "grpcpp/grpcpp.h"
+#include "model/phi_config.h"
+#include "server/adapter_service.h"
 #include "server/batch_engine.h"
 #include "server/client.h"
 #include "server/lorax_service.h"
@@ -65,10 +73,30 @@ enum Op : uint8_t {
 };
 constexpr int kPoolBlocks = 256;  // fake "memory": Warmup sizes the pool from it
 
+// The fake backend with the demo model's config (adapter shapes are checked against it), taking
+// the adapter registry without applying it.
+class FuzzModel : public testing_fake::FakeModel {
+ public:
+  explicit FuzzModel(PhiConfig config)
+      : FakeModel(config.vocab_size, config.max_position_embeddings), config_(std::move(config)) {}
+  const PhiConfig& config() const override { return config_; }
+  absl::Status SetAdapterRegistry(const AdapterRegistry*) override { return absl::OkStatus(); }
+
+ private:
+  PhiConfig config_;
+};
+
+PhiConfig DemoConfigOrDie() {
+  absl::StatusOr<PhiConfig> c = LoadPhiConfig(std::string(PHISHARD_MODELS) + "/tiny-phi-code");
+  PHI_CHECK(c.ok()) << "fuzz setup: " << c.status();
+  return *c;
+}
+
 struct Shard {
-  testing_fake::FakeModel model{4095, 1024};
+  FuzzModel model{DemoConfigOrDie()};
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<BatchEngine> engine;
+  std::unique_ptr<AdapterService> adapters;
   std::unique_ptr<LoraxService> service;
   std::unique_ptr<grpc::Server> server;
   std::shared_ptr<grpc::Channel> channel;
@@ -83,8 +111,17 @@ Shard& TheShard() {
     BatchEngineOptions eo;
     eo.memory_wiggle_room = 1.0;
     shard->engine = std::make_unique<BatchEngine>(&shard->model, shard->tokenizer.get(), eo);
+    AdapterServiceOptions ao;
+    ao.store.roots = {std::string(PHISHARD_MODELS) + "/tiny-phi-code"};
+    ao.device_memory_bytes = int64_t{1} << 30;  // 10 % of it: ~100 MiB of adapters
+    ao.num_slots = 4;                           // small, so "slots full" is reachable
+    absl::StatusOr<std::unique_ptr<AdapterService>> adapters =
+        AdapterService::Create(&shard->model, ao);
+    PHI_CHECK(adapters.ok()) << "fuzz setup: " << adapters.status();
+    shard->adapters = *std::move(adapters);
     LoraxServiceOptions so;
     so.urls = {"unix:///tmp/fuzz-0"};
+    so.adapters = shard->adapters.get();
     shard->service = std::make_unique<LoraxService>(shard->engine.get(), &shard->model, so);
     grpc::ServerBuilder builder;
     builder.SetMaxReceiveMessageSize(std::numeric_limits<int>::max());
@@ -128,11 +165,10 @@ bool StatusAllowed(int method, grpc::StatusCode code) {
     case grpc::StatusCode::FAILED_PRECONDITION:
     case grpc::StatusCode::UNIMPLEMENTED:
       return true;
+    case grpc::StatusCode::PERMISSION_DENIED:  // an adapter id leading outside the roots
+      return method >= 10;
     default:
-      // Adapter RPCs resolve ids on the file system: INTERNAL (spec §2.3) or PERMISSION_DENIED
-      // (an id leading outside the adapter roots) are answers, not engine faults.
-      return method >= 10 &&
-             (code == grpc::StatusCode::INTERNAL || code == grpc::StatusCode::PERMISSION_DENIED);
+      return false;
   }
 }
 
@@ -204,6 +240,7 @@ void CheckStep(const Resp& r, const std::vector<uint64_t>& live) {
 struct Session {
   Tracker tracker;
   bool warmed = true;  // false after a Warmup call: the pool may be gone or resized
+  std::map<uint32_t, pb::AdapterParameters> loaded;  // adapter index -> what LoadAdapter got
 };
 
 // Records which requests of batch `id` finished in this step; true when all of `all` did.
@@ -426,6 +463,30 @@ void RunOp(Session& s, uint8_t op, std::string_view payload) {
       }
       break;
     }
+    case 11: {  // LoadAdapter
+      pb::LoadAdapterRequest l;
+      PHI_CHECK(l.ParseFromString(request));
+      pb::LoadAdapterResponse r;
+      FUZZ_CHECK(r.ParseFromString(resp));
+      if (r.loaded()) s.loaded[l.adapter_index()] = l.adapter_parameters();
+      break;
+    }
+    case 12: {  // OffloadAdapter
+      pb::OffloadAdapterRequest o;
+      PHI_CHECK(o.ParseFromString(request));
+      pb::OffloadAdapterResponse r;
+      FUZZ_CHECK(r.ParseFromString(resp));
+      if (r.offloaded()) s.loaded.erase(o.adapter_index());
+      break;
+    }
+    case 10: {  // DownloadAdapter
+      pb::DownloadAdapterResponse r;
+      FUZZ_CHECK(r.ParseFromString(resp));
+      FUZZ_CHECK(std::isfinite(r.memory_fraction()) && r.memory_fraction() >= 0 &&
+                 r.memory_fraction() <= 1)
+          << "memory_fraction " << r.memory_fraction();
+      break;
+    }
     case kOpWarmup: {
       pb::WarmupResponse r;
       FUZZ_CHECK(r.ParseFromString(resp));
@@ -441,6 +502,15 @@ void RunOp(Session& s, uint8_t op, std::string_view payload) {
 
 void EndOfInput(Session& s) {
   Shard& shard = TheShard();
+  for (const auto& [index, params] : s.loaded) {
+    pb::OffloadAdapterRequest o;
+    *o.mutable_adapter_parameters() = params;
+    o.set_adapter_index(index);
+    std::string resp;
+    FUZZ_CHECK(Call(12, o.SerializeAsString(), &resp).ok()) << "Offload of index " << index;
+  }
+  FUZZ_CHECK(shard.adapters->registry() == nullptr || shard.adapters->registry()->num_loaded() == 0)
+      << "adapters still loaded after offloading every index LoadAdapter reported";
   FUZZ_CHECK(Call(2, pb::ClearCacheRequest().SerializeAsString(), nullptr).ok());
   // The RPC has been answered, so the executor is idle: the engine may be read from here.
   FUZZ_CHECK(shard.engine->num_cached_batches() == 0);
@@ -526,6 +596,48 @@ void WriteSeeds(const std::string& dir) {
                                Record(3, f.SerializeAsString()) + Record(2, c.SerializeAsString());
   }
   {
+    // The demo adapter under the root, loaded at 3, used by a request, offloaded; then ids that
+    // try to leave the root.
+    auto params = [](const std::string& id) {
+      pb::AdapterParameters p;
+      p.add_adapter_ids(id);
+      return p;
+    };
+    pb::DownloadAdapterRequest d;
+    *d.mutable_adapter_parameters() = params("adapters/prose");
+    d.set_adapter_source(pb::LOCAL);
+    pb::LoadAdapterRequest l;
+    *l.mutable_adapter_parameters() = params("adapters/prose");
+    l.set_adapter_source(pb::LOCAL);
+    l.set_adapter_index(3);
+    pb::PrefillRequest p = SeedPrefill(9, {1, 2}, 3, true);
+    p.mutable_batch()->mutable_requests(1)->set_adapter_index(3);
+    pb::OffloadAdapterRequest o;
+    *o.mutable_adapter_parameters() = params("adapters/prose");
+    o.set_adapter_index(3);
+    std::string escape;
+    for (const char* id :
+         {"../../../etc", "/etc", "adapters/../adapters/prose", "a\\b", "org/not-cached"}) {
+      pb::LoadAdapterRequest e;
+      *e.mutable_adapter_parameters() = params(id);
+      e.set_adapter_source(id[0] == 'o' ? pb::HUB : pb::LOCAL);
+      e.set_adapter_index(5);
+      escape += Record(11, e.SerializeAsString());
+    }
+    pb::LoadAdapterRequest merge;
+    merge.mutable_adapter_parameters()->add_adapter_ids("adapters/prose");
+    merge.mutable_adapter_parameters()->add_adapter_ids("adapters/prose");
+    merge.mutable_adapter_parameters()->add_weights(0.5f);
+    merge.mutable_adapter_parameters()->add_weights(0.5f);
+    merge.set_adapter_source(pb::LOCAL);
+    merge.set_adapter_index(4);
+    seeds["adapter_prose_lifecycle"] =
+        Record(10, d.SerializeAsString()) + Record(11, l.SerializeAsString()) +
+        Record(kOpPrefill, p.SerializeAsString()) + Record(kOpDecodeLast, "") +
+        Record(11, merge.SerializeAsString()) + Record(12, o.SerializeAsString());
+    seeds["adapter_escapes"] = escape;
+  }
+  {
     pb::DownloadAdapterRequest d;
     d.mutable_adapter_parameters()->add_adapter_ids("__base_model__");
     d.set_api_token("hf_secret");
@@ -565,6 +677,9 @@ void WriteSeeds(const std::string& dir) {
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   using namespace phishard;
   fuzz::QuietLogs();
+  // protobuf logs every string field with invalid UTF-8 it parses or serializes: noise here.
+  google::protobuf::SetLogHandler(
+      [](google::protobuf::LogLevel, const char*, int, const std::string&) {});
   if (const char* dir = std::getenv("PHISHARD_FUZZ_WRITE_SEEDS")) {
     WriteSeeds(dir);
     std::exit(0);
