@@ -336,6 +336,9 @@ LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const B
     if (lane == Lane::kExecutor) {  // Warmup, steps, filter and clear all move KV blocks
       MetricsSetKvBlocks(engine_->kv_blocks_total() - engine_->kv_blocks_free(),
                          engine_->kv_blocks_free());
+      if (options_.adapters != nullptr && options_.adapters->registry() != nullptr) {
+        MetricsSetAdaptersLoaded(options_.adapters->registry()->num_loaded());  // Load/Offload
+      }
     }
   };
   auto finish = [reactor, st_holder, method] {
