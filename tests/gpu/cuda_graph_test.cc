@@ -202,14 +202,7 @@ TEST_P(CudaGemvTest, Float32OutputMatchesCpuReference) {
                        .ldy = ldy}),
               KernelStatus::kOk);
     const std::vector<float> out = Decode(d_y.DownloadBytes(), DataType::kF32);
-    std::vector<float> o, r;
-    for (int i = 0; i < s.m; ++i) {
-      for (int j = 0; j < s.n; ++j) {
-        o.push_back(out[static_cast<size_t>(i) * ldy + j]);
-        r.push_back(ref[static_cast<size_t>(i) * ldy + j]);
-      }
-    }
-    const gpu_test::Diff d = Compare(o, r);
+    const gpu_test::Diff d = gpu_test::CompareRows(out, ref, s.m, s.n, ldy);
     EXPECT_EQ(d.nonfinite, 0u);
     EXPECT_LE(d.rel, 5e-4) << DataTypeName(t) << ": " << gpu_test::ToString(d);
   }

@@ -163,6 +163,19 @@ inline Diff Compare(const std::vector<float>& out, const std::vector<float>& ref
   return d;
 }
 
+// Compares the first n columns of m rows stored with leading dimension ld ([m, ld] row-major).
+inline Diff CompareRows(const std::vector<float>& out, const std::vector<float>& ref, int m, int n,
+                        int ld) {
+  std::vector<float> o, r;
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < n; ++j) {
+      o.push_back(out[static_cast<size_t>(i) * ld + j]);
+      r.push_back(ref[static_cast<size_t>(i) * ld + j]);
+    }
+  }
+  return Compare(o, r);
+}
+
 inline std::string ToString(const Diff& d) {
   return "rel " + std::to_string(d.rel) + ", max_abs " + std::to_string(d.max_abs) + " at " +
          std::to_string(d.worst) + ", nonfinite " + std::to_string(d.nonfinite);
