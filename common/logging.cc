@@ -7,6 +7,7 @@
 #include <ctime>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "nlohmann/json.hpp"
 
@@ -54,7 +55,9 @@ bool ParseLogLevel(std::string_view name, LogLevel* out) {
   return false;
 }
 
-void Log(LogLevel level, std::string_view text) {
+void Log(LogLevel level, std::string_view text) { Log(level, text, LogFields()); }
+
+void Log(LogLevel level, std::string_view text, const LogFields& fields) {
   if (static_cast<int>(level) < g_min_level.load()) return;
   auto now = std::chrono::system_clock::now();
   double ts = std::chrono::duration<double>(now.time_since_epoch()).count();
@@ -75,10 +78,23 @@ void Log(LogLevel level, std::string_view text) {
     j["record"]["time"]["repr"] = when;
     j["record"]["time"]["timestamp"] = ts;
     j["record"]["extra"]["rank"] = g_rank.load();
+    for (const LogFields::Field& f : fields.fields()) {
+      if (f.list) {
+        j["record"]["extra"][f.key] = f.values;
+      } else {
+        j["record"]["extra"][f.key] = f.values.empty() ? 0 : f.values[0];
+      }
+    }
     line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   } else {
-    line = std::string(when) + " " + LevelName(level) + " rank=" + std::to_string(g_rank.load()) +
-           " " + std::string(text);
+    line = std::string(when) + " " + LevelName(level) + " rank=" + std::to_string(g_rank.load());
+    for (const LogFields::Field& f : fields.fields()) {
+      line += " " + f.key + "=";
+      for (size_t i = 0; i < f.values.size(); ++i) {
+        line += (i > 0 ? "," : "") + std::to_string(f.values[i]);
+      }
+    }
+    line += " " + std::string(text);
   }
   std::lock_guard<std::mutex> lock(g_mu);
   std::fprintf(stdout, "%s\n", line.c_str());
@@ -101,8 +117,13 @@ LogMessage::LogMessage(LogLevel level, const char* file, int line, bool fatal)
   }
 }
 
+LogMessage::LogMessage(LogLevel level, const char* file, int line, LogFields fields)
+    : LogMessage(level, file, line, /*fatal=*/false) {
+  fields_ = std::move(fields);
+}
+
 LogMessage::~LogMessage() {
-  Log(level_, stream_.str());
+  Log(level_, stream_.str(), fields_);
   if (fatal_) std::abort();
 }
 

@@ -15,6 +15,7 @@
 #include "kernels/cuda/random_fill_cuda.h"
 #include "model/cuda_phi_internal.h"
 #include "model/cuda_phi_model.h"
+#include "model/load_progress.h"
 
 namespace phishard {
 namespace {
@@ -112,6 +113,10 @@ absl::Status CudaPhiModel::UploadWeights(const WeightStore& store) {
   std::vector<uint16_t> half;
   std::vector<float> f32;
   char* base = static_cast<char*>(weights_);
+  uint64_t upload_bytes = 0;  // without the alignment padding of plan->bytes
+  for (const WeightItem& it : plan->items)
+    upload_bytes += static_cast<uint64_t>(Elements(it)) * (it.f32 ? 4 : 2);
+  LoadProgress progress(upload_bytes);  // a line every 2 s: "Weights loaded: X/Y GB"
   for (const WeightItem& it : plan->items) {
     const void* src = nullptr;
     size_t bytes = 0;
@@ -129,6 +134,7 @@ absl::Status CudaPhiModel::UploadWeights(const WeightStore& store) {
         DeviceStatus(DeviceCopyToDevice(base + it.offset, src, bytes, stream_), "weight upload"));
     // The host buffer is reused for the next tensor.
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "weight upload"));
+    progress.Add(bytes, it.name);
   }
   SetWeightPointers(&*plan);
   return absl::OkStatus();

@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
+#include "model/load_progress.h"
 
 namespace phishard {
 namespace {
@@ -267,16 +268,23 @@ absl::StatusOr<PhiWeightsF32> LoadPhiWeightsF32(const WeightStore& store, const 
   PHI_RETURN_IF_ERROR(
       ReadF32Slice(store, "model.embed_tokens.weight", {V, H}, vocab_rows, &w.embed));
   w.layers.resize(c.num_hidden_layers);
-  // Startup progress for big models (a Phi-2 conversion takes tens of seconds on CPU): one line
-  // at most every 5 s, and always the last layer (docs/observability.md).
-  auto last_log = std::chrono::steady_clock::now();
+  // Startup progress for big models (a Phi-2 conversion takes tens of seconds on CPU), in bytes
+  // of the checkpoint: a line at most every 2 s and always at the end (docs/observability.md).
+  auto layer_bytes = [&store](const std::string& prefix) {
+    uint64_t n = 0;
+    for (const std::string& name : store.Names()) {
+      absl::StatusOr<const TensorView*> t = store.Get(name);
+      if (t.ok() && (prefix.empty() || name.rfind(prefix, 0) == 0)) n += (*t)->nbytes;
+    }
+    return n;
+  };
+  const uint64_t checkpoint_bytes = layer_bytes("");
+  LoadProgress progress(checkpoint_bytes);
+  progress.Add(layer_bytes("model.embed_tokens."), "embeddings");
   for (int i = 0; i < c.num_hidden_layers; ++i) {
     PHI_RETURN_IF_ERROR(LoadLayer(store, c, sh, i, &w.layers[i]));
-    const auto now = std::chrono::steady_clock::now();
-    if (i + 1 == c.num_hidden_layers || now - last_log >= std::chrono::seconds(5)) {
-      PHI_LOG(INFO) << "Weights loaded: layer " << (i + 1) << "/" << c.num_hidden_layers;
-      last_log = now;
-    }
+    progress.Add(layer_bytes(absl::StrCat("model.layers.", i, ".")),
+                 absl::StrCat("layer ", i + 1, "/", c.num_hidden_layers));
   }
   PHI_RETURN_IF_ERROR(store.ReadF32("model.final_layernorm.weight", {H}, &w.final_ln_weight));
   PHI_RETURN_IF_ERROR(store.ReadF32("model.final_layernorm.bias", {H}, &w.final_ln_bias));
@@ -296,6 +304,7 @@ absl::StatusOr<PhiWeightsF32> LoadPhiWeightsF32(const WeightStore& store, const 
   if (store.Has("lm_head.bias")) {
     PHI_RETURN_IF_ERROR(ReadF32Slice(store, "lm_head.bias", {V}, head_rows, &w.lm_head_bias));
   }
+  progress.Add(checkpoint_bytes - progress.done(), "final norm and head");
   return w;
 }
 

@@ -15,6 +15,7 @@
 #include "common/logging.h"
 #include "model/kv_cache.h"
 #include "server/batch_state.h"
+#include "server/request_log.h"
 #include "server/request_validation.h"
 
 namespace phishard {
@@ -532,24 +533,40 @@ absl::StatusOr<CachedBatchOut> BatchEngine::FilterBatch(uint64_t batch_id,
   std::vector<RequestState> survivors;
   survivors.reserve(keep.size());
   for (size_t i : keep) survivors.push_back(std::move(batch.requests[i]));
+  std::vector<uint64_t> removed;
   for (size_t i = 0; i < batch.requests.size(); ++i) {
-    if (!kept[i]) s.allocator.Free(batch.requests[i].blocks);
+    if (kept[i]) continue;
+    s.allocator.Free(batch.requests[i].blocks);
+    removed.push_back(batch.requests[i].id);
   }
   batch.requests = std::move(survivors);
+  LogRequestsRemoved(batch_id, removed);
   return batch.ToCachedBatch(s.allocator.block_size());
 }
+
+namespace {
+std::vector<uint64_t> IdsOf(const BatchState& batch) {
+  std::vector<uint64_t> ids;
+  for (const RequestState& r : batch.requests) ids.push_back(r.id);
+  return ids;
+}
+}  // namespace
 
 absl::Status BatchEngine::ClearCache(std::optional<uint64_t> batch_id) {
   State& s = *state_;
   if (batch_id.has_value()) {
     auto it = s.batches.find(*batch_id);
     if (it != s.batches.end()) {
+      LogBatchCleared(it->first, IdsOf(it->second));
       s.FreeBatch(&it->second);
       s.batches.erase(it);
     }
     return absl::OkStatus();
   }
-  for (auto& [id, batch] : s.batches) s.FreeBatch(&batch);
+  for (auto& [id, batch] : s.batches) {
+    LogBatchCleared(id, IdsOf(batch));
+    s.FreeBatch(&batch);
+  }
   s.batches.clear();
   return absl::OkStatus();
 }

@@ -19,6 +19,7 @@
 #include "server/adapter_service.h"
 #include "server/batch_engine.h"
 #include "server/cli.h"
+#include "server/loading_health_server.h"
 #include "server/lorax_service.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
@@ -111,6 +112,15 @@ int RunServe(ServeOptions o) {
                   << metrics_http->port() << "), GET /metrics";
   }
 
+  // --listen-tcp answers NOT_SERVING while loading; the real server takes the port over below.
+  std::unique_ptr<LoadingHealthServer> loading_health;
+  if (!o.server.listen_tcp.empty()) {
+    absl::StatusOr<std::unique_ptr<LoadingHealthServer>> h =
+        LoadingHealthServer::Start(o.server.listen_tcp);
+    if (!h.ok()) return Fail(h.status());
+    loading_health = *std::move(h);
+  }
+
   // Tensor parallelism (spec §1.5): join the group before loading anything, so that a rank that
   // cannot start stops the others at once.
   std::unique_ptr<ShardGroup> group;
@@ -186,6 +196,7 @@ int RunServe(ServeOptions o) {
 
   // From here on a signal means "shut down gracefully".
   signals.set_exit_on_signal(false);
+  loading_health.reset();  // frees the TCP port for the real server
   absl::StatusOr<std::unique_ptr<ShardServer>> server = ShardServer::Start(o.server, &service);
   if (!server.ok()) return Fail(server.status());
   MetricsSetHealth(service.health().serving() ? HealthStateValue::kServing

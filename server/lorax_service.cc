@@ -14,6 +14,7 @@
 #include "server/adapter_service.h"
 #include "server/metrics.h"
 #include "server/proto_convert.h"
+#include "server/request_log.h"
 #include "server/sequencer.h"
 #include "server/sequencer_key.h"
 
@@ -328,10 +329,11 @@ LoraxService::Reactor* LoraxService::Unary(const char* method, Ctx* ctx, const B
     if (st.ok()) {
       PHI_LOG(DEBUG) << method << " ok in " << ms << " ms";
     } else if (MayBeDeviceFault(st)) {
-      PHI_LOG(ERROR) << method << " failed after " << ms << " ms: " << st;
+      PHI_LOG_WITH(ERROR, RequestLogFields(*req))
+          << method << " failed after " << ms << " ms: " << st;
       if (lane == Lane::kExecutor) CheckDeviceAfterFailure(method, st);
     } else {
-      PHI_LOG(WARNING) << method << " rejected: " << st;
+      PHI_LOG_WITH(WARNING, RequestLogFields(*req)) << method << " rejected: " << st;
     }
     if (lane == Lane::kExecutor) {  // Warmup, steps, filter and clear all move KV blocks
       MetricsSetKvBlocks(engine_->kv_blocks_total() - engine_->kv_blocks_free(),
@@ -441,9 +443,11 @@ LoraxService::Reactor* LoraxService::Prefill(Ctx* ctx, const Bytes* in, Bytes* o
         }
         absl::StatusOr<BatchInput> batch = BatchFromProto(req.batch());
         if (!batch.ok()) return batch.status();
+        LogPrefillAdmitted(*batch);
         const auto t0 = std::chrono::steady_clock::now();
         absl::StatusOr<StepResult> step = engine_->Prefill(*batch);
         if (!step.ok()) return step.status();
+        LogRequestsFinished(batch->id, *step);
         MetricsRecordPrefill(
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), *batch,
             *step);
@@ -481,6 +485,7 @@ LoraxService::Reactor* LoraxService::Decode(Ctx* ctx, const Bytes* in, Bytes* ou
         const auto t0 = std::chrono::steady_clock::now();
         absl::StatusOr<StepResult> step = engine_->Decode(ids);
         if (!step.ok()) return step.status();
+        LogRequestsFinished(ids[0], *step);  // the batches were concatenated into ids[0]
         int batch_size = 0;
         for (const pb::CachedBatch& b : req.batches()) batch_size += b.request_ids_size();
         MetricsRecordStepResult(

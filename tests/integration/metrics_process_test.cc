@@ -125,7 +125,8 @@ TEST(MetricsProcess, CountersFollowARouterSessionAndTheTextParses) {
 
   // Startup progress in the log.
   const std::string log = shard.process->out();
-  EXPECT_TRUE(std::regex_search(log, std::regex(R"(Weights loaded: layer (\d+)/\1)"))) << log;
+  EXPECT_TRUE(std::regex_search(log, std::regex(R"(Weights loaded: ([0-9.]+)/\1 GB \(100%\))")))
+      << log;
   EXPECT_NE(log.find("Warmup started"), std::string::npos) << log;
   EXPECT_NE(log.find("Warmup finished"), std::string::npos) << log;
 
