@@ -84,5 +84,51 @@ inline grpc::Status RawBidiOnce(const std::shared_ptr<grpc::Channel>& channel,
   return status;
 }
 
+// The first response of a server-streaming `method` (grpc.health.v1.Health/Watch), then cancels
+// the call the way grpcurl's user does with Ctrl-C.
+inline grpc::Status RawServerStreamFirst(const std::shared_ptr<grpc::Channel>& channel,
+                                         const std::string& method, const std::string& request,
+                                         std::string* first, double timeout_s = 30) {
+  grpc::GenericStub stub(channel);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+  auto call = stub.PrepareCall(&ctx, method, &cq);
+  void* tag = nullptr;
+  bool ok = false;
+  auto step = [&](intptr_t want) {
+    return cq.Next(&tag, &ok) && reinterpret_cast<intptr_t>(tag) == want && ok;
+  };
+  grpc::Status status = grpc::Status::OK;
+  call->StartCall(reinterpret_cast<void*>(1));
+  bool alive = step(1);
+  if (alive) {
+    call->Write(ToByteBuffer(request), reinterpret_cast<void*>(2));
+    alive = step(2);
+  }
+  if (alive) {
+    call->WritesDone(reinterpret_cast<void*>(3));
+    alive = step(3);
+  }
+  bool got = false;
+  if (alive) {
+    grpc::ByteBuffer buf;
+    call->Read(&buf, reinterpret_cast<void*>(4));
+    got = step(4);
+    if (got) *first = FromByteBuffer(buf);
+  }
+  if (got) ctx.TryCancel();
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  while (cq.Next(&tag, &ok) && reinterpret_cast<intptr_t>(tag) != 5) {
+  }
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  if (got) return grpc::Status::OK;  // the stream answered; CANCELLED is ours
+  return status.ok() ? grpc::Status(grpc::StatusCode::UNKNOWN, "stream ended without a message")
+                     : status;
+}
+
 }  // namespace integration
 }  // namespace phishard
