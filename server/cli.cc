@@ -62,6 +62,27 @@ void SetUpLogging(const std::string& level, bool json) {
   if (ParseLogLevel(level, &l)) SetLogLevel(l);
 }
 
+// Tensor parallelism: each rank is its own process, so a TCP port given once (flag or
+// PHISHARD_* twin, which every rank inherits) is rank 0's and rank r binds PORT + r. Port 0
+// ("any free port") stays 0. `flag` names the option in errors.
+absl::StatusOr<std::string> RankTcpAddress(const std::string& address, int rank, const char* flag) {
+  if (address.empty() || rank == 0) return address;
+  const size_t colon = address.rfind(':');
+  const std::string host = colon == std::string::npos ? "" : address.substr(0, colon + 1);
+  const std::string port_text = colon == std::string::npos ? address : address.substr(colon + 1);
+  uint32_t port = 0;
+  if (!absl::SimpleAtoi(port_text, &port) || port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: '%s' is neither PORT nor HOST:PORT", flag, address));
+  }
+  if (port == 0) return address;
+  if (port + static_cast<uint32_t>(rank) > 65535) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: port %d + rank %d is above 65535 (rank r listens on PORT + r)", flag, port, rank));
+  }
+  return absl::StrCat(host, port + static_cast<uint32_t>(rank));
+}
+
 }  // namespace
 
 EnvFn ProcessEnv() {
@@ -116,6 +137,12 @@ absl::Status ApplyServeEnvironment(const EnvFn& env, ServeOptions* o) {
     }
     o->server.rank = rank;
     o->server.world_size = world_size;
+    absl::StatusOr<std::string> tcp = RankTcpAddress(o->server.listen_tcp, rank, "--listen-tcp");
+    if (!tcp.ok()) return tcp.status();
+    o->server.listen_tcp = *tcp;
+    absl::StatusOr<std::string> metrics = RankTcpAddress(o->metrics_addr, rank, "--metrics-addr");
+    if (!metrics.ok()) return metrics.status();
+    o->metrics_addr = *metrics;
   }
   if (!o->server.sharded && world_size > 1) {
     return absl::InvalidArgumentError(absl::StrFormat(

@@ -304,12 +304,18 @@ class ObjectsTest(unittest.TestCase):
                     self.assertEqual(flag_value(args, "--num-shard"), str(gpus))
                 env = container_env(sts, shard, objs)
                 listen = flag_value(args, "--listen-tcp") or env.get("PHISHARD_LISTEN_TCP")
-                if sub == "launch" and int(flag_value(args, "--num-shard") or 1) > 1:
-                    self.assertIsNone(listen, "every rank would bind the same --listen-tcp port")
+                ranks = int(flag_value(args, "--num-shard") or 1) if sub == "launch" else 1
+                if listen is not None and ranks > 1:
+                    # Rank r of `launch` listens on PORT + r (server/cli.cc, RankTcpAddress).
+                    base = int(listen.rsplit(":", 1)[-1])
+                    declared = [q["containerPort"] for q in shard.get("ports", [])]
+                    for r in range(ranks):
+                        self.assertIn(base + r, declared, f"rank {r} listens on {base + r}")
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     p = shard[probe]
                     if "grpc" in p:
-                        # The kubelet dials the pod IP: --listen-tcp on every interface.
+                        # The kubelet dials the pod IP: --listen-tcp on every interface; the
+                        # port given is rank 0's.
                         self.assertIsNotNone(listen, f"{probe}: gRPC probe without --listen-tcp")
                         host, port = listen.rsplit(":", 1)
                         self.assertEqual(host, "0.0.0.0", "the kubelet dials the pod IP")
@@ -482,6 +488,57 @@ class DockerfileTest(unittest.TestCase):
         self.assertTrue(any(f.get("from") == "lorax" and
                             "/usr/local/bin/lorax-router" in srcs for f, srcs, _ in copies))
         self.assertEqual(self.by_name["lorax"].base, self.global_args["LORAX_IMAGE"])
+
+    def test_pipes_fail_the_build(self):
+        # hadolint DL4006: `ldd X | grep ...` under /bin/sh hides a failing ldd. Every stage whose
+        # RUN has a pipe sets SHELL with -o pipefail (itself or in the stage it builds on).
+        def has_pipefail(stage):
+            while stage is not None:
+                if any("pipefail" in i.args for i in stage.all("SHELL")):
+                    return True
+                stage = self.by_name.get(stage.base)
+            return False
+        for s in self.stages:
+            piped = [i for i in s.all("RUN") if re.search(r"(?<!\|)\|(?!\|)", i.args)]
+            if piped:
+                with self.subTest(stage=s.name or s.index):
+                    self.assertTrue(has_pipefail(s), f"line {piped[0].line}: a pipe without pipefail")
+
+    def image_binaries(self):
+        """Names the runtime-lorax image installs in /usr/local/bin (on PATH)."""
+        names = set()
+        for stage in ("runtime-base", "runtime-lorax", "runtime"):
+            s = self.by_name[stage]
+            for ins in s.all("COPY"):
+                _, srcs, dest = dockerfile_lint.copy_parts(ins)
+                if dest.endswith("/"):
+                    if dest.rstrip("/") == "/usr/local/bin":
+                        names.update(os.path.basename(src) for src in srcs)
+                elif os.path.dirname(dest) == "/usr/local/bin":
+                    names.add(os.path.basename(dest))
+            for ins in s.all("RUN"):
+                names.update(re.findall(r"ln -s \S+ /usr/local/bin/(\S+)", ins.args))
+        return names
+
+    def test_every_command_the_manifests_run_is_in_the_image(self):
+        # Container commands, exec probes and preStop hooks resolve on PATH inside the image.
+        names = self.image_binaries()
+        for b in ("phishard", "lorax-server", "lorax-router", "lorax-launcher",
+                  "lorax-router-wait", "phishard-prestop"):
+            self.assertIn(b, names)
+        for d in kustomize_dirs():
+            pod = build(d)[("StatefulSet", "phishard")]["spec"]["template"]["spec"]
+            for c in pod["containers"]:
+                cmds = [c["command"]]
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if "exec" in c.get(probe, {}):
+                        cmds.append(c[probe]["exec"]["command"])
+                pre = c.get("lifecycle", {}).get("preStop", {}).get("exec")
+                if pre:
+                    cmds.append(pre["command"])
+                for cmd in cmds:
+                    with self.subTest(kustomization=d, container=c["name"], command=cmd):
+                        self.assertIn(cmd[0], names, "not installed in the image")
 
     def test_runtime_package_list_of_the_built_binary(self):
         phishard_cli()  # the binary exists
