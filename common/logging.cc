@@ -89,12 +89,13 @@ void Log(LogLevel level, std::string_view text, const LogFields& fields) {
   } else {
     line = std::string(when) + " " + LevelName(level) + " rank=" + std::to_string(g_rank.load());
     for (const LogFields::Field& f : fields.fields()) {
-      line += " " + f.key + "=";
+      line.append(" ").append(f.key).append("=");
       for (size_t i = 0; i < f.values.size(); ++i) {
-        line += (i > 0 ? "," : "") + std::to_string(f.values[i]);
+        if (i > 0) line.append(",");
+        line.append(std::to_string(f.values[i]));
       }
     }
-    line += " " + std::string(text);
+    line.append(" ").append(text);
   }
   std::lock_guard<std::mutex> lock(g_mu);
   std::fprintf(stdout, "%s\n", line.c_str());
