@@ -31,8 +31,10 @@
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/random_fill_cuda.h"
 #include "kernels/device.h"
+#include "model/adapter_registry.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
+#include "model/lora_adapter.h"
 #include "model/phi_config.h"
 #include "nlohmann/json.hpp"
 
@@ -316,6 +318,35 @@ PhiConfig Phi2Config(int layers) {
   return *c;
 }
 
+// A random rank-`rank` LoRA adapter on q, k, v, dense, fc1 and fc2 of every layer (uniform
+// +-0.02 A and B, scale 2): the shape of a typical PEFT adapter, for timing only.
+LoraAdapter RandomAdapter(const PhiConfig& c, int rank, uint64_t seed) {
+  LoraAdapter a("bench-r" + std::to_string(rank), c.num_hidden_layers);
+  uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
+  auto fill = [&](std::vector<float>* v, size_t n) {
+    v->resize(n);
+    for (float& x : *v) {
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      x = (static_cast<float>(state >> 40) / static_cast<float>(1 << 24) - 0.5f) * 0.04f;
+    }
+  };
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    for (LoraTarget t : kAllLoraTargets) {
+      if (t == LoraTarget::kLmHead) continue;
+      const auto [in, out] = LoraTargetDims(c, t);
+      LoraModule m;
+      m.rank = rank;
+      m.scale = 2.0f;
+      fill(&m.a, static_cast<size_t>(rank) * in);
+      fill(&m.b, static_cast<size_t>(out) * rank);
+      BENCH_OK(a.SetModule(c, l, t, std::move(m)));
+    }
+  }
+  return a;
+}
+
 // Work of one step, for the floors.
 struct StepCost {
   double bytes = 0;
@@ -400,7 +431,10 @@ class Bench {
       if (!blocks.ok()) return false;
       b.token_ids.push_back(static_cast<int32_t>(rng() % shape_.V));
       b.positions.push_back(ctx - 1);
-      b.seqs.push_back({.num_new_tokens = 1, .context_len = ctx, .block_table = *blocks});
+      b.seqs.push_back({.num_new_tokens = 1,
+                        .context_len = ctx,
+                        .block_table = *blocks,
+                        .adapter_index = AdapterOf(s)});
       b.logit_rows.push_back(s);
     }
     std::vector<float> logits;
@@ -436,7 +470,10 @@ class Bench {
         b.token_ids.push_back(static_cast<int32_t>(rng() % shape_.V));
         b.positions.push_back(i);
       }
-      b.seqs.push_back({.num_new_tokens = len, .context_len = len, .block_table = *blocks});
+      b.seqs.push_back({.num_new_tokens = len,
+                        .context_len = len,
+                        .block_table = *blocks,
+                        .adapter_index = AdapterOf(s)});
       b.logit_rows.push_back((s + 1) * len - 1);
     }
     std::vector<float> logits;
@@ -461,7 +498,18 @@ class Bench {
     return true;
   }
 
+ // Sequence s uses adapter index first + s % count (count 0: every sequence the base model).
+  void set_adapters(uint32_t first, int count) {
+    first_adapter_ = first;
+    num_adapters_ = count;
+  }
+
  private:
+  uint32_t AdapterOf(int s) const {
+    return num_adapters_ > 0 ? first_adapter_ + static_cast<uint32_t>(s % num_adapters_) : 0;
+  }
+  uint32_t first_adapter_ = 0;
+  int num_adapters_ = 0;
   CudaPhiModel& m_;
   Ceilings ceil_;
   Shape shape_;
@@ -497,7 +545,18 @@ int Main(int argc, char** argv) {
   app.add_option("--memory-fraction", fraction, "device memory the model may use");
   app.add_flag("--quick", quick, "batches 1,256 at context 1024, prefill 1x2048 only");
   app.add_option("--gemv-sweep", gemv_sweep, "time batches 2-8 with and without the GEMV path");
+  int lora_rank = 0, lora_batch = 64, lora_context = 1024;
+  std::string lora_prefill = "8x512";
+  bool lora_only = false;
+  app.add_option("--lora-rank", lora_rank,
+                 "also time multi-LoRA steps: every sequence its own random adapter of this rank "
+                 "on q,k,v,dense,fc1,fc2 (0 = off)");
+  app.add_option("--lora-batch", lora_batch, "decode batch of the LoRA comparison");
+  app.add_option("--lora-context", lora_context, "decode context of the LoRA comparison");
+  app.add_option("--lora-prefill", lora_prefill, "prefill SEQSxLEN of the LoRA comparison");
+  app.add_flag("--lora-only", lora_only, "only the LoRA comparison (and the ceilings)");
   CLI11_PARSE(app, argc, argv);
+  if (lora_only) prefills = lora_prefill;
   if (quick) {
     batches = "1,256";
     contexts = "1024";
@@ -515,7 +574,7 @@ int Main(int argc, char** argv) {
       props.name.c_str(), props.multiprocessors, ceil.copy_bytes_per_s / 1e12,
       ceil.gemm_flops / 1e12);
 
-  const json kernels = KernelTimes(ceil);
+  const json kernels = lora_only ? json::array() : KernelTimes(ceil);
   const PhiConfig config = Phi2Config(layers);
   int max_prefill_tokens = 1;
   std::vector<std::pair<int, int>> prefill_cases;
@@ -532,6 +591,31 @@ int Main(int argc, char** argv) {
   BENCH_OK(made.status());
   CudaPhiModel& m = **made;
   const double create_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  // LoRA adapters first, so that the KV sizing leaves their budget free (as serve does).
+  std::unique_ptr<AdapterRegistry> registry;
+  int lora_seqs = 0, lora_len = 0;
+  if (lora_rank > 0) {
+    std::vector<std::string> ab = absl::StrSplit(lora_prefill, 'x');
+    BENCH_CHECK(ab.size() == 2, "--lora-prefill SEQSxLEN");
+    lora_seqs = std::stoi(ab[0]);
+    lora_len = std::stoi(ab[1]);
+    const int n = std::max(lora_batch, lora_seqs);
+    t0 = Clock::now();
+    const LoraAdapter proto = RandomAdapter(config, lora_rank, 1);
+    const int64_t bytes = proto.num_params() * 2;
+    absl::StatusOr<std::unique_ptr<AdapterRegistry>> r =
+        AdapterRegistry::Create(n, bytes * n + (int64_t{64} << 20), 2);
+    BENCH_OK(r.status());
+    registry = *std::move(r);
+    for (int i = 0; i < n; ++i) {
+      BENCH_OK(registry->Load(static_cast<uint32_t>(1 + i), LoraAdapter(proto)).status());
+    }
+    BENCH_OK(m.SetAdapterRegistry(registry.get()));
+    std::printf("lora: %d adapters of rank %d (%.1f MB each in bf16, %.2f GB on the device) made "
+                "and placed in %.1f s\n",
+                n, lora_rank, bytes / 1e6, m.adapter_device_bytes() / 1e9,
+                std::chrono::duration<double>(Clock::now() - t0).count());
+  }
   absl::StatusOr<int> blocks = m.MaxKvBlocks(fraction, max_prefill_tokens);
   BENCH_OK(blocks.status());
   BENCH_OK(m.AllocateKvCache(*blocks, kKvBlockSize));
@@ -569,7 +653,7 @@ int Main(int argc, char** argv) {
   std::vector<Row> rows;
   std::printf("\n%-34s %9s %9s %9s %6s %6s %10s  %s\n", "step", "ms", "dev ms", "floor", "ratio",
               "dev r", "tok/s", "note");
-  for (int ctx : ParseInts(contexts)) {
+  for (int ctx : ParseInts(lora_only ? std::string() : contexts)) {
     for (int b : ParseInts(batches)) {
       Row r;
       if (!bench.Decode(b, ctx, "graph", &r)) {
@@ -582,7 +666,7 @@ int Main(int argc, char** argv) {
   }
   // GEMVs as programmatic dependents (PDL) at small batches.
   m.set_pdl(!m.pdl());
-  for (int b : {1, 2, 4}) {
+  for (int b : lora_only ? std::vector<int>{} : std::vector<int>{1, 2, 4}) {
     Row r;
     if (bench.Decode(b, 1024, m.pdl() ? "graph-pdl" : "graph-nopdl", &r)) {
       PrintRow(r);
@@ -592,7 +676,7 @@ int Main(int argc, char** argv) {
   m.set_pdl(!m.pdl());
   // The same steps without graphs (same kernels, launched one by one).
   m.set_cuda_graphs(false);
-  for (int b : {1, 256}) {
+  for (int b : lora_only ? std::vector<int>{} : std::vector<int>{1, 256}) {
     Row r;
     if (bench.Decode(b, 1024, "eager", &r)) {
       PrintRow(r);
@@ -615,7 +699,7 @@ int Main(int argc, char** argv) {
     }
     BENCH_OK(m.set_gemv_max_rows(CudaModelOptions{}.gemv_max_rows));
   }
-  for (auto [seqs, len] : prefill_cases) {
+  for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
     Row r;
     if (!bench.Prefill(seqs, len, &r)) {
       std::printf("prefill %dx%d: skipped, KV pool too small\n", seqs, len);
@@ -623,6 +707,47 @@ int Main(int argc, char** argv) {
     }
     PrintRow(r);
     rows.push_back(r);
+  }
+
+  if (registry) {
+    // The same steps with every sequence on its own adapter (and all on one), against base-only.
+    auto compare = [&](Row base, Row lora, const char* what) {
+      lora.note = absl::StrFormat("%s; %.1f %% of base throughput (host), %.1f %% (device)",
+                                  lora.note, 100.0 * base.ms / lora.ms,
+                                  100.0 * base.device_ms / lora.device_ms);
+      PrintRow(lora);
+      rows.push_back(lora);
+      std::printf("  -> %s: %.1f %% of base-only throughput\n", what, 100.0 * base.ms / lora.ms);
+    };
+    Row base, distinct, one, eager_base, eager_lora;
+    bench.set_adapters(0, 0);
+    BENCH_CHECK(bench.Decode(lora_batch, lora_context, "graph base", &base), "lora base decode");
+    PrintRow(base);
+    rows.push_back(base);
+    bench.set_adapters(1, lora_batch);
+    BENCH_CHECK(bench.Decode(lora_batch, lora_context, "graph lora-each", &distinct),
+                "lora decode");
+    compare(base, distinct, "decode, a different adapter per sequence");
+    bench.set_adapters(1, 1);
+    BENCH_CHECK(bench.Decode(lora_batch, lora_context, "graph lora-one", &one), "lora decode");
+    compare(base, one, "decode, one adapter for all");
+    m.set_cuda_graphs(false);
+    bench.set_adapters(0, 0);
+    BENCH_CHECK(bench.Decode(lora_batch, lora_context, "eager base", &eager_base), "eager");
+    bench.set_adapters(1, lora_batch);
+    BENCH_CHECK(bench.Decode(lora_batch, lora_context, "eager lora-each", &eager_lora), "eager");
+    compare(eager_base, eager_lora, "eager decode, a different adapter per sequence");
+    m.set_cuda_graphs(true);
+    Row pbase, plora;
+    bench.set_adapters(0, 0);
+    BENCH_CHECK(bench.Prefill(lora_seqs, lora_len, &pbase), "lora base prefill");
+    PrintRow(pbase);
+    rows.push_back(pbase);
+    bench.set_adapters(1, lora_seqs);
+    BENCH_CHECK(bench.Prefill(lora_seqs, lora_len, &plora), "lora prefill");
+    plora.mode = "lora-each";
+    compare(pbase, plora, "prefill, a different adapter per sequence");
+    bench.set_adapters(0, 0);
   }
 
   if (!json_path.empty()) {

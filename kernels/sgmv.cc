@@ -2,6 +2,8 @@
 
 #include <cblas.h>
 
+#include <algorithm>
+
 namespace phishard {
 namespace {
 
@@ -63,6 +65,117 @@ KernelStatus SgmvExpandCpu(const SgmvExpandParams& p) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, p.out, r, scale,
                 p.t + static_cast<size_t>(begin) * p.ldt, p.ldt, static_cast<const float*>(p.b[s]),
                 r, 1.0f, y + static_cast<size_t>(begin) * ldy, ldy);
+  }
+  return KernelStatus::kOk;
+}
+
+namespace {
+
+// Checks the fields shared by both grouped ops; *tiles = the tile count to use.
+KernelStatus CheckTableRef(const SgmvTableRef& r, int num_ops, int* tiles) {
+  if (num_ops < 0 || num_ops > kSgmvMaxOps || r.num_rows < 0 || r.max_rank < 0 || r.max_tiles < 0 ||
+      r.stride < 0 || r.num_slots < 0) {
+    return KernelStatus::kInvalidShape;
+  }
+  *tiles = 0;
+  if (num_ops == 0 || r.max_tiles == 0 || r.num_rows == 0) return KernelStatus::kOk;
+  if (r.num_tiles == nullptr || r.tiles == nullptr || r.table == nullptr) {
+    return KernelStatus::kNullPointer;
+  }
+  *tiles = std::clamp(*r.num_tiles, 0, r.max_tiles);
+  return KernelStatus::kOk;
+}
+
+// The weight of `entry` for `tile`, or null when the tile's slot is outside the table.
+const SgmvWeight* WeightOf(const SgmvTableRef& r, const SgmvTile& tile, int entry) {
+  if (tile.slot < 0 || tile.slot >= r.num_slots || entry < 0 || entry >= r.stride) return nullptr;
+  return r.table + static_cast<size_t>(tile.slot) * r.stride + entry;
+}
+
+// Rows [begin, end) of a tile clamped to the buffer; false when nothing is left.
+bool TileRows(const SgmvTableRef& r, const SgmvTile& tile, int32_t seg[2]) {
+  seg[0] = std::clamp(tile.begin, 0, r.num_rows);
+  seg[1] = std::clamp(std::min(tile.end, tile.begin + kSgmvTileRows), seg[0], r.num_rows);
+  return seg[1] > seg[0];
+}
+
+}  // namespace
+
+KernelStatus SgmvGroupedShrinkCpu(const SgmvGroupedShrinkParams& p) {
+  int tiles = 0;
+  if (KernelStatus st = CheckTableRef(p.ref, p.num_ops, &tiles); st != KernelStatus::kOk) return st;
+  for (int o = 0; o < p.num_ops; ++o) {
+    if (p.ops[o].in <= 0 || p.ops[o].t_col < 0 || p.ops[o].t_col + p.ref.max_rank > p.ldt) {
+      return KernelStatus::kInvalidShape;
+    }
+  }
+  for (int i = 0; i < tiles; ++i) {
+    const SgmvTile& tile = p.ref.tiles[i];
+    int32_t seg[2];
+    if (!TileRows(p.ref, tile, seg)) continue;
+    for (int o = 0; o < p.num_ops; ++o) {
+      const SgmvShrinkOp& op = p.ops[o];
+      const SgmvWeight* w = WeightOf(p.ref, tile, op.entry);
+      if (w == nullptr || w->a == nullptr) continue;
+      const int32_t rank = std::clamp(w->rank, 0, p.ref.max_rank);
+      const void* a = w->a;
+      const KernelStatus st = SgmvShrinkCpu({.x = op.x,
+                                             .t = p.t + op.t_col,
+                                             .seg_starts = seg,
+                                             .a = &a,
+                                             .ranks = &rank,
+                                             .num_segments = 1,
+                                             .num_rows = p.ref.num_rows,
+                                             .in = op.in,
+                                             .ldx = op.ldx,
+                                             .ldt = p.ldt,
+                                             .dtype = p.dtype});
+      if (st != KernelStatus::kOk) return st;
+    }
+  }
+  return KernelStatus::kOk;
+}
+
+KernelStatus SgmvGroupedExpandCpu(const SgmvGroupedExpandParams& p) {
+  int tiles = 0;
+  if (KernelStatus st = CheckTableRef(p.ref, p.num_ops, &tiles); st != KernelStatus::kOk) return st;
+  for (int o = 0; o < p.num_ops; ++o) {
+    const SgmvExpandOp& op = p.ops[o];
+    if (op.out <= 0 || op.num_terms < 1 || op.num_terms > kSgmvMaxTerms) {
+      return KernelStatus::kInvalidShape;
+    }
+    for (int k = 0; k < op.num_terms; ++k) {
+      if (op.terms[k].t_col < 0 || op.terms[k].t_col + p.ref.max_rank > p.ldt) {
+        return KernelStatus::kInvalidShape;
+      }
+    }
+  }
+  for (int i = 0; i < tiles; ++i) {
+    const SgmvTile& tile = p.ref.tiles[i];
+    int32_t seg[2];
+    if (!TileRows(p.ref, tile, seg)) continue;
+    for (int o = 0; o < p.num_ops; ++o) {
+      const SgmvExpandOp& op = p.ops[o];
+      for (int k = 0; k < op.num_terms; ++k) {
+        const SgmvWeight* w = WeightOf(p.ref, tile, op.terms[k].entry);
+        if (w == nullptr || w->b == nullptr) continue;
+        const int32_t rank = std::clamp(w->rank, 0, p.ref.max_rank);
+        const void* b = w->b;
+        const KernelStatus st = SgmvExpandCpu({.t = p.t + op.terms[k].t_col,
+                                               .y = op.y,
+                                               .seg_starts = seg,
+                                               .b = &b,
+                                               .ranks = &rank,
+                                               .scales = &w->scale,
+                                               .num_segments = 1,
+                                               .num_rows = p.ref.num_rows,
+                                               .out = op.out,
+                                               .ldy = op.ldy,
+                                               .ldt = p.ldt,
+                                               .dtype = p.dtype});
+        if (st != KernelStatus::kOk) return st;
+      }
+    }
   }
   return KernelStatus::kOk;
 }

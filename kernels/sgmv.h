@@ -62,4 +62,93 @@ struct SgmvExpandParams {
 KernelStatus SgmvShrinkCpu(const SgmvShrinkParams& p);
 KernelStatus SgmvExpandCpu(const SgmvExpandParams& p);
 
+// ---- Grouped, table-driven form (what a model step launches) -----------------------------------
+//
+// A step's rows are described by a tile list instead of per-segment pointer arrays: tile i covers
+// rows [begin, end) (at most kSgmvTileRows of them) that all use adapter slot `slot`. Rows in no
+// tile (base rows) are never read or written. The adapters' matrices come from a weight table
+// indexed by (slot, entry): entry = which module (a model uses layer * 6 + target, lm_head last),
+// so one table serves every layer and a step uploads only its tiles. One launch handles up to
+// kSgmvMaxOps ops (modules) that share the tiles:
+//   shrink op o:  t[rows, t_col_o + 0:r) = x_o[rows, 0:in_o] · A_(slot, entry_o)ᵀ
+//   expand op o:  y_o[rows, 0:out_o]   += Σ_terms scale · t[rows, t_col + 0:r) · B_(slot, entry)ᵀ
+// An entry whose a (shrink) or b (expand) is null or whose rank is 0 is skipped (the module is not
+// adapted by that adapter). Ranks above max_rank and rows at or past num_rows are clamped, slots
+// outside [0, num_slots) skipped, so a bad table never makes an access of x, t or y out of bounds.
+// The tile count is read through a pointer (device memory on CUDA) and max_tiles bounds it, so a
+// CUDA graph can replay one launch for any number of tiles up to max_tiles.
+inline constexpr int kSgmvTileRows = 16;
+inline constexpr int kSgmvMaxOps = 4;
+inline constexpr int kSgmvMaxTerms = 2;
+
+struct SgmvWeight {
+  const void* a = nullptr;  // [rank, in] row-major dtype, or null
+  const void* b = nullptr;  // [out, rank] row-major dtype, or null
+  int32_t rank = 0;
+  float scale = 0.0f;  // applied in float32 by expand
+};
+
+struct SgmvTile {
+  int32_t slot = -1;
+  int32_t begin = 0;
+  int32_t end = 0;  // begin <= end <= begin + kSgmvTileRows
+  int32_t pad = 0;
+};
+
+struct SgmvTableRef {
+  const SgmvWeight* table = nullptr;  // [num_slots, stride]
+  int stride = 0;                     // entries per slot
+  int num_slots = 0;
+  const SgmvTile* tiles = nullptr;     // [max_tiles]
+  const int32_t* num_tiles = nullptr;  // one int32: tiles in use (clamped to max_tiles)
+  int max_tiles = 0;
+  int num_rows = 0;  // rows of x, t and y
+  int max_rank = 0;  // ranks clamped to it
+};
+
+struct SgmvShrinkOp {
+  const void* x = nullptr;  // [num_rows, in] row stride ldx, dtype
+  int ldx = 0;              // 0 means in
+  int in = 0;
+  int t_col = 0;  // first column of t this op writes
+  int entry = 0;  // weight table entry
+};
+
+struct SgmvGroupedShrinkParams {
+  SgmvShrinkOp ops[kSgmvMaxOps];
+  int num_ops = 0;
+  float* t = nullptr;  // [num_rows, ldt] float32
+  int ldt = 0;         // >= t_col + max_rank for every op
+  SgmvTableRef ref;
+  DataType dtype = DataType::kF32;  // of x, A and B
+};
+
+struct SgmvExpandTerm {
+  int t_col = 0;
+  int entry = 0;
+};
+
+struct SgmvExpandOp {
+  void* y = nullptr;  // [num_rows, out] row stride ldy; dtype, or float32 when y_f32; +=
+  int ldy = 0;        // 0 means out
+  int out = 0;
+  bool y_f32 = false;
+  int num_terms = 1;  // 1..kSgmvMaxTerms, summed in float32 before y is rounded once
+  SgmvExpandTerm terms[kSgmvMaxTerms];
+};
+
+struct SgmvGroupedExpandParams {
+  SgmvExpandOp ops[kSgmvMaxOps];  // distinct ops must not write the same y elements
+  int num_ops = 0;
+  const float* t = nullptr;  // [num_rows, ldt] float32
+  int ldt = 0;
+  SgmvTableRef ref;
+  DataType dtype = DataType::kF32;
+};
+
+// Host memory, kF32 only (x, A, B, y all float32): each tile of each op through the per-segment
+// reference above. kInvalidShape / kNullPointer as there.
+KernelStatus SgmvGroupedShrinkCpu(const SgmvGroupedShrinkParams& p);
+KernelStatus SgmvGroupedExpandCpu(const SgmvGroupedExpandParams& p);
+
 }  // namespace phishard

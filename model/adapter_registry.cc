@@ -10,7 +10,10 @@
 namespace phishard {
 
 AdapterRegistry::AdapterRegistry(int num_slots, int64_t budget_bytes, int bytes_per_param)
-    : budget_bytes_(budget_bytes), bytes_per_param_(bytes_per_param), slots_(num_slots, false) {}
+    : budget_bytes_(budget_bytes),
+      bytes_per_param_(bytes_per_param),
+      slots_(num_slots, false),
+      slot_info_(num_slots) {}
 
 absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Create(int num_slots,
                                                                          int64_t budget_bytes,
@@ -75,6 +78,7 @@ absl::StatusOr<AdapterLoadResult> AdapterRegistry::Load(uint32_t index, LoraAdap
   e.preloaded = preloaded;
   used_bytes_ += bytes;
   ++generation_;
+  slot_info_[slot] = {e.adapter.get(), generation_};
   PHI_LOG(INFO) << "adapter index " << index << " loaded into slot " << slot << ": "
                 << e.adapter->Describe() << "; " << used_bytes_ << " of " << budget_bytes_
                 << " adapter bytes in use";
@@ -86,6 +90,7 @@ bool AdapterRegistry::Offload(uint32_t index) {
   if (it == entries_.end() || it->second.preloaded) return false;
   used_bytes_ -= it->second.bytes;
   slots_[it->second.slot] = false;
+  slot_info_[it->second.slot] = {};
   PHI_LOG(INFO) << "adapter index " << index << " offloaded from slot " << it->second.slot;
   entries_.erase(it);
   ++generation_;
@@ -100,6 +105,13 @@ const LoraAdapter* AdapterRegistry::Find(uint32_t index) const {
 int AdapterRegistry::SlotOf(uint32_t index) const {
   auto it = entries_.find(index);
   return it == entries_.end() ? -1 : it->second.slot;
+}
+
+const LoraAdapter* AdapterRegistry::SlotAdapter(int slot, uint64_t* serial) const {
+  const SlotInfo info =
+      slot >= 0 && slot < static_cast<int>(slot_info_.size()) ? slot_info_[slot] : SlotInfo{};
+  if (serial != nullptr) *serial = info.serial;
+  return info.adapter;
 }
 
 absl::StatusOr<LoraAdapter> MergeAdapters(const PhiConfig& base,

@@ -61,6 +61,10 @@ class AdapterRegistry {
   // The slot in [0, num_slots) holding `index`, or -1. A device backend keeps one weight slot per
   // registry slot and re-uploads a slot when `generation()` changed since it last looked.
   int SlotOf(uint32_t index) const;
+  // The adapter in `slot` (nullptr when free) and, in *serial, the generation at which it was put
+  // there: a device copy made for (adapter, serial) is current while both still match (a pointer
+  // alone could be reused by a later adapter in the same slot).
+  const LoraAdapter* SlotAdapter(int slot, uint64_t* serial = nullptr) const;
   uint64_t generation() const { return generation_; }
 
   // Bytes `adapter` is charged.
@@ -88,6 +92,11 @@ class AdapterRegistry {
   uint64_t generation_ = 0;
   absl::flat_hash_map<uint32_t, Entry> entries_;
   std::vector<bool> slots_;  // slots_[s]: slot s is taken
+  struct SlotInfo {
+    const LoraAdapter* adapter = nullptr;
+    uint64_t serial = 0;
+  };
+  std::vector<SlotInfo> slot_info_;  // parallel to slots_
 };
 
 // ---- Merged adapters (spec §7.12: adapter_ids with more than one id) ----------------------------

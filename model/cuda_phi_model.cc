@@ -22,6 +22,7 @@
 #include "kernels/cuda/rotary_kv_write_cuda.h"
 #include "kernels/kernel_status.h"
 #include "model/cuda_graph_runner.h"
+#include "model/cuda_lora.h"
 #include "model/cuda_phi_internal.h"
 #include "model/kv_cache.h"
 
@@ -69,6 +70,8 @@ CudaPhiModel::~CudaPhiModel() {
   DeviceSet(device_);
   if (stream_) DeviceStreamSync(stream_);
   graphs_.reset();
+  lora_graphs_.reset();
+  lora_.reset();
   gemm_.reset();
   if (step_timer_) DeviceTimerDestroy(step_timer_);
   if (decode_dev_) DeviceFree(decode_dev_);
@@ -196,6 +199,8 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
         options.max_graph_batch, options.gemv_max_rows, kGemvMaxRows));
   }
   m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
+  m->lora_graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
+  m->lora_ = std::make_unique<CudaLora>(m->config_, m->dtype_, options.device);
   m->use_graphs_ = options.cuda_graphs;
   m->gemv_max_rows_ = options.gemv_max_rows;
   m->gemv_single_segment_ = options.gemv_single_segment;
@@ -301,7 +306,7 @@ absl::StatusOr<int> CudaPhiModel::MaxKvBlocks(double memory_fraction, int max_ba
                         static_cast<double>(kDecodeGraphBytes)
                   : 0.0;
   const double budget = static_cast<double>(free_bytes) + static_cast<double>(kv_bytes_) -
-                        std::max(grow, 0.0) - graphs -
+                        std::max(grow, 0.0) - graphs - LoraReserveBytes(reserve) -
                         (1.0 - memory_fraction) * static_cast<double>(total_bytes);
   const double per_block = static_cast<double>(KvBytesPerBlock(kKvBlockSize));
   const double blocks = std::floor(std::max(budget, 0.0) / per_block);
@@ -388,6 +393,7 @@ absl::Status CudaPhiModel::EnsureDecodeCapacity(int rows, int table_pitch) {
 
 void CudaPhiModel::DropGraphs() {
   if (graphs_) graphs_->Clear();
+  if (lora_graphs_) lora_graphs_->Clear();
 }
 
 void CudaPhiModel::set_cuda_graphs(bool on) {

@@ -44,6 +44,7 @@ namespace phishard {
 
 class CudaGemm;
 class CudaGraphRunner;
+class CudaLora;
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -99,6 +100,13 @@ class CudaPhiModel final : public ModelBackend {
   int kv_block_size() const { return kv_block_size_; }
 
   absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
+  // Multi-LoRA (model/cuda_lora.h): device copies of the registry's adapters are made / freed
+  // here and whenever its generation changed at the next Forward; RESOURCE_EXHAUSTED when a copy
+  // does not fit. Decode steps with adapter rows replay their own graphs (one per bucket).
+  absl::Status SetAdapterRegistry(const AdapterRegistry* registry) override;
+  // Device bytes held by adapter copies (tests: back to 0 after every offload).
+  int64_t adapter_device_bytes() const;
+  int num_lora_decode_graphs() const;
   // A 4-byte device-to-host copy on a separate stream, safe while Forward runs on another thread.
   absl::Status Ping() override;
 
@@ -170,6 +178,10 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status DeviceStatus(int err, const char* what);
   absl::Status KernelResult(KernelStatus status, const char* op);
   int64_t KvBytesPerBlock(int block_size) const;
+  // model/cuda_phi_lora.cc: plans the step's adapter rows (CudaLora::Plan) and drops LoRA graphs
+  // that no longer fit its buffers; bytes MaxKvBlocks keeps free for adapters.
+  absl::Status PlanLora(const ForwardBatch& batch, bool decode, int rows);
+  double LoraReserveBytes(int tokens) const;
 
   PhiConfig config_;
   DataType dtype_;
@@ -226,7 +238,9 @@ class CudaPhiModel final : public ModelBackend {
   bool gemv_single_segment_ = false;
   bool pdl_ = false;
   std::unique_ptr<CudaGraphRunner> graphs_;
-  DeviceTimer* step_timer_ = nullptr;  // non-null while step timing is on
+  std::unique_ptr<CudaLora> lora_;                // always set after Init
+  std::unique_ptr<CudaGraphRunner> lora_graphs_;  // decode graphs of steps with adapter rows
+  DeviceTimer* step_timer_ = nullptr;             // non-null while step timing is on
   float last_step_device_ms_ = 0.0f;
 
   // Ping: own stream and buffers, serialised by its own mutex.

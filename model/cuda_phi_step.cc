@@ -18,6 +18,7 @@
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
 #include "model/cuda_graph_runner.h"
+#include "model/cuda_lora.h"
 #include "model/cuda_phi_internal.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
@@ -163,6 +164,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   const GemmEpilogue act =
       c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
   const DataType dt = dtype_;
+  const bool lora = lora_->active();  // some row has an adapter (model/cuda_lora.h hooks)
   auto linear = [&](const void* x, const void* w, const void* bias, void* y, int n, int k,
                     bool accumulate, GemmEpilogue epi) {
     return GemmParams{.x = x,
@@ -217,6 +219,9 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     PHI_RETURN_IF_ERROR(
         Linear(linear(normed, w.qkv_w, w.qkv_b, qkv, qkv_width, H, false, GemmEpilogue::kNone), dt,
                "qkv gemm"));
+    if (lora) {
+      PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterQkv(l, normed, qkv, stream_), "lora qkv"));
+    }
     PHI_RETURN_IF_ERROR(KernelResult(
         RotaryKvWriteCuda({.qkv = qkv,
                            .positions = in.positions,
@@ -255,13 +260,20 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
         in.decode ? PagedDecodeCuda(ap, decode_plan, stream_, &last_decode_splits_)
                   : PagedAttentionCuda(ap, prefill_plan, stream_, &last_decode_splits_),
         "paged_attention"));
-    PHI_RETURN_IF_ERROR(Linear(
-        linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, act), dt, "fc1 gemm"));
+    const GemmEpilogue fc1_act = lora_->SplitFc1(l) ? GemmEpilogue::kNone : act;
+    PHI_RETURN_IF_ERROR(
+        Linear(linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act), dt,
+               "fc1 gemm"));
+    if (lora) PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, mlp, act, stream_), "lora fc1"));
     const GemmParams fc2 =
         linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size, true, GemmEpilogue::kNone);
     PHI_RETURN_IF_ERROR(
         Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone), dt,
                "dense + fc2 gemm", &fc2));
+    if (lora) {
+      PHI_RETURN_IF_ERROR(
+          KernelResult(lora_->AfterResidual(l, attn, mlp, h, stream_), "lora dense + fc2"));
+    }
   }
   return absl::OkStatus();
 }
@@ -292,7 +304,9 @@ absl::Status CudaPhiModel::EnqueueLogits(const void* hidden, int rows, float* lo
   p.k = c.hidden_size;
   p.ldy = VocabPad(c.vocab_size);
   p.dtype = dtype_;
-  return Linear(p, DataType::kF32, "lm_head gemm");
+  PHI_RETURN_IF_ERROR(Linear(p, DataType::kF32, "lm_head gemm"));
+  if (!lora_->active()) return absl::OkStatus();
+  return KernelResult(lora_->AfterLmHead(last, logits, p.ldy, stream_), "lora lm_head");
 }
 
 absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<float>* logits) {
@@ -338,6 +352,7 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
                  pos % kv_block_size_;
     }
   }
+  PHI_RETURN_IF_ERROR(PlanLora(batch, /*decode=*/false, T));
   StepTimerStart();
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(meta_dev_, meta_host_, ml.total, stream_),
                                    "metadata upload"));
@@ -453,11 +468,14 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
     }
   }
   const size_t upload = dl.block_tables + sizeof(int32_t) * static_cast<size_t>(S) * pitch;
+  PHI_RETURN_IF_ERROR(PlanLora(batch, /*decode=*/true, B));
+  // Steps with adapter rows have their own graphs (the LoRA launches are part of them).
+  CudaGraphRunner& graphs = lora_->active() ? *lora_graphs_ : *graphs_;
   StepTimerStart();
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(decode_dev_, decode_host_, upload, stream_),
                                    "decode inputs upload"));
-  if (use_graphs_ && graphs_->Has(B)) {
-    PHI_RETURN_IF_ERROR(graphs_->Replay(B, stream_));
+  if (use_graphs_ && graphs.Has(B)) {
+    PHI_RETURN_IF_ERROR(graphs.Replay(B, stream_));
     last_decode_splits_ =
         PagedDecodeCudaMaxSplits(std::max(1, B / 2), config_.num_attention_heads, multiprocessors_);
   } else {
@@ -465,7 +483,7 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
     if (use_graphs_) {
       // Captured after the bucket's first eager step, so module loading and cuBLASLt's plan
       // building happen outside the capture. A failed capture leaves the model eager.
-      absl::Status st = graphs_->Capture(B, stream_, [&] { return EnqueueDecode(B); });
+      absl::Status st = graphs.Capture(B, stream_, [&] { return EnqueueDecode(B); });
       if (!st.ok()) {
         // Nothing ran during the capture (the eager step above did the work), so an op refusing
         // to be captured is no device fault; a real one shows in the step's sync below.
@@ -513,6 +531,7 @@ absl::Status CudaPhiModel::CaptureDecodeGraphs(int max_batch) {
   }
   if (!use_graphs_) return absl::OkStatus();
   DeviceSet(device_);
+  lora_->Deactivate();  // base-model graphs: no adapter rows
   const DecodeLayout dl = MakeDecodeLayout(decode_rows_, decode_table_ints_);
   for (int b : graphs_->buckets()) {
     if (b > max_batch || graphs_->Has(b)) continue;

@@ -432,13 +432,26 @@ absl::StatusOr<bool> AdapterService::Load(const AdapterSpec& spec, uint32_t inde
   if (!adapter.ok()) return adapter.status();
   absl::StatusOr<AdapterLoadResult> r = registry_->Load(index, *std::move(adapter));
   if (!r.ok()) return r.status();
+  // A device backend places its copy now (not at the next step), so a copy that does not fit
+  // fails this load, and the registry forgets the adapter again.
+  if (absl::Status placed = model_->SetAdapterRegistry(registry_.get()); !placed.ok()) {
+    registry_->Offload(index);
+    (void)model_->SetAdapterRegistry(registry_.get());
+    return WithPrefix(
+        placed, absl::StrFormat("cannot load adapter '%s' at index %d: ", spec.Name(), index));
+  }
   return true;
 }
 
 absl::StatusOr<bool> AdapterService::Offload(const AdapterSpec& spec, uint32_t index) {
   if (spec.is_base_model() || registry_ == nullptr) return false;
   // Not loaded, or preloaded / static: false (spec §2.3 OffloadAdapter step 2).
-  return registry_->Offload(index);
+  if (!registry_->Offload(index)) return false;
+  // A device backend frees its copy now, not at the next step.
+  if (absl::Status st = model_->SetAdapterRegistry(registry_.get()); !st.ok()) {
+    PHI_LOG(WARNING) << "after offloading adapter index " << index << ": " << st;
+  }
+  return true;
 }
 
 }  // namespace phishard

@@ -25,9 +25,11 @@
 //   --preloaded-adapter-ids   A1..An at indices 1..n, reported in Info; dynamic loading disabled;
 //                             memory_fraction = bytes / device memory; they must fit that memory.
 //
-// A backend that cannot apply adapters (SetAdapterRegistry is UNIMPLEMENTED, today: cuda) leaves
-// the service disabled: base-model calls still succeed, any real adapter is FAILED_PRECONDITION
-// naming the reason, and static / preloaded adapters make Create fail.
+// A backend that cannot apply adapters (SetAdapterRegistry is UNIMPLEMENTED) leaves the service
+// disabled: base-model calls still succeed, any real adapter is FAILED_PRECONDITION naming the
+// reason, and static / preloaded adapters make Create fail. After every Load and Offload the
+// service calls SetAdapterRegistry again, so a device backend places or frees its copy at once (a
+// copy that does not fit undoes the load: RESOURCE_EXHAUSTED).
 //
 // Error codes (the gRPC status equals the absl code): INVALID_ARGUMENT for a malformed request or
 // adapter (named field / file), NOT_FOUND for a missing adapter, PERMISSION_DENIED for a path

@@ -1,29 +1,29 @@
-// CUDA entry points of the segmented LoRA ops (kernels/sgmv.h). Every pointer is device memory:
-// x, t, y, the segment table, the per-segment A / B pointer tables, ranks and scales. A step
-// uploads its plan once and every layer then launches without host work or synchronisation (so
-// the launches can also be captured in a CUDA graph).
+// CUDA entry points of the grouped, table-driven segmented LoRA ops (kernels/sgmv.h). Every
+// pointer is device memory: x, t, y, the tiles and their count, the weight table and the A / B
+// matrices it points to. The op structs (x / y pointers, widths, table entries) travel as kernel
+// parameters; everything that changes from step to step (the tiles, how many there are, which
+// adapter each uses) is read from device memory, so a captured CUDA graph replays one launch for
+// any batch whose tiles fit max_tiles.
 //
-// Storage kBF16 / kF16 (kF32 too) for x, A, B and y; t and every accumulation are float32. Expand
-// reads y, adds scale · t · Bᵀ in float32 and rounds the sum once to the storage type.
+// Storage kBF16 / kF16 (kF32 too, on a slower scalar path) for x, A, B and y; t and every
+// accumulation are float32; expand rounds y once after adding all its terms.
 //
-// Two kernels per op, both correct for every shape; the choice is only about speed:
-//   kTiled   one thread block per (32-row tile, column tile). Rows of a tile that share a segment
-//            share one shared-memory tile of A (B), so a prefill segment of many tokens reads its
-//            adapter weights once per row tile instead of once per row.
-//   kPerRow  one thread block per (row, column tile). Decode: each sequence brings one row, and
-//            rows of different adapters gain nothing from tiling.
-// kAuto takes kPerRow when the segments average at most 2 rows (num_rows <= 2 * num_segments),
-// else kTiled.
+// Shrink: one thread block per (tile, op, group of 16 ranks); each warp owns two rank rows and
+// all (<= 16) rows of the tile, streams its A rows once with 16-byte loads (8 elements a lane)
+// and reads the tile's x rows through L1. Decode tiles are single rows, so the grid is
+// (tiles x ops x rank groups) and A is read once per tile at full width.
+// Expand: one thread block per (tile, 256 output columns, op); a thread owns one output column
+// for all rows of the tile, reads its B row with 16-byte loads and the tile's t rows from shared
+// memory (staged 32 ranks at a time).
+// The vector paths need 16-bit storage, in / ldx (shrink) or rank (expand) multiples of 8 and
+// 16-byte aligned x / A / B; otherwise the same kernels take a scalar path (checked per block).
 //
-// The segment table lives on the device, so it is not validated here: the host planner must give
-// non-decreasing seg_starts inside [0, num_rows] and ranks inside [0, ldt], as the CPU reference
-// checks. The kernels still clamp rows to [0, num_rows) and ranks to [0, ldt], so a bad table gives
-// wrong numbers but never an access of x, t or y out of bounds (A and B are read for the rank the
-// table claims). Rows outside every segment and rows of segments with a null A (B) or rank 0 are
+// Rows outside every tile, slots outside the table, and entries with a null matrix or rank 0 are
 // neither read nor written: t keeps whatever it held (poison stays poison), y its base output.
-// Host checks: kUnsupportedDtype, kInvalidShape (in / out / ldt <= 0, ldx < in, ldy < out, a
-// column tile count over the grid limit), kNullPointer (a required pointer of a non-empty launch;
-// scales may be null = 1). num_rows == 0 or num_segments == 0 launches nothing.
+// Host checks: kUnsupportedDtype, kInvalidShape (widths <= 0, ldx < in, ldy < out, t_col + max_rank
+// > ldt, more than kSgmvMaxOps ops or kSgmvMaxTerms terms, max_rank > kSgmvCudaMaxRank, grid
+// limits), kNullPointer (a required pointer of a non-empty launch). No tiles, no ops or no rows
+// launch nothing.
 #pragma once
 
 #include "kernels/device.h"
@@ -31,11 +31,10 @@
 
 namespace phishard {
 
-enum class SgmvCudaPath { kAuto, kTiled, kPerRow };
+// Largest rank a launch may declare (ref.max_rank): 4096 / 16 rank groups.
+inline constexpr int kSgmvCudaMaxRank = 4096;
 
-KernelStatus SgmvShrinkCuda(const SgmvShrinkParams& p, cudaStream_t stream,
-                            SgmvCudaPath path = SgmvCudaPath::kAuto);
-KernelStatus SgmvExpandCuda(const SgmvExpandParams& p, cudaStream_t stream,
-                            SgmvCudaPath path = SgmvCudaPath::kAuto);
+KernelStatus SgmvGroupedShrinkCuda(const SgmvGroupedShrinkParams& p, cudaStream_t stream);
+KernelStatus SgmvGroupedExpandCuda(const SgmvGroupedExpandParams& p, cudaStream_t stream);
 
 }  // namespace phishard

@@ -1,22 +1,38 @@
-// SgmvShrinkCuda / SgmvExpandCuda (kernels/cuda/sgmv_cuda.h) against the CPU reference
-// (kernels/sgmv.h) on identical inputs: x, A, B and y are rounded to the device dtype first and
-// the reference computes on those rounded values in float32, so only the device's own summation
-// order and its one final rounding of y remain. Both kernels (kTiled, kPerRow) and kAuto run on
-// every shape: prefill-like segments of many rows, decode-like segments of one row, empty
-// segments, base segments (no adapter), rows outside every segment, odd widths, x / y as column
-// windows of wider buffers, ranks 3..128 and a merged-adapter rank of 160.
+// SgmvGroupedShrinkCuda / SgmvGroupedExpandCuda (kernels/cuda/sgmv_cuda.h) against a naive
+// double-accumulation reference, and the CPU reference (kernels/sgmv.h) against the same naive
+// one, on identical inputs: x, A, B and y are rounded to the device dtype first, so only the
+// summation order and expand's one final rounding of y remain.
 //
-// Poisoning: t is NaN before shrink and must stay NaN wherever the op must not write (columns
-// >= r_s, skipped rows); the expand input t is NaN beyond each row's rank and on skipped rows, and
-// x's / y's padding columns are NaN, so a kernel reading past a rank or a window edge leaves NaN
-// in its output. Elements expand must not touch are compared bit for bit.
+// Shapes swept: decode-like tiles of one row (every row its own adapter), prefill-like segments
+// cut into 16-row tiles (odd lengths 1, 5, 17, 33), base rows between segments (in no tile),
+// ranks 3 (scalar paths), 8, 16, 64, 128 in one launch, widths 64 / 80 / 1000 / 2560 with x and y
+// as column windows of wider buffers, fp32 / fp16 / bf16, a grid of more tiles than the device
+// count says, tiles of an out-of-range slot and entries with null matrices.
+//
+// Poisoning: t is NaN before shrink and must stay NaN wherever no tile / rank column is written;
+// expand's t is NaN outside each tile's rank window, so reading past a rank shows; y elements
+// expand must not touch (base rows, padding columns, modules the slot does not adapt) are
+// compared bit for bit with what was there.
+//
+// Tolerances: shrink accumulates `in` float32 products, so |t - ref| <= 1e-5 x Σ|x_k a_k| (n u
+// with n <= 2560 is 1.5e-4 worst case; the observed sqrt(n) growth is ~100x smaller than the
+// bound, 1e-5 keeps margin both ways). Expand adds a float32 sum of <= 2 x 128 terms and rounds
+// once to the storage type: |y - ref| <= unit x |ref| + 1e-5 x (|y0| + Σ|scale t b|); on the
+// tensor-core path (16-bit, full 16-row tiles) t is rounded to the storage type first, so the
+// last term grows to unit x Σ|scale t b|. An indexing error moves y by O(Σ|scale t b|).
+//
+// Paths covered: 1-row tiles take the few-rows shrink (in, ldx multiples of 8), full 16-row tiles
+// with a full rank group and 16-aligned widths the WMMA shrink, the rest (in = 1000 with ldx =
+// 1008, ranks 3 and 8, partial tiles of 3-15 rows) the per-warp shrink; expand's WMMA path
+// takes full tiles of ranks 16 / 64 / 128 on out = 1000's first three column blocks, the scalar
+// path everything else.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <ostream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -33,481 +49,360 @@ using gpu_test::DeviceBuffer;
 using gpu_test::Encode;
 using testing_util::RandomVector;
 
-constexpr DataType kTypes[] = {DataType::kBF16, DataType::kF16, DataType::kF32};
-constexpr SgmvCudaPath kPaths[] = {SgmvCudaPath::kTiled, SgmvCudaPath::kPerRow,
-                                   SgmvCudaPath::kAuto};
 constexpr float kNaN = testing_util::kNaN;
-constexpr double kF32Unit = testing_util::kF32Unit;
 
-const char* PathName(SgmvCudaPath p) {
-  switch (p) {
-    case SgmvCudaPath::kTiled:
-      return "tiled";
-    case SgmvCudaPath::kPerRow:
-      return "per-row";
-    case SgmvCudaPath::kAuto:
-      return "auto";
-  }
-  return "?";
-}
-
-// Unit roundoff of the storage type: the one rounding of y's sum costs at most this, relative.
 double StorageUnit(DataType t) {
-  return t == DataType::kBF16 ? 1.0 / 256 : (t == DataType::kF16 ? 1.0 / 2048 : 0.0);
+  return t == DataType::kBF16 ? 1.0 / 256 : (t == DataType::kF16 ? 1.0 / 2048 : 1.0 / (1 << 23));
 }
 
-// Segment lengths (0 = empty segment) and a rank per segment: r > 0 an adapter of rank r, 0 a
-// base segment (null A / B, rank 0), -1 a base segment whose rank field still says 8 (null
-// pointers alone must skip it).
+// A run of rows: slot >= 0 an adapter, -1 base rows (no tile).
+struct Run {
+  int slot;
+  int rows;
+};
+
 struct Case {
   std::string name;
-  int in, out;
-  std::vector<int> seg_lens;
-  std::vector<int> ranks;
-  int lead_rows = 0;  // rows before the first segment
-  int tail_rows = 0;  // rows after the last one
-  int x_pad = 0, y_pad = 0;
-};
-void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
-
-// Element `i` of a device image set to NaN (all-ones bits: NaN in f32, f16 and bf16).
-void PoisonElement(std::vector<char>* bytes, size_t i, DataType t) {
-  const size_t w = DataTypeSize(t);
-  std::memset(bytes->data() + i * w, 0xFF, w);
-}
-
-bool SameBits(const std::vector<char>& a, const std::vector<char>& b, size_t i, DataType t) {
-  const size_t w = DataTypeSize(t);
-  return std::memcmp(a.data() + i * w, b.data() + i * w, w) == 0;
-}
-
-// Everything one case needs on the host and on the device.
-struct Problem {
-  int S = 0, num_rows = 0, ldx = 0, ldy = 0, ldt = 0;
-  std::vector<int32_t> starts, ranks;
-  std::vector<float> scales;
-  std::vector<int> seg_of_row;  // -1 outside every segment
-  std::vector<float> x;         // [num_rows, ldx], rounded to the dtype, padding NaN
-  std::vector<std::vector<float>> a, b;
-  std::vector<const void*> a_host, b_host;
-  std::vector<char> x_dev_bytes;
-
-  bool Adapted(int s) const { return s >= 0 && a_host[s] != nullptr && ranks[s] > 0; }
+  std::vector<Run> runs;
+  int extra_tiles = 0;  // grid tiles beyond the count
+  bool bad_slot_tile = false;
 };
 
-Problem MakeProblem(const Case& c, DataType t) {
-  Problem p;
-  p.S = static_cast<int>(c.seg_lens.size());
-  p.starts = {c.lead_rows};
-  for (int len : c.seg_lens) p.starts.push_back(p.starts.back() + len);
-  p.num_rows = p.starts.back() + c.tail_rows;
-  p.ldx = c.in + c.x_pad;
-  p.ldy = c.out + c.y_pad;
-  int max_rank = 1;
-  for (int r : c.ranks) max_rank = std::max(max_rank, r);
-  p.ldt = max_rank + 3;  // wider than every rank: the columns past each rank stay poisoned
-  p.seg_of_row.assign(p.num_rows, -1);
-  for (int s = 0; s < p.S; ++s) {
-    for (int r = p.starts[s]; r < p.starts[s + 1]; ++r) p.seg_of_row[r] = s;
+// One op's shape: shrink x window [rows, in] of ldx, expand y window [rows, out] of ldy.
+struct OpShape {
+  int in, ldx, out, ldy;
+};
+
+// Per slot, rank of each op's module (0 = not adapted: null A and B).
+const int kRanks[][3] = {{16, 16, 16}, {8, 3, 0}, {64, 128, 16}, {128, 8, 64}, {3, 0, 128}};
+constexpr int kSlots = 5;
+constexpr int kOps = 3;
+constexpr int kMaxRank = 128;
+
+struct Data {
+  DataType dt;
+  int rows = 0;
+  std::vector<SgmvTile> tiles;
+  std::vector<OpShape> ops;
+  // Host values (rounded to dt) and their device encodings.
+  std::vector<std::vector<float>> x, a, b;  // x per op; a / b per (slot, op)
+  std::vector<float> scales;                // per (slot, op)
+  std::vector<DeviceBuffer> dev;            // keeps device memory alive
+  std::vector<SgmvWeight> table_dev, table_cpu;
+};
+
+Data MakeData(const Case& c, DataType dt, uint32_t seed) {
+  Data d;
+  d.dt = dt;
+  for (const Run& r : c.runs) {
+    if (r.slot >= 0) {
+      for (int b = d.rows; b < d.rows + r.rows; b += kSgmvTileRows) {
+        d.tiles.push_back({r.slot, b, std::min(d.rows + r.rows, b + kSgmvTileRows), 0});
+      }
+    }
+    d.rows += r.rows;
   }
-  p.x = RandomVector(static_cast<size_t>(p.num_rows) * p.ldx, 101 + c.in);
-  p.x_dev_bytes = Encode(p.x, t);
-  for (int r = 0; r < p.num_rows; ++r) {
-    for (int k = c.in; k < p.ldx; ++k) {
-      p.x[static_cast<size_t>(r) * p.ldx + k] = kNaN;
-      PoisonElement(&p.x_dev_bytes, static_cast<size_t>(r) * p.ldx + k, t);
+  if (c.bad_slot_tile) d.tiles.push_back({kSlots + 3, 0, 1, 0});
+  d.ops = {{2560, 2560, 80, 96}, {80, 96, 1000, 1000}, {1000, 1008, 64, 2560}};
+  for (int o = 0; o < kOps; ++o) {
+    const OpShape& s = d.ops[o];
+    std::vector<float> x = RandomVector(static_cast<size_t>(d.rows) * s.ldx, seed + o);
+    for (int i = 0; i < d.rows; ++i) {
+      for (int k = s.in; k < s.ldx; ++k) x[static_cast<size_t>(i) * s.ldx + k] = kNaN;
+    }
+    std::vector<char> bytes = Encode(x, dt);
+    d.dev.push_back(DeviceBuffer::From(bytes));
+    d.x.push_back(x);
+  }
+  d.table_dev.assign(kSlots * kOps, SgmvWeight{});
+  d.table_cpu.assign(kSlots * kOps, SgmvWeight{});
+  d.a.resize(kSlots * kOps);
+  d.b.resize(kSlots * kOps);
+  d.scales.assign(kSlots * kOps, 0.0f);
+  for (int s = 0; s < kSlots; ++s) {
+    for (int o = 0; o < kOps; ++o) {
+      const int r = kRanks[s][o], e = s * kOps + o;
+      if (r == 0) continue;
+      d.a[e] = RandomVector(static_cast<size_t>(r) * d.ops[o].in, seed * 7 + e, -0.5f, 0.5f);
+      d.b[e] = RandomVector(static_cast<size_t>(d.ops[o].out) * r, seed * 13 + e, -0.5f, 0.5f);
+      d.scales[e] = 0.25f + 0.5f * s;
+      std::vector<char> ab = Encode(d.a[e], dt), bb = Encode(d.b[e], dt);
+      d.dev.push_back(DeviceBuffer::From(ab));
+      const void* da = d.dev.back().get();
+      d.dev.push_back(DeviceBuffer::From(bb));
+      const void* db = d.dev.back().get();
+      d.table_dev[e] = {da, db, r, d.scales[e]};
+      d.table_cpu[e] = {d.a[e].data(), d.b[e].data(), r, d.scales[e]};
     }
   }
-  p.a.resize(p.S);
-  p.b.resize(p.S);
-  p.a_host.assign(p.S, nullptr);
-  p.b_host.assign(p.S, nullptr);
-  for (int s = 0; s < p.S; ++s) {
-    p.scales.push_back(0.5f + 0.375f * static_cast<float>(s % 5));
-    const int r = c.ranks[s];
-    p.ranks.push_back(r < 0 ? 8 : r);
-    if (r <= 0) continue;
-    // A ~ U(-1, 1) / sqrt(in), B ~ U(-1, 1) / sqrt(r): t and the delta stay O(1), like y.
-    p.a[s] = RandomVector(static_cast<size_t>(r) * c.in, 200 + s, -1, 1);
-    p.b[s] = RandomVector(static_cast<size_t>(c.out) * r, 300 + s, -1, 1);
-    for (float& v : p.a[s]) v /= std::sqrt(static_cast<float>(c.in));
-    for (float& v : p.b[s]) v /= std::sqrt(static_cast<float>(r));
-    p.a_host[s] = p.a[s].data();
-    p.b_host[s] = p.b[s].data();
-  }
-  return p;
+  return d;
 }
 
-class CudaSgmv : public ::testing::TestWithParam<Case> {};
-
-// Shrink output is float32 from identical inputs: both sides are dot products over `in` terms in
-// float32, each within in · u · Σ|x_i A_ki| of the exact value, so 2 (in + 2) u Σ|x_i A_ki| per
-// element. A wrong row, segment or column moves an element by O(Σ|x_i A_ki|).
-TEST_P(CudaSgmv, ShrinkMatchesCpuReference) {
-  PHI_REQUIRE_GPU();
-  const Case& c = GetParam();
-  for (DataType dt : kTypes) {
-    Problem p = MakeProblem(c, dt);
-    std::vector<DeviceBuffer> d_a(p.S);
-    std::vector<const void*> a_dev(p.S, nullptr);
-    for (int s = 0; s < p.S; ++s) {
-      if (p.a_host[s] == nullptr) continue;
-      d_a[s] = DeviceBuffer::From(Encode(p.a[s], dt));  // rounds p.a[s] in place
-      a_dev[s] = d_a[s].get();
-    }
-    DeviceBuffer d_x = DeviceBuffer::From(p.x_dev_bytes);
-    DeviceBuffer d_starts = DeviceBuffer::From(p.starts);
-    DeviceBuffer d_ranks = DeviceBuffer::From(p.ranks);
-    DeviceBuffer d_a_table = DeviceBuffer::From(a_dev);
-
-    std::vector<float> ref(static_cast<size_t>(p.num_rows) * p.ldt, kNaN);
-    ASSERT_EQ(SgmvShrinkCpu({.x = p.x.data(),
-                             .t = ref.data(),
-                             .seg_starts = p.starts.data(),
-                             .a = p.a_host.data(),
-                             .ranks = p.ranks.data(),
-                             .num_segments = p.S,
-                             .num_rows = p.num_rows,
-                             .in = c.in,
-                             .ldx = p.ldx,
-                             .ldt = p.ldt}),
-              KernelStatus::kOk);
-    for (SgmvCudaPath path : kPaths) {
-      SCOPED_TRACE(testing::Message() << DataTypeName(dt) << " " << PathName(path));
-      DeviceBuffer d_t(ref.size() * sizeof(float));
-      d_t.Poison();
-      ASSERT_EQ(SgmvShrinkCuda({.x = d_x.get(),
-                                .t = d_t.as<float>(),
-                                .seg_starts = d_starts.as<int32_t>(),
-                                .a = d_a_table.as<const void*>(),
-                                .ranks = d_ranks.as<int32_t>(),
-                                .num_segments = p.S,
-                                .num_rows = p.num_rows,
-                                .in = c.in,
-                                .ldx = p.ldx,
-                                .ldt = p.ldt,
-                                .dtype = dt},
-                               nullptr, path),
-                KernelStatus::kOk);
-      gpu_test::ExpectDeviceClean(nullptr);
-      const std::vector<float> out = Decode(d_t.DownloadBytes(), DataType::kF32);
-      int bad = 0, written = 0;
-      for (int r = 0; r < p.num_rows; ++r) {
-        const int s = p.seg_of_row[r];
-        for (int j = 0; j < p.ldt; ++j) {
-          const size_t i = static_cast<size_t>(r) * p.ldt + j;
-          const bool must_write = p.Adapted(s) && j < p.ranks[s];
-          if (!must_write) {
-            if (!std::isnan(out[i]) && ++bad <= 5) {
-              ADD_FAILURE() << "t[" << r << ", " << j << "] = " << out[i] << " was written";
-            }
-            continue;
+// Naive double references. t_ref[row][op window col] (NaN where not written), and expand.
+std::vector<double> NaiveShrink(const Data& d, int ldt) {
+  std::vector<double> t(static_cast<size_t>(d.rows) * ldt, NAN);
+  for (const SgmvTile& tile : d.tiles) {
+    if (tile.slot < 0 || tile.slot >= kSlots) continue;
+    for (int o = 0; o < kOps; ++o) {
+      const int e = tile.slot * kOps + o, r = kRanks[tile.slot][o];
+      for (int i = tile.begin; i < tile.end; ++i) {
+        for (int j = 0; j < r; ++j) {
+          double acc = 0;
+          for (int k = 0; k < d.ops[o].in; ++k) {
+            acc += static_cast<double>(d.x[o][static_cast<size_t>(i) * d.ops[o].ldx + k]) *
+                   d.a[e][static_cast<size_t>(j) * d.ops[o].in + k];
           }
-          ++written;
-          double mag = 0;
-          for (int k = 0; k < c.in; ++k) {
-            mag += std::fabs(static_cast<double>(p.x[static_cast<size_t>(r) * p.ldx + k]) *
-                             p.a[s][static_cast<size_t>(j) * c.in + k]);
-          }
-          const double tol = 2.0 * (c.in + 2) * kF32Unit * mag;
-          if (!(std::fabs(static_cast<double>(out[i]) - ref[i]) <= tol) && ++bad <= 5) {
-            ADD_FAILURE() << "t[" << r << ", " << j << "] = " << out[i] << ", reference " << ref[i]
-                          << ", tolerance " << tol;
-          }
+          t[static_cast<size_t>(i) * ldt + o * kMaxRank + j] = acc;
         }
       }
-      EXPECT_EQ(bad, 0);
-      EXPECT_EQ(written == 0, c.name == "empty_and_base_only") << "written " << written;
     }
   }
+  return t;
 }
 
-// Expand from the same float32 t on both sides. Per element the reference is
-// y_ref = y0 + scale · Σ_k t_k B_jk in float32 (within (r + 2) u · mag of exact, mag = |y0| +
-// |scale| Σ_k |t_k B_jk|); the device computes the same sum in another order and rounds it once
-// to the storage type (unit u_s). So |out - ref| <= u_s |ref| (1 + 1e-3) + 2 (r + 4) u · mag.
-TEST_P(CudaSgmv, ExpandMatchesCpuReference) {
-  PHI_REQUIRE_GPU();
-  const Case& c = GetParam();
-  for (DataType dt : kTypes) {
-    Problem p = MakeProblem(c, dt);
-    std::vector<DeviceBuffer> d_b(p.S);
-    std::vector<const void*> b_dev(p.S, nullptr);
-    for (int s = 0; s < p.S; ++s) {
-      if (p.b_host[s] == nullptr) continue;
-      d_b[s] = DeviceBuffer::From(Encode(p.b[s], dt));
-      b_dev[s] = d_b[s].get();
-    }
-    // t: finite where the op reads it, NaN everywhere else (past each rank, skipped rows).
-    std::vector<float> t = RandomVector(static_cast<size_t>(p.num_rows) * p.ldt, 7 + c.out);
-    for (int r = 0; r < p.num_rows; ++r) {
-      const int s = p.seg_of_row[r];
-      for (int j = 0; j < p.ldt; ++j) {
-        if (!(s >= 0 && p.b_host[s] != nullptr && j < p.ranks[s])) {
-          t[static_cast<size_t>(r) * p.ldt + j] = kNaN;
+double ShrinkBound(const Data& d, int o, int e, int row, int j) {
+  double s = 0;
+  for (int k = 0; k < d.ops[o].in; ++k) {
+    s += std::fabs(static_cast<double>(d.x[o][static_cast<size_t>(row) * d.ops[o].ldx + k]) *
+                   d.a[e][static_cast<size_t>(j) * d.ops[o].in + k]);
+  }
+  return 1e-5 * s + 1e-30;
+}
+
+SgmvTableRef MakeRef(const Data& d, const SgmvWeight* table, const SgmvTile* tiles,
+                     const int32_t* count, int max_tiles) {
+  SgmvTableRef r;
+  r.table = table;
+  r.stride = kOps;
+  r.num_slots = kSlots;
+  r.tiles = tiles;
+  r.num_tiles = count;
+  r.max_tiles = max_tiles;
+  r.num_rows = d.rows;
+  r.max_rank = kMaxRank;
+  return r;
+}
+
+void RunCase(const Case& c, DataType dt) {
+  SCOPED_TRACE(c.name + " " + DataTypeName(dt));
+  Data d = MakeData(c, dt, 11);
+  const int ldt = kOps * kMaxRank + 5;
+  const int32_t count = static_cast<int32_t>(d.tiles.size());
+  // Device tiles: the real ones, then garbage past the count (must not be read).
+  std::vector<SgmvTile> dev_tiles = d.tiles;
+  for (int i = 0; i < c.extra_tiles; ++i) dev_tiles.push_back({0, 0, d.rows, 0});
+  DeviceBuffer tiles = DeviceBuffer::From(dev_tiles);
+  DeviceBuffer cnt = DeviceBuffer::From(std::vector<int32_t>{count});
+  DeviceBuffer table = DeviceBuffer::From(d.table_dev);
+  const SgmvTableRef ref = MakeRef(d, table.as<SgmvWeight>(), tiles.as<SgmvTile>(),
+                                   cnt.as<int32_t>(), static_cast<int>(dev_tiles.size()));
+
+  // ---- shrink ----
+  DeviceBuffer t(static_cast<size_t>(d.rows) * ldt * sizeof(float));
+  t.Poison();
+  SgmvGroupedShrinkParams sp;
+  for (int o = 0; o < kOps; ++o) {
+    sp.ops[o] = {.x = d.dev[o].get(),
+                 .ldx = d.ops[o].ldx,
+                 .in = d.ops[o].in,
+                 .t_col = o * kMaxRank,
+                 .entry = o};
+  }
+  sp.num_ops = kOps;
+  sp.t = t.as<float>();
+  sp.ldt = ldt;
+  sp.ref = ref;
+  sp.dtype = dt;
+  ASSERT_EQ(SgmvGroupedShrinkCuda(sp, nullptr), KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  const std::vector<double> want = NaiveShrink(d, ldt);
+  std::vector<float> got(want.size());
+  {
+    std::vector<char> bytes = t.DownloadBytes();
+    std::memcpy(got.data(), bytes.data(), bytes.size());
+  }
+  // The CPU reference on the same inputs (float32 operands: the rounded values).
+  std::vector<float> cpu_t(want.size(), kNaN);
+  {
+    SgmvGroupedShrinkParams cp = sp;
+    for (int o = 0; o < kOps; ++o) cp.ops[o].x = d.x[o].data();
+    cp.t = cpu_t.data();
+    cp.ref = MakeRef(d, d.table_cpu.data(), d.tiles.data(), &count, count);
+    cp.dtype = DataType::kF32;
+    ASSERT_EQ(SgmvGroupedShrinkCpu(cp), KernelStatus::kOk);
+  }
+  int bad = 0;
+  for (int i = 0; i < d.rows && bad < 10; ++i) {
+    for (int col = 0; col < ldt && bad < 10; ++col) {
+      const size_t at = static_cast<size_t>(i) * ldt + col;
+      if (std::isnan(want[at])) {
+        if (!std::isnan(got[at]) || !std::isnan(cpu_t[at])) {
+          ++bad;
+          ADD_FAILURE() << "t[" << i << "][" << col << "] written but must stay NaN: cuda "
+                        << got[at] << " cpu " << cpu_t[at];
         }
+        continue;
       }
-    }
-    std::vector<float> y0 = RandomVector(static_cast<size_t>(p.num_rows) * p.ldy, 9 + c.out);
-    std::vector<char> y0_bytes = Encode(y0, dt);
-    for (int r = 0; r < p.num_rows; ++r) {
-      for (int j = c.out; j < p.ldy; ++j) {
-        y0[static_cast<size_t>(r) * p.ldy + j] = kNaN;
-        PoisonElement(&y0_bytes, static_cast<size_t>(r) * p.ldy + j, dt);
+      int slot = -1;
+      for (const SgmvTile& tile : d.tiles) {
+        if (i >= tile.begin && i < tile.end && tile.slot < kSlots) slot = tile.slot;
       }
-    }
-    std::vector<float> ref = y0;
-    ASSERT_EQ(SgmvExpandCpu({.t = t.data(),
-                             .y = ref.data(),
-                             .seg_starts = p.starts.data(),
-                             .b = p.b_host.data(),
-                             .ranks = p.ranks.data(),
-                             .scales = p.scales.data(),
-                             .num_segments = p.S,
-                             .num_rows = p.num_rows,
-                             .out = c.out,
-                             .ldy = p.ldy,
-                             .ldt = p.ldt}),
-              KernelStatus::kOk);
-    DeviceBuffer d_t = DeviceBuffer::From(t);
-    DeviceBuffer d_starts = DeviceBuffer::From(p.starts);
-    DeviceBuffer d_ranks = DeviceBuffer::From(p.ranks);
-    DeviceBuffer d_scales = DeviceBuffer::From(p.scales);
-    DeviceBuffer d_b_table = DeviceBuffer::From(b_dev);
-    for (SgmvCudaPath path : kPaths) {
-      SCOPED_TRACE(testing::Message() << DataTypeName(dt) << " " << PathName(path));
-      DeviceBuffer d_y = DeviceBuffer::From(y0_bytes);
-      ASSERT_EQ(SgmvExpandCuda({.t = d_t.as<float>(),
-                                .y = d_y.get(),
-                                .seg_starts = d_starts.as<int32_t>(),
-                                .b = d_b_table.as<const void*>(),
-                                .ranks = d_ranks.as<int32_t>(),
-                                .scales = d_scales.as<float>(),
-                                .num_segments = p.S,
-                                .num_rows = p.num_rows,
-                                .out = c.out,
-                                .ldy = p.ldy,
-                                .ldt = p.ldt,
-                                .dtype = dt},
-                               nullptr, path),
-                KernelStatus::kOk);
-      gpu_test::ExpectDeviceClean(nullptr);
-      const std::vector<char> out_bytes = d_y.DownloadBytes();
-      const std::vector<float> out = Decode(out_bytes, dt);
-      int bad = 0;
-      for (int r = 0; r < p.num_rows; ++r) {
-        const int s = p.seg_of_row[r];
-        const bool adapted = s >= 0 && p.b_host[s] != nullptr && p.ranks[s] > 0;
-        for (int j = 0; j < p.ldy; ++j) {
-          const size_t i = static_cast<size_t>(r) * p.ldy + j;
-          if (!adapted || j >= c.out) {
-            if (!SameBits(out_bytes, y0_bytes, i, dt) && ++bad <= 5) {
-              ADD_FAILURE() << "y[" << r << ", " << j << "] changed from " << y0[i] << " to "
-                            << out[i];
-            }
-            continue;
-          }
-          double mag = std::fabs(y0[i]), dot = 0;
-          for (int k = 0; k < p.ranks[s]; ++k) {
-            dot += std::fabs(static_cast<double>(t[static_cast<size_t>(r) * p.ldt + k]) *
-                             p.b[s][static_cast<size_t>(j) * p.ranks[s] + k]);
-          }
-          mag += std::fabs(p.scales[s]) * dot;
-          const double tol = StorageUnit(dt) * std::fabs(ref[i]) * (1 + 1e-3) +
-                             2.0 * (p.ranks[s] + 4) * kF32Unit * mag;
-          if (!(std::fabs(static_cast<double>(out[i]) - ref[i]) <= tol) && ++bad <= 5) {
-            ADD_FAILURE() << "y[" << r << ", " << j << "] = " << out[i] << ", reference " << ref[i]
-                          << " (y0 " << y0[i] << "), tolerance " << tol;
-          }
-        }
+      const int o = col / kMaxRank, j = col % kMaxRank;
+      const double tol = ShrinkBound(d, o, slot * kOps + o, i, j);
+      if (!(std::fabs(got[at] - want[at]) <= tol) || !(std::fabs(cpu_t[at] - want[at]) <= tol)) {
+        ++bad;
+        ADD_FAILURE() << "t[" << i << "][" << col << "]: cuda " << got[at] << " cpu " << cpu_t[at]
+                      << " want " << want[at] << " tol " << tol;
       }
-      EXPECT_EQ(bad, 0);
     }
   }
-}
 
-// Shrink then expand on the device, as a backend runs one target, against the CPU doing the same:
-// the device's t differs from the reference's by float32 summation order, which reaches y scaled
-// by |scale| Σ_k |B_jk|; the tolerance is sgmv_test's first-order bound 2 (in + r + 4) u · mag
-// with mag = |y0| + |scale| Σ_k (Σ_i |x_i A_ki|) |B_jk|, plus the storage rounding of y.
-TEST_P(CudaSgmv, ShrinkThenExpandMatchesCpuReference) {
-  PHI_REQUIRE_GPU();
-  const Case& c = GetParam();
-  for (DataType dt : {DataType::kBF16, DataType::kF32}) {
-    Problem p = MakeProblem(c, dt);
-    std::vector<DeviceBuffer> d_a(p.S), d_b(p.S);
-    std::vector<const void*> a_dev(p.S, nullptr), b_dev(p.S, nullptr);
-    for (int s = 0; s < p.S; ++s) {
-      if (p.a_host[s] == nullptr) continue;
-      d_a[s] = DeviceBuffer::From(Encode(p.a[s], dt));
-      d_b[s] = DeviceBuffer::From(Encode(p.b[s], dt));
-      a_dev[s] = d_a[s].get();
-      b_dev[s] = d_b[s].get();
-    }
-    std::vector<float> y0 = RandomVector(static_cast<size_t>(p.num_rows) * p.ldy, 5 + c.in);
-    const std::vector<char> y0_bytes = Encode(y0, dt);
-    std::vector<float> t_ref(static_cast<size_t>(p.num_rows) * p.ldt, kNaN), ref = y0;
-    ASSERT_EQ(SgmvShrinkCpu({.x = p.x.data(),
-                             .t = t_ref.data(),
-                             .seg_starts = p.starts.data(),
-                             .a = p.a_host.data(),
-                             .ranks = p.ranks.data(),
-                             .num_segments = p.S,
-                             .num_rows = p.num_rows,
-                             .in = c.in,
-                             .ldx = p.ldx,
-                             .ldt = p.ldt}),
-              KernelStatus::kOk);
-    ASSERT_EQ(SgmvExpandCpu({.t = t_ref.data(),
-                             .y = ref.data(),
-                             .seg_starts = p.starts.data(),
-                             .b = p.b_host.data(),
-                             .ranks = p.ranks.data(),
-                             .scales = p.scales.data(),
-                             .num_segments = p.S,
-                             .num_rows = p.num_rows,
-                             .out = c.out,
-                             .ldy = p.ldy,
-                             .ldt = p.ldt}),
-              KernelStatus::kOk);
-    DeviceBuffer d_x = DeviceBuffer::From(p.x_dev_bytes);
-    DeviceBuffer d_y = DeviceBuffer::From(y0_bytes);
-    DeviceBuffer d_t(t_ref.size() * sizeof(float));
-    d_t.Poison();
-    DeviceBuffer d_starts = DeviceBuffer::From(p.starts);
-    DeviceBuffer d_ranks = DeviceBuffer::From(p.ranks);
-    DeviceBuffer d_scales = DeviceBuffer::From(p.scales);
-    DeviceBuffer d_a_table = DeviceBuffer::From(a_dev);
-    DeviceBuffer d_b_table = DeviceBuffer::From(b_dev);
-    SCOPED_TRACE(DataTypeName(dt));
-    ASSERT_EQ(SgmvShrinkCuda({.x = d_x.get(),
-                              .t = d_t.as<float>(),
-                              .seg_starts = d_starts.as<int32_t>(),
-                              .a = d_a_table.as<const void*>(),
-                              .ranks = d_ranks.as<int32_t>(),
-                              .num_segments = p.S,
-                              .num_rows = p.num_rows,
-                              .in = c.in,
-                              .ldx = p.ldx,
-                              .ldt = p.ldt,
-                              .dtype = dt},
-                             nullptr),
-              KernelStatus::kOk);
-    ASSERT_EQ(SgmvExpandCuda({.t = d_t.as<float>(),
-                              .y = d_y.get(),
-                              .seg_starts = d_starts.as<int32_t>(),
-                              .b = d_b_table.as<const void*>(),
-                              .ranks = d_ranks.as<int32_t>(),
-                              .scales = d_scales.as<float>(),
-                              .num_segments = p.S,
-                              .num_rows = p.num_rows,
-                              .out = c.out,
-                              .ldy = p.ldy,
-                              .ldt = p.ldt,
-                              .dtype = dt},
-                             nullptr),
-              KernelStatus::kOk);
-    gpu_test::ExpectDeviceClean(nullptr);
-    const std::vector<float> out = Decode(d_y.DownloadBytes(), dt);
-    // xa[r, k] = Σ_i |x_ri A_ki|, the magnitude of t[r, k].
-    std::vector<double> xa(static_cast<size_t>(p.num_rows) * p.ldt, 0.0);
-    for (int r = 0; r < p.num_rows; ++r) {
-      const int s = p.seg_of_row[r];
-      if (!p.Adapted(s)) continue;
-      for (int k = 0; k < p.ranks[s]; ++k) {
-        double sum = 0;
-        for (int q = 0; q < c.in; ++q) {
-          sum += std::fabs(static_cast<double>(p.x[static_cast<size_t>(r) * p.ldx + q]) *
-                           p.a[s][static_cast<size_t>(k) * c.in + q]);
-        }
-        xa[static_cast<size_t>(r) * p.ldt + k] = sum;
+  // ---- expand: ops 0 and 1 into their own y, op 2's y gets two terms (t windows 2 and 0) ----
+  std::vector<float> tin = RandomVector(static_cast<size_t>(d.rows) * ldt, 99, -2.0f, 2.0f);
+  for (size_t i = 0; i < tin.size(); ++i) {
+    if (std::isnan(want[i])) tin[i] = kNaN;  // only each tile's rank windows hold numbers
+  }
+  DeviceBuffer tdev = DeviceBuffer::From(tin);
+  std::vector<std::vector<float>> y0(kOps);
+  std::vector<std::vector<char>> y0_bytes(kOps);
+  std::vector<DeviceBuffer> ydev;
+  for (int o = 0; o < kOps; ++o) {
+    y0[o] = RandomVector(static_cast<size_t>(d.rows) * d.ops[o].ldy, 50 + o, -3.0f, 3.0f);
+    y0_bytes[o] = Encode(y0[o], dt);
+    ydev.push_back(DeviceBuffer::From(y0_bytes[o]));
+  }
+  SgmvGroupedExpandParams ep;
+  for (int o = 0; o < kOps; ++o) {
+    ep.ops[o].y = ydev[o].get();
+    ep.ops[o].ldy = d.ops[o].ldy;
+    ep.ops[o].out = d.ops[o].out;
+    ep.ops[o].terms[0] = {o * kMaxRank, o};
+  }
+  // Op 2 adds its delta twice (two terms, same window and entry): the terms must be summed
+  // in float32 before the one rounding of y.
+  ep.ops[2].num_terms = 2;
+  ep.ops[2].terms[1] = {2 * kMaxRank, 2};
+  ep.num_ops = kOps;
+  ep.t = tdev.as<float>();
+  ep.ldt = ldt;
+  ep.ref = ref;
+  ep.dtype = dt;
+  ASSERT_EQ(SgmvGroupedExpandCuda(ep, nullptr), KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  // CPU reference on float copies of y0.
+  std::vector<std::vector<float>> ycpu = y0;
+  {
+    SgmvGroupedExpandParams cp = ep;
+    for (int o = 0; o < kOps; ++o) cp.ops[o].y = ycpu[o].data();
+    cp.t = tin.data();
+    cp.ref = MakeRef(d, d.table_cpu.data(), d.tiles.data(), &count, count);
+    cp.dtype = DataType::kF32;
+    ASSERT_EQ(SgmvGroupedExpandCpu(cp), KernelStatus::kOk);
+  }
+  const double unit = StorageUnit(dt);
+  for (int o = 0; o < kOps; ++o) {
+    const std::vector<char> bytes = ydev[o].DownloadBytes();
+    const std::vector<float> yg = Decode(bytes, dt);
+    const OpShape& s = d.ops[o];
+    bad = 0;
+    for (int i = 0; i < d.rows && bad < 10; ++i) {
+      int slot = -1;
+      for (const SgmvTile& tile : d.tiles) {
+        if (i >= tile.begin && i < tile.end && tile.slot < kSlots) slot = tile.slot;
       }
-    }
-    int bad = 0;
-    for (int r = 0; r < p.num_rows; ++r) {
-      const int s = p.seg_of_row[r];
-      const int rank = p.Adapted(s) ? p.ranks[s] : 0;
-      for (int j = 0; j < c.out; ++j) {
-        const size_t i = static_cast<size_t>(r) * p.ldy + j;
-        double sum = 0;
-        for (int k = 0; k < rank; ++k) {
-          sum += xa[static_cast<size_t>(r) * p.ldt + k] *
-                 std::fabs(p.b[s][static_cast<size_t>(j) * rank + k]);
+      const int r = slot >= 0 ? kRanks[slot][o] : 0;
+      for (int j = 0; j < s.ldy && bad < 10; ++j) {
+        const size_t at = static_cast<size_t>(i) * s.ldy + j;
+        const size_t esz = DataTypeSize(dt);
+        if (r == 0 || j >= s.out) {  // untouched: bit for bit
+          if (std::memcmp(bytes.data() + at * esz, y0_bytes[o].data() + at * esz, esz) != 0) {
+            ++bad;
+            ADD_FAILURE() << "op " << o << " y[" << i << "][" << j << "] changed but must not";
+          }
+          continue;
         }
-        const double mag = std::fabs(y0[i]) + (rank > 0 ? std::fabs(p.scales[s]) * sum : 0.0);
-        const double tol = StorageUnit(dt) * std::fabs(ref[i]) * (1 + 1e-3) +
-                           2.0 * (c.in + rank + 4) * kF32Unit * mag;
-        if (!(std::fabs(static_cast<double>(out[i]) - ref[i]) <= tol) && ++bad <= 5) {
-          ADD_FAILURE() << "y[" << r << ", " << j << "] = " << out[i] << ", reference " << ref[i]
-                        << ", tolerance " << tol;
+        const int e = slot * kOps + o;
+        double delta = 0, mag = 0;
+        for (int k = 0; k < r; ++k) {
+          const double term =
+              static_cast<double>(tin[static_cast<size_t>(i) * ldt + o * kMaxRank + k]) *
+              d.b[e][static_cast<size_t>(j) * r + k];
+          delta += term;
+          mag += std::fabs(term);
+        }
+        const int terms = o == 2 ? 2 : 1;
+        const double want_y = y0[o][at] + terms * d.scales[e] * delta;
+        // 16-bit full tiles run on tensor cores with t rounded to the storage type: its
+        // relative rounding (<= unit / 2) reaches every term.
+        const double t_round = dt == DataType::kF32 ? 1e-5 : unit;
+        const double tol = unit * std::fabs(want_y) + 1e-5 * std::fabs(y0[o][at]) +
+                           t_round * terms * d.scales[e] * mag + 1e-30;
+        if (!(std::fabs(yg[at] - want_y) <= tol) ||
+            !(std::fabs(ycpu[o][at] - want_y) <=
+              1e-5 * (std::fabs(y0[o][at]) + terms * d.scales[e] * mag) + 1e-6)) {
+          ++bad;
+          ADD_FAILURE() << "op " << o << " y[" << i << "][" << j << "]: cuda " << yg[at] << " cpu "
+                        << ycpu[o][at] << " want " << want_y << " tol " << tol;
         }
       }
     }
-    EXPECT_EQ(bad, 0);
   }
 }
 
-// Ranks: the fixtures' 4, 8 and 16, the 8..128 range real adapters use, 3 / 5 / 7 (odd, not a
-// multiple of any tile), and 160 (two stacked adapters of a LINEAR merge: past one rank chunk of
-// every kernel). Widths: Phi-2's 2560 / 10240 in miniature and odd ones (81, 83).
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, CudaSgmv,
-    ::testing::Values(
-        Case{"prefill_mixed", 256, 768, {37, 0, 64, 5, 17}, {16, 8, 0, 128, 4}, 3, 2, 512, 17},
-        Case{"prefill_one_long_segment", 2560, 2560, {300}, {64}, 0, 0, 0, 0},
-        Case{"decode_one_row_per_segment",
-             320,
-             1024,
-             {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
-             {8, 16, 0, 32, 64, 128, 4, 8, -1, 16, 8, 0, 4, 32, 8, 8, 16, 64, 128, 0, 8},
-             0,
-             0,
-             0,
-             0},
-        Case{"odd_widths", 81, 83, {1, 2, 3, 0, 33}, {3, 5, 7, 8, 4}, 1, 1, 3, 5},
-        Case{"wide_out_merged_rank", 64, 5000, {33, 1, 2}, {160, 96, -1}, 0, 2, 0, 0},
-        Case{"fc2_shape", 10240, 256, {20, 1}, {16, 8}, 0, 0, 0, 0},
-        Case{"empty_and_base_only", 96, 96, {0, 4, 0, 3}, {8, 0, 16, -1}, 2, 2, 0, 0}),
-    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+const Case kCases[] = {
+    {"decode rows, one adapter each, base rows between",
+     {{0, 1}, {1, 1}, {-1, 1}, {2, 1}, {3, 1}, {3, 1}, {-1, 2}, {4, 1}, {0, 1}, {2, 1}},
+     0,
+     false},
+    {"prefill segments of 1, 5, 17, 33 rows, base between",
+     {{2, 17}, {-1, 5}, {0, 1}, {3, 33}, {-1, 3}, {1, 5}, {4, 16}},
+     0,
+     false},
+    {"grid larger than the tile count, a tile of an unknown slot",
+     {{-1, 2}, {3, 20}, {0, 3}},
+     7,
+     true},
+    {"base rows only (no tile)", {{-1, 9}}, 3, false},
+};
 
-TEST(CudaSgmvChecks, RejectsBadArgumentsAndSkipsEmptyLaunches) {
+TEST(CudaSgmvGrouped, MatchesNaiveReferenceOnSweptShapes) {
   PHI_REQUIRE_GPU();
-  int32_t dummy = 0;
-  const void* table[1] = {nullptr};
-  float t = 0;
-  SgmvShrinkParams s{.x = &t,
-                     .t = &t,
-                     .seg_starts = &dummy,
-                     .a = table,
-                     .ranks = &dummy,
-                     .num_segments = 1,
-                     .num_rows = 1,
-                     .in = 8,
-                     .ldx = 4,  // < in
-                     .ldt = 8,
-                     .dtype = DataType::kBF16};
-  EXPECT_EQ(SgmvShrinkCuda(s, nullptr), KernelStatus::kInvalidShape);
-  s.ldx = 0;
-  s.x = nullptr;
-  EXPECT_EQ(SgmvShrinkCuda(s, nullptr), KernelStatus::kNullPointer);
-  s.num_rows = 0;  // nothing to do: no pointer is needed and nothing is launched
-  EXPECT_EQ(SgmvShrinkCuda(s, nullptr), KernelStatus::kOk);
-  SgmvExpandParams e{.t = &t,
-                     .y = &t,
-                     .seg_starts = &dummy,
-                     .b = nullptr,
-                     .ranks = &dummy,
-                     .num_segments = 1,
-                     .num_rows = 1,
-                     .out = 8,
-                     .ldy = 0,
-                     .ldt = 0,
-                     .dtype = DataType::kF16};
-  EXPECT_EQ(SgmvExpandCuda(e, nullptr), KernelStatus::kInvalidShape);  // ldt 0
-  e.ldt = 8;
-  EXPECT_EQ(SgmvExpandCuda(e, nullptr), KernelStatus::kNullPointer);  // b table
-  e.num_segments = 0;
-  EXPECT_EQ(SgmvExpandCuda(e, nullptr), KernelStatus::kOk);
+  for (DataType dt : {DataType::kBF16, DataType::kF16, DataType::kF32}) {
+    for (const Case& c : kCases) RunCase(c, dt);
+  }
+}
+
+TEST(CudaSgmvGrouped, RejectsBadShapesAndLaunchesNothingWhenEmpty) {
+  PHI_REQUIRE_GPU();
+  SgmvGroupedShrinkParams sp;
+  sp.num_ops = 1;
+  sp.ops[0] = {.x = nullptr, .ldx = 0, .in = 64, .t_col = 0, .entry = 0};
+  sp.ldt = 16;
+  sp.ref.max_rank = 32;  // t_col + max_rank > ldt
+  sp.ref.max_tiles = 4;
+  sp.ref.num_rows = 4;
+  sp.dtype = DataType::kBF16;
+  EXPECT_EQ(SgmvGroupedShrinkCuda(sp, nullptr), KernelStatus::kInvalidShape);
+  sp.ref.max_rank = 16;
+  EXPECT_EQ(SgmvGroupedShrinkCuda(sp, nullptr), KernelStatus::kNullPointer);
+  sp.ref.max_tiles = 0;  // nothing to do: no pointer is needed
+  EXPECT_EQ(SgmvGroupedShrinkCuda(sp, nullptr), KernelStatus::kOk);
+  sp.ref.max_tiles = 4;
+  sp.ref.max_rank = kSgmvCudaMaxRank + 16;
+  sp.ldt = kSgmvCudaMaxRank + 16;
+  EXPECT_EQ(SgmvGroupedShrinkCuda(sp, nullptr), KernelStatus::kInvalidShape);
+  sp.dtype = static_cast<DataType>(99);
+  EXPECT_EQ(SgmvGroupedShrinkCuda(sp, nullptr), KernelStatus::kUnsupportedDtype);
+  SgmvGroupedExpandParams ep;
+  ep.num_ops = 1;
+  ep.ops[0].out = 8;
+  ep.ops[0].num_terms = 3;
+  ep.ldt = 16;
+  ep.ref.max_rank = 16;
+  ep.ref.max_tiles = 1;
+  ep.ref.num_rows = 1;
+  ep.dtype = DataType::kBF16;
+  EXPECT_EQ(SgmvGroupedExpandCuda(ep, nullptr), KernelStatus::kInvalidShape);
   gpu_test::ExpectDeviceClean(nullptr);
 }
 

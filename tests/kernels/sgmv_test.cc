@@ -231,5 +231,98 @@ TEST(SgmvErrors, BadTablesAreRejectedWithoutWriting) {
   }
 }
 
+// The grouped, table-driven form against a naive double reference: tiles of several slots with a
+// base gap, a tile past the count (never read), a slot outside the table, an entry without
+// matrices, two ops sharing the tiles and an expand op of two terms. Same tolerance argument as
+// above (in <= 40, r <= 5).
+TEST(SgmvGrouped, MatchesNaiveDoubleReference) {
+  constexpr int kRows = 12, kIn = 40, kOut = 24, kLdt = 16;
+  const int ranks[2][2] = {{3, 5}, {4, 0}};  // [slot][entry]; 0 = entry without matrices
+  std::vector<std::vector<float>> a(4), b(4);
+  std::vector<SgmvWeight> table(4);
+  for (int e = 0; e < 4; ++e) {
+    const int r = ranks[e / 2][e % 2];
+    if (r == 0) continue;
+    a[e] = RandomVector(static_cast<size_t>(r) * kIn, 30 + e);
+    b[e] = RandomVector(static_cast<size_t>(kOut) * r, 40 + e);
+    table[e] = {a[e].data(), b[e].data(), r, 0.5f + e};
+  }
+  // Rows 0-4 slot 1, 5-6 base, 7-11 slot 0 (two tiles), then a tile past the count.
+  const std::vector<SgmvTile> tiles = {
+      {1, 0, 5, 0}, {7, 5, 7, 0}, {0, 7, 9, 0}, {0, 9, 12, 0}, {0, 5, 7, 0}};
+  const int32_t count = 4;
+  const std::vector<float> x = RandomVector(static_cast<size_t>(kRows) * kIn, 50);
+  std::vector<float> t = Poisoned(static_cast<size_t>(kRows) * kLdt);
+  SgmvTableRef ref{.table = table.data(),
+                   .stride = 2,
+                   .num_slots = 2,
+                   .tiles = tiles.data(),
+                   .num_tiles = &count,
+                   .max_tiles = 5,
+                   .num_rows = kRows,
+                   .max_rank = 8};
+  SgmvGroupedShrinkParams sp;
+  sp.ops[0] = {.x = x.data(), .ldx = kIn, .in = kIn, .t_col = 0, .entry = 0};
+  sp.ops[1] = {.x = x.data(), .ldx = kIn, .in = kIn, .t_col = 8, .entry = 1};
+  sp.num_ops = 2;
+  sp.t = t.data();
+  sp.ldt = kLdt;
+  sp.ref = ref;
+  ASSERT_EQ(SgmvGroupedShrinkCpu(sp), KernelStatus::kOk);
+  const std::vector<float> y0 = RandomVector(static_cast<size_t>(kRows) * kOut, 60);
+  std::vector<float> y = y0;
+  SgmvGroupedExpandParams ep;
+  ep.ops[0].y = y.data();
+  ep.ops[0].out = kOut;
+  ep.ops[0].num_terms = 2;
+  ep.ops[0].terms[0] = {0, 0};
+  ep.ops[0].terms[1] = {8, 1};
+  ep.num_ops = 1;
+  ep.t = t.data();
+  ep.ldt = kLdt;
+  ep.ref = ref;
+  ASSERT_EQ(SgmvGroupedExpandCpu(ep), KernelStatus::kOk);
+  for (int i = 0; i < kRows; ++i) {
+    const int slot = i < 5 ? 1 : (i < 7 ? -1 : 0);
+    for (int c = 0; c < kLdt; ++c) {
+      const int entry = c < 8 ? 0 : 1, k = c % 8;
+      const int r = slot < 0 ? 0 : ranks[slot][entry];
+      const float got = t[static_cast<size_t>(i) * kLdt + c];
+      if (k >= r) {
+        EXPECT_TRUE(std::isnan(got)) << "t[" << i << "][" << c << "] must stay unwritten";
+        continue;
+      }
+      const int e = slot * 2 + entry;
+      double want = 0, mag = 0;
+      for (int q = 0; q < kIn; ++q) {
+        want +=
+            double{x[static_cast<size_t>(i) * kIn + q]} * a[e][static_cast<size_t>(k) * kIn + q];
+        mag += std::fabs(double{x[static_cast<size_t>(i) * kIn + q]} *
+                         a[e][static_cast<size_t>(k) * kIn + q]);
+      }
+      EXPECT_NEAR(got, want, 2 * (kIn + 4) * kF32Unit * mag) << "t[" << i << "][" << c << "]";
+    }
+    for (int j = 0; j < kOut; ++j) {
+      const size_t at = static_cast<size_t>(i) * kOut + j;
+      if (slot < 0) {
+        EXPECT_EQ(y[at], y0[at]) << "base row " << i << " must keep its output";
+        continue;
+      }
+      double want = y0[at], mag = std::fabs(y0[at]);
+      for (int entry = 0; entry < 2; ++entry) {
+        const int e = slot * 2 + entry, r = ranks[slot][entry];
+        for (int k = 0; k < r; ++k) {
+          const double term = double{table[e].scale} *
+                              t[static_cast<size_t>(i) * kLdt + 8 * entry + k] *
+                              b[e][static_cast<size_t>(j) * r + k];
+          want += term;
+          mag += std::fabs(term);
+        }
+      }
+      EXPECT_NEAR(y[at], want, 2 * (kIn + 16) * kF32Unit * mag) << "y[" << i << "][" << j << "]";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace phishard

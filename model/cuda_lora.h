@@ -1,0 +1,140 @@
+// CudaLora: the LoRA side of CudaPhiModel (world size 1): device copies of the adapters an
+// AdapterRegistry holds, and the per-step plan and launches that add their deltas (spec §7.4-7.8,
+// kernels/cuda/sgmv_cuda.h). Built only when PHISHARD_HAVE_CUDA.
+//
+// Device memory:
+//  * one allocation per loaded adapter: every module's A [r, in] and B [out, r] in the model's
+//    16-bit dtype, each 256-byte aligned; made when the registry's generation changes (Sync), freed
+//    when the adapter leaves its slot, so device memory returns to where it was after an offload;
+//  * the weight table SgmvWeight [num_slots, 6 L + 1] (entry layer * 6 + target for q, k, v,
+//    dense, fc1, fc2; 6 L for lm_head): pointers, rank and scale (alpha / r, or alpha / sqrt(r)
+//    with rsLoRA, per module as LoraAdapter resolved it; applied in float32 by expand);
+//  * a plan buffer at a fixed address: {token tiles, logit tiles, 0, 0} counts then the tiles
+//    (SgmvTile [capacity]), uploaded once per step from pinned staging;
+//  * the shrink output t float32 [rows, 6 x rank_cap] (one column window per target).
+// The decode CUDA graph of a LoRA step reads everything per-step from these fixed addresses, so it
+// is replayed for any mix of adapters; only a larger rank cap, plan or t buffer (new_graphs())
+// makes the model capture its LoRA graphs again.
+//
+// Steps: Plan() groups the batch's rows into tiles (runs of consecutive rows of one adapter, at
+// most kSgmvTileRows rows each, one row each in decode); base rows are in no tile and cost
+// nothing, and a step without adapter rows launches nothing (active() false). The hooks then run,
+// per layer,
+//   AfterQkv:      shrink q, k, v, fc1 (x = LN output), expand q, k, v into their qkv columns;
+//   AfterFc1:      expand fc1 into the pre-activation, then the GELU (fc1 ran without it);
+//   AfterResidual: shrink dense (x = attention output) and fc2 (x = GELU output), expand both
+//                  into the residual stream (two terms, one rounding);
+// and AfterLmHead adds the lm_head delta to the float32 logits of the logit rows.
+// Decode steps launch every module that any adapter loaded so far adapts, whatever the batch's
+// adapters adapt, so eager and graph steps run the same launches and one graph serves every mix
+// (a newly loaded adapter that adapts a module none did before makes the graphs stale); other
+// steps launch only the modules some adapter of the step adapts in that layer.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/device.h"
+#include "kernels/dtype.h"
+#include "kernels/gemm.h"
+#include "kernels/kernel_status.h"
+#include "kernels/sgmv.h"
+#include "model/adapter_registry.h"
+#include "model/forward_batch.h"
+#include "model/phi_config.h"
+
+namespace phishard {
+
+class CudaLora {
+ public:
+  CudaLora(const PhiConfig& config, DataType dtype, int device);
+  ~CudaLora();
+  CudaLora(const CudaLora&) = delete;
+  CudaLora& operator=(const CudaLora&) = delete;
+
+  // Not owned; nullptr frees every device copy. Allocates the weight table for the registry's
+  // slots, then Sync.
+  absl::Status SetRegistry(const AdapterRegistry* registry, cudaStream_t stream);
+  const AdapterRegistry* registry() const { return registry_; }
+  // Device copies brought in line with the registry (uploads new adapters, frees offloaded ones);
+  // nothing when its generation did not change. RESOURCE_EXHAUSTED when a copy does not fit the
+  // device, INVALID_ARGUMENT when an adapter's shapes are not this model's.
+  absl::Status Sync(cudaStream_t stream);
+  // Device bytes held by adapter copies (excluding the table, plan and t buffers).
+  int64_t adapter_device_bytes() const { return adapter_bytes_; }
+  // Device bytes of the table, plan and t buffers for steps of `rows` rows at rank cap `rank`.
+  size_t WorkspaceBytes(int rows, int rank) const;
+  // True once after a buffer or the rank cap that LoRA graphs bake in changed.
+  bool TakeGraphsStale();
+
+  // Plans a step of batch.num_tokens() rows (decode: `padded_rows` >= that, the graph bucket)
+  // and uploads it. Returns whether some row uses an adapter (active()).
+  absl::StatusOr<bool> Plan(const ForwardBatch& batch, bool decode, int padded_rows,
+                            cudaStream_t stream);
+  bool active() const { return active_; }
+  void Deactivate() { active_ = false; }
+  bool SplitFc1(int layer) const;
+
+  KernelStatus AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
+  KernelStatus AfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream);
+  KernelStatus AfterResidual(int layer, const void* attn, const void* mlp, void* h,
+                             cudaStream_t stream);
+  // x = the final-LN rows that feed the LM head, logits [rows, ld_logits] float32.
+  KernelStatus AfterLmHead(const void* x, float* logits, int ld_logits, cudaStream_t stream);
+
+ private:
+  struct Slot {
+    const LoraAdapter* adapter = nullptr;
+    uint64_t serial = 0;
+    void* mem = nullptr;
+    size_t bytes = 0;
+    int max_rank = 0;
+    std::vector<bool> present;  // [stride]
+  };
+  int stride() const { return 6 * config_.num_hidden_layers + 1; }
+  int Entry(int layer, int target) const { return layer * 6 + target; }
+  absl::Status Upload(int slot, const LoraAdapter& a, cudaStream_t stream);
+  void FreeSlot(int slot);
+  void FreeAll();
+  absl::Status EnsureBuffers(int rows, cudaStream_t stream);
+  SgmvTableRef Ref(bool logits) const;
+  // Decode steps launch every module some loaded adapter has adapted (so one graph serves every
+  // mix of them), other steps the modules this step's adapters adapt.
+  bool Launch(int entry) const { return all_ops_ ? loaded_present_[entry] : step_present_[entry]; }
+
+  PhiConfig config_;
+  DataType dtype_;
+  int device_;
+  const AdapterRegistry* registry_ = nullptr;
+  uint64_t synced_generation_ = ~uint64_t{0};
+  std::vector<Slot> slots_;
+  std::vector<SgmvWeight> table_host_;  // [num_slots, stride]
+  SgmvWeight* table_dev_ = nullptr;
+  int64_t adapter_bytes_ = 0;
+  int rank_cap_ = 0;  // ranks the t buffer and the kernels' grids cover (power of two >= 16)
+
+  // Plan buffer (pinned host staging and device, same layout) and the t buffer.
+  void* plan_host_ = nullptr;
+  void* plan_dev_ = nullptr;
+  int plan_tiles_ = 0;  // tile capacity
+  float* t_dev_ = nullptr;
+  int t_rows_ = 0;
+  int t_rank_ = 0;
+  bool graphs_stale_ = false;
+
+  // The current step.
+  bool active_ = false;
+  bool all_ops_ = false;
+  int rows_ = 0;        // rows of x / y for the layer hooks
+  int logit_rows_ = 0;  // rows of the LM head
+  int max_tok_tiles_ = 0;
+  int max_logit_tiles_ = 0;
+  int logit_offset_ = 0;              // first logit tile in the plan buffer
+  std::vector<bool> step_present_;    // [stride]: some adapter of the step adapts the entry
+  std::vector<bool> loaded_present_;  // [stride]: some adapter loaded so far adapts the entry
+  std::vector<int32_t> seq_slot_;
+};
+
+}  // namespace phishard

@@ -1,0 +1,391 @@
+// Multi-LoRA on the CUDA backend (model/cuda_lora.h): the peft golden fixtures
+// (tests/golden/tiny-phi-code-adapters.json, peft 0.21 float32), one batch mixing the base model
+// and three adapters against each request alone and against the float32 CPU backend (with and
+// without decode graphs), and 100 load / use / offload cycles that leave device memory where it
+// was (cudaMemGetInfo).
+//
+// bf16 tolerances: the same bounds as cuda_model_test.cc's (max |logit - ref| <= 0.02 x scale,
+// ‖d‖/‖ref‖ <= 0.015; derived there from an emulation of this backend's rounding schedule, worst
+// 0.0074 / 0.0055). LoRA adds the rounding of A and B to bf16 (relative 2^-9 per element, averaged
+// over r x in terms) and one rounding of each adapted output, which is small against the base
+// model's rounding after every op; a wrong scale (rsLoRA's alpha/sqrt(r) vs alpha/r is 4x here), a
+// missing module or the fc1 delta after the GELU moves logits by far more (the adapters change the
+// greedy tokens of every case, see greedy_differs_from_base in the fixture).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "model/adapter_registry.h"
+#include "model/cpu_phi_model.h"
+#include "model/cuda_phi_model.h"
+#include "model/kv_cache.h"
+#include "model/lora_adapter.h"
+#include "nlohmann/json.hpp"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace phishard {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+const fs::path kRepo = fs::path(PHISHARD_MODELS).parent_path();
+constexpr double kLogitFrac = 0.02;
+constexpr double kLogitNormRel = 0.015;
+constexpr double kTieFrac = 0.008;
+
+json ReadGolden() {
+  std::ifstream in(kRepo / "tests" / "golden" / "tiny-phi-code-adapters.json");
+  EXPECT_TRUE(in.good());
+  return json::parse(in);
+}
+
+std::unique_ptr<CudaPhiModel> LoadCuda(const fs::path& dir, bool graphs = true) {
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = CudaPhiModel::Load(
+      dir, {.dtype = "bfloat16", .device = 0, .reserve_tokens = 256, .cuda_graphs = graphs});
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return nullptr;
+  EXPECT_TRUE((*m)->AllocateKvCache(256, kKvBlockSize).ok());
+  return *std::move(m);
+}
+
+std::unique_ptr<AdapterRegistry> MakeRegistry(int bytes_per_param, int slots = 8) {
+  absl::StatusOr<std::unique_ptr<AdapterRegistry>> r =
+      AdapterRegistry::Create(slots, int64_t{256} << 20, bytes_per_param);
+  EXPECT_TRUE(r.ok()) << r.status();
+  return r.ok() ? *std::move(r) : nullptr;
+}
+
+LoraAdapter LoadAdapter(const json& a, const PhiConfig& c) {
+  absl::StatusOr<LoraAdapter> ad = LoraAdapter::LoadDir(kRepo / a.at("path").get<std::string>(), c);
+  EXPECT_TRUE(ad.ok()) << ad.status();
+  return ad.ok() ? *std::move(ad) : LoraAdapter("failed", 0);
+}
+
+struct Closeness {
+  double worst = 0, rel = 0, scale = 1;
+};
+
+Closeness Compare(const float* got, const float* want, size_t n) {
+  Closeness c;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) c.scale = std::max(c.scale, std::fabs(double{want[i]}));
+  for (size_t i = 0; i < n; ++i) {
+    const double d = std::isfinite(got[i]) ? double{got[i]} - want[i] : INFINITY;
+    c.worst = std::max(c.worst, std::fabs(d));
+    num += d * d;
+    den += double{want[i]} * want[i];
+  }
+  c.rel = std::sqrt(num / std::max(den, 1e-30));
+  return c;
+}
+
+void ExpectClose(const float* got, const float* want, size_t n, const std::string& what) {
+  const Closeness c = Compare(got, want, n);
+  EXPECT_LE(c.worst, kLogitFrac * c.scale) << what << " (scale " << c.scale << ")";
+  EXPECT_LE(c.rel, kLogitNormRel) << what;
+}
+
+int Argmax(const float* row, int v) {
+  return static_cast<int>(std::max_element(row, row + v) - row);
+}
+
+std::vector<int32_t> Blocks(int first, int tokens) {
+  std::vector<int32_t> b(KvBlockAllocator::BlocksFor(tokens));
+  std::iota(b.begin(), b.end(), first);
+  return b;
+}
+
+// ---- peft golden fixtures --------------------------------------------------------------------
+TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16) {
+  PHI_REQUIRE_GPU();
+  const json golden = ReadGolden();
+  std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / golden.at("base_model").get<std::string>());
+  ASSERT_TRUE(m);
+  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
+  ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+  const int V = m->config().vocab_size;
+  std::map<std::string, uint32_t> index_of;
+  uint32_t next = 1;
+  for (const json& a : golden.at("adapters")) {
+    index_of[a.at("name")] = next;
+    ASSERT_TRUE(reg->Load(next++, LoadAdapter(a, m->config())).ok());
+  }
+  ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+  EXPECT_GT(m->adapter_device_bytes(), 0);
+  int cases = 0;
+  double worst_frac = 0;
+  for (const json& cs : golden.at("cases")) {
+    const uint32_t idx = index_of.at(cs.at("adapter").get<std::string>());
+    const std::vector<int32_t> prompt = cs.at("prompt_ids").get<std::vector<int32_t>>();
+    const std::vector<int32_t> greedy = cs.at("greedy_ids").get<std::vector<int32_t>>();
+    const std::vector<float> want = cs.at("last_logits").get<std::vector<float>>();
+    const std::string what = cs.at("adapter").get<std::string>() + " on " + cs.at("prompt").dump();
+    const int P = static_cast<int>(prompt.size()), G = static_cast<int>(greedy.size());
+    // Teacher-forced prefill of prompt + reference continuation, every row.
+    ForwardBatch b;
+    b.token_ids = prompt;
+    b.token_ids.insert(b.token_ids.end(), greedy.begin(), greedy.end() - 1);
+    const int n = static_cast<int>(b.token_ids.size());
+    b.positions.resize(n);
+    std::iota(b.positions.begin(), b.positions.end(), 0);
+    b.seqs.push_back(
+        {.num_new_tokens = n, .context_len = n, .block_table = Blocks(0, n), .adapter_index = idx});
+    b.logit_rows.resize(n);
+    std::iota(b.logit_rows.begin(), b.logit_rows.end(), 0);
+    std::vector<float> logits;
+    ASSERT_TRUE(m->Forward(b, &logits).ok()) << what;
+    const float* last = logits.data() + static_cast<size_t>(P - 1) * V;
+    ExpectClose(last, want.data(), V, what + " last prompt row");
+    const Closeness c = Compare(last, want.data(), V);
+    worst_frac = std::max(worst_frac, c.worst / c.scale);
+    // The base model is much farther from the fixture than the tolerance: the check means
+    // something.
+    ForwardBatch base = b;
+    base.seqs[0].adapter_index = 0;
+    std::vector<float> base_logits;
+    ASSERT_TRUE(m->Forward(base, &base_logits).ok());
+    const Closeness cb =
+        Compare(base_logits.data() + static_cast<size_t>(P - 1) * V, want.data(), V);
+    EXPECT_GT(cb.worst, 2 * c.worst) << what << ": the adapter barely changes the logits";
+    // Top-1 along the reference path, allowing only bf16 near-ties.
+    int clear = G;
+    for (int i = 0; i < G; ++i) {
+      const float* row = logits.data() + static_cast<size_t>(P - 1 + i) * V;
+      const int ours = Argmax(row, V);
+      float second = -INFINITY;
+      for (int v = 0; v < V; ++v) {
+        if (v != ours) second = std::max(second, row[v]);
+      }
+      if (row[ours] - second < 2 * kTieFrac * c.scale) clear = std::min(clear, i);
+      if (ours != greedy[i]) {
+        EXPECT_GE(row[greedy[i]], row[ours] - kTieFrac * c.scale)
+            << what << " step " << i << ": reference token far below ours";
+      }
+    }
+    // The serving path: prefill, then decode steps (graphs), greedy, up to the first near-tie.
+    ForwardBatch s;
+    s.token_ids = prompt;
+    s.positions.resize(P);
+    std::iota(s.positions.begin(), s.positions.end(), 0);
+    const std::vector<int32_t> blocks = Blocks(64, P + G);
+    s.seqs.push_back(
+        {.num_new_tokens = P, .context_len = P, .block_table = blocks, .adapter_index = idx});
+    s.logit_rows = {P - 1};
+    std::vector<int32_t> ids;
+    for (int i = 0; i < G; ++i) {
+      ASSERT_TRUE(m->Forward(s, &logits).ok());
+      ids.push_back(Argmax(logits.data(), V));
+      s.token_ids = {ids.back()};
+      s.positions = {P + i};
+      s.seqs[0].num_new_tokens = 1;
+      s.seqs[0].context_len = P + i + 1;
+      s.logit_rows = {0};
+    }
+    EXPECT_TRUE(std::equal(greedy.begin(), greedy.begin() + clear, ids.begin()))
+        << what << ": greedy tokens differ within the first " << clear << " steps (no near-tie)";
+    ++cases;
+  }
+  EXPECT_EQ(cases, 12);
+  EXPECT_GE(m->num_lora_decode_graphs(), 1);
+  std::printf("cuda lora vs peft: %d cases, worst max|d| / scale = %.4f\n", cases, worst_frac);
+}
+
+// ---- mixed batches ---------------------------------------------------------------------------
+struct Req {
+  std::vector<int32_t> prompt;
+  uint32_t adapter;
+  int id;  // picks the request's decode tokens, the same in a batch and alone
+};
+
+// Prefill of all requests (every row's logits), then `steps` decode steps feeding token
+// (7 id + 3 step + 1) % V; returns each step's logits (all rows of the batch).
+std::vector<std::vector<float>> RunBatch(ModelBackend& m, const std::vector<Req>& reqs,
+                                         int first_block, int steps) {
+  const int V = m.config().vocab_size;
+  ForwardBatch b;
+  std::vector<std::vector<int32_t>> tables;
+  std::vector<int> ctx;
+  int blk = first_block;
+  for (const Req& r : reqs) {
+    const int n = static_cast<int>(r.prompt.size());
+    tables.push_back(Blocks(blk, n + steps));
+    blk += static_cast<int>(tables.back().size());
+    for (int i = 0; i < n; ++i) {
+      b.logit_rows.push_back(b.num_tokens());
+      b.token_ids.push_back(r.prompt[i]);
+      b.positions.push_back(i);
+    }
+    b.seqs.push_back({.num_new_tokens = n,
+                      .context_len = n,
+                      .block_table = tables.back(),
+                      .adapter_index = r.adapter});
+    ctx.push_back(n);
+  }
+  std::vector<std::vector<float>> out;
+  std::vector<float> logits;
+  EXPECT_TRUE(m.Forward(b, &logits).ok());
+  out.push_back(logits);
+  for (int step = 0; step < steps; ++step) {
+    ForwardBatch d;
+    for (size_t s = 0; s < reqs.size(); ++s) {
+      d.token_ids.push_back(static_cast<int32_t>((7 * reqs[s].id + 3 * step + 1) % V));
+      d.positions.push_back(ctx[s]);
+      ++ctx[s];
+      d.seqs.push_back({.num_new_tokens = 1,
+                        .context_len = ctx[s],
+                        .block_table = tables[s],
+                        .adapter_index = reqs[s].adapter});
+      d.logit_rows.push_back(static_cast<int32_t>(s));
+    }
+    EXPECT_TRUE(m.Forward(d, &logits).ok());
+    out.push_back(logits);
+  }
+  return out;
+}
+
+TEST(CudaLoraBatch, MixedBatchEqualsEachRequestAloneAndTheCpuGraphsOnAndOff) {
+  PHI_REQUIRE_GPU();
+  const json golden = ReadGolden();
+  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  std::unique_ptr<CudaPhiModel> g = LoadCuda(dir, true);
+  std::unique_ptr<CudaPhiModel> e = LoadCuda(dir, false);
+  absl::StatusOr<std::unique_ptr<CpuPhiModel>> cpu = CpuPhiModel::Load(dir);
+  ASSERT_TRUE(g && e && cpu.ok());
+  ASSERT_TRUE((*cpu)->AllocateKvCache(256, kKvBlockSize).ok());
+  std::unique_ptr<AdapterRegistry> reg2 = MakeRegistry(2), reg4 = MakeRegistry(4);
+  uint32_t idx = 3;
+  for (const json& a : golden.at("adapters")) {
+    ASSERT_TRUE(reg2->Load(idx, LoadAdapter(a, g->config())).ok());
+    ASSERT_TRUE(reg4->Load(idx++, LoadAdapter(a, g->config())).ok());
+  }
+  ASSERT_TRUE(g->SetAdapterRegistry(reg2.get()).ok());
+  ASSERT_TRUE(e->SetAdapterRegistry(reg2.get()).ok());
+  ASSERT_TRUE((*cpu)->SetAdapterRegistry(reg4.get()).ok());
+  const int V = g->config().vocab_size;
+  // Base, adapter 3, adapter 3 again (one segment over two sequences), an index nobody loaded
+  // (base), adapter 4, base, adapter 5: prompts of 1..13 tokens (odd lengths, 1-row segments).
+  const std::vector<Req> reqs = {{{1932, 221, 17}, 0, 0},
+                                 {{5, 6, 7, 8, 9, 10, 11}, 3, 1},
+                                 {{300}, 3, 2},
+                                 {{44, 45, 46, 47, 48}, 77, 3},
+                                 {{12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24}, 4, 4},
+                                 {{900, 901}, 0, 5},
+                                 {{33, 34, 35, 36}, 5, 6}};
+  const int steps = 4;
+  const auto mixed_g = RunBatch(*g, reqs, 0, steps);
+  const auto mixed_e = RunBatch(*e, reqs, 0, steps);
+  const auto mixed_cpu = RunBatch(**cpu, reqs, 0, steps);
+  ASSERT_EQ(mixed_g.size(), static_cast<size_t>(steps + 1));
+  EXPECT_GE(g->num_lora_decode_graphs(), 1);
+  EXPECT_EQ(e->num_lora_decode_graphs(), 0);
+  for (int st = 0; st <= steps; ++st) {
+    // Graph replays launch exactly the eager step's kernels.
+    EXPECT_EQ(mixed_g[st], mixed_e[st]) << "step " << st << ": graph and eager steps differ";
+    ASSERT_EQ(mixed_g[st].size(), mixed_cpu[st].size());
+  }
+  // Each request alone (graphs on) and the CPU on the mixed batch, per request and step.
+  int row0 = 0;
+  for (size_t s = 0; s < reqs.size(); ++s) {
+    const auto alone = RunBatch(*g, {reqs[s]}, 128, steps);
+    const int n = static_cast<int>(reqs[s].prompt.size());
+    const std::string what =
+        "request " + std::to_string(s) + " (adapter index " + std::to_string(reqs[s].adapter) + ")";
+    ExpectClose(mixed_g[0].data() + static_cast<size_t>(row0) * V, alone[0].data(),
+                static_cast<size_t>(n) * V, what + " prefill vs alone");
+    ExpectClose(mixed_g[0].data() + static_cast<size_t>(row0) * V,
+                mixed_cpu[0].data() + static_cast<size_t>(row0) * V, static_cast<size_t>(n) * V,
+                what + " prefill vs cpu float32");
+    for (int st = 1; st <= steps; ++st) {
+      ExpectClose(mixed_g[st].data() + s * V, alone[st].data(), V,
+                  what + " decode " + std::to_string(st) + " vs alone");
+      ExpectClose(mixed_g[st].data() + s * V, mixed_cpu[st].data() + s * V, V,
+                  what + " decode " + std::to_string(st) + " vs cpu float32");
+    }
+    row0 += n;
+  }
+}
+
+// ---- load / use / offload ---------------------------------------------------------------------
+TEST(CudaLoraMemory, HundredLoadUseOffloadCyclesReturnDeviceMemoryToBaseline) {
+  PHI_REQUIRE_GPU();
+  const json golden = ReadGolden();
+  std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / "models" / "tiny-phi-code");
+  ASSERT_TRUE(m);
+  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2, 2);
+  ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+  const LoraAdapter proto = LoadAdapter(golden.at("adapters")[2], m->config());  // r16 rsLoRA
+  ForwardBatch decode;
+  decode.token_ids = {5, 9};
+  decode.positions = {0, 0};
+  decode.seqs = {{.num_new_tokens = 1, .context_len = 1, .block_table = {0}, .adapter_index = 0},
+                 {.num_new_tokens = 1, .context_len = 1, .block_table = {1}, .adapter_index = 7}};
+  decode.logit_rows = {0, 1};
+  std::vector<float> logits, first, base;
+  // Warm every buffer once (LoRA workspace, graphs of both kinds), then take the baseline.
+  ASSERT_TRUE(reg->Load(7, LoraAdapter(proto)).ok());
+  ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+  ASSERT_TRUE(m->Forward(decode, &logits).ok());
+  ASSERT_TRUE(m->Forward(decode, &first).ok());  // replayed graph
+  ASSERT_TRUE(reg->Offload(7));
+  ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+  ASSERT_TRUE(m->Forward(decode, &base).ok());  // index 7 now runs the base model
+  ASSERT_TRUE(m->Forward(decode, &base).ok());
+  EXPECT_EQ(m->adapter_device_bytes(), 0);
+  size_t free0 = 0, total = 0;
+  ASSERT_EQ(DeviceMemGetInfo(&free0, &total), 0);
+  const int lora_graphs = m->num_lora_decode_graphs();
+  int64_t loaded_bytes = 0;
+  for (int cycle = 0; cycle < 100; ++cycle) {
+    ASSERT_TRUE(reg->Load(7, LoraAdapter(proto)).ok());
+    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+    loaded_bytes = m->adapter_device_bytes();
+    ASSERT_GE(loaded_bytes, proto.num_params() * 2);
+    ASSERT_TRUE(m->Forward(decode, &logits).ok());
+    ASSERT_EQ(logits, first) << "cycle " << cycle << ": a reloaded adapter computes differently";
+    ASSERT_TRUE(reg->Offload(7));
+    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+    ASSERT_EQ(m->adapter_device_bytes(), 0);
+    ASSERT_TRUE(m->Forward(decode, &logits).ok());
+    ASSERT_EQ(logits, base) << "cycle " << cycle << ": the offloaded adapter still applies";
+  }
+  size_t free1 = 0;
+  ASSERT_EQ(DeviceMemGetInfo(&free1, &total), 0);
+  // cudaFree hands the memory back to the driver at once; allocation granularity is 2 MiB.
+  EXPECT_LE(std::llabs(static_cast<long long>(free1) - static_cast<long long>(free0)), 2 << 20)
+      << "device memory before " << free0 << " after 100 cycles " << free1;
+  EXPECT_EQ(m->num_lora_decode_graphs(), lora_graphs) << "slot reuse must not recapture graphs";
+  EXPECT_NE(first, base);
+  std::printf("100 load/use/offload cycles: adapter copy %lld bytes, free memory %zu -> %zu\n",
+              static_cast<long long>(loaded_bytes), free0, free1);
+}
+
+TEST(CudaLoraMemory, KvSizingLeavesTheAdapterBudgetFree) {
+  PHI_REQUIRE_GPU();
+  std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / "models" / "tiny-phi-code");
+  ASSERT_TRUE(m);
+  absl::StatusOr<int> without = m->MaxKvBlocks(0.5, 512);
+  ASSERT_TRUE(without.ok());
+  absl::StatusOr<std::unique_ptr<AdapterRegistry>> reg =
+      AdapterRegistry::Create(4, int64_t{2} << 30, 2);  // 2 GiB budget
+  ASSERT_TRUE(reg.ok());
+  ASSERT_TRUE(m->SetAdapterRegistry(reg->get()).ok());
+  absl::StatusOr<int> with = m->MaxKvBlocks(0.5, 512);
+  ASSERT_TRUE(with.ok());
+  const double per_block = 2.0 * m->config().num_hidden_layers * kKvBlockSize *
+                           m->config().num_key_value_heads * m->config().head_dim * 2;
+  EXPECT_LE(*with, *without - static_cast<int>((double{2} * (1 << 30)) / per_block));
+  ASSERT_TRUE(m->SetAdapterRegistry(nullptr).ok());
+}
+
+}  // namespace
+}  // namespace phishard
