@@ -19,6 +19,7 @@
 #include "server/adapter_service.h"
 #include "server/batch_engine.h"
 #include "server/cli.h"
+#include "server/grpc_log_sink.h"
 #include "server/loading_health_server.h"
 #include "server/lorax_service.h"
 #include "server/metrics.h"
@@ -86,6 +87,7 @@ int RunServe(ServeOptions o) {
   ParseLogLevel(o.logger_level, &level);  // validated below; INFO until then
   SetLogLevel(level);
   SetLogJson(o.json_output);
+  RouteGrpcLogsToPhiLog();
   if (absl::Status s = ApplyServeEnvironment(ProcessEnv(), &o); !s.ok()) return Fail(s);
   // Test-only fault injection (docs/reliability.md), read once here and never on a step.
   int test_stall_ms = 0;

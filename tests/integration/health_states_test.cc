@@ -15,11 +15,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <thread>
 
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "proto/health.grpc.pb.h"
 #include "tests/integration/shard_process.h"
 
@@ -153,12 +156,29 @@ TEST(HealthStates, ABusyTcpPortFailsStartupBeforeLoading) {
   const int port = ntohs(addr.sin_port);
   ShardProcess shard(BinaryPath(),
                      {"serve", DemoModel(), "--uds-path", dir / "s", "--device", "cpu",
-                      "--listen-tcp", std::to_string(port)},
+                      "--listen-tcp", std::to_string(port), "--json-output"},
                      dir.path(), kCleanEnv);
   EXPECT_EQ(shard.Wait(60), 1) << shard.Logs();
   ::close(fd);
   EXPECT_NE(shard.err().find("--listen-tcp: could not bind"), std::string::npos) << shard.Logs();
   EXPECT_EQ(shard.out().find("Loading "), std::string::npos) << "the port is checked first";
+  // gRPC core's own complaint is a JSON line with the rank too (server/grpc_log_sink.h), not
+  // gRPC's "E1128 18:52:20.880068018 12332 chttp2_server.cc:1045] ..." format.
+  bool grpc_line = false;
+  std::istringstream lines(shard.out());
+  for (std::string line; std::getline(lines, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    ASSERT_TRUE(j.is_object()) << "not JSON: " << line;
+    EXPECT_EQ(j["record"]["extra"].value("rank", -1), 0) << line;
+    const std::string text = j.value("text", "");
+    if (text.rfind("grpc ", 0) == 0 && text.find("Address already in use") != std::string::npos) {
+      grpc_line = j["record"]["level"].value("name", "") == "ERROR";
+    }
+  }
+  EXPECT_TRUE(grpc_line) << shard.Logs();
+  EXPECT_FALSE(std::regex_search(shard.err(), std::regex("(^|\\n)E[0-9]{4} ")))
+      << "a raw gRPC log line on stderr:\n"
+      << shard.err();
 }
 
 }  // namespace
