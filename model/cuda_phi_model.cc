@@ -63,8 +63,16 @@ absl::StatusOr<DataType> ResolveDtype(const std::string& requested, const PhiCon
 
 }  // namespace
 
-CudaPhiModel::CudaPhiModel(PhiConfig config, DataType dtype, int device)
-    : config_(std::move(config)), dtype_(dtype), device_(device) {}
+CudaPhiModel::CudaPhiModel(PhiConfig config, PhiShard shard, Communicator* comm, DataType dtype,
+                           int device)
+    : config_(LocalPhiConfig(config, shard)),
+      full_config_(std::move(config)),
+      shard_(shard),
+      comm_(shard.sharded() ? comm : nullptr),
+      embed_rows_(static_cast<int>(shard.vocab_end - shard.vocab_begin)),
+      embed_row_offset_(static_cast<int>(shard.vocab_begin)),
+      dtype_(dtype),
+      device_(device) {}
 
 CudaPhiModel::~CudaPhiModel() {
   DeviceSet(device_);
@@ -84,6 +92,7 @@ CudaPhiModel::~CudaPhiModel() {
   if (meta_host_) DeviceFreeHost(meta_host_);
   if (ping_dev_) DeviceFree(ping_dev_);
   if (ping_host_) DeviceFreeHost(ping_host_);
+  if (tp_logits_) DeviceFree(tp_logits_);
   if (stream_) DeviceStreamDestroy(stream_);
   if (ping_stream_) DeviceStreamDestroy(ping_stream_);
 }
@@ -181,7 +190,17 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
         absl::StrFormat("num_attention_heads %d is not a multiple of num_key_value_heads %d",
                         config.num_attention_heads, config.num_key_value_heads));
   }
-  std::unique_ptr<CudaPhiModel> m(new CudaPhiModel(config, *dtype, options.device));
+  Communicator* comm = options.comm;
+  if (comm != nullptr && comm->world_size() > 1 && comm->memory_space() != MemorySpace::kDevice) {
+    return absl::InvalidArgumentError(
+        "CudaModelOptions.comm: the CUDA backend needs a device communicator (NCCL), not a "
+        "host-memory one");
+  }
+  absl::StatusOr<PhiShard> shard = comm == nullptr
+                                       ? MakePhiShard(config, 0, 1)
+                                       : MakePhiShard(config, comm->rank(), comm->world_size());
+  if (!shard.ok()) return shard.status();
+  std::unique_ptr<CudaPhiModel> m(new CudaPhiModel(config, *shard, comm, *dtype, options.device));
   m->multiprocessors_ = props.multiprocessors;
   PHI_RETURN_IF_ERROR(m->DeviceStatus(DeviceStreamCreate(&m->stream_), "stream create"));
   PHI_RETURN_IF_ERROR(m->DeviceStatus(DeviceStreamCreate(&m->ping_stream_), "stream create"));
@@ -215,15 +234,16 @@ absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
       ReserveWorkspace(std::max({options.reserve_tokens, graphs_->max_batch(), 1})));
   const int pitch = KvBlockAllocator::BlocksFor(std::max(config_.max_position_embeddings, 1));
   PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(graphs_->max_batch(), pitch));
-  const PhiConfig& config = config_;
+  const PhiConfig& config = config_;  // this rank's shapes
   Log(LogLevel::kInfo,
       absl::StrFormat(
-          "CUDA Phi model on device %d (%s, %d SMs): %d layers, hidden %d, heads %d/%d x %d, "
-          "rotary %d, vocab %d, %s, weights %.2f GiB, GELU %s (probe |err| tanh %.2g erf %.2g)",
-          device_, props_name_, multiprocessors_, config.num_hidden_layers, config.hidden_size,
-          config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-          config.rotary_dim, config.vocab_size, dtype_name(),
-          GiB(static_cast<double>(weights_bytes_)),
+          "CUDA Phi model on device %d (%s, %d SMs), tensor-parallel rank %d of %d: %d layers, "
+          "hidden %d, heads %d/%d x %d, rotary %d, vocab %d, %s, weights %.2f GiB, GELU %s "
+          "(probe |err| tanh %.2g erf %.2g)",
+          device_, props_name_, multiprocessors_, shard_.rank, shard_.world_size,
+          config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+          config.num_key_value_heads, config.head_dim, config.rotary_dim, config.vocab_size,
+          dtype_name(), GiB(static_cast<double>(weights_bytes_)),
           gemm_->gelu_tanh_in_epilogue() ? "in the cuBLASLt epilogue" : "as a separate kernel",
           gemm_->probe_err_tanh(), gemm_->probe_err_erf()));
   return absl::OkStatus();
@@ -259,7 +279,7 @@ absl::Status CudaPhiModel::ReserveWorkspace(int tokens) {
   }
   arena_bytes_ = bytes;
   arena_tokens_ = tokens;
-  return absl::OkStatus();
+  return ReserveTpLogits(tokens);
 }
 
 absl::Status CudaPhiModel::EnsureMetadataCapacity(size_t bytes) {
@@ -283,6 +303,11 @@ int64_t CudaPhiModel::KvBytesPerBlock(int block_size) const {
 }
 
 absl::StatusOr<int> CudaPhiModel::MaxKvBlocks(double memory_fraction, int max_batch_tokens) const {
+  return AgreeKvBlocks(LocalMaxKvBlocks(memory_fraction, max_batch_tokens));
+}
+
+absl::StatusOr<int> CudaPhiModel::LocalMaxKvBlocks(double memory_fraction,
+                                                   int max_batch_tokens) const {
   if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
     return absl::InvalidArgumentError(
         absl::StrFormat("memory_fraction = %g must be in (0, 1]", memory_fraction));
@@ -374,7 +399,8 @@ absl::Status CudaPhiModel::EnsureDecodeCapacity(int rows, int table_pitch) {
   decode_rows_ = 0;
   decode_table_ints_ = 0;
   const size_t bytes = DecodeBufferBytes(want_rows, want_ints);
-  const size_t logit_bytes = static_cast<size_t>(want_rows) * config_.vocab_size * sizeof(float);
+  const size_t logit_bytes =
+      static_cast<size_t>(want_rows) * full_config_.vocab_size * sizeof(float);
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&decode_dev_, bytes), "malloc (decode inputs)"));
   PHI_RETURN_IF_ERROR(
       DeviceStatus(DeviceMallocHost(&decode_host_, bytes), "host malloc (decode inputs)"));
@@ -464,7 +490,7 @@ absl::Status CudaPhiModel::ValidateBatch(const ForwardBatch& b) const {
   if (kv_ == nullptr) {
     return absl::FailedPreconditionError("KV cache is not allocated (AllocateKvCache first)");
   }
-  return ValidateForwardBatch(b, config_.vocab_size, kv_num_blocks_, kv_block_size_);
+  return ValidateForwardBatch(b, full_config_.vocab_size, kv_num_blocks_, kv_block_size_);
 }
 
 absl::Status CudaPhiModel::Forward(const ForwardBatch& batch, std::vector<float>* logits) {

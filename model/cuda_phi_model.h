@@ -1,7 +1,9 @@
-// CudaPhiModel: PhiForCausalLM on one CUDA device (world size 1), bf16 or fp16 storage with float32
-// accumulation. Plain C++: every device call goes through kernels/device.h and the CUDA ops'
-// entry points (kernels/cuda/*_cuda.h), so this file needs no CUDA headers. Built only when
-// PHISHARD_HAVE_CUDA (the .cc is empty otherwise).
+// CudaPhiModel: PhiForCausalLM on one CUDA device, bf16 or fp16 storage with float32
+// accumulation; with a communicator of world size W > 1, one tensor-parallel rank of W holding
+// its PhiShard slices (model/cuda_phi_tp.cc, docs/tensor-parallel.md). Plain C++: every device
+// call goes through kernels/device.h and the CUDA ops' entry points (kernels/cuda/*_cuda.h), so
+// this file needs no CUDA headers. Built only when PHISHARD_HAVE_CUDA (the .cc is empty
+// otherwise).
 //
 // Memory (device): the weights in one allocation (q/k/v fused into one [(nH + 2 nKV) hd, H]
 // projection at load); the KV pool in one allocation (per layer K then V, each
@@ -38,7 +40,9 @@
 #include "model/forward_batch.h"
 #include "model/model_backend.h"
 #include "model/phi_config.h"
+#include "model/phi_weights.h"
 #include "model/safetensors.h"
+#include "parallel/communicator.h"
 
 namespace phishard {
 
@@ -66,6 +70,11 @@ struct CudaModelOptions {
   // GEMV kernels launched as programmatic dependents (Hopper PDL): each prefetches its weights
   // while the kernel before it finishes (kernels/cuda/gemv_cuda.h).
   bool pdl = false;
+  // Tensor parallelism (spec §6.8-6.9, docs/tensor-parallel.md): the group's device communicator
+  // (NCCL; not owned, must outlive the model), or nullptr / world size 1 for an unsharded model.
+  // The model then holds rank comm->rank()'s slices (MakePhiShard) and runs on `device`, which
+  // must be the communicator's.
+  Communicator* comm = nullptr;
 };
 
 class CudaPhiModel final : public ModelBackend {
@@ -85,7 +94,7 @@ class CudaPhiModel final : public ModelBackend {
   CudaPhiModel(const CudaPhiModel&) = delete;
   CudaPhiModel& operator=(const CudaPhiModel&) = delete;
 
-  const PhiConfig& config() const override { return config_; }
+  const PhiConfig& config() const override { return full_config_; }
   std::string device_type() const override { return "cuda"; }
   std::string dtype_name() const override;
 
@@ -107,6 +116,14 @@ class CudaPhiModel final : public ModelBackend {
   // Device bytes held by adapter copies (tests: back to 0 after every offload).
   int64_t adapter_device_bytes() const;
   int num_lora_decode_graphs() const;
+  // Tensor parallelism (model/cuda_phi_tp.cc).
+  int tp_rank() const override { return shard_.rank; }
+  int tp_world_size() const override { return shard_.world_size; }
+  absl::StatusOr<LoraAdapter> ShardAdapter(LoraAdapter full) const override;
+  const PhiShard& shard() const { return shard_; }
+  // Benchmarks only: skip every collective (wrong results; every rank must set the same value).
+  // Times a step without its all-reduces. Drops graphs.
+  void set_tp_skip_collectives(bool on);
   // A 4-byte device-to-host copy on a separate stream, safe while Forward runs on another thread.
   absl::Status Ping() override;
 
@@ -149,7 +166,7 @@ class CudaPhiModel final : public ModelBackend {
   cudaStream_t stream() const { return stream_; }
 
  private:
-  CudaPhiModel(PhiConfig config, DataType dtype, int device);
+  CudaPhiModel(PhiConfig config, PhiShard shard, Communicator* comm, DataType dtype, int device);
   static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Init(const PhiConfig& config,
                                                             const CudaModelOptions& options);
   absl::Status Finish(const CudaModelOptions& options);
@@ -167,8 +184,22 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status EnqueueLogits(const void* hidden, int rows, float* logits);
   absl::Status Linear(const GemmParams& p, DataType y_dtype, const char* op,
                       const GemmParams* second = nullptr);
-  absl::Status CopyLogitsOut(const ForwardBatch& batch, const float* d_logits,
+  absl::Status CopyLogitsOut(const ForwardBatch& batch, const float* d_logits, int step_rows,
                              std::vector<float>* logits);
+  // Tensor-parallel pieces (model/cuda_phi_tp.cc); no-ops (or the world-size-1 path) unsharded.
+  absl::Status TpAllReduce(void* data, int rows, const char* what);  // [rows, H] dtype, in place
+  // Where the LM head writes its [rows, VocabPad(Vl)] float32 rows: `logits` unless the head is
+  // vocab-parallel, then this rank's block of the gathered buffer.
+  float* TpLocalLogits(float* logits, int rows);
+  absl::Status TpGatherLogits(int rows);
+  // Host rows [n, V] <- device logit rows [first, first + n) of a step of `step_rows` rows.
+  absl::Status DownloadLogitRows(float* host, const float* d_logits, int first, int n,
+                                 int step_rows);
+  absl::Status SyncStep();  // waits for the step (through the communicator when sharded)
+  absl::Status TpFailed(const absl::Status& st, const char* what);  // marks the model failed
+  absl::Status ReserveTpLogits(int tokens);
+  absl::StatusOr<int> AgreeKvBlocks(absl::StatusOr<int> local) const;
+  absl::StatusOr<int> LocalMaxKvBlocks(double memory_fraction, int max_batch_tokens) const;
   absl::Status EnsureDecodeCapacity(int rows, int table_pitch);
   void StepTimerStart();
   void StepTimerStop();
@@ -183,7 +214,21 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status PlanLora(const ForwardBatch& batch, bool decode, int rows);
   double LoraReserveBytes(int tokens) const;
 
+  // config_: the shapes this rank computes with (LocalPhiConfig: local heads, KV heads,
+  // intermediate units and LM-head rows); full_config_: the checkpoint's, what config() reports.
+  // The two are equal at world size 1.
   PhiConfig config_;
+  PhiConfig full_config_;
+  PhiShard shard_;
+  Communicator* comm_ = nullptr;  // non-null only when sharded
+  bool tp_skip_collectives_ = false;
+  // Vocab-parallel LM head: [W, rows, VocabPad(Vl)] float32 logits of every rank (device),
+  // sized for arena_tokens_ rows; rank r's LM head writes block r, the all-gather fills the rest.
+  float* tp_logits_ = nullptr;
+  int tp_logits_tokens_ = 0;
+  // Embedding rows this rank holds: ids [embed_row_offset_, + embed_rows_).
+  int embed_rows_ = 0;
+  int embed_row_offset_ = 0;
   DataType dtype_;
   int device_ = 0;
   int multiprocessors_ = 132;

@@ -152,7 +152,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   const PhiConfig& c = config_;
   const int T = in.tokens;
   const int H = c.hidden_size, nH = c.num_attention_heads, nKV = c.num_key_value_heads;
-  const int hd = c.head_dim, qkv_width = (nH + 2 * nKV) * hd, V = c.vocab_size;
+  const int hd = c.head_dim, qkv_width = (nH + 2 * nKV) * hd;
   const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
   char* a = static_cast<char*>(arena_);
   void* h = a + al.h;
@@ -183,11 +183,13 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                                   .table = embed_,
                                                   .out = h,
                                                   .num_tokens = T,
-                                                  .num_rows = V,
+                                                  .num_rows = embed_rows_,
                                                   .dim = H,
+                                                  .row_offset = embed_row_offset_,
                                                   .dtype = dt},
                                                  stream_),
                                    "embedding"));
+  PHI_RETURN_IF_ERROR(TpAllReduce(h, T, "embedding all-reduce"));  // vocab-parallel rows
   PagedAttentionCudaPlan prefill_plan;
   prefill_plan.max_q_len = in.max_q_len;
   prefill_plan.max_context_len = in.max_ctx;
@@ -205,7 +207,9 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
     char* v_cache = k_cache + layer_kv_bytes;
     // n = LN(h) feeds both branches (parallel residual); h += dense(attn) + fc2(gelu(fc1(n))),
-    // both accumulating straight into the residual stream.
+    // both accumulating straight into the residual stream. Sharded: rank 0 does the same with its
+    // partial sums (and the biases), the other ranks overwrite h with theirs, and one all-reduce
+    // of h per layer sums residual + every rank's partials.
     PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = h,
                                                     .weight = w.ln_w,
                                                     .bias = w.ln_b,
@@ -267,13 +271,14 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     if (lora) PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, mlp, act, stream_), "lora fc1"));
     const GemmParams fc2 =
         linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size, true, GemmEpilogue::kNone);
-    PHI_RETURN_IF_ERROR(
-        Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone), dt,
-               "dense + fc2 gemm", &fc2));
+    PHI_RETURN_IF_ERROR(Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd,
+                                      shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
+                               dt, "dense + fc2 gemm", &fc2));
     if (lora) {
       PHI_RETURN_IF_ERROR(
           KernelResult(lora_->AfterResidual(l, attn, mlp, h, stream_), "lora dense + fc2"));
     }
+    PHI_RETURN_IF_ERROR(TpAllReduce(h, T, "layer all-reduce"));  // after the LoRA partials
   }
   return absl::OkStatus();
 }
@@ -298,22 +303,26 @@ absl::Status CudaPhiModel::EnqueueLogits(const void* hidden, int rows, float* lo
   p.x = last;
   p.w = lm_head_w_;
   p.bias = lm_head_b_;
-  p.y = logits;
+  p.y = TpLocalLogits(logits, rows);  // `logits` unless the LM head is vocab-parallel
   p.m = rows;
   p.n = c.vocab_size;
   p.k = c.hidden_size;
   p.ldy = VocabPad(c.vocab_size);
   p.dtype = dtype_;
   PHI_RETURN_IF_ERROR(Linear(p, DataType::kF32, "lm_head gemm"));
-  if (!lora_->active()) return absl::OkStatus();
-  return KernelResult(lora_->AfterLmHead(last, logits, p.ldy, stream_), "lora lm_head");
+  if (lora_->active()) {
+    // Into this rank's logits (its vocabulary rows when the head is vocab-parallel).
+    PHI_RETURN_IF_ERROR(KernelResult(
+        lora_->AfterLmHead(last, static_cast<float*>(p.y), p.ldy, stream_), "lora lm_head"));
+  }
+  return TpGatherLogits(rows);
 }
 
 absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<float>* logits) {
   const PhiConfig& c = config_;
   const int T = batch.num_tokens(), S = static_cast<int>(batch.seqs.size());
   const int R = static_cast<int>(batch.logit_rows.size());
-  const int H = c.hidden_size, V = c.vocab_size;
+  const int H = c.hidden_size, V = full_config_.vocab_size;
   if (T > arena_tokens_) {
     PHI_LOG(WARNING) << "step of " << T << " tokens exceeds the reserved workspace of "
                      << arena_tokens_ << " tokens: growing it (a device allocation on the step "
@@ -390,12 +399,9 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
                                    stream_),
                      "gather logit rows"));
     PHI_RETURN_IF_ERROR(EnqueueLogits(a + al.last, R, d_logits));
-    PHI_RETURN_IF_ERROR(
-        DeviceStatus(DeviceCopy2DToHost(logits->data(), sizeof(float) * V, d_logits,
-                                        sizeof(float) * VocabPad(V), sizeof(float) * V, R, stream_),
-                     "logits download"));
+    PHI_RETURN_IF_ERROR(DownloadLogitRows(logits->data(), d_logits, 0, R, R));
   }
-  if (absl::Status st = DeviceStatus(DeviceStreamSync(stream_), "step"); !st.ok()) {
+  if (absl::Status st = SyncStep(); !st.ok()) {
     healthy_ = false;
     return st;
   }
@@ -487,6 +493,8 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
       if (!st.ok()) {
         // Nothing ran during the capture (the eager step above did the work), so an op refusing
         // to be captured is no device fault; a real one shows in the step's sync below.
+        // Ranks must all replay or all run eager (their NCCL calls pair up): no fallback.
+        if (shard_.sharded()) return TpFailed(st, "decode graph capture");
         PHI_LOG(WARNING) << "decode steps stay eager: " << st;
         healthy_ = true;
         use_graphs_ = false;
@@ -496,26 +504,22 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
   }
   const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
   return CopyLogitsOut(
-      batch, reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), logits);
+      batch, reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), B, logits);
 }
 
 // Requested rows of the device logits [rows, VocabPad(V)] -> pinned staging (one 2-D copy per
 // run of consecutive rows) -> `logits` [R, V]; ends the step with its stream sync.
 absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float* d_logits,
-                                         std::vector<float>* logits) {
-  const int V = config_.vocab_size, R = static_cast<int>(batch.logit_rows.size());
-  const size_t pad = VocabPad(V);
+                                         int step_rows, std::vector<float>* logits) {
+  const int V = full_config_.vocab_size, R = static_cast<int>(batch.logit_rows.size());
   for (int r = 0; r < R;) {
     int n = 1;
     while (r + n < R && batch.logit_rows[r + n] == batch.logit_rows[r] + n) ++n;
-    PHI_RETURN_IF_ERROR(DeviceStatus(
-        DeviceCopy2DToHost(logits_host_ + static_cast<size_t>(r) * V, sizeof(float) * V,
-                           d_logits + static_cast<size_t>(batch.logit_rows[r]) * pad,
-                           sizeof(float) * pad, sizeof(float) * V, n, stream_),
-        "logits download"));
+    PHI_RETURN_IF_ERROR(DownloadLogitRows(logits_host_ + static_cast<size_t>(r) * V, d_logits,
+                                          batch.logit_rows[r], n, step_rows));
     r += n;
   }
-  if (absl::Status st = DeviceStatus(DeviceStreamSync(stream_), "step"); !st.ok()) {
+  if (absl::Status st = SyncStep(); !st.ok()) {
     healthy_ = false;
     return st;
   }
@@ -556,7 +560,7 @@ absl::Status CudaPhiModel::CaptureDecodeGraphs(int max_batch) {
       DropGraphs();
       return st;
     }
-    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "graph warmup"));
+    PHI_RETURN_IF_ERROR(SyncStep());
   }
   return absl::OkStatus();
 }

@@ -11,19 +11,25 @@ namespace {
 
 // --- CUDA backend hook -------------------------------------------------------------------------
 // model/cuda_phi_model.h (built when PHISHARD_HAVE_CUDA): dtype "", "float16", "bfloat16"; one
-// GPU per rank (device = rank); tensor parallelism on CUDA is not implemented yet.
+// GPU per rank, cuda:{rank % visible devices} (the NCCL communicator's device, spec §1.5).
 #if defined(PHISHARD_HAVE_CUDA) && PHISHARD_HAVE_CUDA
 constexpr bool kCudaBackendBuiltIn = true;
 
 absl::StatusOr<std::unique_ptr<ModelBackend>> CreateCudaModelBackend(
     const ModelLoadOptions& options) {
-  if (options.world_size != 1) {
-    return absl::UnimplementedError(absl::StrFormat(
-        "world_size %d on device 'cuda': the CUDA backend runs unsharded (world_size 1) only",
-        options.world_size));
+  if (options.world_size != 1 && (options.comm == nullptr || options.comm->rank() != options.rank ||
+                                  options.comm->world_size() != options.world_size ||
+                                  options.comm->memory_space() != MemorySpace::kDevice)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "rank %d of world_size %d on device 'cuda' needs the group's device (NCCL) communicator of "
+        "that rank and size (create it before loading the model)",
+        options.rank, options.world_size));
   }
+  const int visible = CudaDeviceCount();
   absl::StatusOr<std::unique_ptr<CudaPhiModel>> model = CudaPhiModel::Load(
-      options.model_dir, CudaModelOptions{.dtype = options.dtype, .device = options.rank});
+      options.model_dir, CudaModelOptions{.dtype = options.dtype,
+                                          .device = visible > 0 ? options.rank % visible : 0,
+                                          .comm = options.world_size > 1 ? options.comm : nullptr});
   if (!model.ok()) return model.status();
   return std::unique_ptr<ModelBackend>(*std::move(model));
 }
@@ -74,11 +80,16 @@ absl::StatusOr<std::string> ResolveDevice(const std::string& device) {
 absl::Status CheckTensorParallelSupport(const std::string& device, int world_size) {
   absl::StatusOr<std::string> resolved = ResolveDevice(device);
   if (!resolved.ok()) return resolved.status();
-  if (world_size <= 1 || *resolved == "cpu") return absl::OkStatus();
-  return absl::UnimplementedError(absl::StrFormat(
-      "tensor parallelism (WORLD_SIZE=%d) is not implemented on device 'cuda' yet: the CUDA "
-      "backend runs unsharded; run --num-shard 1 per GPU, or --device cpu to shard on the CPU",
-      world_size));
+  // Both backends shard (CPU over Gloo, CUDA over NCCL); the split itself (heads, intermediate
+  // size divisible by world_size) is checked when the weights load. A CUDA rank that could not
+  // load is refused here, before it makes its peers wait in the rendezvous.
+  if (world_size <= 1 || *resolved == "cpu" || CudaBackendUsable()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "tensor parallelism (WORLD_SIZE=%d) on device 'cuda' needs %s; use --device cpu to shard "
+      "on the CPU",
+      world_size,
+      kCudaBackendBuiltIn ? "a visible CUDA device (check CUDA_VISIBLE_DEVICES and the driver)"
+                          : "a build with the CUDA backend"));
 }
 
 absl::StatusOr<std::unique_ptr<ModelBackend>> CreateModelBackend(const ModelLoadOptions& options) {

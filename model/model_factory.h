@@ -26,8 +26,8 @@ struct ModelLoadOptions {
 // device "auto" picks cuda when a GPU is visible and the CUDA backend is built in, else cpu.
 // Errors: INVALID_ARGUMENT for an unknown device, a dtype the backend cannot compute in, a
 // rank outside [0, world_size), or world_size > 1 without a communicator of that rank and size;
-// FAILED_PRECONDITION for "cuda" without a usable CUDA backend; UNIMPLEMENTED for world_size > 1
-// on a backend without tensor parallelism (cuda, for now); config/weight errors as they are.
+// FAILED_PRECONDITION for "cuda" without a usable CUDA backend; config/weight errors as they are
+// (INVALID_ARGUMENT naming the config field when the model does not split over world_size).
 absl::StatusOr<std::unique_ptr<ModelBackend>> CreateModelBackend(const ModelLoadOptions& options);
 
 // "cpu" or "cuda": what CreateModelBackend would use for `device` ("auto" resolved).

@@ -6,6 +6,22 @@
 
 namespace phishard {
 
+absl::Status Communicator::EnqueueAllReduceSum(void*, size_t, DataType, void*) {
+  return absl::UnimplementedError(
+      "stream-ordered all-reduce needs a device communicator (NCCL); this one works on host "
+      "memory");
+}
+
+absl::Status Communicator::EnqueueAllGather(const void*, void*, size_t, DataType, void*) {
+  return absl::UnimplementedError(
+      "stream-ordered all-gather needs a device communicator (NCCL); this one works on host "
+      "memory");
+}
+
+absl::Status Communicator::SyncStream(void*) {
+  return absl::UnimplementedError("SyncStream needs a device communicator (NCCL)");
+}
+
 absl::Status LocalCommunicator::CheckAborted() const {
   absl::MutexLock lock(&mu_);
   if (!abort_reason_.empty()) return absl::AbortedError(abort_reason_);

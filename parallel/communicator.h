@@ -14,6 +14,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/dtype.h"
 
 namespace phishard {
 
@@ -39,6 +40,24 @@ class Communicator {
   // `bytes` bytes of root's `data` to every rank.
   virtual absl::Status Broadcast(void* data, size_t bytes, int root) = 0;
   virtual absl::Status Barrier() = 0;
+
+  // --- Stream-ordered collectives (device communicators; UNIMPLEMENTED elsewhere) ---
+  // These enqueue the collective on `stream` (a cudaStream_t, which may be capturing a CUDA
+  // graph) after the work already there and return without waiting for it, so a model step can
+  // put them between its kernels and into its decode graphs. `dtype` is kF32, kF16 or kBF16.
+  // Every rank must enqueue the same collectives in the same order, and either all ranks capture
+  // an operation into a graph or none do (then all replay that graph together).
+  // In-place sum over ranks of `count` elements.
+  virtual absl::Status EnqueueAllReduceSum(void* data, size_t count, DataType dtype, void* stream);
+  // recv[r * count .. (r+1) * count) = send of rank r (in place when send = recv + rank * count).
+  virtual absl::Status EnqueueAllGather(const void* send, void* recv, size_t count, DataType dtype,
+                                        void* stream);
+  // Waits until everything enqueued on `stream` has completed. Unlike a plain stream
+  // synchronisation it never hangs on a dead or aborted peer: it watches Abort(), the library's
+  // asynchronous errors and the collective timeout, and aborts the communicator (which ends its
+  // kernels) before returning the error.
+  virtual absl::Status SyncStream(void* stream);
+
   // Tears the communicator down so every pending and future collective fails instead of hanging,
   // here and (through the closed connections) on the peers. Any thread may call it, also while
   // another thread is inside a collective.

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <utility>
 
@@ -23,10 +25,24 @@ std::string NcclText(ncclResult_t r, ncclComm_t comm) {
                       last != nullptr ? last : "", last != nullptr && last[0] != '\0' ? ")" : "");
 }
 
-// Polling cadence while waiting on the GPU or on NCCL: spin (yielding) for the first 50 us, which
-// covers a decode-sized all-reduce, then sleep 100 us per check to leave the CPU to others.
-void PollPause(absl::Time start) {
-  if (absl::Now() - start < absl::Microseconds(50)) {
+ncclDataType_t NcclType(DataType t) {
+  switch (t) {
+    case DataType::kF32:
+      return ncclFloat32;
+    case DataType::kF16:
+      return ncclFloat16;
+    case DataType::kBF16:
+      return ncclBfloat16;
+  }
+  return ncclFloat32;
+}
+
+// Polling cadence while waiting on the GPU or on NCCL: spin (yielding) for the first `spin`, then
+// sleep 100 us per check to leave the CPU to others. A standalone collective spins 50 us (a
+// decode-sized all-reduce); a model step spins longer (SyncStream), since a 100 us sleep would
+// add to every decode step.
+void PollPause(absl::Time start, absl::Duration spin = absl::Microseconds(50)) {
+  if (absl::Now() - start < spin) {
     std::this_thread::yield();
   } else {
     std::this_thread::sleep_for(std::chrono::microseconds(100));
@@ -52,6 +68,9 @@ struct NcclCommunicator::Impl {
   // Tells the peers when we abort and tells us when they abort or die; NCCL itself may not notice
   // a dead peer over peer-to-peer transports.
   std::unique_ptr<AbortWatch> watch;
+  // ncclCommAbort runs here (AbortCommLocked); `abort_done` is set when it has returned.
+  std::thread abort_thread;
+  std::shared_ptr<std::atomic<bool>> abort_done = std::make_shared<std::atomic<bool>>(false);
 
   ~Impl() {
     watch.reset();  // joins its thread, which may call RequestAbort()
@@ -76,6 +95,24 @@ struct NcclCommunicator::Impl {
       }
       comm_gone = true;
     }
+    if (abort_thread.joinable()) {
+      // Normally quick: the users of the communicator (a model and its CUDA graphs) are gone by
+      // now. A CUDA graph that still holds one of its collectives would keep the abort waiting
+      // forever; then the process leaves it behind rather than hang here.
+      const absl::Time until = absl::Now() + absl::Seconds(10);
+      while (!abort_done->load() && absl::Now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      if (abort_done->load()) {
+        abort_thread.join();
+      } else {
+        PHI_LOG(WARNING) << "rank " << rank
+                         << ": ncclCommAbort has not returned after 10 s (a CUDA graph still "
+                            "holds the communicator's collectives); leaving it behind";
+        abort_thread.detach();
+        return;  // its device resources may still be in use
+      }
+    }
     if (scratch != nullptr) cudaFree(scratch);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
@@ -95,10 +132,20 @@ struct NcclCommunicator::Impl {
     abort_requested.store(true);
   }
 
+  // ncclCommAbort first raises NCCL's abort flag, which ends its kernels (a collective waiting
+  // for a dead peer returns), and then waits until every CUDA graph that captured one of the
+  // comm's collectives has been destroyed. Those graphs belong to our caller (a model's decode
+  // graphs), which can drop them only once the failed call has returned, so the abort runs on
+  // its own thread and the call returns at once.
   void AbortCommLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu) {
     if (comm != nullptr && !comm_gone) {
-      ncclCommAbort(comm);
       comm_gone = true;
+      PHI_LOG(WARNING) << "rank " << rank << ": aborting the NCCL communicator";
+      abort_thread = std::thread([c = comm, dev = device, done = abort_done] {
+        cudaSetDevice(dev);
+        ncclCommAbort(c);
+        done->store(true);
+      });
     }
   }
 
@@ -128,8 +175,10 @@ struct NcclCommunicator::Impl {
   // Waits for the NCCL call that returned `issued`: first its enqueue (ncclInProgress while the
   // non-blocking communicator is still posting it), then its completion on `stream`, watching
   // for asynchronous NCCL errors, Abort() and the deadline all along.
-  absl::Status WaitLocked(const std::string& what, ncclResult_t issued)
+  absl::Status WaitLocked(const std::string& what, ncclResult_t issued, cudaStream_t on = nullptr,
+                          absl::Duration spin = absl::Microseconds(50))
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu) {
+    if (on == nullptr) on = stream;
     if (issued != ncclSuccess && issued != ncclInProgress) {
       return FailLocked(absl::StatusCode::kInternal,
                         absl::StrCat("rank ", rank, ": NCCL ", what, ": ", NcclText(issued, comm)));
@@ -152,7 +201,7 @@ struct NcclCommunicator::Impl {
             absl::StrCat("rank ", rank, ": NCCL ", what, " failed: ", NcclText(state, comm)));
       }
       if (state == ncclSuccess) {
-        cudaError_t q = cudaStreamQuery(stream);
+        cudaError_t q = cudaStreamQuery(on);
         if (q == cudaSuccess) return absl::OkStatus();
         if (q != cudaErrorNotReady) {
           return FailLocked(absl::StatusCode::kInternal,
@@ -165,6 +214,40 @@ struct NcclCommunicator::Impl {
             absl::StatusCode::kDeadlineExceeded,
             absl::StrCat("rank ", rank, ": NCCL ", what, " did not complete within ",
                          absl::FormatDuration(op_timeout), " (a peer is missing or stuck)"));
+      }
+      PollPause(start, spin);
+    }
+  }
+
+  // Waits until the non-blocking communicator has posted the call that returned `issued` onto
+  // its stream (ncclInProgress until then); never touches the stream, which may be capturing.
+  absl::Status PostedLocked(const std::string& what, ncclResult_t issued)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu) {
+    if (issued == ncclSuccess) return absl::OkStatus();
+    if (issued != ncclInProgress) {
+      return FailLocked(absl::StatusCode::kInternal,
+                        absl::StrCat("rank ", rank, ": NCCL ", what, ": ", NcclText(issued, comm)));
+    }
+    const absl::Time start = absl::Now();
+    for (;;) {
+      if (abort_requested.load()) {
+        AbortCommLocked();
+        return absl::AbortedError(
+            absl::StrCat("rank ", rank, ": ", what, " interrupted by abort: ", AbortReason()));
+      }
+      ncclResult_t state = ncclSuccess;
+      ncclResult_t r = ncclCommGetAsyncError(comm, &state);
+      if (r != ncclSuccess) state = r;
+      if (state == ncclSuccess) return absl::OkStatus();
+      if (state != ncclInProgress) {
+        return FailLocked(
+            absl::StatusCode::kUnavailable,
+            absl::StrCat("rank ", rank, ": NCCL ", what, " failed: ", NcclText(state, comm)));
+      }
+      if (absl::Now() - start >= op_timeout) {
+        return FailLocked(absl::StatusCode::kDeadlineExceeded,
+                          absl::StrCat("rank ", rank, ": NCCL ", what, " was not posted within ",
+                                       absl::FormatDuration(op_timeout)));
       }
       PollPause(start);
     }
@@ -319,6 +402,43 @@ absl::Status NcclCommunicator::Barrier() {
   ncclResult_t r = ncclAllReduce(impl_->scratch, impl_->scratch, 1, ncclFloat32, ncclSum,
                                  impl_->comm, impl_->stream);
   return impl_->WaitLocked("barrier", r);
+}
+
+absl::Status NcclCommunicator::EnqueueAllReduceSum(void* data, size_t count, DataType dtype,
+                                                   void* stream) {
+  absl::MutexLock lock(&impl_->op_mu);
+  if (absl::Status s = impl_->BeginLocked("all-reduce"); !s.ok() || count == 0) return s;
+  ncclResult_t r = ncclAllReduce(data, data, count, NcclType(dtype), ncclSum, impl_->comm,
+                                 static_cast<cudaStream_t>(stream));
+  return impl_->PostedLocked(
+      absl::StrCat("all-reduce of ", count, " ", DataTypeName(dtype), " elements"), r);
+}
+
+absl::Status NcclCommunicator::EnqueueAllGather(const void* send, void* recv, size_t count,
+                                                DataType dtype, void* stream) {
+  const size_t esize = DataTypeSize(dtype);
+  const char* s_begin = static_cast<const char*>(send);
+  const char* r_begin = static_cast<const char*>(recv);
+  const char* own_slot = r_begin + static_cast<size_t>(impl_->rank) * count * esize;
+  if (s_begin != own_slot && s_begin < r_begin + impl_->world_size * count * esize &&
+      r_begin < s_begin + count * esize) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank ", impl_->rank, ": all-gather send buffer overlaps recv other than in place"));
+  }
+  absl::MutexLock lock(&impl_->op_mu);
+  if (absl::Status s = impl_->BeginLocked("all-gather"); !s.ok() || count == 0) return s;
+  ncclResult_t r = ncclAllGather(send, recv, count, NcclType(dtype), impl_->comm,
+                                 static_cast<cudaStream_t>(stream));
+  return impl_->PostedLocked(
+      absl::StrCat("all-gather of ", count, " ", DataTypeName(dtype), " elements"), r);
+}
+
+absl::Status NcclCommunicator::SyncStream(void* stream) {
+  absl::MutexLock lock(&impl_->op_mu);
+  if (absl::Status s = impl_->BeginLocked("step"); !s.ok()) return s;
+  // A whole decode step is a few ms: yield-spin through it (as cudaStreamSynchronize would).
+  return impl_->WaitLocked("step", ncclSuccess, static_cast<cudaStream_t>(stream),
+                           absl::Milliseconds(200));
 }
 
 void NcclCommunicator::Abort(const std::string& reason) {

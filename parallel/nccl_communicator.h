@@ -1,11 +1,12 @@
 // NcclCommunicator: collectives on device buffers through NCCL, one GPU per rank. Built only with
 // the CUDA backend (PHISHARD_HAVE_NCCL); this header itself needs no CUDA or NCCL headers.
 //
-// Device: cuda:{rank % visible devices} (spec §1.5). Collectives run on the communicator's own
-// high-priority stream (stream()) and return once they have completed; while waiting, the host
-// polls the stream and ncclCommGetAsyncError, so a dead peer, an NCCL fault, Abort() from another
-// thread, or `op_timeout` ends the wait with an error (the communicator is then aborted with
-// ncclCommAbort) instead of hanging. The communicator is created non-blocking
+// Device: cuda:{rank % visible devices} (spec §1.5). The blocking collectives run on the
+// communicator's own high-priority stream (stream()) and return once they have completed; the
+// Enqueue* ones run on the caller's stream (a model step, or its graph capture); while waiting, the
+// host polls the stream and ncclCommGetAsyncError, so a dead peer, an NCCL fault, Abort() from
+// another thread, or `op_timeout` ends the wait with an error (the communicator is then aborted
+// with ncclCommAbort) instead of hanging. The communicator is created non-blocking
 // (ncclConfig_t.blocking = 0) for the same reason: initialisation is bounded by `setup_timeout`.
 #pragma once
 
@@ -38,6 +39,15 @@ class NcclCommunicator final : public Communicator {
   absl::Status Broadcast(void* data, size_t bytes, int root) override;
   // NCCL has no barrier: a one-float all-reduce on a scratch device buffer.
   absl::Status Barrier() override;
+  // Stream-ordered (communicator.h): NCCL on the caller's stream, capturable in CUDA graphs; each
+  // returns once NCCL has posted the operation (the non-blocking communicator may take a moment).
+  absl::Status EnqueueAllReduceSum(void* data, size_t count, DataType dtype, void* stream) override;
+  absl::Status EnqueueAllGather(const void* send, void* recv, size_t count, DataType dtype,
+                                void* stream) override;
+  // Polls `stream` and ncclCommGetAsyncError (yielding, no sleep for the first 200 ms) until the
+  // stream is idle; Abort() from any thread (the abort watch calls it when a peer dies), an NCCL
+  // error or the collective timeout abort the communicator and end the wait with the reason.
+  absl::Status SyncStream(void* stream) override;
   void Abort(const std::string& reason) override;
 
  private:

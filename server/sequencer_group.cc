@@ -31,6 +31,15 @@ class ShardGroup::WatchedCommunicator final : public Communicator {
     return Watch(inner_->Broadcast(data, bytes, root));
   }
   absl::Status Barrier() override { return Watch(inner_->Barrier()); }
+  absl::Status EnqueueAllReduceSum(void* data, size_t count, DataType dtype,
+                                   void* stream) override {
+    return Watch(inner_->EnqueueAllReduceSum(data, count, dtype, stream));
+  }
+  absl::Status EnqueueAllGather(const void* send, void* recv, size_t count, DataType dtype,
+                                void* stream) override {
+    return Watch(inner_->EnqueueAllGather(send, recv, count, dtype, stream));
+  }
+  absl::Status SyncStream(void* stream) override { return Watch(inner_->SyncStream(stream)); }
   void Abort(const std::string& reason) override { inner_->Abort(reason); }
 
  private:

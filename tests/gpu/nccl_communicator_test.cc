@@ -136,6 +136,82 @@ class Rank {
       cudaFree(d_all);
     }
     if (absl::Status s = c.Barrier(); !s.ok()) return Fail(s.ToString());
+    return StreamOrdered(c);
+  }
+
+  // The stream-ordered API a model step uses: bf16 all-reduce and f32 all-gather enqueued on the
+  // caller's stream, then the same all-reduce captured in a CUDA graph and replayed twice (each
+  // replay doubles the sum of the two ranks: 3k, then 2 x 3k = 6k... exact small integers).
+  int StreamOrdered(NcclCommunicator& c) {
+    constexpr size_t kCount = 4096;
+    cudaStream_t stream = nullptr;
+    float* d = nullptr;
+    uint16_t* h16 = nullptr;
+    if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaMalloc(&d, 2 * kCount * sizeof(float)) != cudaSuccess ||
+        cudaMalloc(&h16, kCount * sizeof(uint16_t)) != cudaSuccess) {
+      return Fail("stream/cudaMalloc");
+    }
+    // bf16 of a small integer = the top half of its float bits.
+    auto bf16 = [](float f) {
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      return static_cast<uint16_t>(u >> 16);
+    };
+    std::vector<uint16_t> in16(kCount), out16(kCount);
+    for (size_t i = 0; i < kCount; ++i) in16[i] = bf16(static_cast<float>((rank_ + 1) * (i % 7)));
+    cudaMemcpy(h16, in16.data(), kCount * 2, cudaMemcpyHostToDevice);
+    if (absl::Status s = c.EnqueueAllReduceSum(h16, kCount, DataType::kBF16, stream); !s.ok()) {
+      return Fail("enqueue bf16 all-reduce: " + s.ToString());
+    }
+    if (absl::Status s = c.SyncStream(stream); !s.ok()) return Fail("sync: " + s.ToString());
+    cudaMemcpy(out16.data(), h16, kCount * 2, cudaMemcpyDeviceToHost);
+    for (size_t i = 0; i < kCount; ++i) {
+      if (out16[i] != bf16(3.0f * static_cast<float>(i % 7))) return Fail("bf16 all-reduce");
+    }
+    // In-place f32 all-gather on the stream.
+    std::vector<float> mine(kCount), all(2 * kCount);
+    for (size_t i = 0; i < kCount; ++i) mine[i] = Value(rank_, i);
+    cudaMemcpy(d + rank_ * kCount, mine.data(), kCount * 4, cudaMemcpyHostToDevice);
+    if (absl::Status s = c.EnqueueAllGather(d + rank_ * kCount, d, kCount, DataType::kF32, stream);
+        !s.ok()) {
+      return Fail("enqueue all-gather: " + s.ToString());
+    }
+    if (absl::Status s = c.SyncStream(stream); !s.ok()) return Fail("sync: " + s.ToString());
+    cudaMemcpy(all.data(), d, 2 * kCount * 4, cudaMemcpyDeviceToHost);
+    for (int k = 0; k < 2; ++k) {
+      for (size_t i = 0; i < kCount; ++i) {
+        if (all[k * kCount + i] != Value(k, i)) return Fail("stream all-gather");
+      }
+    }
+    // Captured (thread-local mode, as the model's decode graphs are) and replayed.
+    cudaMemcpy(d, mine.data(), kCount * 4, cudaMemcpyHostToDevice);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+      return Fail("begin capture");
+    }
+    absl::Status enq = c.EnqueueAllReduceSum(d, kCount, DataType::kF32, stream);
+    if (cudaStreamEndCapture(stream, &graph) != cudaSuccess || !enq.ok()) {
+      return Fail("capture of an all-reduce: " + enq.ToString());
+    }
+    if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return Fail("graph instantiate");
+    for (int replay = 1; replay <= 2; ++replay) {
+      if (cudaGraphLaunch(exec, stream) != cudaSuccess) return Fail("graph launch");
+      if (absl::Status s = c.SyncStream(stream); !s.ok()) return Fail("sync: " + s.ToString());
+      cudaMemcpy(all.data(), d, kCount * 4, cudaMemcpyDeviceToHost);
+      const float factor = replay == 1 ? 3.0f : 6.0f;  // (1 + 2) k, then 2 x 3k
+      for (size_t i = 0; i < kCount; ++i) {
+        if (all[i] != factor * static_cast<float>(i % 97 + 1)) {
+          return Fail(absl::StrCat("graph all-reduce replay ", replay, " at ", i, ": ", all[i]));
+        }
+      }
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaFree(d);
+    cudaFree(h16);
+    cudaStreamDestroy(stream);
     return 0;
   }
 

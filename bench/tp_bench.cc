@@ -1,0 +1,431 @@
+// phishard_tp_bench: tensor-parallel step times of a Phi-2-shaped model with random weights, one
+// process per rank (forked; NCCL between them), for each world size of --tp. Per case it times
+// the step as the caller of Forward sees it (host clock, logits in host memory; median of --steps)
+// twice: as served, and with every collective skipped (CudaPhiModel::set_tp_skip_collectives:
+// wrong logits, same kernels), so `comm %` = 1 - skipped / served is the share of the step spent
+// in (and waiting at) the all-reduces and the logits all-gather.
+//
+//   phishard_tp_bench [--tp 1,2] [--batches 1,32,128] [--context 1024]
+//                     [--prefills 1x2048,8x2048] [--json out.json]
+//   phishard_tp_bench --write-checkpoint DIR [--layers 32] [--tokenizer-dir D]
+//     writes a Phi-2-shaped random bf16 checkpoint (config.json, model.safetensors, the
+//     tokenizer files of D) for serving tests without a download.
+//
+// Ranks of world W use GPUs 0..W-1 (cuda:{rank % visible}). At W > 1 each rank's random weights
+// are its own (not slices of one model): timings only.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "kernels/device.h"
+#include "model/cuda_phi_model.h"
+#include "model/kv_cache.h"
+#include "model/phi_config.h"
+#include "nlohmann/json.hpp"
+#include "parallel/nccl_communicator.h"
+#include "parallel/rendezvous.h"
+
+namespace phishard {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+#define TPB_OK(expr)                                                                      \
+  do {                                                                                    \
+    const absl::Status _st = (expr);                                                      \
+    if (!_st.ok()) {                                                                      \
+      std::fprintf(stderr, "phishard_tp_bench: %s: %s\n", #expr, _st.ToString().c_str()); \
+      std::fflush(stderr);                                                                \
+      _exit(1);                                                                           \
+    }                                                                                     \
+  } while (0)
+
+std::string Phi2ConfigJson(int layers) {
+  return absl::StrFormat(
+      R"({"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": 2560,
+  "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": %d,
+  "intermediate_size": 10240, "vocab_size": 51200, "partial_rotary_factor": 0.4,
+  "rope_theta": 10000.0, "layer_norm_eps": 1e-5, "hidden_act": "gelu_new",
+  "max_position_embeddings": 8192, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "bos_token_id": 50256, "eos_token_id": 50256}
+)",
+      layers);
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+std::vector<int> ParseInts(const std::string& s) {
+  std::vector<int> out;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    out.push_back(std::stoi(std::string(p)));
+  }
+  return out;
+}
+
+struct Options {
+  std::vector<int> batches;
+  int context = 1024;
+  std::vector<std::pair<int, int>> prefills;
+  int steps = 20;
+  int layers = 32;
+  double fraction = 0.85;
+};
+
+// Times `step` (one Forward) as the median of `reps` after `warm` untimed calls.
+double TimeSteps(CudaPhiModel& m, const ForwardBatch& b, int warm, int reps) {
+  std::vector<float> logits;
+  for (int i = 0; i < warm; ++i) TPB_OK(m.Forward(b, &logits));
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = Clock::now();
+    TPB_OK(m.Forward(b, &logits));
+    ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  for (float x : logits) {
+    if (!std::isfinite(x)) {
+      std::fprintf(stderr, "phishard_tp_bench: non-finite logits\n");
+      _exit(1);
+    }
+  }
+  return Median(ms);
+}
+
+ForwardBatch DecodeBatch(int batch, int ctx, int vocab) {
+  ForwardBatch b;
+  std::mt19937 rng(batch * 1000 + ctx);
+  const int per = KvBlockAllocator::BlocksFor(ctx);
+  for (int s = 0; s < batch; ++s) {
+    std::vector<int32_t> table(per);
+    for (int i = 0; i < per; ++i) table[i] = s * per + i;
+    b.token_ids.push_back(static_cast<int32_t>(rng() % vocab));
+    b.positions.push_back(ctx - 1);
+    b.seqs.push_back({.num_new_tokens = 1, .context_len = ctx, .block_table = table});
+    b.logit_rows.push_back(s);
+  }
+  return b;
+}
+
+ForwardBatch PrefillBatch(int seqs, int len, int vocab) {
+  ForwardBatch b;
+  std::mt19937 rng(seqs * 7 + len);
+  const int per = KvBlockAllocator::BlocksFor(len);
+  for (int s = 0; s < seqs; ++s) {
+    std::vector<int32_t> table(per);
+    for (int i = 0; i < per; ++i) table[i] = s * per + i;
+    for (int i = 0; i < len; ++i) {
+      b.token_ids.push_back(static_cast<int32_t>(rng() % vocab));
+      b.positions.push_back(i);
+    }
+    b.seqs.push_back({.num_new_tokens = len, .context_len = len, .block_table = table});
+    b.logit_rows.push_back((s + 1) * len - 1);
+  }
+  return b;
+}
+
+// One rank of world W: everything on its GPU; rank 0 writes the rows to `out`.
+int RankMain(int rank, int world, int port, const Options& o, const std::string& out) {
+  int visible = 0;
+  DeviceGetCount(&visible);
+  if (visible < world) {
+    std::fprintf(stderr, "phishard_tp_bench: world %d needs %d GPUs, %d visible\n", world, world,
+                 visible);
+    return 2;
+  }
+  std::unique_ptr<ControlChannel> control;
+  std::unique_ptr<NcclCommunicator> comm;
+  if (world > 1) {
+    auto c = Rendezvous({.rank = rank,
+                         .world_size = world,
+                         .master_addr = "127.0.0.1",
+                         .master_port = port,
+                         .timeout = absl::Seconds(60)});
+    TPB_OK(c.status());
+    control = std::move(*c);
+    auto n = NcclCommunicator::Create(*control, absl::Seconds(60), absl::Seconds(120));
+    TPB_OK(n.status());
+    comm = std::move(*n);
+  }
+  absl::StatusOr<PhiConfig> config = ParsePhiConfig(Phi2ConfigJson(o.layers), "phi-2 shape");
+  TPB_OK(config.status());
+  int max_tokens = 1, max_batch = 1;
+  for (auto [s, l] : o.prefills) max_tokens = std::max(max_tokens, s * l);
+  for (int b : o.batches) max_batch = std::max(max_batch, b);
+  const auto t0 = Clock::now();
+  auto made = CudaPhiModel::CreateRandom(*config,
+                                         {.dtype = "bfloat16",
+                                          .device = rank % visible,
+                                          .reserve_tokens = max_tokens,
+                                          .max_graph_batch = max_batch,
+                                          .comm = comm.get()},
+                                         1234 + rank);
+  TPB_OK(made.status());
+  CudaPhiModel& m = **made;
+  auto blocks = m.MaxKvBlocks(o.fraction, max_tokens);
+  TPB_OK(blocks.status());
+  TPB_OK(m.AllocateKvCache(*blocks, kKvBlockSize));
+  TPB_OK(m.FillKvCacheRandom(99));
+  TPB_OK(m.CaptureDecodeGraphs(max_batch));
+  const double setup_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const int V = config->vocab_size;
+
+  json rows = json::array();
+  auto both = [&](const ForwardBatch& b, int warm, int reps, json row) {
+    row["ms"] = TimeSteps(m, b, warm, reps);
+    if (world > 1) {
+      m.set_tp_skip_collectives(true);
+      row["ms_no_comm"] = TimeSteps(m, b, warm, reps);
+      m.set_tp_skip_collectives(false);
+    } else {
+      row["ms_no_comm"] = row["ms"];
+    }
+    row["comm_share"] = 1.0 - row["ms_no_comm"].get<double>() / row["ms"].get<double>();
+    rows.push_back(row);
+  };
+  for (int b : o.batches) {
+    const int need = b * KvBlockAllocator::BlocksFor(o.context);
+    if (need > m.kv_num_blocks()) continue;
+    both(DecodeBatch(b, o.context, V), 3, o.steps,
+         {{"kind", "decode"}, {"batch", b}, {"context", o.context}});
+  }
+  for (auto [s, l] : o.prefills) {
+    if (s * KvBlockAllocator::BlocksFor(l) > m.kv_num_blocks()) continue;
+    both(PrefillBatch(s, l, V), 1, std::max(3, o.steps / 4),
+         {{"kind", "prefill"}, {"batch", s}, {"tokens", l}});
+  }
+  if (rank == 0) {
+    json j = {{"world", world},
+              {"setup_s", setup_s},
+              {"weight_gb_per_rank", m.weight_bytes() / 1e9},
+              {"kv_blocks", m.kv_num_blocks()},
+              {"rows", rows}};
+    std::ofstream f(out);
+    f << j.dump(1) << "\n";
+    if (!f.good()) return 1;
+  }
+  return 0;
+}
+
+int RunWorld(int world, const Options& o, const std::string& out) {
+  const int port = 29700 + (getpid() % 1000) + world;
+  std::vector<pid_t> kids;
+  for (int r = 0; r < world; ++r) {
+    std::fflush(stdout);
+    std::fflush(stderr);
+    pid_t pid = fork();
+    if (pid == 0) _exit(RankMain(r, world, port, o, out));
+    kids.push_back(pid);
+  }
+  int worst = 0;
+  for (pid_t pid : kids) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (code != 0 && worst == 0) {
+      worst = code;  // the first failure; the others die of the SIGKILL below
+      for (pid_t other : kids) kill(other, SIGKILL);  // a lone rank would wait for its peer
+    }
+  }
+  return worst;
+}
+
+// --- random checkpoint ---------------------------------------------------------------------------
+
+uint16_t ToBF16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Uniform values in center +- spread as bf16, from a counter hash (reproducible, parallel).
+void FillRandom(uint16_t* out, size_t n, uint64_t seed, float center, float spread) {
+  const unsigned threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([=] {
+      for (size_t i = n * t / threads; i < n * (t + 1) / threads; ++i) {
+        uint64_t z = seed * 0x9E3779B97F4A7C15ull + i;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        const float u = static_cast<float>(z >> 40) / static_cast<float>(1 << 24);  // [0, 1)
+        out[i] = ToBF16(center + spread * (2.0f * u - 1.0f));
+      }
+    });
+  }
+  for (std::thread& th : pool) th.join();
+}
+
+int WriteCheckpoint(const fs::path& dir, int layers, const fs::path& tokenizer_dir) {
+  absl::StatusOr<PhiConfig> c = ParsePhiConfig(Phi2ConfigJson(layers), "phi-2 shape");
+  TPB_OK(c.status());
+  const int64_t H = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
+  struct T {
+    std::string name;
+    std::vector<int64_t> shape;
+    float center, spread;
+  };
+  const float w = 0.02f * 1.7320508f;  // uniform with std 0.02 (the HF initialiser's)
+  std::vector<T> ts = {{"model.embed_tokens.weight", {V, H}, 0, w},
+                       {"model.final_layernorm.weight", {H}, 1, 0.1f},
+                       {"model.final_layernorm.bias", {H}, 0, 0.01f},
+                       {"lm_head.weight", {V, H}, 0, w},
+                       {"lm_head.bias", {V}, 0, 0.01f}};
+  for (int l = 0; l < layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    ts.push_back({p + "input_layernorm.weight", {H}, 1, 0.1f});
+    ts.push_back({p + "input_layernorm.bias", {H}, 0, 0.01f});
+    for (const char* proj : {"q_proj", "k_proj", "v_proj", "dense"}) {
+      ts.push_back({absl::StrCat(p, "self_attn.", proj, ".weight"), {H, H}, 0, w});
+      ts.push_back({absl::StrCat(p, "self_attn.", proj, ".bias"), {H}, 0, 0.01f});
+    }
+    ts.push_back({p + "mlp.fc1.weight", {I, H}, 0, w});
+    ts.push_back({p + "mlp.fc1.bias", {I}, 0, 0.01f});
+    ts.push_back({p + "mlp.fc2.weight", {H, I}, 0, w});
+    ts.push_back({p + "mlp.fc2.bias", {H}, 0, 0.01f});
+  }
+  json header = json::object();
+  size_t off = 0;
+  for (const T& t : ts) {
+    size_t n = 1;
+    for (int64_t d : t.shape) n *= static_cast<size_t>(d);
+    header[t.name] = {{"dtype", "BF16"}, {"shape", t.shape}, {"data_offsets", {off, off + 2 * n}}};
+    off += 2 * n;
+  }
+  header["__metadata__"] = {{"format", "pt"}};
+  std::string h = header.dump();
+  while (h.size() % 8 != 0) h.push_back(' ');
+  fs::create_directories(dir);
+  std::ofstream f(dir / "model.safetensors", std::ios::binary);
+  const uint64_t hlen = h.size();
+  f.write(reinterpret_cast<const char*>(&hlen), 8);
+  f.write(h.data(), static_cast<std::streamsize>(h.size()));
+  std::vector<uint16_t> buf;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    size_t n = 1;
+    for (int64_t d : ts[i].shape) n *= static_cast<size_t>(d);
+    buf.resize(n);
+    FillRandom(buf.data(), n, 77 + i, ts[i].center, ts[i].spread);
+    f.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(2 * n));
+  }
+  std::ofstream(dir / "config.json") << Phi2ConfigJson(layers);
+  if (!tokenizer_dir.empty()) {
+    for (const auto& e : fs::directory_iterator(tokenizer_dir)) {
+      const std::string name = e.path().filename().string();
+      if (e.is_regular_file() && name != "config.json" && e.path().extension() == ".json") {
+        fs::copy_file(e.path(), dir / e.path().filename(), fs::copy_options::overwrite_existing);
+      }
+    }
+  }
+  if (!f.good()) {
+    std::fprintf(stderr, "phishard_tp_bench: writing %s failed\n", dir.c_str());
+    return 1;
+  }
+  std::printf("wrote %s: %zu tensors, %.2f GB bf16\n", dir.c_str(), ts.size(), off / 1e9);
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  CLI::App app{"phishard_tp_bench: tensor-parallel Phi-2-shaped step times (TP=1 vs TP=N)"};
+  std::string tp = "1,2", batches = "1,32,128", prefills = "1x2048,8x2048", json_path;
+  std::string checkpoint, tokenizer_dir;
+  Options o;
+  app.add_option("--tp", tp, "world sizes to run, one after the other");
+  app.add_option("--batches", batches, "decode batch sizes");
+  app.add_option("--context", o.context, "decode context");
+  app.add_option("--prefills", prefills, "prefill cases SEQSxLEN");
+  app.add_option("--steps", o.steps, "timed decode steps per case (median)");
+  app.add_option("--layers", o.layers, "decoder layers (Phi-2: 32)");
+  app.add_option("--memory-fraction", o.fraction, "device memory each rank may use");
+  app.add_option("--json", json_path, "also write every world's rows here");
+  app.add_option("--write-checkpoint", checkpoint, "write a random checkpoint here and exit");
+  app.add_option("--tokenizer-dir", tokenizer_dir, "tokenizer files for --write-checkpoint");
+  CLI11_PARSE(app, argc, argv);
+  if (!checkpoint.empty()) return WriteCheckpoint(checkpoint, o.layers, tokenizer_dir);
+  o.batches = ParseInts(batches);
+  for (absl::string_view p : absl::StrSplit(prefills, ',', absl::SkipEmpty())) {
+    std::vector<std::string> ab = absl::StrSplit(p, 'x');
+    if (ab.size() != 2) {
+      std::fprintf(stderr, "--prefills: '%s' is not SEQSxLEN\n", std::string(p).c_str());
+      return 2;
+    }
+    o.prefills.emplace_back(std::stoi(ab[0]), std::stoi(ab[1]));
+  }
+  // No CUDA in this process: the ranks are forked children.
+  json all = json::array();
+  for (int world : ParseInts(tp)) {
+    const std::string out = absl::StrCat("/tmp/phishard_tp_bench_", getpid(), "_", world, ".json");
+    const auto t0 = Clock::now();
+    if (int code = RunWorld(world, o, out); code != 0) {
+      std::fprintf(stderr, "phishard_tp_bench: world %d failed (exit %d)\n", world, code);
+      return 1;
+    }
+    std::ifstream in(out);
+    json j = json::parse(in);
+    std::remove(out.c_str());
+    std::printf("TP=%d: ready in %.1f s (weights %.2f GB/rank, %d KV blocks), total %.1f s\n",
+                world, j["setup_s"].get<double>(), j["weight_gb_per_rank"].get<double>(),
+                j["kv_blocks"].get<int>(),
+                std::chrono::duration<double>(Clock::now() - t0).count());
+    std::fflush(stdout);
+    all.push_back(j);
+  }
+  // Table: one line per case, one column group per world size.
+  std::printf("\n%-22s", "case");
+  for (const json& w : all) std::printf(" | TP=%-2d ms   comm%%  x TP1", w["world"].get<int>());
+  std::printf("\n");
+  std::map<std::string, double> tp1;
+  auto key = [](const json& r) {
+    return r["kind"] == "decode"
+               ? absl::StrFormat("decode b%d ctx%d", r["batch"].get<int>(), r["context"].get<int>())
+               : absl::StrFormat("prefill %dx%d", r["batch"].get<int>(), r["tokens"].get<int>());
+  };
+  for (const json& r : all[0]["rows"]) tp1[key(r)] = r["ms"].get<double>();
+  for (const json& r0 : all[0]["rows"]) {
+    const std::string k = key(r0);
+    std::printf("%-22s", k.c_str());
+    for (const json& w : all) {
+      for (const json& r : w["rows"]) {
+        if (key(r) != k) continue;
+        const double ms = r["ms"].get<double>();
+        std::printf(" | %9.3f %6.1f %6.2f", ms, 100.0 * r["comm_share"].get<double>(),
+                    all[0]["world"] == 1 ? tp1[k] / ms : 0.0);
+      }
+    }
+    std::printf("\n");
+  }
+  std::printf("(x TP1 = TP=1 time / this time: speed-up; decode tok/s scale the same way)\n");
+  if (!json_path.empty()) {
+    std::ofstream f(json_path);
+    f << json{{"worlds", all}}.dump(1) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace phishard
+
+int main(int argc, char** argv) { return phishard::Main(argc, argv); }

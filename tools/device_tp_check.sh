@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# One device call for CUDA tensor parallelism (issues #6 and #9) on nvidia-h200-x2 or -x4: the
+# NCCL communicator and TP model tests, the TP=1 vs TP=N benchmark (bench/tp_bench.cc), and a
+# served check: `phishard launch --num-shard N --device cuda` driven by the router-style client
+# (`phishard client generate`, each generation reported once) against a world-size-1 `serve`,
+# on tiny-phi-code and (with PHISHARD_TP_PHI2=1) a Phi-2-shaped random checkpoint written here.
+# Logs under $OUT; a summary prints last.
+#
+# Here, before the call (worktree wt-tp, build dir build):
+#   cmake --build build --target phishard phishard_tp_bench cuda_tp_model_test \
+#     nccl_communicator_test cuda_model_test -j2
+#   D=/work/main/.dev-tp; rm -rf $D && /work/shared/tools/device-bundle $D build/bin/phishard \
+#     build/bin/phishard_tp_bench build/tests/{cuda_tp_model,nccl_communicator,cuda_model}_test
+#   strip --strip-unneeded $D/bin/* $D/lib/*; cp tools/device_tp_check.sh $D/
+#   (cd $D && tar -czf bundle.tgz bin lib env.sh && rm -rf bin lib env.sh)
+# Then: run(command="bash .dev-tp/device_tp_check.sh 2", carry=[".dev-tp"], kind=...-x2)
+set -u
+WORLD=${1:-2}
+OUT=${OUT:-/tmp/phishard-tp-check}
+mkdir -p "$OUT"
+BUDGET=${PHISHARD_CHECK_BUDGET_S:-270}
+START=$(date +%s)
+ROOT=$(pwd)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# Test binaries carry the source path they were built from (models, golden fixtures).
+if [ ! -e /work/wt-tp ]; then mkdir -p /work && ln -s "$ROOT" /work/wt-tp; fi
+BUNDLE=.dev-tp
+if [ -f $BUNDLE/bundle.tgz ] && [ ! -d $BUNDLE/bin ]; then tar -xzf $BUNDLE/bundle.tgz -C $BUNDLE; fi
+# shellcheck disable=SC1091
+source $BUNDLE/env.sh
+B=$BUNDLE/bin
+{
+  echo "== $(date -u +%FT%TZ) world $WORLD"
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+  nvidia-smi topo -m 2>/dev/null | head -8
+  ldd $B/phishard | grep -E "nccl|cudart|not found" || true
+  nproc
+} > "$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+SUMMARY="$OUT/summary.txt"
+printf "%-22s %4s %8s  %s\n" step rc seconds result > "$SUMMARY"
+step() {  # step NAME TIMEOUT_S LOG COMMAND...
+  local name=$1 tmo=$2 log=$3
+  shift 3
+  local now left
+  now=$(date +%s)
+  left=$(( BUDGET - (now - START) ))
+  if (( left < 15 )); then
+    printf "%-22s %4s %8s  %s\n" "$name" "-" "-" "skipped (budget)" >> "$SUMMARY"
+    return
+  fi
+  (( tmo > left )) && tmo=$left
+  echo "===== $name: $*" >> "$OUT/$log"
+  local t0 rc t1 verdict
+  t0=$(date +%s.%N)
+  timeout -k 5 "$tmo" "$@" >> "$OUT/$log" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  verdict=$(awk -v m="===== $name: " 'index($0, m) == 1 {on = 1; next} on' "$OUT/$log" |
+    awk '/^\[  PASSED  \] [0-9]+ test/ {p = $4} /^\[  FAILED  \] [0-9]+ test/ {f = $4}
+         /^\[  SKIPPED \] [0-9]+ test/ {k = $4} /^SERVED/ {s = $0}
+         END {if (p != "" || f != "" || k != "") printf "passed %d, failed %d, skipped %d ", p, f, k;
+              if (s != "") printf "%s", s}')
+  [ $rc -eq 124 ] && verdict="TIMEOUT after ${tmo}s; $verdict"
+  printf "%-22s %4d %8.1f  %s\n" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "${verdict:0:110}" \
+    >> "$SUMMARY"
+}
+
+# served MODEL_DIR TAG N: TP=1 serve and TP=N launch of MODEL_DIR, the golden prompts through the
+# router-style client against both; prints SERVED ... and writes $OUT/served_TAG.json.
+served() {
+  local model=$1 tag=$2 n=$3 out="/tmp/served_$2"
+  rm -rf "$out" && mkdir -p "$out"
+  python3 - "$ROOT/tests/golden/tiny-phi-code.json" > "$out/prompts.txt" <<'PY'
+import json, sys
+for c in json.load(open(sys.argv[1]))["cases"]:
+    print(json.dumps(c["prompt"]))
+PY
+  for w in 1 "$n"; do
+    local uds="$out/s$w"
+    if [ "$w" = 1 ]; then
+      $B/phishard serve "$model" --device cuda --uds-path "$uds" > "$out/serve$w.log" 2>&1 &
+    else
+      $B/phishard launch --num-shard "$w" --uds-path "$uds" "$model" --device cuda \
+        > "$out/serve$w.log" 2>&1 &
+    fi
+    local pid=$! ok=0
+    for _ in $(seq 1 240); do
+      if [ -S "$uds-$((w - 1))" ] && $B/phishard client health --uds-path "$uds" > /dev/null 2>&1; then
+        ok=1
+        break
+      fi
+      sleep 0.25
+    done
+    if [ $ok = 1 ]; then
+      local first=1
+      while read -r p; do
+        prompt=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]))' "$p")
+        extra=()
+        [ $first = 1 ] && extra=(--startup)
+        first=0
+        $B/phishard client generate --uds-path "$uds" --prompt "$prompt" --max-new-tokens 16 \
+          --json "${extra[@]}" >> "$out/gen$w.jsonl" 2>> "$out/client$w.log" ||
+          echo '{"error": "client failed"}' >> "$out/gen$w.jsonl"
+      done < "$out/prompts.txt"
+    else
+      echo "TP=$w did not come up" >> "$out/client$w.log"
+    fi
+    kill -TERM $pid 2> /dev/null
+    for _ in $(seq 1 60); do kill -0 $pid 2> /dev/null || break; sleep 0.25; done
+    kill -KILL $pid 2> /dev/null
+    wait $pid 2> /dev/null
+    echo "== TP=$w serve log (tail)"
+    tail -5 "$out/serve$w.log"
+    cat "$out/client$w.log" 2> /dev/null | tail -5
+  done
+  python3 - "$out" "$n" "$tag" "$OUT/served_$tag.json" <<'PY'
+import json, sys
+out, n, tag, dst = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+def load(w):
+    try:
+        return [json.loads(l) for l in open(f"{out}/gen{w}.jsonl")]
+    except OSError:
+        return []
+a, b = load(1), load(n)
+same = sum(1 for x, y in zip(a, b) if "ids" in x and x.get("ids") == y.get("ids"))
+diffs = []
+for i, (x, y) in enumerate(zip(a, b)):
+    if "ids" not in x or "ids" not in y:
+        diffs.append({"case": i, "error": [x.get("error"), y.get("error")]})
+        continue
+    k = next((j for j, (p, q) in enumerate(zip(x["ids"], y["ids"])) if p != q), None)
+    lp = max((abs(p - q) for p, q in zip(x["logprobs"], y["logprobs"])), default=0.0)
+    diffs.append({"case": i, "first_diff_step": k, "max_logprob_diff_before": lp,
+                  "tp1_text": x.get("text"), "tpn_text": y.get("text")})
+json.dump({"model": tag, "world": int(n), "prompts": len(a), "tp1": a, "tpn": b,
+           "identical_ids": same, "cases": diffs}, open(dst, "w"), indent=1)
+print(f"SERVED {tag} TP={n} vs TP=1: {same}/{len(a)} generations identical "
+      f"({len(b)} answers from TP={n})")
+for d in diffs:
+    print(" ", d)
+PY
+}
+
+export -f served
+export B ROOT OUT
+step nccl-test 60 tests.log $B/nccl_communicator_test
+step tp-model-test 120 tests.log $B/cuda_tp_model_test
+TP_LIST=1,2
+[ "$WORLD" -ge 4 ] && TP_LIST=1,2,4
+step tp-bench 150 bench.log $B/phishard_tp_bench --tp $TP_LIST --batches 1,32,128 --context 1024 \
+  --prefills 1x2048,8x2048 --json "$OUT/tp_bench.json"
+if [ "${PHISHARD_TP_NCCL_SWEEP:-0}" = 1 ]; then
+  # NCCL protocol/channel choices for the per-layer all-reduce sizes (TP=2 only).
+  for v in NCCL_PROTO=LL NCCL_PROTO=LL128 NCCL_PROTO=Simple NCCL_MIN_NCHANNELS=32; do
+    echo "== $v" >> "$OUT/bench.log"
+    step "sweep-$v" 25 bench.log env "$v" $B/phishard_tp_bench --tp 2 --batches 1,32,128 \
+      --context 1024 --prefills 1x2048
+  done
+fi
+step served-tiny 75 served.log bash -c 'served "$@"' _ "$ROOT/models/tiny-phi-code" tiny "$WORLD"
+if [ "${PHISHARD_TP_PHI2:-0}" = 1 ]; then
+  step write-phi2 60 served.log $B/phishard_tp_bench --write-checkpoint /tmp/phi2-random \
+    --tokenizer-dir "$ROOT/testdata/tokenizers/phi-2"
+  step served-phi2 120 served.log bash -c 'served "$@"' _ /tmp/phi2-random phi2 "$WORLD"
+fi
+step model-test 60 tests.log $B/cuda_model_test
+
+echo "== failures (first 30 lines)"
+grep -hE "Failure|FAILED|error:|Expected|Which is|rank [0-9]:|failed" "$OUT/tests.log" 2>/dev/null |
+  head -30
+echo "== tp model test notes"
+grep -hE "world 2 vs 1|exited .* after" "$OUT/tests.log" | head -12
+echo "== bench"
+grep -E "^(TP=|case|decode|prefill|== NCCL)" "$OUT/bench.log" | head -60
+echo "== served"
+grep -hE "^SERVED|^  \{" "$OUT/served.log" | cut -c1-300 | head -20
+echo "== summary ($(( $(date +%s) - START )) s)"
+cat "$SUMMARY"
