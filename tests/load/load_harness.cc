@@ -50,8 +50,16 @@ struct Options {
   int pid = 0;          // with --connect: the server's pid for RSS (0 = no RSS)
   double rss_growth_mib = 64;
   double health_bound_ms = 1000;
+  std::vector<std::string> adapter_roots;  // serve --adapter-root (spawned server only)
   WorkloadOptions workload;
 };
+
+// The demo model's adapter and the two golden test adapters (tests/golden/adapters): what
+// --adapter-every uses unless --adapter-id says otherwise.
+const char* kGoldenAdapterRoot = PHISHARD_MODELS "/../tests/golden/adapters";
+std::vector<std::string> DefaultAdapterIds() {
+  return {"adapters/prose", "lora-r4-qv-fc2", "lora-r16-rslora-all"};
+}
 
 // VmRSS of `pid` in MiB, -1 when unreadable.
 double RssMiB(int pid) {
@@ -156,6 +164,14 @@ int Main(int argc, char** argv) {
   app.add_option("--cancel-per-step", o.workload.cancel_per_step, "client disconnect rate");
   app.add_option("--rss-growth-mib", o.rss_growth_mib, "fail above this RSS growth");
   app.add_option("--health-bound-ms", o.health_bound_ms, "fail when a Health call takes longer");
+  app.add_option("--adapter-every", o.workload.adapters.every_requests,
+                 "an adapter load or retirement every N requests (0 = no adapters)");
+  app.add_option("--max-loaded-adapters", o.workload.adapters.max_loaded,
+                 "adapters loaded at once");
+  app.add_option("--adapter-id", o.workload.adapters.ids,
+                 "LOCAL adapter ids to cycle (default: the demo model's and the golden ones)");
+  app.add_option("--adapter-root", o.adapter_roots,
+                 "serve --adapter-root (default: the model directory and tests/golden/adapters)");
   CLI11_PARSE(app, argc, argv);
 
   SetLogLevel(LogLevel::kWarning);
@@ -165,6 +181,10 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "load_harness: cannot read %s: %s\n", o.model.c_str(),
                  (!tokenizer.ok() ? tokenizer.status() : config.status()).ToString().c_str());
     return 2;
+  }
+  if (o.workload.adapters.every_requests > 0 && o.workload.adapters.ids.empty()) {
+    o.workload.adapters.ids = DefaultAdapterIds();
+    if (o.adapter_roots.empty()) o.adapter_roots = {o.model, kGoldenAdapterRoot};
   }
   std::vector<int32_t> eos(config->eos_token_ids.begin(), config->eos_token_ids.end());
   if (eos.empty() && (*tokenizer)->eos_token_id()) eos.push_back(*(*tokenizer)->eos_token_id());
@@ -180,6 +200,10 @@ int Main(int argc, char** argv) {
     std::vector<std::string> args = {
         "serve",    o.model,  "--uds-path",      *dir / "s",
         "--device", o.device, "--max-kv-blocks", std::to_string(o.max_kv_blocks)};
+    for (const std::string& r : o.adapter_roots) {
+      args.push_back("--adapter-root");
+      args.push_back(r);
+    }
     server = std::make_unique<integration::ShardProcess>(o.bin, args, dir->path());
     if (!server->WaitForSocket(socket, 120)) {
       std::fprintf(stderr, "load_harness: server did not start\n%s\n", server->Logs().c_str());
@@ -272,6 +296,12 @@ int Main(int argc, char** argv) {
   row("KV capacity probe", st.capacity_probe_ok ? "ok" : "FAILED");
   row("server RSS MiB early/late/final",
       absl::StrFormat("%.1f/%.1f/%.1f", rss_early, rss_late, rss_final));
+  const AdapterStats& ad = router.adapter_stats();
+  if (o.workload.adapters.every_requests > 0) {
+    row("adapter loads (merged) / offloads",
+        absl::StrFormat("%d (%d) / %d", ad.loads, ad.merged_loads, ad.offloads));
+    row("requests on an adapter", num(ad.adapter_requests));
+  }
   row("protocol violations", num(router.violations().size()));
   row("server exit / socket removed",
       server ? absl::StrFormat("%d/%s", exit_code, socket_removed ? "yes" : "NO") : "n/a");

@@ -72,7 +72,9 @@ RouterEmulator::RouterEmulator(RouterSession* session, const Tokenizer* tokenize
       vocab_size_(vocab_size),
       max_positions_(max_position_embeddings),
       opt_(options),
-      rng_(options.seed) {}
+      rng_(options.seed),
+      adapters_(session, options.adapters, &rng_,
+                [this](const std::string& what) { Violation(what); }) {}
 
 void RouterEmulator::Violation(const std::string& what) { violations_.push_back(what); }
 
@@ -162,6 +164,7 @@ RouterEmulator::Req RouterEmulator::MakeRequest() {
     }
   }
   if (chance(0.2)) st->set_ignore_eos_token(true);
+  r.proto.set_adapter_index(adapters_.Assign());
   r.blocks = BlocksFor(r.prompt_len + max_new - 1);
   return r;
 }
@@ -176,6 +179,7 @@ void RouterEmulator::Retire(uint64_t id) {
   auto it = reqs_.find(id);
   if (it == reqs_.end()) return;
   if (it->second.cancelled) ++stats_.cancelled;
+  adapters_.Release(it->second.proto.adapter_index());
   reqs_.erase(it);
   retired_.insert(id);
 }
@@ -445,6 +449,7 @@ std::optional<RouterEmulator::Batch> RouterEmulator::PrefillNew(std::optional<Ba
     if (BlocksHeld() + blocks + r.blocks > stats_.kv_blocks_total ||
         prefill_tokens + r.prompt_len > static_cast<int>(opt_.max_prefill_tokens)) {
       --next_request_id_;
+      adapters_.Release(r.proto.adapter_index());
       break;
     }
     blocks += r.blocks;
@@ -558,6 +563,7 @@ void RouterEmulator::Run() {
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const bool admitting = elapsed < opt_.duration_s &&
                            (opt_.max_requests <= 0 || stats_.requests < opt_.max_requests);
+    adapters_.Tick(stats_.requests);
     if (!running.has_value()) {
       if (!admitting) break;
       if (chance(opt_.idle_clear_all)) {
@@ -599,6 +605,7 @@ void RouterEmulator::Run() {
     if (step.empty()) continue;
     running = DecodeStep(step);
   }
+  adapters_.Finish();
 }
 
 void RouterEmulator::CapacityProbe() {

@@ -28,6 +28,7 @@
 #include "model/tokenizer.h"
 #include "proto/generate.pb.h"
 #include "server/client.h"
+#include "tests/load/adapter_cycler.h"
 
 namespace phishard {
 namespace load {
@@ -46,6 +47,7 @@ struct WorkloadOptions {
   double health_probe_when_idle = 0.3;  // chance of the router's generation health probe
   uint32_t max_input_length = 1023;     // router --max-input-tokens (warmup + truncate)
   uint32_t max_prefill_tokens = 1100;
+  AdapterCyclerOptions adapters;  // every_requests 0: base model only
 };
 
 struct LatencyStats {
@@ -82,6 +84,7 @@ class RouterEmulator {
   void CapacityProbe();
 
   const RunStats& stats() const { return stats_; }
+  const AdapterStats& adapter_stats() const { return adapters_.stats(); }
   const std::vector<std::string>& violations() const { return violations_; }
 
  private:
@@ -140,6 +143,7 @@ class RouterEmulator {
   std::map<uint64_t, int> batch_blocks_;  // cached batch id -> blocks it holds
   uint64_t next_request_id_ = 1;
   uint64_t next_batch_id_ = 0;  // the router's counter starts at 0 (spec §2.3)
+  AdapterCycler adapters_;
 };
 
 }  // namespace load
