@@ -229,9 +229,22 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(const ShardServe
   fs::path dir = final_path.parent_path();
   if (dir.empty()) dir = ".";
   std::error_code ec;
+  // A missing directory is created 0750 (owner and group: the router runs as the same uid/gid);
+  // only its last level, so a typo deep in the path is still an error. An existing directory is
+  // the operator's and keeps its mode. EEXIST: the other ranks of a launch create it too.
   if (!fs::is_directory(dir, ec)) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "--uds-path: directory '%s' of socket '%s' does not exist", dir.string(), s->socket_path_));
+    if (::mkdir(dir.c_str(), 0750) == 0) {
+      ::chmod(dir.c_str(), 0750);  // whatever the umask took away
+    } else if (errno != EEXIST) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("--uds-path: cannot create directory '%s' of socket '%s': %s",
+                          dir.string(), s->socket_path_, std::strerror(errno)));
+    }
+    if (!fs::is_directory(dir, ec)) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("--uds-path: '%s' (directory of socket '%s') is not a directory",
+                          dir.string(), s->socket_path_));
+    }
   }
   if (s->socket_path_.size() > kMaxUnixPath) {
     return absl::InvalidArgumentError(

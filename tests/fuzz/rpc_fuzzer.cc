@@ -148,9 +148,28 @@ grpc::Status Call(int method, const std::string& request, std::string* response)
   return integration::RawUnary(TheShard().channel, MethodPath(method), request, response, 60);
 }
 
-// The router's startup warmup at a small size (spec §3.2): 2 requests, 1 forward + 1 decode.
+// The shard state every input starts from: warmed as the router warms it at a small size (spec
+// §3.2: 2 requests of 32 tokens, 48 prefill tokens, 40 total), pool kPoolBlocks. The restore runs
+// after every input that called Warmup, so its batch is made cheap: greedy, no prefill logprobs
+// (the router's own warmup sorts the 4k vocabulary for top-p/typical-p and takes a log-softmax
+// per prompt token, which made restores half of all fuzzing time). The limits the engine keeps
+// (max_input_length, max_prefill_tokens, max_new_tokens) are the router's; the router's exact
+// warmup batch is fuzzed as the seed `router_startup`.
+pb::WarmupRequest RestoreWarmupRequest() {
+  pb::WarmupRequest w = RouterWarmupRequest(32, 48, 40);
+  for (pb::Request& r : *w.mutable_batch()->mutable_requests()) {
+    r.clear_parameters();
+    r.mutable_parameters()->set_temperature(1.0f);
+    r.mutable_parameters()->set_top_p(1.0f);
+    r.mutable_parameters()->set_typical_p(1.0f);
+    r.mutable_parameters()->set_repetition_penalty(1.0f);
+    r.set_prefill_logprobs(false);
+  }
+  return w;
+}
+
 void WarmupOrDie() {
-  const pb::WarmupRequest w = RouterWarmupRequest(32, 48, 40);
+  static const pb::WarmupRequest w = RestoreWarmupRequest();
   std::string resp;
   const grpc::Status st = Call(kOpWarmup, w.SerializeAsString(), &resp);
   PHI_CHECK(st.ok()) << "fuzz setup: Warmup failed: " << st.error_message();

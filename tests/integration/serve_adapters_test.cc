@@ -175,6 +175,23 @@ void BuildAdapterRoot(const fs::path& root, const fs::path& outside) {
   write(root / "not_lora" / "adapter_config.json", ia3.dump());
 }
 
+// A hub cache (HUGGINGFACE_HUB_CACHE of CleanEnv) holding repos that try to lead out of it:
+// refs/main climbing, a snapshot directory that is a link out, a snapshot file linking out.
+void BuildHubEscapes(const fs::path& hub, const fs::path& outside) {
+  const fs::path bad = hub / "models--org--badref";
+  fs::create_directories(bad / "refs");
+  fs::create_directories(bad / "snapshots" / "abc");
+  std::ofstream(bad / "refs" / "main") << "../../../outside";
+  const fs::path snap = hub / "models--org--snaplink";
+  fs::create_directories(snap / "snapshots");
+  fs::create_directory_symlink(outside / "prose", snap / "snapshots" / "abc");
+  const fs::path blob = hub / "models--org--bloblink";
+  fs::create_directories(blob / "snapshots" / "abc");
+  fs::copy(outside / "prose" / "adapter_config.json", blob / "snapshots" / "abc");
+  fs::create_symlink(outside / "prose" / "adapter_model.safetensors",
+                     blob / "snapshots" / "abc" / "adapter_model.safetensors");
+}
+
 class AdapterRpc {
  public:
   explicit AdapterRpc(ShardClient* c) : c_(c) {}
@@ -282,6 +299,7 @@ class ServeAdapters : public ::testing::Test {
     dir_ = new TempDir();
     root_ = dir_->path() + "/adapters";
     BuildAdapterRoot(root_, dir_->path() + "/outside");
+    BuildHubEscapes(dir_->path() + "/hub", dir_->path() + "/outside");
     shard_ = new DemoShard(
         *dir_, {"--adapter-root", root_, "--adapter-memory-bytes", std::to_string(kDeviceMemory)},
         CleanEnv(*dir_));
@@ -443,24 +461,83 @@ void ExpectRefused(AdapterRpc& rpc, const Refusal& c, uint32_t index) {
   EXPECT_NE(ls.error_message().find(c.needle), std::string::npos) << ls.error_message();
 }
 
+// Every way an adapter id could lead out of the adapter roots or the hub cache, through the
+// real process: each is refused on DownloadAdapter and on LoadAdapter with a message that says
+// why, nothing is loaded, and the shard still serves the base model exactly afterwards.
 TEST_F(ServeAdapters, PathTraversalIsRefused) {
   const std::string outside = dir_->path() + "/outside/prose";
+  const std::string kClimb = "'..' component";
+  const std::string kOut = "outside the adapter roots";
+  const std::string kMissing = "not found under the adapter roots";
+  using C = grpc::StatusCode;
   const std::vector<Refusal> cases = {
-      {"../outside/prose", pb::LOCAL, grpc::StatusCode::INVALID_ARGUMENT, "'..' component"},
-      {"prose/../../outside/prose", pb::LOCAL, grpc::StatusCode::INVALID_ARGUMENT, "'..'"},
-      {outside, pb::LOCAL, grpc::StatusCode::PERMISSION_DENIED, "outside the adapter roots"},
-      {(kTiny / "adapters" / "prose").string(), pb::HUB, grpc::StatusCode::PERMISSION_DENIED,
-       "outside the adapter roots"},
-      {"/etc", pb::LOCAL, grpc::StatusCode::PERMISSION_DENIED, "outside the adapter roots"},
-      {"escape_link", pb::LOCAL, grpc::StatusCode::PERMISSION_DENIED, "resolves to"},
-      {"file_link", pb::LOCAL, grpc::StatusCode::PERMISSION_DENIED, "is a link to"},
-      {"a\\b", pb::LOCAL, grpc::StatusCode::INVALID_ARGUMENT, "backslash"},
-      {"org/lora", pb::HUB, grpc::StatusCode::FAILED_PRECONDITION,
-       "phishard does not download adapters"},
-      {"org/lora", pb::PBASE, grpc::StatusCode::FAILED_PRECONDITION, "not in the local cache"},
-      {"nowhere", pb::LOCAL, grpc::StatusCode::NOT_FOUND, "not found under the adapter roots"},
+      // Relative climbs.
+      {"../outside/prose", pb::LOCAL, C::INVALID_ARGUMENT, kClimb},
+      {"prose/../../outside/prose", pb::LOCAL, C::INVALID_ARGUMENT, "'..'"},
+      {"prose/..", pb::LOCAL, C::INVALID_ARGUMENT, kClimb},
+      {"..", pb::LOCAL, C::INVALID_ARGUMENT, kClimb},
+      {"./prose", pb::LOCAL, C::INVALID_ARGUMENT, "'.' component"},
+      {"prose/./", pb::LOCAL, C::INVALID_ARGUMENT, "'.' component"},
+      // Absolute paths outside every root, directly or through /proc, or climbing from inside.
+      {outside, pb::LOCAL, C::PERMISSION_DENIED, kOut},
+      {(kTiny / "adapters" / "prose").string(), pb::HUB, C::PERMISSION_DENIED, kOut},
+      {"/etc", pb::LOCAL, C::PERMISSION_DENIED, kOut},
+      {"/", pb::LOCAL, C::INVALID_ARGUMENT, "empty path component"},
+      {"/proc/self/root/etc", pb::LOCAL, C::PERMISSION_DENIED, "resolves to '/etc'"},
+      {"/proc/self/cwd", pb::LOCAL, C::PERMISSION_DENIED, kOut},
+      {root_ + "/../outside/prose", pb::LOCAL, C::INVALID_ARGUMENT, kClimb},
+      {"//etc", pb::LOCAL, C::INVALID_ARGUMENT, "empty path component"},
+      // Symlinks: a directory link out of the root, a weight file linking out.
+      {"escape_link", pb::LOCAL, C::PERMISSION_DENIED, "resolves to"},
+      {"file_link", pb::LOCAL, C::PERMISSION_DENIED, "is a link to"},
+      // Windows separators and drive paths.
+      {"a\\b", pb::LOCAL, C::INVALID_ARGUMENT, "backslash"},
+      {"..\\outside\\prose", pb::LOCAL, C::INVALID_ARGUMENT, "backslash"},
+      {"C:\\Windows\\System32", pb::LOCAL, C::INVALID_ARGUMENT, "backslash"},
+      // Encoded forms are names, never decoded: they match nothing.
+      {"%2e%2e/outside/prose", pb::LOCAL, C::NOT_FOUND, kMissing},
+      {"%2e%2e%2foutside%2fprose", pb::LOCAL, C::NOT_FOUND, kMissing},
+      {"..%2f..%2foutside", pb::LOCAL, C::NOT_FOUND, kMissing},
+      {"\xef\xbc\x8e\xef\xbc\x8e/outside/prose", pb::LOCAL, C::NOT_FOUND, kMissing},  // U+FF0E
+      {"~/../../etc", pb::LOCAL, C::INVALID_ARGUMENT, kClimb},
+      {"file:///etc/passwd", pb::LOCAL, C::INVALID_ARGUMENT, "empty path component"},
+      // NUL bytes (valid UTF-8, so the request parses; a C string would stop at them).
+      {std::string("prose") + '\0' + "/../../outside", pb::LOCAL, C::INVALID_ARGUMENT, "NUL byte"},
+      {std::string("\0", 1), pb::LOCAL, C::INVALID_ARGUMENT, "NUL byte"},
+      // Very long names: one 5,000-byte component, and 2,000 nested components.
+      {std::string(5000, 'a'), pb::LOCAL, C::NOT_FOUND, kMissing},
+      {[] {
+         std::string id;
+         for (int i = 0; i < 2000; ++i) id += "ab/";
+         return id + "prose";
+       }(),
+       pb::LOCAL, C::NOT_FOUND, kMissing},
+      // Hub-style ids with climbing segments, and hub repos in the cache that lead out of it.
+      {"org/..", pb::HUB, C::INVALID_ARGUMENT, kClimb},
+      {"../org", pb::HUB, C::INVALID_ARGUMENT, kClimb},
+      {"org/../../etc", pb::S3, C::INVALID_ARGUMENT, kClimb},
+      {"org/name/../../../etc", pb::PBASE, C::INVALID_ARGUMENT, kClimb},
+      {"org/name/extra", pb::HUB, C::INVALID_ARGUMENT, "is not a hub id ORG/NAME"},
+      {"org/badref", pb::HUB, C::FAILED_PRECONDITION, "not a commit hash"},
+      {"org/snaplink", pb::HUB, C::PERMISSION_DENIED, kOut},
+      {"org/bloblink", pb::HUB, C::PERMISSION_DENIED, "is a link to"},
+      // Not traversal, but refused all the same: nothing is downloaded, unknown names.
+      {"org/lora", pb::HUB, C::FAILED_PRECONDITION, "phishard does not download adapters"},
+      {"org/lora", pb::PBASE, C::FAILED_PRECONDITION, "not in the local cache"},
+      {"nowhere", pb::LOCAL, C::NOT_FOUND, kMissing},
   };
+  ASSERT_GE(cases.size(), 20u);
   for (const Refusal& c : cases) ExpectRefused(*rpc_, c, 40);
+  // A merge whose second id escapes is refused as a whole.
+  pb::DownloadAdapterResponse d;
+  grpc::Status s =
+      rpc_->Download(AdapterRpc::Params({"prose", "../outside/prose"}, {0.5f, 0.5f}), &d);
+  EXPECT_EQ(s.error_code(), C::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find(kClimb), std::string::npos) << s.error_message();
+  // Nothing was loaded under the index every refusal used.
+  rpc_->MustOffload("prose", 40, false);
+  std::printf("%zu path-traversal cases refused (DownloadAdapter and LoadAdapter each)\n",
+              cases.size());
   ExpectStillServing(41);
 }
 

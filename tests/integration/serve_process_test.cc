@@ -101,6 +101,38 @@ TEST(ServeProcess, SocketAppearsOnlyOnceServingWithMode0660) {
   EXPECT_EQ(p.Wait(30), 0) << p.Logs();
 }
 
+// --uds-path in a directory that does not exist yet: serve creates it 0750 (even under umask 0),
+// the socket inside is 0660, and nobody else may even look into the directory. A missing parent
+// of that directory is still an error naming it.
+TEST(ServeProcess, MissingSocketDirectoryIsCreated0750) {
+  TempDir dir;
+  const std::string sock_dir = dir / "run";
+  const mode_t old_umask = ::umask(0);  // inherited by the child forked here
+  ShardProcess p(BinaryPath(),
+                 {"serve", DemoModel(), "--uds-path", sock_dir + "/s", "--device", "cpu"},
+                 dir.path(), kCleanEnv);
+  ::umask(old_umask);
+  ASSERT_TRUE(p.WaitForSocket(sock_dir + "/s-0")) << p.Logs();
+  struct stat d {
+  }, s{};
+  ASSERT_EQ(::stat(sock_dir.c_str(), &d), 0);
+  EXPECT_TRUE(S_ISDIR(d.st_mode));
+  EXPECT_EQ(d.st_mode & 0777, 0750u);
+  ASSERT_EQ(::stat((sock_dir + "/s-0").c_str(), &s), 0);
+  EXPECT_EQ(s.st_mode & 0777, 0660u);
+  EXPECT_TRUE(ShardClient::Connect("unix:" + sock_dir + "/s-0", 10)->Health().ok());
+  p.Signal(SIGTERM);
+  EXPECT_EQ(p.Wait(30), 0) << p.Logs();
+
+  ShardProcess deep(BinaryPath(),
+                    {"serve", DemoModel(), "--uds-path", dir / "a/b/s", "--device", "cpu"},
+                    dir.path(), kCleanEnv);
+  EXPECT_EQ(deep.Wait(60), 1) << deep.Logs();
+  const std::string missing = dir / "a";
+  EXPECT_NE(deep.err().find("cannot create directory '" + missing + "/b'"), std::string::npos)
+      << deep.Logs();
+}
+
 TEST(ServeProcess, SigtermAndSigintExitZeroAndRemoveTheSocket) {
   for (int sig : {SIGTERM, SIGINT}) {
     TempDir dir;

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -403,6 +404,58 @@ TEST(TpServe, PeerDeathEndsTheOtherRank) {
   EXPECT_EQ(code, 1) << g.ranks[0]->Logs();
   EXPECT_LT(SecondsSince(t), 20.0);
   std::cout << "rank 0 exited " << code << " " << SecondsSince(t) << " s after rank 1 died\n";
+  EXPECT_NE(g.ranks[0]->out().find("tensor-parallel group broken"), std::string::npos)
+      << g.ranks[0]->Logs();
+  EXPECT_FALSE(IsSocket(g.Socket(0))) << "rank 0 shut down and removed its socket";
+}
+
+// A rank killed while the group is decoding (the router's Decode RPCs running back to back):
+// the surviving rank's collective fails, it logs the cause and exits non-zero on its own within
+// 60 s, and the router's in-flight call fails instead of hanging.
+TEST(TpServe, PeerKilledMidDecodeEndsTheOtherRankWithTheCause) {
+  TempDir dir;
+  BareRanks g(dir, {DemoModel(), DemoModel()});
+  ASSERT_TRUE(g.ranks[0]->WaitForSocket(g.Socket(0), 120)) << g.ranks[0]->Logs();
+  ASSERT_TRUE(g.ranks[1]->WaitForSocket(g.Socket(1), 120)) << g.ranks[1]->Logs();
+  std::unique_ptr<RouterSession> s = RouterStartup(g.uds, nullptr);
+  ASSERT_NE(s, nullptr);
+  // Four requests of 400 new tokens: seconds of decode steps on a CPU, far longer than it takes
+  // to see the first few tokens and kill.
+  pb::Batch batch;
+  batch.set_id(9);
+  for (uint64_t id = 0; id < 4; ++id) {
+    pb::Request r = RouterRequest(id, "def fibonacci(n):", {}, 1023, 400);
+    r.mutable_stopping_parameters()->set_ignore_eos_token(true);
+    *batch.add_requests() = r;
+  }
+  batch.set_size(4);
+  std::atomic<int> generations{0};
+  absl::StatusOr<std::vector<RequestOutcome>> out;
+  std::thread router([&] {
+    out = RunBatchToCompletion(*s, batch, [&](const pb::Generation&) { ++generations; });
+  });
+  // Past the Prefill and a few Decode steps (4 generations a step).
+  const Clock::time_point t0 = Clock::now();
+  while (generations < 4 * 4 && SecondsSince(t0) < 120) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_GE(generations.load(), 16) << "decoding never started\n" << g.ranks[0]->Logs();
+  const Clock::time_point t_kill = Clock::now();
+  g.ranks[1]->Signal(SIGKILL);
+  const int code = g.ranks[0]->Wait(60);
+  const double exit_s = SecondsSince(t_kill);
+  router.join();
+  const double router_s = SecondsSince(t_kill);
+  EXPECT_NE(code, 0) << g.ranks[0]->Logs();
+  EXPECT_NE(code, -1) << "rank 0 still running 60 s after its peer was killed";
+  EXPECT_LT(exit_s, 60.0);
+  EXPECT_LT(generations.load(), 4 * 400) << "the generation finished before the kill";
+  ASSERT_FALSE(out.ok()) << "the router's call must fail when the group breaks";
+  EXPECT_LT(router_s, 60.0) << out.status();
+  std::cout << "rank 0 exited " << code << " " << exit_s
+            << " s after rank 1 was killed mid-decode (" << generations.load()
+            << " generations streamed); the router's call failed after " << router_s
+            << " s: " << out.status() << "\n";
   EXPECT_NE(g.ranks[0]->out().find("tensor-parallel group broken"), std::string::npos)
       << g.ranks[0]->Logs();
   EXPECT_FALSE(IsSocket(g.Socket(0))) << "rank 0 shut down and removed its socket";

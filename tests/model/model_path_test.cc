@@ -162,6 +162,38 @@ TEST_F(ModelPathTest, NotFoundListsPlacesSearched) {
   EXPECT_EQ(ResolveModelDir("").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Model ids, revisions and refs files are joined under the hub cache; none may lead out of it.
+// (A local directory given as the model is the operator's choice and is taken as is.)
+TEST_F(ModelPathTest, HubIdsRevisionsAndRefsCannotClimbOutOfTheCache) {
+  MakeSnapshot(cache_, "models--org--m", kSha1);
+  WriteRef(cache_, "models--org--m", "main", kSha1);
+  fs::create_directories(tmp_ / "etc");  // what a climb from the cache would reach
+  for (const std::string& id : {"org/..", "../org", "org/../../etc", "org/m/../../../etc", "a/b/c",
+                                "org\\m", "org//m", "org/./m"}) {
+    SCOPED_TRACE(id);
+    auto r = ResolveModelDir(id);
+    ASSERT_FALSE(r.ok()) << "resolved to " << *r;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr("not a hub id ORG/NAME"));
+  }
+  for (const std::string& rev :
+       {"../../etc", "/etc", "..", ".", "pr/../../../../etc", "main/../../../../etc"}) {
+    SCOPED_TRACE(rev);
+    auto r = ResolveModelDir("org/m", rev);
+    ASSERT_FALSE(r.ok()) << "resolved to " << *r;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr("is not a commit hash or ref name"));
+  }
+  for (const std::string& ref : {"../../../etc", "/etc", ".."}) {
+    SCOPED_TRACE(ref);
+    WriteRef(cache_, "models--org--m", "main", ref);
+    auto r = ResolveModelDir("org/m");
+    ASSERT_FALSE(r.ok()) << "resolved to " << *r;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr("not a commit"));
+  }
+}
+
 // The resolved path, or the error text as a path (so a failure shows in EXPECT_EQ, no crash).
 fs::path ResolveOrError(const std::string& id) {
   auto r = ResolveModelDir(id);
