@@ -13,7 +13,8 @@
 //     fixture, except at genuine near-ties (gap < kTieFrac x scale, as in cuda_model_test.cc).
 // The script: a batched prefill of every case's prompt (all rows), then greedy-path decode steps
 // of all cases together (a graph bucket > 1, cuBLASLt), then of case 0 alone (bucket 1: the fused
-// dense + fc2 GEMV, which rank 1 runs without accumulating into the residual).
+// dense + fc2 GEMV, which rank 1 runs without accumulating into the residual). The peft fixture
+// runs it with every case on its adapter: one batch mixes three adapters, sharded per rank.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -28,6 +29,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -37,8 +39,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "kernels/device.h"
+#include "model/adapter_registry.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
+#include "model/lora_adapter.h"
 #include "nlohmann/json.hpp"
 #include "parallel/nccl_communicator.h"
 #include "parallel/rendezvous.h"
@@ -61,15 +65,20 @@ struct Fixture {
   std::string name;
   fs::path model_dir;
   fs::path golden;
+  bool adapters = false;  // golden["adapters"] loaded (sharded), each case on its own adapter
 };
 
 std::vector<Fixture> Fixtures() {
   const fs::path g = kRepo / "tests" / "golden";
   // All three split over 2 ranks: GQA hd80 (4 heads / 2 KV heads, V 512: vocab-parallel head),
   // MHA hd64 (2 heads), tiny-phi-code (8 heads, V 4095: uneven embedding, replicated head).
+  // tiny-phi-code-lora: the peft fixtures (3 adapters, all-target and q/v/fc2) in one mixed
+  // batch; each rank holds its ShardAdapter part (spec §7.7).
   return {{"phi-gqa-hd80", g / "phi-gqa-hd80", g / "phi-gqa-hd80" / "golden.json"},
           {"phi-mha-hd64", g / "phi-mha-hd64", g / "phi-mha-hd64" / "golden.json"},
-          {"tiny-phi-code", kRepo / "models" / "tiny-phi-code", g / "tiny-phi-code.json"}};
+          {"tiny-phi-code", kRepo / "models" / "tiny-phi-code", g / "tiny-phi-code.json"},
+          {"tiny-phi-code-lora", kRepo / "models" / "tiny-phi-code",
+           g / "tiny-phi-code-adapters.json", true}};
 }
 
 json ReadJson(const fs::path& path) {
@@ -122,7 +131,7 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> LoadRank(const fs::path& dir, int 
   auto m = CudaPhiModel::Load(dir, {.dtype = "bfloat16",
                                     .device = rank % visible,
                                     .reserve_tokens = 512,
-                                    .max_graph_batch = 8,
+                                    .max_graph_batch = 16,
                                     .comm = g.comm.get()});
   if (!m.ok()) return m.status();
   auto blocks = (*m)->MaxKvBlocks(0.3, 512);
@@ -139,8 +148,10 @@ std::vector<int32_t> Range(int first, int n) {
   return v;
 }
 
-// The script of the header; appends every logit row to `out`.
-absl::Status RunScript(CudaPhiModel& m, const json& cases, std::vector<float>* out) {
+// The script of the header; appends every logit row to `out`. Case i runs on adapter
+// `adapter[i]` (0: the base model).
+absl::Status RunScript(CudaPhiModel& m, const json& cases, const std::vector<uint32_t>& adapter,
+                       std::vector<float>* out) {
   const int S = static_cast<int>(cases.size());
   int longest = 0;
   for (const json& c : cases) longest = std::max<int>(longest, c.at("prompt_ids").size());
@@ -161,7 +172,8 @@ absl::Status RunScript(CudaPhiModel& m, const json& cases, std::vector<float>* o
     }
     prefill.seqs.push_back({.num_new_tokens = static_cast<int>(ids.size()),
                             .context_len = static_cast<int>(ids.size()),
-                            .block_table = tables[i]});
+                            .block_table = tables[i],
+                            .adapter_index = adapter[i]});
   }
   if (absl::Status s = m.Forward(prefill, &logits); !s.ok()) return s;
   keep();
@@ -172,8 +184,10 @@ absl::Status RunScript(CudaPhiModel& m, const json& cases, std::vector<float>* o
       const int p = static_cast<int>(cases[i].at("prompt_ids").size());
       b.token_ids.push_back(cases[i].at("greedy_ids")[step].get<int32_t>());
       b.positions.push_back(p + step);
-      b.seqs.push_back(
-          {.num_new_tokens = 1, .context_len = p + step + 1, .block_table = tables[i]});
+      b.seqs.push_back({.num_new_tokens = 1,
+                        .context_len = p + step + 1,
+                        .block_table = tables[i],
+                        .adapter_index = adapter[i]});
       b.logit_rows.push_back(i);
     }
     if (absl::Status s = m.Forward(b, &logits); !s.ok()) return s;
@@ -188,7 +202,8 @@ absl::Status RunScript(CudaPhiModel& m, const json& cases, std::vector<float>* o
   p0.positions = Range(0, static_cast<int>(ids0.size()));
   p0.seqs.push_back({.num_new_tokens = static_cast<int>(ids0.size()),
                      .context_len = static_cast<int>(ids0.size()),
-                     .block_table = table});
+                     .block_table = table,
+                     .adapter_index = adapter[0]});
   p0.logit_rows = {static_cast<int32_t>(ids0.size()) - 1};
   if (absl::Status s = m.Forward(p0, &logits); !s.ok()) return s;
   keep();
@@ -197,7 +212,10 @@ absl::Status RunScript(CudaPhiModel& m, const json& cases, std::vector<float>* o
     ForwardBatch b;
     b.token_ids = {greedy0[step]};
     b.positions = {p + step};
-    b.seqs.push_back({.num_new_tokens = 1, .context_len = p + step + 1, .block_table = table});
+    b.seqs.push_back({.num_new_tokens = 1,
+                      .context_len = p + step + 1,
+                      .block_table = table,
+                      .adapter_index = adapter[0]});
     b.logit_rows = {0};
     if (absl::Status s = m.Forward(b, &logits); !s.ok()) return s;
     keep();
@@ -213,17 +231,45 @@ int RankMain(int rank, int world, int port, const std::string& out_prefix) {
   auto g = Join(rank, world, port);
   if (!g.ok()) return Fail(rank, g.status().ToString());
   for (const Fixture& f : Fixtures()) {
+    std::unique_ptr<AdapterRegistry> registry;  // outlives the model
     auto m = LoadRank(f.model_dir, rank, *g, visible);
     if (!m.ok()) return Fail(rank, f.name + ": " + m.status().ToString());
     if ((*m)->tp_world_size() != world || (*m)->tp_rank() != rank) return Fail(rank, "tp rank");
-    const json cases = ReadJson(f.golden).at("cases");
+    const json golden = ReadJson(f.golden);
+    const json& cases = golden.at("cases");
+    std::vector<uint32_t> adapter(cases.size(), 0);
+    if (f.adapters) {
+      auto reg = AdapterRegistry::Create(8, int64_t{256} << 20, 2);
+      if (!reg.ok()) return Fail(rank, reg.status().ToString());
+      registry = std::move(*reg);
+      std::map<std::string, uint32_t> index_of;
+      uint32_t next = 1;
+      for (const json& a : golden.at("adapters")) {
+        auto full = LoraAdapter::LoadDir(kRepo / a.at("path").get<std::string>(), (*m)->config());
+        if (!full.ok()) return Fail(rank, full.status().ToString());
+        auto mine = (*m)->ShardAdapter(std::move(*full));  // this rank's A/B slices
+        if (!mine.ok()) return Fail(rank, mine.status().ToString());
+        if (auto st = registry->Load(next, std::move(*mine)); !st.ok()) {
+          return Fail(rank, st.status().ToString());
+        }
+        index_of[a.at("name").get<std::string>()] = next++;
+      }
+      if (absl::Status s = (*m)->SetAdapterRegistry(registry.get()); !s.ok()) {
+        return Fail(rank, s.ToString());
+      }
+      for (size_t i = 0; i < cases.size(); ++i) {
+        adapter[i] = index_of.at(cases[i].at("adapter").get<std::string>());
+      }
+    }
     for (bool graphs : {true, false}) {
       (*m)->set_cuda_graphs(graphs);
       std::vector<float> logits;
-      if (absl::Status s = RunScript(**m, cases, &logits); !s.ok()) {
+      if (absl::Status s = RunScript(**m, cases, adapter, &logits); !s.ok()) {
         return Fail(rank, f.name + ": " + s.ToString());
       }
-      if (graphs && (*m)->num_decode_graphs() < 2) return Fail(rank, "decode graphs not used");
+      if (graphs && (*m)->num_decode_graphs() + (*m)->num_lora_decode_graphs() < 2) {
+        return Fail(rank, "decode graphs not used");
+      }
       std::ofstream o(absl::StrCat(out_prefix, ".", f.name, graphs ? ".graphs" : ".eager"),
                       std::ios::binary);
       o.write(reinterpret_cast<const char*>(logits.data()),
