@@ -8,9 +8,10 @@
 #
 # Here, before the call (worktree wt-tp, build dir build):
 #   cmake --build build --target phishard phishard_tp_bench cuda_tp_model_test \
-#     nccl_communicator_test cuda_model_test -j2
+#     nccl_communicator_test cuda_model_test [cuda_lora_model_test cuda_graph_test] -j2
 #   D=/work/main/.dev-tp; rm -rf $D && /work/shared/tools/device-bundle $D build/bin/phishard \
-#     build/bin/phishard_tp_bench build/tests/{cuda_tp_model,nccl_communicator,cuda_model}_test
+#     build/bin/phishard_tp_bench build/tests/{cuda_tp_model,nccl_communicator,cuda_model}_test \
+#     [build/tests/cuda_lora_model_test build/tests/cuda_graph_test]
 #   strip --strip-unneeded $D/bin/* $D/lib/*; cp tools/device_tp_check.sh $D/
 #   (cd $D && tar -czf bundle.tgz bin lib env.sh && rm -rf bin lib env.sh)
 # Then: run(command="bash .dev-tp/device_tp_check.sh 2", carry=[".dev-tp"], kind=...-x2)
@@ -131,9 +132,14 @@ for i, (x, y) in enumerate(zip(a, b)):
         diffs.append({"case": i, "error": [x.get("error"), y.get("error")]})
         continue
     k = next((j for j, (p, q) in enumerate(zip(x["ids"], y["ids"])) if p != q), None)
-    lp = max((abs(p - q) for p, q in zip(x["logprobs"], y["logprobs"])), default=0.0)
-    diffs.append({"case": i, "first_diff_step": k, "max_logprob_diff_before": lp,
-                  "tp1_text": x.get("text"), "tpn_text": y.get("text")})
+    upto = len(x["ids"]) if k is None else k
+    lp = max((abs(p - q) for p, q in zip(x["logprobs"][:upto], y["logprobs"][:upto])),
+             default=0.0)
+    d = {"case": i, "first_diff_step": k, "max_logprob_diff_before": lp}
+    if k is not None:  # a near-tie when the two picks' logprobs are this close
+        d["tp1_pick"] = [x["ids"][k], x["logprobs"][k]]
+        d["tpn_pick"] = [y["ids"][k], y["logprobs"][k]]
+    diffs.append(d)
 json.dump({"model": tag, "world": int(n), "prompts": len(a), "tp1": a, "tpn": b,
            "identical_ids": same, "cases": diffs}, open(dst, "w"), indent=1)
 print(f"SERVED {tag} TP={n} vs TP=1: {same}/{len(a)} generations identical "
@@ -166,6 +172,14 @@ if [ "${PHISHARD_TP_PHI2:-0}" = 1 ]; then
   step served-phi2 120 served.log bash -c 'served "$@"' _ /tmp/phi2-random phi2 "$WORLD"
 fi
 step model-test 60 tests.log $B/cuda_model_test
+# World-size-1 regressions of the other CUDA tests, when bundled.
+for t in cuda_lora_model_test cuda_graph_test; do
+  [ -x $B/$t ] && step "${t%_test}" 90 tests.log $B/$t
+done
+if [ "${PHISHARD_TP_BENCH_AGAIN:-0}" = 1 ]; then  # run-to-run spread of the TP=1/TP=2 table
+  step tp-bench-again 60 bench.log $B/phishard_tp_bench --tp 1,2 --batches 1,32,128 \
+    --context 1024 --prefills 1x2048,8x2048 --json "$OUT/tp_bench_again.json"
+fi
 
 echo "== failures (first 30 lines)"
 grep -hE "Failure|FAILED|error:|Expected|Which is|rank [0-9]:|failed" "$OUT/tests.log" 2>/dev/null |
