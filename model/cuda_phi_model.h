@@ -130,6 +130,7 @@ class CudaPhiModel final : public ModelBackend {
   // Captures the decode graphs of every bucket up to `max_batch` now (warmup) instead of at each
   // bucket's first step; runs one all-padding step per bucket (writes no KV slot).
   absl::Status CaptureDecodeGraphs(int max_batch);
+  absl::Status PrepareDecode(int max_batch) override { return CaptureDecodeGraphs(max_batch); }
   // Graphs on or off from the next step (off also drops the captured ones).
   void set_cuda_graphs(bool on);
   bool cuda_graphs() const { return use_graphs_; }

@@ -48,6 +48,14 @@ class ModelBackend {
                                     " backend does not apply LoRA adapters");
   }
 
+  // Makes decode steps of up to `max_batch` sequences ready before the first one (CUDA: captures
+  // their decode graphs, so no step pays a capture). Warmup calls it once the KV pool is final;
+  // it writes no KV slot. Nothing to do by default.
+  virtual absl::Status PrepareDecode(int max_batch) {
+    (void)max_batch;
+    return absl::OkStatus();
+  }
+
   // A cheap real round trip to the device (Health).
   virtual absl::Status Ping() = 0;
 

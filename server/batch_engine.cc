@@ -392,6 +392,18 @@ absl::StatusOr<uint32_t> BatchEngine::Warmup(const BatchInput& batch, uint32_t m
   s.allocator = KvBlockAllocator(num_blocks, bs);
   Log(LogLevel::kInfo, absl::StrFormat("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks,
                                        bs, static_cast<int64_t>(num_blocks) * bs));
+  // Every live sequence holds at least one block, so no decode batch exceeds num_blocks. A failed
+  // preparation is no reason to refuse the router: decode steps then prepare themselves (CUDA: run
+  // eager); a device fault shows in Health and the next step.
+  const auto t0 = std::chrono::steady_clock::now();
+  if (absl::Status st = s.model->PrepareDecode(num_blocks); !st.ok()) {
+    Log(LogLevel::kWarning, absl::StrCat("decode preparation at warmup failed: ", st.message()));
+  } else {
+    Log(LogLevel::kInfo, absl::StrFormat("decode steps prepared in %.1f ms",
+                                         std::chrono::duration<double, std::milli>(
+                                             std::chrono::steady_clock::now() - t0)
+                                             .count()));
+  }
   return static_cast<uint32_t>(num_blocks) * static_cast<uint32_t>(bs);
 }
 

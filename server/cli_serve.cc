@@ -110,8 +110,8 @@ int RunServe(ServeOptions o) {
         MetricsHttpServer::Start(o.metrics_addr, [] { return ShardMetricsRegistry().Render(); });
     if (!m.ok()) return Fail(m.status());
     metrics_http = *std::move(m);
-    PHI_LOG(INFO) << "Prometheus metrics on " << o.metrics_addr << " (port "
-                  << metrics_http->port() << "), GET /metrics";
+    PHI_LOG(INFO) << "Prometheus metrics on " << o.metrics_addr << " (port " << metrics_http->port()
+                  << "), GET /metrics";
   }
 
   // --listen-tcp answers NOT_SERVING while loading; the real server takes the port over below.
@@ -170,9 +170,9 @@ int RunServe(ServeOptions o) {
 
   absl::StatusOr<std::unique_ptr<AdapterService>> adapters = StartAdapters(o, *dir, model->get());
   if (!adapters.ok()) return Fail(adapters.status());
-  if ((*adapters)->registry() != nullptr) {
-    MetricsSetAdaptersLoaded((*adapters)->registry()->num_loaded());  // static and preloaded
-  }
+  // Static and preloaded adapters; 0 when the backend applies none (the service is off).
+  MetricsSetAdaptersLoaded(
+      (*adapters)->registry() != nullptr ? (*adapters)->registry()->num_loaded() : 0);
   if (group != nullptr) {
     if (absl::Status s = group->WaitForAllLoaded(); !s.ok()) return Fail(s);
   }

@@ -201,10 +201,9 @@ TEST(Faults, SigkillLeavesTheSocketAndARestartReplacesIt) {
   }
 
   // Same path, like a launcher that restarts the shard without deleting the file itself.
-  integration::ShardProcess second(
-      integration::BinaryPath(),
-      {"serve", integration::DemoModel(), "--uds-path", dir / "s", "--device", "cpu"}, dir.path(),
-      Env());
+  integration::ShardProcess second(integration::BinaryPath(),
+                                   integration::ServeArgs(integration::DemoModel(), dir / "s"),
+                                   dir.path(), Env());
   const auto deadline = Clock::now() + std::chrono::seconds(60);
   while (Clock::now() < deadline && second.running() && Inode(dir / "s-0") == stale) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -310,10 +309,9 @@ TEST(Faults, HealthAnswersWhileAStepStalls) {
 
 TEST(Faults, BadStallHookValueIsRefusedAtStartup) {
   TempDir dir;
-  integration::ShardProcess p(
-      integration::BinaryPath(),
-      {"serve", integration::DemoModel(), "--uds-path", dir / "s", "--device", "cpu"}, dir.path(),
-      Env({{"PHISHARD_TEST_STALL_MS", "soon"}}));
+  integration::ShardProcess p(integration::BinaryPath(),
+                              integration::ServeArgs(integration::DemoModel(), dir / "s"),
+                              dir.path(), Env({{"PHISHARD_TEST_STALL_MS", "soon"}}));
   EXPECT_EQ(p.Wait(60), 1) << p.Logs();
   EXPECT_NE(p.err().find("PHISHARD_TEST_STALL_MS"), std::string::npos) << p.Logs();
   EXPECT_FALSE(fs::exists(dir / "s-0"));
@@ -350,14 +348,16 @@ TEST(Faults, WarmupWithoutRoomForTheKvPoolFailsCleanlyAndTheShardKeepsServing) {
 TEST(Faults, WarmupWhoseKvAllocationFailsIsResourceExhausted) {
   TempDir dir;
   // 100,000 blocks of the demo model are 12.5 GiB, over the CPU backend's 4 GiB KV limit: the
-  // allocation itself fails (the same path as a failed cudaMalloc on a GPU).
-  DemoShard shard(dir, {"--max-kv-blocks", "100000"}, Env());
+  // allocation itself fails (the same path as a failed cudaMalloc on a GPU). On CUDA (bf16,
+  // 64 KiB a block) 40,000,000 blocks are 2.4 TiB, more than any GPU: cudaMalloc fails.
+  const std::string blocks = integration::TestOnCuda() ? "40000000" : "100000";
+  DemoShard shard(dir, {"--max-kv-blocks", blocks}, Env());
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   auto c = ShardClient::Connect("unix:" + shard.socket, 60);
   absl::StatusOr<pb::WarmupResponse> w = c->Warmup(RouterWarmupRequest(64, 100, 65));
   ASSERT_FALSE(w.ok());
   EXPECT_EQ(w.status().code(), absl::StatusCode::kResourceExhausted) << w.status();
-  EXPECT_NE(w.status().message().find("Allocating the KV cache of 100000 blocks failed"),
+  EXPECT_NE(w.status().message().find("Allocating the KV cache of " + blocks + " blocks failed"),
             std::string::npos)
       << w.status();
   EXPECT_TRUE(c->Health().ok()) << "an allocation failure is not a device fault";
@@ -469,8 +469,7 @@ TEST(Security, PickleOnlyModelIsRefused) {
   }
   std::ofstream(model / "pytorch_model.bin") << "\x80\x02}q\x00(X\x05\x00\x00\x00torchq";
   integration::ShardProcess p(integration::BinaryPath(),
-                              {"serve", model.string(), "--uds-path", dir / "s", "--device", "cpu"},
-                              dir.path(), Env());
+                              integration::ServeArgs(model.string(), dir / "s"), dir.path(), Env());
   EXPECT_EQ(p.Wait(60), 1) << p.Logs();
   EXPECT_NE(p.err().find("safetensors"), std::string::npos) << p.Logs();
   EXPECT_FALSE(fs::exists(dir / "s-0"));
@@ -490,10 +489,9 @@ TEST(Security, SocketIsNeverConnectableByOthersEvenUnderUmaskZero) {
     ASSERT_GE(fd, 0);
     ASSERT_GE(::inotify_add_watch(fd, dir.path().c_str(), IN_CREATE), 0);
     const mode_t old_umask = ::umask(0);  // inherited by the child forked below
-    integration::ShardProcess p(
-        integration::BinaryPath(),
-        {"serve", integration::DemoModel(), "--uds-path", dir / "s", "--device", "cpu"}, dir.path(),
-        Env());
+    integration::ShardProcess p(integration::BinaryPath(),
+                                integration::ServeArgs(integration::DemoModel(), dir / "s"),
+                                dir.path(), Env());
     ::umask(old_umask);
     ::setpriority(PRIO_PROCESS, p.pid(), 19);
     alignas(inotify_event) char buf[4096];

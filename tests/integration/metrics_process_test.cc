@@ -141,9 +141,8 @@ TEST(MetricsProcess, ABusyMetricsPortIsAStartupErrorNamingTheFlag) {
   const int port = LoggedMetricsPort(first.process->out());
   ASSERT_GT(port, 0);
   TempDir dir2;
-  ShardProcess second(
-      BinaryPath(), {"serve", DemoModel(), "--uds-path", dir2 / "s", "--device", "cpu"},
-      dir2.path(), {{"PHISHARD_METRICS_ADDR", std::to_string(port)}});  // env twin, port only
+  ShardProcess second(BinaryPath(), integration::ServeArgs(DemoModel(), dir2 / "s"), dir2.path(),
+                      {{"PHISHARD_METRICS_ADDR", std::to_string(port)}});  // env twin, port only
   EXPECT_EQ(second.Wait(60), 1) << second.Logs();
   EXPECT_NE(second.err().find("--metrics-addr"), std::string::npos) << second.Logs();
   EXPECT_FALSE(IsSocket(dir2 / "s-0"));

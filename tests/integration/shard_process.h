@@ -32,6 +32,32 @@ inline std::string BinaryPath(const std::string& name = "phishard") {
 }
 inline std::string DemoModel() { return std::string(PHISHARD_MODELS) + "/tiny-phi-code"; }
 
+// The device the suite serves on: PHISHARD_TEST_DEVICE = "cpu" (default: float32, the golden
+// comparisons are float32-exact) or "cuda" (bf16 storage: the comparisons use the bf16 bounds of
+// tests/integration/golden_check.h). Anything else fails the test that asks.
+inline std::string TestDevice() {
+  const char* d = std::getenv("PHISHARD_TEST_DEVICE");
+  const std::string device = d == nullptr || *d == '\0' ? "cpu" : d;
+  EXPECT_TRUE(device == "cpu" || device == "cuda")
+      << "PHISHARD_TEST_DEVICE='" << device << "' is not cpu or cuda";
+  return device;
+}
+inline bool TestOnCuda() { return TestDevice() == "cuda"; }
+// `serve` flags for the device under test: CUDA runs bf16, the dtype production uses (the demo
+// model's config names no torch_dtype, which would pick float16).
+inline std::vector<std::string> DeviceArgs() {
+  if (TestOnCuda()) return {"--device", "cuda", "--dtype", "bfloat16"};
+  return {"--device", "cpu"};
+}
+// {"serve", model, "--uds-path", uds, <DeviceArgs()>, extra...}
+inline std::vector<std::string> ServeArgs(const std::string& model, const std::string& uds,
+                                          const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> args = {"serve", model, "--uds-path", uds};
+  for (const std::string& a : DeviceArgs()) args.push_back(a);
+  args.insert(args.end(), extra.begin(), extra.end());
+  return args;
+}
+
 // A fresh directory under /tmp (short: unix socket paths are limited to 107 bytes).
 class TempDir {
  public:
@@ -164,15 +190,14 @@ class ShardProcess {
   std::string stdout_path_, stderr_path_;
 };
 
-// `phishard serve` of the demo model on `{dir}/s-0` (CPU), started; `ready` once the socket is up.
+// `phishard serve` of the demo model on `{dir}/s-0` on TestDevice() (CPU float32 unless
+// PHISHARD_TEST_DEVICE=cuda, also on a machine with a GPU), started; `ready` once the socket is up.
 struct DemoShard {
   explicit DemoShard(const TempDir& dir, std::vector<std::string> extra = {},
                      const std::map<std::string, std::string>& env = {})
       : uds(dir / "s"), socket(uds + "-0") {
-    // CPU float32 everywhere: the golden comparisons assume it, also on a machine with a GPU.
-    std::vector<std::string> args = {"serve", DemoModel(), "--uds-path", uds, "--device", "cpu"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    process = std::make_unique<ShardProcess>(BinaryPath(), args, dir.path(), env);
+    process = std::make_unique<ShardProcess>(BinaryPath(), ServeArgs(DemoModel(), uds, extra),
+                                             dir.path(), env);
     ready = process->WaitForSocket(socket);
   }
   std::string uds;
