@@ -685,19 +685,30 @@ int Main(int argc, char** argv) {
   }
   m.set_cuda_graphs(true);
   if (gemv_sweep && !quick) {
-    // The GEMV path (fused dense + fc2, LM head) up to 8 rows against cuBLASLt for small batches:
-    // where CudaModelOptions::gemv_max_rows belongs.
-    for (int rows_limit : {kGemvMaxRows, 0}) {
-      BENCH_OK(m.set_gemv_max_rows(rows_limit));
-      for (int b : {2, 4, 8}) {
+    // Where the GEMV belongs (CudaModelOptions gemv_max_rows, gemv_single_segment): on the fused
+    // dense + fc2 pair and the LM head only ("gemv-pair") or on every linear layer ("gemv-all"),
+    // up to 8 rows, against cuBLASLt alone ("cublas").
+    const CudaModelOptions defaults;
+    struct Variant {
+      const char* name;
+      int rows;
+      bool all;
+    };
+    const Variant variants[] = {
+        {"cublas", 0, false}, {"gemv-pair", kGemvMaxRows, false}, {"gemv-all", kGemvMaxRows, true}};
+    for (const Variant& v : variants) {
+      BENCH_OK(m.set_gemv_max_rows(v.rows));
+      m.set_gemv_single_segment(v.all);
+      for (int b : {1, 2, 4, 8}) {
         Row r;
-        if (bench.Decode(b, 1024, rows_limit > 0 ? "gemv8-pair" : "cublas", &r)) {
+        if (bench.Decode(b, 1024, v.name, &r)) {
           PrintRow(r);
           rows.push_back(r);
         }
       }
     }
-    BENCH_OK(m.set_gemv_max_rows(CudaModelOptions{}.gemv_max_rows));
+    BENCH_OK(m.set_gemv_max_rows(defaults.gemv_max_rows));
+    m.set_gemv_single_segment(defaults.gemv_single_segment);
   }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
     Row r;

@@ -442,6 +442,11 @@ void CudaPhiModel::set_pdl(bool on) {
   DropGraphs();
 }
 
+void CudaPhiModel::set_gemv_single_segment(bool on) {
+  gemv_single_segment_ = on;
+  DropGraphs();
+}
+
 void CudaPhiModel::set_step_timing(bool on) {
   if (on && step_timer_ == nullptr) {
     if (DeviceTimerCreate(&step_timer_) != 0) {

@@ -137,6 +137,9 @@ class CudaPhiModel final : public ModelBackend {
   // Linear layers of at most `rows` rows use the GEMV kernel (0..kGemvMaxRows; drops graphs).
   absl::Status set_gemv_max_rows(int rows);
   void set_pdl(bool on);  // drops graphs
+  // Benchmarks: qkv and fc1 through the GEMV kernel too (CudaModelOptions::gemv_single_segment;
+  // drops graphs).
+  void set_gemv_single_segment(bool on);
   bool pdl() const { return pdl_; }
   // Benchmarks: when on, each step records device events around its device work (inputs upload
   // to logits download) and last_step_device_ms() reads them after the step.

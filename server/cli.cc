@@ -150,11 +150,12 @@ absl::Status ApplyServeEnvironment(const EnvFn& env, ServeOptions* o) {
         "--sharded (the LoRAX launcher and `phishard launch` pass it)",
         world_size));
   }
-  if (o->server.sharded) {
-    if (absl::Status s = CheckTensorParallelSupport(o->device, world_size); !s.ok()) return s;
-  }
+  // Flag values first, then what the device can do with them.
   if (!(o->sequencer_timeout_s > 0)) {
     return absl::InvalidArgumentError("--sequencer-timeout-s must be > 0");
+  }
+  if (o->server.sharded) {
+    if (absl::Status s = CheckTensorParallelSupport(o->device, world_size); !s.ok()) return s;
   }
 
   // Features this shard cannot honour: refuse before loading anything (spec §4.11, §10).

@@ -214,7 +214,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaGemvTest,
                                            GemvShape{1, 2560, 10240, 0},     // Phi-2 fc2: k split
                                            GemvShape{4, 2560, 2560, 10240},  // dense + fc2
                                            GemvShape{8, 320, 384, 64},
-                                           GemvShape{5, 33, 8, 8}));  // tiny k, both segments
+                                           GemvShape{2, 51203, 264, 0},     // many blocks, odd n
+                                           GemvShape{1, 1000, 2568, 1032},  // ragged k slices
+                                           GemvShape{5, 33, 8, 8}));        // tiny k, both segments
 
 TEST(CudaGemvErrors, RejectsWhatItCannotDo) {
   PHI_REQUIRE_GPU();
