@@ -514,6 +514,18 @@ absl::Status CudaPhiModel::Forward(const ForwardBatch& batch, std::vector<float>
   return PrefillStep(batch, logits);
 }
 
+absl::Status CudaPhiModel::ForwardView(const ForwardBatch& batch, absl::Span<const float>* logits) {
+  const bool decode = std::all_of(batch.seqs.begin(), batch.seqs.end(),
+                                  [](const SequenceInput& s) { return s.num_new_tokens == 1; });
+  if (!healthy_ || !decode || static_cast<int>(batch.seqs.size()) > graphs_->max_batch()) {
+    return ModelBackend::ForwardView(batch, logits);  // Forward's checks and paths, then a view
+  }
+  *logits = {};
+  PHI_RETURN_IF_ERROR(ValidateBatch(batch));
+  DeviceSet(device_);
+  return DecodeStep(batch, nullptr, logits);
+}
+
 absl::Status CudaPhiModel::Ping() {
   std::lock_guard<std::mutex> lock(ping_mu_);
   DeviceSet(device_);

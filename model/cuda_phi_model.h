@@ -124,6 +124,9 @@ class CudaPhiModel final : public ModelBackend {
   // Benchmarks only: skip every collective (wrong results; every rank must set the same value).
   // Times a step without its all-reduces. Drops graphs.
   void set_tp_skip_collectives(bool on);
+  // Decode steps of a graph bucket view the pinned download buffer (no host copy); others as
+  // ModelBackend's default.
+  absl::Status ForwardView(const ForwardBatch& batch, absl::Span<const float>* logits) override;
   // A 4-byte device-to-host copy on a separate stream, safe while Forward runs on another thread.
   absl::Status Ping() override;
 
@@ -182,14 +185,16 @@ class CudaPhiModel final : public ModelBackend {
   // Step paths (model/cuda_phi_step.cc).
   struct StepInputs;
   absl::Status PrefillStep(const ForwardBatch& batch, std::vector<float>* logits);
-  absl::Status DecodeStep(const ForwardBatch& batch, std::vector<float>* logits);
+  // Exactly one of `logits` (copied out) and `view` (the pinned buffer) is non-null.
+  absl::Status DecodeStep(const ForwardBatch& batch, std::vector<float>* logits,
+                          absl::Span<const float>* view = nullptr);
   absl::Status EnqueueDecode(int rows);  // the captured part of a decode step
   absl::Status EnqueueLayers(const StepInputs& in);
   absl::Status EnqueueLogits(const void* hidden, int rows, float* logits);
   absl::Status Linear(const GemmParams& p, DataType y_dtype, const char* op,
                       const GemmParams* second = nullptr);
   absl::Status CopyLogitsOut(const ForwardBatch& batch, const float* d_logits, int step_rows,
-                             std::vector<float>* logits);
+                             std::vector<float>* logits, absl::Span<const float>* view);
   // Tensor-parallel pieces (model/cuda_phi_tp.cc); no-ops (or the world-size-1 path) unsharded.
   absl::Status TpAllReduce(void* data, int rows, const char* what);  // [rows, H] dtype, in place
   // Where the LM head writes its [rows, VocabPad(Vl)] float32 rows: `logits` unless the head is

@@ -430,7 +430,8 @@ absl::Status CudaPhiModel::EnqueueDecode(int rows) {
   return EnqueueLogits(a + al.h, rows, reinterpret_cast<float*>(a + al.logits));
 }
 
-absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<float>* logits) {
+absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<float>* logits,
+                                      absl::Span<const float>* view) {
   const int S = static_cast<int>(batch.seqs.size());
   const int B = graphs_->Bucket(S);
   int pitch = 1;
@@ -504,13 +505,16 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
   }
   const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
   return CopyLogitsOut(
-      batch, reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), B, logits);
+      batch, reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), B, logits,
+      view);
 }
 
 // Requested rows of the device logits [rows, VocabPad(V)] -> pinned staging (one 2-D copy per
-// run of consecutive rows) -> `logits` [R, V]; ends the step with its stream sync.
+// run of consecutive rows) -> `logits` [R, V], or `*view` onto the staging itself; ends the step
+// with its stream sync.
 absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float* d_logits,
-                                         int step_rows, std::vector<float>* logits) {
+                                         int step_rows, std::vector<float>* logits,
+                                         absl::Span<const float>* view) {
   const int V = full_config_.vocab_size, R = static_cast<int>(batch.logit_rows.size());
   for (int r = 0; r < R;) {
     int n = 1;
@@ -524,6 +528,10 @@ absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float*
     return st;
   }
   StepTimerStop();
+  if (view != nullptr) {
+    *view = absl::Span<const float>(logits_host_, static_cast<size_t>(R) * V);
+    return absl::OkStatus();
+  }
   logits->resize(static_cast<size_t>(R) * V);
   if (R > 0) CopyOut(logits->data(), logits_host_, static_cast<size_t>(R) * V);
   return absl::OkStatus();

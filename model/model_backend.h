@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "model/forward_batch.h"
 #include "model/lora_adapter.h"
 #include "model/phi_config.h"
@@ -36,6 +37,18 @@ class ModelBackend {
   // (block_table[pos / block_size] * block_size + pos % block_size), and returns float32 logits
   // [batch.logit_rows.size(), vocab_size] (host, row-major) for the requested rows.
   virtual absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) = 0;
+
+  // The same step, with the logits left where the backend put them: on success `*logits` views
+  // the float32 [batch.logit_rows.size(), vocab_size] host rows Forward would have returned (same
+  // values), valid until the next Forward / ForwardView / AllocateKvCache on this backend. The
+  // CUDA backend hands out its pinned download buffer (a batch-256 decode step saves a 52 MB host
+  // copy); this default runs Forward into a vector the base class keeps.
+  virtual absl::Status ForwardView(const ForwardBatch& batch, absl::Span<const float>* logits) {
+    *logits = {};
+    absl::Status s = Forward(batch, &view_logits_);
+    if (s.ok()) *logits = absl::MakeConstSpan(view_logits_);
+    return s;
+  }
 
   // Multi-LoRA: Forward applies to each sequence the adapter `registry` holds under its
   // SequenceInput::adapter_index (an index with no adapter there runs the base model). Not owned;
@@ -68,6 +81,9 @@ class ModelBackend {
   // This rank's part of an adapter loaded against the full model config (spec §7.7,
   // ShardLoraAdapter); what to put in the AdapterRegistry. World size 1 returns `full` as is.
   virtual absl::StatusOr<LoraAdapter> ShardAdapter(LoraAdapter full) const { return full; }
+
+ private:
+  std::vector<float> view_logits_;  // the default ForwardView's storage
 };
 
 }  // namespace phishard

@@ -30,7 +30,7 @@ struct BatchEngine::State {
   KvBlockAllocator allocator{0};  // the real pool; 0 blocks until Warmup
   std::map<uint64_t, BatchState> batches;
   ChooserWorkspace workspace;
-  std::vector<float> logits;  // [rows, V] host, reused across steps
+  absl::Span<const float> logits;  // [rows, V] host, the model's (valid until its next step)
   int stall_ms = 0;           // options.test_stall_next_step_ms until the first step used it
 
   // The test-only stall (BatchEngineOptions::test_stall_next_step_ms): one step, once.
@@ -139,7 +139,7 @@ absl::StatusOr<std::vector<RequestState>> BatchEngine::State::BuildRequests(cons
 }
 
 absl::Status BatchEngine::State::ForwardOrError(const ForwardBatch& fb) {
-  if (absl::Status s = model->Forward(fb, &logits); !s.ok()) return s;
+  if (absl::Status s = model->ForwardView(fb, &logits); !s.ok()) return s;
   const size_t expected = fb.logit_rows.size() * static_cast<size_t>(vocab_size);
   if (logits.size() != expected) {
     return absl::InternalError(absl::StrFormat("model returned %d logits for %d rows of vocab %d",

@@ -44,13 +44,15 @@ struct Args {
   int q_stride;
   int max_splits;
   int target_blocks;
+  int head_chunks;     // pipelined kernel: query-head chunks of kMaxHeadsPerBlock per KV head
+  int blocks_per_seq;  // blocks of one split of one sequence (the grid's x extent)
   float scale_log2;
 };
 
 // The split rule of the header; returns split_len, *splits the non-empty splits (ctx >= 1).
 __device__ __forceinline__ int SplitLen(const Args& a, int ctx, int* splits) {
   const int live = max(a.step_info ? a.step_info[0] : a.num_seqs, 1);
-  const int per_split_blocks = live * a.num_heads;
+  const int per_split_blocks = live * a.blocks_per_seq;
   const int want = max(1, (a.target_blocks + per_split_blocks - 1) / per_split_blocks);
   const int n = max(1, min(min(want, a.max_splits), (ctx + kKeysPerIter - 1) / kKeysPerIter));
   const int per = (ctx + n - 1) / n;
@@ -75,6 +77,9 @@ __device__ __forceinline__ void Rescale(float m, float m_new, float* factor) {
   *factor = m == -INFINITY ? 0.0f : exp2f(m - m_new);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Register-staged kernel (PagedDecodeVariant::kRegisterStages; the default before the pipelined
+// one): one block per (split, sequence, query head), see the header for its work split.
 template <typename T, int HD, bool kBlock16>
 __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   using H = Head<HD>;
@@ -293,6 +298,291 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Pipelined kernel (the default): one block of 4 warps per (KV head x query-head chunk, sequence,
+// split). The block serves up to kMaxHeadsPerBlock query heads of one KV head (GQA: K/V are read
+// once for the whole group) and walks its keys in kTile-key tiles that cp.async copies into a
+// kStages-deep ring of shared-memory stages (kStages - 1 tiles in flight while one is consumed;
+// one barrier a tile). Copy roles: thread e of the block copies 16-byte chunks e, e + 128, ... of
+// the tile's K and V rows (row = key, one KV head: head_dim x 2 bytes contiguous in the cache).
+// Compute roles: with n <= 4 query heads in the block, warp w serves head w / (4 / n) over the
+// w % (4 / n)-th slice of each tile's keys (n = 3: warp 3 only copies). A group of 8 query heads
+// takes 2 blocks (K/V read twice); one head a warp keeps the state in registers (no spills).
+// Inside a warp, 4 groups of 8 lanes take 2 keys each per round (a lane: 16-byte slices cl and
+// cl + 8 of the head), each group keeping its own running max / sum / output. Groups, then warps,
+// are merged at the end. The grid's x (fastest) is the KV head, so the blocks in flight at a time
+// read whole cache rows (all heads of a slot) of a few sequences.
+constexpr int kMaxHeadsPerBlock = kWarps;
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy bypassing L1; bytes == 0 reads nothing and writes zeros.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <int HD, int kTile, int kStages>
+struct PipeSmem {
+  static constexpr int kChunks = HD / 8;
+  static constexpr size_t kStageBytes = size_t{2} * kTile * kChunks * 16;  // K tile, then V tile
+  static constexpr size_t kBytes = kStages * kStageBytes;
+};
+
+// Online-softmax state of one (group, query head): log2-domain max and sum, unnormalised output
+// over this lane's slices.
+template <int kPerLane>
+struct SoftmaxState {
+  float m = -INFINITY, l = 0.0f;
+  float acc[kPerLane][8];
+};
+
+template <typename T, int HD, bool kBlock16, int kTile, int kStages>
+__global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args a) {
+  using H = Head<HD>;
+  using L = PipeSmem<HD, kTile, kStages>;
+  constexpr int C = H::kChunks;
+  static_assert(kTile % 32 == 0 && kKeysPerIter % kTile == 0, "tiles of whole warp rounds");
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float s_m[kWarps];
+  __shared__ float s_l[kWarps];
+  __shared__ float s_acc[kWarps][HD];
+
+  const int hb = blockIdx.x;
+  const int s = blockIdx.y;
+  const int sp = blockIdx.z;
+  const int kvh = hb / a.head_chunks;
+  const int g0 = (hb - kvh * a.head_chunks) * kMaxHeadsPerBlock;
+  const int nhb = min(kMaxHeadsPerBlock, a.group - g0);  // query heads of this block
+  const int h0 = kvh * a.group + g0;                     // the first of them
+  const int ctx = a.context_lens[s];
+  T* out_base = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h0) * HD;
+  if (ctx <= 0) {  // padding row
+    if (sp == 0) {
+      for (int d = threadIdx.x; d < nhb * HD; d += kThreads) out_base[d] = cuda::FromFloat<T>(0.f);
+    }
+    return;
+  }
+  int splits = 1;
+  const int split_len = SplitLen(a, ctx, &splits);
+  if (sp >= splits) return;
+  const int k_begin = sp * split_len;
+  const int k_end = min(ctx, k_begin + split_len);
+  const int n_tiles = (k_end - k_begin + kTile - 1) / kTile;
+  const int pitch = a.step_info ? a.step_info[1] : a.max_blocks;
+  const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+  const size_t head_off = static_cast<size_t>(kvh) * HD;
+  const uint32_t smem_base = SmemAddr(smem);
+
+  // Copies tile `t` (keys k_begin + t kTile ...) into stage `st`; keys past k_end and block ids
+  // out of range become zeros (masked below by the key index; a bad id reads as zero K/V).
+  auto load_tile = [&](int t, int st) {
+    const int key0 = k_begin + t * kTile;
+    const uint32_t dst_k = smem_base + static_cast<uint32_t>(st * L::kStageBytes);
+    const uint32_t dst_v = dst_k + kTile * C * 16;
+#pragma unroll
+    for (int e = threadIdx.x; e < kTile * C; e += kThreads) {
+      const int r = e / C;
+      const int j = e - r * C;
+      const int key = key0 + r;
+      size_t off = 0;
+      int bytes = 0;
+      if (key < k_end) {
+        int blk, slot;
+        if constexpr (kBlock16) {
+          blk = table[key >> 4];
+          slot = key & 15;
+        } else {
+          blk = table[key / a.block_size];
+          slot = key % a.block_size;
+        }
+        if (blk >= 0 && blk < a.num_blocks) {
+          off = (static_cast<size_t>(blk) * a.block_size + slot) * a.kv_row + head_off + 8 * j;
+          bytes = 16;
+        }
+      }
+      CpAsync16(dst_k + e * 16, kc + off, bytes);
+      CpAsync16(dst_v + e * 16, vc + off, bytes);
+    }
+  };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < n_tiles) load_tile(t, t);
+    CpAsyncCommit();
+  }
+
+  // Compute roles (see above); all warp-uniform.
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int grp = lane / kLanesPerKey;
+  const int cl = lane % kLanesPerKey;
+  const int kw = kWarps / nhb;  // warps sharing one head's keys: 4, 2, 1, 1
+  const int slice = warp % kw;
+  const int my_head = warp / kw;  // in [0, nhb) or idle
+  const bool active = my_head < nhb;
+  constexpr int kKeysPerRound = 2 * (32 / kLanesPerKey);  // 8: 2 keys for each of 4 groups
+  const int keys_per_warp = kTile / kw;
+  const int rounds = keys_per_warp / kKeysPerRound;
+
+  float q[H::kPerLane][8];
+  SoftmaxState<H::kPerLane> S;
+  {
+    const int h = h0 + (active ? my_head : 0);
+    const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride + h * HD;
+#pragma unroll
+    for (int i = 0; i < H::kPerLane; ++i) {
+      const int j = cl + kLanesPerKey * i;
+      if (active && j < C) {
+        Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) q[i][e] *= a.scale_log2;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) S.acc[i][e] = 0.0f;
+    }
+  }
+
+  for (int t = 0; t < n_tiles; ++t) {
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();  // tile t landed for every thread; stage (t - 1) % kStages is free
+    if (t + kStages - 1 < n_tiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages);
+    CpAsyncCommit();
+    if (!active) continue;
+    const uint4* sk =
+        reinterpret_cast<const uint4*>(smem + static_cast<size_t>(t % kStages) * L::kStageBytes);
+    const uint4* sv = sk + kTile * C;
+    const int tile_key0 = k_begin + t * kTile;
+    for (int r = 0; r < rounds; ++r) {
+      const int kb = slice * keys_per_warp + r * kKeysPerRound + grp;  // keys kb and kb + 4
+      uint4 kk[2][H::kPerLane], vv[2][H::kPerLane];
+      bool valid[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int row = kb + 4 * u;
+        valid[u] = tile_key0 + row < k_end;
+#pragma unroll
+        for (int i = 0; i < H::kPerLane; ++i) {
+          const int j = cl + kLanesPerKey * i;
+          kk[u][i] = j < C ? sk[row * C + j] : make_uint4(0, 0, 0, 0);
+          vv[u][i] = j < C ? sv[row * C + j] : make_uint4(0, 0, 0, 0);
+        }
+      }
+      {
+        float sc[2];
+        float m_new = S.m;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          float d = 0.0f;
+#pragma unroll
+          for (int i = 0; i < H::kPerLane; ++i) {
+            float kf[8];
+            Unpack8<T>(kk[u][i], kf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) d = fmaf(q[i][e], kf[e], d);
+          }
+          d += __shfl_xor_sync(0xffffffffu, d, 1);
+          d += __shfl_xor_sync(0xffffffffu, d, 2);
+          d += __shfl_xor_sync(0xffffffffu, d, 4);
+          sc[u] = valid[u] ? d : -INFINITY;
+          m_new = fmaxf(m_new, sc[u]);
+        }
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = S.m == -INFINITY ? 0.0f : exp2f(S.m - m_use);
+        const float p0 = exp2f(sc[0] - m_use), p1 = exp2f(sc[1] - m_use);
+        S.l = S.l * alpha + (p0 + p1);
+#pragma unroll
+        for (int i = 0; i < H::kPerLane; ++i) {
+          float v0[8], v1[8];
+          Unpack8<T>(vv[0][i], v0);
+          Unpack8<T>(vv[1][i], v1);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            S.acc[i][e] = fmaf(p1, v1[e], fmaf(p0, v0[e], S.acc[i][e] * alpha));
+          }
+        }
+        S.m = m_new;
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  // A programmatic dependent may start its prologue once every block is past its loads.
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+
+  // Groups of a warp, then the warps sharing a head.
+  if (active) {
+#pragma unroll
+    for (int off = kLanesPerKey; off < 32; off *= 2) {
+      const float m_o = __shfl_xor_sync(0xffffffffu, S.m, off);
+      const float l_o = __shfl_xor_sync(0xffffffffu, S.l, off);
+      const float m_new = fmaxf(S.m, m_o);
+      float fa, fb;
+      Rescale(S.m, m_new, &fa);
+      Rescale(m_o, m_new, &fb);
+      S.l = S.l * fa + l_o * fb;
+#pragma unroll
+      for (int i = 0; i < H::kPerLane; ++i) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float o = __shfl_xor_sync(0xffffffffu, S.acc[i][e], off);
+          S.acc[i][e] = S.acc[i][e] * fa + o * fb;
+        }
+      }
+      S.m = m_new;
+    }
+    if (lane < kLanesPerKey) {
+      if (lane == 0) {
+        s_m[warp] = S.m;
+        s_l[warp] = S.l;
+      }
+#pragma unroll
+      for (int i = 0; i < H::kPerLane; ++i) {
+        const int j = cl + kLanesPerKey * i;
+        if (j < C) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) s_acc[warp][8 * j + e] = S.acc[i][e];
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nhb * HD; e += kThreads) {
+    const int g = e / HD;
+    const int d = e - g * HD;
+    // Owners of head g: warps g kw .. g kw + kw - 1.
+    float mm = -INFINITY;
+    for (int w = g * kw; w < (g + 1) * kw; ++w) mm = fmaxf(mm, s_m[w]);
+    float ll = 0.0f, o = 0.0f;
+    for (int w = g * kw; w < (g + 1) * kw; ++w) {
+      float f;
+      Rescale(s_m[w], mm, &f);
+      ll = fmaf(s_l[w], f, ll);
+      o = fmaf(s_acc[w][d], f, o);
+    }
+    const int h = h0 + g;
+    if (splits == 1) {
+      out_base[e] = cuda::FromFloat<T>(o / ll);
+    } else {
+      const size_t idx = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits + sp;
+      a.partial_o[idx * HD + d] = o / ll;
+      if (d == 0) {
+        a.partial_ml[idx * 2] = mm;
+        a.partial_ml[idx * 2 + 1] = ll;
+      }
+    }
+  }
+}
+
 // One block per (sequence, head): out = sum_i w_i o_i / sum_i w_i, w_i = l_i 2^(m_i - max m).
 template <typename T, int HD>
 __global__ void PagedDecodeMergeKernel(const Args a) {
@@ -407,15 +697,50 @@ KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCud
   a.max_splits = max_splits;
   a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);
   a.scale_log2 = p.scale * kLog2e;
+  a.head_chunks = (a.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
+  // Small MHA grids go to the register-staged kernel (see the header).
+  const bool registers =
+      plan.variant == PagedDecodeVariant::kRegisterStages ||
+      (plan.variant == PagedDecodeVariant::kAuto && a.group == 1 &&
+       static_cast<int64_t>(p.num_seqs) * p.num_heads * max_splits <
+           16 * static_cast<int64_t>(std::max(plan.num_multiprocessors, 1)));
+  a.blocks_per_seq = registers ? p.num_heads : p.num_kv_heads * a.head_chunks;
   return DispatchHeadDim(p.head_dim, [&](auto hd_tag) {
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      const dim3 grid(max_splits, p.num_seqs, p.num_heads);
-      if (p.block_size == 16) {
-        PagedDecodeKernel<T, HD, true><<<grid, kThreads, 0, stream>>>(a);
+      if (registers) {
+        const dim3 grid(max_splits, p.num_seqs, p.num_heads);
+        if (p.block_size == 16) {
+          PagedDecodeKernel<T, HD, true><<<grid, kThreads, 0, stream>>>(a);
+        } else {
+          PagedDecodeKernel<T, HD, false><<<grid, kThreads, 0, stream>>>(a);
+        }
       } else {
-        PagedDecodeKernel<T, HD, false><<<grid, kThreads, 0, stream>>>(a);
+        const dim3 grid(a.blocks_per_seq, p.num_seqs, max_splits);
+        KernelStatus st = KernelStatus::kOk;
+        auto launch = [&](auto kernel, size_t smem) {
+          // Static shared memory (the merge scratch) counts against the 48 KiB default too.
+          if (smem + 4096 > 48 * 1024 &&
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(smem)) != cudaSuccess) {
+            st = KernelStatus::kDeviceError;
+            return;
+          }
+          kernel<<<grid, kThreads, smem, stream>>>(a);
+        };
+        // Bench-only tilings exist for the Phi-2 case (bf16, 16-token blocks); elsewhere 32 x 4.
+        const bool alt = std::is_same_v<T, __nv_bfloat16> && p.block_size == 16;
+        if (alt && plan.variant == PagedDecodeVariant::kPipe64x3) {
+          launch(PagedDecodePipeKernel<T, HD, true, 64, 3>, PipeSmem<HD, 64, 3>::kBytes);
+        } else if (alt && plan.variant == PagedDecodeVariant::kPipe32x6) {
+          launch(PagedDecodePipeKernel<T, HD, true, 32, 6>, PipeSmem<HD, 32, 6>::kBytes);
+        } else if (p.block_size == 16) {
+          launch(PagedDecodePipeKernel<T, HD, true, 32, 4>, PipeSmem<HD, 32, 4>::kBytes);
+        } else {
+          launch(PagedDecodePipeKernel<T, HD, false, 32, 4>, PipeSmem<HD, 32, 4>::kBytes);
+        }
+        if (st != KernelStatus::kOk) return st;
       }
       if (KernelStatus st = cuda::LaunchStatus(); st != KernelStatus::kOk || max_splits == 1) {
         return st;

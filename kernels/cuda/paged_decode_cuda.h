@@ -8,15 +8,21 @@
 // probabilities and sums. A sequence with context_lens[s] == 0 is a padding row: its output row
 // is zeroed and nothing is read for it.
 //
-// Work split: one block of 4 warps per (split, sequence, query head). A warp is 4 groups of 8
-// lanes; a group owns one key at a time, each lane a 16-byte slice of the head (two for
-// head_dim 80), and keeps its own running max / sum / output; K and V of 4 keys per group are
-// loaded before any is used (16 keys a warp, 64 a block in flight). The groups and warps are
-// merged once at the end; with several splits a second kernel merges the splits by their
-// log-sum-exp. GQA re-reads K/V for each query head of a group (through L2); Phi is MHA.
+// Work split (PagedDecodeVariant::kAuto, the pipelined kernel): one block of 4 warps per (KV head
+// x chunk of up to 4 of its query heads, sequence, split); GQA reads each K/V row once for the
+// whole group. The block's keys go through shared memory in 32-key tiles, copied by cp.async into
+// a 4-stage ring (3 tiles in flight while one is consumed); inside a warp, 4 groups of 8 lanes
+// each own a key at a time (a lane: one or two 16-byte slices of the head) with their own running
+// max / sum / output, merged at the end (groups, then the warps that shared a head). With several
+// splits a second kernel merges the splits by their log-sum-exp. kRegisterStages is the earlier
+// kernel (one block per query head, K/V of the next 32 keys in registers): it wins on small grids
+// (batch 1 to 32 at Phi-2 shape), the pipelined one on big batches (0.96 vs 0.83 of the copy
+// bandwidth at batch 256, context 1024); kAuto picks by grid size.
 // Split count of sequence s, evaluated identically by both kernels:
-//   want = ceil(4 x multiprocessors / (live x num_heads)), n = min(want, max_splits, ceil(ctx /
-//   64)) split_len = 64 x ceil(ceil(ctx / n) / 64), splits = ceil(ctx / split_len)
+//   want = ceil(4 x multiprocessors / (live x blocks per split and sequence)), n = min(want,
+//   max_splits, ceil(ctx / 64)), split_len = 64 x ceil(ceil(ctx / n) / 64),
+//   splits = ceil(ctx / split_len); blocks per split and sequence = num_kv_heads x
+//   ceil(group / 4) (pipelined) or num_heads (register stages).
 // Closed dispatch: head_dim in {32, 64, 80} x {kF16, kBF16}.
 #pragma once
 
@@ -30,6 +36,15 @@ namespace phishard {
 
 inline constexpr int kPagedDecodeMaxSplits = 16;
 
+enum class PagedDecodeVariant {
+  kAuto,            // kPipelined when the grid has >= 16 blocks an SM or GQA shares K/V, else
+                    // kRegisterStages (faster on small grids: b1, b32; perf-log, decode run 1)
+  kRegisterStages,  // the register-staged kernel
+  kPipelined,       // 32-key tiles x 4 shared-memory stages
+  kPipe64x3,        // 64-key tiles x 3 stages (bf16, 16-token blocks; else kAuto): benchmarks
+  kPipe32x6,        // 32-key tiles x 6 stages (bf16, 16-token blocks; else kAuto): benchmarks
+};
+
 struct PagedDecodeCudaPlan {
   // Device int32[2] or null: [0] live sequences this step (rows >= it are padding), [1] row pitch
   // of block_tables. Null: p.num_seqs and p.max_blocks_per_seq.
@@ -41,6 +56,7 @@ struct PagedDecodeCudaPlan {
   void* workspace = nullptr;  // device float32 partials; null or small means fewer splits
   size_t workspace_bytes = 0;
   int num_multiprocessors = 132;
+  PagedDecodeVariant variant = PagedDecodeVariant::kAuto;
 };
 
 // Grid split bound for a launch that will serve at least `min_live_seqs` live sequences.

@@ -260,7 +260,8 @@ struct DecodeCase {
 
 // Runs one case with the given split bound; poisons the output, every cache slot no sequence
 // owns (K and V NaN: a read past a context shows up), and uses a table pitch wider than needed.
-void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_info) {
+void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_info,
+                   PagedDecodeVariant variant = PagedDecodeVariant::kAuto) {
   const int S = static_cast<int>(c.ctx.size());
   const int bs = c.block_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
   int max_ctx = 1;
@@ -326,7 +327,8 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
                            .max_splits = max_splits,
                            .workspace = d_ws.get(),
                            .workspace_bytes = ws_bytes,
-                           .num_multiprocessors = 132};
+                           .num_multiprocessors = 132,
+                           .variant = variant};
   int bound = 0;
   ASSERT_EQ(PagedDecodeCuda(p, plan, nullptr, &bound), KernelStatus::kOk);
   gpu_test::ExpectDeviceClean(nullptr);
@@ -379,16 +381,33 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
       {{15, 16, 17, 63, 64, 65, 129}, 7, 8, 8, 64, 16},  // block and tile edges
       {{300, 5, 0, 0}, 2, 4, 2, 80, 16},                 // GQA, padding rows
       {{77, 200, 3}, 3, 8, 8, 32, 7},                    // odd block size, head_dim 32
-      {{4096, 2048}, 2, 32, 32, 80, 16}};
+      {{4096, 2048}, 2, 32, 32, 80, 16},
+      {{100, 37, 1}, 3, 8, 1, 64, 16},  // group 8: two blocks of 4 query heads per KV head
+      {{65, 130}, 2, 6, 2, 80, 16},     // group 3: one warp a head, the fourth only copies
+      {{33, 250}, 2, 4, 4, 80, 5}};     // MHA, block size 5 (not a power of two)
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
       for (int splits : {1, 3, 16}) {
-        SCOPED_TRACE(testing::Message() << DataTypeName(t) << " seqs " << c.ctx.size()
-                                        << " head_dim " << c.head_dim << " splits " << splits);
-        RunDecodeCase(c, t, splits, /*device_info=*/true);
-        if (HasFatalFailure()) return;
+        // Both production kernels on every case (kAuto picks one of them by grid size).
+        for (PagedDecodeVariant v :
+             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages}) {
+          SCOPED_TRACE(testing::Message() << DataTypeName(t) << " seqs " << c.ctx.size()
+                                          << " head_dim " << c.head_dim << " splits " << splits
+                                          << " variant " << static_cast<int>(v));
+          RunDecodeCase(c, t, splits, /*device_info=*/true, v);
+          if (HasFatalFailure()) return;
+        }
       }
     }
+  }
+  // kAuto and the benchmark-only tilings: the same answers.
+  for (PagedDecodeVariant v : {PagedDecodeVariant::kAuto, PagedDecodeVariant::kPipe64x3,
+                               PagedDecodeVariant::kPipe32x6}) {
+    SCOPED_TRACE(testing::Message() << "variant " << static_cast<int>(v));
+    RunDecodeCase(cases[2], DataType::kBF16, 3, /*device_info=*/true, v);
+    RunDecodeCase(cases[5], DataType::kBF16, 1, /*device_info=*/true, v);
+    RunDecodeCase(cases[3], DataType::kF16, 16, /*device_info=*/true, v);
+    if (HasFatalFailure()) return;
   }
   // Host-side pitch and live count (no step_info).
   RunDecodeCase({{40, 41, 1}, 3, 8, 8, 64, 16}, DataType::kBF16, 4, /*device_info=*/false);
@@ -399,6 +418,10 @@ TEST(CudaPagedDecode, SmallCasesForSanitizer) {
   PHI_REQUIRE_GPU();
   RunDecodeCase({{70, 3, 0}, 2, 4, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true);
   RunDecodeCase({{33}, 1, 2, 2, 64, 16}, DataType::kF16, 1, /*device_info=*/false);
+  RunDecodeCase({{70, 3, 0}, 2, 4, 4, 80, 16}, DataType::kBF16, 4, /*device_info=*/true,
+                PagedDecodeVariant::kPipelined);
+  RunDecodeCase({{70, 3, 0}, 2, 4, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true,
+                PagedDecodeVariant::kRegisterStages);
 }
 
 // ---------------------------------------------------------------------------------------------
