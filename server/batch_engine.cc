@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <utility>
@@ -15,6 +16,7 @@
 #include "common/logging.h"
 #include "model/kv_cache.h"
 #include "server/batch_state.h"
+#include "server/parallel_choose.h"
 #include "server/request_log.h"
 #include "server/request_validation.h"
 
@@ -29,7 +31,9 @@ struct BatchEngine::State {
   WatermarkParams watermark;
   KvBlockAllocator allocator{0};  // the real pool; 0 blocks until Warmup
   std::map<uint64_t, BatchState> batches;
-  ChooserWorkspace workspace;
+  ChooseScratch choose_scratch;        // per-thread chooser workspaces (server/parallel_choose.h)
+  std::vector<ChooseTask> choose_tasks;
+  std::vector<TokenChoice> choices;
   absl::Span<const float> logits;  // [rows, V] host, the model's (valid until its next step)
   int stall_ms = 0;           // options.test_stall_next_step_ms until the first step used it
 
@@ -52,8 +56,10 @@ struct BatchEngine::State {
                           std::vector<GenerationOut>* generations);
   absl::Status RunDecode(const std::vector<RequestState*>& requests,
                          std::vector<GenerationOut>* generations);
-  // Chooses, records and (for the owning rank) reports the next token of `r` from `row` [V].
-  void AcceptToken(RequestState* r, const float* row, GenerationOut* gen);
+  // Choices for rows of `logits` (row of requests[i] = rows[i]) into `choices`, in parallel.
+  void ChooseAll(absl::Span<RequestState* const> requests, absl::Span<const int> rows);
+  // Records and (for the owning rank) reports `choice`, the next token of `r`.
+  void AcceptToken(RequestState* r, const TokenChoice& choice, GenerationOut* gen);
   void FreeBatch(BatchState* batch);
 };
 
@@ -148,9 +154,19 @@ absl::Status BatchEngine::State::ForwardOrError(const ForwardBatch& fb) {
   return absl::OkStatus();
 }
 
-void BatchEngine::State::AcceptToken(RequestState* r, const float* row, GenerationOut* gen) {
-  const TokenChoice choice =
-      r->chooser.Choose(absl::MakeConstSpan(row, vocab_size), r->all_ids, &workspace);
+void BatchEngine::State::ChooseAll(absl::Span<RequestState* const> requests,
+                                   absl::Span<const int> rows) {
+  choose_tasks.clear();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    choose_tasks.push_back({.chooser = &requests[i]->chooser,
+                            .logits = logits.data() + static_cast<size_t>(rows[i]) * vocab_size,
+                            .history = requests[i]->all_ids});
+  }
+  ChooseRows(choose_tasks, vocab_size, options.chooser_threads, &choose_scratch, &choices);
+}
+
+void BatchEngine::State::AcceptToken(RequestState* r, const TokenChoice& choice,
+                                     GenerationOut* gen) {
   if (gen != nullptr && !choice.alt_ids.empty()) {
     AlternativeTokensOut alt;
     alt.ids = choice.alt_ids;
@@ -208,11 +224,16 @@ absl::Status BatchEngine::State::RunPrefill(std::vector<RequestState>* requests,
   if (absl::Status s = ForwardOrError(fb); !s.ok()) return s;
 
   // Nothing below can fail: state changes start here.
+  std::vector<RequestState*> choosing;
+  std::vector<int> last_rows;
   for (size_t i = 0; i < requests->size(); ++i) {
     RequestState& r = (*requests)[i];
-    const int rows = r.prefill_logprobs ? r.prompt_len : 1;
-    const float* last_row =
-        logits.data() + static_cast<size_t>(first_row[i] + rows - 1) * vocab_size;
+    choosing.push_back(&r);
+    last_rows.push_back(first_row[i] + (r.prefill_logprobs ? r.prompt_len : 1) - 1);
+  }
+  ChooseAll(choosing, last_rows);
+  for (size_t i = 0; i < requests->size(); ++i) {
+    RequestState& r = (*requests)[i];
     const bool owned = generations != nullptr && Owns(r.id);
     GenerationOut gen;
     if (owned) {
@@ -235,7 +256,7 @@ absl::Status BatchEngine::State::RunPrefill(std::vector<RequestState>* requests,
       }
     }
     r.cache_len = r.prompt_len;
-    AcceptToken(&r, last_row, owned ? &gen : nullptr);
+    AcceptToken(&r, choices[i], owned ? &gen : nullptr);
     if (owned) generations->push_back(std::move(gen));
   }
   return absl::OkStatus();
@@ -267,12 +288,15 @@ absl::Status BatchEngine::State::RunDecode(const std::vector<RequestState*>& req
   if (fed.empty()) return absl::OkStatus();
   if (absl::Status s = ForwardOrError(fb); !s.ok()) return s;
 
+  std::vector<int> rows(fed.size());
+  std::iota(rows.begin(), rows.end(), 0);
+  ChooseAll(fed, rows);
   for (size_t i = 0; i < fed.size(); ++i) {
     RequestState* r = fed[i];
     const bool owned = generations != nullptr && Owns(r->id);
     GenerationOut gen;
     r->cache_len += 1;
-    AcceptToken(r, logits.data() + i * static_cast<size_t>(vocab_size), owned ? &gen : nullptr);
+    AcceptToken(r, choices[i], owned ? &gen : nullptr);
     if (owned) generations->push_back(std::move(gen));
   }
   return absl::OkStatus();

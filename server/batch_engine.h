@@ -27,6 +27,9 @@ struct BatchEngineOptions {
   std::vector<int32_t> eos_token_ids;  // from generation_config/config/tokenizer
   double watermark_gamma = 0.5;        // WATERMARK_GAMMA (spec §5.3)
   double watermark_delta = 2.0;        // WATERMARK_DELTA
+  // Host threads choosing the next tokens of a step's rows (server/parallel_choose.h); the
+  // choices do not depend on it. <= 0: the hardware concurrency, at most 16.
+  int chooser_threads = 0;
   // Test-only fault injection (PHISHARD_TEST_STALL_MS, read once by `serve`): the first
   // Prefill or Decode sleeps this long before running, holding the executor like a stuck
   // device step would. 0 = off.
