@@ -29,10 +29,8 @@
 #include "absl/types/span.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
-#include "kernels/cuda/layer_norm_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/random_fill_cuda.h"
-#include "kernels/cuda/rotary_kv_write_cuda.h"
 #include "kernels/device.h"
 #include "model/adapter_registry.h"
 #include "model/cuda_phi_model.h"
@@ -228,64 +226,12 @@ json KernelTimes(const Ceilings& ceil) {
   gemm.reset();
   for (void* p : {w, w2, x, x2, y, bias}) DeviceFree(p);
 
-  // The per-layer small kernels of a 2048-token prefill (LayerNorm, rotary + KV write), bytes
-  // moved vs copy bandwidth.
-  {
-    const int T = 2048, qkv_w = 3 * H;
-    void *xa = nullptr, *ya = nullptr, *kc = nullptr, *vc = nullptr, *meta = nullptr;
-    BENCH_CHECK(DeviceMalloc(&xa, size_t{2} * T * qkv_w) == 0 &&
-                    DeviceMalloc(&ya, size_t{2} * T * qkv_w) == 0 &&
-                    DeviceMalloc(&kc, size_t{2} * T * H) == 0 &&
-                    DeviceMalloc(&vc, size_t{2} * T * H) == 0 &&
-                    DeviceMalloc(&meta, size_t{12} * T) == 0,
-                "prefill small-kernel buffers");
-    RandomFillCuda({.data = xa, .count = int64_t{T} * qkv_w, .seed = 11, .dtype = DataType::kBF16},
-                   s);
-    std::vector<int32_t> pos(T);
-    std::vector<int64_t> slots(T);
-    for (int i = 0; i < T; ++i) pos[i] = i, slots[i] = i;
-    DeviceCopyToDevice(meta, slots.data(), size_t{8} * T, s);
-    DeviceCopyToDevice(static_cast<char*>(meta) + size_t{8} * T, pos.data(), size_t{4} * T, s);
-    const float ln_us = 1e3f * TimeMs(s, 20, [&] {
-      LayerNormCuda({.x = xa, .weight = w, .bias = w2, .y = ya, .rows = T, .cols = H,
-                     .eps = 1e-5f, .dtype = DataType::kBF16}, s);
-    });
-    const float rot_us = 1e3f * TimeMs(s, 20, [&] {
-      RotaryKvWriteCuda({.qkv = xa,
-                         .positions = reinterpret_cast<const int32_t*>(
-                             static_cast<char*>(meta) + size_t{8} * T),
-                         .slots = static_cast<const int64_t*>(meta),
-                         .k_cache = kc,
-                         .v_cache = vc,
-                         .num_slots = T,
-                         .num_tokens = T,
-                         .num_heads = 32,
-                         .num_kv_heads = 32,
-                         .head_dim = 80,
-                         .rotary_dim = 32,
-                         .theta = 10000.0f,
-                         .dtype = DataType::kBF16},
-                        s);
-    });
-    BENCH_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "small kernels");
-    // LayerNorm reads and writes T x H; rotary reads q, k rotary halves and K, V, writes them.
-    const double ln_bytes = 4.0 * T * H, rot_bytes = 2.0 * T * (2 * 64 * 32 + 4 * H);
-    out.push_back({{"op", "layer_norm"}, {"m", T}, {"us", ln_us},
-                   {"gbps", ln_bytes / (ln_us * 1e-6) / 1e9},
-                   {"of_copy_bw", ln_bytes / (ln_us * 1e-6) / ceil.copy_bytes_per_s}});
-    out.push_back({{"op", "rotary_kv_write"}, {"m", T}, {"us", rot_us},
-                   {"gbps", rot_bytes / (rot_us * 1e-6) / 1e9},
-                   {"of_copy_bw", rot_bytes / (rot_us * 1e-6) / ceil.copy_bytes_per_s}});
-    for (void* ptr : {xa, ya, kc, vc, meta}) DeviceFree(ptr);
-  }
-
   // Decode attention, Phi-2 heads (32 x 80), one layer's K/V, sequences on consecutive blocks.
   const int nh = 32, hd = 80, bs = 16;
   struct Att {
     int seqs, ctx;
   };
-  for (Att a : {Att{1, 1024}, Att{1, 4096}, Att{32, 1024}, Att{32, 4096}, Att{64, 1024},
-                Att{128, 1024}, Att{256, 1024}}) {
+  for (Att a : {Att{1, 1024}, Att{1, 4096}, Att{32, 1024}, Att{32, 4096}, Att{256, 1024}}) {
     const int64_t slots = int64_t{a.seqs} * a.ctx;
     const size_t kv = static_cast<size_t>(slots) * nh * hd * 2;
     void *k = nullptr, *v = nullptr, *q = nullptr, *o = nullptr, *ws = nullptr, *meta = nullptr;
@@ -333,9 +279,7 @@ json KernelTimes(const Ceilings& ceil) {
     const std::pair<PagedDecodeVariant, const char*> variants[] = {
         {PagedDecodeVariant::kAuto, "paged_decode"},
         {PagedDecodeVariant::kRegisterStages, "paged_decode regs"},
-        {PagedDecodeVariant::kPipelined, "paged_decode pipe"},
-        {PagedDecodeVariant::kPipe64x3, "paged_decode 64x3"},
-        {PagedDecodeVariant::kPipe32x6, "paged_decode 32x6"}};
+        {PagedDecodeVariant::kPipelined, "paged_decode pipe"}};
     for (auto [variant, name] : variants) {
       PagedDecodeCudaPlan plan{.workspace = ws,
                                .workspace_bytes = ws_bytes,

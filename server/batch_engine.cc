@@ -31,11 +31,11 @@ struct BatchEngine::State {
   WatermarkParams watermark;
   KvBlockAllocator allocator{0};  // the real pool; 0 blocks until Warmup
   std::map<uint64_t, BatchState> batches;
-  ChooseScratch choose_scratch;        // per-thread chooser workspaces (server/parallel_choose.h)
+  ChooseScratch choose_scratch;  // per-thread chooser workspaces (server/parallel_choose.h)
   std::vector<ChooseTask> choose_tasks;
   std::vector<TokenChoice> choices;
   absl::Span<const float> logits;  // [rows, V] host, the model's (valid until its next step)
-  int stall_ms = 0;           // options.test_stall_next_step_ms until the first step used it
+  int stall_ms = 0;                // options.test_stall_next_step_ms until the first step used it
 
   // The test-only stall (BatchEngineOptions::test_stall_next_step_ms): one step, once.
   void MaybeStall() {

@@ -322,7 +322,9 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int byt
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
                : "memory");
 }
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -699,11 +701,10 @@ KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCud
   a.scale_log2 = p.scale * kLog2e;
   a.head_chunks = (a.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
   // Small MHA grids go to the register-staged kernel (see the header).
-  const bool registers =
-      plan.variant == PagedDecodeVariant::kRegisterStages ||
-      (plan.variant == PagedDecodeVariant::kAuto && a.group == 1 &&
-       static_cast<int64_t>(p.num_seqs) * p.num_heads * max_splits <
-           16 * static_cast<int64_t>(std::max(plan.num_multiprocessors, 1)));
+  const bool registers = plan.variant == PagedDecodeVariant::kRegisterStages ||
+                         (plan.variant == PagedDecodeVariant::kAuto && a.group == 1 &&
+                          static_cast<int64_t>(p.num_seqs) * p.num_heads * max_splits <
+                              16 * static_cast<int64_t>(std::max(plan.num_multiprocessors, 1)));
   a.blocks_per_seq = registers ? p.num_heads : p.num_kv_heads * a.head_chunks;
   return DispatchHeadDim(p.head_dim, [&](auto hd_tag) {
     constexpr int HD = decltype(hd_tag)::value;
@@ -729,13 +730,8 @@ KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCud
           }
           kernel<<<grid, kThreads, smem, stream>>>(a);
         };
-        // Bench-only tilings exist for the Phi-2 case (bf16, 16-token blocks); elsewhere 32 x 4.
-        const bool alt = std::is_same_v<T, __nv_bfloat16> && p.block_size == 16;
-        if (alt && plan.variant == PagedDecodeVariant::kPipe64x3) {
-          launch(PagedDecodePipeKernel<T, HD, true, 64, 3>, PipeSmem<HD, 64, 3>::kBytes);
-        } else if (alt && plan.variant == PagedDecodeVariant::kPipe32x6) {
-          launch(PagedDecodePipeKernel<T, HD, true, 32, 6>, PipeSmem<HD, 32, 6>::kBytes);
-        } else if (p.block_size == 16) {
+        // 32-key tiles x 4 stages: 64 x 3 and 32 x 6 measured 3-14% slower at b256 (perf-log).
+        if (p.block_size == 16) {
           launch(PagedDecodePipeKernel<T, HD, true, 32, 4>, PipeSmem<HD, 32, 4>::kBytes);
         } else {
           launch(PagedDecodePipeKernel<T, HD, false, 32, 4>, PipeSmem<HD, 32, 4>::kBytes);

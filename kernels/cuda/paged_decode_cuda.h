@@ -40,9 +40,7 @@ enum class PagedDecodeVariant {
   kAuto,            // kPipelined when the grid has >= 16 blocks an SM or GQA shares K/V, else
                     // kRegisterStages (faster on small grids: b1, b32; perf-log, decode run 1)
   kRegisterStages,  // the register-staged kernel
-  kPipelined,       // 32-key tiles x 4 shared-memory stages
-  kPipe64x3,        // 64-key tiles x 3 stages (bf16, 16-token blocks; else kAuto): benchmarks
-  kPipe32x6,        // 32-key tiles x 6 stages (bf16, 16-token blocks; else kAuto): benchmarks
+  kPipelined,       // 32-key tiles x 4 shared-memory stages (64 x 3, 32 x 6 measured slower)
 };
 
 struct PagedDecodeCudaPlan {

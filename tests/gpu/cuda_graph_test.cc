@@ -391,23 +391,22 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
         // Both production kernels on every case (kAuto picks one of them by grid size).
         for (PagedDecodeVariant v :
              {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages}) {
-          SCOPED_TRACE(testing::Message() << DataTypeName(t) << " seqs " << c.ctx.size()
-                                          << " head_dim " << c.head_dim << " splits " << splits
-                                          << " variant " << static_cast<int>(v));
+          SCOPED_TRACE(testing::Message()
+                       << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim
+                       << " splits " << splits << " variant " << static_cast<int>(v));
           RunDecodeCase(c, t, splits, /*device_info=*/true, v);
           if (HasFatalFailure()) return;
         }
       }
     }
   }
-  // kAuto and the benchmark-only tilings: the same answers.
-  for (PagedDecodeVariant v : {PagedDecodeVariant::kAuto, PagedDecodeVariant::kPipe64x3,
-                               PagedDecodeVariant::kPipe32x6}) {
-    SCOPED_TRACE(testing::Message() << "variant " << static_cast<int>(v));
-    RunDecodeCase(cases[2], DataType::kBF16, 3, /*device_info=*/true, v);
-    RunDecodeCase(cases[5], DataType::kBF16, 1, /*device_info=*/true, v);
-    RunDecodeCase(cases[3], DataType::kF16, 16, /*device_info=*/true, v);
-    if (HasFatalFailure()) return;
+  // kAuto (one of the two by grid size): the same answers.
+  for (const DecodeCase& c : cases) {
+    for (int splits : {1, 3}) {
+      SCOPED_TRACE(testing::Message() << "auto, seqs " << c.ctx.size() << " splits " << splits);
+      RunDecodeCase(c, DataType::kBF16, splits, /*device_info=*/true, PagedDecodeVariant::kAuto);
+      if (HasFatalFailure()) return;
+    }
   }
   // Host-side pitch and live count (no step_info).
   RunDecodeCase({{40, 41, 1}, 3, 8, 8, 64, 16}, DataType::kBF16, 4, /*device_info=*/false);

@@ -396,7 +396,7 @@ TEST(CudaPhi2Bench, LayerGemmTimes) {
   y.Upload(gpu_test::Encode(xf, DataType::kBF16).data(), y.bytes());
   DeviceTimer* timer = nullptr;
   ASSERT_EQ(DeviceTimerCreate(&timer), 0);
-  for (int m : {1, 64, 2048, 4096}) {
+  for (int m : {1, 64, 256, 2048, 4096}) {
     double layer_us = 0;
     for (const Shape& sh : shapes) {
       GemmParams p{.x = x.get(),

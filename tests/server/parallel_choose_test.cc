@@ -51,9 +51,8 @@ SamplingParams ParamsFor(int i) {
 bool SameChoice(const TokenChoice& a, const TokenChoice& b) {
   return a.id == b.id && std::memcmp(&a.logprob, &b.logprob, sizeof(float)) == 0 &&
          a.alt_ids == b.alt_ids && a.alt_logprobs.size() == b.alt_logprobs.size() &&
-         (a.alt_logprobs.empty() ||
-          std::memcmp(a.alt_logprobs.data(), b.alt_logprobs.data(),
-                      a.alt_logprobs.size() * sizeof(float)) == 0);
+         (a.alt_logprobs.empty() || std::memcmp(a.alt_logprobs.data(), b.alt_logprobs.data(),
+                                                a.alt_logprobs.size() * sizeof(float)) == 0);
 }
 
 TEST(ChooseRowsTest, MatchesSequentialChooseForAnyThreadCount) {
@@ -85,8 +84,8 @@ TEST(ChooseRowsTest, MatchesSequentialChooseForAnyThreadCount) {
         const TokenChoice want = ref[i].Choose(
             absl::MakeConstSpan(logits.data() + static_cast<size_t>(i) * kVocab, kVocab),
             hist_ref[i], &ws);
-        EXPECT_TRUE(SameChoice(got[i], want)) << "row " << i << " step " << step << ": id "
-                                              << got[i].id << " vs " << want.id;
+        EXPECT_TRUE(SameChoice(got[i], want))
+            << "row " << i << " step " << step << ": id " << got[i].id << " vs " << want.id;
         hist_ref[i].push_back(want.id);
         hist_par[i].push_back(got[i].id);
       }
