@@ -41,12 +41,26 @@ int32_t ArgMax(const std::vector<float>& scores) {
   return best;
 }
 
-// Stable ascending order of indices by score (ties: lower index first).
+// Stable ascending order of indices by Key(score) (ties: lower index first). Built as the three
+// groups such a sort yields: Key -inf (NaN, -inf) in index order, the finite scores stably sorted,
+// +inf in index order; after top-k nearly every score is -inf, so only the survivors are sorted
+// (a 51,200-entry stable sort a token was the sampling path's largest cost).
 void SortAscending(const std::vector<float>& scores, std::vector<int32_t>* order) {
-  order->resize(scores.size());
-  std::iota(order->begin(), order->end(), 0);
-  std::stable_sort(order->begin(), order->end(),
-                   [&](int32_t a, int32_t b) { return Key(scores[a]) < Key(scores[b]); });
+  const int32_t n = static_cast<int32_t>(scores.size());
+  order->clear();
+  order->reserve(n);
+  for (int32_t i = 0; i < n; ++i) {
+    if (Key(scores[i]) == kNegInf) order->push_back(i);
+  }
+  const size_t first_finite = order->size();
+  for (int32_t i = 0; i < n; ++i) {
+    if (std::isfinite(scores[i])) order->push_back(i);
+  }
+  std::stable_sort(order->begin() + first_finite, order->end(),
+                   [&](int32_t a, int32_t b) { return scores[a] < scores[b]; });
+  for (int32_t i = 0; i < n; ++i) {
+    if (scores[i] == std::numeric_limits<float>::infinity()) order->push_back(i);
+  }
 }
 
 // probs[i] = softmax(scores)[i] in double; non-finite scores get probability 0.

@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <numeric>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -194,6 +196,71 @@ TEST(NextTokenChooserTest, TopPMatchesHandComputedSet) {
   EXPECT_EQ(std::count_if(scores.begin(), scores.end(), [](float s) { return std::isfinite(s); }),
             1);
   EXPECT_EQ(scores[0], before[0]);
+}
+
+// Naive top-p: a stable sort of all V indices (NaN as -inf), probabilities in double, the same
+// removal rule. ApplyTopP sorts only the finite scores; both must agree bit for bit, also with
+// NaN, +-inf, ties and -0.0 in the row and after top-k left a few survivors.
+std::vector<float> NaiveTopP(std::vector<float> s, float top_p) {
+  const int v = static_cast<int>(s.size());
+  auto key = [](float x) { return std::isnan(x) ? kNegInf : x; };
+  double max = kNegInf;
+  for (float x : s) {
+    if (std::isfinite(x)) max = std::max<double>(max, x);
+  }
+  double sum = 0.0;
+  for (float x : s) {
+    if (std::isfinite(x)) sum += std::exp(static_cast<double>(x) - max);
+  }
+  const double lse = max + std::log(sum);
+  std::vector<int> order(v);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key(s[a]) < key(s[b]); });
+  double cumulative = 0.0;
+  for (int i = 0; i + 1 < v; ++i) {
+    const int t = order[i];
+    cumulative += std::isfinite(s[t]) && std::isfinite(lse) ? std::exp(s[t] - lse) : 0.0;
+    if (cumulative <= 1.0 - static_cast<double>(top_p)) s[t] = kNegInf;
+  }
+  return s;
+}
+
+TEST(NextTokenChooserTest, TopPMatchesNaiveFullSortWithSpecialValues) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> dist(0.0f, 2.0f);
+  const float specials[] = {kNegInf,
+                            std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(),
+                            -0.0f,
+                            0.0f,
+                            1.5f};
+  for (int trial = 0; trial < 200; ++trial) {
+    const int v = 1 + static_cast<int>(rng() % 300);
+    std::vector<float> row(v);
+    for (float& x : row) {
+      const unsigned r = rng() % 10;
+      x = r == 0 ? specials[rng() % 6] : (r < 4 ? kNegInf : dist(rng));  // top-k-like rows
+    }
+    if (trial % 7 == 0) {
+      for (float& x : row) x = specials[rng() % 6];  // no or few finite scores
+    }
+    for (float top_p : {0.05f, 0.5f, 0.9f, 0.999f}) {
+      SamplingParams p;
+      p.top_p = top_p;
+      NextTokenChooser chooser(p, v);
+      std::vector<float> got = row;
+      std::vector<int32_t> order;
+      std::vector<double> probs;
+      chooser.ApplyTopP(&got, &order, &probs);
+      const std::vector<float> want = NaiveTopP(row, top_p);
+      ASSERT_EQ(got.size(), want.size());
+      for (int i = 0; i < v; ++i) {
+        ASSERT_TRUE(std::memcmp(&got[i], &want[i], sizeof(float)) == 0)
+            << "trial " << trial << " top_p " << top_p << " id " << i << ": " << got[i] << " vs "
+            << want[i];
+      }
+    }
+  }
 }
 
 // Naive typical-p: HF TypicalLogitsWarper written out in doubles with a full sort.
