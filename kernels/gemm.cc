@@ -23,7 +23,6 @@ KernelStatus GemmCpu(const GemmParams& p) {
   const int ldx = p.ldx == 0 ? p.k : p.ldx;
   const int ldy = p.ldy == 0 ? p.n : p.ldy;
   if (ldx < p.k || ldy < p.n) return KernelStatus::kInvalidShape;
-  if (p.accumulate && p.epilogue != GemmEpilogue::kNone) return KernelStatus::kInvalidShape;
   if (p.m == 0) return KernelStatus::kOk;
   if (!p.x || !p.w || !p.y) return KernelStatus::kNullPointer;
 

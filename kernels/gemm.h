@@ -1,6 +1,6 @@
 // Linear layer GEMM with an optional fused epilogue:
 //   y[M, N] = act(x[M, K] · w[N, K]^T + bias[N])            (accumulate = false)
-//   y[M, N] = y[M, N] + x[M, K] · w[N, K]^T + bias[N]       (accumulate = true, act must be none)
+//   y[M, N] = act(y[M, N] + x[M, K] · w[N, K]^T + bias[N])  (accumulate = true)
 // `w` is in the Hugging Face nn.Linear layout [out, in]. Leading dimensions allow reading x from,
 // and writing y into, a column window of a wider row-major buffer.
 #pragma once

@@ -3,6 +3,7 @@
 #include "model/cuda_lora.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -28,11 +29,16 @@ constexpr int kQ = 0, kK = 1, kV = 2, kDense = 3, kFc1 = 4, kFc2 = 5;
 }  // namespace
 
 CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
-    : config_(config), dtype_(dtype), device_(device) {}
+    : config_(config), dtype_(dtype), device_(device) {
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_MIN_ROWS"); v != nullptr && *v != 0) {
+    gemm_min_rows_ = std::max(0, std::atoi(v));
+  }
+}
 
 CudaLora::~CudaLora() {
   DeviceSet(device_);
   FreeAll();
+  FreeGemm();
   if (table_dev_) DeviceFree(table_dev_);
   if (plan_dev_) DeviceFree(plan_dev_);
   if (plan_host_) DeviceFreeHost(plan_host_);
@@ -233,7 +239,8 @@ absl::Status CudaLora::Sync(cudaStream_t stream) {
 
 size_t CudaLora::WorkspaceBytes(int rows, int rank) const {
   const size_t r = static_cast<size_t>(std::max(rows, 1));
-  return AlignUp(kHeaderBytes + 2 * r * sizeof(SgmvTile)) + AlignUp(r * 6 * rank * sizeof(float));
+  return AlignUp(kHeaderBytes + 2 * r * sizeof(SgmvTile)) + AlignUp(r * 6 * rank * sizeof(float)) +
+         (gemm_min_rows_ > 0 ? kLoraGemmReserveBytes : 0);
 }
 
 bool CudaLora::TakeGraphsStale() {
@@ -306,6 +313,8 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   // Runs of consecutive rows with one slot, cut into tiles of at most kSgmvTileRows rows (one
   // row each in decode: the few-rows kernels stream A at full width with many loads in flight,
   // and a shared adapter's A / B stay in L2 across its rows).
+  // Decode steps also get tiles of base rows (slot -1): the kernels skip them, except the fc1
+  // expand, which applies the GELU to every row (SgmvDecodeExpandCuda).
   const int tile_rows = decode ? 1 : kSgmvTileRows;
   auto emit = [&](int slot, int begin, int end) {
     for (int b = begin; b < end; b += tile_rows) {
@@ -317,8 +326,8 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   int run_slot = -1, run_begin = 0, row = 0;
   for (int i = 0; i < S; ++i) {
     const int slot = seq_slot_[i];
-    if (slot != run_slot) {
-      if (run_slot >= 0) emit(run_slot, run_begin, row);
+    if (slot != run_slot || i == 0) {
+      if (run_slot >= 0 || (decode && i > 0)) emit(run_slot, run_begin, row);
       run_slot = slot;
       run_begin = row;
     }
@@ -330,7 +339,7 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
       }
     }
   }
-  if (run_slot >= 0) emit(run_slot, run_begin, row);
+  if (run_slot >= 0 || (decode && S > 0)) emit(run_slot, run_begin, row);
   const int n_tok = n;
   int n_logit = 0;
   if (!decode) {
@@ -368,6 +377,10 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   max_logit_tiles_ = decode ? rows : n_logit;
   logit_offset_ = decode ? 0 : n_tok;
   active_ = true;
+  gemm_step_ = false;
+  if (!decode && gemm_min_rows_ > 0 && T >= gemm_min_rows_) {
+    if (absl::Status st = PlanGemm(batch, stream); !st.ok()) return st;
+  }
   return true;
 }
 
@@ -392,6 +405,7 @@ bool CudaLora::SplitFc1(int layer) const { return active_ && Launch(Entry(layer,
 
 KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream) {
   if (!active_) return KernelStatus::kOk;
+  if (gemm_step_) return GemmAfterQkv(layer, normed, qkv, stream);
   const PhiConfig& c = config_;
   const int H = c.hidden_size, hd = c.head_dim;
   const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
@@ -424,11 +438,19 @@ KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaSt
   ep.ldt = 6 * rank_cap_;
   ep.ref = sp.ref;
   ep.dtype = dtype_;
+  return Expand(ep, GemmEpilogue::kNone, stream);
+}
+
+KernelStatus CudaLora::Expand(const SgmvGroupedExpandParams& ep, GemmEpilogue act,
+                              cudaStream_t stream) const {
+  if (all_ops_) return SgmvDecodeExpandCuda(ep, act, stream);  // decode: single-row tiles
+  PHI_CHECK(act == GemmEpilogue::kNone);
   return SgmvGroupedExpandCuda(ep, stream);
 }
 
 KernelStatus CudaLora::AfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream) {
   if (!SplitFc1(layer)) return KernelStatus::kOk;
+  if (gemm_step_) return GemmAfterFc1(layer, mlp, act, stream);
   const int I = config_.intermediate_size;
   SgmvGroupedExpandParams ep;
   ep.ops[0].y = mlp;
@@ -439,13 +461,15 @@ KernelStatus CudaLora::AfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStre
   ep.ldt = 6 * rank_cap_;
   ep.ref = Ref(false);
   ep.dtype = dtype_;
-  if (KernelStatus st = SgmvGroupedExpandCuda(ep, stream); st != KernelStatus::kOk) return st;
+  if (all_ops_) return Expand(ep, act, stream);  // every decode row has a tile: GELU fused
+  if (KernelStatus st = Expand(ep, GemmEpilogue::kNone, stream); st != KernelStatus::kOk) return st;
   return GeluInPlaceCuda({.y = mlp, .rows = rows_, .cols = I, .act = act, .dtype = dtype_}, stream);
 }
 
 KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* mlp, void* h,
                                      cudaStream_t stream) {
   if (!active_) return KernelStatus::kOk;
+  if (gemm_step_) return GemmAfterResidual(layer, attn, mlp, h, stream);
   const PhiConfig& c = config_;
   const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
   SgmvGroupedShrinkParams sp;
@@ -477,7 +501,7 @@ KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* ml
   ep.ldt = 6 * rank_cap_;
   ep.ref = sp.ref;
   ep.dtype = dtype_;
-  return SgmvGroupedExpandCuda(ep, stream);
+  return Expand(ep, GemmEpilogue::kNone, stream);
 }
 
 KernelStatus CudaLora::AfterLmHead(const void* x, float* logits, int ld_logits,
@@ -504,7 +528,7 @@ KernelStatus CudaLora::AfterLmHead(const void* x, float* logits, int ld_logits,
   ep.ldt = 6 * rank_cap_;
   ep.ref = sp.ref;
   ep.dtype = dtype_;
-  return SgmvGroupedExpandCuda(ep, stream);
+  return Expand(ep, GemmEpilogue::kNone, stream);
 }
 
 }  // namespace phishard

@@ -25,6 +25,12 @@
 //   AfterResidual: shrink dense (x = attention output) and fc2 (x = GELU output), expand both
 //                  into the residual stream (two terms, one rounding);
 // and AfterLmHead adds the lm_head delta to the float32 logits of the logit rows.
+// Long steps (prefill of at least gemm_min_rows() rows, few adapters) take the GEMM form instead
+// (model/cuda_lora_gemm.cc, kernels/cuda/lora_gemm_cuda.h): per layer the step's adapters are
+// gathered into concatenated A / B matrices, the shrinks are cuBLASLt GEMMs into a float32 t, a
+// mask keeps each row's own adapter window (scaled, rounded to the storage type), and the
+// expands are cuBLASLt GEMMs with beta = 1 (fc1's with the GELU epilogue, so it needs no separate
+// activation pass). The lm_head delta stays on the SGMV kernels (few logit rows).
 // Decode steps launch every module that any adapter loaded so far adapts, whatever the batch's
 // adapters adapt, so eager and graph steps run the same launches and one graph serves every mix
 // (a newly loaded adapter that adapts a module none did before makes the graphs stale); other
@@ -32,10 +38,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/lora_gemm_cuda.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
 #include "kernels/gemm.h"
@@ -46,6 +55,12 @@
 #include "model/phi_config.h"
 
 namespace phishard {
+
+// The GEMM form's device workspace (fixed; steps whose buffers need more take the SGMV kernels)
+// and what the KV sizing keeps free for it (+ the cuBLASLt workspace).
+inline constexpr size_t kLoraGemmWorkspaceBytes = size_t{96} << 20;
+inline constexpr size_t kLoraGemmCublasBytes = size_t{4} << 20;
+inline constexpr size_t kLoraGemmReserveBytes = kLoraGemmWorkspaceBytes + kLoraGemmCublasBytes;
 
 class CudaLora {
  public:
@@ -64,8 +79,14 @@ class CudaLora {
   absl::Status Sync(cudaStream_t stream);
   // Device bytes held by adapter copies (excluding the table, plan and t buffers).
   int64_t adapter_device_bytes() const { return adapter_bytes_; }
-  // Device bytes of the table, plan and t buffers for steps of `rows` rows at rank cap `rank`.
+  // Device bytes of the table, plan and t buffers for steps of `rows` rows at rank cap `rank`,
+  // plus the GEMM form's fixed workspace.
   size_t WorkspaceBytes(int rows, int rank) const;
+  // Fewest rows of a non-decode step that takes the GEMM form (default 128; environment
+  // PHISHARD_LORA_GEMM_MIN_ROWS overrides it at construction, 0 disables the GEMM form).
+  int gemm_min_rows() const { return gemm_min_rows_; }
+  // Whether the current step runs the GEMM form.
+  bool gemm_step() const { return active_ && gemm_step_; }
   // True once after a buffer or the rank cap that LoRA graphs bake in changed.
   bool TakeGraphsStale();
 
@@ -100,6 +121,18 @@ class CudaLora {
   void FreeAll();
   absl::Status EnsureBuffers(int rows, cudaStream_t stream);
   SgmvTableRef Ref(bool logits) const;
+  // Decode steps: SgmvDecodeExpandCuda (PDL, act fused); others: the grouped expand.
+  KernelStatus Expand(const SgmvGroupedExpandParams& ep, GemmEpilogue act,
+                      cudaStream_t stream) const;
+  // GEMM form (model/cuda_lora_gemm.cc): plans the step (gemm_step_ stays false when the step
+  // does not qualify or its buffers do not fit), and the three layer hooks.
+  absl::Status PlanGemm(const ForwardBatch& batch, cudaStream_t stream);
+  KernelStatus GemmAfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
+  KernelStatus GemmAfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream);
+  KernelStatus GemmAfterResidual(int layer, const void* attn, const void* mlp, void* h,
+                                 cudaStream_t stream);
+  KernelStatus Gemm(const GemmParams& p, DataType y_dtype, cudaStream_t stream);
+  void FreeGemm();
   // Decode steps launch every module some loaded adapter has adapted (so one graph serves every
   // mix of them), other steps the modules this step's adapters adapt.
   bool Launch(int entry) const { return all_ops_ ? loaded_present_[entry] : step_present_[entry]; }
@@ -135,6 +168,29 @@ class CudaLora {
   std::vector<bool> step_present_;    // [stride]: some adapter of the step adapts the entry
   std::vector<bool> loaded_present_;  // [stride]: some adapter loaded so far adapts the entry
   std::vector<int32_t> seq_slot_;
+
+  // GEMM form. One device workspace of kGemmWorkspaceBytes (allocated at the first such step)
+  // holds, for the current layer: t float32 [rows, 6 R], T dtype [rows, 6 R] (module blocks q, k,
+  // v, fc1, dense, fc2 of R columns each), A_qkvf [4 R, H], A_dense [R, A], A_fc2 [R, I], B_q
+  // [nq, R], B_k / B_v [nkv, R], B_fc1 [I, R], B_res [H, 2 R] (dense then fc2 columns). The step's
+  // adapters and the row map (int32 [rows], index into them or -1) are uploaded per step.
+  int gemm_min_rows_ = 128;
+  std::unique_ptr<CudaGemm> gemm_;
+  bool gemm_failed_ = false;  // cuBLASLt could not be set up: SGMV only
+  void* gemm_ws_ = nullptr;
+  void* gemm_map_host_ = nullptr;  // pinned: LoraStepAdapter [kMaxGemmAdapters] + int32 [rows]
+  void* gemm_map_dev_ = nullptr;
+  int gemm_map_rows_ = 0;
+  bool gemm_step_ = false;
+  int gemm_r_ = 0;  // R
+  int gemm_adapters_ = 0;
+  int gemm_max_width_ = 0;
+  struct GemmBufs {
+    float* t = nullptr;
+    void* tm = nullptr;
+    void *a_qkvf = nullptr, *a_dense = nullptr, *a_fc2 = nullptr;
+    void *b_q = nullptr, *b_k = nullptr, *b_v = nullptr, *b_fc1 = nullptr, *b_res = nullptr;
+  } gb_;
 };
 
 }  // namespace phishard

@@ -83,6 +83,7 @@ struct CudaGemm::Impl {
   size_t workspace_bytes = 0;
   std::map<PlanKey, Plan> plans;
   bool gelu_tanh_in_epilogue = false;
+  bool gelu_accumulate_in_epilogue = false;  // epilogue applies to alpha·AB + beta·C (probed)
   double probe_err_tanh = -1.0;
   double probe_err_erf = -1.0;
   std::string last_error;
@@ -195,6 +196,7 @@ struct CudaGemm::Impl {
   }
 
   KernelStatus Probe();
+  void ProbeAccumulate(const std::vector<float>& pre);
 };
 
 // Decides whether CUBLASLT_EPILOGUE_GELU_BIAS computes the tanh approximation (HF gelu_new), by
@@ -271,7 +273,68 @@ KernelStatus CudaGemm::Impl::Probe() {
   // Within 1e-4 of tanh GELU (a fast tanh unit is fine: the bf16 output rounding is ~8e-3 at
   // |x| = 2) and clearly closer to it than to erf GELU.
   gelu_tanh_in_epilogue = err_tanh < 1e-4 && err_tanh * 4 < err_erf;
+  if (gelu_tanh_in_epilogue) ProbeAccumulate(pre);
   return KernelStatus::kOk;
+}
+
+// With accumulate (beta = 1) the epilogue must apply GELU to the sum y + x·wᵀ, not GELU(x·wᵀ)
+// + y: y starts at 0.5 and the product gives pre-activations pre_j, so the output must be
+// GELU-tanh(pre_j + 0.5) (exact inputs; float32 output, tolerance as in Probe). Any failure just
+// leaves the separate activation kernel in use.
+void CudaGemm::Impl::ProbeAccumulate(const std::vector<float>& pre) {
+  constexpr int kM = 8, kN = 64, kK = 16;
+  std::vector<uint16_t> x(kM * kK, 0), w(kN * kK, 0);
+  auto to_bf16 = [](float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return static_cast<uint16_t>(u >> 16);
+  };
+  for (int i = 0; i < kM; ++i) x[i * kK] = to_bf16(1.0f);
+  for (int j = 0; j < kN; ++j) w[j * kK] = to_bf16(pre[j]);
+  std::vector<float> y(kM * kN, 0.5f);
+  void* dx = nullptr;
+  void* dw = nullptr;
+  void* dy = nullptr;
+  cudaError_t err = cudaMalloc(&dx, x.size() * 2);
+  if (err == cudaSuccess) err = cudaMalloc(&dw, w.size() * 2);
+  if (err == cudaSuccess) err = cudaMalloc(&dy, y.size() * 4);
+  if (err == cudaSuccess) err = cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess) err = cudaMemcpy(dw, w.data(), w.size() * 2, cudaMemcpyHostToDevice);
+  if (err == cudaSuccess) err = cudaMemcpy(dy, y.data(), y.size() * 4, cudaMemcpyHostToDevice);
+  bool no_algo = true;
+  KernelStatus status = KernelStatus::kDeviceError;
+  if (err == cudaSuccess) {
+    GemmParams p;
+    p.x = dx;
+    p.w = dw;
+    p.y = dy;
+    p.m = kM;
+    p.n = kN;
+    p.k = kK;
+    p.accumulate = true;
+    p.dtype = DataType::kBF16;
+    status = Matmul(p, DataType::kF32, kK, kN, CUBLASLT_EPILOGUE_GELU, &no_algo, nullptr);
+    if (status == KernelStatus::kOk && !no_algo) {
+      err = cudaMemcpy(y.data(), dy, y.size() * 4, cudaMemcpyDeviceToHost);
+    }
+  }
+  if (dx) cudaFree(dx);
+  if (dw) cudaFree(dw);
+  if (dy) cudaFree(dy);
+  if (err != cudaSuccess || status != KernelStatus::kOk || no_algo) {
+    cudaGetLastError();
+    return;
+  }
+  double worst = 0.0;
+  for (int i = 0; i < kM; ++i) {
+    for (int j = 0; j < kN; ++j) {
+      const double v = y[i * kN + j], xx = pre[j] + 0.5;
+      const double gt =
+          0.5 * xx * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (xx + 0.044715 * xx * xx * xx)));
+      worst = std::isfinite(v) ? std::max(worst, std::fabs(v - gt)) : INFINITY;
+    }
+  }
+  gelu_accumulate_in_epilogue = worst < 1e-4;
 }
 
 CudaGemm::CudaGemm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -311,12 +374,13 @@ KernelStatus CudaGemm::Run(const GemmParams& p, DataType y_dtype, cudaStream_t s
   const int ldx = p.ldx == 0 ? p.k : p.ldx;
   const int ldy = p.ldy == 0 ? p.n : p.ldy;
   if (ldx < p.k || ldy < p.n) return KernelStatus::kInvalidShape;
-  if (p.accumulate && p.epilogue != GemmEpilogue::kNone) return KernelStatus::kInvalidShape;
   if (p.m == 0) return KernelStatus::kOk;
   if (!p.x || !p.w || !p.y) return KernelStatus::kNullPointer;
 
   const bool want_gelu = p.epilogue != GemmEpilogue::kNone;
-  const bool fused_gelu = p.epilogue == GemmEpilogue::kGeluTanh && impl_->gelu_tanh_in_epilogue;
+  // With accumulate the epilogue must act on y + x·wᵀ (probed), else the separate kernel does.
+  const bool fused_gelu = p.epilogue == GemmEpilogue::kGeluTanh && impl_->gelu_tanh_in_epilogue &&
+                          (!p.accumulate || impl_->gelu_accumulate_in_epilogue);
   const cublasLtEpilogue_t plain = p.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
   bool no_algo = true;
   if (fused_gelu) {
@@ -351,6 +415,7 @@ KernelStatus CudaGemm::Run(const GemmParams& p, DataType y_dtype, cudaStream_t s
 }
 
 bool CudaGemm::gelu_tanh_in_epilogue() const { return impl_->gelu_tanh_in_epilogue; }
+bool CudaGemm::gelu_accumulate_in_epilogue() const { return impl_->gelu_accumulate_in_epilogue; }
 double CudaGemm::probe_err_tanh() const { return impl_->probe_err_tanh; }
 double CudaGemm::probe_err_erf() const { return impl_->probe_err_erf; }
 const std::string& CudaGemm::last_error() const { return impl_->last_error; }

@@ -33,6 +33,9 @@ class CudaGemm {
 
   // True when the probe found cuBLASLt's GELU epilogue to be the tanh approximation.
   bool gelu_tanh_in_epilogue() const;
+  // True when, with accumulate (beta = 1), that epilogue was found to act on y + x·wᵀ; otherwise
+  // accumulate + GELU runs the product with beta = 1, then the separate activation kernel.
+  bool gelu_accumulate_in_epilogue() const;
   // Largest |epilogue - tanh GELU| and |epilogue - erf GELU| seen by the probe (float32 output).
   double probe_err_tanh() const;
   double probe_err_erf() const;

@@ -35,6 +35,10 @@ struct ExpandArgs {
   SgmvTableRef ref;
 };
 
+// Programmatic dependent launch (Hopper): everything before GridDepWait may overlap the previous
+// kernel, so it reads only what no kernel of the step writes (plan, table, A / B).
+__device__ __forceinline__ void GridDepWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 __device__ __forceinline__ bool Aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
@@ -170,13 +174,20 @@ __device__ void ShrinkFewRows(const ShrinkArgs& args, const ShrinkJob& job, floa
   float acc[kRanksPerBlock][kFewRows];
 #pragma unroll
   for (int q = 0; q < kRanksPerBlock; ++q) acc[q][0] = acc[q][1] = 0.0f;
-  for (int c = threadIdx.x; c < n8; c += kThreads) {
-    uint4 ra[kRanksPerBlock];
+  // A never depends on the previous kernel: the first chunk is loaded before the wait (PDL), the
+  // next one at the end of each round.
+  uint4 ra[kRanksPerBlock];
+  auto load_a = [&](int c) {
 #pragma unroll
     for (int q = 0; q < kRanksPerBlock; ++q) {
-      if (q < nr)
-        ra[q] = __ldg(reinterpret_cast<const uint4*>(A + static_cast<size_t>(q) * in) + c);
+      ra[q] = (q < nr && c < n8)
+                  ? __ldg(reinterpret_cast<const uint4*>(A + static_cast<size_t>(q) * in) + c)
+                  : make_uint4(0, 0, 0, 0);
     }
+  };
+  load_a(threadIdx.x);
+  GridDepWait();
+  for (int c = threadIdx.x; c < n8; c += kThreads) {
     float fx[kFewRows][8];
 #pragma unroll
     for (int i = 0; i < kFewRows; ++i) {
@@ -199,6 +210,7 @@ __device__ void ShrinkFewRows(const ShrinkArgs& args, const ShrinkJob& job, floa
         }
       }
     }
+    if (c + kThreads < n8) load_a(c + kThreads);
   }
 #pragma unroll
   for (int q = 0; q < kRanksPerBlock; ++q) {
@@ -251,8 +263,11 @@ __device__ __forceinline__ bool Aligned32(const void* p) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) GroupedShrinkKernel(const ShrinkArgs args) {
+__global__ void __launch_bounds__(kThreads, 2) GroupedShrinkKernel(const ShrinkArgs args) {
   __shared__ __align__(32) float red[kWarps * 256];
+  // The expand that reads t may launch now and load its B rows while this grid runs (its
+  // griddepcontrol.wait still waits for all of this grid).
+  asm volatile("griddepcontrol.launch_dependents;" :::);
   const SgmvTableRef& r = args.ref;
   SgmvTile tile;
   int begin = 0, m = 0;
@@ -268,9 +283,14 @@ __global__ void __launch_bounds__(kThreads) GroupedShrinkKernel(const ShrinkArgs
     const int ldx = op.ldx == 0 ? op.in : op.ldx;
     const T* x = static_cast<const T*>(op.x) + static_cast<size_t>(begin) * ldx;
     if (m <= kFewRows && ((op.in | ldx) & 7) == 0 && Aligned16(x) && Aligned16(wp->a)) {
-      ShrinkFewRows<T>(args, job, red);
+      ShrinkFewRows<T>(args, job, red);  // waits after its first A loads
       return;
     }
+  }
+  GridDepWait();
+  if constexpr (sizeof(T) == 2) {
+    const int ldx = op.ldx == 0 ? op.in : op.ldx;
+    const T* x = static_cast<const T*>(op.x) + static_cast<size_t>(begin) * ldx;
     if (m == kTileRows && (g + 1) * kRanksPerBlock <= rank && ((op.in | ldx) & 15) == 0 &&
         Aligned32(x) && Aligned32(wp->a)) {
       ShrinkWmma<T>(args, job, red);
@@ -504,9 +524,20 @@ KernelStatus SgmvGroupedShrinkCuda(const SgmvGroupedShrinkParams& p, cudaStream_
   args.t = p.t;
   args.ldt = p.ldt;
   args.ref = p.ref;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    GroupedShrinkKernel<T><<<grid, kThreads, 0, stream>>>(args);
+    if (cudaLaunchKernelEx(&config, GroupedShrinkKernel<T>, args) != cudaSuccess) {
+      return KernelStatus::kDeviceError;
+    }
     return cuda::LaunchStatus();
   });
 }

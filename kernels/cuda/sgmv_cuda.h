@@ -8,6 +8,9 @@
 // Storage kBF16 / kF16 (kF32 too, on a slower scalar path) for x, A, B and y; t and every
 // accumulation are float32; expand rounds y once after adding all its terms.
 //
+// The shrink is launched as a programmatic dependent (PDL): it loads its first A chunk before
+// griddepcontrol.wait (nothing a kernel of the step writes is read before it) and lets the next
+// kernel launch early.
 // Shrink: one thread block per (tile, op, group of 16 ranks); each warp owns two rank rows and
 // all (<= 16) rows of the tile, streams its A rows once with 16-byte loads (8 elements a lane)
 // and reads the tile's x rows through L1. Decode tiles are single rows, so the grid is
@@ -27,6 +30,7 @@
 #pragma once
 
 #include "kernels/device.h"
+#include "kernels/gemm.h"
 #include "kernels/sgmv.h"
 
 namespace phishard {
@@ -36,5 +40,13 @@ inline constexpr int kSgmvCudaMaxRank = 4096;
 
 KernelStatus SgmvGroupedShrinkCuda(const SgmvGroupedShrinkParams& p, cudaStream_t stream);
 KernelStatus SgmvGroupedExpandCuda(const SgmvGroupedExpandParams& p, cudaStream_t stream);
+
+// The expand for decode steps (kernels/cuda/sgmv_decode.cu): same contract as
+// SgmvGroupedExpandCuda (any tile of <= kSgmvTileRows rows, fastest for single-row tiles), launched
+// as a programmatic dependent of the shrink before it. With act != kNone (one op, 16-bit y): every
+// row of every tile in use, base tiles (slot < 0) included, becomes act(y + delta) over the whole
+// op width (fc1's pre-activation then GELU, one launch); rows outside the tiles are untouched.
+KernelStatus SgmvDecodeExpandCuda(const SgmvGroupedExpandParams& p, GemmEpilogue act,
+                                  cudaStream_t stream);
 
 }  // namespace phishard

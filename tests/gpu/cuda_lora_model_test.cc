@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -105,9 +106,20 @@ std::vector<int32_t> Blocks(int first, int tokens) {
   return b;
 }
 
+// Sets PHISHARD_LORA_GEMM_MIN_ROWS for the models loaded in its scope (CudaLora reads it at
+// construction): "1" sends every prefill step with adapters through the GEMM form
+// (model/cuda_lora_gemm.cc) instead of the SGMV kernels.
+class GemmFormEnv {
+ public:
+  explicit GemmFormEnv(bool gemm) {
+    if (gemm) setenv("PHISHARD_LORA_GEMM_MIN_ROWS", "1", 1);
+  }
+  ~GemmFormEnv() { unsetenv("PHISHARD_LORA_GEMM_MIN_ROWS"); }
+};
+
 // ---- peft golden fixtures --------------------------------------------------------------------
-TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16) {
-  PHI_REQUIRE_GPU();
+void RunGolden(bool gemm_form) {
+  const GemmFormEnv env(gemm_form);
   const json golden = ReadGolden();
   std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / golden.at("base_model").get<std::string>());
   ASSERT_TRUE(m);
@@ -197,7 +209,20 @@ TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16) {
   }
   EXPECT_EQ(cases, 12);
   EXPECT_GE(m->num_lora_decode_graphs(), 1);
-  std::printf("cuda lora vs peft: %d cases, worst max|d| / scale = %.4f\n", cases, worst_frac);
+  std::printf("cuda lora vs peft (%s prefill): %d cases, worst max|d| / scale = %.4f\n",
+              gemm_form ? "GEMM-form" : "SGMV", cases, worst_frac);
+}
+
+TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16) {
+  PHI_REQUIRE_GPU();
+  RunGolden(false);
+}
+
+// The same fixtures with every prefill step in the GEMM form (gather, cuBLASLt shrink, mask,
+// cuBLASLt expand with beta = 1; fc1 with the GELU epilogue on the accumulated sum).
+TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16ThroughTheGemmForm) {
+  PHI_REQUIRE_GPU();
+  RunGolden(true);
 }
 
 // ---- mixed batches ---------------------------------------------------------------------------
@@ -253,8 +278,8 @@ std::vector<std::vector<float>> RunBatch(ModelBackend& m, const std::vector<Req>
   return out;
 }
 
-TEST(CudaLoraBatch, MixedBatchEqualsEachRequestAloneAndTheCpuGraphsOnAndOff) {
-  PHI_REQUIRE_GPU();
+void RunMixed(bool gemm_form) {
+  const GemmFormEnv env(gemm_form);
   const json golden = ReadGolden();
   const fs::path dir = kRepo / "models" / "tiny-phi-code";
   std::unique_ptr<CudaPhiModel> g = LoadCuda(dir, true);
@@ -313,6 +338,18 @@ TEST(CudaLoraBatch, MixedBatchEqualsEachRequestAloneAndTheCpuGraphsOnAndOff) {
     }
     row0 += n;
   }
+}
+
+TEST(CudaLoraBatch, MixedBatchEqualsEachRequestAloneAndTheCpuGraphsOnAndOff) {
+  PHI_REQUIRE_GPU();
+  RunMixed(false);
+}
+
+// The mixed prefill (and each request's own) through the GEMM form: base rows between adapter
+// segments, an index nobody loaded, one adapter over two sequences, 1-row segments.
+TEST(CudaLoraBatch, MixedBatchThroughTheGemmFormEqualsEachRequestAloneAndTheCpu) {
+  PHI_REQUIRE_GPU();
+  RunMixed(true);
 }
 
 // ---- load / use / offload ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
-// SgmvGroupedShrinkCuda / SgmvGroupedExpandCuda (kernels/cuda/sgmv_cuda.h) against a naive
-// double-accumulation reference, and the CPU reference (kernels/sgmv.h) against the same naive
-// one, on identical inputs: x, A, B and y are rounded to the device dtype first, so only the
+// SgmvGroupedShrinkCuda / SgmvGroupedExpandCuda / SgmvDecodeExpandCuda (kernels/cuda/sgmv_cuda.h)
+// against a naive double-accumulation reference, and the CPU reference (kernels/sgmv.h) against
+// the same naive one, on identical inputs: x, A, B and y are rounded to the device dtype first, so only the
 // summation order and expand's one final rounding of y remain.
 //
 // Shapes swept: decode-like tiles of one row (every row its own adapter), prefill-like segments
@@ -372,6 +372,146 @@ TEST(CudaSgmvGrouped, MatchesNaiveReferenceOnSweptShapes) {
   }
 }
 
+// SgmvDecodeExpandCuda (kernels/cuda/sgmv_decode.cu) on the same data as the grouped expand:
+// without an activation, ops 0-2 as above (op 2 with two terms); with GELU tanh / erf, op 1 alone
+// (out 1000: a partial 1,024-column block) and tiles for the base rows too (slot -1), whose rows
+// must become GELU(y0) while rows in no tile stay bit for bit. Tolerances: the delta is summed in
+// float32 (1e-5 x (|y0| + Σ|scale t b|), as above; t is not rounded on this path), GELU scales
+// that error by |gelu'| <= 1.13 and adds ~1e-6 of tanhf / erff, then one rounding of y
+// (unit x |result|).
+void RunDecodeExpand(const Case& c, DataType dt, GemmEpilogue act) {
+  SCOPED_TRACE(c.name + " " + DataTypeName(dt) + " act " + std::to_string(static_cast<int>(act)));
+  Data d = MakeData(c, dt, 23);
+  const bool with_act = act != GemmEpilogue::kNone;
+  if (with_act) {  // tiles for the base runs, at most 16 rows each
+    int row = 0;
+    for (const Run& r : c.runs) {
+      if (r.slot < 0) {
+        for (int b = row; b < row + r.rows; b += kSgmvTileRows) {
+          d.tiles.push_back({-1, b, std::min(row + r.rows, b + kSgmvTileRows), 0});
+        }
+      }
+      row += r.rows;
+    }
+  }
+  const int ldt = kOps * kMaxRank + 5;
+  const int32_t count = static_cast<int32_t>(d.tiles.size());
+  std::vector<SgmvTile> dev_tiles = d.tiles;
+  for (int i = 0; i < c.extra_tiles; ++i) dev_tiles.push_back({0, 0, d.rows, 0});
+  DeviceBuffer tiles = DeviceBuffer::From(dev_tiles);
+  DeviceBuffer cnt = DeviceBuffer::From(std::vector<int32_t>{count});
+  DeviceBuffer table = DeviceBuffer::From(d.table_dev);
+  const SgmvTableRef ref = MakeRef(d, table.as<SgmvWeight>(), tiles.as<SgmvTile>(),
+                                   cnt.as<int32_t>(), static_cast<int>(dev_tiles.size()));
+  // t: numbers inside each adapter tile's rank windows, NaN elsewhere.
+  std::vector<float> tin = RandomVector(static_cast<size_t>(d.rows) * ldt, 77, -2.0f, 2.0f);
+  std::vector<int> row_slot(d.rows, -1);
+  std::vector<bool> in_tile(d.rows, false);
+  for (const SgmvTile& tile : d.tiles) {
+    for (int i = tile.begin; i < tile.end; ++i) {
+      in_tile[i] = true;
+      if (tile.slot >= 0 && tile.slot < kSlots) row_slot[i] = tile.slot;
+    }
+  }
+  for (int i = 0; i < d.rows; ++i) {
+    for (int col = 0; col < ldt; ++col) {
+      const int o = col / kMaxRank, k = col % kMaxRank;
+      if (row_slot[i] < 0 || o >= kOps || k >= kRanks[row_slot[i]][o]) {
+        tin[static_cast<size_t>(i) * ldt + col] = kNaN;
+      }
+    }
+  }
+  DeviceBuffer tdev = DeviceBuffer::From(tin);
+  const std::vector<int> ops = with_act ? std::vector<int>{1} : std::vector<int>{0, 1, 2};
+  std::vector<std::vector<float>> y0(kOps);
+  std::vector<std::vector<char>> y0_bytes(kOps);
+  std::vector<DeviceBuffer> ydev;
+  for (int o = 0; o < kOps; ++o) {
+    y0[o] = RandomVector(static_cast<size_t>(d.rows) * d.ops[o].ldy, 60 + o, -3.0f, 3.0f);
+    y0_bytes[o] = Encode(y0[o], dt);
+    ydev.push_back(DeviceBuffer::From(y0_bytes[o]));
+  }
+  SgmvGroupedExpandParams ep;
+  for (int o : ops) {
+    SgmvExpandOp& op = ep.ops[ep.num_ops++];
+    op.y = ydev[o].get();
+    op.ldy = d.ops[o].ldy;
+    op.out = d.ops[o].out;
+    op.terms[0] = {o * kMaxRank, o};
+    if (o == 2) {
+      op.num_terms = 2;
+      op.terms[1] = {2 * kMaxRank, 2};
+    }
+  }
+  ep.t = tdev.as<float>();
+  ep.ldt = ldt;
+  ep.ref = ref;
+  ep.dtype = dt;
+  ASSERT_EQ(SgmvDecodeExpandCuda(ep, act, nullptr), KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  const double unit = StorageUnit(dt);
+  for (int o : ops) {
+    const std::vector<char> bytes = ydev[o].DownloadBytes();
+    const std::vector<float> yg = Decode(bytes, dt);
+    const OpShape& s = d.ops[o];
+    const size_t esz = DataTypeSize(dt);
+    int bad = 0;
+    for (int i = 0; i < d.rows && bad < 10; ++i) {
+      const int slot = row_slot[i];
+      const int r = slot >= 0 ? kRanks[slot][o] : 0;
+      for (int j = 0; j < s.ldy && bad < 10; ++j) {
+        const size_t at = static_cast<size_t>(i) * s.ldy + j;
+        if (j >= s.out || !in_tile[i] || (r == 0 && !with_act)) {  // untouched: bit for bit
+          if (std::memcmp(bytes.data() + at * esz, y0_bytes[o].data() + at * esz, esz) != 0) {
+            ++bad;
+            ADD_FAILURE() << "op " << o << " y[" << i << "][" << j << "] changed but must not";
+          }
+          continue;
+        }
+        double delta = 0, mag = 0;
+        const int e = slot >= 0 ? slot * kOps + o : 0;
+        for (int k = 0; k < r; ++k) {
+          const double term =
+              static_cast<double>(tin[static_cast<size_t>(i) * ldt + o * kMaxRank + k]) *
+              d.b[e][static_cast<size_t>(j) * r + k];
+          delta += term;
+          mag += std::fabs(term);
+        }
+        const int terms = o == 2 ? 2 : 1;
+        const double scale = r > 0 ? d.scales[e] : 0.0;
+        double want = y0[o][at] + terms * scale * delta;
+        double tol = 1e-5 * (std::fabs(y0[o][at]) + terms * scale * mag);
+        if (act == GemmEpilogue::kGeluTanh) {
+          want = 0.5 * want *
+                 (1 + std::tanh(std::sqrt(2 / M_PI) * (want + 0.044715 * want * want * want)));
+          tol = 1.13 * tol + 1e-6;
+        } else if (act == GemmEpilogue::kGeluErf) {
+          want = 0.5 * want * (1 + std::erf(want / std::sqrt(2.0)));
+          tol = 1.13 * tol + 1e-6;
+        }
+        tol += unit * std::fabs(want) + 1e-30;
+        if (!(std::fabs(yg[at] - want) <= tol)) {
+          ++bad;
+          ADD_FAILURE() << "op " << o << " y[" << i << "][" << j << "]: cuda " << yg[at] << " want "
+                        << want << " tol " << tol;
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaSgmvDecodeExpand, MatchesNaiveReferenceWithAndWithoutGelu) {
+  PHI_REQUIRE_GPU();
+  for (DataType dt : {DataType::kBF16, DataType::kF16, DataType::kF32}) {
+    for (const Case& c : kCases) RunDecodeExpand(c, dt, GemmEpilogue::kNone);
+    for (const Case& c : kCases) {
+      if (c.bad_slot_tile) continue;  // its tile overlaps a base row's tile: tiles are disjoint
+      RunDecodeExpand(c, dt, GemmEpilogue::kGeluTanh);
+      RunDecodeExpand(c, dt, GemmEpilogue::kGeluErf);
+    }
+  }
+}
+
 TEST(CudaSgmvGrouped, RejectsBadShapesAndLaunchesNothingWhenEmpty) {
   PHI_REQUIRE_GPU();
   SgmvGroupedShrinkParams sp;
@@ -403,6 +543,13 @@ TEST(CudaSgmvGrouped, RejectsBadShapesAndLaunchesNothingWhenEmpty) {
   ep.ref.num_rows = 1;
   ep.dtype = DataType::kBF16;
   EXPECT_EQ(SgmvGroupedExpandCuda(ep, nullptr), KernelStatus::kInvalidShape);
+  EXPECT_EQ(SgmvDecodeExpandCuda(ep, GemmEpilogue::kNone, nullptr), KernelStatus::kInvalidShape);
+  ep.ops[0].num_terms = 1;
+  EXPECT_EQ(SgmvDecodeExpandCuda(ep, GemmEpilogue::kNone, nullptr), KernelStatus::kNullPointer);
+  ep.num_ops = 2;  // an activation is for one op
+  ep.ops[1] = ep.ops[0];
+  EXPECT_EQ(SgmvDecodeExpandCuda(ep, GemmEpilogue::kGeluTanh, nullptr),
+            KernelStatus::kInvalidShape);
   gpu_test::ExpectDeviceClean(nullptr);
 }
 

@@ -1,0 +1,348 @@
+// The GEMM form of CudaLora for long steps (model/cuda_lora.h, kernels/cuda/lora_gemm_cuda.h):
+// per layer, gather the step's adapters into concatenated A / B matrices, cuBLASLt shrinks into
+// a float32 t, mask to each row's own adapter window (scale applied, rounded to the storage
+// type), cuBLASLt expands with beta = 1 into the base outputs.
+#ifdef PHISHARD_HAVE_CUDA
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+#include "kernels/cuda/gelu_cuda.h"
+#include "model/cuda_lora.h"
+
+namespace phishard {
+namespace {
+
+constexpr size_t kAlign = 256;
+constexpr int kMaxGemmAdapters = 64;
+// Widest concatenated rank axis: the expand GEMMs multiply by R (the work for other adapters'
+// rows is zeros), so more adapters than this per step run the SGMV kernels instead.
+constexpr int kMaxGemmRankCols = 256;
+
+size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+constexpr int kQ = 0, kK = 1, kV = 2, kDense = 3, kFc1 = 4, kFc2 = 5;
+// Column blocks of t / T: q, k, v, fc1 (x = the LayerNorm output), dense, fc2.
+constexpr int kBlockTarget[6] = {kQ, kK, kV, kFc1, kDense, kFc2};
+
+}  // namespace
+
+void CudaLora::FreeGemm() {
+  if (gemm_ws_) DeviceFree(gemm_ws_);
+  if (gemm_map_dev_) DeviceFree(gemm_map_dev_);
+  if (gemm_map_host_) DeviceFreeHost(gemm_map_host_);
+  gemm_ws_ = gemm_map_dev_ = gemm_map_host_ = nullptr;
+  gemm_map_rows_ = 0;
+  gemm_.reset();
+}
+
+absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) {
+  gemm_step_ = false;
+  if (gemm_failed_) return absl::OkStatus();
+  const PhiConfig& c = config_;
+  const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
+  const int nq = c.num_attention_heads * c.head_dim, nkv = c.num_key_value_heads * c.head_dim;
+  if (((H | A | I) & 7) != 0) return absl::OkStatus();  // the gather copies 16-byte rows
+  // The step's adapters in order of first use, each at a window of width max rank (rounded to 8).
+  const int S = static_cast<int>(batch.seqs.size());
+  const int T = batch.num_tokens();
+  std::vector<int> index_of(slots_.size(), -1);
+  std::vector<LoraStepAdapter> ads;
+  int R = 0, max_width = 0;
+  for (int i = 0; i < S; ++i) {
+    const int slot = seq_slot_[i];
+    if (slot < 0 || index_of[slot] >= 0) continue;
+    const int width = (slots_[slot].max_rank + 7) / 8 * 8;
+    if (static_cast<int>(ads.size()) == kMaxGemmAdapters || R + width > kMaxGemmRankCols) {
+      return absl::OkStatus();
+    }
+    index_of[slot] = static_cast<int>(ads.size());
+    ads.push_back({slot, R, width, 0});
+    R += width;
+    max_width = std::max(max_width, width);
+  }
+  if (R == 0) return absl::OkStatus();
+  // Workspace layout (see cuda_lora.h).
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off = AlignUp(off + bytes);
+    return at;
+  };
+  const size_t t_off = take(static_cast<size_t>(T) * 6 * R * sizeof(float));
+  const size_t tm_off = take(static_cast<size_t>(T) * 6 * R * 2);
+  const size_t aq_off = take(static_cast<size_t>(4) * R * H * 2);
+  const size_t ad_off = take(static_cast<size_t>(R) * A * 2);
+  const size_t af_off = take(static_cast<size_t>(R) * I * 2);
+  const size_t bq_off = take(static_cast<size_t>(nq) * R * 2);
+  const size_t bk_off = take(static_cast<size_t>(nkv) * R * 2);
+  const size_t bv_off = take(static_cast<size_t>(nkv) * R * 2);
+  const size_t bf_off = take(static_cast<size_t>(I) * R * 2);
+  const size_t br_off = take(static_cast<size_t>(H) * 2 * R * 2);
+  if (off > kLoraGemmWorkspaceBytes) return absl::OkStatus();
+
+  if (gemm_ == nullptr) {
+    if (KernelStatus st = CudaGemm::Create(kLoraGemmCublasBytes, &gemm_); st != KernelStatus::kOk) {
+      PHI_LOG(WARNING) << "LoRA GEMM form unavailable (cuBLASLt setup failed on device " << device_
+                       << "): long steps use the SGMV kernels";
+      DeviceGetLastError();
+      gemm_failed_ = true;
+      return absl::OkStatus();
+    }
+  }
+  if (gemm_ws_ == nullptr) {
+    if (int err = DeviceMalloc(&gemm_ws_, kLoraGemmWorkspaceBytes); err != 0) {
+      DeviceGetLastError();
+      gemm_ws_ = nullptr;
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("cannot allocate %d bytes of LoRA GEMM workspace on CUDA device %d: %s",
+                          kLoraGemmWorkspaceBytes, device_, DeviceErrorString(err)));
+    }
+  }
+  const size_t map_bytes = kMaxGemmAdapters * sizeof(LoraStepAdapter) + sizeof(int32_t) * T;
+  if (T > gemm_map_rows_) {
+    if (int err = DeviceStreamSync(stream); err != 0) {  // the old staging may still be read
+      DeviceGetLastError();
+      return absl::InternalError(absl::StrFormat("CUDA synchronize failed on device %d: %s",
+                                                 device_, DeviceErrorString(err)));
+    }
+    if (gemm_map_dev_) DeviceFree(gemm_map_dev_);
+    if (gemm_map_host_) DeviceFreeHost(gemm_map_host_);
+    gemm_map_dev_ = gemm_map_host_ = nullptr;
+    gemm_map_rows_ = 0;
+    int err = DeviceMalloc(&gemm_map_dev_, map_bytes);
+    if (err == 0) err = DeviceMallocHost(&gemm_map_host_, map_bytes);
+    if (err != 0) {
+      DeviceGetLastError();
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("cannot allocate the LoRA GEMM row map (%d rows) on CUDA device %d: %s",
+                          T, device_, DeviceErrorString(err)));
+    }
+    gemm_map_rows_ = T;
+  }
+  auto* ad_host = static_cast<LoraStepAdapter*>(gemm_map_host_);
+  auto* rows_host = reinterpret_cast<int32_t*>(ad_host + kMaxGemmAdapters);
+  std::copy(ads.begin(), ads.end(), ad_host);
+  int row = 0;
+  for (int i = 0; i < S; ++i) {
+    const int a = seq_slot_[i] < 0 ? -1 : index_of[seq_slot_[i]];
+    std::fill_n(rows_host + row, batch.seqs[i].num_new_tokens, a);
+    row += batch.seqs[i].num_new_tokens;
+  }
+  if (int err = DeviceCopyToDevice(gemm_map_dev_, gemm_map_host_, map_bytes, stream); err != 0) {
+    DeviceGetLastError();
+    return absl::InternalError(absl::StrFormat("CUDA LoRA row map upload failed on device %d: %s",
+                                               device_, DeviceErrorString(err)));
+  }
+  char* ws = static_cast<char*>(gemm_ws_);
+  gb_.t = reinterpret_cast<float*>(ws + t_off);
+  gb_.tm = ws + tm_off;
+  gb_.a_qkvf = ws + aq_off;
+  gb_.a_dense = ws + ad_off;
+  gb_.a_fc2 = ws + af_off;
+  gb_.b_q = ws + bq_off;
+  gb_.b_k = ws + bk_off;
+  gb_.b_v = ws + bv_off;
+  gb_.b_fc1 = ws + bf_off;
+  gb_.b_res = ws + br_off;
+  gemm_r_ = R;
+  gemm_adapters_ = static_cast<int>(ads.size());
+  gemm_max_width_ = max_width;
+  gemm_step_ = true;
+  return absl::OkStatus();
+}
+
+KernelStatus CudaLora::Gemm(const GemmParams& p, DataType y_dtype, cudaStream_t stream) {
+  const KernelStatus st = gemm_->Run(p, y_dtype, stream);
+  if (st != KernelStatus::kOk) {
+    PHI_LOG(ERROR) << "LoRA GEMM [" << p.m << " x " << p.n << " x " << p.k
+                   << "] failed: " << gemm_->last_error();
+  }
+  return st;
+}
+
+KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream) {
+  const PhiConfig& c = config_;
+  const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
+  const int nq = c.num_attention_heads * c.head_dim, nkv = c.num_key_value_heads * c.head_dim;
+  const int R = gemm_r_, T = rows_;
+  const auto* ads = static_cast<const LoraStepAdapter*>(gemm_map_dev_);
+  const auto* row_map = reinterpret_cast<const int32_t*>(ads + kMaxGemmAdapters);
+  bool any = false;
+  for (int t : {kQ, kK, kV, kFc1, kDense, kFc2}) any = any || Launch(Entry(layer, t));
+  if (!any) return KernelStatus::kOk;
+  // Every matrix of the layer (zeros where an adapter lacks a module), so that the GEMMs below
+  // never read stale values: T's other columns are exact zeros, but 0 x NaN would not be.
+  LoraGatherParams gp;
+  auto job = [&](void* dst, bool is_b, int target, int dim, int ld, int base) {
+    gp.jobs[gp.num_jobs++] = {dst, is_b, Entry(layer, target), dim, ld, base};
+  };
+  job(gb_.a_qkvf, false, kQ, H, 0, 0);
+  job(gb_.a_qkvf, false, kK, H, 0, R);
+  job(gb_.a_qkvf, false, kV, H, 0, 2 * R);
+  job(gb_.a_qkvf, false, kFc1, H, 0, 3 * R);
+  job(gb_.a_dense, false, kDense, A, 0, 0);
+  job(gb_.a_fc2, false, kFc2, I, 0, 0);
+  job(gb_.b_q, true, kQ, nq, R, 0);
+  job(gb_.b_k, true, kK, nkv, R, 0);
+  job(gb_.b_v, true, kV, nkv, R, 0);
+  job(gb_.b_fc1, true, kFc1, I, R, 0);
+  job(gb_.b_res, true, kDense, H, 2 * R, 0);
+  job(gb_.b_res, true, kFc2, H, 2 * R, R);
+  gp.table = table_dev_;
+  gp.stride = stride();
+  gp.num_slots = static_cast<int>(slots_.size());
+  gp.adapters = ads;
+  gp.num_adapters = gemm_adapters_;
+  gp.max_width = gemm_max_width_;
+  gp.dtype = dtype_;
+  if (KernelStatus st = LoraGatherCuda(gp, stream); st != KernelStatus::kOk) return st;
+  bool qkvf = false;
+  for (int t : {kQ, kK, kV, kFc1}) qkvf = qkvf || Launch(Entry(layer, t));
+  if (!qkvf) return KernelStatus::kOk;
+  // t[:, 0 : 4R] = normed · A_qkvfᵀ (float32), T = mask(t) for blocks q, k, v, fc1.
+  PHI_CHECK(T > 0);
+  KernelStatus st = Gemm({.x = normed,
+                          .w = gb_.a_qkvf,
+                          .y = gb_.t,
+                          .m = T,
+                          .n = 4 * R,
+                          .k = H,
+                          .ldx = H,
+                          .ldy = 6 * R,
+                          .dtype = dtype_},
+                         DataType::kF32, stream);
+  if (st != KernelStatus::kOk) return st;
+  LoraMaskParams mp;
+  mp.t = gb_.t;
+  mp.ldt = 6 * R;
+  mp.out = gb_.tm;
+  mp.ldo = 6 * R;
+  mp.row_adapter = row_map;
+  mp.adapters = ads;
+  mp.num_adapters = gemm_adapters_;
+  mp.table = table_dev_;
+  mp.stride = stride();
+  mp.num_slots = static_cast<int>(slots_.size());
+  mp.rows = T;
+  mp.rank_cols = R;
+  mp.first_block = 0;
+  mp.num_blocks = 4;
+  for (int b = 0; b < 6; ++b) mp.entries[b] = Entry(layer, kBlockTarget[b]);
+  mp.dtype = dtype_;
+  if ((st = LoraMaskCuda(mp, stream)) != KernelStatus::kOk) return st;
+  // qkv[:, window of q / k / v] += T_block · B_blockᵀ.
+  const int width = nq + 2 * nkv;
+  const int offsets[3] = {0, nq, nq + nkv}, outs[3] = {nq, nkv, nkv};
+  void* bs[3] = {gb_.b_q, gb_.b_k, gb_.b_v};
+  for (int t : {kQ, kK, kV}) {
+    if (!Launch(Entry(layer, t))) continue;
+    st = Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(t) * R * 2,
+               .w = bs[t],
+               .y = static_cast<char*>(qkv) + static_cast<size_t>(offsets[t]) * 2,
+               .m = T,
+               .n = outs[t],
+               .k = R,
+               .ldx = 6 * R,
+               .ldy = width,
+               .accumulate = true,
+               .dtype = dtype_},
+              dtype_, stream);
+    if (st != KernelStatus::kOk) return st;
+  }
+  return KernelStatus::kOk;
+}
+
+// mlp = act(mlp + T_fc1 · B_fc1ᵀ): fc1 ran without its activation (SplitFc1); the epilogue (or,
+// where cuBLASLt's cannot act on the accumulated sum, CudaGemm's separate kernel) applies it.
+KernelStatus CudaLora::GemmAfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream) {
+  (void)layer;
+  const int R = gemm_r_, I = config_.intermediate_size;
+  return Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(3) * R * 2,
+               .w = gb_.b_fc1,
+               .y = mlp,
+               .m = rows_,
+               .n = I,
+               .k = R,
+               .ldx = 6 * R,
+               .ldy = I,
+               .accumulate = true,
+               .epilogue = act,
+               .dtype = dtype_},
+              dtype_, stream);
+}
+
+// h += [T_dense | T_fc2] · B_resᵀ: both deltas in one GEMM (one rounding of h).
+KernelStatus CudaLora::GemmAfterResidual(int layer, const void* attn, const void* mlp, void* h,
+                                         cudaStream_t stream) {
+  const PhiConfig& c = config_;
+  const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
+  const int R = gemm_r_, T = rows_;
+  const bool dense = Launch(Entry(layer, kDense)), fc2 = Launch(Entry(layer, kFc2));
+  if (!dense && !fc2) return KernelStatus::kOk;
+  KernelStatus st = KernelStatus::kOk;
+  if (dense) {
+    st = Gemm({.x = attn,
+               .w = gb_.a_dense,
+               .y = gb_.t + static_cast<size_t>(4) * R,
+               .m = T,
+               .n = R,
+               .k = A,
+               .ldx = A,
+               .ldy = 6 * R,
+               .dtype = dtype_},
+              DataType::kF32, stream);
+    if (st != KernelStatus::kOk) return st;
+  }
+  if (fc2) {
+    st = Gemm({.x = mlp,
+               .w = gb_.a_fc2,
+               .y = gb_.t + static_cast<size_t>(5) * R,
+               .m = T,
+               .n = R,
+               .k = I,
+               .ldx = I,
+               .ldy = 6 * R,
+               .dtype = dtype_},
+              DataType::kF32, stream);
+    if (st != KernelStatus::kOk) return st;
+  }
+  const auto* ads = static_cast<const LoraStepAdapter*>(gemm_map_dev_);
+  LoraMaskParams mp;
+  mp.t = gb_.t;
+  mp.ldt = 6 * R;
+  mp.out = gb_.tm;
+  mp.ldo = 6 * R;
+  mp.row_adapter = reinterpret_cast<const int32_t*>(ads + kMaxGemmAdapters);
+  mp.adapters = ads;
+  mp.num_adapters = gemm_adapters_;
+  mp.table = table_dev_;
+  mp.stride = stride();
+  mp.num_slots = static_cast<int>(slots_.size());
+  mp.rows = T;
+  mp.rank_cols = R;
+  mp.first_block = 4;
+  mp.num_blocks = 2;
+  for (int b = 0; b < 6; ++b) mp.entries[b] = Entry(layer, kBlockTarget[b]);
+  // A module no adapter of the step has (its shrink did not run) is masked to zeros by rank 0.
+  mp.dtype = dtype_;
+  if ((st = LoraMaskCuda(mp, stream)) != KernelStatus::kOk) return st;
+  return Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(4) * R * 2,
+               .w = gb_.b_res,
+               .y = h,
+               .m = T,
+               .n = H,
+               .k = 2 * R,
+               .ldx = 6 * R,
+               .ldy = H,
+               .accumulate = true,
+               .dtype = dtype_},
+              dtype_, stream);
+}
+
+}  // namespace phishard
+
+#endif  // PHISHARD_HAVE_CUDA
