@@ -33,6 +33,15 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_MIN_ROWS"); v != nullptr && *v != 0) {
     gemm_min_rows_ = std::max(0, std::atoi(v));
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_FUSED_GELU"); v != nullptr && *v == '0') {
+    gemm_fused_gelu_ = false;
+  }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SPLIT_T"); v != nullptr && *v != 0) {
+    gemm_split_t_ = *v != '0';
+  }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SGMV_SHRINK"); v != nullptr && *v != 0) {
+    gemm_sgmv_shrink_ = *v != '0';
+  }
 }
 
 CudaLora::~CudaLora() {

@@ -132,6 +132,7 @@ class CudaLora {
   KernelStatus GemmAfterResidual(int layer, const void* attn, const void* mlp, void* h,
                                  cudaStream_t stream);
   KernelStatus Gemm(const GemmParams& p, DataType y_dtype, cudaStream_t stream);
+  KernelStatus GemmMask(int layer, int first_block, int num_blocks, cudaStream_t stream);
   void FreeGemm();
   // Decode steps launch every module some loaded adapter has adapted (so one graph serves every
   // mix of them), other steps the modules this step's adapters adapt.
@@ -175,6 +176,11 @@ class CudaLora {
   // [nq, R], B_k / B_v [nkv, R], B_fc1 [I, R], B_res [H, 2 R] (dense then fc2 columns). The step's
   // adapters and the row map (int32 [rows], index into them or -1) are uploaded per step.
   int gemm_min_rows_ = 128;
+  bool gemm_fused_gelu_ = true;  // PHISHARD_LORA_GEMM_FUSED_GELU=0: separate activation kernel
+  bool gemm_split_t_ = false;    // PHISHARD_LORA_GEMM_SPLIT_T=1: T as hi + lo (see LoraMaskParams)
+  // PHISHARD_LORA_GEMM_SGMV_SHRINK=1: the shrinks on the SGMV kernels (16-row tiles, each row's
+  // own adapter only) into the t buffer, the mask reading that layout.
+  bool gemm_sgmv_shrink_ = false;
   std::unique_ptr<CudaGemm> gemm_;
   bool gemm_failed_ = false;  // cuBLASLt could not be set up: SGMV only
   void* gemm_ws_ = nullptr;

@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
 #include "kernels/cuda/gelu_cuda.h"
+#include "kernels/cuda/sgmv_cuda.h"
 #include "model/cuda_lora.h"
 
 namespace phishard {
@@ -73,15 +74,16 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
     return at;
   };
   const size_t t_off = take(static_cast<size_t>(T) * 6 * R * sizeof(float));
-  const size_t tm_off = take(static_cast<size_t>(T) * 6 * R * 2);
+  const int tw = gemm_split_t_ ? 2 : 1;  // T columns per rank column (hi, lo)
+  const size_t tm_off = take(static_cast<size_t>(T) * 6 * tw * R * 2);
   const size_t aq_off = take(static_cast<size_t>(4) * R * H * 2);
   const size_t ad_off = take(static_cast<size_t>(R) * A * 2);
   const size_t af_off = take(static_cast<size_t>(R) * I * 2);
-  const size_t bq_off = take(static_cast<size_t>(nq) * R * 2);
-  const size_t bk_off = take(static_cast<size_t>(nkv) * R * 2);
-  const size_t bv_off = take(static_cast<size_t>(nkv) * R * 2);
-  const size_t bf_off = take(static_cast<size_t>(I) * R * 2);
-  const size_t br_off = take(static_cast<size_t>(H) * 2 * R * 2);
+  const size_t bq_off = take(static_cast<size_t>(nq) * tw * R * 2);
+  const size_t bk_off = take(static_cast<size_t>(nkv) * tw * R * 2);
+  const size_t bv_off = take(static_cast<size_t>(nkv) * tw * R * 2);
+  const size_t bf_off = take(static_cast<size_t>(I) * tw * R * 2);
+  const size_t br_off = take(static_cast<size_t>(H) * 2 * tw * R * 2);
   if (off > kLoraGemmWorkspaceBytes) return absl::OkStatus();
 
   if (gemm_ == nullptr) {
@@ -164,13 +166,41 @@ KernelStatus CudaLora::Gemm(const GemmParams& p, DataType y_dtype, cudaStream_t 
   return st;
 }
 
+// T blocks [first, first + n) from t (the GEMM shrinks' concatenated layout, or the SGMV
+// shrinks' per-module one).
+KernelStatus CudaLora::GemmMask(int layer, int first_block, int num_blocks, cudaStream_t stream) {
+  const int R = gemm_r_, tw = gemm_split_t_ ? 2 : 1;
+  const auto* ads = static_cast<const LoraStepAdapter*>(gemm_map_dev_);
+  LoraMaskParams mp;
+  mp.t = gemm_sgmv_shrink_ ? t_dev_ : gb_.t;
+  mp.ldt = gemm_sgmv_shrink_ ? 6 * rank_cap_ : 6 * R;
+  mp.t_per_module = gemm_sgmv_shrink_;
+  for (int b = 0; b < 6; ++b) mp.t_block_col[b] = kBlockTarget[b] * rank_cap_;
+  mp.out = gb_.tm;
+  mp.ldo = 6 * tw * R;
+  mp.split = gemm_split_t_;
+  mp.row_adapter = reinterpret_cast<const int32_t*>(ads + kMaxGemmAdapters);
+  mp.adapters = ads;
+  mp.num_adapters = gemm_adapters_;
+  mp.table = table_dev_;
+  mp.stride = stride();
+  mp.num_slots = static_cast<int>(slots_.size());
+  mp.rows = rows_;
+  mp.rank_cols = R;
+  mp.first_block = first_block;
+  mp.num_blocks = num_blocks;
+  // A module no adapter of the step has (its shrink did not run) is masked to zeros by rank 0.
+  for (int b = 0; b < 6; ++b) mp.entries[b] = Entry(layer, kBlockTarget[b]);
+  mp.dtype = dtype_;
+  return LoraMaskCuda(mp, stream);
+}
+
 KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream) {
   const PhiConfig& c = config_;
   const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
   const int nq = c.num_attention_heads * c.head_dim, nkv = c.num_key_value_heads * c.head_dim;
   const int R = gemm_r_, T = rows_;
   const auto* ads = static_cast<const LoraStepAdapter*>(gemm_map_dev_);
-  const auto* row_map = reinterpret_cast<const int32_t*>(ads + kMaxGemmAdapters);
   bool any = false;
   for (int t : {kQ, kK, kV, kFc1, kDense, kFc2}) any = any || Launch(Entry(layer, t));
   if (!any) return KernelStatus::kOk;
@@ -186,12 +216,16 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
   job(gb_.a_qkvf, false, kFc1, H, 0, 3 * R);
   job(gb_.a_dense, false, kDense, A, 0, 0);
   job(gb_.a_fc2, false, kFc2, I, 0, 0);
-  job(gb_.b_q, true, kQ, nq, R, 0);
-  job(gb_.b_k, true, kK, nkv, R, 0);
-  job(gb_.b_v, true, kV, nkv, R, 0);
-  job(gb_.b_fc1, true, kFc1, I, R, 0);
-  job(gb_.b_res, true, kDense, H, 2 * R, 0);
-  job(gb_.b_res, true, kFc2, H, 2 * R, R);
+  // B blocks match T's: [B] per module, or [B | B] against [T_hi | T_lo] when T is split.
+  const int tw = gemm_split_t_ ? 2 : 1;
+  for (int h = 0; h < tw; ++h) {
+    job(gb_.b_q, true, kQ, nq, tw * R, h * R);
+    job(gb_.b_k, true, kK, nkv, tw * R, h * R);
+    job(gb_.b_v, true, kV, nkv, tw * R, h * R);
+    job(gb_.b_fc1, true, kFc1, I, tw * R, h * R);
+    job(gb_.b_res, true, kDense, H, 2 * tw * R, h * R);
+    job(gb_.b_res, true, kFc2, H, 2 * tw * R, tw * R + h * R);
+  }
   gp.table = table_dev_;
   gp.stride = stride();
   gp.num_slots = static_cast<int>(slots_.size());
@@ -205,48 +239,46 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
   if (!qkvf) return KernelStatus::kOk;
   // t[:, 0 : 4R] = normed · A_qkvfᵀ (float32), T = mask(t) for blocks q, k, v, fc1.
   PHI_CHECK(T > 0);
-  KernelStatus st = Gemm({.x = normed,
-                          .w = gb_.a_qkvf,
-                          .y = gb_.t,
-                          .m = T,
-                          .n = 4 * R,
-                          .k = H,
-                          .ldx = H,
-                          .ldy = 6 * R,
-                          .dtype = dtype_},
-                         DataType::kF32, stream);
+  KernelStatus st = KernelStatus::kOk;
+  if (gemm_sgmv_shrink_) {
+    SgmvGroupedShrinkParams sp;  // each row's own adapter, into t_dev_ (cuda_lora.h)
+    for (int t : {kQ, kK, kV, kFc1}) {
+      if (!Launch(Entry(layer, t))) continue;
+      sp.ops[sp.num_ops++] = {
+          .x = normed, .ldx = H, .in = H, .t_col = t * rank_cap_, .entry = Entry(layer, t)};
+    }
+    sp.t = t_dev_;
+    sp.ldt = 6 * rank_cap_;
+    sp.ref = Ref(false);
+    sp.dtype = dtype_;
+    st = SgmvGroupedShrinkCuda(sp, stream);
+  } else {
+    st = Gemm({.x = normed,
+               .w = gb_.a_qkvf,
+               .y = gb_.t,
+               .m = T,
+               .n = 4 * R,
+               .k = H,
+               .ldx = H,
+               .ldy = 6 * R,
+               .dtype = dtype_},
+              DataType::kF32, stream);
+  }
   if (st != KernelStatus::kOk) return st;
-  LoraMaskParams mp;
-  mp.t = gb_.t;
-  mp.ldt = 6 * R;
-  mp.out = gb_.tm;
-  mp.ldo = 6 * R;
-  mp.row_adapter = row_map;
-  mp.adapters = ads;
-  mp.num_adapters = gemm_adapters_;
-  mp.table = table_dev_;
-  mp.stride = stride();
-  mp.num_slots = static_cast<int>(slots_.size());
-  mp.rows = T;
-  mp.rank_cols = R;
-  mp.first_block = 0;
-  mp.num_blocks = 4;
-  for (int b = 0; b < 6; ++b) mp.entries[b] = Entry(layer, kBlockTarget[b]);
-  mp.dtype = dtype_;
-  if ((st = LoraMaskCuda(mp, stream)) != KernelStatus::kOk) return st;
+  if ((st = GemmMask(layer, 0, 4, stream)) != KernelStatus::kOk) return st;
   // qkv[:, window of q / k / v] += T_block · B_blockᵀ.
   const int width = nq + 2 * nkv;
   const int offsets[3] = {0, nq, nq + nkv}, outs[3] = {nq, nkv, nkv};
   void* bs[3] = {gb_.b_q, gb_.b_k, gb_.b_v};
   for (int t : {kQ, kK, kV}) {
     if (!Launch(Entry(layer, t))) continue;
-    st = Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(t) * R * 2,
+    st = Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(t) * tw * R * 2,
                .w = bs[t],
                .y = static_cast<char*>(qkv) + static_cast<size_t>(offsets[t]) * 2,
                .m = T,
                .n = outs[t],
-               .k = R,
-               .ldx = 6 * R,
+               .k = tw * R,
+               .ldx = 6 * tw * R,
                .ldy = width,
                .accumulate = true,
                .dtype = dtype_},
@@ -258,21 +290,27 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
 
 // mlp = act(mlp + T_fc1 · B_fc1ᵀ): fc1 ran without its activation (SplitFc1); the epilogue (or,
 // where cuBLASLt's cannot act on the accumulated sum, CudaGemm's separate kernel) applies it.
+// PHISHARD_LORA_GEMM_FUSED_GELU=0 (read at construction) runs the GEMM without the epilogue and
+// then the separate activation kernel (a diagnostic switch; the default fuses when CudaGemm's
+// probe allows it).
 KernelStatus CudaLora::GemmAfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream) {
   (void)layer;
-  const int R = gemm_r_, I = config_.intermediate_size;
-  return Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(3) * R * 2,
-               .w = gb_.b_fc1,
-               .y = mlp,
-               .m = rows_,
-               .n = I,
-               .k = R,
-               .ldx = 6 * R,
-               .ldy = I,
-               .accumulate = true,
-               .epilogue = act,
-               .dtype = dtype_},
-              dtype_, stream);
+  const int R = gemm_r_, I = config_.intermediate_size, tw = gemm_split_t_ ? 2 : 1;
+  const KernelStatus st =
+      Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(3) * tw * R * 2,
+            .w = gb_.b_fc1,
+            .y = mlp,
+            .m = rows_,
+            .n = I,
+            .k = tw * R,
+            .ldx = 6 * tw * R,
+            .ldy = I,
+            .accumulate = true,
+            .epilogue = gemm_fused_gelu_ ? act : GemmEpilogue::kNone,
+            .dtype = dtype_},
+           dtype_, stream);
+  if (st != KernelStatus::kOk || gemm_fused_gelu_) return st;
+  return GeluInPlaceCuda({.y = mlp, .rows = rows_, .cols = I, .act = act, .dtype = dtype_}, stream);
 }
 
 // h += [T_dense | T_fc2] · B_resᵀ: both deltas in one GEMM (one rounding of h).
@@ -280,11 +318,28 @@ KernelStatus CudaLora::GemmAfterResidual(int layer, const void* attn, const void
                                          cudaStream_t stream) {
   const PhiConfig& c = config_;
   const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
-  const int R = gemm_r_, T = rows_;
+  const int R = gemm_r_, T = rows_, tw = gemm_split_t_ ? 2 : 1;
   const bool dense = Launch(Entry(layer, kDense)), fc2 = Launch(Entry(layer, kFc2));
   if (!dense && !fc2) return KernelStatus::kOk;
   KernelStatus st = KernelStatus::kOk;
-  if (dense) {
+  if (gemm_sgmv_shrink_) {
+    SgmvGroupedShrinkParams sp;  // each row's own adapter, into t_dev_ (cuda_lora.h)
+    if (dense) {
+      sp.ops[sp.num_ops++] = {
+          .x = attn, .ldx = A, .in = A, .t_col = kDense * rank_cap_, .entry = Entry(layer, kDense)};
+    }
+    if (fc2) {
+      sp.ops[sp.num_ops++] = {
+          .x = mlp, .ldx = I, .in = I, .t_col = kFc2 * rank_cap_, .entry = Entry(layer, kFc2)};
+    }
+    sp.t = t_dev_;
+    sp.ldt = 6 * rank_cap_;
+    sp.ref = Ref(false);
+    sp.dtype = dtype_;
+    st = SgmvGroupedShrinkCuda(sp, stream);
+    if (st != KernelStatus::kOk) return st;
+  }
+  if (dense && !gemm_sgmv_shrink_) {
     st = Gemm({.x = attn,
                .w = gb_.a_dense,
                .y = gb_.t + static_cast<size_t>(4) * R,
@@ -297,7 +352,7 @@ KernelStatus CudaLora::GemmAfterResidual(int layer, const void* attn, const void
               DataType::kF32, stream);
     if (st != KernelStatus::kOk) return st;
   }
-  if (fc2) {
+  if (fc2 && !gemm_sgmv_shrink_) {
     st = Gemm({.x = mlp,
                .w = gb_.a_fc2,
                .y = gb_.t + static_cast<size_t>(5) * R,
@@ -310,33 +365,14 @@ KernelStatus CudaLora::GemmAfterResidual(int layer, const void* attn, const void
               DataType::kF32, stream);
     if (st != KernelStatus::kOk) return st;
   }
-  const auto* ads = static_cast<const LoraStepAdapter*>(gemm_map_dev_);
-  LoraMaskParams mp;
-  mp.t = gb_.t;
-  mp.ldt = 6 * R;
-  mp.out = gb_.tm;
-  mp.ldo = 6 * R;
-  mp.row_adapter = reinterpret_cast<const int32_t*>(ads + kMaxGemmAdapters);
-  mp.adapters = ads;
-  mp.num_adapters = gemm_adapters_;
-  mp.table = table_dev_;
-  mp.stride = stride();
-  mp.num_slots = static_cast<int>(slots_.size());
-  mp.rows = T;
-  mp.rank_cols = R;
-  mp.first_block = 4;
-  mp.num_blocks = 2;
-  for (int b = 0; b < 6; ++b) mp.entries[b] = Entry(layer, kBlockTarget[b]);
-  // A module no adapter of the step has (its shrink did not run) is masked to zeros by rank 0.
-  mp.dtype = dtype_;
-  if ((st = LoraMaskCuda(mp, stream)) != KernelStatus::kOk) return st;
-  return Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(4) * R * 2,
+  if ((st = GemmMask(layer, 4, 2, stream)) != KernelStatus::kOk) return st;
+  return Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(4) * tw * R * 2,
                .w = gb_.b_res,
                .y = h,
                .m = T,
                .n = H,
-               .k = 2 * R,
-               .ldx = 6 * R,
+               .k = 2 * tw * R,
+               .ldx = 6 * tw * R,
                .ldy = H,
                .accumulate = true,
                .dtype = dtype_},

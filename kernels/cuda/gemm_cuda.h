@@ -36,6 +36,8 @@ class CudaGemm {
   // True when, with accumulate (beta = 1), that epilogue was found to act on y + x·wᵀ; otherwise
   // accumulate + GELU runs the product with beta = 1, then the separate activation kernel.
   bool gelu_accumulate_in_epilogue() const;
+  // That probe's worst error as a fraction of its tolerance (-1 when it did not run).
+  double probe_accumulate_err() const;
   // Largest |epilogue - tanh GELU| and |epilogue - erf GELU| seen by the probe (float32 output).
   double probe_err_tanh() const;
   double probe_err_erf() const;

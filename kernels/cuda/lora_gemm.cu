@@ -78,6 +78,7 @@ __global__ void __launch_bounds__(kThreads) MaskKernel(const MaskArgs args) {
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int i = static_cast<int>(e / cols), cc = static_cast<int>(e % cols);
     const int b = p.first_block + cc / p.rank_cols, c = b * p.rank_cols + cc % p.rank_cols;
+    const int oc = p.split ? 2 * b * p.rank_cols + cc % p.rank_cols : c;
     float v = 0.0f;
     const int a = p.row_adapter[i];
     if (a >= 0 && a < p.num_adapters) {
@@ -86,11 +87,15 @@ __global__ void __launch_bounds__(kThreads) MaskKernel(const MaskArgs args) {
       if (k >= 0 && k < ad.width) {
         const SgmvWeight* w = Weight(p.table, p.stride, p.num_slots, ad.slot, p.entries[b]);
         if (w != nullptr && k < w->rank) {
-          v = p.t[static_cast<size_t>(i) * p.ldt + c] * w->scale;
+          const int tc = p.t_per_module ? p.t_block_col[b] + k : c;
+          v = p.t[static_cast<size_t>(i) * p.ldt + tc] * w->scale;
         }
       }
     }
-    static_cast<T*>(p.out)[static_cast<size_t>(i) * p.ldo + c] = cuda::FromFloat<T>(v);
+    T* o = static_cast<T*>(p.out) + static_cast<size_t>(i) * p.ldo + oc;
+    const T hi = cuda::FromFloat<T>(v);
+    o[0] = hi;
+    if (p.split) o[p.rank_cols] = cuda::FromFloat<T>(v - cuda::ToFloat(hi));
   }
 }
 
@@ -142,9 +147,17 @@ KernelStatus LoraMaskCuda(const LoraMaskParams& p, cudaStream_t stream) {
   }
   if (p.rows < 0 || p.rank_cols < 0 || p.first_block < 0 || p.num_blocks < 0 ||
       p.first_block + p.num_blocks > 6 ||
-      static_cast<int64_t>(p.first_block + p.num_blocks) * p.rank_cols > std::min(p.ldt, p.ldo) ||
+      (!p.t_per_module &&
+       static_cast<int64_t>(p.first_block + p.num_blocks) * p.rank_cols > p.ldt) ||
+      static_cast<int64_t>(p.first_block + p.num_blocks) * p.rank_cols * (p.split ? 2 : 1) >
+          p.ldo ||
       p.num_adapters < 0) {
     return KernelStatus::kInvalidShape;
+  }
+  if (p.t_per_module) {
+    for (int b = p.first_block; b < p.first_block + p.num_blocks; ++b) {
+      if (p.t_block_col[b] < 0 || p.t_block_col[b] >= p.ldt) return KernelStatus::kInvalidShape;
+    }
   }
   if (p.rows == 0 || p.num_blocks == 0 || p.rank_cols == 0) return KernelStatus::kOk;
   if (p.t == nullptr || p.out == nullptr || p.row_adapter == nullptr ||

@@ -31,7 +31,7 @@ struct LoraStepAdapter {
   int32_t pad = 0;
 };
 
-inline constexpr int kLoraGatherMaxJobs = 12;
+inline constexpr int kLoraGatherMaxJobs = 18;
 
 // One matrix to build. kind A: dst [R rows starting at row `base`, dim] row-major (row stride
 // dim), row base + col_a + k = A_a row k (k < rank) or zeros. kind B: dst [dim rows, ld],
@@ -81,12 +81,20 @@ struct LoraMaskParams {
   int first_block = 0;
   int num_blocks = 0;
   int entries[6] = {0, 0, 0, 0, 0, 0};
+  // Split T: block b of out covers columns [2 b R, 2 (b + 1) R): hi = round(v) at 2 b R + c and
+  // lo = round(v - hi) at 2 b R + R + c, so that T_hi + T_lo carries v to ~2^-16 relative (the
+  // expand then multiplies [T_hi | T_lo] by [B | B]); otherwise block b is [b R, (b + 1) R).
+  bool split = false;
+  // t_per_module: t holds each row's own adapter at column t_block_col[b] + k (the SGMV shrink's
+  // layout) instead of the concatenated window (column b R + col_a + k).
+  bool t_per_module = false;
+  int t_block_col[6] = {0, 0, 0, 0, 0, 0};
   DataType dtype = DataType::kBF16;
 };
 
-// out[i, c] = t[i, c] * scale rounded to dtype when column c lies in the window of row i's
-// adapter at offset k < that module's rank, else exactly 0 (t there is never read, so NaN or
-// garbage outside the windows cannot leak). kInvalidShape / kNullPointer as above.
+// out[i, c] = t[i, c] * scale rounded to dtype (split: hi and lo parts) when column c lies in the
+// window of row i's adapter at offset k < that module's rank, else exactly 0 (t there is never
+// read, so NaN or garbage outside the windows cannot leak). kInvalidShape / kNullPointer as above.
 KernelStatus LoraMaskCuda(const LoraMaskParams& p, cudaStream_t stream);
 
 }  // namespace phishard

@@ -269,15 +269,17 @@ __global__ void __launch_bounds__(kThreads, 2) GroupedShrinkKernel(const ShrinkA
   // griddepcontrol.wait still waits for all of this grid).
   asm volatile("griddepcontrol.launch_dependents;" :::);
   const SgmvTableRef& r = args.ref;
+  // Every block waits for the previous kernel before it exits, also when it has nothing to do,
+  // so this grid never completes before that kernel has (later kernels wait on this one only).
   SgmvTile tile;
   int begin = 0, m = 0;
-  if (!LoadTile(r, blockIdx.x, &tile, &begin, &m)) return;
+  if (!LoadTile(r, blockIdx.x, &tile, &begin, &m)) return GridDepWait();
   const SgmvShrinkOp& op = args.ops[blockIdx.y];
   const SgmvWeight* wp = WeightAt(r, tile.slot, op.entry);
-  if (wp == nullptr || wp->a == nullptr) return;
+  if (wp == nullptr || wp->a == nullptr) return GridDepWait();
   const int rank = min(max(wp->rank, 0), r.max_rank);
   const int g = blockIdx.z;
-  if (g * kRanksPerBlock >= rank) return;  // block-uniform
+  if (g * kRanksPerBlock >= rank) return GridDepWait();  // block-uniform
   const ShrinkJob job{&op, begin, m, rank, g, wp->a};
   if constexpr (sizeof(T) == 2) {
     const int ldx = op.ldx == 0 ? op.in : op.ldx;

@@ -37,6 +37,8 @@ __device__ __forceinline__ void Unpack8(const uint4& v, float f[8]) {
   f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y, f[4] = c.x, f[5] = c.y, f[6] = d.x, f[7] = d.y;
 }
 
+__device__ __forceinline__ void GridDepWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 template <int kAct>
 __device__ __forceinline__ float Act(float x) {
   if constexpr (kAct == 1) {
@@ -60,16 +62,18 @@ __device__ __forceinline__ void Store(Y* y, int n, const float* acc, bool touche
 // kAct: 0 none, 1 GELU tanh, 2 GELU erf.
 template <typename T, int kAct>
 __global__ void __launch_bounds__(kThreads, 4) DecodeExpandKernel(const Args args) {
+  // Every thread waits for the previous kernel before it exits, also when it has nothing to do,
+  // so this grid never completes before that kernel has (later kernels wait on this one only).
   const SgmvTableRef& r = args.ref;
   const int count = min(max(*r.num_tiles, 0), r.max_tiles);
-  if (static_cast<int>(blockIdx.x) >= count) return;
+  if (static_cast<int>(blockIdx.x) >= count) return GridDepWait();
   const SgmvTile tile = r.tiles[blockIdx.x];
   const int begin = min(max(tile.begin, 0), r.num_rows);
   const int end = min(max(min(tile.end, tile.begin + kSgmvTileRows), begin), r.num_rows);
-  if (end <= begin) return;
+  if (end <= begin) return GridDepWait();
   const SgmvExpandOp& op = args.ops[blockIdx.z];
   const int j = blockIdx.y * kBlockCols + threadIdx.x * kCols;
-  if (j >= op.out) return;  // no block-wide synchronisation below
+  if (j >= op.out) return GridDepWait();  // no block-wide synchronisation below
   const int ncols = min(kCols, op.out - j);
   const bool slot_ok = tile.slot >= 0 && tile.slot < r.num_slots;
 
@@ -104,8 +108,7 @@ __global__ void __launch_bounds__(kThreads, 4) DecodeExpandKernel(const Args arg
     const int bytes = ncols * rk * static_cast<int>(sizeof(T));
     for (int o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(from + o));
   }
-  // t and y are the previous kernels' outputs.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  GridDepWait();  // t and y are the previous kernels' outputs
   if (!touched && kAct == 0) return;
 
   for (int row = begin; row < end; ++row) {

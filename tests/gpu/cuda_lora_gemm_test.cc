@@ -168,12 +168,18 @@ TEST(CudaLoraGemm, MaskKeepsEachRowsOwnWindowScaledAndZeroesTheRest) {
   DeviceBuffer tdev = DeviceBuffer::From(t);
   DeviceBuffer out(static_cast<size_t>(rows) * ld * 2);
   out.Poison();
-  for (int first : {0, 4}) {
+  // The split form (hi, lo) into a second buffer of twice the width.
+  const int lds = 12 * R + 8;
+  DeviceBuffer split(static_cast<size_t>(rows) * lds * 2);
+  split.Poison();
+  for (int first : {0, 4, 10, 14}) {
+    const bool sp = first >= 10;
     LoraMaskParams mp;
     mp.t = tdev.as<float>();
     mp.ldt = ld;
-    mp.out = out.get();
-    mp.ldo = ld;
+    mp.out = sp ? split.get() : out.get();
+    mp.ldo = sp ? lds : ld;
+    mp.split = sp;
     mp.row_adapter = rmap.as<int32_t>();
     mp.adapters = steps.as<LoraStepAdapter>();
     mp.num_adapters = 2;
@@ -182,8 +188,8 @@ TEST(CudaLoraGemm, MaskKeepsEachRowsOwnWindowScaledAndZeroesTheRest) {
     mp.num_slots = 3;
     mp.rows = rows;
     mp.rank_cols = R;
-    mp.first_block = first;
-    mp.num_blocks = first == 0 ? 4 : 2;
+    mp.first_block = first % 10;
+    mp.num_blocks = first % 10 == 0 ? 4 : 2;
     for (int b = 0; b < 6; ++b) mp.entries[b] = entries[b];
     mp.dtype = DataType::kBF16;
     ASSERT_EQ(LoraMaskCuda(mp, nullptr), KernelStatus::kOk);
@@ -211,6 +217,26 @@ TEST(CudaLoraGemm, MaskKeepsEachRowsOwnWindowScaledAndZeroesTheRest) {
       }
     }
   }
+  const std::vector<uint16_t> gs = Download16(split);
+  for (int i = 0; i < rows && bad < 10; ++i) {
+    for (int c = 0; c < 6 * R && bad < 10; ++c) {
+      const int a = row_adapter[i], b = c / R;
+      float v = 0.0f;
+      if (a >= 0) {
+        const int k = c % R - step[a].col, e = step[a].slot * kTargets + entries[b];
+        if (k >= 0 && k < kRank[step[a].slot][entries[b]]) {
+          v = t[static_cast<size_t>(i) * ld + c] * ad.scale[e];
+        }
+      }
+      const uint16_t hi = FloatToBF16(v), lo = FloatToBF16(v - BF16ToFloat(hi));
+      const size_t at = static_cast<size_t>(i) * lds + 2 * b * R + c % R;
+      if (gs[at] != hi || gs[at + R] != lo) {
+        ++bad;
+        ADD_FAILURE() << "split T[" << i << "][" << c << "]: " << gs[at] << ", " << gs[at + R]
+                      << " want " << hi << ", " << lo;
+      }
+    }
+  }
 }
 
 // y = GELU-tanh(y0 + x·wᵀ) in bf16 (the fc1 expand of the GEMM form): the fused epilogue when
@@ -222,12 +248,16 @@ TEST(CudaLoraGemm, AccumulateWithGeluActsOnTheSum) {
   PHI_REQUIRE_GPU();
   std::unique_ptr<CudaGemm> gemm;
   ASSERT_EQ(CudaGemm::Create(size_t{4} << 20, &gemm), KernelStatus::kOk);
-  std::printf("cuBLASLt GELU epilogue: tanh %d, acts on the accumulated sum %d\n",
-              gemm->gelu_tanh_in_epilogue(), gemm->gelu_accumulate_in_epilogue());
+  std::printf(
+      "cuBLASLt GELU epilogue: tanh %d (probe err %.3g), acts on the accumulated sum %d (wide "
+      "probe err / tol %.3g)\n",
+      gemm->gelu_tanh_in_epilogue(), gemm->probe_err_tanh(), gemm->gelu_accumulate_in_epilogue(),
+      gemm->probe_accumulate_err());
   const int m = 37, n = 200, k = 48, ldx = 6 * 48, ldy = 256;
   std::vector<float> x = RandomVector(static_cast<size_t>(m) * ldx, 1, -0.5f, 0.5f);
   std::vector<float> w = RandomVector(static_cast<size_t>(n) * k, 2, -0.5f, 0.5f);
-  std::vector<float> y0 = RandomVector(static_cast<size_t>(m) * ldy, 3, -3.0f, 3.0f);
+  // Pre-activations up to |20| (a strong adapter moves fc1's far out).
+  std::vector<float> y0 = RandomVector(static_cast<size_t>(m) * ldy, 3, -20.0f, 20.0f);
   std::vector<char> xb = Encode(x, DataType::kBF16), wb = Encode(w, DataType::kBF16);
   std::vector<char> yb = Encode(y0, DataType::kBF16);
   DeviceBuffer dx = DeviceBuffer::From(xb), dw = DeviceBuffer::From(wb),

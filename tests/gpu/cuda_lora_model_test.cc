@@ -160,6 +160,8 @@ void RunGolden(bool gemm_form) {
     ExpectClose(last, want.data(), V, what + " last prompt row");
     const Closeness c = Compare(last, want.data(), V);
     worst_frac = std::max(worst_frac, c.worst / c.scale);
+    std::printf("  %s: max|d| / scale %.4f, norm rel %.4f\n", what.substr(0, 48).c_str(),
+                c.worst / c.scale, c.rel);
     // The base model is much farther from the fixture than the tolerance: the check means
     // something.
     ForwardBatch base = b;

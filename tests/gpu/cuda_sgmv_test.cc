@@ -1,7 +1,7 @@
 // SgmvGroupedShrinkCuda / SgmvGroupedExpandCuda / SgmvDecodeExpandCuda (kernels/cuda/sgmv_cuda.h)
 // against a naive double-accumulation reference, and the CPU reference (kernels/sgmv.h) against
-// the same naive one, on identical inputs: x, A, B and y are rounded to the device dtype first, so only the
-// summation order and expand's one final rounding of y remain.
+// the same naive one, on identical inputs: x, A, B and y are rounded to the device dtype first, so
+// only the summation order and expand's one final rounding of y remain.
 //
 // Shapes swept: decode-like tiles of one row (every row its own adapter), prefill-like segments
 // cut into 16-row tiles (odd lengths 1, 5, 17, 33), base rows between segments (in no tile),
