@@ -28,7 +28,7 @@
 // Long steps (prefill of at least gemm_min_rows() rows, few adapters) take the GEMM form instead
 // (model/cuda_lora_gemm.cc, kernels/cuda/lora_gemm_cuda.h): per layer the step's adapters are
 // gathered into concatenated A / B matrices, the shrinks are cuBLASLt GEMMs into a float32 t, a
-// mask keeps each row's own adapter window (scaled, rounded to the storage type), and the
+// mask keeps each row's own adapter window (scaled, split into bf16 hi + lo parts), and the
 // expands are cuBLASLt GEMMs with beta = 1 (fc1's with the GELU epilogue, so it needs no separate
 // activation pass). The lm_head delta stays on the SGMV kernels (few logit rows).
 // Decode steps launch every module that any adapter loaded so far adapts, whatever the batch's
@@ -170,16 +170,22 @@ class CudaLora {
   std::vector<bool> loaded_present_;  // [stride]: some adapter loaded so far adapts the entry
   std::vector<int32_t> seq_slot_;
 
-  // GEMM form. One device workspace of kGemmWorkspaceBytes (allocated at the first such step)
-  // holds, for the current layer: t float32 [rows, 6 R], T dtype [rows, 6 R] (module blocks q, k,
-  // v, fc1, dense, fc2 of R columns each), A_qkvf [4 R, H], A_dense [R, A], A_fc2 [R, I], B_q
-  // [nq, R], B_k / B_v [nkv, R], B_fc1 [I, R], B_res [H, 2 R] (dense then fc2 columns). The step's
-  // adapters and the row map (int32 [rows], index into them or -1) are uploaded per step.
+  // GEMM form. One device workspace of kLoraGemmWorkspaceBytes (allocated at the first such
+  // step) holds, for the current layer (w = 2 with the split T, else 1): t float32 [rows, 6 R],
+  // T dtype [rows, 6 w R] (module blocks q, k, v, fc1, dense, fc2 of w R columns: hi then lo),
+  // A_qkvf [4 R, H], A_dense [R, A], A_fc2 [R, I], B_q [nq, w R], B_k / B_v [nkv, w R], B_fc1
+  // [I, w R], B_res [H, 2 w R] (dense then fc2 blocks; each block B, or B | B against hi | lo).
+  // The step's adapters and the row map (int32 [rows], index into them or -1) are uploaded per
+  // step.
   int gemm_min_rows_ = 128;
   bool gemm_fused_gelu_ = true;  // PHISHARD_LORA_GEMM_FUSED_GELU=0: separate activation kernel
-  bool gemm_split_t_ = false;    // PHISHARD_LORA_GEMM_SPLIT_T=1: T as hi + lo (see LoraMaskParams)
+  // T as hi + lo (LoraMaskParams::split): the expands then carry t x scale to ~2^-16 instead of
+  // bf16's 2^-9, which the peft goldens need (one case at 0.019 norm-rel without it, bound
+  // 0.015); costs ~1 ms of the 8x512 prefill. PHISHARD_LORA_GEMM_SPLIT_T=0 turns it off.
+  bool gemm_split_t_ = true;
   // PHISHARD_LORA_GEMM_SGMV_SHRINK=1: the shrinks on the SGMV kernels (16-row tiles, each row's
-  // own adapter only) into the t buffer, the mask reading that layout.
+  // own adapter only) into the t buffer, the mask reading that layout (measured ~1.5 ms slower on
+  // the 8x512 prefill than the cuBLASLt shrinks; kept as a measured alternative).
   bool gemm_sgmv_shrink_ = false;
   std::unique_ptr<CudaGemm> gemm_;
   bool gemm_failed_ = false;  // cuBLASLt could not be set up: SGMV only

@@ -7,7 +7,7 @@
 # at decode batch 64, 8 at prefill 8x512, against base-only; again with the GEMM form off), the
 # base-model regression tests, the TP=2 vs TP=1 test with adapters (SGMV and GEMM form), then
 # memcheck. Logs under $OUT; a short summary prints last (docs/perf-log.md, "multi-LoRA on CUDA,
-# run 3").
+# runs 3-4").
 #
 # Here, before the call (the run tool sends /work/main's checkout; .dev-lora is ignored there):
 #   cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DPHISHARD_CUDA=ON \
