@@ -29,6 +29,8 @@ namespace {
 namespace gp = ::google::protobuf;
 using integration::DemoShard;
 using integration::RawServerStreamFirst;
+using integration::TestDevice;
+using integration::TestOnCuda;
 using integration::RawUnary;
 using integration::ReflectionClient;
 using integration::TempDir;
@@ -270,6 +272,9 @@ void ExpectJsonSubset(const Json& expected, const Json& actual, const std::strin
         << expected.dump();
     for (size_t i = 0; i < expected.size(); ++i)
       ExpectJsonSubset(expected[i], actual[i], path + "/" + std::to_string(i), where);
+  } else if (TestOnCuda() && (path == "/dtype" || path == "/deviceType")) {
+    // The docs show the demo model's CPU answer; a CUDA shard answers for its own device.
+    EXPECT_EQ(actual, path == "/dtype" ? "torch.bfloat16" : "cuda") << where << ": " << path;
   } else if (path == "/maxSupportedTotalTokens") {
     ASSERT_TRUE(actual.is_number_unsigned()) << where << ": " << actual.dump();
     EXPECT_GT(actual.get<uint64_t>(), 0u) << where;
@@ -397,8 +402,9 @@ class GrpcurlRunner {
     if (rpc == "grpc.health.v1.Health/Check" || rpc == "grpc.health.v1.Health/Watch") {
       EXPECT_EQ(a.value("status", ""), "SERVING") << where << ": " << a.dump();
     } else if (rpc == "generate.v1.LoraxService/Info") {
-      EXPECT_EQ(a.value("dtype", ""), "torch.float32") << where;  // the demo model on CPU
-      EXPECT_EQ(a.value("deviceType", ""), "cpu") << where;
+      // The demo model: float32 on the CPU, bf16 on CUDA (DeviceArgs()).
+      EXPECT_EQ(a.value("dtype", ""), TestOnCuda() ? "torch.bfloat16" : "torch.float32") << where;
+      EXPECT_EQ(a.value("deviceType", ""), TestDevice()) << where;
       EXPECT_EQ(a.value("blockSize", 0), 16) << where;
       EXPECT_TRUE(a.value("supportsGeneration", false)) << where;
       EXPECT_FALSE(a.value("requiresBlockAllocator", false)) << where;

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The lead's end-of-session device check of main as a whole (kind nvidia-h200-x2): every GPU test
+# binary, the gRPC integration suite against `phishard serve --device cuda`
+# (PHISHARD_TEST_DEVICE=cuda), a served TP=2 check (`phishard launch --num-shard 2 --device cuda`,
+# router-style startup incl. Warmup, which captures the decode graphs with NCCL inside), then
+# bench/run_all.sh (ours vs floor vs the PyTorch peer) while time is left. Logs under $OUT.
+#
+# Here, before the call (build dir build-h11 of /work/main, CUDA on, sm_90a):
+#   cmake --build build-h11 --target phishard phishard_bench <the GPU tests and integration tests
+#     named below> -j2
+#   D=/work/main/.dev-final; rm -rf $D && /work/shared/tools/device-bundle $D \
+#     build-h11/bin/phishard build-h11/bin/phishard_bench build-h11/tests/<each test below>
+#   strip --strip-unneeded $D/bin/* $D/lib/*
+#   (cd $D && tar -cJf bundle.txz bin lib env.sh && rm -rf bin lib env.sh)
+# Then: run(command="bash tools/device_final_check.sh", carry=[".dev-final"], kind=
+#   "nvidia-h200-x2", timeout_s=360)
+set -u
+OUT=${OUT:-/tmp/phishard-final-check}
+mkdir -p "$OUT"
+BUDGET=${PHISHARD_CHECK_BUDGET_S:-330}
+START=$(date +%s)
+ROOT=$(pwd)
+export NCCL_NVLS_ENABLE=0
+# Test binaries carry /work/main paths (fixtures, models, build-h11/bin/phishard).
+if [ "$ROOT" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -s "$ROOT" /work/main; fi
+D=.dev-final
+python3 -c "import tarfile; tarfile.open('$D/bundle.txz').extractall('$D')"
+# shellcheck disable=SC1091
+source $D/env.sh
+B=$D/bin
+mkdir -p build-h11/bin && cp $B/phishard build-h11/bin/phishard &&
+  ln -sf phishard build-h11/bin/lorax-server
+{ date -u +%FT%TZ; git rev-parse --short HEAD 2> /dev/null
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; } > "$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+SUMMARY="$OUT/summary.txt"
+printf "%-30s %4s %7s  %s\n" step rc seconds result > "$SUMMARY"
+step() {  # step NAME TIMEOUT_S LOG COMMAND...
+  local name=$1 tmo=$2 log=$3
+  shift 3
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if ((left < 10)); then
+    printf "%-30s %4s %7s  %s\n" "$name" - - "skipped (budget)" >> "$SUMMARY"
+    return
+  fi
+  ((tmo > left)) && tmo=$left
+  echo "===== $name: $*" >> "$OUT/$log"
+  local t0 t1 rc verdict
+  t0=$(date +%s.%N)
+  timeout "$tmo" "$@" >> "$OUT/$log" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  verdict=$(awk -v m="===== $name: " 'index($0, m) == 1 {on = 1; next} /^===== / {on = 0} on' \
+    "$OUT/$log" | awk '/^\[  PASSED  \] [0-9]+ test/ {p = $4} /^\[  FAILED  \] [0-9]+ test/ {f = $4}
+      /^\[  SKIPPED \] [0-9]+ test/ {k = $4} /^SERVED/ {s = $0}
+      END {if (p != "" || f != "" || k != "") printf "passed %d, failed %d, skipped %d ", p, f, k;
+           if (s != "") printf "%s", s}')
+  [ $rc -eq 124 ] && verdict="TIMEOUT ${tmo}s; $verdict"
+  printf "%-30s %4d %7.1f  %s\n" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$verdict" \
+    >> "$SUMMARY"
+}
+
+for t in cuda_ops_test cuda_attention_test cuda_graph_test cuda_model_test cuda_sgmv_test \
+  cuda_lora_gemm_test cuda_lora_model_test nccl_communicator_test cuda_tp_model_test; do
+  step "$t" 90 gpu_tests.log $B/$t
+done
+export PHISHARD_TEST_DEVICE=cuda
+for t in serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test \
+  metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test; do
+  step "cuda:$t" 80 integration.log $B/$t
+done
+unset PHISHARD_TEST_DEVICE
+
+# TP=2 served: the router's startup sequence (ServiceDiscovery, Info, Warmup, then the /startup
+# probe's one-token generation) and the seven golden prompts, each generation reported once.
+tp2_served() {
+  local uds=/tmp/final-tp2/s pid ok=0 n=0 good=0
+  rm -rf /tmp/final-tp2 && mkdir -p /tmp/final-tp2
+  $B/phishard launch --num-shard 2 --uds-path "$uds" "$ROOT/models/tiny-phi-code" --device cuda \
+    > /tmp/final-tp2/launch.log 2>&1 &
+  pid=$!
+  for _ in $(seq 1 240); do
+    if [ -S "$uds-1" ] && $B/phishard client health --uds-path "$uds" > /dev/null 2>&1; then
+      ok=1
+      break
+    fi
+    sleep 0.25
+  done
+  if [ $ok = 1 ]; then
+    while read -r line; do
+      local prompt
+      prompt=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1]), end="")' "$line")
+      n=$((n + 1))
+      local extra=()
+      [ $n = 1 ] && extra=(--startup)
+      if $B/phishard client generate --uds-path "$uds" --prompt "$prompt" --max-new-tokens 16 \
+        --json "${extra[@]}"; then good=$((good + 1)); fi
+    done < <(python3 -c '
+import json, sys
+for c in json.load(open(sys.argv[1]))["cases"]: print(json.dumps(c["prompt"]))
+' "$ROOT/tests/golden/tiny-phi-code.json")
+  fi
+  kill -TERM $pid 2> /dev/null
+  for _ in $(seq 1 80); do kill -0 $pid 2> /dev/null || break; sleep 0.25; done
+  kill -KILL $pid 2> /dev/null
+  wait $pid
+  local rc=$?
+  grep -hE "graph|Warmup|warmup|error|ERROR" /tmp/final-tp2/launch.log | tail -12
+  echo "SERVED TP=2 up=$ok generations $good/$n launch exit $rc"
+  [ $ok = 1 ] && [ $good = $n ] && [ $n -gt 0 ]
+}
+export -f tp2_served
+export B ROOT
+step tp2-served 60 served.log bash -c tp2_served
+
+if [ -x $B/phishard_bench ]; then
+  BENCH_TIMEOUT_S=${BENCH_S:-80} PEER_TIMEOUT_S=${PEER_S:-75} step run_all 160 run_all.log \
+    bash bench/run_all.sh --bin $B/phishard_bench --out "$OUT"
+fi
+
+echo "== failures (first 40 lines)"
+grep -hE "Failure|FAILED|Expected|Which is|parts from|ERROR SUMMARY" "$OUT"/gpu_tests.log \
+  "$OUT"/integration.log 2> /dev/null | head -40
+echo "== served"
+tail -15 "$OUT/served.log" 2> /dev/null
+echo "== bench"
+tail -45 "$OUT/run_all.log" 2> /dev/null
+echo "== summary ($(($(date +%s) - START)) s)"
+cat "$SUMMARY"
