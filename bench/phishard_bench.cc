@@ -27,6 +27,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/types/span.h"
+#include "bench/bench_util.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
@@ -45,18 +46,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-std::vector<int> ParseInts(const std::string& s) {
-  std::vector<int> out;
-  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
-    out.push_back(std::stoi(std::string(p)));
-  }
-  return out;
-}
+using bench::Median;
+using bench::ParseInts;
 
 #define BENCH_CHECK(cond, what)                                    \
   do {                                                             \

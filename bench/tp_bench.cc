@@ -35,6 +35,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "kernels/device.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
@@ -72,18 +73,8 @@ std::string Phi2ConfigJson(int layers) {
       layers);
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-std::vector<int> ParseInts(const std::string& s) {
-  std::vector<int> out;
-  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
-    out.push_back(std::stoi(std::string(p)));
-  }
-  return out;
-}
+using bench::Median;
+using bench::ParseInts;
 
 struct Options {
   std::vector<int> batches;

@@ -200,7 +200,8 @@ absl::StatusOr<int> CpuPhiModel::MaxKvBlocks(double memory_fraction, int max_bat
   // so the ranks agree on the smallest fit. An error is sent as 0 blocks, after the collective,
   // so that no rank leaves a peer waiting in it. Counts go as two floats of < 2^24 (exact).
   const int64_t mine = local.ok() ? *local : 0;
-  const float send[2] = {static_cast<float>(mine >> 20), static_cast<float>(mine & 0xFFFFF)};
+  float send[2];
+  EncodeKvBlockCount(mine, send);
   std::vector<float> all(2 * static_cast<size_t>(shard_.world_size));
   if (absl::Status st = Collective(parallel_.comm->AllGather(send, all.data(), 2),
                                    "all-gather of the KV block counts");
@@ -208,22 +209,7 @@ absl::StatusOr<int> CpuPhiModel::MaxKvBlocks(double memory_fraction, int max_bat
     return st;
   }
   if (!local.ok()) return local.status();
-  int64_t fewest = mine;
-  int poorest = shard_.rank;
-  for (int r = 0; r < shard_.world_size; ++r) {
-    const int64_t n =
-        (static_cast<int64_t>(all[2 * r]) << 20) + static_cast<int64_t>(all[2 * r + 1]);
-    if (n < fewest) {
-      fewest = n;
-      poorest = r;
-    }
-  }
-  if (fewest < 1) {
-    return absl::ResourceExhaustedError(
-        absl::StrFormat("no KV block fits on tensor-parallel rank %d (this rank %d fits %d blocks)",
-                        poorest, shard_.rank, mine));
-  }
-  return static_cast<int>(fewest);
+  return FewestKvBlocks(all.data(), shard_.world_size, shard_.rank, mine);
 }
 
 absl::StatusOr<int> CpuPhiModel::LocalMaxKvBlocks(double memory_fraction,

@@ -135,8 +135,7 @@ absl::StatusOr<int> CudaPhiModel::AgreeKvBlocks(absl::StatusOr<int> local) const
   const int W = shard_.world_size;
   const int64_t mine = local.ok() ? *local : 0;
   std::vector<float> host(2 + 2 * static_cast<size_t>(W));
-  host[0] = static_cast<float>(mine >> 20);
-  host[1] = static_cast<float>(mine & 0xFFFFF);
+  EncodeKvBlockCount(mine, host.data());
   void* dev = nullptr;
   auto cuda = [&](int err, const char* what) {
     return err == 0 ? absl::OkStatus()
@@ -157,22 +156,7 @@ absl::StatusOr<int> CudaPhiModel::AgreeKvBlocks(absl::StatusOr<int> local) const
   if (dev != nullptr) DeviceFree(dev);
   if (!st.ok()) return st;
   if (!local.ok()) return local.status();
-  int64_t fewest = mine;
-  int poorest = shard_.rank;
-  for (int r = 0; r < W; ++r) {
-    const int64_t n =
-        (static_cast<int64_t>(host[2 + 2 * r]) << 20) + static_cast<int64_t>(host[2 + 2 * r + 1]);
-    if (n < fewest) {
-      fewest = n;
-      poorest = r;
-    }
-  }
-  if (fewest < 1) {
-    return absl::ResourceExhaustedError(
-        absl::StrFormat("no KV block fits on tensor-parallel rank %d (this rank %d fits %d blocks)",
-                        poorest, shard_.rank, mine));
-  }
-  return static_cast<int>(fewest);
+  return FewestKvBlocks(host.data() + 2, W, shard_.rank, mine);
 }
 
 }  // namespace phishard

@@ -141,6 +141,30 @@ absl::Status LoadLayer(const WeightStore& store, const PhiConfig& c, const PhiSh
 
 }  // namespace
 
+void EncodeKvBlockCount(int64_t blocks, float out[2]) {
+  out[0] = static_cast<float>(blocks >> 20);
+  out[1] = static_cast<float>(blocks & 0xFFFFF);
+}
+
+absl::StatusOr<int> FewestKvBlocks(const float* counts, int world, int rank, int64_t mine) {
+  int64_t fewest = mine;
+  int poorest = rank;
+  for (int r = 0; r < world; ++r) {
+    const int64_t n =
+        (static_cast<int64_t>(counts[2 * r]) << 20) + static_cast<int64_t>(counts[2 * r + 1]);
+    if (n < fewest) {
+      fewest = n;
+      poorest = r;
+    }
+  }
+  if (fewest < 1) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("no KV block fits on tensor-parallel rank %d (this rank %d fits %d blocks)",
+                        poorest, rank, mine));
+  }
+  return static_cast<int>(fewest);
+}
+
 absl::StatusOr<PhiShard> MakePhiShard(const PhiConfig& c, int rank, int world_size) {
   if (c.hidden_size <= 0 || c.num_attention_heads <= 0 || c.num_key_value_heads <= 0 ||
       c.head_dim <= 0 || c.intermediate_size <= 0 || c.vocab_size <= 0 ||

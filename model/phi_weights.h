@@ -55,6 +55,14 @@ absl::StatusOr<PhiShard> MakePhiShard(const PhiConfig& config, int rank, int wor
 // out] of every LoRA target (lora_shard.h uses it).
 PhiConfig LocalPhiConfig(const PhiConfig& config, const PhiShard& shard);
 
+// Every rank of a sharded model allocates the same KV pool (each rank's engine hands out the same
+// block ids), so the ranks all-gather their fits and take the smallest. A count travels as two
+// floats of < 2^20 each (exact in float32; collectives are float): EncodeKvBlockCount writes them,
+// FewestKvBlocks reads `world` such pairs ([world, 2], rank-major) and answers the smallest
+// count, or RESOURCE_EXHAUSTED naming the poorest rank when it is < 1.
+void EncodeKvBlockCount(int64_t blocks, float out[2]);
+absl::StatusOr<int> FewestKvBlocks(const float* counts, int world, int rank, int64_t mine);
+
 // Part of a 1-D or 2-D tensor: elements [row_begin, row_end) of a 1-D tensor; rows
 // [row_begin, row_end) x columns [col_begin, col_end) of a 2-D one. -1 ends mean "to the end".
 struct TensorSlice {

@@ -29,11 +29,11 @@ namespace {
 namespace gp = ::google::protobuf;
 using integration::DemoShard;
 using integration::RawServerStreamFirst;
-using integration::TestDevice;
-using integration::TestOnCuda;
 using integration::RawUnary;
 using integration::ReflectionClient;
 using integration::TempDir;
+using integration::TestDevice;
+using integration::TestOnCuda;
 using Json = nlohmann::json;
 
 // The addresses the docs use; the test maps them to its own server.

@@ -329,6 +329,27 @@ class FakeCommunicator final : public Communicator {
   MemorySpace space_;
 };
 
+// The KV-pool agreement's wire form: counts up to 2^40 - 1 survive the float pairs exactly, the
+// smallest count wins, and a rank that fits nothing makes every rank fail naming it.
+TEST(TpShard, KvBlockCountsAgreeOnTheFewest) {
+  const std::vector<int64_t> fits = {(int64_t{1} << 40) - 1, 123456789, (int64_t{1} << 20) + 3};
+  std::vector<float> wire(2 * fits.size());
+  for (size_t r = 0; r < fits.size(); ++r) EncodeKvBlockCount(fits[r], wire.data() + 2 * r);
+  for (size_t r = 0; r < fits.size(); ++r) {
+    const int64_t back =
+        (static_cast<int64_t>(wire[2 * r]) << 20) + static_cast<int64_t>(wire[2 * r + 1]);
+    EXPECT_EQ(back, fits[r]);
+  }
+  absl::StatusOr<int> fewest = FewestKvBlocks(wire.data(), 3, 0, fits[0]);
+  ASSERT_TRUE(fewest.ok()) << fewest.status();
+  EXPECT_EQ(*fewest, (1 << 20) + 3);
+
+  EncodeKvBlockCount(0, wire.data() + 2);  // rank 1 fits no block
+  fewest = FewestKvBlocks(wire.data(), 3, 2, fits[2]);
+  EXPECT_EQ(fewest.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(fewest.status().message().find("rank 1"), std::string::npos) << fewest.status();
+}
+
 TEST(TpShard, CreateRefusesWhatItCannotShard) {
   FakeCommunicator three(0, 3, MemorySpace::kHost);
   absl::StatusOr<std::unique_ptr<CpuPhiModel>> m =
