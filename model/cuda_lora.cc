@@ -42,6 +42,9 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SGMV_SHRINK"); v != nullptr && *v != 0) {
     gemm_sgmv_shrink_ = *v != '0';
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_OVERLAP"); v != nullptr && *v == '0') {
+    overlap_ = false;
+  }
 }
 
 CudaLora::~CudaLora() {
@@ -52,6 +55,12 @@ CudaLora::~CudaLora() {
   if (plan_dev_) DeviceFree(plan_dev_);
   if (plan_host_) DeviceFreeHost(plan_host_);
   if (t_dev_) DeviceFree(t_dev_);
+  if (side_) {
+    DeviceStreamSync(side_);
+    DeviceStreamDestroy(side_);
+  }
+  DeviceEventDestroy(fork_ev_);
+  DeviceEventDestroy(join_ev_);
 }
 
 void CudaLora::FreeSlot(int slot) {
@@ -311,6 +320,18 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
     }
   }
   if (!any) return false;
+  qkv_pending_ = res_pending_ = false;
+  if (overlap_ && side_ == nullptr) {
+    int err = DeviceStreamCreate(&side_);
+    if (err == 0) err = DeviceEventCreate(&fork_ev_);
+    if (err == 0) err = DeviceEventCreate(&join_ev_);
+    if (err != 0) {  // the shrinks stay on the main stream
+      DeviceGetLastError();
+      PHI_LOG(WARNING) << "LoRA shrink overlap off: cannot create a stream / events on CUDA device "
+                       << device_ << ": " << DeviceErrorString(err);
+      overlap_ = false;
+    }
+  }
   const int T = batch.num_tokens();
   const int R = static_cast<int>(batch.logit_rows.size());
   const int rows = decode ? std::max(padded_rows, T) : T;
@@ -412,25 +433,97 @@ SgmvTableRef CudaLora::Ref(bool logits) const {
 
 bool CudaLora::SplitFc1(int layer) const { return active_ && Launch(Entry(layer, kFc1)); }
 
-KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream) {
-  if (!active_) return KernelStatus::kOk;
-  if (gemm_step_) return GemmAfterQkv(layer, normed, qkv, stream);
-  const PhiConfig& c = config_;
-  const int H = c.hidden_size, hd = c.head_dim;
-  const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
-  const int width = nq + 2 * nkv;
+SgmvGroupedShrinkParams CudaLora::QkvShrink(int layer, const void* normed) const {
+  const int H = config_.hidden_size;
   SgmvGroupedShrinkParams sp;
   for (int t : {kQ, kK, kV, kFc1}) {
     if (!Launch(Entry(layer, t))) continue;
     sp.ops[sp.num_ops++] = {
         .x = normed, .ldx = H, .in = H, .t_col = t * rank_cap_, .entry = Entry(layer, t)};
   }
-  if (sp.num_ops == 0) return KernelStatus::kOk;
   sp.t = t_dev_;
   sp.ldt = 6 * rank_cap_;
   sp.ref = Ref(false);
   sp.dtype = dtype_;
-  if (KernelStatus st = SgmvGroupedShrinkCuda(sp, stream); st != KernelStatus::kOk) return st;
+  return sp;
+}
+
+SgmvGroupedShrinkParams CudaLora::ResidualShrink(int layer, const void* attn,
+                                                 const void* mlp) const {
+  const PhiConfig& c = config_;
+  const int A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
+  SgmvGroupedShrinkParams sp;
+  if (Launch(Entry(layer, kDense))) {
+    sp.ops[sp.num_ops++] = {
+        .x = attn, .ldx = A, .in = A, .t_col = kDense * rank_cap_, .entry = Entry(layer, kDense)};
+  }
+  if (Launch(Entry(layer, kFc2))) {
+    sp.ops[sp.num_ops++] = {
+        .x = mlp, .ldx = I, .in = I, .t_col = kFc2 * rank_cap_, .entry = Entry(layer, kFc2)};
+  }
+  sp.t = t_dev_;
+  sp.ldt = 6 * rank_cap_;
+  sp.ref = Ref(false);
+  sp.dtype = dtype_;
+  return sp;
+}
+
+KernelStatus CudaLora::ForkShrink(const SgmvGroupedShrinkParams& sp, cudaStream_t stream,
+                                  bool* pending) {
+  *pending = false;
+  if (DeviceEventRecord(fork_ev_, stream) != 0 || DeviceStreamWaitEvent(side_, fork_ev_) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  const KernelStatus st = SgmvGroupedShrinkCuda(sp, side_);
+  // Recorded even after a failed launch, so that the join below stays well-formed.
+  if (DeviceEventRecord(join_ev_, side_) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  *pending = true;
+  return st;
+}
+
+KernelStatus CudaLora::Join(bool* pending, cudaStream_t stream) {
+  if (!*pending) return KernelStatus::kOk;
+  *pending = false;
+  if (DeviceStreamWaitEvent(stream, join_ev_) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  return KernelStatus::kOk;
+}
+
+KernelStatus CudaLora::BeforeQkv(int layer, const void* normed, cudaStream_t stream) {
+  if (!active_ || gemm_step_ || !overlap_) return KernelStatus::kOk;
+  const SgmvGroupedShrinkParams sp = QkvShrink(layer, normed);
+  if (sp.num_ops == 0) return KernelStatus::kOk;
+  return ForkShrink(sp, stream, &qkv_pending_);
+}
+
+KernelStatus CudaLora::BeforeResidual(int layer, const void* attn, const void* mlp,
+                                      cudaStream_t stream) {
+  if (!active_ || gemm_step_ || !overlap_) return KernelStatus::kOk;
+  const SgmvGroupedShrinkParams sp = ResidualShrink(layer, attn, mlp);
+  if (sp.num_ops == 0) return KernelStatus::kOk;
+  return ForkShrink(sp, stream, &res_pending_);
+}
+
+KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream) {
+  if (!active_) return KernelStatus::kOk;
+  if (gemm_step_) return GemmAfterQkv(layer, normed, qkv, stream);
+  const PhiConfig& c = config_;
+  const int hd = c.head_dim;
+  const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
+  const int width = nq + 2 * nkv;
+  if (qkv_pending_) {
+    if (KernelStatus st = Join(&qkv_pending_, stream); st != KernelStatus::kOk) return st;
+  } else {
+    const SgmvGroupedShrinkParams sp = QkvShrink(layer, normed);
+    if (sp.num_ops == 0) return KernelStatus::kOk;
+    if (KernelStatus st = SgmvGroupedShrinkCuda(sp, stream); st != KernelStatus::kOk) return st;
+  }
   SgmvGroupedExpandParams ep;
   const int offsets[] = {0, nq, nq + nkv};
   const int outs[] = {nq, nkv, nkv};
@@ -445,7 +538,7 @@ KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaSt
   if (ep.num_ops == 0) return KernelStatus::kOk;
   ep.t = t_dev_;
   ep.ldt = 6 * rank_cap_;
-  ep.ref = sp.ref;
+  ep.ref = Ref(false);
   ep.dtype = dtype_;
   return Expand(ep, GemmEpilogue::kNone, stream);
 }
@@ -479,36 +572,29 @@ KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* ml
                                      cudaStream_t stream) {
   if (!active_) return KernelStatus::kOk;
   if (gemm_step_) return GemmAfterResidual(layer, attn, mlp, h, stream);
-  const PhiConfig& c = config_;
-  const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
-  SgmvGroupedShrinkParams sp;
+  const int H = config_.hidden_size;
   SgmvExpandOp y;
   y.y = h;
   y.ldy = H;
   y.out = H;
   y.num_terms = 0;
-  if (Launch(Entry(layer, kDense))) {
-    sp.ops[sp.num_ops++] = {
-        .x = attn, .ldx = A, .in = A, .t_col = kDense * rank_cap_, .entry = Entry(layer, kDense)};
-    y.terms[y.num_terms++] = {kDense * rank_cap_, Entry(layer, kDense)};
+  for (int t : {kDense, kFc2}) {
+    if (Launch(Entry(layer, t))) y.terms[y.num_terms++] = {t * rank_cap_, Entry(layer, t)};
   }
-  if (Launch(Entry(layer, kFc2))) {
-    sp.ops[sp.num_ops++] = {
-        .x = mlp, .ldx = I, .in = I, .t_col = kFc2 * rank_cap_, .entry = Entry(layer, kFc2)};
-    y.terms[y.num_terms++] = {kFc2 * rank_cap_, Entry(layer, kFc2)};
+  if (res_pending_) {
+    if (KernelStatus st = Join(&res_pending_, stream); st != KernelStatus::kOk) return st;
+  } else {
+    const SgmvGroupedShrinkParams sp = ResidualShrink(layer, attn, mlp);
+    if (sp.num_ops == 0) return KernelStatus::kOk;
+    if (KernelStatus st = SgmvGroupedShrinkCuda(sp, stream); st != KernelStatus::kOk) return st;
   }
-  if (sp.num_ops == 0) return KernelStatus::kOk;
-  sp.t = t_dev_;
-  sp.ldt = 6 * rank_cap_;
-  sp.ref = Ref(false);
-  sp.dtype = dtype_;
-  if (KernelStatus st = SgmvGroupedShrinkCuda(sp, stream); st != KernelStatus::kOk) return st;
+  if (y.num_terms == 0) return KernelStatus::kOk;
   SgmvGroupedExpandParams ep;
   ep.ops[0] = y;
   ep.num_ops = 1;
   ep.t = t_dev_;
   ep.ldt = 6 * rank_cap_;
-  ep.ref = sp.ref;
+  ep.ref = Ref(false);
   ep.dtype = dtype_;
   return Expand(ep, GemmEpilogue::kNone, stream);
 }

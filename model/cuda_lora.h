@@ -24,7 +24,12 @@
 //   AfterFc1:      expand fc1 into the pre-activation, then the GELU (fc1 ran without it);
 //   AfterResidual: shrink dense (x = attention output) and fc2 (x = GELU output), expand both
 //                  into the residual stream (two terms, one rounding);
-// and AfterLmHead adds the lm_head delta to the float32 logits of the logit rows.
+// and AfterLmHead adds the lm_head delta to the float32 logits of the logit rows. With the
+// overlap (default; the layer loop calls the Before hooks on single-GPU steps only), the two
+// shrinks are forked onto a side stream by BeforeQkv (before the qkv GEMM) and BeforeResidual
+// (before the dense + fc2 GEMM), so each runs beside a base GEMM that does not touch its input
+// or output, and joined before the expand that reads t (measured: -0.5 ms an eager b64 decode
+// step, no change in graphs; docs/perf-log.md run 5).
 // Long steps (prefill of at least gemm_min_rows() rows, few adapters) take the GEMM form instead
 // (model/cuda_lora_gemm.cc, kernels/cuda/lora_gemm_cuda.h): per layer the step's adapters are
 // gathered into concatenated A / B matrices, the shrinks are cuBLASLt GEMMs into a float32 t, a
@@ -46,6 +51,7 @@
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/lora_gemm_cuda.h"
 #include "kernels/device.h"
+#include "kernels/device_event.h"
 #include "kernels/dtype.h"
 #include "kernels/gemm.h"
 #include "kernels/kernel_status.h"
@@ -98,6 +104,14 @@ class CudaLora {
   void Deactivate() { active_ = false; }
   bool SplitFc1(int layer) const;
 
+  // Overlap (SGMV steps, on unless PHISHARD_LORA_OVERLAP=0): BeforeQkv, called between the LN
+  // and the qkv GEMM, forks the q / k / v / fc1 shrink onto a side stream so it runs alongside
+  // that GEMM; BeforeResidual, called between AfterFc1 and the dense + fc2 GEMM, does the same
+  // with the dense / fc2 shrink. The matching After hook joins the side stream before its expand
+  // (inside a capture: a fork / join of the graph). Without the Before call the After hook
+  // shrinks on `stream` itself, as before.
+  KernelStatus BeforeQkv(int layer, const void* normed, cudaStream_t stream);
+  KernelStatus BeforeResidual(int layer, const void* attn, const void* mlp, cudaStream_t stream);
   KernelStatus AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
   KernelStatus AfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream);
   KernelStatus AfterResidual(int layer, const void* attn, const void* mlp, void* h,
@@ -124,6 +138,13 @@ class CudaLora {
   // Decode steps: SgmvDecodeExpandCuda (PDL, act fused); others: the grouped expand.
   KernelStatus Expand(const SgmvGroupedExpandParams& ep, GemmEpilogue act,
                       cudaStream_t stream) const;
+  // The shrinks of AfterQkv (x = LN output) and AfterResidual (x = attention / GELU output).
+  SgmvGroupedShrinkParams QkvShrink(int layer, const void* normed) const;
+  SgmvGroupedShrinkParams ResidualShrink(int layer, const void* attn, const void* mlp) const;
+  // Launches `sp` on side_ after the work enqueued on `stream` so far (fork); *pending is set
+  // once the join event is recorded behind it. Join makes `stream` wait for it.
+  KernelStatus ForkShrink(const SgmvGroupedShrinkParams& sp, cudaStream_t stream, bool* pending);
+  KernelStatus Join(bool* pending, cudaStream_t stream);
   // GEMM form (model/cuda_lora_gemm.cc): plans the step (gemm_step_ stays false when the step
   // does not qualify or its buffers do not fit), and the three layer hooks.
   absl::Status PlanGemm(const ForwardBatch& batch, cudaStream_t stream);
@@ -157,6 +178,14 @@ class CudaLora {
   int t_rows_ = 0;
   int t_rank_ = 0;
   bool graphs_stale_ = false;
+  // Overlap: the side stream and its fork / join events (made at the first active Plan; when
+  // they cannot be made the shrinks stay on the main stream), and which shrinks ran early.
+  bool overlap_ = true;
+  cudaStream_t side_ = nullptr;
+  DeviceEvent* fork_ev_ = nullptr;
+  DeviceEvent* join_ev_ = nullptr;
+  bool qkv_pending_ = false;
+  bool res_pending_ = false;
 
   // The current step.
   bool active_ = false;

@@ -220,6 +220,12 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                                     .dtype = dt},
                                                    stream_),
                                      "layer_norm"));
+    // The LoRA shrinks beside the base GEMMs (model/cuda_lora.h, overlap); sharded steps keep
+    // them on the main stream (the fork was not yet run on a device together with NCCL).
+    const bool lora_fork = lora && !shard_.sharded();
+    if (lora_fork) {
+      PHI_RETURN_IF_ERROR(KernelResult(lora_->BeforeQkv(l, normed, stream_), "lora qkv shrink"));
+    }
     PHI_RETURN_IF_ERROR(
         Linear(linear(normed, w.qkv_w, w.qkv_b, qkv, qkv_width, H, false, GemmEpilogue::kNone), dt,
                "qkv gemm"));
@@ -269,6 +275,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
         Linear(linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act), dt,
                "fc1 gemm"));
     if (lora) PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, mlp, act, stream_), "lora fc1"));
+    if (lora_fork) {
+      PHI_RETURN_IF_ERROR(
+          KernelResult(lora_->BeforeResidual(l, attn, mlp, stream_), "lora dense + fc2 shrink"));
+    }
     const GemmParams fc2 =
         linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size, true, GemmEpilogue::kNone);
     PHI_RETURN_IF_ERROR(Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd,

@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/device.h"
+#include "kernels/device_event.h"
 
 namespace phishard {
 namespace {
@@ -114,6 +115,33 @@ int DeviceTimerElapsedMs(DeviceTimer* timer, float* ms) {
   const cudaError_t err = cudaEventSynchronize(timer->stop);
   if (err != cudaSuccess) return err;
   return cudaEventElapsedTime(ms, timer->start, timer->stop);
+}
+
+struct DeviceEvent {
+  cudaEvent_t event = nullptr;
+};
+int DeviceEventCreate(DeviceEvent** event) {
+  *event = nullptr;
+  auto* e = new DeviceEvent;
+  if (cudaError_t err = cudaEventCreateWithFlags(&e->event, cudaEventDisableTiming);
+      err != cudaSuccess) {
+    delete e;
+    return err;
+  }
+  *event = e;
+  return cudaSuccess;
+}
+int DeviceEventDestroy(DeviceEvent* event) {
+  if (!event) return cudaSuccess;
+  const cudaError_t err = cudaEventDestroy(event->event);
+  delete event;
+  return err;
+}
+int DeviceEventRecord(DeviceEvent* event, cudaStream_t stream) {
+  return cudaEventRecord(event->event, stream);
+}
+int DeviceStreamWaitEvent(cudaStream_t waiter, DeviceEvent* event) {
+  return cudaStreamWaitEvent(waiter, event->event, 0);
 }
 
 }  // namespace phishard

@@ -356,6 +356,46 @@ TEST(CudaLoraBatch, MixedBatchThroughTheGemmFormEqualsEachRequestAloneAndTheCpu)
   RunMixed(true);
 }
 
+// The shrinks forked onto a side stream beside the base GEMMs (default) against the same
+// shrinks on the main stream (PHISHARD_LORA_OVERLAP=0): the same kernels on the same inputs, each
+// t element summed by one block in a fixed order, so every logit must be bit-identical (a missing
+// join would let an expand read a t window before its shrink wrote it, which shows here, in
+// graphs and eagerly). The batch mixes base rows, an unloaded index and the r4 adapter that
+// adapts q, v and fc2 only (the k / dense / fc1 launches skip its rows).
+TEST(CudaLoraBatch, ShrinksBesideTheBaseGemmsGiveBitIdenticalLogits) {
+  PHI_REQUIRE_GPU();
+  const json golden = ReadGolden();
+  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  std::unique_ptr<CudaPhiModel> on_g = LoadCuda(dir, true), on_e = LoadCuda(dir, false);
+  setenv("PHISHARD_LORA_OVERLAP", "0", 1);
+  std::unique_ptr<CudaPhiModel> off_g = LoadCuda(dir, true), off_e = LoadCuda(dir, false);
+  unsetenv("PHISHARD_LORA_OVERLAP");
+  ASSERT_TRUE(on_g && on_e && off_g && off_e);
+  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
+  uint32_t idx = 3;
+  for (const json& a : golden.at("adapters")) {
+    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, on_g->config())).ok());
+  }
+  const std::vector<Req> reqs = {
+      {{1932, 221, 17}, 0, 0},       {{5, 6, 7, 8, 9, 10, 11}, 4, 1}, {{300}, 3, 2},
+      {{44, 45, 46, 47, 48}, 77, 3}, {{12, 13, 14, 15}, 5, 4},        {{33, 34, 35, 36}, 4, 5}};
+  const int steps = 3;
+  std::vector<std::vector<std::vector<float>>> runs;
+  for (CudaPhiModel* m : {on_g.get(), on_e.get(), off_g.get(), off_e.get()}) {
+    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+    runs.push_back(RunBatch(*m, reqs, 0, steps));
+    ASSERT_EQ(runs.back().size(), static_cast<size_t>(steps + 1));
+  }
+  EXPECT_GE(on_g->num_lora_decode_graphs(), 1);
+  for (size_t r = 1; r < runs.size(); ++r) {
+    for (int st = 0; st <= steps; ++st) {
+      EXPECT_EQ(runs[0][st], runs[r][st]) << "step " << st << ": run " << r
+                                          << " (0 overlap+graphs, 1 overlap eager, 2 main-stream "
+                                             "shrinks+graphs, 3 main-stream eager) differs";
+    }
+  }
+}
+
 // ---- load / use / offload ---------------------------------------------------------------------
 TEST(CudaLoraMemory, HundredLoadUseOffloadCyclesReturnDeviceMemoryToBaseline) {
   PHI_REQUIRE_GPU();
