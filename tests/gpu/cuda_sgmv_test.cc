@@ -5,7 +5,8 @@
 //
 // Shapes swept: decode-like tiles of one row (every row its own adapter), prefill-like segments
 // cut into 16-row tiles (odd lengths 1, 5, 17, 33), base rows between segments (in no tile),
-// ranks 3 (scalar paths), 8, 16, 64, 128 in one launch, widths 64 / 80 / 1000 / 2560 with x and y
+// ranks 3 (scalar paths), 8, 16, 64, 128 in one launch, widths 64 / 80 / 1000 / 2560 / 10240 (fc2's
+// K, with ranks 64 and 128) with x and y
 // as column windows of wider buffers, fp32 / fp16 / bf16, a grid of more tiles than the device
 // count says, tiles of an out-of-range slot and entries with null matrices.
 //
@@ -15,11 +16,12 @@
 // compared bit for bit with what was there.
 //
 // Tolerances: shrink accumulates `in` float32 products, so |t - ref| <= 1e-5 x Σ|x_k a_k| (n u
-// with n <= 2560 is 1.5e-4 worst case; the observed sqrt(n) growth is ~100x smaller than the
-// bound, 1e-5 keeps margin both ways). Expand adds a float32 sum of <= 2 x 128 terms and rounds
-// once to the storage type: |y - ref| <= unit x |ref| + 1e-5 x (|y0| + Σ|scale t b|); on the
-// tensor-core path (16-bit, full 16-row tiles) t is rounded to the storage type first, so the
-// last term grows to unit x Σ|scale t b|. An indexing error moves y by O(Σ|scale t b|).
+// with n <= 10240 is 6e-4 worst case; the observed sqrt(n) u growth, ~6e-6 at n = 10240, is
+// below it and the kernels sum in blocks, which grows slower still; an indexing error is O(1)).
+// Expand adds a float32 sum of <= 2 x 128 terms and rounds once to the storage type: |y - ref| <=
+// unit x |ref| + 1e-5 x (|y0| + Σ|scale t b|); on the tensor-core path (16-bit, full 16-row tiles)
+// t is rounded to the storage type first, so the last term grows to unit x Σ|scale t b|. An
+// indexing error moves y by O(Σ|scale t b|).
 //
 // Paths covered: 1-row tiles take the few-rows shrink (in, ldx multiples of 8), full 16-row tiles
 // with a full rank group and 16-aligned widths the WMMA shrink, the rest (in = 1000 with ldx =
@@ -74,9 +76,10 @@ struct OpShape {
 };
 
 // Per slot, rank of each op's module (0 = not adapted: null A and B).
-const int kRanks[][3] = {{16, 16, 16}, {8, 3, 0}, {64, 128, 16}, {128, 8, 64}, {3, 0, 128}};
+const int kRanks[][4] = {
+    {16, 16, 16, 64}, {8, 3, 0, 128}, {64, 128, 16, 16}, {128, 8, 64, 0}, {3, 0, 128, 128}};
 constexpr int kSlots = 5;
-constexpr int kOps = 3;
+constexpr int kOps = 4;
 constexpr int kMaxRank = 128;
 
 struct Data {
@@ -103,7 +106,10 @@ Data MakeData(const Case& c, DataType dt, uint32_t seed) {
     d.rows += r.rows;
   }
   if (c.bad_slot_tile) d.tiles.push_back({kSlots + 3, 0, 1, 0});
-  d.ops = {{2560, 2560, 80, 96}, {80, 96, 1000, 1000}, {1000, 1008, 64, 2560}};
+  d.ops = {{2560, 2560, 80, 96},
+           {80, 96, 1000, 1000},
+           {1000, 1008, 64, 2560},
+           {10240, 10240, 2560, 2560}};
   for (int o = 0; o < kOps; ++o) {
     const OpShape& s = d.ops[o];
     std::vector<float> x = RandomVector(static_cast<size_t>(d.rows) * s.ldx, seed + o);
