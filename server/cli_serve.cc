@@ -8,6 +8,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -77,6 +78,28 @@ absl::StatusOr<std::unique_ptr<AdapterService>> StartAdapters(const ServeOptions
   return AdapterService::Create(model, std::move(ao));
 }
 
+// The CUDA multi-LoRA tuning switches (model/cuda_lora.cc reads them when the model is made;
+// docs/flags.md): checked here so a typo is refused at startup, naming the variable, instead of
+// quietly meaning the default.
+absl::Status CheckLoraTuningEnvironment() {
+  for (const char* name : {"PHISHARD_LORA_GEMM_FUSED_GELU", "PHISHARD_LORA_GEMM_SPLIT_T",
+                           "PHISHARD_LORA_GEMM_SGMV_SHRINK", "PHISHARD_LORA_OVERLAP"}) {
+    const char* v = std::getenv(name);
+    if (v != nullptr && *v != '\0' && std::string_view(v) != "0" && std::string_view(v) != "1") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("environment variable ", name, "='", v, "' must be 0 or 1"));
+    }
+  }
+  int rows = 0;
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_MIN_ROWS"); v != nullptr && *v != '\0') {
+    if (!absl::SimpleAtoi(v, &rows) || rows < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "environment variable PHISHARD_LORA_GEMM_MIN_ROWS='", v, "' must be a row count >= 0"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 int RunServe(ServeOptions o) {
@@ -99,6 +122,7 @@ int RunServe(ServeOptions o) {
     PHI_LOG(WARNING) << "PHISHARD_TEST_STALL_MS=" << test_stall_ms
                      << ": test hook, the first Prefill/Decode stalls that long";
   }
+  if (absl::Status s = CheckLoraTuningEnvironment(); !s.ok()) return Fail(s);
   SetLogRank(o.server.rank);
   // Prometheus /metrics (docs/observability.md) is up before loading starts, so a scrape sees
   // phishard_health_state 0 (loading) while the gRPC socket does not exist yet.

@@ -317,6 +317,21 @@ TEST(Faults, BadStallHookValueIsRefusedAtStartup) {
   EXPECT_FALSE(fs::exists(dir / "s-0"));
 }
 
+// The CUDA LoRA tuning switches are read when the model is made; a typo must not quietly mean the
+// default: serve refuses it before loading, on any device.
+TEST(Faults, BadLoraTuningValueIsRefusedAtStartup) {
+  for (const auto& [name, value] : std::vector<std::pair<std::string, std::string>>{
+           {"PHISHARD_LORA_OVERLAP", "off"}, {"PHISHARD_LORA_GEMM_MIN_ROWS", "-1"}}) {
+    TempDir dir;
+    integration::ShardProcess p(integration::BinaryPath(),
+                                integration::ServeArgs(integration::DemoModel(), dir / "s"),
+                                dir.path(), Env({{name, value}}));
+    EXPECT_EQ(p.Wait(60), 1) << p.Logs();
+    EXPECT_NE(p.err().find(name), std::string::npos) << p.Logs();
+    EXPECT_FALSE(fs::exists(dir / "s-0"));
+  }
+}
+
 TEST(Faults, WarmupWithoutRoomForTheKvPoolFailsCleanlyAndTheShardKeepsServing) {
   TempDir dir;
   DemoShard shard(dir, {"--max-kv-blocks", "4"}, Env());
