@@ -46,6 +46,7 @@
 #include "nlohmann/json.hpp"
 #include "parallel/nccl_communicator.h"
 #include "parallel/rendezvous.h"
+#include "tests/parallel/parallel_test_util.h"
 
 namespace phishard {
 namespace {
@@ -86,17 +87,7 @@ json ReadJson(const fs::path& path) {
   return json::parse(in);
 }
 
-int FreeLoopbackPort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return -1;
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
+using ::phishard::testing::FreeLoopbackPort;
 
 int Fail(int rank, const std::string& what) {
   std::fprintf(stderr, "rank %d: %s\n", rank, what.c_str());

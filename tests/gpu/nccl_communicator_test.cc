@@ -24,23 +24,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "parallel/rendezvous.h"
+#include "tests/parallel/parallel_test_util.h"
 
 namespace phishard {
 namespace {
 
 constexpr int kSkip = 77;  // child exit code: fewer than two GPUs
 
-int FreeLoopbackPort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return -1;
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
+using ::phishard::testing::FreeLoopbackPort;
 
 float Value(int rank, size_t i) {
   return static_cast<float>((rank + 1) * (static_cast<int>(i % 97) + 1));
