@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -20,6 +22,7 @@
 #include "kernels/cuda/paged_attention_cuda.h"
 #include "kernels/cuda/random_fill_cuda.h"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
+#include "kernels/device_event.h"
 #include "kernels/kernel_status.h"
 #include "model/cuda_graph_runner.h"
 #include "model/cuda_lora.h"
@@ -80,6 +83,11 @@ CudaPhiModel::~CudaPhiModel() {
   graphs_.reset();
   lora_graphs_.reset();
   lora_.reset();
+  if (mlp_stream_) DeviceStreamSync(mlp_stream_);
+  mlp_gemm_.reset();
+  DeviceEventDestroy(mlp_fork_ev_);
+  DeviceEventDestroy(mlp_join_ev_);
+  if (mlp_stream_) DeviceStreamDestroy(mlp_stream_);
   gemm_.reset();
   if (step_timer_) DeviceTimerDestroy(step_timer_);
   if (decode_dev_) DeviceFree(decode_dev_);
@@ -224,6 +232,19 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   m->gemv_max_rows_ = options.gemv_max_rows;
   m->gemv_single_segment_ = options.gemv_single_segment;
   m->pdl_ = options.pdl && props.cc_major >= 9;
+  int mlp_mode = options.mlp_stream;
+  if (mlp_mode < 0) {
+    mlp_mode = kMlpStreamDefault;
+    if (const char* v = std::getenv("PHISHARD_MLP_STREAM"); v != nullptr && *v != '\0') {
+      const std::string_view s(v);
+      if (s != "0" && s != "1" && s != "2") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("environment variable PHISHARD_MLP_STREAM='", v, "' must be 0, 1 or 2"));
+      }
+      mlp_mode = s[0] - '0';
+    }
+  }
+  PHI_RETURN_IF_ERROR(m->set_mlp_stream_mode(mlp_mode));
   m->props_name_ = props.name;
   return m;
 }
@@ -425,6 +446,29 @@ void CudaPhiModel::DropGraphs() {
 void CudaPhiModel::set_cuda_graphs(bool on) {
   use_graphs_ = on;
   if (!on) DropGraphs();
+}
+
+absl::Status CudaPhiModel::set_mlp_stream_mode(int mode) {
+  if (mode < kMlpStreamOff || mode > kMlpStreamFc1Fc2) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("mlp_stream = %d must be 0 (off), 1 (fc1) or 2 (fc1 and fc2)", mode));
+  }
+  if (mode == mlp_mode_) return absl::OkStatus();
+  DeviceSet(device_);
+  if (mode != kMlpStreamOff && mlp_stream_ == nullptr) {
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamCreate(&mlp_stream_), "MLP stream create"));
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventCreate(&mlp_fork_ev_), "MLP fork event"));
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventCreate(&mlp_join_ev_), "MLP join event"));
+    if (KernelStatus st = CudaGemm::Create(kGemmWorkspaceBytes, &mlp_gemm_);
+        st != KernelStatus::kOk) {
+      return absl::InternalError(absl::StrCat("cuBLASLt initialisation (MLP stream) failed: ",
+                                              KernelStatusName(st)));
+    }
+  }
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
+  DropGraphs();  // they bake in the old branch layout
+  mlp_mode_ = mode;
+  return absl::OkStatus();
 }
 
 absl::Status CudaPhiModel::set_gemv_max_rows(int rows) {

@@ -49,6 +49,10 @@ namespace phishard {
 class CudaGemm;
 class CudaGraphRunner;
 class CudaLora;
+struct DeviceEvent;
+
+enum MlpStreamMode : int { kMlpStreamOff = 0, kMlpStreamFc1 = 1, kMlpStreamFc1Fc2 = 2 };
+inline constexpr int kMlpStreamDefault = kMlpStreamFc1Fc2;
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -70,6 +74,15 @@ struct CudaModelOptions {
   // GEMV kernels launched as programmatic dependents (Hopper PDL): each prefetches its weights
   // while the kernel before it finishes (kernels/cuda/gemv_cuda.h).
   bool pdl = false;
+  // Phi's parallel residual makes the MLP branch (fc1 -> GELU -> fc2) independent of the attention
+  // branch (qkv -> rotary -> attention); both read LN(h). kMlpStreamFc1 runs fc1 on a second
+  // stream beside the attention branch (dense + fc2 after the join, bit-identical to
+  // kMlpStreamOff), kMlpStreamFc1Fc2 also fc2 (h += fc2 on that stream, then h += dense after
+  // the join: the same terms, added in the other order). Decode steps only; steps with adapter
+  // rows keep one stream. Measured (H200, Phi-2 shape, docs/perf-log.md): decode b1 2.69 -> 2.52
+  // ms with 2, b64 8.60 -> 8.45, b256 unchanged (the attention kernel fills the GPU).
+  // -1: PHISHARD_MLP_STREAM (0, 1, 2) when set, else kMlpStreamDefault.
+  int mlp_stream = -1;
   // Tensor parallelism (spec §6.8-6.9, docs/tensor-parallel.md): the group's device communicator
   // (NCCL; not owned, must outlive the model), or nullptr / world size 1 for an unsharded model.
   // The model then holds rank comm->rank()'s slices (MakePhiShard) and runs on `device`, which
@@ -144,6 +157,9 @@ class CudaPhiModel final : public ModelBackend {
   // drops graphs).
   void set_gemv_single_segment(bool on);
   bool pdl() const { return pdl_; }
+  // The MLP branch's stream (CudaModelOptions::mlp_stream); a change drops the captured graphs.
+  absl::Status set_mlp_stream_mode(int mode);
+  int mlp_stream_mode() const { return mlp_mode_; }
   // Benchmarks: when on, each step records device events around its device work (inputs upload
   // to logits download) and last_step_device_ms() reads them after the step.
   void set_step_timing(bool on);
@@ -191,8 +207,10 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status EnqueueDecode(int rows);  // the captured part of a decode step
   absl::Status EnqueueLayers(const StepInputs& in);
   absl::Status EnqueueLogits(const void* hidden, int rows, float* logits);
+  // On `stream` with `gemm` (the MLP branch's pair when it runs on its own stream).
   absl::Status Linear(const GemmParams& p, DataType y_dtype, const char* op,
-                      const GemmParams* second = nullptr);
+                      const GemmParams* second = nullptr, cudaStream_t stream = nullptr,
+                      CudaGemm* gemm = nullptr);
   absl::Status CopyLogitsOut(const ForwardBatch& batch, const float* d_logits, int step_rows,
                              std::vector<float>* logits, absl::Span<const float>* view);
   // Tensor-parallel pieces (model/cuda_phi_tp.cc); no-ops (or the world-size-1 path) unsharded.
@@ -246,6 +264,14 @@ class CudaPhiModel final : public ModelBackend {
 
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<CudaGemm> gemm_;
+  // The MLP branch (CudaModelOptions::mlp_stream): its own stream and cuBLASLt workspace (the two
+  // branches' GEMMs run at the same time), forked from stream_ after each layer's LN and joined
+  // back before the dense GEMM (a fork / join inside a captured graph).
+  int mlp_mode_ = kMlpStreamOff;
+  cudaStream_t mlp_stream_ = nullptr;
+  std::unique_ptr<CudaGemm> mlp_gemm_;
+  DeviceEvent* mlp_fork_ev_ = nullptr;
+  DeviceEvent* mlp_join_ev_ = nullptr;
 
   // Weights (device, dtype unless noted): one allocation, offsets into it.
   void* weights_ = nullptr;

@@ -17,6 +17,7 @@
 #include "kernels/cuda/paged_attention_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
+#include "kernels/device_event.h"
 #include "model/cuda_graph_runner.h"
 #include "model/cuda_lora.h"
 #include "model/cuda_phi_internal.h"
@@ -125,7 +126,9 @@ size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints) {
 }
 
 absl::Status CudaPhiModel::Linear(const GemmParams& p, DataType y_dtype, const char* op,
-                                  const GemmParams* second) {
+                                  const GemmParams* second, cudaStream_t stream, CudaGemm* gemm) {
+  if (stream == nullptr) stream = stream_;
+  if (gemm == nullptr) gemm = gemm_.get();
   // GEMV where it measured faster (CudaModelOptions::gemv_max_rows, gemv_single_segment): the
   // fused residual pair and the float32 LM head; qkv and fc1 only when asked.
   const bool gemv_shape = second != nullptr || y_dtype == DataType::kF32 || gemv_single_segment_;
@@ -138,11 +141,11 @@ absl::Status CudaPhiModel::Linear(const GemmParams& p, DataType y_dtype, const c
       g.k2 = second->k;
       g.ldx2 = second->ldx;
     }
-    if (GemvCudaSupports(g)) return KernelResult(GemvCuda(g, stream_), op);
+    if (GemvCudaSupports(g)) return KernelResult(GemvCuda(g, stream), op);
   }
-  PHI_RETURN_IF_ERROR(KernelResult(gemm_->Run(p, y_dtype, stream_), op));
+  PHI_RETURN_IF_ERROR(KernelResult(gemm->Run(p, y_dtype, stream), op));
   if (second != nullptr) {
-    PHI_RETURN_IF_ERROR(KernelResult(gemm_->Run(*second, y_dtype, stream_), op));
+    PHI_RETURN_IF_ERROR(KernelResult(gemm->Run(*second, y_dtype, stream), op));
   }
   return absl::OkStatus();
 }
@@ -165,6 +168,11 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
   const DataType dt = dtype_;
   const bool lora = lora_->active();  // some row has an adapter (model/cuda_lora.h hooks)
+  // The MLP branch on its own stream (CudaModelOptions::mlp_stream) in decode steps; steps with
+  // adapter rows keep the one-stream order their hooks are written for, prefill steps one stream
+  // (their GEMMs fill the GPU alone: measured no gain, docs/perf-log.md).
+  const bool mlp_fork = mlp_mode_ != kMlpStreamOff && !lora && in.decode;
+  const bool fc2_on_branch = mlp_fork && mlp_mode_ == kMlpStreamFc1Fc2;
   auto linear = [&](const void* x, const void* w, const void* bias, void* y, int n, int k,
                     bool accumulate, GemmEpilogue epi) {
     return GemmParams{.x = x,
@@ -207,9 +215,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
     char* v_cache = k_cache + layer_kv_bytes;
     // n = LN(h) feeds both branches (parallel residual); h += dense(attn) + fc2(gelu(fc1(n))),
-    // both accumulating straight into the residual stream. Sharded: rank 0 does the same with its
-    // partial sums (and the biases), the other ranks overwrite h with theirs, and one all-reduce
-    // of h per layer sums residual + every rank's partials.
+    // both accumulating straight into the residual stream (dense first, or fc2 first when fc2
+    // runs on the MLP stream). Sharded: rank 0 does the same with its partial sums (and the
+    // biases), the other ranks overwrite h with their first partial and add the second, and one
+    // all-reduce of h per layer sums residual + every rank's partials.
     PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = h,
                                                     .weight = w.ln_w,
                                                     .bias = w.ln_b,
@@ -220,6 +229,27 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                                     .dtype = dt},
                                                    stream_),
                                      "layer_norm"));
+    // The MLP branch reads only n; on its own stream it runs beside qkv -> rotary -> attention.
+    auto mlp_branch = [&](cudaStream_t st, CudaGemm* g) -> absl::Status {
+      const GemmEpilogue fc1_act = lora_->SplitFc1(l) ? GemmEpilogue::kNone : act;
+      PHI_RETURN_IF_ERROR(Linear(
+          linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act), dt,
+          "fc1 gemm", nullptr, st, g));
+      if (lora) PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, mlp, act, st), "lora fc1"));
+      if (fc2_on_branch) {
+        // Rank 0 (or unsharded) adds to the residual, the other ranks start their partial.
+        PHI_RETURN_IF_ERROR(Linear(linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size,
+                                          shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
+                                   dt, "fc2 gemm", nullptr, st, g));
+      }
+      return absl::OkStatus();
+    };
+    if (mlp_fork) {
+      PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, stream_), "MLP fork"));
+      PHI_RETURN_IF_ERROR(
+          DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "MLP fork wait"));
+      PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
+    }
     // The LoRA shrinks beside the base GEMMs (model/cuda_lora.h, overlap); sharded steps keep
     // them on the main stream (the fork was not yet run on a device together with NCCL).
     const bool lora_fork = lora && !shard_.sharded();
@@ -270,20 +300,30 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
         in.decode ? PagedDecodeCuda(ap, decode_plan, stream_, &last_decode_splits_)
                   : PagedAttentionCuda(ap, prefill_plan, stream_, &last_decode_splits_),
         "paged_attention"));
-    const GemmEpilogue fc1_act = lora_->SplitFc1(l) ? GemmEpilogue::kNone : act;
-    PHI_RETURN_IF_ERROR(
-        Linear(linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act), dt,
-               "fc1 gemm"));
-    if (lora) PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, mlp, act, stream_), "lora fc1"));
+    if (!mlp_fork) {
+      PHI_RETURN_IF_ERROR(mlp_branch(stream_, gemm_.get()));
+    } else {
+      // Join: the MLP branch's fc1 (and fc2) done before anything below reads mlp or h.
+      PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
+      PHI_RETURN_IF_ERROR(
+          DeviceStatus(DeviceStreamWaitEvent(stream_, mlp_join_ev_), "MLP join wait"));
+    }
     if (lora_fork) {
       PHI_RETURN_IF_ERROR(
           KernelResult(lora_->BeforeResidual(l, attn, mlp, stream_), "lora dense + fc2 shrink"));
     }
-    const GemmParams fc2 =
-        linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size, true, GemmEpilogue::kNone);
-    PHI_RETURN_IF_ERROR(Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd,
-                                      shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
-                               dt, "dense + fc2 gemm", &fc2));
+    if (fc2_on_branch) {
+      // h (+)= fc2 ran on the MLP stream; the dense partial adds to it.
+      PHI_RETURN_IF_ERROR(Linear(
+          linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone), dt,
+          "dense gemm"));
+    } else {
+      const GemmParams fc2 =
+          linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size, true, GemmEpilogue::kNone);
+      PHI_RETURN_IF_ERROR(Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd,
+                                        shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
+                                 dt, "dense + fc2 gemm", &fc2));
+    }
     if (lora) {
       PHI_RETURN_IF_ERROR(
           KernelResult(lora_->AfterResidual(l, attn, mlp, h, stream_), "lora dense + fc2"));

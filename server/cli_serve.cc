@@ -78,8 +78,8 @@ absl::StatusOr<std::unique_ptr<AdapterService>> StartAdapters(const ServeOptions
   return AdapterService::Create(model, std::move(ao));
 }
 
-// The CUDA multi-LoRA tuning switches (model/cuda_lora.cc reads them when the model is made;
-// docs/flags.md): checked here so a typo is refused at startup, naming the variable, instead of
+// The CUDA tuning switches (model/cuda_lora.cc and model/cuda_phi_model.cc read them when the
+// model is made; docs/flags.md): checked here so a typo is refused at startup, naming the variable, instead of
 // quietly meaning the default.
 absl::Status CheckLoraTuningEnvironment() {
   for (const char* name : {"PHISHARD_LORA_GEMM_FUSED_GELU", "PHISHARD_LORA_GEMM_SPLIT_T",
@@ -88,6 +88,13 @@ absl::Status CheckLoraTuningEnvironment() {
     if (v != nullptr && *v != '\0' && std::string_view(v) != "0" && std::string_view(v) != "1") {
       return absl::InvalidArgumentError(
           absl::StrCat("environment variable ", name, "='", v, "' must be 0 or 1"));
+    }
+  }
+  if (const char* v = std::getenv("PHISHARD_MLP_STREAM"); v != nullptr && *v != '\0') {
+    const std::string_view s(v);
+    if (s != "0" && s != "1" && s != "2") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("environment variable PHISHARD_MLP_STREAM='", v, "' must be 0, 1 or 2"));
     }
   }
   int rows = 0;

@@ -350,6 +350,66 @@ TEST(CudaVsCpu, MhaHd64Fp16) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The MLP branch on its own stream (CudaModelOptions::mlp_stream): a 3-sequence prefill and 6
+// decode steps (graphs replayed from the second step of each bucket) per mode on one model.
+// Mode 1 runs the same kernels on the same inputs with the same accumulation order as mode 0, so
+// its logits must be bit-identical; mode 2 adds the two residual terms in the other order (one
+// bf16 rounding of h differs per layer), so it gets the bf16 bounds of this file against mode 0.
+std::vector<std::vector<float>> RunModeSteps(CudaPhiModel& m) {
+  const int V = m.config().vocab_size;
+  const std::vector<int> lens = {5, 17, 40};
+  std::vector<std::vector<int32_t>> tables = {Blocks(0, 60), Blocks(4, 60), Blocks(8, 60)};
+  std::vector<std::vector<float>> out;
+  ForwardBatch b;
+  for (int s = 0; s < 3; ++s) {
+    for (int i = 0; i < lens[s]; ++i) {
+      b.token_ids.push_back((s * 977 + i * 131 + 7) % V);
+      b.positions.push_back(i);
+    }
+    b.seqs.push_back({.num_new_tokens = lens[s], .context_len = lens[s], .block_table = tables[s]});
+  }
+  b.logit_rows.resize(b.token_ids.size());
+  std::iota(b.logit_rows.begin(), b.logit_rows.end(), 0);
+  out.emplace_back();
+  EXPECT_TRUE(m.Forward(b, &out.back()).ok());
+  std::vector<int> ctx = lens;
+  for (int d = 0; d < 6; ++d) {
+    ForwardBatch dec;
+    for (int s = 0; s < 3; ++s) {
+      dec.token_ids.push_back((d * 53 + s * 11 + 1) % V);
+      dec.positions.push_back(ctx[s]);
+      ++ctx[s];
+      dec.seqs.push_back({.num_new_tokens = 1, .context_len = ctx[s], .block_table = tables[s]});
+    }
+    dec.logit_rows = {0, 1, 2};
+    out.emplace_back();
+    EXPECT_TRUE(m.Forward(dec, &out.back()).ok());
+  }
+  return out;
+}
+
+TEST(CudaPhiModel, MlpStreamModesAgree) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(m->set_mlp_stream_mode(3)));
+    std::vector<std::vector<std::vector<float>>> runs;
+    for (int mode : {kMlpStreamOff, kMlpStreamFc1, kMlpStreamFc1Fc2}) {
+      ASSERT_TRUE(m->set_mlp_stream_mode(mode).ok());
+      runs.push_back(RunModeSteps(*m));
+    }
+    ASSERT_EQ(runs[0].size(), runs[1].size());
+    for (size_t i = 0; i < runs[0].size(); ++i) {
+      EXPECT_TRUE(runs[1][i] == runs[0][i]) << model << " step " << i << ": mode 1 != mode 0";
+      ExpectLogitsClose(runs[2][i], std::vector<double>(runs[0][i].begin(), runs[0][i].end()),
+                        std::string(model) + " mode 2 vs 0, step " + std::to_string(i));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 TEST(CudaPhiModel, RejectsBadInputsWithClearErrors) {
   PHI_REQUIRE_GPU();
   const fs::path dir = kRepo / "models" / "tiny-phi-code";
