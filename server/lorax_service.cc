@@ -461,7 +461,8 @@ LoraxService::Reactor* LoraxService::Prefill(Ctx* ctx, const Bytes* in, Bytes* o
 LoraxService::Reactor* LoraxService::Embed(Ctx* ctx, const Bytes* in, Bytes* out) {
   return Unary<pb::EmbedRequest, pb::EmbedResponse>(
       "Embed", ctx, in, out, Lane::kInline, [](const pb::EmbedRequest&, pb::EmbedResponse*) {
-        return absl::UnimplementedError("Model does not support embeddings");
+        // Spec (Embed / Classify): INTERNAL with upstream's message.
+        return absl::InternalError("Model does not support embeddings");
       });
 }
 
@@ -469,7 +470,7 @@ LoraxService::Reactor* LoraxService::Classify(Ctx* ctx, const Bytes* in, Bytes* 
   return Unary<pb::ClassifyRequest, pb::ClassifyResponse>(
       "Classify", ctx, in, out, Lane::kInline,
       [](const pb::ClassifyRequest&, pb::ClassifyResponse*) {
-        return absl::UnimplementedError("Model does not support classification");
+        return absl::InternalError("Model does not support classification");
       });
 }
 

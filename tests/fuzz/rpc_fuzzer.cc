@@ -186,6 +186,8 @@ bool StatusAllowed(int method, grpc::StatusCode code) {
       return true;
     case grpc::StatusCode::PERMISSION_DENIED:  // an adapter id leading outside the roots
       return method >= 10;
+    case grpc::StatusCode::INTERNAL:  // Embed / Classify: the spec's answer for Phi
+      return method == 6 || method == 7;
     default:
       return false;
   }

@@ -265,9 +265,9 @@ TEST_F(BadInput, EveryMalformedRequestGetsItsStatusAndTheShardKeepsServing) {
       {"unknown method", [&] { return RawUnary(channel_, "/generate.v1.LoraxService/Nope", ""); },
        C::UNIMPLEMENTED, ""},
       {"Embed", [&] { return Call(&pb::LoraxService::Stub::Embed, pb::EmbedRequest()); },
-       C::UNIMPLEMENTED, "Model does not support embeddings"},
+       C::INTERNAL, "Model does not support embeddings"},
       {"Classify", [&] { return Call(&pb::LoraxService::Stub::Classify, pb::ClassifyRequest()); },
-       C::UNIMPLEMENTED, "Model does not support classification"},
+       C::INTERNAL, "Model does not support classification"},
       {"download a real adapter",
        [&] {
          pb::DownloadAdapterRequest d;
