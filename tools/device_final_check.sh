@@ -2,14 +2,16 @@
 # The lead's end-of-session device check of main as a whole (kind nvidia-h200-x2): every GPU test
 # binary, the gRPC integration suite against `phishard serve --device cuda`
 # (PHISHARD_TEST_DEVICE=cuda), a served TP=2 check (`phishard launch --num-shard 2 --device cuda`,
-# router-style startup incl. Warmup, which captures the decode graphs with NCCL inside), then
-# bench/run_all.sh (ours vs floor vs the PyTorch peer) while time is left. Logs under $OUT.
+# router-style startup incl. Warmup, which captures the decode graphs with NCCL inside), the
+# multi-LoRA and TP=1/2 benchmarks, then bench/run_all.sh (ours vs floor vs the PyTorch peer)
+# while time is left. Logs under $OUT.
 #
 # Here, before the call (build dir build-h11 of /work/main, CUDA on, sm_90a):
 #   cmake --build build-h11 --target phishard phishard_bench <the GPU tests and integration tests
 #     named below> -j2
 #   D=/work/main/.dev-final; rm -rf $D && /work/shared/tools/device-bundle $D \
-#     build-h11/bin/phishard build-h11/bin/phishard_bench build-h11/tests/<each test below>
+#     build-h11/bin/phishard build-h11/bin/phishard_bench build-h11/bin/phishard_tp_bench \
+#     build-h11/tests/<each test below>
 #   strip --strip-unneeded $D/bin/* $D/lib/*
 #   (cd $D && tar -cJf bundle.txz bin lib env.sh && rm -rf bin lib env.sh)
 # Then: run(command="bash tools/device_final_check.sh", carry=[".dev-final"], kind=
@@ -113,6 +115,15 @@ export -f tp2_served
 export B ROOT
 step tp2-served 60 served.log bash -c tp2_served
 
+# Multi-LoRA speed (issue #5: b64 with 64 different rank-16 adapters, prefill 8x512) and TP=1 vs
+# TP=2 (issue #6), each in its own process, before the whole table with the peer.
+if [ -x $B/phishard_bench ]; then
+  step lora_bench 60 lora_bench.log $B/phishard_bench --lora-rank 16 --lora-only --steps 10
+fi
+if [ -x $B/phishard_tp_bench ]; then
+  step tp_bench 90 tp_bench.log $B/phishard_tp_bench --tp 1,2 --batches 1,32,128 --context 1024 \
+    --prefills 1x2048,8x2048 --json "$OUT/tp_bench.json"
+fi
 if [ -x $B/phishard_bench ]; then
   BENCH_TIMEOUT_S=${BENCH_S:-80} PEER_TIMEOUT_S=${PEER_S:-75} step run_all 160 run_all.log \
     bash bench/run_all.sh --bin $B/phishard_bench --out "$OUT"
@@ -123,6 +134,10 @@ grep -hE "Failure|FAILED|Expected|Which is|parts from|ERROR SUMMARY" "$OUT"/gpu_
   "$OUT"/integration.log 2> /dev/null | head -40
 echo "== served"
 tail -15 "$OUT/served.log" 2> /dev/null
+echo "== lora bench"
+grep -E "^(decode|prefill)|->" "$OUT/lora_bench.log" 2> /dev/null
+echo "== tp bench"
+tail -25 "$OUT/tp_bench.log" 2> /dev/null
 echo "== bench"
 tail -45 "$OUT/run_all.log" 2> /dev/null
 echo "== summary ($(($(date +%s) - START)) s)"
