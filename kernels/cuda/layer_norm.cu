@@ -1,3 +1,5 @@
+#include <cstdint>
+
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/layer_norm_cuda.h"
 
@@ -5,8 +7,82 @@ namespace phishard {
 namespace {
 
 constexpr int kThreads = 256;
+// Vector path: threads per row at most kVecMaxThreads, each holding up to kVecMaxPer 16-byte packs
+// of x (and of weight and bias) in registers.
+constexpr int kVecMaxThreads = 512;
+constexpr int kVecMaxPer = 4;
 
-// One block per row. Each thread keeps its strided elements of the row in registers when the row
+template <typename T>
+struct alignas(16) Pack16 {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
+};
+
+// One block per row, blockDim.x = a multiple of 32 covering the row's cols / N 16-byte packs,
+// kPer packs per thread (thread i owns packs i, i + blockDim.x, ...). x, weight and bias are all
+// loaded up front (weight/bias do not wait on the statistics), the row stays in registers, and the
+// mean and the centred variance are two block sums in float32 (as the fallback kernel below).
+template <typename T, int kPer>
+__global__ void __launch_bounds__(kVecMaxThreads)
+    LayerNormVecKernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, T* y, int cols,
+                       float eps) {
+  using P = Pack16<T>;
+  constexpr int N = P::kN;
+  __shared__ float scratch[32];
+  const int packs = cols / N;
+  const size_t row = blockIdx.x;
+  const P* xr = reinterpret_cast<const P*>(x + row * cols);
+  P* yr = reinterpret_cast<P*>(y + row * cols);
+  P xv[kPer], wv[kPer], bv[kPer];
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    if (i < packs) {
+      xv[c] = xr[i];
+      wv[c] = reinterpret_cast<const P*>(w)[i];
+      bv[c] = reinterpret_cast<const P*>(b)[i];
+    }
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    if (threadIdx.x + c * blockDim.x < packs) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) sum += cuda::ToFloat(xv[c].v[e]);
+    }
+  }
+  const float mean = cuda::BlockSum(sum, scratch) / cols;
+  float sq = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    if (threadIdx.x + c * blockDim.x < packs) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const float d = cuda::ToFloat(xv[c].v[e]) - mean;
+        sq += d * d;
+      }
+    }
+  }
+  const float rstd = rsqrtf(cuda::BlockSum(sq, scratch) / cols + eps);
+  // A thread writes only the packs it read itself, so y == x (in place) is safe.
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    if (i < packs) {
+      P o;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        o.v[e] = cuda::FromFloat<T>((cuda::ToFloat(xv[c].v[e]) - mean) * rstd *
+                                        cuda::ToFloat(wv[c].v[e]) +
+                                    cuda::ToFloat(bv[c].v[e]));
+      }
+      yr[i] = o;
+    }
+  }
+}
+
+// Fallback (rows not in 16-byte packs, or too long for the vector kernel's registers): one block
+// per row. Each thread keeps its strided elements of the row in registers when the row
 // fits (cols <= kThreads * kCache), so x is read from memory once; longer rows re-read x.
 template <typename T, int kCache>
 __global__ void __launch_bounds__(kThreads)
@@ -54,6 +130,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 }  // namespace
 
 KernelStatus LayerNormCuda(const LayerNormParams& p, cudaStream_t stream) {
@@ -62,6 +140,36 @@ KernelStatus LayerNormCuda(const LayerNormParams& p, cudaStream_t stream) {
   if (!p.x || !p.weight || !p.bias || !p.y) return KernelStatus::kNullPointer;
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    constexpr int N = Pack16<T>::kN;
+    const int packs = p.cols / N;
+    const bool vec = p.cols % N == 0 && Aligned16(p.x) && Aligned16(p.y) && Aligned16(p.weight) &&
+                     Aligned16(p.bias) && packs <= kVecMaxThreads * kVecMaxPer;
+    if (vec) {
+      // The fewest packs per thread that fit in kVecMaxThreads threads (Phi-2 bf16, 320 packs: one
+      // per thread), the most loads in flight for a decode step's handful of rows. Measured
+      // (docs/perf-log.md, kern runs 1-2): 2048 rows took the same with 4 packs a thread
+      // (96-thread blocks) as with 1 (10.4 vs 10.3 us), so rows count does not change it.
+      int per = 1;
+      while (cuda::CeilDiv(packs, per) > kVecMaxThreads) per *= 2;
+      const int threads = cuda::CeilDiv(cuda::CeilDiv(packs, per), 32) * 32;
+      const T* x = static_cast<const T*>(p.x);
+      const T* w = static_cast<const T*>(p.weight);
+      const T* b = static_cast<const T*>(p.bias);
+      T* y = static_cast<T*>(p.y);
+      switch (per) {
+        case 1:
+          LayerNormVecKernel<T, 1><<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps);
+          break;
+        case 2:
+          LayerNormVecKernel<T, 2><<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps);
+          break;
+        default:
+          LayerNormVecKernel<T, kVecMaxPer>
+              <<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps);
+          break;
+      }
+      return cuda::LaunchStatus();
+    }
     // 16 cached elements per thread cover rows up to 4096 (Phi-2: 2560) from registers.
     LayerNormKernel<T, 16><<<p.rows, kThreads, 0, stream>>>(
         static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),

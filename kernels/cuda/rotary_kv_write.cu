@@ -1,54 +1,149 @@
+#include <algorithm>
+#include <cstdint>
+
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
 
 namespace phishard {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
+// From this many tokens on, a block takes a whole token row (bounded by kMaxRowSmem bytes of
+// shared memory), ~4 Packs per thread; below it, ~1 Pack per thread and several blocks per token.
+// Measured with ncu in the Phi-2 bench (docs/perf-log.md, kern runs 1-2): with 12-head blocks a
+// 2048-token prefill took 34.6 us (0.4 of copy bandwidth: each block moves ~3.5 KB per round of
+// dependent latencies, position -> cos/sin, load -> barrier -> store), with whole-row blocks
+// 25.2 us. Below 512 tokens the small blocks stay, so that a few tokens still spread over the
+// SMs (whole-row blocks were not measured there).
+constexpr int kRowBlockMinTokens = 512;
+constexpr size_t kMaxRowSmem = 32 * 1024;
 
-// One block per token. Phase 1: every (Q or K head, j < half) pair rotates x[j], x[j + half]
-// (one thread per pair). Phase 2, after a barrier: K (now rotated) and V rows of the token are
-// copied to the cache slot.
-template <typename T>
+// N consecutive elements moved as one load/store: 16 bytes on the vector path, one element on the
+// scalar fallback (head_dim, qkv_stride or a pointer not aligned to 16 bytes).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Byte offset of the cos/sin table in the kernel's dynamic shared memory (after the heads).
+__host__ __device__ inline size_t TrigOffset(size_t elem_bytes, int heads_per_block, int head_dim) {
+  return (elem_bytes * heads_per_block * head_dim + 15) / 16 * 16;
+}
+
+// Grid (tokens, head groups), kThreads threads. The row of token t is the concatenation of
+// num_heads Q heads, num_kv_heads K heads and num_kv_heads V heads; block (t, g) owns the
+// heads_per_block heads [g * heads_per_block, ...) of that list.
+//   1. Its threads copy those heads (global -> shared, Packs strided over the threads, the loads
+//      of a thread issued together) and the first `half` threads compute cos/sin of
+//      (position, j) once for all of the block's heads.
+//   2. After a barrier, each thread takes its Packs of N elements at (head, dim d0): the Q/K dims
+//      below rotary_dim are rotated from shared memory (partner at j +- half) and stored back to
+//      qkv (only those dims: the rest of the row is left as it is); the K (rotated) and V Packs
+//      are stored to the cache slot, unless the slot is outside [0, num_slots) (padding rows:
+//      rotated, nothing cached).
+// Dynamic shared memory: [heads_per_block * head_dim] T, then (at a 16-byte boundary) cos[half],
+// sin[half] float32.
+template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     RotaryKvWriteKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions,
                         const int64_t* __restrict__ slots, T* __restrict__ k_cache,
                         T* __restrict__ v_cache, int64_t num_slots, int stride, int num_heads,
-                        int num_kv_heads, int head_dim, int rotary_dim, float theta) {
+                        int num_kv_heads, int head_dim, int rotary_dim, float theta,
+                        int heads_per_block) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  using P = Pack<T, N>;
   const int t = blockIdx.x;
-  T* row = qkv + static_cast<size_t>(t) * stride;
+  const int total_heads = num_heads + 2 * num_kv_heads;
+  const int head0 = blockIdx.y * heads_per_block;
+  const int heads = min(heads_per_block, total_heads - head0);
+  const int packs_per_head = head_dim / N;
+  const int packs = heads * packs_per_head;
+  T* seg = qkv + static_cast<size_t>(t) * stride + static_cast<size_t>(head0) * head_dim;
+  P* sh = reinterpret_cast<P*>(smem);
+  float* sh_cos = reinterpret_cast<float*>(smem + TrigOffset(sizeof(T), heads_per_block, head_dim));
   const int half = rotary_dim / 2;
-  if (half > 0) {
+  const int64_t slot = slots[t];  // loaded now: its latency overlaps the loads below
+  // Only Q and K heads rotate: skip the trig for a block of V heads.
+  const bool rotates = half > 0 && head0 < num_heads + num_kv_heads;
+  if (rotates && threadIdx.x < half) {
     // As the Hugging Face reference: angle = float(pos) * inv_freq in float32, then cos/sin.
     // sincosf (not __sincosf) keeps full accuracy at angles of several thousand radians.
+    const int j = threadIdx.x;
     const float pos = static_cast<float>(positions[t]);
-    const int pairs = (num_heads + num_kv_heads) * half;
-    for (int i = threadIdx.x; i < pairs; i += kThreads) {
-      const int head = i / half;  // Q heads 0..nH-1 then K heads, contiguous in the row
-      const int j = i - head * half;
-      const float inv_freq =
-          1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
-      float s, c;
-      sincosf(pos * inv_freq, &s, &c);
-      T* x = row + head * head_dim;
-      const float x1 = cuda::ToFloat(x[j]);
-      const float x2 = cuda::ToFloat(x[j + half]);
-      x[j] = cuda::FromFloat<T>(x1 * c - x2 * s);
-      x[j + half] = cuda::FromFloat<T>(x2 * c + x1 * s);
+    const float inv_freq =
+        1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
+    float s, c;
+    sincosf(pos * inv_freq, &s, &c);
+    sh_cos[j] = c;
+    sh_cos[half + j] = s;
+  }
+#pragma unroll 4
+  for (int i = threadIdx.x; i < packs; i += kThreads) sh[i] = reinterpret_cast<const P*>(seg)[i];
+  __syncthreads();
+  const bool cached = slot >= 0 && slot < num_slots;
+  const size_t kv_row = static_cast<size_t>(num_kv_heads) * head_dim;
+  const T* shx = reinterpret_cast<const T*>(smem);
+  for (int i = threadIdx.x; i < packs; i += kThreads) {
+    const int hl = i / packs_per_head;  // head within the block
+    const int d0 = (i - hl * packs_per_head) * N;
+    const int head = head0 + hl;
+    P out = sh[i];
+    if (head < num_heads + num_kv_heads && d0 < rotary_dim) {
+      const T* x = shx + hl * head_dim;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const int d = d0 + e;
+        if (d < rotary_dim) {
+          const int j = d < half ? d : d - half;
+          const float c = sh_cos[j];
+          const float s = sh_cos[half + j];
+          const float x1 = cuda::ToFloat(x[j]);
+          const float x2 = cuda::ToFloat(x[j + half]);
+          out.v[e] = cuda::FromFloat<T>(d < half ? x1 * c - x2 * s : x2 * c + x1 * s);
+        }
+      }
+      T* dst = seg + hl * head_dim + d0;
+      if (d0 + N <= rotary_dim) {
+        *reinterpret_cast<P*>(dst) = out;
+      } else {
+        for (int e = 0; e < N && d0 + e < rotary_dim; ++e) dst[e] = out.v[e];
+      }
+    }
+    if (cached && head >= num_heads) {
+      const bool is_k = head < num_heads + num_kv_heads;
+      const int kv_head = is_k ? head - num_heads : head - num_heads - num_kv_heads;
+      T* cache = is_k ? k_cache : v_cache;
+      *reinterpret_cast<P*>(cache + static_cast<size_t>(slot) * kv_row +
+                            static_cast<size_t>(kv_head) * head_dim + d0) = out;
     }
   }
-  __syncthreads();  // K rotated by other threads before it is copied
-  const int64_t slot = slots[t];
-  if (slot < 0 || slot >= num_slots) return;
-  const int kv_row = num_kv_heads * head_dim;
-  const T* k = row + num_heads * head_dim;
-  const T* v = k + kv_row;
-  T* kd = k_cache + slot * kv_row;
-  T* vd = v_cache + slot * kv_row;
-  for (int i = threadIdx.x; i < kv_row; i += kThreads) {
-    kd[i] = k[i];
-    vd[i] = v[i];
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, int N>
+KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t stream) {
+  const int total_heads = p.num_heads + 2 * p.num_kv_heads;
+  // Phi-2 bf16 (96 heads of 80 = 10 Packs): decode, 25 heads a block (4 blocks a token); prefill,
+  // the whole 15 KB row in one block. (Before: one 128-thread block a token, a serial loop.)
+  const int packs_per_head = p.head_dim / N;
+  const size_t head_bytes = sizeof(T) * static_cast<size_t>(p.head_dim);
+  int heads_per_block = std::max(1, kThreads / packs_per_head);
+  if (p.num_tokens >= kRowBlockMinTokens) {
+    heads_per_block = std::max<int>(heads_per_block, kMaxRowSmem / head_bytes);
   }
+  heads_per_block = std::min(heads_per_block, total_heads);
+  const int groups = cuda::CeilDiv(total_heads, heads_per_block);
+  const size_t smem = TrigOffset(sizeof(T), heads_per_block, p.head_dim) +
+                      sizeof(float) * static_cast<size_t>(p.rotary_dim);
+  // head_dim * sizeof(T) is at most a few KiB for any real model; beyond 48 KiB the launch would
+  // need an opt-in attribute, so refuse it explicitly.
+  if (smem > 48 * 1024) return KernelStatus::kInvalidShape;
+  RotaryKvWriteKernel<T, N><<<dim3(p.num_tokens, groups), kThreads, smem, stream>>>(
+      static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
+      static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
+      p.rotary_dim, p.theta, heads_per_block);
+  return cuda::LaunchStatus();
 }
 
 }  // namespace
@@ -67,11 +162,11 @@ KernelStatus RotaryKvWriteCuda(const RotaryKvWriteParams& p, cudaStream_t stream
   }
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    RotaryKvWriteKernel<T><<<p.num_tokens, kThreads, 0, stream>>>(
-        static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
-        static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
-        p.rotary_dim, p.theta);
-    return cuda::LaunchStatus();
+    constexpr int kVec = 16 / sizeof(T);
+    // Every row start, head start and cache row must sit on 16 bytes for the vector path.
+    const bool vec = p.head_dim % kVec == 0 && stride % kVec == 0 && Aligned16(p.qkv) &&
+                     Aligned16(p.k_cache) && Aligned16(p.v_cache);
+    return vec ? Launch<T, kVec>(p, stride, stream) : Launch<T, 1>(p, stride, stream);
   });
 }
 
