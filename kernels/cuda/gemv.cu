@@ -13,7 +13,7 @@ constexpr int kWarps = kThreads / 32;
 // and 2): 4 loads and slices >= 320 chunks gave 0.56-0.92 of the copy bandwidth (dense + fc2
 // fused 22.4 us, lm_head 67 us); 8 loads with slices <= 256 chunks (one round of loads per warp,
 // more warps) was slower on every shape (0.50-0.65).
-constexpr int kUnroll = 4;
+constexpr int kDefaultUnroll = 4;
 constexpr int kMinSliceChunks = 320;
 
 struct Args {
@@ -72,7 +72,7 @@ __device__ __forceinline__ float Activate(float v, int epilogue) {
 // Block: kWarps warps = kWarps / ksplit output columns. Warp `warp` owns column
 // n = blockIdx.x * (kWarps / ksplit) + warp / ksplit and the slice (warp % ksplit) of its
 // c1 + c2 chunks; lane l reads chunks slice_begin + l, + 32, ... (coalesced 512-byte rows).
-template <typename T, int M>
+template <typename T, int M, int kUnroll>
 __global__ void __launch_bounds__(kThreads) GemvKernel(const Args a) {
   __shared__ float partial[kWarps][M];
   const int warp = threadIdx.x >> 5;
@@ -165,12 +165,12 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(const Args a) {
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T, int M>
+template <typename T, int M, int kUnroll>
 KernelStatus Launch(const Args& a, cudaStream_t stream) {
   const int cols_per_block = kWarps / a.ksplit;
   const int blocks = cuda::CeilDiv(a.n, cols_per_block);
   if (!a.pdl) {
-    GemvKernel<T, M><<<blocks, kThreads, 0, stream>>>(a);
+    GemvKernel<T, M, kUnroll><<<blocks, kThreads, 0, stream>>>(a);
     return cuda::LaunchStatus();
   }
   cudaLaunchConfig_t config = {};
@@ -182,31 +182,31 @@ KernelStatus Launch(const Args& a, cudaStream_t stream) {
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  if (cudaLaunchKernelEx(&config, GemvKernel<T, M>, a) != cudaSuccess) {
+  if (cudaLaunchKernelEx(&config, GemvKernel<T, M, kUnroll>, a) != cudaSuccess) {
     return KernelStatus::kDeviceError;
   }
   return cuda::LaunchStatus();
 }
 
-template <typename T>
+template <typename T, int kUnroll>
 KernelStatus DispatchRows(int m, const Args& a, cudaStream_t stream) {
   switch (m) {
     case 1:
-      return Launch<T, 1>(a, stream);
+      return Launch<T, 1, kUnroll>(a, stream);
     case 2:
-      return Launch<T, 2>(a, stream);
+      return Launch<T, 2, kUnroll>(a, stream);
     case 3:
-      return Launch<T, 3>(a, stream);
+      return Launch<T, 3, kUnroll>(a, stream);
     case 4:
-      return Launch<T, 4>(a, stream);
+      return Launch<T, 4, kUnroll>(a, stream);
     case 5:
-      return Launch<T, 5>(a, stream);
+      return Launch<T, 5, kUnroll>(a, stream);
     case 6:
-      return Launch<T, 6>(a, stream);
+      return Launch<T, 6, kUnroll>(a, stream);
     case 7:
-      return Launch<T, 7>(a, stream);
+      return Launch<T, 7, kUnroll>(a, stream);
     case 8:
-      return Launch<T, 8>(a, stream);
+      return Launch<T, 8, kUnroll>(a, stream);
     default:
       return KernelStatus::kInvalidShape;
   }
@@ -223,6 +223,10 @@ bool GemvCudaSupports(const GemvParams& p) {
   const int ldy = g.ldy == 0 ? g.n : g.ldy;
   if (ldx < g.k || ldx % 8 != 0 || ldy < g.n) return false;
   if (!Aligned16(g.x) || !Aligned16(g.w)) return false;
+  if (p.ksplit != 0 && p.ksplit != 1 && p.ksplit != 2 && p.ksplit != 4 && p.ksplit != 8) {
+    return false;
+  }
+  if (p.unroll != 0 && p.unroll != 4 && p.unroll != 8) return false;
   if (p.x2 != nullptr) {
     const int ldx2 = p.ldx2 == 0 ? p.k2 : p.ldx2;
     if (p.k2 < 1 || p.k2 % 8 != 0 || ldx2 < p.k2 || ldx2 % 8 != 0) return false;
@@ -256,14 +260,22 @@ KernelStatus GemvCuda(const GemvParams& p, cudaStream_t stream) {
   a.xs1 = (g.ldx == 0 ? g.k : g.ldx) / 8;
   a.xs2 = p.x2 ? (p.ldx2 == 0 ? p.k2 : p.ldx2) / 8 : 0;
   a.ldy = g.ldy == 0 ? g.n : g.ldy;
-  a.ksplit = 1;
-  while (a.ksplit < kWarps && (a.c1 + a.c2) / (2 * a.ksplit) >= kMinSliceChunks) a.ksplit *= 2;
+  if (p.ksplit > 0) {
+    a.ksplit = p.ksplit;
+  } else {
+    // kern runs 1-2 (docs/perf-log.md) also tried a wave-count rule here: it picked ksplit 4 for
+    // the LM head (107 us against 67 at 1), so the slice-length rule stays.
+    a.ksplit = 1;
+    while (a.ksplit < kWarps && (a.c1 + a.c2) / (2 * a.ksplit) >= kMinSliceChunks) a.ksplit *= 2;
+  }
   a.epilogue = static_cast<int>(g.epilogue);
   a.accumulate = g.accumulate;
   a.y_f32 = p.y_dtype == DataType::kF32;
   a.pdl = p.programmatic_launch;
+  const int unroll = p.unroll > 0 ? p.unroll : kDefaultUnroll;
   return cuda::DispatchHalfTypes(g.dtype, [&](auto tag) {
-    return DispatchRows<typename decltype(tag)::type>(g.m, a, stream);
+    using T = typename decltype(tag)::type;
+    return unroll == 8 ? DispatchRows<T, 8>(g.m, a, stream) : DispatchRows<T, 4>(g.m, a, stream);
   });
 }
 

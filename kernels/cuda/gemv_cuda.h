@@ -37,10 +37,16 @@ struct GemvParams {
   // kernel) and waits for it (griddepcontrol.wait) before reading x or touching y. Safe after any
   // kernel; gains most after kernels that trigger their dependents early (GEMV, PagedDecode).
   bool programmatic_launch = false;
+  // Tuning overrides for benchmarks (0: the kernel's measured defaults). ksplit: warps sharing one
+  // output column's k range (1, 2, 4 or 8); unroll: 16-byte weight loads in flight per lane (4 or
+  // 8).
+  int ksplit = 0;
+  int unroll = 0;
 };
 
 // True when GemvCuda can run `p`: 1 <= m <= kGemvMaxRows, k and k2 multiples of 8, row strides
-// multiples of 8 elements, x/w pointers 16-byte aligned, dtype kF16/kBF16, y_dtype dtype or kF32.
+// multiples of 8 elements, x/w pointers 16-byte aligned, dtype kF16/kBF16, y_dtype dtype or kF32,
+// ksplit and unroll 0 or one of the values above.
 bool GemvCudaSupports(const GemvParams& p);
 
 // kInvalidShape when !GemvCudaSupports(p) (or accumulate with an activation), kNullPointer for a

@@ -218,6 +218,61 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaGemvTest,
                                            GemvShape{1, 1000, 2568, 1032},  // ragged k slices
                                            GemvShape{5, 33, 8, 8}));        // tiny k, both segments
 
+// The tuning overrides (GemvParams::ksplit, ::unroll) change only which warps load which chunks
+// and how many loads a lane keeps in flight: every setting must match the CPU reference on a
+// two-segment shape with ragged slices (k = 2568 + 1032: 450 chunks, not a multiple of any split)
+// and m = 1 and 3. Tolerance: OneRoundingTol, one rounding of a float32 sum to the dtype.
+TEST(CudaGemvTuning, EverySplitAndUnrollMatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  const int n = 300, k = 2568, k2 = 1032;
+  for (int m : {1, 3}) {
+    std::vector<float> x = RandomVector(static_cast<size_t>(m) * k, 11 + m);
+    std::vector<float> w = RandomVector(static_cast<size_t>(n) * k, 12, -0.1f, 0.1f);
+    std::vector<float> x2 = RandomVector(static_cast<size_t>(m) * k2, 13 + m);
+    std::vector<float> w2 = RandomVector(static_cast<size_t>(n) * k2, 14, -0.1f, 0.1f);
+    for (DataType t : kHalfTypes) {
+      DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
+      DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
+      DeviceBuffer d_x2 = DeviceBuffer::From(Encode(x2, t));
+      DeviceBuffer d_w2 = DeviceBuffer::From(Encode(w2, t));
+      std::vector<float> ref(static_cast<size_t>(m) * n, 0.0f);
+      GemmParams pc{.x = x.data(), .w = w.data(), .y = ref.data(), .m = m, .n = n, .k = k};
+      ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
+      pc.x = x2.data();
+      pc.w = w2.data();
+      pc.k = k2;
+      pc.accumulate = true;
+      ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
+      for (int unroll : {4, 8}) {
+        for (int ksplit : {1, 2, 4, 8}) {
+          SCOPED_TRACE(testing::Message() << DataTypeName(t) << " m " << m << " ksplit " << ksplit
+                                          << " unroll " << unroll);
+          DeviceBuffer d_y(static_cast<size_t>(m) * n * DataTypeSize(t));
+          d_y.Poison();
+          GemvParams p{.a = {.x = d_x.get(),
+                             .w = d_w.get(),
+                             .y = d_y.get(),
+                             .m = m,
+                             .n = n,
+                             .k = k,
+                             .dtype = t},
+                       .x2 = d_x2.get(),
+                       .w2 = d_w2.get(),
+                       .k2 = k2,
+                       .y_dtype = t,
+                       .ksplit = ksplit,
+                       .unroll = unroll};
+          ASSERT_EQ(GemvCuda(p, nullptr), KernelStatus::kOk);
+          gpu_test::ExpectDeviceClean(nullptr);
+          const gpu_test::Diff d = Compare(Decode(d_y.DownloadBytes(), t), ref);
+          EXPECT_EQ(d.nonfinite, 0u);
+          EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaGemvErrors, RejectsWhatItCannotDo) {
   PHI_REQUIRE_GPU();
   DeviceBuffer buf(1 << 16);
@@ -238,6 +293,12 @@ TEST(CudaGemvErrors, RejectsWhatItCannotDo) {
   p.a.x = static_cast<char*>(buf.get()) + 2;
   EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kInvalidShape);  // x not 16-byte aligned
   p.a.x = buf.get();
+  p.ksplit = 3;
+  EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kInvalidShape);  // ksplit not a power of two
+  p.ksplit = 0;
+  p.unroll = 5;
+  EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kInvalidShape);  // unroll not 4 or 8
+  p.unroll = 0;
   p.a.accumulate = true;
   p.a.epilogue = GemmEpilogue::kGeluTanh;
   EXPECT_EQ(GemvCuda(p, nullptr), KernelStatus::kInvalidShape);

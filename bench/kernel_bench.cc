@@ -1,0 +1,288 @@
+// phishard_kernel_bench: the small per-layer ops of a Phi-2-shaped (bf16) step alone, against the
+// copy bandwidth measured in the same run: RotaryKvWrite and LayerNorm at decode and prefill token
+// counts, and the linear layers of 1..8-row steps through the GEMV kernel (every ksplit/unroll
+// setting, and the defaults) and cuBLASLt.
+//
+// Each case is timed with device events over `reps` back-to-back launches after one warm-up.
+// Linear layers read COLD weights: every launch takes the next of several copies of the weight
+// in a 640 MB pool, so no launch finds its weights in the 60 MB L2 (phishard_bench's KernelTimes
+// reuse one copy, which makes qkv (39 MB) and fc1 (52 MB) look faster than inside a step).
+//
+// Usage: phishard_kernel_bench [reps (default 20)]. One line per case on stdout:
+//   op  shape  config  us  GB/s  of_copy
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/gemv_cuda.h"
+#include "kernels/cuda/layer_norm_cuda.h"
+#include "kernels/cuda/random_fill_cuda.h"
+#include "kernels/cuda/rotary_kv_write_cuda.h"
+#include "kernels/device.h"
+
+namespace phishard {
+namespace {
+
+#define KB_CHECK(cond, what)                                     \
+  do {                                                           \
+    if (!(cond)) {                                               \
+      std::fprintf(stderr, "kernel_bench: %s failed\n", (what)); \
+      std::exit(1);                                              \
+    }                                                            \
+  } while (0)
+
+int g_reps = 20;
+double g_copy_bps = 0;
+
+// Mean ms of one body() call over g_reps calls (after one warm-up call); `i` counts calls.
+float TimeMs(cudaStream_t s, const std::function<void(int)>& body) {
+  DeviceTimer* t = nullptr;
+  KB_CHECK(DeviceTimerCreate(&t) == 0, "timer");
+  body(0);
+  DeviceTimerStart(t, s);
+  for (int i = 1; i <= g_reps; ++i) body(i);
+  DeviceTimerStop(t, s);
+  float ms = 0;
+  KB_CHECK(DeviceTimerElapsedMs(t, &ms) == 0, "timer");
+  DeviceTimerDestroy(t);
+  KB_CHECK(DeviceGetLastError() == 0, "launches");
+  return ms / g_reps;
+}
+
+void Report(const std::string& op, const std::string& shape, const std::string& config, double us,
+            double bytes) {
+  const double bps = bytes / (us * 1e-6);
+  std::printf("%-14s %-22s %-16s %9.2f us %8.1f GB/s %6.3f\n", op.c_str(), shape.c_str(),
+              config.c_str(), us, bps / 1e9, bps / g_copy_bps);
+  std::fflush(stdout);
+}
+
+void* Alloc(size_t bytes) {
+  void* p = nullptr;
+  KB_CHECK(DeviceMalloc(&p, bytes) == 0, "DeviceMalloc");
+  return p;
+}
+
+void Fill(void* p, size_t count, uint64_t seed, DataType t, cudaStream_t s, float spread = 1.0f) {
+  KB_CHECK(RandomFillCuda({.data = p,
+                           .count = static_cast<int64_t>(count),
+                           .spread = spread,
+                           .seed = seed,
+                           .dtype = t},
+                          s) == KernelStatus::kOk,
+           "RandomFill");
+}
+
+void CopyCeiling(cudaStream_t s) {
+  const size_t bytes = size_t{2} << 30;
+  void* a = Alloc(bytes);
+  void* b = Alloc(bytes);
+  Fill(a, bytes / 2, 1, DataType::kBF16, s);
+  const int reps = g_reps;
+  g_reps = 5;
+  const float ms = TimeMs(s, [&](int) { DeviceCopyOnDevice(b, a, bytes, s); });
+  g_reps = reps;
+  g_copy_bps = 2.0 * bytes / (ms * 1e-3);
+  std::printf("copy ceiling: %.1f GB/s (2 GiB device-to-device copy)\n", g_copy_bps / 1e9);
+  DeviceFree(a);
+  DeviceFree(b);
+}
+
+// Phi-2: 32 heads of 80, rotary_dim 32, hidden 2560.
+constexpr int kHeads = 32, kHeadDim = 80, kRotary = 32, kHidden = 2560, kInter = 10240,
+              kVocab = 51200;
+
+void RotaryCases(cudaStream_t s) {
+  const int width = 3 * kHeads * kHeadDim;
+  const int64_t num_slots = 8192;
+  const size_t kv_row = static_cast<size_t>(kHeads) * kHeadDim;
+  void* k = Alloc(num_slots * kv_row * 2);
+  void* v = Alloc(num_slots * kv_row * 2);
+  for (int T : {1, 64, 256, 2048}) {
+    void* qkv = Alloc(static_cast<size_t>(T) * width * 2);
+    Fill(qkv, static_cast<size_t>(T) * width, 2, DataType::kBF16, s);
+    std::vector<int32_t> pos(T);
+    std::vector<int64_t> slots(T);
+    for (int t = 0; t < T; ++t) {
+      pos[t] = 1000 + t;
+      slots[t] = (static_cast<int64_t>(t) * 37) % num_slots;  // scattered, distinct
+    }
+    void* d_pos = Alloc(pos.size() * 4);
+    void* d_slots = Alloc(slots.size() * 8);
+    DeviceCopyToDevice(d_pos, pos.data(), pos.size() * 4, s);
+    DeviceCopyToDevice(d_slots, slots.data(), slots.size() * 8, s);
+    const RotaryKvWriteParams p{.qkv = qkv,
+                                .positions = static_cast<int32_t*>(d_pos),
+                                .slots = static_cast<int64_t*>(d_slots),
+                                .k_cache = k,
+                                .v_cache = v,
+                                .num_slots = num_slots,
+                                .num_tokens = T,
+                                .num_heads = kHeads,
+                                .num_kv_heads = kHeads,
+                                .head_dim = kHeadDim,
+                                .rotary_dim = kRotary,
+                                .dtype = DataType::kBF16};
+    const float ms = TimeMs(s, [&](int) { RotaryKvWriteCuda(p, s); });
+    // Read the row, write the rotated Q/K dims back, write K and V to the cache.
+    const double bytes = 2.0 * T * (width + 2 * kHeads * kRotary + 2 * kv_row);
+    Report("rotary_kv", "T=" + std::to_string(T), "phi2 bf16", 1e3 * ms, bytes);
+    DeviceStreamSync(s);
+    for (void* q : {qkv, d_pos, d_slots}) DeviceFree(q);
+  }
+  DeviceFree(k);
+  DeviceFree(v);
+}
+
+void LayerNormCases(cudaStream_t s) {
+  void* w = Alloc(kHidden * 2);
+  void* b = Alloc(kHidden * 2);
+  Fill(w, kHidden, 3, DataType::kBF16, s);
+  Fill(b, kHidden, 4, DataType::kBF16, s);
+  for (int rows : {1, 64, 256, 2048}) {
+    const size_t n = static_cast<size_t>(rows) * kHidden;
+    void* x = Alloc(n * 2);
+    void* y = Alloc(n * 2);
+    Fill(x, n, 5, DataType::kBF16, s);
+    const float ms = TimeMs(s, [&](int) {
+      LayerNormCuda({.x = x,
+                     .weight = w,
+                     .bias = b,
+                     .y = y,
+                     .rows = rows,
+                     .cols = kHidden,
+                     .dtype = DataType::kBF16},
+                    s);
+    });
+    Report("layer_norm", "rows=" + std::to_string(rows), "cols 2560 bf16", 1e3 * ms, 4.0 * n);
+    DeviceStreamSync(s);
+    DeviceFree(x);
+    DeviceFree(y);
+  }
+  DeviceFree(w);
+  DeviceFree(b);
+}
+
+void LinearCases(cudaStream_t s, const std::vector<int>& rows_list) {
+  const size_t pool_bytes = size_t{640} << 20;
+  void* pool = Alloc(pool_bytes);
+  Fill(pool, pool_bytes / 2, 6, DataType::kBF16, s, 0.03f);
+  void* x = Alloc(size_t{2} * 8 * kInter);
+  void* x2 = Alloc(size_t{2} * 8 * kInter);
+  void* y = Alloc(size_t{4} * 8 * kVocab);
+  void* bias = Alloc(size_t{4} * kVocab);
+  Fill(x, 8 * kInter, 7, DataType::kBF16, s);
+  Fill(x2, 8 * kInter, 8, DataType::kBF16, s);
+  Fill(bias, kVocab, 9, DataType::kF32, s, 0.01f);
+  std::unique_ptr<CudaGemm> gemm;
+  KB_CHECK(CudaGemm::Create(size_t{32} << 20, &gemm) == KernelStatus::kOk, "cuBLASLt");
+  struct Lin {
+    const char* name;
+    int n, k, k2;
+    GemmEpilogue epi;
+    bool acc, f32;
+  };
+  const Lin lins[] = {{"qkv", 3 * kHidden, kHidden, 0, GemmEpilogue::kNone, false, false},
+                      {"fc1+gelu", kInter, kHidden, 0, GemmEpilogue::kGeluTanh, false, false},
+                      {"dense+fc2", kHidden, kHidden, kInter, GemmEpilogue::kNone, true, false},
+                      {"lm_head_f32", kVocab, kHidden, 0, GemmEpilogue::kNone, false, true}};
+  for (int m : rows_list) {
+    for (const Lin& l : lins) {
+      const size_t w1_bytes = size_t{2} * l.n * l.k;
+      const size_t region = (w1_bytes + size_t{2} * l.n * l.k2 + 4095) / 4096 * 4096;
+      const int copies = static_cast<int>(pool_bytes / region);
+      KB_CHECK(copies >= 1, "pool");
+      auto w_at = [&](int i) { return static_cast<char*>(pool) + (i % copies) * region; };
+      const DataType yt = l.f32 ? DataType::kF32 : DataType::kBF16;
+      GemmParams g{.x = x,
+                   .w = pool,
+                   .bias = l.f32 ? bias : nullptr,
+                   .y = y,
+                   .m = m,
+                   .n = l.n,
+                   .k = l.k,
+                   .accumulate = l.acc,
+                   .epilogue = l.epi,
+                   .dtype = DataType::kBF16};
+      const double bytes = 2.0 * l.n * (l.k + l.k2);
+      const std::string shape = std::string("m=") + std::to_string(m) +
+                                " n=" + std::to_string(l.n) + " k=" + std::to_string(l.k + l.k2);
+      struct Cfg {
+        int ksplit, unroll;
+      };
+      std::vector<Cfg> cfgs = {{0, 0}};
+      if (m == 1) {
+        for (int u : {4, 8}) {
+          for (int ks : {1, 2, 4, 8}) cfgs.push_back({ks, u});
+        }
+      }
+      for (const Cfg& c : cfgs) {
+        GemvParams gv{.a = g, .y_dtype = yt, .ksplit = c.ksplit, .unroll = c.unroll};
+        if (l.k2 > 0) {
+          gv.x2 = x2;
+          gv.k2 = l.k2;
+        }
+        const float ms = TimeMs(s, [&](int i) {
+          gv.a.w = w_at(i);
+          if (l.k2 > 0) gv.w2 = w_at(i) + w1_bytes;
+          KB_CHECK(GemvCuda(gv, s) == KernelStatus::kOk, "GemvCuda");
+        });
+        const std::string cfg =
+            c.ksplit == 0 ? "gemv default"
+                          : "gemv ks" + std::to_string(c.ksplit) + " u" + std::to_string(c.unroll);
+        Report(l.name, shape, cfg, 1e3 * ms, bytes);
+      }
+      // cuBLASLt as the model calls it (two GEMMs for the pair), and with m padded to 8 rows.
+      for (int mm : {m, 8}) {
+        if (mm != m && m != 1) continue;
+        const float ms = TimeMs(s, [&](int i) {
+          GemmParams a = g;
+          a.m = mm;
+          a.w = w_at(i);
+          KB_CHECK(gemm->Run(a, yt, s) == KernelStatus::kOk, "cuBLASLt");
+          if (l.k2 > 0) {
+            GemmParams b2 = a;
+            b2.x = x2;
+            b2.w = w_at(i) + w1_bytes;
+            b2.k = l.k2;
+            b2.accumulate = true;
+            KB_CHECK(gemm->Run(b2, yt, s) == KernelStatus::kOk, "cuBLASLt");
+          }
+        });
+        Report(l.name, shape, mm == m ? "cublaslt" : "cublaslt m8", 1e3 * ms, bytes);
+      }
+    }
+  }
+  DeviceStreamSync(s);
+  gemm.reset();
+  for (void* p : {pool, x, x2, y, bias}) DeviceFree(p);
+}
+
+int Main(int argc, char** argv) {
+  if (argc > 1) g_reps = std::max(1, std::atoi(argv[1]));
+  int count = 0;
+  KB_CHECK(DeviceGetCount(&count) == 0 && count > 0, "a CUDA device");
+  KB_CHECK(DeviceCheckKernelImage() == 0, "kernel image for this device");
+  cudaStream_t s = nullptr;
+  KB_CHECK(DeviceStreamCreate(&s) == 0, "stream");
+  CopyCeiling(s);
+  std::printf("%-14s %-22s %-16s %12s %13s %6s\n", "op", "shape", "config", "time", "bandwidth",
+              "ofcopy");
+  RotaryCases(s);
+  LayerNormCases(s);
+  LinearCases(s, {1, 2, 4, 8});
+  KB_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "the run");
+  DeviceStreamDestroy(s);
+  return 0;
+}
+
+}  // namespace
+}  // namespace phishard
+
+int main(int argc, char** argv) { return phishard::Main(argc, argv); }
