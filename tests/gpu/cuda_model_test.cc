@@ -273,6 +273,40 @@ TEST(CudaGoldenTiny, MatchesTransformersWithinBf16) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The batches CompareWithCpu and MlpStreamModesAgree run: a prefill of three sequences of
+// kThreeLens tokens (every row's logits), then decode step d of all three (ctx: their context
+// lengths, advanced by one).
+const std::vector<int> kThreeLens = {5, 17, 40};
+
+ForwardBatch ThreeSequencePrefill(int V, const std::vector<std::vector<int32_t>>& tables) {
+  const std::vector<int>& lens = kThreeLens;
+  ForwardBatch b;
+  for (int s = 0; s < 3; ++s) {
+    for (int i = 0; i < lens[s]; ++i) {
+      b.token_ids.push_back((s * 977 + i * 131 + 7) % V);
+      b.positions.push_back(i);
+    }
+    b.seqs.push_back({.num_new_tokens = lens[s], .context_len = lens[s], .block_table = tables[s]});
+  }
+  b.logit_rows.resize(b.token_ids.size());
+  std::iota(b.logit_rows.begin(), b.logit_rows.end(), 0);
+  return b;
+}
+
+ForwardBatch ThreeSequenceDecode(int V, int d, const std::vector<std::vector<int32_t>>& tables,
+                                 std::vector<int>* ctx_out) {
+  std::vector<int>& ctx = *ctx_out;
+  ForwardBatch dec;
+  for (int s = 0; s < 3; ++s) {
+    dec.token_ids.push_back((d * 53 + s * 11 + 1) % V);
+    dec.positions.push_back(ctx[s]);
+    ++ctx[s];
+    dec.seqs.push_back({.num_new_tokens = 1, .context_len = ctx[s], .block_table = tables[s]});
+  }
+  dec.logit_rows = {0, 1, 2};
+  return dec;
+}
+
 // The same batches through the CPU float32 backend and the CUDA backend: a 3-sequence prefill
 // (all rows), 6 batched decode steps, then a cached-prefix prefill on one sequence.
 void CompareWithCpu(const fs::path& dir, const std::string& dtype) {
@@ -284,22 +318,13 @@ void CompareWithCpu(const fs::path& dir, const std::string& dtype) {
   ASSERT_TRUE((*cpu)->AllocateKvCache(blocks, kKvBlockSize).ok());
   ASSERT_TRUE(gpu->AllocateKvCache(blocks, kKvBlockSize).ok());
   const int V = gpu->config().vocab_size;
-  const std::vector<int> lens = {5, 17, 40};
+  const std::vector<int>& lens = kThreeLens;
   // Block tables from the top, interleaved, so sequences do not own contiguous ranges.
   std::vector<std::vector<int32_t>> tables(3);
   for (int i = 0, next = blocks - 1; i < 8; ++i) {
     for (auto& t : tables) t.push_back(next--);
   }
-  ForwardBatch b;
-  for (int s = 0; s < 3; ++s) {
-    for (int i = 0; i < lens[s]; ++i) {
-      b.token_ids.push_back((s * 977 + i * 131 + 7) % V);
-      b.positions.push_back(i);
-    }
-    b.seqs.push_back({.num_new_tokens = lens[s], .context_len = lens[s], .block_table = tables[s]});
-  }
-  b.logit_rows.resize(b.token_ids.size());
-  std::iota(b.logit_rows.begin(), b.logit_rows.end(), 0);
+  const ForwardBatch b = ThreeSequencePrefill(V, tables);
   auto step = [&](const ForwardBatch& batch, const std::string& what) {
     std::vector<float> a, g;
     absl::Status sa = (*cpu)->Forward(batch, &a);
@@ -311,14 +336,7 @@ void CompareWithCpu(const fs::path& dir, const std::string& dtype) {
   step(b, "3-sequence prefill");
   std::vector<int> ctx = lens;
   for (int d = 0; d < 6; ++d) {
-    ForwardBatch dec;
-    for (int s = 0; s < 3; ++s) {
-      dec.token_ids.push_back((d * 53 + s * 11 + 1) % V);
-      dec.positions.push_back(ctx[s]);
-      ++ctx[s];
-      dec.seqs.push_back({.num_new_tokens = 1, .context_len = ctx[s], .block_table = tables[s]});
-    }
-    dec.logit_rows = {0, 1, 2};
+    const ForwardBatch dec = ThreeSequenceDecode(V, d, tables, &ctx);
     step(dec, "decode step " + std::to_string(d));
   }
   // Cached prefix: 9 more tokens on sequence 1 (context 23 -> 32, crossing a block boundary).
@@ -357,31 +375,12 @@ TEST(CudaVsCpu, MhaHd64Fp16) {
 // bf16 rounding of h differs per layer), so it gets the bf16 bounds of this file against mode 0.
 std::vector<std::vector<float>> RunModeSteps(CudaPhiModel& m) {
   const int V = m.config().vocab_size;
-  const std::vector<int> lens = {5, 17, 40};
-  std::vector<std::vector<int32_t>> tables = {Blocks(0, 60), Blocks(4, 60), Blocks(8, 60)};
-  std::vector<std::vector<float>> out;
-  ForwardBatch b;
-  for (int s = 0; s < 3; ++s) {
-    for (int i = 0; i < lens[s]; ++i) {
-      b.token_ids.push_back((s * 977 + i * 131 + 7) % V);
-      b.positions.push_back(i);
-    }
-    b.seqs.push_back({.num_new_tokens = lens[s], .context_len = lens[s], .block_table = tables[s]});
-  }
-  b.logit_rows.resize(b.token_ids.size());
-  std::iota(b.logit_rows.begin(), b.logit_rows.end(), 0);
-  out.emplace_back();
-  EXPECT_TRUE(m.Forward(b, &out.back()).ok());
-  std::vector<int> ctx = lens;
+  const std::vector<std::vector<int32_t>> tables = {Blocks(0, 60), Blocks(4, 60), Blocks(8, 60)};
+  std::vector<std::vector<float>> out(1);
+  EXPECT_TRUE(m.Forward(ThreeSequencePrefill(V, tables), &out.back()).ok());
+  std::vector<int> ctx = kThreeLens;
   for (int d = 0; d < 6; ++d) {
-    ForwardBatch dec;
-    for (int s = 0; s < 3; ++s) {
-      dec.token_ids.push_back((d * 53 + s * 11 + 1) % V);
-      dec.positions.push_back(ctx[s]);
-      ++ctx[s];
-      dec.seqs.push_back({.num_new_tokens = 1, .context_len = ctx[s], .block_table = tables[s]});
-    }
-    dec.logit_rows = {0, 1, 2};
+    const ForwardBatch dec = ThreeSequenceDecode(V, d, tables, &ctx);
     out.emplace_back();
     EXPECT_TRUE(m.Forward(dec, &out.back()).ok());
   }
