@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "kernels/gemm.h"
 
 namespace phishard::bench {
 
@@ -24,6 +25,22 @@ inline std::vector<int> ParseInts(const std::string& s) {
     out.push_back(std::stoi(std::string(p)));
   }
   return out;
+}
+
+// The linear layers of a Phi decoder layer (hidden H, MLP width I) and the LM head (vocab V) as
+// the kernel timings see them: y[m, n] (+)= x[m, k] · w[n, k]ᵀ (+ x2[m, k2] · w2[n, k2]ᵀ for the
+// fused dense + fc2 residual pair), float32 output and bias for the LM head.
+struct PhiLinear {
+  const char* name;
+  int n, k, k2;
+  GemmEpilogue epi;
+  bool acc, f32;
+};
+inline std::vector<PhiLinear> PhiLinears(int H, int I, int V) {
+  return {{"qkv", 3 * H, H, 0, GemmEpilogue::kNone, false, false},
+          {"fc1+gelu", I, H, 0, GemmEpilogue::kGeluTanh, false, false},
+          {"dense+fc2", H, H, I, GemmEpilogue::kNone, true, false},
+          {"lm_head_f32", V, H, 0, GemmEpilogue::kNone, false, true}};
 }
 
 }  // namespace phishard::bench

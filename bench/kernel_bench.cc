@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/layer_norm_cuda.h"
@@ -182,18 +183,9 @@ void LinearCases(cudaStream_t s, const std::vector<int>& rows_list) {
   Fill(bias, kVocab, 9, DataType::kF32, s, 0.01f);
   std::unique_ptr<CudaGemm> gemm;
   KB_CHECK(CudaGemm::Create(size_t{32} << 20, &gemm) == KernelStatus::kOk, "cuBLASLt");
-  struct Lin {
-    const char* name;
-    int n, k, k2;
-    GemmEpilogue epi;
-    bool acc, f32;
-  };
-  const Lin lins[] = {{"qkv", 3 * kHidden, kHidden, 0, GemmEpilogue::kNone, false, false},
-                      {"fc1+gelu", kInter, kHidden, 0, GemmEpilogue::kGeluTanh, false, false},
-                      {"dense+fc2", kHidden, kHidden, kInter, GemmEpilogue::kNone, true, false},
-                      {"lm_head_f32", kVocab, kHidden, 0, GemmEpilogue::kNone, false, true}};
+  const std::vector<bench::PhiLinear> lins = bench::PhiLinears(kHidden, kInter, kVocab);
   for (int m : rows_list) {
-    for (const Lin& l : lins) {
+    for (const bench::PhiLinear& l : lins) {
       const size_t w1_bytes = size_t{2} * l.n * l.k;
       const size_t region = (w1_bytes + size_t{2} * l.n * l.k2 + 4095) / 4096 * 4096;
       const int copies = static_cast<int>(pool_bytes / region);

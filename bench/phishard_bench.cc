@@ -156,18 +156,9 @@ json KernelTimes(const Ceilings& ceil) {
                  s);
   std::unique_ptr<CudaGemm> gemm;
   BENCH_CHECK(CudaGemm::Create(size_t{32} << 20, &gemm) == KernelStatus::kOk, "cuBLASLt");
-  struct Lin {
-    const char* name;
-    int n, k, k2;
-    GemmEpilogue epi;
-    bool acc, f32;
-  };
-  const Lin lins[] = {{"qkv", 3 * H, H, 0, GemmEpilogue::kNone, false, false},
-                      {"fc1+gelu", I, H, 0, GemmEpilogue::kGeluTanh, false, false},
-                      {"dense+fc2", H, H, I, GemmEpilogue::kNone, true, false},
-                      {"lm_head f32", V, H, 0, GemmEpilogue::kNone, false, true}};
+  const std::vector<bench::PhiLinear> lins = bench::PhiLinears(H, I, V);
   for (int m : {1, 4, 8}) {
-    for (const Lin& l : lins) {
+    for (const bench::PhiLinear& l : lins) {
       GemmParams g{.x = x,
                    .w = w,
                    .bias = bias,
@@ -511,7 +502,7 @@ class Bench {
     return true;
   }
 
- // Sequence s uses adapter index first + s % count (count 0: every sequence the base model).
+  // Sequence s uses adapter index first + s % count (count 0: every sequence the base model).
   void set_adapters(uint32_t first, int count) {
     first_adapter_ = first;
     num_adapters_ = count;
@@ -624,10 +615,11 @@ int Main(int argc, char** argv) {
       BENCH_OK(registry->Load(static_cast<uint32_t>(1 + i), LoraAdapter(proto)).status());
     }
     BENCH_OK(m.SetAdapterRegistry(registry.get()));
-    std::printf("lora: %d adapters of rank %d (%.1f MB each in bf16, %.2f GB on the device) made "
-                "and placed in %.1f s\n",
-                n, lora_rank, bytes / 1e6, m.adapter_device_bytes() / 1e9,
-                std::chrono::duration<double>(Clock::now() - t0).count());
+    std::printf(
+        "lora: %d adapters of rank %d (%.1f MB each in bf16, %.2f GB on the device) made "
+        "and placed in %.1f s\n",
+        n, lora_rank, bytes / 1e6, m.adapter_device_bytes() / 1e9,
+        std::chrono::duration<double>(Clock::now() - t0).count());
   }
   absl::StatusOr<int> blocks = m.MaxKvBlocks(fraction, max_prefill_tokens);
   BENCH_OK(blocks.status());
@@ -744,9 +736,9 @@ int Main(int argc, char** argv) {
   if (registry) {
     // The same steps with every sequence on its own adapter (and all on one), against base-only.
     auto compare = [&](Row base, Row lora, const char* what) {
-      lora.note = absl::StrFormat("%s; %.1f %% of base throughput (host), %.1f %% (device)",
-                                  lora.note, 100.0 * base.ms / lora.ms,
-                                  100.0 * base.device_ms / lora.device_ms);
+      lora.note =
+          absl::StrFormat("%s; %.1f %% of base throughput (host), %.1f %% (device)", lora.note,
+                          100.0 * base.ms / lora.ms, 100.0 * base.device_ms / lora.device_ms);
       PrintRow(lora);
       rows.push_back(lora);
       std::printf("  -> %s: %.1f %% of base-only throughput\n", what, 100.0 * base.ms / lora.ms);
