@@ -6,7 +6,10 @@
 // in (and waiting at) the all-reduces and the logits all-gather.
 //
 //   phishard_tp_bench [--tp 1,2] [--batches 1,32,128] [--context 1024]
-//                     [--prefills 1x2048,8x2048] [--json out.json]
+//                     [--prefills 1x2048,8x2048] [--prefill-chunks 1,2]
+//                     [--prefill-min-rows 4096] [--json out.json]
+// --prefill-chunks: at W > 1 each prefill case once per value (CudaModelOptions::
+// tp_prefill_chunks: 1 = whole, N = N row chunks with overlapped all-reduces); TP=1 runs it whole.
 //   phishard_tp_bench --write-checkpoint DIR [--layers 32] [--tokenizer-dir D]
 //     writes a Phi-2-shaped random bf16 checkpoint (config.json, model.safetensors, the
 //     tokenizer files of D) for serving tests without a download.
@@ -80,6 +83,8 @@ struct Options {
   std::vector<int> batches;
   int context = 1024;
   std::vector<std::pair<int, int>> prefills;
+  std::vector<int> prefill_chunks = {kTpPrefillChunksDefault};
+  int prefill_min_rows = kTpPrefillMinRowsDefault;
   int steps = 20;
   int layers = 32;
   double fraction = 0.85;
@@ -203,8 +208,12 @@ int RankMain(int rank, int world, int port, const Options& o, const std::string&
   }
   for (auto [s, l] : o.prefills) {
     if (s * KvBlockAllocator::BlocksFor(l) > m.kv_num_blocks()) continue;
-    both(PrefillBatch(s, l, V), 1, std::max(3, o.steps / 4),
-         {{"kind", "prefill"}, {"batch", s}, {"tokens", l}});
+    for (int chunks : world > 1 ? o.prefill_chunks : std::vector<int>{1}) {
+      TPB_OK(m.set_tp_prefill_chunks(chunks, o.prefill_min_rows));
+      both(PrefillBatch(s, l, V), 1, std::max(3, o.steps / 4),
+           {{"kind", "prefill"}, {"batch", s}, {"tokens", l}, {"chunks", chunks}});
+      rows.back()["chunks_run"] = m.last_prefill_chunks();
+    }
   }
   if (rank == 0) {
     json j = {{"world", world},
@@ -351,12 +360,16 @@ int Main(int argc, char** argv) {
   app.add_option("--steps", o.steps, "timed decode steps per case (median)");
   app.add_option("--layers", o.layers, "decoder layers (Phi-2: 32)");
   app.add_option("--memory-fraction", o.fraction, "device memory each rank may use");
+  std::string prefill_chunks = absl::StrCat(kTpPrefillChunksDefault);
+  app.add_option("--prefill-chunks", prefill_chunks, "tp_prefill_chunks values to time at W > 1");
+  app.add_option("--prefill-min-rows", o.prefill_min_rows, "tp_prefill_min_rows (rows a chunk)");
   app.add_option("--json", json_path, "also write every world's rows here");
   app.add_option("--write-checkpoint", checkpoint, "write a random checkpoint here and exit");
   app.add_option("--tokenizer-dir", tokenizer_dir, "tokenizer files for --write-checkpoint");
   CLI11_PARSE(app, argc, argv);
   if (!checkpoint.empty()) return WriteCheckpoint(checkpoint, o.layers, tokenizer_dir);
   o.batches = ParseInts(batches);
+  o.prefill_chunks = ParseInts(prefill_chunks);
   for (absl::string_view p : absl::StrSplit(prefills, ',', absl::SkipEmpty())) {
     std::vector<std::string> ab = absl::StrSplit(p, 'x');
     if (ab.size() != 2) {
@@ -384,8 +397,8 @@ int Main(int argc, char** argv) {
     std::fflush(stdout);
     all.push_back(j);
   }
-  // Table: one line per case, one column group per world size.
-  std::printf("\n%-22s", "case");
+  // Table: one line per case (prefills once per chunk count), one column group per world size.
+  std::printf("\n%-26s", "case");
   for (const json& w : all) std::printf(" | TP=%-2d ms   comm%%  x TP1", w["world"].get<int>());
   std::printf("\n");
   std::map<std::string, double> tp1;
@@ -394,20 +407,34 @@ int Main(int argc, char** argv) {
                ? absl::StrFormat("decode b%d ctx%d", r["batch"].get<int>(), r["context"].get<int>())
                : absl::StrFormat("prefill %dx%d", r["batch"].get<int>(), r["tokens"].get<int>());
   };
+  auto line_key = [&](const json& r) {
+    return r["kind"] == "decode" ? key(r) : absl::StrCat(key(r), " c", r["chunks_run"].get<int>());
+  };
   for (const json& r : all[0]["rows"]) tp1[key(r)] = r["ms"].get<double>();
-  for (const json& r0 : all[0]["rows"]) {
-    const std::string k = key(r0);
-    std::printf("%-22s", k.c_str());
+  std::vector<std::string> lines;
+  for (const json& w : all) {
+    for (const json& r : w["rows"]) {
+      if (std::find(lines.begin(), lines.end(), line_key(r)) == lines.end()) {
+        lines.push_back(line_key(r));
+      }
+    }
+  }
+  for (const std::string& k : lines) {
+    std::printf("%-26s", k.c_str());
     for (const json& w : all) {
+      bool found = false;
       for (const json& r : w["rows"]) {
-        if (key(r) != k) continue;
+        if (line_key(r) != k || found) continue;
+        found = true;
         const double ms = r["ms"].get<double>();
         std::printf(" | %9.3f %6.1f %6.2f", ms, 100.0 * r["comm_share"].get<double>(),
-                    all[0]["world"] == 1 ? tp1[k] / ms : 0.0);
+                    all[0]["world"] == 1 && tp1.count(key(r)) ? tp1[key(r)] / ms : 0.0);
       }
+      if (!found) std::printf(" | %9s %6s %6s", "-", "-", "-");
     }
     std::printf("\n");
   }
+  std::printf("(prefill cN: ran in N row chunks; comm%% with the chunking kept: exposed comm)\n");
   std::printf("(x TP1 = TP=1 time / this time: speed-up; decode tok/s scale the same way)\n");
   if (!json_path.empty()) {
     std::ofstream f(json_path);

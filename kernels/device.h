@@ -46,6 +46,9 @@ int DeviceMemset(void* ptr, int byte_value, size_t bytes, cudaStream_t stream);
 
 // Non-blocking streams (they never synchronise with the legacy default stream).
 int DeviceStreamCreate(cudaStream_t* stream);
+// The device's highest stream priority: its blocks are scheduled ahead of queued ones of normal
+// streams (collectives beside compute, as NCCL's own streams are).
+int DeviceStreamCreateHighPriority(cudaStream_t* stream);
 int DeviceStreamDestroy(cudaStream_t stream);
 int DeviceStreamSync(cudaStream_t stream);
 int DeviceSynchronize();

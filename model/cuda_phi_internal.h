@@ -4,11 +4,52 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <functional>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "kernels/cuda/paged_attention_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
+#include "model/cuda_phi_model.h"
+#include "model/cuda_phi_tp_overlap.h"
 #include "model/phi_config.h"
+#include "model/tp_prefill_split.h"
+
+namespace phishard {
+
+// Row chunks of an overlapped prefill: EnqueueLayers runs each layer's row-wise head
+// (LayerNorm, qkv, rotary + KV write) and tail (dense + fc2 into h) chunk by chunk, attention and
+// fc1 on all rows, and calls the hooks instead of enqueuing all-reduces itself.
+struct PrefillRowChunks {
+  std::vector<RowRange> ranges;
+  // Before chunk `chunk`'s LayerNorm of layer `layer` (its rows of h must be summed by then).
+  std::function<absl::Status(int layer, int chunk)> before_head;
+  // After chunk `chunk`'s dense + fc2 of layer `layer` (layer -1: after the embedding).
+  std::function<absl::Status(int layer, int chunk)> after_tail;
+};
+
+// Device pointers (device memory) and sizes of one step's inputs.
+struct CudaPhiModel::StepInputs {
+  int tokens = 0;  // rows of the step (decode: the bucket, padding rows included)
+  const int32_t* ids = nullptr;
+  const int32_t* positions = nullptr;
+  const int64_t* slots = nullptr;
+  const int32_t* cu_q_lens = nullptr;  // prefill only
+  const int32_t* context_lens = nullptr;
+  const int32_t* block_tables = nullptr;
+  int num_seqs = 0;
+  int max_blocks = 0;                  // block-table pitch when step_info is null
+  const int32_t* step_info = nullptr;  // decode graphs: {live, pitch} on the device
+  bool decode = false;                 // one token per sequence: PagedDecodeCuda
+  int min_live = 1;                    // decode: fewest live sequences this launch serves
+  int max_q_len = 0;                   // prefill plan
+  int max_ctx = 0;
+  // Overlapped sharded prefill (model/cuda_phi_tp_overlap.cc): the row chunks whose hooks take
+  // the place of the per-layer all-reduce; nullptr: the whole step, one all-reduce a layer.
+  const PrefillRowChunks* chunks = nullptr;
+};
+
+}  // namespace phishard
 
 namespace phishard::cuda_model {
 

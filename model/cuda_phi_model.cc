@@ -228,6 +228,7 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
   m->lora_graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
   m->lora_ = std::make_unique<CudaLora>(m->config_, m->dtype_, options.device);
+  PHI_RETURN_IF_ERROR(m->InitTpOverlap(options));
   m->use_graphs_ = options.cuda_graphs;
   m->gemv_max_rows_ = options.gemv_max_rows;
   m->gemv_single_segment_ = options.gemv_single_segment;

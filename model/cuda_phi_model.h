@@ -42,6 +42,7 @@
 #include "model/phi_config.h"
 #include "model/phi_weights.h"
 #include "model/safetensors.h"
+#include "model/tp_prefill_split.h"
 #include "parallel/communicator.h"
 
 namespace phishard {
@@ -50,6 +51,7 @@ class CudaGemm;
 class CudaGraphRunner;
 class CudaLora;
 struct DeviceEvent;
+struct TpPrefillOverlap;
 
 enum MlpStreamMode : int { kMlpStreamOff = 0, kMlpStreamFc1 = 1, kMlpStreamFc1Fc2 = 2 };
 inline constexpr int kMlpStreamDefault = kMlpStreamFc1Fc2;
@@ -88,6 +90,13 @@ struct CudaModelOptions {
   // The model then holds rank comm->rank()'s slices (MakePhiShard) and runs on `device`, which
   // must be the communicator's.
   Communicator* comm = nullptr;
+  // Sharded prefill steps of at least 2 (tp_prefill_min_rows + 16) rows run the ops next to each
+  // all-reduce in up to this many row chunks, each chunk's all-reduce overlapping the next
+  // chunk's work (model/cuda_phi_tp_overlap.cc); 1: no overlap; 0: PHISHARD_TP_PREFILL_CHUNKS
+  // when set, else kTpPrefillChunksDefault. Every rank must use the same values (their
+  // collectives pair up).
+  int tp_prefill_chunks = 0;
+  int tp_prefill_min_rows = kTpPrefillMinRowsDefault;
 };
 
 class CudaPhiModel final : public ModelBackend {
@@ -137,6 +146,12 @@ class CudaPhiModel final : public ModelBackend {
   // Benchmarks only: skip every collective (wrong results; every rank must set the same value).
   // Times a step without its all-reduces. Drops graphs.
   void set_tp_skip_collectives(bool on);
+  // CudaModelOptions::tp_prefill_chunks / tp_prefill_min_rows from the next step on (chunks in
+  // [1, kMaxPrefillChunks], min_rows >= 1); every rank must set the same values.
+  absl::Status set_tp_prefill_chunks(int chunks, int min_rows);
+  int tp_prefill_chunks() const;
+  // Chunks the last prefill step ran in (1: whole).
+  int last_prefill_chunks() const;
   // Decode steps of a graph bucket view the pinned download buffer (no host copy); others as
   // ModelBackend's default.
   absl::Status ForwardView(const ForwardBatch& batch, absl::Span<const float>* logits) override;
@@ -206,6 +221,11 @@ class CudaPhiModel final : public ModelBackend {
                           absl::Span<const float>* view = nullptr);
   absl::Status EnqueueDecode(int rows);  // the captured part of a decode step
   absl::Status EnqueueLayers(const StepInputs& in);
+  // Sharded prefill (model/cuda_phi_tp_overlap.cc): EnqueueLayers in row chunks whose
+  // all-reduces run on a second stream beside the next chunk's work; EnqueueLayers(in) itself
+  // when the step is not sharded, too short, a decode batch or has adapter rows.
+  absl::Status EnqueuePrefillLayers(const StepInputs& in);
+  absl::Status InitTpOverlap(const CudaModelOptions& options);
   absl::Status EnqueueLogits(const void* hidden, int rows, float* logits);
   // On `stream` with `gemm` (the MLP branch's pair when it runs on its own stream).
   absl::Status Linear(const GemmParams& p, DataType y_dtype, const char* op,
@@ -249,6 +269,7 @@ class CudaPhiModel final : public ModelBackend {
   PhiShard shard_;
   Communicator* comm_ = nullptr;  // non-null only when sharded
   bool tp_skip_collectives_ = false;
+  std::unique_ptr<TpPrefillOverlap> tp_overlap_;  // always set after Init
   // Vocab-parallel LM head: [W, rows, VocabPad(Vl)] float32 logits of every rank (device),
   // sized for arena_tokens_ rows; rank r's LM head writes block r, the all-gather fills the rest.
   float* tp_logits_ = nullptr;

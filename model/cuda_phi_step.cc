@@ -103,24 +103,6 @@ void CopyOut(float* dst, const float* src, size_t floats) {
 
 }  // namespace
 
-// Device pointers and sizes of one step's inputs.
-struct CudaPhiModel::StepInputs {
-  int tokens = 0;  // rows of the step (decode: the bucket, padding rows included)
-  const int32_t* ids = nullptr;
-  const int32_t* positions = nullptr;
-  const int64_t* slots = nullptr;
-  const int32_t* cu_q_lens = nullptr;  // prefill only
-  const int32_t* context_lens = nullptr;
-  const int32_t* block_tables = nullptr;
-  int num_seqs = 0;
-  int max_blocks = 0;                  // block-table pitch when step_info is null
-  const int32_t* step_info = nullptr;  // decode graphs: {live, pitch} on the device
-  bool decode = false;                 // one token per sequence: PagedDecodeCuda
-  int min_live = 1;                    // decode: fewest live sequences this launch serves
-  int max_q_len = 0;                   // prefill plan
-  int max_ctx = 0;
-};
-
 size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints) {
   return MakeDecodeLayout(rows, table_ints).total;
 }
@@ -186,6 +168,15 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                       .epilogue = epi,
                       .dtype = dt};
   };
+  // Rows [rr.begin, rr.begin + rr.rows) of an arena buffer of `width` columns, and a GEMM on them.
+  const size_t es = DataTypeSize(dt);
+  auto at = [&](void* base, const RowRange& rr, int width) -> void* {
+    return static_cast<char*>(base) + static_cast<size_t>(rr.begin) * width * es;
+  };
+  auto rows_of = [](GemmParams p, const RowRange& rr) {
+    p.m = rr.rows;
+    return p;
+  };
 
   PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = in.ids,
                                                   .table = embed_,
@@ -197,7 +188,17 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                                   .dtype = dt},
                                                  stream_),
                                    "embedding"));
-  PHI_RETURN_IF_ERROR(TpAllReduce(h, T, "embedding all-reduce"));  // vocab-parallel rows
+  // Row ranges of the ops next to the all-reduces (LayerNorm, qkv, rotary; dense + fc2): the whole
+  // step, or the chunks of an overlapped prefill, whose hooks replace the all-reduces.
+  const std::vector<RowRange> whole_step = {{0, T}};
+  const std::vector<RowRange>& ranges = in.chunks ? in.chunks->ranges : whole_step;
+  if (in.chunks) {
+    for (int ch = 0; ch < static_cast<int>(ranges.size()); ++ch) {
+      PHI_RETURN_IF_ERROR(in.chunks->after_tail(-1, ch));
+    }
+  } else {
+    PHI_RETURN_IF_ERROR(TpAllReduce(h, T, "embedding all-reduce"));  // vocab-parallel rows
+  }
   PagedAttentionCudaPlan prefill_plan;
   prefill_plan.max_q_len = in.max_q_len;
   prefill_plan.max_context_len = in.max_ctx;
@@ -219,16 +220,6 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     // runs on the MLP stream). Sharded: rank 0 does the same with its partial sums (and the
     // biases), the other ranks overwrite h with their first partial and add the second, and one
     // all-reduce of h per layer sums residual + every rank's partials.
-    PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = h,
-                                                    .weight = w.ln_w,
-                                                    .bias = w.ln_b,
-                                                    .y = normed,
-                                                    .rows = T,
-                                                    .cols = H,
-                                                    .eps = c.layer_norm_eps,
-                                                    .dtype = dt},
-                                                   stream_),
-                                     "layer_norm"));
     // The MLP branch reads only n; on its own stream it runs beside qkv -> rotary -> attention.
     auto mlp_branch = [&](cudaStream_t st, CudaGemm* g) -> absl::Status {
       const GemmEpilogue fc1_act = lora_->SplitFc1(l) ? GemmEpilogue::kNone : act;
@@ -244,40 +235,58 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       }
       return absl::OkStatus();
     };
-    if (mlp_fork) {
-      PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, stream_), "MLP fork"));
-      PHI_RETURN_IF_ERROR(
-          DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "MLP fork wait"));
-      PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
-    }
     // The LoRA shrinks beside the base GEMMs (model/cuda_lora.h, overlap); sharded steps keep
     // them on the main stream (the fork was not yet run on a device together with NCCL).
     const bool lora_fork = lora && !shard_.sharded();
-    if (lora_fork) {
-      PHI_RETURN_IF_ERROR(KernelResult(lora_->BeforeQkv(l, normed, stream_), "lora qkv shrink"));
+    // The head (LayerNorm, qkv, rotary + KV write) row range by row range; an overlapped prefill
+    // waits for each range's all-reduce of the layer before (before_head).
+    for (int ch = 0; ch < static_cast<int>(ranges.size()); ++ch) {
+      const RowRange& rr = ranges[ch];
+      if (in.chunks) PHI_RETURN_IF_ERROR(in.chunks->before_head(l, ch));
+      PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = at(h, rr, H),
+                                                      .weight = w.ln_w,
+                                                      .bias = w.ln_b,
+                                                      .y = at(normed, rr, H),
+                                                      .rows = rr.rows,
+                                                      .cols = H,
+                                                      .eps = c.layer_norm_eps,
+                                                      .dtype = dt},
+                                                     stream_),
+                                       "layer_norm"));
+      if (mlp_fork) {  // (decode: one row range) after the LayerNorm of all rows
+        PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, stream_), "MLP fork"));
+        PHI_RETURN_IF_ERROR(
+            DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "MLP fork wait"));
+        PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
+      }
+      if (lora_fork) {
+        PHI_RETURN_IF_ERROR(KernelResult(lora_->BeforeQkv(l, normed, stream_), "lora qkv shrink"));
+      }
+      PHI_RETURN_IF_ERROR(
+          Linear(rows_of(linear(at(normed, rr, H), w.qkv_w, w.qkv_b, at(qkv, rr, qkv_width),
+                                qkv_width, H, false, GemmEpilogue::kNone),
+                         rr),
+                 dt, "qkv gemm"));
+      if (lora) {
+        PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterQkv(l, normed, qkv, stream_), "lora qkv"));
+      }
+      PHI_RETURN_IF_ERROR(KernelResult(
+          RotaryKvWriteCuda({.qkv = at(qkv, rr, qkv_width),
+                             .positions = in.positions + rr.begin,
+                             .slots = in.slots + rr.begin,
+                             .k_cache = k_cache,
+                             .v_cache = v_cache,
+                             .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
+                             .num_tokens = rr.rows,
+                             .num_heads = nH,
+                             .num_kv_heads = nKV,
+                             .head_dim = hd,
+                             .rotary_dim = c.rotary_dim,
+                             .theta = static_cast<float>(c.rope_theta),
+                             .dtype = dt},
+                            stream_),
+          "rotary_kv_write"));
     }
-    PHI_RETURN_IF_ERROR(
-        Linear(linear(normed, w.qkv_w, w.qkv_b, qkv, qkv_width, H, false, GemmEpilogue::kNone), dt,
-               "qkv gemm"));
-    if (lora) {
-      PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterQkv(l, normed, qkv, stream_), "lora qkv"));
-    }
-    PHI_RETURN_IF_ERROR(KernelResult(
-        RotaryKvWriteCuda({.qkv = qkv,
-                           .positions = in.positions,
-                           .slots = in.slots,
-                           .k_cache = k_cache,
-                           .v_cache = v_cache,
-                           .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
-                           .num_tokens = T,
-                           .num_heads = nH,
-                           .num_kv_heads = nKV,
-                           .head_dim = hd,
-                           .rotary_dim = c.rotary_dim,
-                           .theta = static_cast<float>(c.rope_theta),
-                           .dtype = dt},
-                          stream_),
-        "rotary_kv_write"));
     const PagedAttentionParams ap{.q = qkv,
                                   .k_cache = k_cache,
                                   .v_cache = v_cache,
@@ -312,23 +321,35 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       PHI_RETURN_IF_ERROR(
           KernelResult(lora_->BeforeResidual(l, attn, mlp, stream_), "lora dense + fc2 shrink"));
     }
-    if (fc2_on_branch) {
-      // h (+)= fc2 ran on the MLP stream; the dense partial adds to it.
-      PHI_RETURN_IF_ERROR(Linear(
-          linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone), dt,
-          "dense gemm"));
-    } else {
-      const GemmParams fc2 =
-          linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size, true, GemmEpilogue::kNone);
-      PHI_RETURN_IF_ERROR(Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd,
-                                        shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
-                                 dt, "dense + fc2 gemm", &fc2));
+    for (int ch = 0; ch < static_cast<int>(ranges.size()); ++ch) {
+      const RowRange& rr = ranges[ch];
+      void* h_rows = at(h, rr, H);
+      if (fc2_on_branch) {
+        // h (+)= fc2 ran on the MLP stream; the dense partial adds to it.
+        PHI_RETURN_IF_ERROR(
+            Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone), dt,
+                   "dense gemm"));
+      } else {
+        const GemmParams fc2 =
+            rows_of(linear(at(mlp, rr, c.intermediate_size), w.fc2_w, w.fc2_b, h_rows, H,
+                           c.intermediate_size, true, GemmEpilogue::kNone),
+                    rr);
+        PHI_RETURN_IF_ERROR(
+            Linear(rows_of(linear(at(attn, rr, nH * hd), w.dense_w, w.dense_b, h_rows, H, nH * hd,
+                                  shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
+                           rr),
+                   dt, "dense + fc2 gemm", &fc2));
+      }
+      if (lora) {
+        PHI_RETURN_IF_ERROR(
+            KernelResult(lora_->AfterResidual(l, attn, mlp, h, stream_), "lora dense + fc2"));
+      }
+      if (in.chunks) {
+        PHI_RETURN_IF_ERROR(in.chunks->after_tail(l, ch));  // this range's all-reduce
+      } else {
+        PHI_RETURN_IF_ERROR(TpAllReduce(h, T, "layer all-reduce"));  // after the LoRA partials
+      }
     }
-    if (lora) {
-      PHI_RETURN_IF_ERROR(
-          KernelResult(lora_->AfterResidual(l, attn, mlp, h, stream_), "lora dense + fc2"));
-    }
-    PHI_RETURN_IF_ERROR(TpAllReduce(h, T, "layer all-reduce"));  // after the LoRA partials
   }
   return absl::OkStatus();
 }
@@ -430,7 +451,7 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
   in.min_live = S;
   in.max_q_len = max_q_len;
   in.max_ctx = max_ctx;
-  PHI_RETURN_IF_ERROR(EnqueueLayers(in));
+  PHI_RETURN_IF_ERROR(EnqueuePrefillLayers(in));  // in row chunks: cuda_phi_tp_overlap.cc
 
   const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
   char* a = static_cast<char*>(arena_);

@@ -17,6 +17,7 @@
 #include "model/model_factory.h"
 #include "model/model_path.h"
 #include "model/tokenizer.h"
+#include "model/tp_prefill_split.h"
 #include "server/adapter_service.h"
 #include "server/batch_engine.h"
 #include "server/cli.h"
@@ -130,6 +131,10 @@ int RunServe(ServeOptions o) {
                      << ": test hook, the first Prefill/Decode stalls that long";
   }
   if (absl::Status s = CheckLoraTuningEnvironment(); !s.ok()) return Fail(s);
+  // Read again by the CUDA model; a bad value must not wait for (or skip, on CPU) the load.
+  if (absl::StatusOr<int> c = TpPrefillChunksFromEnv(kTpPrefillChunksDefault); !c.ok()) {
+    return Fail(c.status());
+  }
   SetLogRank(o.server.rank);
   // Prometheus /metrics (docs/observability.md) is up before loading starts, so a scrape sees
   // phishard_health_state 0 (loading) while the gRPC socket does not exist yet.

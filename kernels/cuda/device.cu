@@ -72,6 +72,13 @@ int DeviceMemset(void* ptr, int byte_value, size_t bytes, cudaStream_t stream) {
 int DeviceStreamCreate(cudaStream_t* stream) {
   return cudaStreamCreateWithFlags(stream, cudaStreamNonBlocking);
 }
+int DeviceStreamCreateHighPriority(cudaStream_t* stream) {
+  int least = 0, greatest = 0;
+  if (cudaError_t e = cudaDeviceGetStreamPriorityRange(&least, &greatest); e != cudaSuccess) {
+    return e;
+  }
+  return cudaStreamCreateWithPriority(stream, cudaStreamNonBlocking, greatest);
+}
 int DeviceStreamDestroy(cudaStream_t stream) { return cudaStreamDestroy(stream); }
 int DeviceStreamSync(cudaStream_t stream) { return cudaStreamSynchronize(stream); }
 int DeviceSynchronize() { return cudaDeviceSynchronize(); }

@@ -15,6 +15,12 @@
 // of all cases together (a graph bucket > 1, cuBLASLt), then of case 0 alone (bucket 1: the fused
 // dense + fc2 GEMV, which rank 1 runs without accumulating into the residual). The peft fixture
 // runs it with every case on its adapter: one batch mixes three adapters, sharded per rank.
+// Modes: "graphs" and "eager" keep every prefill whole (tp_prefill_chunks 1); "chunked" (graphs
+// on) runs the batched prefill's row-wise ops next to the all-reduces in 3 row chunks whose
+// all-reduces overlap the next chunk (model/cuda_phi_tp_overlap.cc; boundaries inside
+// sequences), and is held to the same bounds
+// against world 1 and against "graphs" of world 2 (same inputs, overlap on vs off). The LoRA
+// fixture's steps stay whole (adapter rows are never chunked).
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -32,6 +38,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -140,9 +147,9 @@ std::vector<int32_t> Range(int first, int n) {
 }
 
 // The script of the header; appends every logit row to `out`. Case i runs on adapter
-// `adapter[i]` (0: the base model).
+// `adapter[i]` (0: the base model). `*batched_chunks`: the chunks of the batched prefill.
 absl::Status RunScript(CudaPhiModel& m, const json& cases, const std::vector<uint32_t>& adapter,
-                       std::vector<float>* out) {
+                       std::vector<float>* out, int* batched_chunks) {
   const int S = static_cast<int>(cases.size());
   int longest = 0;
   for (const json& c : cases) longest = std::max<int>(longest, c.at("prompt_ids").size());
@@ -167,6 +174,7 @@ absl::Status RunScript(CudaPhiModel& m, const json& cases, const std::vector<uin
                             .adapter_index = adapter[i]});
   }
   if (absl::Status s = m.Forward(prefill, &logits); !s.ok()) return s;
+  *batched_chunks = m.last_prefill_chunks();
   keep();
   // Greedy path of the fixture, all cases in one batch (teacher-forced with the HF tokens).
   for (int step = 0; step < kDecodeSteps; ++step) {
@@ -252,17 +260,26 @@ int RankMain(int rank, int world, int port, const std::string& out_prefix) {
         adapter[i] = index_of.at(cases[i].at("adapter").get<std::string>());
       }
     }
-    for (bool graphs : {true, false}) {
+    for (const std::string mode : {"graphs", "eager", "chunked"}) {
+      const bool graphs = mode != "eager", chunked = mode == "chunked";
       (*m)->set_cuda_graphs(graphs);
+      if (absl::Status s = (*m)->set_tp_prefill_chunks(chunked ? 3 : 1, 1); !s.ok()) {
+        return Fail(rank, s.ToString());
+      }
       std::vector<float> logits;
-      if (absl::Status s = RunScript(**m, cases, adapter, &logits); !s.ok()) {
+      int batched_chunks = 0;
+      if (absl::Status s = RunScript(**m, cases, adapter, &logits, &batched_chunks); !s.ok()) {
         return Fail(rank, f.name + ": " + s.ToString());
+      }
+      const int want_chunks = chunked && world > 1 && !f.adapters ? 3 : 1;
+      if (batched_chunks != want_chunks) {
+        return Fail(rank, absl::StrCat(f.name, " ", mode, ": batched prefill ran in ",
+                                       batched_chunks, " chunk(s), want ", want_chunks));
       }
       if (graphs && (*m)->num_decode_graphs() + (*m)->num_lora_decode_graphs() < 2) {
         return Fail(rank, "decode graphs not used");
       }
-      std::ofstream o(absl::StrCat(out_prefix, ".", f.name, graphs ? ".graphs" : ".eager"),
-                      std::ios::binary);
+      std::ofstream o(absl::StrCat(out_prefix, ".", f.name, ".", mode), std::ios::binary);
       o.write(reinterpret_cast<const char*>(logits.data()),
               static_cast<std::streamsize>(logits.size() * sizeof(float)));
       if (!o.good()) return Fail(rank, "write");
@@ -300,6 +317,52 @@ int KillMain(int rank, int port) {
     }
   }
   return Fail(rank, "900 steps succeeded without rank 1");
+}
+
+// Long-prefill child (world 2): tiny-phi-code, 2 sequences x 600 random tokens (1,200 rows, at
+// least 2 x (kMinRows + 16): split at row 592, inside sequence 0), every row's logits with
+// tp_prefill_chunks 1 and then 2 (the default count), to `out_prefix`.chunks{1,2}. The default
+// minimum (4,096 rows a chunk) needs prefills longer than this model's 1,024 positions allow
+// a sequence; the chunked path is the same code at any size.
+constexpr int kMinRows = 512;
+int LongMain(int rank, int port, const std::string& out_prefix) {
+  int visible = 0;
+  if (DeviceGetCount(&visible) != 0 || visible < 2) return kSkip;
+  auto g = Join(rank, 2, port);
+  if (!g.ok()) return Fail(rank, g.status().ToString());
+  auto m = LoadRank(kRepo / "models" / "tiny-phi-code", rank, *g, visible);
+  if (!m.ok()) return Fail(rank, m.status().ToString());
+  constexpr int kSeqs = 2, kLen = 600;
+  const int per = KvBlockAllocator::BlocksFor(kLen);
+  std::mt19937 rng(11);
+  ForwardBatch b;
+  for (int s = 0; s < kSeqs; ++s) {
+    for (int t = 0; t < kLen; ++t) {
+      b.token_ids.push_back(static_cast<int32_t>(rng() % (*m)->config().vocab_size));
+      b.positions.push_back(t);
+      b.logit_rows.push_back(s * kLen + t);
+    }
+    b.seqs.push_back(
+        {.num_new_tokens = kLen, .context_len = kLen, .block_table = Range(s * per, per)});
+  }
+  for (int chunks : {1, kTpPrefillChunksDefault}) {
+    if (absl::Status s = (*m)->set_tp_prefill_chunks(chunks, kMinRows); !s.ok()) {
+      return Fail(rank, s.ToString());
+    }
+    std::vector<float> logits;
+    if (absl::Status s = (*m)->Forward(b, &logits); !s.ok()) return Fail(rank, s.ToString());
+    if ((*m)->last_prefill_chunks() != chunks) {
+      return Fail(rank,
+                  absl::StrCat("ran in ", (*m)->last_prefill_chunks(), " chunks, want ", chunks));
+    }
+    std::ofstream o(absl::StrCat(out_prefix, ".chunks", chunks), std::ios::binary);
+    o.write(reinterpret_cast<const char*>(logits.data()),
+            static_cast<std::streamsize>(logits.size() * sizeof(float)));
+    if (!o.good()) return Fail(rank, "write");
+  }
+  // Neither rank leaves while the other is still in its step (a leaving peer aborts the group).
+  if (absl::Status s = g->comm->Barrier(); !s.ok()) return Fail(rank, s.ToString());
+  return 0;
 }
 
 struct Exit {
@@ -399,9 +462,13 @@ TEST_F(CudaTpModelTest, TwoRanksMatchOneRankOnGoldenFixtures) {
     const json golden = ReadJson(f.golden);
     const int V = ReadJson(f.model_dir / "config.json").at("vocab_size").get<int>();
     const std::vector<int> ref = ReferenceTokens(golden.at("cases"));
-    for (const char* mode : {"graphs", "eager"}) {
-      const std::string what = absl::StrCat(f.name, " ", mode);
-      const std::vector<float> w1 = ReadFloats(absl::StrCat(one, ".", f.name, ".", mode));
+    // {world 2 mode, what it is held against}: world 1, and for "chunked" also world 2 unchunked.
+    for (const auto& [mode, against] : std::vector<std::pair<std::string, std::string>>{
+             {"graphs", "w1"}, {"eager", "w1"}, {"chunked", "w1"}, {"chunked", "graphs"}}) {
+      const std::string what = absl::StrCat(f.name, " ", mode, " vs ", against);
+      const std::vector<float> w1 =
+          against == "w1" ? ReadFloats(absl::StrCat(one, ".", f.name, ".", mode))
+                          : ReadFloats(absl::StrCat(prefix[0], ".", f.name, ".", against));
       const std::vector<float> r0 = ReadFloats(absl::StrCat(prefix[0], ".", f.name, ".", mode));
       const std::vector<float> r1 = ReadFloats(absl::StrCat(prefix[1], ".", f.name, ".", mode));
       ASSERT_EQ(w1.size(), ref.size() * V) << what;
@@ -443,11 +510,60 @@ TEST_F(CudaTpModelTest, TwoRanksMatchOneRankOnGoldenFixtures) {
       const double norm_rel = std::sqrt(num / std::max(den, 1e-30));
       EXPECT_LE(norm_rel, kLogitNormRel) << what;
       std::printf(
-          "  %-28s world 2 vs 1: max|d| %.4f (%.4f of scale), norm rel %.5f; "
+          "  %-36s world 2: max|d| %.4f (%.4f of scale), norm rel %.5f; "
           "top-1 != HF at %d row(s), all near-ties: %d\n",
           what.c_str(), worst, worst_frac, norm_rel, flips, ties);
     }
   }
+}
+
+// Overlap on vs off on a prefill the default settings chunk (LongMain): ranks bit-identical, and
+// every row within the bounds of the golden test (both are bf16 computations of one model, each
+// within the emulated error of the float32 result), top-1 equal but at near-ties.
+TEST_F(CudaTpModelTest, ChunkedLongPrefillMatchesWholeOne) {
+  const int port = FreeLoopbackPort();
+  std::vector<std::string> prefix = {(dir_ / "l2r0").string(), (dir_ / "l2r1").string()};
+  std::vector<Exit> e = RunRanks(
+      2, [&](int r) { return LongMain(r, port, prefix[r]); }, absl::Minutes(3));
+  if (e[0].code == kSkip && e[1].code == kSkip) GTEST_SKIP() << "needs two visible GPUs";
+  ASSERT_EQ(e[0].code, 0) << "rank 0 (see stderr)";
+  ASSERT_EQ(e[1].code, 0) << "rank 1 (see stderr)";
+  const int V = ReadJson(kRepo / "models" / "tiny-phi-code" / "config.json").at("vocab_size");
+  const std::string two = absl::StrCat(".chunks", kTpPrefillChunksDefault);
+  const std::vector<float> whole = ReadFloats(prefix[0] + ".chunks1");
+  const std::vector<float> chunked = ReadFloats(prefix[0] + two);
+  ASSERT_EQ(whole.size(), size_t{1200} * V);
+  ASSERT_EQ(chunked.size(), whole.size());
+  EXPECT_TRUE(ReadFloats(prefix[1] + two) == chunked) << "ranks disagree";
+  double worst_frac = 0, num = 0, den = 0;
+  int flips = 0;
+  for (size_t row = 0; row < 1200; ++row) {
+    const float* a = whole.data() + row * V;
+    const float* b = chunked.data() + row * V;
+    double scale = 1.0, row_worst = 0;
+    for (int v = 0; v < V; ++v) scale = std::max(scale, std::fabs(static_cast<double>(a[v])));
+    for (int v = 0; v < V; ++v) {
+      ASSERT_TRUE(std::isfinite(b[v])) << "row " << row;
+      const double d = static_cast<double>(b[v]) - a[v];
+      row_worst = std::max(row_worst, std::fabs(d));
+      num += d * d;
+      den += static_cast<double>(a[v]) * a[v];
+    }
+    worst_frac = std::max(worst_frac, row_worst / scale);
+    EXPECT_LE(row_worst, kLogitFrac * scale) << "row " << row;
+    const int ta = Argmax(a, V), tb = Argmax(b, V);
+    if (ta != tb) {
+      ++flips;
+      EXPECT_LE(b[tb] - b[ta], kTieFrac * scale)
+          << "row " << row << ": top-1 " << tb << " vs " << ta;
+    }
+  }
+  const double norm_rel = std::sqrt(num / std::max(den, 1e-30));
+  EXPECT_LE(norm_rel, kLogitNormRel);
+  std::printf(
+      "  chunked vs whole 2x600 prefill: max|d| %.4f of scale, norm rel %.5f, %d near-tie "
+      "top-1 flip(s) of 1200 rows\n",
+      worst_frac, norm_rel, flips);
 }
 
 TEST_F(CudaTpModelTest, KilledRankMakesThePeerFailWithinSeconds) {

@@ -317,13 +317,14 @@ TEST(Faults, BadStallHookValueIsRefusedAtStartup) {
   EXPECT_FALSE(fs::exists(dir / "s-0"));
 }
 
-// The CUDA tuning switches (LoRA, MLP stream) are read when the model is made; a typo must not quietly mean the
-// default: serve refuses it before loading, on any device.
+// The CUDA tuning switches (LoRA, MLP stream, TP prefill chunks) are read when the model is made;
+// a typo must not quietly mean the default: serve refuses it before loading, on any device.
 TEST(Faults, BadLoraTuningValueIsRefusedAtStartup) {
   for (const auto& [name, value] : std::vector<std::pair<std::string, std::string>>{
            {"PHISHARD_LORA_OVERLAP", "off"},
            {"PHISHARD_LORA_GEMM_MIN_ROWS", "-1"},
-           {"PHISHARD_MLP_STREAM", "3"}}) {
+           {"PHISHARD_MLP_STREAM", "3"},
+           {"PHISHARD_TP_PREFILL_CHUNKS", "0"}}) {
     TempDir dir;
     integration::ShardProcess p(integration::BinaryPath(),
                                 integration::ServeArgs(integration::DemoModel(), dir / "s"),
