@@ -233,6 +233,17 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   m->gemv_max_rows_ = options.gemv_max_rows;
   m->gemv_single_segment_ = options.gemv_single_segment;
   m->pdl_ = options.pdl && props.cc_major >= 9;
+  m->mlp_sharded_ = options.mlp_stream_sharded == 1;
+  if (options.mlp_stream_sharded < 0) {
+    if (const char* v = std::getenv("PHISHARD_MLP_STREAM_TP"); v != nullptr && *v != '\0') {
+      const std::string_view s(v);
+      if (s != "0" && s != "1") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("environment variable PHISHARD_MLP_STREAM_TP='", v, "' must be 0 or 1"));
+      }
+      m->mlp_sharded_ = s == "1";
+    }
+  }
   int mlp_mode = options.mlp_stream;
   if (mlp_mode < 0) {
     mlp_mode = kMlpStreamDefault;

@@ -85,6 +85,11 @@ struct CudaModelOptions {
   // ms with 2, b64 8.60 -> 8.45, b256 unchanged (the attention kernel fills the GPU).
   // -1: PHISHARD_MLP_STREAM (0, 1, 2) when set, else kMlpStreamDefault.
   int mlp_stream = -1;
+  // The same in tensor-parallel (sharded) decode steps: 0 no (default), 1 yes; -1:
+  // PHISHARD_MLP_STREAM_TP when set. Off by default: TP=2 decode b128 measured 11.9-12.2 ms once
+  // the fork was on main against 10.5-10.6 in the TP runs before it (suspected: each layer's
+  // all-reduce waits for the slower rank, whose two branches race; docs/perf-log.md).
+  int mlp_stream_sharded = -1;
   // Tensor parallelism (spec §6.8-6.9, docs/tensor-parallel.md): the group's device communicator
   // (NCCL; not owned, must outlive the model), or nullptr / world size 1 for an unsharded model.
   // The model then holds rank comm->rank()'s slices (MakePhiShard) and runs on `device`, which
@@ -289,6 +294,7 @@ class CudaPhiModel final : public ModelBackend {
   // branches' GEMMs run at the same time), forked from stream_ after each layer's LN and joined
   // back before the dense GEMM (a fork / join inside a captured graph).
   int mlp_mode_ = kMlpStreamOff;
+  bool mlp_sharded_ = false;  // CudaModelOptions::mlp_stream_sharded
   cudaStream_t mlp_stream_ = nullptr;
   std::unique_ptr<CudaGemm> mlp_gemm_;
   DeviceEvent* mlp_fork_ev_ = nullptr;

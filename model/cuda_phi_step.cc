@@ -153,7 +153,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // The MLP branch on its own stream (CudaModelOptions::mlp_stream) in decode steps; steps with
   // adapter rows keep the one-stream order their hooks are written for, prefill steps one stream
   // (their GEMMs fill the GPU alone: measured no gain, docs/perf-log.md).
-  const bool mlp_fork = mlp_mode_ != kMlpStreamOff && !lora && in.decode;
+  const bool mlp_fork =
+      mlp_mode_ != kMlpStreamOff && !lora && in.decode && (!shard_.sharded() || mlp_sharded_);
   const bool fc2_on_branch = mlp_fork && mlp_mode_ == kMlpStreamFc1Fc2;
   auto linear = [&](const void* x, const void* w, const void* bias, void* y, int n, int k,
                     bool accumulate, GemmEpilogue epi) {

@@ -84,7 +84,8 @@ absl::StatusOr<std::unique_ptr<AdapterService>> StartAdapters(const ServeOptions
 // quietly meaning the default.
 absl::Status CheckLoraTuningEnvironment() {
   for (const char* name : {"PHISHARD_LORA_GEMM_FUSED_GELU", "PHISHARD_LORA_GEMM_SPLIT_T",
-                           "PHISHARD_LORA_GEMM_SGMV_SHRINK", "PHISHARD_LORA_OVERLAP"}) {
+                           "PHISHARD_LORA_GEMM_SGMV_SHRINK", "PHISHARD_LORA_OVERLAP",
+                           "PHISHARD_MLP_STREAM_TP"}) {
     const char* v = std::getenv(name);
     if (v != nullptr && *v != '\0' && std::string_view(v) != "0" && std::string_view(v) != "1") {
       return absl::InvalidArgumentError(

@@ -324,6 +324,7 @@ TEST(Faults, BadLoraTuningValueIsRefusedAtStartup) {
            {"PHISHARD_LORA_OVERLAP", "off"},
            {"PHISHARD_LORA_GEMM_MIN_ROWS", "-1"},
            {"PHISHARD_MLP_STREAM", "3"},
+           {"PHISHARD_MLP_STREAM_TP", "2"},
            {"PHISHARD_TP_PREFILL_CHUNKS", "0"}}) {
     TempDir dir;
     integration::ShardProcess p(integration::BinaryPath(),
