@@ -123,6 +123,9 @@ fi
 if [ -x $B/phishard_tp_bench ]; then
   step tp_bench 90 tp_bench.log $B/phishard_tp_bench --tp 1,2 --batches 1,32,128 --context 1024 \
     --prefills 1x2048,8x2048 --json "$OUT/tp_bench.json"
+  # A/B: the MLP-branch stream in sharded decode steps too (off by default).
+  step tp_bench_mlp_tp 60 tp_bench.log env PHISHARD_MLP_STREAM_TP=1 $B/phishard_tp_bench --tp 2 \
+    --batches 1,32,128 --context 1024 --prefills ""
 fi
 if [ -x $B/phishard_bench ]; then
   BENCH_TIMEOUT_S=${BENCH_S:-80} PEER_TIMEOUT_S=${PEER_S:-75} step run_all 160 run_all.log \
