@@ -25,6 +25,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/types/span.h"
 #include "bench/bench_util.h"
@@ -39,6 +40,7 @@
 #include "model/lora_adapter.h"
 #include "model/phi_config.h"
 #include "nlohmann/json.hpp"
+#include "nvtx3/nvToolsExt.h"
 
 namespace phishard {
 namespace {
@@ -443,12 +445,16 @@ class Bench {
     };
     for (int i = 0; i < 3; ++i) step();  // first: eager + capture
     std::vector<double> host, dev;
+    // The timed steps as an NVTX range "decode-<mode>" (ncu --nvtx --nvtx-include picks them).
+    const std::string range = absl::StrFormat("decode-%s", absl::StrReplaceAll(mode, {{" ", "-"}}));
+    nvtxRangePushA(range.c_str());
     for (int i = 0; i < steps_; ++i) {
       const auto t0 = Clock::now();
       step();
       host.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       dev.push_back(m_.last_step_device_ms());
     }
+    nvtxRangePop();
     BENCH_CHECK(logits.size() == static_cast<size_t>(batch) * shape_.V, "decode logits size");
     for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite decode logits");
     r->kind = "decode";
@@ -483,12 +489,14 @@ class Bench {
     std::vector<float> logits;
     BENCH_OK(m_.Forward(b, &logits));
     std::vector<double> host, dev;
+    nvtxRangePushA(num_adapters_ > 0 ? "prefill-lora" : "prefill-base");  // as in Decode
     for (int i = 0; i < std::max(3, steps_ / 4); ++i) {
       const auto t0 = Clock::now();
       BENCH_OK(m_.Forward(b, &logits));
       host.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       dev.push_back(m_.last_step_device_ms());
     }
+    nvtxRangePop();
     for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite prefill logits");
     r->kind = "prefill";
     r->mode = "eager";

@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace phishard {
 namespace {
@@ -176,6 +177,56 @@ KernelStatus SgmvGroupedExpandCpu(const SgmvGroupedExpandParams& p) {
         if (st != KernelStatus::kOk) return st;
       }
     }
+  }
+  return KernelStatus::kOk;
+}
+
+KernelStatus SgmvFusedCpu(const SgmvFusedParams& p) {
+  int tiles = 0;
+  if (KernelStatus st = CheckTableRef(p.ref, p.num_ops, &tiles); st != KernelStatus::kOk) return st;
+  for (int o = 0; o < p.num_ops; ++o) {
+    const SgmvFusedOp& op = p.ops[o];
+    if (op.out <= 0 || op.num_terms < 1 || op.num_terms > kSgmvMaxTerms) {
+      return KernelStatus::kInvalidShape;
+    }
+    for (int k = 0; k < op.num_terms; ++k) {
+      if (op.terms[k].in <= 0) return KernelStatus::kInvalidShape;
+    }
+  }
+  if (tiles == 0) return KernelStatus::kOk;
+  // t [num_rows, kSgmvMaxTerms x max_rank]: each term's shrink, then the op's two-term expand.
+  const int ldt = std::max(1, kSgmvMaxTerms * p.ref.max_rank);
+  std::vector<float> t(static_cast<size_t>(p.ref.num_rows) * ldt, 0.0f);
+  for (int o = 0; o < p.num_ops; ++o) {
+    const SgmvFusedOp& op = p.ops[o];
+    std::fill(t.begin(), t.end(), 0.0f);  // a term whose A is missing adds nothing
+    SgmvGroupedShrinkParams sp;
+    SgmvGroupedExpandParams ep;
+    ep.ops[0].y = op.y;
+    ep.ops[0].ldy = op.ldy;
+    ep.ops[0].out = op.out;
+    ep.ops[0].num_terms = op.num_terms;
+    for (int k = 0; k < op.num_terms; ++k) {
+      const SgmvFusedTerm& term = op.terms[k];
+      sp.ops[k] = {.x = term.x,
+                   .ldx = term.ldx,
+                   .in = term.in,
+                   .t_col = k * p.ref.max_rank,
+                   .entry = term.entry};
+      ep.ops[0].terms[k] = {k * p.ref.max_rank, term.entry};
+    }
+    sp.num_ops = op.num_terms;
+    sp.t = t.data();
+    sp.ldt = ldt;
+    sp.ref = p.ref;
+    sp.dtype = p.dtype;
+    if (KernelStatus st = SgmvGroupedShrinkCpu(sp); st != KernelStatus::kOk) return st;
+    ep.num_ops = 1;
+    ep.t = t.data();
+    ep.ldt = ldt;
+    ep.ref = p.ref;
+    ep.dtype = p.dtype;
+    if (KernelStatus st = SgmvGroupedExpandCpu(ep); st != KernelStatus::kOk) return st;
   }
   return KernelStatus::kOk;
 }

@@ -151,4 +151,37 @@ struct SgmvGroupedExpandParams {
 KernelStatus SgmvGroupedShrinkCpu(const SgmvGroupedShrinkParams& p);
 KernelStatus SgmvGroupedExpandCpu(const SgmvGroupedExpandParams& p);
 
+// ---- Fused form (decode steps): shrink and expand of an op in one pass -------------------------
+// For every row of every tile in use, op o adds its terms' deltas to y with one rounding:
+//   y_o[row, 0:out_o] += Σ_terms scale · (x_term[row, 0:in_term] · A_(slot, entry)ᵀ) · B_(slot,
+//   entry)ᵀ
+// The rank-r intermediate stays float32 and is never stored (no t buffer). The terms of one op may
+// read different inputs (the residual stream's dense and fc2 deltas: attention output and GELU
+// output). Tiles, table, clamping and skipping as in the grouped form.
+struct SgmvFusedTerm {
+  const void* x = nullptr;  // [num_rows, in] row stride ldx, dtype
+  int ldx = 0;              // 0 means in
+  int in = 0;
+  int entry = 0;  // weight table entry (its A is [rank, in], its B [out, rank])
+};
+
+struct SgmvFusedOp {
+  void* y = nullptr;  // [num_rows, out] row stride ldy, dtype; +=
+  int ldy = 0;        // 0 means out
+  int out = 0;
+  int num_terms = 1;  // 1..kSgmvMaxTerms
+  SgmvFusedTerm terms[kSgmvMaxTerms];
+};
+
+struct SgmvFusedParams {
+  SgmvFusedOp ops[kSgmvMaxOps];  // distinct ops must not write the same y elements
+  int num_ops = 0;
+  SgmvTableRef ref;
+  DataType dtype = DataType::kF32;
+};
+
+// Host memory, kF32 only: each term through the grouped shrink / expand references above (t in a
+// scratch buffer). kInvalidShape / kNullPointer as there.
+KernelStatus SgmvFusedCpu(const SgmvFusedParams& p);
+
 }  // namespace phishard

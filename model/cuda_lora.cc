@@ -45,6 +45,9 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_OVERLAP"); v != nullptr && *v == '0') {
     overlap_ = false;
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_FUSED"); v != nullptr && *v == '0') {
+    fused_ = false;
+  }
 }
 
 CudaLora::~CudaLora() {
@@ -496,7 +499,7 @@ KernelStatus CudaLora::Join(bool* pending, cudaStream_t stream) {
 }
 
 KernelStatus CudaLora::BeforeQkv(int layer, const void* normed, cudaStream_t stream) {
-  if (!active_ || gemm_step_ || !overlap_) return KernelStatus::kOk;
+  if (!active_ || gemm_step_ || !overlap_ || FusedStep()) return KernelStatus::kOk;
   const SgmvGroupedShrinkParams sp = QkvShrink(layer, normed);
   if (sp.num_ops == 0) return KernelStatus::kOk;
   return ForkShrink(sp, stream, &qkv_pending_);
@@ -504,7 +507,7 @@ KernelStatus CudaLora::BeforeQkv(int layer, const void* normed, cudaStream_t str
 
 KernelStatus CudaLora::BeforeResidual(int layer, const void* attn, const void* mlp,
                                       cudaStream_t stream) {
-  if (!active_ || gemm_step_ || !overlap_) return KernelStatus::kOk;
+  if (!active_ || gemm_step_ || !overlap_ || FusedStep()) return KernelStatus::kOk;
   const SgmvGroupedShrinkParams sp = ResidualShrink(layer, attn, mlp);
   if (sp.num_ops == 0) return KernelStatus::kOk;
   return ForkShrink(sp, stream, &res_pending_);
@@ -517,6 +520,21 @@ KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaSt
   const int hd = c.head_dim;
   const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
   const int width = nq + 2 * nkv;
+  if (FusedStep()) {
+    SgmvFusedParams fp;
+    const int offsets[] = {0, nq, nq + nkv};
+    const int outs[] = {nq, nkv, nkv};
+    for (int t : {kQ, kK, kV}) {
+      if (!Launch(Entry(layer, t))) continue;
+      SgmvFusedOp& op = fp.ops[fp.num_ops++];
+      op.y = static_cast<char*>(qkv) + static_cast<size_t>(offsets[t]) * 2;
+      op.ldy = width;
+      op.out = outs[t];
+      op.terms[0] = {
+          .x = normed, .ldx = c.hidden_size, .in = c.hidden_size, .entry = Entry(layer, t)};
+    }
+    return Fused(fp, GemmEpilogue::kNone, stream);
+  }
   if (qkv_pending_) {
     if (KernelStatus st = Join(&qkv_pending_, stream); st != KernelStatus::kOk) return st;
   } else {
@@ -543,6 +561,15 @@ KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaSt
   return Expand(ep, GemmEpilogue::kNone, stream);
 }
 
+bool CudaLora::FusedStep() const { return all_ops_ && fused_ && rank_cap_ <= kSgmvFusedMaxRank; }
+
+KernelStatus CudaLora::Fused(SgmvFusedParams& fp, GemmEpilogue act, cudaStream_t stream) const {
+  if (fp.num_ops == 0) return KernelStatus::kOk;
+  fp.ref = Ref(false);
+  fp.dtype = dtype_;
+  return SgmvDecodeFusedCuda(fp, act, stream);
+}
+
 KernelStatus CudaLora::Expand(const SgmvGroupedExpandParams& ep, GemmEpilogue act,
                               cudaStream_t stream) const {
   if (all_ops_) return SgmvDecodeExpandCuda(ep, act, stream);  // decode: single-row tiles
@@ -550,10 +577,20 @@ KernelStatus CudaLora::Expand(const SgmvGroupedExpandParams& ep, GemmEpilogue ac
   return SgmvGroupedExpandCuda(ep, stream);
 }
 
-KernelStatus CudaLora::AfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream) {
+KernelStatus CudaLora::AfterFc1(int layer, const void* normed, void* mlp, GemmEpilogue act,
+                                cudaStream_t stream) {
   if (!SplitFc1(layer)) return KernelStatus::kOk;
   if (gemm_step_) return GemmAfterFc1(layer, mlp, act, stream);
   const int I = config_.intermediate_size;
+  if (FusedStep()) {  // every decode row has a tile: mlp = act(mlp + delta), base rows act(mlp)
+    const int H = config_.hidden_size;
+    SgmvFusedParams fp;
+    fp.ops[0].y = mlp;
+    fp.ops[0].out = I;
+    fp.ops[0].terms[0] = {.x = normed, .ldx = H, .in = H, .entry = Entry(layer, kFc1)};
+    fp.num_ops = 1;
+    return Fused(fp, act, stream);
+  }
   SgmvGroupedExpandParams ep;
   ep.ops[0].y = mlp;
   ep.ops[0].out = I;
@@ -568,11 +605,44 @@ KernelStatus CudaLora::AfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStre
   return GeluInPlaceCuda({.y = mlp, .rows = rows_, .cols = I, .act = act, .dtype = dtype_}, stream);
 }
 
-KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* mlp, void* h,
-                                     cudaStream_t stream) {
+KernelStatus CudaLora::AfterFc2(int layer, const void* mlp, void* h, cudaStream_t stream) {
   if (!active_) return KernelStatus::kOk;
+  PHI_CHECK(FusedStep());  // the model forks the MLP branch only when BranchHooks()
+  const int H = config_.hidden_size, I = config_.intermediate_size;
+  SgmvFusedParams fp;
+  if (Launch(Entry(layer, kFc2))) {
+    fp.ops[0].y = h;
+    fp.ops[0].ldy = H;
+    fp.ops[0].out = H;
+    fp.ops[0].terms[0] = {.x = mlp, .ldx = I, .in = I, .entry = Entry(layer, kFc2)};
+    fp.num_ops = 1;
+  }
+  return Fused(fp, GemmEpilogue::kNone, stream);
+}
+
+KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* mlp, void* h,
+                                     cudaStream_t stream, bool fc2_done) {
+  if (!active_) return KernelStatus::kOk;
+  PHI_CHECK(!fc2_done || FusedStep());
   if (gemm_step_) return GemmAfterResidual(layer, attn, mlp, h, stream);
   const int H = config_.hidden_size;
+  if (FusedStep()) {  // h += dense(attn) and fc2(mlp) deltas, one rounding (fc2's: AfterFc2)
+    const int A = config_.num_attention_heads * config_.head_dim, I = config_.intermediate_size;
+    SgmvFusedParams fp;
+    SgmvFusedOp& op = fp.ops[0];
+    op.y = h;
+    op.ldy = H;
+    op.out = H;
+    op.num_terms = 0;
+    if (Launch(Entry(layer, kDense))) {
+      op.terms[op.num_terms++] = {.x = attn, .ldx = A, .in = A, .entry = Entry(layer, kDense)};
+    }
+    if (!fc2_done && Launch(Entry(layer, kFc2))) {
+      op.terms[op.num_terms++] = {.x = mlp, .ldx = I, .in = I, .entry = Entry(layer, kFc2)};
+    }
+    fp.num_ops = op.num_terms > 0 ? 1 : 0;
+    return Fused(fp, GemmEpilogue::kNone, stream);
+  }
   SgmvExpandOp y;
   y.y = h;
   y.ldy = H;

@@ -30,6 +30,12 @@
 // (before the dense + fc2 GEMM), so each runs beside a base GEMM that does not touch its input
 // or output, and joined before the expand that reads t (measured: -0.5 ms an eager b64 decode
 // step, no change in graphs; docs/perf-log.md run 5).
+// Decode steps whose ranks are all <= kSgmvFusedMaxRank (64) take neither: each hook is one
+// fused launch (SgmvDecodeFusedCuda: every block computes its row's rank-r intermediate in shared
+// memory and expands it), AfterQkv for q / k / v, AfterFc1 for fc1 with the GELU, AfterResidual
+// for dense + fc2 as two terms (or AfterFc2 + AfterResidual when fc2 runs on the MLP stream, see
+// BranchHooks); no t buffer, no side stream (3-4 launches a layer instead of 5;
+// PHISHARD_LORA_FUSED=0 keeps the shrink + expand kernels).
 // Long steps (prefill of at least gemm_min_rows() rows, few adapters) take the GEMM form instead
 // (model/cuda_lora_gemm.cc, kernels/cuda/lora_gemm_cuda.h): per layer the step's adapters are
 // gathered into concatenated A / B matrices, the shrinks are cuBLASLt GEMMs into a float32 t, a
@@ -102,6 +108,7 @@ class CudaLora {
                             cudaStream_t stream);
   bool active() const { return active_; }
   void Deactivate() { active_ = false; }
+  // fc1 runs without its activation and AfterFc1 adds the delta and applies it (SGMV steps).
   bool SplitFc1(int layer) const;
 
   // Overlap (SGMV steps, on unless PHISHARD_LORA_OVERLAP=0): BeforeQkv, called between the LN
@@ -113,9 +120,17 @@ class CudaLora {
   KernelStatus BeforeQkv(int layer, const void* normed, cudaStream_t stream);
   KernelStatus BeforeResidual(int layer, const void* attn, const void* mlp, cudaStream_t stream);
   KernelStatus AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
-  KernelStatus AfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream);
+  KernelStatus AfterFc1(int layer, const void* normed, void* mlp, GemmEpilogue act,
+                        cudaStream_t stream);
   KernelStatus AfterResidual(int layer, const void* attn, const void* mlp, void* h,
-                             cudaStream_t stream);
+                             cudaStream_t stream, bool fc2_done = false);
+  // The MLP branch on its own stream (CudaModelOptions::mlp_stream) in steps with adapter rows:
+  // allowed when every hook is one fused launch (BranchHooks: AfterFc1 reads only the LN output
+  // and mlp, no t buffer shared with the other branch). With fc2 on the branch, AfterFc2 adds
+  // fc2's delta to h on that stream after the fc2 GEMM, and AfterResidual(fc2_done = true) only
+  // dense's after the join.
+  bool BranchHooks() const { return active_ && FusedStep(); }
+  KernelStatus AfterFc2(int layer, const void* mlp, void* h, cudaStream_t stream);
   // x = the final-LN rows that feed the LM head, logits [rows, ld_logits] float32.
   KernelStatus AfterLmHead(const void* x, float* logits, int ld_logits, cudaStream_t stream);
 
@@ -138,6 +153,10 @@ class CudaLora {
   // Decode steps: SgmvDecodeExpandCuda (PDL, act fused); others: the grouped expand.
   KernelStatus Expand(const SgmvGroupedExpandParams& ep, GemmEpilogue act,
                       cudaStream_t stream) const;
+  // Decode steps with every rank <= kSgmvFusedMaxRank (unless PHISHARD_LORA_FUSED=0): each
+  // hook is one SgmvDecodeFusedCuda launch (shrink + expand, no t buffer, no side stream).
+  bool FusedStep() const;
+  KernelStatus Fused(SgmvFusedParams& fp, GemmEpilogue act, cudaStream_t stream) const;
   // The shrinks of AfterQkv (x = LN output) and AfterResidual (x = attention / GELU output).
   SgmvGroupedShrinkParams QkvShrink(int layer, const void* normed) const;
   SgmvGroupedShrinkParams ResidualShrink(int layer, const void* attn, const void* mlp) const;
@@ -181,6 +200,7 @@ class CudaLora {
   // Overlap: the side stream and its fork / join events (made at the first active Plan; when
   // they cannot be made the shrinks stay on the main stream), and which shrinks ran early.
   bool overlap_ = true;
+  bool fused_ = true;  // PHISHARD_LORA_FUSED=0: decode steps on the shrink + expand kernels
   cudaStream_t side_ = nullptr;
   DeviceEvent* fork_ev_ = nullptr;
   DeviceEvent* join_ev_ = nullptr;

@@ -151,10 +151,13 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   const DataType dt = dtype_;
   const bool lora = lora_->active();  // some row has an adapter (model/cuda_lora.h hooks)
   // The MLP branch on its own stream (CudaModelOptions::mlp_stream) in decode steps; steps with
-  // adapter rows keep the one-stream order their hooks are written for, prefill steps one stream
-  // (their GEMMs fill the GPU alone: measured no gain, docs/perf-log.md).
-  const bool mlp_fork =
-      mlp_mode_ != kMlpStreamOff && !lora && in.decode && (!shard_.sharded() || mlp_sharded_);
+  // adapter rows only when their hooks are the fused launches (CudaLora::BranchHooks; sharded
+  // LoRA steps keep one stream: not yet run with NCCL), sharded steps only with
+  // PHISHARD_MLP_STREAM_TP, prefill steps one stream (their GEMMs fill the GPU alone: measured no
+  // gain, docs/perf-log.md).
+  const bool mlp_fork = mlp_mode_ != kMlpStreamOff && in.decode &&
+                        (!shard_.sharded() || (mlp_sharded_ && !lora)) &&
+                        (!lora || lora_->BranchHooks());
   const bool fc2_on_branch = mlp_fork && mlp_mode_ == kMlpStreamFc1Fc2;
   auto linear = [&](const void* x, const void* w, const void* bias, void* y, int n, int k,
                     bool accumulate, GemmEpilogue epi) {
@@ -227,12 +230,15 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       PHI_RETURN_IF_ERROR(Linear(
           linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act), dt,
           "fc1 gemm", nullptr, st, g));
-      if (lora) PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, mlp, act, st), "lora fc1"));
+      if (lora) {
+        PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, normed, mlp, act, st), "lora fc1"));
+      }
       if (fc2_on_branch) {
         // Rank 0 (or unsharded) adds to the residual, the other ranks start their partial.
         PHI_RETURN_IF_ERROR(Linear(linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size,
                                           shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
                                    dt, "fc2 gemm", nullptr, st, g));
+        if (lora) PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc2(l, mlp, h, st), "lora fc2"));
       }
       return absl::OkStatus();
     };
@@ -342,8 +348,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                    dt, "dense + fc2 gemm", &fc2));
       }
       if (lora) {
-        PHI_RETURN_IF_ERROR(
-            KernelResult(lora_->AfterResidual(l, attn, mlp, h, stream_), "lora dense + fc2"));
+        PHI_RETURN_IF_ERROR(KernelResult(
+            lora_->AfterResidual(l, attn, mlp, h, stream_, fc2_on_branch), "lora dense + fc2"));
       }
       if (in.chunks) {
         PHI_RETURN_IF_ERROR(in.chunks->after_tail(l, ch));  // this range's all-reduce

@@ -85,7 +85,7 @@ absl::StatusOr<std::unique_ptr<AdapterService>> StartAdapters(const ServeOptions
 absl::Status CheckLoraTuningEnvironment() {
   for (const char* name : {"PHISHARD_LORA_GEMM_FUSED_GELU", "PHISHARD_LORA_GEMM_SPLIT_T",
                            "PHISHARD_LORA_GEMM_SGMV_SHRINK", "PHISHARD_LORA_OVERLAP",
-                           "PHISHARD_MLP_STREAM_TP"}) {
+                           "PHISHARD_MLP_STREAM_TP", "PHISHARD_LORA_FUSED"}) {
     const char* v = std::getenv(name);
     if (v != nullptr && *v != '\0' && std::string_view(v) != "0" && std::string_view(v) != "1") {
       return absl::InvalidArgumentError(

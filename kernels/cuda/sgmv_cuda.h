@@ -49,4 +49,14 @@ KernelStatus SgmvGroupedExpandCuda(const SgmvGroupedExpandParams& p, cudaStream_
 KernelStatus SgmvDecodeExpandCuda(const SgmvGroupedExpandParams& p, GemmEpilogue act,
                                   cudaStream_t stream);
 
+// The fused form (kernels/sgmv.h SgmvFusedParams, kernels/cuda/sgmv_fused.cu) for decode steps:
+// shrink and expand of each op in one launch, t kept in shared memory (no t buffer), ranks up to
+// kSgmvFusedMaxRank (ref.max_rank above it: kInvalidShape; the model then takes the two-kernel
+// path). A block owns (tile, column block, op) and recomputes its row's t, so it is meant for
+// single-row tiles (any tile of <= kSgmvTileRows rows is correct). Launched as a programmatic
+// dependent. With act != kNone (one op): every row of every tile in use, base tiles (slot < 0)
+// included, becomes act(y + delta) over the whole op width, as SgmvDecodeExpandCuda does.
+inline constexpr int kSgmvFusedMaxRank = 64;
+KernelStatus SgmvDecodeFusedCuda(const SgmvFusedParams& p, GemmEpilogue act, cudaStream_t stream);
+
 }  // namespace phishard

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/gemm_cuda.h"
@@ -151,89 +152,94 @@ TEST(CudaLoraGemm, MaskKeepsEachRowsOwnWindowScaledAndZeroesTheRest) {
   Adapters ad = MakeAdapters();
   DeviceBuffer table = DeviceBuffer::From(ad.table);
   const std::vector<LoraStepAdapter> step = {{2, 0, 24, 0}, {0, 24, 24, 0}};
-  const int R = 48, rows = 7, ld = 6 * R + 8;
-  DeviceBuffer steps = DeviceBuffer::From(step);
-  const std::vector<int32_t> row_adapter = {0, 0, -1, 1, 1, -1, 0};
-  DeviceBuffer rmap = DeviceBuffer::From(row_adapter);
-  // Block order of the model: q, k, v, fc1, dense, fc2.
-  const int entries[6] = {0, 1, 2, 4, 3, 5};
-  std::vector<float> t = RandomVector(static_cast<size_t>(rows) * ld, 5, -4.0f, 4.0f);
-  for (int i = 0; i < rows; ++i) {
-    for (int c = 0; c < 6 * R; ++c) {
-      const int a = row_adapter[i], k = c % R - (a >= 0 ? step[a].col : 0);
-      const int r = a >= 0 ? kRank[step[a].slot][entries[c / R]] : 0;
-      if (a < 0 || k < 0 || k >= r) t[static_cast<size_t>(i) * ld + c] = testing_util::kNaN;
+  // Row pitches padded by 8 (every offset a multiple of 8: the 8-columns-a-thread kernel) and by 9
+  // (the one-column-a-thread kernel).
+  for (int pad : {8, 9}) {
+    SCOPED_TRACE("row pitch pad " + std::to_string(pad));
+    const int R = 48, rows = 7, ld = 6 * R + pad;
+    DeviceBuffer steps = DeviceBuffer::From(step);
+    const std::vector<int32_t> row_adapter = {0, 0, -1, 1, 1, -1, 0};
+    DeviceBuffer rmap = DeviceBuffer::From(row_adapter);
+    // Block order of the model: q, k, v, fc1, dense, fc2.
+    const int entries[6] = {0, 1, 2, 4, 3, 5};
+    std::vector<float> t = RandomVector(static_cast<size_t>(rows) * ld, 5, -4.0f, 4.0f);
+    for (int i = 0; i < rows; ++i) {
+      for (int c = 0; c < 6 * R; ++c) {
+        const int a = row_adapter[i], k = c % R - (a >= 0 ? step[a].col : 0);
+        const int r = a >= 0 ? kRank[step[a].slot][entries[c / R]] : 0;
+        if (a < 0 || k < 0 || k >= r) t[static_cast<size_t>(i) * ld + c] = testing_util::kNaN;
+      }
     }
-  }
-  DeviceBuffer tdev = DeviceBuffer::From(t);
-  DeviceBuffer out(static_cast<size_t>(rows) * ld * 2);
-  out.Poison();
-  // The split form (hi, lo) into a second buffer of twice the width.
-  const int lds = 12 * R + 8;
-  DeviceBuffer split(static_cast<size_t>(rows) * lds * 2);
-  split.Poison();
-  for (int first : {0, 4, 10, 14}) {
-    const bool sp = first >= 10;
-    LoraMaskParams mp;
-    mp.t = tdev.as<float>();
-    mp.ldt = ld;
-    mp.out = sp ? split.get() : out.get();
-    mp.ldo = sp ? lds : ld;
-    mp.split = sp;
-    mp.row_adapter = rmap.as<int32_t>();
-    mp.adapters = steps.as<LoraStepAdapter>();
-    mp.num_adapters = 2;
-    mp.table = table.as<SgmvWeight>();
-    mp.stride = kTargets;
-    mp.num_slots = 3;
-    mp.rows = rows;
-    mp.rank_cols = R;
-    mp.first_block = first % 10;
-    mp.num_blocks = first % 10 == 0 ? 4 : 2;
-    for (int b = 0; b < 6; ++b) mp.entries[b] = entries[b];
-    mp.dtype = DataType::kBF16;
-    ASSERT_EQ(LoraMaskCuda(mp, nullptr), KernelStatus::kOk);
-  }
-  gpu_test::ExpectDeviceClean(nullptr);
-  const std::vector<uint16_t> got = Download16(out);
-  int bad = 0;
-  for (int i = 0; i < rows && bad < 10; ++i) {
-    for (int c = 0; c < ld && bad < 10; ++c) {
-      const size_t at = static_cast<size_t>(i) * ld + c;
-      uint16_t want = 0xFFFF;  // past the module blocks: untouched
-      if (c < 6 * R) {
-        want = 0;
-        const int a = row_adapter[i];
-        if (a >= 0) {
-          const int k = c % R - step[a].col, e = step[a].slot * kTargets + entries[c / R];
-          if (k >= 0 && k < kRank[step[a].slot][entries[c / R]]) {
-            want = FloatToBF16(t[at] * ad.scale[e]);
+    DeviceBuffer tdev = DeviceBuffer::From(t);
+    DeviceBuffer out(static_cast<size_t>(rows) * ld * 2);
+    out.Poison();
+    // The split form (hi, lo) into a second buffer of twice the width.
+    const int lds = 12 * R + pad;
+    DeviceBuffer split(static_cast<size_t>(rows) * lds * 2);
+    split.Poison();
+    for (int first : {0, 4, 10, 14}) {
+      const bool sp = first >= 10;
+      LoraMaskParams mp;
+      mp.t = tdev.as<float>();
+      mp.ldt = ld;
+      mp.out = sp ? split.get() : out.get();
+      mp.ldo = sp ? lds : ld;
+      mp.split = sp;
+      mp.row_adapter = rmap.as<int32_t>();
+      mp.adapters = steps.as<LoraStepAdapter>();
+      mp.num_adapters = 2;
+      mp.table = table.as<SgmvWeight>();
+      mp.stride = kTargets;
+      mp.num_slots = 3;
+      mp.rows = rows;
+      mp.rank_cols = R;
+      mp.first_block = first % 10;
+      mp.num_blocks = first % 10 == 0 ? 4 : 2;
+      for (int b = 0; b < 6; ++b) mp.entries[b] = entries[b];
+      mp.dtype = DataType::kBF16;
+      ASSERT_EQ(LoraMaskCuda(mp, nullptr), KernelStatus::kOk);
+    }
+    gpu_test::ExpectDeviceClean(nullptr);
+    const std::vector<uint16_t> got = Download16(out);
+    int bad = 0;
+    for (int i = 0; i < rows && bad < 10; ++i) {
+      for (int c = 0; c < ld && bad < 10; ++c) {
+        const size_t at = static_cast<size_t>(i) * ld + c;
+        uint16_t want = 0xFFFF;  // past the module blocks: untouched
+        if (c < 6 * R) {
+          want = 0;
+          const int a = row_adapter[i];
+          if (a >= 0) {
+            const int k = c % R - step[a].col, e = step[a].slot * kTargets + entries[c / R];
+            if (k >= 0 && k < kRank[step[a].slot][entries[c / R]]) {
+              want = FloatToBF16(t[at] * ad.scale[e]);
+            }
           }
         }
-      }
-      if (got[at] != want) {
-        ++bad;
-        ADD_FAILURE() << "T[" << i << "][" << c << "]: " << got[at] << " want " << want;
-      }
-    }
-  }
-  const std::vector<uint16_t> gs = Download16(split);
-  for (int i = 0; i < rows && bad < 10; ++i) {
-    for (int c = 0; c < 6 * R && bad < 10; ++c) {
-      const int a = row_adapter[i], b = c / R;
-      float v = 0.0f;
-      if (a >= 0) {
-        const int k = c % R - step[a].col, e = step[a].slot * kTargets + entries[b];
-        if (k >= 0 && k < kRank[step[a].slot][entries[b]]) {
-          v = t[static_cast<size_t>(i) * ld + c] * ad.scale[e];
+        if (got[at] != want) {
+          ++bad;
+          ADD_FAILURE() << "T[" << i << "][" << c << "]: " << got[at] << " want " << want;
         }
       }
-      const uint16_t hi = FloatToBF16(v), lo = FloatToBF16(v - BF16ToFloat(hi));
-      const size_t at = static_cast<size_t>(i) * lds + 2 * b * R + c % R;
-      if (gs[at] != hi || gs[at + R] != lo) {
-        ++bad;
-        ADD_FAILURE() << "split T[" << i << "][" << c << "]: " << gs[at] << ", " << gs[at + R]
-                      << " want " << hi << ", " << lo;
+    }
+    const std::vector<uint16_t> gs = Download16(split);
+    for (int i = 0; i < rows && bad < 10; ++i) {
+      for (int c = 0; c < 6 * R && bad < 10; ++c) {
+        const int a = row_adapter[i], b = c / R;
+        float v = 0.0f;
+        if (a >= 0) {
+          const int k = c % R - step[a].col, e = step[a].slot * kTargets + entries[b];
+          if (k >= 0 && k < kRank[step[a].slot][entries[b]]) {
+            v = t[static_cast<size_t>(i) * ld + c] * ad.scale[e];
+          }
+        }
+        const uint16_t hi = FloatToBF16(v), lo = FloatToBF16(v - BF16ToFloat(hi));
+        const size_t at = static_cast<size_t>(i) * lds + 2 * b * R + c % R;
+        if (gs[at] != hi || gs[at + R] != lo) {
+          ++bad;
+          ADD_FAILURE() << "split T[" << i << "][" << c << "]: " << gs[at] << ", " << gs[at + R]
+                        << " want " << hi << ", " << lo;
+        }
       }
     }
   }

@@ -396,6 +396,56 @@ TEST(CudaLoraBatch, ShrinksBesideTheBaseGemmsGiveBitIdenticalLogits) {
   }
 }
 
+// Decode steps with ranks <= 64 run the fused kernels (SgmvDecodeFusedCuda), and with them the
+// MLP branch on its own stream (CudaModelOptions::mlp_stream): mode 1 (fc1 on the branch) runs
+// the same kernels on the same inputs as mode 0 (one stream), so every logit must be
+// bit-identical (a missing fork / join would let fc1's delta or the GELU race the other branch);
+// mode 2 adds fc2's delta to h on the branch before dense's (the residual's terms rounded in
+// another order) and PHISHARD_LORA_FUSED=0 runs the shrink + expand kernels (t summed in another
+// order): both within the bf16 bounds above of mode 0, graphs on.
+TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
+  PHI_REQUIRE_GPU();
+  const json golden = ReadGolden();
+  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  std::vector<std::unique_ptr<CudaPhiModel>> models;
+  for (int mode : {kMlpStreamOff, kMlpStreamFc1, kMlpStreamFc1Fc2}) {
+    models.push_back(LoadCuda(dir, true));
+    ASSERT_TRUE(models.back());
+    ASSERT_TRUE(models.back()->set_mlp_stream_mode(mode).ok());
+  }
+  setenv("PHISHARD_LORA_FUSED", "0", 1);
+  models.push_back(LoadCuda(dir, true));
+  unsetenv("PHISHARD_LORA_FUSED");
+  ASSERT_TRUE(models.back());
+  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
+  uint32_t idx = 3;
+  for (const json& a : golden.at("adapters")) {
+    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, models[0]->config())).ok());
+  }
+  const std::vector<Req> reqs = {
+      {{1932, 221, 17}, 0, 0},       {{5, 6, 7, 8, 9, 10, 11}, 4, 1}, {{300}, 3, 2},
+      {{44, 45, 46, 47, 48}, 77, 3}, {{12, 13, 14, 15}, 5, 4},        {{33, 34, 35, 36}, 4, 5}};
+  const int steps = 3;
+  std::vector<std::vector<std::vector<float>>> runs;
+  for (auto& m : models) {
+    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+    runs.push_back(RunBatch(*m, reqs, 0, steps));
+    ASSERT_EQ(runs.back().size(), static_cast<size_t>(steps + 1));
+    EXPECT_GE(m->num_lora_decode_graphs(), 1);
+  }
+  const int V = models[0]->config().vocab_size;
+  for (int st = 1; st <= steps; ++st) {
+    EXPECT_EQ(runs[0][st], runs[1][st]) << "decode step " << st << ": MLP stream mode 1 vs 0";
+    for (size_t s = 0; s < reqs.size(); ++s) {
+      const std::string what = "decode step " + std::to_string(st) + " row " + std::to_string(s);
+      ExpectClose(runs[2][st].data() + s * V, runs[0][st].data() + s * V, V,
+                  what + ": MLP stream mode 2 vs 0");
+      ExpectClose(runs[3][st].data() + s * V, runs[0][st].data() + s * V, V,
+                  what + ": shrink + expand kernels vs fused");
+    }
+  }
+}
+
 // ---- load / use / offload ---------------------------------------------------------------------
 TEST(CudaLoraMemory, HundredLoadUseOffloadCyclesReturnDeviceMemoryToBaseline) {
   PHI_REQUIRE_GPU();

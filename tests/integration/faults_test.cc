@@ -323,6 +323,7 @@ TEST(Faults, BadLoraTuningValueIsRefusedAtStartup) {
   for (const auto& [name, value] : std::vector<std::pair<std::string, std::string>>{
            {"PHISHARD_LORA_OVERLAP", "off"},
            {"PHISHARD_LORA_GEMM_MIN_ROWS", "-1"},
+           {"PHISHARD_LORA_FUSED", "yes"},
            {"PHISHARD_MLP_STREAM", "3"},
            {"PHISHARD_MLP_STREAM_TP", "2"},
            {"PHISHARD_TP_PREFILL_CHUNKS", "0"}}) {
