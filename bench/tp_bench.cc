@@ -39,6 +39,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
+#include "common/logging.h"
 #include "kernels/device.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
@@ -143,6 +144,7 @@ ForwardBatch PrefillBatch(int seqs, int len, int vocab) {
 
 // One rank of world W: everything on its GPU; rank 0 writes the rows to `out`.
 int RankMain(int rank, int world, int port, const Options& o, const std::string& out) {
+  SetLogRank(rank);  // the forked rank's own lines say which rank they come from
   int visible = 0;
   DeviceGetCount(&visible);
   if (visible < world) {
