@@ -37,31 +37,9 @@ mkdir -p build-h11/bin && cp $B/phishard build-h11/bin/phishard &&
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; } > "$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 SUMMARY="$OUT/summary.txt"
-printf "%-30s %4s %7s  %s\n" step rc seconds result > "$SUMMARY"
-step() {  # step NAME TIMEOUT_S LOG COMMAND...
-  local name=$1 tmo=$2 log=$3
-  shift 3
-  local left=$((BUDGET - ($(date +%s) - START)))
-  if ((left < 10)); then
-    printf "%-30s %4s %7s  %s\n" "$name" - - "skipped (budget)" >> "$SUMMARY"
-    return
-  fi
-  ((tmo > left)) && tmo=$left
-  echo "===== $name: $*" >> "$OUT/$log"
-  local t0 t1 rc verdict
-  t0=$(date +%s.%N)
-  timeout "$tmo" "$@" >> "$OUT/$log" 2>&1
-  rc=$?
-  t1=$(date +%s.%N)
-  verdict=$(awk -v m="===== $name: " 'index($0, m) == 1 {on = 1; next} /^===== / {on = 0} on' \
-    "$OUT/$log" | awk '/^\[  PASSED  \] [0-9]+ test/ {p = $4} /^\[  FAILED  \] [0-9]+ test/ {f = $4}
-      /^\[  SKIPPED \] [0-9]+ test/ {k = $4} /^SERVED/ {s = $0}
-      END {if (p != "" || f != "" || k != "") printf "passed %d, failed %d, skipped %d ", p, f, k;
-           if (s != "") printf "%s", s}')
-  [ $rc -eq 124 ] && verdict="TIMEOUT ${tmo}s; $verdict"
-  printf "%-30s %4d %7.1f  %s\n" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$verdict" \
-    >> "$SUMMARY"
-}
+# shellcheck source=tools/device_step.sh
+source "$ROOT/tools/device_step.sh"
+step_summary_header
 
 for t in cuda_ops_test cuda_attention_test cuda_graph_test cuda_model_test cuda_sgmv_test \
   cuda_lora_gemm_test cuda_lora_model_test nccl_communicator_test cuda_tp_model_test; do

@@ -37,32 +37,9 @@ B=$BUNDLE/bin
 cat "$OUT/env.log"
 
 SUMMARY="$OUT/summary.txt"
-printf "%-16s %4s %8s  %s\n" step rc seconds result > "$SUMMARY"
-step() {  # step NAME TIMEOUT_S LOG COMMAND...
-  local name=$1 tmo=$2 log=$3
-  shift 3
-  local now left
-  now=$(date +%s)
-  left=$(( BUDGET - (now - START) ))
-  if (( left < 10 )); then
-    printf "%-16s %4s %8s  %s\n" "$name" "-" "-" "skipped (budget)" >> "$SUMMARY"
-    return
-  fi
-  (( tmo > left )) && tmo=$left
-  echo "===== $name: $*" >> "$OUT/$log"
-  local t0 rc t1 verdict
-  t0=$(date +%s.%N)
-  timeout -k 5 "$tmo" "$@" >> "$OUT/$log" 2>&1
-  rc=$?
-  t1=$(date +%s.%N)
-  verdict=$(awk -v m="===== $name: " 'index($0, m) == 1 {on = 1; next} on' "$OUT/$log" |
-    awk '/^\[  PASSED  \] [0-9]+ test/ {p = $4} /^\[  FAILED  \] [0-9]+ test/ {f = $4}
-         /^\[  SKIPPED \] [0-9]+ test/ {k = $4}
-         END {if (p != "" || f != "" || k != "") printf "passed %d, failed %d, skipped %d", p, f, k}')
-  [ $rc -eq 124 ] && verdict="TIMEOUT after ${tmo}s; $verdict"
-  printf "%-16s %4d %8.1f  %s\n" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$verdict" \
-    >> "$SUMMARY"
-}
+# shellcheck source=tools/device_step.sh
+source "$ROOT/tools/device_step.sh"
+step_summary_header
 
 step tp-model-test 90 tests.log $B/cuda_tp_model_test
 step tp-bench 80 bench.log $B/phishard_tp_bench --tp 1,2 --batches 1,32,128 --context 1024 \

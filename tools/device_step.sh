@@ -1,0 +1,39 @@
+# Sourced by the device check scripts (tools/device_*_check.sh): `step`, one budgeted, logged,
+# summarised step of a device call. The caller sets OUT (log folder), BUDGET (seconds for the
+# whole script) and START (its `date +%s`), then calls step_summary_header once.
+#
+#   step NAME TIMEOUT_S LOG COMMAND...
+# runs COMMAND with at most TIMEOUT_S seconds (less when the budget has less left; skipped when
+# under 10 s are left), appends its output to $OUT/LOG under a "===== NAME: COMMAND" header, and
+# adds a line to $OUT/summary.txt: exit status, seconds, and a verdict read from its output
+# (gtest's PASSED / FAILED / SKIPPED counts, a line starting with SERVED), TIMEOUT on status 124.
+# shellcheck shell=bash
+
+step_summary_header() {
+  printf "%-30s %4s %7s  %s\n" step rc seconds result > "$OUT/summary.txt"
+}
+
+step() {
+  local name=$1 tmo=$2 log=$3
+  shift 3
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if ((left < 10)); then
+    printf "%-30s %4s %7s  %s\n" "$name" - - "skipped (budget)" >> "$OUT/summary.txt"
+    return
+  fi
+  ((tmo > left)) && tmo=$left
+  echo "===== $name: $*" >> "$OUT/$log"
+  local t0 t1 rc verdict
+  t0=$(date +%s.%N)
+  timeout -k 5 "$tmo" "$@" >> "$OUT/$log" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  verdict=$(awk -v m="===== $name: " 'index($0, m) == 1 {on = 1; next} /^===== / {on = 0} on' \
+    "$OUT/$log" | awk '/^\[  PASSED  \] [0-9]+ test/ {p = $4} /^\[  FAILED  \] [0-9]+ test/ {f = $4}
+      /^\[  SKIPPED \] [0-9]+ test/ {k = $4} /^SERVED/ {s = $0}
+      END {if (p != "" || f != "" || k != "") printf "passed %d, failed %d, skipped %d ", p, f, k;
+           if (s != "") printf "%s", s}')
+  [ $rc -eq 124 ] && verdict="TIMEOUT ${tmo}s; $verdict"
+  printf "%-30s %4d %7.1f  %s\n" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "$verdict" \
+    >> "$OUT/summary.txt"
+}
