@@ -40,33 +40,9 @@ B=$BUNDLE/bin
 cat "$OUT/env.log"
 
 SUMMARY="$OUT/summary.txt"
-printf "%-22s %4s %8s  %s\n" step rc seconds result > "$SUMMARY"
-step() {  # step NAME TIMEOUT_S LOG COMMAND...
-  local name=$1 tmo=$2 log=$3
-  shift 3
-  local now left
-  now=$(date +%s)
-  left=$(( BUDGET - (now - START) ))
-  if (( left < 15 )); then
-    printf "%-22s %4s %8s  %s\n" "$name" "-" "-" "skipped (budget)" >> "$SUMMARY"
-    return
-  fi
-  (( tmo > left )) && tmo=$left
-  echo "===== $name: $*" >> "$OUT/$log"
-  local t0 rc t1 verdict
-  t0=$(date +%s.%N)
-  timeout -k 5 "$tmo" "$@" >> "$OUT/$log" 2>&1
-  rc=$?
-  t1=$(date +%s.%N)
-  verdict=$(awk -v m="===== $name: " 'index($0, m) == 1 {on = 1; next} on' "$OUT/$log" |
-    awk '/^\[  PASSED  \] [0-9]+ test/ {p = $4} /^\[  FAILED  \] [0-9]+ test/ {f = $4}
-         /^\[  SKIPPED \] [0-9]+ test/ {k = $4} /^SERVED/ {s = $0}
-         END {if (p != "" || f != "" || k != "") printf "passed %d, failed %d, skipped %d ", p, f, k;
-              if (s != "") printf "%s", s}')
-  [ $rc -eq 124 ] && verdict="TIMEOUT after ${tmo}s; $verdict"
-  printf "%-22s %4d %8.1f  %s\n" "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" "${verdict:0:110}" \
-    >> "$SUMMARY"
-}
+# shellcheck source=tools/device_step.sh
+source "$ROOT/tools/device_step.sh"
+step_summary_header
 
 # served MODEL_DIR TAG N: TP=1 serve and TP=N launch of MODEL_DIR, the golden prompts through the
 # router-style client against both; prints SERVED ... and writes $OUT/served_TAG.json.
