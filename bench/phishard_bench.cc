@@ -445,6 +445,9 @@ class Bench {
     };
     for (int i = 0; i < 3; ++i) step();  // first: eager + capture
     std::vector<double> host, dev;
+    // Graph activity during the timed steps: every step should be one replay and no capture.
+    const int64_t replays0 = m_.decode_graph_replays() + m_.lora_decode_graph_replays();
+    const int64_t captures0 = m_.decode_graph_captures() + m_.lora_decode_graph_captures();
     // The timed steps as an NVTX range "decode-<mode>" (ncu --nvtx --nvtx-include picks them).
     const std::string range = absl::StrFormat("decode-%s", absl::StrReplaceAll(mode, {{" ", "-"}}));
     nvtxRangePushA(range.c_str());
@@ -465,6 +468,14 @@ class Bench {
     r->device_ms = Median(dev);
     Floors(DecodeCost(shape_, batch, ctx), r);
     r->note = absl::StrFormat("splits<=%d", m_.last_decode_splits());
+    const int64_t replays = m_.decode_graph_replays() + m_.lora_decode_graph_replays() - replays0;
+    const int64_t captures =
+        m_.decode_graph_captures() + m_.lora_decode_graph_captures() - captures0;
+    if (mode != "eager" && mode.rfind("eager ", 0) != 0 && (replays != steps_ || captures != 0)) {
+      r->note += absl::StrFormat("; graphs: %lld replays, %lld captures in %d steps",
+                                 static_cast<long long>(replays), static_cast<long long>(captures),
+                                 steps_);
+    }
     return true;
   }
 

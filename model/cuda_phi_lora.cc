@@ -23,6 +23,8 @@ absl::Status CudaPhiModel::SetAdapterRegistry(const AdapterRegistry* registry) {
 int64_t CudaPhiModel::adapter_device_bytes() const { return lora_->adapter_device_bytes(); }
 
 int CudaPhiModel::num_lora_decode_graphs() const { return lora_graphs_->num_graphs(); }
+int64_t CudaPhiModel::lora_decode_graph_replays() const { return lora_graphs_->replays(); }
+int64_t CudaPhiModel::lora_decode_graph_captures() const { return lora_graphs_->captures(); }
 
 absl::Status CudaPhiModel::PlanLora(const ForwardBatch& batch, bool decode, int rows) {
   absl::StatusOr<bool> planned = lora_->Plan(batch, decode, rows, stream_);

@@ -473,8 +473,8 @@ absl::Status CudaPhiModel::set_mlp_stream_mode(int mode) {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventCreate(&mlp_join_ev_), "MLP join event"));
     if (KernelStatus st = CudaGemm::Create(kGemmWorkspaceBytes, &mlp_gemm_);
         st != KernelStatus::kOk) {
-      return absl::InternalError(absl::StrCat("cuBLASLt initialisation (MLP stream) failed: ",
-                                              KernelStatusName(st)));
+      return absl::InternalError(
+          absl::StrCat("cuBLASLt initialisation (MLP stream) failed: ", KernelStatusName(st)));
     }
   }
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
@@ -544,6 +544,7 @@ absl::Status CudaPhiModel::FillKvCacheRandom(uint64_t seed) {
 
 int CudaPhiModel::num_decode_graphs() const { return graphs_->num_graphs(); }
 int64_t CudaPhiModel::decode_graph_replays() const { return graphs_->replays(); }
+int64_t CudaPhiModel::decode_graph_captures() const { return graphs_->captures(); }
 size_t CudaPhiModel::decode_graph_nodes() const { return graphs_->total_nodes(); }
 int CudaPhiModel::decode_bucket(int batch) const { return graphs_->Bucket(batch); }
 

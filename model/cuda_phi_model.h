@@ -143,6 +143,10 @@ class CudaPhiModel final : public ModelBackend {
   // Device bytes held by adapter copies (tests: back to 0 after every offload).
   int64_t adapter_device_bytes() const;
   int num_lora_decode_graphs() const;
+  // Graphs of steps with adapter rows: replays and captures so far (benchmarks: a capture
+  // during timed steps means the graphs were invalidated, and the step ran eagerly).
+  int64_t lora_decode_graph_replays() const;
+  int64_t lora_decode_graph_captures() const;
   // Tensor parallelism (model/cuda_phi_tp.cc).
   int tp_rank() const override { return shard_.rank; }
   int tp_world_size() const override { return shard_.world_size; }
@@ -194,6 +198,7 @@ class CudaPhiModel final : public ModelBackend {
   static constexpr size_t kDecodeGraphBytes = size_t{4} << 20;
   int num_decode_graphs() const;
   int64_t decode_graph_replays() const;
+  int64_t decode_graph_captures() const;
   size_t decode_graph_nodes() const;
   int decode_bucket(int batch) const;
   DataType dtype() const { return dtype_; }
