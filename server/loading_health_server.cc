@@ -16,10 +16,6 @@ namespace {
 
 namespace hv1 = ::grpc::health::v1;
 
-bool Known(const std::string& service) {
-  return service.empty() || service == "generate.v1.LoraxService";
-}
-
 }  // namespace
 
 class LoadingHealthServer::Service final : public hv1::Health::CallbackService {
@@ -28,7 +24,7 @@ class LoadingHealthServer::Service final : public hv1::Health::CallbackService {
                                   const hv1::HealthCheckRequest* req,
                                   hv1::HealthCheckResponse* resp) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    if (!Known(req->service())) {
+    if (!IsHealthCheckedService(req->service())) {
       reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
                                    absl::StrCat("unknown service '", req->service(), "'")));
       return reactor;
@@ -58,7 +54,7 @@ class LoadingHealthServer::Service final : public hv1::Health::CallbackService {
 
   grpc::ServerWriteReactor<hv1::HealthCheckResponse>* Watch(
       grpc::CallbackServerContext* /*ctx*/, const hv1::HealthCheckRequest* req) override {
-    return new WatchReactor(Known(req->service()));
+    return new WatchReactor(IsHealthCheckedService(req->service()));
   }
 };
 

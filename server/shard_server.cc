@@ -40,21 +40,21 @@ hv1::HealthCheckResponse::ServingStatus ToServing(bool serving) {
 
 }  // namespace
 
+bool IsHealthCheckedService(const std::string& service) {
+  return service.empty() || service == kLoraxServiceName;
+}
+
 // ---- grpc.health.v1.Health ---------------------------------------------------------------------
 
 class ShardServer::HealthServiceImpl final : public hv1::Health::CallbackService {
  public:
   explicit HealthServiceImpl(LoraxService* lorax) : lorax_(lorax) {}
 
-  static bool Known(const std::string& service) {
-    return service.empty() || service == kLoraxServiceName;
-  }
-
   grpc::ServerUnaryReactor* Check(grpc::CallbackServerContext* ctx,
                                   const hv1::HealthCheckRequest* req,
                                   hv1::HealthCheckResponse* resp) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    if (!Known(req->service())) {
+    if (!IsHealthCheckedService(req->service())) {
       reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
                                    absl::StrCat("unknown service '", req->service(), "'")));
       return reactor;
@@ -135,7 +135,7 @@ class ShardServer::HealthServiceImpl final : public hv1::Health::CallbackService
 
   grpc::ServerWriteReactor<hv1::HealthCheckResponse>* Watch(
       grpc::CallbackServerContext* /*ctx*/, const hv1::HealthCheckRequest* req) override {
-    auto* watcher = new WatchReactor(this, Known(req->service()));
+    auto* watcher = new WatchReactor(this, IsHealthCheckedService(req->service()));
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (ended_) {

@@ -39,6 +39,10 @@ std::vector<std::string> ShardUrls(const ShardServerOptions& options);
 // INVALID_ARGUMENT naming --listen-tcp.
 absl::StatusOr<std::string> NormalizeTcpAddress(std::string_view address);
 
+// The services grpc.health.v1.Health answers for: "" (the whole server) and
+// generate.v1.LoraxService; any other name is NOT_FOUND (ShardServer and LoadingHealthServer).
+bool IsHealthCheckedService(const std::string& service);
+
 class ShardServer {
  public:
   // Starts serving `service`; when this returns OK the socket exists at its final path.
