@@ -48,40 +48,70 @@ inline grpc::Status RawUnary(const std::shared_ptr<grpc::Channel>& channel,
   return status;
 }
 
+// A streaming call of `method` on its own completion queue, with a deadline. Step waits for the
+// event of an operation's tag (1 start, 2 write, 3 writes done, 4 read, 5 finish). Members are
+// declared stub, queue, context, call, so the call goes first and the queue last.
+struct RawStream {
+  RawStream(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+            double timeout_s)
+      : stub(channel) {
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+    call = stub.PrepareCall(&ctx, method, &cq);
+  }
+  static void* Tag(intptr_t t) { return reinterpret_cast<void*>(t); }
+  bool Next() {
+    void* t = nullptr;
+    const bool got = cq.Next(&t, &ok);
+    tag = reinterpret_cast<intptr_t>(t);
+    return got;
+  }
+  // The next event is `want`'s, and it succeeded.
+  bool Step(intptr_t want) { return Next() && tag == want && ok; }
+  // Starts the call, sends `request` and the end of the client's stream.
+  bool Send(const std::string& request) {
+    call->StartCall(Tag(1));
+    if (!Step(1)) return false;
+    call->Write(ToByteBuffer(request), Tag(2));
+    if (!Step(2)) return false;
+    call->WritesDone(Tag(3));
+    return Step(3);
+  }
+  // Finish (after everything else), then drains and shuts the queue down.
+  grpc::Status Finish() {
+    grpc::Status status;
+    call->Finish(&status, Tag(5));
+    while (Next() && tag != 5) {
+    }
+    cq.Shutdown();
+    while (Next()) {
+    }
+    return status;
+  }
+
+  grpc::GenericStub stub;
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call;
+  intptr_t tag = 0;
+  bool ok = false;
+};
+
 // One request, all responses of a bidi-streaming `method` (the reflection service).
 inline grpc::Status RawBidiOnce(const std::shared_ptr<grpc::Channel>& channel,
                                 const std::string& method, const std::string& request,
                                 std::vector<std::string>* responses, double timeout_s = 30) {
-  grpc::GenericStub stub(channel);
-  grpc::CompletionQueue cq;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
-  auto call = stub.PrepareCall(&ctx, method, &cq);
-  void* tag = nullptr;
-  bool ok = false;
-  auto step = [&](intptr_t want) {
-    return cq.Next(&tag, &ok) && reinterpret_cast<intptr_t>(tag) == want && ok;
-  };
-  call->StartCall(reinterpret_cast<void*>(1));
-  if (!step(1)) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "StartCall failed");
-  call->Write(ToByteBuffer(request), reinterpret_cast<void*>(2));
-  if (!step(2)) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "Write failed");
-  call->WritesDone(reinterpret_cast<void*>(3));
-  if (!step(3)) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "WritesDone failed");
+  RawStream s(channel, method, timeout_s);
+  if (!s.Send(request)) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "sending the request failed");
+  }
   for (;;) {
     grpc::ByteBuffer buf;
-    call->Read(&buf, reinterpret_cast<void*>(4));
-    if (!cq.Next(&tag, &ok) || !ok) break;  // !ok: the server closed the stream
+    s.call->Read(&buf, RawStream::Tag(4));
+    if (!s.Step(4)) break;  // the server closed the stream
     responses->push_back(FromByteBuffer(buf));
   }
-  grpc::Status status;
-  call->Finish(&status, reinterpret_cast<void*>(5));
-  cq.Next(&tag, &ok);
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
-  return status;
+  return s.Finish();
 }
 
 // The first response of a server-streaming `method` (grpc.health.v1.Health/Watch), then cancels
@@ -89,42 +119,16 @@ inline grpc::Status RawBidiOnce(const std::shared_ptr<grpc::Channel>& channel,
 inline grpc::Status RawServerStreamFirst(const std::shared_ptr<grpc::Channel>& channel,
                                          const std::string& method, const std::string& request,
                                          std::string* first, double timeout_s = 30) {
-  grpc::GenericStub stub(channel);
-  grpc::CompletionQueue cq;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
-  auto call = stub.PrepareCall(&ctx, method, &cq);
-  void* tag = nullptr;
-  bool ok = false;
-  auto step = [&](intptr_t want) {
-    return cq.Next(&tag, &ok) && reinterpret_cast<intptr_t>(tag) == want && ok;
-  };
-  grpc::Status status = grpc::Status::OK;
-  call->StartCall(reinterpret_cast<void*>(1));
-  bool alive = step(1);
-  if (alive) {
-    call->Write(ToByteBuffer(request), reinterpret_cast<void*>(2));
-    alive = step(2);
-  }
-  if (alive) {
-    call->WritesDone(reinterpret_cast<void*>(3));
-    alive = step(3);
-  }
+  RawStream s(channel, method, timeout_s);
   bool got = false;
-  if (alive) {
+  if (s.Send(request)) {
     grpc::ByteBuffer buf;
-    call->Read(&buf, reinterpret_cast<void*>(4));
-    got = step(4);
+    s.call->Read(&buf, RawStream::Tag(4));
+    got = s.Step(4);
     if (got) *first = FromByteBuffer(buf);
   }
-  if (got) ctx.TryCancel();
-  call->Finish(&status, reinterpret_cast<void*>(5));
-  while (cq.Next(&tag, &ok) && reinterpret_cast<intptr_t>(tag) != 5) {
-  }
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
+  if (got) s.ctx.TryCancel();
+  const grpc::Status status = s.Finish();
   if (got) return grpc::Status::OK;  // the stream answered; CANCELLED is ours
   return status.ok() ? grpc::Status(grpc::StatusCode::UNKNOWN, "stream ended without a message")
                      : status;
