@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "kernels/dtype.h"
 #include "kernels/kernel_status.h"
@@ -122,6 +123,28 @@ KernelStatus DispatchAllTypes(DataType dtype, F&& f) {
 // with DeviceErrorString(DeviceGetLastError()) if it wants it; we leave it in place by peeking).
 inline KernelStatus LaunchStatus() {
   return cudaPeekAtLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
+}
+
+// kernel<<<grid, block, 0, stream>>>(args...) as a programmatic dependent launch (Hopper PDL): it
+// may start while the kernel before it in the stream finishes, so it must call
+// cudaGridDependencySynchronize() before reading that kernel's output. kDeviceError when the
+// launch is refused, then LaunchStatus().
+template <typename... KernelArgs, typename... Args>
+KernelStatus LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                                cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  if (cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...) != cudaSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  return LaunchStatus();
 }
 
 inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

@@ -173,19 +173,8 @@ KernelStatus Launch(const Args& a, cudaStream_t stream) {
     GemvKernel<T, M, kUnroll><<<blocks, kThreads, 0, stream>>>(a);
     return cuda::LaunchStatus();
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  if (cudaLaunchKernelEx(&config, GemvKernel<T, M, kUnroll>, a) != cudaSuccess) {
-    return KernelStatus::kDeviceError;
-  }
-  return cuda::LaunchStatus();
+  return cuda::LaunchProgrammatic(GemvKernel<T, M, kUnroll>, dim3(blocks), dim3(kThreads), stream,
+                                  a);
 }
 
 template <typename T, int kUnroll>

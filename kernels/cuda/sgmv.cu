@@ -526,21 +526,9 @@ KernelStatus SgmvGroupedShrinkCuda(const SgmvGroupedShrinkParams& p, cudaStream_
   args.t = p.t;
   args.ldt = p.ldt;
   args.ref = p.ref;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (cudaLaunchKernelEx(&config, GroupedShrinkKernel<T>, args) != cudaSuccess) {
-      return KernelStatus::kDeviceError;
-    }
-    return cuda::LaunchStatus();
+    return cuda::LaunchProgrammatic(GroupedShrinkKernel<T>, grid, dim3(kThreads), stream, args);
   });
 }
 

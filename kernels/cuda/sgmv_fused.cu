@@ -356,27 +356,13 @@ KernelStatus SgmvDecodeFusedCuda(const SgmvFusedParams& p, GemmEpilogue act, cud
   }
   if (max_nb > kMaxGridY) return KernelStatus::kInvalidShape;
   args.ref = r;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(r.max_tiles, max_nb, p.num_ops);
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
+  const dim3 grid = dim3(r.max_tiles, max_nb, p.num_ops);
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    cudaError_t err = cudaSuccess;
-    if (act == GemmEpilogue::kGeluTanh) {
-      err = cudaLaunchKernelEx(&config, FusedKernel<T, 1>, args);
-    } else if (act == GemmEpilogue::kGeluErf) {
-      err = cudaLaunchKernelEx(&config, FusedKernel<T, 2>, args);
-    } else {
-      err = cudaLaunchKernelEx(&config, FusedKernel<T, 0>, args);
-    }
-    if (err != cudaSuccess) return KernelStatus::kDeviceError;
-    return cuda::LaunchStatus();
+    auto* kernel = act == GemmEpilogue::kGeluTanh  ? FusedKernel<T, 1>
+                   : act == GemmEpilogue::kGeluErf ? FusedKernel<T, 2>
+                                                   : FusedKernel<T, 0>;
+    return cuda::LaunchProgrammatic(kernel, grid, dim3(kThreads), stream, args);
   });
 }
 
