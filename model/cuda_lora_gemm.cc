@@ -241,17 +241,8 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
   PHI_CHECK(T > 0);
   KernelStatus st = KernelStatus::kOk;
   if (gemm_sgmv_shrink_) {
-    SgmvGroupedShrinkParams sp;  // each row's own adapter, into t_dev_ (cuda_lora.h)
-    for (int t : {kQ, kK, kV, kFc1}) {
-      if (!Launch(Entry(layer, t))) continue;
-      sp.ops[sp.num_ops++] = {
-          .x = normed, .ldx = H, .in = H, .t_col = t * rank_cap_, .entry = Entry(layer, t)};
-    }
-    sp.t = t_dev_;
-    sp.ldt = 6 * rank_cap_;
-    sp.ref = Ref(false);
-    sp.dtype = dtype_;
-    st = SgmvGroupedShrinkCuda(sp, stream);
+    // Each row's own adapter, into t_dev_ (cuda_lora.h), as the SGMV steps do.
+    st = SgmvGroupedShrinkCuda(QkvShrink(layer, normed), stream);
   } else {
     st = Gemm({.x = normed,
                .w = gb_.a_qkvf,
@@ -323,20 +314,7 @@ KernelStatus CudaLora::GemmAfterResidual(int layer, const void* attn, const void
   if (!dense && !fc2) return KernelStatus::kOk;
   KernelStatus st = KernelStatus::kOk;
   if (gemm_sgmv_shrink_) {
-    SgmvGroupedShrinkParams sp;  // each row's own adapter, into t_dev_ (cuda_lora.h)
-    if (dense) {
-      sp.ops[sp.num_ops++] = {
-          .x = attn, .ldx = A, .in = A, .t_col = kDense * rank_cap_, .entry = Entry(layer, kDense)};
-    }
-    if (fc2) {
-      sp.ops[sp.num_ops++] = {
-          .x = mlp, .ldx = I, .in = I, .t_col = kFc2 * rank_cap_, .entry = Entry(layer, kFc2)};
-    }
-    sp.t = t_dev_;
-    sp.ldt = 6 * rank_cap_;
-    sp.ref = Ref(false);
-    sp.dtype = dtype_;
-    st = SgmvGroupedShrinkCuda(sp, stream);
+    st = SgmvGroupedShrinkCuda(ResidualShrink(layer, attn, mlp), stream);  // as QkvShrink's
     if (st != KernelStatus::kOk) return st;
   }
   if (dense && !gemm_sgmv_shrink_) {
