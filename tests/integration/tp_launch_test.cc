@@ -387,6 +387,16 @@ struct BareRanks {
     }
   }
   std::string Socket(int r) const { return uds + "-" + std::to_string(r); }
+  // Every rank's socket up, then the router's startup sequence against the group (null, with a
+  // test failure naming the rank, when something does not come up).
+  std::unique_ptr<RouterSession> Start() {
+    for (size_t r = 0; r < ranks.size(); ++r) {
+      const bool up = ranks[r]->WaitForSocket(Socket(static_cast<int>(r)), 120);
+      EXPECT_TRUE(up) << "rank " << r << ": " << ranks[r]->Logs();
+      if (!up) return nullptr;
+    }
+    return RouterStartup(uds, nullptr);
+  }
   std::string uds;
   std::vector<std::unique_ptr<ShardProcess>> ranks;
 };
@@ -394,9 +404,7 @@ struct BareRanks {
 TEST(TpServe, PeerDeathEndsTheOtherRank) {
   TempDir dir;
   BareRanks g(dir, {DemoModel(), DemoModel()});
-  ASSERT_TRUE(g.ranks[0]->WaitForSocket(g.Socket(0), 120)) << g.ranks[0]->Logs();
-  ASSERT_TRUE(g.ranks[1]->WaitForSocket(g.Socket(1), 120)) << g.ranks[1]->Logs();
-  std::unique_ptr<RouterSession> s = RouterStartup(g.uds, nullptr);
+  std::unique_ptr<RouterSession> s = g.Start();
   ASSERT_NE(s, nullptr);
   const Clock::time_point t = Clock::now();
   g.ranks[1]->Signal(SIGKILL);
@@ -415,9 +423,7 @@ TEST(TpServe, PeerDeathEndsTheOtherRank) {
 TEST(TpServe, PeerKilledMidDecodeEndsTheOtherRankWithTheCause) {
   TempDir dir;
   BareRanks g(dir, {DemoModel(), DemoModel()});
-  ASSERT_TRUE(g.ranks[0]->WaitForSocket(g.Socket(0), 120)) << g.ranks[0]->Logs();
-  ASSERT_TRUE(g.ranks[1]->WaitForSocket(g.Socket(1), 120)) << g.ranks[1]->Logs();
-  std::unique_ptr<RouterSession> s = RouterStartup(g.uds, nullptr);
+  std::unique_ptr<RouterSession> s = g.Start();
   ASSERT_NE(s, nullptr);
   // Four requests of 400 new tokens: seconds of decode steps on a CPU, far longer than it takes
   // to see the first few tokens and kill.
