@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "model/cuda_phi_internal.h"
 #include "model/cuda_phi_model.h"
+#include "model/cuda_phi_tp_overlap.h"
 #include "model/lora_shard.h"
 
 namespace phishard {
@@ -131,11 +132,16 @@ absl::StatusOr<int> CudaPhiModel::AgreeKvBlocks(absl::StatusOr<int> local) const
   if (comm_ == nullptr) return local;
   // Every rank must allocate the same pool (each rank's engine hands out the same block ids): the
   // smallest fit wins. An error travels as 0 blocks, after the collective, so no peer is left
-  // waiting in it. Counts go as two floats of < 2^20 each (exact).
+  // waiting in it. The same all-gather carries the prefill chunking, which every rank must share
+  // (it sets the size of each chunk's all-reduce). Per rank, as floats (< 2^24, exact): the count
+  // as two < 2^20 halves, the chunk count, the minimum chunk rows.
+  constexpr int kStride = 4;
   const int W = shard_.world_size;
   const int64_t mine = local.ok() ? *local : 0;
-  std::vector<float> host(2 + 2 * static_cast<size_t>(W));
+  std::vector<float> host(kStride * (1 + static_cast<size_t>(W)));
   EncodeKvBlockCount(mine, host.data());
+  host[2] = static_cast<float>(tp_overlap_->chunks);
+  host[3] = static_cast<float>(std::min(tp_overlap_->min_rows, 1 << 24));
   void* dev = nullptr;
   auto cuda = [&](int err, const char* what) {
     return err == 0 ? absl::OkStatus()
@@ -145,18 +151,34 @@ absl::StatusOr<int> CudaPhiModel::AgreeKvBlocks(absl::StatusOr<int> local) const
   DeviceSet(device_);
   absl::Status st = cuda(DeviceMalloc(&dev, host.size() * sizeof(float)), "malloc");
   float* d = static_cast<float*>(dev);
-  if (st.ok()) st = cuda(DeviceCopyToDevice(d, host.data(), 2 * sizeof(float), stream_), "copy");
+  if (st.ok())
+    st = cuda(DeviceCopyToDevice(d, host.data(), kStride * sizeof(float), stream_), "copy");
   if (st.ok()) st = cuda(DeviceStreamSync(stream_), "copy");
   // Blocking collective on the communicator's own stream; inputs are ready (synchronised above).
-  if (st.ok()) st = TpError(shard_, comm_->AllGather(d, d + 2, 2), "all-gather of KV block counts");
   if (st.ok()) {
-    st = cuda(DeviceCopyToHost(host.data() + 2, d + 2, 2 * W * sizeof(float), stream_), "copy");
+    st =
+        TpError(shard_, comm_->AllGather(d, d + kStride, kStride), "all-gather of KV block counts");
+  }
+  const float* all = host.data() + kStride;  // [W, kStride]
+  if (st.ok()) {
+    st = cuda(
+        DeviceCopyToHost(host.data() + kStride, d + kStride, kStride * W * sizeof(float), stream_),
+        "copy");
   }
   if (st.ok()) st = cuda(DeviceStreamSync(stream_), "copy");
   if (dev != nullptr) DeviceFree(dev);
   if (!st.ok()) return st;
   if (!local.ok()) return local.status();
-  return FewestKvBlocks(host.data() + 2, W, shard_.rank, mine);
+  if (absl::Status agree = CheckPrefillChunkingAgrees(all, kStride, 2, W, shard_.rank);
+      !agree.ok()) {
+    return agree;
+  }
+  std::vector<float> counts(2 * static_cast<size_t>(W));
+  for (int r = 0; r < W; ++r) {
+    counts[2 * r] = all[kStride * r];
+    counts[2 * r + 1] = all[kStride * r + 1];
+  }
+  return FewestKvBlocks(counts.data(), W, shard_.rank, mine);
 }
 
 }  // namespace phishard

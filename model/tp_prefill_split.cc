@@ -6,6 +6,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace phishard {
 
@@ -35,6 +36,23 @@ absl::StatusOr<int> TpPrefillChunksFromEnv(int fallback) {
                      "' must be a chunk count in [1, ", kMaxPrefillChunks, "] (1: no overlap)"));
   }
   return chunks;
+}
+
+absl::Status CheckPrefillChunkingAgrees(const float* per_rank, int stride, int offset, int world,
+                                        int rank) {
+  const float* mine = per_rank + static_cast<size_t>(rank) * stride + offset;
+  for (int r = 0; r < world; ++r) {
+    const float* theirs = per_rank + static_cast<size_t>(r) * stride + offset;
+    if (theirs[0] != mine[0] || theirs[1] != mine[1]) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "tensor-parallel ranks split prefill steps differently: rank %d has %.0f chunk(s) of at "
+          "least %.0f rows, rank %d has %.0f of at least %.0f (PHISHARD_TP_PREFILL_CHUNKS / "
+          "CudaModelOptions::tp_prefill_chunks and tp_prefill_min_rows must be the same on every "
+          "rank; start all ranks with one environment, as `phishard launch` does)",
+          rank, mine[0], mine[1], r, theirs[0], theirs[1]));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace phishard

@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace phishard {
@@ -35,5 +36,14 @@ std::vector<RowRange> SplitPrefillRows(int rows, int chunks, int min_rows);
 // overlap) to kMaxPrefillChunks; `fallback` when unset or empty. INVALID_ARGUMENT naming the
 // variable for anything else (serve checks it at startup; the CUDA model reads it when made).
 absl::StatusOr<int> TpPrefillChunksFromEnv(int fallback);
+
+// Chunked prefill pairs each chunk's all-reduce across ranks, so every rank must split its steps
+// the same way: a rank with other settings would pair collectives of different sizes. `per_rank`
+// is [world, stride] floats, rank-major, each rank's chunk count at `offset` and its minimum chunk
+// rows at `offset + 1` (as the Warmup all-gather carries them, CudaPhiModel::AgreeKvBlocks).
+// OK when all equal this rank's; else FAILED_PRECONDITION naming PHISHARD_TP_PREFILL_CHUNKS and the
+// first rank that differs.
+absl::Status CheckPrefillChunkingAgrees(const float* per_rank, int stride, int offset, int world,
+                                        int rank);
 
 }  // namespace phishard

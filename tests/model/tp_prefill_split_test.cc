@@ -94,5 +94,27 @@ TEST(TpPrefillChunksFromEnv, AcceptsCountsAndRefusesTheRestNamingTheVariable) {
   unsetenv("PHISHARD_TP_PREFILL_CHUNKS");
 }
 
+// The Warmup all-gather's rows: [KV count high, KV count low, chunks, min rows] per rank.
+TEST(CheckPrefillChunkingAgrees, EveryRankSeesTheSameVerdictAndTheFirstDifferingRank) {
+  const std::vector<float> same = {0, 900, 2, 4096, 0, 850, 2, 4096, 0, 900, 2, 4096};
+  for (int rank = 0; rank < 3; ++rank) {
+    EXPECT_TRUE(CheckPrefillChunkingAgrees(same.data(), 4, 2, 3, rank).ok()) << rank;
+  }
+  // Rank 2 was started with another PHISHARD_TP_PREFILL_CHUNKS; then another min_rows.
+  for (const std::vector<float>& odd :
+       {std::vector<float>{0, 900, 2, 4096, 0, 900, 2, 4096, 0, 900, 1, 4096},
+        std::vector<float>{0, 900, 2, 4096, 0, 900, 2, 4096, 0, 900, 2, 64}}) {
+    for (int rank = 0; rank < 3; ++rank) {
+      absl::Status st = CheckPrefillChunkingAgrees(odd.data(), 4, 2, 3, rank);
+      ASSERT_FALSE(st.ok()) << rank;
+      EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+      EXPECT_NE(st.message().find("PHISHARD_TP_PREFILL_CHUNKS"), std::string::npos);
+      // Ranks 0 and 1 name rank 2; rank 2 names rank 0.
+      const std::string other = rank == 2 ? "rank 0 has" : "rank 2 has";
+      EXPECT_NE(st.message().find(other), std::string::npos) << st.message();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace phishard
