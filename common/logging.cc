@@ -77,7 +77,8 @@ void Log(LogLevel level, std::string_view text, const LogFields& fields) {
     j["record"]["level"]["name"] = LevelName(level);
     j["record"]["time"]["repr"] = when;
     j["record"]["time"]["timestamp"] = ts;
-    j["record"]["extra"]["rank"] = g_rank.load();
+    j["record"]["extra"] = nlohmann::json::object();
+    if (const int rank = g_rank.load(); rank != kNoLogRank) j["record"]["extra"]["rank"] = rank;
     for (const LogFields::Field& f : fields.fields()) {
       if (f.list) {
         j["record"]["extra"][f.key] = f.values;
@@ -87,7 +88,10 @@ void Log(LogLevel level, std::string_view text, const LogFields& fields) {
     }
     line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   } else {
-    line = std::string(when) + " " + LevelName(level) + " rank=" + std::to_string(g_rank.load());
+    line = std::string(when) + " " + LevelName(level);
+    if (const int rank = g_rank.load(); rank != kNoLogRank) {
+      line.append(" rank=").append(std::to_string(rank));
+    }
     for (const LogFields::Field& f : fields.fields()) {
       line.append(" ").append(f.key).append("=");
       for (size_t i = 0; i < f.values.size(); ++i) {

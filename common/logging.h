@@ -24,6 +24,8 @@ void SetLogJson(bool json);
 void SetLogLevel(LogLevel min_level);
 // Parses TRACE/DEBUG/INFO/SUCCESS/WARNING/WARN/ERROR/CRITICAL (any case); false if unknown.
 bool ParseLogLevel(std::string_view name, LogLevel* out);
+// The rank on every line; kNoLogRank: none (the `phishard launch` process, which is no rank).
+inline constexpr int kNoLogRank = -1;
 void SetLogRank(int rank);
 
 // Structured fields of one log line, in the order added: a number, or a list of numbers.

@@ -121,6 +121,7 @@ pid_t Spawn(const std::vector<std::string>& argv_strings,
 }  // namespace
 
 int RunLaunch(const LaunchOptions& o) {
+  SetLogRank(kNoLogRank);  // this process is no rank; each shard logs its own
   if (o.num_shard < 1) {
     std::cerr << "phishard launch: --num-shard must be >= 1, got " << o.num_shard << "\n";
     return 2;

@@ -9,9 +9,9 @@
 namespace phishard {
 namespace {
 
-std::string LogOnce(bool json) {
+std::string LogOnce(bool json, int rank = 3) {
   SetLogJson(json);
-  SetLogRank(3);
+  SetLogRank(rank);
   ::testing::internal::CaptureStdout();
   PHI_LOG_WITH(INFO,
                LogFields().Add("batch_id", 42).AddList("request_ids", {7, 18446744073709551615ull}))
@@ -47,6 +47,19 @@ TEST(LogFields, JsonLinesPutTheFieldsInRecordExtra) {
                                           "request_ids": [7, 18446744073709551615]})"));
   EXPECT_EQ(b["text"], "plain");
   EXPECT_EQ(b["record"]["extra"], nlohmann::json::parse(R"({"rank": 3})"));
+}
+
+// The launcher is no rank: its lines carry none (they said rank=0 before).
+TEST(LogFields, LinesWithoutARankOmitIt) {
+  const std::string plain = LogOnce(false, kNoLogRank);
+  const size_t nl = plain.find('\n');
+  ASSERT_NE(nl, std::string::npos) << plain;
+  EXPECT_EQ(plain.substr(plain.find(' '), nl - plain.find(' ')),
+            " INFO batch_id=42 request_ids=7,18446744073709551615 hello");
+  const std::string json = LogOnce(true, kNoLogRank);
+  const nlohmann::json a = nlohmann::json::parse(json.substr(0, json.find('\n')));
+  EXPECT_EQ(a["record"]["extra"],
+            nlohmann::json::parse(R"({"batch_id": 42, "request_ids": [7, 18446744073709551615]})"));
 }
 
 }  // namespace
