@@ -126,10 +126,22 @@ class CudaLora {
                              cudaStream_t stream, bool fc2_done = false);
   // The MLP branch on its own stream (CudaModelOptions::mlp_stream) in steps with adapter rows:
   // allowed when every hook is one fused launch (BranchHooks: AfterFc1 reads only the LN output
-  // and mlp, no t buffer shared with the other branch). With fc2 on the branch, AfterFc2 adds
-  // fc2's delta to h on that stream after the fc2 GEMM, and AfterResidual(fc2_done = true) only
-  // dense's after the join.
-  bool BranchHooks() const { return active_ && FusedStep(); }
+  // and mlp, no t buffer shared with the other branch). With fc2 on the branch, AfterFc2 runs on
+  // that stream after the fc2 GEMM and AfterResidual(fc2_done = true) after the join; which of
+  // them adds fc2's delta depends on the branch mode.
+  // PHISHARD_LORA_BRANCH (read at construction) picks what of the LoRA work runs there:
+  //   0: nothing (steps with adapter rows keep one stream),
+  //   1 (default): fc1's and fc2's deltas (AfterFc2 on the branch, dense's alone after the join),
+  //   2: fc1's delta only; fc2's is the second term of dense's after the join (AfterFc2 adds
+  //      nothing).
+  // The branch joins before attention in steps with adapter rows (JoinBeforeAttention;
+  // PHISHARD_LORA_JOIN_EARLY=0: after it, as base steps): it then overlaps qkv, its delta and
+  // rotary only. Joined after attention, the branch's fc2 GEMM started beside the attention
+  // kernel and the b64 decode graph took ~1 ms longer, with one adapter for all rows as with 64
+  // (H200, docs/perf-log.md lora4 runs 1-2: 11.2-11.5 ms against 10.4-10.5 ms; the same with
+  // fc2's delta after the join, and with the fused kernel's early PDL trigger removed).
+  bool BranchHooks() const { return active_ && branch_mode_ != 0 && FusedStep(); }
+  bool JoinBeforeAttention() const { return join_early_; }
   KernelStatus AfterFc2(int layer, const void* mlp, void* h, cudaStream_t stream);
   // x = the final-LN rows that feed the LM head, logits [rows, ld_logits] float32.
   KernelStatus AfterLmHead(const void* x, float* logits, int ld_logits, cudaStream_t stream);
@@ -200,7 +212,9 @@ class CudaLora {
   // Overlap: the side stream and its fork / join events (made at the first active Plan; when
   // they cannot be made the shrinks stay on the main stream), and which shrinks ran early.
   bool overlap_ = true;
-  bool fused_ = true;  // PHISHARD_LORA_FUSED=0: decode steps on the shrink + expand kernels
+  bool fused_ = true;       // PHISHARD_LORA_FUSED=0: decode steps on the shrink + expand kernels
+  int branch_mode_ = 1;     // PHISHARD_LORA_BRANCH (BranchHooks)
+  bool join_early_ = true;  // PHISHARD_LORA_JOIN_EARLY
   cudaStream_t side_ = nullptr;
   DeviceEvent* fork_ev_ = nullptr;
   DeviceEvent* join_ev_ = nullptr;

@@ -159,6 +159,13 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                         (!shard_.sharded() || (mlp_sharded_ && !lora)) &&
                         (!lora || lora_->BranchHooks());
   const bool fc2_on_branch = mlp_fork && mlp_mode_ == kMlpStreamFc1Fc2;
+  // Steps with adapter rows may join the branch before attention (CudaLora::JoinBeforeAttention).
+  const bool join_early = mlp_fork && lora && lora_->JoinBeforeAttention();
+  // The MLP branch's fc1 (and fc2) done before anything after this reads mlp or h.
+  auto mlp_join = [&]() -> absl::Status {
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
+    return DeviceStatus(DeviceStreamWaitEvent(stream_, mlp_join_ev_), "MLP join wait");
+  };
   auto linear = [&](const void* x, const void* w, const void* bias, void* y, int n, int k,
                     bool accumulate, GemmEpilogue epi) {
     return GemmParams{.x = x,
@@ -312,17 +319,15 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                   .q_stride = qkv_width,
                                   .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
                                   .dtype = dt};
+    if (join_early) PHI_RETURN_IF_ERROR(mlp_join());
     PHI_RETURN_IF_ERROR(KernelResult(
         in.decode ? PagedDecodeCuda(ap, decode_plan, stream_, &last_decode_splits_)
                   : PagedAttentionCuda(ap, prefill_plan, stream_, &last_decode_splits_),
         "paged_attention"));
     if (!mlp_fork) {
       PHI_RETURN_IF_ERROR(mlp_branch(stream_, gemm_.get()));
-    } else {
-      // Join: the MLP branch's fc1 (and fc2) done before anything below reads mlp or h.
-      PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
-      PHI_RETURN_IF_ERROR(
-          DeviceStatus(DeviceStreamWaitEvent(stream_, mlp_join_ev_), "MLP join wait"));
+    } else if (!join_early) {
+      PHI_RETURN_IF_ERROR(mlp_join());
     }
     if (lora_fork) {
       PHI_RETURN_IF_ERROR(

@@ -34,8 +34,12 @@ using cuda::ToFloat;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kGroup = 16;            // ranks per shrink pass
-constexpr int kCols = 4;              // consecutive output columns of one thread group
+constexpr int kGroup = 16;  // ranks per shrink pass
+// Consecutive output columns of one thread group: for 16-bit y one 16-byte load and store
+// (Unpack8, the uint4 store; with 4 columns those read and wrote 8 columns, the next group's
+// too, and overran yv / packed: correct only while the neighbour's store landed last).
+constexpr int kCols = 8;
+static_assert(kCols * 2 == 16);
 constexpr int kBlockColsHint = 1024;  // column blocks per op: at most out / this
 constexpr int kMaxGridY = 65535;
 

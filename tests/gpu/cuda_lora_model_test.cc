@@ -397,26 +397,49 @@ TEST(CudaLoraBatch, ShrinksBesideTheBaseGemmsGiveBitIdenticalLogits) {
 }
 
 // Decode steps with ranks <= 64 run the fused kernels (SgmvDecodeFusedCuda), and with them the
-// MLP branch on its own stream (CudaModelOptions::mlp_stream): mode 1 (fc1 on the branch) runs
-// the same kernels on the same inputs as mode 0 (one stream), so every logit must be
-// bit-identical (a missing fork / join would let fc1's delta or the GELU race the other branch);
-// mode 2 adds fc2's delta to h on the branch before dense's (the residual's terms rounded in
-// another order) and PHISHARD_LORA_FUSED=0 runs the shrink + expand kernels (t summed in another
-// order): both within the bf16 bounds above of mode 0, graphs on.
+// MLP branch on its own stream (CudaModelOptions::mlp_stream). Runs that launch the same kernels
+// on the same inputs in the same order on each buffer must give bit-identical logits (a missing
+// fork / join would let fc1's delta, the GELU or fc2 race the other branch): MLP stream mode 1
+// (fc1 on the branch) and LoRA branch mode 0 (PHISHARD_LORA_BRANCH=0: no fork with adapters) as
+// mode 0 (one stream); the branch joined before attention (PHISHARD_LORA_JOIN_EARLY=1) as after
+// it. Mode 2 adds fc2 to h on the branch before dense (the residual's terms rounded in another
+// order; LoRA branch mode 1 with fc2's delta there too, mode 2 with it beside dense's after the
+// join) and PHISHARD_LORA_FUSED=0 runs the shrink + expand kernels (t summed in another order):
+// those within the bf16 bounds above of mode 0, graphs on.
 TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
   PHI_REQUIRE_GPU();
   const json golden = ReadGolden();
   const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  struct Variant {
+    const char* name;
+    int mlp_mode;
+    const char* branch;  // PHISHARD_LORA_BRANCH
+    const char* early;   // PHISHARD_LORA_JOIN_EARLY
+    const char* fused;   // PHISHARD_LORA_FUSED
+    int same_as;         // index of a variant it must equal bit for bit, or -1: close to 0
+  };
+  const Variant variants[] = {
+      {"mode 0", kMlpStreamOff, "2", "0", "1", -1},
+      {"mode 1", kMlpStreamFc1, "2", "0", "1", 0},
+      {"mode 2, LoRA branch 0", kMlpStreamFc1Fc2, "0", "0", "1", 0},
+      {"mode 2, LoRA branch 1", kMlpStreamFc1Fc2, "1", "0", "1", -1},
+      {"mode 2, LoRA branch 2", kMlpStreamFc1Fc2, "2", "0", "1", -1},
+      {"mode 2, LoRA branch 1, early join", kMlpStreamFc1Fc2, "1", "1", "1", 3},
+      {"mode 2, LoRA branch 2, early join", kMlpStreamFc1Fc2, "2", "1", "1", 4},
+      {"shrink + expand kernels", kMlpStreamFc1Fc2, "2", "0", "0", -1},
+  };
   std::vector<std::unique_ptr<CudaPhiModel>> models;
-  for (int mode : {kMlpStreamOff, kMlpStreamFc1, kMlpStreamFc1Fc2}) {
+  for (const Variant& v : variants) {
+    setenv("PHISHARD_LORA_BRANCH", v.branch, 1);
+    setenv("PHISHARD_LORA_JOIN_EARLY", v.early, 1);
+    setenv("PHISHARD_LORA_FUSED", v.fused, 1);
     models.push_back(LoadCuda(dir, true));
-    ASSERT_TRUE(models.back());
-    ASSERT_TRUE(models.back()->set_mlp_stream_mode(mode).ok());
+    ASSERT_TRUE(models.back()) << v.name;
+    ASSERT_TRUE(models.back()->set_mlp_stream_mode(v.mlp_mode).ok());
   }
-  setenv("PHISHARD_LORA_FUSED", "0", 1);
-  models.push_back(LoadCuda(dir, true));
+  unsetenv("PHISHARD_LORA_BRANCH");
+  unsetenv("PHISHARD_LORA_JOIN_EARLY");
   unsetenv("PHISHARD_LORA_FUSED");
-  ASSERT_TRUE(models.back());
   std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
   uint32_t idx = 3;
   for (const json& a : golden.at("adapters")) {
@@ -434,16 +457,26 @@ TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
     EXPECT_GE(m->num_lora_decode_graphs(), 1);
   }
   const int V = models[0]->config().vocab_size;
-  for (int st = 1; st <= steps; ++st) {
-    EXPECT_EQ(runs[0][st], runs[1][st]) << "decode step " << st << ": MLP stream mode 1 vs 0";
-    for (size_t s = 0; s < reqs.size(); ++s) {
-      const std::string what = "decode step " + std::to_string(st) + " row " + std::to_string(s);
-      ExpectClose(runs[2][st].data() + s * V, runs[0][st].data() + s * V, V,
-                  what + ": MLP stream mode 2 vs 0");
-      ExpectClose(runs[3][st].data() + s * V, runs[0][st].data() + s * V, V,
-                  what + ": shrink + expand kernels vs fused");
+  for (size_t i = 1; i < models.size(); ++i) {
+    const Variant& v = variants[i];
+    for (int st = 1; st <= steps; ++st) {
+      if (v.same_as >= 0) {
+        EXPECT_EQ(runs[i][st], runs[v.same_as][st])
+            << "decode step " << st << ": " << v.name << " vs " << variants[v.same_as].name;
+        continue;
+      }
+      for (size_t s = 0; s < reqs.size(); ++s) {
+        const std::string what = "decode step " + std::to_string(st) + " row " + std::to_string(s);
+        ExpectClose(runs[i][st].data() + s * V, runs[0][st].data() + s * V, V,
+                    what + ": " + v.name + " vs mode 0");
+      }
     }
   }
+  // The variants differ where they should: fc2's delta beside dense's (branch 2) is not the same
+  // sum as fc2's delta on the branch (branch 1), so a switch that changed nothing shows here.
+  bool differs = false;
+  for (int st = 1; st <= steps; ++st) differs = differs || runs[3][st] != runs[4][st];
+  EXPECT_TRUE(differs) << "LoRA branch modes 1 and 2 gave identical logits";
 }
 
 // ---- load / use / offload ---------------------------------------------------------------------
