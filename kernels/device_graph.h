@@ -20,8 +20,11 @@ struct DeviceGraph;  // an instantiated graph (cudaGraphExec_t), opaque
 int DeviceGraphBeginCapture(cudaStream_t stream);
 // Ends the capture begun on `stream` and instantiates it (and uploads it to the device, so the
 // first replay costs what later ones cost). On any error *graph is null and the capture is over,
-// whatever state it was in; `num_nodes` (optional) receives the node count.
-int DeviceGraphEndCapture(cudaStream_t stream, DeviceGraph** graph, size_t* num_nodes = nullptr);
+// whatever state it was in; `num_nodes` (optional) receives the node count. With
+// `node_priority`, replays run each kernel node at the priority of the stream it was captured
+// on (cudaGraphInstantiateFlagUseNodePriority) instead of the launch stream's.
+int DeviceGraphEndCapture(cudaStream_t stream, DeviceGraph** graph, size_t* num_nodes = nullptr,
+                          bool node_priority = false);
 int DeviceGraphLaunch(DeviceGraph* graph, cudaStream_t stream);
 int DeviceGraphDestroy(DeviceGraph* graph);
 

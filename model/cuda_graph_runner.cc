@@ -63,7 +63,8 @@ absl::Status CudaGraphRunner::Capture(int bucket, cudaStream_t stream,
   const absl::Status enqueued = enqueue();
   DeviceGraph* graph = nullptr;
   size_t nodes = 0;
-  const int err = DeviceGraphEndCapture(stream, &graph, &nodes);  // always ends the capture
+  // Always ends the capture.
+  const int err = DeviceGraphEndCapture(stream, &graph, &nodes, node_priority_);
   if (!enqueued.ok()) {
     DeviceGraphDestroy(graph);
     return enqueued;

@@ -43,6 +43,9 @@ class CudaGraphRunner {
   absl::Status Replay(int bucket, cudaStream_t stream);
   // Drops every graph (a buffer they point into moved).
   void Clear();
+  // Graphs captured from now on replay each kernel at the priority of the stream it was captured
+  // on (DeviceGraphEndCapture's node_priority); off: all at the launch stream's.
+  void set_node_priority(bool on) { node_priority_ = on; }
 
   int num_graphs() const;
   size_t total_nodes() const { return total_nodes_; }
@@ -58,6 +61,7 @@ class CudaGraphRunner {
   size_t total_nodes_ = 0;
   int64_t replays_ = 0;
   int64_t captures_ = 0;
+  bool node_priority_ = false;
 };
 
 }  // namespace phishard

@@ -60,6 +60,9 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_JOIN_EARLY"); v != nullptr && *v != 0) {
     join_early_ = *v != '0';
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_BRANCH_PRIORITY"); v != nullptr && *v != 0) {
+    branch_priority_ = *v != '0';
+  }
 }
 
 CudaLora::~CudaLora() {

@@ -142,6 +142,12 @@ class CudaLora {
   // fc2's delta after the join, and with the fused kernel's early PDL trigger removed).
   bool BranchHooks() const { return active_ && branch_mode_ != 0 && FusedStep(); }
   bool JoinBeforeAttention() const { return join_early_; }
+  // PHISHARD_LORA_BRANCH_PRIORITY=1 (an experiment, off by default; not yet run on a GPU): the
+  // MLP stream is created at the device's highest priority and the LoRA decode graphs replay
+  // with per-node priorities, so the branch's blocks are scheduled ahead of attention's queued
+  // ones (meant to let the late join work: the fc2 GEMM no longer starting behind attention).
+  // Eager steps, base ones too, then also run the branch at that priority.
+  bool BranchPriority() const { return branch_priority_; }
   KernelStatus AfterFc2(int layer, const void* mlp, void* h, cudaStream_t stream);
   // x = the final-LN rows that feed the LM head, logits [rows, ld_logits] float32.
   KernelStatus AfterLmHead(const void* x, float* logits, int ld_logits, cudaStream_t stream);
@@ -215,6 +221,7 @@ class CudaLora {
   bool fused_ = true;       // PHISHARD_LORA_FUSED=0: decode steps on the shrink + expand kernels
   int branch_mode_ = 1;     // PHISHARD_LORA_BRANCH (BranchHooks)
   bool join_early_ = true;  // PHISHARD_LORA_JOIN_EARLY
+  bool branch_priority_ = false;  // PHISHARD_LORA_BRANCH_PRIORITY
   cudaStream_t side_ = nullptr;
   DeviceEvent* fork_ev_ = nullptr;
   DeviceEvent* join_ev_ = nullptr;

@@ -228,6 +228,7 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
   m->lora_graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
   m->lora_ = std::make_unique<CudaLora>(m->config_, m->dtype_, options.device);
+  m->lora_graphs_->set_node_priority(m->lora_->BranchPriority());  // model/cuda_lora.h
   PHI_RETURN_IF_ERROR(m->InitTpOverlap(options));
   m->use_graphs_ = options.cuda_graphs;
   m->gemv_max_rows_ = options.gemv_max_rows;
@@ -468,7 +469,10 @@ absl::Status CudaPhiModel::set_mlp_stream_mode(int mode) {
   if (mode == mlp_mode_) return absl::OkStatus();
   DeviceSet(device_);
   if (mode != kMlpStreamOff && mlp_stream_ == nullptr) {
-    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamCreate(&mlp_stream_), "MLP stream create"));
+    PHI_RETURN_IF_ERROR(DeviceStatus(lora_->BranchPriority()
+                                         ? DeviceStreamCreateHighPriority(&mlp_stream_)
+                                         : DeviceStreamCreate(&mlp_stream_),
+                                     "MLP stream create"));
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventCreate(&mlp_fork_ev_), "MLP fork event"));
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventCreate(&mlp_join_ev_), "MLP join event"));
     if (KernelStatus st = CudaGemm::Create(kGemmWorkspaceBytes, &mlp_gemm_);

@@ -12,7 +12,8 @@ int DeviceGraphBeginCapture(cudaStream_t stream) {
   return cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
 }
 
-int DeviceGraphEndCapture(cudaStream_t stream, DeviceGraph** graph, size_t* num_nodes) {
+int DeviceGraphEndCapture(cudaStream_t stream, DeviceGraph** graph, size_t* num_nodes,
+                          bool node_priority) {
   *graph = nullptr;
   if (num_nodes) *num_nodes = 0;
   cudaGraph_t g = nullptr;
@@ -23,7 +24,7 @@ int DeviceGraphEndCapture(cudaStream_t stream, DeviceGraph** graph, size_t* num_
   }
   if (num_nodes) cudaGraphGetNodes(g, nullptr, num_nodes);
   cudaGraphExec_t exec = nullptr;
-  err = cudaGraphInstantiate(&exec, g, 0);
+  err = cudaGraphInstantiate(&exec, g, node_priority ? cudaGraphInstantiateFlagUseNodePriority : 0);
   cudaGraphDestroy(g);  // the executable graph is independent of the template
   if (err != cudaSuccess) return err;
   err = cudaGraphUpload(exec, stream);

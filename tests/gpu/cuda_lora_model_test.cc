@@ -402,10 +402,11 @@ TEST(CudaLoraBatch, ShrinksBesideTheBaseGemmsGiveBitIdenticalLogits) {
 // fork / join would let fc1's delta, the GELU or fc2 race the other branch): MLP stream mode 1
 // (fc1 on the branch) and LoRA branch mode 0 (PHISHARD_LORA_BRANCH=0: no fork with adapters) as
 // mode 0 (one stream); the branch joined before attention (PHISHARD_LORA_JOIN_EARLY=1) as after
-// it. Mode 2 adds fc2 to h on the branch before dense (the residual's terms rounded in another
-// order; LoRA branch mode 1 with fc2's delta there too, mode 2 with it beside dense's after the
-// join) and PHISHARD_LORA_FUSED=0 runs the shrink + expand kernels (t summed in another order):
-// those within the bf16 bounds above of mode 0, graphs on.
+// it; the branch at high priority (PHISHARD_LORA_BRANCH_PRIORITY=1, graphs with node priorities)
+// as at the default one. Mode 2 adds fc2 to h on the branch before dense (the residual's terms
+// rounded in another order; LoRA branch mode 1 with fc2's delta there too, mode 2 with it beside
+// dense's after the join) and PHISHARD_LORA_FUSED=0 runs the shrink + expand kernels (t summed in
+// another order): those within the bf16 bounds above of mode 0, graphs on.
 TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
   PHI_REQUIRE_GPU();
   const json golden = ReadGolden();
@@ -413,10 +414,11 @@ TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
   struct Variant {
     const char* name;
     int mlp_mode;
-    const char* branch;  // PHISHARD_LORA_BRANCH
-    const char* early;   // PHISHARD_LORA_JOIN_EARLY
-    const char* fused;   // PHISHARD_LORA_FUSED
-    int same_as;         // index of a variant it must equal bit for bit, or -1: close to 0
+    const char* branch;          // PHISHARD_LORA_BRANCH
+    const char* early;           // PHISHARD_LORA_JOIN_EARLY
+    const char* fused;           // PHISHARD_LORA_FUSED
+    int same_as;                 // index of a variant it must equal bit for bit, or -1: close to 0
+    const char* priority = "0";  // PHISHARD_LORA_BRANCH_PRIORITY
   };
   const Variant variants[] = {
       {"mode 0", kMlpStreamOff, "2", "0", "1", -1},
@@ -427,12 +429,15 @@ TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
       {"mode 2, LoRA branch 1, early join", kMlpStreamFc1Fc2, "1", "1", "1", 3},
       {"mode 2, LoRA branch 2, early join", kMlpStreamFc1Fc2, "2", "1", "1", 4},
       {"shrink + expand kernels", kMlpStreamFc1Fc2, "2", "0", "0", -1},
+      {"mode 2, LoRA branch 1, high priority", kMlpStreamFc1Fc2, "1", "0", "1", 3, "1"},
+      {"mode 2, LoRA branch 1, early join, high priority", kMlpStreamFc1Fc2, "1", "1", "1", 5, "1"},
   };
   std::vector<std::unique_ptr<CudaPhiModel>> models;
   for (const Variant& v : variants) {
     setenv("PHISHARD_LORA_BRANCH", v.branch, 1);
     setenv("PHISHARD_LORA_JOIN_EARLY", v.early, 1);
     setenv("PHISHARD_LORA_FUSED", v.fused, 1);
+    setenv("PHISHARD_LORA_BRANCH_PRIORITY", v.priority, 1);
     models.push_back(LoadCuda(dir, true));
     ASSERT_TRUE(models.back()) << v.name;
     ASSERT_TRUE(models.back()->set_mlp_stream_mode(v.mlp_mode).ok());
@@ -440,6 +445,7 @@ TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
   unsetenv("PHISHARD_LORA_BRANCH");
   unsetenv("PHISHARD_LORA_JOIN_EARLY");
   unsetenv("PHISHARD_LORA_FUSED");
+  unsetenv("PHISHARD_LORA_BRANCH_PRIORITY");
   std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
   uint32_t idx = 3;
   for (const json& a : golden.at("adapters")) {
