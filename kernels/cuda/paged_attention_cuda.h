@@ -8,6 +8,7 @@
 //    and O in registers (mma.sync m16n8k16, float32 accumulation), the block walks 64-key tiles
 //    gathered through the block table with cp.async into double-buffered shared memory, and the
 //    causal mask costs only on the tiles that cross a warp's diagonal. S x S is never stored.
+//    On Hopper a wgmma version of the same schedule (PrefillTiling::kWgmma) is tested beside it.
 //  * decode (every q_len == 1): one block per (context split, sequence, KV head) serving all
 //    num_heads / num_kv_heads query heads of that KV head (GQA reads K/V once), float32 FMA;
 //    with more than one split ("flash-decoding") a second kernel merges the splits' partial
@@ -30,13 +31,17 @@ namespace phishard {
 
 enum class AttentionKernel { kAuto, kPrefill, kDecode };
 
-// Prefill query tiles (128 rows a block either way). kAuto is kQ128Warps8; kQ128 is kept for
-// tests and benchmarks (a close second: docs/perf-log.md, prefill attention run 2).
+// Prefill query tiles (128 rows a block either way). kAuto: kQ128 at head dim 80 from 4096 query
+// tokens up, else kQ128Warps8 (docs/perf-log.md, prefill attention runs). kWgmma is measured and
+// tested beside them but not chosen: it does not beat them (pre helper runs 1-2).
 enum class PrefillTiling {
   kAuto,
   kQ128,        // 4 warps x 32 rows: each K/V fragment feeds two m16 tiles; 255 registers, 2 blocks
                 // (8 warps) an SM
   kQ128Warps8,  // 8 warps x 16 rows, registers capped at 128: 2 blocks (16 warps) an SM
+  kWgmma,       // Hopper: 2 warpgroups x 64 rows on wgmma (paged_attention_prefill_wgmma.cu), 2
+                // blocks an SM; only where PagedAttentionPrefillWgmmaAvailable() (sm_90a build,
+                // compute capability 9.0 device), kInvalidShape elsewhere
 };
 
 struct PagedAttentionCudaPlan {
@@ -52,6 +57,10 @@ struct PagedAttentionCudaPlan {
 };
 
 bool PagedAttentionCudaSupportsHeadDim(int head_dim);
+
+// Whether PrefillTiling::kWgmma can run: the library holds sm_90a code and the current device is
+// compute capability 9.0 (H100 / H200).
+bool PagedAttentionPrefillWgmmaAvailable();
 
 // Workspace that lets a decode step of `num_tokens` sequences use up to `max_splits` splits.
 size_t PagedAttentionCudaWorkspaceBytes(int num_tokens, int num_heads, int head_dim,

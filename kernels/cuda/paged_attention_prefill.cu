@@ -20,32 +20,16 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_prefill.cuh"
+#include "kernels/cuda/prefill_ptx.cuh"
 
 namespace phishard {
 namespace {
 
+using namespace prefill_ptx;  // NOLINT(build/namespaces): internal PTX wrappers
+
 constexpr float kLog2e = 1.4426950408889634f;
 
-// ---- PTX wrappers (sm_80+) ----------------------------------------------------------------------
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy that bypasses L1; with valid == false it reads nothing and writes
-// 16 zero bytes (src-size 0), which is how keys past the end and bad block ids become zero K/V.
-// No "memory" clobber: the block-table loads feeding several copies may then all be in flight at
-// once; the copies stay ordered against the commit/wait/ldmatrix asm (all volatile).
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsyncCommit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void CpAsyncWaitAll() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-
+// ---- mma.sync operand loads and MMA (sm_80+) ----------------------------------------------------
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives
 // matrix i in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4), +1; .trans swaps the
 // roles of rows and columns).
@@ -60,13 +44,6 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr)
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
                : "memory");
-}
-
-// 2^x on the special-function unit (one MUFU.EX2; 2^-inf = +0, relative error ~2^-22).
-__device__ __forceinline__ float Exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // d[16x8] += a[16x16] · b[16x8], float32 accumulators.
@@ -84,20 +61,6 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-}
-
-// Two floats to one 32-bit word of two 16-bit elements, `lo` in the low half (lower column).
-template <typename T>
-__device__ __forceinline__ uint32_t PackFloat2(float lo, float hi) {
-  uint32_t w;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    memcpy(&w, &v, 4);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    memcpy(&w, &v, 4);
-  }
-  return w;
 }
 
 // ---- kernel -------------------------------------------------------------------------------------
@@ -436,7 +399,7 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
       return Launch<T, HD, 4, 2, 64, 1>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kQ128Warps8:
       return Launch<T, HD, 8, 1, 64, 2>(args, max_q_len, num_seqs, stream);
-    case PrefillTiling::kAuto:
+    default:  // kAuto is resolved by the caller; kWgmma: paged_attention_prefill_wgmma.cu
       break;
   }
   return KernelStatus::kInvalidShape;
@@ -444,12 +407,15 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
 
 }  // namespace
 
-PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& /*p*/,
+PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
                                           const PagedAttentionCudaPlan& plan) {
-  // H200, run 2 (docs/perf-log.md): kQ128Warps8 is within 2% of kQ128 at head dim 80 from 4096
-  // tokens up and 4-6% ahead at head dim 64 and on batched 1024-token prefills; ties elsewhere.
-  return plan.prefill_tiling == PrefillTiling::kAuto ? PrefillTiling::kQ128Warps8
-                                                     : plan.prefill_tiling;
+  if (plan.prefill_tiling != PrefillTiling::kAuto) return plan.prefill_tiling;
+  // H200 (docs/perf-log.md: prefill attention run 2, pre helper runs 1-2): kQ128 is 1-5% ahead of
+  // kQ128Warps8 at head dim 80 from 4096 query tokens up in all three runs (at 2048 the two tie
+  // within +-3%); kQ128Warps8 is ~10% ahead at head dim 64 and ties or leads below. kWgmma ties
+  // with both at best and is never chosen here.
+  if (p.head_dim == 80 && plan.max_q_len >= 4096) return PrefillTiling::kQ128;
+  return PrefillTiling::kQ128Warps8;
 }
 
 KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
@@ -461,6 +427,9 @@ KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
   int block_shift = -1;
   for (int b = 0; b < 31; ++b) {
     if ((1 << b) == p.block_size) block_shift = b;
+  }
+  if (tiling == PrefillTiling::kWgmma) {
+    return LaunchPagedAttentionPrefillWgmma(p, plan, q_stride, block_shift, stream);
   }
   auto run = [&](auto hd_tag, auto type_tag) {
     constexpr int HD = decltype(hd_tag)::value;

@@ -18,4 +18,11 @@ KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
                                          const PagedAttentionCudaPlan& plan, int q_stride,
                                          cudaStream_t stream);
 
+// The Hopper (wgmma) prefill kernel, paged_attention_prefill_wgmma.cu (where
+// PagedAttentionPrefillWgmmaAvailable()). Same contract as LaunchPagedAttentionPrefill
+// (kInvalidShape when not available); block_shift is log2(block_size) for a power of two, else -1.
+KernelStatus LaunchPagedAttentionPrefillWgmma(const PagedAttentionParams& p,
+                                              const PagedAttentionCudaPlan& plan, int q_stride,
+                                              int block_shift, cudaStream_t stream);
+
 }  // namespace phishard

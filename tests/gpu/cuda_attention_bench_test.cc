@@ -44,6 +44,8 @@ const char* TilingName(PrefillTiling t) {
       return "q128";
     case PrefillTiling::kQ128Warps8:
       return "q128w8";
+    case PrefillTiling::kWgmma:
+      return "wgmma";
   }
   return "?";
 }
@@ -115,8 +117,10 @@ void BenchShape(const Shape& s, DeviceTimer* timer) {
   const double flop = 4.0 * hd * nh * pairs * s.batch;
 
   std::vector<float> ref;
-  for (PrefillTiling tiling :
-       {PrefillTiling::kQ128, PrefillTiling::kQ128Warps8, PrefillTiling::kAuto}) {
+  std::vector<PrefillTiling> tilings = {PrefillTiling::kQ128, PrefillTiling::kQ128Warps8};
+  if (PagedAttentionPrefillWgmmaAvailable()) tilings.push_back(PrefillTiling::kWgmma);
+  tilings.push_back(PrefillTiling::kAuto);
+  for (PrefillTiling tiling : tilings) {
     const PagedAttentionCudaPlan plan{.max_q_len = s.q_len,
                                       .max_context_len = s.context_len,
                                       .kernel = AttentionKernel::kPrefill,

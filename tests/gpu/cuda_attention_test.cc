@@ -41,7 +41,7 @@ struct AttnCase {
 };
 
 constexpr PrefillTiling kAllTilings[] = {PrefillTiling::kAuto, PrefillTiling::kQ128,
-                                         PrefillTiling::kQ128Warps8};
+                                         PrefillTiling::kQ128Warps8, PrefillTiling::kWgmma};
 
 struct RunOptions {
   DataType dtype = DataType::kBF16;
@@ -49,7 +49,7 @@ struct RunOptions {
   int force_splits = 0;
   int expect_splits = -1;  // >= 0: check the decode split count used
   std::vector<PrefillTiling> tilings = {PrefillTiling::kAuto};
-  float scale_sign = 1.0f;  // -1: a negative softmax scale (the prefill kernel negates Q)
+  float scale_sign = 1.0f;  // -1: a negative softmax scale (the prefill kernels negate Q or S)
 };
 
 void RunCase(const AttnCase& c, const RunOptions& o) {
@@ -197,7 +197,14 @@ std::vector<AttnCase> PrefillCases() {
   return cases;
 }
 
-std::vector<PrefillTiling> AllTilings() { return {std::begin(kAllTilings), std::end(kAllTilings)}; }
+// Every tiling this GPU runs (kWgmma needs a compute capability 9.0 device and an sm_90a build).
+std::vector<PrefillTiling> AllTilings() {
+  std::vector<PrefillTiling> tilings;
+  for (PrefillTiling t : kAllTilings) {
+    if (t != PrefillTiling::kWgmma || PagedAttentionPrefillWgmmaAvailable()) tilings.push_back(t);
+  }
+  return tilings;
+}
 
 TEST(CudaPagedAttention, PrefillMatchesCpuReference) {
   PHI_REQUIRE_GPU();
