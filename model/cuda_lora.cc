@@ -50,10 +50,10 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   }
   if (const char* v = std::getenv("PHISHARD_LORA_BRANCH"); v != nullptr && *v != 0) {
     const std::string s(v);
-    if (s == "0" || s == "1" || s == "2") {
+    if (s == "0" || s == "1" || s == "2" || s == "3") {
       branch_mode_ = s[0] - '0';
     } else {
-      PHI_LOG(WARNING) << "PHISHARD_LORA_BRANCH='" << s << "' is not 0, 1 or 2: keeping "
+      PHI_LOG(WARNING) << "PHISHARD_LORA_BRANCH='" << s << "' is not 0, 1, 2 or 3: keeping "
                        << branch_mode_;
     }
   }
@@ -626,7 +626,7 @@ KernelStatus CudaLora::AfterFc2(int layer, const void* mlp, void* h, cudaStream_
   const int H = config_.hidden_size, I = config_.intermediate_size;
   SgmvFusedParams fp;
   // Branch mode 2: fc2's delta is AfterResidual's second term (after the join).
-  if (branch_mode_ == 1 && Launch(Entry(layer, kFc2))) {
+  if (branch_mode_ != 2 && Launch(Entry(layer, kFc2))) {
     fp.ops[0].y = h;
     fp.ops[0].ldy = H;
     fp.ops[0].out = H;
@@ -653,7 +653,7 @@ KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* ml
     if (Launch(Entry(layer, kDense))) {
       op.terms[op.num_terms++] = {.x = attn, .ldx = A, .in = A, .entry = Entry(layer, kDense)};
     }
-    if ((!fc2_done || branch_mode_ != 1) && Launch(Entry(layer, kFc2))) {
+    if ((!fc2_done || branch_mode_ == 2) && Launch(Entry(layer, kFc2))) {
       op.terms[op.num_terms++] = {.x = mlp, .ldx = I, .in = I, .entry = Entry(layer, kFc2)};
     }
     fp.num_ops = op.num_terms > 0 ? 1 : 0;

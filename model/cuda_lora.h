@@ -133,7 +133,11 @@ class CudaLora {
   //   0: nothing (steps with adapter rows keep one stream),
   //   1 (default): fc1's and fc2's deltas (AfterFc2 on the branch, dense's alone after the join),
   //   2: fc1's delta only; fc2's is the second term of dense's after the join (AfterFc2 adds
-  //      nothing).
+  //      nothing),
+  //   3: as 1, but with the early join (below) fc2's GEMM runs on the main stream before
+  //      attention and fc2's delta alone on the branch beside attention, joined before dense
+  //      (Fc2DeltaBesideAttention; the branch before attention is then fc1 and its delta only,
+  //      about as long as qkv, its delta and rotary). An experiment: not yet run on a GPU.
   // The branch joins before attention in steps with adapter rows (JoinBeforeAttention;
   // PHISHARD_LORA_JOIN_EARLY=0: after it, as base steps): it then overlaps qkv, its delta and
   // rotary only. Joined after attention, the branch's fc2 GEMM started beside the attention
@@ -142,6 +146,7 @@ class CudaLora {
   // fc2's delta after the join, and with the fused kernel's early PDL trigger removed).
   bool BranchHooks() const { return active_ && branch_mode_ != 0 && FusedStep(); }
   bool JoinBeforeAttention() const { return join_early_; }
+  bool Fc2DeltaBesideAttention() const { return branch_mode_ == 3; }
   // PHISHARD_LORA_BRANCH_PRIORITY=1 (an experiment, off by default; not yet run on a GPU): the
   // MLP stream is created at the device's highest priority and the LoRA decode graphs replay
   // with per-node priorities, so the branch's blocks are scheduled ahead of attention's queued

@@ -161,6 +161,9 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   const bool fc2_on_branch = mlp_fork && mlp_mode_ == kMlpStreamFc1Fc2;
   // Steps with adapter rows may join the branch before attention (CudaLora::JoinBeforeAttention).
   const bool join_early = mlp_fork && lora && lora_->JoinBeforeAttention();
+  // ... and then run fc2's GEMM on the main stream before attention, its delta on the branch
+  // beside attention (CudaLora::Fc2DeltaBesideAttention).
+  const bool fc2_main = join_early && fc2_on_branch && lora_->Fc2DeltaBesideAttention();
   // The MLP branch's fc1 (and fc2) done before anything after this reads mlp or h.
   auto mlp_join = [&]() -> absl::Status {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
@@ -232,6 +235,20 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     // biases), the other ranks overwrite h with their first partial and add the second, and one
     // all-reduce of h per layer sums residual + every rank's partials.
     // The MLP branch reads only n; on its own stream it runs beside qkv -> rotary -> attention.
+    // h (+)= fc2(mlp) on `st` with `g`, then its LoRA delta on `delta_st` (forked from `st`).
+    auto fc2_part = [&](cudaStream_t st, CudaGemm* g, cudaStream_t delta_st) -> absl::Status {
+      // Rank 0 (or unsharded) adds to the residual, the other ranks start their partial.
+      PHI_RETURN_IF_ERROR(Linear(linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size,
+                                        shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
+                                 dt, "fc2 gemm", nullptr, st, g));
+      if (!lora) return absl::OkStatus();
+      if (delta_st != st) {
+        PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, st), "fc2 fork"));
+        PHI_RETURN_IF_ERROR(
+            DeviceStatus(DeviceStreamWaitEvent(delta_st, mlp_fork_ev_), "fc2 fork wait"));
+      }
+      return KernelResult(lora_->AfterFc2(l, mlp, h, delta_st), "lora fc2");
+    };
     auto mlp_branch = [&](cudaStream_t st, CudaGemm* g) -> absl::Status {
       const GemmEpilogue fc1_act = lora_->SplitFc1(l) ? GemmEpilogue::kNone : act;
       PHI_RETURN_IF_ERROR(Linear(
@@ -240,13 +257,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       if (lora) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, normed, mlp, act, st), "lora fc1"));
       }
-      if (fc2_on_branch) {
-        // Rank 0 (or unsharded) adds to the residual, the other ranks start their partial.
-        PHI_RETURN_IF_ERROR(Linear(linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size,
-                                          shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
-                                   dt, "fc2 gemm", nullptr, st, g));
-        if (lora) PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc2(l, mlp, h, st), "lora fc2"));
-      }
+      if (fc2_on_branch && !fc2_main) PHI_RETURN_IF_ERROR(fc2_part(st, g, st));
       return absl::OkStatus();
     };
     // The LoRA shrinks beside the base GEMMs (model/cuda_lora.h, overlap); sharded steps keep
@@ -319,14 +330,17 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                   .q_stride = qkv_width,
                                   .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
                                   .dtype = dt};
-    if (join_early) PHI_RETURN_IF_ERROR(mlp_join());
+    if (join_early) {
+      PHI_RETURN_IF_ERROR(mlp_join());
+      if (fc2_main) PHI_RETURN_IF_ERROR(fc2_part(stream_, gemm_.get(), mlp_stream_));
+    }
     PHI_RETURN_IF_ERROR(KernelResult(
         in.decode ? PagedDecodeCuda(ap, decode_plan, stream_, &last_decode_splits_)
                   : PagedAttentionCuda(ap, prefill_plan, stream_, &last_decode_splits_),
         "paged_attention"));
     if (!mlp_fork) {
       PHI_RETURN_IF_ERROR(mlp_branch(stream_, gemm_.get()));
-    } else if (!join_early) {
+    } else if (!join_early || fc2_main) {
       PHI_RETURN_IF_ERROR(mlp_join());
     }
     if (lora_fork) {

@@ -403,10 +403,11 @@ TEST(CudaLoraBatch, ShrinksBesideTheBaseGemmsGiveBitIdenticalLogits) {
 // (fc1 on the branch) and LoRA branch mode 0 (PHISHARD_LORA_BRANCH=0: no fork with adapters) as
 // mode 0 (one stream); the branch joined before attention (PHISHARD_LORA_JOIN_EARLY=1) as after
 // it; the branch at high priority (PHISHARD_LORA_BRANCH_PRIORITY=1, graphs with node priorities)
-// as at the default one. Mode 2 adds fc2 to h on the branch before dense (the residual's terms
-// rounded in another order; LoRA branch mode 1 with fc2's delta there too, mode 2 with it beside
-// dense's after the join) and PHISHARD_LORA_FUSED=0 runs the shrink + expand kernels (t summed in
-// another order): those within the bf16 bounds above of mode 0, graphs on.
+// as at the default one; LoRA branch mode 3 (fc2's GEMM on the main stream, its delta on the
+// branch beside attention) as mode 1. Mode 2 adds fc2 to h on the branch before dense (the
+// residual's terms rounded in another order; LoRA branch mode 1 with fc2's delta there too, mode 2
+// with it beside dense's after the join) and PHISHARD_LORA_FUSED=0 runs the shrink + expand kernels
+// (t summed in another order): those within the bf16 bounds above of mode 0, graphs on.
 TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
   PHI_REQUIRE_GPU();
   const json golden = ReadGolden();
@@ -431,6 +432,7 @@ TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
       {"shrink + expand kernels", kMlpStreamFc1Fc2, "2", "0", "0", -1},
       {"mode 2, LoRA branch 1, high priority", kMlpStreamFc1Fc2, "1", "0", "1", 3, "1"},
       {"mode 2, LoRA branch 1, early join, high priority", kMlpStreamFc1Fc2, "1", "1", "1", 5, "1"},
+      {"mode 2, LoRA branch 3 (fc2 GEMM before attention)", kMlpStreamFc1Fc2, "3", "1", "1", 3},
   };
   std::vector<std::unique_ptr<CudaPhiModel>> models;
   for (const Variant& v : variants) {
