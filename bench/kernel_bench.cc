@@ -183,7 +183,15 @@ void LinearCases(cudaStream_t s, const std::vector<int>& rows_list) {
   Fill(bias, kVocab, 9, DataType::kF32, s, 0.01f);
   std::unique_ptr<CudaGemm> gemm;
   KB_CHECK(CudaGemm::Create(size_t{32} << 20, &gemm) == KernelStatus::kOk, "cuBLASLt");
-  const std::vector<bench::PhiLinear> lins = bench::PhiLinears(kHidden, kInter, kVocab);
+  std::vector<bench::PhiLinear> lins = bench::PhiLinears(kHidden, kInter, kVocab);
+  // The two halves of the pair alone: with the MLP branch on its own stream (the default) dense
+  // and fc2 run as separate single-segment layers.
+  lins.push_back({"dense", kHidden, kHidden, 0, GemmEpilogue::kNone, true, false});
+  lins.push_back({"fc2", kHidden, kInter, 0, GemmEpilogue::kNone, true, false});
+  void* ln_w = Alloc(size_t{2} * kHidden);
+  void* ln_b = Alloc(size_t{2} * kHidden);
+  Fill(ln_w, kHidden, 10, DataType::kBF16, s);
+  Fill(ln_b, kHidden, 11, DataType::kBF16, s);
   for (int m : rows_list) {
     for (const bench::PhiLinear& l : lins) {
       const size_t w1_bytes = size_t{2} * l.n * l.k;
@@ -230,6 +238,52 @@ void LinearCases(cudaStream_t s, const std::vector<int>& rows_list) {
                           : "gemv ks" + std::to_string(c.ksplit) + " u" + std::to_string(c.unroll);
         Report(l.name, shape, cfg, 1e3 * ms, bytes);
       }
+      // The bulk kernel: defaults; at m = 1 its stage size x ring depth x blocks per SM, chained
+      // launches as programmatic dependents (the next GEMV's first stages load while the one
+      // before finishes, as in a decode step), and with the LayerNorm folded in (one segment).
+      struct BulkCfg {
+        int kb, stages, bps;
+        bool pdl, ln;
+      };
+      std::vector<BulkCfg> bcfgs = {{0, 0, 0, false, false}, {0, 0, 0, true, false}};
+      if (l.k2 == 0 && l.k == kHidden) bcfgs.push_back({0, 0, 0, true, true});  // ln: [kHidden]
+      if (m == 1) {
+        for (int kb : {16, 32, 48}) {
+          for (int st : {2, 4, 6}) {
+            for (int bps : {1, 2}) bcfgs.push_back({kb, st, bps, true, false});
+          }
+        }
+      }
+      for (const BulkCfg& c : bcfgs) {
+        GemvParams gv{.a = g,
+                      .y_dtype = yt,
+                      .programmatic_launch = c.pdl,
+                      .bulk = true,
+                      .bulk_stage_kb = c.kb,
+                      .bulk_stages = c.stages,
+                      .bulk_blocks_per_sm = c.bps};
+        if (c.ln) {
+          gv.ln_weight = ln_w;
+          gv.ln_bias = ln_b;
+        }
+        if (l.k2 > 0) {
+          gv.x2 = x2;
+          gv.k2 = l.k2;
+        }
+        char cfg[64];
+        std::snprintf(cfg, sizeof(cfg), "bulk%s%s kb%d s%d b%d", c.pdl ? " pdl" : "",
+                      c.ln ? " ln" : "", c.kb, c.stages, c.bps);
+        if (!GemvCudaSupports(gv)) {
+          std::printf("%-14s %-22s %-16s unsupported\n", l.name, shape.c_str(), cfg);
+          continue;
+        }
+        const float ms = TimeMs(s, [&](int i) {
+          gv.a.w = w_at(i);
+          if (l.k2 > 0) gv.w2 = w_at(i) + w1_bytes;
+          KB_CHECK(GemvCuda(gv, s) == KernelStatus::kOk, "GemvCuda bulk");
+        });
+        Report(l.name, shape, cfg, 1e3 * ms, bytes);
+      }
       // cuBLASLt as the model calls it (two GEMMs for the pair), and with m padded to 8 rows.
       for (int mm : {m, 8}) {
         if (mm != m && m != 1) continue;
@@ -253,7 +307,7 @@ void LinearCases(cudaStream_t s, const std::vector<int>& rows_list) {
   }
   DeviceStreamSync(s);
   gemm.reset();
-  for (void* p : {pool, x, x2, y, bias}) DeviceFree(p);
+  for (void* p : {pool, x, x2, y, bias, ln_w, ln_b}) DeviceFree(p);
 }
 
 int Main(int argc, char** argv) {

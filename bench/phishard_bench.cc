@@ -568,6 +568,10 @@ int Main(int argc, char** argv) {
   app.add_option("--memory-fraction", fraction, "device memory the model may use");
   app.add_flag("--quick", quick, "batches 1,256 at context 1024, prefill 1x2048 only");
   app.add_option("--gemv-sweep", gemv_sweep, "time batches 2-8 with and without the GEMV path");
+  bool bulk_sweep = false;
+  app.add_option("--bulk-sweep", bulk_sweep,
+                 "time batch 1 (and 2-8) with the bulk GEMV: PDL, LayerNorm folded, each MLP "
+                 "stream mode");
   int lora_rank = 0, lora_batch = 64, lora_context = 1024;
   std::string lora_prefill = "8x512";
   bool lora_only = false;
@@ -741,6 +745,35 @@ int Main(int argc, char** argv) {
     }
     BENCH_OK(m.set_gemv_max_rows(defaults.gemv_max_rows));
     m.set_gemv_single_segment(defaults.gemv_single_segment);
+  }
+  if (bulk_sweep && !lora_only) {
+    // CudaModelOptions::bulk_gemv_rows / _pdl / _ln and mlp_stream, at context 1024.
+    const int rows0 = m.bulk_gemv_rows(), mode0 = m.mlp_stream_mode();
+    const bool pdl0 = m.bulk_gemv_pdl(), ln0 = m.bulk_gemv_ln();
+    struct Variant {
+      int rows, pdl, ln, mode;
+      std::vector<int> batches;
+    };
+    const Variant variants[] = {
+        {0, 0, 0, 2, {1}},       {1, 0, 0, 2, {1}},       {1, 1, 0, 2, {1}},
+        {1, 1, 1, 2, {1}},       {1, 1, 0, 1, {1}},       {1, 1, 1, 1, {1}},
+        {1, 1, 0, 0, {1}},       {1, 0, 0, 1, {1}},       {8, 1, 0, 2, {2, 4, 8}},
+        {8, 1, 1, 2, {2, 4, 8}}, {0, 0, 0, 2, {2, 4, 8}}, {0, 0, 0, 2, {1}}};
+    for (const Variant& v : variants) {
+      BENCH_OK(m.set_bulk_gemv(v.rows, v.pdl != 0, v.ln != 0));
+      BENCH_OK(m.set_mlp_stream_mode(v.mode));
+      const std::string name =
+          absl::StrFormat("bulk r%d pdl%d ln%d mlp%d", v.rows, v.pdl, v.ln, v.mode);
+      for (int b : v.batches) {
+        Row r;
+        if (bench.Decode(b, 1024, name.c_str(), &r)) {
+          PrintRow(r);
+          rows.push_back(r);
+        }
+      }
+    }
+    BENCH_OK(m.set_bulk_gemv(rows0, pdl0, ln0));
+    BENCH_OK(m.set_mlp_stream_mode(mode0));
   }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
     Row r;

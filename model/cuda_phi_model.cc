@@ -87,6 +87,7 @@ CudaPhiModel::~CudaPhiModel() {
   mlp_gemm_.reset();
   DeviceEventDestroy(mlp_fork_ev_);
   DeviceEventDestroy(mlp_join_ev_);
+  DeviceEventDestroy(qkv_done_ev_);
   if (mlp_stream_) DeviceStreamDestroy(mlp_stream_);
   gemm_.reset();
   if (step_timer_) DeviceTimerDestroy(step_timer_);
@@ -258,6 +259,28 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
     }
   }
   PHI_RETURN_IF_ERROR(m->set_mlp_stream_mode(mlp_mode));
+  // CudaModelOptions::bulk_gemv_*: the option, else the environment variable, else the default.
+  auto bulk_env = [](const char* name, int option, int fallback, int max) -> absl::StatusOr<int> {
+    if (option >= 0) return option;
+    const char* v = std::getenv(name);
+    if (v == nullptr || *v == '\0') return fallback;
+    const std::string_view s(v);
+    if (s.size() != 1 || s[0] < '0' || s[0] > '0' + max) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("environment variable ", name, "='", v, "' must be in [0, ", max, "]"));
+    }
+    return s[0] - '0';
+  };
+  const absl::StatusOr<int> bulk_rows = bulk_env("PHISHARD_BULK_GEMV_ROWS", options.bulk_gemv_rows,
+                                                 kBulkGemvRowsDefault, kGemvMaxRows);
+  const absl::StatusOr<int> bulk_pdl =
+      bulk_env("PHISHARD_BULK_GEMV_PDL", options.bulk_gemv_pdl, kBulkGemvPdlDefault, 1);
+  const absl::StatusOr<int> bulk_ln =
+      bulk_env("PHISHARD_BULK_GEMV_LN", options.bulk_gemv_ln, kBulkGemvLnDefault, 1);
+  for (const absl::StatusOr<int>* v : {&bulk_rows, &bulk_pdl, &bulk_ln}) {
+    PHI_RETURN_IF_ERROR(v->status());
+  }
+  PHI_RETURN_IF_ERROR(m->set_bulk_gemv(*bulk_rows, *bulk_pdl != 0, *bulk_ln != 0));
   m->props_name_ = props.name;
   return m;
 }
@@ -475,6 +498,7 @@ absl::Status CudaPhiModel::set_mlp_stream_mode(int mode) {
                                      "MLP stream create"));
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventCreate(&mlp_fork_ev_), "MLP fork event"));
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventCreate(&mlp_join_ev_), "MLP join event"));
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventCreate(&qkv_done_ev_), "qkv done event"));
     if (KernelStatus st = CudaGemm::Create(kGemmWorkspaceBytes, &mlp_gemm_);
         st != KernelStatus::kOk) {
       return absl::InternalError(
@@ -500,6 +524,18 @@ absl::Status CudaPhiModel::set_gemv_max_rows(int rows) {
 void CudaPhiModel::set_pdl(bool on) {
   pdl_ = on;
   DropGraphs();
+}
+
+absl::Status CudaPhiModel::set_bulk_gemv(int rows, bool pdl, bool ln) {
+  if (rows < 0 || rows > kGemvMaxRows) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("bulk_gemv_rows = %d must be in [0, %d]", rows, kGemvMaxRows));
+  }
+  bulk_rows_ = rows;
+  bulk_pdl_ = pdl;  // the bulk kernel itself needs sm_90 (GemvCudaSupports checks)
+  bulk_ln_ = ln;
+  DropGraphs();
+  return absl::OkStatus();
 }
 
 void CudaPhiModel::set_gemv_single_segment(bool on) {

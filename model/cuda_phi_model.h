@@ -55,6 +55,9 @@ struct TpPrefillOverlap;
 
 enum MlpStreamMode : int { kMlpStreamOff = 0, kMlpStreamFc1 = 1, kMlpStreamFc1Fc2 = 2 };
 inline constexpr int kMlpStreamDefault = kMlpStreamFc1Fc2;
+inline constexpr int kBulkGemvRowsDefault = 0;
+inline constexpr int kBulkGemvPdlDefault = 1;
+inline constexpr int kBulkGemvLnDefault = 0;
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -85,6 +88,18 @@ struct CudaModelOptions {
   // ms with 2, b64 8.60 -> 8.45, b256 unchanged (the attention kernel fills the GPU).
   // -1: PHISHARD_MLP_STREAM (0, 1, 2) when set, else kMlpStreamDefault.
   int mlp_stream = -1;
+  // Steps of at most bulk_gemv_rows rows (0..kGemvMaxRows) run every linear layer through the
+  // bulk GEMV (kernels/cuda/gemv_bulk.cu: weights through a shared-memory ring of bulk copies);
+  // bulk_gemv_pdl launches those as programmatic dependents (their first weight stages load while
+  // the kernel before them finishes); bulk_gemv_ln folds each layer's LayerNorm (and the final
+  // one) into the qkv / fc1 (LM head) GEMVs of such steps when they have no adapter rows. -1:
+  // PHISHARD_BULK_GEMV_ROWS / _PDL / _LN when set, else the kBulkGemv*Default values.
+  // Measured (H200, Phi-2 shape, decode b1 ctx1024, docs/perf-log.md dec1 run 2): rows 1 + PDL
+  // 2.064 ms against 2.078-2.119 off (within the run's spread, so off by default), without PDL
+  // 2.22, with the LayerNorm folded in 2.24; at 2-8 rows slower than cuBLASLt.
+  int bulk_gemv_rows = -1;
+  int bulk_gemv_pdl = -1;
+  int bulk_gemv_ln = -1;
   // The same in tensor-parallel (sharded) decode steps: 0 no (default), 1 yes; -1:
   // PHISHARD_MLP_STREAM_TP when set. Off by default: TP=2 decode b128 measured 11.9-12.2 ms once
   // the fork was on main against 10.5-10.6 in the TP runs before it (suspected: each layer's
@@ -181,6 +196,11 @@ class CudaPhiModel final : public ModelBackend {
   // drops graphs).
   void set_gemv_single_segment(bool on);
   bool pdl() const { return pdl_; }
+  // CudaModelOptions::bulk_gemv_rows / _pdl / _ln (drops graphs).
+  absl::Status set_bulk_gemv(int rows, bool pdl, bool ln);
+  int bulk_gemv_rows() const { return bulk_rows_; }
+  bool bulk_gemv_pdl() const { return bulk_pdl_; }
+  bool bulk_gemv_ln() const { return bulk_ln_; }
   // The MLP branch's stream (CudaModelOptions::mlp_stream); a change drops the captured graphs.
   absl::Status set_mlp_stream_mode(int mode);
   int mlp_stream_mode() const { return mlp_mode_; }
@@ -304,6 +324,8 @@ class CudaPhiModel final : public ModelBackend {
   std::unique_ptr<CudaGemm> mlp_gemm_;
   DeviceEvent* mlp_fork_ev_ = nullptr;
   DeviceEvent* mlp_join_ev_ = nullptr;
+  // LayerNorm folded into the GEMVs with fc2 on the MLP stream: fc2 (h +=) waits for qkv (reads h).
+  DeviceEvent* qkv_done_ev_ = nullptr;
 
   // Weights (device, dtype unless noted): one allocation, offsets into it.
   void* weights_ = nullptr;
@@ -349,6 +371,9 @@ class CudaPhiModel final : public ModelBackend {
   int gemv_max_rows_ = 1;
   bool gemv_single_segment_ = false;
   bool pdl_ = false;
+  int bulk_rows_ = 0;  // CudaModelOptions::bulk_gemv_*
+  bool bulk_pdl_ = false;
+  bool bulk_ln_ = false;
   std::unique_ptr<CudaGraphRunner> graphs_;
   std::unique_ptr<CudaLora> lora_;                // always set after Init
   std::unique_ptr<CudaGraphRunner> lora_graphs_;  // decode graphs of steps with adapter rows

@@ -113,8 +113,9 @@ absl::Status CudaPhiModel::Linear(const GemmParams& p, DataType y_dtype, const c
   if (gemm == nullptr) gemm = gemm_.get();
   // GEMV where it measured faster (CudaModelOptions::gemv_max_rows, gemv_single_segment): the
   // fused residual pair and the float32 LM head; qkv and fc1 only when asked.
+  // The bulk GEMV on every layer of steps up to bulk_rows_ rows (CudaModelOptions::bulk_gemv_*).
   const bool gemv_shape = second != nullptr || y_dtype == DataType::kF32 || gemv_single_segment_;
-  if (p.m <= gemv_max_rows_ && gemv_shape) {
+  if ((p.m <= gemv_max_rows_ && gemv_shape) || p.m <= bulk_rows_) {
     GemvParams g{.a = p, .y_dtype = y_dtype, .programmatic_launch = pdl_};
     if (second != nullptr) {
       g.x2 = second->x;
@@ -123,7 +124,15 @@ absl::Status CudaPhiModel::Linear(const GemmParams& p, DataType y_dtype, const c
       g.k2 = second->k;
       g.ldx2 = second->ldx;
     }
-    if (GemvCudaSupports(g)) return KernelResult(GemvCuda(g, stream), op);
+    if (p.m <= bulk_rows_) {
+      GemvParams b = g;
+      b.bulk = true;
+      b.programmatic_launch = bulk_pdl_;
+      if (GemvCudaSupports(b)) return KernelResult(GemvCuda(b, stream), op);
+    }
+    if (p.m <= gemv_max_rows_ && gemv_shape && GemvCudaSupports(g)) {
+      return KernelResult(GemvCuda(g, stream), op);
+    }
   }
   PHI_RETURN_IF_ERROR(KernelResult(gemm->Run(p, y_dtype, stream), op));
   if (second != nullptr) {
@@ -169,6 +178,18 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
     return DeviceStatus(DeviceStreamWaitEvent(stream_, mlp_join_ev_), "MLP join wait");
   };
+  // LayerNorm folded into the qkv and fc1 bulk GEMVs (x = h; CudaModelOptions::bulk_gemv_ln):
+  // steps of <= bulk_rows_ rows without adapter rows (their hooks read the normed rows) or row
+  // chunks. With fc2 on the MLP stream, fc2 (h +=) waits for qkv (reads h): qkv_done_ev_.
+  auto ln_gemv = [&](const GemmParams& p, const Layer& w) {
+    return GemvParams{.a = p,
+                      .y_dtype = dt,
+                      .programmatic_launch = bulk_pdl_,
+                      .bulk = true,
+                      .ln_weight = w.ln_w,
+                      .ln_bias = w.ln_b,
+                      .ln_eps = static_cast<float>(c.layer_norm_eps)};
+  };
   auto linear = [&](const void* x, const void* w, const void* bias, void* y, int n, int k,
                     bool accumulate, GemmEpilogue epi) {
     return GemmParams{.x = x,
@@ -182,6 +203,13 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                       .epilogue = epi,
                       .dtype = dt};
   };
+  const bool ln_fused = bulk_ln_ && T <= bulk_rows_ && !lora && in.chunks == nullptr &&
+                        GemvCudaSupports(ln_gemv(linear(h, layers_[0].qkv_w, layers_[0].qkv_b, qkv,
+                                                        qkv_width, H, false, GemmEpilogue::kNone),
+                                                 layers_[0])) &&
+                        GemvCudaSupports(ln_gemv(linear(h, layers_[0].fc1_w, layers_[0].fc1_b, mlp,
+                                                        c.intermediate_size, H, false, act),
+                                                 layers_[0]));
   // Rows [rr.begin, rr.begin + rr.rows) of an arena buffer of `width` columns, and a GEMM on them.
   const size_t es = DataTypeSize(dt);
   auto at = [&](void* base, const RowRange& rr, int width) -> void* {
@@ -251,13 +279,27 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     };
     auto mlp_branch = [&](cudaStream_t st, CudaGemm* g) -> absl::Status {
       const GemmEpilogue fc1_act = lora_->SplitFc1(l) ? GemmEpilogue::kNone : act;
-      PHI_RETURN_IF_ERROR(Linear(
-          linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act), dt,
-          "fc1 gemm", nullptr, st, g));
+      if (ln_fused) {
+        PHI_RETURN_IF_ERROR(KernelResult(
+            GemvCuda(
+                ln_gemv(linear(h, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, act), w),
+                st),
+            "layer_norm + fc1 gemv"));
+      } else {
+        PHI_RETURN_IF_ERROR(
+            Linear(linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act),
+                   dt, "fc1 gemm", nullptr, st, g));
+      }
       if (lora) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, normed, mlp, act, st), "lora fc1"));
       }
-      if (fc2_on_branch && !fc2_main) PHI_RETURN_IF_ERROR(fc2_part(st, g, st));
+      if (fc2_on_branch && !fc2_main) {
+        if (ln_fused) {
+          PHI_RETURN_IF_ERROR(
+              DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, qkv_done_ev_), "qkv done wait"));
+        }
+        PHI_RETURN_IF_ERROR(fc2_part(st, g, st));
+      }
       return absl::OkStatus();
     };
     // The LoRA shrinks beside the base GEMMs (model/cuda_lora.h, overlap); sharded steps keep
@@ -268,30 +310,50 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     for (int ch = 0; ch < static_cast<int>(ranges.size()); ++ch) {
       const RowRange& rr = ranges[ch];
       if (in.chunks) PHI_RETURN_IF_ERROR(in.chunks->before_head(l, ch));
-      PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = at(h, rr, H),
-                                                      .weight = w.ln_w,
-                                                      .bias = w.ln_b,
-                                                      .y = at(normed, rr, H),
-                                                      .rows = rr.rows,
-                                                      .cols = H,
-                                                      .eps = c.layer_norm_eps,
-                                                      .dtype = dt},
-                                                     stream_),
-                                       "layer_norm"));
-      if (mlp_fork) {  // (decode: one row range) after the LayerNorm of all rows
-        PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, stream_), "MLP fork"));
+      if (ln_fused) {  // (one row range) qkv first: the MLP branch's fc2 waits for it
+        if (mlp_fork) {
+          PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, stream_), "MLP fork"));
+        }
+        PHI_RETURN_IF_ERROR(KernelResult(
+            GemvCuda(
+                ln_gemv(linear(h, w.qkv_w, w.qkv_b, qkv, qkv_width, H, false, GemmEpilogue::kNone),
+                        w),
+                stream_),
+            "layer_norm + qkv gemv"));
+        if (mlp_fork) {
+          PHI_RETURN_IF_ERROR(
+              DeviceStatus(DeviceEventRecord(qkv_done_ev_, stream_), "qkv done record"));
+          PHI_RETURN_IF_ERROR(
+              DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "MLP fork wait"));
+          PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
+        }
+      } else {
+        PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = at(h, rr, H),
+                                                        .weight = w.ln_w,
+                                                        .bias = w.ln_b,
+                                                        .y = at(normed, rr, H),
+                                                        .rows = rr.rows,
+                                                        .cols = H,
+                                                        .eps = c.layer_norm_eps,
+                                                        .dtype = dt},
+                                                       stream_),
+                                         "layer_norm"));
+        if (mlp_fork) {  // (decode: one row range) after the LayerNorm of all rows
+          PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, stream_), "MLP fork"));
+          PHI_RETURN_IF_ERROR(
+              DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "MLP fork wait"));
+          PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
+        }
+        if (lora_fork) {
+          PHI_RETURN_IF_ERROR(
+              KernelResult(lora_->BeforeQkv(l, normed, stream_), "lora qkv shrink"));
+        }
         PHI_RETURN_IF_ERROR(
-            DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "MLP fork wait"));
-        PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
+            Linear(rows_of(linear(at(normed, rr, H), w.qkv_w, w.qkv_b, at(qkv, rr, qkv_width),
+                                  qkv_width, H, false, GemmEpilogue::kNone),
+                           rr),
+                   dt, "qkv gemm"));
       }
-      if (lora_fork) {
-        PHI_RETURN_IF_ERROR(KernelResult(lora_->BeforeQkv(l, normed, stream_), "lora qkv shrink"));
-      }
-      PHI_RETURN_IF_ERROR(
-          Linear(rows_of(linear(at(normed, rr, H), w.qkv_w, w.qkv_b, at(qkv, rr, qkv_width),
-                                qkv_width, H, false, GemmEpilogue::kNone),
-                         rr),
-                 dt, "qkv gemm"));
       if (lora) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterQkv(l, normed, qkv, stream_), "lora qkv"));
       }
@@ -386,16 +448,6 @@ absl::Status CudaPhiModel::EnqueueLogits(const void* hidden, int rows, float* lo
   const PhiConfig& c = config_;
   const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
   void* last = static_cast<char*>(arena_) + al.last;
-  PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = hidden,
-                                                  .weight = final_ln_w_,
-                                                  .bias = final_ln_b_,
-                                                  .y = last,
-                                                  .rows = rows,
-                                                  .cols = c.hidden_size,
-                                                  .eps = c.layer_norm_eps,
-                                                  .dtype = dtype_},
-                                                 stream_),
-                                   "final layer_norm"));
   GemmParams p;
   p.x = last;
   p.w = lm_head_w_;
@@ -406,6 +458,31 @@ absl::Status CudaPhiModel::EnqueueLogits(const void* hidden, int rows, float* lo
   p.k = c.hidden_size;
   p.ldy = VocabPad(c.vocab_size);
   p.dtype = dtype_;
+  if (bulk_ln_ && rows <= bulk_rows_ && !lora_->active()) {
+    // The final LayerNorm inside the LM head's bulk GEMV (CudaModelOptions::bulk_gemv_ln).
+    GemvParams g{.a = p,
+                 .y_dtype = DataType::kF32,
+                 .programmatic_launch = bulk_pdl_,
+                 .bulk = true,
+                 .ln_weight = final_ln_w_,
+                 .ln_bias = final_ln_b_,
+                 .ln_eps = static_cast<float>(c.layer_norm_eps)};
+    g.a.x = hidden;
+    if (GemvCudaSupports(g)) {
+      PHI_RETURN_IF_ERROR(KernelResult(GemvCuda(g, stream_), "final layer_norm + lm_head gemv"));
+      return TpGatherLogits(rows);
+    }
+  }
+  PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = hidden,
+                                                  .weight = final_ln_w_,
+                                                  .bias = final_ln_b_,
+                                                  .y = last,
+                                                  .rows = rows,
+                                                  .cols = c.hidden_size,
+                                                  .eps = c.layer_norm_eps,
+                                                  .dtype = dtype_},
+                                                 stream_),
+                                   "final layer_norm"));
   PHI_RETURN_IF_ERROR(Linear(p, DataType::kF32, "lm_head gemm"));
   if (lora_->active()) {
     // Into this rank's logits (its vocabulary rows when the head is vocab-parallel).

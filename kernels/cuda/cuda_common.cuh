@@ -147,6 +147,28 @@ KernelStatus LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 b
   return LaunchStatus();
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch (above) when
+// `programmatic`; for kernels with dynamic shared memory.
+template <typename... KernelArgs, typename... Args>
+KernelStatus LaunchMaybeProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                                     size_t smem, cudaStream_t stream, bool programmatic,
+                                     Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = programmatic ? 1 : 0;
+  if (cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...) != cudaSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  return LaunchStatus();
+}
+
 inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 }  // namespace phishard::cuda

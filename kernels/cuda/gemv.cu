@@ -1,10 +1,15 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemv_common.cuh"
 #include "kernels/cuda/gemv_cuda.h"
 
 namespace phishard {
 namespace {
+
+using cuda::Activate;
+using cuda::Dot8;
+using cuda::LoadStreaming;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -34,40 +39,6 @@ struct Args {
   bool y_f32;
   bool pdl;  // launched as a programmatic dependent: prefetch weights, then wait
 };
-
-// Weights are read once per step: skip L1 so x stays there.
-__device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ float Dot8(uint4 a, uint4 b, float acc) {
-  const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
-  const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 fa = cuda::Word2ToFloat2<T>(aw[i]);
-    const float2 fb = cuda::Word2ToFloat2<T>(bw[i]);
-    acc = fmaf(fa.x, fb.x, acc);
-    acc = fmaf(fa.y, fb.y, acc);
-  }
-  return acc;
-}
-
-__device__ __forceinline__ float Activate(float v, int epilogue) {
-  if (epilogue == static_cast<int>(GemmEpilogue::kGeluTanh)) {
-    const float k0 = 0.7978845608028654f;  // sqrt(2/pi)
-    return 0.5f * v * (1.0f + tanhf(k0 * (v + 0.044715f * v * v * v)));
-  }
-  if (epilogue == static_cast<int>(GemmEpilogue::kGeluErf)) {
-    return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-  }
-  return v;
-}
 
 // Block: kWarps warps = kWarps / ksplit output columns. Warp `warp` owns column
 // n = blockIdx.x * (kWarps / ksplit) + warp / ksplit and the slice (warp % ksplit) of its
@@ -221,7 +192,8 @@ bool GemvCudaSupports(const GemvParams& p) {
     if (p.k2 < 1 || p.k2 % 8 != 0 || ldx2 < p.k2 || ldx2 % 8 != 0) return false;
     if (!Aligned16(p.x2) || !Aligned16(p.w2)) return false;
   }
-  return true;
+  if (p.bulk) return GemvBulkFits(p);
+  return p.ln_weight == nullptr;  // LayerNorm-fused x: bulk kernel only
 }
 
 KernelStatus GemvCuda(const GemvParams& p, cudaStream_t stream) {
@@ -235,6 +207,7 @@ KernelStatus GemvCuda(const GemvParams& p, cudaStream_t stream) {
     return KernelStatus::kNullPointer;
   }
   if (!GemvCudaSupports(p)) return KernelStatus::kInvalidShape;
+  if (p.bulk) return GemvBulkCuda(p, stream);
   Args a;
   a.x = g.x;
   a.w = g.w;

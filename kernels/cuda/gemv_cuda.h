@@ -13,6 +13,13 @@
 // at m = 1 it beats cuBLASLt on the fused pair (one pass instead of two GEMMs) and matches it on
 // the LM head; cuBLASLt is faster on single K = 2560 layers and from m = 2 on (x is re-read through
 // L1 for every weight chunk and row), so the model uses it only where it wins.
+//
+// GemvParams::bulk selects a second kernel for the same math (kernels/cuda/gemv_bulk.cu): weight
+// rows stream through a shared-memory ring filled by Hopper bulk copies, the first stages
+// requested before griddepcontrol.wait. Measured at m = 1 (dec1 runs, docs/perf-log.md): chained
+// as programmatic dependents it reads qkv in 13.8 us (cuBLASLt 14.4, column kernel 15.9), dense
+// 7.4 (8.3), fc1 17.0 (17.2), fc2 18.4 (18.6), the LM head 66.5 (column kernel 66.8); launched
+// plainly it is slower than both. From m = 2 on both GEMVs lose to cuBLASLt.
 #pragma once
 
 #include "kernels/device.h"
@@ -42,12 +49,32 @@ struct GemvParams {
   // 8).
   int ksplit = 0;
   int unroll = 0;
+  // The bulk kernel (kernels/cuda/gemv_bulk.cu) instead of the column kernel: each block streams a
+  // contiguous range of weight rows through a ring of shared-memory stages filled by Hopper bulk
+  // copies (sm_90), x rows held in shared memory. Tuning (0: defaults): stage size cap in KiB,
+  // ring stages (<= 8), blocks per SM (<= 8).
+  bool bulk = false;
+  int bulk_stage_kb = 0;
+  int bulk_stages = 0;
+  int bulk_blocks_per_sm = 0;
+  // Bulk kernel only, one segment: x rows are LayerNorm inputs; the kernel uses
+  // LayerNorm(x) * ln_weight + ln_bias over k (rounded to dtype, as LayerNormCuda writes it)
+  // instead of x. [k] device, dtype.
+  const void* ln_weight = nullptr;
+  const void* ln_bias = nullptr;
+  float ln_eps = 1e-5f;
 };
 
 // True when GemvCuda can run `p`: 1 <= m <= kGemvMaxRows, k and k2 multiples of 8, row strides
 // multiples of 8 elements, x/w pointers 16-byte aligned, dtype kF16/kBF16, y_dtype dtype or kF32,
 // ksplit and unroll 0 or one of the values above.
 bool GemvCudaSupports(const GemvParams& p);
+
+// The bulk kernel's own limits (called by GemvCudaSupports when p.bulk): its shared memory
+// (ring + x rows of both segments) fits the device's opt-in limit, tuning fields in range,
+// LayerNorm only on one segment with a bias. Queries the current device.
+bool GemvBulkFits(const GemvParams& p);
+KernelStatus GemvBulkCuda(const GemvParams& p, cudaStream_t stream);  // via GemvCuda
 
 // kInvalidShape when !GemvCudaSupports(p) (or accumulate with an activation), kNullPointer for a
 // missing pointer; never allocates.

@@ -26,6 +26,9 @@ template <typename T, int kPer>
 __global__ void __launch_bounds__(kVecMaxThreads)
     LayerNormVecKernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, T* y, int cols,
                        float eps) {
+  // A programmatic dependent (a bulk GEMV, kernels/cuda/gemv_bulk.cu) may start loading its
+  // weights now; it waits for this grid to finish before reading y.
+  asm volatile("griddepcontrol.launch_dependents;" :::);
   using P = Pack16<T>;
   constexpr int N = P::kN;
   __shared__ float scratch[32];

@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cuda/gemv_cuda.h"
 #include "model/cpu_phi_model.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
@@ -405,6 +406,64 @@ TEST(CudaPhiModel, MlpStreamModesAgree) {
       ExpectLogitsClose(runs[2][i], std::vector<double>(runs[0][i].begin(), runs[0][i].end()),
                         std::string(model) + " mode 2 vs 0, step " + std::to_string(i));
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bulk GEMV on decode steps (CudaModelOptions::bulk_gemv_*), in every MLP stream mode: the
+// three-sequence batches above (decode steps of 3 rows, bucket 4) and one sequence of 1-row
+// decode steps, with graphs (replays from each bucket's second step). Against the default path
+// (cuBLASLt / column GEMV, a separate LayerNorm kernel) the sums run in another order and, with
+// the LayerNorm folded in, the normed rows' statistics too: the bf16 bounds of this file. A graph
+// replay runs the eager step's very launches (fork, qkv-done event, PDL edges): bit-identical.
+std::vector<std::vector<float>> RunOneSequenceSteps(CudaPhiModel& m) {
+  const int V = m.config().vocab_size;
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 19; ++i) ids.push_back((i * 389 + 5) % V);
+  const std::vector<int32_t> table = Blocks(12, 40);
+  std::vector<std::vector<float>> out(1);
+  EXPECT_TRUE(m.Forward(OneSequence(ids, 0, table, false), &out.back()).ok());
+  for (int d = 0; d < 6; ++d) {
+    out.emplace_back();
+    EXPECT_TRUE(m.Forward(OneSequence({(d * 97 + 3) % V}, 19 + d, table, false), &out.back()).ok());
+  }
+  return out;
+}
+
+TEST(CudaPhiModel, BulkGemvStepsAgree) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(m->set_bulk_gemv(kGemvMaxRows + 1, true, false)));
+    for (int mode : {kMlpStreamOff, kMlpStreamFc1, kMlpStreamFc1Fc2}) {
+      ASSERT_TRUE(m->set_mlp_stream_mode(mode).ok());
+      ASSERT_TRUE(m->set_bulk_gemv(0, false, false).ok());
+      const auto base3 = RunModeSteps(*m), base1 = RunOneSequenceSteps(*m);
+      for (bool ln : {false, true}) {
+        const std::string what = std::string(model) + " mode " + std::to_string(mode) +
+                                 (ln ? " bulk + LayerNorm" : " bulk");
+        ASSERT_TRUE(m->set_bulk_gemv(kGemvMaxRows, true, ln).ok());
+        const auto bulk3 = RunModeSteps(*m), bulk1 = RunOneSequenceSteps(*m);
+        m->set_cuda_graphs(false);
+        const auto eager3 = RunModeSteps(*m), eager1 = RunOneSequenceSteps(*m);
+        m->set_cuda_graphs(true);
+        ASSERT_EQ(bulk3.size(), base3.size());
+        ASSERT_EQ(bulk1.size(), base1.size());
+        for (size_t i = 0; i < bulk3.size(); ++i) {
+          EXPECT_TRUE(bulk3[i] == eager3[i]) << what << ": 3 rows, step " << i << " graph != eager";
+          ExpectLogitsClose(bulk3[i], std::vector<double>(base3[i].begin(), base3[i].end()),
+                            what + ", 3 rows, step " + std::to_string(i));
+        }
+        for (size_t i = 0; i < bulk1.size(); ++i) {
+          EXPECT_TRUE(bulk1[i] == eager1[i]) << what << ": 1 row, step " << i << " graph != eager";
+          ExpectLogitsClose(bulk1[i], std::vector<double>(base1[i].begin(), base1[i].end()),
+                            what + ", 1 row, step " + std::to_string(i));
+        }
+      }
+    }
+    ASSERT_TRUE(m->set_bulk_gemv(0, false, false).ok());
   }
 }
 

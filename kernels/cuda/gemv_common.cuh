@@ -1,0 +1,46 @@
+// Device helpers shared by the two GEMV kernels (gemv.cu: one warp a column, weights through
+// registers; gemv_bulk.cu: weight tiles through a shared-memory ring). Included by those only.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/gemm.h"
+
+namespace phishard::cuda {
+
+// Weights are read once per step: skip L1 so x stays there.
+__device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float Dot8(uint4 a, uint4 b, float acc) {
+  const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
+  const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fa = cuda::Word2ToFloat2<T>(aw[i]);
+    const float2 fb = cuda::Word2ToFloat2<T>(bw[i]);
+    acc = fmaf(fa.x, fb.x, acc);
+    acc = fmaf(fa.y, fb.y, acc);
+  }
+  return acc;
+}
+
+__device__ __forceinline__ float Activate(float v, int epilogue) {
+  if (epilogue == static_cast<int>(GemmEpilogue::kGeluTanh)) {
+    const float k0 = 0.7978845608028654f;  // sqrt(2/pi)
+    return 0.5f * v * (1.0f + tanhf(k0 * (v + 0.044715f * v * v * v)));
+  }
+  if (epilogue == static_cast<int>(GemmEpilogue::kGeluErf)) {
+    return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+  }
+  return v;
+}
+
+}  // namespace phishard::cuda
