@@ -131,13 +131,14 @@ class CudaLora {
   // them adds fc2's delta depends on the branch mode.
   // PHISHARD_LORA_BRANCH (read at construction) picks what of the LoRA work runs there:
   //   0: nothing (steps with adapter rows keep one stream),
-  //   1 (default): fc1's and fc2's deltas (AfterFc2 on the branch, dense's alone after the join),
+  //   1: fc1's and fc2's deltas (AfterFc2 on the branch, dense's alone after the join),
   //   2: fc1's delta only; fc2's is the second term of dense's after the join (AfterFc2 adds
   //      nothing),
-  //   3: as 1, but with the early join (below) fc2's GEMM runs on the main stream before
-  //      attention and fc2's delta alone on the branch beside attention, joined before dense
-  //      (Fc2DeltaBesideAttention; the branch before attention is then fc1 and its delta only,
-  //      about as long as qkv, its delta and rotary). An experiment: not yet run on a GPU.
+  //   3 (default): as 1, but with the early join (below) fc2's GEMM runs on the main stream
+  //      before attention and fc2's delta alone on the branch beside attention, joined before
+  //      dense (Fc2DeltaBesideAttention; the branch before attention is then fc1 and its delta
+  //      only, about as long as qkv, its delta and rotary). H200 b64, 64 rank-16 adapters:
+  //      10.28 ms against mode 1's 10.39 (one adapter 9.77 vs 9.93; docs/perf-log.md, session 4).
   // The branch joins before attention in steps with adapter rows (JoinBeforeAttention;
   // PHISHARD_LORA_JOIN_EARLY=0: after it, as base steps): it then overlaps qkv, its delta and
   // rotary only. Joined after attention, the branch's fc2 GEMM started beside the attention
@@ -224,7 +225,7 @@ class CudaLora {
   // they cannot be made the shrinks stay on the main stream), and which shrinks ran early.
   bool overlap_ = true;
   bool fused_ = true;       // PHISHARD_LORA_FUSED=0: decode steps on the shrink + expand kernels
-  int branch_mode_ = 1;     // PHISHARD_LORA_BRANCH (BranchHooks)
+  int branch_mode_ = 3;     // PHISHARD_LORA_BRANCH (BranchHooks)
   bool join_early_ = true;  // PHISHARD_LORA_JOIN_EARLY
   bool branch_priority_ = false;  // PHISHARD_LORA_BRANCH_PRIORITY
   cudaStream_t side_ = nullptr;
