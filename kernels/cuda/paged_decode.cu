@@ -386,33 +386,67 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
 
   // Copies tile `t` (keys k_begin + t kTile ...) into stage `st`; keys past k_end and block ids
   // out of range become zeros (masked below by the key index; a bad id reads as zero K/V).
+  // kBlock16: this thread's chunks e_i = tid + 128 i of every tile sit at the same row r_i = e_i /
+  // C and slice e_i % C, and a tile starts on a 16-slot block (k_begin and kTile are multiples of
+  // 16), so only the block id changes from tile to tile: the row's offset inside its block (and
+  // the head, the slice) is worked out once here, not per chunk and tile (the address arithmetic
+  // was most of the instructions the copies cost an SM).
+  constexpr int kTileChunks = kTile * C;
+  constexpr int kChunksPerThread = (kTileChunks + kThreads - 1) / kThreads;
+  static_assert(kTile % 16 == 0 && kKeysPerIter % 16 == 0, "tiles start on 16-slot blocks");
+  int c_row[kChunksPerThread];  // row of chunk i in the tile, or kTile when past the tile
+  int c_off[kChunksPerThread];  // elements from the row's block start to the chunk
+  if constexpr (kBlock16) {
+#pragma unroll
+    for (int i = 0; i < kChunksPerThread; ++i) {
+      const int e = static_cast<int>(threadIdx.x) + kThreads * i;
+      const int r = e / C;
+      c_row[i] = e < kTileChunks ? r : kTile;
+      c_off[i] = (r & 15) * a.kv_row + static_cast<int>(head_off) + 8 * (e - r * C);
+    }
+  }
+  const size_t block_elems = static_cast<size_t>(16) * a.kv_row;
   auto load_tile = [&](int t, int st) {
     const int key0 = k_begin + t * kTile;
     const uint32_t dst_k = smem_base + static_cast<uint32_t>(st * L::kStageBytes);
     const uint32_t dst_v = dst_k + kTile * C * 16;
+    if constexpr (kBlock16) {
+      const int32_t* tile_table = table + (key0 >> 4);
 #pragma unroll
-    for (int e = threadIdx.x; e < kTile * C; e += kThreads) {
-      const int r = e / C;
-      const int j = e - r * C;
-      const int key = key0 + r;
-      size_t off = 0;
-      int bytes = 0;
-      if (key < k_end) {
-        int blk, slot;
-        if constexpr (kBlock16) {
-          blk = table[key >> 4];
-          slot = key & 15;
-        } else {
-          blk = table[key / a.block_size];
-          slot = key % a.block_size;
+      for (int i = 0; i < kChunksPerThread; ++i) {
+        if (c_row[i] >= kTile) continue;
+        const uint32_t dst = (threadIdx.x + kThreads * i) * 16;
+        size_t off = 0;
+        int bytes = 0;
+        if (key0 + c_row[i] < k_end) {
+          const int blk = tile_table[c_row[i] >> 4];
+          if (blk >= 0 && blk < a.num_blocks) {
+            off = static_cast<size_t>(blk) * block_elems + c_off[i];
+            bytes = 16;
+          }
         }
-        if (blk >= 0 && blk < a.num_blocks) {
-          off = (static_cast<size_t>(blk) * a.block_size + slot) * a.kv_row + head_off + 8 * j;
-          bytes = 16;
-        }
+        CpAsync16(dst_k + dst, kc + off, bytes);
+        CpAsync16(dst_v + dst, vc + off, bytes);
       }
-      CpAsync16(dst_k + e * 16, kc + off, bytes);
-      CpAsync16(dst_v + e * 16, vc + off, bytes);
+    } else {
+#pragma unroll
+      for (int e = threadIdx.x; e < kTile * C; e += kThreads) {
+        const int r = e / C;
+        const int j = e - r * C;
+        const int key = key0 + r;
+        size_t off = 0;
+        int bytes = 0;
+        if (key < k_end) {
+          const int blk = table[key / a.block_size];
+          const int slot = key % a.block_size;
+          if (blk >= 0 && blk < a.num_blocks) {
+            off = (static_cast<size_t>(blk) * a.block_size + slot) * a.kv_row + head_off + 8 * j;
+            bytes = 16;
+          }
+        }
+        CpAsync16(dst_k + e * 16, kc + off, bytes);
+        CpAsync16(dst_v + e * 16, vc + off, bytes);
+      }
     }
   };
 #pragma unroll
