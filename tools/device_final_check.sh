@@ -118,9 +118,17 @@ if [ -x $B/phishard_bench ]; then
     bash bench/run_all.sh --bin $B/phishard_bench --out "$OUT"
 fi
 
+# Issue #4's acceptance: compute-sanitizer memcheck clean on the model test (last: slow).
+SAN=/usr/local/cuda/bin/compute-sanitizer
+command -v compute-sanitizer > /dev/null && SAN=$(command -v compute-sanitizer)
+if [ -x "$SAN" ]; then
+  step memcheck:cuda_model_test 90 sanitizer.log "$SAN" --tool memcheck --error-exitcode 9 \
+    $B/cuda_model_test
+fi
+
 echo "== failures (first 40 lines)"
 grep -hE "Failure|FAILED|Expected|Which is|parts from|ERROR SUMMARY" "$OUT"/gpu_tests.log \
-  "$OUT"/integration.log 2> /dev/null | head -40
+  "$OUT"/integration.log "$OUT"/sanitizer.log 2> /dev/null | head -40
 echo "== served"
 tail -15 "$OUT/served.log" 2> /dev/null
 echo "== lora bench"
