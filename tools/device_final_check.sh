@@ -52,6 +52,14 @@ for t in serve_router_flow_test serve_process_test serve_bad_input_test serve_re
 done
 unset PHISHARD_TEST_DEVICE
 
+# Issue #4's acceptance: compute-sanitizer memcheck clean on the model test.
+SAN=/usr/local/cuda/bin/compute-sanitizer
+command -v compute-sanitizer > /dev/null && SAN=$(command -v compute-sanitizer)
+if [ -x "$SAN" ]; then
+  step memcheck:cuda_model_test 90 sanitizer.log "$SAN" --tool memcheck --error-exitcode 9 \
+    $B/cuda_model_test
+fi
+
 # TP=2 served: the router's startup sequence (ServiceDiscovery, Info, Warmup, then the /startup
 # probe's one-token generation) and the seven golden prompts, each generation reported once.
 tp2_served() {
@@ -116,14 +124,6 @@ fi
 if [ -x $B/phishard_bench ]; then
   BENCH_TIMEOUT_S=${BENCH_S:-80} PEER_TIMEOUT_S=${PEER_S:-75} step run_all 160 run_all.log \
     bash bench/run_all.sh --bin $B/phishard_bench --out "$OUT"
-fi
-
-# Issue #4's acceptance: compute-sanitizer memcheck clean on the model test (last: slow).
-SAN=/usr/local/cuda/bin/compute-sanitizer
-command -v compute-sanitizer > /dev/null && SAN=$(command -v compute-sanitizer)
-if [ -x "$SAN" ]; then
-  step memcheck:cuda_model_test 90 sanitizer.log "$SAN" --tool memcheck --error-exitcode 9 \
-    $B/cuda_model_test
 fi
 
 echo "== failures (first 40 lines)"
