@@ -433,12 +433,19 @@ class Bench {
     }
     // ForwardView, as the server's batch engine calls it (logits left in the pinned buffer);
     // "copy" mode times Forward, which copies them into a std::vector.
+    // "greedy" mode times ForwardGreedy with every row marked, as the batch engine calls it for
+    // greedy requests: the argmax and logprob on the device, only those pairs downloaded.
+    const bool greedy = mode.rfind("greedy", 0) == 0;
+    if (greedy) b.greedy_rows.assign(batch, 1);
     std::vector<float> copied;
     absl::Span<const float> logits;
+    absl::Span<const GreedyPick> picks;
     auto step = [&] {
       if (mode == "copy") {
         BENCH_OK(m_.Forward(b, &copied));
         logits = absl::MakeConstSpan(copied);
+      } else if (greedy) {
+        BENCH_OK(m_.ForwardGreedy(b, &logits, &picks));
       } else {
         BENCH_OK(m_.ForwardView(b, &logits));
       }
@@ -459,7 +466,15 @@ class Bench {
     }
     nvtxRangePop();
     BENCH_CHECK(logits.size() == static_cast<size_t>(batch) * shape_.V, "decode logits size");
-    for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite decode logits");
+    if (greedy) {  // the marked rows' logits are not downloaded: check the picks instead
+      BENCH_CHECK(picks.size() == static_cast<size_t>(batch), "greedy picks size");
+      for (const GreedyPick& p : picks) {
+        BENCH_CHECK(p.id >= 0 && p.id < shape_.V && std::isfinite(p.logprob) && p.logprob <= 0,
+                    "greedy pick in range");
+      }
+    } else {
+      for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite decode logits");
+    }
     r->kind = "decode";
     r->mode = mode;
     r->batch = batch;
@@ -690,6 +705,16 @@ int Main(int argc, char** argv) {
       }
       PrintRow(r);
       rows.push_back(r);
+    }
+  }
+  // The same steps choosing greedily on the device (ForwardGreedy): no logits download.
+  for (int ctx : ParseInts(lora_only ? std::string() : contexts)) {
+    for (int b : ParseInts(batches)) {
+      Row r;
+      if (bench.Decode(b, ctx, "greedy", &r)) {
+        PrintRow(r);
+        rows.push_back(r);
+      }
     }
   }
   // GEMVs as programmatic dependents (PDL) at small batches.

@@ -94,6 +94,8 @@ CudaPhiModel::~CudaPhiModel() {
   if (decode_dev_) DeviceFree(decode_dev_);
   if (decode_host_) DeviceFreeHost(decode_host_);
   if (logits_host_) DeviceFreeHost(logits_host_);
+  if (picks_dev_) DeviceFree(picks_dev_);
+  if (picks_host_) DeviceFreeHost(picks_host_);
   if (weights_) DeviceFree(weights_);
   if (kv_) DeviceFree(kv_);
   if (arena_) DeviceFree(arena_);

@@ -179,6 +179,11 @@ class CudaPhiModel final : public ModelBackend {
   // Decode steps of a graph bucket view the pinned download buffer (no host copy); others as
   // ModelBackend's default.
   absl::Status ForwardView(const ForwardBatch& batch, absl::Span<const float>* logits) override;
+  // Decode steps of a graph bucket choose the marked rows on the device (kernels/greedy_pick.h,
+  // after the graph, from the float32 logits it left) and download only their (id, logprob) pairs
+  // plus the unmarked rows; others as ModelBackend's default (model/cuda_phi_greedy.cc).
+  absl::Status ForwardGreedy(const ForwardBatch& batch, absl::Span<const float>* logits,
+                             absl::Span<const GreedyPick>* picks) override;
   // A 4-byte device-to-host copy on a separate stream, safe while Forward runs on another thread.
   absl::Status Ping() override;
 
@@ -263,6 +268,9 @@ class CudaPhiModel final : public ModelBackend {
                       CudaGemm* gemm = nullptr);
   absl::Status CopyLogitsOut(const ForwardBatch& batch, const float* d_logits, int step_rows,
                              std::vector<float>* logits, absl::Span<const float>* view);
+  // While greedy_step_: enqueues GreedyPickCuda over the step's device logit rows holding marked
+  // rows, and the download of their pairs into picks_host_ (model/cuda_phi_greedy.cc).
+  absl::Status EnqueueGreedyPicks(const ForwardBatch& batch, const float* d_logits, int step_rows);
   // Tensor-parallel pieces (model/cuda_phi_tp.cc); no-ops (or the world-size-1 path) unsharded.
   absl::Status TpAllReduce(void* data, int rows, const char* what);  // [rows, H] dtype, in place
   // Where the LM head writes its [rows, VocabPad(Vl)] float32 rows: `logits` unless the head is
@@ -367,6 +375,13 @@ class CudaPhiModel final : public ModelBackend {
   int decode_rows_ = 0;
   int64_t decode_table_ints_ = 0;
   float* logits_host_ = nullptr;
+  // ForwardGreedy (model/cuda_phi_greedy.cc): set during its decode step; pairs by device logit
+  // row, device and pinned host, picks_rows_ of room; the view handed out, by logit row.
+  bool greedy_step_ = false;
+  GreedyPick* picks_dev_ = nullptr;
+  GreedyPick* picks_host_ = nullptr;
+  int picks_rows_ = 0;
+  std::vector<GreedyPick> picks_view_;
   bool use_graphs_ = true;
   int gemv_max_rows_ = 1;
   bool gemv_single_segment_ = false;

@@ -690,9 +690,17 @@ absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float*
                                          int step_rows, std::vector<float>* logits,
                                          absl::Span<const float>* view) {
   const int V = full_config_.vocab_size, R = static_cast<int>(batch.logit_rows.size());
+  // ForwardGreedy: marked rows are chosen on the device and not downloaded.
+  const bool greedy = greedy_step_ && !batch.greedy_rows.empty();
+  if (greedy) PHI_RETURN_IF_ERROR(EnqueueGreedyPicks(batch, d_logits, step_rows));
+  const auto skip = [&](int r) { return greedy && batch.greedy_rows[r] != 0; };
   for (int r = 0; r < R;) {
+    if (skip(r)) {
+      ++r;
+      continue;
+    }
     int n = 1;
-    while (r + n < R && batch.logit_rows[r + n] == batch.logit_rows[r] + n) ++n;
+    while (r + n < R && !skip(r + n) && batch.logit_rows[r + n] == batch.logit_rows[r] + n) ++n;
     PHI_RETURN_IF_ERROR(DownloadLogitRows(logits_host_ + static_cast<size_t>(r) * V, d_logits,
                                           batch.logit_rows[r], n, step_rows));
     r += n;

@@ -71,6 +71,12 @@ absl::Status ValidateForwardBatch(const ForwardBatch& b, int vocab_size, int kv_
           "logit_rows[%d] = %d is not a token row in [0, %d)", i, b.logit_rows[i], T));
     }
   }
+  if (!b.greedy_rows.empty() && b.greedy_rows.size() != b.logit_rows.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("greedy_rows has %d entries but logit_rows has %d (it must be empty or "
+                        "one flag per logit row)",
+                        b.greedy_rows.size(), b.logit_rows.size()));
+  }
   return absl::OkStatus();
 }
 

@@ -25,6 +25,10 @@ struct ForwardBatch {
   std::vector<int32_t> positions;    // [T] absolute position of each new token in its sequence
   std::vector<SequenceInput> seqs;   // sum(seqs[i].num_new_tokens) == T
   std::vector<int32_t> logit_rows;   // ascending indices into [0, T) whose logits are returned
+  // Empty, or [logit_rows.size()]: 1 marks a row whose token the caller chooses greedily with no
+  // logits processor (ModelBackend::ForwardGreedy returns its (id, logprob) and may leave its
+  // logits row out). Forward and ForwardView ignore it.
+  std::vector<uint8_t> greedy_rows;
 
   int num_tokens() const { return static_cast<int>(token_ids.size()); }
 };

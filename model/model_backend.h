@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kernels/greedy_pick.h"
 #include "model/forward_batch.h"
 #include "model/lora_adapter.h"
 #include "model/phi_config.h"
@@ -50,6 +51,21 @@ class ModelBackend {
     return s;
   }
 
+  // ForwardView, plus the greedy choice of the rows `batch.greedy_rows` marks: `*picks` views
+  // [batch.logit_rows.size()] pairs, and for a marked row r, (*picks)[r] is the id and logprob of
+  // GreedyPickCpu (kernels/greedy_pick.h: first index of the max, log_softmax in double) on the
+  // row Forward would return; the GPU may compute the logprob with another summation order (a
+  // float ulp or so apart). A marked row's logits in `*logits` are unspecified (the CUDA backend
+  // does not download them); an unmarked row's pair is unspecified. Both views live until the
+  // next step on this backend. On every rank of a TP group the pairs are the same. This default
+  // runs ForwardView and computes the pairs on the host.
+  virtual absl::Status ForwardGreedy(const ForwardBatch& batch, absl::Span<const float>* logits,
+                                     absl::Span<const GreedyPick>* picks) {
+    *picks = {};
+    if (absl::Status s = ForwardView(batch, logits); !s.ok()) return s;
+    return PickGreedyOnHost(batch, *logits, picks);
+  }
+
   // Multi-LoRA: Forward applies to each sequence the adapter `registry` holds under its
   // SequenceInput::adapter_index (an index with no adapter there runs the base model). Not owned;
   // it must outlive the backend or be replaced (nullptr = no adapters, the initial state). Load and
@@ -82,8 +98,14 @@ class ModelBackend {
   // ShardLoraAdapter); what to put in the AdapterRegistry. World size 1 returns `full` as is.
   virtual absl::StatusOr<LoraAdapter> ShardAdapter(LoraAdapter full) const { return full; }
 
+ protected:
+  // GreedyPickCpu on the marked rows of `logits` ([R, V] host) into a vector the base keeps.
+  absl::Status PickGreedyOnHost(const ForwardBatch& batch, absl::Span<const float> logits,
+                                absl::Span<const GreedyPick>* picks);
+
  private:
   std::vector<float> view_logits_;  // the default ForwardView's storage
+  std::vector<GreedyPick> picks_;   // PickGreedyOnHost's storage
 };
 
 }  // namespace phishard

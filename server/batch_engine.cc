@@ -34,7 +34,11 @@ struct BatchEngine::State {
   ChooseScratch choose_scratch;  // per-thread chooser workspaces (server/parallel_choose.h)
   std::vector<ChooseTask> choose_tasks;
   std::vector<TokenChoice> choices;
+  std::vector<TokenChoice> task_choices;  // ChooseRows' output, one per host-chosen row
   absl::Span<const float> logits;  // [rows, V] host, the model's (valid until its next step)
+  // [rows] the backend's greedy choices of the rows the step marked (ForwardBatch::greedy_rows);
+  // those rows' logits are not in `logits`.
+  absl::Span<const GreedyPick> picks;
   int stall_ms = 0;                // options.test_stall_next_step_ms until the first step used it
 
   // The test-only stall (BatchEngineOptions::test_stall_next_step_ms): one step, once.
@@ -52,12 +56,16 @@ struct BatchEngine::State {
 
   absl::StatusOr<std::vector<RequestState>> BuildRequests(const BatchInput& batch, bool warmup);
   absl::Status ForwardOrError(const ForwardBatch& fb);
+  // Marks logit row `row` of `fb` greedy on the backend when `r` is plain greedy (and allowed).
+  void MarkGreedy(const RequestState& r, size_t row, ForwardBatch* fb) const;
   absl::Status RunPrefill(std::vector<RequestState>* requests,
                           std::vector<GenerationOut>* generations);
   absl::Status RunDecode(const std::vector<RequestState*>& requests,
                          std::vector<GenerationOut>* generations);
-  // Choices for rows of `logits` (row of requests[i] = rows[i]) into `choices`, in parallel.
-  void ChooseAll(absl::Span<RequestState* const> requests, absl::Span<const int> rows);
+  // Choices for rows of `logits` (row of requests[i] = rows[i]) into `choices`, in parallel; a
+  // row `fb` marks greedy takes the backend's pick.
+  void ChooseAll(const ForwardBatch& fb, absl::Span<RequestState* const> requests,
+                 absl::Span<const int> rows);
   // Records and (for the owning rank) reports `choice`, the next token of `r`.
   void AcceptToken(RequestState* r, const TokenChoice& choice, GenerationOut* gen);
   void FreeBatch(BatchState* batch);
@@ -144,8 +152,23 @@ absl::StatusOr<std::vector<RequestState>> BatchEngine::State::BuildRequests(cons
   return out;
 }
 
+void BatchEngine::State::MarkGreedy(const RequestState& r, size_t row, ForwardBatch* fb) const {
+  if (!options.greedy_on_backend || !r.chooser.plain_greedy()) return;
+  fb->greedy_rows.resize(fb->logit_rows.size(), 0);
+  fb->greedy_rows[row] = 1;
+}
+
 absl::Status BatchEngine::State::ForwardOrError(const ForwardBatch& fb) {
-  if (absl::Status s = model->ForwardView(fb, &logits); !s.ok()) return s;
+  picks = {};
+  if (fb.greedy_rows.empty()) {
+    if (absl::Status s = model->ForwardView(fb, &logits); !s.ok()) return s;
+  } else {
+    if (absl::Status s = model->ForwardGreedy(fb, &logits, &picks); !s.ok()) return s;
+    if (picks.size() != fb.logit_rows.size()) {
+      return absl::InternalError(absl::StrFormat("model returned %d greedy picks for %d rows",
+                                                 picks.size(), fb.logit_rows.size()));
+    }
+  }
   const size_t expected = fb.logit_rows.size() * static_cast<size_t>(vocab_size);
   if (logits.size() != expected) {
     return absl::InternalError(absl::StrFormat("model returned %d logits for %d rows of vocab %d",
@@ -154,15 +177,31 @@ absl::Status BatchEngine::State::ForwardOrError(const ForwardBatch& fb) {
   return absl::OkStatus();
 }
 
-void BatchEngine::State::ChooseAll(absl::Span<RequestState* const> requests,
+void BatchEngine::State::ChooseAll(const ForwardBatch& fb, absl::Span<RequestState* const> requests,
                                    absl::Span<const int> rows) {
+  const auto greedy = [&](size_t i) {
+    return !fb.greedy_rows.empty() && fb.greedy_rows[rows[i]] != 0;
+  };
   choose_tasks.clear();
   for (size_t i = 0; i < requests.size(); ++i) {
+    if (greedy(i)) continue;
     choose_tasks.push_back({.chooser = &requests[i]->chooser,
                             .logits = logits.data() + static_cast<size_t>(rows[i]) * vocab_size,
                             .history = requests[i]->all_ids});
   }
-  ChooseRows(choose_tasks, vocab_size, options.chooser_threads, &choose_scratch, &choices);
+  ChooseRows(choose_tasks, vocab_size, options.chooser_threads, &choose_scratch, &task_choices);
+  // A greedy Choose draws nothing from the request's RNG, so skipping it changes no state.
+  choices.resize(requests.size());
+  for (size_t i = 0, t = 0; i < requests.size(); ++i) {
+    if (greedy(i)) {
+      const GreedyPick& p = picks[rows[i]];
+      choices[i] = TokenChoice{};
+      choices[i].id = p.id;
+      choices[i].logprob = p.logprob;
+    } else {
+      choices[i] = std::move(task_choices[t++]);
+    }
+  }
 }
 
 void BatchEngine::State::AcceptToken(RequestState* r, const TokenChoice& choice,
@@ -220,7 +259,9 @@ absl::Status BatchEngine::State::RunPrefill(std::vector<RequestState>* requests,
     first_row[i] = static_cast<int>(fb.logit_rows.size());
     const int row_begin = r.prefill_logprobs ? start : start + r.prompt_len - 1;
     for (int t = row_begin; t < start + r.prompt_len; ++t) fb.logit_rows.push_back(t);
+    MarkGreedy(r, fb.logit_rows.size() - 1, &fb);  // only the last row chooses a token
   }
+  if (!fb.greedy_rows.empty()) fb.greedy_rows.resize(fb.logit_rows.size(), 0);
   if (absl::Status s = ForwardOrError(fb); !s.ok()) return s;
 
   // Nothing below can fail: state changes start here.
@@ -231,7 +272,7 @@ absl::Status BatchEngine::State::RunPrefill(std::vector<RequestState>* requests,
     choosing.push_back(&r);
     last_rows.push_back(first_row[i] + (r.prefill_logprobs ? r.prompt_len : 1) - 1);
   }
-  ChooseAll(choosing, last_rows);
+  ChooseAll(fb, choosing, last_rows);
   for (size_t i = 0; i < requests->size(); ++i) {
     RequestState& r = (*requests)[i];
     const bool owned = generations != nullptr && Owns(r.id);
@@ -283,14 +324,16 @@ absl::Status BatchEngine::State::RunDecode(const std::vector<RequestState*>& req
     seq.adapter_index = r->adapter_index;
     fb.seqs.push_back(std::move(seq));
     fb.logit_rows.push_back(static_cast<int32_t>(fed.size()));
+    MarkGreedy(*r, fb.logit_rows.size() - 1, &fb);
     fed.push_back(r);
   }
   if (fed.empty()) return absl::OkStatus();
+  if (!fb.greedy_rows.empty()) fb.greedy_rows.resize(fb.logit_rows.size(), 0);
   if (absl::Status s = ForwardOrError(fb); !s.ok()) return s;
 
   std::vector<int> rows(fed.size());
   std::iota(rows.begin(), rows.end(), 0);
-  ChooseAll(fed, rows);
+  ChooseAll(fb, fed, rows);
   for (size_t i = 0; i < fed.size(); ++i) {
     RequestState* r = fed[i];
     const bool owned = generations != nullptr && Owns(r->id);

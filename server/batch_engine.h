@@ -30,6 +30,10 @@ struct BatchEngineOptions {
   // Host threads choosing the next tokens of a step's rows (server/parallel_choose.h); the
   // choices do not depend on it. <= 0: the hardware concurrency, at most 16.
   int chooser_threads = 0;
+  // Rows of plain-greedy requests (NextTokenChooser::plain_greedy) are chosen by the backend
+  // (ModelBackend::ForwardGreedy: on the CUDA device, so only (id, logprob) is downloaded); false
+  // chooses every row on the host from full logits rows. Same ids either way.
+  bool greedy_on_backend = true;
   // Test-only fault injection (PHISHARD_TEST_STALL_MS, read once by `serve`): the first
   // Prefill or Decode sleeps this long before running, holding the executor like a stuck
   // device step would. 0 = off.

@@ -71,6 +71,14 @@ class NextTokenChooser {
 
   // True when the request samples (§5.4 auto-enable; never for temperature 0).
   bool sampling() const { return sampling_; }
+  // True when Choose reduces to argmax + log_softmax of the raw row: greedy, no logits processor
+  // (watermark, repetition / frequency / presence penalty) and no alternatives asked for. Such a
+  // choice equals GreedyPickCpu (kernels/greedy_pick.h) on the row, so a backend may make it.
+  bool plain_greedy() const {
+    return !sampling_ && !params_.watermark && params_.repetition_penalty == 1.0f &&
+           params_.frequency_penalty == 0.0f && params_.presence_penalty == 0.0f &&
+           params_.return_k_alternatives == 0;
+  }
   uint64_t seed() const { return params_.seed; }
   const SamplingParams& params() const { return params_; }
 
