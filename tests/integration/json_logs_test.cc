@@ -196,12 +196,20 @@ TEST(JsonLogs, EachRankOfALaunchLogsItsOwnRank) {
   const std::vector<Json> lines = JsonLines(launch.out());
   ASSERT_FALSE(HasFailure());
   std::set<int> ranks;
+  int launcher_lines = 0;
   for (const Json& l : lines) {
+    if (l["text"].get<std::string>().rfind("launch: ", 0) == 0) {
+      // The launcher's own lines: it is no rank, so they carry none.
+      EXPECT_TRUE(Get(l, "rank").is_null()) << l.dump();
+      ++launcher_lines;
+      continue;
+    }
     ASSERT_TRUE(Get(l, "rank").is_number_integer()) << l.dump();
     ranks.insert(Get(l, "rank").get<int>());
     if (Has(l, "Joining the tensor-parallel group as rank 1")) EXPECT_EQ(Get(l, "rank"), 1);
   }
   EXPECT_EQ(ranks, (std::set<int>{0, 1}));
+  EXPECT_GT(launcher_lines, 0) << launch.out();  // "launch: starting 2 shard(s) ..." at least
   // Both ranks admit both requests (every rank runs the whole batch); each request finishes on
   // the rank that owns it (id % 2).
   for (uint64_t id : {uint64_t{4}, uint64_t{5}}) {
