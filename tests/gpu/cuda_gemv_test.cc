@@ -289,19 +289,21 @@ TEST(CudaGemvBulk, EveryStageSizeDepthAndGridMatchesCpuReference) {
     std::vector<float> w = RandomVector(static_cast<size_t>(n) * k, 22, -0.1f, 0.1f);
     std::vector<float> x2 = RandomVector(static_cast<size_t>(m) * k2, 23 + m);
     std::vector<float> w2 = RandomVector(static_cast<size_t>(n) * k2, 24, -0.1f, 0.1f);
-    std::vector<float> ref(static_cast<size_t>(m) * n, 0.0f);
-    GemmParams pc{.x = x.data(), .w = w.data(), .y = ref.data(), .m = m, .n = n, .k = k};
-    ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
-    pc.x = x2.data();
-    pc.w = w2.data();
-    pc.k = k2;
-    pc.accumulate = true;
-    ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
     for (DataType t : kHalfTypes) {
+      // Encode rounds x, w, x2, w2 in place: the reference is computed on what the kernel reads
+      // (before, it used the unrounded inputs, ~5 f16 units off at some m = 3 outputs).
       DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
       DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
       DeviceBuffer d_x2 = DeviceBuffer::From(Encode(x2, t));
       DeviceBuffer d_w2 = DeviceBuffer::From(Encode(w2, t));
+      std::vector<float> ref(static_cast<size_t>(m) * n, 0.0f);
+      GemmParams pc{.x = x.data(), .w = w.data(), .y = ref.data(), .m = m, .n = n, .k = k};
+      ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
+      pc.x = x2.data();
+      pc.w = w2.data();
+      pc.k = k2;
+      pc.accumulate = true;
+      ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
       for (int kb : {1, 16, 48}) {
         for (int stages : {1, 3, 8}) {
           for (int bps : {1, 2}) {
