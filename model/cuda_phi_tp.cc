@@ -151,8 +151,9 @@ absl::StatusOr<int> CudaPhiModel::AgreeKvBlocks(absl::StatusOr<int> local) const
   DeviceSet(device_);
   absl::Status st = cuda(DeviceMalloc(&dev, host.size() * sizeof(float)), "malloc");
   float* d = static_cast<float*>(dev);
-  if (st.ok())
+  if (st.ok()) {
     st = cuda(DeviceCopyToDevice(d, host.data(), kStride * sizeof(float), stream_), "copy");
+  }
   if (st.ok()) st = cuda(DeviceStreamSync(stream_), "copy");
   // Blocking collective on the communicator's own stream; inputs are ready (synchronised above).
   if (st.ok()) {
