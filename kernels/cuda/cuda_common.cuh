@@ -125,30 +125,10 @@ inline KernelStatus LaunchStatus() {
   return cudaPeekAtLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
 }
 
-// kernel<<<grid, block, 0, stream>>>(args...) as a programmatic dependent launch (Hopper PDL): it
-// may start while the kernel before it in the stream finishes, so it must call
-// cudaGridDependencySynchronize() before reading that kernel's output. kDeviceError when the
-// launch is refused, then LaunchStatus().
-template <typename... KernelArgs, typename... Args>
-KernelStatus LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                                cudaStream_t stream, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  if (cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...) != cudaSuccess) {
-    return KernelStatus::kDeviceError;
-  }
-  return LaunchStatus();
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch (above) when
-// `programmatic`; for kernels with dynamic shared memory.
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch (Hopper PDL)
+// when `programmatic`: it may start while the kernel before it in the stream finishes, so it must
+// call cudaGridDependencySynchronize() (griddepcontrol.wait) before reading that kernel's output.
+// kDeviceError when the launch is refused, then LaunchStatus().
 template <typename... KernelArgs, typename... Args>
 KernelStatus LaunchMaybeProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                                      size_t smem, cudaStream_t stream, bool programmatic,
@@ -167,6 +147,13 @@ KernelStatus LaunchMaybeProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, d
     return KernelStatus::kDeviceError;
   }
   return LaunchStatus();
+}
+
+// The same, always programmatic, no dynamic shared memory.
+template <typename... KernelArgs, typename... Args>
+KernelStatus LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                                cudaStream_t stream, Args&&... args) {
+  return LaunchMaybeProgrammatic(kernel, grid, block, 0, stream, true, std::forward<Args>(args)...);
 }
 
 inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

@@ -140,36 +140,14 @@ template <typename T, int M, int kUnroll>
 KernelStatus Launch(const Args& a, cudaStream_t stream) {
   const int cols_per_block = kWarps / a.ksplit;
   const int blocks = cuda::CeilDiv(a.n, cols_per_block);
-  if (!a.pdl) {
-    GemvKernel<T, M, kUnroll><<<blocks, kThreads, 0, stream>>>(a);
-    return cuda::LaunchStatus();
-  }
-  return cuda::LaunchProgrammatic(GemvKernel<T, M, kUnroll>, dim3(blocks), dim3(kThreads), stream,
-                                  a);
+  return cuda::LaunchMaybeProgrammatic(GemvKernel<T, M, kUnroll>, dim3(blocks), dim3(kThreads), 0,
+                                       stream, a.pdl, a);
 }
 
 template <typename T, int kUnroll>
 KernelStatus DispatchRows(int m, const Args& a, cudaStream_t stream) {
-  switch (m) {
-    case 1:
-      return Launch<T, 1, kUnroll>(a, stream);
-    case 2:
-      return Launch<T, 2, kUnroll>(a, stream);
-    case 3:
-      return Launch<T, 3, kUnroll>(a, stream);
-    case 4:
-      return Launch<T, 4, kUnroll>(a, stream);
-    case 5:
-      return Launch<T, 5, kUnroll>(a, stream);
-    case 6:
-      return Launch<T, 6, kUnroll>(a, stream);
-    case 7:
-      return Launch<T, 7, kUnroll>(a, stream);
-    case 8:
-      return Launch<T, 8, kUnroll>(a, stream);
-    default:
-      return KernelStatus::kInvalidShape;
-  }
+  return cuda::DispatchGemvRows(
+      m, [&](auto rows) { return Launch<T, decltype(rows)::value, kUnroll>(a, stream); });
 }
 
 }  // namespace

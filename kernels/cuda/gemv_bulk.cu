@@ -383,26 +383,8 @@ KernelStatus Launch(const Args& a, int blocks, int smem, cudaStream_t stream) {
 
 template <typename T>
 KernelStatus DispatchRows(int m, const Args& a, int blocks, int smem, cudaStream_t stream) {
-  switch (m) {
-    case 1:
-      return Launch<T, 1>(a, blocks, smem, stream);
-    case 2:
-      return Launch<T, 2>(a, blocks, smem, stream);
-    case 3:
-      return Launch<T, 3>(a, blocks, smem, stream);
-    case 4:
-      return Launch<T, 4>(a, blocks, smem, stream);
-    case 5:
-      return Launch<T, 5>(a, blocks, smem, stream);
-    case 6:
-      return Launch<T, 6>(a, blocks, smem, stream);
-    case 7:
-      return Launch<T, 7>(a, blocks, smem, stream);
-    case 8:
-      return Launch<T, 8>(a, blocks, smem, stream);
-    default:
-      return KernelStatus::kInvalidShape;
-  }
+  return cuda::DispatchGemvRows(
+      m, [&](auto rows) { return Launch<T, decltype(rows)::value>(a, blocks, smem, stream); });
 }
 
 }  // namespace

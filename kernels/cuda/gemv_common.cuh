@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemv_cuda.h"
 #include "kernels/gemm.h"
 
 namespace phishard::cuda {
@@ -41,6 +43,33 @@ __device__ __forceinline__ float Activate(float v, int epilogue) {
     return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
   }
   return v;
+}
+
+// f(std::integral_constant<int, m>{}) for 1 <= m <= kGemvMaxRows (the kernels' row count is a
+// template parameter); kInvalidShape for any other m.
+template <typename F>
+KernelStatus DispatchGemvRows(int m, F&& f) {
+  static_assert(kGemvMaxRows == 8, "one case a row count");
+  switch (m) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 6:
+      return f(std::integral_constant<int, 6>{});
+    case 7:
+      return f(std::integral_constant<int, 7>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    default:
+      return KernelStatus::kInvalidShape;
+  }
 }
 
 }  // namespace phishard::cuda
