@@ -104,18 +104,8 @@ json KernelTimes(const Ceilings& ceil) {
   const std::vector<bench::PhiLinear> lins = bench::PhiLinears(H, I, V);
   for (int m : {1, 4, 8}) {
     for (const bench::PhiLinear& l : lins) {
-      GemmParams g{.x = x,
-                   .w = w,
-                   .bias = bias,
-                   .y = y,
-                   .m = m,
-                   .n = l.n,
-                   .k = l.k,
-                   .accumulate = l.acc,
-                   .epilogue = l.epi,
-                   .dtype = DataType::kBF16};
-      if (!l.f32) g.bias = nullptr;
-      const DataType yt = l.f32 ? DataType::kF32 : DataType::kBF16;
+      const GemmParams g = PhiLinearGemm(l, m, x, w, bias, y);
+      const DataType yt = PhiLinearOutput(l);
       GemvParams gv{.a = g, .y_dtype = yt};
       GemmParams g2 = g;
       if (l.k2 > 0) {

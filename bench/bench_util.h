@@ -43,4 +43,23 @@ inline std::vector<PhiLinear> PhiLinears(int H, int I, int V) {
           {"lm_head_f32", V, H, 0, GemmEpilogue::kNone, false, true}};
 }
 
+// The first segment of `l` at m rows as a bf16 GEMM (the LM head's float32 bias only where the
+// layer has one; the output dtype is PhiLinearOutput(l)).
+inline GemmParams PhiLinearGemm(const PhiLinear& l, int m, const void* x, const void* w,
+                                const void* f32_bias, void* y) {
+  return GemmParams{.x = x,
+                    .w = w,
+                    .bias = l.f32 ? f32_bias : nullptr,
+                    .y = y,
+                    .m = m,
+                    .n = l.n,
+                    .k = l.k,
+                    .accumulate = l.acc,
+                    .epilogue = l.epi,
+                    .dtype = DataType::kBF16};
+}
+inline DataType PhiLinearOutput(const PhiLinear& l) {
+  return l.f32 ? DataType::kF32 : DataType::kBF16;
+}
+
 }  // namespace phishard::bench

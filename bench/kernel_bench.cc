@@ -199,17 +199,8 @@ void LinearCases(cudaStream_t s, const std::vector<int>& rows_list) {
       const int copies = static_cast<int>(pool_bytes / region);
       KB_CHECK(copies >= 1, "pool");
       auto w_at = [&](int i) { return static_cast<char*>(pool) + (i % copies) * region; };
-      const DataType yt = l.f32 ? DataType::kF32 : DataType::kBF16;
-      GemmParams g{.x = x,
-                   .w = pool,
-                   .bias = l.f32 ? bias : nullptr,
-                   .y = y,
-                   .m = m,
-                   .n = l.n,
-                   .k = l.k,
-                   .accumulate = l.acc,
-                   .epilogue = l.epi,
-                   .dtype = DataType::kBF16};
+      const DataType yt = bench::PhiLinearOutput(l);
+      const GemmParams g = bench::PhiLinearGemm(l, m, x, pool, bias, y);
       const double bytes = 2.0 * l.n * (l.k + l.k2);
       const std::string shape = std::string("m=") + std::to_string(m) +
                                 " n=" + std::to_string(l.n) + " k=" + std::to_string(l.k + l.k2);
