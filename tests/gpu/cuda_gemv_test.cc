@@ -218,55 +218,71 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaGemvTest,
                                            GemvShape{1, 1000, 2568, 1032},  // ragged k slices
                                            GemvShape{5, 33, 8, 8}));        // tiny k, both segments
 
+// The two-segment case both GEMV sweeps below use: y[m, 300] = x·wᵀ + x2·w2ᵀ with k = 2568 +
+// 1032 (450 16-byte chunks a row: ragged k slices, rows that divide into no stage or block), the
+// inputs rounded to dtype t (Encode rounds the host copies in place, so the CPU reference sees
+// what the kernel reads) and on the device.
+struct TwoSegmentCase {
+  static constexpr int n = 300, k = 2568, k2 = 1032;
+  TwoSegmentCase(int m, uint32_t seed, DataType t) : m(m), t(t), ref(static_cast<size_t>(m) * n) {
+    std::vector<float> x = RandomVector(static_cast<size_t>(m) * k, seed + m);
+    std::vector<float> w = RandomVector(static_cast<size_t>(n) * k, seed + 1, -0.1f, 0.1f);
+    std::vector<float> x2 = RandomVector(static_cast<size_t>(m) * k2, seed + 2 + m);
+    std::vector<float> w2 = RandomVector(static_cast<size_t>(n) * k2, seed + 3, -0.1f, 0.1f);
+    d_x = DeviceBuffer::From(Encode(x, t));
+    d_w = DeviceBuffer::From(Encode(w, t));
+    d_x2 = DeviceBuffer::From(Encode(x2, t));
+    d_w2 = DeviceBuffer::From(Encode(w2, t));
+    GemmParams pc{.x = x.data(), .w = w.data(), .y = ref.data(), .m = m, .n = n, .k = k};
+    EXPECT_EQ(GemmCpu(pc), KernelStatus::kOk);
+    pc.x = x2.data();
+    pc.w = w2.data();
+    pc.k = k2;
+    pc.accumulate = true;
+    EXPECT_EQ(GemmCpu(pc), KernelStatus::kOk);
+  }
+  // The GEMV of this case into y ([m, n] of dtype t); the caller adds the tuning.
+  GemvParams Params(void* y) const {
+    return GemvParams{
+        .a = {.x = d_x.get(), .w = d_w.get(), .y = y, .m = m, .n = n, .k = k, .dtype = t},
+        .x2 = d_x2.get(),
+        .w2 = d_w2.get(),
+        .k2 = k2,
+        .y_dtype = t};
+  }
+  // y against the reference: finite, within one rounding of the float32 sum.
+  void Check(const DeviceBuffer& y) const {
+    const gpu_test::Diff d = Compare(Decode(y.DownloadBytes(), t), ref);
+    EXPECT_EQ(d.nonfinite, 0u);
+    EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
+  }
+  int m;
+  DataType t;
+  std::vector<float> ref;
+  DeviceBuffer d_x, d_w, d_x2, d_w2;
+};
+
 // The tuning overrides (GemvParams::ksplit, ::unroll) change only which warps load which chunks
 // and how many loads a lane keeps in flight: every setting must match the CPU reference on a
 // two-segment shape with ragged slices (k = 2568 + 1032: 450 chunks, not a multiple of any split)
 // and m = 1 and 3. Tolerance: OneRoundingTol, one rounding of a float32 sum to the dtype.
 TEST(CudaGemvTuning, EverySplitAndUnrollMatchesCpuReference) {
   PHI_REQUIRE_GPU();
-  const int n = 300, k = 2568, k2 = 1032;
   for (int m : {1, 3}) {
-    std::vector<float> x = RandomVector(static_cast<size_t>(m) * k, 11 + m);
-    std::vector<float> w = RandomVector(static_cast<size_t>(n) * k, 12, -0.1f, 0.1f);
-    std::vector<float> x2 = RandomVector(static_cast<size_t>(m) * k2, 13 + m);
-    std::vector<float> w2 = RandomVector(static_cast<size_t>(n) * k2, 14, -0.1f, 0.1f);
     for (DataType t : kHalfTypes) {
-      DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
-      DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
-      DeviceBuffer d_x2 = DeviceBuffer::From(Encode(x2, t));
-      DeviceBuffer d_w2 = DeviceBuffer::From(Encode(w2, t));
-      std::vector<float> ref(static_cast<size_t>(m) * n, 0.0f);
-      GemmParams pc{.x = x.data(), .w = w.data(), .y = ref.data(), .m = m, .n = n, .k = k};
-      ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
-      pc.x = x2.data();
-      pc.w = w2.data();
-      pc.k = k2;
-      pc.accumulate = true;
-      ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
+      const TwoSegmentCase c(m, 11, t);
       for (int unroll : {4, 8}) {
         for (int ksplit : {1, 2, 4, 8}) {
           SCOPED_TRACE(testing::Message() << DataTypeName(t) << " m " << m << " ksplit " << ksplit
                                           << " unroll " << unroll);
-          DeviceBuffer d_y(static_cast<size_t>(m) * n * DataTypeSize(t));
+          DeviceBuffer d_y(static_cast<size_t>(m) * c.n * DataTypeSize(t));
           d_y.Poison();
-          GemvParams p{.a = {.x = d_x.get(),
-                             .w = d_w.get(),
-                             .y = d_y.get(),
-                             .m = m,
-                             .n = n,
-                             .k = k,
-                             .dtype = t},
-                       .x2 = d_x2.get(),
-                       .w2 = d_w2.get(),
-                       .k2 = k2,
-                       .y_dtype = t,
-                       .ksplit = ksplit,
-                       .unroll = unroll};
+          GemvParams p = c.Params(d_y.get());
+          p.ksplit = ksplit;
+          p.unroll = unroll;
           ASSERT_EQ(GemvCuda(p, nullptr), KernelStatus::kOk);
           gpu_test::ExpectDeviceClean(nullptr);
-          const gpu_test::Diff d = Compare(Decode(d_y.DownloadBytes(), t), ref);
-          EXPECT_EQ(d.nonfinite, 0u);
-          EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
+          c.Check(d_y);
         }
       }
     }
@@ -281,29 +297,11 @@ TEST(CudaGemvTuning, EverySplitAndUnrollMatchesCpuReference) {
 // and 3. Tolerance: OneRoundingTol, one rounding of a float32 sum to the dtype.
 TEST(CudaGemvBulk, EveryStageSizeDepthAndGridMatchesCpuReference) {
   PHI_REQUIRE_GPU();
-  const int n = 300, k = 2568, k2 = 1032;
   cudaStream_t stream = nullptr;
   ASSERT_EQ(DeviceStreamCreate(&stream), 0);
   for (int m : {1, 3}) {
-    std::vector<float> x = RandomVector(static_cast<size_t>(m) * k, 21 + m);
-    std::vector<float> w = RandomVector(static_cast<size_t>(n) * k, 22, -0.1f, 0.1f);
-    std::vector<float> x2 = RandomVector(static_cast<size_t>(m) * k2, 23 + m);
-    std::vector<float> w2 = RandomVector(static_cast<size_t>(n) * k2, 24, -0.1f, 0.1f);
     for (DataType t : kHalfTypes) {
-      // Encode rounds x, w, x2, w2 in place: the reference is computed on what the kernel reads
-      // (before, it used the unrounded inputs, ~5 f16 units off at some m = 3 outputs).
-      DeviceBuffer d_x = DeviceBuffer::From(Encode(x, t));
-      DeviceBuffer d_w = DeviceBuffer::From(Encode(w, t));
-      DeviceBuffer d_x2 = DeviceBuffer::From(Encode(x2, t));
-      DeviceBuffer d_w2 = DeviceBuffer::From(Encode(w2, t));
-      std::vector<float> ref(static_cast<size_t>(m) * n, 0.0f);
-      GemmParams pc{.x = x.data(), .w = w.data(), .y = ref.data(), .m = m, .n = n, .k = k};
-      ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
-      pc.x = x2.data();
-      pc.w = w2.data();
-      pc.k = k2;
-      pc.accumulate = true;
-      ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
+      const TwoSegmentCase c(m, 21, t);
       for (int kb : {1, 16, 48}) {
         for (int stages : {1, 3, 8}) {
           for (int bps : {1, 2}) {
@@ -311,24 +309,14 @@ TEST(CudaGemvBulk, EveryStageSizeDepthAndGridMatchesCpuReference) {
               SCOPED_TRACE(testing::Message()
                            << DataTypeName(t) << " m " << m << " kb " << kb << " stages " << stages
                            << " blocks/SM " << bps << " pdl " << pdl);
-              DeviceBuffer d_y(static_cast<size_t>(m) * n * DataTypeSize(t));
+              DeviceBuffer d_y(static_cast<size_t>(m) * c.n * DataTypeSize(t));
               d_y.Poison();
-              GemvParams p{.a = {.x = d_x.get(),
-                                 .w = d_w.get(),
-                                 .y = d_y.get(),
-                                 .m = m,
-                                 .n = n,
-                                 .k = k,
-                                 .dtype = t},
-                           .x2 = d_x2.get(),
-                           .w2 = d_w2.get(),
-                           .k2 = k2,
-                           .y_dtype = t,
-                           .programmatic_launch = pdl,
-                           .bulk = true,
-                           .bulk_stage_kb = kb,
-                           .bulk_stages = stages,
-                           .bulk_blocks_per_sm = bps};
+              GemvParams p = c.Params(d_y.get());
+              p.programmatic_launch = pdl;
+              p.bulk = true;
+              p.bulk_stage_kb = kb;
+              p.bulk_stages = stages;
+              p.bulk_blocks_per_sm = bps;
               // The deepest rings of the biggest stages (4 rows of 7,200 bytes a stage at 48
               // KiB) do not fit in shared memory, two blocks an SM even less; one block with a
               // ring of <= 3 stages (<= 87 KB + 22 KB of x) always does.
@@ -339,9 +327,7 @@ TEST(CudaGemvBulk, EveryStageSizeDepthAndGridMatchesCpuReference) {
               ASSERT_EQ(GemvCuda(p, stream), KernelStatus::kOk);
               ASSERT_EQ(DeviceStreamSync(stream), 0);
               gpu_test::ExpectDeviceClean(stream);
-              const gpu_test::Diff d = Compare(Decode(d_y.DownloadBytes(), t), ref);
-              EXPECT_EQ(d.nonfinite, 0u);
-              EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
+              c.Check(d_y);
             }
           }
         }
