@@ -59,6 +59,12 @@ struct NcclCommunicator::Impl {
   cudaStream_t stream = nullptr;
   float* scratch = nullptr;  // [1] float, device memory; Barrier's all-reduce operand
   ncclComm_t comm = nullptr;
+  // PHISHARD_TP_ALLREDUCE and the custom all-reduce, when the group can use it. `abort_flag` is a
+  // mapped pinned host int that RequestAbort sets: it ends the custom kernels' waits.
+  std::atomic<AllReduceMode> mode{AllReduceMode::kAuto};
+  std::unique_ptr<CustomAllReduce> car;
+  int* abort_flag = nullptr;
+  int* abort_flag_dev = nullptr;
 
   absl::Mutex op_mu;  // one collective at a time; also guards the comm's lifetime
   bool comm_gone ABSL_GUARDED_BY(op_mu) = false;
@@ -113,8 +119,16 @@ struct NcclCommunicator::Impl {
         return;  // its device resources may still be in use
       }
     }
+    // Leaving the group: a custom kernel still waiting for the peer (a graph left running) ends.
+    if (abort_flag != nullptr) *static_cast<volatile int*>(abort_flag) = 1;
+    car.reset();
+    if (abort_flag != nullptr) cudaFreeHost(abort_flag);
     if (scratch != nullptr) cudaFree(scratch);
     if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  bool UseCustom(size_t count, DataType dtype) const {
+    return car != nullptr && mode.load() != AllReduceMode::kNccl && car->Fits(count, dtype);
   }
 
   std::string AbortReason() {
@@ -130,6 +144,8 @@ struct NcclCommunicator::Impl {
       if (abort_reason.empty()) abort_reason = reason.empty() ? "communicator aborted" : reason;
     }
     abort_requested.store(true);
+    // After abort_requested: a custom kernel that ends on the flag finds the reason set.
+    if (abort_flag != nullptr) *static_cast<volatile int*>(abort_flag) = 1;
   }
 
   // ncclCommAbort first raises NCCL's abort flag, which ends its kernels (a collective waiting
@@ -204,9 +220,17 @@ struct NcclCommunicator::Impl {
         cudaError_t q = cudaStreamQuery(on);
         if (q == cudaSuccess) return absl::OkStatus();
         if (q != cudaErrorNotReady) {
+          // A peer that died may take its memory with it before the abort watch (milliseconds)
+          // reports it: give the watch a moment so the error names the cause.
+          const absl::Time until = absl::Now() + absl::Milliseconds(500);
+          while (!abort_requested.load() && absl::Now() < until) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          }
+          const std::string cause =
+              abort_requested.load() ? absl::StrCat(" (group aborted: ", AbortReason(), ")") : "";
           return FailLocked(absl::StatusCode::kInternal,
                             absl::StrCat("rank ", rank, ": CUDA error during NCCL ", what, ": ",
-                                         cudaGetErrorString(q)));
+                                         cudaGetErrorString(q), cause));
         }
       }
       if (absl::Now() >= deadline) {
@@ -265,6 +289,9 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
   impl->world_size = control.world_size();
   impl->op_timeout = op_timeout;
   const std::string me = absl::StrCat("rank ", impl->rank, ": ");
+  absl::StatusOr<AllReduceMode> mode = AllReduceModeFromEnv();
+  if (!mode.ok()) return absl::InvalidArgumentError(absl::StrCat(me, mode.status().message()));
+  impl->mode.store(*mode);
   auto cuda_error = [&](const char* call, cudaError_t e) {
     return absl::InternalError(absl::StrCat(me, call, ": ", cudaGetErrorString(e)));
   };
@@ -297,6 +324,16 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
   if (cudaError_t e = cudaMalloc(&impl->scratch, sizeof(float)); e != cudaSuccess) {
     return cuda_error("cudaMalloc", e);
   }
+  void* flag = nullptr;
+  if (cudaError_t e = cudaHostAlloc(&flag, sizeof(int), cudaHostAllocMapped); e != cudaSuccess) {
+    return cuda_error("cudaHostAlloc", e);
+  }
+  impl->abort_flag = static_cast<int*>(flag);
+  *impl->abort_flag = 0;
+  if (cudaError_t e = cudaHostGetDevicePointer(&flag, impl->abort_flag, 0); e != cudaSuccess) {
+    return cuda_error("cudaHostGetDevicePointer", e);
+  }
+  impl->abort_flag_dev = static_cast<int*>(flag);
 
   ncclUniqueId id;
   std::memset(&id, 0, sizeof(id));
@@ -353,6 +390,25 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
   }
   PHI_LOG(INFO) << "rank " << impl->rank << ": NCCL communicator ready on cuda:" << impl->device
                 << ", world " << impl->world_size;
+  // Every rank takes part (the group must agree even when this rank's mode is nccl).
+  if (impl->world_size > 1) {
+    CustomAllReduce::Options co;
+    co.device = impl->device;
+    co.wanted = *mode != AllReduceMode::kNccl;
+    co.setup_timeout = setup_timeout;
+    co.op_timeout = op_timeout;
+    co.abort_flag = impl->abort_flag_dev;
+    std::string why_not;
+    auto car = CustomAllReduce::Create(control, co, &why_not);
+    if (!car.ok()) return car.status();
+    impl->car = std::move(*car);
+    if (impl->car == nullptr && *mode != AllReduceMode::kNccl) {
+      PHI_LOG(INFO) << "rank " << impl->rank
+                    << ": PHISHARD_TP_ALLREDUCE=" << AllReduceModeName(*mode)
+                    << " but the custom all-reduce is unavailable (" << why_not
+                    << "): NCCL runs every all-reduce";
+    }
+  }
   return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(std::move(impl)));
 }
 
@@ -408,6 +464,10 @@ absl::Status NcclCommunicator::EnqueueAllReduceSum(void* data, size_t count, Dat
                                                    void* stream) {
   absl::MutexLock lock(&impl_->op_mu);
   if (absl::Status s = impl_->BeginLocked("all-reduce"); !s.ok() || count == 0) return s;
+  if (impl_->UseCustom(count, dtype)) {
+    absl::Status s = impl_->car->Enqueue(data, count, dtype, static_cast<cudaStream_t>(stream));
+    return s.ok() ? s : impl_->FailLocked(s.code(), std::string(s.message()));
+  }
   ncclResult_t r = ncclAllReduce(data, data, count, NcclType(dtype), ncclSum, impl_->comm,
                                  static_cast<cudaStream_t>(stream));
   return impl_->PostedLocked(
@@ -437,9 +497,25 @@ absl::Status NcclCommunicator::SyncStream(void* stream) {
   absl::MutexLock lock(&impl_->op_mu);
   if (absl::Status s = impl_->BeginLocked("step"); !s.ok()) return s;
   // A whole decode step is a few ms: yield-spin through it (as cudaStreamSynchronize would).
-  return impl_->WaitLocked("step", ncclSuccess, static_cast<cudaStream_t>(stream),
-                           absl::Milliseconds(200));
+  absl::Status s = impl_->WaitLocked("step", ncclSuccess, static_cast<cudaStream_t>(stream),
+                                     absl::Milliseconds(200));
+  if (!s.ok() || impl_->car == nullptr) return s;
+  // A custom all-reduce that gave up waiting (timeout; an abort is reported above) left a code.
+  if (absl::Status e = impl_->car->CheckError(); !e.ok()) {
+    const std::string reason = impl_->AbortReason();
+    return impl_->FailLocked(e.code(), reason.empty() ? std::string(e.message())
+                                                      : absl::StrCat(e.message(), ": ", reason));
+  }
+  return s;
 }
+
+bool NcclCommunicator::custom_all_reduce_ready() const { return impl_->car != nullptr; }
+
+bool NcclCommunicator::UsesCustomAllReduce(size_t count, DataType dtype) const {
+  return impl_->UseCustom(count, dtype);
+}
+
+void NcclCommunicator::set_all_reduce_mode(AllReduceMode mode) { impl_->mode.store(mode); }
 
 void NcclCommunicator::Abort(const std::string& reason) {
   impl_->RequestAbort(reason);

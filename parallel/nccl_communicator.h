@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "parallel/communicator.h"
 #include "parallel/control_channel.h"
+#include "parallel/custom_all_reduce.h"
 
 namespace phishard {
 
@@ -49,6 +50,16 @@ class NcclCommunicator final : public Communicator {
   // error or the collective timeout abort the communicator and end the wait with the reason.
   absl::Status SyncStream(void* stream) override;
   void Abort(const std::string& reason) override;
+
+  // The stream-ordered all-reduces of a two-rank group on one host whose GPUs reach each other
+  // run our own peer-to-peer kernel (parallel/custom_all_reduce.h) when PHISHARD_TP_ALLREDUCE (read
+  // by Create) is auto or custom and the size fits its buffers; NCCL otherwise.
+  bool custom_all_reduce_ready() const;
+  // Whether EnqueueAllReduceSum(count, dtype) would run the custom kernel now.
+  bool UsesCustomAllReduce(size_t count, DataType dtype) const;
+  // Switches the mode after set-up (tests, benchmarks). Every rank must switch alike between the
+  // same two collectives, or their all-reduces would not pair up.
+  void set_all_reduce_mode(AllReduceMode mode);
 
  private:
   struct Impl;

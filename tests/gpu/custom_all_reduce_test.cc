@@ -1,0 +1,447 @@
+// The custom peer-to-peer all-reduce (parallel/custom_all_reduce.h) of NcclCommunicator across two
+// processes, one GPU each (needs >= 2 visible GPUs with peer access; skips otherwise). Each rank is
+// a forked child: the parent (the gtest process) never touches CUDA.
+//
+// Tolerance: none. A two-rank sum is one rounding of float(a) + float(b) on every path (the
+// custom kernel, NCCL's ring, this file's naive host reference), and that is commutative, so the
+// two ranks and the two implementations must agree bit for bit, on random values whose exponents
+// span 2^-12..2^12 (sums that round, cancel and carry).
+#include "parallel/custom_all_reduce.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "parallel/nccl_communicator.h"
+#include "parallel/rendezvous.h"
+#include "tests/parallel/parallel_test_util.h"
+
+namespace phishard {
+namespace {
+
+constexpr int kSkip = 77;   // child exit code: fewer than two GPUs
+constexpr int kNoP2p = 78;  // child exit code: the GPUs cannot use the custom all-reduce
+
+using ::phishard::testing::FreeLoopbackPort;
+
+enum class Case { kCollectives, kAbort, kDeadline };
+
+// Rank `rank`'s partial for call `seed`: `count` random values of `dtype` as raw little-endian
+// bytes, and the same values as floats (exact: they are dtype values).
+struct Partial {
+  std::vector<unsigned char> bytes;
+  std::vector<float> values;
+};
+
+Partial MakePartial(int rank, uint32_t seed, size_t count, DataType dtype) {
+  std::mt19937 rng(seed * 7919u + static_cast<uint32_t>(rank) * 104729u + 17u);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> exponent(-12, 12);
+  Partial p;
+  p.bytes.resize(count * DataTypeSize(dtype));
+  p.values.resize(count);
+  for (size_t i = 0; i < count; ++i) {
+    const float x = std::ldexp(normal(rng), exponent(rng));
+    if (dtype == DataType::kBF16) {
+      const __nv_bfloat16 b = __float2bfloat16(x);
+      std::memcpy(&p.bytes[2 * i], &b, 2);
+      p.values[i] = __bfloat162float(b);
+    } else if (dtype == DataType::kF16) {
+      const __half h = __float2half(x);
+      std::memcpy(&p.bytes[2 * i], &h, 2);
+      p.values[i] = __half2float(h);
+    } else {
+      std::memcpy(&p.bytes[4 * i], &x, 4);
+      p.values[i] = x;
+    }
+  }
+  return p;
+}
+
+// The naive reference: both partials as floats, added once, rounded once to dtype.
+std::vector<unsigned char> ReferenceSum(size_t count, DataType dtype, uint32_t seed) {
+  const Partial a = MakePartial(0, seed, count, dtype), b = MakePartial(1, seed, count, dtype);
+  std::vector<unsigned char> out(count * DataTypeSize(dtype));
+  for (size_t i = 0; i < count; ++i) {
+    const float s = a.values[i] + b.values[i];
+    if (dtype == DataType::kBF16) {
+      const __nv_bfloat16 r = __float2bfloat16(s);
+      std::memcpy(&out[2 * i], &r, 2);
+    } else if (dtype == DataType::kF16) {
+      const __half r = __float2half(s);
+      std::memcpy(&out[2 * i], &r, 2);
+    } else {
+      std::memcpy(&out[4 * i], &s, 4);
+    }
+  }
+  return out;
+}
+
+// First element where two raw arrays differ, or -1.
+long FirstDiff(const std::vector<unsigned char>& x, const std::vector<unsigned char>& y,
+               size_t esize) {
+  for (size_t i = 0; i < x.size(); i += esize) {
+    if (std::memcmp(&x[i], &y[i], esize) != 0) return static_cast<long>(i / esize);
+  }
+  return -1;
+}
+
+class Rank {
+ public:
+  Rank(int rank, int port) : rank_(rank), port_(port) {}
+
+  int Run(Case which) {
+    int visible = 0;
+    if (cudaGetDeviceCount(&visible) != cudaSuccess || visible < 2) return kSkip;
+    RendezvousOptions o;
+    o.rank = rank_;
+    o.world_size = 2;
+    o.master_addr = "127.0.0.1";
+    o.master_port = port_;
+    o.timeout = absl::Seconds(60);
+    auto control = Rendezvous(o);
+    if (!control.ok()) return Fail(std::string(control.status().message()));
+    // The deadline case needs a short collective timeout, the others a generous one.
+    const absl::Duration op_timeout =
+        which == Case::kDeadline ? absl::Seconds(2) : absl::Seconds(30);
+    auto comm = NcclCommunicator::Create(**control, absl::Seconds(60), op_timeout);
+    if (!comm.ok()) return Fail(std::string(comm.status().message()));
+    NcclCommunicator& c = **comm;
+    if (!c.custom_all_reduce_ready()) {
+      std::fprintf(stderr, "rank %d: custom all-reduce unavailable (see the log line)\n", rank_);
+      return kNoP2p;
+    }
+    if (cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking) != cudaSuccess) {
+      return Fail("stream");
+    }
+    int code = 0;
+    switch (which) {
+      case Case::kCollectives:
+        code = Collectives(c);
+        if (code == 0) code = Graph(c);
+        if (code == 0) code = Timing(c);
+        break;
+      case Case::kAbort:
+        code = AbortCase(c);
+        break;
+      case Case::kDeadline:
+        code = DeadlineCase(c);
+        break;
+    }
+    return code;
+  }
+
+ private:
+  int Fail(const std::string& what) {
+    std::fprintf(stderr, "rank %d: %s\n", rank_, what.c_str());
+    std::fflush(stderr);
+    return 1;
+  }
+
+  // One all-reduce of this rank's partial for `seed` through `mode`; the result downloaded.
+  int Reduce(NcclCommunicator& c, AllReduceMode mode, void* d, size_t count, DataType dtype,
+             uint32_t seed, std::vector<unsigned char>* out) {
+    const Partial mine = MakePartial(rank_, seed, count, dtype);
+    c.set_all_reduce_mode(mode);
+    const bool custom = mode != AllReduceMode::kNccl &&
+                        count * DataTypeSize(dtype) <= CustomAllReduce::kDefaultCapacityBytes;
+    if (c.UsesCustomAllReduce(count, dtype) != custom) return Fail("wrong path chosen");
+    cudaMemcpy(d, mine.bytes.data(), mine.bytes.size(), cudaMemcpyHostToDevice);
+    if (absl::Status s = c.EnqueueAllReduceSum(d, count, dtype, stream_); !s.ok()) {
+      return Fail("enqueue: " + s.ToString());
+    }
+    if (absl::Status s = c.SyncStream(stream_); !s.ok()) return Fail("sync: " + s.ToString());
+    out->resize(mine.bytes.size());
+    cudaMemcpy(out->data(), d, out->size(), cudaMemcpyDeviceToHost);
+    return 0;
+  }
+
+  // Custom vs NCCL vs the host reference over sizes: one element, odd counts (single-element
+  // path), a decode b128 partial (128 x 2560 bf16 = 655 KB), a 1 x 2048 prefill's (10.5 MB), and
+  // one element more than the buffers hold (NCCL then runs it: same bits).
+  int Collectives(NcclCommunicator& c) {
+    struct Size {
+      size_t count;
+      DataType dtype;
+    };
+    const size_t over = CustomAllReduce::kDefaultCapacityBytes / 2 + 1;
+    const std::vector<Size> sizes = {
+        {1, DataType::kBF16},    {7, DataType::kBF16},          {4097, DataType::kBF16},
+        {2560, DataType::kBF16}, {128 * 2560, DataType::kBF16}, {2048 * 2560, DataType::kBF16},
+        {over, DataType::kBF16}, {7, DataType::kF16},           {128 * 2560, DataType::kF16},
+        {1, DataType::kF32},     {4099, DataType::kF32},        {128 * 2560, DataType::kF32}};
+    uint32_t seed = 1;
+    for (const Size& s : sizes) {
+      const size_t es = DataTypeSize(s.dtype);
+      const std::string at = absl::StrCat(" (", s.count, " ", DataTypeName(s.dtype), ")");
+      void* d = nullptr;
+      if (cudaMalloc(&d, s.count * es) != cudaSuccess) return Fail("cudaMalloc" + at);
+      std::vector<unsigned char> custom, nccl;
+      if (Reduce(c, AllReduceMode::kCustom, d, s.count, s.dtype, seed, &custom) != 0 ||
+          Reduce(c, AllReduceMode::kNccl, d, s.count, s.dtype, seed, &nccl) != 0) {
+        return Fail("all-reduce" + at);
+      }
+      const std::vector<unsigned char> want = ReferenceSum(s.count, s.dtype, seed);
+      if (long i = FirstDiff(custom, want, es); i >= 0) {
+        return Fail(absl::StrCat("custom != reference at ", i, at));
+      }
+      if (long i = FirstDiff(nccl, want, es); i >= 0) {
+        return Fail(absl::StrCat("NCCL != reference at ", i, at));
+      }
+      cudaFree(d);
+      ++seed;
+    }
+    return 0;
+  }
+
+  // A graph of three custom all-reduces, as a decode step's graph holds them: a decode-sized one,
+  // an odd-sized one, then the first buffer again (sum of equal halves: exactly twice the sum).
+  // Replayed 100 times with new inputs uploaded before each replay.
+  int Graph(NcclCommunicator& c) {
+    const size_t na = 128 * 2560, nb = 3 * 2560 + 5;
+    const DataType dt = DataType::kBF16;
+    void* a = nullptr;
+    void* b = nullptr;
+    if (cudaMalloc(&a, na * 2) != cudaSuccess || cudaMalloc(&b, nb * 2) != cudaSuccess) {
+      return Fail("cudaMalloc");
+    }
+    c.set_all_reduce_mode(AllReduceMode::kCustom);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+      return Fail("begin capture");
+    }
+    absl::Status enq = c.EnqueueAllReduceSum(a, na, dt, stream_);
+    if (enq.ok()) enq = c.EnqueueAllReduceSum(b, nb, dt, stream_);
+    if (enq.ok()) enq = c.EnqueueAllReduceSum(a, na, dt, stream_);
+    if (cudaStreamEndCapture(stream_, &graph) != cudaSuccess || !enq.ok()) {
+      return Fail("capture: " + enq.ToString());
+    }
+    if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return Fail("graph instantiate");
+    std::vector<unsigned char> got_a(na * 2), got_b(nb * 2);
+    for (uint32_t replay = 0; replay < 100; ++replay) {
+      const uint32_t seed = 1000 + replay;
+      const Partial pa = MakePartial(rank_, seed, na, dt),
+                    pb = MakePartial(rank_, seed + 500, nb, dt);
+      cudaMemcpyAsync(a, pa.bytes.data(), pa.bytes.size(), cudaMemcpyHostToDevice, stream_);
+      cudaMemcpyAsync(b, pb.bytes.data(), pb.bytes.size(), cudaMemcpyHostToDevice, stream_);
+      if (cudaGraphLaunch(exec, stream_) != cudaSuccess) return Fail("graph launch");
+      if (absl::Status s = c.SyncStream(stream_); !s.ok()) return Fail("sync: " + s.ToString());
+      cudaMemcpy(got_a.data(), a, got_a.size(), cudaMemcpyDeviceToHost);
+      cudaMemcpy(got_b.data(), b, got_b.size(), cudaMemcpyDeviceToHost);
+      std::vector<unsigned char> want_a = ReferenceSum(na, dt, seed);
+      for (size_t i = 0; i < na; ++i) {  // s + s = 2s: exact in bf16 (barring overflow: none here)
+        __nv_bfloat16 v;
+        std::memcpy(&v, &want_a[2 * i], 2);
+        v = __float2bfloat16(2.0f * __bfloat162float(v));
+        std::memcpy(&want_a[2 * i], &v, 2);
+      }
+      if (long i = FirstDiff(got_a, want_a, 2); i >= 0) {
+        return Fail(absl::StrCat("graph replay ", replay, ": decode-sized sum differs at ", i));
+      }
+      if (long i = FirstDiff(got_b, ReferenceSum(nb, dt, seed + 500), 2); i >= 0) {
+        return Fail(absl::StrCat("graph replay ", replay, ": odd-sized sum differs at ", i));
+      }
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaFree(a);
+    cudaFree(b);
+    return 0;
+  }
+
+  // Informational (no assertion beyond the calls succeeding): microseconds per all-reduce, custom
+  // vs NCCL, each inside a graph of 20 back-to-back calls on one zeroed buffer (sums stay 0),
+  // replayed 10 times after 2 warm-up replays; rank 0 prints the table. Sizes: a decode b1, a
+  // decode b128 and a 1 x 2048 prefill partial of Phi-2 (2560 columns, bf16).
+  int Timing(NcclCommunicator& c) {
+    constexpr int kCalls = 20, kReplays = 10;
+    for (size_t count : {size_t{2560}, size_t{128} * 2560, size_t{2048} * 2560}) {
+      void* d = nullptr;
+      if (cudaMalloc(&d, count * 2) != cudaSuccess) return Fail("cudaMalloc");
+      cudaMemset(d, 0, count * 2);
+      double us[2] = {0, 0};
+      for (int m = 0; m < 2; ++m) {
+        c.set_all_reduce_mode(m == 0 ? AllReduceMode::kCustom : AllReduceMode::kNccl);
+        cudaGraph_t graph = nullptr;
+        cudaGraphExec_t exec = nullptr;
+        if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+          return Fail("begin capture");
+        }
+        absl::Status enq;
+        for (int i = 0; i < kCalls && enq.ok(); ++i) {
+          enq = c.EnqueueAllReduceSum(d, count, DataType::kBF16, stream_);
+        }
+        if (cudaStreamEndCapture(stream_, &graph) != cudaSuccess || !enq.ok()) {
+          return Fail("capture: " + enq.ToString());
+        }
+        if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return Fail("instantiate");
+        cudaEvent_t t0, t1;
+        cudaEventCreate(&t0);
+        cudaEventCreate(&t1);
+        for (int r = 0; r < 2 + kReplays; ++r) {
+          if (r == 2) cudaEventRecord(t0, stream_);
+          if (cudaGraphLaunch(exec, stream_) != cudaSuccess) return Fail("graph launch");
+        }
+        cudaEventRecord(t1, stream_);
+        if (absl::Status s = c.SyncStream(stream_); !s.ok()) return Fail("sync: " + s.ToString());
+        float ms = 0;
+        cudaEventElapsedTime(&ms, t0, t1);
+        us[m] = 1000.0 * ms / (kCalls * kReplays);
+        cudaEventDestroy(t0);
+        cudaEventDestroy(t1);
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+      }
+      if (rank_ == 0) {
+        std::printf("  all-reduce of %8zu bf16 (%9zu B): custom %8.2f us, NCCL %8.2f us\n", count,
+                    count * 2, us[0], us[1]);
+      }
+      cudaFree(d);
+    }
+    return 0;
+  }
+
+  // Waits up to `limit` for the stream to go idle; false if it did not (a kernel still spinning).
+  bool StreamIdleWithin(absl::Duration limit) {
+    const absl::Time until = absl::Now() + limit;
+    while (absl::Now() < until) {
+      if (cudaStreamQuery(stream_) != cudaErrorNotReady) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return false;
+  }
+
+  // Rank 1 never joins and aborts after 300 ms: rank 0's custom all-reduce kernel, spinning on
+  // rank 1's flag, must end through the abort flag and the step fail with rank 1's reason.
+  int AbortCase(NcclCommunicator& c) {
+    const size_t n = 128 * 2560;
+    void* d = nullptr;
+    if (cudaMalloc(&d, n * 2) != cudaSuccess) return Fail("cudaMalloc");
+    c.set_all_reduce_mode(AllReduceMode::kCustom);
+    if (rank_ == 1) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      c.Abort("test abort on rank 1");
+      return 0;
+    }
+    const absl::Time start = absl::Now();
+    absl::Status s = c.EnqueueAllReduceSum(d, n, DataType::kBF16, stream_);
+    if (s.ok()) s = c.SyncStream(stream_);
+    const double took = absl::ToDoubleSeconds(absl::Now() - start);
+    if (s.ok()) return Fail("all-reduce succeeded without rank 1");
+    if (took > 10.0) return Fail(absl::StrCat("abort took ", took, " s: ", s.ToString()));
+    if (s.message().find("test abort on rank 1") == std::string::npos) {
+      return Fail("abort reason lost: " + s.ToString());
+    }
+    if (!StreamIdleWithin(absl::Seconds(5))) return Fail("the kernel still spins after the abort");
+    std::printf("  rank 0: aborted after %.3f s: %s\n", took, s.ToString().c_str());
+    return 0;
+  }
+
+  // Rank 1 stays silent (alive, no abort) for 6 s; rank 0's kernel must give up by itself after
+  // the 2 s collective timeout (its %globaltimer deadline: we wait on the raw stream, not through
+  // SyncStream's host deadline), and SyncStream then reports DEADLINE_EXCEEDED.
+  int DeadlineCase(NcclCommunicator& c) {
+    const size_t n = 2560;
+    void* d = nullptr;
+    if (cudaMalloc(&d, n * 2) != cudaSuccess) return Fail("cudaMalloc");
+    c.set_all_reduce_mode(AllReduceMode::kCustom);
+    if (rank_ == 1) {
+      std::this_thread::sleep_for(std::chrono::seconds(6));
+      return 0;
+    }
+    const absl::Time start = absl::Now();
+    if (absl::Status s = c.EnqueueAllReduceSum(d, n, DataType::kBF16, stream_); !s.ok()) {
+      return Fail("enqueue: " + s.ToString());
+    }
+    if (!StreamIdleWithin(absl::Seconds(10))) return Fail("the kernel did not give up in 10 s");
+    const double took = absl::ToDoubleSeconds(absl::Now() - start);
+    absl::Status s = c.SyncStream(stream_);
+    if (s.code() != absl::StatusCode::kDeadlineExceeded) {
+      return Fail("want DEADLINE_EXCEEDED, got " + s.ToString());
+    }
+    if (took < 1.9 || took > 5.0) return Fail(absl::StrCat("gave up after ", took, " s, want ~2"));
+    std::printf("  rank 0: gave up after %.3f s: %s\n", took, s.ToString().c_str());
+    return 0;
+  }
+
+  const int rank_;
+  const int port_;
+  cudaStream_t stream_ = nullptr;
+};
+
+std::vector<int> RunTwoRanks(Case which, absl::Duration limit) {
+  const int port = FreeLoopbackPort();
+  std::vector<pid_t> kids;
+  for (int r = 0; r < 2; ++r) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      const int code = Rank(r, port).Run(which);
+      std::fflush(stdout);
+      _exit(code);
+    }
+    kids.push_back(pid);
+  }
+  std::vector<int> codes(2, -1);
+  const absl::Time deadline = absl::Now() + limit;
+  for (int r = 0; r < 2; ++r) {
+    int status = 0;
+    while (waitpid(kids[r], &status, WNOHANG) == 0) {
+      if (absl::Now() > deadline) {
+        kill(kids[r], SIGKILL);
+        waitpid(kids[r], &status, 0);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    codes[r] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  return codes;
+}
+
+void Check(const std::vector<int>& codes) {
+  if (codes[0] == kSkip && codes[1] == kSkip) GTEST_SKIP() << "needs two visible GPUs";
+  if (codes[0] == kNoP2p && codes[1] == kNoP2p) {
+    GTEST_SKIP() << "the two GPUs cannot use the custom all-reduce (no peer access)";
+  }
+  EXPECT_EQ(codes[0], 0) << "rank 0 (see stderr)";
+  EXPECT_EQ(codes[1], 0) << "rank 1 (see stderr)";
+}
+
+TEST(CustomAllReduceTest, ParsesTheModeNamingTheVariable) {
+  EXPECT_EQ(*ParseAllReduceMode("AUTO"), AllReduceMode::kAuto);
+  EXPECT_EQ(*ParseAllReduceMode("nccl"), AllReduceMode::kNccl);
+  EXPECT_EQ(*ParseAllReduceMode("Custom"), AllReduceMode::kCustom);
+  absl::StatusOr<AllReduceMode> bad = ParseAllReduceMode("p2p");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("PHISHARD_TP_ALLREDUCE=p2p"), std::string::npos);
+}
+
+TEST(CustomAllReduceTest, BitIdenticalToNcclOverSizesAndInAGraphReplayed100Times) {
+  Check(RunTwoRanks(Case::kCollectives, absl::Seconds(150)));
+}
+
+TEST(CustomAllReduceTest, AbortEndsThePeersSpinningKernel) {
+  Check(RunTwoRanks(Case::kAbort, absl::Seconds(60)));
+}
+
+TEST(CustomAllReduceTest, MissingPeerTimesOutOnTheDevice) {
+  Check(RunTwoRanks(Case::kDeadline, absl::Seconds(60)));
+}
+
+}  // namespace
+}  // namespace phishard
