@@ -52,7 +52,7 @@ class CustomAllReduce {
     bool wanted = true;               // false: this rank runs NCCL only; the group agrees
     absl::Duration setup_timeout;     // the two handle exchanges over the control channel
     absl::Duration op_timeout;        // one block's wait for its peer inside the kernel
-    const int* abort_flag = nullptr;  // mapped host int (device address), set on abort
+    const int* abort_flag = nullptr;  // device int, set nonzero on abort
   };
 
   // Collective: every rank of the group calls it at the same point. Returns nullptr, with the

@@ -59,12 +59,15 @@ struct NcclCommunicator::Impl {
   cudaStream_t stream = nullptr;
   float* scratch = nullptr;  // [1] float, device memory; Barrier's all-reduce operand
   ncclComm_t comm = nullptr;
-  // PHISHARD_TP_ALLREDUCE and the custom all-reduce, when the group can use it. `abort_flag` is a
-  // mapped pinned host int that RequestAbort sets: it ends the custom kernels' waits.
+  // PHISHARD_TP_ALLREDUCE and the custom all-reduce, when the group can use it. The custom
+  // kernels' waits end when `abort_flag` ([1] int, device memory) turns 1: RequestAbort copies
+  // `abort_one` (pinned host int holding 1) there on `abort_stream`, beside the spinning kernel.
   std::atomic<AllReduceMode> mode{AllReduceMode::kAuto};
   std::unique_ptr<CustomAllReduce> car;
   int* abort_flag = nullptr;
-  int* abort_flag_dev = nullptr;
+  int* abort_one = nullptr;
+  cudaStream_t abort_stream = nullptr;
+  std::atomic<bool> abort_flag_set{false};
 
   absl::Mutex op_mu;  // one collective at a time; also guards the comm's lifetime
   bool comm_gone ABSL_GUARDED_BY(op_mu) = false;
@@ -120,9 +123,12 @@ struct NcclCommunicator::Impl {
       }
     }
     // Leaving the group: a custom kernel still waiting for the peer (a graph left running) ends.
-    if (abort_flag != nullptr) *static_cast<volatile int*>(abort_flag) = 1;
+    SetAbortFlag();
+    if (abort_stream != nullptr) cudaStreamSynchronize(abort_stream);
     car.reset();
-    if (abort_flag != nullptr) cudaFreeHost(abort_flag);
+    if (abort_flag != nullptr) cudaFree(abort_flag);
+    if (abort_one != nullptr) cudaFreeHost(abort_one);
+    if (abort_stream != nullptr) cudaStreamDestroy(abort_stream);
     if (scratch != nullptr) cudaFree(scratch);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
@@ -145,7 +151,15 @@ struct NcclCommunicator::Impl {
     }
     abort_requested.store(true);
     // After abort_requested: a custom kernel that ends on the flag finds the reason set.
-    if (abort_flag != nullptr) *static_cast<volatile int*>(abort_flag) = 1;
+    SetAbortFlag();
+  }
+
+  // Any thread, once: abort_flag = 1 by a copy on abort_stream (a copy engine; runs beside a
+  // custom kernel that spins on the flag).
+  void SetAbortFlag() {
+    if (abort_flag == nullptr || abort_flag_set.exchange(true)) return;
+    cudaSetDevice(device);
+    cudaMemcpyAsync(abort_flag, abort_one, sizeof(int), cudaMemcpyHostToDevice, abort_stream);
   }
 
   // ncclCommAbort first raises NCCL's abort flag, which ends its kernels (a collective waiting
@@ -324,16 +338,27 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
   if (cudaError_t e = cudaMalloc(&impl->scratch, sizeof(float)); e != cudaSuccess) {
     return cuda_error("cudaMalloc", e);
   }
-  void* flag = nullptr;
-  if (cudaError_t e = cudaHostAlloc(&flag, sizeof(int), cudaHostAllocMapped); e != cudaSuccess) {
+  void* one = nullptr;
+  if (cudaError_t e = cudaHostAlloc(&one, sizeof(int), cudaHostAllocDefault); e != cudaSuccess) {
     return cuda_error("cudaHostAlloc", e);
   }
-  impl->abort_flag = static_cast<int*>(flag);
-  *impl->abort_flag = 0;
-  if (cudaError_t e = cudaHostGetDevicePointer(&flag, impl->abort_flag, 0); e != cudaSuccess) {
-    return cuda_error("cudaHostGetDevicePointer", e);
+  impl->abort_one = static_cast<int*>(one);
+  *impl->abort_one = 1;
+  if (cudaError_t e = cudaStreamCreateWithFlags(&impl->abort_stream, cudaStreamNonBlocking);
+      e != cudaSuccess) {
+    return cuda_error("cudaStreamCreateWithFlags", e);
   }
-  impl->abort_flag_dev = static_cast<int*>(flag);
+  void* flag = nullptr;
+  if (cudaError_t e = cudaMalloc(&flag, sizeof(int)); e != cudaSuccess) {
+    return cuda_error("cudaMalloc", e);
+  }
+  impl->abort_flag = static_cast<int*>(flag);
+  if (cudaError_t e = cudaMemset(impl->abort_flag, 0, sizeof(int)); e != cudaSuccess) {
+    return cuda_error("cudaMemset", e);
+  }
+  if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) {
+    return cuda_error("cudaDeviceSynchronize", e);
+  }
 
   ncclUniqueId id;
   std::memset(&id, 0, sizeof(id));
@@ -397,7 +422,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
     co.wanted = *mode != AllReduceMode::kNccl;
     co.setup_timeout = setup_timeout;
     co.op_timeout = op_timeout;
-    co.abort_flag = impl->abort_flag_dev;
+    co.abort_flag = impl->abort_flag;
     std::string why_not;
     auto car = CustomAllReduce::Create(control, co, &why_not);
     if (!car.ok()) return car.status();

@@ -48,20 +48,18 @@ __device__ bool Barrier(const CustomAllReduceParams& p, uint32_t epoch) {
     __threadfence_system();
     StoreReleaseSys(p.peer_flags + b, epoch);
     const uint64_t start = GlobalTimerNs();
-    uint64_t checked = start;
     int status = kCustomAllReduceOk;
     for (uint32_t it = 0;; ++it) {
       if (static_cast<int32_t>(LoadAcquireSys(p.own_flags + b) - epoch) >= 0) break;
-      if ((it & 63) == 63) {
-        const uint64_t now = GlobalTimerNs();
-        if (now - checked > 20000) {  // the abort flag lives in host memory: read it every 20 us
-          checked = now;
-          if (*static_cast<const volatile int*>(p.abort_flag) != 0) {
-            status = kCustomAllReduceAborted;
-            break;
-          }
+      // Both checks are local (device memory, the SM's timer): nothing in this loop may take
+      // long once the peer's flag is there. (A read of mapped host memory here once cost
+      // ~100 us; a rank stalled so was late at the next call, where its peer stalled in turn.)
+      if ((it & 15) == 15) {
+        if (*static_cast<const volatile int*>(p.abort_flag) != 0) {
+          status = kCustomAllReduceAborted;
+          break;
         }
-        if (now - start > p.timeout_ns) {
+        if (GlobalTimerNs() - start > p.timeout_ns) {
           status = kCustomAllReduceTimedOut;
           break;
         }

@@ -15,9 +15,10 @@
 // its block passed the barrier of the call in between, i.e. after the peer finished every read of
 // the older call (stream order). Flags compare as `(int32)(flag - epoch) >= 0`, so a peer that is
 // already one call ahead still releases the waiter.
-// The spin never hangs: it ends when *abort_flag (mapped host memory, set by the communicator's
-// abort) turns nonzero or after timeout_ns (%globaltimer), writing an error code to *error
-// (mapped host memory) that the host checks once the stream is idle; the block then returns.
+// The spin never hangs: it ends when *abort_flag (device memory, which the communicator's abort
+// sets by a copy on a stream of its own) turns nonzero or after timeout_ns (%globaltimer), writing
+// an error code to *error (mapped host memory) that the host checks once the stream is idle; the
+// block then returns.
 #pragma once
 
 #include <cstddef>
@@ -47,7 +48,7 @@ struct CustomAllReduceParams {
   uint32_t* peer_flags = nullptr;       // [blocks] the peer's arrival flags (mapped)
   const uint32_t* own_flags = nullptr;  // [blocks] this rank's, written by the peer's blocks
   uint32_t* epochs = nullptr;           // [blocks] device, this rank's call counter per block
-  const int* abort_flag = nullptr;      // mapped host int (device address); nonzero: give up
+  const int* abort_flag = nullptr;      // device int; nonzero: give up
   int* error = nullptr;                 // mapped host int (device address), see above
   unsigned long long timeout_ns = 0;    // of one block's wait for its peer block
   int blocks = 0;                       // the fixed grid, <= kCustomAllReduceMaxBlocks

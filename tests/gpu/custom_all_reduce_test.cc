@@ -267,52 +267,71 @@ class Rank {
   // Informational (no assertion beyond the calls succeeding): microseconds per all-reduce, custom
   // vs NCCL, each inside a graph of 20 back-to-back calls on one zeroed buffer (sums stay 0),
   // replayed 10 times after 2 warm-up replays; rank 0 prints the table. Sizes: a decode b1, a
-  // decode b128 and a 1 x 2048 prefill partial of Phi-2 (2560 columns, bf16).
+  // decode b128 and a 1 x 2048 prefill partial of Phi-2 (2560 columns, bf16). "skewed": rank 1
+  // copies 64 MB on the device before each call (~45 us), so rank 0 always waits for it, as a
+  // model step's ranks wait for each other: the per-call time should be the copy + the same
+  // all-reduce cost for both implementations (a wait that stalls the early rank would show).
   int Timing(NcclCommunicator& c) {
     constexpr int kCalls = 20, kReplays = 10;
-    for (size_t count : {size_t{2560}, size_t{128} * 2560, size_t{2048} * 2560}) {
-      void* d = nullptr;
-      if (cudaMalloc(&d, count * 2) != cudaSuccess) return Fail("cudaMalloc");
-      cudaMemset(d, 0, count * 2);
-      double us[2] = {0, 0};
-      for (int m = 0; m < 2; ++m) {
-        c.set_all_reduce_mode(m == 0 ? AllReduceMode::kCustom : AllReduceMode::kNccl);
-        cudaGraph_t graph = nullptr;
-        cudaGraphExec_t exec = nullptr;
-        if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
-          return Fail("begin capture");
-        }
-        absl::Status enq;
-        for (int i = 0; i < kCalls && enq.ok(); ++i) {
-          enq = c.EnqueueAllReduceSum(d, count, DataType::kBF16, stream_);
-        }
-        if (cudaStreamEndCapture(stream_, &graph) != cudaSuccess || !enq.ok()) {
-          return Fail("capture: " + enq.ToString());
-        }
-        if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return Fail("instantiate");
-        cudaEvent_t t0, t1;
-        cudaEventCreate(&t0);
-        cudaEventCreate(&t1);
-        for (int r = 0; r < 2 + kReplays; ++r) {
-          if (r == 2) cudaEventRecord(t0, stream_);
-          if (cudaGraphLaunch(exec, stream_) != cudaSuccess) return Fail("graph launch");
-        }
-        cudaEventRecord(t1, stream_);
-        if (absl::Status s = c.SyncStream(stream_); !s.ok()) return Fail("sync: " + s.ToString());
-        float ms = 0;
-        cudaEventElapsedTime(&ms, t0, t1);
-        us[m] = 1000.0 * ms / (kCalls * kReplays);
-        cudaEventDestroy(t0);
-        cudaEventDestroy(t1);
-        cudaGraphExecDestroy(exec);
-        cudaGraphDestroy(graph);
-      }
-      if (rank_ == 0) {
-        std::printf("  all-reduce of %8zu bf16 (%9zu B): custom %8.2f us, NCCL %8.2f us\n", count,
-                    count * 2, us[0], us[1]);
-      }
-      cudaFree(d);
+    constexpr size_t kSkewBytes = size_t{64} << 20;
+    void* skew_src = nullptr;
+    void* skew_dst = nullptr;
+    if (cudaMalloc(&skew_src, kSkewBytes) != cudaSuccess ||
+        cudaMalloc(&skew_dst, kSkewBytes) != cudaSuccess) {
+      return Fail("cudaMalloc");
     }
+    for (bool skewed : {false, true}) {
+      for (size_t count : {size_t{2560}, size_t{128} * 2560, size_t{2048} * 2560}) {
+        void* d = nullptr;
+        if (cudaMalloc(&d, count * 2) != cudaSuccess) return Fail("cudaMalloc");
+        cudaMemset(d, 0, count * 2);
+        double us[2] = {0, 0};
+        for (int m = 0; m < 2; ++m) {
+          c.set_all_reduce_mode(m == 0 ? AllReduceMode::kCustom : AllReduceMode::kNccl);
+          cudaGraph_t graph = nullptr;
+          cudaGraphExec_t exec = nullptr;
+          if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+            return Fail("begin capture");
+          }
+          absl::Status enq;
+          for (int i = 0; i < kCalls && enq.ok(); ++i) {
+            if (skewed && rank_ == 1) {
+              cudaMemcpyAsync(skew_dst, skew_src, kSkewBytes, cudaMemcpyDeviceToDevice, stream_);
+            }
+            enq = c.EnqueueAllReduceSum(d, count, DataType::kBF16, stream_);
+          }
+          if (cudaStreamEndCapture(stream_, &graph) != cudaSuccess || !enq.ok()) {
+            return Fail("capture: " + enq.ToString());
+          }
+          if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return Fail("instantiate");
+          cudaEvent_t t0, t1;
+          cudaEventCreate(&t0);
+          cudaEventCreate(&t1);
+          for (int r = 0; r < 2 + kReplays; ++r) {
+            if (r == 2) cudaEventRecord(t0, stream_);
+            if (cudaGraphLaunch(exec, stream_) != cudaSuccess) return Fail("graph launch");
+          }
+          cudaEventRecord(t1, stream_);
+          if (absl::Status s = c.SyncStream(stream_); !s.ok()) {
+            return Fail("sync: " + s.ToString());
+          }
+          float ms = 0;
+          cudaEventElapsedTime(&ms, t0, t1);
+          us[m] = 1000.0 * ms / (kCalls * kReplays);
+          cudaEventDestroy(t0);
+          cudaEventDestroy(t1);
+          cudaGraphExecDestroy(exec);
+          cudaGraphDestroy(graph);
+        }
+        if (rank_ == 0) {
+          std::printf("  %s all-reduce of %8zu bf16 (%9zu B): custom %8.2f us, NCCL %8.2f us\n",
+                      skewed ? "skewed " : "aligned", count, count * 2, us[0], us[1]);
+        }
+        cudaFree(d);
+      }
+    }
+    cudaFree(skew_src);
+    cudaFree(skew_dst);
     return 0;
   }
 
