@@ -10,6 +10,8 @@
 //
 // Usage: phishard_kernel_bench [reps (default 20)]. One line per case on stdout:
 //   op  shape  config  us  GB/s  of_copy
+// phishard_kernel_bench REPS gemm-candidates M1,M2,...: the heuristic's first 16 cuBLASLt
+// candidates of each Phi-2 layer GEMM at those row counts (prefill sizes), one line each.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -301,8 +303,87 @@ void LinearCases(cudaStream_t s, const std::vector<int>& rows_list) {
   for (void* p : {pool, x, x2, y, bias, ln_w, ln_b}) DeviceFree(p);
 }
 
+// Prefill-sized linear layers through cuBLASLt: the heuristic's first 16 candidates for each Phi-2
+// layer GEMM at each row count, timed as CudaGemm::TimeCandidates runs them (hot weights: at
+// these sizes the GEMMs are compute-bound), so a choice other than the heuristic's first shows.
+void GemmCandidateCases(cudaStream_t s, const std::vector<int>& rows_list) {
+  const int max_m = *std::max_element(rows_list.begin(), rows_list.end());
+  void* x = Alloc(size_t{2} * max_m * kInter);
+  void* w = Alloc(size_t{2} * kInter * 3 * kHidden);
+  void* y = Alloc(size_t{2} * max_m * kInter);
+  void* bias = Alloc(size_t{2} * kInter);
+  Fill(x, static_cast<size_t>(max_m) * kInter, 12, DataType::kBF16, s);
+  Fill(w, static_cast<size_t>(kInter) * 3 * kHidden, 13, DataType::kBF16, s, 0.03f);
+  Fill(y, static_cast<size_t>(max_m) * kInter, 14, DataType::kBF16, s);
+  Fill(bias, kInter, 15, DataType::kBF16, s, 0.01f);
+  std::unique_ptr<CudaGemm> gemm;
+  KB_CHECK(CudaGemm::Create(size_t{32} << 20, &gemm) == KernelStatus::kOk, "cuBLASLt");
+  // As the prefill layer loop calls them: qkv and fc1 with bias (fc1 + GELU), dense and fc2
+  // accumulating into the residual (dense with the bias, fc2 with its own).
+  struct Lin {
+    const char* name;
+    int n, k;
+    GemmEpilogue epi;
+    bool acc;
+  };
+  const Lin lins[] = {{"qkv", 3 * kHidden, kHidden, GemmEpilogue::kNone, false},
+                      {"fc1+gelu", kInter, kHidden, GemmEpilogue::kGeluTanh, false},
+                      {"dense", kHidden, kHidden, GemmEpilogue::kNone, true},
+                      {"fc2", kHidden, kInter, GemmEpilogue::kNone, true}};
+  for (int m : rows_list) {
+    for (const Lin& l : lins) {
+      const GemmParams g{.x = x,
+                         .w = w,
+                         .bias = bias,
+                         .y = y,
+                         .m = m,
+                         .n = l.n,
+                         .k = l.k,
+                         .accumulate = l.acc,
+                         .epilogue = l.epi,
+                         .dtype = DataType::kBF16};
+      std::vector<GemmCandidateTime> times;
+      KB_CHECK(gemm->TimeCandidates(g, DataType::kBF16, 16, g_reps, s, &times) == KernelStatus::kOk,
+               "TimeCandidates");
+      const double flops = 2.0 * m * l.n * l.k;
+      float first = 0.0f;
+      for (const GemmCandidateTime& t : times) {
+        if (t.index == 0) first = t.us;
+      }
+      for (const GemmCandidateTime& t : times) {
+        std::printf(
+            "gemm_cand %-9s m=%-6d n=%-6d k=%-6d #%-2d %9.2f us %6.1f TFLOP/s %6.3f of_first  "
+            "algo %d tile %d stages %d splitk %d red %d swz %d custom %d cluster %d ws %zu waves "
+            "%.2f\n",
+            l.name, m, l.n, l.k, t.index, t.us, flops / (t.us * 1e-6) / 1e12,
+            first > 0 ? t.us / first : 0.0, t.algo_id, t.tile_id, t.stages_id, t.split_k,
+            t.reduction, t.swizzle, t.custom, t.cluster_id, t.workspace, t.waves);
+      }
+      std::fflush(stdout);
+    }
+  }
+  DeviceStreamSync(s);
+  gemm.reset();
+  for (void* p : {x, w, y, bias}) DeviceFree(p);
+}
+
 int Main(int argc, char** argv) {
   if (argc > 1) g_reps = std::max(1, std::atoi(argv[1]));
+  // "gemm-candidates m1,m2,...": only the prefill GEMM candidate table.
+  if (argc > 3 && std::string(argv[2]) == "gemm-candidates") {
+    std::vector<int> rows;
+    for (const char* c = argv[3]; *c != '\0';) {
+      rows.push_back(std::max(1, std::atoi(c)));
+      while (*c != '\0' && *c != ',') ++c;
+      if (*c == ',') ++c;
+    }
+    cudaStream_t s = nullptr;
+    KB_CHECK(DeviceStreamCreate(&s) == 0, "stream");
+    GemmCandidateCases(s, rows);
+    KB_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "the run");
+    DeviceStreamDestroy(s);
+    return 0;
+  }
   int count = 0;
   KB_CHECK(DeviceGetCount(&count) == 0 && count > 0, "a CUDA device");
   KB_CHECK(DeviceCheckKernelImage() == 0, "kernel image for this device");

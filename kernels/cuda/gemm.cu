@@ -1,5 +1,6 @@
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <tuple>
@@ -53,6 +54,8 @@ uint32_t Alignment(const void* p) {
   return al;
 }
 
+constexpr int kMaxCandidates = 32;  // heuristic candidates asked for at most
+
 // Everything the algorithm choice depends on.
 using PlanKey = std::tuple<int, int, int, int, int, int, int, int, bool, uint32_t, uint32_t,
                            uint32_t, uint32_t>;
@@ -100,52 +103,54 @@ struct CudaGemm::Impl {
     return KernelStatus::kDeviceError;
   }
 
-  // Finds or builds the plan; *plan stays null when no algorithm supports the configuration.
-  KernelStatus GetPlan(const GemmParams& p, DataType y_dtype, int ldx, int ldy,
-                       cublasLtEpilogue_t epi, Plan** plan) {
-    *plan = nullptr;
-    const PlanKey key{p.m,
-                      p.n,
-                      p.k,
-                      ldx,
-                      ldy,
-                      static_cast<int>(p.dtype),
-                      static_cast<int>(y_dtype),
-                      static_cast<int>(epi),
-                      p.accumulate,
-                      Alignment(p.x),
-                      Alignment(p.w),
-                      Alignment(p.y),
-                      p.bias ? Alignment(p.bias) : 256u};
-    if (auto it = plans.find(key); it != plans.end()) {
-      *plan = &it->second;
-      return KernelStatus::kOk;
-    }
-    Plan pl;
-    cublasStatus_t st = cublasLtMatmulDescCreate(&pl.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+  PlanKey KeyOf(const GemmParams& p, DataType y_dtype, int ldx, int ldy,
+                cublasLtEpilogue_t epi) const {
+    return PlanKey{p.m,
+                   p.n,
+                   p.k,
+                   ldx,
+                   ldy,
+                   static_cast<int>(p.dtype),
+                   static_cast<int>(y_dtype),
+                   static_cast<int>(epi),
+                   p.accumulate,
+                   Alignment(p.x),
+                   Alignment(p.w),
+                   Alignment(p.y),
+                   p.bias ? Alignment(p.bias) : 256u};
+  }
+
+  // The descriptors of `p` (no algorithm yet) and up to `max_results` heuristic candidates, best
+  // first, into results[0 .. *returned). On any failure the plan is destroyed and *returned is 0
+  // (a cuBLAS error is also a kDeviceError).
+  KernelStatus Describe(const GemmParams& p, DataType y_dtype, int ldx, int ldy,
+                        cublasLtEpilogue_t epi, int max_results,
+                        cublasLtMatmulHeuristicResult_t* results, int* returned, Plan* pl) {
+    *returned = 0;
+    cublasStatus_t st = cublasLtMatmulDescCreate(&pl->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
     if (st != CUBLAS_STATUS_SUCCESS) return Fail("cublasLtMatmulDescCreate", st);
     const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
-    cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t));
-    cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n));
-    cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
+    cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t));
+    cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n));
+    cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
     if (p.bias) {
       // The bias has the output's type (the default: float32 for float32 logits).
-      cublasLtMatmulDescSetAttribute(pl.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
+      cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
                                      sizeof(p.bias));
     }
-    st = cublasLtMatrixLayoutCreate(&pl.a, CudaType(p.dtype), p.k, p.n, p.k);
+    st = cublasLtMatrixLayoutCreate(&pl->a, CudaType(p.dtype), p.k, p.n, p.k);
     if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatrixLayoutCreate(&pl.b, CudaType(p.dtype), p.k, p.m, ldx);
+      st = cublasLtMatrixLayoutCreate(&pl->b, CudaType(p.dtype), p.k, p.m, ldx);
     if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatrixLayoutCreate(&pl.d, CudaType(y_dtype), p.n, p.m, ldy);
+      st = cublasLtMatrixLayoutCreate(&pl->d, CudaType(y_dtype), p.n, p.m, ldy);
     if (st != CUBLAS_STATUS_SUCCESS) {
-      DestroyPlan(pl);
+      DestroyPlan(*pl);
       return Fail("cublasLtMatrixLayoutCreate", st);
     }
     cublasLtMatmulPreference_t pref = nullptr;
     st = cublasLtMatmulPreferenceCreate(&pref);
     if (st != CUBLAS_STATUS_SUCCESS) {
-      DestroyPlan(pl);
+      DestroyPlan(*pl);
       return Fail("cublasLtMatmulPreferenceCreate", st);
     }
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -159,20 +164,125 @@ struct CudaGemm::Impl {
                                          sizeof(al_d));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d,
                                          sizeof(al_d));
+    int n = 0;
+    st = cublasLtMatmulAlgoGetHeuristic(handle, pl->desc, pl->a, pl->b, pl->d, pl->d, pref,
+                                        max_results, results, &n);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS || n == 0 || results[0].state != CUBLAS_STATUS_SUCCESS) {
+      DestroyPlan(*pl);
+      return KernelStatus::kOk;  // no algorithm: the caller may fall back
+    }
+    *returned = n;
+    return KernelStatus::kOk;
+  }
+
+  // Finds or builds the plan; *plan stays null when no algorithm supports the configuration.
+  KernelStatus GetPlan(const GemmParams& p, DataType y_dtype, int ldx, int ldy,
+                       cublasLtEpilogue_t epi, Plan** plan) {
+    *plan = nullptr;
+    const PlanKey key = KeyOf(p, y_dtype, ldx, ldy, epi);
+    if (auto it = plans.find(key); it != plans.end()) {
+      *plan = &it->second;
+      return KernelStatus::kOk;
+    }
     cublasLtMatmulHeuristicResult_t result = {};
     int returned = 0;
-    st = cublasLtMatmulAlgoGetHeuristic(handle, pl.desc, pl.a, pl.b, pl.d, pl.d, pref, 1, &result,
-                                        &returned);
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (st != CUBLAS_STATUS_SUCCESS || returned == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
-      DestroyPlan(pl);
-      return KernelStatus::kOk;  // no algorithm: the caller may fall back
+    Plan pl;
+    if (KernelStatus s = Describe(p, y_dtype, ldx, ldy, epi, 1, &result, &returned, &pl);
+        s != KernelStatus::kOk || returned == 0) {
+      return s;
     }
     pl.algo = result.algo;
     pl.workspace = result.workspaceSize;
     auto [it, inserted] = plans.emplace(key, pl);
     *plan = &it->second;
     return KernelStatus::kOk;
+  }
+
+  // Runs each of results[0 .. n) `repeats` times back to back on p's operands (after one warm-up
+  // run), writing a scratch output so y is untouched (accumulating steps read y as C), and
+  // appends one entry per candidate that ran (us = mean of one run). Synchronises `stream`;
+  // refuses (kInvalidShape) inside a stream capture.
+  KernelStatus TimeAlgos(const GemmParams& p, DataType y_dtype, int ldy, const Plan& pl,
+                         const cublasLtMatmulHeuristicResult_t* results, int n, int repeats,
+                         cudaStream_t stream, std::vector<GemmCandidateTime>* out) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
+        capture != cudaStreamCaptureStatusNone) {
+      cudaGetLastError();
+      return KernelStatus::kInvalidShape;
+    }
+    const size_t bytes = static_cast<size_t>(p.m) * ldy * DataTypeSize(y_dtype);
+    void* scratch = nullptr;
+    cudaEvent_t start = nullptr, stop = nullptr;
+    if (cudaMalloc(&scratch, bytes) != cudaSuccess || cudaEventCreate(&start) != cudaSuccess ||
+        cudaEventCreate(&stop) != cudaSuccess) {
+      if (scratch) cudaFree(scratch);
+      if (start) cudaEventDestroy(start);
+      cudaGetLastError();
+      return KernelStatus::kDeviceError;
+    }
+    // Scratch starts as a copy of y: accumulating candidates then see the same C values.
+    cudaMemcpyAsync(scratch, p.y, bytes, cudaMemcpyDeviceToDevice, stream);
+    const float alpha = 1.0f;
+    const float beta = p.accumulate ? 1.0f : 0.0f;
+    auto run = [&](int i) {
+      return cublasLtMatmul(handle, pl.desc, &alpha, p.w, pl.a, p.x, pl.b, &beta, scratch, pl.d,
+                            scratch, pl.d, &results[i].algo, workspace, workspace_bytes, stream);
+    };
+    for (int i = 0; i < n; ++i) {
+      if (results[i].state != CUBLAS_STATUS_SUCCESS || results[i].workspaceSize > workspace_bytes ||
+          run(i) != CUBLAS_STATUS_SUCCESS) {
+        continue;
+      }
+      bool ok = cudaEventRecord(start, stream) == cudaSuccess;
+      for (int r = 0; ok && r < repeats; ++r) ok = run(i) == CUBLAS_STATUS_SUCCESS;
+      ok = ok && cudaEventRecord(stop, stream) == cudaSuccess &&
+           cudaEventSynchronize(stop) == cudaSuccess;
+      float ms = 0.0f;
+      if (!ok || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess) continue;
+      GemmCandidateTime t = ConfigOf(results[i]);
+      t.index = i;
+      t.us = 1e3f * ms / static_cast<float>(repeats);
+      out->push_back(t);
+    }
+    cudaStreamSynchronize(stream);
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    cudaFree(scratch);
+    cudaGetLastError();  // a candidate's failure is no step error
+    return KernelStatus::kOk;
+  }
+
+  static GemmCandidateTime ConfigOf(const cublasLtMatmulHeuristicResult_t& r) {
+    GemmCandidateTime t;
+    auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attr, auto* v) {
+      size_t written = 0;
+      cublasLtMatmulAlgoConfigGetAttribute(&r.algo, attr, v, sizeof(*v), &written);
+    };
+    int32_t algo_id = 0;
+    uint32_t tile = 0, stages = 0, reduction = 0, swizzle = 0, custom = 0;
+    uint16_t cluster = 0;
+    int32_t split_k = 0;
+    get(CUBLASLT_ALGO_CONFIG_ID, &algo_id);
+    get(CUBLASLT_ALGO_CONFIG_TILE_ID, &tile);
+    get(CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages);
+    get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split_k);
+    get(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &reduction);
+    get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swizzle);
+    get(CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &custom);
+    get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster);
+    t.algo_id = algo_id;
+    t.tile_id = static_cast<int>(tile);
+    t.stages_id = static_cast<int>(stages);
+    t.split_k = split_k;
+    t.reduction = static_cast<int>(reduction);
+    t.swizzle = static_cast<int>(swizzle);
+    t.custom = static_cast<int>(custom);
+    t.cluster_id = static_cast<int>(cluster);
+    t.workspace = r.workspaceSize;
+    t.waves = r.wavesCount;
+    return t;
   }
 
   KernelStatus Matmul(const GemmParams& p, DataType y_dtype, int ldx, int ldy,
@@ -194,6 +304,16 @@ struct CudaGemm::Impl {
                        p.y, plan->d, &plan->algo, workspace, workspace_bytes, stream);
     if (st != CUBLAS_STATUS_SUCCESS) return Fail("cublasLtMatmul", st);
     return KernelStatus::kOk;
+  }
+
+  // The epilogue Run asks cuBLASLt for first: GELU fused when the probes allow it.
+  bool FusedGelu(const GemmParams& p) const {
+    return p.epilogue == GemmEpilogue::kGeluTanh && gelu_tanh_in_epilogue &&
+           (!p.accumulate || gelu_accumulate_in_epilogue);
+  }
+  cublasLtEpilogue_t EpilogueFor(const GemmParams& p) const {
+    if (FusedGelu(p)) return p.bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+    return p.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
   }
 
   KernelStatus Probe();
@@ -385,12 +505,11 @@ KernelStatus CudaGemm::Run(const GemmParams& p, DataType y_dtype, cudaStream_t s
 
   const bool want_gelu = p.epilogue != GemmEpilogue::kNone;
   // With accumulate the epilogue must act on y + x·wᵀ (probed), else the separate kernel does.
-  const bool fused_gelu = p.epilogue == GemmEpilogue::kGeluTanh && impl_->gelu_tanh_in_epilogue &&
-                          (!p.accumulate || impl_->gelu_accumulate_in_epilogue);
+  const bool fused_gelu = impl_->FusedGelu(p);
   const cublasLtEpilogue_t plain = p.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
   bool no_algo = true;
   if (fused_gelu) {
-    const cublasLtEpilogue_t epi = p.bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+    const cublasLtEpilogue_t epi = impl_->EpilogueFor(p);
     if (KernelStatus s = impl_->Matmul(p, y_dtype, ldx, ldy, epi, &no_algo, stream);
         s != KernelStatus::kOk) {
       return s;
@@ -427,5 +546,35 @@ double CudaGemm::probe_err_tanh() const { return impl_->probe_err_tanh; }
 double CudaGemm::probe_err_erf() const { return impl_->probe_err_erf; }
 const std::string& CudaGemm::last_error() const { return impl_->last_error; }
 size_t CudaGemm::num_cached_plans() const { return impl_->plans.size(); }
+
+KernelStatus CudaGemm::TimeCandidates(const GemmParams& p, DataType y_dtype, int max_candidates,
+                                      int repeats, cudaStream_t stream,
+                                      std::vector<GemmCandidateTime>* out) {
+  out->clear();
+  if (p.dtype != DataType::kF16 && p.dtype != DataType::kBF16)
+    return KernelStatus::kUnsupportedDtype;
+  if (y_dtype != p.dtype && y_dtype != DataType::kF32) return KernelStatus::kUnsupportedDtype;
+  if (p.m <= 0 || p.n <= 0 || p.k <= 0 || max_candidates <= 0 || repeats <= 0) {
+    return KernelStatus::kInvalidShape;
+  }
+  const int ldx = p.ldx == 0 ? p.k : p.ldx;
+  const int ldy = p.ldy == 0 ? p.n : p.ldy;
+  if (ldx < p.k || ldy < p.n) return KernelStatus::kInvalidShape;
+  if (!p.x || !p.w || !p.y) return KernelStatus::kNullPointer;
+  const cublasLtEpilogue_t epi = impl_->EpilogueFor(p);
+  cublasLtMatmulHeuristicResult_t results[kMaxCandidates] = {};
+  int returned = 0;
+  Plan pl;
+  if (KernelStatus s =
+          impl_->Describe(p, y_dtype, ldx, ldy, epi, std::min(max_candidates, kMaxCandidates),
+                          results, &returned, &pl);
+      s != KernelStatus::kOk || returned == 0) {
+    return s;
+  }
+  const KernelStatus s =
+      impl_->TimeAlgos(p, y_dtype, ldy, pl, results, returned, repeats, stream, out);
+  DestroyPlan(pl);
+  return s;
+}
 
 }  // namespace phishard

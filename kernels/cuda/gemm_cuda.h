@@ -11,11 +11,23 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels/device.h"
 #include "kernels/gemm.h"
 
 namespace phishard {
+
+// One heuristic candidate timed by CudaGemm::TimeCandidates: its rank in the heuristic's list, its
+// mean time, and its cuBLASLt configuration (CUBLASLT_ALGO_CONFIG_* values, for logs).
+struct GemmCandidateTime {
+  int index = 0;
+  float us = 0.0f;
+  int algo_id = 0, tile_id = 0, stages_id = 0, split_k = 0, reduction = 0, swizzle = 0, custom = 0,
+      cluster_id = 0;
+  size_t workspace = 0;
+  float waves = 0.0f;
+};
 
 class CudaGemm {
  public:
@@ -44,6 +56,15 @@ class CudaGemm {
   // Human-readable reason for the last kDeviceError / kUnsupportedDtype (cuBLAS status text).
   const std::string& last_error() const;
   size_t num_cached_plans() const;
+
+  // Times the heuristic's first `max_candidates` (<= 32) algorithms for p as Run would launch it
+  // (same epilogue; a separate GELU kernel is not timed), `repeats` back-to-back runs each after
+  // a warm-up, writing a scratch copy of y (y is untouched). Synchronises `stream` and allocates:
+  // for benchmarks (phishard_kernel_bench gemm-candidates), never inside a capture
+  // (kInvalidShape there).
+  KernelStatus TimeCandidates(const GemmParams& p, DataType y_dtype, int max_candidates,
+                              int repeats, cudaStream_t stream,
+                              std::vector<GemmCandidateTime>* out);
 
  private:
   struct Impl;
