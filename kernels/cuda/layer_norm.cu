@@ -84,6 +84,73 @@ __global__ void __launch_bounds__(kVecMaxThreads)
   }
 }
 
+// Prefill sizes (>= kWarpRowMinRows rows): one warp per row, kWarpRowsPerBlock rows a block, lane l
+// owning packs l, l + 32, ... (up to kPer) of x in registers; mean and centred variance are warp
+// sums (shuffles, no barrier), and weight/bias are read only for the output (they stay in L1/L2
+// across the rows). The block-per-row kernel above moves 10 KB a block between two block-wide
+// reductions and reached 0.5 of the copy bandwidth at 2048 x 2560 (10.4 us).
+// pre2 run 1 (docs/perf-log.md), Phi-2 bf16 rows of 2560: 2048 rows 6.81 us against the vector
+// kernel's 9.03; 256 rows 5.48 against 4.27, 64 rows 5.27 against 5.08. Not measured in between.
+constexpr int kWarpRowMinRows = 1024;
+constexpr int kWarpRowsPerBlock = 4;
+
+template <typename T, int kPer>
+__global__ void __launch_bounds__(32 * kWarpRowsPerBlock)
+    LayerNormWarpKernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, T* y,
+                        int rows, int cols, float eps) {
+  using P = Pack16<T>;
+  constexpr int N = P::kN;
+  const int row = blockIdx.x * kWarpRowsPerBlock + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps: the shuffles below see full warps only
+  const int lane = threadIdx.x & 31;
+  const int packs = cols / N;
+  const P* xr = reinterpret_cast<const P*>(x + static_cast<size_t>(row) * cols);
+  P* yr = reinterpret_cast<P*>(y + static_cast<size_t>(row) * cols);
+  P xv[kPer];
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    if (lane + 32 * c < packs) xv[c] = xr[lane + 32 * c];
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    if (lane + 32 * c < packs) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) sum += cuda::ToFloat(xv[c].v[e]);
+    }
+  }
+  const float mean = cuda::WarpSum(sum) / cols;
+  float sq = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    if (lane + 32 * c < packs) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const float d = cuda::ToFloat(xv[c].v[e]) - mean;
+        sq += d * d;
+      }
+    }
+  }
+  const float rstd = rsqrtf(cuda::WarpSum(sq) / cols + eps);
+  // A lane writes only the packs it read itself, so y == x (in place) is safe.
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    const int i = lane + 32 * c;
+    if (i < packs) {
+      const P wv = reinterpret_cast<const P*>(w)[i];
+      const P bv = reinterpret_cast<const P*>(b)[i];
+      P o;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        o.v[e] =
+            cuda::FromFloat<T>((cuda::ToFloat(xv[c].v[e]) - mean) * rstd * cuda::ToFloat(wv.v[e]) +
+                               cuda::ToFloat(bv.v[e]));
+      }
+      yr[i] = o;
+    }
+  }
+}
+
 // Fallback (rows not in 16-byte packs, or too long for the vector kernel's registers): one block
 // per row. Each thread keeps its strided elements of the row in registers when the row
 // fits (cols <= kThreads * kCache), so x is read from memory once; longer rows re-read x.
@@ -147,6 +214,25 @@ KernelStatus LayerNormCuda(const LayerNormParams& p, cudaStream_t stream) {
     const int packs = p.cols / N;
     const bool vec = p.cols % N == 0 && Aligned16(p.x) && Aligned16(p.y) && Aligned16(p.weight) &&
                      Aligned16(p.bias) && packs <= kVecMaxThreads * kVecMaxPer;
+    if (vec && p.rows >= kWarpRowMinRows && packs <= 32 * 16) {
+      const T* x = static_cast<const T*>(p.x);
+      const T* w = static_cast<const T*>(p.weight);
+      const T* b = static_cast<const T*>(p.bias);
+      T* y = static_cast<T*>(p.y);
+      const int blocks = cuda::CeilDiv(p.rows, kWarpRowsPerBlock);
+      const int threads = 32 * kWarpRowsPerBlock;
+      if (packs <= 32 * 8) {  // Phi-1.5 bf16: 2048 / 8 = 256 packs
+        LayerNormWarpKernel<T, 8>
+            <<<blocks, threads, 0, stream>>>(x, w, b, y, p.rows, p.cols, p.eps);
+      } else if (packs <= 32 * 10) {  // Phi-2 bf16: 2560 / 8 = 320 packs
+        LayerNormWarpKernel<T, 10>
+            <<<blocks, threads, 0, stream>>>(x, w, b, y, p.rows, p.cols, p.eps);
+      } else {
+        LayerNormWarpKernel<T, 16>
+            <<<blocks, threads, 0, stream>>>(x, w, b, y, p.rows, p.cols, p.eps);
+      }
+      return cuda::LaunchStatus();
+    }
     if (vec) {
       // The fewest packs per thread that fit in kVecMaxThreads threads (Phi-2 bf16, 320 packs: one
       // per thread), the most loads in flight for a decode step's handful of rows. Measured
