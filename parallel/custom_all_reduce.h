@@ -74,6 +74,9 @@ class CustomAllReduce {
 
   // Enqueues the all-reduce of `data` ([count] device, dtype; summed in place) on `stream`, which
   // may be capturing a graph. INTERNAL on a launch error (the kernel's KernelStatus named).
+  // Calls must run one after another on the device (one stream, or streams joined by events, as
+  // the model's step and its overlapped prefill do): two at once would share the per-block call
+  // counters and pair up wrongly with the peer's.
   absl::Status Enqueue(void* data, size_t count, DataType dtype, cudaStream_t stream);
 
   // The kernels' error word, read once the stream that ran them is idle: OK, or
