@@ -43,7 +43,7 @@ step_summary_header
 
 for t in cuda_ops_test cuda_attention_test cuda_gemv_test cuda_graph_test cuda_model_test \
   cuda_greedy_pick_test cuda_sgmv_test cuda_lora_gemm_test cuda_lora_model_test \
-  nccl_communicator_test cuda_tp_model_test; do
+  nccl_communicator_test custom_all_reduce_test cuda_tp_model_test; do
   step "$t" 90 gpu_tests.log $B/$t
 done
 export PHISHARD_TEST_DEVICE=cuda
