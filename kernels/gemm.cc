@@ -19,10 +19,23 @@ float GeluErf(float x) {
 
 KernelStatus GemmCpu(const GemmParams& p) {
   if (p.dtype != DataType::kF32) return KernelStatus::kUnsupportedDtype;
+  if (p.batch < 1 || (p.batch > 1 && p.bias != nullptr)) return KernelStatus::kInvalidShape;
+  if (p.batch > 1) {
+    for (int i = 0; i < p.batch; ++i) {
+      GemmParams q = p;
+      q.batch = 1;
+      q.x = static_cast<const float*>(p.x) + i * p.batch_stride_x;
+      q.w = static_cast<const float*>(p.w) + i * p.batch_stride_w;
+      q.y = static_cast<float*>(p.y) + i * p.batch_stride_y;
+      if (KernelStatus st = GemmCpu(q); st != KernelStatus::kOk) return st;
+    }
+    return KernelStatus::kOk;
+  }
   if (p.m < 0 || p.n <= 0 || p.k <= 0) return KernelStatus::kInvalidShape;
   const int ldx = p.ldx == 0 ? p.k : p.ldx;
   const int ldy = p.ldy == 0 ? p.n : p.ldy;
-  if (ldx < p.k || ldy < p.n) return KernelStatus::kInvalidShape;
+  const int ldw = p.ldw == 0 ? p.k : p.ldw;
+  if (ldx < p.k || ldy < p.n || ldw < p.k) return KernelStatus::kInvalidShape;
   if (p.m == 0) return KernelStatus::kOk;
   if (!p.x || !p.w || !p.y) return KernelStatus::kNullPointer;
 
@@ -44,7 +57,7 @@ KernelStatus GemmCpu(const GemmParams& p) {
     }
   }
   const float beta = (bias != nullptr || p.accumulate) ? 1.0f : 0.0f;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, p.m, p.n, p.k, 1.0f, x, ldx, w, p.k, beta, y,
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, p.m, p.n, p.k, 1.0f, x, ldx, w, ldw, beta, y,
               ldy);
 
   if (p.epilogue != GemmEpilogue::kNone) {

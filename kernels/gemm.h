@@ -1,9 +1,11 @@
 // Linear layer GEMM with an optional fused epilogue:
 //   y[M, N] = act(x[M, K] · w[N, K]^T + bias[N])            (accumulate = false)
 //   y[M, N] = act(y[M, N] + x[M, K] · w[N, K]^T + bias[N])  (accumulate = true)
-// `w` is in the Hugging Face nn.Linear layout [out, in]. Leading dimensions allow reading x from,
-// and writing y into, a column window of a wider row-major buffer.
+// `w` is in the Hugging Face nn.Linear layout [out, in]. Leading dimensions allow reading x and w
+// from, and writing y into, a column window of a wider row-major buffer.
 #pragma once
+
+#include <cstdint>
 
 #include "kernels/dtype.h"
 #include "kernels/kernel_status.h"
@@ -18,7 +20,7 @@ enum class GemmEpilogue {
 
 struct GemmParams {
   const void* x = nullptr;     // [m, k] row-major, row stride ldx (>= k; 0 means k), dtype
-  const void* w = nullptr;     // [n, k] row-major (dense), dtype
+  const void* w = nullptr;     // [n, k] row-major, row stride ldw (>= k; 0 means k), dtype
   const void* bias = nullptr;  // [n] dtype, or null for no bias
   void* y = nullptr;           // [m, n] row-major, row stride ldy (>= n; 0 means n), dtype
   int m = 0;
@@ -26,9 +28,16 @@ struct GemmParams {
   int k = 0;
   int ldx = 0;
   int ldy = 0;
+  int ldw = 0;  // a column window of a wider w (e.g. one adapter's columns of a concatenated B)
   bool accumulate = false;  // y += ... instead of y = ...
   GemmEpilogue epilogue = GemmEpilogue::kNone;
   DataType dtype = DataType::kF32;
+  // Strided batch: `batch` independent products, item i reading x + i batch_stride_x and
+  // w + i batch_stride_w and writing y + i batch_stride_y (elements; no bias when batch > 1).
+  int batch = 1;
+  int64_t batch_stride_x = 0;
+  int64_t batch_stride_w = 0;
+  int64_t batch_stride_y = 0;
 };
 
 // Host memory, kF32 only, through OpenBLAS cblas_sgemm. y must not overlap x or w.

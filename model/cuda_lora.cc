@@ -39,6 +39,15 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SPLIT_T"); v != nullptr && *v != 0) {
     gemm_split_t_ = *v != '0';
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_MAX_SEGMENTS"); v != nullptr && *v != 0) {
+    gemm_max_segments_ = std::max(0, std::atoi(v));
+  }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SEGMENT_ROWS"); v != nullptr && *v != 0) {
+    gemm_segment_rows_ = std::max(0, std::atoi(v));
+  }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SEGMENT_SHRINK"); v != nullptr && *v != 0) {
+    gemm_segment_shrink_ = *v != '0';
+  }
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SGMV_SHRINK"); v != nullptr && *v != 0) {
     gemm_sgmv_shrink_ = *v != '0';
   }

@@ -41,7 +41,9 @@
 // gathered into concatenated A / B matrices, the shrinks are cuBLASLt GEMMs into a float32 t, a
 // mask keeps each row's own adapter window (scaled, split into bf16 hi + lo parts), and the
 // expands are cuBLASLt GEMMs with beta = 1 (fc1's with the GELU epilogue, so it needs no separate
-// activation pass). The lm_head delta stays on the SGMV kernels (few logit rows).
+// activation pass): over all rows against the concatenated B, or, in steps of few long segments,
+// one GEMM per segment (a strided-batched one per run of equal segments) against its adapter's
+// columns only (gemm_max_segments_). The lm_head delta stays on the SGMV kernels (few logit rows).
 // Decode steps launch every module that any adapter loaded so far adapts, whatever the batch's
 // adapters adapt, so eager and graph steps run the same launches and one graph serves every mix
 // (a newly loaded adapter that adapts a module none did before makes the graphs stale); other
@@ -197,6 +199,12 @@ class CudaLora {
                                  cudaStream_t stream);
   KernelStatus Gemm(const GemmParams& p, DataType y_dtype, cudaStream_t stream);
   KernelStatus GemmMask(int layer, int first_block, int num_blocks, cudaStream_t stream);
+  // One LoraSegmentExpandCuda over the step's segments (segmented steps).
+  KernelStatus GemmSegmentExpand(int t_block, int parts, const void* b, int ldb, void* y, int ldy,
+                                 int n, GemmEpilogue act, cudaStream_t stream);
+  // One LoraSegmentShrinkCuda into t (float32, row stride 6 W) at column t_col.
+  KernelStatus GemmSegmentShrink(const void* x, int ldx, int k, const void* a, int blocks,
+                                 int t_col, cudaStream_t stream);
   void FreeGemm();
   // Decode steps launch every module some loaded adapter has adapted (so one graph serves every
   // mix of them), other steps the modules this step's adapters adapt.
@@ -251,18 +259,48 @@ class CudaLora {
   // T dtype [rows, 6 w R] (module blocks q, k, v, fc1, dense, fc2 of w R columns: hi then lo),
   // A_qkvf [4 R, H], A_dense [R, A], A_fc2 [R, I], B_q [nq, w R], B_k / B_v [nkv, w R], B_fc1
   // [I, w R], B_res [H, 2 w R] (dense then fc2 blocks; each block B, or B | B against hi | lo).
+  // Segmented steps use T [rows, 6 w W] compact and B with each adapter's parts side by side
+  // (see gemm_segmented_).
   // The step's adapters and the row map (int32 [rows], index into them or -1) are uploaded per
   // step.
   int gemm_min_rows_ = 128;
   bool gemm_fused_gelu_ = true;  // PHISHARD_LORA_GEMM_FUSED_GELU=0: separate activation kernel
   // T as hi + lo (LoraMaskParams::split): the expands then carry t x scale to ~2^-16 instead of
   // bf16's 2^-9, which the peft goldens need (one case at 0.019 norm-rel without it, bound
-  // 0.015); costs ~1 ms of the 8x512 prefill. PHISHARD_LORA_GEMM_SPLIT_T=0 turns it off.
+  // 0.015); costs ~1 ms of the 8x512 prefill. PHISHARD_LORA_GEMM_SPLIT_T=0 turns it off. Only
+  // fc1's expand (GELU epilogue) adds the full-precision product to y: cuBLASLt's default
+  // epilogue rounds the product to bf16 before adding it (measured; kernels/cuda/gemm_cuda.h),
+  // so q / k / v / the residual get the delta to 2^-8 relative, not y's one rounding.
   bool gemm_split_t_ = true;
   // PHISHARD_LORA_GEMM_SGMV_SHRINK=1: the shrinks on the SGMV kernels (16-row tiles, each row's
   // own adapter only) into the t buffer, the mask reading that layout (measured ~1.5 ms slower on
   // the 8x512 prefill than the cuBLASLt shrinks; kept as a measured alternative).
   bool gemm_sgmv_shrink_ = false;
+  // Segmented expands (LoraSegmentExpandCuda): steps of at most gemm_max_segments_ adapter
+  // segments, each at least ~one GEMM tile of rows on average, expand each segment by its own
+  // GEMMs against its adapter's columns (T compact, [rows, 6 w W] with W the widest adapter:
+  // blocks q, k, v, fc1 of w W columns, then dense | fc2 side by side per adapter) instead of
+  // the concatenated T · B_catᵀ, whose tensor work is R / width_a times a row's own. Other steps
+  // keep the concatenated form (5 GEMMs a layer however many segments).
+  // PHISHARD_LORA_GEMM_MAX_SEGMENTS (default 16; 0: always concatenated): 16 unequal segments
+  // are up to 128 GEMM launches a layer (5 expands + 3 shrinks each; ~16 ms of host enqueue a
+  // Phi-2 step at ~4 us each), about the GPU time of such a step at the minimum rows below; more
+  // segments would leave the GPU waiting on the host (equal consecutive segments are one launch). PHISHARD_LORA_GEMM_SEGMENT_ROWS (default 64): fewest adapter rows per segment
+  // on average; a cuBLASLt tile is 64-256 rows, so shorter segments pay a mostly empty tile each
+  // where the concatenated form pays R / width_a.
+  int gemm_max_segments_ = 16;
+  int gemm_segment_rows_ = 64;
+  bool gemm_segmented_ = false;
+  // Segmented steps also shrink per segment (LoraSegmentShrinkCuda: A_qkvf gathered with each
+  // adapter's q, k, v, fc1 blocks side by side, t [rows, 6 W] float32 with a row's own blocks at
+  // b width_a (q, k, v, fc1), 4 W (dense) and 5 W (fc2)) instead of every adapter's shrink for
+  // every row (the concatenated shrinks' n = 4 R, R, R). PHISHARD_LORA_GEMM_SEGMENT_SHRINK=0
+  // keeps the concatenated shrinks in segmented steps. Not with the SGMV shrinks.
+  bool gemm_segment_shrink_ = true;
+  bool gemm_shrink_segmented_ = false;       // this step: gemm_segmented_ && the above
+  int gemm_ldt_ = 0;                         // T's row stride (columns) in this step
+  std::vector<LoraSegment> gemm_segments_;   // the step's adapter segments (segmented steps)
+  std::vector<LoraSegment> gemm_base_runs_;  // its runs of base rows (row, rows)
   std::unique_ptr<CudaGemm> gemm_;
   bool gemm_failed_ = false;  // cuBLASLt could not be set up: SGMV only
   void* gemm_ws_ = nullptr;

@@ -1,7 +1,8 @@
 // The GEMM form of CudaLora for long steps (model/cuda_lora.h, kernels/cuda/lora_gemm_cuda.h):
 // per layer, gather the step's adapters into concatenated A / B matrices, cuBLASLt shrinks into
 // a float32 t, mask to each row's own adapter window (scale applied, rounded to the storage
-// type), cuBLASLt expands with beta = 1 into the base outputs.
+// type), cuBLASLt expands with beta = 1 into the base outputs: one GEMM over every row against
+// the concatenated B, or (segmented steps) one GEMM per segment against its adapter's columns.
 #ifdef PHISHARD_HAVE_CUDA
 
 #include <algorithm>
@@ -94,6 +95,7 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
       gemm_failed_ = true;
       return absl::OkStatus();
     }
+    gemm_->RequireFloat32SplitK();  // the expands' hi + lo (kernels/cuda/gemm_cuda.h)
   }
   if (gemm_ws_ == nullptr) {
     if (int err = DeviceMalloc(&gemm_ws_, kLoraGemmWorkspaceBytes); err != 0) {
@@ -128,12 +130,31 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
   auto* ad_host = static_cast<LoraStepAdapter*>(gemm_map_host_);
   auto* rows_host = reinterpret_cast<int32_t*>(ad_host + kMaxGemmAdapters);
   std::copy(ads.begin(), ads.end(), ad_host);
-  int row = 0;
+  int row = 0, adapter_rows = 0;
+  gemm_segments_.clear();
+  gemm_base_runs_.clear();
+  int last = -2;  // adapter index of the previous sequence with rows
   for (int i = 0; i < S; ++i) {
     const int a = seq_slot_[i] < 0 ? -1 : index_of[seq_slot_[i]];
-    std::fill_n(rows_host + row, batch.seqs[i].num_new_tokens, a);
-    row += batch.seqs[i].num_new_tokens;
+    const int n = batch.seqs[i].num_new_tokens;
+    std::fill_n(rows_host + row, n, a);
+    if (n > 0) {
+      std::vector<LoraSegment>& runs = a < 0 ? gemm_base_runs_ : gemm_segments_;
+      if (a == last) {
+        runs.back().rows += n;
+      } else {
+        runs.push_back({row, n, a < 0 ? 0 : ads[a].col, a < 0 ? 0 : ads[a].width});
+      }
+      last = a;
+      if (a >= 0) adapter_rows += n;
+    }
+    row += n;
   }
+  const int num_segments = static_cast<int>(gemm_segments_.size());
+  gemm_segmented_ =
+      num_segments <= gemm_max_segments_ && adapter_rows >= gemm_segment_rows_ * num_segments;
+  gemm_ldt_ = 6 * tw * (gemm_segmented_ ? max_width : R);
+  gemm_shrink_segmented_ = gemm_segmented_ && gemm_segment_shrink_ && !gemm_sgmv_shrink_;
   if (int err = DeviceCopyToDevice(gemm_map_dev_, gemm_map_host_, map_bytes, stream); err != 0) {
     DeviceGetLastError();
     return absl::InternalError(absl::StrFormat("CUDA LoRA row map upload failed on device %d: %s",
@@ -166,8 +187,56 @@ KernelStatus CudaLora::Gemm(const GemmParams& p, DataType y_dtype, cudaStream_t 
   return st;
 }
 
-// T blocks [first, first + n) from t (the GEMM shrinks' concatenated layout, or the SGMV
-// shrinks' per-module one).
+KernelStatus CudaLora::GemmSegmentExpand(int t_col, int parts, const void* b, int ldb, void* y,
+                                         int ldy, int n, GemmEpilogue act, cudaStream_t stream) {
+  const KernelStatus st =
+      LoraSegmentExpandCuda(*gemm_,
+                            {.t = gb_.tm,
+                             .ldt = gemm_ldt_,
+                             .t_col = t_col,
+                             .b = b,
+                             .ldb = ldb,
+                             .y = y,
+                             .ldy = ldy,
+                             .n = n,
+                             .parts = parts,
+                             .segments = gemm_segments_.data(),
+                             .num_segments = static_cast<int>(gemm_segments_.size()),
+                             .act = act,
+                             .dtype = dtype_},
+                            stream);
+  if (st != KernelStatus::kOk) {
+    PHI_LOG(ERROR) << "LoRA segment expand [n " << n << ", parts " << parts
+                   << "] failed: " << gemm_->last_error();
+  }
+  return st;
+}
+
+KernelStatus CudaLora::GemmSegmentShrink(const void* x, int ldx, int k, const void* a, int blocks,
+                                         int t_col, cudaStream_t stream) {
+  const KernelStatus st =
+      LoraSegmentShrinkCuda(*gemm_,
+                            {.x = x,
+                             .ldx = ldx,
+                             .k = k,
+                             .a = a,
+                             .blocks = blocks,
+                             .t = gb_.t,
+                             .ldt = 6 * gemm_max_width_,
+                             .t_col = t_col,
+                             .segments = gemm_segments_.data(),
+                             .num_segments = static_cast<int>(gemm_segments_.size()),
+                             .dtype = dtype_},
+                            stream);
+  if (st != KernelStatus::kOk) {
+    PHI_LOG(ERROR) << "LoRA segment shrink [k " << k << ", blocks " << blocks
+                   << "] failed: " << gemm_->last_error();
+  }
+  return st;
+}
+
+// T blocks [first, first + n) from t (the GEMM shrinks' concatenated layout, the segmented
+// shrinks' compact one, or the SGMV shrinks' per-module one).
 KernelStatus CudaLora::GemmMask(int layer, int first_block, int num_blocks, cudaStream_t stream) {
   const int R = gemm_r_, tw = gemm_split_t_ ? 2 : 1;
   const auto* ads = static_cast<const LoraStepAdapter*>(gemm_map_dev_);
@@ -177,8 +246,28 @@ KernelStatus CudaLora::GemmMask(int layer, int first_block, int num_blocks, cuda
   mp.t_per_module = gemm_sgmv_shrink_;
   for (int b = 0; b < 6; ++b) mp.t_block_col[b] = kBlockTarget[b] * rank_cap_;
   mp.out = gb_.tm;
-  mp.ldo = 6 * tw * R;
+  mp.ldo = gemm_ldt_;
   mp.split = gemm_split_t_;
+  if (gemm_shrink_segmented_) {
+    // A row's own q, k, v, fc1 blocks at b width_a, dense at 4 W, fc2 at 5 W (GemmSegmentShrink).
+    const int W = gemm_max_width_;
+    mp.ldt = 6 * W;
+    mp.t_per_module = true;
+    for (int b = 0; b < 6; ++b) {
+      mp.t_block_col[b] = b < 4 ? 0 : b * W;
+      mp.t_block_slot[b] = b < 4 ? b : 0;
+    }
+  }
+  if (gemm_segmented_) {
+    // Blocks q, k, v, fc1 of tw W columns, then dense and fc2 side by side per adapter.
+    const int W = gemm_max_width_;
+    mp.compact = true;
+    mp.compact_width = W;
+    for (int b = 0; b < 6; ++b) {
+      mp.out_block_col[b] = std::min(b, 4) * tw * W;
+      mp.out_block_slot[b] = b == 5 ? 1 : 0;
+    }
+  }
   mp.row_adapter = reinterpret_cast<const int32_t*>(ads + kMaxGemmAdapters);
   mp.adapters = ads;
   mp.num_adapters = gemm_adapters_;
@@ -207,18 +296,32 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
   // Every matrix of the layer (zeros where an adapter lacks a module), so that the GEMMs below
   // never read stale values: T's other columns are exact zeros, but 0 x NaN would not be.
   LoraGatherParams gp;
-  auto job = [&](void* dst, bool is_b, int target, int dim, int ld, int base) {
-    gp.jobs[gp.num_jobs++] = {dst, is_b, Entry(layer, target), dim, ld, base};
+  auto job = [&](void* dst, bool is_b, int target, int dim, int ld, int base, int col_mul = 1,
+                 int width_slot = 0) {
+    gp.jobs[gp.num_jobs++] = {dst, is_b, Entry(layer, target), dim, ld, base, col_mul, width_slot};
   };
-  job(gb_.a_qkvf, false, kQ, H, 0, 0);
-  job(gb_.a_qkvf, false, kK, H, 0, R);
-  job(gb_.a_qkvf, false, kV, H, 0, 2 * R);
-  job(gb_.a_qkvf, false, kFc1, H, 0, 3 * R);
+  // A_qkvf: blocks q, k, v, fc1 of R rows, or (segmented shrinks) adapter a's four blocks side
+  // by side at rows 4 col_a (one GEMM of n = 4 width_a a segment).
+  const bool seg_a = gemm_shrink_segmented_;
+  job(gb_.a_qkvf, false, kQ, H, 0, 0, seg_a ? 4 : 1, 0);
+  job(gb_.a_qkvf, false, kK, H, 0, seg_a ? 0 : R, seg_a ? 4 : 1, seg_a ? 1 : 0);
+  job(gb_.a_qkvf, false, kV, H, 0, seg_a ? 0 : 2 * R, seg_a ? 4 : 1, seg_a ? 2 : 0);
+  job(gb_.a_qkvf, false, kFc1, H, 0, seg_a ? 0 : 3 * R, seg_a ? 4 : 1, seg_a ? 3 : 0);
   job(gb_.a_dense, false, kDense, A, 0, 0);
   job(gb_.a_fc2, false, kFc2, I, 0, 0);
   // B blocks match T's: [B] per module, or [B | B] against [T_hi | T_lo] when T is split.
   const int tw = gemm_split_t_ ? 2 : 1;
-  for (int h = 0; h < tw; ++h) {
+  // Segmented steps: adapter a's parts side by side at tw col_a ([B | B] per adapter; the
+  // residual's [B_dense | B_dense | B_fc2 | B_fc2] at 2 tw col_a), matching the compact T.
+  for (int h = 0; h < tw && gemm_segmented_; ++h) {
+    job(gb_.b_q, true, kQ, nq, tw * R, 0, tw, h);
+    job(gb_.b_k, true, kK, nkv, tw * R, 0, tw, h);
+    job(gb_.b_v, true, kV, nkv, tw * R, 0, tw, h);
+    job(gb_.b_fc1, true, kFc1, I, tw * R, 0, tw, h);
+    job(gb_.b_res, true, kDense, H, 2 * tw * R, 0, 2 * tw, h);
+    job(gb_.b_res, true, kFc2, H, 2 * tw * R, 0, 2 * tw, tw + h);
+  }
+  for (int h = 0; h < tw && !gemm_segmented_; ++h) {
     job(gb_.b_q, true, kQ, nq, tw * R, h * R);
     job(gb_.b_k, true, kK, nkv, tw * R, h * R);
     job(gb_.b_v, true, kV, nkv, tw * R, h * R);
@@ -243,6 +346,8 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
   if (gemm_sgmv_shrink_) {
     // Each row's own adapter, into t_dev_ (cuda_lora.h), as the SGMV steps do.
     st = SgmvGroupedShrinkCuda(QkvShrink(layer, normed), stream);
+  } else if (gemm_shrink_segmented_) {
+    st = GemmSegmentShrink(normed, H, H, gb_.a_qkvf, 4, 0, stream);
   } else {
     st = Gemm({.x = normed,
                .w = gb_.a_qkvf,
@@ -263,6 +368,13 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
   void* bs[3] = {gb_.b_q, gb_.b_k, gb_.b_v};
   for (int t : {kQ, kK, kV}) {
     if (!Launch(Entry(layer, t))) continue;
+    if (gemm_segmented_) {
+      st = GemmSegmentExpand(t * tw * gemm_max_width_, tw, bs[t], tw * R,
+                             static_cast<char*>(qkv) + static_cast<size_t>(offsets[t]) * 2, width,
+                             outs[t], GemmEpilogue::kNone, stream);
+      if (st != KernelStatus::kOk) return st;
+      continue;
+    }
     st = Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(t) * tw * R * 2,
                .w = bs[t],
                .y = static_cast<char*>(qkv) + static_cast<size_t>(offsets[t]) * 2,
@@ -287,6 +399,26 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
 KernelStatus CudaLora::GemmAfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream) {
   (void)layer;
   const int R = gemm_r_, I = config_.intermediate_size, tw = gemm_split_t_ ? 2 : 1;
+  if (gemm_segmented_) {
+    // The segments' rows with the activation (when fused), then the base rows' activation.
+    KernelStatus st = GemmSegmentExpand(3 * tw * gemm_max_width_, tw, gb_.b_fc1, tw * R, mlp, I, I,
+                                        gemm_fused_gelu_ ? act : GemmEpilogue::kNone, stream);
+    if (st != KernelStatus::kOk) return st;
+    if (!gemm_fused_gelu_) {
+      return GeluInPlaceCuda({.y = mlp, .rows = rows_, .cols = I, .act = act, .dtype = dtype_},
+                             stream);
+    }
+    for (const LoraSegment& run : gemm_base_runs_) {
+      st = GeluInPlaceCuda({.y = static_cast<char*>(mlp) + static_cast<size_t>(run.row) * I * 2,
+                            .rows = run.rows,
+                            .cols = I,
+                            .act = act,
+                            .dtype = dtype_},
+                           stream);
+      if (st != KernelStatus::kOk) return st;
+    }
+    return KernelStatus::kOk;
+  }
   const KernelStatus st =
       Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(3) * tw * R * 2,
             .w = gb_.b_fc1,
@@ -317,7 +449,18 @@ KernelStatus CudaLora::GemmAfterResidual(int layer, const void* attn, const void
     st = SgmvGroupedShrinkCuda(ResidualShrink(layer, attn, mlp), stream);  // as QkvShrink's
     if (st != KernelStatus::kOk) return st;
   }
-  if (dense && !gemm_sgmv_shrink_) {
+  if (gemm_shrink_segmented_) {
+    const int W = gemm_max_width_;
+    if (dense &&
+        (st = GemmSegmentShrink(attn, A, A, gb_.a_dense, 1, 4 * W, stream)) != KernelStatus::kOk) {
+      return st;
+    }
+    if (fc2 &&
+        (st = GemmSegmentShrink(mlp, I, I, gb_.a_fc2, 1, 5 * W, stream)) != KernelStatus::kOk) {
+      return st;
+    }
+  }
+  if (dense && !gemm_sgmv_shrink_ && !gemm_shrink_segmented_) {
     st = Gemm({.x = attn,
                .w = gb_.a_dense,
                .y = gb_.t + static_cast<size_t>(4) * R,
@@ -330,7 +473,7 @@ KernelStatus CudaLora::GemmAfterResidual(int layer, const void* attn, const void
               DataType::kF32, stream);
     if (st != KernelStatus::kOk) return st;
   }
-  if (fc2 && !gemm_sgmv_shrink_) {
+  if (fc2 && !gemm_sgmv_shrink_ && !gemm_shrink_segmented_) {
     st = Gemm({.x = mlp,
                .w = gb_.a_fc2,
                .y = gb_.t + static_cast<size_t>(5) * R,
@@ -344,6 +487,10 @@ KernelStatus CudaLora::GemmAfterResidual(int layer, const void* attn, const void
     if (st != KernelStatus::kOk) return st;
   }
   if ((st = GemmMask(layer, 4, 2, stream)) != KernelStatus::kOk) return st;
+  if (gemm_segmented_) {
+    return GemmSegmentExpand(4 * tw * gemm_max_width_, 2 * tw, gb_.b_res, 2 * tw * R, h, H, H,
+                             GemmEpilogue::kNone, stream);
+  }
   return Gemm({.x = static_cast<const char*>(gb_.tm) + static_cast<size_t>(4) * tw * R * 2,
                .w = gb_.b_res,
                .y = h,

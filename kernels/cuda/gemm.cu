@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
+#include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -57,17 +60,19 @@ uint32_t Alignment(const void* p) {
 constexpr int kMaxCandidates = 32;  // heuristic candidates asked for at most
 
 // Everything the algorithm choice depends on.
-using PlanKey = std::tuple<int, int, int, int, int, int, int, int, bool, uint32_t, uint32_t,
-                           uint32_t, uint32_t>;
-// (m, n, k, ldx, ldy, dtype, y_dtype, cublas epilogue, accumulate, align x, w, y, bias)
+using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, bool, uint32_t, uint32_t,
+                           uint32_t, uint32_t, int, int64_t, int64_t, int64_t>;
+// (m, n, k, ldx, ldy, ldw, dtype, y_dtype, cublas epilogue, accumulate, align x, w, y, bias,
+//  batch, batch strides x, w, y)
 
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr;  // w viewed column-major [k, n], ld k, op T
+  cublasLtMatrixLayout_t a = nullptr;  // w viewed column-major [k, n], ld ldw, op T
   cublasLtMatrixLayout_t b = nullptr;  // x viewed column-major [k, m], ld ldx, op N
   cublasLtMatrixLayout_t d = nullptr;  // y viewed column-major [n, m], ld ldy (also C)
   cublasLtMatmulAlgo_t algo;
   size_t workspace = 0;
+  std::string info;  // the algorithm's configuration, for diagnostics (CudaGemm::last_plan_info)
 };
 
 void DestroyPlan(Plan& p) {
@@ -91,6 +96,8 @@ struct CudaGemm::Impl {
   double probe_err_tanh = -1.0;
   double probe_err_erf = -1.0;
   std::string last_error;
+  bool f32_split_k = false;  // RequireFloat32SplitK
+  std::string last_plan_info;
 
   ~Impl() {
     for (auto& [key, plan] : plans) DestroyPlan(plan);
@@ -110,6 +117,7 @@ struct CudaGemm::Impl {
                    p.k,
                    ldx,
                    ldy,
+                   p.ldw == 0 ? p.k : p.ldw,
                    static_cast<int>(p.dtype),
                    static_cast<int>(y_dtype),
                    static_cast<int>(epi),
@@ -117,7 +125,11 @@ struct CudaGemm::Impl {
                    Alignment(p.x),
                    Alignment(p.w),
                    Alignment(p.y),
-                   p.bias ? Alignment(p.bias) : 256u};
+                   p.bias ? Alignment(p.bias) : 256u,
+                   p.batch,
+                   p.batch > 1 ? p.batch_stride_x : 0,
+                   p.batch > 1 ? p.batch_stride_w : 0,
+                   p.batch > 1 ? p.batch_stride_y : 0};
   }
 
   // The descriptors of `p` (no algorithm yet) and up to `max_results` heuristic candidates, best
@@ -138,11 +150,26 @@ struct CudaGemm::Impl {
       cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
                                      sizeof(p.bias));
     }
-    st = cublasLtMatrixLayoutCreate(&pl->a, CudaType(p.dtype), p.k, p.n, p.k);
+    st = cublasLtMatrixLayoutCreate(&pl->a, CudaType(p.dtype), p.k, p.n, p.ldw == 0 ? p.k : p.ldw);
     if (st == CUBLAS_STATUS_SUCCESS)
       st = cublasLtMatrixLayoutCreate(&pl->b, CudaType(p.dtype), p.k, p.m, ldx);
     if (st == CUBLAS_STATUS_SUCCESS)
       st = cublasLtMatrixLayoutCreate(&pl->d, CudaType(y_dtype), p.n, p.m, ldy);
+    if (st == CUBLAS_STATUS_SUCCESS && p.batch > 1) {
+      const int32_t count = p.batch;
+      const std::pair<cublasLtMatrixLayout_t, int64_t> items[3] = {
+          {pl->a, p.batch_stride_w}, {pl->b, p.batch_stride_x}, {pl->d, p.batch_stride_y}};
+      for (const auto& [layout, stride] : items) {
+        if (st == CUBLAS_STATUS_SUCCESS) {
+          st = cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                                sizeof(count));
+        }
+        if (st == CUBLAS_STATUS_SUCCESS) {
+          st = cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                &stride, sizeof(stride));
+        }
+      }
+    }
     if (st != CUBLAS_STATUS_SUCCESS) {
       DestroyPlan(*pl);
       return Fail("cublasLtMatrixLayoutCreate", st);
@@ -155,6 +182,11 @@ struct CudaGemm::Impl {
     }
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                          &workspace_bytes, sizeof(workspace_bytes));
+    if (f32_split_k && y_dtype != DataType::kF32) {  // float32 outputs reduce in float32 anyway
+      const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;  // (or none: no split-K)
+      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                           &schemes, sizeof(schemes));
+    }
     const uint32_t al_a = Alignment(p.w), al_b = Alignment(p.x), al_d = Alignment(p.y);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
                                          sizeof(al_a));
@@ -194,6 +226,7 @@ struct CudaGemm::Impl {
     }
     pl.algo = result.algo;
     pl.workspace = result.workspaceSize;
+    pl.info = PlanInfo(result);
     auto [it, inserted] = plans.emplace(key, pl);
     *plan = &it->second;
     return KernelStatus::kOk;
@@ -285,6 +318,21 @@ struct CudaGemm::Impl {
     return t;
   }
 
+  // "algo A tile T stages S split-K K scheme R impl 0x..": ConfigOf's ids and the algorithm's
+  // numerical implementation flags (cublasLtNumericalImplFlags_t).
+  static std::string PlanInfo(const cublasLtMatmulHeuristicResult_t& r) {
+    const GemmCandidateTime t = ConfigOf(r);
+    uint64_t impl = 0;
+    size_t written = 0;
+    cublasLtMatmulAlgoCapGetAttribute(&r.algo, CUBLASLT_ALGO_CAP_NUMERICAL_IMPL_FLAGS, &impl,
+                                      sizeof(impl), &written);
+    char buf[128];
+    std::snprintf(buf, sizeof(buf), "algo %d tile %d stages %d split-K %d scheme %d impl 0x%llx",
+                  t.algo_id, t.tile_id, t.stages_id, t.split_k, t.reduction,
+                  static_cast<unsigned long long>(impl));
+    return buf;
+  }
+
   KernelStatus Matmul(const GemmParams& p, DataType y_dtype, int ldx, int ldy,
                       cublasLtEpilogue_t epi, bool* no_algo, cudaStream_t stream) {
     Plan* plan = nullptr;
@@ -303,6 +351,7 @@ struct CudaGemm::Impl {
         cublasLtMatmul(handle, plan->desc, &alpha, p.w, plan->a, p.x, plan->b, &beta, p.y, plan->d,
                        p.y, plan->d, &plan->algo, workspace, workspace_bytes, stream);
     if (st != CUBLAS_STATUS_SUCCESS) return Fail("cublasLtMatmul", st);
+    last_plan_info = plan->info;
     return KernelStatus::kOk;
   }
 
@@ -496,10 +545,12 @@ KernelStatus CudaGemm::Run(const GemmParams& p, DataType y_dtype, cudaStream_t s
     impl_->last_error = "gemm output must be the operand dtype or f32";
     return KernelStatus::kUnsupportedDtype;
   }
-  if (p.m < 0 || p.n <= 0 || p.k <= 0) return KernelStatus::kInvalidShape;
+  if (p.m < 0 || p.n <= 0 || p.k <= 0 || p.batch < 1 || (p.batch > 1 && p.bias != nullptr)) {
+    return KernelStatus::kInvalidShape;
+  }
   const int ldx = p.ldx == 0 ? p.k : p.ldx;
   const int ldy = p.ldy == 0 ? p.n : p.ldy;
-  if (ldx < p.k || ldy < p.n) return KernelStatus::kInvalidShape;
+  if (ldx < p.k || ldy < p.n || (p.ldw != 0 && p.ldw < p.k)) return KernelStatus::kInvalidShape;
   if (p.m == 0) return KernelStatus::kOk;
   if (!p.x || !p.w || !p.y) return KernelStatus::kNullPointer;
 
@@ -529,10 +580,13 @@ KernelStatus CudaGemm::Run(const GemmParams& p, DataType y_dtype, cudaStream_t s
     using T = typename decltype(tag)::type;
     const int64_t total = static_cast<int64_t>(p.m) * p.n;
     const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
-    if (p.epilogue == GemmEpilogue::kGeluTanh) {
-      GeluInPlaceKernel<T, true><<<blocks, 256, 0, stream>>>(static_cast<T*>(p.y), p.m, p.n, ldy);
-    } else {
-      GeluInPlaceKernel<T, false><<<blocks, 256, 0, stream>>>(static_cast<T*>(p.y), p.m, p.n, ldy);
+    for (int i = 0; i < p.batch; ++i) {  // one launch per batch item
+      T* y = static_cast<T*>(p.y) + i * p.batch_stride_y;
+      if (p.epilogue == GemmEpilogue::kGeluTanh) {
+        GeluInPlaceKernel<T, true><<<blocks, 256, 0, stream>>>(y, p.m, p.n, ldy);
+      } else {
+        GeluInPlaceKernel<T, false><<<blocks, 256, 0, stream>>>(y, p.m, p.n, ldy);
+      }
     }
     return cuda::LaunchStatus();
   };
@@ -545,6 +599,13 @@ double CudaGemm::probe_accumulate_err() const { return impl_->probe_accumulate_e
 double CudaGemm::probe_err_tanh() const { return impl_->probe_err_tanh; }
 double CudaGemm::probe_err_erf() const { return impl_->probe_err_erf; }
 const std::string& CudaGemm::last_error() const { return impl_->last_error; }
+void CudaGemm::RequireFloat32SplitK() {
+  if (impl_->f32_split_k) return;
+  for (auto& [key, plan] : impl_->plans) DestroyPlan(plan);
+  impl_->plans.clear();
+  impl_->f32_split_k = true;
+}
+const std::string& CudaGemm::last_plan_info() const { return impl_->last_plan_info; }
 size_t CudaGemm::num_cached_plans() const { return impl_->plans.size(); }
 
 KernelStatus CudaGemm::TimeCandidates(const GemmParams& p, DataType y_dtype, int max_candidates,
@@ -554,7 +615,8 @@ KernelStatus CudaGemm::TimeCandidates(const GemmParams& p, DataType y_dtype, int
   if (p.dtype != DataType::kF16 && p.dtype != DataType::kBF16)
     return KernelStatus::kUnsupportedDtype;
   if (y_dtype != p.dtype && y_dtype != DataType::kF32) return KernelStatus::kUnsupportedDtype;
-  if (p.m <= 0 || p.n <= 0 || p.k <= 0 || max_candidates <= 0 || repeats <= 0) {
+  if (p.m <= 0 || p.n <= 0 || p.k <= 0 || max_candidates <= 0 || repeats <= 0 ||
+      p.batch != 1) {  // (the scratch output holds one item)
     return KernelStatus::kInvalidShape;
   }
   const int ldx = p.ldx == 0 ? p.k : p.ldx;

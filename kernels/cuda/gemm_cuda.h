@@ -43,6 +43,19 @@ class CudaGemm {
   // Same with the output (and bias) of `y_dtype`, which may be kF32 (lm_head logits) or p.dtype.
   KernelStatus Run(const GemmParams& p, DataType y_dtype, cudaStream_t stream);
 
+  // From now on (plans made so far are dropped) split-K algorithms with a 16-bit output must
+  // reduce their partial sums in float32 (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE), never in the
+  // output type, in place or in the workspace: for GEMMs whose result should keep more than the
+  // output's precision until the final rounding (the LoRA expands multiply a bf16 hi + lo pair by
+  // [B | B] and add onto y with beta = 1; a bf16 partial sum would drop the lo part). A guard: the
+  // LoRA shapes measured so far picked no split-K. Note that cuBLASLt's default epilogue with
+  // beta = 1 was measured (H200, algo 66) to return round(C + round(x·wᵀ)), which drops the lo
+  // part anyway; its GELU epilogue sums in float32 (see tests/gpu/cuda_lora_gemm_test.cc).
+  void RequireFloat32SplitK();
+  // The configuration of the algorithm the last successful Run used (algo / tile / stages ids,
+  // split-K count, reduction scheme, numerical implementation flags), for diagnostics.
+  const std::string& last_plan_info() const;
+
   // True when the probe found cuBLASLt's GELU epilogue to be the tanh approximation.
   bool gelu_tanh_in_epilogue() const;
   // True when, with accumulate (beta = 1), that epilogue was found to act on y + x·wᵀ; otherwise

@@ -47,8 +47,8 @@ __global__ void __launch_bounds__(kThreads) GatherKernel(const GatherArgs args) 
       if (row < rank && src != nullptr) {
         q = __ldg(reinterpret_cast<const uint4*>(src + static_cast<size_t>(row) * job.dim + c8));
       }
-      *reinterpret_cast<uint4*>(dst + static_cast<size_t>(job.base + ad.col + row) * job.dim + c8) =
-          q;
+      const int at = job.base + job.col_mul * ad.col + job.width_slot * width + row;
+      *reinterpret_cast<uint4*>(dst + static_cast<size_t>(at) * job.dim + c8) = q;
       continue;
     }
     // B row `row`, ranks c8 .. c8 + 7.
@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kThreads) GatherKernel(const GatherArgs args) 
 #pragma unroll
       for (int q = 0; q < 8; ++q) v[q] = (src != nullptr && c8 + q < rank) ? s[q] : uint16_t{0};
     }
-    *reinterpret_cast<uint4*>(dst + static_cast<size_t>(row) * job.ld + job.base + ad.col + c8) =
+    const int col = job.base + job.col_mul * ad.col + job.width_slot * width + c8;
+    *reinterpret_cast<uint4*>(dst + static_cast<size_t>(row) * job.ld + col) =
         *reinterpret_cast<const uint4*>(v);
   }
 }
@@ -144,6 +145,49 @@ __global__ void __launch_bounds__(kThreads) MaskKernel8(const MaskArgs args) {
   }
 }
 
+// Compact: one thread per (row, launched block, 8 columns of [0, compact_width)); a row writes
+// only chunks inside its adapter's width (base rows nothing), hi and lo at their part's columns.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) MaskCompactKernel(const MaskArgs args) {
+  const LoraMaskParams& p = args.p;
+  const int per_block = p.compact_width / 8;
+  const int chunks = p.num_blocks * per_block;  // per row
+  const int w = p.split ? 2 : 1;
+  const int64_t total = static_cast<int64_t>(p.rows) * chunks;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int i = static_cast<int>(e / chunks), cc = static_cast<int>(e % chunks);
+    const int a = p.row_adapter[i];
+    if (a < 0 || a >= p.num_adapters) continue;
+    const LoraStepAdapter ad = p.adapters[a];
+    const int b = p.first_block + cc / per_block, k = (cc % per_block) * 8;
+    if (k >= ad.width) continue;
+    float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    const SgmvWeight* wt = Weight(p.table, p.stride, p.num_slots, ad.slot, p.entries[b]);
+    if (wt != nullptr && k < wt->rank) {
+      const int tc = p.t_per_module ? p.t_block_col[b] + p.t_block_slot[b] * ad.width + k
+                                    : b * p.rank_cols + ad.col + k;
+      const float4* src =
+          reinterpret_cast<const float4*>(p.t + static_cast<size_t>(i) * p.ldt + tc);
+      const float4 lo = src[0], hi = src[1];
+      const float tv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+      for (int q = 0; q < 8; ++q) v[q] = k + q < wt->rank ? tv[q] * wt->scale : 0.0f;
+    }
+    alignas(16) T hi8[8];
+    alignas(16) T lo8[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      hi8[q] = cuda::FromFloat<T>(v[q]);
+      lo8[q] = cuda::FromFloat<T>(v[q] - cuda::ToFloat(hi8[q]));
+    }
+    T* o = static_cast<T*>(p.out) + static_cast<size_t>(i) * p.ldo + p.out_block_col[b] +
+           p.out_block_slot[b] * w * ad.width + k;
+    *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(hi8);
+    if (p.split) *reinterpret_cast<uint4*>(o + ad.width) = *reinterpret_cast<const uint4*>(lo8);
+  }
+}
+
 int Blocks(int64_t work) {
   return static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 4096)));
@@ -162,7 +206,8 @@ KernelStatus LoraGatherCuda(const LoraGatherParams& p, cudaStream_t stream) {
   int64_t most = 0;
   for (int j = 0; j < p.num_jobs; ++j) {
     const LoraGatherJob& job = p.jobs[j];
-    if (job.dim <= 0 || job.base < 0 || (job.base & 7) != 0 ||
+    if (job.dim <= 0 || job.base < 0 || (job.base & 7) != 0 || job.col_mul < 1 ||
+        job.width_slot < 0 ||
         (job.is_b ? ((job.ld & 7) != 0 || job.ld <= 0) : (job.dim & 7) != 0)) {
       return KernelStatus::kInvalidShape;
     }
@@ -194,8 +239,9 @@ KernelStatus LoraMaskCuda(const LoraMaskParams& p, cudaStream_t stream) {
       p.first_block + p.num_blocks > 6 ||
       (!p.t_per_module &&
        static_cast<int64_t>(p.first_block + p.num_blocks) * p.rank_cols > p.ldt) ||
-      static_cast<int64_t>(p.first_block + p.num_blocks) * p.rank_cols * (p.split ? 2 : 1) >
-          p.ldo ||
+      (!p.compact &&
+       static_cast<int64_t>(p.first_block + p.num_blocks) * p.rank_cols * (p.split ? 2 : 1) >
+           p.ldo) ||
       p.num_adapters < 0) {
     return KernelStatus::kInvalidShape;
   }
@@ -204,12 +250,40 @@ KernelStatus LoraMaskCuda(const LoraMaskParams& p, cudaStream_t stream) {
       if (p.t_block_col[b] < 0 || p.t_block_col[b] >= p.ldt) return KernelStatus::kInvalidShape;
     }
   }
+  if (p.compact) {
+    // Widths live on the device; the caller keeps each row's block inside ldo (compact_width).
+    bool ok = p.compact_width > 0 && p.compact_width % 8 == 0 && p.ldo % 8 == 0 && p.ldt % 4 == 0 &&
+              p.rank_cols % 8 == 0;
+    for (int b = p.first_block; b < p.first_block + p.num_blocks; ++b) {
+      const int64_t end = p.out_block_col[b] + static_cast<int64_t>(p.out_block_slot[b] + 1) *
+                                                   (p.split ? 2 : 1) * p.compact_width;
+      const int64_t t_end =
+          p.t_block_col[b] + static_cast<int64_t>(p.t_block_slot[b] + 1) * p.compact_width;
+      ok = ok && p.out_block_col[b] >= 0 && p.out_block_col[b] % 8 == 0 &&
+           p.out_block_slot[b] >= 0 && end <= p.ldo &&
+           (!p.t_per_module ||
+            (p.t_block_col[b] % 8 == 0 && p.t_block_slot[b] >= 0 && t_end <= p.ldt));
+    }
+    if (!ok) return KernelStatus::kInvalidShape;
+  }
   if (p.rows == 0 || p.num_blocks == 0 || p.rank_cols == 0) return KernelStatus::kOk;
   if (p.t == nullptr || p.out == nullptr || p.row_adapter == nullptr ||
       (p.num_adapters > 0 && (p.adapters == nullptr || p.table == nullptr))) {
     return KernelStatus::kNullPointer;
   }
   MaskArgs args{p};
+  if (p.compact) {
+    if ((reinterpret_cast<uintptr_t>(p.t) & 15) != 0 ||
+        (reinterpret_cast<uintptr_t>(p.out) & 15) != 0) {
+      return KernelStatus::kInvalidShape;
+    }
+    const int blocks = Blocks(static_cast<int64_t>(p.rows) * p.num_blocks * (p.compact_width / 8));
+    return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      MaskCompactKernel<T><<<blocks, kThreads, 0, stream>>>(args);
+      return cuda::LaunchStatus();
+    });
+  }
   // 8 columns a thread where every offset it forms is a multiple of 8 (16-byte aligned).
   bool vec = p.rank_cols % 8 == 0 && p.ldt % 4 == 0 && p.ldo % 8 == 0 &&
              (reinterpret_cast<uintptr_t>(p.t) & 15) == 0 &&
@@ -226,6 +300,122 @@ KernelStatus LoraMaskCuda(const LoraMaskParams& p, cudaStream_t stream) {
     }
     return cuda::LaunchStatus();
   });
+}
+
+namespace {
+
+// Runs make(first, count) (a GemmParams for segments [first, first + count) as one strided
+// batch; count 1: a plain GEMM) over every run of segments that follow each other at a constant
+// step: as many rows, as wide, each right after the previous one in rows and in the rank axis
+// (adapters numbered in order of first use, one per sequence: the usual prefill batch) -> one
+// launch with enough CTAs to fill the GPU instead of one small GEMM each. If cuBLASLt has no
+// batched algorithm for a run (nothing was launched), one GEMM per segment instead.
+template <typename Make>
+KernelStatus RunSegments(CudaGemm& gemm, const LoraSegment* segs, int num_segments,
+                         DataType y_dtype, const Make& make, cudaStream_t stream) {
+  for (int s = 0; s < num_segments;) {
+    const LoraSegment& g = segs[s];
+    int count = 1;
+    while (s + count < num_segments) {
+      const LoraSegment& h = segs[s + count];
+      if (h.rows != g.rows || h.width != g.width || h.row != g.row + count * g.rows ||
+          h.col != g.col + count * g.width) {
+        break;
+      }
+      ++count;
+    }
+    if (g.rows > 0) {
+      KernelStatus st = gemm.Run(make(s, count), y_dtype, stream);
+      if (st != KernelStatus::kOk && count > 1) {
+        for (int i = 0; i < count; ++i) {
+          if ((st = gemm.Run(make(s + i, 1), y_dtype, stream)) != KernelStatus::kOk) return st;
+        }
+      }
+      if (st != KernelStatus::kOk) return st;
+    }
+    s += count;
+  }
+  return KernelStatus::kOk;
+}
+
+bool SegmentOk(const LoraSegment& g) {
+  return g.row >= 0 && g.rows >= 0 && g.col >= 0 && g.width > 0;
+}
+
+}  // namespace
+
+KernelStatus LoraSegmentExpandCuda(CudaGemm& gemm, const LoraSegmentExpandParams& p,
+                                   cudaStream_t stream) {
+  if (p.n <= 0 || p.parts < 1 || p.t_col < 0 || p.ldy < p.n || p.num_segments < 0 ||
+      (p.num_segments > 0 && p.segments == nullptr)) {
+    return KernelStatus::kInvalidShape;
+  }
+  for (int s = 0; s < p.num_segments; ++s) {
+    const LoraSegment& g = p.segments[s];
+    if (!SegmentOk(g) || p.t_col + p.parts * g.width > p.ldt ||
+        p.parts * (g.col + g.width) > p.ldb) {
+      return KernelStatus::kInvalidShape;
+    }
+  }
+  if (p.num_segments > 0 && (p.t == nullptr || p.b == nullptr || p.y == nullptr)) {
+    return KernelStatus::kNullPointer;
+  }
+  const size_t elem = DataTypeSize(p.dtype);
+  auto make = [&](int first, int count) {
+    const LoraSegment& g = p.segments[first];
+    return GemmParams{
+        .x = static_cast<const char*>(p.t) + (static_cast<size_t>(g.row) * p.ldt + p.t_col) * elem,
+        .w = static_cast<const char*>(p.b) + static_cast<size_t>(p.parts) * g.col * elem,
+        .y = static_cast<char*>(p.y) + static_cast<size_t>(g.row) * p.ldy * elem,
+        .m = g.rows,
+        .n = p.n,
+        .k = p.parts * g.width,
+        .ldx = p.ldt,
+        .ldy = p.ldy,
+        .ldw = p.ldb,
+        .accumulate = true,
+        .epilogue = p.act,
+        .dtype = p.dtype,
+        .batch = count,
+        .batch_stride_x = static_cast<int64_t>(g.rows) * p.ldt,
+        .batch_stride_w = static_cast<int64_t>(p.parts) * g.width,
+        .batch_stride_y = static_cast<int64_t>(g.rows) * p.ldy};
+  };
+  return RunSegments(gemm, p.segments, p.num_segments, p.dtype, make, stream);
+}
+
+KernelStatus LoraSegmentShrinkCuda(CudaGemm& gemm, const LoraSegmentShrinkParams& p,
+                                   cudaStream_t stream) {
+  if (p.k <= 0 || p.ldx < p.k || p.blocks < 1 || p.t_col < 0 || p.num_segments < 0 ||
+      (p.num_segments > 0 && p.segments == nullptr)) {
+    return KernelStatus::kInvalidShape;
+  }
+  for (int s = 0; s < p.num_segments; ++s) {
+    const LoraSegment& g = p.segments[s];
+    if (!SegmentOk(g) || p.t_col + p.blocks * g.width > p.ldt) return KernelStatus::kInvalidShape;
+  }
+  if (p.num_segments > 0 && (p.x == nullptr || p.a == nullptr || p.t == nullptr)) {
+    return KernelStatus::kNullPointer;
+  }
+  const size_t elem = DataTypeSize(p.dtype);
+  auto make = [&](int first, int count) {
+    const LoraSegment& g = p.segments[first];
+    return GemmParams{
+        .x = static_cast<const char*>(p.x) + static_cast<size_t>(g.row) * p.ldx * elem,
+        .w = static_cast<const char*>(p.a) + static_cast<size_t>(p.blocks) * g.col * p.k * elem,
+        .y = p.t + static_cast<size_t>(g.row) * p.ldt + p.t_col,
+        .m = g.rows,
+        .n = p.blocks * g.width,
+        .k = p.k,
+        .ldx = p.ldx,
+        .ldy = p.ldt,
+        .dtype = p.dtype,
+        .batch = count,
+        .batch_stride_x = static_cast<int64_t>(g.rows) * p.ldx,
+        .batch_stride_w = static_cast<int64_t>(p.blocks) * g.width * p.k,
+        .batch_stride_y = static_cast<int64_t>(g.rows) * p.ldt};
+  };
+  return RunSegments(gemm, p.segments, p.num_segments, DataType::kF32, make, stream);
 }
 
 }  // namespace phishard

@@ -106,20 +106,34 @@ std::vector<int32_t> Blocks(int first, int tokens) {
   return b;
 }
 
-// Sets PHISHARD_LORA_GEMM_MIN_ROWS for the models loaded in its scope (CudaLora reads it at
-// construction): "1" sends every prefill step with adapters through the GEMM form
-// (model/cuda_lora_gemm.cc) instead of the SGMV kernels.
+// How prefill steps with adapters run: the SGMV kernels, or the GEMM form (model/
+// cuda_lora_gemm.cc) with the concatenated expands or with one expand GEMM per segment.
+enum class Form { kSgmv, kGemm, kSegmented };
+const char* FormName(Form f) {
+  return f == Form::kSgmv ? "SGMV" : f == Form::kGemm ? "GEMM-form" : "segmented GEMM-form";
+}
+
+// Sets the environment CudaLora reads at construction for the models loaded in its scope:
+// PHISHARD_LORA_GEMM_MIN_ROWS=1 sends every prefill step with adapters through the GEMM form;
+// kGemm keeps its concatenated expands (PHISHARD_LORA_GEMM_MAX_SEGMENTS=0), kSegmented takes the
+// per-segment expands however short the segments (PHISHARD_LORA_GEMM_SEGMENT_ROWS=1).
 class GemmFormEnv {
  public:
-  explicit GemmFormEnv(bool gemm) {
-    if (gemm) setenv("PHISHARD_LORA_GEMM_MIN_ROWS", "1", 1);
+  explicit GemmFormEnv(Form form) {
+    if (form != Form::kSgmv) setenv("PHISHARD_LORA_GEMM_MIN_ROWS", "1", 1);
+    if (form == Form::kGemm) setenv("PHISHARD_LORA_GEMM_MAX_SEGMENTS", "0", 1);
+    if (form == Form::kSegmented) setenv("PHISHARD_LORA_GEMM_SEGMENT_ROWS", "1", 1);
   }
-  ~GemmFormEnv() { unsetenv("PHISHARD_LORA_GEMM_MIN_ROWS"); }
+  ~GemmFormEnv() {
+    unsetenv("PHISHARD_LORA_GEMM_MIN_ROWS");
+    unsetenv("PHISHARD_LORA_GEMM_MAX_SEGMENTS");
+    unsetenv("PHISHARD_LORA_GEMM_SEGMENT_ROWS");
+  }
 };
 
 // ---- peft golden fixtures --------------------------------------------------------------------
-void RunGolden(bool gemm_form) {
-  const GemmFormEnv env(gemm_form);
+void RunGolden(Form form) {
+  const GemmFormEnv env(form);
   const json golden = ReadGolden();
   std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / golden.at("base_model").get<std::string>());
   ASSERT_TRUE(m);
@@ -212,12 +226,12 @@ void RunGolden(bool gemm_form) {
   EXPECT_EQ(cases, 12);
   EXPECT_GE(m->num_lora_decode_graphs(), 1);
   std::printf("cuda lora vs peft (%s prefill): %d cases, worst max|d| / scale = %.4f\n",
-              gemm_form ? "GEMM-form" : "SGMV", cases, worst_frac);
+              FormName(form), cases, worst_frac);
 }
 
 TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16) {
   PHI_REQUIRE_GPU();
-  RunGolden(false);
+  RunGolden(Form::kSgmv);
 }
 
 // The same fixtures with every prefill step in the GEMM form (gather, cuBLASLt shrink, mask into
@@ -226,7 +240,14 @@ TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16) {
 // (PHISHARD_LORA_GEMM_SPLIT_T=0) one case reaches norm rel 0.019 > 0.015.
 TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16ThroughTheGemmForm) {
   PHI_REQUIRE_GPU();
-  RunGolden(true);
+  RunGolden(Form::kGemm);
+}
+
+// The same with one expand GEMM per segment against its adapter's columns (compact T): the same
+// nonzero products summed in float32 and y rounded once, so the same bounds.
+TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16ThroughTheSegmentedGemmForm) {
+  PHI_REQUIRE_GPU();
+  RunGolden(Form::kSegmented);
 }
 
 // ---- mixed batches ---------------------------------------------------------------------------
@@ -282,8 +303,8 @@ std::vector<std::vector<float>> RunBatch(ModelBackend& m, const std::vector<Req>
   return out;
 }
 
-void RunMixed(bool gemm_form) {
-  const GemmFormEnv env(gemm_form);
+void RunMixed(Form form) {
+  const GemmFormEnv env(form);
   const json golden = ReadGolden();
   const fs::path dir = kRepo / "models" / "tiny-phi-code";
   std::unique_ptr<CudaPhiModel> g = LoadCuda(dir, true);
@@ -346,14 +367,21 @@ void RunMixed(bool gemm_form) {
 
 TEST(CudaLoraBatch, MixedBatchEqualsEachRequestAloneAndTheCpuGraphsOnAndOff) {
   PHI_REQUIRE_GPU();
-  RunMixed(false);
+  RunMixed(Form::kSgmv);
 }
 
 // The mixed prefill (and each request's own) through the GEMM form: base rows between adapter
 // segments, an index nobody loaded, one adapter over two sequences, 1-row segments.
 TEST(CudaLoraBatch, MixedBatchThroughTheGemmFormEqualsEachRequestAloneAndTheCpu) {
   PHI_REQUIRE_GPU();
-  RunMixed(true);
+  RunMixed(Form::kGemm);
+}
+
+// The same with per-segment expands: base rows between segments get fc1's activation from the
+// separate kernel, adapter rows from their segment's GEMM epilogue.
+TEST(CudaLoraBatch, MixedBatchThroughTheSegmentedGemmFormEqualsEachRequestAloneAndTheCpu) {
+  PHI_REQUIRE_GPU();
+  RunMixed(Form::kSegmented);
 }
 
 // The shrinks forked onto a side stream beside the base GEMMs (default) against the same

@@ -88,14 +88,28 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmTest,
                                            Shape{15, 33, 64}, Shape{16, 80, 256},
                                            Shape{17, 240, 80}, Shape{40, 257, 129}));
 
-// x and y as column windows of wider buffers: the columns outside the window stay untouched.
+// x, w and y as column windows of wider buffers: the columns outside the window stay untouched
+// (w's window starts at column 2 of rows of ldw = 10, as one adapter's columns of a
+// concatenated LoRA B; the NaN columns around it must never be read).
 TEST(GemmStrided, ReadsAndWritesColumnWindows) {
-  const int m = 5, n = 6, k = 7, ldx = 11, ldy = 9;
+  const int m = 5, n = 6, k = 7, ldx = 11, ldy = 9, ldw = 10, w0 = 2;
   const std::vector<float> x = RandomVector(static_cast<size_t>(m) * ldx, 7);
-  const std::vector<float> w = RandomVector(static_cast<size_t>(n) * k, 8);
+  std::vector<float> w = RandomVector(static_cast<size_t>(n) * ldw, 8);
+  for (int j = 0; j < n; ++j) {
+    for (int c = 0; c < ldw; ++c) {
+      if (c < w0 || c >= w0 + k) w[j * ldw + c] = NAN;
+    }
+  }
   std::vector<float> y = Poisoned(static_cast<size_t>(m) * ldy);
-  GemmParams p{
-      .x = x.data(), .w = w.data(), .y = y.data(), .m = m, .n = n, .k = k, .ldx = ldx, .ldy = ldy};
+  GemmParams p{.x = x.data(),
+               .w = w.data() + w0,
+               .y = y.data(),
+               .m = m,
+               .n = n,
+               .k = k,
+               .ldx = ldx,
+               .ldy = ldy,
+               .ldw = ldw};
   ASSERT_EQ(GemmCpu(p), KernelStatus::kOk);
   for (int i = 0; i < m; ++i) {
     for (int j = 0; j < ldy; ++j) {
@@ -105,12 +119,55 @@ TEST(GemmStrided, ReadsAndWritesColumnWindows) {
       }
       double ref = 0.0, mag = 0.0;
       for (int kk = 0; kk < k; ++kk) {
-        ref += static_cast<double>(x[i * ldx + kk]) * w[j * k + kk];
-        mag += std::fabs(static_cast<double>(x[i * ldx + kk]) * w[j * k + kk]);
+        ref += static_cast<double>(x[i * ldx + kk]) * w[j * ldw + w0 + kk];
+        mag += std::fabs(static_cast<double>(x[i * ldx + kk]) * w[j * ldw + w0 + kk]);
       }
       EXPECT_NEAR(y[i * ldy + j], ref, (k + 2) * kF32Unit * mag + 1e-7);
     }
   }
+}
+
+// Strided batch: three products over windows of one buffer each (x rows and y rows stacked,
+// w columns side by side as LoRA's per-adapter B), against a double reference per item.
+TEST(GemmStrided, BatchedItemsUseTheirStrides) {
+  const int m = 4, n = 5, k = 6, batch = 3, ldx = 8, ldy = 7, ldw = batch * k;
+  const std::vector<float> x = RandomVector(static_cast<size_t>(batch) * m * ldx, 9);
+  const std::vector<float> w = RandomVector(static_cast<size_t>(n) * ldw, 10);
+  const std::vector<float> y0 = RandomVector(static_cast<size_t>(batch) * m * ldy, 11);
+  std::vector<float> y = y0;
+  GemmParams p{.x = x.data(),
+               .w = w.data(),
+               .y = y.data(),
+               .m = m,
+               .n = n,
+               .k = k,
+               .ldx = ldx,
+               .ldy = ldy,
+               .ldw = ldw,
+               .accumulate = true,
+               .batch = batch,
+               .batch_stride_x = m * ldx,
+               .batch_stride_w = k,
+               .batch_stride_y = m * ldy};
+  ASSERT_EQ(GemmCpu(p), KernelStatus::kOk);
+  for (int b = 0; b < batch; ++b) {
+    for (int i = 0; i < m; ++i) {
+      for (int j = 0; j < ldy; ++j) {
+        const size_t at = static_cast<size_t>(b * m + i) * ldy + j;
+        double ref = y0[at], mag = std::fabs(ref);
+        for (int kk = 0; kk < k && j < n; ++kk) {
+          const double term =
+              static_cast<double>(x[(b * m + i) * ldx + kk]) * w[j * ldw + b * k + kk];
+          ref += term;
+          mag += std::fabs(term);
+        }
+        // float32 sum of k + 1 terms (outside the n columns: untouched, exact).
+        EXPECT_NEAR(y[at], ref, (k + 2) * kF32Unit * mag + 1e-7) << b << "," << i << "," << j;
+      }
+    }
+  }
+  p.bias = w.data();  // no bias with a batch
+  EXPECT_EQ(GemmCpu(p), KernelStatus::kInvalidShape);
 }
 
 TEST(GemmErrors, RejectsBadParams) {
@@ -124,6 +181,9 @@ TEST(GemmErrors, RejectsBadParams) {
   EXPECT_EQ(GemmCpu(p), KernelStatus::kInvalidShape);
   p = ok;
   p.ldx = 1;
+  EXPECT_EQ(GemmCpu(p), KernelStatus::kInvalidShape);
+  p = ok;
+  p.ldw = 1;
   EXPECT_EQ(GemmCpu(p), KernelStatus::kInvalidShape);
   p = ok;
   p.w = nullptr;
