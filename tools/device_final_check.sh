@@ -110,6 +110,11 @@ else
   printf "%-30s %4s %7s  %s\n" "tp2-served, tp_bench" - - "skipped: $NGPU GPU(s)" >> "$SUMMARY"
 fi
 
+# The H200 holds its 700 W cap by lowering the SM clock under load (perf log, 2026-11-29 00:57):
+# sample the SM clock, power and temperature through the benchmarks so the numbers can be read.
+nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv \
+  -lms 500 > "$OUT/clocks.csv" 2> /dev/null &
+CLOCKS_PID=$!
 # Multi-LoRA speed (issue #5: b64 with 64 different rank-16 adapters, prefill 8x512) and TP=1 vs
 # TP=2 (issue #6), each in its own process, before the whole table with the peer.
 if [ -x $B/phishard_bench ]; then
@@ -127,6 +132,12 @@ if [ -x $B/phishard_bench ]; then
     bash bench/run_all.sh --bin $B/phishard_bench --out "$OUT"
 fi
 
+kill $CLOCKS_PID 2> /dev/null
+echo "== clocks during the benchmarks (GPU 0: SM MHz min / median / max, power W max, deg C max)"
+awk -F', ' 'NR > 1 && $2 == 0 {print $3 + 0, $5 + 0, $6 + 0}' "$OUT/clocks.csv" 2> /dev/null |
+  sort -n | awk '{c[NR] = $1; if ($2 > p) p = $2; if ($3 > t) t = $3}
+    END {if (NR) printf "%d / %d / %d MHz, %.0f W, %d C (%d samples)\n", c[1], c[int((NR + 1) / 2)],
+         c[NR], p, t, NR}'
 echo "== failures (first 40 lines)"
 grep -hE "Failure|FAILED|Expected|Which is|parts from|ERROR SUMMARY" "$OUT"/gpu_tests.log \
   "$OUT"/integration.log "$OUT"/sanitizer.log 2> /dev/null | head -40
