@@ -94,7 +94,9 @@ json ReadJson(const fs::path& path) {
   return json::parse(in);
 }
 
+using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;
+using ::phishard::testing::RankExit;
 
 int Fail(int rank, const std::string& what) {
   std::fprintf(stderr, "rank %d: %s\n", rank, what.c_str());
@@ -365,45 +367,6 @@ int LongMain(int rank, int port, const std::string& out_prefix) {
   return 0;
 }
 
-struct Exit {
-  int code = -1;         // exit code, -1 when killed by a signal or by us
-  double seconds = 0.0;  // from fork to exit
-};
-
-std::vector<Exit> RunRanks(int world, const std::function<int(int)>& body, absl::Duration limit) {
-  std::vector<pid_t> kids;
-  const absl::Time start = absl::Now();
-  for (int r = 0; r < world; ++r) {
-    std::fflush(stdout);
-    std::fflush(stderr);
-    pid_t pid = fork();
-    if (pid == 0) _exit(body(r));
-    kids.push_back(pid);
-  }
-  std::vector<Exit> exits(world);
-  std::vector<bool> done(world, false);
-  for (int left = world; left > 0;) {
-    for (int r = 0; r < world; ++r) {
-      if (done[r]) continue;
-      int status = 0;
-      if (waitpid(kids[r], &status, WNOHANG) == kids[r]) {
-        done[r] = true;
-        --left;
-        exits[r].code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-        exits[r].seconds = absl::ToDoubleSeconds(absl::Now() - start);
-      } else if (absl::Now() - start > limit) {
-        kill(kids[r], SIGKILL);
-        waitpid(kids[r], &status, 0);
-        done[r] = true;
-        --left;
-        exits[r].seconds = absl::ToDoubleSeconds(absl::Now() - start);
-      }
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return exits;
-}
-
 std::vector<float> ReadFloats(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   std::vector<float> v(in.good() ? static_cast<size_t>(in.tellg()) / sizeof(float) : 0);
@@ -447,13 +410,13 @@ class CudaTpModelTest : public ::testing::Test {
 
 TEST_F(CudaTpModelTest, TwoRanksMatchOneRankOnGoldenFixtures) {
   const std::string one = (dir_ / "w1").string();
-  std::vector<Exit> e1 = RunRanks(
+  std::vector<RankExit> e1 = ForkRanks(
       1, [&](int r) { return RankMain(r, 1, 0, one); }, absl::Minutes(3));
   if (e1[0].code == kSkip) GTEST_SKIP() << "needs two visible GPUs";
   ASSERT_EQ(e1[0].code, 0) << "world 1 (see stderr)";
   const int port = FreeLoopbackPort();
   std::vector<std::string> prefix = {(dir_ / "w2r0").string(), (dir_ / "w2r1").string()};
-  std::vector<Exit> e2 = RunRanks(
+  std::vector<RankExit> e2 = ForkRanks(
       2, [&](int r) { return RankMain(r, 2, port, prefix[r]); }, absl::Minutes(3));
   ASSERT_EQ(e2[0].code, 0) << "world 2 rank 0 (see stderr)";
   ASSERT_EQ(e2[1].code, 0) << "world 2 rank 1 (see stderr)";
@@ -523,7 +486,7 @@ TEST_F(CudaTpModelTest, TwoRanksMatchOneRankOnGoldenFixtures) {
 TEST_F(CudaTpModelTest, ChunkedLongPrefillMatchesWholeOne) {
   const int port = FreeLoopbackPort();
   std::vector<std::string> prefix = {(dir_ / "l2r0").string(), (dir_ / "l2r1").string()};
-  std::vector<Exit> e = RunRanks(
+  std::vector<RankExit> e = ForkRanks(
       2, [&](int r) { return LongMain(r, port, prefix[r]); }, absl::Minutes(3));
   if (e[0].code == kSkip && e[1].code == kSkip) GTEST_SKIP() << "needs two visible GPUs";
   ASSERT_EQ(e[0].code, 0) << "rank 0 (see stderr)";
@@ -568,7 +531,7 @@ TEST_F(CudaTpModelTest, ChunkedLongPrefillMatchesWholeOne) {
 
 TEST_F(CudaTpModelTest, KilledRankMakesThePeerFailWithinSeconds) {
   const int port = FreeLoopbackPort();
-  std::vector<Exit> e = RunRanks(
+  std::vector<RankExit> e = ForkRanks(
       2, [&](int r) { return KillMain(r, port); }, absl::Seconds(120));
   if (e[0].code == kSkip && e[1].code == kSkip) GTEST_SKIP() << "needs two visible GPUs";
   EXPECT_EQ(e[1].code, -1) << "rank 1 should have died of SIGKILL";

@@ -31,6 +31,8 @@ namespace {
 
 constexpr int kSkip = 77;  // child exit code: fewer than two GPUs
 
+using ::phishard::testing::ExitCodes;
+using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;
 
 float Value(int rank, size_t i) {
@@ -237,27 +239,8 @@ class Rank {
 // Forks one child per rank and returns their exit codes (-1: killed after `limit`).
 std::vector<int> RunTwoRanks(bool abort_test, absl::Duration limit) {
   const int port = FreeLoopbackPort();
-  std::vector<pid_t> kids;
-  for (int r = 0; r < 2; ++r) {
-    pid_t pid = fork();
-    if (pid == 0) _exit(Rank(r, port).Run(abort_test));
-    kids.push_back(pid);
-  }
-  std::vector<int> codes(2, -1);
-  const absl::Time deadline = absl::Now() + limit;
-  for (int r = 0; r < 2; ++r) {
-    int status = 0;
-    while (waitpid(kids[r], &status, WNOHANG) == 0) {
-      if (absl::Now() > deadline) {
-        kill(kids[r], SIGKILL);
-        waitpid(kids[r], &status, 0);
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    codes[r] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-  return codes;
+  return ExitCodes(ForkRanks(
+      2, [&](int r) { return Rank(r, port).Run(abort_test); }, limit));
 }
 
 TEST(NcclCommunicatorTest, TwoProcessesAllReduceAllGatherBroadcastBarrier) {
