@@ -100,7 +100,36 @@ __global__ void __launch_bounds__(kThreads) MaskKernel(const MaskArgs args) {
   }
 }
 
-// The same, 8 consecutive columns a thread (rank_cols, the adapters' windows and every column
+// v[q] = t[i, tc + q] x w.scale for the 8 columns k .. k + 7 of a rank window (two float4 loads:
+// tc is a multiple of 8), 0 past the module's rank (those t columns lie inside the window's memory
+// but are never used).
+__device__ __forceinline__ void ScaledT8(const LoraMaskParams& p, int i, int tc, int k,
+                                         const SgmvWeight& w, float v[8]) {
+  const float4* src = reinterpret_cast<const float4*>(p.t + static_cast<size_t>(i) * p.ldt + tc);
+  const float4 lo = src[0], hi = src[1];
+  const float tv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+  for (int q = 0; q < 8; ++q) v[q] = k + q < w.rank ? tv[q] * w.scale : 0.0f;
+}
+
+// o[0..8) = the 16-bit rounding (hi) of v, and where lo_offset >= 0, o[lo_offset ..] = the
+// rounding of what hi missed (lo), each as one 16-byte store (o 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void StoreHiLo8(T* o, const float v[8], int lo_offset) {
+  alignas(16) T hi8[8];
+  alignas(16) T lo8[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    hi8[q] = cuda::FromFloat<T>(v[q]);
+    lo8[q] = cuda::FromFloat<T>(v[q] - cuda::ToFloat(hi8[q]));
+  }
+  *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(hi8);
+  if (lo_offset >= 0) {
+    *reinterpret_cast<uint4*>(o + lo_offset) = *reinterpret_cast<const uint4*>(lo8);
+  }
+}
+
+// MaskKernel with 8 consecutive columns a thread (rank_cols, the adapters' windows and every column
 // offset are multiples of 8, so a chunk lies wholly inside one window or outside all): t read
 // as two float4, hi and lo stored as one 16-byte word each. Elements past the module's rank read
 // t (inside the window's memory) but select 0, so nothing outside a rank window leaks.
@@ -123,25 +152,12 @@ __global__ void __launch_bounds__(kThreads) MaskKernel8(const MaskArgs args) {
         const SgmvWeight* w = Weight(p.table, p.stride, p.num_slots, ad.slot, p.entries[b]);
         if (w != nullptr && k < w->rank) {
           const int tc = p.t_per_module ? p.t_block_col[b] + k : c;
-          const float4* src =
-              reinterpret_cast<const float4*>(p.t + static_cast<size_t>(i) * p.ldt + tc);
-          const float4 lo = src[0], hi = src[1];
-          const float tv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-          for (int q = 0; q < 8; ++q) v[q] = k + q < w->rank ? tv[q] * w->scale : 0.0f;
+          ScaledT8(p, i, tc, k, *w, v);
         }
       }
     }
-    alignas(16) T hi8[8];
-    alignas(16) T lo8[8];
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      hi8[q] = cuda::FromFloat<T>(v[q]);
-      lo8[q] = cuda::FromFloat<T>(v[q] - cuda::ToFloat(hi8[q]));
-    }
-    T* o = static_cast<T*>(p.out) + static_cast<size_t>(i) * p.ldo + oc;
-    *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(hi8);
-    if (p.split) *reinterpret_cast<uint4*>(o + p.rank_cols) = *reinterpret_cast<const uint4*>(lo8);
+    StoreHiLo8(static_cast<T*>(p.out) + static_cast<size_t>(i) * p.ldo + oc, v,
+               p.split ? p.rank_cols : -1);
   }
 }
 
@@ -167,24 +183,11 @@ __global__ void __launch_bounds__(kThreads) MaskCompactKernel(const MaskArgs arg
     if (wt != nullptr && k < wt->rank) {
       const int tc = p.t_per_module ? p.t_block_col[b] + p.t_block_slot[b] * ad.width + k
                                     : b * p.rank_cols + ad.col + k;
-      const float4* src =
-          reinterpret_cast<const float4*>(p.t + static_cast<size_t>(i) * p.ldt + tc);
-      const float4 lo = src[0], hi = src[1];
-      const float tv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-      for (int q = 0; q < 8; ++q) v[q] = k + q < wt->rank ? tv[q] * wt->scale : 0.0f;
+      ScaledT8(p, i, tc, k, *wt, v);
     }
-    alignas(16) T hi8[8];
-    alignas(16) T lo8[8];
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      hi8[q] = cuda::FromFloat<T>(v[q]);
-      lo8[q] = cuda::FromFloat<T>(v[q] - cuda::ToFloat(hi8[q]));
-    }
-    T* o = static_cast<T*>(p.out) + static_cast<size_t>(i) * p.ldo + p.out_block_col[b] +
-           p.out_block_slot[b] * w * ad.width + k;
-    *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(hi8);
-    if (p.split) *reinterpret_cast<uint4*>(o + ad.width) = *reinterpret_cast<const uint4*>(lo8);
+    StoreHiLo8(static_cast<T*>(p.out) + static_cast<size_t>(i) * p.ldo + p.out_block_col[b] +
+                   p.out_block_slot[b] * w * ad.width + k,
+               v, p.split ? ad.width : -1);
   }
 }
 

@@ -328,6 +328,39 @@ TEST(CudaLoraGemm, AccumulateWithGeluActsOnTheSum) {
 // 2026-11-29: all its algorithms were the tensor-op algo 66, split-K 1; a CPU emulation of
 // exactly that reproduced every printed worst error and failure count), so the hi + lo split
 // buys the one-rounding result for fc1 only. Rows of no segment must keep y0 bit for bit.
+// The compact mask's parameters as GemmMask sets them up for a segmented step: t [rows, ldt]
+// float32 -> out [rows, ldo] 16-bit hi | lo, each row's adapter from row_adapter / steps / table
+// (3 slots), model blocks q, k, v, fc1, dense, fc2 at table entries `entries`, each block's output
+// at column min(b, 4) x 2W (fc2 in dense's part, slot 1), bf16.
+LoraMaskParams CompactMask(const float* t, int ldt, void* out, int ldo, const int32_t* row_adapter,
+                           const DeviceBuffer& steps, int num_adapters, const DeviceBuffer& table,
+                           int rows, int R, int W, const int entries[6]) {
+  constexpr int tw = 2;  // hi and lo
+  LoraMaskParams mp;
+  mp.t = t;
+  mp.ldt = ldt;
+  mp.out = out;
+  mp.ldo = ldo;
+  mp.split = true;
+  mp.row_adapter = row_adapter;
+  mp.adapters = steps.as<LoraStepAdapter>();
+  mp.num_adapters = num_adapters;
+  mp.table = table.as<SgmvWeight>();
+  mp.stride = kTargets;
+  mp.num_slots = 3;
+  mp.rows = rows;
+  mp.rank_cols = R;
+  mp.compact = true;
+  mp.compact_width = W;
+  for (int b = 0; b < 6; ++b) {
+    mp.entries[b] = entries[b];
+    mp.out_block_col[b] = std::min(b, 4) * tw * W;
+    mp.out_block_slot[b] = b == 5 ? 1 : 0;
+  }
+  mp.dtype = DataType::kBF16;
+  return mp;
+}
+
 TEST(CudaLoraGemm, SegmentedExpandsMatchNaiveReference) {
   PHI_REQUIRE_GPU();
   std::unique_ptr<CudaGemm> gemm;
@@ -395,28 +428,8 @@ TEST(CudaLoraGemm, SegmentedExpandsMatchNaiveReference) {
     const int ldo = 6 * tw * W + 8;
     DeviceBuffer tm(static_cast<size_t>(rows) * ldo * 2);
     tm.Poison();
-    LoraMaskParams mp;
-    mp.t = tdev.as<float>();
-    mp.ldt = ldt;
-    mp.out = tm.get();
-    mp.ldo = ldo;
-    mp.split = true;
-    mp.row_adapter = rmap.as<int32_t>();
-    mp.adapters = steps.as<LoraStepAdapter>();
-    mp.num_adapters = static_cast<int>(step.size());
-    mp.table = table.as<SgmvWeight>();
-    mp.stride = kTargets;
-    mp.num_slots = 3;
-    mp.rows = rows;
-    mp.rank_cols = R;
-    mp.compact = true;
-    mp.compact_width = W;
-    for (int b = 0; b < 6; ++b) {
-      mp.entries[b] = entries[b];
-      mp.out_block_col[b] = std::min(b, 4) * tw * W;
-      mp.out_block_slot[b] = b == 5 ? 1 : 0;
-    }
-    mp.dtype = DataType::kBF16;
+    LoraMaskParams mp = CompactMask(tdev.as<float>(), ldt, tm.get(), ldo, rmap.as<int32_t>(), steps,
+                                    static_cast<int>(step.size()), table, rows, R, W, entries);
     mp.first_block = 0;
     mp.num_blocks = 4;
     ASSERT_EQ(LoraMaskCuda(mp, nullptr), KernelStatus::kOk);
@@ -674,31 +687,13 @@ TEST(CudaLoraGemm, SegmentedShrinksMatchNaiveReference) {
   const int tw = 2, ldo = 6 * tw * W + 8;
   DeviceBuffer tm(static_cast<size_t>(rows) * ldo * 2);
   tm.Poison();
-  LoraMaskParams mp;
-  mp.t = t.as<float>();
-  mp.ldt = ldt;
-  mp.out = tm.get();
-  mp.ldo = ldo;
-  mp.split = true;
-  mp.row_adapter = rmap.as<int32_t>();
-  mp.adapters = steps.as<LoraStepAdapter>();
-  mp.num_adapters = static_cast<int>(step.size());
-  mp.table = table.as<SgmvWeight>();
-  mp.stride = kTargets;
-  mp.num_slots = 3;
-  mp.rows = rows;
-  mp.rank_cols = R;
-  mp.t_per_module = true;
-  mp.compact = true;
-  mp.compact_width = W;
+  LoraMaskParams mp = CompactMask(t.as<float>(), ldt, tm.get(), ldo, rmap.as<int32_t>(), steps,
+                                  static_cast<int>(step.size()), table, rows, R, W, entries);
+  mp.t_per_module = true;  // the per-segment shrinks' t: q, k, v, fc1 side by side per adapter
   for (int b = 0; b < 6; ++b) {
-    mp.entries[b] = entries[b];
     mp.t_block_col[b] = b < 4 ? 0 : b * W;
     mp.t_block_slot[b] = b < 4 ? b : 0;
-    mp.out_block_col[b] = std::min(b, 4) * tw * W;
-    mp.out_block_slot[b] = b == 5 ? 1 : 0;
   }
-  mp.dtype = DataType::kBF16;
   mp.first_block = 0;
   mp.num_blocks = 6;
   ASSERT_EQ(LoraMaskCuda(mp, nullptr), KernelStatus::kOk);
