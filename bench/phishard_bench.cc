@@ -366,6 +366,13 @@ int Main(int argc, char** argv) {
   double prefill_warmup_ms = 0;
   app.add_option("--prefill-warmup-ms", prefill_warmup_ms,
                  "untimed prefills of each case for at least this long first (0: one, as before)");
+  std::string lora_variants;
+  app.add_option(
+      "--lora-variants", lora_variants,
+      "after the LoRA comparison, its graph decode again under each tuning, in the "
+      "same process (CudaPhiModel::set_lora_decode_tuning: BRANCH, "
+      "BRANCH:QKV.FC1.FC2.DENSE column blocks, then :PDL; e.g. 1,3:0.0.0.2,3:0.0.0.0:0), "
+      "then base again");
   CLI11_PARSE(app, argc, argv);
   if (lora_only) prefills = lora_prefill;
   if (quick) {
@@ -602,6 +609,27 @@ int Main(int argc, char** argv) {
     bench.set_adapters(1, 1);
     BENCH_CHECK(bench.Decode(lora_batch, lora_context, "graph lora-one", &one), "lora decode");
     compare(base, one, "decode, one adapter for all");
+    if (!lora_variants.empty()) {
+      const std::string tuning0 = m.lora_decode_tuning();
+      const std::vector<std::string> variants = absl::StrSplit(lora_variants, ',');
+      for (const std::string& v : variants) {
+        BENCH_OK(m.set_lora_decode_tuning(v));
+        std::printf("lora variant %s\n", m.lora_decode_tuning().c_str());
+        Row each, all_one;
+        bench.set_adapters(1, lora_batch);
+        BENCH_CHECK(bench.Decode(lora_batch, lora_context, "graph lora-each", &each), "variant");
+        compare(base, each, "decode, a different adapter per sequence");
+        bench.set_adapters(1, 1);
+        BENCH_CHECK(bench.Decode(lora_batch, lora_context, "graph lora-one", &all_one), "variant");
+        compare(base, all_one, "decode, one adapter for all");
+      }
+      BENCH_OK(m.set_lora_decode_tuning(tuning0));
+      Row base2;
+      bench.set_adapters(0, 0);
+      BENCH_CHECK(bench.Decode(lora_batch, lora_context, "graph base", &base2), "base again");
+      PrintRow(base2);
+      rows.push_back(base2);
+    }
     m.set_cuda_graphs(false);
     bench.set_adapters(0, 0);
     BENCH_CHECK(bench.Decode(lora_batch, lora_context, "eager base", &eager_base), "eager");

@@ -178,6 +178,12 @@ struct SgmvFusedParams {
   int num_ops = 0;
   SgmvTableRef ref;
   DataType dtype = DataType::kF32;
+  // CUDA launch shape only (the result does not depend on it): column blocks per op (each
+  // recomputes its row's rank-r intermediate), at most one per 8 output columns; 0 lets the
+  // launch pick them from the grid size.
+  int col_blocks = 0;
+  // CUDA: launched as a programmatic dependent (PDL) of the kernel before it on the stream.
+  bool programmatic = true;
 };
 
 // Host memory, kF32 only: each term through the grouped shrink / expand references above (t in a

@@ -6,8 +6,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "common/logging.h"
 #include "kernels/cuda/gelu_cuda.h"
 #include "kernels/cuda/sgmv_cuda.h"
@@ -71,6 +74,11 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   }
   if (const char* v = std::getenv("PHISHARD_LORA_BRANCH_PRIORITY"); v != nullptr && *v != 0) {
     branch_priority_ = *v != '0';
+  }
+  if (const char* v = std::getenv("PHISHARD_LORA_DECODE_TUNING"); v != nullptr && *v != 0) {
+    if (absl::Status st = SetDecodeTuning(v); !st.ok()) {
+      PHI_LOG(WARNING) << "PHISHARD_LORA_DECODE_TUNING ignored: " << st.message();
+    }
   }
 }
 
@@ -286,6 +294,38 @@ size_t CudaLora::WorkspaceBytes(int rows, int rank) const {
   const size_t r = static_cast<size_t>(std::max(rows, 1));
   return AlignUp(kHeaderBytes + 2 * r * sizeof(SgmvTile)) + AlignUp(r * 6 * rank * sizeof(float)) +
          (gemm_min_rows_ > 0 ? kLoraGemmReserveBytes : 0);
+}
+
+absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
+  // "B", "B:Q.F1.F2.D" or "B:Q.F1.F2.D:P".
+  const std::vector<absl::string_view> parts = absl::StrSplit(spec, ':');
+  int mode = -1, pdl = 1;
+  int cols[kNumHooks] = {0, 0, 0, 0};
+  bool ok = !parts.empty() && parts.size() <= 3 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
+            mode <= 3;
+  if (ok && parts.size() >= 2) {
+    const std::vector<absl::string_view> c = absl::StrSplit(parts[1], '.');
+    ok = c.size() == kNumHooks;
+    for (int h = 0; ok && h < kNumHooks; ++h) {
+      ok = absl::SimpleAtoi(c[h], &cols[h]) && cols[h] >= 0 && cols[h] <= 4096;
+    }
+  }
+  if (ok && parts.size() == 3) ok = absl::SimpleAtoi(parts[2], &pdl) && (pdl == 0 || pdl == 1);
+  if (!ok) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "LoRA decode tuning '%s' is not BRANCH (0..3), BRANCH:QKV.FC1.FC2.DENSE (column blocks "
+        "in [0, 4096], 0 = automatic) or BRANCH:QKV.FC1.FC2.DENSE:PDL (0 or 1)",
+        spec));
+  }
+  branch_mode_ = mode;
+  std::copy(cols, cols + kNumHooks, hook_cols_);
+  fused_pdl_ = pdl == 1;
+  return absl::OkStatus();
+}
+
+std::string CudaLora::DecodeTuning() const {
+  return absl::StrFormat("%d:%d.%d.%d.%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
+                         hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0);
 }
 
 bool CudaLora::TakeGraphsStale() {
@@ -557,7 +597,7 @@ KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaSt
       op.terms[0] = {
           .x = normed, .ldx = c.hidden_size, .in = c.hidden_size, .entry = Entry(layer, t)};
     }
-    return Fused(fp, GemmEpilogue::kNone, stream);
+    return Fused(fp, GemmEpilogue::kNone, stream, kHookQkv);
   }
   if (qkv_pending_) {
     if (KernelStatus st = Join(&qkv_pending_, stream); st != KernelStatus::kOk) return st;
@@ -587,10 +627,13 @@ KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaSt
 
 bool CudaLora::FusedStep() const { return all_ops_ && fused_ && rank_cap_ <= kSgmvFusedMaxRank; }
 
-KernelStatus CudaLora::Fused(SgmvFusedParams& fp, GemmEpilogue act, cudaStream_t stream) const {
+KernelStatus CudaLora::Fused(SgmvFusedParams& fp, GemmEpilogue act, cudaStream_t stream,
+                             int hook) const {
   if (fp.num_ops == 0) return KernelStatus::kOk;
   fp.ref = Ref(false);
   fp.dtype = dtype_;
+  fp.col_blocks = hook_cols_[hook];
+  fp.programmatic = fused_pdl_;
   return SgmvDecodeFusedCuda(fp, act, stream);
 }
 
@@ -613,7 +656,7 @@ KernelStatus CudaLora::AfterFc1(int layer, const void* normed, void* mlp, GemmEp
     fp.ops[0].out = I;
     fp.ops[0].terms[0] = {.x = normed, .ldx = H, .in = H, .entry = Entry(layer, kFc1)};
     fp.num_ops = 1;
-    return Fused(fp, act, stream);
+    return Fused(fp, act, stream, kHookFc1);
   }
   SgmvGroupedExpandParams ep;
   ep.ops[0].y = mlp;
@@ -642,7 +685,7 @@ KernelStatus CudaLora::AfterFc2(int layer, const void* mlp, void* h, cudaStream_
     fp.ops[0].terms[0] = {.x = mlp, .ldx = I, .in = I, .entry = Entry(layer, kFc2)};
     fp.num_ops = 1;
   }
-  return Fused(fp, GemmEpilogue::kNone, stream);
+  return Fused(fp, GemmEpilogue::kNone, stream, kHookFc2);
 }
 
 KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* mlp, void* h,
@@ -666,7 +709,7 @@ KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* ml
       op.terms[op.num_terms++] = {.x = mlp, .ldx = I, .in = I, .entry = Entry(layer, kFc2)};
     }
     fp.num_ops = op.num_terms > 0 ? 1 : 0;
-    return Fused(fp, GemmEpilogue::kNone, stream);
+    return Fused(fp, GemmEpilogue::kNone, stream, kHookResidual);
   }
   SgmvExpandOp y;
   y.y = h;

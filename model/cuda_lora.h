@@ -52,10 +52,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/lora_gemm_cuda.h"
 #include "kernels/device.h"
@@ -150,6 +152,17 @@ class CudaLora {
   bool BranchHooks() const { return active_ && branch_mode_ != 0 && FusedStep(); }
   bool JoinBeforeAttention() const { return join_early_; }
   bool Fc2DeltaBesideAttention() const { return branch_mode_ == 3; }
+  // Benchmarks (environment PHISHARD_LORA_DECODE_TUNING at construction, or set later; the
+  // caller then drops its LoRA decode graphs): "B", "B:Q.F1.F2.D" or "B:Q.F1.F2.D:P", the branch
+  // mode (as PHISHARD_LORA_BRANCH), the fused launches' column blocks per op
+  // (SgmvFusedParams::col_blocks; 0 = automatic) of AfterQkv, AfterFc1, AfterFc2 and
+  // AfterResidual, and whether they launch as programmatic dependents (P = 1, the default).
+  // INVALID_ARGUMENT naming the spec when it is not of that form. Session 5 (H200, b64, 64
+  // rank-16 adapters; docs/perf-log.md, lorad runs 1-2): no setting beat the default by more
+  // than the noise (~0.05 ms); fc1 with one column block a row (1) or with 4 cost 0.7 and 0.13
+  // ms a step.
+  absl::Status SetDecodeTuning(absl::string_view spec);
+  std::string DecodeTuning() const;
   // PHISHARD_LORA_BRANCH_PRIORITY=1 (an experiment, off by default; not yet run on a GPU): the
   // MLP stream is created at the device's highest priority and the LoRA decode graphs replay
   // with per-node priorities, so the branch's blocks are scheduled ahead of attention's queued
@@ -182,7 +195,8 @@ class CudaLora {
   // Decode steps with every rank <= kSgmvFusedMaxRank (unless PHISHARD_LORA_FUSED=0): each
   // hook is one SgmvDecodeFusedCuda launch (shrink + expand, no t buffer, no side stream).
   bool FusedStep() const;
-  KernelStatus Fused(SgmvFusedParams& fp, GemmEpilogue act, cudaStream_t stream) const;
+  // hook: kHookQkv .. kHookResidual (the column blocks SetDecodeTuning set for it).
+  KernelStatus Fused(SgmvFusedParams& fp, GemmEpilogue act, cudaStream_t stream, int hook) const;
   // The shrinks of AfterQkv (x = LN output) and AfterResidual (x = attention / GELU output).
   SgmvGroupedShrinkParams QkvShrink(int layer, const void* normed) const;
   SgmvGroupedShrinkParams ResidualShrink(int layer, const void* attn, const void* mlp) const;
@@ -236,6 +250,10 @@ class CudaLora {
   int branch_mode_ = 3;     // PHISHARD_LORA_BRANCH (BranchHooks)
   bool join_early_ = true;  // PHISHARD_LORA_JOIN_EARLY
   bool branch_priority_ = false;  // PHISHARD_LORA_BRANCH_PRIORITY
+  // Column blocks of the fused launches, by hook, and their PDL attribute (SetDecodeTuning).
+  static constexpr int kHookQkv = 0, kHookFc1 = 1, kHookFc2 = 2, kHookResidual = 3, kNumHooks = 4;
+  int hook_cols_[kNumHooks] = {0, 0, 0, 0};
+  bool fused_pdl_ = true;
   cudaStream_t side_ = nullptr;
   DeviceEvent* fork_ev_ = nullptr;
   DeviceEvent* join_ev_ = nullptr;

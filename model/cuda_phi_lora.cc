@@ -26,6 +26,16 @@ int CudaPhiModel::num_lora_decode_graphs() const { return lora_graphs_->num_grap
 int64_t CudaPhiModel::lora_decode_graph_replays() const { return lora_graphs_->replays(); }
 int64_t CudaPhiModel::lora_decode_graph_captures() const { return lora_graphs_->captures(); }
 
+absl::Status CudaPhiModel::set_lora_decode_tuning(const std::string& spec) {
+  DeviceSet(device_);
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
+  PHI_RETURN_IF_ERROR(lora_->SetDecodeTuning(spec));
+  lora_graphs_->Clear();  // they bake in the old layout and grids
+  return absl::OkStatus();
+}
+
+std::string CudaPhiModel::lora_decode_tuning() const { return lora_->DecodeTuning(); }
+
 absl::Status CudaPhiModel::PlanLora(const ForwardBatch& batch, bool decode, int rows) {
   absl::StatusOr<bool> planned = lora_->Plan(batch, decode, rows, stream_);
   if (lora_->TakeGraphsStale()) lora_graphs_->Clear();

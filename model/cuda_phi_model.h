@@ -162,6 +162,10 @@ class CudaPhiModel final : public ModelBackend {
   // during timed steps means the graphs were invalidated, and the step ran eagerly).
   int64_t lora_decode_graph_replays() const;
   int64_t lora_decode_graph_captures() const;
+  // Benchmarks: CudaLora::SetDecodeTuning (LoRA branch mode, fused column blocks); drops the LoRA
+  // decode graphs.
+  absl::Status set_lora_decode_tuning(const std::string& spec);
+  std::string lora_decode_tuning() const;
   // Tensor parallelism (model/cuda_phi_tp.cc).
   int tp_rank() const override { return shard_.rank; }
   int tp_world_size() const override { return shard_.world_size; }

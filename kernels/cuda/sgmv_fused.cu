@@ -348,7 +348,9 @@ KernelStatus SgmvDecodeFusedCuda(const SgmvFusedParams& p, GemmEpilogue act, cud
     args.col_blocks[o] = 0;
     if (o < p.num_ops) {
       int nb = std::clamp(cuda::CeilDiv(p.ops[o].out, kBlockColsHint), 1, budget);
-      if (4 * rows_ops >= sms) {
+      if (p.col_blocks > 0) {
+        nb = std::min(p.col_blocks, cuda::CeilDiv(p.ops[o].out, kCols));
+      } else if (4 * rows_ops >= sms) {
         int64_t in_sum = 0;
         for (int k = 0; k < p.ops[o].num_terms; ++k) in_sum += p.ops[o].terms[k].in;
         nb = static_cast<int>(
@@ -366,7 +368,8 @@ KernelStatus SgmvDecodeFusedCuda(const SgmvFusedParams& p, GemmEpilogue act, cud
     auto* kernel = act == GemmEpilogue::kGeluTanh  ? FusedKernel<T, 1>
                    : act == GemmEpilogue::kGeluErf ? FusedKernel<T, 2>
                                                    : FusedKernel<T, 0>;
-    return cuda::LaunchProgrammatic(kernel, grid, dim3(kThreads), stream, args);
+    return cuda::LaunchMaybeProgrammatic(kernel, grid, dim3(kThreads), 0, stream, p.programmatic,
+                                         args);
   });
 }
 

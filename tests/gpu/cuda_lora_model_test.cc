@@ -515,6 +515,43 @@ TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
   EXPECT_TRUE(differs) << "LoRA branch modes 1 and 2 gave identical logits";
 }
 
+// CudaPhiModel::set_lora_decode_tuning (CudaLora::SetDecodeTuning): column blocks per hook and
+// the PDL attribute change only launch shapes (each column block recomputes its row's
+// intermediate in the same order), so a mixed batch's decode logits stay bit for bit those of the
+// default; malformed specs are INVALID_ARGUMENT naming the spec and leave the tuning as it was.
+TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
+  PHI_REQUIRE_GPU();
+  const json golden = ReadGolden();
+  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  std::unique_ptr<CudaPhiModel> plain = LoadCuda(dir, true), tuned = LoadCuda(dir, true);
+  ASSERT_TRUE(plain && tuned);
+  EXPECT_EQ(plain->lora_decode_tuning(), "3:0.0.0.0:1");
+  ASSERT_TRUE(tuned->set_lora_decode_tuning("3:3.4.2.2:0").ok());
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0");
+  for (const char* bad : {"9", "x", "3:1.2", "3:0.0.0.-1", "3:0.0.0.0:2", "3:0.0.0.0:1:1", ""}) {
+    const absl::Status st = tuned->set_lora_decode_tuning(bad);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << "'" << bad << "'";
+    EXPECT_NE(st.message().find(std::string("'") + bad + "'"), std::string::npos) << st.message();
+  }
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0");
+  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
+  uint32_t idx = 3;
+  for (const json& a : golden.at("adapters")) {
+    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, plain->config())).ok());
+  }
+  const std::vector<Req> reqs = {
+      {{1932, 221, 17}, 0, 0},       {{5, 6, 7, 8, 9, 10, 11}, 4, 1}, {{300}, 3, 2},
+      {{44, 45, 46, 47, 48}, 77, 3}, {{12, 13, 14, 15}, 5, 4},        {{33, 34, 35, 36}, 4, 5}};
+  const int steps = 3;
+  ASSERT_TRUE(plain->SetAdapterRegistry(reg.get()).ok());
+  ASSERT_TRUE(tuned->SetAdapterRegistry(reg.get()).ok());
+  const auto want = RunBatch(*plain, reqs, 0, steps);
+  const auto got = RunBatch(*tuned, reqs, 0, steps);
+  ASSERT_EQ(got.size(), want.size());
+  for (int st = 1; st <= steps; ++st) EXPECT_EQ(got[st], want[st]) << "decode step " << st;
+  EXPECT_GE(tuned->num_lora_decode_graphs(), 1);
+}
+
 // ---- load / use / offload ---------------------------------------------------------------------
 TEST(CudaLoraMemory, HundredLoadUseOffloadCyclesReturnDeviceMemoryToBaseline) {
   PHI_REQUIRE_GPU();

@@ -527,8 +527,13 @@ TEST(CudaSgmvDecodeExpand, MatchesNaiveReferenceWithAndWithoutGelu) {
 // summation error <= 1e-5 x Σ|x a| (as the shrink above) and the expand's float32 sum 1e-5 x
 // Σ|scale t b|, so |y - ref| <= 1e-5 x (|y0| + Σ_k |scale b_k| (|t_k| + Σ|x a|_k)), GELU scales
 // that by <= 1.13 (+1e-6 of tanhf / erff), plus one rounding of y (unit x |ref|).
-void RunDecodeFused(const Case& c, DataType dt, GemmEpilogue act) {
-  SCOPED_TRACE(c.name + " " + DataTypeName(dt) + " act " + std::to_string(static_cast<int>(act)));
+// Returns the bytes of every op's y after the launch (empty on a failed launch), so that launch
+// shapes (col_blocks) can be compared bit for bit.
+std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEpilogue act,
+                                              int col_blocks = 0) {
+  SCOPED_TRACE(c.name + " " + DataTypeName(dt) + " act " + std::to_string(static_cast<int>(act)) +
+               " col_blocks " + std::to_string(col_blocks));
+  std::vector<std::vector<char>> result;
   Data d = MakeData(c, dt, 31);
   const bool with_act = act != GemmEpilogue::kNone;
   if (with_act) {  // tiles for the base runs, at most 16 rows each
@@ -592,7 +597,9 @@ void RunDecodeFused(const Case& c, DataType dt, GemmEpilogue act) {
   }
   fp.ref = ref;
   fp.dtype = dt;
-  ASSERT_EQ(SgmvDecodeFusedCuda(fp, act, nullptr), KernelStatus::kOk);
+  fp.col_blocks = col_blocks;
+  EXPECT_EQ(SgmvDecodeFusedCuda(fp, act, nullptr), KernelStatus::kOk);
+  if (::testing::Test::HasFailure()) return result;
   gpu_test::ExpectDeviceClean(nullptr);
   std::vector<std::vector<float>> ycpu = y0;
   if (!with_act) {
@@ -605,12 +612,13 @@ void RunDecodeFused(const Case& c, DataType dt, GemmEpilogue act) {
     cp.ref = MakeRef(d, table_cpu.data(), d.tiles.data(), &count, count);
     cp.ref.max_rank = kSgmvFusedMaxRank;
     cp.dtype = DataType::kF32;
-    ASSERT_EQ(SgmvFusedCpu(cp), KernelStatus::kOk);
+    EXPECT_EQ(SgmvFusedCpu(cp), KernelStatus::kOk);
   }
   const double unit = StorageUnit(dt);
   const size_t esz = DataTypeSize(dt);
   for (int o : ops) {
     const std::vector<char> bytes = ydev[o].DownloadBytes();
+    result.push_back(bytes);
     const std::vector<float> yg = Decode(bytes, dt);
     const OpShape& s = d.ops[o];
     int bad = 0;
@@ -681,12 +689,19 @@ void RunDecodeFused(const Case& c, DataType dt, GemmEpilogue act) {
       }
     }
   }
+  return result;
 }
 
+// col_blocks changes only the launch shape (each column block recomputes its row's t in the same
+// order): 3 column blocks per op (where the automatic choice gives 1 or 2) write the same bytes.
 TEST(CudaSgmvDecodeFused, MatchesNaiveReferenceWithAndWithoutGelu) {
   PHI_REQUIRE_GPU();
   for (DataType dt : {DataType::kBF16, DataType::kF16, DataType::kF32}) {
-    for (const Case& c : kCases) RunDecodeFused(c, dt, GemmEpilogue::kNone);
+    for (const Case& c : kCases) {
+      const auto automatic = RunDecodeFused(c, dt, GemmEpilogue::kNone, 0);
+      const auto three = RunDecodeFused(c, dt, GemmEpilogue::kNone, 3);
+      EXPECT_TRUE(automatic == three) << c.name << " " << DataTypeName(dt);
+    }
     for (const Case& c : kCases) {
       if (c.bad_slot_tile) continue;  // its tile overlaps a base row's tile: tiles are disjoint
       RunDecodeFused(c, dt, GemmEpilogue::kGeluTanh);
