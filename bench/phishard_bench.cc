@@ -367,12 +367,12 @@ int Main(int argc, char** argv) {
   app.add_option("--prefill-warmup-ms", prefill_warmup_ms,
                  "untimed prefills of each case for at least this long first (0: one, as before)");
   std::string lora_variants;
-  app.add_option(
-      "--lora-variants", lora_variants,
-      "after the LoRA comparison, its graph decode again under each tuning, in the "
-      "same process (CudaPhiModel::set_lora_decode_tuning: BRANCH, "
-      "BRANCH:QKV.FC1.FC2.DENSE column blocks, then :PDL; e.g. 1,3:0.0.0.2,3:0.0.0.0:0), "
-      "then base again");
+  app.add_option("--lora-variants", lora_variants,
+                 "after the LoRA comparison, its graph decode again under each tuning, in the "
+                 "same process (CudaPhiModel::set_lora_decode_tuning: BRANCH, "
+                 "BRANCH:QKV.FC1.FC2.DENSE column blocks, then :PDL, then :BESIDE; e.g. "
+                 "1,3:0.0.0.2,3:0.0.0.0:0,3:0.0.0.0:1:0), "
+                 "then base again");
   CLI11_PARSE(app, argc, argv);
   if (lora_only) prefills = lora_prefill;
   if (quick) {

@@ -216,6 +216,19 @@ KernelStatus SgmvFusedCpu(const SgmvFusedParams& p) {
       ep.ops[0].terms[k] = {k * p.ref.max_rank, term.entry};
     }
     sp.num_ops = op.num_terms;
+    if (op.delta != nullptr) {  // delta-only: expand into -0.0f rows (the add's identity)
+      const int ldd = op.ld_delta == 0 ? op.out : op.ld_delta;
+      if (ldd < op.out) return KernelStatus::kInvalidShape;
+      for (int i = 0; i < tiles; ++i) {
+        int32_t seg[2];
+        if (!TileRows(p.ref, p.ref.tiles[i], seg)) continue;
+        for (int r = seg[0]; r < seg[1]; ++r) {
+          std::fill_n(op.delta + static_cast<size_t>(r) * ldd, op.out, -0.0f);
+        }
+      }
+      ep.ops[0].y = op.delta;
+      ep.ops[0].ldy = ldd;
+    }
     sp.t = t.data();
     sp.ldt = ldt;
     sp.ref = p.ref;
@@ -227,6 +240,47 @@ KernelStatus SgmvFusedCpu(const SgmvFusedParams& p) {
     ep.ref = p.ref;
     ep.dtype = p.dtype;
     if (KernelStatus st = SgmvGroupedExpandCpu(ep); st != KernelStatus::kOk) return st;
+  }
+  return KernelStatus::kOk;
+}
+
+KernelStatus SgmvFoldCpu(const SgmvFoldParams& p, GemmEpilogue act) {
+  if (act != GemmEpilogue::kNone && act != GemmEpilogue::kGeluTanh &&
+      act != GemmEpilogue::kGeluErf) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.dtype != DataType::kF32) return KernelStatus::kUnsupportedDtype;
+  if (p.num_ops < 0 || p.num_ops > kSgmvMaxOps || p.ref.num_rows < 0 || p.ref.max_tiles < 0) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.num_ops == 0 || p.ref.max_tiles == 0 || p.ref.num_rows == 0) return KernelStatus::kOk;
+  if (p.ref.num_tiles == nullptr || p.ref.tiles == nullptr) return KernelStatus::kNullPointer;
+  for (int o = 0; o < p.num_ops; ++o) {
+    const SgmvFoldOp& op = p.ops[o];
+    if (op.out <= 0 || (op.ldy != 0 && op.ldy < op.out) ||
+        (op.ld_delta != 0 && op.ld_delta < op.out)) {
+      return KernelStatus::kInvalidShape;
+    }
+    if (op.y == nullptr || op.delta == nullptr) return KernelStatus::kNullPointer;
+  }
+  const int tiles = std::clamp(*p.ref.num_tiles, 0, p.ref.max_tiles);
+  for (int o = 0; o < p.num_ops; ++o) {
+    const SgmvFoldOp& op = p.ops[o];
+    const int ldy = op.ldy == 0 ? op.out : op.ldy, ldd = op.ld_delta == 0 ? op.out : op.ld_delta;
+    for (int i = 0; i < tiles; ++i) {
+      int32_t seg[2];
+      if (!TileRows(p.ref, p.ref.tiles[i], seg)) continue;
+      for (int r = seg[0]; r < seg[1]; ++r) {
+        float* y = static_cast<float*>(op.y) + static_cast<size_t>(r) * ldy;
+        const float* d = op.delta + static_cast<size_t>(r) * ldd;
+        for (int j = 0; j < op.out; ++j) {
+          const float v = y[j] + d[j];
+          y[j] = act == GemmEpilogue::kGeluTanh  ? GeluTanh(v)
+                 : act == GemmEpilogue::kGeluErf ? GeluErf(v)
+                                                 : v;
+        }
+      }
+    }
   }
   return KernelStatus::kOk;
 }

@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "kernels/dtype.h"
+#include "kernels/gemm.h"
 #include "kernels/kernel_status.h"
 
 namespace phishard {
@@ -171,6 +172,13 @@ struct SgmvFusedOp {
   int out = 0;
   int num_terms = 1;  // 1..kSgmvMaxTerms
   SgmvFusedTerm terms[kSgmvMaxTerms];
+  // Delta-only form: when set, y is neither read nor written; the op stores its float32 sum
+  // Σ_terms scale · t · Bᵀ (the exact value the fused form adds to y before its one rounding)
+  // into delta [num_rows, out] (row stride ld_delta, 0 means out), and -0.0f (the identity of a
+  // float add) on the rows of tiles it does not adapt, so SgmvFold (below) then gives the fused
+  // form's bits. Needs act == kNone (the fold applies it).
+  float* delta = nullptr;
+  int ld_delta = 0;
 };
 
 struct SgmvFusedParams {
@@ -189,5 +197,31 @@ struct SgmvFusedParams {
 // Host memory, kF32 only: each term through the grouped shrink / expand references above (t in a
 // scratch buffer). kInvalidShape / kNullPointer as there.
 KernelStatus SgmvFusedCpu(const SgmvFusedParams& p);
+
+// ---- Fold (decode steps): a delta computed beside the base GEMM, added after it -------------
+// For every row of every tile in use (base tiles included) and op o:
+//   y_o[row, 0:out_o] = act(float(y_o[row, 0:out_o]) + delta_o[row, 0:out_o])   rounded once
+// with delta from the delta-only fused form, so the pair equals the fused form bit for bit
+// (model/cuda_lora.h: the delta runs on a side stream beside the GEMM that writes y). Rows in no
+// tile are untouched.
+struct SgmvFoldOp {
+  void* y = nullptr;  // [num_rows, out] row stride ldy (0 means out), dtype
+  int ldy = 0;
+  int out = 0;
+  const float* delta = nullptr;  // [num_rows, out] row stride ld_delta (0 means out), float32
+  int ld_delta = 0;
+};
+
+struct SgmvFoldParams {
+  SgmvFoldOp ops[kSgmvMaxOps];  // distinct ops must not write the same y elements
+  int num_ops = 0;
+  SgmvTableRef ref;  // tiles, their count and num_rows (the table is not read)
+  DataType dtype = DataType::kF32;
+  bool programmatic = true;  // CUDA: launched as a programmatic dependent (PDL)
+};
+
+// Host memory, kF32 only; act kNone, kGeluTanh or kGeluErf. kInvalidShape for bad sizes or
+// another act, kNullPointer for a missing buffer.
+KernelStatus SgmvFoldCpu(const SgmvFoldParams& p, GemmEpilogue act);
 
 }  // namespace phishard

@@ -75,6 +75,9 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_BRANCH_PRIORITY"); v != nullptr && *v != 0) {
     branch_priority_ = *v != '0';
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_BESIDE"); v != nullptr && *v != 0) {
+    beside_ = *v != '0';
+  }
   if (const char* v = std::getenv("PHISHARD_LORA_DECODE_TUNING"); v != nullptr && *v != 0) {
     if (absl::Status st = SetDecodeTuning(v); !st.ok()) {
       PHI_LOG(WARNING) << "PHISHARD_LORA_DECODE_TUNING ignored: " << st.message();
@@ -96,6 +99,7 @@ CudaLora::~CudaLora() {
   }
   DeviceEventDestroy(fork_ev_);
   DeviceEventDestroy(join_ev_);
+  FreeBeside();
 }
 
 void CudaLora::FreeSlot(int slot) {
@@ -292,16 +296,24 @@ absl::Status CudaLora::Sync(cudaStream_t stream) {
 
 size_t CudaLora::WorkspaceBytes(int rows, int rank) const {
   const size_t r = static_cast<size_t>(std::max(rows, 1));
+  // The beside mode's delta buffer (model/cuda_lora_beside.cc) for decode steps of up to 512
+  // rows (larger ones allocate more, or fall back to the fused launches).
+  const PhiConfig& c = config_;
+  const size_t delta_cols =
+      static_cast<size_t>((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) +
+      c.intermediate_size;
+  const size_t delta_rows = (std::min<size_t>(r, 512) + 255) / 256 * 256;
   return AlignUp(kHeaderBytes + 2 * r * sizeof(SgmvTile)) + AlignUp(r * 6 * rank * sizeof(float)) +
-         (gemm_min_rows_ > 0 ? kLoraGemmReserveBytes : 0);
+         (gemm_min_rows_ > 0 ? kLoraGemmReserveBytes : 0) +
+         (beside_ ? AlignUp(delta_rows * delta_cols * sizeof(float)) : 0);
 }
 
 absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
-  // "B", "B:Q.F1.F2.D" or "B:Q.F1.F2.D:P".
+  // "B", "B:Q.F1.F2.D", "B:Q.F1.F2.D:P" or "B:Q.F1.F2.D:P:S".
   const std::vector<absl::string_view> parts = absl::StrSplit(spec, ':');
-  int mode = -1, pdl = 1;
+  int mode = -1, pdl = 1, beside = beside_ ? 1 : 0;
   int cols[kNumHooks] = {0, 0, 0, 0};
-  bool ok = !parts.empty() && parts.size() <= 3 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
+  bool ok = !parts.empty() && parts.size() <= 4 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
             mode <= 3;
   if (ok && parts.size() >= 2) {
     const std::vector<absl::string_view> c = absl::StrSplit(parts[1], '.');
@@ -310,13 +322,18 @@ absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
       ok = absl::SimpleAtoi(c[h], &cols[h]) && cols[h] >= 0 && cols[h] <= 4096;
     }
   }
-  if (ok && parts.size() == 3) ok = absl::SimpleAtoi(parts[2], &pdl) && (pdl == 0 || pdl == 1);
+  if (ok && parts.size() >= 3) ok = absl::SimpleAtoi(parts[2], &pdl) && (pdl == 0 || pdl == 1);
+  if (ok && parts.size() == 4) {
+    ok = absl::SimpleAtoi(parts[3], &beside) && (beside == 0 || beside == 1);
+  }
   if (!ok) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "LoRA decode tuning '%s' is not BRANCH (0..3), BRANCH:QKV.FC1.FC2.DENSE (column blocks "
-        "in [0, 4096], 0 = automatic) or BRANCH:QKV.FC1.FC2.DENSE:PDL (0 or 1)",
+        "in [0, 4096], 0 = automatic), BRANCH:QKV.FC1.FC2.DENSE:PDL (0 or 1) or "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE (0 or 1)",
         spec));
   }
+  beside_ = beside == 1;
   branch_mode_ = mode;
   std::copy(cols, cols + kNumHooks, hook_cols_);
   fused_pdl_ = pdl == 1;
@@ -324,8 +341,8 @@ absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
 }
 
 std::string CudaLora::DecodeTuning() const {
-  return absl::StrFormat("%d:%d.%d.%d.%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
-                         hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0);
+  return absl::StrFormat("%d:%d.%d.%d.%d:%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
+                         hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0, beside_ ? 1 : 0);
 }
 
 bool CudaLora::TakeGraphsStale() {
@@ -475,6 +492,8 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   logit_offset_ = decode ? 0 : n_tok;
   active_ = true;
   gemm_step_ = false;
+  beside_pending_[0] = beside_pending_[1] = false;
+  beside_step_ = decode && PlanBeside(rows);
   if (!decode && gemm_min_rows_ > 0 && T >= gemm_min_rows_) {
     if (absl::Status st = PlanGemm(batch, stream); !st.ok()) return st;
   }
@@ -563,6 +582,7 @@ KernelStatus CudaLora::Join(bool* pending, cudaStream_t stream) {
 }
 
 KernelStatus CudaLora::BeforeQkv(int layer, const void* normed, cudaStream_t stream) {
+  if (active_ && beside_step_ && FusedStep()) return BesideFork(layer, normed, stream);
   if (!active_ || gemm_step_ || !overlap_ || FusedStep()) return KernelStatus::kOk;
   const SgmvGroupedShrinkParams sp = QkvShrink(layer, normed);
   if (sp.num_ops == 0) return KernelStatus::kOk;
@@ -584,6 +604,7 @@ KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaSt
   const int hd = c.head_dim;
   const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
   const int width = nq + 2 * nkv;
+  if (beside_pending_[0]) return BesideFold(false, layer, qkv, GemmEpilogue::kNone, stream);
   if (FusedStep()) {
     SgmvFusedParams fp;
     const int offsets[] = {0, nq, nq + nkv};
@@ -649,6 +670,7 @@ KernelStatus CudaLora::AfterFc1(int layer, const void* normed, void* mlp, GemmEp
   if (!SplitFc1(layer)) return KernelStatus::kOk;
   if (gemm_step_) return GemmAfterFc1(layer, mlp, act, stream);
   const int I = config_.intermediate_size;
+  if (beside_pending_[1]) return BesideFold(true, layer, mlp, act, stream);
   if (FusedStep()) {  // every decode row has a tile: mlp = act(mlp + delta), base rows act(mlp)
     const int H = config_.hidden_size;
     SgmvFusedParams fp;

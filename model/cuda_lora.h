@@ -121,6 +121,13 @@ class CudaLora {
   // with the dense / fc2 shrink. The matching After hook joins the side stream before its expand
   // (inside a capture: a fork / join of the graph). Without the Before call the After hook
   // shrinks on `stream` itself, as before.
+  // Fused decode steps with the beside mode (default; PHISHARD_LORA_BESIDE=0 or the decode
+  // tuning's 4th field 0: off) use BeforeQkv instead to fork the q / k / v and the fc1 deltas in
+  // delta-only form (SgmvFusedOp::delta, float32 side buffers) onto two side streams, so they run
+  // beside the qkv and fc1 GEMMs instead of after them; AfterQkv and AfterFc1 then join them and
+  // fold them into the GEMMs' outputs (SgmvFoldCuda: the same bits as the fused launch).
+  // BeforeQkv must then be enqueued before the fc1 GEMM's stream forks from `stream`
+  // (model/cuda_lora_beside.cc).
   KernelStatus BeforeQkv(int layer, const void* normed, cudaStream_t stream);
   KernelStatus BeforeResidual(int layer, const void* attn, const void* mlp, cudaStream_t stream);
   KernelStatus AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
@@ -161,6 +168,7 @@ class CudaLora {
   // rank-16 adapters; docs/perf-log.md, lorad runs 1-2): no setting beat the default by more
   // than the noise (~0.05 ms); fc1 with one column block a row (1) or with 4 cost 0.7 and 0.13
   // ms a step.
+  // A 4th field, "B:Q.F1.F2.D:P:S", sets the beside mode (S = 1, the default, or 0).
   absl::Status SetDecodeTuning(absl::string_view spec);
   std::string DecodeTuning() const;
   // PHISHARD_LORA_BRANCH_PRIORITY=1 (an experiment, off by default; not yet run on a GPU): the
@@ -195,6 +203,14 @@ class CudaLora {
   // Decode steps with every rank <= kSgmvFusedMaxRank (unless PHISHARD_LORA_FUSED=0): each
   // hook is one SgmvDecodeFusedCuda launch (shrink + expand, no t buffer, no side stream).
   bool FusedStep() const;
+  // Beside mode (model/cuda_lora_beside.cc): the side streams, events and the delta buffer
+  // float32 [delta_rows_, qkv width + intermediate] (qkv deltas, then fc1's), made by Plan for
+  // decode steps (PlanBeside; false leaves the step on the fused launches), the fork, and the
+  // joins + folds of AfterQkv / AfterFc1.
+  bool PlanBeside(int rows);
+  KernelStatus BesideFork(int layer, const void* normed, cudaStream_t stream);
+  KernelStatus BesideFold(bool fc1, int layer, void* y, GemmEpilogue act, cudaStream_t stream);
+  void FreeBeside();
   // hook: kHookQkv .. kHookResidual (the column blocks SetDecodeTuning set for it).
   KernelStatus Fused(SgmvFusedParams& fp, GemmEpilogue act, cudaStream_t stream, int hook) const;
   // The shrinks of AfterQkv (x = LN output) and AfterResidual (x = attention / GELU output).
@@ -259,6 +275,15 @@ class CudaLora {
   DeviceEvent* join_ev_ = nullptr;
   bool qkv_pending_ = false;
   bool res_pending_ = false;
+  bool beside_ = true;        // PHISHARD_LORA_BESIDE / SetDecodeTuning
+  bool beside_step_ = false;  // this step forks its deltas (PlanBeside succeeded)
+  cudaStream_t beside_streams_[2] = {nullptr, nullptr};  // q / k / v deltas, fc1's
+  DeviceEvent* beside_fork_ev_ = nullptr;
+  DeviceEvent* beside_done_ev_[2] = {nullptr, nullptr};
+  bool beside_pending_[2] = {false, false};
+  float* delta_dev_ = nullptr;
+  int delta_rows_ = 0;
+  bool beside_failed_ = false;  // streams / events could not be made: fused launches only
 
   // The current step.
   bool active_ = false;

@@ -338,15 +338,15 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                                         .dtype = dt},
                                                        stream_),
                                          "layer_norm"));
+        if (lora_fork) {  // before the MLP fork: its fc1 delta may fork from here (beside mode)
+          PHI_RETURN_IF_ERROR(
+              KernelResult(lora_->BeforeQkv(l, normed, stream_), "lora qkv shrink"));
+        }
         if (mlp_fork) {  // (decode: one row range) after the LayerNorm of all rows
           PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, stream_), "MLP fork"));
           PHI_RETURN_IF_ERROR(
               DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "MLP fork wait"));
           PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
-        }
-        if (lora_fork) {
-          PHI_RETURN_IF_ERROR(
-              KernelResult(lora_->BeforeQkv(l, normed, stream_), "lora qkv shrink"));
         }
         PHI_RETURN_IF_ERROR(
             Linear(rows_of(linear(at(normed, rr, H), w.qkv_w, w.qkv_b, at(qkv, rr, qkv_width),

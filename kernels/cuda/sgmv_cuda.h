@@ -59,4 +59,11 @@ KernelStatus SgmvDecodeExpandCuda(const SgmvGroupedExpandParams& p, GemmEpilogue
 inline constexpr int kSgmvFusedMaxRank = 64;
 KernelStatus SgmvDecodeFusedCuda(const SgmvFusedParams& p, GemmEpilogue act, cudaStream_t stream);
 
+// SgmvFoldParams (kernels/sgmv.h) on the device: every row of every tile in use becomes
+// act(y + delta), one rounding, so the delta-only fused launch (SgmvFusedOp::delta) and this
+// give SgmvDecodeFusedCuda's bits with the delta computed while y is still being written
+// (kernels/cuda/sgmv_fused.cu). act kNone / kGeluTanh / kGeluErf (else kInvalidShape). Launched
+// as a programmatic dependent when p.programmatic (it waits before reading y and delta).
+KernelStatus SgmvFoldCuda(const SgmvFoldParams& p, GemmEpilogue act, cudaStream_t stream);
+
 }  // namespace phishard

@@ -242,10 +242,12 @@ __global__ void __launch_bounds__(kThreads, 2) FusedKernel(const Args args) {
       asm volatile("prefetch.global.L2 [%0];" ::"l"(b + o));
     }
   }
-  GridDepWait();                      // x and y are the previous kernels' outputs
-  if (!touched && kAct == 0) return;  // block-uniform
+  GridDepWait();  // x and y are the previous kernels' outputs
+  // Delta-only ops (SgmvFusedOp::delta) write -0.0f rows for tiles they do not adapt.
+  if (!touched && kAct == 0 && op.delta == nullptr) return;  // block-uniform
 
   const int ldy = op.ldy == 0 ? op.out : op.ldy;
+  const int ldd = op.ld_delta == 0 ? op.out : op.ld_delta;
   for (int row = begin; row < end; ++row) {
 #pragma unroll
     for (int k = 0; k < kSgmvMaxTerms; ++k) {
@@ -255,6 +257,27 @@ __global__ void __launch_bounds__(kThreads, 2) FusedKernel(const Args args) {
     }
     for (int grp = grp_begin + threadIdx.x; grp < grp_end; grp += kThreads) {
       const int j = grp * kCols, ncols = min(kCols, op.out - j);
+      if (op.delta != nullptr) {  // the float32 sum the branch below adds to y, stored as is
+        float acc[kCols] = {};
+#pragma unroll
+        for (int k = 0; k < kSgmvMaxTerms; ++k) {
+          if (terms[k].rank == 0) continue;
+          float part[kCols] = {};
+          ExpandCols<T>(terms[k], ts[k], j, ncols, part);
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) acc[c] += terms[k].scale * part[c];
+        }
+        float* d = op.delta + static_cast<size_t>(row) * ldd + j;
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[c] = touched ? acc[c] : -0.0f;
+        if (ncols == kCols && Aligned16(d)) {
+          reinterpret_cast<float4*>(d)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+          reinterpret_cast<float4*>(d)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        } else {
+          for (int c = 0; c < ncols; ++c) d[c] = acc[c];
+        }
+        continue;
+      }
       T* y = static_cast<T*>(op.y) + static_cast<size_t>(row) * ldy + j;
       // y first (it does not depend on B): one 16-byte load for a full group of 16-bit values.
       bool yvec = false;
@@ -290,6 +313,64 @@ __global__ void __launch_bounds__(kThreads, 2) FusedKernel(const Args args) {
   }
 }
 
+// SgmvFoldCuda: a block owns (tile, kFoldCols columns, op), a thread kCols consecutive columns
+// of each of the tile's rows: y = act(float(y) + delta), one rounding.
+constexpr int kFoldCols = kThreads * kCols;
+
+struct FoldArgs {
+  SgmvFoldOp ops[kSgmvMaxOps];
+  SgmvTableRef ref;
+};
+
+template <typename T, int kAct>
+__global__ void __launch_bounds__(kThreads) FoldKernel(const FoldArgs args) {
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+  const SgmvTableRef& r = args.ref;
+  const int count = min(max(*r.num_tiles, 0), r.max_tiles);
+  const SgmvFoldOp& op = args.ops[blockIdx.z];
+  const int j = (static_cast<int>(blockIdx.y) * kThreads + static_cast<int>(threadIdx.x)) * kCols;
+  if (static_cast<int>(blockIdx.x) >= count || j >= op.out) return GridDepWait();
+  const SgmvTile tile = r.tiles[blockIdx.x];
+  const int begin = min(max(tile.begin, 0), r.num_rows);
+  const int end = min(max(min(tile.end, tile.begin + kSgmvTileRows), begin), r.num_rows);
+  const int ncols = min(kCols, op.out - j);
+  const int ldy = op.ldy == 0 ? op.out : op.ldy;
+  const int ldd = op.ld_delta == 0 ? op.out : op.ld_delta;
+  GridDepWait();  // y and delta are the previous kernels' outputs
+  for (int row = begin; row < end; ++row) {
+    T* y = static_cast<T*>(op.y) + static_cast<size_t>(row) * ldy + j;
+    const float* d = op.delta + static_cast<size_t>(row) * ldd + j;
+    float yv[kCols], dv[kCols];
+    bool yvec = false;
+    if constexpr (sizeof(T) == 2) yvec = ncols == kCols && Aligned16(y);
+    if (yvec) {
+      if constexpr (sizeof(T) == 2) Unpack8<T>(*reinterpret_cast<const uint4*>(y), yv);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) yv[c] = c < ncols ? ToFloat(y[c]) : 0.0f;
+    }
+    if (ncols == kCols && Aligned16(d)) {
+      const float4 lo = reinterpret_cast<const float4*>(d)[0];
+      const float4 hi = reinterpret_cast<const float4*>(d)[1];
+      dv[0] = lo.x, dv[1] = lo.y, dv[2] = lo.z, dv[3] = lo.w;
+      dv[4] = hi.x, dv[5] = hi.y, dv[6] = hi.z, dv[7] = hi.w;
+    } else {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) dv[c] = c < ncols ? d[c] : 0.0f;
+    }
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) yv[c] = Act<kAct>(yv[c] + dv[c]);
+    if (yvec) {
+      alignas(16) T packed[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) packed[c] = FromFloat<T>(yv[c]);
+      *reinterpret_cast<uint4*>(y) = *reinterpret_cast<const uint4*>(packed);
+    } else {
+      for (int c = 0; c < ncols; ++c) y[c] = FromFloat<T>(yv[c]);
+    }
+  }
+}
+
 int MultiprocessorCount() {
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -314,12 +395,15 @@ KernelStatus SgmvDecodeFusedCuda(const SgmvFusedParams& p, GemmEpilogue act, cud
   if (act != GemmEpilogue::kNone && p.num_ops != 1) {
     return KernelStatus::kInvalidShape;  // the activation is for fc1's one output
   }
+  bool any_delta = false;
+  for (int o = 0; o < p.num_ops; ++o) any_delta = any_delta || p.ops[o].delta != nullptr;
+  if (any_delta && act != GemmEpilogue::kNone) return KernelStatus::kInvalidShape;
   const bool empty = p.num_ops == 0 || r.max_tiles == 0 || r.num_rows == 0 ||
-                     (r.max_rank == 0 && act == GemmEpilogue::kNone);
+                     (r.max_rank == 0 && act == GemmEpilogue::kNone && !any_delta);
   for (int o = 0; o < p.num_ops; ++o) {
     const SgmvFusedOp& op = p.ops[o];
     if (op.out <= 0 || (op.ldy != 0 && op.ldy < op.out) || op.num_terms < 1 ||
-        op.num_terms > kSgmvMaxTerms) {
+        op.num_terms > kSgmvMaxTerms || (op.ld_delta != 0 && op.ld_delta < op.out)) {
       return KernelStatus::kInvalidShape;
     }
     for (int k = 0; k < op.num_terms; ++k) {
@@ -327,7 +411,7 @@ KernelStatus SgmvDecodeFusedCuda(const SgmvFusedParams& p, GemmEpilogue act, cud
       if (t.in <= 0 || (t.ldx != 0 && t.ldx < t.in)) return KernelStatus::kInvalidShape;
       if (!empty && t.x == nullptr) return KernelStatus::kNullPointer;
     }
-    if (!empty && op.y == nullptr) return KernelStatus::kNullPointer;
+    if (!empty && op.y == nullptr && op.delta == nullptr) return KernelStatus::kNullPointer;
   }
   if (empty) return KernelStatus::kOk;
   if (r.num_tiles == nullptr || r.tiles == nullptr || r.table == nullptr) {
@@ -368,6 +452,44 @@ KernelStatus SgmvDecodeFusedCuda(const SgmvFusedParams& p, GemmEpilogue act, cud
     auto* kernel = act == GemmEpilogue::kGeluTanh  ? FusedKernel<T, 1>
                    : act == GemmEpilogue::kGeluErf ? FusedKernel<T, 2>
                                                    : FusedKernel<T, 0>;
+    return cuda::LaunchMaybeProgrammatic(kernel, grid, dim3(kThreads), 0, stream, p.programmatic,
+                                         args);
+  });
+}
+
+KernelStatus SgmvFoldCuda(const SgmvFoldParams& p, GemmEpilogue act, cudaStream_t stream) {
+  if (p.dtype != DataType::kF32 && p.dtype != DataType::kF16 && p.dtype != DataType::kBF16) {
+    return KernelStatus::kUnsupportedDtype;
+  }
+  const SgmvTableRef& r = p.ref;
+  if (p.num_ops < 0 || p.num_ops > kSgmvMaxOps || r.num_rows < 0 || r.max_tiles < 0 ||
+      (act != GemmEpilogue::kNone && act != GemmEpilogue::kGeluTanh &&
+       act != GemmEpilogue::kGeluErf)) {
+    return KernelStatus::kInvalidShape;
+  }
+  const bool empty = p.num_ops == 0 || r.max_tiles == 0 || r.num_rows == 0;
+  int max_nb = 1;
+  for (int o = 0; o < p.num_ops; ++o) {
+    const SgmvFoldOp& op = p.ops[o];
+    if (op.out <= 0 || (op.ldy != 0 && op.ldy < op.out) ||
+        (op.ld_delta != 0 && op.ld_delta < op.out)) {
+      return KernelStatus::kInvalidShape;
+    }
+    if (!empty && (op.y == nullptr || op.delta == nullptr)) return KernelStatus::kNullPointer;
+    max_nb = std::max(max_nb, cuda::CeilDiv(op.out, kFoldCols));
+  }
+  if (empty) return KernelStatus::kOk;
+  if (r.num_tiles == nullptr || r.tiles == nullptr) return KernelStatus::kNullPointer;
+  if (max_nb > kMaxGridY) return KernelStatus::kInvalidShape;
+  FoldArgs args;
+  for (int o = 0; o < kSgmvMaxOps; ++o) args.ops[o] = o < p.num_ops ? p.ops[o] : SgmvFoldOp{};
+  args.ref = r;
+  const dim3 grid = dim3(r.max_tiles, max_nb, p.num_ops);
+  return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto* kernel = act == GemmEpilogue::kGeluTanh  ? FoldKernel<T, 1>
+                   : act == GemmEpilogue::kGeluErf ? FoldKernel<T, 2>
+                                                   : FoldKernel<T, 0>;
     return cuda::LaunchMaybeProgrammatic(kernel, grid, dim3(kThreads), 0, stream, p.programmatic,
                                          args);
   });

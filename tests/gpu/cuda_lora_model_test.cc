@@ -525,15 +525,20 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
   const fs::path dir = kRepo / "models" / "tiny-phi-code";
   std::unique_ptr<CudaPhiModel> plain = LoadCuda(dir, true), tuned = LoadCuda(dir, true);
   ASSERT_TRUE(plain && tuned);
-  EXPECT_EQ(plain->lora_decode_tuning(), "3:0.0.0.0:1");
+  // The tuned model also turns the beside mode off (fused launches after the GEMMs), the plain
+  // one keeps it on (delta-only launches beside them + folds): the same logits, bit for bit.
+  EXPECT_EQ(plain->lora_decode_tuning(), "3:0.0.0.0:1:1");
   ASSERT_TRUE(tuned->set_lora_decode_tuning("3:3.4.2.2:0").ok());
-  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0");
-  for (const char* bad : {"9", "x", "3:1.2", "3:0.0.0.-1", "3:0.0.0.0:2", "3:0.0.0.0:1:1", ""}) {
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:1");
+  ASSERT_TRUE(tuned->set_lora_decode_tuning("3:3.4.2.2:0:0").ok());
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0");
+  for (const char* bad :
+       {"9", "x", "3:1.2", "3:0.0.0.-1", "3:0.0.0.0:2", "3:0.0.0.0:1:2", "3:0.0.0.0:1:1:1", ""}) {
     const absl::Status st = tuned->set_lora_decode_tuning(bad);
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << "'" << bad << "'";
     EXPECT_NE(st.message().find(std::string("'") + bad + "'"), std::string::npos) << st.message();
   }
-  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0");
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0");
   std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
   uint32_t idx = 3;
   for (const json& a : golden.at("adapters")) {

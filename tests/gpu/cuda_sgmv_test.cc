@@ -529,10 +529,12 @@ TEST(CudaSgmvDecodeExpand, MatchesNaiveReferenceWithAndWithoutGelu) {
 // that by <= 1.13 (+1e-6 of tanhf / erff), plus one rounding of y (unit x |ref|).
 // Returns the bytes of every op's y after the launch (empty on a failed launch), so that launch
 // shapes (col_blocks) can be compared bit for bit.
+// via_fold: the same result through the delta-only form (SgmvFusedOp::delta into NaN-poisoned
+// float32 buffers, row strides out and out + 3 so both store paths run) and SgmvFoldCuda.
 std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEpilogue act,
-                                              int col_blocks = 0) {
+                                              int col_blocks = 0, bool via_fold = false) {
   SCOPED_TRACE(c.name + " " + DataTypeName(dt) + " act " + std::to_string(static_cast<int>(act)) +
-               " col_blocks " + std::to_string(col_blocks));
+               " col_blocks " + std::to_string(col_blocks) + (via_fold ? " via fold" : ""));
   std::vector<std::vector<char>> result;
   Data d = MakeData(c, dt, 31);
   const bool with_act = act != GemmEpilogue::kNone;
@@ -598,7 +600,31 @@ std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEp
   fp.ref = ref;
   fp.dtype = dt;
   fp.col_blocks = col_blocks;
-  EXPECT_EQ(SgmvDecodeFusedCuda(fp, act, nullptr), KernelStatus::kOk);
+  std::vector<DeviceBuffer> deltas;
+  if (via_fold) {
+    SgmvFusedParams dp = fp;
+    SgmvFoldParams fold;
+    for (int i = 0; i < fp.num_ops; ++i) {
+      const int o = ops[i];
+      const int ldd = d.ops[o].out + (o % 2 == 1 ? 3 : 0);
+      deltas.push_back(
+          DeviceBuffer::From(std::vector<float>(static_cast<size_t>(d.rows) * ldd + 1, kNaN)));
+      dp.ops[i].y = nullptr;
+      dp.ops[i].delta = deltas.back().as<float>();
+      dp.ops[i].ld_delta = ldd;
+      fold.ops[fold.num_ops++] = {.y = fp.ops[i].y,
+                                  .ldy = fp.ops[i].ldy,
+                                  .out = fp.ops[i].out,
+                                  .delta = deltas.back().as<float>(),
+                                  .ld_delta = ldd};
+    }
+    fold.ref = ref;
+    fold.dtype = dt;
+    EXPECT_EQ(SgmvDecodeFusedCuda(dp, GemmEpilogue::kNone, nullptr), KernelStatus::kOk);
+    EXPECT_EQ(SgmvFoldCuda(fold, act, nullptr), KernelStatus::kOk);
+  } else {
+    EXPECT_EQ(SgmvDecodeFusedCuda(fp, act, nullptr), KernelStatus::kOk);
+  }
   if (::testing::Test::HasFailure()) return result;
   gpu_test::ExpectDeviceClean(nullptr);
   std::vector<std::vector<float>> ycpu = y0;
@@ -710,6 +736,26 @@ TEST(CudaSgmvDecodeFused, MatchesNaiveReferenceWithAndWithoutGelu) {
   }
 }
 
+// The beside mode's pair (model/cuda_lora_beside.cc): the delta-only form then SgmvFoldCuda give
+// the fused launch's bytes, with and without GELU, on every dtype (both also pass the naive
+// reference inside RunDecodeFused).
+TEST(CudaSgmvDecodeFused, DeltaThenFoldEqualsFusedBitForBit) {
+  PHI_REQUIRE_GPU();
+  for (DataType dt : {DataType::kBF16, DataType::kF16, DataType::kF32}) {
+    for (const Case& c : kCases) {
+      const auto fused = RunDecodeFused(c, dt, GemmEpilogue::kNone);
+      const auto folded = RunDecodeFused(c, dt, GemmEpilogue::kNone, 0, /*via_fold=*/true);
+      EXPECT_TRUE(!fused.empty() && fused == folded) << c.name << " " << DataTypeName(dt);
+      if (c.bad_slot_tile) continue;  // its tile overlaps a base row's tile: tiles are disjoint
+      for (GemmEpilogue act : {GemmEpilogue::kGeluTanh, GemmEpilogue::kGeluErf}) {
+        const auto f = RunDecodeFused(c, dt, act);
+        const auto g = RunDecodeFused(c, dt, act, 0, /*via_fold=*/true);
+        EXPECT_TRUE(!f.empty() && f == g) << c.name << " " << DataTypeName(dt) << " GELU";
+      }
+    }
+  }
+}
+
 TEST(CudaSgmvGrouped, RejectsBadShapesAndLaunchesNothingWhenEmpty) {
   PHI_REQUIRE_GPU();
   SgmvGroupedShrinkParams sp;
@@ -767,6 +813,25 @@ TEST(CudaSgmvGrouped, RejectsBadShapesAndLaunchesNothingWhenEmpty) {
   EXPECT_EQ(SgmvDecodeFusedCuda(fp, GemmEpilogue::kGeluErf, nullptr), KernelStatus::kInvalidShape);
   fp.ref.max_tiles = 0;  // nothing to do: no pointer is needed
   EXPECT_EQ(SgmvDecodeFusedCuda(fp, GemmEpilogue::kNone, nullptr), KernelStatus::kOk);
+  fp.ref.max_tiles = 1;
+  fp.num_ops = 1;
+  fp.ops[0].delta = reinterpret_cast<float*>(16);  // delta-only: the fold applies the activation
+  EXPECT_EQ(SgmvDecodeFusedCuda(fp, GemmEpilogue::kGeluTanh, nullptr), KernelStatus::kInvalidShape);
+  fp.ops[0].ld_delta = 4;  // < out
+  EXPECT_EQ(SgmvDecodeFusedCuda(fp, GemmEpilogue::kNone, nullptr), KernelStatus::kInvalidShape);
+  SgmvFoldParams fold;
+  fold.num_ops = 1;
+  fold.ops[0] = {.y = nullptr, .ldy = 0, .out = 8, .delta = nullptr, .ld_delta = 0};
+  fold.ref.max_tiles = 1;
+  fold.ref.num_rows = 1;
+  fold.dtype = DataType::kBF16;
+  EXPECT_EQ(SgmvFoldCuda(fold, GemmEpilogue::kNone, nullptr), KernelStatus::kNullPointer);
+  fold.ops[0].ldy = 4;  // < out
+  EXPECT_EQ(SgmvFoldCuda(fold, GemmEpilogue::kNone, nullptr), KernelStatus::kInvalidShape);
+  fold.ops[0].ldy = 0;
+  EXPECT_EQ(SgmvFoldCuda(fold, static_cast<GemmEpilogue>(7), nullptr), KernelStatus::kInvalidShape);
+  fold.ref.max_tiles = 0;  // nothing to do
+  EXPECT_EQ(SgmvFoldCuda(fold, GemmEpilogue::kNone, nullptr), KernelStatus::kOk);
   gpu_test::ExpectDeviceClean(nullptr);
 }
 

@@ -324,5 +324,102 @@ TEST(SgmvGrouped, MatchesNaiveDoubleReference) {
   }
 }
 
+// The beside mode's pair on the CPU (kernels/sgmv.h): the delta-only fused form writes the float32
+// delta scale · (x Aᵀ) Bᵀ on adapted tile rows, -0.0f (signbit set) on tile rows without an
+// adapter (a base tile, an entry without matrices), and leaves rows in no tile alone (NaN
+// poison stays); SgmvFoldCpu then gives act(y + delta) on every tile row and leaves the others
+// bit for bit. Tolerance: in = 12, r = 4 float32 terms, 2 (in + r + 4) u of the magnitudes as
+// above; GELU's slope is < 1.13, plus float tanhf / erff (~1e-6).
+TEST(SgmvFold, DeltaOnlyThenFoldMatchesNaiveReference) {
+  constexpr int kRows = 5, kIn = 12, kOut = 10, kLdd = 11, kRank = 4;
+  const std::vector<float> x = RandomVector(kRows * kIn, 41);
+  const std::vector<float> a = RandomVector(kRank * kIn, 42), b = RandomVector(kOut * kRank, 43);
+  const std::vector<float> y0 = RandomVector(kRows * kOut, 44, -3.0f, 3.0f);
+  // Slot 0 adapts the entry, slot 1 has no matrices for it; tiles: rows 0-1 slot 0, row 2 base,
+  // row 3 slot 1, row 4 in no tile.
+  const std::vector<SgmvWeight> table = {{a.data(), b.data(), kRank, 0.75f}, {}};
+  const std::vector<SgmvTile> tiles = {{0, 0, 2, 0}, {-1, 2, 3, 0}, {1, 3, 4, 0}};
+  const int32_t count = 3;
+  SgmvTableRef ref{.table = table.data(),
+                   .stride = 1,
+                   .num_slots = 2,
+                   .tiles = tiles.data(),
+                   .num_tiles = &count,
+                   .max_tiles = 3,
+                   .num_rows = kRows,
+                   .max_rank = kRank};
+  std::vector<float> delta(kRows * kLdd, testing_util::kNaN);
+  SgmvFusedParams fp;
+  fp.num_ops = 1;
+  fp.ops[0].out = kOut;
+  fp.ops[0].delta = delta.data();
+  fp.ops[0].ld_delta = kLdd;
+  fp.ops[0].terms[0] = {.x = x.data(), .ldx = kIn, .in = kIn, .entry = 0};
+  fp.ref = ref;
+  ASSERT_EQ(SgmvFusedCpu(fp), KernelStatus::kOk);
+  std::vector<double> want(kRows * kOut, 0.0), mag(kRows * kOut, 0.0);
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < kOut; ++j) {
+      for (int k = 0; k < kRank; ++k) {
+        double t = 0, tm = 0;
+        for (int q = 0; q < kIn; ++q) {
+          t += static_cast<double>(x[i * kIn + q]) * a[k * kIn + q];
+          tm += std::fabs(static_cast<double>(x[i * kIn + q]) * a[k * kIn + q]);
+        }
+        want[i * kOut + j] += 0.75 * t * b[j * kRank + k];
+        mag[i * kOut + j] += 0.75 * tm * std::fabs(b[j * kRank + k]);
+      }
+    }
+  }
+  const double unit_tol = 2.0 * (kIn + kRank + 4) * kF32Unit;
+  for (int i = 0; i < kRows; ++i) {
+    for (int j = 0; j < kLdd; ++j) {
+      const float d = delta[i * kLdd + j];
+      if (i == 4 || j >= kOut) {
+        EXPECT_TRUE(std::isnan(d)) << "delta[" << i << "][" << j << "] written";
+      } else if (i >= 2) {
+        EXPECT_TRUE(d == 0.0f && std::signbit(d)) << "delta[" << i << "][" << j << "] " << d;
+      } else {
+        EXPECT_NEAR(d, want[i * kOut + j], unit_tol * mag[i * kOut + j] + 1e-30);
+      }
+    }
+  }
+  for (GemmEpilogue act : {GemmEpilogue::kNone, GemmEpilogue::kGeluTanh, GemmEpilogue::kGeluErf}) {
+    std::vector<float> y = y0;
+    SgmvFoldParams fold;
+    fold.num_ops = 1;
+    fold.ops[0] = {
+        .y = y.data(), .ldy = kOut, .out = kOut, .delta = delta.data(), .ld_delta = kLdd};
+    fold.ref = ref;
+    ASSERT_EQ(SgmvFoldCpu(fold, act), KernelStatus::kOk);
+    for (int i = 0; i < kRows; ++i) {
+      for (int j = 0; j < kOut; ++j) {
+        const float got = y[i * kOut + j];
+        if (i == 4) {  // in no tile: bit for bit
+          EXPECT_EQ(std::memcmp(&got, &y0[i * kOut + j], sizeof(float)), 0);
+          continue;
+        }
+        double v = y0[i * kOut + j] + want[i * kOut + j];
+        double tol = unit_tol * (std::fabs(y0[i * kOut + j]) + mag[i * kOut + j]);
+        if (act == GemmEpilogue::kGeluTanh) {
+          v = 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
+          tol = 1.13 * tol + 1e-6;
+        } else if (act == GemmEpilogue::kGeluErf) {
+          v = 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+          tol = 1.13 * tol + 1e-6;
+        }
+        EXPECT_NEAR(got, v, tol + kF32Unit * std::fabs(v)) << "act " << static_cast<int>(act);
+      }
+    }
+  }
+  SgmvFoldParams bad;
+  bad.num_ops = 1;
+  bad.ops[0] = {.y = nullptr, .ldy = 0, .out = kOut, .delta = delta.data(), .ld_delta = 0};
+  bad.ref = ref;
+  EXPECT_EQ(SgmvFoldCpu(bad, GemmEpilogue::kNone), KernelStatus::kNullPointer);
+  bad.ops[0].ld_delta = kOut - 1;
+  EXPECT_EQ(SgmvFoldCpu(bad, GemmEpilogue::kNone), KernelStatus::kInvalidShape);
+}
+
 }  // namespace
 }  // namespace phishard

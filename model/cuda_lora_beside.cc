@@ -1,0 +1,179 @@
+// CudaLora's beside mode for fused decode steps (model/cuda_lora.h, BeforeQkv): the q / k / v
+// and fc1 deltas are computed while the qkv and fc1 GEMMs run, instead of after them.
+//
+// The fused launch adds y += Σ scale · t · Bᵀ into the GEMM's output, so it must wait for that
+// GEMM; the delta does not depend on y. Here, right after the LayerNorm (the point both GEMMs
+// fork from), BesideFork launches the delta-only fused form (SgmvFusedOp::delta: the float32
+// sum, -0.0f on rows it does not adapt) on two side streams: the q / k / v deltas on one, fc1's
+// on the other, each into its column window of delta_dev_ float32 [delta_rows_, W + I] (W = q +
+// k + v width, I = intermediate). AfterQkv and AfterFc1 then make their stream wait for the
+// matching side stream and fold (SgmvFoldCuda: y = act(y + delta), one rounding), which gives
+// the fused launch's bits (the same float sum, the same single rounding; cuda_sgmv_test).
+// Inside a decode-graph capture the fork and the joins are edges of the graph, as the MLP
+// branch's are. Per layer critical path before attention (H200, b64, rank 16; perf-log lorad
+// runs): qkv GEMM 14.6 + q/k/v delta 22 µs and fc1 GEMM 18.3 + fc1 delta 19.5 µs become
+// max(GEMM, delta) + a fold of a few µs on each side.
+#ifdef PHISHARD_HAVE_CUDA
+
+#include <algorithm>
+
+#include "common/logging.h"
+#include "kernels/cuda/sgmv_cuda.h"
+#include "model/cuda_lora.h"
+
+namespace phishard {
+namespace {
+
+constexpr int kQ = 0, kK = 1, kV = 2, kFc1 = 4;  // LoraTarget order (model/cuda_lora.cc)
+constexpr int kDeltaRowStep = 256;               // delta_dev_ grows in steps of these rows
+
+}  // namespace
+
+void CudaLora::FreeBeside() {
+  for (int s = 0; s < 2; ++s) {
+    if (beside_streams_[s] != nullptr) {
+      DeviceStreamSync(beside_streams_[s]);
+      DeviceStreamDestroy(beside_streams_[s]);
+      beside_streams_[s] = nullptr;
+    }
+    DeviceEventDestroy(beside_done_ev_[s]);
+    beside_done_ev_[s] = nullptr;
+  }
+  DeviceEventDestroy(beside_fork_ev_);
+  beside_fork_ev_ = nullptr;
+  if (delta_dev_ != nullptr) DeviceFree(delta_dev_);
+  delta_dev_ = nullptr;
+  delta_rows_ = 0;
+}
+
+bool CudaLora::PlanBeside(int rows) {
+  if (!beside_ || beside_failed_ || !FusedStep()) return false;
+  if (beside_fork_ev_ == nullptr) {
+    int err = DeviceEventCreate(&beside_fork_ev_);
+    for (int s = 0; s < 2 && err == 0; ++s) {
+      err = DeviceStreamCreate(&beside_streams_[s]);
+      if (err == 0) err = DeviceEventCreate(&beside_done_ev_[s]);
+    }
+    if (err != 0) {
+      DeviceGetLastError();
+      PHI_LOG(WARNING) << "LoRA beside mode off: cannot create streams / events on CUDA device "
+                       << device_ << ": " << DeviceErrorString(err);
+      FreeBeside();
+      beside_failed_ = true;
+      return false;
+    }
+  }
+  if (rows > delta_rows_) {
+    const PhiConfig& c = config_;
+    const int width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+    const int want = (rows + kDeltaRowStep - 1) / kDeltaRowStep * kDeltaRowStep;
+    const size_t bytes = static_cast<size_t>(want) * (width + c.intermediate_size) * sizeof(float);
+    if (DeviceStreamSync(beside_streams_[0]) != 0 || DeviceStreamSync(beside_streams_[1]) != 0) {
+      DeviceGetLastError();
+      return false;
+    }
+    void* mem = nullptr;
+    if (int err = DeviceMalloc(&mem, bytes); err != 0) {
+      DeviceGetLastError();
+      PHI_LOG(WARNING) << "LoRA beside mode off for this step: cannot allocate " << bytes
+                       << " bytes of delta buffer on CUDA device " << device_ << ": "
+                       << DeviceErrorString(err);
+      return false;
+    }
+    if (delta_dev_ != nullptr) DeviceFree(delta_dev_);
+    delta_dev_ = static_cast<float*>(mem);
+    delta_rows_ = want;
+    graphs_stale_ = true;  // the decode graphs bake in the buffer's address
+  }
+  return true;
+}
+
+KernelStatus CudaLora::BesideFork(int layer, const void* normed, cudaStream_t stream) {
+  const PhiConfig& c = config_;
+  const int H = c.hidden_size, hd = c.head_dim;
+  const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
+  const int width = nq + 2 * nkv, ld = width + c.intermediate_size;
+  SgmvFusedParams fps[2];
+  const int offsets[] = {0, nq, nq + nkv};
+  const int outs[] = {nq, nkv, nkv};
+  for (int t : {kQ, kK, kV}) {
+    if (!Launch(Entry(layer, t))) continue;
+    SgmvFusedOp& op = fps[0].ops[fps[0].num_ops++];
+    op.out = outs[t];
+    op.delta = delta_dev_ + offsets[t];
+    op.ld_delta = ld;
+    op.terms[0] = {.x = normed, .ldx = H, .in = H, .entry = Entry(layer, t)};
+  }
+  if (Launch(Entry(layer, kFc1))) {
+    SgmvFusedOp& op = fps[1].ops[fps[1].num_ops++];
+    op.out = c.intermediate_size;
+    op.delta = delta_dev_ + width;
+    op.ld_delta = ld;
+    op.terms[0] = {.x = normed, .ldx = H, .in = H, .entry = Entry(layer, kFc1)};
+  }
+  if (fps[0].num_ops == 0 && fps[1].num_ops == 0) return KernelStatus::kOk;
+  if (DeviceEventRecord(beside_fork_ev_, stream) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  KernelStatus result = KernelStatus::kOk;
+  for (int s = 0; s < 2; ++s) {
+    if (fps[s].num_ops == 0) continue;
+    if (DeviceStreamWaitEvent(beside_streams_[s], beside_fork_ev_) != 0) {
+      DeviceGetLastError();
+      return KernelStatus::kDeviceError;
+    }
+    const KernelStatus st =
+        Fused(fps[s], GemmEpilogue::kNone, beside_streams_[s], s == 0 ? kHookQkv : kHookFc1);
+    if (result == KernelStatus::kOk) result = st;
+    // Recorded even after a failed launch, so that the join stays well-formed.
+    if (DeviceEventRecord(beside_done_ev_[s], beside_streams_[s]) != 0) {
+      DeviceGetLastError();
+      return KernelStatus::kDeviceError;
+    }
+    beside_pending_[s] = true;
+  }
+  return result;
+}
+
+KernelStatus CudaLora::BesideFold(bool fc1, int layer, void* y, GemmEpilogue act,
+                                  cudaStream_t stream) {
+  const int s = fc1 ? 1 : 0;
+  beside_pending_[s] = false;
+  if (DeviceStreamWaitEvent(stream, beside_done_ev_[s]) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  const PhiConfig& c = config_;
+  const int hd = c.head_dim;
+  const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
+  const int width = nq + 2 * nkv, ld = width + c.intermediate_size;
+  const size_t es = DataTypeSize(dtype_);
+  SgmvFoldParams p;
+  if (fc1) {
+    p.ops[p.num_ops++] = {.y = y,
+                          .ldy = c.intermediate_size,
+                          .out = c.intermediate_size,
+                          .delta = delta_dev_ + width,
+                          .ld_delta = ld};
+  } else {
+    const int offsets[] = {0, nq, nq + nkv};
+    const int outs[] = {nq, nkv, nkv};
+    for (int t : {kQ, kK, kV}) {
+      if (!Launch(Entry(layer, t))) continue;
+      p.ops[p.num_ops++] = {.y = static_cast<char*>(y) + static_cast<size_t>(offsets[t]) * es,
+                            .ldy = width,
+                            .out = outs[t],
+                            .delta = delta_dev_ + offsets[t],
+                            .ld_delta = ld};
+    }
+  }
+  p.ref = Ref(false);
+  p.dtype = dtype_;
+  p.programmatic = fused_pdl_;
+  return SgmvFoldCuda(p, act, stream);
+}
+
+}  // namespace phishard
+
+#endif  // PHISHARD_HAVE_CUDA
