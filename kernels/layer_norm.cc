@@ -9,6 +9,9 @@ KernelStatus LayerNormCpu(const LayerNormParams& p) {
   if (p.rows < 0 || p.cols <= 0) return KernelStatus::kInvalidShape;
   if (p.rows == 0) return KernelStatus::kOk;
   if (!p.x || !p.weight || !p.bias || !p.y) return KernelStatus::kNullPointer;
+  if (p.fold_delta != nullptr && (p.x == p.y || (p.ld_fold != 0 && p.ld_fold < p.cols))) {
+    return KernelStatus::kInvalidShape;
+  }
   const auto* x = static_cast<const float*>(p.x);
   const auto* w = static_cast<const float*>(p.weight);
   const auto* b = static_cast<const float*>(p.bias);
@@ -17,6 +20,11 @@ KernelStatus LayerNormCpu(const LayerNormParams& p) {
   for (int r = 0; r < p.rows; ++r) {
     const float* xr = x + static_cast<size_t>(r) * n;
     float* yr = y + static_cast<size_t>(r) * n;
+    if (p.fold_delta != nullptr) {  // x += delta, written back (one float32 add = one rounding)
+      float* xw = const_cast<float*>(xr);
+      const float* d = p.fold_delta + static_cast<size_t>(r) * (p.ld_fold == 0 ? n : p.ld_fold);
+      for (int i = 0; i < n; ++i) xw[i] += d[i];
+    }
     // Two passes (mean, then centred variance) in double: no cancellation, and the result is
     // exactly the float32 statistics rounded once.
     double sum = 0.0;

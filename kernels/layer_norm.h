@@ -17,9 +17,15 @@ struct LayerNormParams {
   int cols = 0;
   float eps = 1e-5f;
   DataType dtype = DataType::kF32;
+  // Optional residual fold (LoRA decode steps, model/cuda_lora.h): when set, every row first
+  // becomes x[r, :] = x[r, :] + fold_delta[r, :] in float32, rounded once to dtype and written
+  // back into x (which must then not be y), and y is the LayerNorm of that new x. The same bits
+  // as SgmvFold into x followed by a plain LayerNorm of x.
+  const float* fold_delta = nullptr;  // [rows, ld_fold] row-major, float32
+  int ld_fold = 0;                    // 0 means cols
 };
 
-// Host memory, kF32 only.
+// Host memory, kF32 only. kInvalidShape when fold_delta is set and x == y or ld_fold < cols.
 KernelStatus LayerNormCpu(const LayerNormParams& p);
 
 }  // namespace phishard

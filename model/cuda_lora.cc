@@ -78,6 +78,14 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_BESIDE"); v != nullptr && *v != 0) {
     beside_ = *v != '0';
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_DENSE_BESIDE"); v != nullptr && *v != 0) {
+    if (*v >= '0' && *v <= '2' && v[1] == 0) {
+      dense_beside_ = *v - '0';
+    } else {
+      PHI_LOG(WARNING) << "PHISHARD_LORA_DENSE_BESIDE='" << v << "' is not 0, 1 or 2: keeping "
+                       << dense_beside_;
+    }
+  }
   if (const char* v = std::getenv("PHISHARD_LORA_DECODE_TUNING"); v != nullptr && *v != 0) {
     if (absl::Status st = SetDecodeTuning(v); !st.ok()) {
       PHI_LOG(WARNING) << "PHISHARD_LORA_DECODE_TUNING ignored: " << st.message();
@@ -301,7 +309,7 @@ size_t CudaLora::WorkspaceBytes(int rows, int rank) const {
   const PhiConfig& c = config_;
   const size_t delta_cols =
       static_cast<size_t>((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) +
-      c.intermediate_size;
+      c.intermediate_size + c.hidden_size;
   const size_t delta_rows = (std::min<size_t>(r, 512) + 255) / 256 * 256;
   return AlignUp(kHeaderBytes + 2 * r * sizeof(SgmvTile)) + AlignUp(r * 6 * rank * sizeof(float)) +
          (gemm_min_rows_ > 0 ? kLoraGemmReserveBytes : 0) +
@@ -309,11 +317,11 @@ size_t CudaLora::WorkspaceBytes(int rows, int rank) const {
 }
 
 absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
-  // "B", "B:Q.F1.F2.D", "B:Q.F1.F2.D:P" or "B:Q.F1.F2.D:P:S".
+  // "B", "B:Q.F1.F2.D", "B:Q.F1.F2.D:P", "B:Q.F1.F2.D:P:S" or "B:Q.F1.F2.D:P:S:R".
   const std::vector<absl::string_view> parts = absl::StrSplit(spec, ':');
-  int mode = -1, pdl = 1, beside = beside_ ? 1 : 0;
+  int mode = -1, pdl = 1, beside = beside_ ? 1 : 0, dense = dense_beside_;
   int cols[kNumHooks] = {0, 0, 0, 0};
-  bool ok = !parts.empty() && parts.size() <= 4 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
+  bool ok = !parts.empty() && parts.size() <= 5 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
             mode <= 3;
   if (ok && parts.size() >= 2) {
     const std::vector<absl::string_view> c = absl::StrSplit(parts[1], '.');
@@ -323,17 +331,20 @@ absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
     }
   }
   if (ok && parts.size() >= 3) ok = absl::SimpleAtoi(parts[2], &pdl) && (pdl == 0 || pdl == 1);
-  if (ok && parts.size() == 4) {
+  if (ok && parts.size() >= 4) {
     ok = absl::SimpleAtoi(parts[3], &beside) && (beside == 0 || beside == 1);
   }
+  if (ok && parts.size() == 5) ok = absl::SimpleAtoi(parts[4], &dense) && dense >= 0 && dense <= 2;
   if (!ok) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "LoRA decode tuning '%s' is not BRANCH (0..3), BRANCH:QKV.FC1.FC2.DENSE (column blocks "
-        "in [0, 4096], 0 = automatic), BRANCH:QKV.FC1.FC2.DENSE:PDL (0 or 1) or "
-        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE (0 or 1)",
+        "in [0, 4096], 0 = automatic), BRANCH:QKV.FC1.FC2.DENSE:PDL (0 or 1), "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE (0 or 1) or "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE (0, 1 or 2)",
         spec));
   }
   beside_ = beside == 1;
+  dense_beside_ = dense;
   branch_mode_ = mode;
   std::copy(cols, cols + kNumHooks, hook_cols_);
   fused_pdl_ = pdl == 1;
@@ -341,8 +352,9 @@ absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
 }
 
 std::string CudaLora::DecodeTuning() const {
-  return absl::StrFormat("%d:%d.%d.%d.%d:%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
-                         hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0, beside_ ? 1 : 0);
+  return absl::StrFormat("%d:%d.%d.%d.%d:%d:%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
+                         hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0, beside_ ? 1 : 0,
+                         dense_beside_);
 }
 
 bool CudaLora::TakeGraphsStale() {
@@ -492,7 +504,7 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   logit_offset_ = decode ? 0 : n_tok;
   active_ = true;
   gemm_step_ = false;
-  beside_pending_[0] = beside_pending_[1] = false;
+  beside_pending_[0] = beside_pending_[1] = dense_pending_ = false;
   beside_step_ = decode && PlanBeside(rows);
   if (!decode && gemm_min_rows_ > 0 && T >= gemm_min_rows_) {
     if (absl::Status st = PlanGemm(batch, stream); !st.ok()) return st;
@@ -716,6 +728,7 @@ KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* ml
   PHI_CHECK(!fc2_done || FusedStep());
   if (gemm_step_) return GemmAfterResidual(layer, attn, mlp, h, stream);
   const int H = config_.hidden_size;
+  if (dense_pending_) return DenseAfterResidual(layer, h, stream);  // the only term: BeforeDense
   if (FusedStep()) {  // h += dense(attn) and fc2(mlp) deltas, one rounding (fc2's: AfterFc2)
     const int A = config_.num_attention_heads * config_.head_dim, I = config_.intermediate_size;
     SgmvFusedParams fp;

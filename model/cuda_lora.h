@@ -65,6 +65,7 @@
 #include "kernels/dtype.h"
 #include "kernels/gemm.h"
 #include "kernels/kernel_status.h"
+#include "kernels/layer_norm.h"
 #include "kernels/sgmv.h"
 #include "model/adapter_registry.h"
 #include "model/forward_batch.h"
@@ -129,6 +130,18 @@ class CudaLora {
   // BeforeQkv must then be enqueued before the fc1 GEMM's stream forks from `stream`
   // (model/cuda_lora_beside.cc).
   KernelStatus BeforeQkv(int layer, const void* normed, cudaStream_t stream);
+  // Dense beside (beside-mode steps whose residual hook has dense's delta as its only term, i.e.
+  // fc2's delta ran in AfterFc2; PHISHARD_LORA_DENSE_BESIDE or the decode tuning's 5th field:
+  // 0 off, 1, 2): BeforeDense, called right after attention (before the dense GEMM), forks
+  // dense's delta in delta-only form onto a side stream (float32, columns [W + I, W + I + H) of
+  // the delta buffer). AfterResidual then (1) joins it and folds it into h (SgmvFoldCuda), or (2)
+  // leaves it to the next layer's LayerNorm (LayerNorm below: x = h + delta rounded once, written
+  // back, then normalised; the last layer folds as in 1). Same bits as the fused launch after
+  // the dense GEMM in both (model/cuda_lora_beside.cc).
+  KernelStatus BeforeDense(int layer, const void* attn, bool fc2_done, cudaStream_t stream);
+  // The layer's LayerNorm on `stream` (p.x = h): with the previous layer's dense delta pending
+  // (dense beside 2), joins it and folds it in (LayerNormParams::fold_delta); else LayerNormCuda.
+  KernelStatus LayerNorm(LayerNormParams p, cudaStream_t stream);
   KernelStatus BeforeResidual(int layer, const void* attn, const void* mlp, cudaStream_t stream);
   KernelStatus AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
   KernelStatus AfterFc1(int layer, const void* normed, void* mlp, GemmEpilogue act,
@@ -168,7 +181,8 @@ class CudaLora {
   // rank-16 adapters; docs/perf-log.md, lorad runs 1-2): no setting beat the default by more
   // than the noise (~0.05 ms); fc1 with one column block a row (1) or with 4 cost 0.7 and 0.13
   // ms a step.
-  // A 4th field, "B:Q.F1.F2.D:P:S", sets the beside mode (S = 1, the default, or 0).
+  // A 4th field, "B:Q.F1.F2.D:P:S", sets the beside mode (S = 1, the default, or 0), a 5th,
+  // "B:Q.F1.F2.D:P:S:R", the dense beside mode (R = 0, 1 or 2; BeforeDense).
   absl::Status SetDecodeTuning(absl::string_view spec);
   std::string DecodeTuning() const;
   // PHISHARD_LORA_BRANCH_PRIORITY=1 (an experiment, off by default; not yet run on a GPU): the
@@ -204,12 +218,21 @@ class CudaLora {
   // hook is one SgmvDecodeFusedCuda launch (shrink + expand, no t buffer, no side stream).
   bool FusedStep() const;
   // Beside mode (model/cuda_lora_beside.cc): the side streams, events and the delta buffer
-  // float32 [delta_rows_, qkv width + intermediate] (qkv deltas, then fc1's), made by Plan for
+  // float32 [delta_rows_, qkv width + intermediate + hidden] (qkv deltas, fc1's, dense's; zeroed
+  // when made), made by Plan for
   // decode steps (PlanBeside; false leaves the step on the fused launches), the fork, and the
   // joins + folds of AfterQkv / AfterFc1.
   bool PlanBeside(int rows);
   KernelStatus BesideFork(int layer, const void* normed, cudaStream_t stream);
   KernelStatus BesideFold(bool fc1, int layer, void* y, GemmEpilogue act, cudaStream_t stream);
+  // AfterResidual with dense's delta forked by BeforeDense: fold it now or leave it pending.
+  KernelStatus DenseAfterResidual(int layer, void* h, cudaStream_t stream);
+  // Columns of the delta buffer: q / k / v, fc1, dense (W + I + H).
+  int DeltaLd() const {
+    const PhiConfig& c = config_;
+    return (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + c.intermediate_size +
+           c.hidden_size;
+  }
   void FreeBeside();
   // hook: kHookQkv .. kHookResidual (the column blocks SetDecodeTuning set for it).
   KernelStatus Fused(SgmvFusedParams& fp, GemmEpilogue act, cudaStream_t stream, int hook) const;
@@ -279,11 +302,13 @@ class CudaLora {
   bool beside_step_ = false;  // this step forks its deltas (PlanBeside succeeded)
   cudaStream_t beside_streams_[2] = {nullptr, nullptr};  // q / k / v deltas, fc1's
   DeviceEvent* beside_fork_ev_ = nullptr;
-  DeviceEvent* beside_done_ev_[2] = {nullptr, nullptr};
+  DeviceEvent* beside_done_ev_[3] = {nullptr, nullptr, nullptr};  // ... and dense's delta
   bool beside_pending_[2] = {false, false};
   float* delta_dev_ = nullptr;
   int delta_rows_ = 0;
   bool beside_failed_ = false;  // streams / events could not be made: fused launches only
+  int dense_beside_ = 2;        // PHISHARD_LORA_DENSE_BESIDE / SetDecodeTuning (BeforeDense)
+  bool dense_pending_ = false;  // dense's delta forked and not yet folded
 
   // The current step.
   bool active_ = false;
@@ -328,9 +353,10 @@ class CudaLora {
   // PHISHARD_LORA_GEMM_MAX_SEGMENTS (default 16; 0: always concatenated): 16 unequal segments
   // are up to 128 GEMM launches a layer (5 expands + 3 shrinks each; ~16 ms of host enqueue a
   // Phi-2 step at ~4 us each), about the GPU time of such a step at the minimum rows below; more
-  // segments would leave the GPU waiting on the host (equal consecutive segments are one launch). PHISHARD_LORA_GEMM_SEGMENT_ROWS (default 64): fewest adapter rows per segment
-  // on average; a cuBLASLt tile is 64-256 rows, so shorter segments pay a mostly empty tile each
-  // where the concatenated form pays R / width_a.
+  // segments would leave the GPU waiting on the host (equal consecutive segments are one launch).
+  // PHISHARD_LORA_GEMM_SEGMENT_ROWS (default 64): fewest adapter rows per segment on average; a
+  // cuBLASLt tile is 64-256 rows, so shorter segments pay a mostly empty tile each where the
+  // concatenated form pays R / width_a.
   int gemm_max_segments_ = 16;
   int gemm_segment_rows_ = 64;
   bool gemm_segmented_ = false;

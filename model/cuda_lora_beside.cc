@@ -5,27 +5,32 @@
 // GEMM; the delta does not depend on y. Here, right after the LayerNorm (the point both GEMMs
 // fork from), BesideFork launches the delta-only fused form (SgmvFusedOp::delta: the float32
 // sum, -0.0f on rows it does not adapt) on two side streams: the q / k / v deltas on one, fc1's
-// on the other, each into its column window of delta_dev_ float32 [delta_rows_, W + I] (W = q +
-// k + v width, I = intermediate). AfterQkv and AfterFc1 then make their stream wait for the
-// matching side stream and fold (SgmvFoldCuda: y = act(y + delta), one rounding), which gives
-// the fused launch's bits (the same float sum, the same single rounding; cuda_sgmv_test).
+// on the other, each into its column window of delta_dev_ float32 [delta_rows_, W + I + H] (W =
+// q + k + v width, I = intermediate, H = hidden). AfterQkv and AfterFc1 then make their stream wait
+// for the matching side stream and fold (SgmvFoldCuda: y = act(y + delta), one rounding), which
+// gives the fused launch's bits (the same float sum, the same single rounding; cuda_sgmv_test).
 // Inside a decode-graph capture the fork and the joins are edges of the graph, as the MLP
 // branch's are. Per layer critical path before attention (H200, b64, rank 16; perf-log lorad
 // runs): qkv GEMM 14.6 + q/k/v delta 22 µs and fc1 GEMM 18.3 + fc1 delta 19.5 µs become
 // max(GEMM, delta) + a fold of a few µs on each side.
+// Dense's delta (BeforeDense, right after attention) runs the same way beside the dense GEMM into
+// columns [W + I, W + I + H) and is folded into h by the next layer's LayerNorm
+// (LayerNormParams::fold_delta), so no launch of its own stays on the critical path (H200 b64,
+// 64 rank-16 adapters: -0.09 to -0.17 ms a step; docs/perf-log.md, lorad3 run 1).
 #ifdef PHISHARD_HAVE_CUDA
 
 #include <algorithm>
 
 #include "common/logging.h"
+#include "kernels/cuda/layer_norm_cuda.h"
 #include "kernels/cuda/sgmv_cuda.h"
 #include "model/cuda_lora.h"
 
 namespace phishard {
 namespace {
 
-constexpr int kQ = 0, kK = 1, kV = 2, kFc1 = 4;  // LoraTarget order (model/cuda_lora.cc)
-constexpr int kDeltaRowStep = 256;               // delta_dev_ grows in steps of these rows
+constexpr int kQ = 0, kK = 1, kV = 2, kDense = 3, kFc1 = 4;  // LoraTarget order (cuda_lora.cc)
+constexpr int kDeltaRowStep = 256;  // delta_dev_ grows in steps of these rows
 
 }  // namespace
 
@@ -36,6 +41,8 @@ void CudaLora::FreeBeside() {
       DeviceStreamDestroy(beside_streams_[s]);
       beside_streams_[s] = nullptr;
     }
+  }
+  for (int s = 0; s < 3; ++s) {
     DeviceEventDestroy(beside_done_ev_[s]);
     beside_done_ev_[s] = nullptr;
   }
@@ -50,10 +57,8 @@ bool CudaLora::PlanBeside(int rows) {
   if (!beside_ || beside_failed_ || !FusedStep()) return false;
   if (beside_fork_ev_ == nullptr) {
     int err = DeviceEventCreate(&beside_fork_ev_);
-    for (int s = 0; s < 2 && err == 0; ++s) {
-      err = DeviceStreamCreate(&beside_streams_[s]);
-      if (err == 0) err = DeviceEventCreate(&beside_done_ev_[s]);
-    }
+    for (int s = 0; s < 2 && err == 0; ++s) err = DeviceStreamCreate(&beside_streams_[s]);
+    for (int s = 0; s < 3 && err == 0; ++s) err = DeviceEventCreate(&beside_done_ev_[s]);
     if (err != 0) {
       DeviceGetLastError();
       PHI_LOG(WARNING) << "LoRA beside mode off: cannot create streams / events on CUDA device "
@@ -67,14 +72,21 @@ bool CudaLora::PlanBeside(int rows) {
     const PhiConfig& c = config_;
     const int width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
     const int want = (rows + kDeltaRowStep - 1) / kDeltaRowStep * kDeltaRowStep;
-    const size_t bytes = static_cast<size_t>(want) * (width + c.intermediate_size) * sizeof(float);
+    const size_t bytes = static_cast<size_t>(want) * DeltaLd() * sizeof(float);
     if (DeviceStreamSync(beside_streams_[0]) != 0 || DeviceStreamSync(beside_streams_[1]) != 0) {
       DeviceGetLastError();
       return false;
     }
     void* mem = nullptr;
-    if (int err = DeviceMalloc(&mem, bytes); err != 0) {
+    int err = DeviceMalloc(&mem, bytes);
+    // Zeroed once: the dense delta's fold into the next LayerNorm (DenseBeside) reads every row
+    // of the step, also the padding rows of a graph bucket that no tile writes (finite values
+    // there; their outputs are dropped).
+    if (err == 0) err = DeviceMemset(mem, 0, bytes, beside_streams_[0]);
+    if (err == 0) err = DeviceStreamSync(beside_streams_[0]);
+    if (err != 0) {
       DeviceGetLastError();
+      if (mem != nullptr) DeviceFree(mem);
       PHI_LOG(WARNING) << "LoRA beside mode off for this step: cannot allocate " << bytes
                        << " bytes of delta buffer on CUDA device " << device_ << ": "
                        << DeviceErrorString(err);
@@ -92,7 +104,7 @@ KernelStatus CudaLora::BesideFork(int layer, const void* normed, cudaStream_t st
   const PhiConfig& c = config_;
   const int H = c.hidden_size, hd = c.head_dim;
   const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
-  const int width = nq + 2 * nkv, ld = width + c.intermediate_size;
+  const int width = nq + 2 * nkv, ld = DeltaLd();
   SgmvFusedParams fps[2];
   const int offsets[] = {0, nq, nq + nkv};
   const int outs[] = {nq, nkv, nkv};
@@ -147,7 +159,7 @@ KernelStatus CudaLora::BesideFold(bool fc1, int layer, void* y, GemmEpilogue act
   const PhiConfig& c = config_;
   const int hd = c.head_dim;
   const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
-  const int width = nq + 2 * nkv, ld = width + c.intermediate_size;
+  const int width = nq + 2 * nkv, ld = DeltaLd();
   const size_t es = DataTypeSize(dtype_);
   SgmvFoldParams p;
   if (fc1) {
@@ -172,6 +184,76 @@ KernelStatus CudaLora::BesideFold(bool fc1, int layer, void* y, GemmEpilogue act
   p.dtype = dtype_;
   p.programmatic = fused_pdl_;
   return SgmvFoldCuda(p, act, stream);
+}
+
+KernelStatus CudaLora::BeforeDense(int layer, const void* attn, bool fc2_done,
+                                   cudaStream_t stream) {
+  PHI_CHECK(!dense_pending_);  // the previous layer's LayerNorm (LayerNorm) folded it
+  if (!active_ || !beside_step_ || dense_beside_ == 0 || !FusedStep() || !fc2_done ||
+      branch_mode_ == 2 || !Launch(Entry(layer, kDense))) {
+    return KernelStatus::kOk;
+  }
+  const PhiConfig& c = config_;
+  const int A = c.num_attention_heads * c.head_dim;
+  const int width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+  SgmvFusedParams fp;
+  SgmvFusedOp& op = fp.ops[fp.num_ops++];
+  op.out = c.hidden_size;
+  op.delta = delta_dev_ + width + c.intermediate_size;
+  op.ld_delta = DeltaLd();
+  op.terms[0] = {.x = attn, .ldx = A, .in = A, .entry = Entry(layer, kDense)};
+  // The q / k / v deltas' stream: its work of this layer was joined before rotary.
+  cudaStream_t side = beside_streams_[0];
+  if (DeviceEventRecord(beside_fork_ev_, stream) != 0 ||
+      DeviceStreamWaitEvent(side, beside_fork_ev_) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  const KernelStatus st = Fused(fp, GemmEpilogue::kNone, side, kHookResidual);
+  // Recorded even after a failed launch, so that the join stays well-formed.
+  if (DeviceEventRecord(beside_done_ev_[2], side) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  dense_pending_ = true;
+  return st;
+}
+
+KernelStatus CudaLora::DenseAfterResidual(int layer, void* h, cudaStream_t stream) {
+  // Dense beside 2: the next layer's LayerNorm folds it (the last layer has none after it here).
+  if (dense_beside_ == 2 && layer + 1 < config_.num_hidden_layers) return KernelStatus::kOk;
+  dense_pending_ = false;
+  if (DeviceStreamWaitEvent(stream, beside_done_ev_[2]) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  const PhiConfig& c = config_;
+  const int width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+  SgmvFoldParams p;
+  p.ops[p.num_ops++] = {.y = h,
+                        .ldy = c.hidden_size,
+                        .out = c.hidden_size,
+                        .delta = delta_dev_ + width + c.intermediate_size,
+                        .ld_delta = DeltaLd()};
+  p.ref = Ref(false);
+  p.dtype = dtype_;
+  p.programmatic = fused_pdl_;
+  return SgmvFoldCuda(p, GemmEpilogue::kNone, stream);
+}
+
+KernelStatus CudaLora::LayerNorm(LayerNormParams p, cudaStream_t stream) {
+  if (dense_pending_) {
+    dense_pending_ = false;
+    if (DeviceStreamWaitEvent(stream, beside_done_ev_[2]) != 0) {
+      DeviceGetLastError();
+      return KernelStatus::kDeviceError;
+    }
+    const PhiConfig& c = config_;
+    const int width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+    p.fold_delta = delta_dev_ + width + c.intermediate_size;
+    p.ld_fold = DeltaLd();
+  }
+  return LayerNormCuda(p, stream);
 }
 
 }  // namespace phishard

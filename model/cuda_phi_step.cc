@@ -328,16 +328,17 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
           PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
         }
       } else {
-        PHI_RETURN_IF_ERROR(KernelResult(LayerNormCuda({.x = at(h, rr, H),
-                                                        .weight = w.ln_w,
-                                                        .bias = w.ln_b,
-                                                        .y = at(normed, rr, H),
-                                                        .rows = rr.rows,
-                                                        .cols = H,
-                                                        .eps = c.layer_norm_eps,
-                                                        .dtype = dt},
-                                                       stream_),
-                                         "layer_norm"));
+        const LayerNormParams ln{.x = at(h, rr, H),
+                                 .weight = w.ln_w,
+                                 .bias = w.ln_b,
+                                 .y = at(normed, rr, H),
+                                 .rows = rr.rows,
+                                 .cols = H,
+                                 .eps = c.layer_norm_eps,
+                                 .dtype = dt};
+        // LoRA steps may fold the last layer's dense delta in here (CudaLora::BeforeDense).
+        PHI_RETURN_IF_ERROR(KernelResult(
+            lora_fork ? lora_->LayerNorm(ln, stream_) : LayerNormCuda(ln, stream_), "layer_norm"));
         if (lora_fork) {  // before the MLP fork: its fc1 delta may fork from here (beside mode)
           PHI_RETURN_IF_ERROR(
               KernelResult(lora_->BeforeQkv(l, normed, stream_), "lora qkv shrink"));
@@ -400,6 +401,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
         in.decode ? PagedDecodeCuda(ap, decode_plan, stream_, &last_decode_splits_)
                   : PagedAttentionCuda(ap, prefill_plan, stream_, &last_decode_splits_),
         "paged_attention"));
+    if (lora_fork) {  // dense's delta beside the dense GEMM (CudaLora::BeforeDense)
+      PHI_RETURN_IF_ERROR(
+          KernelResult(lora_->BeforeDense(l, attn, fc2_on_branch, stream_), "lora dense delta"));
+    }
     if (!mlp_fork) {
       PHI_RETURN_IF_ERROR(mlp_branch(stream_, gemm_.get()));
     } else if (!join_early || fc2_main) {

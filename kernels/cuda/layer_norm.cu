@@ -22,10 +22,12 @@ struct alignas(16) Pack16 {
 // kPer packs per thread (thread i owns packs i, i + blockDim.x, ...). x, weight and bias are all
 // loaded up front (weight/bias do not wait on the statistics), the row stays in registers, and the
 // mean and the centred variance are two block sums in float32 (as the fallback kernel below).
-template <typename T, int kPer>
+// kFold (LayerNormParams::fold_delta): each pack of x first becomes x + delta (float32, one
+// rounding), written back to x, and the statistics are of that rounded row.
+template <typename T, int kPer, bool kFold = false>
 __global__ void __launch_bounds__(kVecMaxThreads)
     LayerNormVecKernel(const T* x, const T* __restrict__ w, const T* __restrict__ b, T* y, int cols,
-                       float eps) {
+                       float eps, const float* __restrict__ delta = nullptr, int ld_delta = 0) {
   // A programmatic dependent (a bulk GEMV, kernels/cuda/gemv_bulk.cu) may start loading its
   // weights now; it waits for this grid to finish before reading y.
   asm volatile("griddepcontrol.launch_dependents;" :::);
@@ -44,6 +46,25 @@ __global__ void __launch_bounds__(kVecMaxThreads)
       xv[c] = xr[i];
       wv[c] = reinterpret_cast<const P*>(w)[i];
       bv[c] = reinterpret_cast<const P*>(b)[i];
+    }
+  }
+  if constexpr (kFold) {  // delta rows are 16-byte aligned (checked by the launch)
+    const float4* dr = reinterpret_cast<const float4*>(delta + row * ld_delta);
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) {
+      const int i = threadIdx.x + c * blockDim.x;
+      if (i < packs) {
+        float d[N];
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q) {
+          const float4 v = dr[i * (N / 4) + q];
+          d[4 * q] = v.x, d[4 * q + 1] = v.y, d[4 * q + 2] = v.z, d[4 * q + 3] = v.w;
+        }
+#pragma unroll
+        for (int e = 0; e < N; ++e)
+          xv[c].v[e] = cuda::FromFloat<T>(cuda::ToFloat(xv[c].v[e]) + d[e]);
+        const_cast<P*>(xr)[i] = xv[c];
+      }
     }
   }
   float sum = 0.0f;
@@ -202,18 +223,68 @@ __global__ void __launch_bounds__(kThreads)
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The residual fold alone (LayerNormParams::fold_delta) for the launches whose kernels do not take
+// it: x[r, c] = x[r, c] + delta[r, c], one rounding; grid (column blocks, rows).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    FoldRowsKernel(T* x, const float* __restrict__ delta, int cols, int ld_delta) {
+  const int c = blockIdx.x * kThreads + threadIdx.x;
+  if (c >= cols) return;
+  const size_t row = blockIdx.y;
+  T* xr = x + row * cols + c;
+  *xr = cuda::FromFloat<T>(cuda::ToFloat(*xr) + delta[row * ld_delta + c]);
+}
+
 }  // namespace
 
 KernelStatus LayerNormCuda(const LayerNormParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.cols <= 0 || !(p.eps >= 0.0f)) return KernelStatus::kInvalidShape;
   if (p.rows == 0) return KernelStatus::kOk;
   if (!p.x || !p.weight || !p.bias || !p.y) return KernelStatus::kNullPointer;
+  const int ld_fold = p.ld_fold == 0 ? p.cols : p.ld_fold;
+  if (p.fold_delta != nullptr && (p.x == p.y || ld_fold < p.cols || p.rows > 65535)) {
+    return KernelStatus::kInvalidShape;
+  }
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int N = Pack16<T>::kN;
     const int packs = p.cols / N;
     const bool vec = p.cols % N == 0 && Aligned16(p.x) && Aligned16(p.y) && Aligned16(p.weight) &&
                      Aligned16(p.bias) && packs <= kVecMaxThreads * kVecMaxPer;
+    const bool fold_vec =
+        vec && p.rows < kWarpRowMinRows && Aligned16(p.fold_delta) && ld_fold % 4 == 0;
+    if (p.fold_delta != nullptr && fold_vec) {
+      // The vector kernel below with the fold: the same launch shape, so the same statistics'
+      // order and bits as the fold followed by a plain LayerNorm.
+      int per = 1;
+      while (cuda::CeilDiv(packs, per) > kVecMaxThreads) per *= 2;
+      const int threads = cuda::CeilDiv(cuda::CeilDiv(packs, per), 32) * 32;
+      const T* x = static_cast<const T*>(p.x);
+      const T* w = static_cast<const T*>(p.weight);
+      const T* b = static_cast<const T*>(p.bias);
+      T* y = static_cast<T*>(p.y);
+      const float* d = p.fold_delta;
+      switch (per) {
+        case 1:
+          LayerNormVecKernel<T, 1, true>
+              <<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps, d, ld_fold);
+          break;
+        case 2:
+          LayerNormVecKernel<T, 2, true>
+              <<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps, d, ld_fold);
+          break;
+        default:
+          LayerNormVecKernel<T, kVecMaxPer, true>
+              <<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps, d, ld_fold);
+          break;
+      }
+      return cuda::LaunchStatus();
+    }
+    if (p.fold_delta != nullptr) {  // the fold first, then the LayerNorm below
+      FoldRowsKernel<T><<<dim3(cuda::CeilDiv(p.cols, kThreads), p.rows), kThreads, 0, stream>>>(
+          static_cast<T*>(const_cast<void*>(p.x)), p.fold_delta, p.cols, ld_fold);
+      if (const KernelStatus st = cuda::LaunchStatus(); st != KernelStatus::kOk) return st;
+    }
     if (vec && p.rows >= kWarpRowMinRows && packs <= 32 * 16) {
       const T* x = static_cast<const T*>(p.x);
       const T* w = static_cast<const T*>(p.weight);

@@ -85,6 +85,42 @@ TEST(LayerNorm, UsesEps) {
   EXPECT_LT(std::fabs(y[0]), 0.5);  // without eps it would be ~1
 }
 
+// The residual fold (LayerNormParams::fold_delta): x += delta (row stride ld_fold) is written back,
+// and y is the LayerNorm of the new x, against the naive double reference on x + delta computed
+// here (tolerance as MatchesNaiveDoubleReference: the add is one exact-to-float32 op either way).
+TEST(LayerNorm, FoldAddsDeltaThenNormalises) {
+  const int rows = 5, cols = 80, ld = 96;
+  std::vector<float> x = RandomVector(static_cast<size_t>(rows) * cols, 11, 2.0f, 4.0f);
+  const std::vector<float> w = RandomVector(cols, 12, 0.5f, 1.5f);
+  const std::vector<float> b = RandomVector(cols, 13);
+  const std::vector<float> delta = RandomVector(static_cast<size_t>(rows) * ld, 14, -0.5f, 0.5f);
+  std::vector<float> want_x = x;
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < cols; ++c) want_x[r * cols + c] += delta[r * ld + c];
+  }
+  std::vector<float> y = Poisoned(x.size());
+  LayerNormParams p{.x = x.data(),
+                    .weight = w.data(),
+                    .bias = b.data(),
+                    .y = y.data(),
+                    .rows = rows,
+                    .cols = cols,
+                    .eps = 1e-5f,
+                    .fold_delta = delta.data(),
+                    .ld_fold = ld};
+  ASSERT_EQ(LayerNormCpu(p), KernelStatus::kOk);
+  EXPECT_EQ(x, want_x);
+  const std::vector<double> ref = NaiveLayerNorm(want_x, w, b, rows, cols, 1e-5);
+  for (size_t i = 0; i < y.size(); ++i) {
+    ASSERT_NEAR(y[i], ref[i], 1e-5 * (1.0 + std::fabs(ref[i]))) << "at " << i;
+  }
+  p.y = x.data();  // in place would read the folded x for y too: refused
+  EXPECT_EQ(LayerNormCpu(p), KernelStatus::kInvalidShape);
+  p.y = y.data();
+  p.ld_fold = cols - 1;
+  EXPECT_EQ(LayerNormCpu(p), KernelStatus::kInvalidShape);
+}
+
 TEST(LayerNorm, RejectsBadParams) {
   std::vector<float> buf(8, 1.0f);
   LayerNormParams p{.x = buf.data(),
