@@ -7,11 +7,11 @@
 # while time is left. Logs under $OUT.
 #
 # Here, before the call (build dir build-h11 of /work/main, CUDA on, sm_90a):
-#   cmake --build build-h11 --target phishard phishard_bench <the GPU tests and integration tests
-#     named below> -j2
+#   cmake --build build-h11 --target phishard phishard_bench phishard_tp_bench <every tests/gpu
+#     test but the *_bench_test ones, and the integration tests named below> -j2
 #   D=/work/main/.dev-final; rm -rf $D && /work/shared/tools/device-bundle $D \
 #     build-h11/bin/phishard build-h11/bin/phishard_bench build-h11/bin/phishard_tp_bench \
-#     build-h11/tests/<each test below>
+#     build-h11/tests/<each of those tests>
 #   strip --strip-unneeded $D/bin/* $D/lib/*
 #   (cd $D && XZ_OPT='-9 -T2' tar -cJf bundle.txz bin lib env.sh && rm -rf bin lib env.sh)
 #   (xz -9: its 64 MiB window folds the test binaries' shared static code, 51 -> 21 MB)
@@ -41,9 +41,13 @@ SUMMARY="$OUT/summary.txt"
 source "$ROOT/tools/device_step.sh"
 step_summary_header
 
-for t in cuda_ops_test cuda_attention_test cuda_gemv_test cuda_graph_test cuda_model_test \
-  cuda_greedy_pick_test cuda_sgmv_test cuda_lora_gemm_test cuda_lora_model_test \
-  nccl_communicator_test custom_all_reduce_test cuda_tp_model_test; do
+# Every GPU test binary in the bundle (tests/gpu/*_test.cc; the *_bench_test ones are timing
+# tables for the perf helpers, left out), the TP ones last.
+GPU_TESTS=$(cd $B && ls *_test 2> /dev/null | grep -vE '^(serve_|metrics_|faults_|grpcurl_|health_)' |
+  grep -v '_bench_test$' | grep -vE '^(nccl_communicator|custom_all_reduce|copy_engine_all_reduce|cuda_tp_model)_test$')
+GPU_TESTS="$GPU_TESTS $(cd $B && ls nccl_communicator_test custom_all_reduce_test \
+  copy_engine_all_reduce_test cuda_tp_model_test 2> /dev/null)"
+for t in $GPU_TESTS; do
   step "$t" 90 gpu_tests.log $B/$t
 done
 export PHISHARD_TEST_DEVICE=cuda
