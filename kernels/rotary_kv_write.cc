@@ -28,6 +28,8 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
   const int qkv_width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
   const int stride = p.qkv_stride == 0 ? qkv_width : p.qkv_stride;
   if (stride < qkv_width) return KernelStatus::kInvalidShape;
+  const int ld_fold = p.ld_fold == 0 ? qkv_width : p.ld_fold;
+  if (p.fold_delta != nullptr && ld_fold < qkv_width) return KernelStatus::kInvalidShape;
   if (p.num_tokens == 0) return KernelStatus::kOk;
   if (!p.qkv || !p.positions || !p.slots || !p.k_cache || !p.v_cache) {
     return KernelStatus::kNullPointer;
@@ -58,6 +60,10 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
       sin[j] = std::sin(angle);
     }
     float* row = qkv + static_cast<size_t>(t) * stride;
+    if (p.fold_delta != nullptr) {  // one float32 add: the fold's one rounding
+      const float* d = p.fold_delta + static_cast<size_t>(t) * ld_fold;
+      for (int c = 0; c < qkv_width; ++c) row[c] += d[c];
+    }
     float* q = row;
     float* k = row + static_cast<size_t>(p.num_heads) * p.head_dim;
     const float* v = k + kv_row;

@@ -40,9 +40,15 @@ struct RotaryKvWriteParams {
   int rotary_dim = 0;  // even, in [0, head_dim]; 0 disables rotation
   float theta = 10000.0f;
   DataType dtype = DataType::kF32;
+  // Optional fold (LoRA decode steps, model/cuda_lora.h): when set, every element of q, k and v
+  // first becomes qkv + fold_delta (float32 add, rounded once to dtype), and the whole q | k | v
+  // row is written back to qkv (rotated where it rotates) before K and V go to the cache: the
+  // same bits as SgmvFold into qkv followed by the plain launch.
+  const float* fold_delta = nullptr;  // [num_tokens, ld_fold] float32, columns as qkv's q | k | v
+  int ld_fold = 0;                    // 0 means (num_heads + 2 * num_kv_heads) * head_dim
 };
 
-// Host memory, kF32 only.
+// Host memory, kF32 only. kInvalidShape when ld_fold is below the q | k | v width.
 KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p);
 
 }  // namespace phishard

@@ -86,6 +86,9 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
                        << dense_beside_;
     }
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_ROTARY_FOLD"); v != nullptr && *v != 0) {
+    rotary_fold_ = *v != '0';
+  }
   if (const char* v = std::getenv("PHISHARD_LORA_DECODE_TUNING"); v != nullptr && *v != 0) {
     if (absl::Status st = SetDecodeTuning(v); !st.ok()) {
       PHI_LOG(WARNING) << "PHISHARD_LORA_DECODE_TUNING ignored: " << st.message();
@@ -317,11 +320,13 @@ size_t CudaLora::WorkspaceBytes(int rows, int rank) const {
 }
 
 absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
-  // "B", "B:Q.F1.F2.D", "B:Q.F1.F2.D:P", "B:Q.F1.F2.D:P:S" or "B:Q.F1.F2.D:P:S:R".
+  // "B", "B:Q.F1.F2.D", "B:Q.F1.F2.D:P", "B:Q.F1.F2.D:P:S", "B:Q.F1.F2.D:P:S:R" or
+  // "B:Q.F1.F2.D:P:S:R:F".
   const std::vector<absl::string_view> parts = absl::StrSplit(spec, ':');
   int mode = -1, pdl = 1, beside = beside_ ? 1 : 0, dense = dense_beside_;
+  int rotary = rotary_fold_ ? 1 : 0;
   int cols[kNumHooks] = {0, 0, 0, 0};
-  bool ok = !parts.empty() && parts.size() <= 5 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
+  bool ok = !parts.empty() && parts.size() <= 6 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
             mode <= 3;
   if (ok && parts.size() >= 2) {
     const std::vector<absl::string_view> c = absl::StrSplit(parts[1], '.');
@@ -334,17 +339,22 @@ absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
   if (ok && parts.size() >= 4) {
     ok = absl::SimpleAtoi(parts[3], &beside) && (beside == 0 || beside == 1);
   }
-  if (ok && parts.size() == 5) ok = absl::SimpleAtoi(parts[4], &dense) && dense >= 0 && dense <= 2;
+  if (ok && parts.size() >= 5) ok = absl::SimpleAtoi(parts[4], &dense) && dense >= 0 && dense <= 2;
+  if (ok && parts.size() == 6) {
+    ok = absl::SimpleAtoi(parts[5], &rotary) && (rotary == 0 || rotary == 1);
+  }
   if (!ok) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "LoRA decode tuning '%s' is not BRANCH (0..3), BRANCH:QKV.FC1.FC2.DENSE (column blocks "
         "in [0, 4096], 0 = automatic), BRANCH:QKV.FC1.FC2.DENSE:PDL (0 or 1), "
-        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE (0 or 1) or "
-        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE (0, 1 or 2)",
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE (0 or 1), "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE (0, 1 or 2) or "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE:ROTARY_FOLD (0 or 1)",
         spec));
   }
   beside_ = beside == 1;
   dense_beside_ = dense;
+  rotary_fold_ = rotary == 1;
   branch_mode_ = mode;
   std::copy(cols, cols + kNumHooks, hook_cols_);
   fused_pdl_ = pdl == 1;
@@ -352,9 +362,9 @@ absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
 }
 
 std::string CudaLora::DecodeTuning() const {
-  return absl::StrFormat("%d:%d.%d.%d.%d:%d:%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
+  return absl::StrFormat("%d:%d.%d.%d.%d:%d:%d:%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
                          hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0, beside_ ? 1 : 0,
-                         dense_beside_);
+                         dense_beside_, rotary_fold_ ? 1 : 0);
 }
 
 bool CudaLora::TakeGraphsStale() {
@@ -504,7 +514,7 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   logit_offset_ = decode ? 0 : n_tok;
   active_ = true;
   gemm_step_ = false;
-  beside_pending_[0] = beside_pending_[1] = dense_pending_ = false;
+  beside_pending_[0] = beside_pending_[1] = dense_pending_ = qkv_fold_pending_ = false;
   beside_step_ = decode && PlanBeside(rows);
   if (!decode && gemm_min_rows_ > 0 && T >= gemm_min_rows_) {
     if (absl::Status st = PlanGemm(batch, stream); !st.ok()) return st;
@@ -616,7 +626,7 @@ KernelStatus CudaLora::AfterQkv(int layer, const void* normed, void* qkv, cudaSt
   const int hd = c.head_dim;
   const int nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
   const int width = nq + 2 * nkv;
-  if (beside_pending_[0]) return BesideFold(false, layer, qkv, GemmEpilogue::kNone, stream);
+  if (beside_pending_[0]) return BesideAfterQkv(layer, qkv, stream);
   if (FusedStep()) {
     SgmvFusedParams fp;
     const int offsets[] = {0, nq, nq + nkv};

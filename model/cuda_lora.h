@@ -66,6 +66,7 @@
 #include "kernels/gemm.h"
 #include "kernels/kernel_status.h"
 #include "kernels/layer_norm.h"
+#include "kernels/rotary_kv_write.h"
 #include "kernels/sgmv.h"
 #include "model/adapter_registry.h"
 #include "model/forward_batch.h"
@@ -142,6 +143,12 @@ class CudaLora {
   // The layer's LayerNorm on `stream` (p.x = h): with the previous layer's dense delta pending
   // (dense beside 2), joins it and folds it in (LayerNormParams::fold_delta); else LayerNormCuda.
   KernelStatus LayerNorm(LayerNormParams p, cudaStream_t stream);
+  // Rotary fold (PHISHARD_LORA_ROTARY_FOLD or the decode tuning's 6th field, 0 or 1): in a
+  // beside-mode layer that adapts all of q, k and v, AfterQkv only joins the side stream and the
+  // layer's RotaryKvWrite folds the deltas in (RotaryKvWriteParams::fold_delta), one launch
+  // fewer before attention. FoldIntoRotary sets p's fold (call it for the RotaryKvWrite right
+  // after AfterQkv); nothing when no fold is pending. Same bits as the fold after the GEMM.
+  void FoldIntoRotary(RotaryKvWriteParams* p);
   KernelStatus BeforeResidual(int layer, const void* attn, const void* mlp, cudaStream_t stream);
   KernelStatus AfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
   KernelStatus AfterFc1(int layer, const void* normed, void* mlp, GemmEpilogue act,
@@ -182,7 +189,8 @@ class CudaLora {
   // than the noise (~0.05 ms); fc1 with one column block a row (1) or with 4 cost 0.7 and 0.13
   // ms a step.
   // A 4th field, "B:Q.F1.F2.D:P:S", sets the beside mode (S = 1, the default, or 0), a 5th,
-  // "B:Q.F1.F2.D:P:S:R", the dense beside mode (R = 0, 1 or 2; BeforeDense).
+  // "B:Q.F1.F2.D:P:S:R", the dense beside mode (R = 0, 1 or 2; BeforeDense), a 6th the rotary
+  // fold (FoldIntoRotary).
   absl::Status SetDecodeTuning(absl::string_view spec);
   std::string DecodeTuning() const;
   // PHISHARD_LORA_BRANCH_PRIORITY=1 (an experiment, off by default; not yet run on a GPU): the
@@ -225,6 +233,8 @@ class CudaLora {
   bool PlanBeside(int rows);
   KernelStatus BesideFork(int layer, const void* normed, cudaStream_t stream);
   KernelStatus BesideFold(bool fc1, int layer, void* y, GemmEpilogue act, cudaStream_t stream);
+  // AfterQkv in beside mode: the join, then the fold, or (rotary fold) a pending fold.
+  KernelStatus BesideAfterQkv(int layer, void* qkv, cudaStream_t stream);
   // AfterResidual with dense's delta forked by BeforeDense: fold it now or leave it pending.
   KernelStatus DenseAfterResidual(int layer, void* h, cudaStream_t stream);
   // Columns of the delta buffer: q / k / v, fc1, dense (W + I + H).
@@ -306,9 +316,11 @@ class CudaLora {
   bool beside_pending_[2] = {false, false};
   float* delta_dev_ = nullptr;
   int delta_rows_ = 0;
-  bool beside_failed_ = false;  // streams / events could not be made: fused launches only
-  int dense_beside_ = 2;        // PHISHARD_LORA_DENSE_BESIDE / SetDecodeTuning (BeforeDense)
-  bool dense_pending_ = false;  // dense's delta forked and not yet folded
+  bool beside_failed_ = false;     // streams / events could not be made: fused launches only
+  int dense_beside_ = 2;           // PHISHARD_LORA_DENSE_BESIDE / SetDecodeTuning (BeforeDense)
+  bool dense_pending_ = false;     // dense's delta forked and not yet folded
+  bool rotary_fold_ = true;        // PHISHARD_LORA_ROTARY_FOLD / SetDecodeTuning (FoldIntoRotary)
+  bool qkv_fold_pending_ = false;  // q / k / v deltas joined, for the rotary to fold
 
   // The current step.
   bool active_ = false;

@@ -16,7 +16,9 @@
 // Dense's delta (BeforeDense, right after attention) runs the same way beside the dense GEMM into
 // columns [W + I, W + I + H) and is folded into h by the next layer's LayerNorm
 // (LayerNormParams::fold_delta), so no launch of its own stays on the critical path (H200 b64,
-// 64 rank-16 adapters: -0.09 to -0.17 ms a step; docs/perf-log.md, lorad3 run 1).
+// 64 rank-16 adapters: -0.09 to -0.17 ms a step; docs/perf-log.md, lorad3 run 1). Likewise,
+// in layers that adapt all of q, k and v, the q / k / v fold moves into the rotary
+// (FoldIntoRotary, RotaryKvWriteParams::fold_delta): -0.14 to -0.17 ms more (lorad3 run 2).
 #ifdef PHISHARD_HAVE_CUDA
 
 #include <algorithm>
@@ -254,6 +256,28 @@ KernelStatus CudaLora::LayerNorm(LayerNormParams p, cudaStream_t stream) {
     p.ld_fold = DeltaLd();
   }
   return LayerNormCuda(p, stream);
+}
+
+KernelStatus CudaLora::BesideAfterQkv(int layer, void* qkv, cudaStream_t stream) {
+  // The rotary fold reads every q / k / v delta column: only when all three ran this layer.
+  if (!rotary_fold_ || !Launch(Entry(layer, kQ)) || !Launch(Entry(layer, kK)) ||
+      !Launch(Entry(layer, kV))) {
+    return BesideFold(false, layer, qkv, GemmEpilogue::kNone, stream);
+  }
+  beside_pending_[0] = false;
+  if (DeviceStreamWaitEvent(stream, beside_done_ev_[0]) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  qkv_fold_pending_ = true;
+  return KernelStatus::kOk;
+}
+
+void CudaLora::FoldIntoRotary(RotaryKvWriteParams* p) {
+  if (!qkv_fold_pending_) return;
+  qkv_fold_pending_ = false;
+  p->fold_delta = delta_dev_;  // q / k / v at their qkv columns
+  p->ld_fold = DeltaLd();
 }
 
 }  // namespace phishard

@@ -358,22 +358,21 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       if (lora) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterQkv(l, normed, qkv, stream_), "lora qkv"));
       }
-      PHI_RETURN_IF_ERROR(KernelResult(
-          RotaryKvWriteCuda({.qkv = at(qkv, rr, qkv_width),
-                             .positions = in.positions + rr.begin,
-                             .slots = in.slots + rr.begin,
-                             .k_cache = k_cache,
-                             .v_cache = v_cache,
-                             .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
-                             .num_tokens = rr.rows,
-                             .num_heads = nH,
-                             .num_kv_heads = nKV,
-                             .head_dim = hd,
-                             .rotary_dim = c.rotary_dim,
-                             .theta = static_cast<float>(c.rope_theta),
-                             .dtype = dt},
-                            stream_),
-          "rotary_kv_write"));
+      RotaryKvWriteParams rot{.qkv = at(qkv, rr, qkv_width),
+                              .positions = in.positions + rr.begin,
+                              .slots = in.slots + rr.begin,
+                              .k_cache = k_cache,
+                              .v_cache = v_cache,
+                              .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
+                              .num_tokens = rr.rows,
+                              .num_heads = nH,
+                              .num_kv_heads = nKV,
+                              .head_dim = hd,
+                              .rotary_dim = c.rotary_dim,
+                              .theta = static_cast<float>(c.rope_theta),
+                              .dtype = dt};
+      if (lora) lora_->FoldIntoRotary(&rot);  // the q / k / v deltas (CudaLora rotary fold)
+      PHI_RETURN_IF_ERROR(KernelResult(RotaryKvWriteCuda(rot, stream_), "rotary_kv_write"));
     }
     const PagedAttentionParams ap{.q = qkv,
                                   .k_cache = k_cache,

@@ -43,13 +43,16 @@ __host__ __device__ inline size_t TrigOffset(size_t elem_bytes, int heads_per_bl
 //      rotated, nothing cached).
 // Dynamic shared memory: [heads_per_block * head_dim] T, then (at a 16-byte boundary) cos[half],
 // sin[half] float32.
-template <typename T, int N>
+// kFold (RotaryKvWriteParams::fold_delta): step 1 stores qkv + delta (float32 add, one rounding)
+// into shared memory, and step 2 writes every Pack of the block's heads back to qkv.
+template <typename T, int N, bool kFold = false>
 __global__ void __launch_bounds__(kThreads)
     RotaryKvWriteKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions,
                         const int64_t* __restrict__ slots, T* __restrict__ k_cache,
                         T* __restrict__ v_cache, int64_t num_slots, int stride, int num_heads,
                         int num_kv_heads, int head_dim, int rotary_dim, float theta,
-                        int heads_per_block) {
+                        int heads_per_block, const float* __restrict__ delta = nullptr,
+                        int ld_delta = 0) {
   extern __shared__ __align__(16) unsigned char smem[];
   using P = Pack<T, N>;
   const int t = blockIdx.x;
@@ -77,8 +80,22 @@ __global__ void __launch_bounds__(kThreads)
     sh_cos[j] = c;
     sh_cos[half + j] = s;
   }
+  if constexpr (kFold) {
+    const float* dseg =
+        delta + static_cast<size_t>(t) * ld_delta + static_cast<size_t>(head0) * head_dim;
 #pragma unroll 4
-  for (int i = threadIdx.x; i < packs; i += kThreads) sh[i] = reinterpret_cast<const P*>(seg)[i];
+    for (int i = threadIdx.x; i < packs; i += kThreads) {
+      P v = reinterpret_cast<const P*>(seg)[i];
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        v.v[e] = cuda::FromFloat<T>(cuda::ToFloat(v.v[e]) + dseg[i * N + e]);
+      }
+      sh[i] = v;
+    }
+  } else {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < packs; i += kThreads) sh[i] = reinterpret_cast<const P*>(seg)[i];
+  }
   __syncthreads();
   const bool cached = slot >= 0 && slot < num_slots;
   const size_t kv_row = static_cast<size_t>(num_kv_heads) * head_dim;
@@ -103,11 +120,13 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       T* dst = seg + hl * head_dim + d0;
-      if (d0 + N <= rotary_dim) {
+      if (kFold || d0 + N <= rotary_dim) {
         *reinterpret_cast<P*>(dst) = out;
       } else {
         for (int e = 0; e < N && d0 + e < rotary_dim; ++e) dst[e] = out.v[e];
       }
+    } else if (kFold) {  // the folded Packs that do not rotate
+      *reinterpret_cast<P*>(seg + hl * head_dim + d0) = out;
     }
     if (cached && head >= num_heads) {
       const bool is_k = head < num_heads + num_kv_heads;
@@ -139,10 +158,19 @@ KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t strea
   // head_dim * sizeof(T) is at most a few KiB for any real model; beyond 48 KiB the launch would
   // need an opt-in attribute, so refuse it explicitly.
   if (smem > 48 * 1024) return KernelStatus::kInvalidShape;
-  RotaryKvWriteKernel<T, N><<<dim3(p.num_tokens, groups), kThreads, smem, stream>>>(
-      static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
-      static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
-      p.rotary_dim, p.theta, heads_per_block);
+  const dim3 grid(p.num_tokens, groups);
+  if (p.fold_delta != nullptr) {
+    RotaryKvWriteKernel<T, N, true><<<grid, kThreads, smem, stream>>>(
+        static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
+        static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
+        p.rotary_dim, p.theta, heads_per_block, p.fold_delta,
+        p.ld_fold == 0 ? total_heads * p.head_dim : p.ld_fold);
+  } else {
+    RotaryKvWriteKernel<T, N><<<grid, kThreads, smem, stream>>>(
+        static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
+        static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
+        p.rotary_dim, p.theta, heads_per_block);
+  }
   return cuda::LaunchStatus();
 }
 
@@ -156,6 +184,9 @@ KernelStatus RotaryKvWriteCuda(const RotaryKvWriteParams& p, cudaStream_t stream
   const int qkv_width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
   const int stride = p.qkv_stride == 0 ? qkv_width : p.qkv_stride;
   if (stride < qkv_width) return KernelStatus::kInvalidShape;
+  if (p.fold_delta != nullptr && p.ld_fold != 0 && p.ld_fold < qkv_width) {
+    return KernelStatus::kInvalidShape;
+  }
   if (p.num_tokens == 0) return KernelStatus::kOk;
   if (!p.qkv || !p.positions || !p.slots || !p.k_cache || !p.v_cache) {
     return KernelStatus::kNullPointer;

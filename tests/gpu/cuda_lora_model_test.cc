@@ -526,25 +526,25 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
   std::unique_ptr<CudaPhiModel> plain = LoadCuda(dir, true), tuned = LoadCuda(dir, true);
   ASSERT_TRUE(plain && tuned);
   // The tuned model also turns the beside mode off (fused launches after the GEMMs), the plain
-  // one keeps it on (delta-only launches beside them + folds, dense's delta folded into the next
-  // LayerNorm), `dense1` folds dense's delta right after the dense GEMM: the same logits, bit
-  // for bit.
+  // one keeps it on (delta-only launches beside them, the q / k / v deltas folded by the rotary,
+  // dense's into the next LayerNorm), `dense1` folds dense's delta right after the dense GEMM
+  // and the q / k / v deltas before the rotary: the same logits, bit for bit.
   std::unique_ptr<CudaPhiModel> dense1 = LoadCuda(dir, true);
   ASSERT_TRUE(dense1);
-  EXPECT_EQ(plain->lora_decode_tuning(), "3:0.0.0.0:1:1:2");
-  ASSERT_TRUE(dense1->set_lora_decode_tuning("3:0.0.0.0:1:1:1").ok());
-  EXPECT_EQ(dense1->lora_decode_tuning(), "3:0.0.0.0:1:1:1");
+  EXPECT_EQ(plain->lora_decode_tuning(), "3:0.0.0.0:1:1:2:1");
+  ASSERT_TRUE(dense1->set_lora_decode_tuning("3:0.0.0.0:1:1:1:0").ok());
+  EXPECT_EQ(dense1->lora_decode_tuning(), "3:0.0.0.0:1:1:1:0");
   ASSERT_TRUE(tuned->set_lora_decode_tuning("3:3.4.2.2:0").ok());
-  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:1:2");
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:1:2:1");
   ASSERT_TRUE(tuned->set_lora_decode_tuning("3:3.4.2.2:0:0").ok());
-  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2");
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2:1");
   for (const char* bad : {"9", "x", "3:1.2", "3:0.0.0.-1", "3:0.0.0.0:2", "3:0.0.0.0:1:2",
-                          "3:0.0.0.0:1:1:3", "3:0.0.0.0:1:1:1:1", ""}) {
+                          "3:0.0.0.0:1:1:3", "3:0.0.0.0:1:1:1:2", "3:0.0.0.0:1:1:1:1:1", ""}) {
     const absl::Status st = tuned->set_lora_decode_tuning(bad);
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << "'" << bad << "'";
     EXPECT_NE(st.message().find(std::string("'") + bad + "'"), std::string::npos) << st.message();
   }
-  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2");
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2:1");
   std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
   uint32_t idx = 3;
   for (const json& a : golden.at("adapters")) {
@@ -564,7 +564,7 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
   ASSERT_EQ(got1.size(), want.size());
   for (int st = 1; st <= steps; ++st) {
     EXPECT_EQ(got[st], want[st]) << "decode step " << st << ": beside off";
-    EXPECT_EQ(got1[st], want[st]) << "decode step " << st << ": dense delta folded after its GEMM";
+    EXPECT_EQ(got1[st], want[st]) << "decode step " << st << ": deltas folded after their GEMMs";
   }
   EXPECT_GE(tuned->num_lora_decode_graphs(), 1);
 }

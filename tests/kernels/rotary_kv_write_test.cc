@@ -133,6 +133,66 @@ INSTANTIATE_TEST_SUITE_P(Heads, RotaryKvWriteTest,
                                            Case{2, 2, 32, 16},   // tiny-phi-code
                                            Case{2, 1, 64, 0}));  // no rotary at all
 
+// The fold (RotaryKvWriteParams::fold_delta, LoRA decode steps): the same outputs, bit for bit, as
+// adding the delta to q | k | v first (float32: the same single add) and running the plain op;
+// columns past the q | k | v width stay untouched, and a short ld_fold is refused.
+TEST(RotaryKvWrite, FoldEqualsAddThenPlain) {
+  const int nH = 3, nKV = 1, hd = 8, T = 4, stride = 45, ld = 50;
+  const int width = (nH + 2 * nKV) * hd;
+  const std::vector<float> qkv_in = RandomVector(T * stride, 21);
+  const std::vector<float> delta = RandomVector(T * ld, 22, -0.1f, 0.1f);
+  const std::vector<int32_t> positions = {3, 9, 100, 7};
+  const std::vector<int64_t> slots = {5, 0, 9, 2};
+  auto run = [&](std::vector<float>& qkv, std::vector<float>& kc, std::vector<float>& vc,
+                 const float* fold) {
+    kc = Poisoned(10 * nKV * hd);
+    vc = Poisoned(10 * nKV * hd);
+    RotaryKvWriteParams p{.qkv = qkv.data(),
+                          .positions = positions.data(),
+                          .slots = slots.data(),
+                          .k_cache = kc.data(),
+                          .v_cache = vc.data(),
+                          .num_slots = 10,
+                          .num_tokens = T,
+                          .qkv_stride = stride,
+                          .num_heads = nH,
+                          .num_kv_heads = nKV,
+                          .head_dim = hd,
+                          .rotary_dim = 4,
+                          .fold_delta = fold,
+                          .ld_fold = ld};
+    return RotaryKvWriteCpu(p);
+  };
+  std::vector<float> a = qkv_in, b = qkv_in, ka, va, kb, vb;
+  for (int t = 0; t < T; ++t) {
+    for (int c = 0; c < width; ++c) b[t * stride + c] += delta[t * ld + c];
+  }
+  ASSERT_EQ(run(a, ka, va, delta.data()), KernelStatus::kOk);
+  ASSERT_EQ(run(b, kb, vb, nullptr), KernelStatus::kOk);
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], b[i]) << "qkv at " << i;
+  for (size_t i = 0; i < ka.size(); ++i) {
+    ASSERT_TRUE(std::isnan(ka[i]) ? std::isnan(kb[i]) : ka[i] == kb[i]) << "k cache at " << i;
+    ASSERT_TRUE(std::isnan(va[i]) ? std::isnan(vb[i]) : va[i] == vb[i]) << "v cache at " << i;
+  }
+  EXPECT_NE(a, qkv_in);
+  std::vector<float> c = qkv_in, kc, vc;
+  RotaryKvWriteParams short_ld{.qkv = c.data(),
+                               .positions = positions.data(),
+                               .slots = slots.data(),
+                               .k_cache = ka.data(),
+                               .v_cache = va.data(),
+                               .num_slots = 10,
+                               .num_tokens = T,
+                               .qkv_stride = stride,
+                               .num_heads = nH,
+                               .num_kv_heads = nKV,
+                               .head_dim = hd,
+                               .rotary_dim = 4,
+                               .fold_delta = delta.data(),
+                               .ld_fold = width - 1};
+  EXPECT_EQ(RotaryKvWriteCpu(short_ld), KernelStatus::kInvalidShape);
+}
+
 TEST(RotaryKvWrite, BadSlotOrPositionChangesNothing) {
   const int nH = 2, nKV = 1, hd = 8, T = 3;
   const int width = (nH + 2 * nKV) * hd;
