@@ -22,7 +22,13 @@
 #ifdef PHISHARD_HAVE_CUDA
 
 #include <algorithm>
+#include <string>
+#include <vector>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "common/logging.h"
 #include "kernels/cuda/layer_norm_cuda.h"
 #include "kernels/cuda/sgmv_cuda.h"
@@ -71,8 +77,6 @@ bool CudaLora::PlanBeside(int rows) {
     }
   }
   if (rows > delta_rows_) {
-    const PhiConfig& c = config_;
-    const int width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
     const int want = (rows + kDeltaRowStep - 1) / kDeltaRowStep * kDeltaRowStep;
     const size_t bytes = static_cast<size_t>(want) * DeltaLd() * sizeof(float);
     if (DeviceStreamSync(beside_streams_[0]) != 0 || DeviceStreamSync(beside_streams_[1]) != 0) {
@@ -278,6 +282,56 @@ void CudaLora::FoldIntoRotary(RotaryKvWriteParams* p) {
   qkv_fold_pending_ = false;
   p->fold_delta = delta_dev_;  // q / k / v at their qkv columns
   p->ld_fold = DeltaLd();
+}
+
+// The decode tuning (PHISHARD_LORA_DECODE_TUNING, CudaPhiModel::set_lora_decode_tuning): the
+// branch mode, per-hook column blocks, PDL and the beside / fold switches above.
+absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
+  // "B", "B:Q.F1.F2.D", "B:Q.F1.F2.D:P", "B:Q.F1.F2.D:P:S", "B:Q.F1.F2.D:P:S:R" or
+  // "B:Q.F1.F2.D:P:S:R:F".
+  const std::vector<absl::string_view> parts = absl::StrSplit(spec, ':');
+  int mode = -1, pdl = 1, beside = beside_ ? 1 : 0, dense = dense_beside_;
+  int rotary = rotary_fold_ ? 1 : 0;
+  int cols[kNumHooks] = {0, 0, 0, 0};
+  bool ok = !parts.empty() && parts.size() <= 6 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
+            mode <= 3;
+  if (ok && parts.size() >= 2) {
+    const std::vector<absl::string_view> c = absl::StrSplit(parts[1], '.');
+    ok = c.size() == kNumHooks;
+    for (int h = 0; ok && h < kNumHooks; ++h) {
+      ok = absl::SimpleAtoi(c[h], &cols[h]) && cols[h] >= 0 && cols[h] <= 4096;
+    }
+  }
+  if (ok && parts.size() >= 3) ok = absl::SimpleAtoi(parts[2], &pdl) && (pdl == 0 || pdl == 1);
+  if (ok && parts.size() >= 4) {
+    ok = absl::SimpleAtoi(parts[3], &beside) && (beside == 0 || beside == 1);
+  }
+  if (ok && parts.size() >= 5) ok = absl::SimpleAtoi(parts[4], &dense) && dense >= 0 && dense <= 2;
+  if (ok && parts.size() == 6) {
+    ok = absl::SimpleAtoi(parts[5], &rotary) && (rotary == 0 || rotary == 1);
+  }
+  if (!ok) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "LoRA decode tuning '%s' is not BRANCH (0..3), BRANCH:QKV.FC1.FC2.DENSE (column blocks "
+        "in [0, 4096], 0 = automatic), BRANCH:QKV.FC1.FC2.DENSE:PDL (0 or 1), "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE (0 or 1), "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE (0, 1 or 2) or "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE:ROTARY_FOLD (0 or 1)",
+        spec));
+  }
+  beside_ = beside == 1;
+  dense_beside_ = dense;
+  rotary_fold_ = rotary == 1;
+  branch_mode_ = mode;
+  std::copy(cols, cols + kNumHooks, hook_cols_);
+  fused_pdl_ = pdl == 1;
+  return absl::OkStatus();
+}
+
+std::string CudaLora::DecodeTuning() const {
+  return absl::StrFormat("%d:%d.%d.%d.%d:%d:%d:%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
+                         hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0, beside_ ? 1 : 0,
+                         dense_beside_, rotary_fold_ ? 1 : 0);
 }
 
 }  // namespace phishard
