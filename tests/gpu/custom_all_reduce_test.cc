@@ -39,6 +39,7 @@ constexpr int kNoP2p = 78;  // child exit code: the GPUs cannot use the custom a
 using ::phishard::testing::ExitCodes;
 using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;
+using ::phishard::testing::LoopbackOptions;
 
 enum class Case { kCollectives, kAbort, kDeadline };
 
@@ -109,13 +110,7 @@ class Rank {
   int Run(Case which) {
     int visible = 0;
     if (cudaGetDeviceCount(&visible) != cudaSuccess || visible < 2) return kSkip;
-    RendezvousOptions o;
-    o.rank = rank_;
-    o.world_size = 2;
-    o.master_addr = "127.0.0.1";
-    o.master_port = port_;
-    o.timeout = absl::Seconds(60);
-    auto control = Rendezvous(o);
+    auto control = Rendezvous(LoopbackOptions(rank_, 2, port_, absl::Seconds(60)));
     if (!control.ok()) return Fail(std::string(control.status().message()));
     // The deadline case needs a short collective timeout, the others a generous one.
     const absl::Duration op_timeout =

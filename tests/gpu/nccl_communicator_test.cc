@@ -34,6 +34,7 @@ constexpr int kSkip = 77;  // child exit code: fewer than two GPUs
 using ::phishard::testing::ExitCodes;
 using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;
+using ::phishard::testing::LoopbackOptions;
 
 float Value(int rank, size_t i) {
   return static_cast<float>((rank + 1) * (static_cast<int>(i % 97) + 1));
@@ -47,13 +48,7 @@ class Rank {
   int Run(bool abort_test) {
     int visible = 0;
     if (cudaGetDeviceCount(&visible) != cudaSuccess || visible < 2) return kSkip;
-    RendezvousOptions o;
-    o.rank = rank_;
-    o.world_size = 2;
-    o.master_addr = "127.0.0.1";
-    o.master_port = port_;
-    o.timeout = absl::Seconds(60);
-    auto control = Rendezvous(o);
+    auto control = Rendezvous(LoopbackOptions(rank_, 2, port_, absl::Seconds(60)));
     if (!control.ok()) return Fail(std::string(control.status().message()));
     auto comm = NcclCommunicator::Create(**control, absl::Seconds(60), absl::Seconds(30));
     if (!comm.ok()) return Fail(std::string(comm.status().message()));
