@@ -314,20 +314,6 @@ TEST(CudaLoraGemm, AccumulateWithGeluActsOnTheSum) {
   }
 }
 
-// The segmented expand path end to end (what the model runs per layer on a segmented step):
-// B gathered per adapter (col_mul = parts), T masked compact and split (hi + lo), then
-// LoraSegmentExpandCuda for q (no activation), fc1 (GELU-tanh, the model's AfterFc1) and the
-// residual (dense and fc2 as one K = 4 width GEMM), against a double reference
-// y0 + sum_k t[i, k] scale B[j, k]. Tolerance: T carries t x scale to ~2^-16 relative (hi + lo),
-// B is exact, float32 accumulation, then y rounds to bf16: |want| / 256 (one rounding: bf16's
-// unit roundoff is 2^-8) + 2^-12 x sum |terms| (the hi + lo residue and float32 sums). For fc1
-// (the GELU epilogue) that is all, plus the GELU's slope (<= 1.13) times that rounding of the
-// pre-activation, as AccumulateWithGeluActsOnTheSum. q and the residual (cuBLASLt's default
-// epilogue, beta = 1) also get |delta| / 256: on the H200 that epilogue returns
-// round(y0 + round(T · Bᵀ)), the product rounded to bf16 before the sum (lora6 runs 1-2,
-// 2026-11-29: all its algorithms were the tensor-op algo 66, split-K 1; a CPU emulation of
-// exactly that reproduced every printed worst error and failure count), so the hi + lo split
-// buys the one-rounding result for fc1 only. Rows of no segment must keep y0 bit for bit.
 // The compact mask's parameters as GemmMask sets them up for a segmented step: t [rows, ldt]
 // float32 -> out [rows, ldo] 16-bit hi | lo, each row's adapter from row_adapter / steps / table
 // (3 slots), model blocks q, k, v, fc1, dense, fc2 at table entries `entries`, each block's output
@@ -361,6 +347,23 @@ LoraMaskParams CompactMask(const float* t, int ldt, void* out, int ldo, const in
   return mp;
 }
 
+// The segmented expand path end to end (what the model runs per layer on a segmented step):
+// B gathered per adapter (col_mul = parts), T masked compact and split (hi + lo), then
+// LoraSegmentExpandCuda for q (no activation), fc1 (GELU-tanh, the model's AfterFc1) and the
+// residual (dense and fc2 as one K = 4 width GEMM), against a double reference
+// y0 + sum_k t[i, k] scale B[j, k]. Tolerance: T carries t x scale to ~2^-16 relative (hi + lo),
+// B is exact, float32 accumulation, then y rounds to bf16: |want| / 256 (one rounding: bf16's
+// unit roundoff is 2^-8) + 2^-12 x sum |terms| (the hi + lo residue and float32 sums). For fc1
+// (the GELU epilogue) that is all, plus the GELU's slope (<= 1.13) times that rounding of the
+// pre-activation, as AccumulateWithGeluActsOnTheSum. q and the residual (cuBLASLt's default
+// epilogue, beta = 1) also get |delta| / 256: on the H200 that epilogue returns
+// round(y0 + round(T · Bᵀ)), the product rounded to bf16 before the sum (lora6 runs 1-2,
+// 2026-11-29: all its algorithms were the tensor-op algo 66, split-K 1; a CPU emulation of
+// exactly that reproduced every printed worst error and failure count), so the hi + lo split
+// buys the one-rounding result for fc1 only. peft computes the delta in bf16 and adds it to the
+// bf16 base output, so it rounds the product before the sum too (exact float32 accumulation was
+// measured slower and not closer to the goldens: perf-log 2026-11-29 01:11). Rows of no segment
+// must keep y0 bit for bit.
 TEST(CudaLoraGemm, SegmentedExpandsMatchNaiveReference) {
   PHI_REQUIRE_GPU();
   std::unique_ptr<CudaGemm> gemm;

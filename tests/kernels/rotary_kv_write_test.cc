@@ -143,25 +143,28 @@ TEST(RotaryKvWrite, FoldEqualsAddThenPlain) {
   const std::vector<float> delta = RandomVector(T * ld, 22, -0.1f, 0.1f);
   const std::vector<int32_t> positions = {3, 9, 100, 7};
   const std::vector<int64_t> slots = {5, 0, 9, 2};
+  auto params = [&](std::vector<float>& qkv, std::vector<float>& kc, std::vector<float>& vc,
+                    const float* fold, int ld_fold) {
+    return RotaryKvWriteParams{.qkv = qkv.data(),
+                               .positions = positions.data(),
+                               .slots = slots.data(),
+                               .k_cache = kc.data(),
+                               .v_cache = vc.data(),
+                               .num_slots = 10,
+                               .num_tokens = T,
+                               .qkv_stride = stride,
+                               .num_heads = nH,
+                               .num_kv_heads = nKV,
+                               .head_dim = hd,
+                               .rotary_dim = 4,
+                               .fold_delta = fold,
+                               .ld_fold = ld_fold};
+  };
   auto run = [&](std::vector<float>& qkv, std::vector<float>& kc, std::vector<float>& vc,
                  const float* fold) {
     kc = Poisoned(10 * nKV * hd);
     vc = Poisoned(10 * nKV * hd);
-    RotaryKvWriteParams p{.qkv = qkv.data(),
-                          .positions = positions.data(),
-                          .slots = slots.data(),
-                          .k_cache = kc.data(),
-                          .v_cache = vc.data(),
-                          .num_slots = 10,
-                          .num_tokens = T,
-                          .qkv_stride = stride,
-                          .num_heads = nH,
-                          .num_kv_heads = nKV,
-                          .head_dim = hd,
-                          .rotary_dim = 4,
-                          .fold_delta = fold,
-                          .ld_fold = ld};
-    return RotaryKvWriteCpu(p);
+    return RotaryKvWriteCpu(params(qkv, kc, vc, fold, ld));
   };
   std::vector<float> a = qkv_in, b = qkv_in, ka, va, kb, vb;
   for (int t = 0; t < T; ++t) {
@@ -175,22 +178,10 @@ TEST(RotaryKvWrite, FoldEqualsAddThenPlain) {
     ASSERT_TRUE(std::isnan(va[i]) ? std::isnan(vb[i]) : va[i] == vb[i]) << "v cache at " << i;
   }
   EXPECT_NE(a, qkv_in);
-  std::vector<float> c = qkv_in, kc, vc;
-  RotaryKvWriteParams short_ld{.qkv = c.data(),
-                               .positions = positions.data(),
-                               .slots = slots.data(),
-                               .k_cache = ka.data(),
-                               .v_cache = va.data(),
-                               .num_slots = 10,
-                               .num_tokens = T,
-                               .qkv_stride = stride,
-                               .num_heads = nH,
-                               .num_kv_heads = nKV,
-                               .head_dim = hd,
-                               .rotary_dim = 4,
-                               .fold_delta = delta.data(),
-                               .ld_fold = width - 1};
-  EXPECT_EQ(RotaryKvWriteCpu(short_ld), KernelStatus::kInvalidShape);
+  std::vector<float> c = qkv_in;
+  // A fold whose rows are narrower than q + k + v is refused.
+  EXPECT_EQ(RotaryKvWriteCpu(params(c, ka, va, delta.data(), width - 1)),
+            KernelStatus::kInvalidShape);
 }
 
 TEST(RotaryKvWrite, BadSlotOrPositionChangesNothing) {
