@@ -34,6 +34,9 @@ int DeviceFree(void* ptr);
 // Page-locked host memory (needed for truly asynchronous copies).
 int DeviceMallocHost(void** ptr, size_t bytes);
 int DeviceFreeHost(void* ptr);
+// Calls of DeviceMalloc and DeviceMallocHost so far in this process, successful or not (tests:
+// steps within the sizes reserved at warmup make none).
+long long DeviceAllocationCalls();
 
 // Asynchronous copies on `stream` (nullptr = the legacy default stream).
 int DeviceCopyToDevice(void* dst, const void* src, size_t bytes, cudaStream_t stream);

@@ -299,8 +299,45 @@ absl::Status CudaLora::Sync(cudaStream_t stream) {
     return absl::InternalError(absl::StrFormat("CUDA LoRA table upload failed on device %d: %s",
                                                device_, DeviceErrorString(err)));
   }
-  if (result.ok()) synced_generation_ = registry_->generation();
-  return result;
+  if (!result.ok()) return result;
+  synced_generation_ = registry_->generation();
+  return ReserveNow(stream);
+}
+
+void CudaLora::EnsureOverlapStream() {
+  if (!overlap_ || side_ != nullptr) return;
+  int err = DeviceStreamCreate(&side_);
+  if (err == 0) err = DeviceEventCreate(&fork_ev_);
+  if (err == 0) err = DeviceEventCreate(&join_ev_);
+  if (err != 0) {  // the shrinks stay on the main stream
+    DeviceGetLastError();
+    PHI_LOG(WARNING) << "LoRA shrink overlap off: cannot create a stream / events on CUDA device "
+                     << device_ << ": " << DeviceErrorString(err);
+    overlap_ = false;
+  }
+}
+
+absl::Status CudaLora::Reserve(int step_rows, int decode_rows, cudaStream_t stream) {
+  reserve_rows_ = std::max(reserve_rows_, step_rows);
+  reserve_decode_rows_ = std::max(reserve_decode_rows_, decode_rows);
+  return ReserveNow(stream);
+}
+
+absl::Status CudaLora::ReserveNow(cudaStream_t stream) {
+  if (registry_ == nullptr || adapter_bytes_ == 0) return absl::OkStatus();
+  DeviceSet(device_);
+  EnsureOverlapStream();
+  if (absl::Status st = EnsureBuffers(std::max(reserve_rows_, reserve_decode_rows_), stream);
+      !st.ok()) {
+    return st;
+  }
+  // Beside mode that cannot get its buffer stays off (PlanBeside logs why): steps take the fused
+  // launches, with the same results.
+  if (reserve_decode_rows_ > 0) PlanBeside(reserve_decode_rows_, /*grow=*/true);
+  if (gemm_min_rows_ > 0 && reserve_rows_ >= gemm_min_rows_) {
+    return EnsureGemmBuffers(reserve_rows_, stream);
+  }
+  return absl::OkStatus();
 }
 
 size_t CudaLora::WorkspaceBytes(int rows, int rank) const {
@@ -377,17 +414,7 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   }
   if (!any) return false;
   qkv_pending_ = res_pending_ = false;
-  if (overlap_ && side_ == nullptr) {
-    int err = DeviceStreamCreate(&side_);
-    if (err == 0) err = DeviceEventCreate(&fork_ev_);
-    if (err == 0) err = DeviceEventCreate(&join_ev_);
-    if (err != 0) {  // the shrinks stay on the main stream
-      DeviceGetLastError();
-      PHI_LOG(WARNING) << "LoRA shrink overlap off: cannot create a stream / events on CUDA device "
-                       << device_ << ": " << DeviceErrorString(err);
-      overlap_ = false;
-    }
-  }
+  EnsureOverlapStream();
   const int T = batch.num_tokens();
   const int R = static_cast<int>(batch.logit_rows.size());
   const int rows = decode ? std::max(padded_rows, T) : T;
@@ -465,7 +492,7 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   active_ = true;
   gemm_step_ = false;
   beside_pending_[0] = beside_pending_[1] = dense_pending_ = qkv_fold_pending_ = false;
-  beside_step_ = decode && PlanBeside(rows);
+  beside_step_ = decode && PlanBeside(rows, /*grow=*/false);
   if (!decode && gemm_min_rows_ > 0 && T >= gemm_min_rows_) {
     if (absl::Status st = PlanGemm(batch, stream); !st.ok()) return st;
   }

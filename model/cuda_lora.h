@@ -107,6 +107,13 @@ class CudaLora {
   bool gemm_step() const { return active_ && gemm_step_; }
   // True once after a buffer or the rank cap that LoRA graphs bake in changed.
   bool TakeGraphsStale();
+  // Makes the step buffers for steps of up to `step_rows` rows (decode steps: `decode_rows`) now,
+  // at warmup and adapter loads, so that steps within those sizes allocate nothing: the plan and
+  // t buffers, the overlap stream, the beside delta buffer and the GEMM form's workspace and row
+  // map. The sizes are remembered (Sync repeats this after each load, the rank cap may grow);
+  // nothing is made while no adapter is on the device. Larger steps still grow the plan, t and
+  // row-map buffers when they run; larger decode steps run without beside mode.
+  absl::Status Reserve(int step_rows, int decode_rows, cudaStream_t stream);
 
   // Plans a step of batch.num_tokens() rows (decode: `padded_rows` >= that, the graph bucket)
   // and uploads it. Returns whether some row uses an adapter (active()).
@@ -218,6 +225,11 @@ class CudaLora {
   void FreeSlot(int slot);
   void FreeAll();
   absl::Status EnsureBuffers(int rows, cudaStream_t stream);
+  absl::Status ReserveNow(cudaStream_t stream);
+  void EnsureOverlapStream();
+  // The GEMM form's cuBLASLt handle, workspace and row map for `rows` rows (gemm_failed_ set and
+  // OK when cuBLASLt cannot be set up).
+  absl::Status EnsureGemmBuffers(int rows, cudaStream_t stream);
   SgmvTableRef Ref(bool logits) const;
   // Decode steps: SgmvDecodeExpandCuda (PDL, act fused); others: the grouped expand.
   KernelStatus Expand(const SgmvGroupedExpandParams& ep, GemmEpilogue act,
@@ -227,10 +239,10 @@ class CudaLora {
   bool FusedStep() const;
   // Beside mode (model/cuda_lora_beside.cc): the side streams, events and the delta buffer
   // float32 [delta_rows_, qkv width + intermediate + hidden] (qkv deltas, fc1's, dense's; zeroed
-  // when made), made by Plan for
-  // decode steps (PlanBeside; false leaves the step on the fused launches), the fork, and the
+  // when made), made by Reserve (PlanBeside with grow) for the decode buckets; at each decode
+  // step PlanBeside (no growth; false leaves the step on the fused launches), the fork, and the
   // joins + folds of AfterQkv / AfterFc1.
-  bool PlanBeside(int rows);
+  bool PlanBeside(int rows, bool grow);
   KernelStatus BesideFork(int layer, const void* normed, cudaStream_t stream);
   KernelStatus BesideFold(bool fc1, int layer, void* y, GemmEpilogue act, cudaStream_t stream);
   // AfterQkv in beside mode: the join, then the fold, or (rotary fold) a pending fold.
@@ -383,6 +395,7 @@ class CudaLora {
   std::vector<LoraSegment> gemm_segments_;   // the step's adapter segments (segmented steps)
   std::vector<LoraSegment> gemm_base_runs_;  // its runs of base rows (row, rows)
   std::unique_ptr<CudaGemm> gemm_;
+  int reserve_rows_ = 0, reserve_decode_rows_ = 0;  // Reserve's sizes
   bool gemm_failed_ = false;  // cuBLASLt could not be set up: SGMV only
   void* gemm_ws_ = nullptr;
   void* gemm_map_host_ = nullptr;  // pinned: LoraStepAdapter [kMaxGemmAdapters] + int32 [rows]

@@ -61,8 +61,9 @@ void CudaLora::FreeBeside() {
   delta_rows_ = 0;
 }
 
-bool CudaLora::PlanBeside(int rows) {
+bool CudaLora::PlanBeside(int rows, bool grow) {
   if (!beside_ || beside_failed_ || !FusedStep()) return false;
+  if (!grow && rows > delta_rows_) return false;  // above the reserved rows: the fused launches
   if (beside_fork_ev_ == nullptr) {
     int err = DeviceEventCreate(&beside_fork_ev_);
     for (int s = 0; s < 2 && err == 0; ++s) err = DeviceStreamCreate(&beside_streams_[s]);

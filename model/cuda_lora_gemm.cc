@@ -41,6 +41,51 @@ void CudaLora::FreeGemm() {
   gemm_.reset();
 }
 
+absl::Status CudaLora::EnsureGemmBuffers(int rows, cudaStream_t stream) {
+  if (gemm_failed_) return absl::OkStatus();
+  if (gemm_ == nullptr) {
+    if (KernelStatus st = CudaGemm::Create(kLoraGemmCublasBytes, &gemm_); st != KernelStatus::kOk) {
+      PHI_LOG(WARNING) << "LoRA GEMM form unavailable (cuBLASLt setup failed on device " << device_
+                       << "): long steps use the SGMV kernels";
+      DeviceGetLastError();
+      gemm_failed_ = true;
+      return absl::OkStatus();
+    }
+    gemm_->RequireFloat32SplitK();  // the expands' hi + lo (kernels/cuda/gemm_cuda.h)
+  }
+  if (gemm_ws_ == nullptr) {
+    if (int err = DeviceMalloc(&gemm_ws_, kLoraGemmWorkspaceBytes); err != 0) {
+      DeviceGetLastError();
+      gemm_ws_ = nullptr;
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("cannot allocate %d bytes of LoRA GEMM workspace on CUDA device %d: %s",
+                          kLoraGemmWorkspaceBytes, device_, DeviceErrorString(err)));
+    }
+  }
+  const size_t map_bytes = kMaxGemmAdapters * sizeof(LoraStepAdapter) + sizeof(int32_t) * rows;
+  if (rows > gemm_map_rows_) {
+    if (int err = DeviceStreamSync(stream); err != 0) {  // the old staging may still be read
+      DeviceGetLastError();
+      return absl::InternalError(absl::StrFormat("CUDA synchronize failed on device %d: %s",
+                                                 device_, DeviceErrorString(err)));
+    }
+    if (gemm_map_dev_) DeviceFree(gemm_map_dev_);
+    if (gemm_map_host_) DeviceFreeHost(gemm_map_host_);
+    gemm_map_dev_ = gemm_map_host_ = nullptr;
+    gemm_map_rows_ = 0;
+    int err = DeviceMalloc(&gemm_map_dev_, map_bytes);
+    if (err == 0) err = DeviceMallocHost(&gemm_map_host_, map_bytes);
+    if (err != 0) {
+      DeviceGetLastError();
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("cannot allocate the LoRA GEMM row map (%d rows) on CUDA device %d: %s",
+                          rows, device_, DeviceErrorString(err)));
+    }
+    gemm_map_rows_ = rows;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) {
   gemm_step_ = false;
   if (gemm_failed_) return absl::OkStatus();
@@ -87,46 +132,7 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
   const size_t br_off = take(static_cast<size_t>(H) * 2 * tw * R * 2);
   if (off > kLoraGemmWorkspaceBytes) return absl::OkStatus();
 
-  if (gemm_ == nullptr) {
-    if (KernelStatus st = CudaGemm::Create(kLoraGemmCublasBytes, &gemm_); st != KernelStatus::kOk) {
-      PHI_LOG(WARNING) << "LoRA GEMM form unavailable (cuBLASLt setup failed on device " << device_
-                       << "): long steps use the SGMV kernels";
-      DeviceGetLastError();
-      gemm_failed_ = true;
-      return absl::OkStatus();
-    }
-    gemm_->RequireFloat32SplitK();  // the expands' hi + lo (kernels/cuda/gemm_cuda.h)
-  }
-  if (gemm_ws_ == nullptr) {
-    if (int err = DeviceMalloc(&gemm_ws_, kLoraGemmWorkspaceBytes); err != 0) {
-      DeviceGetLastError();
-      gemm_ws_ = nullptr;
-      return absl::ResourceExhaustedError(
-          absl::StrFormat("cannot allocate %d bytes of LoRA GEMM workspace on CUDA device %d: %s",
-                          kLoraGemmWorkspaceBytes, device_, DeviceErrorString(err)));
-    }
-  }
-  const size_t map_bytes = kMaxGemmAdapters * sizeof(LoraStepAdapter) + sizeof(int32_t) * T;
-  if (T > gemm_map_rows_) {
-    if (int err = DeviceStreamSync(stream); err != 0) {  // the old staging may still be read
-      DeviceGetLastError();
-      return absl::InternalError(absl::StrFormat("CUDA synchronize failed on device %d: %s",
-                                                 device_, DeviceErrorString(err)));
-    }
-    if (gemm_map_dev_) DeviceFree(gemm_map_dev_);
-    if (gemm_map_host_) DeviceFreeHost(gemm_map_host_);
-    gemm_map_dev_ = gemm_map_host_ = nullptr;
-    gemm_map_rows_ = 0;
-    int err = DeviceMalloc(&gemm_map_dev_, map_bytes);
-    if (err == 0) err = DeviceMallocHost(&gemm_map_host_, map_bytes);
-    if (err != 0) {
-      DeviceGetLastError();
-      return absl::ResourceExhaustedError(
-          absl::StrFormat("cannot allocate the LoRA GEMM row map (%d rows) on CUDA device %d: %s",
-                          T, device_, DeviceErrorString(err)));
-    }
-    gemm_map_rows_ = T;
-  }
+  if (absl::Status st = EnsureGemmBuffers(T, stream); !st.ok() || gemm_failed_) return st;
   auto* ad_host = static_cast<LoraStepAdapter*>(gemm_map_host_);
   auto* rows_host = reinterpret_cast<int32_t*>(ad_host + kMaxGemmAdapters);
   std::copy(ads.begin(), ads.end(), ad_host);
@@ -155,6 +161,7 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
       num_segments <= gemm_max_segments_ && adapter_rows >= gemm_segment_rows_ * num_segments;
   gemm_ldt_ = 6 * tw * (gemm_segmented_ ? max_width : R);
   gemm_shrink_segmented_ = gemm_segmented_ && gemm_segment_shrink_ && !gemm_sgmv_shrink_;
+  const size_t map_bytes = kMaxGemmAdapters * sizeof(LoraStepAdapter) + sizeof(int32_t) * T;
   if (int err = DeviceCopyToDevice(gemm_map_dev_, gemm_map_host_, map_bytes, stream); err != 0) {
     DeviceGetLastError();
     return absl::InternalError(absl::StrFormat("CUDA LoRA row map upload failed on device %d: %s",

@@ -43,6 +43,29 @@ absl::Status CudaPhiModel::ForwardGreedy(const ForwardBatch& batch, absl::Span<c
   return absl::OkStatus();
 }
 
+absl::Status CudaPhiModel::ReserveGreedyPicks(int rows) {
+  if (rows <= picks_rows_) return absl::OkStatus();
+  // The previous step's sync means no kernel or copy is in flight on these buffers.
+  if (picks_dev_) DeviceFree(picks_dev_);
+  if (picks_host_) DeviceFreeHost(picks_host_);
+  picks_dev_ = picks_host_ = nullptr;
+  picks_rows_ = 0;
+  const int V = full_config_.vocab_size;
+  const int part_cols = shard_.lm_head_parallel ? config_.vocab_size : V;
+  // Device: [rows] pairs, then the kernel's per-chunk workspace for `rows` rows.
+  const size_t pair_bytes = cuda_model::AlignUp(sizeof(GreedyPick) * rows);
+  const size_t bytes = pair_bytes + GreedyPickWorkspaceBytes(rows, V, part_cols);
+  void* d = nullptr;
+  void* h = nullptr;
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&d, bytes), "malloc (greedy picks)"));
+  picks_dev_ = static_cast<GreedyPick*>(d);
+  PHI_RETURN_IF_ERROR(
+      DeviceStatus(DeviceMallocHost(&h, sizeof(GreedyPick) * rows), "host malloc (greedy picks)"));
+  picks_host_ = static_cast<GreedyPick*>(h);
+  picks_rows_ = rows;
+  return absl::OkStatus();
+}
+
 absl::Status CudaPhiModel::EnqueueGreedyPicks(const ForwardBatch& batch, const float* d_logits,
                                               int step_rows) {
   // Device rows [0, rows) cover every marked row (logit_rows ascend); unmarked ones among them
@@ -53,26 +76,8 @@ absl::Status CudaPhiModel::EnqueueGreedyPicks(const ForwardBatch& batch, const f
   }
   if (rows == 0) return absl::OkStatus();
   const int V = full_config_.vocab_size;
-  const int part_cols = shard_.lm_head_parallel ? config_.vocab_size : V;
-  if (rows > picks_rows_) {
-    // The previous step's sync means no kernel or copy is in flight on these buffers.
-    if (picks_dev_) DeviceFree(picks_dev_);
-    if (picks_host_) DeviceFreeHost(picks_host_);
-    picks_dev_ = picks_host_ = nullptr;
-    picks_rows_ = 0;
-    const int want = std::max(rows, graphs_->max_batch());
-    // Device: [want] pairs, then the kernel's per-chunk workspace for `want` rows.
-    const size_t want_pair_bytes = cuda_model::AlignUp(sizeof(GreedyPick) * want);
-    const size_t bytes = want_pair_bytes + GreedyPickWorkspaceBytes(want, V, part_cols);
-    void* d = nullptr;
-    void* h = nullptr;
-    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&d, bytes), "malloc (greedy picks)"));
-    picks_dev_ = static_cast<GreedyPick*>(d);
-    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMallocHost(&h, sizeof(GreedyPick) * want),
-                                     "host malloc (greedy picks)"));
-    picks_host_ = static_cast<GreedyPick*>(h);
-    picks_rows_ = want;
-  }
+  // Finish reserved graphs_->max_batch() rows; ForwardGreedy sends no larger step here.
+  PHI_RETURN_IF_ERROR(ReserveGreedyPicks(rows));
   // The workspace sits after picks_rows_ pairs.
   void* workspace =
       reinterpret_cast<char*>(picks_dev_) + cuda_model::AlignUp(sizeof(GreedyPick) * picks_rows_);

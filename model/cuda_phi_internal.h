@@ -103,4 +103,28 @@ inline ArenaLayout MakeArenaLayout(const PhiConfig& c, int tokens) {
   return l;
 }
 
+// Per-step metadata of the prefill path, one contiguous block (host pinned and device).
+struct MetaLayout {
+  size_t slots, ids, positions, cu_q_lens, context_lens, logit_rows, block_tables, total;
+};
+
+inline MetaLayout MakeMetaLayout(int T, int S, int R, int max_blocks) {
+  MetaLayout m;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off += (bytes + 15) / 16 * 16;
+    return at;
+  };
+  m.slots = take(sizeof(int64_t) * T);
+  m.ids = take(sizeof(int32_t) * T);
+  m.positions = take(sizeof(int32_t) * T);
+  m.cu_q_lens = take(sizeof(int32_t) * (S + 1));
+  m.context_lens = take(sizeof(int32_t) * S);
+  m.logit_rows = take(sizeof(int32_t) * std::max(R, 1));
+  m.block_tables = take(sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
+  m.total = off;
+  return m;
+}
+
 }  // namespace phishard::cuda_model

@@ -293,6 +293,7 @@ absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
       ReserveWorkspace(std::max({options.reserve_tokens, graphs_->max_batch(), 1})));
   const int pitch = KvBlockAllocator::BlocksFor(std::max(config_.max_position_embeddings, 1));
   PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(graphs_->max_batch(), pitch));
+  PHI_RETURN_IF_ERROR(ReserveGreedyPicks(graphs_->max_batch()));
   const PhiConfig& config = config_;  // this rank's shapes
   Log(LogLevel::kInfo,
       absl::StrFormat(
@@ -338,6 +339,14 @@ absl::Status CudaPhiModel::ReserveWorkspace(int tokens) {
   }
   arena_bytes_ = bytes;
   arena_tokens_ = tokens;
+  // Prefill metadata for steps of `tokens` tokens in up to 256 sequences of any length (larger
+  // batches of sequences grow it when they come).
+  const int seqs = std::min(tokens, 256);
+  const int pitch = KvBlockAllocator::BlocksFor(std::max(config_.max_position_embeddings, 1));
+  PHI_RETURN_IF_ERROR(
+      EnsureMetadataCapacity(cuda_model::MakeMetaLayout(tokens, seqs, seqs, pitch).total));
+  PHI_RETURN_IF_ERROR(lora_->Reserve(tokens, graphs_->max_batch(), stream_));
+  if (lora_->TakeGraphsStale()) lora_graphs_->Clear();
   return ReserveTpLogits(tokens);
 }
 

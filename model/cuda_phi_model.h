@@ -275,6 +275,8 @@ class CudaPhiModel final : public ModelBackend {
   // While greedy_step_: enqueues GreedyPickCuda over the step's device logit rows holding marked
   // rows, and the download of their pairs into picks_host_ (model/cuda_phi_greedy.cc).
   absl::Status EnqueueGreedyPicks(const ForwardBatch& batch, const float* d_logits, int step_rows);
+  // picks_dev_ / picks_host_ for `rows` rows (Finish: every decode bucket, so no step allocates).
+  absl::Status ReserveGreedyPicks(int rows);
   // Tensor-parallel pieces (model/cuda_phi_tp.cc); no-ops (or the world-size-1 path) unsharded.
   absl::Status TpAllReduce(void* data, int rows, const char* what);  // [rows, H] dtype, in place
   // Where the LM head writes its [rows, VocabPad(Vl)] float32 rows: `logits` unless the head is

@@ -29,31 +29,9 @@ namespace {
 
 using cuda_model::ArenaLayout;
 using cuda_model::MakeArenaLayout;
+using cuda_model::MakeMetaLayout;
+using cuda_model::MetaLayout;
 using cuda_model::VocabPad;
-
-// Per-step metadata of the prefill path, one contiguous block (host pinned and device).
-struct MetaLayout {
-  size_t slots, ids, positions, cu_q_lens, context_lens, logit_rows, block_tables, total;
-};
-
-MetaLayout MakeMetaLayout(int T, int S, int R, int max_blocks) {
-  MetaLayout m;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += (bytes + 15) / 16 * 16;
-    return at;
-  };
-  m.slots = take(sizeof(int64_t) * T);
-  m.ids = take(sizeof(int32_t) * T);
-  m.positions = take(sizeof(int32_t) * T);
-  m.cu_q_lens = take(sizeof(int32_t) * (S + 1));
-  m.context_lens = take(sizeof(int32_t) * S);
-  m.logit_rows = take(sizeof(int32_t) * std::max(R, 1));
-  m.block_tables = take(sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
-  m.total = off;
-  return m;
-}
 
 // The decode path's inputs, at fixed offsets for the life of the buffer (`rows` rows, `ints`
 // block-table entries): info = {live sequences, block-table pitch, 0, 0}, then per row the slot,

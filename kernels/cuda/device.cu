@@ -1,5 +1,7 @@
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "kernels/device.h"
 #include "kernels/device_event.h"
 
@@ -46,9 +48,20 @@ int DeviceMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   return cudaMemGetInfo(free_bytes, total_bytes);
 }
 
-int DeviceMalloc(void** ptr, size_t bytes) { return cudaMalloc(ptr, bytes); }
+namespace {
+std::atomic<long long> g_allocation_calls{0};
+}  // namespace
+
+int DeviceMalloc(void** ptr, size_t bytes) {
+  g_allocation_calls.fetch_add(1, std::memory_order_relaxed);
+  return cudaMalloc(ptr, bytes);
+}
 int DeviceFree(void* ptr) { return cudaFree(ptr); }
-int DeviceMallocHost(void** ptr, size_t bytes) { return cudaMallocHost(ptr, bytes); }
+int DeviceMallocHost(void** ptr, size_t bytes) {
+  g_allocation_calls.fetch_add(1, std::memory_order_relaxed);
+  return cudaMallocHost(ptr, bytes);
+}
+long long DeviceAllocationCalls() { return g_allocation_calls.load(std::memory_order_relaxed); }
 int DeviceFreeHost(void* ptr) { return cudaFreeHost(ptr); }
 
 int DeviceCopyToDevice(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
