@@ -338,7 +338,7 @@ int Main(int argc, char** argv) {
   CLI::App app{"phishard_bench: Phi-shaped decode/prefill timings vs the hardware floor"};
   std::string json_path, batches = "1,8,32,128,256", contexts = "128,1024,4096";
   std::string prefills = "1x512,1x2048,8x2048";
-  int layers = 32, steps = 20;
+  int layers = 32, steps = 20, mega_sweep = 0;
   double fraction = 0.92;
   bool quick = false, gemv_sweep = true;
   app.add_option("--json", json_path, "also write the results as JSON here");
@@ -363,6 +363,9 @@ int Main(int argc, char** argv) {
   app.add_option("--lora-batch", lora_batch, "decode batch of the LoRA comparison");
   app.add_option("--lora-context", lora_context, "decode context of the LoRA comparison");
   app.add_option("--lora-prefill", lora_prefill, "prefill SEQSxLEN of the LoRA comparison");
+  app.add_option("--mega-sweep", mega_sweep,
+                 "rounds of decode b1 at contexts 128/1024/4096 with the persistent decode kernel "
+                 "off and on");
   app.add_flag("--lora-only", lora_only, "only the LoRA comparison (and the ceilings)");
   int lora_rounds = 3;
   app.add_option("--lora-rounds", lora_rounds,
@@ -584,6 +587,26 @@ int Main(int argc, char** argv) {
     }
     BENCH_OK(m.set_bulk_gemv(rows0, pdl0, ln0));
     BENCH_OK(m.set_mlp_stream_mode(mode0));
+  }
+  if (mega_sweep > 0 && !lora_only) {
+    // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op
+    // path at batch 1, alternated in this process: off, on, off, on, ... per context.
+    const bool mega0 = m.decode_megakernel();
+    for (int round = 0; round < mega_sweep; ++round) {
+      for (int ctx : {128, 1024, 4096}) {
+        for (bool on : {false, true}) {
+          BENCH_OK(m.set_decode_megakernel(on));
+          const int64_t launches = m.mega_decode_launches();
+          Row r;
+          if (bench.Decode(1, ctx, on ? "mega1" : "mega0", &r)) {
+            if (on && m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
+            PrintRow(r);
+            rows.push_back(r);
+          }
+        }
+      }
+    }
+    BENCH_OK(m.set_decode_megakernel(mega0));
   }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
     Row r;

@@ -104,6 +104,7 @@ CudaPhiModel::~CudaPhiModel() {
   if (ping_dev_) DeviceFree(ping_dev_);
   if (ping_host_) DeviceFreeHost(ping_host_);
   if (tp_logits_) DeviceFree(tp_logits_);
+  if (mega_buf_) DeviceFree(mega_buf_);
   if (stream_) DeviceStreamDestroy(stream_);
   if (ping_stream_) DeviceStreamDestroy(ping_stream_);
 }
@@ -283,6 +284,10 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
     PHI_RETURN_IF_ERROR(v->status());
   }
   PHI_RETURN_IF_ERROR(m->set_bulk_gemv(*bulk_rows, *bulk_pdl != 0, *bulk_ln != 0));
+  const absl::StatusOr<int> mega =
+      bulk_env("PHISHARD_DECODE_MEGAKERNEL", options.decode_megakernel, 0, 1);
+  PHI_RETURN_IF_ERROR(mega.status());
+  PHI_RETURN_IF_ERROR(m->set_decode_megakernel(*mega != 0));
   m->props_name_ = props.name;
   return m;
 }

@@ -117,6 +117,11 @@ struct CudaModelOptions {
   // collectives pair up).
   int tp_prefill_chunks = 0;
   int tp_prefill_min_rows = kTpPrefillMinRowsDefault;
+  // 1-row decode steps (no adapter rows, unsharded) through the persistent decode kernel
+  // (kernels/cuda/decode_mega_cuda.h, model/cuda_phi_mega.cc): every layer in one launch whose
+  // weight stream runs across the ops' dependencies. 0 off, 1 on; -1: PHISHARD_DECODE_MEGAKERNEL
+  // when set, else off (opt-in until measured faster, docs/perf-log.md).
+  int decode_megakernel = -1;
 };
 
 class CudaPhiModel final : public ModelBackend {
@@ -210,6 +215,14 @@ class CudaPhiModel final : public ModelBackend {
   int bulk_gemv_rows() const { return bulk_rows_; }
   bool bulk_gemv_pdl() const { return bulk_pdl_; }
   bool bulk_gemv_ln() const { return bulk_ln_; }
+  // CudaModelOptions::decode_megakernel (drops graphs).
+  absl::Status set_decode_megakernel(bool on);
+  bool decode_megakernel() const { return mega_on_; }
+  // Launches of the persistent decode kernel enqueued so far (eager steps and graph captures).
+  int64_t mega_decode_launches() const { return mega_launches_; }
+  // Tests: every byte of the KV pool 0xFF (NaN in f16 and bf16), so a read of a slot no step
+  // wrote shows in the logits.
+  absl::Status PoisonKvCache();
   // The MLP branch's stream (CudaModelOptions::mlp_stream); a change drops the captured graphs.
   absl::Status set_mlp_stream_mode(int mode);
   int mlp_stream_mode() const { return mlp_mode_; }
@@ -260,6 +273,10 @@ class CudaPhiModel final : public ModelBackend {
                           absl::Span<const float>* view = nullptr);
   absl::Status EnqueueDecode(int rows);  // the captured part of a decode step
   absl::Status EnqueueLayers(const StepInputs& in);
+  // Embedding + every layer through the persistent kernel (model/cuda_phi_mega.cc) when the step
+  // qualifies (decode_megakernel, one row, no adapter rows, unsharded, supported shape); false:
+  // nothing enqueued.
+  absl::StatusOr<bool> TryEnqueueMegaDecode(const StepInputs& in);
   // Sharded prefill (model/cuda_phi_tp_overlap.cc): EnqueueLayers in row chunks whose
   // all-reduces run on a second stream beside the next chunk's work; EnqueueLayers(in) itself
   // when the step is not sharded, too short, a decode batch or has adapter rows.
@@ -395,6 +412,10 @@ class CudaPhiModel final : public ModelBackend {
   int bulk_rows_ = 0;  // CudaModelOptions::bulk_gemv_*
   bool bulk_pdl_ = false;
   bool bulk_ln_ = false;
+  bool mega_on_ = false;  // CudaModelOptions::decode_megakernel
+  bool mega_refused_logged_ = false;
+  int64_t mega_launches_ = 0;
+  void* mega_buf_ = nullptr;  // device: layer table, sync words, partials (cuda_phi_mega.cc)
   std::unique_ptr<CudaGraphRunner> graphs_;
   std::unique_ptr<CudaLora> lora_;                // always set after Init
   std::unique_ptr<CudaGraphRunner> lora_graphs_;  // decode graphs of steps with adapter rows

@@ -1,0 +1,746 @@
+// The persistent 1-row decode kernel (kernels/cuda/decode_mega_cuda.h): a producer warp streams
+// the block's weight rows through a ring of bulk copies across every phase and layer; 8 consumer
+// warps compute, meeting the other blocks at grid barriers.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/decode_mega_cuda.h"
+#include "kernels/cuda/gemv_common.cuh"
+
+namespace phishard {
+namespace {
+
+using cuda::Activate;
+using cuda::Dot8;
+
+constexpr int kConsumerWarps = 8;
+constexpr int kConsumers = kConsumerWarps * 32;
+constexpr int kThreads = kConsumers + 32;  // + the producer warp
+constexpr int kMaxRows = 8;                // weight rows a ring stage holds (at most)
+constexpr int kMaxStages = 16;
+constexpr int kStageTarget = 16384;  // smallest stage in bytes, unless one row is longer
+constexpr int kItemChunk = 512;      // cache positions one attention item scores at a time
+// sync words: [0] arrivals, [kGenWord] barrier generation, [kHeadWord + h] head h's finished splits
+constexpr int kGenWord = 32;
+constexpr int kHeadWord = 64;
+
+struct Args {
+  DecodeMegaParams p;
+  int stages, stage_bytes, nsplit;
+  // Shared memory offsets (bytes): ring at 0, then these.
+  int off_x, off_head, off_out, off_q, off_o, off_scores, off_red, off_red2, off_scratch, off_bars;
+};
+
+// Which rows of each matrix block b of `blocks` owns: q/k/v heads [qkv0 / hd, qkv1 / hd) as qkv
+// rows, fc1 rows [fc1_0, fc1_1) (together about ((nH + 2 nKV) hd + I) / blocks rows), output
+// rows [out0, out1) of fc2 and dense.
+struct BlockPlan {
+  int qkv0, qkv1, fc1_0, fc1_1, out0, out1;
+};
+
+// fc1 end candidate of block j: its share of all phase-A rows less the qkv rows of blocks <= j,
+// in [0, I]. A block's fc1 end is the maximum over j <= b (non-decreasing even when a block holds
+// more qkv rows than its share).
+__device__ __forceinline__ int Fc1EndCandidate(const DecodeMegaParams& p, int j, int blocks) {
+  const int64_t heads = p.num_heads + 2 * p.num_kv_heads;
+  const int64_t total = heads * p.head_dim + p.intermediate;
+  const int64_t v = total * (j + 1) / blocks - p.head_dim * (heads * (j + 1) / blocks);
+  return static_cast<int>(v < 0 ? 0 : (v > p.intermediate ? p.intermediate : v));
+}
+
+// All threads of the block; ends with __syncthreads. `ends` is 2 ints of shared memory.
+__device__ BlockPlan MakePlan(const DecodeMegaParams& p, int* ends) {
+  const int b = blockIdx.x, blocks = gridDim.x, hd = p.head_dim;
+  const int64_t heads = p.num_heads + 2 * p.num_kv_heads;
+  if (threadIdx.x < 2) ends[threadIdx.x] = 0;
+  __syncthreads();
+  int prev = 0, cur = 0;  // max over j < b, j <= b
+  for (int j = threadIdx.x; j <= b; j += blockDim.x) {
+    const int v = Fc1EndCandidate(p, j, blocks);
+    if (j < b) prev = max(prev, v);
+    cur = max(cur, v);
+  }
+  atomicMax(&ends[0], prev);
+  atomicMax(&ends[1], cur);
+  __syncthreads();
+  BlockPlan bp;
+  bp.qkv0 = hd * static_cast<int>(heads * b / blocks);
+  bp.qkv1 = hd * static_cast<int>(heads * (b + 1) / blocks);
+  bp.fc1_0 = b == 0 ? 0 : ends[0];
+  bp.fc1_1 = b == blocks - 1 ? p.intermediate : ends[1];
+  bp.out0 = static_cast<int>(static_cast<int64_t>(p.hidden) * b / blocks);
+  bp.out1 = static_cast<int>(static_cast<int64_t>(p.hidden) * (b + 1) / blocks);
+  return bp;
+}
+
+// A power of two (so that kConsumerWarps / rows warps share each row of a full tile).
+__host__ __device__ inline int RowsPerStage(int stage_bytes, int row_bytes) {
+  int r = 1;
+  while (2 * r <= kMaxRows && 2 * r * row_bytes <= stage_bytes) r *= 2;
+  return r;
+}
+
+// Rows of the tile starting at row r of [r, r1); with split > 0 a tile never crosses a multiple
+// of split (q/k/v tiles stay inside one head).
+__device__ __forceinline__ int TileRows(int r, int r1, int rps, int split) {
+  int n = r1 - r < rps ? r1 - r : rps;
+  if (split > 0 && split - r % split < n) n = split - r % split;
+  return n;
+}
+
+// ---- shared-memory barriers and bulk copies (sm_90) ----
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)), "r"(count));
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred P1;\n"
+      "MEGA_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra MEGA_DONE;\n"
+      "bra MEGA_WAIT;\n"
+      "MEGA_DONE:\n"
+      "}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SmemAddr(bar)) : "memory");
+}
+__device__ __forceinline__ void MbarExpect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void BulkLoad(void* dst, const void* src, uint32_t bytes,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
+}
+
+// The consumer warps' own barrier (the producer warp never joins it).
+__device__ __forceinline__ void ConsumerSync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
+}
+
+// Sum / max over the consumer threads, the same value in all of them. scratch: 8 floats.
+__device__ __forceinline__ float ConsumerSum(float v, float* scratch) {
+  v = cuda::WarpSum(v);
+  ConsumerSync();
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  ConsumerSync();
+  float s = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kConsumerWarps; ++w) s += scratch[w];
+  return s;
+}
+__device__ __forceinline__ float ConsumerMax(float v, float* scratch) {
+  v = cuda::WarpMax(v);
+  ConsumerSync();
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  ConsumerSync();
+  float m = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kConsumerWarps; ++w) m = fmaxf(m, scratch[w]);
+  return m;
+}
+
+// Data written during the launch by other blocks is read through L2 only (ld.global.cg).
+template <typename T>
+__device__ __forceinline__ float LoadCg(const T* p) {
+  const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+  T v;
+  memcpy(&v, &bits, 2);
+  return cuda::ToFloat(v);
+}
+
+// Every consumer of every block arrives; the last one releases the generation. Writes before it
+// are visible to reads (ld.cg) after it in every block.
+__device__ __forceinline__ void GridSync(uint32_t* sync) {
+  ConsumerSync();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    uint32_t gen;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
+                 : "=r"(gen)
+                 : "l"(sync + kGenWord)
+                 : "memory");
+    if (atomicAdd(sync, 1u) == gridDim.x - 1) {
+      atomicExch(sync, 0u);
+      __threadfence();
+      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(sync + kGenWord), "r"(gen + 1)
+                   : "memory");
+    } else {
+      uint32_t now;
+      do {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
+                     : "=r"(now)
+                     : "l"(sync + kGenWord)
+                     : "memory");
+      } while (now == gen);
+    }
+    __threadfence();
+  }
+  ConsumerSync();
+}
+
+struct Smem {
+  unsigned char* ring;
+  void* x;          // [max(H, I, nH hd)] dtype: the phase's input vector
+  float* head;      // [hd] the q/k/v head being produced (rounded to dtype)
+  float* out;       // [out rows] fc2 sums (+ bias) of the block's output rows
+  float* q;         // [hd] the attention item's query (scaled)
+  float* o;         // [hd] its running output
+  float* scores;    // [kItemChunk]
+  float* red;       // [2][kConsumerWarps] per-warp row sums, by tile parity
+  float* red2;      // [kConsumers * 8] per-group output sums of an attention chunk
+  float* scratch;   // [32] reductions, [16] flag
+  uint64_t* full;   // [kMaxStages] stage loaded
+  uint64_t* empty;  // [kMaxStages] stage consumed (kConsumerWarps arrivals)
+};
+
+enum : int { kEpiQkv = 0, kEpiFc1 = 1, kEpiFc2 = 2, kEpiDense = 3 };
+
+struct LayerPtrs {
+  DecodeMegaLayer w;
+  char* k_cache;
+  char* v_cache;
+};
+
+template <typename T>
+__device__ void FinishHead(const Args& a, const Smem& sm, const LayerPtrs& lp, int hh, int pos,
+                           int64_t slot) {
+  const DecodeMegaParams& p = a.p;
+  const int t = threadIdx.x, hd = p.head_dim, nH = p.num_heads, nKV = p.num_kv_heads;
+  T* dst = nullptr;
+  const bool valid_slot = slot >= 0 && slot < static_cast<int64_t>(p.num_blocks) * p.block_size;
+  if (hh < nH) {
+    dst = static_cast<T*>(p.q) + static_cast<size_t>(hh) * hd;
+  } else if (valid_slot) {
+    const bool is_k = hh < nH + nKV;
+    const int kvh = is_k ? hh - nH : hh - nH - nKV;
+    dst = reinterpret_cast<T*>(is_k ? lp.k_cache : lp.v_cache) +
+          (static_cast<size_t>(slot) * nKV + kvh) * hd;
+  }
+  if (dst == nullptr) return;
+  const int half = hh < nH + nKV ? p.rotary_dim / 2 : 0;
+  if (t < half) {
+    // As RotaryKvWriteCuda: inv_freq = 1 / theta^(2j / rotary_dim), angle in float32, sincosf.
+    const float inv_freq =
+        1.0f / powf(p.theta, static_cast<float>(2 * t) / static_cast<float>(p.rotary_dim));
+    float s, c;
+    sincosf(static_cast<float>(pos) * inv_freq, &s, &c);
+    const float x1 = sm.head[t], x2 = sm.head[t + half];
+    dst[t] = cuda::FromFloat<T>(x1 * c - x2 * s);
+    dst[t + half] = cuda::FromFloat<T>(x2 * c + x1 * s);
+  } else if (t >= 2 * half && t < hd) {
+    dst[t] = cuda::FromFloat<T>(sm.head[t]);
+  }
+}
+
+// Rows [r0, r1) of a [*, K] weight matrix through the ring, x = sm.x; the epilogue by kEpi.
+template <typename T, int kEpi>
+__device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const LayerPtrs& lp,
+                            const T* bias, int r0, int r1, int K, int split, int out0, int pos,
+                            int64_t slot) {
+  const DecodeMegaParams& p = a.p;
+  const int rps = RowsPerStage(a.stage_bytes, K * static_cast<int>(sizeof(T)));
+  const int cpr = K / 8;
+  const int t = threadIdx.x, w = t >> 5, lane = t & 31;
+  const uint4* xv = static_cast<const uint4*>(sm.x);
+  for (int r = r0; r < r1;) {
+    const int n = TileRows(r, r1, rps, split);
+    const int s = static_cast<int>(it % a.stages);
+    MbarWait(&sm.full[s], (it / a.stages) & 1);
+    const uint4* wt =
+        reinterpret_cast<const uint4*>(sm.ring + static_cast<size_t>(s) * a.stage_bytes);
+    // kConsumerWarps / n warps a row (n is 1, 2, 4 or 8 but in a segment's last tile), each
+    // lane 16-byte chunks lane, lane + 32 x wpr, ... of its warp's slice.
+    const int wpr = kConsumerWarps / n;
+    const int j = w / wpr;
+    float acc = 0.0f;
+    if (j < n) {
+      const uint4* wrow = wt + j * cpr;
+#pragma unroll 4
+      for (int c = (w % wpr) * 32 + lane; c < cpr; c += 32 * wpr)
+        acc = Dot8<T>(wrow[c], xv[c], acc);
+    }
+    acc = cuda::WarpSum(acc);
+    float* red = sm.red + (it & 1) * kConsumerWarps;
+    if (lane == 0) red[w] = acc;
+    __syncwarp();
+    if (lane == 0) MbarArrive(&sm.empty[s]);  // this warp is done with the stage
+    ConsumerSync();
+    if (t < n) {
+      float v = 0.0f;
+      for (int ww = t * wpr; ww < (t + 1) * wpr; ++ww) v += red[ww];
+      const int g = r + t;
+      const float b = cuda::ToFloat(bias[g]);
+      if constexpr (kEpi == kEpiQkv) {
+        sm.head[g % split] = cuda::ToFloat(cuda::FromFloat<T>(v + b));
+      } else if constexpr (kEpi == kEpiFc1) {
+        static_cast<T*>(p.act)[g] = cuda::FromFloat<T>(Activate(v + b, static_cast<int>(p.act_fn)));
+      } else if constexpr (kEpi == kEpiFc2) {
+        sm.out[g - out0] = v + b;
+      } else {
+        T* h = static_cast<T*>(p.h);
+        h[g] = cuda::FromFloat<T>(LoadCg(h + g) + v + b + sm.out[g - out0]);
+      }
+    }
+    ++it;
+    r += n;
+    if constexpr (kEpi == kEpiQkv) {
+      if (r % split == 0) {
+        ConsumerSync();
+        FinishHead<T>(a, sm, lp, r / split - 1, pos, slot);
+      }
+    }
+  }
+}
+
+// sm.x = dtype(LayerNorm(h) * w + b), as LayerNormCuda (float32 mean, centred variance).
+template <typename T>
+__device__ void LayerNormRow(const Args& a, const Smem& sm, const T* w, const T* b) {
+  const DecodeMegaParams& p = a.p;
+  const int t = threadIdx.x, chunks = p.hidden / 8;
+  uint4* x = static_cast<uint4*>(sm.x);
+  const uint4* h = static_cast<const uint4*>(p.h);
+  float sum = 0.0f;
+  for (int c = t; c < chunks; c += kConsumers) {
+    const uint4 v = __ldcg(h + c);
+    x[c] = v;
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += cuda::ToFloat(e[i]);
+  }
+  const float mean = ConsumerSum(sum, sm.scratch) / p.hidden;
+  float sq = 0.0f;
+  for (int c = t; c < chunks; c += kConsumers) {
+    const uint4 v = x[c];
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float d = cuda::ToFloat(e[i]) - mean;
+      sq += d * d;
+    }
+  }
+  const float rstd = rsqrtf(ConsumerSum(sq, sm.scratch) / p.hidden + a.p.eps);
+  for (int c = t; c < chunks; c += kConsumers) {  // each thread rewrites only its own chunks
+    uint4 v = x[c];
+    T* e = reinterpret_cast<T*>(&v);
+    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + c);
+    const uint4 bv = __ldg(reinterpret_cast<const uint4*>(b) + c);
+    const T* we = reinterpret_cast<const T*>(&wv);
+    const T* be = reinterpret_cast<const T*>(&bv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      e[i] = cuda::FromFloat<T>((cuda::ToFloat(e[i]) - mean) * rstd * cuda::ToFloat(we[i]) +
+                                cuda::ToFloat(be[i]));
+    }
+    x[c] = v;
+  }
+  ConsumerSync();
+}
+
+// sm.x[0, n) = src[0, n) (device, written during the launch).
+template <typename T>
+__device__ void StageVector(const Smem& sm, const void* src, int n) {
+  const uint4* s = static_cast<const uint4*>(src);
+  uint4* x = static_cast<uint4*>(sm.x);
+  for (int c = threadIdx.x; c < n / 8; c += kConsumers) x[c] = __ldcg(s + c);
+  ConsumerSync();
+}
+
+// Cache row of position `pos` of KV head kvh, or null when its block id is out of range (reads
+// as zero K/V, as PagedDecodeCuda).
+template <typename T>
+__device__ __forceinline__ const T* CacheRow(const Args& a, const char* cache, int pos, int kvh) {
+  const DecodeMegaParams& p = a.p;
+  const int blk = __ldg(p.block_table + pos / p.block_size);
+  if (blk < 0 || blk >= p.num_blocks) return nullptr;
+  const size_t slot = static_cast<size_t>(blk) * p.block_size + pos % p.block_size;
+  return reinterpret_cast<const T*>(cache) + (slot * p.num_kv_heads + kvh) * p.head_dim;
+}
+
+// Attention of query head `head` over split `split` of the context: writes its (m, l, o)
+// partial; the block finishing a head's last split merges them into attn (in split order).
+template <typename T>
+__device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp, int head,
+                              int split, int ctx) {
+  const DecodeMegaParams& p = a.p;
+  const int t = threadIdx.x, hd = p.head_dim, chunks = hd / 8;
+  const int kvh = head / (p.num_heads / p.num_kv_heads);
+  const int split_len = (ctx + a.nsplit - 1) / a.nsplit;
+  const int p0 = split * split_len;
+  const int p1 = min(ctx, p0 + split_len);
+  if (t < hd) {
+    sm.q[t] = LoadCg(static_cast<const T*>(p.q) + static_cast<size_t>(head) * hd + t) * p.scale;
+    sm.o[t] = 0.0f;
+  }
+  ConsumerSync();
+  float m = -INFINITY, l = 0.0f;
+  for (int c0 = p0; c0 < p1; c0 += kItemChunk) {
+    const int len = min(kItemChunk, p1 - c0);
+    float mloc = -INFINITY;
+    for (int i = t; i < len; i += kConsumers) {
+      const T* kr = CacheRow<T>(a, lp.k_cache, c0 + i, kvh);
+      float d = 0.0f;
+      if (kr != nullptr) {
+        // 8 chunks (128 bytes) of the key in flight at a time.
+        for (int k0 = 0; k0 < chunks; k0 += 8) {
+          uint4 kv[8];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            kv[u] = k0 + u < chunks ? __ldcg(reinterpret_cast<const uint4*>(kr) + k0 + u)
+                                    : make_uint4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            if (k0 + u < chunks) {
+              const T* e = reinterpret_cast<const T*>(&kv[u]);
+#pragma unroll
+              for (int j = 0; j < 8; ++j) d = fmaf(sm.q[(k0 + u) * 8 + j], cuda::ToFloat(e[j]), d);
+            }
+          }
+        }
+      }
+      sm.scores[i] = d;
+      mloc = fmaxf(mloc, d);
+    }
+    const float m_new = fmaxf(m, ConsumerMax(mloc, sm.scratch));
+    const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
+    float lsum = 0.0f;
+    for (int i = t; i < len; i += kConsumers) {
+      const float e = expf(sm.scores[i] - m_new);
+      sm.scores[i] = e;
+      lsum += e;
+    }
+    l = l * alpha + ConsumerSum(lsum, sm.scratch);  // its barriers publish sm.scores
+    // P V: thread (group g, chunk c) sums positions g, g + G, ... of the chunk's 8 dims.
+    const int groups = kConsumers / chunks, g = t / chunks, c = t % chunks;
+    float o8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (g < groups) {
+#pragma unroll 4
+      for (int i = g; i < len; i += groups) {
+        const T* vr = CacheRow<T>(a, lp.v_cache, c0 + i, kvh);
+        if (vr == nullptr) continue;
+        const uint4 vv = __ldcg(reinterpret_cast<const uint4*>(vr) + c);
+        const T* e = reinterpret_cast<const T*>(&vv);
+        const float pw = sm.scores[i];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o8[j] = fmaf(pw, cuda::ToFloat(e[j]), o8[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sm.red2[g * hd + c * 8 + j] = o8[j];
+    }
+    ConsumerSync();
+    if (t < hd) {
+      float s = 0.0f;
+      for (int gg = 0; gg < groups; ++gg) s += sm.red2[gg * hd + t];
+      sm.o[t] = sm.o[t] * alpha + s;
+    }
+    ConsumerSync();  // scores and red2 are rewritten by the next chunk
+    m = m_new;
+  }
+  // Partial [m, l, o[hd]] of (head, split), then count it.
+  float* part =
+      a.p.partials + (static_cast<size_t>(head) * kDecodeMegaMaxSplits + split) * (hd + 2);
+  if (t < hd) part[2 + t] = sm.o[t];
+  if (t == 0) {
+    part[0] = m;
+    part[1] = l;
+  }
+  __threadfence();
+  ConsumerSync();
+  int* flag = reinterpret_cast<int*>(sm.scratch + 16);
+  if (t == 0) {
+    uint32_t* counter = p.sync + kHeadWord + head;
+    const bool last = atomicAdd(counter, 1u) == static_cast<uint32_t>(a.nsplit - 1);
+    if (last) {
+      atomicExch(counter, 0u);  // every split arrived: ready for the next layer
+      __threadfence();
+    }
+    *flag = last ? 1 : 0;
+  }
+  ConsumerSync();
+  if (*flag != 0 && t < hd) {
+    const float* base = a.p.partials + static_cast<size_t>(head) * kDecodeMegaMaxSplits * (hd + 2);
+    float mm = -INFINITY;
+    for (int s = 0; s < a.nsplit; ++s) mm = fmaxf(mm, __ldcg(base + s * (hd + 2)));
+    float lsum = 0.0f, osum = 0.0f;
+    if (mm != -INFINITY) {
+      for (int s = 0; s < a.nsplit; ++s) {
+        const float ms = __ldcg(base + s * (hd + 2));
+        if (ms == -INFINITY) continue;
+        const float wgt = expf(ms - mm);
+        lsum += __ldcg(base + s * (hd + 2) + 1) * wgt;
+        osum += __ldcg(base + s * (hd + 2) + 2 + t) * wgt;
+      }
+    }
+    static_cast<T*>(p.attn)[static_cast<size_t>(head) * hd + t] =
+        cuda::FromFloat<T>(lsum > 0.0f ? osum / lsum : 0.0f);
+  }
+  ConsumerSync();  // flag and q / o are rewritten by the next item
+}
+
+template <typename T>
+__device__ void Produce(const Args& a, const BlockPlan& bp, const Smem& sm) {
+  const DecodeMegaParams& p = a.p;
+  const int H = p.hidden, I = p.intermediate, A = p.num_heads * p.head_dim;
+  uint32_t it = 0;
+  auto stream = [&](const void* wv, int r0, int r1, int K, int split) {
+    const T* w = static_cast<const T*>(wv);
+    const int rps = RowsPerStage(a.stage_bytes, K * static_cast<int>(sizeof(T)));
+    for (int r = r0; r < r1;) {
+      const int n = TileRows(r, r1, rps, split);
+      const int s = static_cast<int>(it % a.stages);
+      if (it >= static_cast<uint32_t>(a.stages)) MbarWait(&sm.empty[s], ((it / a.stages) - 1) & 1);
+      const uint32_t bytes = static_cast<uint32_t>(n) * K * sizeof(T);
+      MbarExpect(&sm.full[s], bytes);
+      BulkLoad(sm.ring + static_cast<size_t>(s) * a.stage_bytes, w + static_cast<size_t>(r) * K,
+               bytes, &sm.full[s]);
+      ++it;
+      r += n;
+    }
+  };
+  for (int l = 0; l < p.num_layers; ++l) {
+    const DecodeMegaLayer& w = p.layers[l];
+    stream(w.qkv_w, bp.qkv0, bp.qkv1, H, p.head_dim);
+    stream(w.fc1_w, bp.fc1_0, bp.fc1_1, H, 0);
+    stream(w.fc2_w, bp.out0, bp.out1, I, 0);
+    stream(w.dense_w, bp.out0, bp.out1, A, 0);
+  }
+}
+
+template <typename T>
+__device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
+  const DecodeMegaParams& p = a.p;
+  const int H = p.hidden, I = p.intermediate, A = p.num_heads * p.head_dim;
+  const int pos = __ldg(p.positions), ctx = __ldg(p.context_lens);
+  const int64_t slot = __ldg(reinterpret_cast<const long long*>(p.slots));
+  uint32_t it = 0;
+  for (int l = 0; l < p.num_layers; ++l) {
+    LayerPtrs lp;
+    lp.w = p.layers[l];
+    lp.k_cache = static_cast<char*>(p.kv) + 2 * static_cast<size_t>(l) * p.layer_kv_bytes;
+    lp.v_cache = lp.k_cache + p.layer_kv_bytes;
+    const DecodeMegaLayer& w = lp.w;
+    // A: LayerNorm, q/k/v heads (rotated, K/V to the cache), fc1 rows.
+    LayerNormRow<T>(a, sm, static_cast<const T*>(w.ln_w), static_cast<const T*>(w.ln_b));
+    ConsumeRows<T, kEpiQkv>(a, sm, it, lp, static_cast<const T*>(w.qkv_b), bp.qkv0, bp.qkv1, H,
+                            p.head_dim, 0, pos, slot);
+    ConsumeRows<T, kEpiFc1>(a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1, H, 0,
+                            0, pos, slot);
+    GridSync(p.sync);
+    // B: attention items, then fc2 rows (sums kept for C).
+    for (int item = blockIdx.x; item < p.num_heads * a.nsplit; item += gridDim.x) {
+      AttentionItem<T>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
+    }
+    StageVector<T>(sm, p.act, I);
+    ConsumeRows<T, kEpiFc2>(a, sm, it, lp, static_cast<const T*>(w.fc2_b), bp.out0, bp.out1, I, 0,
+                            bp.out0, pos, slot);
+    GridSync(p.sync);
+    // C: dense rows + fc2 + residual -> h.
+    StageVector<T>(sm, p.attn, A);
+    ConsumeRows<T, kEpiDense>(a, sm, it, lp, static_cast<const T*>(w.dense_b), bp.out0, bp.out1, A,
+                              0, bp.out0, pos, slot);
+    if (l + 1 < p.num_layers) GridSync(p.sync);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  Smem sm;
+  sm.ring = smem;
+  sm.x = smem + a.off_x;
+  sm.head = reinterpret_cast<float*>(smem + a.off_head);
+  sm.out = reinterpret_cast<float*>(smem + a.off_out);
+  sm.q = reinterpret_cast<float*>(smem + a.off_q);
+  sm.o = reinterpret_cast<float*>(smem + a.off_o);
+  sm.scores = reinterpret_cast<float*>(smem + a.off_scores);
+  sm.red = reinterpret_cast<float*>(smem + a.off_red);
+  sm.red2 = reinterpret_cast<float*>(smem + a.off_red2);
+  sm.scratch = reinterpret_cast<float*>(smem + a.off_scratch);
+  sm.full = reinterpret_cast<uint64_t*>(smem + a.off_bars);
+  sm.empty = sm.full + kMaxStages;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < a.stages; ++s) {
+      MbarInit(&sm.full[s], 1);
+      MbarInit(&sm.empty[s], kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const BlockPlan bp = MakePlan(a.p, reinterpret_cast<int*>(sm.scratch + 24));
+  if (threadIdx.x >= kConsumers) {
+    if (threadIdx.x == kConsumers) Produce<T>(a, bp, sm);
+    return;
+  }
+  Consume<T>(a, bp, sm);
+}
+
+struct DeviceLimits {
+  int sms = 0;
+  int smem_optin = 0;
+  bool ok = false;  // sm_90+ with cooperative launch
+};
+
+DeviceLimits Limits() {
+  static std::atomic<int> sms[64], optin[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {};
+  if (sms[dev].load() == 0) {
+    int v = 0, o = 0, cc = 0, coop = 0;
+    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+    cudaDeviceGetAttribute(&o, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+    if (cc < 9 || coop == 0) v = -1;
+    optin[dev].store(o);
+    sms[dev].store(v);
+  }
+  DeviceLimits lim;
+  lim.sms = sms[dev].load();
+  lim.smem_optin = optin[dev].load();
+  lim.ok = lim.sms > 0;
+  return lim;
+}
+
+int RoundUp(int v, int m) { return (v + m - 1) / m * m; }
+
+// Shared-memory layout and ring of `p` on a device with `lim`; stages 0 when it does not fit.
+Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_bytes) {
+  Args a;
+  a.p = p;
+  const int es = static_cast<int>(DataTypeSize(p.dtype));
+  const int A = p.num_heads * p.head_dim;
+  const int max_k = std::max(std::max(p.hidden, p.intermediate), A);
+  const int row = max_k * es;
+  a.stage_bytes = RoundUp(row * std::max(1, kStageTarget / row), 128);
+  const int blocks = p.blocks > 0 ? std::min(p.blocks, lim.sms) : lim.sms;
+  a.p.blocks = blocks;
+  const int out_rows = (p.hidden + blocks - 1) / std::max(blocks, 1);
+  int off = 0;
+  auto take = [&](int bytes) {
+    const int at = off;
+    off += RoundUp(bytes, 16);
+    return at;
+  };
+  a.off_x = take(max_k * es);
+  a.off_head = take(p.head_dim * 4);
+  a.off_out = take(out_rows * 4);
+  a.off_q = take(p.head_dim * 4);
+  a.off_o = take(p.head_dim * 4);
+  a.off_scores = take(kItemChunk * 4);
+  a.off_red = take(2 * kConsumerWarps * 4);
+  a.off_red2 = take(kConsumers * 8 * 4);
+  a.off_scratch = take(32 * 4);
+  a.off_bars = take(2 * kMaxStages * 8);
+  const int fixed = off;
+  const int avail = lim.smem_optin - 1024 - fixed;  // static shared memory and a margin
+  int stages = avail > 0 ? avail / a.stage_bytes : 0;
+  stages = std::min(stages, kMaxStages);
+  if (p.stages > 0) stages = p.stages <= stages ? p.stages : 0;
+  a.stages = stages;
+  // Every offset moves past the ring.
+  const int ring = stages * a.stage_bytes;
+  for (int* o : {&a.off_x, &a.off_head, &a.off_out, &a.off_q, &a.off_o, &a.off_scores, &a.off_red,
+                 &a.off_red2, &a.off_scratch, &a.off_bars}) {
+    *o += ring;
+  }
+  a.nsplit = std::max(1, std::min(kDecodeMegaMaxSplits, blocks / std::max(p.num_heads, 1)));
+  *smem_bytes = ring + fixed;
+  return a;
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+KernelStatus Launch(const Args& a, int smem, cudaStream_t stream) {
+  auto kernel = DecodeMegaKernel<T>;
+  static std::atomic<uint64_t> opted{0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const uint64_t bit = uint64_t{1} << (dev & 63);
+  if ((opted.load() & bit) == 0) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Limits().smem_optin - 1024) != cudaSuccess) {
+      return KernelStatus::kDeviceError;
+    }
+    opted.fetch_or(bit);
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(a.p.blocks);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;  // all blocks resident: the grid barrier is safe
+  attr[0].val.cooperative = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  if (cudaLaunchKernelEx(&config, kernel, a) != cudaSuccess) return KernelStatus::kDeviceError;
+  return cuda::LaunchStatus();
+}
+
+}  // namespace
+
+size_t DecodeMegaSyncBytes(int num_heads) {
+  return sizeof(uint32_t) * static_cast<size_t>(kHeadWord + std::max(num_heads, 0));
+}
+
+size_t DecodeMegaPartialsBytes(int num_heads, int head_dim) {
+  return sizeof(float) * static_cast<size_t>(num_heads) * kDecodeMegaMaxSplits * (head_dim + 2);
+}
+
+bool DecodeMegaCudaSupports(const DecodeMegaParams& p) {
+  if (p.dtype != DataType::kF16 && p.dtype != DataType::kBF16) return false;
+  if (p.num_layers < 1 || p.hidden < 8 || p.intermediate < 8 || p.num_heads < 1 ||
+      p.num_kv_heads < 1 || p.head_dim < 8) {
+    return false;
+  }
+  if (p.hidden % 8 != 0 || p.intermediate % 8 != 0 || p.head_dim % 8 != 0 || p.head_dim > 256 ||
+      p.num_heads % p.num_kv_heads != 0 || p.rotary_dim < 0 || p.rotary_dim % 2 != 0 ||
+      p.rotary_dim > p.head_dim || p.block_size < 1 || p.num_blocks < 0) {
+    return false;
+  }
+  if (p.blocks < 0 || p.stages < 0 || p.stages > kMaxStages) return false;
+  if (!Aligned16(p.h) || !Aligned16(p.q) || !Aligned16(p.act) || !Aligned16(p.attn) ||
+      !Aligned16(p.kv) || p.layer_kv_bytes % 16 != 0) {
+    return false;
+  }
+  const DeviceLimits lim = Limits();
+  if (!lim.ok) return false;
+  int smem = 0;
+  const Args a = MakeArgs(p, lim, &smem);
+  if (a.stages < 2 || smem + 1024 > lim.smem_optin) return false;
+  // Every block's output rows fit its fc2 sums (out rows is sized by the same rule).
+  return a.p.blocks >= 1;
+}
+
+KernelStatus DecodeMegaCuda(const DecodeMegaParams& p, cudaStream_t stream) {
+  if (!p.layers || !p.kv || !p.positions || !p.slots || !p.context_lens || !p.block_table || !p.h ||
+      !p.q || !p.act || !p.attn || !p.partials || !p.sync) {
+    return KernelStatus::kNullPointer;
+  }
+  if (!DecodeMegaCudaSupports(p)) return KernelStatus::kInvalidShape;
+  int smem = 0;
+  const Args a = MakeArgs(p, Limits(), &smem);
+  return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return Launch<T>(a, smem, stream);
+  });
+}
+
+}  // namespace phishard

@@ -1,0 +1,90 @@
+// Persistent decode kernel for 1-row decode steps (issue #4): every layer of a Phi decode step
+// for ONE sequence in one launch, so the weight stream never stops between ops.
+//
+// Math (per layer l, Phi's parallel residual; the same rounding points as the op-by-op path of
+// model/cuda_phi_step.cc with the fused dense + fc2 GEMV):
+//   n    = dtype(LayerNorm(h) * ln_w + ln_b)                      float32 statistics
+//   qkv  = dtype(Wqkv n + b_qkv); q, k rotated (rotary_kv_write.h), dtype again; K/V -> cache slot
+//   a    = dtype(act(Wfc1 n + b_fc1))                              GELU-tanh or GELU-erf
+//   attn = dtype(softmax(scale q K^T) V) over the sequence's context_lens[0] cached positions
+//   h    = dtype(h + Wdense attn + b_dense + Wfc2 a + b_fc2)       one float32 sum, one rounding
+// float32 accumulation everywhere; the row's position, slot, context length and block table are
+// read on the device (so a captured graph replays any step).
+//
+// Structure: grid = one block per SM (cooperative launch), 8 consumer warps + 1 producer warp.
+// Block b owns a fixed slice of every weight matrix: whole q/k/v heads and a row range of fc1
+// (phase A), a row range r of the output (fc2 rows r in phase B, dense rows r in phase C). The
+// producer streams the block's weight rows, layer after layer, through a shared-memory ring of
+// bulk copies (cp.async.bulk + mbarrier) in the consumers' program order, so while the consumers
+// wait at a grid barrier the next phase's weights are already arriving. Phase B also runs the
+// attention, split over (query head, context split) items whose last finisher merges the splits.
+// Three grid barriers a layer (after A, B and C; the last one is the launch's end).
+//
+// The kernel keeps state between launches in `sync` (a barrier generation, per-head counters):
+// allocate it once, zeroed, and never share it between two launches in flight.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/device.h"
+#include "kernels/dtype.h"
+#include "kernels/gemm.h"
+#include "kernels/kernel_status.h"
+
+namespace phishard {
+
+inline constexpr int kDecodeMegaMaxSplits = 16;
+
+// One layer's weights (device, dtype), as CudaPhiModel holds them: qkv fused
+// [(nH + 2 nKV) hd, H], dense [H, nH hd], fc1 [I, H], fc2 [H, I]; biases [rows].
+struct DecodeMegaLayer {
+  const void *ln_w, *ln_b, *qkv_w, *qkv_b, *dense_w, *dense_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+};
+
+struct DecodeMegaParams {
+  const DecodeMegaLayer* layers = nullptr;  // [num_layers] device
+  int num_layers = 0;
+  // Layer l's K cache at kv + 2 l layer_kv_bytes, its V cache right after; each
+  // [num_blocks, block_size, nKV, hd] dtype.
+  void* kv = nullptr;
+  size_t layer_kv_bytes = 0;
+  int num_blocks = 0;
+  int block_size = 0;
+  // The row's inputs (device; only element 0 is read): position, cache slot (< 0: write none),
+  // context length after this step (0: padding row, attention output 0), block table row.
+  const int32_t* positions = nullptr;
+  const int64_t* slots = nullptr;
+  const int32_t* context_lens = nullptr;
+  const int32_t* block_table = nullptr;
+  void* h = nullptr;          // [H] device, dtype: the embedding row in, the residual out
+  void* q = nullptr;          // [nH hd] device scratch, dtype (rotated q)
+  void* act = nullptr;        // [I] device scratch, dtype
+  void* attn = nullptr;       // [nH hd] device scratch, dtype
+  float* partials = nullptr;  // DecodeMegaPartialsBytes device scratch
+  uint32_t* sync = nullptr;   // DecodeMegaSyncBytes device, zeroed once, kept between launches
+  int hidden = 0, intermediate = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int rotary_dim = 0;
+  float theta = 10000.0f;
+  float eps = 1e-5f;
+  float scale = 0.0f;  // attention score scale, usually 1 / sqrt(head_dim)
+  GemmEpilogue act_fn = GemmEpilogue::kGeluTanh;
+  DataType dtype = DataType::kBF16;
+  // Tuning (0: defaults): blocks (<= SMs), ring stages.
+  int blocks = 0;
+  int stages = 0;
+};
+
+size_t DecodeMegaSyncBytes(int num_heads);
+size_t DecodeMegaPartialsBytes(int num_heads, int head_dim);
+
+// Shapes the kernel handles on the current device (kF16 / kBF16, H, I and hd multiples of 8, hd
+// <= 256, nKV dividing nH, even rotary_dim <= hd, 16-byte aligned weights, a ring of >= 2 stages
+// fitting in shared memory, cooperative launch). Pointers other than the weights are not checked.
+bool DecodeMegaCudaSupports(const DecodeMegaParams& p);
+
+// kInvalidShape when !DecodeMegaCudaSupports(p); kDeviceError when the launch is refused.
+// Never allocates. One launch (cooperative) on `stream`; capturable into a CUDA graph.
+KernelStatus DecodeMegaCuda(const DecodeMegaParams& p, cudaStream_t stream);
+
+}  // namespace phishard

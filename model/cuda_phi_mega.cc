@@ -1,0 +1,149 @@
+// CudaPhiModel's persistent decode path (issue #4): 1-row decode steps without adapter rows on an
+// unsharded model run every layer in one launch of the persistent kernel
+// (kernels/cuda/decode_mega_cuda.h) after the embedding; the final LayerNorm and the LM head stay
+// as they are. Switched by CudaModelOptions::decode_megakernel / PHISHARD_DECODE_MEGAKERNEL.
+#ifdef PHISHARD_HAVE_CUDA
+
+#include <cmath>
+#include <vector>
+
+#include "common/logging.h"
+#include "kernels/cuda/decode_mega_cuda.h"
+#include "kernels/cuda/embedding_cuda.h"
+#include "model/cuda_lora.h"
+#include "model/cuda_phi_internal.h"
+#include "model/cuda_phi_model.h"
+
+namespace phishard {
+namespace {
+
+using cuda_model::ArenaLayout;
+using cuda_model::MakeArenaLayout;
+
+// mega_buf_: [layers] DecodeMegaLayer table, then the sync words (zeroed once), then the
+// attention partials; each part 256-byte aligned.
+struct MegaBufLayout {
+  size_t table, sync, partials, total;
+};
+
+MegaBufLayout MakeMegaBufLayout(const PhiConfig& c) {
+  MegaBufLayout m;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off += (bytes + 255) / 256 * 256;
+    return at;
+  };
+  m.table = take(sizeof(DecodeMegaLayer) * c.num_hidden_layers);
+  m.sync = take(DecodeMegaSyncBytes(c.num_attention_heads));
+  m.partials = take(DecodeMegaPartialsBytes(c.num_attention_heads, c.head_dim));
+  m.total = off;
+  return m;
+}
+
+}  // namespace
+
+absl::Status CudaPhiModel::set_decode_megakernel(bool on) {
+  mega_on_ = on;
+  DropGraphs();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
+  if (!mega_on_ || in.tokens != 1 || lora_->active() || shard_.sharded() || kv_ == nullptr) {
+    return false;
+  }
+  const PhiConfig& c = config_;
+  const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
+  char* a = static_cast<char*>(arena_);
+  const MegaBufLayout ml = MakeMegaBufLayout(c);
+  char* mb = static_cast<char*>(mega_buf_);
+  DecodeMegaParams p;
+  p.layers = reinterpret_cast<const DecodeMegaLayer*>(mb + ml.table);
+  p.num_layers = c.num_hidden_layers;
+  p.kv = kv_;
+  p.layer_kv_bytes = static_cast<size_t>(kv_num_blocks_) * kv_block_size_ * c.num_key_value_heads *
+                     c.head_dim * DataTypeSize(dtype_);
+  p.num_blocks = kv_num_blocks_;
+  p.block_size = kv_block_size_;
+  p.positions = in.positions;
+  p.slots = in.slots;
+  p.context_lens = in.context_lens;
+  p.block_table = in.block_tables;  // row 0 starts at 0 whatever the pitch
+  p.h = a + al.h;
+  p.q = a + al.qkv;
+  p.act = a + al.mlp;
+  p.attn = a + al.attn;
+  p.partials = reinterpret_cast<float*>(mb + ml.partials);
+  p.sync = reinterpret_cast<uint32_t*>(mb + ml.sync);
+  p.hidden = c.hidden_size;
+  p.intermediate = c.intermediate_size;
+  p.num_heads = c.num_attention_heads;
+  p.num_kv_heads = c.num_key_value_heads;
+  p.head_dim = c.head_dim;
+  p.rotary_dim = c.rotary_dim;
+  p.theta = static_cast<float>(c.rope_theta);
+  p.eps = static_cast<float>(c.layer_norm_eps);
+  p.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  p.act_fn =
+      c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
+  p.dtype = dtype_;
+  // Weights 16-byte aligned (the bulk copies' sources); the layout makes them so, checked anyway.
+  for (const Layer& w : layers_) {
+    for (const void* ptr : {w.qkv_w, w.dense_w, w.fc1_w, w.fc2_w, w.ln_w, w.ln_b}) {
+      if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+    }
+  }
+  if (!DecodeMegaCudaSupports(p)) {
+    if (!mega_refused_logged_) {
+      PHI_LOG(WARNING) << "decode megakernel: this model's shape is not supported on this device; "
+                       << "1-row decode steps keep the op-by-op path";
+      mega_refused_logged_ = true;
+    }
+    return false;
+  }
+  if (mega_buf_ == nullptr) {
+    // Once, at the first 1-row step (eager: graphs are captured after a bucket's first step).
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&mega_buf_, ml.total), "megakernel buffer"));
+    std::vector<DecodeMegaLayer> table(layers_.size());
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& w = layers_[l];
+      table[l] = {w.ln_w,    w.ln_b,  w.qkv_w, w.qkv_b, w.dense_w,
+                  w.dense_b, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b};
+    }
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMemset(mega_buf_, 0, ml.total, stream_), "zero"));
+    PHI_RETURN_IF_ERROR(
+        DeviceStatus(DeviceCopyToDevice(static_cast<char*>(mega_buf_) + ml.table, table.data(),
+                                        sizeof(DecodeMegaLayer) * table.size(), stream_),
+                     "megakernel layer table"));
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "megakernel table sync"));
+    mb = static_cast<char*>(mega_buf_);
+    p.layers = reinterpret_cast<const DecodeMegaLayer*>(mb + ml.table);
+    p.partials = reinterpret_cast<float*>(mb + ml.partials);
+    p.sync = reinterpret_cast<uint32_t*>(mb + ml.sync);
+  }
+  PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = in.ids,
+                                                  .table = embed_,
+                                                  .out = p.h,
+                                                  .num_tokens = 1,
+                                                  .num_rows = embed_rows_,
+                                                  .dim = c.hidden_size,
+                                                  .row_offset = embed_row_offset_,
+                                                  .dtype = dtype_},
+                                                 stream_),
+                                   "embedding"));
+  PHI_RETURN_IF_ERROR(KernelResult(DecodeMegaCuda(p, stream_), "decode megakernel"));
+  ++mega_launches_;
+  return true;
+}
+
+absl::Status CudaPhiModel::PoisonKvCache() {
+  if (kv_ == nullptr) return absl::FailedPreconditionError("KV cache is not allocated");
+  DeviceSet(device_);
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMemset(kv_, 0xFF, kv_bytes_, stream_), "poison KV"));
+  return DeviceStatus(DeviceStreamSync(stream_), "poison KV");
+}
+
+}  // namespace phishard
+
+#endif  // PHISHARD_HAVE_CUDA

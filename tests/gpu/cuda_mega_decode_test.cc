@@ -1,0 +1,201 @@
+// The persistent decode kernel (kernels/cuda/decode_mega_cuda.h, CudaModelOptions::
+// decode_megakernel) against the op-by-op decode path of the same model, end to end through
+// CudaPhiModel::Forward, on the fixtures tiny-phi-code (MHA, head_dim 32, partial rotary 16,
+// bf16 and f16) and phi-gqa-hd80 (GQA 4/2, head_dim 80, rotary 32).
+//
+// Steps: sequence A is prefilled with 90 tokens (the op-by-op prefill, identical in every run),
+// then decodes 22 one-token steps (context 91..112, crossing the block boundary at 96 and 112);
+// sequence B decodes from an empty cache, 20 one-token steps (context 1..20: 1, 15, 16, 17 and
+// the boundary at 16 inside). Both block tables are scattered, and the whole KV pool is
+// NaN-poisoned first (PoisonKvCache), so a read of any slot no step wrote makes the logits NaN.
+// Token ids are fixed (teacher forcing), so every run sees the same inputs.
+//
+// Tolerance: the kernel keeps the op-by-op path's bf16 rounding points (LayerNorm output, q/k/v,
+// rotated q/k, fc1 activation, attention output, h) but sums in other orders (per-row dot products
+// over 8 warps, attention in 16 splits merged by log-sum-exp, dense + fc2 as two float32 sums
+// added once): an activation can land on the other side of a bf16 rounding boundary, the same
+// kind of difference as cuda_model_test's MLP mode 2 vs 0 (h rounded once vs twice a layer), so
+// the same bounds: max |d| <= 0.02 of the logit scale, norm rel <= 0.015 (that file's numpy
+// emulation gives their origin). Greedy tokens must agree unless the reference's top-2 gap is a
+// near-tie (< 0.008 of the scale, kTieFrac there). A graph replay runs the eager launch's work
+// with the same reduction orders: bit-identical.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/cuda_phi_model.h"
+#include "model/kv_cache.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace phishard {
+namespace {
+
+namespace fs = std::filesystem;
+
+const fs::path kRepo = fs::path(PHISHARD_MODELS).parent_path();
+
+constexpr double kLogitFrac = 0.02;
+constexpr double kLogitNormRel = 0.015;
+constexpr double kTieFrac = 0.008;
+
+std::unique_ptr<CudaPhiModel> LoadModel(const fs::path& dir, const std::string& dtype) {
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = CudaPhiModel::Load(
+      dir, {.dtype = dtype, .device = 0, .reserve_tokens = 256, .decode_megakernel = 0});
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? *std::move(m) : nullptr;
+}
+
+ForwardBatch Tokens(const std::vector<int32_t>& ids, int past, const std::vector<int32_t>& table) {
+  ForwardBatch b;
+  b.token_ids = ids;
+  const int n = static_cast<int>(ids.size());
+  for (int i = 0; i < n; ++i) b.positions.push_back(past + i);
+  b.seqs.push_back({.num_new_tokens = n, .context_len = past + n, .block_table = table});
+  b.logit_rows = {n - 1};
+  return b;
+}
+
+// Scattered block tables (16-token blocks of a 24-block pool): A holds 112 tokens, B 20.
+const std::vector<int32_t> kTableA = {20, 3, 17, 5, 11, 0, 9};
+const std::vector<int32_t> kTableB = {7, 22};
+
+// Logits of every decode step of A then B (the prefill's are not the kernel's).
+std::vector<std::vector<float>> RunSteps(CudaPhiModel& m) {
+  const int V = m.config().vocab_size;
+  std::vector<std::vector<float>> out;
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 90; ++i) prompt.push_back((i * 389 + 5) % V);
+  std::vector<float> logits;
+  EXPECT_TRUE(m.Forward(Tokens(prompt, 0, kTableA), &logits).ok());
+  for (int d = 0; d < 22; ++d) {
+    out.emplace_back();
+    const absl::Status st = m.Forward(Tokens({(d * 97 + 3) % V}, 90 + d, kTableA), &out.back());
+    EXPECT_TRUE(st.ok()) << st;
+  }
+  for (int d = 0; d < 20; ++d) {
+    out.emplace_back();
+    const absl::Status st = m.Forward(Tokens({(d * 61 + 11) % V}, d, kTableB), &out.back());
+    EXPECT_TRUE(st.ok()) << st;
+  }
+  return out;
+}
+
+int StepContext(size_t i) { return i < 22 ? 91 + static_cast<int>(i) : static_cast<int>(i) - 21; }
+
+void ExpectClose(const std::vector<float>& ours, const std::vector<float>& ref,
+                 const std::string& what) {
+  ASSERT_EQ(ours.size(), ref.size()) << what;
+  double num = 0, den = 0, worst = 0, scale = 1.0;
+  size_t nonfinite = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    scale = std::max(scale, std::fabs(static_cast<double>(ref[i])));
+    if (!std::isfinite(ours[i])) {
+      ++nonfinite;
+      continue;
+    }
+    const double d = static_cast<double>(ours[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+    worst = std::max(worst, std::fabs(d));
+  }
+  EXPECT_EQ(nonfinite, 0u) << what;
+  EXPECT_LE(worst, kLogitFrac * scale) << what << " (logit scale " << scale << ")";
+  EXPECT_LE(std::sqrt(num / std::max(den, 1e-30)), kLogitNormRel) << what;
+  // Greedy agreement unless the reference's top-2 gap is a near-tie.
+  std::vector<float> sorted = ref;
+  std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+  const auto best = [](const std::vector<float>& v) {
+    return std::max_element(v.begin(), v.end()) - v.begin();
+  };
+  if (sorted[0] - sorted[1] >= kTieFrac * scale) {
+    EXPECT_EQ(best(ours), best(ref)) << what << ": greedy token differs";
+  }
+}
+
+void CompareWithOpByOp(const fs::path& dir, const std::string& dtype) {
+  std::unique_ptr<CudaPhiModel> m = LoadModel(dir, dtype);
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
+  ASSERT_TRUE(m->PoisonKvCache().ok());
+  ASSERT_FALSE(m->decode_megakernel());
+  const std::vector<std::vector<float>> ref = RunSteps(*m);
+  ASSERT_EQ(m->mega_decode_launches(), 0);
+
+  ASSERT_TRUE(m->set_decode_megakernel(true).ok());
+  const int64_t graphs_before = m->decode_graph_captures();
+  const std::vector<std::vector<float>> graph = RunSteps(*m);
+  // The first 1-row step runs eagerly, the next ones replay the bucket's graph (captured once).
+  EXPECT_EQ(m->decode_graph_captures(), graphs_before + 1) << "1-row graph not captured";
+  EXPECT_GE(m->mega_decode_launches(), 2) << "the persistent kernel did not run";
+  m->set_cuda_graphs(false);
+  const int64_t launches = m->mega_decode_launches();
+  const std::vector<std::vector<float>> eager = RunSteps(*m);
+  EXPECT_EQ(m->mega_decode_launches(), launches + static_cast<int64_t>(eager.size()));
+
+  ASSERT_EQ(graph.size(), ref.size());
+  ASSERT_EQ(eager.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const std::string what = dir.filename().string() + " " + dtype + " step " + std::to_string(i) +
+                             " (context " + std::to_string(StepContext(i)) + ")";
+    ExpectClose(graph[i], ref[i], what);
+    EXPECT_TRUE(graph[i] == eager[i]) << what << ": graph replay != eager";
+  }
+}
+
+TEST(CudaMegaDecode, TinyPhiCodeBf16MatchesOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  CompareWithOpByOp(kRepo / "models" / "tiny-phi-code", "bfloat16");
+}
+
+TEST(CudaMegaDecode, TinyPhiCodeFp16MatchesOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  CompareWithOpByOp(kRepo / "models" / "tiny-phi-code", "float16");
+}
+
+TEST(CudaMegaDecode, GqaHd80Bf16MatchesOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  CompareWithOpByOp(kRepo / "tests" / "golden" / "phi-gqa-hd80", "bfloat16");
+}
+
+// Decode steps of 2 rows keep the op-by-op path (the kernel is for one row): no launch, and the
+// same logits as with the switch off, bit for bit.
+TEST(CudaMegaDecode, MultiRowStepsKeepTheOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  std::unique_ptr<CudaPhiModel> m = LoadModel(kRepo / "models" / "tiny-phi-code", "bfloat16");
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
+  const int V = m->config().vocab_size;
+  auto run = [&]() {
+    std::vector<std::vector<float>> out;
+    std::vector<float> logits;
+    EXPECT_TRUE(m->Forward(Tokens({1, 2, 3, 4, 5}, 0, kTableA), &logits).ok());
+    EXPECT_TRUE(m->Forward(Tokens({6, 7, 8}, 0, kTableB), &logits).ok());
+    int ca = 5, cb = 3;
+    for (int d = 0; d < 4; ++d, ++ca, ++cb) {
+      ForwardBatch b;
+      b.token_ids = {(d * 13 + 1) % V, (d * 17 + 2) % V};
+      b.positions = {ca, cb};
+      b.seqs.push_back({.num_new_tokens = 1, .context_len = ca + 1, .block_table = kTableA});
+      b.seqs.push_back({.num_new_tokens = 1, .context_len = cb + 1, .block_table = kTableB});
+      b.logit_rows = {0, 1};
+      out.emplace_back();
+      EXPECT_TRUE(m->Forward(b, &out.back()).ok());
+    }
+    return out;
+  };
+  const auto off = run();
+  ASSERT_TRUE(m->set_decode_megakernel(true).ok());
+  const auto on = run();
+  EXPECT_EQ(m->mega_decode_launches(), 0);
+  ASSERT_EQ(on.size(), off.size());
+  for (size_t i = 0; i < on.size(); ++i) EXPECT_TRUE(on[i] == off[i]) << "step " << i;
+}
+
+}  // namespace
+}  // namespace phishard
