@@ -49,8 +49,27 @@ absl::Status CudaPhiModel::set_decode_megakernel(bool on) {
   return absl::OkStatus();
 }
 
+absl::Status CudaPhiModel::ReserveMegaDecode() {
+  if (mega_buf_ != nullptr || shard_.sharded()) return absl::OkStatus();
+  const MegaBufLayout ml = MakeMegaBufLayout(config_);
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&mega_buf_, ml.total), "megakernel buffer"));
+  std::vector<DecodeMegaLayer> table(layers_.size());
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& w = layers_[l];
+    table[l] = {w.ln_w,    w.ln_b,  w.qkv_w, w.qkv_b, w.dense_w,
+                w.dense_b, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b};
+  }
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMemset(mega_buf_, 0, ml.total, stream_), "zero"));
+  PHI_RETURN_IF_ERROR(
+      DeviceStatus(DeviceCopyToDevice(static_cast<char*>(mega_buf_) + ml.table, table.data(),
+                                      sizeof(DecodeMegaLayer) * table.size(), stream_),
+                   "megakernel layer table"));
+  return DeviceStatus(DeviceStreamSync(stream_), "megakernel table sync");
+}
+
 absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
-  if (!mega_on_ || in.tokens != 1 || lora_->active() || shard_.sharded() || kv_ == nullptr) {
+  if (!mega_on_ || in.tokens != 1 || lora_->active() || shard_.sharded() || kv_ == nullptr ||
+      mega_buf_ == nullptr) {
     return false;
   }
   const PhiConfig& c = config_;
@@ -101,26 +120,6 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
       mega_refused_logged_ = true;
     }
     return false;
-  }
-  if (mega_buf_ == nullptr) {
-    // Once, at the first 1-row step (eager: graphs are captured after a bucket's first step).
-    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&mega_buf_, ml.total), "megakernel buffer"));
-    std::vector<DecodeMegaLayer> table(layers_.size());
-    for (size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& w = layers_[l];
-      table[l] = {w.ln_w,    w.ln_b,  w.qkv_w, w.qkv_b, w.dense_w,
-                  w.dense_b, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b};
-    }
-    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMemset(mega_buf_, 0, ml.total, stream_), "zero"));
-    PHI_RETURN_IF_ERROR(
-        DeviceStatus(DeviceCopyToDevice(static_cast<char*>(mega_buf_) + ml.table, table.data(),
-                                        sizeof(DecodeMegaLayer) * table.size(), stream_),
-                     "megakernel layer table"));
-    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "megakernel table sync"));
-    mb = static_cast<char*>(mega_buf_);
-    p.layers = reinterpret_cast<const DecodeMegaLayer*>(mb + ml.table);
-    p.partials = reinterpret_cast<float*>(mb + ml.partials);
-    p.sync = reinterpret_cast<uint32_t*>(mb + ml.sync);
   }
   PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = in.ids,
                                                   .table = embed_,

@@ -299,6 +299,7 @@ absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
   const int pitch = KvBlockAllocator::BlocksFor(std::max(config_.max_position_embeddings, 1));
   PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(graphs_->max_batch(), pitch));
   PHI_RETURN_IF_ERROR(ReserveGreedyPicks(graphs_->max_batch()));
+  PHI_RETURN_IF_ERROR(ReserveMegaDecode());  // model/cuda_phi_mega.cc
   const PhiConfig& config = config_;  // this rank's shapes
   Log(LogLevel::kInfo,
       absl::StrFormat(

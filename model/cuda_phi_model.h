@@ -277,6 +277,7 @@ class CudaPhiModel final : public ModelBackend {
   // qualifies (decode_megakernel, one row, no adapter rows, unsharded, supported shape); false:
   // nothing enqueued.
   absl::StatusOr<bool> TryEnqueueMegaDecode(const StepInputs& in);
+  absl::Status ReserveMegaDecode();  // its buffer and layer table, at load (unsharded models)
   // Sharded prefill (model/cuda_phi_tp_overlap.cc): EnqueueLayers in row chunks whose
   // all-reduces run on a second stream beside the next chunk's work; EnqueueLayers(in) itself
   // when the step is not sharded, too short, a decode batch or has adapter rows.
@@ -415,7 +416,7 @@ class CudaPhiModel final : public ModelBackend {
   bool mega_on_ = false;  // CudaModelOptions::decode_megakernel
   bool mega_refused_logged_ = false;
   int64_t mega_launches_ = 0;
-  void* mega_buf_ = nullptr;  // device: layer table, sync words, partials (cuda_phi_mega.cc)
+  void* mega_buf_ = nullptr;  // device: layer table, sync words, partials (ReserveMegaDecode)
   std::unique_ptr<CudaGraphRunner> graphs_;
   std::unique_ptr<CudaLora> lora_;                // always set after Init
   std::unique_ptr<CudaGraphRunner> lora_graphs_;  // decode graphs of steps with adapter rows
