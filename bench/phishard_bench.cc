@@ -377,6 +377,13 @@ int Main(int argc, char** argv) {
   double prefill_warmup_ms = 0;
   app.add_option("--prefill-warmup-ms", prefill_warmup_ms,
                  "untimed prefills of each case for at least this long first (0: one, as before)");
+  bool prefill_only = false;
+  app.add_flag("--prefill-only", prefill_only, "only the prefill cases (and the ceilings)");
+  std::string prefill_modes;
+  app.add_option("--prefill-modes", prefill_modes,
+                 "each prefill case once per mode S.L of this list, in order, in one process "
+                 "(S: CudaPhiModel::set_prefill_kv_store, L: set_prefill_last_rows, 0 or 1; "
+                 "repeat modes to alternate them, e.g. 0.0,1.1,0.0,1.1)");
   std::string lora_variants;
   app.add_option("--lora-variants", lora_variants,
                  "after the LoRA comparison, its graph decode again under each tuning, in the "
@@ -386,6 +393,15 @@ int Main(int argc, char** argv) {
                  "then base again");
   CLI11_PARSE(app, argc, argv);
   if (lora_only) prefills = lora_prefill;
+  const bool no_decode = lora_only || prefill_only;
+  std::vector<std::pair<int, int>> modes;  // (kv store, last rows); -1: the model's defaults
+  for (absl::string_view mode : absl::StrSplit(prefill_modes, ',', absl::SkipEmpty())) {
+    const std::vector<absl::string_view> sl = absl::StrSplit(mode, '.');
+    BENCH_CHECK(sl.size() == 2 && (sl[0] == "0" || sl[0] == "1") && (sl[1] == "0" || sl[1] == "1"),
+                "--prefill-modes S.L,... with S and L 0 or 1");
+    modes.emplace_back(sl[0] == "1", sl[1] == "1");
+  }
+  if (modes.empty()) modes.emplace_back(-1, -1);
   if (quick) {
     batches = "1,256";
     contexts = "1024";
@@ -403,7 +419,7 @@ int Main(int argc, char** argv) {
       props.name.c_str(), props.multiprocessors, ceil.copy_bytes_per_s / 1e12,
       ceil.gemm_flops / 1e12);
 
-  const json kernels = lora_only ? json::array() : KernelTimes(ceil);
+  const json kernels = no_decode ? json::array() : KernelTimes(ceil);
   const PhiConfig config = Phi2Config(layers);
   int max_prefill_tokens = 1;
   std::vector<std::pair<int, int>> prefill_cases;
@@ -484,7 +500,7 @@ int Main(int argc, char** argv) {
   std::vector<Row> rows;
   std::printf("\n%-34s %9s %9s %9s %6s %6s %10s  %s\n", "step", "ms", "dev ms", "floor", "ratio",
               "dev r", "tok/s", "note");
-  for (int ctx : ParseInts(lora_only ? std::string() : contexts)) {
+  for (int ctx : ParseInts(no_decode ? std::string() : contexts)) {
     for (int b : ParseInts(batches)) {
       Row r;
       if (!bench.Decode(b, ctx, "graph", &r)) {
@@ -496,7 +512,7 @@ int Main(int argc, char** argv) {
     }
   }
   // The same steps choosing greedily on the device (ForwardGreedy): no logits download.
-  for (int ctx : ParseInts(lora_only ? std::string() : contexts)) {
+  for (int ctx : ParseInts(no_decode ? std::string() : contexts)) {
     for (int b : ParseInts(batches)) {
       Row r;
       if (bench.Decode(b, ctx, "greedy", &r)) {
@@ -507,7 +523,7 @@ int Main(int argc, char** argv) {
   }
   // GEMVs as programmatic dependents (PDL) at small batches.
   m.set_pdl(!m.pdl());
-  for (int b : lora_only ? std::vector<int>{} : std::vector<int>{1, 2, 4}) {
+  for (int b : no_decode ? std::vector<int>{} : std::vector<int>{1, 2, 4}) {
     Row r;
     if (bench.Decode(b, 1024, m.pdl() ? "graph-pdl" : "graph-nopdl", &r)) {
       PrintRow(r);
@@ -516,7 +532,7 @@ int Main(int argc, char** argv) {
   }
   m.set_pdl(!m.pdl());
   // The logits copied into a std::vector (Forward) instead of viewed (ForwardView).
-  for (int b : {256}) {
+  for (int b : prefill_only ? std::vector<int>{} : std::vector<int>{256}) {
     Row r;
     if (bench.Decode(b, 1024, "copy", &r)) {
       PrintRow(r);
@@ -525,7 +541,7 @@ int Main(int argc, char** argv) {
   }
   // The same steps without graphs (same kernels, launched one by one).
   m.set_cuda_graphs(false);
-  for (int b : lora_only ? std::vector<int>{} : std::vector<int>{1, 256}) {
+  for (int b : no_decode ? std::vector<int>{} : std::vector<int>{1, 256}) {
     Row r;
     if (bench.Decode(b, 1024, "eager", &r)) {
       PrintRow(r);
@@ -533,7 +549,7 @@ int Main(int argc, char** argv) {
     }
   }
   m.set_cuda_graphs(true);
-  if (gemv_sweep && !quick) {
+  if (gemv_sweep && !quick && !prefill_only) {
     // Where the GEMV belongs (CudaModelOptions gemv_max_rows, gemv_single_segment): on the fused
     // dense + fc2 pair and the LM head only ("gemv-pair") or on every linear layer ("gemv-all"),
     // up to 8 rows, against cuBLASLt alone ("cublas").
@@ -559,7 +575,7 @@ int Main(int argc, char** argv) {
     BENCH_OK(m.set_gemv_max_rows(defaults.gemv_max_rows));
     m.set_gemv_single_segment(defaults.gemv_single_segment);
   }
-  if (bulk_sweep && !lora_only) {
+  if (bulk_sweep && !no_decode) {
     // CudaModelOptions::bulk_gemv_rows / _pdl / _ln and mlp_stream, at context 1024.
     const int rows0 = m.bulk_gemv_rows(), mode0 = m.mlp_stream_mode();
     const bool pdl0 = m.bulk_gemv_pdl(), ln0 = m.bulk_gemv_ln();
@@ -609,13 +625,21 @@ int Main(int argc, char** argv) {
     BENCH_OK(m.set_decode_megakernel(mega0));
   }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
-    Row r;
-    if (!bench.Prefill(seqs, len, &r)) {
-      std::printf("prefill %dx%d: skipped, KV pool too small\n", seqs, len);
-      continue;
+    for (auto [store, last] : modes) {
+      if (store >= 0) {
+        m.set_prefill_kv_store(store != 0);
+        m.set_prefill_last_rows(last != 0);
+      }
+      Row r;
+      if (!bench.Prefill(seqs, len, &r)) {
+        std::printf("prefill %dx%d: skipped, KV pool too small\n", seqs, len);
+        break;
+      }
+      if (store >= 0)
+        r.note = absl::StrFormat("kv store %d, last rows %d; %s", store, last, r.note);
+      PrintRow(r);
+      rows.push_back(r);
     }
-    PrintRow(r);
-    rows.push_back(r);
   }
 
   if (registry) {

@@ -31,11 +31,11 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
   const int ld_fold = p.ld_fold == 0 ? qkv_width : p.ld_fold;
   if (p.fold_delta != nullptr && ld_fold < qkv_width) return KernelStatus::kInvalidShape;
   if (p.num_tokens == 0) return KernelStatus::kOk;
-  if (!p.qkv || !p.positions || !p.slots || !p.k_cache || !p.v_cache) {
+  if (!p.qkv || !p.positions || (p.write_cache && (!p.slots || !p.k_cache || !p.v_cache))) {
     return KernelStatus::kNullPointer;
   }
   for (int t = 0; t < p.num_tokens; ++t) {
-    if (p.slots[t] < 0 || p.slots[t] >= p.num_slots || p.positions[t] < 0) {
+    if ((p.slots && (p.slots[t] < 0 || p.slots[t] >= p.num_slots)) || p.positions[t] < 0) {
       return KernelStatus::kOutOfRange;
     }
   }
@@ -74,6 +74,7 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
         RotateHead(k + h * p.head_dim, cos.data(), sin.data(), half);
       }
     }
+    if (!p.write_cache) continue;
     const size_t slot = static_cast<size_t>(p.slots[t]);
     std::memcpy(k_cache + slot * kv_row, k, sizeof(float) * kv_row);
     std::memcpy(v_cache + slot * kv_row, v, sizeof(float) * kv_row);

@@ -46,6 +46,10 @@ struct RotaryKvWriteParams {
   // same bits as SgmvFold into qkv followed by the plain launch.
   const float* fold_delta = nullptr;  // [num_tokens, ld_fold] float32, columns as qkv's q | k | v
   int ld_fold = 0;                    // 0 means (num_heads + 2 * num_kv_heads) * head_dim
+  // false: rotate Q and K in place only; the cache is not touched (k_cache / v_cache may be null,
+  // slots are still checked when given). A prefill whose attention kernel stores the new K/V
+  // itself (PagedAttentionCudaPlan::store_new_kv) uses it.
+  bool write_cache = true;
 };
 
 // Host memory, kF32 only. kInvalidShape when ld_fold is below the q | k | v width.

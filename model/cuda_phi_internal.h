@@ -44,6 +44,7 @@ struct CudaPhiModel::StepInputs {
   int min_live = 1;                    // decode: fewest live sequences this launch serves
   int max_q_len = 0;                   // prefill plan
   int max_ctx = 0;
+  bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)
   // Overlapped sharded prefill (model/cuda_phi_tp_overlap.cc): the row chunks whose hooks take
   // the place of the per-layer all-reduce; nullptr: the whole step, one all-reduce a layer.
   const PrefillRowChunks* chunks = nullptr;

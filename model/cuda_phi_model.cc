@@ -249,6 +249,22 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
       m->mlp_sharded_ = s == "1";
     }
   }
+  if (const char* v = std::getenv("PHISHARD_PREFILL_KV_STORE"); v != nullptr && *v != '\0') {
+    const std::string_view s(v);
+    if (s != "0" && s != "1") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("environment variable PHISHARD_PREFILL_KV_STORE='", v, "' must be 0 or 1"));
+    }
+    m->prefill_kv_store_ = s == "1";
+  }
+  if (const char* v = std::getenv("PHISHARD_PREFILL_LAST_ROWS"); v != nullptr && *v != '\0') {
+    const std::string_view s(v);
+    if (s != "0" && s != "1") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("environment variable PHISHARD_PREFILL_LAST_ROWS='", v, "' must be 0 or 1"));
+    }
+    m->prefill_last_rows_ = s == "1";
+  }
   int mlp_mode = options.mlp_stream;
   if (mlp_mode < 0) {
     mlp_mode = kMlpStreamDefault;

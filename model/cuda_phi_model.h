@@ -223,6 +223,17 @@ class CudaPhiModel final : public ModelBackend {
   // Tests: every byte of the KV pool 0xFF (NaN in f16 and bf16), so a read of a slot no step
   // wrote shows in the logits.
   absl::Status PoisonKvCache();
+  // Prefill steps: the attention kernel stores the new tokens' K/V into the cache as it reads them
+  // from the qkv rows, and RotaryKvWrite only rotates (PagedAttentionCudaPlan::store_new_k; on by
+  // default, PHISHARD_PREFILL_KV_STORE=0 turns it off). Bit-identical either way.
+  void set_prefill_kv_store(bool on) { prefill_kv_store_ = on; }
+  bool prefill_kv_store() const { return prefill_kv_store_; }
+  // Prefill steps whose logit rows are the last row of each sequence (no adapter rows, unsharded):
+  // the last layer's attention and MLP run on those rows only (model/cuda_phi_last_rows.cc; on by
+  // default, PHISHARD_PREFILL_LAST_ROWS=0 turns it off). Same K/V cache, logits within rounding.
+  void set_prefill_last_rows(bool on) { prefill_last_rows_ = on; }
+  bool prefill_last_rows() const { return prefill_last_rows_; }
+  int64_t prefill_last_rows_steps() const { return prefill_last_rows_steps_; }  // steps that did
   // The MLP branch's stream (CudaModelOptions::mlp_stream); a change drops the captured graphs.
   absl::Status set_mlp_stream_mode(int mode);
   int mlp_stream_mode() const { return mlp_mode_; }
@@ -284,6 +295,12 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status EnqueuePrefillLayers(const StepInputs& in);
   absl::Status InitTpOverlap(const CudaModelOptions& options);
   absl::Status EnqueueLogits(const void* hidden, int rows, float* logits);
+  // The trimmed last layer of a prefill (model/cuda_phi_last_rows.cc): whether `batch` may use it,
+  // and the layer itself, leaving the final hidden rows of the `rows` logit rows in `out`
+  // [rows, H].
+  bool PrefillLastRowsApplies(const ForwardBatch& batch) const;
+  absl::Status EnqueueLastLayerRows(const StepInputs& in, const int32_t* logit_rows, int rows,
+                                    void* out);
   // On `stream` with `gemm` (the MLP branch's pair when it runs on its own stream).
   absl::Status Linear(const GemmParams& p, DataType y_dtype, const char* op,
                       const GemmParams* second = nullptr, cudaStream_t stream = nullptr,
@@ -351,6 +368,9 @@ class CudaPhiModel final : public ModelBackend {
   // branches' GEMMs run at the same time), forked from stream_ after each layer's LN and joined
   // back before the dense GEMM (a fork / join inside a captured graph).
   int mlp_mode_ = kMlpStreamOff;
+  bool prefill_kv_store_ = true;   // set_prefill_kv_store
+  bool prefill_last_rows_ = true;  // set_prefill_last_rows
+  int64_t prefill_last_rows_steps_ = 0;
   bool mlp_sharded_ = false;  // CudaModelOptions::mlp_stream_sharded
   cudaStream_t mlp_stream_ = nullptr;
   std::unique_ptr<CudaGemm> mlp_gemm_;

@@ -219,6 +219,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   } else {
     PHI_RETURN_IF_ERROR(TpAllReduce(h, T, "embedding all-reduce"));  // vocab-parallel rows
   }
+  // Prefill: attention stores the new K/V into the cache (set_prefill_kv_store), rotary rotates.
+  // Not when every sequence has one query row: PagedAttentionCuda runs its decode kernel then,
+  // which does not store.
+  const bool kv_store = !in.decode && prefill_kv_store_ && in.max_q_len > 1;
   PagedAttentionCudaPlan prefill_plan;
   prefill_plan.max_q_len = in.max_q_len;
   prefill_plan.max_context_len = in.max_ctx;
@@ -231,7 +235,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   decode_plan.workspace = a + al.attn_ws;
   decode_plan.workspace_bytes = al.attn_ws_bytes;
   decode_plan.num_multiprocessors = multiprocessors_;
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
+  for (int l = 0; l < c.num_hidden_layers - (in.skip_last_layer ? 1 : 0); ++l) {
     const Layer& w = layers_[l];
     char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
     char* v_cache = k_cache + layer_kv_bytes;
@@ -348,7 +352,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                               .head_dim = hd,
                               .rotary_dim = c.rotary_dim,
                               .theta = static_cast<float>(c.rope_theta),
-                              .dtype = dt};
+                              .dtype = dt,
+                              .write_cache = !kv_store};
       if (lora) lora_->FoldIntoRotary(&rot);  // the q / k / v deltas (CudaLora rotary fold)
       PHI_RETURN_IF_ERROR(KernelResult(RotaryKvWriteCuda(rot, stream_), "rotary_kv_write"));
     }
@@ -370,6 +375,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                   .q_stride = qkv_width,
                                   .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
                                   .dtype = dt};
+    if (kv_store) {
+      prefill_plan.store_new_k = k_cache;
+      prefill_plan.store_new_v = v_cache;
+    }
     if (join_early) {
       PHI_RETURN_IF_ERROR(mlp_join());
       if (fc2_main) PHI_RETURN_IF_ERROR(fc2_part(stream_, gemm_.get(), mlp_stream_));
@@ -536,24 +545,29 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
   in.min_live = S;
   in.max_q_len = max_q_len;
   in.max_ctx = max_ctx;
-  PHI_RETURN_IF_ERROR(EnqueuePrefillLayers(in));  // in row chunks: cuda_phi_tp_overlap.cc
+  in.skip_last_layer = PrefillLastRowsApplies(batch);  // then R rows: model/cuda_phi_last_rows.cc
+  PHI_RETURN_IF_ERROR(EnqueuePrefillLayers(in));       // in row chunks: cuda_phi_tp_overlap.cc
 
   const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
   char* a = static_cast<char*>(arena_);
   float* d_logits = reinterpret_cast<float*>(a + al.logits);
   logits->resize(static_cast<size_t>(R) * V);
-  if (R > 0) {
+  const int32_t* d_logit_rows = reinterpret_cast<const int32_t*>(md + ml.logit_rows);
+  if (in.skip_last_layer) {
+    PHI_RETURN_IF_ERROR(EnqueueLastLayerRows(in, d_logit_rows, R, a + al.last));
+  } else if (R > 0) {
     // Only the requested rows go through the final norm and the LM head (float32 logits).
-    PHI_RETURN_IF_ERROR(
-        KernelResult(EmbeddingCuda({.ids = reinterpret_cast<const int32_t*>(md + ml.logit_rows),
-                                    .table = a + al.h,
-                                    .out = a + al.last,
-                                    .num_tokens = R,
-                                    .num_rows = T,
-                                    .dim = H,
-                                    .dtype = dtype_},
-                                   stream_),
-                     "gather logit rows"));
+    PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = d_logit_rows,
+                                                    .table = a + al.h,
+                                                    .out = a + al.last,
+                                                    .num_tokens = R,
+                                                    .num_rows = T,
+                                                    .dim = H,
+                                                    .dtype = dtype_},
+                                                   stream_),
+                                     "gather logit rows"));
+  }
+  if (R > 0) {
     PHI_RETURN_IF_ERROR(EnqueueLogits(a + al.last, R, d_logits));
     PHI_RETURN_IF_ERROR(DownloadLogitRows(logits->data(), d_logits, 0, R, R));
   }

@@ -290,7 +290,10 @@ KernelStatus PagedAttentionCuda(const PagedAttentionParams& p, const PagedAttent
   }
   const bool decode = plan.kernel == AttentionKernel::kDecode ||
                       (plan.kernel == AttentionKernel::kAuto && plan.max_q_len == 1);
-  if (decode && plan.max_q_len != 1) return KernelStatus::kInvalidShape;
+  if (decode &&
+      (plan.max_q_len != 1 || plan.store_new_k != nullptr || plan.store_new_v != nullptr)) {
+    return KernelStatus::kInvalidShape;
+  }
   const float scale_log2 = p.scale * kLog2e;
 
   if (!decode) return LaunchPagedAttentionPrefill(p, plan, q_stride, stream);

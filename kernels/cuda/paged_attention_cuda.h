@@ -54,6 +54,17 @@ struct PagedAttentionCudaPlan {
   int num_multiprocessors = 132;  // sizes the split count: aim for ~4 blocks per SM
   int force_splits = 0;           // > 0: use this many splits (tests), still capped by workspace
   PrefillTiling prefill_tiling = PrefillTiling::kAuto;
+  // Prefill (kQ128 / kQ128Warps8 only; kInvalidShape with kWgmma or a decode launch): the new
+  // tokens' K and V are still in their q rows, in the fused qkv layout of rotary_kv_write.h
+  // (row t = [q: num_heads | k: num_kv_heads | v: num_kv_heads] x head_dim, q_stride at least
+  // that wide, K already rotated), and the cache does not hold them yet. Set both to p.k_cache /
+  // p.v_cache (writable views of them): keys [context_len - q_len, context_len) of each sequence
+  // are then read from those rows, and the kernel stores them into the caches at their
+  // block-table slots (ids outside [0, num_blocks) are skipped). The result equals
+  // RotaryKvWrite followed by this attention, with one pass over the new K/V fewer: the step's
+  // RotaryKvWrite only rotates (RotaryKvWriteParams::write_cache = false).
+  void* store_new_k = nullptr;
+  void* store_new_v = nullptr;
 };
 
 bool PagedAttentionCudaSupportsHeadDim(int head_dim);

@@ -97,6 +97,11 @@ struct PrefillArgs {
   int num_heads, num_kv_heads, q_stride;
   float scale_log2;  // |scale| * log2(e)
   bool negate_q;     // scale < 0: softmax(scale q·k) = softmax(|scale| (-q)·k)
+  // PagedAttentionCudaPlan::store_new_k / _v (null: the cache holds every key). Then the new
+  // keys' K / V are read from q rows at columns new_k_col + kvh * HD / new_v_col + kvh * HD.
+  T* store_k;
+  T* store_v;
+  int new_k_col, new_v_col;
 };
 
 // kMinBlocks > 1 caps the registers so that many blocks fit on an SM (16 warps for the 16-row
@@ -118,8 +123,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int tile0 = (gridDim.y - 1 - blockIdx.y) * C::kRows;
   if (tile0 >= q_len) return;
   const int rows = min(C::kRows, q_len - tile0);
-  const int pos0 = a.context_lens[s] - q_len + tile0;  // position of the tile's row 0
-  const int n_keys = pos0 + rows;                      // keys [0, n_keys) are visible to some row
+  const int n_cached = a.context_lens[s] - q_len;  // keys before the step's new tokens
+  const int pos0 = n_cached + tile0;               // position of the tile's row 0
+  const int n_keys = pos0 + rows;                  // keys [0, n_keys) are visible to some row
+  const bool new_kv_in_q = a.store_k != nullptr;
   const int n_tiles = (n_keys + kN - 1) / kN;
   const int kvh = h / (a.num_heads / a.num_kv_heads);
   const int32_t* table = a.block_tables + static_cast<size_t>(s) * a.max_blocks_per_seq;
@@ -153,30 +160,45 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   // thread and tile, and each warp-wide copy reads whole 32-byte sectors (kTpr x 16 bytes a row).
   const int kv_row = tid / C::kTpr;
   const int kv_part = tid - kv_row * C::kTpr;
+  // The cache slot (block id, offset in it) of key position `key` of this sequence.
+  auto slot_of = [&](int key, int* in_blk) {
+    if (a.block_shift >= 0) {
+      *in_blk = key & (a.block_size - 1);
+      return table[key >> a.block_shift];
+    }
+    const int b = key / a.block_size;
+    *in_blk = key - b * a.block_size;
+    return table[b];
+  };
   auto load_kv = [&](int key0, int stage) {
     const int key = key0 + kv_row;
-    int blk = -1, in_blk = 0;
+    const T* k_src = a.k_cache;
+    const T* v_src = a.v_cache;
+    size_t k_off = 0, v_off = 0;
+    bool valid = false;
     if (key < n_keys) {
-      if (a.block_shift >= 0) {
-        blk = table[key >> a.block_shift];
-        in_blk = key & (a.block_size - 1);
+      if (new_kv_in_q && key >= n_cached) {  // a new token: its own q row
+        const size_t row = static_cast<size_t>(q_begin + key - n_cached) * a.q_stride;
+        k_src = v_src = a.q;
+        k_off = row + a.new_k_col + kvh * HD;
+        v_off = row + a.new_v_col + kvh * HD;
+        valid = true;
       } else {
-        const int b = key / a.block_size;
-        blk = table[b];
-        in_blk = key - b * a.block_size;
+        int in_blk = 0;
+        const int blk = slot_of(key, &in_blk);
+        valid = blk >= 0 && blk < a.num_blocks;
+        k_off = v_off =
+            valid ? ((static_cast<size_t>(blk) * a.block_size + in_blk) * a.num_kv_heads + kvh) * HD
+                  : 0;
       }
     }
-    const bool valid = blk >= 0 && blk < a.num_blocks;
-    const size_t off =
-        valid ? ((static_cast<size_t>(blk) * a.block_size + in_blk) * a.num_kv_heads + kvh) * HD
-              : 0;
     const uint32_t so = stage * C::kTileBytes + kv_row * C::kLd * 2;
 #pragma unroll
     for (int i = 0; i < C::kKvChunksPerThread; ++i) {
       const int c = kv_part + i * C::kTpr;
       if (C::kChunks % C::kTpr == 0 || c < C::kChunks) {
-        CpAsync16(sK0 + so + c * 16, a.k_cache + off + c * 8, valid);
-        CpAsync16(sV0 + so + c * 16, a.v_cache + off + c * 8, valid);
+        CpAsync16(sK0 + so + c * 16, k_src + k_off + c * 8, valid);
+        CpAsync16(sV0 + so + c * 16, v_src + v_off + c * 8, valid);
       }
     }
   };
@@ -352,26 +374,63 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
       }
     }
   }
-  if (!warp_active) return;
-
+  if (warp_active) {
     // out[row, h, :] = O / l, two elements (4 bytes) a store.
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float l = l_run[mt][hh];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv_l = 1.0f / l;  // l >= 1: the row's max element contributes exp2(0)
-      const int row = warp_row0 + mt * 16 + g + hh * 8;
-      if (row < rows) {
-        T* dst =
-            a.out + static_cast<size_t>(q_begin + tile0 + row) * a.num_heads * HD + h * HD + 2 * t;
+      for (int hh = 0; hh < 2; ++hh) {
+        float l = l_run[mt][hh];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv_l = 1.0f / l;  // l >= 1: the row's max element contributes exp2(0)
+        const int row = warp_row0 + mt * 16 + g + hh * 8;
+        if (row < rows) {
+          T* dst = a.out + static_cast<size_t>(q_begin + tile0 + row) * a.num_heads * HD + h * HD +
+                   2 * t;
 #pragma unroll
-        for (int d = 0; d < kDTiles; ++d) {
-          const uint32_t w = PackFloat2<T>(o[mt][d][2 * hh] * inv_l, o[mt][d][2 * hh + 1] * inv_l);
-          *reinterpret_cast<uint32_t*>(dst + d * 8) = w;
+          for (int d = 0; d < kDTiles; ++d) {
+            const uint32_t w =
+                PackFloat2<T>(o[mt][d][2 * hh] * inv_l, o[mt][d][2 * hh + 1] * inv_l);
+            *reinterpret_cast<uint32_t*>(dst + d * 8) = w;
+          }
         }
+      }
+    }
+  }
+  // The tile's own new tokens' K/V into the cache (PagedAttentionCudaPlan::store_new_k): by the
+  // blocks of the first query head of each KV head, so every (token, KV head) is stored once;
+  // nothing in this launch reads them from the cache (new keys come from the q rows). After the
+  // O write-out (its registers are free): each thread issues all loads of kStoreBatch chunks (the
+  // block-table entries and the K/V chunks, independent of each other) before their stores, one
+  // L2 round trip a batch instead of one a chunk.
+  if (new_kv_in_q && h % (a.num_heads / a.num_kv_heads) == 0) {
+    constexpr int kStoreBatch = 4;
+    const int items = rows * C::kChunks;
+    for (int i0 = tid; i0 < items; i0 += kStoreBatch * C::kThreads) {
+      uint4 kv[kStoreBatch], vv[kStoreBatch];
+      int blk[kStoreBatch], in_blk[kStoreBatch], col[kStoreBatch];
+#pragma unroll
+      for (int b = 0; b < kStoreBatch; ++b) {
+        const int i = i0 + b * C::kThreads;
+        blk[b] = -1;
+        in_blk[b] = col[b] = 0;
+        if (i < items) {
+          const int r = i / C::kChunks;
+          col[b] = kvh * HD + (i - r * C::kChunks) * 8;
+          blk[b] = slot_of(pos0 + r, &in_blk[b]);
+          const T* src = a.q + static_cast<size_t>(q_begin + tile0 + r) * a.q_stride + col[b];
+          kv[b] = *reinterpret_cast<const uint4*>(src + a.new_k_col);
+          vv[b] = *reinterpret_cast<const uint4*>(src + a.new_v_col);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kStoreBatch; ++b) {
+        if (blk[b] < 0 || blk[b] >= a.num_blocks) continue;  // also: no item
+        const size_t dst =
+            (static_cast<size_t>(blk[b]) * a.block_size + in_blk[b]) * a.num_kv_heads * HD + col[b];
+        *reinterpret_cast<uint4*>(a.store_k + dst) = kv[b];
+        *reinterpret_cast<uint4*>(a.store_v + dst) = vv[b];
       }
     }
   }
@@ -424,6 +483,12 @@ KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
   if (!(p.scale != 0.0f && std::isfinite(p.scale))) return KernelStatus::kInvalidShape;
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0) return KernelStatus::kInvalidShape;
   const PrefillTiling tiling = PagedAttentionPrefillTiling(p, plan);
+  const bool store_new_kv = plan.store_new_k != nullptr || plan.store_new_v != nullptr;
+  if (store_new_kv && (plan.store_new_k != p.k_cache || plan.store_new_v != p.v_cache ||
+                       tiling == PrefillTiling::kWgmma ||
+                       q_stride < (p.num_heads + 2 * p.num_kv_heads) * p.head_dim)) {
+    return KernelStatus::kInvalidShape;
+  }
   int block_shift = -1;
   for (int b = 0; b < 31; ++b) {
     if ((1 << b) == p.block_size) block_shift = b;
@@ -449,7 +514,11 @@ KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
                               .num_kv_heads = p.num_kv_heads,
                               .q_stride = q_stride,
                               .scale_log2 = std::fabs(p.scale) * kLog2e,
-                              .negate_q = p.scale < 0.0f};
+                              .negate_q = p.scale < 0.0f,
+                              .store_k = static_cast<T*>(plan.store_new_k),
+                              .store_v = static_cast<T*>(plan.store_new_v),
+                              .new_k_col = p.num_heads * HD,
+                              .new_v_col = (p.num_heads + p.num_kv_heads) * HD};
     return LaunchTiling<T, HD>(tiling, args, plan.max_q_len, p.num_seqs, stream);
   };
   return cuda::DispatchHalfTypes(p.dtype, [&](auto type_tag) {

@@ -45,14 +45,15 @@ __host__ __device__ inline size_t TrigOffset(size_t elem_bytes, int heads_per_bl
 // sin[half] float32.
 // kFold (RotaryKvWriteParams::fold_delta): step 1 stores qkv + delta (float32 add, one rounding)
 // into shared memory, and step 2 writes every Pack of the block's heads back to qkv.
+// write_cache = false: step 2 stores nothing to the cache (slots are not read).
 template <typename T, int N, bool kFold = false>
 __global__ void __launch_bounds__(kThreads)
     RotaryKvWriteKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions,
                         const int64_t* __restrict__ slots, T* __restrict__ k_cache,
                         T* __restrict__ v_cache, int64_t num_slots, int stride, int num_heads,
                         int num_kv_heads, int head_dim, int rotary_dim, float theta,
-                        int heads_per_block, const float* __restrict__ delta = nullptr,
-                        int ld_delta = 0) {
+                        int heads_per_block, bool write_cache,
+                        const float* __restrict__ delta = nullptr, int ld_delta = 0) {
   extern __shared__ __align__(16) unsigned char smem[];
   using P = Pack<T, N>;
   const int t = blockIdx.x;
@@ -65,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
   P* sh = reinterpret_cast<P*>(smem);
   float* sh_cos = reinterpret_cast<float*>(smem + TrigOffset(sizeof(T), heads_per_block, head_dim));
   const int half = rotary_dim / 2;
-  const int64_t slot = slots[t];  // loaded now: its latency overlaps the loads below
+  const int64_t slot = write_cache ? slots[t] : -1;  // loaded now: overlaps the loads below
   // Only Q and K heads rotate: skip the trig for a block of V heads.
   const bool rotates = half > 0 && head0 < num_heads + num_kv_heads;
   if (rotates && threadIdx.x < half) {
@@ -138,10 +139,103 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Rotation only (RotaryKvWriteParams::write_cache = false), 16-byte packs, half = rotary_dim / 2
+// a multiple of N (and <= 128): grid (token groups), kThreads threads. Block b owns the rotation
+// pairs of the Q and K heads of tokens [b * tokens_per_block, ...): (num_heads + num_kv_heads) x
+// half / N items of two packs a token (dims d0 and d0 + half, d0 < half). Each thread loads its
+// items (up to kInPlaceItems a round) before the barrier that publishes the group's cos/sin
+// (float32, shared; the loads overlap the trigonometry), rotates them in registers and stores them
+// back. Nothing else of the row is touched: Phi-2 moves 8 KB a token (the prefill attention kernel
+// stores K/V). tokens_per_block fills a round (Phi-2: 8 tokens, 4 items a thread, 256 blocks for
+// 2048 tokens: one wave; one token a block measured 17.1 us there, pre2 run 2).
+constexpr int kInPlaceItems = 4;
+constexpr int kInPlaceMaxTokens = 8;  // tokens a block at most (the shared cos/sin table)
+
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads)
+    RotaryInPlaceKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions, int stride,
+                        int num_tokens, int tokens_per_block, int num_heads, int num_kv_heads,
+                        int head_dim, int rotary_dim, float theta) {
+  __shared__ float sh_trig[kInPlaceMaxTokens][2 * 128];  // per token: cos[half], sin[half]
+  using P = Pack<T, N>;
+  const int half = rotary_dim / 2;
+  const int pairs_per_head = half / N;
+  const int per_token = (num_heads + num_kv_heads) * pairs_per_head;
+  const int t0 = blockIdx.x * tokens_per_block;
+  const int tokens = min(tokens_per_block, num_tokens - t0);
+  const int items = tokens * per_token;
+  if (threadIdx.x < tokens * half) {
+    // Same float32 formula as RotaryKvWriteKernel and the Hugging Face reference.
+    const int tl = threadIdx.x / half;
+    const int j = threadIdx.x - tl * half;
+    const float pos = static_cast<float>(positions[t0 + tl]);
+    const float inv_freq =
+        1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
+    float sn, cs;
+    sincosf(pos * inv_freq, &sn, &cs);
+    sh_trig[tl][j] = cs;
+    sh_trig[tl][half + j] = sn;
+  }
+  // Uniform trip count over the block, so the barrier in the first round is reached by all.
+  const int rounds = (items + kThreads * kInPlaceItems - 1) / (kThreads * kInPlaceItems);
+  for (int r = 0; r < rounds; ++r) {
+    P x1[kInPlaceItems], x2[kInPlaceItems];
+    T* at[kInPlaceItems];  // the item's first pack; null: no item
+    int tl[kInPlaceItems], d0[kInPlaceItems];
+#pragma unroll
+    for (int k = 0; k < kInPlaceItems; ++k) {
+      const int i = (r * kInPlaceItems + k) * kThreads + threadIdx.x;
+      at[k] = nullptr;
+      tl[k] = d0[k] = 0;
+      if (i < items) {
+        tl[k] = i / per_token;
+        const int w = i - tl[k] * per_token;
+        const int head = w / pairs_per_head;
+        d0[k] = (w - head * pairs_per_head) * N;
+        at[k] = qkv + static_cast<size_t>(t0 + tl[k]) * stride + head * head_dim + d0[k];
+        x1[k] = *reinterpret_cast<const P*>(at[k]);
+        x2[k] = *reinterpret_cast<const P*>(at[k] + half);
+      }
+    }
+    if (r == 0) __syncthreads();  // cos/sin published
+#pragma unroll
+    for (int k = 0; k < kInPlaceItems; ++k) {
+      if (at[k] == nullptr) continue;
+      const float* trig = sh_trig[tl[k]];
+      P o1, o2;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const float cs = trig[d0[k] + e];
+        const float sn = trig[half + d0[k] + e];
+        const float a = cuda::ToFloat(x1[k].v[e]);
+        const float b = cuda::ToFloat(x2[k].v[e]);
+        o1.v[e] = cuda::FromFloat<T>(a * cs - b * sn);
+        o2.v[e] = cuda::FromFloat<T>(b * cs + a * sn);
+      }
+      *reinterpret_cast<P*>(at[k]) = o1;
+      *reinterpret_cast<P*>(at[k] + half) = o2;
+    }
+  }
+}
+
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, int N>
 KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t stream) {
+  const int half = p.rotary_dim / 2;
+  if (!p.write_cache && half == 0 && p.fold_delta == nullptr) return KernelStatus::kOk;
+  // The rotation-only kernel has no fold: a folded launch takes the row kernel below.
+  if (!p.write_cache && p.fold_delta == nullptr && N > 1 && half % N == 0 && half <= 128) {
+    const int per_token = (p.num_heads + p.num_kv_heads) * (half / N);
+    // Tokens filling one round of the block's threads, their trig computable by one pass of them.
+    const int tokens_per_block = std::max(
+        1, std::min({kInPlaceMaxTokens, kThreads * kInPlaceItems / per_token, kThreads / half}));
+    RotaryInPlaceKernel<T, N>
+        <<<cuda::CeilDiv(p.num_tokens, tokens_per_block), kThreads, 0, stream>>>(
+            static_cast<T*>(p.qkv), p.positions, stride, p.num_tokens, tokens_per_block,
+            p.num_heads, p.num_kv_heads, p.head_dim, p.rotary_dim, p.theta);
+    return cuda::LaunchStatus();
+  }
   const int total_heads = p.num_heads + 2 * p.num_kv_heads;
   // Phi-2 bf16 (96 heads of 80 = 10 Packs): decode, 25 heads a block (4 blocks a token); prefill,
   // the whole 15 KB row in one block. (Before: one 128-thread block a token, a serial loop.)
@@ -163,13 +257,13 @@ KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t strea
     RotaryKvWriteKernel<T, N, true><<<grid, kThreads, smem, stream>>>(
         static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
         static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
-        p.rotary_dim, p.theta, heads_per_block, p.fold_delta,
+        p.rotary_dim, p.theta, heads_per_block, p.write_cache, p.fold_delta,
         p.ld_fold == 0 ? total_heads * p.head_dim : p.ld_fold);
   } else {
     RotaryKvWriteKernel<T, N><<<grid, kThreads, smem, stream>>>(
         static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
         static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
-        p.rotary_dim, p.theta, heads_per_block);
+        p.rotary_dim, p.theta, heads_per_block, p.write_cache);
   }
   return cuda::LaunchStatus();
 }
@@ -188,7 +282,7 @@ KernelStatus RotaryKvWriteCuda(const RotaryKvWriteParams& p, cudaStream_t stream
     return KernelStatus::kInvalidShape;
   }
   if (p.num_tokens == 0) return KernelStatus::kOk;
-  if (!p.qkv || !p.positions || !p.slots || !p.k_cache || !p.v_cache) {
+  if (!p.qkv || !p.positions || (p.write_cache && (!p.slots || !p.k_cache || !p.v_cache))) {
     return KernelStatus::kNullPointer;
   }
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
@@ -196,7 +290,7 @@ KernelStatus RotaryKvWriteCuda(const RotaryKvWriteParams& p, cudaStream_t stream
     constexpr int kVec = 16 / sizeof(T);
     // Every row start, head start and cache row must sit on 16 bytes for the vector path.
     const bool vec = p.head_dim % kVec == 0 && stride % kVec == 0 && Aligned16(p.qkv) &&
-                     Aligned16(p.k_cache) && Aligned16(p.v_cache);
+                     (!p.write_cache || (Aligned16(p.k_cache) && Aligned16(p.v_cache)));
     return vec ? Launch<T, kVec>(p, stride, stream) : Launch<T, 1>(p, stride, stream);
   });
 }

@@ -50,6 +50,9 @@ struct RunOptions {
   int expect_splits = -1;  // >= 0: check the decode split count used
   std::vector<PrefillTiling> tilings = {PrefillTiling::kAuto};
   float scale_sign = 1.0f;  // -1: a negative softmax scale (the prefill kernels negate Q or S)
+  // PagedAttentionCudaPlan::store_new_k / _v: the new tokens' K/V sit in their q rows only (their
+  // cache slots NaN on the device), and the launch must store them there.
+  bool store_new_kv = false;
 };
 
 void RunCase(const AttnCase& c, const RunOptions& o) {
@@ -125,6 +128,37 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
                          .q_stride = q_stride,
                          .scale = o.scale_sign / std::sqrt(static_cast<float>(hd)),
                          .dtype = o.dtype};
+  // Store mode: each new token's K/V (the reference cache's values at its slot) copied into its
+  // q row's K/V columns, and its slot poisoned in the device cache; after the launch the device
+  // cache must equal the reference cache byte for byte (NaN where no sequence has a token).
+  std::vector<char> cache_k_bytes, cache_v_bytes;
+  if (o.store_new_kv) {
+    cache_k_bytes = Encode(k, o.dtype);
+    cache_v_bytes = Encode(v, o.dtype);
+    std::vector<float> q_rows = q, k_dev = k, v_dev = v;
+    for (int s = 0; s < S; ++s) {
+      for (int j = 0; j < c.seqs[s].q_len; ++j) {
+        const int pos = ctx[s] - c.seqs[s].q_len + j;
+        const size_t slot =
+            static_cast<size_t>(tables[static_cast<size_t>(s) * max_blocks + pos / bs]) * bs +
+            pos % bs;
+        float* row = q_rows.data() + static_cast<size_t>(cu[s] + j) * q_stride;
+        std::copy_n(k.begin() + slot * kv_row, kv_row, row + c.num_heads * hd);
+        std::copy_n(v.begin() + slot * kv_row, kv_row, row + c.num_heads * hd + kv_row);
+        std::fill_n(k_dev.begin() + slot * kv_row, kv_row, testing_util::kNaN);
+        std::fill_n(v_dev.begin() + slot * kv_row, kv_row, testing_util::kNaN);
+      }
+    }
+    const std::vector<char> qb = Encode(q_rows, o.dtype);
+    d_q.Upload(qb.data(), qb.size());
+    d_k = DeviceBuffer::From(Encode(k_dev, o.dtype));
+    d_v = DeviceBuffer::From(Encode(v_dev, o.dtype));
+    p.q = d_q.get();
+    p.k_cache = d_k.get();
+    p.v_cache = d_v.get();
+  }
+  const std::vector<char> poisoned_k = o.store_new_kv ? d_k.DownloadBytes() : std::vector<char>();
+  const std::vector<char> poisoned_v = o.store_new_kv ? d_v.DownloadBytes() : std::vector<char>();
   std::vector<float> ref(static_cast<size_t>(T) * c.num_heads * hd, 0.0f);
   PagedAttentionParams pc = p;
   pc.q = q.data();
@@ -137,6 +171,13 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
   pc.dtype = DataType::kF32;
   ASSERT_EQ(PagedAttentionCpu(pc), KernelStatus::kOk);
 
+  if (o.store_new_kv && max_q == 1) {  // a decode launch: the fused store is refused there
+    PagedAttentionCudaPlan plan{.max_q_len = 1, .max_context_len = max_ctx};
+    plan.store_new_k = d_k.get();
+    plan.store_new_v = d_v.get();
+    EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
+    return;
+  }
   for (PrefillTiling tiling : o.tilings) {
     SCOPED_TRACE(testing::Message() << "prefill tiling " << static_cast<int>(tiling));
     PagedAttentionCudaPlan plan{.max_q_len = max_q,
@@ -147,6 +188,16 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
                                 .num_multiprocessors = 132,
                                 .force_splits = o.force_splits,
                                 .prefill_tiling = tiling};
+    if (o.store_new_kv) {
+      plan.store_new_k = d_k.get();
+      plan.store_new_v = d_v.get();
+      if (tiling == PrefillTiling::kWgmma) {  // not supported there: refused, nothing written
+        EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
+        continue;
+      }
+      d_k.Upload(poisoned_k.data(), poisoned_k.size());  // the tiling before stored into them
+      d_v.Upload(poisoned_v.data(), poisoned_v.size());
+    }
     std::vector<char> first;
     for (int launch = 0; launch < 2; ++launch) {
       d_out.Poison();
@@ -160,6 +211,10 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
       if (launch == 1) {
         EXPECT_TRUE(bytes == first) << "two launches on the same inputs differ (a race?)";
         break;
+      }
+      if (o.store_new_kv) {
+        EXPECT_TRUE(d_k.DownloadBytes() == cache_k_bytes) << "K cache after the fused store";
+        EXPECT_TRUE(d_v.DownloadBytes() == cache_v_bytes) << "V cache after the fused store";
       }
       const std::vector<float> out = Decode(bytes, o.dtype);
       const gpu_test::Diff d = Compare(out, ref);
@@ -212,6 +267,19 @@ TEST(CudaPagedAttention, PrefillMatchesCpuReference) {
     RunCase(c, {.dtype = DataType::kBF16, .tilings = AllTilings()});
     if (HasFatalFailure()) return;
   }
+}
+
+// The fused K/V store (PagedAttentionCudaPlan::store_new_k / _v) over the same sweep: new keys
+// read from the q rows (their cache slots are NaN: reading one poisons the output), the cache
+// written exactly (cached prefixes, several sequences, GQA, block sizes 12/16/32).
+TEST(CudaPagedAttention, PrefillStoresNewKvFromQRows) {
+  PHI_REQUIRE_GPU();
+  for (const AttnCase& c : PrefillCases()) {
+    RunCase(c, {.dtype = DataType::kBF16, .tilings = AllTilings(), .store_new_kv = true});
+    if (HasFatalFailure()) return;
+  }
+  RunCase({"store_fp16_mixed", 8, 2, 80, {{1, 1}, {5, 37}, {17, 300}, {70, 70}}},
+          {.dtype = DataType::kF16, .tilings = AllTilings(), .store_new_kv = true});
 }
 
 TEST(CudaPagedAttention, PrefillNegativeScale) {

@@ -409,6 +409,78 @@ TEST(CudaPhiModel, MlpStreamModesAgree) {
   }
 }
 
+// The prefill K/V store in the attention kernel (set_prefill_kv_store): the same attention on the
+// same K/V values (read from the qkv rows instead of the cache) and the same cache contents for
+// the decode steps after it, so the prefill's and every decode step's logits are bit-identical.
+TEST(CudaPhiModel, PrefillKvStoreModesAgree) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(m->prefill_kv_store());  // the default
+    m->set_prefill_kv_store(false);
+    const std::vector<std::vector<float>> off = RunModeSteps(*m);
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());  // nothing of the first run left to read
+    m->set_prefill_kv_store(true);
+    const std::vector<std::vector<float>> on = RunModeSteps(*m);
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) {
+      EXPECT_TRUE(on[i] == off[i]) << model << " step " << i << ": store on != off";
+    }
+  }
+}
+
+// The trimmed last layer (set_prefill_last_rows): a prefill returning each sequence's last row
+// runs the last layer's attention (as decode queries) and MLP on those rows only. Its K/V cache is
+// written by the same kernels from the same rows as the full layer's, so the decode steps after
+// it must be bit-identical; the prefill logits differ only in summation order (split-key decode
+// attention, GEMMs of 3 rows instead of 62), so they get this file's bf16 bounds against the full
+// layer and against the CPU float32 model.
+TEST(CudaPhiModel, PrefillLastRowsMatchFullLastLayer) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    SCOPED_TRACE(model);
+    absl::StatusOr<std::unique_ptr<CpuPhiModel>> cpu = CpuPhiModel::Load(kRepo / model);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    ASSERT_TRUE((*cpu)->AllocateKvCache(16, kKvBlockSize).ok());
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(m->prefill_last_rows());  // the default
+    const int V = m->config().vocab_size;
+    const std::vector<std::vector<int32_t>> tables = {Blocks(0, 60), Blocks(4, 60), Blocks(8, 60)};
+    ForwardBatch prefill = ThreeSequencePrefill(V, tables);
+    prefill.logit_rows = {kThreeLens[0] - 1, kThreeLens[0] + kThreeLens[1] - 1,
+                          static_cast<int32_t>(prefill.token_ids.size()) - 1};
+    auto run = [&](bool trimmed) {
+      m->set_prefill_last_rows(trimmed);
+      const int64_t before = m->prefill_last_rows_steps();
+      std::vector<std::vector<float>> out(1);
+      EXPECT_TRUE(m->Forward(prefill, &out.back()).ok());
+      EXPECT_EQ(m->prefill_last_rows_steps() - before, trimmed ? 1 : 0);  // the path was taken
+      std::vector<int> ctx = kThreeLens;
+      for (int d = 0; d < 6; ++d) {
+        out.emplace_back();
+        EXPECT_TRUE(m->Forward(ThreeSequenceDecode(V, d, tables, &ctx), &out.back()).ok());
+      }
+      return out;
+    };
+    const std::vector<std::vector<float>> full = run(false);
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());  // nothing of the first run left to read
+    const std::vector<std::vector<float>> trimmed = run(true);
+    std::vector<float> ref;
+    ASSERT_TRUE((*cpu)->Forward(prefill, &ref).ok());
+    ExpectLogitsClose(trimmed[0], std::vector<double>(ref.begin(), ref.end()), "trimmed vs CPU");
+    ExpectLogitsClose(trimmed[0], std::vector<double>(full[0].begin(), full[0].end()),
+                      "trimmed vs full last layer");
+    ASSERT_EQ(trimmed.size(), full.size());
+    for (size_t i = 1; i < full.size(); ++i) {
+      EXPECT_TRUE(trimmed[i] == full[i]) << "decode step " << i - 1 << " after the prefill";
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The bulk GEMV on decode steps (CudaModelOptions::bulk_gemv_*), in every MLP stream mode: the
 // three-sequence batches above (decode steps of 3 rows, bucket 4) and one sequence of 1-row

@@ -201,126 +201,138 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
   const int stride = width + s.row_pad;  // a padded row: the tail must stay untouched
   const int64_t num_slots = 64 * 16;
   const size_t kv_row = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  // write_cache = false (the prefill attention kernel stores K/V then): the same rotation, and
+  // the cache untouched.
   for (DataType t : kAllTypes) {
-    SCOPED_TRACE(testing::Message() << DataTypeName(t) << " T " << s.tokens << " hd " << s.head_dim
-                                    << " rot " << s.rotary_dim);
-    std::vector<float> qkv = RandomVector(static_cast<size_t>(s.tokens) * stride, s.tokens + 7);
-    const std::vector<char> qkv_bytes = Encode(qkv, t);
-    std::vector<int32_t> positions(s.tokens);
-    std::vector<int64_t> slots(s.tokens);
-    std::mt19937 rng(s.tokens * 31 + s.head_dim);
-    std::vector<int64_t> perm(num_slots);
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    for (int i = 0; i < s.tokens; ++i) {
-      positions[i] = static_cast<int32_t>(rng() % 4096);  // large angles too
-      slots[i] = perm[i];
-    }
-    positions[0] = 0;
-    positions[s.tokens - 1] = 4095;
-    // A padding row (slot -1) when there are several tokens: its q/k rotate, nothing is cached.
-    // The CPU reference takes only valid slots, so it caches that row in an extra slot
-    // (num_slots) of its own, outside the compared range.
-    const int pad_tok = s.tokens > 1 ? s.tokens / 2 : -1;
-    std::vector<int64_t> ref_slots = slots;
-    if (pad_tok >= 0) {
-      slots[pad_tok] = -1;
-      ref_slots[pad_tok] = num_slots;
-    }
-    DeviceBuffer d_qkv = DeviceBuffer::From(qkv_bytes);
-    DeviceBuffer d_pos = DeviceBuffer::From(positions);
-    DeviceBuffer d_slots = DeviceBuffer::From(slots);
-    DeviceBuffer d_k(num_slots * kv_row * DataTypeSize(t));
-    DeviceBuffer d_v(d_k.bytes());
-    d_k.Poison();
-    d_v.Poison();
-    ASSERT_EQ(RotaryKvWriteCuda({.qkv = d_qkv.get(),
-                                 .positions = d_pos.as<int32_t>(),
-                                 .slots = d_slots.as<int64_t>(),
-                                 .k_cache = d_k.get(),
-                                 .v_cache = d_v.get(),
-                                 .num_slots = num_slots,
-                                 .num_tokens = s.tokens,
-                                 .qkv_stride = stride,
-                                 .num_heads = s.num_heads,
-                                 .num_kv_heads = s.num_kv_heads,
-                                 .head_dim = s.head_dim,
-                                 .rotary_dim = s.rotary_dim,
-                                 .theta = 10000.0f,
-                                 .dtype = t},
-                                nullptr),
-              KernelStatus::kOk);
-    gpu_test::ExpectDeviceClean(nullptr);
-
-    std::vector<float> ref_qkv = qkv;
-    std::vector<float> ref_k((num_slots + 1) * kv_row, testing_util::kNaN);
-    std::vector<float> ref_v(ref_k.size(), testing_util::kNaN);
-    ASSERT_EQ(RotaryKvWriteCpu({.qkv = ref_qkv.data(),
-                                .positions = positions.data(),
-                                .slots = ref_slots.data(),
-                                .k_cache = ref_k.data(),
-                                .v_cache = ref_v.data(),
-                                .num_slots = num_slots + 1,
-                                .num_tokens = s.tokens,
-                                .qkv_stride = stride,
-                                .num_heads = s.num_heads,
-                                .num_kv_heads = s.num_kv_heads,
-                                .head_dim = s.head_dim,
-                                .rotary_dim = s.rotary_dim,
-                                .theta = 10000.0f}),
-              KernelStatus::kOk);
-    const std::vector<float> out_qkv = Decode(d_qkv.DownloadBytes(), t);
-    const std::vector<float> out_k = Decode(d_k.DownloadBytes(), t);
-    const std::vector<float> out_v = Decode(d_v.DownloadBytes(), t);
-    // Rotated q/k: one rounding of a float32 rotation. The device's powf may differ from
-    // std::pow by 1 ulp in inv_freq (it does for rotary_dim 20 and 40), which moves an angle of
-    // up to 4095 rad by up to 4095 * 2^-24 = 2.4e-4 rad: invisible after a bf16/fp16 rounding,
-    // but above float32's 1e-5, so float32 gets 2.5e-4.
-    const double tol = t == DataType::kF32 ? 2.5e-4 : OneRoundingTol(t);
-    const gpu_test::Diff dq = Compare(out_qkv, ref_qkv);
-    EXPECT_EQ(dq.nonfinite, 0u);
-    EXPECT_LE(dq.rel, tol) << "qkv: " << gpu_test::ToString(dq);
-    // Dims that do not rotate (and V, and the row padding) are copied bit for bit.
-    for (int tok = 0; tok < s.tokens; ++tok) {
-      for (int c = 0; c < stride; ++c) {
-        const bool rotated =
-            c < (s.num_heads + s.num_kv_heads) * s.head_dim && c % s.head_dim < s.rotary_dim;
-        if (rotated) continue;
-        const size_t i = static_cast<size_t>(tok) * stride + c;
-        ASSERT_EQ(out_qkv[i], qkv[i]) << "token " << tok << " column " << c;
+    for (bool write_cache : {true, false}) {
+      SCOPED_TRACE(testing::Message()
+                   << DataTypeName(t) << " T " << s.tokens << " hd " << s.head_dim << " rot "
+                   << s.rotary_dim << " write_cache " << write_cache);
+      std::vector<float> qkv = RandomVector(static_cast<size_t>(s.tokens) * stride, s.tokens + 7);
+      const std::vector<char> qkv_bytes = Encode(qkv, t);
+      std::vector<int32_t> positions(s.tokens);
+      std::vector<int64_t> slots(s.tokens);
+      std::mt19937 rng(s.tokens * 31 + s.head_dim);
+      std::vector<int64_t> perm(num_slots);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (int i = 0; i < s.tokens; ++i) {
+        positions[i] = static_cast<int32_t>(rng() % 4096);  // large angles too
+        slots[i] = perm[i];
       }
-    }
-    // Cache: written slots match, every other slot still holds the NaN poison.
-    std::vector<char> written(num_slots, 0);
-    for (int64_t sl : slots) {
-      if (sl >= 0) written[sl] = 1;
-    }
-    std::vector<float> got_k, want_k;
-    for (int64_t sl = 0; sl < num_slots; ++sl) {
-      for (size_t j = 0; j < kv_row; ++j) {
-        const size_t i = sl * kv_row + j;
-        if (written[sl]) {
-          got_k.push_back(out_k[i]);
-          want_k.push_back(ref_k[i]);
-          ASSERT_EQ(out_v[i], ref_v[i]) << "V slot " << sl;  // V is a plain copy
-        } else {
-          ASSERT_TRUE(std::isnan(out_k[i]) && std::isnan(out_v[i]))
-              << "slot " << sl << " was written";
+      positions[0] = 0;
+      positions[s.tokens - 1] = 4095;
+      // A padding row (slot -1) when there are several tokens: its q/k rotate, nothing is cached.
+      // The CPU reference takes only valid slots, so it caches that row in an extra slot
+      // (num_slots) of its own, outside the compared range.
+      const int pad_tok = s.tokens > 1 ? s.tokens / 2 : -1;
+      std::vector<int64_t> ref_slots = slots;
+      if (pad_tok >= 0) {
+        slots[pad_tok] = -1;
+        ref_slots[pad_tok] = num_slots;
+      }
+      DeviceBuffer d_qkv = DeviceBuffer::From(qkv_bytes);
+      DeviceBuffer d_pos = DeviceBuffer::From(positions);
+      DeviceBuffer d_slots = DeviceBuffer::From(slots);
+      DeviceBuffer d_k(num_slots * kv_row * DataTypeSize(t));
+      DeviceBuffer d_v(d_k.bytes());
+      d_k.Poison();
+      d_v.Poison();
+      ASSERT_EQ(RotaryKvWriteCuda({.qkv = d_qkv.get(),
+                                   .positions = d_pos.as<int32_t>(),
+                                   .slots = d_slots.as<int64_t>(),
+                                   .k_cache = d_k.get(),
+                                   .v_cache = d_v.get(),
+                                   .num_slots = num_slots,
+                                   .num_tokens = s.tokens,
+                                   .qkv_stride = stride,
+                                   .num_heads = s.num_heads,
+                                   .num_kv_heads = s.num_kv_heads,
+                                   .head_dim = s.head_dim,
+                                   .rotary_dim = s.rotary_dim,
+                                   .theta = 10000.0f,
+                                   .dtype = t,
+                                   .write_cache = write_cache},
+                                  nullptr),
+                KernelStatus::kOk);
+      gpu_test::ExpectDeviceClean(nullptr);
+
+      std::vector<float> ref_qkv = qkv;
+      std::vector<float> ref_k((num_slots + 1) * kv_row, testing_util::kNaN);
+      std::vector<float> ref_v(ref_k.size(), testing_util::kNaN);
+      ASSERT_EQ(RotaryKvWriteCpu({.qkv = ref_qkv.data(),
+                                  .positions = positions.data(),
+                                  .slots = ref_slots.data(),
+                                  .k_cache = ref_k.data(),
+                                  .v_cache = ref_v.data(),
+                                  .num_slots = num_slots + 1,
+                                  .num_tokens = s.tokens,
+                                  .qkv_stride = stride,
+                                  .num_heads = s.num_heads,
+                                  .num_kv_heads = s.num_kv_heads,
+                                  .head_dim = s.head_dim,
+                                  .rotary_dim = s.rotary_dim,
+                                  .theta = 10000.0f,
+                                  .write_cache = write_cache}),
+                KernelStatus::kOk);
+      const std::vector<float> out_qkv = Decode(d_qkv.DownloadBytes(), t);
+      const std::vector<float> out_k = Decode(d_k.DownloadBytes(), t);
+      const std::vector<float> out_v = Decode(d_v.DownloadBytes(), t);
+      // Rotated q/k: one rounding of a float32 rotation. The device's powf may differ from
+      // std::pow by 1 ulp in inv_freq (it does for rotary_dim 20 and 40), which moves an angle of
+      // up to 4095 rad by up to 4095 * 2^-24 = 2.4e-4 rad: invisible after a bf16/fp16 rounding,
+      // but above float32's 1e-5, so float32 gets 2.5e-4.
+      const double tol = t == DataType::kF32 ? 2.5e-4 : OneRoundingTol(t);
+      const gpu_test::Diff dq = Compare(out_qkv, ref_qkv);
+      EXPECT_EQ(dq.nonfinite, 0u);
+      EXPECT_LE(dq.rel, tol) << "qkv: " << gpu_test::ToString(dq);
+      // Dims that do not rotate (and V, and the row padding) are copied bit for bit.
+      for (int tok = 0; tok < s.tokens; ++tok) {
+        for (int c = 0; c < stride; ++c) {
+          const bool rotated =
+              c < (s.num_heads + s.num_kv_heads) * s.head_dim && c % s.head_dim < s.rotary_dim;
+          if (rotated) continue;
+          const size_t i = static_cast<size_t>(tok) * stride + c;
+          ASSERT_EQ(out_qkv[i], qkv[i]) << "token " << tok << " column " << c;
         }
       }
+      // Cache: written slots match, every other slot still holds the NaN poison.
+      std::vector<char> written(num_slots, 0);
+      for (int64_t sl : slots) {
+        if (sl >= 0 && write_cache) written[sl] = 1;
+      }
+      std::vector<float> got_k, want_k;
+      for (int64_t sl = 0; sl < num_slots; ++sl) {
+        for (size_t j = 0; j < kv_row; ++j) {
+          const size_t i = sl * kv_row + j;
+          if (written[sl]) {
+            got_k.push_back(out_k[i]);
+            want_k.push_back(ref_k[i]);
+            ASSERT_EQ(out_v[i], ref_v[i]) << "V slot " << sl;  // V is a plain copy
+          } else {
+            ASSERT_TRUE(std::isnan(out_k[i]) && std::isnan(out_v[i]))
+                << "slot " << sl << " was written";
+          }
+        }
+      }
+      const gpu_test::Diff dk = Compare(got_k, want_k);
+      EXPECT_EQ(dk.nonfinite, 0u);
+      EXPECT_LE(dk.rel, tol) << "k cache: " << gpu_test::ToString(dk);
     }
-    const gpu_test::Diff dk = Compare(got_k, want_k);
-    EXPECT_EQ(dk.nonfinite, 0u);
-    EXPECT_LE(dk.rel, tol) << "k cache: " << gpu_test::ToString(dk);
   }
 }
 
-// Decode sizes use blocks of head groups, >= 512 tokens whole-row blocks; head_dim, qkv_stride
-// and the pointers multiples of 16 bytes take 16-byte packs, anything else the element-wise path.
+// Decode sizes use blocks of head groups, >= 512 tokens whole-row blocks; without the cache write
+// the in-place rotation kernel where half the rotary dims is a whole number of packs (else those
+// blocks); head_dim, qkv_stride and the pointers multiples of 16 bytes take 16-byte packs,
+// anything else the element-wise path.
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaRotaryKvWrite,
                          ::testing::Values(RotaryShape{1, 32, 32, 80, 32},      // Phi-2 decode
                                            RotaryShape{600, 32, 32, 80, 32},    // Phi-2 prefill
                                            RotaryShape{520, 8, 2, 80, 32, 3},   // GQA, odd stride
+                                           RotaryShape{512, 4, 1, 64, 32},      // rows, GQA
+                                           RotaryShape{700, 6, 2, 64, 16},      // rows, half 8
+                                           RotaryShape{530, 4, 2, 80, 20},      // half 10: rows
                                            RotaryShape{17, 32, 32, 64, 32},     // Phi-1.5
                                            RotaryShape{64, 8, 2, 80, 32},       // GQA
                                            RotaryShape{33, 8, 8, 32, 16},       // demo model

@@ -3,7 +3,9 @@
 // giving the bits of the fold (SgmvFoldCuda into qkv) followed by the plain launch, so qkv and
 // both caches are compared bit for bit against the plain launch on the host's x + delta rounded
 // once (round to nearest even, as the device's conversion). The plain launch is checked against
-// the CPU reference by cuda_ops_test.
+// the CPU reference by cuda_ops_test. With write_cache = false (a prefill whose attention stores
+// the K/V) the folded launch takes the row kernel and the plain one the rotation-only kernel, so
+// the bit-for-bit check also ties those two together; both caches must stay untouched.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -26,10 +28,11 @@ struct Shape {
   int heads, kv_heads, head_dim, rotary_dim;
 };
 
-void CheckRotaryFold(DataType t, const Shape& s, int tokens, int extra_ld) {
+void CheckRotaryFold(DataType t, const Shape& s, int tokens, int extra_ld, bool write_cache) {
   SCOPED_TRACE(testing::Message() << DataTypeName(t) << " heads " << s.heads << "/" << s.kv_heads
                                   << " head_dim " << s.head_dim << " rotary " << s.rotary_dim
-                                  << " tokens " << tokens << " ld +" << extra_ld);
+                                  << " tokens " << tokens << " ld +" << extra_ld << " write_cache "
+                                  << write_cache);
   const int width = (s.heads + 2 * s.kv_heads) * s.head_dim;
   const int stride = width + 16;  // columns past q | k | v stay as they are
   const int ld = width + extra_ld;
@@ -59,6 +62,7 @@ void CheckRotaryFold(DataType t, const Shape& s, int tokens, int extra_ld) {
       static_cast<size_t>(num_slots) * s.kv_heads * s.head_dim * DataTypeSize(t);
   DeviceBuffer ka(cache_bytes), va(cache_bytes), kb(cache_bytes), vb(cache_bytes);
   for (DeviceBuffer* b : {&ka, &va, &kb, &vb}) b->Poison();
+  const std::vector<char> poisoned = ka.DownloadBytes();
   RotaryKvWriteParams p{.qkv = d_a.get(),
                         .positions = d_pos.as<int32_t>(),
                         .slots = d_slots.as<int64_t>(),
@@ -74,7 +78,8 @@ void CheckRotaryFold(DataType t, const Shape& s, int tokens, int extra_ld) {
                         .theta = 10000.0f,
                         .dtype = t,
                         .fold_delta = d_delta.as<float>(),
-                        .ld_fold = ld};
+                        .ld_fold = ld,
+                        .write_cache = write_cache};
   ASSERT_EQ(RotaryKvWriteCuda(p, nullptr), KernelStatus::kOk);
   RotaryKvWriteParams plain = p;
   plain.qkv = d_b.get();
@@ -88,7 +93,15 @@ void CheckRotaryFold(DataType t, const Shape& s, int tokens, int extra_ld) {
   EXPECT_TRUE(a == b) << "qkv differs from the plain launch on the folded input";
   EXPECT_TRUE(ka.DownloadBytes() == kb.DownloadBytes()) << "K cache differs";
   EXPECT_TRUE(va.DownloadBytes() == vb.DownloadBytes()) << "V cache differs";
-  if (tokens > 1) EXPECT_TRUE(folded_bytes != qkv_bytes);  // the fold changed something
+  if (!write_cache) {
+    EXPECT_TRUE(ka.DownloadBytes() == poisoned) << "K cache written with write_cache = false";
+    EXPECT_TRUE(va.DownloadBytes() == poisoned) << "V cache written with write_cache = false";
+  } else if (tokens > 1) {
+    EXPECT_TRUE(ka.DownloadBytes() != poisoned);  // the cache write happened
+  }
+  if (tokens > 1) {
+    EXPECT_TRUE(folded_bytes != qkv_bytes);  // the fold changed something
+  }
 }
 
 TEST(CudaRotaryFold, EqualsFoldThenPlainLaunchBitForBit) {
@@ -99,8 +112,10 @@ TEST(CudaRotaryFold, EqualsFoldThenPlainLaunchBitForBit) {
   const Shape shapes[] = {{32, 32, 80, 32}, {32, 32, 64, 32}, {4, 2, 12, 4}};
   for (DataType t : kAllTypes) {
     for (const Shape& s : shapes) {
-      for (int tokens : {1, 64, 600}) CheckRotaryFold(t, s, tokens, 0);
-      CheckRotaryFold(t, s, 64, 10240 + 2560);
+      for (bool write_cache : {true, false}) {
+        for (int tokens : {1, 64, 600}) CheckRotaryFold(t, s, tokens, 0, write_cache);
+        CheckRotaryFold(t, s, 64, 10240 + 2560, write_cache);
+      }
     }
   }
 }

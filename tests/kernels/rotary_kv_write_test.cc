@@ -226,5 +226,49 @@ TEST(RotaryKvWrite, BadSlotOrPositionChangesNothing) {
   EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOk);
 }
 
+// write_cache = false: the same rotation as with the write (bit for bit: the same code computes
+// it), no cache access at all (null caches and slots are accepted), and a given slot list is
+// still checked.
+TEST(RotaryKvWrite, RotateOnlyLeavesTheCache) {
+  const int nH = 4, nKV = 2, hd = 16, T = 5;
+  const int width = (nH + 2 * nKV) * hd;
+  std::vector<float> with_write = RandomVector(T * width, 3);
+  std::vector<float> rotate_only = with_write;
+  std::vector<int32_t> positions = {0, 3, 17, 300, 1023};
+  std::vector<int64_t> slots = {4, 0, 9, 2, 7};
+  std::vector<float> k_cache = Poisoned(16 * nKV * hd), v_cache = Poisoned(16 * nKV * hd);
+  RotaryKvWriteParams p{.qkv = with_write.data(),
+                        .positions = positions.data(),
+                        .slots = slots.data(),
+                        .k_cache = k_cache.data(),
+                        .v_cache = v_cache.data(),
+                        .num_slots = 16,
+                        .num_tokens = T,
+                        .num_heads = nH,
+                        .num_kv_heads = nKV,
+                        .head_dim = hd,
+                        .rotary_dim = 8};
+  ASSERT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOk);
+  std::vector<float> k2 = Poisoned(k_cache.size()), v2 = Poisoned(v_cache.size());
+  RotaryKvWriteParams r = p;
+  r.qkv = rotate_only.data();
+  r.k_cache = k2.data();
+  r.v_cache = v2.data();
+  r.write_cache = false;
+  ASSERT_EQ(RotaryKvWriteCpu(r), KernelStatus::kOk);
+  EXPECT_EQ(rotate_only, with_write);
+  for (float v : k2) ASSERT_TRUE(std::isnan(v));
+  for (float v : v2) ASSERT_TRUE(std::isnan(v));
+  r.slots = nullptr;
+  r.k_cache = r.v_cache = nullptr;
+  std::vector<float> again = RandomVector(T * width, 3);
+  r.qkv = again.data();
+  ASSERT_EQ(RotaryKvWriteCpu(r), KernelStatus::kOk);
+  EXPECT_EQ(again, with_write);
+  r.slots = slots.data();
+  slots[2] = 16;  // out of range: still refused when slots are given
+  EXPECT_EQ(RotaryKvWriteCpu(r), KernelStatus::kOutOfRange);
+}
+
 }  // namespace
 }  // namespace phishard
