@@ -622,6 +622,20 @@ int Main(int argc, char** argv) {
         }
       }
     }
+    // Ring depth and grid at context 1024: how much the ring's cover of the stalls matters.
+    BENCH_OK(m.set_decode_megakernel(true));
+    for (auto [blocks, stages] : std::vector<std::pair<int, int>>{{0, 3}, {0, 5}, {0, 7}, {66, 0}}) {
+      m.set_decode_megakernel_tuning(blocks, stages);
+      const int64_t launches = m.mega_decode_launches();
+      Row r;
+      const std::string name = absl::StrFormat("mega1 blocks%d stages%d", blocks, stages);
+      if (bench.Decode(1, 1024, name, &r)) {
+        if (m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
+        PrintRow(r);
+        rows.push_back(r);
+      }
+    }
+    m.set_decode_megakernel_tuning(0, 0);
     BENCH_OK(m.set_decode_megakernel(mega0));
   }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {

@@ -49,6 +49,12 @@ absl::Status CudaPhiModel::set_decode_megakernel(bool on) {
   return absl::OkStatus();
 }
 
+void CudaPhiModel::set_decode_megakernel_tuning(int blocks, int stages) {
+  mega_blocks_ = blocks;
+  mega_stages_ = stages;
+  DropGraphs();
+}
+
 absl::Status CudaPhiModel::ReserveMegaDecode() {
   if (mega_buf_ != nullptr || shard_.sharded()) return absl::OkStatus();
   const MegaBufLayout ml = MakeMegaBufLayout(config_);
@@ -107,6 +113,8 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
   p.act_fn =
       c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
   p.dtype = dtype_;
+  p.blocks = mega_blocks_;
+  p.stages = mega_stages_;
   // Weights 16-byte aligned (the bulk copies' sources); the layout makes them so, checked anyway.
   for (const Layer& w : layers_) {
     for (const void* ptr : {w.qkv_w, w.dense_w, w.fc1_w, w.fc2_w, w.ln_w, w.ln_b}) {

@@ -21,8 +21,8 @@ constexpr int kConsumers = kConsumerWarps * 32;
 constexpr int kThreads = kConsumers + 32;  // + the producer warp
 constexpr int kMaxRows = 8;                // weight rows a ring stage holds (at most)
 constexpr int kMaxStages = 16;
-constexpr int kStageTarget = 16384;  // smallest stage in bytes, unless one row is longer
-constexpr int kItemChunk = 512;      // cache positions one attention item scores at a time
+constexpr int kStageTarget = 16384;     // smallest stage in bytes, unless one row is longer
+constexpr int kItemChunk = kConsumers;  // cache positions an attention item scores at a time
 // sync words: [0] arrivals, [kGenWord] barrier generation, [kHeadWord + h] head h's finished splits
 constexpr int kGenWord = 32;
 constexpr int kHeadWord = 64;
@@ -31,7 +31,8 @@ struct Args {
   DecodeMegaParams p;
   int stages, stage_bytes, nsplit;
   // Shared memory offsets (bytes): ring at 0, then these.
-  int off_x, off_head, off_out, off_q, off_o, off_scores, off_red, off_red2, off_scratch, off_bars;
+  int off_x, off_head, off_out, off_rows, off_q, off_o, off_scores, off_red, off_red2, off_scratch,
+      off_blocks, off_bars;
 };
 
 // Which rows of each matrix block b of `blocks` owns: q/k/v heads [qkv0 / hd, qkv1 / hd) as qkv
@@ -44,7 +45,7 @@ struct BlockPlan {
 // fc1 end candidate of block j: its share of all phase-A rows less the qkv rows of blocks <= j,
 // in [0, I]. A block's fc1 end is the maximum over j <= b (non-decreasing even when a block holds
 // more qkv rows than its share).
-__device__ __forceinline__ int Fc1EndCandidate(const DecodeMegaParams& p, int j, int blocks) {
+__host__ __device__ inline int Fc1EndCandidate(const DecodeMegaParams& p, int j, int blocks) {
   const int64_t heads = p.num_heads + 2 * p.num_kv_heads;
   const int64_t total = heads * p.head_dim + p.intermediate;
   const int64_t v = total * (j + 1) / blocks - p.head_dim * (heads * (j + 1) / blocks);
@@ -197,14 +198,16 @@ __device__ __forceinline__ void GridSync(uint32_t* sync) {
 struct Smem {
   unsigned char* ring;
   void* x;          // [max(H, I, nH hd)] dtype: the phase's input vector
-  float* head;      // [hd] the q/k/v head being produced (rounded to dtype)
-  float* out;       // [out rows] fc2 sums (+ bias) of the block's output rows
+  float* head;      // [hd] the q/k/v head being produced: raw sums, then rounded to dtype
+  float* out;       // [out rows] fc2 sums of the block's output rows
+  float* rows;      // [most rows of a segment] raw fc1 / dense row sums
   float* q;         // [hd] the attention item's query (scaled)
   float* o;         // [hd] its running output
   float* scores;    // [kItemChunk]
   float* red;       // [2][kConsumerWarps] per-warp row sums, by tile parity
   float* red2;      // [kConsumers * 8] per-group output sums of an attention chunk
-  float* scratch;   // [32] reductions, [16] flag
+  float* scratch;   // [32] reductions, [16] flag, [24, 26) plan
+  int* blocks;      // [kItemChunk + 1] block ids of an attention chunk
   uint64_t* full;   // [kMaxStages] stage loaded
   uint64_t* empty;  // [kMaxStages] stage consumed (kConsumerWarps arrivals)
 };
@@ -217,11 +220,15 @@ struct LayerPtrs {
   char* v_cache;
 };
 
+// q/k/v head hh is complete: sm.head holds its raw row sums; `bias` is this thread's bias of the
+// head (t < hd). dtype(sum + bias), rotated (q, k), to q (rows < nH) or to the cache slot.
 template <typename T>
 __device__ void FinishHead(const Args& a, const Smem& sm, const LayerPtrs& lp, int hh, int pos,
-                           int64_t slot) {
+                           int64_t slot, float bias) {
   const DecodeMegaParams& p = a.p;
   const int t = threadIdx.x, hd = p.head_dim, nH = p.num_heads, nKV = p.num_kv_heads;
+  if (t < hd) sm.head[t] = cuda::ToFloat(cuda::FromFloat<T>(sm.head[t] + bias));
+  ConsumerSync();
   T* dst = nullptr;
   const bool valid_slot = slot >= 0 && slot < static_cast<int64_t>(p.num_blocks) * p.block_size;
   if (hh < nH) {
@@ -248,7 +255,11 @@ __device__ void FinishHead(const Args& a, const Smem& sm, const LayerPtrs& lp, i
   }
 }
 
-// Rows [r0, r1) of a [*, K] weight matrix through the ring, x = sm.x; the epilogue by kEpi.
+// Rows [r0, r1) of a [*, K] weight matrix through the ring, x = sm.x. The stage loop only
+// leaves raw row sums in shared memory (sm.head for q/k/v, sm.out for fc2, sm.rows otherwise):
+// an epilogue that read global memory there would put one memory latency on every stage. The
+// epilogues run once per head (q/k/v) or segment (fc1: bias + activation -> act; dense: + bias +
+// fc2 sums + bias + h -> h), their global loads issued before the stage loop.
 template <typename T, int kEpi>
 __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const LayerPtrs& lp,
                             const T* bias, int r0, int r1, int K, int split, int out0, int pos,
@@ -258,7 +269,22 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
   const int cpr = K / 8;
   const int t = threadIdx.x, w = t >> 5, lane = t & 31;
   const uint4* xv = static_cast<const uint4*>(sm.x);
+  // This thread's first epilogue operands (row r0 + t), loaded ahead.
+  float pre_b = 0.0f, pre_b2 = 0.0f, pre_h = 0.0f;
+  if constexpr (kEpi == kEpiFc1 || kEpi == kEpiDense) {
+    if (r0 + t < r1) pre_b = cuda::ToFloat(bias[r0 + t]);
+  }
+  if constexpr (kEpi == kEpiDense) {
+    if (r0 + t < r1) {
+      pre_b2 = cuda::ToFloat(static_cast<const T*>(lp.w.fc2_b)[r0 + t]);
+      pre_h = LoadCg(static_cast<const T*>(p.h) + r0 + t);
+    }
+  }
+  float head_bias = 0.0f;  // q/k/v: this thread's bias of the current head
   for (int r = r0; r < r1;) {
+    if constexpr (kEpi == kEpiQkv) {
+      if (r % split == 0 && t < split) head_bias = cuda::ToFloat(bias[r + t]);
+    }
     const int n = TileRows(r, r1, rps, split);
     const int s = static_cast<int>(it % a.stages);
     MbarWait(&sm.full[s], (it / a.stages) & 1);
@@ -285,16 +311,12 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
       float v = 0.0f;
       for (int ww = t * wpr; ww < (t + 1) * wpr; ++ww) v += red[ww];
       const int g = r + t;
-      const float b = cuda::ToFloat(bias[g]);
       if constexpr (kEpi == kEpiQkv) {
-        sm.head[g % split] = cuda::ToFloat(cuda::FromFloat<T>(v + b));
-      } else if constexpr (kEpi == kEpiFc1) {
-        static_cast<T*>(p.act)[g] = cuda::FromFloat<T>(Activate(v + b, static_cast<int>(p.act_fn)));
+        sm.head[g % split] = v;
       } else if constexpr (kEpi == kEpiFc2) {
-        sm.out[g - out0] = v + b;
+        sm.out[g - out0] = v;
       } else {
-        T* h = static_cast<T*>(p.h);
-        h[g] = cuda::FromFloat<T>(LoadCg(h + g) + v + b + sm.out[g - out0]);
+        sm.rows[g - r0] = v;
       }
     }
     ++it;
@@ -302,7 +324,24 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
     if constexpr (kEpi == kEpiQkv) {
       if (r % split == 0) {
         ConsumerSync();
-        FinishHead<T>(a, sm, lp, r / split - 1, pos, slot);
+        FinishHead<T>(a, sm, lp, r / split - 1, pos, slot, head_bias);
+      }
+    }
+  }
+  if constexpr (kEpi == kEpiFc1 || kEpi == kEpiDense) {
+    ConsumerSync();
+    for (int i = t; i < r1 - r0; i += kConsumers) {
+      const int g = r0 + i;
+      const float b = i == t ? pre_b : cuda::ToFloat(bias[g]);
+      if constexpr (kEpi == kEpiFc1) {
+        static_cast<T*>(p.act)[g] =
+            cuda::FromFloat<T>(Activate(sm.rows[i] + b, static_cast<int>(p.act_fn)));
+      } else {
+        // fc2's sum and bias in the same float32 sum: one rounding of h a layer.
+        const float b2 = i == t ? pre_b2 : cuda::ToFloat(static_cast<const T*>(lp.w.fc2_b)[g]);
+        T* h = static_cast<T*>(p.h);
+        const float hv = i == t ? pre_h : LoadCg(h + g);
+        h[g] = cuda::FromFloat<T>(hv + sm.rows[i] + b + sm.out[g - out0] + b2);
       }
     }
   }
@@ -315,6 +354,16 @@ __device__ void LayerNormRow(const Args& a, const Smem& sm, const T* w, const T*
   const int t = threadIdx.x, chunks = p.hidden / 8;
   uint4* x = static_cast<uint4*>(sm.x);
   const uint4* h = static_cast<const uint4*>(p.h);
+  // The weight and bias of this thread's first two chunks load with h (one round trip).
+  uint4 wpre[2], bpre[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int c = t + k * kConsumers;
+    if (c < chunks) {
+      wpre[k] = __ldg(reinterpret_cast<const uint4*>(w) + c);
+      bpre[k] = __ldg(reinterpret_cast<const uint4*>(b) + c);
+    }
+  }
   float sum = 0.0f;
   for (int c = t; c < chunks; c += kConsumers) {
     const uint4 v = __ldcg(h + c);
@@ -338,8 +387,13 @@ __device__ void LayerNormRow(const Args& a, const Smem& sm, const T* w, const T*
   for (int c = t; c < chunks; c += kConsumers) {  // each thread rewrites only its own chunks
     uint4 v = x[c];
     T* e = reinterpret_cast<T*>(&v);
-    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w) + c);
-    const uint4 bv = __ldg(reinterpret_cast<const uint4*>(b) + c);
+    const int k = (c - t) / kConsumers;
+    const uint4 wv = k == 0   ? wpre[0]
+                     : k == 1 ? wpre[1]
+                              : __ldg(reinterpret_cast<const uint4*>(w) + c);
+    const uint4 bv = k == 0   ? bpre[0]
+                     : k == 1 ? bpre[1]
+                              : __ldg(reinterpret_cast<const uint4*>(b) + c);
     const T* we = reinterpret_cast<const T*>(&wv);
     const T* be = reinterpret_cast<const T*>(&bv);
 #pragma unroll
@@ -361,19 +415,24 @@ __device__ void StageVector(const Smem& sm, const void* src, int n) {
   ConsumerSync();
 }
 
-// Cache row of position `pos` of KV head kvh, or null when its block id is out of range (reads
-// as zero K/V, as PagedDecodeCuda).
+// Cache row of position c0 + i of KV head kvh (sm.blocks holds the block ids of the chunk from
+// c0 on), or null when its block id is out of range (reads as zero K/V, as PagedDecodeCuda).
 template <typename T>
-__device__ __forceinline__ const T* CacheRow(const Args& a, const char* cache, int pos, int kvh) {
+__device__ __forceinline__ const uint4* CacheRow(const Args& a, const Smem& sm, const char* cache,
+                                                 int c0, int i, int kvh) {
   const DecodeMegaParams& p = a.p;
-  const int blk = __ldg(p.block_table + pos / p.block_size);
+  const int pos = c0 + i;
+  const int blk = sm.blocks[pos / p.block_size - c0 / p.block_size];
   if (blk < 0 || blk >= p.num_blocks) return nullptr;
   const size_t slot = static_cast<size_t>(blk) * p.block_size + pos % p.block_size;
-  return reinterpret_cast<const T*>(cache) + (slot * p.num_kv_heads + kvh) * p.head_dim;
+  return reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(cache) +
+                                        (slot * p.num_kv_heads + kvh) * p.head_dim);
 }
 
 // Attention of query head `head` over split `split` of the context: writes its (m, l, o)
 // partial; the block finishing a head's last split merges them into attn (in split order).
+// Positions go in chunks of kItemChunk (one a thread for the scores), every load of a pass
+// issued before its arithmetic (one memory round trip a pass for head_dim <= 128).
 template <typename T>
 __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp, int head,
                               int split, int ctx) {
@@ -387,71 +446,78 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
     sm.q[t] = LoadCg(static_cast<const T*>(p.q) + static_cast<size_t>(head) * hd + t) * p.scale;
     sm.o[t] = 0.0f;
   }
-  ConsumerSync();
   float m = -INFINITY, l = 0.0f;
   for (int c0 = p0; c0 < p1; c0 += kItemChunk) {
     const int len = min(kItemChunk, p1 - c0);
-    float mloc = -INFINITY;
-    for (int i = t; i < len; i += kConsumers) {
-      const T* kr = CacheRow<T>(a, lp.k_cache, c0 + i, kvh);
-      float d = 0.0f;
+    const int b0 = c0 / p.block_size, nb = (c0 + len - 1) / p.block_size - b0 + 1;
+    for (int j = t; j < nb; j += kConsumers) sm.blocks[j] = __ldg(p.block_table + b0 + j);
+    ConsumerSync();  // q, o (first chunk) and the block ids
+    float d = -INFINITY;
+    if (t < len) {
+      const uint4* kr = CacheRow<T>(a, sm, lp.k_cache, c0, t, kvh);
+      d = 0.0f;
       if (kr != nullptr) {
-        // 8 chunks (128 bytes) of the key in flight at a time.
-        for (int k0 = 0; k0 < chunks; k0 += 8) {
-          uint4 kv[8];
+        for (int k0 = 0; k0 < chunks; k0 += 16) {
+          uint4 kv[16];
 #pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            kv[u] = k0 + u < chunks ? __ldcg(reinterpret_cast<const uint4*>(kr) + k0 + u)
-                                    : make_uint4(0, 0, 0, 0);
+          for (int u = 0; u < 16; ++u) {
+            kv[u] = k0 + u < chunks ? __ldcg(kr + k0 + u) : make_uint4(0, 0, 0, 0);
           }
 #pragma unroll
-          for (int u = 0; u < 8; ++u) {
+          for (int u = 0; u < 16; ++u) {
             if (k0 + u < chunks) {
               const T* e = reinterpret_cast<const T*>(&kv[u]);
 #pragma unroll
-              for (int j = 0; j < 8; ++j) d = fmaf(sm.q[(k0 + u) * 8 + j], cuda::ToFloat(e[j]), d);
+              for (int jj = 0; jj < 8; ++jj)
+                d = fmaf(sm.q[(k0 + u) * 8 + jj], cuda::ToFloat(e[jj]), d);
             }
           }
         }
       }
-      sm.scores[i] = d;
-      mloc = fmaxf(mloc, d);
     }
-    const float m_new = fmaxf(m, ConsumerMax(mloc, sm.scratch));
+    const float m_new = fmaxf(m, ConsumerMax(d, sm.scratch));
     const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
-    float lsum = 0.0f;
-    for (int i = t; i < len; i += kConsumers) {
-      const float e = expf(sm.scores[i] - m_new);
-      sm.scores[i] = e;
-      lsum += e;
-    }
-    l = l * alpha + ConsumerSum(lsum, sm.scratch);  // its barriers publish sm.scores
-    // P V: thread (group g, chunk c) sums positions g, g + G, ... of the chunk's 8 dims.
+    const float e = t < len ? expf(d - m_new) : 0.0f;
+    if (t < len) sm.scores[t] = e;
+    l = l * alpha + ConsumerSum(e, sm.scratch);  // its barriers publish sm.scores
+    // P V: thread (group g, chunk c) sums positions g, g + G, ... of the chunk's 8 dims, up to
+    // kPvBatch loads in flight.
+    constexpr int kPvBatch = 12;
     const int groups = kConsumers / chunks, g = t / chunks, c = t % chunks;
     float o8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (g < groups) {
-#pragma unroll 4
-      for (int i = g; i < len; i += groups) {
-        const T* vr = CacheRow<T>(a, lp.v_cache, c0 + i, kvh);
-        if (vr == nullptr) continue;
-        const uint4 vv = __ldcg(reinterpret_cast<const uint4*>(vr) + c);
-        const T* e = reinterpret_cast<const T*>(&vv);
-        const float pw = sm.scores[i];
+      for (int i0 = g; i0 < len; i0 += kPvBatch * groups) {
+        uint4 vv[kPvBatch];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) o8[j] = fmaf(pw, cuda::ToFloat(e[j]), o8[j]);
+        for (int u = 0; u < kPvBatch; ++u) {
+          const int i = i0 + u * groups;
+          const uint4* vr = i < len ? CacheRow<T>(a, sm, lp.v_cache, c0, i, kvh) : nullptr;
+          vv[u] = vr != nullptr ? __ldcg(vr + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kPvBatch; ++u) {
+          const int i = i0 + u * groups;
+          if (i < len) {
+            const T* ev = reinterpret_cast<const T*>(&vv[u]);
+            const float pw = sm.scores[i];
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) o8[jj] = fmaf(pw, cuda::ToFloat(ev[jj]), o8[jj]);
+          }
+        }
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) sm.red2[g * hd + c * 8 + j] = o8[j];
+      for (int jj = 0; jj < 8; ++jj) sm.red2[g * hd + c * 8 + jj] = o8[jj];
     }
     ConsumerSync();
     if (t < hd) {
-      float s = 0.0f;
-      for (int gg = 0; gg < groups; ++gg) s += sm.red2[gg * hd + t];
-      sm.o[t] = sm.o[t] * alpha + s;
+      float sum = 0.0f;
+      for (int gg = 0; gg < groups; ++gg) sum += sm.red2[gg * hd + t];
+      sm.o[t] = sm.o[t] * alpha + sum;
     }
-    ConsumerSync();  // scores and red2 are rewritten by the next chunk
+    ConsumerSync();  // scores, red2 and the block ids are rewritten by the next chunk
     m = m_new;
   }
+  if (p0 >= p1) ConsumerSync();  // (no chunk) q and o written
   // Partial [m, l, o[hd]] of (head, split), then count it.
   float* part =
       a.p.partials + (static_cast<size_t>(head) * kDecodeMegaMaxSplits + split) * (hd + 2);
@@ -542,11 +608,26 @@ __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
     ConsumeRows<T, kEpiFc1>(a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1, H, 0,
                             0, pos, slot);
     GridSync(p.sync);
-    // B: attention items, then fc2 rows (sums kept for C).
+    // B: attention items, then fc2 rows (sums kept for C). fc2's input loads (this thread's
+    // first kActPre chunks of act) are issued before the attention, which hides their latency.
+    constexpr int kActPre = 5;
+    uint4 act_pre[kActPre];
+#pragma unroll
+    for (int k = 0; k < kActPre; ++k) {
+      const int c = threadIdx.x + k * kConsumers;
+      if (c < I / 8) act_pre[k] = __ldcg(static_cast<const uint4*>(p.act) + c);
+    }
     for (int item = blockIdx.x; item < p.num_heads * a.nsplit; item += gridDim.x) {
       AttentionItem<T>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
     }
-    StageVector<T>(sm, p.act, I);
+    {
+      uint4* x = static_cast<uint4*>(sm.x);
+      const uint4* src = static_cast<const uint4*>(p.act);
+      for (int c = threadIdx.x, k = 0; c < I / 8; c += kConsumers, ++k) {
+        x[c] = k < kActPre ? act_pre[k] : __ldcg(src + c);
+      }
+      ConsumerSync();
+    }
     ConsumeRows<T, kEpiFc2>(a, sm, it, lp, static_cast<const T*>(w.fc2_b), bp.out0, bp.out1, I, 0,
                             bp.out0, pos, slot);
     GridSync(p.sync);
@@ -566,12 +647,14 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
   sm.x = smem + a.off_x;
   sm.head = reinterpret_cast<float*>(smem + a.off_head);
   sm.out = reinterpret_cast<float*>(smem + a.off_out);
+  sm.rows = reinterpret_cast<float*>(smem + a.off_rows);
   sm.q = reinterpret_cast<float*>(smem + a.off_q);
   sm.o = reinterpret_cast<float*>(smem + a.off_o);
   sm.scores = reinterpret_cast<float*>(smem + a.off_scores);
   sm.red = reinterpret_cast<float*>(smem + a.off_red);
   sm.red2 = reinterpret_cast<float*>(smem + a.off_red2);
   sm.scratch = reinterpret_cast<float*>(smem + a.off_scratch);
+  sm.blocks = reinterpret_cast<int*>(smem + a.off_blocks);
   sm.full = reinterpret_cast<uint64_t*>(smem + a.off_bars);
   sm.empty = sm.full + kMaxStages;
   if (threadIdx.x == 0) {
@@ -619,6 +702,18 @@ DeviceLimits Limits() {
 
 int RoundUp(int v, int m) { return (v + m - 1) / m * m; }
 
+// The most fc1 rows any block gets (MakePlan's rule, on the host).
+int MaxFc1Rows(const DecodeMegaParams& p, int blocks) {
+  int prev = 0, most = 0, end = 0;
+  for (int b = 0; b < blocks; ++b) {
+    end = std::max(end, Fc1EndCandidate(p, b, blocks));
+    const int e = b == blocks - 1 ? p.intermediate : end;
+    most = std::max(most, e - prev);
+    prev = e;
+  }
+  return most;
+}
+
 // Shared-memory layout and ring of `p` on a device with `lim`; stages 0 when it does not fit.
 Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_bytes) {
   Args a;
@@ -640,12 +735,14 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
   a.off_x = take(max_k * es);
   a.off_head = take(p.head_dim * 4);
   a.off_out = take(out_rows * 4);
+  a.off_rows = take(std::max(out_rows, MaxFc1Rows(p, blocks)) * 4);
   a.off_q = take(p.head_dim * 4);
   a.off_o = take(p.head_dim * 4);
   a.off_scores = take(kItemChunk * 4);
   a.off_red = take(2 * kConsumerWarps * 4);
   a.off_red2 = take(kConsumers * 8 * 4);
   a.off_scratch = take(32 * 4);
+  a.off_blocks = take((kItemChunk + 1) * 4);
   a.off_bars = take(2 * kMaxStages * 8);
   const int fixed = off;
   const int avail = lim.smem_optin - 1024 - fixed;  // static shared memory and a margin
@@ -655,8 +752,8 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
   a.stages = stages;
   // Every offset moves past the ring.
   const int ring = stages * a.stage_bytes;
-  for (int* o : {&a.off_x, &a.off_head, &a.off_out, &a.off_q, &a.off_o, &a.off_scores, &a.off_red,
-                 &a.off_red2, &a.off_scratch, &a.off_bars}) {
+  for (int* o : {&a.off_x, &a.off_head, &a.off_out, &a.off_rows, &a.off_q, &a.off_o, &a.off_scores,
+                 &a.off_red, &a.off_red2, &a.off_scratch, &a.off_blocks, &a.off_bars}) {
     *o += ring;
   }
   a.nsplit = std::max(1, std::min(kDecodeMegaMaxSplits, blocks / std::max(p.num_heads, 1)));

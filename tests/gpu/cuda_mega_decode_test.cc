@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -88,8 +89,13 @@ std::vector<std::vector<float>> RunSteps(CudaPhiModel& m) {
 
 int StepContext(size_t i) { return i < 22 ? 91 + static_cast<int>(i) : static_cast<int>(i) - 21; }
 
+// Worst deviations over a fixture's steps, printed at its end.
+struct Worst {
+  double frac = 0, norm_rel = 0;
+};
+
 void ExpectClose(const std::vector<float>& ours, const std::vector<float>& ref,
-                 const std::string& what) {
+                 const std::string& what, Worst* worst_seen) {
   ASSERT_EQ(ours.size(), ref.size()) << what;
   double num = 0, den = 0, worst = 0, scale = 1.0;
   size_t nonfinite = 0;
@@ -107,6 +113,8 @@ void ExpectClose(const std::vector<float>& ours, const std::vector<float>& ref,
   EXPECT_EQ(nonfinite, 0u) << what;
   EXPECT_LE(worst, kLogitFrac * scale) << what << " (logit scale " << scale << ")";
   EXPECT_LE(std::sqrt(num / std::max(den, 1e-30)), kLogitNormRel) << what;
+  worst_seen->frac = std::max(worst_seen->frac, worst / scale);
+  worst_seen->norm_rel = std::max(worst_seen->norm_rel, std::sqrt(num / std::max(den, 1e-30)));
   // Greedy agreement unless the reference's top-2 gap is a near-tie.
   std::vector<float> sorted = ref;
   std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
@@ -140,12 +148,15 @@ void CompareWithOpByOp(const fs::path& dir, const std::string& dtype) {
 
   ASSERT_EQ(graph.size(), ref.size());
   ASSERT_EQ(eager.size(), ref.size());
+  Worst worst;
   for (size_t i = 0; i < ref.size(); ++i) {
     const std::string what = dir.filename().string() + " " + dtype + " step " + std::to_string(i) +
                              " (context " + std::to_string(StepContext(i)) + ")";
-    ExpectClose(graph[i], ref[i], what);
+    ExpectClose(graph[i], ref[i], what, &worst);
     EXPECT_TRUE(graph[i] == eager[i]) << what << ": graph replay != eager";
   }
+  std::printf("  %s %s, %zu steps: worst max|d| %.4f of the logit scale, norm rel %.4f\n",
+              dir.filename().c_str(), dtype.c_str(), ref.size(), worst.frac, worst.norm_rel);
 }
 
 TEST(CudaMegaDecode, TinyPhiCodeBf16MatchesOpByOpPath) {
