@@ -20,6 +20,10 @@
 // attention, split over (query head, context split) items whose last finisher merges the splits.
 // Three grid barriers a layer (after A, B and C; the last one is the launch's end).
 //
+// Measured on the H200 (docs/perf-log.md, mega runs 1-2): correct, but SLOWER than the op-by-op
+// path (b1 ctx1024 2.66 against 2.07 ms; the kernel reads at 2.14 TB/s): each block's bulk-copy
+// stream moves a fixed ~16 KB/us whatever the ring depth, so the model keeps it opt-in.
+//
 // The kernel keeps state between launches in `sync` (a barrier generation, per-head counters):
 // allocate it once, zeroed, and never share it between two launches in flight.
 #pragma once
