@@ -13,6 +13,7 @@
 //
 //   phishard_bench [--json out.json] [--layers 32] [--steps 20] [--quick]
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -381,9 +382,10 @@ int Main(int argc, char** argv) {
   app.add_flag("--prefill-only", prefill_only, "only the prefill cases (and the ceilings)");
   std::string prefill_modes;
   app.add_option("--prefill-modes", prefill_modes,
-                 "each prefill case once per mode S.L of this list, in order, in one process "
-                 "(S: CudaPhiModel::set_prefill_kv_store, L: set_prefill_last_rows, 0 or 1; "
-                 "repeat modes to alternate them, e.g. 0.0,1.1,0.0,1.1)");
+                 "each prefill case once per mode S.L[.F] of this list, in order, in one "
+                 "process (S: CudaPhiModel::set_prefill_kv_store, L: set_prefill_last_rows, F: "
+                 "set_prefill_mlp_fork, the model's default when omitted; each 0 or 1; repeat "
+                 "modes to alternate them, e.g. 0.0,1.1,0.0,1.1)");
   std::string lora_variants;
   app.add_option("--lora-variants", lora_variants,
                  "after the LoRA comparison, its graph decode again under each tuning, in the "
@@ -394,14 +396,19 @@ int Main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   if (lora_only) prefills = lora_prefill;
   const bool no_decode = lora_only || prefill_only;
-  std::vector<std::pair<int, int>> modes;  // (kv store, last rows); -1: the model's defaults
+  // (kv store, last rows, prefill MLP fork); -1: the model's defaults.
+  std::vector<std::array<int, 3>> modes;
   for (absl::string_view mode : absl::StrSplit(prefill_modes, ',', absl::SkipEmpty())) {
-    const std::vector<absl::string_view> sl = absl::StrSplit(mode, '.');
-    BENCH_CHECK(sl.size() == 2 && (sl[0] == "0" || sl[0] == "1") && (sl[1] == "0" || sl[1] == "1"),
-                "--prefill-modes S.L,... with S and L 0 or 1");
-    modes.emplace_back(sl[0] == "1", sl[1] == "1");
+    const std::vector<absl::string_view> f = absl::StrSplit(mode, '.');
+    BENCH_CHECK(f.size() == 2 || f.size() == 3, "--prefill-modes S.L[.F],... with 0 or 1 each");
+    std::array<int, 3> m3 = {0, 0, -1};
+    for (size_t k = 0; k < f.size(); ++k) {
+      BENCH_CHECK(f[k] == "0" || f[k] == "1", "--prefill-modes S.L[.F],... with 0 or 1 each");
+      m3[k] = f[k] == "1";
+    }
+    modes.push_back(m3);
   }
-  if (modes.empty()) modes.emplace_back(-1, -1);
+  if (modes.empty()) modes.push_back({-1, -1, -1});
   if (quick) {
     batches = "1,256";
     contexts = "1024";
@@ -639,18 +646,21 @@ int Main(int argc, char** argv) {
     BENCH_OK(m.set_decode_megakernel(mega0));
   }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
-    for (auto [store, last] : modes) {
+    for (auto [store, last, fork] : modes) {
       if (store >= 0) {
         m.set_prefill_kv_store(store != 0);
         m.set_prefill_last_rows(last != 0);
+        if (fork >= 0) m.set_prefill_mlp_fork(fork != 0);
       }
       Row r;
       if (!bench.Prefill(seqs, len, &r)) {
         std::printf("prefill %dx%d: skipped, KV pool too small\n", seqs, len);
         break;
       }
-      if (store >= 0)
-        r.note = absl::StrFormat("kv store %d, last rows %d; %s", store, last, r.note);
+      if (store >= 0) {
+        r.note = absl::StrFormat("kv store %d, last rows %d, mlp fork %d; %s", store, last,
+                                 fork >= 0 ? fork : (m.prefill_mlp_fork() ? 1 : 0), r.note);
+      }
       PrintRow(r);
       rows.push_back(r);
     }

@@ -265,6 +265,14 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
     }
     m->prefill_last_rows_ = s == "1";
   }
+  if (const char* v = std::getenv("PHISHARD_PREFILL_MLP_FORK"); v != nullptr && *v != '\0') {
+    const std::string_view s(v);
+    if (s != "0" && s != "1") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("environment variable PHISHARD_PREFILL_MLP_FORK='", v, "' must be 0 or 1"));
+    }
+    m->prefill_mlp_fork_ = s == "1";
+  }
   int mlp_mode = options.mlp_stream;
   if (mlp_mode < 0) {
     mlp_mode = kMlpStreamDefault;

@@ -237,6 +237,12 @@ class CudaPhiModel final : public ModelBackend {
   void set_prefill_last_rows(bool on) { prefill_last_rows_ = on; }
   bool prefill_last_rows() const { return prefill_last_rows_; }
   int64_t prefill_last_rows_steps() const { return prefill_last_rows_steps_; }  // steps that did
+  // Prefill steps (no adapter rows, unsharded, mlp_stream mode not 0): fc1 on the MLP stream
+  // beside qkv -> rotary -> attention, dense + fc2 after the join (bit-identical to one stream;
+  // on by default, PHISHARD_PREFILL_MLP_FORK=0 turns it off).
+  void set_prefill_mlp_fork(bool on) { prefill_mlp_fork_ = on; }
+  bool prefill_mlp_fork() const { return prefill_mlp_fork_; }
+  int64_t prefill_mlp_fork_steps() const { return prefill_mlp_fork_steps_; }  // steps that did
   // The MLP branch's stream (CudaModelOptions::mlp_stream); a change drops the captured graphs.
   absl::Status set_mlp_stream_mode(int mode);
   int mlp_stream_mode() const { return mlp_mode_; }
@@ -371,10 +377,12 @@ class CudaPhiModel final : public ModelBackend {
   // branches' GEMMs run at the same time), forked from stream_ after each layer's LN and joined
   // back before the dense GEMM (a fork / join inside a captured graph).
   int mlp_mode_ = kMlpStreamOff;
+  bool mlp_sharded_ = false;       // CudaModelOptions::mlp_stream_sharded
   bool prefill_kv_store_ = true;   // set_prefill_kv_store
   bool prefill_last_rows_ = true;  // set_prefill_last_rows
+  bool prefill_mlp_fork_ = true;   // set_prefill_mlp_fork
   int64_t prefill_last_rows_steps_ = 0;
-  bool mlp_sharded_ = false;  // CudaModelOptions::mlp_stream_sharded
+  int64_t prefill_mlp_fork_steps_ = 0;
   cudaStream_t mlp_stream_ = nullptr;
   std::unique_ptr<CudaGemm> mlp_gemm_;
   DeviceEvent* mlp_fork_ev_ = nullptr;

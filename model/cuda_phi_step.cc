@@ -140,12 +140,16 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // The MLP branch on its own stream (CudaModelOptions::mlp_stream) in decode steps; steps with
   // adapter rows only when their hooks are the fused launches (CudaLora::BranchHooks; sharded
   // LoRA steps keep one stream: not yet run with NCCL), sharded steps only with
-  // PHISHARD_MLP_STREAM_TP, prefill steps one stream (their GEMMs fill the GPU alone: measured no
-  // gain, docs/perf-log.md).
-  const bool mlp_fork = mlp_mode_ != kMlpStreamOff && in.decode &&
-                        (!shard_.sharded() || (mlp_sharded_ && !lora)) &&
-                        (!lora || lora_->BranchHooks());
-  const bool fc2_on_branch = mlp_fork && mlp_mode_ == kMlpStreamFc1Fc2;
+  // PHISHARD_MLP_STREAM_TP. Prefill steps (set_prefill_mlp_fork; unsharded, no adapter rows) fork
+  // with fc1 alone on the branch, dense + fc2 after the join as without the fork (bit-identical):
+  // at the H200's power cap 1x2048 ran 0.5 ms faster so (docs/perf-log.md, pre3 run 2).
+  const bool prefill_fork = !in.decode && prefill_mlp_fork_ && mlp_mode_ != kMlpStreamOff &&
+                            !lora && !shard_.sharded() && in.chunks == nullptr;
+  const bool mlp_fork = prefill_fork || (mlp_mode_ != kMlpStreamOff && in.decode &&
+                                         (!shard_.sharded() || (mlp_sharded_ && !lora)) &&
+                                         (!lora || lora_->BranchHooks()));
+  const bool fc2_on_branch = mlp_fork && !prefill_fork && mlp_mode_ == kMlpStreamFc1Fc2;
+  if (prefill_fork) ++prefill_mlp_fork_steps_;
   // Steps with adapter rows may join the branch before attention (CudaLora::JoinBeforeAttention).
   const bool join_early = mlp_fork && lora && lora_->JoinBeforeAttention();
   // ... and then run fc2's GEMM on the main stream before attention, its delta on the branch

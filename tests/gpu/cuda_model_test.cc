@@ -431,6 +431,30 @@ TEST(CudaPhiModel, PrefillKvStoreModesAgree) {
   }
 }
 
+// The prefill MLP fork (set_prefill_mlp_fork): fc1 on the MLP stream with its own cuBLASLt
+// workspace (the same plan for the same shape), dense + fc2 after the join in the same order as on
+// one stream, so the prefill's and every decode step's logits must be bit-identical.
+TEST(CudaPhiModel, PrefillMlpForkIsBitIdentical) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(m->prefill_mlp_fork());  // the default
+    m->set_prefill_mlp_fork(false);
+    const std::vector<std::vector<float>> off = RunModeSteps(*m);
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());  // nothing of the first run left to read
+    m->set_prefill_mlp_fork(true);
+    const int64_t before = m->prefill_mlp_fork_steps();
+    const std::vector<std::vector<float>> on = RunModeSteps(*m);
+    EXPECT_EQ(m->prefill_mlp_fork_steps() - before, 1) << model << ": the prefill did not fork";
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) {
+      EXPECT_TRUE(on[i] == off[i]) << model << " step " << i << ": fork on != off";
+    }
+  }
+}
+
 // The trimmed last layer (set_prefill_last_rows): a prefill returning each sequence's last row
 // runs the last layer's attention (as decode queries) and MLP on those rows only. Its K/V cache is
 // written by the same kernels from the same rows as the full layer's, so the decode steps after
