@@ -631,7 +631,8 @@ int Main(int argc, char** argv) {
     }
     // Ring depth and grid at context 1024: how much the ring's cover of the stalls matters.
     BENCH_OK(m.set_decode_megakernel(true));
-    for (auto [blocks, stages] : std::vector<std::pair<int, int>>{{0, 3}, {0, 5}, {0, 7}, {66, 0}}) {
+    for (auto [blocks, stages] :
+         std::vector<std::pair<int, int>>{{0, 3}, {0, 5}, {0, 7}, {66, 0}}) {
       m.set_decode_megakernel_tuning(blocks, stages);
       const int64_t launches = m.mega_decode_launches();
       Row r;
