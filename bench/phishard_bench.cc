@@ -391,8 +391,9 @@ int Main(int argc, char** argv) {
                  "after the LoRA comparison, its graph decode again under each tuning, in the "
                  "same process (CudaPhiModel::set_lora_decode_tuning: BRANCH, "
                  "BRANCH:QKV.FC1.FC2.DENSE column blocks, then :PDL, then :BESIDE; e.g. "
-                 "1,3:0.0.0.2,3:0.0.0.0:0,3:0.0.0.0:1:0), "
-                 "then base again");
+                 "1,3:0.0.0.2,3:0.0.0.0:0,3:0.0.0.0:1:0; docs/flags.md has every field; fields a "
+                 "spec leaves out keep their start-of-run values); an entry 'base' times the base "
+                 "step again and the later entries' % use it; then base again");
   CLI11_PARSE(app, argc, argv);
   if (lora_only) prefills = lora_prefill;
   const bool no_decode = lora_only || prefill_only;
@@ -714,6 +715,17 @@ int Main(int argc, char** argv) {
       const std::string tuning0 = m.lora_decode_tuning();
       const std::vector<std::string> variants = absl::StrSplit(lora_variants, ',');
       for (const std::string& v : variants) {
+        if (v == "base") {  // the base step again, a same-time reference for the next variants
+          Row again;
+          bench.set_adapters(0, 0);
+          BENCH_CHECK(bench.Decode(lora_batch, lora_context, "graph base", &again), "base");
+          PrintRow(again);
+          rows.push_back(again);
+          base = again;  // the later variants' % use it
+          continue;
+        }
+        // Fields a spec leaves out keep their start-of-run values, not the last variant's.
+        BENCH_OK(m.set_lora_decode_tuning(tuning0));
         BENCH_OK(m.set_lora_decode_tuning(v));
         std::printf("lora variant %s\n", m.lora_decode_tuning().c_str());
         Row each, all_one;
