@@ -460,7 +460,8 @@ TEST(CudaPhiModel, PrefillMlpForkIsBitIdentical) {
 // written by the same kernels from the same rows as the full layer's, so the decode steps after
 // it must be bit-identical; the prefill logits differ only in summation order (split-key decode
 // attention, GEMMs of 3 rows instead of 62), so they get this file's bf16 bounds against the full
-// layer and against the CPU float32 model.
+// layer and against the CPU float32 model. A cached-prefix prefill (1 of 9 rows) gets the same
+// bound against the full layer.
 TEST(CudaPhiModel, PrefillLastRowsMatchFullLastLayer) {
   PHI_REQUIRE_GPU();
   for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
@@ -488,6 +489,21 @@ TEST(CudaPhiModel, PrefillLastRowsMatchFullLastLayer) {
         out.emplace_back();
         EXPECT_TRUE(m->Forward(ThreeSequenceDecode(V, d, tables, &ctx), &out.back()).ok());
       }
+      // A cached-prefix prefill: 9 more tokens on sequence 1 (context 23 -> 32, across a block
+      // edge), its last row's query over cached and new keys; then one more decode step.
+      ForwardBatch more;
+      for (int i = 0; i < 9; ++i) {
+        more.token_ids.push_back((i * 71 + 3) % V);
+        more.positions.push_back(ctx[1] + i);
+      }
+      ctx[1] += 9;
+      more.seqs.push_back({.num_new_tokens = 9, .context_len = ctx[1], .block_table = tables[1]});
+      more.logit_rows = {8};
+      out.emplace_back();
+      EXPECT_TRUE(m->Forward(more, &out.back()).ok());
+      EXPECT_EQ(m->prefill_last_rows_steps() - before, trimmed ? 2 : 0);
+      out.emplace_back();
+      EXPECT_TRUE(m->Forward(ThreeSequenceDecode(V, 6, tables, &ctx), &out.back()).ok());
       return out;
     };
     const std::vector<std::vector<float>> full = run(false);
@@ -499,8 +515,11 @@ TEST(CudaPhiModel, PrefillLastRowsMatchFullLastLayer) {
     ExpectLogitsClose(trimmed[0], std::vector<double>(full[0].begin(), full[0].end()),
                       "trimmed vs full last layer");
     ASSERT_EQ(trimmed.size(), full.size());
-    for (size_t i = 1; i < full.size(); ++i) {
-      EXPECT_TRUE(trimmed[i] == full[i]) << "decode step " << i - 1 << " after the prefill";
+    ASSERT_EQ(full.size(), 9u);
+    ExpectLogitsClose(trimmed[7], std::vector<double>(full[7].begin(), full[7].end()),
+                      "cached-prefix prefill, trimmed vs full last layer");
+    for (size_t i : {1, 2, 3, 4, 5, 6, 8}) {
+      EXPECT_TRUE(trimmed[i] == full[i]) << "step " << i << " (a decode step after a prefill)";
     }
   }
 }
