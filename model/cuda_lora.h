@@ -209,6 +209,18 @@ class CudaLora {
   KernelStatus AfterFc2(int layer, const void* mlp, void* h, cudaStream_t stream);
   // x = the final-LN rows that feed the LM head, logits [rows, ld_logits] float32.
   KernelStatus AfterLmHead(const void* x, float* logits, int ld_logits, cudaStream_t stream);
+  // The trimmed last layer of a prefill step (model/cuda_phi_last_rows.cc; SGMV and GEMM-form
+  // steps alike): AfterQkv on every row as in the other layers (every row's K/V goes into the
+  // cache), then fc1, dense and fc2 on the logit rows only, whose deltas these add with the SGMV
+  // kernels over the lm_head's logit tiles (row r of x and y is the step's logit row r):
+  // LastRowsAfterFc1 into mlp_r [logit rows, I] device (fc1 ran without its activation when
+  // SplitFc1; the GELU after, on every logit row), LastRowsAfterResidual into out
+  // [logit rows, H] device (dense's and fc2's deltas, one rounding). model/cuda_lora_last_rows.cc.
+  bool LastRowsSupported() const { return active_ && !all_ops_; }
+  KernelStatus LastRowsAfterFc1(int layer, const void* normed_r, void* mlp_r, GemmEpilogue act,
+                                cudaStream_t stream);
+  KernelStatus LastRowsAfterResidual(int layer, const void* attn_r, const void* mlp_r, void* out,
+                                     cudaStream_t stream);
 
  private:
   struct Slot {

@@ -8,6 +8,10 @@
 // At 1 x 2048 tokens on Phi-2 that replaces ~420 us of attention and MLP GEMMs on 2048 rows with
 // a decode attention and three weight-streaming GEMMs on one row.
 //
+// Steps with adapter rows (CudaLora, either prefill form) run AfterQkv on every row as in the
+// other layers, then the fc1 / dense / fc2 deltas on the logit rows only (CudaLora::LastRows*:
+// the SGMV kernels over the lm_head's logit tiles, whose rows are exactly these).
+//
 // The logit rows' results are the full layer's up to summation order (the decode attention
 // splits the keys, the small GEMMs use other cuBLASLt plans): within bf16 rounding of the full
 // path (cuda_model_test PrefillLastRowsMatchFullLastLayer), the same K/V cache bits.
@@ -61,11 +65,11 @@ LastRowsLayout MakeLastRowsLayout(const PhiConfig& c, int rows) {
 bool CudaPhiModel::PrefillLastRowsApplies(const ForwardBatch& batch) const {
   const int T = batch.num_tokens(), S = static_cast<int>(batch.seqs.size());
   const int R = static_cast<int>(batch.logit_rows.size());
-  // Adapter rows (their hooks index the step's rows) and sharded models (per-layer all-reduce of
-  // all rows, vocab-parallel logits) keep the full layer; so does a step whose logit rows are most
-  // of its rows (nothing to save).
-  if (!prefill_last_rows_ || lora_->active() || shard_.sharded() || comm_ != nullptr || R == 0 ||
-      R != S || 2 * R > T) {
+  // Sharded models (per-layer all-reduce of all rows, vocab-parallel logits) keep the full layer;
+  // so does a step whose logit rows are most of its rows (nothing to save). Steps with adapter
+  // rows add the trimmed rows' deltas over the lm_head's logit tiles (CudaLora::LastRows*).
+  if (!prefill_last_rows_ || (lora_->active() && !lora_->LastRowsSupported()) || shard_.sharded() ||
+      comm_ != nullptr || R == 0 || R != S || 2 * R > T) {
     return false;
   }
   const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
@@ -137,6 +141,12 @@ absl::Status CudaPhiModel::EnqueueLastLayerRows(const StepInputs& in, const int3
   PHI_RETURN_IF_ERROR(
       Linear(linear(normed, w.qkv_w, w.qkv_b, qkv, T, qkv_width, H, false, GemmEpilogue::kNone), dt,
              "last qkv gemm"));
+  // Adapter rows: the q / k / v deltas on every row, as in the other layers (model/cuda_lora.h).
+  const bool lora = lora_->active();
+  if (lora) {
+    PHI_RETURN_IF_ERROR(
+        KernelResult(lora_->AfterQkv(L - 1, normed, qkv, stream_), "last lora qkv"));
+  }
   PHI_RETURN_IF_ERROR(KernelResult(
       RotaryKvWriteCuda({.qkv = qkv,
                          .positions = in.positions,
@@ -199,11 +209,21 @@ absl::Status CudaPhiModel::EnqueueLastLayerRows(const StepInputs& in, const int3
   // MLP and residual: out += dense(attn_r) + fc2(act(fc1(normed_r))).
   const GemmEpilogue act =
       c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
-  PHI_RETURN_IF_ERROR(Linear(linear(normed_r, w.fc1_w, w.fc1_b, mlp_r, R, I, H, false, act), dt,
+  // With an fc1 delta the GEMM leaves out the activation (CudaLora::SplitFc1): the delta first.
+  const GemmEpilogue fc1_act = lora && lora_->SplitFc1(L - 1) ? GemmEpilogue::kNone : act;
+  PHI_RETURN_IF_ERROR(Linear(linear(normed_r, w.fc1_w, w.fc1_b, mlp_r, R, I, H, false, fc1_act), dt,
                              "last rows: fc1 gemm"));
+  if (lora) {
+    PHI_RETURN_IF_ERROR(KernelResult(lora_->LastRowsAfterFc1(L - 1, normed_r, mlp_r, act, stream_),
+                                     "last rows: lora fc1"));
+  }
   const GemmParams fc2 = linear(mlp_r, w.fc2_w, w.fc2_b, out, R, H, I, true, GemmEpilogue::kNone);
-  return Linear(linear(attn_r, w.dense_w, w.dense_b, out, R, H, nH * hd, true, GemmEpilogue::kNone),
-                dt, "last rows: dense + fc2 gemm", &fc2);
+  PHI_RETURN_IF_ERROR(
+      Linear(linear(attn_r, w.dense_w, w.dense_b, out, R, H, nH * hd, true, GemmEpilogue::kNone),
+             dt, "last rows: dense + fc2 gemm", &fc2));
+  if (!lora) return absl::OkStatus();
+  return KernelResult(lora_->LastRowsAfterResidual(L - 1, attn_r, mlp_r, out, stream_),
+                      "last rows: lora dense + fc2");
 }
 
 }  // namespace phishard

@@ -231,15 +231,16 @@ class CudaPhiModel final : public ModelBackend {
   // default, PHISHARD_PREFILL_KV_STORE=0 turns it off). Bit-identical either way.
   void set_prefill_kv_store(bool on) { prefill_kv_store_ = on; }
   bool prefill_kv_store() const { return prefill_kv_store_; }
-  // Prefill steps whose logit rows are the last row of each sequence (no adapter rows, unsharded):
+  // Prefill steps whose logit rows are the last row of each sequence (unsharded; adapters too):
   // the last layer's attention and MLP run on those rows only (model/cuda_phi_last_rows.cc; on by
   // default, PHISHARD_PREFILL_LAST_ROWS=0 turns it off). Same K/V cache, logits within rounding.
   void set_prefill_last_rows(bool on) { prefill_last_rows_ = on; }
   bool prefill_last_rows() const { return prefill_last_rows_; }
   int64_t prefill_last_rows_steps() const { return prefill_last_rows_steps_; }  // steps that did
-  // Prefill steps (no adapter rows, unsharded, mlp_stream mode not 0): fc1 on the MLP stream
-  // beside qkv -> rotary -> attention, dense + fc2 after the join (bit-identical to one stream;
-  // on by default, PHISHARD_PREFILL_MLP_FORK=0 turns it off).
+  // Prefill steps (unsharded, mlp_stream mode not 0; without adapter rows or in the LoRA GEMM
+  // form, fc1's delta then on the branch too): fc1 on the MLP stream beside qkv -> rotary ->
+  // attention, dense + fc2 after the join (bit-identical to one stream; on by default,
+  // PHISHARD_PREFILL_MLP_FORK=0 turns it off).
   void set_prefill_mlp_fork(bool on) { prefill_mlp_fork_ = on; }
   bool prefill_mlp_fork() const { return prefill_mlp_fork_; }
   int64_t prefill_mlp_fork_steps() const { return prefill_mlp_fork_steps_; }  // steps that did

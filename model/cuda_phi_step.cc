@@ -142,16 +142,18 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // LoRA steps keep one stream: not yet run with NCCL), sharded steps only with
   // PHISHARD_MLP_STREAM_TP. Prefill steps (set_prefill_mlp_fork; unsharded, no adapter rows) fork
   // with fc1 alone on the branch, dense + fc2 after the join as without the fork (bit-identical):
-  // at the H200's power cap 1x2048 ran 0.5 ms faster so (docs/perf-log.md, pre3 run 2).
+  // at the H200's power cap 1x2048 ran 0.5 ms faster so (docs/perf-log.md, pre3 run 2). GEMM-form
+  // LoRA prefill steps fork too, fc1's delta on the branch after AfterQkv (lora_fc1_branch).
   const bool prefill_fork = !in.decode && prefill_mlp_fork_ && mlp_mode_ != kMlpStreamOff &&
-                            !lora && !shard_.sharded() && in.chunks == nullptr;
+                            (!lora || lora_->gemm_step()) && !shard_.sharded() &&
+                            in.chunks == nullptr;
   const bool mlp_fork = prefill_fork || (mlp_mode_ != kMlpStreamOff && in.decode &&
                                          (!shard_.sharded() || (mlp_sharded_ && !lora)) &&
                                          (!lora || lora_->BranchHooks()));
   const bool fc2_on_branch = mlp_fork && !prefill_fork && mlp_mode_ == kMlpStreamFc1Fc2;
   if (prefill_fork) ++prefill_mlp_fork_steps_;
   // Steps with adapter rows may join the branch before attention (CudaLora::JoinBeforeAttention).
-  const bool join_early = mlp_fork && lora && lora_->JoinBeforeAttention();
+  const bool join_early = mlp_fork && !prefill_fork && lora && lora_->JoinBeforeAttention();
   // ... and then run fc2's GEMM on the main stream before attention, its delta on the branch
   // beside attention (CudaLora::Fc2DeltaBesideAttention).
   const bool fc2_main = join_early && fc2_on_branch && lora_->Fc2DeltaBesideAttention();
@@ -159,6 +161,16 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   auto mlp_join = [&]() -> absl::Status {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
     return DeviceStatus(DeviceStreamWaitEvent(stream_, mlp_join_ev_), "MLP join wait");
+  };
+  // GEMM-form LoRA prefill forks (prefill_fork with adapter rows): fc1's delta reads the fc1
+  // block of the mask AfterQkv wrote and shares the GEMM form's cuBLASLt workspace with its q / k
+  // / v expands, so the branch waits for AfterQkv; the main stream then runs only rotary and
+  // attention (no LoRA GEMM) until the join.
+  auto lora_fc1_branch = [&](int l) -> absl::Status {
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, stream_), "lora fc1 fork"));
+    PHI_RETURN_IF_ERROR(
+        DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "lora fc1 fork wait"));
+    return KernelResult(lora_->AfterFc1(l, normed, mlp, act, mlp_stream_), "lora fc1");
   };
   // LayerNorm folded into the qkv and fc1 bulk GEMVs (x = h; CudaModelOptions::bulk_gemv_ln):
   // steps of <= bulk_rows_ rows without adapter rows (their hooks read the normed rows) or row
@@ -276,7 +288,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
             Linear(linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act),
                    dt, "fc1 gemm", nullptr, st, g));
       }
-      if (lora) {
+      if (lora && !prefill_fork) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, normed, mlp, act, st), "lora fc1"));
       }
       if (fc2_on_branch && !fc2_main) {
@@ -344,6 +356,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       if (lora) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterQkv(l, normed, qkv, stream_), "lora qkv"));
       }
+      if (lora && prefill_fork) PHI_RETURN_IF_ERROR(lora_fc1_branch(l));
       RotaryKvWriteParams rot{.qkv = at(qkv, rr, qkv_width),
                               .positions = in.positions + rr.begin,
                               .slots = in.slots + rr.begin,

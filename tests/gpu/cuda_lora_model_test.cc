@@ -257,10 +257,11 @@ struct Req {
   int id;  // picks the request's decode tokens, the same in a batch and alone
 };
 
-// Prefill of all requests (every row's logits), then `steps` decode steps feeding token
-// (7 id + 3 step + 1) % V; returns each step's logits (all rows of the batch).
+// Prefill of all requests (every row's logits, or with last_rows_only each request's last row,
+// as serving asks), then `steps` decode steps feeding token (7 id + 3 step + 1) % V; returns each
+// step's logits (all logit rows of the batch).
 std::vector<std::vector<float>> RunBatch(ModelBackend& m, const std::vector<Req>& reqs,
-                                         int first_block, int steps) {
+                                         int first_block, int steps, bool last_rows_only = false) {
   const int V = m.config().vocab_size;
   ForwardBatch b;
   std::vector<std::vector<int32_t>> tables;
@@ -271,7 +272,7 @@ std::vector<std::vector<float>> RunBatch(ModelBackend& m, const std::vector<Req>
     tables.push_back(Blocks(blk, n + steps));
     blk += static_cast<int>(tables.back().size());
     for (int i = 0; i < n; ++i) {
-      b.logit_rows.push_back(b.num_tokens());
+      if (!last_rows_only || i == n - 1) b.logit_rows.push_back(b.num_tokens());
       b.token_ids.push_back(r.prompt[i]);
       b.positions.push_back(i);
     }
@@ -567,6 +568,96 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
     EXPECT_EQ(got1[st], want[st]) << "decode step " << st << ": deltas folded after their GEMMs";
   }
   EXPECT_GE(tuned->num_lora_decode_graphs(), 1);
+}
+
+// The prefill MLP fork with adapters (GEMM-form steps: fc1 and its delta on the MLP stream beside
+// rotary + attention) and the trimmed last layer with adapters (fc1 / dense / fc2 and their deltas
+// on the logit rows only, over the lm_head's SGMV logit tiles) against the full one-stream path
+// (set_prefill_mlp_fork(false), set_prefill_last_rows(false)), in each prefill form, on a mixed
+// batch that asks for each request's last row. The fork launches the same kernels on the same
+// inputs in the same order on each buffer: bit-identical logits (a missing wait would let fc1's
+// delta read T before AfterQkv's mask wrote it, or race the q / k / v expands' workspace). The
+// trimmed layer sums the logit rows' last-layer products in another order (decode attention,
+// GEMVs, SGMV deltas instead of GEMMs): the bf16 bounds above, also against each request alone.
+// The K/V cache is the same bits either way (every row's qkv and its deltas as before), so the
+// decode steps after are bit-identical.
+void RunPrefillPaths(Form form) {
+  const GemmFormEnv env(form);
+  const json golden = ReadGolden();
+  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  std::unique_ptr<CudaPhiModel> full = LoadCuda(dir), fork = LoadCuda(dir), both = LoadCuda(dir);
+  ASSERT_TRUE(full && fork && both);
+  full->set_prefill_mlp_fork(false);
+  full->set_prefill_last_rows(false);
+  fork->set_prefill_mlp_fork(true);
+  fork->set_prefill_last_rows(false);
+  both->set_prefill_mlp_fork(true);
+  both->set_prefill_last_rows(true);
+  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
+  uint32_t idx = 3;
+  for (const json& a : golden.at("adapters")) {
+    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, full->config())).ok());
+  }
+  for (CudaPhiModel* m : {full.get(), fork.get(), both.get()}) {
+    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+  }
+  const int V = full->config().vocab_size;
+  // As RunMixed's: base rows between adapter segments, an unloaded index, one adapter over two
+  // sequences, a 1-token request (its last row is its only row); 35 rows, 7 logit rows.
+  const std::vector<Req> reqs = {{{1932, 221, 17}, 0, 0},
+                                 {{5, 6, 7, 8, 9, 10, 11}, 3, 1},
+                                 {{300}, 3, 2},
+                                 {{44, 45, 46, 47, 48}, 77, 3},
+                                 {{12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24}, 4, 4},
+                                 {{900, 901}, 0, 5},
+                                 {{33, 34, 35, 36}, 5, 6}};
+  const int steps = 3;
+  const auto want = RunBatch(*full, reqs, 0, steps, true);
+  const auto forked = RunBatch(*fork, reqs, 0, steps, true);
+  const int64_t fork_steps = fork->prefill_mlp_fork_steps();
+  const auto got = RunBatch(*both, reqs, 0, steps, true);
+  const int64_t last_steps = both->prefill_last_rows_steps();
+  ASSERT_EQ(want.size(), static_cast<size_t>(steps + 1));
+  ASSERT_EQ(forked.size(), want.size());
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_EQ(full->prefill_mlp_fork_steps() + full->prefill_last_rows_steps(), 0);
+  // The fork takes GEMM-form steps only; the trimmed layer every form.
+  EXPECT_EQ(fork_steps, form == Form::kSgmv ? 0 : 1) << FormName(form);
+  EXPECT_EQ(last_steps, 1) << FormName(form);
+  for (int st = 0; st <= steps; ++st) {
+    EXPECT_EQ(forked[st], want[st]) << FormName(form) << " step " << st << ": fork differs";
+    if (st > 0) {
+      EXPECT_EQ(got[st], want[st]) << FormName(form) << " decode " << st << ": trimmed differs";
+    }
+  }
+  for (size_t s = 0; s < reqs.size(); ++s) {
+    const std::string what = std::string(FormName(form)) + " request " + std::to_string(s) +
+                             " (adapter index " + std::to_string(reqs[s].adapter) + ")";
+    ExpectClose(got[0].data() + s * V, want[0].data() + s * V, V, what + " trimmed vs full");
+    const Closeness c = Compare(got[0].data() + s * V, want[0].data() + s * V, V);
+    std::printf("  %s: trimmed vs full max|d| / scale %.4f, norm rel %.4f\n", what.c_str(),
+                c.worst / c.scale, c.rel);
+    const auto alone = RunBatch(*both, {reqs[s]}, 128, steps, true);
+    for (int st = 0; st <= steps; ++st) {
+      ExpectClose(got[st].data() + s * V, alone[st].data(), V,
+                  what + " step " + std::to_string(st) + " vs alone");
+    }
+  }
+}
+
+TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithSgmv) {
+  PHI_REQUIRE_GPU();
+  RunPrefillPaths(Form::kSgmv);
+}
+
+TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithTheGemmForm) {
+  PHI_REQUIRE_GPU();
+  RunPrefillPaths(Form::kGemm);
+}
+
+TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithTheSegmentedGemmForm) {
+  PHI_REQUIRE_GPU();
+  RunPrefillPaths(Form::kSegmented);
 }
 
 // ---- load / use / offload ---------------------------------------------------------------------
