@@ -122,7 +122,7 @@ CLOCKS_PID=$!
 # Multi-LoRA speed (issue #5: b64 with 64 different rank-16 adapters, prefill 8x512) and TP=1 vs
 # TP=2 (issue #6), each in its own process, before the whole table with the peer.
 if [ -x $B/phishard_bench ]; then
-  step lora_bench 60 lora_bench.log $B/phishard_bench --lora-rank 16 --lora-only --steps 10
+  step lora_bench 90 lora_bench.log $B/phishard_bench --lora-rank 16 --lora-only --steps 10
 fi
 if [ -x $B/phishard_tp_bench ] && ((NGPU >= 2)); then
   step tp_bench 90 tp_bench.log $B/phishard_tp_bench --tp 1,2 --batches 1,32,128 --context 1024 \
@@ -148,7 +148,7 @@ grep -hE "Failure|FAILED|Expected|Which is|parts from|ERROR SUMMARY" "$OUT"/gpu_
 echo "== served"
 tail -15 "$OUT/served.log" 2> /dev/null
 echo "== lora bench"
-grep -E "^(decode|prefill)|->" "$OUT/lora_bench.log" 2> /dev/null
+grep -E "^(decode|prefill)|->|=>" "$OUT/lora_bench.log" 2> /dev/null
 echo "== tp bench"
 tail -25 "$OUT/tp_bench.log" 2> /dev/null
 echo "== bench"
