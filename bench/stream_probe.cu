@@ -14,7 +14,9 @@
 //   bulk-bar  as bulk-read, plus a grid barrier every 1/96 of the slice (the kernel's 3 a layer
 //             over 32 layers)
 //   ldg       no ring: the 256 consumer threads load the slice with 16-byte ld.global.cg, U loads
-//             in flight a thread (U = 8: 32 KB a block, U = 16: 64 KB)
+//             in flight a thread (U = 8: 32 KB a block, U = 16: 64 KB); also with 4-8 blocks an
+//             SM (a copy kernel's occupancy: what reads can reach on this GPU at all)
+// and first the device-to-device copy that phishard_bench's floor divides by (read + write).
 // Usage: phishard_stream_probe [GiB (default 4)] [reps (default 3)]. One line a case:
 //   mode blocks stages stage_kb  ms  GB/s
 #include <cuda_runtime.h>
@@ -197,12 +199,29 @@ int main(int argc, char** argv) {
   };
   const int half = sms / 2;
   const std::vector<Case> cases = {
-      {kLdg8, sms, 0, 0},     {kLdg16, sms, 0, 0},  {kBulk, sms, 5, 40},  {kBulk, sms, 10, 20},
-      {kBulk, sms, 2, 40},    {kBulk, sms, 16, 12}, {kBulk, sms, 3, 64},  {kBulkRead, sms, 5, 40},
-      {kBulkBar, sms, 5, 40}, {kBulk, half, 5, 40}, {kLdg16, half, 0, 0}, {kBulk, sms, 12, 16},
+      {kLdg8, sms, 0, 0},      {kLdg16, sms, 0, 0},     {kBulk, sms, 5, 40},
+      {kBulk, sms, 10, 20},    {kBulk, sms, 2, 40},     {kBulk, sms, 16, 12},
+      {kBulk, sms, 3, 64},     {kBulkRead, sms, 5, 40}, {kBulkBar, sms, 5, 40},
+      {kBulk, half, 5, 40},    {kLdg16, half, 0, 0},    {kBulk, sms, 12, 16},
+      {kLdg16, 4 * sms, 0, 0}, {kLdg8, 8 * sms, 0, 0},  // many blocks: a copy kernel's occupancy
   };
   std::printf("device %d: %d SMs; %.2f GiB read once a launch, mean of %d launches\n", dev, sms,
               gib, reps);
+  {  // The bench's copy ceiling: device-to-device copy of half the buffer, read + written bytes.
+    const size_t h = bytes / 2;
+    PROBE_CHECK(cudaMemcpy(src + h, src, h, cudaMemcpyDeviceToDevice));
+    PROBE_CHECK(cudaEventRecord(e0));
+    for (int r = 0; r < reps; ++r) {
+      PROBE_CHECK(cudaMemcpyAsync(src + h, src, h, cudaMemcpyDeviceToDevice));
+    }
+    PROBE_CHECK(cudaEventRecord(e1));
+    PROBE_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    PROBE_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    ms /= reps;
+    std::printf("%-10s %4s %3s %4s  %8.3f ms  %7.1f GB/s  (read + write)\n", "memcpy", "-", "-",
+                "-", ms, 2.0 * h / (ms * 1e-3) / 1e9);
+  }
   for (const Case& c : cases) {
     const int stage_bytes = c.stage_kb * 1024;
     const size_t unit = stage_bytes > 0 ? static_cast<size_t>(stage_bytes) : 4096;
@@ -223,7 +242,7 @@ int main(int argc, char** argv) {
     attr[0].id = cudaLaunchAttributeCooperative;
     attr[0].val.cooperative = 1;
     config.attrs = attr;
-    config.numAttrs = 1;
+    config.numAttrs = c.mode == kBulkBar ? 1 : 0;  // only the grid barrier needs co-residence
     PROBE_CHECK(cudaLaunchKernelEx(&config, ProbeKernel, p));  // warm-up
     PROBE_CHECK(cudaEventRecord(e0));
     for (int r = 0; r < reps; ++r) PROBE_CHECK(cudaLaunchKernelEx(&config, ProbeKernel, p));
