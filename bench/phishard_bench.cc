@@ -11,7 +11,10 @@
 // caller of Forward sees (host clock, logits in host memory), `device ms` the device events from
 // the inputs' upload to the logits' download.
 //
-//   phishard_bench [--json out.json] [--layers 32] [--steps 20] [--quick]
+//   phishard_bench [--json out.json] [--layers 32] [--steps 20] [--quick] [--trace-csv out.csv]
+// --trace-csv writes every kernel of two extra steps per decode case (start / end, stream, grid;
+// CUDA graphs included) from CUPTI (bench/kernel_trace.h): what overlapped with what. Timings
+// of a traced run read ~5-7 % slower (per-kernel timestamps cost a little).
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -31,6 +34,7 @@
 #include "absl/types/span.h"
 #include "bench/bench_ceilings.h"
 #include "bench/bench_util.h"
+#include "bench/kernel_trace.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/device.h"
 #include "model/adapter_registry.h"
@@ -52,6 +56,7 @@ using bench::ParseInts;
 
 using bench::Ceilings;
 using bench::KernelTimes;
+using bench::KernelTrace;
 using bench::MeasureCeilings;
 
 PhiConfig Phi2Config(int layers) {
@@ -211,6 +216,7 @@ class Bench {
     // Graph activity during the timed steps: every step should be one replay and no capture.
     const int64_t replays0 = m_.decode_graph_replays() + m_.lora_decode_graph_replays();
     const int64_t captures0 = m_.decode_graph_captures() + m_.lora_decode_graph_captures();
+    const int64_t beside0 = m_.lora_beside_decode_steps();
     // The timed steps as an NVTX range "decode-<mode>" (ncu --nvtx --nvtx-include picks them).
     const std::string range = absl::StrFormat("decode-%s", absl::StrReplaceAll(mode, {{" ", "-"}}));
     nvtxRangePushA(range.c_str());
@@ -221,6 +227,11 @@ class Bench {
       dev.push_back(m_.last_step_device_ms());
     }
     nvtxRangePop();
+    // --trace-csv: two more steps' kernels (labelled with the mode and the LoRA decode tuning).
+    KernelTrace::Window(mode + " " + m_.lora_decode_tuning(), [&] {
+      for (int i = 0; i < 2; ++i) step();
+      BENCH_CHECK(DeviceSynchronize() == 0, "trace sync");
+    });
     BENCH_CHECK(logits.size() == static_cast<size_t>(batch) * shape_.V, "decode logits size");
     if (greedy) {  // the marked rows' logits are not downloaded: check the picks instead
       BENCH_CHECK(picks.size() == static_cast<size_t>(batch), "greedy picks size");
@@ -239,6 +250,7 @@ class Bench {
     r->device_ms = Median(dev);
     Floors(DecodeCost(shape_, batch, ctx), r);
     r->note = absl::StrFormat("splits<=%d", m_.last_decode_splits());
+    if (m_.lora_beside_decode_steps() > beside0) r->note += "; LoRA beside mode";
     const int64_t replays = m_.decode_graph_replays() + m_.lora_decode_graph_replays() - replays0;
     const int64_t captures =
         m_.decode_graph_captures() + m_.lora_decode_graph_captures() - captures0;
@@ -394,7 +406,12 @@ int Main(int argc, char** argv) {
                  "1,3:0.0.0.2,3:0.0.0.0:0,3:0.0.0.0:1:0; docs/flags.md has every field; fields a "
                  "spec leaves out keep their start-of-run values); an entry 'base' times the base "
                  "step again and the later entries' % use it; then base again");
+  std::string trace_csv;
+  app.add_option("--trace-csv", trace_csv,
+                 "CUPTI kernel timeline of two extra steps after each decode case (graphs "
+                 "included; bench/kernel_trace.h) into this CSV");
   CLI11_PARSE(app, argc, argv);
+  if (!trace_csv.empty()) BENCH_CHECK(KernelTrace::Enable(trace_csv), "--trace-csv: CUPTI");
   if (lora_only) prefills = lora_prefill;
   const bool no_decode = lora_only || prefill_only;
   // (kv store, last rows, prefill MLP fork); -1: the model's defaults.

@@ -38,6 +38,10 @@ struct GemmParams {
   int64_t batch_stride_x = 0;
   int64_t batch_stride_w = 0;
   int64_t batch_stride_y = 0;
+  // CUDA (cuBLASLt) only: the SMs the algorithm choice should assume it has
+  // (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), for a GEMM meant to run beside another kernel that
+  // holds the rest; 0: every SM of the device. No effect on the result's definition.
+  int sm_count_target = 0;
 };
 
 // Host memory, kF32 only, through OpenBLAS cblas_sgemm. y must not overlap x or w.

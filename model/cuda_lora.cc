@@ -493,6 +493,7 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   gemm_step_ = false;
   beside_pending_[0] = beside_pending_[1] = dense_pending_ = qkv_fold_pending_ = false;
   beside_step_ = decode && PlanBeside(rows, /*grow=*/false);
+  if (beside_step_) ++beside_steps_;
   if (!decode && gemm_min_rows_ > 0 && T >= gemm_min_rows_) {
     if (absl::Status st = PlanGemm(batch, stream); !st.ok()) return st;
   }

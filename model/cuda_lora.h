@@ -183,8 +183,23 @@ class CudaLora {
   // kernel and the b64 decode graph took ~1 ms longer, with one adapter for all rows as with 64
   // (H200, docs/perf-log.md lora4 runs 1-2: 11.2-11.5 ms against 10.4-10.5 ms; the same with
   // fc2's delta after the join, and with the fused kernel's early PDL trigger removed).
+  // Why (CUPTI kernel timeline, phishard_bench --trace-csv; perf-log lorafc2 runs 1-2): fc2's
+  // cuBLASLt GEMM at m = 64 is 120 CTAs that each hold a whole SM (224 KB of shared memory)
+  // for ~17 us. In base steps the branch is fc1 + fc2 GEMMs only and ends with the rotary, so
+  // nothing of it overlaps attention. In LoRA steps fc1's delta makes the branch longer, and
+  // the fc2 GEMM starts with the attention kernel (one CTA per sequence x head, 2048 at b64);
+  // attention then ran 250-290 us instead of 190-200 in the layers where the GEMM was resident
+  // at its launch (with a 64-CTA plan, SM count target 66: ~247 us), far more than the GEMM's
+  // 17 us on those SMs; and the GEMM's split-K reduce queued behind attention's CTAs, so fc2's
+  // delta and the join before dense came after attention. Mode 3 keeps every whole-SM GEMM off
+  // attention's launch.
+  // Decode steps planned in beside mode so far (tests: the mode is really taken).
+  int64_t beside_steps() const { return beside_steps_; }
   bool BranchHooks() const { return active_ && branch_mode_ != 0 && FusedStep(); }
   bool JoinBeforeAttention() const { return join_early_; }
+  // SM count targets of the MLP branch's fc2 (0) and fc1 (1) GEMMs in steps with BranchHooks
+  // (GemmParams::sm_count_target; 0: every SM; the decode tuning's 8th field "T2.T1").
+  int BranchGemmSms(int which) const { return BranchHooks() ? branch_gemm_sms_[which] : 0; }
   bool Fc2DeltaBesideAttention() const { return branch_mode_ == 3; }
   // Benchmarks (environment PHISHARD_LORA_DECODE_TUNING at construction, or set later; the
   // caller then drops its LoRA decode graphs): "B", "B:Q.F1.F2.D" or "B:Q.F1.F2.D:P", the branch
@@ -197,7 +212,9 @@ class CudaLora {
   // ms a step.
   // A 4th field, "B:Q.F1.F2.D:P:S", sets the beside mode (S = 1, the default, or 0), a 5th,
   // "B:Q.F1.F2.D:P:S:R", the dense beside mode (R = 0, 1 or 2; BeforeDense), a 6th the rotary
-  // fold (FoldIntoRotary).
+  // fold (FoldIntoRotary), a 7th whether steps with adapter rows join the MLP branch before
+  // attention (JoinBeforeAttention), an 8th "T2.T1" the SM count targets of the branch's fc2 and
+  // fc1 GEMMs (BranchGemmSms).
   absl::Status SetDecodeTuning(absl::string_view spec);
   std::string DecodeTuning() const;
   // PHISHARD_LORA_BRANCH_PRIORITY=1 (an experiment, off by default; not yet run on a GPU): the
@@ -321,8 +338,9 @@ class CudaLora {
   bool overlap_ = true;
   bool fused_ = true;       // PHISHARD_LORA_FUSED=0: decode steps on the shrink + expand kernels
   int branch_mode_ = 3;     // PHISHARD_LORA_BRANCH (BranchHooks)
-  bool join_early_ = true;  // PHISHARD_LORA_JOIN_EARLY
-  bool branch_priority_ = false;  // PHISHARD_LORA_BRANCH_PRIORITY
+  bool join_early_ = true;  // PHISHARD_LORA_JOIN_EARLY / SetDecodeTuning
+  int branch_gemm_sms_[2] = {0, 0};  // SetDecodeTuning (BranchGemmSms)
+  bool branch_priority_ = false;     // PHISHARD_LORA_BRANCH_PRIORITY
   // Column blocks of the fused launches, by hook, and their PDL attribute (SetDecodeTuning).
   static constexpr int kHookQkv = 0, kHookFc1 = 1, kHookFc2 = 2, kHookResidual = 3, kNumHooks = 4;
   int hook_cols_[kNumHooks] = {0, 0, 0, 0};
@@ -334,6 +352,7 @@ class CudaLora {
   bool res_pending_ = false;
   bool beside_ = true;        // PHISHARD_LORA_BESIDE / SetDecodeTuning
   bool beside_step_ = false;  // this step forks its deltas (PlanBeside succeeded)
+  int64_t beside_steps_ = 0;  // steps with beside_step_ (beside_steps())
   cudaStream_t beside_streams_[2] = {nullptr, nullptr};  // q / k / v deltas, fc1's
   DeviceEvent* beside_fork_ev_ = nullptr;
   DeviceEvent* beside_done_ev_[3] = {nullptr, nullptr, nullptr};  // ... and dense's delta
@@ -408,7 +427,7 @@ class CudaLora {
   std::vector<LoraSegment> gemm_base_runs_;  // its runs of base rows (row, rows)
   std::unique_ptr<CudaGemm> gemm_;
   int reserve_rows_ = 0, reserve_decode_rows_ = 0;  // Reserve's sizes
-  bool gemm_failed_ = false;  // cuBLASLt could not be set up: SGMV only
+  bool gemm_failed_ = false;                        // cuBLASLt could not be set up: SGMV only
   void* gemm_ws_ = nullptr;
   void* gemm_map_host_ = nullptr;  // pinned: LoraStepAdapter [kMaxGemmAdapters] + int32 [rows]
   void* gemm_map_dev_ = nullptr;

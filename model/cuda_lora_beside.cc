@@ -62,7 +62,11 @@ void CudaLora::FreeBeside() {
 }
 
 bool CudaLora::PlanBeside(int rows, bool grow) {
-  if (!beside_ || beside_failed_ || !FusedStep()) return false;
+  // Reserve (grow) runs between steps, where all_ops_ is the last step's: only the rank part of
+  // FusedStep applies there. (With FusedStep, an adapter load after a prefill, or before any step,
+  // left the buffer unmade and every decode step on the fused launches.)
+  const bool fused_ranks = fused_ && rank_cap_ <= kSgmvFusedMaxRank;
+  if (!beside_ || beside_failed_ || !fused_ranks || (!grow && !FusedStep())) return false;
   if (!grow && rows > delta_rows_) return false;  // above the reserved rows: the fused launches
   if (beside_fork_ev_ == nullptr) {
     int err = DeviceEventCreate(&beside_fork_ev_);
@@ -288,13 +292,14 @@ void CudaLora::FoldIntoRotary(RotaryKvWriteParams* p) {
 // The decode tuning (PHISHARD_LORA_DECODE_TUNING, CudaPhiModel::set_lora_decode_tuning): the
 // branch mode, per-hook column blocks, PDL and the beside / fold switches above.
 absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
-  // "B", "B:Q.F1.F2.D", "B:Q.F1.F2.D:P", "B:Q.F1.F2.D:P:S", "B:Q.F1.F2.D:P:S:R" or
-  // "B:Q.F1.F2.D:P:S:R:F".
+  // "B", "B:Q.F1.F2.D", "B:Q.F1.F2.D:P", "B:Q.F1.F2.D:P:S", "B:Q.F1.F2.D:P:S:R",
+  // "B:Q.F1.F2.D:P:S:R:F", "B:Q.F1.F2.D:P:S:R:F:J" or "B:Q.F1.F2.D:P:S:R:F:J:T2.T1".
   const std::vector<absl::string_view> parts = absl::StrSplit(spec, ':');
   int mode = -1, pdl = 1, beside = beside_ ? 1 : 0, dense = dense_beside_;
-  int rotary = rotary_fold_ ? 1 : 0;
+  int rotary = rotary_fold_ ? 1 : 0, join = join_early_ ? 1 : 0;
+  int sms[2] = {branch_gemm_sms_[0], branch_gemm_sms_[1]};
   int cols[kNumHooks] = {0, 0, 0, 0};
-  bool ok = !parts.empty() && parts.size() <= 6 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
+  bool ok = !parts.empty() && parts.size() <= 8 && absl::SimpleAtoi(parts[0], &mode) && mode >= 0 &&
             mode <= 3;
   if (ok && parts.size() >= 2) {
     const std::vector<absl::string_view> c = absl::StrSplit(parts[1], '.');
@@ -308,21 +313,35 @@ absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
     ok = absl::SimpleAtoi(parts[3], &beside) && (beside == 0 || beside == 1);
   }
   if (ok && parts.size() >= 5) ok = absl::SimpleAtoi(parts[4], &dense) && dense >= 0 && dense <= 2;
-  if (ok && parts.size() == 6) {
+  if (ok && parts.size() >= 6) {
     ok = absl::SimpleAtoi(parts[5], &rotary) && (rotary == 0 || rotary == 1);
+  }
+  if (ok && parts.size() >= 7) ok = absl::SimpleAtoi(parts[6], &join) && (join == 0 || join == 1);
+  if (ok && parts.size() == 8) {
+    const std::vector<absl::string_view> t = absl::StrSplit(parts[7], '.');
+    ok = t.size() == 2;
+    for (int i = 0; ok && i < 2; ++i) {
+      ok = absl::SimpleAtoi(t[i], &sms[i]) && sms[i] >= 0 && sms[i] <= 4096;
+    }
   }
   if (!ok) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "LoRA decode tuning '%s' is not BRANCH (0..3), BRANCH:QKV.FC1.FC2.DENSE (column blocks "
         "in [0, 4096], 0 = automatic), BRANCH:QKV.FC1.FC2.DENSE:PDL (0 or 1), "
         "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE (0 or 1), "
-        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE (0, 1 or 2) or "
-        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE:ROTARY_FOLD (0 or 1)",
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE (0, 1 or 2), "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE:ROTARY_FOLD (0 or 1), "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE:ROTARY_FOLD:JOIN_EARLY (0 or 1) or "
+        "BRANCH:QKV.FC1.FC2.DENSE:PDL:BESIDE:DENSE_BESIDE:ROTARY_FOLD:JOIN_EARLY:FC2_SMS.FC1_SMS "
+        "(SM count targets in [0, 4096], 0 = all)",
         spec));
   }
   beside_ = beside == 1;
   dense_beside_ = dense;
   rotary_fold_ = rotary == 1;
+  join_early_ = join == 1;
+  branch_gemm_sms_[0] = sms[0];
+  branch_gemm_sms_[1] = sms[1];
   branch_mode_ = mode;
   std::copy(cols, cols + kNumHooks, hook_cols_);
   fused_pdl_ = pdl == 1;
@@ -330,9 +349,10 @@ absl::Status CudaLora::SetDecodeTuning(absl::string_view spec) {
 }
 
 std::string CudaLora::DecodeTuning() const {
-  return absl::StrFormat("%d:%d.%d.%d.%d:%d:%d:%d:%d", branch_mode_, hook_cols_[0], hook_cols_[1],
-                         hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0, beside_ ? 1 : 0,
-                         dense_beside_, rotary_fold_ ? 1 : 0);
+  return absl::StrFormat("%d:%d.%d.%d.%d:%d:%d:%d:%d:%d:%d.%d", branch_mode_, hook_cols_[0],
+                         hook_cols_[1], hook_cols_[2], hook_cols_[3], fused_pdl_ ? 1 : 0,
+                         beside_ ? 1 : 0, dense_beside_, rotary_fold_ ? 1 : 0, join_early_ ? 1 : 0,
+                         branch_gemm_sms_[0], branch_gemm_sms_[1]);
 }
 
 }  // namespace phishard

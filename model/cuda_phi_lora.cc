@@ -25,6 +25,7 @@ int64_t CudaPhiModel::adapter_device_bytes() const { return lora_->adapter_devic
 int CudaPhiModel::num_lora_decode_graphs() const { return lora_graphs_->num_graphs(); }
 int64_t CudaPhiModel::lora_decode_graph_replays() const { return lora_graphs_->replays(); }
 int64_t CudaPhiModel::lora_decode_graph_captures() const { return lora_graphs_->captures(); }
+int64_t CudaPhiModel::lora_beside_decode_steps() const { return lora_->beside_steps(); }
 
 absl::Status CudaPhiModel::set_lora_decode_tuning(const std::string& spec) {
   DeviceSet(device_);

@@ -167,6 +167,8 @@ class CudaPhiModel final : public ModelBackend {
   // during timed steps means the graphs were invalidated, and the step ran eagerly).
   int64_t lora_decode_graph_replays() const;
   int64_t lora_decode_graph_captures() const;
+  // Decode steps with adapter rows that ran the LoRA beside mode (model/cuda_lora.h BeforeQkv).
+  int64_t lora_beside_decode_steps() const;
   // Benchmarks: CudaLora::SetDecodeTuning (LoRA branch mode, fused column blocks); drops the LoRA
   // decode graphs.
   absl::Status set_lora_decode_tuning(const std::string& spec);

@@ -264,9 +264,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     // h (+)= fc2(mlp) on `st` with `g`, then its LoRA delta on `delta_st` (forked from `st`).
     auto fc2_part = [&](cudaStream_t st, CudaGemm* g, cudaStream_t delta_st) -> absl::Status {
       // Rank 0 (or unsharded) adds to the residual, the other ranks start their partial.
-      PHI_RETURN_IF_ERROR(Linear(linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size,
-                                        shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
-                                 dt, "fc2 gemm", nullptr, st, g));
+      GemmParams fc2 = linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size,
+                              shard_.adds_row_parallel_bias(), GemmEpilogue::kNone);
+      if (st == mlp_stream_) fc2.sm_count_target = lora_->BranchGemmSms(0);  // LoRA steps
+      PHI_RETURN_IF_ERROR(Linear(fc2, dt, "fc2 gemm", nullptr, st, g));
       if (!lora) return absl::OkStatus();
       if (delta_st != st) {
         PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_fork_ev_, st), "fc2 fork"));
@@ -284,9 +285,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                 st),
             "layer_norm + fc1 gemv"));
       } else {
-        PHI_RETURN_IF_ERROR(
-            Linear(linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act),
-                   dt, "fc1 gemm", nullptr, st, g));
+        GemmParams fc1 =
+            linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act);
+        if (st == mlp_stream_) fc1.sm_count_target = lora_->BranchGemmSms(1);  // LoRA steps
+        PHI_RETURN_IF_ERROR(Linear(fc1, dt, "fc1 gemm", nullptr, st, g));
       }
       if (lora && !prefill_fork) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, normed, mlp, act, st), "lora fc1"));
@@ -693,9 +695,9 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
     }
   }
   const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
-  return CopyLogitsOut(
-      batch, reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), B, logits,
-      view);
+  return CopyLogitsOut(batch,
+                       reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), B,
+                       logits, view);
 }
 
 // Requested rows of the device logits [rows, VocabPad(V)] -> pinned staging (one 2-D copy per

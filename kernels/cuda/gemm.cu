@@ -61,9 +61,9 @@ constexpr int kMaxCandidates = 32;  // heuristic candidates asked for at most
 
 // Everything the algorithm choice depends on.
 using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, bool, uint32_t, uint32_t,
-                           uint32_t, uint32_t, int, int64_t, int64_t, int64_t>;
+                           uint32_t, uint32_t, int, int64_t, int64_t, int64_t, int>;
 // (m, n, k, ldx, ldy, ldw, dtype, y_dtype, cublas epilogue, accumulate, align x, w, y, bias,
-//  batch, batch strides x, w, y)
+//  batch, batch strides x, w, y, SM count target)
 
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
@@ -129,7 +129,8 @@ struct CudaGemm::Impl {
                    p.batch,
                    p.batch > 1 ? p.batch_stride_x : 0,
                    p.batch > 1 ? p.batch_stride_w : 0,
-                   p.batch > 1 ? p.batch_stride_y : 0};
+                   p.batch > 1 ? p.batch_stride_y : 0,
+                   std::max(p.sm_count_target, 0)};
   }
 
   // The descriptors of `p` (no algorithm yet) and up to `max_results` heuristic candidates, best
@@ -145,6 +146,11 @@ struct CudaGemm::Impl {
     cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t));
     cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n));
     cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
+    if (p.sm_count_target > 0) {
+      const int32_t sms = p.sm_count_target;
+      cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms,
+                                     sizeof(sms));
+    }
     if (p.bias) {
       // The bias has the output's type (the default: float32 for float32 logits).
       cublasLtMatmulDescSetAttribute(pl->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,

@@ -532,20 +532,22 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
   // and the q / k / v deltas before the rotary: the same logits, bit for bit.
   std::unique_ptr<CudaPhiModel> dense1 = LoadCuda(dir, true);
   ASSERT_TRUE(dense1);
-  EXPECT_EQ(plain->lora_decode_tuning(), "3:0.0.0.0:1:1:2:1");
+  EXPECT_EQ(plain->lora_decode_tuning(), "3:0.0.0.0:1:1:2:1:1:0.0");
   ASSERT_TRUE(dense1->set_lora_decode_tuning("3:0.0.0.0:1:1:1:0").ok());
-  EXPECT_EQ(dense1->lora_decode_tuning(), "3:0.0.0.0:1:1:1:0");
+  EXPECT_EQ(dense1->lora_decode_tuning(), "3:0.0.0.0:1:1:1:0:1:0.0");
   ASSERT_TRUE(tuned->set_lora_decode_tuning("3:3.4.2.2:0").ok());
-  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:1:2:1");
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:1:2:1:1:0.0");
   ASSERT_TRUE(tuned->set_lora_decode_tuning("3:3.4.2.2:0:0").ok());
-  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2:1");
-  for (const char* bad : {"9", "x", "3:1.2", "3:0.0.0.-1", "3:0.0.0.0:2", "3:0.0.0.0:1:2",
-                          "3:0.0.0.0:1:1:3", "3:0.0.0.0:1:1:1:2", "3:0.0.0.0:1:1:1:1:1", ""}) {
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2:1:1:0.0");
+  for (const char* bad :
+       {"9", "x", "3:1.2", "3:0.0.0.-1", "3:0.0.0.0:2", "3:0.0.0.0:1:2", "3:0.0.0.0:1:1:3",
+        "3:0.0.0.0:1:1:1:2", "3:0.0.0.0:1:1:1:1:2", "3:0.0.0.0:1:1:1:1:1:1",
+        "3:0.0.0.0:1:1:1:1:1:1.1.1", "3:0.0.0.0:1:1:1:1:1:-1.0", "3:0.0.0.0:1:1:1:1:1:0.0:0", ""}) {
     const absl::Status st = tuned->set_lora_decode_tuning(bad);
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << "'" << bad << "'";
     EXPECT_NE(st.message().find(std::string("'") + bad + "'"), std::string::npos) << st.message();
   }
-  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2:1");
+  EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2:1:1:0.0");
   std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
   uint32_t idx = 3;
   for (const json& a : golden.at("adapters")) {
@@ -568,6 +570,12 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
     EXPECT_EQ(got1[st], want[st]) << "decode step " << st << ": deltas folded after their GEMMs";
   }
   EXPECT_GE(tuned->num_lora_decode_graphs(), 1);
+  // The comparison means something only if the beside mode really ran: its buffer is made when
+  // the adapters load (SetAdapterRegistry, before any step here), and every decode step with
+  // adapter rows takes it (before the lorafc2 fix none did here: the buffer was never made).
+  EXPECT_GE(plain->lora_beside_decode_steps(), steps);
+  EXPECT_GE(dense1->lora_beside_decode_steps(), steps);
+  EXPECT_EQ(tuned->lora_beside_decode_steps(), 0);
 }
 
 // The prefill MLP fork with adapters (GEMM-form steps: fc1 and its delta on the MLP stream beside
