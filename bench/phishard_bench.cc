@@ -25,6 +25,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -647,14 +648,16 @@ int Main(int argc, char** argv) {
         }
       }
     }
-    // Ring depth and grid at context 1024: how much the ring's cover of the stalls matters.
+    // Ring depth, stage size and grid at context 1024: how much the ring's cover of the stalls
+    // matters (blocks, stages, stage KiB; 0: the kernel's default).
     BENCH_OK(m.set_decode_megakernel(true));
-    for (auto [blocks, stages] :
-         std::vector<std::pair<int, int>>{{0, 3}, {0, 5}, {0, 7}, {66, 0}}) {
-      m.set_decode_megakernel_tuning(blocks, stages);
+    for (auto [blocks, stages, kb] : std::vector<std::tuple<int, int, int>>{
+             {0, 3, 0}, {0, 4, 0}, {0, 0, 20}, {0, 6, 20}, {120, 0, 0}}) {
+      m.set_decode_megakernel_tuning(blocks, stages, kb);
       const int64_t launches = m.mega_decode_launches();
       Row r;
-      const std::string name = absl::StrFormat("mega1 blocks%d stages%d", blocks, stages);
+      const std::string name =
+          absl::StrFormat("mega1 blocks%d stages%d kb%d", blocks, stages, kb);
       if (bench.Decode(1, 1024, name, &r)) {
         if (m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
         PrintRow(r);

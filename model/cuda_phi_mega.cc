@@ -49,9 +49,10 @@ absl::Status CudaPhiModel::set_decode_megakernel(bool on) {
   return absl::OkStatus();
 }
 
-void CudaPhiModel::set_decode_megakernel_tuning(int blocks, int stages) {
+void CudaPhiModel::set_decode_megakernel_tuning(int blocks, int stages, int stage_kb) {
   mega_blocks_ = blocks;
   mega_stages_ = stages;
+  mega_stage_kb_ = stage_kb;
   DropGraphs();
 }
 
@@ -115,6 +116,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
   p.dtype = dtype_;
   p.blocks = mega_blocks_;
   p.stages = mega_stages_;
+  p.stage_kb = mega_stage_kb_;
   // Weights 16-byte aligned (the bulk copies' sources); the layout makes them so, checked anyway.
   for (const Layer& w : layers_) {
     for (const void* ptr : {w.qkv_w, w.dense_w, w.fc1_w, w.fc2_w, w.ln_w, w.ln_b}) {

@@ -220,9 +220,9 @@ class CudaPhiModel final : public ModelBackend {
   // CudaModelOptions::decode_megakernel (drops graphs).
   absl::Status set_decode_megakernel(bool on);
   bool decode_megakernel() const { return mega_on_; }
-  // Benchmarks: the kernel's grid (blocks, <= SMs) and ring depth (stages); 0 = its defaults.
-  // Drops graphs.
-  void set_decode_megakernel_tuning(int blocks, int stages);
+  // Benchmarks: the kernel's grid (blocks, <= SMs), ring depth (stages) and stage size (KiB);
+  // 0 = its defaults. Drops graphs.
+  void set_decode_megakernel_tuning(int blocks, int stages, int stage_kb = 0);
   // Launches of the persistent decode kernel enqueued so far (eager steps and graph captures).
   int64_t mega_decode_launches() const { return mega_launches_; }
   // Tests: every byte of the KV pool 0xFF (NaN in f16 and bf16), so a read of a slot no step
@@ -452,6 +452,7 @@ class CudaPhiModel final : public ModelBackend {
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
   int mega_stages_ = 0;
+  int mega_stage_kb_ = 0;
   void* mega_buf_ = nullptr;  // device: layer table, sync words, partials (ReserveMegaDecode)
   std::unique_ptr<CudaGraphRunner> graphs_;
   std::unique_ptr<CudaLora> lora_;                // always set after Init

@@ -21,7 +21,9 @@ constexpr int kConsumers = kConsumerWarps * 32;
 constexpr int kThreads = kConsumers + 32;  // + the producer warp
 constexpr int kMaxRows = 8;                // weight rows a ring stage holds (at most)
 constexpr int kMaxStages = 16;
-constexpr int kStageTarget = 16384;     // smallest stage in bytes, unless one row is longer
+constexpr int kStageTarget = 40960;     // smallest stage in bytes, unless one row is longer
+// Element pairs of x a consumer thread holds (XRegs): K <= 2 kConsumers kMaxPairs.
+constexpr int kMaxPairs = 20;
 constexpr int kItemChunk = kConsumers;  // cache positions an attention item scores at a time
 // sync words: [0] arrivals, [kGenWord] barrier generation, [kHeadWord + h] head h's finished splits
 constexpr int kGenWord = 32;
@@ -31,7 +33,7 @@ struct Args {
   DecodeMegaParams p;
   int stages, stage_bytes, nsplit;
   // Shared memory offsets (bytes): ring at 0, then these.
-  int off_x, off_head, off_out, off_rows, off_q, off_o, off_scores, off_red, off_red2, off_scratch,
+  int off_x, off_head, off_out, off_part, off_q, off_o, off_scores, off_red2, off_scratch,
       off_blocks, off_bars;
 };
 
@@ -197,20 +199,26 @@ __device__ __forceinline__ void GridSync(uint32_t* sync) {
 
 struct Smem {
   unsigned char* ring;
-  void* x;          // [max(H, I, nH hd)] dtype: the phase's input vector
-  float* head;      // [hd] the q/k/v head being produced: raw sums, then rounded to dtype
+  void* x;          // [H] dtype: the LayerNorm output (phase A's input vector)
+  float* head;      // [hd] the q/k/v head being produced, rounded to dtype
   float* out;       // [out rows] fc2 sums of the block's output rows
-  float* rows;      // [most rows of a segment] raw fc1 / dense row sums
+  float* part;      // [most rows of a head / segment][kConsumerWarps] per-warp row partials
   float* q;         // [hd] the attention item's query (scaled)
   float* o;         // [hd] its running output
   float* scores;    // [kItemChunk]
-  float* red;       // [2][kConsumerWarps] per-warp row sums, by tile parity
   float* red2;      // [kConsumers * 8] per-group output sums of an attention chunk
   float* scratch;   // [32] reductions, [16] flag, [24, 26) plan
   int* blocks;      // [kItemChunk + 1] block ids of an attention chunk
   uint64_t* full;   // [kMaxStages] stage loaded
   uint64_t* empty;  // [kMaxStages] stage consumed (kConsumerWarps arrivals)
 };
+
+// Row i's sum over the consumer warps' partials (fixed warp order: the same bits every launch).
+__device__ __forceinline__ float RowSum(const Smem& sm, int i) {
+  const float4* q = reinterpret_cast<const float4*>(sm.part + i * kConsumerWarps);
+  const float4 u = q[0], v = q[1];
+  return ((u.x + u.y) + (u.z + u.w)) + ((v.x + v.y) + (v.z + v.w));
+}
 
 enum : int { kEpiQkv = 0, kEpiFc1 = 1, kEpiFc2 = 2, kEpiDense = 3 };
 
@@ -220,14 +228,14 @@ struct LayerPtrs {
   char* v_cache;
 };
 
-// q/k/v head hh is complete: sm.head holds its raw row sums; `bias` is this thread's bias of the
+// q/k/v head hh is complete: sm.part holds its rows' per-warp partials; `bias` is this thread's bias of the
 // head (t < hd). dtype(sum + bias), rotated (q, k), to q (rows < nH) or to the cache slot.
 template <typename T>
 __device__ void FinishHead(const Args& a, const Smem& sm, const LayerPtrs& lp, int hh, int pos,
                            int64_t slot, float bias) {
   const DecodeMegaParams& p = a.p;
   const int t = threadIdx.x, hd = p.head_dim, nH = p.num_heads, nKV = p.num_kv_heads;
-  if (t < hd) sm.head[t] = cuda::ToFloat(cuda::FromFloat<T>(sm.head[t] + bias));
+  if (t < hd) sm.head[t] = cuda::ToFloat(cuda::FromFloat<T>(RowSum(sm, t) + bias));
   ConsumerSync();
   T* dst = nullptr;
   const bool valid_slot = slot >= 0 && slot < static_cast<int64_t>(p.num_blocks) * p.block_size;
@@ -255,20 +263,130 @@ __device__ void FinishHead(const Args& a, const Smem& sm, const LayerPtrs& lp, i
   }
 }
 
-// Rows [r0, r1) of a [*, K] weight matrix through the ring, x = sm.x. The stage loop only
-// leaves raw row sums in shared memory (sm.head for q/k/v, sm.out for fc2, sm.rows otherwise):
-// an epilogue that read global memory there would put one memory latency on every stage. The
-// epilogues run once per head (q/k/v) or segment (fc1: bias + activation -> act; dense: + bias +
-// fc2 sums + bias + h -> h), their global loads issued before the stage loop.
+// The phase's input vector in registers: thread t holds the element pairs t + kConsumers i
+// (i < kMaxPairs) as float32, [2 i] the even element. The same pairs of every weight row are
+// what the thread multiplies, so no stage reads x from shared memory.
+struct XRegs {
+  float v[2 * kMaxPairs];
+};
+
+// This thread's pairs of src[0, k) (k elements of dtype; from shared memory, or from device
+// memory written during the launch, through L2) as raw words; pairs past k read as 0.
+template <bool kGlobal>
+__device__ __forceinline__ void LoadXWords(const void* src, int k, uint32_t (&raw)[kMaxPairs]) {
+  const uint32_t* w = static_cast<const uint32_t*>(src);
+  const int npairs = k / 2;
+#pragma unroll
+  for (int i = 0; i < kMaxPairs; ++i) {
+    const int pi = threadIdx.x + kConsumers * i;
+    raw[i] = 0;
+    if (pi < npairs) raw[i] = kGlobal ? __ldcg(w + pi) : w[pi];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ XRegs ToX(const uint32_t (&raw)[kMaxPairs]) {
+  XRegs x;
+#pragma unroll
+  for (int i = 0; i < kMaxPairs; ++i) {
+    const float2 f = cuda::Word2ToFloat2<T>(raw[i]);
+    x.v[2 * i] = f.x;
+    x.v[2 * i + 1] = f.y;
+  }
+  return x;
+}
+
+template <typename T, bool kGlobal>
+__device__ __forceinline__ XRegs LoadX(const void* src, int k) {
+  uint32_t raw[kMaxPairs];
+  LoadXWords<kGlobal>(src, k, raw);
+  return ToX<T>(raw);
+}
+
+// Sums of N (1, 2, 4 or 8) values over the warp's lanes, in 5 + N - 1 shuffles: a butterfly
+// that halves the values each step (lane bit 16 picks the upper half, then bit 8, then 4). Lane L
+// ends with value RowOfLane<N>(L) summed over all 32 lanes.
+template <int N>
+__device__ __forceinline__ int RowOfLane(int lane) {
+  if constexpr (N == 8) return ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+  if constexpr (N == 4) return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1);
+  if constexpr (N == 2) return (lane >> 4) & 1;
+  return 0;
+}
+template <int N>
+__device__ __forceinline__ float WarpSumN(float (&v)[N]) {
+  static_assert(N == 1 || N == 2 || N == 4 || N == 8, "WarpSumN: N in {1, 2, 4, 8}");
+  const int lane = threadIdx.x & 31;
+  int mask = 16;
+#pragma unroll
+  for (int half = N / 2; half >= 1; half /= 2, mask /= 2) {
+    const bool hi = (lane & mask) != 0;
+#pragma unroll
+    for (int k = 0; k < half; ++k) {
+      const float send = hi ? v[k] : v[k + half];
+      v[k] = (hi ? v[k + half] : v[k]) + __shfl_xor_sync(0xffffffffu, send, mask);
+    }
+  }
+  float c = v[0];
+#pragma unroll
+  for (; mask >= 1; mask /= 2) c += __shfl_xor_sync(0xffffffffu, c, mask);
+  return c;
+}
+
+// kRows rows of a stage ([kRows, 2 npairs] dtype at wt, 32-bit words) times x: this warp's
+// partial of row j (its lanes' pairs summed) to part[j * kConsumerWarps + warp]. Branch-free
+// within a batch: each batch issues 8 shared loads (kRows rows x 8 / kRows pairs) before its
+// FMAs, so a warp waits one shared-memory latency a batch, not one a load. Pairs past npairs read
+// the row's last pair (in bounds) against x = 0 there: they add 0 for any finite weight.
+template <typename T, int kRows>
+__device__ __forceinline__ void TileDot(const uint32_t* wt, int npairs, const XRegs& x,
+                                        float* part) {
+  constexpr int kG = 8 / kRows;  // pairs a batch
+  const int t = threadIdx.x, lane = t & 31;
+  float acc[kRows];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) acc[j] = 0.0f;
+#pragma unroll
+  for (int i0 = 0; i0 < kMaxPairs; i0 += kG) {
+    if (kConsumers * i0 >= npairs) break;  // the same in every thread
+    uint32_t wv[kG][kRows];
+#pragma unroll
+    for (int u = 0; u < kG; ++u) {
+      if (i0 + u >= kMaxPairs) break;  // (known at compile time)
+      const int pi = min(t + kConsumers * (i0 + u), npairs - 1);
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) wv[u][j] = wt[j * npairs + pi];
+    }
+#pragma unroll
+    for (int u = 0; u < kG; ++u) {
+      if (i0 + u >= kMaxPairs) break;
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        const float2 f = cuda::Word2ToFloat2<T>(wv[u][j]);
+        acc[j] = fmaf(f.x, x.v[2 * (i0 + u)], acc[j]);
+        acc[j] = fmaf(f.y, x.v[2 * (i0 + u) + 1], acc[j]);
+      }
+    }
+  }
+  const float v = WarpSumN<kRows>(acc);
+  if ((lane & (32 / kRows - 1)) == 0) part[RowOfLane<kRows>(lane) * kConsumerWarps + (t >> 5)] = v;
+}
+
+// Rows [r0, r1) of a [*, K] weight matrix through the ring, multiplied by x. No barrier across
+// the consumer warps per stage: each warp multiplies its lanes' element pairs of every row of the
+// stage (the pairs x holds), sums each row over its lanes (TileDot), writes its partial to
+// sm.part[row - base][warp] and releases the stage on its own (one mbarrier arrive a warp). The
+// warps meet once per head (q/k/v: FinishHead) or at the end of the rows (fc1 / dense epilogue,
+// fc2 sums to sm.out), where the 8 partials of a row are summed. Epilogue operands are loaded
+// before the stage loop: a global load there would put one memory latency on a stage.
 template <typename T, int kEpi>
 __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const LayerPtrs& lp,
                             const T* bias, int r0, int r1, int K, int split, int out0, int pos,
-                            int64_t slot) {
+                            int64_t slot, const XRegs& x) {
   const DecodeMegaParams& p = a.p;
   const int rps = RowsPerStage(a.stage_bytes, K * static_cast<int>(sizeof(T)));
-  const int cpr = K / 8;
-  const int t = threadIdx.x, w = t >> 5, lane = t & 31;
-  const uint4* xv = static_cast<const uint4*>(sm.x);
+  const int npairs = K / 2;
+  const int t = threadIdx.x, lane = t & 31;
   // This thread's first epilogue operands (row r0 + t), loaded ahead.
   float pre_b = 0.0f, pre_b2 = 0.0f, pre_h = 0.0f;
   if constexpr (kEpi == kEpiFc1 || kEpi == kEpiDense) {
@@ -288,37 +406,27 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
     const int n = TileRows(r, r1, rps, split);
     const int s = static_cast<int>(it % a.stages);
     MbarWait(&sm.full[s], (it / a.stages) & 1);
-    const uint4* wt =
-        reinterpret_cast<const uint4*>(sm.ring + static_cast<size_t>(s) * a.stage_bytes);
-    // kConsumerWarps / n warps a row (n is 1, 2, 4 or 8 but in a segment's last tile), each
-    // lane 16-byte chunks lane, lane + 32 x wpr, ... of its warp's slice.
-    const int wpr = kConsumerWarps / n;
-    const int j = w / wpr;
-    float acc = 0.0f;
-    if (j < n) {
-      const uint4* wrow = wt + j * cpr;
-#pragma unroll 4
-      for (int c = (w % wpr) * 32 + lane; c < cpr; c += 32 * wpr)
-        acc = Dot8<T>(wrow[c], xv[c], acc);
+    // [n, K] dtype rows of the stage, as 32-bit words (element pairs).
+    const uint32_t* wt =
+        reinterpret_cast<const uint32_t*>(sm.ring + static_cast<size_t>(s) * a.stage_bytes);
+    // Partials go to rows of the head (q/k/v) or of [r0, r1); the tile as 8 / 4 / 2 / 1 rows.
+    float* part = sm.part + (kEpi == kEpiQkv ? r % split : r - r0) * kConsumerWarps;
+    int j = 0;
+    if (n - j >= 8) {
+      TileDot<T, 8>(wt, npairs, x, part);
+      j += 8;
     }
-    acc = cuda::WarpSum(acc);
-    float* red = sm.red + (it & 1) * kConsumerWarps;
-    if (lane == 0) red[w] = acc;
+    if (n - j >= 4) {
+      TileDot<T, 4>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+      j += 4;
+    }
+    if (n - j >= 2) {
+      TileDot<T, 2>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+      j += 2;
+    }
+    if (n - j >= 1) TileDot<T, 1>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
     __syncwarp();
     if (lane == 0) MbarArrive(&sm.empty[s]);  // this warp is done with the stage
-    ConsumerSync();
-    if (t < n) {
-      float v = 0.0f;
-      for (int ww = t * wpr; ww < (t + 1) * wpr; ++ww) v += red[ww];
-      const int g = r + t;
-      if constexpr (kEpi == kEpiQkv) {
-        sm.head[g % split] = v;
-      } else if constexpr (kEpi == kEpiFc2) {
-        sm.out[g - out0] = v;
-      } else {
-        sm.rows[g - r0] = v;
-      }
-    }
     ++it;
     r += n;
     if constexpr (kEpi == kEpiQkv) {
@@ -328,6 +436,11 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
       }
     }
   }
+  if constexpr (kEpi == kEpiFc2) {
+    ConsumerSync();
+    for (int i = t; i < r1 - r0; i += kConsumers) sm.out[r0 + i - out0] = RowSum(sm, i);
+    // (the grid barrier after this phase publishes sm.out and frees sm.part)
+  }
   if constexpr (kEpi == kEpiFc1 || kEpi == kEpiDense) {
     ConsumerSync();
     for (int i = t; i < r1 - r0; i += kConsumers) {
@@ -335,13 +448,13 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
       const float b = i == t ? pre_b : cuda::ToFloat(bias[g]);
       if constexpr (kEpi == kEpiFc1) {
         static_cast<T*>(p.act)[g] =
-            cuda::FromFloat<T>(Activate(sm.rows[i] + b, static_cast<int>(p.act_fn)));
+            cuda::FromFloat<T>(Activate(RowSum(sm, i) + b, static_cast<int>(p.act_fn)));
       } else {
         // fc2's sum and bias in the same float32 sum: one rounding of h a layer.
         const float b2 = i == t ? pre_b2 : cuda::ToFloat(static_cast<const T*>(lp.w.fc2_b)[g]);
         T* h = static_cast<T*>(p.h);
         const float hv = i == t ? pre_h : LoadCg(h + g);
-        h[g] = cuda::FromFloat<T>(hv + sm.rows[i] + b + sm.out[g - out0] + b2);
+        h[g] = cuda::FromFloat<T>(hv + RowSum(sm, i) + b + sm.out[g - out0] + b2);
       }
     }
   }
@@ -406,15 +519,6 @@ __device__ void LayerNormRow(const Args& a, const Smem& sm, const T* w, const T*
   ConsumerSync();
 }
 
-// sm.x[0, n) = src[0, n) (device, written during the launch).
-template <typename T>
-__device__ void StageVector(const Smem& sm, const void* src, int n) {
-  const uint4* s = static_cast<const uint4*>(src);
-  uint4* x = static_cast<uint4*>(sm.x);
-  for (int c = threadIdx.x; c < n / 8; c += kConsumers) x[c] = __ldcg(s + c);
-  ConsumerSync();
-}
-
 // Cache row of position c0 + i of KV head kvh (sm.blocks holds the block ids of the chunk from
 // c0 on), or null when its block id is out of range (reads as zero K/V, as PagedDecodeCuda).
 template <typename T>
@@ -452,19 +556,33 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
     const int b0 = c0 / p.block_size, nb = (c0 + len - 1) / p.block_size - b0 + 1;
     for (int j = t; j < nb; j += kConsumers) sm.blocks[j] = __ldg(p.block_table + b0 + j);
     ConsumerSync();  // q, o (first chunk) and the block ids
+    // This thread's V rows of its first P V batch (thread (group g, chunk c) sums positions g,
+    // g + G, ... of the chunk's 8 dims), loaded with the keys: they do not depend on the scores,
+    // so the chunk waits one memory round trip for K and V instead of two.
+    constexpr int kPvBatch = 12;
+    constexpr int kKBatch = 10;  // 16-byte chunks of a key in flight (head_dim 80: all)
+    const int groups = kConsumers / chunks, g = t / chunks, c = t % chunks;
+    uint4 vpre[kPvBatch];
+#pragma unroll
+    for (int u = 0; u < kPvBatch; ++u) {
+      const int i = g + u * groups;
+      const uint4* vr =
+          g < groups && i < len ? CacheRow<T>(a, sm, lp.v_cache, c0, i, kvh) : nullptr;
+      vpre[u] = vr != nullptr ? __ldcg(vr + c) : make_uint4(0, 0, 0, 0);
+    }
     float d = -INFINITY;
     if (t < len) {
       const uint4* kr = CacheRow<T>(a, sm, lp.k_cache, c0, t, kvh);
       d = 0.0f;
       if (kr != nullptr) {
-        for (int k0 = 0; k0 < chunks; k0 += 16) {
-          uint4 kv[16];
+        for (int k0 = 0; k0 < chunks; k0 += kKBatch) {
+          uint4 kv[kKBatch];
 #pragma unroll
-          for (int u = 0; u < 16; ++u) {
+          for (int u = 0; u < kKBatch; ++u) {
             kv[u] = k0 + u < chunks ? __ldcg(kr + k0 + u) : make_uint4(0, 0, 0, 0);
           }
 #pragma unroll
-          for (int u = 0; u < 16; ++u) {
+          for (int u = 0; u < kKBatch; ++u) {
             if (k0 + u < chunks) {
               const T* e = reinterpret_cast<const T*>(&kv[u]);
 #pragma unroll
@@ -480,10 +598,7 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
     const float e = t < len ? expf(d - m_new) : 0.0f;
     if (t < len) sm.scores[t] = e;
     l = l * alpha + ConsumerSum(e, sm.scratch);  // its barriers publish sm.scores
-    // P V: thread (group g, chunk c) sums positions g, g + G, ... of the chunk's 8 dims, up to
-    // kPvBatch loads in flight.
-    constexpr int kPvBatch = 12;
-    const int groups = kConsumers / chunks, g = t / chunks, c = t % chunks;
+    // P V, up to kPvBatch loads in flight (the first batch is vpre).
     float o8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (g < groups) {
       for (int i0 = g; i0 < len; i0 += kPvBatch * groups) {
@@ -491,8 +606,9 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
 #pragma unroll
         for (int u = 0; u < kPvBatch; ++u) {
           const int i = i0 + u * groups;
-          const uint4* vr = i < len ? CacheRow<T>(a, sm, lp.v_cache, c0, i, kvh) : nullptr;
-          vv[u] = vr != nullptr ? __ldcg(vr + c) : make_uint4(0, 0, 0, 0);
+          const uint4* vr =
+              i0 == g || i >= len ? nullptr : CacheRow<T>(a, sm, lp.v_cache, c0, i, kvh);
+          vv[u] = i0 == g ? vpre[u] : vr != nullptr ? __ldcg(vr + c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < kPvBatch; ++u) {
@@ -603,38 +719,25 @@ __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
     const DecodeMegaLayer& w = lp.w;
     // A: LayerNorm, q/k/v heads (rotated, K/V to the cache), fc1 rows.
     LayerNormRow<T>(a, sm, static_cast<const T*>(w.ln_w), static_cast<const T*>(w.ln_b));
-    ConsumeRows<T, kEpiQkv>(a, sm, it, lp, static_cast<const T*>(w.qkv_b), bp.qkv0, bp.qkv1, H,
-                            p.head_dim, 0, pos, slot);
-    ConsumeRows<T, kEpiFc1>(a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1, H, 0,
-                            0, pos, slot);
-    GridSync(p.sync);
-    // B: attention items, then fc2 rows (sums kept for C). fc2's input loads (this thread's
-    // first kActPre chunks of act) are issued before the attention, which hides their latency.
-    constexpr int kActPre = 5;
-    uint4 act_pre[kActPre];
-#pragma unroll
-    for (int k = 0; k < kActPre; ++k) {
-      const int c = threadIdx.x + k * kConsumers;
-      if (c < I / 8) act_pre[k] = __ldcg(static_cast<const uint4*>(p.act) + c);
+    {
+      const XRegs x = LoadX<T, false>(sm.x, H);
+      ConsumeRows<T, kEpiQkv>(a, sm, it, lp, static_cast<const T*>(w.qkv_b), bp.qkv0, bp.qkv1, H,
+                              p.head_dim, 0, pos, slot, x);
+      ConsumeRows<T, kEpiFc1>(a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1,
+                              H, 0, 0, pos, slot, x);
     }
+    GridSync(p.sync);
+    // B: attention items, then fc2 rows (sums kept for C). act (fc2's input, in L2) is loaded
+    // after the attention: held in registers across it, its 20 words spill the attention's.
     for (int item = blockIdx.x; item < p.num_heads * a.nsplit; item += gridDim.x) {
       AttentionItem<T>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
     }
-    {
-      uint4* x = static_cast<uint4*>(sm.x);
-      const uint4* src = static_cast<const uint4*>(p.act);
-      for (int c = threadIdx.x, k = 0; c < I / 8; c += kConsumers, ++k) {
-        x[c] = k < kActPre ? act_pre[k] : __ldcg(src + c);
-      }
-      ConsumerSync();
-    }
     ConsumeRows<T, kEpiFc2>(a, sm, it, lp, static_cast<const T*>(w.fc2_b), bp.out0, bp.out1, I, 0,
-                            bp.out0, pos, slot);
+                            bp.out0, pos, slot, LoadX<T, true>(p.act, I));
     GridSync(p.sync);
     // C: dense rows + fc2 + residual -> h.
-    StageVector<T>(sm, p.attn, A);
     ConsumeRows<T, kEpiDense>(a, sm, it, lp, static_cast<const T*>(w.dense_b), bp.out0, bp.out1, A,
-                              0, bp.out0, pos, slot);
+                              0, bp.out0, pos, slot, LoadX<T, true>(p.attn, A));
     if (l + 1 < p.num_layers) GridSync(p.sync);
   }
 }
@@ -647,11 +750,10 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
   sm.x = smem + a.off_x;
   sm.head = reinterpret_cast<float*>(smem + a.off_head);
   sm.out = reinterpret_cast<float*>(smem + a.off_out);
-  sm.rows = reinterpret_cast<float*>(smem + a.off_rows);
+  sm.part = reinterpret_cast<float*>(smem + a.off_part);
   sm.q = reinterpret_cast<float*>(smem + a.off_q);
   sm.o = reinterpret_cast<float*>(smem + a.off_o);
   sm.scores = reinterpret_cast<float*>(smem + a.off_scores);
-  sm.red = reinterpret_cast<float*>(smem + a.off_red);
   sm.red2 = reinterpret_cast<float*>(smem + a.off_red2);
   sm.scratch = reinterpret_cast<float*>(smem + a.off_scratch);
   sm.blocks = reinterpret_cast<int*>(smem + a.off_blocks);
@@ -722,7 +824,8 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
   const int A = p.num_heads * p.head_dim;
   const int max_k = std::max(std::max(p.hidden, p.intermediate), A);
   const int row = max_k * es;
-  a.stage_bytes = RoundUp(row * std::max(1, kStageTarget / row), 128);
+  const int target = p.stage_kb > 0 ? p.stage_kb * 1024 : kStageTarget;
+  a.stage_bytes = RoundUp(row * std::max(1, target / row), 128);
   const int blocks = p.blocks > 0 ? std::min(p.blocks, lim.sms) : lim.sms;
   a.p.blocks = blocks;
   const int out_rows = (p.hidden + blocks - 1) / std::max(blocks, 1);
@@ -732,14 +835,14 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
     off += RoundUp(bytes, 16);
     return at;
   };
-  a.off_x = take(max_k * es);
+  a.off_x = take(p.hidden * es);
   a.off_head = take(p.head_dim * 4);
   a.off_out = take(out_rows * 4);
-  a.off_rows = take(std::max(out_rows, MaxFc1Rows(p, blocks)) * 4);
+  a.off_part =
+      take(std::max(std::max(out_rows, p.head_dim), MaxFc1Rows(p, blocks)) * kConsumerWarps * 4);
   a.off_q = take(p.head_dim * 4);
   a.off_o = take(p.head_dim * 4);
   a.off_scores = take(kItemChunk * 4);
-  a.off_red = take(2 * kConsumerWarps * 4);
   a.off_red2 = take(kConsumers * 8 * 4);
   a.off_scratch = take(32 * 4);
   a.off_blocks = take((kItemChunk + 1) * 4);
@@ -752,8 +855,8 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
   a.stages = stages;
   // Every offset moves past the ring.
   const int ring = stages * a.stage_bytes;
-  for (int* o : {&a.off_x, &a.off_head, &a.off_out, &a.off_rows, &a.off_q, &a.off_o, &a.off_scores,
-                 &a.off_red, &a.off_red2, &a.off_scratch, &a.off_blocks, &a.off_bars}) {
+  for (int* o : {&a.off_x, &a.off_head, &a.off_out, &a.off_part, &a.off_q, &a.off_o, &a.off_scores,
+                 &a.off_red2, &a.off_scratch, &a.off_blocks, &a.off_bars}) {
     *o += ring;
   }
   a.nsplit = std::max(1, std::min(kDecodeMegaMaxSplits, blocks / std::max(p.num_heads, 1)));
@@ -812,7 +915,10 @@ bool DecodeMegaCudaSupports(const DecodeMegaParams& p) {
       p.rotary_dim > p.head_dim || p.block_size < 1 || p.num_blocks < 0) {
     return false;
   }
-  if (p.blocks < 0 || p.stages < 0 || p.stages > kMaxStages) return false;
+  if (p.blocks < 0 || p.stages < 0 || p.stages > kMaxStages || p.stage_kb < 0) return false;
+  // Every consumer thread holds its pairs of each phase's input vector (XRegs).
+  const int max_k = std::max(std::max(p.hidden, p.intermediate), p.num_heads * p.head_dim);
+  if (max_k > 2 * kConsumers * kMaxPairs) return false;
   if (!Aligned16(p.h) || !Aligned16(p.q) || !Aligned16(p.act) || !Aligned16(p.attn) ||
       !Aligned16(p.kv) || p.layer_kv_bytes % 16 != 0) {
     return false;

@@ -16,14 +16,20 @@
 // (phase A), a row range r of the output (fc2 rows r in phase B, dense rows r in phase C). The
 // producer streams the block's weight rows, layer after layer, through a shared-memory ring of
 // bulk copies (cp.async.bulk + mbarrier) in the consumers' program order, so while the consumers
-// wait at a grid barrier the next phase's weights are already arriving. Phase B also runs the
+// wait at a grid barrier the next phase's weights are already arriving. The consumer warps never
+// meet per stage: each thread holds its element pairs of the phase's input vector in registers,
+// each warp sums its lanes' share of every row of a stage into per-warp partials in shared memory
+// and releases the stage alone; the 8 partials of a row are summed once per head (q/k/v) or at
+// the end of the block's rows (fc1, fc2, dense). Phase B also runs the
 // attention, split over (query head, context split) items whose last finisher merges the splits.
 // Three grid barriers a layer (after A, B and C; the last one is the launch's end).
 //
-// Measured on the H200 (docs/perf-log.md, mega runs 1-2): correct, but SLOWER than the op-by-op
-// path (b1 ctx1024 2.66 against 2.07 ms; the kernel reads at 2.14 TB/s): each block's bulk-copy
-// stream moves a fixed ~16 KB/us whatever the ring depth, so the model keeps it opt-in.
-//
+// Measured on the H200 (docs/perf-log.md, mega runs 1-2, mega-next, mega2 runs 1-2): correct, but
+// SLOWER than the op-by-op path (b1 ctx1024 2.72 against 2.09 ms; the kernel reads at ~2.1 TB/s,
+// ~16 KB/us a block). Neither the consumer (this form: no CTA barrier a stage, 30 % fewer
+// instructions than the per-stage-barrier form), the producer (one bulk copy a stage, 8, or
+// cp.async from 32 lanes), the ring depth (3-10 stages) nor the stage size (20 / 40 KB) moves that
+// rate, so the model keeps it opt-in; bench/stream_probe.cu measures the ring alone.
 // The kernel keeps state between launches in `sync` (a barrier generation, per-head counters):
 // allocate it once, zeroed, and never share it between two launches in flight.
 #pragma once
@@ -74,9 +80,11 @@ struct DecodeMegaParams {
   float scale = 0.0f;  // attention score scale, usually 1 / sqrt(head_dim)
   GemmEpilogue act_fn = GemmEpilogue::kGeluTanh;
   DataType dtype = DataType::kBF16;
-  // Tuning (0: defaults): blocks (<= SMs), ring stages.
+  // Tuning (0: defaults): blocks (<= SMs), ring stages, smallest stage in KiB (rounded down to
+  // whole rows of the longest matrix row; default 40).
   int blocks = 0;
   int stages = 0;
+  int stage_kb = 0;
 };
 
 size_t DecodeMegaSyncBytes(int num_heads);
