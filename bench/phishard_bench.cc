@@ -656,8 +656,7 @@ int Main(int argc, char** argv) {
       m.set_decode_megakernel_tuning(blocks, stages, kb);
       const int64_t launches = m.mega_decode_launches();
       Row r;
-      const std::string name =
-          absl::StrFormat("mega1 blocks%d stages%d kb%d", blocks, stages, kb);
+      const std::string name = absl::StrFormat("mega1 blocks%d stages%d kb%d", blocks, stages, kb);
       if (bench.Decode(1, 1024, name, &r)) {
         if (m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
         PrintRow(r);

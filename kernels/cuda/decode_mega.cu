@@ -21,7 +21,7 @@ constexpr int kConsumers = kConsumerWarps * 32;
 constexpr int kThreads = kConsumers + 32;  // + the producer warp
 constexpr int kMaxRows = 8;                // weight rows a ring stage holds (at most)
 constexpr int kMaxStages = 16;
-constexpr int kStageTarget = 40960;     // smallest stage in bytes, unless one row is longer
+constexpr int kStageTarget = 40960;  // smallest stage in bytes, unless one row is longer
 // Element pairs of x a consumer thread holds (XRegs): K <= 2 kConsumers kMaxPairs.
 constexpr int kMaxPairs = 20;
 constexpr int kItemChunk = kConsumers;  // cache positions an attention item scores at a time
@@ -228,8 +228,9 @@ struct LayerPtrs {
   char* v_cache;
 };
 
-// q/k/v head hh is complete: sm.part holds its rows' per-warp partials; `bias` is this thread's bias of the
-// head (t < hd). dtype(sum + bias), rotated (q, k), to q (rows < nH) or to the cache slot.
+// q/k/v head hh is complete: sm.part holds its rows' per-warp partials; `bias` is this thread's
+// bias of the head (t < hd). dtype(sum + bias), rotated (q, k), to q (rows < nH) or to the cache
+// slot.
 template <typename T>
 __device__ void FinishHead(const Args& a, const Smem& sm, const LayerPtrs& lp, int hh, int pos,
                            int64_t slot, float bias) {
@@ -723,8 +724,8 @@ __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
       const XRegs x = LoadX<T, false>(sm.x, H);
       ConsumeRows<T, kEpiQkv>(a, sm, it, lp, static_cast<const T*>(w.qkv_b), bp.qkv0, bp.qkv1, H,
                               p.head_dim, 0, pos, slot, x);
-      ConsumeRows<T, kEpiFc1>(a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1,
-                              H, 0, 0, pos, slot, x);
+      ConsumeRows<T, kEpiFc1>(a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1, H,
+                              0, 0, pos, slot, x);
     }
     GridSync(p.sync);
     // B: attention items, then fc2 rows (sums kept for C). act (fc2's input, in L2) is loaded
