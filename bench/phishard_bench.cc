@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
@@ -36,6 +37,7 @@
 #include "bench/bench_ceilings.h"
 #include "bench/bench_util.h"
 #include "bench/kernel_trace.h"
+#include "bench/mega_timeline.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/device.h"
 #include "model/adapter_registry.h"
@@ -380,6 +382,17 @@ int Main(int argc, char** argv) {
   app.add_option("--mega-sweep", mega_sweep,
                  "rounds of decode b1 at contexts 128/1024/4096 with the persistent decode kernel "
                  "off and on");
+  std::string mega_tunings = "0.3.0.0,0.4.0.0,0.0.20.0,0.6.20.0,120.0.0.0";
+  app.add_option("--mega-tunings", mega_tunings,
+                 "the mega sweep's variants at context 1024, BLOCKS.STAGES.KB.PREFETCHKB each "
+                 "(0: the kernel's default; prefetch < 0: off)");
+  int mega_timeline = 0;
+  std::string mega_timeline_pf = "";
+  app.add_option("--mega-timeline", mega_timeline,
+                 "print the persistent decode kernel's phase timeline over this many layers at b1 "
+                 "contexts 128/1024/4096 (0: off)");
+  app.add_option("--mega-timeline-pf", mega_timeline_pf,
+                 "also the timeline at context 1024 with each of these L2 lookaheads (KiB)");
   app.add_flag("--lora-only", lora_only, "only the LoRA comparison (and the ceilings)");
   int lora_rounds = 3;
   app.add_option("--lora-rounds", lora_rounds,
@@ -651,18 +664,57 @@ int Main(int argc, char** argv) {
     // Ring depth, stage size and grid at context 1024: how much the ring's cover of the stalls
     // matters (blocks, stages, stage KiB; 0: the kernel's default).
     BENCH_OK(m.set_decode_megakernel(true));
-    for (auto [blocks, stages, kb] : std::vector<std::tuple<int, int, int>>{
-             {0, 3, 0}, {0, 4, 0}, {0, 0, 20}, {0, 6, 20}, {120, 0, 0}}) {
-      m.set_decode_megakernel_tuning(blocks, stages, kb);
+    for (absl::string_view spec : absl::StrSplit(mega_tunings, ',', absl::SkipEmpty())) {
+      std::vector<int> v;
+      bool parsed = true;
+      for (absl::string_view f : absl::StrSplit(spec, '.')) {
+        int x = 0;
+        parsed = parsed && absl::SimpleAtoi(f, &x);
+        v.push_back(x);
+      }
+      if (!parsed || v.size() != 4) {
+        std::fprintf(stderr, "--mega-tunings: '%s' is not BLOCKS.STAGES.KB.PREFETCHKB\n",
+                     std::string(spec).c_str());
+        return 2;
+      }
+      const int blocks = v[0], stages = v[1], kb = v[2], pf = v[3];
+      m.set_decode_megakernel_tuning(blocks, stages, kb, pf);
       const int64_t launches = m.mega_decode_launches();
       Row r;
-      const std::string name = absl::StrFormat("mega1 blocks%d stages%d kb%d", blocks, stages, kb);
+      const std::string name =
+          absl::StrFormat("mega1 blocks%d stages%d kb%d pf%d", blocks, stages, kb, pf);
       if (bench.Decode(1, 1024, name, &r)) {
         if (m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
         PrintRow(r);
         rows.push_back(r);
       }
     }
+    m.set_decode_megakernel_tuning(0, 0);
+    BENCH_OK(m.set_decode_megakernel(mega0));
+  }
+  if (mega_timeline > 0 && !lora_only) {
+    // One graph decode case with the kernel's timeline on; the table is of its last step.
+    const bool mega0 = m.decode_megakernel();
+    BENCH_OK(m.set_decode_megakernel(true));
+    std::vector<std::pair<int, int>> cases = {{128, 0}, {1024, 0}, {4096, 0}};
+    for (absl::string_view f : absl::StrSplit(mega_timeline_pf, ',', absl::SkipEmpty())) {
+      int pf = 0;
+      if (absl::SimpleAtoi(f, &pf)) cases.push_back({1024, pf});
+    }
+    for (auto [ctx, pf] : cases) {
+      m.set_decode_megakernel_tuning(0, 0, 0, pf);
+      BENCH_OK(m.set_decode_megakernel_timeline(mega_timeline));
+      Row r;
+      const std::string name = absl::StrFormat("mega1 timeline pf%d", pf);
+      if (!bench.Decode(1, ctx, name, &r)) continue;
+      PrintRow(r);
+      absl::StatusOr<std::vector<uint64_t>> tl = m.decode_megakernel_timeline();
+      BENCH_OK(tl.status());
+      std::printf("%s", FormatMegaTimeline(*tl, mega_timeline, layers,
+                                           absl::StrFormat("timeline b1 ctx%d pf%d", ctx, pf))
+                            .c_str());
+    }
+    BENCH_OK(m.set_decode_megakernel_timeline(0));
     m.set_decode_megakernel_tuning(0, 0);
     BENCH_OK(m.set_decode_megakernel(mega0));
   }

@@ -4,6 +4,7 @@
 // as they are. Switched by CudaModelOptions::decode_megakernel / PHISHARD_DECODE_MEGAKERNEL.
 #ifdef PHISHARD_HAVE_CUDA
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -49,11 +50,47 @@ absl::Status CudaPhiModel::set_decode_megakernel(bool on) {
   return absl::OkStatus();
 }
 
-void CudaPhiModel::set_decode_megakernel_tuning(int blocks, int stages, int stage_kb) {
+void CudaPhiModel::set_decode_megakernel_tuning(int blocks, int stages, int stage_kb,
+                                                int prefetch_kb) {
   mega_blocks_ = blocks;
   mega_stages_ = stages;
   mega_stage_kb_ = stage_kb;
+  mega_prefetch_kb_ = prefetch_kb;
   DropGraphs();
+}
+
+// The timeline buffer holds kMegaTimelineBlocks blocks (more than any GPU's SMs this kernel runs
+// on; blocks past it record nothing).
+constexpr int kMegaTimelineBlocks = 256;
+
+absl::Status CudaPhiModel::set_decode_megakernel_timeline(int layers) {
+  if (layers < 0) return absl::InvalidArgumentError("timeline layers must be >= 0");
+  DeviceSet(device_);
+  if (mega_timeline_ != nullptr) {
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
+    DeviceFree(mega_timeline_);
+    mega_timeline_ = nullptr;
+  }
+  mega_timeline_layers_ = std::min(layers, config_.num_hidden_layers);
+  DropGraphs();
+  if (mega_timeline_layers_ == 0) return absl::OkStatus();
+  const size_t bytes = sizeof(uint64_t) * kMegaTimelineBlocks * (mega_timeline_layers_ + 1) *
+                       kDecodeMegaEvents;
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&mega_timeline_, bytes), "timeline buffer"));
+  return DeviceStatus(DeviceMemset(mega_timeline_, 0, bytes, stream_), "zero timeline");
+}
+
+absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::decode_megakernel_timeline() {
+  if (mega_timeline_ == nullptr) return absl::FailedPreconditionError("timeline is off");
+  DeviceSet(device_);
+  std::vector<uint64_t> out(static_cast<size_t>(kMegaTimelineBlocks) *
+                            (mega_timeline_layers_ + 1) * kDecodeMegaEvents);
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
+  PHI_RETURN_IF_ERROR(DeviceStatus(
+      DeviceCopyToHost(out.data(), mega_timeline_, out.size() * sizeof(uint64_t), stream_),
+      "timeline copy"));
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
+  return out;
 }
 
 absl::Status CudaPhiModel::ReserveMegaDecode() {
@@ -117,6 +154,10 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
   p.blocks = mega_blocks_;
   p.stages = mega_stages_;
   p.stage_kb = mega_stage_kb_;
+  p.prefetch_kb = mega_prefetch_kb_;
+  p.timeline = static_cast<uint64_t*>(mega_timeline_);
+  p.timeline_layers = mega_timeline_ != nullptr ? mega_timeline_layers_ : 0;
+  p.timeline_blocks = kMegaTimelineBlocks;
   // Weights 16-byte aligned (the bulk copies' sources); the layout makes them so, checked anyway.
   for (const Layer& w : layers_) {
     for (const void* ptr : {w.qkv_w, w.dense_w, w.fc1_w, w.fc2_w, w.ln_w, w.ln_b}) {

@@ -105,6 +105,7 @@ CudaPhiModel::~CudaPhiModel() {
   if (ping_host_) DeviceFreeHost(ping_host_);
   if (tp_logits_) DeviceFree(tp_logits_);
   if (mega_buf_) DeviceFree(mega_buf_);
+  if (mega_timeline_) DeviceFree(mega_timeline_);
   if (stream_) DeviceStreamDestroy(stream_);
   if (ping_stream_) DeviceStreamDestroy(ping_stream_);
 }

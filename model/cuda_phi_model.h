@@ -220,9 +220,14 @@ class CudaPhiModel final : public ModelBackend {
   // CudaModelOptions::decode_megakernel (drops graphs).
   absl::Status set_decode_megakernel(bool on);
   bool decode_megakernel() const { return mega_on_; }
-  // Benchmarks: the kernel's grid (blocks, <= SMs), ring depth (stages) and stage size (KiB);
-  // 0 = its defaults. Drops graphs.
-  void set_decode_megakernel_tuning(int blocks, int stages, int stage_kb = 0);
+  // Benchmarks: the kernel's grid (blocks, <= SMs), ring depth (stages), stage size (KiB) and L2
+  // lookahead (KiB, < 0 off); 0 = its defaults. Drops graphs.
+  void set_decode_megakernel_tuning(int blocks, int stages, int stage_kb = 0, int prefetch_kb = 0);
+  // Benchmarks: the kernel records its phase timeline (DecodeMegaEvent) of the first `layers`
+  // layers (0: off) into a device buffer of this model; decode_megakernel_timeline() copies the
+  // last launch's out ([blocks, layers + 1, events] words; rows of blocks that did not run are 0).
+  absl::Status set_decode_megakernel_timeline(int layers);
+  absl::StatusOr<std::vector<uint64_t>> decode_megakernel_timeline();
   // Launches of the persistent decode kernel enqueued so far (eager steps and graph captures).
   int64_t mega_decode_launches() const { return mega_launches_; }
   // Tests: every byte of the KV pool 0xFF (NaN in f16 and bf16), so a read of a slot no step
@@ -453,6 +458,9 @@ class CudaPhiModel final : public ModelBackend {
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
   int mega_stages_ = 0;
   int mega_stage_kb_ = 0;
+  int mega_prefetch_kb_ = 0;
+  int mega_timeline_layers_ = 0;
+  void* mega_timeline_ = nullptr;  // device, set_decode_megakernel_timeline
   void* mega_buf_ = nullptr;  // device: layer table, sync words, partials (ReserveMegaDecode)
   std::unique_ptr<CudaGraphRunner> graphs_;
   std::unique_ptr<CudaLora> lora_;                // always set after Init

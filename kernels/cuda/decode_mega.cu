@@ -28,10 +28,12 @@ constexpr int kItemChunk = kConsumers;  // cache positions an attention item sco
 // sync words: [0] arrivals, [kGenWord] barrier generation, [kHeadWord + h] head h's finished splits
 constexpr int kGenWord = 32;
 constexpr int kHeadWord = 64;
+constexpr int kDefaultPrefetchKb = 0;  // DecodeMegaParams::prefetch_kb = 0
 
 struct Args {
   DecodeMegaParams p;
   int stages, stage_bytes, nsplit;
+  int pf_stages;  // L2 prefetch lookahead in stages past the ring's next one (0: none)
   // Shared memory offsets (bytes): ring at 0, then these.
   int off_x, off_head, off_out, off_part, off_q, off_o, off_scores, off_red2, off_scratch,
       off_blocks, off_bars;
@@ -129,6 +131,30 @@ __device__ __forceinline__ void BulkLoad(void* dst, const void* src, uint32_t by
           "r"(SmemAddr(dst)),
       "l"(src), "r"(bytes), "r"(SmemAddr(bar))
       : "memory");
+}
+
+// An L2 prefetch of `bytes` (a multiple of 16) at src: no shared memory, no completion.
+__device__ __forceinline__ void BulkPrefetchL2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ uint64_t GlobalTimer() {
+  uint64_t v;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+  return v;
+}
+
+// The timeline row of this block's layer l (consumer thread 0 / the producer thread only), or
+// null: timeline off, block or layer past its extent.
+__device__ __forceinline__ uint64_t* TimelineRow(const DecodeMegaParams& p, int l) {
+  if (p.timeline == nullptr || blockIdx.x >= p.timeline_blocks || l >= p.timeline_layers) {
+    return nullptr;
+  }
+  return p.timeline + (static_cast<size_t>(blockIdx.x) * (p.timeline_layers + 1) + l) *
+                          kDecodeMegaEvents;
+}
+__device__ __forceinline__ void Stamp(uint64_t* row, int e) {
+  if (row != nullptr) row[e] = clock64();
 }
 
 // The consumer warps' own barrier (the producer warp never joins it).
@@ -380,8 +406,13 @@ __device__ __forceinline__ void TileDot(const uint32_t* wt, int npairs, const XR
 // warps meet once per head (q/k/v: FinishHead) or at the end of the rows (fc1 / dense epilogue,
 // fc2 sums to sm.out), where the 8 partials of a row are summed. Epilogue operands are loaded
 // before the stage loop: a global load there would put one memory latency on a stage.
-template <typename T, int kEpi>
-__device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const LayerPtrs& lp,
+// Cycles consumer thread 0 spent waiting for ring stages and in FinishHead (timeline only).
+struct PhaseCycles {
+  long long wait = 0, finish = 0;
+};
+
+template <typename T, int kEpi, bool kTl>
+__device__ PhaseCycles ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const LayerPtrs& lp,
                             const T* bias, int r0, int r1, int K, int split, int out0, int pos,
                             int64_t slot, const XRegs& x) {
   const DecodeMegaParams& p = a.p;
@@ -400,13 +431,21 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
     }
   }
   float head_bias = 0.0f;  // q/k/v: this thread's bias of the current head
+  PhaseCycles cyc;
+  const bool timed = kTl && t == 0;
   for (int r = r0; r < r1;) {
     if constexpr (kEpi == kEpiQkv) {
       if (r % split == 0 && t < split) head_bias = cuda::ToFloat(bias[r + t]);
     }
     const int n = TileRows(r, r1, rps, split);
     const int s = static_cast<int>(it % a.stages);
-    MbarWait(&sm.full[s], (it / a.stages) & 1);
+    if (timed) {
+      const long long c0 = clock64();
+      MbarWait(&sm.full[s], (it / a.stages) & 1);
+      cyc.wait += clock64() - c0;
+    } else {
+      MbarWait(&sm.full[s], (it / a.stages) & 1);
+    }
     // [n, K] dtype rows of the stage, as 32-bit words (element pairs).
     const uint32_t* wt =
         reinterpret_cast<const uint32_t*>(sm.ring + static_cast<size_t>(s) * a.stage_bytes);
@@ -432,8 +471,10 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
     r += n;
     if constexpr (kEpi == kEpiQkv) {
       if (r % split == 0) {
+        const long long c0 = timed ? clock64() : 0;
         ConsumerSync();
         FinishHead<T>(a, sm, lp, r / split - 1, pos, slot, head_bias);
+        if (timed) cyc.finish += clock64() - c0;
       }
     }
   }
@@ -459,6 +500,7 @@ __device__ void ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const L
       }
     }
   }
+  return cyc;
 }
 
 // sm.x = dtype(LayerNorm(h) * w + b), as LayerNormCuda (float32 mean, centred variance).
@@ -676,36 +718,103 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
   ConsumerSync();  // flag and q / o are rewritten by the next item
 }
 
-template <typename T>
-__device__ void Produce(const Args& a, const BlockPlan& bp, const Smem& sm) {
-  const DecodeMegaParams& p = a.p;
-  const int H = p.hidden, I = p.intermediate, A = p.num_heads * p.head_dim;
-  uint32_t it = 0;
-  auto stream = [&](const void* wv, int r0, int r1, int K, int split) {
-    const T* w = static_cast<const T*>(wv);
-    const int rps = RowsPerStage(a.stage_bytes, K * static_cast<int>(sizeof(T)));
-    for (int r = r0; r < r1;) {
-      const int n = TileRows(r, r1, rps, split);
-      const int s = static_cast<int>(it % a.stages);
-      if (it >= static_cast<uint32_t>(a.stages)) MbarWait(&sm.empty[s], ((it / a.stages) - 1) & 1);
-      const uint32_t bytes = static_cast<uint32_t>(n) * K * sizeof(T);
-      MbarExpect(&sm.full[s], bytes);
-      BulkLoad(sm.ring + static_cast<size_t>(s) * a.stage_bytes, w + static_cast<size_t>(r) * K,
-               bytes, &sm.full[s]);
-      ++it;
-      r += n;
-    }
-  };
-  for (int l = 0; l < p.num_layers; ++l) {
-    const DecodeMegaLayer& w = p.layers[l];
-    stream(w.qkv_w, bp.qkv0, bp.qkv1, H, p.head_dim);
-    stream(w.fc1_w, bp.fc1_0, bp.fc1_1, H, 0);
-    stream(w.fc2_w, bp.out0, bp.out1, I, 0);
-    stream(w.dense_w, bp.out0, bp.out1, A, 0);
-  }
-}
+// The block's weight stream, stage by stage, in the consumers' program order: per layer its q/k/v
+// heads, fc1 rows, fc2 rows and dense rows. `m` and `l` name the matrix (0 qkv, 1 fc1, 2 fc2,
+// 3 dense) and layer of the stage Next returned last.
+struct StreamCursor {
+  int l = 0, m = -1;
+  int r = 0, r1 = 0, row_bytes = 0, split = 0, rps = 0;
+  const char* w = nullptr;
+};
 
 template <typename T>
+__device__ __forceinline__ bool NextStage(const Args& a, const BlockPlan& bp, StreamCursor& c,
+                                          const char** src, uint32_t* bytes) {
+  const DecodeMegaParams& p = a.p;
+  while (c.r >= c.r1) {
+    if (++c.m == 4) {
+      c.m = 0;
+      ++c.l;
+    }
+    if (c.l >= p.num_layers) return false;
+    const DecodeMegaLayer& w = p.layers[c.l];
+    int K = p.hidden;
+    c.split = 0;
+    if (c.m == 0) {
+      c.w = static_cast<const char*>(w.qkv_w), c.r = bp.qkv0, c.r1 = bp.qkv1;
+      c.split = p.head_dim;
+    } else if (c.m == 1) {
+      c.w = static_cast<const char*>(w.fc1_w), c.r = bp.fc1_0, c.r1 = bp.fc1_1;
+    } else if (c.m == 2) {
+      c.w = static_cast<const char*>(w.fc2_w), c.r = bp.out0, c.r1 = bp.out1;
+      K = p.intermediate;
+    } else {
+      c.w = static_cast<const char*>(w.dense_w), c.r = bp.out0, c.r1 = bp.out1;
+      K = p.num_heads * p.head_dim;
+    }
+    c.row_bytes = K * static_cast<int>(sizeof(T));
+    c.rps = RowsPerStage(a.stage_bytes, c.row_bytes);
+  }
+  const int n = TileRows(c.r, c.r1, c.rps, c.split);
+  *src = c.w + static_cast<size_t>(c.r) * c.row_bytes;
+  *bytes = static_cast<uint32_t>(n) * c.row_bytes;
+  c.r += n;
+  return true;
+}
+
+// One thread. Stage `it` goes to ring slot it % stages once the consumers released that slot's
+// previous stage; before each stage the L2 prefetch frontier moves to pf_stages stages past it,
+// so while the ring is full (consumers in a phase that reads no weights) DRAM keeps streaming.
+template <typename T, bool kTl>
+__device__ void Produce(const Args& a, const BlockPlan& bp, const Smem& sm) {
+  StreamCursor load, pf;
+  uint32_t pf_it = 0;  // stages the prefetch cursor has passed
+  bool pf_more = a.pf_stages > 0;
+  long long blocked[4] = {0, 0, 0, 0};  // cycles waiting on a full ring, per matrix (timeline)
+  int cur_l = 0;
+  constexpr bool timed = kTl;
+  auto flush = [&](int l) {
+    uint64_t* row = TimelineRow(a.p, l);
+    if (row == nullptr) return;
+    for (int m = 0; m < 4; ++m) {
+      row[kMegaProdQkv + m] = static_cast<uint64_t>(blocked[m]);
+      blocked[m] = 0;
+    }
+  };
+  const char* src;
+  uint32_t bytes;
+  for (uint32_t it = 0; NextStage<T>(a, bp, load, &src, &bytes); ++it) {
+    if (timed && load.l != cur_l) {
+      flush(cur_l);
+      cur_l = load.l;
+    }
+    while (pf_more && pf_it <= it + a.pf_stages) {
+      const char* ps;
+      uint32_t pb;
+      if (!NextStage<T>(a, bp, pf, &ps, &pb)) {
+        pf_more = false;
+        break;
+      }
+      if (pf_it > it) BulkPrefetchL2(ps, pb);  // (stage it itself is loaded right below)
+      ++pf_it;
+    }
+    const int s = static_cast<int>(it % a.stages);
+    if (it >= static_cast<uint32_t>(a.stages)) {
+      const long long c0 = timed ? clock64() : 0;
+      MbarWait(&sm.empty[s], ((it / a.stages) - 1) & 1);
+      if (timed) {
+        const long long d = clock64() - c0;
+#pragma unroll
+        for (int m = 0; m < 4; ++m) blocked[m] += load.m == m ? d : 0;  // (stays in registers)
+      }
+    }
+    MbarExpect(&sm.full[s], bytes);
+    BulkLoad(sm.ring + static_cast<size_t>(s) * a.stage_bytes, src, bytes, &sm.full[s]);
+  }
+  if (timed) flush(cur_l);
+}
+
+template <typename T, bool kTl>
 __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
   const DecodeMegaParams& p = a.p;
   const int H = p.hidden, I = p.intermediate, A = p.num_heads * p.head_dim;
@@ -713,6 +822,8 @@ __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
   const int64_t slot = __ldg(reinterpret_cast<const long long*>(p.slots));
   uint32_t it = 0;
   for (int l = 0; l < p.num_layers; ++l) {
+    uint64_t* tl = kTl && threadIdx.x == 0 ? TimelineRow(p, l) : nullptr;
+    Stamp(tl, kMegaLayerStart);
     LayerPtrs lp;
     lp.w = p.layers[l];
     lp.k_cache = static_cast<char*>(p.kv) + 2 * static_cast<size_t>(l) * p.layer_kv_bytes;
@@ -720,30 +831,53 @@ __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
     const DecodeMegaLayer& w = lp.w;
     // A: LayerNorm, q/k/v heads (rotated, K/V to the cache), fc1 rows.
     LayerNormRow<T>(a, sm, static_cast<const T*>(w.ln_w), static_cast<const T*>(w.ln_b));
+    Stamp(tl, kMegaLnEnd);
     {
       const XRegs x = LoadX<T, false>(sm.x, H);
-      ConsumeRows<T, kEpiQkv>(a, sm, it, lp, static_cast<const T*>(w.qkv_b), bp.qkv0, bp.qkv1, H,
-                              p.head_dim, 0, pos, slot, x);
-      ConsumeRows<T, kEpiFc1>(a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1, H,
-                              0, 0, pos, slot, x);
+      const PhaseCycles cq =
+          ConsumeRows<T, kEpiQkv, kTl>(a, sm, it, lp, static_cast<const T*>(w.qkv_b), bp.qkv0, bp.qkv1,
+                                  H, p.head_dim, 0, pos, slot, x);
+      Stamp(tl, kMegaQkvEnd);
+      const PhaseCycles cf = ConsumeRows<T, kEpiFc1, kTl>(
+          a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1, H, 0, 0, pos, slot, x);
+      Stamp(tl, kMegaFc1End);
+      if (tl != nullptr) {
+        tl[kMegaWaitQkvFc1] = static_cast<uint64_t>(cq.wait + cf.wait);
+        tl[kMegaFinishHead] = static_cast<uint64_t>(cq.finish);
+      }
     }
     GridSync(p.sync);
+    Stamp(tl, kMegaBarAEnd);
     // B: attention items, then fc2 rows (sums kept for C). act (fc2's input, in L2) is loaded
     // after the attention: held in registers across it, its 20 words spill the attention's.
-    for (int item = blockIdx.x; item < p.num_heads * a.nsplit; item += gridDim.x) {
+    int items = 0;
+    for (int item = blockIdx.x; item < p.num_heads * a.nsplit; item += gridDim.x, ++items) {
       AttentionItem<T>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
     }
-    ConsumeRows<T, kEpiFc2>(a, sm, it, lp, static_cast<const T*>(w.fc2_b), bp.out0, bp.out1, I, 0,
-                            bp.out0, pos, slot, LoadX<T, true>(p.act, I));
+    Stamp(tl, kMegaAttnEnd);
+    const PhaseCycles c2 =
+        ConsumeRows<T, kEpiFc2, kTl>(a, sm, it, lp, static_cast<const T*>(w.fc2_b), bp.out0, bp.out1, I,
+                                0, bp.out0, pos, slot, LoadX<T, true>(p.act, I));
+    Stamp(tl, kMegaFc2End);
     GridSync(p.sync);
+    Stamp(tl, kMegaBarBEnd);
     // C: dense rows + fc2 + residual -> h.
-    ConsumeRows<T, kEpiDense>(a, sm, it, lp, static_cast<const T*>(w.dense_b), bp.out0, bp.out1, A,
-                              0, bp.out0, pos, slot, LoadX<T, true>(p.attn, A));
+    const PhaseCycles cd =
+        ConsumeRows<T, kEpiDense, kTl>(a, sm, it, lp, static_cast<const T*>(w.dense_b), bp.out0,
+                                  bp.out1, A, 0, bp.out0, pos, slot, LoadX<T, true>(p.attn, A));
+    Stamp(tl, kMegaDenseEnd);
     if (l + 1 < p.num_layers) GridSync(p.sync);
+    Stamp(tl, kMegaBarCEnd);
+    if (tl != nullptr) {
+      tl[kMegaWaitFc2] = static_cast<uint64_t>(c2.wait);
+      tl[kMegaWaitDense] = static_cast<uint64_t>(cd.wait);
+      tl[kMegaAttnItems] = static_cast<uint64_t>(items);
+    }
   }
 }
 
-template <typename T>
+// kTl: the timeline instance (DecodeMegaParams::timeline set); the other one has no stamp at all.
+template <typename T, bool kTl>
 __global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   Smem sm;
@@ -770,10 +904,25 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
   __syncthreads();
   const BlockPlan bp = MakePlan(a.p, reinterpret_cast<int*>(sm.scratch + 24));
   if (threadIdx.x >= kConsumers) {
-    if (threadIdx.x == kConsumers) Produce<T>(a, bp, sm);
+    if (threadIdx.x == kConsumers) Produce<T, kTl>(a, bp, sm);
     return;
   }
-  Consume<T>(a, bp, sm);
+  // The block's row of the timeline header: clock64 and %globaltimer at its start and end.
+  uint64_t* head = nullptr;
+  if (kTl && threadIdx.x == 0 && blockIdx.x < a.p.timeline_blocks) {
+    head = a.p.timeline + (static_cast<size_t>(blockIdx.x) * (a.p.timeline_layers + 1) +
+                           a.p.timeline_layers) *
+                              kDecodeMegaEvents;
+    head[0] = clock64();
+    head[1] = GlobalTimer();
+  }
+  Consume<T, kTl>(a, bp, sm);
+  if (head != nullptr) {
+    head[2] = clock64();
+    head[3] = GlobalTimer();
+    head[4] = 1;
+    head[5] = gridDim.x;
+  }
 }
 
 struct DeviceLimits {
@@ -861,15 +1010,17 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
     *o += ring;
   }
   a.nsplit = std::max(1, std::min(kDecodeMegaMaxSplits, blocks / std::max(p.num_heads, 1)));
+  const int pf_kb = p.prefetch_kb == 0 ? kDefaultPrefetchKb : std::max(p.prefetch_kb, 0);
+  a.pf_stages = pf_kb > 0 ? std::max(1, pf_kb * 1024 / a.stage_bytes) : 0;
   *smem_bytes = ring + fixed;
   return a;
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T>
+template <typename T, bool kTl>
 KernelStatus Launch(const Args& a, int smem, cudaStream_t stream) {
-  auto kernel = DecodeMegaKernel<T>;
+  auto kernel = DecodeMegaKernel<T, kTl>;
   static std::atomic<uint64_t> opted{0};
   int dev = 0;
   cudaGetDevice(&dev);
@@ -917,6 +1068,7 @@ bool DecodeMegaCudaSupports(const DecodeMegaParams& p) {
     return false;
   }
   if (p.blocks < 0 || p.stages < 0 || p.stages > kMaxStages || p.stage_kb < 0) return false;
+  if (p.timeline != nullptr && (p.timeline_layers < 0 || p.timeline_blocks < 0)) return false;
   // Every consumer thread holds its pairs of each phase's input vector (XRegs).
   const int max_k = std::max(std::max(p.hidden, p.intermediate), p.num_heads * p.head_dim);
   if (max_k > 2 * kConsumers * kMaxPairs) return false;
@@ -943,7 +1095,8 @@ KernelStatus DecodeMegaCuda(const DecodeMegaParams& p, cudaStream_t stream) {
   const Args a = MakeArgs(p, Limits(), &smem);
   return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return Launch<T>(a, smem, stream);
+    return a.p.timeline != nullptr ? Launch<T, true>(a, smem, stream)
+                                   : Launch<T, false>(a, smem, stream);
   });
 }
 

@@ -46,6 +46,38 @@ namespace phishard {
 
 inline constexpr int kDecodeMegaMaxSplits = 16;
 
+// Phase timeline (DecodeMegaParams::timeline; tests and benchmarks): per block b < timeline_blocks
+// and layer l < timeline_layers, kDecodeMegaEvents uint64 words at
+// timeline[(b * (timeline_layers + 1) + l) * kDecodeMegaEvents]: the SM's clock64 at the phase
+// boundaries below as consumer thread 0 passes them (kMegaLayerStart .. kMegaBarCEnd; the last
+// layer's kMegaBarCEnd is its dense end), then cycle sums: consumer thread 0 waiting for a ring
+// stage (per phase), inside FinishHead (q/k/v epilogue + rotary + store, with its barriers), the
+// attention items the block ran, and the producer blocked on a full ring while issuing each
+// matrix's stages. Row l = timeline_layers of a block: [0] clock64 and [1] %globaltimer (ns) at
+// the block's start, [2] and [3] at its end, [4] 1 (written), [5] gridDim.x.
+enum DecodeMegaEvent : int {
+  kMegaLayerStart = 0,
+  kMegaLnEnd,
+  kMegaQkvEnd,
+  kMegaFc1End,  // = arrival at grid barrier A
+  kMegaBarAEnd,
+  kMegaAttnEnd,
+  kMegaFc2End,  // arrival at B
+  kMegaBarBEnd,
+  kMegaDenseEnd,  // arrival at C
+  kMegaBarCEnd,
+  kMegaWaitQkvFc1,  // cycle sums from here on
+  kMegaWaitFc2,
+  kMegaWaitDense,
+  kMegaFinishHead,
+  kMegaAttnItems,  // a count
+  kMegaProdQkv,
+  kMegaProdFc1,
+  kMegaProdFc2,
+  kMegaProdDense,
+  kDecodeMegaEvents = 20,
+};
+
 // One layer's weights (device, dtype), as CudaPhiModel holds them: qkv fused
 // [(nH + 2 nKV) hd, H], dense [H, nH hd], fc1 [I, H], fc2 [H, I]; biases [rows].
 struct DecodeMegaLayer {
@@ -85,6 +117,15 @@ struct DecodeMegaParams {
   int blocks = 0;
   int stages = 0;
   int stage_kb = 0;
+  // L2 lookahead (KiB of the block's weight stream past the ring's next stage, issued as
+  // cp.async.bulk.prefetch.L2, so DRAM keeps streaming while a full ring waits for the consumers);
+  // 0: the kernel's default, < 0: off.
+  int prefetch_kb = 0;
+  // Timeline (see DecodeMegaEvent); null: off. Device, zeroed by the caller if it wants to tell
+  // unwritten rows; [timeline_blocks, timeline_layers + 1, kDecodeMegaEvents] uint64.
+  uint64_t* timeline = nullptr;
+  int timeline_layers = 0;
+  int timeline_blocks = 0;
 };
 
 size_t DecodeMegaSyncBytes(int num_heads);

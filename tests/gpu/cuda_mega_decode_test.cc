@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/decode_mega_cuda.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -206,6 +207,69 @@ TEST(CudaMegaDecode, MultiRowStepsKeepTheOpByOpPath) {
   EXPECT_EQ(m->mega_decode_launches(), 0);
   ASSERT_EQ(on.size(), off.size());
   for (size_t i = 0; i < on.size(); ++i) EXPECT_TRUE(on[i] == off[i]) << "step " << i;
+}
+
+// The L2 lookahead (prefetch hints only) and the phase timeline (clock stamps only) change no
+// value the kernel computes: with both on, every step's logits equal the plain kernel's bit for bit.
+// The timeline of the last step: every block wrote its row; per block and layer the phase
+// boundaries are in program order and each layer starts after the previous one left barrier C;
+// a phase's ring waits fit inside the phase; the attention items over all blocks cover every head
+// the same number of times (the context splits).
+TEST(CudaMegaDecode, TimelineAndL2LookaheadKeepTheLogits) {
+  PHI_REQUIRE_GPU();
+  std::unique_ptr<CudaPhiModel> m = LoadModel(kRepo / "models" / "tiny-phi-code", "bfloat16");
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
+  ASSERT_TRUE(m->PoisonKvCache().ok());
+  ASSERT_TRUE(m->set_decode_megakernel(true).ok());
+  m->set_cuda_graphs(false);
+  m->set_decode_megakernel_tuning(0, 0, 0, -1);  // lookahead off
+  const std::vector<std::vector<float>> plain = RunSteps(*m);
+  const int layers = m->config().num_hidden_layers;
+  m->set_decode_megakernel_tuning(0, 0, 0, 64);
+  ASSERT_TRUE(m->set_decode_megakernel_timeline(layers).ok());
+  const int64_t launches = m->mega_decode_launches();
+  const std::vector<std::vector<float>> timed = RunSteps(*m);
+  EXPECT_EQ(m->mega_decode_launches(), launches + static_cast<int64_t>(timed.size()));
+  ASSERT_EQ(timed.size(), plain.size());
+  for (size_t i = 0; i < plain.size(); ++i) EXPECT_TRUE(timed[i] == plain[i]) << "step " << i;
+
+  absl::StatusOr<std::vector<uint64_t>> tl = m->decode_megakernel_timeline();
+  ASSERT_TRUE(tl.ok()) << tl.status();
+  const int E = kDecodeMegaEvents;
+  const size_t per_block = static_cast<size_t>(layers + 1) * E;
+  ASSERT_EQ(tl->size() % per_block, 0u);
+  const uint64_t* w = tl->data();
+  const uint64_t grid = w[static_cast<size_t>(layers) * E + 5];
+  ASSERT_GE(grid, 1u);
+  ASSERT_LE(grid, tl->size() / per_block);
+  uint64_t items = 0;
+  for (uint64_t b = 0; b < grid; ++b) {
+    const uint64_t* head = w + b * per_block + static_cast<size_t>(layers) * E;
+    ASSERT_EQ(head[4], 1u) << "block " << b << " wrote no timeline";
+    EXPECT_EQ(head[5], grid);
+    EXPECT_LT(head[0], head[2]);
+    EXPECT_LT(head[1], head[3]);
+    uint64_t prev_end = head[0];
+    for (int l = 0; l < layers; ++l) {
+      const uint64_t* e = w + b * per_block + static_cast<size_t>(l) * E;
+      EXPECT_LE(prev_end, e[kMegaLayerStart]) << "block " << b << " layer " << l;
+      for (int k = kMegaLayerStart; k < kMegaBarCEnd; ++k) {
+        EXPECT_LE(e[k], e[k + 1]) << "block " << b << " layer " << l << " event " << k;
+      }
+      EXPECT_LE(e[kMegaWaitQkvFc1], e[kMegaFc1End] - e[kMegaLnEnd]) << "block " << b;
+      EXPECT_LE(e[kMegaFinishHead], e[kMegaQkvEnd] - e[kMegaLnEnd]) << "block " << b;
+      EXPECT_LE(e[kMegaWaitFc2], e[kMegaFc2End] - e[kMegaAttnEnd]) << "block " << b;
+      EXPECT_LE(e[kMegaWaitDense], e[kMegaDenseEnd] - e[kMegaBarBEnd]) << "block " << b;
+      if (l == 0) items += e[kMegaAttnItems];
+      prev_end = e[kMegaBarCEnd];
+    }
+    EXPECT_LE(prev_end, head[2]);
+  }
+  const uint64_t heads = static_cast<uint64_t>(m->config().num_attention_heads);
+  EXPECT_GE(items, heads);
+  EXPECT_EQ(items % heads, 0u) << items << " attention items for " << heads << " heads";
+  ASSERT_TRUE(m->set_decode_megakernel_timeline(0).ok());
 }
 
 }  // namespace
