@@ -48,29 +48,41 @@ std::string FormatMegaTimeline(const std::vector<uint64_t>& words, int layers, i
   if (L < 1) return title + ": need a layer before the last\n";
   auto ev = [&](int b, int l) { return words.data() + b * per_block + static_cast<size_t>(l) * E; };
   static const Phase kPhases[] = {
-      {"LayerNorm (each block, all of h)", 0, [](const uint64_t* e) { return Diff(e, kMegaLnEnd, kMegaLayerStart); }},
-      {"q/k/v rows + FinishHead", 0, [](const uint64_t* e) { return Diff(e, kMegaQkvEnd, kMegaLnEnd); }},
-      {"  of which FinishHead", 0, [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaFinishHead]); }},
+      {"LayerNorm (each block, all of h)", 0,
+       [](const uint64_t* e) { return Diff(e, kMegaLnEnd, kMegaLayerStart); }},
+      {"q/k/v rows + FinishHead", 0,
+       [](const uint64_t* e) { return Diff(e, kMegaQkvEnd, kMegaLnEnd); }},
+      {"  of which FinishHead", 0,
+       [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaFinishHead]); }},
       {"fc1 rows + GELU", 0, [](const uint64_t* e) { return Diff(e, kMegaFc1End, kMegaQkvEnd); }},
-      {"  consumer waiting on the ring (qkv+fc1)", 0, [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaWaitQkvFc1]); }},
-      {"grid barrier A (arrive -> leave)", 0, [](const uint64_t* e) { return Diff(e, kMegaBarAEnd, kMegaFc1End); }},
+      {"  consumer waiting on the ring (qkv+fc1)", 0,
+       [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaWaitQkvFc1]); }},
+      {"grid barrier A (arrive -> leave)", 0,
+       [](const uint64_t* e) { return Diff(e, kMegaBarAEnd, kMegaFc1End); }},
       {"attention items", 1, [](const uint64_t* e) { return Diff(e, kMegaAttnEnd, kMegaBarAEnd); }},
       {"fc2 rows", 1, [](const uint64_t* e) { return Diff(e, kMegaFc2End, kMegaAttnEnd); }},
-      {"  consumer waiting on the ring (fc2)", 1, [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaWaitFc2]); }},
+      {"  consumer waiting on the ring (fc2)", 1,
+       [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaWaitFc2]); }},
       {"grid barrier B", 1, [](const uint64_t* e) { return Diff(e, kMegaBarBEnd, kMegaFc2End); }},
-      {"dense rows + residual", 2, [](const uint64_t* e) { return Diff(e, kMegaDenseEnd, kMegaBarBEnd); }},
-      {"  consumer waiting on the ring (dense)", 2, [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaWaitDense]); }},
+      {"dense rows + residual", 2,
+       [](const uint64_t* e) { return Diff(e, kMegaDenseEnd, kMegaBarBEnd); }},
+      {"  consumer waiting on the ring (dense)", 2,
+       [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaWaitDense]); }},
       {"grid barrier C", 2, [](const uint64_t* e) { return Diff(e, kMegaBarCEnd, kMegaDenseEnd); }},
-      {"producer blocked, ring full, issuing qkv", -1, [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaProdQkv]); }},
-      {"producer blocked ... fc1", -1, [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaProdFc1]); }},
-      {"producer blocked ... fc2", -1, [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaProdFc2]); }},
-      {"producer blocked ... dense", -1, [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaProdDense]); }},
-      {"whole layer (start -> barrier C left)", -1, [](const uint64_t* e) { return Diff(e, kMegaBarCEnd, kMegaLayerStart); }},
+      {"producer blocked, ring full, issuing qkv", -1,
+       [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaProdQkv]); }},
+      {"producer blocked ... fc1", -1,
+       [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaProdFc1]); }},
+      {"producer blocked ... fc2", -1,
+       [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaProdFc2]); }},
+      {"producer blocked ... dense", -1,
+       [](const uint64_t* e) { return static_cast<int64_t>(e[kMegaProdDense]); }},
+      {"whole layer (start -> barrier C left)", -1,
+       [](const uint64_t* e) { return Diff(e, kMegaBarCEnd, kMegaLayerStart); }},
   };
   // Critical block of each (layer, barrier): the one that waited least there (it arrived last).
-  static const int kBarrier[3][2] = {{kMegaBarAEnd, kMegaFc1End},
-                                     {kMegaBarBEnd, kMegaFc2End},
-                                     {kMegaBarCEnd, kMegaDenseEnd}};
+  static const int kBarrier[3][2] = {
+      {kMegaBarAEnd, kMegaFc1End}, {kMegaBarBEnd, kMegaFc2End}, {kMegaBarCEnd, kMegaDenseEnd}};
   std::vector<std::array<int, 3>> critical(L);
   for (int l = 0; l < L; ++l) {
     for (int k = 0; k < 3; ++k) {

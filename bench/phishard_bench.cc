@@ -384,8 +384,14 @@ int Main(int argc, char** argv) {
                  "off and on");
   std::string mega_tunings = "0.3.0.0,0.4.0.0,0.0.20.0,0.6.20.0,120.0.0.0";
   app.add_option("--mega-tunings", mega_tunings,
-                 "the mega sweep's variants at context 1024, BLOCKS.STAGES.KB.PREFETCHKB each "
-                 "(0: the kernel's default; prefetch < 0: off)");
+                 "the mega sweep's variants at context 1024, BLOCKS.STAGES.KB.PREFETCHKB[.FORM] "
+                 "each (0: the kernel's default; prefetch < 0: off; form: kDecodeMegaForm* bits, "
+                 "default the kernel's)");
+  std::string mega_forms = "-1";
+  app.add_option("--mega-forms", mega_forms,
+                 "the mega sweep's rounds time the persistent kernel in each of these forms "
+                 "(kDecodeMegaForm* bits, -1: its default)");
+  int mega_timeline_form = -1;
   int mega_timeline = 0;
   std::string mega_timeline_pf = "";
   app.add_option("--mega-timeline", mega_timeline,
@@ -393,6 +399,8 @@ int Main(int argc, char** argv) {
                  "contexts 128/1024/4096 (0: off)");
   app.add_option("--mega-timeline-pf", mega_timeline_pf,
                  "also the timeline at context 1024 with each of these L2 lookaheads (KiB)");
+  app.add_option("--mega-timeline-form", mega_timeline_form,
+                 "the kernel form of the timelines (-1: its default)");
   app.add_flag("--lora-only", lora_only, "only the LoRA comparison (and the ceilings)");
   int lora_rounds = 3;
   app.add_option("--lora-rounds", lora_rounds,
@@ -647,13 +655,22 @@ int Main(int argc, char** argv) {
     // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op
     // path at batch 1, alternated in this process: off, on, off, on, ... per context.
     const bool mega0 = m.decode_megakernel();
+    std::vector<int> forms;  // -2: op-by-op
+    forms.push_back(-2);
+    for (absl::string_view f : absl::StrSplit(mega_forms, ',', absl::SkipEmpty())) {
+      int v = -1;
+      if (absl::SimpleAtoi(f, &v)) forms.push_back(v);
+    }
     for (int round = 0; round < mega_sweep; ++round) {
       for (int ctx : {128, 1024, 4096}) {
-        for (bool on : {false, true}) {
+        for (int form : forms) {
+          const bool on = form != -2;
           BENCH_OK(m.set_decode_megakernel(on));
+          if (on) m.set_decode_megakernel_tuning(0, 0, 0, 0, form);
           const int64_t launches = m.mega_decode_launches();
           Row r;
-          if (bench.Decode(1, ctx, on ? "mega1" : "mega0", &r)) {
+          const std::string name = on ? absl::StrFormat("mega1 form%d", form) : "mega0";
+          if (bench.Decode(1, ctx, name, &r)) {
             if (on && m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
             PrintRow(r);
             rows.push_back(r);
@@ -661,6 +678,7 @@ int Main(int argc, char** argv) {
         }
       }
     }
+    m.set_decode_megakernel_tuning(0, 0);
     // Ring depth, stage size and grid at context 1024: how much the ring's cover of the stalls
     // matters (blocks, stages, stage KiB; 0: the kernel's default).
     BENCH_OK(m.set_decode_megakernel(true));
@@ -672,17 +690,18 @@ int Main(int argc, char** argv) {
         parsed = parsed && absl::SimpleAtoi(f, &x);
         v.push_back(x);
       }
-      if (!parsed || v.size() != 4) {
-        std::fprintf(stderr, "--mega-tunings: '%s' is not BLOCKS.STAGES.KB.PREFETCHKB\n",
+      if (!parsed || v.size() < 4 || v.size() > 5) {
+        std::fprintf(stderr, "--mega-tunings: '%s' is not BLOCKS.STAGES.KB.PREFETCHKB[.FORM]\n",
                      std::string(spec).c_str());
         return 2;
       }
       const int blocks = v[0], stages = v[1], kb = v[2], pf = v[3];
-      m.set_decode_megakernel_tuning(blocks, stages, kb, pf);
+      const int form = v.size() == 5 ? v[4] : -1;
+      m.set_decode_megakernel_tuning(blocks, stages, kb, pf, form);
       const int64_t launches = m.mega_decode_launches();
       Row r;
       const std::string name =
-          absl::StrFormat("mega1 blocks%d stages%d kb%d pf%d", blocks, stages, kb, pf);
+          absl::StrFormat("mega1 blocks%d stages%d kb%d pf%d form%d", blocks, stages, kb, pf, form);
       if (bench.Decode(1, 1024, name, &r)) {
         if (m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
         PrintRow(r);
@@ -702,10 +721,11 @@ int Main(int argc, char** argv) {
       if (absl::SimpleAtoi(f, &pf)) cases.push_back({1024, pf});
     }
     for (auto [ctx, pf] : cases) {
-      m.set_decode_megakernel_tuning(0, 0, 0, pf);
+      m.set_decode_megakernel_tuning(0, 0, 0, pf, mega_timeline_form);
       BENCH_OK(m.set_decode_megakernel_timeline(mega_timeline));
       Row r;
-      const std::string name = absl::StrFormat("mega1 timeline pf%d", pf);
+      const std::string name =
+          absl::StrFormat("mega1 timeline pf%d form%d", pf, mega_timeline_form);
       if (!bench.Decode(1, ctx, name, &r)) continue;
       PrintRow(r);
       absl::StatusOr<std::vector<uint64_t>> tl = m.decode_megakernel_timeline();
@@ -767,9 +787,10 @@ int Main(int argc, char** argv) {
         absl::StrAppendFormat(&each, "%s%.1f", i ? " / " : "", host.back());
         if (i == 0) *base_out = b, *lora_out = l;
       }
-      std::printf("  => %s: median %.1f %% of base throughput (host), %.1f %% (device) over %d "
-                  "alternated rounds (host: %s)\n",
-                  what, Median(host), Median(dev), lora_rounds, each.c_str());
+      std::printf(
+          "  => %s: median %.1f %% of base throughput (host), %.1f %% (device) over %d "
+          "alternated rounds (host: %s)\n",
+          what, Median(host), Median(dev), lora_rounds, each.c_str());
     };
     Row base, distinct, one, eager_base, eager_lora;
     rounds(

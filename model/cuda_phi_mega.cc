@@ -51,11 +51,12 @@ absl::Status CudaPhiModel::set_decode_megakernel(bool on) {
 }
 
 void CudaPhiModel::set_decode_megakernel_tuning(int blocks, int stages, int stage_kb,
-                                                int prefetch_kb) {
+                                                int prefetch_kb, int form) {
   mega_blocks_ = blocks;
   mega_stages_ = stages;
   mega_stage_kb_ = stage_kb;
   mega_prefetch_kb_ = prefetch_kb;
+  mega_form_ = form;
   DropGraphs();
 }
 
@@ -74,8 +75,8 @@ absl::Status CudaPhiModel::set_decode_megakernel_timeline(int layers) {
   mega_timeline_layers_ = std::min(layers, config_.num_hidden_layers);
   DropGraphs();
   if (mega_timeline_layers_ == 0) return absl::OkStatus();
-  const size_t bytes = sizeof(uint64_t) * kMegaTimelineBlocks * (mega_timeline_layers_ + 1) *
-                       kDecodeMegaEvents;
+  const size_t bytes =
+      sizeof(uint64_t) * kMegaTimelineBlocks * (mega_timeline_layers_ + 1) * kDecodeMegaEvents;
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&mega_timeline_, bytes), "timeline buffer"));
   return DeviceStatus(DeviceMemset(mega_timeline_, 0, bytes, stream_), "zero timeline");
 }
@@ -83,8 +84,8 @@ absl::Status CudaPhiModel::set_decode_megakernel_timeline(int layers) {
 absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::decode_megakernel_timeline() {
   if (mega_timeline_ == nullptr) return absl::FailedPreconditionError("timeline is off");
   DeviceSet(device_);
-  std::vector<uint64_t> out(static_cast<size_t>(kMegaTimelineBlocks) *
-                            (mega_timeline_layers_ + 1) * kDecodeMegaEvents);
+  std::vector<uint64_t> out(static_cast<size_t>(kMegaTimelineBlocks) * (mega_timeline_layers_ + 1) *
+                            kDecodeMegaEvents);
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
   PHI_RETURN_IF_ERROR(DeviceStatus(
       DeviceCopyToHost(out.data(), mega_timeline_, out.size() * sizeof(uint64_t), stream_),
@@ -155,6 +156,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
   p.stages = mega_stages_;
   p.stage_kb = mega_stage_kb_;
   p.prefetch_kb = mega_prefetch_kb_;
+  p.form = mega_form_;
   p.timeline = static_cast<uint64_t*>(mega_timeline_);
   p.timeline_layers = mega_timeline_ != nullptr ? mega_timeline_layers_ : 0;
   p.timeline_blocks = kMegaTimelineBlocks;

@@ -220,9 +220,11 @@ class CudaPhiModel final : public ModelBackend {
   // CudaModelOptions::decode_megakernel (drops graphs).
   absl::Status set_decode_megakernel(bool on);
   bool decode_megakernel() const { return mega_on_; }
-  // Benchmarks: the kernel's grid (blocks, <= SMs), ring depth (stages), stage size (KiB) and L2
-  // lookahead (KiB, < 0 off); 0 = its defaults. Drops graphs.
-  void set_decode_megakernel_tuning(int blocks, int stages, int stage_kb = 0, int prefetch_kb = 0);
+  // Benchmarks: the kernel's grid (blocks, <= SMs), ring depth (stages), stage size (KiB), L2
+  // lookahead (KiB, < 0 off); 0 = its defaults; form (kDecodeMegaForm* bits, < 0 its default).
+  // Drops graphs.
+  void set_decode_megakernel_tuning(int blocks, int stages, int stage_kb = 0, int prefetch_kb = 0,
+                                    int form = -1);
   // Benchmarks: the kernel records its phase timeline (DecodeMegaEvent) of the first `layers`
   // layers (0: off) into a device buffer of this model; decode_megakernel_timeline() copies the
   // last launch's out ([blocks, layers + 1, events] words; rows of blocks that did not run are 0).
@@ -459,9 +461,10 @@ class CudaPhiModel final : public ModelBackend {
   int mega_stages_ = 0;
   int mega_stage_kb_ = 0;
   int mega_prefetch_kb_ = 0;
+  int mega_form_ = -1;
   int mega_timeline_layers_ = 0;
   void* mega_timeline_ = nullptr;  // device, set_decode_megakernel_timeline
-  void* mega_buf_ = nullptr;  // device: layer table, sync words, partials (ReserveMegaDecode)
+  void* mega_buf_ = nullptr;       // device: layer table, sync words, partials (ReserveMegaDecode)
   std::unique_ptr<CudaGraphRunner> graphs_;
   std::unique_ptr<CudaLora> lora_;                // always set after Init
   std::unique_ptr<CudaGraphRunner> lora_graphs_;  // decode graphs of steps with adapter rows

@@ -29,11 +29,13 @@ constexpr int kItemChunk = kConsumers;  // cache positions an attention item sco
 constexpr int kGenWord = 32;
 constexpr int kHeadWord = 64;
 constexpr int kDefaultPrefetchKb = 0;  // DecodeMegaParams::prefetch_kb = 0
+constexpr int kDefaultForm = 3;  // DecodeMegaParams::form < 0 (mega3 run 2: the fastest measured)
 
 struct Args {
   DecodeMegaParams p;
   int stages, stage_bytes, nsplit;
   int pf_stages;  // L2 prefetch lookahead in stages past the ring's next one (0: none)
+  int form;       // kDecodeMegaForm* bits
   // Shared memory offsets (bytes): ring at 0, then these.
   int off_x, off_head, off_out, off_part, off_q, off_o, off_scores, off_red2, off_scratch,
       off_blocks, off_bars;
@@ -150,8 +152,8 @@ __device__ __forceinline__ uint64_t* TimelineRow(const DecodeMegaParams& p, int 
   if (p.timeline == nullptr || blockIdx.x >= p.timeline_blocks || l >= p.timeline_layers) {
     return nullptr;
   }
-  return p.timeline + (static_cast<size_t>(blockIdx.x) * (p.timeline_layers + 1) + l) *
-                          kDecodeMegaEvents;
+  return p.timeline +
+         (static_cast<size_t>(blockIdx.x) * (p.timeline_layers + 1) + l) * kDecodeMegaEvents;
 }
 __device__ __forceinline__ void Stamp(uint64_t* row, int e) {
   if (row != nullptr) row[e] = clock64();
@@ -194,8 +196,43 @@ __device__ __forceinline__ float LoadCg(const T* p) {
 }
 
 // Every consumer of every block arrives; the last one releases the generation. Writes before it
-// are visible to reads (ld.cg) after it in every block.
-__device__ __forceinline__ void GridSync(uint32_t* sync) {
+// are visible to reads (ld.cg) after it in every block. kDecodeMegaFormBarrier: fewer memory round
+// trips in thread 0 - the generation read before the CTA barrier (it cannot move before this
+// block arrives), one acq_rel atomic for fence + arrival, the reset ordered by the release of the
+// new generation, no fence after the acquire.
+__device__ __forceinline__ void GridSync(uint32_t* sync, int form) {
+  if ((form & kDecodeMegaFormBarrier) != 0) {
+    uint32_t gen = 0;
+    if (threadIdx.x == 0) {
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
+                   : "=r"(gen)
+                   : "l"(sync + kGenWord)
+                   : "memory");
+    }
+    ConsumerSync();
+    if (threadIdx.x == 0) {
+      uint32_t old;
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                   : "=r"(old)
+                   : "l"(sync)
+                   : "memory");
+      if (old == gridDim.x - 1) {
+        asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(sync) : "memory");
+        asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(sync + kGenWord), "r"(gen + 1)
+                     : "memory");
+      } else {
+        uint32_t now;
+        do {
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
+                       : "=r"(now)
+                       : "l"(sync + kGenWord)
+                       : "memory");
+        } while (now == gen);
+      }
+    }
+    ConsumerSync();
+    return;
+  }
   ConsumerSync();
   if (threadIdx.x == 0) {
     __threadfence();
@@ -365,10 +402,10 @@ __device__ __forceinline__ float WarpSumN(float (&v)[N]) {
 // within a batch: each batch issues 8 shared loads (kRows rows x 8 / kRows pairs) before its
 // FMAs, so a warp waits one shared-memory latency a batch, not one a load. Pairs past npairs read
 // the row's last pair (in bounds) against x = 0 there: they add 0 for any finite weight.
-template <typename T, int kRows>
+template <typename T, int kRows, int kLoads = 8>
 __device__ __forceinline__ void TileDot(const uint32_t* wt, int npairs, const XRegs& x,
                                         float* part) {
-  constexpr int kG = 8 / kRows;  // pairs a batch
+  constexpr int kG = kLoads / kRows;  // pairs a batch
   const int t = threadIdx.x, lane = t & 31;
   float acc[kRows];
 #pragma unroll
@@ -399,6 +436,42 @@ __device__ __forceinline__ void TileDot(const uint32_t* wt, int npairs, const XR
   if ((lane & (32 / kRows - 1)) == 0) part[RowOfLane<kRows>(lane) * kConsumerWarps + (t >> 5)] = v;
 }
 
+// A stage's n rows as tiles of 8 / 4 / 2 / 1 rows; kPipe (kDecodeMegaFormPipe): 16 shared loads a
+// batch instead of 8, so a warp waits one shared-memory latency per 16 words (each row's FMAs
+// stay in pair order: the same sums).
+template <typename T, bool kPipe>
+__device__ __forceinline__ void StageDot(const uint32_t* wt, int n, int npairs, const XRegs& x,
+                                         float* part) {
+  int j = 0;
+  if (n - j >= 8) {
+    if constexpr (kPipe)
+      TileDot<T, 8, 16>(wt, npairs, x, part);
+    else
+      TileDot<T, 8>(wt, npairs, x, part);
+    j += 8;
+  }
+  if (n - j >= 4) {
+    if constexpr (kPipe)
+      TileDot<T, 4, 16>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+    else
+      TileDot<T, 4>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+    j += 4;
+  }
+  if (n - j >= 2) {
+    if constexpr (kPipe)
+      TileDot<T, 2, 16>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+    else
+      TileDot<T, 2>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+    j += 2;
+  }
+  if (n - j >= 1) {
+    if constexpr (kPipe)
+      TileDot<T, 1, 16>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+    else
+      TileDot<T, 1>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+  }
+}
+
 // Rows [r0, r1) of a [*, K] weight matrix through the ring, multiplied by x. No barrier across
 // the consumer warps per stage: each warp multiplies its lanes' element pairs of every row of the
 // stage (the pairs x holds), sums each row over its lanes (TileDot), writes its partial to
@@ -411,10 +484,10 @@ struct PhaseCycles {
   long long wait = 0, finish = 0;
 };
 
-template <typename T, int kEpi, bool kTl>
+template <typename T, int kEpi, bool kTl, int kForm>
 __device__ PhaseCycles ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, const LayerPtrs& lp,
-                            const T* bias, int r0, int r1, int K, int split, int out0, int pos,
-                            int64_t slot, const XRegs& x) {
+                                   const T* bias, int r0, int r1, int K, int split, int out0,
+                                   int pos, int64_t slot, const XRegs& x) {
   const DecodeMegaParams& p = a.p;
   const int rps = RowsPerStage(a.stage_bytes, K * static_cast<int>(sizeof(T)));
   const int npairs = K / 2;
@@ -451,20 +524,11 @@ __device__ PhaseCycles ConsumeRows(const Args& a, const Smem& sm, uint32_t& it, 
         reinterpret_cast<const uint32_t*>(sm.ring + static_cast<size_t>(s) * a.stage_bytes);
     // Partials go to rows of the head (q/k/v) or of [r0, r1); the tile as 8 / 4 / 2 / 1 rows.
     float* part = sm.part + (kEpi == kEpiQkv ? r % split : r - r0) * kConsumerWarps;
-    int j = 0;
-    if (n - j >= 8) {
-      TileDot<T, 8>(wt, npairs, x, part);
-      j += 8;
+    if constexpr ((kForm & kDecodeMegaFormPipe) != 0) {
+      StageDot<T, true>(wt, n, npairs, x, part);
+    } else {
+      StageDot<T, false>(wt, n, npairs, x, part);
     }
-    if (n - j >= 4) {
-      TileDot<T, 4>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
-      j += 4;
-    }
-    if (n - j >= 2) {
-      TileDot<T, 2>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
-      j += 2;
-    }
-    if (n - j >= 1) TileDot<T, 1>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
     __syncwarp();
     if (lane == 0) MbarArrive(&sm.empty[s]);  // this warp is done with the stage
     ++it;
@@ -580,7 +644,7 @@ __device__ __forceinline__ const uint4* CacheRow(const Args& a, const Smem& sm, 
 // partial; the block finishing a head's last split merges them into attn (in split order).
 // Positions go in chunks of kItemChunk (one a thread for the scores), every load of a pass
 // issued before its arithmetic (one memory round trip a pass for head_dim <= 128).
-template <typename T>
+template <typename T, int kForm>
 __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp, int head,
                               int split, int ctx) {
   const DecodeMegaParams& p = a.p;
@@ -685,9 +749,63 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
     part[0] = m;
     part[1] = l;
   }
+  int* flag = reinterpret_cast<int*>(sm.scratch + 16);
+  if constexpr ((kForm & kDecodeMegaFormAttnTail) != 0) {
+    // One acq_rel atomic of thread 0 after the CTA barrier (fence + count); the last split's
+    // block loads every split's (m, l, o) at once and merges in split order (the same sums).
+    ConsumerSync();
+    if (t == 0) {
+      uint32_t old;
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                   : "=r"(old)
+                   : "l"(p.sync + kHeadWord + head)
+                   : "memory");
+      const bool last = old == static_cast<uint32_t>(a.nsplit - 1);
+      // (reset for the next layer: ordered before it by the grid barriers in between)
+      if (last)
+        asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(p.sync + kHeadWord + head)
+                     : "memory");
+      *flag = last ? 1 : 0;
+    }
+    ConsumerSync();
+    if (*flag != 0) {  // (the same in every consumer thread)
+      // Thread t < nsplit brings split t's (m, l) to shared memory with the o loads in flight.
+      const float* base =
+          a.p.partials + static_cast<size_t>(head) * kDecodeMegaMaxSplits * (hd + 2);
+      float os[kDecodeMegaMaxSplits];
+#pragma unroll
+      for (int s = 0; s < kDecodeMegaMaxSplits; ++s) {
+        if (s < a.nsplit && t < hd) os[s] = __ldcg(base + s * (hd + 2) + 2 + t);
+      }
+      if (t < a.nsplit) {
+        sm.scores[t] = __ldcg(base + t * (hd + 2));
+        sm.scores[kDecodeMegaMaxSplits + t] = __ldcg(base + t * (hd + 2) + 1);
+      }
+      ConsumerSync();
+      if (t < hd) {
+        float mm = -INFINITY;
+        for (int s = 0; s < a.nsplit; ++s) mm = fmaxf(mm, sm.scores[s]);
+        float lsum = 0.0f, osum = 0.0f;
+        if (mm != -INFINITY) {
+#pragma unroll
+          for (int s = 0; s < kDecodeMegaMaxSplits; ++s) {
+            const float ms = s < a.nsplit ? sm.scores[s] : -INFINITY;
+            if (ms != -INFINITY) {
+              const float wgt = expf(ms - mm);
+              lsum += sm.scores[kDecodeMegaMaxSplits + s] * wgt;
+              osum += os[s] * wgt;
+            }
+          }
+        }
+        static_cast<T*>(p.attn)[static_cast<size_t>(head) * hd + t] =
+            cuda::FromFloat<T>(lsum > 0.0f ? osum / lsum : 0.0f);
+      }
+    }
+    ConsumerSync();  // flag, scores and q / o are rewritten by the next item
+    return;
+  }
   __threadfence();
   ConsumerSync();
-  int* flag = reinterpret_cast<int*>(sm.scratch + 16);
   if (t == 0) {
     uint32_t* counter = p.sync + kHeadWord + head;
     const bool last = atomicAdd(counter, 1u) == static_cast<uint32_t>(a.nsplit - 1);
@@ -814,7 +932,7 @@ __device__ void Produce(const Args& a, const BlockPlan& bp, const Smem& sm) {
   if (timed) flush(cur_l);
 }
 
-template <typename T, bool kTl>
+template <typename T, bool kTl, int kForm>
 __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
   const DecodeMegaParams& p = a.p;
   const int H = p.hidden, I = p.intermediate, A = p.num_heads * p.head_dim;
@@ -835,10 +953,10 @@ __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
     {
       const XRegs x = LoadX<T, false>(sm.x, H);
       const PhaseCycles cq =
-          ConsumeRows<T, kEpiQkv, kTl>(a, sm, it, lp, static_cast<const T*>(w.qkv_b), bp.qkv0, bp.qkv1,
-                                  H, p.head_dim, 0, pos, slot, x);
+          ConsumeRows<T, kEpiQkv, kTl, kForm>(a, sm, it, lp, static_cast<const T*>(w.qkv_b),
+                                              bp.qkv0, bp.qkv1, H, p.head_dim, 0, pos, slot, x);
       Stamp(tl, kMegaQkvEnd);
-      const PhaseCycles cf = ConsumeRows<T, kEpiFc1, kTl>(
+      const PhaseCycles cf = ConsumeRows<T, kEpiFc1, kTl, kForm>(
           a, sm, it, lp, static_cast<const T*>(w.fc1_b), bp.fc1_0, bp.fc1_1, H, 0, 0, pos, slot, x);
       Stamp(tl, kMegaFc1End);
       if (tl != nullptr) {
@@ -846,27 +964,27 @@ __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
         tl[kMegaFinishHead] = static_cast<uint64_t>(cq.finish);
       }
     }
-    GridSync(p.sync);
+    GridSync(p.sync, kForm);
     Stamp(tl, kMegaBarAEnd);
     // B: attention items, then fc2 rows (sums kept for C). act (fc2's input, in L2) is loaded
     // after the attention: held in registers across it, its 20 words spill the attention's.
     int items = 0;
     for (int item = blockIdx.x; item < p.num_heads * a.nsplit; item += gridDim.x, ++items) {
-      AttentionItem<T>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
+      AttentionItem<T, kForm>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
     }
     Stamp(tl, kMegaAttnEnd);
-    const PhaseCycles c2 =
-        ConsumeRows<T, kEpiFc2, kTl>(a, sm, it, lp, static_cast<const T*>(w.fc2_b), bp.out0, bp.out1, I,
-                                0, bp.out0, pos, slot, LoadX<T, true>(p.act, I));
+    const PhaseCycles c2 = ConsumeRows<T, kEpiFc2, kTl, kForm>(
+        a, sm, it, lp, static_cast<const T*>(w.fc2_b), bp.out0, bp.out1, I, 0, bp.out0, pos, slot,
+        LoadX<T, true>(p.act, I));
     Stamp(tl, kMegaFc2End);
-    GridSync(p.sync);
+    GridSync(p.sync, kForm);
     Stamp(tl, kMegaBarBEnd);
     // C: dense rows + fc2 + residual -> h.
-    const PhaseCycles cd =
-        ConsumeRows<T, kEpiDense, kTl>(a, sm, it, lp, static_cast<const T*>(w.dense_b), bp.out0,
-                                  bp.out1, A, 0, bp.out0, pos, slot, LoadX<T, true>(p.attn, A));
+    const PhaseCycles cd = ConsumeRows<T, kEpiDense, kTl, kForm>(
+        a, sm, it, lp, static_cast<const T*>(w.dense_b), bp.out0, bp.out1, A, 0, bp.out0, pos, slot,
+        LoadX<T, true>(p.attn, A));
     Stamp(tl, kMegaDenseEnd);
-    if (l + 1 < p.num_layers) GridSync(p.sync);
+    if (l + 1 < p.num_layers) GridSync(p.sync, kForm);
     Stamp(tl, kMegaBarCEnd);
     if (tl != nullptr) {
       tl[kMegaWaitFc2] = static_cast<uint64_t>(c2.wait);
@@ -877,7 +995,7 @@ __device__ void Consume(const Args& a, const BlockPlan& bp, const Smem& sm) {
 }
 
 // kTl: the timeline instance (DecodeMegaParams::timeline set); the other one has no stamp at all.
-template <typename T, bool kTl>
+template <typename T, bool kTl, int kForm>
 __global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   Smem sm;
@@ -910,13 +1028,13 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
   // The block's row of the timeline header: clock64 and %globaltimer at its start and end.
   uint64_t* head = nullptr;
   if (kTl && threadIdx.x == 0 && blockIdx.x < a.p.timeline_blocks) {
-    head = a.p.timeline + (static_cast<size_t>(blockIdx.x) * (a.p.timeline_layers + 1) +
-                           a.p.timeline_layers) *
-                              kDecodeMegaEvents;
+    head = a.p.timeline +
+           (static_cast<size_t>(blockIdx.x) * (a.p.timeline_layers + 1) + a.p.timeline_layers) *
+               kDecodeMegaEvents;
     head[0] = clock64();
     head[1] = GlobalTimer();
   }
-  Consume<T, kTl>(a, bp, sm);
+  Consume<T, kTl, kForm>(a, bp, sm);
   if (head != nullptr) {
     head[2] = clock64();
     head[3] = GlobalTimer();
@@ -1010,6 +1128,7 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
     *o += ring;
   }
   a.nsplit = std::max(1, std::min(kDecodeMegaMaxSplits, blocks / std::max(p.num_heads, 1)));
+  a.form = p.form < 0 ? kDefaultForm : p.form;
   const int pf_kb = p.prefetch_kb == 0 ? kDefaultPrefetchKb : std::max(p.prefetch_kb, 0);
   a.pf_stages = pf_kb > 0 ? std::max(1, pf_kb * 1024 / a.stage_bytes) : 0;
   *smem_bytes = ring + fixed;
@@ -1018,9 +1137,9 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T, bool kTl>
+template <typename T, bool kTl, int kForm>
 KernelStatus Launch(const Args& a, int smem, cudaStream_t stream) {
-  auto kernel = DecodeMegaKernel<T, kTl>;
+  auto kernel = DecodeMegaKernel<T, kTl, kForm>;
   static std::atomic<uint64_t> opted{0};
   int dev = 0;
   cudaGetDevice(&dev);
@@ -1069,6 +1188,10 @@ bool DecodeMegaCudaSupports(const DecodeMegaParams& p) {
   }
   if (p.blocks < 0 || p.stages < 0 || p.stages > kMaxStages || p.stage_kb < 0) return false;
   if (p.timeline != nullptr && (p.timeline_layers < 0 || p.timeline_blocks < 0)) return false;
+  // The forms compiled (DecodeMegaCuda's instances); the timeline only in forms 0, 3 and 7.
+  const int form = p.form < 0 ? kDefaultForm : p.form;
+  if (form != 0 && form != 1 && form != 3 && form != 7) return false;
+  if (p.timeline != nullptr && form == 1) return false;
   // Every consumer thread holds its pairs of each phase's input vector (XRegs).
   const int max_k = std::max(std::max(p.hidden, p.intermediate), p.num_heads * p.head_dim);
   if (max_k > 2 * kConsumers * kMaxPairs) return false;
@@ -1095,8 +1218,18 @@ KernelStatus DecodeMegaCuda(const DecodeMegaParams& p, cudaStream_t stream) {
   const Args a = MakeArgs(p, Limits(), &smem);
   return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return a.p.timeline != nullptr ? Launch<T, true>(a, smem, stream)
-                                   : Launch<T, false>(a, smem, stream);
+    // Instances: forms 0, 1, 3 and 7 (each adds one change); the timeline for 0, 3 and 7.
+    const bool tl = a.p.timeline != nullptr;
+    switch (a.form) {
+      case 0:
+        return tl ? Launch<T, true, 0>(a, smem, stream) : Launch<T, false, 0>(a, smem, stream);
+      case 1:
+        return Launch<T, false, 1>(a, smem, stream);
+      case 3:
+        return tl ? Launch<T, true, 3>(a, smem, stream) : Launch<T, false, 3>(a, smem, stream);
+      default:
+        return tl ? Launch<T, true, 7>(a, smem, stream) : Launch<T, false, 7>(a, smem, stream);
+    }
   });
 }
 

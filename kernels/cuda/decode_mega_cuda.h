@@ -30,6 +30,10 @@
 // instructions than the per-stage-barrier form), the producer (one bulk copy a stage, 8, or
 // cp.async from 32 lanes), the ring depth (3-10 stages) nor the stage size (20 / 40 KB) moves that
 // rate, so the model keeps it opt-in; bench/stream_probe.cu measures the ring alone.
+// mega3's timeline (DecodeMegaParams::timeline, phishard_bench --mega-timeline) says where a
+// layer's ~84 us go: ~51 us in the streaming phases, whose rate the consumers set (they wait on
+// the ring <= 1.3 us a phase while the producer waits on a full ring), attention 21 us at ctx1024
+// (a latency chain), LayerNorm 4, three barriers ~7; ncu: ~30 % of warp stalls no_instruction.
 // The kernel keeps state between launches in `sync` (a barrier generation, per-head counters):
 // allocate it once, zeroed, and never share it between two launches in flight.
 #pragma once
@@ -84,6 +88,18 @@ struct DecodeMegaLayer {
   const void *ln_w, *ln_b, *qkv_w, *qkv_b, *dense_w, *dense_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
 };
 
+// Forms of the kernel (DecodeMegaParams::form bits), each computing the same values bit for bit:
+// the attention item's tail with one acq_rel atomic and the split merge's loads all in flight;
+// the grid barrier with fewer memory round trips; 16 shared loads a batch in the stage loop
+// instead of 8. Compiled: forms 0, 1, 3 (the default) and 7. Measured (mega3 run 2, b1 ms at ctx
+// 128 / 1024 / 4096): form 0 2.560 / 2.693 / 3.700, 1 2.584 / 2.730 / 3.757, 3 2.559 / 2.674 /
+// 3.660, 7 2.633 / 2.766 / 3.768 - more code is slower: ncu puts ~30 % of the warps' stalls on
+// no_instruction (instruction fetch), the largest reason.
+inline constexpr int kDecodeMegaFormAttnTail = 1;
+inline constexpr int kDecodeMegaFormBarrier = 2;
+inline constexpr int kDecodeMegaFormPipe = 4;
+inline constexpr int kDecodeMegaFormAll = 7;
+
 struct DecodeMegaParams {
   const DecodeMegaLayer* layers = nullptr;  // [num_layers] device
   int num_layers = 0;
@@ -121,6 +137,8 @@ struct DecodeMegaParams {
   // cp.async.bulk.prefetch.L2, so DRAM keeps streaming while a full ring waits for the consumers);
   // 0: the kernel's default, < 0: off.
   int prefetch_kb = 0;
+  // kDecodeMegaForm* bits; < 0: the kernel's default.
+  int form = -1;
   // Timeline (see DecodeMegaEvent); null: off. Device, zeroed by the caller if it wants to tell
   // unwritten rows; [timeline_blocks, timeline_layers + 1, kDecodeMegaEvents] uint64.
   uint64_t* timeline = nullptr;

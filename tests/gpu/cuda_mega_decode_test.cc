@@ -210,8 +210,8 @@ TEST(CudaMegaDecode, MultiRowStepsKeepTheOpByOpPath) {
 }
 
 // The L2 lookahead (prefetch hints only) and the phase timeline (clock stamps only) change no
-// value the kernel computes: with both on, every step's logits equal the plain kernel's bit for bit.
-// The timeline of the last step: every block wrote its row; per block and layer the phase
+// value the kernel computes: with both on, every step's logits equal the plain kernel's bit for
+// bit. The timeline of the last step: every block wrote its row; per block and layer the phase
 // boundaries are in program order and each layer starts after the previous one left barrier C;
 // a phase's ring waits fit inside the phase; the attention items over all blocks cover every head
 // the same number of times (the context splits).
@@ -223,10 +223,10 @@ TEST(CudaMegaDecode, TimelineAndL2LookaheadKeepTheLogits) {
   ASSERT_TRUE(m->PoisonKvCache().ok());
   ASSERT_TRUE(m->set_decode_megakernel(true).ok());
   m->set_cuda_graphs(false);
-  m->set_decode_megakernel_tuning(0, 0, 0, -1);  // lookahead off
+  m->set_decode_megakernel_tuning(0, 0, 0, -1, 0);  // lookahead off, form 0
   const std::vector<std::vector<float>> plain = RunSteps(*m);
   const int layers = m->config().num_hidden_layers;
-  m->set_decode_megakernel_tuning(0, 0, 0, 64);
+  m->set_decode_megakernel_tuning(0, 0, 0, 64, 0);
   ASSERT_TRUE(m->set_decode_megakernel_timeline(layers).ok());
   const int64_t launches = m->mega_decode_launches();
   const std::vector<std::vector<float>> timed = RunSteps(*m);
@@ -270,6 +270,34 @@ TEST(CudaMegaDecode, TimelineAndL2LookaheadKeepTheLogits) {
   EXPECT_GE(items, heads);
   EXPECT_EQ(items % heads, 0u) << items << " attention items for " << heads << " heads";
   ASSERT_TRUE(m->set_decode_megakernel_timeline(0).ok());
+}
+
+// Every form compiled (kDecodeMegaForm* bits: attention tail, grid barrier, pipelined stage loop)
+// computes the same values in the same order: each one's logits equal form 0's bit for bit, on MHA
+// (tiny-phi- code) and GQA head_dim 80 (phi-gqa-hd80); form 0 itself is held to the op-by-op path
+// above.
+TEST(CudaMegaDecode, EveryFormKeepsTheLogits) {
+  PHI_REQUIRE_GPU();
+  for (const fs::path& dir :
+       {kRepo / "models" / "tiny-phi-code", kRepo / "tests" / "golden" / "phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadModel(dir, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
+    ASSERT_TRUE(m->PoisonKvCache().ok());
+    ASSERT_TRUE(m->set_decode_megakernel(true).ok());
+    m->set_decode_megakernel_tuning(0, 0, 0, 0, 0);
+    const std::vector<std::vector<float>> base = RunSteps(*m);
+    for (int form : {1, 3, 7}) {  // the forms compiled (each adds one change)
+      m->set_decode_megakernel_tuning(0, 0, 0, 0, form);
+      const int64_t launches = m->mega_decode_launches();
+      const std::vector<std::vector<float>> got = RunSteps(*m);
+      EXPECT_GT(m->mega_decode_launches(), launches) << "form " << form;
+      ASSERT_EQ(got.size(), base.size());
+      for (size_t i = 0; i < base.size(); ++i) {
+        EXPECT_TRUE(got[i] == base[i]) << dir.filename() << " form " << form << " step " << i;
+      }
+    }
+  }
 }
 
 }  // namespace
