@@ -98,7 +98,10 @@ struct DecodeMegaLayer {
 inline constexpr int kDecodeMegaFormAttnTail = 1;
 inline constexpr int kDecodeMegaFormBarrier = 2;
 inline constexpr int kDecodeMegaFormPipe = 4;
-inline constexpr int kDecodeMegaFormAll = 7;
+// One inlined copy of the stage loop for all four matrices (a runtime epilogue kind): form 11 =
+// 3 + this; compiled, not yet run (branch mega3-next).
+inline constexpr int kDecodeMegaFormOneLoop = 8;
+inline constexpr int kDecodeMegaFormAll = 15;
 
 struct DecodeMegaParams {
   const DecodeMegaLayer* layers = nullptr;  // [num_layers] device
