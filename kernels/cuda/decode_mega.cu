@@ -29,7 +29,8 @@ constexpr int kItemChunk = kConsumers;  // cache positions an attention item sco
 constexpr int kGenWord = 32;
 constexpr int kHeadWord = 64;
 constexpr int kDefaultPrefetchKb = 0;  // DecodeMegaParams::prefetch_kb = 0
-constexpr int kDefaultForm = 3;  // DecodeMegaParams::form < 0 (mega3 run 2: the fastest measured)
+// DecodeMegaParams::form < 0 (perf-log 04:27: b1 ctx1024 2.17 ms against 2.68 for form 3).
+constexpr int kDefaultForm = 11;
 
 struct Args {
   DecodeMegaParams p;
