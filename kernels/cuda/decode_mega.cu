@@ -9,12 +9,19 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/decode_mega_cuda.h"
 #include "kernels/cuda/gemv_common.cuh"
+#include "kernels/cuda/sm90_ptx.cuh"
 
 namespace phishard {
 namespace {
 
 using cuda::Activate;
 using cuda::Dot8;
+using sm90::BulkLoad;
+using sm90::BulkPrefetchL2;
+using sm90::MbarArrive;
+using sm90::MbarExpect;
+using sm90::MbarInit;
+using sm90::MbarWait;
 
 constexpr int kConsumerWarps = 8;
 constexpr int kConsumers = kConsumerWarps * 32;
@@ -97,48 +104,6 @@ __device__ __forceinline__ int TileRows(int r, int r1, int rps, int split) {
   int n = r1 - r < rps ? r1 - r : rps;
   if (split > 0 && split - r % split < n) n = split - r % split;
   return n;
-}
-
-// ---- shared-memory barriers and bulk copies (sm_90) ----
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)), "r"(count));
-}
-__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred P1;\n"
-      "MEGA_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-      "@P1 bra MEGA_DONE;\n"
-      "bra MEGA_WAIT;\n"
-      "MEGA_DONE:\n"
-      "}\n" ::"r"(SmemAddr(bar)),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SmemAddr(bar)) : "memory");
-}
-__device__ __forceinline__ void MbarExpect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void BulkLoad(void* dst, const void* src, uint32_t bytes,
-                                         uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-          "r"(SmemAddr(dst)),
-      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
-      : "memory");
-}
-
-// An L2 prefetch of `bytes` (a multiple of 16) at src: no shared memory, no completion.
-__device__ __forceinline__ void BulkPrefetchL2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 
 __device__ __forceinline__ uint64_t GlobalTimer() {

@@ -24,9 +24,15 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gemv_common.cuh"
 #include "kernels/cuda/gemv_cuda.h"
+#include "kernels/cuda/sm90_ptx.cuh"
 
 namespace phishard {
 namespace {
+
+using sm90::BulkLoad;
+using sm90::MbarExpect;
+using sm90::MbarInit;
+using sm90::MbarWait;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -111,44 +117,6 @@ Plan MakePlan(int m, int n, int k1, int k2, int elem, bool ln, int stage_kb, int
   p.off_partial = static_cast<int>(off_partial);
   p.off_bars = static_cast<int>(off_bars);
   return p;
-}
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)), "r"(count));
-}
-
-__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t phase) {
-  asm volatile(
-      "{\n"
-      ".reg .pred P1;\n"
-      "LAB_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-      "@P1 bra DONE;\n"
-      "bra LAB_WAIT;\n"
-      "DONE:\n"
-      "}\n" ::"r"(SmemAddr(bar)),
-      "r"(phase)
-      : "memory");
-}
-
-// One thread: expect `bytes` on `bar`, then the bulk copies that deliver them.
-__device__ __forceinline__ void MbarExpect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void BulkLoad(void* dst, const void* src, uint32_t bytes,
-                                         uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-          "r"(SmemAddr(dst)),
-      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
-      : "memory");
 }
 
 template <typename T, int M>
