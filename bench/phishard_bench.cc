@@ -12,8 +12,9 @@
 // the inputs' upload to the logits' download.
 //
 //   phishard_bench [--json out.json] [--layers 32] [--steps 20] [--quick] [--trace-csv out.csv]
-// --trace-csv writes every kernel of two extra steps per decode case (start / end, stream, grid;
-// CUDA graphs included) from CUPTI (bench/kernel_trace.h): what overlapped with what. Timings
+// --trace-csv writes every kernel of two extra steps per decode case and one per prefill case
+// (labels "prefill-base SxL" / "prefill-lora SxL"; start / end, stream, grid; CUDA graphs
+// included) from CUPTI (bench/kernel_trace.h): what overlapped with what. Timings
 // of a traced run read ~5-7 % slower (per-kernel timestamps cost a little).
 #include <algorithm>
 #include <array>
@@ -302,6 +303,14 @@ class Bench {
       dev.push_back(m_.last_step_device_ms());
     }
     nvtxRangePop();
+    // --trace-csv: one more step's kernels, labelled base / LoRA and the shape.
+    if (KernelTrace::enabled()) {
+      KernelTrace::Window(
+          absl::StrFormat("prefill-%s %dx%d", num_adapters_ > 0 ? "lora" : "base", seqs, len), [&] {
+            BENCH_OK(m_.Forward(b, &logits));
+            BENCH_CHECK(DeviceSynchronize() == 0, "trace sync");
+          });
+    }
     for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite prefill logits");
     r->kind = "prefill";
     r->mode = "eager";
