@@ -408,34 +408,21 @@ __device__ __forceinline__ void TileDot(const uint32_t* wt, int npairs, const XR
 template <typename T, bool kPipe>
 __device__ __forceinline__ void StageDot(const uint32_t* wt, int n, int npairs, const XRegs& x,
                                          float* part) {
+  constexpr int kLoads = kPipe ? 16 : 8;
   int j = 0;
   if (n - j >= 8) {
-    if constexpr (kPipe)
-      TileDot<T, 8, 16>(wt, npairs, x, part);
-    else
-      TileDot<T, 8>(wt, npairs, x, part);
+    TileDot<T, 8, kLoads>(wt, npairs, x, part);
     j += 8;
   }
   if (n - j >= 4) {
-    if constexpr (kPipe)
-      TileDot<T, 4, 16>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
-    else
-      TileDot<T, 4>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+    TileDot<T, 4, kLoads>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
     j += 4;
   }
   if (n - j >= 2) {
-    if constexpr (kPipe)
-      TileDot<T, 2, 16>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
-    else
-      TileDot<T, 2>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
+    TileDot<T, 2, kLoads>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
     j += 2;
   }
-  if (n - j >= 1) {
-    if constexpr (kPipe)
-      TileDot<T, 1, 16>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
-    else
-      TileDot<T, 1>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
-  }
+  if (n - j >= 1) TileDot<T, 1, kLoads>(wt + j * npairs, npairs, x, part + j * kConsumerWarps);
 }
 
 // Rows [r0, r1) of a [*, K] weight matrix through the ring, multiplied by x. No barrier across
