@@ -7,9 +7,12 @@
 //
 //   phishard_tp_bench [--tp 1,2] [--batches 1,32,128] [--context 1024]
 //                     [--prefills 1x2048,8x2048] [--prefill-chunks 1,2]
-//                     [--prefill-min-rows 4096] [--json out.json]
+//                     [--prefill-min-rows 4096] [--allreduce-modes auto,copy] [--json out.json]
 // --prefill-chunks: at W > 1 each prefill case once per value (CudaModelOptions::
 // tp_prefill_chunks: 1 = whole, N = N row chunks with overlapped all-reduces); TP=1 runs it whole.
+// --allreduce-modes: at W > 1 each prefill case (and chunk count) once per PHISHARD_TP_ALLREDUCE
+// value, switched on every rank alike between cases (NcclCommunicator::set_all_reduce_mode); the
+// table names the mode after the chunk count. Unset: the environment's mode only.
 //   phishard_tp_bench --write-checkpoint DIR [--layers 32] [--tokenizer-dir D]
 //     writes a Phi-2-shaped random bf16 checkpoint (config.json, model.safetensors, the
 //     tokenizer files of D) for serving tests without a download.
@@ -86,6 +89,7 @@ struct Options {
   std::vector<std::pair<int, int>> prefills;
   std::vector<int> prefill_chunks = {kTpPrefillChunksDefault};
   int prefill_min_rows = kTpPrefillMinRowsDefault;
+  std::vector<std::string> allreduce_modes;  // empty: leave the communicator's mode alone
   int steps = 20;
   int layers = 32;
   double fraction = 0.85;
@@ -212,9 +216,23 @@ int RankMain(int rank, int world, int port, const Options& o, const std::string&
     if (s * KvBlockAllocator::BlocksFor(l) > m.kv_num_blocks()) continue;
     for (int chunks : world > 1 ? o.prefill_chunks : std::vector<int>{1}) {
       TPB_OK(m.set_tp_prefill_chunks(chunks, o.prefill_min_rows));
-      both(PrefillBatch(s, l, V), 1, std::max(3, o.steps / 4),
-           {{"kind", "prefill"}, {"batch", s}, {"tokens", l}, {"chunks", chunks}});
-      rows.back()["chunks_run"] = m.last_prefill_chunks();
+      const std::vector<std::string> modes = world > 1 && !o.allreduce_modes.empty()
+                                                 ? o.allreduce_modes
+                                                 : std::vector<std::string>{""};
+      for (const std::string& mode : modes) {
+        if (!mode.empty()) {
+          absl::StatusOr<AllReduceMode> parsed = ParseAllReduceMode(mode);
+          TPB_OK(parsed.status());
+          comm->set_all_reduce_mode(*parsed);
+        }
+        both(PrefillBatch(s, l, V), 1, std::max(3, o.steps / 4),
+             {{"kind", "prefill"},
+              {"batch", s},
+              {"tokens", l},
+              {"chunks", chunks},
+              {"allreduce", mode}});
+        rows.back()["chunks_run"] = m.last_prefill_chunks();
+      }
     }
   }
   if (rank == 0) {
@@ -365,6 +383,9 @@ int Main(int argc, char** argv) {
   std::string prefill_chunks = absl::StrCat(kTpPrefillChunksDefault);
   app.add_option("--prefill-chunks", prefill_chunks, "tp_prefill_chunks values to time at W > 1");
   app.add_option("--prefill-min-rows", o.prefill_min_rows, "tp_prefill_min_rows (rows a chunk)");
+  std::string allreduce_modes;
+  app.add_option("--allreduce-modes", allreduce_modes,
+                 "PHISHARD_TP_ALLREDUCE values to time each prefill with at W > 1");
   app.add_option("--json", json_path, "also write every world's rows here");
   app.add_option("--write-checkpoint", checkpoint, "write a random checkpoint here and exit");
   app.add_option("--tokenizer-dir", tokenizer_dir, "tokenizer files for --write-checkpoint");
@@ -372,6 +393,14 @@ int Main(int argc, char** argv) {
   if (!checkpoint.empty()) return WriteCheckpoint(checkpoint, o.layers, tokenizer_dir);
   o.batches = ParseInts(batches);
   o.prefill_chunks = ParseInts(prefill_chunks);
+  for (absl::string_view m : absl::StrSplit(allreduce_modes, ',', absl::SkipEmpty())) {
+    if (!ParseAllReduceMode(std::string(m)).ok()) {
+      std::fprintf(stderr, "--allreduce-modes: '%s' is not auto, nccl, custom or copy\n",
+                   std::string(m).c_str());
+      return 2;
+    }
+    o.allreduce_modes.emplace_back(m);
+  }
   for (absl::string_view p : absl::StrSplit(prefills, ',', absl::SkipEmpty())) {
     std::vector<std::string> ab = absl::StrSplit(p, 'x');
     if (ab.size() != 2) {
@@ -410,7 +439,9 @@ int Main(int argc, char** argv) {
                : absl::StrFormat("prefill %dx%d", r["batch"].get<int>(), r["tokens"].get<int>());
   };
   auto line_key = [&](const json& r) {
-    return r["kind"] == "decode" ? key(r) : absl::StrCat(key(r), " c", r["chunks_run"].get<int>());
+    if (r["kind"] == "decode") return key(r);
+    const std::string mode = r.value("allreduce", std::string());
+    return absl::StrCat(key(r), " c", r["chunks_run"].get<int>(), mode.empty() ? "" : " ", mode);
   };
   for (const json& r : all[0]["rows"]) tp1[key(r)] = r["ms"].get<double>();
   std::vector<std::string> lines;

@@ -92,9 +92,9 @@ absl::Status CudaPhiModel::EnqueuePrefillLayers(const StepInputs& in) {
     PHI_RETURN_IF_ERROR(device(DeviceStreamWaitEvent(o.comm_stream, o.computed[c]), "event wait"));
     if (!tp_skip_collectives_) {
       const RowRange& rr = chunks.ranges[c];
-      absl::Status st =
-          comm_->EnqueueAllReduceSum(h + static_cast<size_t>(rr.begin) * row_bytes,
-                                     static_cast<size_t>(rr.rows) * H, dtype_, o.comm_stream);
+      absl::Status st = comm_->EnqueueOverlappedAllReduceSum(
+          h + static_cast<size_t>(rr.begin) * row_bytes, static_cast<size_t>(rr.rows) * H, dtype_,
+          o.comm_stream);
       PHI_RETURN_IF_ERROR(TpFailed(st, layer < 0 ? "embedding all-reduce" : "layer all-reduce"));
     }
     return device(DeviceEventRecord(o.reduced[c], o.comm_stream), "event record");

@@ -49,6 +49,14 @@ class Communicator {
   // an operation into a graph or none do (then all replay that graph together).
   // In-place sum over ranks of `count` elements.
   virtual absl::Status EnqueueAllReduceSum(void* data, size_t count, DataType dtype, void* stream);
+  // The same all-reduce, for a side stream that runs beside compute kernels (the overlapped
+  // prefill's): a communicator may pick an implementation that takes fewer SMs from them
+  // (NcclCommunicator: the copy-engine all-reduce under PHISHARD_TP_ALLREDUCE=copy). Not
+  // capturable into CUDA graphs. Default: EnqueueAllReduceSum.
+  virtual absl::Status EnqueueOverlappedAllReduceSum(void* data, size_t count, DataType dtype,
+                                                     void* stream) {
+    return EnqueueAllReduceSum(data, count, dtype, stream);
+  }
   // recv[r * count .. (r+1) * count) = send of rank r (in place when send = recv + rank * count).
   virtual absl::Status EnqueueAllGather(const void* send, void* recv, size_t count, DataType dtype,
                                         void* stream);

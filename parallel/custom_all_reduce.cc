@@ -19,8 +19,11 @@ namespace {
 
 constexpr size_t kFlagsOffset = 0;
 constexpr size_t kEpochsOffset = 4096;
+constexpr size_t kCopyEngineFlagOffset = 8192;
 constexpr size_t kRecvOffset = size_t{64} << 10;
 static_assert(kCustomAllReduceMaxBlocks * sizeof(uint32_t) <= kEpochsOffset - kFlagsOffset);
+static_assert(kEpochsOffset + kCustomAllReduceMaxBlocks * sizeof(uint32_t) <=
+              kCopyEngineFlagOffset);
 
 // One rank's part of a set-up exchange: a fixed header, then free text (why it cannot take part).
 struct SetupHeader {
@@ -57,8 +60,9 @@ absl::StatusOr<AllReduceMode> ParseAllReduceMode(std::string_view text) {
   if (t == "auto") return AllReduceMode::kAuto;
   if (t == "nccl") return AllReduceMode::kNccl;
   if (t == "custom") return AllReduceMode::kCustom;
-  return absl::InvalidArgumentError(
-      absl::StrCat("PHISHARD_TP_ALLREDUCE=", std::string(text), ": want auto, nccl or custom"));
+  if (t == "copy") return AllReduceMode::kCopy;
+  return absl::InvalidArgumentError(absl::StrCat("PHISHARD_TP_ALLREDUCE=", std::string(text),
+                                                 ": want auto, nccl, custom or copy"));
 }
 
 const char* AllReduceModeName(AllReduceMode mode) {
@@ -69,6 +73,8 @@ const char* AllReduceModeName(AllReduceMode mode) {
       return "nccl";
     case AllReduceMode::kCustom:
       return "custom";
+    case AllReduceMode::kCopy:
+      return "copy";
   }
   return "unknown";
 }
@@ -122,7 +128,7 @@ absl::StatusOr<std::unique_ptr<CustomAllReduce>> CustomAllReduce::Create(Control
     // One block per SM: the fixed grid. Both ranks must launch the same grid (checked below).
     car->blocks_ = std::clamp(sms, 1, kCustomAllReduceMaxBlocks);
     void* p = nullptr;
-    if (cudaError_t e = cudaMalloc(&p, kRecvOffset + 2 * car->capacity_); e != cudaSuccess) {
+    if (cudaError_t e = cudaMalloc(&p, kRecvOffset + 4 * car->capacity_); e != cudaSuccess) {
       cudaGetLastError();
       return CudaText("cudaMalloc of the receive buffers", e);
     }
@@ -220,6 +226,20 @@ CustomAllReduce::~CustomAllReduce() {
   if (peer_ != nullptr) cudaIpcCloseMemHandle(peer_);
   if (own_ != nullptr) cudaFree(own_);
   if (error_host_ != nullptr) cudaFreeHost(error_host_);
+}
+
+CustomAllReduce::CopyEngineRegion CustomAllReduce::copy_engine_region() const {
+  CopyEngineRegion r;
+  r.rank = rank_;
+  r.own_recv = own_ + kRecvOffset + 2 * capacity_;
+  r.peer_recv = peer_ + kRecvOffset + 2 * capacity_;
+  r.capacity = capacity_;
+  r.own_flag = reinterpret_cast<uint32_t*>(own_ + kCopyEngineFlagOffset);
+  r.peer_flag = reinterpret_cast<uint32_t*>(peer_ + kCopyEngineFlagOffset);
+  r.abort_flag = abort_flag_;
+  r.error = error_dev_;
+  r.timeout_ns = timeout_ns_;
+  return r;
 }
 
 bool CustomAllReduce::Fits(size_t count, DataType dtype) const {

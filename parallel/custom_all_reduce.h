@@ -8,13 +8,17 @@
 // Memory, per rank, one cudaMalloc exported with cudaIpcGetMemHandle and opened by the peer:
 //   [0, 4 KiB)            arrival flags, uint32 [kCustomAllReduceMaxBlocks]: written by the peer
 //   [4 KiB, 8 KiB)        call counters, uint32 [kCustomAllReduceMaxBlocks]: this rank only
+//   [8 KiB, +4)           the copy-engine all-reduce's arrival flag, uint32: written by the peer
 //   [64 KiB, +2 capacity) two receive halves of `capacity_bytes`, written by the peer
+//   [+2 capacity, +4 cap) the copy-engine all-reduce's two receive halves
+//   (copy_engine_all_reduce.h)
 // Addresses are fixed for the communicator's life and the counters live in device memory, so the
 // kernel can be captured into CUDA graphs and replayed: every replay advances the counters on both
 // ranks alike. Built only with CUDA (PHISHARD_HAVE_NCCL).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -32,9 +36,12 @@ enum class AllReduceMode {
   kAuto,    // the custom kernel where the group can use it and the size fits; NCCL otherwise
   kNccl,    // always NCCL
   kCustom,  // as auto (kept apart so that logs and benchmarks say what was asked for)
+  kCopy,    // as auto, and the overlapped prefill's all-reduces on the copy engines
+            // (parallel/copy_engine_all_reduce.h) where the custom kernel is available
 };
 
-// "auto" | "nccl" | "custom" (any case); INVALID_ARGUMENT naming PHISHARD_TP_ALLREDUCE otherwise.
+// "auto" | "nccl" | "custom" | "copy" (any case); INVALID_ARGUMENT naming PHISHARD_TP_ALLREDUCE
+// otherwise.
 absl::StatusOr<AllReduceMode> ParseAllReduceMode(std::string_view text);
 const char* AllReduceModeName(AllReduceMode mode);
 // PHISHARD_TP_ALLREDUCE from the environment; `fallback` when unset or empty.
@@ -78,6 +85,22 @@ class CustomAllReduce {
   // the model's step and its overlapped prefill do): two at once would share the per-block call
   // counters and pair up wrongly with the peer's.
   absl::Status Enqueue(void* data, size_t count, DataType dtype, cudaStream_t stream);
+
+  // What the copy-engine all-reduce (parallel/copy_engine_all_reduce.h) uses of the mapped
+  // buffers and of this object's abort flag, error word and timeout. Separate receive halves and
+  // flag: the two paths' calls never share a slot, whatever their order.
+  struct CopyEngineRegion {
+    int rank = 0;
+    char* own_recv = nullptr;       // [2][capacity] device, written by the peer's copy engine
+    char* peer_recv = nullptr;      // [2][capacity] the peer's (mapped)
+    size_t capacity = 0;            // bytes of one half
+    uint32_t* own_flag = nullptr;   // device uint32, written by the peer's stream
+    uint32_t* peer_flag = nullptr;  // the peer's (mapped)
+    const int* abort_flag = nullptr;
+    int* error = nullptr;  // the error word CheckError reads (device address)
+    unsigned long long timeout_ns = 0;
+  };
+  CopyEngineRegion copy_engine_region() const;
 
   // The kernels' error word, read once the stream that ran them is idle: OK, or
   // DEADLINE_EXCEEDED (a peer block never arrived within the op timeout) / ABORTED (the abort

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "parallel/abort_watch.h"
+#include "parallel/copy_engine_all_reduce.h"
 
 namespace phishard {
 namespace {
@@ -64,6 +65,7 @@ struct NcclCommunicator::Impl {
   // `abort_one` (pinned host int holding 1) there on `abort_stream`, beside the spinning kernel.
   std::atomic<AllReduceMode> mode{AllReduceMode::kAuto};
   std::unique_ptr<CustomAllReduce> car;
+  std::unique_ptr<CopyEngineAllReduce> ce;  // beside `car`, on its buffers
   int* abort_flag = nullptr;
   int* abort_one = nullptr;
   cudaStream_t abort_stream = nullptr;
@@ -125,6 +127,7 @@ struct NcclCommunicator::Impl {
     // Leaving the group: a custom kernel still waiting for the peer (a graph left running) ends.
     SetAbortFlag();
     if (abort_stream != nullptr) cudaStreamSynchronize(abort_stream);
+    ce.reset();
     car.reset();
     if (abort_flag != nullptr) cudaFree(abort_flag);
     if (abort_one != nullptr) cudaFreeHost(abort_one);
@@ -132,6 +135,8 @@ struct NcclCommunicator::Impl {
     if (scratch != nullptr) cudaFree(scratch);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
+
+  bool UseCopyEngine() const { return ce != nullptr && mode.load() == AllReduceMode::kCopy; }
 
   bool UseCustom(size_t count, DataType dtype) const {
     return car != nullptr && mode.load() != AllReduceMode::kNccl && car->Fits(count, dtype);
@@ -433,6 +438,31 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(
                     << " but the custom all-reduce is unavailable (" << why_not
                     << "): NCCL runs every all-reduce";
     }
+    if (impl->car != nullptr) {
+      // The copy-engine all-reduce rides on the custom one's buffers. The ranks must agree on
+      // using it: each sends whether its mode asks for it ('1'/'0') and why it cannot run.
+      std::string ce_why;
+      impl->ce = CopyEngineAllReduce::Create(*impl->car, impl->device, &ce_why);
+      const char want = *mode == AllReduceMode::kCopy ? '1' : '0';
+      auto all = control.AllGather(std::string(1, want) + ce_why, setup_timeout);
+      if (!all.ok()) return all.status();
+      for (int r = 0; r < impl->world_size && ce_why.empty(); ++r) {
+        const std::string& theirs = (*all)[r];
+        if (theirs.empty() || theirs[0] != want) {
+          ce_why = absl::StrCat("rank ", r, " has another PHISHARD_TP_ALLREDUCE");
+        } else if (theirs.size() > 1) {
+          ce_why = absl::StrCat("rank ", r, ": ", theirs.substr(1));
+        }
+      }
+      if (!ce_why.empty()) {
+        impl->ce.reset();
+        if (*mode == AllReduceMode::kCopy) {
+          PHI_LOG(INFO) << "rank " << impl->rank << ": PHISHARD_TP_ALLREDUCE=copy but the "
+                        << "copy-engine all-reduce is unavailable (" << ce_why
+                        << "): the custom kernel runs the overlapped all-reduces";
+        }
+      }
+    }
   }
   return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(std::move(impl)));
 }
@@ -499,6 +529,21 @@ absl::Status NcclCommunicator::EnqueueAllReduceSum(void* data, size_t count, Dat
       absl::StrCat("all-reduce of ", count, " ", DataTypeName(dtype), " elements"), r);
 }
 
+absl::Status NcclCommunicator::EnqueueOverlappedAllReduceSum(void* data, size_t count,
+                                                             DataType dtype, void* stream) {
+  {
+    absl::MutexLock lock(&impl_->op_mu);
+    if (impl_->UseCopyEngine()) {
+      if (absl::Status s = impl_->BeginLocked("all-reduce"); !s.ok() || count == 0) return s;
+      absl::Status s = impl_->ce->Enqueue(data, count, dtype, static_cast<cudaStream_t>(stream));
+      // A refused capture enqueued nothing: the group is still in step.
+      if (s.ok() || s.code() == absl::StatusCode::kFailedPrecondition) return s;
+      return impl_->FailLocked(s.code(), std::string(s.message()));
+    }
+  }
+  return EnqueueAllReduceSum(data, count, dtype, stream);
+}
+
 absl::Status NcclCommunicator::EnqueueAllGather(const void* send, void* recv, size_t count,
                                                 DataType dtype, void* stream) {
   const size_t esize = DataTypeSize(dtype);
@@ -538,6 +583,14 @@ bool NcclCommunicator::custom_all_reduce_ready() const { return impl_->car != nu
 
 bool NcclCommunicator::UsesCustomAllReduce(size_t count, DataType dtype) const {
   return impl_->UseCustom(count, dtype);
+}
+
+bool NcclCommunicator::copy_engine_all_reduce_ready() const { return impl_->ce != nullptr; }
+
+bool NcclCommunicator::UsesCopyEngineAllReduce() const { return impl_->UseCopyEngine(); }
+
+void NcclCommunicator::set_copy_engine_piece_bytes(size_t bytes) {
+  if (impl_->ce != nullptr) impl_->ce->set_piece_bytes(bytes);
 }
 
 void NcclCommunicator::set_all_reduce_mode(AllReduceMode mode) { impl_->mode.store(mode); }

@@ -43,6 +43,10 @@ class NcclCommunicator final : public Communicator {
   // Stream-ordered (communicator.h): NCCL on the caller's stream, capturable in CUDA graphs; each
   // returns once NCCL has posted the operation (the non-blocking communicator may take a moment).
   absl::Status EnqueueAllReduceSum(void* data, size_t count, DataType dtype, void* stream) override;
+  // Under PHISHARD_TP_ALLREDUCE=copy (and the custom all-reduce ready): the copy-engine
+  // all-reduce (parallel/copy_engine_all_reduce.h); otherwise EnqueueAllReduceSum.
+  absl::Status EnqueueOverlappedAllReduceSum(void* data, size_t count, DataType dtype,
+                                             void* stream) override;
   absl::Status EnqueueAllGather(const void* send, void* recv, size_t count, DataType dtype,
                                 void* stream) override;
   // Polls `stream` and ncclCommGetAsyncError (yielding, no sleep for the first 200 ms) until the
@@ -57,6 +61,11 @@ class NcclCommunicator final : public Communicator {
   bool custom_all_reduce_ready() const;
   // Whether EnqueueAllReduceSum(count, dtype) would run the custom kernel now.
   bool UsesCustomAllReduce(size_t count, DataType dtype) const;
+  bool copy_engine_all_reduce_ready() const;
+  // Whether EnqueueOverlappedAllReduceSum would run the copy-engine all-reduce now.
+  bool UsesCopyEngineAllReduce() const;
+  // Tests: the copy-engine all-reduce's piece size (CopyEngineAllReduce::set_piece_bytes).
+  void set_copy_engine_piece_bytes(size_t bytes);
   // Switches the mode after set-up (tests, benchmarks). Every rank must switch alike between the
   // same two collectives, or their all-reduces would not pair up.
   void set_all_reduce_mode(AllReduceMode mode);

@@ -2,41 +2,13 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/custom_all_reduce_cuda.h"
+#include "kernels/cuda/peer_sync.cuh"
 
 namespace phishard {
 namespace {
 
-__device__ __forceinline__ void StoreReleaseSys(uint32_t* addr, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ uint32_t LoadAcquireSys(const uint32_t* addr) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(addr) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ uint64_t GlobalTimerNs() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// Sum of two packs of kVec elements of T, each element float(a) + float(b) rounded once.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-template <typename T, int kVec>
-__device__ __forceinline__ Pack<T, kVec> AddPack(const Pack<T, kVec>& a, const Pack<T, kVec>& b) {
-  Pack<T, kVec> r;
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) {
-    r.v[k] = cuda::FromFloat<T>(cuda::ToFloat(a.v[k]) + cuda::ToFloat(b.v[k]));
-  }
-  return r;
-}
+using cuda::AddPack;
+using cuda::Pack;
 
 // One block: thread 0 signals the peer's block and waits for it; returns false when the wait was
 // given up (abort or timeout; the error code is written).
@@ -46,25 +18,8 @@ __device__ bool Barrier(const CustomAllReduceParams& p, uint32_t epoch) {
   if (threadIdx.x == 0) {
     const int b = blockIdx.x;
     __threadfence_system();
-    StoreReleaseSys(p.peer_flags + b, epoch);
-    const uint64_t start = GlobalTimerNs();
-    int status = kCustomAllReduceOk;
-    for (uint32_t it = 0;; ++it) {
-      if (static_cast<int32_t>(LoadAcquireSys(p.own_flags + b) - epoch) >= 0) break;
-      // Both checks are local (device memory, the SM's timer): nothing in this loop may take
-      // long once the peer's flag is there. (A read of mapped host memory here once cost
-      // ~100 us; a rank stalled so was late at the next call, where its peer stalled in turn.)
-      if ((it & 15) == 15) {
-        if (*static_cast<const volatile int*>(p.abort_flag) != 0) {
-          status = kCustomAllReduceAborted;
-          break;
-        }
-        if (GlobalTimerNs() - start > p.timeout_ns) {
-          status = kCustomAllReduceTimedOut;
-          break;
-        }
-      }
-    }
+    cuda::StoreReleaseSys(p.peer_flags + b, epoch);
+    const int status = cuda::WaitPeerFlag(p.own_flags + b, epoch, p.abort_flag, p.timeout_ns);
     if (status != kCustomAllReduceOk) {
       *static_cast<volatile int*>(p.error) = status;
       __threadfence_system();
