@@ -10,9 +10,6 @@
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -34,6 +31,8 @@ using peer_test::FirstDiff;
 using peer_test::MakePartial;
 using peer_test::Partial;
 using peer_test::ReferenceSum;
+using ::phishard::testing::ExitCodes;
+using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;
 
 constexpr int kSkip = 77;   // child exit code: fewer than two GPUs
@@ -352,31 +351,8 @@ class Rank {
 
 std::vector<int> RunTwoRanks(Case which, absl::Duration limit) {
   const int port = FreeLoopbackPort();
-  std::vector<pid_t> kids;
-  for (int r = 0; r < 2; ++r) {
-    pid_t pid = fork();
-    if (pid == 0) {
-      const int code = Rank(r, port).Run(which);
-      std::fflush(stdout);
-      _exit(code);
-    }
-    kids.push_back(pid);
-  }
-  std::vector<int> codes(2, -1);
-  const absl::Time deadline = absl::Now() + limit;
-  for (int r = 0; r < 2; ++r) {
-    int status = 0;
-    while (waitpid(kids[r], &status, WNOHANG) == 0) {
-      if (absl::Now() > deadline) {
-        kill(kids[r], SIGKILL);
-        waitpid(kids[r], &status, 0);
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    codes[r] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-  return codes;
+  return ExitCodes(ForkRanks(
+      2, [&](int r) { return Rank(r, port).Run(which); }, limit));
 }
 
 void Check(const std::vector<int>& codes) {
