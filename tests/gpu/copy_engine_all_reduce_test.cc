@@ -34,6 +34,7 @@ using peer_test::ReferenceSum;
 using ::phishard::testing::ExitCodes;
 using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;
+using ::phishard::testing::LoopbackOptions;
 
 constexpr int kSkip = 77;   // child exit code: fewer than two GPUs
 constexpr int kNoP2p = 78;  // child exit code: no custom / copy-engine all-reduce on these GPUs
@@ -47,13 +48,7 @@ class Rank {
   int Run(Case which) {
     int visible = 0;
     if (cudaGetDeviceCount(&visible) != cudaSuccess || visible < 2) return kSkip;
-    RendezvousOptions o;
-    o.rank = rank_;
-    o.world_size = 2;
-    o.master_addr = "127.0.0.1";
-    o.master_port = port_;
-    o.timeout = absl::Seconds(60);
-    auto control = Rendezvous(o);
+    auto control = Rendezvous(LoopbackOptions(rank_, 2, port_, absl::Seconds(60)));
     if (!control.ok()) return Fail(std::string(control.status().message()));
     const absl::Duration op_timeout =
         which == Case::kDeadline ? absl::Seconds(2) : absl::Seconds(30);
