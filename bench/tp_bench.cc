@@ -4,8 +4,19 @@
 // twice: as served, and with every collective skipped (CudaPhiModel::set_tp_skip_collectives:
 // wrong logits, same kernels), so `comm %` = 1 - skipped / served is the share of the step spent
 // in (and waiting at) the all-reduces and the logits all-gather.
+// Decode cases run once per --decode-modes entry, each the way a caller takes the logits:
+//   view   ForwardView: logits left in the pinned staging buffer (the server's batch engine for
+//          sampled rows, and phishard_bench's "graph" rows);
+//   copy   Forward: the same, then copied into a std::vector (the tool's only mode before
+//          2026-11-29: at b128 the copy of 26 MB is ~1 ms of host time that no world size shares);
+//   greedy ForwardGreedy with every row marked (the engine's plain-greedy rows: token choice on
+//          the device, (id, logprob) pairs downloaded).
+// Each decode row also gives the device time of the step (CudaPhiModel::set_step_timing: inputs
+// upload to logits download), and the timed steps run inside an NVTX range
+// "r<rank>-<case>-<served|compute>" (ncu --nvtx --nvtx-include picks one rank's kernels).
 //
-//   phishard_tp_bench [--tp 1,2] [--batches 1,32,128] [--context 1024]
+//   phishard_tp_bench [--tp 1,2] [--batches 1,32,128] [--context 1024] [--decode-modes view]
+//                     [--mlp-tp -1]
 //                     [--prefills 1x2048,8x2048] [--prefill-chunks 1,2]
 //                     [--prefill-min-rows 4096] [--allreduce-modes auto,copy] [--json out.json]
 // --prefill-chunks: at W > 1 each prefill case once per value (CudaModelOptions::
@@ -48,6 +59,7 @@
 #include "model/kv_cache.h"
 #include "model/phi_config.h"
 #include "nlohmann/json.hpp"
+#include "nvtx3/nvToolsExt.h"
 #include "parallel/nccl_communicator.h"
 #include "parallel/rendezvous.h"
 
@@ -85,6 +97,13 @@ using bench::ParseInts;
 
 struct Options {
   std::vector<int> batches;
+  std::vector<std::string> decode_modes = {"view"};
+  // At W > 1 each decode case once per value: 0 = one stream (the default), 1 / 2 = the MLP
+  // branch on its own stream in mode 1 (fc1) / 2 (fc1 + fc2) (CudaModelOptions::
+  // mlp_stream_sharded, mlp_stream), joined after attention; 3 / 4 = mode 2 joined before
+  // attention, fc2 on the branch / on the main stream (set_mlp_stream_sharded's join 1 / 2).
+  // -1: as the model was created (environment).
+  std::vector<int> mlp_tp = {-1};
   int context = 1024;
   std::vector<std::pair<int, int>> prefills;
   std::vector<int> prefill_chunks = {kTpPrefillChunksDefault};
@@ -95,23 +114,51 @@ struct Options {
   double fraction = 0.85;
 };
 
-// Times `step` (one Forward) as the median of `reps` after `warm` untimed calls.
-double TimeSteps(CudaPhiModel& m, const ForwardBatch& b, int warm, int reps) {
-  std::vector<float> logits;
-  for (int i = 0; i < warm; ++i) TPB_OK(m.Forward(b, &logits));
-  std::vector<double> ms;
+struct Timing {
+  double host_ms = 0;  // median host-clock time of one call, as its caller sees it
+  double dev_ms = 0;   // median device time of its step (0 when the model did not time it)
+};
+
+// Times one step call (`mode`: "view", "copy", "greedy", see the header; prefill steps always
+// "copy") as the median of `reps` after `warm` untimed calls, the timed ones inside NVTX `range`.
+Timing TimeSteps(CudaPhiModel& m, const ForwardBatch& b, const std::string& mode, int warm,
+                 int reps, const std::string& range) {
+  std::vector<float> copied;
+  absl::Span<const float> logits;
+  absl::Span<const GreedyPick> picks;
+  auto step = [&] {
+    if (mode == "view") {
+      TPB_OK(m.ForwardView(b, &logits));
+    } else if (mode == "greedy") {
+      TPB_OK(m.ForwardGreedy(b, &logits, &picks));
+    } else {
+      TPB_OK(m.Forward(b, &copied));
+      logits = absl::MakeConstSpan(copied);
+    }
+  };
+  for (int i = 0; i < warm; ++i) step();
+  std::vector<double> ms, dev;
+  nvtxRangePushA(range.c_str());
   for (int i = 0; i < reps; ++i) {
     const auto t0 = Clock::now();
-    TPB_OK(m.Forward(b, &logits));
+    step();
     ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    dev.push_back(m.last_step_device_ms());
   }
+  nvtxRangePop();
   for (float x : logits) {
     if (!std::isfinite(x)) {
       std::fprintf(stderr, "phishard_tp_bench: non-finite logits\n");
       _exit(1);
     }
   }
-  return Median(ms);
+  for (const GreedyPick& p : picks) {
+    if (p.id < 0 || !std::isfinite(p.logprob)) {
+      std::fprintf(stderr, "phishard_tp_bench: bad greedy pick (%d, %g)\n", p.id, p.logprob);
+      _exit(1);
+    }
+  }
+  return {Median(ms), Median(dev)};
 }
 
 ForwardBatch DecodeBatch(int batch, int ctx, int vocab) {
@@ -126,6 +173,7 @@ ForwardBatch DecodeBatch(int batch, int ctx, int vocab) {
     b.seqs.push_back({.num_new_tokens = 1, .context_len = ctx, .block_table = table});
     b.logit_rows.push_back(s);
   }
+  b.greedy_rows.assign(batch, 1);  // read by ForwardGreedy only
   return b;
 }
 
@@ -193,24 +241,47 @@ int RankMain(int rank, int world, int port, const Options& o, const std::string&
   const double setup_s = std::chrono::duration<double>(Clock::now() - t0).count();
   const int V = config->vocab_size;
 
+  m.set_step_timing(true);
   json rows = json::array();
-  auto both = [&](const ForwardBatch& b, int warm, int reps, json row) {
-    row["ms"] = TimeSteps(m, b, warm, reps);
+  auto both = [&](const ForwardBatch& b, const std::string& mode, int warm, int reps,
+                  const std::string& name, json row) {
+    // "-compute": the steps without collectives (all of them at W = 1), so one ncu filter
+    // (--nvtx-include "r0-<case>-compute/") picks the same kernels at every world size.
+    const std::string range = absl::StrFormat("r%d-%s", rank, name);
+    const Timing served =
+        TimeSteps(m, b, mode, warm, reps, range + (world > 1 ? "-served" : "-compute"));
+    Timing skipped = served;
     if (world > 1) {
       m.set_tp_skip_collectives(true);
-      row["ms_no_comm"] = TimeSteps(m, b, warm, reps);
+      skipped = TimeSteps(m, b, mode, warm, reps, range + "-compute");
       m.set_tp_skip_collectives(false);
-    } else {
-      row["ms_no_comm"] = row["ms"];
     }
-    row["comm_share"] = 1.0 - row["ms_no_comm"].get<double>() / row["ms"].get<double>();
+    row["ms"] = served.host_ms;
+    row["dev_ms"] = served.dev_ms;
+    row["ms_no_comm"] = skipped.host_ms;
+    row["dev_ms_no_comm"] = skipped.dev_ms;
+    row["comm_share"] = 1.0 - skipped.host_ms / served.host_ms;
     rows.push_back(row);
   };
+  const int mlp_mode0 = m.mlp_stream_mode();
   for (int b : o.batches) {
     const int need = b * KvBlockAllocator::BlocksFor(o.context);
     if (need > m.kv_num_blocks()) continue;
-    both(DecodeBatch(b, o.context, V), 3, o.steps,
-         {{"kind", "decode"}, {"batch", b}, {"context", o.context}});
+    for (int mlp : world > 1 ? o.mlp_tp : std::vector<int>{-1}) {
+      if (mlp >= 0) {
+        m.set_mlp_stream_sharded(mlp > 0, mlp >= 3 ? mlp - 2 : 0);
+        TPB_OK(m.set_mlp_stream_mode(mlp == 0 ? mlp_mode0 : mlp == 1 ? 1 : 2));
+      }
+      for (const std::string& mode : o.decode_modes) {
+        both(DecodeBatch(b, o.context, V), mode, 3, o.steps,
+             absl::StrFormat("b%d-%s-mlp%d", b, mode, mlp),
+             {{"kind", "decode"},
+              {"batch", b},
+              {"context", o.context},
+              {"mode", mode},
+              {"mlp_tp", mlp}});
+      }
+    }
   }
   for (auto [s, l] : o.prefills) {
     if (s * KvBlockAllocator::BlocksFor(l) > m.kv_num_blocks()) continue;
@@ -225,7 +296,8 @@ int RankMain(int rank, int world, int port, const Options& o, const std::string&
           TPB_OK(parsed.status());
           comm->set_all_reduce_mode(*parsed);
         }
-        both(PrefillBatch(s, l, V), 1, std::max(3, o.steps / 4),
+        both(PrefillBatch(s, l, V), "copy", 1, std::max(3, o.steps / 4),
+             absl::StrFormat("prefill%dx%d-c%d%s%s", s, l, chunks, mode.empty() ? "" : "-", mode),
              {{"kind", "prefill"},
               {"batch", s},
               {"tokens", l},
@@ -235,6 +307,9 @@ int RankMain(int rank, int world, int port, const Options& o, const std::string&
       }
     }
   }
+  // Leave together: a rank that exits while its peer is still in a step (a profiled rank runs
+  // much slower) would make the peer's abort watch fail that step.
+  if (comm != nullptr) TPB_OK(comm->Barrier());
   if (rank == 0) {
     json j = {{"world", world},
               {"setup_s", setup_s},
@@ -376,12 +451,21 @@ int Main(int argc, char** argv) {
   app.add_option("--tp", tp, "world sizes to run, one after the other");
   app.add_option("--batches", batches, "decode batch sizes");
   app.add_option("--context", o.context, "decode context");
+  std::string decode_modes = "view";
+  app.add_option("--decode-modes", decode_modes,
+                 "how decode steps take their logits: view (ForwardView, as the server), copy "
+                 "(Forward into a vector), greedy (ForwardGreedy, every row greedy)");
   app.add_option("--prefills", prefills, "prefill cases SEQSxLEN");
   app.add_option("--steps", o.steps, "timed decode steps per case (median)");
   app.add_option("--layers", o.layers, "decoder layers (Phi-2: 32)");
   app.add_option("--memory-fraction", o.fraction, "device memory each rank may use");
   std::string prefill_chunks = absl::StrCat(kTpPrefillChunksDefault);
   app.add_option("--prefill-chunks", prefill_chunks, "tp_prefill_chunks values to time at W > 1");
+  std::string mlp_tp = "-1";
+  app.add_option("--mlp-tp", mlp_tp,
+                 "at W > 1, decode cases once per value: 0 one stream, 1 / 2 the MLP branch on "
+                 "its own stream in mode 1 / 2, 3 / 4 mode 2 joined before attention (fc2 on the "
+                 "branch / main stream), -1 as created (PHISHARD_MLP_STREAM[_TP])");
   app.add_option("--prefill-min-rows", o.prefill_min_rows, "tp_prefill_min_rows (rows a chunk)");
   std::string allreduce_modes;
   app.add_option("--allreduce-modes", allreduce_modes,
@@ -392,6 +476,13 @@ int Main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   if (!checkpoint.empty()) return WriteCheckpoint(checkpoint, o.layers, tokenizer_dir);
   o.batches = ParseInts(batches);
+  o.decode_modes = absl::StrSplit(decode_modes, ',', absl::SkipEmpty());
+  for (const std::string& mode : o.decode_modes) {
+    if (mode != "view" && mode != "copy" && mode != "greedy") {
+      std::fprintf(stderr, "--decode-modes: '%s' is not view, copy or greedy\n", mode.c_str());
+      return 2;
+    }
+  }
   o.prefill_chunks = ParseInts(prefill_chunks);
   for (absl::string_view m : absl::StrSplit(allreduce_modes, ',', absl::SkipEmpty())) {
     if (!ParseAllReduceMode(std::string(m)).ok()) {
@@ -400,6 +491,13 @@ int Main(int argc, char** argv) {
       return 2;
     }
     o.allreduce_modes.emplace_back(m);
+  }
+  o.mlp_tp = ParseInts(mlp_tp);
+  for (int v : o.mlp_tp) {
+    if (v < -1 || v > 4) {
+      std::fprintf(stderr, "--mlp-tp: %d is not in -1..4\n", v);
+      return 2;
+    }
   }
   for (absl::string_view p : absl::StrSplit(prefills, ',', absl::SkipEmpty())) {
     std::vector<std::string> ab = absl::StrSplit(p, 'x');
@@ -430,18 +528,25 @@ int Main(int argc, char** argv) {
   }
   // Table: one line per case (prefills once per chunk count), one column group per world size.
   std::printf("\n%-26s", "case");
-  for (const json& w : all) std::printf(" | TP=%-2d ms   comm%%  x TP1", w["world"].get<int>());
+  for (const json& w : all) {
+    std::printf(" | TP=%-2d ms    dev ms  comm%%  x TP1", w["world"].get<int>());
+  }
   std::printf("\n");
   std::map<std::string, double> tp1;
   auto key = [](const json& r) {
     return r["kind"] == "decode"
-               ? absl::StrFormat("decode b%d ctx%d", r["batch"].get<int>(), r["context"].get<int>())
+               ? absl::StrFormat("decode b%d ctx%d %s", r["batch"].get<int>(),
+                                 r["context"].get<int>(), r["mode"].get<std::string>())
                : absl::StrFormat("prefill %dx%d", r["batch"].get<int>(), r["tokens"].get<int>());
   };
   auto line_key = [&](const json& r) {
-    if (r["kind"] == "decode") return key(r);
-    const std::string mode = r.value("allreduce", std::string());
-    return absl::StrCat(key(r), " c", r["chunks_run"].get<int>(), mode.empty() ? "" : " ", mode);
+    if (r["kind"] != "decode") {
+      const std::string mode = r.value("allreduce", std::string());
+      return absl::StrCat(key(r), " c", r["chunks_run"].get<int>(), mode.empty() ? "" : " ",
+                          mode);
+    }
+    const int mlp = r["mlp_tp"].get<int>();
+    return mlp < 0 ? key(r) : absl::StrCat(key(r), " mlp", mlp);
   };
   for (const json& r : all[0]["rows"]) tp1[key(r)] = r["ms"].get<double>();
   std::vector<std::string> lines;
@@ -460,15 +565,19 @@ int Main(int argc, char** argv) {
         if (line_key(r) != k || found) continue;
         found = true;
         const double ms = r["ms"].get<double>();
-        std::printf(" | %9.3f %6.1f %6.2f", ms, 100.0 * r["comm_share"].get<double>(),
+        std::printf(" | %9.3f %8.3f %6.1f %6.2f", ms, r["dev_ms"].get<double>(),
+                    100.0 * r["comm_share"].get<double>(),
                     all[0]["world"] == 1 && tp1.count(key(r)) ? tp1[key(r)] / ms : 0.0);
       }
-      if (!found) std::printf(" | %9s %6s %6s", "-", "-", "-");
+      if (!found) std::printf(" | %9s %8s %6s %6s", "-", "-", "-", "-");
     }
     std::printf("\n");
   }
   std::printf("(prefill cN: ran in N row chunks; comm%% with the chunking kept: exposed comm)\n");
   std::printf("(x TP1 = TP=1 time / this time: speed-up; decode tok/s scale the same way)\n");
+  std::printf(
+      "(dev ms = device time of the step, inputs upload to logits download; decode modes: "
+      "view = ForwardView, copy = Forward, greedy = ForwardGreedy; prefills: copy)\n");
   if (!json_path.empty()) {
     std::ofstream f(json_path);
     f << json{{"worlds", all}}.dump(1) << "\n";

@@ -274,6 +274,21 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
     }
     m->prefill_mlp_fork_ = s == "1";
   }
+  m->mlp_join_sharded_ = options.mlp_join_sharded;
+  if (m->mlp_join_sharded_ < 0) {
+    m->mlp_join_sharded_ = 0;
+    if (const char* v = std::getenv("PHISHARD_MLP_JOIN_TP"); v != nullptr && *v != '\0') {
+      const std::string_view s(v);
+      if (s != "0" && s != "1" && s != "2") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("environment variable PHISHARD_MLP_JOIN_TP='", v, "' must be 0, 1 or 2"));
+      }
+      m->mlp_join_sharded_ = s[0] - '0';
+    }
+  } else if (m->mlp_join_sharded_ > 2) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("mlp_join_sharded = %d must be 0, 1 or 2", m->mlp_join_sharded_));
+  }
   int mlp_mode = options.mlp_stream;
   if (mlp_mode < 0) {
     mlp_mode = kMlpStreamDefault;

@@ -105,6 +105,11 @@ struct CudaModelOptions {
   // the fork was on main against 10.5-10.6 in the TP runs before it (suspected: each layer's
   // all-reduce waits for the slower rank, whose two branches race; docs/perf-log.md).
   int mlp_stream_sharded = -1;
+  // Where a sharded step's MLP branch joins the main stream: 0 after attention (as unsharded
+  // steps); 1 before attention (the branch runs beside qkv and rotary only, attention ends the
+  // layer alone on every rank); 2 as 1 with fc2 on the main stream after the join (mode 2 only).
+  // -1: PHISHARD_MLP_JOIN_TP when set, else 0.
+  int mlp_join_sharded = -1;
   // Tensor parallelism (spec §6.8-6.9, docs/tensor-parallel.md): the group's device communicator
   // (NCCL; not owned, must outlive the model), or nullptr / world size 1 for an unsharded model.
   // The model then holds rank comm->rank()'s slices (MakePhiShard) and runs on `device`, which
@@ -181,6 +186,11 @@ class CudaPhiModel final : public ModelBackend {
   // Benchmarks only: skip every collective (wrong results; every rank must set the same value).
   // Times a step without its all-reduces. Drops graphs.
   void set_tp_skip_collectives(bool on);
+  // CudaModelOptions::mlp_stream_sharded from the next step on (every rank the same). `join`: 0
+  // the branch joins after attention; 1 before it (the branch runs beside qkv and rotary only,
+  // attention ends the layer alone); 2 as 1 with fc2 on the main stream after the join (mode 2).
+  // Drops graphs.
+  void set_mlp_stream_sharded(bool on, int join = 0);
   // CudaModelOptions::tp_prefill_chunks / tp_prefill_min_rows from the next step on (chunks in
   // [1, kMaxPrefillChunks], min_rows >= 1); every rank must set the same values.
   absl::Status set_tp_prefill_chunks(int chunks, int min_rows);
@@ -393,6 +403,7 @@ class CudaPhiModel final : public ModelBackend {
   bool prefill_mlp_fork_ = true;   // set_prefill_mlp_fork
   int64_t prefill_last_rows_steps_ = 0;
   int64_t prefill_mlp_fork_steps_ = 0;
+  int mlp_join_sharded_ = 0;  // CudaModelOptions::mlp_join_sharded (set_mlp_stream_sharded)
   cudaStream_t mlp_stream_ = nullptr;
   std::unique_ptr<CudaGemm> mlp_gemm_;
   DeviceEvent* mlp_fork_ev_ = nullptr;

@@ -152,11 +152,15 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                          (!lora || lora_->BranchHooks()));
   const bool fc2_on_branch = mlp_fork && !prefill_fork && mlp_mode_ == kMlpStreamFc1Fc2;
   if (prefill_fork) ++prefill_mlp_fork_steps_;
-  // Steps with adapter rows may join the branch before attention (CudaLora::JoinBeforeAttention).
-  const bool join_early = mlp_fork && !prefill_fork && lora && lora_->JoinBeforeAttention();
+  // Steps with adapter rows may join the branch before attention (CudaLora::JoinBeforeAttention),
+  // sharded base steps too (set_mlp_stream_sharded).
+  const bool join_early =
+      mlp_fork && !prefill_fork &&
+      (lora ? lora_->JoinBeforeAttention() : shard_.sharded() && mlp_join_sharded_ > 0);
   // ... and then run fc2's GEMM on the main stream before attention, its delta on the branch
   // beside attention (CudaLora::Fc2DeltaBesideAttention).
-  const bool fc2_main = join_early && fc2_on_branch && lora_->Fc2DeltaBesideAttention();
+  const bool fc2_main = join_early && fc2_on_branch &&
+                        (lora ? lora_->Fc2DeltaBesideAttention() : mlp_join_sharded_ == 2);
   // The MLP branch's fc1 (and fc2) done before anything after this reads mlp or h.
   auto mlp_join = [&]() -> absl::Status {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));

@@ -44,6 +44,12 @@ void CudaPhiModel::set_tp_skip_collectives(bool on) {
   DropGraphs();
 }
 
+void CudaPhiModel::set_mlp_stream_sharded(bool on, int join) {
+  mlp_sharded_ = on;
+  mlp_join_sharded_ = join;
+  DropGraphs();
+}
+
 absl::Status CudaPhiModel::TpAllReduce(void* data, int rows, const char* what) {
   if (comm_ == nullptr || tp_skip_collectives_ || rows == 0) return absl::OkStatus();
   absl::Status st = comm_->EnqueueAllReduceSum(

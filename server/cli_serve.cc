@@ -92,11 +92,12 @@ absl::Status CheckLoraTuningEnvironment() {
           absl::StrCat("environment variable ", name, "='", v, "' must be 0 or 1"));
     }
   }
-  if (const char* v = std::getenv("PHISHARD_MLP_STREAM"); v != nullptr && *v != '\0') {
-    const std::string_view s(v);
-    if (s != "0" && s != "1" && s != "2") {
+  for (const char* name : {"PHISHARD_MLP_STREAM", "PHISHARD_MLP_JOIN_TP"}) {
+    const char* v = std::getenv(name);
+    const std::string_view s(v == nullptr ? "" : v);
+    if (!s.empty() && s != "0" && s != "1" && s != "2") {
       return absl::InvalidArgumentError(
-          absl::StrCat("environment variable PHISHARD_MLP_STREAM='", v, "' must be 0, 1 or 2"));
+          absl::StrCat("environment variable ", name, "='", v, "' must be 0, 1 or 2"));
     }
   }
   int rows = 0;

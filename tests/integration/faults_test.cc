@@ -326,6 +326,7 @@ TEST(Faults, BadLoraTuningValueIsRefusedAtStartup) {
            {"PHISHARD_LORA_FUSED", "yes"},
            {"PHISHARD_MLP_STREAM", "3"},
            {"PHISHARD_MLP_STREAM_TP", "2"},
+           {"PHISHARD_MLP_JOIN_TP", "3"},
            {"PHISHARD_TP_PREFILL_CHUNKS", "0"}}) {
     TempDir dir;
     integration::ShardProcess p(integration::BinaryPath(),
