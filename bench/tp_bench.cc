@@ -23,7 +23,12 @@
 // tp_prefill_chunks: 1 = whole, N = N row chunks with overlapped all-reduces); TP=1 runs it whole.
 // --allreduce-modes: at W > 1 each prefill case (and chunk count) once per PHISHARD_TP_ALLREDUCE
 // value, switched on every rank alike between cases (NcclCommunicator::set_all_reduce_mode); the
-// table names the mode after the chunk count. Unset: the environment's mode only.
+// table names the mode after the chunk count. Unset: the environment's mode only. `copy` runs
+// only where the step is chunked (whole steps run it exactly as `custom`).
+// --prefill-forms: at W > 1 each prefill case once per value, a bit mask of
+// CudaPhiModel::set_prefill_sharded_forms: 1 = fc1 on the MLP stream (whole steps), 2 = the
+// trimmed last layer (the logit rows only); -1 = as the model was created. TP=1 runs both forms
+// (its defaults). The table names it "f<mask>" after the mode.
 //   phishard_tp_bench --write-checkpoint DIR [--layers 32] [--tokenizer-dir D]
 //     writes a Phi-2-shaped random bf16 checkpoint (config.json, model.safetensors, the
 //     tokenizer files of D) for serving tests without a download.
@@ -58,6 +63,7 @@
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
 #include "model/phi_config.h"
+#include "model/tp_prefill_split.h"
 #include "nlohmann/json.hpp"
 #include "nvtx3/nvToolsExt.h"
 #include "parallel/nccl_communicator.h"
@@ -109,6 +115,7 @@ struct Options {
   std::vector<int> prefill_chunks = {kTpPrefillChunksDefault};
   int prefill_min_rows = kTpPrefillMinRowsDefault;
   std::vector<std::string> allreduce_modes;  // empty: leave the communicator's mode alone
+  std::vector<int> prefill_forms = {-1};
   int steps = 20;
   int layers = 32;
   double fraction = 0.85;
@@ -290,20 +297,27 @@ int RankMain(int rank, int world, int port, const Options& o, const std::string&
       const std::vector<std::string> modes = world > 1 && !o.allreduce_modes.empty()
                                                  ? o.allreduce_modes
                                                  : std::vector<std::string>{""};
+      const bool chunked = SplitPrefillRows(s * l, chunks, o.prefill_min_rows).size() > 1;
       for (const std::string& mode : modes) {
+        if (mode == "copy" && !chunked) continue;  // the same step as `custom`
         if (!mode.empty()) {
           absl::StatusOr<AllReduceMode> parsed = ParseAllReduceMode(mode);
           TPB_OK(parsed.status());
           comm->set_all_reduce_mode(*parsed);
         }
-        both(PrefillBatch(s, l, V), "copy", 1, std::max(3, o.steps / 4),
-             absl::StrFormat("prefill%dx%d-c%d%s%s", s, l, chunks, mode.empty() ? "" : "-", mode),
-             {{"kind", "prefill"},
-              {"batch", s},
-              {"tokens", l},
-              {"chunks", chunks},
-              {"allreduce", mode}});
-        rows.back()["chunks_run"] = m.last_prefill_chunks();
+        for (int forms : world > 1 ? o.prefill_forms : std::vector<int>{-1}) {
+          if (forms >= 0) m.set_prefill_sharded_forms((forms & 1) != 0, (forms & 2) != 0);
+          both(PrefillBatch(s, l, V), "copy", 1, std::max(3, o.steps / 4),
+               absl::StrFormat("prefill%dx%d-c%d%s%s-f%d", s, l, chunks, mode.empty() ? "" : "-",
+                               mode, forms),
+               {{"kind", "prefill"},
+                {"batch", s},
+                {"tokens", l},
+                {"chunks", chunks},
+                {"allreduce", mode},
+                {"forms", forms}});
+          rows.back()["chunks_run"] = m.last_prefill_chunks();
+        }
       }
     }
   }
@@ -470,6 +484,10 @@ int Main(int argc, char** argv) {
   std::string allreduce_modes;
   app.add_option("--allreduce-modes", allreduce_modes,
                  "PHISHARD_TP_ALLREDUCE values to time each prefill with at W > 1");
+  std::string prefill_forms = "-1";
+  app.add_option("--prefill-forms", prefill_forms,
+                 "at W > 1, prefill cases once per value: a mask of set_prefill_sharded_forms (1 "
+                 "MLP fork, 2 trimmed last layer), -1 as created");
   app.add_option("--json", json_path, "also write every world's rows here");
   app.add_option("--write-checkpoint", checkpoint, "write a random checkpoint here and exit");
   app.add_option("--tokenizer-dir", tokenizer_dir, "tokenizer files for --write-checkpoint");
@@ -491,6 +509,13 @@ int Main(int argc, char** argv) {
       return 2;
     }
     o.allreduce_modes.emplace_back(m);
+  }
+  o.prefill_forms = ParseInts(prefill_forms);
+  for (int v : o.prefill_forms) {
+    if (v < -1 || v > 3) {
+      std::fprintf(stderr, "--prefill-forms: %d is not in -1..3\n", v);
+      return 2;
+    }
   }
   o.mlp_tp = ParseInts(mlp_tp);
   for (int v : o.mlp_tp) {
@@ -542,8 +567,9 @@ int Main(int argc, char** argv) {
   auto line_key = [&](const json& r) {
     if (r["kind"] != "decode") {
       const std::string mode = r.value("allreduce", std::string());
-      return absl::StrCat(key(r), " c", r["chunks_run"].get<int>(), mode.empty() ? "" : " ",
-                          mode);
+      const int forms = r.value("forms", -1);
+      return absl::StrCat(key(r), " c", r["chunks_run"].get<int>(), mode.empty() ? "" : " ", mode,
+                          forms < 0 ? "" : absl::StrCat(" f", forms));
     }
     const int mlp = r["mlp_tp"].get<int>();
     return mlp < 0 ? key(r) : absl::StrCat(key(r), " mlp", mlp);

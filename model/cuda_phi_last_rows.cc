@@ -65,11 +65,13 @@ LastRowsLayout MakeLastRowsLayout(const PhiConfig& c, int rows) {
 bool CudaPhiModel::PrefillLastRowsApplies(const ForwardBatch& batch) const {
   const int T = batch.num_tokens(), S = static_cast<int>(batch.seqs.size());
   const int R = static_cast<int>(batch.logit_rows.size());
-  // Sharded models (per-layer all-reduce of all rows, vocab-parallel logits) keep the full layer;
-  // so does a step whose logit rows are most of its rows (nothing to save). Steps with adapter
-  // rows add the trimmed rows' deltas over the lm_head's logit tiles (CudaLora::LastRows*).
-  if (!prefill_last_rows_ || (lora_->active() && !lora_->LastRowsSupported()) || shard_.sharded() ||
-      comm_ != nullptr || R == 0 || R != S || 2 * R > T) {
+  // Sharded models keep the full layer unless set_prefill_sharded_forms asks (then the trimmed
+  // rows' partials are all-reduced; steps with adapter rows stay whole); so does a step whose
+  // logit rows are most of its rows (nothing to save). Steps with adapter rows add the trimmed
+  // rows' deltas over the lm_head's logit tiles (CudaLora::LastRows*).
+  const bool sharded = shard_.sharded() || comm_ != nullptr;
+  if (!prefill_last_rows_ || (lora_->active() && !lora_->LastRowsSupported()) ||
+      (sharded && (!prefill_last_rows_tp_ || lora_->active())) || R == 0 || R != S || 2 * R > T) {
     return false;
   }
   const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
@@ -217,13 +219,18 @@ absl::Status CudaPhiModel::EnqueueLastLayerRows(const StepInputs& in, const int3
     PHI_RETURN_IF_ERROR(KernelResult(lora_->LastRowsAfterFc1(L - 1, normed_r, mlp_r, act, stream_),
                                      "last rows: lora fc1"));
   }
+  // Sharded: rank 0 adds its partial (and the biases) to the residual rows, the others write
+  // theirs, and one all-reduce of the R rows sums them (as the full layer does for every row).
   const GemmParams fc2 = linear(mlp_r, w.fc2_w, w.fc2_b, out, R, H, I, true, GemmEpilogue::kNone);
-  PHI_RETURN_IF_ERROR(
-      Linear(linear(attn_r, w.dense_w, w.dense_b, out, R, H, nH * hd, true, GemmEpilogue::kNone),
-             dt, "last rows: dense + fc2 gemm", &fc2));
-  if (!lora) return absl::OkStatus();
-  return KernelResult(lora_->LastRowsAfterResidual(L - 1, attn_r, mlp_r, out, stream_),
-                      "last rows: lora dense + fc2");
+  PHI_RETURN_IF_ERROR(Linear(linear(attn_r, w.dense_w, w.dense_b, out, R, H, nH * hd,
+                                    shard_.adds_row_parallel_bias(), GemmEpilogue::kNone),
+                             dt, "last rows: dense + fc2 gemm", &fc2));
+  if (lora) {
+    PHI_RETURN_IF_ERROR(
+        KernelResult(lora_->LastRowsAfterResidual(L - 1, attn_r, mlp_r, out, stream_),
+                     "last rows: lora dense + fc2"));
+  }
+  return TpAllReduce(out, R, "last rows all-reduce");  // no-op unsharded
 }
 
 }  // namespace phishard

@@ -263,6 +263,14 @@ class CudaPhiModel final : public ModelBackend {
   void set_prefill_mlp_fork(bool on) { prefill_mlp_fork_ = on; }
   bool prefill_mlp_fork() const { return prefill_mlp_fork_; }
   int64_t prefill_mlp_fork_steps() const { return prefill_mlp_fork_steps_; }  // steps that did
+  // Sharded prefill steps (issue #6) may use the two forms above as well: `mlp_fork` (unchunked
+  // steps; the all-reduce after dense + fc2 as before) and `last_rows` (steps without adapter
+  // rows; the trimmed rows' partial dense + fc2 then goes through one all-reduce of those rows).
+  // Off by default; each still needs its own switch above on.
+  void set_prefill_sharded_forms(bool mlp_fork, bool last_rows) {
+    prefill_mlp_fork_tp_ = mlp_fork;
+    prefill_last_rows_tp_ = last_rows;
+  }
   // The MLP branch's stream (CudaModelOptions::mlp_stream); a change drops the captured graphs.
   absl::Status set_mlp_stream_mode(int mode);
   int mlp_stream_mode() const { return mlp_mode_; }
@@ -403,7 +411,9 @@ class CudaPhiModel final : public ModelBackend {
   bool prefill_mlp_fork_ = true;   // set_prefill_mlp_fork
   int64_t prefill_last_rows_steps_ = 0;
   int64_t prefill_mlp_fork_steps_ = 0;
-  int mlp_join_sharded_ = 0;  // CudaModelOptions::mlp_join_sharded (set_mlp_stream_sharded)
+  int mlp_join_sharded_ = 0;          // CudaModelOptions::mlp_join_sharded (set_mlp_stream_sharded)
+  bool prefill_mlp_fork_tp_ = false;  // set_prefill_sharded_forms
+  bool prefill_last_rows_tp_ = false;  // set_prefill_sharded_forms
   cudaStream_t mlp_stream_ = nullptr;
   std::unique_ptr<CudaGemm> mlp_gemm_;
   DeviceEvent* mlp_fork_ev_ = nullptr;

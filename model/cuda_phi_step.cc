@@ -145,7 +145,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // at the H200's power cap 1x2048 ran 0.5 ms faster so (docs/perf-log.md, pre3 run 2). GEMM-form
   // LoRA prefill steps fork too, fc1's delta on the branch after AfterQkv (lora_fc1_branch).
   const bool prefill_fork = !in.decode && prefill_mlp_fork_ && mlp_mode_ != kMlpStreamOff &&
-                            (!lora || lora_->gemm_step()) && !shard_.sharded() &&
+                            (!lora || lora_->gemm_step()) &&
+                            (!shard_.sharded() || (prefill_mlp_fork_tp_ && !lora)) &&
                             in.chunks == nullptr;
   const bool mlp_fork = prefill_fork || (mlp_mode_ != kMlpStreamOff && in.decode &&
                                          (!shard_.sharded() || (mlp_sharded_ && !lora)) &&

@@ -19,14 +19,14 @@
 # (xz -9: its 64 MiB window folds the six binaries' identical kernels: 17 MB against 61 MB of gzip,
 # which with the tree would pass the 64 MiB a call carries).
 # Then: run(command="bash .dev-tp6/device_tp_targets_check.sh", carry=[".dev-tp6"],
-#           kind="nvidia-h200-x2", timeout_s=200)
-# Environment: PHISHARD_CHECK_BUDGET_S (default 165), TP_NCU=0 leaves the ncu table out,
+#           kind="nvidia-h200-x2", timeout_s=195)
+# Environment: PHISHARD_CHECK_BUDGET_S (default 160), TP_NCU=0 leaves the ncu table out,
 # TP_BENCH_ARGS / TP_BENCH_AGAIN_ARGS replace the two bench invocations' case lists.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/phishard-tp-targets}
 mkdir -p "$OUT"
-BUDGET=${PHISHARD_CHECK_BUDGET_S:-165}
+BUDGET=${PHISHARD_CHECK_BUDGET_S:-160}
 START=$(date +%s)
 ROOT=$(pwd)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -62,16 +62,18 @@ nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,temperature.gpu --fo
   -lms 500 > "$OUT/clocks.csv" 2> /dev/null &
 SMI=$!
 # Prefill row chunks 1-3 at 1x2048 too (min rows 496: up to 4 chunks of a 2,048-row step), each
-# with every all-reduce mode; decode in all three ways of taking the logits, at TP=2 with the
-# MLP branch off (0) and in modes 2 / 3 / 4 (--mlp-tp in tp_bench.cc).
+# with the all-reduce modes (auto runs as custom at W=2 with peer access; copy only on chunked
+# steps) and the sharded prefill forms off / on (--prefill-forms); decode in all three ways of
+# taking the logits, at TP=2 with the MLP branch off (0) and in modes 2 / 3 / 4 (--mlp-tp).
 # shellcheck disable=SC2206
 BENCH_ARGS=(${TP_BENCH_ARGS:---tp 1,2 --batches 1,32,128 --context 1024 --decode-modes view,copy,greedy
   --mlp-tp 0,2,3,4 --prefills 1x2048,8x2048 --prefill-chunks 1,2,3 --prefill-min-rows 496
-  --allreduce-modes auto,custom,copy,nccl})
+  --allreduce-modes custom,copy,nccl --prefill-forms 0,3})
 step tp-bench 80 bench.log "$B/phishard_tp_bench" "${BENCH_ARGS[@]}" --json "$OUT/tp_bench.json"
 # shellcheck disable=SC2206
-AGAIN_ARGS=(${TP_BENCH_AGAIN_ARGS:---tp 1,2 --batches 128 --context 1024 --decode-modes view
-  --prefills 1x2048 --prefill-chunks 1,2 --prefill-min-rows 496 --allreduce-modes custom,copy})
+AGAIN_ARGS=(${TP_BENCH_AGAIN_ARGS:---tp 1,2 --batches 128 --context 1024 --decode-modes view,greedy
+  --prefills 1x2048 --prefill-chunks 1,2 --prefill-min-rows 496 --allreduce-modes auto,copy
+  --prefill-forms 0,1,2,3})
 step tp-bench-again 30 bench.log "$B/phishard_tp_bench" "${AGAIN_ARGS[@]}"
 kill "$SMI" 2> /dev/null
 
