@@ -21,7 +21,8 @@
 # Then: run(command="bash .dev-tp6/device_tp_targets_check.sh", carry=[".dev-tp6"],
 #           kind="nvidia-h200-x2", timeout_s=195)
 # Environment: PHISHARD_CHECK_BUDGET_S (default 160), TP_NCU=0 leaves the ncu table out,
-# TP_BENCH_ARGS / TP_BENCH_AGAIN_ARGS replace the two bench invocations' case lists.
+# TP_TESTS names the test binaries (without _test) to run, TP_BENCH_ARGS / TP_BENCH_AGAIN_ARGS
+# replace the two bench invocations' case lists.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/phishard-tp-targets}
@@ -53,10 +54,9 @@ step_summary_header
 export -f served
 export B ROOT OUT
 
-step custom-all-reduce-test 40 tests.log "$B/custom_all_reduce_test"
-step copy-engine-test 40 tests.log "$B/copy_engine_all_reduce_test"
-step nccl-test 30 tests.log "$B/nccl_communicator_test"
-step tp-model-test 60 tests.log "$B/cuda_tp_model_test"
+for t in ${TP_TESTS:-custom_all_reduce copy_engine_all_reduce nccl_communicator cuda_tp_model}; do
+  step "$t" 60 tests.log "$B/${t}_test"
+done
 
 nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,temperature.gpu --format=csv \
   -lms 500 > "$OUT/clocks.csv" 2> /dev/null &
@@ -70,14 +70,15 @@ BENCH_ARGS=(${TP_BENCH_ARGS:---tp 1,2 --batches 1,32,128 --context 1024 --decode
   --mlp-tp 0,2,3,4 --prefills 1x2048,8x2048 --prefill-chunks 1,2,3 --prefill-min-rows 496
   --allreduce-modes custom,copy,nccl --prefill-forms 0,3})
 step tp-bench 80 bench.log "$B/phishard_tp_bench" "${BENCH_ARGS[@]}" --json "$OUT/tp_bench.json"
+kill "$SMI" 2> /dev/null
+
+step served-tiny 50 served.log bash -c 'served "$@"' _ "$ROOT/models/tiny-phi-code" tiny 2
+
 # shellcheck disable=SC2206
 AGAIN_ARGS=(${TP_BENCH_AGAIN_ARGS:---tp 1,2 --batches 128 --context 1024 --decode-modes view,greedy
   --prefills 1x2048 --prefill-chunks 1,2 --prefill-min-rows 496 --allreduce-modes auto,copy
   --prefill-forms 0,1,2,3})
 step tp-bench-again 30 bench.log "$B/phishard_tp_bench" "${AGAIN_ARGS[@]}"
-kill "$SMI" 2> /dev/null
-
-step served-tiny 50 served.log bash -c 'served "$@"' _ "$ROOT/models/tiny-phi-code" tiny 2
 
 if [ "${TP_NCU:-1}" = 1 ]; then
   NCU=/usr/local/cuda/bin/ncu
