@@ -162,6 +162,12 @@ __device__ __forceinline__ float LoadCg(const T* p) {
   return cuda::ToFloat(v);
 }
 
+__device__ __forceinline__ uint32_t LoadAcquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Every consumer of every block arrives; the last one releases the generation. Writes before it
 // are visible to reads (ld.cg) after it in every block. kDecodeMegaFormBarrier: fewer memory round
 // trips in thread 0 - the generation read before the CTA barrier (it cannot move before this
@@ -188,13 +194,8 @@ __device__ __forceinline__ void GridSync(uint32_t* sync, int form) {
         asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(sync + kGenWord), "r"(gen + 1)
                      : "memory");
       } else {
-        uint32_t now;
-        do {
-          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
-                       : "=r"(now)
-                       : "l"(sync + kGenWord)
-                       : "memory");
-        } while (now == gen);
+        while (LoadAcquire(sync + kGenWord) == gen) {
+        }
       }
     }
     ConsumerSync();
@@ -203,24 +204,15 @@ __device__ __forceinline__ void GridSync(uint32_t* sync, int form) {
   ConsumerSync();
   if (threadIdx.x == 0) {
     __threadfence();
-    uint32_t gen;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
-                 : "=r"(gen)
-                 : "l"(sync + kGenWord)
-                 : "memory");
+    const uint32_t gen = LoadAcquire(sync + kGenWord);
     if (atomicAdd(sync, 1u) == gridDim.x - 1) {
       atomicExch(sync, 0u);
       __threadfence();
       asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(sync + kGenWord), "r"(gen + 1)
                    : "memory");
     } else {
-      uint32_t now;
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
-                     : "=r"(now)
-                     : "l"(sync + kGenWord)
-                     : "memory");
-      } while (now == gen);
+      while (LoadAcquire(sync + kGenWord) == gen) {
+      }
     }
     __threadfence();
   }
