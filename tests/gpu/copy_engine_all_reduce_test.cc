@@ -11,10 +11,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cstdio>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -28,6 +26,8 @@ namespace phishard {
 namespace {
 
 using peer_test::FirstDiff;
+using peer_test::kNoP2p;
+using peer_test::kSkip;
 using peer_test::MakePartial;
 using peer_test::Partial;
 using peer_test::ReferenceSum;
@@ -36,8 +36,6 @@ using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;
 using ::phishard::testing::LoopbackOptions;
 
-constexpr int kSkip = 77;   // child exit code: fewer than two GPUs
-constexpr int kNoP2p = 78;  // child exit code: no custom / copy-engine all-reduce on these GPUs
 
 enum class Case { kCollectives, kAbort, kDeadline };
 
@@ -65,6 +63,9 @@ class Rank {
     }
     c.set_all_reduce_mode(AllReduceMode::kCopy);
     if (!c.UsesCopyEngineAllReduce()) return Fail("mode copy does not pick the copy engine");
+    auto overlapped = [&c](void* d, size_t count, cudaStream_t s) {
+      return c.EnqueueOverlappedAllReduceSum(d, count, DataType::kBF16, s);
+    };
     switch (which) {
       case Case::kCollectives: {
         int code = Sizes(c);
@@ -74,19 +75,16 @@ class Rank {
         return code;
       }
       case Case::kAbort:
-        return AbortCase(c);
+        // The side stream waits on rank 1's arrival flag until the abort flag ends it.
+        return peer_test::AbortCase(c, rank_, 1024 * 2560, side_, overlapped);
       case Case::kDeadline:
-        return DeadlineCase(c);
+        return peer_test::DeadlineCase(c, rank_, side_, overlapped);
     }
     return 1;
   }
 
  private:
-  int Fail(const std::string& what) {
-    std::fprintf(stderr, "rank %d: %s\n", rank_, what.c_str());
-    std::fflush(stderr);
-    return 1;
-  }
+  int Fail(const std::string& what) { return peer_test::Fail(rank_, what); }
 
   // One all-reduce of this rank's partial for `seed`: the copy engine (EnqueueOverlapped under
   // kCopy) or the custom kernel (EnqueueAllReduceSum under kCustom); the result downloaded.
@@ -277,67 +275,6 @@ class Rank {
     return 0;
   }
 
-  bool StreamIdleWithin(cudaStream_t s, absl::Duration limit) {
-    const absl::Time until = absl::Now() + limit;
-    while (absl::Now() < until) {
-      if (cudaStreamQuery(s) != cudaErrorNotReady) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    return false;
-  }
-
-  // Rank 1 never joins and aborts after 300 ms: rank 0's wait for rank 1's arrival flag must end
-  // through the abort flag, the step fail with rank 1's reason, and the stream go idle.
-  int AbortCase(NcclCommunicator& c) {
-    const size_t n = 1024 * 2560;
-    void* d = nullptr;
-    if (cudaMalloc(&d, n * 2) != cudaSuccess) return Fail("cudaMalloc");
-    if (rank_ == 1) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      c.Abort("test abort on rank 1");
-      return 0;
-    }
-    const absl::Time start = absl::Now();
-    absl::Status s = c.EnqueueOverlappedAllReduceSum(d, n, DataType::kBF16, side_);
-    if (s.ok()) s = c.SyncStream(side_);
-    const double took = absl::ToDoubleSeconds(absl::Now() - start);
-    if (s.ok()) return Fail("all-reduce succeeded without rank 1");
-    if (took > 10.0) return Fail(absl::StrCat("abort took ", took, " s: ", s.ToString()));
-    if (s.message().find("test abort on rank 1") == std::string::npos) {
-      return Fail("abort reason lost: " + s.ToString());
-    }
-    if (!StreamIdleWithin(side_, absl::Seconds(5))) return Fail("still waiting after the abort");
-    std::printf("  rank 0: aborted after %.3f s: %s\n", took, s.ToString().c_str());
-    return 0;
-  }
-
-  // Rank 1 stays silent (alive, no abort) for 6 s: rank 0's wait gives up by itself after the
-  // 2 s collective timeout (the kernel's %globaltimer: we watch the raw stream, not SyncStream's
-  // host deadline), and SyncStream then reports DEADLINE_EXCEEDED.
-  int DeadlineCase(NcclCommunicator& c) {
-    const size_t n = 2560;
-    void* d = nullptr;
-    if (cudaMalloc(&d, n * 2) != cudaSuccess) return Fail("cudaMalloc");
-    if (rank_ == 1) {
-      std::this_thread::sleep_for(std::chrono::seconds(6));
-      return 0;
-    }
-    const absl::Time start = absl::Now();
-    if (absl::Status s = c.EnqueueOverlappedAllReduceSum(d, n, DataType::kBF16, side_); !s.ok()) {
-      return Fail("enqueue: " + s.ToString());
-    }
-    if (!StreamIdleWithin(side_, absl::Seconds(10)))
-      return Fail("the wait did not give up in 10 s");
-    const double took = absl::ToDoubleSeconds(absl::Now() - start);
-    absl::Status s = c.SyncStream(side_);
-    if (s.code() != absl::StatusCode::kDeadlineExceeded) {
-      return Fail("want DEADLINE_EXCEEDED, got " + s.ToString());
-    }
-    if (took < 1.9 || took > 5.0) return Fail(absl::StrCat("gave up after ", took, " s, want ~2"));
-    std::printf("  rank 0: gave up after %.3f s: %s\n", took, s.ToString().c_str());
-    return 0;
-  }
-
   const int rank_;
   const int port_;
   cudaStream_t stream_ = nullptr;
@@ -350,14 +287,7 @@ std::vector<int> RunTwoRanks(Case which, absl::Duration limit) {
       2, [&](int r) { return Rank(r, port).Run(which); }, limit));
 }
 
-void Check(const std::vector<int>& codes) {
-  if (codes[0] == kSkip && codes[1] == kSkip) GTEST_SKIP() << "needs two visible GPUs";
-  if (codes[0] == kNoP2p && codes[1] == kNoP2p) {
-    GTEST_SKIP() << "the two GPUs cannot use the copy-engine all-reduce (no peer access)";
-  }
-  EXPECT_EQ(codes[0], 0) << "rank 0 (see stderr)";
-  EXPECT_EQ(codes[1], 0) << "rank 1 (see stderr)";
-}
+void Check(const std::vector<int>& codes) { peer_test::CheckTwoRanks(codes, "copy-engine all-reduce"); }
 
 TEST(CopyEngineAllReduceTest, ParsesCopyMode) {
   EXPECT_EQ(*ParseAllReduceMode("COPY"), AllReduceMode::kCopy);

@@ -9,19 +9,12 @@
 #include "parallel/custom_all_reduce.h"
 
 #include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -34,8 +27,6 @@
 namespace phishard {
 namespace {
 
-constexpr int kSkip = 77;   // child exit code: fewer than two GPUs
-constexpr int kNoP2p = 78;  // child exit code: the GPUs cannot use the custom all-reduce
 
 using ::phishard::testing::ExitCodes;
 using ::phishard::testing::ForkRanks;
@@ -45,6 +36,8 @@ using ::phishard::testing::LoopbackOptions;
 enum class Case { kCollectives, kAbort, kDeadline };
 
 using peer_test::FirstDiff;
+using peer_test::kNoP2p;
+using peer_test::kSkip;
 using peer_test::MakePartial;
 using peer_test::Partial;
 using peer_test::ReferenceSum;
@@ -71,6 +64,9 @@ class Rank {
     if (cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking) != cudaSuccess) {
       return Fail("stream");
     }
+    auto enqueue = [&c](void* d, size_t count, cudaStream_t s) {
+      return c.EnqueueAllReduceSum(d, count, DataType::kBF16, s);
+    };
     int code = 0;
     switch (which) {
       case Case::kCollectives:
@@ -79,21 +75,20 @@ class Rank {
         if (code == 0) code = Timing(c);
         break;
       case Case::kAbort:
-        code = AbortCase(c);
+        // The custom kernel spins on rank 1's flag until the abort flag ends it.
+        c.set_all_reduce_mode(AllReduceMode::kCustom);
+        code = peer_test::AbortCase(c, rank_, 128 * 2560, stream_, enqueue);
         break;
       case Case::kDeadline:
-        code = DeadlineCase(c);
+        c.set_all_reduce_mode(AllReduceMode::kCustom);
+        code = peer_test::DeadlineCase(c, rank_, stream_, enqueue);
         break;
     }
     return code;
   }
 
  private:
-  int Fail(const std::string& what) {
-    std::fprintf(stderr, "rank %d: %s\n", rank_, what.c_str());
-    std::fflush(stderr);
-    return 1;
-  }
+  int Fail(const std::string& what) { return peer_test::Fail(rank_, what); }
 
   // One all-reduce of this rank's partial for `seed` through `mode`; the result downloaded.
   int Reduce(NcclCommunicator& c, AllReduceMode mode, void* d, size_t count, DataType dtype,
@@ -279,68 +274,6 @@ class Rank {
   }
 
   // Waits up to `limit` for the stream to go idle; false if it did not (a kernel still spinning).
-  bool StreamIdleWithin(absl::Duration limit) {
-    const absl::Time until = absl::Now() + limit;
-    while (absl::Now() < until) {
-      if (cudaStreamQuery(stream_) != cudaErrorNotReady) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    return false;
-  }
-
-  // Rank 1 never joins and aborts after 300 ms: rank 0's custom all-reduce kernel, spinning on
-  // rank 1's flag, must end through the abort flag and the step fail with rank 1's reason.
-  int AbortCase(NcclCommunicator& c) {
-    const size_t n = 128 * 2560;
-    void* d = nullptr;
-    if (cudaMalloc(&d, n * 2) != cudaSuccess) return Fail("cudaMalloc");
-    c.set_all_reduce_mode(AllReduceMode::kCustom);
-    if (rank_ == 1) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      c.Abort("test abort on rank 1");
-      return 0;
-    }
-    const absl::Time start = absl::Now();
-    absl::Status s = c.EnqueueAllReduceSum(d, n, DataType::kBF16, stream_);
-    if (s.ok()) s = c.SyncStream(stream_);
-    const double took = absl::ToDoubleSeconds(absl::Now() - start);
-    if (s.ok()) return Fail("all-reduce succeeded without rank 1");
-    if (took > 10.0) return Fail(absl::StrCat("abort took ", took, " s: ", s.ToString()));
-    if (s.message().find("test abort on rank 1") == std::string::npos) {
-      return Fail("abort reason lost: " + s.ToString());
-    }
-    if (!StreamIdleWithin(absl::Seconds(5))) return Fail("the kernel still spins after the abort");
-    std::printf("  rank 0: aborted after %.3f s: %s\n", took, s.ToString().c_str());
-    return 0;
-  }
-
-  // Rank 1 stays silent (alive, no abort) for 6 s; rank 0's kernel must give up by itself after
-  // the 2 s collective timeout (its %globaltimer deadline: we wait on the raw stream, not through
-  // SyncStream's host deadline), and SyncStream then reports DEADLINE_EXCEEDED.
-  int DeadlineCase(NcclCommunicator& c) {
-    const size_t n = 2560;
-    void* d = nullptr;
-    if (cudaMalloc(&d, n * 2) != cudaSuccess) return Fail("cudaMalloc");
-    c.set_all_reduce_mode(AllReduceMode::kCustom);
-    if (rank_ == 1) {
-      std::this_thread::sleep_for(std::chrono::seconds(6));
-      return 0;
-    }
-    const absl::Time start = absl::Now();
-    if (absl::Status s = c.EnqueueAllReduceSum(d, n, DataType::kBF16, stream_); !s.ok()) {
-      return Fail("enqueue: " + s.ToString());
-    }
-    if (!StreamIdleWithin(absl::Seconds(10))) return Fail("the kernel did not give up in 10 s");
-    const double took = absl::ToDoubleSeconds(absl::Now() - start);
-    absl::Status s = c.SyncStream(stream_);
-    if (s.code() != absl::StatusCode::kDeadlineExceeded) {
-      return Fail("want DEADLINE_EXCEEDED, got " + s.ToString());
-    }
-    if (took < 1.9 || took > 5.0) return Fail(absl::StrCat("gave up after ", took, " s, want ~2"));
-    std::printf("  rank 0: gave up after %.3f s: %s\n", took, s.ToString().c_str());
-    return 0;
-  }
-
   const int rank_;
   const int port_;
   cudaStream_t stream_ = nullptr;
@@ -352,14 +285,7 @@ std::vector<int> RunTwoRanks(Case which, absl::Duration limit) {
       2, [&](int r) { return Rank(r, port).Run(which); }, limit));
 }
 
-void Check(const std::vector<int>& codes) {
-  if (codes[0] == kSkip && codes[1] == kSkip) GTEST_SKIP() << "needs two visible GPUs";
-  if (codes[0] == kNoP2p && codes[1] == kNoP2p) {
-    GTEST_SKIP() << "the two GPUs cannot use the custom all-reduce (no peer access)";
-  }
-  EXPECT_EQ(codes[0], 0) << "rank 0 (see stderr)";
-  EXPECT_EQ(codes[1], 0) << "rank 1 (see stderr)";
-}
+void Check(const std::vector<int>& codes) { peer_test::CheckTwoRanks(codes, "custom all-reduce"); }
 
 TEST(CustomAllReduceTest, ParsesTheModeNamingTheVariable) {
   EXPECT_EQ(*ParseAllReduceMode("AUTO"), AllReduceMode::kAuto);

@@ -1,18 +1,30 @@
-// Inputs and the naive reference of the two-rank all-reduce tests (custom_all_reduce_test.cc,
+// Shared pieces of the two-rank all-reduce tests (custom_all_reduce_test.cc,
 // copy_engine_all_reduce_test.cc): each rank's random partial and the float sum of both, rounded
-// once to the element type.
+// once to the element type; the abort and deadline cases both paths must pass; the ranks' exit
+// codes read as a gtest result.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "kernels/dtype.h"
+#include "parallel/nccl_communicator.h"
 
 namespace phishard::peer_test {
 
@@ -74,6 +86,99 @@ inline long FirstDiff(const std::vector<unsigned char>& x, const std::vector<uns
     if (std::memcmp(&x[i], &y[i], esize) != 0) return static_cast<long>(i / esize);
   }
   return -1;
+}
+
+constexpr int kSkip = 77;   // a rank's exit code: fewer than two GPUs
+constexpr int kNoP2p = 78;  // a rank's exit code: the GPUs cannot use the path under test
+
+// A rank's failure: the reason on stderr, exit code 1.
+inline int Fail(int rank, const std::string& what) {
+  std::fprintf(stderr, "rank %d: %s\n", rank, what.c_str());
+  std::fflush(stderr);
+  return 1;
+}
+
+// Polls the raw stream (not SyncStream's host deadline) until it is idle or `limit` passes.
+inline bool StreamIdleWithin(cudaStream_t s, absl::Duration limit) {
+  const absl::Time until = absl::Now() + limit;
+  while (absl::Now() < until) {
+    if (cudaStreamQuery(s) != cudaErrorNotReady) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return false;
+}
+
+// Enqueues the all-reduce under test of `count` bf16 values at device `d` on `stream`.
+using EnqueueBf16 = absl::FunctionRef<absl::Status(void* d, size_t count, cudaStream_t stream)>;
+
+// Rank 1 never joins and aborts after 300 ms: rank 0's device-side wait for rank 1 (a spinning
+// kernel or a stream wait on rank 1's arrival flag) must end through the abort flag, the step fail
+// with rank 1's reason, and `stream` go idle.
+inline int AbortCase(NcclCommunicator& c, int rank, size_t count, cudaStream_t stream,
+                     EnqueueBf16 enqueue) {
+  void* d = nullptr;
+  if (cudaMalloc(&d, count * 2) != cudaSuccess) return Fail(rank, "cudaMalloc");
+  if (rank == 1) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    c.Abort("test abort on rank 1");
+    return 0;
+  }
+  const absl::Time start = absl::Now();
+  absl::Status s = enqueue(d, count, stream);
+  if (s.ok()) s = c.SyncStream(stream);
+  const double took = absl::ToDoubleSeconds(absl::Now() - start);
+  if (s.ok()) return Fail(rank, "all-reduce succeeded without rank 1");
+  if (took > 10.0) return Fail(rank, absl::StrCat("abort took ", took, " s: ", s.ToString()));
+  if (s.message().find("test abort on rank 1") == std::string::npos) {
+    return Fail(rank, "abort reason lost: " + s.ToString());
+  }
+  if (!StreamIdleWithin(stream, absl::Seconds(5))) {
+    return Fail(rank, "the device still waits after the abort");
+  }
+  std::printf("  rank 0: aborted after %.3f s: %s\n", took, s.ToString().c_str());
+  return 0;
+}
+
+// Rank 1 stays silent (alive, no abort) for 6 s: rank 0's device-side wait must give up by itself
+// after the communicator's collective timeout (2 s in these tests; the kernel's %globaltimer: we
+// watch the raw stream, not SyncStream's host deadline), and SyncStream then reports
+// DEADLINE_EXCEEDED.
+inline int DeadlineCase(NcclCommunicator& c, int rank, cudaStream_t stream, EnqueueBf16 enqueue) {
+  const size_t count = 2560;
+  void* d = nullptr;
+  if (cudaMalloc(&d, count * 2) != cudaSuccess) return Fail(rank, "cudaMalloc");
+  if (rank == 1) {
+    std::this_thread::sleep_for(std::chrono::seconds(6));
+    return 0;
+  }
+  const absl::Time start = absl::Now();
+  if (absl::Status s = enqueue(d, count, stream); !s.ok()) {
+    return Fail(rank, "enqueue: " + s.ToString());
+  }
+  if (!StreamIdleWithin(stream, absl::Seconds(10))) {
+    return Fail(rank, "the device wait did not give up in 10 s");
+  }
+  const double took = absl::ToDoubleSeconds(absl::Now() - start);
+  absl::Status s = c.SyncStream(stream);
+  if (s.code() != absl::StatusCode::kDeadlineExceeded) {
+    return Fail(rank, "want DEADLINE_EXCEEDED, got " + s.ToString());
+  }
+  if (took < 1.9 || took > 5.0) {
+    return Fail(rank, absl::StrCat("gave up after ", took, " s, want ~2"));
+  }
+  std::printf("  rank 0: gave up after %.3f s: %s\n", took, s.ToString().c_str());
+  return 0;
+}
+
+// The two ranks' exit codes as the test's result: both kSkip / both kNoP2p skip (`path` names
+// what the GPUs cannot use), anything else must be 0 on both.
+inline void CheckTwoRanks(const std::vector<int>& codes, const char* path) {
+  if (codes[0] == kSkip && codes[1] == kSkip) GTEST_SKIP() << "needs two visible GPUs";
+  if (codes[0] == kNoP2p && codes[1] == kNoP2p) {
+    GTEST_SKIP() << "the two GPUs cannot use the " << path << " (no peer access)";
+  }
+  EXPECT_EQ(codes[0], 0) << "rank 0 (see stderr)";
+  EXPECT_EQ(codes[1], 0) << "rank 1 (see stderr)";
 }
 
 }  // namespace phishard::peer_test
