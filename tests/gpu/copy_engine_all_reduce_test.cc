@@ -36,7 +36,6 @@ using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;
 using ::phishard::testing::LoopbackOptions;
 
-
 enum class Case { kCollectives, kAbort, kDeadline };
 
 class Rank {
@@ -287,7 +286,9 @@ std::vector<int> RunTwoRanks(Case which, absl::Duration limit) {
       2, [&](int r) { return Rank(r, port).Run(which); }, limit));
 }
 
-void Check(const std::vector<int>& codes) { peer_test::CheckTwoRanks(codes, "copy-engine all-reduce"); }
+void Check(const std::vector<int>& codes) {
+  peer_test::CheckTwoRanks(codes, "copy-engine all-reduce");
+}
 
 TEST(CopyEngineAllReduceTest, ParsesCopyMode) {
   EXPECT_EQ(*ParseAllReduceMode("COPY"), AllReduceMode::kCopy);

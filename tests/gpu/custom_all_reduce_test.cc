@@ -27,7 +27,6 @@
 namespace phishard {
 namespace {
 
-
 using ::phishard::testing::ExitCodes;
 using ::phishard::testing::ForkRanks;
 using ::phishard::testing::FreeLoopbackPort;

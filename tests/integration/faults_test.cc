@@ -49,23 +49,6 @@ using integration::IsSocket;
 using integration::TempDir;
 using Clock = std::chrono::steady_clock;
 
-const std::map<std::string, std::string> kCleanEnv = {{"RANK", ""},
-                                                      {"WORLD_SIZE", ""},
-                                                      {"MASTER_ADDR", ""},
-                                                      {"MASTER_PORT", ""},
-                                                      {"PREFIX_CACHING", ""},
-                                                      {"CHUNKED_PREFILL", ""},
-                                                      {"PHISHARD_MODEL", ""},
-                                                      {"PHISHARD_LISTEN_TCP", ""},
-                                                      {"PHISHARD_UDS_PATH", ""},
-                                                      {"PHISHARD_TEST_STALL_MS", ""}};
-
-std::map<std::string, std::string> Env(std::map<std::string, std::string> extra = {}) {
-  std::map<std::string, std::string> env = kCleanEnv;
-  for (auto& [k, v] : extra) env[k] = v;
-  return env;
-}
-
 double Seconds(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
@@ -117,7 +100,8 @@ TEST(Faults, SigtermWithWorkInFlightAndQueuedFinishesItAll) {
   // this machine runs a long prefill. Everything before the signal waits for events (the server
   // logging that it admitted each call), not for fixed times, so only the 3 s must cover the
   // admission of two more calls.
-  DemoShard shard(dir, {"--logger-level", "TRACE"}, Env({{"PHISHARD_TEST_STALL_MS", "3000"}}));
+  DemoShard shard(dir, {"--logger-level", "TRACE"},
+                  integration::CleanEnv({{"PHISHARD_TEST_STALL_MS", "3000"}}));
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   const std::string target = "unix:" + shard.socket;
   auto a = ShardClient::Connect(target, 60), b = ShardClient::Connect(target, 60),
@@ -189,7 +173,7 @@ TEST(Faults, SigkillLeavesTheSocketAndARestartReplacesIt) {
   TempDir dir;
   ino_t stale = 0;
   {
-    DemoShard first(dir, {}, Env());
+    DemoShard first(dir, {}, integration::CleanEnv());
     ASSERT_TRUE(first.ready) << first.process->Logs();
     Warm(*ShardClient::Connect("unix:" + first.socket, 30));
     first.process->Signal(SIGKILL);
@@ -203,7 +187,7 @@ TEST(Faults, SigkillLeavesTheSocketAndARestartReplacesIt) {
   // Same path, like a launcher that restarts the shard without deleting the file itself.
   integration::ShardProcess second(integration::BinaryPath(),
                                    integration::ServeArgs(integration::DemoModel(), dir / "s"),
-                                   dir.path(), Env());
+                                   dir.path(), integration::CleanEnv());
   const auto deadline = Clock::now() + std::chrono::seconds(60);
   while (Clock::now() < deadline && second.running() && Inode(dir / "s-0") == stale) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -240,7 +224,7 @@ TEST(Faults, HealthAnswersWhileAStepStalls) {
   constexpr int kStallMs = 4000;
   constexpr double kProbeBoundS = 1.0;
   DemoShard shard(dir, {"--logger-level", "TRACE"},
-                  Env({{"PHISHARD_TEST_STALL_MS", std::to_string(kStallMs)}}));
+                  integration::CleanEnv({{"PHISHARD_TEST_STALL_MS", std::to_string(kStallMs)}}));
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   const std::string target = "unix:" + shard.socket;
   auto router = ShardClient::Connect(target, 60);
@@ -309,9 +293,9 @@ TEST(Faults, HealthAnswersWhileAStepStalls) {
 
 TEST(Faults, BadStallHookValueIsRefusedAtStartup) {
   TempDir dir;
-  integration::ShardProcess p(integration::BinaryPath(),
-                              integration::ServeArgs(integration::DemoModel(), dir / "s"),
-                              dir.path(), Env({{"PHISHARD_TEST_STALL_MS", "soon"}}));
+  integration::ShardProcess p(
+      integration::BinaryPath(), integration::ServeArgs(integration::DemoModel(), dir / "s"),
+      dir.path(), integration::CleanEnv({{"PHISHARD_TEST_STALL_MS", "soon"}}));
   EXPECT_EQ(p.Wait(60), 1) << p.Logs();
   EXPECT_NE(p.err().find("PHISHARD_TEST_STALL_MS"), std::string::npos) << p.Logs();
   EXPECT_FALSE(fs::exists(dir / "s-0"));
@@ -320,18 +304,18 @@ TEST(Faults, BadStallHookValueIsRefusedAtStartup) {
 // The CUDA tuning switches (LoRA, MLP stream, TP prefill chunks) are read when the model is made;
 // a typo must not quietly mean the default: serve refuses it before loading, on any device.
 TEST(Faults, BadLoraTuningValueIsRefusedAtStartup) {
-  for (const auto& [name, value] : std::vector<std::pair<std::string, std::string>>{
-           {"PHISHARD_LORA_OVERLAP", "off"},
-           {"PHISHARD_LORA_GEMM_MIN_ROWS", "-1"},
-           {"PHISHARD_LORA_FUSED", "yes"},
-           {"PHISHARD_MLP_STREAM", "3"},
-           {"PHISHARD_MLP_STREAM_TP", "2"},
-           {"PHISHARD_MLP_JOIN_TP", "3"},
-           {"PHISHARD_TP_PREFILL_CHUNKS", "0"}}) {
+  for (const auto& [name, value] :
+       std::vector<std::pair<std::string, std::string>>{{"PHISHARD_LORA_OVERLAP", "off"},
+                                                        {"PHISHARD_LORA_GEMM_MIN_ROWS", "-1"},
+                                                        {"PHISHARD_LORA_FUSED", "yes"},
+                                                        {"PHISHARD_MLP_STREAM", "3"},
+                                                        {"PHISHARD_MLP_STREAM_TP", "2"},
+                                                        {"PHISHARD_MLP_JOIN_TP", "3"},
+                                                        {"PHISHARD_TP_PREFILL_CHUNKS", "0"}}) {
     TempDir dir;
     integration::ShardProcess p(integration::BinaryPath(),
                                 integration::ServeArgs(integration::DemoModel(), dir / "s"),
-                                dir.path(), Env({{name, value}}));
+                                dir.path(), integration::CleanEnv({{name, value}}));
     EXPECT_EQ(p.Wait(60), 1) << p.Logs();
     EXPECT_NE(p.err().find(name), std::string::npos) << p.Logs();
     EXPECT_FALSE(fs::exists(dir / "s-0"));
@@ -340,7 +324,7 @@ TEST(Faults, BadLoraTuningValueIsRefusedAtStartup) {
 
 TEST(Faults, WarmupWithoutRoomForTheKvPoolFailsCleanlyAndTheShardKeepsServing) {
   TempDir dir;
-  DemoShard shard(dir, {"--max-kv-blocks", "4"}, Env());
+  DemoShard shard(dir, {"--max-kv-blocks", "4"}, integration::CleanEnv());
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   auto c = ShardClient::Connect("unix:" + shard.socket, 60);
 
@@ -372,7 +356,7 @@ TEST(Faults, WarmupWhoseKvAllocationFailsIsResourceExhausted) {
   // allocation itself fails (the same path as a failed cudaMalloc on a GPU). On CUDA (bf16,
   // 64 KiB a block) 40,000,000 blocks are 2.4 TiB, more than any GPU: cudaMalloc fails.
   const std::string blocks = integration::TestOnCuda() ? "40000000" : "100000";
-  DemoShard shard(dir, {"--max-kv-blocks", blocks}, Env());
+  DemoShard shard(dir, {"--max-kv-blocks", blocks}, integration::CleanEnv());
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   auto c = ShardClient::Connect("unix:" + shard.socket, 60);
   absl::StatusOr<pb::WarmupResponse> w = c->Warmup(RouterWarmupRequest(64, 100, 65));
@@ -394,7 +378,7 @@ TEST(Faults, WarmupWhoseKvAllocationFailsIsResourceExhausted) {
 TEST(Security, ApiTokenNeverReachesTheLogs) {
   TempDir dir;
   const std::string kToken = "hf_SECRETtoken1234567890abcdef";
-  DemoShard shard(dir, {"--logger-level", "TRACE", "--json-output"}, Env());
+  DemoShard shard(dir, {"--logger-level", "TRACE", "--json-output"}, integration::CleanEnv());
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   auto c = ShardClient::Connect("unix:" + shard.socket, 30);
   Warm(*c);
@@ -445,7 +429,7 @@ TEST(Security, ApiTokenNeverReachesTheLogs) {
 
 TEST(Security, NoTcpListenerUnlessAskedAndLoopbackByDefault) {
   TempDir dir;
-  DemoShard shard(dir, {}, Env());
+  DemoShard shard(dir, {}, integration::CleanEnv());
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   // Every socket the process holds: only unix ones may be listening.
   std::ifstream tcp("/proc/" + std::to_string(shard.process->pid()) + "/net/tcp");
@@ -472,7 +456,7 @@ TEST(Security, NoTcpListenerUnlessAskedAndLoopbackByDefault) {
   }
   // With a bare port the listener binds loopback only.
   TempDir dir2;
-  DemoShard tcp_shard(dir2, {"--listen-tcp", "0"}, Env());
+  DemoShard tcp_shard(dir2, {"--listen-tcp", "0"}, integration::CleanEnv());
   ASSERT_TRUE(tcp_shard.ready) << tcp_shard.process->Logs();
   EXPECT_NE(tcp_shard.process->out().find("and 127.0.0.1:"), std::string::npos)
       << tcp_shard.process->out();
@@ -490,7 +474,8 @@ TEST(Security, PickleOnlyModelIsRefused) {
   }
   std::ofstream(model / "pytorch_model.bin") << "\x80\x02}q\x00(X\x05\x00\x00\x00torchq";
   integration::ShardProcess p(integration::BinaryPath(),
-                              integration::ServeArgs(model.string(), dir / "s"), dir.path(), Env());
+                              integration::ServeArgs(model.string(), dir / "s"), dir.path(),
+                              integration::CleanEnv());
   EXPECT_EQ(p.Wait(60), 1) << p.Logs();
   EXPECT_NE(p.err().find("safetensors"), std::string::npos) << p.Logs();
   EXPECT_FALSE(fs::exists(dir / "s-0"));
@@ -512,7 +497,7 @@ TEST(Security, SocketIsNeverConnectableByOthersEvenUnderUmaskZero) {
     const mode_t old_umask = ::umask(0);  // inherited by the child forked below
     integration::ShardProcess p(integration::BinaryPath(),
                                 integration::ServeArgs(integration::DemoModel(), dir / "s"),
-                                dir.path(), Env());
+                                dir.path(), integration::CleanEnv());
     ::umask(old_umask);
     ::setpriority(PRIO_PROCESS, p.pid(), 19);
     alignas(inotify_event) char buf[4096];

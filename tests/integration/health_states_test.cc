@@ -38,8 +38,7 @@ using integration::ReadFile;
 using integration::ShardProcess;
 using integration::TempDir;
 
-const std::map<std::string, std::string> kCleanEnv = {
-    {"RANK", ""}, {"WORLD_SIZE", ""}, {"PHISHARD_UDS_PATH", ""}, {"PHISHARD_LISTEN_TCP", ""}};
+const std::map<std::string, std::string> kCleanEnv = integration::CleanEnv();
 
 int FreePort() {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);

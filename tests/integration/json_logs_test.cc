@@ -27,9 +27,7 @@ using integration::ShardProcess;
 using integration::TempDir;
 using Json = nlohmann::json;
 
-const std::map<std::string, std::string> kCleanEnv = {
-    {"RANK", ""},        {"WORLD_SIZE", ""},        {"MASTER_ADDR", ""},
-    {"MASTER_PORT", ""}, {"PHISHARD_UDS_PATH", ""}, {"PHISHARD_LISTEN_TCP", ""}};
+const std::map<std::string, std::string> kCleanEnv = integration::CleanEnv();
 
 // Every stdout line as JSON; a line that is not a JSON object fails the test.
 std::vector<Json> JsonLines(const std::string& out) {
@@ -206,7 +204,9 @@ TEST(JsonLogs, EachRankOfALaunchLogsItsOwnRank) {
     }
     ASSERT_TRUE(Get(l, "rank").is_number_integer()) << l.dump();
     ranks.insert(Get(l, "rank").get<int>());
-    if (Has(l, "Joining the tensor-parallel group as rank 1")) EXPECT_EQ(Get(l, "rank"), 1);
+    if (Has(l, "Joining the tensor-parallel group as rank 1")) {
+      EXPECT_EQ(Get(l, "rank"), 1);
+    }
   }
   EXPECT_EQ(ranks, (std::set<int>{0, 1}));
   EXPECT_GT(launcher_lines, 0) << launch.out();  // "launch: starting 2 shard(s) ..." at least

@@ -26,13 +26,7 @@ using integration::TempDir;
 using ::phishard::testing::HttpGet;
 using ::phishard::testing::ParsePromText;
 
-const std::map<std::string, std::string> kCleanEnv = {{"RANK", ""},
-                                                      {"WORLD_SIZE", ""},
-                                                      {"MASTER_ADDR", ""},
-                                                      {"MASTER_PORT", ""},
-                                                      {"PHISHARD_UDS_PATH", ""},
-                                                      {"PHISHARD_LISTEN_TCP", ""},
-                                                      {"PHISHARD_METRICS_ADDR", ""}};
+const std::map<std::string, std::string> kCleanEnv = integration::CleanEnv();
 
 // A port P such that P and P + 1 are free on 127.0.0.1 right now (both bound, then released).
 int TwoFreePorts() {

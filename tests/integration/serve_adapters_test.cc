@@ -118,23 +118,11 @@ int64_t ResidentBytes(pid_t pid) {
   return resident * sysconf(_SC_PAGESIZE);
 }
 
-// A hermetic environment: no launcher variables, an empty hub cache of our own.
-std::map<std::string, std::string> CleanEnv(const TempDir& dir,
-                                            std::map<std::string, std::string> extra = {}) {
-  std::map<std::string, std::string> env = {{"RANK", ""},
-                                            {"WORLD_SIZE", ""},
-                                            {"MASTER_ADDR", ""},
-                                            {"MASTER_PORT", ""},
-                                            {"PREFIX_CACHING", ""},
-                                            {"CHUNKED_PREFILL", ""},
-                                            {"HF_HUB_CACHE", ""},
-                                            {"ADAPTER_MEMORY_FRACTION", ""},
-                                            {"PHISHARD_ADAPTER_ROOT", ""},
-                                            {"PHISHARD_UDS_PATH", ""},
-                                            {"PHISHARD_LISTEN_TCP", ""},
-                                            {"HUGGINGFACE_HUB_CACHE", dir / "hub"}};
-  for (auto& [k, v] : extra) env[k] = v;
-  return env;
+// A hermetic environment: no launcher / adapter variables, an empty hub cache of our own.
+std::map<std::string, std::string> HermeticEnv(const TempDir& dir,
+                                               std::map<std::string, std::string> extra = {}) {
+  extra.emplace("HUGGINGFACE_HUB_CACHE", dir / "hub");  // unless `extra` names one
+  return integration::CleanEnv(extra);
 }
 
 // Copies of the three golden adapters, plus everything that must be refused, under `root`.
@@ -183,7 +171,7 @@ void BuildAdapterRoot(const fs::path& root, const fs::path& outside) {
   write(root / "not_lora" / "adapter_config.json", ia3.dump());
 }
 
-// A hub cache (HUGGINGFACE_HUB_CACHE of CleanEnv) holding repos that try to lead out of it:
+// A hub cache (HUGGINGFACE_HUB_CACHE of HermeticEnv) holding repos that try to lead out of it:
 // refs/main climbing, a snapshot directory that is a link out, a snapshot file linking out.
 void BuildHubEscapes(const fs::path& hub, const fs::path& outside) {
   const fs::path bad = hub / "models--org--badref";
@@ -307,7 +295,7 @@ class ServeAdapters : public ::testing::Test {
     BuildHubEscapes(dir_->path() + "/hub", dir_->path() + "/outside");
     shard_ = new DemoShard(
         *dir_, {"--adapter-root", root_, "--adapter-memory-bytes", std::to_string(kDeviceMemory)},
-        CleanEnv(*dir_));
+        HermeticEnv(*dir_));
     ASSERT_TRUE(shard_->ready) << shard_->process->Logs();
     absl::StatusOr<std::unique_ptr<RouterSession>> s =
         RouterSession::Connect(UdsTarget(shard_->uds), 120);
@@ -592,7 +580,7 @@ TEST(ServeAdaptersStartup, StaticAndPreloadedAdaptersAreServedFromTheStart) {
       {"--adapter-source", "local", "--adapter-id", "prose", "--preloaded-adapter-ids",
        "lora-r4-qv-fc2", "--preloaded-adapter-ids", "lora-r16-rslora-all", "--adapter-memory-bytes",
        std::to_string(kDeviceMemory)},
-      CleanEnv(dir, {{"ADAPTER_MEMORY_FRACTION", "0"}, {"PHISHARD_ADAPTER_ROOT", root}}));
+      HermeticEnv(dir, {{"ADAPTER_MEMORY_FRACTION", "0"}, {"PHISHARD_ADAPTER_ROOT", root}}));
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   absl::StatusOr<std::unique_ptr<RouterSession>> s = RouterSession::Connect(UdsTarget(shard.uds));
   ASSERT_TRUE(s.ok()) << s.status();
@@ -654,7 +642,7 @@ TEST(ServeAdaptersStartup, BadAdapterFlagsAreRefusedBeforeBinding) {
     TempDir dir;
     const std::vector<std::string> args =
         integration::ServeArgs(integration::DemoModel(), dir / "s", c.args);
-    ShardProcess p(integration::BinaryPath(), args, dir.path(), CleanEnv(dir, c.env));
+    ShardProcess p(integration::BinaryPath(), args, dir.path(), HermeticEnv(dir, c.env));
     const int code = p.Wait(60);
     EXPECT_NE(code, 0) << p.Logs();
     EXPECT_NE(code, -1) << "still running";

@@ -37,23 +37,7 @@ using integration::ShardProcess;
 using integration::TempDir;
 using Clock = std::chrono::steady_clock;
 
-// Unset in every child: the tests must not depend on the caller's launcher environment.
-const std::map<std::string, std::string> kCleanEnv = {{"RANK", ""},
-                                                      {"WORLD_SIZE", ""},
-                                                      {"MASTER_ADDR", ""},
-                                                      {"MASTER_PORT", ""},
-                                                      {"PREFIX_CACHING", ""},
-                                                      {"CHUNKED_PREFILL", ""},
-                                                      {"CUDA_MEMORY_FRACTION", ""},
-                                                      {"PHISHARD_LISTEN_TCP", ""},
-                                                      {"PHISHARD_MODEL", ""},
-                                                      {"PHISHARD_UDS_PATH", ""}};
-
-std::map<std::string, std::string> Env(std::map<std::string, std::string> extra) {
-  std::map<std::string, std::string> env = kCleanEnv;
-  for (auto& [k, v] : extra) env[k] = v;
-  return env;
-}
+const std::map<std::string, std::string> kCleanEnv = integration::CleanEnv();
 
 // Small warmup (one forward) so the KV pool exists; the values only size the warmup batch.
 void Warm(ShardClient& c) {
@@ -160,8 +144,10 @@ TEST(ServeProcess, HealthAndInfoAnswerWhileALongPrefillRuns) {
   TempDir dir;
   // On CUDA these 4,000 tokens of the demo model take milliseconds: the test hook holds the
   // executor in that prefill for 1.5 s instead (server/batch_engine.h), as a long step would.
-  DemoShard shard(
-      dir, {}, integration::TestOnCuda() ? Env({{"PHISHARD_TEST_STALL_MS", "1500"}}) : kCleanEnv);
+  DemoShard shard(dir, {},
+                  integration::TestOnCuda()
+                      ? integration::CleanEnv({{"PHISHARD_TEST_STALL_MS", "1500"}})
+                      : kCleanEnv);
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   auto client = ShardClient::Connect("unix:" + shard.socket, 120);
   Warm(*client);
@@ -246,8 +232,10 @@ TEST(ServeProcess, WarmupPreparesDecodeStepsAndHealthAnswersMeanwhile) {
 TEST(ServeProcess, SigtermLetsTheRpcInFlightFinish) {
   TempDir dir;
   // CUDA: the test hook makes the prefill last (see HealthAndInfoAnswerWhileALongPrefillRuns).
-  DemoShard shard(
-      dir, {}, integration::TestOnCuda() ? Env({{"PHISHARD_TEST_STALL_MS", "1000"}}) : kCleanEnv);
+  DemoShard shard(dir, {},
+                  integration::TestOnCuda()
+                      ? integration::CleanEnv({{"PHISHARD_TEST_STALL_MS", "1000"}})
+                      : kCleanEnv);
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
   auto client = ShardClient::Connect("unix:" + shard.socket, 120);
   Warm(*client);
@@ -361,7 +349,7 @@ TEST(ServeProcess, RefusesWhatItCannotHonourBeforeBinding) {
     if (std::find(args.begin(), args.end(), "--device") == args.end()) {
       for (const std::string& a : integration::DeviceArgs()) args.push_back(a);
     }
-    ShardProcess p(BinaryPath("lorax-server"), args, dir.path(), Env(c.env));
+    ShardProcess p(BinaryPath("lorax-server"), args, dir.path(), integration::CleanEnv(c.env));
     const int code = p.Wait(60);
     SCOPED_TRACE(c.stderr_contains);
     EXPECT_NE(code, 0) << p.Logs();
@@ -375,7 +363,7 @@ TEST(ServeProcess, RefusesWhatItCannotHonourBeforeBinding) {
   // A model that does not exist locally.
   TempDir dir;
   ShardProcess p(BinaryPath(), {"serve", "no-org/no-such-model", "--uds-path", dir / "s"},
-                 dir.path(), Env({{"HUGGINGFACE_HUB_CACHE", dir / "hub"}}));
+                 dir.path(), integration::CleanEnv({{"HUGGINGFACE_HUB_CACHE", dir / "hub"}}));
   EXPECT_NE(p.Wait(60), 0);
   EXPECT_NE(p.err().find("no-org/no-such-model"), std::string::npos) << p.Logs();
   EXPECT_FALSE(fs::exists(dir / "s-0"));
@@ -390,7 +378,7 @@ TEST(ServeProcess, DownloadWeightsExitCodes) {
     std::vector<std::string> args = {"download-weights", model};
     args.insert(args.end(), launcher.begin(), launcher.end());
     auto p = std::make_unique<ShardProcess>(BinaryPath("lorax-server"), args, dir.path(),
-                                            Env(std::move(env)));
+                                            integration::CleanEnv(std::move(env)));
     p->Wait(60);
     return p;
   };

@@ -190,6 +190,23 @@ class ShardProcess {
   std::string stdout_path_, stderr_path_;
 };
 
+// A child's environment that does not depend on the caller's: every launcher / shard variable the
+// tests' processes read is unset (an empty value unsets), then `extra` applied on top.
+inline std::map<std::string, std::string> CleanEnv(
+    const std::map<std::string, std::string>& extra = {}) {
+  std::map<std::string, std::string> env;
+  for (const char* k :
+       {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PREFIX_CACHING", "CHUNKED_PREFILL",
+        "CUDA_MEMORY_FRACTION", "PHISHARD_MODEL", "PHISHARD_LISTEN_TCP", "PHISHARD_UDS_PATH",
+        "PHISHARD_METRICS_ADDR", "PHISHARD_SEQUENCER_TIMEOUT_S", "PHISHARD_TEST_STALL_MS",
+        "ADAPTER_MEMORY_FRACTION", "PHISHARD_ADAPTER_ROOT", "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE"}) {
+    env[k] = "";
+  }
+  for (const auto& [k, v] : extra) env[k] = v;
+  return env;
+}
+
 // `phishard serve` of the demo model on `{dir}/s-0` on TestDevice() (CPU float32 unless
 // PHISHARD_TEST_DEVICE=cuda, also on a machine with a GPU), started; `ready` once the socket is up.
 struct DemoShard {

@@ -42,14 +42,7 @@ using Clock = std::chrono::steady_clock;
 // logits, so 1e-4 is a wide bound while a wrong token or a wrong rank's logits are far off.
 constexpr float kLogprobTol = 1e-4f;
 
-const std::map<std::string, std::string> kCleanEnv = {{"RANK", ""},
-                                                      {"WORLD_SIZE", ""},
-                                                      {"MASTER_ADDR", ""},
-                                                      {"MASTER_PORT", ""},
-                                                      {"PHISHARD_UDS_PATH", ""},
-                                                      {"PHISHARD_MODEL", ""},
-                                                      {"PHISHARD_LISTEN_TCP", ""},
-                                                      {"PHISHARD_SEQUENCER_TIMEOUT_S", ""}};
+const std::map<std::string, std::string> kCleanEnv = integration::CleanEnv();
 
 double SecondsSince(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
