@@ -152,6 +152,12 @@ int Main(int argc, char** argv) {
                  "1,3:0.0.0.2,3:0.0.0.0:0,3:0.0.0.0:1:0; docs/flags.md has every field; fields a "
                  "spec leaves out keep their start-of-run values); an entry 'base' times the base "
                  "step again and the later entries' % use it; then base again");
+  std::string lora_prefill_variants;
+  app.add_option("--lora-prefill-variants", lora_prefill_variants,
+                 "after the LoRA comparison, --lora-rounds more rounds of the LoRA prefill: each "
+                 "round the base step, then the LoRA step under each tuning of this list, in the "
+                 "same process (CudaPhiModel::set_lora_prefill_tuning: 1 = q / k / v deltas "
+                 "before the qkv GEMM, 0 = after; e.g. 1,0); medians per tuning");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -577,6 +583,40 @@ int Main(int argc, char** argv) {
         },
         &pbase, &plora);
     bench.set_adapters(0, 0);
+    if (!lora_prefill_variants.empty()) {
+      const std::string tuning0 = m.lora_prefill_tuning();
+      const std::vector<std::string> variants = absl::StrSplit(lora_prefill_variants, ',');
+      std::vector<std::vector<double>> host(variants.size()), dev(variants.size());
+      for (int i = 0; i < lora_rounds; ++i) {
+        Row b;
+        bench.set_adapters(0, 0);
+        BENCH_CHECK(bench.Prefill(lora_seqs, lora_len, &b), "prefill variants: base");
+        PrintRow(b);
+        rows.push_back(b);
+        for (size_t v = 0; v < variants.size(); ++v) {
+          BENCH_OK(m.set_lora_prefill_tuning(variants[v]));
+          Row l;
+          bench.set_adapters(1, lora_seqs);
+          BENCH_CHECK(bench.Prefill(lora_seqs, lora_len, &l), "prefill variants: LoRA");
+          l.mode = "lora-each tuning " + variants[v];
+          compare(b, l, "prefill, a different adapter per sequence");
+          host[v].push_back(100.0 * b.ms / l.ms);
+          dev[v].push_back(100.0 * b.device_ms / l.device_ms);
+        }
+      }
+      for (size_t v = 0; v < variants.size(); ++v) {
+        std::string each;
+        for (size_t i = 0; i < host[v].size(); ++i) {
+          absl::StrAppendFormat(&each, "%s%.1f", i ? " / " : "", host[v][i]);
+        }
+        std::printf(
+            "  => prefill tuning %s: median %.1f %% of base throughput (host), %.1f %% (device) "
+            "over %d rounds (host: %s)\n",
+            variants[v].c_str(), Median(host[v]), Median(dev[v]), lora_rounds, each.c_str());
+      }
+      BENCH_OK(m.set_lora_prefill_tuning(tuning0));
+      bench.set_adapters(0, 0);
+    }
   }
 
   if (!json_path.empty()) {

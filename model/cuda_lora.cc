@@ -46,6 +46,9 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SEGMENT_ROWS"); v != nullptr && *v != 0) {
     gemm_segment_rows_ = std::max(0, std::atoi(v));
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_DELTA_FIRST"); v != nullptr && *v != 0) {
+    gemm_delta_first_ = *v != '0';
+  }
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SEGMENT_SHRINK"); v != nullptr && *v != 0) {
     gemm_segment_shrink_ = *v != '0';
   }
@@ -491,6 +494,7 @@ absl::StatusOr<bool> CudaLora::Plan(const ForwardBatch& batch, bool decode, int 
   logit_offset_ = decode ? 0 : n_tok;
   active_ = true;
   gemm_step_ = false;
+  qkv_first_layer_ = -1;
   beside_pending_[0] = beside_pending_[1] = dense_pending_ = qkv_fold_pending_ = false;
   beside_step_ = decode && PlanBeside(rows, /*grow=*/false);
   if (beside_step_) ++beside_steps_;

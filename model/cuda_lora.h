@@ -124,6 +124,30 @@ class CudaLora {
   // fc1 runs without its activation and AfterFc1 adds the delta and applies it (SGMV steps).
   bool SplitFc1(int layer) const;
 
+  // q / k / v deltas first (GEMM-form steps, unsharded, one row range; on unless
+  // PHISHARD_LORA_GEMM_DELTA_FIRST=0 at construction or SetPrefillTuning): GemmQkvDeltaFirst,
+  // called after the LayerNorm (and the MLP fork) and before the qkv GEMM, runs the layer's
+  // gathers, the q / k / v / fc1 shrink and mask, and writes qkv = the q / k / v deltas (beta = 0,
+  // base rows zeroed); the qkv GEMM then adds to them (accumulate, with its bias) and AfterQkv
+  // does nothing for the layer. *first says whether it ran (every one of q / k / v has a delta
+  // in the layer). The expands, memory-bound, then write qkv [rows, nq + 2 nkv] once instead of
+  // reading and writing it back after the GEMM (H200, 8x512 with 8 rank-16 adapters: 9.7 us
+  // each instead of 16.9, the qkv GEMM as fast with beta = 1; docs/perf-log.md, lorap3). The
+  // bits: cuBLASLt's beta = 1 kernel adds round(x Wᵀ + b) to C = round(T Bᵀ), the same sum
+  // as the deltas after (bit-identical logits in cuda_lora_model_test). fc1's delta stays
+  // after its GEMM (AfterFc1): written first it would be rounded to bf16 before the GELU, which
+  // a peft golden does not pass (docs/perf-log.md, lorap2 runs 1-2).
+  KernelStatus GemmQkvDeltaFirst(int layer, const void* normed, void* qkv, bool* first,
+                                 cudaStream_t stream);
+  // Benchmarks (old and new forms in one process): "F" or "F:G" sets the q / k / v deltas first
+  // (F = 1) or after the qkv GEMM (0), and the gathers' 16-byte chunks a thread (G = 8, the
+  // default, or 1: LoraGatherParams::chunks_per_thread; the same result). INVALID_ARGUMENT names
+  // a bad field.
+  absl::Status SetPrefillTuning(absl::string_view spec);
+  std::string PrefillTuning() const;
+  // Layers whose q / k / v deltas ran first, over all steps so far (tests: the form is taken).
+  int64_t qkv_first_layers() const { return qkv_first_layers_; }
+
   // Overlap (SGMV steps, on unless PHISHARD_LORA_OVERLAP=0): BeforeQkv, called between the LN
   // and the qkv GEMM, forks the q / k / v / fc1 shrink onto a side stream so it runs alongside
   // that GEMM; BeforeResidual, called between AfterFc1 and the dense + fc2 GEMM, does the same
@@ -298,6 +322,9 @@ class CudaLora {
   // does not qualify or its buffers do not fit), and the three layer hooks.
   absl::Status PlanGemm(const ForwardBatch& batch, cudaStream_t stream);
   KernelStatus GemmAfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
+  KernelStatus GemmQkv(int layer, const void* normed, void* qkv, bool first, cudaStream_t stream);
+  // Zeroes the rows of the step's base runs in y [rows, width] (dtype, device).
+  KernelStatus ZeroBaseRuns(void* y, int width, cudaStream_t stream);
   KernelStatus GemmAfterFc1(int layer, void* mlp, GemmEpilogue act, cudaStream_t stream);
   KernelStatus GemmAfterResidual(int layer, const void* attn, const void* mlp, void* h,
                                  cudaStream_t stream);
@@ -305,7 +332,8 @@ class CudaLora {
   KernelStatus GemmMask(int layer, int first_block, int num_blocks, cudaStream_t stream);
   // One LoraSegmentExpandCuda over the step's segments (segmented steps).
   KernelStatus GemmSegmentExpand(int t_block, int parts, const void* b, int ldb, void* y, int ldy,
-                                 int n, GemmEpilogue act, cudaStream_t stream);
+                                 int n, GemmEpilogue act, cudaStream_t stream,
+                                 bool accumulate = true);
   // One LoraSegmentShrinkCuda into t (float32, row stride 6 W) at column t_col.
   KernelStatus GemmSegmentShrink(const void* x, int ldx, int k, const void* a, int blocks,
                                  int t_col, cudaStream_t stream);
@@ -433,7 +461,12 @@ class CudaLora {
   void* gemm_map_dev_ = nullptr;
   int gemm_map_rows_ = 0;
   bool gemm_step_ = false;
-  int gemm_r_ = 0;  // R
+  bool gemm_delta_first_ = true;  // GemmQkvDeltaFirst
+  // The layer whose q / k / v deltas ran first in this step, or -1 (GemmQkvDeltaFirst).
+  int qkv_first_layer_ = -1;
+  int64_t qkv_first_layers_ = 0;
+  int gather_chunks_ = 8;  // LoraGatherParams::chunks_per_thread (SetPrefillTuning)
+  int gemm_r_ = 0;         // R
   int gemm_adapters_ = 0;
   int gemm_max_width_ = 0;
   struct GemmBufs {

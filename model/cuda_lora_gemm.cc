@@ -8,8 +8,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "common/logging.h"
 #include "kernels/cuda/gelu_cuda.h"
 #include "kernels/cuda/sgmv_cuda.h"
@@ -88,6 +91,7 @@ absl::Status CudaLora::EnsureGemmBuffers(int rows, cudaStream_t stream) {
 
 absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) {
   gemm_step_ = false;
+  qkv_first_layer_ = -1;
   if (gemm_failed_) return absl::OkStatus();
   const PhiConfig& c = config_;
   const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
@@ -195,7 +199,8 @@ KernelStatus CudaLora::Gemm(const GemmParams& p, DataType y_dtype, cudaStream_t 
 }
 
 KernelStatus CudaLora::GemmSegmentExpand(int t_col, int parts, const void* b, int ldb, void* y,
-                                         int ldy, int n, GemmEpilogue act, cudaStream_t stream) {
+                                         int ldy, int n, GemmEpilogue act, cudaStream_t stream,
+                                         bool accumulate) {
   const KernelStatus st =
       LoraSegmentExpandCuda(*gemm_,
                             {.t = gb_.tm,
@@ -210,7 +215,8 @@ KernelStatus CudaLora::GemmSegmentExpand(int t_col, int parts, const void* b, in
                              .segments = gemm_segments_.data(),
                              .num_segments = static_cast<int>(gemm_segments_.size()),
                              .act = act,
-                             .dtype = dtype_},
+                             .dtype = dtype_,
+                             .accumulate = accumulate},
                             stream);
   if (st != KernelStatus::kOk) {
     PHI_LOG(ERROR) << "LoRA segment expand [n " << n << ", parts " << parts
@@ -292,6 +298,14 @@ KernelStatus CudaLora::GemmMask(int layer, int first_block, int num_blocks, cuda
 }
 
 KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream) {
+  if (layer == qkv_first_layer_) return KernelStatus::kOk;  // GemmQkvDeltaFirst wrote them
+  return GemmQkv(layer, normed, qkv, /*first=*/false, stream);
+}
+
+// first: qkv = the deltas (beta = 0, base rows zeroed) before the qkv GEMM, which then adds to
+// them (GemmQkvDeltaFirst); otherwise qkv += the deltas after it.
+KernelStatus CudaLora::GemmQkv(int layer, const void* normed, void* qkv, bool first,
+                               cudaStream_t stream) {
   const PhiConfig& c = config_;
   const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
   const int nq = c.num_attention_heads * c.head_dim, nkv = c.num_key_value_heads * c.head_dim;
@@ -342,6 +356,7 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
   gp.adapters = ads;
   gp.num_adapters = gemm_adapters_;
   gp.max_width = gemm_max_width_;
+  gp.chunks_per_thread = gather_chunks_;
   gp.dtype = dtype_;
   if (KernelStatus st = LoraGatherCuda(gp, stream); st != KernelStatus::kOk) return st;
   bool qkvf = false;
@@ -378,7 +393,7 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
     if (gemm_segmented_) {
       st = GemmSegmentExpand(t * tw * gemm_max_width_, tw, bs[t], tw * R,
                              static_cast<char*>(qkv) + static_cast<size_t>(offsets[t]) * 2, width,
-                             outs[t], GemmEpilogue::kNone, stream);
+                             outs[t], GemmEpilogue::kNone, stream, /*accumulate=*/!first);
       if (st != KernelStatus::kOk) return st;
       continue;
     }
@@ -390,12 +405,63 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
                .k = tw * R,
                .ldx = 6 * tw * R,
                .ldy = width,
-               .accumulate = true,
+               .accumulate = !first,
                .dtype = dtype_},
               dtype_, stream);
     if (st != KernelStatus::kOk) return st;
   }
+  // The segmented expands wrote only the segments' rows: the base rows' qkv = 0 + their GEMM.
+  if (first && gemm_segmented_) return ZeroBaseRuns(qkv, width, stream);
   return KernelStatus::kOk;
+}
+
+KernelStatus CudaLora::ZeroBaseRuns(void* y, int width, cudaStream_t stream) {
+  const size_t row_bytes = static_cast<size_t>(width) * DataTypeSize(dtype_);
+  for (const LoraSegment& run : gemm_base_runs_) {
+    if (int err = DeviceMemset(static_cast<char*>(y) + run.row * row_bytes, 0, run.rows * row_bytes,
+                               stream);
+        err != 0) {
+      PHI_LOG(ERROR) << "LoRA base-row zeroing failed: " << DeviceErrorString(err);
+      DeviceGetLastError();
+      return KernelStatus::kDeviceError;
+    }
+  }
+  return KernelStatus::kOk;
+}
+
+KernelStatus CudaLora::GemmQkvDeltaFirst(int layer, const void* normed, void* qkv, bool* first,
+                                         cudaStream_t stream) {
+  *first = false;
+  if (!gemm_step_ || !gemm_delta_first_) return KernelStatus::kOk;
+  for (int t : {kQ, kK, kV}) {
+    if (!Launch(Entry(layer, t))) return KernelStatus::kOk;  // a window without a delta: after
+  }
+  if (KernelStatus st = GemmQkv(layer, normed, qkv, /*first=*/true, stream);
+      st != KernelStatus::kOk) {
+    return st;
+  }
+  qkv_first_layer_ = layer;
+  ++qkv_first_layers_;
+  *first = true;
+  return KernelStatus::kOk;
+}
+
+absl::Status CudaLora::SetPrefillTuning(absl::string_view spec) {
+  const std::vector<std::string> f = absl::StrSplit(spec, ':');
+  if (f.size() > 2 || (f[0] != "0" && f[0] != "1") ||
+      (f.size() == 2 && f[1] != "1" && f[1] != "8")) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("LoRA prefill tuning '%s': expected F or F:G, F the q / k / v deltas "
+                        "first (1) or after (0), G the gathers' chunks a thread (1 or 8)",
+                        spec));
+  }
+  gemm_delta_first_ = f[0] == "1";
+  if (f.size() == 2) gather_chunks_ = f[1] == "8" ? 8 : 1;
+  return absl::OkStatus();
+}
+
+std::string CudaLora::PrefillTuning() const {
+  return absl::StrFormat("%d:%d", gemm_delta_first_ ? 1 : 0, gather_chunks_);
 }
 
 // mlp = act(mlp + T_fc1 · B_fc1ᵀ): fc1 ran without its activation (SplitFc1); the epilogue (or,

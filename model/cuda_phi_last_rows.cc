@@ -140,11 +140,17 @@ absl::Status CudaPhiModel::EnqueueLastLayerRows(const StepInputs& in, const int3
                                                   .dtype = dt},
                                                  stream_),
                                    "last layer_norm"));
-  PHI_RETURN_IF_ERROR(
-      Linear(linear(normed, w.qkv_w, w.qkv_b, qkv, T, qkv_width, H, false, GemmEpilogue::kNone), dt,
-             "last qkv gemm"));
-  // Adapter rows: the q / k / v deltas on every row, as in the other layers (model/cuda_lora.h).
+  // Adapter rows: the q / k / v deltas on every row, as in the other layers (model/cuda_lora.h;
+  // first in GEMM-form steps, as there, so that the K/V cache holds the full layer's bits).
   const bool lora = lora_->active();
+  bool qkv_first = false;
+  if (lora && lora_->gemm_step()) {
+    PHI_RETURN_IF_ERROR(KernelResult(
+        lora_->GemmQkvDeltaFirst(L - 1, normed, qkv, &qkv_first, stream_), "last lora qkv deltas"));
+  }
+  PHI_RETURN_IF_ERROR(
+      Linear(linear(normed, w.qkv_w, w.qkv_b, qkv, T, qkv_width, H, qkv_first, GemmEpilogue::kNone),
+             dt, "last qkv gemm"));
   if (lora) {
     PHI_RETURN_IF_ERROR(
         KernelResult(lora_->AfterQkv(L - 1, normed, qkv, stream_), "last lora qkv"));

@@ -37,6 +37,15 @@ absl::Status CudaPhiModel::set_lora_decode_tuning(const std::string& spec) {
 
 std::string CudaPhiModel::lora_decode_tuning() const { return lora_->DecodeTuning(); }
 
+absl::Status CudaPhiModel::set_lora_prefill_tuning(const std::string& spec) {
+  DeviceSet(device_);
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
+  return lora_->SetPrefillTuning(spec);
+}
+
+std::string CudaPhiModel::lora_prefill_tuning() const { return lora_->PrefillTuning(); }
+int64_t CudaPhiModel::lora_qkv_first_layers() const { return lora_->qkv_first_layers(); }
+
 absl::Status CudaPhiModel::PlanLora(const ForwardBatch& batch, bool decode, int rows) {
   absl::StatusOr<bool> planned = lora_->Plan(batch, decode, rows, stream_);
   if (lora_->TakeGraphsStale()) lora_graphs_->Clear();

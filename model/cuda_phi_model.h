@@ -178,6 +178,11 @@ class CudaPhiModel final : public ModelBackend {
   // decode graphs.
   absl::Status set_lora_decode_tuning(const std::string& spec);
   std::string lora_decode_tuning() const;
+  // Benchmarks: CudaLora::SetPrefillTuning (GEMM-form prefill: q / k / v deltas first or after).
+  absl::Status set_lora_prefill_tuning(const std::string& spec);
+  std::string lora_prefill_tuning() const;
+  // Layers of GEMM-form LoRA steps whose q / k / v deltas ran before the qkv GEMM (so far).
+  int64_t lora_qkv_first_layers() const;
   // Tensor parallelism (model/cuda_phi_tp.cc).
   int tp_rank() const override { return shard_.rank; }
   int tp_world_size() const override { return shard_.world_size; }

@@ -153,6 +153,9 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                          (!lora || lora_->BranchHooks()));
   const bool fc2_on_branch = mlp_fork && !prefill_fork && mlp_mode_ == kMlpStreamFc1Fc2;
   if (prefill_fork) ++prefill_mlp_fork_steps_;
+  // GEMM-form LoRA steps write the q / k / v deltas before the qkv GEMM, which then adds to them
+  // (CudaLora::GemmQkvDeltaFirst; unsharded, one row range).
+  const bool lora_first = lora && lora_->gemm_step() && !shard_.sharded() && in.chunks == nullptr;
   // Steps with adapter rows may join the branch before attention (CudaLora::JoinBeforeAttention),
   // sharded base steps too (set_mlp_stream_sharded).
   const bool join_early =
@@ -354,9 +357,14 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
               DeviceStatus(DeviceStreamWaitEvent(mlp_stream_, mlp_fork_ev_), "MLP fork wait"));
           PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
         }
+        bool qkv_first = false;  // qkv = the q / k / v deltas, then the qkv GEMM adds to them
+        if (lora_first) {
+          PHI_RETURN_IF_ERROR(KernelResult(
+              lora_->GemmQkvDeltaFirst(l, normed, qkv, &qkv_first, stream_), "lora qkv deltas"));
+        }
         PHI_RETURN_IF_ERROR(
             Linear(rows_of(linear(at(normed, rr, H), w.qkv_w, w.qkv_b, at(qkv, rr, qkv_width),
-                                  qkv_width, H, false, GemmEpilogue::kNone),
+                                  qkv_width, H, qkv_first, GemmEpilogue::kNone),
                            rr),
                    dt, "qkv gemm"));
       }

@@ -22,10 +22,15 @@ __device__ __forceinline__ const SgmvWeight* Weight(const SgmvWeight* table, int
   return table + static_cast<size_t>(slot) * stride + entry;
 }
 
-// Block (chunk, adapter, job); every thread writes 8 consecutive 16-bit values (one uint4) of
-// the adapter's part of the job's destination, grid-striding over it.
+// Block (chunk group, adapter, job); every thread copies kIlp chunks of 8 consecutive 16-bit
+// values (one uint4 each) of the adapter's part of the job's destination, chunks e = base + u x
+// kThreads for u < kIlp (coalesced for each u), all loads issued before the stores, grid-striding
+// over the part:
 //   A: the part is rows [base + col, + width) x dim: chunk e -> row e / (dim / 8), 8 columns;
 //   B: the part is dim rows x columns [base + col, + width): chunk e -> row e / (width / 8).
+// A part is at most a few hundred KB, so one chunk a thread (kIlp 1) made thousands of short
+// blocks each waiting on one load; kIlp 8 keeps 8 loads in flight per thread with 8x fewer blocks.
+template <int kIlp>
 __global__ void __launch_bounds__(kThreads) GatherKernel(const GatherArgs args) {
   const LoraGatherJob& job = args.jobs[blockIdx.z];
   const LoraStepAdapter ad = args.adapters[blockIdx.y];
@@ -35,33 +40,46 @@ __global__ void __launch_bounds__(kThreads) GatherKernel(const GatherArgs args) 
   const uint16_t* src =
       w == nullptr ? nullptr : static_cast<const uint16_t*>(job.is_b ? w->b : w->a);
   const int per_row = job.is_b ? width / 8 : job.dim / 8;
-  const int64_t chunks = static_cast<int64_t>(job.is_b ? job.dim : width) * per_row;
+  const int chunks = (job.is_b ? job.dim : width) * per_row;  // < 2^31 (LoraGatherCuda)
+  const bool b_vec = (rank & 7) == 0;
+  const int part = job.base + job.col_mul * ad.col + job.width_slot * width;
   uint16_t* dst = static_cast<uint16_t*>(job.dst);
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; e < chunks;
-       e += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int row = static_cast<int>(e / per_row), c8 = static_cast<int>(e % per_row) * 8;
-    uint16_t v[8];
-    if (!job.is_b) {
-      // A row `row` of the adapter, columns c8 .. c8 + 7 (A rows are 16-byte aligned: dim % 8).
-      uint4 q = make_uint4(0, 0, 0, 0);
-      if (row < rank && src != nullptr) {
-        q = __ldg(reinterpret_cast<const uint4*>(src + static_cast<size_t>(row) * job.dim + c8));
-      }
-      const int at = job.base + job.col_mul * ad.col + job.width_slot * width + row;
-      *reinterpret_cast<uint4*>(dst + static_cast<size_t>(at) * job.dim + c8) = q;
-      continue;
-    }
-    // B row `row`, ranks c8 .. c8 + 7.
-    const uint16_t* s = src == nullptr ? nullptr : src + static_cast<size_t>(row) * rank + c8;
-    if (src != nullptr && (rank & 7) == 0 && c8 + 8 <= rank) {
-      *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(s));
-    } else {
+  for (int first = blockIdx.x * kThreads * kIlp + threadIdx.x; first < chunks;
+       first += gridDim.x * kThreads * kIlp) {
+    uint4 v[kIlp];
+    size_t at[kIlp];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) v[q] = (src != nullptr && c8 + q < rank) ? s[q] : uint16_t{0};
+    for (int u = 0; u < kIlp; ++u) {
+      const int e = first + u * kThreads;
+      v[u] = make_uint4(0, 0, 0, 0);
+      at[u] = 0;
+      if (e >= chunks) continue;
+      const int row = e / per_row, c8 = (e % per_row) * 8;
+      if (!job.is_b) {
+        // A row `row` of the adapter, columns c8 .. c8 + 7 (A rows are 16-byte aligned: dim % 8).
+        if (row < rank && src != nullptr) {
+          v[u] =
+              __ldg(reinterpret_cast<const uint4*>(src + static_cast<size_t>(row) * job.dim + c8));
+        }
+        at[u] = static_cast<size_t>(part + row) * job.dim + c8;
+        continue;
+      }
+      // B row `row`, ranks c8 .. c8 + 7.
+      const uint16_t* s = src == nullptr ? nullptr : src + static_cast<size_t>(row) * rank + c8;
+      if (src != nullptr && b_vec && c8 + 8 <= rank) {
+        v[u] = __ldg(reinterpret_cast<const uint4*>(s));
+      } else if (src != nullptr) {
+        alignas(16) uint16_t h[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) h[q] = c8 + q < rank ? s[q] : uint16_t{0};
+        v[u] = *reinterpret_cast<const uint4*>(h);
+      }
+      at[u] = static_cast<size_t>(row) * job.ld + part + c8;
     }
-    const int col = job.base + job.col_mul * ad.col + job.width_slot * width + c8;
-    *reinterpret_cast<uint4*>(dst + static_cast<size_t>(row) * job.ld + col) =
-        *reinterpret_cast<const uint4*>(v);
+#pragma unroll
+    for (int u = 0; u < kIlp; ++u) {
+      if (first + u * kThreads < chunks) *reinterpret_cast<uint4*>(dst + at[u]) = v[u];
+    }
   }
 }
 
@@ -228,9 +246,17 @@ KernelStatus LoraGatherCuda(const LoraGatherParams& p, cudaStream_t stream) {
   args.num_slots = p.num_slots;
   args.adapters = p.adapters;
   if (p.max_width <= 0 || (p.max_width & 7) != 0) return KernelStatus::kInvalidShape;
+  if (most * p.max_width / 8 >= (int64_t{1} << 30)) return KernelStatus::kInvalidShape;
+  if (p.chunks_per_thread != 1 && p.chunks_per_thread != 8) return KernelStatus::kInvalidShape;
   // Widths live on the device: blocks for the largest part (max_width x the largest dim).
-  const dim3 grid(Blocks(most * p.max_width / 8), p.num_adapters, p.num_jobs);
-  GatherKernel<<<grid, kThreads, 0, stream>>>(args);
+  const int64_t part_chunks = most * p.max_width / 8;
+  if (p.chunks_per_thread == 1) {
+    const dim3 grid(Blocks(part_chunks), p.num_adapters, p.num_jobs);
+    GatherKernel<1><<<grid, kThreads, 0, stream>>>(args);
+  } else {
+    const dim3 grid(Blocks((part_chunks + 7) / 8), p.num_adapters, p.num_jobs);
+    GatherKernel<8><<<grid, kThreads, 0, stream>>>(args);
+  }
   return cuda::LaunchStatus();
 }
 
@@ -376,7 +402,7 @@ KernelStatus LoraSegmentExpandCuda(CudaGemm& gemm, const LoraSegmentExpandParams
         .ldx = p.ldt,
         .ldy = p.ldy,
         .ldw = p.ldb,
-        .accumulate = true,
+        .accumulate = p.accumulate,
         .epilogue = p.act,
         .dtype = p.dtype,
         .batch = count,

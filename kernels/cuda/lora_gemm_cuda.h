@@ -67,13 +67,16 @@ struct LoraGatherParams {
   int num_slots = 0;
   const LoraStepAdapter* adapters = nullptr;  // [num_adapters]
   int num_adapters = 0;
-  int max_width = 0;                 // >= every adapter's width (sizes the grid)
+  int max_width = 0;  // >= every adapter's width (sizes the grid)
+  // 16-byte chunks a thread copies, 1 or 8 (the same result; 8, the default, keeps more loads in
+  // flight with fewer blocks: the parts are small).
+  int chunks_per_thread = 8;
   DataType dtype = DataType::kBF16;  // kBF16 / kF16 (copies 16-bit words)
 };
 
 // Ranks above an adapter's width are clamped to it; slots outside the table give zeros.
-// kInvalidShape for unaligned dims / windows or too many jobs, kNullPointer for a missing dst,
-// table or adapter list of a non-empty launch.
+// kInvalidShape for unaligned dims / windows, too many jobs or chunks_per_thread not 1 or 8,
+// kNullPointer for a missing dst, table or adapter list of a non-empty launch.
 KernelStatus LoraGatherCuda(const LoraGatherParams& p, cudaStream_t stream);
 
 struct LoraMaskParams {
@@ -155,6 +158,8 @@ struct LoraSegmentExpandParams {
   int num_segments = 0;
   GemmEpilogue act = GemmEpilogue::kNone;
   DataType dtype = DataType::kBF16;
+  // false: y = T · Bᵀ on the segments' rows (beta = 0; other rows untouched) instead of y +=.
+  bool accumulate = true;
 };
 
 // kInvalidShape when a segment's window does not fit ldt / ldb, or rows / n are out of range;

@@ -150,6 +150,20 @@ TEST(CudaLoraGemm, GatherBuildsConcatenatedMatricesWithZeroPadding) {
       }
     }
   }
+  // One chunk a thread (the other launch shape): the same words everywhere, poison included.
+  std::vector<std::vector<uint16_t>> first;
+  for (DeviceBuffer& d : dst) {
+    first.push_back(Download16(d));
+    d.Poison();
+  }
+  gp.chunks_per_thread = 1;
+  ASSERT_EQ(LoraGatherCuda(gp, nullptr), KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  for (size_t i = 0; i < dst.size(); ++i) {
+    EXPECT_EQ(Download16(dst[i]), first[i]) << "destination " << i << ", one chunk a thread";
+  }
+  gp.chunks_per_thread = 4;
+  EXPECT_EQ(LoraGatherCuda(gp, nullptr), KernelStatus::kInvalidShape);
 }
 
 TEST(CudaLoraGemm, MaskKeepsEachRowsOwnWindowScaledAndZeroesTheRest) {
@@ -486,80 +500,89 @@ TEST(CudaLoraGemm, SegmentedExpandsMatchNaiveReference) {
          out[3] + 8,
          {3, 5},
          GemmEpilogue::kNone}};
-    for (const Case& cs : cases) {
-      SCOPED_TRACE(cs.name);
-      const int ldy = cs.ldy;
-      std::vector<float> y0 =
-          RandomVector(static_cast<size_t>(rows) * ldy, 11 + cs.t_block, -8.0f, 8.0f);
-      const std::vector<char> y0b = Encode(y0, DataType::kBF16);
-      y0 = gpu_test::Decode(y0b, DataType::kBF16);
-      DeviceBuffer y = DeviceBuffer::From(y0b);
-      const KernelStatus st = LoraSegmentExpandCuda(*gemm,
-                                                    {.t = tm.get(),
-                                                     .ldt = ldo,
-                                                     .t_col = cs.t_block * tw * W,
-                                                     .b = cs.b->get(),
-                                                     .ldb = cs.ldb,
-                                                     .y = y.get(),
-                                                     .ldy = ldy,
-                                                     .n = cs.n,
-                                                     .parts = cs.parts,
-                                                     .segments = segs.data(),
-                                                     .num_segments = static_cast<int>(segs.size()),
-                                                     .act = cs.act,
-                                                     .dtype = DataType::kBF16},
-                                                    nullptr);
-      ASSERT_EQ(st, KernelStatus::kOk) << gemm->last_error();
-      gpu_test::ExpectDeviceClean(nullptr);
-      const std::vector<float> got = gpu_test::Decode(y.DownloadBytes(), DataType::kBF16);
-      std::vector<int> bad(step.size(), 0);
-      int untouched_bad = 0;
-      double worst = 0.0;  // |error| / tolerance
-      for (int i = 0; i < rows; ++i) {
-        if (i % row_step != 0 && i != rows - 1) continue;
-        const int a = row_adapter[i];
-        for (int j = 0; j < ldy; ++j) {
-          const size_t at = static_cast<size_t>(i) * ldy + j;
-          if (a < 0 || j >= cs.n) {
-            if (!(got[at] == y0[at]) && ++untouched_bad <= 3) {
-              ADD_FAILURE() << "y[" << i << "][" << j
-                            << "] outside the segments changed: " << got[at] << " was " << y0[at];
+    // accumulate = false (CudaLora's deltas first): y = T · Bᵀ on the segments' rows, one bf16
+    // rounding of the float sum, rows outside untouched; without the activation (the model's base
+    // GEMM applies it after adding its product).
+    for (const bool acc : {true, false})
+      for (const Case& cs : cases) {
+        if (!acc && cs.act != GemmEpilogue::kNone) continue;
+        SCOPED_TRACE(std::string(cs.name) + (acc ? "" : " (no accumulate)"));
+        const int ldy = cs.ldy;
+        std::vector<float> y0 =
+            RandomVector(static_cast<size_t>(rows) * ldy, 11 + cs.t_block, -8.0f, 8.0f);
+        const std::vector<char> y0b = Encode(y0, DataType::kBF16);
+        y0 = gpu_test::Decode(y0b, DataType::kBF16);
+        DeviceBuffer y = DeviceBuffer::From(y0b);
+        const KernelStatus st =
+            LoraSegmentExpandCuda(*gemm,
+                                  {.t = tm.get(),
+                                   .ldt = ldo,
+                                   .t_col = cs.t_block * tw * W,
+                                   .b = cs.b->get(),
+                                   .ldb = cs.ldb,
+                                   .y = y.get(),
+                                   .ldy = ldy,
+                                   .n = cs.n,
+                                   .parts = cs.parts,
+                                   .segments = segs.data(),
+                                   .num_segments = static_cast<int>(segs.size()),
+                                   .act = cs.act,
+                                   .dtype = DataType::kBF16,
+                                   .accumulate = acc},
+                                  nullptr);
+        ASSERT_EQ(st, KernelStatus::kOk) << gemm->last_error();
+        gpu_test::ExpectDeviceClean(nullptr);
+        const std::vector<float> got = gpu_test::Decode(y.DownloadBytes(), DataType::kBF16);
+        std::vector<int> bad(step.size(), 0);
+        int untouched_bad = 0;
+        double worst = 0.0;  // |error| / tolerance
+        for (int i = 0; i < rows; ++i) {
+          if (i % row_step != 0 && i != rows - 1) continue;
+          const int a = row_adapter[i];
+          for (int j = 0; j < ldy; ++j) {
+            const size_t at = static_cast<size_t>(i) * ldy + j;
+            if (a < 0 || j >= cs.n) {
+              if (!(got[at] == y0[at]) && ++untouched_bad <= 3) {
+                ADD_FAILURE() << "y[" << i << "][" << j
+                              << "] outside the segments changed: " << got[at] << " was " << y0[at];
+              }
+              continue;
             }
-            continue;
-          }
-          double pre = y0[at], mag = 0.0;
-          for (int target : cs.targets) {
-            const int slot = step[a].slot, e = slot * kTargets + target, r = rank[slot][target];
-            const int tb = target == 3 ? 4 : target == 5 ? 5 : cs.t_block;
-            for (int k = 0; k < r; ++k) {
-              const double term =
-                  static_cast<double>(t[static_cast<size_t>(i) * ldt + tb * R + step[a].col + k]) *
-                  scale[e] * bf[e][static_cast<size_t>(j) * r + k];
-              pre += term;
-              mag += std::fabs(term);
+            double pre = acc ? y0[at] : 0.0, mag = 0.0;
+            for (int target : cs.targets) {
+              const int slot = step[a].slot, e = slot * kTargets + target, r = rank[slot][target];
+              const int tb = target == 3 ? 4 : target == 5 ? 5 : cs.t_block;
+              for (int k = 0; k < r; ++k) {
+                const double term =
+                    static_cast<double>(
+                        t[static_cast<size_t>(i) * ldt + tb * R + step[a].col + k]) *
+                    scale[e] * bf[e][static_cast<size_t>(j) * r + k];
+                pre += term;
+                mag += std::fabs(term);
+              }
             }
-          }
-          double want = pre, tol = std::fabs(pre) / 256 + mag / 4096 + 1e-5;
-          if (cs.act == GemmEpilogue::kGeluTanh) {
-            want = 0.5 * pre *
-                   (1 + std::tanh(std::sqrt(2 / M_PI) * (pre + 0.044715 * pre * pre * pre)));
-            tol = 1.13 * tol + std::fabs(want) / 256;
-          } else {
-            tol += std::fabs(pre - y0[at]) / 256;  // the default epilogue's rounded product
-          }
-          const double err = std::fabs(got[at] - want);
-          worst = std::isfinite(err) ? std::max(worst, err / tol) : INFINITY;
-          if (!(err <= tol) && ++bad[a] <= 3) {
-            ADD_FAILURE() << "y[" << i << "][" << j << "] (adapter " << a << "): " << got[at]
-                          << " want " << want << " tol " << tol;
+            double want = pre, tol = std::fabs(pre) / 256 + mag / 4096 + 1e-5;
+            if (cs.act == GemmEpilogue::kGeluTanh) {
+              want = 0.5 * pre *
+                     (1 + std::tanh(std::sqrt(2 / M_PI) * (pre + 0.044715 * pre * pre * pre)));
+              tol = 1.13 * tol + std::fabs(want) / 256;
+            } else if (acc) {
+              tol += std::fabs(pre - y0[at]) / 256;  // the default epilogue's rounded product
+            }
+            const double err = std::fabs(got[at] - want);
+            worst = std::isfinite(err) ? std::max(worst, err / tol) : INFINITY;
+            if (!(err <= tol) && ++bad[a] <= 3) {
+              ADD_FAILURE() << "y[" << i << "][" << j << "] (adapter " << a << "): " << got[at]
+                            << " want " << want << " tol " << tol;
+            }
           }
         }
+        std::string fails;
+        for (int f : bad) fails.append(" ").append(std::to_string(f));
+        std::printf("%s, %s%s: worst |err| / tol %.3f, failures per adapter%s; last GEMM: %s\n",
+                    label, cs.name, acc ? "" : " (no accumulate)", worst, fails.c_str(),
+                    gemm->last_plan_info().c_str());
       }
-      std::string fails;
-      for (int f : bad) fails.append(" ").append(std::to_string(f));
-      std::printf("%s, %s: worst |err| / tol %.3f, failures per adapter%s; last GEMM: %s\n", label,
-                  cs.name, worst, fails.c_str(), gemm->last_plan_info().c_str());
-    }
   };
   // Slot 1 at [0, 16), slot 2 at [16, 80), slot 0 at [80, 88); rows: adapter 1 x 37, base x 5,
   // adapter 0 x 130, adapter 2 x 3, base x 11, adapter 1 x 64 (uneven: one GEMM a segment).

@@ -668,6 +668,82 @@ TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithTheSegment
   RunPrefillPaths(Form::kSegmented);
 }
 
+// GEMM-form steps write the q / k / v deltas before the qkv GEMM, which adds to them (CudaLora::
+// GemmQkvDeltaFirst, the default) instead of adding them after it. Both sum the same two bf16
+// terms, round(x Wᵀ + b) and round(T Bᵀ), when cuBLASLt's beta = 1 kernels round their product
+// before adding C, as measured on an H200 (then the logits are the same bits; printed, not
+// required: another algorithm may add in float32, one rounding less). Required: within the bf16
+// bounds above of the deltas-after path (whose distance to peft / the CPU the golden and
+// mixed-batch tests check), in the prefill logits and in the decode steps that read the K/V
+// cache it wrote, on the mixed batch of RunPrefillPaths (base rows between segments: the
+// segmented expands leave them to the zeroing), full path and trimmed last layer; and the form
+// really ran in every layer.
+void RunQkvDeltasFirst(Form form) {
+  const GemmFormEnv env(form);
+  const json golden = ReadGolden();
+  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  std::unique_ptr<CudaPhiModel> first = LoadCuda(dir), after = LoadCuda(dir);
+  ASSERT_TRUE(first && after);
+  ASSERT_TRUE(after->set_lora_prefill_tuning("0").ok());
+  EXPECT_EQ(first->lora_prefill_tuning(), "1:8");
+  EXPECT_EQ(after->lora_prefill_tuning(), "0:8");
+  EXPECT_FALSE(first->set_lora_prefill_tuning("2").ok());
+  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
+  uint32_t idx = 3;
+  for (const json& a : golden.at("adapters")) {
+    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, first->config())).ok());
+  }
+  ASSERT_TRUE(first->SetAdapterRegistry(reg.get()).ok());
+  ASSERT_TRUE(after->SetAdapterRegistry(reg.get()).ok());
+  const int V = first->config().vocab_size, L = first->config().num_hidden_layers;
+  const std::vector<Req> reqs = {{{1932, 221, 17}, 0, 0},
+                                 {{5, 6, 7, 8, 9, 10, 11}, 3, 1},
+                                 {{300}, 3, 2},
+                                 {{44, 45, 46, 47, 48}, 77, 3},
+                                 {{12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24}, 4, 4},
+                                 {{900, 901}, 0, 5},
+                                 {{33, 34, 35, 36}, 5, 6}};
+  const int steps = 3;
+  for (bool last_rows : {false, true}) {
+    first->set_prefill_last_rows(last_rows);
+    after->set_prefill_last_rows(last_rows);
+    const int64_t before = first->lora_qkv_first_layers();
+    const auto got = RunBatch(*first, reqs, 0, steps, true);
+    const auto want = RunBatch(*after, reqs, 0, steps, true);
+    // Every layer of the one GEMM-form step (the golden adapters adapt q, k and v everywhere).
+    EXPECT_EQ(first->lora_qkv_first_layers() - before, L) << FormName(form);
+    EXPECT_EQ(after->lora_qkv_first_layers(), 0);
+    ASSERT_EQ(got.size(), static_cast<size_t>(steps + 1));
+    ASSERT_EQ(want.size(), got.size());
+    bool same = true;
+    for (int st = 0; st <= steps; ++st) {
+      same = same && got[st] == want[st];
+      for (size_t s = 0; s < reqs.size(); ++s) {
+        const std::string what = std::string(FormName(form)) + (last_rows ? " trimmed" : " full") +
+                                 " step " + std::to_string(st) + " request " + std::to_string(s);
+        ExpectClose(got[st].data() + s * V, want[st].data() + s * V, V, what);
+        if (st == 0) {
+          const Closeness c = Compare(got[st].data() + s * V, want[st].data() + s * V, V);
+          std::printf("  %s: first vs after max|d| / scale %.4f, norm rel %.4f\n", what.c_str(),
+                      c.worst / c.scale, c.rel);
+        }
+      }
+    }
+    std::printf("  %s%s: deltas first vs after bit-identical: %s\n", FormName(form),
+                last_rows ? " trimmed" : " full", same ? "yes" : "no");
+  }
+}
+
+TEST(CudaLoraBatch, QkvDeltasFirstMatchDeltasAfterWithTheGemmForm) {
+  PHI_REQUIRE_GPU();
+  RunQkvDeltasFirst(Form::kGemm);
+}
+
+TEST(CudaLoraBatch, QkvDeltasFirstMatchDeltasAfterWithTheSegmentedGemmForm) {
+  PHI_REQUIRE_GPU();
+  RunQkvDeltasFirst(Form::kSegmented);
+}
+
 // ---- load / use / offload ---------------------------------------------------------------------
 TEST(CudaLoraMemory, HundredLoadUseOffloadCyclesReturnDeviceMemoryToBaseline) {
   PHI_REQUIRE_GPU();
