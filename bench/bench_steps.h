@@ -199,11 +199,13 @@ class Bench {
       dev.push_back(m_.last_step_device_ms());
     }
     nvtxRangePop();
-    // --trace-csv: two more steps' kernels (labelled with the mode and the LoRA decode tuning).
-    KernelTrace::Window(mode + " " + m_.lora_decode_tuning(), [&] {
-      for (int i = 0; i < 2; ++i) step();
-      BENCH_CHECK(DeviceSynchronize() == 0, "trace sync");
-    });
+    // --trace-csv: two more steps' kernels (labelled with the mode, the batch, the context and the
+    // LoRA decode tuning).
+    KernelTrace::Window(
+        absl::StrFormat("%s b%d ctx%d %s", mode, batch, ctx, m_.lora_decode_tuning()), [&] {
+          for (int i = 0; i < 2; ++i) step();
+          BENCH_CHECK(DeviceSynchronize() == 0, "trace sync");
+        });
     BENCH_CHECK(logits.size() == static_cast<size_t>(batch) * shape_.V, "decode logits size");
     if (greedy) {  // the marked rows' logits are not downloaded: check the picks instead
       BENCH_CHECK(picks.size() == static_cast<size_t>(batch), "greedy picks size");
