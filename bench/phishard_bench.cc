@@ -156,8 +156,10 @@ int Main(int argc, char** argv) {
   app.add_option("--lora-prefill-variants", lora_prefill_variants,
                  "after the LoRA comparison, --lora-rounds more rounds of the LoRA prefill: each "
                  "round the base step, then the LoRA step under each tuning of this list, in the "
-                 "same process (CudaPhiModel::set_lora_prefill_tuning: 1 = q / k / v deltas "
-                 "before the qkv GEMM, 0 = after; e.g. 1,0); medians per tuning");
+                 "same process (CudaPhiModel::set_lora_prefill_tuning F[:G[:P]]: F 1 = q / k / v "
+                 "deltas before the qkv GEMM, 0 = after; G the gathers' chunks a thread, 8 or 1; "
+                 "P 1 = the next layer's gathers prefetched; e.g. 1:8:1,1:8:0,0:1:0); medians "
+                 "per tuning");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "

@@ -139,14 +139,21 @@ class CudaLora {
   // a peft golden does not pass (docs/perf-log.md, lorap2 runs 1-2).
   KernelStatus GemmQkvDeltaFirst(int layer, const void* normed, void* qkv, bool* first,
                                  cudaStream_t stream);
-  // Benchmarks (old and new forms in one process): "F" or "F:G" sets the q / k / v deltas first
-  // (F = 1) or after the qkv GEMM (0), and the gathers' 16-byte chunks a thread (G = 8, the
-  // default, or 1: LoraGatherParams::chunks_per_thread; the same result). INVALID_ARGUMENT names
-  // a bad field.
+  // Prefetch (with the deltas first; on unless PHISHARD_LORA_GEMM_PREFETCH=0 at construction or
+  // SetPrefillTuning): when the workspace holds two sets of a layer's A / B matrices, the end of
+  // GemmQkvDeltaFirst forks the next layer's gathers onto the side stream (into the other set),
+  // so that they run beside this layer's qkv GEMM, rotary and attention instead of on the main
+  // stream at the next layer's start, which waits for them.
+  // Benchmarks (old and new forms in one process): "F", "F:G" or "F:G:P" sets the q / k / v
+  // deltas first (F = 1) or after the qkv GEMM (0), the gathers' 16-byte chunks a thread (G = 8,
+  // the default, or 1: LoraGatherParams::chunks_per_thread) and the prefetch (P = 1 or 0); the
+  // same bits in every form. INVALID_ARGUMENT names a bad field.
   absl::Status SetPrefillTuning(absl::string_view spec);
   std::string PrefillTuning() const;
   // Layers whose q / k / v deltas ran first, over all steps so far (tests: the form is taken).
   int64_t qkv_first_layers() const { return qkv_first_layers_; }
+  // Layers whose gathers were prefetched, over all steps so far.
+  int64_t prefetched_layers() const { return prefetched_layers_; }
 
   // Overlap (SGMV steps, on unless PHISHARD_LORA_OVERLAP=0): BeforeQkv, called between the LN
   // and the qkv GEMM, forks the q / k / v / fc1 shrink onto a side stream so it runs alongside
@@ -264,6 +271,13 @@ class CudaLora {
                                      cudaStream_t stream);
 
  private:
+  // The GEMM form's buffers for one layer (in its workspace; see the members below).
+  struct GemmBufs {
+    float* t = nullptr;
+    void* tm = nullptr;
+    void *a_qkvf = nullptr, *a_dense = nullptr, *a_fc2 = nullptr;
+    void *b_q = nullptr, *b_k = nullptr, *b_v = nullptr, *b_fc1 = nullptr, *b_res = nullptr;
+  };
   struct Slot {
     const LoraAdapter* adapter = nullptr;
     uint64_t serial = 0;
@@ -322,6 +336,16 @@ class CudaLora {
   // does not qualify or its buffers do not fit), and the three layer hooks.
   absl::Status PlanGemm(const ForwardBatch& batch, cudaStream_t stream);
   KernelStatus GemmAfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream);
+  // Gathers `layer`'s A / B matrices into m's (LoraGatherCuda).
+  KernelStatus GemmGather(int layer, const GemmBufs& m, cudaStream_t stream);
+  // Whether some adapter of the step adapts a module of `layer`.
+  bool GemmLayerAdapted(int layer) const;
+  // Points gb_ at `layer`'s set, then waits for a prefetch in flight (any layer's) and, unless
+  // it was this layer's, gathers in line.
+  KernelStatus GemmLayerMats(int layer, cudaStream_t stream);
+  // Forks `layer`'s gathers onto side_ into set layer & 1 (see the prefetch above); nothing when
+  // there is one set, no side stream, a prefetch in flight or nothing to gather.
+  KernelStatus GemmPrefetch(int layer, cudaStream_t stream);
   KernelStatus GemmQkv(int layer, const void* normed, void* qkv, bool first, cudaStream_t stream);
   // Zeroes the rows of the step's base runs in y [rows, width] (dtype, device).
   KernelStatus ZeroBaseRuns(void* y, int width, cudaStream_t stream);
@@ -469,12 +493,14 @@ class CudaLora {
   int gemm_r_ = 0;         // R
   int gemm_adapters_ = 0;
   int gemm_max_width_ = 0;
-  struct GemmBufs {
-    float* t = nullptr;
-    void* tm = nullptr;
-    void *a_qkvf = nullptr, *a_dense = nullptr, *a_fc2 = nullptr;
-    void *b_q = nullptr, *b_k = nullptr, *b_v = nullptr, *b_fc1 = nullptr, *b_res = nullptr;
-  } gb_;
+  GemmBufs gb_;                // the current layer's
+  GemmBufs gemm_sets_[2];      // set 0 and, when the workspace holds it, set 1 (else = set 0)
+  bool gemm_double_ = false;   // this step has two sets
+  bool gemm_prefetch_ = true;  // PHISHARD_LORA_GEMM_PREFETCH / SetPrefillTuning
+  int prefetch_layer_ = -1;    // the layer whose prefetch is in flight (not yet waited for)
+  int64_t prefetched_layers_ = 0;
+  DeviceEvent* prefetch_fork_ev_ = nullptr;
+  DeviceEvent* prefetch_done_ev_ = nullptr;
 };
 
 }  // namespace phishard

@@ -42,6 +42,9 @@ void CudaLora::FreeGemm() {
   gemm_ws_ = gemm_map_dev_ = gemm_map_host_ = nullptr;
   gemm_map_rows_ = 0;
   gemm_.reset();
+  DeviceEventDestroy(prefetch_fork_ev_);
+  DeviceEventDestroy(prefetch_done_ev_);
+  prefetch_fork_ev_ = prefetch_done_ev_ = nullptr;
 }
 
 absl::Status CudaLora::EnsureGemmBuffers(int rows, cudaStream_t stream) {
@@ -55,6 +58,13 @@ absl::Status CudaLora::EnsureGemmBuffers(int rows, cudaStream_t stream) {
       return absl::OkStatus();
     }
     gemm_->RequireFloat32SplitK();  // the expands' hi + lo (kernels/cuda/gemm_cuda.h)
+  }
+  if (prefetch_fork_ev_ == nullptr) {  // GemmPrefetch's (none: every layer gathers in line)
+    if (DeviceEventCreate(&prefetch_fork_ev_) != 0 || DeviceEventCreate(&prefetch_done_ev_) != 0) {
+      DeviceGetLastError();
+      DeviceEventDestroy(prefetch_fork_ev_);
+      prefetch_fork_ev_ = nullptr;
+    }
   }
   if (gemm_ws_ == nullptr) {
     if (int err = DeviceMalloc(&gemm_ws_, kLoraGemmWorkspaceBytes); err != 0) {
@@ -91,6 +101,15 @@ absl::Status CudaLora::EnsureGemmBuffers(int rows, cudaStream_t stream) {
 
 absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) {
   gemm_step_ = false;
+  gemm_double_ = false;
+  if (prefetch_layer_ >= 0) {  // a step that stopped early: its prefetch reads the row map
+    prefetch_layer_ = -1;
+    if (int err = DeviceStreamWaitEvent(stream, prefetch_done_ev_); err != 0) {
+      DeviceGetLastError();
+      return absl::InternalError(absl::StrFormat("CUDA stream wait failed on device %d: %s",
+                                                 device_, DeviceErrorString(err)));
+    }
+  }
   qkv_first_layer_ = -1;
   if (gemm_failed_) return absl::OkStatus();
   const PhiConfig& c = config_;
@@ -126,15 +145,26 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
   const size_t t_off = take(static_cast<size_t>(T) * 6 * R * sizeof(float));
   const int tw = gemm_split_t_ ? 2 : 1;  // T columns per rank column (hi, lo)
   const size_t tm_off = take(static_cast<size_t>(T) * 6 * tw * R * 2);
-  const size_t aq_off = take(static_cast<size_t>(4) * R * H * 2);
-  const size_t ad_off = take(static_cast<size_t>(R) * A * 2);
-  const size_t af_off = take(static_cast<size_t>(R) * I * 2);
-  const size_t bq_off = take(static_cast<size_t>(nq) * tw * R * 2);
-  const size_t bk_off = take(static_cast<size_t>(nkv) * tw * R * 2);
-  const size_t bv_off = take(static_cast<size_t>(nkv) * tw * R * 2);
-  const size_t bf_off = take(static_cast<size_t>(I) * tw * R * 2);
-  const size_t br_off = take(static_cast<size_t>(H) * 2 * tw * R * 2);
+  // The layer's matrices; a second set (the next layer's, GemmPrefetch) when it fits too.
+  struct MatOffsets {
+    size_t aq, ad, af, bq, bk, bv, bf, br;
+  };
+  auto take_mats = [&]() {
+    MatOffsets o;
+    o.aq = take(static_cast<size_t>(4) * R * H * 2);
+    o.ad = take(static_cast<size_t>(R) * A * 2);
+    o.af = take(static_cast<size_t>(R) * I * 2);
+    o.bq = take(static_cast<size_t>(nq) * tw * R * 2);
+    o.bk = take(static_cast<size_t>(nkv) * tw * R * 2);
+    o.bv = take(static_cast<size_t>(nkv) * tw * R * 2);
+    o.bf = take(static_cast<size_t>(I) * tw * R * 2);
+    o.br = take(static_cast<size_t>(H) * 2 * tw * R * 2);
+    return o;
+  };
+  const MatOffsets m0 = take_mats();
   if (off > kLoraGemmWorkspaceBytes) return absl::OkStatus();
+  const MatOffsets m1 = take_mats();
+  const bool two_sets = off <= kLoraGemmWorkspaceBytes;
 
   if (absl::Status st = EnsureGemmBuffers(T, stream); !st.ok() || gemm_failed_) return st;
   auto* ad_host = static_cast<LoraStepAdapter*>(gemm_map_host_);
@@ -172,16 +202,22 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
                                                device_, DeviceErrorString(err)));
   }
   char* ws = static_cast<char*>(gemm_ws_);
-  gb_.t = reinterpret_cast<float*>(ws + t_off);
-  gb_.tm = ws + tm_off;
-  gb_.a_qkvf = ws + aq_off;
-  gb_.a_dense = ws + ad_off;
-  gb_.a_fc2 = ws + af_off;
-  gb_.b_q = ws + bq_off;
-  gb_.b_k = ws + bk_off;
-  gb_.b_v = ws + bv_off;
-  gb_.b_fc1 = ws + bf_off;
-  gb_.b_res = ws + br_off;
+  for (int set = 0; set < 2; ++set) {
+    const MatOffsets& o = set == 1 && two_sets ? m1 : m0;
+    GemmBufs& g = gemm_sets_[set];
+    g.t = reinterpret_cast<float*>(ws + t_off);
+    g.tm = ws + tm_off;
+    g.a_qkvf = ws + o.aq;
+    g.a_dense = ws + o.ad;
+    g.a_fc2 = ws + o.af;
+    g.b_q = ws + o.bq;
+    g.b_k = ws + o.bk;
+    g.b_v = ws + o.bv;
+    g.b_fc1 = ws + o.bf;
+    g.b_res = ws + o.br;
+  }
+  gb_ = gemm_sets_[0];
+  gemm_double_ = two_sets;
   gemm_r_ = R;
   gemm_adapters_ = static_cast<int>(ads.size());
   gemm_max_width_ = max_width;
@@ -297,6 +333,102 @@ KernelStatus CudaLora::GemmMask(int layer, int first_block, int num_blocks, cuda
   return LoraMaskCuda(mp, stream);
 }
 
+// Every matrix of `layer` into m (zeros where an adapter lacks a module), so that the GEMMs
+// never read stale values: T's other columns are exact zeros, but 0 x NaN would not be.
+KernelStatus CudaLora::GemmGather(int layer, const GemmBufs& m, cudaStream_t stream) {
+  const PhiConfig& c = config_;
+  const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
+  const int nq = c.num_attention_heads * c.head_dim, nkv = c.num_key_value_heads * c.head_dim;
+  const int R = gemm_r_;
+  LoraGatherParams gp;
+  auto job = [&](void* dst, bool is_b, int target, int dim, int ld, int base, int col_mul = 1,
+                 int width_slot = 0) {
+    gp.jobs[gp.num_jobs++] = {dst, is_b, Entry(layer, target), dim, ld, base, col_mul, width_slot};
+  };
+  // A_qkvf: blocks q, k, v, fc1 of R rows, or (segmented shrinks) adapter a's four blocks side
+  // by side at rows 4 col_a (one GEMM of n = 4 width_a a segment).
+  const bool seg_a = gemm_shrink_segmented_;
+  job(m.a_qkvf, false, kQ, H, 0, 0, seg_a ? 4 : 1, 0);
+  job(m.a_qkvf, false, kK, H, 0, seg_a ? 0 : R, seg_a ? 4 : 1, seg_a ? 1 : 0);
+  job(m.a_qkvf, false, kV, H, 0, seg_a ? 0 : 2 * R, seg_a ? 4 : 1, seg_a ? 2 : 0);
+  job(m.a_qkvf, false, kFc1, H, 0, seg_a ? 0 : 3 * R, seg_a ? 4 : 1, seg_a ? 3 : 0);
+  job(m.a_dense, false, kDense, A, 0, 0);
+  job(m.a_fc2, false, kFc2, I, 0, 0);
+  // B blocks match T's: [B] per module, or [B | B] against [T_hi | T_lo] when T is split.
+  const int tw = gemm_split_t_ ? 2 : 1;
+  // Segmented steps: adapter a's parts side by side at tw col_a ([B | B] per adapter; the
+  // residual's [B_dense | B_dense | B_fc2 | B_fc2] at 2 tw col_a), matching the compact T.
+  for (int h = 0; h < tw && gemm_segmented_; ++h) {
+    job(m.b_q, true, kQ, nq, tw * R, 0, tw, h);
+    job(m.b_k, true, kK, nkv, tw * R, 0, tw, h);
+    job(m.b_v, true, kV, nkv, tw * R, 0, tw, h);
+    job(m.b_fc1, true, kFc1, I, tw * R, 0, tw, h);
+    job(m.b_res, true, kDense, H, 2 * tw * R, 0, 2 * tw, h);
+    job(m.b_res, true, kFc2, H, 2 * tw * R, 0, 2 * tw, tw + h);
+  }
+  for (int h = 0; h < tw && !gemm_segmented_; ++h) {
+    job(m.b_q, true, kQ, nq, tw * R, h * R);
+    job(m.b_k, true, kK, nkv, tw * R, h * R);
+    job(m.b_v, true, kV, nkv, tw * R, h * R);
+    job(m.b_fc1, true, kFc1, I, tw * R, h * R);
+    job(m.b_res, true, kDense, H, 2 * tw * R, h * R);
+    job(m.b_res, true, kFc2, H, 2 * tw * R, tw * R + h * R);
+  }
+  gp.table = table_dev_;
+  gp.stride = stride();
+  gp.num_slots = static_cast<int>(slots_.size());
+  gp.adapters = static_cast<const LoraStepAdapter*>(gemm_map_dev_);
+  gp.num_adapters = gemm_adapters_;
+  gp.max_width = gemm_max_width_;
+  gp.chunks_per_thread = gather_chunks_;
+  gp.dtype = dtype_;
+  return LoraGatherCuda(gp, stream);
+}
+
+bool CudaLora::GemmLayerAdapted(int layer) const {
+  bool any = false;
+  for (int t : {kQ, kK, kV, kFc1, kDense, kFc2}) any = any || Launch(Entry(layer, t));
+  return any;
+}
+
+KernelStatus CudaLora::GemmLayerMats(int layer, cudaStream_t stream) {
+  gb_ = gemm_sets_[gemm_double_ ? layer & 1 : 0];
+  if (prefetch_layer_ >= 0) {  // a prefetch is in flight: wait for it, whichever layer it has
+    const bool mine = prefetch_layer_ == layer;
+    prefetch_layer_ = -1;
+    if (DeviceStreamWaitEvent(stream, prefetch_done_ev_) != 0) {
+      DeviceGetLastError();
+      return KernelStatus::kDeviceError;
+    }
+    if (mine) return KernelStatus::kOk;
+  }
+  return GemmGather(layer, gb_, stream);
+}
+
+KernelStatus CudaLora::GemmPrefetch(int layer, cudaStream_t stream) {
+  if (!gemm_double_ || !gemm_prefetch_ || prefetch_layer_ >= 0 || side_ == nullptr ||
+      prefetch_fork_ev_ == nullptr || layer >= config_.num_hidden_layers ||
+      !GemmLayerAdapted(layer)) {
+    return KernelStatus::kOk;
+  }
+  // Set layer & 1 was last read by layer - 2, whose every reader ran on `stream` (or on the MLP
+  // branch, joined before that layer's dense GEMM) before this point.
+  if (DeviceEventRecord(prefetch_fork_ev_, stream) != 0 ||
+      DeviceStreamWaitEvent(side_, prefetch_fork_ev_) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  const KernelStatus st = GemmGather(layer, gemm_sets_[layer & 1], side_);
+  // Recorded even after a failed launch, so that the wait in GemmLayerMats stays well-formed.
+  if (DeviceEventRecord(prefetch_done_ev_, side_) != 0) {
+    DeviceGetLastError();
+    return KernelStatus::kDeviceError;
+  }
+  prefetch_layer_ = layer;
+  ++prefetched_layers_;
+  return st;
+}
+
 KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cudaStream_t stream) {
   if (layer == qkv_first_layer_) return KernelStatus::kOk;  // GemmQkvDeltaFirst wrote them
   return GemmQkv(layer, normed, qkv, /*first=*/false, stream);
@@ -307,58 +439,12 @@ KernelStatus CudaLora::GemmAfterQkv(int layer, const void* normed, void* qkv, cu
 KernelStatus CudaLora::GemmQkv(int layer, const void* normed, void* qkv, bool first,
                                cudaStream_t stream) {
   const PhiConfig& c = config_;
-  const int H = c.hidden_size, A = c.num_attention_heads * c.head_dim, I = c.intermediate_size;
+  const int H = c.hidden_size;
   const int nq = c.num_attention_heads * c.head_dim, nkv = c.num_key_value_heads * c.head_dim;
-  const int R = gemm_r_, T = rows_;
-  const auto* ads = static_cast<const LoraStepAdapter*>(gemm_map_dev_);
-  bool any = false;
-  for (int t : {kQ, kK, kV, kFc1, kDense, kFc2}) any = any || Launch(Entry(layer, t));
-  if (!any) return KernelStatus::kOk;
-  // Every matrix of the layer (zeros where an adapter lacks a module), so that the GEMMs below
-  // never read stale values: T's other columns are exact zeros, but 0 x NaN would not be.
-  LoraGatherParams gp;
-  auto job = [&](void* dst, bool is_b, int target, int dim, int ld, int base, int col_mul = 1,
-                 int width_slot = 0) {
-    gp.jobs[gp.num_jobs++] = {dst, is_b, Entry(layer, target), dim, ld, base, col_mul, width_slot};
-  };
-  // A_qkvf: blocks q, k, v, fc1 of R rows, or (segmented shrinks) adapter a's four blocks side
-  // by side at rows 4 col_a (one GEMM of n = 4 width_a a segment).
-  const bool seg_a = gemm_shrink_segmented_;
-  job(gb_.a_qkvf, false, kQ, H, 0, 0, seg_a ? 4 : 1, 0);
-  job(gb_.a_qkvf, false, kK, H, 0, seg_a ? 0 : R, seg_a ? 4 : 1, seg_a ? 1 : 0);
-  job(gb_.a_qkvf, false, kV, H, 0, seg_a ? 0 : 2 * R, seg_a ? 4 : 1, seg_a ? 2 : 0);
-  job(gb_.a_qkvf, false, kFc1, H, 0, seg_a ? 0 : 3 * R, seg_a ? 4 : 1, seg_a ? 3 : 0);
-  job(gb_.a_dense, false, kDense, A, 0, 0);
-  job(gb_.a_fc2, false, kFc2, I, 0, 0);
-  // B blocks match T's: [B] per module, or [B | B] against [T_hi | T_lo] when T is split.
-  const int tw = gemm_split_t_ ? 2 : 1;
-  // Segmented steps: adapter a's parts side by side at tw col_a ([B | B] per adapter; the
-  // residual's [B_dense | B_dense | B_fc2 | B_fc2] at 2 tw col_a), matching the compact T.
-  for (int h = 0; h < tw && gemm_segmented_; ++h) {
-    job(gb_.b_q, true, kQ, nq, tw * R, 0, tw, h);
-    job(gb_.b_k, true, kK, nkv, tw * R, 0, tw, h);
-    job(gb_.b_v, true, kV, nkv, tw * R, 0, tw, h);
-    job(gb_.b_fc1, true, kFc1, I, tw * R, 0, tw, h);
-    job(gb_.b_res, true, kDense, H, 2 * tw * R, 0, 2 * tw, h);
-    job(gb_.b_res, true, kFc2, H, 2 * tw * R, 0, 2 * tw, tw + h);
-  }
-  for (int h = 0; h < tw && !gemm_segmented_; ++h) {
-    job(gb_.b_q, true, kQ, nq, tw * R, h * R);
-    job(gb_.b_k, true, kK, nkv, tw * R, h * R);
-    job(gb_.b_v, true, kV, nkv, tw * R, h * R);
-    job(gb_.b_fc1, true, kFc1, I, tw * R, h * R);
-    job(gb_.b_res, true, kDense, H, 2 * tw * R, h * R);
-    job(gb_.b_res, true, kFc2, H, 2 * tw * R, tw * R + h * R);
-  }
-  gp.table = table_dev_;
-  gp.stride = stride();
-  gp.num_slots = static_cast<int>(slots_.size());
-  gp.adapters = ads;
-  gp.num_adapters = gemm_adapters_;
-  gp.max_width = gemm_max_width_;
-  gp.chunks_per_thread = gather_chunks_;
-  gp.dtype = dtype_;
-  if (KernelStatus st = LoraGatherCuda(gp, stream); st != KernelStatus::kOk) return st;
+  const int R = gemm_r_, T = rows_, tw = gemm_split_t_ ? 2 : 1;
+  if (!GemmLayerAdapted(layer)) return KernelStatus::kOk;
+  // The layer's matrices: gathered now, or by the prefetch forked during the layer before.
+  if (KernelStatus st = GemmLayerMats(layer, stream); st != KernelStatus::kOk) return st;
   bool qkvf = false;
   for (int t : {kQ, kK, kV, kFc1}) qkvf = qkvf || Launch(Entry(layer, t));
   if (!qkvf) return KernelStatus::kOk;
@@ -411,8 +497,12 @@ KernelStatus CudaLora::GemmQkv(int layer, const void* normed, void* qkv, bool fi
     if (st != KernelStatus::kOk) return st;
   }
   // The segmented expands wrote only the segments' rows: the base rows' qkv = 0 + their GEMM.
-  if (first && gemm_segmented_) return ZeroBaseRuns(qkv, width, stream);
-  return KernelStatus::kOk;
+  if (first && gemm_segmented_ && (st = ZeroBaseRuns(qkv, width, stream)) != KernelStatus::kOk) {
+    return st;
+  }
+  // Deltas first (unsharded steps): the next layer's gathers beside this layer's qkv GEMM,
+  // rotary and attention.
+  return first ? GemmPrefetch(layer + 1, stream) : KernelStatus::kOk;
 }
 
 KernelStatus CudaLora::ZeroBaseRuns(void* y, int width, cudaStream_t stream) {
@@ -448,20 +538,24 @@ KernelStatus CudaLora::GemmQkvDeltaFirst(int layer, const void* normed, void* qk
 
 absl::Status CudaLora::SetPrefillTuning(absl::string_view spec) {
   const std::vector<std::string> f = absl::StrSplit(spec, ':');
-  if (f.size() > 2 || (f[0] != "0" && f[0] != "1") ||
-      (f.size() == 2 && f[1] != "1" && f[1] != "8")) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("LoRA prefill tuning '%s': expected F or F:G, F the q / k / v deltas "
-                        "first (1) or after (0), G the gathers' chunks a thread (1 or 8)",
-                        spec));
+  if (f.size() > 3 || (f[0] != "0" && f[0] != "1") ||
+      (f.size() >= 2 && f[1] != "1" && f[1] != "8") ||
+      (f.size() == 3 && f[2] != "0" && f[2] != "1")) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "LoRA prefill tuning '%s': expected F[:G[:P]], F the q / k / v deltas first (1) or "
+        "after (0), G the gathers' chunks a thread (1 or 8), P the next layer's gathers "
+        "prefetched (1) or not (0)",
+        spec));
   }
   gemm_delta_first_ = f[0] == "1";
-  if (f.size() == 2) gather_chunks_ = f[1] == "8" ? 8 : 1;
+  if (f.size() >= 2) gather_chunks_ = f[1] == "8" ? 8 : 1;
+  if (f.size() == 3) gemm_prefetch_ = f[2] == "1";
   return absl::OkStatus();
 }
 
 std::string CudaLora::PrefillTuning() const {
-  return absl::StrFormat("%d:%d", gemm_delta_first_ ? 1 : 0, gather_chunks_);
+  return absl::StrFormat("%d:%d:%d", gemm_delta_first_ ? 1 : 0, gather_chunks_,
+                         gemm_prefetch_ ? 1 : 0);
 }
 
 // mlp = act(mlp + T_fc1 · B_fc1ᵀ): fc1 ran without its activation (SplitFc1); the epilogue (or,

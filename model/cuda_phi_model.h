@@ -183,6 +183,8 @@ class CudaPhiModel final : public ModelBackend {
   std::string lora_prefill_tuning() const;
   // Layers of GEMM-form LoRA steps whose q / k / v deltas ran before the qkv GEMM (so far).
   int64_t lora_qkv_first_layers() const;
+  // ... and whose next layer's gathers were prefetched beside them (CudaLora, prefetch).
+  int64_t lora_prefetched_layers() const;
   // Tensor parallelism (model/cuda_phi_tp.cc).
   int tp_rank() const override { return shard_.rank; }
   int tp_world_size() const override { return shard_.world_size; }

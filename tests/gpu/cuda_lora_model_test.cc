@@ -677,24 +677,32 @@ TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithTheSegment
 // mixed-batch tests check), in the prefill logits and in the decode steps that read the K/V
 // cache it wrote, on the mixed batch of RunPrefillPaths (base rows between segments: the
 // segmented expands leave them to the zeroing), full path and trimmed last layer; and the form
-// really ran in every layer.
+// really ran in every layer. The gathers' launch shape and the next layer's gathers prefetched
+// on the side stream (set_lora_prefill_tuning "1:1:0" against the default "1:8:1") change no
+// bit: they copy the same words into the same places, and the prefetch must be waited for (a
+// missing wait would let a layer read the matrices of the layer two before).
 void RunQkvDeltasFirst(Form form) {
   const GemmFormEnv env(form);
   const json golden = ReadGolden();
   const fs::path dir = kRepo / "models" / "tiny-phi-code";
-  std::unique_ptr<CudaPhiModel> first = LoadCuda(dir), after = LoadCuda(dir);
-  ASSERT_TRUE(first && after);
+  std::unique_ptr<CudaPhiModel> first = LoadCuda(dir), after = LoadCuda(dir),
+                                inline_ = LoadCuda(dir);
+  ASSERT_TRUE(first && after && inline_);
   ASSERT_TRUE(after->set_lora_prefill_tuning("0").ok());
-  EXPECT_EQ(first->lora_prefill_tuning(), "1:8");
-  EXPECT_EQ(after->lora_prefill_tuning(), "0:8");
+  ASSERT_TRUE(inline_->set_lora_prefill_tuning("1:1:0").ok());
+  EXPECT_EQ(first->lora_prefill_tuning(), "1:8:1");
+  EXPECT_EQ(after->lora_prefill_tuning(), "0:8:1");
   EXPECT_FALSE(first->set_lora_prefill_tuning("2").ok());
+  EXPECT_FALSE(first->set_lora_prefill_tuning("1:4").ok());
+  EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:0").ok());
   std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
   uint32_t idx = 3;
   for (const json& a : golden.at("adapters")) {
     ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, first->config())).ok());
   }
-  ASSERT_TRUE(first->SetAdapterRegistry(reg.get()).ok());
-  ASSERT_TRUE(after->SetAdapterRegistry(reg.get()).ok());
+  for (CudaPhiModel* m : {first.get(), after.get(), inline_.get()}) {
+    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+  }
   const int V = first->config().vocab_size, L = first->config().num_hidden_layers;
   const std::vector<Req> reqs = {{{1932, 221, 17}, 0, 0},
                                  {{5, 6, 7, 8, 9, 10, 11}, 3, 1},
@@ -705,16 +713,28 @@ void RunQkvDeltasFirst(Form form) {
                                  {{33, 34, 35, 36}, 5, 6}};
   const int steps = 3;
   for (bool last_rows : {false, true}) {
-    first->set_prefill_last_rows(last_rows);
-    after->set_prefill_last_rows(last_rows);
+    for (CudaPhiModel* m : {first.get(), after.get(), inline_.get()}) {
+      m->set_prefill_last_rows(last_rows);
+    }
     const int64_t before = first->lora_qkv_first_layers();
+    const int64_t prefetched = first->lora_prefetched_layers();
     const auto got = RunBatch(*first, reqs, 0, steps, true);
     const auto want = RunBatch(*after, reqs, 0, steps, true);
-    // Every layer of the one GEMM-form step (the golden adapters adapt q, k and v everywhere).
+    const auto in_line = RunBatch(*inline_, reqs, 0, steps, true);
+    // Every layer of the one GEMM-form step (the golden adapters adapt q, k and v everywhere),
+    // and every layer but the first prefetched.
     EXPECT_EQ(first->lora_qkv_first_layers() - before, L) << FormName(form);
+    EXPECT_EQ(first->lora_prefetched_layers() - prefetched, L - 1) << FormName(form);
     EXPECT_EQ(after->lora_qkv_first_layers(), 0);
+    EXPECT_EQ(after->lora_prefetched_layers(), 0);
+    EXPECT_EQ(inline_->lora_prefetched_layers(), 0);
     ASSERT_EQ(got.size(), static_cast<size_t>(steps + 1));
     ASSERT_EQ(want.size(), got.size());
+    ASSERT_EQ(in_line.size(), got.size());
+    for (int st = 0; st <= steps; ++st) {
+      EXPECT_EQ(in_line[st], got[st]) << FormName(form) << (last_rows ? " trimmed" : " full")
+                                      << " step " << st << ": prefetch / 8-chunk gathers differ";
+    }
     bool same = true;
     for (int st = 0; st <= steps; ++st) {
       same = same && got[st] == want[st];
