@@ -12,6 +12,8 @@
 //   op  shape  config  us  GB/s  of_copy
 // phishard_kernel_bench REPS gemm-candidates M1,M2,...: the heuristic's first 16 cuBLASLt
 // candidates of each Phi-2 layer GEMM at those row counts (prefill sizes), one line each.
+// phishard_kernel_bench 1 gemm-sustained M1,M2,... [BLOCK_MS [TOP]]: those GEMMs' candidates under
+// sustained load, at the power-capped clock (bench/gemm_sustained.h), and the winners.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "bench/bench_util.h"
+#include "bench/gemm_sustained.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/layer_norm_cuda.h"
@@ -380,6 +383,22 @@ int Main(int argc, char** argv) {
     cudaStream_t s = nullptr;
     KB_CHECK(DeviceStreamCreate(&s) == 0, "stream");
     GemmCandidateCases(s, rows);
+    KB_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "the run");
+    DeviceStreamDestroy(s);
+    return 0;
+  }
+  if (argc > 3 && std::string(argv[2]) == "gemm-sustained") {
+    bench::GemmSustainedOptions o;
+    for (const char* c = argv[3]; *c != '\0';) {
+      o.rows.push_back(std::max(1, std::atoi(c)));
+      while (*c != '\0' && *c != ',') ++c;
+      if (*c == ',') ++c;
+    }
+    if (argc > 4) o.block_ms = std::max(5.0, std::atof(argv[4]));
+    if (argc > 5) o.top = std::max(1, std::atoi(argv[5]));
+    cudaStream_t s = nullptr;
+    KB_CHECK(DeviceStreamCreate(&s) == 0, "stream");
+    bench::GemmSustainedCases(s, o);
     KB_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "the run");
     DeviceStreamDestroy(s);
     return 0;

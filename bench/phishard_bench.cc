@@ -43,6 +43,7 @@
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/device.h"
 #include "model/adapter_registry.h"
+#include "model/cuda_gemm_choices.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
 #include "model/lora_adapter.h"
@@ -140,10 +141,17 @@ int Main(int argc, char** argv) {
   app.add_flag("--prefill-only", prefill_only, "only the prefill cases (and the ceilings)");
   std::string prefill_modes;
   app.add_option("--prefill-modes", prefill_modes,
-                 "each prefill case once per mode S.L[.F] of this list, in order, in one "
+                 "each prefill case once per mode S.L[.F[.G[.A]]] of this list, in order, in one "
                  "process (S: CudaPhiModel::set_prefill_kv_store, L: set_prefill_last_rows, F: "
-                 "set_prefill_mlp_fork, the model's default when omitted; each 0 or 1; repeat "
+                 "set_prefill_mlp_fork, G: set_prefill_gemm_algos or a --gemm-algo-sets index, A: "
+                 "set_prefill_attention_tiling 0-2; the model's default when omitted; repeat "
                  "modes to alternate them, e.g. 0.0,1.1,0.0,1.1)");
+  std::string gemm_algo_sets;
+  app.add_option("--gemm-algo-sets", gemm_algo_sets,
+                 "'|'-separated sets of recorded cuBLASLt choices (model/cuda_gemm_choices.h "
+                 "form, e.g. from phishard_kernel_bench gemm-sustained); a --prefill-modes G of "
+                 "1..N then runs set G (CudaPhiModel::set_gemm_algo_choices), 0 the heuristic's "
+                 "picks; without this option G = 1 is the model's own choices");
   std::string lora_variants;
   app.add_option("--lora-variants", lora_variants,
                  "after the LoRA comparison, its graph decode again under each tuning, in the "
@@ -168,19 +176,35 @@ int Main(int argc, char** argv) {
   if (!trace_csv.empty()) BENCH_CHECK(KernelTrace::Enable(trace_csv), "--trace-csv: CUPTI");
   if (lora_only) prefills = lora_prefill;
   const bool no_decode = lora_only || prefill_only;
-  // (kv store, last rows, prefill MLP fork); -1: the model's defaults.
-  std::vector<std::array<int, 3>> modes;
+  // (kv store, last rows, prefill MLP fork, GEMM algorithm choices, attention tiling); -1: the
+  // model's defaults.
+  std::vector<std::array<int, 5>> modes;
   for (absl::string_view mode : absl::StrSplit(prefill_modes, ',', absl::SkipEmpty())) {
     const std::vector<absl::string_view> f = absl::StrSplit(mode, '.');
-    BENCH_CHECK(f.size() == 2 || f.size() == 3, "--prefill-modes S.L[.F],... with 0 or 1 each");
-    std::array<int, 3> m3 = {0, 0, -1};
+    BENCH_CHECK(f.size() >= 2 && f.size() <= 5,
+                "--prefill-modes S.L[.F[.G[.A]]],... with 0 or 1 each (G: 0..N, A: 0..2)");
+    std::array<int, 5> m4 = {0, 0, -1, -1, -1};
     for (size_t k = 0; k < f.size(); ++k) {
-      BENCH_CHECK(f[k] == "0" || f[k] == "1", "--prefill-modes S.L[.F],... with 0 or 1 each");
-      m3[k] = f[k] == "1";
+      BENCH_CHECK(f[k] == "0" || f[k] == "1" || (k >= 3 && absl::SimpleAtoi(f[k], &m4[k])),
+                  "--prefill-modes S.L[.F[.G[.A]]],... with 0 or 1 each (G: 0..N, A: 0..2)");
+      if (k < 3 || f[k] == "0" || f[k] == "1") m4[k] = f[k] == "1";
     }
-    modes.push_back(m3);
+    BENCH_CHECK(m4[4] <= 2, "--prefill-modes: A (attention tiling) must be 0, 1 or 2");
+    modes.push_back(m4);
   }
-  if (modes.empty()) modes.push_back({-1, -1, -1});
+  // --gemm-algo-sets: index 0 = none (the heuristic's picks).
+  std::vector<std::vector<GemmAlgoChoice>> algo_sets(1);
+  for (absl::string_view set : absl::StrSplit(gemm_algo_sets, '|', absl::SkipEmpty())) {
+    absl::StatusOr<std::vector<GemmAlgoChoice>> c =
+        ParseGemmAlgoChoices(set, DataType::kBF16, "--gemm-algo-sets");
+    BENCH_OK(c.status());
+    algo_sets.push_back(*std::move(c));
+  }
+  for (const auto& m4 : modes) {
+    BENCH_CHECK(m4[3] < static_cast<int>(std::max<size_t>(algo_sets.size(), 2)),
+                "--prefill-modes: G names no --gemm-algo-sets entry");
+  }
+  if (modes.empty()) modes.push_back({-1, -1, -1, -1, -1});
   if (quick) {
     batches = "1,256";
     contexts = "1024";
@@ -471,11 +495,17 @@ int Main(int argc, char** argv) {
     BENCH_OK(m.set_decode_megakernel(mega0));
   }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
-    for (auto [store, last, fork] : modes) {
+    for (auto [store, last, fork, algos, tiling] : modes) {
       if (store >= 0) {
         m.set_prefill_kv_store(store != 0);
         m.set_prefill_last_rows(last != 0);
         if (fork >= 0) m.set_prefill_mlp_fork(fork != 0);
+        if (algos >= 0 && algo_sets.size() > 1) {
+          m.set_gemm_algo_choices(algo_sets[algos]);
+        } else if (algos >= 0) {
+          m.set_prefill_gemm_algos(algos != 0);
+        }
+        BENCH_OK(m.set_prefill_attention_tiling(std::max(tiling, 0)));
       }
       Row r;
       if (!bench.Prefill(seqs, len, &r)) {
@@ -483,8 +513,12 @@ int Main(int argc, char** argv) {
         break;
       }
       if (store >= 0) {
-        r.note = absl::StrFormat("kv store %d, last rows %d, mlp fork %d; %s", store, last,
-                                 fork >= 0 ? fork : (m.prefill_mlp_fork() ? 1 : 0), r.note);
+        r.note = absl::StrFormat(
+            "kv store %d, last rows %d, mlp fork %d, gemm algos %d (%zu "
+            "chosen plans), attention tiling %d; %s",
+            store, last, fork >= 0 ? fork : (m.prefill_mlp_fork() ? 1 : 0),
+            algos >= 0 ? algos : (m.prefill_gemm_algos() ? 1 : 0), m.chosen_gemm_plans(),
+            std::max(tiling, 0), r.note);
       }
       PrintRow(r);
       rows.push_back(r);

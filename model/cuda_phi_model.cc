@@ -24,6 +24,7 @@
 #include "kernels/cuda/rotary_kv_write_cuda.h"
 #include "kernels/device_event.h"
 #include "kernels/kernel_status.h"
+#include "model/cuda_gemm_choices.h"
 #include "model/cuda_graph_runner.h"
 #include "model/cuda_lora.h"
 #include "model/cuda_phi_internal.h"
@@ -266,6 +267,10 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
     }
     m->prefill_last_rows_ = s == "1";
   }
+  absl::StatusOr<std::vector<GemmAlgoChoice>> algos = GemmAlgoChoicesFromEnv(m->dtype_);
+  if (!algos.ok()) return algos.status();
+  m->gemm_algos_ = *std::move(algos);
+  m->set_prefill_gemm_algos(true);
   if (const char* v = std::getenv("PHISHARD_PREFILL_MLP_FORK"); v != nullptr && *v != '\0') {
     const std::string_view s(v);
     if (s != "0" && s != "1") {
@@ -561,6 +566,7 @@ absl::Status CudaPhiModel::set_mlp_stream_mode(int mode) {
       return absl::InternalError(
           absl::StrCat("cuBLASLt initialisation (MLP stream) failed: ", KernelStatusName(st)));
     }
+    set_prefill_gemm_algos(prefill_gemm_algos_);  // the MLP stream's GEMMs too
   }
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
   DropGraphs();  // they bake in the old branch layout

@@ -33,6 +33,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/cuda/gemm_cuda.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
 #include "kernels/gemm.h"
@@ -270,6 +271,27 @@ class CudaPhiModel final : public ModelBackend {
   void set_prefill_mlp_fork(bool on) { prefill_mlp_fork_ = on; }
   bool prefill_mlp_fork() const { return prefill_mlp_fork_; }
   int64_t prefill_mlp_fork_steps() const { return prefill_mlp_fork_steps_; }  // steps that did
+  // Recorded cuBLASLt algorithm choices (model/cuda_gemm_choices.h) that GEMMs of their form run
+  // instead of the heuristic's first picks: none by default, those PHISHARD_PREFILL_GEMM_ALGOS
+  // lists at creation. set_gemm_algo_choices replaces them (benchmarks, tests; drops the cuBLASLt
+  // plans made so far); set_prefill_gemm_algos(false) runs the heuristic's picks without forgetting
+  // them. Same results up to the GEMMs' summation order. chosen_gemm_plans(): plans made so far
+  // that run a choice.
+  void set_gemm_algo_choices(std::vector<GemmAlgoChoice> choices);
+  // Benchmarks: the prefill attention kernel's query tiling (PrefillTiling of
+  // kernels/cuda/paged_attention_cuda.h as an int: 0 = its automatic choice, the default; 3, the
+  // wgmma kernel, only with set_prefill_kv_store(false)).
+  absl::Status set_prefill_attention_tiling(int tiling) {
+    if (tiling < 0 || tiling > 3) {
+      return absl::InvalidArgumentError("prefill attention tiling must be 0, 1, 2 or 3");
+    }
+    prefill_attention_tiling_ = tiling;
+    return absl::OkStatus();
+  }
+  const std::vector<GemmAlgoChoice>& gemm_algo_choices() const { return gemm_algos_; }
+  void set_prefill_gemm_algos(bool on);
+  bool prefill_gemm_algos() const { return prefill_gemm_algos_; }
+  size_t chosen_gemm_plans() const;
   // Sharded prefill steps (issue #6) may use the two forms above as well: `mlp_fork` (unchunked
   // steps; the all-reduce after dense + fc2 as before) and `last_rows` (steps without adapter
   // rows; the trimmed rows' partial dense + fc2 then goes through one all-reduce of those rows).
@@ -417,6 +439,9 @@ class CudaPhiModel final : public ModelBackend {
   bool prefill_last_rows_ = true;  // set_prefill_last_rows
   bool prefill_mlp_fork_ = true;   // set_prefill_mlp_fork
   int64_t prefill_last_rows_steps_ = 0;
+  bool prefill_gemm_algos_ = true;          // set_prefill_gemm_algos
+  int prefill_attention_tiling_ = 0;        // set_prefill_attention_tiling
+  std::vector<GemmAlgoChoice> gemm_algos_;  // what it applies (PrefillGemmAlgoChoicesFromEnv)
   int64_t prefill_mlp_fork_steps_ = 0;
   int mlp_join_sharded_ = 0;          // CudaModelOptions::mlp_join_sharded (set_mlp_stream_sharded)
   bool prefill_mlp_fork_tp_ = false;  // set_prefill_sharded_forms

@@ -253,6 +253,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   prefill_plan.workspace = a + al.attn_ws;
   prefill_plan.workspace_bytes = al.attn_ws_bytes;
   prefill_plan.num_multiprocessors = multiprocessors_;
+  prefill_plan.prefill_tiling = static_cast<PrefillTiling>(prefill_attention_tiling_);
   PagedDecodeCudaPlan decode_plan;
   decode_plan.step_info = in.step_info;
   decode_plan.max_splits = PagedDecodeCudaMaxSplits(in.min_live, nH, multiprocessors_);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gemm_algo.cuh"
 #include "kernels/cuda/gemm_cuda.h"
 
 namespace phishard {
@@ -72,7 +73,8 @@ struct Plan {
   cublasLtMatrixLayout_t d = nullptr;  // y viewed column-major [n, m], ld ldy (also C)
   cublasLtMatmulAlgo_t algo;
   size_t workspace = 0;
-  std::string info;  // the algorithm's configuration, for diagnostics (CudaGemm::last_plan_info)
+  std::string info;     // the algorithm's configuration, for diagnostics (CudaGemm::last_plan_info)
+  bool chosen = false;  // built from a GemmAlgoChoice (CudaGemm::SetAlgoChoices)
 };
 
 void DestroyPlan(Plan& p) {
@@ -98,9 +100,12 @@ struct CudaGemm::Impl {
   std::string last_error;
   bool f32_split_k = false;  // RequireFloat32SplitK
   std::string last_plan_info;
+  std::vector<GemmAlgoChoice> choices;                         // SetAlgoChoices
+  std::map<std::pair<PlanKey, std::string>, Plan> algo_plans;  // RunAlgo's, by configuration
 
   ~Impl() {
     for (auto& [key, plan] : plans) DestroyPlan(plan);
+    for (auto& [key, plan] : algo_plans) DestroyPlan(plan);
     if (workspace) cudaFree(workspace);
     if (handle) cublasLtDestroy(handle);
   }
@@ -233,9 +238,65 @@ struct CudaGemm::Impl {
     pl.algo = result.algo;
     pl.workspace = result.workspaceSize;
     pl.info = PlanInfo(result);
+    if (const GemmAlgoChoice* c = FindChoice(p, y_dtype, epi); c != nullptr) {
+      cublasLtMatmulAlgo_t algo;
+      size_t ws = 0;
+      if (BuildAlgo(p, y_dtype, c->config, pl, &algo, &ws)) {  // else the heuristic's pick
+        pl.algo = algo;
+        pl.workspace = ws;
+        pl.info = "chosen " + gemm_algo::Describe(c->config);
+        pl.chosen = true;
+      }
+    }
     auto [it, inserted] = plans.emplace(key, pl);
     *plan = &it->second;
     return KernelStatus::kOk;
+  }
+
+  // The first recorded choice that matches p (see GemmAlgoChoice), or null.
+  const GemmAlgoChoice* FindChoice(const GemmParams& p, DataType y_dtype,
+                                   cublasLtEpilogue_t epi) const {
+    if (choices.empty() || p.batch != 1 || p.sm_count_target > 0 || y_dtype != p.dtype) {
+      return nullptr;
+    }
+    const bool gelu = epi == CUBLASLT_EPILOGUE_GELU_BIAS || epi == CUBLASLT_EPILOGUE_GELU;
+    for (const GemmAlgoChoice& c : choices) {
+      if (p.m >= c.min_m && p.m <= c.max_m && p.n == c.n && p.k == c.k &&
+          p.accumulate == c.accumulate && gelu == c.gelu && (p.bias != nullptr) == c.bias &&
+          p.dtype == c.dtype) {
+        // A split-K choice must reduce in float32 once RequireFloat32SplitK was called.
+        const bool split_ok = !f32_split_k || c.config.split_k <= 1 ||
+                              c.config.reduction == CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+        return split_ok ? &c : nullptr;
+      }
+    }
+    return nullptr;
+  }
+
+  // Builds configuration c on pl's descriptors; true when cuBLASLt accepts it for p's operands:
+  // the check passes, its workspace fits, and p's pointers meet its minimum alignments.
+  bool BuildAlgo(const GemmParams& p, DataType y_dtype, const GemmAlgoConfig& c, const Plan& pl,
+                 cublasLtMatmulAlgo_t* algo, size_t* ws) {
+    if (gemm_algo::Build(handle, CudaType(p.dtype), CudaType(y_dtype), c, pl.desc, pl.a, pl.b, pl.d,
+                         algo, ws) != CUBLAS_STATUS_SUCCESS ||
+        *ws > workspace_bytes) {
+      return false;
+    }
+    const std::pair<cublasLtMatmulAlgoCapAttributes_t, uint32_t> needs[] = {
+        {CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_A_BYTES, Alignment(p.w)},
+        {CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_B_BYTES, Alignment(p.x)},
+        {CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_C_BYTES, Alignment(p.y)},
+        {CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_D_BYTES, Alignment(p.y)}};
+    for (const auto& [cap, have] : needs) {
+      uint32_t need = 0;
+      size_t written = 0;
+      if (cublasLtMatmulAlgoCapGetAttribute(algo, cap, &need, sizeof(need), &written) !=
+              CUBLAS_STATUS_SUCCESS ||
+          have < need) {
+        return false;
+      }
+    }
+    return true;
   }
 
   // Runs each of results[0 .. n) `repeats` times back to back on p's operands (after one warm-up
@@ -613,6 +674,96 @@ void CudaGemm::RequireFloat32SplitK() {
 }
 const std::string& CudaGemm::last_plan_info() const { return impl_->last_plan_info; }
 size_t CudaGemm::num_cached_plans() const { return impl_->plans.size(); }
+
+void CudaGemm::SetAlgoChoices(std::vector<GemmAlgoChoice> choices) {
+  for (auto& [key, plan] : impl_->plans) DestroyPlan(plan);
+  impl_->plans.clear();
+  impl_->choices = std::move(choices);
+}
+
+size_t CudaGemm::num_chosen_plans() const {
+  size_t n = 0;
+  for (const auto& [key, plan] : impl_->plans) n += plan.chosen ? 1 : 0;
+  return n;
+}
+
+KernelStatus CudaGemm::ListAlgos(const GemmParams& p, DataType y_dtype, int max_heuristic,
+                                 bool variants, std::vector<GemmAlgoConfig>* out) {
+  out->clear();
+  if (p.m <= 0 || p.n <= 0 || p.k <= 0 || p.batch != 1) return KernelStatus::kInvalidShape;
+  const int ldx = p.ldx == 0 ? p.k : p.ldx;
+  const int ldy = p.ldy == 0 ? p.n : p.ldy;
+  cublasLtMatmulHeuristicResult_t results[kMaxCandidates] = {};
+  int returned = 0;
+  Plan pl;
+  if (KernelStatus s = impl_->Describe(p, y_dtype, ldx, ldy, impl_->EpilogueFor(p), kMaxCandidates,
+                                       results, &returned, &pl);
+      s != KernelStatus::kOk || returned == 0) {
+    return s;
+  }
+  auto add = [&](const GemmAlgoConfig& c) {
+    if (std::find(out->begin(), out->end(), c) == out->end()) out->push_back(c);
+  };
+  for (int i = 0; i < returned && static_cast<int>(out->size()) < max_heuristic; ++i) {
+    if (results[i].state == CUBLAS_STATUS_SUCCESS &&
+        results[i].workspaceSize <= impl_->workspace_bytes) {
+      add(gemm_algo::ReadConfig(results[i].algo));
+    }
+  }
+  if (variants) {
+    const GemmAlgoConfig base = gemm_algo::ReadConfig(results[0].algo);
+    for (int tile : gemm_algo::VariantTiles()) {
+      for (int cluster : gemm_algo::VariantClusters()) {
+        GemmAlgoConfig c = base;
+        c.tile_id = tile;
+        c.cluster_id = cluster;
+        cublasLtMatmulAlgo_t algo;
+        size_t ws = 0;
+        if (impl_->BuildAlgo(p, y_dtype, c, pl, &algo, &ws)) add(c);
+      }
+    }
+  }
+  DestroyPlan(pl);
+  return KernelStatus::kOk;
+}
+
+KernelStatus CudaGemm::RunAlgo(const GemmParams& p, DataType y_dtype, const GemmAlgoConfig& c,
+                               cudaStream_t stream) {
+  if (p.m <= 0 || p.n <= 0 || p.k <= 0 || p.batch != 1) return KernelStatus::kInvalidShape;
+  if (!p.x || !p.w || !p.y) return KernelStatus::kNullPointer;
+  const int ldx = p.ldx == 0 ? p.k : p.ldx;
+  const int ldy = p.ldy == 0 ? p.n : p.ldy;
+  const cublasLtEpilogue_t epi = impl_->EpilogueFor(p);
+  const auto key = std::make_pair(impl_->KeyOf(p, y_dtype, ldx, ldy, epi), gemm_algo::Describe(c));
+  auto it = impl_->algo_plans.find(key);
+  if (it == impl_->algo_plans.end()) {
+    cublasLtMatmulHeuristicResult_t result = {};
+    int returned = 0;
+    Plan pl;
+    if (KernelStatus s = impl_->Describe(p, y_dtype, ldx, ldy, epi, 1, &result, &returned, &pl);
+        s != KernelStatus::kOk || returned == 0) {
+      return s == KernelStatus::kOk ? KernelStatus::kInvalidShape : s;
+    }
+    if (!impl_->BuildAlgo(p, y_dtype, c, pl, &pl.algo, &pl.workspace)) {
+      DestroyPlan(pl);
+      return KernelStatus::kInvalidShape;
+    }
+    pl.info = gemm_algo::Describe(c);
+    it = impl_->algo_plans.emplace(key, pl).first;
+  }
+  Plan& plan = it->second;
+  if (p.bias) {
+    cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
+                                   sizeof(p.bias));
+  }
+  const float alpha = 1.0f;
+  const float beta = p.accumulate ? 1.0f : 0.0f;
+  const cublasStatus_t st =
+      cublasLtMatmul(impl_->handle, plan.desc, &alpha, p.w, plan.a, p.x, plan.b, &beta, p.y, plan.d,
+                     p.y, plan.d, &plan.algo, impl_->workspace, impl_->workspace_bytes, stream);
+  if (st != CUBLAS_STATUS_SUCCESS) return impl_->Fail("cublasLtMatmul", st);
+  return KernelStatus::kOk;
+}
 
 KernelStatus CudaGemm::TimeCandidates(const GemmParams& p, DataType y_dtype, int max_candidates,
                                       int repeats, cudaStream_t stream,

@@ -29,6 +29,31 @@ struct GemmCandidateTime {
   float waves = 0.0f;
 };
 
+// One cuBLASLt algorithm configuration (the CUBLASLT_ALGO_CONFIG_* values): what a plan runs.
+struct GemmAlgoConfig {
+  int algo_id = 0, tile_id = 0, stages_id = 0, split_k = 1, reduction = 0, swizzle = 0, custom = 0,
+      cluster_id = 0, inner_shape_id = 0;
+  bool operator==(const GemmAlgoConfig& o) const {
+    return algo_id == o.algo_id && tile_id == o.tile_id && stages_id == o.stages_id &&
+           split_k == o.split_k && reduction == o.reduction && swizzle == o.swizzle &&
+           custom == o.custom && cluster_id == o.cluster_id && inner_shape_id == o.inner_shape_id;
+  }
+};
+
+// A recorded algorithm choice: GEMMs of this form (rows in [min_m, max_m], n, k, accumulate, GELU
+// epilogue fused or not, bias or not, operand dtype; one batch item, output in the operand dtype,
+// no SM count target) run `config` instead of the heuristic's first pick, when cuBLASLt accepts
+// it for the operands (cublasLtMatmulAlgoCheck; else the heuristic's pick, as before).
+struct GemmAlgoChoice {
+  int min_m = 0, max_m = 0;
+  int n = 0, k = 0;
+  bool accumulate = false;
+  bool gelu = false;  // GemmEpilogue::kGeluTanh in the epilogue (the fc1 form)
+  bool bias = true;
+  DataType dtype = DataType::kBF16;
+  GemmAlgoConfig config;
+};
+
 class CudaGemm {
  public:
   // Creates the handle and a workspace of `workspace_bytes` on the current device, and probes the
@@ -78,6 +103,24 @@ class CudaGemm {
   KernelStatus TimeCandidates(const GemmParams& p, DataType y_dtype, int max_candidates,
                               int repeats, cudaStream_t stream,
                               std::vector<GemmCandidateTime>* out);
+
+  // From now on (plans made so far are dropped) GEMMs matching one of `choices` (the first that
+  // matches) run its configuration; see GemmAlgoChoice. An empty list restores the heuristic.
+  void SetAlgoChoices(std::vector<GemmAlgoChoice> choices);
+  // Plans made so far that run a recorded choice (for tests: the path taken).
+  size_t num_chosen_plans() const;
+
+  // For benchmarks: the configurations worth timing for p as Run would launch it (same epilogue):
+  // the heuristic's first `max_heuristic` (<= 32) that fit the workspace, then, with `variants`,
+  // every tile of {128x128, 128x256, 256x128, 64x256, 256x64, 128x192, 192x128} x cluster of
+  // {1x1, 2x1, 1x2, 2x2} of the first pick's algorithm (its stages and other settings) that
+  // cuBLASLt accepts for these operands, without duplicates. Allocates nothing on the device.
+  KernelStatus ListAlgos(const GemmParams& p, DataType y_dtype, int max_heuristic, bool variants,
+                         std::vector<GemmAlgoConfig>* out);
+  // Runs p with configuration c (fused GELU as Run would; no separate activation kernel, no
+  // fallback): kInvalidShape when cuBLASLt refuses c for these operands. Plans are cached.
+  KernelStatus RunAlgo(const GemmParams& p, DataType y_dtype, const GemmAlgoConfig& c,
+                       cudaStream_t stream);
 
  private:
   struct Impl;

@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "model/cpu_phi_model.h"
 #include "model/cuda_phi_model.h"
@@ -677,6 +678,72 @@ TEST(CudaPhiModel, PingAnswersWhileStepsRun) {
   EXPECT_TRUE(steps_ok);
   EXPECT_GT(pings.load(), 0);
   EXPECT_EQ(ping_failures.load(), 0);
+}
+
+// Recorded cuBLASLt algorithm choices (set_gemm_algo_choices, model/cuda_gemm_choices.h): every
+// prefill GEMM form of the model gets a configuration other than the heuristic's first (the last
+// one CudaGemm::ListAlgos offers for it), for prefill-sized steps only. The prefill must take them
+// and differ from the heuristic's plans only in summation order (this file's bf16 bounds); the
+// decode steps after it read that prefill's K/V, so they get the same bounds.
+TEST(CudaPhiModel, PrefillGemmAlgoChoicesTakenAndClose) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    const PhiConfig& c = m->config();
+    const int H = c.hidden_size, I = c.intermediate_size;
+    const int qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+    const int T = std::accumulate(kThreeLens.begin(), kThreeLens.end(), 0);
+    std::unique_ptr<CudaGemm> g;
+    ASSERT_EQ(CudaGemm::Create(size_t{32} << 20, &g), KernelStatus::kOk);
+    gpu_test::DeviceBuffer any(size_t{1} << 20);  // ListAlgos reads only its alignment
+    const GemmEpilogue act =
+        c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
+    struct Form {
+      int n, k;
+      bool acc;
+      GemmEpilogue epi;
+    };
+    std::vector<GemmAlgoChoice> choices;
+    for (const Form& f :
+         {Form{qkv, H, false, GemmEpilogue::kNone}, Form{I, H, false, act},
+          Form{H, H, true, GemmEpilogue::kNone}, Form{H, I, true, GemmEpilogue::kNone}}) {
+      const GemmParams p{.x = any.get(),
+                         .w = any.get(),
+                         .bias = any.get(),
+                         .y = any.get(),
+                         .m = T,
+                         .n = f.n,
+                         .k = f.k,
+                         .accumulate = f.acc,
+                         .epilogue = f.epi,
+                         .dtype = DataType::kBF16};
+      std::vector<GemmAlgoConfig> cands;
+      ASSERT_EQ(g->ListAlgos(p, DataType::kBF16, 16, true, &cands), KernelStatus::kOk);
+      ASSERT_FALSE(cands.empty());
+      choices.push_back({.min_m = T,
+                         .max_m = T,
+                         .n = f.n,
+                         .k = f.k,
+                         .accumulate = f.acc,
+                         .gelu = f.epi == GemmEpilogue::kGeluTanh && g->gelu_tanh_in_epilogue(),
+                         .bias = true,
+                         .dtype = DataType::kBF16,
+                         .config = cands.back()});
+    }
+    m->set_gemm_algo_choices({});
+    const std::vector<std::vector<float>> off = RunModeSteps(*m);
+    EXPECT_EQ(m->chosen_gemm_plans(), 0u);
+    m->set_gemm_algo_choices(choices);
+    const std::vector<std::vector<float>> on = RunModeSteps(*m);
+    EXPECT_GE(m->chosen_gemm_plans(), 3u) << model << ": the prefill took too few choices";
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) {
+      ExpectLogitsClose(on[i], std::vector<double>(off[i].begin(), off[i].end()),
+                        std::string(model) + " choices vs heuristic, step " + std::to_string(i));
+    }
+  }
 }
 
 }  // namespace
