@@ -85,6 +85,7 @@ void CudaPhiModel::set_prefill_gemm_algos(bool on) {
   for (CudaGemm* g : {gemm_.get(), mlp_gemm_.get()}) {
     if (g != nullptr) g->SetAlgoChoices(on ? gemm_algos_ : std::vector<GemmAlgoChoice>{});
   }
+  DropGraphs();  // captured decode steps hold the old plans' kernels
 }
 
 size_t CudaPhiModel::chosen_gemm_plans() const {

@@ -274,9 +274,9 @@ class CudaPhiModel final : public ModelBackend {
   // Recorded cuBLASLt algorithm choices (model/cuda_gemm_choices.h) that GEMMs of their form run
   // instead of the heuristic's first picks: none by default, those PHISHARD_PREFILL_GEMM_ALGOS
   // lists at creation. set_gemm_algo_choices replaces them (benchmarks, tests; drops the cuBLASLt
-  // plans made so far); set_prefill_gemm_algos(false) runs the heuristic's picks without forgetting
-  // them. Same results up to the GEMMs' summation order. chosen_gemm_plans(): plans made so far
-  // that run a choice.
+  // plans made so far and the captured decode graphs); set_prefill_gemm_algos(false) runs the
+  // heuristic's picks without forgetting them. Same results up to the GEMMs' summation order.
+  // chosen_gemm_plans(): plans made so far that run a choice.
   void set_gemm_algo_choices(std::vector<GemmAlgoChoice> choices);
   // Benchmarks: the prefill attention kernel's query tiling (PrefillTiling of
   // kernels/cuda/paged_attention_cuda.h as an int: 0 = its automatic choice, the default; 3, the
