@@ -107,7 +107,7 @@ int Main(int argc, char** argv) {
   app.add_option("--mega-sweep", mega_sweep,
                  "rounds of decode b1 at contexts 128/1024/4096 with the persistent decode kernel "
                  "off and on");
-  std::string mega_tunings = "0.3.0.0,0.4.0.0,0.0.20.0,0.6.20.0,120.0.0.0";
+  std::string mega_tunings = "0.5.0.0,0.4.0.0,0.0.20.0,0.6.20.0,120.0.0.0";
   app.add_option("--mega-tunings", mega_tunings,
                  "the mega sweep's variants at context 1024, BLOCKS.STAGES.KB.PREFETCHKB[.FORM] "
                  "each (0: the kernel's default; prefetch < 0: off; form: kDecodeMegaForm* bits, "
@@ -115,7 +115,7 @@ int Main(int argc, char** argv) {
   std::string mega_forms = "-1";
   app.add_option("--mega-forms", mega_forms,
                  "the mega sweep's rounds time the persistent kernel in each of these forms "
-                 "(kDecodeMegaForm* bits, -1: its default)");
+                 "(kDecodeMegaForm* bits, -1: its default; FORMsN: with N ring stages)");
   int mega_timeline_form = -1;
   int mega_timeline = 0;
   std::string mega_timeline_pf = "";
@@ -411,21 +411,31 @@ int Main(int argc, char** argv) {
     // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op
     // path at batch 1, alternated in this process: off, on, off, on, ... per context.
     const bool mega0 = m.decode_megakernel();
-    std::vector<int> forms;  // -2: op-by-op
-    forms.push_back(-2);
+    std::vector<std::pair<int, int>> forms;  // (form, ring stages); form -2: op-by-op
+    forms.push_back({-2, 0});
     for (absl::string_view f : absl::StrSplit(mega_forms, ',', absl::SkipEmpty())) {
-      int v = -1;
-      if (absl::SimpleAtoi(f, &v)) forms.push_back(v);
+      std::vector<absl::string_view> parts = absl::StrSplit(f, 's');
+      int v = -1, st = 0;
+      if (parts.size() > 2 || !absl::SimpleAtoi(parts[0], &v) ||
+          (parts.size() == 2 && !absl::SimpleAtoi(parts[1], &st))) {
+        std::fprintf(stderr, "--mega-forms: '%s' is not FORM or FORMsSTAGES\n",
+                     std::string(f).c_str());
+        return 2;
+      }
+      forms.push_back({v, st});
     }
     for (int round = 0; round < mega_sweep; ++round) {
       for (int ctx : {128, 1024, 4096}) {
-        for (int form : forms) {
+        for (auto [form, stages] : forms) {
           const bool on = form != -2;
           BENCH_OK(m.set_decode_megakernel(on));
-          if (on) m.set_decode_megakernel_tuning(0, 0, 0, 0, form);
+          if (on) m.set_decode_megakernel_tuning(0, stages, 0, 0, form);
           const int64_t launches = m.mega_decode_launches();
           Row r;
-          const std::string name = on ? absl::StrFormat("mega1 form%d", form) : "mega0";
+          const std::string name = !on ? "mega0"
+                                   : stages == 0
+                                       ? absl::StrFormat("mega1 form%d", form)
+                                       : absl::StrFormat("mega1 form%d stages%d", form, stages);
           if (bench.Decode(1, ctx, name, &r)) {
             if (on && m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
             PrintRow(r);

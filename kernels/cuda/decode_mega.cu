@@ -462,7 +462,11 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
   const int avail = lim.smem_optin - 1024 - fixed;  // static shared memory and a margin
   int stages = avail > 0 ? avail / a.stage_bytes : 0;
   stages = std::min(stages, kMaxStages);
-  if (p.stages > 0) stages = p.stages <= stages ? p.stages : 0;
+  if (p.stages > 0) {
+    stages = p.stages <= stages ? p.stages : 0;
+  } else {
+    stages = std::min(stages, kDefaultStages);
+  }
   a.stages = stages;
   // Every offset moves past the ring.
   const int ring = stages * a.stage_bytes;

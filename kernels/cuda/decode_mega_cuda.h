@@ -34,6 +34,10 @@
 // layer's ~84 us go: ~51 us in the streaming phases, whose rate the consumers set (they wait on
 // the ring <= 1.3 us a phase while the producer waits on a full ring), attention 21 us at ctx1024
 // (a latency chain), LayerNorm 4, three barriers ~7; ncu: ~30 % of warp stalls no_instruction.
+// mega4 (perf-log, runs 1-2): the attention items' K/V streamed through the ring (one bulk copy a
+// 160-byte cache row: ~4 KB/us a block, slower) or prefetched into L2 by the producer warp (items
+// no shorter) were both slower than form 11 at every context (branches mega4-kvring, mega4-kvpf);
+// a 3-stage ring is faster than 5 at every context (the default since).
 // The kernel keeps state between launches in `sync` (a barrier generation, per-head counters):
 // allocate it once, zeroed, and never share it between two launches in flight.
 #pragma once
@@ -132,8 +136,8 @@ struct DecodeMegaParams {
   float scale = 0.0f;  // attention score scale, usually 1 / sqrt(head_dim)
   GemmEpilogue act_fn = GemmEpilogue::kGeluTanh;
   DataType dtype = DataType::kBF16;
-  // Tuning (0: defaults): blocks (<= SMs), ring stages, smallest stage in KiB (rounded down to
-  // whole rows of the longest matrix row; default 40).
+  // Tuning (0: defaults): blocks (<= SMs), ring stages (default 3, fewer where they do not fit),
+  // smallest stage in KiB (rounded down to whole rows of the longest matrix row; default 40).
   int blocks = 0;
   int stages = 0;
   int stage_kb = 0;

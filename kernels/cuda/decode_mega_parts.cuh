@@ -39,6 +39,10 @@ constexpr int kHeadWord = 64;
 constexpr int kDefaultPrefetchKb = 0;  // DecodeMegaParams::prefetch_kb = 0
 // DecodeMegaParams::form < 0 (perf-log 04:27: b1 ctx1024 2.17 ms against 2.68 for form 3).
 constexpr int kDefaultForm = 11;
+// Ring stages when DecodeMegaParams::stages = 0 (fewer where they do not fit). perf-log, mega4 run
+// 2 (H200, form 11, b1 ms at ctx 128 / 1024 / 4096, two rounds): 3 stages 1.975 / 2.136 / 2.941
+// against 2.019 / 2.173 / 3.205 with the 5 that fit Phi-2's 40 KB stages.
+constexpr int kDefaultStages = 3;
 
 struct Args {
   DecodeMegaParams p;
