@@ -328,6 +328,76 @@ TEST(CudaLoraGemm, AccumulateWithGeluActsOnTheSum) {
   }
 }
 
+// y = GELU-tanh(y0 + x·wᵀ + bias) in bf16 with a plain CudaGemm (the model's), kernels/gemm.h's
+// accumulate contract with bias and GELU: what an fc1 GEMM adding to a LoRA delta written first
+// runs (tried on branch lorap4-fc1first, docs/perf-log.md lorap4). The accumulate probe
+// (CudaGemm::gelu_accumulate_in_epilogue) runs the GELU epilogue without bias on a small shape;
+// this checks the bias epilogue at the model's fc1 shapes (tiny-phi-code's prefill of 17 rows,
+// Phi-2's 8 x 512), whatever algorithm cuBLASLt picks there: the GELU must act on the whole sum
+// (GELU before adding y0, or the bias after it, is off by far more). H200: fused, algo 66, no
+// split-K, worst 0.44 / 0.46 of the tolerance.
+// Reference in double from the bf16 values themselves, on `check` rows (all columns).
+// Tolerance: the output's bf16 rounding (|out| 2^-8), on the unfused path also the sum's (1.13
+// |pre| 2^-8: the GELU's slope), and float32 accumulation over k (4 sqrt(k) 2^-24 Σ|x w|).
+void CheckAccumulateBiasGelu(int m, int n, int k, const std::vector<int>& check) {
+  std::unique_ptr<CudaGemm> gemm;
+  ASSERT_EQ(CudaGemm::Create(size_t{4} << 20, &gemm), KernelStatus::kOk);
+  // Encode rounds each vector to its bf16 values in place: the reference computes on those.
+  std::vector<float> x = RandomVector(static_cast<size_t>(m) * k, 11);
+  std::vector<float> w = RandomVector(static_cast<size_t>(n) * k, 12, -0.1f, 0.1f);
+  std::vector<float> bias = RandomVector(n, 13, -2.0f, 2.0f);
+  std::vector<float> y0 = RandomVector(static_cast<size_t>(m) * n, 14, -6.0f, 6.0f);
+  const std::vector<char> xb = Encode(x, DataType::kBF16), wb = Encode(w, DataType::kBF16);
+  const std::vector<char> bb = Encode(bias, DataType::kBF16), yb = Encode(y0, DataType::kBF16);
+  DeviceBuffer dx = DeviceBuffer::From(xb), dw = DeviceBuffer::From(wb),
+               dbias = DeviceBuffer::From(bb), dy = DeviceBuffer::From(yb);
+  const GemmParams p{.x = dx.get(),
+                     .w = dw.get(),
+                     .bias = dbias.get(),
+                     .y = dy.get(),
+                     .m = m,
+                     .n = n,
+                     .k = k,
+                     .accumulate = true,
+                     .epilogue = GemmEpilogue::kGeluTanh,
+                     .dtype = DataType::kBF16};
+  ASSERT_EQ(gemm->Run(p, nullptr), KernelStatus::kOk) << gemm->last_error();
+  gpu_test::ExpectDeviceClean(nullptr);
+  const std::vector<float> got = gpu_test::Decode(dy.DownloadBytes(), DataType::kBF16);
+  int bad = 0;
+  double worst = 0;  // |error| / tolerance
+  for (int i : check) {
+    for (int j = 0; j < n && bad < 10; ++j) {
+      double pre = static_cast<double>(y0[static_cast<size_t>(i) * n + j]) + bias[j], mag = 0;
+      for (int q = 0; q < k; ++q) {
+        const double xw = static_cast<double>(x[static_cast<size_t>(i) * k + q]) *
+                          w[static_cast<size_t>(j) * k + q];
+        pre += xw;
+        mag += std::fabs(xw);
+      }
+      const double want =
+          0.5 * pre * (1 + std::tanh(std::sqrt(2 / M_PI) * (pre + 0.044715 * pre * pre * pre)));
+      const double tol = 1.13 * std::fabs(pre) / 256 + std::fabs(want) / 256 +
+                         4 * std::sqrt(static_cast<double>(k)) * std::ldexp(mag, -24) + 1e-5;
+      const double got_ij = got[static_cast<size_t>(i) * n + j];
+      worst = std::max(worst, std::fabs(got_ij - want) / tol);
+      if (!(std::fabs(got_ij - want) <= tol)) {
+        ++bad;
+        ADD_FAILURE() << m << "x" << n << "x" << k << " y[" << i << "][" << j << "]: " << got_ij
+                      << " want " << want << " (pre " << pre << ")";
+      }
+    }
+  }
+  std::printf("accumulate + bias + GELU %dx%dx%d: worst error / tolerance %.3f (fused %d; %s)\n", m,
+              n, k, worst, gemm->gelu_accumulate_in_epilogue(), gemm->last_plan_info().c_str());
+}
+
+TEST(CudaLoraGemm, AccumulateWithBiasAndGeluActsOnTheSumAtFc1Shapes) {
+  PHI_REQUIRE_GPU();
+  CheckAccumulateBiasGelu(17, 1024, 256, {0, 1, 9, 16});
+  CheckAccumulateBiasGelu(4096, 10240, 2560, {0, 511, 512, 2049, 4095});
+}
+
 // The compact mask's parameters as GemmMask sets them up for a segmented step: t [rows, ldt]
 // float32 -> out [rows, ldo] 16-bit hi | lo, each row's adapter from row_adapter / steps / table
 // (3 slots), model blocks q, k, v, fc1, dense, fc2 at table entries `entries`, each block's output
