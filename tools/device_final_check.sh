@@ -6,15 +6,9 @@
 # multi-LoRA and TP=1/2 benchmarks, then bench/run_all.sh (ours vs floor vs the PyTorch peer)
 # while time is left. Logs under $OUT.
 #
-# Here, before the call (build dir build-h11 of /work/main, CUDA on, sm_90a):
-#   cmake --build build-h11 --target phishard phishard_bench phishard_tp_bench <every tests/gpu
-#     test but the *_bench_test ones, and the integration tests named below> -j2
-#   D=/work/main/.dev-final; rm -rf $D && /work/shared/tools/device-bundle $D \
-#     build-h11/bin/phishard build-h11/bin/phishard_bench build-h11/bin/phishard_tp_bench \
-#     build-h11/tests/<each of those tests>
-#   strip --strip-unneeded $D/bin/* $D/lib/*
-#   (cd $D && XZ_OPT='-9 -T2' tar -cJf bundle.txz bin lib env.sh && rm -rf bin lib env.sh)
-#   (xz -9: its 64 MiB window folds the test binaries' shared static code, 51 -> 21 MB)
+# Here, before the call: tools/device_final_bundle.sh (builds build-h11, CUDA on, sm_90a: phishard,
+# the benches, every tests/gpu test but the *_bench_test ones and the integration tests named
+# below; packs them with their libraries into .dev-final/bundle.txz).
 # Then: run(command="bash tools/device_final_check.sh", carry=[".dev-final"], kind=
 #   "nvidia-h200-x2", timeout_s=360)
 set -u

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds and packs the bundle tools/device_final_check.sh carries to the device machine (run here,
+# on the build machine, from the repository root of /work/main; CUDA build dir build-h11, sm_90a):
+# phishard, phishard_bench, phishard_tp_bench, every tests/gpu test binary but the *_bench_test
+# timing tables, and the integration tests the check runs against `serve --device cuda`; their
+# gRPC / protobuf / abseil libraries (../shared/tools/device-bundle), stripped, in one xz tarball.
+# xz's dictionary must be large (640 MiB) so the test binaries' shared static code folds: ~25 MB
+# against ~40 MB with the default window, which with the tracked tree passes the 64 MiB a device
+# call may carry.
+#   tools/device_final_bundle.sh [BUILD_DIR] [OUT_DIR]     (defaults build-h11, .dev-final)
+set -euo pipefail
+BUILD=${1:-build-h11}
+D=${2:-.dev-final}
+BUNDLER=${DEVICE_BUNDLE:-../shared/tools/device-bundle}
+if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPHISHARD_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES=90a -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+    -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache
+fi
+GPU_TESTS=$(cd tests/gpu && ls *_test.cc | sed 's/\.cc$//' | grep -v '_bench_test$')
+INTEGRATION="serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test
+  metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test"
+# shellcheck disable=SC2086
+cmake --build "$BUILD" --target phishard phishard_bench phishard_tp_bench $GPU_TESTS $INTEGRATION \
+  -j"${JOBS:-2}"
+rm -rf "$D"
+TESTS=()
+for t in $GPU_TESTS $INTEGRATION; do TESTS+=("$BUILD/tests/$t"); done
+"$BUNDLER" "$D" "$BUILD/bin/phishard" "$BUILD/bin/phishard_bench" "$BUILD/bin/phishard_tp_bench" \
+  "${TESTS[@]}"
+strip --strip-unneeded "$D"/bin/* "$D"/lib/* 2> /dev/null || true
+(cd "$D" && XZ_OPT='--lzma2=preset=9,dict=640MiB -T1' tar -cJf bundle.txz bin lib env.sh &&
+  rm -rf bin lib env.sh)
+ls -l "$D/bundle.txz"
