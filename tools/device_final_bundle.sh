@@ -17,7 +17,7 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
     -DCMAKE_CUDA_ARCHITECTURES=90a -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
     -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache
 fi
-GPU_TESTS=$(cd tests/gpu && ls *_test.cc | sed 's/\.cc$//' | grep -v '_bench_test$')
+GPU_TESTS=$(find tests/gpu -maxdepth 1 -name '*_test.cc' ! -name '*_bench_test.cc' -printf '%f\n' | sed 's/\.cc$//' | sort)
 INTEGRATION="serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test
   metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test"
 # shellcheck disable=SC2086
