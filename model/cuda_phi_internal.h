@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <functional>
 #include <vector>
@@ -10,6 +11,8 @@
 #include "absl/status/status.h"
 #include "kernels/cuda/paged_attention_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
+#include "kernels/paged_attention.h"
+#include "kernels/rotary_kv_write.h"
 #include "model/cuda_phi_model.h"
 #include "model/cuda_phi_tp_overlap.h"
 #include "model/phi_config.h"
@@ -49,6 +52,56 @@ struct CudaPhiModel::StepInputs {
   // the place of the per-layer all-reduce; nullptr: the whole step, one all-reduce a layer.
   const PrefillRowChunks* chunks = nullptr;
 };
+
+// Rotary on q and k of `tokens` rows of qkv ([tokens, qkv_width] device) and their K/V into
+// one layer's cache (k_cache / v_cache: [kv_num_blocks_ * kv_block_size_, nKV, hd] device); the
+// caller sets the optional fields (write_cache, fold_delta).
+inline RotaryKvWriteParams CudaPhiModel::LayerRotaryParams(void* qkv, const int32_t* positions,
+                                                           const int64_t* slots, int tokens,
+                                                           void* k_cache, void* v_cache) const {
+  const PhiConfig& c = config_;
+  return RotaryKvWriteParams{.qkv = qkv,
+                             .positions = positions,
+                             .slots = slots,
+                             .k_cache = k_cache,
+                             .v_cache = v_cache,
+                             .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
+                             .num_tokens = tokens,
+                             .num_heads = c.num_attention_heads,
+                             .num_kv_heads = c.num_key_value_heads,
+                             .head_dim = c.head_dim,
+                             .rotary_dim = c.rotary_dim,
+                             .theta = static_cast<float>(c.rope_theta),
+                             .dtype = dtype_};
+}
+
+// Attention of `tokens` query rows (q: the q heads of [tokens, qkv_width] device rows; out:
+// [tokens, nH * hd] device) over one layer's cache through the step's block tables. cu_q_lens is
+// left null: prefill callers set it (the decode kernels take one row per sequence).
+inline PagedAttentionParams CudaPhiModel::LayerAttentionParams(const StepInputs& in, const void* q,
+                                                               void* out, int tokens,
+                                                               const void* k_cache,
+                                                               const void* v_cache) const {
+  const PhiConfig& c = config_;
+  const int nH = c.num_attention_heads, nKV = c.num_key_value_heads, hd = c.head_dim;
+  return PagedAttentionParams{.q = q,
+                              .k_cache = k_cache,
+                              .v_cache = v_cache,
+                              .out = out,
+                              .context_lens = in.context_lens,
+                              .block_tables = in.block_tables,
+                              .num_seqs = in.num_seqs,
+                              .num_tokens = tokens,
+                              .max_blocks_per_seq = in.max_blocks,
+                              .num_blocks = kv_num_blocks_,
+                              .block_size = kv_block_size_,
+                              .num_heads = nH,
+                              .num_kv_heads = nKV,
+                              .head_dim = hd,
+                              .q_stride = (nH + 2 * nKV) * hd,
+                              .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                              .dtype = dtype_};
+}
 
 }  // namespace phishard
 
@@ -126,6 +179,18 @@ inline MetaLayout MakeMetaLayout(int T, int S, int R, int max_blocks) {
   m.block_tables = take(sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
   m.total = off;
   return m;
+}
+
+// The decode attention plan of a step: split-K partials in the arena's attention workspace
+// (`arena` device, laid out by `al`), at most the splits that fill the GPU for `live_seqs`.
+inline PagedDecodeCudaPlan MakeDecodePlan(int live_seqs, int num_heads, int multiprocessors,
+                                          char* arena, const ArenaLayout& al) {
+  PagedDecodeCudaPlan plan;
+  plan.max_splits = PagedDecodeCudaMaxSplits(live_seqs, num_heads, multiprocessors);
+  plan.workspace = arena + al.attn_ws;
+  plan.workspace_bytes = al.attn_ws_bytes;
+  plan.num_multiprocessors = multiprocessors;
+  return plan;
 }
 
 }  // namespace phishard::cuda_model

@@ -17,7 +17,6 @@
 // path (cuda_model_test PrefillLastRowsMatchFullLastLayer), the same K/V cache bits.
 #ifdef PHISHARD_HAVE_CUDA
 
-#include <cmath>
 #include <vector>
 
 #include "kernels/cuda/embedding_cuda.h"
@@ -34,6 +33,7 @@ namespace phishard {
 using cuda_model::AlignUp;
 using cuda_model::ArenaLayout;
 using cuda_model::MakeArenaLayout;
+using cuda_model::MakeDecodePlan;
 
 namespace {
 
@@ -156,19 +156,7 @@ absl::Status CudaPhiModel::EnqueueLastLayerRows(const StepInputs& in, const int3
         KernelResult(lora_->AfterQkv(L - 1, normed, qkv, stream_), "last lora qkv"));
   }
   PHI_RETURN_IF_ERROR(KernelResult(
-      RotaryKvWriteCuda({.qkv = qkv,
-                         .positions = in.positions,
-                         .slots = in.slots,
-                         .k_cache = k_cache,
-                         .v_cache = v_cache,
-                         .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
-                         .num_tokens = T,
-                         .num_heads = nH,
-                         .num_kv_heads = nKV,
-                         .head_dim = hd,
-                         .rotary_dim = c.rotary_dim,
-                         .theta = static_cast<float>(c.rope_theta),
-                         .dtype = dt},
+      RotaryKvWriteCuda(LayerRotaryParams(qkv, in.positions, in.slots, T, k_cache, v_cache),
                         stream_),
       "last rotary_kv_write"));
 
@@ -189,28 +177,8 @@ absl::Status CudaPhiModel::EnqueueLastLayerRows(const StepInputs& in, const int3
   PHI_RETURN_IF_ERROR(gather(normed, normed_r, H, "last rows: gather normed"));
 
   // Attention: sequence s's one query (row s of qkv_r) over its context_lens[s] cached keys.
-  const PagedAttentionParams ap{.q = qkv_r,
-                                .k_cache = k_cache,
-                                .v_cache = v_cache,
-                                .out = attn_r,
-                                .context_lens = in.context_lens,
-                                .block_tables = in.block_tables,
-                                .num_seqs = in.num_seqs,
-                                .num_tokens = R,
-                                .max_blocks_per_seq = in.max_blocks,
-                                .num_blocks = kv_num_blocks_,
-                                .block_size = kv_block_size_,
-                                .num_heads = nH,
-                                .num_kv_heads = nKV,
-                                .head_dim = hd,
-                                .q_stride = qkv_width,
-                                .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
-                                .dtype = dt};
-  PagedDecodeCudaPlan plan;
-  plan.max_splits = PagedDecodeCudaMaxSplits(in.num_seqs, nH, multiprocessors_);
-  plan.workspace = a + al.attn_ws;
-  plan.workspace_bytes = al.attn_ws_bytes;
-  plan.num_multiprocessors = multiprocessors_;
+  const PagedAttentionParams ap = LayerAttentionParams(in, qkv_r, attn_r, R, k_cache, v_cache);
+  const PagedDecodeCudaPlan plan = MakeDecodePlan(in.num_seqs, nH, multiprocessors_, a, al);
   PHI_RETURN_IF_ERROR(
       KernelResult(PagedDecodeCuda(ap, plan, stream_), "last rows: paged_attention"));
 

@@ -38,6 +38,8 @@
 #include "kernels/dtype.h"
 #include "kernels/gemm.h"
 #include "kernels/kernel_status.h"
+#include "kernels/paged_attention.h"
+#include "kernels/rotary_kv_write.h"
 #include "model/forward_batch.h"
 #include "model/model_backend.h"
 #include "model/phi_config.h"
@@ -367,6 +369,13 @@ class CudaPhiModel final : public ModelBackend {
   bool PrefillLastRowsApplies(const ForwardBatch& batch) const;
   absl::Status EnqueueLastLayerRows(const StepInputs& in, const int32_t* logit_rows, int rows,
                                     void* out);
+  // One layer's rotary + K/V write of `tokens` rows and its attention over the step's block
+  // tables, shapes from config_ (defined in model/cuda_phi_internal.h).
+  RotaryKvWriteParams LayerRotaryParams(void* qkv, const int32_t* positions, const int64_t* slots,
+                                        int tokens, void* k_cache, void* v_cache) const;
+  PagedAttentionParams LayerAttentionParams(const StepInputs& in, const void* q, void* out,
+                                            int tokens, const void* k_cache,
+                                            const void* v_cache) const;
   // On `stream` with `gemm` (the MLP branch's pair when it runs on its own stream).
   absl::Status Linear(const GemmParams& p, DataType y_dtype, const char* op,
                       const GemmParams* second = nullptr, cudaStream_t stream = nullptr,

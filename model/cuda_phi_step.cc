@@ -3,7 +3,6 @@
 #ifdef PHISHARD_HAVE_CUDA
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -29,6 +28,7 @@ namespace {
 
 using cuda_model::ArenaLayout;
 using cuda_model::MakeArenaLayout;
+using cuda_model::MakeDecodePlan;
 using cuda_model::MakeMetaLayout;
 using cuda_model::MetaLayout;
 using cuda_model::VocabPad;
@@ -254,12 +254,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   prefill_plan.workspace_bytes = al.attn_ws_bytes;
   prefill_plan.num_multiprocessors = multiprocessors_;
   prefill_plan.prefill_tiling = static_cast<PrefillTiling>(prefill_attention_tiling_);
-  PagedDecodeCudaPlan decode_plan;
+  PagedDecodeCudaPlan decode_plan = MakeDecodePlan(in.min_live, nH, multiprocessors_, a, al);
   decode_plan.step_info = in.step_info;
-  decode_plan.max_splits = PagedDecodeCudaMaxSplits(in.min_live, nH, multiprocessors_);
-  decode_plan.workspace = a + al.attn_ws;
-  decode_plan.workspace_bytes = al.attn_ws_bytes;
-  decode_plan.num_multiprocessors = multiprocessors_;
   for (int l = 0; l < c.num_hidden_layers - (in.skip_last_layer ? 1 : 0); ++l) {
     const Layer& w = layers_[l];
     char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
@@ -373,41 +369,14 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterQkv(l, normed, qkv, stream_), "lora qkv"));
       }
       if (lora && prefill_fork) PHI_RETURN_IF_ERROR(lora_fc1_branch(l));
-      RotaryKvWriteParams rot{.qkv = at(qkv, rr, qkv_width),
-                              .positions = in.positions + rr.begin,
-                              .slots = in.slots + rr.begin,
-                              .k_cache = k_cache,
-                              .v_cache = v_cache,
-                              .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
-                              .num_tokens = rr.rows,
-                              .num_heads = nH,
-                              .num_kv_heads = nKV,
-                              .head_dim = hd,
-                              .rotary_dim = c.rotary_dim,
-                              .theta = static_cast<float>(c.rope_theta),
-                              .dtype = dt,
-                              .write_cache = !kv_store};
+      RotaryKvWriteParams rot = LayerRotaryParams(at(qkv, rr, qkv_width), in.positions + rr.begin,
+                                                  in.slots + rr.begin, rr.rows, k_cache, v_cache);
+      rot.write_cache = !kv_store;
       if (lora) lora_->FoldIntoRotary(&rot);  // the q / k / v deltas (CudaLora rotary fold)
       PHI_RETURN_IF_ERROR(KernelResult(RotaryKvWriteCuda(rot, stream_), "rotary_kv_write"));
     }
-    const PagedAttentionParams ap{.q = qkv,
-                                  .k_cache = k_cache,
-                                  .v_cache = v_cache,
-                                  .out = attn,
-                                  .cu_q_lens = in.cu_q_lens,
-                                  .context_lens = in.context_lens,
-                                  .block_tables = in.block_tables,
-                                  .num_seqs = in.num_seqs,
-                                  .num_tokens = T,
-                                  .max_blocks_per_seq = in.max_blocks,
-                                  .num_blocks = kv_num_blocks_,
-                                  .block_size = kv_block_size_,
-                                  .num_heads = nH,
-                                  .num_kv_heads = nKV,
-                                  .head_dim = hd,
-                                  .q_stride = qkv_width,
-                                  .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
-                                  .dtype = dt};
+    PagedAttentionParams ap = LayerAttentionParams(in, qkv, attn, T, k_cache, v_cache);
+    ap.cu_q_lens = in.cu_q_lens;
     if (kv_store) {
       prefill_plan.store_new_k = k_cache;
       prefill_plan.store_new_v = v_cache;
