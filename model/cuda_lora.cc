@@ -767,33 +767,6 @@ KernelStatus CudaLora::AfterResidual(int layer, const void* attn, const void* ml
   return Expand(ep, GemmEpilogue::kNone, stream);
 }
 
-KernelStatus CudaLora::AfterLmHead(const void* x, float* logits, int ld_logits,
-                                   cudaStream_t stream) {
-  const int entry = 6 * config_.num_hidden_layers;
-  if (!active_ || !Launch(entry)) return KernelStatus::kOk;
-  const int H = config_.hidden_size;
-  SgmvGroupedShrinkParams sp;
-  sp.ops[0] = {.x = x, .ldx = H, .in = H, .t_col = 0, .entry = entry};
-  sp.num_ops = 1;
-  sp.t = t_dev_;
-  sp.ldt = 6 * rank_cap_;
-  sp.ref = Ref(true);
-  sp.dtype = dtype_;
-  if (KernelStatus st = SgmvGroupedShrinkCuda(sp, stream); st != KernelStatus::kOk) return st;
-  SgmvGroupedExpandParams ep;
-  ep.ops[0].y = logits;
-  ep.ops[0].ldy = ld_logits;
-  ep.ops[0].out = config_.vocab_size;
-  ep.ops[0].y_f32 = true;
-  ep.ops[0].terms[0] = {0, entry};
-  ep.num_ops = 1;
-  ep.t = t_dev_;
-  ep.ldt = 6 * rank_cap_;
-  ep.ref = sp.ref;
-  ep.dtype = dtype_;
-  return Expand(ep, GemmEpilogue::kNone, stream);
-}
-
 }  // namespace phishard
 
 #endif  // PHISHARD_HAVE_CUDA

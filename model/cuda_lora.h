@@ -257,7 +257,8 @@ class CudaLora {
   // Eager steps, base ones too, then also run the branch at that priority.
   bool BranchPriority() const { return branch_priority_; }
   KernelStatus AfterFc2(int layer, const void* mlp, void* h, cudaStream_t stream);
-  // x = the final-LN rows that feed the LM head, logits [rows, ld_logits] float32.
+  // x = the final-LN rows that feed the LM head, logits [rows, ld_logits] float32
+  // (model/cuda_lora_last_rows.cc).
   KernelStatus AfterLmHead(const void* x, float* logits, int ld_logits, cudaStream_t stream);
   // The trimmed last layer of a prefill step (model/cuda_phi_last_rows.cc; SGMV and GEMM-form
   // steps alike): AfterQkv on every row as in the other layers (every row's K/V goes into the
@@ -300,6 +301,10 @@ class CudaLora {
   // OK when cuBLASLt cannot be set up).
   absl::Status EnsureGemmBuffers(int rows, cudaStream_t stream);
   SgmvTableRef Ref(bool logits) const;
+  // Over the logit tiles (Ref(true)): t = the shrink of sp's ops (their windows of t), then
+  // y += the expand of t (model/cuda_lora_last_rows.cc: the lm_head delta, the trimmed layer's).
+  KernelStatus LogitRowsDelta(SgmvGroupedShrinkParams sp, const SgmvExpandOp& y,
+                              cudaStream_t stream) const;
   // Decode steps: SgmvDecodeExpandCuda (PDL, act fused); others: the grouped expand.
   KernelStatus Expand(const SgmvGroupedExpandParams& ep, GemmEpilogue act,
                       cudaStream_t stream) const;

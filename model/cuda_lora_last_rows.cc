@@ -1,9 +1,10 @@
-// CudaLora's hooks for the trimmed last layer of a prefill step (model/cuda_lora.h,
-// model/cuda_phi_last_rows.cc): the fc1, dense and fc2 deltas of the logit rows alone, with the
-// SGMV shrink + expand kernels over the logit tiles that the lm_head delta uses (Ref(true): one
-// tile per run of logit rows of one adapter, rows indexed 0 .. logit rows - 1; base rows are in
-// no tile). The t buffer (float32 [rows_, 6 x rank_cap]) holds rows_ >= logit rows rows; its
-// columns here are the same module windows as in the SGMV steps.
+// CudaLora's deltas of the logit rows (model/cuda_lora.h): the lm_head's (AfterLmHead) and those
+// of the trimmed last layer of a prefill step (model/cuda_phi_last_rows.cc: the fc1, dense and
+// fc2 deltas of the logit rows alone), all with the SGMV shrink + expand kernels over the logit
+// tiles (Ref(true): one tile per run of logit rows of one adapter, rows indexed 0 .. logit rows
+// - 1; base rows are in no tile; decode steps: the token tiles, the logit rows being the token
+// rows). The t buffer (float32 [rows_, 6 x rank_cap]) holds rows_ >= logit rows rows; its
+// columns here are the same module windows as in the SGMV steps (the lm_head's: from column 0).
 #ifdef PHISHARD_HAVE_CUDA
 
 #include "common/logging.h"
@@ -18,6 +19,41 @@ constexpr int kDense = 3, kFc1 = 4, kFc2 = 5;  // LoraTarget order (cuda_lora.cc
 
 }  // namespace
 
+KernelStatus CudaLora::LogitRowsDelta(SgmvGroupedShrinkParams sp, const SgmvExpandOp& y,
+                                      cudaStream_t stream) const {
+  sp.t = t_dev_;
+  sp.ldt = 6 * rank_cap_;
+  sp.ref = Ref(true);
+  sp.dtype = dtype_;
+  if (KernelStatus st = SgmvGroupedShrinkCuda(sp, stream); st != KernelStatus::kOk) return st;
+  SgmvGroupedExpandParams ep;
+  ep.ops[0] = y;
+  ep.num_ops = 1;
+  ep.t = t_dev_;
+  ep.ldt = 6 * rank_cap_;
+  ep.ref = sp.ref;
+  ep.dtype = dtype_;
+  // Decode steps: the decode expand; prefill (LastRows* check it): the grouped one.
+  return Expand(ep, GemmEpilogue::kNone, stream);
+}
+
+KernelStatus CudaLora::AfterLmHead(const void* x, float* logits, int ld_logits,
+                                   cudaStream_t stream) {
+  const int entry = 6 * config_.num_hidden_layers;
+  if (!active_ || !Launch(entry)) return KernelStatus::kOk;
+  const int H = config_.hidden_size;
+  SgmvGroupedShrinkParams sp;
+  sp.ops[0] = {.x = x, .ldx = H, .in = H, .t_col = 0, .entry = entry};
+  sp.num_ops = 1;
+  SgmvExpandOp y;  // logits [logit rows, ld_logits] float32 += x's lm_head delta
+  y.y = logits;
+  y.ldy = ld_logits;
+  y.out = config_.vocab_size;
+  y.y_f32 = true;
+  y.terms[0] = {0, entry};
+  return LogitRowsDelta(sp, y, stream);
+}
+
 KernelStatus CudaLora::LastRowsAfterFc1(int layer, const void* normed_r, void* mlp_r,
                                         GemmEpilogue act, cudaStream_t stream) {
   if (!SplitFc1(layer)) return KernelStatus::kOk;  // fc1 ran with its activation, no delta
@@ -28,22 +64,12 @@ KernelStatus CudaLora::LastRowsAfterFc1(int layer, const void* normed_r, void* m
   sp.ops[0] = {
       .x = normed_r, .ldx = H, .in = H, .t_col = kFc1 * rank_cap_, .entry = Entry(layer, kFc1)};
   sp.num_ops = 1;
-  sp.t = t_dev_;
-  sp.ldt = 6 * rank_cap_;
-  sp.ref = Ref(true);
-  sp.dtype = dtype_;
-  if (KernelStatus st = SgmvGroupedShrinkCuda(sp, stream); st != KernelStatus::kOk) return st;
-  SgmvGroupedExpandParams ep;
-  ep.ops[0].y = mlp_r;
-  ep.ops[0].ldy = I;
-  ep.ops[0].out = I;
-  ep.ops[0].terms[0] = {kFc1 * rank_cap_, Entry(layer, kFc1)};
-  ep.num_ops = 1;
-  ep.t = t_dev_;
-  ep.ldt = 6 * rank_cap_;
-  ep.ref = sp.ref;
-  ep.dtype = dtype_;
-  if (KernelStatus st = SgmvGroupedExpandCuda(ep, stream); st != KernelStatus::kOk) return st;
+  SgmvExpandOp y;  // mlp_r [logit rows, I] dtype += the fc1 delta
+  y.y = mlp_r;
+  y.ldy = I;
+  y.out = I;
+  y.terms[0] = {kFc1 * rank_cap_, Entry(layer, kFc1)};
+  if (KernelStatus st = LogitRowsDelta(sp, y, stream); st != KernelStatus::kOk) return st;
   // Base logit rows have no tile: the activation over every row, after the delta.
   return GeluInPlaceCuda({.y = mlp_r, .rows = logit_rows_, .cols = I, .act = act, .dtype = dtype_},
                          stream);
@@ -72,19 +98,7 @@ KernelStatus CudaLora::LastRowsAfterResidual(int layer, const void* attn_r, cons
     y.terms[y.num_terms++] = {kFc2 * rank_cap_, Entry(layer, kFc2)};
   }
   if (sp.num_ops == 0) return KernelStatus::kOk;
-  sp.t = t_dev_;
-  sp.ldt = 6 * rank_cap_;
-  sp.ref = Ref(true);
-  sp.dtype = dtype_;
-  if (KernelStatus st = SgmvGroupedShrinkCuda(sp, stream); st != KernelStatus::kOk) return st;
-  SgmvGroupedExpandParams ep;
-  ep.ops[0] = y;
-  ep.num_ops = 1;
-  ep.t = t_dev_;
-  ep.ldt = 6 * rank_cap_;
-  ep.ref = sp.ref;
-  ep.dtype = dtype_;
-  return SgmvGroupedExpandCuda(ep, stream);
+  return LogitRowsDelta(sp, y, stream);
 }
 
 }  // namespace phishard
