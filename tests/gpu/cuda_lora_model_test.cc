@@ -1,16 +1,11 @@
 // Multi-LoRA on the CUDA backend (model/cuda_lora.h): the peft golden fixtures
 // (tests/golden/tiny-phi-code-adapters.json, peft 0.21 float32), one batch mixing the base model
 // and three adapters against each request alone and against the float32 CPU backend (with and
-// without decode graphs), and 100 load / use / offload cycles that leave device memory where it
-// was (cudaMemGetInfo).
+// without decode graphs), the decode-step stream and tuning variants, and 100 load / use /
+// offload cycles that leave device memory where it was (cudaMemGetInfo). The prefill paths
+// with adapters: cuda_lora_prefill_test.cc.
 //
-// bf16 tolerances: the same bounds as cuda_model_test.cc's (max |logit - ref| <= 0.02 x scale,
-// ‖d‖/‖ref‖ <= 0.015; derived there from an emulation of this backend's rounding schedule, worst
-// 0.0074 / 0.0055). LoRA adds the rounding of A and B to bf16 (relative 2^-9 per element, averaged
-// over r x in terms) and one rounding of each adapted output, which is small against the base
-// model's rounding after every op; a wrong scale (rsLoRA's alpha/sqrt(r) vs alpha/r is 4x here), a
-// missing module or the fc1 delta after the GELU moves logits by far more (the adapters change the
-// greedy tokens of every case, see greedy_differs_from_base in the fixture).
+// bf16 tolerances (ExpectClose): as cuda_model_test.cc's, why in tests/gpu/lora_model_test_util.h.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -18,7 +13,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -32,104 +26,10 @@
 #include "model/lora_adapter.h"
 #include "nlohmann/json.hpp"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/gpu/lora_model_test_util.h"
 
-namespace phishard {
+namespace phishard::lora_test {
 namespace {
-
-namespace fs = std::filesystem;
-using json = nlohmann::json;
-
-const fs::path kRepo = fs::path(PHISHARD_MODELS).parent_path();
-constexpr double kLogitFrac = 0.02;
-constexpr double kLogitNormRel = 0.015;
-constexpr double kTieFrac = 0.008;
-
-json ReadGolden() {
-  std::ifstream in(kRepo / "tests" / "golden" / "tiny-phi-code-adapters.json");
-  EXPECT_TRUE(in.good());
-  return json::parse(in);
-}
-
-std::unique_ptr<CudaPhiModel> LoadCuda(const fs::path& dir, bool graphs = true) {
-  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = CudaPhiModel::Load(
-      dir, {.dtype = "bfloat16", .device = 0, .reserve_tokens = 256, .cuda_graphs = graphs});
-  EXPECT_TRUE(m.ok()) << m.status();
-  if (!m.ok()) return nullptr;
-  EXPECT_TRUE((*m)->AllocateKvCache(256, kKvBlockSize).ok());
-  return *std::move(m);
-}
-
-std::unique_ptr<AdapterRegistry> MakeRegistry(int bytes_per_param, int slots = 8) {
-  absl::StatusOr<std::unique_ptr<AdapterRegistry>> r =
-      AdapterRegistry::Create(slots, int64_t{256} << 20, bytes_per_param);
-  EXPECT_TRUE(r.ok()) << r.status();
-  return r.ok() ? *std::move(r) : nullptr;
-}
-
-LoraAdapter LoadAdapter(const json& a, const PhiConfig& c) {
-  absl::StatusOr<LoraAdapter> ad = LoraAdapter::LoadDir(kRepo / a.at("path").get<std::string>(), c);
-  EXPECT_TRUE(ad.ok()) << ad.status();
-  return ad.ok() ? *std::move(ad) : LoraAdapter("failed", 0);
-}
-
-struct Closeness {
-  double worst = 0, rel = 0, scale = 1;
-};
-
-Closeness Compare(const float* got, const float* want, size_t n) {
-  Closeness c;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; ++i) c.scale = std::max(c.scale, std::fabs(double{want[i]}));
-  for (size_t i = 0; i < n; ++i) {
-    const double d = std::isfinite(got[i]) ? double{got[i]} - want[i] : INFINITY;
-    c.worst = std::max(c.worst, std::fabs(d));
-    num += d * d;
-    den += double{want[i]} * want[i];
-  }
-  c.rel = std::sqrt(num / std::max(den, 1e-30));
-  return c;
-}
-
-void ExpectClose(const float* got, const float* want, size_t n, const std::string& what) {
-  const Closeness c = Compare(got, want, n);
-  EXPECT_LE(c.worst, kLogitFrac * c.scale) << what << " (scale " << c.scale << ")";
-  EXPECT_LE(c.rel, kLogitNormRel) << what;
-}
-
-int Argmax(const float* row, int v) {
-  return static_cast<int>(std::max_element(row, row + v) - row);
-}
-
-std::vector<int32_t> Blocks(int first, int tokens) {
-  std::vector<int32_t> b(KvBlockAllocator::BlocksFor(tokens));
-  std::iota(b.begin(), b.end(), first);
-  return b;
-}
-
-// How prefill steps with adapters run: the SGMV kernels, or the GEMM form (model/
-// cuda_lora_gemm.cc) with the concatenated expands or with one expand GEMM per segment.
-enum class Form { kSgmv, kGemm, kSegmented };
-const char* FormName(Form f) {
-  return f == Form::kSgmv ? "SGMV" : f == Form::kGemm ? "GEMM-form" : "segmented GEMM-form";
-}
-
-// Sets the environment CudaLora reads at construction for the models loaded in its scope:
-// PHISHARD_LORA_GEMM_MIN_ROWS=1 sends every prefill step with adapters through the GEMM form;
-// kGemm keeps its concatenated expands (PHISHARD_LORA_GEMM_MAX_SEGMENTS=0), kSegmented takes the
-// per-segment expands however short the segments (PHISHARD_LORA_GEMM_SEGMENT_ROWS=1).
-class GemmFormEnv {
- public:
-  explicit GemmFormEnv(Form form) {
-    if (form != Form::kSgmv) setenv("PHISHARD_LORA_GEMM_MIN_ROWS", "1", 1);
-    if (form == Form::kGemm) setenv("PHISHARD_LORA_GEMM_MAX_SEGMENTS", "0", 1);
-    if (form == Form::kSegmented) setenv("PHISHARD_LORA_GEMM_SEGMENT_ROWS", "1", 1);
-  }
-  ~GemmFormEnv() {
-    unsetenv("PHISHARD_LORA_GEMM_MIN_ROWS");
-    unsetenv("PHISHARD_LORA_GEMM_MAX_SEGMENTS");
-    unsetenv("PHISHARD_LORA_GEMM_SEGMENT_ROWS");
-  }
-};
 
 // ---- peft golden fixtures --------------------------------------------------------------------
 void RunGolden(Form form) {
@@ -250,88 +150,22 @@ TEST(CudaLoraGolden, EachAdapterMatchesPeftWithinBf16ThroughTheSegmentedGemmForm
   RunGolden(Form::kSegmented);
 }
 
-// ---- mixed batches ---------------------------------------------------------------------------
-struct Req {
-  std::vector<int32_t> prompt;
-  uint32_t adapter;
-  int id;  // picks the request's decode tokens, the same in a batch and alone
-};
-
-// Prefill of all requests (every row's logits, or with last_rows_only each request's last row,
-// as serving asks), then `steps` decode steps feeding token (7 id + 3 step + 1) % V; returns each
-// step's logits (all logit rows of the batch).
-std::vector<std::vector<float>> RunBatch(ModelBackend& m, const std::vector<Req>& reqs,
-                                         int first_block, int steps, bool last_rows_only = false) {
-  const int V = m.config().vocab_size;
-  ForwardBatch b;
-  std::vector<std::vector<int32_t>> tables;
-  std::vector<int> ctx;
-  int blk = first_block;
-  for (const Req& r : reqs) {
-    const int n = static_cast<int>(r.prompt.size());
-    tables.push_back(Blocks(blk, n + steps));
-    blk += static_cast<int>(tables.back().size());
-    for (int i = 0; i < n; ++i) {
-      if (!last_rows_only || i == n - 1) b.logit_rows.push_back(b.num_tokens());
-      b.token_ids.push_back(r.prompt[i]);
-      b.positions.push_back(i);
-    }
-    b.seqs.push_back({.num_new_tokens = n,
-                      .context_len = n,
-                      .block_table = tables.back(),
-                      .adapter_index = r.adapter});
-    ctx.push_back(n);
-  }
-  std::vector<std::vector<float>> out;
-  std::vector<float> logits;
-  EXPECT_TRUE(m.Forward(b, &logits).ok());
-  out.push_back(logits);
-  for (int step = 0; step < steps; ++step) {
-    ForwardBatch d;
-    for (size_t s = 0; s < reqs.size(); ++s) {
-      d.token_ids.push_back(static_cast<int32_t>((7 * reqs[s].id + 3 * step + 1) % V));
-      d.positions.push_back(ctx[s]);
-      ++ctx[s];
-      d.seqs.push_back({.num_new_tokens = 1,
-                        .context_len = ctx[s],
-                        .block_table = tables[s],
-                        .adapter_index = reqs[s].adapter});
-      d.logit_rows.push_back(static_cast<int32_t>(s));
-    }
-    EXPECT_TRUE(m.Forward(d, &logits).ok());
-    out.push_back(logits);
-  }
-  return out;
-}
-
 void RunMixed(Form form) {
   const GemmFormEnv env(form);
-  const json golden = ReadGolden();
-  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  const fs::path dir = TinyPhiDir();
   std::unique_ptr<CudaPhiModel> g = LoadCuda(dir, true);
   std::unique_ptr<CudaPhiModel> e = LoadCuda(dir, false);
   absl::StatusOr<std::unique_ptr<CpuPhiModel>> cpu = CpuPhiModel::Load(dir);
   ASSERT_TRUE(g && e && cpu.ok());
   ASSERT_TRUE((*cpu)->AllocateKvCache(256, kKvBlockSize).ok());
-  std::unique_ptr<AdapterRegistry> reg2 = MakeRegistry(2), reg4 = MakeRegistry(4);
-  uint32_t idx = 3;
-  for (const json& a : golden.at("adapters")) {
-    ASSERT_TRUE(reg2->Load(idx, LoadAdapter(a, g->config())).ok());
-    ASSERT_TRUE(reg4->Load(idx++, LoadAdapter(a, g->config())).ok());
-  }
+  std::unique_ptr<AdapterRegistry> reg2 = GoldenAdapters(g->config(), 2),
+                                   reg4 = GoldenAdapters(g->config(), 4);
+  ASSERT_TRUE(reg2 && reg4);
   ASSERT_TRUE(g->SetAdapterRegistry(reg2.get()).ok());
   ASSERT_TRUE(e->SetAdapterRegistry(reg2.get()).ok());
   ASSERT_TRUE((*cpu)->SetAdapterRegistry(reg4.get()).ok());
   const int V = g->config().vocab_size;
-  // Base, adapter 3, adapter 3 again (one segment over two sequences), an index nobody loaded
-  // (base), adapter 4, base, adapter 5: prompts of 1..13 tokens (odd lengths, 1-row segments).
-  const std::vector<Req> reqs = {{{1932, 221, 17}, 0, 0},
-                                 {{5, 6, 7, 8, 9, 10, 11}, 3, 1},
-                                 {{300}, 3, 2},
-                                 {{44, 45, 46, 47, 48}, 77, 3},
-                                 {{12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24}, 4, 4},
-                                 {{900, 901}, 0, 5},
-                                 {{33, 34, 35, 36}, 5, 6}};
+  const std::vector<Req> reqs = MixedRequests();
   const int steps = 4;
   const auto mixed_g = RunBatch(*g, reqs, 0, steps);
   const auto mixed_e = RunBatch(*e, reqs, 0, steps);
@@ -393,21 +227,15 @@ TEST(CudaLoraBatch, MixedBatchThroughTheSegmentedGemmFormEqualsEachRequestAloneA
 // adapts q, v and fc2 only (the k / dense / fc1 launches skip its rows).
 TEST(CudaLoraBatch, ShrinksBesideTheBaseGemmsGiveBitIdenticalLogits) {
   PHI_REQUIRE_GPU();
-  const json golden = ReadGolden();
-  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  const fs::path dir = TinyPhiDir();
   std::unique_ptr<CudaPhiModel> on_g = LoadCuda(dir, true), on_e = LoadCuda(dir, false);
   setenv("PHISHARD_LORA_OVERLAP", "0", 1);
   std::unique_ptr<CudaPhiModel> off_g = LoadCuda(dir, true), off_e = LoadCuda(dir, false);
   unsetenv("PHISHARD_LORA_OVERLAP");
   ASSERT_TRUE(on_g && on_e && off_g && off_e);
-  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
-  uint32_t idx = 3;
-  for (const json& a : golden.at("adapters")) {
-    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, on_g->config())).ok());
-  }
-  const std::vector<Req> reqs = {
-      {{1932, 221, 17}, 0, 0},       {{5, 6, 7, 8, 9, 10, 11}, 4, 1}, {{300}, 3, 2},
-      {{44, 45, 46, 47, 48}, 77, 3}, {{12, 13, 14, 15}, 5, 4},        {{33, 34, 35, 36}, 4, 5}};
+  std::unique_ptr<AdapterRegistry> reg = GoldenAdapters(on_g->config());
+  ASSERT_TRUE(reg);
+  const std::vector<Req> reqs = ShortMixedRequests();
   const int steps = 3;
   std::vector<std::vector<std::vector<float>>> runs;
   for (CudaPhiModel* m : {on_g.get(), on_e.get(), off_g.get(), off_e.get()}) {
@@ -436,11 +264,10 @@ TEST(CudaLoraBatch, ShrinksBesideTheBaseGemmsGiveBitIdenticalLogits) {
 // branch beside attention) as mode 1. Mode 2 adds fc2 to h on the branch before dense (the
 // residual's terms rounded in another order; LoRA branch mode 1 with fc2's delta there too, mode 2
 // with it beside dense's after the join) and PHISHARD_LORA_FUSED=0 runs the shrink + expand kernels
-// (t summed in another order): those within the bf16 bounds above of mode 0, graphs on.
+// (t summed in another order): those within the bf16 bounds (ExpectClose) of mode 0, graphs on.
 TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
   PHI_REQUIRE_GPU();
-  const json golden = ReadGolden();
-  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  const fs::path dir = TinyPhiDir();
   struct Variant {
     const char* name;
     int mlp_mode;
@@ -477,14 +304,9 @@ TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
   unsetenv("PHISHARD_LORA_JOIN_EARLY");
   unsetenv("PHISHARD_LORA_FUSED");
   unsetenv("PHISHARD_LORA_BRANCH_PRIORITY");
-  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
-  uint32_t idx = 3;
-  for (const json& a : golden.at("adapters")) {
-    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, models[0]->config())).ok());
-  }
-  const std::vector<Req> reqs = {
-      {{1932, 221, 17}, 0, 0},       {{5, 6, 7, 8, 9, 10, 11}, 4, 1}, {{300}, 3, 2},
-      {{44, 45, 46, 47, 48}, 77, 3}, {{12, 13, 14, 15}, 5, 4},        {{33, 34, 35, 36}, 4, 5}};
+  std::unique_ptr<AdapterRegistry> reg = GoldenAdapters(models[0]->config());
+  ASSERT_TRUE(reg);
+  const std::vector<Req> reqs = ShortMixedRequests();
   const int steps = 3;
   std::vector<std::vector<std::vector<float>>> runs;
   for (auto& m : models) {
@@ -522,8 +344,7 @@ TEST(CudaLoraBatch, MlpStreamModesAndFusedKernelsAgree) {
 // default; malformed specs are INVALID_ARGUMENT naming the spec and leave the tuning as it was.
 TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
   PHI_REQUIRE_GPU();
-  const json golden = ReadGolden();
-  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  const fs::path dir = TinyPhiDir();
   std::unique_ptr<CudaPhiModel> plain = LoadCuda(dir, true), tuned = LoadCuda(dir, true);
   ASSERT_TRUE(plain && tuned);
   // The tuned model also turns the beside mode off (fused launches after the GEMMs), the plain
@@ -548,14 +369,9 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
     EXPECT_NE(st.message().find(std::string("'") + bad + "'"), std::string::npos) << st.message();
   }
   EXPECT_EQ(tuned->lora_decode_tuning(), "3:3.4.2.2:0:0:2:1:1:0.0");
-  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
-  uint32_t idx = 3;
-  for (const json& a : golden.at("adapters")) {
-    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, plain->config())).ok());
-  }
-  const std::vector<Req> reqs = {
-      {{1932, 221, 17}, 0, 0},       {{5, 6, 7, 8, 9, 10, 11}, 4, 1}, {{300}, 3, 2},
-      {{44, 45, 46, 47, 48}, 77, 3}, {{12, 13, 14, 15}, 5, 4},        {{33, 34, 35, 36}, 4, 5}};
+  std::unique_ptr<AdapterRegistry> reg = GoldenAdapters(plain->config());
+  ASSERT_TRUE(reg);
+  const std::vector<Req> reqs = ShortMixedRequests();
   const int steps = 3;
   ASSERT_TRUE(plain->SetAdapterRegistry(reg.get()).ok());
   ASSERT_TRUE(tuned->SetAdapterRegistry(reg.get()).ok());
@@ -578,197 +394,11 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
   EXPECT_EQ(tuned->lora_beside_decode_steps(), 0);
 }
 
-// The prefill MLP fork with adapters (GEMM-form steps: fc1 and its delta on the MLP stream beside
-// rotary + attention) and the trimmed last layer with adapters (fc1 / dense / fc2 and their deltas
-// on the logit rows only, over the lm_head's SGMV logit tiles) against the full one-stream path
-// (set_prefill_mlp_fork(false), set_prefill_last_rows(false)), in each prefill form, on a mixed
-// batch that asks for each request's last row. The fork launches the same kernels on the same
-// inputs in the same order on each buffer: bit-identical logits (a missing wait would let fc1's
-// delta read T before AfterQkv's mask wrote it, or race the q / k / v expands' workspace). The
-// trimmed layer sums the logit rows' last-layer products in another order (decode attention,
-// GEMVs, SGMV deltas instead of GEMMs): the bf16 bounds above, also against each request alone.
-// The K/V cache is the same bits either way (every row's qkv and its deltas as before), so the
-// decode steps after are bit-identical.
-void RunPrefillPaths(Form form) {
-  const GemmFormEnv env(form);
-  const json golden = ReadGolden();
-  const fs::path dir = kRepo / "models" / "tiny-phi-code";
-  std::unique_ptr<CudaPhiModel> full = LoadCuda(dir), fork = LoadCuda(dir), both = LoadCuda(dir);
-  ASSERT_TRUE(full && fork && both);
-  full->set_prefill_mlp_fork(false);
-  full->set_prefill_last_rows(false);
-  fork->set_prefill_mlp_fork(true);
-  fork->set_prefill_last_rows(false);
-  both->set_prefill_mlp_fork(true);
-  both->set_prefill_last_rows(true);
-  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
-  uint32_t idx = 3;
-  for (const json& a : golden.at("adapters")) {
-    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, full->config())).ok());
-  }
-  for (CudaPhiModel* m : {full.get(), fork.get(), both.get()}) {
-    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
-  }
-  const int V = full->config().vocab_size;
-  // As RunMixed's: base rows between adapter segments, an unloaded index, one adapter over two
-  // sequences, a 1-token request (its last row is its only row); 35 rows, 7 logit rows.
-  const std::vector<Req> reqs = {{{1932, 221, 17}, 0, 0},
-                                 {{5, 6, 7, 8, 9, 10, 11}, 3, 1},
-                                 {{300}, 3, 2},
-                                 {{44, 45, 46, 47, 48}, 77, 3},
-                                 {{12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24}, 4, 4},
-                                 {{900, 901}, 0, 5},
-                                 {{33, 34, 35, 36}, 5, 6}};
-  const int steps = 3;
-  const auto want = RunBatch(*full, reqs, 0, steps, true);
-  const auto forked = RunBatch(*fork, reqs, 0, steps, true);
-  const int64_t fork_steps = fork->prefill_mlp_fork_steps();
-  const auto got = RunBatch(*both, reqs, 0, steps, true);
-  const int64_t last_steps = both->prefill_last_rows_steps();
-  ASSERT_EQ(want.size(), static_cast<size_t>(steps + 1));
-  ASSERT_EQ(forked.size(), want.size());
-  ASSERT_EQ(got.size(), want.size());
-  EXPECT_EQ(full->prefill_mlp_fork_steps() + full->prefill_last_rows_steps(), 0);
-  // The fork takes GEMM-form steps only; the trimmed layer every form.
-  EXPECT_EQ(fork_steps, form == Form::kSgmv ? 0 : 1) << FormName(form);
-  EXPECT_EQ(last_steps, 1) << FormName(form);
-  for (int st = 0; st <= steps; ++st) {
-    EXPECT_EQ(forked[st], want[st]) << FormName(form) << " step " << st << ": fork differs";
-    if (st > 0) {
-      EXPECT_EQ(got[st], want[st]) << FormName(form) << " decode " << st << ": trimmed differs";
-    }
-  }
-  for (size_t s = 0; s < reqs.size(); ++s) {
-    const std::string what = std::string(FormName(form)) + " request " + std::to_string(s) +
-                             " (adapter index " + std::to_string(reqs[s].adapter) + ")";
-    ExpectClose(got[0].data() + s * V, want[0].data() + s * V, V, what + " trimmed vs full");
-    const Closeness c = Compare(got[0].data() + s * V, want[0].data() + s * V, V);
-    std::printf("  %s: trimmed vs full max|d| / scale %.4f, norm rel %.4f\n", what.c_str(),
-                c.worst / c.scale, c.rel);
-    const auto alone = RunBatch(*both, {reqs[s]}, 128, steps, true);
-    for (int st = 0; st <= steps; ++st) {
-      ExpectClose(got[st].data() + s * V, alone[st].data(), V,
-                  what + " step " + std::to_string(st) + " vs alone");
-    }
-  }
-}
-
-TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithSgmv) {
-  PHI_REQUIRE_GPU();
-  RunPrefillPaths(Form::kSgmv);
-}
-
-TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithTheGemmForm) {
-  PHI_REQUIRE_GPU();
-  RunPrefillPaths(Form::kGemm);
-}
-
-TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithTheSegmentedGemmForm) {
-  PHI_REQUIRE_GPU();
-  RunPrefillPaths(Form::kSegmented);
-}
-
-// GEMM-form steps write the q / k / v deltas before the qkv GEMM, which adds to them (CudaLora::
-// GemmQkvDeltaFirst, the default) instead of adding them after it. Both sum the same two bf16
-// terms, round(x Wᵀ + b) and round(T Bᵀ), when cuBLASLt's beta = 1 kernels round their product
-// before adding C, as measured on an H200 (then the logits are the same bits; printed, not
-// required: another algorithm may add in float32, one rounding less). Required: within the bf16
-// bounds above of the deltas-after path (whose distance to peft / the CPU the golden and
-// mixed-batch tests check), in the prefill logits and in the decode steps that read the K/V
-// cache it wrote, on the mixed batch of RunPrefillPaths (base rows between segments: the
-// segmented expands leave them to the zeroing), full path and trimmed last layer; and the form
-// really ran in every layer. The gathers' launch shape and the next layer's gathers prefetched
-// on the side stream (set_lora_prefill_tuning "1:1:0" against the default "1:8:1") change no
-// bit: they copy the same words into the same places, and the prefetch must be waited for (a
-// missing wait would let a layer read the matrices of the layer two before).
-void RunQkvDeltasFirst(Form form) {
-  const GemmFormEnv env(form);
-  const json golden = ReadGolden();
-  const fs::path dir = kRepo / "models" / "tiny-phi-code";
-  std::unique_ptr<CudaPhiModel> first = LoadCuda(dir), after = LoadCuda(dir),
-                                inline_ = LoadCuda(dir);
-  ASSERT_TRUE(first && after && inline_);
-  ASSERT_TRUE(after->set_lora_prefill_tuning("0").ok());
-  ASSERT_TRUE(inline_->set_lora_prefill_tuning("1:1:0").ok());
-  EXPECT_EQ(first->lora_prefill_tuning(), "1:8:1");
-  EXPECT_EQ(after->lora_prefill_tuning(), "0:8:1");
-  EXPECT_FALSE(first->set_lora_prefill_tuning("2").ok());
-  EXPECT_FALSE(first->set_lora_prefill_tuning("1:4").ok());
-  EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:0").ok());
-  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
-  uint32_t idx = 3;
-  for (const json& a : golden.at("adapters")) {
-    ASSERT_TRUE(reg->Load(idx++, LoadAdapter(a, first->config())).ok());
-  }
-  for (CudaPhiModel* m : {first.get(), after.get(), inline_.get()}) {
-    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
-  }
-  const int V = first->config().vocab_size, L = first->config().num_hidden_layers;
-  const std::vector<Req> reqs = {{{1932, 221, 17}, 0, 0},
-                                 {{5, 6, 7, 8, 9, 10, 11}, 3, 1},
-                                 {{300}, 3, 2},
-                                 {{44, 45, 46, 47, 48}, 77, 3},
-                                 {{12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24}, 4, 4},
-                                 {{900, 901}, 0, 5},
-                                 {{33, 34, 35, 36}, 5, 6}};
-  const int steps = 3;
-  for (bool last_rows : {false, true}) {
-    for (CudaPhiModel* m : {first.get(), after.get(), inline_.get()}) {
-      m->set_prefill_last_rows(last_rows);
-    }
-    const int64_t before = first->lora_qkv_first_layers();
-    const int64_t prefetched = first->lora_prefetched_layers();
-    const auto got = RunBatch(*first, reqs, 0, steps, true);
-    const auto want = RunBatch(*after, reqs, 0, steps, true);
-    const auto in_line = RunBatch(*inline_, reqs, 0, steps, true);
-    // Every layer of the one GEMM-form step (the golden adapters adapt q, k and v everywhere),
-    // and every layer but the first prefetched.
-    EXPECT_EQ(first->lora_qkv_first_layers() - before, L) << FormName(form);
-    EXPECT_EQ(first->lora_prefetched_layers() - prefetched, L - 1) << FormName(form);
-    EXPECT_EQ(after->lora_qkv_first_layers(), 0);
-    EXPECT_EQ(after->lora_prefetched_layers(), 0);
-    EXPECT_EQ(inline_->lora_prefetched_layers(), 0);
-    ASSERT_EQ(got.size(), static_cast<size_t>(steps + 1));
-    ASSERT_EQ(want.size(), got.size());
-    ASSERT_EQ(in_line.size(), got.size());
-    for (int st = 0; st <= steps; ++st) {
-      EXPECT_EQ(in_line[st], got[st]) << FormName(form) << (last_rows ? " trimmed" : " full")
-                                      << " step " << st << ": prefetch / 8-chunk gathers differ";
-    }
-    bool same = true;
-    for (int st = 0; st <= steps; ++st) {
-      same = same && got[st] == want[st];
-      for (size_t s = 0; s < reqs.size(); ++s) {
-        const std::string what = std::string(FormName(form)) + (last_rows ? " trimmed" : " full") +
-                                 " step " + std::to_string(st) + " request " + std::to_string(s);
-        ExpectClose(got[st].data() + s * V, want[st].data() + s * V, V, what);
-        if (st == 0) {
-          const Closeness c = Compare(got[st].data() + s * V, want[st].data() + s * V, V);
-          std::printf("  %s: first vs after max|d| / scale %.4f, norm rel %.4f\n", what.c_str(),
-                      c.worst / c.scale, c.rel);
-        }
-      }
-    }
-    std::printf("  %s%s: deltas first vs after bit-identical: %s\n", FormName(form),
-                last_rows ? " trimmed" : " full", same ? "yes" : "no");
-  }
-}
-
-TEST(CudaLoraBatch, QkvDeltasFirstMatchDeltasAfterWithTheGemmForm) {
-  PHI_REQUIRE_GPU();
-  RunQkvDeltasFirst(Form::kGemm);
-}
-
-TEST(CudaLoraBatch, QkvDeltasFirstMatchDeltasAfterWithTheSegmentedGemmForm) {
-  PHI_REQUIRE_GPU();
-  RunQkvDeltasFirst(Form::kSegmented);
-}
-
 // ---- load / use / offload ---------------------------------------------------------------------
 TEST(CudaLoraMemory, HundredLoadUseOffloadCyclesReturnDeviceMemoryToBaseline) {
   PHI_REQUIRE_GPU();
   const json golden = ReadGolden();
-  std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / "models" / "tiny-phi-code");
+  std::unique_ptr<CudaPhiModel> m = LoadCuda(TinyPhiDir());
   ASSERT_TRUE(m);
   std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2, 2);
   ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
@@ -820,7 +450,7 @@ TEST(CudaLoraMemory, HundredLoadUseOffloadCyclesReturnDeviceMemoryToBaseline) {
 
 TEST(CudaLoraMemory, KvSizingLeavesTheAdapterBudgetFree) {
   PHI_REQUIRE_GPU();
-  std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / "models" / "tiny-phi-code");
+  std::unique_ptr<CudaPhiModel> m = LoadCuda(TinyPhiDir());
   ASSERT_TRUE(m);
   absl::StatusOr<int> without = m->MaxKvBlocks(0.5, 512);
   ASSERT_TRUE(without.ok());
@@ -837,4 +467,4 @@ TEST(CudaLoraMemory, KvSizingLeavesTheAdapterBudgetFree) {
 }
 
 }  // namespace
-}  // namespace phishard
+}  // namespace phishard::lora_test
