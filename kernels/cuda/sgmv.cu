@@ -4,13 +4,17 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/sgmv_common.cuh"
 #include "kernels/cuda/sgmv_cuda.h"
 
 namespace phishard {
 namespace {
 
+using cuda::Aligned16;
 using cuda::FromFloat;
+using cuda::GridDepWait;
 using cuda::ToFloat;
+using cuda::Unpack8;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -34,22 +38,6 @@ struct ExpandArgs {
   int ldt;
   SgmvTableRef ref;
 };
-
-// Programmatic dependent launch (Hopper): everything before GridDepWait may overlap the previous
-// kernel, so it reads only what no kernel of the step writes (plan, table, A / B).
-__device__ __forceinline__ void GridDepWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
-__device__ __forceinline__ bool Aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-}
-
-// 8 16-bit values of one 16-byte load as floats.
-template <typename T>
-__device__ __forceinline__ void Unpack8(const uint4& v, float f[8]) {
-  const float2 a = cuda::Word2ToFloat2<T>(v.x), b = cuda::Word2ToFloat2<T>(v.y);
-  const float2 c = cuda::Word2ToFloat2<T>(v.z), d = cuda::Word2ToFloat2<T>(v.w);
-  f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y, f[4] = c.x, f[5] = c.y, f[6] = d.x, f[7] = d.y;
-}
 
 // The tile of this block, its rows clamped to [0, num_rows) and to kTileRows; false when the
 // block has nothing to do (tile past the count, slot outside the table, no rows). Block-uniform.
@@ -537,20 +525,9 @@ KernelStatus SgmvGroupedExpandCuda(const SgmvGroupedExpandParams& p, cudaStream_
   bool empty = false;
   if (KernelStatus st = CheckRef(p.ref, p.num_ops, &empty); st != KernelStatus::kOk) return st;
   int max_out = 0;
-  for (int o = 0; o < p.num_ops; ++o) {
-    const SgmvExpandOp& op = p.ops[o];
-    if (op.out <= 0 || (op.ldy != 0 && op.ldy < op.out) || op.num_terms < 1 ||
-        op.num_terms > kSgmvMaxTerms) {
-      return KernelStatus::kInvalidShape;
-    }
-    for (int k = 0; k < op.num_terms; ++k) {
-      if (op.terms[k].t_col < 0 ||
-          static_cast<int64_t>(op.terms[k].t_col) + p.ref.max_rank > p.ldt) {
-        return KernelStatus::kInvalidShape;
-      }
-    }
-    if (!empty && op.y == nullptr) return KernelStatus::kNullPointer;
-    max_out = std::max(max_out, op.out);
+  if (KernelStatus st = cuda::CheckExpandOps(p, p.ref.max_rank, empty, &max_out);
+      st != KernelStatus::kOk) {
+    return st;
   }
   if (empty) return KernelStatus::kOk;
   if (p.t == nullptr || !RefPointersSet(p.ref)) return KernelStatus::kNullPointer;

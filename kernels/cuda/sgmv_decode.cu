@@ -10,13 +10,17 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/sgmv_common.cuh"
 #include "kernels/cuda/sgmv_cuda.h"
 
 namespace phishard {
 namespace {
 
 using cuda::FromFloat;
+using cuda::GridDepWait;
+using cuda::SgmvAct;
 using cuda::ToFloat;
+using cuda::Unpack8;
 
 constexpr int kThreads = 256;
 constexpr int kCols = 4;                      // consecutive output columns of one thread
@@ -30,32 +34,12 @@ struct Args {
   SgmvTableRef ref;
 };
 
-template <typename T>
-__device__ __forceinline__ void Unpack8(const uint4& v, float f[8]) {
-  const float2 a = cuda::Word2ToFloat2<T>(v.x), b = cuda::Word2ToFloat2<T>(v.y);
-  const float2 c = cuda::Word2ToFloat2<T>(v.z), d = cuda::Word2ToFloat2<T>(v.w);
-  f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y, f[4] = c.x, f[5] = c.y, f[6] = d.x, f[7] = d.y;
-}
-
-__device__ __forceinline__ void GridDepWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
-template <int kAct>
-__device__ __forceinline__ float Act(float x) {
-  if constexpr (kAct == 1) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-  } else if constexpr (kAct == 2) {
-    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-  } else {
-    return x;
-  }
-}
-
 template <typename Y, int kAct>
 __device__ __forceinline__ void Store(Y* y, int n, const float* acc, bool touched) {
   for (int c = 0; c < n; ++c) {
     float v = ToFloat(y[c]);
     if (touched) v += acc[c];
-    y[c] = FromFloat<Y>(Act<kAct>(v));
+    y[c] = FromFloat<Y>(SgmvAct<kAct>(v));
   }
 }
 
@@ -182,19 +166,9 @@ KernelStatus SgmvDecodeExpandCuda(const SgmvGroupedExpandParams& p, GemmEpilogue
   const bool empty = p.num_ops == 0 || r.max_tiles == 0 || r.num_rows == 0 ||
                      (r.max_rank == 0 && act == GemmEpilogue::kNone);
   int max_out = 0;
-  for (int o = 0; o < p.num_ops; ++o) {
-    const SgmvExpandOp& op = p.ops[o];
-    if (op.out <= 0 || (op.ldy != 0 && op.ldy < op.out) || op.num_terms < 1 ||
-        op.num_terms > kSgmvMaxTerms) {
-      return KernelStatus::kInvalidShape;
-    }
-    for (int k = 0; k < op.num_terms; ++k) {
-      if (op.terms[k].t_col < 0 || static_cast<int64_t>(op.terms[k].t_col) + r.max_rank > p.ldt) {
-        return KernelStatus::kInvalidShape;
-      }
-    }
-    if (!empty && op.y == nullptr) return KernelStatus::kNullPointer;
-    max_out = std::max(max_out, op.out);
+  if (KernelStatus st = cuda::CheckExpandOps(p, r.max_rank, empty, &max_out);
+      st != KernelStatus::kOk) {
+    return st;
   }
   if (empty) return KernelStatus::kOk;
   if (p.t == nullptr || r.num_tiles == nullptr || r.tiles == nullptr || r.table == nullptr) {

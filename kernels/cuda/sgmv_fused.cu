@@ -24,13 +24,18 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/sgmv_common.cuh"
 #include "kernels/cuda/sgmv_cuda.h"
 
 namespace phishard {
 namespace {
 
+using cuda::Aligned16;
 using cuda::FromFloat;
+using cuda::GridDepWait;
+using cuda::SgmvAct;
 using cuda::ToFloat;
+using cuda::Unpack8;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -48,30 +53,6 @@ struct Args {
   int col_blocks[kSgmvMaxOps];
   SgmvTableRef ref;
 };
-
-template <typename T>
-__device__ __forceinline__ void Unpack8(const uint4& v, float f[8]) {
-  const float2 a = cuda::Word2ToFloat2<T>(v.x), b = cuda::Word2ToFloat2<T>(v.y);
-  const float2 c = cuda::Word2ToFloat2<T>(v.z), d = cuda::Word2ToFloat2<T>(v.w);
-  f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y, f[4] = c.x, f[5] = c.y, f[6] = d.x, f[7] = d.y;
-}
-
-__device__ __forceinline__ void GridDepWait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
-__device__ __forceinline__ bool Aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-}
-
-template <int kAct>
-__device__ __forceinline__ float Act(float x) {
-  if constexpr (kAct == 1) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-  } else if constexpr (kAct == 2) {
-    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-  } else {
-    return x;
-  }
-}
 
 // One term of the block's op, resolved for the tile's slot (block-uniform).
 template <typename T>
@@ -299,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 2) FusedKernel(const Args args) {
         for (int c = 0; c < kCols; ++c) acc[c] += terms[k].scale * part[c];
       }
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) yv[c] = Act<kAct>(touched ? yv[c] + acc[c] : yv[c]);
+      for (int c = 0; c < kCols; ++c) yv[c] = SgmvAct<kAct>(touched ? yv[c] + acc[c] : yv[c]);
       if (yvec) {
         alignas(16) T packed[kCols];
 #pragma unroll
@@ -359,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) FoldKernel(const FoldArgs args) {
       for (int c = 0; c < kCols; ++c) dv[c] = c < ncols ? d[c] : 0.0f;
     }
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) yv[c] = Act<kAct>(yv[c] + dv[c]);
+    for (int c = 0; c < kCols; ++c) yv[c] = SgmvAct<kAct>(yv[c] + dv[c]);
     if (yvec) {
       alignas(16) T packed[kCols];
 #pragma unroll
