@@ -355,31 +355,16 @@ struct CudaGemm::Impl {
   }
 
   static GemmCandidateTime ConfigOf(const cublasLtMatmulHeuristicResult_t& r) {
+    const GemmAlgoConfig c = gemm_algo::ReadConfig(r.algo);
     GemmCandidateTime t;
-    auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attr, auto* v) {
-      size_t written = 0;
-      cublasLtMatmulAlgoConfigGetAttribute(&r.algo, attr, v, sizeof(*v), &written);
-    };
-    int32_t algo_id = 0;
-    uint32_t tile = 0, stages = 0, reduction = 0, swizzle = 0, custom = 0;
-    uint16_t cluster = 0;
-    int32_t split_k = 0;
-    get(CUBLASLT_ALGO_CONFIG_ID, &algo_id);
-    get(CUBLASLT_ALGO_CONFIG_TILE_ID, &tile);
-    get(CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages);
-    get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split_k);
-    get(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &reduction);
-    get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swizzle);
-    get(CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &custom);
-    get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster);
-    t.algo_id = algo_id;
-    t.tile_id = static_cast<int>(tile);
-    t.stages_id = static_cast<int>(stages);
-    t.split_k = split_k;
-    t.reduction = static_cast<int>(reduction);
-    t.swizzle = static_cast<int>(swizzle);
-    t.custom = static_cast<int>(custom);
-    t.cluster_id = static_cast<int>(cluster);
+    t.algo_id = c.algo_id;
+    t.tile_id = c.tile_id;
+    t.stages_id = c.stages_id;
+    t.split_k = c.split_k;
+    t.reduction = c.reduction;
+    t.swizzle = c.swizzle;
+    t.custom = c.custom;
+    t.cluster_id = c.cluster_id;
     t.workspace = r.workspaceSize;
     t.waves = r.wavesCount;
     return t;
