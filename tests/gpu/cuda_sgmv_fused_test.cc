@@ -28,8 +28,11 @@ using sgmv_test::kOps;
 using sgmv_test::kRanks;
 using sgmv_test::kSlots;
 using sgmv_test::MakeData;
+using sgmv_test::MakeOpOutputs;
 using sgmv_test::MakeRef;
+using sgmv_test::OpOutputs;
 using sgmv_test::OpShape;
+using sgmv_test::RowSlots;
 using sgmv_test::Run;
 using sgmv_test::StorageUnit;
 
@@ -79,29 +82,17 @@ std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEp
   SgmvTableRef ref = MakeRef(d, table.as<SgmvWeight>(), tiles.as<SgmvTile>(), cnt.as<int32_t>(),
                              static_cast<int>(dev_tiles.size()));
   ref.max_rank = kSgmvFusedMaxRank;
-  std::vector<int> row_slot(d.rows, -1);
-  std::vector<bool> in_tile(d.rows, false);
-  for (const SgmvTile& tile : d.tiles) {
-    for (int i = tile.begin; i < tile.end; ++i) {
-      in_tile[i] = true;
-      if (tile.slot >= 0 && tile.slot < kSlots) row_slot[i] = tile.slot;
-    }
-  }
+  std::vector<int> row_slot;
+  std::vector<bool> in_tile;
+  RowSlots(d, &row_slot, &in_tile);
   // Op o's terms: (input op, entry op).
   std::vector<std::vector<int>> op_terms = {{0}, {1}, {2, 3}, {3}};
   const std::vector<int> ops = with_act ? std::vector<int>{1} : std::vector<int>{0, 1, 2, 3};
-  std::vector<std::vector<float>> y0(kOps);
-  std::vector<std::vector<char>> y0_bytes(kOps);
-  std::vector<DeviceBuffer> ydev;
-  for (int o = 0; o < kOps; ++o) {
-    y0[o] = RandomVector(static_cast<size_t>(d.rows) * d.ops[o].ldy, 80 + o, -3.0f, 3.0f);
-    y0_bytes[o] = Encode(y0[o], dt);
-    ydev.push_back(DeviceBuffer::From(y0_bytes[o]));
-  }
+  OpOutputs ys = MakeOpOutputs(d, dt, 80);
   SgmvFusedParams fp;
   for (int o : ops) {
     SgmvFusedOp& op = fp.ops[fp.num_ops++];
-    op.y = ydev[o].get();
+    op.y = ys.ydev[o].get();
     op.ldy = d.ops[o].ldy;
     op.out = d.ops[o].out;
     op.num_terms = static_cast<int>(op_terms[o].size());
@@ -141,7 +132,7 @@ std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEp
   }
   if (::testing::Test::HasFailure()) return result;
   gpu_test::ExpectDeviceClean(nullptr);
-  std::vector<std::vector<float>> ycpu = y0;
+  std::vector<std::vector<float>> ycpu = ys.y0;
   if (!with_act) {
     SgmvFusedParams cp = fp;
     for (int o : ops) {
@@ -157,7 +148,7 @@ std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEp
   const double unit = StorageUnit(dt);
   const size_t esz = DataTypeSize(dt);
   for (int o : ops) {
-    const std::vector<char> bytes = ydev[o].DownloadBytes();
+    const std::vector<char> bytes = ys.ydev[o].DownloadBytes();
     result.push_back(bytes);
     const std::vector<float> yg = Decode(bytes, dt);
     const OpShape& s = d.ops[o];
@@ -192,8 +183,8 @@ std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEp
       for (int j = 0; j < s.ldy && bad < 10; ++j) {
         const size_t at = static_cast<size_t>(i) * s.ldy + j;
         if (j >= s.out || !in_tile[i] || (ts.empty() && !with_act)) {  // untouched: bit for bit
-          if (std::memcmp(bytes.data() + at * esz, y0_bytes[o].data() + at * esz, esz) != 0 ||
-              (!with_act && std::memcmp(&ycpu[o][at], &y0[o][at], sizeof(float)) != 0)) {
+          if (std::memcmp(bytes.data() + at * esz, ys.y0_bytes[o].data() + at * esz, esz) != 0 ||
+              (!with_act && std::memcmp(&ycpu[o][at], &ys.y0[o][at], sizeof(float)) != 0)) {
             ++bad;
             ADD_FAILURE() << "op " << o << " y[" << i << "][" << j << "] changed but must not";
           }
@@ -208,8 +199,8 @@ std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEp
             err += std::fabs(scale * b) * (std::fabs(t.t[k]) + t.sxa[k]);
           }
         }
-        double want = y0[o][at] + delta;
-        double tol = 1e-5 * (std::fabs(y0[o][at]) + err);
+        double want = ys.y0[o][at] + delta;
+        double tol = 1e-5 * (std::fabs(ys.y0[o][at]) + err);
         const double cpu_tol = tol + 1e-6;
         if (act == GemmEpilogue::kGeluTanh) {
           want = 0.5 * want *

@@ -60,8 +60,11 @@ using sgmv_test::kOps;
 using sgmv_test::kRanks;
 using sgmv_test::kSlots;
 using sgmv_test::MakeData;
+using sgmv_test::MakeOpOutputs;
 using sgmv_test::MakeRef;
+using sgmv_test::OpOutputs;
 using sgmv_test::OpShape;
+using sgmv_test::RowSlots;
 using sgmv_test::Run;
 using sgmv_test::StorageUnit;
 using testing_util::RandomVector;
@@ -177,17 +180,10 @@ void RunCase(const Case& c, DataType dt) {
     if (std::isnan(want[i])) tin[i] = kNaN;  // only each tile's rank windows hold numbers
   }
   DeviceBuffer tdev = DeviceBuffer::From(tin);
-  std::vector<std::vector<float>> y0(kOps);
-  std::vector<std::vector<char>> y0_bytes(kOps);
-  std::vector<DeviceBuffer> ydev;
-  for (int o = 0; o < kOps; ++o) {
-    y0[o] = RandomVector(static_cast<size_t>(d.rows) * d.ops[o].ldy, 50 + o, -3.0f, 3.0f);
-    y0_bytes[o] = Encode(y0[o], dt);
-    ydev.push_back(DeviceBuffer::From(y0_bytes[o]));
-  }
+  OpOutputs ys = MakeOpOutputs(d, dt, 50);
   SgmvGroupedExpandParams ep;
   for (int o = 0; o < kOps; ++o) {
-    ep.ops[o].y = ydev[o].get();
+    ep.ops[o].y = ys.ydev[o].get();
     ep.ops[o].ldy = d.ops[o].ldy;
     ep.ops[o].out = d.ops[o].out;
     ep.ops[o].terms[0] = {o * kMaxRank, o};
@@ -204,7 +200,7 @@ void RunCase(const Case& c, DataType dt) {
   ASSERT_EQ(SgmvGroupedExpandCuda(ep, nullptr), KernelStatus::kOk);
   gpu_test::ExpectDeviceClean(nullptr);
   // CPU reference on float copies of y0.
-  std::vector<std::vector<float>> ycpu = y0;
+  std::vector<std::vector<float>> ycpu = ys.y0;
   {
     SgmvGroupedExpandParams cp = ep;
     for (int o = 0; o < kOps; ++o) cp.ops[o].y = ycpu[o].data();
@@ -215,7 +211,7 @@ void RunCase(const Case& c, DataType dt) {
   }
   const double unit = StorageUnit(dt);
   for (int o = 0; o < kOps; ++o) {
-    const std::vector<char> bytes = ydev[o].DownloadBytes();
+    const std::vector<char> bytes = ys.ydev[o].DownloadBytes();
     const std::vector<float> yg = Decode(bytes, dt);
     const OpShape& s = d.ops[o];
     bad = 0;
@@ -229,7 +225,7 @@ void RunCase(const Case& c, DataType dt) {
         const size_t at = static_cast<size_t>(i) * s.ldy + j;
         const size_t esz = DataTypeSize(dt);
         if (r == 0 || j >= s.out) {  // untouched: bit for bit
-          if (std::memcmp(bytes.data() + at * esz, y0_bytes[o].data() + at * esz, esz) != 0) {
+          if (std::memcmp(bytes.data() + at * esz, ys.y0_bytes[o].data() + at * esz, esz) != 0) {
             ++bad;
             ADD_FAILURE() << "op " << o << " y[" << i << "][" << j << "] changed but must not";
           }
@@ -245,15 +241,15 @@ void RunCase(const Case& c, DataType dt) {
           mag += std::fabs(term);
         }
         const int terms = o == 2 ? 2 : 1;
-        const double want_y = y0[o][at] + terms * d.scales[e] * delta;
+        const double want_y = ys.y0[o][at] + terms * d.scales[e] * delta;
         // 16-bit full tiles run on tensor cores with t rounded to the storage type: its
         // relative rounding (<= unit / 2) reaches every term.
         const double t_round = dt == DataType::kF32 ? 1e-5 : unit;
-        const double tol = unit * std::fabs(want_y) + 1e-5 * std::fabs(y0[o][at]) +
+        const double tol = unit * std::fabs(want_y) + 1e-5 * std::fabs(ys.y0[o][at]) +
                            t_round * terms * d.scales[e] * mag + 1e-30;
         if (!(std::fabs(yg[at] - want_y) <= tol) ||
             !(std::fabs(ycpu[o][at] - want_y) <=
-              1e-5 * (std::fabs(y0[o][at]) + terms * d.scales[e] * mag) + 1e-6)) {
+              1e-5 * (std::fabs(ys.y0[o][at]) + terms * d.scales[e] * mag) + 1e-6)) {
           ++bad;
           ADD_FAILURE() << "op " << o << " y[" << i << "][" << j << "]: cuda " << yg[at] << " cpu "
                         << ycpu[o][at] << " want " << want_y << " tol " << tol;
@@ -303,14 +299,9 @@ void RunDecodeExpand(const Case& c, DataType dt, GemmEpilogue act) {
                                    cnt.as<int32_t>(), static_cast<int>(dev_tiles.size()));
   // t: numbers inside each adapter tile's rank windows, NaN elsewhere.
   std::vector<float> tin = RandomVector(static_cast<size_t>(d.rows) * ldt, 77, -2.0f, 2.0f);
-  std::vector<int> row_slot(d.rows, -1);
-  std::vector<bool> in_tile(d.rows, false);
-  for (const SgmvTile& tile : d.tiles) {
-    for (int i = tile.begin; i < tile.end; ++i) {
-      in_tile[i] = true;
-      if (tile.slot >= 0 && tile.slot < kSlots) row_slot[i] = tile.slot;
-    }
-  }
+  std::vector<int> row_slot;
+  std::vector<bool> in_tile;
+  RowSlots(d, &row_slot, &in_tile);
   for (int i = 0; i < d.rows; ++i) {
     for (int col = 0; col < ldt; ++col) {
       const int o = col / kMaxRank, k = col % kMaxRank;
@@ -321,18 +312,11 @@ void RunDecodeExpand(const Case& c, DataType dt, GemmEpilogue act) {
   }
   DeviceBuffer tdev = DeviceBuffer::From(tin);
   const std::vector<int> ops = with_act ? std::vector<int>{1} : std::vector<int>{0, 1, 2};
-  std::vector<std::vector<float>> y0(kOps);
-  std::vector<std::vector<char>> y0_bytes(kOps);
-  std::vector<DeviceBuffer> ydev;
-  for (int o = 0; o < kOps; ++o) {
-    y0[o] = RandomVector(static_cast<size_t>(d.rows) * d.ops[o].ldy, 60 + o, -3.0f, 3.0f);
-    y0_bytes[o] = Encode(y0[o], dt);
-    ydev.push_back(DeviceBuffer::From(y0_bytes[o]));
-  }
+  OpOutputs ys = MakeOpOutputs(d, dt, 60);
   SgmvGroupedExpandParams ep;
   for (int o : ops) {
     SgmvExpandOp& op = ep.ops[ep.num_ops++];
-    op.y = ydev[o].get();
+    op.y = ys.ydev[o].get();
     op.ldy = d.ops[o].ldy;
     op.out = d.ops[o].out;
     op.terms[0] = {o * kMaxRank, o};
@@ -349,7 +333,7 @@ void RunDecodeExpand(const Case& c, DataType dt, GemmEpilogue act) {
   gpu_test::ExpectDeviceClean(nullptr);
   const double unit = StorageUnit(dt);
   for (int o : ops) {
-    const std::vector<char> bytes = ydev[o].DownloadBytes();
+    const std::vector<char> bytes = ys.ydev[o].DownloadBytes();
     const std::vector<float> yg = Decode(bytes, dt);
     const OpShape& s = d.ops[o];
     const size_t esz = DataTypeSize(dt);
@@ -360,7 +344,7 @@ void RunDecodeExpand(const Case& c, DataType dt, GemmEpilogue act) {
       for (int j = 0; j < s.ldy && bad < 10; ++j) {
         const size_t at = static_cast<size_t>(i) * s.ldy + j;
         if (j >= s.out || !in_tile[i] || (r == 0 && !with_act)) {  // untouched: bit for bit
-          if (std::memcmp(bytes.data() + at * esz, y0_bytes[o].data() + at * esz, esz) != 0) {
+          if (std::memcmp(bytes.data() + at * esz, ys.y0_bytes[o].data() + at * esz, esz) != 0) {
             ++bad;
             ADD_FAILURE() << "op " << o << " y[" << i << "][" << j << "] changed but must not";
           }
@@ -377,8 +361,8 @@ void RunDecodeExpand(const Case& c, DataType dt, GemmEpilogue act) {
         }
         const int terms = o == 2 ? 2 : 1;
         const double scale = r > 0 ? d.scales[e] : 0.0;
-        double want = y0[o][at] + terms * scale * delta;
-        double tol = 1e-5 * (std::fabs(y0[o][at]) + terms * scale * mag);
+        double want = ys.y0[o][at] + terms * scale * delta;
+        double tol = 1e-5 * (std::fabs(ys.y0[o][at]) + terms * scale * mag);
         if (act == GemmEpilogue::kGeluTanh) {
           want = 0.5 * want *
                  (1 + std::tanh(std::sqrt(2 / M_PI) * (want + 0.044715 * want * want * want)));

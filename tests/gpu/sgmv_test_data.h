@@ -129,6 +129,39 @@ inline SgmvTableRef MakeRef(const Data& d, const SgmvWeight* table, const SgmvTi
   return r;
 }
 
+// Per row of `d`: the slot of the tile holding it (-1: no tile, or a slot outside the table), and
+// whether any tile holds it.
+inline void RowSlots(const Data& d, std::vector<int>* row_slot, std::vector<bool>* in_tile) {
+  row_slot->assign(d.rows, -1);
+  in_tile->assign(d.rows, false);
+  for (const SgmvTile& tile : d.tiles) {
+    for (int i = tile.begin; i < tile.end; ++i) {
+      (*in_tile)[i] = true;
+      if (tile.slot >= 0 && tile.slot < kSlots) (*row_slot)[i] = tile.slot;
+    }
+  }
+}
+
+// Every op's y window buffer [rows, ldy]: random values in [-3, 3] (op o from seed seed0 + o)
+// rounded to dt on the host (y0), their dt bytes and device copies.
+struct OpOutputs {
+  std::vector<std::vector<float>> y0;
+  std::vector<std::vector<char>> y0_bytes;
+  std::vector<DeviceBuffer> ydev;
+};
+
+inline OpOutputs MakeOpOutputs(const Data& d, DataType dt, uint32_t seed0) {
+  OpOutputs out;
+  out.y0.resize(kOps);
+  out.y0_bytes.resize(kOps);
+  for (int o = 0; o < kOps; ++o) {
+    out.y0[o] = RandomVector(static_cast<size_t>(d.rows) * d.ops[o].ldy, seed0 + o, -3.0f, 3.0f);
+    out.y0_bytes[o] = Encode(out.y0[o], dt);
+    out.ydev.push_back(DeviceBuffer::From(out.y0_bytes[o]));
+  }
+  return out;
+}
+
 inline const Case kCases[] = {
     {"decode rows, one adapter each, base rows between",
      {{0, 1}, {1, 1}, {-1, 1}, {2, 1}, {3, 1}, {3, 1}, {-1, 2}, {4, 1}, {0, 1}, {2, 1}},
