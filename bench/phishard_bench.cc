@@ -144,7 +144,7 @@ int Main(int argc, char** argv) {
                  "each prefill case once per mode S.L[.F[.G[.A]]] of this list, in order, in one "
                  "process (S: CudaPhiModel::set_prefill_kv_store, L: set_prefill_last_rows, F: "
                  "set_prefill_mlp_fork, G: set_prefill_gemm_algos or a --gemm-algo-sets index, A: "
-                 "set_prefill_attention_tiling 0-2; the model's default when omitted; repeat "
+                 "set_prefill_attention_tiling 0-4; the model's default when omitted; repeat "
                  "modes to alternate them, e.g. 0.0,1.1,0.0,1.1)");
   std::string gemm_algo_sets;
   app.add_option("--gemm-algo-sets", gemm_algo_sets,
@@ -182,14 +182,14 @@ int Main(int argc, char** argv) {
   for (absl::string_view mode : absl::StrSplit(prefill_modes, ',', absl::SkipEmpty())) {
     const std::vector<absl::string_view> f = absl::StrSplit(mode, '.');
     BENCH_CHECK(f.size() >= 2 && f.size() <= 5,
-                "--prefill-modes S.L[.F[.G[.A]]],... with 0 or 1 each (G: 0..N, A: 0..2)");
+                "--prefill-modes S.L[.F[.G[.A]]],... with 0 or 1 each (G: 0..N, A: 0..4)");
     std::array<int, 5> m4 = {0, 0, -1, -1, -1};
     for (size_t k = 0; k < f.size(); ++k) {
       BENCH_CHECK(f[k] == "0" || f[k] == "1" || (k >= 3 && absl::SimpleAtoi(f[k], &m4[k])),
-                  "--prefill-modes S.L[.F[.G[.A]]],... with 0 or 1 each (G: 0..N, A: 0..2)");
+                  "--prefill-modes S.L[.F[.G[.A]]],... with 0 or 1 each (G: 0..N, A: 0..4)");
       if (k < 3 || f[k] == "0" || f[k] == "1") m4[k] = f[k] == "1";
     }
-    BENCH_CHECK(m4[4] <= 2, "--prefill-modes: A (attention tiling) must be 0, 1 or 2");
+    BENCH_CHECK(m4[4] <= 4, "--prefill-modes: A (attention tiling) must be 0 to 4");
     modes.push_back(m4);
   }
   // --gemm-algo-sets: index 0 = none (the heuristic's picks).

@@ -282,10 +282,10 @@ class CudaPhiModel final : public ModelBackend {
   void set_gemm_algo_choices(std::vector<GemmAlgoChoice> choices);
   // Benchmarks: the prefill attention kernel's query tiling (PrefillTiling of
   // kernels/cuda/paged_attention_cuda.h as an int: 0 = its automatic choice, the default; 3, the
-  // wgmma kernel, only with set_prefill_kv_store(false)).
+  // wgmma kernel, only with set_prefill_kv_store(false); 4, the warp-specialised wgmma kernel).
   absl::Status set_prefill_attention_tiling(int tiling) {
-    if (tiling < 0 || tiling > 3) {
-      return absl::InvalidArgumentError("prefill attention tiling must be 0, 1, 2 or 3");
+    if (tiling < 0 || tiling > 4) {
+      return absl::InvalidArgumentError("prefill attention tiling must be 0, 1, 2, 3 or 4");
     }
     prefill_attention_tiling_ = tiling;
     return absl::OkStatus();

@@ -28,8 +28,10 @@ SHAPES = {
     "h32d80_s4096": (32, 80, 4096, 4096, 1),
     "h32d80_s8192": (32, 80, 8192, 8192, 1),
     "h32d80_b8_s1024": (32, 80, 1024, 1024, 8),
+    "h32d80_b8_s2048": (32, 80, 2048, 2048, 8),
     "h32d64_s2048": (32, 64, 2048, 2048, 1),
     "h32d64_s4096": (32, 64, 4096, 4096, 1),
+    "h32d64_s8192": (32, 64, 8192, 8192, 1),
     "h32d80_q512_ctx4096": (32, 80, 512, 4096, 1),
 }
 BACKENDS = {
@@ -64,6 +66,8 @@ def median_ms(fn, warmup=3, reps=15):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help="comma-separated SDPA backends (" + ", ".join(BACKENDS) + ")")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -81,7 +85,8 @@ def main():
             from torch.nn.attention.bias import causal_lower_right
             kwargs = {"attn_mask": causal_lower_right(q_len, ctx)}
         ref = None
-        for bname, backend in BACKENDS.items():
+        for bname in args.backends.split(","):
+            backend = BACKENDS[bname]
             try:
                 with sdpa_kernel([backend]):
                     out = F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -31,9 +31,10 @@ namespace phishard {
 
 enum class AttentionKernel { kAuto, kPrefill, kDecode };
 
-// Prefill query tiles (128 rows a block either way). kAuto: kQ128 at head dim 80 from 4096 query
-// tokens up, else kQ128Warps8 (docs/perf-log.md, prefill attention runs). kWgmma is measured and
-// tested beside them but not chosen: it does not beat them (pre helper runs 1-2).
+// Prefill query tiles. kAuto: kWgmmaWs at head dim 80 from 4096 query tokens (max_q_len) up where
+// it runs, else kQ128 at head dim 80 from 4096 up, else kQ128Warps8 (docs/perf-log.md, prefill
+// attention runs, attn7). kWgmma is measured and tested beside them but not chosen: it
+// does not beat them (pre helper runs 1-2).
 enum class PrefillTiling {
   kAuto,
   kQ128,        // 4 warps x 32 rows: each K/V fragment feeds two m16 tiles; 255 registers, 2 blocks
@@ -42,6 +43,10 @@ enum class PrefillTiling {
   kWgmma,       // Hopper: 2 warpgroups x 64 rows on wgmma (paged_attention_prefill_wgmma.cu), 2
                 // blocks an SM; only where PagedAttentionPrefillWgmmaAvailable() (sm_90a build,
                 // compute capability 9.0 device), kInvalidShape elsewhere
+  kWgmmaWs,     // Hopper, warp-specialised: a producer warp filling a 4-stage ring of 64-key
+                // K/V tiles, 3 consumer warpgroups x 64 rows (192 a block) taking turns on the
+                // tensor cores (paged_attention_prefill_wgmma_ws.cu), 1 block an SM; same
+                // availability as kWgmma
 };
 
 struct PagedAttentionCudaPlan {
@@ -54,7 +59,7 @@ struct PagedAttentionCudaPlan {
   int num_multiprocessors = 132;  // sizes the split count: aim for ~4 blocks per SM
   int force_splits = 0;           // > 0: use this many splits (tests), still capped by workspace
   PrefillTiling prefill_tiling = PrefillTiling::kAuto;
-  // Prefill (kQ128 / kQ128Warps8 only; kInvalidShape with kWgmma or a decode launch): the new
+  // Prefill (every tiling but kWgmma; kInvalidShape with kWgmma or a decode launch): the new
   // tokens' K and V are still in their q rows, in the fused qkv layout of rotary_kv_write.h
   // (row t = [q: num_heads | k: num_kv_heads | v: num_kv_heads] x head_dim, q_stride at least
   // that wide, K already rotated), and the cache does not hold them yet. Set both to p.k_cache /
@@ -69,9 +74,14 @@ struct PagedAttentionCudaPlan {
 
 bool PagedAttentionCudaSupportsHeadDim(int head_dim);
 
-// Whether PrefillTiling::kWgmma can run: the library holds sm_90a code and the current device is
-// compute capability 9.0 (H100 / H200).
+// Whether PrefillTiling::kWgmma and kWgmmaWs can run: the library holds sm_90a code and the current
+// device is compute capability 9.0 (H100 / H200).
 bool PagedAttentionPrefillWgmmaAvailable();
+
+// The tiling a prefill launch of `p` under `plan` uses: plan.prefill_tiling, or kAuto's choice
+// (from p.head_dim, plan.max_q_len and the device; see PrefillTiling).
+PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
+                                          const PagedAttentionCudaPlan& plan);
 
 // Workspace that lets a decode step of `num_tokens` sequences use up to `max_splits` splits.
 size_t PagedAttentionCudaWorkspaceBytes(int num_tokens, int num_heads, int head_dim,

@@ -458,7 +458,8 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
       return Launch<T, HD, 4, 2, 64, 1>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kQ128Warps8:
       return Launch<T, HD, 8, 1, 64, 2>(args, max_q_len, num_seqs, stream);
-    default:  // kAuto is resolved by the caller; kWgmma: paged_attention_prefill_wgmma.cu
+    default:  // kAuto is resolved by the caller; kWgmma / kWgmmaWs:
+              // paged_attention_prefill_wgmma*.cu
       break;
   }
   return KernelStatus::kInvalidShape;
@@ -466,13 +467,22 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
 
 }  // namespace
 
+// The query length (PagedAttentionCudaPlan::max_q_len) from which kAuto picks kWgmmaWs.
+constexpr int kWgmmaWsMinQ = 4096;
+
 PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
                                           const PagedAttentionCudaPlan& plan) {
   if (plan.prefill_tiling != PrefillTiling::kAuto) return plan.prefill_tiling;
   // H200 (docs/perf-log.md: prefill attention run 2, pre helper runs 1-2): kQ128 is 1-5% ahead of
   // kQ128Warps8 at head dim 80 from 4096 query tokens up in all three runs (at 2048 the two tie
   // within +-3%); kQ128Warps8 is ~10% ahead at head dim 64 and ties or leads below. kWgmma ties
-  // with both at best and is never chosen here.
+  // with both at best and is never chosen here. kWgmmaWs (perf-log attn7): at head dim 80 1.32x
+  // kQ128 at 4096 query tokens, 1.47x at 8192; ~10% ahead of kQ128Warps8 alone at 2048 (12% at
+  // 8 x 2048) but no faster in a prefill step there (1x2048 and 8x2048 alternated), so only from
+  // kWgmmaWsMinQ up; slower at 8 x 1024. Head dim 64 from 4096 was not measured (4% ahead at 2048).
+  if (plan.max_q_len >= kWgmmaWsMinQ && p.head_dim == 80 && PagedAttentionPrefillWgmmaAvailable()) {
+    return PrefillTiling::kWgmmaWs;
+  }
   if (p.head_dim == 80 && plan.max_q_len >= 4096) return PrefillTiling::kQ128;
   return PrefillTiling::kQ128Warps8;
 }
@@ -495,6 +505,9 @@ KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
   }
   if (tiling == PrefillTiling::kWgmma) {
     return LaunchPagedAttentionPrefillWgmma(p, plan, q_stride, block_shift, stream);
+  }
+  if (tiling == PrefillTiling::kWgmmaWs) {
+    return LaunchPagedAttentionPrefillWgmmaWs(p, plan, q_stride, block_shift, stream);
   }
   auto run = [&](auto hd_tag, auto type_tag) {
     constexpr int HD = decltype(hd_tag)::value;

@@ -8,10 +8,6 @@
 
 namespace phishard {
 
-// The tiling a prefill launch of `p` under `plan` uses (plan.prefill_tiling unless kAuto).
-PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
-                                          const PagedAttentionCudaPlan& plan);
-
 // Launches the prefill kernel. Requires what PagedAttentionCuda checks; adds: scale finite and
 // non-zero, out 4-byte aligned (kInvalidShape otherwise).
 KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
@@ -24,5 +20,10 @@ KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
 KernelStatus LaunchPagedAttentionPrefillWgmma(const PagedAttentionParams& p,
                                               const PagedAttentionCudaPlan& plan, int q_stride,
                                               int block_shift, cudaStream_t stream);
+// The warp-specialised Hopper kernel, paged_attention_prefill_wgmma_ws.cu (PrefillTiling::kWgmmaWs;
+// same contract, and it also runs the fused new-K/V store of PagedAttentionCudaPlan::store_new_k).
+KernelStatus LaunchPagedAttentionPrefillWgmmaWs(const PagedAttentionParams& p,
+                                                const PagedAttentionCudaPlan& plan, int q_stride,
+                                                int block_shift, cudaStream_t stream);
 
 }  // namespace phishard

@@ -46,6 +46,8 @@ const char* TilingName(PrefillTiling t) {
       return "q128w8";
     case PrefillTiling::kWgmma:
       return "wgmma";
+    case PrefillTiling::kWgmmaWs:
+      return "wgmma-ws";
   }
   return "?";
 }
@@ -118,7 +120,10 @@ void BenchShape(const Shape& s, DeviceTimer* timer) {
 
   std::vector<float> ref;
   std::vector<PrefillTiling> tilings = {PrefillTiling::kQ128, PrefillTiling::kQ128Warps8};
-  if (PagedAttentionPrefillWgmmaAvailable()) tilings.push_back(PrefillTiling::kWgmma);
+  if (PagedAttentionPrefillWgmmaAvailable()) {
+    tilings.push_back(PrefillTiling::kWgmma);
+    tilings.push_back(PrefillTiling::kWgmmaWs);
+  }
   tilings.push_back(PrefillTiling::kAuto);
   for (PrefillTiling tiling : tilings) {
     const PagedAttentionCudaPlan plan{.max_q_len = s.q_len,
@@ -156,7 +161,8 @@ TEST(CudaAttentionBench, PrefillTilings) {
       {"h32d80_s512", 32, 80, 512, 512, 1},          {"h32d80_s1024", 32, 80, 1024, 1024, 1},
       {"h32d80_s2048", 32, 80, 2048, 2048, 1},       {"h32d80_s4096", 32, 80, 4096, 4096, 1},
       {"h32d80_s8192", 32, 80, 8192, 8192, 1},       {"h32d80_b8_s1024", 32, 80, 1024, 1024, 8},
-      {"h32d64_s2048", 32, 64, 2048, 2048, 1},       {"h32d64_s4096", 32, 64, 4096, 4096, 1},
+      {"h32d80_b8_s2048", 32, 80, 2048, 2048, 8},    {"h32d64_s2048", 32, 64, 2048, 2048, 1},
+      {"h32d64_s4096", 32, 64, 4096, 4096, 1},       {"h32d64_s8192", 32, 64, 8192, 8192, 1},
       {"h32d80_q512_ctx4096", 32, 80, 512, 4096, 1},
   };
   const char* only = std::getenv("PHISHARD_ATTN_BENCH_SHAPES");

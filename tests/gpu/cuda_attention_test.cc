@@ -41,7 +41,8 @@ struct AttnCase {
 };
 
 constexpr PrefillTiling kAllTilings[] = {PrefillTiling::kAuto, PrefillTiling::kQ128,
-                                         PrefillTiling::kQ128Warps8, PrefillTiling::kWgmma};
+                                         PrefillTiling::kQ128Warps8, PrefillTiling::kWgmma,
+                                         PrefillTiling::kWgmmaWs};
 
 struct RunOptions {
   DataType dtype = DataType::kBF16;
@@ -252,11 +253,13 @@ std::vector<AttnCase> PrefillCases() {
   return cases;
 }
 
-// Every tiling this GPU runs (kWgmma needs a compute capability 9.0 device and an sm_90a build).
+// Every tiling this GPU runs (kWgmma / kWgmmaWs need a compute capability 9.0 device and an
+// sm_90a build).
 std::vector<PrefillTiling> AllTilings() {
   std::vector<PrefillTiling> tilings;
   for (PrefillTiling t : kAllTilings) {
-    if (t != PrefillTiling::kWgmma || PagedAttentionPrefillWgmmaAvailable()) tilings.push_back(t);
+    const bool hopper_only = t == PrefillTiling::kWgmma || t == PrefillTiling::kWgmmaWs;
+    if (!hopper_only || PagedAttentionPrefillWgmmaAvailable()) tilings.push_back(t);
   }
   return tilings;
 }
@@ -299,10 +302,38 @@ TEST(CudaPagedAttention, PrefillFp16MatchesCpuReference) {
   }
 }
 
+// From 4096 query tokens kAuto takes kWgmmaWs (on Hopper): the long cases run it both forced and
+// chosen, once with the fused K/V store after a cached prefix that is no multiple of a key tile
+// (4133 rows: 21 tiles of 192 + 101, the store's last tile partial).
 TEST(CudaPagedAttention, LongPrefill4096) {
   PHI_REQUIRE_GPU();
   RunCase({"hd80_4096", 2, 1, 80, {{4096, 4096}}},
           {.dtype = DataType::kBF16, .tilings = AllTilings()});
+  RunCase({"hd80_4133_prefix_store", 2, 1, 80, {{4133, 4200}}},
+          {.dtype = DataType::kBF16, .tilings = AllTilings(), .store_new_kv = true});
+}
+
+// kAuto's table (PrefillTiling): kWgmmaWs at head dim 80 from 4096 query tokens where it runs;
+// below, and for other head dims, the mma.sync tilings as before. Forced tilings pass through
+// unchanged.
+TEST(CudaPagedAttention, AutoTilingTakesWarpSpecialisedFrom4096Queries) {
+  PHI_REQUIRE_GPU();
+  const bool ws = PagedAttentionPrefillWgmmaAvailable();
+  auto pick = [](int head_dim, int max_q_len, PrefillTiling forced = PrefillTiling::kAuto) {
+    PagedAttentionParams p;
+    p.head_dim = head_dim;
+    PagedAttentionCudaPlan plan{.max_q_len = max_q_len, .prefill_tiling = forced};
+    return PagedAttentionPrefillTiling(p, plan);
+  };
+  EXPECT_EQ(pick(80, 4096), ws ? PrefillTiling::kWgmmaWs : PrefillTiling::kQ128);
+  EXPECT_EQ(pick(80, 16384), ws ? PrefillTiling::kWgmmaWs : PrefillTiling::kQ128);
+  EXPECT_EQ(pick(64, 4096), PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(80, 4095), PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(80, 2048), PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(64, 2048), PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(32, 8192), PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(80, 8192, PrefillTiling::kQ128Warps8), PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(80, 64, PrefillTiling::kWgmmaWs), PrefillTiling::kWgmmaWs);
 }
 
 std::vector<AttnCase> DecodeCases() {

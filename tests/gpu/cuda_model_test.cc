@@ -31,6 +31,7 @@
 
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
+#include "kernels/cuda/paged_attention_cuda.h"
 #include "model/cpu_phi_model.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
@@ -428,6 +429,31 @@ TEST(CudaPhiModel, PrefillKvStoreModesAgree) {
     ASSERT_EQ(on.size(), off.size());
     for (size_t i = 0; i < on.size(); ++i) {
       EXPECT_TRUE(on[i] == off[i]) << model << " step " << i << ": store on != off";
+    }
+  }
+}
+
+// The warp-specialised prefill attention (set_prefill_attention_tiling(4), kWgmmaWs, which kAuto
+// takes from 4096 query tokens) in the model: prefill logits close to kAuto's tiling (another
+// kernel: other accumulation order and P rounding, so close, not equal) and, from a cache refilled
+// with random values in between, the decode steps after it close too: they read the K/V that its
+// fused store wrote.
+TEST(CudaPhiModel, PrefillWarpSpecialisedAttentionCloseAndStoresTheCache) {
+  PHI_REQUIRE_GPU();
+  if (!PagedAttentionPrefillWgmmaAvailable()) GTEST_SKIP() << "kWgmmaWs needs an sm_90a device";
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    ASSERT_TRUE(m->prefill_kv_store());
+    const std::vector<std::vector<float>> ref = RunModeSteps(*m);
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());
+    ASSERT_TRUE(m->set_prefill_attention_tiling(static_cast<int>(PrefillTiling::kWgmmaWs)).ok());
+    const std::vector<std::vector<float>> ws = RunModeSteps(*m);
+    ASSERT_EQ(ws.size(), ref.size());
+    for (size_t i = 0; i < ws.size(); ++i) {
+      ExpectLogitsClose(ws[i], std::vector<double>(ref[i].begin(), ref[i].end()),
+                        std::string(model) + " kWgmmaWs vs kAuto, step " + std::to_string(i));
     }
   }
 }

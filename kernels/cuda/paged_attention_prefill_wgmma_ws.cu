@@ -1,0 +1,524 @@
+// Prefill attention over the paged KV cache on Hopper, warp-specialised (PrefillTiling::kWgmmaWs):
+// the problem, shared-memory layout and per-tile math of the wgmma kernel
+// (paged_attention_prefill_wgmma.cu), with FlashAttention-3's division of labour.
+//
+// One block per (query head, 192-query tile, sequence): 13 warps, 416 threads, 1 block an SM.
+//   warp 12 (producer): gathers the Q tile [192, HD] once and every 64-key K/V tile through the
+//     block table with cp.async (whole K/V rows a lane, HD / 8 16-byte chunks each) into a ring of
+//     kStages = 4 stages. Stage st is published on its `full` mbarrier by
+//     cp.async.mbarrier.arrive.noinc (each of the 32 lanes arrives once its own copies have
+//     landed, so the producer never waits for a copy) and refilled once the 12 consumer warps
+//     have arrived on its `empty` mbarrier.
+//   warpgroups 0-2 (consumers, query rows [64 w, 64 w + 64) of the block's 192): per key tile j
+//     S [64, 64] = Q · Kᵀ (HD / 16 wgmma m64n64k16 from shared memory), online softmax in
+//     registers, O [64, HD] += P · V (4 wgmma m64nHDk16, P from registers).
+// Schedule of a consumer warpgroup, iteration j (1 <= j < n_tiles):
+//   wait full[j % 4] -> fence.proxy.async (cp.async writes become visible to wgmma's async proxy)
+//   -> wait its turn -> issue S_j, then P_{j-1} · V_{j-1} -> pass the turn -> wait S_j -> softmax
+//   of tile j (under P_{j-1} · V_{j-1}) -> wait P_{j-1} · V_{j-1} -> release stage (j - 1) % 4 on
+//   empty[] -> rescale O if a row max moved -> pack P_j to registers.
+// The turns (ping-pong by named barriers kTurnBar + w, bar.sync / bar.arrive of 256 threads: the
+// warpgroup and its predecessor) make the three warpgroups issue their products in rotation, so
+// the others' softmax runs while one's products occupy the tensor cores. A stage is refilled while
+// the consumers work on the 2-3 stages ahead of it: the producer is off the critical path (attn6
+// runs 1-2 published stages only after issuing the next tiles, with zero slack, and were
+// 1.3-1.5x slower than kWgmma).
+//
+// Shared memory: Q [192, HD] + 4 x (K, V) [64, HD] in wgmma's no-swizzle core-matrix layout (see
+// the wgmma kernel) + 8 mbarriers: 110 KiB at HD 80. All three warpgroups run every key tile of the
+// block (so the turns pair up); a warpgroup's tiles past its causal diagonal are fully masked
+// (p = 0; key 0 is in every row's first tile, so no row's max is -inf after tile 0).
+// Measured on H200 (docs/perf-log.md, attn7), causal bf16, 32 heads, ms: hd 80 2048 0.089 (240
+// TFLOP/s) vs kQ128Warps8 0.099, PyTorch SDPA cuDNN 0.118; 4096 0.275 vs 0.344, cuDNN 0.306; 8192
+// 0.924 (372 TFLOP/s) vs 1.281, cuDNN 0.957; 8 x 2048 0.628 vs 0.715, cuDNN 0.550; 8 x 1024 0.239
+// vs 0.214 (slower: 6 query tiles a sequence, one block an SM), cuDNN 0.194. kAuto takes it at
+// head dim 80 from 4096 query tokens (PagedAttentionPrefillTiling).
+#include <cmath>
+#include <type_traits>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/paged_attention_prefill.cuh"
+#include "kernels/cuda/prefill_ptx.cuh"
+#include "kernels/cuda/sm90_ptx.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace phishard {
+namespace {
+
+using namespace prefill_ptx;  // NOLINT(build/namespaces): internal PTX wrappers
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int HD>
+struct WsCfg {
+  static_assert(HD % 16 == 0);
+  static constexpr int kWarpGroups = 3;  // consumers
+  static constexpr int kConsumerThreads = 128 * kWarpGroups;
+  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+  static constexpr int kRows = 64 * kWarpGroups;          // query rows per block
+  static constexpr int kN = 64;                           // keys per tile
+  static constexpr int kStages = 4;                       // K/V ring
+  static constexpr int kChunks = HD / 8;                  // 16-byte chunks per row
+  static constexpr uint32_t kGroupBytes = kChunks * 128;  // 8 rows x HD: one core matrix a chunk
+  static constexpr uint32_t kQBytes = kRows / 8 * kGroupBytes;
+  static constexpr uint32_t kTileBytes = kN / 8 * kGroupBytes;
+  static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;  // Q, K[], V[]
+  static constexpr uint32_t kSmemBytes = kBarOffset + 2 * kStages * 8;        // + full[], empty[]
+  static_assert(kN % 32 == 0, "the producer copies kN / 32 rows a lane");
+};
+
+// Named barriers of the turns (0 is __syncthreads'): warpgroup w issues after kTurnBar + w.
+constexpr int kTurnBar = 1;
+
+__device__ __forceinline__ void NamedBarSync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void NamedBarArrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// Arrives on `bar` (one of its expected arrivals) once every cp.async this thread issued before
+// has landed in shared memory.
+__device__ __forceinline__ void CpAsyncMbarArriveNoinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(sm90::SmemAddr(bar))
+               : "memory");
+}
+
+// Byte offset of row r, chunk c in the core-matrix layout of a tile (rows of HD elements).
+template <int HD>
+__device__ __forceinline__ uint32_t TileOffset(int r, int c) {
+  return (r >> 3) * (HD / 8 * 128) + c * 128 + (r & 7) * 16;
+}
+
+template <typename T>
+struct WsArgs {
+  const T* q;        // [num_tokens, q_stride] device
+  const T* k_cache;  // [num_blocks, block_size, num_kv_heads, HD] device
+  const T* v_cache;
+  T* out;  // [num_tokens, num_heads * HD] device
+  const int32_t* cu_q_lens;
+  const int32_t* context_lens;
+  const int32_t* block_tables;  // [num_seqs, max_blocks_per_seq] device
+  int max_blocks_per_seq, num_blocks, block_size;
+  int block_shift;  // log2(block_size) when a power of two, else -1
+  int num_heads, num_kv_heads, q_stride;
+  float scale_log2;  // scale * log2(e), sign included
+  // PagedAttentionCudaPlan::store_new_k / _v (null: the cache holds every key). Then the new
+  // keys' K / V are read from q rows at columns new_k_col + kvh * HD / new_v_col + kvh * HD.
+  T* store_k;
+  T* store_v;
+  int new_k_col, new_v_col;
+};
+
+template <int HD, typename T>
+__device__ __forceinline__ void WgmmaPv(float (&o)[HD / 2], const uint32_t (&a)[4], uint64_t desc) {
+  if constexpr (HD == 80) {
+    wgmma::WgmmaRS80<T>(o, a, desc);
+  } else if constexpr (HD == 64) {
+    wgmma::WgmmaRS64<T>(o, a, desc);
+  } else {
+    static_assert(HD == 32);
+    wgmma::WgmmaRS32<T>(o, a, desc);
+  }
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(const WsArgs<T> a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = WsCfg<HD>;
+  constexpr int kWG = C::kWarpGroups;
+  constexpr int kN = C::kN;
+  constexpr int kStages = C::kStages;
+  constexpr int kKSteps = HD / 16;  // k16 steps of Q·Kᵀ
+  constexpr int kSRegs = kN / 2;    // S accumulators a thread: [64, kN] / 128 threads
+  constexpr int kORegs = HD / 2;    // O accumulators a thread
+  constexpr int kNTiles = kN / 8;   // n8 slices of S
+  constexpr int kPSteps = kN / 16;  // k16 steps of P·V
+  static_assert(kN == 64, "S is one m64n64 product a k16 step");
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int h = blockIdx.x;
+  const int s = blockIdx.z;
+  const int q_begin = a.cu_q_lens[s];
+  const int q_len = a.cu_q_lens[s + 1] - q_begin;
+  // Causal work grows with the tile index: launch the last (heaviest) tiles first.
+  const int tile0 = (gridDim.y - 1 - blockIdx.y) * C::kRows;
+  if (tile0 >= q_len) return;
+  const int rows = min(C::kRows, q_len - tile0);
+  const int pos0 = a.context_lens[s] - q_len + tile0;  // position of the tile's row 0
+  const int n_keys = pos0 + rows;                      // keys [0, n_keys) are visible to some row
+  const int n_tiles = (n_keys + kN - 1) / kN;
+  const int tid = threadIdx.x;
+
+  const uint32_t sQ = SmemAddr(smem);
+  const uint32_t sK0 = sQ + C::kQBytes;
+  const uint32_t sV0 = sK0 + kStages * C::kTileBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::kBarOffset);  // [kStages]
+  uint64_t* empty = full + kStages;                                    // [kStages]
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      sm90::MbarInit(&full[st], 32);        // every producer lane, once its copies landed
+      sm90::MbarInit(&empty[st], 4 * kWG);  // lane 0 of every consumer warp
+    }
+  }
+  __syncthreads();
+
+  if (tid >= C::kConsumerThreads) {
+    // ---- Producer warp. ----------------------------------------------------------------------
+    const int lane = tid - C::kConsumerThreads;
+    const int kvh = h / (a.num_heads / a.num_kv_heads);
+    const int32_t* table = a.block_tables + static_cast<size_t>(s) * a.max_blocks_per_seq;
+    const bool new_kv_in_q = a.store_k != nullptr;
+    const int n_cached = a.context_lens[s] - q_len;  // keys before the step's new tokens
+    // The cache slot (block id, offset in it) of key position `key` of this sequence.
+    auto slot_of = [&](int key, int* in_blk) {
+      if (a.block_shift >= 0) {
+        *in_blk = key & (a.block_size - 1);
+        return __ldg(table + (key >> a.block_shift));
+      }
+      const int b = key / a.block_size;
+      *in_blk = key - b * a.block_size;
+      return __ldg(table + b);
+    };
+    {  // Q tile [kRows, HD] (rows past the sequence's end are zeros); in tile 0's copy group.
+      const T* q_tile = a.q + static_cast<size_t>(q_begin + tile0) * a.q_stride + h * HD;
+#pragma unroll 4
+      for (int k = 0; k < C::kRows * C::kChunks / 32; ++k) {
+        const int item = lane + 32 * k;
+        const int r = item / C::kChunks;
+        const int c = item - r * C::kChunks;
+        const bool valid = r < rows;
+        CpAsync16(sQ + TileOffset<HD>(r, c),
+                  valid ? q_tile + static_cast<size_t>(r) * a.q_stride + c * 8 : a.q, valid);
+      }
+    }
+    for (int j = 0; j < n_tiles; ++j) {
+      const int st = j % kStages;
+      // Sources of rows lane + 32 i of key tile j: the block-table reads are issued before the
+      // wait for the stage (their latency hides under it). Keys >= n_keys and block ids outside
+      // [0, num_blocks) become zeros (finite: P = 0 times a NaN V would still poison O); new
+      // tokens' K / V come from their q rows when the launch stores them (store_k).
+      int blk[kN / 32], in_blk[kN / 32];
+#pragma unroll
+      for (int i = 0; i < kN / 32; ++i) {
+        const int key = j * kN + lane + 32 * i;
+        blk[i] = -1;
+        in_blk[i] = 0;
+        if (key < n_keys && !(new_kv_in_q && key >= n_cached)) blk[i] = slot_of(key, &in_blk[i]);
+      }
+      if (j >= kStages) sm90::MbarWait(&empty[st], ((j / kStages) - 1) & 1);
+#pragma unroll
+      for (int i = 0; i < kN / 32; ++i) {
+        const int r = lane + 32 * i;
+        const int key = j * kN + r;
+        const T* k_src = nullptr;
+        const T* v_src = nullptr;
+        if (key < n_keys && new_kv_in_q && key >= n_cached) {
+          const T* row = a.q + static_cast<size_t>(q_begin + key - n_cached) * a.q_stride;
+          k_src = row + a.new_k_col + kvh * HD;
+          v_src = row + a.new_v_col + kvh * HD;
+        } else if (blk[i] >= 0 && blk[i] < a.num_blocks) {
+          const size_t off =
+              ((static_cast<size_t>(blk[i]) * a.block_size + in_blk[i]) * a.num_kv_heads + kvh) *
+              HD;
+          k_src = a.k_cache + off;
+          v_src = a.v_cache + off;
+        }
+        // Whole rows a lane (a warp copy instruction touches 32 rows; attn6 run 1's (row, chunk)
+        // items through a row-pointer table took more instructions a tile and were slower).
+        const bool valid = k_src != nullptr;
+        const uint32_t so = st * C::kTileBytes;
+#pragma unroll
+        for (int c = 0; c < C::kChunks; ++c) {
+          const uint32_t dst = so + TileOffset<HD>(r, c);
+          CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
+          CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
+        }
+      }
+      CpAsyncCommit();
+      // full[st] counts this lane's arrival once the copies it issued so far (this tile's, and
+      // the Q tile's with tile 0) have landed.
+      CpAsyncMbarArriveNoinc(&full[st]);
+    }
+    CpAsyncWaitAll();
+    // The tile's own new tokens' K/V into the cache (store_k): by the blocks of the first query
+    // head of each KV head, so every (token, KV head) is stored once; nothing in this launch reads
+    // them from the cache (every block reads new keys from the q rows). kStoreBatch items a lane
+    // (block-table entries and K/V chunks) are loaded before their stores.
+    if (new_kv_in_q && h % (a.num_heads / a.num_kv_heads) == 0) {
+      constexpr int kStoreBatch = 4;
+      const int items = rows * C::kChunks;
+      for (int i0 = lane; i0 < items; i0 += kStoreBatch * 32) {
+        uint4 kv[kStoreBatch], vv[kStoreBatch];
+        int blk[kStoreBatch], in_blk[kStoreBatch], col[kStoreBatch];
+#pragma unroll
+        for (int b = 0; b < kStoreBatch; ++b) {
+          const int i = i0 + b * 32;
+          blk[b] = -1;
+          in_blk[b] = col[b] = 0;
+          if (i < items) {
+            const int r = i / C::kChunks;
+            col[b] = kvh * HD + (i - r * C::kChunks) * 8;
+            blk[b] = slot_of(pos0 + r, &in_blk[b]);
+            const T* src = a.q + static_cast<size_t>(q_begin + tile0 + r) * a.q_stride + col[b];
+            kv[b] = *reinterpret_cast<const uint4*>(src + a.new_k_col);
+            vv[b] = *reinterpret_cast<const uint4*>(src + a.new_v_col);
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < kStoreBatch; ++b) {
+          if (blk[b] < 0 || blk[b] >= a.num_blocks) continue;  // also: no item
+          const size_t dst =
+              (static_cast<size_t>(blk[b]) * a.block_size + in_blk[b]) * a.num_kv_heads * HD +
+              col[b];
+          *reinterpret_cast<uint4*>(a.store_k + dst) = kv[b];
+          *reinterpret_cast<uint4*>(a.store_v + dst) = vv[b];
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- Consumer warpgroups. ---------------------------------------------------------------------
+  const int wg = tid >> 7;
+  const int warp_in_wg = (tid >> 5) & 3;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int wg_row0 = wg * 64;
+  const int wg_pos_min = pos0 + wg_row0;
+  const int row_in_wg = warp_in_wg * 16 + g;  // this thread's first row (second: + 8)
+  // Descriptors: Q rows of this warpgroup and the K tile are K-major (next 8 dims at 128 bytes,
+  // next 8 rows at kGroupBytes); the V tile is MN-major (next 8 keys at kGroupBytes, next 8 dims at
+  // 128 bytes).
+  const uint64_t desc_q = wgmma::Desc(sQ + wg * 8 * C::kGroupBytes, 128, C::kGroupBytes);
+  const uint64_t desc_k0 = wgmma::Desc(sK0, 128, C::kGroupBytes);
+  const uint64_t desc_v0 = wgmma::Desc(sV0, C::kGroupBytes, 128);
+
+  float o[kORegs];  // O [64, HD] of the warpgroup, float32, unnormalised
+#pragma unroll
+  for (int i = 0; i < kORegs; ++i) o[i] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max of the scaled scores of the 2 rows
+  float l_run[2] = {0.0f, 0.0f};            // running sum of this lane's columns (quad-reduced)
+
+  // S [64, kN] = Q · Kᵀ of the tile in stage st (raw scores), issued, not waited for.
+  auto issue_s = [&](float(&sc)[kSRegs], int st) {
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const uint64_t dq = wgmma::DescAdvance(desc_q, kk * 256);
+      const uint64_t dk = wgmma::DescAdvance(desc_k0, st * C::kTileBytes + kk * 256);
+      wgmma::WgmmaSS64<T>(sc, dq, dk, kk > 0 ? 1 : 0);
+    }
+  };
+  // O += P · V of the tile in stage st, issued, not waited for.
+  auto issue_pv = [&](const uint32_t(&pa)[kPSteps][4], int st) {
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk) {
+      WgmmaPv<HD, T>(o, pa[kk],
+                     wgmma::DescAdvance(desc_v0, st * C::kTileBytes + kk * 2 * C::kGroupBytes));
+    }
+  };
+  // Scores of key tile key0 -> unnormalised probabilities (in place): scale, causal mask (-inf,
+  // only on tiles reaching past the warpgroup's first row), online softmax in the log2 domain (a
+  // row's 4 owner lanes, one quad, agree on its max); alpha = the rows' rescale factors. Returns
+  // whether some row of the warp raised its max.
+  auto softmax = [&](float(&sc)[kSRegs], int key0, float(&alpha)[2]) -> bool {
+#pragma unroll
+    for (int i = 0; i < kSRegs; ++i) sc[i] *= a.scale_log2;
+    if (key0 + kN - 1 > wg_pos_min) {
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row_pos = wg_pos_min + row_in_wg + (e >> 1) * 8;
+          const int key = key0 + n * 8 + 2 * t + (e & 1);
+          if (key > row_pos) sc[4 * n + e] = -INFINITY;
+        }
+      }
+    }
+    bool max_moved = false;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float v[kNTiles];
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) v[n] = fmaxf(sc[4 * n + 2 * hh], sc[4 * n + 2 * hh + 1]);
+        // Four independent chains, then two levels (a loop nvcc unrolls fully; its halving-tree
+        // form at 16 slices went to local memory).
+#pragma unroll
+      for (int n = 4; n < kNTiles; ++n) v[n & 3] = fmaxf(v[n & 3], v[n]);
+      float mx = fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3]));
+      mx = fmaxf(m_run[hh], mx);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // 2^-inf = 0 on the row's first tile; exactly 1 when the max did not move.
+      alpha[hh] = Exp2(m_run[hh] - mx);
+      max_moved |= alpha[hh] != 1.0f;
+      m_run[hh] = mx;
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+        for (int e = 2 * hh; e < 2 * hh + 2; ++e) sc[4 * n + e] = Exp2(sc[4 * n + e] - mx);
+        v[n] = sc[4 * n + 2 * hh] + sc[4 * n + 2 * hh + 1];
+      }
+#pragma unroll
+      for (int n = 4; n < kNTiles; ++n) v[n & 3] += v[n];
+      l_run[hh] = l_run[hh] * alpha[hh] + ((v[0] + v[1]) + (v[2] + v[3]));
+    }
+    return __any_sync(0xffffffffu, max_moved);
+  };
+  auto rescale_o = [&](const float(&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < kORegs; ++i) o[i] *= alpha[(i >> 1) & 1];
+  };
+  // P rounded to T as register A fragments: keys [16 kk, 16 kk + 16) are S slices 2 kk, 2 kk + 1.
+  auto pack_p = [&](const float(&sc)[kSRegs], uint32_t(&pa)[kPSteps][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk) {
+      pa[kk][0] = PackFloat2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
+      pa[kk][1] = PackFloat2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pa[kk][2] = PackFloat2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pa[kk][3] = PackFloat2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+  };
+  // Turns: warpgroup wg waits for its turn before issuing products and hands the turn to wg + 1
+  // (mod kWG) after. Each warpgroup issues n_tiles + 1 times (S_0; S_j with P_{j-1}·V_{j-1}; the
+  // last P·V); the last warpgroup opens warpgroup 0's first turn and skips its last hand-over, so
+  // every bar.sync (256 = the waiting warpgroup + the arriving one) meets exactly one bar.arrive.
+  const int my_turn = kTurnBar + wg;
+  const int next_turn = kTurnBar + (wg + 1) % kWG;
+  auto wait_turn = [&] { NamedBarSync(my_turn, 256); };
+  auto pass_turn = [&](bool last) {
+    if (!last || wg != kWG - 1) NamedBarArrive(next_turn, 256);
+  };
+  auto release = [&](int st) {  // this warp's products reading stage st are complete
+    __syncwarp();
+    if (lane == 0) sm90::MbarArrive(&empty[st]);
+  };
+  if (wg == kWG - 1) NamedBarArrive(kTurnBar, 256);
+
+  uint32_t pa[kPSteps][4];
+  float sc[kSRegs];
+  float alpha[2];
+  sm90::MbarWait(&full[0], 0);
+  wgmma::FenceProxyAsync();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
+  wait_turn();
+  wgmma::Fence();
+  issue_s(sc, 0);
+  wgmma::Commit();
+  pass_turn(false);
+  wgmma::Wait<0>();
+  wgmma::PinRegisters(sc);
+  softmax(sc, 0, alpha);  // O is still zero: nothing to rescale
+  pack_p(sc, pa);
+  for (int j = 1; j < n_tiles; ++j) {
+    const int st = j % kStages;
+    const int prev_st = (j - 1) % kStages;
+    sm90::MbarWait(&full[st], (j / kStages) & 1);
+    wgmma::FenceProxyAsync();
+    wait_turn();
+    wgmma::Fence();
+    issue_s(sc, st);
+    wgmma::Commit();
+    issue_pv(pa, prev_st);
+    wgmma::Commit();
+    pass_turn(false);
+    wgmma::Wait<1>();  // S_j in; P_{j-1} V_{j-1} may still run
+    wgmma::PinRegisters(sc);
+    const bool moved = softmax(sc, j * kN, alpha);
+    wgmma::Wait<0>();
+    wgmma::PinRegisters(o);
+    release(prev_st);
+    if (moved) rescale_o(alpha);
+    pack_p(sc, pa);
+  }
+  wait_turn();
+  wgmma::Fence();
+  issue_pv(pa, (n_tiles - 1) % kStages);
+  wgmma::Commit();
+  pass_turn(true);
+  wgmma::Wait<0>();
+  wgmma::PinRegisters(o);
+
+  // out[row, h, :] = O / l, two elements (4 bytes) a store.
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float l = l_run[hh];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv_l = 1.0f / l;  // l >= 1: the row's max element contributes exp2(0)
+    const int row = wg_row0 + row_in_wg + hh * 8;
+    if (row < rows) {
+      T* dst =
+          a.out + static_cast<size_t>(q_begin + tile0 + row) * a.num_heads * HD + h * HD + 2 * t;
+#pragma unroll
+      for (int d = 0; d < HD / 8; ++d) {
+        const uint32_t w = PackFloat2<T>(o[4 * d + 2 * hh] * inv_l, o[4 * d + 2 * hh + 1] * inv_l);
+        *reinterpret_cast<uint32_t*>(dst + d * 8) = w;
+      }
+    }
+  }
+#else
+  // Built without sm_90a code: PagedAttentionPrefillWgmmaAvailable() is false and this is never
+  // launched.
+  __trap();
+#endif
+}
+
+template <typename T, int HD>
+KernelStatus Launch(const WsArgs<T>& args, int max_q_len, int num_seqs, cudaStream_t stream) {
+  using C = WsCfg<HD>;
+  auto kernel = PrefillWgmmaWsKernel<T, HD>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(C::kSmemBytes)) != cudaSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  const dim3 grid(args.num_heads, cuda::CeilDiv(max_q_len, C::kRows), num_seqs);
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(args);
+  return cuda::LaunchStatus();
+}
+
+}  // namespace
+
+KernelStatus LaunchPagedAttentionPrefillWgmmaWs(const PagedAttentionParams& p,
+                                                const PagedAttentionCudaPlan& plan, int q_stride,
+                                                int block_shift, cudaStream_t stream) {
+  if (!PagedAttentionPrefillWgmmaAvailable()) return KernelStatus::kInvalidShape;
+  auto run = [&](auto hd_tag, auto type_tag) {
+    constexpr int HD = decltype(hd_tag)::value;
+    using T = typename decltype(type_tag)::type;
+    const WsArgs<T> args{.q = static_cast<const T*>(p.q),
+                         .k_cache = static_cast<const T*>(p.k_cache),
+                         .v_cache = static_cast<const T*>(p.v_cache),
+                         .out = static_cast<T*>(p.out),
+                         .cu_q_lens = p.cu_q_lens,
+                         .context_lens = p.context_lens,
+                         .block_tables = p.block_tables,
+                         .max_blocks_per_seq = p.max_blocks_per_seq,
+                         .num_blocks = p.num_blocks,
+                         .block_size = p.block_size,
+                         .block_shift = block_shift,
+                         .num_heads = p.num_heads,
+                         .num_kv_heads = p.num_kv_heads,
+                         .q_stride = q_stride,
+                         .scale_log2 = p.scale * kLog2e,
+                         .store_k = static_cast<T*>(plan.store_new_k),
+                         .store_v = static_cast<T*>(plan.store_new_v),
+                         .new_k_col = p.num_heads * HD,
+                         .new_v_col = (p.num_heads + p.num_kv_heads) * HD};
+    return Launch<T, HD>(args, plan.max_q_len, p.num_seqs, stream);
+  };
+  return cuda::DispatchHalfTypes(p.dtype, [&](auto type_tag) {
+    switch (p.head_dim) {
+      case 32:
+        return run(std::integral_constant<int, 32>{}, type_tag);
+      case 64:
+        return run(std::integral_constant<int, 64>{}, type_tag);
+      case 80:
+        return run(std::integral_constant<int, 80>{}, type_tag);
+      default:
+        return KernelStatus::kInvalidShape;
+    }
+  });
+}
+
+}  // namespace phishard
