@@ -316,8 +316,7 @@ TEST(CudaLoraGemm, AccumulateWithGeluActsOnTheSum) {
       for (int q = 0; q < k; ++q) {
         pre += static_cast<double>(x[static_cast<size_t>(i) * ldx + q]) * w[j * k + q];
       }
-      const double want =
-          0.5 * pre * (1 + std::tanh(std::sqrt(2 / M_PI) * (pre + 0.044715 * pre * pre * pre)));
+      const double want = testing_util::NaiveGeluTanh(pre);
       const double tol = 1.13 * std::fabs(pre) / 256 + std::fabs(want) / 256 + 1e-5;
       if (!(std::fabs(got[at] - want) <= tol)) {
         ++bad;
@@ -375,8 +374,7 @@ void CheckAccumulateBiasGelu(int m, int n, int k, const std::vector<int>& check)
         pre += xw;
         mag += std::fabs(xw);
       }
-      const double want =
-          0.5 * pre * (1 + std::tanh(std::sqrt(2 / M_PI) * (pre + 0.044715 * pre * pre * pre)));
+      const double want = testing_util::NaiveGeluTanh(pre);
       const double tol = 1.13 * std::fabs(pre) / 256 + std::fabs(want) / 256 +
                          4 * std::sqrt(static_cast<double>(k)) * std::ldexp(mag, -24) + 1e-5;
       const double got_ij = got[static_cast<size_t>(i) * n + j];
@@ -633,8 +631,7 @@ TEST(CudaLoraGemm, SegmentedExpandsMatchNaiveReference) {
             }
             double want = pre, tol = std::fabs(pre) / 256 + mag / 4096 + 1e-5;
             if (cs.act == GemmEpilogue::kGeluTanh) {
-              want = 0.5 * pre *
-                     (1 + std::tanh(std::sqrt(2 / M_PI) * (pre + 0.044715 * pre * pre * pre)));
+              want = testing_util::NaiveGeluTanh(pre);
               tol = 1.13 * tol + std::fabs(want) / 256;
             } else if (acc) {
               tol += std::fabs(pre - y0[at]) / 256;  // the default epilogue's rounded product

@@ -11,13 +11,10 @@ namespace phishard {
 namespace {
 
 using testing_util::kF32Unit;
+using testing_util::NaiveGeluErf;
+using testing_util::NaiveGeluTanh;
 using testing_util::Poisoned;
 using testing_util::RandomVector;
-
-double NaiveGeluTanh(double x) {
-  return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
-}
-double NaiveGeluErf(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
 
 struct Shape {
   int m, n, k;

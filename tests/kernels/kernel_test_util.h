@@ -21,6 +21,13 @@ inline std::vector<float> RandomVector(size_t n, uint32_t seed, float lo = -1.0f
   return v;
 }
 
+// The GELU variants in double: the references of the fused activations (kernels/gemm.h
+// GemmEpilogue::kGeluTanh / kGeluErf).
+inline double NaiveGeluTanh(double x) {
+  return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
+}
+inline double NaiveGeluErf(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
+
 inline std::vector<float> Poisoned(size_t n) { return std::vector<float>(n, kNaN); }
 
 inline bool AllFinite(const std::vector<float>& v) {
