@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/cuda/embedding_cuda.h"
+#include "kernels/cuda/gelu_cuda.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/layer_norm_cuda.h"
 #include "kernels/cuda/log_softmax_cuda.h"
@@ -521,6 +522,118 @@ TEST(CudaGemmErrors, RejectsWhatItCannotDo) {
   p.ldx = 0;
   p.x = nullptr;
   EXPECT_EQ(gemm->Run(p, nullptr), KernelStatus::kNullPointer);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-place GELU (kernels/gelu.h) on a [rows, cols] window of a [rows, ld] buffer placed
+// `offset` elements into the allocation, against GeluInPlaceCpu on the same (dtype-rounded)
+// values. Shapes take the 16-byte path (contiguous: the whole window as one row; padded rows) and
+// the element path (cols or ld not a multiple of 16 bytes' elements, a misaligned pointer).
+// Tolerance per element: both sides evaluate the same float32 formula (tanhf / erff against
+// std::tanh / std::erf, each within a few float32 ulps), so the two float values may differ by
+// the CPU test's bound d = 4 float32 ulps of |x| + 1e-7 (0.5 |x| times a few ulps of 1 in 1 + t,
+// which cancels as t -> -1); the device then rounds once to the storage type, so a 16-bit result
+// may also land one storage ulp away when they straddle a rounding boundary: d + 1 ulp of the
+// dtype at the reference (fp16: at least its smallest subnormal, 2^-24). Every byte outside the
+// window (padding columns, the bytes before it) must keep its value.
+struct GeluShape {
+  int rows, cols, ld, offset;
+};
+
+void CheckGelu(DataType t, GemmEpilogue act, const GeluShape& s) {
+  SCOPED_TRACE(testing::Message() << DataTypeName(t) << " act " << static_cast<int>(act) << " rows "
+                                  << s.rows << " cols " << s.cols << " ld " << s.ld << " offset "
+                                  << s.offset);
+  const int ld = s.ld == 0 ? s.cols : s.ld;
+  const size_t n = static_cast<size_t>(s.offset) + static_cast<size_t>(s.rows) * ld;
+  std::vector<float> x = RandomVector(n, 17 + s.cols + s.rows, -8.0f, 8.0f);
+  if (n > static_cast<size_t>(s.offset) + 3) {
+    x[s.offset] = 0.0f;
+    x[s.offset + 1] = -30.0f;  // tanh / erf saturate: -0
+    x[s.offset + 2] = 30.0f;   // saturates to x
+  }
+  const std::vector<char> in_bytes = Encode(x, t);  // x now holds the device's values
+  DeviceBuffer d_y = DeviceBuffer::From(in_bytes);
+  ASSERT_EQ(GeluInPlaceCuda({.y = static_cast<char*>(d_y.get()) + s.offset * DataTypeSize(t),
+                             .rows = s.rows,
+                             .cols = s.cols,
+                             .ld = s.ld,
+                             .act = act,
+                             .dtype = t},
+                            nullptr),
+            KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  std::vector<float> ref = x;
+  ASSERT_EQ(GeluInPlaceCpu({.y = ref.data() + s.offset,
+                            .rows = s.rows,
+                            .cols = s.cols,
+                            .ld = s.ld,
+                            .act = act,
+                            .dtype = DataType::kF32}),
+            KernelStatus::kOk);
+  const std::vector<char> out_bytes = d_y.DownloadBytes();
+  const std::vector<float> out = Decode(out_bytes, t);
+  const size_t es = DataTypeSize(t);
+  const int mantissa = t == DataType::kBF16 ? 7 : 10;  // stored mantissa bits (16-bit types)
+  int bad = 0;
+  for (size_t i = 0; i < n && bad < 5; ++i) {
+    const bool inside =
+        i >= static_cast<size_t>(s.offset) && (i - s.offset) % ld < static_cast<size_t>(s.cols);
+    if (!inside) {
+      if (std::memcmp(&out_bytes[i * es], &in_bytes[i * es], es) != 0) {
+        ++bad;
+        ADD_FAILURE() << "element " << i << " outside the window changed";
+      }
+      continue;
+    }
+    double tol = 4 * std::fabs(x[i]) * 1.2e-7 + 1e-7;
+    if (t != DataType::kF32) {
+      const double r = std::fabs(ref[i]);
+      double ulp = r > 0 ? std::ldexp(1.0, std::ilogb(r) - mantissa) : 0.0;
+      if (t == DataType::kF16) ulp = std::max(ulp, std::ldexp(1.0, -24));
+      tol += ulp;
+    }
+    if (!(std::fabs(out[i] - ref[i]) <= tol)) {
+      ++bad;
+      ADD_FAILURE() << "element " << i << ": x " << x[i] << " out " << out[i] << " ref " << ref[i]
+                    << " tol " << tol;
+    }
+  }
+}
+
+TEST(CudaGeluInPlace, MatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  const GeluShape shapes[] = {
+      {1, 8, 0, 0},      // one 16-byte vector (bf16 / fp16)
+      {3, 10240, 0, 0},  // Phi-2's fc1 width, contiguous
+      {37, 80, 96, 0},   // padded rows, 16-byte path
+      {5, 81, 0, 0},     // odd width: element path
+      {4, 100, 104, 0},  // 16-bit: element path (100 % 8); f32: 16-byte path
+      {6, 64, 64, 3},    // misaligned pointer: element path
+      {0, 64, 0, 0},     // nothing to do: the buffer keeps every byte
+  };
+  for (DataType t : kAllTypes) {
+    for (GemmEpilogue act : {GemmEpilogue::kGeluTanh, GemmEpilogue::kGeluErf}) {
+      for (const GeluShape& s : shapes) CheckGelu(t, act, s);
+    }
+  }
+}
+
+TEST(CudaGeluInPlace, RejectsBadParams) {
+  PHI_REQUIRE_GPU();
+  DeviceBuffer buf(256);
+  const GeluInPlaceParams ok{.y = buf.get(), .rows = 2, .cols = 8, .dtype = DataType::kBF16};
+  EXPECT_EQ(GeluInPlaceCuda(ok, nullptr), KernelStatus::kOk);
+  GeluInPlaceParams p = ok;
+  p.ld = 4;  // < cols
+  EXPECT_EQ(GeluInPlaceCuda(p, nullptr), KernelStatus::kInvalidShape);
+  p = ok;
+  p.act = GemmEpilogue::kNone;
+  EXPECT_EQ(GeluInPlaceCuda(p, nullptr), KernelStatus::kInvalidShape);
+  p = ok;
+  p.y = nullptr;
+  EXPECT_EQ(GeluInPlaceCuda(p, nullptr), KernelStatus::kNullPointer);
+  gpu_test::ExpectDeviceClean(nullptr);
 }
 
 }  // namespace
