@@ -141,11 +141,11 @@ int Main(int argc, char** argv) {
   app.add_flag("--prefill-only", prefill_only, "only the prefill cases (and the ceilings)");
   std::string prefill_modes;
   app.add_option("--prefill-modes", prefill_modes,
-                 "each prefill case once per mode S.L[.F[.G[.A]]] of this list, in order, in one "
-                 "process (S: CudaPhiModel::set_prefill_kv_store, L: set_prefill_last_rows, F: "
-                 "set_prefill_mlp_fork, G: set_prefill_gemm_algos or a --gemm-algo-sets index, A: "
-                 "set_prefill_attention_tiling 0-4; the model's default when omitted; repeat "
-                 "modes to alternate them, e.g. 0.0,1.1,0.0,1.1)");
+                 "each prefill case once per mode S.L[.F[.G[.A[.E]]]] of this list, in order, in "
+                 "one process (S: CudaPhiModel::set_prefill_kv_store, L: set_prefill_last_rows, "
+                 "F: set_prefill_mlp_fork, G: set_prefill_gemm_algos or a --gemm-algo-sets index, "
+                 "A: set_prefill_attention_tiling 0-4, E: set_prefill_gelu_split; the model's "
+                 "default when omitted; repeat modes to alternate them, e.g. 0.0,1.1,0.0,1.1)");
   std::string gemm_algo_sets;
   app.add_option("--gemm-algo-sets", gemm_algo_sets,
                  "'|'-separated sets of recorded cuBLASLt choices (model/cuda_gemm_choices.h "
@@ -176,17 +176,18 @@ int Main(int argc, char** argv) {
   if (!trace_csv.empty()) BENCH_CHECK(KernelTrace::Enable(trace_csv), "--trace-csv: CUPTI");
   if (lora_only) prefills = lora_prefill;
   const bool no_decode = lora_only || prefill_only;
-  // (kv store, last rows, prefill MLP fork, GEMM algorithm choices, attention tiling); -1: the
-  // model's defaults.
-  std::vector<std::array<int, 5>> modes;
+  // (kv store, last rows, prefill MLP fork, GEMM algorithm choices, attention tiling, GELU split);
+  // -1: the model's defaults.
+  std::vector<std::array<int, 6>> modes;
   for (absl::string_view mode : absl::StrSplit(prefill_modes, ',', absl::SkipEmpty())) {
     const std::vector<absl::string_view> f = absl::StrSplit(mode, '.');
-    BENCH_CHECK(f.size() >= 2 && f.size() <= 5,
-                "--prefill-modes S.L[.F[.G[.A]]],... with 0 or 1 each (G: 0..N, A: 0..4)");
-    std::array<int, 5> m4 = {0, 0, -1, -1, -1};
+    BENCH_CHECK(f.size() >= 2 && f.size() <= 6,
+                "--prefill-modes S.L[.F[.G[.A[.E]]]],... with 0 or 1 each (G: 0..N, A: 0..4)");
+    std::array<int, 6> m4 = {0, 0, -1, -1, -1, -1};
     for (size_t k = 0; k < f.size(); ++k) {
-      BENCH_CHECK(f[k] == "0" || f[k] == "1" || (k >= 3 && absl::SimpleAtoi(f[k], &m4[k])),
-                  "--prefill-modes S.L[.F[.G[.A]]],... with 0 or 1 each (G: 0..N, A: 0..4)");
+      BENCH_CHECK(
+          f[k] == "0" || f[k] == "1" || ((k == 3 || k == 4) && absl::SimpleAtoi(f[k], &m4[k])),
+          "--prefill-modes S.L[.F[.G[.A[.E]]]],... with 0 or 1 each (G: 0..N, A: 0..4)");
       if (k < 3 || f[k] == "0" || f[k] == "1") m4[k] = f[k] == "1";
     }
     BENCH_CHECK(m4[4] <= 4, "--prefill-modes: A (attention tiling) must be 0 to 4");
@@ -204,7 +205,7 @@ int Main(int argc, char** argv) {
     BENCH_CHECK(m4[3] < static_cast<int>(std::max<size_t>(algo_sets.size(), 2)),
                 "--prefill-modes: G names no --gemm-algo-sets entry");
   }
-  if (modes.empty()) modes.push_back({-1, -1, -1, -1, -1});
+  if (modes.empty()) modes.push_back({-1, -1, -1, -1, -1, -1});
   if (quick) {
     batches = "1,256";
     contexts = "1024";
@@ -505,7 +506,7 @@ int Main(int argc, char** argv) {
     BENCH_OK(m.set_decode_megakernel(mega0));
   }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
-    for (auto [store, last, fork, algos, tiling] : modes) {
+    for (auto [store, last, fork, algos, tiling, gelu_split] : modes) {
       if (store >= 0) {
         m.set_prefill_kv_store(store != 0);
         m.set_prefill_last_rows(last != 0);
@@ -516,6 +517,7 @@ int Main(int argc, char** argv) {
           m.set_prefill_gemm_algos(algos != 0);
         }
         BENCH_OK(m.set_prefill_attention_tiling(std::max(tiling, 0)));
+        if (gelu_split >= 0) m.set_prefill_gelu_split(gelu_split != 0);
       }
       Row r;
       if (!bench.Prefill(seqs, len, &r)) {
@@ -525,10 +527,10 @@ int Main(int argc, char** argv) {
       if (store >= 0) {
         r.note = absl::StrFormat(
             "kv store %d, last rows %d, mlp fork %d, gemm algos %d (%zu "
-            "chosen plans), attention tiling %d; %s",
+            "chosen plans), attention tiling %d, gelu split %d; %s",
             store, last, fork >= 0 ? fork : (m.prefill_mlp_fork() ? 1 : 0),
             algos >= 0 ? algos : (m.prefill_gemm_algos() ? 1 : 0), m.chosen_gemm_plans(),
-            std::max(tiling, 0), r.note);
+            std::max(tiling, 0), m.prefill_gelu_split() ? 1 : 0, r.note);
       }
       PrintRow(r);
       rows.push_back(r);

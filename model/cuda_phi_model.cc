@@ -279,6 +279,14 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
     }
     m->prefill_mlp_fork_ = s == "1";
   }
+  if (const char* v = std::getenv("PHISHARD_PREFILL_GELU_SPLIT"); v != nullptr && *v != '\0') {
+    const std::string_view s(v);
+    if (s != "0" && s != "1") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "environment variable PHISHARD_PREFILL_GELU_SPLIT='", v, "' must be 0 or 1"));
+    }
+    m->prefill_gelu_split_ = s == "1";
+  }
   m->mlp_join_sharded_ = options.mlp_join_sharded;
   if (m->mlp_join_sharded_ < 0) {
     m->mlp_join_sharded_ = 0;

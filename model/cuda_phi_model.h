@@ -273,6 +273,16 @@ class CudaPhiModel final : public ModelBackend {
   void set_prefill_mlp_fork(bool on) { prefill_mlp_fork_ = on; }
   bool prefill_mlp_fork() const { return prefill_mlp_fork_; }
   int64_t prefill_mlp_fork_steps() const { return prefill_mlp_fork_steps_; }  // steps that did
+  // Those prefill forks without adapter rows: fc1 as a bias-only GEMM, then its GELU as its own
+  // kernel (GeluInPlaceCuda) on the MLP stream before the join, meant to run beside attention
+  // instead of in cuBLASLt's epilogue. One more rounding of the pre-activation to the storage
+  // type, as the LoRA fc1 split has. Off by default (PHISHARD_PREFILL_GELU_SPLIT=1 turns it on):
+  // on the H200 the attention's blocks fill the SMs' registers, so the GELU runs only on the
+  // attention's tail and after it; the epilogue costs ~9 us of fc1's ~180 at 2048 rows. 1x2048 /
+  // 1x512 within the spread, 8x2048 4 % slower (docs/perf-log.md, gelu helper).
+  void set_prefill_gelu_split(bool on) { prefill_gelu_split_ = on; }
+  bool prefill_gelu_split() const { return prefill_gelu_split_; }
+  int64_t prefill_gelu_split_steps() const { return prefill_gelu_split_steps_; }  // steps that did
   // Recorded cuBLASLt algorithm choices (model/cuda_gemm_choices.h) that GEMMs of their form run
   // instead of the heuristic's first picks: none by default, those PHISHARD_PREFILL_GEMM_ALGOS
   // lists at creation. set_gemm_algo_choices replaces them (benchmarks, tests; drops the cuBLASLt
@@ -452,6 +462,8 @@ class CudaPhiModel final : public ModelBackend {
   int prefill_attention_tiling_ = 0;        // set_prefill_attention_tiling
   std::vector<GemmAlgoChoice> gemm_algos_;  // what it applies (PrefillGemmAlgoChoicesFromEnv)
   int64_t prefill_mlp_fork_steps_ = 0;
+  bool prefill_gelu_split_ = false;  // set_prefill_gelu_split
+  int64_t prefill_gelu_split_steps_ = 0;
   int mlp_join_sharded_ = 0;          // CudaModelOptions::mlp_join_sharded (set_mlp_stream_sharded)
   bool prefill_mlp_fork_tp_ = false;  // set_prefill_sharded_forms
   bool prefill_last_rows_tp_ = false;  // set_prefill_sharded_forms

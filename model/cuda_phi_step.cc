@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
 #include "kernels/cuda/embedding_cuda.h"
+#include "kernels/cuda/gelu_cuda.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/layer_norm_cuda.h"
@@ -212,6 +213,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                         GemvCudaSupports(ln_gemv(linear(h, layers_[0].fc1_w, layers_[0].fc1_b, mlp,
                                                         c.intermediate_size, H, false, act),
                                                  layers_[0]));
+  // Prefill forks without adapter rows take fc1's GELU off its GEMM (set_prefill_gelu_split): a
+  // bias-only fc1, then the in-place GELU on the MLP stream before the join, beside attention.
+  const bool gelu_split = prefill_fork && !lora && !ln_fused && prefill_gelu_split_;
+  if (gelu_split) ++prefill_gelu_split_steps_;
   // Rows [rr.begin, rr.begin + rr.rows) of an arena buffer of `width` columns, and a GEMM on them.
   const size_t es = DataTypeSize(dt);
   auto at = [&](void* base, const RowRange& rr, int width) -> void* {
@@ -282,7 +287,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       return KernelResult(lora_->AfterFc2(l, mlp, h, delta_st), "lora fc2");
     };
     auto mlp_branch = [&](cudaStream_t st, CudaGemm* g) -> absl::Status {
-      const GemmEpilogue fc1_act = lora_->SplitFc1(l) ? GemmEpilogue::kNone : act;
+      const GemmEpilogue fc1_act = lora_->SplitFc1(l) || gelu_split ? GemmEpilogue::kNone : act;
       if (ln_fused) {
         PHI_RETURN_IF_ERROR(KernelResult(
             GemvCuda(
@@ -294,6 +299,12 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
             linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act);
         if (st == mlp_stream_) fc1.sm_count_target = lora_->BranchGemmSms(1);  // LoRA steps
         PHI_RETURN_IF_ERROR(Linear(fc1, dt, "fc1 gemm", nullptr, st, g));
+      }
+      if (gelu_split) {  // mlp [T, intermediate] device, in place
+        PHI_RETURN_IF_ERROR(KernelResult(
+            GeluInPlaceCuda(
+                {.y = mlp, .rows = T, .cols = c.intermediate_size, .act = act, .dtype = dt}, st),
+            "fc1 gelu"));
       }
       if (lora && !prefill_fork) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterFc1(l, normed, mlp, act, st), "lora fc1"));

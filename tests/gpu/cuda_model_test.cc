@@ -482,6 +482,39 @@ TEST(CudaPhiModel, PrefillMlpForkIsBitIdentical) {
   }
 }
 
+// fc1's GELU off the GEMM in prefill forks (set_prefill_gelu_split): the same fc1 product and
+// bias, rounded to bf16 once more before the GELU (the GELU kernel reads the stored
+// pre-activation; cuBLASLt's epilogue reads the float32 accumulator), so each layer's MLP
+// activations differ by up to one bf16 rounding (2^-9 relative) of the pre-activation times
+// |gelu'| <= 1.13: the same size as the roundings the bf16 golden bounds of this file allow
+// against float32 references, and the LoRA fc1 split has it too. So the prefill's logits, and the
+// decode steps' after it (they read the K/V the prefill wrote), get those bounds against the
+// epilogue's; the split must also have run (its step counter).
+TEST(CudaPhiModel, PrefillGeluSplitCloseToEpilogue) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    ASSERT_TRUE(m->prefill_mlp_fork());
+    EXPECT_FALSE(m->prefill_gelu_split());  // the default
+    m->set_prefill_gelu_split(false);
+    int64_t before = m->prefill_gelu_split_steps();
+    const std::vector<std::vector<float>> epi = RunModeSteps(*m);
+    EXPECT_EQ(m->prefill_gelu_split_steps(), before) << model << ": split while off";
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());  // nothing of the first run left to read
+    m->set_prefill_gelu_split(true);
+    before = m->prefill_gelu_split_steps();
+    const std::vector<std::vector<float>> split = RunModeSteps(*m);
+    EXPECT_EQ(m->prefill_gelu_split_steps() - before, 1) << model << ": the prefill did not split";
+    ASSERT_EQ(split.size(), epi.size());
+    for (size_t i = 0; i < split.size(); ++i) {
+      ExpectLogitsClose(split[i], std::vector<double>(epi[i].begin(), epi[i].end()),
+                        std::string(model) + " gelu split vs epilogue, step " + std::to_string(i));
+    }
+  }
+}
+
 // The trimmed last layer (set_prefill_last_rows): a prefill returning each sequence's last row
 // runs the last layer's attention (as decode queries) and MLP on those rows only. Its K/V cache is
 // written by the same kernels from the same rows as the full layer's, so the decode steps after
