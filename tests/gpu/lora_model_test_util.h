@@ -78,8 +78,14 @@ inline std::unique_ptr<AdapterRegistry> GoldenAdapters(const PhiConfig& c,
                                                        int bytes_per_param = 2) {
   std::unique_ptr<AdapterRegistry> reg = MakeRegistry(bytes_per_param);
   if (!reg) return nullptr;
+  // The fixture is held by name: a range-for over ReadGolden().at(...) would iterate a destroyed
+  // temporary (C++20 extends only the range's own lifetime) and load nothing.
+  const json golden = ReadGolden();
+  const json& adapters = golden.at("adapters");
+  EXPECT_GE(adapters.size(), 3u) << "the adapter fixture lists too few adapters";
+  if (adapters.size() < 3) return nullptr;
   uint32_t idx = 3;
-  for (const json& a : ReadGolden().at("adapters")) {
+  for (const json& a : adapters) {
     const absl::StatusOr<AdapterLoadResult> st = reg->Load(idx++, LoadAdapter(a, c));
     EXPECT_TRUE(st.ok()) << st.status();
     if (!st.ok()) return nullptr;
