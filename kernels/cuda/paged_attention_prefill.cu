@@ -509,7 +509,7 @@ KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
   if (tiling == PrefillTiling::kWgmmaWs) {
     return LaunchPagedAttentionPrefillWgmmaWs(p, plan, q_stride, block_shift, stream);
   }
-  auto run = [&](auto hd_tag, auto type_tag) {
+  return DispatchPrefillHeadDim(p, [&](auto hd_tag, auto type_tag) {
     constexpr int HD = decltype(hd_tag)::value;
     using T = typename decltype(type_tag)::type;
     const PrefillArgs<T> args{.q = static_cast<const T*>(p.q),
@@ -533,18 +533,6 @@ KernelStatus LaunchPagedAttentionPrefill(const PagedAttentionParams& p,
                               .new_k_col = p.num_heads * HD,
                               .new_v_col = (p.num_heads + p.num_kv_heads) * HD};
     return LaunchTiling<T, HD>(tiling, args, plan.max_q_len, p.num_seqs, stream);
-  };
-  return cuda::DispatchHalfTypes(p.dtype, [&](auto type_tag) {
-    switch (p.head_dim) {
-      case 32:
-        return run(std::integral_constant<int, 32>{}, type_tag);
-      case 64:
-        return run(std::integral_constant<int, 64>{}, type_tag);
-      case 80:
-        return run(std::integral_constant<int, 80>{}, type_tag);
-      default:
-        return KernelStatus::kInvalidShape;
-    }
   });
 }
 

@@ -4,6 +4,9 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
+#include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_cuda.h"
 
 namespace phishard {
@@ -25,5 +28,24 @@ KernelStatus LaunchPagedAttentionPrefillWgmma(const PagedAttentionParams& p,
 KernelStatus LaunchPagedAttentionPrefillWgmmaWs(const PagedAttentionParams& p,
                                                 const PagedAttentionCudaPlan& plan, int q_stride,
                                                 int block_shift, cudaStream_t stream);
+
+// Calls run(std::integral_constant<int, HD>, cuda::TypeTag<T>) for the head dims the prefill
+// kernels are built for (32, 64, 80) and T = __half / __nv_bfloat16 from p.dtype; another head dim
+// is kInvalidShape, another dtype kUnsupportedDtype.
+template <typename F>
+KernelStatus DispatchPrefillHeadDim(const PagedAttentionParams& p, F&& run) {
+  return cuda::DispatchHalfTypes(p.dtype, [&](auto type_tag) {
+    switch (p.head_dim) {
+      case 32:
+        return run(std::integral_constant<int, 32>{}, type_tag);
+      case 64:
+        return run(std::integral_constant<int, 64>{}, type_tag);
+      case 80:
+        return run(std::integral_constant<int, 80>{}, type_tag);
+      default:
+        return KernelStatus::kInvalidShape;
+    }
+  });
+}
 
 }  // namespace phishard

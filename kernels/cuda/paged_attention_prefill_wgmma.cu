@@ -27,19 +27,18 @@
 // known way further is warp specialisation (a producer warp, two consumer warpgroups taking turns
 // by named barriers so that one's softmax always overlaps the other's products).
 #include <cmath>
-#include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_prefill.cuh"
+#include "kernels/cuda/paged_attention_prefill_wgmma.cuh"
 #include "kernels/cuda/prefill_ptx.cuh"
 #include "kernels/cuda/wgmma.cuh"
 
 namespace phishard {
 namespace {
 
-using namespace prefill_ptx;  // NOLINT(build/namespaces): internal PTX wrappers
-
-constexpr float kLog2e = 1.4426950408889634f;
+using namespace prefill_ptx;    // NOLINT(build/namespaces): internal PTX wrappers
+using namespace prefill_wgmma;  // NOLINT(build/namespaces): the wgmma kernels' shared pieces
 
 template <int HD>
 struct WgCfg {
@@ -59,39 +58,6 @@ struct WgCfg {
   static constexpr int kQIters = (kRows * kChunks + kThreads - 1) / kThreads;
 };
 
-// Byte offset of row r, chunk c in the core-matrix layout of a tile (rows of HD elements).
-template <int HD>
-__device__ __forceinline__ uint32_t TileOffset(int r, int c) {
-  return (r >> 3) * (HD / 8 * 128) + c * 128 + (r & 7) * 16;
-}
-
-template <typename T>
-struct WgArgs {
-  const T* q;        // [num_tokens, q_stride] device
-  const T* k_cache;  // [num_blocks, block_size, num_kv_heads, HD] device
-  const T* v_cache;
-  T* out;  // [num_tokens, num_heads * HD] device
-  const int32_t* cu_q_lens;
-  const int32_t* context_lens;
-  const int32_t* block_tables;  // [num_seqs, max_blocks_per_seq] device
-  int max_blocks_per_seq, num_blocks, block_size;
-  int block_shift;  // log2(block_size) when a power of two, else -1
-  int num_heads, num_kv_heads, q_stride;
-  float scale_log2;  // scale * log2(e), sign included
-};
-
-template <int HD, typename T>
-__device__ __forceinline__ void WgmmaPv(float (&o)[HD / 2], const uint32_t (&a)[4], uint64_t desc) {
-  if constexpr (HD == 80) {
-    wgmma::WgmmaRS80<T>(o, a, desc);
-  } else if constexpr (HD == 64) {
-    wgmma::WgmmaRS64<T>(o, a, desc);
-  } else {
-    static_assert(HD == 32);
-    wgmma::WgmmaRS32<T>(o, a, desc);
-  }
-}
-
 // Two blocks an SM: registers capped at 128 a thread (ptxas: 126 at head dim 80, no spills).
 template <typename T, int HD>
 __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) {
@@ -101,7 +67,6 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
   constexpr int kStages = C::kStages;
   constexpr int kAhead = kStages - 2;  // tiles copied ahead of tile j (see the loop)
   static_assert(C::kThreads == 256);
-  constexpr int kKSteps = HD / 16;    // k16 steps of Q·Kᵀ
   constexpr int kSRegs = C::kN / 2;   // S accumulators a thread: [64, kN] / 128 threads
   constexpr int kORegs = HD / 2;      // O accumulators a thread
   constexpr int kNTiles = C::kN / 8;  // n8 slices of S
@@ -197,12 +162,9 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
   const int wg_pos_min = pos0 + wg_row0;
   const int wg_pos_max = pos0 + min(wg_row0 + 64, rows) - 1;
   const int row_in_wg = warp_in_wg * 16 + g;  // this thread's first row (second: + 8)
-  // Descriptors: Q rows of this warpgroup and the K tile are K-major (next 8 dims at 128 bytes,
-  // next 8 rows at kGroupBytes); the V tile is MN-major (next 8 keys at kGroupBytes, next 8 dims at
-  // 128 bytes).
-  const uint64_t desc_q = wgmma::Desc(sQ + wg * 8 * C::kGroupBytes, 128, C::kGroupBytes);
-  const uint64_t desc_k0 = wgmma::Desc(sK0, 128, C::kGroupBytes);
-  const uint64_t desc_v0 = wgmma::Desc(sV0, C::kGroupBytes, 128);
+  const uint64_t desc_q = QDesc<HD>(sQ, wg);
+  const uint64_t desc_k0 = KDesc<HD>(sK0);
+  const uint64_t desc_v0 = VDesc<HD>(sV0);
 
   float o[kORegs];  // O [64, HD] of the warpgroup, float32, unnormalised
 #pragma unroll
@@ -212,37 +174,18 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
 
   // S [64, kN] = Q · Kᵀ of the tile in stage_off (raw scores), issued, not waited for.
   auto issue_s = [&](float(&sc)[kSRegs], uint32_t stage_off) {
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      wgmma::WgmmaSS64<T>(sc, wgmma::DescAdvance(desc_q, kk * 256),
-                          wgmma::DescAdvance(desc_k0, stage_off + kk * 256), kk > 0 ? 1 : 0);
-    }
+    IssueS<T, HD>(sc, desc_q, desc_k0, stage_off);
   };
   // O += P · V of the tile in stage_off, issued, not waited for.
   auto issue_pv = [&](const uint32_t(&pa)[kN / 16][4], uint32_t stage_off) {
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-      WgmmaPv<HD, T>(o, pa[kk], wgmma::DescAdvance(desc_v0, stage_off + kk * 2 * C::kGroupBytes));
-    }
+    IssuePv<T, HD, kN>(o, pa, desc_v0, stage_off);
   };
   // Scores of key tile key0 -> unnormalised probabilities (in place): scale, causal mask (-inf,
   // only on tiles reaching past the warpgroup's first row), online softmax in the log2 domain (a
   // row's 4 owner lanes, one quad, agree on its max); alpha = the rows' rescale factors. Returns
   // whether some row of the warp raised its max.
   auto softmax = [&](float(&sc)[kSRegs], int key0, float(&alpha)[2]) -> bool {
-#pragma unroll
-    for (int i = 0; i < kSRegs; ++i) sc[i] *= a.scale_log2;
-    if (key0 + kN - 1 > wg_pos_min) {
-#pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row_pos = wg_pos_min + row_in_wg + (e >> 1) * 8;
-          const int key = key0 + n * 8 + 2 * t + (e & 1);
-          if (key > row_pos) sc[4 * n + e] = -INFINITY;
-        }
-      }
-    }
+    ScaleAndMask<kN>(sc, a.scale_log2, key0, wg_pos_min, row_in_wg, t);
     bool max_moved = false;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -277,20 +220,9 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
     return __any_sync(0xffffffffu, max_moved);
   };
   // O rescaled by the rows' factors (skipped when no row of the warp moved: a multiply by 1).
-  auto rescale_o = [&](const float(&alpha)[2]) {
-#pragma unroll
-    for (int i = 0; i < kORegs; ++i) o[i] *= alpha[(i >> 1) & 1];
-  };
-  // P rounded to T as register A fragments: keys [16 kk, 16 kk + 16) are S slices 2 kk, 2 kk + 1.
-  auto pack_p = [&](const float(&sc)[kSRegs], uint32_t(&pa)[kN / 16][4]) {
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-      pa[kk][0] = PackFloat2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);
-      pa[kk][1] = PackFloat2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
-      pa[kk][2] = PackFloat2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
-      pa[kk][3] = PackFloat2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
-    }
-  };
+  auto rescale_o = [&](const float(&alpha)[2]) { RescaleO<HD>(o, alpha); };
+  // P rounded to T as register A fragments.
+  auto pack_p = [&](const float(&sc)[kSRegs], uint32_t(&pa)[kN / 16][4]) { PackP<T, kN>(sc, pa); };
 
   {
     // Software-pipelined (FlashAttention-3's intra-warpgroup overlap): iteration j issues
@@ -350,43 +282,13 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
   }
   if (!wg_active) return;
 
-    // out[row, h, :] = O / l, two elements (4 bytes) a store.
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    float l = l_run[hh];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv_l = 1.0f / l;  // l >= 1: the row's max element contributes exp2(0)
-    const int row = wg_row0 + row_in_wg + hh * 8;
-    if (row < rows) {
-      T* dst =
-          a.out + static_cast<size_t>(q_begin + tile0 + row) * a.num_heads * HD + h * HD + 2 * t;
-#pragma unroll
-      for (int d = 0; d < HD / 8; ++d) {
-        const uint32_t w = PackFloat2<T>(o[4 * d + 2 * hh] * inv_l, o[4 * d + 2 * hh + 1] * inv_l);
-        *reinterpret_cast<uint32_t*>(dst + d * 8) = w;
-      }
-    }
-  }
+  // out[row, h, :] = O / l.
+  StoreO<T, HD>(a, o, l_run, q_begin, tile0, rows, wg_row0, row_in_wg, h, t);
 #else
   // Built without sm_90a code: PagedAttentionPrefillWgmmaAvailable() is false and this is never
   // launched.
   __trap();
 #endif
-}
-
-template <typename T, int HD>
-KernelStatus Launch(const WgArgs<T>& args, int max_q_len, int num_seqs, cudaStream_t stream) {
-  using C = WgCfg<HD>;
-  auto kernel = PrefillWgmmaKernel<T, HD>;
-  if (C::kSmemBytes > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(C::kSmemBytes)) != cudaSuccess) {
-    return KernelStatus::kDeviceError;
-  }
-  const dim3 grid(args.num_heads, cuda::CeilDiv(max_q_len, C::kRows), num_seqs);
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(args);
-  return cuda::LaunchStatus();
 }
 
 }  // namespace
@@ -409,37 +311,12 @@ KernelStatus LaunchPagedAttentionPrefillWgmma(const PagedAttentionParams& p,
                                               const PagedAttentionCudaPlan& plan, int q_stride,
                                               int block_shift, cudaStream_t stream) {
   if (!PagedAttentionPrefillWgmmaAvailable()) return KernelStatus::kInvalidShape;
-  auto run = [&](auto hd_tag, auto type_tag) {
+  return DispatchPrefillHeadDim(p, [&](auto hd_tag, auto type_tag) {
     constexpr int HD = decltype(hd_tag)::value;
     using T = typename decltype(type_tag)::type;
-    const WgArgs<T> args{.q = static_cast<const T*>(p.q),
-                         .k_cache = static_cast<const T*>(p.k_cache),
-                         .v_cache = static_cast<const T*>(p.v_cache),
-                         .out = static_cast<T*>(p.out),
-                         .cu_q_lens = p.cu_q_lens,
-                         .context_lens = p.context_lens,
-                         .block_tables = p.block_tables,
-                         .max_blocks_per_seq = p.max_blocks_per_seq,
-                         .num_blocks = p.num_blocks,
-                         .block_size = p.block_size,
-                         .block_shift = block_shift,
-                         .num_heads = p.num_heads,
-                         .num_kv_heads = p.num_kv_heads,
-                         .q_stride = q_stride,
-                         .scale_log2 = p.scale * kLog2e};
-    return Launch<T, HD>(args, plan.max_q_len, p.num_seqs, stream);
-  };
-  return cuda::DispatchHalfTypes(p.dtype, [&](auto type_tag) {
-    switch (p.head_dim) {
-      case 32:
-        return run(std::integral_constant<int, 32>{}, type_tag);
-      case 64:
-        return run(std::integral_constant<int, 64>{}, type_tag);
-      case 80:
-        return run(std::integral_constant<int, 80>{}, type_tag);
-      default:
-        return KernelStatus::kInvalidShape;
-    }
+    return LaunchPrefillWgmmaKernel<WgCfg<HD>>(PrefillWgmmaKernel<T, HD>,
+                                               MakeWgArgs<T>(p, q_stride, block_shift),
+                                               plan.max_q_len, p.num_seqs, stream);
   });
 }
 
