@@ -401,38 +401,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   // The tile's own new tokens' K/V into the cache (PagedAttentionCudaPlan::store_new_k): by the
   // blocks of the first query head of each KV head, so every (token, KV head) is stored once;
   // nothing in this launch reads them from the cache (new keys come from the q rows). After the
-  // O write-out (its registers are free): each thread issues all loads of kStoreBatch chunks (the
-  // block-table entries and the K/V chunks, independent of each other) before their stores, one
-  // L2 round trip a batch instead of one a chunk.
+  // O write-out (its registers are free).
   if (new_kv_in_q && h % (a.num_heads / a.num_kv_heads) == 0) {
-    constexpr int kStoreBatch = 4;
-    const int items = rows * C::kChunks;
-    for (int i0 = tid; i0 < items; i0 += kStoreBatch * C::kThreads) {
-      uint4 kv[kStoreBatch], vv[kStoreBatch];
-      int blk[kStoreBatch], in_blk[kStoreBatch], col[kStoreBatch];
-#pragma unroll
-      for (int b = 0; b < kStoreBatch; ++b) {
-        const int i = i0 + b * C::kThreads;
-        blk[b] = -1;
-        in_blk[b] = col[b] = 0;
-        if (i < items) {
-          const int r = i / C::kChunks;
-          col[b] = kvh * HD + (i - r * C::kChunks) * 8;
-          blk[b] = slot_of(pos0 + r, &in_blk[b]);
-          const T* src = a.q + static_cast<size_t>(q_begin + tile0 + r) * a.q_stride + col[b];
-          kv[b] = *reinterpret_cast<const uint4*>(src + a.new_k_col);
-          vv[b] = *reinterpret_cast<const uint4*>(src + a.new_v_col);
-        }
-      }
-#pragma unroll
-      for (int b = 0; b < kStoreBatch; ++b) {
-        if (blk[b] < 0 || blk[b] >= a.num_blocks) continue;  // also: no item
-        const size_t dst =
-            (static_cast<size_t>(blk[b]) * a.block_size + in_blk[b]) * a.num_kv_heads * HD + col[b];
-        *reinterpret_cast<uint4*>(a.store_k + dst) = kv[b];
-        *reinterpret_cast<uint4*>(a.store_v + dst) = vv[b];
-      }
-    }
+    StoreNewKvRows<T, HD, C::kThreads>(a, slot_of, tid, rows, kvh, pos0, q_begin, tile0);
   }
 }
 
