@@ -574,7 +574,8 @@ absl::Status CudaPhiModel::set_mlp_stream_mode(int mode) {
       return absl::InternalError(
           absl::StrCat("cuBLASLt initialisation (MLP stream) failed: ", KernelStatusName(st)));
     }
-    set_prefill_gemm_algos(prefill_gemm_algos_);  // the MLP stream's GEMMs too
+    // The MLP stream's GEMMs take the recorded choices too (the main stream's plans stay cached).
+    if (prefill_gemm_algos_ && !gemm_algos_.empty()) mlp_gemm_->SetAlgoChoices(gemm_algos_);
   }
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
   DropGraphs();  // they bake in the old branch layout
