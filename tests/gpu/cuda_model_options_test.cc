@@ -1,0 +1,369 @@
+// CudaPhiModel's switches against its default path, end to end on tiny-phi-code and the GQA
+// head-dim-80 fixture model: the MLP branch on its own stream, the prefill K/V store in the
+// attention kernel, the warp-specialised prefill attention, the prefill MLP fork and GELU split,
+// the trimmed last layer, the bulk GEMV on decode steps and recorded cuBLASLt algorithm choices.
+// A switch that runs the same kernels on the same inputs in the same order must give bit-identical
+// logits; one that changes a summation order or adds a bf16 rounding gets the bf16 bounds of
+// cuda_model_test_util.h (ExpectLogitsClose). Moved from cuda_model_test.cc.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/gemv_cuda.h"
+#include "kernels/cuda/paged_attention_cuda.h"
+#include "model/cpu_phi_model.h"
+#include "model/cuda_phi_model.h"
+#include "model/kv_cache.h"
+#include "tests/gpu/cuda_model_test_util.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace phishard {
+namespace {
+
+using namespace model_test;  // NOLINT: test helpers
+
+// The MLP branch on its own stream (CudaModelOptions::mlp_stream): a 3-sequence prefill and 6
+// decode steps (graphs replayed from the second step of each bucket) per mode on one model.
+// Mode 1 runs the same kernels on the same inputs with the same accumulation order as mode 0, so
+// its logits must be bit-identical; mode 2 adds the two residual terms in the other order (one
+// bf16 rounding of h differs per layer), so it gets the bf16 bounds against mode 0.
+std::vector<std::vector<float>> RunModeSteps(CudaPhiModel& m) {
+  const int V = m.config().vocab_size;
+  const std::vector<std::vector<int32_t>> tables = {Blocks(0, 60), Blocks(4, 60), Blocks(8, 60)};
+  std::vector<std::vector<float>> out(1);
+  EXPECT_TRUE(m.Forward(ThreeSequencePrefill(V, tables), &out.back()).ok());
+  std::vector<int> ctx = kThreeLens;
+  for (int d = 0; d < 6; ++d) {
+    const ForwardBatch dec = ThreeSequenceDecode(V, d, tables, &ctx);
+    out.emplace_back();
+    EXPECT_TRUE(m.Forward(dec, &out.back()).ok());
+  }
+  return out;
+}
+
+TEST(CudaPhiModel, MlpStreamModesAgree) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(m->set_mlp_stream_mode(3)));
+    std::vector<std::vector<std::vector<float>>> runs;
+    for (int mode : {kMlpStreamOff, kMlpStreamFc1, kMlpStreamFc1Fc2}) {
+      ASSERT_TRUE(m->set_mlp_stream_mode(mode).ok());
+      runs.push_back(RunModeSteps(*m));
+    }
+    ASSERT_EQ(runs[0].size(), runs[1].size());
+    for (size_t i = 0; i < runs[0].size(); ++i) {
+      EXPECT_TRUE(runs[1][i] == runs[0][i]) << model << " step " << i << ": mode 1 != mode 0";
+      ExpectLogitsClose(runs[2][i], std::vector<double>(runs[0][i].begin(), runs[0][i].end()),
+                        std::string(model) + " mode 2 vs 0, step " + std::to_string(i));
+    }
+  }
+}
+
+// The prefill K/V store in the attention kernel (set_prefill_kv_store): the same attention on the
+// same K/V values (read from the qkv rows instead of the cache) and the same cache contents for
+// the decode steps after it, so the prefill's and every decode step's logits are bit-identical.
+TEST(CudaPhiModel, PrefillKvStoreModesAgree) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(m->prefill_kv_store());  // the default
+    m->set_prefill_kv_store(false);
+    const std::vector<std::vector<float>> off = RunModeSteps(*m);
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());  // nothing of the first run left to read
+    m->set_prefill_kv_store(true);
+    const std::vector<std::vector<float>> on = RunModeSteps(*m);
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) {
+      EXPECT_TRUE(on[i] == off[i]) << model << " step " << i << ": store on != off";
+    }
+  }
+}
+
+// The warp-specialised prefill attention (set_prefill_attention_tiling(4), kWgmmaWs, which kAuto
+// takes from 4096 query tokens) in the model: prefill logits close to kAuto's tiling (another
+// kernel: other accumulation order and P rounding, so close, not equal) and, from a cache refilled
+// with random values in between, the decode steps after it close too: they read the K/V that its
+// fused store wrote.
+TEST(CudaPhiModel, PrefillWarpSpecialisedAttentionCloseAndStoresTheCache) {
+  PHI_REQUIRE_GPU();
+  if (!PagedAttentionPrefillWgmmaAvailable()) GTEST_SKIP() << "kWgmmaWs needs an sm_90a device";
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    ASSERT_TRUE(m->prefill_kv_store());
+    const std::vector<std::vector<float>> ref = RunModeSteps(*m);
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());
+    ASSERT_TRUE(m->set_prefill_attention_tiling(static_cast<int>(PrefillTiling::kWgmmaWs)).ok());
+    const std::vector<std::vector<float>> ws = RunModeSteps(*m);
+    ASSERT_EQ(ws.size(), ref.size());
+    for (size_t i = 0; i < ws.size(); ++i) {
+      ExpectLogitsClose(ws[i], std::vector<double>(ref[i].begin(), ref[i].end()),
+                        std::string(model) + " kWgmmaWs vs kAuto, step " + std::to_string(i));
+    }
+  }
+}
+
+// The prefill MLP fork (set_prefill_mlp_fork): fc1 on the MLP stream with its own cuBLASLt
+// workspace (the same plan for the same shape), dense + fc2 after the join in the same order as on
+// one stream, so the prefill's and every decode step's logits must be bit-identical.
+TEST(CudaPhiModel, PrefillMlpForkIsBitIdentical) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(m->prefill_mlp_fork());  // the default
+    m->set_prefill_mlp_fork(false);
+    const std::vector<std::vector<float>> off = RunModeSteps(*m);
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());  // nothing of the first run left to read
+    m->set_prefill_mlp_fork(true);
+    const int64_t before = m->prefill_mlp_fork_steps();
+    const std::vector<std::vector<float>> on = RunModeSteps(*m);
+    EXPECT_EQ(m->prefill_mlp_fork_steps() - before, 1) << model << ": the prefill did not fork";
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) {
+      EXPECT_TRUE(on[i] == off[i]) << model << " step " << i << ": fork on != off";
+    }
+  }
+}
+
+// fc1's GELU off the GEMM in prefill forks (set_prefill_gelu_split): the same fc1 product and
+// bias, rounded to bf16 once more before the GELU (the GELU kernel reads the stored
+// pre-activation; cuBLASLt's epilogue reads the float32 accumulator), so each layer's MLP
+// activations differ by up to one bf16 rounding (2^-9 relative) of the pre-activation times
+// |gelu'| <= 1.13: the same size as the roundings the bf16 golden bounds allow
+// against float32 references, and the LoRA fc1 split has it too. So the prefill's logits, and the
+// decode steps' after it (they read the K/V the prefill wrote), get those bounds against the
+// epilogue's; the split must also have run (its step counter).
+TEST(CudaPhiModel, PrefillGeluSplitCloseToEpilogue) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    ASSERT_TRUE(m->prefill_mlp_fork());
+    EXPECT_FALSE(m->prefill_gelu_split());  // the default
+    m->set_prefill_gelu_split(false);
+    int64_t before = m->prefill_gelu_split_steps();
+    const std::vector<std::vector<float>> epi = RunModeSteps(*m);
+    EXPECT_EQ(m->prefill_gelu_split_steps(), before) << model << ": split while off";
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());  // nothing of the first run left to read
+    m->set_prefill_gelu_split(true);
+    before = m->prefill_gelu_split_steps();
+    const std::vector<std::vector<float>> split = RunModeSteps(*m);
+    EXPECT_EQ(m->prefill_gelu_split_steps() - before, 1) << model << ": the prefill did not split";
+    ASSERT_EQ(split.size(), epi.size());
+    for (size_t i = 0; i < split.size(); ++i) {
+      ExpectLogitsClose(split[i], std::vector<double>(epi[i].begin(), epi[i].end()),
+                        std::string(model) + " gelu split vs epilogue, step " + std::to_string(i));
+    }
+  }
+}
+
+// The trimmed last layer (set_prefill_last_rows): a prefill returning each sequence's last row
+// runs the last layer's attention (as decode queries) and MLP on those rows only. Its K/V cache is
+// written by the same kernels from the same rows as the full layer's, so the decode steps after
+// it must be bit-identical; the prefill logits differ only in summation order (split-key decode
+// attention, GEMMs of 3 rows instead of 62), so they get the bf16 bounds against the full
+// layer and against the CPU float32 model. A cached-prefix prefill (1 of 9 rows) gets the same
+// bound against the full layer.
+TEST(CudaPhiModel, PrefillLastRowsMatchFullLastLayer) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    SCOPED_TRACE(model);
+    absl::StatusOr<std::unique_ptr<CpuPhiModel>> cpu = CpuPhiModel::Load(kRepo / model);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    ASSERT_TRUE((*cpu)->AllocateKvCache(16, kKvBlockSize).ok());
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(m->prefill_last_rows());  // the default
+    const int V = m->config().vocab_size;
+    const std::vector<std::vector<int32_t>> tables = {Blocks(0, 60), Blocks(4, 60), Blocks(8, 60)};
+    ForwardBatch prefill = ThreeSequencePrefill(V, tables);
+    prefill.logit_rows = {kThreeLens[0] - 1, kThreeLens[0] + kThreeLens[1] - 1,
+                          static_cast<int32_t>(prefill.token_ids.size()) - 1};
+    auto run = [&](bool trimmed) {
+      m->set_prefill_last_rows(trimmed);
+      const int64_t before = m->prefill_last_rows_steps();
+      std::vector<std::vector<float>> out(1);
+      EXPECT_TRUE(m->Forward(prefill, &out.back()).ok());
+      EXPECT_EQ(m->prefill_last_rows_steps() - before, trimmed ? 1 : 0);  // the path was taken
+      std::vector<int> ctx = kThreeLens;
+      for (int d = 0; d < 6; ++d) {
+        out.emplace_back();
+        EXPECT_TRUE(m->Forward(ThreeSequenceDecode(V, d, tables, &ctx), &out.back()).ok());
+      }
+      // A cached-prefix prefill: 9 more tokens on sequence 1 (context 23 -> 32, across a block
+      // edge), its last row's query over cached and new keys; then one more decode step.
+      ForwardBatch more;
+      for (int i = 0; i < 9; ++i) {
+        more.token_ids.push_back((i * 71 + 3) % V);
+        more.positions.push_back(ctx[1] + i);
+      }
+      ctx[1] += 9;
+      more.seqs.push_back({.num_new_tokens = 9, .context_len = ctx[1], .block_table = tables[1]});
+      more.logit_rows = {8};
+      out.emplace_back();
+      EXPECT_TRUE(m->Forward(more, &out.back()).ok());
+      EXPECT_EQ(m->prefill_last_rows_steps() - before, trimmed ? 2 : 0);
+      out.emplace_back();
+      EXPECT_TRUE(m->Forward(ThreeSequenceDecode(V, 6, tables, &ctx), &out.back()).ok());
+      return out;
+    };
+    const std::vector<std::vector<float>> full = run(false);
+    ASSERT_TRUE(m->FillKvCacheRandom(5).ok());  // nothing of the first run left to read
+    const std::vector<std::vector<float>> trimmed = run(true);
+    std::vector<float> ref;
+    ASSERT_TRUE((*cpu)->Forward(prefill, &ref).ok());
+    ExpectLogitsClose(trimmed[0], std::vector<double>(ref.begin(), ref.end()), "trimmed vs CPU");
+    ExpectLogitsClose(trimmed[0], std::vector<double>(full[0].begin(), full[0].end()),
+                      "trimmed vs full last layer");
+    ASSERT_EQ(trimmed.size(), full.size());
+    ASSERT_EQ(full.size(), 9u);
+    ExpectLogitsClose(trimmed[7], std::vector<double>(full[7].begin(), full[7].end()),
+                      "cached-prefix prefill, trimmed vs full last layer");
+    for (size_t i : {1, 2, 3, 4, 5, 6, 8}) {
+      EXPECT_TRUE(trimmed[i] == full[i]) << "step " << i << " (a decode step after a prefill)";
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bulk GEMV on decode steps (CudaModelOptions::bulk_gemv_*), in every MLP stream mode: the
+// three-sequence batches above (decode steps of 3 rows, bucket 4) and one sequence of 1-row
+// decode steps, with graphs (replays from each bucket's second step). Against the default path
+// (cuBLASLt / column GEMV, a separate LayerNorm kernel) the sums run in another order and, with
+// the LayerNorm folded in, the normed rows' statistics too: the bf16 bounds. A graph
+// replay runs the eager step's very launches (fork, qkv-done event, PDL edges): bit-identical.
+std::vector<std::vector<float>> RunOneSequenceSteps(CudaPhiModel& m) {
+  const int V = m.config().vocab_size;
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 19; ++i) ids.push_back((i * 389 + 5) % V);
+  const std::vector<int32_t> table = Blocks(12, 40);
+  std::vector<std::vector<float>> out(1);
+  EXPECT_TRUE(m.Forward(OneSequence(ids, 0, table, false), &out.back()).ok());
+  for (int d = 0; d < 6; ++d) {
+    out.emplace_back();
+    EXPECT_TRUE(m.Forward(OneSequence({(d * 97 + 3) % V}, 19 + d, table, false), &out.back()).ok());
+  }
+  return out;
+}
+
+TEST(CudaPhiModel, BulkGemvStepsAgree) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(m->set_bulk_gemv(kGemvMaxRows + 1, true, false)));
+    for (int mode : {kMlpStreamOff, kMlpStreamFc1, kMlpStreamFc1Fc2}) {
+      ASSERT_TRUE(m->set_mlp_stream_mode(mode).ok());
+      ASSERT_TRUE(m->set_bulk_gemv(0, false, false).ok());
+      const auto base3 = RunModeSteps(*m), base1 = RunOneSequenceSteps(*m);
+      for (bool ln : {false, true}) {
+        const std::string what = std::string(model) + " mode " + std::to_string(mode) +
+                                 (ln ? " bulk + LayerNorm" : " bulk");
+        ASSERT_TRUE(m->set_bulk_gemv(kGemvMaxRows, true, ln).ok());
+        const auto bulk3 = RunModeSteps(*m), bulk1 = RunOneSequenceSteps(*m);
+        m->set_cuda_graphs(false);
+        const auto eager3 = RunModeSteps(*m), eager1 = RunOneSequenceSteps(*m);
+        m->set_cuda_graphs(true);
+        ASSERT_EQ(bulk3.size(), base3.size());
+        ASSERT_EQ(bulk1.size(), base1.size());
+        for (size_t i = 0; i < bulk3.size(); ++i) {
+          EXPECT_TRUE(bulk3[i] == eager3[i]) << what << ": 3 rows, step " << i << " graph != eager";
+          ExpectLogitsClose(bulk3[i], std::vector<double>(base3[i].begin(), base3[i].end()),
+                            what + ", 3 rows, step " + std::to_string(i));
+        }
+        for (size_t i = 0; i < bulk1.size(); ++i) {
+          EXPECT_TRUE(bulk1[i] == eager1[i]) << what << ": 1 row, step " << i << " graph != eager";
+          ExpectLogitsClose(bulk1[i], std::vector<double>(base1[i].begin(), base1[i].end()),
+                            what + ", 1 row, step " + std::to_string(i));
+        }
+      }
+    }
+    ASSERT_TRUE(m->set_bulk_gemv(0, false, false).ok());
+  }
+}
+
+// Recorded cuBLASLt algorithm choices (set_gemm_algo_choices, model/cuda_gemm_choices.h): every
+// prefill GEMM form of the model gets a configuration other than the heuristic's first (the last
+// one CudaGemm::ListAlgos offers for it), for prefill-sized steps only. The prefill must take them
+// and differ from the heuristic's plans only in summation order (the bf16 bounds); the
+// decode steps after it read that prefill's K/V, so they get the same bounds.
+TEST(CudaPhiModel, PrefillGemmAlgoChoicesTakenAndClose) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    const PhiConfig& c = m->config();
+    const int H = c.hidden_size, I = c.intermediate_size;
+    const int qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+    const int T = std::accumulate(kThreeLens.begin(), kThreeLens.end(), 0);
+    std::unique_ptr<CudaGemm> g;
+    ASSERT_EQ(CudaGemm::Create(size_t{32} << 20, &g), KernelStatus::kOk);
+    gpu_test::DeviceBuffer any(size_t{1} << 20);  // ListAlgos reads only its alignment
+    const GemmEpilogue act =
+        c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
+    struct Form {
+      int n, k;
+      bool acc;
+      GemmEpilogue epi;
+    };
+    std::vector<GemmAlgoChoice> choices;
+    for (const Form& f :
+         {Form{qkv, H, false, GemmEpilogue::kNone}, Form{I, H, false, act},
+          Form{H, H, true, GemmEpilogue::kNone}, Form{H, I, true, GemmEpilogue::kNone}}) {
+      const GemmParams p{.x = any.get(),
+                         .w = any.get(),
+                         .bias = any.get(),
+                         .y = any.get(),
+                         .m = T,
+                         .n = f.n,
+                         .k = f.k,
+                         .accumulate = f.acc,
+                         .epilogue = f.epi,
+                         .dtype = DataType::kBF16};
+      std::vector<GemmAlgoConfig> cands;
+      ASSERT_EQ(g->ListAlgos(p, DataType::kBF16, 16, true, &cands), KernelStatus::kOk);
+      ASSERT_FALSE(cands.empty());
+      choices.push_back({.min_m = T,
+                         .max_m = T,
+                         .n = f.n,
+                         .k = f.k,
+                         .accumulate = f.acc,
+                         .gelu = f.epi == GemmEpilogue::kGeluTanh && g->gelu_tanh_in_epilogue(),
+                         .bias = true,
+                         .dtype = DataType::kBF16,
+                         .config = cands.back()});
+    }
+    m->set_gemm_algo_choices({});
+    const std::vector<std::vector<float>> off = RunModeSteps(*m);
+    EXPECT_EQ(m->chosen_gemm_plans(), 0u);
+    m->set_gemm_algo_choices(choices);
+    const std::vector<std::vector<float>> on = RunModeSteps(*m);
+    EXPECT_GE(m->chosen_gemm_plans(), 3u) << model << ": the prefill took too few choices";
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) {
+      ExpectLogitsClose(on[i], std::vector<double>(off[i].begin(), off[i].end()),
+                        std::string(model) + " choices vs heuristic, step " + std::to_string(i));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace phishard
