@@ -14,7 +14,7 @@
 //
 // The logit rows' results are the full layer's up to summation order (the decode attention
 // splits the keys, the small GEMMs use other cuBLASLt plans): within bf16 rounding of the full
-// path (cuda_model_test PrefillLastRowsMatchFullLastLayer), the same K/V cache bits.
+// path (cuda_model_options_test PrefillLastRowsMatchFullLastLayer), the same K/V cache bits.
 #ifdef PHISHARD_HAVE_CUDA
 
 #include <vector>

@@ -75,7 +75,7 @@ class CudaGemm {
   // [B | B] and add onto y with beta = 1; a bf16 partial sum would drop the lo part). A guard: the
   // LoRA shapes measured so far picked no split-K. Note that cuBLASLt's default epilogue with
   // beta = 1 was measured (H200, algo 66) to return round(C + round(x·wᵀ)), which drops the lo
-  // part anyway; its GELU epilogue sums in float32 (see tests/gpu/cuda_lora_gemm_test.cc).
+  // part anyway; its GELU epilogue sums in float32 (tests/gpu/cuda_gemm_accumulate_gelu_test.cc).
   void RequireFloat32SplitK();
   // The configuration of the algorithm the last successful Run used (algo / tile / stages ids,
   // split-K count, reduction scheme, numerical implementation flags), for diagnostics.

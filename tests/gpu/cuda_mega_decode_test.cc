@@ -14,11 +14,11 @@
 // rotated q/k, fc1 activation, attention output, h) but sums in other orders (per-row dot products
 // over 8 warps, attention in 16 splits merged by log-sum-exp, dense + fc2 as two float32 sums
 // added once): an activation can land on the other side of a bf16 rounding boundary, the same
-// kind of difference as cuda_model_test's MLP mode 2 vs 0 (h rounded once vs twice a layer), so
-// the same bounds: max |d| <= 0.02 of the logit scale, norm rel <= 0.015 (that file's numpy
-// emulation gives their origin). Greedy tokens must agree unless the reference's top-2 gap is a
-// near-tie (< 0.008 of the scale, kTieFrac there). A graph replay runs the eager launch's work
-// with the same reduction orders: bit-identical.
+// kind of difference as cuda_model_options_test's MLP mode 2 vs 0 (h rounded once vs twice a
+// layer), so the same bounds: max |d| <= 0.02 of the logit scale, norm rel <= 0.015 (the numpy
+// emulation in cuda_model_test_util.h gives their origin). Greedy tokens must agree unless the
+// reference's top-2 gap is a near-tie (< 0.008 of the scale, kTieFrac of cuda_model_test.cc). A
+// graph replay runs the eager launch's work with the same reduction orders: bit-identical.
 #include <gtest/gtest.h>
 
 #include <algorithm>

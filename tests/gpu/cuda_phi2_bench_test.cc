@@ -256,7 +256,7 @@ TEST(CudaPhi2Bench, TimesStepsAndDecodeAgreesWithPrefill) {
   // Decode path vs prefill path at Phi-2 scale: position 300's logits from one 301-token prefill
   // (tensor-core kernel, bf16 probabilities) and from a 300-token prefill + one decode step
   // (split-K kernel, float32 probabilities). Both are bf16 computations of the same function, so
-  // they agree to the bf16 bound of cuda_model_test.cc (0.02 x logit scale).
+  // they agree to the bf16 bound of cuda_model_test_util.h (0.02 x logit scale).
   std::vector<float> all, one;
   ASSERT_TRUE(prefill(1, 301, true, &all).ok());
   const std::vector<float> want(all.end() - V, all.end());

@@ -7,7 +7,7 @@
 //   * rank 0 and rank 1 of world 2: byte-identical (every rank must sample the same tokens);
 //   * world 2 against world 1: within bf16 tolerance. Both are bf16 computations of the same
 //     float32 reference whose error against it is bounded by the numpy emulation quoted in
-//     cuda_model_test.cc (max |d| <= 0.0074 of the logit scale, norm rel <= 0.0055), so their
+//     cuda_model_test_util.h (max |d| <= 0.0074 of the logit scale, norm rel <= 0.0055), so their
 //     difference is at most twice that: kLogitFrac 0.02 and kLogitNormRel 0.015 hold it;
 //   * the teacher-forced top-1 token of every step equals the Hugging Face greedy token of the
 //     fixture, except at genuine near-ties (gap < kTieFrac x scale, as in cuda_model_test.cc).

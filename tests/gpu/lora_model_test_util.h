@@ -2,7 +2,7 @@
 // peft golden fixture (tests/golden/tiny-phi-code-adapters.json, peft 0.21 float32) and its
 // adapters, models loaded on the GPU, the mixed batches and the bf16 closeness check.
 //
-// bf16 tolerances: the same bounds as cuda_model_test.cc's (max |logit - ref| <= 0.02 x scale,
+// bf16 tolerances: the same bounds as cuda_model_test_util.h's (max |logit - ref| <= 0.02 x scale,
 // ‖d‖/‖ref‖ <= 0.015; derived there from an emulation of this backend's rounding schedule, worst
 // 0.0074 / 0.0055). LoRA adds the rounding of A and B to bf16 (relative 2^-9 per element, averaged
 // over r x in terms) and one rounding of each adapted output, which is small against the base
