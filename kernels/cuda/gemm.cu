@@ -10,33 +10,12 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gelu_cuda.h"
 #include "kernels/cuda/gemm_algo.cuh"
 #include "kernels/cuda/gemm_cuda.h"
 
 namespace phishard {
 namespace {
-
-// ---- activation kernel for epilogues cuBLASLt cannot do (erf GELU; tanh GELU if the probe
-// says its GELU is not the tanh form). In place on y[m, n] with row stride ldy. ----
-template <typename T, bool kTanh>
-__global__ void GeluInPlaceKernel(T* y, int m, int n, int ldy) {
-  const int64_t total = static_cast<int64_t>(m) * n;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / n;
-    const int64_t c = i - r * n;
-    T* p = y + r * ldy + c;
-    const float x = cuda::ToFloat(*p);
-    float g;
-    if constexpr (kTanh) {
-      const float k0 = 0.7978845608028654f;  // sqrt(2/pi)
-      g = 0.5f * x * (1.0f + tanhf(k0 * (x + 0.044715f * x * x * x)));
-    } else {
-      g = 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-    }
-    *p = cuda::FromFloat<T>(g);
-  }
-}
 
 cudaDataType_t CudaType(DataType t) {
   switch (t) {
@@ -628,21 +607,20 @@ KernelStatus CudaGemm::Run(const GemmParams& p, DataType y_dtype, cudaStream_t s
     return KernelStatus::kDeviceError;
   }
   if (!want_gelu) return KernelStatus::kOk;
-  auto launch = [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const int64_t total = static_cast<int64_t>(p.m) * p.n;
-    const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
-    for (int i = 0; i < p.batch; ++i) {  // one launch per batch item
-      T* y = static_cast<T*>(p.y) + i * p.batch_stride_y;
-      if (p.epilogue == GemmEpilogue::kGeluTanh) {
-        GeluInPlaceKernel<T, true><<<blocks, 256, 0, stream>>>(y, p.m, p.n, ldy);
-      } else {
-        GeluInPlaceKernel<T, false><<<blocks, 256, 0, stream>>>(y, p.m, p.n, ldy);
-      }
-    }
-    return cuda::LaunchStatus();
-  };
-  return cuda::DispatchAllTypes(y_dtype, launch);
+  // The activation cuBLASLt did not apply (erf GELU; tanh GELU when the probe says its epilogue is
+  // not the tanh form or does not act on the accumulated sum): the in-place GELU op
+  // (kernels/gelu.h) on y[m, n] (row stride ldy), one launch per batch item.
+  const int64_t item_bytes = p.batch_stride_y * static_cast<int64_t>(DataTypeSize(y_dtype));
+  for (int i = 0; i < p.batch; ++i) {
+    const GeluInPlaceParams g{.y = static_cast<char*>(p.y) + i * item_bytes,
+                              .rows = p.m,
+                              .cols = p.n,
+                              .ld = ldy,
+                              .act = p.epilogue,
+                              .dtype = y_dtype};
+    if (KernelStatus s = GeluInPlaceCuda(g, stream); s != KernelStatus::kOk) return s;
+  }
+  return KernelStatus::kOk;
 }
 
 bool CudaGemm::gelu_tanh_in_epilogue() const { return impl_->gelu_tanh_in_epilogue; }
