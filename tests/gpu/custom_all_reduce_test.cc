@@ -20,23 +20,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "parallel/nccl_communicator.h"
-#include "parallel/rendezvous.h"
 #include "tests/gpu/peer_all_reduce_test_util.h"
-#include "tests/parallel/parallel_test_util.h"
 
 namespace phishard {
 namespace {
-
-using ::phishard::testing::ExitCodes;
-using ::phishard::testing::ForkRanks;
-using ::phishard::testing::FreeLoopbackPort;
-using ::phishard::testing::LoopbackOptions;
 
 enum class Case { kCollectives, kAbort, kDeadline };
 
 using peer_test::FirstDiff;
 using peer_test::kNoP2p;
-using peer_test::kSkip;
 using peer_test::MakePartial;
 using peer_test::Partial;
 using peer_test::ReferenceSum;
@@ -46,16 +38,12 @@ class Rank {
   Rank(int rank, int port) : rank_(rank), port_(port) {}
 
   int Run(Case which) {
-    int visible = 0;
-    if (cudaGetDeviceCount(&visible) != cudaSuccess || visible < 2) return kSkip;
-    auto control = Rendezvous(LoopbackOptions(rank_, 2, port_, absl::Seconds(60)));
-    if (!control.ok()) return Fail(std::string(control.status().message()));
     // The deadline case needs a short collective timeout, the others a generous one.
-    const absl::Duration op_timeout =
-        which == Case::kDeadline ? absl::Seconds(2) : absl::Seconds(30);
-    auto comm = NcclCommunicator::Create(**control, absl::Seconds(60), op_timeout);
-    if (!comm.ok()) return Fail(std::string(comm.status().message()));
-    NcclCommunicator& c = **comm;
+    peer_test::RankComm rc;
+    if (int code = peer_test::ConnectRank(rank_, port_, which == Case::kDeadline, &rc); code != 0) {
+      return code;
+    }
+    NcclCommunicator& c = *rc.comm;
     if (!c.custom_all_reduce_ready()) {
       std::fprintf(stderr, "rank %d: custom all-reduce unavailable (see the log line)\n", rank_);
       return kNoP2p;
@@ -279,9 +267,7 @@ class Rank {
 };
 
 std::vector<int> RunTwoRanks(Case which, absl::Duration limit) {
-  const int port = FreeLoopbackPort();
-  return ExitCodes(ForkRanks(
-      2, [&](int r) { return Rank(r, port).Run(which); }, limit));
+  return peer_test::RunTwoRanks<Rank>(which, limit);
 }
 
 void Check(const std::vector<int>& codes) { peer_test::CheckTwoRanks(codes, "custom all-reduce"); }

@@ -1,7 +1,8 @@
 // Shared pieces of the two-rank all-reduce tests (custom_all_reduce_test.cc,
 // copy_engine_all_reduce_test.cc): each rank's random partial and the float sum of both, rounded
-// once to the element type; the abort and deadline cases both paths must pass; the ranks' exit
-// codes read as a gtest result.
+// once to the element type; a rank's set-up (rendezvous and communicator) and the two forked
+// ranks; the abort and deadline cases both paths must pass; the ranks' exit codes read as a gtest
+// result.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -25,6 +27,8 @@
 #include "absl/time/clock.h"
 #include "kernels/dtype.h"
 #include "parallel/nccl_communicator.h"
+#include "parallel/rendezvous.h"
+#include "tests/parallel/parallel_test_util.h"
 
 namespace phishard::peer_test {
 
@@ -96,6 +100,38 @@ inline int Fail(int rank, const std::string& what) {
   std::fprintf(stderr, "rank %d: %s\n", rank, what.c_str());
   std::fflush(stderr);
   return 1;
+}
+
+// A rank's communicator and the control channel it was set up over (kept alive beside it).
+struct RankComm {
+  std::unique_ptr<ControlChannel> control;
+  std::unique_ptr<NcclCommunicator> comm;
+};
+
+// Rank `rank` of two meets the other over loopback `port` and creates its NcclCommunicator (setup
+// timeout 60 s; collective timeout 2 s when `short_op_timeout`, for the deadline cases, else
+// 30 s). Returns kSkip with fewer than two visible GPUs, Fail's 1 when the rendezvous or the
+// communicator fails, else 0 with *out set.
+inline int ConnectRank(int rank, int port, bool short_op_timeout, RankComm* out) {
+  int visible = 0;
+  if (cudaGetDeviceCount(&visible) != cudaSuccess || visible < 2) return kSkip;
+  auto control = Rendezvous(::phishard::testing::LoopbackOptions(rank, 2, port, absl::Seconds(60)));
+  if (!control.ok()) return Fail(rank, std::string(control.status().message()));
+  const absl::Duration op_timeout = short_op_timeout ? absl::Seconds(2) : absl::Seconds(30);
+  auto comm = NcclCommunicator::Create(**control, absl::Seconds(60), op_timeout);
+  if (!comm.ok()) return Fail(rank, std::string(comm.status().message()));
+  out->control = *std::move(control);
+  out->comm = *std::move(comm);
+  return 0;
+}
+
+// Forks the two ranks, each running `RankT(rank, port).Run(which)` in a child process on one free
+// loopback port, and returns their exit codes (killed after `limit`).
+template <typename RankT, typename CaseT>
+std::vector<int> RunTwoRanks(CaseT which, absl::Duration limit) {
+  const int port = ::phishard::testing::FreeLoopbackPort();
+  return ::phishard::testing::ExitCodes(::phishard::testing::ForkRanks(
+      2, [&](int r) { return RankT(r, port).Run(which); }, limit));
 }
 
 // Polls the raw stream (not SyncStream's host deadline) until it is idle or `limit` passes.
