@@ -214,14 +214,7 @@ absl::StatusOr<int> CpuPhiModel::MaxKvBlocks(double memory_fraction, int max_bat
 
 absl::StatusOr<int> CpuPhiModel::LocalMaxKvBlocks(double memory_fraction,
                                                   int max_batch_tokens) const {
-  if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("memory_fraction = %g must be in (0, 1]", memory_fraction));
-  }
-  if (max_batch_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("max_batch_tokens = %d must be >= 0", max_batch_tokens));
-  }
+  if (absl::Status s = CheckKvPoolSizing(memory_fraction, max_batch_tokens); !s.ok()) return s;
   // Ranks on one host share its memory.
   const int64_t available = AvailableHostBytes() / parallel_.ranks_on_host;
   const int64_t budget =

@@ -435,14 +435,7 @@ absl::StatusOr<int> CudaPhiModel::MaxKvBlocks(double memory_fraction, int max_ba
 
 absl::StatusOr<int> CudaPhiModel::LocalMaxKvBlocks(double memory_fraction,
                                                    int max_batch_tokens) const {
-  if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("memory_fraction = %g must be in (0, 1]", memory_fraction));
-  }
-  if (max_batch_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("max_batch_tokens = %d must be >= 0", max_batch_tokens));
-  }
+  if (absl::Status s = CheckKvPoolSizing(memory_fraction, max_batch_tokens); !s.ok()) return s;
   DeviceSet(device_);
   size_t free_bytes = 0, total_bytes = 0;
   if (int err = DeviceMemGetInfo(&free_bytes, &total_bytes); err != 0) {

@@ -165,6 +165,18 @@ absl::StatusOr<int> FewestKvBlocks(const float* counts, int world, int rank, int
   return static_cast<int>(fewest);
 }
 
+absl::Status CheckKvPoolSizing(double memory_fraction, int max_batch_tokens) {
+  if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("memory_fraction = %g must be in (0, 1]", memory_fraction));
+  }
+  if (max_batch_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("max_batch_tokens = %d must be >= 0", max_batch_tokens));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<PhiShard> MakePhiShard(const PhiConfig& c, int rank, int world_size) {
   if (c.hidden_size <= 0 || c.num_attention_heads <= 0 || c.num_key_value_heads <= 0 ||
       c.head_dim <= 0 || c.intermediate_size <= 0 || c.vocab_size <= 0 ||

@@ -63,6 +63,10 @@ PhiConfig LocalPhiConfig(const PhiConfig& config, const PhiShard& shard);
 void EncodeKvBlockCount(int64_t blocks, float out[2]);
 absl::StatusOr<int> FewestKvBlocks(const float* counts, int world, int rank, int64_t mine);
 
+// The arguments of ModelBackend::MaxKvBlocks, checked alike by every backend: INVALID_ARGUMENT
+// naming memory_fraction unless it is in (0, 1], or max_batch_tokens when it is negative.
+absl::Status CheckKvPoolSizing(double memory_fraction, int max_batch_tokens);
+
 // Part of a 1-D or 2-D tensor: elements [row_begin, row_end) of a 1-D tensor; rows
 // [row_begin, row_end) x columns [col_begin, col_end) of a 2-D one. -1 ends mean "to the end".
 struct TensorSlice {
