@@ -5,10 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <map>
 #include <memory>
-#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -18,6 +16,7 @@
 #include "common/logging.h"
 #include "model/json_depth.h"
 #include "model/safetensors.h"
+#include "model/text_file.h"
 #include "nlohmann/json.hpp"
 
 namespace phishard {
@@ -267,14 +266,6 @@ absl::Status ParseTensorName(const std::string& name, const std::string& file, i
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
-}
-
-absl::StatusOr<std::string> ReadText(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open '", path.string(), "'"));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 }  // namespace
@@ -574,7 +565,7 @@ absl::StatusOr<LoraAdapter> LoraAdapter::LoadDir(const fs::path& dir, const PhiC
   if (!fs::is_regular_file(config_path, ec)) {
     const fs::path medusa = dir / "config.json";
     if (fs::is_regular_file(medusa, ec)) {
-      absl::StatusOr<std::string> text = ReadText(medusa);
+      absl::StatusOr<std::string> text = ReadTextFile(medusa);
       if (text.ok() && absl::StrContains(*text, "medusa_num_heads")) {
         return absl::UnimplementedError(
             absl::StrCat("'", dir.string(),
@@ -585,7 +576,7 @@ absl::StatusOr<LoraAdapter> LoraAdapter::LoadDir(const fs::path& dir, const PhiC
     return absl::NotFoundError(absl::StrCat("No valid adapter config file found: tried ",
                                             config_path.string(), " and ", medusa.string()));
   }
-  absl::StatusOr<std::string> text = ReadText(config_path);
+  absl::StatusOr<std::string> text = ReadTextFile(config_path);
   if (!text.ok()) return text.status();
   absl::StatusOr<LoraAdapterConfig> config = ParseLoraAdapterConfig(*text, config_path.string());
   if (!config.ok()) return config.status();

@@ -4,14 +4,13 @@
 
 #include <climits>
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
 #include "model/json_depth.h"
+#include "model/text_file.h"
 #include "nlohmann/json.hpp"
 
 namespace phishard {
@@ -155,15 +154,6 @@ absl::StatusOr<json> ParseJsonObject(std::string_view text, const std::string& s
         absl::StrCat(source, ": top level is ", j.type_name(), ", expected a JSON object"));
   }
   return j;
-}
-
-absl::StatusOr<std::string> ReadTextFile(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open '", path.string(), "'"));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading '", path.string(), "'"));
-  return ss.str();
 }
 
 }  // namespace

@@ -9,15 +9,15 @@
 #include <bit>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <set>
-#include <sstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
+#include "model/json_depth.h"
+#include "model/text_file.h"
 #include "nlohmann/json.hpp"
 
 namespace phishard {
@@ -52,38 +52,10 @@ bool IsKnownUnsupportedDType(std::string_view s) {
   return std::find(std::begin(kOthers), std::end(kOthers), s) != std::end(kOthers);
 }
 
-// Max nesting depth of the JSON text, ignoring brackets inside strings. Stops counting at
-// `limit + 1`.
-int JsonDepth(std::string_view text, int limit) {
-  int depth = 0, max_depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped) {
-        escaped = false;
-      } else if (c == '\\') {
-        escaped = true;
-      } else if (c == '"') {
-        in_string = false;
-      }
-      continue;
-    }
-    if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
-      max_depth = std::max(max_depth, ++depth);
-      if (max_depth > limit) return max_depth;
-    } else if (c == '}' || c == ']') {
-      --depth;
-    }
-  }
-  return max_depth;
-}
-
 // Parses JSON, reporting a duplicated key in any object (nlohmann silently keeps the last one,
 // which for a safetensors header would hide a tensor).
 absl::StatusOr<json> ParseJsonNoDuplicates(std::string_view text, const std::string& what) {
-  if (JsonDepth(text, kMaxJsonDepth) > kMaxJsonDepth) {
+  if (JsonNestingDepth(text, kMaxJsonDepth) > kMaxJsonDepth) {
     return absl::InvalidArgumentError(
         absl::StrFormat("%s: JSON nested deeper than %d levels", what, kMaxJsonDepth));
   }
@@ -125,15 +97,6 @@ bool GetUnsigned(const json& v, uint64_t* out) {
   if (!v.is_number_unsigned()) return false;
   *out = v.get<uint64_t>();
   return true;
-}
-
-absl::StatusOr<std::string> ReadTextFile(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open '", path.string(), "'"));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading '", path.string(), "'"));
-  return ss.str();
 }
 
 uint32_t FloatBits(float f) { return std::bit_cast<uint32_t>(f); }

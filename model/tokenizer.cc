@@ -1,8 +1,6 @@
 #include "model/tokenizer.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -17,6 +15,7 @@
 #include "model/bpe_pretokenizer.h"
 #include "model/bpe_utf8.h"
 #include "model/json_depth.h"
+#include "model/text_file.h"
 
 namespace phishard {
 
@@ -381,12 +380,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::filesystem::path& dir) {
   auto read = [](const std::filesystem::path& path, std::string* out) -> absl::Status {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return absl::NotFoundError(absl::StrCat(path.string(), ": cannot open"));
-    std::ostringstream buffer;
-    buffer << in.rdbuf();
-    if (in.bad()) return absl::DataLossError(absl::StrCat(path.string(), ": read error"));
-    *out = std::move(buffer).str();
+    absl::StatusOr<std::string> text = ReadTextFile(path);
+    if (!text.ok()) return text.status();
+    *out = *std::move(text);
     return absl::OkStatus();
   };
   std::string tokenizer_json, config_json;
