@@ -82,6 +82,41 @@ std::vector<uint16_t> Download16(const DeviceBuffer& b) {
   return v;
 }
 
+// A gather from the 3-slot table `table` ([3, kTargets] SgmvWeight, device) for the step's
+// adapters `steps` ([num_adapters] LoraStepAdapter, device), windows up to max_width wide, bf16;
+// the caller adds the jobs.
+LoraGatherParams StepGather(const DeviceBuffer& table, const DeviceBuffer& steps, int num_adapters,
+                            int max_width) {
+  LoraGatherParams gp;
+  gp.table = table.as<SgmvWeight>();
+  gp.stride = kTargets;
+  gp.num_slots = 3;
+  gp.adapters = steps.as<LoraStepAdapter>();
+  gp.num_adapters = num_adapters;
+  gp.max_width = max_width;
+  gp.dtype = DataType::kBF16;
+  return gp;
+}
+
+// The rows of a segmented step from runs of (index into `step`, or -1 for base rows; row count):
+// each row's adapter, and one segment per adapter run (its rows and its adapter's rank window).
+struct StepRows {
+  std::vector<int32_t> row_adapter;
+  std::vector<LoraSegment> segs;
+};
+
+StepRows MakeStepRows(const std::vector<LoraStepAdapter>& step,
+                      const std::vector<std::pair<int, int>>& runs) {
+  StepRows sr;
+  for (const auto& [a, n] : runs) {
+    if (a >= 0) {
+      sr.segs.push_back({static_cast<int>(sr.row_adapter.size()), n, step[a].col, step[a].width});
+    }
+    sr.row_adapter.insert(sr.row_adapter.end(), n, a);
+  }
+  return sr;
+}
+
 TEST(CudaLoraGemm, GatherBuildsConcatenatedMatricesWithZeroPadding) {
   PHI_REQUIRE_GPU();
   Adapters ad = MakeAdapters();
@@ -93,7 +128,7 @@ TEST(CudaLoraGemm, GatherBuildsConcatenatedMatricesWithZeroPadding) {
   // One A job per target (dst [R, in]) and one B job per target into [out, 2 R] at column R
   // (the model's residual layout), all destinations NaN-poisoned.
   std::vector<DeviceBuffer> dst;
-  LoraGatherParams gp;
+  LoraGatherParams gp = StepGather(table, steps, 2, 24);
   for (int t = 0; t < kTargets; ++t) {
     dst.emplace_back(static_cast<size_t>(R) * kIn[t] * 2);
     dst.back().Poison();
@@ -104,13 +139,6 @@ TEST(CudaLoraGemm, GatherBuildsConcatenatedMatricesWithZeroPadding) {
     dst.back().Poison();
     gp.jobs[gp.num_jobs++] = {dst.back().get(), true, t, kOut[t], 2 * R, R};
   }
-  gp.table = table.as<SgmvWeight>();
-  gp.stride = kTargets;
-  gp.num_slots = 3;
-  gp.adapters = steps.as<LoraStepAdapter>();
-  gp.num_adapters = 2;
-  gp.max_width = 24;
-  gp.dtype = DataType::kBF16;
   ASSERT_EQ(LoraGatherCuda(gp, nullptr), KernelStatus::kOk);
   gpu_test::ExpectDeviceClean(nullptr);
   int bad = 0;
@@ -355,14 +383,9 @@ TEST(CudaLoraGemm, SegmentedExpandsMatchNaiveReference) {
     for (const LoraStepAdapter& a : step) R = std::max(R, a.col + a.width);
     const int tw = 2;
     DeviceBuffer steps = DeviceBuffer::From(step);
-    std::vector<int32_t> row_adapter;
-    std::vector<LoraSegment> segs;
-    for (const auto& [a, n] : runs) {
-      if (a >= 0) {
-        segs.push_back({static_cast<int>(row_adapter.size()), n, step[a].col, step[a].width});
-      }
-      row_adapter.insert(row_adapter.end(), n, a);
-    }
+    const StepRows sr = MakeStepRows(step, runs);
+    const std::vector<int32_t>& row_adapter = sr.row_adapter;
+    const std::vector<LoraSegment>& segs = sr.segs;
     const int rows = static_cast<int>(row_adapter.size());
     DeviceBuffer rmap = DeviceBuffer::From(row_adapter);
     // t in the concatenated shrink layout (block b at b R; model block order q, k, v, fc1, dense,
@@ -396,20 +419,13 @@ TEST(CudaLoraGemm, SegmentedExpandsMatchNaiveReference) {
     bq.Poison();
     bf1.Poison();
     bres.Poison();
-    LoraGatherParams gp;
+    LoraGatherParams gp = StepGather(table, steps, static_cast<int>(step.size()), W);
     for (int h = 0; h < tw; ++h) {
       gp.jobs[gp.num_jobs++] = {bq.get(), true, 0, out[0], tw * R, 0, tw, h};
       gp.jobs[gp.num_jobs++] = {bf1.get(), true, 4, out[4], tw * R, 0, tw, h};
       gp.jobs[gp.num_jobs++] = {bres.get(), true, 3, out[3], 2 * tw * R, 0, 2 * tw, h};
       gp.jobs[gp.num_jobs++] = {bres.get(), true, 5, out[5], 2 * tw * R, 0, 2 * tw, tw + h};
     }
-    gp.table = table.as<SgmvWeight>();
-    gp.stride = kTargets;
-    gp.num_slots = 3;
-    gp.adapters = steps.as<LoraStepAdapter>();
-    gp.num_adapters = static_cast<int>(step.size());
-    gp.max_width = W;
-    gp.dtype = DataType::kBF16;
     ASSERT_EQ(LoraGatherCuda(gp, nullptr), KernelStatus::kOk);
     // Outputs: y0 bf16 in a wider row (q at the start of a q | k | v row as in the model, the
     // others n + 8 wide), pre-activations up to |8| for fc1.
@@ -562,14 +578,9 @@ TEST(CudaLoraGemm, SegmentedShrinksMatchNaiveReference) {
   const int W = 24, R = 56;
   const std::vector<std::pair<int, int>> runs = {{0, 20}, {1, 20}, {-1, 5}, {2, 13}, {0, 7}};
   DeviceBuffer steps = DeviceBuffer::From(step);
-  std::vector<int32_t> row_adapter;
-  std::vector<LoraSegment> segs;
-  for (const auto& [a, n] : runs) {
-    if (a >= 0) {
-      segs.push_back({static_cast<int>(row_adapter.size()), n, step[a].col, step[a].width});
-    }
-    row_adapter.insert(row_adapter.end(), n, a);
-  }
+  const StepRows sr = MakeStepRows(step, runs);
+  const std::vector<int32_t>& row_adapter = sr.row_adapter;
+  const std::vector<LoraSegment>& segs = sr.segs;
   const int rows = static_cast<int>(row_adapter.size());
   DeviceBuffer rmap = DeviceBuffer::From(row_adapter);
   // Inputs: the LayerNorm output (q, k, v, fc1: in 64), attention output (dense: 64), MLP
@@ -591,19 +602,12 @@ TEST(CudaLoraGemm, SegmentedShrinksMatchNaiveReference) {
   a_fc2.Poison();
   // Model block order q, k, v, fc1, dense, fc2 -> targets (q, k, v, dense, fc1, fc2).
   const int entries[6] = {0, 1, 2, 4, 3, 5};
-  LoraGatherParams gp;
+  LoraGatherParams gp = StepGather(table, steps, static_cast<int>(step.size()), W);
   for (int b = 0; b < 4; ++b) {
     gp.jobs[gp.num_jobs++] = {a_qkvf.get(), false, entries[b], in_x, 0, 0, 4, b};
   }
   gp.jobs[gp.num_jobs++] = {a_dense.get(), false, 3, in_attn, 0, 0};
   gp.jobs[gp.num_jobs++] = {a_fc2.get(), false, 5, in_mlp, 0, 0};
-  gp.table = table.as<SgmvWeight>();
-  gp.stride = kTargets;
-  gp.num_slots = 3;
-  gp.adapters = steps.as<LoraStepAdapter>();
-  gp.num_adapters = static_cast<int>(step.size());
-  gp.max_width = W;
-  gp.dtype = DataType::kBF16;
   ASSERT_EQ(LoraGatherCuda(gp, nullptr), KernelStatus::kOk);
   const int ldt = 6 * W;
   DeviceBuffer t(static_cast<size_t>(rows) * ldt * sizeof(float));
