@@ -21,6 +21,7 @@ using gpu_test::Encode;
 using testing_util::RandomVector;
 using sgmv_test::Case;
 using sgmv_test::Data;
+using sgmv_test::DeviceStep;
 using sgmv_test::kCases;
 using sgmv_test::kMaxRank;
 using sgmv_test::kNaN;
@@ -35,6 +36,7 @@ using sgmv_test::OpShape;
 using sgmv_test::RowSlots;
 using sgmv_test::Run;
 using sgmv_test::StorageUnit;
+using sgmv_test::UploadStep;
 
 // SgmvDecodeFusedCuda (kernels/cuda/sgmv_fused.cu) on the same data, with every module of rank
 // above kSgmvFusedMaxRank removed from the table (not adapted): without an activation ops 0, 1
@@ -74,13 +76,8 @@ std::vector<std::vector<char>> RunDecodeFused(const Case& c, DataType dt, GemmEp
     if (rank_of(e / kOps, e % kOps) == 0) table_dev[e] = table_cpu[e] = SgmvWeight{};
   }
   const int32_t count = static_cast<int32_t>(d.tiles.size());
-  std::vector<SgmvTile> dev_tiles = d.tiles;
-  for (int i = 0; i < c.extra_tiles; ++i) dev_tiles.push_back({0, 0, d.rows, 0});
-  DeviceBuffer tiles = DeviceBuffer::From(dev_tiles);
-  DeviceBuffer cnt = DeviceBuffer::From(std::vector<int32_t>{count});
-  DeviceBuffer table = DeviceBuffer::From(table_dev);
-  SgmvTableRef ref = MakeRef(d, table.as<SgmvWeight>(), tiles.as<SgmvTile>(), cnt.as<int32_t>(),
-                             static_cast<int>(dev_tiles.size()));
+  const DeviceStep dev = UploadStep(d, table_dev, c.extra_tiles);
+  SgmvTableRef ref = dev.ref;
   ref.max_rank = kSgmvFusedMaxRank;
   std::vector<int> row_slot;
   std::vector<bool> in_tile;

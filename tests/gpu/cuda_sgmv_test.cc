@@ -53,6 +53,7 @@ using gpu_test::DeviceBuffer;
 using gpu_test::Encode;
 using sgmv_test::Case;
 using sgmv_test::Data;
+using sgmv_test::DeviceStep;
 using sgmv_test::kCases;
 using sgmv_test::kMaxRank;
 using sgmv_test::kNaN;
@@ -67,6 +68,7 @@ using sgmv_test::OpShape;
 using sgmv_test::RowSlots;
 using sgmv_test::Run;
 using sgmv_test::StorageUnit;
+using sgmv_test::UploadStep;
 using testing_util::RandomVector;
 
 // Naive double references. t_ref[row][op window col] (NaN where not written), and expand.
@@ -105,14 +107,8 @@ void RunCase(const Case& c, DataType dt) {
   Data d = MakeData(c, dt, 11);
   const int ldt = kOps * kMaxRank + 5;
   const int32_t count = static_cast<int32_t>(d.tiles.size());
-  // Device tiles: the real ones, then garbage past the count (must not be read).
-  std::vector<SgmvTile> dev_tiles = d.tiles;
-  for (int i = 0; i < c.extra_tiles; ++i) dev_tiles.push_back({0, 0, d.rows, 0});
-  DeviceBuffer tiles = DeviceBuffer::From(dev_tiles);
-  DeviceBuffer cnt = DeviceBuffer::From(std::vector<int32_t>{count});
-  DeviceBuffer table = DeviceBuffer::From(d.table_dev);
-  const SgmvTableRef ref = MakeRef(d, table.as<SgmvWeight>(), tiles.as<SgmvTile>(),
-                                   cnt.as<int32_t>(), static_cast<int>(dev_tiles.size()));
+  const DeviceStep dev = UploadStep(d, d.table_dev, c.extra_tiles);
+  const SgmvTableRef& ref = dev.ref;
 
   // ---- shrink ----
   DeviceBuffer t(static_cast<size_t>(d.rows) * ldt * sizeof(float));
@@ -289,14 +285,8 @@ void RunDecodeExpand(const Case& c, DataType dt, GemmEpilogue act) {
     }
   }
   const int ldt = kOps * kMaxRank + 5;
-  const int32_t count = static_cast<int32_t>(d.tiles.size());
-  std::vector<SgmvTile> dev_tiles = d.tiles;
-  for (int i = 0; i < c.extra_tiles; ++i) dev_tiles.push_back({0, 0, d.rows, 0});
-  DeviceBuffer tiles = DeviceBuffer::From(dev_tiles);
-  DeviceBuffer cnt = DeviceBuffer::From(std::vector<int32_t>{count});
-  DeviceBuffer table = DeviceBuffer::From(d.table_dev);
-  const SgmvTableRef ref = MakeRef(d, table.as<SgmvWeight>(), tiles.as<SgmvTile>(),
-                                   cnt.as<int32_t>(), static_cast<int>(dev_tiles.size()));
+  const DeviceStep dev = UploadStep(d, d.table_dev, c.extra_tiles);
+  const SgmvTableRef& ref = dev.ref;
   // t: numbers inside each adapter tile's rank windows, NaN elsewhere.
   std::vector<float> tin = RandomVector(static_cast<size_t>(d.rows) * ldt, 77, -2.0f, 2.0f);
   std::vector<int> row_slot;

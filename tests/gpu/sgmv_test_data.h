@@ -129,6 +129,27 @@ inline SgmvTableRef MakeRef(const Data& d, const SgmvWeight* table, const SgmvTi
   return r;
 }
 
+// A step on the device: d's tiles, then `extra_tiles` garbage tiles past the count (the kernels
+// must not read them), the tile count, and `table` ([kSlots, kOps] SgmvWeight with device
+// pointers); ref is MakeRef over those three.
+struct DeviceStep {
+  gpu_test::DeviceBuffer tiles, count, table;
+  SgmvTableRef ref;
+};
+
+inline DeviceStep UploadStep(const Data& d, const std::vector<SgmvWeight>& table, int extra_tiles) {
+  std::vector<SgmvTile> dev_tiles = d.tiles;
+  for (int i = 0; i < extra_tiles; ++i) dev_tiles.push_back({0, 0, d.rows, 0});
+  DeviceStep s;
+  s.tiles = gpu_test::DeviceBuffer::From(dev_tiles);
+  s.count =
+      gpu_test::DeviceBuffer::From(std::vector<int32_t>{static_cast<int32_t>(d.tiles.size())});
+  s.table = gpu_test::DeviceBuffer::From(table);
+  s.ref = MakeRef(d, s.table.as<SgmvWeight>(), s.tiles.as<SgmvTile>(), s.count.as<int32_t>(),
+                  static_cast<int>(dev_tiles.size()));
+  return s;
+}
+
 // Per row of `d`: the slot of the tile holding it (-1: no tile, or a slot outside the table), and
 // whether any tile holds it.
 inline void RowSlots(const Data& d, std::vector<int>* row_slot, std::vector<bool>* in_tile) {
