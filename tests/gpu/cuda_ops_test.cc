@@ -423,21 +423,9 @@ TEST_P(CudaGemmTest, MatchesCpuReference) {
             ASSERT_EQ(GemmCpu(pc), KernelStatus::kOk);
             std::vector<float> out = Decode(d_y.DownloadBytes(), t);
             // Compare the [m, n] window; padding columns must be untouched (poison or y_old).
-            std::vector<float> o, r;
-            for (int i = 0; i < s.m; ++i) {
-              for (int j = 0; j < ldy; ++j) {
-                const size_t idx = static_cast<size_t>(i) * ldy + j;
-                if (j < s.n) {
-                  o.push_back(out[idx]);
-                  r.push_back(ref[idx]);
-                } else if (acc) {
-                  ASSERT_EQ(out[idx], y_old[idx]) << "padding column " << j << " changed";
-                } else {
-                  ASSERT_TRUE(std::isnan(out[idx])) << "padding column " << j << " written";
-                }
-              }
-            }
-            const gpu_test::Diff d = Compare(o, r);
+            ASSERT_NO_FATAL_FAILURE(
+                gpu_test::ExpectPaddingUntouched(out, s.m, s.n, ldy, acc ? &y_old : nullptr));
+            const gpu_test::Diff d = gpu_test::CompareRows(out, ref, s.m, s.n, ldy);
             EXPECT_EQ(d.nonfinite, 0u);
             const double tol = OneRoundingTol(t) * (epi == GemmEpilogue::kNone ? 1.0 : 1.5);
             EXPECT_LE(d.rel, tol) << gpu_test::ToString(d);

@@ -176,6 +176,23 @@ inline Diff CompareRows(const std::vector<float>& out, const std::vector<float>&
   return Compare(o, r);
 }
 
+// Columns [n, ld) of out [m, ld] (row-major) after a launch that writes only [m, n]: each must
+// still hold `before`'s value (a launch accumulating into y), or the NaN poison when `before` is
+// null. Fatal at the first changed column.
+inline void ExpectPaddingUntouched(const std::vector<float>& out, int m, int n, int ld,
+                                   const std::vector<float>* before) {
+  for (int i = 0; i < m; ++i) {
+    for (int j = n; j < ld; ++j) {
+      const size_t idx = static_cast<size_t>(i) * ld + j;
+      if (before != nullptr) {
+        ASSERT_EQ(out[idx], (*before)[idx]) << "padding column " << j << " changed";
+      } else {
+        ASSERT_TRUE(std::isnan(out[idx])) << "padding column " << j << " written";
+      }
+    }
+  }
+}
+
 inline std::string ToString(const Diff& d) {
   return "rel " + std::to_string(d.rel) + ", max_abs " + std::to_string(d.max_abs) + " at " +
          std::to_string(d.worst) + ", nonfinite " + std::to_string(d.nonfinite);
