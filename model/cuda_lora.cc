@@ -52,6 +52,9 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_PREFETCH"); v != nullptr && *v != 0) {
     gemm_prefetch_ = *v != '0';
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_QKV_MERGE"); v != nullptr && *v != 0) {
+    gemm_qkv_merge_ = *v != '0';
+  }
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SEGMENT_SHRINK"); v != nullptr && *v != 0) {
     gemm_segment_shrink_ = *v != '0';
   }

@@ -146,16 +146,34 @@ class CudaLora {
   // GemmQkvDeltaFirst forks the next layer's gathers onto the side stream (into the other set),
   // so that they run beside this layer's qkv GEMM, rotary and attention instead of on the main
   // stream at the next layer's start, which waits for them.
-  // Benchmarks (old and new forms in one process): "F", "F:G" or "F:G:P" sets the q / k / v
-  // deltas first (F = 1) or after the qkv GEMM (0), the gathers' 16-byte chunks a thread (G = 8,
-  // the default, or 1: LoraGatherParams::chunks_per_thread) and the prefetch (P = 1 or 0); the
-  // same bits in every form. INVALID_ARGUMENT names a bad field.
+  // Merged q / k / v expand (segmented steps; off unless PHISHARD_LORA_GEMM_QKV_MERGE=1 at
+  // construction or SetPrefillTuning "F:G:P:1"): one GEMM a run of segments writes (or adds to) all
+  // of qkv [rows, nq + 2 nkv] from T's q, k, v blocks [rows, 3 w W] against a block-diagonal B_qkv
+  // [nq + 2 nkv, 3 w W per adapter] (B_q, B_k, B_v on the diagonal at their row ranges, zeros
+  // elsewhere and past each adapter's width) instead of three GEMMs of n = nq, nkv, nkv: 3x
+  // the tensor work on a GEMM that is memory-bound on its qkv write (rank << hidden), one launch
+  // and one pass over the output instead of three. The zeros of B_qkv and the unused columns of
+  // T's q / k / v blocks (adapters narrower than W) are written once per step (PlanGemm), so every
+  // product the merged GEMM adds beyond the three GEMMs' is 0 x 0. Taken when the workspace
+  // holds two sets with B_qkv (else the three GEMMs) and, per layer, when every one of q / k / v
+  // has a delta in it (GemmQkvMerged; the gathers follow the same choice). The same bits as the
+  // three GEMMs on an H200 (cuda_lora_prefill_test), but not faster: 8x512 with 8 rank-16
+  // adapters, one merged expand 27.6 us a layer (cuBLASLt's 320x128 tile over 512-row segments)
+  // against 3 x 10.1 us at a ~8 % lower clock, and the interleaved base / LoRA pairs +0.6 and
+  // -0.2 points in two runs (docs/perf-log.md, lorap5): kept off, as a measured alternative.
+  // Benchmarks (old and new forms in one process): "F", "F:G", "F:G:P" or "F:G:P:M" sets the
+  // q / k / v deltas first (F = 1) or after the qkv GEMM (0), the gathers' 16-byte chunks a
+  // thread (G = 8, the default, or 1: LoraGatherParams::chunks_per_thread), the prefetch (P = 1
+  // or 0) and the merged q / k / v expand (M = 1 or 0); fields left out keep their values.
+  // INVALID_ARGUMENT names a bad field.
   absl::Status SetPrefillTuning(absl::string_view spec);
   std::string PrefillTuning() const;
   // Layers whose q / k / v deltas ran first, over all steps so far (tests: the form is taken).
   int64_t qkv_first_layers() const { return qkv_first_layers_; }
   // Layers whose gathers were prefetched, over all steps so far.
   int64_t prefetched_layers() const { return prefetched_layers_; }
+  // Layers whose q / k / v deltas ran as one merged expand, over all steps so far.
+  int64_t qkv_merged_layers() const { return qkv_merged_layers_; }
 
   // Overlap (SGMV steps, on unless PHISHARD_LORA_OVERLAP=0): BeforeQkv, called between the LN
   // and the qkv GEMM, forks the q / k / v / fc1 shrink onto a side stream so it runs alongside
@@ -280,6 +298,7 @@ class CudaLora {
     void* tm = nullptr;
     void *a_qkvf = nullptr, *a_dense = nullptr, *a_fc2 = nullptr;
     void *b_q = nullptr, *b_k = nullptr, *b_v = nullptr, *b_fc1 = nullptr, *b_res = nullptr;
+    void* b_qkv = nullptr;  // the merged q / k / v expand's block-diagonal B (gemm_qkv_merge_)
   };
   struct Slot {
     const LoraAdapter* adapter = nullptr;
@@ -347,6 +366,10 @@ class CudaLora {
   KernelStatus GemmGather(int layer, const GemmBufs& m, cudaStream_t stream);
   // Whether some adapter of the step adapts a module of `layer`.
   bool GemmLayerAdapted(int layer) const;
+  // Whether `layer`'s q / k / v deltas run as one merged expand: a merged step (B_qkv in the
+  // workspace) and every one of q / k / v launched in the layer (else the gathers fill B_q / B_k /
+  // B_v and the three expands run, as without the merge).
+  bool GemmQkvMerged(int layer) const;
   // Points gb_ at `layer`'s set, then waits for a prefetch in flight (any layer's) and, unless
   // it was this layer's, gathers in line.
   KernelStatus GemmLayerMats(int layer, cudaStream_t stream);
@@ -506,6 +529,12 @@ class CudaLora {
   bool gemm_prefetch_ = true;  // PHISHARD_LORA_GEMM_PREFETCH / SetPrefillTuning
   int prefetch_layer_ = -1;    // the layer whose prefetch is in flight (not yet waited for)
   int64_t prefetched_layers_ = 0;
+  bool gemm_qkv_merge_ = false;       // PHISHARD_LORA_GEMM_QKV_MERGE / SetPrefillTuning
+  bool gemm_qkv_merge_step_ = false;  // this step: segmented, B_qkv in both sets
+  int gemm_qkv_ldb_ = 0;              // B_qkv's row stride: 3 w W x the step's adapters
+  // The merged expand's segments: adapter a's rows at col a W, width W (B_qkv's pitch).
+  std::vector<LoraSegment> gemm_qkv_segments_;
+  int64_t qkv_merged_layers_ = 0;
   DeviceEvent* prefetch_fork_ev_ = nullptr;
   DeviceEvent* prefetch_done_ev_ = nullptr;
 };

@@ -102,6 +102,7 @@ absl::Status CudaLora::EnsureGemmBuffers(int rows, cudaStream_t stream) {
 absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) {
   gemm_step_ = false;
   gemm_double_ = false;
+  gemm_qkv_merge_step_ = false;
   if (prefetch_layer_ >= 0) {  // a step that stopped early: its prefetch reads the row map
     prefetch_layer_ = -1;
     if (int err = DeviceStreamWaitEvent(stream, prefetch_done_ev_); err != 0) {
@@ -135,6 +136,17 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
     max_width = std::max(max_width, width);
   }
   if (R == 0) return absl::OkStatus();
+  // Whether the step will be segmented (as decided below from the segments), for the layout.
+  int pre_segments = 0, pre_rows = 0;
+  for (int i = 0, prev = -2; i < S; ++i) {
+    const int a = seq_slot_[i] < 0 ? -1 : index_of[seq_slot_[i]];
+    if (batch.seqs[i].num_new_tokens <= 0) continue;
+    if (a >= 0 && a != prev) ++pre_segments;
+    if (a >= 0) pre_rows += batch.seqs[i].num_new_tokens;
+    prev = a;
+  }
+  const bool pre_segmented =
+      pre_segments <= gemm_max_segments_ && pre_rows >= gemm_segment_rows_ * pre_segments;
   // Workspace layout (see cuda_lora.h).
   size_t off = 0;
   auto take = [&](size_t bytes) {
@@ -145,11 +157,15 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
   const size_t t_off = take(static_cast<size_t>(T) * 6 * R * sizeof(float));
   const int tw = gemm_split_t_ ? 2 : 1;  // T columns per rank column (hi, lo)
   const size_t tm_off = take(static_cast<size_t>(T) * 6 * tw * R * 2);
+  const size_t mats_off = off;
   // The layer's matrices; a second set (the next layer's, GemmPrefetch) when it fits too.
   struct MatOffsets {
-    size_t aq, ad, af, bq, bk, bv, bf, br;
+    size_t aq, ad, af, bq, bk, bv, bf, br, bqkv = 0;
   };
-  auto take_mats = [&]() {
+  // B_qkv of the merged q / k / v expand: [nq + 2 nkv, 3 w W per adapter].
+  const int qkv_ldb = 3 * tw * max_width * static_cast<int>(ads.size());
+  const size_t bqkv_bytes = static_cast<size_t>(nq + 2 * nkv) * qkv_ldb * 2;
+  auto take_mats = [&](bool merged) {
     MatOffsets o;
     o.aq = take(static_cast<size_t>(4) * R * H * 2);
     o.ad = take(static_cast<size_t>(R) * A * 2);
@@ -159,12 +175,24 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
     o.bv = take(static_cast<size_t>(nkv) * tw * R * 2);
     o.bf = take(static_cast<size_t>(I) * tw * R * 2);
     o.br = take(static_cast<size_t>(H) * 2 * tw * R * 2);
+    if (merged) o.bqkv = take(bqkv_bytes);
     return o;
   };
-  const MatOffsets m0 = take_mats();
-  if (off > kLoraGemmWorkspaceBytes) return absl::OkStatus();
-  const MatOffsets m1 = take_mats();
+  // With B_qkv when two sets of it fit (segmented steps), else without.
+  bool merged = gemm_qkv_merge_ && pre_segmented;
+  MatOffsets m0 = take_mats(merged), m1 = take_mats(merged);
+  if (merged && off > kLoraGemmWorkspaceBytes) {
+    merged = false;
+    off = mats_off;
+    m0 = take_mats(false);
+    m1 = take_mats(false);
+  }
   const bool two_sets = off <= kLoraGemmWorkspaceBytes;
+  if (!two_sets) {  // one set (the first) is all the step needs
+    off = mats_off;
+    m0 = take_mats(false);
+    if (off > kLoraGemmWorkspaceBytes) return absl::OkStatus();
+  }
 
   if (absl::Status st = EnsureGemmBuffers(T, stream); !st.ok() || gemm_failed_) return st;
   auto* ad_host = static_cast<LoraStepAdapter*>(gemm_map_host_);
@@ -195,6 +223,17 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
       num_segments <= gemm_max_segments_ && adapter_rows >= gemm_segment_rows_ * num_segments;
   gemm_ldt_ = 6 * tw * (gemm_segmented_ ? max_width : R);
   gemm_shrink_segmented_ = gemm_segmented_ && gemm_segment_shrink_ && !gemm_sgmv_shrink_;
+  PHI_CHECK(gemm_segmented_ == pre_segmented);
+  gemm_qkv_merge_step_ = merged && gemm_segmented_;
+  gemm_qkv_ldb_ = qkv_ldb;
+  gemm_qkv_segments_.clear();
+  for (const LoraSegment& g : gemm_segments_) {
+    const int a =
+        static_cast<int>(std::find_if(ads.begin(), ads.end(),
+                                      [&](const LoraStepAdapter& d) { return d.col == g.col; }) -
+                         ads.begin());
+    gemm_qkv_segments_.push_back({g.row, g.rows, a * max_width, max_width});
+  }
   const size_t map_bytes = kMaxGemmAdapters * sizeof(LoraStepAdapter) + sizeof(int32_t) * T;
   if (int err = DeviceCopyToDevice(gemm_map_dev_, gemm_map_host_, map_bytes, stream); err != 0) {
     DeviceGetLastError();
@@ -215,6 +254,21 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
     g.b_v = ws + o.bv;
     g.b_fc1 = ws + o.bf;
     g.b_res = ws + o.br;
+    g.b_qkv = merged ? ws + o.bqkv : nullptr;
+  }
+  if (gemm_qkv_merge_step_) {
+    // B_qkv's zeros (off the diagonal, past each adapter's width) and T's unused columns (an
+    // adapter narrower than W): never written by the gathers / masks, read by the merged expand.
+    const size_t tm_bytes = static_cast<size_t>(T) * gemm_ldt_ * 2;
+    int err = DeviceMemset(ws + tm_off, 0, tm_bytes, stream);
+    for (int set = 0; set < 2 && err == 0; ++set) {
+      err = DeviceMemset(gemm_sets_[set].b_qkv, 0, bqkv_bytes, stream);
+    }
+    if (err != 0) {
+      DeviceGetLastError();
+      return absl::InternalError(absl::StrFormat(
+          "CUDA LoRA workspace zeroing failed on device %d: %s", device_, DeviceErrorString(err)));
+    }
   }
   gb_ = gemm_sets_[0];
   gemm_double_ = two_sets;
@@ -342,8 +396,9 @@ KernelStatus CudaLora::GemmGather(int layer, const GemmBufs& m, cudaStream_t str
   const int R = gemm_r_;
   LoraGatherParams gp;
   auto job = [&](void* dst, bool is_b, int target, int dim, int ld, int base, int col_mul = 1,
-                 int width_slot = 0) {
-    gp.jobs[gp.num_jobs++] = {dst, is_b, Entry(layer, target), dim, ld, base, col_mul, width_slot};
+                 int width_slot = 0, int index_mul = 0) {
+    gp.jobs[gp.num_jobs++] = {dst,  is_b,    Entry(layer, target), dim,      ld,
+                              base, col_mul, width_slot,           index_mul};
   };
   // A_qkvf: blocks q, k, v, fc1 of R rows, or (segmented shrinks) adapter a's four blocks side
   // by side at rows 4 col_a (one GEMM of n = 4 width_a a segment).
@@ -358,10 +413,24 @@ KernelStatus CudaLora::GemmGather(int layer, const GemmBufs& m, cudaStream_t str
   const int tw = gemm_split_t_ ? 2 : 1;
   // Segmented steps: adapter a's parts side by side at tw col_a ([B | B] per adapter; the
   // residual's [B_dense | B_dense | B_fc2 | B_fc2] at 2 tw col_a), matching the compact T.
+  // Merged q / k / v expand: B_qkv [nq + 2 nkv, ldb], adapter a's block at columns 3 tw W a,
+  // in it B_q's rows 0 .. nq at [0, tw W), B_k's next nkv rows at [tw W, 2 tw W), B_v's at
+  // [2 tw W, 3 tw W) (each [B | B] at width_a; the rest stays PlanGemm's zeros).
+  const int W = gemm_max_width_, ldq = gemm_qkv_ldb_;
+  char* bqkv = static_cast<char*>(m.b_qkv);
+  const bool merged = GemmQkvMerged(layer);
+  for (int h = 0; h < tw && merged; ++h) {
+    job(bqkv, true, kQ, nq, ldq, 0, 0, h, 3 * tw * W);
+    job(bqkv + static_cast<size_t>(nq) * ldq * 2, true, kK, nkv, ldq, tw * W, 0, h, 3 * tw * W);
+    job(bqkv + static_cast<size_t>(nq + nkv) * ldq * 2, true, kV, nkv, ldq, 2 * tw * W, 0, h,
+        3 * tw * W);
+  }
   for (int h = 0; h < tw && gemm_segmented_; ++h) {
-    job(m.b_q, true, kQ, nq, tw * R, 0, tw, h);
-    job(m.b_k, true, kK, nkv, tw * R, 0, tw, h);
-    job(m.b_v, true, kV, nkv, tw * R, 0, tw, h);
+    if (!merged) {
+      job(m.b_q, true, kQ, nq, tw * R, 0, tw, h);
+      job(m.b_k, true, kK, nkv, tw * R, 0, tw, h);
+      job(m.b_v, true, kV, nkv, tw * R, 0, tw, h);
+    }
     job(m.b_fc1, true, kFc1, I, tw * R, 0, tw, h);
     job(m.b_res, true, kDense, H, 2 * tw * R, 0, 2 * tw, h);
     job(m.b_res, true, kFc2, H, 2 * tw * R, 0, 2 * tw, tw + h);
@@ -383,6 +452,11 @@ KernelStatus CudaLora::GemmGather(int layer, const GemmBufs& m, cudaStream_t str
   gp.chunks_per_thread = gather_chunks_;
   gp.dtype = dtype_;
   return LoraGatherCuda(gp, stream);
+}
+
+bool CudaLora::GemmQkvMerged(int layer) const {
+  return gemm_qkv_merge_step_ && Launch(Entry(layer, kQ)) && Launch(Entry(layer, kK)) &&
+         Launch(Entry(layer, kV));
 }
 
 bool CudaLora::GemmLayerAdapted(int layer) const {
@@ -474,8 +548,33 @@ KernelStatus CudaLora::GemmQkv(int layer, const void* normed, void* qkv, bool fi
   const int width = nq + 2 * nkv;
   const int offsets[3] = {0, nq, nq + nkv}, outs[3] = {nq, nkv, nkv};
   void* bs[3] = {gb_.b_q, gb_.b_k, gb_.b_v};
+  const bool merge = GemmQkvMerged(layer);
+  if (merge) {  // qkv (+)= T[:, q | k | v blocks] · B_qkvᵀ, one GEMM a run of segments
+    st = LoraSegmentExpandCuda(*gemm_,
+                               {.t = gb_.tm,
+                                .ldt = gemm_ldt_,
+                                .t_col = 0,
+                                .b = gb_.b_qkv,
+                                .ldb = gemm_qkv_ldb_,
+                                .y = qkv,
+                                .ldy = width,
+                                .n = width,
+                                .parts = 3 * tw,
+                                .segments = gemm_qkv_segments_.data(),
+                                .num_segments = static_cast<int>(gemm_qkv_segments_.size()),
+                                .act = GemmEpilogue::kNone,
+                                .dtype = dtype_,
+                                .accumulate = !first},
+                               stream);
+    if (st != KernelStatus::kOk) {
+      PHI_LOG(ERROR) << "LoRA merged q / k / v expand [n " << width
+                     << "] failed: " << gemm_->last_error();
+      return st;
+    }
+    ++qkv_merged_layers_;
+  }
   for (int t : {kQ, kK, kV}) {
-    if (!Launch(Entry(layer, t))) continue;
+    if (merge || !Launch(Entry(layer, t))) continue;
     if (gemm_segmented_) {
       st = GemmSegmentExpand(t * tw * gemm_max_width_, tw, bs[t], tw * R,
                              static_cast<char*>(qkv) + static_cast<size_t>(offsets[t]) * 2, width,
@@ -538,24 +637,26 @@ KernelStatus CudaLora::GemmQkvDeltaFirst(int layer, const void* normed, void* qk
 
 absl::Status CudaLora::SetPrefillTuning(absl::string_view spec) {
   const std::vector<std::string> f = absl::StrSplit(spec, ':');
-  if (f.size() > 3 || (f[0] != "0" && f[0] != "1") ||
+  if (f.size() > 4 || (f[0] != "0" && f[0] != "1") ||
       (f.size() >= 2 && f[1] != "1" && f[1] != "8") ||
-      (f.size() == 3 && f[2] != "0" && f[2] != "1")) {
+      (f.size() >= 3 && f[2] != "0" && f[2] != "1") ||
+      (f.size() == 4 && f[3] != "0" && f[3] != "1")) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "LoRA prefill tuning '%s': expected F[:G[:P]], F the q / k / v deltas first (1) or "
+        "LoRA prefill tuning '%s': expected F[:G[:P[:M]]], F the q / k / v deltas first (1) or "
         "after (0), G the gathers' chunks a thread (1 or 8), P the next layer's gathers "
-        "prefetched (1) or not (0)",
+        "prefetched (1) or not (0), M the merged q / k / v expand (1) or three (0)",
         spec));
   }
   gemm_delta_first_ = f[0] == "1";
   if (f.size() >= 2) gather_chunks_ = f[1] == "8" ? 8 : 1;
-  if (f.size() == 3) gemm_prefetch_ = f[2] == "1";
+  if (f.size() >= 3) gemm_prefetch_ = f[2] == "1";
+  if (f.size() == 4) gemm_qkv_merge_ = f[3] == "1";
   return absl::OkStatus();
 }
 
 std::string CudaLora::PrefillTuning() const {
-  return absl::StrFormat("%d:%d:%d", gemm_delta_first_ ? 1 : 0, gather_chunks_,
-                         gemm_prefetch_ ? 1 : 0);
+  return absl::StrFormat("%d:%d:%d:%d", gemm_delta_first_ ? 1 : 0, gather_chunks_,
+                         gemm_prefetch_ ? 1 : 0, gemm_qkv_merge_ ? 1 : 0);
 }
 
 // mlp = act(mlp + T_fc1 · B_fc1ᵀ): fc1 ran without its activation (SplitFc1); the epilogue (or,

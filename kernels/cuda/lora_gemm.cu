@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kThreads) GatherKernel(const GatherArgs args) 
   const int per_row = job.is_b ? width / 8 : job.dim / 8;
   const int chunks = (job.is_b ? job.dim : width) * per_row;  // < 2^31 (LoraGatherCuda)
   const bool b_vec = (rank & 7) == 0;
-  const int part = job.base + job.col_mul * ad.col + job.width_slot * width;
+  const int part = job.base + job.col_mul * ad.col + job.width_slot * width +
+                   job.index_mul * static_cast<int>(blockIdx.y);
   uint16_t* dst = static_cast<uint16_t*>(job.dst);
   for (int first = blockIdx.x * kThreads * kIlp + threadIdx.x; first < chunks;
        first += gridDim.x * kThreads * kIlp) {
@@ -227,8 +228,8 @@ KernelStatus LoraGatherCuda(const LoraGatherParams& p, cudaStream_t stream) {
   int64_t most = 0;
   for (int j = 0; j < p.num_jobs; ++j) {
     const LoraGatherJob& job = p.jobs[j];
-    if (job.dim <= 0 || job.base < 0 || (job.base & 7) != 0 || job.col_mul < 1 ||
-        job.width_slot < 0 ||
+    if (job.dim <= 0 || job.base < 0 || (job.base & 7) != 0 || job.col_mul < 0 ||
+        job.width_slot < 0 || job.index_mul < 0 || (job.index_mul & 7) != 0 ||
         (job.is_b ? ((job.ld & 7) != 0 || job.ld <= 0) : (job.dim & 7) != 0)) {
       return KernelStatus::kInvalidShape;
     }

@@ -47,6 +47,9 @@ inline constexpr int kLoraGatherMaxJobs = 18;
 // B_a[j, k] (k < rank) or zero. col_mul 1, width_slot 0: the concatenated layout; col_mul =
 // parts, width_slot = part: the segmented layout, adapter a's parts side by side at parts x col_a
 // (B: the expands' [B | B] per adapter; A: the q, k, v, fc1 shrink's blocks, one GEMM a segment).
+// index_mul adds index_mul x a (a = the adapter's index in the step, blockIdx.y) to the first
+// row / column: a layout at a fixed pitch per adapter whatever the widths (the merged q / k / v
+// expand's block-diagonal B, model/cuda_lora_gemm.cc).
 // Entry: the table entry within the slot (layer * 6 + target).
 struct LoraGatherJob {
   void* dst = nullptr;
@@ -55,8 +58,9 @@ struct LoraGatherJob {
   int dim = 0;         // A: in (multiple of 8); B: out
   int ld = 0;          // B: row stride of dst (multiple of 8); A: unused
   int base = 0;        // A: first row; B: first column (multiple of 8)
-  int col_mul = 1;     // >= 1
+  int col_mul = 1;     // >= 0
   int width_slot = 0;  // >= 0
+  int index_mul = 0;   // >= 0, multiple of 8
 };
 
 struct LoraGatherParams {

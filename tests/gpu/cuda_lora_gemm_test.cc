@@ -194,6 +194,78 @@ TEST(CudaLoraGemm, GatherBuildsConcatenatedMatricesWithZeroPadding) {
   EXPECT_EQ(LoraGatherCuda(gp, nullptr), KernelStatus::kInvalidShape);
 }
 
+// index_mul (the merged q / k / v expand's B, model/cuda_lora_gemm.cc): adapter a's part at a
+// fixed pitch a x index_mul whatever the widths (24 and 16 here, so the concatenated col_a = 24
+// would land elsewhere), col_mul 0; everything outside the parts stays the poison, and the
+// columns / rows past a module's rank inside a part are exact zeros.
+TEST(CudaLoraGemm, GatherPlacesAdaptersAtAFixedPitchWithIndexMul) {
+  PHI_REQUIRE_GPU();
+  Adapters ad = MakeAdapters();
+  DeviceBuffer table = DeviceBuffer::From(ad.table);
+  const std::vector<LoraStepAdapter> step = {{2, 0, 24, 0}, {1, 24, 16, 0}};
+  DeviceBuffer steps = DeviceBuffer::From(step);
+  constexpr int kPitch = 56, kBase = 8, kCols = 2 * kPitch;  // part a: kBase + a kPitch + width_a
+  std::vector<DeviceBuffer> dst;
+  LoraGatherParams gp;
+  for (int t = 0; t < kTargets; ++t) {
+    dst.emplace_back(static_cast<size_t>(kOut[t]) * kCols * 2);
+    dst.back().Poison();
+    gp.jobs[gp.num_jobs++] = {dst.back().get(), true, t, kOut[t], kCols, kBase, 0, 1, kPitch};
+  }
+  for (int t = 0; t < kTargets; ++t) {  // A: rows kBase + a kPitch + width_a + k of [kCols, in]
+    dst.emplace_back(static_cast<size_t>(kCols) * kIn[t] * 2);
+    dst.back().Poison();
+    gp.jobs[gp.num_jobs++] = {dst.back().get(), false, t, kIn[t], 0, kBase, 0, 1, kPitch};
+  }
+  gp.table = table.as<SgmvWeight>();
+  gp.stride = kTargets;
+  gp.num_slots = 3;
+  gp.adapters = steps.as<LoraStepAdapter>();
+  gp.num_adapters = 2;
+  gp.max_width = 24;
+  gp.dtype = DataType::kBF16;
+  ASSERT_EQ(LoraGatherCuda(gp, nullptr), KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  int bad = 0;
+  for (int t = 0; t < kTargets; ++t) {
+    const std::vector<uint16_t> gb = Download16(dst[t]), ga = Download16(dst[kTargets + t]);
+    // Expected word of part-relative index k (column of B row j / row of A, column c) or poison.
+    for (int col = 0; col < kCols; ++col) {
+      int a = -1, k = 0;
+      for (int i = 0; i < 2; ++i) {
+        const int first = kBase + i * kPitch + step[i].width;
+        if (col >= first && col < first + step[i].width) a = i, k = col - first;
+      }
+      const int e = a < 0 ? 0 : step[a].slot * kTargets + t;
+      const int r = a < 0 ? 0 : kRank[step[a].slot][t];
+      for (int j = 0; j < kOut[t] && bad < 10; ++j) {
+        const uint16_t want = a < 0   ? 0xFFFF
+                              : k < r ? ad.b[e][static_cast<size_t>(j) * kRank[step[a].slot][t] + k]
+                                      : 0;
+        const uint16_t got = gb[static_cast<size_t>(j) * kCols + col];
+        if (got != want) {
+          ++bad;
+          ADD_FAILURE() << "B target " << t << " [" << j << "][" << col << "]: " << got << " want "
+                        << want;
+        }
+      }
+      for (int c = 0; c < kIn[t] && bad < 10; ++c) {
+        const uint16_t want = a < 0   ? 0xFFFF
+                              : k < r ? ad.a[e][static_cast<size_t>(k) * kIn[t] + c]
+                                      : 0;
+        const uint16_t got = ga[static_cast<size_t>(col) * kIn[t] + c];
+        if (got != want) {
+          ++bad;
+          ADD_FAILURE() << "A target " << t << " [" << col << "][" << c << "]: " << got << " want "
+                        << want;
+        }
+      }
+    }
+  }
+  gp.jobs[0].index_mul = 4;  // not a multiple of 8
+  EXPECT_EQ(LoraGatherCuda(gp, nullptr), KernelStatus::kInvalidShape);
+}
+
 TEST(CudaLoraGemm, MaskKeepsEachRowsOwnWindowScaledAndZeroesTheRest) {
   PHI_REQUIRE_GPU();
   Adapters ad = MakeAdapters();

@@ -111,39 +111,66 @@ TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithTheSegment
 // cache it wrote, on the mixed batch of RunPrefillPaths (base rows between segments: the
 // segmented expands leave them to the zeroing), full path and trimmed last layer; and the form
 // really ran in every layer. The gathers' launch shape and the next layer's gathers prefetched
-// on the side stream (set_lora_prefill_tuning "1:1:0" against the default "1:8:1") change no
+// on the side stream (set_lora_prefill_tuning "1:1:0:1" against "1:8:1:1") change no
 // bit: they copy the same words into the same places, and the prefetch must be waited for (a
-// missing wait would let a layer read the matrices of the layer two before).
+// missing wait would let a layer read the matrices of the layer two before). The merged q / k / v
+// expand of segmented steps ("1:8:1:1"; the default "1:8:1:0" runs three) adds only 0 x 0 products
+// to each of the three GEMMs' sums (B_qkv's zeros against T's q / k / v blocks): within the bf16
+// bounds of the three GEMMs, bit identity printed (expected on an H200: zero products leave float32
+// sums unchanged, but another algorithm may order or split K differently); it must really run in
+// every layer of the segmented form and in none of the concatenated form (which has no such
+// layout).
 void RunQkvDeltasFirst(Form form) {
   const GemmFormEnv env(form);
   const fs::path dir = TinyPhiDir();
   std::unique_ptr<CudaPhiModel> first = LoadCuda(dir), after = LoadCuda(dir),
-                                inline_ = LoadCuda(dir);
-  ASSERT_TRUE(first && after && inline_);
-  ASSERT_TRUE(after->set_lora_prefill_tuning("0").ok());
-  ASSERT_TRUE(inline_->set_lora_prefill_tuning("1:1:0").ok());
-  EXPECT_EQ(first->lora_prefill_tuning(), "1:8:1");
-  EXPECT_EQ(after->lora_prefill_tuning(), "0:8:1");
+                                inline_ = LoadCuda(dir), three = LoadCuda(dir);
+  ASSERT_TRUE(first && after && inline_ && three);
+  EXPECT_EQ(three->lora_prefill_tuning(), "1:8:1:0");  // the default
+  ASSERT_TRUE(first->set_lora_prefill_tuning("1:8:1:1").ok());
+  ASSERT_TRUE(after->set_lora_prefill_tuning("0:8:1:1").ok());
+  ASSERT_TRUE(inline_->set_lora_prefill_tuning("1:1:0:1").ok());
+  EXPECT_EQ(first->lora_prefill_tuning(), "1:8:1:1");
+  EXPECT_EQ(after->lora_prefill_tuning(), "0:8:1:1");
+  EXPECT_EQ(inline_->lora_prefill_tuning(), "1:1:0:1");
   EXPECT_FALSE(first->set_lora_prefill_tuning("2").ok());
   EXPECT_FALSE(first->set_lora_prefill_tuning("1:4").ok());
-  EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:0").ok());
+  EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:2").ok());
+  EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:0:1").ok());
   std::unique_ptr<AdapterRegistry> reg = GoldenAdapters(first->config());
   ASSERT_TRUE(reg);
-  for (CudaPhiModel* m : {first.get(), after.get(), inline_.get()}) {
+  for (CudaPhiModel* m : {first.get(), after.get(), inline_.get(), three.get()}) {
     ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
   }
   const int V = first->config().vocab_size, L = first->config().num_hidden_layers;
   const std::vector<Req> reqs = MixedRequests();
   const int steps = 3;
   for (bool last_rows : {false, true}) {
-    for (CudaPhiModel* m : {first.get(), after.get(), inline_.get()}) {
+    for (CudaPhiModel* m : {first.get(), after.get(), inline_.get(), three.get()}) {
       m->set_prefill_last_rows(last_rows);
     }
     const int64_t before = first->lora_qkv_first_layers();
     const int64_t prefetched = first->lora_prefetched_layers();
+    const int64_t merged = first->lora_qkv_merged_layers();
     const auto got = RunBatch(*first, reqs, 0, steps, true);
     const auto want = RunBatch(*after, reqs, 0, steps, true);
     const auto in_line = RunBatch(*inline_, reqs, 0, steps, true);
+    const auto three_gemms = RunBatch(*three, reqs, 0, steps, true);
+    EXPECT_EQ(first->lora_qkv_merged_layers() - merged, form == Form::kSegmented ? L : 0)
+        << FormName(form);
+    EXPECT_EQ(three->lora_qkv_merged_layers(), 0);
+    ASSERT_EQ(three_gemms.size(), static_cast<size_t>(steps + 1));
+    bool same3 = true;
+    for (int st = 0; st <= steps; ++st) {
+      same3 = same3 && three_gemms[st] == got[st];
+      for (size_t s = 0; s < reqs.size(); ++s) {
+        ExpectClose(got[st].data() + s * V, three_gemms[st].data() + s * V, V,
+                    std::string(FormName(form)) + " merged vs three expands step " +
+                        std::to_string(st) + " request " + std::to_string(s));
+      }
+    }
+    std::printf("  %s%s: merged q / k / v expand vs three bit-identical: %s\n", FormName(form),
+                last_rows ? " trimmed" : " full", same3 ? "yes" : "no");
     // Every layer of the one GEMM-form step (the golden adapters adapt q, k and v everywhere),
     // and every layer but the first prefetched.
     EXPECT_EQ(first->lora_qkv_first_layers() - before, L) << FormName(form);
