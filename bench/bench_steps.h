@@ -236,9 +236,12 @@ class Bench {
     return true;
   }
 
-  bool Prefill(int seqs, int len, Row* r) {
+  // `seqs` prompts of `len` random tokens (the same ones every call), each its own KV blocks and
+  // adapter (set_adapters), the last row of each asked for; false when the KV pool is too small.
+  bool PrefillBatch(int seqs, int len, ForwardBatch* out) {
     alloc_.Reset();
-    ForwardBatch b;
+    ForwardBatch& b = *out;
+    b = ForwardBatch();
     std::mt19937 rng(seqs * 7 + len);
     for (int s = 0; s < seqs; ++s) {
       absl::StatusOr<std::vector<int32_t>> blocks =
@@ -254,6 +257,26 @@ class Bench {
                         .adapter_index = AdapterOf(s)});
       b.logit_rows.push_back((s + 1) * len - 1);
     }
+    return true;
+  }
+
+  // One prefill step as Prefill times it (host clock around Forward, logits copied to the host;
+  // the model's device events), no warm-up.
+  bool PrefillStep(int seqs, int len, double* host_ms, double* device_ms) {
+    ForwardBatch b;
+    if (!PrefillBatch(seqs, len, &b)) return false;
+    std::vector<float> logits;
+    const auto t0 = Clock::now();
+    BENCH_OK(m_.Forward(b, &logits));
+    *host_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    *device_ms = m_.last_step_device_ms();
+    for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite prefill logits");
+    return true;
+  }
+
+  bool Prefill(int seqs, int len, Row* r) {
+    ForwardBatch b;
+    if (!PrefillBatch(seqs, len, &b)) return false;
     std::vector<float> logits;
     // Untimed prefills for at least prefill_warmup_ms_ (at least one). The H200 holds its 700 W
     // cap by lowering the SM clock within ~0.3 s of GEMM load (1980 -> 1300-1700 MHz): the first
@@ -273,13 +296,16 @@ class Bench {
       dev.push_back(m_.last_step_device_ms());
     }
     nvtxRangePop();
-    // --trace-csv: one more step's kernels, labelled base / LoRA and the shape.
+    // --trace-csv: one more step's kernels, labelled base / LoRA (with its prefill tuning) and the
+    // shape.
     if (KernelTrace::enabled()) {
-      KernelTrace::Window(
-          absl::StrFormat("prefill-%s %dx%d", num_adapters_ > 0 ? "lora" : "base", seqs, len), [&] {
-            BENCH_OK(m_.Forward(b, &logits));
-            BENCH_CHECK(DeviceSynchronize() == 0, "trace sync");
-          });
+      KernelTrace::Window(num_adapters_ > 0 ? absl::StrFormat("prefill-lora %dx%d %s", seqs, len,
+                                                              m_.lora_prefill_tuning())
+                                            : absl::StrFormat("prefill-base %dx%d", seqs, len),
+                          [&] {
+                            BENCH_OK(m_.Forward(b, &logits));
+                            BENCH_CHECK(DeviceSynchronize() == 0, "trace sync");
+                          });
     }
     for (float x : logits) BENCH_CHECK(std::isfinite(x), "finite prefill logits");
     r->kind = "prefill";

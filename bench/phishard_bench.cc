@@ -39,6 +39,7 @@
 #include "bench/bench_steps.h"
 #include "bench/bench_util.h"
 #include "bench/kernel_trace.h"
+#include "bench/lora_pairs.h"
 #include "bench/mega_timeline.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/device.h"
@@ -161,13 +162,33 @@ int Main(int argc, char** argv) {
                  "spec leaves out keep their start-of-run values); an entry 'base' times the base "
                  "step again and the later entries' % use it; then base again");
   std::string lora_prefill_variants;
-  app.add_option("--lora-prefill-variants", lora_prefill_variants,
-                 "after the LoRA comparison, --lora-rounds more rounds of the LoRA prefill: each "
-                 "round the base step, then the LoRA step under each tuning of this list, in the "
-                 "same process (CudaPhiModel::set_lora_prefill_tuning F[:G[:P]]: F 1 = q / k / v "
-                 "deltas before the qkv GEMM, 0 = after; G the gathers' chunks a thread, 8 or 1; "
-                 "P 1 = the next layer's gathers prefetched; e.g. 1:8:1,1:8:0,0:1:0); medians "
-                 "per tuning");
+  app.add_option(
+      "--lora-prefill-variants", lora_prefill_variants,
+      "after the LoRA comparison, --lora-rounds more rounds of the LoRA prefill: each "
+      "round the base step, then the LoRA step under each tuning of this list, in the "
+      "same process (CudaPhiModel::set_lora_prefill_tuning F[:G[:P[:M]]]: F 1 = q / k / v "
+      "deltas before the qkv GEMM, 0 = after; G the gathers' chunks a thread, 8 or 1; "
+      "P 1 = the next layer's gathers prefetched; M 1 = the merged q / k / v expand; "
+      "e.g. 1:8:1:0,1:8:1:1); medians per tuning");
+  int lora_prefill_pairs = 0, lora_prefill_pair_warmup = 3, lora_prefill_pair_repeat = 1;
+  std::string lora_prefill_pair_tunings;
+  app.add_option("--lora-prefill-pairs", lora_prefill_pairs,
+                 "after the LoRA comparison, this many pairs of one base and one LoRA prefill "
+                 "step, alternated one step at a time (B L B L ...; both steps of a pair at the "
+                 "same clock), per tuning of --lora-prefill-pair-tunings (interleaved: B L1 B L2 "
+                 "...); per-pair % of base (median, quartiles, min, max) and the ratio of the "
+                 "medians, host and device clocks, in the table and the JSON (0: off)")
+      ->check(CLI::Range(0, 1000));
+  app.add_option("--lora-prefill-pair-warmup", lora_prefill_pair_warmup,
+                 "untimed pairs per tuning before the timed ones")
+      ->check(CLI::Range(0, 100));
+  app.add_option("--lora-prefill-pair-repeat", lora_prefill_pair_repeat,
+                 "steps of each kind a pair runs back to back, the last one timed (1: B L B L; "
+                 "2: B B L L ..., what the first step after a switch costs)")
+      ->check(CLI::Range(1, 10));
+  app.add_option("--lora-prefill-pair-tunings", lora_prefill_pair_tunings,
+                 "LoRA prefill tunings of the pairs (CudaPhiModel::set_lora_prefill_tuning, "
+                 "comma-separated, e.g. 1:8:1:0,1:8:1:1; empty: the model's own)");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -537,6 +558,7 @@ int Main(int argc, char** argv) {
     }
   }
 
+  json pairs_json = json::array();  // --lora-prefill-pairs
   if (registry) {
     // The same steps with every sequence on its own adapter (and all on one), against base-only.
     auto compare = [&](Row base, Row lora, const char* what) {
@@ -665,6 +687,33 @@ int Main(int argc, char** argv) {
       BENCH_OK(m.set_lora_prefill_tuning(tuning0));
       bench.set_adapters(0, 0);
     }
+    if (lora_prefill_pairs > 0) {
+      const std::string tuning0 = m.lora_prefill_tuning();
+      std::vector<std::string> tunings = absl::StrSplit(lora_prefill_pair_tunings, ',');
+      const std::string what = absl::StrFormat("%dx%d", lora_seqs, lora_len);
+      const std::vector<bench::PairResult> res = bench::RunLoraPrefillPairs(
+          tunings, lora_prefill_pairs, lora_prefill_pair_warmup, lora_prefill_pair_repeat,
+          [&](const std::string& t) {
+            // Each tuning from the start-of-run one, so fields a spec leaves out do not carry.
+            BENCH_OK(m.set_lora_prefill_tuning(tuning0));
+            if (!t.empty()) BENCH_OK(m.set_lora_prefill_tuning(t));
+          },
+          [&](bool lora, double* host_ms, double* device_ms) {
+            if (lora) {
+              bench.set_adapters(1, lora_seqs);
+            } else {
+              bench.set_adapters(0, 0);
+            }
+            BENCH_CHECK(bench.PrefillStep(lora_seqs, lora_len, host_ms, device_ms),
+                        "lora prefill pairs: KV pool too small");
+          });
+      for (const bench::PairResult& r : res) {
+        std::printf("%s", bench::FormatPairs(what, r).c_str());
+        pairs_json.push_back(bench::PairsJson(what, r));
+      }
+      BENCH_OK(m.set_lora_prefill_tuning(tuning0));
+      bench.set_adapters(0, 0);
+    }
   }
 
   if (!json_path.empty()) {
@@ -682,6 +731,7 @@ int Main(int argc, char** argv) {
                 {"kernels", kernels},
                 {"rows", json::array()}};
     for (const Row& r : rows) out["rows"].push_back(RowJson(r));
+    if (!pairs_json.empty()) out["lora_prefill_pairs"] = pairs_json;
     std::ofstream f(json_path);
     f << out.dump(1) << "\n";
     BENCH_CHECK(f.good(), "writing --json");
