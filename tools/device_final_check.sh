@@ -117,6 +117,13 @@ CLOCKS_PID=$!
 # TP=2 (issue #6), each in its own process, before the whole table with the peer.
 if [ -x $B/phishard_bench ]; then
   step lora_bench 90 lora_bench.log $B/phishard_bench --lora-rank 16 --lora-only --steps 10
+  # Issue #5's prefill on interleaved pairs (bench/lora_pairs.h): B L B L (each LoRA step after a
+  # base step: the clock a base step leaves) and B B B L L L (each kind timed after its own kind,
+  # nearer to a base-only against an adapter-only stream).
+  step lora_pairs 60 lora_pairs.log $B/phishard_bench --lora-rank 16 --lora-only --steps 4 \
+    --lora-rounds 1 --lora-prefill-pairs 16
+  step lora_pairs_r3 60 lora_pairs.log $B/phishard_bench --lora-rank 16 --lora-only --steps 4 \
+    --lora-rounds 1 --lora-prefill-pairs 8 --lora-prefill-pair-repeat 3
 fi
 if [ -x $B/phishard_tp_bench ] && ((NGPU >= 2)); then
   step tp_bench 90 tp_bench.log $B/phishard_tp_bench --tp 1,2 --batches 1,32,128 --context 1024 \
@@ -143,6 +150,8 @@ echo "== served"
 tail -15 "$OUT/served.log" 2> /dev/null
 echo "== lora bench"
 grep -E "^(decode|prefill)|->|=>" "$OUT/lora_bench.log" 2> /dev/null
+echo "== lora prefill pairs"
+grep -A8 "^lora prefill pairs" "$OUT/lora_pairs.log" 2> /dev/null | grep -E "pairs|host|median|ratio" | head -20
 echo "== tp bench"
 tail -25 "$OUT/tp_bench.log" 2> /dev/null
 echo "== bench"
