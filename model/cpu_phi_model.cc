@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
+#include "common/status_macros.h"
 #include "kernels/embedding.h"
 #include "kernels/gemm.h"
 #include "kernels/layer_norm.h"
@@ -26,12 +27,6 @@
 
 namespace phishard {
 namespace {
-
-#define PHI_RETURN_IF_ERROR(expr) \
-  do {                            \
-    absl::Status _st = (expr);    \
-    if (!_st.ok()) return _st;    \
-  } while (0)
 
 // The model validates every input before calling a kernel, so a kernel error is a bug: INTERNAL.
 absl::Status KernelResult(KernelStatus st, const char* op) {

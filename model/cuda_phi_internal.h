@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/status_macros.h"
 #include "kernels/cuda/paged_attention_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/paged_attention.h"
@@ -106,12 +107,6 @@ inline PagedAttentionParams CudaPhiModel::LayerAttentionParams(const StepInputs&
 }  // namespace phishard
 
 namespace phishard::cuda_model {
-
-#define PHI_RETURN_IF_ERROR(expr) \
-  do {                            \
-    absl::Status _st = (expr);    \
-    if (!_st.ok()) return _st;    \
-  } while (0)
 
 inline constexpr size_t kAlign = 256;  // every device sub-buffer starts 256-byte aligned (cuBLASLt)
 inline constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
+#include "common/status_macros.h"
 #include "model/json_depth.h"
 #include "model/text_file.h"
 #include "nlohmann/json.hpp"
@@ -117,23 +118,17 @@ class Fields {
   std::string prefix_;
 };
 
-#define CONFIG_RETURN_IF_ERROR(expr) \
-  do {                               \
-    absl::Status _st = (expr);       \
-    if (!_st.ok()) return _st;       \
-  } while (0)
-
 // A RoPE scaling description (4.x `rope_scaling`, 5.x `rope_parameters`): Phi-1/1.5/2 never
 // scale; "default" (or none) and the identity "linear" with factor 1 are accepted, everything
 // else is UNIMPLEMENTED rather than silently computing the wrong positions.
 absl::Status CheckRopeType(const Fields& f, const std::string& source) {
   std::string type;
   const std::string key = f.Has("rope_type") ? "rope_type" : "type";
-  CONFIG_RETURN_IF_ERROR(f.OptionalString(key, &type));
+  PHI_RETURN_IF_ERROR(f.OptionalString(key, &type));
   if (type.empty() || type == "default" || type == "none") return absl::OkStatus();
   if (type == "linear") {
     double factor = 1.0;
-    CONFIG_RETURN_IF_ERROR(f.OptionalPositive("factor", &factor));
+    PHI_RETURN_IF_ERROR(f.OptionalPositive("factor", &factor));
     if (factor == 1.0) return absl::OkStatus();
   }
   return absl::UnimplementedError(absl::StrFormat(
@@ -166,7 +161,7 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
   PhiConfig c;
 
   if (!f.Has("model_type")) return f.Error("model_type", "is missing (expected \"phi\")");
-  CONFIG_RETURN_IF_ERROR(f.OptionalString("model_type", &c.model_type));
+  PHI_RETURN_IF_ERROR(f.OptionalString("model_type", &c.model_type));
   if (c.model_type != "phi") {
     return f.Error("model_type",
                    absl::StrFormat("is \"%s\"; only \"phi\" (PhiForCausalLM, HF weight names) is "
@@ -174,41 +169,41 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
                                    c.model_type));
   }
 
-  CONFIG_RETURN_IF_ERROR(f.RequiredInt("hidden_size", &c.hidden_size));
-  CONFIG_RETURN_IF_ERROR(f.RequiredInt("num_attention_heads", &c.num_attention_heads));
-  CONFIG_RETURN_IF_ERROR(f.RequiredInt("num_hidden_layers", &c.num_hidden_layers));
-  CONFIG_RETURN_IF_ERROR(f.RequiredInt("intermediate_size", &c.intermediate_size));
-  CONFIG_RETURN_IF_ERROR(f.RequiredInt("vocab_size", &c.vocab_size));
+  PHI_RETURN_IF_ERROR(f.RequiredInt("hidden_size", &c.hidden_size));
+  PHI_RETURN_IF_ERROR(f.RequiredInt("num_attention_heads", &c.num_attention_heads));
+  PHI_RETURN_IF_ERROR(f.RequiredInt("num_hidden_layers", &c.num_hidden_layers));
+  PHI_RETURN_IF_ERROR(f.RequiredInt("intermediate_size", &c.intermediate_size));
+  PHI_RETURN_IF_ERROR(f.RequiredInt("vocab_size", &c.vocab_size));
   c.num_key_value_heads = c.num_attention_heads;
   // `n_head_kv` is the pre-HF (phi-msft) spelling, still honoured upstream.
-  CONFIG_RETURN_IF_ERROR(f.OptionalInt(
+  PHI_RETURN_IF_ERROR(f.OptionalInt(
       f.Has("num_key_value_heads") ? "num_key_value_heads" : "n_head_kv", &c.num_key_value_heads));
-  CONFIG_RETURN_IF_ERROR(
+  PHI_RETURN_IF_ERROR(
       f.OptionalInt(f.Has("max_position_embeddings") ? "max_position_embeddings" : "n_positions",
                     &c.max_position_embeddings));
 
   double eps = c.layer_norm_eps;
-  CONFIG_RETURN_IF_ERROR(f.OptionalPositive("layer_norm_eps", &eps));
+  PHI_RETURN_IF_ERROR(f.OptionalPositive("layer_norm_eps", &eps));
   c.layer_norm_eps = static_cast<float>(eps);
 
   // RoPE: 4.x top level, then 5.x rope_parameters (which must agree when both are written, as
   // transformers 5 does for partial_rotary_factor).
-  CONFIG_RETURN_IF_ERROR(f.OptionalPositive("partial_rotary_factor", &c.partial_rotary_factor));
-  CONFIG_RETURN_IF_ERROR(f.OptionalPositive("rope_theta", &c.rope_theta));
+  PHI_RETURN_IF_ERROR(f.OptionalPositive("partial_rotary_factor", &c.partial_rotary_factor));
+  PHI_RETURN_IF_ERROR(f.OptionalPositive("rope_theta", &c.rope_theta));
   if (const json* rs = f.Find("rope_scaling")) {
     if (!rs->is_object()) return f.WrongType("rope_scaling", "an object or null");
-    CONFIG_RETURN_IF_ERROR(CheckRopeType(Fields(*rs, source, "rope_scaling."), source));
+    PHI_RETURN_IF_ERROR(CheckRopeType(Fields(*rs, source, "rope_scaling."), source));
   }
   if (const json* rp = f.Find("rope_parameters")) {
     if (!rp->is_object()) return f.WrongType("rope_parameters", "an object or null");
     const Fields r(*rp, source, "rope_parameters.");
-    CONFIG_RETURN_IF_ERROR(CheckRopeType(r, source));
+    PHI_RETURN_IF_ERROR(CheckRopeType(r, source));
     for (auto [key, top] :
          {std::pair<std::string, double*>{"partial_rotary_factor", &c.partial_rotary_factor},
           {"rope_theta", &c.rope_theta}}) {
       if (!r.Has(key)) continue;
       double v = 0;
-      CONFIG_RETURN_IF_ERROR(r.OptionalPositive(key, &v));
+      PHI_RETURN_IF_ERROR(r.OptionalPositive(key, &v));
       // transformers 5.x reads RoPE settings from rope_parameters only, and its PhiConfig also
       // writes a stale top-level default (partial_rotary_factor 0.5) next to it: follow HF.
       if (f.Has(key) && v != *top) {
@@ -225,7 +220,7 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
   }
 
   c.hidden_act_name = "gelu_new";
-  CONFIG_RETURN_IF_ERROR(f.OptionalString("hidden_act", &c.hidden_act_name));
+  PHI_RETURN_IF_ERROR(f.OptionalString("hidden_act", &c.hidden_act_name));
   if (c.hidden_act_name == "gelu_new" || c.hidden_act_name == "gelu_pytorch_tanh" ||
       c.hidden_act_name == "gelu_fast") {
     c.hidden_act = Activation::kGeluTanh;
@@ -238,9 +233,9 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
                                    c.hidden_act_name));
   }
 
-  CONFIG_RETURN_IF_ERROR(f.OptionalBool("tie_word_embeddings", &c.tie_word_embeddings));
+  PHI_RETURN_IF_ERROR(f.OptionalBool("tie_word_embeddings", &c.tie_word_embeddings));
   bool qk_layernorm = false;
-  CONFIG_RETURN_IF_ERROR(f.OptionalBool("qk_layernorm", &qk_layernorm));
+  PHI_RETURN_IF_ERROR(f.OptionalBool("qk_layernorm", &qk_layernorm));
   if (qk_layernorm) {
     return absl::UnimplementedError(
         absl::StrCat(source, ": field 'qk_layernorm' = true is not supported"));
@@ -252,7 +247,7 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
 
   // transformers 5 writes `dtype`, 4.x `torch_dtype`; some writers prefix "torch.".
   const std::string dtype_key = f.Has("torch_dtype") ? "torch_dtype" : "dtype";
-  CONFIG_RETURN_IF_ERROR(f.OptionalString(dtype_key, &c.torch_dtype));
+  PHI_RETURN_IF_ERROR(f.OptionalString(dtype_key, &c.torch_dtype));
   if (c.torch_dtype.rfind("torch.", 0) == 0) c.torch_dtype = c.torch_dtype.substr(6);
   if (!c.torch_dtype.empty() && c.torch_dtype != "float16" && c.torch_dtype != "bfloat16" &&
       c.torch_dtype != "float32") {
@@ -261,9 +256,9 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
   }
 
   bool given = false;
-  CONFIG_RETURN_IF_ERROR(f.OptionalTokenIds("eos_token_id", &c.eos_token_ids, &given));
+  PHI_RETURN_IF_ERROR(f.OptionalTokenIds("eos_token_id", &c.eos_token_ids, &given));
   std::vector<int> bos;
-  CONFIG_RETURN_IF_ERROR(f.OptionalTokenIds("bos_token_id", &bos, &given));
+  PHI_RETURN_IF_ERROR(f.OptionalTokenIds("bos_token_id", &bos, &given));
   if (bos.size() > 1) return f.Error("bos_token_id", "must be a single token id");
   if (!bos.empty()) c.bos_token_id = bos[0];
 
@@ -311,13 +306,11 @@ absl::StatusOr<PhiConfig> LoadPhiConfig(const fs::path& model_dir) {
     if (!gen.ok()) return gen.status();
     std::vector<int> eos;
     bool given = false;
-    CONFIG_RETURN_IF_ERROR(
+    PHI_RETURN_IF_ERROR(
         Fields(*gen, gen_path.string()).OptionalTokenIds("eos_token_id", &eos, &given));
     if (given) config->eos_token_ids = std::move(eos);
   }
   return config;
 }
-
-#undef CONFIG_RETURN_IF_ERROR
 
 }  // namespace phishard

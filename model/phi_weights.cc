@@ -10,16 +10,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
+#include "common/status_macros.h"
 #include "model/load_progress.h"
 
 namespace phishard {
 namespace {
-
-#define PHI_RETURN_IF_ERROR(expr) \
-  do {                            \
-    absl::Status _st = (expr);    \
-    if (!_st.ok()) return _st;    \
-  } while (0)
 
 std::string ShapeStr(absl::Span<const int64_t> shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
