@@ -34,8 +34,8 @@ using testing_util::RandomVector;
 struct AccumulateGeluCase {
   int m = 0, n = 0, k = 0;
   int ldx = 0, ldy = 0;
-  std::vector<float> x, w, bias, y0;
-  std::vector<int> check;
+  std::vector<float> x = {}, w = {}, bias = {}, y0 = {};
+  std::vector<int> check = {};
 };
 
 void CheckAccumulateGelu(AccumulateGeluCase c) {
