@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_cuda.h"
 #include "kernels/cuda/paged_attention_prefill.cuh"
@@ -216,20 +217,6 @@ __global__ void DecodeMergeKernel(const float* __restrict__ partial_o,
   }
 }
 
-template <typename F>
-KernelStatus DispatchHeadDim(int head_dim, F&& f) {
-  switch (head_dim) {
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 80:
-      return f(std::integral_constant<int, 80>{});
-    default:
-      return KernelStatus::kInvalidShape;
-  }
-}
-
 int DecodeSplits(const PagedAttentionParams& p, const PagedAttentionCudaPlan& plan) {
   int splits = 1;
   if (plan.force_splits > 0) {
@@ -298,7 +285,7 @@ KernelStatus PagedAttentionCuda(const PagedAttentionParams& p, const PagedAttent
 
   if (!decode) return LaunchPagedAttentionPrefill(p, plan, q_stride, stream);
 
-  return DispatchHeadDim(p.head_dim, [&](auto hd_tag) {
+  return cuda::DispatchAttentionHeadDim(p.head_dim, [&](auto hd_tag) {
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;

@@ -6,6 +6,7 @@
 
 #include <type_traits>
 
+#include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_cuda.h"
 
@@ -72,22 +73,14 @@ __device__ __forceinline__ void StoreNewKvRows(const Args& a, SlotOf&& slot_of, 
   }
 }
 
-// Calls run(std::integral_constant<int, HD>, cuda::TypeTag<T>) for the head dims the prefill
-// kernels are built for (32, 64, 80) and T = __half / __nv_bfloat16 from p.dtype; another head dim
-// is kInvalidShape, another dtype kUnsupportedDtype.
+// Calls run(std::integral_constant<int, HD>, cuda::TypeTag<T>) for the head dims of
+// cuda::DispatchAttentionHeadDim (32, 64, 80) and T = __half / __nv_bfloat16 from p.dtype; another
+// head dim is kInvalidShape, another dtype kUnsupportedDtype.
 template <typename F>
 KernelStatus DispatchPrefillHeadDim(const PagedAttentionParams& p, F&& run) {
   return cuda::DispatchHalfTypes(p.dtype, [&](auto type_tag) {
-    switch (p.head_dim) {
-      case 32:
-        return run(std::integral_constant<int, 32>{}, type_tag);
-      case 64:
-        return run(std::integral_constant<int, 64>{}, type_tag);
-      case 80:
-        return run(std::integral_constant<int, 80>{}, type_tag);
-      default:
-        return KernelStatus::kInvalidShape;
-    }
+    return cuda::DispatchAttentionHeadDim(p.head_dim,
+                                          [&](auto hd_tag) { return run(hd_tag, type_tag); });
   });
 }
 

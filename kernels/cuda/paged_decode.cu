@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_decode_cuda.h"
 
@@ -648,20 +649,6 @@ __global__ void PagedDecodeMergeKernel(const Args a) {
   }
 }
 
-template <typename F>
-KernelStatus DispatchHeadDim(int head_dim, F&& f) {
-  switch (head_dim) {
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    case 64:
-      return f(std::integral_constant<int, 64>{});
-    case 80:
-      return f(std::integral_constant<int, 80>{});
-    default:
-      return KernelStatus::kInvalidShape;
-  }
-}
-
 }  // namespace
 
 bool PagedDecodeCudaSupportsHeadDim(int head_dim) {
@@ -740,7 +727,7 @@ KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCud
                           static_cast<int64_t>(p.num_seqs) * p.num_heads * max_splits <
                               16 * static_cast<int64_t>(std::max(plan.num_multiprocessors, 1)));
   a.blocks_per_seq = registers ? p.num_heads : p.num_kv_heads * a.head_chunks;
-  return DispatchHeadDim(p.head_dim, [&](auto hd_tag) {
+  return cuda::DispatchAttentionHeadDim(p.head_dim, [&](auto hd_tag) {
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
