@@ -38,6 +38,7 @@
 #include "bench/bench_ceilings.h"
 #include "bench/bench_steps.h"
 #include "bench/bench_util.h"
+#include "bench/fold_sweep.h"
 #include "bench/kernel_trace.h"
 #include "bench/lora_pairs.h"
 #include "bench/mega_timeline.h"
@@ -189,6 +190,13 @@ int Main(int argc, char** argv) {
   app.add_option("--lora-prefill-pair-tunings", lora_prefill_pair_tunings,
                  "LoRA prefill tunings of the pairs (CudaPhiModel::set_lora_prefill_tuning, "
                  "comma-separated, e.g. 1:8:1:0,1:8:1:1; empty: the model's own)");
+  int fold_rounds = 0;
+  std::string fold_cases = "1x1024,8x1024,32x1024,128x1024,256x1024,1x4096", fold_mode = "greedy";
+  app.add_option("--fold-rounds", fold_rounds,
+                 "rounds of the decode cases --fold-cases with the decode attention fold off and "
+                 "on, alternated (CudaPhiModel::set_decode_attention_fold_rows; 0: none)");
+  app.add_option("--fold-cases", fold_cases, "BATCHxCTX decode steps of --fold-rounds");
+  app.add_option("--fold-mode", fold_mode, "decode mode of --fold-rounds (greedy, graph)");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -428,6 +436,9 @@ int Main(int argc, char** argv) {
     }
     BENCH_OK(m.set_bulk_gemv(rows0, pdl0, ln0));
     BENCH_OK(m.set_mlp_stream_mode(mode0));
+  }
+  if (fold_rounds > 0 && !lora_only) {
+    DecodeFoldSweep(m, bench, fold_cases, fold_mode, fold_rounds, &rows);
   }
   if (mega_sweep > 0 && !lora_only) {
     // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op

@@ -44,9 +44,13 @@ struct CudaPhiModel::StepInputs {
   int num_seqs = 0;
   int max_blocks = 0;                  // block-table pitch when step_info is null
   const int32_t* step_info = nullptr;  // decode graphs: {live, pitch} on the device
-  bool decode = false;                 // one token per sequence: PagedDecodeCuda
-  int min_live = 1;                    // decode: fewest live sequences this launch serves
-  int max_q_len = 0;                   // prefill plan
+  // Decode steps: the fused attention's split counters (device int32, zero between launches;
+  // PagedDecodeCudaPlan::merge_counters), null where the step may not fuse.
+  int32_t* merge_counters = nullptr;
+  size_t merge_counters_len = 0;
+  bool decode = false;  // one token per sequence: PagedDecodeCuda
+  int min_live = 1;     // decode: fewest live sequences this launch serves
+  int max_q_len = 0;    // prefill plan
   int max_ctx = 0;
   bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)
   // Overlapped sharded prefill (model/cuda_phi_tp_overlap.cc): the row chunks whose hooks take

@@ -12,6 +12,7 @@
 #include <string_view>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
@@ -341,6 +342,18 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
       bulk_env("PHISHARD_DECODE_MEGAKERNEL", options.decode_megakernel, 0, 1);
   PHI_RETURN_IF_ERROR(mega.status());
   PHI_RETURN_IF_ERROR(m->set_decode_megakernel(*mega != 0));
+  int fold_rows = options.decode_attention_fold_rows;
+  if (fold_rows < 0) {
+    fold_rows = kDecodeAttentionFoldRowsDefault;
+    if (const char* v = std::getenv("PHISHARD_DECODE_ATTENTION_FOLD"); v != nullptr && *v != '\0') {
+      if (!absl::SimpleAtoi(v, &fold_rows) || fold_rows < 0 || fold_rows > 65536) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("environment variable PHISHARD_DECODE_ATTENTION_FOLD='", v,
+                         "' must be a row count in [0, 65536]"));
+      }
+    }
+  }
+  m->set_decode_attention_fold_rows(fold_rows);
   m->props_name_ = props.name;
   return m;
 }
@@ -518,7 +531,7 @@ absl::Status CudaPhiModel::EnsureDecodeCapacity(int rows, int table_pitch) {
   decode_bytes_ = 0;
   decode_rows_ = 0;
   decode_table_ints_ = 0;
-  const size_t bytes = DecodeBufferBytes(want_rows, want_ints);
+  const size_t bytes = DecodeBufferBytes(want_rows, want_ints, config_.num_attention_heads);
   const size_t logit_bytes =
       static_cast<size_t>(want_rows) * full_config_.vocab_size * sizeof(float);
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&decode_dev_, bytes), "malloc (decode inputs)"));

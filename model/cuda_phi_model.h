@@ -61,6 +61,7 @@ inline constexpr int kMlpStreamDefault = kMlpStreamFc1Fc2;
 inline constexpr int kBulkGemvRowsDefault = 0;
 inline constexpr int kBulkGemvPdlDefault = 1;
 inline constexpr int kBulkGemvLnDefault = 0;
+inline constexpr int kDecodeAttentionFoldRowsDefault = 4;  // CudaModelOptions below
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -130,6 +131,17 @@ struct CudaModelOptions {
   // weight stream runs across the ops' dependencies. 0 off, 1 on; -1: PHISHARD_DECODE_MEGAKERNEL
   // when set, else off (opt-in until measured faster, docs/perf-log.md).
   int decode_megakernel = -1;
+  // Decode steps (graph buckets) of at most this many rows, without adapter rows, unsharded, run
+  // rotary + K/V write and the split merge inside the decode attention launch where it takes the
+  // register-staged kernel (batch 1 to 64 at Phi-2 shape): the same bits, two launches fewer a
+  // layer (PagedDecodeCudaPlan::fold_rotary, kernels/cuda/paged_decode_cuda.h). 0: none; -1:
+  // PHISHARD_DECODE_ATTENTION_FOLD (rows) when set, else kDecodeAttentionFoldRowsDefault (4).
+  // Measured (H200, Phi-2 shape, ctx 1024, fold on / off alternated in one process, perf-log
+  // dfold): b1 x0.92-0.94, b2 x0.96, b4 x0.97, but b8 x1.08, b16 x1.10, b32 x1.18, b64 x1.25
+  // with the MLP branch on its own stream: from b8 the attention grid is several waves and, no
+  // longer behind the rotary launch, is queued before fc2's, which then runs after it instead of
+  // beside it (with mlp_stream 0 the fold is faster at b8-b64 too: x0.97-0.99).
+  int decode_attention_fold_rows = -1;
 };
 
 class CudaPhiModel final : public ModelBackend {
@@ -239,6 +251,13 @@ class CudaPhiModel final : public ModelBackend {
   int bulk_gemv_rows() const { return bulk_rows_; }
   bool bulk_gemv_pdl() const { return bulk_pdl_; }
   bool bulk_gemv_ln() const { return bulk_ln_; }
+  // CudaModelOptions::decode_attention_fold_rows (drops graphs when it changes).
+  void set_decode_attention_fold_rows(int rows) {
+    if (rows != decode_fold_rows_) DropGraphs();
+    decode_fold_rows_ = rows;
+  }
+  int decode_attention_fold_rows() const { return decode_fold_rows_; }
+  int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps enqueued so
   // CudaModelOptions::decode_megakernel (drops graphs).
   absl::Status set_decode_megakernel(bool on);
   bool decode_megakernel() const { return mega_on_; }
@@ -416,7 +435,7 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status EnsureDecodeCapacity(int rows, int table_pitch);
   void StepTimerStart();
   void StepTimerStop();
-  static size_t DecodeBufferBytes(int rows, int64_t table_ints);
+  static size_t DecodeBufferBytes(int rows, int64_t table_ints, int heads);
   void DropGraphs();
   absl::Status EnsureMetadataCapacity(size_t bytes);
   absl::Status DeviceStatus(int err, const char* what);
@@ -530,7 +549,9 @@ class CudaPhiModel final : public ModelBackend {
   int bulk_rows_ = 0;  // CudaModelOptions::bulk_gemv_*
   bool bulk_pdl_ = false;
   bool bulk_ln_ = false;
-  bool mega_on_ = false;  // CudaModelOptions::decode_megakernel
+  bool mega_on_ = false;                                    // CudaModelOptions::decode_megakernel
+  int decode_fold_rows_ = kDecodeAttentionFoldRowsDefault;  // set_decode_attention_fold_rows
+  int64_t decode_fold_steps_ = 0;
   bool mega_refused_logged_ = false;
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning

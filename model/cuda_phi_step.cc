@@ -36,13 +36,14 @@ using cuda_model::VocabPad;
 
 // The decode path's inputs, at fixed offsets for the life of the buffer (`rows` rows, `ints`
 // block-table entries): info = {live sequences, block-table pitch, 0, 0}, then per row the slot,
-// token id, position and context length, then the block tables [live, pitch] last, so a step
-// uploads only the prefix it uses.
+// token id, position and context length, then the block tables [live, pitch], so a step
+// uploads only the prefix it uses; after them the fused decode attention's split counters
+// (int32 [rows, heads]: zeroed at allocation, never uploaded, left zero by every launch).
 struct DecodeLayout {
-  size_t info, slots, ids, positions, context_lens, block_tables, total;
+  size_t info, slots, ids, positions, context_lens, block_tables, merge_counters, total;
 };
 
-DecodeLayout MakeDecodeLayout(int rows, int64_t ints) {
+DecodeLayout MakeDecodeLayout(int rows, int64_t ints, int heads) {
   DecodeLayout d;
   size_t off = 0;
   auto take = [&](size_t bytes) {
@@ -56,6 +57,7 @@ DecodeLayout MakeDecodeLayout(int rows, int64_t ints) {
   d.positions = take(sizeof(int32_t) * rows);
   d.context_lens = take(sizeof(int32_t) * rows);
   d.block_tables = take(sizeof(int32_t) * static_cast<size_t>(ints));
+  d.merge_counters = take(sizeof(int32_t) * static_cast<size_t>(rows) * heads);
   d.total = off;
   return d;
 }
@@ -82,8 +84,8 @@ void CopyOut(float* dst, const float* src, size_t floats) {
 
 }  // namespace
 
-size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints) {
-  return MakeDecodeLayout(rows, table_ints).total;
+size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints, int heads) {
+  return MakeDecodeLayout(rows, table_ints, heads).total;
 }
 
 absl::Status CudaPhiModel::Linear(const GemmParams& p, DataType y_dtype, const char* op,
@@ -261,6 +263,17 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   prefill_plan.prefill_tiling = static_cast<PrefillTiling>(prefill_attention_tiling_);
   PagedDecodeCudaPlan decode_plan = MakeDecodePlan(in.min_live, nH, multiprocessors_, a, al);
   decode_plan.step_info = in.step_info;
+  // Decode steps without adapter rows (LoRA folds its deltas into the rotary launch), unsharded
+  // (not run with NCCL yet): rotary + K/V write and the split merge inside the attention launch
+  // (set_decode_attention_fold_rows: steps of up to that many rows; bit-identical,
+  // kernels/cuda/paged_decode_cuda.h).
+  const bool fold_attention = in.decode && T <= decode_fold_rows_ && in.merge_counters != nullptr &&
+                              !lora && !shard_.sharded() && in.chunks == nullptr;
+  if (fold_attention) {
+    ++decode_fold_steps_;
+    decode_plan.merge_counters = in.merge_counters;
+    decode_plan.merge_counters_len = in.merge_counters_len;
+  }
   for (int l = 0; l < c.num_hidden_layers - (in.skip_last_layer ? 1 : 0); ++l) {
     const Layer& w = layers_[l];
     char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
@@ -384,7 +397,11 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                                   in.slots + rr.begin, rr.rows, k_cache, v_cache);
       rot.write_cache = !kv_store;
       if (lora) lora_->FoldIntoRotary(&rot);  // the q / k / v deltas (CudaLora rotary fold)
-      PHI_RETURN_IF_ERROR(KernelResult(RotaryKvWriteCuda(rot, stream_), "rotary_kv_write"));
+      decode_plan.fold_rotary = fold_attention;
+      decode_plan.rotary = rot;
+      if (!fold_attention) {
+        PHI_RETURN_IF_ERROR(KernelResult(RotaryKvWriteCuda(rot, stream_), "rotary_kv_write"));
+      }
     }
     PagedAttentionParams ap = LayerAttentionParams(in, qkv, attn, T, k_cache, v_cache);
     ap.cu_q_lens = in.cu_q_lens;
@@ -593,8 +610,9 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
 }
 
 absl::Status CudaPhiModel::EnqueueDecode(int rows) {
-  const DecodeLayout dl = MakeDecodeLayout(decode_rows_, decode_table_ints_);
-  const char* md = static_cast<const char*>(decode_dev_);
+  const DecodeLayout dl =
+      MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
+  char* md = static_cast<char*>(decode_dev_);
   StepInputs in;
   in.tokens = rows;
   in.ids = reinterpret_cast<const int32_t*>(md + dl.ids);
@@ -604,6 +622,8 @@ absl::Status CudaPhiModel::EnqueueDecode(int rows) {
   in.block_tables = reinterpret_cast<const int32_t*>(md + dl.block_tables);
   in.num_seqs = rows;
   in.step_info = reinterpret_cast<const int32_t*>(md + dl.info);
+  in.merge_counters = reinterpret_cast<int32_t*>(md + dl.merge_counters);
+  in.merge_counters_len = static_cast<size_t>(decode_rows_) * config_.num_attention_heads;
   in.decode = true;
   in.min_live = std::max(1, rows / 2);  // the bucket below holds every smaller batch
   in.max_q_len = 1;
@@ -629,7 +649,8 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
                      << "captured again)";
     PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(B, pitch));
   }
-  const DecodeLayout dl = MakeDecodeLayout(decode_rows_, decode_table_ints_);
+  const DecodeLayout dl =
+      MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
   char* mh = static_cast<char*>(decode_host_);
   auto* info = reinterpret_cast<int32_t*>(mh + dl.info);
   auto* slots = reinterpret_cast<int64_t*>(mh + dl.slots);
@@ -737,7 +758,8 @@ absl::Status CudaPhiModel::CaptureDecodeGraphs(int max_batch) {
   if (!use_graphs_) return absl::OkStatus();
   DeviceSet(device_);
   lora_->Deactivate();  // base-model graphs: no adapter rows
-  const DecodeLayout dl = MakeDecodeLayout(decode_rows_, decode_table_ints_);
+  const DecodeLayout dl =
+      MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
   for (int b : graphs_->buckets()) {
     if (b > max_batch || graphs_->Has(b)) continue;
     // An all-padding step: live 0, no KV slot written, every attention row empty.

@@ -4,89 +4,28 @@
 
 #include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/paged_decode_common.cuh"
 #include "kernels/cuda/paged_decode_cuda.h"
+#include "kernels/cuda/paged_decode_fold.cuh"
+#include "kernels/cuda/rotary_kv_write_cuda.h"
 
 namespace phishard {
-namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kLanesPerKey = 8;                        // one group = 8 lanes = one key at a time
-constexpr int kGroups = kWarps * (32 / kLanesPerKey);  // 16 key groups per block
-constexpr int kUnroll = 2;                             // keys per group in one stage
-constexpr int kStep = kGroups * kUnroll;               // 32 keys per block stage
-// Splits start on multiples of this many keys (whole stages, whole blocks of 16).
-constexpr int kKeysPerIter = 64;
-
-template <int HD>
-struct Head {
-  static constexpr int kChunks = HD / 8;                                        // 16-byte slices
-  static constexpr int kPerLane = (kChunks + kLanesPerKey - 1) / kLanesPerKey;  // 1 or 2
-};
-
-struct Args {
-  const void* q;
-  const void* k_cache;
-  const void* v_cache;
-  void* out;
-  float* partial_o;   // [num_seqs, num_heads, max_splits, HD]
-  float* partial_ml;  // [num_seqs, num_heads, max_splits, 2] (max, sum) in log2 units
-  const int32_t* context_lens;
-  const int32_t* block_tables;
-  const int32_t* step_info;
-  int num_seqs;
-  int max_blocks;
-  int num_blocks;
-  int block_size;
-  int num_heads;
-  int group;   // num_heads / num_kv_heads
-  int kv_row;  // num_kv_heads * head_dim: elements of one cache slot
-  int q_stride;
-  int max_splits;
-  int target_blocks;
-  int head_chunks;     // pipelined kernel: query-head chunks of kMaxHeadsPerBlock per KV head
-  int blocks_per_seq;  // blocks of one split of one sequence (the grid's x extent)
-  float scale_log2;
-};
-
-// The split rule of the header; returns split_len, *splits the non-empty splits (ctx >= 1).
-__device__ __forceinline__ int SplitLen(const Args& a, int ctx, int* splits) {
-  const int live = max(a.step_info ? a.step_info[0] : a.num_seqs, 1);
-  const int per_split_blocks = live * a.blocks_per_seq;
-  const int want = max(1, (a.target_blocks + per_split_blocks - 1) / per_split_blocks);
-  const int n = max(1, min(min(want, a.max_splits), (ctx + kKeysPerIter - 1) / kKeysPerIter));
-  const int per = (ctx + n - 1) / n;
-  const int len = (per + kKeysPerIter - 1) / kKeysPerIter * kKeysPerIter;
-  *splits = (ctx + len - 1) / len;
-  return len;
-}
-
-template <typename T>
-__device__ __forceinline__ void Unpack8(uint4 v, float* f) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = cuda::Word2ToFloat2<T>(w[i]);
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
-
-// Merges (m_o, l_o, acc_o) into (m, l, acc): log2-domain online-softmax states.
-__device__ __forceinline__ void Rescale(float m, float m_new, float* factor) {
-  *factor = m == -INFINITY ? 0.0f : exp2f(m - m_new);
-}
+namespace paged_decode {
 
 // ------------------------------------------------------------------------------------------------
 // Register-staged kernel (PagedDecodeVariant::kRegisterStages; the default before the pipelined
 // one): one block per (split, sequence, query head), see the header for its work split.
-template <typename T, int HD, bool kBlock16>
+// kFold (PagedDecodeCudaPlan::fold_rotary): q and the new key come unrotated from the qkv row; the
+// block rotates its query head itself and the blocks of the last split (the one holding key
+// ctx - 1, the new token) take that key's K/V from shared memory, one of them also storing it to
+// the cache (FoldPrologue). With merge_counters the last split block to finish merges the splits.
+template <typename T, int HD, bool kBlock16, bool kFold>
 __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   using H = Head<HD>;
   __shared__ float s_m[kWarps];
   __shared__ float s_l[kWarps];
   __shared__ float s_acc[kWarps][HD];
+  __shared__ std::conditional_t<kFold, FoldSmem<T, HD>, char> fold_sm;
   const int sp = blockIdx.x;
   const int s = blockIdx.y;
   const int h = blockIdx.z;
@@ -103,6 +42,8 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   if (sp >= splits) return;
   const int k_begin = sp * split_len;
   const int k_end = min(ctx, k_begin + split_len);
+  // kFold: the new token's key index in this block's split, else -1.
+  const int new_key = kFold && k_end == ctx ? ctx - 1 : -1;
   const int pitch = a.step_info ? a.step_info[1] : a.max_blocks;
   const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
   const int warp = threadIdx.x >> 5;
@@ -111,20 +52,25 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   const int cl = lane % kLanesPerKey;
   const size_t head_off = static_cast<size_t>(h / a.group) * HD;
 
-  // This lane's slices of q (pre-scaled to log2 units): chunk j = cl + 8 i.
+  // This lane's slices of q (pre-scaled to log2 units): chunk j = cl + 8 i, from q_row (the
+  // query head, device, or kFold: the rotated head in shared memory).
   float q[H::kPerLane][8];
-  const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride + h * HD;
+  auto load_q = [&](const T* q_row) {
 #pragma unroll
-  for (int i = 0; i < H::kPerLane; ++i) {
-    const int j = cl + kLanesPerKey * i;
-    if (j < H::kChunks) {
-      Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
+    for (int i = 0; i < H::kPerLane; ++i) {
+      const int j = cl + kLanesPerKey * i;
+      if (j < H::kChunks) {
+        Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) q[i][e] *= a.scale_log2;
-    } else {
+        for (int e = 0; e < 8; ++e) q[i][e] *= a.scale_log2;
+      } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
+        for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
+      }
     }
+  };
+  if constexpr (!kFold) {
+    load_q(static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride + h * HD);
   }
   float m = -INFINITY, l = 0.0f;
   float acc[H::kPerLane][8];
@@ -161,7 +107,8 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
           blk = table[key / a.block_size];
           off = key % a.block_size;
         }
-        in_range = blk >= 0 && blk < a.num_blocks;
+        // kFold: the new key is not read from the cache (patch below).
+        in_range = blk >= 0 && blk < a.num_blocks && (!kFold || key != new_key);
         base = (static_cast<size_t>(blk) * a.block_size + off) * a.kv_row + head_off;
       }
 #pragma unroll
@@ -221,15 +168,38 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
     }
     m = m_new;
   };
+  // kFold: the stage at k_it takes the new key's K/V slices from shared memory.
+  auto patch = [&](Stage& st, int k_it) {
+    if constexpr (kFold) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (k_it + kGroups * u + grp != new_key) continue;
+#pragma unroll
+        for (int i = 0; i < H::kPerLane; ++i) {
+          const int j = cl + kLanesPerKey * i;
+          if (j < H::kChunks) {
+            st.k[u][i] = reinterpret_cast<const uint4*>(fold_sm.k)[j];
+            st.v[u][i] = reinterpret_cast<const uint4*>(fold_sm.v)[j];
+          }
+        }
+      }
+    }
+  };
   Stage sa, sb;
   int k_it = k_begin;
   load(sa, k_it);
+  if constexpr (kFold) {  // the rotation overlaps the first stage's loads
+    FoldPrologue<T, HD>(a, s, h, new_key >= 0, fold_sm);
+    load_q(fold_sm.q);
+  }
   while (true) {
     if (k_it + kStep < k_end) load(sb, k_it + kStep);
+    patch(sa, k_it);
     compute(sa);
     k_it += kStep;
     if (k_it >= k_end) break;
     if (k_it + kStep < k_end) load(sa, k_it + kStep);
+    patch(sb, k_it);
     compute(sb);
     k_it += kStep;
     if (k_it >= k_end) break;
@@ -297,6 +267,7 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
       }
     }
   }
+  if (splits > 1 && a.merge_counters != nullptr) MergeIfLast<T, HD>(a, s, h, splits);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -631,43 +602,29 @@ __global__ void PagedDecodeMergeKernel(const Args a) {
   int splits = 1;
   SplitLen(a, ctx, &splits);
   if (splits <= 1) return;  // the main kernel wrote the output
-  const size_t base = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits;
-  float mm = -INFINITY;
-  for (int i = 0; i < splits; ++i) mm = fmaxf(mm, a.partial_ml[(base + i) * 2]);
-  float wsum = 0.0f;
-  for (int i = 0; i < splits; ++i) {
-    wsum += a.partial_ml[(base + i) * 2 + 1] * exp2f(a.partial_ml[(base + i) * 2] - mm);
+  MergeSplits<T, HD>(a, s, h, splits, threadIdx.x, blockDim.x);
+}
+
+// PagedDecodeCudaPlan::rotary against the attention's own parameters: the same qkv rows, caches
+// and shapes, a plain write (no LoRA fold), or kInvalidShape / kNullPointer.
+KernelStatus CheckFoldedRotary(const PagedAttentionParams& p, int q_stride,
+                               const RotaryKvWriteParams& r) {
+  const int width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
+  const int r_stride = r.qkv_stride == 0 ? width : r.qkv_stride;
+  if (r.qkv != p.q || r.k_cache != p.k_cache || r.v_cache != p.v_cache ||
+      r.num_tokens != p.num_seqs || r.num_heads != p.num_heads ||
+      r.num_kv_heads != p.num_kv_heads || r.head_dim != p.head_dim || r.dtype != p.dtype ||
+      r_stride != q_stride || q_stride < width || !r.write_cache || r.fold_delta != nullptr ||
+      r.rotary_dim < 0 || r.rotary_dim > p.head_dim || r.rotary_dim % 2 != 0 || r.num_slots < 0) {
+    return KernelStatus::kInvalidShape;
   }
-  T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
-  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-    float o = 0.0f;
-    for (int i = 0; i < splits; ++i) {
-      const float w = a.partial_ml[(base + i) * 2 + 1] * exp2f(a.partial_ml[(base + i) * 2] - mm);
-      o = fmaf(w, a.partial_o[(base + i) * HD + d], o);
-    }
-    out_row[d] = cuda::FromFloat<T>(o / wsum);
-  }
+  if (!r.positions || !r.slots) return KernelStatus::kNullPointer;
+  return KernelStatus::kOk;
 }
 
-}  // namespace
-
-bool PagedDecodeCudaSupportsHeadDim(int head_dim) {
-  return head_dim == 32 || head_dim == 64 || head_dim == 80;
-}
-
-int PagedDecodeCudaMaxSplits(int min_live_seqs, int num_heads, int num_multiprocessors) {
-  const int per_split = std::max(min_live_seqs, 1) * std::max(num_heads, 1);
-  const int target = 4 * std::max(num_multiprocessors, 1);
-  return std::clamp((target + per_split - 1) / per_split, 1, kPagedDecodeMaxSplits);
-}
-
-size_t PagedDecodeCudaWorkspaceBytes(int num_seqs, int num_heads, int head_dim, int max_splits) {
-  if (max_splits <= 1) return 0;
-  return static_cast<size_t>(num_seqs) * num_heads * max_splits * (head_dim + 2) * sizeof(float);
-}
-
-KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
-                             cudaStream_t stream, int* splits_bound) {
+// PagedDecodeCuda's body (in this namespace with its kernels).
+KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
+                 cudaStream_t stream, int* splits_bound) {
   if (splits_bound) *splits_bound = 0;
   if (p.dtype != DataType::kF16 && p.dtype != DataType::kBF16) {
     return KernelStatus::kUnsupportedDtype;
@@ -685,6 +642,15 @@ KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCud
   }
   if (reinterpret_cast<uintptr_t>(p.q) % 16 || reinterpret_cast<uintptr_t>(p.k_cache) % 16 ||
       reinterpret_cast<uintptr_t>(p.v_cache) % 16) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (plan.fold_rotary) {
+    if (KernelStatus st = CheckFoldedRotary(p, q_stride, plan.rotary); st != KernelStatus::kOk) {
+      return st;
+    }
+  }
+  if (plan.merge_counters != nullptr &&
+      plan.merge_counters_len < static_cast<size_t>(p.num_seqs) * p.num_heads) {
     return KernelStatus::kInvalidShape;
   }
   int max_splits = plan.max_splits > 0 ? plan.max_splits
@@ -727,17 +693,33 @@ KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCud
                           static_cast<int64_t>(p.num_seqs) * p.num_heads * max_splits <
                               16 * static_cast<int64_t>(std::max(plan.num_multiprocessors, 1)));
   a.blocks_per_seq = registers ? p.num_heads : p.num_kv_heads * a.head_chunks;
+  // The fused form (register-staged kernel): rotary + K/V write inside, and the merge where
+  // counters are given. The pipelined kernel runs the rotary launch before it, as unfused.
+  const bool fold = plan.fold_rotary && registers;
+  a.positions = plan.rotary.positions;
+  a.slots = plan.rotary.slots;
+  a.k_cache_w = plan.rotary.k_cache;
+  a.v_cache_w = plan.rotary.v_cache;
+  a.num_slots = plan.rotary.num_slots;
+  a.rotary_dim = plan.rotary.rotary_dim;
+  a.theta = plan.rotary.theta;
+  a.merge_counters = registers ? plan.merge_counters : nullptr;
+  if (plan.fold_rotary && !registers) {
+    if (KernelStatus st = RotaryKvWriteCuda(plan.rotary, stream); st != KernelStatus::kOk) {
+      return st;
+    }
+  }
   return cuda::DispatchAttentionHeadDim(p.head_dim, [&](auto hd_tag) {
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
       if (registers) {
         const dim3 grid(max_splits, p.num_seqs, p.num_heads);
-        if (p.block_size == 16) {
-          PagedDecodeKernel<T, HD, true><<<grid, kThreads, 0, stream>>>(a);
-        } else {
-          PagedDecodeKernel<T, HD, false><<<grid, kThreads, 0, stream>>>(a);
-        }
+        auto kernel = p.block_size == 16 ? (fold ? PagedDecodeKernel<T, HD, true, true>
+                                                 : PagedDecodeKernel<T, HD, true, false>)
+                                         : (fold ? PagedDecodeKernel<T, HD, false, true>
+                                                 : PagedDecodeKernel<T, HD, false, false>);
+        kernel<<<grid, kThreads, 0, stream>>>(a);
       } else {
         const dim3 grid(a.blocks_per_seq, p.num_seqs, max_splits);
         KernelStatus st = KernelStatus::kOk;
@@ -759,13 +741,36 @@ KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCud
         }
         if (st != KernelStatus::kOk) return st;
       }
-      if (KernelStatus st = cuda::LaunchStatus(); st != KernelStatus::kOk || max_splits == 1) {
+      if (KernelStatus st = cuda::LaunchStatus();
+          st != KernelStatus::kOk || max_splits == 1 || a.merge_counters != nullptr) {
         return st;
       }
       PagedDecodeMergeKernel<T, HD><<<dim3(p.num_seqs, p.num_heads), 96, 0, stream>>>(a);
       return cuda::LaunchStatus();
     });
   });
+}
+
+}  // namespace paged_decode
+
+bool PagedDecodeCudaSupportsHeadDim(int head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 80;
+}
+
+int PagedDecodeCudaMaxSplits(int min_live_seqs, int num_heads, int num_multiprocessors) {
+  const int per_split = std::max(min_live_seqs, 1) * std::max(num_heads, 1);
+  const int target = 4 * std::max(num_multiprocessors, 1);
+  return std::clamp((target + per_split - 1) / per_split, 1, kPagedDecodeMaxSplits);
+}
+
+size_t PagedDecodeCudaWorkspaceBytes(int num_seqs, int num_heads, int head_dim, int max_splits) {
+  if (max_splits <= 1) return 0;
+  return static_cast<size_t>(num_seqs) * num_heads * max_splits * (head_dim + 2) * sizeof(float);
+}
+
+KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
+                             cudaStream_t stream, int* splits_bound) {
+  return paged_decode::Run(p, plan, stream, splits_bound);
 }
 
 }  // namespace phishard

@@ -24,6 +24,18 @@
 //   splits = ceil(ctx / split_len); blocks per split and sequence = num_kv_heads x
 //   ceil(group / 4) (pipelined) or num_heads (register stages).
 // Closed dispatch: head_dim in {32, 64, 80} x {kF16, kBF16}.
+//
+// Fused form (PagedDecodeCudaPlan::fold_rotary, merge_counters): a decode step's rotary + K/V
+// write and the split merge inside the register-staged kernel's launch, so the step's attention
+// is one launch instead of three. Every block reads its query head unrotated from the qkv row and
+// rotates it itself; the blocks of the split holding key ctx - 1 (the new token) rotate that
+// token's K head, take its K/V from shared memory instead of the cache, and the one of them with
+// the group's first query head stores the row to the cache at slots[s]. With merge_counters the
+// last split block of each (sequence, head) to finish merges the splits (log-sum-exp, the merge
+// kernel's code) and zeroes its counter. The float operations are RotaryKvWriteCuda's, the
+// attention's and the merge kernel's, so the output and the cache are the same bits as the three
+// launches; qkv is left unrotated (nothing after the attention reads it). When kAuto picks the
+// pipelined kernel, fold_rotary runs RotaryKvWriteCuda before it and the merge kernel after it.
 #pragma once
 
 #include <cstddef>
@@ -31,6 +43,7 @@
 
 #include "kernels/device.h"
 #include "kernels/paged_attention.h"
+#include "kernels/rotary_kv_write.h"
 
 namespace phishard {
 
@@ -55,6 +68,17 @@ struct PagedDecodeCudaPlan {
   size_t workspace_bytes = 0;
   int num_multiprocessors = 132;
   PagedDecodeVariant variant = PagedDecodeVariant::kAuto;
+  // Fused form (see above): `rotary` is this step's rotary + K/V write (RotaryKvWriteCuda's
+  // parameters) and must describe the attention's own rows: qkv == q (q_stride its row pitch),
+  // the same caches, heads, head_dim and dtype, num_tokens == num_seqs, write_cache, no
+  // fold_delta (else kInvalidShape). slots[s] must be the cache slot of key ctx - 1 of sequence s
+  // (the new token), as the model builds them.
+  bool fold_rotary = false;
+  RotaryKvWriteParams rotary = {};
+  // Device int32 [>= num_seqs * num_heads], all zero before the first launch; every launch leaves
+  // it zero. Given: the register-staged kernel merges its splits itself (no merge launch).
+  int32_t* merge_counters = nullptr;
+  size_t merge_counters_len = 0;  // entries (kInvalidShape when below num_seqs * num_heads)
 };
 
 // Grid split bound for a launch that will serve at least `min_live_seqs` live sequences.

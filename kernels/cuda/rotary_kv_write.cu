@@ -2,6 +2,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
 
 namespace phishard {
@@ -70,14 +71,10 @@ __global__ void __launch_bounds__(kThreads)
   // Only Q and K heads rotate: skip the trig for a block of V heads.
   const bool rotates = half > 0 && head0 < num_heads + num_kv_heads;
   if (rotates && threadIdx.x < half) {
-    // As the Hugging Face reference: angle = float(pos) * inv_freq in float32, then cos/sin.
-    // sincosf (not __sincosf) keeps full accuracy at angles of several thousand radians.
+    // As the Hugging Face reference (cuda::RopeCosSin, shared with the fused decode attention).
     const int j = threadIdx.x;
-    const float pos = static_cast<float>(positions[t]);
-    const float inv_freq =
-        1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
     float s, c;
-    sincosf(pos * inv_freq, &s, &c);
+    cuda::RopeCosSin(positions[t], j, rotary_dim, theta, &c, &s);
     sh_cos[j] = c;
     sh_cos[half + j] = s;
   }
@@ -117,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
           const float s = sh_cos[half + j];
           const float x1 = cuda::ToFloat(x[j]);
           const float x2 = cuda::ToFloat(x[j + half]);
-          out.v[e] = cuda::FromFloat<T>(d < half ? x1 * c - x2 * s : x2 * c + x1 * s);
+          out.v[e] = cuda::RopeRotate<T>(x1, x2, c, s, d < half);
         }
       }
       T* dst = seg + hl * head_dim + d0;
@@ -168,11 +165,8 @@ __global__ void __launch_bounds__(kThreads)
     // Same float32 formula as RotaryKvWriteKernel and the Hugging Face reference.
     const int tl = threadIdx.x / half;
     const int j = threadIdx.x - tl * half;
-    const float pos = static_cast<float>(positions[t0 + tl]);
-    const float inv_freq =
-        1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
     float sn, cs;
-    sincosf(pos * inv_freq, &sn, &cs);
+    cuda::RopeCosSin(positions[t0 + tl], j, rotary_dim, theta, &cs, &sn);
     sh_trig[tl][j] = cs;
     sh_trig[tl][half + j] = sn;
   }
@@ -209,8 +203,8 @@ __global__ void __launch_bounds__(kThreads)
         const float sn = trig[half + d0[k] + e];
         const float a = cuda::ToFloat(x1[k].v[e]);
         const float b = cuda::ToFloat(x2[k].v[e]);
-        o1.v[e] = cuda::FromFloat<T>(a * cs - b * sn);
-        o2.v[e] = cuda::FromFloat<T>(b * cs + a * sn);
+        o1.v[e] = cuda::RopeRotate<T>(a, b, cs, sn, true);
+        o2.v[e] = cuda::RopeRotate<T>(a, b, cs, sn, false);
       }
       *reinterpret_cast<P*>(at[k]) = o1;
       *reinterpret_cast<P*>(at[k] + half) = o2;

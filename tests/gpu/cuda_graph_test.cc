@@ -16,6 +16,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/gemv_cuda.h"  // kGemvMaxRows
@@ -374,6 +375,32 @@ TEST_P(CudaDecodeGraphs, PaddingRowsAreHarmless) {
   EXPECT_EQ(exact->decode_bucket(3), 0);
   ExpectSameSteps(*padded, *exact, 8, 22);
   EXPECT_GT(padded->decode_graph_replays(), 0);
+}
+
+// The decode attention with rotary + K/V write and the split merge folded in
+// (set_decode_attention_fold_rows) gives the three launches' logits bit for bit over prefill and
+// decode steps (the KV cache it writes feeds every later step), eager and as graph replays, with
+// every step folded and with only the buckets of up to 2 rows folded (the others unfused, the
+// same KV cache). MHA models take the fused register-staged kernel; the GQA one takes the
+// pipelined kernel, where the fold runs the rotary launch before it.
+TEST_P(CudaDecodeGraphs, AttentionFoldIsBitIdentical) {
+  PHI_REQUIRE_GPU();
+  for (auto [graphs, rows] : {std::pair{false, 65536}, {true, 65536}, {true, 2}}) {
+    SCOPED_TRACE(testing::Message() << (graphs ? "graphs" : "eager") << ", fold rows " << rows);
+    std::unique_ptr<CudaPhiModel> plain =
+        Load(Dir(), {.dtype = "bfloat16", .cuda_graphs = graphs, .decode_attention_fold_rows = 0});
+    std::unique_ptr<CudaPhiModel> fused = Load(
+        Dir(), {.dtype = "bfloat16", .cuda_graphs = graphs, .decode_attention_fold_rows = rows});
+    ASSERT_TRUE(plain && fused);
+    ASSERT_TRUE(plain->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
+    ASSERT_TRUE(fused->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
+    ExpectSameSteps(*fused, *plain, 8, 22);
+    EXPECT_GT(fused->decode_attention_fold_steps(), 0);
+    EXPECT_EQ(plain->decode_attention_fold_steps(), 0);
+    if (graphs) {
+      EXPECT_GT(fused->decode_graph_replays(), 0);
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaDecodeGraphs,

@@ -1,0 +1,122 @@
+// Pieces shared by the decode attention kernels of kernels/cuda/paged_decode.cu and the fused
+// form's prologue / epilogue (kernels/cuda/paged_decode_fold.cuh): the launch arguments, the split
+// rule, unpacking, the online-softmax rescale and the log-sum-exp merge of the splits. Included by
+// paged_decode.cu only.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_common.cuh"
+
+namespace phishard::paged_decode {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kLanesPerKey = 8;                        // one group = 8 lanes = one key at a time
+constexpr int kGroups = kWarps * (32 / kLanesPerKey);  // 16 key groups per block
+constexpr int kUnroll = 2;                             // keys per group in one stage
+constexpr int kStep = kGroups * kUnroll;               // 32 keys per block stage
+// Splits start on multiples of this many keys (whole stages, whole blocks of 16).
+constexpr int kKeysPerIter = 64;
+
+template <int HD>
+struct Head {
+  static constexpr int kChunks = HD / 8;                                        // 16-byte slices
+  static constexpr int kPerLane = (kChunks + kLanesPerKey - 1) / kLanesPerKey;  // 1 or 2
+};
+
+struct Args {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  void* out;
+  float* partial_o;   // [num_seqs, num_heads, max_splits, HD]
+  float* partial_ml;  // [num_seqs, num_heads, max_splits, 2] (max, sum) in log2 units
+  const int32_t* context_lens;
+  const int32_t* block_tables;
+  const int32_t* step_info;
+  int num_seqs;
+  int max_blocks;
+  int num_blocks;
+  int block_size;
+  int num_heads;
+  int group;   // num_heads / num_kv_heads
+  int kv_row;  // num_kv_heads * head_dim: elements of one cache slot
+  int q_stride;
+  int max_splits;
+  int target_blocks;
+  int head_chunks;     // pipelined kernel: query-head chunks of kMaxHeadsPerBlock per KV head
+  int blocks_per_seq;  // blocks of one split of one sequence (the grid's x extent)
+  float scale_log2;
+  // Fused form (PagedDecodeCudaPlan::fold_rotary, register-staged kernel only): q is the qkv
+  // row [q | k | v] of each sequence; positions / slots of the new token (device), the caches
+  // written at slots[s] (the same arrays as k_cache / v_cache), RotaryKvWriteParams' rotation.
+  const int32_t* positions;
+  const int64_t* slots;
+  void* k_cache_w;
+  void* v_cache_w;
+  int64_t num_slots;
+  int rotary_dim;
+  float theta;
+  // PagedDecodeCudaPlan::merge_counters (register-staged kernel): device int32 [num_seqs,
+  // num_heads], zero between launches; null: PagedDecodeMergeKernel merges the splits.
+  int32_t* merge_counters;
+};
+
+// The split rule of the header; returns split_len, *splits the non-empty splits (ctx >= 1).
+__device__ __forceinline__ int SplitLen(const Args& a, int ctx, int* splits) {
+  const int live = max(a.step_info ? a.step_info[0] : a.num_seqs, 1);
+  const int per_split_blocks = live * a.blocks_per_seq;
+  const int want = max(1, (a.target_blocks + per_split_blocks - 1) / per_split_blocks);
+  const int n = max(1, min(min(want, a.max_splits), (ctx + kKeysPerIter - 1) / kKeysPerIter));
+  const int per = (ctx + n - 1) / n;
+  const int len = (per + kKeysPerIter - 1) / kKeysPerIter * kKeysPerIter;
+  *splits = (ctx + len - 1) / len;
+  return len;
+}
+
+template <typename T>
+__device__ __forceinline__ void Unpack8(uint4 v, float* f) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = cuda::Word2ToFloat2<T>(w[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+// Merges (m_o, l_o, acc_o) into (m, l, acc): log2-domain online-softmax states.
+__device__ __forceinline__ void Rescale(float m, float m_new, float* factor) {
+  *factor = m == -INFINITY ? 0.0f : exp2f(m - m_new);
+}
+
+// out[s, h] = sum_i w_i o_i / sum_i w_i, w_i = l_i 2^(m_i - max m), over the `splits` partials of
+// (s, h); thread `tid` of `nthreads` writes dims tid, tid + nthreads, ... Partials are read
+// through L2 (__ldcg): in the fused form they were written by other blocks of the same launch.
+// PagedDecodeMergeKernel and the fused form's last block run this same code, so their outputs are
+// the same bits.
+template <typename T, int HD>
+__device__ __forceinline__ void MergeSplits(const Args& a, int s, int h, int splits, int tid,
+                                            int nthreads) {
+  const size_t base = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits;
+  const float* ml = a.partial_ml;
+  float mm = -INFINITY;
+  for (int i = 0; i < splits; ++i) mm = fmaxf(mm, __ldcg(ml + (base + i) * 2));
+  float wsum = 0.0f;
+  for (int i = 0; i < splits; ++i) {
+    wsum += __ldcg(ml + (base + i) * 2 + 1) * exp2f(__ldcg(ml + (base + i) * 2) - mm);
+  }
+  T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
+  for (int d = tid; d < HD; d += nthreads) {
+    float o = 0.0f;
+    for (int i = 0; i < splits; ++i) {
+      const float w = __ldcg(ml + (base + i) * 2 + 1) * exp2f(__ldcg(ml + (base + i) * 2) - mm);
+      o = fmaf(w, __ldcg(a.partial_o + (base + i) * HD + d), o);
+    }
+    out_row[d] = cuda::FromFloat<T>(o / wsum);
+  }
+}
+
+}  // namespace phishard::paged_decode
