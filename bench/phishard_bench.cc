@@ -167,10 +167,10 @@ int Main(int argc, char** argv) {
       "--lora-prefill-variants", lora_prefill_variants,
       "after the LoRA comparison, --lora-rounds more rounds of the LoRA prefill: each "
       "round the base step, then the LoRA step under each tuning of this list, in the "
-      "same process (CudaPhiModel::set_lora_prefill_tuning F[:G[:P[:M]]]: F 1 = q / k / v "
-      "deltas before the qkv GEMM, 0 = after; G the gathers' chunks a thread, 8 or 1; "
-      "P 1 = the next layer's gathers prefetched; M 1 = the merged q / k / v expand; "
-      "e.g. 1:8:1:0,1:8:1:1); medians per tuning");
+      "same process (CudaPhiModel::set_lora_prefill_tuning F[:G[:P[:M[:E]]]]: F 1 = q / k / "
+      "v deltas before the qkv GEMM, 0 = after; G the gathers' chunks a thread, 8 or 1; "
+      "P 1 = the next layer's gathers prefetched; M 1 = the merged q / k / v expand; E 1 = "
+      "fc1's delta + GELU as one kernel; e.g. 1:8:1:0,1:8:1:1); medians per tuning");
   int lora_prefill_pairs = 0, lora_prefill_pair_warmup = 3, lora_prefill_pair_repeat = 1;
   std::string lora_prefill_pair_tunings;
   app.add_option("--lora-prefill-pairs", lora_prefill_pairs,

@@ -55,6 +55,9 @@ CudaLora::CudaLora(const PhiConfig& config, DataType dtype, int device)
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_QKV_MERGE"); v != nullptr && *v != 0) {
     gemm_qkv_merge_ = *v != '0';
   }
+  if (const char* v = std::getenv("PHISHARD_LORA_GEMM_FC1_KERNEL"); v != nullptr && *v != 0) {
+    gemm_fc1_kernel_ = *v != '0';
+  }
   if (const char* v = std::getenv("PHISHARD_LORA_GEMM_SEGMENT_SHRINK"); v != nullptr && *v != 0) {
     gemm_segment_shrink_ = *v != '0';
   }

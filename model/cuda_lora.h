@@ -161,10 +161,12 @@ class CudaLora {
   // adapters, one merged expand 27.6 us a layer (cuBLASLt's 320x128 tile over 512-row segments)
   // against 3 x 10.1 us at a ~8 % lower clock, and the interleaved base / LoRA pairs +0.6 and
   // -0.2 points in two runs (docs/perf-log.md, lorap5): kept off, as a measured alternative.
-  // Benchmarks (old and new forms in one process): "F", "F:G", "F:G:P" or "F:G:P:M" sets the
-  // q / k / v deltas first (F = 1) or after the qkv GEMM (0), the gathers' 16-byte chunks a
-  // thread (G = 8, the default, or 1: LoraGatherParams::chunks_per_thread), the prefetch (P = 1
-  // or 0) and the merged q / k / v expand (M = 1 or 0); fields left out keep their values.
+  // Benchmarks (old and new forms in one process): "F", "F:G", "F:G:P", "F:G:P:M" or
+  // "F:G:P:M:E" sets the q / k / v deltas first (F = 1) or after the qkv GEMM (0), the gathers'
+  // 16-byte chunks a thread (G = 8, the default, or 1: LoraGatherParams::chunks_per_thread), the
+  // prefetch (P = 1 or 0), the merged q / k / v expand (M = 1 or 0) and fc1's delta + GELU as
+  // one LoraExpandActCuda pass (E = 1) or cuBLASLt GEMMs with the GELU epilogue (E = 0;
+  // model/cuda_lora_fc1.cc); fields left out keep their values.
   // INVALID_ARGUMENT names a bad field.
   absl::Status SetPrefillTuning(absl::string_view spec);
   std::string PrefillTuning() const;
@@ -174,6 +176,8 @@ class CudaLora {
   int64_t prefetched_layers() const { return prefetched_layers_; }
   // Layers whose q / k / v deltas ran as one merged expand, over all steps so far.
   int64_t qkv_merged_layers() const { return qkv_merged_layers_; }
+  // Layers whose fc1 delta + GELU ran as LoraExpandActCuda (GemmFc1Kernel), over all steps.
+  int64_t fc1_kernel_layers() const { return fc1_kernel_layers_; }
 
   // Overlap (SGMV steps, on unless PHISHARD_LORA_OVERLAP=0): BeforeQkv, called between the LN
   // and the qkv GEMM, forks the q / k / v / fc1 shrink onto a side stream so it runs alongside
@@ -535,6 +539,14 @@ class CudaLora {
   // The merged expand's segments: adapter a's rows at col a W, width W (B_qkv's pitch).
   std::vector<LoraSegment> gemm_qkv_segments_;
   int64_t qkv_merged_layers_ = 0;
+  // fc1's delta + GELU in segmented steps as one pass over the pre-activation
+  // (model/cuda_lora_fc1.cc; PHISHARD_LORA_GEMM_FC1_KERNEL=1 / SetPrefillTuning field 5). Off:
+  // correct (peft goldens, mixed batch = alone, within one ulp of the GEMMs) but slower on the
+  // H200, 83 us against cuBLASLt's 67 us at 4096 x 10240 (97.5 / 77.7 us a layer in the step:
+  // ~2 TB/s, too few bytes in flight per SM), pairs 83.6 vs 84.8 % (docs/perf-log.md, lorap6).
+  bool gemm_fc1_kernel_ = false;
+  int64_t fc1_kernel_layers_ = 0;
+  KernelStatus GemmFc1Kernel(void* mlp, GemmEpilogue act, cudaStream_t stream, bool* done);
   DeviceEvent* prefetch_fork_ev_ = nullptr;
   DeviceEvent* prefetch_done_ev_ = nullptr;
 };

@@ -637,26 +637,29 @@ KernelStatus CudaLora::GemmQkvDeltaFirst(int layer, const void* normed, void* qk
 
 absl::Status CudaLora::SetPrefillTuning(absl::string_view spec) {
   const std::vector<std::string> f = absl::StrSplit(spec, ':');
-  if (f.size() > 4 || (f[0] != "0" && f[0] != "1") ||
+  if (f.size() > 5 || (f[0] != "0" && f[0] != "1") ||
       (f.size() >= 2 && f[1] != "1" && f[1] != "8") ||
       (f.size() >= 3 && f[2] != "0" && f[2] != "1") ||
-      (f.size() == 4 && f[3] != "0" && f[3] != "1")) {
+      (f.size() >= 4 && f[3] != "0" && f[3] != "1") ||
+      (f.size() == 5 && f[4] != "0" && f[4] != "1")) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "LoRA prefill tuning '%s': expected F[:G[:P[:M]]], F the q / k / v deltas first (1) or "
-        "after (0), G the gathers' chunks a thread (1 or 8), P the next layer's gathers "
-        "prefetched (1) or not (0), M the merged q / k / v expand (1) or three (0)",
+        "LoRA prefill tuning '%s': expected F[:G[:P[:M[:E]]]], F the q / k / v deltas first (1) "
+        "or after (0), G the gathers' chunks a thread (1 or 8), P the next layer's gathers "
+        "prefetched (1) or not (0), M the merged q / k / v expand (1) or three (0), E fc1's "
+        "delta + GELU as one kernel (1) or cuBLASLt GEMMs (0)",
         spec));
   }
   gemm_delta_first_ = f[0] == "1";
   if (f.size() >= 2) gather_chunks_ = f[1] == "8" ? 8 : 1;
   if (f.size() >= 3) gemm_prefetch_ = f[2] == "1";
-  if (f.size() == 4) gemm_qkv_merge_ = f[3] == "1";
+  if (f.size() >= 4) gemm_qkv_merge_ = f[3] == "1";
+  if (f.size() == 5) gemm_fc1_kernel_ = f[4] == "1";
   return absl::OkStatus();
 }
 
 std::string CudaLora::PrefillTuning() const {
-  return absl::StrFormat("%d:%d:%d:%d", gemm_delta_first_ ? 1 : 0, gather_chunks_,
-                         gemm_prefetch_ ? 1 : 0, gemm_qkv_merge_ ? 1 : 0);
+  return absl::StrFormat("%d:%d:%d:%d:%d", gemm_delta_first_ ? 1 : 0, gather_chunks_,
+                         gemm_prefetch_ ? 1 : 0, gemm_qkv_merge_ ? 1 : 0, gemm_fc1_kernel_ ? 1 : 0);
 }
 
 // mlp = act(mlp + T_fc1 · B_fc1ᵀ): fc1 ran without its activation (SplitFc1); the epilogue (or,
@@ -668,6 +671,10 @@ KernelStatus CudaLora::GemmAfterFc1(int layer, void* mlp, GemmEpilogue act, cuda
   (void)layer;
   const int R = gemm_r_, I = config_.intermediate_size, tw = gemm_split_t_ ? 2 : 1;
   if (gemm_segmented_) {
+    bool done = false;
+    if (KernelStatus st = GemmFc1Kernel(mlp, act, stream, &done); st != KernelStatus::kOk || done) {
+      return st;
+    }
     // The segments' rows with the activation (when fused), then the base rows' activation.
     KernelStatus st = GemmSegmentExpand(3 * tw * gemm_max_width_, tw, gb_.b_fc1, tw * R, mlp, I, I,
                                         gemm_fused_gelu_ ? act : GemmEpilogue::kNone, stream);

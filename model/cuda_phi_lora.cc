@@ -47,6 +47,7 @@ std::string CudaPhiModel::lora_prefill_tuning() const { return lora_->PrefillTun
 int64_t CudaPhiModel::lora_qkv_first_layers() const { return lora_->qkv_first_layers(); }
 int64_t CudaPhiModel::lora_prefetched_layers() const { return lora_->prefetched_layers(); }
 int64_t CudaPhiModel::lora_qkv_merged_layers() const { return lora_->qkv_merged_layers(); }
+int64_t CudaPhiModel::lora_fc1_kernel_layers() const { return lora_->fc1_kernel_layers(); }
 
 absl::Status CudaPhiModel::PlanLora(const ForwardBatch& batch, bool decode, int rows) {
   absl::StatusOr<bool> planned = lora_->Plan(batch, decode, rows, stream_);

@@ -202,6 +202,8 @@ class CudaPhiModel final : public ModelBackend {
   int64_t lora_prefetched_layers() const;
   // Layers whose q / k / v deltas ran as one merged expand (CudaLora::qkv_merged_layers).
   int64_t lora_qkv_merged_layers() const;
+  // Layers whose fc1 delta + GELU ran as one kernel (CudaLora::fc1_kernel_layers).
+  int64_t lora_fc1_kernel_layers() const;
   // Tensor parallelism (model/cuda_phi_tp.cc).
   int tp_rank() const override { return shard_.rank; }
   int tp_world_size() const override { return shard_.world_size; }

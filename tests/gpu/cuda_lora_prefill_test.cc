@@ -114,29 +114,30 @@ TEST(CudaLoraBatch, PrefillForkAndTrimmedLastLayerMatchTheFullPathWithTheSegment
 // on the side stream (set_lora_prefill_tuning "1:1:0:1" against "1:8:1:1") change no
 // bit: they copy the same words into the same places, and the prefetch must be waited for (a
 // missing wait would let a layer read the matrices of the layer two before). The merged q / k / v
-// expand of segmented steps ("1:8:1:1"; the default "1:8:1:0" runs three) adds only 0 x 0 products
-// to each of the three GEMMs' sums (B_qkv's zeros against T's q / k / v blocks): within the bf16
-// bounds of the three GEMMs, bit identity printed (expected on an H200: zero products leave float32
-// sums unchanged, but another algorithm may order or split K differently); it must really run in
-// every layer of the segmented form and in none of the concatenated form (which has no such
-// layout).
+// expand of segmented steps ("1:8:1:1"; the default "1:8:1:0:0" runs three) adds only 0 x 0
+// products to each of the three GEMMs' sums (B_qkv's zeros against T's q / k / v blocks): within
+// the bf16 bounds of the three GEMMs, bit identity printed (expected on an H200: zero products
+// leave float32 sums unchanged, but another algorithm may order or split K differently); it must
+// really run in every layer of the segmented form and in none of the concatenated form (which has
+// no such layout).
 void RunQkvDeltasFirst(Form form) {
   const GemmFormEnv env(form);
   const fs::path dir = TinyPhiDir();
   std::unique_ptr<CudaPhiModel> first = LoadCuda(dir), after = LoadCuda(dir),
                                 inline_ = LoadCuda(dir), three = LoadCuda(dir);
   ASSERT_TRUE(first && after && inline_ && three);
-  EXPECT_EQ(three->lora_prefill_tuning(), "1:8:1:0");  // the default
+  EXPECT_EQ(three->lora_prefill_tuning(), "1:8:1:0:0");  // the default
   ASSERT_TRUE(first->set_lora_prefill_tuning("1:8:1:1").ok());
   ASSERT_TRUE(after->set_lora_prefill_tuning("0:8:1:1").ok());
   ASSERT_TRUE(inline_->set_lora_prefill_tuning("1:1:0:1").ok());
-  EXPECT_EQ(first->lora_prefill_tuning(), "1:8:1:1");
-  EXPECT_EQ(after->lora_prefill_tuning(), "0:8:1:1");
-  EXPECT_EQ(inline_->lora_prefill_tuning(), "1:1:0:1");
+  EXPECT_EQ(first->lora_prefill_tuning(), "1:8:1:1:0");
+  EXPECT_EQ(after->lora_prefill_tuning(), "0:8:1:1:0");
+  EXPECT_EQ(inline_->lora_prefill_tuning(), "1:1:0:1:0");
   EXPECT_FALSE(first->set_lora_prefill_tuning("2").ok());
   EXPECT_FALSE(first->set_lora_prefill_tuning("1:4").ok());
   EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:2").ok());
-  EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:0:1").ok());
+  EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:0:2").ok());
+  EXPECT_FALSE(first->set_lora_prefill_tuning("1:8:1:0:1:0").ok());
   std::unique_ptr<AdapterRegistry> reg = GoldenAdapters(first->config());
   ASSERT_TRUE(reg);
   for (CudaPhiModel* m : {first.get(), after.get(), inline_.get(), three.get()}) {
@@ -212,6 +213,74 @@ TEST(CudaLoraBatch, QkvDeltasFirstMatchDeltasAfterWithTheGemmForm) {
 TEST(CudaLoraBatch, QkvDeltasFirstMatchDeltasAfterWithTheSegmentedGemmForm) {
   PHI_REQUIRE_GPU();
   RunQkvDeltasFirst(Form::kSegmented);
+}
+
+// fc1's delta + GELU as one LoraExpandActCuda pass (set_lora_prefill_tuning field 5 = 1;
+// model/cuda_lora_fc1.cc) against the cuBLASLt expands with the GELU epilogue (field 5 = 0, the
+// default), on the mixed batch (base rows between segments get the GELU alone): both add the same
+// float32 terms to the pre-activation and round once, in another order (mma k-steps against
+// cuBLASLt's), so within the bf16 bounds (ExpectClose) in the prefill logits and the decode steps
+// after, full path and trimmed last layer; bit identity printed. The kernel must run in the
+// segmented form's prefill layers (every layer, or all but the trimmed last) and never in the
+// concatenated form (no compact T) or with field 5 = 0.
+void RunFc1Kernel(Form form) {
+  const GemmFormEnv env(form);
+  const fs::path dir = TinyPhiDir();
+  std::unique_ptr<CudaPhiModel> kern = LoadCuda(dir), gemms = LoadCuda(dir);
+  ASSERT_TRUE(kern && gemms);
+  EXPECT_EQ(gemms->lora_prefill_tuning(), "1:8:1:0:0");  // the default: the GEMMs
+  ASSERT_TRUE(kern->set_lora_prefill_tuning("1:8:1:0:1").ok());
+  EXPECT_EQ(kern->lora_prefill_tuning(), "1:8:1:0:1");
+  std::unique_ptr<AdapterRegistry> reg = GoldenAdapters(kern->config());
+  ASSERT_TRUE(reg);
+  for (CudaPhiModel* m : {kern.get(), gemms.get()})
+    ASSERT_TRUE(m->SetAdapterRegistry(reg.get()).ok());
+  const int V = kern->config().vocab_size, L = kern->config().num_hidden_layers;
+  const std::vector<Req> reqs = MixedRequests();
+  const int steps = 3;
+  for (bool last_rows : {false, true}) {
+    for (CudaPhiModel* m : {kern.get(), gemms.get()}) m->set_prefill_last_rows(last_rows);
+    const int64_t before = kern->lora_fc1_kernel_layers();
+    const auto got = RunBatch(*kern, reqs, 0, steps, true);
+    const auto want = RunBatch(*gemms, reqs, 0, steps, true);
+    const int64_t ran = kern->lora_fc1_kernel_layers() - before;
+    if (form == Form::kSegmented) {
+      EXPECT_GE(ran, L - 1) << (last_rows ? "trimmed" : "full");
+      EXPECT_LE(ran, L) << (last_rows ? "trimmed" : "full");
+    } else {
+      EXPECT_EQ(ran, 0) << FormName(form);
+    }
+    EXPECT_EQ(gemms->lora_fc1_kernel_layers(), 0);
+    ASSERT_EQ(got.size(), static_cast<size_t>(steps + 1));
+    ASSERT_EQ(want.size(), got.size());
+    bool same = true;
+    for (int st = 0; st <= steps; ++st) {
+      same = same && got[st] == want[st];
+      for (size_t s = 0; s < reqs.size(); ++s) {
+        const std::string what = std::string(FormName(form)) + (last_rows ? " trimmed" : " full") +
+                                 " fc1 kernel step " + std::to_string(st) + " request " +
+                                 std::to_string(s);
+        ExpectClose(got[st].data() + s * V, want[st].data() + s * V, V, what);
+        if (st == 0) {
+          const Closeness c = Compare(got[st].data() + s * V, want[st].data() + s * V, V);
+          std::printf("  %s: kernel vs GEMMs max|d| / scale %.4f, norm rel %.4f\n", what.c_str(),
+                      c.worst / c.scale, c.rel);
+        }
+      }
+    }
+    std::printf("  %s%s: fc1 kernel in %lld layers, vs GEMMs bit-identical: %s\n", FormName(form),
+                last_rows ? " trimmed" : " full", static_cast<long long>(ran), same ? "yes" : "no");
+  }
+}
+
+TEST(CudaLoraBatch, Fc1DeltaGeluKernelMatchesTheGemmsInTheSegmentedGemmForm) {
+  PHI_REQUIRE_GPU();
+  RunFc1Kernel(Form::kSegmented);
+}
+
+TEST(CudaLoraBatch, Fc1DeltaGeluKernelStaysOffInTheConcatenatedGemmForm) {
+  PHI_REQUIRE_GPU();
+  RunFc1Kernel(Form::kGemm);
 }
 
 }  // namespace
