@@ -129,8 +129,10 @@ if [ -x $B/phishard_bench ]; then
     --lora-rounds 1 --lora-prefill-pairs 8 --lora-prefill-pair-repeat 3
 fi
 if [ -x $B/phishard_tp_bench ] && ((NGPU >= 2)); then
-  step tp_bench 90 tp_bench.log $B/phishard_tp_bench --tp 1,2 --batches 1,32,128 --context 1024 \
-    --prefills 1x2048,8x2048 --json "$OUT/tp_bench.json"
+  # view: the logits downloaded (a copy that does not shrink with TP); greedy: only the chosen
+  # ids / logprobs cross, as for the engine's greedy rows.
+  step tp_bench 100 tp_bench.log $B/phishard_tp_bench --tp 1,2 --batches 1,32,128 --context 1024 \
+    --decode-modes view,greedy --prefills 1x2048,8x2048 --json "$OUT/tp_bench.json"
   # A/B: the MLP-branch stream in sharded decode steps too (off by default).
   step tp_bench_mlp_tp 60 tp_bench.log env PHISHARD_MLP_STREAM_TP=1 $B/phishard_tp_bench --tp 2 \
     --batches 1,32,128 --context 1024 --prefills ""
