@@ -2,6 +2,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gelu_math.cuh"
 #include "kernels/cuda/gelu_cuda.h"
 
 namespace phishard {
@@ -9,11 +10,7 @@ namespace {
 
 template <bool kTanh>
 __device__ __forceinline__ float Gelu(float x) {
-  if constexpr (kTanh) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-  } else {
-    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-  }
+  return kTanh ? cuda::GeluTanh(x) : cuda::GeluErf(x);
 }
 
 // Grid-stride over the window's 16-byte vectors (kVec elements each, vec_cols a row, row stride

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gelu_math.cuh"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/gemm.h"
 
@@ -35,13 +36,8 @@ __device__ __forceinline__ float Dot8(uint4 a, uint4 b, float acc) {
 }
 
 __device__ __forceinline__ float Activate(float v, int epilogue) {
-  if (epilogue == static_cast<int>(GemmEpilogue::kGeluTanh)) {
-    const float k0 = 0.7978845608028654f;  // sqrt(2/pi)
-    return 0.5f * v * (1.0f + tanhf(k0 * (v + 0.044715f * v * v * v)));
-  }
-  if (epilogue == static_cast<int>(GemmEpilogue::kGeluErf)) {
-    return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-  }
+  if (epilogue == static_cast<int>(GemmEpilogue::kGeluTanh)) return GeluTanh(v);
+  if (epilogue == static_cast<int>(GemmEpilogue::kGeluErf)) return GeluErf(v);
   return v;
 }
 

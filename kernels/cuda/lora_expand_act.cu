@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gelu_math.cuh"
 #include "kernels/cuda/lora_expand_act_cuda.h"
 
 namespace phishard {
@@ -59,17 +60,11 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint3
   }
 }
 
-// kAct: 0 none, 1 tanh GELU, 2 erf GELU: the float formulas of kernels/cuda/gelu.cu (tanhf /
-// erff), used for act-only segments (base rows: exactly GeluInPlaceCuda's values).
+// kAct: 0 none, 1 tanh GELU, 2 erf GELU: kernels/cuda/gelu_math.cuh's float formulas (those of
+// GeluInPlaceCuda), used for act-only segments (base rows: exactly GeluInPlaceCuda's values).
 template <int kAct>
 __device__ __forceinline__ float Act(float x) {
-  if constexpr (kAct == 1) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-  } else if constexpr (kAct == 2) {
-    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-  } else {
-    return x;
-  }
+  return cuda::GeluAct<kAct>(x);
 }
 
 // The rows with a delta: the same tanh GELU as x / (1 + 2^z), z = -2 log2(e) sqrt(2/pi) (x +

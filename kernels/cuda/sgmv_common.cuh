@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/gelu_math.cuh"
 #include "kernels/kernel_status.h"
 #include "kernels/sgmv.h"
 
@@ -32,13 +33,7 @@ __device__ __forceinline__ void Unpack8(const uint4& v, float f[8]) {
 // The activation an expand applies after its delta. kAct: 0 none, 1 GELU tanh, 2 GELU erf.
 template <int kAct>
 __device__ __forceinline__ float SgmvAct(float x) {
-  if constexpr (kAct == 1) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-  } else if constexpr (kAct == 2) {
-    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-  } else {
-    return x;
-  }
+  return GeluAct<kAct>(x);
 }
 
 // The expand ops of `p` against t's width (p.ldt) and the rank bound `max_rank`: kInvalidShape
