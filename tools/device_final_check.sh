@@ -11,6 +11,9 @@
 # below; packs them with their libraries into .dev-final/bundle.txz).
 # Then: run(command="bash tools/device_final_check.sh", carry=[".dev-final"], kind=
 #   "nvidia-h200-x2", timeout_s=360)
+# After a whole check on one GPU: run(command="CHECK_TP_ONLY=1 PHISHARD_CHECK_BUDGET_S=240 bash
+#   tools/device_final_check.sh", carry=[".dev-final"], kind="nvidia-h200-x2", timeout_s=280)
+#   (the TP tests, the served TP=2 check and the TP bench only).
 set -u
 OUT=${OUT:-/tmp/phishard-final-check}
 mkdir -p "$OUT"
@@ -41,20 +44,30 @@ GPU_TESTS=$(cd $B && ls *_test 2> /dev/null | grep -vE '^(serve_|metrics_|faults
   grep -v '_bench_test$' | grep -vE '^(nccl_communicator|custom_all_reduce|copy_engine_all_reduce|cuda_tp_model)_test$')
 GPU_TESTS="$GPU_TESTS $(cd $B && ls nccl_communicator_test custom_all_reduce_test \
   copy_engine_all_reduce_test cuda_tp_model_test 2> /dev/null)"
+# CHECK_TP_ONLY=1 (a 2-GPU call after a whole check on one GPU): only the TP tests, the served
+# TP=2 check and the TP bench.
+FULL=1
+if [ "${CHECK_TP_ONLY:-0}" = 1 ]; then
+  FULL=0
+  GPU_TESTS=$(cd $B && ls nccl_communicator_test custom_all_reduce_test \
+    copy_engine_all_reduce_test cuda_tp_model_test 2> /dev/null)
+fi
 for t in $GPU_TESTS; do
   step "$t" 90 gpu_tests.log $B/$t
 done
-export PHISHARD_TEST_DEVICE=cuda
-for t in serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test \
-  metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test; do
-  step "cuda:$t" 80 integration.log $B/$t
-done
-unset PHISHARD_TEST_DEVICE
+if ((FULL)); then
+  export PHISHARD_TEST_DEVICE=cuda
+  for t in serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test \
+    metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test; do
+    step "cuda:$t" 80 integration.log $B/$t
+  done
+  unset PHISHARD_TEST_DEVICE
+fi
 
 # Issue #4's acceptance: compute-sanitizer memcheck clean on the model test.
 SAN=/usr/local/cuda/bin/compute-sanitizer
 command -v compute-sanitizer > /dev/null && SAN=$(command -v compute-sanitizer)
-if [ -x "$SAN" ]; then
+if ((FULL)) && [ -x "$SAN" ]; then
   # (cuda_model_options_test holds the model tests of the step forms since the split of
   # cuda_model_test; both together are what memcheck covered before.)
   for t in cuda_model_test cuda_model_options_test; do
@@ -118,7 +131,7 @@ nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperatu
 CLOCKS_PID=$!
 # Multi-LoRA speed (issue #5: b64 with 64 different rank-16 adapters, prefill 8x512) and TP=1 vs
 # TP=2 (issue #6), each in its own process, before the whole table with the peer.
-if [ -x $B/phishard_bench ]; then
+if ((FULL)) && [ -x $B/phishard_bench ]; then
   step lora_bench 90 lora_bench.log $B/phishard_bench --lora-rank 16 --lora-only --steps 10
   # Issue #5's prefill on interleaved pairs (bench/lora_pairs.h): B L B L (each LoRA step after a
   # base step: the clock a base step leaves) and B B B L L L (each kind timed after its own kind,
@@ -137,7 +150,7 @@ if [ -x $B/phishard_tp_bench ] && ((NGPU >= 2)); then
   step tp_bench_mlp_tp 60 tp_bench.log env PHISHARD_MLP_STREAM_TP=1 $B/phishard_tp_bench --tp 2 \
     --batches 1,32,128 --context 1024 --prefills ""
 fi
-if [ -x $B/phishard_bench ]; then
+if ((FULL)) && [ -x $B/phishard_bench ]; then
   BENCH_TIMEOUT_S=${BENCH_S:-80} PEER_TIMEOUT_S=${PEER_S:-75} step run_all 160 run_all.log \
     bash bench/run_all.sh --bin $B/phishard_bench --out "$OUT"
 fi
