@@ -195,8 +195,8 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   if (!dtype.ok()) return dtype.status();
   if (!PagedAttentionCudaSupportsHeadDim(config.head_dim)) {
     return absl::UnimplementedError(absl::StrFormat(
-        "the CUDA backend supports head_dim 32, 64 and 80; this model has head_dim %d "
-        "(hidden_size %d / num_attention_heads %d)",
+        "the CUDA backend supports head_dim 16, 32, 64, 80, 96 and 128; this model has "
+        "head_dim %d (hidden_size %d / num_attention_heads %d)",
         config.head_dim, config.hidden_size, config.num_attention_heads));
   }
   if (config.num_key_value_heads <= 0 ||

@@ -241,7 +241,7 @@ int DecodeSplits(const PagedAttentionParams& p, const PagedAttentionCudaPlan& pl
 }  // namespace
 
 bool PagedAttentionCudaSupportsHeadDim(int head_dim) {
-  return head_dim == 32 || head_dim == 64 || head_dim == 80;
+  return cuda::AttentionHeadDims::Contains(head_dim);
 }
 
 size_t PagedAttentionCudaWorkspaceBytes(int num_tokens, int num_heads, int head_dim,

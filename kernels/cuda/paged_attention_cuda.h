@@ -13,8 +13,9 @@
 //    num_heads / num_kv_heads query heads of that KV head (GQA reads K/V once), float32 FMA;
 //    with more than one split ("flash-decoding") a second kernel merges the splits' partial
 //    outputs by their log-sum-exp.
-// Closed dispatch: head_dim in {32, 64, 80} x {kF16, kBF16}; anything else is kInvalidShape /
-// kUnsupportedDtype before any launch.
+// Closed dispatch: head_dim in {16, 32, 64, 80, 96, 128} x {kF16, kBF16}; anything else is
+// kInvalidShape / kUnsupportedDtype before any launch. The wgmma tilings (kWgmma, kWgmmaWs) take
+// head_dim 32, 64 and 80 only (kInvalidShape otherwise); kAuto never picks them for another.
 // Requirements beyond the CPU reference: q_stride and head_dim multiples of 8, q, k_cache, v_cache
 // 16-byte aligned (16-byte vector loads), out 4-byte aligned, num_seqs <= 65535 (a grid
 // dimension), and for the prefill kernel a finite non-zero scale. Block ids live in device memory
@@ -72,6 +73,8 @@ struct PagedAttentionCudaPlan {
   void* store_new_v = nullptr;
 };
 
+// Whether the decode and the default (mma.sync) prefill kernels take head_dim: 16, 32, 64, 80, 96,
+// 128 (kernels/cuda/attention_dispatch.cuh, AttentionHeadDims).
 bool PagedAttentionCudaSupportsHeadDim(int head_dim);
 
 // Whether PrefillTiling::kWgmma and kWgmmaWs can run: the library holds sm_90a code and the current

@@ -428,7 +428,9 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
     case PrefillTiling::kQ128:
       return Launch<T, HD, 4, 2, 64, 1>(args, max_q_len, num_seqs, stream);
     case PrefillTiling::kQ128Warps8:
-      return Launch<T, HD, 8, 1, 64, 2>(args, max_q_len, num_seqs, stream);
+      // Head dims above 80: one block an SM, so a thread may hold the wider O strip and Q
+      // fragments in up to 255 registers (capped at 128 for two blocks, 96 and 128 spilled).
+      return Launch<T, HD, 8, 1, 64, (HD > 80 ? 1 : 2)>(args, max_q_len, num_seqs, stream);
     default:  // kAuto is resolved by the caller; kWgmma / kWgmmaWs:
               // paged_attention_prefill_wgmma*.cu
       break;

@@ -73,14 +73,15 @@ __device__ __forceinline__ void StoreNewKvRows(const Args& a, SlotOf&& slot_of, 
   }
 }
 
-// Calls run(std::integral_constant<int, HD>, cuda::TypeTag<T>) for the head dims of
-// cuda::DispatchAttentionHeadDim (32, 64, 80) and T = __half / __nv_bfloat16 from p.dtype; another
-// head dim is kInvalidShape, another dtype kUnsupportedDtype.
-template <typename F>
-KernelStatus DispatchPrefillHeadDim(const PagedAttentionParams& p, F&& run) {
+// Calls run(std::integral_constant<int, HD>, cuda::TypeTag<T>) for the head dims of `dims`
+// (cuda::AttentionHeadDims: 16, 32, 64, 80, 96, 128; the wgmma kernels pass cuda::WgmmaHeadDims)
+// and T = __half / __nv_bfloat16 from p.dtype; another head dim is kInvalidShape, another dtype
+// kUnsupportedDtype.
+template <typename F, typename Dims = cuda::AttentionHeadDims>
+KernelStatus DispatchPrefillHeadDim(const PagedAttentionParams& p, F&& run, Dims dims = {}) {
   return cuda::DispatchHalfTypes(p.dtype, [&](auto type_tag) {
-    return cuda::DispatchAttentionHeadDim(p.head_dim,
-                                          [&](auto hd_tag) { return run(hd_tag, type_tag); });
+    return cuda::DispatchHeadDim(dims, p.head_dim,
+                                 [&](auto hd_tag) { return run(hd_tag, type_tag); });
   });
 }
 

@@ -311,13 +311,16 @@ KernelStatus LaunchPagedAttentionPrefillWgmma(const PagedAttentionParams& p,
                                               const PagedAttentionCudaPlan& plan, int q_stride,
                                               int block_shift, cudaStream_t stream) {
   if (!PagedAttentionPrefillWgmmaAvailable()) return KernelStatus::kInvalidShape;
-  return DispatchPrefillHeadDim(p, [&](auto hd_tag, auto type_tag) {
-    constexpr int HD = decltype(hd_tag)::value;
-    using T = typename decltype(type_tag)::type;
-    return LaunchPrefillWgmmaKernel<WgCfg<HD>>(PrefillWgmmaKernel<T, HD>,
-                                               MakeWgArgs<T>(p, q_stride, block_shift),
-                                               plan.max_q_len, p.num_seqs, stream);
-  });
+  return DispatchPrefillHeadDim(
+      p,
+      [&](auto hd_tag, auto type_tag) {
+        constexpr int HD = decltype(hd_tag)::value;
+        using T = typename decltype(type_tag)::type;
+        return LaunchPrefillWgmmaKernel<WgCfg<HD>>(PrefillWgmmaKernel<T, HD>,
+                                                   MakeWgArgs<T>(p, q_stride, block_shift),
+                                                   plan.max_q_len, p.num_seqs, stream);
+      },
+      cuda::WgmmaHeadDims{});  // 32, 64, 80 only: kInvalidShape for the others
 }
 
 }  // namespace phishard

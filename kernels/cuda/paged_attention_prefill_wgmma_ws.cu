@@ -350,17 +350,20 @@ KernelStatus LaunchPagedAttentionPrefillWgmmaWs(const PagedAttentionParams& p,
                                                 const PagedAttentionCudaPlan& plan, int q_stride,
                                                 int block_shift, cudaStream_t stream) {
   if (!PagedAttentionPrefillWgmmaAvailable()) return KernelStatus::kInvalidShape;
-  return DispatchPrefillHeadDim(p, [&](auto hd_tag, auto type_tag) {
-    constexpr int HD = decltype(hd_tag)::value;
-    using T = typename decltype(type_tag)::type;
-    const WsArgs<T> args{MakeWgArgs<T>(p, q_stride, block_shift),
-                         /*store_k=*/static_cast<T*>(plan.store_new_k),
-                         /*store_v=*/static_cast<T*>(plan.store_new_v),
-                         /*new_k_col=*/p.num_heads * HD,
-                         /*new_v_col=*/(p.num_heads + p.num_kv_heads) * HD};
-    return LaunchPrefillWgmmaKernel<WsCfg<HD>>(PrefillWgmmaWsKernel<T, HD>, args, plan.max_q_len,
-                                               p.num_seqs, stream);
-  });
+  return DispatchPrefillHeadDim(
+      p,
+      [&](auto hd_tag, auto type_tag) {
+        constexpr int HD = decltype(hd_tag)::value;
+        using T = typename decltype(type_tag)::type;
+        const WsArgs<T> args{MakeWgArgs<T>(p, q_stride, block_shift),
+                             /*store_k=*/static_cast<T*>(plan.store_new_k),
+                             /*store_v=*/static_cast<T*>(plan.store_new_v),
+                             /*new_k_col=*/p.num_heads * HD,
+                             /*new_v_col=*/(p.num_heads + p.num_kv_heads) * HD};
+        return LaunchPrefillWgmmaKernel<WsCfg<HD>>(PrefillWgmmaWsKernel<T, HD>, args,
+                                                   plan.max_q_len, p.num_seqs, stream);
+      },
+      cuda::WgmmaHeadDims{});  // 32, 64, 80 only: kInvalidShape for the others
 }
 
 }  // namespace phishard

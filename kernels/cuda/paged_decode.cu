@@ -754,7 +754,7 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
 }  // namespace paged_decode
 
 bool PagedDecodeCudaSupportsHeadDim(int head_dim) {
-  return head_dim == 32 || head_dim == 64 || head_dim == 80;
+  return cuda::AttentionHeadDims::Contains(head_dim);
 }
 
 int PagedDecodeCudaMaxSplits(int min_live_seqs, int num_heads, int num_multiprocessors) {

@@ -23,7 +23,7 @@
 //   max_splits, ceil(ctx / 64)), split_len = 64 x ceil(ceil(ctx / n) / 64),
 //   splits = ceil(ctx / split_len); blocks per split and sequence = num_kv_heads x
 //   ceil(group / 4) (pipelined) or num_heads (register stages).
-// Closed dispatch: head_dim in {32, 64, 80} x {kF16, kBF16}.
+// Closed dispatch: head_dim in {16, 32, 64, 80, 96, 128} x {kF16, kBF16}.
 //
 // Fused form (PagedDecodeCudaPlan::fold_rotary, merge_counters): a decode step's rotary + K/V
 // write and the split merge inside the register-staged kernel's launch, so the step's attention

@@ -181,6 +181,18 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
   }
   for (PrefillTiling tiling : o.tilings) {
     SCOPED_TRACE(testing::Message() << "prefill tiling " << static_cast<int>(tiling));
+    const bool wgmma = tiling == PrefillTiling::kWgmma || tiling == PrefillTiling::kWgmmaWs;
+    const bool decode_launch =
+        o.kernel == AttentionKernel::kDecode || (o.kernel == AttentionKernel::kAuto && max_q == 1);
+    if (wgmma && !decode_launch && hd != 32 && hd != 64 && hd != 80) {
+      // The wgmma kernels are built for head dims 32, 64 and 80 only: refused before any launch.
+      PagedAttentionCudaPlan plan{.max_q_len = max_q,
+                                  .max_context_len = max_ctx,
+                                  .kernel = o.kernel,
+                                  .prefill_tiling = tiling};
+      EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
+      continue;
+    }
     PagedAttentionCudaPlan plan{.max_q_len = max_q,
                                 .max_context_len = max_ctx,
                                 .kernel = o.kernel,
@@ -226,13 +238,23 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
   }
 }
 
+// Every head dim of PagedAttentionCudaSupportsHeadDim: Phi-1.5 / Phi-2 (64, 80), tiny test
+// checkpoints (16, 32), larger custom ones (96, 128).
+constexpr int kHeadDims[] = {16, 32, 64, 80, 96, 128};
+
 std::vector<AttnCase> PrefillCases() {
   std::vector<AttnCase> cases;
-  for (int hd : {32, 64, 80}) {
+  for (int hd : kHeadDims) {
+    const bool production = hd == 64 || hd == 80;
     for (auto [nh, nkv] : {std::pair{4, 4}, std::pair{8, 2}}) {
       const std::string tag =
           "hd" + std::to_string(hd) + "_h" + std::to_string(nh) + "_kv" + std::to_string(nkv);
-      for (int n : {1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 130, 257}) {
+      // The other head dims take the lengths around the 16-row / 64-key tile edges only.
+      const std::vector<int> lens =
+          production || hd == 32
+              ? std::vector<int>{1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 130, 257}
+              : std::vector<int>{1, 17, 64, 65, 129, 257};
+      for (int n : lens) {
         cases.push_back({tag + "_len" + std::to_string(n), nh, nkv, hd, {{n, n}}});
       }
       // Cached prefix (q_len < context) across block and 64-key tile boundaries.
@@ -250,6 +272,8 @@ std::vector<AttnCase> PrefillCases() {
   cases.push_back({"hd80_long_prefill", 2, 1, 80, {{1000, 1000}}});
   cases.push_back({"hd80_phi2_heads", 32, 32, 80, {{300, 300}}});
   cases.push_back({"hd64_long_prefix", 2, 2, 64, {{64, 4096}}});
+  cases.push_back({"hd128_long_prefill", 4, 2, 128, {{1000, 1000}}});
+  cases.push_back({"hd16_long_prefix", 4, 4, 16, {{70, 2000}}});
   return cases;
 }
 
@@ -332,13 +356,17 @@ TEST(CudaPagedAttention, AutoTilingTakesWarpSpecialisedFrom4096Queries) {
   EXPECT_EQ(pick(80, 2048), PrefillTiling::kQ128Warps8);
   EXPECT_EQ(pick(64, 2048), PrefillTiling::kQ128Warps8);
   EXPECT_EQ(pick(32, 8192), PrefillTiling::kQ128Warps8);
+  for (int hd : {16, 96, 128}) {  // no wgmma kernel for these: never picked
+    EXPECT_EQ(pick(hd, 8192), PrefillTiling::kQ128Warps8);
+    EXPECT_EQ(pick(hd, 64), PrefillTiling::kQ128Warps8);
+  }
   EXPECT_EQ(pick(80, 8192, PrefillTiling::kQ128Warps8), PrefillTiling::kQ128Warps8);
   EXPECT_EQ(pick(80, 64, PrefillTiling::kWgmmaWs), PrefillTiling::kWgmmaWs);
 }
 
 std::vector<AttnCase> DecodeCases() {
   std::vector<AttnCase> cases;
-  for (int hd : {32, 64, 80}) {
+  for (int hd : kHeadDims) {
     for (auto [nh, nkv] : {std::pair{4, 4}, std::pair{8, 2}, std::pair{8, 1}}) {
       const std::string tag =
           "hd" + std::to_string(hd) + "_h" + std::to_string(nh) + "_kv" + std::to_string(nkv);
@@ -351,6 +379,7 @@ std::vector<AttnCase> DecodeCases() {
     }
   }
   cases.push_back({"hd80_ctx4096", 32, 32, 80, {{1, 4096}, {1, 2049}}});
+  cases.push_back({"hd128_ctx2049", 8, 2, 128, {{1, 2049}, {1, 64}}});
   return cases;
 }
 
@@ -416,11 +445,26 @@ TEST(CudaPagedAttention, RejectsUnsupportedShapes) {
                          .block_size = 16,
                          .num_heads = 2,
                          .num_kv_heads = 2,
-                         .head_dim = 96,
+                         .head_dim = 48,
                          .scale = 0.1f,
                          .dtype = DataType::kBF16};
   PagedAttentionCudaPlan plan{.max_q_len = 1, .max_context_len = 1};
-  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);  // head_dim 96
+  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);  // head_dim 48
+  for (int hd : {8, 24, 136, 256}) {  // 8: below the prefill's k16 step; 136+: past the dispatch
+    p.head_dim = hd;
+    EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape) << hd;
+    EXPECT_FALSE(PagedAttentionCudaSupportsHeadDim(hd)) << hd;
+  }
+  if (PagedAttentionPrefillWgmmaAvailable()) {  // a supported head dim the wgmma kernels lack
+    PagedAttentionCudaPlan wg{.max_q_len = 1,
+                              .max_context_len = 1,
+                              .kernel = AttentionKernel::kPrefill,
+                              .prefill_tiling = PrefillTiling::kWgmmaWs};
+    p.head_dim = 128;
+    EXPECT_EQ(PagedAttentionCuda(p, wg, nullptr), KernelStatus::kInvalidShape);
+    wg.prefill_tiling = PrefillTiling::kWgmma;
+    EXPECT_EQ(PagedAttentionCuda(p, wg, nullptr), KernelStatus::kInvalidShape);
+  }
   p.head_dim = 80;
   p.dtype = DataType::kF32;
   EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kUnsupportedDtype);
@@ -439,8 +483,8 @@ TEST(CudaPagedAttention, RejectsUnsupportedShapes) {
   p.num_seqs = 65536;  // a grid dimension
   p.num_tokens = 65536;
   EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
-  EXPECT_FALSE(PagedAttentionCudaSupportsHeadDim(96));
-  EXPECT_TRUE(PagedAttentionCudaSupportsHeadDim(80));
+  EXPECT_FALSE(PagedAttentionCudaSupportsHeadDim(48));
+  for (int hd : {16, 32, 64, 80, 96, 128}) EXPECT_TRUE(PagedAttentionCudaSupportsHeadDim(hd)) << hd;
 }
 
 }  // namespace

@@ -243,7 +243,14 @@ const std::vector<FoldCase>& Cases() {
       {{100, 37, 1}, 3, 8, 1, 64, 16, 64},                   // group 8, full rotary
       {{77, 200, 3}, 3, 8, 8, 32, 7, 16, 8},                 // odd block size, head_dim 32, pitch
       {{33, 250}, 2, 4, 4, 80, 5, 0},                        // no rotary, block size 5
-      {{4096, 2049}, 2, 32, 32, 80, 16, 32}};                // large angles
+      {{4096, 2049}, 2, 32, 32, 80, 16, 32},                 // large angles
+      // The other head dims: tiny checkpoints (16, rotary 8 / 6: partial rotary 0.5 / 0.4) and
+      // custom ones (96, 128: two 16-byte slices a lane, 128 = one element a thread).
+      {{15, 17, 65, 300, 0}, 4, 4, 4, 16, 16, 8},
+      {{1, 129, 1000}, 3, 8, 2, 16, 7, 6},
+      {{64, 65, 2049, 0}, 3, 8, 2, 96, 16, 32},
+      {{17, 1000, 130}, 3, 8, 1, 128, 16, 64},
+      {{63, 250}, 2, 4, 4, 128, 12, 128}};
   return cases;
 }
 

@@ -175,7 +175,15 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
       {{4096, 2048}, 2, 32, 32, 80, 16},
       {{100, 37, 1}, 3, 8, 1, 64, 16},  // group 8: two blocks of 4 query heads per KV head
       {{65, 130}, 2, 6, 2, 80, 16},     // group 3: one warp a head, the fourth only copies
-      {{33, 250}, 2, 4, 4, 80, 5}};     // MHA, block size 5 (not a power of two)
+      {{33, 250}, 2, 4, 4, 80, 5},      // MHA, block size 5 (not a power of two)
+      // The other head dims of PagedDecodeCudaSupportsHeadDim: tiny (16) and custom (96, 128)
+      // checkpoints; one and two 16-byte slices a lane, GQA, padding rows, odd block sizes.
+      {{15, 16, 17, 65, 300, 0}, 5, 4, 4, 16, 16},
+      {{1, 129, 1000}, 3, 8, 2, 16, 7},
+      {{64, 65, 2049, 0}, 3, 8, 2, 96, 16},
+      {{33, 250}, 2, 6, 2, 96, 5},
+      {{17, 1000, 130}, 3, 8, 1, 128, 16},
+      {{63, 64, 0}, 2, 4, 4, 128, 12}};
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
       for (int splits : {1, 3, 16}) {

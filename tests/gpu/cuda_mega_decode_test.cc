@@ -1,7 +1,8 @@
 // The persistent decode kernel (kernels/cuda/decode_mega_cuda.h, CudaModelOptions::
 // decode_megakernel) against the op-by-op decode path of the same model, end to end through
 // CudaPhiModel::Forward, on the fixtures tiny-phi-code (MHA, head_dim 32, partial rotary 16,
-// bf16 and f16) and phi-gqa-hd80 (GQA 4/2, head_dim 80, rotary 32).
+// bf16 and f16) and phi-gqa-hd80 (GQA 4/2, head_dim 80, rotary 32), and random checkpoints with
+// head_dim 16 and 128.
 //
 // Steps: sequence A is prefilled with 90 tokens (the op-by-op prefill, identical in every run),
 // then decodes 22 one-token steps (context 91..112, crossing the block boundary at 96 and 112);
@@ -34,6 +35,7 @@
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/gpu/random_phi_checkpoint.h"
 
 namespace phishard {
 namespace {
@@ -173,6 +175,30 @@ TEST(CudaMegaDecode, TinyPhiCodeFp16MatchesOpByOpPath) {
 TEST(CudaMegaDecode, GqaHd80Bf16MatchesOpByOpPath) {
   PHI_REQUIRE_GPU();
   CompareWithOpByOp(kRepo / "tests" / "golden" / "phi-gqa-hd80", "bfloat16");
+}
+
+// Head dims no fixture has (tests/gpu/random_phi_checkpoint.h): a tiny GQA checkpoint with
+// head_dim 16 (rotary 8) and a custom one with head_dim 128 (rotary 32).
+TEST(CudaMegaDecode, RandomHd16AndHd128MatchOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  const model_test::RandomPhiShape shapes[] = {{.hidden_size = 64,
+                                                .num_attention_heads = 4,
+                                                .num_key_value_heads = 2,
+                                                .intermediate_size = 256,
+                                                .partial_rotary_factor = 0.5},
+                                               {.hidden_size = 512,
+                                                .num_attention_heads = 4,
+                                                .num_key_value_heads = 1,
+                                                .intermediate_size = 512,
+                                                .partial_rotary_factor = 0.25,
+                                                .seed = 4}};
+  for (const model_test::RandomPhiShape& shape : shapes) {
+    lora_test::TempDir dir("phishard-mega-hdim");
+    model_test::WriteRandomPhiCheckpoint(dir.path(), shape);
+    ASSERT_FALSE(HasFatalFailure());
+    CompareWithOpByOp(dir.path(), "bfloat16");
+    if (HasFatalFailure()) return;
+  }
 }
 
 // Decode steps of 2 rows keep the op-by-op path (the kernel is for one row): no launch, and the

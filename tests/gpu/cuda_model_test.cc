@@ -33,6 +33,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/gpu/cuda_model_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/gpu/random_phi_checkpoint.h"
 
 namespace phishard {
 namespace {
@@ -272,6 +273,55 @@ TEST(CudaVsCpu, MhaHd64Fp16) {
   CompareWithCpu(kGolden / "phi-mha-hd64", "float16");
 }
 
+// Head dims no fixture has, on random checkpoints written here (random_phi_checkpoint.h): tiny
+// test checkpoints (head_dim 16, partial rotary 0.5 -> 8 dims, 0.4 -> 6) and larger custom ones
+// (96, 128). The decode steps run as CUDA graphs (the default).
+void CompareRandomWithCpu(const RandomPhiShape& shape, const std::string& dtype) {
+  lora_test::TempDir dir("phishard-hdim");
+  WriteRandomPhiCheckpoint(dir.path(), shape);
+  if (testing::Test::HasFatalFailure()) return;
+  CompareWithCpu(dir.path(), dtype);
+}
+TEST(CudaVsCpu, RandomHd16GqaBf16) {
+  PHI_REQUIRE_GPU();
+  CompareRandomWithCpu({.hidden_size = 64,
+                        .num_attention_heads = 4,
+                        .num_key_value_heads = 2,
+                        .intermediate_size = 256,
+                        .partial_rotary_factor = 0.5},
+                       "bfloat16");
+}
+TEST(CudaVsCpu, RandomHd16Rotary6Fp16) {
+  PHI_REQUIRE_GPU();
+  CompareRandomWithCpu({.hidden_size = 32,
+                        .num_attention_heads = 2,
+                        .num_key_value_heads = 2,
+                        .intermediate_size = 128,
+                        .partial_rotary_factor = 0.4,
+                        .seed = 2},
+                       "float16");
+}
+TEST(CudaVsCpu, RandomHd96Bf16) {
+  PHI_REQUIRE_GPU();
+  CompareRandomWithCpu({.hidden_size = 192,
+                        .num_attention_heads = 2,
+                        .num_key_value_heads = 2,
+                        .intermediate_size = 384,
+                        .partial_rotary_factor = 0.5,
+                        .seed = 3},
+                       "bfloat16");
+}
+TEST(CudaVsCpu, RandomHd128GqaBf16) {
+  PHI_REQUIRE_GPU();
+  CompareRandomWithCpu({.hidden_size = 512,
+                        .num_attention_heads = 4,
+                        .num_key_value_heads = 1,
+                        .intermediate_size = 512,
+                        .partial_rotary_factor = 0.25,
+                        .seed = 4},
+                       "bfloat16");
+}
+
 // ---------------------------------------------------------------------------------------------
 TEST(CudaPhiModel, RejectsBadInputsWithClearErrors) {
   PHI_REQUIRE_GPU();
@@ -314,12 +364,16 @@ TEST(CudaPhiModel, RejectsBadInputsWithClearErrors) {
   ASSERT_TRUE(cfg.ok());
   absl::StatusOr<std::unique_ptr<WeightStore>> store = WeightStore::OpenDir(dir);
   ASSERT_TRUE(store.ok());
-  PhiConfig odd = *cfg;
-  odd.head_dim = 96;
-  absl::StatusOr<std::unique_ptr<CudaPhiModel>> hd96 = CudaPhiModel::Create(odd, **store, {});
-  EXPECT_TRUE(absl::IsUnimplemented(hd96.status()) &&
-              hd96.status().message().find("head_dim 96") != std::string::npos)
-      << hd96.status();
+  for (int hd : {8, 48}) {  // not among the attention kernels' head dims: refused, listing them
+    PhiConfig odd = *cfg;
+    odd.head_dim = hd;
+    absl::StatusOr<std::unique_ptr<CudaPhiModel>> bad_hd = CudaPhiModel::Create(odd, **store, {});
+    EXPECT_TRUE(absl::IsUnimplemented(bad_hd.status()) &&
+                bad_hd.status().message().find("head_dim " + std::to_string(hd) + " ") !=
+                    std::string::npos &&
+                bad_hd.status().message().find("16, 32, 64, 80, 96 and 128") != std::string::npos)
+        << bad_hd.status();
+  }
 }
 
 TEST(CudaPhiModel, SizesKvPoolFromDeviceMemory) {

@@ -342,7 +342,13 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaRotaryKvWrite,
                                            RotaryShape{4, 3, 1, 40, 40},        // all dims rotate
                                            RotaryShape{9, 4, 2, 80, 32, 3},     // odd stride
                                            RotaryShape{6, 5, 5, 18, 10},        // odd head_dim
-                                           RotaryShape{3, 2, 1, 136, 64, 1}));  // head > block
+                                           RotaryShape{3, 2, 1, 136, 64, 1},    // head > block
+                                           RotaryShape{3, 4, 2, 16, 8},         // tiny, decode
+                                           RotaryShape{600, 4, 4, 16, 6},       // half 3: rows
+                                           RotaryShape{513, 4, 2, 16, 8},       // tiny, rows
+                                           RotaryShape{40, 8, 2, 96, 48},       // custom 96
+                                           RotaryShape{520, 4, 1, 128, 32},     // 128, rows
+                                           RotaryShape{2, 16, 16, 128, 128}));  // full rotary
 
 // ---------------------------------------------------------------------------------------------
 struct GemmShape {
