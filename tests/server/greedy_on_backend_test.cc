@@ -20,6 +20,7 @@
 #include "model/tokenizer.h"
 #include "server/batch_engine.h"
 #include "server/next_token_chooser.h"
+#include "tests/server/batch_engine_fixture.h"
 #include "tests/server/engine_test_util.h"
 #include "tests/server/fake_model.h"
 
@@ -155,17 +156,8 @@ class LeavesGreedyRowsOut : public FakeModel {
   std::vector<float> poisoned_;
 };
 
-class GreedyOnBackendEngine : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    auto tok = Tokenizer::FromDir(std::string(PHISHARD_MODELS) + "/tiny-phi-code");
-    ASSERT_TRUE(tok.ok()) << tok.status();
-    tokenizer_ = std::move(*tok).release();
-  }
-  static void TearDownTestSuite() { delete tokenizer_; }
-  static Tokenizer* tokenizer_;
-};
-Tokenizer* GreedyOnBackendEngine::tokenizer_ = nullptr;
+// The tiny-phi-code tokenizer, loaded once per suite (BatchEngineTest's fixture).
+class GreedyOnBackendEngine : public BatchEngineTest {};
 
 std::vector<RequestInput> MixedRequests(uint64_t first_id, uint64_t seed) {
   std::vector<RequestInput> reqs;
