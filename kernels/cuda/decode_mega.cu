@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/decode_mega_attention.cuh"
+#include "kernels/cuda/decode_mega_attention_lean.cuh"
 #include "kernels/cuda/decode_mega_parts.cuh"
 
 namespace phishard {
@@ -243,7 +244,11 @@ __device__ void ConsumeOneLoop(const Args& a, const BlockPlan& bp, const Smem& s
         GridSync(p.sync, kForm);
         Stamp(tl, kMegaBarAEnd);
         for (int item = blockIdx.x; item < p.num_heads * a.nsplit; item += gridDim.x, ++items) {
-          AttentionItem<T, kForm>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
+          if constexpr ((kForm & kDecodeMegaFormLeanAttn) != 0) {
+            AttentionItemLean<T, kForm>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
+          } else {
+            AttentionItem<T, kForm>(a, sm, lp, item / a.nsplit, item % a.nsplit, ctx);
+          }
         }
         Stamp(tl, kMegaAttnEnd);
         x = LoadX<T, true>(p.act, I);
@@ -355,6 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
   sm.blocks = reinterpret_cast<int*>(smem + a.off_blocks);
   sm.full = reinterpret_cast<uint64_t*>(smem + a.off_bars);
   sm.empty = sm.full + kMaxStages;
+  sm.rowoff = reinterpret_cast<int64_t*>(smem + a.off_rowoff);
   if (threadIdx.x == 0) {
     for (int s = 0; s < a.stages; ++s) {
       MbarInit(&sm.full[s], 1);
@@ -458,6 +464,8 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
   a.off_scratch = take(32 * 4);
   a.off_blocks = take((kItemChunk + 1) * 4);
   a.off_bars = take(2 * kMaxStages * 8);
+  a.form = p.form < 0 ? kDefaultForm : p.form;
+  a.off_rowoff = take((a.form & kDecodeMegaFormLeanAttn) != 0 ? kItemChunk * 8 : 0);
   const int fixed = off;
   const int avail = lim.smem_optin - 1024 - fixed;  // static shared memory and a margin
   int stages = avail > 0 ? avail / a.stage_bytes : 0;
@@ -471,11 +479,10 @@ Args MakeArgs(const DecodeMegaParams& p, const DeviceLimits& lim, int* smem_byte
   // Every offset moves past the ring.
   const int ring = stages * a.stage_bytes;
   for (int* o : {&a.off_x, &a.off_head, &a.off_out, &a.off_part, &a.off_q, &a.off_o, &a.off_scores,
-                 &a.off_red2, &a.off_scratch, &a.off_blocks, &a.off_bars}) {
+                 &a.off_red2, &a.off_scratch, &a.off_blocks, &a.off_bars, &a.off_rowoff}) {
     *o += ring;
   }
   a.nsplit = std::max(1, std::min(kDecodeMegaMaxSplits, blocks / std::max(p.num_heads, 1)));
-  a.form = p.form < 0 ? kDefaultForm : p.form;
   const int pf_kb = p.prefetch_kb == 0 ? kDefaultPrefetchKb : std::max(p.prefetch_kb, 0);
   a.pf_stages = pf_kb > 0 ? std::max(1, pf_kb * 1024 / a.stage_bytes) : 0;
   *smem_bytes = ring + fixed;
@@ -550,7 +557,7 @@ bool DecodeMegaCudaSupports(const DecodeMegaParams& p) {
   if (p.timeline != nullptr && (p.timeline_layers < 0 || p.timeline_blocks < 0)) return false;
   // The forms compiled (DecodeMegaCuda's instances); the timeline in all but form 1.
   const int form = p.form < 0 ? kDefaultForm : p.form;
-  if (form != 0 && form != 1 && form != 3 && form != 7 && form != 11) return false;
+  if (form != 0 && form != 1 && form != 3 && form != 7 && form != 11 && form != 75) return false;
   if (p.timeline != nullptr && form == 1) return false;
   // Every consumer thread holds its pairs of each phase's input vector (XRegs).
   const int max_k = std::max(std::max(p.hidden, p.intermediate), p.num_heads * p.head_dim);
@@ -578,8 +585,8 @@ KernelStatus DecodeMegaCuda(const DecodeMegaParams& p, cudaStream_t stream) {
   const Args a = MakeArgs(p, Limits(), &smem);
   return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    // Instances: forms 0, 1, 3, 7 (each adds one change) and 11 (3 + one loop); the timeline
-    // for all but 1.
+    // Instances: forms 0, 1, 3, 7 (each adds one change), 11 (3 + one loop) and 75 (11 + the
+    // lean attention items); the timeline for all but 1.
     const bool tl = a.p.timeline != nullptr;
     switch (a.form) {
       case 0:
@@ -590,8 +597,10 @@ KernelStatus DecodeMegaCuda(const DecodeMegaParams& p, cudaStream_t stream) {
         return tl ? Launch<T, true, 3>(a, smem, stream) : Launch<T, false, 3>(a, smem, stream);
       case 7:
         return tl ? Launch<T, true, 7>(a, smem, stream) : Launch<T, false, 7>(a, smem, stream);
-      default:
+      case 11:
         return tl ? Launch<T, true, 11>(a, smem, stream) : Launch<T, false, 11>(a, smem, stream);
+      default:
+        return tl ? Launch<T, true, 75>(a, smem, stream) : Launch<T, false, 75>(a, smem, stream);
     }
   });
 }

@@ -84,6 +84,108 @@ __device__ __forceinline__ const uint4* CacheRow(const Args& a, const Smem& sm, 
                                         (slot * p.num_kv_heads + kvh) * p.head_dim);
 }
 
+// An item's end: its partial (m, l, o = sm.o) to a.p.partials, counted on the head's word; the
+// block finishing the head's last split merges the splits into attn (in split order).
+template <typename T, int kForm>
+__device__ void AttentionTail(const Args& a, const Smem& sm, int head, int split, float m,
+                              float l) {
+  const DecodeMegaParams& p = a.p;
+  const int t = threadIdx.x, hd = p.head_dim;
+  // Partial [m, l, o[hd]] of (head, split), then count it.
+  float* part =
+      a.p.partials + (static_cast<size_t>(head) * kDecodeMegaMaxSplits + split) * (hd + 2);
+  if (t < hd) part[2 + t] = sm.o[t];
+  if (t == 0) {
+    part[0] = m;
+    part[1] = l;
+  }
+  int* flag = reinterpret_cast<int*>(sm.scratch + 16);
+  if constexpr ((kForm & kDecodeMegaFormAttnTail) != 0) {
+    // One acq_rel atomic of thread 0 after the CTA barrier (fence + count); the last split's
+    // block loads every split's (m, l, o) at once and merges in split order (the same sums).
+    ConsumerSync();
+    if (t == 0) {
+      uint32_t old;
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                   : "=r"(old)
+                   : "l"(p.sync + kHeadWord + head)
+                   : "memory");
+      const bool last = old == static_cast<uint32_t>(a.nsplit - 1);
+      // (reset for the next layer: ordered before it by the grid barriers in between)
+      if (last)
+        asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(p.sync + kHeadWord + head)
+                     : "memory");
+      *flag = last ? 1 : 0;
+    }
+    ConsumerSync();
+    if (*flag != 0) {  // (the same in every consumer thread)
+      // Thread t < nsplit brings split t's (m, l) to shared memory with the o loads in flight.
+      const float* base =
+          a.p.partials + static_cast<size_t>(head) * kDecodeMegaMaxSplits * (hd + 2);
+      float os[kDecodeMegaMaxSplits];
+#pragma unroll
+      for (int s = 0; s < kDecodeMegaMaxSplits; ++s) {
+        if (s < a.nsplit && t < hd) os[s] = __ldcg(base + s * (hd + 2) + 2 + t);
+      }
+      if (t < a.nsplit) {
+        sm.scores[t] = __ldcg(base + t * (hd + 2));
+        sm.scores[kDecodeMegaMaxSplits + t] = __ldcg(base + t * (hd + 2) + 1);
+      }
+      ConsumerSync();
+      if (t < hd) {
+        float mm = -INFINITY;
+        for (int s = 0; s < a.nsplit; ++s) mm = fmaxf(mm, sm.scores[s]);
+        float lsum = 0.0f, osum = 0.0f;
+        if (mm != -INFINITY) {
+#pragma unroll
+          for (int s = 0; s < kDecodeMegaMaxSplits; ++s) {
+            const float ms = s < a.nsplit ? sm.scores[s] : -INFINITY;
+            if (ms != -INFINITY) {
+              const float wgt = expf(ms - mm);
+              lsum += sm.scores[kDecodeMegaMaxSplits + s] * wgt;
+              osum += os[s] * wgt;
+            }
+          }
+        }
+        static_cast<T*>(p.attn)[static_cast<size_t>(head) * hd + t] =
+            cuda::FromFloat<T>(lsum > 0.0f ? osum / lsum : 0.0f);
+      }
+    }
+    ConsumerSync();  // flag, scores and q / o are rewritten by the next item
+    return;
+  }
+  __threadfence();
+  ConsumerSync();
+  if (t == 0) {
+    uint32_t* counter = p.sync + kHeadWord + head;
+    const bool last = atomicAdd(counter, 1u) == static_cast<uint32_t>(a.nsplit - 1);
+    if (last) {
+      atomicExch(counter, 0u);  // every split arrived: ready for the next layer
+      __threadfence();
+    }
+    *flag = last ? 1 : 0;
+  }
+  ConsumerSync();
+  if (*flag != 0 && t < hd) {
+    const float* base = a.p.partials + static_cast<size_t>(head) * kDecodeMegaMaxSplits * (hd + 2);
+    float mm = -INFINITY;
+    for (int s = 0; s < a.nsplit; ++s) mm = fmaxf(mm, __ldcg(base + s * (hd + 2)));
+    float lsum = 0.0f, osum = 0.0f;
+    if (mm != -INFINITY) {
+      for (int s = 0; s < a.nsplit; ++s) {
+        const float ms = __ldcg(base + s * (hd + 2));
+        if (ms == -INFINITY) continue;
+        const float wgt = expf(ms - mm);
+        lsum += __ldcg(base + s * (hd + 2) + 1) * wgt;
+        osum += __ldcg(base + s * (hd + 2) + 2 + t) * wgt;
+      }
+    }
+    static_cast<T*>(p.attn)[static_cast<size_t>(head) * hd + t] =
+        cuda::FromFloat<T>(lsum > 0.0f ? osum / lsum : 0.0f);
+  }
+  ConsumerSync();  // flag and q / o are rewritten by the next item
+}
+
 // Attention of query head `head` over split `split` of the context: writes its (m, l, o)
 // partial; the block finishing a head's last split merges them into attn (in split order).
 // Positions go in chunks of kItemChunk (one a thread for the scores), every load of a pass
@@ -185,99 +287,7 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
     m = m_new;
   }
   if (p0 >= p1) ConsumerSync();  // (no chunk) q and o written
-  // Partial [m, l, o[hd]] of (head, split), then count it.
-  float* part =
-      a.p.partials + (static_cast<size_t>(head) * kDecodeMegaMaxSplits + split) * (hd + 2);
-  if (t < hd) part[2 + t] = sm.o[t];
-  if (t == 0) {
-    part[0] = m;
-    part[1] = l;
-  }
-  int* flag = reinterpret_cast<int*>(sm.scratch + 16);
-  if constexpr ((kForm & kDecodeMegaFormAttnTail) != 0) {
-    // One acq_rel atomic of thread 0 after the CTA barrier (fence + count); the last split's
-    // block loads every split's (m, l, o) at once and merges in split order (the same sums).
-    ConsumerSync();
-    if (t == 0) {
-      uint32_t old;
-      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
-                   : "=r"(old)
-                   : "l"(p.sync + kHeadWord + head)
-                   : "memory");
-      const bool last = old == static_cast<uint32_t>(a.nsplit - 1);
-      // (reset for the next layer: ordered before it by the grid barriers in between)
-      if (last)
-        asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(p.sync + kHeadWord + head)
-                     : "memory");
-      *flag = last ? 1 : 0;
-    }
-    ConsumerSync();
-    if (*flag != 0) {  // (the same in every consumer thread)
-      // Thread t < nsplit brings split t's (m, l) to shared memory with the o loads in flight.
-      const float* base =
-          a.p.partials + static_cast<size_t>(head) * kDecodeMegaMaxSplits * (hd + 2);
-      float os[kDecodeMegaMaxSplits];
-#pragma unroll
-      for (int s = 0; s < kDecodeMegaMaxSplits; ++s) {
-        if (s < a.nsplit && t < hd) os[s] = __ldcg(base + s * (hd + 2) + 2 + t);
-      }
-      if (t < a.nsplit) {
-        sm.scores[t] = __ldcg(base + t * (hd + 2));
-        sm.scores[kDecodeMegaMaxSplits + t] = __ldcg(base + t * (hd + 2) + 1);
-      }
-      ConsumerSync();
-      if (t < hd) {
-        float mm = -INFINITY;
-        for (int s = 0; s < a.nsplit; ++s) mm = fmaxf(mm, sm.scores[s]);
-        float lsum = 0.0f, osum = 0.0f;
-        if (mm != -INFINITY) {
-#pragma unroll
-          for (int s = 0; s < kDecodeMegaMaxSplits; ++s) {
-            const float ms = s < a.nsplit ? sm.scores[s] : -INFINITY;
-            if (ms != -INFINITY) {
-              const float wgt = expf(ms - mm);
-              lsum += sm.scores[kDecodeMegaMaxSplits + s] * wgt;
-              osum += os[s] * wgt;
-            }
-          }
-        }
-        static_cast<T*>(p.attn)[static_cast<size_t>(head) * hd + t] =
-            cuda::FromFloat<T>(lsum > 0.0f ? osum / lsum : 0.0f);
-      }
-    }
-    ConsumerSync();  // flag, scores and q / o are rewritten by the next item
-    return;
-  }
-  __threadfence();
-  ConsumerSync();
-  if (t == 0) {
-    uint32_t* counter = p.sync + kHeadWord + head;
-    const bool last = atomicAdd(counter, 1u) == static_cast<uint32_t>(a.nsplit - 1);
-    if (last) {
-      atomicExch(counter, 0u);  // every split arrived: ready for the next layer
-      __threadfence();
-    }
-    *flag = last ? 1 : 0;
-  }
-  ConsumerSync();
-  if (*flag != 0 && t < hd) {
-    const float* base = a.p.partials + static_cast<size_t>(head) * kDecodeMegaMaxSplits * (hd + 2);
-    float mm = -INFINITY;
-    for (int s = 0; s < a.nsplit; ++s) mm = fmaxf(mm, __ldcg(base + s * (hd + 2)));
-    float lsum = 0.0f, osum = 0.0f;
-    if (mm != -INFINITY) {
-      for (int s = 0; s < a.nsplit; ++s) {
-        const float ms = __ldcg(base + s * (hd + 2));
-        if (ms == -INFINITY) continue;
-        const float wgt = expf(ms - mm);
-        lsum += __ldcg(base + s * (hd + 2) + 1) * wgt;
-        osum += __ldcg(base + s * (hd + 2) + 2 + t) * wgt;
-      }
-    }
-    static_cast<T*>(p.attn)[static_cast<size_t>(head) * hd + t] =
-        cuda::FromFloat<T>(lsum > 0.0f ? osum / lsum : 0.0f);
-  }
-  ConsumerSync();  // flag and q / o are rewritten by the next item
+  AttentionTail<T, kForm>(a, sm, head, split, m, l);
 }
 
 }  // namespace decode_mega

@@ -106,7 +106,11 @@ inline constexpr int kDecodeMegaFormPipe = 4;
 // 3 + this, the default (half the machine code of form 3; b1 ctx1024 2.17 ms against 2.68 on an
 // H200, docs/perf-log.md 04:27).
 inline constexpr int kDecodeMegaFormOneLoop = 8;
-inline constexpr int kDecodeMegaFormAll = 15;
+// Attention items with each cache row's offset computed once a chunk and shared, q read as float4
+// (decode_mega_attention_lean.cuh): fewer instructions on the item's dependent chain. Form 75 =
+// 11 + this (bit 64: bits 16 and 32 named unlanded experiments in perf-log, mega4 runs 1-2).
+inline constexpr int kDecodeMegaFormLeanAttn = 64;
+inline constexpr int kDecodeMegaFormAll = 79;
 
 struct DecodeMegaParams {
   const DecodeMegaLayer* layers = nullptr;  // [num_layers] device

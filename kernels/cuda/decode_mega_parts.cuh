@@ -37,8 +37,9 @@ constexpr int kItemChunk = kConsumers;  // cache positions an attention item sco
 constexpr int kGenWord = 32;
 constexpr int kHeadWord = 64;
 constexpr int kDefaultPrefetchKb = 0;  // DecodeMegaParams::prefetch_kb = 0
-// DecodeMegaParams::form < 0 (perf-log 04:27: b1 ctx1024 2.17 ms against 2.68 for form 3).
-constexpr int kDefaultForm = 11;
+// DecodeMegaParams::form < 0. Branch mega4-next: form 75, NOT yet timed (form 11, main's
+// default: b1 ctx1024 2.17 ms against 2.68 for form 3, perf-log 04:27).
+constexpr int kDefaultForm = 75;
 // Ring stages when DecodeMegaParams::stages = 0 (fewer where they do not fit). perf-log, mega4 run
 // 2 (H200, form 11, b1 ms at ctx 128 / 1024 / 4096, two rounds): 3 stages 1.975 / 2.136 / 2.941
 // against 2.019 / 2.173 / 3.205 with the 5 that fit Phi-2's 40 KB stages.
@@ -51,7 +52,7 @@ struct Args {
   int form;       // kDecodeMegaForm* bits
   // Shared memory offsets (bytes): ring at 0, then these.
   int off_x, off_head, off_out, off_part, off_q, off_o, off_scores, off_red2, off_scratch,
-      off_blocks, off_bars;
+      off_blocks, off_bars, off_rowoff;
 };
 
 // Which rows of each matrix block b of `blocks` owns: q/k/v heads [qkv0 / hd, qkv1 / hd) as qkv
@@ -235,6 +236,7 @@ struct Smem {
   float* red2;      // [kConsumers * 8] per-group output sums of an attention chunk
   float* scratch;   // [32] reductions, [16] flag, [24, 26) plan
   int* blocks;      // [kItemChunk + 1] block ids of an attention chunk
+  int64_t* rowoff;  // [kItemChunk] kDecodeMegaFormLeanAttn: an attention chunk's cache row offsets
   uint64_t* full;   // [kMaxStages] stage loaded
   uint64_t* empty;  // [kMaxStages] stage consumed (kConsumerWarps arrivals)
 };

@@ -298,10 +298,10 @@ TEST(CudaMegaDecode, TimelineAndL2LookaheadKeepTheLogits) {
   ASSERT_TRUE(m->set_decode_megakernel_timeline(0).ok());
 }
 
-// Every form compiled (kDecodeMegaForm* bits: attention tail, grid barrier, pipelined stage loop)
-// computes the same values in the same order: each one's logits equal form 0's bit for bit, on MHA
-// (tiny-phi- code) and GQA head_dim 80 (phi-gqa-hd80); form 0 itself is held to the op-by-op path
-// above.
+// Every form compiled (kDecodeMegaForm* bits: attention tail, grid barrier, pipelined stage loop,
+// one stage-loop copy, lean attention items) computes the same values in the same order: each one's
+// logits equal form 0's bit for bit, on MHA (tiny-phi- code) and GQA head_dim 80 (phi-gqa-hd80);
+// form 0 itself is held to the op-by-op path above.
 TEST(CudaMegaDecode, EveryFormKeepsTheLogits) {
   PHI_REQUIRE_GPU();
   for (const fs::path& dir :
@@ -313,7 +313,7 @@ TEST(CudaMegaDecode, EveryFormKeepsTheLogits) {
     ASSERT_TRUE(m->set_decode_megakernel(true).ok());
     m->set_decode_megakernel_tuning(0, 0, 0, 0, 0);
     const std::vector<std::vector<float>> base = RunSteps(*m);
-    for (int form : {1, 3, 7, 11}) {  // the forms compiled
+    for (int form : {1, 3, 7, 11, 75}) {  // the forms compiled
       m->set_decode_megakernel_tuning(0, 0, 0, 0, form);
       const int64_t launches = m->mega_decode_launches();
       const std::vector<std::vector<float>> got = RunSteps(*m);
