@@ -103,12 +103,14 @@ inline constexpr int kDecodeMegaFormAttnTail = 1;
 inline constexpr int kDecodeMegaFormBarrier = 2;
 inline constexpr int kDecodeMegaFormPipe = 4;
 // One inlined copy of the stage loop for all four matrices (a runtime epilogue kind): form 11 =
-// 3 + this, the default (half the machine code of form 3; b1 ctx1024 2.17 ms against 2.68 on an
-// H200, docs/perf-log.md 04:27).
+// 3 + this (half the machine code of form 3; b1 ctx1024 2.17 ms against 2.68 on an H200,
+// docs/perf-log.md 04:27).
 inline constexpr int kDecodeMegaFormOneLoop = 8;
 // Attention items with each cache row's offset computed once a chunk and shared, q read as float4
 // (decode_mega_attention_lean.cuh): fewer instructions on the item's dependent chain. Form 75 =
-// 11 + this (bit 64: bits 16 and 32 named unlanded experiments in perf-log, mega4 runs 1-2).
+// 11 + this (bit 64: bits 16 and 32 named unlanded experiments in perf-log, mega4 runs 1-2), the
+// default: b1 1.883 / 2.045 / 2.733 ms at ctx 128 / 1024 / 4096 against form 11's 1.978 / 2.131 /
+// 2.940 (H200, perf-log mega5 run 1).
 inline constexpr int kDecodeMegaFormLeanAttn = 64;
 inline constexpr int kDecodeMegaFormAll = 79;
 

@@ -37,8 +37,8 @@ constexpr int kItemChunk = kConsumers;  // cache positions an attention item sco
 constexpr int kGenWord = 32;
 constexpr int kHeadWord = 64;
 constexpr int kDefaultPrefetchKb = 0;  // DecodeMegaParams::prefetch_kb = 0
-// DecodeMegaParams::form < 0. Branch mega4-next: form 75, NOT yet timed (form 11, main's
-// default: b1 ctx1024 2.17 ms against 2.68 for form 3, perf-log 04:27).
+// DecodeMegaParams::form < 0: form 75 (perf-log, mega5 run 1, H200 b1 ms at ctx 128 / 1024 /
+// 4096, two rounds: 1.883 / 2.045 / 2.733 against form 11's 1.978 / 2.131 / 2.940).
 constexpr int kDefaultForm = 75;
 // Ring stages when DecodeMegaParams::stages = 0 (fewer where they do not fit). perf-log, mega4 run
 // 2 (H200, form 11, b1 ms at ctx 128 / 1024 / 4096, two rounds): 3 stages 1.975 / 2.136 / 2.941
