@@ -199,6 +199,17 @@ class Bench {
       dev.push_back(m_.last_step_device_ms());
     }
     nvtxRangePop();
+    if (print_steps_ > 0) {  // --print-steps N: device ms of each N timed steps (clock drift)
+      std::string line;
+      for (size_t i = 0; i < dev.size(); i += print_steps_) {
+        const size_t end = std::min(dev.size(), i + print_steps_);
+        double sum = 0;
+        for (size_t j = i; j < end; ++j) sum += dev[j];
+        line += absl::StrFormat(" %.3f", sum / static_cast<double>(end - i));
+      }
+      std::printf("steps %s b%d ctx%d, device ms per %d steps:%s\n", mode.c_str(), batch, ctx,
+                  print_steps_, line.c_str());
+    }
     // --trace-csv: two more steps' kernels (labelled with the mode, the batch, the context and the
     // LoRA decode tuning).
     KernelTrace::Window(
@@ -322,6 +333,7 @@ class Bench {
   }
 
   void set_prefill_warmup_ms(double ms) { prefill_warmup_ms_ = ms; }
+  void set_print_steps(int every) { print_steps_ = every; }
 
   // Sequence s uses adapter index first + s % count (count 0: every sequence the base model).
   void set_adapters(uint32_t first, int count) {
@@ -339,6 +351,7 @@ class Bench {
   Ceilings ceil_;
   Shape shape_;
   int steps_;
+  int print_steps_ = 0;
   double prefill_warmup_ms_ = 0;
   KvBlockAllocator alloc_;
 };

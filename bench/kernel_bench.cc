@@ -14,6 +14,9 @@
 // candidates of each Phi-2 layer GEMM at those row counts (prefill sizes), one line each.
 // phishard_kernel_bench 1 gemm-sustained M1,M2,... [BLOCK_MS [TOP]]: those GEMMs' candidates under
 // sustained load, at the power-capped clock (bench/gemm_sustained.h), and the winners.
+// phishard_kernel_bench 1 sustain [MS [SEQS CTX [WINDOW_MS [ONLY]]]]: the copy, the decode
+// attention variants and fc1 at M = SEQS each back to back for MS (default 3000), with power, SM
+// clock and energy per GB (bench/sustain.h); ONLY: the cases whose name contains it.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -25,6 +28,7 @@
 
 #include "bench/bench_util.h"
 #include "bench/gemm_sustained.h"
+#include "bench/sustain.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/layer_norm_cuda.h"
@@ -399,6 +403,22 @@ int Main(int argc, char** argv) {
     cudaStream_t s = nullptr;
     KB_CHECK(DeviceStreamCreate(&s) == 0, "stream");
     bench::GemmSustainedCases(s, o);
+    KB_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "the run");
+    DeviceStreamDestroy(s);
+    return 0;
+  }
+  if (argc > 2 && std::string(argv[2]) == "sustain") {
+    bench::SustainOptions o;
+    if (argc > 3) o.ms = std::max(10.0, std::atof(argv[3]));
+    if (argc > 5) {
+      o.seqs = std::max(1, std::atoi(argv[4]));
+      o.ctx = std::max(1, std::atoi(argv[5]));
+    }
+    if (argc > 6) o.window_ms = std::max(1.0, std::atof(argv[6]));
+    if (argc > 7) o.only = argv[7];
+    cudaStream_t s = nullptr;
+    KB_CHECK(DeviceStreamCreate(&s) == 0, "stream");
+    bench::SustainCases(s, o);
     KB_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "the run");
     DeviceStreamDestroy(s);
     return 0;

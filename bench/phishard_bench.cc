@@ -35,6 +35,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/types/span.h"
+#include "bench/attn_variant_sweep.h"
 #include "bench/bench_ceilings.h"
 #include "bench/bench_steps.h"
 #include "bench/bench_util.h"
@@ -190,6 +191,18 @@ int Main(int argc, char** argv) {
   app.add_option("--lora-prefill-pair-tunings", lora_prefill_pair_tunings,
                  "LoRA prefill tunings of the pairs (CudaPhiModel::set_lora_prefill_tuning, "
                  "comma-separated, e.g. 1:8:1:0,1:8:1:1; empty: the model's own)");
+  int attn_variant_rounds = 0, print_steps = 0;
+  std::string attn_variant_cases = "256x1024", attn_variants = "2,3", attn_variant_mode = "greedy";
+  app.add_option("--attn-variant-rounds", attn_variant_rounds,
+                 "rounds of the decode cases --attn-variant-cases with each decode attention "
+                 "kernel of --attn-variants, alternated (CudaPhiModel::set_decode_attention_variant)");
+  app.add_option("--attn-variant-cases", attn_variant_cases, "BATCHxCTX decode steps of it");
+  app.add_option("--attn-variants", attn_variants,
+                 "0 auto, 1 register-staged, 2 pipelined, 3 tensor core, 3.F its form F (the "
+                 "first is the base)");
+  app.add_option("--attn-variant-mode", attn_variant_mode, "decode mode (greedy, graph)");
+  app.add_option("--print-steps", print_steps,
+                 "print the mean device ms of every N timed decode steps (clock drift; 0: off)");
   int fold_rounds = 0;
   std::string fold_cases = "1x1024,8x1024,32x1024,128x1024,256x1024,1x4096", fold_mode = "greedy";
   app.add_option("--fold-rounds", fold_rounds,
@@ -330,6 +343,7 @@ int Main(int argc, char** argv) {
 
   Bench bench(m, ceil, shape, steps);
   bench.set_prefill_warmup_ms(prefill_warmup_ms);
+  bench.set_print_steps(print_steps);
   std::vector<Row> rows;
   std::printf("\n%-34s %9s %9s %9s %6s %6s %10s  %s\n", "step", "ms", "dev ms", "floor", "ratio",
               "dev r", "tok/s", "note");
@@ -436,6 +450,10 @@ int Main(int argc, char** argv) {
     }
     BENCH_OK(m.set_bulk_gemv(rows0, pdl0, ln0));
     BENCH_OK(m.set_mlp_stream_mode(mode0));
+  }
+  if (attn_variant_rounds > 0 && !lora_only) {
+    bench::AttnVariantSweep(m, bench, attn_variant_cases, attn_variants, attn_variant_mode,
+                            attn_variant_rounds, &rows);
   }
   if (fold_rounds > 0 && !lora_only) {
     DecodeFoldSweep(m, bench, fold_cases, fold_mode, fold_rounds, &rows);

@@ -636,6 +636,10 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   }
   const int q_stride = p.q_stride == 0 ? p.num_heads * p.head_dim : p.q_stride;
   if (q_stride < p.num_heads * p.head_dim || q_stride % 8 != 0) return KernelStatus::kInvalidShape;
+  if (plan.variant == PagedDecodeVariant::kTensorCore &&
+      !PagedDecodeMmaFormValid(plan.tensor_core_form)) {
+    return KernelStatus::kInvalidShape;
+  }
   if (p.num_seqs == 0) return KernelStatus::kOk;
   if (!p.q || !p.k_cache || !p.v_cache || !p.out || !p.context_lens || !p.block_tables) {
     return KernelStatus::kNullPointer;
@@ -686,7 +690,9 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.max_splits = max_splits;
   a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);
   a.scale_log2 = p.scale * kLog2e;
-  a.head_chunks = (a.group + kMaxHeadsPerBlock - 1) / kMaxHeadsPerBlock;
+  const bool mma = plan.variant == PagedDecodeVariant::kTensorCore;
+  const int heads_per_block = mma ? kMmaHeadsPerBlock : kMaxHeadsPerBlock;
+  a.head_chunks = (a.group + heads_per_block - 1) / heads_per_block;
   // Small MHA grids go to the register-staged kernel (see the header).
   const bool registers = plan.variant == PagedDecodeVariant::kRegisterStages ||
                          (plan.variant == PagedDecodeVariant::kAuto && a.group == 1 &&
@@ -713,7 +719,12 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      if (registers) {
+      if (mma) {
+        if (KernelStatus st = LaunchPagedDecodeMma(a, HD, p.dtype, plan.tensor_core_form, stream);
+            st != KernelStatus::kOk) {
+          return st;
+        }
+      } else if (registers) {
         const dim3 grid(max_splits, p.num_seqs, p.num_heads);
         auto kernel = p.block_size == 16 ? (fold ? PagedDecodeKernel<T, HD, true, true>
                                                  : PagedDecodeKernel<T, HD, true, false>)

@@ -19,6 +19,8 @@ constexpr int kUnroll = 2;                             // keys per group in one 
 constexpr int kStep = kGroups * kUnroll;               // 32 keys per block stage
 // Splits start on multiples of this many keys (whole stages, whole blocks of 16).
 constexpr int kKeysPerIter = 64;
+// Query heads of one KV head a block of the tensor-core kernel serves (the mma's N).
+constexpr int kMmaHeadsPerBlock = 8;
 
 template <int HD>
 struct Head {
@@ -118,5 +120,14 @@ __device__ __forceinline__ void MergeSplits(const Args& a, int s, int h, int spl
     out_row[d] = cuda::FromFloat<T>(o / wsum);
   }
 }
+
+struct Args;
+// kernels/cuda/paged_decode_mma.cu (PagedDecodeVariant::kTensorCore): launches the tensor-core
+// kernel on the grid (a.blocks_per_seq, a.num_seqs, a.max_splits), a.head_chunks chunks of
+// kMmaHeadsPerBlock query heads per KV head. The split merge (several splits) is the caller's.
+// `form`: PagedDecodeCudaPlan::tensor_core_form (kInvalidShape unless PagedDecodeMmaFormValid).
+KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype, int form,
+                                  cudaStream_t stream);
+bool PagedDecodeMmaFormValid(int form);
 
 }  // namespace phishard::paged_decode

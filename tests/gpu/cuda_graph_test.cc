@@ -3,7 +3,10 @@
 // use are tested in cuda_gemv_test.cc).
 //
 // Kernel tolerance: each output is rounded once to its 16-bit type after float32 arithmetic, so
-// OneRoundingTol (4x the rounding unit, see gpu_test_util.h) applies.
+// OneRoundingTol (4x the rounding unit, see gpu_test_util.h) applies. The tensor-core kernel
+// (kTensorCore) rounds its operands too: q and K / V are 16-bit already (exact products, float32
+// sums) and its softmax weights go in as a 16-bit high part plus the 16-bit rounding of the rest
+// (~16 bits, 2^-17 relative), far below the output's one rounding, so the same bound holds.
 // Model tests compare bit for bit: a replayed graph runs the very launches the eager step runs,
 // and a padding row changes nothing any real row computes.
 #include <gtest/gtest.h>
@@ -52,7 +55,8 @@ struct DecodeCase {
 // Runs one case with the given split bound; poisons the output, every cache slot no sequence
 // owns (K and V NaN: a read past a context shows up), and uses a table pitch wider than needed.
 void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_info,
-                   PagedDecodeVariant variant = PagedDecodeVariant::kAuto) {
+                   PagedDecodeVariant variant = PagedDecodeVariant::kAuto,
+                   int tensor_core_form = 0) {
   const int S = static_cast<int>(c.ctx.size());
   const int bs = c.block_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
   int max_ctx = 1;
@@ -120,6 +124,7 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
                            .workspace_bytes = ws_bytes,
                            .num_multiprocessors = 132,
                            .variant = variant};
+  plan.tensor_core_form = tensor_core_form;
   int bound = 0;
   ASSERT_EQ(PagedDecodeCuda(p, plan, nullptr, &bound), KernelStatus::kOk);
   gpu_test::ExpectDeviceClean(nullptr);
@@ -164,9 +169,10 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
   EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
 }
 
-TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
-  PHI_REQUIRE_GPU();
-  const std::vector<DecodeCase> cases = {
+// The swept shapes: one key, long contexts, block and tile edges, GQA groups of 2, 3, 4 and 8,
+// padding rows, block sizes 5, 7, 12 and 16, every supported head dim.
+std::vector<DecodeCase> DecodeCases() {
+  return {
       {{1}, 1, 32, 32, 80, 16},                          // one key
       {{1000}, 1, 32, 32, 80, 16},                       // Phi-2, long
       {{15, 16, 17, 63, 64, 65, 129}, 7, 8, 8, 64, 16},  // block and tile edges
@@ -184,6 +190,11 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
       {{33, 250}, 2, 6, 2, 96, 5},
       {{17, 1000, 130}, 3, 8, 1, 128, 16},
       {{63, 64, 0}, 2, 4, 4, 128, 12}};
+}
+
+TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
+  PHI_REQUIRE_GPU();
+  const std::vector<DecodeCase> cases = DecodeCases();
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
       for (int splits : {1, 3, 16}) {
@@ -211,6 +222,56 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
   RunDecodeCase({{40, 41, 1}, 3, 8, 8, 64, 16}, DataType::kBF16, 4, /*device_info=*/false);
 }
 
+// The tensor-core kernel (PagedDecodeVariant::kTensorCore, opt-in) on the same cases, both
+// types, 1, 3 and 16 splits, and GQA groups wider than its 8 heads a block (16: two blocks a KV
+// head) and of one head (MHA: 1 of the mma's 8 columns used).
+TEST(CudaPagedDecode, TensorCoreMatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  std::vector<DecodeCase> cases = DecodeCases();
+  cases.push_back({{200, 31, 1}, 3, 32, 2, 64, 16});  // group 16
+  cases.push_back({{1024, 1023, 17, 0}, 3, 32, 32, 80, 16});  // Phi-2 heads, ctx 1024
+  for (const DecodeCase& c : cases) {
+    for (DataType t : kHalfTypes) {
+      for (int splits : {1, 3, 16}) {
+        SCOPED_TRACE(testing::Message() << DataTypeName(t) << " seqs " << c.ctx.size()
+                                        << " heads " << c.num_heads << "/" << c.num_kv_heads
+                                        << " head_dim " << c.head_dim << " block "
+                                        << c.block_size << " splits " << splits);
+        RunDecodeCase(c, t, splits, /*device_info=*/true, PagedDecodeVariant::kTensorCore);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+  RunDecodeCase({{40, 41, 1}, 3, 8, 8, 64, 16}, DataType::kBF16, 4, /*device_info=*/false,
+                PagedDecodeVariant::kTensorCore);
+  // The benches' other forms (bf16, 16-slot blocks): L2 prefetch, 4 stages, 32-key tiles.
+  const std::vector<DecodeCase> form_cases = {{{1000}, 1, 32, 32, 80, 16},
+                                              {{15, 16, 17, 63, 64, 65, 129}, 7, 8, 8, 64, 16},
+                                              {{200, 31, 1}, 3, 32, 2, 64, 16},
+                                              {{1024, 1023, 17, 0}, 3, 32, 32, 80, 16}};
+  for (int form : {1, 2, 3}) {
+    for (const DecodeCase& c : form_cases) {
+      for (int splits : {1, 3}) {
+        SCOPED_TRACE(testing::Message() << "form " << form << " seqs " << c.ctx.size()
+                                        << " head_dim " << c.head_dim << " splits " << splits);
+        RunDecodeCase(c, DataType::kBF16, splits, /*device_info=*/true,
+                      PagedDecodeVariant::kTensorCore, form);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+  // A form outside the table is refused, not run.
+  const PagedAttentionParams p{.num_seqs = 0,
+                               .block_size = 16,
+                               .num_heads = 4,
+                               .num_kv_heads = 4,
+                               .head_dim = 64,
+                               .dtype = DataType::kBF16};
+  PagedDecodeCudaPlan plan{.variant = PagedDecodeVariant::kTensorCore};
+  plan.tensor_core_form = 4;
+  EXPECT_EQ(PagedDecodeCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
+}
+
 // Small enough for compute-sanitizer (memcheck, racecheck): splits, padding rows, GQA.
 TEST(CudaPagedDecode, SmallCasesForSanitizer) {
   PHI_REQUIRE_GPU();
@@ -220,6 +281,10 @@ TEST(CudaPagedDecode, SmallCasesForSanitizer) {
                 PagedDecodeVariant::kPipelined);
   RunDecodeCase({{70, 3, 0}, 2, 4, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true,
                 PagedDecodeVariant::kRegisterStages);
+  RunDecodeCase({{70, 3, 0}, 2, 4, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true,
+                PagedDecodeVariant::kTensorCore);
+  RunDecodeCase({{33, 16}, 2, 4, 4, 64, 5}, DataType::kF16, 1, /*device_info=*/true,
+                PagedDecodeVariant::kTensorCore);
 }
 
 // ---------------------------------------------------------------------------------------------

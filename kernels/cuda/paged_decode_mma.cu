@@ -1,0 +1,427 @@
+// Decode attention on the tensor cores (PagedDecodeVariant::kTensorCore): the pipelined kernel's
+// grid, split rule and cp.async ring, with QKᵀ and PV as mma.sync m16n8k16 (16-bit in, float32
+// accumulation) instead of a float conversion and an FMA per element. Same math and outputs as
+// the other two kernels up to float rounding (kernels/cuda/paged_decode_cuda.h).
+//
+// One block of 4 warps per (KV head x chunk of up to 8 of its query heads, sequence, split): the
+// 8 query heads are the mma's N, so a GQA group of up to 8 reads its K/V once (MHA: 1 of the 8
+// columns is used; the tensor cores have the throughput to spare, the point is fewer
+// instructions per byte). Keys go through shared memory in 64-key tiles (form 0), a 3-stage
+// cp.async ring (copy roles as in the pipelined kernel), each key row padded to an odd number of
+// 16-byte chunks (kPitch = (HD / 8) | 1) so the 8 row addresses of an ldmatrix phase hit 8
+// different bank groups. Warp w computes the 16-key chunks w, w + 4, ... of each tile:
+//   Sᵀ[16 keys x 8 heads] = K[16 keys x HD] · q[HD x 8 heads]   (A = K by ldmatrix, B = q held in
+//                                                               registers for the whole kernel)
+//   lane l then holds the scores of keys l / 4 and l / 4 + 8 for heads 2 (l % 4), +1: the online
+//   softmax runs on those registers (the max over a head's 16 keys: 3 shuffles), the warp's
+//   running max per head is the same in the 8 lanes of a head column, its running sum is kept
+//   per lane and summed once at the end;
+//   Oᵀ[HD x 8 heads] += Vᵀ[HD x 16 keys] · Pᵀ[16 keys x 8 heads]   (A = Vᵀ by ldmatrix.trans,
+//                                                               B = P by movmatrix.trans of the
+//                                                               packed score registers)
+// P is split into a 16-bit high part and the 16-bit rounding of the rest (two mmas), so the
+// weights carry ~16 bits instead of 8 (bf16) or 11 (f16); the sum uses the float32 weights.
+// Warps are merged at the end through the (then idle) ring, as in the pipelined kernel.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels/cuda/attention_dispatch.cuh"
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/paged_decode_common.cuh"
+
+namespace phishard {
+namespace paged_decode {
+namespace {
+
+// Kernel forms (PagedDecodeCudaPlan::tensor_core_form): keys a stage, ring depth, the L2
+// prefetch size of the copies (0: none). Form 0 is the default; the others exist for the
+// benches (bf16, 16-slot blocks only; other types and block sizes run form 0).
+struct MmaForm {
+  int tile, stages, prefetch;
+};
+constexpr MmaForm kMmaForms[] = {{64, 3, 0}, {64, 3, 256}, {64, 4, 0}, {32, 4, 0}};
+constexpr int kMmaFormCount = sizeof(kMmaForms) / sizeof(kMmaForms[0]);
+
+template <int HD, int kTile, int kStages>
+struct MmaSmem {
+  static constexpr int kChunks = HD / 8;      // 16-byte slices of a K or V row
+  static constexpr int kPitch = kChunks | 1;  // slices a row takes in shared memory (odd)
+  static constexpr uint32_t kRowBytes = kPitch * 16;
+  static constexpr uint32_t kTileBytes = kTile * kRowBytes;  // the K (or V) half of a stage
+  static constexpr uint32_t kStageBytes = 2 * kTileBytes;
+  static constexpr uint32_t kBytes = kStages * kStageBytes;
+  // The merge scratch [kWarps][kMmaHeadsPerBlock][HD] float32 reuses the ring.
+  static_assert(kWarps * kMmaHeadsPerBlock * HD * 4 <= kBytes, "merge scratch fits the ring");
+};
+
+__device__ __forceinline__ uint32_t Smem(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy bypassing L1; bytes == 0 reads nothing and writes zeros.
+// kPrefetch (128 / 256): L2 fetches that many bytes around the line (fewer, longer DRAM reads).
+template <int kPrefetch>
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int bytes) {
+  if constexpr (kPrefetch == 256) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(bytes)
+                 : "memory");
+  } else if constexpr (kPrefetch == 128) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(bytes)
+                 : "memory");
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+                 : "memory");
+  }
+}
+__device__ __forceinline__ void Commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void WaitGroups() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i; register i gets
+// matrix i in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4), +1; .trans: the
+// transpose).
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+// The transpose of an 8x8 16-bit matrix held one word a lane in the fragment layout.
+__device__ __forceinline__ uint32_t MovMatrixTrans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+// d[16x8] += a[16x16] · b[16x8], float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+// (lo, hi) -> one word of two 16-bit elements (lo in the low half), and the rounding left over
+// as a second such word: x = hi part + lo part to ~16 bits.
+template <typename T>
+__device__ __forceinline__ void SplitPack(float x0, float x1, uint32_t* hi, uint32_t* lo) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+    const float2 back = __bfloat1622float2(h);
+    const __nv_bfloat162 r = __floats2bfloat162_rn(x0 - back.x, x1 - back.y);
+    memcpy(hi, &h, 4);
+    memcpy(lo, &r, 4);
+  } else {
+    const __half2 h = __floats2half2_rn(x0, x1);
+    const float2 back = __half22float2(h);
+    const __half2 r = __floats2half2_rn(x0 - back.x, x1 - back.y);
+    memcpy(hi, &h, 4);
+    memcpy(lo, &r, 4);
+  }
+}
+
+template <typename T, int HD, bool kBlock16, int kTile, int kStages, int kPrefetch>
+__global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a) {
+  using L = MmaSmem<HD, kTile, kStages>;
+  constexpr int C = L::kChunks;
+  constexpr int KS = HD / 16;  // k-steps of QKᵀ, m-tiles of PV
+  static_assert(HD % 16 == 0, "head_dim a multiple of the mma's k");
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float s_m[kWarps][kMmaHeadsPerBlock];
+  __shared__ float s_l[kWarps][kMmaHeadsPerBlock];
+
+  const int hb = blockIdx.x;
+  const int s = blockIdx.y;
+  const int sp = blockIdx.z;
+  const int kvh = hb / a.head_chunks;
+  const int g0 = (hb - kvh * a.head_chunks) * kMmaHeadsPerBlock;
+  const int nhb = min(kMmaHeadsPerBlock, a.group - g0);  // query heads of this block
+  const int h0 = kvh * a.group + g0;                     // the first of them
+  const int ctx = a.context_lens[s];
+  T* out_base = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h0) * HD;
+  if (ctx <= 0) {  // padding row
+    if (sp == 0) {
+      for (int d = threadIdx.x; d < nhb * HD; d += kThreads) out_base[d] = cuda::FromFloat<T>(0.f);
+    }
+    return;
+  }
+  int splits = 1;
+  const int split_len = SplitLen(a, ctx, &splits);
+  if (sp >= splits) return;
+  const int k_begin = sp * split_len;
+  const int k_end = min(ctx, k_begin + split_len);
+  const int n_tiles = (k_end - k_begin + kTile - 1) / kTile;
+  const int pitch = a.step_info ? a.step_info[1] : a.max_blocks;
+  const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+  const int head_off = kvh * HD;
+  const uint32_t smem_base = Smem(smem);
+
+  // Copy roles (the pipelined kernel's): thread e copies 16-byte slices e, e + 128, ... of the
+  // tile's K and V rows; slice e is row r = e / C, slice j = e % C, stored at r kPitch + j.
+  // kBlock16: a tile starts on a 16-slot block, so only the block id changes between tiles.
+  constexpr int kTileChunks = kTile * C;
+  constexpr int kPer = (kTileChunks + kThreads - 1) / kThreads;
+  static_assert(kTile % 16 == 0 && kKeysPerIter % kTile == 0, "tiles on 16-slot blocks");
+  int c_row[kPer];       // row of slice i in the tile, or kTile when past the tile
+  int c_off[kPer];       // elements from the slot's block start (kBlock16) or row start to it
+  uint32_t c_dst[kPer];  // bytes from the stage's K (V) tile start
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + kThreads * i;
+    const int r = e / C;
+    const int j = e - r * C;
+    c_row[i] = e < kTileChunks ? r : kTile;
+    c_off[i] = (kBlock16 ? (r & 15) * a.kv_row : 0) + head_off + 8 * j;
+    c_dst[i] = static_cast<uint32_t>(r * L::kPitch + j) * 16;
+  }
+  const size_t block_elems = static_cast<size_t>(a.block_size) * a.kv_row;
+  auto load_tile = [&](int t, int st) {
+    const int key0 = k_begin + t * kTile;
+    const uint32_t dst_k = smem_base + st * L::kStageBytes;
+    const uint32_t dst_v = dst_k + L::kTileBytes;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      if (c_row[i] >= kTile) continue;
+      const int key = key0 + c_row[i];
+      size_t off = 0;
+      int bytes = 0;
+      if (key < k_end) {
+        int blk, slot = 0;
+        if constexpr (kBlock16) {
+          blk = table[(key0 >> 4) + (c_row[i] >> 4)];
+        } else {
+          blk = table[key / a.block_size];
+          slot = key % a.block_size;
+        }
+        if (blk >= 0 && blk < a.num_blocks) {
+          off = static_cast<size_t>(blk) * block_elems + static_cast<size_t>(slot) * a.kv_row +
+                c_off[i];
+          bytes = 16;
+        }
+      }
+      CpAsync16<kPrefetch>(dst_k + c_dst[i], kc + off, bytes);
+      CpAsync16<kPrefetch>(dst_v + c_dst[i], vc + off, bytes);
+    }
+  };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < n_tiles) load_tile(t, t);
+    Commit();
+  }
+
+  // Compute roles (see the top): warp w takes the 16-key chunks w, w + 4, ... of each tile.
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;  // fragment row: key g (and g + 8) of QKᵀ, head g of the B operands
+  const int tq = lane & 3;  // fragment column pair: heads 2 tq, 2 tq + 1 of the C operands
+  // q as the B operand of QKᵀ (dims x heads, column g): dims 16 ks + 2 tq, +1 and + 8, + 9.
+  uint32_t qf[KS][2];
+  {
+    const bool mine = g < nhb;
+    const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride +
+                     static_cast<size_t>(h0 + (mine ? g : 0)) * HD;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      qf[ks][0] = mine ? *reinterpret_cast<const uint32_t*>(q_row + 16 * ks + 2 * tq) : 0u;
+      qf[ks][1] = mine ? *reinterpret_cast<const uint32_t*>(q_row + 16 * ks + 8 + 2 * tq) : 0u;
+    }
+  }
+  // ldmatrix row addresses (bytes into a 16-key chunk of a stage's K / V tile). K, matrix
+  // i = lane / 8: keys 8 (i & 1) + lane % 8, slice 2 ks + i / 2. V (transposed): keys
+  // 8 (i / 2) + lane % 8, slice 2 db + (i & 1).
+  const uint32_t k_lane =
+      static_cast<uint32_t>((((lane >> 3) & 1) * 8 + (lane & 7)) * L::kPitch + (lane >> 4)) * 16;
+  const uint32_t v_lane =
+      static_cast<uint32_t>(((lane >> 4) * 8 + (lane & 7)) * L::kPitch + ((lane >> 3) & 1)) * 16;
+  float m[2] = {-INFINITY, -INFINITY};  // log2-domain running max of heads 2 tq, 2 tq + 1
+  float l[2] = {0.0f, 0.0f};            // this lane's share of their running sums
+  float acc[KS][4];                     // Oᵀ: dims 16 db + g (+ 8) x heads 2 tq, 2 tq + 1
+#pragma unroll
+  for (int db = 0; db < KS; ++db) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[db][e] = 0.0f;
+  }
+
+  for (int t = 0; t < n_tiles; ++t) {
+    WaitGroups<kStages - 2>();
+    __syncthreads();  // tile t landed for every thread; stage (t - 1) % kStages is free
+    if (t + kStages - 1 < n_tiles) {
+      load_tile(t + kStages - 1, (t + kStages - 1) % kStages);
+    }
+    Commit();
+    for (int ch = warp; ch < kTile / 16; ch += kWarps) {
+      const int key0 = k_begin + t * kTile + 16 * ch;
+      if (key0 >= k_end) break;
+      const uint32_t sk = smem_base + (t % kStages) * L::kStageBytes + 16 * ch * L::kRowBytes;
+      const uint32_t sv = sk + L::kTileBytes;
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t af[4];
+        LdMatrixX4(af, sk + k_lane + ks * 32);
+        Mma<T>(c, af, qf[ks][0], qf[ks][1]);
+      }
+      // c[0], c[1]: key g, heads 2 tq, 2 tq + 1; c[2], c[3]: key g + 8.
+      const bool v0 = key0 + g < k_end, v1 = key0 + g + 8 < k_end;
+      float sc[4] = {v0 ? c[0] * a.scale_log2 : -INFINITY, v0 ? c[1] * a.scale_log2 : -INFINITY,
+                     v1 ? c[2] * a.scale_log2 : -INFINITY, v1 ? c[3] * a.scale_log2 : -INFINITY};
+      float mx[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) {  // the 8 lanes of a head column
+        mx[0] = fmaxf(mx[0], __shfl_xor_sync(0xffffffffu, mx[0], off));
+        mx[1] = fmaxf(mx[1], __shfl_xor_sync(0xffffffffu, mx[1], off));
+      }
+      float alpha[2], mu[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float m_new = fmaxf(m[j], mx[j]);  // finite: key0 < k_end, so key g = 0 is valid
+        mu[j] = m_new;
+        alpha[j] = m[j] == -INFINITY ? 0.0f : exp2f(m[j] - m_new);
+        m[j] = m_new;
+      }
+      const float p0 = exp2f(sc[0] - mu[0]), p1 = exp2f(sc[1] - mu[1]);
+      const float p2 = exp2f(sc[2] - mu[0]), p3 = exp2f(sc[3] - mu[1]);
+      l[0] = l[0] * alpha[0] + (p0 + p2);
+      l[1] = l[1] * alpha[1] + (p1 + p3);
+      // Pᵀ (keys x heads) as the B operand: lane l's words hold keys g / g + 8 x heads 2 tq, +1
+      // (rows x columns of two 8x8 matrices); transposed, they are the B fragment (keys 2 tq, +1
+      // (+ 8) x head g).
+      uint32_t hi01, lo01, hi23, lo23;
+      SplitPack<T>(p0, p1, &hi01, &lo01);
+      SplitPack<T>(p2, p3, &hi23, &lo23);
+      const uint32_t bh0 = MovMatrixTrans(hi01), bh1 = MovMatrixTrans(hi23);
+      const uint32_t bl0 = MovMatrixTrans(lo01), bl1 = MovMatrixTrans(lo23);
+#pragma unroll
+      for (int db = 0; db < KS; ++db) {
+        acc[db][0] *= alpha[0];
+        acc[db][1] *= alpha[1];
+        acc[db][2] *= alpha[0];
+        acc[db][3] *= alpha[1];
+        uint32_t af[4];
+        LdMatrixX4Trans(af, sv + v_lane + db * 32);
+        Mma<T>(acc[db], af, bh0, bh1);
+        Mma<T>(acc[db], af, bl0, bl1);
+      }
+    }
+  }
+  WaitGroups<0>();
+  // A programmatic dependent may start its prologue once every block is past its loads.
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+
+  // The running sums over the 8 lanes of a head column; then the warps, through the ring.
+#pragma unroll
+  for (int off = 4; off < 32; off *= 2) {
+    l[0] += __shfl_xor_sync(0xffffffffu, l[0], off);
+    l[1] += __shfl_xor_sync(0xffffffffu, l[1], off);
+  }
+  __syncthreads();                                // every warp is done with the ring
+  float* s_acc = reinterpret_cast<float*>(smem);  // [kWarps][kMmaHeadsPerBlock][HD]
+  if (g == 0) {
+    s_m[warp][2 * tq] = m[0];
+    s_m[warp][2 * tq + 1] = m[1];
+    s_l[warp][2 * tq] = l[0];
+    s_l[warp][2 * tq + 1] = l[1];
+  }
+  {
+    float* w_acc = s_acc + static_cast<size_t>(warp) * kMmaHeadsPerBlock * HD;
+#pragma unroll
+    for (int db = 0; db < KS; ++db) {
+      w_acc[(2 * tq) * HD + 16 * db + g] = acc[db][0];
+      w_acc[(2 * tq + 1) * HD + 16 * db + g] = acc[db][1];
+      w_acc[(2 * tq) * HD + 16 * db + g + 8] = acc[db][2];
+      w_acc[(2 * tq + 1) * HD + 16 * db + g + 8] = acc[db][3];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nhb * HD; e += kThreads) {
+    const int n = e / HD;
+    const int d = e - n * HD;
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, s_m[w][n]);
+    float ll = 0.0f, o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      float f;
+      Rescale(s_m[w][n], mm, &f);
+      ll = fmaf(s_l[w][n], f, ll);
+      o = fmaf(s_acc[(static_cast<size_t>(w) * kMmaHeadsPerBlock + n) * HD + d], f, o);
+    }
+    if (splits == 1) {
+      out_base[e] = cuda::FromFloat<T>(o / ll);
+    } else {
+      const size_t idx = (static_cast<size_t>(s) * a.num_heads + h0 + n) * a.max_splits + sp;
+      a.partial_o[idx * HD + d] = o / ll;
+      if (d == 0) {
+        a.partial_ml[idx * 2] = mm;
+        a.partial_ml[idx * 2 + 1] = ll;
+      }
+    }
+  }
+}
+
+template <int kForm, typename T, int HD, bool kBlock16>
+KernelStatus LaunchForm(const Args& a, cudaStream_t stream) {
+  constexpr MmaForm f = kMmaForms[kForm];
+  auto kernel = PagedDecodeMmaKernel<T, HD, kBlock16, f.tile, f.stages, f.prefetch>;
+  constexpr size_t smem = MmaSmem<HD, f.tile, f.stages>::kBytes;
+  // Static shared memory (the merge's m / l) counts against the 48 KiB default too.
+  if (smem + 1024 > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  kernel<<<dim3(a.blocks_per_seq, a.num_seqs, a.max_splits), kThreads, smem, stream>>>(a);
+  return cuda::LaunchStatus();
+}
+
+}  // namespace
+
+bool PagedDecodeMmaFormValid(int form) { return form >= 0 && form < kMmaFormCount; }
+
+KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype, int form,
+                                  cudaStream_t stream) {
+  if (!PagedDecodeMmaFormValid(form)) return KernelStatus::kInvalidShape;
+  return cuda::DispatchAttentionHeadDim(head_dim, [&](auto hd_tag) {
+    constexpr int HD = decltype(hd_tag)::value;
+    return cuda::DispatchHalfTypes(dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      if (a.block_size != 16) return LaunchForm<0, T, HD, false>(a, stream);
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        switch (form) {
+          case 1:
+            return LaunchForm<1, T, HD, true>(a, stream);
+          case 2:
+            return LaunchForm<2, T, HD, true>(a, stream);
+          case 3:
+            return LaunchForm<3, T, HD, true>(a, stream);
+          default:
+            break;
+        }
+      }
+      return LaunchForm<0, T, HD, true>(a, stream);
+    });
+  });
+}
+
+}  // namespace paged_decode
+}  // namespace phishard
