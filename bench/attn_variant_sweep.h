@@ -1,6 +1,6 @@
 // phishard_bench --attn-variant-rounds: decode steps with each decode attention kernel
 // (CudaPhiModel::set_decode_attention_variant: 0 auto, 1 register-staged, 2 pipelined, 3 tensor
-// core; "3.F": tensor-core form F) alternated in one process, round after round, the order reversed
+// core) alternated in one process, round after round, the order reversed
 // every other round so neither kernel always follows the other (under the 700 W cap a step's clock
 // depends on what ran before it). Each case runs Bench::steps() timed steps per round: with --steps
 // 100 or more at b256 that is seconds of one kernel, i.e. the sustained (power-capped) clock.
@@ -25,8 +25,8 @@
 
 namespace phishard::bench {
 
-// cases: "BATCHxCTX,..."; variants: "2,3,3.1" (set_decode_attention_variant values, ".F" the
-// tensor-core form); mode: a Bench::Decode mode ("greedy", "graph").
+// cases: "BATCHxCTX,..."; variants: "2,3" (set_decode_attention_variant values); mode: a
+// Bench::Decode mode ("greedy", "graph").
 inline void AttnVariantSweep(CudaPhiModel& m, Bench& bench, const std::string& cases,
                              const std::string& variants, const std::string& mode, int rounds,
                              std::vector<Row>* rows) {
@@ -36,15 +36,9 @@ inline void AttnVariantSweep(CudaPhiModel& m, Bench& bench, const std::string& c
     BENCH_CHECK(bc.size() == 2, "--attn-variant-cases BATCHxCTX,...");
     list.emplace_back(std::stoi(bc[0]), std::stoi(bc[1]));
   }
-  // Variant v, form f as 10 v + f.
-  std::vector<int> vs;
-  for (absl::string_view spec : absl::StrSplit(variants, ',', absl::SkipEmpty())) {
-    const std::vector<std::string> vf = absl::StrSplit(spec, '.');
-    BENCH_CHECK(vf.size() <= 2, "--attn-variants V[.F],...");
-    vs.push_back(10 * std::stoi(vf[0]) + (vf.size() == 2 ? std::stoi(vf[1]) : 0));
-  }
+  const std::vector<int> vs = ParseInts(variants);
   BENCH_CHECK(!vs.empty(), "--attn-variants: at least one");
-  const int start = m.decode_attention_variant(), start_form = m.decode_attention_form();
+  const int start = m.decode_attention_variant();
   // (batch, ctx, variant) -> host ms / device ms of each round.
   std::map<std::tuple<int, int, int>, std::vector<std::pair<double, double>>> got;
   for (int round = 0; round < rounds; ++round) {
@@ -52,9 +46,9 @@ inline void AttnVariantSweep(CudaPhiModel& m, Bench& bench, const std::string& c
     if (round % 2 == 1) std::reverse(order.begin(), order.end());
     for (auto [b, ctx] : list) {
       for (int v : order) {
-        BENCH_OK(m.set_decode_attention_variant(v / 10, v % 10));  // drops the graphs
+        BENCH_OK(m.set_decode_attention_variant(v));  // drops the graphs
         Row r;
-        if (!bench.Decode(b, ctx, absl::StrFormat("%s attn%d.%d", mode, v / 10, v % 10), &r)) {
+        if (!bench.Decode(b, ctx, absl::StrFormat("%s attn%d", mode, v), &r)) {
           continue;
         }
         r.note += absl::StrFormat("; round %d", round);
@@ -64,7 +58,7 @@ inline void AttnVariantSweep(CudaPhiModel& m, Bench& bench, const std::string& c
       }
     }
   }
-  BENCH_OK(m.set_decode_attention_variant(start, start_form));
+  BENCH_OK(m.set_decode_attention_variant(start));
   std::printf(
       "\ndecode attention variant sweep (%s), %d rounds: median host ms (device ms) x variant "
       "%d.%d [rounds]\n",

@@ -265,25 +265,21 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
                                  .q_stride = 3 * nh * hd,
                                  .scale = 0.1118f,
                                  .dtype = DataType::kBF16};
-    // (variant, tensor-core form): pipelined and tensor-core forms 0-3, then the two defaults
-    // again (the second pass runs at the clock the first left).
-    const std::pair<PagedDecodeVariant, int> variants[] = {
-        {PagedDecodeVariant::kPipelined, 0},  {PagedDecodeVariant::kTensorCore, 0},
-        {PagedDecodeVariant::kTensorCore, 1}, {PagedDecodeVariant::kTensorCore, 2},
-        {PagedDecodeVariant::kTensorCore, 3}, {PagedDecodeVariant::kPipelined, 0},
-        {PagedDecodeVariant::kTensorCore, 0}};
-    for (auto [variant, form] : variants) {
-      PagedDecodeCudaPlan plan{.workspace = ws,
-                               .workspace_bytes = ws_bytes,
-                               .num_multiprocessors = 132,
-                               .variant = variant};
-      plan.tensor_core_form = form;
+    // Pipelined and tensor core twice, alternated (the second pass runs at the clock the first
+    // left), then the register-staged kernel.
+    const std::pair<PagedDecodeVariant, const char*> variants[] = {
+        {PagedDecodeVariant::kPipelined, "attn pipe"},
+        {PagedDecodeVariant::kTensorCore, "attn mma"},
+        {PagedDecodeVariant::kPipelined, "attn pipe"},
+        {PagedDecodeVariant::kTensorCore, "attn mma"},
+        {PagedDecodeVariant::kRegisterStages, "attn regs"}};
+    for (auto [variant, vname] : variants) {
+      const PagedDecodeCudaPlan plan{.workspace = ws,
+                                     .workspace_bytes = ws_bytes,
+                                     .num_multiprocessors = 132,
+                                     .variant = variant};
       char name[64];
-      if (variant == PagedDecodeVariant::kTensorCore) {
-        std::snprintf(name, sizeof(name), "attn mma%d m%d c%d", form, o.seqs, o.ctx);
-      } else {
-        std::snprintf(name, sizeof(name), "attn pipe m%d c%d", o.seqs, o.ctx);
-      }
+      std::snprintf(name, sizeof(name), "%s m%d c%d", vname, o.seqs, o.ctx);
       if (!wanted(name)) continue;
       SustainKernel(name, 2.0 * kv, o, burst_gbps, s, [&] {
         SU_CHECK(PagedDecodeCuda(p, plan, s) == KernelStatus::kOk, "PagedDecodeCuda");

@@ -259,22 +259,19 @@ class CudaPhiModel final : public ModelBackend {
     decode_fold_rows_ = rows;
   }
   int decode_attention_fold_rows() const { return decode_fold_rows_; }
-  // The decode attention kernel of decode steps: a PagedDecodeVariant value and, for the tensor
-  // core one, PagedDecodeCudaPlan::tensor_core_form (kernels/cuda/paged_decode_cuda.h; 0 =
-  // kAuto, the default). For benches; drops graphs when it changes.
-  absl::Status set_decode_attention_variant(int v, int form = 0) {
-    if (v < 0 || v > 3 || form < 0 || form > 3) {
-      return absl::InvalidArgumentError(
-          "decode attention variant: 0 (auto) to 3 (tensor core), form 0 to 3");
+  int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps enqueued so
+  // The decode attention kernel of decode steps: a PagedDecodeVariant value
+  // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default). For benches (phishard_bench
+  // --attn-variant-rounds); drops graphs when it changes.
+  absl::Status set_decode_attention_variant(int v) {
+    if (v < 0 || v > 3) {
+      return absl::InvalidArgumentError("decode attention variant: 0 (auto) to 3 (tensor core)");
     }
-    if (v != decode_attention_variant_ || form != decode_attention_form_) DropGraphs();
+    if (v != decode_attention_variant_) DropGraphs();
     decode_attention_variant_ = v;
-    decode_attention_form_ = form;
     return absl::OkStatus();
   }
   int decode_attention_variant() const { return decode_attention_variant_; }
-  int decode_attention_form() const { return decode_attention_form_; }
-  int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps enqueued so
   // CudaModelOptions::decode_megakernel (drops graphs).
   absl::Status set_decode_megakernel(bool on);
   bool decode_megakernel() const { return mega_on_; }
@@ -570,7 +567,6 @@ class CudaPhiModel final : public ModelBackend {
   int decode_fold_rows_ = kDecodeAttentionFoldRowsDefault;  // set_decode_attention_fold_rows
   int64_t decode_fold_steps_ = 0;
   int decode_attention_variant_ = 0;  // set_decode_attention_variant
-  int decode_attention_form_ = 0;
   bool mega_refused_logged_ = false;
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning

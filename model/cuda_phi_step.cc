@@ -264,7 +264,6 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   PagedDecodeCudaPlan decode_plan = MakeDecodePlan(in.min_live, nH, multiprocessors_, a, al);
   decode_plan.step_info = in.step_info;
   decode_plan.variant = static_cast<PagedDecodeVariant>(decode_attention_variant_);
-  decode_plan.tensor_core_form = decode_attention_form_;
   // Decode steps without adapter rows (LoRA folds its deltas into the rotary launch), unsharded
   // (not run with NCCL yet): rotary + K/V write and the split merge inside the attention launch
   // (set_decode_attention_fold_rows: steps of up to that many rows; bit-identical,

@@ -636,10 +636,6 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   }
   const int q_stride = p.q_stride == 0 ? p.num_heads * p.head_dim : p.q_stride;
   if (q_stride < p.num_heads * p.head_dim || q_stride % 8 != 0) return KernelStatus::kInvalidShape;
-  if (plan.variant == PagedDecodeVariant::kTensorCore &&
-      !PagedDecodeMmaFormValid(plan.tensor_core_form)) {
-    return KernelStatus::kInvalidShape;
-  }
   if (p.num_seqs == 0) return KernelStatus::kOk;
   if (!p.q || !p.k_cache || !p.v_cache || !p.out || !p.context_lens || !p.block_tables) {
     return KernelStatus::kNullPointer;
@@ -720,7 +716,7 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
       if (mma) {
-        if (KernelStatus st = LaunchPagedDecodeMma(a, HD, p.dtype, plan.tensor_core_form, stream);
+        if (KernelStatus st = LaunchPagedDecodeMma(a, HD, p.dtype, stream);
             st != KernelStatus::kOk) {
           return st;
         }

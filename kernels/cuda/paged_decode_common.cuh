@@ -121,13 +121,10 @@ __device__ __forceinline__ void MergeSplits(const Args& a, int s, int h, int spl
   }
 }
 
-struct Args;
 // kernels/cuda/paged_decode_mma.cu (PagedDecodeVariant::kTensorCore): launches the tensor-core
 // kernel on the grid (a.blocks_per_seq, a.num_seqs, a.max_splits), a.head_chunks chunks of
 // kMmaHeadsPerBlock query heads per KV head. The split merge (several splits) is the caller's.
-// `form`: PagedDecodeCudaPlan::tensor_core_form (kInvalidShape unless PagedDecodeMmaFormValid).
-KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype, int form,
+KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype,
                                   cudaStream_t stream);
-bool PagedDecodeMmaFormValid(int form);
 
 }  // namespace phishard::paged_decode

@@ -54,8 +54,8 @@ enum class PagedDecodeVariant {
                     // kRegisterStages (faster on small grids: b1, b32; perf-log, decode run 1)
   kRegisterStages,  // the register-staged kernel
   kPipelined,       // 32-key tiles x 4 shared-memory stages (64 x 3, 32 x 6 measured slower)
-  kTensorCore,      // the pipelined kernel's ring with QK and PV on mma.sync (paged_decode_mma.cu):
-                    // fewer instructions a byte; up to 8 query heads of a KV head a block
+  kTensorCore,      // QK and PV on mma.sync (paged_decode_mma.cu), up to 8 query heads of a KV
+                    // head a block: 0.53x the instructions, not faster (perf-log dmma); opt-in
 };
 
 struct PagedDecodeCudaPlan {
@@ -81,10 +81,6 @@ struct PagedDecodeCudaPlan {
   // it zero. Given: the register-staged kernel merges its splits itself (no merge launch).
   int32_t* merge_counters = nullptr;
   size_t merge_counters_len = 0;  // entries (kInvalidShape when below num_seqs * num_heads)
-  // kTensorCore only, for the benches: 0 (default) 64-key tiles x 3 stages; 1 the same with the
-  // copies' L2 prefetch at 256 B; 2 64 x 4 stages; 3 32 x 4 (two warps compute a tile). Forms
-  // 1-3 exist for bf16 with 16-slot blocks (else form 0 runs); outside 0-3: kInvalidShape.
-  int tensor_core_form = 0;
 };
 
 // Grid split bound for a launch that will serve at least `min_live_seqs` live sequences.

@@ -6,7 +6,7 @@
 // One block of 4 warps per (KV head x chunk of up to 8 of its query heads, sequence, split): the
 // 8 query heads are the mma's N, so a GQA group of up to 8 reads its K/V once (MHA: 1 of the 8
 // columns is used; the tensor cores have the throughput to spare, the point is fewer
-// instructions per byte). Keys go through shared memory in 64-key tiles (form 0), a 3-stage
+// instructions per byte). Keys go through shared memory in 64-key tiles, a 3-stage
 // cp.async ring (copy roles as in the pipelined kernel), each key row padded to an odd number of
 // 16-byte chunks (kPitch = (HD / 8) | 1) so the 8 row addresses of an ldmatrix phase hit 8
 // different bank groups. Warp w computes the 16-key chunks w, w + 4, ... of each tile:
@@ -35,14 +35,12 @@ namespace phishard {
 namespace paged_decode {
 namespace {
 
-// Kernel forms (PagedDecodeCudaPlan::tensor_core_form): keys a stage, ring depth, the L2
-// prefetch size of the copies (0: none). Form 0 is the default; the others exist for the
-// benches (bf16, 16-slot blocks only; other types and block sizes run form 0).
-struct MmaForm {
-  int tile, stages, prefetch;
-};
-constexpr MmaForm kMmaForms[] = {{64, 3, 0}, {64, 3, 256}, {64, 4, 0}, {32, 4, 0}};
-constexpr int kMmaFormCount = sizeof(kMmaForms) / sizeof(kMmaForms[0]);
+// 64-key tiles x 3 stages: 3 blocks an SM (67.6 KB of ring each at head_dim 80). Measured slower
+// at b256 (perf-log dmma run 2, sustained µs a launch): 64 x 4 stages (2 blocks an SM) 792,
+// 32 x 4 (two warps compute a tile) 738, 64 x 3 with the copies' L2 prefetch at 256 B 733,
+// against 727-731 for this one.
+constexpr int kMmaTile = 64;
+constexpr int kMmaStages = 3;
 
 template <int HD, int kTile, int kStages>
 struct MmaSmem {
@@ -60,21 +58,9 @@ __device__ __forceinline__ uint32_t Smem(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 // 16-byte global -> shared copy bypassing L1; bytes == 0 reads nothing and writes zeros.
-// kPrefetch (128 / 256): L2 fetches that many bytes around the line (fewer, longer DRAM reads).
-template <int kPrefetch>
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int bytes) {
-  if constexpr (kPrefetch == 256) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(bytes)
-                 : "memory");
-  } else if constexpr (kPrefetch == 128) {
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(bytes)
-                 : "memory");
-  } else {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
-                 : "memory");
-  }
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
 }
 __device__ __forceinline__ void Commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -137,7 +123,7 @@ __device__ __forceinline__ void SplitPack(float x0, float x1, uint32_t* hi, uint
   }
 }
 
-template <typename T, int HD, bool kBlock16, int kTile, int kStages, int kPrefetch>
+template <typename T, int HD, bool kBlock16, int kTile, int kStages>
 __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a) {
   using L = MmaSmem<HD, kTile, kStages>;
   constexpr int C = L::kChunks;
@@ -218,8 +204,8 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
           bytes = 16;
         }
       }
-      CpAsync16<kPrefetch>(dst_k + c_dst[i], kc + off, bytes);
-      CpAsync16<kPrefetch>(dst_v + c_dst[i], vc + off, bytes);
+      CpAsync16(dst_k + c_dst[i], kc + off, bytes);
+      CpAsync16(dst_v + c_dst[i], vc + off, bytes);
     }
   };
 #pragma unroll
@@ -379,46 +365,25 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
   }
 }
 
-template <int kForm, typename T, int HD, bool kBlock16>
-KernelStatus LaunchForm(const Args& a, cudaStream_t stream) {
-  constexpr MmaForm f = kMmaForms[kForm];
-  auto kernel = PagedDecodeMmaKernel<T, HD, kBlock16, f.tile, f.stages, f.prefetch>;
-  constexpr size_t smem = MmaSmem<HD, f.tile, f.stages>::kBytes;
-  // Static shared memory (the merge's m / l) counts against the 48 KiB default too.
-  if (smem + 1024 > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem)) != cudaSuccess) {
-    return KernelStatus::kDeviceError;
-  }
-  kernel<<<dim3(a.blocks_per_seq, a.num_seqs, a.max_splits), kThreads, smem, stream>>>(a);
-  return cuda::LaunchStatus();
-}
-
 }  // namespace
 
-bool PagedDecodeMmaFormValid(int form) { return form >= 0 && form < kMmaFormCount; }
-
-KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype, int form,
+KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype,
                                   cudaStream_t stream) {
-  if (!PagedDecodeMmaFormValid(form)) return KernelStatus::kInvalidShape;
   return cuda::DispatchAttentionHeadDim(head_dim, [&](auto hd_tag) {
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      if (a.block_size != 16) return LaunchForm<0, T, HD, false>(a, stream);
-      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-        switch (form) {
-          case 1:
-            return LaunchForm<1, T, HD, true>(a, stream);
-          case 2:
-            return LaunchForm<2, T, HD, true>(a, stream);
-          case 3:
-            return LaunchForm<3, T, HD, true>(a, stream);
-          default:
-            break;
-        }
+      auto kernel = a.block_size == 16 ? PagedDecodeMmaKernel<T, HD, true, kMmaTile, kMmaStages>
+                                       : PagedDecodeMmaKernel<T, HD, false, kMmaTile, kMmaStages>;
+      constexpr size_t smem = MmaSmem<HD, kMmaTile, kMmaStages>::kBytes;
+      // Static shared memory (the merge's m / l) counts against the 48 KiB default too.
+      if (smem + 1024 > 48 * 1024 &&
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)) != cudaSuccess) {
+        return KernelStatus::kDeviceError;
       }
-      return LaunchForm<0, T, HD, true>(a, stream);
+      kernel<<<dim3(a.blocks_per_seq, a.num_seqs, a.max_splits), kThreads, smem, stream>>>(a);
+      return cuda::LaunchStatus();
     });
   });
 }
