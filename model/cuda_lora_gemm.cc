@@ -136,17 +136,29 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
     max_width = std::max(max_width, width);
   }
   if (R == 0) return absl::OkStatus();
-  // Whether the step will be segmented (as decided below from the segments), for the layout.
-  int pre_segments = 0, pre_rows = 0;
-  for (int i = 0, prev = -2; i < S; ++i) {
+  // The step's runs of rows, in row order: adapter segments (one adapter's consecutive rows) and
+  // base runs (rows without an adapter); sequences without new tokens do not break a run. Built
+  // once here: whether the step is segmented decides the workspace layout below.
+  std::vector<LoraSegment> segments, base_runs;
+  int adapter_rows = 0;
+  for (int i = 0, row = 0, last = -2; i < S; ++i) {
     const int a = seq_slot_[i] < 0 ? -1 : index_of[seq_slot_[i]];
-    if (batch.seqs[i].num_new_tokens <= 0) continue;
-    if (a >= 0 && a != prev) ++pre_segments;
-    if (a >= 0) pre_rows += batch.seqs[i].num_new_tokens;
-    prev = a;
+    const int n = batch.seqs[i].num_new_tokens;
+    if (n > 0) {
+      std::vector<LoraSegment>& runs = a < 0 ? base_runs : segments;
+      if (a == last) {
+        runs.back().rows += n;
+      } else {
+        runs.push_back({row, n, a < 0 ? 0 : ads[a].col, a < 0 ? 0 : ads[a].width});
+      }
+      last = a;
+      if (a >= 0) adapter_rows += n;
+    }
+    row += n;
   }
-  const bool pre_segmented =
-      pre_segments <= gemm_max_segments_ && pre_rows >= gemm_segment_rows_ * pre_segments;
+  const int num_segments = static_cast<int>(segments.size());
+  const bool segmented =
+      num_segments <= gemm_max_segments_ && adapter_rows >= gemm_segment_rows_ * num_segments;
   // Workspace layout (see cuda_lora.h).
   size_t off = 0;
   auto take = [&](size_t bytes) {
@@ -179,7 +191,7 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
     return o;
   };
   // With B_qkv when two sets of it fit (segmented steps), else without.
-  bool merged = gemm_qkv_merge_ && pre_segmented;
+  bool merged = gemm_qkv_merge_ && segmented;
   MatOffsets m0 = take_mats(merged), m1 = take_mats(merged);
   if (merged && off > kLoraGemmWorkspaceBytes) {
     merged = false;
@@ -198,32 +210,16 @@ absl::Status CudaLora::PlanGemm(const ForwardBatch& batch, cudaStream_t stream) 
   auto* ad_host = static_cast<LoraStepAdapter*>(gemm_map_host_);
   auto* rows_host = reinterpret_cast<int32_t*>(ad_host + kMaxGemmAdapters);
   std::copy(ads.begin(), ads.end(), ad_host);
-  int row = 0, adapter_rows = 0;
-  gemm_segments_.clear();
-  gemm_base_runs_.clear();
-  int last = -2;  // adapter index of the previous sequence with rows
-  for (int i = 0; i < S; ++i) {
-    const int a = seq_slot_[i] < 0 ? -1 : index_of[seq_slot_[i]];
+  for (int i = 0, row = 0; i < S; ++i) {  // the row -> adapter index map
     const int n = batch.seqs[i].num_new_tokens;
-    std::fill_n(rows_host + row, n, a);
-    if (n > 0) {
-      std::vector<LoraSegment>& runs = a < 0 ? gemm_base_runs_ : gemm_segments_;
-      if (a == last) {
-        runs.back().rows += n;
-      } else {
-        runs.push_back({row, n, a < 0 ? 0 : ads[a].col, a < 0 ? 0 : ads[a].width});
-      }
-      last = a;
-      if (a >= 0) adapter_rows += n;
-    }
+    std::fill_n(rows_host + row, n, seq_slot_[i] < 0 ? -1 : index_of[seq_slot_[i]]);
     row += n;
   }
-  const int num_segments = static_cast<int>(gemm_segments_.size());
-  gemm_segmented_ =
-      num_segments <= gemm_max_segments_ && adapter_rows >= gemm_segment_rows_ * num_segments;
+  gemm_segments_ = std::move(segments);
+  gemm_base_runs_ = std::move(base_runs);
+  gemm_segmented_ = segmented;
   gemm_ldt_ = 6 * tw * (gemm_segmented_ ? max_width : R);
   gemm_shrink_segmented_ = gemm_segmented_ && gemm_segment_shrink_ && !gemm_sgmv_shrink_;
-  PHI_CHECK(gemm_segmented_ == pre_segmented);
   gemm_qkv_merge_step_ = merged && gemm_segmented_;
   gemm_qkv_ldb_ = qkv_ldb;
   gemm_qkv_segments_.clear();
