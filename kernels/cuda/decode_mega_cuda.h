@@ -38,6 +38,11 @@
 // 160-byte cache row: ~4 KB/us a block, slower) or prefetched into L2 by the producer warp (items
 // no shorter) were both slower than form 11 at every context (branches mega4-kvring, mega4-kvpf);
 // a 3-stage ring is faster than 5 at every context (the default since).
+// mega5 (perf-log, runs 1-2): the attention items on 3 warps of their own while the consumers
+// stream fc2 (phase B as max(attention, fc2) instead of their sum) were slower at every context,
+// with or without their K/V staged in shared memory before barrier A: beside the stream an item
+// takes ~2x as long (26-33 us at ctx 128-1024 against 14-19), so the consumers wait for it at
+// barrier B (branch mega5-attnwarps).
 // The kernel keeps state between launches in `sync` (a barrier generation, per-head counters):
 // allocate it once, zeroed, and never share it between two launches in flight.
 #pragma once
