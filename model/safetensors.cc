@@ -9,6 +9,7 @@
 #include <bit>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -41,15 +42,29 @@ std::string ShapeStr(absl::Span<const int64_t> shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-// Safetensors dtypes that exist in the format but that phishard does not load: a file holding
-// one is refused at Open with UNIMPLEMENTED naming the tensor (Phi checkpoints and PEFT adapters
-// only hold F32/F16/BF16; accepting others would only defer the failure to a conversion).
-bool IsKnownUnsupportedDType(std::string_view s) {
-  static constexpr std::string_view kOthers[] = {
-      "BOOL",    "U8",  "I8",  "I16",         "U16",        "I32",     "I64",
-      "U32",     "U64", "F64", "F8_E4M3",     "F8_E5M2",    "F8_E8M0", "F6_E2M3",
-      "F6_E3M2", "F4",  "C64", "F8_E4M3FNUZ", "F8_E5M2FNUZ"};
-  return std::find(std::begin(kOthers), std::end(kOthers), s) != std::end(kOthers);
+// Safetensors dtypes that exist in the format but that phishard does not convert, with their
+// element width in bits (F6/F4 pack several elements a byte). A tensor of one of them is
+// range-checked like any other and listed, and only reading it fails (UNIMPLEMENTED naming the
+// tensor): checkpoints may carry buffers nobody reads (I64 position ids, BOOL masks) beside the
+// Phi weights, which Hugging Face and upstream LoRAX load by ignoring them. 0 = not a dtype.
+int UnsupportedDTypeBits(std::string_view s) {
+  static constexpr std::pair<std::string_view, int> kOthers[] = {
+      {"BOOL", 8},    {"U8", 8},      {"I8", 8},          {"I16", 16},       {"U16", 16},
+      {"I32", 32},    {"I64", 64},    {"U32", 32},        {"U64", 64},       {"F64", 64},
+      {"F8_E4M3", 8}, {"F8_E5M2", 8}, {"F8_E8M0", 8},     {"F6_E2M3", 6},    {"F6_E3M2", 6},
+      {"F4", 4},      {"C64", 64},    {"F8_E4M3FNUZ", 8}, {"F8_E5M2FNUZ", 8}};
+  for (const auto& [name, bits] : kOthers) {
+    if (name == s) return bits;
+  }
+  return 0;
+}
+
+std::string UnsupportedDTypeMessage(std::string_view file, std::string_view dtype,
+                                    std::string_view tensor) {
+  return absl::StrFormat(
+      "safetensors file '%s': unsupported dtype %s for tensor '%s' (phishard loads only F32, "
+      "F16, BF16)",
+      file, dtype, tensor);
 }
 
 // Parses JSON, reporting a duplicated key in any object (nlohmann silently keeps the last one,
@@ -380,21 +395,21 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs:
       return absl::InvalidArgumentError(absl::StrCat(tw, ": missing or non-string 'dtype'"));
     }
     const std::string& dts = dt->get_ref<const std::string&>();
-    DType dtype;
+    std::optional<DType> dtype;
+    uint64_t bits = 0;  // element width
     if (dts == "F32") {
       dtype = DType::kF32;
     } else if (dts == "F16") {
       dtype = DType::kF16;
     } else if (dts == "BF16") {
       dtype = DType::kBF16;
-    } else if (IsKnownUnsupportedDType(dts)) {
-      return absl::UnimplementedError(absl::StrFormat(
-          "%s: unsupported dtype %s for tensor '%s' (phishard loads only F32, F16, BF16)", where,
-          dts, name));
+    } else if (const int b = UnsupportedDTypeBits(dts); b > 0) {
+      bits = static_cast<uint64_t>(b);
     } else {
       return absl::InvalidArgumentError(
           absl::StrFormat("%s: unknown dtype '%s' for tensor '%s'", where, dts, name));
     }
+    if (dtype.has_value()) bits = 8 * DTypeSize(*dtype);
     // shape
     const auto sh = entry.find("shape");
     if (sh == entry.end() || !sh->is_array()) {
@@ -413,14 +428,15 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs:
       overflow |= __builtin_mul_overflow(numel, dim, &numel);
       zero_dim |= dim == 0;
     }
-    uint64_t nbytes = 0;
-    overflow |= __builtin_mul_overflow(numel, static_cast<uint64_t>(DTypeSize(dtype)), &nbytes);
+    uint64_t nbits = 0;
+    overflow |= __builtin_mul_overflow(numel, bits, &nbits);
+    uint64_t nbytes = nbits / 8;
     // A zero dimension makes the tensor empty whatever the other dimensions are (a product
     // that overflowed before reaching it is harmless). Note a wrapped product can be 0 too, so
     // test the dimensions, not numel.
     if (zero_dim) {
       overflow = false;
-      nbytes = 0;
+      nbits = nbytes = 0;
     }
     // data_offsets
     const auto off = entry.find("data_offsets");
@@ -440,16 +456,24 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs:
           "%s: data_offsets [%d, %d] run past the %d-byte data buffer (file truncated?)", tw, begin,
           end, buffer_size));
     }
-    if (overflow || nbytes != end - begin) {
+    if (overflow || nbits % 8 != 0 || nbytes != end - begin) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: shape %s x %s (%d bytes) needs %s bytes but data_offsets [%d, %d] span %d", tw,
-          ShapeStr(shape), dts, DTypeSize(dtype),
-          overflow ? std::string("more than 2^64") : absl::StrCat(nbytes), begin, end,
-          end - begin));
+          "%s: shape %s x %s (%d bits) needs %s bytes but data_offsets [%d, %d] span %d", tw,
+          ShapeStr(shape), dts, bits,
+          overflow         ? std::string("more than 2^64")
+          : nbits % 8 == 0 ? absl::StrCat(nbytes)
+                           : absl::StrCat(nbits, " bits, not whole"),
+          begin, end, end - begin));
+    }
+    if (!dtype.has_value()) {
+      auto [it, inserted] = file->unsupported_.emplace(name, dts);
+      PHI_CHECK(inserted) << "duplicate key passed the JSON check: " << name;
+      if (begin != end) ranges.push_back({begin, end, &it->first});
+      continue;
     }
     TensorView view;
     view.name = name;
-    view.dtype = dtype;
+    view.dtype = *dtype;
     view.shape = std::move(shape);
     view.data = buffer + begin;
     view.nbytes = static_cast<size_t>(nbytes);
@@ -486,12 +510,12 @@ absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenFiles(
     absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(p);
     if (!f.ok()) return f.status();
     for (const auto& [name, view] : (*f)->tensors()) {
-      auto [it, inserted] = store->index_.emplace(name, &view);
-      if (!inserted) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("tensor '%s' appears in two weight files: '%s' and '%s'", name,
-                            it->second->file, view.file));
-      }
+      if (absl::Status s = store->AddName(name, view.file); !s.ok()) return s;
+      store->index_.emplace(name, &view);
+    }
+    for (const auto& [name, dtype] : (*f)->unsupported()) {
+      if (absl::Status s = store->AddName(name, p.string()); !s.ok()) return s;
+      store->unsupported_.emplace(name, UnsupportedDTypeMessage(p.string(), dtype, name));
     }
     store->files_.push_back(*std::move(f));
   }
@@ -568,23 +592,36 @@ absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenDir(const fs::path
   // Every tensor the index promises must be in the file it names.
   for (const auto& [tensor, file] : weight_map->items()) {
     const std::string expected = (dir / file.get<std::string>()).string();
-    auto it = (*store)->index_.find(tensor);
-    if (it == (*store)->index_.end()) {
+    auto it = (*store)->files_of_.find(tensor);
+    if (it == (*store)->files_of_.end()) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "%s maps tensor '%s' to '%s', but no weight file holds it", where, tensor, expected));
     }
-    if (it->second->file != expected) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("%s maps tensor '%s' to '%s', but it is in '%s'", where, tensor, expected,
-                          it->second->file));
+    if (it->second != expected) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s maps tensor '%s' to '%s', but it is in '%s'", where, tensor, expected, it->second));
     }
   }
   return store;
 }
 
-bool WeightStore::Has(std::string_view name) const { return index_.find(name) != index_.end(); }
+absl::Status WeightStore::AddName(const std::string& name, const std::string& file) {
+  auto [it, inserted] = files_of_.emplace(name, file);
+  if (!inserted) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tensor '%s' appears in two weight files: '%s' and '%s'", name, it->second, file));
+  }
+  return absl::OkStatus();
+}
+
+bool WeightStore::Has(std::string_view name) const {
+  return files_of_.find(name) != files_of_.end();
+}
 
 absl::StatusOr<const TensorView*> WeightStore::Get(std::string_view name) const {
+  if (auto u = unsupported_.find(name); u != unsupported_.end()) {
+    return absl::UnimplementedError(u->second);
+  }
   auto it = index_.find(name);
   if (it == index_.end()) {
     std::vector<std::string> paths;
@@ -597,8 +634,8 @@ absl::StatusOr<const TensorView*> WeightStore::Get(std::string_view name) const 
 
 std::vector<std::string> WeightStore::Names() const {
   std::vector<std::string> names;
-  names.reserve(index_.size());
-  for (const auto& [name, view] : index_) names.push_back(name);
+  names.reserve(files_of_.size());
+  for (const auto& [name, file] : files_of_) names.push_back(name);
   return names;
 }
 

@@ -1,7 +1,8 @@
 // Safetensors reader: mmapped files, single or sharded (model.safetensors.index.json).
 // Every header field is validated before any tensor is touched (offsets in range, shape x dtype
 // size == byte length, no overlapping ranges, no duplicate names across files): a malformed file
-// is an absl::Status naming the file and tensor, never a crash.
+// is an absl::Status naming the file and tensor, never a crash. Tensors of dtypes other than
+// F32/F16/BF16 are validated too but only fail when read.
 #pragma once
 
 #include <cstddef>
@@ -29,7 +30,7 @@ struct TensorView {
   std::vector<int64_t> shape;
   const std::byte* data = nullptr;  // host, points into the mmapped file; nbytes long
   size_t nbytes = 0;
-  std::string file;                 // file this tensor lives in (for error messages)
+  std::string file;  // file this tensor lives in (for error messages)
   int64_t numel() const;
 };
 
@@ -41,7 +42,11 @@ class SafetensorsFile {
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
+  // Tensors phishard can read (F32, F16, BF16).
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  // Well-formed tensors of any other safetensors dtype, name -> dtype ("I64", "BOOL", ...):
+  // range-checked like the others, never readable (see UnsupportedDTypeBits).
+  const std::map<std::string, std::string>& unsupported() const { return unsupported_; }
   const std::filesystem::path& path() const { return path_; }
 
  private:
@@ -50,6 +55,7 @@ class SafetensorsFile {
   void* map_ = nullptr;
   size_t map_size_ = 0;
   std::map<std::string, TensorView> tensors_;
+  std::map<std::string, std::string> unsupported_;
 };
 
 // All weights of a model directory: model.safetensors.index.json when present (only the files it
@@ -61,6 +67,9 @@ class WeightStore {
   static absl::StatusOr<std::unique_ptr<WeightStore>> OpenFiles(
       const std::vector<std::filesystem::path>& files);
 
+  // Has and Names cover every tensor of the files; Get of one whose dtype phishard does not
+  // convert (I64, BOOL, F8, ...) is UNIMPLEMENTED naming it, so only a tensor the model or
+  // adapter actually reads has to be F32/F16/BF16.
   bool Has(std::string_view name) const;
   absl::StatusOr<const TensorView*> Get(std::string_view name) const;
   std::vector<std::string> Names() const;
@@ -76,8 +85,13 @@ class WeightStore {
                         std::vector<uint16_t>* out) const;
 
  private:
+  // Records `name` as held by `file`; a name already held is an error naming both files.
+  absl::Status AddName(const std::string& name, const std::string& file);
+
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
-  std::map<std::string, const TensorView*, std::less<>> index_;
+  std::map<std::string, const TensorView*, std::less<>> index_;  // readable tensors
+  std::map<std::string, std::string, std::less<>> unsupported_;  // name -> Get's error
+  std::map<std::string, std::string, std::less<>> files_of_;     // every name -> its file
 };
 
 // Scalar conversions (round-to-nearest-even for the narrowing ones).

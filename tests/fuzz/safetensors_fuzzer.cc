@@ -7,7 +7,8 @@
 // When Open succeeds, an independent oracle re-reads the header with nlohmann::json and checks
 // that every TensorView points at exactly the bytes its data_offsets name (ASan cannot see
 // reads past a tensor inside an mmap), that nbytes == numel x dtype size, and the conversions
-// to F32/F16/BF16 run over every tensor.
+// to F32/F16/BF16 run over every tensor; a tensor of another dtype must be listed, inside the
+// file, and refuse every read.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -54,6 +55,14 @@ void CheckAgainstOracle(const SafetensorsFile& f, const std::string& file) {
           << "tensor '" << name << "' does not point at its data_offsets";
     }
   }
+  for (const auto& [name, dtype] : f.unsupported()) {
+    FUZZ_CHECK(header.contains(name)) << "tensor '" << name << "' not in the header";
+    FUZZ_CHECK(!f.tensors().contains(name)) << "tensor '" << name << "' listed twice";
+    FUZZ_CHECK(header[name]["dtype"] == dtype) << name;
+    const auto& off = header[name]["data_offsets"];
+    FUZZ_CHECK(8 + header_len + off[1].get<uint64_t>() <= file.size())
+        << name << " runs past the file";
+  }
 }
 
 }  // namespace
@@ -82,7 +91,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<float> f32;
     std::vector<uint16_t> u16;
     for (const std::string& name : (*store)->Names()) {
-      const TensorView* t = *(*store)->Get(name);
+      absl::StatusOr<const TensorView*> got = (*store)->Get(name);
+      if (f->get()->unsupported().contains(name)) {  // listed, range-checked, never readable
+        FUZZ_CHECK(got.status().code() == absl::StatusCode::kUnimplemented) << name;
+        FUZZ_CHECK(!(*store)->ReadF32(name, {}, &f32).ok()) << name;
+        continue;
+      }
+      FUZZ_CHECK(got.ok()) << name << ": " << got.status();
+      const TensorView* t = *got;
       if (t->nbytes > (1u << 20)) continue;  // keep each input fast
       FUZZ_CHECK((*store)->ReadF32(name, t->shape, &f32).ok()) << name;
       FUZZ_CHECK(static_cast<int64_t>(f32.size()) == t->numel()) << name;

@@ -453,6 +453,44 @@ TEST_F(SyntheticModelTest, MissingOrMisshapenTensorsNameTheTensor) {
       << r.status();
 }
 
+// A checkpoint may carry tensors the model never reads in dtypes phishard does not convert
+// (an I64 position-id buffer, a BOOL causal mask saved by an older writer): Hugging Face and
+// upstream LoRAX load it, and so must we, with the same logits. A tensor the model does read in
+// such a dtype is refused naming it.
+TEST_F(SyntheticModelTest, UnreadTensorsOfOtherDtypesAreIgnored) {
+  tensors_["lm_head.weight"] = tensors_["model.embed_tokens.weight"];
+  Write(/*tie=*/false);
+  absl::StatusOr<std::vector<float>> plain = Logits();
+  ASSERT_TRUE(plain.ok()) << plain.status();
+
+  auto write_raw = [&](const fs::path& path, const std::string& name, const char* dtype, int64_t n,
+                       size_t elem_bytes) {
+    std::string h = nlohmann::json{{name,
+                                    {{"dtype", dtype},
+                                     {"shape", {n}},
+                                     {"data_offsets", {0, n * static_cast<int64_t>(elem_bytes)}}}}}
+                        .dump();
+    std::ofstream out(path, std::ios::binary);
+    const uint64_t len = h.size();
+    out.write(reinterpret_cast<const char*>(&len), 8);
+    out << h << std::string(n * elem_bytes, '\0');
+  };
+  write_raw(dir_ / "buffers.safetensors", "model.position_ids", "I64", 5, 8);
+  write_raw(dir_ / "masks.safetensors", "model.layers.0.self_attn.causal_mask", "BOOL", 9, 1);
+  absl::StatusOr<std::vector<float>> with_buffers = Logits();
+  ASSERT_TRUE(with_buffers.ok()) << with_buffers.status();
+  EXPECT_EQ(*with_buffers, *plain);
+
+  // lm_head.bias is read when present: as I64 it is refused, naming it and its dtype.
+  write_raw(dir_ / "buffers.safetensors", "lm_head.bias", "I64", V, 8);
+  absl::StatusOr<std::vector<float>> r = Logits();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnimplemented) << r.status();
+  EXPECT_NE(r.status().message().find("unsupported dtype I64 for tensor 'lm_head.bias'"),
+            std::string::npos)
+      << r.status();
+}
+
 TEST(ModelFactory, ChoosesCpuAndRejectsWhatItCannotDo) {
   auto code = [](ModelLoadOptions o) { return CreateModelBackend(o).status().code(); };
   absl::StatusOr<std::unique_ptr<ModelBackend>> cpu =
