@@ -529,6 +529,15 @@ absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenDir(const fs::path
         absl::StrCat("model directory '", dir.string(), "' does not exist or is not a directory"));
   }
   const fs::path index_path = dir / "model.safetensors.index.json";
+  // Hugging Face's order: a single model.safetensors wins over an index (a directory re-saved
+  // unsharded often keeps the old index, whose shards may be gone).
+  const fs::path single_path = dir / "model.safetensors";
+  if (fs::exists(index_path, ec) && fs::is_regular_file(single_path, ec)) {
+    PHI_LOG(WARNING) << "'" << dir.string() << "' has both model.safetensors and "
+                     << "model.safetensors.index.json: loading model.safetensors (Hugging Face "
+                        "order), ignoring the index";
+    return OpenFiles({single_path});
+  }
   if (!fs::exists(index_path, ec)) {
     std::vector<fs::path> files;
     for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {

@@ -58,8 +58,9 @@ class SafetensorsFile {
   std::map<std::string, std::string> unsupported_;
 };
 
-// All weights of a model directory: model.safetensors.index.json when present (only the files it
-// names), else every *.safetensors file in the directory. A name in two files is an error.
+// All weights of a model directory: model.safetensors when both it and an index exist (Hugging
+// Face's order), else model.safetensors.index.json when present (only the files it names), else
+// every *.safetensors file in the directory. A name in two files is an error.
 class WeightStore {
  public:
   static absl::StatusOr<std::unique_ptr<WeightStore>> OpenDir(const std::filesystem::path& dir);

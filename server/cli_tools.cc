@@ -37,13 +37,16 @@ std::optional<std::string> OptionalRevision(const std::string& revision) {
   return revision;
 }
 
-// Weight files of `dir` with `extension`: the files named by model.safetensors.index.json when
-// it exists (each must exist), else every file with the extension.
+// Weight files of `dir` with `extension`, in WeightStore::OpenDir's order: model{ext} alone when
+// it and an index both exist, else the files named by model{ext}.index.json when it exists (each
+// must exist), else every file with the extension.
 absl::StatusOr<std::vector<fs::path>> WeightFiles(const fs::path& dir,
                                                   const std::string& extension) {
   std::vector<fs::path> files;
   const fs::path index = dir / absl::StrCat("model", extension, ".index.json");
+  const fs::path single = dir / absl::StrCat("model", extension);
   std::error_code ec;
+  if (fs::exists(index, ec) && fs::is_regular_file(single, ec)) return std::vector{single};
   if (fs::exists(index, ec)) {
     std::ifstream in(index);
     nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);

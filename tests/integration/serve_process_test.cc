@@ -407,6 +407,20 @@ TEST(ServeProcess, DownloadWeightsExitCodes) {
   }
   auto cached = run("acme/tiny", {{"HUGGINGFACE_HUB_CACHE", dir / "hub"}});
   EXPECT_EQ(cached->Wait(), 0) << cached->Logs();
+  // Re-saved unsharded next to a stale index whose shards are gone: model.safetensors wins, as
+  // in Hugging Face; without it the missing shard is named.
+  const fs::path stale_dir = fs::path(dir / "stale");
+  fs::create_directories(stale_dir);
+  fs::copy_file(fs::path(DemoModel()) / "model.safetensors", stale_dir / "model.safetensors");
+  std::ofstream(stale_dir / "model.safetensors.index.json")
+      << R"({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})";
+  auto stale = run(stale_dir);
+  EXPECT_EQ(stale->Wait(), 0) << stale->Logs();
+  fs::remove(stale_dir / "model.safetensors");
+  auto shardless = run(stale_dir);
+  EXPECT_NE(shardless->Wait(), 0);
+  EXPECT_NE(shardless->err().find("model-00002-of-00002.safetensors"), std::string::npos)
+      << shardless->Logs();
 }
 
 TEST(ServeProcess, ListensOnTcpWhenAsked) {

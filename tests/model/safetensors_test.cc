@@ -490,6 +490,33 @@ TEST_F(SafetensorsTest, OpenDirFollowsIndex) {
   EXPECT_EQ((*s)->Names().size(), 2u);
 }
 
+// Hugging Face loads model.safetensors when it exists, before looking at an index: a directory
+// re-saved unsharded that kept its old index (shards gone, or still there) loads the single file.
+TEST_F(SafetensorsTest, OpenDirPrefersModelSafetensorsOverAnIndex) {
+  Write("model.safetensors", BuildFile({{"x", "F32", {1}, Raw(std::vector<float>{7})}}));
+  Write("model.safetensors.index.json",
+        R"({"weight_map": {"x": "model-00001-of-00002.safetensors"}})");
+  auto s = WeightStore::OpenDir(dir_);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<float> out;
+  ASSERT_TRUE((*s)->ReadF32("x", {1}, &out).ok());
+  EXPECT_EQ(out[0], 7.f);
+  // The old shards still present (same names): still only the single file, no duplicate error.
+  Write("model-00001-of-00002.safetensors",
+        BuildFile({{"x", "F32", {1}, Raw(std::vector<float>{1})}}));
+  s = WeightStore::OpenDir(dir_);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->ReadF32("x", {1}, &out).ok());
+  EXPECT_EQ(out[0], 7.f);
+  // Without model.safetensors the index rules and names what is missing.
+  fs::remove(dir_ / "model.safetensors");
+  Write("model.safetensors.index.json",
+        R"({"weight_map": {"x": "model-00002-of-00002.safetensors"}})");
+  s = WeightStore::OpenDir(dir_);
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.status().message()), HasSubstr("model-00002-of-00002.safetensors"));
+}
+
 // A sharded checkpoint whose index maps an unreadable-dtype buffer to its shard opens; the index
 // check sees that tensor in the file the index names.
 TEST_F(SafetensorsTest, OpenDirIndexMayNameUnsupportedDtypeTensors) {
