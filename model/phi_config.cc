@@ -1,7 +1,5 @@
 #include "model/phi_config.h"
 
-#include "common/logging.h"
-
 #include <climits>
 #include <cmath>
 
@@ -297,7 +295,7 @@ absl::StatusOr<PhiConfig> LoadPhiConfig(const fs::path& model_dir) {
   absl::StatusOr<PhiConfig> config = ParsePhiConfig(*text, config_path.string());
   if (!config.ok()) return config.status();
 
-  // generation_config.json's eos_token_id is what generate() stops on; it wins when given.
+  // generation_config.json's eos_token_id is what HF generate() stops on; it wins when given.
   const fs::path gen_path = model_dir / "generation_config.json";
   if (fs::exists(gen_path, ec)) {
     absl::StatusOr<std::string> gen_text = ReadTextFile(gen_path);
@@ -308,7 +306,10 @@ absl::StatusOr<PhiConfig> LoadPhiConfig(const fs::path& model_dir) {
     bool given = false;
     PHI_RETURN_IF_ERROR(
         Fields(*gen, gen_path.string()).OptionalTokenIds("eos_token_id", &eos, &given));
-    if (given) config->eos_token_ids = std::move(eos);
+    if (given) {
+      config->eos_token_ids = std::move(eos);
+      config->eos_token_ids_from_generation_list = (*gen)["eos_token_id"].is_array();
+    }
   }
   return config;
 }

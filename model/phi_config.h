@@ -38,12 +38,16 @@ struct PhiConfig {
   int max_position_embeddings = 2048;
   std::string torch_dtype;       // "float16", "bfloat16", "float32" or "" when absent
   std::vector<int> eos_token_ids;  // from config.json eos_token_id (int or list); may be empty
+  // True when eos_token_ids came from a JSON *list* in generation_config.json: the one case in
+  // which upstream LoRAX stops on these ids rather than the tokenizer's eos token (spec §5.7).
+  bool eos_token_ids_from_generation_list = false;
   std::optional<int> bos_token_id;
 };
 
 // Parses config.json text. `source` names the file in error messages.
 absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string_view source);
-// Reads DIR/config.json (and DIR/generation_config.json for eos ids when present).
+// Reads DIR/config.json (and DIR/generation_config.json for eos ids when present: they replace
+// config.json's).
 absl::StatusOr<PhiConfig> LoadPhiConfig(const std::filesystem::path& model_dir);
 
 }  // namespace phishard

@@ -28,6 +28,7 @@
 #include "server/metrics_http.h"
 #include "server/sequencer_group.h"
 #include "server/shard_server.h"
+#include "server/stopping_criteria.h"
 
 namespace phishard {
 namespace {
@@ -221,7 +222,7 @@ int RunServe(ServeOptions o) {
   eo.memory_fraction = o.cuda_memory_fraction;
   eo.memory_wiggle_room = o.memory_wiggle_room;
   eo.max_kv_blocks = o.max_kv_blocks;
-  eo.eos_token_ids = (*model)->config().eos_token_ids;  // empty: the engine uses the tokenizer's
+  eo.eos_token_ids = EosTokenIds((*model)->config(), (*tokenizer)->eos_token_id());
   eo.watermark_gamma = o.watermark_gamma;
   eo.watermark_delta = o.watermark_delta;
   eo.test_stall_next_step_ms = test_stall_ms;

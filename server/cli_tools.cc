@@ -21,6 +21,7 @@
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "server/cli.h"
+#include "server/stopping_criteria.h"
 
 namespace phishard {
 namespace {
@@ -158,8 +159,7 @@ int RunGenerate(const GenerateOptions& o) {
                                     "model's max_position_embeddings %d",
                                     prompt.size(), o.max_new_tokens, cfg.max_position_embeddings)));
   }
-  std::vector<int32_t> eos = cfg.eos_token_ids;
-  if (eos.empty() && (*tok)->eos_token_id().has_value()) eos.push_back(*(*tok)->eos_token_id());
+  const std::vector<int32_t> eos = EosTokenIds(cfg, (*tok)->eos_token_id());
 
   // One sequence: exactly the blocks it needs (the last generated token is never fed back).
   const int num_blocks = KvBlockAllocator::BlocksFor(total - 1);

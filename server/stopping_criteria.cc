@@ -5,6 +5,13 @@
 
 namespace phishard {
 
+std::vector<int32_t> EosTokenIds(const PhiConfig& config, std::optional<int32_t> tokenizer_eos) {
+  if (tokenizer_eos.has_value() && !config.eos_token_ids_from_generation_list) {
+    return {*tokenizer_eos};
+  }
+  return std::vector<int32_t>(config.eos_token_ids.begin(), config.eos_token_ids.end());
+}
+
 StoppingCriteria::StoppingCriteria(const StoppingParams& params, std::vector<int32_t> eos_token_ids)
     : max_new_tokens_(params.max_new_tokens),
       ignore_eos_(params.ignore_eos_token),

@@ -11,9 +11,17 @@
 #include <string_view>
 #include <vector>
 
+#include "model/phi_config.h"
 #include "server/batch_types.h"
 
 namespace phishard {
+
+// The token ids a request stops on (spec §5.7, as upstream LoRAX): generation_config.json's
+// eos_token_id when it is a list, else the tokenizer's eos token (`tokenizer_eos`, from
+// tokenizer_config.json). A fine-tune that re-points the tokenizer's eos (e.g. to a chat
+// end-of-turn token) and leaves config.json's eos_token_id alone thus stops where LoRAX stops.
+// Only a tokenizer without an eos token falls back to config.json / generation_config.json's id.
+std::vector<int32_t> EosTokenIds(const PhiConfig& config, std::optional<int32_t> tokenizer_eos);
 
 class StoppingCriteria {
  public:

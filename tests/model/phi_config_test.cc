@@ -406,15 +406,19 @@ TEST_F(LoadPhiConfigTest, GenerationConfigEosWins) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_THAT(c->eos_token_ids, ElementsAre(50256));
 
+  EXPECT_FALSE(c->eos_token_ids_from_generation_list);
+
   Write("generation_config.json", R"({"eos_token_id": [50256, 7], "max_length": 20})");
   c = LoadPhiConfig(dir_);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_THAT(c->eos_token_ids, ElementsAre(50256, 7));
+  EXPECT_TRUE(c->eos_token_ids_from_generation_list);  // the one form upstream stops on
 
   Write("generation_config.json", R"({"eos_token_id": 3})");
   c = LoadPhiConfig(dir_);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_THAT(c->eos_token_ids, ElementsAre(3));
+  EXPECT_FALSE(c->eos_token_ids_from_generation_list);
 
   // No eos in generation_config: config.json's stays.
   Write("generation_config.json", R"({"do_sample": false})");

@@ -62,6 +62,25 @@ TEST(StoppingCriteriaTest, AnyOfSeveralEosIds) {
   EXPECT_EQ(none.Step(kEos, ""), std::nullopt);
 }
 
+// Which ids stop a request (spec §5.7, upstream `getattr(tokenizer, "eos_token_ids",
+// tokenizer.eos_token_id)`): a generation_config.json list, else the tokenizer's eos. A chat
+// fine-tune whose tokenizer eos is its end-of-turn token (50295 here) while config.json still
+// says 50256 must stop on 50295, as LoRAX does.
+TEST(StoppingCriteriaTest, EosTokenIdsFollowUpstreamPrecedence) {
+  PhiConfig c;
+  c.eos_token_ids = {kEos};  // config.json, or a single id in generation_config.json
+  EXPECT_EQ(EosTokenIds(c, 50295), (std::vector<int32_t>{50295}));
+  EXPECT_EQ(EosTokenIds(c, kEos), (std::vector<int32_t>{kEos}));
+  // A tokenizer without an eos token: the config's ids rather than never stopping.
+  EXPECT_EQ(EosTokenIds(c, std::nullopt), (std::vector<int32_t>{kEos}));
+  c.eos_token_ids.clear();
+  EXPECT_TRUE(EosTokenIds(c, std::nullopt).empty());
+  // generation_config.json's list wins over the tokenizer.
+  c.eos_token_ids = {kEos, 50295};
+  c.eos_token_ids_from_generation_list = true;
+  EXPECT_EQ(EosTokenIds(c, 7), (std::vector<int32_t>{kEos, 50295}));
+}
+
 TEST(StoppingCriteriaTest, StopSequenceAcrossTokenBoundaries) {
   StoppingCriteria s(Params(100, {"lo world"}), {kEos});
   EXPECT_EQ(s.Step(1, "Hel"), std::nullopt);
