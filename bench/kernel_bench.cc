@@ -14,9 +14,10 @@
 // candidates of each Phi-2 layer GEMM at those row counts (prefill sizes), one line each.
 // phishard_kernel_bench 1 gemm-sustained M1,M2,... [BLOCK_MS [TOP]]: those GEMMs' candidates under
 // sustained load, at the power-capped clock (bench/gemm_sustained.h), and the winners.
-// phishard_kernel_bench 1 sustain [MS [SEQS CTX [WINDOW_MS [ONLY]]]]: the copy, the decode
-// attention variants and fc1 at M = SEQS each back to back for MS (default 3000), with power, SM
-// clock and energy per GB (bench/sustain.h); ONLY: the cases whose name contains it.
+// phishard_kernel_bench 1 sustain [MS [SEQS CTX [WINDOW_MS [ONLY [HEADS]]]]]: the copy, the decode
+// attention variants (HEADS x 80, default 32) and fc1 at M = SEQS each back to back for MS
+// (default 3000), with power, SM clock and energy per GB (bench/sustain.h); ONLY: the cases whose
+// name contains one of its comma-separated parts.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -416,6 +417,7 @@ int Main(int argc, char** argv) {
     }
     if (argc > 6) o.window_ms = std::max(1.0, std::atof(argv[6]));
     if (argc > 7) o.only = argv[7];
+    if (argc > 8) o.heads = std::max(1, std::atoi(argv[8]));
     cudaStream_t s = nullptr;
     KB_CHECK(DeviceStreamCreate(&s) == 0, "stream");
     bench::SustainCases(s, o);

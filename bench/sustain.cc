@@ -215,7 +215,16 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
     cudaEventDestroy(b);
   }
   std::printf("sustain: burst copy %.0f GB/s (2 GiB device-to-device, 5 copies)\n", burst_gbps);
-  auto wanted = [&](const std::string& name) { return name.find(o.only) != std::string::npos; };
+  auto wanted = [&](const std::string& name) {
+    size_t begin = 0;
+    while (true) {
+      const size_t end = o.only.find(',', begin);
+      const std::string part = o.only.substr(begin, end == std::string::npos ? end : end - begin);
+      if (name.find(part) != std::string::npos) return true;
+      if (end == std::string::npos) return false;
+      begin = end + 1;
+    }
+  };
   if (wanted("copy 2GiB")) {
     SustainKernel("copy 2GiB", 2.0 * copy_bytes, o, burst_gbps, s,
                   [&] { DeviceCopyOnDevice(cb, ca, copy_bytes, s); });
@@ -223,10 +232,12 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
   DeviceFree(ca);
   DeviceFree(cb);
 
-  // Decode attention, Phi-2 heads (32 x 80, MHA), bf16, one layer's K/V, blocks of 16 slots;
-  // each sequence's blocks consecutive in the pool.
+  // Decode attention, Phi-2 heads (o.heads x 80, MHA; 32 = Phi-2: a slot's row holds every head,
+  // so each block reads 160 of every 5120 bytes; 1: each block reads its sequence's K and V as two
+  // contiguous runs), bf16, one layer's K/V, blocks of 16 slots; each sequence's blocks
+  // consecutive in the pool.
   {
-    const int nh = 32, hd = 80, bs = 16;
+    const int nh = o.heads, hd = 80, bs = 16;
     const int64_t slots = int64_t{o.seqs} * o.ctx;
     const size_t kv = static_cast<size_t>(slots) * nh * hd * 2;
     const int blocks_per = (o.ctx + bs - 1) / bs;
@@ -265,21 +276,22 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
                                  .q_stride = 3 * nh * hd,
                                  .scale = 0.1118f,
                                  .dtype = DataType::kBF16};
-    // Pipelined and tensor core twice, alternated (the second pass runs at the clock the first
-    // left), then the register-staged kernel.
+    // The pipelined kernel first and again later (the second pass runs at the clock the others
+    // left), the register-direct streaming kernel and the register-staged one between. (The
+    // tensor-core kernel: 0.204 J/GB, perf-log dmma run 2.)
     const std::pair<PagedDecodeVariant, const char*> variants[] = {
         {PagedDecodeVariant::kPipelined, "attn pipe"},
-        {PagedDecodeVariant::kTensorCore, "attn mma"},
+        {PagedDecodeVariant::kStream, "attn stream"},
+        {PagedDecodeVariant::kRegisterStages, "attn regs"},
         {PagedDecodeVariant::kPipelined, "attn pipe"},
-        {PagedDecodeVariant::kTensorCore, "attn mma"},
-        {PagedDecodeVariant::kRegisterStages, "attn regs"}};
+        {PagedDecodeVariant::kStream, "attn stream"}};
     for (auto [variant, vname] : variants) {
       const PagedDecodeCudaPlan plan{.workspace = ws,
                                      .workspace_bytes = ws_bytes,
                                      .num_multiprocessors = 132,
                                      .variant = variant};
       char name[64];
-      std::snprintf(name, sizeof(name), "%s m%d c%d", vname, o.seqs, o.ctx);
+      std::snprintf(name, sizeof(name), "%s m%d c%d h%d", vname, o.seqs, o.ctx, nh);
       if (!wanted(name)) continue;
       SustainKernel(name, 2.0 * kv, o, burst_gbps, s, [&] {
         SU_CHECK(PagedDecodeCuda(p, plan, s) == KernelStatus::kOk, "PagedDecodeCuda");

@@ -15,9 +15,11 @@ struct SustainOptions {
   double ms = 3000;            // how long each kernel runs back to back
   double window_ms = 100;      // one printed line per window
   double idle_ms = 400;        // idle before each kernel (the clock recovers: first window = burst)
-  int seqs = 256, ctx = 1024;  // the decode attention's shape (Phi-2 heads, bf16)
+  int seqs = 256, ctx = 1024;  // the decode attention's shape (head dim 80, bf16)
+  int heads = 32;              // its query (= KV) heads: 32 Phi-2's
   bool print_windows = true;
-  std::string only;  // SustainCases: only the cases whose name contains this ("": all)
+  // SustainCases: only the cases whose name contains one of these comma-separated parts ("": all)
+  std::string only;
 };
 
 // Runs `launch` back to back for o.ms; `bytes` is what one launch moves (reads + writes) in DRAM.
