@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/sustain_kernels.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/random_fill_cuda.h"
@@ -228,6 +229,28 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
   if (wanted("copy 2GiB")) {
     SustainKernel("copy 2GiB", 2.0 * copy_bytes, o, burst_gbps, s,
                   [&] { DeviceCopyOnDevice(cb, ca, copy_bytes, s); });
+  }
+  // The same bytes through the SMs (bench/sustain_kernels.h): a copy, a read, and a read with
+  // the decode attention's conversion + FMA an element, i.e. what an SM kernel can reach in J/GB.
+  {
+    int dev = 0, sms = 132;
+    SU_CHECK(cudaGetDevice(&dev) == cudaSuccess &&
+                 cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess,
+             "multiprocessors");
+    uint32_t* sink = static_cast<uint32_t*>(Alloc(256 * sizeof(uint32_t)));
+    if (wanted("sm copy 2GiB")) {
+      SustainKernel("sm copy 2GiB", 2.0 * copy_bytes, o, burst_gbps, s,
+                    [&] { SmCopy(ca, cb, copy_bytes, sms, s); });
+    }
+    if (wanted("sm read 2GiB")) {
+      SustainKernel("sm read 2GiB", static_cast<double>(copy_bytes), o, burst_gbps, s,
+                    [&] { SmRead(ca, copy_bytes, sink, sms, s); });
+    }
+    if (wanted("sm read+fma 2GiB")) {
+      SustainKernel("sm read+fma 2GiB", static_cast<double>(copy_bytes), o, burst_gbps, s,
+                    [&] { SmReadFma(ca, copy_bytes, sink, sms, s); });
+    }
+    DeviceFree(sink);
   }
   DeviceFree(ca);
   DeviceFree(cb);

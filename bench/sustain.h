@@ -32,7 +32,8 @@ struct SustainResult {
 SustainResult SustainKernel(const std::string& name, double bytes, const SustainOptions& o,
                             double ref_gbps, cudaStream_t s, const std::function<void()>& launch);
 
-// The sustained cases: the 2 GiB device copy, the decode attention at (o.seqs, o.ctx) in each
+// The sustained cases: the 2 GiB device copy, the same bytes through SM kernels (copy, read, read
+// + FMA: bench/sustain_kernels.h), the decode attention at (o.seqs, o.ctx) in each
 // PagedDecodeVariant, and the decode step's fc1 + GELU GEMM at M = o.seqs (cold weights).
 void SustainCases(cudaStream_t s, const SustainOptions& o);
 
