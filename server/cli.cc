@@ -341,6 +341,11 @@ int RunCli(int argc, char** argv) {
   d->add_option("--source", dl.source, "Model source")->capture_default_str();
   d->add_option("--adapter-source", dl.adapter_source, "Adapter source")->capture_default_str();
   d->add_option("--adapter-id", dl.adapter_id, "Static adapter to check as well");
+  d->add_option("--adapter-root", dl.adapter_roots,
+                "Directories --adapter-id may come from, as for serve (default: the model "
+                "directory)")
+      ->envname("PHISHARD_ADAPTER_ROOT")
+      ->delimiter(':');
   int dl_embedding_dim = -1;
   d->add_option("--embedding-dim", dl_embedding_dim, "Accepted, no effect");
   AddBool(d, "auto-convert", &dl.auto_convert, "Accepted; .bin weights are never converted");

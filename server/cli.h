@@ -73,6 +73,7 @@ struct DownloadWeightsOptions {
   std::string source = "hub";
   std::string adapter_source = "hub";
   std::string adapter_id;
+  std::vector<std::string> adapter_roots;  // --adapter-root; empty = the model directory
   std::optional<int> embedding_dim;
   bool auto_convert = true;
   std::string api_token;

@@ -20,6 +20,7 @@
 #include "model/model_path.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "server/adapter_store.h"
 #include "server/cli.h"
 #include "server/stopping_criteria.h"
 
@@ -109,7 +110,19 @@ int RunDownloadWeights(const DownloadWeightsOptions& o) {
   absl::StatusOr<std::vector<fs::path>> files = WeightFiles(dir, o.extension);
   if (!files.ok()) return FailWith("download-weights", files.status());
   if (!o.adapter_id.empty() && o.adapter_id != "__base_model__") {
-    absl::StatusOr<fs::path> adapter = ResolveModelDir(o.adapter_id, std::nullopt);
+    // Resolved exactly as `serve --adapter-id` will (AdapterStore: --adapter-source, the adapter
+    // roots, by default the model directory, then the hub cache): the launcher runs this step
+    // first and aborts on failure, so it must accept every id serve accepts, and only those.
+    absl::StatusOr<AdapterSourceKind> source =
+        ParseAdapterSource(o.adapter_source, "--adapter-source");
+    if (!source.ok()) return FailWith("download-weights", source.status());
+    AdapterStoreOptions so;
+    for (const std::string& r : o.adapter_roots) so.roots.emplace_back(r);
+    if (so.roots.empty()) so.roots.push_back(dir);
+    so.hub_cache = HubCacheFromEnv(ProcessEnv());
+    absl::StatusOr<AdapterStore> store = AdapterStore::Create(so);
+    if (!store.ok()) return FailWith("download-weights", store.status());
+    absl::StatusOr<fs::path> adapter = store->Resolve(o.adapter_id, *source);
     if (!adapter.ok()) return FailWith("download-weights", adapter.status());
     std::error_code ec;
     if (!fs::exists(*adapter / "adapter_config.json", ec)) {

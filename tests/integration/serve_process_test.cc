@@ -407,6 +407,26 @@ TEST(ServeProcess, DownloadWeightsExitCodes) {
   }
   auto cached = run("acme/tiny", {{"HUGGINGFACE_HUB_CACHE", dir / "hub"}});
   EXPECT_EQ(cached->Wait(), 0) << cached->Logs();
+  // The launcher's static adapter check resolves --adapter-id as serve will: a LOCAL id relative
+  // to the model directory (the default adapter root) is there; one that is not, or a hub id not
+  // in the cache, fails naming it.
+  auto with_adapter = [&](const std::string& source, const std::string& id) {
+    std::vector<std::string> args = {"download-weights", DemoModel(), "--adapter-source", source,
+                                     "--adapter-id",     id};
+    auto p = std::make_unique<ShardProcess>(
+        BinaryPath("lorax-server"), args, dir.path(),
+        integration::CleanEnv({{"HUGGINGFACE_HUB_CACHE", dir / "hub"}}));
+    p->Wait(60);
+    return p;
+  };
+  auto local_adapter = with_adapter("local", "adapters/prose");
+  EXPECT_EQ(local_adapter->Wait(), 0) << local_adapter->Logs();
+  for (const auto& [source, id] : std::vector<std::pair<std::string, std::string>>{
+           {"local", "adapters/nope"}, {"hub", "adapters/prose"}}) {
+    auto bad = with_adapter(source, id);
+    EXPECT_NE(bad->Wait(), 0) << source << " " << id;
+    EXPECT_NE(bad->err().find(id), std::string::npos) << bad->Logs();
+  }
   // Re-saved unsharded next to a stale index whose shards are gone: model.safetensors wins, as
   // in Hugging Face; without it the missing shard is named.
   const fs::path stale_dir = fs::path(dir / "stale");
