@@ -300,14 +300,12 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
                                  .scale = 0.1118f,
                                  .dtype = DataType::kBF16};
     // The pipelined kernel first and again later (the second pass runs at the clock the others
-    // left), the register-direct streaming kernel and the register-staged one between. (The
-    // tensor-core kernel: 0.204 J/GB, perf-log dmma run 2.)
+    // left), the register-staged and tensor-core kernels between.
     const std::pair<PagedDecodeVariant, const char*> variants[] = {
         {PagedDecodeVariant::kPipelined, "attn pipe"},
-        {PagedDecodeVariant::kStream, "attn stream"},
         {PagedDecodeVariant::kRegisterStages, "attn regs"},
-        {PagedDecodeVariant::kPipelined, "attn pipe"},
-        {PagedDecodeVariant::kStream, "attn stream"}};
+        {PagedDecodeVariant::kTensorCore, "attn mma"},
+        {PagedDecodeVariant::kPipelined, "attn pipe"}};
     for (auto [variant, vname] : variants) {
       const PagedDecodeCudaPlan plan{.workspace = ws,
                                      .workspace_bytes = ws_bytes,

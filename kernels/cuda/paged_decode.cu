@@ -644,10 +644,6 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
       reinterpret_cast<uintptr_t>(p.v_cache) % 16) {
     return KernelStatus::kInvalidShape;
   }
-  // kStream stores whole 16-byte slices of the output.
-  if (plan.variant == PagedDecodeVariant::kStream && reinterpret_cast<uintptr_t>(p.out) % 16) {
-    return KernelStatus::kInvalidShape;
-  }
   if (plan.fold_rotary) {
     if (KernelStatus st = CheckFoldedRotary(p, q_stride, plan.rotary); st != KernelStatus::kOk) {
       return st;
@@ -691,7 +687,6 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);
   a.scale_log2 = p.scale * kLog2e;
   const bool mma = plan.variant == PagedDecodeVariant::kTensorCore;
-  const bool streaming = plan.variant == PagedDecodeVariant::kStream;
   const int heads_per_block = mma ? kMmaHeadsPerBlock : kMaxHeadsPerBlock;
   a.head_chunks = (a.group + heads_per_block - 1) / heads_per_block;
   // Small MHA grids go to the register-staged kernel (see the header).
@@ -699,7 +694,7 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                          (plan.variant == PagedDecodeVariant::kAuto && a.group == 1 &&
                           static_cast<int64_t>(p.num_seqs) * p.num_heads * max_splits <
                               16 * static_cast<int64_t>(std::max(plan.num_multiprocessors, 1)));
-  a.blocks_per_seq = registers || streaming ? p.num_heads : p.num_kv_heads * a.head_chunks;
+  a.blocks_per_seq = registers ? p.num_heads : p.num_kv_heads * a.head_chunks;
   // The fused form (register-staged kernel): rotary + K/V write inside, and the merge where
   // counters are given. The pipelined kernel runs the rotary launch before it, as unfused.
   const bool fold = plan.fold_rotary && registers;
@@ -720,9 +715,8 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      if (mma || streaming) {
-        if (KernelStatus st = mma ? LaunchPagedDecodeMma(a, HD, p.dtype, stream)
-                                  : LaunchPagedDecodeStream(a, HD, p.dtype, stream);
+      if (mma) {
+        if (KernelStatus st = LaunchPagedDecodeMma(a, HD, p.dtype, stream);
             st != KernelStatus::kOk) {
           return st;
         }

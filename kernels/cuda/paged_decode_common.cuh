@@ -127,10 +127,4 @@ __device__ __forceinline__ void MergeSplits(const Args& a, int s, int h, int spl
 KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype,
                                   cudaStream_t stream);
 
-// kernels/cuda/paged_decode_stream.cu (PagedDecodeVariant::kStream): launches the register-direct
-// streaming kernel on the grid (a.blocks_per_seq = num_heads, a.num_seqs, a.max_splits). The
-// split merge (several splits) is the caller's.
-KernelStatus LaunchPagedDecodeStream(const Args& a, int head_dim, DataType dtype,
-                                     cudaStream_t stream);
-
 }  // namespace phishard::paged_decode

@@ -56,9 +56,8 @@ enum class PagedDecodeVariant {
   kPipelined,       // 32-key tiles x 4 shared-memory stages (64 x 3, 32 x 6 measured slower)
   kTensorCore,      // QK and PV on mma.sync (paged_decode_mma.cu), up to 8 query heads of a KV
                     // head a block: 0.53x the instructions, not faster (perf-log dmma); opt-in
-  kStream,          // K / V straight into registers by ld.global.nc.L1::no_allocate, no shared
-                    // memory (paged_decode_stream.cu), one block per query head: the same J/GB
-                    // as kPipelined, slower (perf-log dmma2); opt-in
+  // (A register-direct streaming form, no shared memory, had the same J/GB as kPipelined and
+  // ran 1.5x slower in the step: perf-log dmma2, branch dmma2; not kept.)
 };
 
 struct PagedDecodeCudaPlan {
@@ -94,7 +93,7 @@ size_t PagedDecodeCudaWorkspaceBytes(int num_seqs, int num_heads, int head_dim, 
 bool PagedDecodeCudaSupportsHeadDim(int head_dim);
 
 // Requirements: num_tokens == num_seqs, q_stride and head_dim multiples of 8, q / caches 16-byte
-// aligned (kStream: out too). Block ids are not validated (the model does that on the host); an
+// aligned. Block ids are not validated (the model does that on the host); an
 // id outside [0, num_blocks) reads as zero K/V. `splits_bound` (optional) receives the grid's
 // split bound.
 KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
