@@ -71,6 +71,16 @@ absl::Status ValidatePromptLength(const RequestInput& request, size_t index, int
                                    "prefill is not supported",
                                    *request.chunk_len, prompt_len));
   }
+  // The prompt alone leaves no room for a generated token: the prompt (or its truncate) is what
+  // has to change, whatever max_new_tokens says.
+  if (prompt_len >= max_position_embeddings) {
+    return Invalid(index, "inputs",
+                   absl::StrFormat("has %d tokens after truncation (truncate = %d, 0 = none), "
+                                   "which leaves no room for a generated token within the "
+                                   "model's max_position_embeddings %d: set truncate below %d",
+                                   prompt_len, request.truncate, max_position_embeddings,
+                                   max_position_embeddings));
+  }
   const int64_t total = static_cast<int64_t>(prompt_len) + request.stopping.max_new_tokens;
   if (total > max_position_embeddings) {
     return Invalid(

@@ -137,6 +137,13 @@ TEST_F(BatchEngineTest, EveryErrorLeavesStateExactlyAsBefore) {
        prefill(with([](RequestInput& r) { r.stopping.max_new_tokens = 0; }))},
       {"over max positions", absl::StatusCode::kInvalidArgument, "max_position_embeddings 1024",
        prefill(with([](RequestInput& r) { r.stopping.max_new_tokens = 1020; }))},
+      {"prompt alone fills the positions", absl::StatusCode::kInvalidArgument,
+       "requests[0].inputs has 1024 tokens after truncation (truncate = 0",
+       [prefill](BatchEngine* e, FakeModel* m) {
+         RequestInput r = Req(60, Prompt(1024, 8), 1);
+         r.truncate = 0;  // keep everything
+         return prefill(Batch(7, {r}))(e, m);
+       }},
       {"empty prompt", absl::StatusCode::kInvalidArgument, "requests[1].inputs is empty",
        prefill(with([](RequestInput& r) {
          r.token_ids.clear();
