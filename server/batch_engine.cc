@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
@@ -384,7 +385,18 @@ absl::StatusOr<uint32_t> BatchEngine::Warmup(const BatchInput& batch, uint32_t m
   State& s = *state_;
   const int bs = kKvBlockSize;
   absl::StatusOr<std::vector<RequestState>> built = s.BuildRequests(batch, /*warmup=*/true);
-  if (!built.ok()) return built.status();
+  if (!built.ok()) {
+    // The router builds this batch from the launcher's limits (spec §3.2): a length refusal
+    // means those limits exceed what the model holds, and the operator has to change a flag.
+    const absl::Status& st = built.status();
+    return absl::Status(
+        st.code(),
+        absl::StrCat("Warmup batch: ", st.message(),
+                     absl::StrContains(st.message(), "max_position_embeddings")
+                         ? " (the launcher's --max-total-tokens and --max-input-length must not "
+                           "exceed the model's max_position_embeddings)"
+                         : ""));
+  }
   std::vector<RequestState>& requests = *built;
 
   // Temporary pool: exactly what one prefill plus (where max_new_tokens >= 2) one decode writes.

@@ -22,6 +22,7 @@ namespace phishard {
 namespace {
 
 using namespace engine_test;  // NOLINT: test helpers
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 using testing_fake::FakeModel;
 
@@ -254,6 +255,24 @@ TEST_F(BatchEngineTest, WarmupTooLargeIsResourceExhaustedNamingTheFlag) {
     EXPECT_THAT(std::string(total.status().message()),
                 HasSubstr("You need to decrease `--max-batch-prefill-tokens`"));
   }
+}
+
+// A launcher whose --max-total-tokens exceeds the model's positions (2048 over 1024 here) gets a
+// Warmup refusal that names the flags to change; the engine keeps its state.
+TEST_F(BatchEngineTest, WarmupBeyondMaxPositionsNamesTheLauncherFlags) {
+  FakeModel model;
+  BatchEngineOptions o;
+  o.max_kv_blocks = 200;
+  BatchEngine engine(&model, tokenizer_, o);
+  ASSERT_TRUE(engine.Warmup(RouterWarmupBatch(100, 150, 200), 100, 150, 100).ok());
+  ASSERT_TRUE(engine.Prefill(Batch(3, {Req(1, Prompt(5, 1), 5)})).ok());
+  auto total = engine.Warmup(RouterWarmupBatch(1023, 1073, 2048), 1023, 1073, 2048 - 1023);
+  EXPECT_EQ(total.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(total.status().message()),
+              AllOf(HasSubstr("Warmup batch: requests[0]"),
+                    HasSubstr("max_position_embeddings 1024"), HasSubstr("--max-total-tokens")));
+  EXPECT_EQ(engine.num_cached_batches(), 1u);  // refused before anything was torn down
+  EXPECT_EQ(engine.kv_blocks_total(), 200);
 }
 
 TEST_F(BatchEngineTest, WarmupDiscardsCachedBatches) {
