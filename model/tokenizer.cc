@@ -12,6 +12,7 @@
 #include "model/bpe_added_vocab.h"
 #include "model/bpe_json.h"
 #include "model/bpe_model.h"
+#include "model/bpe_post_processor.h"
 #include "model/bpe_pretokenizer.h"
 #include "model/bpe_utf8.h"
 #include "model/json_depth.h"
@@ -32,6 +33,7 @@ struct Tokenizer::Impl {
   int32_t vocab_size = 0;
   std::optional<int32_t> eos_id, bos_id;
   bool clean_up = false;
+  PostProcessorIds post;  // ids add_special_tokens puts around a sequence
 
   std::optional<int32_t> Lookup(std::string_view token) const {
     if (auto it = added_ids.find(bpe_json::Sv(token)); it != added_ids.end()) return it->second;
@@ -247,6 +249,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
   }
   impl->pre_tokenizer = *std::move(pre);
   if (absl::Status s = CheckDecoder(*root); !s.ok()) return s;
+  absl::StatusOr<PostProcessorIds> post =
+      ParsePostProcessor(bpe_json::Find(*root, "post_processor"));
+  if (!post.ok()) return post.status();
+  impl->post = *std::move(post);
 
   // --- added tokens (tokenizer.json, then tokenizer_config.json) ---
   std::vector<AddedToken> added;
@@ -416,6 +422,14 @@ std::vector<int32_t> Tokenizer::Encode(std::string_view text) const {
     impl.pre_tokenizer.Split(piece, &scratch, &words);
     for (std::string_view word : words) impl.bpe->EncodeWord(word, &ids);
   });
+  return ids;
+}
+
+std::vector<int32_t> Tokenizer::EncodeWithSpecialTokens(std::string_view text) const {
+  std::vector<int32_t> ids = impl_->post.prefix;
+  const std::vector<int32_t> body = Encode(text);
+  ids.insert(ids.end(), body.begin(), body.end());
+  ids.insert(ids.end(), impl_->post.suffix.begin(), impl_->post.suffix.end());
   return ids;
 }
 

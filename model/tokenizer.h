@@ -31,6 +31,10 @@ class Tokenizer {
   // encode(text) with no BOS/EOS, no truncation. Never fails: invalid UTF-8 input bytes are
   // encoded byte-wise like any other byte.
   std::vector<int32_t> Encode(std::string_view text) const;
+  // transformers' `tokenizer(text)` (add_special_tokens=True): Encode plus the ids the
+  // tokenizer.json post_processor adds around it (none for Phi's ByteLevel; e.g. a BOS for a
+  // TemplateProcessing). What a prompt the shard tokenizes itself becomes.
+  std::vector<int32_t> EncodeWithSpecialTokens(std::string_view text) const;
 
   // Raw bytes of the concatenated tokens (may be invalid UTF-8 when a multi-byte character is
   // split). Special tokens are dropped when skip_special_tokens. Unknown ids decode to "".

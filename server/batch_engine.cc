@@ -124,7 +124,7 @@ absl::StatusOr<std::vector<RequestState>> BatchEngine::State::BuildRequests(cons
             "of the batch has tokenized_inputs.ids)",
             i));
       }
-      ids = tokenizer->Encode(r.inputs);
+      ids = tokenizer->EncodeWithSpecialTokens(r.inputs);
       for (size_t k = 0; k < ids.size(); ++k) {
         if (ids[k] < 0 || ids[k] >= vocab_size) {
           return absl::InvalidArgumentError(absl::StrFormat(

@@ -142,7 +142,7 @@ int RunTokenize(const TokenizeOptions& o) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> tok = Tokenizer::FromDir(*dir);
   if (!tok.ok()) return FailWith("tokenize", tok.status());
   nlohmann::json out;
-  out["ids"] = (*tok)->Encode(o.text);
+  out["ids"] = (*tok)->EncodeWithSpecialTokens(o.text);
   std::cout << out.dump() << std::endl;
   return 0;
 }
@@ -161,7 +161,7 @@ int RunGenerate(const GenerateOptions& o) {
   ModelBackend& m = **model;
   const PhiConfig& cfg = m.config();
 
-  const std::vector<int32_t> prompt = (*tok)->Encode(o.prompt);
+  const std::vector<int32_t> prompt = (*tok)->EncodeWithSpecialTokens(o.prompt);
   if (prompt.empty()) {
     return FailWith("generate", absl::InvalidArgumentError("--prompt encodes to no tokens"));
   }

@@ -504,6 +504,31 @@ TEST(TokenizerMalformed, SmallTokenizerWorks) {
   EXPECT_FALSE((*t)->clean_up_tokenization_spaces());
 }
 
+// transformers' tokenizer(text) adds what tokenizer.json's post_processor says (HF `tokenizers`
+// 0.23 gives [BOS] + ids + [EOS] for this template, and nothing for ByteLevel): a fine-tune that
+// prepends a BOS through a TemplateProcessing gets it on prompts the shard tokenizes itself.
+TEST(TokenizerPostProcessor, TemplateProcessingAddsItsSpecialTokens) {
+  const Json tmpl = Json::parse(R"({"type": "TemplateProcessing",
+      "single": [{"SpecialToken": {"id": "<eos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": "<eos>", "type_id": 0}}],
+      "pair": [], "special_tokens": {"<eos>": {"id": "<eos>", "ids": [258], "tokens": ["<eos>"]}}})");
+  for (const Json& post :
+       {tmpl, Json{{"type", "Sequence"},
+                   {"processors",
+                    Json::array({Json{{"type", "ByteLevel"}, {"trim_offsets", true}}, tmpl})}}}) {
+    Json j = SmallTokenizerJson();
+    j["post_processor"] = post;
+    absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromJson(j.dump(), "");
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ((*t)->Encode("hey he"), (std::vector<int32_t>{257, ' ', 256}));
+    EXPECT_EQ((*t)->EncodeWithSpecialTokens("hey he"),
+              (std::vector<int32_t>{258, 257, ' ', 256, 258}));
+  }
+  // Phi-2's own file: a ByteLevel post_processor, which adds nothing.
+  EXPECT_EQ(Phi2().EncodeWithSpecialTokens("Hello world"), Phi2().Encode("Hello world"));
+  EXPECT_EQ(Tiny().EncodeWithSpecialTokens("def f(x):"), Tiny().Encode("def f(x):"));
+}
+
 void ExpectError(const Json& j, const std::string& config, absl::StatusCode code,
                  const std::string& needle) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromJson(j.dump(), config);
@@ -573,6 +598,22 @@ TEST(TokenizerMalformed, ClearErrors) {
   ExpectError(ok, R"({"eos_token": 5})", C::kInvalidArgument, "eos_token");
   ExpectError(ok, R"({"added_tokens_decoder": {"x": {"content": "a"}}})", C::kInvalidArgument,
               "added_tokens_decoder[\"x\"]");
+}
+
+TEST(TokenizerMalformed, PostProcessorErrorsNameTheField) {
+  using C = absl::StatusCode;
+  Json j = SmallTokenizerJson();
+  j["post_processor"] = Json{{"type", "BertProcessing"}};
+  ExpectError(j, "", C::kUnimplemented, "post_processor.type: \"BertProcessing\"");
+  j["post_processor"] = Json::parse(R"({"type": "TemplateProcessing",
+      "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+      "special_tokens": {}})");
+  ExpectError(j, "", C::kInvalidArgument, "special token \"<s>\" is not in special_tokens");
+  j["post_processor"] = Json::parse(R"({"type": "TemplateProcessing", "single": [], "pair": []})");
+  ExpectError(j, "", C::kUnimplemented, "post_processor.single: has 0 sequence pieces");
+  j["post_processor"] = Json::parse(R"({"type": "Sequence", "processors": [{"type": "ByteLevel"},
+      {"type": "RobertaProcessing"}]})");
+  ExpectError(j, "", C::kUnimplemented, "post_processor.processors[1].type");
 }
 
 TEST(TokenizerMalformed, FromDirMissingFiles) {
