@@ -9,8 +9,12 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -20,7 +24,8 @@ namespace phishard {
 namespace {
 
 constexpr size_t kMaxRequestBytes = 8 << 10;
-constexpr int kIoTimeoutMs = 2000;
+constexpr int kIoTimeoutMs = 2000;  // to deliver a whole request after accept; to send a reply
+constexpr size_t kMaxPending = 64;  // connections waiting for their request at once
 
 void SendAll(int fd, std::string_view data) {
   while (!data.empty()) {
@@ -143,58 +148,89 @@ MetricsHttpServer::~MetricsHttpServer() {
 }
 
 void MetricsHttpServer::Loop() {
+  // Every pending connection is polled together with the listener: one that trickles its
+  // request or says nothing holds only its own slot until its deadline (kIoTimeoutMs from
+  // accept, in total), never the scrapes queued behind it.
+  using Clock = std::chrono::steady_clock;
+  struct Pending {
+    int fd;
+    std::string request;
+    Clock::time_point deadline;
+  };
+  std::vector<Pending> pending;  // oldest first
+  auto drop = [&pending](size_t i) {
+    ::close(pending[i].fd);
+    pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(i));
+  };
   while (true) {
-    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_pipe_[0], POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0) {
+    std::vector<pollfd> fds = {{listen_fd_, POLLIN, 0}, {wake_pipe_[0], POLLIN, 0}};
+    int timeout_ms = -1;
+    const Clock::time_point now = Clock::now();
+    for (const Pending& p : pending) {
+      fds.push_back({p.fd, POLLIN, 0});
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(p.deadline - now).count();
+      const int ms = static_cast<int>(std::max<int64_t>(0, left));
+      timeout_ms = timeout_ms < 0 ? ms : std::min(timeout_ms, ms);
+    }
+    if (::poll(fds.data(), fds.size(), timeout_ms) < 0) {
       if (errno == EINTR) continue;
       PHI_LOG(ERROR) << "metrics server: poll: " << std::strerror(errno) << "; stopping";
-      return;
+      break;
     }
-    if (fds[1].revents != 0) return;
-    if ((fds[0].revents & POLLIN) == 0) continue;
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;  // the client went away, or fd pressure: try again on the next poll
-    timeval tv{kIoTimeoutMs / 1000, (kIoTimeoutMs % 1000) * 1000};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    Serve(fd);
-    ::close(fd);
+    if (fds[1].revents != 0) break;
+    // Pending connections, newest first so that erasing keeps the indices of the rest.
+    for (size_t i = pending.size(); i-- > 0;) {
+      Pending& p = pending[i];
+      if (fds[2 + i].revents != 0) {
+        char buf[1024];
+        const ssize_t n = ::recv(p.fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+        if (n <= 0) {  // closed before a whole request
+          drop(i);
+          continue;
+        }
+        p.request.append(buf, static_cast<size_t>(n));
+        const bool complete = p.request.find("\r\n\r\n") != std::string::npos ||
+                              p.request.find("\n\n") != std::string::npos;
+        if (complete || p.request.size() >= kMaxRequestBytes) {
+          SendAll(p.fd, complete ? Answer(p.request)
+                                 : Response(431, "Request Header Fields Too Large", "text/plain",
+                                            "too large\n", false));
+          drop(i);
+          continue;
+        }
+      }
+      if (Clock::now() >= p.deadline) drop(i);  // silent or too slow: dropped unanswered
+    }
+    if ((fds[0].revents & POLLIN) != 0) {
+      const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;  // the client went away, or fd pressure: try again on the next poll
+      if (pending.size() >= kMaxPending) drop(0);  // a flood of idle connections: oldest goes
+      timeval tv{kIoTimeoutMs / 1000, (kIoTimeoutMs % 1000) * 1000};
+      ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+      pending.push_back(
+          {fd, std::string(), Clock::now() + std::chrono::milliseconds(kIoTimeoutMs)});
+    }
   }
+  for (const Pending& p : pending) ::close(p.fd);
 }
 
-void MetricsHttpServer::Serve(int fd) {
-  // Read up to the end of the headers; the body (none for GET) is ignored.
-  std::string req;
-  char buf[1024];
-  while (req.find("\r\n\r\n") == std::string::npos && req.find("\n\n") == std::string::npos) {
-    if (req.size() >= kMaxRequestBytes) {
-      SendAll(fd,
-              Response(431, "Request Header Fields Too Large", "text/plain", "too large\n", false));
-      return;
-    }
-    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;  // closed, or silent past the timeout
-    req.append(buf, static_cast<size_t>(n));
-  }
+std::string MetricsHttpServer::Answer(const std::string& req) {
   const std::string_view line = std::string_view(req).substr(0, req.find_first_of("\r\n"));
   const size_t sp1 = line.find(' ');
   const size_t sp2 = sp1 == std::string_view::npos ? sp1 : line.find(' ', sp1 + 1);
   if (sp2 == std::string_view::npos || line.substr(sp2 + 1).substr(0, 5) != "HTTP/") {
-    SendAll(fd, Response(400, "Bad Request", "text/plain", "bad request line\n", false));
-    return;
+    return Response(400, "Bad Request", "text/plain", "bad request line\n", false);
   }
   const std::string_view method = line.substr(0, sp1);
   std::string_view target = line.substr(sp1 + 1, sp2 - sp1 - 1);
   target = target.substr(0, target.find('?'));  // Prometheus may add query parameters
   const bool head = method == "HEAD";
   if (method != "GET" && !head) {
-    SendAll(fd, Response(405, "Method Not Allowed", "text/plain", "only GET\n", false));
-  } else if (target != "/metrics") {
-    SendAll(fd, Response(404, "Not Found", "text/plain", "try /metrics\n", head));
-  } else {
-    SendAll(fd, Response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", render_(), head));
+    return Response(405, "Method Not Allowed", "text/plain", "only GET\n", false);
   }
+  if (target != "/metrics") return Response(404, "Not Found", "text/plain", "try /metrics\n", head);
+  return Response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", render_(), head);
 }
 
 }  // namespace phishard

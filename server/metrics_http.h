@@ -1,8 +1,10 @@
 // A minimal HTTP/1.1 server for Prometheus scrapes: `GET /metrics` (and HEAD) answers the
-// registry's text; any other path is 404, any other method 405. One thread, one connection at a
-// time, `Connection: close`. Requests are bounded (8 KiB of headers, 2 s to send them; a slow or
-// silent client is dropped), and rendering only reads atomics, so a scrape never waits for an
-// engine step and an engine step never waits for a scrape.
+// registry's text; any other path is 404, any other method 405. One thread polling the listener
+// and every connection still sending its request, `Connection: close`. Requests are bounded
+// (8 KiB of headers, 2 s in total from accept to send them; a slow or silent client is dropped,
+// at most 64 wait at once, the oldest dropped first), so idle or trickling connections cannot
+// hold up a scrape; rendering only reads atomics, so a scrape never waits for an engine step
+// and an engine step never waits for a scrape.
 #pragma once
 
 #include <functional>
@@ -38,7 +40,8 @@ class MetricsHttpServer {
  private:
   MetricsHttpServer() = default;
   void Loop();
-  void Serve(int fd);
+  // The whole response to one complete request head.
+  std::string Answer(const std::string& request);
 
   std::function<std::string()> render_;
   int listen_fd_ = -1;

@@ -3,8 +3,15 @@
 // HTTP endpoint's answers (200/404/405/431) over a real socket.
 #include "server/metrics.h"
 
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <string>
 #include <thread>
@@ -221,6 +228,59 @@ TEST(MetricsHttp, ServesMetricsAnd404And405) {
   EXPECT_EQ(resp.substr(resp.find("\r\n\r\n") + 4), "");  // HEAD: headers only
   // Still serving after all that.
   EXPECT_EQ(HttpGet(port, "/metrics", &status), "# TYPE x gauge\nx 1\n");
+}
+
+// Connects to 127.0.0.1:port and sends `partial` (no end of headers): a slowloris client.
+int OpenPartial(int port, const std::string& partial) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  EXPECT_EQ(::send(fd, partial.data(), partial.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(partial.size()));
+  return fd;
+}
+
+// Silent and trickling connections (a byte every 300 ms, which a per-read timeout would never
+// end) hold no scrape up: the server polls them all and drops each 2 s after its accept. Was: one
+// connection at a time, 2 s per read, so 20 idle connections delayed a scrape by 36 s.
+TEST(MetricsHttp, IdleAndTricklingClientsDoNotDelayAScrape) {
+  auto server = MetricsHttpServer::Start("127.0.0.1:0", [] { return std::string("x 1\n"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  std::vector<int> idle;
+  for (int i = 0; i < 20; ++i) idle.push_back(OpenPartial(port, "GET /met"));
+  const int trickle = OpenPartial(port, "G");
+  std::atomic<bool> stop{false};
+  std::thread trickler([&] {
+    for (int i = 0; i < 15 && !stop; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      if (::send(trickle, "E", 1, MSG_NOSIGNAL) != 1) break;  // dropped by the server
+    }
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string status;
+  EXPECT_EQ(HttpGet(port, "/metrics", &status), "x 1\n");
+  // Generous for a loaded CI machine, far below the 20 x 2 s a serial server would take.
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1)) << status;
+  // Each stalled connection is closed by the server soon after its 2 s (recv sees EOF or reset).
+  for (int fd : idle) {
+    timeval tv{5, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    char c;
+    EXPECT_LE(::recv(fd, &c, 1, 0), 0);
+    ::close(fd);
+  }
+  stop = true;
+  trickler.join();
+  timeval tv{5, 0};
+  ::setsockopt(trickle, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  char c;
+  EXPECT_LE(::recv(trickle, &c, 1, 0), 0);  // dropped at its deadline, not served late
+  ::close(trickle);
+  EXPECT_EQ(HttpGet(port, "/metrics", &status), "x 1\n");
 }
 
 TEST(MetricsHttp, PortInUseIsAnErrorNamingTheFlag) {
