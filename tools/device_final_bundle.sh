@@ -21,13 +21,13 @@ GPU_TESTS=$(find tests/gpu -maxdepth 1 -name '*_test.cc' ! -name '*_bench_test.c
 INTEGRATION="serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test
   metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test"
 # shellcheck disable=SC2086
-cmake --build "$BUILD" --target phishard phishard_bench phishard_tp_bench $GPU_TESTS $INTEGRATION \
+cmake --build "$BUILD" --target phishard phishard_bench phishard_tp_bench phishard_kernel_bench $GPU_TESTS $INTEGRATION \
   -j"${JOBS:-2}"
 rm -rf "$D"
 TESTS=()
 for t in $GPU_TESTS $INTEGRATION; do TESTS+=("$BUILD/tests/$t"); done
 "$BUNDLER" "$D" "$BUILD/bin/phishard" "$BUILD/bin/phishard_bench" "$BUILD/bin/phishard_tp_bench" \
-  "${TESTS[@]}"
+  "$BUILD/bin/phishard_kernel_bench" "${TESTS[@]}"
 strip --strip-unneeded "$D"/bin/* "$D"/lib/* 2> /dev/null || true
 (cd "$D" && XZ_OPT='--lzma2=preset=9,dict=640MiB -T1' tar -cJf bundle.txz bin lib env.sh &&
   rm -rf bin lib env.sh)

@@ -13,7 +13,8 @@
 #   "nvidia-h200-x2", timeout_s=360)
 # After a whole check on one GPU: run(command="CHECK_TP_ONLY=1 PHISHARD_CHECK_BUDGET_S=240 bash
 #   tools/device_final_check.sh", carry=[".dev-final"], kind="nvidia-h200-x2", timeout_s=280)
-#   (the TP tests, the served TP=2 check and the TP bench only).
+#   (the TP tests, the served TP=2 check and the TP bench only). SKIP_LORA_BENCH=1 leaves out the
+#   multi-LoRA benchmarks (issue #5 is resolved; its GPU tests still run).
 set -u
 OUT=${OUT:-/tmp/phishard-final-check}
 mkdir -p "$OUT"
@@ -131,7 +132,7 @@ nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperatu
 CLOCKS_PID=$!
 # Multi-LoRA speed (issue #5: b64 with 64 different rank-16 adapters, prefill 8x512) and TP=1 vs
 # TP=2 (issue #6), each in its own process, before the whole table with the peer.
-if ((FULL)) && [ -x $B/phishard_bench ]; then
+if ((FULL)) && [ -x $B/phishard_bench ] && [ "${SKIP_LORA_BENCH:-0}" != 1 ]; then
   step lora_bench 90 lora_bench.log $B/phishard_bench --lora-rank 16 --lora-only --steps 10
   # Issue #5's prefill on interleaved pairs (bench/lora_pairs.h): B L B L (each LoRA step after a
   # base step: the clock a base step leaves) and B B B L L L (each kind timed after its own kind,
@@ -149,6 +150,13 @@ if [ -x $B/phishard_tp_bench ] && ((NGPU >= 2)); then
   # A/B: the MLP-branch stream in sharded decode steps too (off by default).
   step tp_bench_mlp_tp 60 tp_bench.log env PHISHARD_MLP_STREAM_TP=1 $B/phishard_tp_bench --tp 2 \
     --batches 1,32,128 --context 1024 --prefills ""
+fi
+# Energy per byte of the copy, SM kernels that only read / read + FMA the same bytes, and the
+# decode attention at m 256 ctx 1024, each ~1 s back to back (bench/sustain.h; perf-log dmma,
+# dmma2): whether an SM kernel can move bytes at the copy's joules per GB at all.
+if ((FULL)) && [ -x $B/phishard_kernel_bench ]; then
+  step sustain 40 sustain.log $B/phishard_kernel_bench 1 sustain 1000 256 1024 100 \
+    "copy,sm read,sm read+fma,attn pipe"
 fi
 if ((FULL)) && [ -x $B/phishard_bench ]; then
   BENCH_TIMEOUT_S=${BENCH_S:-80} PEER_TIMEOUT_S=${PEER_S:-75} step run_all 160 run_all.log \
@@ -170,6 +178,8 @@ echo "== lora bench"
 grep -E "^(decode|prefill)|->|=>" "$OUT/lora_bench.log" 2> /dev/null
 echo "== lora prefill pairs"
 grep -A8 "^lora prefill pairs" "$OUT/lora_pairs.log" 2> /dev/null | grep -E "pairs|host|median|ratio" | head -20
+echo "== sustain"
+grep -E "sustain-summary|J/GB" "$OUT/sustain.log" 2> /dev/null | tail -12
 echo "== tp bench"
 tail -25 "$OUT/tp_bench.log" 2> /dev/null
 echo "== bench"
