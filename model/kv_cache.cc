@@ -16,9 +16,7 @@ KvBlockAllocator::KvBlockAllocator(int num_blocks, int block_size)
 
 void KvBlockAllocator::Reset() {
   free_.clear();
-  free_.reserve(num_blocks_);
-  // Highest id at the bottom of the stack so low ids are handed out first.
-  for (int b = num_blocks_ - 1; b >= 0; --b) free_.push_back(b);
+  for (int b = 0; b < num_blocks_; ++b) free_.insert(free_.end(), b);
   in_use_.assign(num_blocks_, 0);
 }
 
@@ -31,11 +29,35 @@ absl::StatusOr<std::vector<int32_t>> KvBlockAllocator::Allocate(int n) {
   }
   std::vector<int32_t> out(n);
   for (int i = 0; i < n; ++i) {
-    out[i] = free_.back();
-    free_.pop_back();
+    out[i] = *free_.begin();
+    free_.erase(free_.begin());
     in_use_[out[i]] = 1;
   }
   return out;
+}
+
+absl::Status KvBlockAllocator::Take(absl::Span<const int32_t> blocks) {
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const int32_t b = blocks[k];
+    if (b < 0 || b >= num_blocks_) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "blocks[%d] = %d is outside the KV cache of %d blocks", k, b, num_blocks_));
+    }
+    if (std::find(blocks.begin(), blocks.begin() + k, b) != blocks.begin() + k) {
+      return absl::InvalidArgumentError(absl::StrFormat("blocks[%d] = %d is listed twice", k, b));
+    }
+    if (in_use_[b]) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "blocks[%d] = %d is already in use by another request (of this batch, or of a cached "
+          "batch not yet filtered or cleared)",
+          k, b));
+    }
+  }
+  for (int32_t b : blocks) {
+    in_use_[b] = 1;
+    free_.erase(b);
+  }
+  return absl::OkStatus();
 }
 
 void KvBlockAllocator::Free(absl::Span<const int32_t> blocks) {
@@ -43,7 +65,7 @@ void KvBlockAllocator::Free(absl::Span<const int32_t> blocks) {
     PHI_CHECK(b >= 0 && b < num_blocks_) << "KV block id " << b << " out of range";
     PHI_CHECK(in_use_[b]) << "KV block " << b << " freed twice";
     in_use_[b] = 0;
-    free_.push_back(b);
+    free_.insert(b);
   }
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -17,8 +18,14 @@ class KvBlockAllocator {
  public:
   KvBlockAllocator(int num_blocks, int block_size = kKvBlockSize);
 
-  // Takes `n` free blocks (lowest ids first) or fails with RESOURCE_EXHAUSTED, taking none.
+  // Takes `n` free blocks (lowest ids first, block 0 last: the LoRAX router keeps block 0 for its
+  // health probe, so requests without router blocks leave it to the probe while any other block
+  // is free) or fails with RESOURCE_EXHAUSTED, taking none.
   absl::StatusOr<std::vector<int32_t>> Allocate(int n);
+  // Takes exactly `blocks` (ids chosen by the LoRAX router's block allocator) or fails taking
+  // none: INVALID_ARGUMENT for an id outside [0, num_blocks) or listed twice, FAILED_PRECONDITION
+  // for an id already in use. The message names the position in `blocks` and the id.
+  absl::Status Take(absl::Span<const int32_t> blocks);
   // Returns blocks to the pool. Double frees / out-of-range ids are programmer errors (CHECK).
   void Free(absl::Span<const int32_t> blocks);
   void Reset();  // everything free again
@@ -34,7 +41,13 @@ class KvBlockAllocator {
  private:
   int num_blocks_;
   int block_size_;
-  std::vector<int32_t> free_;     // stack of free ids; back() is handed out first
+  // Free ids in hand-out order (1, 2, ..., num_blocks - 1, then 0).
+  struct BlockZeroLast {
+    bool operator()(int32_t a, int32_t b) const {
+      return (a == 0 ? INT32_MAX : a - 1) < (b == 0 ? INT32_MAX : b - 1);
+    }
+  };
+  std::set<int32_t, BlockZeroLast> free_;
   std::vector<uint8_t> in_use_;
 };
 

@@ -70,6 +70,9 @@ struct BatchEngine::State {
   // Records and (for the owning rank) reports `choice`, the next token of `r`.
   void AcceptToken(RequestState* r, const TokenChoice& choice, GenerationOut* gen);
   void FreeBatch(BatchState* batch);
+  // Takes the router's `blocks` of every request of `batch` that carries some into the request's
+  // block table; on failure (a field-named error) frees what it took and leaves tables empty.
+  absl::Status TakeRouterBlocks(const BatchInput& batch, std::vector<RequestState>* requests);
 };
 
 namespace {
@@ -346,6 +349,35 @@ absl::Status BatchEngine::State::RunDecode(const std::vector<RequestState*>& req
   return absl::OkStatus();
 }
 
+absl::Status BatchEngine::State::TakeRouterBlocks(const BatchInput& batch,
+                                                  std::vector<RequestState>* requests) {
+  for (size_t i = 0; i < requests->size(); ++i) {
+    const std::vector<uint32_t>& given = batch.requests[i].blocks;
+    if (given.empty()) continue;
+    absl::Status st;
+    std::vector<int32_t> ids(given.size());
+    for (size_t k = 0; k < given.size() && st.ok(); ++k) {
+      if (given[k] >= static_cast<uint32_t>(allocator.num_blocks())) {
+        st = absl::InvalidArgumentError(absl::StrFormat(
+            "blocks[%d] = %d is outside the KV cache of %d blocks (Warmup reported %d tokens)", k,
+            given[k], allocator.num_blocks(),
+            static_cast<int64_t>(allocator.num_blocks()) * allocator.block_size()));
+      }
+      ids[k] = static_cast<int32_t>(given[k]);
+    }
+    if (st.ok()) st = allocator.Take(ids);
+    if (!st.ok()) {
+      for (size_t j = 0; j < i; ++j) {
+        allocator.Free((*requests)[j].blocks);
+        (*requests)[j].blocks.clear();
+      }
+      return absl::Status(st.code(), absl::StrFormat("requests[%d].%s", i, st.message()));
+    }
+    (*requests)[i].blocks = std::move(ids);
+  }
+  return absl::OkStatus();
+}
+
 void BatchEngine::State::FreeBatch(BatchState* batch) {
   for (RequestState& r : batch->requests) {
     allocator.Free(r.blocks);
@@ -513,14 +545,31 @@ absl::StatusOr<StepResult> BatchEngine::Prefill(const BatchInput& batch) {
           "%d KV blocks, more than the whole cache (%d blocks of %d tokens)",
           i, r.prompt_len, r.stopping.max_new_tokens(), need[i], s.allocator.num_blocks(), bs));
     }
-    total += need[i];
+    if (!batch.requests[i].blocks.empty()) {
+      const size_t given = batch.requests[i].blocks.size();
+      if (given < static_cast<size_t>(need[i])) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "requests[%d].blocks has %d blocks of %d tokens, the request needs %d (prompt of %d "
+            "tokens + stopping_parameters.max_new_tokens = %d - 1)",
+            i, given, bs, need[i], r.prompt_len, r.stopping.max_new_tokens()));
+      }
+    } else {
+      total += need[i];
+    }
   }
+  // The router's blocks first (Info.requires_block_allocator: its allocator admitted the batch
+  // against exactly this pool), then the shard's own for requests that carry none.
+  absl::Status taken = s.TakeRouterBlocks(batch, &requests);
+  if (!taken.ok()) return taken;
   if (total > s.allocator.num_free()) {
-    return absl::ResourceExhaustedError(
+    const absl::Status exhausted = absl::ResourceExhaustedError(
         absl::StrFormat("KV cache exhausted: batch %d needs %d blocks of %d tokens, %d of %d free",
                         batch.id, total, bs, s.allocator.num_free(), s.allocator.num_blocks()));
+    for (RequestState& r : requests) s.allocator.Free(r.blocks);
+    return exhausted;
   }
   for (size_t i = 0; i < requests.size(); ++i) {
+    if (!batch.requests[i].blocks.empty()) continue;
     absl::StatusOr<std::vector<int32_t>> blocks = s.allocator.Allocate(need[i]);
     PHI_CHECK(blocks.ok()) << blocks.status();  // checked above
     requests[i].blocks = *std::move(blocks);

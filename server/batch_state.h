@@ -22,7 +22,7 @@ struct RequestState {
   int prompt_len;                // P, after truncation
   std::vector<int32_t> all_ids;  // prompt + generated tokens
   int cache_len = 0;             // positions [0, cache_len) have K/V in the pool
-  std::vector<int32_t> blocks;   // KV block table (shard-allocated, §task: router's ignored)
+  std::vector<int32_t> blocks;   // KV block table: the router's when it sent one, else the shard's
   NextTokenChooser chooser;      // owns the request's RNG: moves with the request
   StoppingCriteria stopping;
   IncrementalDetokenizer detokenizer;

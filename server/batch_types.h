@@ -41,7 +41,7 @@ struct RequestInput {
   StoppingParams stopping;
   bool prefill_logprobs = false;
   uint32_t adapter_index = 0;
-  std::vector<uint32_t> blocks;         // router blocks (ignored: the shard allocates)
+  std::vector<uint32_t> blocks;  // router blocks: used when present, else the shard allocates
   std::vector<int64_t> slots;
   uint32_t cache_len = 0;
   std::optional<uint32_t> chunk_len;

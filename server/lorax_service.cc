@@ -205,7 +205,11 @@ LoraxService::LoraxService(BatchEngine* engine, ModelBackend* model, LoraxServic
   info_.set_supports_embeddings(false);
   info_.set_supports_classification(false);
   info_.set_chunked_prefill(false);
-  info_.set_requires_block_allocator(false);  // the shard allocates its own KV blocks
+  // The router allocates KV blocks (spec §3.4): its admission then counts exactly the blocks the
+  // shard holds. Without it the router budgets n x max_input + sum(max_new_tokens) tokens and
+  // admits batches whose 16-token blocks do not fit. Requests without blocks (warmup, clients
+  // other than the router) get the shard's own.
+  info_.set_requires_block_allocator(true);
   if (options_.adapters != nullptr) {
     for (const PreloadedAdapterInfo& p : options_.adapters->preloaded()) {
       pb::PreloadedAdapter* out = info_.add_preloaded_adapters();

@@ -407,7 +407,7 @@ class GrpcurlRunner {
       EXPECT_EQ(a.value("deviceType", ""), TestDevice()) << where;
       EXPECT_EQ(a.value("blockSize", 0), 16) << where;
       EXPECT_TRUE(a.value("supportsGeneration", false)) << where;
-      EXPECT_FALSE(a.value("requiresBlockAllocator", false)) << where;
+      EXPECT_TRUE(a.value("requiresBlockAllocator", false)) << where;
     } else if (rpc == "generate.v1.LoraxService/ServiceDiscovery") {
       EXPECT_EQ(a.value("urls", Json::array()),
                 Json::array({"unix://" + target_.socket_prefix + "-0"}))

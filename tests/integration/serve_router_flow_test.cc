@@ -136,7 +136,7 @@ TEST_F(RouterFlow, DiscoveryInfoAndWarmupAnswerAsTheRouterNeeds) {
   EXPECT_FALSE(info->supports_embeddings());
   EXPECT_FALSE(info->supports_classification());
   EXPECT_FALSE(info->chunked_prefill());
-  EXPECT_FALSE(info->requires_block_allocator());
+  EXPECT_TRUE(info->requires_block_allocator());  // the router hands out KV blocks (spec §3.4)
   // Positive multiple of the block size, and enough for the router's own limits.
   EXPECT_GT(warmup_tokens_, 0u);
   EXPECT_EQ(warmup_tokens_ % 16, 0u);

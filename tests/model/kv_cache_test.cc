@@ -11,14 +11,15 @@
 namespace phishard {
 namespace {
 
-TEST(KvBlockAllocator, HandsOutLowestIdsFirstAndCounts) {
+// Lowest ids first, but block 0 last: the router's health probe writes it.
+TEST(KvBlockAllocator, HandsOutLowestIdsFirstBlockZeroLastAndCounts) {
   KvBlockAllocator a(8, 16);
   EXPECT_EQ(a.num_blocks(), 8);
   EXPECT_EQ(a.block_size(), 16);
   EXPECT_EQ(a.num_free(), 8);
   absl::StatusOr<std::vector<int32_t>> got = a.Allocate(3);
   ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_EQ(*got, (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_EQ(*got, (std::vector<int32_t>{1, 2, 3}));
   EXPECT_EQ(a.num_free(), 5);
   EXPECT_EQ(a.num_used(), 3);
   absl::StatusOr<std::vector<int32_t>> none = a.Allocate(0);
@@ -38,13 +39,13 @@ TEST(KvBlockAllocator, ExhaustionTakesNothing) {
   EXPECT_EQ(a.num_free(), 1);  // the failed call took nothing
   absl::StatusOr<std::vector<int32_t>> last = a.Allocate(1);
   ASSERT_TRUE(last.ok());
-  EXPECT_EQ(*last, (std::vector<int32_t>{3}));
+  EXPECT_EQ(*last, (std::vector<int32_t>{0}));
   EXPECT_EQ(a.Allocate(1).status().code(), absl::StatusCode::kResourceExhausted);
 }
 
 TEST(KvBlockAllocator, FreedBlocksAreReusedAndNeverHandedOutTwice) {
   KvBlockAllocator a(6);
-  std::vector<int32_t> first = *a.Allocate(4);  // 0..3
+  std::vector<int32_t> first = *a.Allocate(4);  // 1..4
   a.Free({first[1], first[2]});                 // 1, 2 back
   EXPECT_EQ(a.num_free(), 4);
   std::vector<int32_t> second = *a.Allocate(4);
@@ -67,6 +68,34 @@ TEST(KvBlockAllocator, ResetFreesEverything) {
   std::vector<int32_t> all = *a.Allocate(5);
   std::sort(all.begin(), all.end());
   EXPECT_EQ(all, (std::vector<int32_t>{0, 1, 2, 3, 4}));
+}
+
+// The router's block ids (Info.requires_block_allocator): taken exactly, never handed out by
+// Allocate while held, refused whole when any id is bad.
+TEST(KvBlockAllocator, TakeClaimsTheRoutersIdsOrNothing) {
+  KvBlockAllocator a(8);
+  ASSERT_TRUE(a.Take({5, 1}).ok());
+  EXPECT_EQ(a.num_free(), 6);
+  // Allocate skips the taken ids, lowest first (block 0 last).
+  EXPECT_EQ(*a.Allocate(3), (std::vector<int32_t>{2, 3, 4}));
+  absl::Status held = a.Take({6, 5});
+  EXPECT_EQ(held.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(held.message().find("blocks[1] = 5 is already in use"), std::string::npos) << held;
+  absl::Status outside = a.Take({6, 8});
+  EXPECT_EQ(outside.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(outside.message().find("blocks[1] = 8 is outside the KV cache of 8 blocks"),
+            std::string::npos)
+      << outside;
+  absl::Status twice = a.Take({6, 7, 6});
+  EXPECT_EQ(twice.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(twice.message().find("blocks[2] = 6 is listed twice"), std::string::npos) << twice;
+  EXPECT_EQ(a.num_free(), 3) << "failed takes take nothing";
+  EXPECT_EQ(*a.Allocate(3), (std::vector<int32_t>{6, 7, 0}));
+  // Freed router ids return to the pool like any other.
+  a.Free({5, 1});
+  EXPECT_EQ(*a.Allocate(2), (std::vector<int32_t>{1, 5}));
+  EXPECT_EQ(a.num_free(), 0);
+  EXPECT_TRUE(a.Take({}).ok());
 }
 
 TEST(KvBlockAllocator, BlocksFor) {

@@ -248,15 +248,18 @@ TEST_F(TinyPhiEngineTest, SameSeedSameTokensAcrossRunsAndBatchCompositions) {
 }
 
 TEST_F(TinyPhiEngineTest, PrefillOfThreeRequestsAndTensorParallelSplit) {
-  // Router-style blocks/slots are present and ignored: the shard allocates its own.
+  // Router-style blocks/slots (Info.requires_block_allocator), taken from the pool's tail as the
+  // router's allocator does: they are the requests' block tables.
   auto make = [&] {
     std::vector<RequestInput> reqs;
     const char* texts[] = {"import os\n", "def main():\n    print(",
                            "x = [1, 2, 3]\nfor i in x:\n"};
+    uint32_t next = 63;
     for (int i = 0; i < 3; ++i) {
       RequestInput r = TextReq(10 + i, *tokenizer_, texts[i], 5);
-      r.blocks = {static_cast<uint32_t>(100 + i)};
-      for (int s = 0; s < 16; ++s) r.slots.push_back((100 + i) * 16 + s);
+      const uint32_t tokens = static_cast<uint32_t>(r.token_ids.size()) + 5 - 1;
+      for (uint32_t b = 0; b < (tokens + 15) / 16; ++b) r.blocks.push_back(next--);
+      for (uint32_t p = 0; p < tokens; ++p) r.slots.push_back(r.blocks[p / 16] * 16 + p % 16);
       reqs.push_back(r);
     }
     return Batch(42, reqs);
