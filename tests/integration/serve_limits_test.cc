@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -596,6 +597,110 @@ TEST(ServeLimits, DuplicateIdsAreRefusedWithoutLosingCachedBatches) {
   t.ExpectGolden(5, c, 8);
   EXPECT_EQ(s.KvBlocks("used"), 0);
   s.ExpectStillServing(9);
+}
+
+// Churn: 2,000 requests of random short golden prompts (1-11 tokens) and lengths (1-16 new tokens, a quarter sampled)
+// through the router's loop (admit what the router's block allocator can place, Prefill, Decode
+// with the running batch, free the blocks of finished requests, FilterBatch / ClearCache) over a
+// pool of 128 blocks, so every block is reused many times. Every greedy request equals its golden,
+// the pool is empty at the end, and the shard still serves.
+TEST(ServeLimits, TwoThousandShortRequestsOfChurnLeakNothing) {
+  Served s({"--max-kv-blocks", "128"}, 128, 256, 256);
+  ASSERT_TRUE(s.ok());
+  RouterSession& session = s.session();
+  const std::vector<Case>& golden = Golden();
+  RouterBlocks router(s.warmup_tokens() / 16);
+  std::mt19937 rng(7);
+  const std::vector<size_t> kShort = {0, 1, 2, 4, 5};  // prompts of 1-11 tokens
+  struct Planned {
+    pb::Request req;
+    const Case* golden = nullptr;  // null: sampled, not compared
+    bool released = false;
+  };
+  std::map<uint64_t, Planned> plan;
+  std::deque<uint64_t> queue;
+  for (uint64_t id = 1; id <= 2000; ++id) {
+    const Case& c = golden[kShort[rng() % kShort.size()]];
+    const uint32_t max_new = 1 + rng() % 16;
+    Planned p{Req(id, c, max_new), &c};
+    if (rng() % 4 == 0) {
+      p.req.mutable_parameters()->set_temperature(0.7f);
+      p.req.mutable_parameters()->set_do_sample(true);
+      p.req.mutable_parameters()->set_seed(id);
+      p.golden = nullptr;
+    }
+    plan[id] = std::move(p);
+    queue.push_back(id);
+  }
+  Tracker t;
+  // The router frees a finished request's blocks at once, then filters its batch.
+  auto absorb = [&](const google::protobuf::RepeatedPtrField<pb::Generation>& gens) {
+    t.Absorb(gens);
+    for (const pb::Generation& g : gens) {
+      Planned& p = plan[g.request_id()];
+      if (t.done(g.request_id()) && !p.released) {
+        router.Release(p.req);
+        p.released = true;
+      }
+    }
+  };
+  auto settle = [&](std::optional<pb::CachedBatch> b) -> std::optional<pb::CachedBatch> {
+    if (!b.has_value()) return std::nullopt;
+    std::vector<uint64_t> keep = t.Unfinished(*b);
+    if (keep.empty()) {
+      EXPECT_TRUE(session.ClearCache(b->id()).ok());
+      return std::nullopt;
+    }
+    if (static_cast<int>(keep.size()) == b->request_ids_size()) return b;
+    absl::StatusOr<std::optional<pb::CachedBatch>> f = session.FilterBatch(b->id(), keep);
+    EXPECT_TRUE(f.ok() && f->has_value()) << f.status();
+    return f.ok() ? *f : std::nullopt;
+  };
+  std::optional<pb::CachedBatch> cur;
+  uint64_t next_batch = 1;
+  int steps = 0;
+  while ((!queue.empty() || cur.has_value()) && steps < 20000) {
+    ++steps;
+    std::vector<pb::Request> reqs;
+    while (!queue.empty() && reqs.size() < 1 + rng() % 24) {
+      Planned& p = plan[queue.front()];
+      if (!router.Assign(&p.req)) break;
+      reqs.push_back(p.req);
+      queue.pop_front();
+    }
+    std::optional<pb::CachedBatch> fresh;
+    if (!reqs.empty()) {
+      absl::StatusOr<pb::PrefillResponse> r = session.Prefill(PrefillOf(next_batch++, reqs));
+      ASSERT_TRUE(r.ok()) << r.status();
+      absorb(r->generations());
+      if (r->has_batch()) fresh = settle(r->batch());
+    }
+    std::vector<uint64_t> ids;
+    if (cur.has_value()) ids.push_back(cur->id());
+    if (fresh.has_value()) ids.push_back(fresh->id());
+    if (ids.empty()) continue;
+    absl::StatusOr<pb::DecodeResponse> d = session.Decode(DecodeOf(ids));
+    ASSERT_TRUE(d.ok()) << d.status();
+    absorb(d->generations());
+    cur = d->has_batch() ? settle(d->batch()) : std::nullopt;
+  }
+  ASSERT_TRUE(queue.empty() && !cur.has_value()) << "stuck after " << steps << " steps";
+  std::printf("  %d router steps\n", steps);
+  int compared = 0;
+  for (auto& [id, p] : plan) {
+    ASSERT_TRUE(t.done(id)) << id;
+    if (p.golden == nullptr) {
+      EXPECT_EQ(t.ids(id).size(), p.req.stopping_parameters().max_new_tokens()) << id;
+      continue;
+    }
+    t.ExpectGolden(id, *p.golden, p.req.stopping_parameters().max_new_tokens());
+    ++compared;
+  }
+  EXPECT_GT(compared, 1000);
+  EXPECT_EQ(router.num_free(), 127u);
+  EXPECT_EQ(s.KvBlocks("used"), 0);
+  EXPECT_EQ(s.KvBlocks("free"), 128);
+  s.ExpectStillServing(next_batch);
 }
 
 // The peft golden of `adapter` on `prompt` (tests/golden/tiny-phi-code-adapters.json).
