@@ -10,6 +10,8 @@ parses and makes sense. Exit status 0 when every check passed, 1 otherwise.
       --adapter adapters/prose
 
 One rank (W = 1): with more ranks, a rank emits only the generations it owns (id % W).
+Requests carry router-allocated blocks and slots when Info.requires_block_allocator says so
+(and the proto has that field), as the router's block allocator hands them out.
 Sequence (spec section 3): ServiceDiscovery, ClearCache(None), Info, the router's exact warmup
 batch, Health and the health probe Prefill (ids u64::MAX), Prefill of a mixed batch (greedy with
 prefill logprobs; sampled with seed and alternatives), a second Prefill, Decode of both batches
@@ -70,13 +72,34 @@ def main():
         d.update(kw)
         return pb.NextTokenChooserParameters(**d)
 
+    # The router's block allocator (spec 3.4) when Info asks for it: blocks from the tail of the
+    # free list, block 0 kept for the health probe; without a router tokenizer input_length is
+    # `truncate`, so a request holds truncate + max_new_tokens - 1 slots.
+    free_blocks, held, allocator = [], {}, False
+
     def req(rid, text, max_new, **kw):
-        return pb.Request(
-            id=rid, inputs=text, truncate=kw.pop("truncate", 64),
+        truncate = kw.pop("truncate", 64)
+        r = pb.Request(
+            id=rid, inputs=text, truncate=truncate,
             tokenized_inputs=pb.TokenizedInputs(input_chunks=[pb.InputChunk(text=text)]),
             parameters=kw.pop("parameters", params()),
             stopping_parameters=pb.StoppingCriteriaParameters(
                 max_new_tokens=max_new, stop_sequences=kw.pop("stop", [])), **kw)
+        if allocator:
+            slots = truncate + max_new - 1
+            n = -(-slots // info.block_size)
+            if rid == U64_MAX:  # the health probe (spec 3.8): block 0, its 16 slots
+                blocks, slots = [0], info.block_size
+            else:
+                blocks = [free_blocks.pop() for _ in range(n)]
+                held[rid] = blocks
+            r.blocks.extend(blocks)
+            r.slots.extend(blocks[p // info.block_size] * info.block_size + p % info.block_size
+                           for p in range(slots))
+        return r
+
+    def release(rid):
+        free_blocks.extend(held.pop(rid, []))
 
     def check_generation(g, where):
         nt = g.next_tokens
@@ -119,10 +142,14 @@ def main():
         max_new_tokens=total - max_input))
     c.check(warm.HasField("max_supported_total_tokens") and
             warm.max_supported_total_tokens % info.block_size == 0, f"Warmup {warm}")
+    # Field 12 exists in LoRAX's newer proto (and ours), not in older copies.
+    allocator = getattr(info, "requires_block_allocator", False) and not info.requires_padding
+    free_blocks.extend(range(1, warm.max_supported_total_tokens // info.block_size))
+    print("router block allocator:", "on" if allocator else "off")
 
     st.Health(pb.HealthRequest())
     probe = st.Prefill(pb.PrefillRequest(batch=pb.Batch(
-        id=U64_MAX, requests=[req(U64_MAX, "liveness", 1)], size=1)))
+        id=U64_MAX, requests=[req(U64_MAX, "liveness", 1, truncate=10)], size=1)))
     c.check(len(probe.generations) == 1 and not probe.HasField("batch"), f"health probe {probe}")
 
     # Batch 0: greedy with prefill logprobs; sampled with a seed and 3 alternatives.
@@ -136,6 +163,7 @@ def main():
         check_generation(g, "Prefill 0")
         if g.HasField("generated_text"):
             seen_final.add(g.request_id)
+            release(g.request_id)
         if g.request_id == 0:
             pt = g.prefill_tokens
             c.check(len(pt.ids) == len(pt.logprobs) == len(pt.texts) == g.prefill_tokens_length,
@@ -149,6 +177,7 @@ def main():
         check_generation(g, "Prefill 1")
         if g.HasField("generated_text"):
             seen_final.add(g.request_id)
+            release(g.request_id)
     batches = [r.batch for r in (p0, p1) if r.HasField("batch")]
     for _ in range(64):
         if not batches:
@@ -160,6 +189,7 @@ def main():
             if g.HasField("generated_text"):
                 finished.append(g.request_id)
                 seen_final.add(g.request_id)
+                release(g.request_id)
                 if g.request_id == 1:
                     c.check(g.generated_text.HasField("seed") and g.generated_text.seed == 42,
                             "sampled request reports its seed")
@@ -195,6 +225,7 @@ def main():
         for g in pa.generations:
             check_generation(g, "adapter Prefill")
         st.ClearCache(pb.ClearCacheRequest(id=5))
+        release(10)
         c.check(st.OffloadAdapter(pb.OffloadAdapterRequest(
             adapter_parameters=ad, adapter_source=pb.LOCAL, adapter_index=1)).offloaded,
                 "adapter offload")
