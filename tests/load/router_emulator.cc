@@ -100,6 +100,11 @@ absl::Status RouterEmulator::Startup() {
                         **tokens, opt_.max_prefill_tokens));
   }
   stats_.kv_blocks_total = static_cast<int>(**tokens / kBlockSize);
+  router_blocks_ = info->requires_block_allocator();
+  free_block_ids_.clear();
+  if (router_blocks_) {
+    for (int b = 1; b < stats_.kv_blocks_total; ++b) free_block_ids_.push_back(b);
+  }
   // The warmup batch must not stay cached (spec §10: "After Warmup the batch cache is empty").
   pb::DecodeRequest d;
   d.add_batches()->set_id(0);
@@ -180,6 +185,8 @@ void RouterEmulator::Retire(uint64_t id) {
   if (it == reqs_.end()) return;
   if (it->second.cancelled) ++stats_.cancelled;
   adapters_.Release(it->second.proto.adapter_index());
+  free_block_ids_.insert(free_block_ids_.end(), it->second.block_ids.begin(),
+                         it->second.block_ids.end());
   reqs_.erase(it);
   retired_.insert(id);
 }
@@ -447,6 +454,7 @@ std::optional<RouterEmulator::Batch> RouterEmulator::PrefillNew(std::optional<Ba
     Req r = MakeRequest();
     // The router's admission: the block allocator and the prefill token budget.
     if (BlocksHeld() + blocks + r.blocks > stats_.kv_blocks_total ||
+        (router_blocks_ && blocks + r.blocks > static_cast<int>(free_block_ids_.size())) ||
         prefill_tokens + r.prompt_len > static_cast<int>(opt_.max_prefill_tokens)) {
       --next_request_id_;
       adapters_.Release(r.proto.adapter_index());
@@ -466,6 +474,17 @@ std::optional<RouterEmulator::Batch> RouterEmulator::PrefillNew(std::optional<Ba
   if (text_only) ++stats_.text_only_batches;
   std::vector<uint64_t> ids;
   for (Req& r : fresh) {
+    if (router_blocks_) {
+      // ceil(N / 16) ids from the free list's tail, slots for exactly N tokens (§3.4).
+      const int n =
+          r.prompt_len + static_cast<int>(r.proto.stopping_parameters().max_new_tokens()) - 1;
+      r.block_ids.assign(free_block_ids_.end() - r.blocks, free_block_ids_.end());
+      free_block_ids_.resize(free_block_ids_.size() - r.blocks);
+      r.proto.clear_blocks();
+      r.proto.clear_slots();
+      for (uint32_t b : r.block_ids) r.proto.add_blocks(b);
+      for (int p = 0; p < n; ++p) r.proto.add_slots(r.block_ids[p / 16] * 16 + p % 16);
+    }
     pb::Request* pr = batch->add_requests();
     *pr = r.proto;
     // A router without a tokenizer: the shard tokenizes `inputs` for the whole batch (§4.2).
@@ -535,12 +554,18 @@ std::optional<RouterEmulator::Batch> RouterEmulator::DecodeStep(const std::vecto
 }
 
 void RouterEmulator::HealthProbe() {
-  if (BlocksHeld() + 1 > stats_.kv_blocks_total) return;
+  // With the router's allocator the probe has block 0 to itself, also on a full pool.
+  if (!router_blocks_ && BlocksHeld() + 1 > stats_.kv_blocks_total) return;
   // The router's generation probe (spec §3.8): ids u64::MAX, one token, one new token.
   constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
   pb::PrefillRequest pre;
   pre.mutable_batch()->set_id(kMax);
-  *pre.mutable_batch()->add_requests() = RouterRequest(kMax, "liveness", {75}, 1, 1);
+  pb::Request* probe = pre.mutable_batch()->add_requests();
+  *probe = RouterRequest(kMax, "liveness", {75}, 1, 1);
+  if (router_blocks_) {
+    probe->add_blocks(0);
+    for (uint32_t s = 0; s < kBlockSize; ++s) probe->add_slots(s);
+  }
   pre.mutable_batch()->set_size(1);
   ++stats_.health_probes;
   absl::StatusOr<pb::PrefillResponse> r = session_->Prefill(pre);

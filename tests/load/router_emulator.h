@@ -93,6 +93,7 @@ class RouterEmulator {
     generate::v1::Request proto;
     int prompt_len = 0;  // P after truncation, as the shard must compute it
     int blocks = 0;
+    std::vector<uint32_t> block_ids;  // the router allocator's ids (Info.requires_block_allocator)
     bool sampled = false;
     std::vector<std::string> stops;
     int tokens = 0;
@@ -141,6 +142,10 @@ class RouterEmulator {
   std::map<uint64_t, Req> reqs_;          // admitted and not yet retired
   std::set<uint64_t> retired_;            // finished or cancelled: must never generate again
   std::map<uint64_t, int> batch_blocks_;  // cached batch id -> blocks it holds
+  // The router's block allocator when Info asks for it (spec §3.4): free ids 1..total-1 (block 0
+  // is the health probe's), handed out from the tail, back when a request is retired.
+  bool router_blocks_ = false;
+  std::vector<uint32_t> free_block_ids_;
   uint64_t next_request_id_ = 1;
   uint64_t next_batch_id_ = 0;  // the router's counter starts at 0 (spec §2.3)
   AdapterCycler adapters_;
