@@ -539,8 +539,8 @@ absl::Status LoraAdapter::SetModule(const PhiConfig& base, int layer, LoraTarget
         absl::StrFormat("%s: rank %d / scale %g is invalid", where, m.rank, m.scale));
   }
   const auto [in, out] = LoraTargetDims(base, t);
-  if (static_cast<int64_t>(m.a.size()) != m.rank * in ||
-      static_cast<int64_t>(m.b.size()) != m.rank * out) {
+  if (static_cast<int64_t>(m.a.size()) != static_cast<int64_t>(m.rank) * in ||
+      static_cast<int64_t>(m.b.size()) != static_cast<int64_t>(m.rank) * out) {
     return absl::InvalidArgumentError(
         absl::StrFormat("%s: rank %d needs A of %d x %d and B of %d x %d values, got %d and %d",
                         where, m.rank, m.rank, in, out, m.rank, m.a.size(), m.b.size()));
