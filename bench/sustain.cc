@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <random>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -318,7 +319,63 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
         SU_CHECK(PagedDecodeCuda(p, plan, s) == KernelStatus::kOk, "PagedDecodeCuda");
       });
     }
-    for (void* ptr : {k, v, q, out, ws, meta}) DeviceFree(ptr);
+    // The attention taken apart (bench/sustain_kernels.h SmAttnMix): the same K / V bytes read
+    // as the pipelined kernel reads them, one ingredient added a case, under a block table of the
+    // pool's blocks in random order (as a served pool hands them out; "seq": consecutive, as
+    // above), then the pipelined kernel itself under the random table.
+    std::vector<int32_t> shuffled(host.begin() + o.seqs, host.end());
+    std::mt19937 rng(2029);
+    std::shuffle(shuffled.begin(), shuffled.end(), rng);
+    int32_t* rand_table = static_cast<int32_t*>(Alloc(shuffled.size() * 4));
+    DeviceCopyToDevice(rand_table, shuffled.data(), shuffled.size() * 4, s);
+    uint32_t* sink = static_cast<uint32_t*>(Alloc(128 * sizeof(uint32_t)));
+    SU_CHECK(DeviceStreamSync(s) == 0, "upload");
+    struct Mix {
+      const char* name;
+      int level;
+      bool smem, random;
+    };
+    const Mix mixes[] = {
+        {"mix1 pattern seq", 1, false, false}, {"mix1 pattern", 1, false, true},
+        {"mix2 +dot", 2, false, true},         {"mix3 +softmax", 3, false, true},
+        {"mix4 +smem", 3, true, true},         {"mix1 pattern +smem", 1, true, true}};
+    for (const Mix& mx : mixes) {
+      char name[64];
+      std::snprintf(name, sizeof(name), "%s h%d", mx.name, nh);
+      if (!wanted(name)) continue;
+      const AttnMixParams mp{.k_cache = k,
+                             .v_cache = v,
+                             .q = q,
+                             .q_stride = 3 * nh * hd,
+                             .block_tables = mx.random ? rand_table : lens + o.seqs,
+                             .seqs = o.seqs,
+                             .ctx = o.ctx,
+                             .heads = nh,
+                             .head_dim = hd,
+                             .max_blocks = blocks_per,
+                             .sink = sink};
+      SustainKernel(name, 2.0 * kv, o, burst_gbps, s,
+                    [&] { SU_CHECK(SmAttnMix(mp, mx.level, mx.smem, s), "SmAttnMix"); });
+    }
+    {
+      char name[64];
+      std::snprintf(name, sizeof(name), "attn pipe rand m%d c%d h%d", o.seqs, o.ctx, nh);
+      if (wanted(name)) {
+        PagedAttentionParams pr = p;
+        pr.block_tables = rand_table;
+        const PagedDecodeCudaPlan plan{.workspace = ws,
+                                       .workspace_bytes = ws_bytes,
+                                       .num_multiprocessors = 132,
+                                       .variant = PagedDecodeVariant::kPipelined};
+        SustainKernel(name, 2.0 * kv, o, burst_gbps, s, [&] {
+          SU_CHECK(PagedDecodeCuda(pr, plan, s) == KernelStatus::kOk, "PagedDecodeCuda");
+        });
+      }
+    }
+    for (void* ptr :
+         {k, v, q, out, ws, meta, static_cast<void*>(rand_table), static_cast<void*>(sink)}) {
+      DeviceFree(ptr);
+    }
   }
 
   // The decode step's fc1 + GELU at M = o.seqs over 8 copies of the weight (418 MB: no launch

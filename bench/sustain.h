@@ -34,7 +34,9 @@ SustainResult SustainKernel(const std::string& name, double bytes, const Sustain
 
 // The sustained cases: the 2 GiB device copy, the same bytes through SM kernels (copy, read, read
 // + FMA: bench/sustain_kernels.h), the decode attention at (o.seqs, o.ctx) in each
-// PagedDecodeVariant, and the decode step's fc1 + GELU GEMM at M = o.seqs (cold weights).
+// PagedDecodeVariant, the attention taken apart ("mix" cases, SmAttnMix: its access pattern, then
+// its dot product, softmax and shared-memory staging one at a time; the pipelined kernel under a
+// random block table), and the decode step's fc1 + GELU GEMM at M = o.seqs (cold weights).
 void SustainCases(cudaStream_t s, const SustainOptions& o);
 
 }  // namespace phishard::bench

@@ -73,6 +73,245 @@ void Launch(const void* src, void* dst, size_t bytes, uint32_t* sink, int sms, c
                                                                  static_cast<uint4*>(dst), n, sink);
 }
 
+// ------------------------------------------------------------------------------------------------
+// The decode attention's ingredients (SmAttnMix, see the header). One block of 128 threads a
+// (head x, sequence y); tiles of kMixTile keys (two 16-slot blocks of the table); warp w takes keys
+// 8 w .. 8 w + 7 of a tile, its group g (8 lanes) keys 8 w + g and 8 w + g + 4; lane cl holds the
+// 16-byte slices cl and cl + 8 (< C) of a key's K and V rows (C = HD / 8 slices a row).
+constexpr int kMixThreads = 128;
+constexpr int kMixTile = 32;
+constexpr int kMixStages = 4;
+
+struct MixArgs {
+  const char* k;
+  const char* v;
+  const uint16_t* q;
+  const int32_t* table;
+  int q_stride, ctx, heads, max_blocks;
+  uint32_t* sink;
+};
+
+template <int HD>
+struct MixRegs {
+  static constexpr int C = HD / 8, P = (C + 7) / 8;
+  uint4 k[2][P], v[2][P];
+  bool valid[2];
+};
+
+__device__ __forceinline__ void Bf16x8(const uint4& w, float f[8]) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    f[2 * e] = __uint_as_float(ws[e] << 16);
+    f[2 * e + 1] = __uint_as_float(ws[e] & 0xffff0000u);
+  }
+}
+
+template <int HD, int kLevel, bool kSmem>
+__global__ void __launch_bounds__(kMixThreads, 4) AttnMixKernel(const MixArgs a) {
+  constexpr int C = HD / 8, P = (C + 7) / 8;
+  extern __shared__ __align__(16) unsigned char mix_smem[];
+  const int h = blockIdx.x, s = blockIdx.y;
+  const int n_tiles = (a.ctx + kMixTile - 1) / kMixTile;
+  const int32_t* table = a.table + static_cast<size_t>(s) * a.max_blocks;
+  const size_t row_bytes = static_cast<size_t>(a.heads) * HD * 2;  // a slot: every head's row
+  const size_t block_bytes = 16 * row_bytes;
+  const size_t head_bytes = static_cast<size_t>(h) * HD * 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int grp = lane >> 3, cl = lane & 7;
+  const int kb = warp * 8 + grp;  // this group's keys in a tile: kb, kb + 4
+
+  float q[P][8], acc[P][8];
+  const uint16_t* q_row = a.q + static_cast<size_t>(s) * a.q_stride + h * HD;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int j = cl + 8 * i;
+    if (j < C) {
+      Bf16x8(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+
+  // The tile's K / V slices of this lane, straight from global memory (kSmem = false).
+  auto load_direct = [&](MixRegs<HD>& r, int t) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int key = t * kMixTile + kb + 4 * u;
+      r.valid[u] = key < a.ctx;
+      const size_t off = r.valid[u] ? static_cast<size_t>(table[key >> 4]) * block_bytes +
+                                          (key & 15) * row_bytes + head_bytes
+                                    : 0;
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const int j = cl + 8 * i;
+        const bool ld = r.valid[u] && j < C;
+        r.k[u][i] =
+            ld ? LoadNoL1(reinterpret_cast<const uint4*>(a.k + off) + j) : make_uint4(0, 0, 0, 0);
+        r.v[u][i] =
+            ld ? LoadNoL1(reinterpret_cast<const uint4*>(a.v + off) + j) : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  // kSmem: the copy roles of the pipelined kernel (thread e copies slices e, e + 128, ... of the
+  // tile's K and V rows) into stage st = [K tile: kMixTile x C x 16 B][V tile: same].
+  constexpr size_t kStageBytes = size_t{2} * kMixTile * C * 16;
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(mix_smem));
+  auto load_tile = [&](int t, int st) {
+    const uint32_t dst_k = smem_base + static_cast<uint32_t>(st * kStageBytes);
+    const uint32_t dst_v = dst_k + kMixTile * C * 16;
+#pragma unroll
+    for (int e = threadIdx.x; e < kMixTile * C; e += kMixThreads) {
+      const int r = e / C, j = e - r * C;
+      const int key = t * kMixTile + r;
+      size_t off = 0;
+      int bytes = 0;
+      if (key < a.ctx) {
+        off = static_cast<size_t>(table[key >> 4]) * block_bytes + (key & 15) * row_bytes +
+              head_bytes + 16 * j;
+        bytes = 16;
+      }
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_k + e * 16),
+                   "l"(a.k + off), "r"(bytes)
+                   : "memory");
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_v + e * 16),
+                   "l"(a.v + off), "r"(bytes)
+                   : "memory");
+    }
+  };
+  auto load_smem = [&](MixRegs<HD>& r, int t, int st) {
+    const uint4* sk =
+        reinterpret_cast<const uint4*>(mix_smem + static_cast<size_t>(st) * kStageBytes);
+    const uint4* sv = sk + kMixTile * C;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int row = kb + 4 * u;
+      r.valid[u] = t * kMixTile + row < a.ctx;
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const int j = cl + 8 * i;
+        r.k[u][i] = j < C ? sk[row * C + j] : make_uint4(0, 0, 0, 0);
+        r.v[u][i] = j < C ? sv[row * C + j] : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  auto compute = [&](const MixRegs<HD>& r) {
+    if constexpr (kLevel == 1) {  // convert + FMA with a constant, K and V alike
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+#pragma unroll
+        for (int i = 0; i < P; ++i) {
+          float kf[8], vf[8];
+          Bf16x8(r.k[u][i], kf);
+          Bf16x8(r.v[u][i], vf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(0.75f, vf[e], fmaf(0.75f, kf[e], acc[i][e]));
+        }
+      }
+      return;
+    }
+    float sc[2];
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {  // q . k over the head: 8 lanes' slices, then 3 shuffles
+      float d = 0.0f;
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        float kf[8];
+        Bf16x8(r.k[u][i], kf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(q[i][e], kf[e], d);
+      }
+      d += __shfl_xor_sync(0xffffffffu, d, 1);
+      d += __shfl_xor_sync(0xffffffffu, d, 2);
+      d += __shfl_xor_sync(0xffffffffu, d, 4);
+      sc[u] = r.valid[u] ? d : -INFINITY;
+      m_new = fmaxf(m_new, sc[u]);
+    }
+    if constexpr (kLevel == 2) {  // the scores kept live by a sum; V as level 1
+      l += (r.valid[0] ? sc[0] : 0.0f) + (r.valid[1] ? sc[1] : 0.0f);
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        float v0[8], v1[8];
+        Bf16x8(r.v[0][i], v0);
+        Bf16x8(r.v[1][i], v1);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(0.75f, v1[e], fmaf(0.75f, v0[e], acc[i][e]));
+      }
+    } else {  // online softmax and P V, as the pipelined kernel
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = m == -INFINITY ? 0.0f : exp2f(m - m_use);
+      const float p0 = exp2f(sc[0] - m_use), p1 = exp2f(sc[1] - m_use);
+      l = l * alpha + (p0 + p1);
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        float v0[8], v1[8];
+        Bf16x8(r.v[0][i], v0);
+        Bf16x8(r.v[1][i], v1);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(p1, v1[e], fmaf(p0, v0[e], acc[i][e] * alpha));
+      }
+      m = m_new;
+    }
+  };
+
+  if constexpr (kSmem) {
+#pragma unroll
+    for (int t = 0; t < kMixStages - 1; ++t) {
+      if (t < n_tiles) load_tile(t, t);
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    for (int t = 0; t < n_tiles; ++t) {
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(kMixStages - 2) : "memory");
+      __syncthreads();  // tile t landed for every thread; stage (t - 1) % kMixStages is free
+      if (t + kMixStages - 1 < n_tiles)
+        load_tile(t + kMixStages - 1, (t + kMixStages - 1) % kMixStages);
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      MixRegs<HD> r;
+      load_smem(r, t, t % kMixStages);
+      compute(r);
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  } else {
+    MixRegs<HD> ra, rb;
+    load_direct(ra, 0);
+    for (int t = 0; t < n_tiles; t += 2) {
+      if (t + 1 < n_tiles) load_direct(rb, t + 1);
+      compute(ra);
+      if (t + 1 >= n_tiles) break;
+      if (t + 2 < n_tiles) load_direct(ra, t + 2);
+      compute(rb);
+    }
+  }
+  float tot = l + m;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) tot += acc[i][e];
+  }
+  if (tot == 1234.5f) a.sink[threadIdx.x] = 1;
+}
+
+template <int kLevel, bool kSmem>
+void LaunchMix(const AttnMixParams& p, cudaStream_t s) {
+  constexpr int HD = 80, C = HD / 8;
+  const size_t smem = kSmem ? size_t{kMixStages} * 2 * kMixTile * C * 16 : 0;  // 40 KiB
+  const MixArgs a{.k = static_cast<const char*>(p.k_cache),
+                  .v = static_cast<const char*>(p.v_cache),
+                  .q = static_cast<const uint16_t*>(p.q),
+                  .table = p.block_tables,
+                  .q_stride = p.q_stride,
+                  .ctx = p.ctx,
+                  .heads = p.heads,
+                  .max_blocks = p.max_blocks,
+                  .sink = p.sink};
+  AttnMixKernel<HD, kLevel, kSmem><<<dim3(p.heads, p.seqs), kMixThreads, smem, s>>>(a);
+}
+
 }  // namespace
 
 void SmCopy(const void* src, void* dst, size_t bytes, int sms, cudaStream_t s) {
@@ -85,6 +324,32 @@ void SmRead(const void* src, size_t bytes, uint32_t* sink, int sms, cudaStream_t
 
 void SmReadFma(const void* src, size_t bytes, uint32_t* sink, int sms, cudaStream_t s) {
   Launch<2>(src, nullptr, bytes, sink, sms, s);
+}
+
+bool SmAttnMix(const AttnMixParams& p, int level, bool smem, cudaStream_t s) {
+  if (p.head_dim != 80 || p.seqs <= 0 || p.heads <= 0 || p.ctx <= 0) return false;
+  switch (level * 2 + (smem ? 1 : 0)) {
+    case 2:
+      LaunchMix<1, false>(p, s);
+      return true;
+    case 3:
+      LaunchMix<1, true>(p, s);
+      return true;
+    case 4:
+      LaunchMix<2, false>(p, s);
+      return true;
+    case 5:
+      LaunchMix<2, true>(p, s);
+      return true;
+    case 6:
+      LaunchMix<3, false>(p, s);
+      return true;
+    case 7:
+      LaunchMix<3, true>(p, s);
+      return true;
+    default:
+      return false;
+  }
 }
 
 }  // namespace phishard::bench
