@@ -301,12 +301,11 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
                                  .scale = 0.1118f,
                                  .dtype = DataType::kBF16};
     // The pipelined kernel first and again later (the second pass runs at the clock the others
-    // left), the register-staged, tensor-core and whole-row kernels between.
+    // left), the register-staged and tensor-core kernels between.
     const std::pair<PagedDecodeVariant, const char*> variants[] = {
         {PagedDecodeVariant::kPipelined, "attn pipe"},
         {PagedDecodeVariant::kRegisterStages, "attn regs"},
         {PagedDecodeVariant::kTensorCore, "attn mma"},
-        {PagedDecodeVariant::kRows, "attn rows"},
         {PagedDecodeVariant::kPipelined, "attn pipe"}};
     for (auto [variant, vname] : variants) {
       const PagedDecodeCudaPlan plan{.workspace = ws,

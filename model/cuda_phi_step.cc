@@ -264,10 +264,6 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   PagedDecodeCudaPlan decode_plan = MakeDecodePlan(in.min_live, nH, multiprocessors_, a, al);
   decode_plan.step_info = in.step_info;
   decode_plan.variant = static_cast<PagedDecodeVariant>(decode_attention_variant_);
-  if (decode_plan.variant == PagedDecodeVariant::kRows) {  // its own split bound (header)
-    decode_plan.max_splits =
-        PagedDecodeCudaRowsMaxSplits(in.min_live, nH, nKV, hd, multiprocessors_);
-  }
   // Decode steps without adapter rows (LoRA folds its deltas into the rotary launch), unsharded
   // (not run with NCCL yet): rotary + K/V write and the split merge inside the attention launch
   // (set_decode_attention_fold_rows: steps of up to that many rows; bit-identical,

@@ -653,12 +653,9 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
       plan.merge_counters_len < static_cast<size_t>(p.num_seqs) * p.num_heads) {
     return KernelStatus::kInvalidShape;
   }
-  int max_splits =
-      plan.max_splits > 0 ? plan.max_splits
-      : plan.variant == PagedDecodeVariant::kRows
-          ? PagedDecodeCudaRowsMaxSplits(p.num_seqs, p.num_heads, p.num_kv_heads, p.head_dim,
-                                         plan.num_multiprocessors)
-          : PagedDecodeCudaMaxSplits(p.num_seqs, p.num_heads, plan.num_multiprocessors);
+  int max_splits = plan.max_splits > 0 ? plan.max_splits
+                                       : PagedDecodeCudaMaxSplits(p.num_seqs, p.num_heads,
+                                                                  plan.num_multiprocessors);
   max_splits = std::min(max_splits, kPagedDecodeMaxSplits);
   while (max_splits > 1 && (plan.workspace == nullptr ||
                             PagedDecodeCudaWorkspaceBytes(p.num_seqs, p.num_heads, p.head_dim,
@@ -690,20 +687,14 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);
   a.scale_log2 = p.scale * kLog2e;
   const bool mma = plan.variant == PagedDecodeVariant::kTensorCore;
-  const bool rows = plan.variant == PagedDecodeVariant::kRows;
   const int heads_per_block = mma ? kMmaHeadsPerBlock : kMaxHeadsPerBlock;
   a.head_chunks = (a.group + heads_per_block - 1) / heads_per_block;
-  a.rows_kv_heads = RowsKvHeads(p.num_kv_heads, a.group, p.head_dim);
-  if (rows && a.rows_kv_heads == 0) return KernelStatus::kInvalidShape;  // group > 32 heads
   // Small MHA grids go to the register-staged kernel (see the header).
   const bool registers = plan.variant == PagedDecodeVariant::kRegisterStages ||
                          (plan.variant == PagedDecodeVariant::kAuto && a.group == 1 &&
                           static_cast<int64_t>(p.num_seqs) * p.num_heads * max_splits <
                               16 * static_cast<int64_t>(std::max(plan.num_multiprocessors, 1)));
-  a.blocks_per_seq = registers ? p.num_heads
-                     : rows    ? (p.num_kv_heads + a.rows_kv_heads - 1) / a.rows_kv_heads
-                               : p.num_kv_heads * a.head_chunks;
-  if (rows) a.target_blocks = kRowsTargetBlocksPerSm * std::max(plan.num_multiprocessors, 1);
+  a.blocks_per_seq = registers ? p.num_heads : p.num_kv_heads * a.head_chunks;
   // The fused form (register-staged kernel): rotary + K/V write inside, and the merge where
   // counters are given. The pipelined kernel runs the rotary launch before it, as unfused.
   const bool fold = plan.fold_rotary && registers;
@@ -724,12 +715,7 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      if (rows) {
-        if (KernelStatus st = LaunchPagedDecodeRows(a, HD, p.dtype, stream);
-            st != KernelStatus::kOk) {
-          return st;
-        }
-      } else if (mma) {
+      if (mma) {
         if (KernelStatus st = LaunchPagedDecodeMma(a, HD, p.dtype, stream);
             st != KernelStatus::kOk) {
           return st;
@@ -781,16 +767,6 @@ bool PagedDecodeCudaSupportsHeadDim(int head_dim) {
 int PagedDecodeCudaMaxSplits(int min_live_seqs, int num_heads, int num_multiprocessors) {
   const int per_split = std::max(min_live_seqs, 1) * std::max(num_heads, 1);
   const int target = 4 * std::max(num_multiprocessors, 1);
-  return std::clamp((target + per_split - 1) / per_split, 1, kPagedDecodeMaxSplits);
-}
-
-int PagedDecodeCudaRowsMaxSplits(int min_live_seqs, int num_heads, int num_kv_heads, int head_dim,
-                                 int num_multiprocessors) {
-  const int kv = std::max(num_kv_heads, 1);
-  const int chunk = paged_decode::RowsKvHeads(kv, std::max(num_heads, 1) / kv, head_dim);
-  const int per_split =
-      std::max(min_live_seqs, 1) * ((kv + std::max(chunk, 1) - 1) / std::max(chunk, 1));
-  const int target = paged_decode::kRowsTargetBlocksPerSm * std::max(num_multiprocessors, 1);
   return std::clamp((target + per_split - 1) / per_split, 1, kPagedDecodeMaxSplits);
 }
 

@@ -4,7 +4,6 @@
 // paged_decode.cu only.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -51,7 +50,6 @@ struct Args {
   int target_blocks;
   int head_chunks;     // pipelined kernel: query-head chunks of kMaxHeadsPerBlock per KV head
   int blocks_per_seq;  // blocks of one split of one sequence (the grid's x extent)
-  int rows_kv_heads;   // row kernel (kRows): KV heads of one block (whole-row chunk)
   float scale_log2;
   // Fused form (PagedDecodeCudaPlan::fold_rotary, register-staged kernel only): q is the qkv
   // row [q | k | v] of each sequence; positions / slots of the new token (device), the caches
@@ -78,28 +76,6 @@ __device__ __forceinline__ int SplitLen(const Args& a, int ctx, int* splits) {
   const int len = (per + kKeysPerIter - 1) / kKeysPerIter * kKeysPerIter;
   *splits = (ctx + len - 1) / len;
   return len;
-}
-
-// The part of sequence s that split sp of a block serves: keys [k_begin, k_end) of ctx, and the
-// sequence's block-table row. False when the block has nothing to read: a padding row (ctx <= 0,
-// the caller zeroes the output from split 0) or a split past the sequence's split count.
-struct SeqSplit {
-  int ctx, splits, k_begin, k_end;
-  const int32_t* table;
-};
-__device__ __forceinline__ bool SeqSplitOf(const Args& a, int s, int sp, SeqSplit* r) {
-  r->ctx = a.context_lens[s];
-  r->splits = 1;
-  r->k_begin = r->k_end = 0;
-  r->table = nullptr;
-  if (r->ctx <= 0) return false;
-  const int split_len = SplitLen(a, r->ctx, &r->splits);
-  if (sp >= r->splits) return false;
-  r->k_begin = sp * split_len;
-  r->k_end = min(r->ctx, r->k_begin + split_len);
-  const int pitch = a.step_info ? a.step_info[1] : a.max_blocks;
-  r->table = a.block_tables + static_cast<size_t>(s) * pitch;
-  return true;
 }
 
 template <typename T>
@@ -150,23 +126,5 @@ __device__ __forceinline__ void MergeSplits(const Args& a, int s, int h, int spl
 // kMmaHeadsPerBlock query heads per KV head. The split merge (several splits) is the caller's.
 KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype,
                                   cudaStream_t stream);
-
-// kernels/cuda/paged_decode_rows.cu (PagedDecodeVariant::kRows): the whole-row kernel, grid
-// (a.blocks_per_seq chunks of a.rows_kv_heads KV heads, a.num_seqs, a.max_splits).
-// kRowsMaxElems: a chunk's row (rows_kv_heads x head_dim elements) is at most this long;
-// kRowsMaxHeads: query heads of one block at most. The split merge is the caller's.
-constexpr int kRowsMaxElems = 2560;
-constexpr int kRowsMaxHeads = 32;
-// KV heads of one row-kernel block: the whole row where it fits the limits above, else the
-// most that do; 0 when one KV head's group alone has more than kRowsMaxHeads query heads.
-inline int RowsKvHeads(int num_kv_heads, int group, int head_dim) {
-  if (group > kRowsMaxHeads || head_dim > kRowsMaxElems) return 0;
-  return std::max(1, std::min({num_kv_heads, kRowsMaxElems / head_dim, kRowsMaxHeads / group}));
-}
-// The split rule's target for the row kernel (one block an SM, so more splits than the others'
-// 4 blocks an SM: at b256 ctx 1024 Phi-2 8 splits of 128 keys, 2,048 blocks = 15.5 waves).
-constexpr int kRowsTargetBlocksPerSm = 16;
-KernelStatus LaunchPagedDecodeRows(const Args& a, int head_dim, DataType dtype,
-                                   cudaStream_t stream);
 
 }  // namespace phishard::paged_decode

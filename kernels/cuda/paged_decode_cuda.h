@@ -56,9 +56,6 @@ enum class PagedDecodeVariant {
   kPipelined,       // 32-key tiles x 4 shared-memory stages (64 x 3, 32 x 6 measured slower)
   kTensorCore,      // QK and PV on mma.sync (paged_decode_mma.cu), up to 8 query heads of a KV
                     // head a block: 0.53x the instructions, not faster (perf-log dmma); opt-in
-  kRows,            // whole cache rows a block (all KV heads of a token, paged_decode_rows.cu),
-                    // one block of 16 warps per (sequence, split); opt-in. Needs group <= 32.
-                    // Its grid wants PagedDecodeCudaRowsMaxSplits as plan.max_splits.
   // (A register-direct streaming form, no shared memory, had the same J/GB as kPipelined and
   // ran 1.5x slower in the step: perf-log dmma2, branch dmma2; not kept.)
 };
@@ -90,11 +87,6 @@ struct PagedDecodeCudaPlan {
 
 // Grid split bound for a launch that will serve at least `min_live_seqs` live sequences.
 int PagedDecodeCudaMaxSplits(int min_live_seqs, int num_heads, int num_multiprocessors);
-
-// The same for PagedDecodeVariant::kRows (its blocks hold every head of a row, so its grid needs
-// more splits than PagedDecodeCudaMaxSplits gives).
-int PagedDecodeCudaRowsMaxSplits(int min_live_seqs, int num_heads, int num_kv_heads, int head_dim,
-                                 int num_multiprocessors);
 
 size_t PagedDecodeCudaWorkspaceBytes(int num_seqs, int num_heads, int head_dim, int max_splits);
 

@@ -244,35 +244,6 @@ TEST(CudaPagedDecode, TensorCoreMatchesCpuReference) {
                 PagedDecodeVariant::kTensorCore);
 }
 
-// The whole-row kernel (PagedDecodeVariant::kRows, opt-in) on the same cases, both types, 1, 3
-// and 16 splits, plus rows that take more than one block (64 MHA heads at head_dim 80: two
-// chunks of 32 heads; head_dim 128: 20 + 12 heads, the chunk limited by its 2,560 elements) and
-// a GQA group of 32 (the most one block holds). Tolerance as the other kernels: float32 math in
-// a different order than the reference, one rounding of the output (OneRoundingTol).
-TEST(CudaPagedDecode, RowsMatchesCpuReference) {
-  PHI_REQUIRE_GPU();
-  std::vector<DecodeCase> cases = DecodeCases();
-  cases.push_back({{200, 31, 1}, 3, 32, 2, 64, 16});          // group 16
-  cases.push_back({{77, 1, 0}, 2, 32, 1, 64, 16});            // group 32, one KV head
-  cases.push_back({{1024, 1023, 17, 0}, 3, 32, 32, 80, 16});  // Phi-2 heads, ctx 1024
-  cases.push_back({{300, 45}, 2, 64, 64, 80, 16});            // two chunks of 32 heads
-  cases.push_back({{129, 1, 64}, 3, 32, 32, 128, 7});         // chunks of 20 + 12 heads
-  for (const DecodeCase& c : cases) {
-    for (DataType t : kHalfTypes) {
-      for (int splits : {1, 3, 16}) {
-        SCOPED_TRACE(testing::Message() << DataTypeName(t) << " seqs " << c.ctx.size()
-                                        << " heads " << c.num_heads << "/" << c.num_kv_heads
-                                        << " head_dim " << c.head_dim << " block "
-                                        << c.block_size << " splits " << splits);
-        RunDecodeCase(c, t, splits, /*device_info=*/true, PagedDecodeVariant::kRows);
-        if (HasFatalFailure()) return;
-      }
-    }
-  }
-  RunDecodeCase({{40, 41, 1}, 3, 8, 8, 64, 16}, DataType::kBF16, 4, /*device_info=*/false,
-                PagedDecodeVariant::kRows);
-}
-
 // Small enough for compute-sanitizer (memcheck, racecheck): splits, padding rows, GQA.
 TEST(CudaPagedDecode, SmallCasesForSanitizer) {
   PHI_REQUIRE_GPU();
@@ -286,10 +257,6 @@ TEST(CudaPagedDecode, SmallCasesForSanitizer) {
                 PagedDecodeVariant::kTensorCore);
   RunDecodeCase({{33, 16}, 2, 4, 4, 64, 5}, DataType::kF16, 1, /*device_info=*/true,
                 PagedDecodeVariant::kTensorCore);
-  RunDecodeCase({{70, 3, 0}, 2, 4, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true,
-                PagedDecodeVariant::kRows);
-  RunDecodeCase({{33, 16}, 2, 4, 4, 64, 5}, DataType::kF16, 1, /*device_info=*/true,
-                PagedDecodeVariant::kRows);
 }
 
 // ---------------------------------------------------------------------------------------------
