@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_device.h"
 #include "bench/bench_util.h"
 #include "bench/gemm_sustained.h"
 #include "bench/sustain.h"
@@ -40,13 +41,7 @@
 namespace phishard {
 namespace {
 
-#define KB_CHECK(cond, what)                                     \
-  do {                                                           \
-    if (!(cond)) {                                               \
-      std::fprintf(stderr, "kernel_bench: %s failed\n", (what)); \
-      std::exit(1);                                              \
-    }                                                            \
-  } while (0)
+#define KB_CHECK(cond, what) bench::DieUnless((cond), "kernel_bench", (what))
 
 int g_reps = 20;
 double g_copy_bps = 0;
@@ -74,20 +69,10 @@ void Report(const std::string& op, const std::string& shape, const std::string& 
   std::fflush(stdout);
 }
 
-void* Alloc(size_t bytes) {
-  void* p = nullptr;
-  KB_CHECK(DeviceMalloc(&p, bytes) == 0, "DeviceMalloc");
-  return p;
-}
+void* Alloc(size_t bytes) { return bench::DeviceAllocOrDie(bytes, "kernel_bench"); }
 
 void Fill(void* p, size_t count, uint64_t seed, DataType t, cudaStream_t s, float spread = 1.0f) {
-  KB_CHECK(RandomFillCuda({.data = p,
-                           .count = static_cast<int64_t>(count),
-                           .spread = spread,
-                           .seed = seed,
-                           .dtype = t},
-                          s) == KernelStatus::kOk,
-           "RandomFill");
+  bench::RandomFillOrDie(p, count, seed, t, s, "kernel_bench", spread);
 }
 
 void CopyCeiling(cudaStream_t s) {

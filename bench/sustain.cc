@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/bench_device.h"
 #include "bench/sustain_kernels.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
@@ -22,13 +23,7 @@
 namespace phishard::bench {
 namespace {
 
-#define SU_CHECK(cond, what)                                \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      std::fprintf(stderr, "sustain: %s failed\n", (what)); \
-      std::exit(1);                                         \
-    }                                                       \
-  } while (0)
+#define SU_CHECK(cond, what) DieUnless((cond), "sustain", (what))
 
 using Clock = std::chrono::steady_clock;
 
@@ -81,20 +76,10 @@ PowerProbe& Probe() {
   return p;
 }
 
-void* Alloc(size_t bytes) {
-  void* p = nullptr;
-  SU_CHECK(DeviceMalloc(&p, bytes) == 0, "DeviceMalloc");
-  return p;
-}
+void* Alloc(size_t bytes) { return DeviceAllocOrDie(bytes, "sustain"); }
 
 void Fill(void* p, size_t count, uint64_t seed, DataType t, cudaStream_t s, float spread = 1.0f) {
-  SU_CHECK(RandomFillCuda({.data = p,
-                           .count = static_cast<int64_t>(count),
-                           .spread = spread,
-                           .seed = seed,
-                           .dtype = t},
-                          s) == KernelStatus::kOk,
-           "RandomFill");
+  RandomFillOrDie(p, count, seed, t, s, "sustain", spread);
 }
 
 struct Window {
