@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "bench/bench_device.h"
 #include "bench/bench_util.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
@@ -149,57 +150,18 @@ json KernelTimes(const Ceilings& ceil) {
     int seqs, ctx;
   };
   for (Att a : {Att{1, 1024}, Att{1, 4096}, Att{32, 1024}, Att{32, 4096}, Att{256, 1024}}) {
-    const int64_t slots = int64_t{a.seqs} * a.ctx;
-    const size_t kv = static_cast<size_t>(slots) * nh * hd * 2;
-    void *k = nullptr, *v = nullptr, *q = nullptr, *o = nullptr, *ws = nullptr, *meta = nullptr;
-    const size_t ws_bytes = PagedDecodeCudaWorkspaceBytes(a.seqs, nh, hd, kPagedDecodeMaxSplits);
-    const int blocks_per = a.ctx / bs;
-    BENCH_CHECK(DeviceMalloc(&k, kv) == 0 && DeviceMalloc(&v, kv) == 0 &&
-                    DeviceMalloc(&q, size_t{2} * a.seqs * 3 * nh * hd) == 0 &&
-                    DeviceMalloc(&o, size_t{2} * a.seqs * nh * hd) == 0 &&
-                    DeviceMalloc(&ws, std::max<size_t>(ws_bytes, 16)) == 0 &&
-                    DeviceMalloc(&meta, size_t{4} * (a.seqs + static_cast<size_t>(a.seqs) *
-                                                                  blocks_per)) == 0,
-                "attention buffers");
-    RandomFillCuda(
-        {.data = k, .count = static_cast<int64_t>(kv / 2), .seed = 8, .dtype = DataType::kBF16}, s);
-    RandomFillCuda(
-        {.data = v, .count = static_cast<int64_t>(kv / 2), .seed = 9, .dtype = DataType::kBF16}, s);
-    RandomFillCuda(
-        {.data = q, .count = int64_t{a.seqs} * 3 * nh * hd, .seed = 10, .dtype = DataType::kBF16},
-        s);
-    std::vector<int32_t> host(a.seqs + static_cast<size_t>(a.seqs) * blocks_per);
-    for (int i = 0; i < a.seqs; ++i) host[i] = a.ctx;
-    for (size_t i = 0; i < static_cast<size_t>(a.seqs) * blocks_per; ++i) {
-      host[a.seqs + i] = static_cast<int32_t>(i);
-    }
-    DeviceCopyToDevice(meta, host.data(), host.size() * 4, s);
-    const int32_t* lens = static_cast<const int32_t*>(meta);
-    PagedAttentionParams p{.q = q,
-                           .k_cache = k,
-                           .v_cache = v,
-                           .out = o,
-                           .context_lens = lens,
-                           .block_tables = lens + a.seqs,
-                           .num_seqs = a.seqs,
-                           .num_tokens = a.seqs,
-                           .max_blocks_per_seq = blocks_per,
-                           .num_blocks = static_cast<int>(slots / bs),
-                           .block_size = bs,
-                           .num_heads = nh,
-                           .num_kv_heads = nh,
-                           .head_dim = hd,
-                           .q_stride = 3 * nh * hd,
-                           .scale = 0.1118f,
-                           .dtype = DataType::kBF16};
+    DecodeAttentionInputs in =
+        MakeDecodeAttentionInputs(a.seqs, a.ctx, nh, hd, bs, s, "phishard_bench");
+    const PagedAttentionParams& p = in.p;
+    const size_t kv = in.kv_bytes;
     // Every kernel variant (kAuto is what the model runs).
     const std::pair<PagedDecodeVariant, const char*> variants[] = {
         {PagedDecodeVariant::kAuto, "paged_decode"},
         {PagedDecodeVariant::kRegisterStages, "paged_decode regs"},
         {PagedDecodeVariant::kPipelined, "paged_decode pipe"}};
     for (auto [variant, name] : variants) {
-      PagedDecodeCudaPlan plan{.workspace = ws,
-                               .workspace_bytes = ws_bytes,
+      PagedDecodeCudaPlan plan{.workspace = in.workspace,
+                               .workspace_bytes = in.workspace_bytes,
                                .num_multiprocessors = 132,
                                .variant = variant};
       int splits = 0;
@@ -214,7 +176,7 @@ json KernelTimes(const Ceilings& ceil) {
                      {"gbps", 2.0 * kv / (us * 1e-6) / 1e9},
                      {"of_copy_bw", 2.0 * kv / (us * 1e-6) / ceil.copy_bytes_per_s}});
     }
-    for (void* ptr : {k, v, q, o, ws, meta}) DeviceFree(ptr);
+    in.Free();
   }
   DeviceStreamDestroy(s);
   for (const json& j : out) {

@@ -7,9 +7,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
+#include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/random_fill_cuda.h"
 #include "kernels/device.h"
+#include "kernels/paged_attention.h"
 
 namespace phishard::bench {
 
@@ -37,6 +40,68 @@ inline void RandomFillOrDie(void* p, size_t count, uint64_t seed, DataType t, cu
                             .dtype = t},
                            s) == KernelStatus::kOk,
             prog, "RandomFill");
+}
+
+// One layer's decode attention on the device, as the decode benches time it: `seqs` sequences of
+// `ctx` tokens, MHA `heads` x `head_dim` bf16, blocks of `block_size` slots with each sequence's
+// blocks consecutive in the pool, random q (rows of a fused q/k/v projection) / K / V, a split
+// workspace for up to kPagedDecodeMaxSplits splits.
+struct DecodeAttentionInputs {
+  PagedAttentionParams p;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  size_t kv_bytes = 0;        // of K (V the same)
+  std::vector<int32_t> host;  // [seqs] context lengths, then the [seqs, blocks] block table
+  std::vector<void*> buffers;
+  void Free() {
+    for (void* b : buffers) DeviceFree(b);
+    buffers.clear();
+  }
+};
+
+inline DecodeAttentionInputs MakeDecodeAttentionInputs(int seqs, int ctx, int heads, int head_dim,
+                                                       int block_size, cudaStream_t s,
+                                                       const char* prog) {
+  DecodeAttentionInputs in;
+  const int blocks_per = (ctx + block_size - 1) / block_size;
+  const size_t table = static_cast<size_t>(seqs) * blocks_per;
+  in.kv_bytes = table * block_size * heads * head_dim * 2;
+  in.workspace_bytes = PagedDecodeCudaWorkspaceBytes(seqs, heads, head_dim, kPagedDecodeMaxSplits);
+  auto alloc = [&](size_t bytes) {
+    in.buffers.push_back(DeviceAllocOrDie(bytes, prog));
+    return in.buffers.back();
+  };
+  void* k = alloc(in.kv_bytes);
+  void* v = alloc(in.kv_bytes);
+  void* q = alloc(size_t{2} * seqs * 3 * heads * head_dim);
+  void* out = alloc(size_t{2} * seqs * heads * head_dim);
+  in.workspace = alloc(in.workspace_bytes > 16 ? in.workspace_bytes : 16);
+  int32_t* meta = static_cast<int32_t*>(alloc(size_t{4} * (seqs + table)));
+  RandomFillOrDie(k, in.kv_bytes / 2, 8, DataType::kBF16, s, prog);
+  RandomFillOrDie(v, in.kv_bytes / 2, 9, DataType::kBF16, s, prog);
+  RandomFillOrDie(q, size_t{3} * seqs * heads * head_dim, 10, DataType::kBF16, s, prog);
+  in.host.assign(seqs + table, ctx);
+  for (size_t i = 0; i < table; ++i) in.host[seqs + i] = static_cast<int32_t>(i);
+  DeviceCopyToDevice(meta, in.host.data(), in.host.size() * 4, s);
+  DieUnless(DeviceStreamSync(s) == 0, prog, "decode attention inputs");
+  in.p = PagedAttentionParams{.q = q,
+                              .k_cache = k,
+                              .v_cache = v,
+                              .out = out,
+                              .context_lens = meta,
+                              .block_tables = meta + seqs,
+                              .num_seqs = seqs,
+                              .num_tokens = seqs,
+                              .max_blocks_per_seq = blocks_per,
+                              .num_blocks = static_cast<int>(table),
+                              .block_size = block_size,
+                              .num_heads = heads,
+                              .num_kv_heads = heads,
+                              .head_dim = head_dim,
+                              .q_stride = 3 * heads * head_dim,
+                              .scale = 0.1118f,
+                              .dtype = DataType::kBF16};
+  return in;
 }
 
 }  // namespace phishard::bench

@@ -247,44 +247,10 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
   // consecutive in the pool.
   {
     const int nh = o.heads, hd = 80, bs = 16;
-    const int64_t slots = int64_t{o.seqs} * o.ctx;
-    const size_t kv = static_cast<size_t>(slots) * nh * hd * 2;
-    const int blocks_per = (o.ctx + bs - 1) / bs;
-    const size_t ws_bytes = PagedDecodeCudaWorkspaceBytes(o.seqs, nh, hd, kPagedDecodeMaxSplits);
-    void* k = Alloc(kv);
-    void* v = Alloc(kv);
-    void* q = Alloc(size_t{2} * o.seqs * 3 * nh * hd);
-    void* out = Alloc(size_t{2} * o.seqs * nh * hd);
-    void* ws = Alloc(std::max<size_t>(ws_bytes, 16));
-    void* meta = Alloc(size_t{4} * (o.seqs + static_cast<size_t>(o.seqs) * blocks_per));
-    Fill(k, kv / 2, 8, DataType::kBF16, s);
-    Fill(v, kv / 2, 9, DataType::kBF16, s);
-    Fill(q, size_t{3} * o.seqs * nh * hd, 10, DataType::kBF16, s);
-    std::vector<int32_t> host(o.seqs + static_cast<size_t>(o.seqs) * blocks_per);
-    for (int i = 0; i < o.seqs; ++i) host[i] = o.ctx;
-    for (size_t i = 0; i < static_cast<size_t>(o.seqs) * blocks_per; ++i) {
-      host[o.seqs + i] = static_cast<int32_t>(i);
-    }
-    DeviceCopyToDevice(meta, host.data(), host.size() * 4, s);
-    SU_CHECK(DeviceStreamSync(s) == 0, "upload");
-    const int32_t* lens = static_cast<const int32_t*>(meta);
-    const PagedAttentionParams p{.q = q,
-                                 .k_cache = k,
-                                 .v_cache = v,
-                                 .out = out,
-                                 .context_lens = lens,
-                                 .block_tables = lens + o.seqs,
-                                 .num_seqs = o.seqs,
-                                 .num_tokens = o.seqs,
-                                 .max_blocks_per_seq = blocks_per,
-                                 .num_blocks = static_cast<int>(slots / bs),
-                                 .block_size = bs,
-                                 .num_heads = nh,
-                                 .num_kv_heads = nh,
-                                 .head_dim = hd,
-                                 .q_stride = 3 * nh * hd,
-                                 .scale = 0.1118f,
-                                 .dtype = DataType::kBF16};
+    DecodeAttentionInputs in = MakeDecodeAttentionInputs(o.seqs, o.ctx, nh, hd, bs, s, "sustain");
+    const PagedAttentionParams& p = in.p;
+    const size_t kv = in.kv_bytes;
+    const std::vector<int32_t>& host = in.host;
     // The pipelined kernel first and again later (the second pass runs at the clock the others
     // left), the register-staged and tensor-core kernels between.
     const std::pair<PagedDecodeVariant, const char*> variants[] = {
@@ -293,8 +259,8 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
         {PagedDecodeVariant::kTensorCore, "attn mma"},
         {PagedDecodeVariant::kPipelined, "attn pipe"}};
     for (auto [variant, vname] : variants) {
-      const PagedDecodeCudaPlan plan{.workspace = ws,
-                                     .workspace_bytes = ws_bytes,
+      const PagedDecodeCudaPlan plan{.workspace = in.workspace,
+                                     .workspace_bytes = in.workspace_bytes,
                                      .num_multiprocessors = 132,
                                      .variant = variant};
       char name[64];
@@ -328,16 +294,16 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
       char name[64];
       std::snprintf(name, sizeof(name), "%s h%d", mx.name, nh);
       if (!wanted(name)) continue;
-      const AttnMixParams mp{.k_cache = k,
-                             .v_cache = v,
-                             .q = q,
-                             .q_stride = 3 * nh * hd,
-                             .block_tables = mx.random ? rand_table : lens + o.seqs,
+      const AttnMixParams mp{.k_cache = p.k_cache,
+                             .v_cache = p.v_cache,
+                             .q = p.q,
+                             .q_stride = p.q_stride,
+                             .block_tables = mx.random ? rand_table : p.block_tables,
                              .seqs = o.seqs,
                              .ctx = o.ctx,
                              .heads = nh,
                              .head_dim = hd,
-                             .max_blocks = blocks_per,
+                             .max_blocks = p.max_blocks_per_seq,
                              .sink = sink};
       SustainKernel(name, 2.0 * kv, o, burst_gbps, s,
                     [&] { SU_CHECK(SmAttnMix(mp, mx.level, mx.smem, s), "SmAttnMix"); });
@@ -348,8 +314,8 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
       if (wanted(name)) {
         PagedAttentionParams pr = p;
         pr.block_tables = rand_table;
-        const PagedDecodeCudaPlan plan{.workspace = ws,
-                                       .workspace_bytes = ws_bytes,
+        const PagedDecodeCudaPlan plan{.workspace = in.workspace,
+                                       .workspace_bytes = in.workspace_bytes,
                                        .num_multiprocessors = 132,
                                        .variant = PagedDecodeVariant::kPipelined};
         SustainKernel(name, 2.0 * kv, o, burst_gbps, s, [&] {
@@ -357,10 +323,9 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
         });
       }
     }
-    for (void* ptr :
-         {k, v, q, out, ws, meta, static_cast<void*>(rand_table), static_cast<void*>(sink)}) {
-      DeviceFree(ptr);
-    }
+    in.Free();
+    DeviceFree(rand_table);
+    DeviceFree(sink);
   }
 
   // The decode step's fc1 + GELU at M = o.seqs over 8 copies of the weight (418 MB: no launch
