@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/kv_layout.h"
+
 namespace phishard {
 namespace {
 
@@ -50,11 +52,12 @@ KernelStatus PagedAttentionCpu(const PagedAttentionParams& p) {
   const int hd = p.head_dim;
   const int q_stride = p.q_stride == 0 ? p.num_heads * hd : p.q_stride;
   const int group = p.num_heads / p.num_kv_heads;
-  const size_t kv_row = static_cast<size_t>(p.num_kv_heads) * hd;  // floats per slot
+  // Head kvh of a slot sits KvHeadRunElems further than head 0 (kernels/kv_layout.h).
+  const size_t head_run = static_cast<size_t>(KvHeadRunElems(p.block_size, hd));
 
   int max_ctx = 0;
   for (int s = 0; s < p.num_seqs; ++s) max_ctx = std::max(max_ctx, p.context_lens[s]);
-  std::vector<size_t> slot_offset(max_ctx);  // float offset of each context position's K/V row
+  std::vector<size_t> slot_offset(max_ctx);  // float offset of each context position's head 0
   std::vector<float> scores(max_ctx);
   std::vector<float> acc(hd);
 
@@ -66,14 +69,15 @@ KernelStatus PagedAttentionCpu(const PagedAttentionParams& p) {
     for (int c = 0; c < ctx; ++c) {
       const int64_t slot =
           static_cast<int64_t>(table[c / p.block_size]) * p.block_size + c % p.block_size;
-      slot_offset[c] = static_cast<size_t>(slot) * kv_row;
+      slot_offset[c] =
+          static_cast<size_t>(KvSlotOffset(slot, 0, p.block_size, p.num_kv_heads, hd));
     }
     for (int j = 0; j < q_len; ++j) {
       const int t = q_begin + j;
       const int n_keys = ctx - q_len + j + 1;  // positions [0, pos]
       for (int h = 0; h < p.num_heads; ++h) {
         const float* qh = q + static_cast<size_t>(t) * q_stride + static_cast<size_t>(h) * hd;
-        const size_t kv_head = static_cast<size_t>(h / group) * hd;
+        const size_t kv_head = static_cast<size_t>(h / group) * head_run;
         float max_score = -INFINITY;
         for (int c = 0; c < n_keys; ++c) {
           const float* kc = k_cache + slot_offset[c] + kv_head;

@@ -5,7 +5,8 @@
 // context_lens[s] tokens in the cache after this step, their K/V already written (see
 // rotary_kv_write.h). Query row j of s sits at position pos = context_lens[s] - q_len + j and
 // attends to cache positions [0, pos]. Position c of s lives in slot
-//   block_tables[s * max_blocks_per_seq + c / block_size] * block_size + c % block_size.
+//   block_tables[s * max_blocks_per_seq + c / block_size] * block_size + c % block_size,
+// its head kvh at KvSlotOffset(slot, kvh, ...) of each cache (kernels/kv_layout.h).
 // Query head h reads KV head h / (num_heads / num_kv_heads) (GQA; MHA when equal).
 //   out[t, h, :] = softmax_c(scale * q[t, h, :] · K[c, kvh, :]) · V[c, kvh, :]
 // Scores, softmax and the weighted sum are float32 or wider.
@@ -21,8 +22,8 @@ namespace phishard {
 
 struct PagedAttentionParams {
   const void* q = nullptr;  // [num_tokens, q_stride]; head h of row t at t*q_stride + h*head_dim
-  const void* k_cache = nullptr;          // [num_blocks, block_size, num_kv_heads, head_dim], dtype
-  const void* v_cache = nullptr;          // [num_blocks, block_size, num_kv_heads, head_dim], dtype
+  const void* k_cache = nullptr;          // [num_blocks, num_kv_heads, block_size, head_dim], dtype
+  const void* v_cache = nullptr;          // [num_blocks, num_kv_heads, block_size, head_dim], dtype
   void* out = nullptr;                    // [num_tokens, num_heads * head_dim], dtype
   const int32_t* cu_q_lens = nullptr;     // [num_seqs + 1], cu_q_lens[0] = 0, last = num_tokens
   const int32_t* context_lens = nullptr;  // [num_seqs]

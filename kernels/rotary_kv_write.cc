@@ -4,6 +4,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/kv_layout.h"
+
 namespace phishard {
 namespace {
 
@@ -23,6 +25,9 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
   if (p.dtype != DataType::kF32) return KernelStatus::kUnsupportedDtype;
   if (p.num_tokens < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
       p.num_slots < 0 || p.rotary_dim < 0 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.write_cache && (p.block_size <= 0 || p.num_slots % p.block_size != 0)) {
     return KernelStatus::kInvalidShape;
   }
   const int qkv_width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
@@ -75,9 +80,12 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
       }
     }
     if (!p.write_cache) continue;
-    const size_t slot = static_cast<size_t>(p.slots[t]);
-    std::memcpy(k_cache + slot * kv_row, k, sizeof(float) * kv_row);
-    std::memcpy(v_cache + slot * kv_row, v, sizeof(float) * kv_row);
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int64_t off =
+          KvSlotOffset(p.slots[t], h, p.block_size, p.num_kv_heads, p.head_dim);
+      std::memcpy(k_cache + off, k + h * p.head_dim, sizeof(float) * p.head_dim);
+      std::memcpy(v_cache + off, v + h * p.head_dim, sizeof(float) * p.head_dim);
+    }
   }
   return KernelStatus::kOk;
 }

@@ -12,9 +12,9 @@
 //   x[j]        = x1 * cos - x2 * sin
 //   x[j + half] = x2 * cos + x1 * sin
 // Q and K are rotated in place in `qkv`; then the rotated K and the V of token t are copied to slot
-// slots[t] of the cache. One layer's cache is K and V, each [num_slots, num_kv_heads, head_dim]
-// (= [num_blocks, block_size, nKV, head_dim]); the slot of position p of a sequence is
-// block_table[p / block_size] * block_size + p % block_size (the caller computes it).
+// slots[t] of the cache. One layer's cache is K and V, each [num_blocks, num_kv_heads,
+// block_size, head_dim] (kernels/kv_layout.h: KvSlotOffset); the slot of position p of a sequence
+// is block_table[p / block_size] * block_size + p % block_size (the caller computes it).
 // All slots are checked before anything is written: on error neither qkv nor the cache changes.
 #pragma once
 
@@ -29,9 +29,10 @@ struct RotaryKvWriteParams {
   void* qkv = nullptr;                 // [num_tokens, qkv_stride], dtype, rotated in place
   const int32_t* positions = nullptr;  // [num_tokens] absolute positions (>= 0)
   const int64_t* slots = nullptr;      // [num_tokens] cache slot of each token, in [0, num_slots)
-  void* k_cache = nullptr;             // [num_slots, num_kv_heads, head_dim], dtype
-  void* v_cache = nullptr;             // [num_slots, num_kv_heads, head_dim], dtype
+  void* k_cache = nullptr;             // [num_blocks, num_kv_heads, block_size, head_dim], dtype
+  void* v_cache = nullptr;             // [num_blocks, num_kv_heads, block_size, head_dim], dtype
   int64_t num_slots = 0;               // num_blocks * block_size
+  int block_size = 0;                  // tokens a block (>= 1, divides num_slots) when writing
   int num_tokens = 0;
   int qkv_stride = 0;  // 0 means (num_heads + 2 * num_kv_heads) * head_dim
   int num_heads = 0;

@@ -514,6 +514,7 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                           .k_cache = k_cache,
                           .v_cache = v_cache,
                           .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
+                          .block_size = kv_block_size_,
                           .num_tokens = T,
                           .num_heads = nH,
                           .num_kv_heads = nKV,

@@ -59,7 +59,7 @@ struct CudaPhiModel::StepInputs {
 };
 
 // Rotary on q and k of `tokens` rows of qkv ([tokens, qkv_width] device) and their K/V into
-// one layer's cache (k_cache / v_cache: [kv_num_blocks_ * kv_block_size_, nKV, hd] device); the
+// one layer's cache (k_cache / v_cache: [kv_num_blocks_, nKV, kv_block_size_, hd] device); the
 // caller sets the optional fields (write_cache, fold_delta).
 inline RotaryKvWriteParams CudaPhiModel::LayerRotaryParams(void* qkv, const int32_t* positions,
                                                            const int64_t* slots, int tokens,
@@ -71,6 +71,7 @@ inline RotaryKvWriteParams CudaPhiModel::LayerRotaryParams(void* qkv, const int3
                              .k_cache = k_cache,
                              .v_cache = v_cache,
                              .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
+                             .block_size = kv_block_size_,
                              .num_tokens = tokens,
                              .num_heads = c.num_attention_heads,
                              .num_kv_heads = c.num_key_value_heads,
