@@ -28,6 +28,15 @@ inline double NaiveGeluTanh(double x) {
 }
 inline double NaiveGeluErf(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
 
+// Element index of (slot, KV head, dim) in one layer's K or V cache, written out from the layout's
+// definition [num_blocks, num_kv_heads, block_size, head_dim] (kernels/kv_layout.h), independently
+// of that header: the tests' naive references and cache fills address the cache through this.
+inline size_t CacheIndex(size_t slot, int kv_head, int d, int block_size, int num_kv_heads,
+                         int head_dim) {
+  const size_t block = slot / block_size, in_block = slot % block_size;
+  return ((block * num_kv_heads + kv_head) * block_size + in_block) * head_dim + d;
+}
+
 inline std::vector<float> Poisoned(size_t n) { return std::vector<float>(n, kNaN); }
 
 inline bool AllFinite(const std::vector<float>& v) {

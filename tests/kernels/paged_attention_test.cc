@@ -13,6 +13,7 @@
 namespace phishard {
 namespace {
 
+using testing_util::CacheIndex;
 using testing_util::kNaN;
 using testing_util::Poisoned;
 using testing_util::RandomVector;
@@ -64,9 +65,12 @@ Batch MakeBatch(const Heads& h, const std::vector<Seq>& seqs, uint32_t seed) {
       const size_t slot =
           static_cast<size_t>(b.block_tables[s * b.max_blocks + c / b.block_size]) * b.block_size +
           c % b.block_size;
-      for (int i = 0; i < kv_row; ++i) {
-        b.k_cache[slot * kv_row + i] = dist(rng);
-        b.v_cache[slot * kv_row + i] = dist(rng);
+      for (int kvh = 0; kvh < h.num_kv_heads; ++kvh) {
+        for (int d = 0; d < h.head_dim; ++d) {
+          const size_t i = CacheIndex(slot, kvh, d, b.block_size, h.num_kv_heads, h.head_dim);
+          b.k_cache[i] = dist(rng);
+          b.v_cache[i] = dist(rng);
+        }
       }
     }
   }
@@ -99,7 +103,7 @@ PagedAttentionParams MakeParams(const Heads& h, Batch& b, std::vector<float>& ou
 
 // Naive attention in double: positions, slots and GQA mapping recomputed from the definitions.
 std::vector<double> NaiveAttention(const Heads& h, const Batch& b) {
-  const int hd = h.head_dim, kv_row = h.num_kv_heads * hd;
+  const int hd = h.head_dim;
   std::vector<double> out(static_cast<size_t>(b.num_tokens) * h.num_heads * hd);
   for (size_t s = 0; s + 1 < b.cu_q_lens.size(); ++s) {
     const int q_len = b.cu_q_lens[s + 1] - b.cu_q_lens[s];
@@ -117,7 +121,7 @@ std::vector<double> NaiveAttention(const Heads& h, const Batch& b) {
           double dot = 0.0;
           for (int d = 0; d < hd; ++d) {
             dot += static_cast<double>(b.q[t * b.q_stride + head * hd + d]) *
-                   b.k_cache[slot * kv_row + kvh * hd + d];
+                   b.k_cache[CacheIndex(slot, kvh, d, b.block_size, h.num_kv_heads, hd)];
           }
           score[c] = dot / std::sqrt(static_cast<double>(hd));
         }
@@ -131,7 +135,8 @@ std::vector<double> NaiveAttention(const Heads& h, const Batch& b) {
               c % b.block_size;
           for (int d = 0; d < hd; ++d) {
             out[(static_cast<size_t>(t) * h.num_heads + head) * hd + d] +=
-                score[c] / z * b.v_cache[slot * kv_row + kvh * hd + d];
+                score[c] / z *
+                b.v_cache[CacheIndex(slot, kvh, d, b.block_size, h.num_kv_heads, hd)];
           }
         }
       }

@@ -13,6 +13,7 @@
 namespace phishard {
 namespace {
 
+using testing_util::CacheIndex;
 using testing_util::kF32Unit;
 using testing_util::Poisoned;
 using testing_util::RandomVector;
@@ -74,6 +75,7 @@ TEST_P(RotaryKvWriteTest, MatchesNaiveReferenceAndWritesOnlyItsSlots) {
                         .k_cache = k_cache.data(),
                         .v_cache = v_cache.data(),
                         .num_slots = num_slots,
+                        .block_size = block_size,
                         .num_tokens = T,
                         .qkv_stride = stride,
                         .num_heads = c.num_heads,
@@ -109,9 +111,12 @@ TEST_P(RotaryKvWriteTest, MatchesNaiveReferenceAndWritesOnlyItsSlots) {
     for (int i = width; i < stride; ++i) ASSERT_TRUE(std::isnan(out[i]));
     // The cache rows of this token's slot hold exactly the rotated K and the V.
     const float* k = out + c.num_heads * c.head_dim;
-    for (int i = 0; i < kv_row; ++i) {
-      ASSERT_EQ(k_cache[slots[t] * kv_row + i], k[i]);
-      ASSERT_EQ(v_cache[slots[t] * kv_row + i], k[kv_row + i]);
+    for (int h = 0; h < c.num_kv_heads; ++h) {
+      for (int d = 0; d < c.head_dim; ++d) {
+        const size_t i = CacheIndex(slots[t], h, d, block_size, c.num_kv_heads, c.head_dim);
+        ASSERT_EQ(k_cache[i], k[h * c.head_dim + d]);
+        ASSERT_EQ(v_cache[i], k[kv_row + h * c.head_dim + d]);
+      }
     }
   }
   // Every other slot is untouched.
@@ -119,9 +124,11 @@ TEST_P(RotaryKvWriteTest, MatchesNaiveReferenceAndWritesOnlyItsSlots) {
   for (int64_t s : slots) used[s] = true;
   for (int64_t s = 0; s < num_slots; ++s) {
     if (used[s]) continue;
-    for (int i = 0; i < kv_row; ++i) {
-      ASSERT_TRUE(std::isnan(k_cache[s * kv_row + i]) && std::isnan(v_cache[s * kv_row + i]))
-          << "slot " << s << " written";
+    for (int h = 0; h < c.num_kv_heads; ++h) {
+      for (int d = 0; d < c.head_dim; ++d) {
+        const size_t i = CacheIndex(s, h, d, block_size, c.num_kv_heads, c.head_dim);
+        ASSERT_TRUE(std::isnan(k_cache[i]) && std::isnan(v_cache[i])) << "slot " << s << " written";
+      }
     }
   }
 }
@@ -151,6 +158,7 @@ TEST(RotaryKvWrite, FoldEqualsAddThenPlain) {
                                .k_cache = kc.data(),
                                .v_cache = vc.data(),
                                .num_slots = 10,
+                               .block_size = 5,
                                .num_tokens = T,
                                .qkv_stride = stride,
                                .num_heads = nH,
@@ -198,6 +206,7 @@ TEST(RotaryKvWrite, BadSlotOrPositionChangesNothing) {
                         .k_cache = k_cache.data(),
                         .v_cache = v_cache.data(),
                         .num_slots = 32,
+                        .block_size = 16,
                         .num_tokens = T,
                         .num_heads = nH,
                         .num_kv_heads = nKV,
@@ -220,6 +229,11 @@ TEST(RotaryKvWrite, BadSlotOrPositionChangesNothing) {
   p.qkv_stride = width - 1;
   EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kInvalidShape);
   p.qkv_stride = 0;
+  p.block_size = 0;  // a cache write needs the block size (the layout's second extent)
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kInvalidShape);
+  p.block_size = 5;  // does not divide num_slots
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kInvalidShape);
+  p.block_size = 16;
   p.dtype = DataType::kBF16;
   EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kUnsupportedDtype);
   p.dtype = DataType::kF32;
@@ -243,6 +257,7 @@ TEST(RotaryKvWrite, RotateOnlyLeavesTheCache) {
                         .k_cache = k_cache.data(),
                         .v_cache = v_cache.data(),
                         .num_slots = 16,
+                        .block_size = 4,
                         .num_tokens = T,
                         .num_heads = nH,
                         .num_kv_heads = nKV,
