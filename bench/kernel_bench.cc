@@ -119,6 +119,7 @@ void RotaryCases(cudaStream_t s) {
                                 .k_cache = k,
                                 .v_cache = v,
                                 .num_slots = num_slots,
+                                .block_size = 16,
                                 .num_tokens = T,
                                 .num_heads = kHeads,
                                 .num_kv_heads = kHeads,

@@ -241,10 +241,11 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
   DeviceFree(ca);
   DeviceFree(cb);
 
-  // Decode attention, Phi-2 heads (o.heads x 80, MHA; 32 = Phi-2: a slot's row holds every head,
-  // so each block reads 160 of every 5120 bytes; 1: each block reads its sequence's K and V as two
-  // contiguous runs), bf16, one layer's K/V, blocks of 16 slots; each sequence's blocks
-  // consecutive in the pool.
+  // Decode attention, Phi-2 heads (o.heads x 80, MHA; 32 = Phi-2), bf16, one layer's K/V in the
+  // cache layout [block, head, 16 keys, 80] (kernels/kv_layout.h: each (block, head) one 2,560 B
+  // run; before 2026-11-29's change a slot's row held every head, so a block read 160 of every
+  // 5,120 bytes, and --heads 1 measured the contiguous case), blocks of 16 slots; each sequence's
+  // blocks consecutive in the pool.
   {
     const int nh = o.heads, hd = 80, bs = 16;
     DecodeAttentionInputs in = MakeDecodeAttentionInputs(o.seqs, o.ctx, nh, hd, bs, s, "sustain");

@@ -114,9 +114,11 @@ __global__ void __launch_bounds__(kMixThreads, 4) AttnMixKernel(const MixArgs a)
   const int h = blockIdx.x, s = blockIdx.y;
   const int n_tiles = (a.ctx + kMixTile - 1) / kMixTile;
   const int32_t* table = a.table + static_cast<size_t>(s) * a.max_blocks;
-  const size_t row_bytes = static_cast<size_t>(a.heads) * HD * 2;  // a slot: every head's row
-  const size_t block_bytes = 16 * row_bytes;
-  const size_t head_bytes = static_cast<size_t>(h) * HD * 2;
+  // The cache layout [block, head, 16 keys, HD] (kernels/kv_layout.h): a block holds every head's
+  // run of 16 rows; this head's run starts head_bytes into it, its rows HD * 2 bytes apart.
+  constexpr size_t kRowBytes = HD * 2;
+  const size_t block_bytes = static_cast<size_t>(a.heads) * 16 * kRowBytes;
+  const size_t head_bytes = static_cast<size_t>(h) * 16 * kRowBytes;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int grp = lane >> 3, cl = lane & 7;
   const int kb = warp * 8 + grp;  // this group's keys in a tile: kb, kb + 4
@@ -144,7 +146,7 @@ __global__ void __launch_bounds__(kMixThreads, 4) AttnMixKernel(const MixArgs a)
       const int key = t * kMixTile + kb + 4 * u;
       r.valid[u] = key < a.ctx;
       const size_t off = r.valid[u] ? static_cast<size_t>(table[key >> 4]) * block_bytes +
-                                          (key & 15) * row_bytes + head_bytes
+                                          head_bytes + (key & 15) * kRowBytes
                                     : 0;
 #pragma unroll
       for (int i = 0; i < P; ++i) {
@@ -171,8 +173,8 @@ __global__ void __launch_bounds__(kMixThreads, 4) AttnMixKernel(const MixArgs a)
       size_t off = 0;
       int bytes = 0;
       if (key < a.ctx) {
-        off = static_cast<size_t>(table[key >> 4]) * block_bytes + (key & 15) * row_bytes +
-              head_bytes + 16 * j;
+        off = static_cast<size_t>(table[key >> 4]) * block_bytes + head_bytes +
+              (key & 15) * kRowBytes + 16 * j;
         bytes = 16;
       }
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_k + e * 16),

@@ -34,7 +34,7 @@ void SmReadFma(const void* src, size_t bytes, uint32_t* sink, int sms, cudaStrea
 // loads in flight while this one computes; true: cp.async into a 4-stage shared-memory ring and
 // ld.shared, as the pipelined kernel. Reads no output; `sink` keeps the work live.
 struct AttnMixParams {
-  const void* k_cache;          // [num_blocks, 16, heads, head_dim] device, bf16
+  const void* k_cache;          // [num_blocks, heads, 16, head_dim] device, bf16
   const void* v_cache;          // same
   const void* q;                // [seqs, q_stride] device, bf16: head h at h * head_dim
   int q_stride = 0;             // elements

@@ -95,8 +95,8 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
   }
   for (size_t slot = 0; slot < used.size(); ++slot) {
     if (used[slot]) continue;
-    std::fill_n(k.begin() + slot * kv_row, kv_row, testing_util::kNaN);
-    std::fill_n(v.begin() + slot * kv_row, kv_row, testing_util::kNaN);
+    testing_util::FillCacheSlot(k.data(), slot, testing_util::kNaN, bs, c.num_kv_heads, hd);
+    testing_util::FillCacheSlot(v.data(), slot, testing_util::kNaN, bs, c.num_kv_heads, hd);
   }
   // Scores of O(3) (q, k in [-1, 1], scale 1/sqrt(hd) over hd terms) keep the softmax non-trivial.
   std::vector<float> q = RandomVector(static_cast<size_t>(T) * q_stride, rng(), -1, 1);
@@ -144,10 +144,14 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
             static_cast<size_t>(tables[static_cast<size_t>(s) * max_blocks + pos / bs]) * bs +
             pos % bs;
         float* row = q_rows.data() + static_cast<size_t>(cu[s] + j) * q_stride;
-        std::copy_n(k.begin() + slot * kv_row, kv_row, row + c.num_heads * hd);
-        std::copy_n(v.begin() + slot * kv_row, kv_row, row + c.num_heads * hd + kv_row);
-        std::fill_n(k_dev.begin() + slot * kv_row, kv_row, testing_util::kNaN);
-        std::fill_n(v_dev.begin() + slot * kv_row, kv_row, testing_util::kNaN);
+        testing_util::CopyCacheSlotToRow(k.data(), slot, row + c.num_heads * hd, bs,
+                                         c.num_kv_heads, hd);
+        testing_util::CopyCacheSlotToRow(v.data(), slot, row + c.num_heads * hd + kv_row, bs,
+                                         c.num_kv_heads, hd);
+        testing_util::FillCacheSlot(k_dev.data(), slot, testing_util::kNaN, bs, c.num_kv_heads,
+                                    hd);
+        testing_util::FillCacheSlot(v_dev.data(), slot, testing_util::kNaN, bs, c.num_kv_heads,
+                                    hd);
       }
     }
     const std::vector<char> qb = Encode(q_rows, o.dtype);

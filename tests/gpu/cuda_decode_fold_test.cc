@@ -91,8 +91,11 @@ FoldData MakeData(const FoldCase& c, DataType t) {
   d.v = Encode(v, t);
   for (size_t slot = 0; slot < owned.size(); ++slot) {
     if (owned[slot]) continue;
-    std::memset(d.k.data() + slot * slot_elems * 2, 0xFF, slot_elems * 2);
-    std::memset(d.v.data() + slot * slot_elems * 2, 0xFF, slot_elems * 2);
+    // 0xFFFF: a NaN in bf16 and fp16.
+    testing_util::FillCacheSlot(reinterpret_cast<uint16_t*>(d.k.data()), slot, uint16_t{0xFFFF}, bs,
+                                nkv, hd);
+    testing_util::FillCacheSlot(reinterpret_cast<uint16_t*>(d.v.data()), slot, uint16_t{0xFFFF}, bs,
+                                nkv, hd);
   }
   d.ctx.assign(c.ctx.begin(), c.ctx.end());
   d.info = {c.live, d.pitch, 0, 0};
@@ -147,6 +150,7 @@ void SetupDevice(const FoldCase& c, DataType t, const FoldData& d, int max_split
                                .k_cache = f->k.get(),
                                .v_cache = f->v.get(),
                                .num_slots = static_cast<int64_t>(d.num_blocks) * c.block_size,
+                               .block_size = c.block_size,
                                .num_tokens = d.S,
                                .qkv_stride = d.stride,
                                .num_heads = c.num_heads,

@@ -83,8 +83,11 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
   std::vector<char> kb = Encode(k, t), vb = Encode(v, t);
   for (size_t slot = 0; slot < owned.size(); ++slot) {
     if (owned[slot]) continue;
-    std::memset(kb.data() + slot * slot_elems * 2, 0xFF, slot_elems * 2);
-    std::memset(vb.data() + slot * slot_elems * 2, 0xFF, slot_elems * 2);
+    // 0xFFFF: a NaN in bf16 and fp16.
+    testing_util::FillCacheSlot(reinterpret_cast<uint16_t*>(kb.data()), slot, uint16_t{0xFFFF}, bs,
+                                nkv, hd);
+    testing_util::FillCacheSlot(reinterpret_cast<uint16_t*>(vb.data()), slot, uint16_t{0xFFFF}, bs,
+                                nkv, hd);
   }
   std::vector<int32_t> cu(S + 1), ctx(c.ctx.begin(), c.ctx.end());
   std::iota(cu.begin(), cu.end(), 0);

@@ -200,7 +200,8 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
   const RotaryShape s = GetParam();
   const int width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
   const int stride = width + s.row_pad;  // a padded row: the tail must stay untouched
-  const int64_t num_slots = 64 * 16;
+  const int block_size = 16;
+  const int64_t num_slots = 64 * block_size;
   const size_t kv_row = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
   // write_cache = false (the prefill attention kernel stores K/V then): the same rotation, and
   // the cache untouched.
@@ -225,7 +226,7 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
       positions[s.tokens - 1] = 4095;
       // A padding row (slot -1) when there are several tokens: its q/k rotate, nothing is cached.
       // The CPU reference takes only valid slots, so it caches that row in an extra slot
-      // (num_slots) of its own, outside the compared range.
+      // (num_slots, the first of an extra block) of its own, outside the compared range.
       const int pad_tok = s.tokens > 1 ? s.tokens / 2 : -1;
       std::vector<int64_t> ref_slots = slots;
       if (pad_tok >= 0) {
@@ -245,6 +246,7 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
                                    .k_cache = d_k.get(),
                                    .v_cache = d_v.get(),
                                    .num_slots = num_slots,
+                                   .block_size = block_size,
                                    .num_tokens = s.tokens,
                                    .qkv_stride = stride,
                                    .num_heads = s.num_heads,
@@ -259,14 +261,15 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
       gpu_test::ExpectDeviceClean(nullptr);
 
       std::vector<float> ref_qkv = qkv;
-      std::vector<float> ref_k((num_slots + 1) * kv_row, testing_util::kNaN);
+      std::vector<float> ref_k((num_slots + block_size) * kv_row, testing_util::kNaN);
       std::vector<float> ref_v(ref_k.size(), testing_util::kNaN);
       ASSERT_EQ(RotaryKvWriteCpu({.qkv = ref_qkv.data(),
                                   .positions = positions.data(),
                                   .slots = ref_slots.data(),
                                   .k_cache = ref_k.data(),
                                   .v_cache = ref_v.data(),
-                                  .num_slots = num_slots + 1,
+                                  .num_slots = num_slots + block_size,
+                                  .block_size = block_size,
                                   .num_tokens = s.tokens,
                                   .qkv_stride = stride,
                                   .num_heads = s.num_heads,
@@ -304,8 +307,11 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
       }
       std::vector<float> got_k, want_k;
       for (int64_t sl = 0; sl < num_slots; ++sl) {
-        for (size_t j = 0; j < kv_row; ++j) {
-          const size_t i = sl * kv_row + j;
+        for (size_t j = 0; j < kv_row; ++j) {  // head j / hd, dim j % hd
+          const int hd = s.head_dim;
+          const size_t i = testing_util::CacheIndex(sl, static_cast<int>(j / hd),
+                                                    static_cast<int>(j % hd), block_size,
+                                                    s.num_kv_heads, hd);
           if (written[sl]) {
             got_k.push_back(out_k[i]);
             want_k.push_back(ref_k[i]);

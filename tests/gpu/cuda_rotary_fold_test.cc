@@ -69,6 +69,7 @@ void CheckRotaryFold(DataType t, const Shape& s, int tokens, int extra_ld, bool 
                         .k_cache = ka.get(),
                         .v_cache = va.get(),
                         .num_slots = num_slots,
+                        .block_size = 2,  // divides num_slots; any block size holds the layout
                         .num_tokens = tokens,
                         .qkv_stride = stride,
                         .num_heads = s.heads,
@@ -129,6 +130,7 @@ TEST(CudaRotaryFold, RejectsShortDeltaRows) {
                         .k_cache = cache.get(),
                         .v_cache = cache.get(),
                         .num_slots = 64,
+                        .block_size = 16,
                         .num_tokens = 4,
                         .num_heads = 1,
                         .num_kv_heads = 1,

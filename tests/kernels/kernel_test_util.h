@@ -37,6 +37,27 @@ inline size_t CacheIndex(size_t slot, int kv_head, int d, int block_size, int nu
   return ((block * num_kv_heads + kv_head) * block_size + in_block) * head_dim + d;
 }
 
+// Sets every KV head of cache slot `slot` to `value` (a float cache, or a 16-bit one as uint16_t).
+template <class T>
+inline void FillCacheSlot(T* cache, size_t slot, T value, int block_size, int num_kv_heads,
+                          int head_dim) {
+  for (int h = 0; h < num_kv_heads; ++h) {
+    T* run = cache + CacheIndex(slot, h, 0, block_size, num_kv_heads, head_dim);
+    for (int d = 0; d < head_dim; ++d) run[d] = value;
+  }
+}
+
+// Copies slot `slot` (every KV head) of a cache to a token row [num_kv_heads * head_dim], the
+// K or V part of a fused qkv row.
+template <class T>
+inline void CopyCacheSlotToRow(const T* cache, size_t slot, T* row, int block_size,
+                               int num_kv_heads, int head_dim) {
+  for (int h = 0; h < num_kv_heads; ++h) {
+    const T* run = cache + CacheIndex(slot, h, 0, block_size, num_kv_heads, head_dim);
+    for (int d = 0; d < head_dim; ++d) row[h * head_dim + d] = run[d];
+  }
+}
+
 inline std::vector<float> Poisoned(size_t n) { return std::vector<float>(n, kNaN); }
 
 inline bool AllFinite(const std::vector<float>& v) {
