@@ -1,7 +1,8 @@
 // CpuPhiModel: the float32 CPU reference backend of PhiForCausalLM. Weights are converted to
 // float32 at load (bf16/fp16 checkpoints compute exactly as HF does in float32 from the same
 // values); GEMMs go through OpenBLAS, everything else through the kernels/ CPU ops.
-// The KV cache is host memory: per layer K and V of [num_blocks, block_size, nKV, head_dim] float.
+// The KV cache is host memory: per layer K and V of [num_blocks, nKV, block_size, head_dim] float
+// (kernels/kv_layout.h).
 // Multi-LoRA: with an AdapterRegistry set, each sequence's adapter is applied as segmented
 // shrink/expand (kernels/sgmv.h) on top of the base projections; base sequences cost nothing.
 //

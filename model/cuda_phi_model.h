@@ -7,11 +7,11 @@
 //
 // Memory (device): the weights in one allocation (q/k/v fused into one [(nH + 2 nKV) hd, H]
 // projection at load); the KV pool in one allocation (per layer K then V, each
-// [num_blocks, block_size, nKV, hd]); one step arena sized for `workspace_tokens()` tokens
-// (activations, full-vocabulary float32 logits for every token, decode split-K partials); a
-// small metadata buffer (ids, positions, slots, block tables) uploaded once per step from pinned
-// host memory. Forward allocates nothing unless a step exceeds what was reserved (then it grows
-// the arena once, with a warning).
+// [num_blocks, nKV, block_size, hd], kernels/kv_layout.h); one step arena sized for
+// `workspace_tokens()` tokens (activations, full-vocabulary float32 logits for every token, decode
+// split-K partials); a small metadata buffer (ids, positions, slots, block tables) uploaded once
+// per step from pinned host memory. Forward allocates nothing unless a step exceeds what was
+// reserved (then it grows the arena once, with a warning).
 //
 // Two step paths (model/cuda_phi_step.cc):
 //  * prefill (any sequence with more than one new token): eager launches, varlen flash attention;

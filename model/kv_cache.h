@@ -1,6 +1,6 @@
 // KV block bookkeeping (no device memory, no pointers): a pool of `num_blocks` blocks of
 // `block_size` token slots each. The KV tensors themselves live in the model backend:
-// per layer K and V of shape [num_blocks, block_size, nKV, head_dim].
+// per layer K and V of shape [num_blocks, nKV, block_size, head_dim] (kernels/kv_layout.h).
 #pragma once
 
 #include <cstdint>

@@ -30,7 +30,8 @@ class ModelBackend {
   // Number of KV blocks that fit in `memory_fraction` of the memory left after weights
   // (and workspace for a step of `max_batch_tokens` tokens).
   virtual absl::StatusOr<int> MaxKvBlocks(double memory_fraction, int max_batch_tokens) const = 0;
-  // (Re)allocates the KV pool: per layer K and V of [num_blocks, block_size, nKV, head_dim].
+  // (Re)allocates the KV pool: per layer K and V of [num_blocks, nKV, block_size, head_dim]
+  // (kernels/kv_layout.h).
   virtual absl::Status AllocateKvCache(int num_blocks, int block_size) = 0;
   virtual int kv_num_blocks() const = 0;
 
