@@ -5,6 +5,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_cuda.h"
 #include "kernels/cuda/paged_attention_prefill.cuh"
+#include "kernels/kv_layout.h"
 
 namespace phishard {
 namespace {
@@ -12,8 +13,9 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxSplits = 16;
 
-// Reads 8 consecutive elements (16 bytes) of the K or V row of `key` for KV head kvh, or zeros
-// when the key is past the end or its block id is out of range.
+// Reads 8 consecutive elements (16 bytes), dims [col, col + 8), of key `key`'s K and V for KV
+// head kvh (cache layout [num_blocks, num_kv_heads, block_size, head_dim], kernels/kv_layout.h),
+// or zeros when the key is past the end or its block id is out of range.
 template <typename T>
 __device__ __forceinline__ void LoadKv16(const T* __restrict__ k_cache,
                                          const T* __restrict__ v_cache,
@@ -25,9 +27,8 @@ __device__ __forceinline__ void LoadKv16(const T* __restrict__ k_cache,
   if (key >= n_keys) return;
   const int blk = table[key / block_size];
   if (blk < 0 || blk >= num_blocks) return;
-  const size_t off =
-      ((static_cast<size_t>(blk) * block_size + key % block_size) * num_kv_heads + kvh) * head_dim +
-      col;
+  const int64_t off =
+      KvOffset(blk, key % block_size, kvh, block_size, num_kv_heads, head_dim) + col;
   *kv = *reinterpret_cast<const uint4*>(k_cache + off);
   *vv = *reinterpret_cast<const uint4*>(v_cache + off);
 }
@@ -106,6 +107,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   for (int k0 = k_begin; k0 < k_end; k0 += kDecodeTile) {
     const int n = min(kDecodeTile, k_end - k0);
     __syncthreads();  // previous tile fully consumed (and q / state initialised)
+    // Item i = (key r, chunk c), row-major: within one block the keys of head kvh are one
+    // contiguous run (kv_layout.h), so a warp's 32 loads cover 512 consecutive bytes of it.
     for (int i = tid; i < kDecodeTile * kChunks; i += kDecodeThreads) {
       const int r = i / kChunks;
       const int c = i - r * kChunks;

@@ -13,6 +13,10 @@
 //    num_heads / num_kv_heads query heads of that KV head (GQA reads K/V once), float32 FMA;
 //    with more than one split ("flash-decoding") a second kernel merges the splits' partial
 //    outputs by their log-sum-exp.
+// Both read (and the prefill's fused store writes) the K / V caches in the layout of
+// kernels/kv_layout.h, [num_blocks, num_kv_heads, block_size, head_dim]: a block's keys of one KV
+// head are one contiguous run, and every cached-K/V copy walks such runs (consecutive keys
+// head_dim elements apart) with 16-byte loads.
 // Closed dispatch: head_dim in {16, 32, 64, 80, 96, 128} x {kF16, kBF16}; anything else is
 // kInvalidShape / kUnsupportedDtype before any launch. The wgmma tilings (kWgmma, kWgmmaWs) take
 // head_dim 32, 64 and 80 only (kInvalidShape otherwise); kAuto never picks them for another.
@@ -66,9 +70,9 @@ struct PagedAttentionCudaPlan {
   // that wide, K already rotated), and the cache does not hold them yet. Set both to p.k_cache /
   // p.v_cache (writable views of them): keys [context_len - q_len, context_len) of each sequence
   // are then read from those rows, and the kernel stores them into the caches at their
-  // block-table slots (ids outside [0, num_blocks) are skipped). The result equals
-  // RotaryKvWrite followed by this attention, with one pass over the new K/V fewer: the step's
-  // RotaryKvWrite only rotates (RotaryKvWriteParams::write_cache = false).
+  // block-table slots (kernels/kv_layout.h; ids outside [0, num_blocks) are skipped). The result
+  // equals RotaryKvWrite followed by this attention, with one pass over the new K/V fewer: the
+  // step's RotaryKvWrite only rotates (RotaryKvWriteParams::write_cache = false).
   void* store_new_k = nullptr;
   void* store_new_v = nullptr;
 };

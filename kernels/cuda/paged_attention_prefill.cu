@@ -21,6 +21,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_prefill.cuh"
 #include "kernels/cuda/prefill_ptx.cuh"
+#include "kernels/kv_layout.h"
 
 namespace phishard {
 namespace {
@@ -77,16 +78,17 @@ struct PrefillCfg {
   static constexpr uint32_t kQBytes = kRows * kLd * 2;
   static constexpr uint32_t kTileBytes = kN * kLd * 2;
   static constexpr uint32_t kSmemBytes = kQBytes + 4 * kTileBytes;  // Q, K[2], V[2]
-  static_assert(kThreads % kN == 0);
-  static constexpr int kTpr = kThreads / kN;  // threads per K/V row when loading a tile
-  static constexpr int kKvChunksPerThread = (kChunks + kTpr - 1) / kTpr;
+  // 16-byte K (and V) chunks a thread copies per tile: items (row, chunk) of the [kN, HD] tile,
+  // row-major, item tid + i kThreads.
+  static constexpr int kKvItems = (kN * kChunks + kThreads - 1) / kThreads;
+  static constexpr int kKvItemsTotal = kN * kChunks;
   static constexpr int kQIters = (kRows * kChunks + kThreads - 1) / kThreads;
 };
 
 template <typename T>
 struct PrefillArgs {
   const T* q;        // [num_tokens, q_stride] device
-  const T* k_cache;  // [num_blocks, block_size, num_kv_heads, HD] device
+  const T* k_cache;  // [num_blocks, num_kv_heads, block_size, HD] device (kernels/kv_layout.h)
   const T* v_cache;
   T* out;  // [num_tokens, num_heads * HD] device
   const int32_t* cu_q_lens;
@@ -156,10 +158,14 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   // K and V tile [kN, HD] of keys [key0, key0 + kN) -> stage `stage`, gathered through the block
   // table; keys >= n_keys and block ids outside [0, num_blocks) become zeros (finite: P = 0 times
   // a NaN V would still poison O).
-  // Thread -> (row kv_row, chunks kv_part, kv_part + kTpr, ...): one block-table lookup per
-  // thread and tile, and each warp-wide copy reads whole 32-byte sectors (kTpr x 16 bytes a row).
-  const int kv_row = tid / C::kTpr;
-  const int kv_part = tid - kv_row * C::kTpr;
+  // Thread -> items (row, chunk) tid, tid + kThreads, ... of the tile, row-major: the cached keys
+  // of one block are one contiguous run of head kvh (kernels/kv_layout.h: consecutive keys HD
+  // elements apart), so a warp-wide copy reads 512 consecutive bytes of a run (4 whole 128-byte
+  // lines) wherever the tile's rows share a block; a new token's row (its q row) is HD contiguous
+  // elements too. Each item reads its own block-table entry (kKvItems a thread and tile, 5 at head
+  // dim 80 with 4 warps, 3 with 8; L1 hits after the first). The row-per-thread mapping this
+  // replaced read 16 (or 8) different rows a copy instruction; it spilled no fewer registers
+  // (ptxas -v: kQ128Warps8 at head dim 80 now 0 bytes of spill, was 16; at 64 now 4, was 0).
   // The cache slot (block id, offset in it) of key position `key` of this sequence.
   auto slot_of = [&](int key, int* in_blk) {
     if (a.block_shift >= 0) {
@@ -170,35 +176,38 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     *in_blk = key - b * a.block_size;
     return table[b];
   };
+  // Element offset of the new tokens' V from their K in a q row (fused qkv layout).
+  const int new_v_minus_k = a.new_v_col - a.new_k_col;
   auto load_kv = [&](int key0, int stage) {
-    const int key = key0 + kv_row;
-    const T* k_src = a.k_cache;
-    const T* v_src = a.v_cache;
-    size_t k_off = 0, v_off = 0;
-    bool valid = false;
-    if (key < n_keys) {
-      if (new_kv_in_q && key >= n_cached) {  // a new token: its own q row
-        const size_t row = static_cast<size_t>(q_begin + key - n_cached) * a.q_stride;
-        k_src = v_src = a.q;
-        k_off = row + a.new_k_col + kvh * HD;
-        v_off = row + a.new_v_col + kvh * HD;
-        valid = true;
-      } else {
-        int in_blk = 0;
-        const int blk = slot_of(key, &in_blk);
-        valid = blk >= 0 && blk < a.num_blocks;
-        k_off = v_off =
-            valid ? ((static_cast<size_t>(blk) * a.block_size + in_blk) * a.num_kv_heads + kvh) * HD
-                  : 0;
-      }
-    }
-    const uint32_t so = stage * C::kTileBytes + kv_row * C::kLd * 2;
 #pragma unroll
-    for (int i = 0; i < C::kKvChunksPerThread; ++i) {
-      const int c = kv_part + i * C::kTpr;
-      if (C::kChunks % C::kTpr == 0 || c < C::kChunks) {
-        CpAsync16(sK0 + so + c * 16, k_src + k_off + c * 8, valid);
-        CpAsync16(sV0 + so + c * 16, v_src + v_off + c * 8, valid);
+    for (int i = 0; i < C::kKvItems; ++i) {
+      const int item = tid + i * C::kThreads;
+      if (C::kKvItemsTotal % C::kThreads == 0 || item < C::kKvItemsTotal) {
+        const int r = item / C::kChunks;
+        const int c = item - r * C::kChunks;
+        const int key = key0 + r;
+        const T* k_src = a.k_cache;
+        const T* v_src = a.v_cache;
+        int64_t k_off = 0, v_off = 0;
+        bool valid = false;
+        if (key < n_keys) {
+          if (new_kv_in_q && key >= n_cached) {  // a new token: its own q row
+            k_src = v_src = a.q;
+            k_off = static_cast<int64_t>(q_begin + key - n_cached) * a.q_stride + a.new_k_col +
+                    kvh * HD;
+            v_off = k_off + new_v_minus_k;
+            valid = true;
+          } else {
+            int in_blk = 0;
+            const int blk = slot_of(key, &in_blk);
+            valid = blk >= 0 && blk < a.num_blocks;
+            k_off = v_off =
+                valid ? KvOffset(blk, in_blk, kvh, a.block_size, a.num_kv_heads, HD) : 0;
+          }
+        }
+        const uint32_t so = stage * C::kTileBytes + (r * C::kLd + c * 8) * 2;
+        CpAsync16(sK0 + so, k_src + k_off + c * 8, valid);
+        CpAsync16(sV0 + so, v_src + v_off + c * 8, valid);
       }
     }
   };

@@ -9,6 +9,7 @@
 #include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_cuda.h"
+#include "kernels/kv_layout.h"
 
 namespace phishard {
 
@@ -33,8 +34,11 @@ KernelStatus LaunchPagedAttentionPrefillWgmmaWs(const PagedAttentionParams& p,
 // The fused new-K/V store of the prefill kernels (PagedAttentionCudaPlan::store_new_k): the
 // query tile's `rows` new tokens (query rows tile0.. of the sequence starting at token q_begin, key
 // positions pos0..) of KV head kvh, read from their q rows at columns a.new_k_col / a.new_v_col +
-// kvh * HD and written to a.store_k / a.store_v at their cache slots, 16 bytes (8 elements) an
+// kvh * HD and written to a.store_k / a.store_v at their cache slots (layout
+// [num_blocks, num_kv_heads, block_size, HD], kernels/kv_layout.h), 16 bytes (8 elements) an
 // item, items first, first + kThreads, ... (the caller's threads 0 .. kThreads - 1 each call it).
+// Item i = (row i / (HD / 8), chunk i % (HD / 8)): consecutive items of one block are consecutive
+// 16 bytes of its (block, kvh) run, so a warp's stores cover 512 contiguous bytes there.
 // Each thread issues all loads of kStoreBatch items (block-table entries by slot_of(key, &in_blk)
 // and the K/V chunks, independent of each other) before their stores: one L2 round trip a batch.
 // Block ids outside [0, a.num_blocks) are skipped. Args: the kernel's arguments (q, q_stride,
@@ -47,7 +51,7 @@ __device__ __forceinline__ void StoreNewKvRows(const Args& a, SlotOf&& slot_of, 
   const int items = rows * kChunks;
   for (int i0 = first; i0 < items; i0 += kStoreBatch * kThreads) {
     uint4 kv[kStoreBatch], vv[kStoreBatch];
-    int blk[kStoreBatch], in_blk[kStoreBatch], col[kStoreBatch];
+    int blk[kStoreBatch], in_blk[kStoreBatch], col[kStoreBatch];  // col: dim of the chunk
 #pragma unroll
     for (int b = 0; b < kStoreBatch; ++b) {
       const int i = i0 + b * kThreads;
@@ -55,9 +59,10 @@ __device__ __forceinline__ void StoreNewKvRows(const Args& a, SlotOf&& slot_of, 
       in_blk[b] = col[b] = 0;
       if (i < items) {
         const int r = i / kChunks;
-        col[b] = kvh * HD + (i - r * kChunks) * 8;
+        col[b] = (i - r * kChunks) * 8;
         blk[b] = slot_of(pos0 + r, &in_blk[b]);
-        const T* src = a.q + static_cast<size_t>(q_begin + tile0 + r) * a.q_stride + col[b];
+        const T* src =
+            a.q + static_cast<size_t>(q_begin + tile0 + r) * a.q_stride + kvh * HD + col[b];
         kv[b] = *reinterpret_cast<const uint4*>(src + a.new_k_col);
         vv[b] = *reinterpret_cast<const uint4*>(src + a.new_v_col);
       }
@@ -65,8 +70,8 @@ __device__ __forceinline__ void StoreNewKvRows(const Args& a, SlotOf&& slot_of, 
 #pragma unroll
     for (int b = 0; b < kStoreBatch; ++b) {
       if (blk[b] < 0 || blk[b] >= a.num_blocks) continue;  // also: no item
-      const size_t dst =
-          (static_cast<size_t>(blk[b]) * a.block_size + in_blk[b]) * a.num_kv_heads * HD + col[b];
+      const int64_t dst =
+          KvOffset(blk[b], in_blk[b], kvh, a.block_size, a.num_kv_heads, HD) + col[b];
       *reinterpret_cast<uint4*>(a.store_k + dst) = kv[b];
       *reinterpret_cast<uint4*>(a.store_v + dst) = vv[b];
     }

@@ -33,6 +33,7 @@
 #include "kernels/cuda/paged_attention_prefill_wgmma.cuh"
 #include "kernels/cuda/prefill_ptx.cuh"
 #include "kernels/cuda/wgmma.cuh"
+#include "kernels/kv_layout.h"
 
 namespace phishard {
 namespace {
@@ -111,9 +112,14 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
   }
   // K and V tile [kN, HD] of key tile `tile` -> stage `stage`, gathered through the block table;
   // keys >= n_keys and block ids outside [0, num_blocks) become zeros (finite: P = 0 times a NaN V
-  // would still poison O). Thread -> (row kv_row, chunks kv_part + i kTpr). The block-table entry
-  // of a tile is read one loop iteration before its copies are issued (Lookup, then Issue), so the
-  // copies never wait for it.
+  // would still poison O). Thread -> (row kv_row, chunks kv_part + i kTpr): a warp-wide copy
+  // reads 64 contiguous bytes (two whole sectors) of each of 8 consecutive keys, which within one
+  // block are consecutive rows HD elements apart of one contiguous (block, kvh) run
+  // (kernels/kv_layout.h): the warp's copies of a tile walk 8-key stretches of the run. (The
+  // row-major flat mapping that makes each copy 512 contiguous bytes would put 3-4 rows of HD / 8
+  // chunks 128 bytes apart on the same shared-memory banks of the core-matrix layout; this one
+  // writes 8 rows x 4 chunks, conflict-free.) The block-table entry of a tile is read one loop
+  // iteration before its copies are issued (Lookup, then Issue), so the copies never wait for it.
   const int kv_row = tid / C::kTpr;
   const int kv_part = tid - kv_row * C::kTpr;
   auto lookup = [&](int tile) -> int2 {  // {block id or -1, row in the block}
@@ -133,8 +139,7 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
   };
   auto issue = [&](int2 bi, int stage) {
     const bool valid = bi.x >= 0 && bi.x < a.num_blocks;
-    const size_t off =
-        valid ? ((static_cast<size_t>(bi.x) * a.block_size + bi.y) * a.num_kv_heads + kvh) * HD : 0;
+    const int64_t off = valid ? KvOffset(bi.x, bi.y, kvh, a.block_size, a.num_kv_heads, HD) : 0;
     const uint32_t so = stage * C::kTileBytes;
 #pragma unroll
     for (int i = 0; i < C::kKvChunksPerThread; ++i) {

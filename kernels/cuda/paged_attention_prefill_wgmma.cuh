@@ -27,7 +27,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 template <typename T>
 struct WgArgs {
   const T* q;        // [num_tokens, q_stride] device
-  const T* k_cache;  // [num_blocks, block_size, num_kv_heads, HD] device
+  const T* k_cache;  // [num_blocks, num_kv_heads, block_size, HD] device (kernels/kv_layout.h)
   const T* v_cache;
   T* out;  // [num_tokens, num_heads * HD] device
   const int32_t* cu_q_lens;
