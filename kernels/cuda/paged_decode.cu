@@ -8,6 +8,7 @@
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/paged_decode_fold.cuh"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
+#include "kernels/kv_layout.h"
 
 namespace phishard {
 namespace paged_decode {
@@ -50,7 +51,14 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   const int lane = threadIdx.x & 31;
   const int grp = warp * (32 / kLanesPerKey) + (lane / kLanesPerKey);  // 0..kGroups-1
   const int cl = lane % kLanesPerKey;
-  const size_t head_off = static_cast<size_t>(h / a.group) * HD;
+  const int kvh = h / a.group;
+  // Cache addressing (kernels/kv_layout.h): key `off` of block `blk` of KV head kvh starts at
+  // KvOffset(blk, off, kvh, ...) = blk * a.block_elems + KvOffset(0, off, kvh, ...). kBlock16: this
+  // group always reads in-block row grp (below), so its offset from the block start is fixed;
+  // the 4 groups of a warp read 4 consecutive rows (HD apart) of one contiguous run.
+  const int bs = kBlock16 ? 16 : a.block_size;
+  const int grp_off =
+      kBlock16 ? static_cast<int>(KvOffset(0, grp, kvh, bs, a.num_kv_heads, HD)) : 0;
 
   // This lane's slices of q (pre-scaled to log2 units): chunk j = cl + 8 i, from q_row (the
   // query head, device, or kFold: the rotated head in shared memory).
@@ -83,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   const T* vc = static_cast<const T*>(a.v_cache);
 
   // Stage at k_it: group grp takes keys k_it + grp + kGroups u (u < kUnroll), so with blocks of
-  // 16 slots (k_it is a multiple of 16) key u sits in table entry k_it / 16 + u at offset grp.
+  // 16 keys (k_it is a multiple of 16) key u sits in table entry k_it / 16 + u at offset grp.
   // Two stages in registers: the next stage's K/V loads are in flight while this one computes.
   // The loop is uniform over the block (every lane reaches every shuffle); keys past k_end are
   // masked.
@@ -96,20 +104,19 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
     for (int u = 0; u < kUnroll; ++u) {
       const int key = k_it + kGroups * u + grp;
       st.valid[u] = key < k_end;
-      size_t base = 0;
+      int64_t base = 0;  // elements: the key's row of KV head kvh in the cache
       bool in_range = false;
       if (st.valid[u]) {
-        int blk, off;
+        int blk;
         if constexpr (kBlock16) {
           blk = table[(k_it >> 4) + u];
-          off = grp;
+          base = static_cast<int64_t>(blk) * a.block_elems + grp_off;
         } else {
-          blk = table[key / a.block_size];
-          off = key % a.block_size;
+          blk = table[key / bs];
+          base = KvOffset(blk, key % bs, kvh, bs, a.num_kv_heads, HD);
         }
         // kFold: the new key is not read from the cache (patch below).
         in_range = blk >= 0 && blk < a.num_blocks && (!kFold || key != new_key);
-        base = (static_cast<size_t>(blk) * a.block_size + off) * a.kv_row + head_off;
       }
 #pragma unroll
       for (int i = 0; i < H::kPerLane; ++i) {
@@ -189,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   int k_it = k_begin;
   load(sa, k_it);
   if constexpr (kFold) {  // the rotation overlaps the first stage's loads
-    FoldPrologue<T, HD>(a, s, h, new_key >= 0, fold_sm);
+    FoldPrologue<T, HD>(a, s, h, new_key >= 0, bs, fold_sm);
     load_q(fold_sm.q);
   }
   while (true) {
@@ -276,14 +283,19 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
 // once for the whole group) and walks its keys in kTile-key tiles that cp.async copies into a
 // kStages-deep ring of shared-memory stages (kStages - 1 tiles in flight while one is consumed;
 // one barrier a tile). Copy roles: thread e of the block copies 16-byte chunks e, e + 128, ... of
-// the tile's K and V rows (row = key, one KV head: head_dim x 2 bytes contiguous in the cache).
+// the tile's K and V rows (row = key, one KV head). In the cache (kernels/kv_layout.h) the rows
+// of one (block, KV head) are one contiguous run (16 x head_dim x 2 bytes with blocks of 16), so
+// chunk e of a tile is chunk e % 16 C of the run of the tile's block e / 16 C: consecutive threads
+// copy consecutive 16 bytes of a run (a warp 512 contiguous bytes, or two pieces where it crosses
+// into the next block's run).
 // Compute roles: with n <= 4 query heads in the block, warp w serves head w / (4 / n) over the
 // w % (4 / n)-th slice of each tile's keys (n = 3: warp 3 only copies). A group of 8 query heads
 // takes 2 blocks (K/V read twice); one head a warp keeps the state in registers (no spills).
 // Inside a warp, 4 groups of 8 lanes take 2 keys each per round (a lane: 16-byte slices cl and
 // cl + 8 of the head), each group keeping its own running max / sum / output. Groups, then warps,
 // are merged at the end. The grid's x (fastest) is the KV head, so the blocks in flight at a time
-// read whole cache rows (all heads of a slot) of a few sequences.
+// read the adjacent runs of all KV heads of the same cache blocks (whole blocks, contiguous) of a
+// few sequences.
 constexpr int kMaxHeadsPerBlock = kWarps;
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -353,19 +365,19 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
   const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  const size_t head_off = static_cast<size_t>(kvh) * HD;
   const uint32_t smem_base = SmemAddr(smem);
 
   // Copies tile `t` (keys k_begin + t kTile ...) into stage `st`; keys past k_end and block ids
   // out of range become zeros (masked below by the key index; a bad id reads as zero K/V).
   // kBlock16: this thread's chunks e_i = tid + 128 i of every tile sit at the same row r_i = e_i /
-  // C and slice e_i % C, and a tile starts on a 16-slot block (k_begin and kTile are multiples of
-  // 16), so only the block id changes from tile to tile: the row's offset inside its block (and
-  // the head, the slice) is worked out once here, not per chunk and tile (the address arithmetic
-  // was most of the instructions the copies cost an SM).
+  // C and slice e_i % C, and a tile starts on a 16-key block (k_begin and kTile are multiples of
+  // 16), so only the block id changes from tile to tile: the chunk's offset inside its block
+  // (KvOffset(0, r_i % 16, kvh, ...) + its slice: the run of KV head kvh, then row r_i % 16 of
+  // it) is worked out once here, not per chunk and tile (the address arithmetic was most of the
+  // instructions the copies cost an SM).
   constexpr int kTileChunks = kTile * C;
   constexpr int kChunksPerThread = (kTileChunks + kThreads - 1) / kThreads;
-  static_assert(kTile % 16 == 0 && kKeysPerIter % 16 == 0, "tiles start on 16-slot blocks");
+  static_assert(kTile % 16 == 0 && kKeysPerIter % 16 == 0, "tiles start on 16-key blocks");
   int c_row[kChunksPerThread];  // row of chunk i in the tile, or kTile when past the tile
   int c_off[kChunksPerThread];  // elements from the row's block start to the chunk
   if constexpr (kBlock16) {
@@ -374,10 +386,11 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
       const int e = static_cast<int>(threadIdx.x) + kThreads * i;
       const int r = e / C;
       c_row[i] = e < kTileChunks ? r : kTile;
-      c_off[i] = (r & 15) * a.kv_row + static_cast<int>(head_off) + 8 * (e - r * C);
+      c_off[i] =
+          static_cast<int>(KvOffset(0, r & 15, kvh, 16, a.num_kv_heads, HD)) + 8 * (e - r * C);
     }
   }
-  const size_t block_elems = static_cast<size_t>(16) * a.kv_row;
+  const int bs = kBlock16 ? 16 : a.block_size;
   auto load_tile = [&](int t, int st) {
     const int key0 = k_begin + t * kTile;
     const uint32_t dst_k = smem_base + static_cast<uint32_t>(st * L::kStageBytes);
@@ -393,7 +406,8 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
         if (key0 + c_row[i] < k_end) {
           const int blk = tile_table[c_row[i] >> 4];
           if (blk >= 0 && blk < a.num_blocks) {
-            off = static_cast<size_t>(blk) * block_elems + c_off[i];
+            // a.block_elems a 32-bit launch argument: one 32 x 32 -> 64-bit multiply-add.
+            off = static_cast<size_t>(static_cast<int64_t>(blk) * a.block_elems + c_off[i]);
             bytes = 16;
           }
         }
@@ -409,10 +423,9 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
         size_t off = 0;
         int bytes = 0;
         if (key < k_end) {
-          const int blk = table[key / a.block_size];
-          const int slot = key % a.block_size;
+          const int blk = table[key / bs];
           if (blk >= 0 && blk < a.num_blocks) {
-            off = (static_cast<size_t>(blk) * a.block_size + slot) * a.kv_row + head_off + 8 * j;
+            off = static_cast<size_t>(KvOffset(blk, key % bs, kvh, bs, a.num_kv_heads, HD)) + 8 * j;
             bytes = 16;
           }
         }
@@ -606,7 +619,9 @@ __global__ void PagedDecodeMergeKernel(const Args a) {
 }
 
 // PagedDecodeCudaPlan::rotary against the attention's own parameters: the same qkv rows, caches
-// and shapes, a plain write (no LoRA fold), or kInvalidShape / kNullPointer.
+// and shapes (block_size included: the fused write addresses the cache by p.block_size, and
+// RotaryKvWriteCuda's rule, num_slots a multiple of it), a plain write (no LoRA fold), or
+// kInvalidShape / kNullPointer. p.block_size >= 1 is checked before.
 KernelStatus CheckFoldedRotary(const PagedAttentionParams& p, int q_stride,
                                const RotaryKvWriteParams& r) {
   const int width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
@@ -614,8 +629,9 @@ KernelStatus CheckFoldedRotary(const PagedAttentionParams& p, int q_stride,
   if (r.qkv != p.q || r.k_cache != p.k_cache || r.v_cache != p.v_cache ||
       r.num_tokens != p.num_seqs || r.num_heads != p.num_heads ||
       r.num_kv_heads != p.num_kv_heads || r.head_dim != p.head_dim || r.dtype != p.dtype ||
-      r_stride != q_stride || q_stride < width || !r.write_cache || r.fold_delta != nullptr ||
-      r.rotary_dim < 0 || r.rotary_dim > p.head_dim || r.rotary_dim % 2 != 0 || r.num_slots < 0) {
+      r.block_size != p.block_size || r_stride != q_stride || q_stride < width || !r.write_cache ||
+      r.fold_delta != nullptr || r.rotary_dim < 0 || r.rotary_dim > p.head_dim ||
+      r.rotary_dim % 2 != 0 || r.num_slots < 0 || r.num_slots % p.block_size != 0) {
     return KernelStatus::kInvalidShape;
   }
   if (!r.positions || !r.slots) return KernelStatus::kNullPointer;
@@ -636,6 +652,10 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   }
   const int q_stride = p.q_stride == 0 ? p.num_heads * p.head_dim : p.q_stride;
   if (q_stride < p.num_heads * p.head_dim || q_stride % 8 != 0) return KernelStatus::kInvalidShape;
+  // Args::block_elems (one cache block of all KV heads) is 32-bit.
+  if (KvBlockElems(p.block_size, p.num_kv_heads, p.head_dim) > INT32_MAX) {
+    return KernelStatus::kInvalidShape;
+  }
   if (p.num_seqs == 0) return KernelStatus::kOk;
   if (!p.q || !p.k_cache || !p.v_cache || !p.out || !p.context_lens || !p.block_tables) {
     return KernelStatus::kNullPointer;
@@ -680,8 +700,9 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.num_blocks = p.num_blocks;
   a.block_size = p.block_size;
   a.num_heads = p.num_heads;
+  a.num_kv_heads = p.num_kv_heads;
   a.group = p.num_heads / p.num_kv_heads;
-  a.kv_row = p.num_kv_heads * p.head_dim;
+  a.block_elems = static_cast<int>(KvBlockElems(p.block_size, p.num_kv_heads, p.head_dim));
   a.q_stride = q_stride;
   a.max_splits = max_splits;
   a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);

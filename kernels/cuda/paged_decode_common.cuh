@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/kv_layout.h"
 
 namespace phishard::paged_decode {
 
@@ -30,6 +31,8 @@ struct Head {
 
 struct Args {
   const void* q;
+  // [num_blocks, num_kv_heads, block_size, HD] each, device (kernels/kv_layout.h): the
+  // block_size x HD keys of one (block, KV head) are one contiguous run.
   const void* k_cache;
   const void* v_cache;
   void* out;
@@ -43,8 +46,9 @@ struct Args {
   int num_blocks;
   int block_size;
   int num_heads;
-  int group;   // num_heads / num_kv_heads
-  int kv_row;  // num_kv_heads * head_dim: elements of one cache slot
+  int num_kv_heads;
+  int group;        // num_heads / num_kv_heads
+  int block_elems;  // KvBlockElems(block_size, num_kv_heads, HD): one cache block, all KV heads
   int q_stride;
   int max_splits;
   int target_blocks;

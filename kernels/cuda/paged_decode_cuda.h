@@ -8,6 +8,10 @@
 // probabilities and sums. A sequence with context_lens[s] == 0 is a padding row: its output row
 // is zeroed and nothing is read for it.
 //
+// Cache layout: kernels/kv_layout.h ([num_blocks, num_kv_heads, block_size, head_dim]); every
+// kernel here copies the contiguous run of one (block, KV head) with consecutive threads on
+// consecutive 16 bytes.
+//
 // Work split (PagedDecodeVariant::kAuto, the pipelined kernel): one block of 4 warps per (KV head
 // x chunk of up to 4 of its query heads, sequence, split); GQA reads each K/V row once for the
 // whole group. The block's keys go through shared memory in 32-key tiles, copied by cp.async into
@@ -30,8 +34,8 @@
 // is one launch instead of three. Every block reads its query head unrotated from the qkv row and
 // rotates it itself; the blocks of the split holding key ctx - 1 (the new token) rotate that
 // token's K head, take its K/V from shared memory instead of the cache, and the one of them with
-// the group's first query head stores the row to the cache at slots[s]. With merge_counters the
-// last split block of each (sequence, head) to finish merges the splits (log-sum-exp, the merge
+// the group's first query head stores its K/V head to the cache at slots[s]. With merge_counters
+// the last split block of each (sequence, head) to finish merges the splits (log-sum-exp, the merge
 // kernel's code) and zeroes its counter. The float operations are RotaryKvWriteCuda's, the
 // attention's and the merge kernel's, so the output and the cache are the same bits as the three
 // launches; qkv is left unrotated (nothing after the attention reads it). When kAuto picks the
@@ -74,9 +78,9 @@ struct PagedDecodeCudaPlan {
   PagedDecodeVariant variant = PagedDecodeVariant::kAuto;
   // Fused form (see above): `rotary` is this step's rotary + K/V write (RotaryKvWriteCuda's
   // parameters) and must describe the attention's own rows: qkv == q (q_stride its row pitch),
-  // the same caches, heads, head_dim and dtype, num_tokens == num_seqs, write_cache, no
-  // fold_delta (else kInvalidShape). slots[s] must be the cache slot of key ctx - 1 of sequence s
-  // (the new token), as the model builds them.
+  // the same caches, heads, head_dim, block_size and dtype, num_slots a multiple of block_size,
+  // num_tokens == num_seqs, write_cache, no fold_delta (else kInvalidShape). slots[s] must be
+  // the cache slot of key ctx - 1 of sequence s (the new token), as the model builds them.
   bool fold_rotary = false;
   RotaryKvWriteParams rotary = {};
   // Device int32 [>= num_seqs * num_heads], all zero before the first launch; every launch leaves

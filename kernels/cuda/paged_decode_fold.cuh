@@ -10,6 +10,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_decode_common.cuh"
 #include "kernels/cuda/rope.cuh"
+#include "kernels/kv_layout.h"
 
 namespace phishard::paged_decode {
 
@@ -28,12 +29,14 @@ struct alignas(16) FoldSmem {
 // `with_new`, of the K and V heads of KV head h / group: dims below rotary_dim rotate as
 // RotaryKvWriteKernel rotates them (cos / sin of positions[s], rounded once to T), the rest are
 // copied; all into `sm`. After the barrier the block of the group's first query head stores the
-// new K and V rows at cache slot slots[s] (exactly one writer per (sequence, KV head); a slot
-// outside [0, num_slots) is not written, as RotaryKvWriteCuda). No block of the launch reads that
-// cache row: the blocks holding the new key take it from `sm` (PagedDecodeKernel's `patch`).
+// new K and V heads at cache slot slots[s], KV head kvh (KvSlotOffset; exactly one writer per
+// (sequence, KV head); a slot outside [0, num_slots) is not written, as RotaryKvWriteCuda). No
+// block of the launch reads those cache elements: the blocks holding the new key take it from
+// `sm` (PagedDecodeKernel's `patch`). block_size: a.block_size, as a literal 16 where the caller
+// knows it (the slot's division is then a shift, not a 64-bit division).
 template <typename T, int HD>
 __device__ __forceinline__ void FoldPrologue(const Args& a, int s, int h, bool with_new,
-                                             FoldSmem<T, HD>& sm) {
+                                             int block_size, FoldSmem<T, HD>& sm) {
   const int d = threadIdx.x;
   const int kvh = h / a.group;
   const bool writer = with_new && h % a.group == 0;
@@ -42,7 +45,7 @@ __device__ __forceinline__ void FoldPrologue(const Args& a, int s, int h, bool w
     const T* row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride;
     const T* qh = row + static_cast<size_t>(h) * HD;
     const T* kh = row + static_cast<size_t>(a.num_heads + kvh) * HD;
-    const T* vh = kh + a.kv_row;  // V heads follow the nKV K heads
+    const T* vh = kh + static_cast<size_t>(a.num_kv_heads) * HD;  // V heads follow the K heads
     T qo = qh[d];
     T ko = with_new ? kh[d] : qo;
     if (d < a.rotary_dim) {
@@ -62,10 +65,14 @@ __device__ __forceinline__ void FoldPrologue(const Args& a, int s, int h, bool w
       sm.v[d] = vh[d];
     }
   }
+  // The slot's row of KV head kvh: HD contiguous elements (kernels/kv_layout.h); -1: no store.
+  // Worked out before the barrier, while the loads above are in flight.
+  const int64_t off = slot >= 0 && slot < a.num_slots
+                          ? KvSlotOffset(slot, kvh, block_size, a.num_kv_heads, HD)
+                          : -1;
   __syncthreads();
-  if (slot >= 0 && slot < a.num_slots) {
+  if (off >= 0) {
     constexpr int kChunks = HD / 8;
-    const size_t off = static_cast<size_t>(slot) * a.kv_row + static_cast<size_t>(kvh) * HD;
     for (int c = threadIdx.x; c < 2 * kChunks; c += kThreads) {
       const bool is_v = c >= kChunks;
       const int j = is_v ? c - kChunks : c;

@@ -30,6 +30,7 @@
 #include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_decode_common.cuh"
+#include "kernels/kv_layout.h"
 
 namespace phishard {
 namespace paged_decode {
@@ -158,17 +159,21 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
   const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  const int head_off = kvh * HD;
   const uint32_t smem_base = Smem(smem);
 
   // Copy roles (the pipelined kernel's): thread e copies 16-byte slices e, e + 128, ... of the
-  // tile's K and V rows; slice e is row r = e / C, slice j = e % C, stored at r kPitch + j.
-  // kBlock16: a tile starts on a 16-slot block, so only the block id changes between tiles.
+  // tile's K and V rows; slice e is row r = e / C, slice j = e % C, stored at r kPitch + j. In the
+  // cache (kernels/kv_layout.h) key `slot` of block blk, KV head kvh, starts at KvOffset(blk,
+  // slot, kvh, ...) = blk * a.block_elems + KvOffset(0, slot, kvh, ...): the rows of one (block,
+  // KV head) are one contiguous run, HD apart, so consecutive threads copy consecutive 16 bytes.
+  // kBlock16: a tile starts on a 16-key block, so only the block id changes between tiles and
+  // the chunk's offset from its block start (run of kvh, row r % 16, slice j) is fixed.
   constexpr int kTileChunks = kTile * C;
   constexpr int kPer = (kTileChunks + kThreads - 1) / kThreads;
-  static_assert(kTile % 16 == 0 && kKeysPerIter % kTile == 0, "tiles on 16-slot blocks");
+  static_assert(kTile % 16 == 0 && kKeysPerIter % kTile == 0, "tiles on 16-key blocks");
+  const int bs = kBlock16 ? 16 : a.block_size;
   int c_row[kPer];       // row of slice i in the tile, or kTile when past the tile
-  int c_off[kPer];       // elements from the slot's block start (kBlock16) or row start to it
+  int c_off[kPer];       // elements from the block start (kBlock16) or the row start to it
   uint32_t c_dst[kPer];  // bytes from the stage's K (V) tile start
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
@@ -176,10 +181,10 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
     const int r = e / C;
     const int j = e - r * C;
     c_row[i] = e < kTileChunks ? r : kTile;
-    c_off[i] = (kBlock16 ? (r & 15) * a.kv_row : 0) + head_off + 8 * j;
+    c_off[i] =
+        (kBlock16 ? static_cast<int>(KvOffset(0, r & 15, kvh, bs, a.num_kv_heads, HD)) : 0) + 8 * j;
     c_dst[i] = static_cast<uint32_t>(r * L::kPitch + j) * 16;
   }
-  const size_t block_elems = static_cast<size_t>(a.block_size) * a.kv_row;
   auto load_tile = [&](int t, int st) {
     const int key0 = k_begin + t * kTile;
     const uint32_t dst_k = smem_base + st * L::kStageBytes;
@@ -191,17 +196,19 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
       size_t off = 0;
       int bytes = 0;
       if (key < k_end) {
-        int blk, slot = 0;
         if constexpr (kBlock16) {
-          blk = table[(key0 >> 4) + (c_row[i] >> 4)];
+          const int blk = table[(key0 >> 4) + (c_row[i] >> 4)];
+          if (blk >= 0 && blk < a.num_blocks) {
+            off = static_cast<size_t>(static_cast<int64_t>(blk) * a.block_elems + c_off[i]);
+            bytes = 16;
+          }
         } else {
-          blk = table[key / a.block_size];
-          slot = key % a.block_size;
-        }
-        if (blk >= 0 && blk < a.num_blocks) {
-          off = static_cast<size_t>(blk) * block_elems + static_cast<size_t>(slot) * a.kv_row +
-                c_off[i];
-          bytes = 16;
+          const int blk = table[key / bs];
+          if (blk >= 0 && blk < a.num_blocks) {
+            off = static_cast<size_t>(KvOffset(blk, key % bs, kvh, bs, a.num_kv_heads, HD)) +
+                  c_off[i];
+            bytes = 16;
+          }
         }
       }
       CpAsync16(dst_k + c_dst[i], kc + off, bytes);

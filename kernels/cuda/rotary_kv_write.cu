@@ -4,6 +4,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
+#include "kernels/kv_layout.h"
 
 namespace phishard {
 namespace {
@@ -31,6 +32,20 @@ __host__ __device__ inline size_t TrigOffset(size_t elem_bytes, int heads_per_bl
   return (elem_bytes * heads_per_block * head_dim + 15) / 16 * 16;
 }
 
+// KvSlotOffset(slot, 0, ...) for slot in [0, num_slots), the division in 32 bits when the slots
+// fit in 32 bits (any real cache): a 64-bit division by a runtime block_size is a long dependent
+// chain ahead of the kernel's first cache store.
+__device__ __forceinline__ int64_t SlotHead0Offset(int64_t slot, int64_t num_slots, int block_size,
+                                                   int num_kv_heads, int head_dim) {
+  if (num_slots <= static_cast<int64_t>(UINT32_MAX)) {
+    const uint32_t s = static_cast<uint32_t>(slot);
+    const uint32_t bs = static_cast<uint32_t>(block_size);
+    const uint32_t blk = s / bs;
+    return KvOffset(blk, static_cast<int>(s - blk * bs), 0, block_size, num_kv_heads, head_dim);
+  }
+  return KvSlotOffset(slot, 0, block_size, num_kv_heads, head_dim);
+}
+
 // Grid (tokens, head groups), kThreads threads. The row of token t is the concatenation of
 // num_heads Q heads, num_kv_heads K heads and num_kv_heads V heads; block (t, g) owns the
 // heads_per_block heads [g * heads_per_block, ...) of that list.
@@ -40,7 +55,9 @@ __host__ __device__ inline size_t TrigOffset(size_t elem_bytes, int heads_per_bl
 //   2. After a barrier, each thread takes its Packs of N elements at (head, dim d0): the Q/K dims
 //      below rotary_dim are rotated from shared memory (partner at j +- half) and stored back to
 //      qkv (only those dims: the rest of the row is left as it is); the K (rotated) and V Packs
-//      are stored to the cache slot, unless the slot is outside [0, num_slots) (padding rows:
+//      of KV head kvh are stored to the cache at KvSlotOffset(slot, kvh, block_size, ...) + d0
+//      (kernels/kv_layout.h: each head's head_dim values of the slot are contiguous, the heads
+//      block_size x head_dim apart), unless the slot is outside [0, num_slots) (padding rows:
 //      rotated, nothing cached).
 // Dynamic shared memory: [heads_per_block * head_dim] T, then (at a 16-byte boundary) cos[half],
 // sin[half] float32.
@@ -51,8 +68,8 @@ template <typename T, int N, bool kFold = false>
 __global__ void __launch_bounds__(kThreads)
     RotaryKvWriteKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions,
                         const int64_t* __restrict__ slots, T* __restrict__ k_cache,
-                        T* __restrict__ v_cache, int64_t num_slots, int stride, int num_heads,
-                        int num_kv_heads, int head_dim, int rotary_dim, float theta,
+                        T* __restrict__ v_cache, int64_t num_slots, int block_size, int stride,
+                        int num_heads, int num_kv_heads, int head_dim, int rotary_dim, float theta,
                         int heads_per_block, bool write_cache,
                         const float* __restrict__ delta = nullptr, int ld_delta = 0) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -94,9 +111,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 4
     for (int i = threadIdx.x; i < packs; i += kThreads) sh[i] = reinterpret_cast<const P*>(seg)[i];
   }
-  __syncthreads();
   const bool cached = slot >= 0 && slot < num_slots;
-  const size_t kv_row = static_cast<size_t>(num_kv_heads) * head_dim;
+  // The slot's KV head 0 in the cache; head kvh's row is kvh runs (block_size x head_dim) further
+  // (kernels/kv_layout.h). One division a thread, not one a Pack, before the barrier (the loads
+  // above are in flight).
+  const int64_t slot_off =
+      cached ? SlotHead0Offset(slot, num_slots, block_size, num_kv_heads, head_dim) : 0;
+  const int64_t head_run = KvHeadRunElems(block_size, head_dim);
+  __syncthreads();
   const T* shx = reinterpret_cast<const T*>(smem);
   for (int i = threadIdx.x; i < packs; i += kThreads) {
     const int hl = i / packs_per_head;  // head within the block
@@ -130,8 +152,7 @@ __global__ void __launch_bounds__(kThreads)
       const bool is_k = head < num_heads + num_kv_heads;
       const int kv_head = is_k ? head - num_heads : head - num_heads - num_kv_heads;
       T* cache = is_k ? k_cache : v_cache;
-      *reinterpret_cast<P*>(cache + static_cast<size_t>(slot) * kv_row +
-                            static_cast<size_t>(kv_head) * head_dim + d0) = out;
+      *reinterpret_cast<P*>(cache + slot_off + kv_head * head_run + d0) = out;
     }
   }
 }
@@ -250,14 +271,14 @@ KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t strea
   if (p.fold_delta != nullptr) {
     RotaryKvWriteKernel<T, N, true><<<grid, kThreads, smem, stream>>>(
         static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
-        static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
-        p.rotary_dim, p.theta, heads_per_block, p.write_cache, p.fold_delta,
+        static_cast<T*>(p.v_cache), p.num_slots, p.block_size, stride, p.num_heads, p.num_kv_heads,
+        p.head_dim, p.rotary_dim, p.theta, heads_per_block, p.write_cache, p.fold_delta,
         p.ld_fold == 0 ? total_heads * p.head_dim : p.ld_fold);
   } else {
     RotaryKvWriteKernel<T, N><<<grid, kThreads, smem, stream>>>(
         static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
-        static_cast<T*>(p.v_cache), p.num_slots, stride, p.num_heads, p.num_kv_heads, p.head_dim,
-        p.rotary_dim, p.theta, heads_per_block, p.write_cache);
+        static_cast<T*>(p.v_cache), p.num_slots, p.block_size, stride, p.num_heads, p.num_kv_heads,
+        p.head_dim, p.rotary_dim, p.theta, heads_per_block, p.write_cache);
   }
   return cuda::LaunchStatus();
 }
@@ -267,6 +288,10 @@ KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t strea
 KernelStatus RotaryKvWriteCuda(const RotaryKvWriteParams& p, cudaStream_t stream) {
   if (p.num_tokens < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
       p.num_slots < 0 || p.rotary_dim < 0 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0) {
+    return KernelStatus::kInvalidShape;
+  }
+  // As RotaryKvWriteCpu: the cache layout needs the block size (kernels/kv_layout.h).
+  if (p.write_cache && (p.block_size <= 0 || p.num_slots % p.block_size != 0)) {
     return KernelStatus::kInvalidShape;
   }
   const int qkv_width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
@@ -282,7 +307,8 @@ KernelStatus RotaryKvWriteCuda(const RotaryKvWriteParams& p, cudaStream_t stream
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int kVec = 16 / sizeof(T);
-    // Every row start, head start and cache row must sit on 16 bytes for the vector path.
+    // Every row start and head start must sit on 16 bytes for the vector path (in the cache a
+    // head's row starts at a multiple of head_dim elements, kernels/kv_layout.h).
     const bool vec = p.head_dim % kVec == 0 && stride % kVec == 0 && Aligned16(p.qkv) &&
                      (!p.write_cache || (Aligned16(p.k_cache) && Aligned16(p.v_cache)));
     return vec ? Launch<T, kVec>(p, stride, stream) : Launch<T, 1>(p, stride, stream);
