@@ -553,6 +553,8 @@ bool DecodeMegaCudaSupports(const DecodeMegaParams& p) {
       p.rotary_dim > p.head_dim || p.block_size < 1 || p.num_blocks < 0) {
     return false;
   }
+  // Slots fit in 32 bits (FinishHead addresses the new token's K/V without a 64-bit division).
+  if (static_cast<int64_t>(p.num_blocks) * p.block_size > INT32_MAX) return false;
   if (p.blocks < 0 || p.stages < 0 || p.stages > kMaxStages || p.stage_kb < 0) return false;
   if (p.timeline != nullptr && (p.timeline_layers < 0 || p.timeline_blocks < 0)) return false;
   // The forms compiled (DecodeMegaCuda's instances); the timeline in all but form 1.

@@ -70,8 +70,10 @@ __device__ void LayerNormRow(const Args& a, const Smem& sm, const T* w, const T*
   ConsumerSync();
 }
 
-// Cache row of position c0 + i of KV head kvh (sm.blocks holds the block ids of the chunk from
-// c0 on), or null when its block id is out of range (reads as zero K/V, as PagedDecodeCuda).
+// Cache row of position c0 + i of KV head kvh: its hd contiguous values inside the (block, kvh)
+// run (kernels/kv_layout.h; the block's next position is hd further). sm.blocks holds the block
+// ids of the chunk from c0 on. Null when the block id is out of range (reads as zero K/V, as
+// PagedDecodeCuda).
 template <typename T>
 __device__ __forceinline__ const uint4* CacheRow(const Args& a, const Smem& sm, const char* cache,
                                                  int c0, int i, int kvh) {
@@ -79,9 +81,9 @@ __device__ __forceinline__ const uint4* CacheRow(const Args& a, const Smem& sm, 
   const int pos = c0 + i;
   const int blk = sm.blocks[pos / p.block_size - c0 / p.block_size];
   if (blk < 0 || blk >= p.num_blocks) return nullptr;
-  const size_t slot = static_cast<size_t>(blk) * p.block_size + pos % p.block_size;
-  return reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(cache) +
-                                        (slot * p.num_kv_heads + kvh) * p.head_dim);
+  return reinterpret_cast<const uint4*>(
+      reinterpret_cast<const T*>(cache) +
+      KvOffset(blk, pos % p.block_size, kvh, p.block_size, p.num_kv_heads, p.head_dim));
 }
 
 // An item's end: its partial (m, l, o = sm.o) to a.p.partials, counted on the head's word; the
@@ -189,7 +191,10 @@ __device__ void AttentionTail(const Args& a, const Smem& sm, int head, int split
 // Attention of query head `head` over split `split` of the context: writes its (m, l, o)
 // partial; the block finishing a head's last split merges them into attn (in split order).
 // Positions go in chunks of kItemChunk (one a thread for the scores), every load of a pass
-// issued before its arithmetic (one memory round trip a pass for head_dim <= 128).
+// issued before its arithmetic (one memory round trip a pass for head_dim <= 128). Loads walk the
+// (block, kvh) runs: thread t reads key t's hd contiguous values (16 bytes a load), so a warp's
+// 32 keys are consecutive rows of the runs they fall in (2-3 runs with 16-token blocks); in P V,
+// threads (group g, chunk c) load consecutive 16-byte chunks of consecutive rows.
 template <typename T, int kForm>
 __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp, int head,
                               int split, int ctx) {

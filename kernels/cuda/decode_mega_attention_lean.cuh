@@ -44,15 +44,15 @@ __device__ void AttentionItemLean(const Args& a, const Smem& sm, const LayerPtrs
     const int b0 = c0 / p.block_size, nb = (c0 + len - 1) / p.block_size - b0 + 1;
     for (int j = t; j < nb; j += kConsumers) sm.blocks[j] = __ldg(p.block_table + b0 + j);
     ConsumerSync();  // q, o (first chunk) and the block ids
-    // Row t's element offset in the layer's K and V caches; -1: block id out of range (reads as
-    // zero K/V, as PagedDecodeCuda).
+    // Row t's element offset in the layer's K and V caches (the same in both: KvOffset of its
+    // block, token in the block and kvh); -1: block id out of range (reads as zero K/V, as
+    // PagedDecodeCuda). Rows of one block are hd apart inside the (block, kvh) run.
     int64_t off = -1;
     if (t < len) {
       const int pos = c0 + t;
       const int blk = sm.blocks[pos / p.block_size - b0];
       if (blk >= 0 && blk < p.num_blocks) {
-        const int64_t slot = static_cast<int64_t>(blk) * p.block_size + pos % p.block_size;
-        off = (slot * p.num_kv_heads + kvh) * hd;
+        off = KvOffset(blk, pos % p.block_size, kvh, p.block_size, p.num_kv_heads, hd);
       }
       sm.rowoff[t] = off;
     }

@@ -35,9 +35,10 @@
 // the ring <= 1.3 us a phase while the producer waits on a full ring), attention 21 us at ctx1024
 // (a latency chain), LayerNorm 4, three barriers ~7; ncu: ~30 % of warp stalls no_instruction.
 // mega4 (perf-log, runs 1-2): the attention items' K/V streamed through the ring (one bulk copy a
-// 160-byte cache row: ~4 KB/us a block, slower) or prefetched into L2 by the producer warp (items
-// no shorter) were both slower than form 11 at every context (branches mega4-kvring, mega4-kvpf);
-// a 3-stage ring is faster than 5 at every context (the default since).
+// 160-byte cache row, on the [block, token, head, dim] cache layout of then: ~4 KB/us a block,
+// slower) or prefetched into L2 by the producer warp (items no shorter) were both slower than
+// form 11 at every context (branches mega4-kvring, mega4-kvpf); a 3-stage ring is faster than 5
+// at every context (the default since).
 // mega5 (perf-log, runs 1-2): the attention items on 3 warps of their own while the consumers
 // stream fc2 (phase B as max(attention, fc2) instead of their sum) were slower at every context,
 // with or without their K/V staged in shared memory before barrier A: beside the stream an item
@@ -123,7 +124,8 @@ struct DecodeMegaParams {
   const DecodeMegaLayer* layers = nullptr;  // [num_layers] device
   int num_layers = 0;
   // Layer l's K cache at kv + 2 l layer_kv_bytes, its V cache right after; each
-  // [num_blocks, block_size, nKV, hd] dtype.
+  // [num_blocks, nKV, block_size, hd] dtype (kernels/kv_layout.h: one (block, KV head)'s
+  // block_size keys contiguous). block_size and num_kv_heads (below) address it.
   void* kv = nullptr;
   size_t layer_kv_bytes = 0;
   int num_blocks = 0;
@@ -169,8 +171,9 @@ size_t DecodeMegaSyncBytes(int num_heads);
 size_t DecodeMegaPartialsBytes(int num_heads, int head_dim);
 
 // Shapes the kernel handles on the current device (kF16 / kBF16, H, I and hd multiples of 8, hd
-// <= 256, nKV dividing nH, even rotary_dim <= hd, 16-byte aligned weights, a ring of >= 2 stages
-// fitting in shared memory, cooperative launch). Pointers other than the weights are not checked.
+// <= 256, nKV dividing nH, even rotary_dim <= hd, block_size >= 1, num_blocks x block_size <
+// 2^31 slots, 16-byte aligned weights, a ring of >= 2 stages fitting in shared memory,
+// cooperative launch). Pointers other than the weights are not checked.
 bool DecodeMegaCudaSupports(const DecodeMegaParams& p);
 
 // kInvalidShape when !DecodeMegaCudaSupports(p); kDeviceError when the launch is refused.

@@ -11,6 +11,7 @@
 #include "kernels/cuda/decode_mega_cuda.h"
 #include "kernels/cuda/gemv_common.cuh"
 #include "kernels/cuda/sm90_ptx.cuh"
+#include "kernels/kv_layout.h"
 
 namespace phishard {
 namespace decode_mega {
@@ -236,7 +237,7 @@ struct Smem {
   float* red2;      // [kConsumers * 8] per-group output sums of an attention chunk
   float* scratch;   // [32] reductions, [16] flag, [24, 26) plan
   int* blocks;      // [kItemChunk + 1] block ids of an attention chunk
-  int64_t* rowoff;  // [kItemChunk] kDecodeMegaFormLeanAttn: an attention chunk's cache row offsets
+  int64_t* rowoff;  // [kItemChunk] kDecodeMegaFormLeanAttn: a chunk's keys' KvOffset (-1: none)
   uint64_t* full;   // [kMaxStages] stage loaded
   uint64_t* empty;  // [kMaxStages] stage consumed (kConsumerWarps arrivals)
 };
@@ -252,13 +253,13 @@ enum : int { kEpiQkv = 0, kEpiFc1 = 1, kEpiFc2 = 2, kEpiDense = 3 };
 
 struct LayerPtrs {
   DecodeMegaLayer w;
-  char* k_cache;
-  char* v_cache;
+  char* k_cache;  // [num_blocks, nKV, block_size, hd] dtype, device (kernels/kv_layout.h)
+  char* v_cache;  // the same
 };
 
 // q/k/v head hh is complete: sm.part holds its rows' per-warp partials; `bias` is this thread's
-// bias of the head (t < hd). dtype(sum + bias), rotated (q, k), to q (rows < nH) or to the cache
-// slot.
+// bias of the head (t < hd). dtype(sum + bias), rotated (q, k), to q (rows < nH) or to the cache:
+// the slot's hd contiguous values in its (block, KV head) run (kernels/kv_layout.h).
 template <typename T>
 __device__ void FinishHead(const Args& a, const Smem& sm, const LayerPtrs& lp, int hh, int pos,
                            int64_t slot, float bias) {
@@ -273,8 +274,11 @@ __device__ void FinishHead(const Args& a, const Smem& sm, const LayerPtrs& lp, i
   } else if (valid_slot) {
     const bool is_k = hh < nH + nKV;
     const int kvh = is_k ? hh - nH : hh - nH - nKV;
+    // KvSlotOffset with the slot in 32 bits (num_blocks x block_size < 2^31 slots:
+    // DecodeMegaCudaSupports), so no 64-bit division.
+    const int s = static_cast<int>(slot);
     dst = reinterpret_cast<T*>(is_k ? lp.k_cache : lp.v_cache) +
-          (static_cast<size_t>(slot) * nKV + kvh) * hd;
+          KvOffset(s / p.block_size, s % p.block_size, kvh, p.block_size, nKV, hd);
   }
   if (dst == nullptr) return;
   const int half = hh < nH + nKV ? p.rotary_dim / 2 : 0;
