@@ -340,29 +340,9 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
   __shared__ float s_l[kWarps];
   __shared__ float s_acc[kWarps][HD];
 
-  const int hb = blockIdx.x;
-  const int s = blockIdx.y;
-  const int sp = blockIdx.z;
-  const int kvh = hb / a.head_chunks;
-  const int g0 = (hb - kvh * a.head_chunks) * kMaxHeadsPerBlock;
-  const int nhb = min(kMaxHeadsPerBlock, a.group - g0);  // query heads of this block
-  const int h0 = kvh * a.group + g0;                     // the first of them
-  const int ctx = a.context_lens[s];
-  T* out_base = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h0) * HD;
-  if (ctx <= 0) {  // padding row
-    if (sp == 0) {
-      for (int d = threadIdx.x; d < nhb * HD; d += kThreads) out_base[d] = cuda::FromFloat<T>(0.f);
-    }
-    return;
-  }
-  int splits = 1;
-  const int split_len = SplitLen(a, ctx, &splits);
-  if (sp >= splits) return;
-  const int k_begin = sp * split_len;
-  const int k_end = min(ctx, k_begin + split_len);
-  const int n_tiles = (k_end - k_begin + kTile - 1) / kTile;
-  const int pitch = a.step_info ? a.step_info[1] : a.max_blocks;
-  const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
+  BlockWork<T> bw;  // sequence bw.s, query heads bw.h0 .., keys [bw.k_begin, bw.k_end)
+  if (!BlockPrologue<T, HD, kMaxHeadsPerBlock>(a, &bw)) return;
+  const int n_tiles = (bw.k_end - bw.k_begin + kTile - 1) / kTile;
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
   const uint32_t smem_base = SmemAddr(smem);
@@ -387,23 +367,23 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
       const int r = e / C;
       c_row[i] = e < kTileChunks ? r : kTile;
       c_off[i] =
-          static_cast<int>(KvOffset(0, r & 15, kvh, 16, a.num_kv_heads, HD)) + 8 * (e - r * C);
+          static_cast<int>(KvOffset(0, r & 15, bw.kvh, 16, a.num_kv_heads, HD)) + 8 * (e - r * C);
     }
   }
   const int bs = kBlock16 ? 16 : a.block_size;
   auto load_tile = [&](int t, int st) {
-    const int key0 = k_begin + t * kTile;
+    const int key0 = bw.k_begin + t * kTile;
     const uint32_t dst_k = smem_base + static_cast<uint32_t>(st * L::kStageBytes);
     const uint32_t dst_v = dst_k + kTile * C * 16;
     if constexpr (kBlock16) {
-      const int32_t* tile_table = table + (key0 >> 4);
+      const int32_t* tile_table = bw.table + (key0 >> 4);
 #pragma unroll
       for (int i = 0; i < kChunksPerThread; ++i) {
         if (c_row[i] >= kTile) continue;
         const uint32_t dst = (threadIdx.x + kThreads * i) * 16;
         size_t off = 0;
         int bytes = 0;
-        if (key0 + c_row[i] < k_end) {
+        if (key0 + c_row[i] < bw.k_end) {
           const int blk = tile_table[c_row[i] >> 4];
           if (blk >= 0 && blk < a.num_blocks) {
             // a.block_elems a 32-bit launch argument: one 32 x 32 -> 64-bit multiply-add.
@@ -422,10 +402,11 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
         const int key = key0 + r;
         size_t off = 0;
         int bytes = 0;
-        if (key < k_end) {
-          const int blk = table[key / bs];
+        if (key < bw.k_end) {
+          const int blk = bw.table[key / bs];
           if (blk >= 0 && blk < a.num_blocks) {
-            off = static_cast<size_t>(KvOffset(blk, key % bs, kvh, bs, a.num_kv_heads, HD)) + 8 * j;
+            off = static_cast<size_t>(KvOffset(blk, key % bs, bw.kvh, bs, a.num_kv_heads, HD)) +
+                  8 * j;
             bytes = 16;
           }
         }
@@ -445,10 +426,10 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
   const int lane = threadIdx.x & 31;
   const int grp = lane / kLanesPerKey;
   const int cl = lane % kLanesPerKey;
-  const int kw = kWarps / nhb;  // warps sharing one head's keys: 4, 2, 1, 1
+  const int kw = kWarps / bw.nhb;  // warps sharing one head's keys: 4, 2, 1, 1
   const int slice = warp % kw;
   const int my_head = warp / kw;  // in [0, nhb) or idle
-  const bool active = my_head < nhb;
+  const bool active = my_head < bw.nhb;
   constexpr int kKeysPerRound = 2 * (32 / kLanesPerKey);  // 8: 2 keys for each of 4 groups
   const int keys_per_warp = kTile / kw;
   const int rounds = keys_per_warp / kKeysPerRound;
@@ -456,8 +437,8 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
   float q[H::kPerLane][8];
   SoftmaxState<H::kPerLane> S;
   {
-    const int h = h0 + (active ? my_head : 0);
-    const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride + h * HD;
+    const int h = bw.h0 + (active ? my_head : 0);
+    const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(bw.s) * a.q_stride + h * HD;
 #pragma unroll
     for (int i = 0; i < H::kPerLane; ++i) {
       const int j = cl + kLanesPerKey * i;
@@ -483,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
     const uint4* sk =
         reinterpret_cast<const uint4*>(smem + static_cast<size_t>(t % kStages) * L::kStageBytes);
     const uint4* sv = sk + kTile * C;
-    const int tile_key0 = k_begin + t * kTile;
+    const int tile_key0 = bw.k_begin + t * kTile;
     for (int r = 0; r < rounds; ++r) {
       const int kb = slice * keys_per_warp + r * kKeysPerRound + grp;  // keys kb and kb + 4
       uint4 kk[2][H::kPerLane], vv[2][H::kPerLane];
@@ -491,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int row = kb + 4 * u;
-        valid[u] = tile_key0 + row < k_end;
+        valid[u] = tile_key0 + row < bw.k_end;
 #pragma unroll
         for (int i = 0; i < H::kPerLane; ++i) {
           const int j = cl + kLanesPerKey * i;
@@ -577,7 +558,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < nhb * HD; e += kThreads) {
+  for (int e = threadIdx.x; e < bw.nhb * HD; e += kThreads) {
     const int g = e / HD;
     const int d = e - g * HD;
     // Owners of head g: warps g kw .. g kw + kw - 1.
@@ -590,11 +571,11 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
       ll = fmaf(s_l[w], f, ll);
       o = fmaf(s_acc[w][d], f, o);
     }
-    const int h = h0 + g;
-    if (splits == 1) {
-      out_base[e] = cuda::FromFloat<T>(o / ll);
+    const int h = bw.h0 + g;
+    if (bw.splits == 1) {
+      bw.out[e] = cuda::FromFloat<T>(o / ll);
     } else {
-      const size_t idx = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits + sp;
+      const size_t idx = (static_cast<size_t>(bw.s) * a.num_heads + h) * a.max_splits + bw.sp;
       a.partial_o[idx * HD + d] = o / ll;
       if (d == 0) {
         a.partial_ml[idx * 2] = mm;

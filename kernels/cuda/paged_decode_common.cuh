@@ -1,7 +1,8 @@
-// Pieces shared by the decode attention kernels of kernels/cuda/paged_decode.cu and the fused
-// form's prologue / epilogue (kernels/cuda/paged_decode_fold.cuh): the launch arguments, the split
-// rule, unpacking, the online-softmax rescale and the log-sum-exp merge of the splits. Included by
-// paged_decode.cu only.
+// Pieces shared by the decode attention kernels of kernels/cuda/paged_decode.cu, the tensor-core
+// kernel (kernels/cuda/paged_decode_mma.cu) and the fused form's prologue / epilogue
+// (kernels/cuda/paged_decode_fold.cuh): the launch arguments, the split rule, the block prologue of
+// the pipelined and tensor-core kernels, unpacking, the online-softmax rescale and the log-sum-exp
+// merge of the splits. Included by paged_decode.cu and paged_decode_mma.cu only.
 #pragma once
 
 #include <cstdint>
@@ -80,6 +81,56 @@ __device__ __forceinline__ int SplitLen(const Args& a, int ctx, int* splits) {
   const int len = (per + kKeysPerIter - 1) / kKeysPerIter * kKeysPerIter;
   *splits = (ctx + len - 1) / len;
   return len;
+}
+
+// What one block of the pipelined and tensor-core kernels serves. Their grid is (num_kv_heads x
+// a.head_chunks, num_seqs, max_splits): block (hb, s, sp) takes query heads h0 .. h0 + nhb - 1, the
+// (hb % a.head_chunks)-th chunk of kHeadsPerBlock of KV head kvh's group, over the keys
+// [k_begin, k_end) of split sp of sequence s.
+template <typename T>
+struct BlockWork {
+  int s;
+  int sp;
+  int kvh;
+  int nhb;      // query heads of this block, 1 .. kHeadsPerBlock
+  int h0;       // the first of them
+  int splits;   // non-empty splits of sequence s (SplitLen), sp < splits
+  int k_begin;  // keys of split sp, k_begin < k_end <= context_lens[s]
+  int k_end;
+  T* out;                // [nhb, HD] device: out[s, h0 ...], the block's output rows
+  const int32_t* table;  // device: sequence s's block table row (step_info[1] or max_blocks long)
+};
+
+// The prologue of the pipelined and tensor-core kernels (blocks of kThreads): fills *w and returns
+// true, or returns false (the same in every thread of the block) for a block with no keys to read:
+// a padding row (context_lens[s] <= 0; split 0 writes zeros to the block's output rows) or a split
+// past the sequence's last.
+template <typename T, int HD, int kHeadsPerBlock>
+__device__ __forceinline__ bool BlockPrologue(const Args& a, BlockWork<T>* w) {
+  const int hb = blockIdx.x;
+  const int s = blockIdx.y;
+  const int sp = blockIdx.z;
+  const int kvh = hb / a.head_chunks;
+  const int g0 = (hb - kvh * a.head_chunks) * kHeadsPerBlock;
+  const int nhb = min(kHeadsPerBlock, a.group - g0);
+  const int h0 = kvh * a.group + g0;
+  const int ctx = a.context_lens[s];
+  T* out_base = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h0) * HD;
+  if (ctx <= 0) {  // padding row
+    if (sp == 0) {
+      for (int d = threadIdx.x; d < nhb * HD; d += kThreads) out_base[d] = cuda::FromFloat<T>(0.f);
+    }
+    return false;
+  }
+  int splits = 1;
+  const int split_len = SplitLen(a, ctx, &splits);
+  if (sp >= splits) return false;
+  const int k_begin = sp * split_len;
+  const int k_end = min(ctx, k_begin + split_len);
+  const int pitch = a.step_info ? a.step_info[1] : a.max_blocks;
+  const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
+  *w = BlockWork<T>{s, sp, kvh, nhb, h0, splits, k_begin, k_end, out_base, table};
+  return true;
 }
 
 template <typename T>

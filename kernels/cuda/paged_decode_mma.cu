@@ -134,29 +134,9 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
   __shared__ float s_m[kWarps][kMmaHeadsPerBlock];
   __shared__ float s_l[kWarps][kMmaHeadsPerBlock];
 
-  const int hb = blockIdx.x;
-  const int s = blockIdx.y;
-  const int sp = blockIdx.z;
-  const int kvh = hb / a.head_chunks;
-  const int g0 = (hb - kvh * a.head_chunks) * kMmaHeadsPerBlock;
-  const int nhb = min(kMmaHeadsPerBlock, a.group - g0);  // query heads of this block
-  const int h0 = kvh * a.group + g0;                     // the first of them
-  const int ctx = a.context_lens[s];
-  T* out_base = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h0) * HD;
-  if (ctx <= 0) {  // padding row
-    if (sp == 0) {
-      for (int d = threadIdx.x; d < nhb * HD; d += kThreads) out_base[d] = cuda::FromFloat<T>(0.f);
-    }
-    return;
-  }
-  int splits = 1;
-  const int split_len = SplitLen(a, ctx, &splits);
-  if (sp >= splits) return;
-  const int k_begin = sp * split_len;
-  const int k_end = min(ctx, k_begin + split_len);
-  const int n_tiles = (k_end - k_begin + kTile - 1) / kTile;
-  const int pitch = a.step_info ? a.step_info[1] : a.max_blocks;
-  const int32_t* table = a.block_tables + static_cast<size_t>(s) * pitch;
+  BlockWork<T> bw;  // sequence bw.s, query heads bw.h0 .., keys [bw.k_begin, bw.k_end)
+  if (!BlockPrologue<T, HD, kMmaHeadsPerBlock>(a, &bw)) return;
+  const int n_tiles = (bw.k_end - bw.k_begin + kTile - 1) / kTile;
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
   const uint32_t smem_base = Smem(smem);
@@ -182,11 +162,12 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
     const int j = e - r * C;
     c_row[i] = e < kTileChunks ? r : kTile;
     c_off[i] =
-        (kBlock16 ? static_cast<int>(KvOffset(0, r & 15, kvh, bs, a.num_kv_heads, HD)) : 0) + 8 * j;
+        (kBlock16 ? static_cast<int>(KvOffset(0, r & 15, bw.kvh, bs, a.num_kv_heads, HD)) : 0) +
+        8 * j;
     c_dst[i] = static_cast<uint32_t>(r * L::kPitch + j) * 16;
   }
   auto load_tile = [&](int t, int st) {
-    const int key0 = k_begin + t * kTile;
+    const int key0 = bw.k_begin + t * kTile;
     const uint32_t dst_k = smem_base + st * L::kStageBytes;
     const uint32_t dst_v = dst_k + L::kTileBytes;
 #pragma unroll
@@ -195,17 +176,17 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
       const int key = key0 + c_row[i];
       size_t off = 0;
       int bytes = 0;
-      if (key < k_end) {
+      if (key < bw.k_end) {
         if constexpr (kBlock16) {
-          const int blk = table[(key0 >> 4) + (c_row[i] >> 4)];
+          const int blk = bw.table[(key0 >> 4) + (c_row[i] >> 4)];
           if (blk >= 0 && blk < a.num_blocks) {
             off = static_cast<size_t>(static_cast<int64_t>(blk) * a.block_elems + c_off[i]);
             bytes = 16;
           }
         } else {
-          const int blk = table[key / bs];
+          const int blk = bw.table[key / bs];
           if (blk >= 0 && blk < a.num_blocks) {
-            off = static_cast<size_t>(KvOffset(blk, key % bs, kvh, bs, a.num_kv_heads, HD)) +
+            off = static_cast<size_t>(KvOffset(blk, key % bs, bw.kvh, bs, a.num_kv_heads, HD)) +
                   c_off[i];
             bytes = 16;
           }
@@ -229,9 +210,9 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
   // q as the B operand of QKᵀ (dims x heads, column g): dims 16 ks + 2 tq, +1 and + 8, + 9.
   uint32_t qf[KS][2];
   {
-    const bool mine = g < nhb;
-    const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride +
-                     static_cast<size_t>(h0 + (mine ? g : 0)) * HD;
+    const bool mine = g < bw.nhb;
+    const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(bw.s) * a.q_stride +
+                     static_cast<size_t>(bw.h0 + (mine ? g : 0)) * HD;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       qf[ks][0] = mine ? *reinterpret_cast<const uint32_t*>(q_row + 16 * ks + 2 * tq) : 0u;
@@ -262,8 +243,8 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
     }
     Commit();
     for (int ch = warp; ch < kTile / 16; ch += kWarps) {
-      const int key0 = k_begin + t * kTile + 16 * ch;
-      if (key0 >= k_end) break;
+      const int key0 = bw.k_begin + t * kTile + 16 * ch;
+      if (key0 >= bw.k_end) break;
       const uint32_t sk = smem_base + (t % kStages) * L::kStageBytes + 16 * ch * L::kRowBytes;
       const uint32_t sv = sk + L::kTileBytes;
       float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -274,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
         Mma<T>(c, af, qf[ks][0], qf[ks][1]);
       }
       // c[0], c[1]: key g, heads 2 tq, 2 tq + 1; c[2], c[3]: key g + 8.
-      const bool v0 = key0 + g < k_end, v1 = key0 + g + 8 < k_end;
+      const bool v0 = key0 + g < bw.k_end, v1 = key0 + g + 8 < bw.k_end;
       float sc[4] = {v0 ? c[0] * a.scale_log2 : -INFINITY, v0 ? c[1] * a.scale_log2 : -INFINITY,
                      v1 ? c[2] * a.scale_log2 : -INFINITY, v1 ? c[3] * a.scale_log2 : -INFINITY};
       float mx[2] = {fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3])};
@@ -345,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < nhb * HD; e += kThreads) {
+  for (int e = threadIdx.x; e < bw.nhb * HD; e += kThreads) {
     const int n = e / HD;
     const int d = e - n * HD;
     float mm = -INFINITY;
@@ -359,10 +340,11 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
       ll = fmaf(s_l[w][n], f, ll);
       o = fmaf(s_acc[(static_cast<size_t>(w) * kMmaHeadsPerBlock + n) * HD + d], f, o);
     }
-    if (splits == 1) {
-      out_base[e] = cuda::FromFloat<T>(o / ll);
+    if (bw.splits == 1) {
+      bw.out[e] = cuda::FromFloat<T>(o / ll);
     } else {
-      const size_t idx = (static_cast<size_t>(s) * a.num_heads + h0 + n) * a.max_splits + sp;
+      const size_t idx =
+          (static_cast<size_t>(bw.s) * a.num_heads + bw.h0 + n) * a.max_splits + bw.sp;
       a.partial_o[idx * HD + d] = o / ll;
       if (d == 0) {
         a.partial_ml[idx * 2] = mm;
