@@ -298,22 +298,6 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
 // few sequences.
 constexpr int kMaxHeadsPerBlock = kWarps;
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte global -> shared copy bypassing L1; bytes == 0 reads nothing and writes zeros.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 template <int HD, int kTile, int kStages>
 struct PipeSmem {
   static constexpr int kChunks = HD / 8;

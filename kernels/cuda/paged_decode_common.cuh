@@ -1,8 +1,9 @@
 // Pieces shared by the decode attention kernels of kernels/cuda/paged_decode.cu, the tensor-core
 // kernel (kernels/cuda/paged_decode_mma.cu) and the fused form's prologue / epilogue
-// (kernels/cuda/paged_decode_fold.cuh): the launch arguments, the split rule, the block prologue of
-// the pipelined and tensor-core kernels, unpacking, the online-softmax rescale and the log-sum-exp
-// merge of the splits. Included by paged_decode.cu and paged_decode_mma.cu only.
+// (kernels/cuda/paged_decode_fold.cuh): the launch arguments, the split rule, the cp.async wrappers
+// and block prologue of the pipelined and tensor-core kernels, unpacking, the online-softmax
+// rescale and the log-sum-exp merge of the splits. Included by paged_decode.cu and
+// paged_decode_mma.cu only.
 #pragma once
 
 #include <cstdint>
@@ -81,6 +82,24 @@ __device__ __forceinline__ int SplitLen(const Args& a, int ctx, int* splits) {
   const int len = (per + kKeysPerIter - 1) / kKeysPerIter * kKeysPerIter;
   *splits = (ctx + len - 1) / len;
   return len;
+}
+
+// cp.async for the pipelined and tensor-core kernels' shared-memory rings (sm_80+).
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy bypassing L1; bytes == 0 reads nothing and writes zeros.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Waits until at most N of this thread's most recent cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // What one block of the pipelined and tensor-core kernels serves. Their grid is (num_kv_heads x

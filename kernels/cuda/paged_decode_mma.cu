@@ -55,19 +55,6 @@ struct MmaSmem {
   static_assert(kWarps * kMmaHeadsPerBlock * HD * 4 <= kBytes, "merge scratch fits the ring");
 };
 
-__device__ __forceinline__ uint32_t Smem(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte global -> shared copy bypassing L1; bytes == 0 reads nothing and writes zeros.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void Commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void WaitGroups() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 // Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i; register i gets
 // matrix i in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4), +1; .trans: the
 // transpose).
@@ -139,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
   const int n_tiles = (bw.k_end - bw.k_begin + kTile - 1) / kTile;
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  const uint32_t smem_base = Smem(smem);
+  const uint32_t smem_base = SmemAddr(smem);
 
   // Copy roles (the pipelined kernel's): thread e copies 16-byte slices e, e + 128, ... of the
   // tile's K and V rows; slice e is row r = e / C, slice j = e % C, stored at r kPitch + j. In the
@@ -199,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
     if (t < n_tiles) load_tile(t, t);
-    Commit();
+    CpAsyncCommit();
   }
 
   // Compute roles (see the top): warp w takes the 16-key chunks w, w + 4, ... of each tile.
@@ -236,12 +223,12 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
   }
 
   for (int t = 0; t < n_tiles; ++t) {
-    WaitGroups<kStages - 2>();
+    CpAsyncWait<kStages - 2>();
     __syncthreads();  // tile t landed for every thread; stage (t - 1) % kStages is free
     if (t + kStages - 1 < n_tiles) {
       load_tile(t + kStages - 1, (t + kStages - 1) % kStages);
     }
-    Commit();
+    CpAsyncCommit();
     for (int ch = warp; ch < kTile / 16; ch += kWarps) {
       const int key0 = bw.k_begin + t * kTile + 16 * ch;
       if (key0 >= bw.k_end) break;
@@ -297,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
       }
     }
   }
-  WaitGroups<0>();
+  CpAsyncWait<0>();
   // A programmatic dependent may start its prologue once every block is past its loads.
   asm volatile("griddepcontrol.launch_dependents;" :::);
 
