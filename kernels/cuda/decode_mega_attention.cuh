@@ -188,6 +188,48 @@ __device__ void AttentionTail(const Args& a, const Smem& sm, int head, int split
   ConsumerSync();  // flag and q / o are rewritten by the next item
 }
 
+// V rows of a chunk in flight at a time for one thread in P V (the first batch loads with the
+// keys).
+constexpr int kPvBatch = 12;
+
+// P V of a chunk of len positions and the item's output update, for AttentionItem and
+// AttentionItemLean: thread (group g, chunk c) sums scores[i] v_i over its positions
+// i = g, g + groups, ... < len for dims 8 c .. 8 c + 7, kPvBatch V rows in flight (the first
+// batch is vpre; load_v(i): 16-byte chunk c of V row i, zeros for i >= len or a bad block id);
+// then sm.o[t] = sm.o[t] alpha + the groups' sums in group order. sm.scores must be published;
+// the caller syncs before sm.scores / sm.red2 are rewritten.
+template <typename T, typename LoadV>
+__device__ __forceinline__ void ChunkPv(const Smem& sm, int t, int hd, int len, int groups, int g,
+                                        int c, float alpha, const uint4 (&vpre)[kPvBatch],
+                                        LoadV&& load_v) {
+  float o8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (g < groups) {
+    for (int i0 = g; i0 < len; i0 += kPvBatch * groups) {
+      uint4 vv[kPvBatch];
+#pragma unroll
+      for (int u = 0; u < kPvBatch; ++u) vv[u] = i0 == g ? vpre[u] : load_v(i0 + u * groups);
+#pragma unroll
+      for (int u = 0; u < kPvBatch; ++u) {
+        const int i = i0 + u * groups;
+        if (i < len) {
+          const T* ev = reinterpret_cast<const T*>(&vv[u]);
+          const float pw = sm.scores[i];
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) o8[jj] = fmaf(pw, cuda::ToFloat(ev[jj]), o8[jj]);
+        }
+      }
+    }
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) sm.red2[g * hd + c * 8 + jj] = o8[jj];
+  }
+  ConsumerSync();
+  if (t < hd) {
+    float sum = 0.0f;
+    for (int gg = 0; gg < groups; ++gg) sum += sm.red2[gg * hd + t];
+    sm.o[t] = sm.o[t] * alpha + sum;
+  }
+}
+
 // Attention of query head `head` over split `split` of the context: writes its (m, l, o)
 // partial; the block finishing a head's last split merges them into attn (in split order).
 // Positions go in chunks of kItemChunk (one a thread for the scores), every load of a pass
@@ -217,7 +259,6 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
     // This thread's V rows of its first P V batch (thread (group g, chunk c) sums positions g,
     // g + G, ... of the chunk's 8 dims), loaded with the keys: they do not depend on the scores,
     // so the chunk waits one memory round trip for K and V instead of two.
-    constexpr int kPvBatch = 12;
     constexpr int kKBatch = 10;  // 16-byte chunks of a key in flight (head_dim 80: all)
     const int groups = kConsumers / chunks, g = t / chunks, c = t % chunks;
     uint4 vpre[kPvBatch];
@@ -256,38 +297,10 @@ __device__ void AttentionItem(const Args& a, const Smem& sm, const LayerPtrs& lp
     const float e = t < len ? expf(d - m_new) : 0.0f;
     if (t < len) sm.scores[t] = e;
     l = l * alpha + ConsumerSum(e, sm.scratch);  // its barriers publish sm.scores
-    // P V, up to kPvBatch loads in flight (the first batch is vpre).
-    float o8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (g < groups) {
-      for (int i0 = g; i0 < len; i0 += kPvBatch * groups) {
-        uint4 vv[kPvBatch];
-#pragma unroll
-        for (int u = 0; u < kPvBatch; ++u) {
-          const int i = i0 + u * groups;
-          const uint4* vr =
-              i0 == g || i >= len ? nullptr : CacheRow<T>(a, sm, lp.v_cache, c0, i, kvh);
-          vv[u] = i0 == g ? vpre[u] : vr != nullptr ? __ldcg(vr + c) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < kPvBatch; ++u) {
-          const int i = i0 + u * groups;
-          if (i < len) {
-            const T* ev = reinterpret_cast<const T*>(&vv[u]);
-            const float pw = sm.scores[i];
-#pragma unroll
-            for (int jj = 0; jj < 8; ++jj) o8[jj] = fmaf(pw, cuda::ToFloat(ev[jj]), o8[jj]);
-          }
-        }
-      }
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) sm.red2[g * hd + c * 8 + jj] = o8[jj];
-    }
-    ConsumerSync();
-    if (t < hd) {
-      float sum = 0.0f;
-      for (int gg = 0; gg < groups; ++gg) sum += sm.red2[gg * hd + t];
-      sm.o[t] = sm.o[t] * alpha + sum;
-    }
+    ChunkPv<T>(sm, t, hd, len, groups, g, c, alpha, vpre, [&](int i) {
+      const uint4* vr = i < len ? CacheRow<T>(a, sm, lp.v_cache, c0, i, kvh) : nullptr;
+      return vr != nullptr ? __ldcg(vr + c) : make_uint4(0, 0, 0, 0);
+    });
     ConsumerSync();  // scores, red2 and the block ids are rewritten by the next chunk
     m = m_new;
   }

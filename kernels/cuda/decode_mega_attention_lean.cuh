@@ -58,7 +58,6 @@ __device__ void AttentionItemLean(const Args& a, const Smem& sm, const LayerPtrs
     }
     ConsumerSync();  // the row offsets
     // As AttentionItem: this thread's V rows of its first P V batch load with the keys.
-    constexpr int kPvBatch = 12;
     constexpr int kKBatch = 10;
     const int groups = kConsumers / chunks, g = t / chunks, c = t % chunks;
     uint4 vpre[kPvBatch];
@@ -98,42 +97,10 @@ __device__ void AttentionItemLean(const Args& a, const Smem& sm, const LayerPtrs
     const float e = t < len ? expf(d - m_new) : 0.0f;
     if (t < len) sm.scores[t] = e;
     l = l * alpha + ConsumerSum(e, sm.scratch);  // its barriers publish sm.scores
-    // P V, up to kPvBatch loads in flight (the first batch is vpre).
-    float o8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (g < groups) {
-      for (int i0 = g; i0 < len; i0 += kPvBatch * groups) {
-        uint4 vv[kPvBatch];
-#pragma unroll
-        for (int u = 0; u < kPvBatch; ++u) {
-          const int i = i0 + u * groups;
-          if (i0 == g) {
-            vv[u] = vpre[u];
-          } else {
-            const int64_t vo = i < len ? sm.rowoff[i] : -1;
-            vv[u] = vo >= 0 ? __ldcg(reinterpret_cast<const uint4*>(vc + vo) + c)
-                            : make_uint4(0, 0, 0, 0);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kPvBatch; ++u) {
-          const int i = i0 + u * groups;
-          if (i < len) {
-            const T* ev = reinterpret_cast<const T*>(&vv[u]);
-            const float pw = sm.scores[i];
-#pragma unroll
-            for (int jj = 0; jj < 8; ++jj) o8[jj] = fmaf(pw, cuda::ToFloat(ev[jj]), o8[jj]);
-          }
-        }
-      }
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) sm.red2[g * hd + c * 8 + jj] = o8[jj];
-    }
-    ConsumerSync();
-    if (t < hd) {
-      float sum = 0.0f;
-      for (int gg = 0; gg < groups; ++gg) sum += sm.red2[gg * hd + t];
-      sm.o[t] = sm.o[t] * alpha + sum;
-    }
+    ChunkPv<T>(sm, t, hd, len, groups, g, c, alpha, vpre, [&](int i) {
+      const int64_t vo = i < len ? sm.rowoff[i] : -1;
+      return vo >= 0 ? __ldcg(reinterpret_cast<const uint4*>(vc + vo) + c) : make_uint4(0, 0, 0, 0);
+    });
     ConsumerSync();  // scores, red2, the block ids and row offsets are rewritten by the next chunk
     m = m_new;
   }
