@@ -25,6 +25,7 @@
 #include "kernels/cuda/gemv_cuda.h"  // kGemvMaxRows
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/device.h"
+#include "kernels/kv_layout.h"
 #include "kernels/paged_attention.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
@@ -54,8 +55,11 @@ struct DecodeCase {
 
 // Runs one case with the given split bound; poisons the output, every cache slot no sequence
 // owns (K and V NaN: a read past a context shows up), and uses a table pitch wider than needed.
+// bad_ids: one table entry of each live sequence (its second block where it has two, else its
+// first) is out of [0, num_blocks) (-1 or past the pool); the kernels read it as zero K/V, the
+// reference reads an all-zero block appended to the pool.
 void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_info,
-                   PagedDecodeVariant variant = PagedDecodeVariant::kAuto) {
+                   PagedDecodeVariant variant = PagedDecodeVariant::kAuto, bool bad_ids = false) {
   const int S = static_cast<int>(c.ctx.size());
   const int bs = c.block_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
   int max_ctx = 1;
@@ -73,6 +77,17 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
       const int blk = ids[next++];
       tables[static_cast<size_t>(s) * pitch + b] = blk;
       for (int o = 0; o < bs && b * bs + o < c.ctx[s]; ++o) owned[blk * bs + o] = 1;
+    }
+  }
+  // Reference table: bad ids -> block num_blocks (zeros, appended to the reference's pool).
+  std::vector<int32_t> ref_tables = tables;
+  if (bad_ids) {
+    for (int s = 0; s < S; ++s) {
+      const int n = KvBlockAllocator::BlocksFor(c.ctx[s], bs);
+      if (n == 0) continue;
+      const size_t at = static_cast<size_t>(s) * pitch + (n > 1 ? 1 : 0);
+      tables[at] = s % 2 == 0 ? -1 : num_blocks + s;
+      ref_tables[at] = num_blocks;
     }
   }
   const int q_stride = (nh + 2 * nkv) * hd;
@@ -134,6 +149,8 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
 
   // Reference over the live rows only (the CPU op has no padding rows).
   std::vector<float> kf = Decode(kb, t), vf = Decode(vb, t);
+  kf.resize(kf.size() + static_cast<size_t>(KvBlockElems(bs, nkv, hd)), 0.0f);
+  vf.resize(vf.size() + static_cast<size_t>(KvBlockElems(bs, nkv, hd)), 0.0f);
   std::vector<float> ref(static_cast<size_t>(S) * nh * hd, 0.0f);
   std::vector<int32_t> live_idx;
   for (int s = 0; s < S; ++s) {
@@ -141,8 +158,8 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
   }
   for (int s : live_idx) {
     const std::vector<int32_t> one_cu = {0, 1}, one_ctx = {c.ctx[s]};
-    std::vector<int32_t> one_table(tables.begin() + static_cast<size_t>(s) * pitch,
-                                   tables.begin() + static_cast<size_t>(s + 1) * pitch);
+    std::vector<int32_t> one_table(ref_tables.begin() + static_cast<size_t>(s) * pitch,
+                                   ref_tables.begin() + static_cast<size_t>(s + 1) * pitch);
     std::vector<float> one_out(static_cast<size_t>(nh) * hd);
     PagedAttentionParams pc = p;
     pc.q = q.data() + static_cast<size_t>(s) * q_stride;
@@ -155,6 +172,7 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
     pc.num_seqs = 1;
     pc.num_tokens = 1;
     pc.max_blocks_per_seq = pitch;
+    pc.num_blocks = num_blocks + 1;
     pc.dtype = DataType::kF32;
     ASSERT_EQ(PagedAttentionCpu(pc), KernelStatus::kOk);
     std::copy(one_out.begin(), one_out.end(), ref.begin() + static_cast<size_t>(s) * nh * hd);
@@ -199,9 +217,12 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
       for (int splits : {1, 3, 16}) {
-        // Both production kernels on every case (kAuto picks one of them by grid size).
+        // Both production kernels on every case (kAuto picks one of them by grid size), and the
+        // bulk-copy kernel (opt-in; blocks of 16 only, the other block sizes fall back to the
+        // pipelined kernel and must pass the same way).
         for (PagedDecodeVariant v :
-             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages}) {
+             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
+              PagedDecodeVariant::kBulk}) {
           SCOPED_TRACE(testing::Message()
                        << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim
                        << " splits " << splits << " variant " << static_cast<int>(v));
@@ -245,6 +266,45 @@ TEST(CudaPagedDecode, TensorCoreMatchesCpuReference) {
   }
   RunDecodeCase({{40, 41, 1}, 3, 8, 8, 64, 16}, DataType::kBF16, 4, /*device_info=*/false,
                 PagedDecodeVariant::kTensorCore);
+}
+
+// Block ids outside [0, num_blocks) read as zero K/V in every kernel (the bulk-copy kernel
+// writes zeros to the stage instead of copying); unused slots are NaN as in every case. Bad ids
+// in a tile's first and second block, one or several splits, MHA and GQA, the Phi-2 shape.
+TEST(CudaPagedDecode, BadBlockIdsReadAsZeros) {
+  PHI_REQUIRE_GPU();
+  const std::vector<DecodeCase> cases = {{{40, 9, 33, 0}, 3, 4, 4, 80, 16},
+                                         {{300, 17, 16, 1}, 4, 8, 2, 64, 16},
+                                         {{1000, 70}, 2, 32, 32, 80, 16},
+                                         {{50, 12}, 2, 4, 2, 80, 7}};
+  for (const DecodeCase& c : cases) {
+    for (int splits : {1, 3}) {
+      for (PagedDecodeVariant v :
+           {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
+            PagedDecodeVariant::kTensorCore, PagedDecodeVariant::kBulk}) {
+        SCOPED_TRACE(testing::Message()
+                     << "seqs " << c.ctx.size() << " heads " << c.num_heads << "/" << c.num_kv_heads
+                     << " block " << c.block_size << " splits " << splits << " variant "
+                     << static_cast<int>(v));
+        RunDecodeCase(c, DataType::kBF16, splits, /*device_info=*/true, v, /*bad_ids=*/true);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// The bulk-copy kernel (PagedDecodeVariant::kBulk), small enough for compute-sanitizer: splits,
+// padding rows, GQA, a split ending inside a tile's first block, bad block ids. Apart from
+// SmallCasesForSanitizer so the other kernels' racecheck runs do not depend on how the tool
+// treats bulk copies and mbarriers.
+TEST(CudaPagedDecode, BulkSmallCasesForSanitizer) {
+  PHI_REQUIRE_GPU();
+  RunDecodeCase({{70, 3, 0}, 2, 4, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true,
+                PagedDecodeVariant::kBulk);
+  RunDecodeCase({{70, 3, 0}, 2, 4, 4, 80, 16}, DataType::kF16, 1, /*device_info=*/true,
+                PagedDecodeVariant::kBulk);
+  RunDecodeCase({{200, 33}, 2, 4, 4, 64, 16}, DataType::kBF16, 3, /*device_info=*/true,
+                PagedDecodeVariant::kBulk, /*bad_ids=*/true);
 }
 
 // Small enough for compute-sanitizer (memcheck, racecheck): splits, padding rows, GQA.
