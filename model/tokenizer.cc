@@ -32,6 +32,7 @@ struct Tokenizer::Impl {
   std::vector<uint8_t> special;                         // [vocab_size] 1 = special token
   int32_t vocab_size = 0;
   std::optional<int32_t> eos_id, bos_id;
+  std::optional<EosSource> eos_source;  // set with eos_id
   bool clean_up = false;
   PostProcessorIds post;  // ids add_special_tokens puts around a sequence
 
@@ -124,14 +125,100 @@ absl::StatusOr<AddedToken> ParseAddedToken(const Json& t, std::string_view where
   return token;
 }
 
-// A special-token entry of tokenizer_config.json: "text", {"content": "text", ...} or null.
-absl::StatusOr<std::string> SpecialTokenString(const Json& config, std::string_view key) {
-  const Json* v = bpe_json::Find(config, key);
-  if (v == nullptr) return std::string();
-  if (v->is_string()) return v->get<std::string>();
-  if (v->is_object()) return bpe_json::String(*v, "content", key);
-  return absl::InvalidArgumentError(absl::StrCat(
-      bpe_json::Sv(key), ": expected a string or {\"content\": ...}, got ", v->type_name()));
+constexpr char kConfigFile[] = "tokenizer_config.json";
+constexpr char kSpecialMapFile[] = "special_tokens_map.json";
+
+// A special token that tokenizer_config.json or special_tokens_map.json names.
+struct NamedToken {
+  std::string key;   // "eos_token", "additional_special_tokens", ...
+  const char* file;  // kConfigFile or kSpecialMapFile
+  AddedToken token;  // content and flags; special; id unset
+};
+
+// "text" or {"content": "text", "lstrip": ...}, made an AddedToken with special=True as
+// transformers does: a string gets normalized=false, a dict its flags (normalized false if absent).
+absl::StatusOr<AddedToken> ParseNamedToken(const Json& v, std::string_view where) {
+  AddedToken t;
+  if (v.is_string()) {
+    t.content = v.get<std::string>();
+    t.normalized = false;
+  } else if (v.is_object()) {
+    absl::StatusOr<AddedToken> parsed = ParseAddedToken(v, where, /*need_id=*/false);
+    if (!parsed.ok()) return parsed.status();
+    t = *std::move(parsed);
+    if (bpe_json::Find(v, "normalized") == nullptr) t.normalized = false;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        bpe_json::Sv(where), ": expected a string or {\"content\": ...}, got ", v.type_name()));
+  }
+  t.special = true;
+  return t;
+}
+
+// The special tokens the two files name, in transformers' SPECIAL_TOKENS_ATTRIBUTES order (the
+// order in which missing ones get new ids), additional_special_tokens last. Precedence as in
+// transformers' PreTrainedTokenizerBase._from_pretrained (tokenization_utils_base.py: its
+// `"added_tokens_decoder" in init_kwargs` test and "begin legacy" branch, 4.34 through 5.x):
+// special_tokens_map.json is read only when tokenizer_config.json has no "added_tokens_decoder"
+// key (files saved before 4.34, or hand-written), and then each key it has replaces
+// tokenizer_config.json's (null removes it), except an additional_special_tokens list, which is
+// appended to tokenizer_config.json's (4.x; LoRAX pins ^4.45). `config` is {} without a
+// tokenizer_config.json; `special_map` is null without a special_tokens_map.json. Sets
+// `*eos_null` when the file that decides eos_token says null (transformers: no eos token then).
+absl::StatusOr<std::vector<NamedToken>> NamedSpecialTokens(const Json& config,
+                                                           const Json* special_map,
+                                                           bool* eos_null) {
+  const bool use_map = special_map != nullptr && !config.contains("added_tokens_decoder");
+  std::vector<NamedToken> out;
+  auto add = [&](const Json& v, const char* key, const char* file) -> absl::Status {
+    absl::StatusOr<AddedToken> t = ParseNamedToken(v, absl::StrCat(file, ": ", key));
+    if (!t.ok()) return t.status();
+    if (!t->content.empty()) out.push_back(NamedToken{key, file, *std::move(t)});
+    return absl::OkStatus();
+  };
+  for (const char* key : {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                          "cls_token", "mask_token"}) {
+    const bool from_map = use_map && special_map->contains(key);
+    const Json& src = from_map ? *special_map : config;
+    const Json* v = bpe_json::Find(src, key);
+    if (v == nullptr) {
+      if (std::string_view(key) == "eos_token") *eos_null = src.contains(key);
+      continue;
+    }
+    if (absl::Status s = add(*v, key, from_map ? kSpecialMapFile : kConfigFile); !s.ok()) return s;
+  }
+  constexpr char kExtra[] = "additional_special_tokens";
+  std::vector<std::pair<const Json*, const char*>> lists = {
+      {bpe_json::Find(config, kExtra), kConfigFile}};
+  if (use_map && special_map->contains(kExtra)) {
+    const Json* map_list = bpe_json::Find(*special_map, kExtra);
+    if (map_list == nullptr || !map_list->is_array()) lists.clear();  // replaces, not merges
+    lists.emplace_back(map_list, kSpecialMapFile);
+  }
+  for (const auto& [list, file] : lists) {
+    if (list == nullptr) continue;
+    if (!list->is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": ", kExtra, ": expected an array, got ", list->type_name()));
+    }
+    for (const Json& v : *list) {
+      if (absl::Status s = add(v, kExtra, file); !s.ok()) return s;
+    }
+  }
+  return out;
+}
+
+// Parses an optional JSON object file; `text` empty means absent (null result).
+absl::StatusOr<std::optional<Json>> ParseOptionalObject(std::string_view text,
+                                                        std::string_view file) {
+  if (text.empty()) return std::optional<Json>();
+  absl::StatusOr<Json> parsed = ParseJson(text, file);
+  if (!parsed.ok()) return parsed.status();
+  if (!parsed->is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(bpe_json::Sv(file), ": expected an object, got ", parsed->type_name()));
+  }
+  return std::optional<Json>(*std::move(parsed));
 }
 
 absl::Status CheckModel(const Json& model) {
@@ -182,7 +269,8 @@ Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
-    std::string_view tokenizer_json, std::string_view tokenizer_config_json) {
+    std::string_view tokenizer_json, std::string_view tokenizer_config_json,
+    std::string_view special_tokens_map_json) {
   absl::StatusOr<Json> root = ParseJson(tokenizer_json, "tokenizer.json");
   if (!root.ok()) return root.status();
   if (!root->is_object()) {
@@ -268,16 +356,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
       added.push_back(*std::move(t));
     }
   }
-  Json config = Json::object();
-  if (!tokenizer_config_json.empty()) {
-    absl::StatusOr<Json> parsed = ParseJson(tokenizer_config_json, "tokenizer_config.json");
-    if (!parsed.ok()) return parsed.status();
-    if (!parsed->is_object()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tokenizer_config.json: expected an object, got ", parsed->type_name()));
-    }
-    config = *std::move(parsed);
-  }
+  absl::StatusOr<std::optional<Json>> parsed_config =
+      ParseOptionalObject(tokenizer_config_json, kConfigFile);
+  if (!parsed_config.ok()) return parsed_config.status();
+  const Json config = parsed_config->value_or(Json::object());
+  absl::StatusOr<std::optional<Json>> special_map =
+      ParseOptionalObject(special_tokens_map_json, kSpecialMapFile);
+  if (!special_map.ok()) return special_map.status();
   absl::StatusOr<bool> clean_up =
       bpe_json::Bool(config, "clean_up_tokenization_spaces", false, "tokenizer_config");
   if (!clean_up.ok()) return clean_up.status();
@@ -307,44 +392,42 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
       }
     }
   }
-  // Special tokens named in the config (bos, eos, ...) that are plain vocab tokens become
-  // special added tokens, as transformers registers them (normalized = false).
-  std::vector<std::string> special_strings;
-  for (const char* key : {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
-                          "cls_token", "mask_token"}) {
-    absl::StatusOr<std::string> s = SpecialTokenString(config, key);
-    if (!s.ok()) return s.status();
-    if (!s->empty()) special_strings.push_back(*s);
-  }
-  if (const Json* extra = bpe_json::Find(config, "additional_special_tokens"); extra != nullptr) {
-    if (!extra->is_array()) {
-      return absl::InvalidArgumentError("additional_special_tokens: expected an array");
-    }
-    for (size_t i = 0; i < extra->size(); ++i) {
-      absl::StatusOr<std::string> s =
-          (*extra)[i].is_string()
-              ? absl::StatusOr<std::string>((*extra)[i].get<std::string>())
-              : bpe_json::String((*extra)[i], "content",
-                                 absl::StrCat("additional_special_tokens[", i, "]"));
-      if (!s.ok()) return s.status();
-      special_strings.push_back(*s);
-    }
-  }
-  for (const std::string& s : special_strings) {
-    const bool is_added = std::any_of(added.begin(), added.end(),
-                                      [&](const AddedToken& a) { return a.content == s; });
+  // Named special tokens the tokenizer does not hold as added tokens yet are added, as
+  // transformers' PreTrainedTokenizerFast.__init__ (tokenization_utils_fast.py, `tokens_to_add`)
+  // does through `tokenizers`' AddedVocabulary::add_tokens (tokenizers/src/tokenizer/
+  // added_vocabulary.rs): a model.vocab token keeps its id; any other text gets a new id, the
+  // model vocabulary's size or one past the largest added id, whichever is larger. Checked by
+  // hand against transformers 4.46.3 and 5.24.0 (tests/model/tokenizer_special_tokens_test.cc).
+  bool eos_null = false;
+  absl::StatusOr<std::vector<NamedToken>> named =
+      NamedSpecialTokens(config, special_map->has_value() ? &**special_map : nullptr, &eos_null);
+  if (!named.ok()) return named.status();
+  absl::flat_hash_map<std::string, bool> appended;  // content -> got a new id
+  for (const NamedToken& n : *named) {
+    const bool is_added = std::any_of(added.begin(), added.end(), [&](const AddedToken& a) {
+      return a.content == n.token.content;
+    });
     if (is_added) continue;
-    auto it = impl->vocab.find(s);
-    if (it == impl->vocab.end()) {
-      PHI_LOG(WARNING) << "tokenizer_config: special token \"" << s
-                       << "\" is in neither model.vocab nor added_tokens; ignored";
-      continue;
+    AddedToken t = n.token;
+    if (auto it = impl->vocab.find(t.content); it != impl->vocab.end()) {
+      t.id = it->second;
+      appended[t.content] = false;
+    } else {
+      const auto count = static_cast<int64_t>(impl->vocab.size());  // get_vocab_size()
+      int64_t max_added = -1;
+      for (const AddedToken& a : added) max_added = std::max<int64_t>(max_added, a.id);
+      const int64_t id = (max_added >= count || count == 0) ? max_added + 1 : count;
+      if (id >= (int64_t{1} << 31) - 1) {
+        return absl::InvalidArgumentError(absl::StrCat(n.file, ": ", n.key, ": \"", t.content,
+                                                       "\" would get id ", id, ", too large"));
+      }
+      t.id = static_cast<int32_t>(id);
+      appended[t.content] = true;
+      PHI_LOG(WARNING)
+          << n.file << ": " << n.key << " \"" << t.content
+          << "\" is in neither model.vocab nor the added tokens; added as new token id " << t.id
+          << ", as transformers does";
     }
-    AddedToken t;
-    t.id = it->second;
-    t.content = s;
-    t.special = true;
-    t.normalized = false;
     added.push_back(std::move(t));
   }
   for (const AddedToken& t : added) {
@@ -369,16 +452,25 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
   if (!added_vocab.ok()) return added_vocab.status();
   impl->added = *std::move(added_vocab);
 
-  // --- eos / bos ---
-  for (auto [key, slot] :
-       {std::pair{"eos_token", &impl->eos_id}, std::pair{"bos_token", &impl->bos_id}}) {
-    absl::StatusOr<std::string> s = SpecialTokenString(config, key);
-    if (!s.ok()) return s.status();
-    if (!s->empty()) *slot = impl->Lookup(*s);
+  // --- eos / bos: every named token is an added token by now ---
+  for (const NamedToken& n : *named) {
+    if (n.key != "eos_token" && n.key != "bos_token") continue;
+    const std::optional<int32_t> id = impl->Lookup(n.token.content);
+    PHI_CHECK(id.has_value()) << n.token.content;
+    if (n.key == "bos_token") {
+      impl->bos_id = id;
+      continue;
+    }
+    impl->eos_id = id;
+    auto it = appended.find(n.token.content);
+    impl->eos_source = EosSource{n.token.content, n.file, it != appended.end() && it->second};
   }
-  if (!impl->eos_id.has_value()) {
+  // No file names an eos: the class default of transformers' CodeGen / GPT-2 tokenizers, unless
+  // the deciding file says "eos_token": null.
+  if (!impl->eos_id.has_value() && !eos_null) {
     if (auto it = impl->added_ids.find("<|endoftext|>"); it != impl->added_ids.end()) {
       impl->eos_id = it->second;
+      impl->eos_source = EosSource{"<|endoftext|>", "tokenizer.json", false};
     }
   }
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
@@ -391,15 +483,17 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::filesys
     *out = *std::move(text);
     return absl::OkStatus();
   };
-  std::string tokenizer_json, config_json;
-  const std::filesystem::path tokenizer_path = dir / "tokenizer.json";
-  if (absl::Status s = read(tokenizer_path, &tokenizer_json); !s.ok()) return s;
-  const std::filesystem::path config_path = dir / "tokenizer_config.json";
-  std::error_code ec;
-  if (std::filesystem::exists(config_path, ec)) {
-    if (absl::Status s = read(config_path, &config_json); !s.ok()) return s;
+  std::string tokenizer_json, config_json, special_map_json;
+  if (absl::Status s = read(dir / "tokenizer.json", &tokenizer_json); !s.ok()) return s;
+  for (auto [name, text] :
+       {std::pair{kConfigFile, &config_json}, std::pair{kSpecialMapFile, &special_map_json}}) {
+    std::error_code ec;
+    if (std::filesystem::exists(dir / name, ec)) {
+      if (absl::Status s = read(dir / name, text); !s.ok()) return s;
+    }
   }
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = FromJson(tokenizer_json, config_json);
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
+      FromJson(tokenizer_json, config_json, special_map_json);
   if (!tokenizer.ok()) {
     return absl::Status(tokenizer.status().code(),
                         absl::StrCat(dir.string(), ": ", tokenizer.status().message()));
@@ -456,6 +550,9 @@ bool Tokenizer::IsSpecial(int32_t id) const {
 int32_t Tokenizer::vocab_size() const { return impl_->vocab_size; }
 std::optional<int32_t> Tokenizer::eos_token_id() const { return impl_->eos_id; }
 std::optional<int32_t> Tokenizer::bos_token_id() const { return impl_->bos_id; }
+const std::optional<Tokenizer::EosSource>& Tokenizer::eos_source() const {
+  return impl_->eos_source;
+}
 std::optional<int32_t> Tokenizer::TokenToId(std::string_view token) const {
   return impl_->Lookup(token);
 }

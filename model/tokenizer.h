@@ -21,11 +21,15 @@ namespace phishard {
 class Tokenizer {
  public:
   // Reads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json
-  // (clean_up_tokenization_spaces, eos/bos token strings, added_tokens_decoder special flags).
+  // (clean_up_tokenization_spaces, special tokens, added_tokens_decoder special flags) and
+  // DIR/special_tokens_map.json (special tokens; read only when tokenizer_config.json has no
+  // added_tokens_decoder, and then it wins, as in transformers). A named special token that is
+  // in neither model.vocab nor the added tokens is added with a new id, as transformers does.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromDir(const std::filesystem::path& dir);
-  // `tokenizer_config_json` may be empty.
-  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(std::string_view tokenizer_json,
-                                                             std::string_view tokenizer_config_json);
+  // `tokenizer_config_json` and `special_tokens_map_json` may be empty (no such file).
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(
+      std::string_view tokenizer_json, std::string_view tokenizer_config_json,
+      std::string_view special_tokens_map_json = {});
   ~Tokenizer();
 
   // encode(text) with no BOS/EOS, no truncation. Never fails: invalid UTF-8 input bytes are
@@ -47,6 +51,14 @@ class Tokenizer {
   bool IsSpecial(int32_t id) const;            // special added tokens (e.g. <|endoftext|>)
   int32_t vocab_size() const;                  // 1 + largest id known to the tokenizer
   std::optional<int32_t> eos_token_id() const;
+  // Where the eos token came from (set exactly when eos_token_id() is), for load-time errors.
+  struct EosSource {
+    std::string content;    // the token's text
+    std::string file;       // "tokenizer_config.json", "special_tokens_map.json", or
+                            // "tokenizer.json" for the <|endoftext|> default when neither names one
+    bool appended = false;  // not in tokenizer.json's vocab or added tokens: given a new id
+  };
+  const std::optional<EosSource>& eos_source() const;
   std::optional<int32_t> bos_token_id() const;
   std::optional<int32_t> TokenToId(std::string_view token) const;
   bool clean_up_tokenization_spaces() const;

@@ -222,7 +222,10 @@ int RunServe(ServeOptions o) {
   eo.memory_fraction = o.cuda_memory_fraction;
   eo.memory_wiggle_room = o.memory_wiggle_room;
   eo.max_kv_blocks = o.max_kv_blocks;
-  eo.eos_token_ids = EosTokenIds((*model)->config(), (*tokenizer)->eos_token_id());
+  absl::StatusOr<std::vector<int32_t>> eos_ids =
+      CheckedEosTokenIds((*model)->config(), **tokenizer);
+  if (!eos_ids.ok()) return Fail(eos_ids.status());
+  eo.eos_token_ids = *std::move(eos_ids);
   eo.watermark_gamma = o.watermark_gamma;
   eo.watermark_delta = o.watermark_delta;
   eo.test_stall_next_step_ms = test_stall_ms;

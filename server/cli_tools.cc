@@ -172,7 +172,9 @@ int RunGenerate(const GenerateOptions& o) {
                                     "model's max_position_embeddings %d",
                                     prompt.size(), o.max_new_tokens, cfg.max_position_embeddings)));
   }
-  const std::vector<int32_t> eos = EosTokenIds(cfg, (*tok)->eos_token_id());
+  absl::StatusOr<std::vector<int32_t>> checked_eos = CheckedEosTokenIds(cfg, **tok);
+  if (!checked_eos.ok()) return FailWith("generate", checked_eos.status());
+  const std::vector<int32_t> eos = *std::move(checked_eos);
 
   // One sequence: exactly the blocks it needs (the last generated token is never fed back).
   const int num_blocks = KvBlockAllocator::BlocksFor(total - 1);

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
 namespace phishard {
 
 std::vector<int32_t> EosTokenIds(const PhiConfig& config, std::optional<int32_t> tokenizer_eos) {
@@ -10,6 +13,23 @@ std::vector<int32_t> EosTokenIds(const PhiConfig& config, std::optional<int32_t>
     return {*tokenizer_eos};
   }
   return std::vector<int32_t>(config.eos_token_ids.begin(), config.eos_token_ids.end());
+}
+
+absl::StatusOr<std::vector<int32_t>> CheckedEosTokenIds(const PhiConfig& config,
+                                                        const Tokenizer& tokenizer) {
+  const std::optional<int32_t> eos = tokenizer.eos_token_id();
+  if (eos.has_value() && !config.eos_token_ids_from_generation_list && *eos >= config.vocab_size) {
+    const Tokenizer::EosSource& src = *tokenizer.eos_source();
+    return absl::InvalidArgumentError(absl::StrCat(
+        src.file, ": eos_token \"", src.content, "\" is token id ", *eos,
+        src.appended ? " (in neither tokenizer.json's vocab nor its added tokens, so it is "
+                       "added as a new token, as transformers does)"
+                     : "",
+        ", outside the model's ", config.vocab_size,
+        "-token output (config.json vocab_size): the model could never emit it and no request "
+        "would stop on EOS; name a token the model knows"));
+  }
+  return EosTokenIds(config, eos);
 }
 
 StoppingCriteria::StoppingCriteria(const StoppingParams& params, std::vector<int32_t> eos_token_ids)

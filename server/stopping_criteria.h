@@ -11,7 +11,9 @@
 #include <string_view>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "model/phi_config.h"
+#include "model/tokenizer.h"
 #include "server/batch_types.h"
 
 namespace phishard {
@@ -22,6 +24,13 @@ namespace phishard {
 // end-of-turn token) and leaves config.json's eos_token_id alone thus stops where LoRAX stops.
 // Only a tokenizer without an eos token falls back to config.json / generation_config.json's id.
 std::vector<int32_t> EosTokenIds(const PhiConfig& config, std::optional<int32_t> tokenizer_eos);
+// EosTokenIds(config, tokenizer.eos_token_id()), refusing a tokenizer eos that the model cannot
+// emit: when that eos is what stops requests and its id is >= config.vocab_size (the logits
+// width; e.g. a tokenizer_config.json or special_tokens_map.json eos that is not in the
+// vocabulary, which transformers appends past the embedding), INVALID_ARGUMENT naming the file and
+// the token, rather than serving a model that never stops on EOS.
+absl::StatusOr<std::vector<int32_t>> CheckedEosTokenIds(const PhiConfig& config,
+                                                        const Tokenizer& tokenizer);
 
 class StoppingCriteria {
  public:

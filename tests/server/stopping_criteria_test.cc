@@ -1,11 +1,14 @@
 // StoppingCriteria: spec §5.7 order and stop-sequence matching on incremental text.
 #include "server/stopping_criteria.h"
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "model/tokenizer.h"
 
 namespace phishard {
 namespace {
@@ -79,6 +82,53 @@ TEST(StoppingCriteriaTest, EosTokenIdsFollowUpstreamPrecedence) {
   c.eos_token_ids = {kEos, 50295};
   c.eos_token_ids_from_generation_list = true;
   EXPECT_EQ(EosTokenIds(c, 7), (std::vector<int32_t>{kEos, 50295}));
+}
+
+// A tokenizer whose model.vocab holds "a" (0) and "b" (1) and whose tokenizer_config.json names
+// `eos` as its eos token.
+std::unique_ptr<Tokenizer> TwoTokenTokenizer(const std::string& eos) {
+  const std::string tokenizer_json = R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1},
+      "merges": []}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false},
+      "decoder": {"type": "ByteLevel"}})";
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t =
+      Tokenizer::FromJson(tokenizer_json, absl::StrCat(R"({"eos_token": ")", eos, R"("})"));
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? *std::move(t) : nullptr;
+}
+
+// An eos the tokenizer had to add with a new id (transformers does the same) is served when the
+// id is inside the model's vocabulary; past it the model could never emit it, so loading fails,
+// naming the file and the token, instead of serving requests that never stop on EOS.
+TEST(StoppingCriteriaTest, CheckedEosTokenIdsRefusesAnEosTheModelCannotEmit) {
+  std::unique_ptr<Tokenizer> tok = TwoTokenTokenizer("<|im_end|>");
+  ASSERT_NE(tok, nullptr);
+  ASSERT_EQ(tok->eos_token_id(), 2);  // one past model.vocab
+  PhiConfig c;
+  c.eos_token_ids = {0};
+  c.vocab_size = 3;
+  absl::StatusOr<std::vector<int32_t>> ids = CheckedEosTokenIds(c, *tok);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, (std::vector<int32_t>{2}));
+  c.vocab_size = 2;
+  ids = CheckedEosTokenIds(c, *tok);
+  ASSERT_FALSE(ids.ok());
+  EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+  for (const char* needle :
+       {"tokenizer_config.json", "eos_token \"<|im_end|>\"", "token id 2", "2-token output"}) {
+    EXPECT_NE(ids.status().message().find(needle), std::string::npos) << ids.status();
+  }
+  // generation_config.json's list decides instead: the tokenizer's eos does not matter.
+  c.eos_token_ids_from_generation_list = true;
+  ids = CheckedEosTokenIds(c, *tok);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, (std::vector<int32_t>{0}));
+  // An eos from the vocabulary passes through unchanged.
+  tok = TwoTokenTokenizer("b");
+  ASSERT_NE(tok, nullptr);
+  c.eos_token_ids_from_generation_list = false;
+  ids = CheckedEosTokenIds(c, *tok);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, (std::vector<int32_t>{1}));
 }
 
 TEST(StoppingCriteriaTest, StopSequenceAcrossTokenBoundaries) {
