@@ -1,11 +1,11 @@
 // phishard_bench --attn-variant-rounds: decode steps with each decode attention kernel
 // (CudaPhiModel::set_decode_attention_variant: 0 auto, 1 register-staged, 2 pipelined, 3 tensor
-// core, 5 bulk copies) alternated in one process, round after round, the order reversed every other
-// round so neither kernel always follows the other (under the 700 W cap a step's clock depends on
-// what ran before it). Each case runs Bench::steps() timed steps per round: with --steps 100 or
-// more at b256 that is seconds of one kernel, i.e. the sustained (power-capped) clock. Prints each
-// step's row, then per case and variant the median over the rounds, each round's value and the
-// ratio to the first variant.
+// core) alternated in one process, round after round, the order reversed every other round so
+// neither kernel always follows the other (under the 700 W cap a step's clock depends on what ran
+// before it). Each case runs Bench::steps() timed steps per round: with --steps
+// 100 or more at b256 that is seconds of one kernel, i.e. the sustained (power-capped) clock.
+// Prints each step's row, then per case and variant the median over the rounds, each round's value
+// and the ratio to the first variant.
 #pragma once
 
 #include <algorithm>

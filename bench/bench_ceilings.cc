@@ -158,8 +158,7 @@ json KernelTimes(const Ceilings& ceil) {
     const std::pair<PagedDecodeVariant, const char*> variants[] = {
         {PagedDecodeVariant::kAuto, "paged_decode"},
         {PagedDecodeVariant::kRegisterStages, "paged_decode regs"},
-        {PagedDecodeVariant::kPipelined, "paged_decode pipe"},
-        {PagedDecodeVariant::kBulk, "paged_decode bulk"}};
+        {PagedDecodeVariant::kPipelined, "paged_decode pipe"}};
     for (auto [variant, name] : variants) {
       PagedDecodeCudaPlan plan{.workspace = in.workspace,
                                .workspace_bytes = in.workspace_bytes,

@@ -198,8 +198,8 @@ int Main(int argc, char** argv) {
                  "kernel of --attn-variants, alternated (CudaPhiModel::set_decode_attention_variant)");
   app.add_option("--attn-variant-cases", attn_variant_cases, "BATCHxCTX decode steps of it");
   app.add_option("--attn-variants", attn_variants,
-                 "0 auto, 1 register-staged, 2 pipelined, 3 tensor core, 5 bulk copies (the "
-                 "first is the base)");
+                 "0 auto, 1 register-staged, 2 pipelined, 3 tensor core, 4 register-direct stream "
+                 "(the first is the base)");
   app.add_option("--attn-variant-mode", attn_variant_mode, "decode mode (greedy, graph)");
   app.add_option("--print-steps", print_steps,
                  "print the mean device ms of every N timed decode steps (clock drift; 0: off)");

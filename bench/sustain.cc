@@ -253,12 +253,11 @@ void SustainCases(cudaStream_t s, const SustainOptions& o) {
     const size_t kv = in.kv_bytes;
     const std::vector<int32_t>& host = in.host;
     // The pipelined kernel first and again later (the second pass runs at the clock the others
-    // left), the register-staged, tensor-core and bulk-copy kernels between.
+    // left), the register-staged and tensor-core kernels between.
     const std::pair<PagedDecodeVariant, const char*> variants[] = {
         {PagedDecodeVariant::kPipelined, "attn pipe"},
         {PagedDecodeVariant::kRegisterStages, "attn regs"},
         {PagedDecodeVariant::kTensorCore, "attn mma"},
-        {PagedDecodeVariant::kBulk, "attn bulk"},
         {PagedDecodeVariant::kPipelined, "attn pipe"}};
     for (auto [variant, vname] : variants) {
       const PagedDecodeCudaPlan plan{.workspace = in.workspace,

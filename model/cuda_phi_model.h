@@ -261,12 +261,11 @@ class CudaPhiModel final : public ModelBackend {
   int decode_attention_fold_rows() const { return decode_fold_rows_; }
   int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps enqueued so
   // The decode attention kernel of decode steps: a PagedDecodeVariant value
-  // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default; 3 = kTensorCore; 5 = kBulk, 4 is
-  // unused). For benches (phishard_bench --attn-variant-rounds); drops graphs when it changes.
+  // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default; 3 = kTensorCore). For benches
+  // (phishard_bench --attn-variant-rounds); drops graphs when it changes.
   absl::Status set_decode_attention_variant(int v) {
-    if (v < 0 || v > 5 || v == 4) {
-      return absl::InvalidArgumentError(
-          "decode attention variant: 0 (auto) to 3 (tensor core), or 5 (bulk copies)");
+    if (v < 0 || v > 3) {
+      return absl::InvalidArgumentError("decode attention variant: 0 (auto) to 3 (tensor core)");
     }
     if (v != decode_attention_variant_) DropGraphs();
     decode_attention_variant_ = v;

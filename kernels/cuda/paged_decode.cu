@@ -7,7 +7,6 @@
 #include "kernels/cuda/paged_decode_common.cuh"
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/paged_decode_fold.cuh"
-#include "kernels/cuda/paged_decode_pipe.cuh"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
 #include "kernels/kv_layout.h"
 
@@ -297,7 +296,23 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
 // are merged at the end. The grid's x (fastest) is the KV head, so the blocks in flight at a time
 // read the adjacent runs of all KV heads of the same cache blocks (whole blocks, contiguous) of a
 // few sequences.
-// kMaxHeadsPerBlock, PipeSmem, SoftmaxState: kernels/cuda/paged_decode_pipe.cuh.
+constexpr int kMaxHeadsPerBlock = kWarps;
+
+template <int HD, int kTile, int kStages>
+struct PipeSmem {
+  static constexpr int kChunks = HD / 8;
+  static constexpr size_t kStageBytes = size_t{2} * kTile * kChunks * 16;  // K tile, then V tile
+  static constexpr size_t kBytes = kStages * kStageBytes;
+};
+
+// Online-softmax state of one (group, query head): log2-domain max and sum, unnormalised output
+// over this lane's slices.
+template <int kPerLane>
+struct SoftmaxState {
+  float m = -INFINITY, l = 0.0f;
+  float acc[kPerLane][8];
+};
+
 template <typename T, int HD, bool kBlock16, int kTile, int kStages>
 __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args a) {
   using H = Head<HD>;
@@ -658,8 +673,6 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);
   a.scale_log2 = p.scale * kLog2e;
   const bool mma = plan.variant == PagedDecodeVariant::kTensorCore;
-  // kBulk copies whole 16-slot runs; other block sizes take the pipelined kernel.
-  const bool bulk = plan.variant == PagedDecodeVariant::kBulk && p.block_size == 16;
   const int heads_per_block = mma ? kMmaHeadsPerBlock : kMaxHeadsPerBlock;
   a.head_chunks = (a.group + heads_per_block - 1) / heads_per_block;
   // Small MHA grids go to the register-staged kernel (see the header).
@@ -690,11 +703,6 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
       using T = typename decltype(tag)::type;
       if (mma) {
         if (KernelStatus st = LaunchPagedDecodeMma(a, HD, p.dtype, stream);
-            st != KernelStatus::kOk) {
-          return st;
-        }
-      } else if (bulk) {
-        if (KernelStatus st = LaunchPagedDecodeBulk(a, HD, p.dtype, stream);
             st != KernelStatus::kOk) {
           return st;
         }

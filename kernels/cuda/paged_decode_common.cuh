@@ -2,8 +2,8 @@
 // kernel (kernels/cuda/paged_decode_mma.cu) and the fused form's prologue / epilogue
 // (kernels/cuda/paged_decode_fold.cuh): the launch arguments, the split rule, the cp.async wrappers
 // and block prologue of the pipelined and tensor-core kernels, unpacking, the online-softmax
-// rescale and the log-sum-exp merge of the splits. Included by paged_decode.cu,
-// paged_decode_mma.cu and paged_decode_bulk.cu (with paged_decode_pipe.cuh) only.
+// rescale and the log-sum-exp merge of the splits. Included by paged_decode.cu and
+// paged_decode_mma.cu only.
 #pragma once
 
 #include <cstdint>

@@ -60,11 +60,11 @@ enum class PagedDecodeVariant {
   kPipelined,       // 32-key tiles x 4 shared-memory stages (64 x 3, 32 x 6 measured slower)
   kTensorCore,      // QK and PV on mma.sync (paged_decode_mma.cu), up to 8 query heads of a KV
                     // head a block: 0.53x the instructions, not faster (perf-log dmma); opt-in
-  // (4: a register-direct streaming form, no shared memory, had the same J/GB as kPipelined and
+  // (A register-direct streaming form, no shared memory, had the same J/GB as kPipelined and
   // ran 1.5x slower in the step: perf-log dmma2, branch dmma2; not kept.)
-  kBulk = 5,  // kPipelined's tiles, stages and compute with each stage filled by <= 4 bulk copies
-              // of whole (block, KV head) runs (paged_decode_bulk.cu); block_size 16 only, other
-              // sizes run kPipelined; opt-in
+  // (A bulk-copy form, each stage filled by cp.async.bulk copies of whole (block, head) runs, was
+  // correct but 0.90 of the copy bandwidth at the same J/GB: perf-log 14:48, branch bulk; not
+  // kept.)
 };
 
 struct PagedDecodeCudaPlan {

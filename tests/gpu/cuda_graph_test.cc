@@ -217,12 +217,9 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
       for (int splits : {1, 3, 16}) {
-        // Both production kernels on every case (kAuto picks one of them by grid size), and the
-        // bulk-copy kernel (opt-in; blocks of 16 only, the other block sizes fall back to the
-        // pipelined kernel and must pass the same way).
+        // Both production kernels on every case (kAuto picks one of them by grid size).
         for (PagedDecodeVariant v :
-             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
-              PagedDecodeVariant::kBulk}) {
+             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages}) {
           SCOPED_TRACE(testing::Message()
                        << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim
                        << " splits " << splits << " variant " << static_cast<int>(v));
@@ -268,8 +265,8 @@ TEST(CudaPagedDecode, TensorCoreMatchesCpuReference) {
                 PagedDecodeVariant::kTensorCore);
 }
 
-// Block ids outside [0, num_blocks) read as zero K/V in every kernel (the bulk-copy kernel
-// writes zeros to the stage instead of copying); unused slots are NaN as in every case. Bad ids
+// Block ids outside [0, num_blocks) read as zero K/V in every kernel; unused slots are NaN as in
+// every case. Bad ids
 // in a tile's first and second block, one or several splits, MHA and GQA, the Phi-2 shape.
 TEST(CudaPagedDecode, BadBlockIdsReadAsZeros) {
   PHI_REQUIRE_GPU();
@@ -281,7 +278,7 @@ TEST(CudaPagedDecode, BadBlockIdsReadAsZeros) {
     for (int splits : {1, 3}) {
       for (PagedDecodeVariant v :
            {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
-            PagedDecodeVariant::kTensorCore, PagedDecodeVariant::kBulk}) {
+            PagedDecodeVariant::kTensorCore}) {
         SCOPED_TRACE(testing::Message()
                      << "seqs " << c.ctx.size() << " heads " << c.num_heads << "/" << c.num_kv_heads
                      << " block " << c.block_size << " splits " << splits << " variant "
@@ -291,20 +288,6 @@ TEST(CudaPagedDecode, BadBlockIdsReadAsZeros) {
       }
     }
   }
-}
-
-// The bulk-copy kernel (PagedDecodeVariant::kBulk), small enough for compute-sanitizer: splits,
-// padding rows, GQA, a split ending inside a tile's first block, bad block ids. Apart from
-// SmallCasesForSanitizer so the other kernels' racecheck runs do not depend on how the tool
-// treats bulk copies and mbarriers.
-TEST(CudaPagedDecode, BulkSmallCasesForSanitizer) {
-  PHI_REQUIRE_GPU();
-  RunDecodeCase({{70, 3, 0}, 2, 4, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true,
-                PagedDecodeVariant::kBulk);
-  RunDecodeCase({{70, 3, 0}, 2, 4, 4, 80, 16}, DataType::kF16, 1, /*device_info=*/true,
-                PagedDecodeVariant::kBulk);
-  RunDecodeCase({{200, 33}, 2, 4, 4, 64, 16}, DataType::kBF16, 3, /*device_info=*/true,
-                PagedDecodeVariant::kBulk, /*bad_ids=*/true);
 }
 
 // Small enough for compute-sanitizer (memcheck, racecheck): splits, padding rows, GQA.
