@@ -1,9 +1,10 @@
 #include "model/kv_cache.h"
 
 #include <algorithm>
+#include <iterator>
 
-#include "common/logging.h"
 #include "absl/strings/str_format.h"
+#include "common/logging.h"
 
 namespace phishard {
 
@@ -20,17 +21,33 @@ void KvBlockAllocator::Reset() {
   in_use_.assign(num_blocks_, 0);
 }
 
-absl::StatusOr<std::vector<int32_t>> KvBlockAllocator::Allocate(int n) {
+int KvBlockAllocator::NumFreeFrom(int first) const {
+  if (first <= 0) return num_free();
+  // Ids >= first (first >= 1) sort together, before block 0 (free_ hands block 0 out last).
+  const int n = static_cast<int>(std::distance(free_.lower_bound(first), free_.end()));
+  return n - (num_blocks_ > 0 && !in_use_[0] ? 1 : 0);
+}
+
+absl::StatusOr<std::vector<int32_t>> KvBlockAllocator::Allocate(int n, int first) {
   PHI_CHECK(n >= 0);
-  if (n > num_free()) {
+  PHI_CHECK(first >= 0);
+  const int available = NumFreeFrom(first);
+  if (n > available) {
+    if (first > 0) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "KV cache exhausted: need %d blocks of %d tokens, %d of blocks [%d, %d) free", n,
+          block_size_, available, first, num_blocks_));
+    }
     return absl::ResourceExhaustedError(absl::StrFormat(
         "KV cache exhausted: need %d blocks of %d tokens, %d of %d free", n, block_size_,
         num_free(), num_blocks_));
   }
   std::vector<int32_t> out(n);
+  // Block 0 sorts last, so lower_bound(0) would point at it: first == 0 starts at the front.
+  auto it = first > 0 ? free_.lower_bound(first) : free_.begin();
   for (int i = 0; i < n; ++i) {
-    out[i] = *free_.begin();
-    free_.erase(free_.begin());
+    out[i] = *it;
+    it = free_.erase(it);
     in_use_[out[i]] = 1;
   }
   return out;

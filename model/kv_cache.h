@@ -18,10 +18,12 @@ class KvBlockAllocator {
  public:
   KvBlockAllocator(int num_blocks, int block_size = kKvBlockSize);
 
-  // Takes `n` free blocks (lowest ids first, block 0 last: the LoRAX router keeps block 0 for its
-  // health probe, so requests without router blocks leave it to the probe while any other block
-  // is free) or fails with RESOURCE_EXHAUSTED, taking none.
-  absl::StatusOr<std::vector<int32_t>> Allocate(int n);
+  // Takes `n` free blocks with ids >= `first` (lowest ids first, block 0 last: the LoRAX router
+  // keeps block 0 for its health probe, so requests without router blocks leave it to the probe
+  // while any other block is free) or fails with RESOURCE_EXHAUSTED, taking none. `first` > 0
+  // confines the shard's own allocations to the tail [first, num_blocks) (server/batch_engine.h:
+  // the blocks kept back from the router after Warmup).
+  absl::StatusOr<std::vector<int32_t>> Allocate(int n, int first = 0);
   // Takes exactly `blocks` (ids chosen by the LoRAX router's block allocator) or fails taking
   // none: INVALID_ARGUMENT for an id outside [0, num_blocks) or listed twice, FAILED_PRECONDITION
   // for an id already in use. The message names the position in `blocks` and the id.
@@ -34,6 +36,8 @@ class KvBlockAllocator {
   int block_size() const { return block_size_; }
   int num_free() const { return static_cast<int>(free_.size()); }
   int num_used() const { return num_blocks_ - num_free(); }
+  // Free blocks with ids >= `first` (O(that count)); NumFreeFrom(0) == num_free().
+  int NumFreeFrom(int first) const;
   static int BlocksFor(int tokens, int block_size = kKvBlockSize) {
     return (tokens + block_size - 1) / block_size;
   }

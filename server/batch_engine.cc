@@ -31,6 +31,12 @@ struct BatchEngine::State {
   std::vector<int32_t> eos_token_ids;  // options, else the tokenizer's eos
   WatermarkParams watermark;
   KvBlockAllocator allocator{0};  // the real pool; 0 blocks until Warmup
+  // After a Warmup the router's allocator owns ids [0, routed_blocks) (Warmup reported
+  // routed_blocks × block_size tokens) and requests without `blocks` get ids in
+  // [routed_blocks, num_blocks) only, so they never hold a block the router hands out. Before
+  // any Warmup (an adopted pool) routed_blocks is the whole pool and such requests share it.
+  bool warmed_up = false;
+  int routed_blocks = 0;
   std::map<uint64_t, BatchState> batches;
   ChooseScratch choose_scratch;  // per-thread chooser workspaces (server/parallel_choose.h)
   std::vector<ChooseTask> choose_tasks;
@@ -73,6 +79,12 @@ struct BatchEngine::State {
   // Takes the router's `blocks` of every request of `batch` that carries some into the request's
   // block table; on failure (a field-named error) frees what it took and leaves tables empty.
   absl::Status TakeRouterBlocks(const BatchInput& batch, std::vector<RequestState>* requests);
+  // First id requests without `blocks` may get, and how many such ids the pool has.
+  int unrouted_first() const { return warmed_up ? routed_blocks : 0; }
+  int unrouted_blocks() const { return warmed_up ? allocator.num_blocks() - routed_blocks : 0; }
+  // RESOURCE_EXHAUSTED for batch `batch_id`, whose requests without `blocks` need `total`
+  // blocks that are not free to them.
+  absl::Status NoRoomWithoutBlocks(uint64_t batch_id, int64_t total) const;
 };
 
 namespace {
@@ -356,12 +368,20 @@ absl::Status BatchEngine::State::TakeRouterBlocks(const BatchInput& batch,
     if (given.empty()) continue;
     absl::Status st;
     std::vector<int32_t> ids(given.size());
+    const int64_t reported = static_cast<int64_t>(routed_blocks) * allocator.block_size();
     for (size_t k = 0; k < given.size() && st.ok(); ++k) {
-      if (given[k] >= static_cast<uint32_t>(allocator.num_blocks())) {
-        st = absl::InvalidArgumentError(absl::StrFormat(
-            "blocks[%d] = %d is outside the KV cache of %d blocks (Warmup reported %d tokens)", k,
-            given[k], allocator.num_blocks(),
-            static_cast<int64_t>(allocator.num_blocks()) * allocator.block_size()));
+      if (given[k] >= static_cast<uint32_t>(routed_blocks)) {
+        st = absl::InvalidArgumentError(
+            unrouted_blocks() == 0
+                ? absl::StrFormat(
+                      "blocks[%d] = %d is outside the KV cache of %d blocks (Warmup reported %d "
+                      "tokens)",
+                      k, given[k], routed_blocks, reported)
+                : absl::StrFormat(
+                      "blocks[%d] = %d is outside the router's KV blocks [0, %d) (Warmup "
+                      "reported %d tokens; blocks [%d, %d) are kept for requests without blocks: "
+                      "--unrouted-kv-blocks)",
+                      k, given[k], routed_blocks, reported, routed_blocks, allocator.num_blocks()));
       }
       ids[k] = static_cast<int32_t>(given[k]);
     }
@@ -376,6 +396,28 @@ absl::Status BatchEngine::State::TakeRouterBlocks(const BatchInput& batch,
     (*requests)[i].blocks = std::move(ids);
   }
   return absl::OkStatus();
+}
+
+absl::Status BatchEngine::State::NoRoomWithoutBlocks(uint64_t batch_id, int64_t total) const {
+  const int bs = allocator.block_size();
+  if (!warmed_up) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("KV cache exhausted: batch %d needs %d blocks of %d tokens, %d of %d free",
+                        batch_id, total, bs, allocator.num_free(), allocator.num_blocks()));
+  }
+  if (unrouted_blocks() == 0) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "KV cache exhausted: batch %d needs %d blocks of %d tokens for its requests without "
+        "`blocks`, and --unrouted-kv-blocks is 0: after Warmup the router's allocator owns all %d "
+        "blocks (send the router's `blocks`, or restart the shard with --unrouted-kv-blocks N)",
+        batch_id, total, bs, allocator.num_blocks()));
+  }
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "KV cache exhausted: batch %d needs %d blocks of %d tokens for its requests without "
+      "`blocks`, %d of the %d blocks kept for such requests are free (--unrouted-kv-blocks; the "
+      "router's %d blocks are never given to requests without blocks)",
+      batch_id, total, bs, allocator.NumFreeFrom(unrouted_first()), unrouted_blocks(),
+      routed_blocks));
 }
 
 void BatchEngine::State::FreeBatch(BatchState* batch) {
@@ -406,6 +448,7 @@ BatchEngine::BatchEngine(ModelBackend* model, const Tokenizer* tokenizer,
   s.options = std::move(options);
   // A backend whose pool already exists (tests, or a restarted engine) is adopted as is.
   s.allocator = KvBlockAllocator(std::max(model->kv_num_blocks(), 0), kKvBlockSize);
+  s.routed_blocks = s.allocator.num_blocks();
 }
 
 BatchEngine::~BatchEngine() = default;
@@ -448,6 +491,8 @@ absl::StatusOr<uint32_t> BatchEngine::Warmup(const BatchInput& batch, uint32_t m
   // Warmup must succeed first.
   s.batches.clear();
   s.allocator = KvBlockAllocator(0, bs);
+  s.warmed_up = false;
+  s.routed_blocks = 0;
   const std::string lower_hint = absl::StrFormat(
       "Not enough memory to handle %d prefill tokens. You need to decrease "
       "`--max-batch-prefill-tokens`",
@@ -481,17 +526,28 @@ absl::StatusOr<uint32_t> BatchEngine::Warmup(const BatchInput& batch, uint32_t m
     }
     num_blocks = static_cast<int>(std::floor(*fit * s.options.memory_wiggle_room));
   }
+  // The tail kept for requests without `blocks` (BatchEngineOptions::unrouted_kv_blocks); by
+  // default one request of max_position_embeddings tokens fits in it.
+  const int unrouted =
+      s.options.unrouted_kv_blocks >= 0
+          ? s.options.unrouted_kv_blocks
+          : KvBlockAllocator::BlocksFor(std::max(s.model->config().max_position_embeddings, 1), bs);
   // The router admits prefills of up to max_prefill_tokens tokens and needs at least the warmup
-  // batch to fit; a smaller pool could not serve what the router will send.
+  // batch to fit; a smaller router part could not serve what the router will send.
   const int needed =
       std::max(temp_blocks, KvBlockAllocator::BlocksFor(static_cast<int>(max_prefill_tokens), bs));
-  if (num_blocks < needed) {
+  if (num_blocks - unrouted < needed) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "KV cache too small: %d blocks of %d tokens fit (CUDA_MEMORY_FRACTION=%g, "
-        "MEMORY_WIGGLE_ROOM=%g), but at least %d are needed for %d prefill tokens. Decrease "
-        "`--max-batch-prefill-tokens` / `--max-total-tokens` or raise CUDA_MEMORY_FRACTION",
+        "MEMORY_WIGGLE_ROOM=%g)%s, but at least %d are needed for %d prefill tokens. Decrease "
+        "`--max-batch-prefill-tokens` / `--max-total-tokens` or raise CUDA_MEMORY_FRACTION%s",
         std::max(num_blocks, 0), bs, s.options.memory_fraction, s.options.memory_wiggle_room,
-        needed, std::max<int>(prefill_tokens, max_prefill_tokens)));
+        unrouted > 0 ? absl::StrFormat(", %d of them kept for requests without blocks "
+                                       "(--unrouted-kv-blocks)",
+                                       unrouted)
+                     : "",
+        needed + unrouted, std::max<int>(prefill_tokens, max_prefill_tokens),
+        unrouted > 0 ? " or lower --unrouted-kv-blocks" : ""));
   }
   const int64_t max_blocks_u32 = std::numeric_limits<uint32_t>::max() / bs;
   num_blocks = static_cast<int>(std::min<int64_t>(num_blocks, max_blocks_u32));
@@ -501,8 +557,15 @@ absl::StatusOr<uint32_t> BatchEngine::Warmup(const BatchInput& batch, uint32_t m
                      ". Lower CUDA_MEMORY_FRACTION or MEMORY_WIGGLE_ROOM"));
   }
   s.allocator = KvBlockAllocator(num_blocks, bs);
-  Log(LogLevel::kInfo, absl::StrFormat("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks,
-                                       bs, static_cast<int64_t>(num_blocks) * bs));
+  s.warmed_up = true;
+  s.routed_blocks = num_blocks - unrouted;
+  Log(LogLevel::kInfo,
+      absl::StrFormat("KV cache: %d blocks of %d tokens (%d tokens): blocks [0, %d) for the "
+                      "router's allocator (Warmup reports %d tokens), [%d, %d) kept for requests "
+                      "without blocks (--unrouted-kv-blocks %d)",
+                      num_blocks, bs, static_cast<int64_t>(num_blocks) * bs, s.routed_blocks,
+                      static_cast<int64_t>(s.routed_blocks) * bs, s.routed_blocks, num_blocks,
+                      unrouted));
   // Every live sequence holds at least one block, so no decode batch exceeds num_blocks. A failed
   // preparation is no reason to refuse the router: decode steps then prepare themselves (CUDA: run
   // eager); a device fault shows in Health and the next step.
@@ -515,7 +578,7 @@ absl::StatusOr<uint32_t> BatchEngine::Warmup(const BatchInput& batch, uint32_t m
                                              std::chrono::steady_clock::now() - t0)
                                              .count()));
   }
-  return static_cast<uint32_t>(num_blocks) * static_cast<uint32_t>(bs);
+  return static_cast<uint32_t>(s.routed_blocks) * static_cast<uint32_t>(bs);
 }
 
 absl::StatusOr<StepResult> BatchEngine::Prefill(const BatchInput& batch) {
@@ -558,19 +621,18 @@ absl::StatusOr<StepResult> BatchEngine::Prefill(const BatchInput& batch) {
     }
   }
   // The router's blocks first (Info.requires_block_allocator: its allocator admitted the batch
-  // against exactly this pool), then the shard's own for requests that carry none.
+  // against exactly its part of the pool), then the shard's own for requests that carry none:
+  // after Warmup only from the tail kept for them, never a block the router may hand out.
   absl::Status taken = s.TakeRouterBlocks(batch, &requests);
   if (!taken.ok()) return taken;
-  if (total > s.allocator.num_free()) {
-    const absl::Status exhausted = absl::ResourceExhaustedError(
-        absl::StrFormat("KV cache exhausted: batch %d needs %d blocks of %d tokens, %d of %d free",
-                        batch.id, total, bs, s.allocator.num_free(), s.allocator.num_blocks()));
+  if (total > s.allocator.NumFreeFrom(s.unrouted_first())) {
+    const absl::Status exhausted = s.NoRoomWithoutBlocks(batch.id, total);
     for (RequestState& r : requests) s.allocator.Free(r.blocks);
     return exhausted;
   }
   for (size_t i = 0; i < requests.size(); ++i) {
     if (!batch.requests[i].blocks.empty()) continue;
-    absl::StatusOr<std::vector<int32_t>> blocks = s.allocator.Allocate(need[i]);
+    absl::StatusOr<std::vector<int32_t>> blocks = s.allocator.Allocate(need[i], s.unrouted_first());
     PHI_CHECK(blocks.ok()) << blocks.status();  // checked above
     requests[i].blocks = *std::move(blocks);
   }
@@ -713,6 +775,7 @@ absl::Status BatchEngine::ClearCache(std::optional<uint64_t> batch_id) {
 
 int BatchEngine::kv_blocks_total() const { return state_->allocator.num_blocks(); }
 int BatchEngine::kv_blocks_free() const { return state_->allocator.num_free(); }
+int BatchEngine::kv_blocks_unrouted() const { return state_->unrouted_blocks(); }
 size_t BatchEngine::num_cached_batches() const { return state_->batches.size(); }
 
 }  // namespace phishard

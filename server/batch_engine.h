@@ -24,6 +24,13 @@ struct BatchEngineOptions {
   double memory_fraction = 1.0;      // CUDA_MEMORY_FRACTION
   double memory_wiggle_room = 0.9;   // MEMORY_WIGGLE_ROOM
   int max_kv_blocks = 0;             // > 0 caps the pool (tests); 0 = size from memory at Warmup
+  // --unrouted-kv-blocks: KV blocks Warmup keeps back from the router for requests that carry no
+  // `blocks` (grpcurl, `phishard client`). Warmup reports (pool - this) x 16 tokens, so the
+  // router's allocator hands out ids in [0, pool - this) only; requests without blocks get ids in
+  // [pool - this, pool) and RESOURCE_EXHAUSTED when those are taken (0: always). -1: enough for
+  // one request of max_position_embeddings tokens. Before any Warmup (an adopted pool) requests
+  // without blocks take from the whole pool. Must be equal on every tensor-parallel rank.
+  int unrouted_kv_blocks = -1;
   std::vector<int32_t> eos_token_ids;  // from generation_config/config/tokenizer
   double watermark_gamma = 0.5;        // WATERMARK_GAMMA (spec §5.3)
   double watermark_delta = 2.0;        // WATERMARK_DELTA
@@ -46,7 +53,8 @@ class BatchEngine {
   ~BatchEngine();
 
   // Runs the warmup batch (tokenising it itself), sizes and allocates the KV pool, empties the
-  // cache, returns max_supported_total_tokens = num_blocks × block_size.
+  // cache, returns max_supported_total_tokens = (num_blocks - unrouted blocks) × block_size: the
+  // router's part of the pool (BatchEngineOptions::unrouted_kv_blocks).
   absl::StatusOr<uint32_t> Warmup(const BatchInput& batch, uint32_t max_input_length,
                                   uint32_t max_prefill_tokens, uint32_t max_new_tokens);
   absl::StatusOr<StepResult> Prefill(const BatchInput& batch);
@@ -58,6 +66,8 @@ class BatchEngine {
   // Introspection for tests and metrics.
   int kv_blocks_total() const;
   int kv_blocks_free() const;
+  // Blocks kept for requests without `blocks`: 0 before Warmup (they share the whole pool).
+  int kv_blocks_unrouted() const;
   size_t num_cached_batches() const;
 
   struct State;

@@ -111,6 +111,18 @@ absl::Status ApplyServeEnvironment(const EnvFn& env, ServeOptions* o) {
   if (o->max_kv_blocks < 0) {
     return absl::InvalidArgumentError("--max-kv-blocks must be >= 0");
   }
+  if (o->unrouted_kv_blocks < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("--unrouted-kv-blocks %d must be >= 0 (or -1: the default, one request of "
+                        "max_position_embeddings tokens)",
+                        o->unrouted_kv_blocks));
+  }
+  if (o->max_kv_blocks > 0 && o->unrouted_kv_blocks >= o->max_kv_blocks) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--unrouted-kv-blocks %d must be below --max-kv-blocks %d: the router needs a part of "
+        "the pool",
+        o->unrouted_kv_blocks, o->max_kv_blocks));
+  }
 
   // Tensor-parallel environment (spec §1.3: upstream asserts all four are present with --sharded).
   const char* world = env("WORLD_SIZE");
@@ -255,6 +267,11 @@ int RunCli(int argc, char** argv) {
   s->add_option("--max-kv-blocks", serve.max_kv_blocks,
                 "Cap the KV pool at N blocks of 16 tokens (0 = size from memory at Warmup)")
       ->envname("PHISHARD_MAX_KV_BLOCKS");
+  s->add_option("--unrouted-kv-blocks", serve.unrouted_kv_blocks,
+                "KV blocks Warmup keeps back from the router for requests without `blocks` "
+                "(grpcurl, phishard client); -1 = one request of max_position_embeddings tokens")
+      ->envname("PHISHARD_UNROUTED_KV_BLOCKS")
+      ->capture_default_str();
   double grace_s = 30;
   s->add_option("--shutdown-grace-s", grace_s, "Seconds in-flight RPCs get on SIGTERM")
       ->envname("PHISHARD_SHUTDOWN_GRACE_S")

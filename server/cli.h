@@ -28,6 +28,7 @@ struct ServeOptions {
   std::string dtype;  // "" = backend default (float32 on CPU); float16 | bfloat16 | float32
   ShardServerOptions server;
   int max_kv_blocks = 0;
+  int unrouted_kv_blocks = -1;  // BatchEngineOptions::unrouted_kv_blocks; -1 = the default
   std::string metrics_addr;  // --metrics-addr: Prometheus /metrics (docs/observability.md); "" = off
   // Launcher flags (spec §1.3).
   std::string logger_level = "INFO";

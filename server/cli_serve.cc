@@ -222,6 +222,7 @@ int RunServe(ServeOptions o) {
   eo.memory_fraction = o.cuda_memory_fraction;
   eo.memory_wiggle_room = o.memory_wiggle_room;
   eo.max_kv_blocks = o.max_kv_blocks;
+  eo.unrouted_kv_blocks = o.unrouted_kv_blocks;
   absl::StatusOr<std::vector<int32_t>> eos_ids =
       CheckedEosTokenIds((*model)->config(), **tokenizer);
   if (!eos_ids.ok()) return Fail(eos_ids.status());

@@ -21,7 +21,10 @@ using integration::DemoShard;
 using integration::RawUnary;
 using integration::TempDir;
 
-constexpr int kPoolBlocks = 200;  // --max-kv-blocks: 3200 token slots
+// The requests here carry no router `blocks`: after Warmup they get the --unrouted-kv-blocks
+// tail of the pool only (3200 token slots), beside the router's part that Warmup reports.
+constexpr int kPoolBlocks = 200;
+constexpr int kRouterBlocks = 10;
 
 // The refusal of a hub adapter: the CPU shard names the missing download; a CUDA shard without
 // adapter support refuses every adapter first ("adapter 'org/lora': the cuda backend does not
@@ -41,7 +44,9 @@ class BadInput : public ::testing::Test {
  protected:
   void SetUp() override {
     shard_ = std::make_unique<DemoShard>(
-        dir_, std::vector<std::string>{"--max-kv-blocks", std::to_string(kPoolBlocks)},
+        dir_,
+        std::vector<std::string>{"--max-kv-blocks", std::to_string(kRouterBlocks + kPoolBlocks),
+                                 "--unrouted-kv-blocks", std::to_string(kPoolBlocks)},
         std::map<std::string, std::string>{{"WORLD_SIZE", ""}, {"RANK", ""}});
     ASSERT_TRUE(shard_->ready) << shard_->process->Logs();
     channel_ = grpc::CreateChannel("unix:" + shard_->socket, grpc::InsecureChannelCredentials());
@@ -49,7 +54,7 @@ class BadInput : public ::testing::Test {
     client_ = ShardClient::Connect("unix:" + shard_->socket, 60);
     absl::StatusOr<pb::WarmupResponse> w = client_->Warmup(RouterWarmupRequest(64, 100, 65));
     ASSERT_TRUE(w.ok()) << w.status();
-    ASSERT_EQ(w->max_supported_total_tokens(), kPoolBlocks * 16u);
+    ASSERT_EQ(w->max_supported_total_tokens(), kRouterBlocks * 16u);
   }
   void TearDown() override {
     shard_->process->Signal(SIGTERM);
@@ -390,7 +395,7 @@ TEST_F(BadInput, EveryMalformedRequestGetsItsStatusAndTheShardKeepsServing) {
   ASSERT_TRUE(stub_->OffloadAdapter(&octx, off, &offr).ok());
   EXPECT_FALSE(offr.offloaded());
 
-  // No failed request leaked KV blocks: exactly the whole pool can still be taken at once
+  // No failed request leaked KV blocks: exactly the whole tail can still be taken at once
   // (4 requests x (700 prompt + 101 new - 1) tokens = 4 x 50 blocks = 200).
   pb::PrefillRequest full;
   full.mutable_batch()->set_id(12);

@@ -26,6 +26,7 @@
 #include <random>
 #include <regex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -265,17 +266,42 @@ class RouterBlocks {
 
 // Info asks for the router's allocator; the router's blocks are the requests' block tables: the
 // pool fills to its last block with every output exact, the router's health probe (block 0)
-// still runs on a full pool, a block still held or outside the pool is refused naming it, and
-// requests without blocks get the shard's own beside the router's.
+// still runs on a full pool, a block still held or outside the router's part is refused naming
+// it, and requests without blocks (a user's grpcurl) get the shard's own from the
+// --unrouted-kv-blocks tail only: held while the router hands out every block it has, and
+// refused once the tail is taken, however many router blocks are free.
 TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
-  Served s({"--max-kv-blocks", "40"}, 64, 128, 256);
+  Served s({"--max-kv-blocks", "44", "--unrouted-kv-blocks", "4"}, 64, 128, 256);
   ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s.warmup_tokens(), 40u * 16u) << "Warmup reports the pool less the 4-block tail";
   RouterSession& session = s.session();
   absl::StatusOr<pb::InfoResponse> info = session.Info();
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_TRUE(info->requires_block_allocator());
   RouterBlocks router(s.warmup_tokens() / 16);
   const std::vector<Case>& golden = Golden();
+  // Pokes without blocks before the router's traffic: 11 + 16 - 1 and 3 + 16 - 1 tokens, 2 blocks
+  // each, fill the tail (without it they took blocks 1..4, which the router hands out below).
+  Tracker poked;
+  std::vector<pb::CachedBatch> pokes;
+  for (auto [batch_id, id, c] :
+       std::vector<std::tuple<uint64_t, uint64_t, size_t>>{{50, 800, 1}, {51, 801, 0}}) {
+    absl::StatusOr<pb::PrefillResponse> r =
+        session.Prefill(PrefillOf(batch_id, {Req(id, golden[c], 16)}));
+    ASSERT_TRUE(r.ok()) << r.status();
+    poked.Absorb(r->generations());
+    ASSERT_TRUE(r->has_batch());
+    pokes.push_back(r->batch());
+  }
+  absl::StatusOr<pb::PrefillResponse> refused =
+      session.Prefill(PrefillOf(52, {Req(802, golden[4], 16)}));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("0 of the 4 blocks kept for such requests are free "
+                                            "(--unrouted-kv-blocks"),
+            std::string::npos)
+      << refused.status();
+  EXPECT_EQ(s.KvBlocks("used"), 4);
   // Short golden prompts (3, 11, 10, 1, 2 tokens) with 16 new tokens: 1 or 2 blocks each.
   const std::vector<size_t> short_cases = {0, 1, 2, 4, 5};
   Tracker t;
@@ -297,11 +323,11 @@ TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
   for (const pb::Request& r : reqs) router_blocks += r.blocks_size();
   ASSERT_EQ(router_blocks, 39);
   absl::StatusOr<pb::PrefillResponse> p = session.Prefill(PrefillOf(1, reqs));
-  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_TRUE(p.ok()) << p.status();  // before the tail: FAILED_PRECONDITION "already in use"
   t.Absorb(p->generations());
   ASSERT_TRUE(p->has_batch());
   EXPECT_EQ(p->batch().max_tokens(), 39u * 16u);
-  EXPECT_EQ(s.KvBlocks("used"), 39);
+  EXPECT_EQ(s.KvBlocks("used"), 39 + 4);
 
   // The router's /health generation probe on its reserved block 0, with the pool otherwise full.
   const uint64_t kMax = std::numeric_limits<uint64_t>::max();
@@ -312,7 +338,7 @@ TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
   ASSERT_TRUE(h.ok()) << h.status();
   EXPECT_EQ(h->generations_size(), 1);
   EXPECT_FALSE(h->has_batch());
-  EXPECT_EQ(s.KvBlocks("used"), 39) << "the probe's block is free again";
+  EXPECT_EQ(s.KvBlocks("used"), 39 + 4) << "the probe's block is free again";
 
   // Blocks the router never hands out twice, or that do not exist: refused, naming them.
   pb::Request dup = Req(500, golden[4], 2);
@@ -330,8 +356,9 @@ TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
   bad = session.Prefill(PrefillOf(2, {outside}));
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(bad.status().message().find("requests[0].blocks[0] = 40 is outside the KV cache of "
-                                        "40 blocks"),
+  EXPECT_NE(bad.status().message().find("requests[0].blocks[0] = 40 is outside the router's KV "
+                                        "blocks [0, 40) (Warmup reported 640 tokens; blocks "
+                                        "[40, 44) are kept for requests without blocks"),
             std::string::npos)
       << bad.status();
   pb::Request few = Req(502, golden[1], 16);  // 11 + 15 tokens need 2 blocks
@@ -343,10 +370,15 @@ TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
                                         "request needs 2"),
             std::string::npos)
       << bad.status();
-  EXPECT_EQ(s.KvBlocks("used"), 39) << "refused batches take nothing";
+  EXPECT_EQ(s.KvBlocks("used"), 39 + 4) << "refused batches take nothing";
+  // The pokes run to their ends beside the router's batch, exactly as alone.
+  for (const pb::CachedBatch& b : pokes) DecodeToTheEnd(session, poked, b);
+  poked.ExpectGolden(800, golden[1], 16);
+  poked.ExpectGolden(801, golden[0], 16);
+  EXPECT_EQ(s.KvBlocks("used"), 39);
 
   // Finish half the batch (FilterBatch), give its blocks to a new router batch and take the
-  // shard's own for a request without blocks (block 0 is the only one left to it): all exact.
+  // shard's own for a request without blocks (from the tail again): all exact.
   absl::StatusOr<pb::DecodeResponse> d = session.Decode(DecodeOf({1}));
   ASSERT_TRUE(d.ok()) << d.status();
   t.Absorb(d->generations());
@@ -369,7 +401,7 @@ TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
     more_which[id] = &c;
     more.push_back(std::move(r));
   }
-  more.push_back(Req(900, golden[4], 16));  // no blocks: the shard's block 0
+  more.push_back(Req(900, golden[4], 16));  // no blocks: the shard's own, from the tail
   more_which[900] = &golden[4];
   p = session.Prefill(PrefillOf(3, more));
   ASSERT_TRUE(p.ok()) << p.status();
@@ -385,15 +417,16 @@ TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
   s.ExpectStillServing(4);
 }
 
-// A pool of 40 blocks (640 tokens): what does not fit is refused with RESOURCE_EXHAUSTED and
-// changes nothing; what can never fit is INVALID_ARGUMENT naming the field; the live batch is
-// untouched and every block is free again at the end.
+// A client without router blocks over a tail of 40 blocks (640 tokens) kept for it beside the
+// router's 10: what does not fit is refused with RESOURCE_EXHAUSTED and changes nothing, though
+// the router's blocks are free; what can never fit is INVALID_ARGUMENT naming the field; the live
+// batch is untouched and every block is free again at the end.
 TEST(ServeLimits, KvPoolOverflowIsRefusedCleanlyAndTheShardRecovers) {
-  Served s({"--max-kv-blocks", "40"}, 64, 128, 256);
+  Served s({"--max-kv-blocks", "50", "--unrouted-kv-blocks", "40"}, 64, 128, 256);
   ASSERT_TRUE(s.ok());
-  EXPECT_EQ(s.warmup_tokens(), 40u * 16u) << "Warmup reports the pool it has";
+  EXPECT_EQ(s.warmup_tokens(), 10u * 16u) << "Warmup reports the router's part of the pool";
   EXPECT_EQ(s.KvBlocks("used"), 0);
-  EXPECT_EQ(s.KvBlocks("free"), 40);
+  EXPECT_EQ(s.KvBlocks("free"), 50);
   RouterSession& session = s.session();
 
   // Longer than the model's 1024 positions.
@@ -405,11 +438,19 @@ TEST(ServeLimits, KvPoolOverflowIsRefusedCleanlyAndTheShardRecovers) {
       << r.status();
   EXPECT_NE(r.status().message().find("max_position_embeddings 1024"), std::string::npos)
       << r.status();
-  // Within the positions, larger than the whole pool (10 + 700 - 1 tokens = 45 blocks > 40).
-  r = session.Prefill(PrefillOf(1, {Sized(1, 10, 700)}));
+  // Within the positions, larger than the whole pool (10 + 800 - 1 tokens = 51 blocks > 50).
+  r = session.Prefill(PrefillOf(1, {Sized(1, 10, 800)}));
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(r.status().message().find("more than the whole cache (40 blocks"), std::string::npos)
+  EXPECT_NE(r.status().message().find("more than the whole cache (50 blocks"), std::string::npos)
+      << r.status();
+  // Larger than the tail, within the pool (10 + 700 - 1 tokens = 45 blocks > 40): no room.
+  r = session.Prefill(PrefillOf(1, {Sized(1, 10, 700)}));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(r.status().message().find("needs 45 blocks of 16 tokens for its requests without "
+                                      "`blocks`, 40 of the 40 blocks kept"),
+            std::string::npos)
       << r.status();
 
   // A live batch of two golden requests holding 2 x ceil((P + 200 - 1) / 16) blocks.
@@ -427,7 +468,9 @@ TEST(ServeLimits, KvPoolOverflowIsRefusedCleanlyAndTheShardRecovers) {
   r = session.Prefill(PrefillOf(3, {Req(30, a, 200), Req(31, b, 200)}));
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_NE(r.status().message().find("needs 26 blocks of 16 tokens, 14 of 40 free"),
+  EXPECT_NE(r.status().message().find("needs 26 blocks of 16 tokens for its requests without "
+                                      "`blocks`, 14 of the 40 blocks kept for such requests are "
+                                      "free"),
             std::string::npos)
       << r.status();
   ASSERT_TRUE(session.ClearCache(uint64_t{3}).ok());  // what the router does after an error
@@ -436,8 +479,8 @@ TEST(ServeLimits, KvPoolOverflowIsRefusedCleanlyAndTheShardRecovers) {
   r = session.Prefill(PrefillOf(4, {Req(40, a, 222)}));
   ASSERT_TRUE(r.ok()) << r.status();
   t.Absorb(r->generations());
-  EXPECT_EQ(s.KvBlocks("free"), 0);
-  // Full pool: even the smallest request is refused.
+  EXPECT_EQ(s.KvBlocks("free"), 10) << "the router's 10 blocks are never given away";
+  // Full tail: even the smallest request is refused.
   r = session.Prefill(PrefillOf(5, {Sized(50, 1, 2)}));
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
@@ -457,7 +500,7 @@ TEST(ServeLimits, KvPoolOverflowIsRefusedCleanlyAndTheShardRecovers) {
   EXPECT_EQ(t.ids(20).size(), 200u);
   EXPECT_EQ(t.ids(40).size(), 222u);
   EXPECT_EQ(s.KvBlocks("used"), 0);
-  EXPECT_EQ(s.KvBlocks("free"), 40);
+  EXPECT_EQ(s.KvBlocks("free"), 50);
   s.ExpectStillServing(6);
 }
 
@@ -469,12 +512,14 @@ TEST(ServeLimits, ThreeHundredSequencesThenFilteredToOne) {
   ASSERT_TRUE(s.ok());
   RouterSession& session = s.session();
   const std::vector<Case>& golden = Golden();
+  RouterBlocks router(s.warmup_tokens() / 16);  // as the router: more than the tail holds
   std::vector<pb::Request> reqs;
   std::map<uint64_t, const Case*> which;
   for (uint64_t i = 0; i < 300; ++i) {
     const Case& c = golden[i % golden.size()];
     which[1000 + i] = &c;
     reqs.push_back(Req(1000 + i, c, i == 7 ? 12 : 3));  // request 1007 outlives the others
+    ASSERT_TRUE(router.Assign(&reqs.back()));
   }
   Tracker t;
   absl::StatusOr<pb::PrefillResponse> r = session.Prefill(PrefillOf(9, reqs));
@@ -500,9 +545,10 @@ TEST(ServeLimits, ThreeHundredSequencesThenFilteredToOne) {
 }
 
 // 24 batches prefilled one by one, one of them cleared while the others live and its blocks
-// taken by a new batch, then all decoded in one call (concatenated into the first id).
+// taken by a new batch, then all decoded in one call (concatenated into the first id). The
+// requests carry no router blocks: a tail of 256 blocks is kept for them.
 TEST(ServeLimits, TwoDozenCachedBatchesConcatenateInOneDecode) {
-  Served s({}, 128, 256, 256);
+  Served s({"--unrouted-kv-blocks", "256"}, 128, 256, 256);
   ASSERT_TRUE(s.ok());
   RouterSession& session = s.session();
   const std::vector<Case>& golden = Golden();
@@ -605,7 +651,8 @@ TEST(ServeLimits, DuplicateIdsAreRefusedWithoutLosingCachedBatches) {
 // pool of 128 blocks, so every block is reused many times. Every greedy request equals its golden,
 // the pool is empty at the end, and the shard still serves.
 TEST(ServeLimits, TwoThousandShortRequestsOfChurnLeakNothing) {
-  Served s({"--max-kv-blocks", "128"}, 128, 256, 256);
+  // 128 blocks for the router's allocator, 4 kept for ExpectStillServing's request without blocks.
+  Served s({"--max-kv-blocks", "132", "--unrouted-kv-blocks", "4"}, 128, 256, 256);
   ASSERT_TRUE(s.ok());
   RouterSession& session = s.session();
   const std::vector<Case>& golden = Golden();
@@ -699,7 +746,7 @@ TEST(ServeLimits, TwoThousandShortRequestsOfChurnLeakNothing) {
   EXPECT_GT(compared, 1000);
   EXPECT_EQ(router.num_free(), 127u);
   EXPECT_EQ(s.KvBlocks("used"), 0);
-  EXPECT_EQ(s.KvBlocks("free"), 128);
+  EXPECT_EQ(s.KvBlocks("free"), 132);
   s.ExpectStillServing(next_batch);
 }
 

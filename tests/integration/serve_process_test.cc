@@ -47,14 +47,18 @@ void Warm(ShardClient& c) {
 }
 
 // `n` requests of 1000 prompt ids each (0.2-2 s of CPU prefill apiece on the demo model, with
-// attention being the O(P^2) part).
+// attention being the O(P^2) part), with the router's blocks: 1000 + 2 - 1 tokens are 63 blocks,
+// request i gets ids 1 + 63 i .. 63 (i + 1) (more than the tail kept for requests without blocks
+// holds).
 pb::PrefillRequest LongPrefill(uint64_t batch_id, int n) {
   pb::PrefillRequest p;
   p.mutable_batch()->set_id(batch_id);
   for (int i = 0; i < n; ++i) {
     std::vector<uint32_t> ids;
     for (int k = 0; k < 1000; ++k) ids.push_back(static_cast<uint32_t>(100 + (k * 7 + i) % 3000));
-    *p.mutable_batch()->add_requests() = RouterRequest(i, "x", ids, 1000, 2);
+    pb::Request* r = p.mutable_batch()->add_requests();
+    *r = RouterRequest(i, "x", ids, 1000, 2);
+    for (uint32_t b = 0; b < 63; ++b) r->add_blocks(1 + 63 * i + b);
   }
   return p;
 }
@@ -337,6 +341,12 @@ TEST(ServeProcess, RefusesWhatItCannotHonourBeforeBinding) {
       {{"--logger-level", "LOUD"}, {}, "--logger-level"},
       {{"--no-such-flag"}, {}, "no-such-flag"},
       {{"--listen-tcp", "not-an-address"}, {}, "--listen-tcp"},
+      {{"--unrouted-kv-blocks", "-2"}, {}, "--unrouted-kv-blocks -2 must be >= 0"},
+      {{}, {{"PHISHARD_UNROUTED_KV_BLOCKS", "-7"}}, "--unrouted-kv-blocks -7 must be >= 0"},
+      {{}, {{"PHISHARD_UNROUTED_KV_BLOCKS", "many"}}, "--unrouted-kv-blocks"},
+      {{"--max-kv-blocks", "40", "--unrouted-kv-blocks", "40"},
+       {},
+       "--unrouted-kv-blocks 40 must be below --max-kv-blocks 40"},
   };
   for (const Refusal& c : cases) {
     // On a GPU host the CUDA case is no refusal: rank 0 would wait in the rendezvous for rank 1.

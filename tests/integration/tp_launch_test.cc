@@ -419,12 +419,14 @@ TEST(TpServe, PeerKilledMidDecodeEndsTheOtherRankWithTheCause) {
   std::unique_ptr<RouterSession> s = g.Start();
   ASSERT_NE(s, nullptr);
   // Four requests of 400 new tokens: seconds of decode steps on a CPU, far longer than it takes
-  // to see the first few tokens and kill.
+  // to see the first few tokens and kill. The router's blocks (30 each, more than the short
+  // prompt + 399 tokens need): more than the tail kept for requests without blocks holds.
   pb::Batch batch;
   batch.set_id(9);
   for (uint64_t id = 0; id < 4; ++id) {
     pb::Request r = RouterRequest(id, "def fibonacci(n):", {}, 1023, 400);
     r.mutable_stopping_parameters()->set_ignore_eos_token(true);
+    for (uint32_t b = 0; b < 30; ++b) r.add_blocks(1 + 30 * static_cast<uint32_t>(id) + b);
     *batch.add_requests() = r;
   }
   batch.set_size(4);

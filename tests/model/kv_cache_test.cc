@@ -70,6 +70,32 @@ TEST(KvBlockAllocator, ResetFreesEverything) {
   EXPECT_EQ(all, (std::vector<int32_t>{0, 1, 2, 3, 4}));
 }
 
+// Allocate(n, first) hands out only the tail [first, num_blocks): the blocks the engine keeps back
+// from the router after Warmup. Block 0 and everything below `first` stay free; the tail's
+// exhaustion takes nothing and says which range ran out.
+TEST(KvBlockAllocator, AllocateFromATailNeverTouchesTheIdsBelowIt) {
+  KvBlockAllocator a(10);
+  EXPECT_EQ(a.NumFreeFrom(0), 10);
+  EXPECT_EQ(a.NumFreeFrom(7), 3);
+  EXPECT_EQ(a.NumFreeFrom(10), 0);
+  ASSERT_TRUE(a.Take({8}).ok());  // a router block inside the tail (the engine refuses those)
+  EXPECT_EQ(a.NumFreeFrom(7), 2);
+  EXPECT_EQ(*a.Allocate(2, 7), (std::vector<int32_t>{7, 9}));
+  EXPECT_EQ(a.NumFreeFrom(7), 0);
+  absl::StatusOr<std::vector<int32_t>> more = a.Allocate(1, 7);
+  ASSERT_FALSE(more.ok());
+  EXPECT_EQ(more.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(more.status().message().find("need 1 blocks of 16 tokens, 0 of blocks [7, 10) free"),
+            std::string::npos)
+      << more.status();
+  EXPECT_EQ(a.num_free(), 7) << "blocks 0..6 untouched";
+  EXPECT_EQ(a.NumFreeFrom(1), 6) << "block 0 is not counted in a tail that starts above it";
+  a.Free({7});
+  EXPECT_EQ(*a.Allocate(1, 7), (std::vector<int32_t>{7}));
+  // From 0 the whole pool again, block 0 last.
+  EXPECT_EQ(*a.Allocate(7), (std::vector<int32_t>{1, 2, 3, 4, 5, 6, 0}));
+}
+
 // The router's block ids (Info.requires_block_allocator): taken exactly, never handed out by
 // Allocate while held, refused whole when any id is bad.
 TEST(KvBlockAllocator, TakeClaimsTheRoutersIdsOrNothing) {

@@ -204,15 +204,19 @@ TEST_F(BatchEngineTest, WarmupWithTheRouterBatchSizesThePool) {
   ASSERT_EQ(warm.requests.size(), 2u);
   auto total = engine.Warmup(warm, 1023, 1073, 1024 - 1023);
   ASSERT_TRUE(total.ok()) << total.status();
-  EXPECT_EQ(*total, 450u * 16);  // floor(1000 × 0.5 × 0.9) blocks
+  // floor(1000 × 0.5 × 0.9) blocks, 64 of them (one request of the fake's 1024 positions) kept
+  // for requests without blocks (BatchEngineOptions::unrouted_kv_blocks' default).
+  EXPECT_EQ(*total, (450u - 64u) * 16);
   EXPECT_EQ(model.last_max_batch_tokens, 1073);
   EXPECT_EQ(model.kv_num_blocks(), 450);
   EXPECT_EQ(engine.kv_blocks_total(), 450);
   EXPECT_EQ(engine.kv_blocks_free(), 450);
+  EXPECT_EQ(engine.kv_blocks_unrouted(), 64);
   EXPECT_EQ(engine.num_cached_batches(), 0u);
   EXPECT_EQ(engine.Decode({0}).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(model.forwards, 2);  // one prefill, one decode (the second request is unfinished)
-  // Then real traffic works, including the health probe on block 0's batch id.
+  // Then real traffic works, including the health probe on block 0's batch id (here without
+  // blocks: served from the kept tail).
   EXPECT_TRUE(engine.Prefill(Batch(0, {Req(1, {75}, 1)})).ok());
 }
 
@@ -220,10 +224,12 @@ TEST_F(BatchEngineTest, WarmupHonoursMaxKvBlocksOption) {
   FakeModel model;
   BatchEngineOptions o;
   o.max_kv_blocks = 200;
+  o.unrouted_kv_blocks = 0;  // the whole cap is the router's
   BatchEngine engine(&model, tokenizer_, o);
   auto total = engine.Warmup(RouterWarmupBatch(100, 150, 200), 100, 150, 100);
   ASSERT_TRUE(total.ok()) << total.status();
   EXPECT_EQ(*total, 200u * 16);
+  EXPECT_EQ(engine.kv_blocks_total(), 200);
 }
 
 TEST_F(BatchEngineTest, WarmupTooLargeIsResourceExhaustedNamingTheFlag) {
