@@ -65,7 +65,9 @@ TEST_F(Phi2DetokenizerTest, EmojiSplitAcrossTokensYieldsEmptyThenTheCharacter) {
   std::string joined;
   for (size_t i = 0; i < texts.size(); ++i) {
     EXPECT_TRUE(IsValidUtf8(texts[i])) << i;
-    if (i + 1 < emoji.size()) EXPECT_EQ(texts[i], "") << "token " << i << " ends mid-character";
+    if (i + 1 < emoji.size()) {
+      EXPECT_EQ(texts[i], "") << "token " << i << " ends mid-character";
+    }
     joined += texts[i];
   }
   EXPECT_EQ(texts[emoji.size() - 1], " 😀");

@@ -395,7 +395,9 @@ TEST(NextTokenChooserTest, ChiSquareOfSamplesAfterTemperatureAndTopP) {
     const TokenChoice c = chooser.Choose(logits, history, &ws);
     ++counts[c.id];
     // The reported logprob is that of the renormalised, truncated distribution (§5.5).
-    if (i < 20) EXPECT_NEAR(c.logprob, lp[c.id] - std::log(kept_mass), 1e-5);
+    if (i < 20) {
+      EXPECT_NEAR(c.logprob, lp[c.id] - std::log(kept_mass), 1e-5);
+    }
   }
   double chi2 = 0;
   int df = -1;
