@@ -586,7 +586,7 @@ absl::StatusOr<StepResult> BatchEngine::Prefill(const BatchInput& batch) {
   s.MaybeStall();
   const int bs = s.allocator.block_size();
   if (s.allocator.num_blocks() == 0) {
-    return absl::FailedPreconditionError("KV cache is not allocated: Warmup must succeed first");
+    return absl::FailedPreconditionError(kNotWarmedUpMessage);
   }
   if (s.batches.contains(batch.id)) {
     return absl::InvalidArgumentError(

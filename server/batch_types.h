@@ -10,6 +10,11 @@
 
 namespace phishard {
 
+// The FAILED_PRECONDITION message of a Prefill before any Warmup: `phishard client generate`
+// runs the router's startup first only when a shard answers this (server/client_command.cc).
+inline constexpr char kNotWarmedUpMessage[] =
+    "KV cache is not allocated: Warmup must succeed first";
+
 struct SamplingParams {
   float temperature = 1.0f;
   uint32_t top_k = 0;

@@ -415,8 +415,13 @@ int RunCli(int argc, char** argv) {
                 "Router max batch prefill tokens (default: max-input-length + 50)");
   c->add_option("--max-total-tokens", cl.max_total_tokens,
                 "Router max total tokens (default: max-input-length + 1)");
-  AddBool(c, "startup", &cl.startup,
-          "generate: run the router's startup (ClearCache, Info, Warmup) first");
+  c->add_flag_callback(
+      "--startup", [&cl] { cl.startup = 1; },
+      "generate: always run the router's startup (ClearCache, Info, Warmup) first (default: only "
+      "when the shard has not been warmed up; ClearCache drops a router's batches)");
+  c->add_flag_callback(
+      "--no-startup", [&cl] { cl.startup = 0; },
+      "generate: never run the router's startup (a shard not warmed up then refuses the Prefill)");
   AddBool(c, "json", &cl.json, "Machine-readable output");
   c->add_option("--timeout-s", cl.timeout_s, "Deadline of each RPC")->capture_default_str();
 

@@ -104,7 +104,11 @@ struct ClientOptions {
   uint32_t max_input_length = 1023;  // router --max-input-tokens
   uint32_t max_prefill_tokens = 0;   // 0 = max_input_length + 50 (launcher default)
   uint32_t max_total_tokens = 0;     // 0 = max_input_length + 1
-  bool startup = true;               // ServiceDiscovery/ClearCache/Info/Warmup before generate
+  // generate: the router's startup (ServiceDiscovery, ClearCache, Info, Warmup) first — 1 always
+  // (--startup), 0 never (--no-startup), -1 (default) only when the shard answers that its KV
+  // cache is not allocated yet: on a shard a router drives, ClearCache drops every batch in
+  // flight and Warmup sizes the cache again, so the default never sends them to a warmed shard.
+  int startup = -1;
   bool json = false;
   double timeout_s = 600;
 };

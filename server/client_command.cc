@@ -3,9 +3,11 @@
 #include <iostream>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "google/protobuf/util/json_util.h"
 #include "nlohmann/json.hpp"
+#include "server/batch_types.h"
 #include "server/cli.h"
 #include "server/client.h"
 
@@ -13,6 +15,14 @@ namespace phishard {
 namespace {
 
 namespace pb = ::generate::v1;
+
+// The batch id of a generate sent without the router's startup (see RunClient's generate).
+constexpr uint64_t kClientBatchId = (uint64_t{1} << 63) + 0x5c11e47;
+
+// A shard (any rank) refusing a Prefill because nobody has warmed it up.
+bool IsNotWarmedUp(const absl::Status& s) {
+  return absl::IsFailedPrecondition(s) && absl::StrContains(s.message(), kNotWarmedUpMessage);
+}
 
 int Fail(const std::string& what, const absl::Status& s) {
   std::cerr << "phishard client " << what << ": " << s << std::endl;
@@ -90,12 +100,15 @@ int RunClient(const ClientOptions& o) {
 
   // generate
   if (o.prompt.empty()) return Fail("generate", absl::InvalidArgumentError("--prompt is required"));
-  if (o.startup) {
+  if (o.startup == 1) {
     absl::StatusOr<uint32_t> tokens = RouterStartup(rs, o, /*verbose=*/!o.json);
     if (!tokens.ok()) return Fail("generate (startup)", tokens.status());
   }
   pb::Batch batch;
-  batch.set_id(0);  // the router's batch counter starts at 0
+  // After our own startup the shard holds no batch and batch 0 is what the router would send
+  // first; on a shard warmed up before (perhaps one a router drives), an id far above the
+  // router's counter, which starts at 0 (u64::MAX is its health probe's).
+  batch.set_id(o.startup == 1 ? 0 : kClientBatchId);
   *batch.add_requests() =
       RouterRequest(/*id=*/0, o.prompt, /*ids=*/{}, o.max_input_length, o.max_new_tokens);
   batch.set_size(1);
@@ -112,6 +125,13 @@ int RunClient(const ClientOptions& o) {
     std::cout.flush();
   };
   absl::StatusOr<std::vector<RequestOutcome>> out = RunBatchToCompletion(rs, batch, stream);
+  if (!out.ok() && o.startup == -1 && IsNotWarmedUp(out.status())) {
+    // A shard nobody has warmed up yet (no router): the startup, then the same request.
+    absl::StatusOr<uint32_t> tokens = RouterStartup(rs, o, /*verbose=*/!o.json);
+    if (!tokens.ok()) return Fail("generate (startup)", tokens.status());
+    batch.set_id(0);
+    out = RunBatchToCompletion(rs, batch, stream);
+  }
   if (!out.ok()) return Fail("generate", out.status());
   const double total_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -534,5 +534,61 @@ TEST(ServeProcess, ToolSubcommandsMatchTheGolden) {
   EXPECT_NE(bare.out().find("serve"), std::string::npos) << bare.Logs();
 }
 
+// `phishard client generate` pointed at a shard a router drives (warmed up, a batch in flight)
+// must not send the router's startup: ClearCache would drop the router's batch and Warmup would
+// size the cache again. By default it runs the startup only for a shard that was never warmed up
+// (the first call below), then leaves warmed shards alone (the second); --startup forces it.
+TEST(ServeProcess, ClientGenerateLeavesARoutersBatchAlone) {
+  TempDir dir;
+  DemoShard shard(dir, {}, kCleanEnv);
+  ASSERT_TRUE(shard.ready) << shard.process->Logs();
+  auto generate = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {
+        "client",           "generate", "--uds-path",         shard.uds, "--prompt", "def f(x):",
+        "--max-new-tokens", "4",        "--max-input-length", "64",      "--json"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    ShardProcess client(BinaryPath(), args, dir.path(), kCleanEnv);
+    const int rc = client.Wait(120);
+    EXPECT_EQ(rc, 0) << client.Logs() << shard.process->Logs();
+    return rc == 0 ? nlohmann::json::parse(client.out()) : nlohmann::json();
+  };
+  auto warmups = [&] {
+    int n = 0;
+    const std::string log = shard.process->Logs();
+    for (size_t at = log.find("Warmup finished"); at != std::string::npos;
+         at = log.find("Warmup finished", at + 1)) {
+      ++n;
+    }
+    return n;
+  };
+  // A fresh shard: the startup (ClearCache, Info, Warmup), then the request.
+  const nlohmann::json first = generate({});
+  ASSERT_FALSE(first.is_null());
+  ASSERT_EQ(first["ids"].size(), 4u);
+  const int after_first = warmups();
+
+  // A router's batch in flight on the warmed shard (router blocks from 1).
+  auto router = ShardClient::Connect("unix:" + shard.socket, 120);
+  pb::PrefillRequest p;
+  p.mutable_batch()->set_id(3);
+  *p.mutable_batch()->add_requests() = RouterRequest(30, "x", {100, 200, 300}, 8, 6);
+  p.mutable_batch()->mutable_requests(0)->mutable_stopping_parameters()->set_ignore_eos_token(true);
+  for (uint32_t b = 1; b <= 1; ++b) p.mutable_batch()->mutable_requests(0)->add_blocks(b);
+  for (uint32_t s = 16; s < 16 + 8; ++s) p.mutable_batch()->mutable_requests(0)->add_slots(s);
+  absl::StatusOr<pb::PrefillResponse> r = router->Prefill(p);
+  ASSERT_TRUE(r.ok()) << r.status();
+
+  // The default again: no startup; the same greedy continuation from the shard's own blocks.
+  const nlohmann::json second = generate({});
+  ASSERT_FALSE(second.is_null());
+  EXPECT_EQ(second["ids"], first["ids"]);
+  EXPECT_EQ(warmups(), after_first) << "a warmed shard got another Warmup";
+  pb::DecodeRequest d;
+  d.add_batches()->set_id(3);
+  absl::StatusOr<pb::DecodeResponse> dr = router->Decode(d);
+  ASSERT_TRUE(dr.ok()) << "the router's batch was dropped: " << dr.status();
+  EXPECT_EQ(dr->generations_size(), 1);
+}
+
 }  // namespace
 }  // namespace phishard
