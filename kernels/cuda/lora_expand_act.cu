@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/gelu_math.cuh"
 #include "kernels/cuda/lora_expand_act_cuda.h"
 
@@ -42,23 +43,6 @@ struct ExpandActArgs {
   int num_segments;
 };
 
-template <typename T>
-__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                    uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 // kAct: 0 none, 1 tanh GELU, 2 erf GELU: kernels/cuda/gelu_math.cuh's float formulas (those of
 // GeluInPlaceCuda), used for act-only segments (base rows: exactly GeluInPlaceCuda's values).
@@ -95,7 +79,7 @@ __device__ __forceinline__ void MmaStep(float (&acc)[kMi][kGroups][4][4],
 #pragma unroll
   for (int mi = 0; mi < kMi; ++mi) {
     const uint32_t a[4] = {a_lo[mi][0], a_lo[mi][1], a_hi[mi][0], a_hi[mi][1]};
-    Mma<T>(acc[mi][gi][j], a, b_lo, b_hi);
+    mma::Mma16816<T>(acc[mi][gi][j], a, b_lo, b_hi);
   }
 }
 

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/paged_attention_prefill.cuh"
 #include "kernels/cuda/prefill_ptx.cuh"
 #include "kernels/kv_layout.h"
@@ -27,6 +28,7 @@ namespace phishard {
 namespace {
 
 using namespace prefill_ptx;  // NOLINT(build/namespaces): internal PTX wrappers
+using mma::Mma16816;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -47,22 +49,6 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr)
                : "memory");
 }
 
-// d[16x8] += a[16x16] · b[16x8], float32 accumulators.
-template <typename T>
-__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 // ---- kernel -------------------------------------------------------------------------------------
 template <int HD, int kWarps, int kMT, int kN>

@@ -29,6 +29,7 @@
 
 #include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/mma_sync.cuh"
 #include "kernels/cuda/paged_decode_common.cuh"
 #include "kernels/kv_layout.h"
 
@@ -75,22 +76,6 @@ __device__ __forceinline__ uint32_t MovMatrixTrans(uint32_t x) {
   uint32_t y;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
   return y;
-}
-// d[16x8] += a[16x16] · b[16x8], float32 accumulators.
-template <typename T>
-__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                    uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 }
 // (lo, hi) -> one word of two 16-bit elements (lo in the low half), and the rounding left over
 // as a second such word: x = hi part + lo part to ~16 bits.
@@ -239,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
       for (int ks = 0; ks < KS; ++ks) {
         uint32_t af[4];
         LdMatrixX4(af, sk + k_lane + ks * 32);
-        Mma<T>(c, af, qf[ks][0], qf[ks][1]);
+        mma::Mma16816<T>(c, af, qf[ks][0], qf[ks][1]);
       }
       // c[0], c[1]: key g, heads 2 tq, 2 tq + 1; c[2], c[3]: key g + 8.
       const bool v0 = key0 + g < bw.k_end, v1 = key0 + g + 8 < bw.k_end;
@@ -279,8 +264,8 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
         acc[db][3] *= alpha[1];
         uint32_t af[4];
         LdMatrixX4Trans(af, sv + v_lane + db * 32);
-        Mma<T>(acc[db], af, bh0, bh1);
-        Mma<T>(acc[db], af, bl0, bl1);
+        mma::Mma16816<T>(acc[db], af, bh0, bh1);
+        mma::Mma16816<T>(acc[db], af, bl0, bl1);
       }
     }
   }
