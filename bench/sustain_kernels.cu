@@ -330,28 +330,13 @@ void SmReadFma(const void* src, size_t bytes, uint32_t* sink, int sms, cudaStrea
 
 bool SmAttnMix(const AttnMixParams& p, int level, bool smem, cudaStream_t s) {
   if (p.head_dim != 80 || p.seqs <= 0 || p.heads <= 0 || p.ctx <= 0) return false;
-  switch (level * 2 + (smem ? 1 : 0)) {
-    case 2:
-      LaunchMix<1, false>(p, s);
-      return true;
-    case 3:
-      LaunchMix<1, true>(p, s);
-      return true;
-    case 4:
-      LaunchMix<2, false>(p, s);
-      return true;
-    case 5:
-      LaunchMix<2, true>(p, s);
-      return true;
-    case 6:
-      LaunchMix<3, false>(p, s);
-      return true;
-    case 7:
-      LaunchMix<3, true>(p, s);
-      return true;
-    default:
-      return false;
-  }
+  if (level < 1 || level > 3) return false;
+  using Launcher = void (*)(const AttnMixParams&, cudaStream_t);
+  static constexpr Launcher kLaunch[3][2] = {{LaunchMix<1, false>, LaunchMix<1, true>},
+                                             {LaunchMix<2, false>, LaunchMix<2, true>},
+                                             {LaunchMix<3, false>, LaunchMix<3, true>}};
+  kLaunch[level - 1][smem ? 1 : 0](p, s);
+  return true;
 }
 
 }  // namespace phishard::bench

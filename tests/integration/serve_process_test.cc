@@ -573,7 +573,7 @@ TEST(ServeProcess, ClientGenerateLeavesARoutersBatchAlone) {
   p.mutable_batch()->set_id(3);
   *p.mutable_batch()->add_requests() = RouterRequest(30, "x", {100, 200, 300}, 8, 6);
   p.mutable_batch()->mutable_requests(0)->mutable_stopping_parameters()->set_ignore_eos_token(true);
-  for (uint32_t b = 1; b <= 1; ++b) p.mutable_batch()->mutable_requests(0)->add_blocks(b);
+  p.mutable_batch()->mutable_requests(0)->add_blocks(1);  // 3 + 6 - 1 tokens: one block
   for (uint32_t s = 16; s < 16 + 8; ++s) p.mutable_batch()->mutable_requests(0)->add_slots(s);
   absl::StatusOr<pb::PrefillResponse> r = router->Prefill(p);
   ASSERT_TRUE(r.ok()) << r.status();
