@@ -28,27 +28,13 @@ namespace phishard {
 namespace {
 
 using namespace prefill_ptx;  // NOLINT(build/namespaces): internal PTX wrappers
+using mma::LdMatrixX4;
+using mma::LdMatrixX4Trans;
 using mma::Mma16816;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// ---- mma.sync operand loads and MMA (sm_80+) ----------------------------------------------------
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives
-// matrix i in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4), +1; .trans swaps the
-// roles of rows and columns).
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
+// (mma.sync operand loads and the MMA: kernels/cuda/mma_sync.cuh)
 
 // ---- kernel -------------------------------------------------------------------------------------
 template <int HD, int kWarps, int kMT, int kN>

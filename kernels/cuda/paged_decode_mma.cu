@@ -56,21 +56,6 @@ struct MmaSmem {
   static_assert(kWarps * kMmaHeadsPerBlock * HD * 4 <= kBytes, "merge scratch fits the ring");
 };
 
-// Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i; register i gets
-// matrix i in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4), +1; .trans: the
-// transpose).
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
 // The transpose of an 8x8 16-bit matrix held one word a lane in the fragment layout.
 __device__ __forceinline__ uint32_t MovMatrixTrans(uint32_t x) {
   uint32_t y;
@@ -223,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
         uint32_t af[4];
-        LdMatrixX4(af, sk + k_lane + ks * 32);
+        mma::LdMatrixX4(af, sk + k_lane + ks * 32);
         mma::Mma16816<T>(c, af, qf[ks][0], qf[ks][1]);
       }
       // c[0], c[1]: key g, heads 2 tq, 2 tq + 1; c[2], c[3]: key g + 8.
@@ -263,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, 3) PagedDecodeMmaKernel(const Args a
         acc[db][2] *= alpha[0];
         acc[db][3] *= alpha[1];
         uint32_t af[4];
-        LdMatrixX4Trans(af, sv + v_lane + db * 32);
+        mma::LdMatrixX4Trans(af, sv + v_lane + db * 32);
         mma::Mma16816<T>(acc[db], af, bh0, bh1);
         mma::Mma16816<T>(acc[db], af, bl0, bl1);
       }
