@@ -25,6 +25,11 @@ std::unique_ptr<CopyEngineAllReduce> CopyEngineAllReduce::Create(const CustomAll
     return nullptr;
   }
   ce->add_blocks_ = std::max(1, sms);
+  // Loaded now: a first launch of the add while this rank's wait spins would stall the abort.
+  if (LoadCopyEngineKernelsCuda() != KernelStatus::kOk) {
+    *why_not = absl::StrCat("loading its kernels: ", cudaGetErrorString(cudaGetLastError()));
+    return nullptr;
+  }
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
   // 11070: the version whose signature cudaTypedefs.h names PFN_cuStreamWriteValue32_v11070.

@@ -127,6 +127,10 @@ absl::StatusOr<std::unique_ptr<CustomAllReduce>> CustomAllReduce::Create(Control
     }
     // One block per SM: the fixed grid. Both ranks must launch the same grid (checked below).
     car->blocks_ = std::clamp(sms, 1, kCustomAllReduceMaxBlocks);
+    // Loaded now, not at a first launch that may come while a wait for the peer runs.
+    if (LoadCustomAllReduceKernelsCuda() != KernelStatus::kOk) {
+      return CudaText("loading the custom all-reduce kernels", cudaGetLastError());
+    }
     void* p = nullptr;
     if (cudaError_t e = cudaMalloc(&p, kRecvOffset + 4 * car->capacity_); e != cudaSuccess) {
       cudaGetLastError();

@@ -37,4 +37,11 @@ struct CopyEngineAddParams {
 // `data` and `received` 16-byte aligned with a multiple of 16 bytes move 16-byte packs.
 KernelStatus CopyEngineWaitAddCuda(const CopyEngineAddParams& p, cudaStream_t stream);
 
+// Loads the kernels CopyEngineWaitAddCuda launches (every dtype) now. Under CUDA's lazy module
+// loading (the default) a kernel's first launch loads it, and a load while this GPU runs a kernel
+// that waits for the peer stalls the launching thread — and the abort that should end that wait
+// — until the wait's deadline (perf-log 2026-11-29 16:40: AbortEndsThePeersWait passed only with
+// CUDA_MODULE_LOADING=EAGER). kDeviceError when a load fails.
+KernelStatus LoadCopyEngineKernelsCuda();
+
 }  // namespace phishard

@@ -59,4 +59,9 @@ struct CustomAllReduceParams {
 // bytes moves 16-byte packs, anything else single elements.
 KernelStatus CustomAllReduceCuda(const CustomAllReduceParams& p, cudaStream_t stream);
 
+// Loads CustomAllReduceCuda's kernels (every dtype) now, for the reason LoadCopyEngineKernelsCuda
+// gives (kernels/cuda/copy_engine_all_reduce_cuda.h). kDeviceError when a load fails.
+KernelStatus LoadCustomAllReduceKernelsCuda();
+
 }  // namespace phishard
+
