@@ -40,6 +40,7 @@
 #include "bench/bench_steps.h"
 #include "bench/bench_util.h"
 #include "bench/fold_sweep.h"
+#include "bench/setting_sweep.h"
 #include "bench/kernel_trace.h"
 #include "bench/lora_pairs.h"
 #include "bench/mega_timeline.h"
@@ -210,6 +211,13 @@ int Main(int argc, char** argv) {
                  "on, alternated (CudaPhiModel::set_decode_attention_fold_rows; 0: none)");
   app.add_option("--fold-cases", fold_cases, "BATCHxCTX decode steps of --fold-rounds");
   app.add_option("--fold-mode", fold_mode, "decode mode of --fold-rounds (greedy, graph)");
+  int bsms_rounds = 0;
+  std::string bsms_cases = "1x1024,2x1024,8x1024", bsms_list = "0.0,66.0,0.66,66.66";
+  app.add_option("--branch-sms-rounds", bsms_rounds,
+                 "rounds of --branch-sms-cases with each MLP-branch SM target pair FC1.FC2 of "
+                 "--branch-sms (set_decode_branch_sms, steps up to 8 rows), alternated");
+  app.add_option("--branch-sms-cases", bsms_cases, "BATCHxCTX decode steps of it");
+  app.add_option("--branch-sms", bsms_list, "FC1.FC2 SM count targets, comma-separated (0: all)");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -457,6 +465,19 @@ int Main(int argc, char** argv) {
   }
   if (fold_rounds > 0 && !lora_only) {
     DecodeFoldSweep(m, bench, fold_cases, fold_mode, fold_rounds, &rows);
+  }
+  if (bsms_rounds > 0 && !lora_only) {
+    std::vector<bench::SweepSetting> settings;
+    for (absl::string_view t : absl::StrSplit(bsms_list, ',', absl::SkipEmpty())) {
+      const std::vector<std::string> ab = absl::StrSplit(t, '.');
+      BENCH_CHECK(ab.size() == 2, "--branch-sms FC1.FC2,...");
+      const int f1 = std::stoi(ab[0]), f2 = std::stoi(ab[1]);
+      settings.push_back({absl::StrFormat("sms%d.%d", f1, f2),
+                          [&m, f1, f2] { m.set_decode_branch_sms(f1, f2, 8); }});
+    }
+    bench::SettingSweep(bench, "decode MLP-branch SM target sweep", "--branch-sms-cases",
+                        bsms_cases, "greedy", bsms_rounds, settings, &rows);
+    m.set_decode_branch_sms(0, 0, 0);
   }
   if (mega_sweep > 0 && !lora_only) {
     // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op

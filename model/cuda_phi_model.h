@@ -259,6 +259,14 @@ class CudaPhiModel final : public ModelBackend {
     decode_fold_rows_ = rows;
   }
   int decode_attention_fold_rows() const { return decode_fold_rows_; }
+  // Benchmarks: base decode steps of at most `rows` rows give the MLP branch's fc1 / fc2 GEMMs
+  // these cuBLASLt SM count targets (0: every SM); drops graphs.
+  void set_decode_branch_sms(int fc1_sms, int fc2_sms, int rows) {
+    DropGraphs();
+    branch_fc1_sms_ = fc1_sms;
+    branch_fc2_sms_ = fc2_sms;
+    branch_sms_rows_ = rows;
+  }
   int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps enqueued so
   // The decode attention kernel of decode steps: a PagedDecodeVariant value
   // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default; 3 = kTensorCore). For benches
@@ -565,6 +573,7 @@ class CudaPhiModel final : public ModelBackend {
   bool bulk_ln_ = false;
   bool mega_on_ = false;                                    // CudaModelOptions::decode_megakernel
   int decode_fold_rows_ = kDecodeAttentionFoldRowsDefault;  // set_decode_attention_fold_rows
+  int branch_fc1_sms_ = 0, branch_fc2_sms_ = 0, branch_sms_rows_ = 0;  // set_decode_branch_sms
   int64_t decode_fold_steps_ = 0;
   int decode_attention_variant_ = 0;  // set_decode_attention_variant
   bool mega_refused_logged_ = false;
