@@ -168,9 +168,11 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // beside attention (CudaLora::Fc2DeltaBesideAttention).
   const bool fc2_main = join_early && fc2_on_branch &&
                         (lora ? lora_->Fc2DeltaBesideAttention() : mlp_join_sharded_ == 2);
-  // Base decode steps of at most branch_sms_rows_ rows: cuBLASLt SM count targets for the MLP
-  // branch's GEMMs (set_decode_branch_sms), leaving bandwidth to the attention branch beside them.
-  const bool base_branch_sms = in.decode && !lora && T <= branch_sms_rows_;
+  // Base decode steps of fc1_sms_min_rows_..fc1_sms_max_rows_ rows give fc1 on the MLP branch a
+  // cuBLASLt SM count target (CudaModelOptions::decode_fc1_sms): more SMs for qkv and the
+  // attention grid beside it.
+  const bool fc1_sms = in.decode && !lora && fc1_sms_ > 0 && T >= fc1_sms_min_rows_ &&
+                       T <= fc1_sms_max_rows_;
   // The MLP branch's fc1 (and fc2) done before anything after this reads mlp or h.
   auto mlp_join = [&]() -> absl::Status {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
@@ -294,7 +296,6 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       GemmParams fc2 = linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size,
                               shard_.adds_row_parallel_bias(), GemmEpilogue::kNone);
       if (st == mlp_stream_) fc2.sm_count_target = lora_->BranchGemmSms(0);  // LoRA steps
-      if (st == mlp_stream_ && base_branch_sms) fc2.sm_count_target = branch_fc2_sms_;
       PHI_RETURN_IF_ERROR(Linear(fc2, dt, "fc2 gemm", nullptr, st, g));
       if (!lora) return absl::OkStatus();
       if (delta_st != st) {
@@ -316,7 +317,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
         GemmParams fc1 =
             linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act);
         if (st == mlp_stream_) fc1.sm_count_target = lora_->BranchGemmSms(1);  // LoRA steps
-        if (st == mlp_stream_ && base_branch_sms) fc1.sm_count_target = branch_fc1_sms_;
+        if (st == mlp_stream_ && fc1_sms) fc1.sm_count_target = fc1_sms_;
         PHI_RETURN_IF_ERROR(Linear(fc1, dt, "fc1 gemm", nullptr, st, g));
       }
       if (gelu_split) {  // mlp [T, intermediate] device, in place
