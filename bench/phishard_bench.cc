@@ -40,6 +40,7 @@
 #include "bench/bench_steps.h"
 #include "bench/bench_util.h"
 #include "bench/fold_sweep.h"
+#include "bench/setting_sweep.h"
 #include "bench/kernel_trace.h"
 #include "bench/lora_pairs.h"
 #include "bench/mega_timeline.h"
@@ -210,6 +211,13 @@ int Main(int argc, char** argv) {
                  "on, alternated (CudaPhiModel::set_decode_attention_fold_rows; 0: none)");
   app.add_option("--fold-cases", fold_cases, "BATCHxCTX decode steps of --fold-rounds");
   app.add_option("--fold-mode", fold_mode, "decode mode of --fold-rounds (greedy, graph)");
+  int fc1_sms_rounds = 0;
+  std::string fc1_sms_cases = "4x1024,8x1024,16x1024,32x1024,8x4096", fc1_sms_list = "0,24,33";
+  app.add_option("--fc1-sms-rounds", fc1_sms_rounds,
+                 "rounds of --fc1-sms-cases with each fc1 SM count target of --fc1-sms "
+                 "(set_decode_fc1_sms, applied to every step size 1-256 here), alternated");
+  app.add_option("--fc1-sms-cases", fc1_sms_cases, "BATCHxCTX decode steps of it");
+  app.add_option("--fc1-sms", fc1_sms_list, "SM count targets, comma-separated (0: every SM)");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -457,6 +465,17 @@ int Main(int argc, char** argv) {
   }
   if (fold_rounds > 0 && !lora_only) {
     DecodeFoldSweep(m, bench, fold_cases, fold_mode, fold_rounds, &rows);
+  }
+  if (fc1_sms_rounds > 0 && !lora_only) {
+    const int start = m.decode_fc1_sms();
+    std::vector<bench::SweepSetting> settings;
+    for (int v : ParseInts(fc1_sms_list)) {
+      settings.push_back(
+          {absl::StrFormat("fc1sms%d", v), [&m, v] { m.set_decode_fc1_sms(v, 1, 256); }});
+    }
+    bench::SettingSweep(bench, "decode fc1 SM target sweep", "--fc1-sms-cases", fc1_sms_cases,
+                        "greedy", fc1_sms_rounds, settings, &rows);
+    m.set_decode_fc1_sms(start);
   }
   if (mega_sweep > 0 && !lora_only) {
     // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op

@@ -354,6 +354,18 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
     }
   }
   m->set_decode_attention_fold_rows(fold_rows);
+  int fc1_sms = options.decode_fc1_sms;
+  if (fc1_sms < 0) {
+    fc1_sms = kDecodeFc1SmsDefault;
+    if (const char* v = std::getenv("PHISHARD_DECODE_FC1_SMS"); v != nullptr && *v != '\0') {
+      if (!absl::SimpleAtoi(v, &fc1_sms) || fc1_sms < 0 || fc1_sms > 4096) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("environment variable PHISHARD_DECODE_FC1_SMS='", v,
+                         "' must be an SM count in [0, 4096] (0: every SM)"));
+      }
+    }
+  }
+  m->set_decode_fc1_sms(fc1_sms);
   m->props_name_ = props.name;
   return m;
 }

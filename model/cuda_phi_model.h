@@ -62,6 +62,9 @@ inline constexpr int kBulkGemvRowsDefault = 0;
 inline constexpr int kBulkGemvPdlDefault = 1;
 inline constexpr int kBulkGemvLnDefault = 0;
 inline constexpr int kDecodeAttentionFoldRowsDefault = 4;  // CudaModelOptions below
+inline constexpr int kDecodeFc1SmsDefault = 24;            // CudaModelOptions::decode_fc1_sms
+inline constexpr int kDecodeFc1SmsMinRows = 5;
+inline constexpr int kDecodeFc1SmsMaxRows = 16;
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -142,6 +145,13 @@ struct CudaModelOptions {
   // longer behind the rotary launch, is queued before fc2's, which then runs after it instead of
   // beside it (with mlp_stream 0 the fold is faster at b8-b64 too: x0.97-0.99).
   int decode_attention_fold_rows = -1;
+  // Base decode steps (no adapter rows) of kDecodeFc1SmsMinRows..kDecodeFc1SmsMaxRows rows (the
+  // graph buckets 8 and 16) run fc1 on the MLP stream with this cuBLASLt SM count target, leaving
+  // SMs to qkv and the attention grid beside it; 0: every SM. -1: PHISHARD_DECODE_FC1_SMS when
+  // set, else kDecodeFc1SmsDefault. Measured (H200, Phi-2 shape, alternated in one process,
+  // perf-log 16:46): 24 SMs b8 ctx1024 x0.976, b8 ctx4096 x0.938, b16 x0.953; at b4 and b32 every
+  // target was slower (x1.02-1.13), hence the row range.
+  int decode_fc1_sms = -1;
 };
 
 class CudaPhiModel final : public ModelBackend {
@@ -259,6 +269,18 @@ class CudaPhiModel final : public ModelBackend {
     decode_fold_rows_ = rows;
   }
   int decode_attention_fold_rows() const { return decode_fold_rows_; }
+  // CudaModelOptions::decode_fc1_sms for steps of min_rows..max_rows rows (0: every SM); drops
+  // graphs when it changes.
+  void set_decode_fc1_sms(int sms, int min_rows = kDecodeFc1SmsMinRows,
+                          int max_rows = kDecodeFc1SmsMaxRows) {
+    if (sms != fc1_sms_ || min_rows != fc1_sms_min_rows_ || max_rows != fc1_sms_max_rows_) {
+      DropGraphs();
+    }
+    fc1_sms_ = sms;
+    fc1_sms_min_rows_ = min_rows;
+    fc1_sms_max_rows_ = max_rows;
+  }
+  int decode_fc1_sms() const { return fc1_sms_; }
   int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps enqueued so
   // The decode attention kernel of decode steps: a PagedDecodeVariant value
   // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default; 3 = kTensorCore). For benches
@@ -565,6 +587,8 @@ class CudaPhiModel final : public ModelBackend {
   bool bulk_ln_ = false;
   bool mega_on_ = false;                                    // CudaModelOptions::decode_megakernel
   int decode_fold_rows_ = kDecodeAttentionFoldRowsDefault;  // set_decode_attention_fold_rows
+  int fc1_sms_ = kDecodeFc1SmsDefault;  // set_decode_fc1_sms
+  int fc1_sms_min_rows_ = kDecodeFc1SmsMinRows, fc1_sms_max_rows_ = kDecodeFc1SmsMaxRows;
   int64_t decode_fold_steps_ = 0;
   int decode_attention_variant_ = 0;  // set_decode_attention_variant
   bool mega_refused_logged_ = false;

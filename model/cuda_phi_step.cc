@@ -168,6 +168,11 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // beside attention (CudaLora::Fc2DeltaBesideAttention).
   const bool fc2_main = join_early && fc2_on_branch &&
                         (lora ? lora_->Fc2DeltaBesideAttention() : mlp_join_sharded_ == 2);
+  // Base decode steps of fc1_sms_min_rows_..fc1_sms_max_rows_ rows give fc1 on the MLP branch a
+  // cuBLASLt SM count target (CudaModelOptions::decode_fc1_sms): more SMs for qkv and the
+  // attention grid beside it.
+  const bool fc1_sms = in.decode && !lora && fc1_sms_ > 0 && T >= fc1_sms_min_rows_ &&
+                       T <= fc1_sms_max_rows_;
   // The MLP branch's fc1 (and fc2) done before anything after this reads mlp or h.
   auto mlp_join = [&]() -> absl::Status {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
@@ -312,6 +317,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
         GemmParams fc1 =
             linear(normed, w.fc1_w, w.fc1_b, mlp, c.intermediate_size, H, false, fc1_act);
         if (st == mlp_stream_) fc1.sm_count_target = lora_->BranchGemmSms(1);  // LoRA steps
+        if (st == mlp_stream_ && fc1_sms) fc1.sm_count_target = fc1_sms_;
         PHI_RETURN_IF_ERROR(Linear(fc1, dt, "fc1 gemm", nullptr, st, g));
       }
       if (gelu_split) {  // mlp [T, intermediate] device, in place

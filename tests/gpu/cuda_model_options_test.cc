@@ -299,6 +299,39 @@ TEST(CudaPhiModel, BulkGemvStepsAgree) {
   }
 }
 
+// fc1's cuBLASLt SM count target in base decode steps (set_decode_fc1_sms): only the steps in
+// its row range take it (3-row steps with the default range 5-16 are bit for bit the untargeted
+// ones); where it applies (range widened to 1-256), cuBLASLt may pick another kernel for fc1, so
+// the steps get the bf16 bounds, and graph replays equal eager steps bit for bit.
+TEST(CudaPhiModel, Fc1SmTargetCloseAndOnlyInItsRows) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_EQ(m->decode_fc1_sms(), kDecodeFc1SmsDefault);
+    m->set_decode_fc1_sms(0);
+    const auto base = RunModeSteps(*m);
+    m->set_decode_fc1_sms(24);  // rows 5-16: not these 3-row steps
+    const auto outside = RunModeSteps(*m);
+    m->set_decode_fc1_sms(24, 1, 256);
+    const auto targeted = RunModeSteps(*m);
+    m->set_cuda_graphs(false);
+    const auto eager = RunModeSteps(*m);
+    m->set_cuda_graphs(true);
+    ASSERT_EQ(outside.size(), base.size());
+    ASSERT_EQ(targeted.size(), base.size());
+    for (size_t i = 0; i < base.size(); ++i) {
+      const std::string what = std::string(model) + " step " + std::to_string(i);
+      EXPECT_TRUE(outside[i] == base[i]) << what << ": changed outside the row range";
+      EXPECT_TRUE(targeted[i] == eager[i]) << what << ": graph != eager";
+      ExpectLogitsClose(targeted[i], std::vector<double>(base[i].begin(), base[i].end()),
+                        what + " fc1 on 24 SMs");
+    }
+    m->set_decode_fc1_sms(kDecodeFc1SmsDefault);
+  }
+}
+
 // Recorded cuBLASLt algorithm choices (set_gemm_algo_choices, model/cuda_gemm_choices.h): every
 // prefill GEMM form of the model gets a configuration other than the heuristic's first (the last
 // one CudaGemm::ListAlgos offers for it), for prefill-sized steps only. The prefill must take them
