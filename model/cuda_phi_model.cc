@@ -66,6 +66,21 @@ absl::StatusOr<DataType> ResolveDtype(const std::string& requested, const PhiCon
   return DataType::kF16;  // float16, float32 and absent all run in float16 (spec 6.1)
 }
 
+// `option` when >= 0; else the environment variable `name` when set (an integer in [0, max],
+// INVALID_ARGUMENT naming it and `what` otherwise); else `fallback`.
+absl::StatusOr<int> IntOptionOrEnv(int option, const char* name, int fallback, int max,
+                                   const char* what) {
+  if (option >= 0) return option;
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  int value = 0;
+  if (!absl::SimpleAtoi(v, &value) || value < 0 || value > max) {
+    return absl::InvalidArgumentError(absl::StrCat("environment variable ", name, "='", v,
+                                                   "' must be ", what, " in [0, ", max, "]"));
+  }
+  return value;
+}
+
 }  // namespace
 
 CudaPhiModel::CudaPhiModel(PhiConfig config, PhiShard shard, Communicator* comm, DataType dtype,
@@ -342,30 +357,16 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
       bulk_env("PHISHARD_DECODE_MEGAKERNEL", options.decode_megakernel, 0, 1);
   PHI_RETURN_IF_ERROR(mega.status());
   PHI_RETURN_IF_ERROR(m->set_decode_megakernel(*mega != 0));
-  int fold_rows = options.decode_attention_fold_rows;
-  if (fold_rows < 0) {
-    fold_rows = kDecodeAttentionFoldRowsDefault;
-    if (const char* v = std::getenv("PHISHARD_DECODE_ATTENTION_FOLD"); v != nullptr && *v != '\0') {
-      if (!absl::SimpleAtoi(v, &fold_rows) || fold_rows < 0 || fold_rows > 65536) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("environment variable PHISHARD_DECODE_ATTENTION_FOLD='", v,
-                         "' must be a row count in [0, 65536]"));
-      }
-    }
-  }
-  m->set_decode_attention_fold_rows(fold_rows);
-  int fc1_sms = options.decode_fc1_sms;
-  if (fc1_sms < 0) {
-    fc1_sms = kDecodeFc1SmsDefault;
-    if (const char* v = std::getenv("PHISHARD_DECODE_FC1_SMS"); v != nullptr && *v != '\0') {
-      if (!absl::SimpleAtoi(v, &fc1_sms) || fc1_sms < 0 || fc1_sms > 4096) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("environment variable PHISHARD_DECODE_FC1_SMS='", v,
-                         "' must be an SM count in [0, 4096] (0: every SM)"));
-      }
-    }
-  }
-  m->set_decode_fc1_sms(fc1_sms);
+  const absl::StatusOr<int> fold_rows =
+      IntOptionOrEnv(options.decode_attention_fold_rows, "PHISHARD_DECODE_ATTENTION_FOLD",
+                     kDecodeAttentionFoldRowsDefault, 65536, "a row count");
+  PHI_RETURN_IF_ERROR(fold_rows.status());
+  m->set_decode_attention_fold_rows(*fold_rows);
+  const absl::StatusOr<int> fc1_sms =
+      IntOptionOrEnv(options.decode_fc1_sms, "PHISHARD_DECODE_FC1_SMS", kDecodeFc1SmsDefault,
+                     4096, "an SM count (0: every SM)");
+  PHI_RETURN_IF_ERROR(fc1_sms.status());
+  m->set_decode_fc1_sms(*fc1_sms);
   m->props_name_ = props.name;
   return m;
 }
