@@ -91,4 +91,3 @@ KernelStatus LoadCopyEngineKernelsCuda() {
 }
 
 }  // namespace phishard
-

@@ -109,4 +109,3 @@ KernelStatus LoadCustomAllReduceKernelsCuda() {
 }
 
 }  // namespace phishard
-

@@ -64,4 +64,3 @@ KernelStatus CustomAllReduceCuda(const CustomAllReduceParams& p, cudaStream_t st
 KernelStatus LoadCustomAllReduceKernelsCuda();
 
 }  // namespace phishard
-
