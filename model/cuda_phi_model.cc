@@ -67,9 +67,11 @@ absl::StatusOr<DataType> ResolveDtype(const std::string& requested, const PhiCon
 }
 
 // `option` when >= 0; else the environment variable `name` when set (an integer in [0, max],
-// INVALID_ARGUMENT naming it and `what` otherwise); else `fallback`.
-absl::StatusOr<int> IntOptionOrEnv(int option, const char* name, int fallback, int max,
-                                   const char* what) {
+// INVALID_ARGUMENT naming it and `what` otherwise); else `fallback`. (The variable's name comes
+// first: tests/deploy/check_deploy.py finds the variables the code reads as the first argument
+// of calls named ...Env.)
+absl::StatusOr<int> OptionOrEnv(const char* name, int option, int fallback, int max,
+                                const char* what) {
   if (option >= 0) return option;
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -358,13 +360,13 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   PHI_RETURN_IF_ERROR(mega.status());
   PHI_RETURN_IF_ERROR(m->set_decode_megakernel(*mega != 0));
   const absl::StatusOr<int> fold_rows =
-      IntOptionOrEnv(options.decode_attention_fold_rows, "PHISHARD_DECODE_ATTENTION_FOLD",
-                     kDecodeAttentionFoldRowsDefault, 65536, "a row count");
+      OptionOrEnv("PHISHARD_DECODE_ATTENTION_FOLD", options.decode_attention_fold_rows,
+                  kDecodeAttentionFoldRowsDefault, 65536, "a row count");
   PHI_RETURN_IF_ERROR(fold_rows.status());
   m->set_decode_attention_fold_rows(*fold_rows);
   const absl::StatusOr<int> fc1_sms =
-      IntOptionOrEnv(options.decode_fc1_sms, "PHISHARD_DECODE_FC1_SMS", kDecodeFc1SmsDefault,
-                     4096, "an SM count (0: every SM)");
+      OptionOrEnv("PHISHARD_DECODE_FC1_SMS", options.decode_fc1_sms, kDecodeFc1SmsDefault, 4096,
+                  "an SM count (0: every SM)");
   PHI_RETURN_IF_ERROR(fc1_sms.status());
   m->set_decode_fc1_sms(*fc1_sms);
   m->props_name_ = props.name;
