@@ -14,6 +14,7 @@
 #include "model/bpe_model.h"
 #include "model/bpe_post_processor.h"
 #include "model/bpe_pretokenizer.h"
+#include "model/bpe_slow_files.h"
 #include "model/bpe_utf8.h"
 #include "model/json_depth.h"
 #include "model/text_file.h"
@@ -483,14 +484,38 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::filesys
     *out = *std::move(text);
     return absl::OkStatus();
   };
+  auto exists = [&](const char* name) {
+    std::error_code ec;
+    return std::filesystem::exists(dir / name, ec);
+  };
   std::string tokenizer_json, config_json, special_map_json;
-  if (absl::Status s = read(dir / "tokenizer.json", &tokenizer_json); !s.ok()) return s;
   for (auto [name, text] :
        {std::pair{kConfigFile, &config_json}, std::pair{kSpecialMapFile, &special_map_json}}) {
-    std::error_code ec;
-    if (std::filesystem::exists(dir / name, ec)) {
+    if (exists(name)) {
       if (absl::Status s = read(dir / name, text); !s.ok()) return s;
     }
+  }
+  if (!exists("tokenizer.json") && exists("vocab.json") && exists("merges.txt")) {
+    // Only the slow tokenizer's files: the tokenizer.json transformers converts them to
+    // (model/bpe_slow_files.h).
+    std::string vocab, merges, added;
+    if (absl::Status s = read(dir / "vocab.json", &vocab); !s.ok()) return s;
+    if (absl::Status s = read(dir / "merges.txt", &merges); !s.ok()) return s;
+    if (exists("added_tokens.json")) {
+      if (absl::Status s = read(dir / "added_tokens.json", &added); !s.ok()) return s;
+    }
+    absl::StatusOr<SlowFilesJson> converted =
+        TokenizerJsonFromSlowFiles(vocab, merges, added, config_json, special_map_json);
+    if (!converted.ok()) {
+      return absl::Status(converted.status().code(),
+                          absl::StrCat(dir.string(), ": ", converted.status().message()));
+    }
+    tokenizer_json = std::move(converted->tokenizer_json);
+    config_json = std::move(converted->tokenizer_config_json);
+  } else if (absl::Status s = read(dir / "tokenizer.json", &tokenizer_json); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat(s.message(),
+                                               " (a tokenizer needs tokenizer.json, or the slow "
+                                               "tokenizer's vocab.json and merges.txt)"));
   }
   absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
       FromJson(tokenizer_json, config_json, special_map_json);

@@ -25,6 +25,8 @@ class Tokenizer {
   // DIR/special_tokens_map.json (special tokens; read only when tokenizer_config.json has no
   // added_tokens_decoder, and then it wins, as in transformers). A named special token that is
   // in neither model.vocab nor the added tokens is added with a new id, as transformers does.
+  // Without tokenizer.json, the slow tokenizer's vocab.json + merges.txt (+ added_tokens.json)
+  // are converted as transformers does (model/bpe_slow_files.h).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromDir(const std::filesystem::path& dir);
   // `tokenizer_config_json` and `special_tokens_map_json` may be empty (no such file).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(

@@ -1,0 +1,187 @@
+#include "model/bpe_slow_files.h"
+
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "model/bpe_json.h"
+#include "model/json_depth.h"
+
+namespace phishard {
+namespace {
+
+using bpe_json::Json;
+using bpe_json::Sv;
+
+absl::StatusOr<Json> ParseObject(std::string_view text, std::string_view file) {
+  if (text.empty()) return Json::object();
+  if (absl::Status s = CheckJsonNesting(text, file); !s.ok()) return s;
+  try {
+    Json j = Json::parse(text.begin(), text.end());
+    if (!j.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(Sv(file), ": expected an object, got ", j.type_name()));
+    }
+    return j;
+  } catch (const Json::parse_error& e) {
+    return absl::InvalidArgumentError(absl::StrCat(Sv(file), ": not valid JSON: ", e.what()));
+  }
+}
+
+// A special-token entry's text: a string, or an AddedToken object's "content"; "" otherwise.
+std::string TokenText(const Json* v) {
+  if (v == nullptr) return "";
+  if (v->is_string()) return v->get<std::string>();
+  if (const Json* c = bpe_json::Find(*v, "content"); c != nullptr && c->is_string()) {
+    return c->get<std::string>();
+  }
+  return "";
+}
+
+// The slow tokenizer classes' default special tokens (CodeGenTokenizer's and GPT2Tokenizer's
+// bos / eos / unk), used for the names neither file mentions.
+constexpr char kClassDefaultSpecial[] = "<|endoftext|>";
+
+// The named special tokens' texts of tokenizer_config.json and special_tokens_map.json, and the
+// class default for bos / eos / unk when neither file has the key (a key set to null has none).
+std::set<std::string> NamedSpecialTexts(const Json& config, const Json& special_map) {
+  std::set<std::string> out;
+  for (const char* key : {"bos_token", "eos_token", "unk_token"}) {
+    if (!config.contains(key) && !special_map.contains(key)) out.insert(kClassDefaultSpecial);
+  }
+  for (const Json* file : {&config, &special_map}) {
+    for (const char* key : {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                            "cls_token", "mask_token"}) {
+      if (std::string t = TokenText(bpe_json::Find(*file, key)); !t.empty()) out.insert(t);
+    }
+    if (const Json* extra = bpe_json::Find(*file, "additional_special_tokens");
+        extra != nullptr && extra->is_array()) {
+      for (const Json& e : *extra) {
+        if (std::string t = TokenText(&e); !t.empty()) out.insert(t);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_json,
+                                                         std::string_view merges_txt,
+                                                         std::string_view added_tokens_json,
+                                                         std::string_view tokenizer_config_json,
+                                                         std::string_view special_tokens_map_json) {
+  absl::StatusOr<Json> vocab = ParseObject(vocab_json, "vocab.json");
+  if (!vocab.ok()) return vocab.status();
+  absl::StatusOr<Json> added = ParseObject(added_tokens_json, "added_tokens.json");
+  if (!added.ok()) return added.status();
+  absl::StatusOr<Json> config = ParseObject(tokenizer_config_json, "tokenizer_config.json");
+  if (!config.ok()) return config.status();
+  absl::StatusOr<Json> special_map =
+      ParseObject(special_tokens_map_json, "special_tokens_map.json");
+  if (!special_map.ok()) return special_map.status();
+
+  // merges.txt as transformers' GPT2Tokenizer reads it: read().split("\n")[1:-1], each line
+  // split on whitespace into the pair (blank lines carry no merge).
+  std::vector<absl::string_view> lines = absl::StrSplit(Sv(merges_txt), '\n');
+  Json merges = Json::array();
+  for (size_t i = 1; i + 1 < lines.size(); ++i) {
+    std::vector<absl::string_view> parts =
+        absl::StrSplit(lines[i], absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
+    if (parts.empty()) continue;
+    if (parts.size() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "merges.txt line ", i + 1, ": expected two tokens separated by a space, got \"",
+          lines[i], "\""));
+    }
+    merges.push_back(absl::StrCat(parts[0], " ", parts[1]));
+  }
+
+  absl::StatusOr<bool> prefix =
+      bpe_json::Bool(*config, "add_prefix_space", false, "tokenizer_config");
+  if (!prefix.ok()) return prefix.status();
+  absl::StatusOr<bool> add_bos = bpe_json::Bool(*config, "add_bos_token", false, "tokenizer_config");
+  if (!add_bos.ok()) return add_bos.status();
+
+  Json doc = Json::object();
+  doc["version"] = "1.0";
+  doc["normalizer"] = nullptr;
+  doc["model"] = {{"type", "BPE"},
+                  {"dropout", nullptr},
+                  {"unk_token", nullptr},
+                  {"continuing_subword_prefix", ""},
+                  {"end_of_word_suffix", ""},
+                  {"fuse_unk", false},
+                  {"byte_fallback", false},
+                  {"vocab", *vocab},
+                  {"merges", merges}};
+  doc["pre_tokenizer"] = {{"type", "ByteLevel"},
+                          {"add_prefix_space", *prefix},
+                          {"trim_offsets", true},
+                          {"use_regex", true}};
+  doc["decoder"] = {{"type", "ByteLevel"},
+                    {"add_prefix_space", true},
+                    {"trim_offsets", true},
+                    {"use_regex", true}};
+  if (*add_bos) {
+    const std::string bos = TokenText(bpe_json::Find(*config, "bos_token"));
+    const Json* id = bos.empty() ? nullptr : bpe_json::Find(*vocab, bos);
+    if (id == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tokenizer_config.json: add_bos_token is true but bos_token \"", bos,
+          "\" is not in vocab.json"));
+    }
+    doc["post_processor"] = {
+        {"type", "TemplateProcessing"},
+        {"single",
+         Json::array({{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}},
+                      {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
+        {"pair",
+         Json::array({{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}},
+                      {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                      {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}})},
+        {"special_tokens",
+         {{bos, {{"id", bos}, {"ids", Json::array({*id})}, {"tokens", Json::array({bos})}}}}}};
+  } else {
+    doc["post_processor"] = {{"type", "ByteLevel"},
+                             {"add_prefix_space", true},
+                             {"trim_offsets", false},
+                             {"use_regex", true}};
+  }
+  const std::set<std::string> named = NamedSpecialTexts(*config, *special_map);
+  Json list = Json::array();
+  for (const auto& [content, id] : added->items()) {
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+        id.get<int64_t>() >= (int64_t{1} << 31)) {
+      return absl::InvalidArgumentError(absl::StrCat("added_tokens.json[\"", content,
+                                                     "\"]: expected a token id, got ", id.dump()));
+    }
+    const bool special = named.count(content) > 0;
+    list.push_back({{"id", id},
+                    {"content", content},
+                    {"single_word", false},
+                    {"lstrip", false},
+                    {"rstrip", false},
+                    {"normalized", !special},
+                    {"special", special}});
+  }
+  doc["added_tokens"] = list;
+  // The class defaults as if tokenizer_config.json named them: FromJson then adds them as it
+  // adds any named special token (a vocabulary token keeps its id, other text gets a new one).
+  Json amended = *config;
+  for (const char* key : {"bos_token", "eos_token", "unk_token"}) {
+    if (!config->contains(key) && !special_map->contains(key)) amended[key] = kClassDefaultSpecial;
+  }
+  try {
+    return SlowFilesJson{doc.dump(), amended.dump()};
+  } catch (const Json::type_error& e) {  // text that is not UTF-8 (merges.txt is read as bytes)
+    return absl::InvalidArgumentError(
+        absl::StrCat("merges.txt: a merge is not valid UTF-8 (", e.what(), ")"));
+  }
+}
+
+}  // namespace phishard

@@ -1,0 +1,204 @@
+// Tokenizers saved as the slow tokenizer's files only (vocab.json + merges.txt, optionally
+// added_tokens.json; no tokenizer.json), converted as transformers' GPT2Converter does
+// (model/bpe_slow_files.h). The phi-2 and gpt2 fixtures are written out in that form from their
+// tokenizer.json (the model's vocab and merges, phi-2's added_tokens.json and configs as they are)
+// and must encode every golden vector as the tokenizer.json does; the small cases pin
+// transformers' reading of merges.txt, the ByteLevel options and the errors. Every expected value
+// was checked with CodeGenTokenizerFast.from_pretrained on the same slow-only folders
+// (transformers 4.46.3, tokenizers 0.20.3: tools/hf_slow_tokenizer_check.py), which converts them
+// with GPT2Converter: 0 mismatches on the phi-2 (109) and gpt2 (142) vectors.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "model/bpe_slow_files.h"
+#include "model/tokenizer.h"
+#include "nlohmann/json.hpp"
+
+namespace phishard {
+namespace {
+
+using Json = nlohmann::json;
+namespace fs = std::filesystem;
+
+const fs::path kTokData = fs::path(PHISHARD_TESTDATA) / "tokenizers";
+
+std::string ReadFile(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in.good()) << path;
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void WriteFile(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+// A fresh folder under the test's temp dir.
+fs::path TempDir(const std::string& name) {
+  const fs::path dir = fs::path(testing::TempDir()) / ("slow_files_" + name);
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+// `src`'s tokenizer.json written as vocab.json + merges.txt (with the "#version" header) in a new
+// folder, with `copies` of src's other files.
+fs::path SlowCopy(const std::string& name, const std::vector<std::string>& copies) {
+  const fs::path src = kTokData / name;
+  const Json tj = Json::parse(ReadFile(src / "tokenizer.json"));
+  const fs::path dir = TempDir(name);
+  WriteFile(dir / "vocab.json", tj.at("model").at("vocab").dump());
+  std::string merges = "#version: 0.2\n";
+  for (const Json& m : tj.at("model").at("merges")) {
+    merges += m.is_string() ? m.get<std::string>()
+                            : m[0].get<std::string>() + " " + m[1].get<std::string>();
+    merges += "\n";
+  }
+  WriteFile(dir / "merges.txt", merges);
+  for (const std::string& f : copies) fs::copy_file(src / f, dir / f);
+  return dir;
+}
+
+std::unique_ptr<Tokenizer> Load(const fs::path& dir) {
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromDir(dir);
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? *std::move(t) : nullptr;
+}
+
+// Every golden vector of fixture `name` (as tokenizer_test.cc reads them): the converted slow
+// files give the vector's ids, and the same ids and decodes as the tokenizer.json.
+void ExpectSameAsTokenizerJson(const std::string& name, const Tokenizer& slow) {
+  std::unique_ptr<Tokenizer> fast = Load(kTokData / name);
+  ASSERT_TRUE(fast);
+  EXPECT_EQ(slow.vocab_size(), fast->vocab_size());
+  EXPECT_EQ(slow.eos_token_id(), fast->eos_token_id());
+  int checked = 0;
+  for (const auto& entry : fs::directory_iterator(kTokData / name / "vectors")) {
+    if (entry.path().extension() != ".jsonl") continue;
+    std::ifstream in(entry.path());
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty()) continue;
+      const Json v = Json::parse(line);
+      std::string text = v.at("text").get<std::string>();
+      if (v.value("add_prefix_space", false)) text = " " + text;
+      const std::vector<int32_t> want = v.at("ids").get<std::vector<int32_t>>();
+      const std::vector<int32_t> got = slow.Encode(text);
+      EXPECT_EQ(got, want) << entry.path().filename() << ": " << text;
+      EXPECT_EQ(slow.EncodeWithSpecialTokens(text), fast->EncodeWithSpecialTokens(text));
+      EXPECT_EQ(slow.Decode(want, false), fast->Decode(want, false));
+      EXPECT_EQ(slow.Decode(want, true), fast->Decode(want, true));
+      ++checked;
+    }
+  }
+  std::printf("[slow files] %s: %d vectors\n", name.c_str(), checked);
+  EXPECT_GT(checked, 100);
+}
+
+TEST(TokenizerSlowFiles, Phi2MatchesItsTokenizerJson) {
+  const fs::path dir = SlowCopy(
+      "phi-2", {"added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"});
+  std::unique_ptr<Tokenizer> slow = Load(dir);
+  ASSERT_TRUE(slow);
+  ExpectSameAsTokenizerJson("phi-2", *slow);
+  // The whitespace runs of added_tokens.json (50257-50294) are whole tokens; <|endoftext|> is
+  // special.
+  EXPECT_EQ(slow->Encode("a    b"), (std::vector<int32_t>{64, 50284, 65}));
+  EXPECT_TRUE(slow->IsSpecial(50256));
+  EXPECT_FALSE(slow->IsSpecial(50284));
+}
+
+TEST(TokenizerSlowFiles, Gpt2VocabAndMergesOnly) {
+  std::unique_ptr<Tokenizer> slow = Load(SlowCopy("gpt2", {}));
+  ASSERT_TRUE(slow);
+  ExpectSameAsTokenizerJson("gpt2", *slow);
+}
+
+// A small byte-level vocabulary: "a", "b", "ab", "Ġ", "Ġa", "<s>".
+constexpr char kVocab[] = R"({"a": 0, "b": 1, "ab": 2, "Ġ": 3, "Ġa": 4, "<s>": 5})";
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Small(const std::string& merges,
+                                                 const std::string& config = "",
+                                                 const std::string& added = "") {
+  absl::StatusOr<SlowFilesJson> json = TokenizerJsonFromSlowFiles(kVocab, merges, added, config, "");
+  if (!json.ok()) return json.status();
+  return Tokenizer::FromJson(json->tokenizer_json, json->tokenizer_config_json);
+}
+
+TEST(TokenizerSlowFiles, ReadsMergesTxtAsTransformersDoes) {
+  // Line 0 is dropped (the "#version" header: also when it is a merge), and so is the text after
+  // the last newline; \r is ignored, and so are blank lines (transformers fails on those).
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t = Small("#version: 0.2\na b\r\n\nĠ a\n");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("ab a"), (std::vector<int32_t>{2, 4}));
+  t = Small("a b\nĠ a\n");  // no header: "a b" is line 0
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("ab a"), (std::vector<int32_t>{0, 1, 4}));
+  t = Small("#version: 0.2\na b\nĠ a");  // no final newline: "Ġ a" is dropped
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("ab a"), (std::vector<int32_t>{2, 3, 0}));
+}
+
+TEST(TokenizerSlowFiles, PrefixSpaceBosTemplateAndAddedTokens) {
+  const std::string merges = "#version: 0.2\na b\nĠ a\n";
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t = Small(merges, R"({"add_prefix_space": true})");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("a"), (std::vector<int32_t>{4}));
+  t = Small(merges, R"({"add_bos_token": true, "bos_token": "<s>"})");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("ab"), (std::vector<int32_t>{2}));
+  EXPECT_EQ((*t)->EncodeWithSpecialTokens("ab"), (std::vector<int32_t>{5, 2}));
+  // added_tokens.json: a named special token is special, any other added token is not; bos and
+  // unk default to "<|endoftext|>", which this vocabulary lacks: a new special token, id 8
+  // (transformers: all_special_ids [8, 6]).
+  t = Small(merges, R"({"eos_token": "<e>"})", R"({"<e>": 6, "bb": 7})");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("abb<e>"), (std::vector<int32_t>{0, 7, 6}));
+  EXPECT_TRUE((*t)->IsSpecial(6));
+  EXPECT_FALSE((*t)->IsSpecial(7));
+  EXPECT_TRUE((*t)->IsSpecial(8));
+  EXPECT_EQ((*t)->Encode("<|endoftext|>"), (std::vector<int32_t>{8}));
+  EXPECT_EQ((*t)->eos_token_id(), 6);
+}
+
+TEST(TokenizerSlowFiles, BadFilesNameTheFileAndEntry) {
+  struct Case {
+    std::string vocab, merges, added, config, want;
+  };
+  const std::string merges = "#version: 0.2\na b\n";
+  const Case cases[] = {
+      {"[1]", merges, "", "", "vocab.json: expected an object"},
+      {"{", merges, "", "", "vocab.json: not valid JSON"},
+      {kVocab, "#v\na b c\n", "", "", "merges.txt line 2"},
+      {kVocab, merges, R"({"x": -1})", "", "added_tokens.json[\"x\"]"},
+      {kVocab, merges, "", R"({"add_bos_token": true, "bos_token": "<bos>"})", "bos_token \"<bos>\""},
+      {kVocab, merges, "", R"({"add_prefix_space": "yes"})", "add_prefix_space"},
+      {kVocab, "#v\na \xff\n", "", "", "merges.txt: a merge is not valid UTF-8"},
+  };
+  for (const Case& c : cases) {
+    absl::StatusOr<SlowFilesJson> json =
+        TokenizerJsonFromSlowFiles(c.vocab, c.merges, c.added, c.config, "");
+    ASSERT_FALSE(json.ok()) << c.want;
+    EXPECT_EQ(json.status().code(), absl::StatusCode::kInvalidArgument) << json.status();
+    EXPECT_NE(json.status().message().find(c.want), std::string::npos) << json.status();
+  }
+  // A folder with neither tokenizer.json nor vocab.json + merges.txt.
+  const fs::path dir = TempDir("only_vocab");
+  WriteFile(dir / "vocab.json", kVocab);
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromDir(dir);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("vocab.json and merges.txt"), std::string::npos)
+      << t.status();
+}
+
+}  // namespace
+}  // namespace phishard

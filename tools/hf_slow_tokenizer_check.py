@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""What transformers makes of tokenizers saved as slow files only (vocab.json + merges.txt, no
+tokenizer.json): the reference for tests/model/tokenizer_slow_files_test.cc. Needs transformers
+and tokenizers (no torch), e.g. `pip install transformers==4.46.3 tokenizers==0.20.3 protobuf`.
+Run from the repository root: python3 tools/hf_slow_tokenizer_check.py
+Prints, for testdata/tokenizers/{phi-2,gpt2} written out as slow files, the mismatches against
+their golden vectors, then the ids of the test's small cases."""
+import json, os, shutil, tempfile, glob
+from transformers import CodeGenTokenizerFast, AutoTokenizer
+src=os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'testdata', 'tokenizers')
+def slow_copy(name, copies):
+    d=tempfile.mkdtemp()
+    tj=json.load(open(f'{src}/{name}/tokenizer.json'))
+    json.dump(tj['model']['vocab'], open(f'{d}/vocab.json','w'))
+    with open(f'{d}/merges.txt','w') as f:
+        f.write('#version: 0.2\n')
+        for m in tj['model']['merges']:
+            f.write((m if isinstance(m,str) else ' '.join(m))+'\n')
+    for c in copies: shutil.copy(f'{src}/{name}/{c}', d)
+    return d
+for name, copies in [('phi-2',['added_tokens.json','tokenizer_config.json','special_tokens_map.json']),('gpt2',[])]:
+    d=slow_copy(name,copies)
+    tok=CodeGenTokenizerFast.from_pretrained(d)
+    bad=n=0
+    for f in glob.glob(f'{src}/{name}/vectors/*.jsonl'):
+        for line in open(f):
+            if not line.strip(): continue
+            v=json.loads(line); t=v['text']
+            if v.get('add_prefix_space'): t=' '+t
+            ids=tok(t, add_special_tokens=False)['input_ids']
+            n+=1
+            if ids!=v['ids']: bad+=1; print(name,'MISMATCH',repr(t)[:60], ids[:10], v['ids'][:10])
+    print(name, 'vectors', n, 'mismatches', bad, 'eos', tok.eos_token_id, 'vocab', len(tok), tok.encode('<|endoftext|> Hello'), tok.encode('a    b'))
+# small cases
+d=tempfile.mkdtemp()
+json.dump({"a": 0, "b": 1, "ab": 2, "Ġ": 3, "Ġa": 4, "<s>": 5}, open(f'{d}/vocab.json','w'))
+def small(merges, cfg=None, added=None):
+    open(f'{d}/merges.txt','w').write(merges)
+    for fn in ['tokenizer_config.json','added_tokens.json','tokenizer.json']:
+        if os.path.exists(f'{d}/{fn}'): os.remove(f'{d}/{fn}')
+    if cfg: json.dump(cfg, open(f'{d}/tokenizer_config.json','w'))
+    if added: json.dump(added, open(f'{d}/added_tokens.json','w'))
+    return CodeGenTokenizerFast.from_pretrained(d)
+print('hdr', small('#version: 0.2\na b\r\nĠ a\n').encode('ab a'))
+print('nohdr', small('a b\nĠ a\n').encode('ab a'))
+print('nofinalnl', small('#version: 0.2\na b\nĠ a').encode('ab a'))
+print('prefix', small('#version: 0.2\na b\nĠ a\n', {"add_prefix_space": True}).encode('a'))
+t=small('#version: 0.2\na b\nĠ a\n', {"eos_token": "<e>"}, {"<e>": 6, "bb": 7})
+print('added', t.encode('abb<e>', add_special_tokens=False), t.all_special_ids, t.eos_token_id)
