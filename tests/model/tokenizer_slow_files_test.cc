@@ -13,11 +13,11 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "model/bpe_slow_files.h"
+#include "model/text_file.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 
@@ -30,11 +30,9 @@ namespace fs = std::filesystem;
 const fs::path kTokData = fs::path(PHISHARD_TESTDATA) / "tokenizers";
 
 std::string ReadFile(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  EXPECT_TRUE(in.good()) << path;
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
+  absl::StatusOr<std::string> text = ReadTextFile(path);
+  EXPECT_TRUE(text.ok()) << text.status();
+  return text.value_or("");
 }
 
 void WriteFile(const fs::path& path, const std::string& text) {
