@@ -7,7 +7,6 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/strings/strip.h"
 #include "model/bpe_json.h"
 #include "model/json_depth.h"
 
@@ -17,8 +16,13 @@ namespace {
 using bpe_json::Json;
 using bpe_json::Sv;
 
-absl::StatusOr<Json> ParseObject(std::string_view text, std::string_view file) {
-  if (text.empty()) return Json::object();
+// An optional file's "" (absent) is an empty object; a required one's is an error.
+absl::StatusOr<Json> ParseObject(std::string_view text, std::string_view file,
+                                 bool optional = true) {
+  if (text.empty()) {
+    if (optional) return Json::object();
+    return absl::InvalidArgumentError(absl::StrCat(Sv(file), ": empty"));
+  }
   if (absl::Status s = CheckJsonNesting(text, file); !s.ok()) return s;
   try {
     Json j = Json::parse(text.begin(), text.end());
@@ -75,7 +79,7 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
                                                          std::string_view added_tokens_json,
                                                          std::string_view tokenizer_config_json,
                                                          std::string_view special_tokens_map_json) {
-  absl::StatusOr<Json> vocab = ParseObject(vocab_json, "vocab.json");
+  absl::StatusOr<Json> vocab = ParseObject(vocab_json, "vocab.json", /*optional=*/false);
   if (!vocab.ok()) return vocab.status();
   absl::StatusOr<Json> added = ParseObject(added_tokens_json, "added_tokens.json");
   if (!added.ok()) return added.status();

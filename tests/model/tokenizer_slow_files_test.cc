@@ -176,6 +176,7 @@ TEST(TokenizerSlowFiles, BadFilesNameTheFileAndEntry) {
   const Case cases[] = {
       {"[1]", merges, "", "", "vocab.json: expected an object"},
       {"{", merges, "", "", "vocab.json: not valid JSON"},
+      {"", merges, "", "", "vocab.json: empty"},
       {kVocab, "#v\na b c\n", "", "", "merges.txt line 2"},
       {kVocab, merges, R"({"x": -1})", "", "added_tokens.json[\"x\"]"},
       {kVocab, merges, "", R"({"add_bos_token": true, "bos_token": "<bos>"})", "bos_token \"<bos>\""},
