@@ -23,8 +23,8 @@ inline void AttnVariantSweep(CudaPhiModel& m, Bench& bench, const std::string& c
     settings.push_back(
         {absl::StrFormat("attn%d", v), [&m, v] { BENCH_OK(m.set_decode_attention_variant(v)); }});
   }
-  SettingSweep(bench, "decode attention variant sweep", "--attn-variant-cases", cases, mode,
-               rounds, settings, rows);
+  SettingSweep(bench, "decode attention variant sweep", "--attn-variant-cases", cases, mode, rounds,
+               settings, rows);
   BENCH_OK(m.set_decode_attention_variant(start));
 }
 

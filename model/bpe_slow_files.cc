@@ -98,9 +98,9 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
         absl::StrSplit(lines[i], absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
     if (parts.empty()) continue;
     if (parts.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "merges.txt line ", i + 1, ": expected two tokens separated by a space, got \"",
-          lines[i], "\""));
+      return absl::InvalidArgumentError(
+          absl::StrCat("merges.txt line ", i + 1,
+                       ": expected two tokens separated by a space, got \"", lines[i], "\""));
     }
     merges.push_back(absl::StrCat(parts[0], " ", parts[1]));
   }
@@ -108,7 +108,8 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
   absl::StatusOr<bool> prefix =
       bpe_json::Bool(*config, "add_prefix_space", false, "tokenizer_config");
   if (!prefix.ok()) return prefix.status();
-  absl::StatusOr<bool> add_bos = bpe_json::Bool(*config, "add_bos_token", false, "tokenizer_config");
+  absl::StatusOr<bool> add_bos =
+      bpe_json::Bool(*config, "add_bos_token", false, "tokenizer_config");
   if (!add_bos.ok()) return add_bos.status();
 
   Json doc = Json::object();
@@ -135,19 +136,17 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
     const std::string bos = TokenText(bpe_json::Find(*config, "bos_token"));
     const Json* id = bos.empty() ? nullptr : bpe_json::Find(*vocab, bos);
     if (id == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tokenizer_config.json: add_bos_token is true but bos_token \"", bos,
-          "\" is not in vocab.json"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tokenizer_config.json: add_bos_token is true but bos_token \"", bos,
+                       "\" is not in vocab.json"));
     }
     doc["post_processor"] = {
         {"type", "TemplateProcessing"},
-        {"single",
-         Json::array({{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}},
-                      {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
-        {"pair",
-         Json::array({{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}},
-                      {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
-                      {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}})},
+        {"single", Json::array({{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}},
+                                {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
+        {"pair", Json::array({{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}},
+                              {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                              {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}})},
         {"special_tokens",
          {{bos, {{"id", bos}, {"ids", Json::array({*id})}, {"tokens", Json::array({bos})}}}}}};
   } else {

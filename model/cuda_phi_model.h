@@ -587,7 +587,7 @@ class CudaPhiModel final : public ModelBackend {
   bool bulk_ln_ = false;
   bool mega_on_ = false;                                    // CudaModelOptions::decode_megakernel
   int decode_fold_rows_ = kDecodeAttentionFoldRowsDefault;  // set_decode_attention_fold_rows
-  int fc1_sms_ = kDecodeFc1SmsDefault;  // set_decode_fc1_sms
+  int fc1_sms_ = kDecodeFc1SmsDefault;                      // set_decode_fc1_sms
   int fc1_sms_min_rows_ = kDecodeFc1SmsMinRows, fc1_sms_max_rows_ = kDecodeFc1SmsMaxRows;
   int64_t decode_fold_steps_ = 0;
   int decode_attention_variant_ = 0;  // set_decode_attention_variant

@@ -171,8 +171,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // Base decode steps of fc1_sms_min_rows_..fc1_sms_max_rows_ rows give fc1 on the MLP branch a
   // cuBLASLt SM count target (CudaModelOptions::decode_fc1_sms): more SMs for qkv and the
   // attention grid beside it.
-  const bool fc1_sms = in.decode && !lora && fc1_sms_ > 0 && T >= fc1_sms_min_rows_ &&
-                       T <= fc1_sms_max_rows_;
+  const bool fc1_sms =
+      in.decode && !lora && fc1_sms_ > 0 && T >= fc1_sms_min_rows_ && T <= fc1_sms_max_rows_;
   // The MLP branch's fc1 (and fc2) done before anything after this reads mlp or h.
   auto mlp_join = [&]() -> absl::Status {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));

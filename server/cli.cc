@@ -372,7 +372,7 @@ int RunCli(int argc, char** argv) {
   TokenizeOptions tok;
   CLI::App* t = app.add_subcommand("tokenize", "Print the token ids of a text as JSON");
   t->add_option("--model", tok.model,
-                 "Model directory (tokenizer.json, or vocab.json + merges.txt)")
+                "Model directory (tokenizer.json, or vocab.json + merges.txt)")
       ->required()
       ->envname("PHISHARD_MODEL");
   t->add_option("--text", tok.text, "Text to encode")->required();

@@ -103,8 +103,8 @@ void ExpectSameAsTokenizerJson(const std::string& name, const Tokenizer& slow) {
 }
 
 TEST(TokenizerSlowFiles, Phi2MatchesItsTokenizerJson) {
-  const fs::path dir = SlowCopy(
-      "phi-2", {"added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"});
+  const fs::path dir =
+      SlowCopy("phi-2", {"added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"});
   std::unique_ptr<Tokenizer> slow = Load(dir);
   ASSERT_TRUE(slow);
   ExpectSameAsTokenizerJson("phi-2", *slow);
@@ -127,7 +127,8 @@ constexpr char kVocab[] = R"({"a": 0, "b": 1, "ab": 2, "Ġ": 3, "Ġa": 4, "<s>":
 absl::StatusOr<std::unique_ptr<Tokenizer>> Small(const std::string& merges,
                                                  const std::string& config = "",
                                                  const std::string& added = "") {
-  absl::StatusOr<SlowFilesJson> json = TokenizerJsonFromSlowFiles(kVocab, merges, added, config, "");
+  absl::StatusOr<SlowFilesJson> json =
+      TokenizerJsonFromSlowFiles(kVocab, merges, added, config, "");
   if (!json.ok()) return json.status();
   return Tokenizer::FromJson(json->tokenizer_json, json->tokenizer_config_json);
 }
@@ -179,7 +180,8 @@ TEST(TokenizerSlowFiles, BadFilesNameTheFileAndEntry) {
       {"", merges, "", "", "vocab.json: empty"},
       {kVocab, "#v\na b c\n", "", "", "merges.txt line 2"},
       {kVocab, merges, R"({"x": -1})", "", "added_tokens.json[\"x\"]"},
-      {kVocab, merges, "", R"({"add_bos_token": true, "bos_token": "<bos>"})", "bos_token \"<bos>\""},
+      {kVocab, merges, "", R"({"add_bos_token": true, "bos_token": "<bos>"})",
+       "bos_token \"<bos>\""},
       {kVocab, merges, "", R"({"add_prefix_space": "yes"})", "add_prefix_space"},
       {kVocab, "#v\na \xff\n", "", "", "merges.txt: a merge is not valid UTF-8"},
   };
