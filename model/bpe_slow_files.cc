@@ -155,9 +155,13 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
                              {"trim_offsets", false},
                              {"use_regex", true}};
   }
+  // added_tokens.json is transformers' legacy file: read only when tokenizer_config.json has no
+  // added_tokens_decoder (which then lists the added tokens itself).
   const std::set<std::string> named = NamedSpecialTexts(*config, *special_map);
   Json list = Json::array();
-  for (const auto& [content, id] : added->items()) {
+  const Json none = Json::object();
+  const Json& legacy = config->contains("added_tokens_decoder") ? none : *added;
+  for (const auto& [content, id] : legacy.items()) {
     if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
         id.get<int64_t>() >= (int64_t{1} << 31)) {
       return absl::InvalidArgumentError(absl::StrCat("added_tokens.json[\"", content,

@@ -167,6 +167,19 @@ TEST(TokenizerSlowFiles, PrefixSpaceBosTemplateAndAddedTokens) {
   EXPECT_TRUE((*t)->IsSpecial(8));
   EXPECT_EQ((*t)->Encode("<|endoftext|>"), (std::vector<int32_t>{8}));
   EXPECT_EQ((*t)->eos_token_id(), 6);
+  // With an added_tokens_decoder in tokenizer_config.json, added_tokens.json is not read: "bb" is
+  // two tokens (transformers: [1, 1]).
+  t = Small(merges, R"({"added_tokens_decoder": {}})", R"({"bb": 7})");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("bb"), (std::vector<int32_t>{1, 1}));
+  // The class default bos / eos / unk makes an added_tokens.json entry with its text special
+  // (transformers: added_tokens_decoder[6].special, skipped by decode(skip_special_tokens)).
+  t = Small(merges, "", R"({"<|endoftext|>": 6})");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("<|endoftext|>"), (std::vector<int32_t>{6}));
+  EXPECT_TRUE((*t)->IsSpecial(6));
+  EXPECT_EQ((*t)->Decode({6, 0}, true), "a");
+  EXPECT_EQ((*t)->eos_token_id(), 6);
 }
 
 TEST(TokenizerSlowFiles, BadFilesNameTheFileAndEntry) {
