@@ -25,6 +25,7 @@
 #include <fstream>
 #include <future>
 #include <map>
+#include <regex>
 #include <set>
 #include <sstream>
 #include <string>
@@ -460,7 +461,7 @@ TEST(Security, NoTcpListenerUnlessAskedAndLoopbackByDefault) {
   TempDir dir2;
   DemoShard tcp_shard(dir2, {"--listen-tcp", "0"}, integration::CleanEnv());
   ASSERT_TRUE(tcp_shard.ready) << tcp_shard.process->Logs();
-  EXPECT_NE(tcp_shard.process->out().find("and 127.0.0.1:"), std::string::npos)
+  EXPECT_FALSE(tcp_shard.process->WaitForStdout(std::regex("and 127\\.0\\.0\\.1:")).empty())
       << tcp_shard.process->out();
 }
 

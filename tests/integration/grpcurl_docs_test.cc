@@ -447,13 +447,12 @@ TEST(GrpcurlDocs, EveryDocumentedCommandWorksOverUnixSocketAndTcp) {
                    {"PHISHARD_UDS_PATH", ""},
                    {"PHISHARD_MAX_KV_BLOCKS", ""}});
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
-  std::smatch m;
-  const std::string out = shard.process->out();
-  ASSERT_TRUE(std::regex_search(out, m, std::regex("and 127\\.0\\.0\\.1:([0-9]+)"))) << out;
+  const std::string port = shard.process->WaitForStdout(std::regex("and 127\\.0\\.0\\.1:([0-9]+)"));
+  ASSERT_FALSE(port.empty()) << shard.process->Logs();
 
   const std::vector<Target> targets = {
       {"unix", "unix:" + shard.socket, shard.uds},
-      {"tcp", "127.0.0.1:" + m[1].str(), shard.uds},
+      {"tcp", "127.0.0.1:" + port, shard.uds},
   };
   std::set<std::string> called;
   bool doc_unix = false, doc_tcp = false;

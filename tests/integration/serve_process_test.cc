@@ -457,10 +457,10 @@ TEST(ServeProcess, ListensOnTcpWhenAsked) {
   TempDir dir;
   DemoShard shard(dir, {"--listen-tcp", "0"}, kCleanEnv);  // port 0: any free port
   ASSERT_TRUE(shard.ready) << shard.process->Logs();
-  std::smatch m;
-  const std::string out = shard.process->out();
-  ASSERT_TRUE(std::regex_search(out, m, std::regex("and 127\\.0\\.0\\.1:([0-9]+)"))) << out;
-  auto tcp = ShardClient::Connect("127.0.0.1:" + m[1].str(), 10);
+  // The "listening" line may follow the unix socket's appearance by a few milliseconds.
+  const std::string port = shard.process->WaitForStdout(std::regex("and 127\\.0\\.0\\.1:([0-9]+)"));
+  ASSERT_FALSE(port.empty()) << shard.process->Logs();
+  auto tcp = ShardClient::Connect("127.0.0.1:" + port, 10);
   absl::StatusOr<pb::InfoResponse> info = tcp->Info();
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->block_size(), 16u);

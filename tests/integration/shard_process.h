@@ -15,6 +15,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -171,6 +172,20 @@ class ShardProcess {
     return exited_ ? exit_code_ : -1;
   }
   std::string out() const { return ReadFile(stdout_path_); }
+  // Polls stdout until `re` matches (its first group, or the whole match, is returned); "" when
+  // the process exits first or on timeout. A line logged right after the socket appears may not
+  // be in the file yet when WaitForSocket returns.
+  std::string WaitForStdout(const std::regex& re, double timeout_s = 10) {
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+    while (true) {
+      const std::string text = out();
+      std::smatch m;
+      if (std::regex_search(text, m, re)) return m.size() > 1 ? m[1].str() : m[0].str();
+      if (!running() || std::chrono::steady_clock::now() >= deadline) return "";
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
   std::string err() const { return ReadFile(stderr_path_); }
   std::string Logs() const { return "--- stdout ---\n" + out() + "--- stderr ---\n" + err(); }
 
