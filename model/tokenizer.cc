@@ -368,12 +368,26 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
       bpe_json::Bool(config, "clean_up_tokenization_spaces", false, "tokenizer_config");
   if (!clean_up.ok()) return clean_up.status();
   impl->clean_up = *clean_up;
-  // transformers adds added_tokens_decoder entries missing from tokenizer.json; for tokens in
-  // both, a token is special when either file says so.
+  // The id tokenizers' AddedVocabulary::add_tokens (tokenizers/src/tokenizer/added_vocabulary.rs)
+  // gives a text that is neither an added token nor in model.vocab: the model vocabulary's size or
+  // one past the largest added id, whichever is larger.
+  auto next_added_id = [&]() -> int64_t {
+    const auto count = static_cast<int64_t>(impl->vocab.size());  // get_vocab_size()
+    int64_t max_added = -1;
+    for (const AddedToken& a : added) max_added = std::max<int64_t>(max_added, a.id);
+    return (max_added >= count || count == 0) ? max_added + 1 : count;
+  };
+  // For tokens in both tokenizer.json and added_tokens_decoder, a token is special when either
+  // file says so. Entries tokenizer.json lacks are what transformers (4.46,
+  // PreTrainedTokenizerFast.__init__ `tokens_to_add`) passes to add_tokens in key order, which
+  // numbers them itself, not by the file's key: an added token's text keeps its id, a model.vocab
+  // token takes its vocab id (and becomes an added token), other text the next free id
+  // (tests/model/tokenizer_special_tokens_test.cc, checked against transformers 4.46.3).
   if (const Json* decoder = bpe_json::Find(config, "added_tokens_decoder"); decoder != nullptr) {
     if (!decoder->is_object()) {
       return absl::InvalidArgumentError("tokenizer_config.added_tokens_decoder: not an object");
     }
+    std::vector<AddedToken> missing;  // entries tokenizer.json lacks, by their file key for now
     for (const auto& [key, entry] : decoder->items()) {
       const std::string where =
           absl::StrCat("tokenizer_config.added_tokens_decoder[\"", key, "\"]");
@@ -389,8 +403,36 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
       if (same != added.end()) {
         same->special = same->special || t->special;
       } else {
-        added.push_back(*std::move(t));
+        missing.push_back(*std::move(t));
       }
+    }
+    std::sort(missing.begin(), missing.end(),
+              [](const AddedToken& a, const AddedToken& b) { return a.id < b.id; });
+    for (AddedToken& t : missing) {
+      auto same = std::find_if(added.begin(), added.end(),
+                               [&](const AddedToken& a) { return a.content == t.content; });
+      if (same != added.end()) {  // (transformers keeps such a token special: OR, as above)
+        same->special = same->special || t.special;
+        continue;
+      }
+      const int32_t key = t.id;
+      if (auto it = impl->vocab.find(t.content); it != impl->vocab.end()) {
+        t.id = it->second;
+      } else {
+        const int64_t id = next_added_id();
+        if (id >= (int64_t{1} << 31) - 1) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("tokenizer_config.added_tokens_decoder: \"", t.content,
+                           "\" would get id ", id, ", too large"));
+        }
+        t.id = static_cast<int32_t>(id);
+      }
+      if (t.id != key) {
+        PHI_LOG(WARNING) << "tokenizer_config.added_tokens_decoder[\"" << key << "\"] \""
+                         << t.content << "\" is not in tokenizer.json; added as token id " << t.id
+                         << ", as transformers numbers it";
+      }
+      added.push_back(std::move(t));
     }
   }
   // Named special tokens the tokenizer does not hold as added tokens yet are added, as
@@ -414,10 +456,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
       t.id = it->second;
       appended[t.content] = false;
     } else {
-      const auto count = static_cast<int64_t>(impl->vocab.size());  // get_vocab_size()
-      int64_t max_added = -1;
-      for (const AddedToken& a : added) max_added = std::max<int64_t>(max_added, a.id);
-      const int64_t id = (max_added >= count || count == 0) ? max_added + 1 : count;
+      const int64_t id = next_added_id();
       if (id >= (int64_t{1} << 31) - 1) {
         return absl::InvalidArgumentError(absl::StrCat(n.file, ": ", n.key, ": \"", t.content,
                                                        "\" would get id ", id, ", too large"));

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """What transformers makes of tokenizers saved as slow files only (vocab.json + merges.txt, no
-tokenizer.json): the reference for tests/model/tokenizer_slow_files_test.cc. Needs transformers
+tokenizer.json): the reference for tests/model/tokenizer_slow_files_test.cc; and of
+tokenizer_config.json added_tokens_decoder entries that tokenizer.json lacks (the reference for
+AddedTokensDecoder.* in tests/model/tokenizer_special_tokens_test.cc). Needs transformers
 and tokenizers (no torch), e.g. `pip install transformers==4.46.3 tokenizers==0.20.3 protobuf`.
 Run from the repository root: python3 tools/hf_slow_tokenizer_check.py
 Prints, for testdata/tokenizers/{phi-2,gpt2} written out as slow files, the mismatches against
@@ -52,3 +54,17 @@ print('decoder_present', t.encode('bb', add_special_tokens=False))
 t=small('#version: 0.2\na b\nĠ a\n', None, {"<|endoftext|>": 6})
 print('default_in_added', t.encode('<|endoftext|>', add_special_tokens=False), t.all_special_ids, t.convert_ids_to_tokens(6), 6 in t.all_special_ids)
 print('default_in_added_decode_skip', repr(t.decode([6, 0], skip_special_tokens=True)), t.added_tokens_decoder[6].special, 'eos', t.eos_token_id)
+
+# added_tokens_decoder entries tokenizer.json lacks (phi-2's files plus four entries)
+d=tempfile.mkdtemp()
+for f in ['tokenizer.json','tokenizer_config.json','special_tokens_map.json']: shutil.copy(f'{src}/phi-2/{f}', d)
+c=json.load(open(f'{d}/tokenizer_config.json'))
+flags={"lstrip":False,"normalized":False,"rstrip":False,"single_word":False,"special":True}
+c['added_tokens_decoder']['50400']=dict(flags, content='<new1>')
+c['added_tokens_decoder']['50300']=dict(flags, content='<new0>')
+c['added_tokens_decoder']['50500']=dict(flags, content='Hello')
+c['added_tokens_decoder']['50600']=dict(flags, content='<|endoftext|>', special=False)
+json.dump(c, open(f'{d}/tokenizer_config.json','w'))
+t=CodeGenTokenizerFast.from_pretrained(d)
+print('decoder entries', t.encode('<new0>'), t.encode('<new1>'), t.encode('Hello'), t.encode('<|endoftext|>'), len(t),
+      repr(t.decode([50256, 15496], skip_special_tokens=True)), repr(t.decode([50295, 64], skip_special_tokens=True)), t.eos_token_id)

@@ -262,6 +262,43 @@ TEST(SpecialTokensNotInVocab, Phi2ChatEos) {
   EXPECT_EQ(t->Encode("hi <|im_end|>"), (std::vector<int32_t>{5303, 220, 50295}));
 }
 
+// added_tokens_decoder entries that tokenizer.json lacks are numbered as transformers 4.46.3
+// numbers them (checked by hand on Phi-2's files with these entries): not by their keys but in
+// key order by tokenizers' add_tokens — new text gets the next free id (50295, 50296), a
+// model.vocab token its vocab id (and becomes a special added token), an added token's text its
+// id (still special).
+TEST(AddedTokensDecoder, EntriesTokenizerJsonLacksAreNumberedAsTransformersDoes) {
+  const std::string phi2 = [] {
+    std::ifstream in(kTokData / "phi-2" / "tokenizer.json", std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }();
+  std::ifstream config_in(kTokData / "phi-2" / kConfig);
+  Json config = Json::parse(config_in);
+  const Json flags = Json::parse(
+      R"({"lstrip": false, "normalized": false, "rstrip": false, "single_word": false,
+          "special": true})");
+  auto entry = [&](const std::string& content, bool special) {
+    Json e = flags;
+    e["content"] = content;
+    e["special"] = special;
+    return e;
+  };
+  config["added_tokens_decoder"]["50400"] = entry("<new1>", true);
+  config["added_tokens_decoder"]["50300"] = entry("<new0>", true);
+  config["added_tokens_decoder"]["50500"] = entry("Hello", true);
+  config["added_tokens_decoder"]["50600"] = entry("<|endoftext|>", false);
+  std::unique_ptr<Tokenizer> t = Load(config.dump(), std::nullopt, phi2);
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->Encode("<new0>"), (std::vector<int32_t>{50295}));
+  EXPECT_EQ(t->Encode("<new1>"), (std::vector<int32_t>{50296}));
+  EXPECT_EQ(t->Encode("Hello"), (std::vector<int32_t>{15496}));
+  EXPECT_EQ(t->Encode("<|endoftext|>"), (std::vector<int32_t>{50256}));
+  EXPECT_EQ(t->vocab_size(), 50297);
+  EXPECT_EQ(t->Decode({50256, 15496}, true), "");  // transformers: '' (both special)
+  EXPECT_EQ(t->Decode({50295, 64}, true), "a");
+  ExpectEos(*t, 50256, "<|endoftext|>", kConfig, false);
+}
+
 // ---------------------------------------------------------------- shipped fixtures
 
 TEST(SpecialTokensShippedFixtures, Unchanged) {
