@@ -1,5 +1,6 @@
 #include "model/bpe_slow_files.h"
 
+#include <algorithm>
 #include <set>
 #include <utility>
 #include <vector>
@@ -156,17 +157,35 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
                              {"use_regex", true}};
   }
   // added_tokens.json is transformers' legacy file: read only when tokenizer_config.json has no
-  // added_tokens_decoder (which then lists the added tokens itself).
+  // added_tokens_decoder (which then lists the added tokens itself). Its entries reach the
+  // converted tokenizer through tokenizers' add_tokens, in index order, which numbers them itself:
+  // a vocab.json token keeps its vocab id, other text gets the vocabulary's size or one past the
+  // largest added id, whichever is larger (not the file's index; the same when the indices follow
+  // the vocabulary without gaps, as save_pretrained writes them).
   const std::set<std::string> named = NamedSpecialTexts(*config, *special_map);
-  Json list = Json::array();
-  const Json none = Json::object();
-  const Json& legacy = config->contains("added_tokens_decoder") ? none : *added;
-  for (const auto& [content, id] : legacy.items()) {
-    if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
-        id.get<int64_t>() >= (int64_t{1} << 31)) {
-      return absl::InvalidArgumentError(absl::StrCat("added_tokens.json[\"", content,
-                                                     "\"]: expected a token id, got ", id.dump()));
+  std::vector<std::pair<int64_t, std::string>> entries;  // (index in the file, content)
+  if (!config->contains("added_tokens_decoder")) {
+    for (const auto& [content, id] : added->items()) {
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+          id.get<int64_t>() >= (int64_t{1} << 31)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "added_tokens.json[\"", content, "\"]: expected a token id, got ", id.dump()));
+      }
+      entries.emplace_back(id.get<int64_t>(), content);
     }
+  }
+  std::sort(entries.begin(), entries.end());
+  const auto vocab_size = static_cast<int64_t>(vocab->size());
+  int64_t max_added = -1;
+  Json list = Json::array();
+  for (const auto& [index, content] : entries) {
+    int64_t id;
+    if (const Json* v = bpe_json::Find(*vocab, content); v != nullptr && v->is_number_integer()) {
+      id = v->get<int64_t>();
+    } else {
+      id = (max_added >= vocab_size || vocab_size == 0) ? max_added + 1 : vocab_size;
+    }
+    max_added = std::max(max_added, id);
     const bool special = named.count(content) > 0;
     list.push_back({{"id", id},
                     {"content", content},

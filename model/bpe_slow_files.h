@@ -9,10 +9,12 @@
 //   decoder          ByteLevel;
 //   post_processor   TemplateProcessing "bos $A" when tokenizer_config.json's add_bos_token is
 //                    true (bos_token then must be in the vocabulary), else ByteLevel (no-op);
-//   added_tokens     added_tokens.json's {content: id} entries (transformers' legacy file, read
-//                    only when tokenizer_config.json has no added_tokens_decoder): special when
-//                    the content is one of the named special tokens of tokenizer_config.json /
-//                    special_tokens_map.json, normalized otherwise.
+//   added_tokens     added_tokens.json's {content: index} entries (transformers' legacy file,
+//                    read only when tokenizer_config.json has no added_tokens_decoder), numbered
+//                    as tokenizers' add_tokens numbers them in index order (a vocab token keeps
+//                    its id, other text the next free id): special when the content is one of the
+//                    named special tokens of tokenizer_config.json / special_tokens_map.json (or a
+//                    class default below), normalized otherwise.
 // and the tokenizer_config.json to use with it: the file's, plus bos / eos / unk_token set to the
 // slow classes' default "<|endoftext|>" where neither file has the key (transformers takes the
 // class defaults then; a key set to null has none). transformers' fast CodeGen / GPT2 classes

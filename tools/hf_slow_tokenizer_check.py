@@ -68,3 +68,10 @@ json.dump(c, open(f'{d}/tokenizer_config.json','w'))
 t=CodeGenTokenizerFast.from_pretrained(d)
 print('decoder entries', t.encode('<new0>'), t.encode('<new1>'), t.encode('Hello'), t.encode('<|endoftext|>'), len(t),
       repr(t.decode([50256, 15496], skip_special_tokens=True)), repr(t.decode([50295, 64], skip_special_tokens=True)), t.eos_token_id)
+# added_tokens.json with ids that skip numbers, and one that is a vocabulary token
+d=tempfile.mkdtemp()
+json.dump({"a": 0, "b": 1, "ab": 2, "Ġ": 3, "Ġa": 4, "<s>": 5}, open(f'{d}/vocab.json','w'))
+open(f'{d}/merges.txt','w').write('#version: 0.2\na b\nĠ a\n')
+json.dump({"<y>": 20, "<x>": 10, "ab": 30}, open(f'{d}/added_tokens.json','w'))
+t=CodeGenTokenizerFast.from_pretrained(d)
+print('skipping ids', t.encode('<x>', add_special_tokens=False), t.encode('<y>', add_special_tokens=False), t.encode('ab', add_special_tokens=False), len(t), t.eos_token_id)

@@ -167,6 +167,13 @@ TEST(TokenizerSlowFiles, PrefixSpaceBosTemplateAndAddedTokens) {
   EXPECT_TRUE((*t)->IsSpecial(8));
   EXPECT_EQ((*t)->Encode("<|endoftext|>"), (std::vector<int32_t>{8}));
   EXPECT_EQ((*t)->eos_token_id(), 6);
+  // The file's indices are not the ids: tokenizers numbers the entries in index order, a vocab
+  // token keeps its id (transformers: <x> 6, <y> 7, "ab" 2, eos <|endoftext|> 8).
+  t = Small(merges, "", R"({"<y>": 20, "<x>": 10, "ab": 30})");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("<x><y>ab"), (std::vector<int32_t>{6, 7, 2}));
+  EXPECT_EQ((*t)->vocab_size(), 9);
+  EXPECT_EQ((*t)->eos_token_id(), 8);
   // With an added_tokens_decoder in tokenizer_config.json, added_tokens.json is not read: "bb" is
   // two tokens (transformers: [1, 1]).
   t = Small(merges, R"({"added_tokens_decoder": {}})", R"({"bb": 7})");
