@@ -238,13 +238,15 @@ TEST(SpecialTokensNotInVocab, SeveralGetIdsInTransformersOrder) {
 
 // A Phi-2 chat fine-tune that points eos at a token its tokenizer.json lacks: id 50295, one past
 // Phi-2's largest added token (inside its 51200-row embedding, so it can be served).
+// A file of the shipped Phi-2 tokenizer fixture.
+std::string Phi2File(const std::string& name) {
+  std::ifstream in(kTokData / "phi-2" / name, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
 TEST(SpecialTokensNotInVocab, Phi2ChatEos) {
-  const std::string phi2 = [] {
-    std::ifstream in(kTokData / "phi-2" / "tokenizer.json", std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), {});
-  }();
-  std::ifstream config_in(kTokData / "phi-2" / kConfig);
-  Json config = Json::parse(config_in);
+  const std::string phi2 = Phi2File("tokenizer.json");
+  Json config = Json::parse(Phi2File(kConfig));
   config["eos_token"] = "<|im_end|>";  // Phi-2's real config, added_tokens_decoder included
   std::unique_ptr<Tokenizer> t = Load(config.dump(), std::nullopt, phi2);
   ASSERT_NE(t, nullptr);
@@ -268,12 +270,8 @@ TEST(SpecialTokensNotInVocab, Phi2ChatEos) {
 // model.vocab token its vocab id (and becomes a special added token), an added token's text its
 // id (still special).
 TEST(AddedTokensDecoder, EntriesTokenizerJsonLacksAreNumberedAsTransformersDoes) {
-  const std::string phi2 = [] {
-    std::ifstream in(kTokData / "phi-2" / "tokenizer.json", std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), {});
-  }();
-  std::ifstream config_in(kTokData / "phi-2" / kConfig);
-  Json config = Json::parse(config_in);
+  const std::string phi2 = Phi2File("tokenizer.json");
+  Json config = Json::parse(Phi2File(kConfig));
   const Json flags = Json::parse(
       R"({"lstrip": false, "normalized": false, "rstrip": false, "single_word": false,
           "special": true})");
