@@ -49,6 +49,14 @@ struct Case {
   integration::GoldenGreedy greedy;
 };
 
+// `r` failed with `code`, its message naming `needle`.
+template <typename T>
+void ExpectRefused(const absl::StatusOr<T>& r, absl::StatusCode code, const std::string& needle) {
+  ASSERT_FALSE(r.ok()) << "expected a refusal naming: " << needle;
+  EXPECT_EQ(r.status().code(), code) << r.status();
+  EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status();
+}
+
 const std::vector<Case>& Golden() {
   static const auto* cases = [] {
     auto* out = new std::vector<Case>();
@@ -295,12 +303,9 @@ TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
   }
   absl::StatusOr<pb::PrefillResponse> refused =
       session.Prefill(PrefillOf(52, {Req(802, golden[4], 16)}));
-  ASSERT_FALSE(refused.ok());
-  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_NE(refused.status().message().find("0 of the 4 blocks kept for such requests are free "
-                                            "(--unrouted-kv-blocks"),
-            std::string::npos)
-      << refused.status();
+  ExpectRefused(refused, absl::StatusCode::kResourceExhausted,
+                "0 of the 4 blocks kept for such requests are free "
+                "(--unrouted-kv-blocks");
   EXPECT_EQ(s.KvBlocks("used"), 4);
   // Short golden prompts (3, 11, 10, 1, 2 tokens) with 16 new tokens: 1 or 2 blocks each.
   const std::vector<size_t> short_cases = {0, 1, 2, 4, 5};
@@ -345,31 +350,22 @@ TEST(ServeLimits, RouterBlocksFillThePoolAndTheHealthProbeStillRuns) {
   dup.add_blocks(reqs[3].blocks(0));
   absl::StatusOr<pb::PrefillResponse> bad =
       session.Prefill(PrefillOf(2, {Req(499, golden[4], 2), dup}));
-  ASSERT_FALSE(bad.ok());
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_NE(bad.status().message().find("requests[1].blocks[0] = " +
-                                        std::to_string(reqs[3].blocks(0)) + " is already in use"),
-            std::string::npos)
-      << bad.status();
+  ExpectRefused(
+      bad, absl::StatusCode::kFailedPrecondition,
+      "requests[1].blocks[0] = " + std::to_string(reqs[3].blocks(0)) + " is already in use");
   pb::Request outside = Req(501, golden[4], 2);
   outside.add_blocks(40);
   bad = session.Prefill(PrefillOf(2, {outside}));
-  ASSERT_FALSE(bad.ok());
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(bad.status().message().find("requests[0].blocks[0] = 40 is outside the router's KV "
-                                        "blocks [0, 40) (Warmup reported 640 tokens; blocks "
-                                        "[40, 44) are kept for requests without blocks"),
-            std::string::npos)
-      << bad.status();
+  ExpectRefused(bad, absl::StatusCode::kInvalidArgument,
+                "requests[0].blocks[0] = 40 is outside the router's KV "
+                "blocks [0, 40) (Warmup reported 640 tokens; blocks "
+                "[40, 44) are kept for requests without blocks");
   pb::Request few = Req(502, golden[1], 16);  // 11 + 15 tokens need 2 blocks
   few.add_blocks(0);
   bad = session.Prefill(PrefillOf(2, {few}));
-  ASSERT_FALSE(bad.ok());
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(bad.status().message().find("requests[0].blocks has 1 blocks of 16 tokens, the "
-                                        "request needs 2"),
-            std::string::npos)
-      << bad.status();
+  ExpectRefused(bad, absl::StatusCode::kInvalidArgument,
+                "requests[0].blocks has 1 blocks of 16 tokens, the "
+                "request needs 2");
   EXPECT_EQ(s.KvBlocks("used"), 39 + 4) << "refused batches take nothing";
   // The pokes run to their ends beside the router's batch, exactly as alone.
   for (const pb::CachedBatch& b : pokes) DecodeToTheEnd(session, poked, b);
@@ -431,27 +427,18 @@ TEST(ServeLimits, KvPoolOverflowIsRefusedCleanlyAndTheShardRecovers) {
 
   // Longer than the model's 1024 positions.
   absl::StatusOr<pb::PrefillResponse> r = session.Prefill(PrefillOf(1, {Sized(1, 1000, 25)}));
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(r.status().message().find("requests[0].stopping_parameters.max_new_tokens"),
-            std::string::npos)
-      << r.status();
+  ExpectRefused(r, absl::StatusCode::kInvalidArgument,
+                "requests[0].stopping_parameters.max_new_tokens");
   EXPECT_NE(r.status().message().find("max_position_embeddings 1024"), std::string::npos)
       << r.status();
   // Within the positions, larger than the whole pool (10 + 800 - 1 tokens = 51 blocks > 50).
   r = session.Prefill(PrefillOf(1, {Sized(1, 10, 800)}));
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(r.status().message().find("more than the whole cache (50 blocks"), std::string::npos)
-      << r.status();
+  ExpectRefused(r, absl::StatusCode::kInvalidArgument, "more than the whole cache (50 blocks");
   // Larger than the tail, within the pool (10 + 700 - 1 tokens = 45 blocks > 40): no room.
   r = session.Prefill(PrefillOf(1, {Sized(1, 10, 700)}));
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_NE(r.status().message().find("needs 45 blocks of 16 tokens for its requests without "
-                                      "`blocks`, 40 of the 40 blocks kept"),
-            std::string::npos)
-      << r.status();
+  ExpectRefused(r, absl::StatusCode::kResourceExhausted,
+                "needs 45 blocks of 16 tokens for its requests without "
+                "`blocks`, 40 of the 40 blocks kept");
 
   // A live batch of two golden requests holding 2 x ceil((P + 200 - 1) / 16) blocks.
   Tracker t;
@@ -466,13 +453,10 @@ TEST(ServeLimits, KvPoolOverflowIsRefusedCleanlyAndTheShardRecovers) {
 
   // 14 free: a batch needing 2 x 13 does not fit, and takes nothing.
   r = session.Prefill(PrefillOf(3, {Req(30, a, 200), Req(31, b, 200)}));
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_NE(r.status().message().find("needs 26 blocks of 16 tokens for its requests without "
-                                      "`blocks`, 14 of the 40 blocks kept for such requests are "
-                                      "free"),
-            std::string::npos)
-      << r.status();
+  ExpectRefused(r, absl::StatusCode::kResourceExhausted,
+                "needs 26 blocks of 16 tokens for its requests without "
+                "`blocks`, 14 of the 40 blocks kept for such requests are "
+                "free");
   ASSERT_TRUE(session.ClearCache(uint64_t{3}).ok());  // what the router does after an error
   EXPECT_EQ(s.KvBlocks("used"), 26);
   // One that fits exactly (14 blocks: 3 + 222 - 1 = 224 tokens) is served beside the live batch.
@@ -614,14 +598,10 @@ TEST(ServeLimits, DuplicateIdsAreRefusedWithoutLosingCachedBatches) {
   const double used = s.KvBlocks("used");
   // The same batch id again.
   r = session.Prefill(PrefillOf(1, {Req(6, c, 8)}));
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(r.status().message().find("batch.id = 1"), std::string::npos) << r.status();
+  ExpectRefused(r, absl::StatusCode::kInvalidArgument, "batch.id = 1");
   // The same request id twice in one batch.
   r = session.Prefill(PrefillOf(2, {Req(7, c, 8), Req(7, c, 8)}));
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(r.status().message().find("requests[1].id = 7"), std::string::npos) << r.status();
+  ExpectRefused(r, absl::StatusCode::kInvalidArgument, "requests[1].id = 7");
   EXPECT_EQ(s.KvBlocks("used"), used);
   // Request 5 again in another batch: fine alone, refused when concatenated with batch 1.
   r = session.Prefill(PrefillOf(3, {Req(5, c, 8)}));
@@ -645,11 +625,11 @@ TEST(ServeLimits, DuplicateIdsAreRefusedWithoutLosingCachedBatches) {
   s.ExpectStillServing(9);
 }
 
-// Churn: 2,000 requests of random short golden prompts (1-11 tokens) and lengths (1-16 new tokens, a quarter sampled)
-// through the router's loop (admit what the router's block allocator can place, Prefill, Decode
-// with the running batch, free the blocks of finished requests, FilterBatch / ClearCache) over a
-// pool of 128 blocks, so every block is reused many times. Every greedy request equals its golden,
-// the pool is empty at the end, and the shard still serves.
+// Churn: 2,000 requests of random short golden prompts (1-11 tokens) and lengths (1-16 new tokens,
+// a quarter sampled) through the router's loop (admit what the router's block allocator can place,
+// Prefill, Decode with the running batch, free the blocks of finished requests, FilterBatch /
+// ClearCache) over a pool of 128 blocks, so every block is reused many times. Every greedy request
+// equals its golden, the pool is empty at the end, and the shard still serves.
 TEST(ServeLimits, TwoThousandShortRequestsOfChurnLeakNothing) {
   // 128 blocks for the router's allocator, 4 kept for ExpectStillServing's request without blocks.
   Served s({"--max-kv-blocks", "132", "--unrouted-kv-blocks", "4"}, 128, 256, 256);
