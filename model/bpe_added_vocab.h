@@ -17,6 +17,14 @@
 
 namespace phishard {
 
+// The id tokenizers' AddedVocabulary::add_tokens (tokenizers/src/tokenizer/added_vocabulary.rs)
+// gives a text that is neither an added token nor in the model's vocabulary: the vocabulary's size
+// or one past the largest added id (-1: none yet), whichever is larger.
+inline int64_t NextAddedTokenId(int64_t model_vocab_size, int64_t max_added_id) {
+  return (max_added_id >= model_vocab_size || model_vocab_size == 0) ? max_added_id + 1
+                                                                     : model_vocab_size;
+}
+
 struct AddedToken {
   int32_t id = -1;
   std::string content;

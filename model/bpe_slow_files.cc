@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "model/bpe_added_vocab.h"
 #include "model/bpe_json.h"
 #include "model/json_depth.h"
 
@@ -183,7 +184,7 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
     if (const Json* v = bpe_json::Find(*vocab, content); v != nullptr && v->is_number_integer()) {
       id = v->get<int64_t>();
     } else {
-      id = (max_added >= vocab_size || vocab_size == 0) ? max_added + 1 : vocab_size;
+      id = NextAddedTokenId(vocab_size, max_added);
     }
     max_added = std::max(max_added, id);
     const bool special = named.count(content) > 0;

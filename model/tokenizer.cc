@@ -368,20 +368,21 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
       bpe_json::Bool(config, "clean_up_tokenization_spaces", false, "tokenizer_config");
   if (!clean_up.ok()) return clean_up.status();
   impl->clean_up = *clean_up;
-  // The id tokenizers' AddedVocabulary::add_tokens (tokenizers/src/tokenizer/added_vocabulary.rs)
-  // gives a text that is neither an added token nor in model.vocab: the model vocabulary's size or
-  // one past the largest added id, whichever is larger.
+  bool eos_null = false;
+  absl::StatusOr<std::vector<NamedToken>> named =
+      NamedSpecialTokens(config, special_map->has_value() ? &**special_map : nullptr, &eos_null);
+  if (!named.ok()) return named.status();
   auto next_added_id = [&]() -> int64_t {
-    const auto count = static_cast<int64_t>(impl->vocab.size());  // get_vocab_size()
     int64_t max_added = -1;
     for (const AddedToken& a : added) max_added = std::max<int64_t>(max_added, a.id);
-    return (max_added >= count || count == 0) ? max_added + 1 : count;
+    return NextAddedTokenId(static_cast<int64_t>(impl->vocab.size()), max_added);
   };
   // For tokens in both tokenizer.json and added_tokens_decoder, a token is special when either
   // file says so. Entries tokenizer.json lacks are what transformers (4.46,
   // PreTrainedTokenizerFast.__init__ `tokens_to_add`) passes to add_tokens in key order, which
   // numbers them itself, not by the file's key: an added token's text keeps its id, a model.vocab
-  // token takes its vocab id (and becomes an added token), other text the next free id
+  // token takes its vocab id (and becomes an added token), other text the next free id; special
+  // as the entry says or when a named special token (eos_token, ...) has its text
   // (tests/model/tokenizer_special_tokens_test.cc, checked against transformers 4.46.3).
   if (const Json* decoder = bpe_json::Find(config, "added_tokens_decoder"); decoder != nullptr) {
     if (!decoder->is_object()) {
@@ -415,6 +416,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
         same->special = same->special || t.special;
         continue;
       }
+      // transformers adds these as special when a named special token has their text.
+      t.special = t.special || std::any_of(named->begin(), named->end(), [&](const NamedToken& n) {
+                    return n.token.content == t.content;
+                  });
       const int32_t key = t.id;
       if (auto it = impl->vocab.find(t.content); it != impl->vocab.end()) {
         t.id = it->second;
@@ -441,10 +446,6 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
   // added_vocabulary.rs): a model.vocab token keeps its id; any other text gets a new id, the
   // model vocabulary's size or one past the largest added id, whichever is larger. Checked by
   // hand against transformers 4.46.3 and 5.24.0 (tests/model/tokenizer_special_tokens_test.cc).
-  bool eos_null = false;
-  absl::StatusOr<std::vector<NamedToken>> named =
-      NamedSpecialTokens(config, special_map->has_value() ? &**special_map : nullptr, &eos_null);
-  if (!named.ok()) return named.status();
   absl::flat_hash_map<std::string, bool> appended;  // content -> got a new id
   for (const NamedToken& n : *named) {
     const bool is_added = std::any_of(added.begin(), added.end(), [&](const AddedToken& a) {

@@ -75,3 +75,12 @@ open(f'{d}/merges.txt','w').write('#version: 0.2\na b\nĠ a\n')
 json.dump({"<y>": 20, "<x>": 10, "ab": 30}, open(f'{d}/added_tokens.json','w'))
 t=CodeGenTokenizerFast.from_pretrained(d)
 print('skipping ids', t.encode('<x>', add_special_tokens=False), t.encode('<y>', add_special_tokens=False), t.encode('ab', add_special_tokens=False), len(t), t.eos_token_id)
+# such an entry marked not special but named as the eos
+d=tempfile.mkdtemp()
+for f in ['tokenizer.json','tokenizer_config.json']: shutil.copy(f'{src}/phi-2/{f}', d)
+c=json.load(open(f'{d}/tokenizer_config.json'))
+c['added_tokens_decoder']['50300']=dict(flags, content='<x>', special=False)
+c['eos_token']='<x>'
+json.dump(c, open(f'{d}/tokenizer_config.json','w'))
+t=CodeGenTokenizerFast.from_pretrained(d)
+print('named decoder entry', t.encode('<x>'), t.eos_token_id, t.added_tokens_decoder[t.eos_token_id].special, repr(t.decode([t.eos_token_id, 64], skip_special_tokens=True)))

@@ -295,6 +295,17 @@ TEST(AddedTokensDecoder, EntriesTokenizerJsonLacksAreNumberedAsTransformersDoes)
   EXPECT_EQ(t->Decode({50256, 15496}, true), "");  // transformers: '' (both special)
   EXPECT_EQ(t->Decode({50295, 64}, true), "a");
   ExpectEos(*t, 50256, "<|endoftext|>", kConfig, false);
+  // Such an entry marked not special but named as the eos: special (transformers: 50295, special,
+  // skipped by decode(skip_special_tokens)).
+  config = Json::parse(Phi2File(kConfig));
+  config["added_tokens_decoder"]["50300"] = entry("<x>", false);
+  config["eos_token"] = "<x>";
+  t = Load(config.dump(), std::nullopt, phi2);
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->Encode("<x>"), (std::vector<int32_t>{50295}));
+  EXPECT_TRUE(t->IsSpecial(50295));
+  EXPECT_EQ(t->Decode({50295, 64}, true), "a");
+  ExpectEos(*t, 50295, "<x>", kConfig, false);
 }
 
 // ---------------------------------------------------------------- shipped fixtures
