@@ -218,6 +218,13 @@ int Main(int argc, char** argv) {
                  "(set_decode_fc1_sms, applied to every step size 1-256 here), alternated");
   app.add_option("--fc1-sms-cases", fc1_sms_cases, "BATCHxCTX decode steps of it");
   app.add_option("--fc1-sms", fc1_sms_list, "SM count targets, comma-separated (0: every SM)");
+  int dense_bulk_rounds = 0;
+  std::string dense_bulk_cases = "1x1024,2x1024,4x1024,1x4096", dense_bulk_list = "0,1";
+  app.add_option("--dense-bulk-rounds", dense_bulk_rounds,
+                 "rounds of --dense-bulk-cases with each row bound of --dense-bulk "
+                 "(set_decode_dense_bulk_rows), alternated");
+  app.add_option("--dense-bulk-cases", dense_bulk_cases, "BATCHxCTX decode steps of it");
+  app.add_option("--dense-bulk", dense_bulk_list, "row bounds, comma-separated (0: cuBLASLt)");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -476,6 +483,17 @@ int Main(int argc, char** argv) {
     bench::SettingSweep(bench, "decode fc1 SM target sweep", "--fc1-sms-cases", fc1_sms_cases,
                         "greedy", fc1_sms_rounds, settings, &rows);
     m.set_decode_fc1_sms(start);
+  }
+  if (dense_bulk_rounds > 0 && !lora_only) {
+    const int start = m.decode_dense_bulk_rows();
+    std::vector<bench::SweepSetting> settings;
+    for (int v : ParseInts(dense_bulk_list)) {
+      settings.push_back(
+          {absl::StrFormat("densebulk%d", v), [&m, v] { m.set_decode_dense_bulk_rows(v); }});
+    }
+    bench::SettingSweep(bench, "decode dense bulk GEMV sweep", "--dense-bulk-cases",
+                        dense_bulk_cases, "greedy", dense_bulk_rounds, settings, &rows);
+    m.set_decode_dense_bulk_rows(start);
   }
   if (mega_sweep > 0 && !lora_only) {
     // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op

@@ -369,6 +369,11 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
                   "an SM count (0: every SM)");
   PHI_RETURN_IF_ERROR(fc1_sms.status());
   m->set_decode_fc1_sms(*fc1_sms);
+  const absl::StatusOr<int> dense_bulk =
+      OptionOrEnv("PHISHARD_DECODE_DENSE_BULK_ROWS", options.decode_dense_bulk_rows,
+                  kDecodeDenseBulkRowsDefault, kGemvMaxRows, "a row count");
+  PHI_RETURN_IF_ERROR(dense_bulk.status());
+  m->set_decode_dense_bulk_rows(*dense_bulk);
   m->props_name_ = props.name;
   return m;
 }

@@ -65,6 +65,7 @@ inline constexpr int kDecodeAttentionFoldRowsDefault = 4;  // CudaModelOptions b
 inline constexpr int kDecodeFc1SmsDefault = 24;            // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
+inline constexpr int kDecodeDenseBulkRowsDefault = 1;  // CudaModelOptions::decode_dense_bulk_rows
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -152,6 +153,15 @@ struct CudaModelOptions {
   // perf-log 16:46): 24 SMs b8 ctx1024 x0.976, b8 ctx4096 x0.938, b16 x0.953; at b4 and b32 every
   // target was slower (x1.02-1.13), hence the row range.
   int decode_fc1_sms = -1;
+  // Base decode steps of at most this many rows (on one GPU, with the fused decode attention and
+  // fc2 on the MLP stream) run dense through the bulk GEMV (kernels/cuda/gemv_bulk.cu) as a
+  // programmatic dependent that the attention lets launch at its start, so dense's weights
+  // stream into shared memory beside the attention instead of after it; 0: cuBLASLt. Another
+  // summation order than cuBLASLt's (bf16 bounds). -1: PHISHARD_DECODE_DENSE_BULK_ROWS when set,
+  // else kDecodeDenseBulkRowsDefault. Measured (H200, Phi-2 shape, alternated in one process,
+  // perf-log 18:17 / 18:20): b1 ctx1024 x0.991-0.992, ctx4096 x0.976-0.981; b2 x1.002, b4 x1.03
+  // (bigger attention grids leave no SM room beside them), hence 1.
+  int decode_dense_bulk_rows = -1;
 };
 
 class CudaPhiModel final : public ModelBackend {
@@ -281,7 +291,15 @@ class CudaPhiModel final : public ModelBackend {
     fc1_sms_max_rows_ = max_rows;
   }
   int decode_fc1_sms() const { return fc1_sms_; }
-  int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps enqueued so
+  // CudaModelOptions::decode_dense_bulk_rows; drops graphs when it changes.
+  void set_decode_dense_bulk_rows(int rows) {
+    if (rows != dense_bulk_rows_) DropGraphs();
+    dense_bulk_rows_ = rows;
+  }
+  int decode_dense_bulk_rows() const { return dense_bulk_rows_; }
+  // Steps enqueued so far with dense through the bulk GEMV.
+  int64_t decode_dense_bulk_steps() const { return dense_bulk_steps_; }
+  int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps so far
   // The decode attention kernel of decode steps: a PagedDecodeVariant value
   // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default; 3 = kTensorCore). For benches
   // (phishard_bench --attn-variant-rounds); drops graphs when it changes.
@@ -589,6 +607,8 @@ class CudaPhiModel final : public ModelBackend {
   int decode_fold_rows_ = kDecodeAttentionFoldRowsDefault;  // set_decode_attention_fold_rows
   int fc1_sms_ = kDecodeFc1SmsDefault;                      // set_decode_fc1_sms
   int fc1_sms_min_rows_ = kDecodeFc1SmsMinRows, fc1_sms_max_rows_ = kDecodeFc1SmsMaxRows;
+  int dense_bulk_rows_ = kDecodeDenseBulkRowsDefault;  // set_decode_dense_bulk_rows
+  int64_t dense_bulk_steps_ = 0;
   int64_t decode_fold_steps_ = 0;
   int decode_attention_variant_ = 0;  // set_decode_attention_variant
   bool mega_refused_logged_ = false;

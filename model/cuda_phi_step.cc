@@ -280,6 +280,21 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     decode_plan.merge_counters = in.merge_counters;
     decode_plan.merge_counters_len = in.merge_counters_len;
   }
+  // CudaModelOptions::decode_dense_bulk_rows: dense through the bulk GEMV, a programmatic
+  // dependent launched at the fused attention's start (after the join with fc2's branch).
+  auto dense_gemv = [&](const Layer& w) {
+    return GemvParams{
+        .a = linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone),
+        .y_dtype = dt,
+        .programmatic_launch = true,
+        .bulk = true};
+  };
+  const bool dense_bulk = fold_attention && fc2_on_branch && !join_early && T <= dense_bulk_rows_ &&
+                          GemvCudaSupports(dense_gemv(layers_[0]));
+  if (dense_bulk) {
+    ++dense_bulk_steps_;
+    decode_plan.trigger_dependents_early = true;
+  }
   for (int l = 0; l < c.num_hidden_layers - (in.skip_last_layer ? 1 : 0); ++l) {
     const Layer& w = layers_[l];
     char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
@@ -442,9 +457,13 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       void* h_rows = at(h, rr, H);
       if (fc2_on_branch) {
         // h (+)= fc2 ran on the MLP stream; the dense partial adds to it.
-        PHI_RETURN_IF_ERROR(
-            Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone), dt,
-                   "dense gemm"));
+        if (dense_bulk) {
+          PHI_RETURN_IF_ERROR(KernelResult(GemvCuda(dense_gemv(w), stream_), "dense bulk gemv"));
+        } else {
+          PHI_RETURN_IF_ERROR(
+              Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone),
+                     dt, "dense gemm"));
+        }
       } else {
         const GemmParams fc2 =
             rows_of(linear(at(mlp, rr, c.intermediate_size), w.fc2_w, w.fc2_b, h_rows, H,

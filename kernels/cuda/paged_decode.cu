@@ -27,6 +27,9 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   __shared__ float s_l[kWarps];
   __shared__ float s_acc[kWarps][HD];
   __shared__ std::conditional_t<kFold, FoldSmem<T, HD>, char> fold_sm;
+  // PagedDecodeCudaPlan::trigger_dependents_early: a programmatic dependent may launch now (and
+  // stream its weights beside the attention; it waits for this grid before reading its output).
+  if (a.trigger_early) asm volatile("griddepcontrol.launch_dependents;" :::);
   const int sp = blockIdx.x;
   const int s = blockIdx.y;
   const int h = blockIdx.z;
@@ -692,6 +695,7 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.rotary_dim = plan.rotary.rotary_dim;
   a.theta = plan.rotary.theta;
   a.merge_counters = registers ? plan.merge_counters : nullptr;
+  a.trigger_early = plan.trigger_dependents_early;
   if (plan.fold_rotary && !registers) {
     if (KernelStatus st = RotaryKvWriteCuda(plan.rotary, stream); st != KernelStatus::kOk) {
       return st;

@@ -70,6 +70,8 @@ struct Args {
   // PagedDecodeCudaPlan::merge_counters (register-staged kernel): device int32 [num_seqs,
   // num_heads], zero between launches; null: PagedDecodeMergeKernel merges the splits.
   int32_t* merge_counters;
+  // PagedDecodeCudaPlan::trigger_dependents_early (register-staged kernel).
+  bool trigger_early;
 };
 
 // The split rule of the header; returns split_len, *splits the non-empty splits (ctx >= 1).

@@ -90,6 +90,11 @@ struct PagedDecodeCudaPlan {
   // it zero. Given: the register-staged kernel merges its splits itself (no merge launch).
   int32_t* merge_counters = nullptr;
   size_t merge_counters_len = 0;  // entries (kInvalidShape when below num_seqs * num_heads)
+  // The register-staged kernel lets a programmatic dependent (Hopper PDL) launch at its start
+  // instead of after its blocks' key loops: for a next kernel that reads nothing this launch
+  // writes before its griddepcontrol.wait and has work to do before it (the dense bulk GEMV
+  // streams its weights into shared memory; CudaModelOptions::decode_dense_bulk_rows).
+  bool trigger_dependents_early = false;
 };
 
 // Grid split bound for a launch that will serve at least `min_live_seqs` live sequences.

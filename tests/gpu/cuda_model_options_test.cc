@@ -332,6 +332,41 @@ TEST(CudaPhiModel, Fc1SmTargetCloseAndOnlyInItsRows) {
   }
 }
 
+// dense through the bulk GEMV, launched at the fused decode attention's start as its
+// programmatic dependent (set_decode_dense_bulk_rows; default 1 row, widened here to these 3-row
+// steps): another summation order for dense than cuBLASLt's, so the bf16 bounds against rows 0;
+// graph replays equal eager steps bit for bit; with rows 2 these steps are unchanged bit for bit.
+TEST(CudaPhiModel, DenseBulkCloseAndOnlyInItsRows) {
+  PHI_REQUIRE_GPU();
+  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+    EXPECT_EQ(m->decode_dense_bulk_rows(), kDecodeDenseBulkRowsDefault);
+    m->set_decode_dense_bulk_rows(0);
+    const auto base = RunModeSteps(*m);
+    m->set_decode_dense_bulk_rows(2);
+    const auto outside = RunModeSteps(*m);
+    EXPECT_EQ(m->decode_dense_bulk_steps(), 0) << model;
+    m->set_decode_dense_bulk_rows(4);
+    const auto bulk = RunModeSteps(*m);
+    EXPECT_GT(m->decode_dense_bulk_steps(), 0) << model << ": no step took it";
+    m->set_cuda_graphs(false);
+    const auto eager = RunModeSteps(*m);
+    m->set_cuda_graphs(true);
+    ASSERT_EQ(outside.size(), base.size());
+    ASSERT_EQ(bulk.size(), base.size());
+    for (size_t i = 0; i < base.size(); ++i) {
+      const std::string what = std::string(model) + " step " + std::to_string(i);
+      EXPECT_TRUE(outside[i] == base[i]) << what << ": changed outside the row range";
+      EXPECT_TRUE(bulk[i] == eager[i]) << what << ": graph != eager";
+      ExpectLogitsClose(bulk[i], std::vector<double>(base[i].begin(), base[i].end()),
+                        what + " dense bulk");
+    }
+    m->set_decode_dense_bulk_rows(kDecodeDenseBulkRowsDefault);
+  }
+}
+
 // Recorded cuBLASLt algorithm choices (set_gemm_algo_choices, model/cuda_gemm_choices.h): every
 // prefill GEMM form of the model gets a configuration other than the heuristic's first (the last
 // one CudaGemm::ListAlgos offers for it), for prefill-sized steps only. The prefill must take them
