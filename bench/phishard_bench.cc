@@ -211,20 +211,19 @@ int Main(int argc, char** argv) {
                  "on, alternated (CudaPhiModel::set_decode_attention_fold_rows; 0: none)");
   app.add_option("--fold-cases", fold_cases, "BATCHxCTX decode steps of --fold-rounds");
   app.add_option("--fold-mode", fold_mode, "decode mode of --fold-rounds (greedy, graph)");
-  int fc1_sms_rounds = 0;
-  std::string fc1_sms_cases = "4x1024,8x1024,16x1024,32x1024,8x4096", fc1_sms_list = "0,24,33";
-  app.add_option("--fc1-sms-rounds", fc1_sms_rounds,
-                 "rounds of --fc1-sms-cases with each fc1 SM count target of --fc1-sms "
-                 "(set_decode_fc1_sms, applied to every step size 1-256 here), alternated");
-  app.add_option("--fc1-sms-cases", fc1_sms_cases, "BATCHxCTX decode steps of it");
-  app.add_option("--fc1-sms", fc1_sms_list, "SM count targets, comma-separated (0: every SM)");
-  int dense_bulk_rounds = 0;
-  std::string dense_bulk_cases = "1x1024,2x1024,4x1024,1x4096", dense_bulk_list = "0,1";
-  app.add_option("--dense-bulk-rounds", dense_bulk_rounds,
-                 "rounds of --dense-bulk-cases with each row bound of --dense-bulk "
-                 "(set_decode_dense_bulk_rows), alternated");
-  app.add_option("--dense-bulk-cases", dense_bulk_cases, "BATCHxCTX decode steps of it");
-  app.add_option("--dense-bulk", dense_bulk_list, "row bounds, comma-separated (0: cuBLASLt)");
+  bench::IntSettingSweep fc1_sms{.name = "fc1-sms",
+                                 .label = "fc1sms",
+                                 .title = "decode fc1 SM target sweep",
+                                 .cases = "4x1024,8x1024,16x1024,32x1024,8x4096",
+                                 .values = "0,24,33"};
+  fc1_sms.AddFlags(app, "set_decode_fc1_sms, applied to every step size 1-256 here",
+                   "SM count targets (0: every SM)");
+  bench::IntSettingSweep dense_bulk{.name = "dense-bulk",
+                                    .label = "densebulk",
+                                    .title = "decode dense bulk GEMV sweep",
+                                    .cases = "1x1024,2x1024,4x1024,1x4096",
+                                    .values = "0,1"};
+  dense_bulk.AddFlags(app, "set_decode_dense_bulk_rows", "row bounds (0: cuBLASLt)");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -473,27 +472,14 @@ int Main(int argc, char** argv) {
   if (fold_rounds > 0 && !lora_only) {
     DecodeFoldSweep(m, bench, fold_cases, fold_mode, fold_rounds, &rows);
   }
-  if (fc1_sms_rounds > 0 && !lora_only) {
-    const int start = m.decode_fc1_sms();
-    std::vector<bench::SweepSetting> settings;
-    for (int v : ParseInts(fc1_sms_list)) {
-      settings.push_back(
-          {absl::StrFormat("fc1sms%d", v), [&m, v] { m.set_decode_fc1_sms(v, 1, 256); }});
-    }
-    bench::SettingSweep(bench, "decode fc1 SM target sweep", "--fc1-sms-cases", fc1_sms_cases,
-                        "greedy", fc1_sms_rounds, settings, &rows);
-    m.set_decode_fc1_sms(start);
-  }
-  if (dense_bulk_rounds > 0 && !lora_only) {
-    const int start = m.decode_dense_bulk_rows();
-    std::vector<bench::SweepSetting> settings;
-    for (int v : ParseInts(dense_bulk_list)) {
-      settings.push_back(
-          {absl::StrFormat("densebulk%d", v), [&m, v] { m.set_decode_dense_bulk_rows(v); }});
-    }
-    bench::SettingSweep(bench, "decode dense bulk GEMV sweep", "--dense-bulk-cases",
-                        dense_bulk_cases, "greedy", dense_bulk_rounds, settings, &rows);
-    m.set_decode_dense_bulk_rows(start);
+  if (!lora_only) {
+    const int fc1_sms0 = m.decode_fc1_sms(), dense_bulk0 = m.decode_dense_bulk_rows();
+    fc1_sms.Run(
+        bench, [&m](int v) { m.set_decode_fc1_sms(v, 1, 256); },
+        [&m, fc1_sms0] { m.set_decode_fc1_sms(fc1_sms0); }, &rows);
+    dense_bulk.Run(
+        bench, [&m](int v) { m.set_decode_dense_bulk_rows(v); },
+        [&m, dense_bulk0] { m.set_decode_dense_bulk_rows(dense_bulk0); }, &rows);
   }
   if (mega_sweep > 0 && !lora_only) {
     // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op

@@ -1,10 +1,10 @@
 // phishard_bench's alternated decode sweeps (--attn-variant-rounds, --fold-rounds,
-// --l2-prefetch-rounds): decode steps under each of a few model settings, alternated in one
-// process round after round — the order reversed every other round so neither setting always
-// follows the other (under the 700 W cap a step's clock depends on what ran before it) — so the
-// machine and its clock are the same for all. Each case runs Bench::steps() timed steps a round.
-// Prints each step's row, then per case and setting the median over the rounds (host ms, device
-// ms), the ratio to the first setting's median and each round's value.
+// --fc1-sms-rounds, --dense-bulk-rounds): decode steps under each of a few model settings,
+// alternated in one process round after round — the order reversed every other round so neither
+// setting always follows the other (under the 700 W cap a step's clock depends on what ran before
+// it) — so the machine and its clock are the same for all. Each case runs Bench::steps() timed
+// steps a round. Prints each step's row, then per case and setting the median over the rounds (host
+// ms, device ms), the ratio to the first setting's median and each round's value.
 #pragma once
 
 #include <algorithm>
@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -77,5 +78,33 @@ inline void SettingSweep(Bench& bench, const std::string& title, const std::stri
     }
   }
 }
+
+// One integer model setting swept over a list of values (options --NAME-rounds, --NAME-cases and
+// --NAME: the list), each value a SweepSetting labelled LABEL<value>.
+struct IntSettingSweep {
+  std::string name, label, title;
+  std::string cases, values;  // defaults of --NAME-cases and --NAME
+  int rounds = 0;
+
+  // `what`: the setting, for the help text; `values_help`: what a value means.
+  void AddFlags(CLI::App& app, const std::string& what, const std::string& values_help) {
+    app.add_option("--" + name + "-rounds", rounds,
+                   "rounds of --" + name + "-cases with each value of --" + name + " (" + what +
+                       "), alternated (0: none)");
+    app.add_option("--" + name + "-cases", cases, "BATCHxCTX decode steps of it");
+    app.add_option("--" + name, values, values_help + ", comma-separated");
+  }
+  // Greedy decode steps under set(v) for each value; restore() afterwards.
+  void Run(Bench& bench, const std::function<void(int)>& set, const std::function<void()>& restore,
+           std::vector<Row>* rows) const {
+    if (rounds <= 0) return;
+    std::vector<SweepSetting> settings;
+    for (int v : ParseInts(values)) {
+      settings.push_back({absl::StrFormat("%s%d", label, v), [set, v] { set(v); }});
+    }
+    SettingSweep(bench, title, "--" + name + "-cases", cases, "greedy", rounds, settings, rows);
+    restore();
+  }
+};
 
 }  // namespace phishard::bench

@@ -73,21 +73,10 @@ KernelStatus CopyEngineWaitAddCuda(const CopyEngineAddParams& p, cudaStream_t st
 }
 
 KernelStatus LoadCopyEngineKernelsCuda() {
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, PeerArrivalWaitKernel) != cudaSuccess) {
-    return KernelStatus::kDeviceError;
-  }
-  for (DataType t : {DataType::kF32, DataType::kF16, DataType::kBF16}) {
-    const KernelStatus k = cuda::DispatchAllTypes(t, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      const bool ok =
-          cudaFuncGetAttributes(&attr, ReceivedAddKernel<T, 16 / sizeof(T)>) == cudaSuccess &&
-          cudaFuncGetAttributes(&attr, ReceivedAddKernel<T, 1>) == cudaSuccess;
-      return ok ? KernelStatus::kOk : KernelStatus::kDeviceError;
-    });
-    if (k != KernelStatus::kOk) return k;
-  }
-  return KernelStatus::kOk;
+  return cuda::LoadKernels(PeerArrivalWaitKernel, ReceivedAddKernel<float, 4>,
+                           ReceivedAddKernel<float, 1>, ReceivedAddKernel<__half, 8>,
+                           ReceivedAddKernel<__half, 1>, ReceivedAddKernel<__nv_bfloat16, 8>,
+                           ReceivedAddKernel<__nv_bfloat16, 1>);
 }
 
 }  // namespace phishard

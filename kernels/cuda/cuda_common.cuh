@@ -121,6 +121,17 @@ KernelStatus DispatchAllTypes(DataType dtype, F&& f) {
 
 // After a launch: a configuration or launch failure is kDeviceError (the caller reads the text
 // with DeviceErrorString(DeviceGetLastError()) if it wants it; we leave it in place by peeking).
+// Loads each kernel's module now (cudaFuncGetAttributes) instead of at its first launch, which
+// under CUDA's lazy module loading stalls the launching thread while the GPU runs other work
+// (kernels/cuda/copy_engine_all_reduce_cuda.h says when that matters). kDeviceError when one
+// does not load.
+template <typename... Kernels>
+KernelStatus LoadKernels(Kernels... kernels) {
+  cudaFuncAttributes attr;
+  const bool ok = ((cudaFuncGetAttributes(&attr, kernels) == cudaSuccess) && ...);
+  return ok ? KernelStatus::kOk : KernelStatus::kDeviceError;
+}
+
 inline KernelStatus LaunchStatus() {
   return cudaPeekAtLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
 }

@@ -94,18 +94,10 @@ KernelStatus CustomAllReduceCuda(const CustomAllReduceParams& p, cudaStream_t st
 }
 
 KernelStatus LoadCustomAllReduceKernelsCuda() {
-  cudaFuncAttributes attr;
-  for (DataType t : {DataType::kF32, DataType::kF16, DataType::kBF16}) {
-    const KernelStatus k = cuda::DispatchAllTypes(t, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      const bool ok =
-          cudaFuncGetAttributes(&attr, CustomAllReduceKernel<T, 16 / sizeof(T)>) == cudaSuccess &&
-          cudaFuncGetAttributes(&attr, CustomAllReduceKernel<T, 1>) == cudaSuccess;
-      return ok ? KernelStatus::kOk : KernelStatus::kDeviceError;
-    });
-    if (k != KernelStatus::kOk) return k;
-  }
-  return KernelStatus::kOk;
+  return cuda::LoadKernels(CustomAllReduceKernel<float, 4>, CustomAllReduceKernel<float, 1>,
+                           CustomAllReduceKernel<__half, 8>, CustomAllReduceKernel<__half, 1>,
+                           CustomAllReduceKernel<__nv_bfloat16, 8>,
+                           CustomAllReduceKernel<__nv_bfloat16, 1>);
 }
 
 }  // namespace phishard

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -49,10 +50,7 @@ std::vector<std::vector<float>> RunModeSteps(CudaPhiModel& m) {
 
 TEST(CudaPhiModel, MlpStreamModesAgree) {
   PHI_REQUIRE_GPU();
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     EXPECT_TRUE(absl::IsInvalidArgument(m->set_mlp_stream_mode(3)));
     std::vector<std::vector<std::vector<float>>> runs;
     for (int mode : {kMlpStreamOff, kMlpStreamFc1, kMlpStreamFc1Fc2}) {
@@ -73,10 +71,7 @@ TEST(CudaPhiModel, MlpStreamModesAgree) {
 // the decode steps after it, so the prefill's and every decode step's logits are bit-identical.
 TEST(CudaPhiModel, PrefillKvStoreModesAgree) {
   PHI_REQUIRE_GPU();
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     EXPECT_TRUE(m->prefill_kv_store());  // the default
     m->set_prefill_kv_store(false);
     const std::vector<std::vector<float>> off = RunModeSteps(*m);
@@ -98,10 +93,7 @@ TEST(CudaPhiModel, PrefillKvStoreModesAgree) {
 TEST(CudaPhiModel, PrefillWarpSpecialisedAttentionCloseAndStoresTheCache) {
   PHI_REQUIRE_GPU();
   if (!PagedAttentionPrefillWgmmaAvailable()) GTEST_SKIP() << "kWgmmaWs needs an sm_90a device";
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     ASSERT_TRUE(m->prefill_kv_store());
     const std::vector<std::vector<float>> ref = RunModeSteps(*m);
     ASSERT_TRUE(m->FillKvCacheRandom(5).ok());
@@ -120,10 +112,7 @@ TEST(CudaPhiModel, PrefillWarpSpecialisedAttentionCloseAndStoresTheCache) {
 // one stream, so the prefill's and every decode step's logits must be bit-identical.
 TEST(CudaPhiModel, PrefillMlpForkIsBitIdentical) {
   PHI_REQUIRE_GPU();
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     EXPECT_TRUE(m->prefill_mlp_fork());  // the default
     m->set_prefill_mlp_fork(false);
     const std::vector<std::vector<float>> off = RunModeSteps(*m);
@@ -149,10 +138,7 @@ TEST(CudaPhiModel, PrefillMlpForkIsBitIdentical) {
 // epilogue's; the split must also have run (its step counter).
 TEST(CudaPhiModel, PrefillGeluSplitCloseToEpilogue) {
   PHI_REQUIRE_GPU();
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     ASSERT_TRUE(m->prefill_mlp_fork());
     EXPECT_FALSE(m->prefill_gelu_split());  // the default
     m->set_prefill_gelu_split(false);
@@ -264,10 +250,7 @@ std::vector<std::vector<float>> RunOneSequenceSteps(CudaPhiModel& m) {
 
 TEST(CudaPhiModel, BulkGemvStepsAgree) {
   PHI_REQUIRE_GPU();
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     EXPECT_TRUE(absl::IsInvalidArgument(m->set_bulk_gemv(kGemvMaxRows + 1, true, false)));
     for (int mode : {kMlpStreamOff, kMlpStreamFc1, kMlpStreamFc1Fc2}) {
       ASSERT_TRUE(m->set_mlp_stream_mode(mode).ok());
@@ -299,70 +282,67 @@ TEST(CudaPhiModel, BulkGemvStepsAgree) {
   }
 }
 
+// A decode switch with a row range, on RunModeSteps' 3-row steps: set(kOff) the path without it,
+// set(kOutside) on with a range that leaves these steps out, set(kInside) on for them. Steps
+// outside the range must be bit for bit the ones without the switch; inside, graph replays must
+// equal eager steps bit for bit and stay within the bf16 bounds of the path without it.
+enum RangeSetting { kOff, kOutside, kInside };
+void ExpectRowRangeSwitchClose(CudaPhiModel& m, const std::string& what,
+                               const std::function<void(RangeSetting)>& set) {
+  set(kOff);
+  const auto base = RunModeSteps(m);
+  set(kOutside);
+  const auto outside = RunModeSteps(m);
+  set(kInside);
+  const auto inside = RunModeSteps(m);
+  m.set_cuda_graphs(false);
+  const auto eager = RunModeSteps(m);
+  m.set_cuda_graphs(true);
+  ASSERT_EQ(outside.size(), base.size());
+  ASSERT_EQ(inside.size(), base.size());
+  for (size_t i = 0; i < base.size(); ++i) {
+    const std::string step = what + " step " + std::to_string(i);
+    EXPECT_TRUE(outside[i] == base[i]) << step << ": changed outside the row range";
+    EXPECT_TRUE(inside[i] == eager[i]) << step << ": graph != eager";
+    ExpectLogitsClose(inside[i], std::vector<double>(base[i].begin(), base[i].end()), step);
+  }
+}
+
 // fc1's cuBLASLt SM count target in base decode steps (set_decode_fc1_sms): only the steps in
 // its row range take it (3-row steps with the default range 5-16 are bit for bit the untargeted
 // ones); where it applies (range widened to 1-256), cuBLASLt may pick another kernel for fc1, so
-// the steps get the bf16 bounds, and graph replays equal eager steps bit for bit.
+// the steps get the bf16 bounds.
 TEST(CudaPhiModel, Fc1SmTargetCloseAndOnlyInItsRows) {
   PHI_REQUIRE_GPU();
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     EXPECT_EQ(m->decode_fc1_sms(), kDecodeFc1SmsDefault);
-    m->set_decode_fc1_sms(0);
-    const auto base = RunModeSteps(*m);
-    m->set_decode_fc1_sms(24);  // rows 5-16: not these 3-row steps
-    const auto outside = RunModeSteps(*m);
-    m->set_decode_fc1_sms(24, 1, 256);
-    const auto targeted = RunModeSteps(*m);
-    m->set_cuda_graphs(false);
-    const auto eager = RunModeSteps(*m);
-    m->set_cuda_graphs(true);
-    ASSERT_EQ(outside.size(), base.size());
-    ASSERT_EQ(targeted.size(), base.size());
-    for (size_t i = 0; i < base.size(); ++i) {
-      const std::string what = std::string(model) + " step " + std::to_string(i);
-      EXPECT_TRUE(outside[i] == base[i]) << what << ": changed outside the row range";
-      EXPECT_TRUE(targeted[i] == eager[i]) << what << ": graph != eager";
-      ExpectLogitsClose(targeted[i], std::vector<double>(base[i].begin(), base[i].end()),
-                        what + " fc1 on 24 SMs");
-    }
+    ExpectRowRangeSwitchClose(*m, std::string(model) + " fc1 on 24 SMs", [&](RangeSetting r) {
+      if (r == kOff) m->set_decode_fc1_sms(0);
+      if (r == kOutside) m->set_decode_fc1_sms(24);  // rows 5-16
+      if (r == kInside) m->set_decode_fc1_sms(24, 1, 256);
+    });
     m->set_decode_fc1_sms(kDecodeFc1SmsDefault);
   }
 }
 
 // dense through the bulk GEMV, launched at the fused decode attention's start as its
-// programmatic dependent (set_decode_dense_bulk_rows; default 1 row, widened here to these 3-row
-// steps): another summation order for dense than cuBLASLt's, so the bf16 bounds against rows 0;
-// graph replays equal eager steps bit for bit; with rows 2 these steps are unchanged bit for bit.
+// programmatic dependent (set_decode_dense_bulk_rows; default 1 row): another summation order
+// for dense than cuBLASLt's, so the bf16 bounds where it applies.
 TEST(CudaPhiModel, DenseBulkCloseAndOnlyInItsRows) {
   PHI_REQUIRE_GPU();
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     EXPECT_EQ(m->decode_dense_bulk_rows(), kDecodeDenseBulkRowsDefault);
-    m->set_decode_dense_bulk_rows(0);
-    const auto base = RunModeSteps(*m);
-    m->set_decode_dense_bulk_rows(2);
-    const auto outside = RunModeSteps(*m);
-    EXPECT_EQ(m->decode_dense_bulk_steps(), 0) << model;
-    m->set_decode_dense_bulk_rows(4);
-    const auto bulk = RunModeSteps(*m);
+    int64_t outside_steps = -1;
+    ExpectRowRangeSwitchClose(*m, std::string(model) + " dense bulk", [&](RangeSetting r) {
+      if (r == kOff) m->set_decode_dense_bulk_rows(0);
+      if (r == kOutside) m->set_decode_dense_bulk_rows(2);
+      if (r == kInside) {
+        outside_steps = m->decode_dense_bulk_steps();
+        m->set_decode_dense_bulk_rows(4);
+      }
+    });
+    EXPECT_EQ(outside_steps, 0) << model << ": a step outside the row range took it";
     EXPECT_GT(m->decode_dense_bulk_steps(), 0) << model << ": no step took it";
-    m->set_cuda_graphs(false);
-    const auto eager = RunModeSteps(*m);
-    m->set_cuda_graphs(true);
-    ASSERT_EQ(outside.size(), base.size());
-    ASSERT_EQ(bulk.size(), base.size());
-    for (size_t i = 0; i < base.size(); ++i) {
-      const std::string what = std::string(model) + " step " + std::to_string(i);
-      EXPECT_TRUE(outside[i] == base[i]) << what << ": changed outside the row range";
-      EXPECT_TRUE(bulk[i] == eager[i]) << what << ": graph != eager";
-      ExpectLogitsClose(bulk[i], std::vector<double>(base[i].begin(), base[i].end()),
-                        what + " dense bulk");
-    }
     m->set_decode_dense_bulk_rows(kDecodeDenseBulkRowsDefault);
   }
 }
@@ -374,10 +354,7 @@ TEST(CudaPhiModel, DenseBulkCloseAndOnlyInItsRows) {
 // decode steps after it read that prefill's K/V, so they get the same bounds.
 TEST(CudaPhiModel, PrefillGemmAlgoChoicesTakenAndClose) {
   PHI_REQUIRE_GPU();
-  for (const char* model : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
-    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / model, "bfloat16");
-    ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(16, kKvBlockSize).ok());
+  for (auto& [model, m] : FixtureModelsBf16()) {
     const PhiConfig& c = m->config();
     const int H = c.hidden_size, I = c.intermediate_size;
     const int qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;

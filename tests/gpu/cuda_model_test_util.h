@@ -44,6 +44,25 @@ inline std::unique_ptr<CudaPhiModel> LoadCuda(const fs::path& dir, const std::st
   return m.ok() ? *std::move(m) : nullptr;
 }
 
+// The two fixture models (tiny-phi-code; the GQA head-dim-80 one) in bf16 with a 16-block KV
+// cache, each with its folder under the repo; one that does not load fails the test (LoadCuda's
+// EXPECT) and is left out.
+struct FixtureModel {
+  std::string name;
+  std::unique_ptr<CudaPhiModel> m;
+};
+inline std::vector<FixtureModel> FixtureModelsBf16() {
+  std::vector<FixtureModel> out;
+  for (const char* name : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / name, "bfloat16");
+    if (m == nullptr) continue;
+    const absl::Status st = m->AllocateKvCache(16, kKvBlockSize);
+    EXPECT_TRUE(st.ok()) << name << ": " << st;
+    if (st.ok()) out.push_back({name, std::move(m)});
+  }
+  return out;
+}
+
 inline double Scale(const std::vector<double>& ref) {
   double s = 1.0;
   for (double x : ref) s = std::max(s, std::fabs(x));
