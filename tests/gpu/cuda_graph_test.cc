@@ -473,15 +473,19 @@ TEST_P(CudaDecodeGraphs, PaddingRowsAreHarmless) {
 // decode steps (the KV cache it writes feeds every later step), eager and as graph replays, with
 // every step folded and with only the buckets of up to 2 rows folded (the others unfused, the
 // same KV cache). MHA models take the fused register-staged kernel; the GQA one takes the
-// pipelined kernel, where the fold runs the rotary launch before it.
+// pipelined kernel, where the fold runs the rotary launch before it. Dense stays on cuBLASLt in
+// both (decode_dense_bulk_rows 0: the bulk GEMV that 1-row fused steps take by default sums in
+// another order; cuda_model_options_test DenseBulkCloseAndOnlyInItsRows covers it).
 TEST_P(CudaDecodeGraphs, AttentionFoldIsBitIdentical) {
   PHI_REQUIRE_GPU();
   for (auto [graphs, rows] : {std::pair{false, 65536}, {true, 65536}, {true, 2}}) {
     SCOPED_TRACE(testing::Message() << (graphs ? "graphs" : "eager") << ", fold rows " << rows);
     std::unique_ptr<CudaPhiModel> plain =
         Load(Dir(), {.dtype = "bfloat16", .cuda_graphs = graphs, .decode_attention_fold_rows = 0});
-    std::unique_ptr<CudaPhiModel> fused = Load(
-        Dir(), {.dtype = "bfloat16", .cuda_graphs = graphs, .decode_attention_fold_rows = rows});
+    std::unique_ptr<CudaPhiModel> fused = Load(Dir(), {.dtype = "bfloat16",
+                                                       .cuda_graphs = graphs,
+                                                       .decode_attention_fold_rows = rows,
+                                                       .decode_dense_bulk_rows = 0});
     ASSERT_TRUE(plain && fused);
     ASSERT_TRUE(plain->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
     ASSERT_TRUE(fused->AllocateKvCache(Workload::kBlocks, kKvBlockSize).ok());
