@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "model/bpe_added_vocab.h"
@@ -91,11 +92,17 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
       ParseObject(special_tokens_map_json, "special_tokens_map.json");
   if (!special_map.ok()) return special_map.status();
 
-  // merges.txt as transformers' GPT2Tokenizer reads it: read().split("\n")[1:-1], each line
-  // split on whitespace into the pair (blank lines carry no merge).
+  // merges.txt as transformers 5 reads it (tokenizers' BPE file reader): every line (a last one
+  // without a newline too, a trailing \r dropped) but those starting with "#version" is one merge,
+  // two tokens separated by a space. transformers 4 took read().split("\n")[1:-1] instead, which
+  // differs only for files without the header or the final newline (it drops their first or last
+  // merge). Like transformers 4, blank lines and other whitespace between the tokens are taken
+  // (transformers 5 refuses such files).
   std::vector<absl::string_view> lines = absl::StrSplit(Sv(merges_txt), '\n');
+  if (!lines.empty() && lines.back().empty()) lines.pop_back();  // after the final newline
   Json merges = Json::array();
-  for (size_t i = 1; i + 1 < lines.size(); ++i) {
+  for (size_t i = 0; i < lines.size(); ++i) {
+    if (absl::StartsWith(lines[i], "#version")) continue;
     std::vector<absl::string_view> parts =
         absl::StrSplit(lines[i], absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
     if (parts.empty()) continue;

@@ -3,8 +3,9 @@
 // is converted from the slow one by GPT2Converter (convert_slow_tokenizer.py; CodeGenTokenizer,
 // Phi's tokenizer class, and GPT2Tokenizer use it). TokenizerJsonFromSlowFiles writes the
 // tokenizer.json that conversion produces, for Tokenizer::FromJson:
-//   model            BPE over vocab.json and merges.txt's lines after the first ("#version"
-//                    header; transformers drops line 0 and the text after the last newline);
+//   model            BPE over vocab.json and merges.txt's lines but "#version" headers (as
+//                    transformers 5 reads the file; 4.x dropped line 0 and the text after the
+//                    last newline whatever they held);
 //   pre_tokenizer    ByteLevel, add_prefix_space from tokenizer_config.json (default false);
 //   decoder          ByteLevel;
 //   post_processor   TemplateProcessing "bos $A" when tokenizer_config.json's add_bos_token is

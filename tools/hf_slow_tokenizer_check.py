@@ -3,12 +3,21 @@
 tokenizer.json): the reference for tests/model/tokenizer_slow_files_test.cc; and of
 tokenizer_config.json added_tokens_decoder entries that tokenizer.json lacks (the reference for
 AddedTokensDecoder.* in tests/model/tokenizer_special_tokens_test.cc). Needs transformers
-and tokenizers (no torch), e.g. `pip install transformers==4.46.3 tokenizers==0.20.3 protobuf`.
+and tokenizers (no torch), e.g. `pip install transformers==4.46.3 tokenizers==0.20.3 protobuf`;
+also runs under transformers 5 (the device machine's 5.17). The two versions agree on every case
+here but merges.txt without its "#version" header or final newline ("nohdr", "nofinalnl"):
+4.46 drops the file's first / unterminated last line, 5.17 reads every line but the header,
+which is what phishard follows (2026-11-29, perf-log 18:55 / 18:58).
 Run from the repository root: python3 tools/hf_slow_tokenizer_check.py
 Prints, for testdata/tokenizers/{phi-2,gpt2} written out as slow files, the mismatches against
 their golden vectors, then the ids of the test's small cases."""
 import json, os, shutil, tempfile, glob
-from transformers import CodeGenTokenizerFast, AutoTokenizer
+import transformers
+try:
+    from transformers import CodeGenTokenizerFast
+except ImportError:  # transformers 5: one tokenizers-backed class a model
+    from transformers import CodeGenTokenizer as CodeGenTokenizerFast
+print('transformers', transformers.__version__)
 src=os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'testdata', 'tokenizers')
 def slow_copy(name, copies):
     d=tempfile.mkdtemp()
