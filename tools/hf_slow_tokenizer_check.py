@@ -7,7 +7,7 @@ and tokenizers (no torch), e.g. `pip install transformers==4.46.3 tokenizers==0.
 also runs under transformers 5 (the device machine's 5.17). The two versions agree on every case
 here but merges.txt without its "#version" header or final newline ("nohdr", "nofinalnl"):
 4.46 drops the file's first / unterminated last line, 5.17 reads every line but the header,
-which is what phishard follows (2026-11-29, perf-log 18:55 / 18:58).
+which is what phishard follows (2026-11-29, perf-log 18:53 / 18:55).
 Run from the repository root: python3 tools/hf_slow_tokenizer_check.py
 Prints, for testdata/tokenizers/{phi-2,gpt2} written out as slow files, the mismatches against
 their golden vectors, then the ids of the test's small cases."""

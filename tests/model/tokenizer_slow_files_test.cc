@@ -135,7 +135,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Small(const std::string& merges,
 
 TEST(TokenizerSlowFiles, ReadsMergesTxtAsTransformersDoes) {
   // As transformers 5.17 reads merges.txt (tools/hf_slow_tokenizer_check.py on the device, perf-log
-  // 2026-11-29 18:55 / 18:58): every line but "#version" headers is a merge, with or without the
+  // 2026-11-29 18:53 / 18:55): every line but "#version" headers is a merge, with or without the
   // header and the final newline; \r is ignored. transformers 4.46 dropped line 0 and the text
   // after the last newline instead ({0, 1, 4} without the header, {2, 3, 0} without the final
   // newline).
