@@ -271,7 +271,7 @@ Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
     std::string_view tokenizer_json, std::string_view tokenizer_config_json,
-    std::string_view special_tokens_map_json) {
+    std::string_view special_tokens_map_json, std::string_view added_tokens_json) {
   absl::StatusOr<Json> root = ParseJson(tokenizer_json, "tokenizer.json");
   if (!root.ok()) return root.status();
   if (!root->is_object()) {
@@ -384,14 +384,38 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
   // token takes its vocab id (and becomes an added token), other text the next free id; special
   // as the entry says or when a named special token (eos_token, ...) has its text
   // (tests/model/tokenizer_special_tokens_test.cc, checked against transformers 4.46.3).
-  if (const Json* decoder = bpe_json::Find(config, "added_tokens_decoder"); decoder != nullptr) {
+  // Without added_tokens_decoder, added_tokens.json's {content: index} entries (the legacy file)
+  // go the same way, as entries that are not special unless a named special token has their
+  // text (transformers 4.46.3 and 5.17 alike, perf-log 2026-11-29 18:59).
+  const Json* decoder = bpe_json::Find(config, "added_tokens_decoder");
+  std::string decoder_file = "tokenizer_config.added_tokens_decoder";
+  Json legacy;
+  if (decoder == nullptr && !added_tokens_json.empty()) {
+    absl::StatusOr<Json> file = ParseJson(added_tokens_json, "added_tokens.json");
+    if (!file.ok()) return file.status();
+    if (!file->is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("added_tokens.json: expected an object, got ", file->type_name()));
+    }
+    legacy = Json::object();
+    for (const auto& [content, index] : file->items()) {
+      if (!index.is_number_integer() || index.get<int64_t>() < 0 ||
+          index.get<int64_t>() >= (int64_t{1} << 31)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "added_tokens.json[\"", content, "\"]: expected a token id, got ", index.dump()));
+      }
+      legacy[std::to_string(index.get<int64_t>())] = {{"content", content}, {"special", false}};
+    }
+    decoder = &legacy;
+    decoder_file = "added_tokens.json";
+  }
+  if (decoder != nullptr) {
     if (!decoder->is_object()) {
-      return absl::InvalidArgumentError("tokenizer_config.added_tokens_decoder: not an object");
+      return absl::InvalidArgumentError(absl::StrCat(decoder_file, ": not an object"));
     }
     std::vector<AddedToken> missing;  // entries tokenizer.json lacks, by their file key for now
     for (const auto& [key, entry] : decoder->items()) {
-      const std::string where =
-          absl::StrCat("tokenizer_config.added_tokens_decoder[\"", key, "\"]");
+      const std::string where = absl::StrCat(decoder_file, "[\"", key, "\"]");
       int32_t id;
       if (!absl::SimpleAtoi(key, &id) || id < 0) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": key is not a token id"));
@@ -427,14 +451,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
         const int64_t id = next_added_id();
         if (id >= (int64_t{1} << 31) - 1) {
           return absl::InvalidArgumentError(
-              absl::StrCat("tokenizer_config.added_tokens_decoder: \"", t.content,
-                           "\" would get id ", id, ", too large"));
+              absl::StrCat(decoder_file, ": \"", t.content, "\" would get id ", id, ", too large"));
         }
         t.id = static_cast<int32_t>(id);
       }
       if (t.id != key) {
-        PHI_LOG(WARNING) << "tokenizer_config.added_tokens_decoder[\"" << key << "\"] \""
-                         << t.content << "\" is not in tokenizer.json; added as token id " << t.id
+        PHI_LOG(WARNING) << decoder_file << "[\"" << key << "\"] \"" << t.content
+                         << "\" is not in tokenizer.json; added as token id " << t.id
                          << ", as transformers numbers it";
       }
       added.push_back(std::move(t));
@@ -528,7 +551,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::filesys
     std::error_code ec;
     return std::filesystem::exists(dir / name, ec);
   };
-  std::string tokenizer_json, config_json, special_map_json;
+  std::string tokenizer_json, config_json, special_map_json, added_json;
   for (auto [name, text] :
        {std::pair{kConfigFile, &config_json}, std::pair{kSpecialMapFile, &special_map_json}}) {
     if (exists(name)) {
@@ -552,13 +575,18 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::filesys
     }
     tokenizer_json = std::move(converted->tokenizer_json);
     config_json = std::move(converted->tokenizer_config_json);
-  } else if (absl::Status s = read(dir / "tokenizer.json", &tokenizer_json); !s.ok()) {
-    return absl::Status(s.code(), absl::StrCat(s.message(),
-                                               " (a tokenizer needs tokenizer.json, or the slow "
-                                               "tokenizer's vocab.json and merges.txt)"));
+  } else {
+    if (absl::Status s = read(dir / "tokenizer.json", &tokenizer_json); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat(s.message(),
+                                                 " (a tokenizer needs tokenizer.json, or the slow "
+                                                 "tokenizer's vocab.json and merges.txt)"));
+    }
+    if (exists("added_tokens.json")) {
+      if (absl::Status s = read(dir / "added_tokens.json", &added_json); !s.ok()) return s;
+    }
   }
   absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
-      FromJson(tokenizer_json, config_json, special_map_json);
+      FromJson(tokenizer_json, config_json, special_map_json, added_json);
   if (!tokenizer.ok()) {
     return absl::Status(tokenizer.status().code(),
                         absl::StrCat(dir.string(), ": ", tokenizer.status().message()));

@@ -25,13 +25,16 @@ class Tokenizer {
   // DIR/special_tokens_map.json (special tokens; read only when tokenizer_config.json has no
   // added_tokens_decoder, and then it wins, as in transformers). A named special token that is
   // in neither model.vocab nor the added tokens is added with a new id, as transformers does.
+  // DIR/added_tokens.json (transformers' legacy file) is read only when tokenizer_config.json has
+  // no added_tokens_decoder: its entries are added as that file's entries tokenizer.json lacks.
   // Without tokenizer.json, the slow tokenizer's vocab.json + merges.txt (+ added_tokens.json)
   // are converted as transformers does (model/bpe_slow_files.h).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromDir(const std::filesystem::path& dir);
-  // `tokenizer_config_json` and `special_tokens_map_json` may be empty (no such file).
+  // `tokenizer_config_json`, `special_tokens_map_json` and `added_tokens_json` may be empty (no
+  // such file).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(
       std::string_view tokenizer_json, std::string_view tokenizer_config_json,
-      std::string_view special_tokens_map_json = {});
+      std::string_view special_tokens_map_json = {}, std::string_view added_tokens_json = {});
   ~Tokenizer();
 
   // encode(text) with no BOS/EOS, no truncation. Never fails: invalid UTF-8 input bytes are

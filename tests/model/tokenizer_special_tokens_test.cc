@@ -308,6 +308,58 @@ TEST(AddedTokensDecoder, EntriesTokenizerJsonLacksAreNumberedAsTransformersDoes)
   ExpectEos(*t, 50295, "<x>", kConfig, false);
 }
 
+// added_tokens.json next to tokenizer.json (transformers' legacy file): read only when
+// tokenizer_config.json has no added_tokens_decoder, its entries then added as that file's entries
+// tokenizer.json lacks, not special. Checked with AutoTokenizer / CodeGenTokenizer(Fast) on Phi-2's
+// files under transformers 4.46.3 and 5.17 (same ids; perf-log 2026-11-29 18:59), and through
+// FromDir, which reads the file.
+TEST(AddedTokensJson, NextToTokenizerJsonOnlyWithoutAddedTokensDecoder) {
+  const std::string phi2 = Phi2File("tokenizer.json");
+  const std::string map = Phi2File(kMap);
+  Json config = Json::parse(Phi2File(kConfig));
+  const std::vector<int32_t> as_text = {27, 3605, 29};  // "<new>" as BPE pieces
+  // The config has added_tokens_decoder (Phi-2's real one): the file is not read.
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t =
+      Tokenizer::FromJson(phi2, config.dump(), map, R"({"<new>": 50295})");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("<new>"), as_text);
+  EXPECT_EQ((*t)->vocab_size(), 50295);
+  config.erase("added_tokens_decoder");
+  // A new token, at its index or with a gap: the next free id, not special.
+  for (const char* added : {R"({"<new>": 50295})", R"({"<new>": 50400})"}) {
+    t = Tokenizer::FromJson(phi2, config.dump(), map, added);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ((*t)->Encode("Hello<new>"), (std::vector<int32_t>{15496, 50295})) << added;
+    EXPECT_EQ((*t)->vocab_size(), 50296) << added;
+    EXPECT_FALSE((*t)->IsSpecial(50295)) << added;
+    EXPECT_EQ((*t)->Decode({50295, 64}, true), "<new>a") << added;
+  }
+  // Entries tokenizer.json already holds: nothing changes.
+  t = Tokenizer::FromJson(phi2, config.dump(), map,
+                          R"({"<|endoftext|>": 50256, "                ": 50283})");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("<new>"), as_text);
+  EXPECT_EQ((*t)->vocab_size(), 50295);
+  EXPECT_TRUE((*t)->IsSpecial(50256));
+  // A malformed file names itself and the entry.
+  t = Tokenizer::FromJson(phi2, config.dump(), map, R"({"<new>": "x"})");
+  EXPECT_TRUE(absl::IsInvalidArgument(t.status()));
+  EXPECT_NE(t.status().message().find("added_tokens.json[\"<new>\"]"), absl::string_view::npos)
+      << t.status();
+  // FromDir reads it.
+  const fs::path dir = fs::path(::testing::TempDir()) / "added_tokens_json_next_to_tokenizer_json";
+  fs::create_directories(dir);
+  for (const auto& [name, text] : {std::pair<std::string, std::string>{"tokenizer.json", phi2},
+                                   {kConfig, config.dump()},
+                                   {kMap, map},
+                                   {"added_tokens.json", R"({"<new>": 50295})"}}) {
+    std::ofstream(dir / name, std::ios::binary) << text;
+  }
+  t = Tokenizer::FromDir(dir);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("<new>"), (std::vector<int32_t>{50295}));
+}
+
 // ---------------------------------------------------------------- shipped fixtures
 
 TEST(SpecialTokensShippedFixtures, Unchanged) {
