@@ -386,7 +386,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
   // (tests/model/tokenizer_special_tokens_test.cc, checked against transformers 4.46.3).
   // Without added_tokens_decoder, added_tokens.json's {content: index} entries (the legacy file)
   // go the same way, as entries that are not special unless a named special token has their
-  // text (transformers 4.46.3 and 5.17 alike, perf-log 2026-11-29 18:59).
+  // text (transformers 4.46.3 and 5.17 alike, perf-log 2026-11-29 18:57).
   const Json* decoder = bpe_json::Find(config, "added_tokens_decoder");
   std::string decoder_file = "tokenizer_config.added_tokens_decoder";
   Json legacy;

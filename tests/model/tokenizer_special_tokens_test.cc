@@ -311,7 +311,7 @@ TEST(AddedTokensDecoder, EntriesTokenizerJsonLacksAreNumberedAsTransformersDoes)
 // added_tokens.json next to tokenizer.json (transformers' legacy file): read only when
 // tokenizer_config.json has no added_tokens_decoder, its entries then added as that file's entries
 // tokenizer.json lacks, not special. Checked with AutoTokenizer / CodeGenTokenizer(Fast) on Phi-2's
-// files under transformers 4.46.3 and 5.17 (same ids; perf-log 2026-11-29 18:59), and through
+// files under transformers 4.46.3 and 5.17 (same ids; perf-log 2026-11-29 18:57), and through
 // FromDir, which reads the file.
 TEST(AddedTokensJson, NextToTokenizerJsonOnlyWithoutAddedTokensDecoder) {
   const std::string phi2 = Phi2File("tokenizer.json");
