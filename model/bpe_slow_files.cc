@@ -1,7 +1,5 @@
 #include "model/bpe_slow_files.h"
 
-#include <algorithm>
-#include <set>
 #include <utility>
 #include <vector>
 
@@ -9,7 +7,6 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "model/bpe_added_vocab.h"
 #include "model/bpe_json.h"
 #include "model/json_depth.h"
 
@@ -53,39 +50,14 @@ std::string TokenText(const Json* v) {
 // bos / eos / unk), used for the names neither file mentions.
 constexpr char kClassDefaultSpecial[] = "<|endoftext|>";
 
-// The named special tokens' texts of tokenizer_config.json and special_tokens_map.json, and the
-// class default for bos / eos / unk when neither file has the key (a key set to null has none).
-std::set<std::string> NamedSpecialTexts(const Json& config, const Json& special_map) {
-  std::set<std::string> out;
-  for (const char* key : {"bos_token", "eos_token", "unk_token"}) {
-    if (!config.contains(key) && !special_map.contains(key)) out.insert(kClassDefaultSpecial);
-  }
-  for (const Json* file : {&config, &special_map}) {
-    for (const char* key : {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
-                            "cls_token", "mask_token"}) {
-      if (std::string t = TokenText(bpe_json::Find(*file, key)); !t.empty()) out.insert(t);
-    }
-    if (const Json* extra = bpe_json::Find(*file, "additional_special_tokens");
-        extra != nullptr && extra->is_array()) {
-      for (const Json& e : *extra) {
-        if (std::string t = TokenText(&e); !t.empty()) out.insert(t);
-      }
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_json,
                                                          std::string_view merges_txt,
-                                                         std::string_view added_tokens_json,
                                                          std::string_view tokenizer_config_json,
                                                          std::string_view special_tokens_map_json) {
   absl::StatusOr<Json> vocab = ParseObject(vocab_json, "vocab.json", /*optional=*/false);
   if (!vocab.ok()) return vocab.status();
-  absl::StatusOr<Json> added = ParseObject(added_tokens_json, "added_tokens.json");
-  if (!added.ok()) return added.status();
   absl::StatusOr<Json> config = ParseObject(tokenizer_config_json, "tokenizer_config.json");
   if (!config.ok()) return config.status();
   absl::StatusOr<Json> special_map =
@@ -164,46 +136,7 @@ absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_
                              {"trim_offsets", false},
                              {"use_regex", true}};
   }
-  // added_tokens.json is transformers' legacy file: read only when tokenizer_config.json has no
-  // added_tokens_decoder (which then lists the added tokens itself). Its entries reach the
-  // converted tokenizer through tokenizers' add_tokens, in index order, which numbers them itself:
-  // a vocab.json token keeps its vocab id, other text gets the vocabulary's size or one past the
-  // largest added id, whichever is larger (not the file's index; the same when the indices follow
-  // the vocabulary without gaps, as save_pretrained writes them).
-  const std::set<std::string> named = NamedSpecialTexts(*config, *special_map);
-  std::vector<std::pair<int64_t, std::string>> entries;  // (index in the file, content)
-  if (!config->contains("added_tokens_decoder")) {
-    for (const auto& [content, id] : added->items()) {
-      if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
-          id.get<int64_t>() >= (int64_t{1} << 31)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "added_tokens.json[\"", content, "\"]: expected a token id, got ", id.dump()));
-      }
-      entries.emplace_back(id.get<int64_t>(), content);
-    }
-  }
-  std::sort(entries.begin(), entries.end());
-  const auto vocab_size = static_cast<int64_t>(vocab->size());
-  int64_t max_added = -1;
-  Json list = Json::array();
-  for (const auto& [index, content] : entries) {
-    int64_t id;
-    if (const Json* v = bpe_json::Find(*vocab, content); v != nullptr && v->is_number_integer()) {
-      id = v->get<int64_t>();
-    } else {
-      id = NextAddedTokenId(vocab_size, max_added);
-    }
-    max_added = std::max(max_added, id);
-    const bool special = named.count(content) > 0;
-    list.push_back({{"id", id},
-                    {"content", content},
-                    {"single_word", false},
-                    {"lstrip", false},
-                    {"rstrip", false},
-                    {"normalized", !special},
-                    {"special", special}});
-  }
-  doc["added_tokens"] = list;
+  doc["added_tokens"] = Json::array();  // added_tokens.json: Tokenizer::FromJson adds those
   // The class defaults as if tokenizer_config.json named them: FromJson then adds them as it
   // adds any named special token (a vocabulary token keeps its id, other text gets a new one).
   Json amended = *config;

@@ -10,12 +10,10 @@
 //   decoder          ByteLevel;
 //   post_processor   TemplateProcessing "bos $A" when tokenizer_config.json's add_bos_token is
 //                    true (bos_token then must be in the vocabulary), else ByteLevel (no-op);
-//   added_tokens     added_tokens.json's {content: index} entries (transformers' legacy file,
-//                    read only when tokenizer_config.json has no added_tokens_decoder), numbered
-//                    as tokenizers' add_tokens numbers them in index order (a vocab token keeps
-//                    its id, other text the next free id): special when the content is one of the
-//                    named special tokens of tokenizer_config.json / special_tokens_map.json (or a
-//                    class default below), normalized otherwise.
+//   added_tokens     none: added_tokens.json (transformers' legacy file) goes to FromJson as
+//                    next to a tokenizer.json (Tokenizer::FromJson's added_tokens_json: read only
+//                    without added_tokens_decoder, entries numbered as tokenizers' add_tokens
+//                    numbers them, special when a named special token has their text);
 // and the tokenizer_config.json to use with it: the file's, plus bos / eos / unk_token set to the
 // slow classes' default "<|endoftext|>" where neither file has the key (transformers takes the
 // class defaults then; a key set to null has none). transformers' fast CodeGen / GPT2 classes
@@ -36,10 +34,9 @@ struct SlowFilesJson {
   std::string tokenizer_config_json;
 };
 
-// added_tokens_json, tokenizer_config_json, special_tokens_map_json: "" when the file is absent.
+// tokenizer_config_json, special_tokens_map_json: "" when the file is absent.
 absl::StatusOr<SlowFilesJson> TokenizerJsonFromSlowFiles(std::string_view vocab_json,
                                                          std::string_view merges_txt,
-                                                         std::string_view added_tokens_json,
                                                          std::string_view tokenizer_config_json,
                                                          std::string_view special_tokens_map_json);
 

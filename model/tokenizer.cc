@@ -558,32 +558,27 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::filesys
       if (absl::Status s = read(dir / name, text); !s.ok()) return s;
     }
   }
+  if (exists("added_tokens.json")) {
+    if (absl::Status s = read(dir / "added_tokens.json", &added_json); !s.ok()) return s;
+  }
   if (!exists("tokenizer.json") && exists("vocab.json") && exists("merges.txt")) {
     // Only the slow tokenizer's files: the tokenizer.json transformers converts them to
     // (model/bpe_slow_files.h).
-    std::string vocab, merges, added;
+    std::string vocab, merges;
     if (absl::Status s = read(dir / "vocab.json", &vocab); !s.ok()) return s;
     if (absl::Status s = read(dir / "merges.txt", &merges); !s.ok()) return s;
-    if (exists("added_tokens.json")) {
-      if (absl::Status s = read(dir / "added_tokens.json", &added); !s.ok()) return s;
-    }
     absl::StatusOr<SlowFilesJson> converted =
-        TokenizerJsonFromSlowFiles(vocab, merges, added, config_json, special_map_json);
+        TokenizerJsonFromSlowFiles(vocab, merges, config_json, special_map_json);
     if (!converted.ok()) {
       return absl::Status(converted.status().code(),
                           absl::StrCat(dir.string(), ": ", converted.status().message()));
     }
     tokenizer_json = std::move(converted->tokenizer_json);
     config_json = std::move(converted->tokenizer_config_json);
-  } else {
-    if (absl::Status s = read(dir / "tokenizer.json", &tokenizer_json); !s.ok()) {
-      return absl::Status(s.code(), absl::StrCat(s.message(),
-                                                 " (a tokenizer needs tokenizer.json, or the slow "
-                                                 "tokenizer's vocab.json and merges.txt)"));
-    }
-    if (exists("added_tokens.json")) {
-      if (absl::Status s = read(dir / "added_tokens.json", &added_json); !s.ok()) return s;
-    }
+  } else if (absl::Status s = read(dir / "tokenizer.json", &tokenizer_json); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat(s.message(),
+                                               " (a tokenizer needs tokenizer.json, or the slow "
+                                               "tokenizer's vocab.json and merges.txt)"));
   }
   absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
       FromJson(tokenizer_json, config_json, special_map_json, added_json);

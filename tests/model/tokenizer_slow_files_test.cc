@@ -127,10 +127,9 @@ constexpr char kVocab[] = R"({"a": 0, "b": 1, "ab": 2, "Ġ": 3, "Ġa": 4, "<s>":
 absl::StatusOr<std::unique_ptr<Tokenizer>> Small(const std::string& merges,
                                                  const std::string& config = "",
                                                  const std::string& added = "") {
-  absl::StatusOr<SlowFilesJson> json =
-      TokenizerJsonFromSlowFiles(kVocab, merges, added, config, "");
+  absl::StatusOr<SlowFilesJson> json = TokenizerJsonFromSlowFiles(kVocab, merges, config, "");
   if (!json.ok()) return json.status();
-  return Tokenizer::FromJson(json->tokenizer_json, json->tokenizer_config_json);
+  return Tokenizer::FromJson(json->tokenizer_json, json->tokenizer_config_json, "", added);
 }
 
 TEST(TokenizerSlowFiles, ReadsMergesTxtAsTransformersDoes) {
@@ -201,27 +200,30 @@ TEST(TokenizerSlowFiles, PrefixSpaceBosTemplateAndAddedTokens) {
 
 TEST(TokenizerSlowFiles, BadFilesNameTheFileAndEntry) {
   struct Case {
-    std::string vocab, merges, added, config, want;
+    std::string vocab, merges, config, want;
   };
   const std::string merges = "#version: 0.2\na b\n";
   const Case cases[] = {
-      {"[1]", merges, "", "", "vocab.json: expected an object"},
-      {"{", merges, "", "", "vocab.json: not valid JSON"},
-      {"", merges, "", "", "vocab.json: empty"},
-      {kVocab, "#version: 0.2\na b c\n", "", "", "merges.txt line 2"},
-      {kVocab, merges, R"({"x": -1})", "", "added_tokens.json[\"x\"]"},
-      {kVocab, merges, "", R"({"add_bos_token": true, "bos_token": "<bos>"})",
-       "bos_token \"<bos>\""},
-      {kVocab, merges, "", R"({"add_prefix_space": "yes"})", "add_prefix_space"},
-      {kVocab, "#version: 0.2\na \xff\n", "", "", "merges.txt: a merge is not valid UTF-8"},
+      {"[1]", merges, "", "vocab.json: expected an object"},
+      {"{", merges, "", "vocab.json: not valid JSON"},
+      {"", merges, "", "vocab.json: empty"},
+      {kVocab, "#version: 0.2\na b c\n", "", "merges.txt line 2"},
+      {kVocab, merges, R"({"add_bos_token": true, "bos_token": "<bos>"})", "bos_token \"<bos>\""},
+      {kVocab, merges, R"({"add_prefix_space": "yes"})", "add_prefix_space"},
+      {kVocab, "#version: 0.2\na \xff\n", "", "merges.txt: a merge is not valid UTF-8"},
   };
   for (const Case& c : cases) {
     absl::StatusOr<SlowFilesJson> json =
-        TokenizerJsonFromSlowFiles(c.vocab, c.merges, c.added, c.config, "");
+        TokenizerJsonFromSlowFiles(c.vocab, c.merges, c.config, "");
     ASSERT_FALSE(json.ok()) << c.want;
     EXPECT_EQ(json.status().code(), absl::StatusCode::kInvalidArgument) << json.status();
     EXPECT_NE(json.status().message().find(c.want), std::string::npos) << json.status();
   }
+  absl::StatusOr<std::unique_ptr<Tokenizer>> bad = Small(merges, "", R"({"x": -1})");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
+  EXPECT_NE(bad.status().message().find("added_tokens.json[\"x\"]"), std::string::npos)
+      << bad.status();
   // A folder with neither tokenizer.json nor vocab.json + merges.txt.
   const fs::path dir = TempDir("only_vocab");
   WriteFile(dir / "vocab.json", kVocab);
