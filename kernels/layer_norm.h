@@ -23,6 +23,10 @@ struct LayerNormParams {
   // as SgmvFold into x followed by a plain LayerNorm of x.
   const float* fold_delta = nullptr;  // [rows, ld_fold] row-major, float32
   int ld_fold = 0;                    // 0 means cols
+  // CUDA: launch as a programmatic dependent (Hopper PDL) of the kernel before it, which may
+  // write x (not weight / bias): the vector kernel of decode-sized steps without fold_delta loads
+  // weight and bias, then waits for that kernel before reading x. Ignored elsewhere.
+  bool programmatic_launch = false;
 };
 
 // Host memory, kF32 only. kInvalidShape when fold_delta is set and x == y or ld_fold < cols.

@@ -156,11 +156,14 @@ struct CudaModelOptions {
   // Base decode steps of at most this many rows (on one GPU, with the fused decode attention and
   // fc2 on the MLP stream) run dense through the bulk GEMV (kernels/cuda/gemv_bulk.cu) as a
   // programmatic dependent that the attention lets launch at its start, so dense's weights
-  // stream into shared memory beside the attention instead of after it; 0: cuBLASLt. Another
-  // summation order than cuBLASLt's (bf16 bounds). -1: PHISHARD_DECODE_DENSE_BULK_ROWS when set,
-  // else kDecodeDenseBulkRowsDefault. Measured (H200, Phi-2 shape, alternated in one process,
-  // perf-log 18:17 / 18:20): b1 ctx1024 x0.991-0.992, ctx4096 x0.976-0.981; b2 x1.002, b4 x1.03
-  // (bigger attention grids leave no SM room beside them), hence 1.
+  // stream into shared memory beside the attention instead of after it, and each layer's
+  // LayerNorm as a programmatic dependent of the GEMV before it (its weights loaded while that
+  // finishes); 0: cuBLASLt and plain launches. Another summation order for dense than cuBLASLt's
+  // (bf16 bounds). -1: PHISHARD_DECODE_DENSE_BULK_ROWS when set, else
+  // kDecodeDenseBulkRowsDefault. Measured (H200, Phi-2 shape, alternated in one process, perf-log
+  // 18:17 / 18:20 / 19:06): the dense overlap b1 ctx1024 x0.991-0.992, ctx4096 x0.976-0.981, b2
+  // x1.002, b4 x1.03 (bigger attention grids leave no SM room beside them), hence 1; the
+  // LayerNorm's programmatic launch on top x0.985-0.988 at ctx 128 / 1024 / 4096.
   int decode_dense_bulk_rows = -1;
 };
 

@@ -281,7 +281,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     decode_plan.merge_counters_len = in.merge_counters_len;
   }
   // CudaModelOptions::decode_dense_bulk_rows: dense through the bulk GEMV, a programmatic
-  // dependent launched at the fused attention's start (after the join with fc2's branch).
+  // dependent launched at the fused attention's start (after the join with fc2's branch), and the
+  // LayerNorms launched as programmatic dependents (of the GEMV before, or the embedding).
   auto dense_gemv = [&](const Layer& w) {
     return GemvParams{
         .a = linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone),
@@ -386,7 +387,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
                                  .rows = rr.rows,
                                  .cols = H,
                                  .eps = c.layer_norm_eps,
-                                 .dtype = dt};
+                                 .dtype = dt,
+                                 .programmatic_launch = dense_bulk};
         // LoRA steps may fold the last layer's dense delta in here (CudaLora::BeforeDense).
         PHI_RETURN_IF_ERROR(KernelResult(
             lora_fork ? lora_->LayerNorm(ln, stream_) : LayerNormCuda(ln, stream_), "layer_norm"));

@@ -43,10 +43,17 @@ __global__ void __launch_bounds__(kVecMaxThreads)
   for (int c = 0; c < kPer; ++c) {
     const int i = threadIdx.x + c * blockDim.x;
     if (i < packs) {
-      xv[c] = xr[i];
       wv[c] = reinterpret_cast<const P*>(w)[i];
       bv[c] = reinterpret_cast<const P*>(b)[i];
     }
+  }
+  // Launched as a programmatic dependent (LayerNormParams::programmatic_launch): x is the kernel
+  // before's output; the weights above are not. (A no-op otherwise.)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    if (i < packs) xv[c] = xr[i];
   }
   if constexpr (kFold) {  // delta rows are 16-byte aligned (checked by the launch)
     const float4* dr = reinterpret_cast<const float4*>(delta + row * ld_delta);
@@ -316,19 +323,19 @@ KernelStatus LayerNormCuda(const LayerNormParams& p, cudaStream_t stream) {
       const T* w = static_cast<const T*>(p.weight);
       const T* b = static_cast<const T*>(p.bias);
       T* y = static_cast<T*>(p.y);
+      auto launch = [&](auto kernel) {
+        return cuda::LaunchMaybeProgrammatic(kernel, dim3(p.rows), dim3(threads), 0, stream,
+                                             p.programmatic_launch, x, w, b, y, p.cols, p.eps,
+                                             nullptr, 0);
+      };
       switch (per) {
         case 1:
-          LayerNormVecKernel<T, 1><<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps);
-          break;
+          return launch(LayerNormVecKernel<T, 1>);
         case 2:
-          LayerNormVecKernel<T, 2><<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps);
-          break;
+          return launch(LayerNormVecKernel<T, 2>);
         default:
-          LayerNormVecKernel<T, kVecMaxPer>
-              <<<p.rows, threads, 0, stream>>>(x, w, b, y, p.cols, p.eps);
-          break;
+          return launch(LayerNormVecKernel<T, kVecMaxPer>);
       }
-      return cuda::LaunchStatus();
     }
     // 16 cached elements per thread cover rows up to 4096 (Phi-2: 2560) from registers.
     LayerNormKernel<T, 16><<<p.rows, kThreads, 0, stream>>>(

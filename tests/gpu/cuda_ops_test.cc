@@ -83,9 +83,11 @@ TEST(CudaEmbedding, GathersExactlyAndZeroesForeignIds) {
 // One LayerNorm launch against the CPU reference. `offset` elements in front of x and y (and of
 // weight and bias) move them off 16-byte alignment when odd, which must take the element-wise
 // fallback kernel.
-void CheckLayerNorm(DataType t, int rows, int cols, bool in_place, int offset) {
+void CheckLayerNorm(DataType t, int rows, int cols, bool in_place, int offset,
+                    bool programmatic = false) {
   SCOPED_TRACE(testing::Message() << DataTypeName(t) << " rows " << rows << " cols " << cols
-                                  << " in_place " << in_place << " offset " << offset);
+                                  << " in_place " << in_place << " offset " << offset
+                                  << " programmatic " << programmatic);
   // Offset mean (values in [2, 4]) so a one-pass E[x²] - E[x]² variance would lose bits.
   std::vector<float> x = RandomVector(static_cast<size_t>(rows) * cols, rows + cols, 2, 4);
   std::vector<float> w = RandomVector(cols, 3 * cols, 0.5f, 1.5f);
@@ -105,6 +107,8 @@ void CheckLayerNorm(DataType t, int rows, int cols, bool in_place, int offset) {
   d_y.Poison();
   char* x_at = static_cast<char*>(d_x.get()) + skip;
   char* y_at = in_place ? x_at : static_cast<char*>(d_y.get()) + skip;
+  cudaStream_t stream = nullptr;  // a stream of its own for the programmatic launch
+  if (programmatic) ASSERT_EQ(DeviceStreamCreate(&stream), 0);
   ASSERT_EQ(LayerNormCuda({.x = x_at,
                            .weight = static_cast<char*>(d_w.get()) + skip,
                            .bias = static_cast<char*>(d_b.get()) + skip,
@@ -112,10 +116,13 @@ void CheckLayerNorm(DataType t, int rows, int cols, bool in_place, int offset) {
                            .rows = rows,
                            .cols = cols,
                            .eps = 1e-5f,
-                           .dtype = t},
-                          nullptr),
+                           .dtype = t,
+                           .programmatic_launch = programmatic},
+                          stream),
             KernelStatus::kOk);
-  gpu_test::ExpectDeviceClean(nullptr);
+  ASSERT_EQ(DeviceStreamSync(stream), 0);
+  gpu_test::ExpectDeviceClean(stream);
+  if (stream != nullptr) DeviceStreamDestroy(stream);
   std::vector<float> ref(x.size());
   ASSERT_EQ(LayerNormCpu({.x = x.data(),
                           .weight = w.data(),
@@ -145,6 +152,18 @@ TEST(CudaLayerNorm, MatchesCpuReference) {
         if (rows > 64 && cols != 2560 && cols != 2048 && cols != 256) continue;
         for (bool in_place : {false, true}) CheckLayerNorm(t, rows, cols, in_place, 0);
       }
+    }
+  }
+}
+
+// LayerNormParams::programmatic_launch (decode steps after the dense bulk GEMV): the same
+// kernels, weight and bias loaded before griddepcontrol.wait; launched as a programmatic
+// dependent on a stream of its own (every kernel path: the flag is ignored where unsupported).
+TEST(CudaLayerNorm, ProgrammaticLaunchMatchesCpuReference) {
+  PHI_REQUIRE_GPU();
+  for (DataType t : kAllTypes) {
+    for (int cols : {2560, 81, 20000}) {
+      for (int rows : {1, 4}) CheckLayerNorm(t, rows, cols, false, 0, true);
     }
   }
 }
