@@ -119,8 +119,6 @@ KernelStatus DispatchAllTypes(DataType dtype, F&& f) {
   return KernelStatus::kUnsupportedDtype;
 }
 
-// After a launch: a configuration or launch failure is kDeviceError (the caller reads the text
-// with DeviceErrorString(DeviceGetLastError()) if it wants it; we leave it in place by peeking).
 // Loads each kernel's module now (cudaFuncGetAttributes) instead of at its first launch, which
 // under CUDA's lazy module loading stalls the launching thread while the GPU runs other work
 // (kernels/cuda/copy_engine_all_reduce_cuda.h says when that matters). kDeviceError when one
@@ -132,6 +130,8 @@ KernelStatus LoadKernels(Kernels... kernels) {
   return ok ? KernelStatus::kOk : KernelStatus::kDeviceError;
 }
 
+// After a launch: a configuration or launch failure is kDeviceError (the caller reads the text
+// with DeviceErrorString(DeviceGetLastError()) if it wants it; we leave it in place by peeking).
 inline KernelStatus LaunchStatus() {
   return cudaPeekAtLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kDeviceError;
 }
