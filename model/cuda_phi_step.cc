@@ -282,7 +282,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   }
   // CudaModelOptions::decode_dense_bulk_rows: dense through the bulk GEMV, a programmatic
   // dependent launched at the fused attention's start (after the join with fc2's branch), and the
-  // LayerNorms launched as programmatic dependents (of the GEMV before, or the embedding).
+  // LayerNorms launched as programmatic dependents (of the GEMV before, or the embedding). With
+  // fc2 on the MLP branch, dense is h += attn · dense_w + dense_b (its `.a` for cuBLASLt).
   auto dense_gemv = [&](const Layer& w) {
     return GemvParams{
         .a = linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone),
@@ -459,13 +460,9 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
       void* h_rows = at(h, rr, H);
       if (fc2_on_branch) {
         // h (+)= fc2 ran on the MLP stream; the dense partial adds to it.
-        if (dense_bulk) {
-          PHI_RETURN_IF_ERROR(KernelResult(GemvCuda(dense_gemv(w), stream_), "dense bulk gemv"));
-        } else {
-          PHI_RETURN_IF_ERROR(
-              Linear(linear(attn, w.dense_w, w.dense_b, h, H, nH * hd, true, GemmEpilogue::kNone),
-                     dt, "dense gemm"));
-        }
+        const GemvParams dense = dense_gemv(w);
+        PHI_RETURN_IF_ERROR(dense_bulk ? KernelResult(GemvCuda(dense, stream_), "dense bulk gemv")
+                                       : Linear(dense.a, dt, "dense gemm"));
       } else {
         const GemmParams fc2 =
             rows_of(linear(at(mlp, rr, c.intermediate_size), w.fc2_w, w.fc2_b, h_rows, H,

@@ -1,6 +1,6 @@
-// The mma.sync (sm_80+) operand loads and m16n8k16 tensor-core product, shared by the mma.sync prefill attention
-// (paged_attention_prefill.cu), the tensor-core decode attention (paged_decode_mma.cu) and the
-// LoRA expand + activation kernel (lora_expand_act.cu).
+// The mma.sync (sm_80+) operand loads and m16n8k16 tensor-core product, shared by the mma.sync
+// prefill attention (paged_attention_prefill.cu), the tensor-core decode attention
+// (paged_decode_mma.cu) and the LoRA expand + activation kernel (lora_expand_act.cu).
 #pragma once
 
 #include <cstdint>
