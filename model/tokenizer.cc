@@ -457,7 +457,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
       }
       if (t.id != key) {
         PHI_LOG(WARNING) << decoder_file << "[\"" << key << "\"] \"" << t.content
-                         << "\" is not in tokenizer.json; added as token id " << t.id
+                         << "\" is not among the tokenizer's tokens; added as token id " << t.id
                          << ", as transformers numbers it";
       }
       added.push_back(std::move(t));
