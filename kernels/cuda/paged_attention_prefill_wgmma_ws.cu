@@ -4,8 +4,7 @@
 //
 // One block per (query head, 192-query tile, sequence): 13 warps, 416 threads, 1 block an SM.
 //   warp 12 (producer): gathers the Q tile [192, HD] once and every 64-key K/V tile through the
-//     block table with cp.async (every K/V row by a lane pair, HD / 16 16-byte chunks a lane, so a
-//     copy instruction reads whole 32-byte sectors of 16 consecutive keys) into a ring of
+//     block table with cp.async (whole K/V rows a lane, HD / 8 16-byte chunks each) into a ring of
 //     kStages = 4 stages. Stage st is published on its `full` mbarrier by
 //     cp.async.mbarrier.arrive.noinc (each of the 32 lanes arrives once its own copies have
 //     landed, so the producer never waits for a copy) and refilled once the 12 consumer warps
@@ -65,8 +64,7 @@ struct WsCfg {
   static constexpr uint32_t kTileBytes = kN / 8 * kGroupBytes;
   static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;  // Q, K[], V[]
   static constexpr uint32_t kSmemBytes = kBarOffset + 2 * kStages * 8;        // + full[], empty[]
-  static_assert(kN % 16 == 0, "the producer copies kN / 16 rows a lane pair");
-  static_assert(kChunks % 2 == 0, "a row's chunks split evenly over a lane pair");
+  static_assert(kN % 32 == 0, "the producer copies kN / 32 rows a lane");
 };
 
 // Named barriers of the turns (0 is __syncthreads'): warpgroup w issues after kTurnBar + w.
@@ -155,25 +153,25 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
                   valid ? q_tile + static_cast<size_t>(r) * a.q_stride + c * 8 : a.q, valid);
       }
     }
-    // Lane -> rows (lane >> 1) + 16 i of each K/V tile, chunks (lane & 1) + 2 c: a copy
-    // instruction reads 32 contiguous bytes (one whole sector) of each of 16 consecutive keys,
-    // which within one block are rows HD elements apart of one contiguous (block, kvh) run
-    // (kernels/kv_layout.h): at block size 16 exactly one block's run; and it writes 16 rows x 2
-    // chunks of the core-matrix layout, 4 to each 16-byte bank group (conflict-free). (One whole
-    // row a lane read half sectors; the flat (row, chunk) mapping of attn6 run 1 was slower.)
-    constexpr int kRowsPerLane = kN / 16;
-    const int row_base = lane >> 1;
-    const int chunk_base = lane & 1;
+    // Lane -> whole rows lane + 32 i of each K/V tile (HD / 8 16-byte chunks a row): a copy
+    // instruction touches one chunk of 32 consecutive keys, two 16-key (block, kvh) runs at block
+    // size 16 (kernels/kv_layout.h); the next chunk's instruction reads the other half of each
+    // sector, from L2. Against lane pairs (rows lane / 2 + 16 i, whole 32-byte sectors a copy,
+    // but 4 block-table reads and row addresses a lane and tile instead of 2; main from the KV
+    // layout change until 2026-11-29 20:30): 0.92 ms at hd 80 8192 tokens against 1.07, 0.63
+    // against 0.70 at 8 x 2048 (perf-log 20:27 / 20:30; which of the producer's costs mattered was
+    // not measured). attn6 run 1's (row, chunk) items through a row-pointer table were slower too.
+    constexpr int kRowsPerLane = kN / 32;
     for (int j = 0; j < n_tiles; ++j) {
       const int st = j % kStages;
-      // Sources of rows row_base + 16 i of key tile j: the block-table reads are issued before the
+      // Sources of rows lane + 32 i of key tile j: the block-table reads are issued before the
       // wait for the stage (their latency hides under it). Keys >= n_keys and block ids outside
       // [0, num_blocks) become zeros (finite: P = 0 times a NaN V would still poison O); new
       // tokens' K / V come from their q rows when the launch stores them (store_k).
       int blk[kRowsPerLane], in_blk[kRowsPerLane];
 #pragma unroll
       for (int i = 0; i < kRowsPerLane; ++i) {
-        const int key = j * kN + row_base + 16 * i;
+        const int key = j * kN + lane + 32 * i;
         blk[i] = -1;
         in_blk[i] = 0;
         if (key < n_keys && !(new_kv_in_q && key >= n_cached)) blk[i] = slot_of(key, &in_blk[i]);
@@ -181,7 +179,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       if (j >= kStages) sm90::MbarWait(&empty[st], ((j / kStages) - 1) & 1);
 #pragma unroll
       for (int i = 0; i < kRowsPerLane; ++i) {
-        const int r = row_base + 16 * i;
+        const int r = lane + 32 * i;
         const int key = j * kN + r;
         const T* k_src = nullptr;
         const T* v_src = nullptr;
@@ -197,8 +195,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
         const bool valid = k_src != nullptr;
         const uint32_t so = st * C::kTileBytes;
 #pragma unroll
-        for (int k = 0; k < C::kChunks / 2; ++k) {
-          const int c = chunk_base + 2 * k;
+        for (int c = 0; c < C::kChunks; ++c) {
           const uint32_t dst = so + TileOffset<HD>(r, c);
           CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
           CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
