@@ -11,6 +11,7 @@
 # below; packs them with their libraries into .dev-final/bundle.txz).
 # Then: run(command="bash tools/device_final_check.sh", carry=[".dev-final"], kind=
 #   "nvidia-h200-x2", timeout_s=360)
+# CHECK_ATTN_ONLY=1: only the prefill attention kernel table beside SDPA (~40 s).
 # After a whole check on one GPU: run(command="CHECK_TP_ONLY=1 PHISHARD_CHECK_BUDGET_S=240 bash
 #   tools/device_final_check.sh", carry=[".dev-final"], kind="nvidia-h200-x2", timeout_s=280)
 #   (the TP tests, the served TP=2 check and the TP bench only). SKIP_LORA_BENCH=1 leaves out the
@@ -75,6 +76,27 @@ if ((FULL)) && [ -x "$SAN" ]; then
   for t in cuda_model_test cuda_model_options_test; do
     step memcheck:$t 90 sanitizer.log "$SAN" --tool memcheck --error-exitcode 9 $B/$t
   done
+fi
+
+# Issue #4's kernel line (prefill attention at head dim 80 against cuDNN / FlashAttention through
+# PyTorch SDPA, on the same GPU in the same call): the kernel table of every tiling, then SDPA on
+# the same shapes. A kernel change that slows a tiling shows here even where kAuto does not take
+# it in the model's steps (kWgmmaWs lost 12-16 % unseen for six hours: perf-log 2026-11-29 20:27).
+# CHECK_ATTN_ONLY=1: this step alone.
+ATTN_SHAPES=h32d80_s2048,h32d80_s4096,h32d80_s8192,h32d80_b8_s1024,h32d80_b8_s2048,h32d64_s2048
+attn_kernels() {
+  PHISHARD_GPU_BENCH=1 PHISHARD_ATTN_BENCH_SHAPES=$ATTN_SHAPES $B/cuda_attention_bench_test &&
+    python3 "$ROOT/tools/attn_bench.py" --shapes "$ATTN_SHAPES" --backends cudnn,flash
+}
+export -f attn_kernels
+export ATTN_SHAPES B ROOT
+if { ((FULL)) || [ "${CHECK_ATTN_ONLY:-0}" = 1 ]; } && [ -x $B/cuda_attention_bench_test ]; then
+  step attn_kernels 60 attn_bench.log bash -c attn_kernels
+fi
+if [ "${CHECK_ATTN_ONLY:-0}" = 1 ]; then
+  grep -E "^RESULT" "$OUT/attn_bench.log" | sed 's/ max_diff.*//'
+  cat "$SUMMARY"
+  exit 0
 fi
 
 # TP=2 served: the router's startup sequence (ServiceDiscovery, Info, Warmup, then the /startup
@@ -181,6 +203,8 @@ echo "== lora prefill pairs"
 grep -A8 "^lora prefill pairs" "$OUT/lora_pairs.log" 2> /dev/null | grep -E "pairs|host|median|ratio" | head -20
 echo "== sustain"
 grep -E "sustain-summary|J/GB" "$OUT/sustain.log" 2> /dev/null | tail -12
+echo "== prefill attention kernels (ms; phishard tilings, then SDPA)"
+grep -E "^RESULT" "$OUT/attn_bench.log" 2> /dev/null | sed 's/ max_diff.*//'
 echo "== tp bench"
 tail -25 "$OUT/tp_bench.log" 2> /dev/null
 echo "== bench"
