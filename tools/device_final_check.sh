@@ -54,6 +54,10 @@ if [ "${CHECK_TP_ONLY:-0}" = 1 ]; then
   GPU_TESTS=$(cd $B && ls nccl_communicator_test custom_all_reduce_test \
     copy_engine_all_reduce_test cuda_tp_model_test 2> /dev/null)
 fi
+if [ "${CHECK_ATTN_ONLY:-0}" = 1 ]; then
+  FULL=0
+  GPU_TESTS=""
+fi
 for t in $GPU_TESTS; do
   step "$t" 90 gpu_tests.log $B/$t
 done
