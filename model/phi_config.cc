@@ -182,7 +182,12 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
 
   double eps = c.layer_norm_eps;
   PHI_RETURN_IF_ERROR(f.OptionalPositive("layer_norm_eps", &eps));
+  // The LayerNorms add eps in float32 (as torch's kernels do): a value that rounds to 0 there
+  // (1e-85) would divide a constant row by zero, one past FLT_MAX would be inf.
   c.layer_norm_eps = static_cast<float>(eps);
+  if (!(c.layer_norm_eps > 0) || !std::isfinite(c.layer_norm_eps)) {
+    return f.WrongType("layer_norm_eps", "a positive number within float32's range");
+  }
 
   // RoPE: 4.x top level, then 5.x rope_parameters (which must agree when both are written, as
   // transformers 5 does for partial_rotary_factor).

@@ -227,6 +227,8 @@ TEST(PhiConfig, WrongTypesNameTheField) {
                                                          {"vocab_size", 4294967296LL},
                                                          {"layer_norm_eps", "1e-5"},
                                                          {"layer_norm_eps", 0},
+                                                         {"layer_norm_eps", 1e-85},
+                                                         {"layer_norm_eps", 1e300},
                                                          {"rope_theta", -1.0},
                                                          {"partial_rotary_factor", true},
                                                          {"tie_word_embeddings", "false"},
