@@ -166,10 +166,19 @@ absl::StatusOr<LoraAdapter> MergeAdapters(const PhiConfig& base,
         if (!src.present() || wa.weight == 0.0f) continue;
         m.a.insert(m.a.end(), src.a.begin(), src.a.end());
         const float f = wa.weight * src.scale;
+        bool finite = std::isfinite(f);
         for (int64_t j = 0; j < out; ++j) {
           for (int k = 0; k < src.rank; ++k) {
-            m.b[j * m.rank + col + k] = f * src.b[j * src.rank + k];
+            const float v = f * src.b[j * src.rank + k];
+            finite = finite && std::isfinite(v);
+            m.b[j * m.rank + col + k] = v;
           }
+        }
+        if (!finite) {  // (finite weights, scales and tensors can still overflow float32 here)
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "merge weight %g of adapter '%s' overflows float32 in %s: its scaled lora_B "
+              "(weight x scale %g x lora_B) is not finite",
+              wa.weight, wa.adapter->name(), LoraModuleName(t, l), src.scale));
         }
         col += src.rank;
       }

@@ -693,6 +693,11 @@ absl::StatusOr<LoraAdapter> LoraAdapter::LoadDir(const fs::path& dir, const PhiC
       m.rank = spec->r;
       m.scale = static_cast<float>(config->use_rslora ? spec->alpha / std::sqrt(double(spec->r))
                                                       : spec->alpha / spec->r);
+      if (!std::isfinite(m.scale)) {  // (the deltas are scaled in float32, as PEFT's)
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "adapter '%s': lora_alpha %g over r %d gives %s a scale outside float32's range",
+            dir.string(), spec->alpha, spec->r, module));
+      }
       PHI_RETURN_IF_ERROR((*store)->ReadF32(names.a, {r, in}, &m.a));
       PHI_RETURN_IF_ERROR((*store)->ReadF32(names.b, {out, r}, &m.b));
       for (const auto& [what, values] : {std::pair{&names.a, &m.a}, {&names.b, &m.b}}) {

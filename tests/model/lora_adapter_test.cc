@@ -278,6 +278,14 @@ TEST_F(MalformedAdapter, NonFiniteWeight) {
               AllOf(HasSubstr(Name(3, "mlp.fc2", "B")), HasSubstr("NaN")));
 }
 
+// A finite lora_alpha whose scale alpha / r overflows float32 (the deltas' precision): refused
+// like a non-finite weight, since every output it touched would be inf or NaN.
+TEST_F(MalformedAdapter, ScaleOutsideFloat32) {
+  config_["lora_alpha"] = 1e300;
+  ExpectError(absl::StatusCode::kInvalidArgument,
+              AllOf(HasSubstr("lora_alpha"), HasSubstr("float32")));
+}
+
 TEST_F(MalformedAdapter, CorruptSafetensors) {
   WriteAdapter(dir_.path(), config_, tensors_);
   WriteText(dir_.path() / "adapter_model.safetensors", "not a safetensors file at all");
@@ -623,6 +631,11 @@ TEST(MergeAdaptersTest, UnsupportedStrategiesAndBadInput) {
   const std::vector<WeightedAdapter> zero = {{&r4, 0.0f}};
   EXPECT_EQ(MergeAdapters(c, zero, MergeStrategy::kLinear, "m").status().code(),
             absl::StatusCode::kInvalidArgument);
+  // A finite weight whose product with the adapter's scale and lora_B overflows float32.
+  const std::vector<WeightedAdapter> huge = {{&r4, 3e38f}};
+  const absl::Status st = MergeAdapters(c, huge, MergeStrategy::kLinear, "m").status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("overflows float32"));
 }
 
 }  // namespace
