@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
+#include "common/status_macros.h"
 #include "kernels/cuda/gelu_cuda.h"
 #include "kernels/cuda/sgmv_cuda.h"
 #include "model/lora_adapter.h"
@@ -182,6 +183,8 @@ absl::Status CudaLora::Upload(int slot, const LoraAdapter& a, cudaStream_t strea
     const LoraModule* m;
     int entry;
     size_t a_off, b_off;
+    LoraTarget target;
+    int layer;
   };
   std::vector<Piece> pieces;
   size_t total = 0;
@@ -205,7 +208,7 @@ absl::Status CudaLora::Upload(int slot, const LoraAdapter& a, cudaStream_t strea
             LoraModuleName(t, l), m.rank, kSgmvCudaMaxRank));
       }
       const int entry = t == LoraTarget::kLmHead ? 6 * L : Entry(l, static_cast<int>(t));
-      Piece p{&m, entry, AlignUp(total), 0};
+      Piece p{&m, entry, AlignUp(total), 0, t, l};
       p.b_off = AlignUp(p.a_off + m.a.size() * 2);
       total = p.b_off + m.b.size() * 2;
       pieces.push_back(p);
@@ -216,15 +219,26 @@ absl::Status CudaLora::Upload(int slot, const LoraAdapter& a, cudaStream_t strea
   if (pieces.empty()) return absl::OkStatus();  // the registry refuses these anyway
   total = AlignUp(total);
   std::vector<uint16_t> staging(total / 2, 0);
-  auto convert = [&](const std::vector<float>& src, size_t off) {
+  // The weights in the model's dtype; a finite value past its range (float16: 65504) would
+  // become inf there and every output the module touches inf or NaN: refused, naming it.
+  const uint16_t inf_bits = dtype_ == DataType::kBF16 ? 0x7F80 : 0x7C00;
+  auto convert = [&](const std::vector<float>& src, size_t off, const Piece& p,
+                     const char* which) -> absl::Status {
     uint16_t* dst = staging.data() + off / 2;
     for (size_t i = 0; i < src.size(); ++i) {
       dst[i] = dtype_ == DataType::kBF16 ? FloatToBF16(src[i]) : FloatToHalf(src[i]);
+      if ((dst[i] & inf_bits) == inf_bits) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "adapter '%s': %s of %s holds %g, outside the range of the model's dtype %s", a.name(),
+            which, LoraModuleName(p.target, p.layer), src[i],
+            dtype_ == DataType::kBF16 ? "bfloat16" : "float16"));
+      }
     }
+    return absl::OkStatus();
   };
   for (const Piece& p : pieces) {
-    convert(p.m->a, p.a_off);
-    convert(p.m->b, p.b_off);
+    PHI_RETURN_IF_ERROR(convert(p.m->a, p.a_off, p, "lora_A"));
+    PHI_RETURN_IF_ERROR(convert(p.m->b, p.b_off, p, "lora_B"));
   }
   void* mem = nullptr;
   if (int err = DeviceMalloc(&mem, total); err != 0) {

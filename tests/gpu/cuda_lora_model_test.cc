@@ -6,6 +6,7 @@
 // with adapters: cuda_lora_prefill_test.cc.
 //
 // bf16 tolerances (ExpectClose): as cuda_model_test.cc's, why in tests/gpu/lora_model_test_util.h.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -30,6 +31,9 @@
 
 namespace phishard::lora_test {
 namespace {
+
+using ::testing::AllOf;
+using ::testing::HasSubstr;
 
 // ---- peft golden fixtures --------------------------------------------------------------------
 void RunGolden(Form form) {
@@ -395,6 +399,43 @@ TEST(CudaLoraBatch, DecodeTuningChangesLaunchShapesNotLogits) {
 }
 
 // ---- load / use / offload ---------------------------------------------------------------------
+// An adapter value past float16's range (finite in float32: 1e5 > 65504) on a float16 model is
+// refused at the upload, naming the module and the dtype, instead of becoming inf on the device;
+// with it offloaded again the model runs as before (the server's LoadAdapter rolls back so).
+TEST(CudaLoraUpload, ValueOutsideTheModelDtypeIsRefused) {
+  PHI_REQUIRE_GPU();
+  const json golden = ReadGolden();
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = CudaPhiModel::Load(
+      TinyPhiDir(), {.dtype = "float16", .device = 0, .reserve_tokens = 256});
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_TRUE((*m)->AllocateKvCache(64, kKvBlockSize).ok());
+  std::unique_ptr<AdapterRegistry> reg = MakeRegistry(2);
+  ASSERT_TRUE(reg);
+  LoraAdapter bad = LoadAdapter(golden.at("adapters")[0], (*m)->config());
+  const LoraTarget t = LoraTarget::kFc2;
+  LoraModule fc2 = bad.module(1, t);
+  ASSERT_TRUE(fc2.present());
+  fc2.b[3] = 1e5f;
+  ASSERT_TRUE(bad.SetModule((*m)->config(), 1, t, std::move(fc2)).ok());
+  ForwardBatch one;
+  one.token_ids = {5};
+  one.positions = {0};
+  one.seqs = {{.num_new_tokens = 1, .context_len = 1, .block_table = {0}}};
+  one.logit_rows = {0};
+  std::vector<float> before, after;
+  ASSERT_TRUE((*m)->SetAdapterRegistry(reg.get()).ok());
+  ASSERT_TRUE((*m)->Forward(one, &before).ok());
+  ASSERT_TRUE(reg->Load(4, std::move(bad)).ok());
+  const absl::Status st = (*m)->SetAdapterRegistry(reg.get());
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(std::string(st.message()),
+              AllOf(HasSubstr(LoraModuleName(t, 1)), HasSubstr("lora_B"), HasSubstr("float16")));
+  ASSERT_TRUE(reg->Offload(4));
+  ASSERT_TRUE((*m)->SetAdapterRegistry(reg.get()).ok());
+  ASSERT_TRUE((*m)->Forward(one, &after).ok());
+  EXPECT_EQ(after, before);
+}
+
 TEST(CudaLoraMemory, HundredLoadUseOffloadCyclesReturnDeviceMemoryToBaseline) {
   PHI_REQUIRE_GPU();
   const json golden = ReadGolden();
