@@ -3,6 +3,7 @@
 #include "model/cuda_lora.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -221,17 +222,17 @@ absl::Status CudaLora::Upload(int slot, const LoraAdapter& a, cudaStream_t strea
   std::vector<uint16_t> staging(total / 2, 0);
   // The weights in the model's dtype; a finite value past its range (float16: 65504) would
   // become inf there and every output the module touches inf or NaN: refused, naming it.
-  const uint16_t inf_bits = dtype_ == DataType::kBF16 ? 0x7F80 : 0x7C00;
+  const bool bf16 = dtype_ == DataType::kBF16;
   auto convert = [&](const std::vector<float>& src, size_t off, const Piece& p,
                      const char* which) -> absl::Status {
     uint16_t* dst = staging.data() + off / 2;
     for (size_t i = 0; i < src.size(); ++i) {
-      dst[i] = dtype_ == DataType::kBF16 ? FloatToBF16(src[i]) : FloatToHalf(src[i]);
-      if ((dst[i] & inf_bits) == inf_bits) {
+      dst[i] = bf16 ? FloatToBF16(src[i]) : FloatToHalf(src[i]);
+      if (!std::isfinite(bf16 ? BF16ToFloat(dst[i]) : HalfToFloat(dst[i]))) {
         return absl::InvalidArgumentError(absl::StrFormat(
             "adapter '%s': %s of %s holds %g, outside the range of the model's dtype %s", a.name(),
             which, LoraModuleName(p.target, p.layer), src[i],
-            dtype_ == DataType::kBF16 ? "bfloat16" : "float16"));
+            bf16 ? "bfloat16" : "float16"));
       }
     }
     return absl::OkStatus();

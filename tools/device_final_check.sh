@@ -142,7 +142,6 @@ for c in json.load(open(sys.argv[1]))["cases"]: print(json.dumps(c["prompt"]))
   [ $ok = 1 ] && [ $good = $n ] && [ $n -gt 0 ]
 }
 export -f tp2_served
-export B ROOT
 # The TP steps need two GPUs (kind nvidia-h200-x2); on one GPU the NCCL / TP tests above skip
 # themselves and these are left out (said in the summary).
 NGPU=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU')
