@@ -433,7 +433,9 @@ PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
   // with both at best and is never chosen here. kWgmmaWs (perf-log attn7): at head dim 80 1.32x
   // kQ128 at 4096 query tokens, 1.47x at 8192; ~10% ahead of kQ128Warps8 alone at 2048 (12% at
   // 8 x 2048) but no faster in a prefill step there (1x2048 and 8x2048 alternated), so only from
-  // kWgmmaWsMinQ up; slower at 8 x 1024. Head dim 64 from 4096 was not measured (4% ahead at 2048).
+  // kWgmmaWsMinQ up; slower at 8 x 1024 (a tie since its tiles align to the sequence's end, perf-log
+  // 2026-11-29 22:31, but 2-4 % slower in the 8 x 1024 / 8 x 2048 steps, 22:26). Head dim 64 from
+  // 4096 was not measured (4% ahead at 2048).
   if (plan.max_q_len >= kWgmmaWsMinQ && p.head_dim == 80 && PagedAttentionPrefillWgmmaAvailable()) {
     return PrefillTiling::kWgmmaWs;
   }

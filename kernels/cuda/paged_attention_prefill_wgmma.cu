@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
   if (!wg_active) return;
 
   // out[row, h, :] = O / l.
-  StoreO<T, HD>(a, o, l_run, q_begin, tile0, rows, wg_row0, row_in_wg, h, t);
+  StoreO<T, HD>(a, o, l_run, q_begin, tile0, /*row_lo=*/0, rows, wg_row0, row_in_wg, h, t);
 #else
   // Built without sm_90a code: PagedAttentionPrefillWgmmaAvailable() is false and this is never
   // launched.

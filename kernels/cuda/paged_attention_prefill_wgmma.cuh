@@ -158,7 +158,9 @@ __device__ __forceinline__ void ScaleAndMask(float (&sc)[kN / 2], float scale_lo
     for (int n = 0; n < kN / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int row_pos = wg_pos_min + row_in_wg + (e >> 1) * 8;
+        // Clamped: a row before its sequence's start (kWgmmaWs' partial first tile) sees key 0,
+        // so its softmax stays finite (it is not stored).
+        const int row_pos = max(wg_pos_min + row_in_wg + (e >> 1) * 8, 0);
         const int key = key0 + n * 8 + 2 * t + (e & 1);
         if (key > row_pos) sc[4 * n + e] = -INFINITY;
       }
@@ -186,12 +188,13 @@ __device__ __forceinline__ void PackP(const float (&sc)[kN / 2], uint32_t (&pa)[
 }
 
 // out[row, h, :] = O / l for the thread's two rows of the block's query tile (tile0 is the tile's
-// first query row of the sequence starting at token q_begin; rows >= `rows` are past its end),
-// two elements (4 bytes) a store. l_run: this lane's part of each row's sum (quad-reduced here).
+// first query row of the sequence starting at token q_begin; rows outside [row_lo, rows) are
+// outside the sequence), two elements (4 bytes) a store. l_run: this lane's part of each row's sum
+// (quad-reduced here).
 template <typename T, int HD>
 __device__ __forceinline__ void StoreO(const WgArgs<T>& a, const float (&o)[HD / 2],
-                                       const float (&l_run)[2], int q_begin, int tile0, int rows,
-                                       int wg_row0, int row_in_wg, int h, int t) {
+                                       const float (&l_run)[2], int q_begin, int tile0, int row_lo,
+                                       int rows, int wg_row0, int row_in_wg, int h, int t) {
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     float l = l_run[hh];
@@ -199,7 +202,7 @@ __device__ __forceinline__ void StoreO(const WgArgs<T>& a, const float (&o)[HD /
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const float inv_l = 1.0f / l;  // l >= 1: the row's max element contributes exp2(0)
     const int row = wg_row0 + row_in_wg + hh * 8;
-    if (row < rows) {
+    if (row >= row_lo && row < rows) {
       T* dst =
           a.out + static_cast<size_t>(q_begin + tile0 + row) * a.num_heads * HD + h * HD + 2 * t;
 #pragma unroll

@@ -2,7 +2,8 @@
 // the problem, shared-memory layout and per-tile math of the wgmma kernel
 // (paged_attention_prefill_wgmma.cu), with FlashAttention-3's division of labour.
 //
-// One block per (query head, 192-query tile, sequence): 13 warps, 416 threads, 1 block an SM.
+// One block per (query head, sequence, 192-query tile aligned to the sequence's end): 13 warps, 416
+// threads, 1 block an SM.
 //   warp 12 (producer): gathers the Q tile [192, HD] once and every 64-key K/V tile through the
 //     block table with cp.async (whole K/V rows a lane, HD / 8 16-byte chunks each) into a ring of
 //     kStages = 4 stages. Stage st is published on its `full` mbarrier by
@@ -28,11 +29,12 @@
 // the wgmma kernel) + 8 mbarriers: 110 KiB at HD 80. All three warpgroups run every key tile of the
 // block (so the turns pair up); a warpgroup's tiles past its causal diagonal are fully masked
 // (p = 0; key 0 is in every row's first tile, so no row's max is -inf after tile 0).
-// Measured on H200 (docs/perf-log.md, attn7), causal bf16, 32 heads, ms: hd 80 2048 0.089 (240
-// TFLOP/s) vs kQ128Warps8 0.099, PyTorch SDPA cuDNN 0.118; 4096 0.275 vs 0.344, cuDNN 0.306; 8192
-// 0.924 (372 TFLOP/s) vs 1.281, cuDNN 0.957; 8 x 2048 0.628 vs 0.715, cuDNN 0.550; 8 x 1024 0.239
-// vs 0.214 (slower: 6 query tiles a sequence, one block an SM), cuDNN 0.194. kAuto takes it at
-// head dim 80 from 4096 query tokens (PagedAttentionPrefillTiling).
+// Measured on H200 (docs/perf-log.md 2026-11-29 22:31, tiles aligned to the sequence's end), causal
+// bf16, 32 heads, ms: hd 80 1024 0.034 vs kQ128Warps8 0.044; 2048 0.086 (249 TFLOP/s) vs 0.100,
+// PyTorch SDPA cuDNN 0.103 (same machine, 22:26); 4096 0.259 vs 0.345, cuDNN 0.289; 8192 0.889 (386
+// TFLOP/s) vs 1.266, cuDNN 0.943; 8 x 2048 0.600 vs 0.716, cuDNN 0.518; 8 x 1024 0.214 vs 0.213,
+// cuDNN 0.175 (batched 1-2k: cuDNN ahead). kAuto takes it at head dim 80 from 4096 query tokens
+// (PagedAttentionPrefillTiling).
 #include <cmath>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -102,12 +104,21 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   const int s = blockIdx.z;
   const int q_begin = a.cu_q_lens[s];
   const int q_len = a.cu_q_lens[s + 1] - q_begin;
-  // Causal work grows with the tile index: launch the last (heaviest) tiles first.
-  const int tile0 = (gridDim.y - 1 - blockIdx.y) * C::kRows;
-  if (tile0 >= q_len) return;
-  const int rows = min(C::kRows, q_len - tile0);
+  // Query tiles are aligned to the sequence's end: tile z holds rows [q_len - kRows (z + 1),
+  // q_len - kRows z), so a partial tile is the sequence's first, whose causal work is the least
+  // (aligned to the start, the partial tile was the last and heaviest: its empty rows ran every
+  // key tile): perf-log 2026-11-29 22:33, 3-14 % faster (8 x 1024 0.214 against 0.239 ms, 2048
+  // 0.086 against 0.092). Rows before the sequence's start (r < row_lo) load zero queries, see key
+  // 0 only (ScaleAndMask clamps their positions) and are not stored. blockIdx.y 0 is the last
+  // (heaviest) tile: the grid launches them first. Launching every sequence's tile z together
+  // (tiles in the grid's z) was slower at 8 x 1024 / 8 x 2048 (0.226 / 0.648 ms): the blocks in
+  // flight then read several sequences' K / V, not one's.
+  const int tile_end = q_len - static_cast<int>(blockIdx.y) * C::kRows;
+  if (tile_end <= 0) return;
+  const int tile0 = tile_end - C::kRows;  // the tile's row 0; negative on a partial first tile
+  const int row_lo = max(0, -tile0);      // its first row inside the sequence
   const int pos0 = a.context_lens[s] - q_len + tile0;  // position of the tile's row 0
-  const int n_keys = pos0 + rows;                      // keys [0, n_keys) are visible to some row
+  const int n_keys = pos0 + C::kRows;                  // keys [0, n_keys) are visible to some row
   const int n_tiles = (n_keys + kN - 1) / kN;
   const int tid = threadIdx.x;
 
@@ -141,16 +152,17 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       *in_blk = key - b * a.block_size;
       return __ldg(table + b);
     };
-    {  // Q tile [kRows, HD] (rows past the sequence's end are zeros); in tile 0's copy group.
-      const T* q_tile = a.q + static_cast<size_t>(q_begin + tile0) * a.q_stride + h * HD;
+    {  // Q tile [kRows, HD] (rows before the sequence's start are zeros); in tile 0's copy group.
 #pragma unroll 4
       for (int k = 0; k < C::kRows * C::kChunks / 32; ++k) {
         const int item = lane + 32 * k;
         const int r = item / C::kChunks;
         const int c = item - r * C::kChunks;
-        const bool valid = r < rows;
-        CpAsync16(sQ + TileOffset<HD>(r, c),
-                  valid ? q_tile + static_cast<size_t>(r) * a.q_stride + c * 8 : a.q, valid);
+        const bool valid = r >= row_lo;
+        const T* src =
+            valid ? a.q + static_cast<size_t>(q_begin + tile0 + r) * a.q_stride + h * HD + c * 8
+                  : a.q;
+        CpAsync16(sQ + TileOffset<HD>(r, c), src, valid);
       }
     }
     // Lane -> whole rows lane + 32 i of each K/V tile (HD / 8 16-byte chunks a row): a copy
@@ -211,7 +223,8 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
     // head of each KV head, so every (token, KV head) is stored once; nothing in this launch reads
     // them from the cache (every block reads new keys from the q rows).
     if (new_kv_in_q && h % (a.num_heads / a.num_kv_heads) == 0) {
-      StoreNewKvRows<T, HD, 32>(a, slot_of, lane, rows, kvh, pos0, q_begin, tile0);
+      StoreNewKvRows<T, HD, 32>(a, slot_of, lane, C::kRows - row_lo, kvh, pos0 + row_lo, q_begin,
+                                tile0 + row_lo);
     }
     return;
   }
@@ -342,7 +355,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   wgmma::PinRegisters(o);
 
   // out[row, h, :] = O / l.
-  StoreO<T, HD>(a, o, l_run, q_begin, tile0, rows, wg_row0, row_in_wg, h, t);
+  StoreO<T, HD>(a, o, l_run, q_begin, tile0, row_lo, C::kRows, wg_row0, row_in_wg, h, t);
 #else
   // Built without sm_90a code: PagedAttentionPrefillWgmmaAvailable() is false and this is never
   // launched.
