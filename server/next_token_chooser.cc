@@ -163,6 +163,22 @@ void NextTokenChooser::ApplyWatermark(absl::Span<const int32_t> history, std::ve
   }
 }
 
+void NextTokenChooser::ApplyTemperature(std::vector<float>* scores) const {
+  const float t = params_.temperature;
+  float max = kNegInf;
+  for (float s : *scores) {
+    if (std::isfinite(s) && s > max) max = s;
+  }
+  // s / t, as the reference divides. A temperature so small that the largest finite score divided
+  // by it leaves float32 (1e-38 against a logit of 10: +inf; or -inf when every score is negative)
+  // would drop the most likely token from the draw (non-finite scores are impossible tokens) and
+  // report an infinite logprob: there the scores are shifted by their max first, which changes no
+  // probability — the largest becomes 0, the others (s - max) / t, -inf past float32 (probability
+  // 0, the limit of a vanishing temperature).
+  const bool shift = std::isfinite(max) && !std::isfinite(max / t);
+  for (float& s : *scores) s = shift ? (s - max) / t : s / t;
+}
+
 void NextTokenChooser::ApplyRepetitionPenalty(absl::Span<const int32_t> history,
                                               std::vector<float>* scores,
                                               std::vector<uint32_t>* counts) const {
@@ -277,9 +293,7 @@ TokenChoice NextTokenChooser::Choose(absl::Span<const float> logits,
     ApplyFrequencyPresencePenalty(history, &scores, &ws->counts);
   }
   if (sampling_) {
-    if (params_.temperature != 1.0f) {
-      for (float& s : scores) s /= params_.temperature;
-    }
+    if (params_.temperature != 1.0f) ApplyTemperature(&scores);
     if (params_.top_k != 0) ApplyTopK(&scores, &ws->order);
     if (params_.top_p < 1.0f) ApplyTopP(&scores, &ws->order, &ws->probs);
     if (params_.typical_p < 1.0f) ApplyTypicalP(&scores, &ws->order, &ws->probs);

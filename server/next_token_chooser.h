@@ -89,6 +89,8 @@ class NextTokenChooser {
                               std::vector<uint32_t>* counts) const;
   void ApplyFrequencyPresencePenalty(absl::Span<const int32_t> history, std::vector<float>* scores,
                                      std::vector<uint32_t>* counts) const;
+  // scores / temperature (shifted by their max first where that division would leave float32).
+  void ApplyTemperature(std::vector<float>* scores) const;
   void ApplyTopK(std::vector<float>* scores, std::vector<int32_t>* order) const;
   void ApplyTopP(std::vector<float>* scores, std::vector<int32_t>* order,
                  std::vector<double>* probs) const;

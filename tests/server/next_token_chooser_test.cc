@@ -111,6 +111,44 @@ TEST(NextTokenChooserTest, TemperatureZeroIsGreedyEvenWithWarpers) {
   }
 }
 
+// A temperature so small that logit / t leaves float32 (1e-38: 10 / t = +inf; all-negative logits
+// -> -inf) samples the argmax with logprob 0, the limit of a vanishing temperature, instead of
+// dropping the overflowed (most likely) token from the draw with an infinite logprob. A normal
+// temperature keeps the plain division, bit for bit.
+TEST(NextTokenChooserTest, VanishingTemperatureSamplesTheArgmax) {
+  const std::vector<std::vector<float>> rows = {{0.0f, 10.0f, 9.5f, -3.0f, 0.001f},
+                                                {-7.0f, -2.0f, -2.5f, -30.0f, -4.0f}};
+  for (const std::vector<float>& logits : rows) {
+    for (float t : {1e-38f, 1e-45f, 1e-30f}) {
+      for (uint64_t seed = 0; seed < 50; ++seed) {
+        SamplingParams p;
+        p.do_sample = true;
+        p.temperature = t;
+        p.seed = seed;
+        p.return_k_alternatives = 2;
+        NextTokenChooser chooser(p, 5);
+        ChooserWorkspace ws;
+        const TokenChoice c = chooser.Choose(logits, std::vector<int32_t>{0}, &ws);
+        ASSERT_EQ(c.id, 1) << "t " << t << " seed " << seed;
+        ASSERT_EQ(c.logprob, 0.0f);
+        ASSERT_EQ(c.alt_ids.size(), 2u);
+        EXPECT_EQ(c.alt_ids[0], 1);
+        // The runner-up: (9.5 - 10) / t = -5e37 at 1e-38; -inf past float32 (at 1e-45 every other
+        // token ties there, the lowest id first); never NaN.
+        EXPECT_FALSE(std::isnan(c.alt_logprobs[1]));
+        EXPECT_LT(c.alt_logprobs[1], -1e29f);
+      }
+    }
+  }
+  SamplingParams p;
+  p.do_sample = true;
+  p.temperature = 0.7f;
+  NextTokenChooser chooser(p, 5);
+  std::vector<float> scores = rows[0];
+  chooser.ApplyTemperature(&scores);
+  for (size_t i = 0; i < scores.size(); ++i) EXPECT_EQ(scores[i], rows[0][i] / 0.7f);
+}
+
 TEST(NextTokenChooserTest, TopKOneSamplesArgmaxWithLogprobZero) {
   const std::vector<float> logits = {0.3f, -0.2f, 1.9f, 1.8f, 0.0f};
   for (uint64_t seed = 0; seed < 200; ++seed) {
