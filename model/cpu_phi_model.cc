@@ -207,6 +207,19 @@ absl::StatusOr<int> CpuPhiModel::MaxKvBlocks(double memory_fraction, int max_bat
   return FewestKvBlocks(all.data(), shard_.world_size, shard_.rank, mine);
 }
 
+absl::Status CpuPhiModel::CheckSameOnEveryRank(absl::Span<const RankSetting> settings) const {
+  if (!shard_.sharded() || settings.empty()) return absl::OkStatus();
+  const size_t n = settings.size() * kRankSettingFloats;
+  std::vector<float> send(n), all(n * static_cast<size_t>(shard_.world_size));
+  EncodeRankSettings(settings, send.data());
+  if (absl::Status st = Collective(parallel_.comm->AllGather(send.data(), all.data(), n),
+                                   "all-gather of the rank settings");
+      !st.ok()) {
+    return st;
+  }
+  return CheckRankSettingsAgree(settings, all.data(), shard_.world_size);
+}
+
 absl::StatusOr<int> CpuPhiModel::LocalMaxKvBlocks(double memory_fraction,
                                                   int max_batch_tokens) const {
   if (absl::Status s = CheckKvPoolSizing(memory_fraction, max_batch_tokens); !s.ok()) return s;

@@ -67,6 +67,7 @@ class CpuPhiModel final : public ModelBackend {
   // min(memory_fraction x MemAvailable - step workspace, kMaxKvCacheBytes) / bytes per block, for
   // blocks of kKvBlockSize tokens. RESOURCE_EXHAUSTED when not even one block fits.
   absl::StatusOr<int> MaxKvBlocks(double memory_fraction, int max_batch_tokens) const override;
+  absl::Status CheckSameOnEveryRank(absl::Span<const RankSetting> settings) const override;
   absl::Status AllocateKvCache(int num_blocks, int block_size) override;
   int kv_num_blocks() const override { return kv_num_blocks_; }
   int kv_block_size() const { return kv_block_size_; }

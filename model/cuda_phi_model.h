@@ -194,6 +194,7 @@ class CudaPhiModel final : public ModelBackend {
   //   - the decode graphs not yet captured (kDecodeGraphBytes each) - (1 - fraction) x total.
   // Remembers max_batch_tokens: the next AllocateKvCache grows the arena to it first.
   absl::StatusOr<int> MaxKvBlocks(double memory_fraction, int max_batch_tokens) const override;
+  absl::Status CheckSameOnEveryRank(absl::Span<const RankSetting> settings) const override;
   absl::Status AllocateKvCache(int num_blocks, int block_size) override;
   int kv_num_blocks() const override { return kv_num_blocks_; }
   int kv_block_size() const { return kv_block_size_; }
@@ -488,6 +489,10 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status TpFailed(const absl::Status& st, const char* what);  // marks the model failed
   absl::Status ReserveTpLogits(int tokens);
   absl::StatusOr<int> AgreeKvBlocks(absl::StatusOr<int> local) const;
+  // Every rank's `mine` ([W, mine.size()] floats, rank-major) through the communicator: a blocking
+  // collective that every rank must enter.
+  absl::StatusOr<std::vector<float>> AllGatherHost(absl::Span<const float> mine,
+                                                   const char* what) const;
   absl::StatusOr<int> LocalMaxKvBlocks(double memory_fraction, int max_batch_tokens) const;
   absl::Status EnsureDecodeCapacity(int rows, int table_pitch);
   void StepTimerStart();

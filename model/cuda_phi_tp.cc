@@ -134,6 +134,34 @@ absl::Status CudaPhiModel::ReserveTpLogits(int tokens) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<float>> CudaPhiModel::AllGatherHost(absl::Span<const float> mine,
+                                                                const char* what) const {
+  // Blocking collective on the communicator's own stream, through a small device buffer (the
+  // communicator gathers device memory): mine, then [W, n] of every rank's.
+  const size_t n = mine.size();
+  const int W = shard_.world_size;
+  std::vector<float> all(n * static_cast<size_t>(W));
+  auto cuda = [&](int err, const char* op) {
+    return err == 0 ? absl::OkStatus()
+                    : absl::InternalError(absl::StrFormat("CUDA %s failed on device %d: %s", op,
+                                                          device_, DeviceErrorString(err)));
+  };
+  DeviceSet(device_);
+  void* dev = nullptr;
+  absl::Status st = cuda(DeviceMalloc(&dev, (n + all.size()) * sizeof(float)), "malloc");
+  float* d = static_cast<float*>(dev);
+  if (st.ok()) st = cuda(DeviceCopyToDevice(d, mine.data(), n * sizeof(float), stream_), "copy");
+  if (st.ok()) st = cuda(DeviceStreamSync(stream_), "copy");
+  if (st.ok()) st = TpError(shard_, comm_->AllGather(d, d + n, n), what);
+  if (st.ok()) {
+    st = cuda(DeviceCopyToHost(all.data(), d + n, all.size() * sizeof(float), stream_), "copy");
+  }
+  if (st.ok()) st = cuda(DeviceStreamSync(stream_), "copy");
+  if (dev != nullptr) DeviceFree(dev);
+  if (!st.ok()) return st;
+  return all;
+}
+
 absl::StatusOr<int> CudaPhiModel::AgreeKvBlocks(absl::StatusOr<int> local) const {
   if (comm_ == nullptr) return local;
   // Every rank must allocate the same pool (each rank's engine hands out the same block ids): the
@@ -144,48 +172,32 @@ absl::StatusOr<int> CudaPhiModel::AgreeKvBlocks(absl::StatusOr<int> local) const
   constexpr int kStride = 4;
   const int W = shard_.world_size;
   const int64_t mine = local.ok() ? *local : 0;
-  std::vector<float> host(kStride * (1 + static_cast<size_t>(W)));
-  EncodeKvBlockCount(mine, host.data());
+  float host[kStride];
+  EncodeKvBlockCount(mine, host);
   host[2] = static_cast<float>(tp_overlap_->chunks);
   host[3] = static_cast<float>(std::min(tp_overlap_->min_rows, 1 << 24));
-  void* dev = nullptr;
-  auto cuda = [&](int err, const char* what) {
-    return err == 0 ? absl::OkStatus()
-                    : absl::InternalError(absl::StrFormat("CUDA %s failed on device %d: %s", what,
-                                                          device_, DeviceErrorString(err)));
-  };
-  DeviceSet(device_);
-  absl::Status st = cuda(DeviceMalloc(&dev, host.size() * sizeof(float)), "malloc");
-  float* d = static_cast<float*>(dev);
-  if (st.ok()) {
-    st = cuda(DeviceCopyToDevice(d, host.data(), kStride * sizeof(float), stream_), "copy");
-  }
-  if (st.ok()) st = cuda(DeviceStreamSync(stream_), "copy");
-  // Blocking collective on the communicator's own stream; inputs are ready (synchronised above).
-  if (st.ok()) {
-    st =
-        TpError(shard_, comm_->AllGather(d, d + kStride, kStride), "all-gather of KV block counts");
-  }
-  const float* all = host.data() + kStride;  // [W, kStride]
-  if (st.ok()) {
-    st = cuda(
-        DeviceCopyToHost(host.data() + kStride, d + kStride, kStride * W * sizeof(float), stream_),
-        "copy");
-  }
-  if (st.ok()) st = cuda(DeviceStreamSync(stream_), "copy");
-  if (dev != nullptr) DeviceFree(dev);
-  if (!st.ok()) return st;
+  absl::StatusOr<std::vector<float>> all = AllGatherHost(host, "all-gather of KV block counts");
+  if (!all.ok()) return all.status();
   if (!local.ok()) return local.status();
-  if (absl::Status agree = CheckPrefillChunkingAgrees(all, kStride, 2, W, shard_.rank);
+  if (absl::Status agree = CheckPrefillChunkingAgrees(all->data(), kStride, 2, W, shard_.rank);
       !agree.ok()) {
     return agree;
   }
   std::vector<float> counts(2 * static_cast<size_t>(W));
   for (int r = 0; r < W; ++r) {
-    counts[2 * r] = all[kStride * r];
-    counts[2 * r + 1] = all[kStride * r + 1];
+    counts[2 * r] = (*all)[kStride * r];
+    counts[2 * r + 1] = (*all)[kStride * r + 1];
   }
   return FewestKvBlocks(counts.data(), W, shard_.rank, mine);
+}
+
+absl::Status CudaPhiModel::CheckSameOnEveryRank(absl::Span<const RankSetting> settings) const {
+  if (comm_ == nullptr || settings.empty()) return absl::OkStatus();
+  std::vector<float> mine(settings.size() * kRankSettingFloats);
+  EncodeRankSettings(settings, mine.data());
+  absl::StatusOr<std::vector<float>> all = AllGatherHost(mine, "all-gather of the rank settings");
+  if (!all.ok()) return all.status();
+  return CheckRankSettingsAgree(settings, all->data(), shard_.world_size);
 }
 
 }  // namespace phishard

@@ -14,6 +14,7 @@
 #include "model/forward_batch.h"
 #include "model/lora_adapter.h"
 #include "model/phi_config.h"
+#include "model/rank_settings.h"
 
 namespace phishard {
 
@@ -30,6 +31,14 @@ class ModelBackend {
   // Number of KV blocks that fit in `memory_fraction` of the memory left after weights
   // (and workspace for a step of `max_batch_tokens` tokens).
   virtual absl::StatusOr<int> MaxKvBlocks(double memory_fraction, int max_batch_tokens) const = 0;
+  // Collective in a tensor-parallel group (every rank calls it at the same point of Warmup, with
+  // the same settings in the same order): OK when every rank passed the same values, else
+  // FAILED_PRECONDITION on every rank naming the setting and each rank's value
+  // (CheckRankSettingsAgree). OK without a group.
+  virtual absl::Status CheckSameOnEveryRank(absl::Span<const RankSetting> settings) const {
+    (void)settings;
+    return absl::OkStatus();
+  }
   // (Re)allocates the KV pool: per layer K and V of [num_blocks, nKV, block_size, head_dim]
   // (kernels/kv_layout.h).
   virtual absl::Status AllocateKvCache(int num_blocks, int block_size) = 0;

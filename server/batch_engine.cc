@@ -514,6 +514,17 @@ absl::StatusOr<uint32_t> BatchEngine::Warmup(const BatchInput& batch, uint32_t m
     return absl::Status(st.code(), absl::StrCat("Warmup decode failed: ", st.message()));
   }
 
+  // The pool's sizing settings come from each rank's own command line but must be the same on
+  // every rank of a tensor-parallel group (each rank's allocator hands out the same block ids, and
+  // --max-kv-blocks decides whether the ranks meet in MaxKvBlocks' collective): checked by a
+  // collective first, which fails on every rank alike, naming the setting.
+  if (absl::Status st = s.model->CheckSameOnEveryRank(
+          {RankSetting::Int("--max-kv-blocks", s.options.max_kv_blocks),
+           RankSetting::Int("--unrouted-kv-blocks", s.options.unrouted_kv_blocks),
+           RankSetting::Double("MEMORY_WIGGLE_ROOM", s.options.memory_wiggle_room)});
+      !st.ok()) {
+    return absl::Status(st.code(), absl::StrCat("Warmup: ", st.message()));
+  }
   int num_blocks = s.options.max_kv_blocks;
   if (num_blocks <= 0) {
     // Ask for the room with only the warmup pool in place (the backend counts memory left after

@@ -363,7 +363,10 @@ TEST(TpLaunch, KillingARankEndsTheLaunchNonZero) {
 // Two bare `serve --sharded` ranks (no launcher to stop them): when one dies, the other aborts
 // its communicator and exits non-zero on its own, within a bounded time.
 struct BareRanks {
-  BareRanks(const TempDir& dir, std::vector<std::string> models) : uds(dir / "s") {
+  // extra[r]: more arguments of rank r's `serve` (none when extra is shorter).
+  BareRanks(const TempDir& dir, std::vector<std::string> models,
+            std::vector<std::vector<std::string>> extra = {})
+      : uds(dir / "s") {
     const int port = testing::FreeLoopbackPort();
     const int n = static_cast<int>(models.size());
     for (int r = 0; r < n; ++r) {
@@ -372,11 +375,12 @@ struct BareRanks {
       env["WORLD_SIZE"] = std::to_string(n);
       env["MASTER_ADDR"] = "127.0.0.1";
       env["MASTER_PORT"] = std::to_string(port);
-      ranks.push_back(std::make_unique<ShardProcess>(
-          BinaryPath(),
-          std::vector<std::string>{"serve", models[r], "--uds-path", uds, "--device", "cpu",
-                                   "--sharded"},
-          dir.path(), env));
+      std::vector<std::string> args = {"serve",  models[r], "--uds-path", uds, "--device",
+                                       "cpu",    "--sharded"};
+      if (r < static_cast<int>(extra.size())) {
+        args.insert(args.end(), extra[r].begin(), extra[r].end());
+      }
+      ranks.push_back(std::make_unique<ShardProcess>(BinaryPath(), args, dir.path(), env));
     }
   }
   std::string Socket(int r) const { return uds + "-" + std::to_string(r); }
@@ -460,6 +464,26 @@ TEST(TpServe, PeerKilledMidDecodeEndsTheOtherRankWithTheCause) {
   EXPECT_NE(g.ranks[0]->out().find("tensor-parallel group broken"), std::string::npos)
       << g.ranks[0]->Logs();
   EXPECT_FALSE(IsSocket(g.Socket(0))) << "rank 0 shut down and removed its socket";
+}
+
+// Ranks started by hand with different --unrouted-kv-blocks would carve different unrouted
+// tails out of one pool (a request without `blocks` then gets other block ids on each rank):
+// Warmup fails on every rank alike, naming the option and both values, and the group stays up.
+TEST(TpServe, DifferentUnroutedKvBlocksFailWarmupOnEveryRank) {
+  TempDir dir;
+  BareRanks g(dir, {DemoModel(), DemoModel()},
+              {{"--unrouted-kv-blocks", "64"}, {"--unrouted-kv-blocks", "32"}});
+  for (int r = 0; r < 2; ++r) ASSERT_TRUE(g.ranks[r]->WaitForSocket(g.Socket(r), 120));
+  absl::StatusOr<std::unique_ptr<RouterSession>> s = RouterSession::Connect(UdsTarget(g.uds), 120);
+  ASSERT_TRUE(s.ok()) << s.status();
+  absl::StatusOr<std::optional<uint32_t>> w = (*s)->Warmup(RouterWarmupRequest(1023, 1073, 1024));
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().code(), absl::StatusCode::kFailedPrecondition) << w.status();
+  EXPECT_NE(w.status().message().find("--unrouted-kv-blocks (rank 0 64, rank 1 32)"),
+            std::string::npos)
+      << w.status();
+  EXPECT_TRUE((*s)->Health().ok()) << "a refused Warmup leaves the group serving Health";
+  for (int r = 0; r < 2; ++r) EXPECT_TRUE(IsSocket(g.Socket(r))) << g.ranks[r]->Logs();
 }
 
 TEST(TpServe, ARankThatCannotStartStopsTheOthers) {

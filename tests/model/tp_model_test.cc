@@ -32,6 +32,7 @@
 #include "model/kv_cache.h"
 #include "model/lora_adapter.h"
 #include "model/lora_shard.h"
+#include "model/rank_settings.h"
 #include "nlohmann/json.hpp"
 #include "parallel/parallel_group.h"
 #include "tests/model/lora_test_util.h"
@@ -348,6 +349,57 @@ TEST(TpShard, KvBlockCountsAgreeOnTheFewest) {
   fewest = FewestKvBlocks(wire.data(), 3, 2, fits[2]);
   EXPECT_EQ(fewest.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(fewest.status().message().find("rank 1"), std::string::npos) << fewest.status();
+}
+
+// Settings each rank reads from its own command line travel exactly (any int64, a double's bits),
+// and a difference names the setting and every rank's value.
+TEST(TpShard, RankSettingsWireForm) {
+  const std::vector<RankSetting> mine = {RankSetting::Int("--max-kv-blocks", -1),
+                                         RankSetting::Int("--unrouted-kv-blocks", 64),
+                                         RankSetting::Double("MEMORY_WIGGLE_ROOM", 0.95)};
+  constexpr int kN = 3 * kRankSettingFloats;
+  std::vector<float> wire(2 * kN);
+  EncodeRankSettings(mine, wire.data());
+  EncodeRankSettings(mine, wire.data() + kN);
+  EXPECT_TRUE(CheckRankSettingsAgree(mine, wire.data(), 2).ok());
+  for (float f : wire) EXPECT_EQ(f, std::floor(f));  // 16-bit integers: exact in any transport
+
+  std::vector<RankSetting> other = mine;
+  other[1].value = (int64_t{1} << 40) + 64;  // differs from 64 only in the high bits
+  EncodeRankSettings(other, wire.data() + kN);
+  absl::Status st = CheckRankSettingsAgree(mine, wire.data(), 2);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("--unrouted-kv-blocks (rank 0 64, rank 1 1099511627840)"),
+            std::string::npos)
+      << st;
+
+  other = mine;
+  other[2] = RankSetting::Double("MEMORY_WIGGLE_ROOM", 0.9);
+  EncodeRankSettings(other, wire.data() + kN);
+  st = CheckRankSettingsAgree(mine, wire.data(), 2);
+  EXPECT_NE(st.message().find("MEMORY_WIGGLE_ROOM (rank 0 0.95, rank 1 0.9)"), std::string::npos)
+      << st;
+}
+
+// Through the Gloo group: a rank started with another --unrouted-kv-blocks makes every rank fail
+// with the same error (none is left waiting in a collective), and the group stays usable.
+TEST(TpShard, DifferentRankSettingsFailOnEveryRank) {
+  const std::vector<Trace> ranks = OnRanks(kTiny, 2, nullptr, [&](CpuPhiModel& m) {
+    Trace t;
+    const absl::Status differ = m.CheckSameOnEveryRank(
+        {RankSetting::Int("--max-kv-blocks", 0),
+         RankSetting::Int("--unrouted-kv-blocks", m.tp_rank() == 0 ? 64 : 32)});
+    EXPECT_EQ(differ.code(), absl::StatusCode::kFailedPrecondition) << differ;
+    EXPECT_NE(differ.message().find("different --unrouted-kv-blocks (rank 0 64, rank 1 32)"),
+              std::string::npos)
+        << differ;
+    const absl::Status same = m.CheckSameOnEveryRank({RankSetting::Int("--max-kv-blocks", 7)});
+    EXPECT_TRUE(same.ok()) << same;
+    t.ok = differ.code() == absl::StatusCode::kFailedPrecondition && same.ok();
+    return t;
+  });
+  ASSERT_EQ(ranks.size(), 2u);
+  for (const Trace& t : ranks) EXPECT_TRUE(t.ok);
 }
 
 TEST(TpShard, CreateRefusesWhatItCannotShard) {
