@@ -65,7 +65,7 @@ if ((FULL)); then
   export PHISHARD_TEST_DEVICE=cuda
   for t in serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test \
     metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test \
-    serve_limits_test; do
+    serve_limits_test serve_churn_test; do
     step "cuda:$t" 80 integration.log $B/$t
   done
   unset PHISHARD_TEST_DEVICE
