@@ -1,0 +1,262 @@
+// CudaPhiModel's decode path: the batch padded to a graph bucket whose CUDA graph is replayed
+// (captured at Warmup, CaptureDecodeGraphs), its inputs uploaded at fixed offsets, and the
+// requested logits rows copied out through pinned staging (CopyLogitsOut, shared with prefill).
+#ifdef PHISHARD_HAVE_CUDA
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+#include "kernels/device_event.h"
+#include "model/cuda_graph_runner.h"
+#include "model/cuda_lora.h"
+#include "model/cuda_phi_internal.h"
+#include "model/cuda_phi_model.h"
+#include "model/kv_cache.h"
+
+namespace phishard {
+namespace {
+
+using cuda_model::ArenaLayout;
+using cuda_model::MakeArenaLayout;
+using cuda_model::VocabPad;
+
+// The decode path's inputs, at fixed offsets for the life of the buffer (`rows` rows, `ints`
+// block-table entries): info = {live sequences, block-table pitch, 0, 0}, then per row the slot,
+// token id, position and context length, then the block tables [live, pitch], so a step
+// uploads only the prefix it uses; after them the fused decode attention's split counters
+// (int32 [rows, heads]: zeroed at allocation, never uploaded, left zero by every launch).
+struct DecodeLayout {
+  size_t info, slots, ids, positions, context_lens, block_tables, merge_counters, total;
+};
+
+DecodeLayout MakeDecodeLayout(int rows, int64_t ints, int heads) {
+  DecodeLayout d;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off += (bytes + 15) / 16 * 16;
+    return at;
+  };
+  d.info = take(sizeof(int32_t) * 4);
+  d.slots = take(sizeof(int64_t) * rows);
+  d.ids = take(sizeof(int32_t) * rows);
+  d.positions = take(sizeof(int32_t) * rows);
+  d.context_lens = take(sizeof(int32_t) * rows);
+  d.block_tables = take(sizeof(int32_t) * static_cast<size_t>(ints));
+  d.merge_counters = take(sizeof(int32_t) * static_cast<size_t>(rows) * heads);
+  d.total = off;
+  return d;
+}
+
+// Host copy of the logits out of pinned staging; big decode batches (256 x 51200 floats = 52 MB)
+// would spend milliseconds in one memcpy, so those are split over a few threads.
+void CopyOut(float* dst, const float* src, size_t floats) {
+  const size_t bytes = floats * sizeof(float);
+  constexpr size_t kPerThread = size_t{8} << 20;
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t parts = std::min<size_t>({bytes / kPerThread, hw / 2, 8});
+  if (parts <= 1) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (size_t i = 1; i < parts; ++i) {
+    const size_t a = floats * i / parts, b = floats * (i + 1) / parts;
+    pool.emplace_back([=] { std::memcpy(dst + a, src + a, (b - a) * sizeof(float)); });
+  }
+  std::memcpy(dst, src, floats / parts * sizeof(float));
+  for (std::thread& t : pool) t.join();
+}
+
+}  // namespace
+
+size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints, int heads) {
+  return MakeDecodeLayout(rows, table_ints, heads).total;
+}
+
+absl::Status CudaPhiModel::EnqueueDecode(int rows) {
+  const DecodeLayout dl =
+      MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
+  char* md = static_cast<char*>(decode_dev_);
+  StepInputs in;
+  in.tokens = rows;
+  in.ids = reinterpret_cast<const int32_t*>(md + dl.ids);
+  in.positions = reinterpret_cast<const int32_t*>(md + dl.positions);
+  in.slots = reinterpret_cast<const int64_t*>(md + dl.slots);
+  in.context_lens = reinterpret_cast<const int32_t*>(md + dl.context_lens);
+  in.block_tables = reinterpret_cast<const int32_t*>(md + dl.block_tables);
+  in.num_seqs = rows;
+  in.step_info = reinterpret_cast<const int32_t*>(md + dl.info);
+  in.merge_counters = reinterpret_cast<int32_t*>(md + dl.merge_counters);
+  in.merge_counters_len = static_cast<size_t>(decode_rows_) * config_.num_attention_heads;
+  in.decode = true;
+  in.min_live = std::max(1, rows / 2);  // the bucket below holds every smaller batch
+  in.max_q_len = 1;
+  const absl::StatusOr<bool> mega = TryEnqueueMegaDecode(in);  // model/cuda_phi_mega.cc
+  PHI_RETURN_IF_ERROR(mega.status());
+  if (!*mega) PHI_RETURN_IF_ERROR(EnqueueLayers(in));
+  const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
+  char* a = static_cast<char*>(arena_);
+  return EnqueueLogits(a + al.h, rows, reinterpret_cast<float*>(a + al.logits));
+}
+
+absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<float>* logits,
+                                      absl::Span<const float>* view) {
+  const int S = static_cast<int>(batch.seqs.size());
+  const int B = graphs_->Bucket(S);
+  int pitch = 1;
+  for (const SequenceInput& seq : batch.seqs) {
+    pitch = std::max(pitch, KvBlockAllocator::BlocksFor(seq.context_len, kv_block_size_));
+  }
+  if (B > decode_rows_ || static_cast<int64_t>(B) * pitch > decode_table_ints_) {
+    PHI_LOG(WARNING) << "decode step of " << S << " sequences x " << pitch
+                     << " blocks exceeds the decode input buffer: growing it (graphs are "
+                     << "captured again)";
+    PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(B, pitch));
+  }
+  const DecodeLayout dl =
+      MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
+  char* mh = static_cast<char*>(decode_host_);
+  auto* info = reinterpret_cast<int32_t*>(mh + dl.info);
+  auto* slots = reinterpret_cast<int64_t*>(mh + dl.slots);
+  auto* ids = reinterpret_cast<int32_t*>(mh + dl.ids);
+  auto* positions = reinterpret_cast<int32_t*>(mh + dl.positions);
+  auto* ctx_lens = reinterpret_cast<int32_t*>(mh + dl.context_lens);
+  auto* tables = reinterpret_cast<int32_t*>(mh + dl.block_tables);
+  info[0] = S;
+  info[1] = pitch;
+  for (int i = 0; i < B; ++i) {
+    if (i < S) {
+      const SequenceInput& seq = batch.seqs[i];
+      const int pos = batch.positions[i];
+      slots[i] = static_cast<int64_t>(seq.block_table[pos / kv_block_size_]) * kv_block_size_ +
+                 pos % kv_block_size_;
+      ids[i] = batch.token_ids[i];
+      positions[i] = pos;
+      ctx_lens[i] = seq.context_len;
+      const int n = std::min(pitch, static_cast<int>(seq.block_table.size()));
+      int32_t* row = tables + static_cast<size_t>(i) * pitch;
+      std::copy(seq.block_table.begin(), seq.block_table.begin() + n, row);
+      std::fill(row + n, row + pitch, 0);
+    } else {  // padding row: writes no KV slot, attends to nothing
+      slots[i] = -1;
+      ids[i] = 0;
+      positions[i] = 0;
+      ctx_lens[i] = 0;
+    }
+  }
+  const size_t upload = dl.block_tables + sizeof(int32_t) * static_cast<size_t>(S) * pitch;
+  PHI_RETURN_IF_ERROR(PlanLora(batch, /*decode=*/true, B));
+  // Steps with adapter rows have their own graphs (the LoRA launches are part of them).
+  CudaGraphRunner& graphs = lora_->active() ? *lora_graphs_ : *graphs_;
+  StepTimerStart();
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(decode_dev_, decode_host_, upload, stream_),
+                                   "decode inputs upload"));
+  if (use_graphs_ && graphs.Has(B)) {
+    PHI_RETURN_IF_ERROR(graphs.Replay(B, stream_));
+    last_decode_splits_ =
+        PagedDecodeCudaMaxSplits(std::max(1, B / 2), config_.num_attention_heads, multiprocessors_);
+  } else {
+    PHI_RETURN_IF_ERROR(EnqueueDecode(B));
+    if (use_graphs_) {
+      // Captured after the bucket's first eager step, so module loading and cuBLASLt's plan
+      // building happen outside the capture. A failed capture leaves the model eager.
+      absl::Status st = graphs.Capture(B, stream_, [&] { return EnqueueDecode(B); });
+      if (!st.ok()) {
+        // Nothing ran during the capture (the eager step above did the work), so an op refusing
+        // to be captured is no device fault; a real one shows in the step's sync below.
+        // Ranks must all replay or all run eager (their NCCL calls pair up): no fallback.
+        if (shard_.sharded()) return TpFailed(st, "decode graph capture");
+        PHI_LOG(WARNING) << "decode steps stay eager: " << st;
+        healthy_ = true;
+        use_graphs_ = false;
+        DropGraphs();
+      }
+    }
+  }
+  const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
+  return CopyLogitsOut(batch,
+                       reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), B,
+                       logits, view);
+}
+
+// Requested rows of the device logits [rows, VocabPad(V)] -> pinned staging (one 2-D copy per
+// run of consecutive rows) -> `logits` [R, V], or `*view` onto the staging itself; ends the step
+// with its stream sync.
+absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float* d_logits,
+                                         int step_rows, std::vector<float>* logits,
+                                         absl::Span<const float>* view) {
+  const int V = full_config_.vocab_size, R = static_cast<int>(batch.logit_rows.size());
+  // ForwardGreedy: marked rows are chosen on the device and not downloaded.
+  const bool greedy = greedy_step_ && !batch.greedy_rows.empty();
+  if (greedy) PHI_RETURN_IF_ERROR(EnqueueGreedyPicks(batch, d_logits, step_rows));
+  const auto skip = [&](int r) { return greedy && batch.greedy_rows[r] != 0; };
+  for (int r = 0; r < R;) {
+    if (skip(r)) {
+      ++r;
+      continue;
+    }
+    int n = 1;
+    while (r + n < R && !skip(r + n) && batch.logit_rows[r + n] == batch.logit_rows[r] + n) ++n;
+    PHI_RETURN_IF_ERROR(DownloadLogitRows(logits_host_ + static_cast<size_t>(r) * V, d_logits,
+                                          batch.logit_rows[r], n, step_rows));
+    r += n;
+  }
+  if (absl::Status st = SyncStep(); !st.ok()) {
+    healthy_ = false;
+    return st;
+  }
+  StepTimerStop();
+  if (view != nullptr) {
+    *view = absl::Span<const float>(logits_host_, static_cast<size_t>(R) * V);
+    return absl::OkStatus();
+  }
+  logits->resize(static_cast<size_t>(R) * V);
+  if (R > 0) CopyOut(logits->data(), logits_host_, static_cast<size_t>(R) * V);
+  return absl::OkStatus();
+}
+
+absl::Status CudaPhiModel::CaptureDecodeGraphs(int max_batch) {
+  if (kv_ == nullptr) {
+    return absl::FailedPreconditionError("decode graphs need the KV cache (AllocateKvCache first)");
+  }
+  if (!use_graphs_) return absl::OkStatus();
+  DeviceSet(device_);
+  lora_->Deactivate();  // base-model graphs: no adapter rows
+  const DecodeLayout dl =
+      MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
+  for (int b : graphs_->buckets()) {
+    if (b > max_batch || graphs_->Has(b)) continue;
+    // An all-padding step: live 0, no KV slot written, every attention row empty.
+    char* mh = static_cast<char*>(decode_host_);
+    auto* info = reinterpret_cast<int32_t*>(mh + dl.info);
+    info[0] = 0;
+    info[1] = 1;
+    for (int i = 0; i < b; ++i) {
+      reinterpret_cast<int64_t*>(mh + dl.slots)[i] = -1;
+      reinterpret_cast<int32_t*>(mh + dl.ids)[i] = 0;
+      reinterpret_cast<int32_t*>(mh + dl.positions)[i] = 0;
+      reinterpret_cast<int32_t*>(mh + dl.context_lens)[i] = 0;
+    }
+    PHI_RETURN_IF_ERROR(DeviceStatus(
+        DeviceCopyToDevice(decode_dev_, decode_host_, dl.block_tables, stream_), "upload"));
+    PHI_RETURN_IF_ERROR(EnqueueDecode(b));
+    if (absl::Status st = graphs_->Capture(b, stream_, [&] { return EnqueueDecode(b); });
+        !st.ok()) {
+      healthy_ = true;  // as in DecodeStep: a refused capture ran nothing
+      use_graphs_ = false;
+      DropGraphs();
+      return st;
+    }
+    PHI_RETURN_IF_ERROR(SyncStep());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace phishard
+
+#endif  // PHISHARD_HAVE_CUDA
