@@ -24,6 +24,17 @@ uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 // NaN sorts below everything so comparators stay strict weak orderings.
 float Key(float s) { return std::isnan(s) ? kNegInf : s; }
 
+// A penalty's result `v` from the finite score `s`, held inside float32: valid but extreme
+// parameters (a repetition_penalty of 1e-38 divides a positive logit past FLT_MAX, a
+// frequency_penalty of -3e38 subtracts past it) would otherwise make +inf scores — an infinite
+// logprob, and inf - inf = NaN in a second penalty or the log-sum-exp. At +-FLT_MAX the token is
+// still (almost) surely chosen or impossible, as the limit of those parameters has it. A
+// non-finite logit (a faulty model) stays as it is, visible.
+float Saturated(float s, float v) {
+  if (!std::isfinite(s) || std::isfinite(v)) return v;
+  return v > 0.0f ? std::numeric_limits<float>::max() : std::numeric_limits<float>::lowest();
+}
+
 // Index of the largest score, first index on ties, NaN ignored; 0 if every entry is NaN.
 int32_t ArgMax(const std::vector<float>& scores) {
   int32_t best = 0;
@@ -189,7 +200,7 @@ void NextTokenChooser::ApplyRepetitionPenalty(absl::Span<const int32_t> history,
     if ((*counts)[t]) continue;
     (*counts)[t] = 1;
     float& s = (*scores)[t];
-    s = s < 0.0f ? s * p : s / p;
+    s = Saturated(s, s < 0.0f ? s * p : s / p);
   }
 }
 
@@ -204,8 +215,9 @@ void NextTokenChooser::ApplyFrequencyPresencePenalty(absl::Span<const int32_t> h
   for (int32_t t : history) {
     const uint32_t c = (*counts)[t];
     if (c == 0) continue;  // already penalised
-    (*scores)[t] -=
-        static_cast<float>(params_.frequency_penalty * c / length + params_.presence_penalty);
+    float& s = (*scores)[t];
+    s = Saturated(
+        s, s - static_cast<float>(params_.frequency_penalty * c / length + params_.presence_penalty));
     (*counts)[t] = 0;
   }
 }

@@ -149,6 +149,74 @@ TEST(NextTokenChooserTest, VanishingTemperatureSamplesTheArgmax) {
   for (size_t i = 0; i < scores.size(); ++i) EXPECT_EQ(scores[i], rows[0][i] / 0.7f);
 }
 
+// Penalties at valid but extreme values push scores past float32 (a repetition_penalty of 1e-38
+// divides a positive logit to +inf; frequency / presence penalties of -+3e38 subtract past it;
+// inf - inf is NaN): the scores saturate at +-FLT_MAX instead, so the boosted token is chosen with
+// a finite logprob and no alternative is NaN.
+TEST(NextTokenChooserTest, ExtremePenaltiesSaturateInsteadOfOverflowing) {
+  const std::vector<float> logits = {0.5f, 4.0f, -2.0f, 3.0f};
+  SamplingParams p = Greedy();
+  p.repetition_penalty = 1e-38f;  // token 3 in the history: 3 / 1e-38 > FLT_MAX
+  p.return_k_alternatives = 4;
+  {
+    NextTokenChooser chooser(p, 4);
+    ChooserWorkspace ws;
+    const TokenChoice c = chooser.Choose(logits, std::vector<int32_t>{3, 2}, &ws);
+    EXPECT_EQ(c.id, 3);
+    EXPECT_EQ(c.logprob, 0.0f);
+    for (float a : c.alt_logprobs) EXPECT_FALSE(std::isnan(a));
+  }
+  p.repetition_penalty = 1.0f;
+  p.frequency_penalty = -3e38f;  // token 0 twice: 0.5 + 2 * 3e38 / 3 overflows ...
+  p.presence_penalty = 3e38f;    // ... and this once more takes it back past -FLT_MAX for token 2
+  NextTokenChooser chooser(p, 4);
+  ChooserWorkspace ws;
+  const TokenChoice c = chooser.Choose(logits, std::vector<int32_t>{0, 0, 2}, &ws);
+  EXPECT_TRUE(std::isfinite(c.logprob)) << c.logprob;
+  EXPECT_LE(c.logprob, 0.0f);
+  for (float a : c.alt_logprobs) EXPECT_FALSE(std::isnan(a));
+}
+
+// Every combination of extreme valid parameters (temperature 1e-45 .. 3e38, top-k / top-p /
+// typical-p at their edges, penalties at +-3e38 and 1e-38, watermark, sampling on and off) over
+// random finite logits: the choice is a vocabulary id with a logprob in [-inf, 0], never NaN, and
+// no alternative's logprob is NaN.
+TEST(NextTokenChooserTest, ExtremeValidParametersNeverGiveNaN) {
+  std::mt19937 rng(1);
+  const float temps[] = {0.0f, 1e-45f, 1e-38f, 1e-3f, 0.7f, 1.0f, 1e3f, 3e38f};
+  const uint32_t top_ks[] = {0, 1, 2, 7};
+  const float ps[] = {1e-30f, 0.5f, 1.0f};
+  const float reps[] = {1e-38f, 0.5f, 1.0f, 2.0f, 3e38f};
+  const float pens[] = {-3e38f, -1.0f, 0.0f, 1.0f, 3e38f};
+  constexpr int V = 7;
+  for (int it = 0; it < 20000; ++it) {
+    SamplingParams p;
+    p.temperature = temps[rng() % 8];
+    p.top_k = top_ks[rng() % 4];
+    p.top_p = ps[rng() % 3];
+    p.typical_p = ps[rng() % 3];
+    p.repetition_penalty = reps[rng() % 5];
+    p.frequency_penalty = pens[rng() % 5];
+    p.presence_penalty = pens[rng() % 5];
+    p.do_sample = rng() % 2;
+    p.watermark = rng() % 4 == 0;
+    p.seed = rng();
+    p.return_k_alternatives = rng() % 4;
+    std::vector<float> logits(V);
+    const float scale = rng() % 3 == 0 ? 1e4f : 5.0f;
+    for (float& x : logits) x = (static_cast<float>(rng() % 2001) / 1000.0f - 1.0f) * scale;
+    std::vector<int32_t> history(1 + rng() % 10);
+    for (int32_t& t : history) t = static_cast<int32_t>(rng() % V);
+    NextTokenChooser chooser(p, V);
+    ChooserWorkspace ws;
+    const TokenChoice c = chooser.Choose(logits, history, &ws);
+    ASSERT_TRUE(c.id >= 0 && c.id < V) << "iteration " << it;
+    ASSERT_FALSE(std::isnan(c.logprob)) << "iteration " << it;
+    ASSERT_LE(c.logprob, 1e-6f) << "iteration " << it;
+    for (float a : c.alt_logprobs) ASSERT_FALSE(std::isnan(a)) << "iteration " << it;
+  }
+}
+
 TEST(NextTokenChooserTest, TopKOneSamplesArgmaxWithLogprobZero) {
   const std::vector<float> logits = {0.3f, -0.2f, 1.9f, 1.8f, 0.0f};
   for (uint64_t seed = 0; seed < 200; ++seed) {
