@@ -129,13 +129,7 @@ Case AdapterCase(const std::string& adapter, const std::string& prompt) {
       std::string(PHISHARD_TESTDATA) + "/../tests/golden/tiny-phi-code-adapters.json"));
   for (const auto& c : j.at("cases")) {
     if (c.at("adapter") != adapter || c.at("prompt") != prompt) continue;
-    Case k;
-    k.prompt_ids = c.at("prompt_ids").get<std::vector<uint32_t>>();
-    k.greedy = {.ids = c.at("greedy_ids").get<std::vector<uint32_t>>(),
-                .logprobs = c.at("greedy_logprobs").get<std::vector<float>>(),
-                .min_top2_gap = c.at("min_top2_gap").get<double>(),
-                .scale = integration::LogitScale(c.at("last_logits").get<std::vector<float>>())};
-    return k;
+    return CaseFromJson(c);
   }
   ADD_FAILURE() << "no golden case for " << adapter << " / " << prompt;
   return {};

@@ -51,20 +51,24 @@ void ExpectRefused(const absl::StatusOr<T>& r, absl::StatusCode code, const std:
   EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status();
 }
 
+// One case of a golden file (tests/golden/*.json: prompt_ids, greedy_ids, greedy_logprobs,
+// min_top2_gap, last_logits).
+inline Case CaseFromJson(const nlohmann::json& c) {
+  Case k;
+  k.prompt_ids = c.at("prompt_ids").get<std::vector<uint32_t>>();
+  k.greedy = {.ids = c.at("greedy_ids").get<std::vector<uint32_t>>(),
+              .logprobs = c.at("greedy_logprobs").get<std::vector<float>>(),
+              .min_top2_gap = c.at("min_top2_gap").get<double>(),
+              .scale = integration::LogitScale(c.at("last_logits").get<std::vector<float>>())};
+  return k;
+}
+
 inline const std::vector<Case>& Golden() {
   static const auto* cases = [] {
     auto* out = new std::vector<Case>();
     const nlohmann::json j = nlohmann::json::parse(integration::ReadFile(
         std::string(PHISHARD_TESTDATA) + "/../tests/golden/tiny-phi-code.json"));
-    for (const auto& c : j.at("cases")) {
-      Case k;
-      k.prompt_ids = c.at("prompt_ids").get<std::vector<uint32_t>>();
-      k.greedy = {.ids = c.at("greedy_ids").get<std::vector<uint32_t>>(),
-                  .logprobs = c.at("greedy_logprobs").get<std::vector<float>>(),
-                  .min_top2_gap = c.at("min_top2_gap").get<double>(),
-                  .scale = integration::LogitScale(c.at("last_logits").get<std::vector<float>>())};
-      out->push_back(std::move(k));
-    }
+    for (const auto& c : j.at("cases")) out->push_back(CaseFromJson(c));
     return out;
   }();
   return *cases;
