@@ -1,6 +1,9 @@
 #include "model/rank_settings.h"
 
 #include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   // Query tiles are aligned to the sequence's end: tile z holds rows [q_len - kRows (z + 1),
   // q_len - kRows z), so a partial tile is the sequence's first, whose causal work is the least
   // (aligned to the start, the partial tile was the last and heaviest: its empty rows ran every
-  // key tile): perf-log 2026-11-29 22:33, 3-14 % faster (8 x 1024 0.214 against 0.239 ms, 2048
+  // key tile): perf-log 2026-11-29 22:31, 3-14 % faster (8 x 1024 0.214 against 0.239 ms, 2048
   // 0.086 against 0.092). Rows before the sequence's start (r < row_lo) load zero queries, see key
   // 0 only (ScaleAndMask clamps their positions) and are not stored. blockIdx.y 0 is the last
   // (heaviest) tile: the grid launches them first. Launching every sequence's tile z together
