@@ -29,12 +29,12 @@
 // the wgmma kernel) + 8 mbarriers: 110 KiB at HD 80. All three warpgroups run every key tile of the
 // block (so the turns pair up); a warpgroup's tiles past its causal diagonal are fully masked
 // (p = 0; key 0 is in every row's first tile, so no row's max is -inf after tile 0).
-// Measured on H200 (docs/perf-log.md 2026-11-29 22:31, tiles aligned to the sequence's end), causal
-// bf16, 32 heads, ms: hd 80 1024 0.034 vs kQ128Warps8 0.044; 2048 0.086 (249 TFLOP/s) vs 0.100,
-// PyTorch SDPA cuDNN 0.103 (same machine, 22:26); 4096 0.259 vs 0.345, cuDNN 0.289; 8192 0.889 (386
-// TFLOP/s) vs 1.266, cuDNN 0.943; 8 x 2048 0.600 vs 0.716, cuDNN 0.518; 8 x 1024 0.214 vs 0.213,
-// cuDNN 0.175 (batched 1-2k: cuDNN ahead). kAuto takes it at head dim 80 from 4096 query tokens
-// (PagedAttentionPrefillTiling).
+// Measured on H200 (docs/perf-log.md 2026-11-29 23:21, PyTorch SDPA in the same call), causal bf16,
+// 32 heads, ms: hd 80 1024 0.032 vs kQ128Warps8 0.044, cuDNN 0.049; 2048 0.084 (257 TFLOP/s) vs
+// 0.100, cuDNN 0.099; 4096 0.253 vs 0.344, cuDNN 0.279; 8192 0.881 (390 TFLOP/s) vs 1.266, cuDNN
+// 0.923; 8 x 2048 0.586 vs 0.718, cuDNN 0.525; 8 x 1024 0.207 vs 0.212, cuDNN 0.177 (batched 1-2k:
+// cuDNN's persistent kernel ahead); hd 64 2048 0.079, cuDNN 0.092. kAuto takes it at head dim 80
+// from 4096 query tokens (PagedAttentionPrefillTiling).
 #include <cmath>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -173,6 +173,11 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
     // layout change until 2026-11-29 20:30): 0.92 ms at hd 80 8192 tokens against 1.07, 0.63
     // against 0.70 at 8 x 2048 (perf-log 20:27 / 20:30; which of the producer's costs mattered was
     // not measured). attn6 run 1's (row, chunk) items through a row-pointer table were slower too.
+    // Each copy instruction reads half of 32 sectors (ncu at 8 x 2048: 50 % of the L2 sectors
+    // excessive, L2 71.6 % busy against cuDNN's 49 %); at head dim 80 the copies go through L1
+    // (cp.async.ca), so the next chunk's half comes from there: 2.5-3 % faster at 2048 tokens and
+    // 8 x 1024 / 8 x 2048, ~1 % at 4096 / 8192, but 2 % slower at head dim 64 (perf-log 2026-11-29
+    // 23:18), which keeps .cg (kAuto takes this kernel at head dim 80 only).
     constexpr int kRowsPerLane = kN / 32;
     for (int j = 0; j < n_tiles; ++j) {
       const int st = j % kStages;
@@ -209,8 +214,13 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
 #pragma unroll
         for (int c = 0; c < C::kChunks; ++c) {
           const uint32_t dst = so + TileOffset<HD>(r, c);
-          CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
-          CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
+          if constexpr (HD == 80) {
+            CpAsync16Ca(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
+            CpAsync16Ca(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
+          } else {
+            CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
+            CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
+          }
         }
       }
       CpAsyncCommit();

@@ -25,6 +25,13 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(valid ? 16 : 0));
 }
+// CpAsync16 through L1 (.ca): a warp whose lanes each copy 16 bytes of a different row reads
+// half of each 32-byte sector; with .ca the other half, copied by the next instruction, comes
+// from L1 instead of a second L2 request.
+__device__ __forceinline__ void CpAsync16Ca(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void CpAsyncCommit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
