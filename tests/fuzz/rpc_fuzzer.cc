@@ -248,10 +248,24 @@ void CheckStep(const Resp& r, const std::vector<uint64_t>& live) {
         << "request " << g.request_id() << ": next_tokens lists are not one token each";
     FUZZ_CHECK(t.alternative_tokens_size() == 0 || t.alternative_tokens_size() == 1);
     FUZZ_CHECK(t.ids(0) < 4095u) << "token id " << t.ids(0) << " outside the vocabulary";
+    // A chosen token's logprob is a log-probability under whatever parameters (extreme ones
+    // included): never NaN, never above 0; an alternative's never NaN.
+    FUZZ_CHECK(!std::isnan(t.logprobs(0)) && t.logprobs(0) <= 0.0f)
+        << "request " << g.request_id() << ": token logprob " << t.logprobs(0);
+    for (const pb::AlternativeTokens& alt : t.alternative_tokens()) {
+      for (float lp : alt.logprobs()) {
+        FUZZ_CHECK(!std::isnan(lp)) << "request " << g.request_id() << ": alternative logprob NaN";
+      }
+    }
     if (g.has_prefill_tokens()) {
       const pb::PrefillTokens& p = g.prefill_tokens();
       FUZZ_CHECK(p.ids_size() == p.logprobs_size() && p.ids_size() == p.texts_size());
       FUZZ_CHECK(p.ids_size() == static_cast<int>(g.prefill_tokens_length()));
+      // The first prompt token has no logprob (NaN, as upstream); the others are finite or -inf.
+      for (int k = 1; k < p.logprobs_size(); ++k) {
+        FUZZ_CHECK(!std::isnan(p.logprobs(k)) && p.logprobs(k) <= 0.0f)
+            << "request " << g.request_id() << ": prompt logprob " << k << " = " << p.logprobs(k);
+      }
     }
   }
   FUZZ_CHECK(seen.size() == want.size())
@@ -288,8 +302,12 @@ pb::PrefillRequest StructuredPrefill(fuzz::ByteReader& in) {
                                   1e30f,
                                   std::numeric_limits<float>::quiet_NaN(),
                                   std::numeric_limits<float>::infinity(),
-                                  0.999f};
-  auto f = [&] { return kFloats[in.U8() % 10]; };
+                                  0.999f,
+                                  1e-38f,
+                                  3e38f,
+                                  -3e38f,
+                                  1e-45f};
+  auto f = [&] { return kFloats[in.U8() % 14]; };
   pb::PrefillRequest p;
   pb::Batch* b = p.mutable_batch();
   b->set_id(in.U8() % 8);
