@@ -69,6 +69,13 @@ struct BatchEngine::State {
                           std::vector<GenerationOut>* generations);
   absl::Status RunDecode(const std::vector<RequestState*>& requests,
                          std::vector<GenerationOut>* generations);
+  // INTERNAL naming the first of `requests` whose logits row (rows[i]) is NaN, before anything
+  // changes: a NaN in the hidden state (a float16 overflow, a device fault) makes every logit of
+  // the row NaN, so its first entry — or, for a row `fb` marks greedy, the pick's logprob (NaN for
+  // an all-NaN row) — tells, at no cost. Without the check such a row would answer token 0 with a
+  // NaN logprob as if nothing were wrong.
+  absl::Status CheckLogitsNotNaN(const ForwardBatch& fb, absl::Span<RequestState* const> requests,
+                                 absl::Span<const int> rows) const;
   // Choices for rows of `logits` (row of requests[i] = rows[i]) into `choices`, in parallel; a
   // row `fb` marks greedy takes the backend's pick.
   void ChooseAll(const ForwardBatch& fb, absl::Span<RequestState* const> requests,
@@ -193,6 +200,24 @@ absl::Status BatchEngine::State::ForwardOrError(const ForwardBatch& fb) {
   return absl::OkStatus();
 }
 
+absl::Status BatchEngine::State::CheckLogitsNotNaN(const ForwardBatch& fb,
+                                                   absl::Span<RequestState* const> requests,
+                                                   absl::Span<const int> rows) const {
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const bool greedy = !fb.greedy_rows.empty() && fb.greedy_rows[rows[i]] != 0;
+    const bool nan = greedy ? std::isnan(picks[rows[i]].logprob)
+                            : std::isnan(logits[static_cast<size_t>(rows[i]) * vocab_size]);
+    if (nan) {
+      return absl::InternalError(absl::StrFormat(
+          "the model's logits for request %d are NaN: a numeric fault in the forward pass (a "
+          "float16 overflow: --dtype bfloat16 avoids it) or a device fault; no request of the "
+          "step was advanced",
+          requests[i]->id));
+    }
+  }
+  return absl::OkStatus();
+}
+
 void BatchEngine::State::ChooseAll(const ForwardBatch& fb, absl::Span<RequestState* const> requests,
                                    absl::Span<const int> rows) {
   const auto greedy = [&](size_t i) {
@@ -280,7 +305,6 @@ absl::Status BatchEngine::State::RunPrefill(std::vector<RequestState>* requests,
   if (!fb.greedy_rows.empty()) fb.greedy_rows.resize(fb.logit_rows.size(), 0);
   if (absl::Status s = ForwardOrError(fb); !s.ok()) return s;
 
-  // Nothing below can fail: state changes start here.
   std::vector<RequestState*> choosing;
   std::vector<int> last_rows;
   for (size_t i = 0; i < requests->size(); ++i) {
@@ -288,6 +312,8 @@ absl::Status BatchEngine::State::RunPrefill(std::vector<RequestState>* requests,
     choosing.push_back(&r);
     last_rows.push_back(first_row[i] + (r.prefill_logprobs ? r.prompt_len : 1) - 1);
   }
+  if (absl::Status s = CheckLogitsNotNaN(fb, choosing, last_rows); !s.ok()) return s;
+  // Nothing below can fail: state changes start here.
   ChooseAll(fb, choosing, last_rows);
   for (size_t i = 0; i < requests->size(); ++i) {
     RequestState& r = (*requests)[i];
@@ -349,6 +375,7 @@ absl::Status BatchEngine::State::RunDecode(const std::vector<RequestState*>& req
 
   std::vector<int> rows(fed.size());
   std::iota(rows.begin(), rows.end(), 0);
+  if (absl::Status s = CheckLogitsNotNaN(fb, fed, rows); !s.ok()) return s;
   ChooseAll(fb, fed, rows);
   for (size_t i = 0; i < fed.size(); ++i) {
     RequestState* r = fed[i];

@@ -98,6 +98,24 @@ TEST_F(BatchEngineTest, EveryErrorLeavesStateExactlyAsBefore) {
          m->fail_next_forward = absl::InternalError("boom");
          return prefill(Batch(7, {Req(60, Prompt(30, 1), 9)}))(e, m);
        }},
+      {"decode NaN logits", absl::StatusCode::kInternal, "logits for request 1 are NaN",
+       [](BatchEngine* e, FakeModel* m) {
+         m->nan_logits_next_forward = true;
+         return e->Decode({1, 2}).status();
+       }},
+      {"decode NaN logits, sampled row", absl::StatusCode::kInternal,
+       "logits for request 3 are NaN",
+       [](BatchEngine* e, FakeModel* m) {
+         m->nan_logits_next_forward = true;
+         return e->Decode({2}).status();
+       }},
+      {"prefill NaN logits", absl::StatusCode::kInternal, "logits for request 60 are NaN",
+       [prefill](BatchEngine* e, FakeModel* m) {
+         m->nan_logits_next_forward = true;
+         RequestInput sampled = Req(61, Prompt(4, 2), 3);
+         sampled.parameters.do_sample = true;
+         return prefill(Batch(7, {Req(60, Prompt(30, 1), 9), sampled}))(e, m);
+       }},
       {"prefill existing id", absl::StatusCode::kInvalidArgument, "already",
        prefill(Batch(2, {Req(60, Prompt(3, 1), 2)}))},
       {"prefill no requests", absl::StatusCode::kInvalidArgument, "no requests",

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -113,6 +114,10 @@ class FakeModel : public ModelBackend {
       const std::vector<float> r = FakeLogits(context, config_.vocab_size, eos_id, eos_at_length);
       logits->insert(logits->end(), r.begin(), r.end());
     }
+    if (nan_logits_next_forward) {  // a NaN hidden state: every logit of every row NaN
+      nan_logits_next_forward = false;
+      logits->assign(logits->size(), std::numeric_limits<float>::quiet_NaN());
+    }
     return absl::OkStatus();
   }
 
@@ -122,6 +127,7 @@ class FakeModel : public ModelBackend {
   int memory_blocks = 4096;  // what MaxKvBlocks reports at memory_fraction 1
   int alloc_limit = 0;       // > 0: AllocateKvCache of more blocks fails
   std::optional<absl::Status> fail_next_forward;
+  bool nan_logits_next_forward = false;  // the next Forward succeeds with NaN logits
   int32_t eos_id = 0;
   size_t eos_at_length = 0;
   // Counters.
