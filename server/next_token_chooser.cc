@@ -35,6 +35,15 @@ float Saturated(float s, float v) {
   return v > 0.0f ? std::numeric_limits<float>::max() : std::numeric_limits<float>::lowest();
 }
 
+// The largest finite score; -inf when there is none.
+float FiniteMax(absl::Span<const float> scores) {
+  float max = kNegInf;
+  for (float s : scores) {
+    if (std::isfinite(s) && s > max) max = s;
+  }
+  return max;
+}
+
 // Index of the largest score, first index on ties, NaN ignored; 0 if every entry is NaN.
 int32_t ArgMax(const std::vector<float>& scores) {
   int32_t best = 0;
@@ -120,10 +129,7 @@ uint64_t PortableRng::UniformInt(uint64_t n) {
 }
 
 double LogSumExp(absl::Span<const float> scores) {
-  float max = kNegInf;
-  for (float s : scores) {
-    if (std::isfinite(s) && s > max) max = s;
-  }
+  const float max = FiniteMax(scores);
   if (!std::isfinite(max)) return -std::numeric_limits<double>::infinity();
   double sum = 0.0;
   for (float s : scores) {
@@ -176,10 +182,7 @@ void NextTokenChooser::ApplyWatermark(absl::Span<const int32_t> history, std::ve
 
 void NextTokenChooser::ApplyTemperature(std::vector<float>* scores) const {
   const float t = params_.temperature;
-  float max = kNegInf;
-  for (float s : *scores) {
-    if (std::isfinite(s) && s > max) max = s;
-  }
+  const float max = FiniteMax(*scores);
   // s / t, as the reference divides. A temperature so small that the largest finite score divided
   // by it leaves float32 (1e-38 against a logit of 10: +inf; or -inf when every score is negative)
   // would drop the most likely token from the draw (non-finite scores are impossible tokens) and
