@@ -224,6 +224,14 @@ int Main(int argc, char** argv) {
                                     .cases = "1x1024,2x1024,4x1024,1x4096",
                                     .values = "0,1"};
   dense_bulk.AddFlags(app, "set_decode_dense_bulk_rows", "row bounds (0: cuBLASLt)");
+  // Graph replay against eager launches alternated: the fixed table's graph / eager rows run
+  // minutes apart, and under the 700 W cap the later rows inherit what ran before them.
+  bench::IntSettingSweep graphs{.name = "graphs",
+                                .label = "graphs",
+                                .title = "decode graph replay against eager launches",
+                                .cases = "256x1024,1x1024",
+                                .values = "1,0"};
+  graphs.AddFlags(app, "set_cuda_graphs", "1 graph replays, 0 the same kernels launched eagerly");
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -480,6 +488,10 @@ int Main(int argc, char** argv) {
     dense_bulk.Run(
         bench, [&m](int v) { m.set_decode_dense_bulk_rows(v); },
         [&m, dense_bulk0] { m.set_decode_dense_bulk_rows(dense_bulk0); }, &rows);
+    const bool graphs0 = m.cuda_graphs();
+    graphs.Run(
+        bench, [&m](int v) { m.set_cuda_graphs(v != 0); },
+        [&m, graphs0] { m.set_cuda_graphs(graphs0); }, &rows);
   }
   if (mega_sweep > 0 && !lora_only) {
     // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op

@@ -1,10 +1,10 @@
 // phishard_bench's alternated decode sweeps (--attn-variant-rounds, --fold-rounds,
-// --fc1-sms-rounds, --dense-bulk-rounds): decode steps under each of a few model settings,
-// alternated in one process round after round — the order reversed every other round so neither
-// setting always follows the other (under the 700 W cap a step's clock depends on what ran before
-// it) — so the machine and its clock are the same for all. Each case runs Bench::steps() timed
-// steps a round. Prints each step's row, then per case and setting the median over the rounds (host
-// ms, device ms), the ratio to the first setting's median and each round's value.
+// --fc1-sms-rounds, --dense-bulk-rounds, --graphs-rounds): decode steps under each of a few model
+// settings, alternated in one process round after round — the order reversed every other round so
+// neither setting always follows the other (under the 700 W cap a step's clock depends on what ran
+// before it) — so the machine and its clock are the same for all. Each case runs Bench::steps()
+// timed steps a round. Prints each step's row, then per case and setting the median over the rounds
+// (host ms, device ms), the ratio to the first setting's median and each round's value.
 #pragma once
 
 #include <algorithm>
