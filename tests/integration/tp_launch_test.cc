@@ -35,6 +35,7 @@ using integration::DemoShard;
 using integration::IsSocket;
 using integration::ShardProcess;
 using integration::TempDir;
+using integration::TestDevice;
 using Clock = std::chrono::steady_clock;
 
 // The ranks compute the same float32 math as one process in another summation order (logits
@@ -361,7 +362,9 @@ TEST(TpLaunch, KillingARankEndsTheLaunchNonZero) {
 }
 
 // Two bare `serve --sharded` ranks (no launcher to stop them): when one dies, the other aborts
-// its communicator and exits non-zero on its own, within a bounded time.
+// its communicator and exits non-zero on its own, within a bounded time. On PHISHARD_TEST_DEVICE
+// (shard_process.h; cuda: rank r on GPU r % visible, NCCL), so the TpServe tests also run on two
+// GPUs: `PHISHARD_TEST_DEVICE=cuda tp_launch_test --gtest_filter='TpServe.*'`.
 struct BareRanks {
   // extra[r]: more arguments of rank r's `serve` (none when extra is shorter).
   BareRanks(const TempDir& dir, std::vector<std::string> models,
@@ -375,8 +378,8 @@ struct BareRanks {
       env["WORLD_SIZE"] = std::to_string(n);
       env["MASTER_ADDR"] = "127.0.0.1";
       env["MASTER_PORT"] = std::to_string(port);
-      std::vector<std::string> args = {"serve",  models[r], "--uds-path", uds, "--device",
-                                       "cpu",    "--sharded"};
+      std::vector<std::string> args = {"serve", models[r],    "--uds-path", uds,
+                                       "--device", TestDevice(), "--sharded"};
       if (r < static_cast<int>(extra.size())) {
         args.insert(args.end(), extra[r].begin(), extra[r].end());
       }
