@@ -2,8 +2,8 @@
 # The lead's end-of-session device check of main as a whole (kind nvidia-h200-x2): every GPU test
 # binary, the gRPC integration suite against `phishard serve --device cuda`
 # (PHISHARD_TEST_DEVICE=cuda), a served TP=2 check (`phishard launch --num-shard 2 --device cuda`,
-# router-style startup incl. Warmup, which captures the decode graphs with NCCL inside), the
-# multi-LoRA and TP=1/2 benchmarks, then bench/run_all.sh (ours vs floor vs the PyTorch peer)
+# router-style startup incl. Warmup, which captures the decode graphs with NCCL inside), the bare
+# `serve --sharded` ranks' TpServe tests on two GPUs, the multi-LoRA and TP=1/2 benchmarks, then bench/run_all.sh (ours vs floor vs the PyTorch peer)
 # while time is left. Logs under $OUT.
 #
 # Here, before the call: tools/device_final_bundle.sh (builds build-h11, CUDA on, sm_90a: phishard,
@@ -42,7 +42,7 @@ step_summary_header
 
 # Every GPU test binary in the bundle (tests/gpu/*_test.cc; the *_bench_test ones are timing
 # tables for the perf helpers, left out), the TP ones last.
-GPU_TESTS=$(cd $B && ls *_test 2> /dev/null | grep -vE '^(serve_|metrics_|faults_|grpcurl_|health_)' |
+GPU_TESTS=$(cd $B && ls *_test 2> /dev/null | grep -vE '^(serve_|metrics_|faults_|grpcurl_|health_|tp_launch_)' |
   grep -v '_bench_test$' | grep -vE '^(nccl_communicator|custom_all_reduce|copy_engine_all_reduce|cuda_tp_model)_test$')
 GPU_TESTS="$GPU_TESTS $(cd $B && ls nccl_communicator_test custom_all_reduce_test \
   copy_engine_all_reduce_test cuda_tp_model_test 2> /dev/null)"
@@ -147,6 +147,11 @@ export -f tp2_served
 NGPU=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU')
 if ((NGPU >= 2)); then
   step tp2-served 60 served.log bash -c tp2_served
+  # The bare `serve --sharded` ranks' failure paths and rank-settings check on CUDA + NCCL.
+  if [ -x $B/tp_launch_test ]; then
+    step cuda:tp_serve 90 integration.log env PHISHARD_TEST_DEVICE=cuda $B/tp_launch_test \
+      --gtest_filter='TpServe.*'
+  fi
 else
   printf "%-30s %4s %7s  %s\n" "tp2-served, tp_bench" - - "skipped: $NGPU GPU(s)" >> "$SUMMARY"
 fi
