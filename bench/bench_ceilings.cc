@@ -72,6 +72,93 @@ Ceilings MeasureCeilings() {
   return c;
 }
 
+// The fused decode attention as 1-4-row decode steps run it (PagedDecodeCudaPlan::fold_rotary +
+// merge_counters: rotary + new K/V write, attention and split merge in one launch), Phi-2 heads
+// (32 x 80, rotary 32), one layer. "warm": 20 launches over the same K/V (L2-resident below
+// ~50 MB); "cold": launches rotate over enough copies of the inputs (>= 100 MB) that each reads
+// its K/V from HBM, as the step does (every layer has its own cache).
+static void FusedDecodeAttentionTimes(const Ceilings& ceil, cudaStream_t s, json* out) {
+  const int nh = 32, hd = 80, bs = 16;
+  struct Att {
+    int seqs, ctx;
+  };
+  for (Att a : {Att{1, 128}, Att{1, 1024}, Att{1, 4096}, Att{2, 1024}, Att{4, 1024}}) {
+    struct Set {
+      DecodeAttentionInputs in;
+      PagedDecodeCudaPlan plan;
+    };
+    std::vector<Set> sets;
+    size_t kv = 0;
+    do {
+      Set set{.in = MakeDecodeAttentionInputs(a.seqs, a.ctx, nh, hd, bs, s, "phishard_bench"),
+              .plan = {}};
+      DecodeAttentionInputs& in = set.in;
+      kv = in.kv_bytes;
+      const PagedAttentionParams& p = in.p;
+      // Key ctx - 1 of sequence i is the new token: position ctx - 1, its slot in the last table
+      // entry (MakeDecodeAttentionInputs numbers the blocks of sequence i consecutively).
+      const int per = p.max_blocks_per_seq;
+      std::vector<int32_t> pos(a.seqs, a.ctx - 1);
+      std::vector<int64_t> slots(a.seqs);
+      for (int i = 0; i < a.seqs; ++i) {
+        slots[i] = int64_t{in.host[a.seqs + i * per + (a.ctx - 1) / bs]} * bs + (a.ctx - 1) % bs;
+      }
+      auto* d_pos = static_cast<int32_t*>(DeviceAllocOrDie(4 * pos.size(), "phishard_bench"));
+      auto* d_slots = static_cast<int64_t*>(DeviceAllocOrDie(8 * slots.size(), "phishard_bench"));
+      const size_t counters = static_cast<size_t>(a.seqs) * nh;
+      auto* d_cnt = static_cast<int32_t*>(DeviceAllocOrDie(4 * counters, "phishard_bench"));
+      in.buffers.insert(in.buffers.end(), {d_pos, d_slots, d_cnt});
+      DeviceCopyToDevice(d_pos, pos.data(), 4 * pos.size(), s);
+      DeviceCopyToDevice(d_slots, slots.data(), 8 * slots.size(), s);
+      DeviceMemset(d_cnt, 0, 4 * counters, s);
+      set.plan = PagedDecodeCudaPlan{.workspace = in.workspace,
+                                     .workspace_bytes = in.workspace_bytes,
+                                     .num_multiprocessors = 132,
+                                     .fold_rotary = true,
+                                     .rotary = {.qkv = const_cast<void*>(p.q),
+                                                .positions = d_pos,
+                                                .slots = d_slots,
+                                                .k_cache = const_cast<void*>(p.k_cache),
+                                                .v_cache = const_cast<void*>(p.v_cache),
+                                                .num_slots = int64_t{p.num_blocks} * bs,
+                                                .block_size = bs,
+                                                .num_tokens = a.seqs,
+                                                .qkv_stride = p.q_stride,
+                                                .num_heads = nh,
+                                                .num_kv_heads = nh,
+                                                .head_dim = hd,
+                                                .rotary_dim = 32,
+                                                .dtype = DataType::kBF16},
+                                     .merge_counters = d_cnt,
+                                     .merge_counters_len = counters};
+      sets.push_back(std::move(set));
+    } while (sets.size() < 16 && 2 * kv * sets.size() < (size_t{100} << 20));
+    int splits = 0;
+    BENCH_CHECK(PagedDecodeCuda(sets[0].in.p, sets[0].plan, s, &splits) == KernelStatus::kOk,
+                "fused decode attention");
+    const float warm =
+        1e3f * TimeMs(s, 20, [&] { PagedDecodeCuda(sets[0].in.p, sets[0].plan, s); });
+    size_t next = 0;
+    const int reps = static_cast<int>(std::max<size_t>(20, 2 * sets.size()));
+    const float cold = 1e3f * TimeMs(s, reps, [&] {
+                         const Set& set = sets[next++ % sets.size()];
+                         PagedDecodeCuda(set.in.p, set.plan, s);
+                       });
+    BENCH_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "fused decode attention");
+    for (auto [name, us] :
+         {std::pair{"paged_decode fold warm", warm}, {"paged_decode fold", cold}}) {
+      out->push_back({{"op", name},
+                      {"m", a.seqs},
+                      {"context", a.ctx},
+                      {"splits", splits},
+                      {"us", us},
+                      {"gbps", 2.0 * kv / (us * 1e-6) / 1e9},
+                      {"of_copy_bw", 2.0 * kv / (us * 1e-6) / ceil.copy_bytes_per_s}});
+    }
+    for (Set& set : sets) set.in.Free();
+  }
+}
+
 // The decode step's big kernels alone, device events over 20 back-to-back launches (launch gaps
 // included, as in a graph): each linear layer of Phi-2 at m = 1 through the GEMV kernel and
 // through cuBLASLt (GB/s of weights), and the decode attention (GB/s of K/V) at a few shapes.
@@ -178,6 +265,7 @@ json KernelTimes(const Ceilings& ceil) {
     }
     in.Free();
   }
+  FusedDecodeAttentionTimes(ceil, s, &out);
   DeviceStreamDestroy(s);
   for (const json& j : out) {
     std::printf(

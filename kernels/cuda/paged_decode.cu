@@ -19,9 +19,13 @@ namespace paged_decode {
 // kFold (PagedDecodeCudaPlan::fold_rotary): q and the new key come unrotated from the qkv row; the
 // block rotates its query head itself and the blocks of the last split (the one holding key
 // ctx - 1, the new token) take that key's K/V from shared memory, one of them also storing it to
-// the cache (FoldPrologue). With merge_counters the last split block to finish merges the splits.
+// the cache (FoldRotate, FoldStoreNew). With merge_counters the last split block to finish merges
+// the splits. Registers: the fused form is held to 4 blocks an SM at head_dim >= 80 (128 registers;
+// FoldLoad's values took it to 140, so a 512-block b1 grid ran in two waves) and 5 below (hd 64:
+// 83-87, was 72); the unfused form is left as it was (minimum 0: no bound).
 template <typename T, int HD, bool kBlock16, bool kFold>
-__global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
+__global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
+    PagedDecodeKernel(const Args a) {
   using H = Head<HD>;
   __shared__ float s_m[kWarps];
   __shared__ float s_l[kWarps];
@@ -33,6 +37,14 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   const int sp = blockIdx.x;
   const int s = blockIdx.y;
   const int h = blockIdx.z;
+  // kFold: the new token's qkv elements, requested first (FoldLoad).
+  [[maybe_unused]] const auto fold_in = [&] {
+    if constexpr (kFold) {
+      return FoldLoad<T, HD>(a, s, h);
+    } else {
+      return 0;
+    }
+  }();
   const int ctx = a.context_lens[s];
   T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
   if (ctx <= 0) {  // padding row
@@ -199,7 +211,8 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
   int k_it = k_begin;
   load(sa, k_it);
   if constexpr (kFold) {  // the rotation overlaps the first stage's loads
-    FoldPrologue<T, HD>(a, s, h, new_key >= 0, bs, fold_sm);
+    FoldRotate<T, HD>(a, fold_in, new_key >= 0, fold_sm);
+    FoldStoreNew<T, HD>(a, fold_in, h, new_key >= 0, bs, fold_sm);
     load_q(fold_sm.q);
   }
   while (true) {
@@ -277,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(const Args a) {
       }
     }
   }
-  if (splits > 1 && a.merge_counters != nullptr) MergeIfLast<T, HD>(a, s, h, splits);
+  if (splits > 1 && a.merge_counters != nullptr) MergeIfLast<T, HD, kFold>(a, s, h, splits);
 }
 
 // ------------------------------------------------------------------------------------------------

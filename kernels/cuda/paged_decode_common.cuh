@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/kv_layout.h"
 
 namespace phishard::paged_decode {
@@ -173,34 +174,80 @@ __device__ __forceinline__ void Rescale(float m, float m_new, float* factor) {
 // out[s, h] = sum_i w_i o_i / sum_i w_i, w_i = l_i 2^(m_i - max m), over the `splits` partials of
 // (s, h); thread `tid` of `nthreads` writes dims tid, tid + nthreads, ... Partials are read
 // through L2 (__ldcg): in the fused form they were written by other blocks of the same launch.
-// PagedDecodeMergeKernel and the fused form's last block run this same code, so their outputs are
-// the same bits.
-template <typename T, int HD>
+// Both forms take the max, the sum of the weights (each w_i one rounded product) and each output
+// over i = 0 .. splits - 1 in order, with the same operations, so PagedDecodeMergeKernel and the
+// kernels that merge in their last block write the same bits.
+// kBatched (the fused form's last block, where the merge is on the step's critical path): the
+// loads are batched into two dependent L2 round trips instead of one (or a few) per split — lane i
+// of every warp reads split i's (max, sum) and the warp shares them by shuffles, and a thread's
+// first output dim's partials are requested together with them (every thread of the block calls
+// it: whole warps; MergeIfLast's kFast form).
+template <typename T, int HD, bool kBatched = false>
 __device__ __forceinline__ void MergeSplits(const Args& a, int s, int h, int splits, int tid,
                                             int nthreads) {
   const size_t base = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits;
-  const float* ml = a.partial_ml;
-  float mm = -INFINITY;
-  for (int i = 0; i < splits; ++i) mm = fmaxf(mm, __ldcg(ml + (base + i) * 2));
-  float wsum = 0.0f;
-  for (int i = 0; i < splits; ++i) {
-    wsum += __ldcg(ml + (base + i) * 2 + 1) * exp2f(__ldcg(ml + (base + i) * 2) - mm);
-  }
+  const float* ml = a.partial_ml + base * 2;
+  const float* po = a.partial_o + base * HD;
   T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
-  for (int d = tid; d < HD; d += nthreads) {
-    float o = 0.0f;
-    for (int i = 0; i < splits; ++i) {
-      const float w = __ldcg(ml + (base + i) * 2 + 1) * exp2f(__ldcg(ml + (base + i) * 2) - mm);
-      o = fmaf(w, __ldcg(a.partial_o + (base + i) * HD + d), o);
+  if constexpr (!kBatched) {
+    float mm = -INFINITY;
+    for (int i = 0; i < splits; ++i) mm = fmaxf(mm, __ldcg(ml + i * 2));
+    float wsum = 0.0f;
+    for (int i = 0; i < splits; ++i)
+      wsum += __ldcg(ml + i * 2 + 1) * exp2f(__ldcg(ml + i * 2) - mm);
+    for (int d = tid; d < HD; d += nthreads) {
+      float o = 0.0f;
+      for (int i = 0; i < splits; ++i) {
+        const float w = __ldcg(ml + i * 2 + 1) * exp2f(__ldcg(ml + i * 2) - mm);
+        o = fmaf(w, __ldcg(po + i * HD + d), o);
+      }
+      out_row[d] = cuda::FromFloat<T>(o / wsum);
     }
-    out_row[d] = cuda::FromFloat<T>(o / wsum);
+  } else {
+    constexpr int kMax = kPagedDecodeMaxSplits;
+    static_assert(kMax <= 32, "one split a lane");
+    float o_i[kMax];  // the partials of this thread's first output dim
+#pragma unroll
+    for (int i = 0; i < kMax; ++i) {
+      if (i < splits && tid < HD) o_i[i] = __ldcg(po + i * HD + tid);
+    }
+    const int lane = tid & 31;
+    float m_l = -INFINITY, l_l = 0.0f;  // split `lane`'s (max, sum)
+    if (lane < splits) {
+      m_l = __ldcg(ml + lane * 2);
+      l_l = __ldcg(ml + lane * 2 + 1);
+    }
+    float mm = -INFINITY;
+    for (int i = 0; i < splits; ++i) mm = fmaxf(mm, __shfl_sync(0xffffffffu, m_l, i));
+    const float e_l = exp2f(m_l - mm);
+    float wsum = 0.0f;
+    for (int i = 0; i < splits; ++i) {
+      wsum += __shfl_sync(0xffffffffu, l_l, i) * __shfl_sync(0xffffffffu, e_l, i);
+    }
+    const float w_l = l_l * e_l;
+    float w[kMax];
+#pragma unroll
+    for (int i = 0; i < kMax; ++i) w[i] = __shfl_sync(0xffffffffu, w_l, i);
+    for (int d = tid; d < HD; d += nthreads) {
+      if (d != tid) {
+#pragma unroll
+        for (int i = 0; i < kMax; ++i) {
+          if (i < splits) o_i[i] = __ldcg(po + i * HD + d);
+        }
+      }
+      float o = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kMax; ++i) {
+        if (i < splits) o = fmaf(w[i], o_i[i], o);
+      }
+      out_row[d] = cuda::FromFloat<T>(o / wsum);
+    }
   }
 }
 
 // kernels/cuda/paged_decode_mma.cu (PagedDecodeVariant::kTensorCore): launches the tensor-core
 // kernel on the grid (a.blocks_per_seq, a.num_seqs, a.max_splits), a.head_chunks chunks of
 // kMmaHeadsPerBlock query heads per KV head. The split merge (several splits) is the caller's.
-KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype,
-                                  cudaStream_t stream);
+KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype, cudaStream_t stream);
 
 }  // namespace phishard::paged_decode

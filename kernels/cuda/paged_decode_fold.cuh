@@ -24,49 +24,92 @@ struct alignas(16) FoldSmem {
   T v[HD];
 };
 
-// Block (split, s, h), before it uses q or the new key. Threads d < HD take element d of query
-// head h in the qkv row of sequence s ([q: num_heads | k: nKV | v: nKV] x HD, device) and, when
-// `with_new`, of the K and V heads of KV head h / group: dims below rotary_dim rotate as
-// RotaryKvWriteKernel rotates them (cos / sin of positions[s], rounded once to T), the rest are
-// copied; all into `sm`. After the barrier the block of the group's first query head stores the
-// new K and V heads at cache slot slots[s], KV head kvh (KvSlotOffset; exactly one writer per
+// The new token's elements one thread of block (split, s, h) needs, loaded by FoldLoad at the
+// kernel's start (before the context length, the block table and the K/V stages, so their L2
+// latency overlaps those loads instead of following them; perf-log 2026-11-30 02:24-02:59): element
+// d = threadIdx.x < HD of query head h, K head and V head h / group of the qkv row of sequence s
+// ([q: num_heads | k: nKV | v: nKV] x HD, device), and for d < rotary_dim the rotation partners
+// (element j and j + half), the position and, for every thread, the new token's cache slot. Loaded
+// for every block (160 bytes a head from L2): which block stores or uses the new K/V is known only
+// after the context length.
+template <typename T>
+struct FoldIn {
+  T q, q1, q2, k, k1, k2, v;
+  int pos;
+  int64_t slot;
+};
+
+template <typename T, int HD>
+__device__ __forceinline__ FoldIn<T> FoldLoad(const Args& a, int s, int h) {
+  FoldIn<T> in{};
+  const int d = threadIdx.x;
+  in.slot = a.slots[s];
+  if (d < HD) {
+    const int kvh = h / a.group;
+    const T* row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride;
+    const T* qh = row + static_cast<size_t>(h) * HD;
+    const T* kh = row + static_cast<size_t>(a.num_heads + kvh) * HD;
+    const T* vh = kh + static_cast<size_t>(a.num_kv_heads) * HD;  // V heads follow the K heads
+    in.q = qh[d];
+    in.k = kh[d];
+    in.v = vh[d];
+    if (d < a.rotary_dim) {
+      const int half = a.rotary_dim / 2;
+      const int j = d < half ? d : d - half;
+      in.pos = a.positions[s];
+      in.q1 = qh[j];
+      in.q2 = qh[j + half];
+      in.k1 = kh[j];
+      in.k2 = kh[j + half];
+    }
+  }
+  return in;
+}
+
+// Block (split, s, h), before it uses q or the new key, from FoldLoad's elements `in`. FoldRotate:
+// threads d < HD take element d of query head h and, when `with_new`, of the K and V heads of KV
+// head h / group: dims below rotary_dim rotate as RotaryKvWriteKernel rotates them (cos / sin of
+// positions[s], rounded once to T), the rest are copied; all into `sm`. FoldStoreNew: after the
+// barrier (which also publishes `sm` to the block) the block of the group's first query head stores
+// the new K and V heads at cache slot slots[s], KV head kvh (KvSlotOffset; exactly one writer per
 // (sequence, KV head); a slot outside [0, num_slots) is not written, as RotaryKvWriteCuda). No
 // block of the launch reads those cache elements: the blocks holding the new key take it from
 // `sm` (PagedDecodeKernel's `patch`). block_size: a.block_size, as a literal 16 where the caller
 // knows it (the slot's division is then a shift, not a 64-bit division).
 template <typename T, int HD>
-__device__ __forceinline__ void FoldPrologue(const Args& a, int s, int h, bool with_new,
-                                             int block_size, FoldSmem<T, HD>& sm) {
+__device__ __forceinline__ void FoldRotate(const Args& a, const FoldIn<T>& in, bool with_new,
+                                           FoldSmem<T, HD>& sm) {
   const int d = threadIdx.x;
-  const int kvh = h / a.group;
-  const bool writer = with_new && h % a.group == 0;
-  const int64_t slot = writer ? a.slots[s] : -1;  // loaded now: overlaps the loads below
   if (d < HD) {
-    const T* row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride;
-    const T* qh = row + static_cast<size_t>(h) * HD;
-    const T* kh = row + static_cast<size_t>(a.num_heads + kvh) * HD;
-    const T* vh = kh + static_cast<size_t>(a.num_kv_heads) * HD;  // V heads follow the K heads
-    T qo = qh[d];
-    T ko = with_new ? kh[d] : qo;
+    T qo = in.q;
+    T ko = with_new ? in.k : qo;
     if (d < a.rotary_dim) {
       const int half = a.rotary_dim / 2;
       const bool first = d < half;
       const int j = first ? d : d - half;
       float c, sn;
-      cuda::RopeCosSin(a.positions[s], j, a.rotary_dim, a.theta, &c, &sn);
-      qo = cuda::RopeRotate<T>(cuda::ToFloat(qh[j]), cuda::ToFloat(qh[j + half]), c, sn, first);
+      cuda::RopeCosSin(in.pos, j, a.rotary_dim, a.theta, &c, &sn);
+      qo = cuda::RopeRotate<T>(cuda::ToFloat(in.q1), cuda::ToFloat(in.q2), c, sn, first);
       if (with_new) {
-        ko = cuda::RopeRotate<T>(cuda::ToFloat(kh[j]), cuda::ToFloat(kh[j + half]), c, sn, first);
+        ko = cuda::RopeRotate<T>(cuda::ToFloat(in.k1), cuda::ToFloat(in.k2), c, sn, first);
       }
     }
     sm.q[d] = qo;
     if (with_new) {
       sm.k[d] = ko;
-      sm.v[d] = vh[d];
+      sm.v[d] = in.v;
     }
   }
+}
+
+template <typename T, int HD>
+__device__ __forceinline__ void FoldStoreNew(const Args& a, const FoldIn<T>& in, int h,
+                                             bool with_new, int block_size,
+                                             const FoldSmem<T, HD>& sm) {
+  const int kvh = h / a.group;
+  const bool writer = with_new && h % a.group == 0;
+  const int64_t slot = writer ? in.slot : -1;
   // The slot's row of KV head kvh: HD contiguous elements (kernels/kv_layout.h); -1: no store.
-  // Worked out before the barrier, while the loads above are in flight.
   const int64_t off = slot >= 0 && slot < a.num_slots
                           ? KvSlotOffset(slot, kvh, block_size, a.num_kv_heads, HD)
                           : -1;
@@ -85,23 +128,40 @@ __device__ __forceinline__ void FoldPrologue(const Args& a, int s, int h, bool w
 // After the block stored its split's partial (output and (max, sum)): counts split done for
 // (s, h); the last of the `splits` blocks to finish merges them all (MergeSplits, the code of
 // PagedDecodeMergeKernel) and sets the counter back to zero, so the next launch (a graph replay)
-// starts from zero. The fence before the count makes this block's partial visible to the block
-// that merges; that block reads the partials through L2. Called by every thread of the block.
-template <typename T, int HD>
+// starts from zero. Called by every thread of the block.
+// Ordering: every thread fences its partial's stores before the count, and the block that counts
+// last fences again before it reads the others' partials through L2. kFast (the fused form, where
+// this is on the step's critical path): the CTA-barrier-then-one-thread pattern instead — the
+// barrier orders every thread's stores before thread 0's count, an acq_rel atomic at GPU scope that
+// publishes them (release, cumulative through the barrier) and, in the block that counts last,
+// makes the other blocks' partials visible to it (acquire), handed to its threads by the second
+// barrier — and MergeSplits' batched loads: together ~1.3 us less on the b1 launch's tail
+// (perf-log 2026-11-30 02:24-02:59). The register-staged kernel's unfused launches keep the plain
+// form (its register count; the batched merge's registers cost them 3-8 % at 32 rows).
+template <typename T, int HD, bool kFast>
 __device__ __forceinline__ void MergeIfLast(const Args& a, int s, int h, int splits) {
   __shared__ int s_last;
-  __threadfence();
+  if constexpr (!kFast) __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     int32_t* counter = a.merge_counters + static_cast<size_t>(s) * a.num_heads + h;
-    const int done = atomicAdd(counter, 1) + 1;
-    s_last = done == splits;
-    if (done == splits) atomicExch(counter, 0);
+    int32_t before;
+    if constexpr (kFast) {
+      asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;"
+                   : "=r"(before)
+                   : "l"(counter)
+                   : "memory");
+    } else {
+      before = atomicAdd(counter, 1);
+    }
+    const bool last = before + 1 == splits;
+    s_last = last;
+    if (last) atomicExch(counter, 0);
   }
   __syncthreads();
   if (s_last) {
-    __threadfence();
-    MergeSplits<T, HD>(a, s, h, splits, threadIdx.x, kThreads);
+    if constexpr (!kFast) __threadfence();
+    MergeSplits<T, HD, kFast>(a, s, h, splits, threadIdx.x, kThreads);
   }
 }
 
