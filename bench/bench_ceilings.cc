@@ -72,6 +72,18 @@ Ceilings MeasureCeilings() {
   return c;
 }
 
+// One decode attention kernel line: K and V bytes (kv each) over the launch's time.
+static json AttentionRow(const char* name, int seqs, int ctx, int splits, float us, size_t kv,
+                         const Ceilings& ceil) {
+  return {{"op", name},
+          {"m", seqs},
+          {"context", ctx},
+          {"splits", splits},
+          {"us", us},
+          {"gbps", 2.0 * kv / (us * 1e-6) / 1e9},
+          {"of_copy_bw", 2.0 * kv / (us * 1e-6) / ceil.copy_bytes_per_s}};
+}
+
 // The fused decode attention as 1-4-row decode steps run it (PagedDecodeCudaPlan::fold_rotary +
 // merge_counters: rotary + new K/V write, attention and split merge in one launch), Phi-2 heads
 // (32 x 80, rotary 32), one layer. "warm": 20 launches over the same K/V (L2-resident below
@@ -147,13 +159,7 @@ static void FusedDecodeAttentionTimes(const Ceilings& ceil, cudaStream_t s, json
     BENCH_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "fused decode attention");
     for (auto [name, us] :
          {std::pair{"paged_decode fold warm", warm}, {"paged_decode fold", cold}}) {
-      out->push_back({{"op", name},
-                      {"m", a.seqs},
-                      {"context", a.ctx},
-                      {"splits", splits},
-                      {"us", us},
-                      {"gbps", 2.0 * kv / (us * 1e-6) / 1e9},
-                      {"of_copy_bw", 2.0 * kv / (us * 1e-6) / ceil.copy_bytes_per_s}});
+      out->push_back(AttentionRow(name, a.seqs, a.ctx, splits, us, kv, ceil));
     }
     for (Set& set : sets) set.in.Free();
   }
@@ -255,13 +261,7 @@ json KernelTimes(const Ceilings& ceil) {
       PagedDecodeCuda(p, plan, s, &splits);
       const float us = 1e3f * TimeMs(s, 20, [&] { PagedDecodeCuda(p, plan, s); });
       BENCH_CHECK(DeviceStreamSync(s) == 0 && DeviceGetLastError() == 0, "attention kernel");
-      out.push_back({{"op", name},
-                     {"m", a.seqs},
-                     {"context", a.ctx},
-                     {"splits", splits},
-                     {"us", us},
-                     {"gbps", 2.0 * kv / (us * 1e-6) / 1e9},
-                     {"of_copy_bw", 2.0 * kv / (us * 1e-6) / ceil.copy_bytes_per_s}});
+      out.push_back(AttentionRow(name, a.seqs, a.ctx, splits, us, kv, ceil));
     }
     in.Free();
   }
