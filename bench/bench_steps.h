@@ -1,14 +1,16 @@
-// Internal to bench/phishard_bench.cc: the Phi-2 shape with random weights, the floors of a step
-// (bytes / copy bandwidth, FLOPs / GEMM rate), a result row, and Bench, which times decode steps
-// (graph, greedy, copy, eager; a fixed context over a random-filled KV pool) and prefill steps
-// of a loaded CudaPhiModel.
+// Internal to bench/phishard_bench.cc: the Phi-2 shape (or a config.json's) with random weights,
+// the floors of a step (bytes / copy bandwidth, FLOPs / GEMM rate), a result row, and Bench, which
+// times decode steps (graph, greedy, copy, eager; a fixed context over a random-filled KV pool) and
+// prefill steps of a loaded CudaPhiModel.
 #pragma once
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -42,6 +44,20 @@ inline PhiConfig Phi2Config(int layers) {
       layers);
   absl::StatusOr<PhiConfig> c = ParsePhiConfig(text, "phi-2 shape");
   BENCH_OK(c.status());
+  return *c;
+}
+
+// The benchmarked shape: an HF config.json (`path`, e.g. bench/configs/phi-1_5.json) or, when
+// `path` is empty, the Phi-2 shape. `layers` > 0 replaces the file's num_hidden_layers.
+inline PhiConfig BenchConfig(const std::string& path, int layers) {
+  if (path.empty()) return Phi2Config(layers > 0 ? layers : 32);
+  std::ifstream in(path);
+  BENCH_CHECK(in.good(), "--config: cannot read the file");
+  std::stringstream text;
+  text << in.rdbuf();
+  absl::StatusOr<PhiConfig> c = ParsePhiConfig(text.str(), path);
+  BENCH_OK(c.status());
+  if (layers > 0) c->num_hidden_layers = layers;
   return *c;
 }
 

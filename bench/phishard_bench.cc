@@ -11,7 +11,8 @@
 // caller of Forward sees (host clock, logits in host memory), `device ms` the device events from
 // the inputs' upload to the logits' download.
 //
-//   phishard_bench [--json out.json] [--layers 32] [--steps 20] [--quick] [--trace-csv out.csv]
+//   phishard_bench [--json out.json] [--config config.json] [--layers 32] [--steps 20] [--quick]
+//   [--trace-csv out.csv]
 // --trace-csv writes every kernel of two extra steps per decode case and one per prefill case
 // (labels "prefill-base SxL" / "prefill-lora SxL"; start / end, stream, grid; CUDA graphs
 // included) from CUPTI (bench/kernel_trace.h): what overlapped with what. Timings
@@ -70,8 +71,8 @@ using bench::KernelTrace;
 using bench::MeasureCeilings;
 
 using bench::Bench;
+using bench::BenchConfig;
 using bench::DecodeCost;
-using bench::Phi2Config;
 using bench::PrefillCost;
 using bench::PrintRow;
 using bench::RandomAdapter;
@@ -81,13 +82,16 @@ using bench::Shape;
 
 int Main(int argc, char** argv) {
   CLI::App app{"phishard_bench: Phi-shaped decode/prefill timings vs the hardware floor"};
-  std::string json_path, batches = "1,8,32,128,256", contexts = "128,1024,4096";
+  std::string json_path, config_path, batches = "1,8,32,128,256", contexts = "128,1024,4096";
   std::string prefills = "1x512,1x2048,8x2048";
-  int layers = 32, steps = 20, mega_sweep = 0;
+  int layers = 0, steps = 20, mega_sweep = 0;
   double fraction = 0.92;
   bool quick = false, gemv_sweep = true;
   app.add_option("--json", json_path, "also write the results as JSON here");
-  app.add_option("--layers", layers, "decoder layers (Phi-2: 32)");
+  app.add_option("--config", config_path,
+                 "an HF config.json to take the shape from (default: Phi-2; "
+                 "bench/configs/phi-1_5.json is Phi-1.5's)");
+  app.add_option("--layers", layers, "decoder layers (default: the config's; Phi-2: 32)");
   app.add_option("--steps", steps, "timed decode steps per case (median)");
   app.add_option("--batches", batches, "decode batch sizes");
   app.add_option("--contexts", contexts, "decode contexts");
@@ -288,7 +292,8 @@ int Main(int argc, char** argv) {
       ceil.gemm_flops / 1e12);
 
   const json kernels = no_decode ? json::array() : KernelTimes(ceil);
-  const PhiConfig config = Phi2Config(layers);
+  const PhiConfig config = BenchConfig(config_path, layers);
+  layers = config.num_hidden_layers;
   int max_prefill_tokens = 1;
   std::vector<std::pair<int, int>> prefill_cases;
   for (absl::string_view p : absl::StrSplit(prefills, ',', absl::SkipEmpty())) {
@@ -347,9 +352,15 @@ int Main(int argc, char** argv) {
 
   const int H = config.hidden_size, I = config.intermediate_size, V = config.vocab_size;
   Shape shape;
-  shape.linear_params = static_cast<double>(layers) * (4.0 * H * H + 2.0 * H * I);
+  const double q_width = 1.0 * config.num_attention_heads * config.head_dim;
+  const double kv_width = 1.0 * config.num_key_value_heads * config.head_dim;
+  // qkv + dense + fc1 + fc2 of each layer
+  shape.linear_params =
+      static_cast<double>(layers) * (H * (q_width + 2.0 * kv_width) + q_width * H + 2.0 * H * I);
   shape.lm_head_params = static_cast<double>(V) * H;
-  shape.weight_bytes = static_cast<double>(m.weight_bytes()) - 2.0 * V * H;  // embedding: gathered
+  // The embedding is gathered (a row a token), not streamed, unless it is also the LM head.
+  shape.weight_bytes =
+      static_cast<double>(m.weight_bytes()) - (config.tie_word_embeddings ? 0.0 : 2.0 * V * H);
   shape.kv_bytes_per_token = 2.0 * layers * config.num_key_value_heads * config.head_dim * 2;
   shape.V = V;
   shape.H = H;
@@ -357,9 +368,12 @@ int Main(int argc, char** argv) {
   shape.hd = config.head_dim;
   shape.L = layers;
   std::printf(
-      "model: phi-2 shape, %d layers, bf16 random weights %.2f GB (created in %.1f s); KV pool %d "
+      "model: %s shape (hidden %d, %d x %d heads, %d kv heads, MLP %d), %d layers, bf16 random "
+      "weights %.2f GB (created in %.1f s); KV pool %d "
       "blocks x %d tokens (%.1f GB); %d decode graphs (%zu nodes) captured in %.0f ms, %.1f MiB\n",
-      layers, m.weight_bytes() / 1e9, create_s, m.kv_num_blocks(), kKvBlockSize,
+      config_path.empty() ? "phi-2" : config_path.c_str(), H, config.num_attention_heads,
+      config.head_dim, config.num_key_value_heads, I, layers, m.weight_bytes() / 1e9, create_s,
+      m.kv_num_blocks(), kKvBlockSize,
       m.kv_num_blocks() * kKvBlockSize * shape.kv_bytes_per_token / 1e9, num_graphs, graph_nodes,
       capture_ms, graph_mib);
 
