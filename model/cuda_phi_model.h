@@ -61,7 +61,7 @@ inline constexpr int kMlpStreamDefault = kMlpStreamFc1Fc2;
 inline constexpr int kBulkGemvRowsDefault = 0;
 inline constexpr int kBulkGemvPdlDefault = 1;
 inline constexpr int kBulkGemvLnDefault = 0;
-inline constexpr int kDecodeAttentionFoldRowsDefault = 4;  // CudaModelOptions below
+inline constexpr int kDecodeAttentionFoldRowsDefault = 8;  // CudaModelOptions below
 inline constexpr int kDecodeFc1SmsDefault = 24;            // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
@@ -139,12 +139,14 @@ struct CudaModelOptions {
   // rotary + K/V write and the split merge inside the decode attention launch where it takes the
   // register-staged kernel (batch 1 to 64 at Phi-2 shape): the same bits, two launches fewer a
   // layer (PagedDecodeCudaPlan::fold_rotary, kernels/cuda/paged_decode_cuda.h). 0: none; -1:
-  // PHISHARD_DECODE_ATTENTION_FOLD (rows) when set, else kDecodeAttentionFoldRowsDefault (4).
+  // PHISHARD_DECODE_ATTENTION_FOLD (rows) when set, else kDecodeAttentionFoldRowsDefault (8).
   // Measured (H200, Phi-2 shape, ctx 1024, fold on / off alternated in one process, perf-log
   // dfold): b1 x0.92-0.94, b2 x0.96, b4 x0.97, but b8 x1.08, b16 x1.10, b32 x1.18, b64 x1.25
   // with the MLP branch on its own stream: from b8 the attention grid is several waves and, no
   // longer behind the rotary launch, is queued before fc2's, which then runs after it instead of
-  // beside it (with mlp_stream 0 the fold is faster at b8-b64 too: x0.97-0.99).
+  // beside it (with mlp_stream 0 the fold is faster at b8-b64 too: x0.97-0.99). After the fused
+  // kernel's chain was shortened (perf-log 2026-11-30 03:5x, session 17): b6 x0.984, b8 x0.992
+  // (ctx 128 / 1024) and x0.969 (ctx 4096), b16 x1.007, b32 x1.028; Phi-1.5 shape b1 x0.83.
   int decode_attention_fold_rows = -1;
   // Base decode steps (no adapter rows) of kDecodeFc1SmsMinRows..kDecodeFc1SmsMaxRows rows (the
   // graph buckets 8 and 16) run fc1 on the MLP stream with this cuBLASLt SM count target, leaving
