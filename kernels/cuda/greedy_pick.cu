@@ -49,6 +49,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ Best best_s[kWarps];
   __shared__ float max_s[kWarps];
   __shared__ double sum_s[kWarps];
+  // The merge kernel may launch now; it waits for this grid before reading the partials.
+  asm volatile("griddepcontrol.launch_dependents;" :::);
   const int row = blockIdx.y;
   const int part = blockIdx.x / chunks_per_part;
   const int j0 = (blockIdx.x % chunks_per_part) * kGreedyPickChunk;
@@ -101,32 +103,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread a row: merges the row's chunks in order (max of the maxima, sums rescaled to it, in
-// double), then logprob = x[id] - lse.
-__global__ void GreedyMergeKernel(const float* __restrict__ logits,
-                                  const GreedyPickPartial* __restrict__ partials,
-                                  GreedyPick* __restrict__ out, int rows, int chunks, int part_cols,
-                                  int64_t part_stride, int64_t row_stride) {
-  const int row = blockIdx.x * blockDim.x + threadIdx.x;
+// One warp a row: lane c takes chunks c, c + 32, ... (their best, max and rescaled sums), the warp
+// reduces them in a fixed shuffle order (the sums in double), then logprob = x[id] - lse with
+// x[id] the chunk's own best value (the same float the logits hold; no second read). Launched as
+// a programmatic dependent of the chunk kernel: it waits for it before reading the partials.
+__global__ void GreedyMergeKernel(const GreedyPickPartial* __restrict__ partials,
+                                  GreedyPick* __restrict__ out, int rows, int chunks) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  const int row = blockIdx.x * (blockDim.x / 32) + static_cast<int>(threadIdx.x / 32);
+  const int lane = threadIdx.x & 31;
   if (row >= rows) return;
   const GreedyPickPartial* p = partials + static_cast<int64_t>(row) * chunks;
   Best best{-INFINITY, INT_MAX};
   float mx = -INFINITY;
-  for (int c = 0; c < chunks; ++c) {
+  for (int c = lane; c < chunks; c += 32) {
     best = Better(best, Best{p[c].best_val, p[c].best_idx});
     mx = fmaxf(mx, p[c].max);
   }
-  double lse = -INFINITY;
+  best = WarpBest(best);
+  mx = cuda::WarpMax(mx);
+  double total = 0.0;
   if (isfinite(mx)) {
-    double total = 0.0;
-    for (int c = 0; c < chunks; ++c) {
+    for (int c = lane; c < chunks; c += 32) {
       if (isfinite(p[c].max)) total += p[c].sum * exp(static_cast<double>(p[c].max) - mx);
     }
-    lse = mx + log(total);
   }
-  const int id = best.idx == INT_MAX ? 0 : best.idx;
-  const float x = logits[(id / part_cols) * part_stride + row * row_stride + id % part_cols];
-  out[row] = GreedyPick{id, static_cast<float>(static_cast<double>(x) - lse)};
+  total = WarpSumD(total);
+  if (lane != 0) return;
+  const double lse = isfinite(mx) ? mx + log(total) : -INFINITY;
+  // No non-NaN entry: id 0, whose value is NaN.
+  out[row] = best.idx == INT_MAX
+                 ? GreedyPick{0, NAN}
+                 : GreedyPick{best.idx, static_cast<float>(static_cast<double>(best.val) - lse)};
 }
 
 }  // namespace
@@ -143,10 +151,11 @@ KernelStatus GreedyPickCuda(const GreedyPickParams& p, cudaStream_t stream) {
   GreedyChunkKernel<<<dim3(chunks, p.rows), kThreads, 0, stream>>>(
       p.logits, partials, p.part_cols, chunks_per_part, part_stride, p.row_stride);
   if (KernelStatus st = cuda::LaunchStatus(); st != KernelStatus::kOk) return st;
-  constexpr int kMergeThreads = 128;
-  GreedyMergeKernel<<<(p.rows + kMergeThreads - 1) / kMergeThreads, kMergeThreads, 0, stream>>>(
-      p.logits, partials, p.out, p.rows, chunks, p.part_cols, part_stride, p.row_stride);
-  return cuda::LaunchStatus();
+  constexpr int kMergeRows = 4;  // warps a block
+  return cuda::LaunchMaybeProgrammatic(
+      GreedyMergeKernel, dim3((p.rows + kMergeRows - 1) / kMergeRows), dim3(32 * kMergeRows), 0,
+      stream, /*programmatic=*/true, static_cast<const GreedyPickPartial*>(partials), p.out, p.rows,
+      chunks);
 }
 
 }  // namespace phishard
