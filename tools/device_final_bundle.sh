@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and packs the bundle tools/device_final_check.sh carries to the device machine (run here,
 # on the build machine, from the repository root of /work/main; CUDA build dir build-h11, sm_90a):
-# phishard, phishard_bench, phishard_tp_bench, every tests/gpu test binary but the *_bench_test
+# phishard, phishard_bench, phishard_tp_bench, phishard_kernel_bench, phishard_graph_probe, every tests/gpu test binary but the *_bench_test
 # timing tables (except cuda_attention_bench_test, which the check runs), and the integration
 # tests the check runs against `serve --device cuda`; their gRPC / protobuf / abseil libraries
 # (../shared/tools/device-bundle), stripped, in one xz tarball.
@@ -25,13 +25,13 @@ INTEGRATION="serve_router_flow_test serve_process_test serve_bad_input_test serv
   metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test
   serve_limits_test serve_churn_test tp_launch_test"
 # shellcheck disable=SC2086
-cmake --build "$BUILD" --target phishard phishard_bench phishard_tp_bench phishard_kernel_bench $GPU_TESTS $INTEGRATION \
+cmake --build "$BUILD" --target phishard phishard_bench phishard_tp_bench phishard_kernel_bench phishard_graph_probe $GPU_TESTS $INTEGRATION \
   -j"${JOBS:-2}"
 rm -rf "$D"
 TESTS=()
 for t in $GPU_TESTS $INTEGRATION; do TESTS+=("$BUILD/tests/$t"); done
 "$BUNDLER" "$D" "$BUILD/bin/phishard" "$BUILD/bin/phishard_bench" "$BUILD/bin/phishard_tp_bench" \
-  "$BUILD/bin/phishard_kernel_bench" "${TESTS[@]}"
+  "$BUILD/bin/phishard_kernel_bench" "$BUILD/bin/phishard_graph_probe" "${TESTS[@]}"
 strip --strip-unneeded "$D"/bin/* "$D"/lib/* 2> /dev/null || true
 (cd "$D" && XZ_OPT='--lzma2=preset=9,dict=640MiB -T1' tar -cJf bundle.txz bin lib env.sh &&
   rm -rf bin lib env.sh)
