@@ -2,9 +2,10 @@
 # Builds and packs the bundle tools/device_final_check.sh carries to the device machine (run here,
 # on the build machine, from the repository root of /work/main; CUDA build dir build-h11, sm_90a):
 # phishard, phishard_bench, phishard_tp_bench, phishard_kernel_bench, phishard_graph_probe, every
-# tests/gpu test binary but the *_bench_test timing tables (except cuda_attention_bench_test, which the check runs), and the integration
-# tests the check runs against `serve --device cuda`; their gRPC / protobuf / abseil libraries
-# (../shared/tools/device-bundle), stripped, in one xz tarball.
+# tests/gpu test binary but the *_bench_test timing tables (except cuda_attention_bench_test,
+# which the check runs), and the integration tests the check runs against `serve --device cuda`;
+# their gRPC / protobuf / abseil libraries (../shared/tools/device-bundle), stripped, in one xz
+# tarball.
 # xz's dictionary must be large (640 MiB) so the test binaries' shared static code folds: ~25 MB
 # against ~40 MB with the default window, which with the tracked tree passes the 64 MiB a device
 # call may carry.
