@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bench/kernel_trace.h"
+#include "kernels/cuda/cuda_common.cuh"
 
 namespace {
 
@@ -59,17 +60,8 @@ int main(int argc, char** argv) {
   cudaEventCreateWithFlags(&join_ev, cudaEventDisableTiming);
   cudaFuncSetAttribute(Spin, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
   auto launch = [&](cudaStream_t st, int i, bool pdl, size_t smem) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(132);
-    cfg.blockDim = dim3(128);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, Spin, stamps, i, 2000);
+    phishard::cuda::LaunchMaybeProgrammatic(Spin, dim3(132), dim3(128), smem, st, pdl, stamps, i,
+                                            2000);
   };
   for (int mode = 0; mode < 4; ++mode) {
     for (int fork = 0; fork < 2; ++fork) {
