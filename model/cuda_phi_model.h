@@ -145,8 +145,8 @@ struct CudaModelOptions {
   // with the MLP branch on its own stream: from b8 the attention grid is several waves and, no
   // longer behind the rotary launch, is queued before fc2's, which then runs after it instead of
   // beside it (with mlp_stream 0 the fold is faster at b8-b64 too: x0.97-0.99). After the fused
-  // kernel's chain was shortened (perf-log 2026-11-30 03:53 / 03:59, session 17): b6 x0.984, b8 x0.992
-  // (ctx 128 / 1024) and x0.969 (ctx 4096), b16 x1.007, b32 x1.028; Phi-1.5 shape b1 x0.83.
+  // kernel's chain was shortened (perf-log 2026-11-30 03:53 / 03:59, session 17): b6 x0.984, b8
+  // x0.992 (ctx 128 / 1024) and x0.969 (ctx 4096), b16 x1.007, b32 x1.028; Phi-1.5 shape b1 x0.83.
   int decode_attention_fold_rows = -1;
   // Base decode steps (no adapter rows) of kDecodeFc1SmsMinRows..kDecodeFc1SmsMaxRows rows (the
   // graph buckets 8 and 16) run fc1 on the MLP stream with this cuBLASLt SM count target, leaving

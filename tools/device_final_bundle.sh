@@ -26,8 +26,8 @@ INTEGRATION="serve_router_flow_test serve_process_test serve_bad_input_test serv
   metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test
   serve_limits_test serve_churn_test tp_launch_test"
 # shellcheck disable=SC2086
-cmake --build "$BUILD" --target phishard phishard_bench phishard_tp_bench phishard_kernel_bench phishard_graph_probe $GPU_TESTS $INTEGRATION \
-  -j"${JOBS:-2}"
+cmake --build "$BUILD" --target phishard phishard_bench phishard_tp_bench phishard_kernel_bench \
+  phishard_graph_probe $GPU_TESTS $INTEGRATION -j"${JOBS:-2}"
 rm -rf "$D"
 TESTS=()
 for t in $GPU_TESTS $INTEGRATION; do TESTS+=("$BUILD/tests/$t"); done
