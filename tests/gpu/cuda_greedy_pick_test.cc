@@ -107,7 +107,7 @@ std::vector<std::vector<float>> SpecialRows(int cols, uint64_t seed) {
 struct PickShape {
   int cols;
   int parts;     // > 1: the tensor-parallel all-gather layout
-  int reps = 1;  // the special rows repeated (over 128 rows: several merge blocks)
+  int reps = 1;  // the special rows repeated (rows of several chunk and merge blocks)
 };
 
 class CudaGreedyPick : public ::testing::TestWithParam<PickShape> {};
@@ -187,7 +187,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaGreedyPick,
                                            PickShape{8194, 2}, PickShape{12288, 3},
                                            PickShape{50257, 1}, PickShape{51200, 1},
                                            PickShape{51200, 2}, PickShape{1026, 3},
-                                           PickShape{51200, 1, 24}, PickShape{51200, 4}));
+                                           PickShape{51200, 1, 24}, PickShape{51200, 4},
+                                           // > 32 chunks a row: a merge lane takes several
+                                           PickShape{140000, 1}, PickShape{140000, 2}));
 
 TEST(CudaGreedyPickArgs, BadShapesAreRefused) {
   float x = 0;
