@@ -84,7 +84,7 @@ static json AttentionRow(const char* name, int seqs, int ctx, int splits, float 
           {"of_copy_bw", 2.0 * kv / (us * 1e-6) / ceil.copy_bytes_per_s}};
 }
 
-// The fused decode attention as 1-4-row decode steps run it (PagedDecodeCudaPlan::fold_rotary +
+// The fused decode attention as 1-8-row decode steps run it (PagedDecodeCudaPlan::fold_rotary +
 // merge_counters: rotary + new K/V write, attention and split merge in one launch), Phi-2 heads
 // (32 x 80, rotary 32), one layer. "warm": 20 launches over the same K/V (L2-resident below
 // ~50 MB); "cold": launches rotate over enough copies of the inputs (>= 100 MB) that each reads
