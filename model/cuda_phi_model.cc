@@ -361,7 +361,7 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   PHI_RETURN_IF_ERROR(m->set_decode_megakernel(*mega != 0));
   const absl::StatusOr<int> fold_rows =
       OptionOrEnv("PHISHARD_DECODE_ATTENTION_FOLD", options.decode_attention_fold_rows,
-                  kDecodeAttentionFoldRowsDefault, 65536, "a row count");
+                  DecodeAttentionFoldRowsDefault(m->config().head_dim), 65536, "a row count");
   PHI_RETURN_IF_ERROR(fold_rows.status());
   m->set_decode_attention_fold_rows(*fold_rows);
   const absl::StatusOr<int> fc1_sms =

@@ -62,6 +62,12 @@ inline constexpr int kBulkGemvRowsDefault = 0;
 inline constexpr int kBulkGemvPdlDefault = 1;
 inline constexpr int kBulkGemvLnDefault = 0;
 inline constexpr int kDecodeAttentionFoldRowsDefault = 8;  // CudaModelOptions below
+// The default fold bound of a model: 16 rows at head_dim <= 64 (Phi-1.5's 32 x 64: the fused
+// kernel fits 5 blocks an SM there; b16 x0.946-0.973, b8 x0.961-0.998, perf-log 2026-11-30 04:51 /
+// 04:55), else 8.
+inline int DecodeAttentionFoldRowsDefault(int head_dim) {
+  return head_dim <= 64 ? 2 * kDecodeAttentionFoldRowsDefault : kDecodeAttentionFoldRowsDefault;
+}
 inline constexpr int kDecodeFc1SmsDefault = 24;            // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
@@ -139,7 +145,8 @@ struct CudaModelOptions {
   // rotary + K/V write and the split merge inside the decode attention launch where it takes the
   // register-staged kernel (batch 1 to 64 at Phi-2 shape): the same bits, two launches fewer a
   // layer (PagedDecodeCudaPlan::fold_rotary, kernels/cuda/paged_decode_cuda.h). 0: none; -1:
-  // PHISHARD_DECODE_ATTENTION_FOLD (rows) when set, else kDecodeAttentionFoldRowsDefault (8).
+  // PHISHARD_DECODE_ATTENTION_FOLD (rows) when set, else DecodeAttentionFoldRowsDefault (8; 16 at
+  // head_dim <= 64).
   // Measured (H200, Phi-2 shape, ctx 1024, fold on / off alternated in one process, perf-log
   // dfold): b1 x0.92-0.94, b2 x0.96, b4 x0.97, but b8 x1.08, b16 x1.10, b32 x1.18, b64 x1.25
   // with the MLP branch on its own stream: from b8 the attention grid is several waves and, no
