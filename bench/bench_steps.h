@@ -8,9 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -24,6 +22,7 @@
 #include "model/kv_cache.h"
 #include "model/lora_adapter.h"
 #include "model/phi_config.h"
+#include "model/text_file.h"
 #include "nlohmann/json.hpp"
 #include "nvtx3/nvToolsExt.h"
 
@@ -51,11 +50,9 @@ inline PhiConfig Phi2Config(int layers) {
 // `path` is empty, the Phi-2 shape. `layers` > 0 replaces the file's num_hidden_layers.
 inline PhiConfig BenchConfig(const std::string& path, int layers) {
   if (path.empty()) return Phi2Config(layers > 0 ? layers : 32);
-  std::ifstream in(path);
-  BENCH_CHECK(in.good(), "--config: cannot read the file");
-  std::stringstream text;
-  text << in.rdbuf();
-  absl::StatusOr<PhiConfig> c = ParsePhiConfig(text.str(), path);
+  const absl::StatusOr<std::string> text = ReadTextFile(path);
+  BENCH_OK(text.status());
+  absl::StatusOr<PhiConfig> c = ParsePhiConfig(*text, path);
   BENCH_OK(c.status());
   if (layers > 0) c->num_hidden_layers = layers;
   return *c;

@@ -3,8 +3,8 @@
 # binary, the gRPC integration suite against `phishard serve --device cuda`
 # (PHISHARD_TEST_DEVICE=cuda), a served TP=2 check (`phishard launch --num-shard 2 --device cuda`,
 # router-style startup incl. Warmup, which captures the decode graphs with NCCL inside), the bare
-# `serve --sharded` ranks' TpServe tests on two GPUs, the multi-LoRA and TP=1/2 benchmarks, then bench/run_all.sh (ours vs floor vs the PyTorch peer)
-# while time is left. Logs under $OUT.
+# `serve --sharded` ranks' TpServe tests on two GPUs, the multi-LoRA and TP=1/2 benchmarks, then
+# bench/run_all.sh (ours vs floor vs the PyTorch peer) while time is left. Logs under $OUT.
 #
 # Here, before the call: tools/device_final_bundle.sh (builds build-h11, CUDA on, sm_90a: phishard,
 # the benches, every tests/gpu test but the *_bench_test ones and the integration tests named
