@@ -133,6 +133,36 @@ __device__ __forceinline__ void IssueS(float (&sc)[32], uint64_t desc_q, uint64_
   }
 }
 
+// Q rows of this thread (warpgroup rows 16 warp + g and + 8, g = lane / 4, t = lane % 4) from the
+// core-matrix tile at sQ (rows of HD elements, the warpgroup's first row at row0) as wgmma
+// A fragments, one a k16 step: {(g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)} pairs of dims
+// 16 kk + .... A step's 32 lanes read 128 consecutive bytes a register: no bank conflicts.
+template <int HD>
+__device__ __forceinline__ void LoadQFragments(uint32_t sQ, int row0, int t,
+                                               uint32_t (&qa)[HD / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t at = sQ + TileOffset<HD>(row0 + (e & 1) * 8, 2 * kk + (e >> 1)) + 4 * t;
+      asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(qa[kk][e]) : "r"(at));
+    }
+  }
+}
+
+// S [64, 64] = Q · Kᵀ with Q from registers (LoadQFragments) and the K tile (K-major) at byte
+// stage_off past desc_k0: HD / 16 wgmma m64n64k16, each reading only K from shared memory (half
+// the shared-memory bytes of IssueS); issued, not waited for.
+template <typename T, int HD>
+__device__ __forceinline__ void IssueSQReg(float (&sc)[32], const uint32_t (&qa)[HD / 16][4],
+                                           uint64_t desc_k0, uint32_t stage_off) {
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    wgmma::WgmmaRS64K<T>(sc, qa[kk], wgmma::DescAdvance(desc_k0, stage_off + kk * 256),
+                         kk > 0 ? 1 : 0);
+  }
+}
+
 // O [64, HD] += P · V of the V tile (kN keys, MN-major) at byte stage_off past desc_v0; issued, not
 // waited for.
 template <typename T, int HD, int kN>
@@ -149,10 +179,19 @@ __device__ __forceinline__ void IssuePv(float (&o)[HD / 2], const uint32_t (&pa)
 // causal mask (-inf where key > the row's position) on tiles reaching past the warpgroup's first
 // row (position wg_pos_min); the thread's rows are wg_pos_min + row_in_wg and + 8.
 template <int kN>
+__device__ __forceinline__ void CausalMask(float (&sc)[kN / 2], int key0, int wg_pos_min,
+                                           int row_in_wg, int t);
+template <int kN>
 __device__ __forceinline__ void ScaleAndMask(float (&sc)[kN / 2], float scale_log2, int key0,
                                              int wg_pos_min, int row_in_wg, int t) {
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i) sc[i] *= scale_log2;
+  CausalMask<kN>(sc, key0, wg_pos_min, row_in_wg, t);
+}
+// ScaleAndMask's mask alone (-inf where key > the row's position; scores in any units).
+template <int kN>
+__device__ __forceinline__ void CausalMask(float (&sc)[kN / 2], int key0, int wg_pos_min,
+                                           int row_in_wg, int t) {
   if (key0 + kN - 1 > wg_pos_min) {
 #pragma unroll
     for (int n = 0; n < kN / 8; ++n) {

@@ -56,7 +56,14 @@ struct WsCfg {
   static_assert(HD % 16 == 0);
   static constexpr int kWarpGroups = 3;  // consumers
   static constexpr int kConsumerThreads = 128 * kWarpGroups;
-  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+  // + the producer warpgroup: one warp copies, the whole warpgroup gives registers back
+  // (setmaxnreg) so the consumers hold kConsumerRegs. With 13 warps (one producer warp), the SM
+  // sub-partition holding 4 of them capped every thread at 128 registers, and Q's fragments
+  // spilled.
+  static constexpr int kThreads = kConsumerThreads + 128;
+  static constexpr int kProducerRegs = 56;   // the launch's 128 - 72 ...
+  static constexpr int kConsumerRegs = 152;  // ... = 3 x (152 - 128) for every consumer warp
+  static_assert(4 * (128 - kProducerRegs) >= 4 * kWarpGroups * (kConsumerRegs - 128));
   static constexpr int kRows = 64 * kWarpGroups;          // query rows per block
   static constexpr int kN = 64;                           // keys per tile
   static constexpr int kStages = 4;                       // K/V ring
@@ -77,6 +84,17 @@ __device__ __forceinline__ void NamedBarSync(int id, int count) {
 }
 __device__ __forceinline__ void NamedBarArrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// This warp's register allocation lowered / raised to N (setmaxnreg; every warp of a warpgroup
+// executes the same one). A raise waits until enough registers were given back.
+template <int N>
+__device__ __forceinline__ void SetMaxRegsDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void SetMaxRegsInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
 // Arrives on `bar` (one of its expected arrivals) once every cp.async this thread issued before
@@ -137,6 +155,8 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
 
   if (tid >= C::kConsumerThreads) {
     // ---- Producer warp. ----------------------------------------------------------------------
+    SetMaxRegsDec<C::kProducerRegs>();
+    if (tid >= C::kConsumerThreads + 32) return;  // the warpgroup's other three warps
     const int lane = tid - C::kConsumerThreads;
     const int kvh = h / (a.num_heads / a.num_kv_heads);
     const int32_t* table = a.block_tables + static_cast<size_t>(s) * a.max_blocks_per_seq;
@@ -240,6 +260,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   }
 
   // ---- Consumer warpgroups. ---------------------------------------------------------------------
+  SetMaxRegsInc<C::kConsumerRegs>();
   const int wg = tid >> 7;
   const int warp_in_wg = (tid >> 5) & 3;
   const int lane = tid & 31;
@@ -248,7 +269,6 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   const int wg_row0 = wg * 64;
   const int wg_pos_min = pos0 + wg_row0;
   const int row_in_wg = warp_in_wg * 16 + g;  // this thread's first row (second: + 8)
-  const uint64_t desc_q = QDesc<HD>(sQ, wg);
   const uint64_t desc_k0 = KDesc<HD>(sK0);
   const uint64_t desc_v0 = VDesc<HD>(sV0);
 
@@ -259,8 +279,12 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   float l_run[2] = {0.0f, 0.0f};            // running sum of this lane's columns (quad-reduced)
 
   // S [64, kN] = Q · Kᵀ of the tile in stage st (raw scores), issued, not waited for.
+  // Q [64, HD] of the warpgroup as wgmma A fragments, loaded once the Q tile has landed: S reads
+  // only K from shared memory (with Q there too, the three warpgroups' S and P·V products and the
+  // producer's copies asked ~115 bytes a cycle of shared memory at the tensor pipe's rate, of 128).
+  uint32_t qa[HD / 16][4];
   auto issue_s = [&](float(&sc)[kSRegs], int st) {
-    IssueS<T, HD>(sc, desc_q, desc_k0, st * C::kTileBytes);
+    IssueSQReg<T, HD>(sc, qa, desc_k0, st * C::kTileBytes);
   };
   // O += P · V of the tile in stage st, issued, not waited for.
   auto issue_pv = [&](const uint32_t(&pa)[kPSteps][4], int st) {
@@ -270,8 +294,16 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   // only on tiles reaching past the warpgroup's first row), online softmax in the log2 domain (a
   // row's 4 owner lanes, one quad, agree on its max); alpha = the rows' rescale factors. Returns
   // whether some row of the warp raised its max.
+  // With a positive scale (every model's) the scores stay raw through the mask and the max, and
+  // the scale rides in the exponent's FMA: exp2(s f - m f), one instruction a score fewer.
+  const bool raw_scores = a.scale_log2 > 0.0f;
+  const float f = raw_scores ? a.scale_log2 : 1.0f;
   auto softmax = [&](float(&sc)[kSRegs], int key0, float(&alpha)[2]) -> bool {
-    ScaleAndMask<kN>(sc, a.scale_log2, key0, wg_pos_min, row_in_wg, t);
+    if (raw_scores) {
+      CausalMask<kN>(sc, key0, wg_pos_min, row_in_wg, t);
+    } else {
+      ScaleAndMask<kN>(sc, a.scale_log2, key0, wg_pos_min, row_in_wg, t);
+    }
     bool max_moved = false;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -287,13 +319,16 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // 2^-inf = 0 on the row's first tile; exactly 1 when the max did not move.
-      alpha[hh] = Exp2(m_run[hh] - mx);
+      alpha[hh] = Exp2((m_run[hh] - mx) * f);
       max_moved |= alpha[hh] != 1.0f;
       m_run[hh] = mx;
+      const float neg_mf = -mx * f;
 #pragma unroll
       for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
-        for (int e = 2 * hh; e < 2 * hh + 2; ++e) sc[4 * n + e] = Exp2(sc[4 * n + e] - mx);
+        for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
+          sc[4 * n + e] = Exp2(fmaf(sc[4 * n + e], f, neg_mf));
+        }
         v[n] = sc[4 * n + 2 * hh] + sc[4 * n + 2 * hh + 1];
       }
 #pragma unroll
@@ -326,6 +361,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   float alpha[2];
   sm90::MbarWait(&full[0], 0);
   wgmma::FenceProxyAsync();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
+  LoadQFragments<HD>(sQ, wg_row0 + row_in_wg, t, qa);
   wait_turn();
   wgmma::Fence();
   issue_s(sc, 0);

@@ -1,7 +1,8 @@
 // Internal to the Hopper prefill attention kernel (paged_attention_prefill_wgmma.cu): wgmma
 // (sm_90a warpgroup MMA) wrappers and shared-memory matrix descriptors. Only the shapes that kernel
-// uses: S = Q·Kᵀ as m64n64k16 with both operands in shared memory, O += P·V as m64n{32,64,80}k16
-// with P in registers. bf16 / fp16 in, float32 accumulation.
+// uses: S = Q·Kᵀ as m64n64k16 with both operands in shared memory (kWgmma) or Q in registers
+// (kWgmmaWs), O += P·V as m64n{32,64,80}k16 with P in registers. bf16 / fp16 in, float32
+// accumulation.
 //
 // Shared-memory operands use the no-swizzle ("interleaved") canonical layout of the PTX ISA: the
 // matrix is made of 8 x 16-byte core matrices, each stored as 128 contiguous bytes (8 rows of 8
@@ -94,6 +95,35 @@ __device__ __forceinline__ void WgmmaSS64(float (&d)[32], uint64_t desc_a, uint6
           "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
   }
+}
+// d[64 x 64] (+)= A[64 x 16] · B[16 x 64], A in registers (mma.sync A-fragment layout, warp w of
+// the warpgroup holding rows 16w..16w+15), B K-major in shared memory (descriptor, imm-trans-b 0);
+// scale_d == 0 ignores d's old values.
+template <typename T>
+__device__ __forceinline__ void WgmmaRS64K(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                           int scale_d) {
+#define PHISHARD_WGMMA_RS64K(TY)                                                                  \
+  asm volatile(                                                                                   \
+      "{\n.reg .pred p;\n"                                                                        \
+      "setp.ne.b32 p, %37, 0;\n"                                                                  \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                 \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, "                                                         \
+      "%8, %9, %10, %11, %12, %13, %14, %15, "                                                    \
+      "%16, %17, %18, %19, %20, %21, %22, %23, "                                                  \
+      "%24, %25, %26, %27, %28, %29, %30, %31}, "                                                 \
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                               \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),      \
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),  \
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),            \
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),            \
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])             \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    PHISHARD_WGMMA_RS64K("bf16");
+  } else {
+    PHISHARD_WGMMA_RS64K("f16");
+  }
+#undef PHISHARD_WGMMA_RS64K
 }
 // d[64 x 32] += A[64 x 16] · B[16 x 32], A in registers (mma.sync A-fragment layout, warp w of
 // the warpgroup holding rows 16w..16w+15), B MN-major in shared memory (descriptor).
