@@ -48,6 +48,9 @@ struct WsArgs : WgArgs<T> {
   T* store_k;
   T* store_v;
   int new_k_col, new_v_col;
+  // Query heads a block runs one after the other (1 or 2; num_heads a multiple of it): the grid's
+  // x is num_heads / heads_per_block.
+  int heads_per_block;
 };
 
 // WgArgs from the validated params (host).
@@ -70,17 +73,18 @@ WgArgs<T> MakeWgArgs(const PagedAttentionParams& p, int q_stride, int block_shif
                    .scale_log2 = p.scale * kLog2e};
 }
 
-// Grid (num_heads, query tiles of C::kRows, num_seqs), C::kThreads threads, C::kSmemBytes of
-// dynamic shared memory (opted into above the default 48 KiB). C is the kernel's config struct.
+// Grid (num_heads / heads_per_block, query tiles of C::kRows, num_seqs), C::kThreads threads,
+// C::kSmemBytes of dynamic shared memory (opted into above the default 48 KiB). C is the kernel's
+// config struct.
 template <typename C, typename Args>
 KernelStatus LaunchPrefillWgmmaKernel(void (*kernel)(Args), const Args& args, int max_q_len,
-                                      int num_seqs, cudaStream_t stream) {
+                                      int num_seqs, cudaStream_t stream, int heads_per_block = 1) {
   if (C::kSmemBytes > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(C::kSmemBytes)) != cudaSuccess) {
     return KernelStatus::kDeviceError;
   }
-  const dim3 grid(args.num_heads, cuda::CeilDiv(max_q_len, C::kRows), num_seqs);
+  const dim3 grid(args.num_heads / heads_per_block, cuda::CeilDiv(max_q_len, C::kRows), num_seqs);
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(args);
   return cuda::LaunchStatus();
 }

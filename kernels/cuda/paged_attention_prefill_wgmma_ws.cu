@@ -35,7 +35,9 @@
 // 0.923; 8 x 2048 0.586 vs 0.718, cuDNN 0.525; 8 x 1024 0.207 vs 0.212, cuDNN 0.177 (batched 1-2k:
 // cuDNN's persistent kernel ahead); hd 64 2048 0.079, cuDNN 0.092. kAuto takes it at head dim 80
 // from 4096 query tokens (PagedAttentionPrefillTiling).
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_prefill.cuh"
@@ -61,8 +63,8 @@ struct WsCfg {
   // sub-partition holding 4 of them capped every thread at 128 registers, and Q's fragments
   // spilled.
   static constexpr int kThreads = kConsumerThreads + 128;
-  static constexpr int kProducerRegs = 56;   // the launch's 128 - 72 ...
-  static constexpr int kConsumerRegs = 152;  // ... = 3 x (152 - 128) for every consumer warp
+  static constexpr int kProducerRegs = 80;   // the launch's 128 - 48 ...
+  static constexpr int kConsumerRegs = 144;  // ... = 3 x (144 - 128) for every consumer warp
   static_assert(4 * (128 - kProducerRegs) >= 4 * kWarpGroups * (kConsumerRegs - 128));
   static constexpr int kRows = 64 * kWarpGroups;          // query rows per block
   static constexpr int kN = 64;                           // keys per tile
@@ -71,7 +73,9 @@ struct WsCfg {
   static constexpr uint32_t kGroupBytes = kChunks * 128;  // 8 rows x HD: one core matrix a chunk
   static constexpr uint32_t kQBytes = kRows / 8 * kGroupBytes;
   static constexpr uint32_t kTileBytes = kN / 8 * kGroupBytes;
-  static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;  // Q, K[], V[]
+  static constexpr int kMaxItems = 2;  // heads a block (WsArgs::heads_per_block): a Q buffer each
+  static constexpr uint32_t kBarOffset =
+      kMaxItems * kQBytes + 2 * kStages * kTileBytes;  // Q[], K[], V[]
   static constexpr uint32_t kSmemBytes = kBarOffset + 2 * kStages * 8;        // + full[], empty[]
   static_assert(kN % 32 == 0, "the producer copies kN / 32 rows a lane");
 };
@@ -118,7 +122,8 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   static_assert(kN == 64, "S is one m64n64 product a k16 step");
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const int h = blockIdx.x;
+  const int items = a.heads_per_block;  // heads h0, h0 + 1, ... one after the other
+  const int h0 = blockIdx.x * items;
   const int s = blockIdx.z;
   const int q_begin = a.cu_q_lens[s];
   const int q_len = a.cu_q_lens[s + 1] - q_begin;
@@ -141,7 +146,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   const int tid = threadIdx.x;
 
   const uint32_t sQ = SmemAddr(smem);
-  const uint32_t sK0 = sQ + C::kQBytes;
+  const uint32_t sK0 = sQ + C::kMaxItems * C::kQBytes;
   const uint32_t sV0 = sK0 + kStages * C::kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::kBarOffset);  // [kStages]
   uint64_t* empty = full + kStages;                                    // [kStages]
@@ -158,7 +163,6 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
     SetMaxRegsDec<C::kProducerRegs>();
     if (tid >= C::kConsumerThreads + 32) return;  // the warpgroup's other three warps
     const int lane = tid - C::kConsumerThreads;
-    const int kvh = h / (a.num_heads / a.num_kv_heads);
     const int32_t* table = a.block_tables + static_cast<size_t>(s) * a.max_blocks_per_seq;
     const bool new_kv_in_q = a.store_k != nullptr;
     const int n_cached = a.context_lens[s] - q_len;  // keys before the step's new tokens
@@ -172,89 +176,101 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       *in_blk = key - b * a.block_size;
       return __ldg(table + b);
     };
-    {  // Q tile [kRows, HD] (rows before the sequence's start are zeros); in tile 0's copy group.
+    // The block's heads one after the other through the same ring: key tile j of item i is the
+    // ring's tile J = i n_tiles + j, so the next head's Q and first tiles load while the consumers
+    // finish the last one (its own Q buffer: no reuse at kMaxItems = 2).
+    for (int item = 0; item < items; ++item) {
+      const int h = h0 + item;
+      const int kvh = h / (a.num_heads / a.num_kv_heads);
+      const uint32_t sQi = sQ + item * C::kQBytes;
+      {  // Q tile [kRows, HD] (rows before the sequence's start are zeros); in tile 0's copy group.
 #pragma unroll 4
-      for (int k = 0; k < C::kRows * C::kChunks / 32; ++k) {
-        const int item = lane + 32 * k;
-        const int r = item / C::kChunks;
-        const int c = item - r * C::kChunks;
-        const bool valid = r >= row_lo;
-        const T* src =
-            valid ? a.q + static_cast<size_t>(q_begin + tile0 + r) * a.q_stride + h * HD + c * 8
-                  : a.q;
-        CpAsync16(sQ + TileOffset<HD>(r, c), src, valid);
-      }
-    }
-    // Lane -> whole rows lane + 32 i of each K/V tile (HD / 8 16-byte chunks a row): a copy
-    // instruction touches one chunk of 32 consecutive keys, two 16-key (block, kvh) runs at block
-    // size 16 (kernels/kv_layout.h); the next chunk's instruction reads the other half of each
-    // sector, from L2. Against lane pairs (rows lane / 2 + 16 i, whole 32-byte sectors a copy,
-    // but 4 block-table reads and row addresses a lane and tile instead of 2; main from the KV
-    // layout change until 2026-11-29 20:30): 0.92 ms at hd 80 8192 tokens against 1.07, 0.63
-    // against 0.70 at 8 x 2048 (perf-log 20:27 / 20:30; which of the producer's costs mattered was
-    // not measured). attn6 run 1's (row, chunk) items through a row-pointer table were slower too.
-    // Each copy instruction reads half of 32 sectors (ncu at 8 x 2048: 50 % of the L2 sectors
-    // excessive, L2 71.6 % busy against cuDNN's 49 %); at head dim 80 the copies go through L1
-    // (cp.async.ca), so the next chunk's half comes from there: 2.5-3 % faster at 2048 tokens and
-    // 8 x 1024 / 8 x 2048, ~1 % at 4096 / 8192, but 2 % slower at head dim 64 (perf-log 2026-11-29
-    // 23:18), which keeps .cg (kAuto takes this kernel at head dim 80 only).
-    constexpr int kRowsPerLane = kN / 32;
-    for (int j = 0; j < n_tiles; ++j) {
-      const int st = j % kStages;
-      // Sources of rows lane + 32 i of key tile j: the block-table reads are issued before the
-      // wait for the stage (their latency hides under it). Keys >= n_keys and block ids outside
-      // [0, num_blocks) become zeros (finite: P = 0 times a NaN V would still poison O); new
-      // tokens' K / V come from their q rows when the launch stores them (store_k).
-      int blk[kRowsPerLane], in_blk[kRowsPerLane];
-#pragma unroll
-      for (int i = 0; i < kRowsPerLane; ++i) {
-        const int key = j * kN + lane + 32 * i;
-        blk[i] = -1;
-        in_blk[i] = 0;
-        if (key < n_keys && !(new_kv_in_q && key >= n_cached)) blk[i] = slot_of(key, &in_blk[i]);
-      }
-      if (j >= kStages) sm90::MbarWait(&empty[st], ((j / kStages) - 1) & 1);
-#pragma unroll
-      for (int i = 0; i < kRowsPerLane; ++i) {
-        const int r = lane + 32 * i;
-        const int key = j * kN + r;
-        const T* k_src = nullptr;
-        const T* v_src = nullptr;
-        if (key < n_keys && new_kv_in_q && key >= n_cached) {
-          const T* row = a.q + static_cast<size_t>(q_begin + key - n_cached) * a.q_stride;
-          k_src = row + a.new_k_col + kvh * HD;
-          v_src = row + a.new_v_col + kvh * HD;
-        } else if (blk[i] >= 0 && blk[i] < a.num_blocks) {
-          const int64_t off = KvOffset(blk[i], in_blk[i], kvh, a.block_size, a.num_kv_heads, HD);
-          k_src = a.k_cache + off;
-          v_src = a.v_cache + off;
+        for (int k = 0; k < C::kRows * C::kChunks / 32; ++k) {
+          const int idx = lane + 32 * k;
+          const int r = idx / C::kChunks;
+          const int c = idx - r * C::kChunks;
+          const bool valid = r >= row_lo;
+          const T* src =
+              valid ? a.q + static_cast<size_t>(q_begin + tile0 + r) * a.q_stride + h * HD + c * 8
+                    : a.q;
+          CpAsync16(sQi + TileOffset<HD>(r, c), src, valid);
         }
-        const bool valid = k_src != nullptr;
-        const uint32_t so = st * C::kTileBytes;
+      }
+      // Lane -> whole rows lane + 32 i of each K/V tile (HD / 8 16-byte chunks a row): a copy
+      // instruction touches one chunk of 32 consecutive keys, two 16-key (block, kvh) runs at
+      // block size 16 (kernels/kv_layout.h); the next chunk's instruction reads the other half of
+      // each sector, from L2. Against lane pairs (rows lane / 2 + 16 i, whole 32-byte sectors a
+      // copy, but 4 block-table reads and row addresses a lane and tile instead of 2; main from
+      // the KV layout change until 2026-11-29 20:30): 0.92 ms at hd 80 8192 tokens against 1.07,
+      // 0.63 against 0.70 at 8 x 2048 (perf-log 20:27 / 20:30; which of the producer's costs
+      // mattered was not measured). attn6 run 1's (row, chunk) items through a row-pointer table
+      // were slower too. Each copy instruction reads half of 32 sectors (ncu at 8 x 2048: 50 % of
+      // the L2 sectors excessive, L2 71.6 % busy against cuDNN's 49 %); at head dim 80 the copies
+      // go through L1 (cp.async.ca), so the next chunk's half comes from there: 2.5-3 % faster at
+      // 2048 tokens and 8 x 1024 / 8 x 2048, ~1 % at 4096 / 8192, but 2 % slower at head dim 64
+      // (perf-log 2026-11-29 23:18), which keeps .cg (kAuto takes this kernel at head dim 80 only).
+      constexpr int kRowsPerLane = kN / 32;
+      for (int j = 0; j < n_tiles; ++j) {
+        const int jr = item * n_tiles + j;  // the ring's tile
+        const int st = jr % kStages;
+        // Sources of rows lane + 32 i of key tile j: the block-table reads are issued before the
+        // wait for the stage (their latency hides under it). Keys >= n_keys and block ids outside
+        // [0, num_blocks) become zeros (finite: P = 0 times a NaN V would still poison O); new
+        // tokens' K / V come from their q rows when the launch stores them (store_k).
+        int blk[kRowsPerLane], in_blk[kRowsPerLane];
 #pragma unroll
-        for (int c = 0; c < C::kChunks; ++c) {
-          const uint32_t dst = so + TileOffset<HD>(r, c);
-          if constexpr (HD == 80) {
-            CpAsync16Ca(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
-            CpAsync16Ca(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
-          } else {
-            CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
-            CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
+        for (int i = 0; i < kRowsPerLane; ++i) {
+          const int key = j * kN + lane + 32 * i;
+          blk[i] = -1;
+          in_blk[i] = 0;
+          if (key < n_keys && !(new_kv_in_q && key >= n_cached)) blk[i] = slot_of(key, &in_blk[i]);
+        }
+        if (jr >= kStages) sm90::MbarWait(&empty[st], ((jr / kStages) - 1) & 1);
+#pragma unroll
+        for (int i = 0; i < kRowsPerLane; ++i) {
+          const int r = lane + 32 * i;
+          const int key = j * kN + r;
+          const T* k_src = nullptr;
+          const T* v_src = nullptr;
+          if (key < n_keys && new_kv_in_q && key >= n_cached) {
+            const T* row = a.q + static_cast<size_t>(q_begin + key - n_cached) * a.q_stride;
+            k_src = row + a.new_k_col + kvh * HD;
+            v_src = row + a.new_v_col + kvh * HD;
+          } else if (blk[i] >= 0 && blk[i] < a.num_blocks) {
+            const int64_t off = KvOffset(blk[i], in_blk[i], kvh, a.block_size, a.num_kv_heads, HD);
+            k_src = a.k_cache + off;
+            v_src = a.v_cache + off;
+          }
+          const bool valid = k_src != nullptr;
+          const uint32_t so = st * C::kTileBytes;
+#pragma unroll
+          for (int c = 0; c < C::kChunks; ++c) {
+            const uint32_t dst = so + TileOffset<HD>(r, c);
+            if constexpr (HD == 80) {
+              CpAsync16Ca(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
+              CpAsync16Ca(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
+            } else {
+              CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
+              CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
+            }
           }
         }
+        CpAsyncCommit();
+        // full[st] counts this lane's arrival once the copies it issued so far (this tile's, and
+        // the Q tile's with tile 0) have landed.
+        CpAsyncMbarArriveNoinc(&full[st]);
       }
-      CpAsyncCommit();
-      // full[st] counts this lane's arrival once the copies it issued so far (this tile's, and
-      // the Q tile's with tile 0) have landed.
-      CpAsyncMbarArriveNoinc(&full[st]);
     }
     CpAsyncWaitAll();
-    // The tile's own new tokens' K/V into the cache (store_k): by the blocks of the first query
-    // head of each KV head, so every (token, KV head) is stored once; nothing in this launch reads
-    // them from the cache (every block reads new keys from the q rows).
-    if (new_kv_in_q && h % (a.num_heads / a.num_kv_heads) == 0) {
-      StoreNewKvRows<T, HD, 32>(a, slot_of, lane, C::kRows - row_lo, kvh, pos0 + row_lo, q_begin,
-                                tile0 + row_lo);
+    // The tile's own new tokens' K/V into the cache (store_k): by the first query head of each KV
+    // head, so every (token, KV head) is stored once; nothing in this launch reads them from the
+    // cache (every block reads new keys from the q rows).
+    for (int h = h0; h < h0 + items; ++h) {
+      if (new_kv_in_q && h % (a.num_heads / a.num_kv_heads) == 0) {
+        StoreNewKvRows<T, HD, 32>(a, slot_of, lane, C::kRows - row_lo,
+                                  h / (a.num_heads / a.num_kv_heads), pos0 + row_lo, q_begin,
+                                  tile0 + row_lo);
+      }
     }
     return;
   }
@@ -273,10 +289,8 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   const uint64_t desc_v0 = VDesc<HD>(sV0);
 
   float o[kORegs];  // O [64, HD] of the warpgroup, float32, unnormalised
-#pragma unroll
-  for (int i = 0; i < kORegs; ++i) o[i] = 0.0f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max of the scaled scores of the 2 rows
-  float l_run[2] = {0.0f, 0.0f};            // running sum of this lane's columns (quad-reduced)
+  float m_run[2];  // running max of the scores of the 2 rows (raw_scores: unscaled)
+  float l_run[2];  // running sum of this lane's columns (quad-reduced)
 
   // S [64, kN] = Q · Kᵀ of the tile in stage st (raw scores), issued, not waited for.
   // Q [64, HD] of the warpgroup as wgmma A fragments, loaded once the Q tile has landed: S reads
@@ -359,54 +373,80 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   uint32_t pa[kPSteps][4];
   float sc[kSRegs];
   float alpha[2];
-  sm90::MbarWait(&full[0], 0);
-  wgmma::FenceProxyAsync();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
-  LoadQFragments<HD>(sQ, wg_row0 + row_in_wg, t, qa);
-  wait_turn();
-  wgmma::Fence();
-  issue_s(sc, 0);
-  wgmma::Commit();
-  pass_turn(false);
-  wgmma::Wait<0>();
-  wgmma::PinRegisters(sc);
-  softmax(sc, 0, alpha);  // O is still zero: nothing to rescale
-  pack_p(sc, pa);
-  for (int j = 1; j < n_tiles; ++j) {
-    const int st = j % kStages;
-    const int prev_st = (j - 1) % kStages;
-    sm90::MbarWait(&full[st], (j / kStages) & 1);
-    wgmma::FenceProxyAsync();
+  for (int item = 0; item < items; ++item) {
+    const int j0 = item * n_tiles;  // the ring's tile of the item's key tile 0
+#pragma unroll
+    for (int i = 0; i < kORegs; ++i) o[i] = 0.0f;
+    m_run[0] = m_run[1] = -INFINITY;
+    l_run[0] = l_run[1] = 0.0f;
+    sm90::MbarWait(&full[j0 % kStages], (j0 / kStages) & 1);
+    wgmma::FenceProxyAsync();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
+    LoadQFragments<HD>(sQ + item * C::kQBytes, wg_row0 + row_in_wg, t, qa);
     wait_turn();
     wgmma::Fence();
-    issue_s(sc, st);
-    wgmma::Commit();
-    issue_pv(pa, prev_st);
+    issue_s(sc, j0 % kStages);
     wgmma::Commit();
     pass_turn(false);
-    wgmma::Wait<1>();  // S_j in; P_{j-1} V_{j-1} may still run
+    wgmma::Wait<0>();
     wgmma::PinRegisters(sc);
-    const bool moved = softmax(sc, j * kN, alpha);
+    softmax(sc, 0, alpha);  // O is still zero: nothing to rescale
+    pack_p(sc, pa);
+    for (int j = 1; j < n_tiles; ++j) {
+      const int jr = j0 + j;
+      const int st = jr % kStages;
+      const int prev_st = (jr - 1) % kStages;
+      sm90::MbarWait(&full[st], (jr / kStages) & 1);
+      wgmma::FenceProxyAsync();
+      wait_turn();
+      wgmma::Fence();
+      issue_s(sc, st);
+      wgmma::Commit();
+      issue_pv(pa, prev_st);
+      wgmma::Commit();
+      pass_turn(false);
+      wgmma::Wait<1>();  // S_j in; P_{j-1} V_{j-1} may still run
+      wgmma::PinRegisters(sc);
+      const bool moved = softmax(sc, j * kN, alpha);
+      wgmma::Wait<0>();
+      wgmma::PinRegisters(o);
+      release(prev_st);
+      if (moved) rescale_o(alpha);
+      pack_p(sc, pa);
+    }
+    const bool last_item = item == items - 1;
+    wait_turn();
+    wgmma::Fence();
+    issue_pv(pa, (j0 + n_tiles - 1) % kStages);
+    wgmma::Commit();
+    pass_turn(last_item);
     wgmma::Wait<0>();
     wgmma::PinRegisters(o);
-    release(prev_st);
-    if (moved) rescale_o(alpha);
-    pack_p(sc, pa);
-  }
-  wait_turn();
-  wgmma::Fence();
-  issue_pv(pa, (n_tiles - 1) % kStages);
-  wgmma::Commit();
-  pass_turn(true);
-  wgmma::Wait<0>();
-  wgmma::PinRegisters(o);
+    if (!last_item) release((j0 + n_tiles - 1) % kStages);  // the next item's ring needs it
 
-  // out[row, h, :] = O / l.
-  StoreO<T, HD>(a, o, l_run, q_begin, tile0, row_lo, C::kRows, wg_row0, row_in_wg, h, t);
+    // out[row, h, :] = O / l.
+    StoreO<T, HD>(a, o, l_run, q_begin, tile0, row_lo, C::kRows, wg_row0, row_in_wg, h0 + item, t);
+  }
 #else
   // Built without sm_90a code: PagedAttentionPrefillWgmmaAvailable() is false and this is never
   // launched.
   __trap();
 #endif
+}
+
+// Heads a block runs one after the other: 2 (the second head's Q and first K/V tiles load under the
+// first's last tiles, so a block's start-up latency is paid once for two) when the one-head grid
+// would run at least kWsPairMinWaves waves, else 1 (halving a grid of few waves costs more in
+// its last wave than the start-ups).
+constexpr int kWsPairMinWaves = 6;
+int WsHeadsPerBlock(int num_heads, int num_seqs, int max_q_len, int rows, int sms) {
+  static const int forced = [] {
+    const char* e = std::getenv("PHISHARD_EXP_WS_ITEMS");
+    return e == nullptr ? 0 : std::atoi(e);
+  }();
+  if (num_heads % 2 != 0) return 1;
+  if (forced == 1 || forced == 2) return forced;
+  const int64_t blocks = static_cast<int64_t>(num_heads) * cuda::CeilDiv(max_q_len, rows) * num_seqs;
+  return blocks >= static_cast<int64_t>(kWsPairMinWaves) * std::max(1, sms) ? 2 : 1;
 }
 
 }  // namespace
@@ -420,13 +460,16 @@ KernelStatus LaunchPagedAttentionPrefillWgmmaWs(const PagedAttentionParams& p,
       [&](auto hd_tag, auto type_tag) {
         constexpr int HD = decltype(hd_tag)::value;
         using T = typename decltype(type_tag)::type;
+        const int items = WsHeadsPerBlock(p.num_heads, p.num_seqs, plan.max_q_len,
+                                          WsCfg<HD>::kRows, plan.num_multiprocessors);
         const WsArgs<T> args{MakeWgArgs<T>(p, q_stride, block_shift),
                              /*store_k=*/static_cast<T*>(plan.store_new_k),
                              /*store_v=*/static_cast<T*>(plan.store_new_v),
                              /*new_k_col=*/p.num_heads * HD,
-                             /*new_v_col=*/(p.num_heads + p.num_kv_heads) * HD};
+                             /*new_v_col=*/(p.num_heads + p.num_kv_heads) * HD,
+                             /*heads_per_block=*/items};
         return LaunchPrefillWgmmaKernel<WsCfg<HD>>(PrefillWgmmaWsKernel<T, HD>, args,
-                                                   plan.max_q_len, p.num_seqs, stream);
+                                                   plan.max_q_len, p.num_seqs, stream, items);
       },
       cuda::WgmmaHeadDims{});  // 32, 64, 80 only: kInvalidShape for the others
 }
