@@ -62,7 +62,8 @@ struct WsCfg {
   // (setmaxnreg) so the consumers hold kConsumerRegs. With 13 warps (one producer warp), the SM
   // sub-partition holding 4 of them capped every thread at 128 registers, and Q's fragments
   // spilled.
-  static constexpr int kThreads = kConsumerThreads + 128;
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kThreads = kConsumerThreads + kProducerThreads;
   static constexpr int kProducerRegs = 80;   // the launch's 128 - 48 ...
   static constexpr int kConsumerRegs = 144;  // ... = 3 x (144 - 128) for every consumer warp
   static_assert(4 * (128 - kProducerRegs) >= 4 * kWarpGroups * (kConsumerRegs - 128));
@@ -77,7 +78,8 @@ struct WsCfg {
   static constexpr uint32_t kBarOffset =
       kMaxItems * kQBytes + 2 * kStages * kTileBytes;  // Q[], K[], V[]
   static constexpr uint32_t kSmemBytes = kBarOffset + 2 * kStages * 8;        // + full[], empty[]
-  static_assert(kN % 32 == 0, "the producer copies kN / 32 rows a lane");
+  static_assert(kN * 2 == kProducerThreads, "a producer thread copies half of one row a tile");
+  static_assert(kRows * kChunks % kProducerThreads == 0 && kChunks % 2 == 0);
 };
 
 // Named barriers of the turns (0 is __syncthreads'): warpgroup w issues after kTurnBar + w.
@@ -152,7 +154,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   uint64_t* empty = full + kStages;                                    // [kStages]
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
-      sm90::MbarInit(&full[st], 32);        // every producer lane, once its copies landed
+      sm90::MbarInit(&full[st], C::kProducerThreads);  // every producer thread, copies landed
       sm90::MbarInit(&empty[st], 4 * kWG);  // lane 0 of every consumer warp
     }
   }
@@ -161,8 +163,10 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   if (tid >= C::kConsumerThreads) {
     // ---- Producer warp. ----------------------------------------------------------------------
     SetMaxRegsDec<C::kProducerRegs>();
-    if (tid >= C::kConsumerThreads + 32) return;  // the warpgroup's other three warps
-    const int lane = tid - C::kConsumerThreads;
+    // The warpgroup's 128 threads copy: thread p takes row p / 2 of every K/V tile, half its
+    // 16-byte chunks (so the copies' issue spreads over the four SM sub-partitions instead of
+    // adding one warp's to the sub-partition of consumer warps 0, 4 and 8).
+    const int ptid = tid - C::kConsumerThreads;
     const int32_t* table = a.block_tables + static_cast<size_t>(s) * a.max_blocks_per_seq;
     const bool new_kv_in_q = a.store_k != nullptr;
     const int n_cached = a.context_lens[s] - q_len;  // keys before the step's new tokens
@@ -184,9 +188,9 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       const int kvh = h / (a.num_heads / a.num_kv_heads);
       const uint32_t sQi = sQ + item * C::kQBytes;
       {  // Q tile [kRows, HD] (rows before the sequence's start are zeros); in tile 0's copy group.
-#pragma unroll 4
-        for (int k = 0; k < C::kRows * C::kChunks / 32; ++k) {
-          const int idx = lane + 32 * k;
+#pragma unroll 3
+        for (int k = 0; k < C::kRows * C::kChunks / C::kProducerThreads; ++k) {
+          const int idx = ptid + C::kProducerThreads * k;
           const int r = idx / C::kChunks;
           const int c = idx - r * C::kChunks;
           const bool valid = r >= row_lo;
@@ -196,68 +200,55 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
           CpAsync16(sQi + TileOffset<HD>(r, c), src, valid);
         }
       }
-      // Lane -> whole rows lane + 32 i of each K/V tile (HD / 8 16-byte chunks a row): a copy
-      // instruction touches one chunk of 32 consecutive keys, two 16-key (block, kvh) runs at
-      // block size 16 (kernels/kv_layout.h); the next chunk's instruction reads the other half of
-      // each sector, from L2. Against lane pairs (rows lane / 2 + 16 i, whole 32-byte sectors a
-      // copy, but 4 block-table reads and row addresses a lane and tile instead of 2; main from
-      // the KV layout change until 2026-11-29 20:30): 0.92 ms at hd 80 8192 tokens against 1.07,
-      // 0.63 against 0.70 at 8 x 2048 (perf-log 20:27 / 20:30; which of the producer's costs
-      // mattered was not measured). attn6 run 1's (row, chunk) items through a row-pointer table
-      // were slower too. Each copy instruction reads half of 32 sectors (ncu at 8 x 2048: 50 % of
-      // the L2 sectors excessive, L2 71.6 % busy against cuDNN's 49 %); at head dim 80 the copies
-      // go through L1 (cp.async.ca), so the next chunk's half comes from there: 2.5-3 % faster at
-      // 2048 tokens and 8 x 1024 / 8 x 2048, ~1 % at 4096 / 8192, but 2 % slower at head dim 64
-      // (perf-log 2026-11-29 23:18), which keeps .cg (kAuto takes this kernel at head dim 80 only).
-      constexpr int kRowsPerLane = kN / 32;
+      // Thread p -> row p / 2 of each K/V tile, chunks [h, h + HD / 16) of it (h = (p % 2) HD /
+      // 16): a warp's copy instruction touches 16 consecutive keys, one (block, kvh) run at block
+      // size 16 (kernels/kv_layout.h), 16 bytes in each of their 32 half-sectors; at head dim 80
+      // the copies go through L1 (cp.async.ca), so the next instruction's other halves come from
+      // there (perf-log 2026-11-29 23:18: 2.5-3 % faster at 2048 tokens and 8 x 1024 / 8 x 2048,
+      // ~1 % at 4096 / 8192, 2 % slower at head dim 64, which keeps .cg; kAuto takes this kernel
+      // at head dim 80 only). Earlier mappings: whole rows a lane of one producer warp (2026-11-29
+      // 20:30 until this form: 0.92 ms at hd 80 8192 tokens against lane pairs' 1.07); attn6 run
+      // 1's (row, chunk) items through a row-pointer table (slower).
+      const int r = ptid >> 1;
+      const int c0 = (ptid & 1) * (C::kChunks / 2);
       for (int j = 0; j < n_tiles; ++j) {
         const int jr = item * n_tiles + j;  // the ring's tile
         const int st = jr % kStages;
-        // Sources of rows lane + 32 i of key tile j: the block-table reads are issued before the
-        // wait for the stage (their latency hides under it). Keys >= n_keys and block ids outside
-        // [0, num_blocks) become zeros (finite: P = 0 times a NaN V would still poison O); new
-        // tokens' K / V come from their q rows when the launch stores them (store_k).
-        int blk[kRowsPerLane], in_blk[kRowsPerLane];
-#pragma unroll
-        for (int i = 0; i < kRowsPerLane; ++i) {
-          const int key = j * kN + lane + 32 * i;
-          blk[i] = -1;
-          in_blk[i] = 0;
-          if (key < n_keys && !(new_kv_in_q && key >= n_cached)) blk[i] = slot_of(key, &in_blk[i]);
-        }
+        // The source of row r of key tile j: the block-table read is issued before the wait for
+        // the stage (its latency hides under it). Keys >= n_keys and block ids outside [0,
+        // num_blocks) become zeros (finite: P = 0 times a NaN V would still poison O); new tokens'
+        // K / V come from their q rows when the launch stores them (store_k).
+        const int key = j * kN + r;
+        int blk = -1, in_blk = 0;
+        if (key < n_keys && !(new_kv_in_q && key >= n_cached)) blk = slot_of(key, &in_blk);
         if (jr >= kStages) sm90::MbarWait(&empty[st], ((jr / kStages) - 1) & 1);
+        const T* k_src = nullptr;
+        const T* v_src = nullptr;
+        if (key < n_keys && new_kv_in_q && key >= n_cached) {
+          const T* row = a.q + static_cast<size_t>(q_begin + key - n_cached) * a.q_stride;
+          k_src = row + a.new_k_col + kvh * HD;
+          v_src = row + a.new_v_col + kvh * HD;
+        } else if (blk >= 0 && blk < a.num_blocks) {
+          const int64_t off = KvOffset(blk, in_blk, kvh, a.block_size, a.num_kv_heads, HD);
+          k_src = a.k_cache + off;
+          v_src = a.v_cache + off;
+        }
+        const bool valid = k_src != nullptr;
+        const uint32_t so = st * C::kTileBytes;
 #pragma unroll
-        for (int i = 0; i < kRowsPerLane; ++i) {
-          const int r = lane + 32 * i;
-          const int key = j * kN + r;
-          const T* k_src = nullptr;
-          const T* v_src = nullptr;
-          if (key < n_keys && new_kv_in_q && key >= n_cached) {
-            const T* row = a.q + static_cast<size_t>(q_begin + key - n_cached) * a.q_stride;
-            k_src = row + a.new_k_col + kvh * HD;
-            v_src = row + a.new_v_col + kvh * HD;
-          } else if (blk[i] >= 0 && blk[i] < a.num_blocks) {
-            const int64_t off = KvOffset(blk[i], in_blk[i], kvh, a.block_size, a.num_kv_heads, HD);
-            k_src = a.k_cache + off;
-            v_src = a.v_cache + off;
-          }
-          const bool valid = k_src != nullptr;
-          const uint32_t so = st * C::kTileBytes;
-#pragma unroll
-          for (int c = 0; c < C::kChunks; ++c) {
-            const uint32_t dst = so + TileOffset<HD>(r, c);
-            if constexpr (HD == 80) {
-              CpAsync16Ca(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
-              CpAsync16Ca(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
-            } else {
-              CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
-              CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
-            }
+        for (int c = c0; c < c0 + C::kChunks / 2; ++c) {
+          const uint32_t dst = so + TileOffset<HD>(r, c);
+          if constexpr (HD == 80) {
+            CpAsync16Ca(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
+            CpAsync16Ca(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
+          } else {
+            CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
+            CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
           }
         }
         CpAsyncCommit();
-        // full[st] counts this lane's arrival once the copies it issued so far (this tile's, and
-        // the Q tile's with tile 0) have landed.
+        // full[st] counts this thread's arrival once the copies it issued so far (this tile's,
+        // and the Q tile's with tile 0) have landed.
         CpAsyncMbarArriveNoinc(&full[st]);
       }
     }
@@ -267,7 +258,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
     // cache (every block reads new keys from the q rows).
     for (int h = h0; h < h0 + items; ++h) {
       if (new_kv_in_q && h % (a.num_heads / a.num_kv_heads) == 0) {
-        StoreNewKvRows<T, HD, 32>(a, slot_of, lane, C::kRows - row_lo,
+        StoreNewKvRows<T, HD, C::kProducerThreads>(a, slot_of, ptid, C::kRows - row_lo,
                                   h / (a.num_heads / a.num_kv_heads), pos0 + row_lo, q_begin,
                                   tile0 + row_lo);
       }
