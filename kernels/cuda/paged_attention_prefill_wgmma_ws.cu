@@ -364,24 +364,33 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   uint32_t pa[kPSteps][4];
   float sc[kSRegs];
   float alpha[2];
-  for (int item = 0; item < items; ++item) {
-    const int j0 = item * n_tiles;  // the ring's tile of the item's key tile 0
+  // A head's start: O, the row max and the row sum reset.
+  auto reset_rows = [&] {
 #pragma unroll
     for (int i = 0; i < kORegs; ++i) o[i] = 0.0f;
     m_run[0] = m_run[1] = -INFINITY;
     l_run[0] = l_run[1] = 0.0f;
+  };
+  // A head's Q fragments, once its first stage (which carries its Q tile) has landed.
+  auto load_q = [&](int item) {
+    const int j0 = item * n_tiles;
     sm90::MbarWait(&full[j0 % kStages], (j0 / kStages) & 1);
     wgmma::FenceProxyAsync();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
     LoadQFragments<HD>(sQ + item * C::kQBytes, wg_row0 + row_in_wg, t, qa);
-    wait_turn();
-    wgmma::Fence();
-    issue_s(sc, j0 % kStages);
-    wgmma::Commit();
-    pass_turn(false);
-    wgmma::Wait<0>();
-    wgmma::PinRegisters(sc);
-    softmax(sc, 0, alpha);  // O is still zero: nothing to rescale
-    pack_p(sc, pa);
+  };
+  reset_rows();
+  load_q(0);
+  wait_turn();
+  wgmma::Fence();
+  issue_s(sc, 0);
+  wgmma::Commit();
+  pass_turn(false);
+  wgmma::Wait<0>();
+  wgmma::PinRegisters(sc);
+  softmax(sc, 0, alpha);  // O is still zero: nothing to rescale
+  pack_p(sc, pa);
+  for (int item = 0; item < items; ++item) {
+    const int j0 = item * n_tiles;  // the ring's tile of the item's key tile 0
     for (int j = 1; j < n_tiles; ++j) {
       const int jr = j0 + j;
       const int st = jr % kStages;
@@ -404,18 +413,42 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       if (moved) rescale_o(alpha);
       pack_p(sc, pa);
     }
-    const bool last_item = item == items - 1;
-    wait_turn();
-    wgmma::Fence();
-    issue_pv(pa, (j0 + n_tiles - 1) % kStages);
-    wgmma::Commit();
-    pass_turn(last_item);
-    wgmma::Wait<0>();
-    wgmma::PinRegisters(o);
-    if (!last_item) release((j0 + n_tiles - 1) % kStages);  // the next item's ring needs it
-
-    // out[row, h, :] = O / l.
-    StoreO<T, HD>(a, o, l_run, q_begin, tile0, row_lo, C::kRows, wg_row0, row_in_wg, h0 + item, t);
+    const int last_st = (j0 + n_tiles - 1) % kStages;
+    if (item + 1 < items) {
+      // The item's last P·V and the next head's S_0 in one turn (the tensor pipe stays fed
+      // across the heads; the O store runs under S_0). Q's fragments are loaded first: S_j's
+      // reads of them completed at the loop's waits.
+      load_q(item + 1);
+      wait_turn();
+      wgmma::Fence();
+      issue_pv(pa, last_st);
+      wgmma::Commit();
+      issue_s(sc, (j0 + n_tiles) % kStages);
+      wgmma::Commit();
+      pass_turn(false);
+      wgmma::Wait<1>();  // the last P·V in; S_0 may still run
+      wgmma::PinRegisters(o);
+      release(last_st);
+      // out[row, h, :] = O / l, then the next head's O, max and sum.
+      StoreO<T, HD>(a, o, l_run, q_begin, tile0, row_lo, C::kRows, wg_row0, row_in_wg, h0 + item,
+                    t);
+      reset_rows();
+      wgmma::Wait<0>();
+      wgmma::PinRegisters(sc);
+      softmax(sc, 0, alpha);
+      pack_p(sc, pa);
+    } else {
+      wait_turn();
+      wgmma::Fence();
+      issue_pv(pa, last_st);
+      wgmma::Commit();
+      pass_turn(true);
+      wgmma::Wait<0>();
+      wgmma::PinRegisters(o);
+      // out[row, h, :] = O / l.
+      StoreO<T, HD>(a, o, l_run, q_begin, tile0, row_lo, C::kRows, wg_row0, row_in_wg, h0 + item,
+                    t);
+    }
   }
 #else
   // Built without sm_90a code: PagedAttentionPrefillWgmmaAvailable() is false and this is never
