@@ -36,9 +36,9 @@ namespace phishard {
 
 enum class AttentionKernel { kAuto, kPrefill, kDecode };
 
-// Prefill query tiles. kAuto: kWgmmaWs at head dim 80 from 4096 query tokens (max_q_len) up where
-// it runs, else kQ128 at head dim 80 from 4096 up, else kQ128Warps8 (docs/perf-log.md, prefill
-// attention runs, attn7). kWgmma is measured and tested beside them but not chosen: it
+// Prefill query tiles. kAuto: kWgmmaWs at head dims 64 and 80 from 1024 query tokens (max_q_len)
+// up where it runs, else kQ128 at head dim 80 from 4096 up, else kQ128Warps8 (docs/perf-log.md,
+// prefill attention runs, attn7, 2026-11-30 05:34-05:40). kWgmma is measured and tested beside them but not chosen: it
 // does not beat them (pre helper runs 1-2).
 enum class PrefillTiling {
   kAuto,
@@ -48,10 +48,10 @@ enum class PrefillTiling {
   kWgmma,       // Hopper: 2 warpgroups x 64 rows on wgmma (paged_attention_prefill_wgmma.cu), 2
                 // blocks an SM; only where PagedAttentionPrefillWgmmaAvailable() (sm_90a build,
                 // compute capability 9.0 device), kInvalidShape elsewhere
-  kWgmmaWs,     // Hopper, warp-specialised: a producer warp filling a 4-stage ring of 64-key
-                // K/V tiles, 3 consumer warpgroups x 64 rows (192 a block) taking turns on the
-                // tensor cores (paged_attention_prefill_wgmma_ws.cu), 1 block an SM; same
-                // availability as kWgmma
+  kWgmmaWs,     // Hopper, warp-specialised: a producer warpgroup filling a 4-stage ring of
+                // 64-key K/V tiles, 3 consumer warpgroups x 64 rows (192 a block) taking turns on
+                // the tensor cores, one or two heads a block (paged_attention_prefill_wgmma_ws.cu),
+                // 1 block an SM; same availability as kWgmma
 };
 
 struct PagedAttentionCudaPlan {

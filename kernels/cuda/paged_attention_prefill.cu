@@ -422,7 +422,7 @@ KernelStatus LaunchTiling(PrefillTiling tiling, const PrefillArgs<T>& args, int 
 }  // namespace
 
 // The query length (PagedAttentionCudaPlan::max_q_len) from which kAuto picks kWgmmaWs.
-constexpr int kWgmmaWsMinQ = 4096;
+constexpr int kWgmmaWsMinQ = 1024;
 
 PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
                                           const PagedAttentionCudaPlan& plan) {
@@ -430,13 +430,14 @@ PrefillTiling PagedAttentionPrefillTiling(const PagedAttentionParams& p,
   // H200 (docs/perf-log.md: prefill attention run 2, pre helper runs 1-2): kQ128 is 1-5% ahead of
   // kQ128Warps8 at head dim 80 from 4096 query tokens up in all three runs (at 2048 the two tie
   // within +-3%); kQ128Warps8 is ~10% ahead at head dim 64 and ties or leads below. kWgmma ties
-  // with both at best and is never chosen here. kWgmmaWs (perf-log attn7): at head dim 80 1.32x
-  // kQ128 at 4096 query tokens, 1.47x at 8192; ~10% ahead of kQ128Warps8 alone at 2048 (12% at
-  // 8 x 2048) but no faster in a prefill step there (1x2048 and 8x2048 alternated), so only from
-  // kWgmmaWsMinQ up; slower at 8 x 1024 (a tie since its tiles align to the sequence's end, perf-log
-  // 2026-11-29 22:31, but 2-4 % slower in the 8 x 1024 / 8 x 2048 steps, 22:26). Head dim 64 from
-  // 4096 was not measured (4% ahead at 2048).
-  if (plan.max_q_len >= kWgmmaWsMinQ && p.head_dim == 80 && PagedAttentionPrefillWgmmaAvailable()) {
+  // with both at best and is never chosen here. kWgmmaWs: since session 18 (Q in registers, two
+  // heads a block, the producer warpgroup copying; perf-log 2026-11-30 05:30-05:40) faster in
+  // the prefill step too, kAuto against it alternated: Phi-2 1x1024 ×0.98, 1x2048 ×0.97, 8x1024
+  // ×0.99, 8x2048 ×0.97, Phi-1.5 (head dim 64) 1x2048 ×0.98, 8x1024 ×0.99; at 1x512 ×1.02 (its
+  // one block an SM beside the prefill fork's fc1), so from kWgmmaWsMinQ query tokens. Head dim
+  // 32 was not measured.
+  if (plan.max_q_len >= kWgmmaWsMinQ && (p.head_dim == 80 || p.head_dim == 64) &&
+      PagedAttentionPrefillWgmmaAvailable()) {
     return PrefillTiling::kWgmmaWs;
   }
   if (p.head_dim == 80 && plan.max_q_len >= 4096) return PrefillTiling::kQ128;

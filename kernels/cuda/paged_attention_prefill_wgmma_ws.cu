@@ -2,22 +2,25 @@
 // the problem, shared-memory layout and per-tile math of the wgmma kernel
 // (paged_attention_prefill_wgmma.cu), with FlashAttention-3's division of labour.
 //
-// One block per (query head, sequence, 192-query tile aligned to the sequence's end): 13 warps, 416
-// threads, 1 block an SM.
-//   warp 12 (producer): gathers the Q tile [192, HD] once and every 64-key K/V tile through the
-//     block table with cp.async (whole K/V rows a lane, HD / 8 16-byte chunks each) into a ring of
-//     kStages = 4 stages. Stage st is published on its `full` mbarrier by
-//     cp.async.mbarrier.arrive.noinc (each of the 32 lanes arrives once its own copies have
-//     landed, so the producer never waits for a copy) and refilled once the 12 consumer warps
-//     have arrived on its `empty` mbarrier.
-//   warpgroups 0-2 (consumers, query rows [64 w, 64 w + 64) of the block's 192): per key tile j
-//     S [64, 64] = Q · Kᵀ (HD / 16 wgmma m64n64k16 from shared memory), online softmax in
-//     registers, O [64, HD] += P · V (4 wgmma m64nHDk16, P from registers).
+// One block per (pair of query heads, sequence, 192-query tile aligned to the sequence's end), or
+// per single head when the grid would be short (WsHeadsPerBlock): 16 warps, 512 threads, 1 block an
+// SM. The block's heads run one after the other through the same K/V ring.
+//   warpgroup 3 (producer, 128 threads at 80 registers, setmaxnreg): gathers each head's Q tile
+//     [192, HD] into its own buffer and every 64-key K/V tile through the block table with
+//     cp.async (thread p: half of row p / 2, through L1) into a ring of kStages = 4 stages. Stage
+//     st is published on its `full` mbarrier by cp.async.mbarrier.arrive.noinc (each thread
+//     arrives once its own copies have landed, so the producer never waits for a copy) and
+//     refilled once the 12 consumer warps have arrived on its `empty` mbarrier.
+//   warpgroups 0-2 (consumers at 144 registers, query rows [64 w, 64 w + 64) of the block's 192):
+//     Q's fragments in registers (loaded from the Q tile once a head), per key tile j S [64, 64]
+//     = Q · Kᵀ (HD / 16 wgmma m64n64k16, K from shared memory), online softmax in registers (the
+//     scale inside the exponent's FMA), O [64, HD] += P · V (4 wgmma m64nHDk16, P from registers).
 // Schedule of a consumer warpgroup, iteration j (1 <= j < n_tiles):
 //   wait full[j % 4] -> fence.proxy.async (cp.async writes become visible to wgmma's async proxy)
 //   -> wait its turn -> issue S_j, then P_{j-1} · V_{j-1} -> pass the turn -> wait S_j -> softmax
 //   of tile j (under P_{j-1} · V_{j-1}) -> wait P_{j-1} · V_{j-1} -> release stage (j - 1) % 4 on
-//   empty[] -> rescale O if a row max moved -> pack P_j to registers.
+//   empty[] -> rescale O if a row max moved -> pack P_j to registers. A head's last P·V and the
+//   next head's S_0 share one turn; the O store runs under that S_0.
 // The turns (ping-pong by named barriers kTurnBar + w, bar.sync / bar.arrive of 256 threads: the
 // warpgroup and its predecessor) make the three warpgroups issue their products in rotation, so
 // the others' softmax runs while one's products occupy the tensor cores. A stage is refilled while
@@ -25,16 +28,18 @@
 // runs 1-2 published stages only after issuing the next tiles, with zero slack, and were
 // 1.3-1.5x slower than kWgmma).
 //
-// Shared memory: Q [192, HD] + 4 x (K, V) [64, HD] in wgmma's no-swizzle core-matrix layout (see
-// the wgmma kernel) + 8 mbarriers: 110 KiB at HD 80. All three warpgroups run every key tile of the
-// block (so the turns pair up); a warpgroup's tiles past its causal diagonal are fully masked
-// (p = 0; key 0 is in every row's first tile, so no row's max is -inf after tile 0).
-// Measured on H200 (docs/perf-log.md 2026-11-29 23:21, PyTorch SDPA in the same call), causal bf16,
-// 32 heads, ms: hd 80 1024 0.032 vs kQ128Warps8 0.044, cuDNN 0.049; 2048 0.084 (257 TFLOP/s) vs
-// 0.100, cuDNN 0.099; 4096 0.253 vs 0.344, cuDNN 0.279; 8192 0.881 (390 TFLOP/s) vs 1.266, cuDNN
-// 0.923; 8 x 2048 0.586 vs 0.718, cuDNN 0.525; 8 x 1024 0.207 vs 0.212, cuDNN 0.177 (batched 1-2k:
-// cuDNN's persistent kernel ahead); hd 64 2048 0.079, cuDNN 0.092. kAuto takes it at head dim 80
-// from 4096 query tokens (PagedAttentionPrefillTiling).
+// Shared memory: 2 x Q [192, HD] + 4 x (K, V) [64, HD] in wgmma's no-swizzle core-matrix layout
+// (see the wgmma kernel) + 8 mbarriers: 140 KiB at HD 80. All three warpgroups run every key tile
+// of the block (so the turns pair up); a warpgroup's tiles past its causal diagonal are fully
+// masked (p = 0; key 0 is in every row's first tile, so no row's max is -inf after tile 0).
+// Measured on H200 (docs/perf-log.md 2026-11-30 05:34 / 05:40, PyTorch SDPA in the same call),
+// causal bf16, 32 heads, ms: hd 80 1024 0.032 vs cuDNN 0.060; 2048 0.080 (269 TFLOP/s) vs cuDNN
+// 0.120; 4096 0.236 vs 0.316; 8192 0.796 (432 TFLOP/s) vs 1.010; 8 x 1024 0.174 vs 0.174; 8 x 2048
+// 0.501 vs 0.530; hd 64 2048 0.068 vs 0.096, 4096 0.200 vs 0.203, 8192 0.667 vs 0.660. Session 18's
+// steps, each alternated against the one before it: Q in registers and the scale in the FMA
+// ×0.94-0.97, two heads a block ×0.95 at 8 x 1k / 8 x 2k, the producer warpgroup plus the shared
+// turn ×0.91 at 8 x 2k, L1 copies at hd 64 ×0.72-0.80. kAuto takes it at head dims 64 and 80 from
+// 1024 query tokens (PagedAttentionPrefillTiling).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -238,13 +243,8 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
 #pragma unroll
         for (int c = c0; c < c0 + C::kChunks / 2; ++c) {
           const uint32_t dst = so + TileOffset<HD>(r, c);
-          if constexpr (HD == 80) {
-            CpAsync16Ca(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
-            CpAsync16Ca(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
-          } else {
-            CpAsync16(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
-            CpAsync16(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
-          }
+          CpAsync16Ca(sK0 + dst, valid ? k_src + c * 8 : a.k_cache, valid);
+          CpAsync16Ca(sV0 + dst, valid ? v_src + c * 8 : a.v_cache, valid);
         }
         CpAsyncCommit();
         // full[st] counts this thread's arrival once the copies it issued so far (this tile's,

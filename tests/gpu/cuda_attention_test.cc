@@ -330,7 +330,7 @@ TEST(CudaPagedAttention, PrefillFp16MatchesCpuReference) {
   }
 }
 
-// From 4096 query tokens kAuto takes kWgmmaWs (on Hopper): the long cases run it both forced and
+// From 1024 query tokens kAuto takes kWgmmaWs (on Hopper): the long cases run it both forced and
 // chosen, once with the fused K/V store after a cached prefix that is no multiple of a key tile
 // (4133 rows: 21 tiles of 192 + 101, the store's last tile partial).
 TEST(CudaPagedAttention, LongPrefill4096) {
@@ -341,10 +341,10 @@ TEST(CudaPagedAttention, LongPrefill4096) {
           {.dtype = DataType::kBF16, .tilings = AllTilings(), .store_new_kv = true});
 }
 
-// kAuto's table (PrefillTiling): kWgmmaWs at head dim 80 from 4096 query tokens where it runs;
-// below, and for other head dims, the mma.sync tilings as before. Forced tilings pass through
-// unchanged.
-TEST(CudaPagedAttention, AutoTilingTakesWarpSpecialisedFrom4096Queries) {
+// kAuto's table (PrefillTiling): kWgmmaWs at head dims 64 and 80 from 1024 query tokens where it
+// runs (kQ128 at head dim 80 from 4096 where it does not); below, and for other head dims, the
+// mma.sync tilings. Forced tilings pass through unchanged.
+TEST(CudaPagedAttention, AutoTilingTakesWarpSpecialisedFrom1024Queries) {
   PHI_REQUIRE_GPU();
   const bool ws = PagedAttentionPrefillWgmmaAvailable();
   auto pick = [](int head_dim, int max_q_len, PrefillTiling forced = PrefillTiling::kAuto) {
@@ -355,10 +355,12 @@ TEST(CudaPagedAttention, AutoTilingTakesWarpSpecialisedFrom4096Queries) {
   };
   EXPECT_EQ(pick(80, 4096), ws ? PrefillTiling::kWgmmaWs : PrefillTiling::kQ128);
   EXPECT_EQ(pick(80, 16384), ws ? PrefillTiling::kWgmmaWs : PrefillTiling::kQ128);
-  EXPECT_EQ(pick(64, 4096), PrefillTiling::kQ128Warps8);
-  EXPECT_EQ(pick(80, 4095), PrefillTiling::kQ128Warps8);
-  EXPECT_EQ(pick(80, 2048), PrefillTiling::kQ128Warps8);
-  EXPECT_EQ(pick(64, 2048), PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(80, 2048), ws ? PrefillTiling::kWgmmaWs : PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(80, 1024), ws ? PrefillTiling::kWgmmaWs : PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(64, 4096), ws ? PrefillTiling::kWgmmaWs : PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(64, 1024), ws ? PrefillTiling::kWgmmaWs : PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(80, 1023), PrefillTiling::kQ128Warps8);
+  EXPECT_EQ(pick(64, 512), PrefillTiling::kQ128Warps8);
   EXPECT_EQ(pick(32, 8192), PrefillTiling::kQ128Warps8);
   for (int hd : {16, 96, 128}) {  // no wgmma kernel for these: never picked
     EXPECT_EQ(pick(hd, 8192), PrefillTiling::kQ128Warps8);

@@ -86,7 +86,7 @@ TEST(CudaPhiModel, PrefillKvStoreModesAgree) {
 }
 
 // The warp-specialised prefill attention (set_prefill_attention_tiling(4), kWgmmaWs, which kAuto
-// takes from 4096 query tokens) in the model: prefill logits close to kAuto's tiling (another
+// takes from 1024 query tokens) in the model: prefill logits close to kAuto's tiling (another
 // kernel: other accumulation order and P rounding, so close, not equal) and, from a cache refilled
 // with random values in between, the decode steps after it close too: they read the K/V that its
 // fused store wrote.
