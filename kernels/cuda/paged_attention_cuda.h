@@ -64,6 +64,9 @@ struct PagedAttentionCudaPlan {
   int num_multiprocessors = 132;  // sizes the split count: aim for ~4 blocks per SM
   int force_splits = 0;           // > 0: use this many splits (tests), still capped by workspace
   PrefillTiling prefill_tiling = PrefillTiling::kAuto;
+  // kWgmmaWs: query heads a block runs one after the other; 0 = by the grid's size (two from six
+  // waves of one-head blocks), 1 or 2 forced (tests).
+  int prefill_heads_per_block = 0;
   // Prefill (every tiling but kWgmma; kInvalidShape with kWgmma or a decode launch): the new
   // tokens' K and V are still in their q rows, in the fused qkv layout of rotary_kv_write.h
   // (row t = [q: num_heads | k: num_kv_heads | v: num_kv_heads] x head_dim, q_stride at least

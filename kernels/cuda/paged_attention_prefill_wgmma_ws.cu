@@ -42,7 +42,6 @@
 // 1024 query tokens (PagedAttentionPrefillTiling).
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_prefill.cuh"
@@ -460,13 +459,11 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
 // Heads a block runs one after the other: 2 (the second head's Q and first K/V tiles load under the
 // first's last tiles, so a block's start-up latency is paid once for two) when the one-head grid
 // would run at least kWsPairMinWaves waves, else 1 (halving a grid of few waves costs more in
-// its last wave than the start-ups).
+// its last wave than the start-ups: perf-log 2026-11-30 05:27, 4096 tokens 5.3 waves ×1.04, 1024
+// ×1.6). `forced` (PagedAttentionCudaPlan::prefill_heads_per_block) 1 or 2 wins where the head
+// count allows.
 constexpr int kWsPairMinWaves = 6;
-int WsHeadsPerBlock(int num_heads, int num_seqs, int max_q_len, int rows, int sms) {
-  static const int forced = [] {
-    const char* e = std::getenv("PHISHARD_EXP_WS_ITEMS");
-    return e == nullptr ? 0 : std::atoi(e);
-  }();
+int WsHeadsPerBlock(int forced, int num_heads, int num_seqs, int max_q_len, int rows, int sms) {
   if (num_heads % 2 != 0) return 1;
   if (forced == 1 || forced == 2) return forced;
   const int64_t blocks = static_cast<int64_t>(num_heads) * cuda::CeilDiv(max_q_len, rows) * num_seqs;
@@ -484,8 +481,9 @@ KernelStatus LaunchPagedAttentionPrefillWgmmaWs(const PagedAttentionParams& p,
       [&](auto hd_tag, auto type_tag) {
         constexpr int HD = decltype(hd_tag)::value;
         using T = typename decltype(type_tag)::type;
-        const int items = WsHeadsPerBlock(p.num_heads, p.num_seqs, plan.max_q_len,
-                                          WsCfg<HD>::kRows, plan.num_multiprocessors);
+        const int items = WsHeadsPerBlock(plan.prefill_heads_per_block, p.num_heads, p.num_seqs,
+                                          plan.max_q_len, WsCfg<HD>::kRows,
+                                          plan.num_multiprocessors);
         const WsArgs<T> args{MakeWgArgs<T>(p, q_stride, block_shift),
                              /*store_k=*/static_cast<T*>(plan.store_new_k),
                              /*store_v=*/static_cast<T*>(plan.store_new_v),

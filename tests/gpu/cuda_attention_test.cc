@@ -183,8 +183,16 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
     EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);
     return;
   }
+  // kWgmmaWs with one and with two heads a block (PagedAttentionCudaPlan::prefill_heads_per_block;
+  // test shapes are too small for its own choice of two).
+  std::vector<std::pair<PrefillTiling, int>> runs;
   for (PrefillTiling tiling : o.tilings) {
-    SCOPED_TRACE(testing::Message() << "prefill tiling " << static_cast<int>(tiling));
+    runs.push_back({tiling, tiling == PrefillTiling::kWgmmaWs ? 1 : 0});
+    if (tiling == PrefillTiling::kWgmmaWs) runs.push_back({tiling, 2});
+  }
+  for (const auto& [tiling, heads_per_block] : runs) {
+    SCOPED_TRACE(testing::Message() << "prefill tiling " << static_cast<int>(tiling)
+                                    << ", heads a block " << heads_per_block);
     const bool wgmma = tiling == PrefillTiling::kWgmma || tiling == PrefillTiling::kWgmmaWs;
     const bool decode_launch =
         o.kernel == AttentionKernel::kDecode || (o.kernel == AttentionKernel::kAuto && max_q == 1);
@@ -204,7 +212,8 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
                                 .workspace_bytes = ws_bytes,
                                 .num_multiprocessors = 132,
                                 .force_splits = o.force_splits,
-                                .prefill_tiling = tiling};
+                                .prefill_tiling = tiling,
+                                .prefill_heads_per_block = heads_per_block};
     if (o.store_new_kv) {
       plan.store_new_k = d_k.get();
       plan.store_new_v = d_v.get();
