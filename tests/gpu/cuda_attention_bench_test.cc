@@ -164,6 +164,8 @@ TEST(CudaAttentionBench, PrefillTilings) {
       {"h32d80_b8_s2048", 32, 80, 2048, 2048, 8},    {"h32d64_s2048", 32, 64, 2048, 2048, 1},
       {"h32d64_s4096", 32, 64, 4096, 4096, 1},       {"h32d64_s8192", 32, 64, 8192, 8192, 1},
       {"h32d80_q512_ctx4096", 32, 80, 512, 4096, 1},
+      // A tensor-parallel rank of Phi-2 at TP=2 (16 of the 32 heads).
+      {"h16d80_s1024", 16, 80, 1024, 1024, 1},       {"h16d80_s2048", 16, 80, 2048, 2048, 1},
   };
   const char* only = std::getenv("PHISHARD_ATTN_BENCH_SHAPES");
   for (const Shape& s : shapes) {
