@@ -38,8 +38,8 @@ enum class AttentionKernel { kAuto, kPrefill, kDecode };
 
 // Prefill query tiles. kAuto: kWgmmaWs at head dims 64 and 80 from 1024 query tokens (max_q_len)
 // up where it runs, else kQ128 at head dim 80 from 4096 up, else kQ128Warps8 (docs/perf-log.md,
-// prefill attention runs, attn7, 2026-11-30 05:34-05:40). kWgmma is measured and tested beside them but not chosen: it
-// does not beat them (pre helper runs 1-2).
+// prefill attention runs, attn7, 2026-11-30 05:34-05:40). kWgmma is measured and tested beside
+// them but not chosen: it does not beat them (pre helper runs 1-2).
 enum class PrefillTiling {
   kAuto,
   kQ128,        // 4 warps x 32 rows: each K/V fragment feeds two m16 tiles; 255 registers, 2 blocks
@@ -64,8 +64,8 @@ struct PagedAttentionCudaPlan {
   int num_multiprocessors = 132;  // sizes the split count: aim for ~4 blocks per SM
   int force_splits = 0;           // > 0: use this many splits (tests), still capped by workspace
   PrefillTiling prefill_tiling = PrefillTiling::kAuto;
-  // kWgmmaWs: query heads a block runs one after the other; 0 = by the grid's size (two from six
-  // waves of one-head blocks), 1 or 2 forced (tests).
+  // kWgmmaWs: query heads a block runs one after the other; 1 or 2 forced (tests; 1 with an odd
+  // head count), anything else = by the grid's size (two from six waves of one-head blocks).
   int prefill_heads_per_block = 0;
   // Prefill (every tiling but kWgmma; kInvalidShape with kWgmma or a decode launch): the new
   // tokens' K and V are still in their q rows, in the fused qkv layout of rotary_kv_write.h

@@ -62,10 +62,9 @@ struct WsCfg {
   static_assert(HD % 16 == 0);
   static constexpr int kWarpGroups = 3;  // consumers
   static constexpr int kConsumerThreads = 128 * kWarpGroups;
-  // + the producer warpgroup: one warp copies, the whole warpgroup gives registers back
-  // (setmaxnreg) so the consumers hold kConsumerRegs. With 13 warps (one producer warp), the SM
-  // sub-partition holding 4 of them capped every thread at 128 registers, and Q's fragments
-  // spilled.
+  // + the producer warpgroup, which copies and gives registers back (setmaxnreg) so the consumers
+  // hold kConsumerRegs. With 13 warps (one producer warp), the SM sub-partition holding 4 of them
+  // capped every thread at 128 registers, and Q's fragments spilled.
   static constexpr int kProducerThreads = 128;
   static constexpr int kThreads = kConsumerThreads + kProducerThreads;
   static constexpr int kProducerRegs = 80;   // the launch's 128 - 48 ...
@@ -165,7 +164,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   __syncthreads();
 
   if (tid >= C::kConsumerThreads) {
-    // ---- Producer warp. ----------------------------------------------------------------------
+    // ---- Producer warpgroup. -----------------------------------------------------------------
     SetMaxRegsDec<C::kProducerRegs>();
     // The warpgroup's 128 threads copy: thread p takes row p / 2 of every K/V tile, half its
     // 16-byte chunks (so the copies' issue spreads over the four SM sub-partitions instead of
@@ -204,15 +203,15 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
           CpAsync16(sQi + TileOffset<HD>(r, c), src, valid);
         }
       }
-      // Thread p -> row p / 2 of each K/V tile, chunks [h, h + HD / 16) of it (h = (p % 2) HD /
+      // Thread p -> row p / 2 of each K/V tile, chunks [c0, c0 + HD / 16) of it (c0 = (p % 2) HD /
       // 16): a warp's copy instruction touches 16 consecutive keys, one (block, kvh) run at block
-      // size 16 (kernels/kv_layout.h), 16 bytes in each of their 32 half-sectors; at head dim 80
-      // the copies go through L1 (cp.async.ca), so the next instruction's other halves come from
-      // there (perf-log 2026-11-29 23:18: 2.5-3 % faster at 2048 tokens and 8 x 1024 / 8 x 2048,
-      // ~1 % at 4096 / 8192, 2 % slower at head dim 64, which keeps .cg; kAuto takes this kernel
-      // at head dim 80 only). Earlier mappings: whole rows a lane of one producer warp (2026-11-29
-      // 20:30 until this form: 0.92 ms at hd 80 8192 tokens against lane pairs' 1.07); attn6 run
-      // 1's (row, chunk) items through a row-pointer table (slower).
+      // size 16 (kernels/kv_layout.h), 16 bytes in each of their 32 half-sectors. The copies go
+      // through L1 (cp.async.ca), so the next instruction's other halves come from there
+      // (perf-log 2026-11-29 23:18, hd 80: 2.5-3 % faster at 2048 tokens and 8 x 1024 / 8 x 2048;
+      // 2026-11-30 05:37, hd 64 with this mapping: ×0.72-0.80). Earlier mappings: whole rows a lane
+      // of one producer warp (2026-11-29 20:30 until session 18: 0.92 ms at hd 80 8192 tokens
+      // against lane pairs' 1.07); attn6 run 1's (row, chunk) items through a row-pointer table
+      // (slower).
       const int r = ptid >> 1;
       const int c0 = (ptid & 1) * (C::kChunks / 2);
       for (int j = 0; j < n_tiles; ++j) {
@@ -257,9 +256,9 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
     // cache (every block reads new keys from the q rows).
     for (int h = h0; h < h0 + items; ++h) {
       if (new_kv_in_q && h % (a.num_heads / a.num_kv_heads) == 0) {
-        StoreNewKvRows<T, HD, C::kProducerThreads>(a, slot_of, ptid, C::kRows - row_lo,
-                                  h / (a.num_heads / a.num_kv_heads), pos0 + row_lo, q_begin,
-                                  tile0 + row_lo);
+        const int kvh = h / (a.num_heads / a.num_kv_heads);
+        StoreNewKvRows<T, HD, C::kProducerThreads>(a, slot_of, ptid, C::kRows - row_lo, kvh,
+                                                   pos0 + row_lo, q_begin, tile0 + row_lo);
       }
     }
     return;
@@ -282,11 +281,11 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
   float m_run[2];  // running max of the scores of the 2 rows (raw_scores: unscaled)
   float l_run[2];  // running sum of this lane's columns (quad-reduced)
 
-  // S [64, kN] = Q · Kᵀ of the tile in stage st (raw scores), issued, not waited for.
   // Q [64, HD] of the warpgroup as wgmma A fragments, loaded once the Q tile has landed: S reads
   // only K from shared memory (with Q there too, the three warpgroups' S and P·V products and the
   // producer's copies asked ~115 bytes a cycle of shared memory at the tensor pipe's rate, of 128).
   uint32_t qa[HD / 16][4];
+  // S [64, kN] = Q · Kᵀ of the tile in stage st (raw scores), issued, not waited for.
   auto issue_s = [&](float(&sc)[kSRegs], int st) {
     IssueSQReg<T, HD>(sc, qa, desc_k0, st * C::kTileBytes);
   };
@@ -466,7 +465,8 @@ constexpr int kWsPairMinWaves = 6;
 int WsHeadsPerBlock(int forced, int num_heads, int num_seqs, int max_q_len, int rows, int sms) {
   if (num_heads % 2 != 0) return 1;
   if (forced == 1 || forced == 2) return forced;
-  const int64_t blocks = static_cast<int64_t>(num_heads) * cuda::CeilDiv(max_q_len, rows) * num_seqs;
+  const int64_t blocks =
+      static_cast<int64_t>(num_heads) * cuda::CeilDiv(max_q_len, rows) * num_seqs;
   return blocks >= static_cast<int64_t>(kWsPairMinWaves) * std::max(1, sms) ? 2 : 1;
 }
 
