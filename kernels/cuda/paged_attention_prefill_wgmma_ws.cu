@@ -208,10 +208,10 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       // size 16 (kernels/kv_layout.h), 16 bytes in each of their 32 half-sectors. The copies go
       // through L1 (cp.async.ca), so the next instruction's other halves come from there
       // (perf-log 2026-11-29 23:18, hd 80: 2.5-3 % faster at 2048 tokens and 8 x 1024 / 8 x 2048;
-      // 2026-11-30 05:37, hd 64 with this mapping: ×0.72-0.80). Earlier mappings: whole rows a lane
-      // of one producer warp (2026-11-29 20:30 until session 18: 0.92 ms at hd 80 8192 tokens
-      // against lane pairs' 1.07); attn6 run 1's (row, chunk) items through a row-pointer table
-      // (slower).
+      // 2026-11-30 05:37, hd 64 with this mapping: ×0.72-0.80). Earlier mappings: whole rows a
+      // lane of one producer warp (2026-11-29 20:30 until session 18: 0.92 ms at hd 80 8192
+      // tokens against lane pairs' 1.07); attn6 run 1's (row, chunk) items through a row-pointer
+      // table (slower).
       const int r = ptid >> 1;
       const int c0 = (ptid & 1) * (C::kChunks / 2);
       for (int j = 0; j < n_tiles; ++j) {
