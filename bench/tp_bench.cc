@@ -18,7 +18,8 @@
 //   phishard_tp_bench [--tp 1,2] [--batches 1,32,128] [--context 1024] [--decode-modes view]
 //                     [--mlp-tp -1]
 //                     [--prefills 1x2048,8x2048] [--prefill-chunks 1,2]
-//                     [--prefill-min-rows 4096] [--allreduce-modes auto,copy] [--json out.json]
+//                     [--prefill-min-rows 4096] [--allreduce-modes auto,copy]
+//                     [--prefill-forms -1] [--prefill-tilings -1] [--json out.json]
 // --prefill-chunks: at W > 1 each prefill case once per value (CudaModelOptions::
 // tp_prefill_chunks: 1 = whole, N = N row chunks with overlapped all-reduces); TP=1 runs it whole.
 // --allreduce-modes: at W > 1 each prefill case (and chunk count) once per PHISHARD_TP_ALLREDUCE
@@ -29,6 +30,10 @@
 // CudaPhiModel::set_prefill_sharded_forms: 1 = fc1 on the MLP stream (whole steps), 2 = the
 // trimmed last layer (the logit rows only); -1 = as the model was created. TP=1 runs both forms
 // (its defaults). The table names it "f<mask>" after the mode.
+// --prefill-tilings: every world size runs each prefill case once per value of
+// CudaPhiModel::set_prefill_attention_tiling (0 kAuto, 1 kQ128, 2 kQ128Warps8, 3 kWgmma, 4 the
+// warp-specialised kWgmmaWs), innermost so the values alternate; -1 = as created. The table names
+// it "a<tiling>" after the case (and TP=1's row of the same tiling is the "x TP1" reference).
 //   phishard_tp_bench --write-checkpoint DIR [--layers 32] [--tokenizer-dir D]
 //     writes a Phi-2-shaped random bf16 checkpoint (config.json, model.safetensors, the
 //     tokenizer files of D) for serving tests without a download.
@@ -116,6 +121,7 @@ struct Options {
   int prefill_min_rows = kTpPrefillMinRowsDefault;
   std::vector<std::string> allreduce_modes;  // empty: leave the communicator's mode alone
   std::vector<int> prefill_forms = {-1};
+  std::vector<int> prefill_tilings = {-1};  // set_prefill_attention_tiling, -1 as created
   int steps = 20;
   int layers = 32;
   double fraction = 0.85;
@@ -307,16 +313,20 @@ int RankMain(int rank, int world, int port, const Options& o, const std::string&
         }
         for (int forms : world > 1 ? o.prefill_forms : std::vector<int>{-1}) {
           if (forms >= 0) m.set_prefill_sharded_forms((forms & 1) != 0, (forms & 2) != 0);
-          both(PrefillBatch(s, l, V), "copy", 1, std::max(3, o.steps / 4),
-               absl::StrFormat("prefill%dx%d-c%d%s%s-f%d", s, l, chunks, mode.empty() ? "" : "-",
-                               mode, forms),
-               {{"kind", "prefill"},
-                {"batch", s},
-                {"tokens", l},
-                {"chunks", chunks},
-                {"allreduce", mode},
-                {"forms", forms}});
-          rows.back()["chunks_run"] = m.last_prefill_chunks();
+          for (int tiling : o.prefill_tilings) {
+            if (tiling >= 0) TPB_OK(m.set_prefill_attention_tiling(tiling));
+            both(PrefillBatch(s, l, V), "copy", 1, std::max(3, o.steps / 4),
+                 absl::StrFormat("prefill%dx%d-c%d%s%s-f%d-a%d", s, l, chunks,
+                                 mode.empty() ? "" : "-", mode, forms, tiling),
+                 {{"kind", "prefill"},
+                  {"batch", s},
+                  {"tokens", l},
+                  {"chunks", chunks},
+                  {"allreduce", mode},
+                  {"forms", forms},
+                  {"tiling", tiling}});
+            rows.back()["chunks_run"] = m.last_prefill_chunks();
+          }
         }
       }
     }
@@ -488,6 +498,10 @@ int Main(int argc, char** argv) {
   app.add_option("--prefill-forms", prefill_forms,
                  "at W > 1, prefill cases once per value: a mask of set_prefill_sharded_forms (1 "
                  "MLP fork, 2 trimmed last layer), -1 as created");
+  std::string prefill_tilings = "-1";
+  app.add_option("--prefill-tilings", prefill_tilings,
+                 "prefill cases once per value, every world size: set_prefill_attention_tiling 0-4 "
+                 "(0 kAuto, 4 kWgmmaWs), -1 as created");
   app.add_option("--json", json_path, "also write every world's rows here");
   app.add_option("--write-checkpoint", checkpoint, "write a random checkpoint here and exit");
   app.add_option("--tokenizer-dir", tokenizer_dir, "tokenizer files for --write-checkpoint");
@@ -514,6 +528,13 @@ int Main(int argc, char** argv) {
   for (int v : o.prefill_forms) {
     if (v < -1 || v > 3) {
       std::fprintf(stderr, "--prefill-forms: %d is not in -1..3\n", v);
+      return 2;
+    }
+  }
+  o.prefill_tilings = ParseInts(prefill_tilings);
+  for (int v : o.prefill_tilings) {
+    if (v < -1 || v > 4) {
+      std::fprintf(stderr, "--prefill-tilings: %d is not in -1..4\n", v);
       return 2;
     }
   }
@@ -562,7 +583,9 @@ int Main(int argc, char** argv) {
     return r["kind"] == "decode"
                ? absl::StrFormat("decode b%d ctx%d %s", r["batch"].get<int>(),
                                  r["context"].get<int>(), r["mode"].get<std::string>())
-               : absl::StrFormat("prefill %dx%d", r["batch"].get<int>(), r["tokens"].get<int>());
+               : absl::StrCat(
+                     absl::StrFormat("prefill %dx%d", r["batch"].get<int>(), r["tokens"].get<int>()),
+                     r.value("tiling", -1) < 0 ? "" : absl::StrCat(" a", r["tiling"].get<int>()));
   };
   auto line_key = [&](const json& r) {
     if (r["kind"] != "decode") {
