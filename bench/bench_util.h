@@ -2,9 +2,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "kernels/gemm.h"
@@ -17,12 +20,18 @@ inline double Median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-// "1,32,128" -> {1, 32, 128}; empty parts are skipped. Throws std::invalid_argument /
-// std::out_of_range on a part that is not an int (CLI11 reports it as a bad flag value).
+// "1,32,128" -> {1, 32, 128}; empty parts are skipped. A part that is not an int ends the
+// program with exit code 2 and a message naming it and the list (these lists come from flags).
 inline std::vector<int> ParseInts(const std::string& s) {
   std::vector<int> out;
   for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
-    out.push_back(std::stoi(std::string(p)));
+    int v = 0;
+    if (!absl::SimpleAtoi(p, &v)) {
+      std::fprintf(stderr, "'%s' in the list '%s' is not an integer\n", std::string(p).c_str(),
+                   s.c_str());
+      std::exit(2);
+    }
+    out.push_back(v);
   }
   return out;
 }
