@@ -138,9 +138,10 @@ __device__ __forceinline__ void IssueS(float (&sc)[32], uint64_t desc_q, uint64_
 }
 
 // Q rows of this thread (warpgroup rows 16 warp + g and + 8, g = lane / 4, t = lane % 4) from the
-// core-matrix tile at sQ (rows of HD elements, the warpgroup's first row at row0) as wgmma
-// A fragments, one a k16 step: {(g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)} pairs of dims
-// 16 kk + .... A step's 32 lanes read 128 consecutive bytes a register: no bank conflicts.
+// core-matrix tile at sQ (rows of HD elements, the thread's first row at row0) as wgmma A
+// fragments, one a k16 step kk: registers (row, dims) = (g, 16 kk + 2t | +1), (g + 8, same),
+// (g, 16 kk + 8 + 2t | +1), (g + 8, same). Each register's 32 lanes read 128 consecutive bytes:
+// no bank conflicts.
 template <int HD>
 __device__ __forceinline__ void LoadQFragments(uint32_t sQ, int row0, int t,
                                                uint32_t (&qa)[HD / 16][4]) {
