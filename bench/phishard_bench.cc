@@ -43,7 +43,7 @@
 #include "bench/fold_sweep.h"
 #include "bench/kernel_trace.h"
 #include "bench/lora_pairs.h"
-#include "bench/mega_timeline.h"
+#include "bench/mega_sweep.h"
 #include "bench/setting_sweep.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/device.h"
@@ -198,9 +198,10 @@ int Main(int argc, char** argv) {
                  "comma-separated, e.g. 1:8:1:0,1:8:1:1; empty: the model's own)");
   int attn_variant_rounds = 0, print_steps = 0;
   std::string attn_variant_cases = "256x1024", attn_variants = "2,3", attn_variant_mode = "greedy";
-  app.add_option("--attn-variant-rounds", attn_variant_rounds,
-                 "rounds of the decode cases --attn-variant-cases with each decode attention "
-                 "kernel of --attn-variants, alternated (CudaPhiModel::set_decode_attention_variant)");
+  app.add_option(
+      "--attn-variant-rounds", attn_variant_rounds,
+      "rounds of the decode cases --attn-variant-cases with each decode attention "
+      "kernel of --attn-variants, alternated (CudaPhiModel::set_decode_attention_variant)");
   app.add_option("--attn-variant-cases", attn_variant_cases, "BATCHxCTX decode steps of it");
   app.add_option("--attn-variants", attn_variants,
                  "0 auto, 1 register-staged, 2 pipelined, 3 tensor core, 4 register-direct stream "
@@ -507,103 +508,17 @@ int Main(int argc, char** argv) {
         bench, [&m](int v) { m.set_cuda_graphs(v != 0); },
         [&m, graphs0] { m.set_cuda_graphs(graphs0); }, &rows);
   }
+  const bench::MegaSweepOptions mega{.rounds = mega_sweep,
+                                     .forms = mega_forms,
+                                     .tunings = mega_tunings,
+                                     .timeline = mega_timeline,
+                                     .timeline_pf = mega_timeline_pf,
+                                     .timeline_form = mega_timeline_form,
+                                     .model_layers = layers};
   if (mega_sweep > 0 && !lora_only) {
-    // The persistent decode kernel (CudaModelOptions::decode_megakernel) against the op-by-op
-    // path at batch 1, alternated in this process: off, on, off, on, ... per context.
-    const bool mega0 = m.decode_megakernel();
-    std::vector<std::pair<int, int>> forms;  // (form, ring stages); form -2: op-by-op
-    forms.push_back({-2, 0});
-    for (absl::string_view f : absl::StrSplit(mega_forms, ',', absl::SkipEmpty())) {
-      std::vector<absl::string_view> parts = absl::StrSplit(f, 's');
-      int v = -1, st = 0;
-      if (parts.size() > 2 || !absl::SimpleAtoi(parts[0], &v) ||
-          (parts.size() == 2 && !absl::SimpleAtoi(parts[1], &st))) {
-        std::fprintf(stderr, "--mega-forms: '%s' is not FORM or FORMsSTAGES\n",
-                     std::string(f).c_str());
-        return 2;
-      }
-      forms.push_back({v, st});
-    }
-    for (int round = 0; round < mega_sweep; ++round) {
-      for (int ctx : {128, 1024, 4096}) {
-        for (auto [form, stages] : forms) {
-          const bool on = form != -2;
-          BENCH_OK(m.set_decode_megakernel(on));
-          if (on) m.set_decode_megakernel_tuning(0, stages, 0, 0, form);
-          const int64_t launches = m.mega_decode_launches();
-          Row r;
-          const std::string name = !on ? "mega0"
-                                   : stages == 0
-                                       ? absl::StrFormat("mega1 form%d", form)
-                                       : absl::StrFormat("mega1 form%d stages%d", form, stages);
-          if (bench.Decode(1, ctx, name, &r)) {
-            if (on && m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
-            PrintRow(r);
-            rows.push_back(r);
-          }
-        }
-      }
-    }
-    m.set_decode_megakernel_tuning(0, 0);
-    // Ring depth, stage size and grid at context 1024: how much the ring's cover of the stalls
-    // matters (blocks, stages, stage KiB; 0: the kernel's default).
-    BENCH_OK(m.set_decode_megakernel(true));
-    for (absl::string_view spec : absl::StrSplit(mega_tunings, ',', absl::SkipEmpty())) {
-      std::vector<int> v;
-      bool parsed = true;
-      for (absl::string_view f : absl::StrSplit(spec, '.')) {
-        int x = 0;
-        parsed = parsed && absl::SimpleAtoi(f, &x);
-        v.push_back(x);
-      }
-      if (!parsed || v.size() < 4 || v.size() > 5) {
-        std::fprintf(stderr, "--mega-tunings: '%s' is not BLOCKS.STAGES.KB.PREFETCHKB[.FORM]\n",
-                     std::string(spec).c_str());
-        return 2;
-      }
-      const int blocks = v[0], stages = v[1], kb = v[2], pf = v[3];
-      const int form = v.size() == 5 ? v[4] : -1;
-      m.set_decode_megakernel_tuning(blocks, stages, kb, pf, form);
-      const int64_t launches = m.mega_decode_launches();
-      Row r;
-      const std::string name =
-          absl::StrFormat("mega1 blocks%d stages%d kb%d pf%d form%d", blocks, stages, kb, pf, form);
-      if (bench.Decode(1, 1024, name, &r)) {
-        if (m.mega_decode_launches() == launches) r.note += " (kernel NOT used)";
-        PrintRow(r);
-        rows.push_back(r);
-      }
-    }
-    m.set_decode_megakernel_tuning(0, 0);
-    BENCH_OK(m.set_decode_megakernel(mega0));
+    if (const int rc = bench::MegaSweep(m, bench, mega, &rows); rc != 0) return rc;
   }
-  if (mega_timeline > 0 && !lora_only) {
-    // One graph decode case with the kernel's timeline on; the table is of its last step.
-    const bool mega0 = m.decode_megakernel();
-    BENCH_OK(m.set_decode_megakernel(true));
-    std::vector<std::pair<int, int>> cases = {{128, 0}, {1024, 0}, {4096, 0}};
-    for (absl::string_view f : absl::StrSplit(mega_timeline_pf, ',', absl::SkipEmpty())) {
-      int pf = 0;
-      if (absl::SimpleAtoi(f, &pf)) cases.push_back({1024, pf});
-    }
-    for (auto [ctx, pf] : cases) {
-      m.set_decode_megakernel_tuning(0, 0, 0, pf, mega_timeline_form);
-      BENCH_OK(m.set_decode_megakernel_timeline(mega_timeline));
-      Row r;
-      const std::string name =
-          absl::StrFormat("mega1 timeline pf%d form%d", pf, mega_timeline_form);
-      if (!bench.Decode(1, ctx, name, &r)) continue;
-      PrintRow(r);
-      absl::StatusOr<std::vector<uint64_t>> tl = m.decode_megakernel_timeline();
-      BENCH_OK(tl.status());
-      std::printf("%s", FormatMegaTimeline(*tl, mega_timeline, layers,
-                                           absl::StrFormat("timeline b1 ctx%d pf%d", ctx, pf))
-                            .c_str());
-    }
-    BENCH_OK(m.set_decode_megakernel_timeline(0));
-    m.set_decode_megakernel_tuning(0, 0);
-    BENCH_OK(m.set_decode_megakernel(mega0));
-  }
+  if (mega_timeline > 0 && !lora_only) bench::MegaTimeline(m, bench, mega);
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
     for (auto [store, last, fork, algos, tiling, gelu_split] : modes) {
       if (store >= 0) {
