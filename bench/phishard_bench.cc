@@ -223,6 +223,13 @@ int Main(int argc, char** argv) {
                                  .values = "0,24,33"};
   fc1_sms.AddFlags(app, "set_decode_fc1_sms, applied to every step size 1-256 here",
                    "SM count targets (0: every SM)");
+  bench::IntSettingSweep fc1_min_kv{.name = "fc1-min-kv",
+                                    .label = "fc1minkv",
+                                    .title = "decode fc1 SM target K/V bound sweep",
+                                    .cases = "8x128,8x512,8x1024,16x512,8x4096",
+                                    .values = "0,8192,1073741824"};
+  fc1_min_kv.AddFlags(app, "set_decode_fc1_sms_min_kv_tokens",
+                      "summed-context bounds in tokens (0: every step of the row range)");
   bench::IntSettingSweep dense_bulk{.name = "dense-bulk",
                                     .label = "densebulk",
                                     .title = "decode dense bulk GEMV sweep",
@@ -497,9 +504,21 @@ int Main(int argc, char** argv) {
   }
   if (!lora_only) {
     const int fc1_sms0 = m.decode_fc1_sms(), dense_bulk0 = m.decode_dense_bulk_rows();
+    const int fc1_min_kv0 = m.decode_fc1_sms_min_kv_tokens();
     fc1_sms.Run(
-        bench, [&m](int v) { m.set_decode_fc1_sms(v, 1, 256); },
-        [&m, fc1_sms0] { m.set_decode_fc1_sms(fc1_sms0); }, &rows);
+        bench,
+        [&m](int v) {
+          m.set_decode_fc1_sms(v, 1, 256);
+          m.set_decode_fc1_sms_min_kv_tokens(0);  // every step: the target alone
+        },
+        [&m, fc1_sms0, fc1_min_kv0] {
+          m.set_decode_fc1_sms(fc1_sms0);
+          m.set_decode_fc1_sms_min_kv_tokens(fc1_min_kv0);
+        },
+        &rows);
+    fc1_min_kv.Run(
+        bench, [&m](int v) { m.set_decode_fc1_sms_min_kv_tokens(v); },
+        [&m, fc1_min_kv0] { m.set_decode_fc1_sms_min_kv_tokens(fc1_min_kv0); }, &rows);
     dense_bulk.Run(
         bench, [&m](int v) { m.set_decode_dense_bulk_rows(v); },
         [&m, dense_bulk0] { m.set_decode_dense_bulk_rows(dense_bulk0); }, &rows);

@@ -10,12 +10,12 @@
 
 namespace phishard {
 
-CudaGraphRunner::CudaGraphRunner(int max_batch) {
+CudaGraphRunner::CudaGraphRunner(int max_batch, int variants) : variants_(std::max(variants, 1)) {
   max_batch = std::max(max_batch, 1);
   for (int b = 1; b < max_batch; b *= 2) buckets_.push_back(b);
   buckets_.push_back(max_batch);
-  graphs_.assign(buckets_.size(), nullptr);
-  nodes_.assign(buckets_.size(), 0);
+  graphs_.assign(buckets_.size() * variants_, nullptr);
+  nodes_.assign(buckets_.size() * variants_, 0);
 }
 
 CudaGraphRunner::~CudaGraphRunner() { Clear(); }
@@ -28,13 +28,14 @@ int CudaGraphRunner::Bucket(int batch) const {
   return 0;
 }
 
-int CudaGraphRunner::Index(int bucket) const {
+int CudaGraphRunner::Index(int bucket, int variant) const {
   const auto it = std::find(buckets_.begin(), buckets_.end(), bucket);
-  return it == buckets_.end() ? -1 : static_cast<int>(it - buckets_.begin());
+  if (it == buckets_.end() || variant < 0 || variant >= variants_) return -1;
+  return static_cast<int>(it - buckets_.begin()) * variants_ + variant;
 }
 
-bool CudaGraphRunner::Has(int bucket) const {
-  const int i = Index(bucket);
+bool CudaGraphRunner::Has(int bucket, int variant) const {
+  const int i = Index(bucket, variant);
   return i >= 0 && graphs_[i] != nullptr;
 }
 
@@ -44,9 +45,10 @@ int CudaGraphRunner::num_graphs() const {
 }
 
 absl::Status CudaGraphRunner::Capture(int bucket, cudaStream_t stream,
-                                      absl::FunctionRef<absl::Status()> enqueue) {
-  const int i = Index(bucket);
-  PHI_CHECK(i >= 0) << "batch size " << bucket << " is not a graph bucket";
+                                      absl::FunctionRef<absl::Status()> enqueue, int variant) {
+  const int i = Index(bucket, variant);
+  PHI_CHECK(i >= 0) << "batch size " << bucket << " variant " << variant
+                    << " is not a graph bucket";
   if (graphs_[i] != nullptr) {
     DeviceGraphDestroy(graphs_[i]);
     graphs_[i] = nullptr;
@@ -79,16 +81,16 @@ absl::Status CudaGraphRunner::Capture(int bucket, cudaStream_t stream,
   nodes_[i] = nodes;
   total_nodes_ += nodes;
   ++captures_;
-  PHI_LOG(DEBUG) << "captured the batch-" << bucket << " decode step as a CUDA graph of " << nodes
-                 << " nodes";
+  PHI_LOG(DEBUG) << "captured the batch-" << bucket << " decode step (variant " << variant
+                 << ") as a CUDA graph of " << nodes << " nodes";
   return absl::OkStatus();
 }
 
-absl::Status CudaGraphRunner::Replay(int bucket, cudaStream_t stream) {
-  const int i = Index(bucket);
+absl::Status CudaGraphRunner::Replay(int bucket, cudaStream_t stream, int variant) {
+  const int i = Index(bucket, variant);
   if (i < 0 || graphs_[i] == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrFormat("no CUDA graph captured for decode batch size %d", bucket));
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "no CUDA graph captured for decode batch size %d (variant %d)", bucket, variant));
   }
   if (int err = DeviceGraphLaunch(graphs_[i], stream); err != 0) {
     DeviceGetLastError();

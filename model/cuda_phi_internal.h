@@ -48,9 +48,10 @@ struct CudaPhiModel::StepInputs {
   // PagedDecodeCudaPlan::merge_counters), null where the step may not fuse.
   int32_t* merge_counters = nullptr;
   size_t merge_counters_len = 0;
-  bool decode = false;  // one token per sequence: PagedDecodeCuda
-  int min_live = 1;     // decode: fewest live sequences this launch serves
-  int max_q_len = 0;    // prefill plan
+  bool decode = false;      // one token per sequence: PagedDecodeCuda
+  int min_live = 1;         // decode: fewest live sequences this launch serves
+  bool fc1_narrow = false;  // decode: fc1 with the SM count target (CudaPhiModel::Fc1Narrow)
+  int max_q_len = 0;        // prefill plan
   int max_ctx = 0;
   bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)
   // Overlapped sharded prefill (model/cuda_phi_tp_overlap.cc): the row chunks whose hooks take

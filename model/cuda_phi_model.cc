@@ -249,7 +249,7 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
         "CudaModelOptions: max_graph_batch = %d must be >= 1 and gemv_max_rows = %d in [0, %d]",
         options.max_graph_batch, options.gemv_max_rows, kGemvMaxRows));
   }
-  m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
+  m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch, /*variants=*/2);
   m->lora_graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
   m->lora_ = std::make_unique<CudaLora>(m->config_, m->dtype_, options.device);
   m->lora_graphs_->set_node_priority(m->lora_->BranchPriority());  // model/cuda_lora.h
@@ -369,6 +369,14 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
                   "an SM count (0: every SM)");
   PHI_RETURN_IF_ERROR(fc1_sms.status());
   m->set_decode_fc1_sms(*fc1_sms);
+  const PhiConfig& rc = m->config();
+  const absl::StatusOr<int> fc1_min_kv =
+      OptionOrEnv("PHISHARD_DECODE_FC1_SMS_MIN_KV_TOKENS", options.decode_fc1_sms_min_kv_tokens,
+                  DecodeFc1SmsMinKvTokensDefault(rc.hidden_size, rc.intermediate_size,
+                                                 rc.num_key_value_heads, rc.head_dim),
+                  1 << 30, "a token count (0: every step)");
+  PHI_RETURN_IF_ERROR(fc1_min_kv.status());
+  m->set_decode_fc1_sms_min_kv_tokens(*fc1_min_kv);
   const absl::StatusOr<int> dense_bulk =
       OptionOrEnv("PHISHARD_DECODE_DENSE_BULK_ROWS", options.decode_dense_bulk_rows,
                   kDecodeDenseBulkRowsDefault, kGemvMaxRows, "a row count");
@@ -386,7 +394,7 @@ absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
   PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(graphs_->max_batch(), pitch));
   PHI_RETURN_IF_ERROR(ReserveGreedyPicks(graphs_->max_batch()));
   PHI_RETURN_IF_ERROR(ReserveMegaDecode());  // model/cuda_phi_mega.cc
-  const PhiConfig& config = config_;  // this rank's shapes
+  const PhiConfig& config = config_;         // this rank's shapes
   Log(LogLevel::kInfo,
       absl::StrFormat(
           "CUDA Phi model on device %d (%s, %d SMs), tensor-parallel rank %d of %d: %d layers, "
@@ -480,9 +488,10 @@ absl::StatusOr<int> CudaPhiModel::LocalMaxKvBlocks(double memory_fraction,
   const double grow = static_cast<double>(ArenaBytes(reserve)) - static_cast<double>(arena_bytes_);
   // Graphs are (re)captured after the KV pool is allocated: keep room for all of them.
   const double graphs =
-      use_graphs_ ? static_cast<double>(graphs_->buckets().size() - graphs_->num_graphs()) *
-                        static_cast<double>(kDecodeGraphBytes)
-                  : 0.0;
+      use_graphs_
+          ? static_cast<double>(std::max(planned_decode_graphs() - graphs_->num_graphs(), 0)) *
+                static_cast<double>(kDecodeGraphBytes)
+          : 0.0;
   const double budget = static_cast<double>(free_bytes) + static_cast<double>(kv_bytes_) -
                         std::max(grow, 0.0) - graphs - LoraReserveBytes(reserve) -
                         (1.0 - memory_fraction) * static_cast<double>(total_bytes);
@@ -681,6 +690,11 @@ absl::Status CudaPhiModel::FillKvCacheRandom(uint64_t seed) {
 }
 
 int CudaPhiModel::num_decode_graphs() const { return graphs_->num_graphs(); }
+int CudaPhiModel::planned_decode_graphs() const {
+  int n = 0;
+  for (int b : graphs_->buckets()) n += Fc1Narrow(b, std::numeric_limits<int64_t>::max()) ? 2 : 1;
+  return n;
+}
 int64_t CudaPhiModel::decode_graph_replays() const { return graphs_->replays(); }
 int64_t CudaPhiModel::decode_graph_captures() const { return graphs_->captures(); }
 size_t CudaPhiModel::decode_graph_nodes() const { return graphs_->total_nodes(); }

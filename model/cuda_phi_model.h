@@ -23,7 +23,9 @@
 //    (dense and fc2 fused into one pass), larger ones cuBLASLt.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
@@ -68,9 +70,18 @@ inline constexpr int kDecodeAttentionFoldRowsDefault = 8;  // CudaModelOptions b
 inline int DecodeAttentionFoldRowsDefault(int head_dim) {
   return head_dim <= 64 ? 2 * kDecodeAttentionFoldRowsDefault : kDecodeAttentionFoldRowsDefault;
 }
-inline constexpr int kDecodeFc1SmsDefault = 24;            // CudaModelOptions::decode_fc1_sms
+inline constexpr int kDecodeFc1SmsDefault = 24;  // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
+// CudaModelOptions::decode_fc1_sms_min_kv_tokens's default: the step's summed context at which a
+// layer's K/V bytes reach 1.6 x fc1's weight bytes (Phi-2: 8,192 tokens, where the SM target
+// measured neutral at b8 ctx1024; below it, it was slower: perf-log 2026-11-30 07:2x).
+inline int DecodeFc1SmsMinKvTokensDefault(int hidden, int intermediate, int kv_heads,
+                                          int head_dim) {
+  const double kv_per_token = 2.0 * kv_heads * head_dim;  // elements a layer
+  return static_cast<int>(
+      std::ceil(1.6 * hidden * static_cast<double>(intermediate) / std::max(kv_per_token, 1.0)));
+}
 inline constexpr int kDecodeDenseBulkRowsDefault = 1;  // CudaModelOptions::decode_dense_bulk_rows
 
 struct CudaModelOptions {
@@ -160,8 +171,14 @@ struct CudaModelOptions {
   // SMs to qkv and the attention grid beside it; 0: every SM. -1: PHISHARD_DECODE_FC1_SMS when
   // set, else kDecodeFc1SmsDefault. Measured (H200, Phi-2 shape, alternated in one process,
   // perf-log 16:46): 24 SMs b8 ctx1024 x0.976, b8 ctx4096 x0.938, b16 x0.953; at b4 and b32 every
-  // target was slower (x1.02-1.13), hence the row range.
+  // target was slower (x1.02-1.13), hence the row range. Only steps whose live sequences' context
+  // lengths sum to at least decode_fc1_sms_min_kv_tokens take it (their own graphs, variant 1 of
+  // the bucket): with little K/V the attention ends early and fc1 on 24 SMs is the layer's tail
+  // (perf-log 2026-11-30 07:2x: b8 ctx128 x1.21, ctx512 x1.10, b16 ctx128 x1.14 with it).
   int decode_fc1_sms = -1;
+  // -1: PHISHARD_DECODE_FC1_SMS_MIN_KV_TOKENS when set, else DecodeFc1SmsMinKvTokensDefault of
+  // the model's shape; 0: every step in the row range.
+  int decode_fc1_sms_min_kv_tokens = -1;
   // Base decode steps of at most this many rows (on one GPU, with the fused decode attention and
   // fc2 on the MLP stream) run dense through the bulk GEMV (kernels/cuda/gemv_bulk.cu) as a
   // programmatic dependent that the attention lets launch at its start, so dense's weights
@@ -304,6 +321,11 @@ class CudaPhiModel final : public ModelBackend {
     fc1_sms_max_rows_ = max_rows;
   }
   int decode_fc1_sms() const { return fc1_sms_; }
+  // CudaModelOptions::decode_fc1_sms_min_kv_tokens (graphs are per variant: nothing to drop).
+  void set_decode_fc1_sms_min_kv_tokens(int tokens) { fc1_sms_min_kv_ = tokens; }
+  int decode_fc1_sms_min_kv_tokens() const { return fc1_sms_min_kv_; }
+  // Decode steps that ran fc1 with the SM count target (eager, captured or replayed).
+  int64_t decode_fc1_sms_steps() const { return fc1_sms_steps_; }
   // CudaModelOptions::decode_dense_bulk_rows; drops graphs when it changes.
   void set_decode_dense_bulk_rows(int rows) {
     if (rows != dense_bulk_rows_) DropGraphs();
@@ -416,6 +438,9 @@ class CudaPhiModel final : public ModelBackend {
   // their kernel parameters and node tables on the device; measured in bench/ and the perf log).
   static constexpr size_t kDecodeGraphBytes = size_t{4} << 20;
   int num_decode_graphs() const;
+  // Base decode graphs CaptureDecodeGraphs(max_graph_batch) makes: one a bucket, and a second
+  // (fc1 with its SM count target, Fc1Narrow) for the buckets in decode_fc1_sms's row range.
+  int planned_decode_graphs() const;
   int64_t decode_graph_replays() const;
   int64_t decode_graph_captures() const;
   size_t decode_graph_nodes() const;
@@ -448,7 +473,14 @@ class CudaPhiModel final : public ModelBackend {
   // Exactly one of `logits` (copied out) and `view` (the pinned buffer) is non-null.
   absl::Status DecodeStep(const ForwardBatch& batch, std::vector<float>* logits,
                           absl::Span<const float>* view = nullptr);
-  absl::Status EnqueueDecode(int rows);  // the captured part of a decode step
+  // The captured part of a decode step; fc1_narrow: fc1 with the SM count target (Fc1Narrow).
+  absl::Status EnqueueDecode(int rows, bool fc1_narrow);
+  // Whether a base decode step of `rows` rows (its bucket) whose live sequences' context lengths
+  // sum to kv_tokens runs fc1 with decode_fc1_sms's target.
+  bool Fc1Narrow(int rows, int64_t kv_tokens) const {
+    return fc1_sms_ > 0 && rows >= fc1_sms_min_rows_ && rows <= fc1_sms_max_rows_ &&
+           kv_tokens >= fc1_sms_min_kv_;
+  }
   absl::Status EnqueueLayers(const StepInputs& in);
   // Embedding + every layer through the persistent kernel (model/cuda_phi_mega.cc) when the step
   // qualifies (decode_megakernel, one row, no adapter rows, unsharded, supported shape); false:
@@ -624,6 +656,8 @@ class CudaPhiModel final : public ModelBackend {
   int decode_fold_rows_ = kDecodeAttentionFoldRowsDefault;  // set_decode_attention_fold_rows
   int fc1_sms_ = kDecodeFc1SmsDefault;                      // set_decode_fc1_sms
   int fc1_sms_min_rows_ = kDecodeFc1SmsMinRows, fc1_sms_max_rows_ = kDecodeFc1SmsMaxRows;
+  int fc1_sms_min_kv_ = 0;                             // set_decode_fc1_sms_min_kv_tokens
+  int64_t fc1_sms_steps_ = 0;                          // decode_fc1_sms_steps
   int dense_bulk_rows_ = kDecodeDenseBulkRowsDefault;  // set_decode_dense_bulk_rows
   int64_t dense_bulk_steps_ = 0;
   int64_t decode_fold_steps_ = 0;

@@ -114,11 +114,12 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // beside attention (CudaLora::Fc2DeltaBesideAttention).
   const bool fc2_main = join_early && fc2_on_branch &&
                         (lora ? lora_->Fc2DeltaBesideAttention() : mlp_join_sharded_ == 2);
-  // Base decode steps of fc1_sms_min_rows_..fc1_sms_max_rows_ rows give fc1 on the MLP branch a
-  // cuBLASLt SM count target (CudaModelOptions::decode_fc1_sms): more SMs for qkv and the
-  // attention grid beside it.
-  const bool fc1_sms =
-      in.decode && !lora && fc1_sms_ > 0 && T >= fc1_sms_min_rows_ && T <= fc1_sms_max_rows_;
+  // Base decode steps of fc1_sms_min_rows_..fc1_sms_max_rows_ rows with enough K/V (Fc1Narrow)
+  // give fc1 on the MLP branch a cuBLASLt SM count target (CudaModelOptions::decode_fc1_sms):
+  // more SMs for qkv and the attention grid beside it.
+  const bool fc1_sms = in.decode && !lora && in.fc1_narrow && fc1_sms_ > 0 &&
+                       T >= fc1_sms_min_rows_ && T <= fc1_sms_max_rows_;
+  if (fc1_sms) ++fc1_sms_steps_;
   // The MLP branch's fc1 (and fc2) done before anything after this reads mlp or h.
   auto mlp_join = [&]() -> absl::Status {
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceEventRecord(mlp_join_ev_, mlp_stream_), "MLP join"));
@@ -544,6 +545,11 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
   in.max_blocks = max_blocks;
   in.decode = max_q_len == 1;  // a decode batch above the largest graph bucket
   in.min_live = S;
+  if (in.decode) {
+    int64_t kv_tokens = 0;
+    for (const SequenceInput& seq : batch.seqs) kv_tokens += seq.context_len;
+    in.fc1_narrow = Fc1Narrow(T, kv_tokens);
+  }
   in.max_q_len = max_q_len;
   in.max_ctx = max_ctx;
   in.skip_last_layer = PrefillLastRowsApplies(batch);  // then R rows: model/cuda_phi_last_rows.cc

@@ -316,12 +316,57 @@ TEST(CudaPhiModel, Fc1SmTargetCloseAndOnlyInItsRows) {
   PHI_REQUIRE_GPU();
   for (auto& [model, m] : FixtureModelsBf16()) {
     EXPECT_EQ(m->decode_fc1_sms(), kDecodeFc1SmsDefault);
+    const int min_kv = m->decode_fc1_sms_min_kv_tokens();
+    m->set_decode_fc1_sms_min_kv_tokens(0);  // the K/V bound: Fc1SmTargetOnlyWithEnoughKv
     ExpectRowRangeSwitchClose(*m, std::string(model) + " fc1 on 24 SMs", [&](RangeSetting r) {
       if (r == kOff) m->set_decode_fc1_sms(0);
       if (r == kOutside) m->set_decode_fc1_sms(24);  // rows 5-16
       if (r == kInside) m->set_decode_fc1_sms(24, 1, 256);
     });
     m->set_decode_fc1_sms(kDecodeFc1SmsDefault);
+    m->set_decode_fc1_sms_min_kv_tokens(min_kv);
+  }
+}
+
+// The SM target's K/V bound (set_decode_fc1_sms_min_kv_tokens): in its row range a step takes the
+// target only when its live sequences' context lengths sum to at least the bound. With the bound
+// between RunModeSteps' decode steps (contexts 62 + 3 (d + 1)), one bucket's steps switch from
+// variant 0's graph (bit for bit the untargeted step) to variant 1's (bf16 bounds) and both
+// replays equal eager steps bit for bit.
+TEST(CudaPhiModel, Fc1SmTargetOnlyWithEnoughKv) {
+  PHI_REQUIRE_GPU();
+  for (auto& [model, m] : FixtureModelsBf16()) {
+    const PhiConfig& c = m->config();
+    EXPECT_EQ(m->decode_fc1_sms_min_kv_tokens(),
+              DecodeFc1SmsMinKvTokensDefault(c.hidden_size, c.intermediate_size,
+                                             c.num_key_value_heads, c.head_dim));
+    const int min_kv = m->decode_fc1_sms_min_kv_tokens();
+    m->set_decode_fc1_sms(0);
+    const auto off = RunModeSteps(*m);
+    m->set_decode_fc1_sms(24, 1, 256);
+    const int bound = std::accumulate(kThreeLens.begin(), kThreeLens.end(), 0) + 3 * 4;  // d >= 3
+    m->set_decode_fc1_sms_min_kv_tokens(bound);
+    const int64_t before = m->decode_fc1_sms_steps();
+    const auto graph = RunModeSteps(*m);
+    EXPECT_GT(m->decode_fc1_sms_steps(), before) << model << ": no step took the target";
+    m->set_cuda_graphs(false);
+    const int64_t eager_before = m->decode_fc1_sms_steps();
+    const auto eager = RunModeSteps(*m);
+    EXPECT_EQ(m->decode_fc1_sms_steps() - eager_before, 3) << model << ": decode steps 3-5 only";
+    m->set_cuda_graphs(true);
+    ASSERT_EQ(graph.size(), off.size());
+    ASSERT_EQ(eager.size(), off.size());
+    for (size_t i = 0; i < off.size(); ++i) {
+      const std::string step = std::string(model) + " step " + std::to_string(i);
+      EXPECT_TRUE(graph[i] == eager[i]) << step << ": graph != eager";
+      if (i < 4) {  // the prefill and decode steps 0-2: below the bound
+        EXPECT_TRUE(graph[i] == off[i]) << step << ": changed below the K/V bound";
+      } else {
+        ExpectLogitsClose(graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
+      }
+    }
+    m->set_decode_fc1_sms(kDecodeFc1SmsDefault);
+    m->set_decode_fc1_sms_min_kv_tokens(min_kv);
   }
 }
 
