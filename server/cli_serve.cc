@@ -81,8 +81,8 @@ absl::StatusOr<std::unique_ptr<AdapterService>> StartAdapters(const ServeOptions
 }
 
 // The CUDA tuning switches (model/cuda_lora.cc and model/cuda_phi_model.cc read them when the
-// model is made; docs/flags.md): checked here so a typo is refused at startup, naming the variable, instead of
-// quietly meaning the default.
+// model is made; docs/flags.md): checked here so a typo is refused at startup, naming the variable,
+// instead of quietly meaning the default.
 absl::Status CheckLoraTuningEnvironment() {
   for (const char* name : {"PHISHARD_LORA_GEMM_FUSED_GELU", "PHISHARD_LORA_GEMM_SPLIT_T",
                            "PHISHARD_LORA_GEMM_SGMV_SHRINK", "PHISHARD_LORA_OVERLAP",
@@ -242,13 +242,18 @@ int RunServe(ServeOptions o) {
   // From here on a signal means "shut down gracefully".
   signals.set_exit_on_signal(false);
   loading_health.reset();  // frees the TCP port for the real server
-  absl::StatusOr<std::unique_ptr<ShardServer>> server = ShardServer::Start(o.server, &service);
-  if (!server.ok()) return Fail(server.status());
+  // The metric leaves "loading" before the socket exists, so a scrape that follows the socket's
+  // appearance (what clients and probes wait for) never reads loading.
   MetricsSetHealth(service.health().serving() ? HealthStateValue::kServing
                                               : HealthStateValue::kNotServing);
   service.health().Subscribe([](bool serving) {
     MetricsSetHealth(serving ? HealthStateValue::kServing : HealthStateValue::kNotServing);
   });
+  absl::StatusOr<std::unique_ptr<ShardServer>> server = ShardServer::Start(o.server, &service);
+  if (!server.ok()) {
+    MetricsSetHealth(HealthStateValue::kNotServing);
+    return Fail(server.status());
+  }
   g_starting_group = nullptr;
   if (group != nullptr) {
     // A broken group (a peer died or aborted, the ranks diverged) shuts this rank down too, the
