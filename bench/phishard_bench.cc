@@ -230,6 +230,13 @@ int Main(int argc, char** argv) {
                                     .values = "0,8192,1073741824"};
   fc1_min_kv.AddFlags(app, "set_decode_fc1_sms_min_kv_tokens",
                       "summed-context bounds in tokens (0: every step of the row range)");
+  bench::IntSettingSweep fold_short{.name = "fold-short-ctx",
+                                    .label = "foldshort",
+                                    .title = "decode fold of short-context steps sweep",
+                                    .cases = "16x128,32x128,32x256,16x512,32x1024",
+                                    .values = "0,256"};
+  fold_short.AddFlags(app, "set_decode_fold_short's mean-context bound",
+                      "mean contexts in tokens (0: off)");
   bench::IntSettingSweep dense_bulk{.name = "dense-bulk",
                                     .label = "densebulk",
                                     .title = "decode dense bulk GEMV sweep",
@@ -514,6 +521,14 @@ int Main(int argc, char** argv) {
         [&m, fc1_sms0, fc1_min_kv0] {
           m.set_decode_fc1_sms(fc1_sms0);
           m.set_decode_fc1_sms_min_kv_tokens(fc1_min_kv0);
+        },
+        &rows);
+    const int fold_short_rows0 = m.decode_fold_short_rows();
+    const int fold_short_ctx0 = m.decode_fold_short_ctx();
+    fold_short.Run(
+        bench, [&m, fold_short_rows0](int v) { m.set_decode_fold_short(fold_short_rows0, v); },
+        [&m, fold_short_rows0, fold_short_ctx0] {
+          m.set_decode_fold_short(fold_short_rows0, fold_short_ctx0);
         },
         &rows);
     fc1_min_kv.Run(

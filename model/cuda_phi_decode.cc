@@ -79,7 +79,7 @@ size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints, int heads) 
   return MakeDecodeLayout(rows, table_ints, heads).total;
 }
 
-absl::Status CudaPhiModel::EnqueueDecode(int rows, bool fc1_narrow) {
+absl::Status CudaPhiModel::EnqueueDecode(int rows, int variant) {
   const DecodeLayout dl =
       MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
   char* md = static_cast<char*>(decode_dev_);
@@ -96,7 +96,8 @@ absl::Status CudaPhiModel::EnqueueDecode(int rows, bool fc1_narrow) {
   in.merge_counters_len = static_cast<size_t>(decode_rows_) * config_.num_attention_heads;
   in.decode = true;
   in.min_live = std::max(1, rows / 2);  // the bucket below holds every smaller batch
-  in.fc1_narrow = fc1_narrow;
+  in.fc1_narrow = (variant & kVariantFc1Narrow) != 0;
+  in.fold_short = (variant & kVariantFoldShort) != 0;
   in.max_q_len = 1;
   const absl::StatusOr<bool> mega = TryEnqueueMegaDecode(in);  // model/cuda_phi_mega.cc
   PHI_RETURN_IF_ERROR(mega.status());
@@ -154,28 +155,26 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
   const size_t upload = dl.block_tables + sizeof(int32_t) * static_cast<size_t>(S) * pitch;
   PHI_RETURN_IF_ERROR(PlanLora(batch, /*decode=*/true, B));
   // Steps with adapter rows have their own graphs (the LoRA launches are part of them). Base
-  // steps with fc1's SM count target replay variant 1 of their bucket.
+  // steps whose contexts change a choice (DecodeVariant) replay that variant of their bucket.
   const bool lora = lora_->active();
   CudaGraphRunner& graphs = lora ? *lora_graphs_ : *graphs_;
   int64_t kv_tokens = 0;
   for (const SequenceInput& seq : batch.seqs) kv_tokens += seq.context_len;
-  const bool fc1_narrow = !lora && Fc1Narrow(B, kv_tokens);
-  const int variant = fc1_narrow ? 1 : 0;
+  const int variant = lora ? 0 : DecodeVariant(B, kv_tokens, S);
   StepTimerStart();
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(decode_dev_, decode_host_, upload, stream_),
                                    "decode inputs upload"));
   if (use_graphs_ && graphs.Has(B, variant)) {
     PHI_RETURN_IF_ERROR(graphs.Replay(B, stream_, variant));
-    if (fc1_narrow) ++fc1_sms_steps_;
     last_decode_splits_ =
         PagedDecodeCudaMaxSplits(std::max(1, B / 2), config_.num_attention_heads, multiprocessors_);
   } else {
-    PHI_RETURN_IF_ERROR(EnqueueDecode(B, fc1_narrow));
+    PHI_RETURN_IF_ERROR(EnqueueDecode(B, variant));
     if (use_graphs_) {
       // Captured after the bucket's first eager step, so module loading and cuBLASLt's plan
       // building happen outside the capture. A failed capture leaves the model eager.
       absl::Status st = graphs.Capture(
-          B, stream_, [&] { return EnqueueDecode(B, fc1_narrow); }, variant);
+          B, stream_, [&] { return EnqueueDecode(B, variant); }, variant);
       if (!st.ok()) {
         // Nothing ran during the capture (the eager step above did the work), so an op refusing
         // to be captured is no device fault; a real one shows in the step's sync below.
@@ -240,7 +239,7 @@ absl::Status CudaPhiModel::CaptureDecodeGraphs(int max_batch) {
   const DecodeLayout dl =
       MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
   for (int b : graphs_->buckets()) {
-    if (b > max_batch || (graphs_->Has(b, 0) && graphs_->Has(b, 1))) continue;
+    if (b > max_batch) continue;
     // An all-padding step: live 0, no KV slot written, every attention row empty.
     char* mh = static_cast<char*>(decode_host_);
     auto* info = reinterpret_cast<int32_t*>(mh + dl.info);
@@ -254,15 +253,12 @@ absl::Status CudaPhiModel::CaptureDecodeGraphs(int max_batch) {
     }
     PHI_RETURN_IF_ERROR(DeviceStatus(
         DeviceCopyToDevice(decode_dev_, decode_host_, dl.block_tables, stream_), "upload"));
-    // Variant 1 (fc1 with its SM count target) too where a step of the bucket may take it.
-    for (const bool narrow : {false, true}) {
-      if (graphs_->Has(b, narrow ? 1 : 0) ||
-          (narrow && !Fc1Narrow(b, std::numeric_limits<int64_t>::max()))) {
-        continue;
-      }
-      PHI_RETURN_IF_ERROR(EnqueueDecode(b, narrow));
+    // Every variant a step of the bucket may be in (DecodeVariantPossible).
+    for (int v = 0; v < kDecodeGraphVariants; ++v) {
+      if (graphs_->Has(b, v) || !DecodeVariantPossible(b, v)) continue;
+      PHI_RETURN_IF_ERROR(EnqueueDecode(b, v));
       if (absl::Status st = graphs_->Capture(
-              b, stream_, [&] { return EnqueueDecode(b, narrow); }, narrow ? 1 : 0);
+              b, stream_, [&] { return EnqueueDecode(b, v); }, v);
           !st.ok()) {
         healthy_ = true;  // as in DecodeStep: a refused capture ran nothing
         use_graphs_ = false;

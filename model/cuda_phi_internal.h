@@ -51,6 +51,7 @@ struct CudaPhiModel::StepInputs {
   bool decode = false;      // one token per sequence: PagedDecodeCuda
   int min_live = 1;         // decode: fewest live sequences this launch serves
   bool fc1_narrow = false;  // decode: fc1 with the SM count target (CudaPhiModel::Fc1Narrow)
+  bool fold_short = false;  // decode: the attention fold beyond its rows (CudaPhiModel::FoldShort)
   int max_q_len = 0;        // prefill plan
   int max_ctx = 0;
   bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)

@@ -249,7 +249,7 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
         "CudaModelOptions: max_graph_batch = %d must be >= 1 and gemv_max_rows = %d in [0, %d]",
         options.max_graph_batch, options.gemv_max_rows, kGemvMaxRows));
   }
-  m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch, /*variants=*/2);
+  m->graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch, kDecodeGraphVariants);
   m->lora_graphs_ = std::make_unique<CudaGraphRunner>(options.max_graph_batch);
   m->lora_ = std::make_unique<CudaLora>(m->config_, m->dtype_, options.device);
   m->lora_graphs_->set_node_priority(m->lora_->BranchPriority());  // model/cuda_lora.h
@@ -364,6 +364,15 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
                   DecodeAttentionFoldRowsDefault(m->config().head_dim), 65536, "a row count");
   PHI_RETURN_IF_ERROR(fold_rows.status());
   m->set_decode_attention_fold_rows(*fold_rows);
+  const absl::StatusOr<int> fold_short_rows =
+      OptionOrEnv("PHISHARD_DECODE_FOLD_SHORT_ROWS", options.decode_fold_short_rows,
+                  kDecodeFoldShortRowsDefault, 65536, "a row count (0: off)");
+  PHI_RETURN_IF_ERROR(fold_short_rows.status());
+  const absl::StatusOr<int> fold_short_ctx =
+      OptionOrEnv("PHISHARD_DECODE_FOLD_SHORT_CTX", options.decode_fold_short_ctx,
+                  kDecodeFoldShortCtxDefault, 1 << 30, "a token count");
+  PHI_RETURN_IF_ERROR(fold_short_ctx.status());
+  m->set_decode_fold_short(*fold_short_rows, *fold_short_ctx);
   const absl::StatusOr<int> fc1_sms =
       OptionOrEnv("PHISHARD_DECODE_FC1_SMS", options.decode_fc1_sms, kDecodeFc1SmsDefault, 4096,
                   "an SM count (0: every SM)");
@@ -690,9 +699,20 @@ absl::Status CudaPhiModel::FillKvCacheRandom(uint64_t seed) {
 }
 
 int CudaPhiModel::num_decode_graphs() const { return graphs_->num_graphs(); }
+bool CudaPhiModel::DecodeVariantPossible(int rows, int variant) const {
+  const bool narrow = (variant & kVariantFc1Narrow) != 0, fold = (variant & kVariantFoldShort) != 0;
+  if (narrow && !Fc1Narrow(rows, std::numeric_limits<int64_t>::max())) return false;
+  if (fold && !FoldShort(rows, 0, rows)) return false;
+  // Both: a summed context >= the fc1 bound with a mean <= the fold's, over <= rows sequences.
+  return !(narrow && fold) ||
+         static_cast<int64_t>(fc1_sms_min_kv_) <= static_cast<int64_t>(fold_short_ctx_) * rows;
+}
+
 int CudaPhiModel::planned_decode_graphs() const {
   int n = 0;
-  for (int b : graphs_->buckets()) n += Fc1Narrow(b, std::numeric_limits<int64_t>::max()) ? 2 : 1;
+  for (int b : graphs_->buckets()) {
+    for (int v = 0; v < kDecodeGraphVariants; ++v) n += DecodeVariantPossible(b, v) ? 1 : 0;
+  }
   return n;
 }
 int64_t CudaPhiModel::decode_graph_replays() const { return graphs_->replays(); }

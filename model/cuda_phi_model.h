@@ -70,6 +70,9 @@ inline constexpr int kDecodeAttentionFoldRowsDefault = 8;  // CudaModelOptions b
 inline int DecodeAttentionFoldRowsDefault(int head_dim) {
   return head_dim <= 64 ? 2 * kDecodeAttentionFoldRowsDefault : kDecodeAttentionFoldRowsDefault;
 }
+// CudaModelOptions::decode_fold_short_rows / _ctx.
+inline constexpr int kDecodeFoldShortRowsDefault = 32;
+inline constexpr int kDecodeFoldShortCtxDefault = 256;
 inline constexpr int kDecodeFc1SmsDefault = 24;  // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
@@ -166,6 +169,15 @@ struct CudaModelOptions {
   // kernel's chain was shortened (perf-log 2026-11-30 03:53 / 03:59, session 17): b6 x0.984, b8
   // x0.992 (ctx 128 / 1024) and x0.969 (ctx 4096), b16 x1.007, b32 x1.028; Phi-1.5 shape b1 x0.83.
   int decode_attention_fold_rows = -1;
+  // Base decode steps of more rows than that, up to decode_fold_short_rows, take the fold too when
+  // their live sequences' mean context is at most decode_fold_short_ctx tokens (their own graphs,
+  // a variant of the bucket): with few K/V the fused launch's saved rotary and merge launches
+  // outweigh the grid's place ahead of fc2 (H200, Phi-2 shape, perf-log 2026-11-30 06:58: b16
+  // ctx128 x0.975, b32 ctx128 x0.964, ctx256 x0.975, but b32 ctx1024 x1.029, b64 ctx128 x1.017).
+  // -1: PHISHARD_DECODE_FOLD_SHORT_ROWS / _CTX when set, else kDecodeFoldShort*Default; rows 0:
+  // off (so is it when decode_attention_fold_rows is 0: then no step folds).
+  int decode_fold_short_rows = -1;
+  int decode_fold_short_ctx = -1;
   // Base decode steps (no adapter rows) of kDecodeFc1SmsMinRows..kDecodeFc1SmsMaxRows rows (the
   // graph buckets 8 and 16) run fc1 on the MLP stream with this cuBLASLt SM count target, leaving
   // SMs to qkv and the attention grid beside it; 0: every SM. -1: PHISHARD_DECODE_FC1_SMS when
@@ -309,6 +321,13 @@ class CudaPhiModel final : public ModelBackend {
     decode_fold_rows_ = rows;
   }
   int decode_attention_fold_rows() const { return decode_fold_rows_; }
+  // CudaModelOptions::decode_fold_short_rows / _ctx (graphs are per variant: nothing to drop).
+  void set_decode_fold_short(int rows, int ctx) {
+    fold_short_rows_ = rows;
+    fold_short_ctx_ = ctx;
+  }
+  int decode_fold_short_rows() const { return fold_short_rows_; }
+  int decode_fold_short_ctx() const { return fold_short_ctx_; }
   // CudaModelOptions::decode_fc1_sms for steps of min_rows..max_rows rows (0: every SM); drops
   // graphs when it changes.
   void set_decode_fc1_sms(int sms, int min_rows = kDecodeFc1SmsMinRows,
@@ -324,7 +343,7 @@ class CudaPhiModel final : public ModelBackend {
   // CudaModelOptions::decode_fc1_sms_min_kv_tokens (graphs are per variant: nothing to drop).
   void set_decode_fc1_sms_min_kv_tokens(int tokens) { fc1_sms_min_kv_ = tokens; }
   int decode_fc1_sms_min_kv_tokens() const { return fc1_sms_min_kv_; }
-  // Decode steps that ran fc1 with the SM count target (eager, captured or replayed).
+  // Decode steps enqueued (eager or captured) with fc1's SM count target.
   int64_t decode_fc1_sms_steps() const { return fc1_sms_steps_; }
   // CudaModelOptions::decode_dense_bulk_rows; drops graphs when it changes.
   void set_decode_dense_bulk_rows(int rows) {
@@ -473,14 +492,31 @@ class CudaPhiModel final : public ModelBackend {
   // Exactly one of `logits` (copied out) and `view` (the pinned buffer) is non-null.
   absl::Status DecodeStep(const ForwardBatch& batch, std::vector<float>* logits,
                           absl::Span<const float>* view = nullptr);
-  // The captured part of a decode step; fc1_narrow: fc1 with the SM count target (Fc1Narrow).
-  absl::Status EnqueueDecode(int rows, bool fc1_narrow);
-  // Whether a base decode step of `rows` rows (its bucket) whose live sequences' context lengths
-  // sum to kv_tokens runs fc1 with decode_fc1_sms's target.
+  // Decode graph variants of a bucket (bits): base decode steps whose choices depend on their
+  // contexts, not only on their row count, replay a graph of their own.
+  static constexpr int kVariantFc1Narrow = 1;  // fc1 with the SM count target (Fc1Narrow)
+  static constexpr int kVariantFoldShort = 2;  // the decode attention fold (FoldShort)
+  static constexpr int kDecodeGraphVariants = 4;
+  // The captured part of a decode step of `rows` rows (its bucket) in graph variant `variant`.
+  absl::Status EnqueueDecode(int rows, int variant);
+  // Whether a base decode step of `rows` rows (its bucket) whose `live` sequences' context
+  // lengths sum to kv_tokens runs fc1 with decode_fc1_sms's target / takes the fold beyond
+  // decode_attention_fold_rows; and the variant that makes.
   bool Fc1Narrow(int rows, int64_t kv_tokens) const {
     return fc1_sms_ > 0 && rows >= fc1_sms_min_rows_ && rows <= fc1_sms_max_rows_ &&
            kv_tokens >= fc1_sms_min_kv_;
   }
+  bool FoldShort(int rows, int64_t kv_tokens, int live) const {
+    return !shard_.sharded() && decode_fold_rows_ > 0 && rows > decode_fold_rows_ &&
+           rows <= fold_short_rows_ &&
+           kv_tokens <= static_cast<int64_t>(fold_short_ctx_) * std::max(live, 1);
+  }
+  int DecodeVariant(int rows, int64_t kv_tokens, int live) const {
+    return (Fc1Narrow(rows, kv_tokens) ? kVariantFc1Narrow : 0) |
+           (FoldShort(rows, kv_tokens, live) ? kVariantFoldShort : 0);
+  }
+  // Whether some step of a `rows`-row bucket can be in `variant`.
+  bool DecodeVariantPossible(int rows, int variant) const;
   absl::Status EnqueueLayers(const StepInputs& in);
   // Embedding + every layer through the persistent kernel (model/cuda_phi_mega.cc) when the step
   // qualifies (decode_megakernel, one row, no adapter rows, unsharded, supported shape); false:
@@ -656,6 +692,8 @@ class CudaPhiModel final : public ModelBackend {
   int decode_fold_rows_ = kDecodeAttentionFoldRowsDefault;  // set_decode_attention_fold_rows
   int fc1_sms_ = kDecodeFc1SmsDefault;                      // set_decode_fc1_sms
   int fc1_sms_min_rows_ = kDecodeFc1SmsMinRows, fc1_sms_max_rows_ = kDecodeFc1SmsMaxRows;
+  int fold_short_rows_ = kDecodeFoldShortRowsDefault;  // set_decode_fold_short
+  int fold_short_ctx_ = kDecodeFoldShortCtxDefault;
   int fc1_sms_min_kv_ = 0;                             // set_decode_fc1_sms_min_kv_tokens
   int64_t fc1_sms_steps_ = 0;                          // decode_fc1_sms_steps
   int dense_bulk_rows_ = kDecodeDenseBulkRowsDefault;  // set_decode_dense_bulk_rows

@@ -220,8 +220,9 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // (not run with NCCL yet): rotary + K/V write and the split merge inside the attention launch
   // (set_decode_attention_fold_rows: steps of up to that many rows; bit-identical,
   // kernels/cuda/paged_decode_cuda.h).
-  const bool fold_attention = in.decode && T <= decode_fold_rows_ && in.merge_counters != nullptr &&
-                              !lora && !shard_.sharded() && in.chunks == nullptr;
+  const bool fold_attention = in.decode && (T <= decode_fold_rows_ || in.fold_short) &&
+                              in.merge_counters != nullptr && !lora && !shard_.sharded() &&
+                              in.chunks == nullptr;
   if (fold_attention) {
     ++decode_fold_steps_;
     decode_plan.merge_counters = in.merge_counters;
@@ -548,7 +549,9 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
   if (in.decode) {
     int64_t kv_tokens = 0;
     for (const SequenceInput& seq : batch.seqs) kv_tokens += seq.context_len;
-    in.fc1_narrow = Fc1Narrow(T, kv_tokens);
+    const int variant = DecodeVariant(T, kv_tokens, S);
+    in.fc1_narrow = (variant & kVariantFc1Narrow) != 0;
+    in.fold_short = (variant & kVariantFoldShort) != 0;
   }
   in.max_q_len = max_q_len;
   in.max_ctx = max_ctx;

@@ -370,6 +370,41 @@ TEST(CudaPhiModel, Fc1SmTargetOnlyWithEnoughKv) {
   }
 }
 
+// The fold of short-context steps beyond decode_attention_fold_rows (set_decode_fold_short): with
+// the fold's row bound 1, RunModeSteps' 3-row decode steps fold only while their mean context
+// (20.67 + d + 1) is at most the bound (here 22: step d = 0 alone), in their bucket's variant
+// graph. The fold is bit-identical to the unfused launches, so every step equals the run without
+// any fold, graph replays equal eager steps, and only that one step enqueues the fold.
+TEST(CudaPhiModel, FoldShortOnlyForShortContexts) {
+  PHI_REQUIRE_GPU();
+  for (auto& [model, m] : FixtureModelsBf16()) {
+    EXPECT_EQ(m->decode_fold_short_rows(), kDecodeFoldShortRowsDefault);
+    EXPECT_EQ(m->decode_fold_short_ctx(), kDecodeFoldShortCtxDefault);
+    const int fold_rows = m->decode_attention_fold_rows();
+    m->set_decode_attention_fold_rows(1);
+    m->set_decode_fold_short(0, kDecodeFoldShortCtxDefault);
+    const int64_t off_before = m->decode_attention_fold_steps();
+    const auto off = RunModeSteps(*m);
+    EXPECT_EQ(m->decode_attention_fold_steps(), off_before) << model << ": folded with it off";
+    m->set_decode_fold_short(32, 22);
+    const auto graph = RunModeSteps(*m);
+    m->set_cuda_graphs(false);
+    const int64_t before = m->decode_attention_fold_steps();
+    const auto eager = RunModeSteps(*m);
+    EXPECT_EQ(m->decode_attention_fold_steps() - before, 1) << model << ": decode step 0 only";
+    m->set_cuda_graphs(true);
+    ASSERT_EQ(graph.size(), off.size());
+    ASSERT_EQ(eager.size(), off.size());
+    for (size_t i = 0; i < off.size(); ++i) {
+      const std::string step = std::string(model) + " step " + std::to_string(i);
+      EXPECT_TRUE(graph[i] == eager[i]) << step << ": graph != eager";
+      EXPECT_TRUE(graph[i] == off[i]) << step << ": the fold changed the logits";
+    }
+    m->set_decode_attention_fold_rows(fold_rows);
+    m->set_decode_fold_short(kDecodeFoldShortRowsDefault, kDecodeFoldShortCtxDefault);
+  }
+}
+
 // dense through the bulk GEMV, launched at the fused decode attention's start as its
 // programmatic dependent (set_decode_dense_bulk_rows; default 1 row): another summation order
 // for dense than cuBLASLt's, so the bf16 bounds where it applies.
