@@ -403,7 +403,7 @@ absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
   PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(graphs_->max_batch(), pitch));
   PHI_RETURN_IF_ERROR(ReserveGreedyPicks(graphs_->max_batch()));
   PHI_RETURN_IF_ERROR(ReserveMegaDecode());  // model/cuda_phi_mega.cc
-  const PhiConfig& config = config_;         // this rank's shapes
+  const PhiConfig& config = config_;  // this rank's shapes
   Log(LogLevel::kInfo,
       absl::StrFormat(
           "CUDA Phi model on device %d (%s, %d SMs), tensor-parallel rank %d of %d: %d layers, "

@@ -78,7 +78,7 @@ inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
 // CudaModelOptions::decode_fc1_sms_min_kv_tokens's default: the step's summed context at which a
 // layer's K/V bytes reach 1.6 x fc1's weight bytes (Phi-2: 8,192 tokens, where the SM target
-// measured neutral at b8 ctx1024; below it, it was slower: perf-log 2026-11-30 07:2x).
+// measured neutral at b8 ctx1024; below it, it was slower: perf-log 2026-11-30 06:47-06:58).
 inline int DecodeFc1SmsMinKvTokensDefault(int hidden, int intermediate, int kv_heads,
                                           int head_dim) {
   const double kv_per_token = 2.0 * kv_heads * head_dim;  // elements a layer
@@ -186,7 +186,7 @@ struct CudaModelOptions {
   // target was slower (x1.02-1.13), hence the row range. Only steps whose live sequences' context
   // lengths sum to at least decode_fc1_sms_min_kv_tokens take it (their own graphs, variant 1 of
   // the bucket): with little K/V the attention ends early and fc1 on 24 SMs is the layer's tail
-  // (perf-log 2026-11-30 07:2x: b8 ctx128 x1.21, ctx512 x1.10, b16 ctx128 x1.14 with it).
+  // (perf-log 2026-11-30 06:47-06:58: b8 ctx128 x1.21, ctx512 x1.10, b16 ctx128 x1.14 with it).
   int decode_fc1_sms = -1;
   // -1: PHISHARD_DECODE_FC1_SMS_MIN_KV_TOKENS when set, else DecodeFc1SmsMinKvTokensDefault of
   // the model's shape; 0: every step in the row range.
