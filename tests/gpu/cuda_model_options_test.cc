@@ -308,6 +308,26 @@ void ExpectRowRangeSwitchClose(CudaPhiModel& m, const std::string& what,
   }
 }
 
+// RunModeSteps with graphs, then with eager launches; `count` reads one of the model's step
+// counters: how far each run moved it (an eager step enqueues once; with graphs a variant's first
+// step enqueues twice, eagerly and in its capture, and its replays not at all).
+struct GraphEagerRuns {
+  std::vector<std::vector<float>> graph, eager;
+  int64_t graph_count = 0, eager_count = 0;
+};
+GraphEagerRuns RunGraphThenEager(CudaPhiModel& m, const std::function<int64_t()>& count) {
+  GraphEagerRuns r;
+  const int64_t start = count();
+  r.graph = RunModeSteps(m);
+  r.graph_count = count() - start;
+  m.set_cuda_graphs(false);
+  const int64_t before = count();
+  r.eager = RunModeSteps(m);
+  r.eager_count = count() - before;
+  m.set_cuda_graphs(true);
+  return r;
+}
+
 // fc1's cuBLASLt SM count target in base decode steps (set_decode_fc1_sms): only the steps in
 // its row range take it (3-row steps with the default range 5-16 are bit for bit the untargeted
 // ones); where it applies (range widened to 1-256), cuBLASLt may pick another kernel for fc1, so
@@ -346,23 +366,18 @@ TEST(CudaPhiModel, Fc1SmTargetOnlyWithEnoughKv) {
     m->set_decode_fc1_sms(24, 1, 256);
     const int bound = std::accumulate(kThreeLens.begin(), kThreeLens.end(), 0) + 3 * 4;  // d >= 3
     m->set_decode_fc1_sms_min_kv_tokens(bound);
-    const int64_t before = m->decode_fc1_sms_steps();
-    const auto graph = RunModeSteps(*m);
-    EXPECT_GT(m->decode_fc1_sms_steps(), before) << model << ": no step took the target";
-    m->set_cuda_graphs(false);
-    const int64_t eager_before = m->decode_fc1_sms_steps();
-    const auto eager = RunModeSteps(*m);
-    EXPECT_EQ(m->decode_fc1_sms_steps() - eager_before, 3) << model << ": decode steps 3-5 only";
-    m->set_cuda_graphs(true);
-    ASSERT_EQ(graph.size(), off.size());
-    ASSERT_EQ(eager.size(), off.size());
+    const GraphEagerRuns r = RunGraphThenEager(*m, [&] { return m->decode_fc1_sms_steps(); });
+    EXPECT_GT(r.graph_count, 0) << model << ": no graph step took the target";
+    EXPECT_EQ(r.eager_count, 3) << model << ": decode steps 3-5 only";
+    ASSERT_EQ(r.graph.size(), off.size());
+    ASSERT_EQ(r.eager.size(), off.size());
     for (size_t i = 0; i < off.size(); ++i) {
       const std::string step = std::string(model) + " step " + std::to_string(i);
-      EXPECT_TRUE(graph[i] == eager[i]) << step << ": graph != eager";
+      EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
       if (i < 4) {  // the prefill and decode steps 0-2: below the bound
-        EXPECT_TRUE(graph[i] == off[i]) << step << ": changed below the K/V bound";
+        EXPECT_TRUE(r.graph[i] == off[i]) << step << ": changed below the K/V bound";
       } else {
-        ExpectLogitsClose(graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
+        ExpectLogitsClose(r.graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
       }
     }
     m->set_decode_fc1_sms(kDecodeFc1SmsDefault);
@@ -387,18 +402,16 @@ TEST(CudaPhiModel, FoldShortOnlyForShortContexts) {
     const auto off = RunModeSteps(*m);
     EXPECT_EQ(m->decode_attention_fold_steps(), off_before) << model << ": folded with it off";
     m->set_decode_fold_short(32, 22);
-    const auto graph = RunModeSteps(*m);
-    m->set_cuda_graphs(false);
-    const int64_t before = m->decode_attention_fold_steps();
-    const auto eager = RunModeSteps(*m);
-    EXPECT_EQ(m->decode_attention_fold_steps() - before, 1) << model << ": decode step 0 only";
-    m->set_cuda_graphs(true);
-    ASSERT_EQ(graph.size(), off.size());
-    ASSERT_EQ(eager.size(), off.size());
+    const GraphEagerRuns r =
+        RunGraphThenEager(*m, [&] { return m->decode_attention_fold_steps(); });
+    EXPECT_GT(r.graph_count, 0) << model << ": no graph step folded";
+    EXPECT_EQ(r.eager_count, 1) << model << ": decode step 0 only";
+    ASSERT_EQ(r.graph.size(), off.size());
+    ASSERT_EQ(r.eager.size(), off.size());
     for (size_t i = 0; i < off.size(); ++i) {
       const std::string step = std::string(model) + " step " + std::to_string(i);
-      EXPECT_TRUE(graph[i] == eager[i]) << step << ": graph != eager";
-      EXPECT_TRUE(graph[i] == off[i]) << step << ": the fold changed the logits";
+      EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
+      EXPECT_TRUE(r.graph[i] == off[i]) << step << ": the fold changed the logits";
     }
     m->set_decode_attention_fold_rows(fold_rows);
     m->set_decode_fold_short(kDecodeFoldShortRowsDefault, kDecodeFoldShortCtxDefault);
