@@ -192,23 +192,24 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
 // The swept shapes: one key, long contexts, block and tile edges, GQA groups of 2, 3, 4 and 8,
 // padding rows, block sizes 5, 7, 12 and 16, every supported head dim.
 std::vector<DecodeCase> DecodeCases() {
-  return {{{1}, 1, 32, 32, 80, 16},                          // one key
-          {{1000}, 1, 32, 32, 80, 16},                       // Phi-2, long
-          {{15, 16, 17, 63, 64, 65, 129}, 7, 8, 8, 64, 16},  // block and tile edges
-          {{300, 5, 0, 0}, 2, 4, 2, 80, 16},                 // GQA, padding rows
-          {{77, 200, 3}, 3, 8, 8, 32, 7},                    // odd block size, head_dim 32
-          {{4096, 2048}, 2, 32, 32, 80, 16},
-          {{100, 37, 1}, 3, 8, 1, 64, 16},  // group 8: two blocks of 4 query heads per KV head
-          {{65, 130}, 2, 6, 2, 80, 16},     // group 3: one warp a head, the fourth only copies
-          {{33, 250}, 2, 4, 4, 80, 5},      // MHA, block size 5 (not a power of two)
-          // The other head dims of PagedDecodeCudaSupportsHeadDim: tiny (16) and custom (96, 128)
-          // checkpoints; one and two 16-byte slices a lane, GQA, padding rows, odd block sizes.
-          {{15, 16, 17, 65, 300, 0}, 5, 4, 4, 16, 16},
-          {{1, 129, 1000}, 3, 8, 2, 16, 7},
-          {{64, 65, 2049, 0}, 3, 8, 2, 96, 16},
-          {{33, 250}, 2, 6, 2, 96, 5},
-          {{17, 1000, 130}, 3, 8, 1, 128, 16},
-          {{63, 64, 0}, 2, 4, 4, 128, 12}};
+  return {
+      {{1}, 1, 32, 32, 80, 16},                          // one key
+      {{1000}, 1, 32, 32, 80, 16},                       // Phi-2, long
+      {{15, 16, 17, 63, 64, 65, 129}, 7, 8, 8, 64, 16},  // block and tile edges
+      {{300, 5, 0, 0}, 2, 4, 2, 80, 16},                 // GQA, padding rows
+      {{77, 200, 3}, 3, 8, 8, 32, 7},                    // odd block size, head_dim 32
+      {{4096, 2048}, 2, 32, 32, 80, 16},
+      {{100, 37, 1}, 3, 8, 1, 64, 16},  // group 8: two blocks of 4 query heads per KV head
+      {{65, 130}, 2, 6, 2, 80, 16},     // group 3: one warp a head, the fourth only copies
+      {{33, 250}, 2, 4, 4, 80, 5},      // MHA, block size 5 (not a power of two)
+      // The other head dims of PagedDecodeCudaSupportsHeadDim: tiny (16) and custom (96, 128)
+      // checkpoints; one and two 16-byte slices a lane, GQA, padding rows, odd block sizes.
+      {{15, 16, 17, 65, 300, 0}, 5, 4, 4, 16, 16},
+      {{1, 129, 1000}, 3, 8, 2, 16, 7},
+      {{64, 65, 2049, 0}, 3, 8, 2, 96, 16},
+      {{33, 250}, 2, 6, 2, 96, 5},
+      {{17, 1000, 130}, 3, 8, 1, 128, 16},
+      {{63, 64, 0}, 2, 4, 4, 128, 12}};
 }
 
 TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
@@ -247,15 +248,15 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
 TEST(CudaPagedDecode, TensorCoreMatchesCpuReference) {
   PHI_REQUIRE_GPU();
   std::vector<DecodeCase> cases = DecodeCases();
-  cases.push_back({{200, 31, 1}, 3, 32, 2, 64, 16});          // group 16
+  cases.push_back({{200, 31, 1}, 3, 32, 2, 64, 16});  // group 16
   cases.push_back({{1024, 1023, 17, 0}, 3, 32, 32, 80, 16});  // Phi-2 heads, ctx 1024
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
       for (int splits : {1, 3, 16}) {
-        SCOPED_TRACE(testing::Message()
-                     << DataTypeName(t) << " seqs " << c.ctx.size() << " heads " << c.num_heads
-                     << "/" << c.num_kv_heads << " head_dim " << c.head_dim << " block "
-                     << c.block_size << " splits " << splits);
+        SCOPED_TRACE(testing::Message() << DataTypeName(t) << " seqs " << c.ctx.size()
+                                        << " heads " << c.num_heads << "/" << c.num_kv_heads
+                                        << " head_dim " << c.head_dim << " block "
+                                        << c.block_size << " splits " << splits);
         RunDecodeCase(c, t, splits, /*device_info=*/true, PagedDecodeVariant::kTensorCore);
         if (HasFatalFailure()) return;
       }
