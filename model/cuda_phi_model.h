@@ -457,8 +457,9 @@ class CudaPhiModel final : public ModelBackend {
   // their kernel parameters and node tables on the device; measured in bench/ and the perf log).
   static constexpr size_t kDecodeGraphBytes = size_t{4} << 20;
   int num_decode_graphs() const;
-  // Base decode graphs CaptureDecodeGraphs(max_graph_batch) makes: one a bucket, and a second
-  // (fc1 with its SM count target, Fc1Narrow) for the buckets in decode_fc1_sms's row range.
+  // Base decode graphs CaptureDecodeGraphs(max_graph_batch) makes: every variant each bucket can
+  // take (DecodeVariantPossible: variant 0 always, the fc1-target and short-context-fold ones
+  // where their row ranges reach).
   int planned_decode_graphs() const;
   int64_t decode_graph_replays() const;
   int64_t decode_graph_captures() const;
