@@ -1,0 +1,38 @@
+// The CUDA model's shape-derived tuning defaults (model/cuda_phi_model.h) — host code, no GPU:
+// the decode attention fold's row bound and the K/V bound of fc1's SM count target.
+#include "gtest/gtest.h"
+
+#ifdef PHISHARD_HAVE_CUDA
+#include "model/cuda_phi_model.h"
+#endif
+
+namespace phishard {
+namespace {
+
+#ifdef PHISHARD_HAVE_CUDA
+
+TEST(CudaModelDefaults, FoldRowsFollowTheHeadDim) {
+  EXPECT_EQ(DecodeAttentionFoldRowsDefault(80), kDecodeAttentionFoldRowsDefault);      // Phi-2
+  EXPECT_EQ(DecodeAttentionFoldRowsDefault(64), 2 * kDecodeAttentionFoldRowsDefault);  // Phi-1.5
+  EXPECT_EQ(DecodeAttentionFoldRowsDefault(32), 2 * kDecodeAttentionFoldRowsDefault);
+}
+
+// Where a layer's K/V bytes (summed context x 2 x kv heads x head dim) reach 1.6 x fc1's weights
+// (hidden x intermediate): Phi-2 8,192 tokens (the measured neutral point), Phi-1.5 6,554; a
+// model with few KV heads needs far more context before the attention is worth the SMs.
+TEST(CudaModelDefaults, Fc1KvBoundScalesWithTheShape) {
+  EXPECT_EQ(DecodeFc1SmsMinKvTokensDefault(2560, 10240, 32, 80), 8192);
+  EXPECT_EQ(DecodeFc1SmsMinKvTokensDefault(2048, 8192, 32, 64), 6554);
+  EXPECT_EQ(DecodeFc1SmsMinKvTokensDefault(2560, 10240, 4, 80), 8 * 8192);
+  EXPECT_GT(DecodeFc1SmsMinKvTokensDefault(256, 1024, 8, 32), 0);
+  EXPECT_GT(DecodeFc1SmsMinKvTokensDefault(256, 1024, 0, 32), 0) << "a zero KV width stays finite";
+}
+
+#else
+
+TEST(CudaModelDefaults, NeedsTheCudaBuild) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif
+
+}  // namespace
+}  // namespace phishard
