@@ -14,14 +14,11 @@ namespace phishard::bench {
 inline void DecodeFoldSweep(CudaPhiModel& m, Bench& bench, const std::string& cases,
                             const std::string& mode, int rounds, std::vector<Row>* rows) {
   const int start = m.decode_attention_fold_rows();
-  const int short_rows = m.decode_fold_short_rows(), short_ctx = m.decode_fold_short_ctx();
-  m.set_decode_fold_short(0, short_ctx);  // fold0: no step folds (FoldShort off too)
   SettingSweep(bench, "decode attention fold sweep", "--fold-cases", cases, mode, rounds,
                {{"fold0", [&] { m.set_decode_attention_fold_rows(0); }},
                 {"fold1", [&] { m.set_decode_attention_fold_rows(65536); }}},
                rows);
   m.set_decode_attention_fold_rows(start);
-  m.set_decode_fold_short(short_rows, short_ctx);
 }
 
 }  // namespace phishard::bench

@@ -158,9 +158,7 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
   // steps whose contexts change a choice (DecodeVariant) replay that variant of their bucket.
   const bool lora = lora_->active();
   CudaGraphRunner& graphs = lora ? *lora_graphs_ : *graphs_;
-  int64_t kv_tokens = 0;
-  for (const SequenceInput& seq : batch.seqs) kv_tokens += seq.context_len;
-  const int variant = lora ? 0 : DecodeVariant(B, kv_tokens, S);
+  const int variant = lora ? 0 : DecodeVariantOf(batch, B);
   StepTimerStart();
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(decode_dev_, decode_host_, upload, stream_),
                                    "decode inputs upload"));

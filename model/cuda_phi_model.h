@@ -516,6 +516,12 @@ class CudaPhiModel final : public ModelBackend {
     return (Fc1Narrow(rows, kv_tokens) ? kVariantFc1Narrow : 0) |
            (FoldShort(rows, kv_tokens, live) ? kVariantFoldShort : 0);
   }
+  // DecodeVariant of a decode batch run as `rows` rows (its bucket, or its own row count).
+  int DecodeVariantOf(const ForwardBatch& batch, int rows) const {
+    int64_t kv_tokens = 0;
+    for (const SequenceInput& seq : batch.seqs) kv_tokens += seq.context_len;
+    return DecodeVariant(rows, kv_tokens, static_cast<int>(batch.seqs.size()));
+  }
   // Whether some step of a `rows`-row bucket can be in `variant`.
   bool DecodeVariantPossible(int rows, int variant) const;
   absl::Status EnqueueLayers(const StepInputs& in);

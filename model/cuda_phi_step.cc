@@ -547,9 +547,7 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
   in.decode = max_q_len == 1;  // a decode batch above the largest graph bucket
   in.min_live = S;
   if (in.decode) {
-    int64_t kv_tokens = 0;
-    for (const SequenceInput& seq : batch.seqs) kv_tokens += seq.context_len;
-    const int variant = DecodeVariant(T, kv_tokens, S);
+    const int variant = DecodeVariantOf(batch, T);
     in.fc1_narrow = (variant & kVariantFc1Narrow) != 0;
     in.fold_short = (variant & kVariantFoldShort) != 0;
   }
