@@ -237,6 +237,12 @@ int Main(int argc, char** argv) {
                                     .values = "0,256"};
   fold_short.AddFlags(app, "set_decode_fold_short's mean-context bound",
                       "mean contexts in tokens (0: off)");
+  bench::IntSettingSweep fc2_defer{.name = "fc2-defer",
+                                   .label = "fc2defer",
+                                   .title = "decode fc2 deferred to the next LayerNorm sweep",
+                                   .cases = "8x128,8x1024,12x1024,16x1024,8x4096,16x4096",
+                                   .values = "0,1"};
+  fc2_defer.AddFlags(app, "set_decode_fc2_defer (steps with fc1's SM target)", "0 (off) or 1 (on)");
   bench::IntSettingSweep dense_bulk{.name = "dense-bulk",
                                     .label = "densebulk",
                                     .title = "decode dense bulk GEMV sweep",
@@ -531,6 +537,10 @@ int Main(int argc, char** argv) {
           m.set_decode_fold_short(fold_short_rows0, fold_short_ctx0);
         },
         &rows);
+    const bool fc2_defer0 = m.decode_fc2_defer();
+    fc2_defer.Run(
+        bench, [&m](int v) { m.set_decode_fc2_defer(v != 0); },
+        [&m, fc2_defer0] { m.set_decode_fc2_defer(fc2_defer0); }, &rows);
     fc1_min_kv.Run(
         bench, [&m](int v) { m.set_decode_fc1_sms_min_kv_tokens(v); },
         [&m, fc1_min_kv0] { m.set_decode_fc1_sms_min_kv_tokens(fc1_min_kv0); }, &rows);

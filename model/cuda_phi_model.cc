@@ -110,6 +110,7 @@ CudaPhiModel::~CudaPhiModel() {
   if (mlp_stream_) DeviceStreamDestroy(mlp_stream_);
   gemm_.reset();
   if (step_timer_) DeviceTimerDestroy(step_timer_);
+  if (fc2_defer_dev_) DeviceFree(fc2_defer_dev_);
   if (decode_dev_) DeviceFree(decode_dev_);
   if (decode_host_) DeviceFreeHost(decode_host_);
   if (logits_host_) DeviceFreeHost(logits_host_);
@@ -391,6 +392,11 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
                   kDecodeDenseBulkRowsDefault, kGemvMaxRows, "a row count");
   PHI_RETURN_IF_ERROR(dense_bulk.status());
   m->set_decode_dense_bulk_rows(*dense_bulk);
+  const absl::StatusOr<int> fc2_defer =
+      OptionOrEnv("PHISHARD_DECODE_FC2_DEFER", options.decode_fc2_defer, kDecodeFc2DeferDefault, 1,
+                  "0 (off) or 1 (on)");
+  PHI_RETURN_IF_ERROR(fc2_defer.status());
+  m->set_decode_fc2_defer(*fc2_defer != 0);
   m->props_name_ = props.name;
   return m;
 }
@@ -562,6 +568,8 @@ absl::Status CudaPhiModel::EnsureDecodeCapacity(int rows, int table_pitch) {
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
   DropGraphs();  // they point into the decode buffer
   if (decode_dev_) DeviceFree(decode_dev_);
+  if (fc2_defer_dev_) DeviceFree(fc2_defer_dev_);
+  fc2_defer_dev_ = nullptr;
   if (decode_host_) DeviceFreeHost(decode_host_);
   if (logits_host_) DeviceFreeHost(logits_host_);
   decode_dev_ = decode_host_ = nullptr;
@@ -573,6 +581,9 @@ absl::Status CudaPhiModel::EnsureDecodeCapacity(int rows, int table_pitch) {
   const size_t logit_bytes =
       static_cast<size_t>(want_rows) * full_config_.vocab_size * sizeof(float);
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&decode_dev_, bytes), "malloc (decode inputs)"));
+  PHI_RETURN_IF_ERROR(DeviceStatus(
+      DeviceMalloc(&fc2_defer_dev_, static_cast<size_t>(want_rows) * config_.hidden_size * 4),
+      "malloc (fc2 rows)"));
   PHI_RETURN_IF_ERROR(
       DeviceStatus(DeviceMallocHost(&decode_host_, bytes), "host malloc (decode inputs)"));
   void* lh = nullptr;

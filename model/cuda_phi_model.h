@@ -86,6 +86,7 @@ inline int DecodeFc1SmsMinKvTokensDefault(int hidden, int intermediate, int kv_h
       std::ceil(1.6 * hidden * static_cast<double>(intermediate) / std::max(kv_per_token, 1.0)));
 }
 inline constexpr int kDecodeDenseBulkRowsDefault = 1;  // CudaModelOptions::decode_dense_bulk_rows
+inline constexpr int kDecodeFc2DeferDefault = 1;       // CudaModelOptions::decode_fc2_defer
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -203,6 +204,17 @@ struct CudaModelOptions {
   // x1.002, b4 x1.03 (bigger attention grids leave no SM room beside them), hence 1; the
   // LayerNorm's programmatic launch on top x0.985-0.988 at ctx 128 / 1024 / 4096.
   int decode_dense_bulk_rows = -1;
+  // 1: decode steps that take fc1's SM count target (decode_fc1_sms, so the MLP branch is the
+  // layer's critical path) write fc2's rows (with its bias) in float32 to rows of their own
+  // instead of adding them into h, so dense adds into h right after the attention without
+  // waiting for the MLP branch; the next layer's LayerNorm adds them (LayerNormParams::fold_delta)
+  // after the join, the last layer joins as before. Another rounding order of the two residual
+  // terms (bf16 bounds). 0: off. -1: PHISHARD_DECODE_FC2_DEFER when set, else
+  // kDecodeFc2DeferDefault. Measured (H200, Phi-2 shape, alternated in one process, perf-log
+  // 2026-11-30 08:15, on every step of 1-64 rows): b8 ctx1024 x0.938, b12 x0.982, b16 x0.989, b8
+  // ctx4096 x0.994, b16 ctx4096 x1.001 (all steps of fc1's target), but b1 / b2 x1.020 / x1.011
+  // and b8 ctx128 x1.016 (no target: the attention branch is the longer), hence the tie.
+  int decode_fc2_defer = -1;
 };
 
 class CudaPhiModel final : public ModelBackend {
@@ -353,6 +365,14 @@ class CudaPhiModel final : public ModelBackend {
   int decode_dense_bulk_rows() const { return dense_bulk_rows_; }
   // Steps enqueued so far with dense through the bulk GEMV.
   int64_t decode_dense_bulk_steps() const { return dense_bulk_steps_; }
+  // CudaModelOptions::decode_fc2_defer; drops graphs when it changes.
+  void set_decode_fc2_defer(bool on) {
+    if (on != fc2_defer_) DropGraphs();
+    fc2_defer_ = on;
+  }
+  bool decode_fc2_defer() const { return fc2_defer_; }
+  // Decode steps enqueued so far with fc2 deferred to the next LayerNorm.
+  int64_t decode_fc2_defer_steps() const { return fc2_defer_steps_; }
   int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps so far
   // The decode attention kernel of decode steps: a PagedDecodeVariant value
   // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default; 3 = kTensorCore). For benches
@@ -676,6 +696,11 @@ class CudaPhiModel final : public ModelBackend {
   // (model/cuda_phi_step.cc: DecodeLayout), for decode_rows_ rows and decode_table_ints_ block
   // table entries; pinned staging for decode_rows_ logit rows of V floats.
   void* decode_dev_ = nullptr;
+  // set_decode_fc2_defer: fc2's float32 rows [decode_rows_, H] (device), added into h by the next
+  // layer's LayerNorm.
+  void* fc2_defer_dev_ = nullptr;
+  bool fc2_defer_ = kDecodeFc2DeferDefault != 0;
+  int64_t fc2_defer_steps_ = 0;
   void* decode_host_ = nullptr;
   size_t decode_bytes_ = 0;
   int decode_rows_ = 0;

@@ -245,6 +245,14 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     ++dense_bulk_steps_;
     decode_plan.trigger_dependents_early = true;
   }
+  // CudaModelOptions::decode_fc2_defer: in steps with fc1's SM target (the MLP branch the longer)
+  // fc2 goes into its own float32 rows, added into h by the next LayerNorm, so dense need not
+  // wait for the branch.
+  const int last_layer = c.num_hidden_layers - (in.skip_last_layer ? 1 : 0) - 1;
+  const bool fc2_defer = fc2_defer_ && fc1_sms && fc2_on_branch && !fc2_main && !join_early &&
+                         !lora && !ln_fused && !shard_.sharded() && in.chunks == nullptr &&
+                         fc2_defer_dev_ != nullptr && T <= decode_rows_;
+  if (fc2_defer) ++fc2_defer_steps_;
   for (int l = 0; l < c.num_hidden_layers - (in.skip_last_layer ? 1 : 0); ++l) {
     const Layer& w = layers_[l];
     char* k_cache = static_cast<char*>(kv_) + 2 * l * layer_kv_bytes;
@@ -256,7 +264,14 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     // all-reduce of h per layer sums residual + every rank's partials.
     // The MLP branch reads only n; on its own stream it runs beside qkv -> rotary -> attention.
     // h (+)= fc2(mlp) on `st` with `g`, then its LoRA delta on `delta_st` (forked from `st`).
+    const bool defer_this = fc2_defer && l < last_layer;  // the next LayerNorm adds fc2
+    const bool fold_prev = fc2_defer && l > 0;            // this one adds layer l - 1's
     auto fc2_part = [&](cudaStream_t st, CudaGemm* g, cudaStream_t delta_st) -> absl::Status {
+      if (defer_this) {  // fc2(mlp) + b -> float32 rows, cuBLASLt on the branch as without it
+        const GemmParams fc2 = linear(mlp, w.fc2_w, w.fc2_b, fc2_defer_dev_, H, c.intermediate_size,
+                                      false, GemmEpilogue::kNone);
+        return KernelResult(g->Run(fc2, DataType::kF32, st), "fc2 gemm (deferred)");
+      }
       // Rank 0 (or unsharded) adds to the residual, the other ranks start their partial.
       GemmParams fc2 = linear(mlp, w.fc2_w, w.fc2_b, h, H, c.intermediate_size,
                               shard_.adds_row_parallel_bias(), GemmEpilogue::kNone);
@@ -329,15 +344,19 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
           PHI_RETURN_IF_ERROR(mlp_branch(mlp_stream_, mlp_gemm_.get()));
         }
       } else {
-        const LayerNormParams ln{.x = at(h, rr, H),
-                                 .weight = w.ln_w,
-                                 .bias = w.ln_b,
-                                 .y = at(normed, rr, H),
-                                 .rows = rr.rows,
-                                 .cols = H,
-                                 .eps = c.layer_norm_eps,
-                                 .dtype = dt,
-                                 .programmatic_launch = dense_bulk};
+        if (fold_prev) PHI_RETURN_IF_ERROR(mlp_join());  // layer l - 1's fc2 rows are done
+        const LayerNormParams ln{
+            .x = at(h, rr, H),
+            .weight = w.ln_w,
+            .bias = w.ln_b,
+            .y = at(normed, rr, H),
+            .rows = rr.rows,
+            .cols = H,
+            .eps = c.layer_norm_eps,
+            .dtype = dt,
+            .fold_delta = fold_prev ? static_cast<const float*>(fc2_defer_dev_) : nullptr,
+            .ld_fold = fold_prev ? H : 0,
+            .programmatic_launch = dense_bulk && !fold_prev};
         // LoRA steps may fold the last layer's dense delta in here (CudaLora::BeforeDense).
         PHI_RETURN_IF_ERROR(KernelResult(
             lora_fork ? lora_->LayerNorm(ln, stream_) : LayerNormCuda(ln, stream_), "layer_norm"));
@@ -396,7 +415,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     }
     if (!mlp_fork) {
       PHI_RETURN_IF_ERROR(mlp_branch(stream_, gemm_.get()));
-    } else if (!join_early || fc2_main) {
+    } else if ((!join_early || fc2_main) && !defer_this) {
       PHI_RETURN_IF_ERROR(mlp_join());
     }
     if (lora_fork) {

@@ -418,6 +418,33 @@ TEST(CudaPhiModel, FoldShortOnlyForShortContexts) {
   }
 }
 
+// fc2's rows into float32, added by the next LayerNorm, so dense does not wait for the MLP branch
+// (set_decode_fc2_defer; on by default), only in steps that take fc1's SM target: the 3-row steps
+// outside fc1's default row range (5-16) are bit for bit the steps without it; with the range
+// widened to them, the other rounding order of the two residual terms (bf16 bounds), graph ==
+// eager.
+TEST(CudaPhiModel, Fc2DeferCloseAndOnlyWithFc1Target) {
+  PHI_REQUIRE_GPU();
+  for (auto& [model, m] : FixtureModelsBf16()) {
+    EXPECT_EQ(m->decode_fc2_defer(), kDecodeFc2DeferDefault != 0);
+    const int min_kv = m->decode_fc1_sms_min_kv_tokens();
+    m->set_decode_fc1_sms_min_kv_tokens(0);
+    int64_t outside_steps = -1;
+    ExpectRowRangeSwitchClose(*m, std::string(model) + " fc2 deferred", [&](RangeSetting r) {
+      if (r == kOff) m->set_decode_fc2_defer(false);
+      if (r == kOutside) m->set_decode_fc2_defer(true);  // fc1's target: rows 5-16
+      if (r == kInside) {
+        outside_steps = m->decode_fc2_defer_steps();
+        m->set_decode_fc1_sms(kDecodeFc1SmsDefault, 1, 256);
+      }
+    });
+    EXPECT_EQ(outside_steps, 0) << model << ": a step without fc1's target took it";
+    EXPECT_GT(m->decode_fc2_defer_steps(), 0) << model << ": no step took it";
+    m->set_decode_fc1_sms(kDecodeFc1SmsDefault);
+    m->set_decode_fc1_sms_min_kv_tokens(min_kv);
+  }
+}
+
 // dense through the bulk GEMV, launched at the fused decode attention's start as its
 // programmatic dependent (set_decode_dense_bulk_rows; default 1 row): another summation order
 // for dense than cuBLASLt's, so the bf16 bounds where it applies.
