@@ -111,6 +111,7 @@ CudaPhiModel::~CudaPhiModel() {
   gemm_.reset();
   if (step_timer_) DeviceTimerDestroy(step_timer_);
   if (fc2_defer_dev_) DeviceFree(fc2_defer_dev_);
+  if (fc2_bias_f32_) DeviceFree(fc2_bias_f32_);
   if (decode_dev_) DeviceFree(decode_dev_);
   if (decode_host_) DeviceFreeHost(decode_host_);
   if (logits_host_) DeviceFreeHost(logits_host_);
@@ -409,6 +410,7 @@ absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
   PHI_RETURN_IF_ERROR(EnsureDecodeCapacity(graphs_->max_batch(), pitch));
   PHI_RETURN_IF_ERROR(ReserveGreedyPicks(graphs_->max_batch()));
   PHI_RETURN_IF_ERROR(ReserveMegaDecode());  // model/cuda_phi_mega.cc
+  PHI_RETURN_IF_ERROR(MakeFc2BiasF32());      // model/cuda_phi_weights.cc
   const PhiConfig& config = config_;  // this rank's shapes
   Log(LogLevel::kInfo,
       absl::StrFormat(

@@ -700,6 +700,10 @@ class CudaPhiModel final : public ModelBackend {
   // layer's LayerNorm.
   void* fc2_defer_dev_ = nullptr;
   bool fc2_defer_ = kDecodeFc2DeferDefault != 0;
+  // fc2's biases widened to float32, [layers, H] (device), for those rows: cuBLASLt reads a bias
+  // in the output's type. Null when this rank adds no fc2 bias.
+  float* fc2_bias_f32_ = nullptr;
+  absl::Status MakeFc2BiasF32();  // at load (Finish), model/cuda_phi_weights.cc
   int64_t fc2_defer_steps_ = 0;
   void* decode_host_ = nullptr;
   size_t decode_bytes_ = 0;

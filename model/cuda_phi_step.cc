@@ -251,7 +251,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   const int last_layer = c.num_hidden_layers - (in.skip_last_layer ? 1 : 0) - 1;
   const bool fc2_defer = fc2_defer_ && fc1_sms && fc2_on_branch && !fc2_main && !join_early &&
                          !lora && !ln_fused && !shard_.sharded() && in.chunks == nullptr &&
-                         fc2_defer_dev_ != nullptr && T <= decode_rows_;
+                         fc2_defer_dev_ != nullptr && T <= decode_rows_ &&
+                         (fc2_bias_f32_ != nullptr || layers_[0].fc2_b == nullptr);
   if (fc2_defer) ++fc2_defer_steps_;
   for (int l = 0; l < c.num_hidden_layers - (in.skip_last_layer ? 1 : 0); ++l) {
     const Layer& w = layers_[l];
@@ -268,8 +269,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     const bool fold_prev = fc2_defer && l > 0;            // this one adds layer l - 1's
     auto fc2_part = [&](cudaStream_t st, CudaGemm* g, cudaStream_t delta_st) -> absl::Status {
       if (defer_this) {  // fc2(mlp) + b -> float32 rows, cuBLASLt on the branch as without it
-        const GemmParams fc2 = linear(mlp, w.fc2_w, w.fc2_b, fc2_defer_dev_, H, c.intermediate_size,
-                                      false, GemmEpilogue::kNone);
+        // (its bias in float32 like the output: GemmParams::bias has y's type)
+        const void* bias_f32 = w.fc2_b ? fc2_bias_f32_ + static_cast<size_t>(l) * H : nullptr;
+        const GemmParams fc2 = linear(mlp, w.fc2_w, bias_f32, fc2_defer_dev_, H,
+                                      c.intermediate_size, false, GemmEpilogue::kNone);
         return KernelResult(g->Run(fc2, DataType::kF32, st), "fc2 gemm (deferred)");
       }
       // Rank 0 (or unsharded) adds to the residual, the other ranks start their partial.

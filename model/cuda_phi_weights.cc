@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "kernels/cuda/random_fill_cuda.h"
 #include "model/cuda_phi_internal.h"
+#include "model/safetensors.h"
 #include "model/cuda_phi_model.h"
 #include "model/load_progress.h"
 #include "model/phi_weights.h"
@@ -213,6 +214,32 @@ void CudaPhiModel::SetWeightPointers(const void* weight_plan) {
     layers_[l] = Layer{at(li[0]), at(li[1]), at(li[2]), at(li[3]), at(li[4]),
                        at(li[5]), at(li[6]), at(li[7]), at(li[8]), at(li[9])};
   }
+}
+
+absl::Status CudaPhiModel::MakeFc2BiasF32() {
+  const int L = config_.num_hidden_layers, H = config_.hidden_size;
+  if (L == 0 || layers_[0].fc2_b == nullptr) return absl::OkStatus();  // no fc2 bias on this rank
+  // Exact widening (bf16 / fp16 -> float32) on the host: H values a layer, once at load.
+  std::vector<uint16_t> half(static_cast<size_t>(H));
+  std::vector<float> f32(static_cast<size_t>(L) * H);
+  for (int l = 0; l < L; ++l) {
+    PHI_RETURN_IF_ERROR(DeviceStatus(
+        DeviceCopyToHost(half.data(), layers_[l].fc2_b, half.size() * sizeof(uint16_t), stream_),
+        "fc2 bias download"));
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "fc2 bias download"));
+    for (int i = 0; i < H; ++i) {
+      f32[static_cast<size_t>(l) * H + i] =
+          dtype_ == DataType::kBF16 ? BF16ToFloat(half[i]) : HalfToFloat(half[i]);
+    }
+  }
+  void* dev = nullptr;
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&dev, f32.size() * sizeof(float)),
+                                   "malloc (fc2 bias, float32)"));
+  fc2_bias_f32_ = static_cast<float*>(dev);
+  PHI_RETURN_IF_ERROR(DeviceStatus(
+      DeviceCopyToDevice(fc2_bias_f32_, f32.data(), f32.size() * sizeof(float), stream_),
+      "fc2 bias upload"));
+  return DeviceStatus(DeviceStreamSync(stream_), "fc2 bias upload");
 }
 
 }  // namespace phishard
