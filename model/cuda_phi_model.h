@@ -210,10 +210,11 @@ struct CudaModelOptions {
   // waiting for the MLP branch; the next layer's LayerNorm adds them (LayerNormParams::fold_delta)
   // after the join, the last layer joins as before. Another rounding order of the two residual
   // terms (bf16 bounds). 0: off. -1: PHISHARD_DECODE_FC2_DEFER when set, else
-  // kDecodeFc2DeferDefault. Measured (H200, Phi-2 shape, alternated in one process, perf-log
-  // 2026-11-30 08:15, on every step of 1-64 rows): b8 ctx1024 x0.938, b12 x0.982, b16 x0.989, b8
-  // ctx4096 x0.994, b16 ctx4096 x1.001 (all steps of fc1's target), but b1 / b2 x1.020 / x1.011
-  // and b8 ctx128 x1.016 (no target: the attention branch is the longer), hence the tie.
+  // kDecodeFc2DeferDefault. Measured (H200, alternated in one process, perf-log 2026-11-30 08:15
+  // on every step of 1-64 rows, 08:42 as landed): Phi-2 b8 ctx1024 x0.936, b12 x0.982, b16
+  // x0.99, b8 ctx4096 x0.994, b16 ctx4096 x1.00 (all steps of fc1's target), but b1 / b2 x1.020 /
+  // x1.011 and b8 ctx128 x1.016 on every step (the attention branch the longer), hence the tie;
+  // Phi-1.5 b8 / b16 ctx1024 x0.944 / x0.939.
   int decode_fc2_defer = -1;
 };
 
