@@ -243,6 +243,12 @@ int Main(int argc, char** argv) {
                                    .cases = "8x128,8x1024,12x1024,16x1024,8x4096,16x4096",
                                    .values = "0,1"};
   fc2_defer.AddFlags(app, "set_decode_fc2_defer (steps with fc1's SM target)", "0 (off) or 1 (on)");
+  bench::IntSettingSweep short_regs{.name = "short-regs",
+                                    .label = "shortregs",
+                                    .title = "decode short-context register-staged attention sweep",
+                                    .cases = "64x128,128x128,256x128,256x256,128x512",
+                                    .values = "0,256"};
+  short_regs.AddFlags(app, "set_decode_short_regs_rows", "row bounds (0: off)");
   bench::IntSettingSweep dense_bulk{.name = "dense-bulk",
                                     .label = "densebulk",
                                     .title = "decode dense bulk GEMV sweep",
@@ -537,6 +543,10 @@ int Main(int argc, char** argv) {
           m.set_decode_fold_short(fold_short_rows0, fold_short_ctx0);
         },
         &rows);
+    const int short_regs0 = m.decode_short_regs_rows();
+    short_regs.Run(
+        bench, [&m](int v) { m.set_decode_short_regs_rows(v); },
+        [&m, short_regs0] { m.set_decode_short_regs_rows(short_regs0); }, &rows);
     const bool fc2_defer0 = m.decode_fc2_defer();
     fc2_defer.Run(
         bench, [&m](int v) { m.set_decode_fc2_defer(v != 0); },

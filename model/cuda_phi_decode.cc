@@ -97,7 +97,8 @@ absl::Status CudaPhiModel::EnqueueDecode(int rows, int variant) {
   in.decode = true;
   in.min_live = std::max(1, rows / 2);  // the bucket below holds every smaller batch
   in.fc1_narrow = (variant & kVariantFc1Narrow) != 0;
-  in.fold_short = (variant & kVariantFoldShort) != 0;
+  in.short_regs = (variant & kVariantFoldShort) != 0 && ShortRegsRows(rows);
+  in.fold_short = (variant & kVariantFoldShort) != 0 && !in.short_regs;
   in.max_q_len = 1;
   const absl::StatusOr<bool> mega = TryEnqueueMegaDecode(in);  // model/cuda_phi_mega.cc
   PHI_RETURN_IF_ERROR(mega.status());

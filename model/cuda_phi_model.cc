@@ -375,6 +375,11 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
                   kDecodeFoldShortCtxDefault, 1 << 30, "a token count");
   PHI_RETURN_IF_ERROR(fold_short_ctx.status());
   m->set_decode_fold_short(*fold_short_rows, *fold_short_ctx);
+  const absl::StatusOr<int> short_regs =
+      OptionOrEnv("PHISHARD_DECODE_SHORT_REGS_ROWS", options.decode_short_regs_rows,
+                  kDecodeShortRegsRowsDefault, 65536, "a row count (0: off)");
+  PHI_RETURN_IF_ERROR(short_regs.status());
+  m->set_decode_short_regs_rows(*short_regs);
   const absl::StatusOr<int> fc1_sms =
       OptionOrEnv("PHISHARD_DECODE_FC1_SMS", options.decode_fc1_sms, kDecodeFc1SmsDefault, 4096,
                   "an SM count (0: every SM)");
@@ -715,7 +720,7 @@ int CudaPhiModel::num_decode_graphs() const { return graphs_->num_graphs(); }
 bool CudaPhiModel::DecodeVariantPossible(int rows, int variant) const {
   const bool narrow = (variant & kVariantFc1Narrow) != 0, fold = (variant & kVariantFoldShort) != 0;
   if (narrow && !Fc1Narrow(rows, std::numeric_limits<int64_t>::max())) return false;
-  if (fold && !FoldShort(rows, 0, rows)) return false;
+  if (fold && !FoldShort(rows, 0, rows) && !ShortRegs(rows, 0, rows)) return false;
   // Both: a summed context >= the fc1 bound with a mean <= the fold's, over <= rows sequences.
   return !(narrow && fold) ||
          static_cast<int64_t>(fc1_sms_min_kv_) <= static_cast<int64_t>(fold_short_ctx_) * rows;

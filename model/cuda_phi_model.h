@@ -73,6 +73,7 @@ inline int DecodeAttentionFoldRowsDefault(int head_dim) {
 // CudaModelOptions::decode_fold_short_rows / _ctx.
 inline constexpr int kDecodeFoldShortRowsDefault = 32;
 inline constexpr int kDecodeFoldShortCtxDefault = 256;
+inline constexpr int kDecodeShortRegsRowsDefault = 256;  // CudaModelOptions::decode_short_regs_rows
 inline constexpr int kDecodeFc1SmsDefault = 24;  // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
@@ -179,6 +180,14 @@ struct CudaModelOptions {
   // off (so is it when decode_attention_fold_rows is 0: then no step folds).
   int decode_fold_short_rows = -1;
   int decode_fold_short_ctx = -1;
+  // MHA models' base decode steps of more rows than both bounds above, up to this many, take the
+  // register-staged decode attention instead of the pipelined one when their mean context is at
+  // most decode_fold_short_ctx (the bucket's short-context variant graph): over a few tiles the
+  // pipelined kernel is issue-bound (ncu, perf-log 2026-11-30 09:05). Measured (H200, 09:07-09:14):
+  // Phi-2 b128 ctx128 x0.967-0.969, b256 ctx128 x0.981-0.988, Phi-1.5 b256 ctx128 x0.955; b256
+  // ctx192 / 256 x0.989-1.019 (about even); b64 already takes that kernel (kAuto's small grids).
+  // Bf16 bounds. 0: off; -1: PHISHARD_DECODE_SHORT_REGS_ROWS, else kDecodeShortRegsRowsDefault.
+  int decode_short_regs_rows = -1;
   // Base decode steps (no adapter rows) of kDecodeFc1SmsMinRows..kDecodeFc1SmsMaxRows rows (the
   // graph buckets 8 and 16) run fc1 on the MLP stream with this cuBLASLt SM count target, leaving
   // SMs to qkv and the attention grid beside it; 0: every SM. -1: PHISHARD_DECODE_FC1_SMS when
@@ -211,7 +220,7 @@ struct CudaModelOptions {
   // after the join, the last layer joins as before. Another rounding order of the two residual
   // terms (bf16 bounds). 0: off. -1: PHISHARD_DECODE_FC2_DEFER when set, else
   // kDecodeFc2DeferDefault. Measured (H200, alternated in one process, perf-log 2026-11-30 08:15
-  // on every step of 1-64 rows, 08:42 as landed): Phi-2 b8 ctx1024 x0.936, b12 x0.982, b16
+  // on every step of 1-64 rows, 08:44 as landed): Phi-2 b8 ctx1024 x0.936, b12 x0.982, b16
   // x0.99, b8 ctx4096 x0.994, b16 ctx4096 x1.00 (all steps of fc1's target), but b1 / b2 x1.020 /
   // x1.011 and b8 ctx128 x1.016 on every step (the attention branch the longer), hence the tie;
   // Phi-1.5 b8 / b16 ctx1024 x0.944 / x0.939.
@@ -334,13 +343,23 @@ class CudaPhiModel final : public ModelBackend {
     decode_fold_rows_ = rows;
   }
   int decode_attention_fold_rows() const { return decode_fold_rows_; }
-  // CudaModelOptions::decode_fold_short_rows / _ctx (graphs are per variant: nothing to drop).
+  // CudaModelOptions::decode_fold_short_rows / _ctx. The row bound also splits the short-context
+  // variant between the fold and ShortRegs, so its graphs are dropped when it changes.
   void set_decode_fold_short(int rows, int ctx) {
+    if (rows != fold_short_rows_) DropGraphs();
     fold_short_rows_ = rows;
     fold_short_ctx_ = ctx;
   }
   int decode_fold_short_rows() const { return fold_short_rows_; }
   int decode_fold_short_ctx() const { return fold_short_ctx_; }
+  // CudaModelOptions::decode_short_regs_rows; drops graphs when it changes.
+  void set_decode_short_regs_rows(int rows) {
+    if (rows != short_regs_rows_) DropGraphs();
+    short_regs_rows_ = rows;
+  }
+  int decode_short_regs_rows() const { return short_regs_rows_; }
+  // Decode steps enqueued so far with the short-context register-staged attention (ShortRegs).
+  int64_t decode_short_regs_steps() const { return short_regs_steps_; }
   // CudaModelOptions::decode_fc1_sms for steps of min_rows..max_rows rows (0: every SM); drops
   // graphs when it changes.
   void set_decode_fc1_sms(int sms, int min_rows = kDecodeFc1SmsMinRows,
@@ -479,8 +498,8 @@ class CudaPhiModel final : public ModelBackend {
   static constexpr size_t kDecodeGraphBytes = size_t{4} << 20;
   int num_decode_graphs() const;
   // Base decode graphs CaptureDecodeGraphs(max_graph_batch) makes: every variant each bucket can
-  // take (DecodeVariantPossible: variant 0 always, the fc1-target and short-context-fold ones
-  // where their row ranges reach).
+  // take (DecodeVariantPossible: variant 0 always, the fc1-target and short-context ones where
+  // their row ranges reach).
   int planned_decode_graphs() const;
   int64_t decode_graph_replays() const;
   int64_t decode_graph_captures() const;
@@ -517,7 +536,9 @@ class CudaPhiModel final : public ModelBackend {
   // Decode graph variants of a bucket (bits): base decode steps whose choices depend on their
   // contexts, not only on their row count, replay a graph of their own.
   static constexpr int kVariantFc1Narrow = 1;  // fc1 with the SM count target (Fc1Narrow)
-  static constexpr int kVariantFoldShort = 2;  // the decode attention fold (FoldShort)
+  // The short-context variant: the decode attention fold (FoldShort) up to decode_fold_short_rows
+  // rows, the register-staged attention kernel above (ShortRegs); their row ranges are disjoint.
+  static constexpr int kVariantFoldShort = 2;
   static constexpr int kDecodeGraphVariants = 4;
   // The captured part of a decode step of `rows` rows (its bucket) in graph variant `variant`.
   absl::Status EnqueueDecode(int rows, int variant);
@@ -533,9 +554,20 @@ class CudaPhiModel final : public ModelBackend {
            rows <= fold_short_rows_ &&
            kv_tokens <= static_cast<int64_t>(fold_short_ctx_) * std::max(live, 1);
   }
+  // Rows whose short-context variant is ShortRegs (not FoldShort).
+  bool ShortRegsRows(int rows) const {
+    return rows > std::max(fold_short_rows_, decode_fold_rows_) && rows <= short_regs_rows_;
+  }
+  bool ShortRegs(int rows, int64_t kv_tokens, int live) const {
+    return !shard_.sharded() && short_regs_rows_ > 0 && ShortRegsRows(rows) &&
+           config_.num_key_value_heads == config_.num_attention_heads &&
+           kv_tokens <= static_cast<int64_t>(fold_short_ctx_) * std::max(live, 1);
+  }
   int DecodeVariant(int rows, int64_t kv_tokens, int live) const {
     return (Fc1Narrow(rows, kv_tokens) ? kVariantFc1Narrow : 0) |
-           (FoldShort(rows, kv_tokens, live) ? kVariantFoldShort : 0);
+           (FoldShort(rows, kv_tokens, live) || ShortRegs(rows, kv_tokens, live)
+                ? kVariantFoldShort
+                : 0);
   }
   // DecodeVariant of a decode batch run as `rows` rows (its bucket, or its own row count).
   int DecodeVariantOf(const ForwardBatch& batch, int rows) const {
@@ -731,6 +763,8 @@ class CudaPhiModel final : public ModelBackend {
   int fc1_sms_min_rows_ = kDecodeFc1SmsMinRows, fc1_sms_max_rows_ = kDecodeFc1SmsMaxRows;
   int fold_short_rows_ = kDecodeFoldShortRowsDefault;  // set_decode_fold_short
   int fold_short_ctx_ = kDecodeFoldShortCtxDefault;
+  int short_regs_rows_ = kDecodeShortRegsRowsDefault;  // set_decode_short_regs_rows
+  int64_t short_regs_steps_ = 0;
   int fc1_sms_min_kv_ = 0;                             // set_decode_fc1_sms_min_kv_tokens
   int64_t fc1_sms_steps_ = 0;                          // decode_fc1_sms_steps
   int dense_bulk_rows_ = kDecodeDenseBulkRowsDefault;  // set_decode_dense_bulk_rows

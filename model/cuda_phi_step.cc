@@ -216,6 +216,11 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   PagedDecodeCudaPlan decode_plan = MakeDecodePlan(in.min_live, nH, multiprocessors_, a, al);
   decode_plan.step_info = in.step_info;
   decode_plan.variant = static_cast<PagedDecodeVariant>(decode_attention_variant_);
+  // CudaModelOptions::decode_short_regs_rows: short contexts on the register-staged kernel.
+  if (in.decode && in.short_regs && !lora && decode_plan.variant == PagedDecodeVariant::kAuto) {
+    decode_plan.variant = PagedDecodeVariant::kRegisterStages;
+    ++short_regs_steps_;
+  }
   // Decode steps without adapter rows (LoRA folds its deltas into the rotary launch), unsharded
   // (not run with NCCL yet): rotary + K/V write and the split merge inside the attention launch
   // (set_decode_attention_fold_rows: steps of up to that many rows; bit-identical,
@@ -571,7 +576,8 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
   if (in.decode) {
     const int variant = DecodeVariantOf(batch, T);
     in.fc1_narrow = (variant & kVariantFc1Narrow) != 0;
-    in.fold_short = (variant & kVariantFoldShort) != 0;
+    in.short_regs = (variant & kVariantFoldShort) != 0 && ShortRegsRows(T);
+    in.fold_short = (variant & kVariantFoldShort) != 0 && !in.short_regs;
   }
   in.max_q_len = max_q_len;
   in.max_ctx = max_ctx;

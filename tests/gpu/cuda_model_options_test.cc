@@ -418,6 +418,54 @@ TEST(CudaPhiModel, FoldShortOnlyForShortContexts) {
   }
 }
 
+// The register-staged decode attention for short-context steps above the fold's rows
+// (set_decode_short_regs_rows), MHA models only: with both fold bounds 0, RunModeSteps' 3-row
+// steps take it only while their mean context (20.67 + d + 1) is at most 22 (step d = 0 alone), in
+// their bucket's short-context variant graph. Another kernel (another summation order), so the bf16
+// bounds against the run without it, graph replays equal to eager steps; the GQA fixtures keep the
+// pipelined kernel, bit for bit.
+TEST(CudaPhiModel, ShortRegsOnlyForShortMhaSteps) {
+  PHI_REQUIRE_GPU();
+  std::vector<FixtureModel> models = FixtureModelsBf16();
+  std::unique_ptr<CudaPhiModel> mha = LoadCuda(kRepo / "tests/golden/phi-mha-hd64", "bfloat16");
+  ASSERT_NE(mha, nullptr);
+  ASSERT_TRUE(mha->AllocateKvCache(16, kKvBlockSize).ok());
+  models.push_back({"tests/golden/phi-mha-hd64", std::move(mha)});
+  for (auto& [model, m] : models) {
+    EXPECT_EQ(m->decode_short_regs_rows(), kDecodeShortRegsRowsDefault);
+    const bool is_mha = m->config().num_key_value_heads == m->config().num_attention_heads;
+    const int fold_rows = m->decode_attention_fold_rows();
+    m->set_decode_attention_fold_rows(0);
+    m->set_decode_fold_short(0, 22);
+    m->set_decode_short_regs_rows(0);
+    const int64_t off_before = m->decode_short_regs_steps();
+    const auto off = RunModeSteps(*m);
+    EXPECT_EQ(m->decode_short_regs_steps(), off_before) << model << ": took it while off";
+    m->set_decode_short_regs_rows(32);
+    const GraphEagerRuns r = RunGraphThenEager(*m, [&] { return m->decode_short_regs_steps(); });
+    if (is_mha) {
+      EXPECT_GT(r.graph_count, 0) << model << ": no graph step took it";
+      EXPECT_EQ(r.eager_count, 1) << model << ": decode step 0 only";
+    } else {
+      EXPECT_EQ(r.graph_count + r.eager_count, 0) << model << ": a GQA model took it";
+    }
+    ASSERT_EQ(r.graph.size(), off.size());
+    ASSERT_EQ(r.eager.size(), off.size());
+    for (size_t i = 0; i < off.size(); ++i) {
+      const std::string step = std::string(model) + " step " + std::to_string(i);
+      EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
+      if (is_mha) {
+        ExpectLogitsClose(r.graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
+      } else {
+        EXPECT_TRUE(r.graph[i] == off[i]) << step << ": changed a GQA model's logits";
+      }
+    }
+    m->set_decode_attention_fold_rows(fold_rows);
+    m->set_decode_fold_short(kDecodeFoldShortRowsDefault, kDecodeFoldShortCtxDefault);
+    m->set_decode_short_regs_rows(kDecodeShortRegsRowsDefault);
+  }
+}
+
 // fc2's rows into float32, added by the next LayerNorm, so dense does not wait for the MLP branch
 // (set_decode_fc2_defer; on by default), only in steps that take fc1's SM target: the 3-row steps
 // outside fc1's default row range (5-16) are bit for bit the steps without it; with the range
