@@ -52,7 +52,7 @@ struct CudaPhiModel::StepInputs {
   int min_live = 1;         // decode: fewest live sequences this launch serves
   bool fc1_narrow = false;  // decode: fc1 with the SM count target (CudaPhiModel::Fc1Narrow)
   bool fold_short = false;  // decode: the attention fold beyond its rows (CudaPhiModel::FoldShort)
-  bool short_regs = false;  // decode: the register-staged attention kernel (CudaPhiModel::ShortRegs)
+  bool short_regs = false;  // decode: the register-staged attention (CudaPhiModel::ShortRegs)
   int max_q_len = 0;        // prefill plan
   int max_ctx = 0;
   bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)

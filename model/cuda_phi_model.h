@@ -565,9 +565,8 @@ class CudaPhiModel final : public ModelBackend {
   }
   int DecodeVariant(int rows, int64_t kv_tokens, int live) const {
     return (Fc1Narrow(rows, kv_tokens) ? kVariantFc1Narrow : 0) |
-           (FoldShort(rows, kv_tokens, live) || ShortRegs(rows, kv_tokens, live)
-                ? kVariantFoldShort
-                : 0);
+           (FoldShort(rows, kv_tokens, live) || ShortRegs(rows, kv_tokens, live) ? kVariantFoldShort
+                                                                                 : 0);
   }
   // DecodeVariant of a decode batch run as `rows` rows (its bucket, or its own row count).
   int DecodeVariantOf(const ForwardBatch& batch, int rows) const {
