@@ -14,10 +14,10 @@
 #include "absl/strings/str_format.h"
 #include "kernels/cuda/random_fill_cuda.h"
 #include "model/cuda_phi_internal.h"
-#include "model/safetensors.h"
 #include "model/cuda_phi_model.h"
 #include "model/load_progress.h"
 #include "model/phi_weights.h"
+#include "model/safetensors.h"
 
 namespace phishard {
 namespace {
