@@ -30,7 +30,7 @@ inline int DecodeAttentionFoldRowsDefault(int head_dim) {
 inline constexpr int kDecodeFoldShortRowsDefault = 32;
 inline constexpr int kDecodeFoldShortCtxDefault = 256;
 inline constexpr int kDecodeShortRegsRowsDefault = 256;  // CudaModelOptions::decode_short_regs_rows
-inline constexpr int kDecodeFc1SmsDefault = 24;  // CudaModelOptions::decode_fc1_sms
+inline constexpr int kDecodeFc1SmsDefault = 24;          // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
 // CudaModelOptions::decode_fc1_sms_min_kv_tokens's default: the step's summed context at which a

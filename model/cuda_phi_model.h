@@ -59,7 +59,6 @@ class CudaLora;
 struct DeviceEvent;
 struct TpPrefillOverlap;
 
-
 class CudaPhiModel final : public ModelBackend {
  public:
   static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Load(const std::filesystem::path& model_dir,
