@@ -50,9 +50,9 @@ struct CudaPhiModel::StepInputs {
   size_t merge_counters_len = 0;
   bool decode = false;      // one token per sequence: PagedDecodeCuda
   int min_live = 1;         // decode: fewest live sequences this launch serves
-  bool fc1_narrow = false;  // decode: fc1 with the SM count target (CudaPhiModel::Fc1Narrow)
-  bool fold_short = false;  // decode: the attention fold beyond its rows (CudaPhiModel::FoldShort)
-  bool short_regs = false;  // decode: the register-staged attention (CudaPhiModel::ShortRegs)
+  bool fc1_narrow = false;  // decode: fc1 with the SM count target (DecodeVariantRules::Fc1Narrow)
+  bool fold_short = false;  // decode: the attention fold beyond its rows (DecodeVariantRules::FoldShort)
+  bool short_regs = false;  // decode: the register-staged attention (DecodeVariantRules::ShortRegs)
   int max_q_len = 0;        // prefill plan
   int max_ctx = 0;
   bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)

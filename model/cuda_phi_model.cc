@@ -717,15 +717,6 @@ absl::Status CudaPhiModel::FillKvCacheRandom(uint64_t seed) {
 }
 
 int CudaPhiModel::num_decode_graphs() const { return graphs_->num_graphs(); }
-bool CudaPhiModel::DecodeVariantPossible(int rows, int variant) const {
-  const bool narrow = (variant & kVariantFc1Narrow) != 0, fold = (variant & kVariantFoldShort) != 0;
-  if (narrow && !Fc1Narrow(rows, std::numeric_limits<int64_t>::max())) return false;
-  if (fold && !FoldShort(rows, 0, rows) && !ShortRegs(rows, 0, rows)) return false;
-  // Both: a summed context >= the fc1 bound with a mean <= the fold's, over <= rows sequences.
-  return !(narrow && fold) ||
-         static_cast<int64_t>(fc1_sms_min_kv_) <= static_cast<int64_t>(fold_short_ctx_) * rows;
-}
-
 int CudaPhiModel::planned_decode_graphs() const {
   int n = 0;
   for (int b : graphs_->buckets()) {

@@ -43,6 +43,7 @@
 #include "kernels/paged_attention.h"
 #include "kernels/rotary_kv_write.h"
 #include "model/cuda_model_options.h"
+#include "model/decode_variant_rules.h"
 #include "model/forward_batch.h"
 #include "model/model_backend.h"
 #include "model/phi_config.h"
@@ -365,40 +366,34 @@ class CudaPhiModel final : public ModelBackend {
   // Exactly one of `logits` (copied out) and `view` (the pinned buffer) is non-null.
   absl::Status DecodeStep(const ForwardBatch& batch, std::vector<float>* logits,
                           absl::Span<const float>* view = nullptr);
-  // Decode graph variants of a bucket (bits): base decode steps whose choices depend on their
-  // contexts, not only on their row count, replay a graph of their own.
-  static constexpr int kVariantFc1Narrow = 1;  // fc1 with the SM count target (Fc1Narrow)
+  // Decode graph variants of a bucket (bits; model/decode_variant_rules.h): base decode steps whose
+  // choices depend on their contexts, not only on their row count, replay a graph of their own.
+  static constexpr int kVariantFc1Narrow = DecodeVariantRules::kFc1Narrow;
   // The short-context variant: the decode attention fold (FoldShort) up to decode_fold_short_rows
   // rows, the register-staged attention kernel above (ShortRegs); their row ranges are disjoint.
-  static constexpr int kVariantFoldShort = 2;
-  static constexpr int kDecodeGraphVariants = 4;
+  static constexpr int kVariantFoldShort = DecodeVariantRules::kShortContext;
+  static constexpr int kDecodeGraphVariants = DecodeVariantRules::kVariants;
   // The captured part of a decode step of `rows` rows (its bucket) in graph variant `variant`.
   absl::Status EnqueueDecode(int rows, int variant);
-  // Whether a base decode step of `rows` rows (its bucket) whose `live` sequences' context
-  // lengths sum to kv_tokens runs fc1 with decode_fc1_sms's target / takes the fold beyond
-  // decode_attention_fold_rows; and the variant that makes.
-  bool Fc1Narrow(int rows, int64_t kv_tokens) const {
-    return fc1_sms_ > 0 && rows >= fc1_sms_min_rows_ && rows <= fc1_sms_max_rows_ &&
-           kv_tokens >= fc1_sms_min_kv_;
+  // The variant rules of the current settings.
+  DecodeVariantRules VariantRules() const {
+    return DecodeVariantRules{
+        .fc1_sms = fc1_sms_,
+        .fc1_min_rows = fc1_sms_min_rows_,
+        .fc1_max_rows = fc1_sms_max_rows_,
+        .fc1_min_kv = fc1_sms_min_kv_,
+        .sharded = shard_.sharded(),
+        .mha = config_.num_key_value_heads == config_.num_attention_heads,
+        .fold_rows = decode_fold_rows_,
+        .fold_short_rows = fold_short_rows_,
+        .fold_short_ctx = fold_short_ctx_,
+        .short_regs_rows = short_regs_rows_};
   }
-  bool FoldShort(int rows, int64_t kv_tokens, int live) const {
-    return !shard_.sharded() && decode_fold_rows_ > 0 && rows > decode_fold_rows_ &&
-           rows <= fold_short_rows_ &&
-           kv_tokens <= static_cast<int64_t>(fold_short_ctx_) * std::max(live, 1);
-  }
-  // Rows whose short-context variant is ShortRegs (not FoldShort).
-  bool ShortRegsRows(int rows) const {
-    return rows > std::max(fold_short_rows_, decode_fold_rows_) && rows <= short_regs_rows_;
-  }
-  bool ShortRegs(int rows, int64_t kv_tokens, int live) const {
-    return !shard_.sharded() && short_regs_rows_ > 0 && ShortRegsRows(rows) &&
-           config_.num_key_value_heads == config_.num_attention_heads &&
-           kv_tokens <= static_cast<int64_t>(fold_short_ctx_) * std::max(live, 1);
-  }
+  bool ShortRegsRows(int rows) const { return VariantRules().ShortRegsRows(rows); }
+  // The variant of a base decode step of `rows` rows (its bucket) whose `live` sequences'
+  // context lengths sum to kv_tokens.
   int DecodeVariant(int rows, int64_t kv_tokens, int live) const {
-    return (Fc1Narrow(rows, kv_tokens) ? kVariantFc1Narrow : 0) |
-           (FoldShort(rows, kv_tokens, live) || ShortRegs(rows, kv_tokens, live) ? kVariantFoldShort
-                                                                                 : 0);
+    return VariantRules().Variant(rows, kv_tokens, live);
   }
   // DecodeVariant of a decode batch run as `rows` rows (its bucket, or its own row count).
   int DecodeVariantOf(const ForwardBatch& batch, int rows) const {
@@ -407,7 +402,9 @@ class CudaPhiModel final : public ModelBackend {
     return DecodeVariant(rows, kv_tokens, static_cast<int>(batch.seqs.size()));
   }
   // Whether some step of a `rows`-row bucket can be in `variant`.
-  bool DecodeVariantPossible(int rows, int variant) const;
+  bool DecodeVariantPossible(int rows, int variant) const {
+    return VariantRules().Possible(rows, variant);
+  }
   absl::Status EnqueueLayers(const StepInputs& in);
   // Embedding + every layer through the persistent kernel (model/cuda_phi_mega.cc) when the step
   // qualifies (decode_megakernel, one row, no adapter rows, unsharded, supported shape); false:

@@ -114,7 +114,8 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // beside attention (CudaLora::Fc2DeltaBesideAttention).
   const bool fc2_main = join_early && fc2_on_branch &&
                         (lora ? lora_->Fc2DeltaBesideAttention() : mlp_join_sharded_ == 2);
-  // Base decode steps of fc1_sms_min_rows_..fc1_sms_max_rows_ rows with enough K/V (Fc1Narrow)
+  // Base decode steps of fc1_sms_min_rows_..fc1_sms_max_rows_ rows with enough K/V
+  // (DecodeVariantRules::Fc1Narrow)
   // give fc1 on the MLP branch a cuBLASLt SM count target (CudaModelOptions::decode_fc1_sms):
   // more SMs for qkv and the attention grid beside it.
   const bool fc1_sms = in.decode && !lora && in.fc1_narrow && fc1_sms_ > 0 &&

@@ -1,0 +1,126 @@
+// DecodeVariantRules (model/decode_variant_rules.h) on the host: which graph variant a decode step
+// takes and which variants warm-up captures per bucket, at the CUDA model's default settings
+// (model/cuda_model_options.h) for Phi-2, Phi-1.5, the embedded tiny-phi-code and a GQA model.
+#include "model/decode_variant_rules.h"
+
+#include <cstdint>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "model/cuda_model_options.h"
+
+namespace phishard {
+namespace {
+
+using R = DecodeVariantRules;
+
+// The rules CudaPhiModel::VariantRules builds from its defaults for a model of this head shape.
+R Defaults(int hidden, int intermediate, int heads, int kv_heads, int head_dim) {
+  return R{.fc1_sms = kDecodeFc1SmsDefault,
+           .fc1_min_rows = kDecodeFc1SmsMinRows,
+           .fc1_max_rows = kDecodeFc1SmsMaxRows,
+           .fc1_min_kv = DecodeFc1SmsMinKvTokensDefault(hidden, intermediate, kv_heads, head_dim),
+           .sharded = false,
+           .mha = heads == kv_heads,
+           .fold_rows = DecodeAttentionFoldRowsDefault(head_dim),
+           .fold_short_rows = kDecodeFoldShortRowsDefault,
+           .fold_short_ctx = kDecodeFoldShortCtxDefault,
+           .short_regs_rows = kDecodeShortRegsRowsDefault};
+}
+R Phi2() { return Defaults(2560, 10240, 32, 32, 80); }
+R Phi15() { return Defaults(2048, 8192, 32, 32, 64); }
+
+// Graphs warm-up captures over these buckets (CudaPhiModel::planned_decode_graphs).
+int Planned(const R& r, const std::vector<int>& buckets) {
+  int n = 0;
+  for (int b : buckets) {
+    for (int v = 0; v < R::kVariants; ++v) n += r.Possible(b, v) ? 1 : 0;
+  }
+  return n;
+}
+
+TEST(DecodeVariantRules, Phi2StepsByRowsAndContext) {
+  const R r = Phi2();
+  // b1-b8 fold always (no variant); b8 at ctx1024 (8,192 tokens) takes fc1's target.
+  EXPECT_EQ(r.Variant(1, 1024, 1), 0);
+  EXPECT_EQ(r.Variant(8, 8 * 128, 8), 0);
+  EXPECT_EQ(r.Variant(8, 8 * 1024, 8), R::kFc1Narrow);
+  // b16 ctx128: the fold of short contexts; ctx1024: fc1's target; ctx512 (8,192): both.
+  EXPECT_EQ(r.Variant(16, 16 * 128, 16), R::kShortContext);
+  EXPECT_EQ(r.Variant(16, 16 * 1024, 16), R::kFc1Narrow);
+  EXPECT_EQ(r.Variant(16, 16 * 512, 16), R::kFc1Narrow);  // mean 512 > 256
+  EXPECT_EQ(r.Variant(16, 16 * 256 + 0, 16), R::kShortContext);
+  // b32 short: the fold; b64-b256 short: the register-staged kernel, same bit.
+  EXPECT_TRUE(r.FoldShort(32, 32 * 128, 32));
+  EXPECT_FALSE(r.ShortRegs(32, 32 * 128, 32));
+  EXPECT_TRUE(r.ShortRegs(64, 64 * 128, 64));
+  EXPECT_FALSE(r.FoldShort(64, 64 * 128, 64));
+  EXPECT_EQ(r.Variant(256, 256 * 128, 256), R::kShortContext);
+  EXPECT_EQ(r.Variant(256, 256 * 1024, 256), 0);
+  // Above short_regs_rows (the eager path of batches past the largest bucket): none.
+  EXPECT_EQ(r.Variant(300, 300 * 128, 300), 0);
+  // The mean is over the live sequences, not the bucket's rows: 40 live of a 64-row bucket.
+  EXPECT_EQ(r.Variant(64, 40 * 256, 40), R::kShortContext);
+  EXPECT_EQ(r.Variant(64, 40 * 257, 40), 0);
+}
+
+TEST(DecodeVariantRules, ShortFormsAreDisjointAndNeedTheirModels) {
+  for (const R& r : {Phi2(), Phi15()}) {
+    // The short-context bit is possible exactly where one of the two forms applies, never both.
+    for (int rows = 1; rows <= 512; ++rows) {
+      EXPECT_FALSE(r.FoldShort(rows, 0, rows) && r.ShortRegs(rows, 0, rows)) << rows;
+      EXPECT_EQ(r.Possible(rows, R::kShortContext),
+                r.FoldShort(rows, 0, rows) || r.ShortRegs(rows, 0, rows))
+          << rows;
+    }
+    EXPECT_TRUE(r.FoldShort(r.fold_rows + 1, 0, 1));
+    EXPECT_TRUE(r.ShortRegs(kDecodeFoldShortRowsDefault + 1, 0, 1));
+    EXPECT_FALSE(r.ShortRegs(kDecodeShortRegsRowsDefault + 1, 0, 1));
+  }
+  R gqa = Defaults(2560, 10240, 32, 8, 80);
+  EXPECT_FALSE(gqa.ShortRegs(128, 0, 128)) << "GQA keeps the pipelined kernel";
+  EXPECT_TRUE(gqa.FoldShort(16, 0, 16)) << "the fold serves GQA";
+  R tp = Phi2();
+  tp.sharded = true;
+  EXPECT_FALSE(tp.FoldShort(16, 0, 16));
+  EXPECT_FALSE(tp.ShortRegs(128, 0, 128));
+  R off = Phi2();
+  off.short_regs_rows = 0;
+  EXPECT_FALSE(off.ShortRegs(128, 0, 128));
+  EXPECT_TRUE(off.FoldShort(32, 0, 32)) << "switching ShortRegs off leaves the fold";
+  R no_fold = Phi2();
+  no_fold.fold_rows = 0;  // no step folds; ShortRegs then starts above fold_short_rows
+  EXPECT_FALSE(no_fold.FoldShort(16, 0, 16));
+  EXPECT_FALSE(no_fold.ShortRegs(32, 0, 32));
+  EXPECT_TRUE(no_fold.ShortRegs(33, 0, 33));
+}
+
+// Warm-up's graph count: every bucket's variant 0, fc1's target at 8 and 16, the short-context
+// variant above the fold's rows; both bits only where a summed context can reach fc1's bound with
+// a short mean (Phi-2 at 16 rows: 16 x 256 = 4,096 < 8,192, so not there).
+TEST(DecodeVariantRules, PlannedGraphsPerModel) {
+  const std::vector<int> buckets = {1, 2, 4, 8, 16, 32, 64, 128, 256};
+  // Phi-2 (fold rows 8): 9 + fc1 {8, 16} + short {16, 32, 64, 128, 256} = 16.
+  EXPECT_FALSE(Phi2().Possible(16, R::kFc1Narrow | R::kShortContext));
+  EXPECT_FALSE(Phi2().Possible(8, R::kShortContext));
+  EXPECT_EQ(Planned(Phi2(), buckets), 16);
+  R wide = Phi2();  // a bound the short mean can reach: both bits at 16 rows
+  wide.fc1_min_kv = 16 * 256;
+  EXPECT_TRUE(wide.Possible(16, R::kFc1Narrow | R::kShortContext));
+  EXPECT_EQ(wide.Variant(16, 16 * 256, 16), R::kFc1Narrow | R::kShortContext);
+  // Phi-1.5 (head_dim 64: fold rows 16): 9 + fc1 {8, 16} + short {32, 64, 128, 256} = 15.
+  EXPECT_FALSE(Phi15().Possible(16, R::kShortContext));
+  EXPECT_EQ(Planned(Phi15(), buckets), 15);
+  // tiny-phi-code (MHA 8 x 32, hidden 256; max_graph_batch 48 as in cuda_graph_test): 7 + fc1
+  // {8, 16} + short {32 (fold), 48 (ShortRegs)} = 11.
+  const R tiny = Defaults(256, 1024, 8, 8, 32);
+  EXPECT_EQ(Planned(tiny, {1, 2, 4, 8, 16, 32, 48}), 11);
+  // A GQA model of Phi-2's width (8 K/V heads): no ShortRegs buckets; fc1's bound, 4 x 8,192
+  // tokens, is out of reach of a short mean at 16 rows.
+  const R gqa = Defaults(2560, 10240, 32, 8, 80);
+  EXPECT_FALSE(gqa.Possible(16, R::kFc1Narrow | R::kShortContext));
+  EXPECT_EQ(Planned(gqa, buckets), 9 + 2 + 2);
+}
+
+}  // namespace
+}  // namespace phishard
