@@ -522,8 +522,7 @@ int Main(int argc, char** argv) {
     DecodeFoldSweep(m, bench, fold_cases, fold_mode, fold_rounds, &rows);
   }
   if (!lora_only) {
-    const int fc1_sms0 = m.decode_fc1_sms(), dense_bulk0 = m.decode_dense_bulk_rows();
-    const int fc1_min_kv0 = m.decode_fc1_sms_min_kv_tokens();
+    const int fc1_sms0 = m.decode_fc1_sms(), fc1_min_kv0 = m.decode_fc1_sms_min_kv_tokens();
     fc1_sms.Run(
         bench,
         [&m](int v) {
@@ -543,24 +542,21 @@ int Main(int argc, char** argv) {
           m.set_decode_fold_short(fold_short_rows0, fold_short_ctx0);
         },
         &rows);
-    const int short_regs0 = m.decode_short_regs_rows();
     short_regs.Run(
-        bench, [&m](int v) { m.set_decode_short_regs_rows(v); },
-        [&m, short_regs0] { m.set_decode_short_regs_rows(short_regs0); }, &rows);
-    const bool fc2_defer0 = m.decode_fc2_defer();
+        bench, [&m] { return m.decode_short_regs_rows(); },
+        [&m](int v) { m.set_decode_short_regs_rows(v); }, &rows);
     fc2_defer.Run(
-        bench, [&m](int v) { m.set_decode_fc2_defer(v != 0); },
-        [&m, fc2_defer0] { m.set_decode_fc2_defer(fc2_defer0); }, &rows);
+        bench, [&m] { return m.decode_fc2_defer() ? 1 : 0; },
+        [&m](int v) { m.set_decode_fc2_defer(v != 0); }, &rows);
     fc1_min_kv.Run(
-        bench, [&m](int v) { m.set_decode_fc1_sms_min_kv_tokens(v); },
-        [&m, fc1_min_kv0] { m.set_decode_fc1_sms_min_kv_tokens(fc1_min_kv0); }, &rows);
+        bench, [&m] { return m.decode_fc1_sms_min_kv_tokens(); },
+        [&m](int v) { m.set_decode_fc1_sms_min_kv_tokens(v); }, &rows);
     dense_bulk.Run(
-        bench, [&m](int v) { m.set_decode_dense_bulk_rows(v); },
-        [&m, dense_bulk0] { m.set_decode_dense_bulk_rows(dense_bulk0); }, &rows);
-    const bool graphs0 = m.cuda_graphs();
+        bench, [&m] { return m.decode_dense_bulk_rows(); },
+        [&m](int v) { m.set_decode_dense_bulk_rows(v); }, &rows);
     graphs.Run(
-        bench, [&m](int v) { m.set_cuda_graphs(v != 0); },
-        [&m, graphs0] { m.set_cuda_graphs(graphs0); }, &rows);
+        bench, [&m] { return m.cuda_graphs() ? 1 : 0; }, [&m](int v) { m.set_cuda_graphs(v != 0); },
+        &rows);
   }
   const bench::MegaSweepOptions mega{.rounds = mega_sweep,
                                      .forms = mega_forms,

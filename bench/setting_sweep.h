@@ -105,6 +105,14 @@ struct IntSettingSweep {
     SettingSweep(bench, title, "--" + name + "-cases", cases, "greedy", rounds, settings, rows);
     restore();
   }
+  // The same for one setting read by `get` and written by `set`: what get() read at the start is
+  // set back afterwards.
+  void Run(Bench& bench, const std::function<int()>& get, const std::function<void(int)>& set,
+           std::vector<Row>* rows) const {
+    if (rounds <= 0) return;
+    const int start = get();
+    Run(bench, set, [&set, start] { set(start); }, rows);
+  }
 };
 
 }  // namespace phishard::bench

@@ -79,6 +79,12 @@ size_t CudaPhiModel::DecodeBufferBytes(int rows, int64_t table_ints, int heads) 
   return MakeDecodeLayout(rows, table_ints, heads).total;
 }
 
+void CudaPhiModel::SetDecodeVariant(int rows, int variant, StepInputs* in) const {
+  in->fc1_narrow = (variant & kVariantFc1Narrow) != 0;
+  in->short_regs = (variant & kVariantFoldShort) != 0 && VariantRules().ShortRegsRows(rows);
+  in->fold_short = (variant & kVariantFoldShort) != 0 && !in->short_regs;
+}
+
 absl::Status CudaPhiModel::EnqueueDecode(int rows, int variant) {
   const DecodeLayout dl =
       MakeDecodeLayout(decode_rows_, decode_table_ints_, config_.num_attention_heads);
@@ -96,9 +102,7 @@ absl::Status CudaPhiModel::EnqueueDecode(int rows, int variant) {
   in.merge_counters_len = static_cast<size_t>(decode_rows_) * config_.num_attention_heads;
   in.decode = true;
   in.min_live = std::max(1, rows / 2);  // the bucket below holds every smaller batch
-  in.fc1_narrow = (variant & kVariantFc1Narrow) != 0;
-  in.short_regs = (variant & kVariantFoldShort) != 0 && ShortRegsRows(rows);
-  in.fold_short = (variant & kVariantFoldShort) != 0 && !in.short_regs;
+  SetDecodeVariant(rows, variant, &in);
   in.max_q_len = 1;
   const absl::StatusOr<bool> mega = TryEnqueueMegaDecode(in);  // model/cuda_phi_mega.cc
   PHI_RETURN_IF_ERROR(mega.status());

@@ -50,9 +50,11 @@ struct CudaPhiModel::StepInputs {
   size_t merge_counters_len = 0;
   bool decode = false;      // one token per sequence: PagedDecodeCuda
   int min_live = 1;         // decode: fewest live sequences this launch serves
-  bool fc1_narrow = false;  // decode: fc1 with the SM count target (DecodeVariantRules::Fc1Narrow)
-  bool fold_short = false;  // decode: the attention fold beyond its rows (DecodeVariantRules::FoldShort)
-  bool short_regs = false;  // decode: the register-staged attention (DecodeVariantRules::ShortRegs)
+  // decode: the step's graph variant (DecodeVariantRules, CudaPhiModel::SetDecodeVariant): fc1
+  // with its SM count target, the attention fold beyond its rows, the register-staged attention.
+  bool fc1_narrow = false;
+  bool fold_short = false;
+  bool short_regs = false;
   int max_q_len = 0;        // prefill plan
   int max_ctx = 0;
   bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)

@@ -389,7 +389,8 @@ class CudaPhiModel final : public ModelBackend {
         .fold_short_ctx = fold_short_ctx_,
         .short_regs_rows = short_regs_rows_};
   }
-  bool ShortRegsRows(int rows) const { return VariantRules().ShortRegsRows(rows); }
+  // The step inputs of `variant` for a decode step of `rows` rows.
+  void SetDecodeVariant(int rows, int variant, StepInputs* in) const;
   // The variant of a base decode step of `rows` rows (its bucket) whose `live` sequences'
   // context lengths sum to kv_tokens.
   int DecodeVariant(int rows, int64_t kv_tokens, int live) const {

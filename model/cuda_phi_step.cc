@@ -114,12 +114,10 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // beside attention (CudaLora::Fc2DeltaBesideAttention).
   const bool fc2_main = join_early && fc2_on_branch &&
                         (lora ? lora_->Fc2DeltaBesideAttention() : mlp_join_sharded_ == 2);
-  // Base decode steps of fc1_sms_min_rows_..fc1_sms_max_rows_ rows with enough K/V
-  // (DecodeVariantRules::Fc1Narrow)
+  // Base decode steps in fc1's variant (DecodeVariantRules::Fc1Narrow: its row range, enough K/V)
   // give fc1 on the MLP branch a cuBLASLt SM count target (CudaModelOptions::decode_fc1_sms):
   // more SMs for qkv and the attention grid beside it.
-  const bool fc1_sms = in.decode && !lora && in.fc1_narrow && fc1_sms_ > 0 &&
-                       T >= fc1_sms_min_rows_ && T <= fc1_sms_max_rows_;
+  const bool fc1_sms = in.decode && !lora && in.fc1_narrow;
   if (fc1_sms) ++fc1_sms_steps_;
   // The MLP branch's fc1 (and fc2) done before anything after this reads mlp or h.
   auto mlp_join = [&]() -> absl::Status {
@@ -574,12 +572,7 @@ absl::Status CudaPhiModel::PrefillStep(const ForwardBatch& batch, std::vector<fl
   in.max_blocks = max_blocks;
   in.decode = max_q_len == 1;  // a decode batch above the largest graph bucket
   in.min_live = S;
-  if (in.decode) {
-    const int variant = DecodeVariantOf(batch, T);
-    in.fc1_narrow = (variant & kVariantFc1Narrow) != 0;
-    in.short_regs = (variant & kVariantFoldShort) != 0 && ShortRegsRows(T);
-    in.fold_short = (variant & kVariantFoldShort) != 0 && !in.short_regs;
-  }
+  if (in.decode) SetDecodeVariant(T, DecodeVariantOf(batch, T), &in);
   in.max_q_len = max_q_len;
   in.max_ctx = max_ctx;
   in.skip_last_layer = PrefillLastRowsApplies(batch);  // then R rows: model/cuda_phi_last_rows.cc

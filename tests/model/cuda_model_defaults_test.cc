@@ -1,15 +1,10 @@
-// The CUDA model's shape-derived tuning defaults (model/cuda_phi_model.h) — host code, no GPU:
+// The CUDA model's shape-derived tuning defaults (model/cuda_model_options.h) — host code, no GPU:
 // the decode attention fold's row bound and the K/V bound of fc1's SM count target.
 #include "gtest/gtest.h"
-
-#ifdef PHISHARD_HAVE_CUDA
-#include "model/cuda_phi_model.h"
-#endif
+#include "model/cuda_model_options.h"
 
 namespace phishard {
 namespace {
-
-#ifdef PHISHARD_HAVE_CUDA
 
 TEST(CudaModelDefaults, FoldRowsFollowTheHeadDim) {
   EXPECT_EQ(DecodeAttentionFoldRowsDefault(80), kDecodeAttentionFoldRowsDefault);      // Phi-2
@@ -27,12 +22,6 @@ TEST(CudaModelDefaults, Fc1KvBoundScalesWithTheShape) {
   EXPECT_GT(DecodeFc1SmsMinKvTokensDefault(256, 1024, 8, 32), 0);
   EXPECT_GT(DecodeFc1SmsMinKvTokensDefault(256, 1024, 0, 32), 0) << "a zero KV width stays finite";
 }
-
-#else
-
-TEST(CudaModelDefaults, NeedsTheCudaBuild) { GTEST_SKIP() << "built without CUDA"; }
-
-#endif
 
 }  // namespace
 }  // namespace phishard
