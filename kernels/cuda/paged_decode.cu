@@ -308,10 +308,11 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
 // w % (4 / n)-th slice of each tile's keys (n = 3: warp 3 only copies). A group of 8 query heads
 // takes 2 blocks (K/V read twice); one head a warp keeps the state in registers (no spills).
 // Inside a warp, 4 groups of 8 lanes take 2 keys each per round (a lane: 16-byte slices cl and
-// cl + 8 of the head), each group keeping its own running max / sum / output. Groups, then warps,
-// are merged at the end. The grid's x (fastest) is the KV head, so the blocks in flight at a time
-// read the adjacent runs of all KV heads of the same cache blocks (whole blocks, contiguous) of a
-// few sequences.
+// cl + 8 of the head), or where a head's slices do not fill 8 lanes (head dims 16, 32, 80, 96) 8
+// groups of 4 lanes 1 key each (slices cl, cl + 4, cl + 8: PipeLanesPerKey), each group keeping its
+// own running max / sum / output. Groups, then warps, are merged at the end. The grid's x (fastest)
+// is the KV head, so the blocks in flight at a time read the adjacent runs of all KV heads of the
+// same cache blocks (whole blocks, contiguous) of a few sequences.
 constexpr int kMaxHeadsPerBlock = kWarps;
 
 template <int HD, int kTile, int kStages>
@@ -329,11 +330,24 @@ struct SoftmaxState {
   float acc[kPerLane][8];
 };
 
-template <typename T, int HD, bool kBlock16, int kTile, int kStages>
+// Lanes a key of the pipelined kernel: 8 where the head's 16-byte slices fill them (head dim a
+// multiple of 64), else 4 — at head dim 80 a lane of 8 holds slices j and j + 8 of 10, so 6 of
+// every 16 slice computations were on zeros; with 4 lanes (slices j, j + 4, j + 8: 12 for 10) the
+// loop issues ~20 % fewer instructions a key: b128-b256 ctx512-1024 x0.964-0.978 at Phi-2's shape
+// (perf-log 2026-11-30 10:29-10:33); at head dim 64 (Phi-1.5) 4 lanes lost (x1.085 at ctx128).
+constexpr int PipeLanesPerKey(int head_dim) { return (head_dim / 8) % 8 == 0 ? 8 : 4; }
+
+template <typename T, int HD, bool kBlock16, int kTile, int kStages, int kLpk>
 __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args a) {
-  using H = Head<HD>;
+  // kLpk lanes a key (PipeLanesPerKey): a lane holds kPL 16-byte slices of the head; a warp round
+  // is 8 keys, 2 for each of 4 groups of 8 lanes or 1 for each of 8 groups of 4.
+  constexpr int kPL = (HD / 8 + kLpk - 1) / kLpk;
+  constexpr int kGw = 32 / kLpk;                    // key groups a warp
+  constexpr int kU = kLpk == kLanesPerKey ? 2 : 1;  // keys a group per round
+  static_assert(kLpk == 8 || kLpk == 4, "groups of 8 or 4 lanes");
+  static_assert(kU * kGw == 2 * (32 / kLanesPerKey), "8 keys a warp round");
   using L = PipeSmem<HD, kTile, kStages>;
-  constexpr int C = H::kChunks;
+  constexpr int C = HD / 8;
   static_assert(kTile % 32 == 0 && kKeysPerIter % kTile == 0, "tiles of whole warp rounds");
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float s_m[kWarps];
@@ -424,24 +438,24 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
   // Compute roles (see above); all warp-uniform.
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const int grp = lane / kLanesPerKey;
-  const int cl = lane % kLanesPerKey;
+  const int grp = lane / kLpk;
+  const int cl = lane % kLpk;
   const int kw = kWarps / bw.nhb;  // warps sharing one head's keys: 4, 2, 1, 1
   const int slice = warp % kw;
   const int my_head = warp / kw;  // in [0, nhb) or idle
   const bool active = my_head < bw.nhb;
-  constexpr int kKeysPerRound = 2 * (32 / kLanesPerKey);  // 8: 2 keys for each of 4 groups
+  constexpr int kKeysPerRound = kU * kGw;  // 8: 2 keys for each of 4 groups, or 1 for each of 8
   const int keys_per_warp = kTile / kw;
   const int rounds = keys_per_warp / kKeysPerRound;
 
-  float q[H::kPerLane][8];
-  SoftmaxState<H::kPerLane> S;
+  float q[kPL][8];
+  SoftmaxState<kPL> S;
   {
     const int h = bw.h0 + (active ? my_head : 0);
     const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(bw.s) * a.q_stride + h * HD;
 #pragma unroll
-    for (int i = 0; i < H::kPerLane; ++i) {
-      const int j = cl + kLanesPerKey * i;
+    for (int i = 0; i < kPL; ++i) {
+      const int j = cl + kLpk * i;
       if (active && j < C) {
         Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
 #pragma unroll
@@ -466,51 +480,59 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
     const uint4* sv = sk + kTile * C;
     const int tile_key0 = bw.k_begin + t * kTile;
     for (int r = 0; r < rounds; ++r) {
-      const int kb = slice * keys_per_warp + r * kKeysPerRound + grp;  // keys kb and kb + 4
-      uint4 kk[2][H::kPerLane], vv[2][H::kPerLane];
-      bool valid[2];
+      const int kb = slice * keys_per_warp + r * kKeysPerRound + grp;  // keys kb + kGw u
+      uint4 kk[kU][kPL], vv[kU][kPL];
+      bool valid[kU];
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int row = kb + 4 * u;
+      for (int u = 0; u < kU; ++u) {
+        const int row = kb + kGw * u;
         valid[u] = tile_key0 + row < bw.k_end;
 #pragma unroll
-        for (int i = 0; i < H::kPerLane; ++i) {
-          const int j = cl + kLanesPerKey * i;
+        for (int i = 0; i < kPL; ++i) {
+          const int j = cl + kLpk * i;
           kk[u][i] = j < C ? sk[row * C + j] : make_uint4(0, 0, 0, 0);
           vv[u][i] = j < C ? sv[row * C + j] : make_uint4(0, 0, 0, 0);
         }
       }
       {
-        float sc[2];
+        float sc[kU];
         float m_new = S.m;
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
+        for (int u = 0; u < kU; ++u) {
           float d = 0.0f;
 #pragma unroll
-          for (int i = 0; i < H::kPerLane; ++i) {
+          for (int i = 0; i < kPL; ++i) {
             float kf[8];
             Unpack8<T>(kk[u][i], kf);
 #pragma unroll
             for (int e = 0; e < 8; ++e) d = fmaf(q[i][e], kf[e], d);
           }
-          d += __shfl_xor_sync(0xffffffffu, d, 1);
-          d += __shfl_xor_sync(0xffffffffu, d, 2);
-          d += __shfl_xor_sync(0xffffffffu, d, 4);
+#pragma unroll
+          for (int off = 1; off < kLpk; off *= 2) d += __shfl_xor_sync(0xffffffffu, d, off);
           sc[u] = valid[u] ? d : -INFINITY;
           m_new = fmaxf(m_new, sc[u]);
         }
         const float m_use = m_new == -INFINITY ? 0.0f : m_new;
         const float alpha = S.m == -INFINITY ? 0.0f : exp2f(S.m - m_use);
-        const float p0 = exp2f(sc[0] - m_use), p1 = exp2f(sc[1] - m_use);
-        S.l = S.l * alpha + (p0 + p1);
+        float p[kU];
+        float psum = 0.0f;
 #pragma unroll
-        for (int i = 0; i < H::kPerLane; ++i) {
-          float v0[8], v1[8];
-          Unpack8<T>(vv[0][i], v0);
-          Unpack8<T>(vv[1][i], v1);
+        for (int u = 0; u < kU; ++u) {
+          p[u] = exp2f(sc[u] - m_use);
+          psum += p[u];
+        }
+        S.l = S.l * alpha + psum;
+#pragma unroll
+        for (int i = 0; i < kPL; ++i) {
+          float v[kU][8];
+#pragma unroll
+          for (int u = 0; u < kU; ++u) Unpack8<T>(vv[u][i], v[u]);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            S.acc[i][e] = fmaf(p1, v1[e], fmaf(p0, v0[e], S.acc[i][e] * alpha));
+            float o = S.acc[i][e] * alpha;
+#pragma unroll
+            for (int u = 0; u < kU; ++u) o = fmaf(p[u], v[u][e], o);
+            S.acc[i][e] = o;
           }
         }
         S.m = m_new;
@@ -524,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
   // Groups of a warp, then the warps sharing a head.
   if (active) {
 #pragma unroll
-    for (int off = kLanesPerKey; off < 32; off *= 2) {
+    for (int off = kLpk; off < 32; off *= 2) {
       const float m_o = __shfl_xor_sync(0xffffffffu, S.m, off);
       const float l_o = __shfl_xor_sync(0xffffffffu, S.l, off);
       const float m_new = fmaxf(S.m, m_o);
@@ -533,7 +555,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
       Rescale(m_o, m_new, &fb);
       S.l = S.l * fa + l_o * fb;
 #pragma unroll
-      for (int i = 0; i < H::kPerLane; ++i) {
+      for (int i = 0; i < kPL; ++i) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const float o = __shfl_xor_sync(0xffffffffu, S.acc[i][e], off);
@@ -542,14 +564,14 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
       }
       S.m = m_new;
     }
-    if (lane < kLanesPerKey) {
+    if (lane < kLpk) {
       if (lane == 0) {
         s_m[warp] = S.m;
         s_l[warp] = S.l;
       }
 #pragma unroll
-      for (int i = 0; i < H::kPerLane; ++i) {
-        const int j = cl + kLanesPerKey * i;
+      for (int i = 0; i < kPL; ++i) {
+        const int j = cl + kLpk * i;
         if (j < C) {
 #pragma unroll
           for (int e = 0; e < 8; ++e) s_acc[warp][8 * j + e] = S.acc[i][e];
@@ -597,26 +619,6 @@ __global__ void PagedDecodeMergeKernel(const Args a) {
   SplitLen(a, ctx, &splits);
   if (splits <= 1) return;  // the main kernel wrote the output
   MergeSplits<T, HD>(a, s, h, splits, threadIdx.x, blockDim.x);
-}
-
-// PagedDecodeCudaPlan::rotary against the attention's own parameters: the same qkv rows, caches
-// and shapes (block_size included: the fused write addresses the cache by p.block_size, and
-// RotaryKvWriteCuda's rule, num_slots a multiple of it), a plain write (no LoRA fold), or
-// kInvalidShape / kNullPointer. p.block_size >= 1 is checked before.
-KernelStatus CheckFoldedRotary(const PagedAttentionParams& p, int q_stride,
-                               const RotaryKvWriteParams& r) {
-  const int width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
-  const int r_stride = r.qkv_stride == 0 ? width : r.qkv_stride;
-  if (r.qkv != p.q || r.k_cache != p.k_cache || r.v_cache != p.v_cache ||
-      r.num_tokens != p.num_seqs || r.num_heads != p.num_heads ||
-      r.num_kv_heads != p.num_kv_heads || r.head_dim != p.head_dim || r.dtype != p.dtype ||
-      r.block_size != p.block_size || r_stride != q_stride || q_stride < width || !r.write_cache ||
-      r.fold_delta != nullptr || r.rotary_dim < 0 || r.rotary_dim > p.head_dim ||
-      r.rotary_dim % 2 != 0 || r.num_slots < 0 || r.num_slots % p.block_size != 0) {
-    return KernelStatus::kInvalidShape;
-  }
-  if (!r.positions || !r.slots) return KernelStatus::kNullPointer;
-  return KernelStatus::kOk;
 }
 
 // PagedDecodeCuda's body (in this namespace with its kernels).
@@ -744,10 +746,11 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
           kernel<<<grid, kThreads, smem, stream>>>(a);
         };
         // 32-key tiles x 4 stages: 64 x 3 and 32 x 6 measured 3-14% slower at b256 (perf-log).
+        constexpr int kLpk = PipeLanesPerKey(HD);
         if (p.block_size == 16) {
-          launch(PagedDecodePipeKernel<T, HD, true, 32, 4>, PipeSmem<HD, 32, 4>::kBytes);
+          launch(PagedDecodePipeKernel<T, HD, true, 32, 4, kLpk>, PipeSmem<HD, 32, 4>::kBytes);
         } else {
-          launch(PagedDecodePipeKernel<T, HD, false, 32, 4>, PipeSmem<HD, 32, 4>::kBytes);
+          launch(PagedDecodePipeKernel<T, HD, false, 32, 4, kLpk>, PipeSmem<HD, 32, 4>::kBytes);
         }
         if (st != KernelStatus::kOk) return st;
       }

@@ -1,7 +1,8 @@
 // The fused form of the register-staged decode attention kernel (PagedDecodeCudaPlan::fold_rotary
 // and merge_counters, kernels/cuda/paged_decode_cuda.h): the rotary + new K/V write before the
 // attention and the split merge after it, done inside the attention launch with the same float
-// operations as RotaryKvWriteCuda and PagedDecodeMergeKernel (so the same bits). Included by
+// operations as RotaryKvWriteCuda and PagedDecodeMergeKernel (so the same bits), and the host check
+// of the fused launch's rotary parameters (CheckFoldedRotary). Included by
 // kernels/cuda/paged_decode.cu only.
 #pragma once
 
@@ -163,6 +164,26 @@ __device__ __forceinline__ void MergeIfLast(const Args& a, int s, int h, int spl
     if constexpr (!kFast) __threadfence();
     MergeSplits<T, HD, kFast>(a, s, h, splits, threadIdx.x, kThreads);
   }
+}
+
+// PagedDecodeCudaPlan::rotary against the attention's own parameters: the same qkv rows, caches
+// and shapes (block_size included: the fused write addresses the cache by p.block_size, and
+// RotaryKvWriteCuda's rule, num_slots a multiple of it), a plain write (no LoRA fold), or
+// kInvalidShape / kNullPointer. p.block_size >= 1 is checked before.
+inline KernelStatus CheckFoldedRotary(const PagedAttentionParams& p, int q_stride,
+                                      const RotaryKvWriteParams& r) {
+  const int width = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
+  const int r_stride = r.qkv_stride == 0 ? width : r.qkv_stride;
+  if (r.qkv != p.q || r.k_cache != p.k_cache || r.v_cache != p.v_cache ||
+      r.num_tokens != p.num_seqs || r.num_heads != p.num_heads ||
+      r.num_kv_heads != p.num_kv_heads || r.head_dim != p.head_dim || r.dtype != p.dtype ||
+      r.block_size != p.block_size || r_stride != q_stride || q_stride < width || !r.write_cache ||
+      r.fold_delta != nullptr || r.rotary_dim < 0 || r.rotary_dim > p.head_dim ||
+      r.rotary_dim % 2 != 0 || r.num_slots < 0 || r.num_slots % p.block_size != 0) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (!r.positions || !r.slots) return KernelStatus::kNullPointer;
+  return KernelStatus::kOk;
 }
 
 }  // namespace phishard::paged_decode
