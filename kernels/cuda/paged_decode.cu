@@ -337,6 +337,12 @@ struct SoftmaxState {
 // (perf-log 2026-11-30 10:29-10:33); at head dim 64 (Phi-1.5) 4 lanes lost (x1.085 at ctx128).
 constexpr int PipeLanesPerKey(int head_dim) { return (head_dim / 8) % 8 == 0 ? 8 : 4; }
 
+// The pipelined kernel's online softmax moves a group's reference max only when a score passes it
+// by more than this (log2 units: a weight stays <= 256 against it), skipping the rescale of the
+// sum and output for most keys: b128-b256 ctx512-1024 x0.983-0.985 at Phi-2's shape, b256
+// ctx1024 x0.988 at Phi-1.5's (perf-log 2026-11-30 10:40).
+constexpr float kRescaleSlack = 8.0f;
+
 template <typename T, int HD, bool kBlock16, int kTile, int kStages, int kLpk>
 __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args a) {
   // kLpk lanes a key (PipeLanesPerKey): a lane holds kPL 16-byte slices of the head; a warp round
@@ -512,30 +518,31 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
           sc[u] = valid[u] ? d : -INFINITY;
           m_new = fmaxf(m_new, sc[u]);
         }
-        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-        const float alpha = S.m == -INFINITY ? 0.0f : exp2f(S.m - m_use);
-        float p[kU];
-        float psum = 0.0f;
+        // Lazy rescale (kRescaleSlack): any reference max gives the same (max, sum, output) state
+        // up to rounding, and the group / warp / split merges read it as such.
+        if (m_new > S.m + kRescaleSlack) {
+          const float alpha = S.m == -INFINITY ? 0.0f : exp2f(S.m - m_new);
+          S.l *= alpha;
+#pragma unroll
+          for (int i = 0; i < kPL; ++i) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) S.acc[i][e] *= alpha;
+          }
+          S.m = m_new;
+        }
+        const float m_ref = S.m == -INFINITY ? 0.0f : S.m;
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          p[u] = exp2f(sc[u] - m_use);
-          psum += p[u];
-        }
-        S.l = S.l * alpha + psum;
+          const float pu = exp2f(sc[u] - m_ref);  // -inf -> 0
+          S.l += pu;
 #pragma unroll
-        for (int i = 0; i < kPL; ++i) {
-          float v[kU][8];
+          for (int i = 0; i < kPL; ++i) {
+            float v[8];
+            Unpack8<T>(vv[u][i], v);
 #pragma unroll
-          for (int u = 0; u < kU; ++u) Unpack8<T>(vv[u][i], v[u]);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            float o = S.acc[i][e] * alpha;
-#pragma unroll
-            for (int u = 0; u < kU; ++u) o = fmaf(p[u], v[u][e], o);
-            S.acc[i][e] = o;
+            for (int e = 0; e < 8; ++e) S.acc[i][e] = fmaf(pu, v[e], S.acc[i][e]);
           }
         }
-        S.m = m_new;
       }
     }
   }

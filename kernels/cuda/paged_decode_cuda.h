@@ -16,12 +16,13 @@
 // x chunk of up to 4 of its query heads, sequence, split); GQA reads each K/V row once for the
 // whole group. The block's keys go through shared memory in 32-key tiles, copied by cp.async into
 // a 4-stage ring (3 tiles in flight while one is consumed); inside a warp, 4 groups of 8 lanes
-// (8 groups of 4 at head dims 16, 32, 80 and 96, whose slices do not fill 8 lanes) each own a key at
-// a time (a lane: its 16-byte slices of the head) with their own running max / sum / output,
-// merged at the end (groups, then the warps that shared a head). With several
-// splits a second kernel merges the splits by their log-sum-exp. kRegisterStages is the earlier
-// kernel (one block per query head, K/V of the next 32 keys in registers): it wins on small grids
-// (batch 1 to 32 at Phi-2 shape), the pipelined one on big batches (0.96 vs 0.83 of the copy
+// (8 groups of 4 at head dims 16, 32, 80 and 96, whose slices do not fill 8 lanes) each own a key
+// at a time (a lane: its 16-byte slices of the head) with their own running max / sum / output (the
+// max a reference moved only when a score passes it by 8 in log2 units, so the sum and output are
+// rescaled for few keys), merged at the end (groups, then the warps that shared a head). With
+// several splits a second kernel merges the splits by their log-sum-exp. kRegisterStages is the
+// earlier kernel (one block per query head, K/V of the next 32 keys in registers): it wins on small
+// grids (batch 1 to 32 at Phi-2 shape), the pipelined one on big batches (0.96 vs 0.83 of the copy
 // bandwidth at batch 256, context 1024); kAuto picks by grid size.
 // Split count of sequence s, evaluated identically by both kernels:
 //   want = ceil(4 x multiprocessors / (live x blocks per split and sequence)), n = min(want,
