@@ -52,6 +52,10 @@ struct DecodeCase {
   std::vector<int> ctx;  // per sequence; 0 = padding row
   int live;              // step_info[0] (< ctx.size(): the tail rows are padding)
   int num_heads, num_kv_heads, head_dim, block_size;
+  // q scaled by this and rounded to the case's dtype (the reference then reads the same values):
+  // scores over a wide range, so later keys pass a group's reference max by more than the
+  // pipelined kernel's lazy-rescale slack (kRescaleSlack) and its rescale runs mid-stream.
+  float q_scale = 1.0f;
 };
 
 // Runs one case with the given split bound; poisons the output, every cache slot no sequence
@@ -93,6 +97,10 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
   }
   const int q_stride = (nh + 2 * nkv) * hd;
   std::vector<float> q = RandomVector(static_cast<size_t>(S) * q_stride, S + hd, -2.0f, 2.0f);
+  if (c.q_scale != 1.0f) {
+    for (float& x : q) x *= c.q_scale;
+    q = Decode(Encode(q, t), t);
+  }
   const size_t slot_elems = static_cast<size_t>(nkv) * hd;
   std::vector<float> k = RandomVector(num_blocks * bs * slot_elems, 11 + S);
   std::vector<float> v = RandomVector(num_blocks * bs * slot_elems, 12 + S);
@@ -286,6 +294,32 @@ TEST(CudaPagedDecode, BadBlockIdsReadAsZeros) {
                      << static_cast<int>(v));
         RunDecodeCase(c, DataType::kBF16, splits, /*device_info=*/true, v, /*bad_ids=*/true);
         if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// Scores spread over ~100 log2 units (q x 24): a group's running max moves by more than the lazy
+// rescale's slack well after its first keys, so the pipelined kernel's rescale runs mid-stream
+// (with q as the other cases draw it, scores span a few units and it rarely runs past the first
+// key); every kernel against the reference, MHA and GQA, one and several splits.
+TEST(CudaPagedDecode, WideScoresRescaleMidStream) {
+  PHI_REQUIRE_GPU();
+  const std::vector<DecodeCase> cases = {{{1000, 300, 77, 0}, 4, 32, 32, 80, 16, 24.0f},
+                                         {{513, 40, 1}, 3, 8, 2, 64, 16, 24.0f},
+                                         {{700, 129}, 2, 4, 4, 96, 16, 24.0f}};
+  for (const DecodeCase& c : cases) {
+    for (DataType t : kHalfTypes) {
+      for (int splits : {1, 3}) {
+        for (PagedDecodeVariant v :
+             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
+              PagedDecodeVariant::kTensorCore}) {
+          SCOPED_TRACE(testing::Message()
+                       << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim
+                       << " splits " << splits << " variant " << static_cast<int>(v));
+          RunDecodeCase(c, t, splits, /*device_info=*/true, v);
+          if (HasFatalFailure()) return;
+        }
       }
     }
   }
