@@ -43,11 +43,21 @@ __device__ __forceinline__ float2 Word2ToFloat2<__half>(uint32_t w) {
   memcpy(&h, &w, 4);
   return __half22float2(h);
 }
+// bf16 is the high half of an fp32: a shift and a mask (2 integer ops a pair; __bfloat1622float2
+// compiles to PRMT + two shifts), the same floats. The decode attention's inner loops unpack every
+// K and V element this way (with Exp2Ftz: x0.985 at b256 ctx1024, perf-log 2026-11-30 11:33).
 template <>
 __device__ __forceinline__ float2 Word2ToFloat2<__nv_bfloat16>(uint32_t w) {
-  __nv_bfloat162 h;
-  memcpy(&h, &w, 4);
-  return __bfloat1622float2(h);
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+
+// 2^x by MUFU.EX2 with denormal results flushed to zero (exp2f adds a range fix for them, ~4
+// instructions); -inf gives 0. For softmax weights against a reference max, where a weight under
+// 2^-126 of the reference does not change a bf16 / fp16 output.
+__device__ __forceinline__ float Exp2Ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // ---- reductions ----

@@ -533,7 +533,8 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
         const float m_ref = S.m == -INFINITY ? 0.0f : S.m;
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          const float pu = exp2f(sc[u] - m_ref);  // -inf -> 0
+          // -inf -> 0; a weight under 2^-126 (of one >= 2^-8: kRescaleSlack) flushes to 0.
+          const float pu = cuda::Exp2Ftz(sc[u] - m_ref);
           S.l += pu;
 #pragma unroll
           for (int i = 0; i < kPL; ++i) {
