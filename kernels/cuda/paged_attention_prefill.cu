@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // 2^-inf = 0 on the row's first tile; exactly 1 when the max did not move.
-        alpha[mt][hh] = Exp2((m_run[mt][hh] - mx) * a.scale_log2);
+        alpha[mt][hh] = cuda::Exp2Ftz((m_run[mt][hh] - mx) * a.scale_log2);
         max_moved |= alpha[mt][hh] != 1.0f;
         m_run[mt][hh] = mx;
         const float mb = mx * a.scale_log2;
@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
           for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
-            sc[mt][n][e] = Exp2(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: 2^-inf = 0
+            sc[mt][n][e] = cuda::Exp2Ftz(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: 2^-inf = 0
           }
           v[n] = sc[mt][n][2 * hh] + sc[mt][n][2 * hh + 1];
         }

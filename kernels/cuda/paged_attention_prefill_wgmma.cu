@@ -206,13 +206,13 @@ __global__ void __launch_bounds__(256, 2) PrefillWgmmaKernel(const WgArgs<T> a) 
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // 2^-inf = 0 on the row's first tile; exactly 1 when the max did not move.
-      alpha[hh] = Exp2(m_run[hh] - mx);
+      alpha[hh] = cuda::Exp2Ftz(m_run[hh] - mx);
       max_moved |= alpha[hh] != 1.0f;
       m_run[hh] = mx;
 #pragma unroll
       for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
-        for (int e = 2 * hh; e < 2 * hh + 2; ++e) sc[4 * n + e] = Exp2(sc[4 * n + e] - mx);
+        for (int e = 2 * hh; e < 2 * hh + 2; ++e) sc[4 * n + e] = cuda::Exp2Ftz(sc[4 * n + e] - mx);
         v[n] = sc[4 * n + 2 * hh] + sc[4 * n + 2 * hh + 1];
       }
 #pragma unroll

@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // 2^-inf = 0 on the row's first tile; exactly 1 when the max did not move.
-      alpha[hh] = Exp2((m_run[hh] - mx) * f);
+      alpha[hh] = cuda::Exp2Ftz((m_run[hh] - mx) * f);
       max_moved |= alpha[hh] != 1.0f;
       m_run[hh] = mx;
       const float neg_mf = -mx * f;
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(WsCfg<HD>::kThreads, 1) PrefillWgmmaWsKernel(c
       for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
         for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
-          sc[4 * n + e] = Exp2(fmaf(sc[4 * n + e], f, neg_mf));
+          sc[4 * n + e] = cuda::Exp2Ftz(fmaf(sc[4 * n + e], f, neg_mf));
         }
         v[n] = sc[4 * n + 2 * hh] + sc[4 * n + 2 * hh + 1];
       }

@@ -1,5 +1,6 @@
 // Internal to the prefill attention kernels (paged_attention_prefill*.cu): the PTX wrappers both
-// the mma.sync and the wgmma kernel use (cp.async gathers, exp2, float -> 16-bit packing).
+// the mma.sync and the wgmma kernel use (cp.async gathers, float -> 16-bit packing; their exp2 is
+// cuda::Exp2Ftz).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,13 +43,6 @@ __device__ __forceinline__ void CpAsyncWaitAll() {
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// 2^x on the special-function unit (one MUFU.EX2; 2^-inf = +0, relative error ~2^-22).
-__device__ __forceinline__ float Exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Two floats to one 32-bit word of two 16-bit elements, `lo` in the low half (lower column).
