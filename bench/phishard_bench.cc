@@ -249,6 +249,13 @@ int Main(int argc, char** argv) {
                                     .cases = "64x128,128x128,256x128,256x256,128x512",
                                     .values = "0,256"};
   short_regs.AddFlags(app, "set_decode_short_regs_rows", "row bounds (0: off)");
+  bench::IntSettingSweep short_regs_ctx{
+      .name = "short-regs-ctx",
+      .label = "shortregsctx",
+      .title = "decode short-context register-staged attention context bound sweep",
+      .cases = "128x192,256x160,256x192,256x256",
+      .values = "160,256"};
+  short_regs_ctx.AddFlags(app, "set_decode_short_regs_ctx", "mean-context bounds (tokens)");
   bench::IntSettingSweep dense_bulk{.name = "dense-bulk",
                                     .label = "densebulk",
                                     .title = "decode dense bulk GEMV sweep",
@@ -545,6 +552,9 @@ int Main(int argc, char** argv) {
     short_regs.Run(
         bench, [&m] { return m.decode_short_regs_rows(); },
         [&m](int v) { m.set_decode_short_regs_rows(v); }, &rows);
+    short_regs_ctx.Run(
+        bench, [&m] { return m.decode_short_regs_ctx(); },
+        [&m](int v) { m.set_decode_short_regs_ctx(v); }, &rows);
     fc2_defer.Run(
         bench, [&m] { return m.decode_fc2_defer() ? 1 : 0; },
         [&m](int v) { m.set_decode_fc2_defer(v != 0); }, &rows);

@@ -30,6 +30,14 @@ inline int DecodeAttentionFoldRowsDefault(int head_dim) {
 inline constexpr int kDecodeFoldShortRowsDefault = 32;
 inline constexpr int kDecodeFoldShortCtxDefault = 256;
 inline constexpr int kDecodeShortRegsRowsDefault = 256;  // CudaModelOptions::decode_short_regs_rows
+// CudaModelOptions::decode_short_regs_ctx's default: 256 tokens where a head's 16-byte slices fill
+// the pipelined decode attention's 8 lanes a key (head dims a multiple of 64: Phi-1.5), 160 where
+// that kernel takes 4 lanes a key and issues ~20 % less a key (Phi-2's 80). Measured after the
+// fast bf16 unpack (H200, register-staged against pipelined, alternated, perf-log 2026-11-30
+// 12:00): Phi-2 b128 ctx160 x0.982 / ctx192 x0.986 / ctx224 x0.998 / ctx256 x1.016, b192 ctx192
+// x1.020, b256 ctx128 x0.982 / ctx160 x0.997 / ctx192 x1.009 / ctx224 x1.025 / ctx256 x1.031;
+// Phi-1.5 b256 ctx128 x0.969 / ctx192 x0.974 / ctx256 x0.993, b128 ctx192 x0.998.
+inline int DecodeShortRegsCtxDefault(int head_dim) { return head_dim % 64 == 0 ? 256 : 160; }
 inline constexpr int kDecodeFc1SmsDefault = 24;          // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
@@ -138,12 +146,14 @@ struct CudaModelOptions {
   int decode_fold_short_ctx = -1;
   // MHA models' base decode steps of more rows than both bounds above, up to this many, take the
   // register-staged decode attention instead of the pipelined one when their mean context is at
-  // most decode_fold_short_ctx (the bucket's short-context variant graph): over a few tiles the
+  // most decode_short_regs_ctx (the bucket's short-context variant graph): over a few tiles the
   // pipelined kernel is issue-bound (ncu, perf-log 2026-11-30 09:05). Measured (H200, 09:07-09:14):
-  // Phi-2 b128 ctx128 x0.967-0.969, b256 ctx128 x0.981-0.988, Phi-1.5 b256 ctx128 x0.955; b256
-  // ctx192 / 256 x0.989-1.019 (about even); b64 already takes that kernel (kAuto's small grids).
-  // Bf16 bounds. 0: off; -1: PHISHARD_DECODE_SHORT_REGS_ROWS, else kDecodeShortRegsRowsDefault.
+  // Phi-2 b128 ctx128 x0.967-0.969, b256 ctx128 x0.981-0.988, Phi-1.5 b256 ctx128 x0.955; b64
+  // already takes that kernel (kAuto's small grids). Bf16 bounds. 0: off; -1:
+  // PHISHARD_DECODE_SHORT_REGS_ROWS, else kDecodeShortRegsRowsDefault.
   int decode_short_regs_rows = -1;
+  // -1: PHISHARD_DECODE_SHORT_REGS_CTX when set, else DecodeShortRegsCtxDefault of the head dim.
+  int decode_short_regs_ctx = -1;
   // Base decode steps (no adapter rows) of kDecodeFc1SmsMinRows..kDecodeFc1SmsMaxRows rows (the
   // graph buckets 8 and 16) run fc1 on the MLP stream with this cuBLASLt SM count target, leaving
   // SMs to qkv and the attention grid beside it; 0: every SM. -1: PHISHARD_DECODE_FC1_SMS when

@@ -380,6 +380,11 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
                   kDecodeShortRegsRowsDefault, 65536, "a row count (0: off)");
   PHI_RETURN_IF_ERROR(short_regs.status());
   m->set_decode_short_regs_rows(*short_regs);
+  const absl::StatusOr<int> short_regs_ctx =
+      OptionOrEnv("PHISHARD_DECODE_SHORT_REGS_CTX", options.decode_short_regs_ctx,
+                  DecodeShortRegsCtxDefault(m->config().head_dim), 1 << 30, "a token count");
+  PHI_RETURN_IF_ERROR(short_regs_ctx.status());
+  m->set_decode_short_regs_ctx(*short_regs_ctx);
   const absl::StatusOr<int> fc1_sms =
       OptionOrEnv("PHISHARD_DECODE_FC1_SMS", options.decode_fc1_sms, kDecodeFc1SmsDefault, 4096,
                   "an SM count (0: every SM)");

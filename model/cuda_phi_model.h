@@ -191,6 +191,13 @@ class CudaPhiModel final : public ModelBackend {
     short_regs_rows_ = rows;
   }
   int decode_short_regs_rows() const { return short_regs_rows_; }
+  // CudaModelOptions::decode_short_regs_ctx; drops graphs when it changes (it can change which
+  // variants a bucket captures).
+  void set_decode_short_regs_ctx(int ctx) {
+    if (ctx != short_regs_ctx_) DropGraphs();
+    short_regs_ctx_ = ctx;
+  }
+  int decode_short_regs_ctx() const { return short_regs_ctx_; }
   // Decode steps enqueued so far with the short-context register-staged attention (ShortRegs).
   int64_t decode_short_regs_steps() const { return short_regs_steps_; }
   // CudaModelOptions::decode_fc1_sms for steps of min_rows..max_rows rows (0: every SM); drops
@@ -387,7 +394,8 @@ class CudaPhiModel final : public ModelBackend {
         .fold_rows = decode_fold_rows_,
         .fold_short_rows = fold_short_rows_,
         .fold_short_ctx = fold_short_ctx_,
-        .short_regs_rows = short_regs_rows_};
+        .short_regs_rows = short_regs_rows_,
+        .short_regs_ctx = short_regs_ctx_};
   }
   // The step inputs of `variant` for a decode step of `rows` rows.
   void SetDecodeVariant(int rows, int variant, StepInputs* in) const;
@@ -593,6 +601,7 @@ class CudaPhiModel final : public ModelBackend {
   int fold_short_rows_ = kDecodeFoldShortRowsDefault;  // set_decode_fold_short
   int fold_short_ctx_ = kDecodeFoldShortCtxDefault;
   int short_regs_rows_ = kDecodeShortRegsRowsDefault;  // set_decode_short_regs_rows
+  int short_regs_ctx_ = DecodeShortRegsCtxDefault(config_.head_dim);  // set_decode_short_regs_ctx
   int64_t short_regs_steps_ = 0;
   int fc1_sms_min_kv_ = 0;                             // set_decode_fc1_sms_min_kv_tokens
   int64_t fc1_sms_steps_ = 0;                          // decode_fc1_sms_steps

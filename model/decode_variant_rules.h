@@ -9,10 +9,10 @@
 // its own, a bit of the variant:
 //  * kFc1Narrow: fc1 with decode_fc1_sms's cuBLASLt SM count target — rows in
 //    [fc1_min_rows, fc1_max_rows] whose live sequences' contexts sum to >= fc1_min_kv;
-//  * kShortContext: a mean context of at most the bound — up to fold_short_rows rows (and above
-//    fold_rows) the decode attention fold (FoldShort); above both fold bounds, up to
-//    short_regs_rows rows and only for MHA models, the register-staged attention kernel
-//    (ShortRegs). The two row ranges are disjoint, so one bit serves both.
+//  * kShortContext: a short mean context — up to fold_short_rows rows (and above fold_rows) of at
+//    most fold_short_ctx, the decode attention fold (FoldShort); above both fold bounds, up to
+//    short_regs_rows rows of at most short_regs_ctx and only for MHA models, the register-staged
+//    attention kernel (ShortRegs). The two row ranges are disjoint, so one bit serves both.
 #pragma once
 
 #include <algorithm>
@@ -33,17 +33,17 @@ struct DecodeVariantRules {
   bool mha = false;        // every query head has its own K/V head (ShortRegs needs it)
   int fold_rows = 0;       // decode_attention_fold_rows: steps up to it always fold
   int fold_short_rows = 0, fold_short_ctx = 0;
-  int short_regs_rows = 0;
+  int short_regs_rows = 0, short_regs_ctx = 0;
 
   bool Fc1Narrow(int rows, int64_t kv_tokens) const {
     return fc1_sms > 0 && rows >= fc1_min_rows && rows <= fc1_max_rows && kv_tokens >= fc1_min_kv;
   }
-  bool ShortMean(int64_t kv_tokens, int live) const {
-    return kv_tokens <= static_cast<int64_t>(fold_short_ctx) * std::max(live, 1);
+  static bool MeanAtMost(int64_t kv_tokens, int live, int ctx) {
+    return kv_tokens <= static_cast<int64_t>(ctx) * std::max(live, 1);
   }
   bool FoldShort(int rows, int64_t kv_tokens, int live) const {
     return !sharded && fold_rows > 0 && rows > fold_rows && rows <= fold_short_rows &&
-           ShortMean(kv_tokens, live);
+           MeanAtMost(kv_tokens, live, fold_short_ctx);
   }
   // Rows whose short-context variant is ShortRegs (not FoldShort).
   bool ShortRegsRows(int rows) const {
@@ -51,7 +51,7 @@ struct DecodeVariantRules {
   }
   bool ShortRegs(int rows, int64_t kv_tokens, int live) const {
     return !sharded && short_regs_rows > 0 && mha && ShortRegsRows(rows) &&
-           ShortMean(kv_tokens, live);
+           MeanAtMost(kv_tokens, live, short_regs_ctx);
   }
   // The variant of a step of `rows` rows whose `live` sequences' contexts sum to kv_tokens.
   int Variant(int rows, int64_t kv_tokens, int live) const {
@@ -63,8 +63,10 @@ struct DecodeVariantRules {
     const bool narrow = (variant & kFc1Narrow) != 0, short_context = (variant & kShortContext) != 0;
     if (narrow && !Fc1Narrow(rows, std::numeric_limits<int64_t>::max())) return false;
     if (short_context && !FoldShort(rows, 0, rows) && !ShortRegs(rows, 0, rows)) return false;
-    // Both: a summed context >= the fc1 bound with a mean <= the short one, over <= rows sequences.
-    return !(narrow && short_context) || ShortMean(fc1_min_kv, rows);
+    // Both: a summed context >= the fc1 bound with a mean <= the short one (of the form these rows
+    // take), over <= rows sequences.
+    const int short_ctx = ShortRegsRows(rows) ? short_regs_ctx : fold_short_ctx;
+    return !(narrow && short_context) || MeanAtMost(fc1_min_kv, rows, short_ctx);
   }
 };
 

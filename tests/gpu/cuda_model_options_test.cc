@@ -420,8 +420,8 @@ TEST(CudaPhiModel, FoldShortOnlyForShortContexts) {
 
 // The register-staged decode attention for short-context steps above the fold's rows
 // (set_decode_short_regs_rows), MHA models only: with both fold bounds 0, RunModeSteps' 3-row
-// steps take it only while their mean context (20.67 + d + 1) is at most 22 (step d = 0 alone), in
-// their bucket's short-context variant graph. Another kernel (another summation order), so the bf16
+// steps take it only while their mean context (20.67 + d + 1) is at most 22
+// (set_decode_short_regs_ctx; step d = 0 alone), in their bucket's short-context variant graph. Another kernel (another summation order), so the bf16
 // bounds against the run without it, graph replays equal to eager steps; the GQA fixtures keep the
 // pipelined kernel, bit for bit.
 TEST(CudaPhiModel, ShortRegsOnlyForShortMhaSteps) {
@@ -433,10 +433,13 @@ TEST(CudaPhiModel, ShortRegsOnlyForShortMhaSteps) {
   models.push_back({"tests/golden/phi-mha-hd64", std::move(mha)});
   for (auto& [model, m] : models) {
     EXPECT_EQ(m->decode_short_regs_rows(), kDecodeShortRegsRowsDefault);
+    const int short_regs_ctx = m->decode_short_regs_ctx();
+    EXPECT_EQ(short_regs_ctx, DecodeShortRegsCtxDefault(m->config().head_dim));
     const bool is_mha = m->config().num_key_value_heads == m->config().num_attention_heads;
     const int fold_rows = m->decode_attention_fold_rows();
     m->set_decode_attention_fold_rows(0);
     m->set_decode_fold_short(0, 22);
+    m->set_decode_short_regs_ctx(22);
     m->set_decode_short_regs_rows(0);
     const int64_t off_before = m->decode_short_regs_steps();
     const auto off = RunModeSteps(*m);
@@ -463,6 +466,7 @@ TEST(CudaPhiModel, ShortRegsOnlyForShortMhaSteps) {
     m->set_decode_attention_fold_rows(fold_rows);
     m->set_decode_fold_short(kDecodeFoldShortRowsDefault, kDecodeFoldShortCtxDefault);
     m->set_decode_short_regs_rows(kDecodeShortRegsRowsDefault);
+    m->set_decode_short_regs_ctx(short_regs_ctx);
   }
 }
 

@@ -25,7 +25,8 @@ R Defaults(int hidden, int intermediate, int heads, int kv_heads, int head_dim) 
            .fold_rows = DecodeAttentionFoldRowsDefault(head_dim),
            .fold_short_rows = kDecodeFoldShortRowsDefault,
            .fold_short_ctx = kDecodeFoldShortCtxDefault,
-           .short_regs_rows = kDecodeShortRegsRowsDefault};
+           .short_regs_rows = kDecodeShortRegsRowsDefault,
+           .short_regs_ctx = DecodeShortRegsCtxDefault(head_dim)};
 }
 R Phi2() { return Defaults(2560, 10240, 32, 32, 80); }
 R Phi15() { return Defaults(2048, 8192, 32, 32, 64); }
@@ -60,8 +61,33 @@ TEST(DecodeVariantRules, Phi2StepsByRowsAndContext) {
   // Above short_regs_rows (the eager path of batches past the largest bucket): none.
   EXPECT_EQ(r.Variant(300, 300 * 128, 300), 0);
   // The mean is over the live sequences, not the bucket's rows: 40 live of a 64-row bucket.
-  EXPECT_EQ(r.Variant(64, 40 * 256, 40), R::kShortContext);
-  EXPECT_EQ(r.Variant(64, 40 * 257, 40), 0);
+  EXPECT_EQ(r.Variant(64, 40 * 160, 40), R::kShortContext);
+  EXPECT_EQ(r.Variant(64, 40 * 161, 40), 0);
+}
+
+// Each short form has its own context bound: the fold's 256 tokens; ShortRegs' 160 at head dim 80
+// (the pipelined kernel's 4 lanes a key: faster there than the register-staged one from ~192)
+// and 256 at head dim 64.
+TEST(DecodeVariantRules, ShortFormsHaveTheirOwnContextBounds) {
+  const R phi2 = Phi2(), phi15 = Phi15();
+  EXPECT_EQ(phi2.short_regs_ctx, 160);
+  EXPECT_EQ(phi15.short_regs_ctx, 256);
+  EXPECT_TRUE(phi2.FoldShort(32, 32 * 256, 32));
+  EXPECT_TRUE(phi2.ShortRegs(128, 128 * 160, 128));
+  EXPECT_FALSE(phi2.ShortRegs(128, 128 * 192, 128));
+  EXPECT_EQ(phi2.Variant(256, 256 * 192, 256), 0);
+  EXPECT_TRUE(phi15.ShortRegs(128, 128 * 256, 128));
+  EXPECT_EQ(phi15.Variant(256, 256 * 256, 256), R::kShortContext);
+  EXPECT_EQ(phi15.Variant(256, 256 * 257, 256), 0);
+  // Only the bound of the form the rows take counts.
+  R r = Phi2();
+  r.short_regs_ctx = 64;
+  EXPECT_TRUE(r.FoldShort(32, 32 * 256, 32));
+  EXPECT_FALSE(r.ShortRegs(64, 64 * 128, 64));
+  r = Phi2();
+  r.fold_short_ctx = 64;
+  EXPECT_FALSE(r.FoldShort(32, 32 * 128, 32));
+  EXPECT_TRUE(r.ShortRegs(64, 64 * 128, 64));
 }
 
 TEST(DecodeVariantRules, ShortFormsAreDisjointAndNeedTheirModels) {
