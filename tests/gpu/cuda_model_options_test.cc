@@ -421,9 +421,9 @@ TEST(CudaPhiModel, FoldShortOnlyForShortContexts) {
 // The register-staged decode attention for short-context steps above the fold's rows
 // (set_decode_short_regs_rows), MHA models only: with both fold bounds 0, RunModeSteps' 3-row
 // steps take it only while their mean context (20.67 + d + 1) is at most 22
-// (set_decode_short_regs_ctx; step d = 0 alone), in their bucket's short-context variant graph. Another kernel (another summation order), so the bf16
-// bounds against the run without it, graph replays equal to eager steps; the GQA fixtures keep the
-// pipelined kernel, bit for bit.
+// (set_decode_short_regs_ctx; step d = 0 alone), in their bucket's short-context variant graph.
+// Another kernel (another summation order), so the bf16 bounds against the run without it, graph
+// replays equal to eager steps; the GQA fixtures keep the pipelined kernel, bit for bit.
 TEST(CudaPhiModel, ShortRegsOnlyForShortMhaSteps) {
   PHI_REQUIRE_GPU();
   std::vector<FixtureModel> models = FixtureModelsBf16();
