@@ -171,32 +171,22 @@ class CudaPhiModel final : public ModelBackend {
   bool bulk_gemv_pdl() const { return bulk_pdl_; }
   bool bulk_gemv_ln() const { return bulk_ln_; }
   // CudaModelOptions::decode_attention_fold_rows (drops graphs when it changes).
-  void set_decode_attention_fold_rows(int rows) {
-    if (rows != decode_fold_rows_) DropGraphs();
-    decode_fold_rows_ = rows;
-  }
+  void set_decode_attention_fold_rows(int rows) { SetDroppingGraphs(&decode_fold_rows_, rows); }
   int decode_attention_fold_rows() const { return decode_fold_rows_; }
   // CudaModelOptions::decode_fold_short_rows / _ctx. The row bound also splits the short-context
   // variant between the fold and ShortRegs, so its graphs are dropped when it changes.
   void set_decode_fold_short(int rows, int ctx) {
-    if (rows != fold_short_rows_) DropGraphs();
-    fold_short_rows_ = rows;
+    SetDroppingGraphs(&fold_short_rows_, rows);
     fold_short_ctx_ = ctx;
   }
   int decode_fold_short_rows() const { return fold_short_rows_; }
   int decode_fold_short_ctx() const { return fold_short_ctx_; }
   // CudaModelOptions::decode_short_regs_rows; drops graphs when it changes.
-  void set_decode_short_regs_rows(int rows) {
-    if (rows != short_regs_rows_) DropGraphs();
-    short_regs_rows_ = rows;
-  }
+  void set_decode_short_regs_rows(int rows) { SetDroppingGraphs(&short_regs_rows_, rows); }
   int decode_short_regs_rows() const { return short_regs_rows_; }
   // CudaModelOptions::decode_short_regs_ctx; drops graphs when it changes (it can change which
   // variants a bucket captures).
-  void set_decode_short_regs_ctx(int ctx) {
-    if (ctx != short_regs_ctx_) DropGraphs();
-    short_regs_ctx_ = ctx;
-  }
+  void set_decode_short_regs_ctx(int ctx) { SetDroppingGraphs(&short_regs_ctx_, ctx); }
   int decode_short_regs_ctx() const { return short_regs_ctx_; }
   // Decode steps enqueued so far with the short-context register-staged attention (ShortRegs).
   int64_t decode_short_regs_steps() const { return short_regs_steps_; }
@@ -218,18 +208,12 @@ class CudaPhiModel final : public ModelBackend {
   // Decode steps enqueued (eager or captured) with fc1's SM count target.
   int64_t decode_fc1_sms_steps() const { return fc1_sms_steps_; }
   // CudaModelOptions::decode_dense_bulk_rows; drops graphs when it changes.
-  void set_decode_dense_bulk_rows(int rows) {
-    if (rows != dense_bulk_rows_) DropGraphs();
-    dense_bulk_rows_ = rows;
-  }
+  void set_decode_dense_bulk_rows(int rows) { SetDroppingGraphs(&dense_bulk_rows_, rows); }
   int decode_dense_bulk_rows() const { return dense_bulk_rows_; }
   // Steps enqueued so far with dense through the bulk GEMV.
   int64_t decode_dense_bulk_steps() const { return dense_bulk_steps_; }
   // CudaModelOptions::decode_fc2_defer; drops graphs when it changes.
-  void set_decode_fc2_defer(bool on) {
-    if (on != fc2_defer_) DropGraphs();
-    fc2_defer_ = on;
-  }
+  void set_decode_fc2_defer(bool on) { SetDroppingGraphs(&fc2_defer_, on); }
   bool decode_fc2_defer() const { return fc2_defer_; }
   // Decode steps enqueued so far with fc2 deferred to the next LayerNorm.
   int64_t decode_fc2_defer_steps() const { return fc2_defer_steps_; }
@@ -241,8 +225,7 @@ class CudaPhiModel final : public ModelBackend {
     if (v < 0 || v > 3) {
       return absl::InvalidArgumentError("decode attention variant: 0 (auto) to 3 (tensor core)");
     }
-    if (v != decode_attention_variant_) DropGraphs();
-    decode_attention_variant_ = v;
+    SetDroppingGraphs(&decode_attention_variant_, v);
     return absl::OkStatus();
   }
   int decode_attention_variant() const { return decode_attention_variant_; }
@@ -473,6 +456,12 @@ class CudaPhiModel final : public ModelBackend {
   void StepTimerStop();
   static size_t DecodeBufferBytes(int rows, int64_t table_ints, int heads);
   void DropGraphs();
+  // Sets a setting the captured graphs bake in, dropping them when it changes.
+  template <typename V>
+  void SetDroppingGraphs(V* field, V value) {
+    if (value != *field) DropGraphs();
+    *field = value;
+  }
   absl::Status EnsureMetadataCapacity(size_t bytes);
   absl::Status DeviceStatus(int err, const char* what);
   absl::Status KernelResult(KernelStatus status, const char* op);
