@@ -308,7 +308,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
           for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
-            sc[mt][n][e] = cuda::Exp2Ftz(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: 2^-inf = 0
+            sc[mt][n][e] =
+                cuda::Exp2Ftz(fmaf(sc[mt][n][e], a.scale_log2, -mb));  // masked: 2^-inf = 0
           }
           v[n] = sc[mt][n][2 * hh] + sc[mt][n][2 * hh + 1];
         }
