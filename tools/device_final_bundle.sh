@@ -34,6 +34,10 @@ for t in $GPU_TESTS $INTEGRATION; do TESTS+=("$BUILD/tests/$t"); done
 "$BUNDLER" "$D" "$BUILD/bin/phishard" "$BUILD/bin/phishard_bench" "$BUILD/bin/phishard_tp_bench" \
   "$BUILD/bin/phishard_kernel_bench" "$BUILD/bin/phishard_graph_probe" "${TESTS[@]}"
 strip --strip-unneeded "$D"/bin/* "$D"/lib/* 2> /dev/null || true
-(cd "$D" && XZ_OPT='--lzma2=preset=9,dict=640MiB -T1' tar -cJf bundle.txz bin lib env.sh &&
-  rm -rf bin lib env.sh)
+# What the binaries were built from (the device copy's git metadata can lag the working tree):
+# the commit, and how many tracked files differed from it.
+{ git rev-parse --short HEAD; echo "tracked files changed: $(git status --short -uno | wc -l)"; } \
+  > "$D/build_commit.txt"
+(cd "$D" && XZ_OPT='--lzma2=preset=9,dict=640MiB -T1' tar -cJf bundle.txz bin lib env.sh \
+  build_commit.txt && rm -rf bin lib env.sh build_commit.txt)
 ls -l "$D/bundle.txz"

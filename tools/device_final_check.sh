@@ -32,7 +32,7 @@ source $D/env.sh
 B=$D/bin
 mkdir -p build-h11/bin && cp $B/phishard build-h11/bin/phishard &&
   ln -sf phishard build-h11/bin/lorax-server
-{ date -u +%FT%TZ; git rev-parse --short HEAD 2> /dev/null
+{ date -u +%FT%TZ; echo "binaries built from: $(cat $D/build_commit.txt 2> /dev/null | tr '\n' ' ')"
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; } > "$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 SUMMARY="$OUT/summary.txt"
