@@ -1,5 +1,6 @@
 // The CUDA model's shape-derived tuning defaults (model/cuda_model_options.h) — host code, no GPU:
-// the decode attention fold's row bound and the K/V bound of fc1's SM count target.
+// the decode attention fold's row bound, the ShortRegs context bound and the K/V bound of fc1's SM
+// count target.
 #include "gtest/gtest.h"
 #include "model/cuda_model_options.h"
 
@@ -10,6 +11,17 @@ TEST(CudaModelDefaults, FoldRowsFollowTheHeadDim) {
   EXPECT_EQ(DecodeAttentionFoldRowsDefault(80), kDecodeAttentionFoldRowsDefault);      // Phi-2
   EXPECT_EQ(DecodeAttentionFoldRowsDefault(64), 2 * kDecodeAttentionFoldRowsDefault);  // Phi-1.5
   EXPECT_EQ(DecodeAttentionFoldRowsDefault(32), 2 * kDecodeAttentionFoldRowsDefault);
+}
+
+// The ShortRegs steps' context bound follows the pipelined decode attention's lanes a key: 256
+// where a head's 16-byte slices fill 8 lanes (head dims a multiple of 64), 160 where that kernel
+// takes 4 lanes (16, 32, 80, 96: PipeLanesPerKey in kernels/cuda/paged_decode.cu).
+TEST(CudaModelDefaults, ShortRegsContextFollowsTheHeadDim) {
+  EXPECT_EQ(DecodeShortRegsCtxDefault(64), 256);  // Phi-1.5
+  EXPECT_EQ(DecodeShortRegsCtxDefault(128), 256);
+  EXPECT_EQ(DecodeShortRegsCtxDefault(80), 160);  // Phi-2
+  EXPECT_EQ(DecodeShortRegsCtxDefault(96), 160);
+  EXPECT_EQ(DecodeShortRegsCtxDefault(32), 160);
 }
 
 // Where a layer's K/V bytes (summed context x 2 x kv heads x head dim) reach 1.6 x fc1's weights
