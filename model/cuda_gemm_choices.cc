@@ -1,5 +1,6 @@
 #include "model/cuda_gemm_choices.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <utility>
 
@@ -77,13 +78,31 @@ absl::StatusOr<std::vector<GemmAlgoChoice>> GemmAlgoChoicesFromEnv(DataType dtyp
 #ifdef PHISHARD_HAVE_CUDA
 void CudaPhiModel::set_gemm_algo_choices(std::vector<GemmAlgoChoice> choices) {
   gemm_algos_ = std::move(choices);
-  set_prefill_gemm_algos(prefill_gemm_algos_);
+  ApplyGemmChoices();
 }
 
 void CudaPhiModel::set_prefill_gemm_algos(bool on) {
   prefill_gemm_algos_ = on;
+  ApplyGemmChoices();
+}
+
+void CudaPhiModel::set_decode_gemm_tune(int rows, double margin) {
+  gemm_tune_rows_ = std::max(0, rows);
+  gemm_tune_margin_ = margin;
+  gemm_tuned_ = false;
+  tuned_forms_ = 0;
+  tuned_algos_.clear();
+  ApplyGemmChoices();
+}
+
+void CudaPhiModel::ApplyGemmChoices() {
+  std::vector<GemmAlgoChoice> all;
+  if (prefill_gemm_algos_) {
+    all = gemm_algos_;  // the first match wins: recorded choices before tuned ones
+    all.insert(all.end(), tuned_algos_.begin(), tuned_algos_.end());
+  }
   for (CudaGemm* g : {gemm_.get(), mlp_gemm_.get()}) {
-    if (g != nullptr) g->SetAlgoChoices(on ? gemm_algos_ : std::vector<GemmAlgoChoice>{});
+    if (g != nullptr) g->SetAlgoChoices(all);
   }
   DropGraphs();  // captured decode steps hold the old plans' kernels
 }

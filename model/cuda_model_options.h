@@ -52,6 +52,7 @@ inline int DecodeFc1SmsMinKvTokensDefault(int hidden, int intermediate, int kv_h
 }
 inline constexpr int kDecodeDenseBulkRowsDefault = 1;  // CudaModelOptions::decode_dense_bulk_rows
 inline constexpr int kDecodeFc2DeferDefault = 1;       // CudaModelOptions::decode_fc2_defer
+inline constexpr int kDecodeGemmTuneRowsDefault = 64;  // CudaModelOptions::decode_gemm_tune_rows
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -191,6 +192,16 @@ struct CudaModelOptions {
   // x1.011 and b8 ctx128 x1.016 on every step (the attention branch the longer), hence the tie;
   // Phi-1.5 b8 / b16 ctx1024 x0.944 / x0.939.
   int decode_fc2_defer = -1;
+  // At the first PrepareDecode (Warmup), the layer GEMMs (qkv, fc1, dense, fc2) of every decode
+  // graph bucket of at least this many rows time cuBLASLt's candidates on this GPU and keep one
+  // that beat the heuristic's first pick by 8 % in every alternation (model/gemm_tune_rule.h)
+  // for GEMMs of exactly that row count (CudaPhiModel::set_decode_gemm_tune); 0: off. Another
+  // summation order where a choice is kept (bf16 bounds). Costs ~1 s of Warmup at Phi-2's shape.
+  // -1: PHISHARD_DECODE_GEMM_TUNE_ROWS when set, else kDecodeGemmTuneRowsDefault. Measured
+  // (H200, Phi-2 shape, perf-log 2026-11-30 13:03 / 13:09: the candidates under sustained load,
+  // then steps tuned / untuned alternated by process): at 256 rows fc2 without split-K x0.85 at
+  // Warmup's clock (x0.92 sustained); b256 ctx128 x0.956, b256 ctx1024 x0.99, b64 / b128 even.
+  int decode_gemm_tune_rows = -1;
 };
 
 }  // namespace phishard

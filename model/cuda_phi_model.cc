@@ -408,6 +408,11 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
                   "0 (off) or 1 (on)");
   PHI_RETURN_IF_ERROR(fc2_defer.status());
   m->set_decode_fc2_defer(*fc2_defer != 0);
+  const absl::StatusOr<int> tune_rows =
+      OptionOrEnv("PHISHARD_DECODE_GEMM_TUNE_ROWS", options.decode_gemm_tune_rows,
+                  kDecodeGemmTuneRowsDefault, 65536, "a row count (0: off)");
+  PHI_RETURN_IF_ERROR(tune_rows.status());
+  m->set_decode_gemm_tune(*tune_rows);
   m->props_name_ = props.name;
   return m;
 }
@@ -641,12 +646,11 @@ absl::Status CudaPhiModel::set_mlp_stream_mode(int mode) {
       return absl::InternalError(
           absl::StrCat("cuBLASLt initialisation (MLP stream) failed: ", KernelStatusName(st)));
     }
-    // The MLP stream's GEMMs take the recorded choices too (the main stream's plans stay cached).
-    if (prefill_gemm_algos_ && !gemm_algos_.empty()) mlp_gemm_->SetAlgoChoices(gemm_algos_);
   }
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
-  DropGraphs();  // they bake in the old branch layout
   mlp_mode_ = mode;
+  ApplyGemmChoices();  // the MLP stream's GEMMs take the choices too; drops the graphs (they bake
+                       // in the old branch layout)
   return absl::OkStatus();
 }
 

@@ -45,6 +45,7 @@
 #include "model/cuda_model_options.h"
 #include "model/decode_variant_rules.h"
 #include "model/forward_batch.h"
+#include "model/gemm_tune_rule.h"
 #include "model/model_backend.h"
 #include "model/phi_config.h"
 #include "model/phi_weights.h"
@@ -154,6 +155,8 @@ class CudaPhiModel final : public ModelBackend {
   // Captures the decode graphs of every bucket up to `max_batch` now (warmup) instead of at each
   // bucket's first step; runs one all-padding step per bucket (writes no KV slot).
   absl::Status CaptureDecodeGraphs(int max_batch);
+  // set_decode_gemm_tune's tuning for steps of up to max_batch rows (model/cuda_gemm_tune.cc).
+  absl::Status TuneDecodeGemms(int max_batch);
   absl::Status PrepareDecode(int max_batch) override { return CaptureDecodeGraphs(max_batch); }
   // Graphs on or off from the next step (off also drops the captured ones).
   void set_cuda_graphs(bool on);
@@ -293,6 +296,16 @@ class CudaPhiModel final : public ModelBackend {
     return absl::OkStatus();
   }
   const std::vector<GemmAlgoChoice>& gemm_algo_choices() const { return gemm_algos_; }
+  // Warm-up tuning of the decode steps' cuBLASLt GEMMs (CudaModelOptions::decode_gemm_tune_rows,
+  // model/cuda_gemm_tune.cc): at the first PrepareDecode, the layer GEMMs of every graph bucket of
+  // at least `rows` rows (0: none) time the heuristic's candidates and keep one that was faster
+  // by `margin` in every alternation (model/gemm_tune_rule.h) as a choice of their own exact row
+  // count, after the recorded ones (set_gemm_algo_choices wins where both match). A change drops
+  // the tuned choices, the plans and the graphs; the next PrepareDecode tunes again.
+  void set_decode_gemm_tune(int rows, double margin = kGemmTuneMarginDefault);
+  int decode_gemm_tune_rows() const { return gemm_tune_rows_; }
+  const std::vector<GemmAlgoChoice>& tuned_gemm_choices() const { return tuned_algos_; }
+  int tuned_gemm_forms() const { return tuned_forms_; }  // forms timed by the last tuning
   void set_prefill_gemm_algos(bool on);
   bool prefill_gemm_algos() const { return prefill_gemm_algos_; }
   size_t chosen_gemm_plans() const;
@@ -342,6 +355,9 @@ class CudaPhiModel final : public ModelBackend {
 
  private:
   CudaPhiModel(PhiConfig config, PhiShard shard, Communicator* comm, DataType dtype, int device);
+  // The recorded choices, then the tuned ones, on both cuBLASLt handles (or none when
+  // set_prefill_gemm_algos is off); drops the captured graphs.
+  void ApplyGemmChoices();
   static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Init(const PhiConfig& config,
                                                             const CudaModelOptions& options);
   absl::Status Finish(const CudaModelOptions& options);
@@ -507,6 +523,11 @@ class CudaPhiModel final : public ModelBackend {
   bool prefill_gemm_algos_ = true;          // set_prefill_gemm_algos
   int prefill_attention_tiling_ = 0;        // set_prefill_attention_tiling
   std::vector<GemmAlgoChoice> gemm_algos_;  // what it applies (PrefillGemmAlgoChoicesFromEnv)
+  int gemm_tune_rows_ = kDecodeGemmTuneRowsDefault;  // set_decode_gemm_tune
+  double gemm_tune_margin_ = kGemmTuneMarginDefault;
+  bool gemm_tuned_ = false;  // TuneDecodeGemms ran for these settings
+  int tuned_forms_ = 0;
+  std::vector<GemmAlgoChoice> tuned_algos_;  // its choices, applied after gemm_algos_
   int64_t prefill_mlp_fork_steps_ = 0;
   bool prefill_gelu_split_ = false;  // set_prefill_gelu_split
   int64_t prefill_gelu_split_steps_ = 0;

@@ -1,7 +1,8 @@
 // CudaPhiModel's switches against its default path, end to end on tiny-phi-code and the GQA
 // head-dim-80 fixture model: the MLP branch on its own stream, the prefill K/V store in the
 // attention kernel, the warp-specialised prefill attention, the prefill MLP fork and GELU split,
-// the trimmed last layer, the bulk GEMV on decode steps and recorded cuBLASLt algorithm choices.
+// the trimmed last layer, the bulk GEMV on decode steps, recorded cuBLASLt algorithm choices and
+// the decode GEMMs' warm-up tuning.
 // A switch that runs the same kernels on the same inputs in the same order must give bit-identical
 // logits; one that changes a summation order or adds a bf16 rounding gets the bf16 bounds of
 // cuda_model_test_util.h (ExpectLogitsClose). Moved from cuda_model_test.cc.
@@ -579,6 +580,44 @@ TEST(CudaPhiModel, PrefillGemmAlgoChoicesTakenAndClose) {
       ExpectLogitsClose(on[i], std::vector<double>(off[i].begin(), off[i].end()),
                         std::string(model) + " choices vs heuristic, step " + std::to_string(i));
     }
+  }
+}
+
+// The decode GEMMs' warm-up tuning (set_decode_gemm_tune, model/cuda_gemm_tune.cc): off, nothing
+// is timed or chosen; from 1 row with a margin of -1 (any finalist up to 2x the heuristic pick's
+// time wins, so the test does not depend on which kernel is faster here) PrepareDecode times the
+// forms of buckets 1-4 and records choices, which RunModeSteps' 3-row decode steps (bucket 4)
+// take: another summation order (bf16 bounds against the heuristic's picks), graph replays equal
+// to eager steps. A new setting forgets the choices.
+TEST(CudaPhiModel, DecodeGemmTuningTakenAndClose) {
+  PHI_REQUIRE_GPU();
+  for (auto& [model, m] : FixtureModelsBf16()) {
+    EXPECT_EQ(m->decode_gemm_tune_rows(), kDecodeGemmTuneRowsDefault);
+    m->set_decode_gemm_tune(0);
+    ASSERT_TRUE(m->PrepareDecode(4).ok());
+    EXPECT_EQ(m->tuned_gemm_forms(), 0) << model;
+    const std::vector<std::vector<float>> off = RunModeSteps(*m);
+    EXPECT_EQ(m->chosen_gemm_plans(), 0u) << model;
+    m->set_decode_gemm_tune(1, -1.0);
+    ASSERT_TRUE(m->PrepareDecode(4).ok());
+    EXPECT_GT(m->tuned_gemm_forms(), 0) << model;
+    EXPECT_FALSE(m->tuned_gemm_choices().empty()) << model;
+    for (const GemmAlgoChoice& c : m->tuned_gemm_choices()) {
+      EXPECT_EQ(c.min_m, c.max_m) << model << ": a choice covers its bucket's rows only";
+      EXPECT_LE(c.max_m, 4) << model;
+    }
+    const GraphEagerRuns r =
+        RunGraphThenEager(*m, [&] { return static_cast<int64_t>(m->chosen_gemm_plans()); });
+    EXPECT_GT(m->chosen_gemm_plans(), 0u) << model << ": no GEMM took a tuned choice";
+    ASSERT_EQ(r.graph.size(), off.size());
+    ASSERT_EQ(r.eager.size(), off.size());
+    for (size_t i = 0; i < off.size(); ++i) {
+      const std::string step = std::string(model) + " tuned, step " + std::to_string(i);
+      EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
+      ExpectLogitsClose(r.graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
+    }
+    m->set_decode_gemm_tune(kDecodeGemmTuneRowsDefault);
+    EXPECT_TRUE(m->tuned_gemm_choices().empty()) << model;
   }
 }
 

@@ -1,0 +1,207 @@
+// Warm-up tuning of the decode steps' cuBLASLt GEMMs (CudaPhiModel::set_decode_gemm_tune,
+// CudaModelOptions::decode_gemm_tune_rows): cuBLASLt's heuristic ranks candidate kernels by a
+// model of the GPU, not by timing, and at some decode shapes its first pick is measurably slower
+// than another candidate on this GPU (H200, Phi-2, 256 rows: fc2's split-K pick ×1.09 of a
+// non-split one, perf-log 2026-11-30 13:03). So at the first PrepareDecode each layer GEMM form
+// of every graph bucket of at least gemm_tune_rows_ rows is timed here on the model's own
+// weights and arena: every candidate of CudaGemm::ListAlgos once, then the fastest
+// kGemmTuneFinalists alternated with the heuristic's first (model/gemm_tune_rule.h decides), and a
+// winner is recorded as a GemmAlgoChoice for exactly that row count. Everything runs on the
+// model's stream before any graph is captured; the arena rows it writes are step scratch.
+#ifdef PHISHARD_HAVE_CUDA
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/logging.h"
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/random_fill_cuda.h"
+#include "model/cuda_graph_runner.h"
+#include "model/cuda_phi_internal.h"
+#include "model/cuda_phi_model.h"
+#include "model/gemm_tune_rule.h"
+
+namespace phishard {
+namespace {
+
+using cuda_model::ArenaLayout;
+using cuda_model::MakeArenaLayout;
+
+// Wall-clock bound of one tuning: forms not reached by then keep the heuristic's picks.
+constexpr double kTuneBudgetS = 5.0;
+
+struct TuneForm {
+  const char* name;
+  GemmParams p;
+};
+
+}  // namespace
+
+absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
+  if (gemm_tuned_ || gemm_tune_rows_ <= 0 || graphs_ == nullptr) return absl::OkStatus();
+  gemm_tuned_ = true;
+  tuned_algos_.clear();
+  tuned_forms_ = 0;
+  DeviceSet(device_);
+  const PhiConfig& c = config_;  // this rank's shapes
+  const int H = c.hidden_size, I = c.intermediate_size;
+  const int qkv_width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+  const int attn_width = c.num_attention_heads * c.head_dim;
+  const DataType dt = dtype_;
+  const GemmEpilogue act =
+      c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
+  const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
+  char* a = static_cast<char*>(arena_);
+  const Layer& w = layers_[0];  // every layer's GEMMs have these shapes
+  // As a base decode step issues them (EnqueueLayers): with fc2 on the MLP stream dense adds to
+  // h and fc2 adds (rank 0) or starts the partial, else the other way round.
+  const bool fc2_branch = mlp_mode_ == kMlpStreamFc1Fc2 && (!shard_.sharded() || mlp_sharded_);
+  const bool rank_adds = shard_.adds_row_parallel_bias();
+  auto form = [&](const char* name, size_t x_off, const void* wt, const void* bias, size_t y_off,
+                  int n, int k, bool acc, GemmEpilogue epi) {
+    return TuneForm{name, GemmParams{.x = a + x_off,
+                                     .w = wt,
+                                     .bias = bias,
+                                     .y = a + y_off,
+                                     .n = n,
+                                     .k = k,
+                                     .accumulate = acc,
+                                     .epilogue = epi,
+                                     .dtype = dt}};
+  };
+  std::vector<TuneForm> forms = {
+      form("qkv", al.normed, w.qkv_w, w.qkv_b, al.qkv, qkv_width, H, false, GemmEpilogue::kNone),
+      form("fc1", al.normed, w.fc1_w, w.fc1_b, al.mlp, I, H, false, act),
+      form("dense", al.attn, w.dense_w, w.dense_b, al.h, H, attn_width, fc2_branch || rank_adds,
+           GemmEpilogue::kNone),
+      form("fc2", al.mlp, w.fc2_w, w.fc2_b, al.h, H, I, !fc2_branch || rank_adds,
+           GemmEpilogue::kNone)};
+  std::vector<int> rows;
+  for (int b : graphs_->buckets()) {
+    if (b >= gemm_tune_rows_ && b <= max_batch && b <= arena_tokens_) rows.push_back(b);
+  }
+  if (rows.empty()) return absl::OkStatus();
+
+  // Inputs of unit scale (zeros would time faster than real data), h too (it is accumulated).
+  const int m_max = *std::max_element(rows.begin(), rows.end());
+  uint64_t seed = 0x7a11;
+  for (const auto& [off, width] :
+       {std::pair<size_t, int>{al.normed, H}, {al.attn, attn_width}, {al.mlp, I}, {al.h, H}}) {
+    PHI_RETURN_IF_ERROR(KernelResult(RandomFillCuda({.data = a + off,
+                                                     .count = static_cast<int64_t>(m_max) * width,
+                                                     .spread = 1.0f,
+                                                     .seed = ++seed,
+                                                     .dtype = dt},
+                                                    stream_),
+                                     "tuning inputs"));
+  }
+  DeviceTimer* timer = nullptr;
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceTimerCreate(&timer), "tuning timer"));
+  const absl::Cleanup destroy_timer = [timer] { DeviceTimerDestroy(timer); };
+  CudaGemm& g = *gemm_;
+  absl::Status failed;
+  // Mean µs of `reps` back-to-back runs of configuration `cfg` after one untimed run; < 0 when
+  // cuBLASLt refuses it for these operands (kInvalidShape) or on a device error (into `failed`).
+  auto time = [&](const GemmParams& p, const GemmAlgoConfig& cfg, int reps) -> double {
+    KernelStatus st = g.RunAlgo(p, dt, cfg, stream_);
+    int err = st == KernelStatus::kOk ? DeviceTimerStart(timer, stream_) : 0;
+    for (int i = 0; i < reps && st == KernelStatus::kOk && err == 0; ++i) {
+      st = g.RunAlgo(p, dt, cfg, stream_);
+    }
+    if (st == KernelStatus::kInvalidShape) return -1.0;
+    if (st != KernelStatus::kOk) {
+      failed = KernelResult(st, "tuning GEMM");
+      return -1.0;
+    }
+    float ms = 0.0f;
+    if (err == 0) err = DeviceTimerStop(timer, stream_);
+    if (err == 0) err = DeviceTimerElapsedMs(timer, &ms);
+    if (err != 0) {
+      failed = DeviceStatus(err, "tuning timer");
+      return -1.0;
+    }
+    return 1e3 * ms / reps;
+  };
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::string> notes;
+  for (int m : rows) {
+    for (TuneForm& f : forms) {
+      if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() >
+          kTuneBudgetS) {
+        notes.push_back(absl::StrFormat("%s m=%d not tuned (time budget)", f.name, m));
+        continue;
+      }
+      GemmParams p = f.p;
+      p.m = m;
+      std::vector<GemmAlgoConfig> cands;
+      if (g.ListAlgos(p, dt, 16, true, &cands) != KernelStatus::kOk || cands.size() < 2) continue;
+      ++tuned_forms_;
+      // ~0.3 ms a timing: the form's time at 3 TB/s or 500 TFLOP/s, whichever is longer.
+      const double bytes = 2.0 * (static_cast<double>(p.n) * p.k + static_cast<double>(m) * p.k);
+      const double est_us = std::max(bytes / 3e6, 2.0 * m * p.n * static_cast<double>(p.k) / 5e8);
+      const int reps = std::clamp(static_cast<int>(300.0 / std::max(est_us, 1.0)), 3, 50);
+      std::vector<double> t1(cands.size());
+      for (size_t i = 0; i < cands.size() && failed.ok(); ++i) t1[i] = time(p, cands[i], reps);
+      PHI_RETURN_IF_ERROR(failed);
+      if (t1[0] <= 0) continue;
+      std::vector<int> finalists;
+      for (size_t i = 1; i < cands.size(); ++i) {
+        if (t1[i] > 0) finalists.push_back(static_cast<int>(i));
+      }
+      std::sort(finalists.begin(), finalists.end(), [&](int x, int y) { return t1[x] < t1[y]; });
+      if (static_cast<int>(finalists.size()) > kGemmTuneFinalists) {
+        finalists.resize(kGemmTuneFinalists);
+      }
+      std::vector<std::vector<double>> ratios(finalists.size());
+      for (int r = 0; r < kGemmTuneRounds; ++r) {
+        for (size_t j = 0; j < finalists.size() && failed.ok(); ++j) {
+          const double before = time(p, cands[0], reps);
+          const double cand = time(p, cands[finalists[j]], reps);
+          const double after = time(p, cands[0], reps);
+          if (before > 0 && cand > 0 && after > 0) {
+            ratios[j].push_back(cand / (0.5 * (before + after)));
+          }
+        }
+      }
+      PHI_RETURN_IF_ERROR(failed);
+      const int pick = PickTunedGemm(ratios, gemm_tune_margin_);
+      if (pick < 0) continue;
+      std::vector<double> r = ratios[pick];
+      std::sort(r.begin(), r.end());
+      const GemmAlgoConfig& cfg = cands[finalists[pick]];
+      tuned_algos_.push_back(
+          {.min_m = m,
+           .max_m = m,
+           .n = p.n,
+           .k = p.k,
+           .accumulate = p.accumulate,
+           .gelu = p.epilogue == GemmEpilogue::kGeluTanh && g.gelu_tanh_in_epilogue(),
+           .bias = p.bias != nullptr,
+           .dtype = dt,
+           .config = cfg});
+      notes.push_back(absl::StrFormat(
+          "%s m=%d: candidate %d of %zu, %.3f of the heuristic's pick (algo %d tile %d stages %d "
+          "split-k %d cluster %d)",
+          f.name, m, finalists[pick], cands.size(), r[r.size() / 2], cfg.algo_id, cfg.tile_id,
+          cfg.stages_id, cfg.split_k, cfg.cluster_id));
+    }
+  }
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "tuning"));
+  ApplyGemmChoices();
+  Log(LogLevel::kInfo,
+      absl::StrFormat("decode GEMM tuning: %d forms of %zu buckets (>= %d rows) timed in %.2f s, "
+                      "%zu choices%s%s",
+                      tuned_forms_, rows.size(), gemm_tune_rows_,
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                      tuned_algos_.size(), notes.empty() ? "" : ": ", absl::StrJoin(notes, "; ")));
+  return absl::OkStatus();
+}
+
+}  // namespace phishard
+
+#endif  // PHISHARD_HAVE_CUDA
