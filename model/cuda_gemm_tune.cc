@@ -115,7 +115,11 @@ absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
     }
     if (st == KernelStatus::kInvalidShape) return -1.0;
     if (st != KernelStatus::kOk) {
-      failed = KernelResult(st, "tuning GEMM");
+      // A launch cuBLASLt refused at run time leaves the device usable: skip the candidate.
+      // Anything that also fails the stream (a sticky error) ends the tuning and the Warmup.
+      const int sync = DeviceStreamSync(stream_);
+      const int last = DeviceGetLastError();
+      if (sync != 0 || last != 0) failed = KernelResult(st, "tuning GEMM");
       return -1.0;
     }
     float ms = 0.0f;
