@@ -4,10 +4,11 @@
 // than another candidate on this GPU (H200, Phi-2, 256 rows: fc2's split-K pick ×1.09 of a
 // non-split one, perf-log 2026-11-30 13:03). So at the first PrepareDecode each layer GEMM form
 // of every graph bucket of at least gemm_tune_rows_ rows is timed here on the model's own
-// weights and arena: every candidate of CudaGemm::ListAlgos once, then the fastest
-// kGemmTuneFinalists alternated with the heuristic's first (model/gemm_tune_rule.h decides), and a
-// winner is recorded as a GemmAlgoChoice for exactly that row count. Everything runs on the
-// model's stream before any graph is captured; the arena rows it writes are step scratch.
+// weights and arena: every candidate of CudaGemm::ListAlgos once, then those clearly faster than
+// the heuristic's first, in its order, alternated with that first pick (model/gemm_tune_rule.h
+// decides), and a winner is recorded as a GemmAlgoChoice for exactly that row count. Everything
+// runs on the model's stream before any graph is captured; the arena rows it writes are step
+// scratch.
 #ifdef PHISHARD_HAVE_CUDA
 
 #include <algorithm>
@@ -152,32 +153,29 @@ absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
       std::vector<double> t1(cands.size());
       for (size_t i = 0; i < cands.size() && failed.ok(); ++i) t1[i] = time(p, cands[i], reps);
       PHI_RETURN_IF_ERROR(failed);
-      if (t1[0] <= 0) continue;
-      std::vector<int> finalists;
-      for (size_t i = 1; i < cands.size(); ++i) {
-        if (t1[i] > 0) finalists.push_back(static_cast<int>(i));
-      }
-      std::sort(finalists.begin(), finalists.end(), [&](int x, int y) { return t1[x] < t1[y]; });
-      if (static_cast<int>(finalists.size()) > kGemmTuneFinalists) {
-        finalists.resize(kGemmTuneFinalists);
-      }
-      std::vector<std::vector<double>> ratios(finalists.size());
-      for (int r = 0; r < kGemmTuneRounds; ++r) {
-        for (size_t j = 0; j < finalists.size() && failed.ok(); ++j) {
+      // Finalists by rank; the first to win every alternation by the margin is kept.
+      int pick = -1;
+      std::vector<double> won;
+      for (int c : GemmTuneFinalists(t1, gemm_tune_margin_)) {
+        std::vector<double> ratios;
+        for (int r = 0; r < kGemmTuneRounds && failed.ok(); ++r) {
           const double before = time(p, cands[0], reps);
-          const double cand = time(p, cands[finalists[j]], reps);
+          const double cand = time(p, cands[c], reps);
           const double after = time(p, cands[0], reps);
           if (before > 0 && cand > 0 && after > 0) {
-            ratios[j].push_back(cand / (0.5 * (before + after)));
+            ratios.push_back(cand / (0.5 * (before + after)));
           }
         }
+        PHI_RETURN_IF_ERROR(failed);
+        if (GemmTuneWins(ratios, gemm_tune_margin_)) {
+          pick = c;
+          won = std::move(ratios);
+          break;
+        }
       }
-      PHI_RETURN_IF_ERROR(failed);
-      const int pick = PickTunedGemm(ratios, gemm_tune_margin_);
       if (pick < 0) continue;
-      std::vector<double> r = ratios[pick];
-      std::sort(r.begin(), r.end());
-      const GemmAlgoConfig& cfg = cands[finalists[pick]];
+      std::sort(won.begin(), won.end());
+      const GemmAlgoConfig& cfg = cands[pick];
       tuned_algos_.push_back(
           {.min_m = m,
            .max_m = m,
@@ -191,7 +189,7 @@ absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
       notes.push_back(absl::StrFormat(
           "%s m=%d: candidate %d of %zu, %.3f of the heuristic's pick (algo %d tile %d stages %d "
           "split-k %d cluster %d)",
-          f.name, m, finalists[pick], cands.size(), r[r.size() / 2], cfg.algo_id, cfg.tile_id,
+          f.name, m, pick, cands.size(), won[won.size() / 2], cfg.algo_id, cfg.tile_id,
           cfg.stages_id, cfg.split_k, cfg.cluster_id));
     }
   }

@@ -194,13 +194,15 @@ struct CudaModelOptions {
   int decode_fc2_defer = -1;
   // At the first PrepareDecode (Warmup), the layer GEMMs (qkv, fc1, dense, fc2) of every decode
   // graph bucket of at least this many rows time cuBLASLt's candidates on this GPU and keep one
-  // that beat the heuristic's first pick by 8 % in every alternation (model/gemm_tune_rule.h)
-  // for GEMMs of exactly that row count (CudaPhiModel::set_decode_gemm_tune); 0: off. Another
-  // summation order where a choice is kept (bf16 bounds). Costs ~1 s of Warmup at Phi-2's shape.
-  // -1: PHISHARD_DECODE_GEMM_TUNE_ROWS when set, else kDecodeGemmTuneRowsDefault. Measured
-  // (H200, Phi-2 shape, perf-log 2026-11-30 13:03 / 13:09: the candidates under sustained load,
-  // then steps tuned / untuned alternated by process): at 256 rows fc2 without split-K x0.85 at
-  // Warmup's clock (x0.92 sustained); b256 ctx128 x0.956, b256 ctx1024 x0.99, b64 / b128 even.
+  // that beat the heuristic's first pick by 8 % in every alternation (the first such in the
+  // heuristic's order, model/gemm_tune_rule.h) for GEMMs of exactly that row count
+  // (CudaPhiModel::set_decode_gemm_tune); 0: off. Another summation order where a choice is
+  // kept (bf16 bounds). Costs ~1 s of Warmup at Phi-2's shape. -1:
+  // PHISHARD_DECODE_GEMM_TUNE_ROWS when set, else kDecodeGemmTuneRowsDefault. Measured (H200,
+  // perf-log 2026-11-30 13:01-13:32: the candidates under sustained load, then steps tuned /
+  // untuned alternated by process): Phi-2 at 256 rows fc2 without split-K x0.85 at Warmup's
+  // clock (x0.92 sustained), b256 ctx128 x0.956, b256 ctx1024 x0.99, b64 / b128 even; Phi-1.5
+  // fc2 at 128 rows x0.83-0.87, b128 ctx128 x0.988-0.994, the rest even.
   int decode_gemm_tune_rows = -1;
 };
 

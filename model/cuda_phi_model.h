@@ -298,10 +298,11 @@ class CudaPhiModel final : public ModelBackend {
   const std::vector<GemmAlgoChoice>& gemm_algo_choices() const { return gemm_algos_; }
   // Warm-up tuning of the decode steps' cuBLASLt GEMMs (CudaModelOptions::decode_gemm_tune_rows,
   // model/cuda_gemm_tune.cc): at the first PrepareDecode, the layer GEMMs of every graph bucket of
-  // at least `rows` rows (0: none) time the heuristic's candidates and keep one that was faster
-  // by `margin` in every alternation (model/gemm_tune_rule.h) as a choice of their own exact row
-  // count, after the recorded ones (set_gemm_algo_choices wins where both match). A change drops
-  // the tuned choices, the plans and the graphs; the next PrepareDecode tunes again.
+  // at least `rows` rows (0: none) time the heuristic's candidates and keep the first (in the
+  // heuristic's order) that was faster by `margin` in every alternation (model/gemm_tune_rule.h)
+  // as a choice of their own exact row count, after the recorded ones (set_gemm_algo_choices wins
+  // where both match). A change drops the tuned choices, the plans and the graphs; the next
+  // PrepareDecode tunes again.
   void set_decode_gemm_tune(int rows, double margin = kGemmTuneMarginDefault);
   int decode_gemm_tune_rows() const { return gemm_tune_rows_; }
   const std::vector<GemmAlgoChoice>& tuned_gemm_choices() const { return tuned_algos_; }
