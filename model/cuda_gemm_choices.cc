@@ -89,6 +89,15 @@ void CudaPhiModel::set_prefill_gemm_algos(bool on) {
 void CudaPhiModel::set_decode_gemm_tune(int rows, double margin) {
   gemm_tune_rows_ = std::max(0, rows);
   gemm_tune_margin_ = margin;
+  ForgetTunedGemms();
+}
+
+void CudaPhiModel::set_prefill_gemm_tune(bool on) {
+  prefill_tune_ = on;
+  ForgetTunedGemms();
+}
+
+void CudaPhiModel::ForgetTunedGemms() {
   gemm_tuned_ = false;
   tuned_forms_ = 0;
   tuned_algos_.clear();

@@ -1,14 +1,15 @@
-// Warm-up tuning of the decode steps' cuBLASLt GEMMs (CudaPhiModel::set_decode_gemm_tune,
-// CudaModelOptions::decode_gemm_tune_rows): cuBLASLt's heuristic ranks candidate kernels by a
-// model of the GPU, not by timing, and at some decode shapes its first pick is measurably slower
-// than another candidate on this GPU (H200, Phi-2, 256 rows: fc2's split-K pick ×1.09 of a
-// non-split one, perf-log 2026-11-30 13:03). So at the first PrepareDecode each layer GEMM form
-// of every graph bucket of at least gemm_tune_rows_ rows is timed here on the model's own
-// weights and arena: every candidate of CudaGemm::ListAlgos once, then those clearly faster than
-// the heuristic's first, in its order, alternated with that first pick (model/gemm_tune_rule.h
-// decides), and a winner is recorded as a GemmAlgoChoice for exactly that row count. Everything
-// runs on the model's stream before any graph is captured; the arena rows it writes are step
-// scratch.
+// Warm-up tuning of the layers' cuBLASLt GEMMs (CudaPhiModel::set_decode_gemm_tune /
+// set_prefill_gemm_tune, CudaModelOptions::decode_gemm_tune_rows / prefill_gemm_tune). cuBLASLt's
+// heuristic ranks candidate kernels by a model of the GPU, not by timing, and at some shapes its
+// first pick is measurably slower than another candidate (H200, Phi-2: fc2's split-K pick at 256
+// rows x1.09 of a non-split one, perf-log 2026-11-30 13:01; fc1 + GELU at 1024 rows x1.16, 13:49).
+// So at the first PrepareDecode each layer GEMM form of every decode graph bucket of at least
+// gemm_tune_rows_ rows, and of the prefill sizes 512-8192 the arena holds, is timed here on the
+// model's own weights and arena: every candidate of CudaGemm::ListAlgos once, then those clearly
+// faster than the heuristic's first, in its order, alternated with that first pick
+// (model/gemm_tune_rule.h decides). A winner becomes a GemmAlgoChoice for exactly that row count
+// (a decode bucket) or for [3/4, 3/2) of it (a prefill size). Everything runs on the model's
+// stream before any graph is captured; the arena rows it writes are step scratch.
 #ifdef PHISHARD_HAVE_CUDA
 
 #include <algorithm>
@@ -43,8 +44,10 @@ struct TuneForm {
 
 }  // namespace
 
-absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
-  if (gemm_tuned_ || gemm_tune_rows_ <= 0 || graphs_ == nullptr) return absl::OkStatus();
+absl::Status CudaPhiModel::TuneGemms(int max_batch) {
+  if (gemm_tuned_ || (gemm_tune_rows_ <= 0 && !prefill_tune_) || graphs_ == nullptr) {
+    return absl::OkStatus();
+  }
   gemm_tuned_ = true;
   tuned_algos_.clear();
   tuned_forms_ = 0;
@@ -82,14 +85,27 @@ absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
            GemmEpilogue::kNone),
       form("fc2", al.mlp, w.fc2_w, w.fc2_b, al.h, H, I, !fc2_branch || rank_adds,
            GemmEpilogue::kNone)};
-  std::vector<int> rows;
+  // The row counts timed and the rows each one's choice covers: every decode bucket of at least
+  // gemm_tune_rows_ rows exactly; a prefill size s, [3 s / 4, 3 s / 2).
+  struct Rows {
+    int m, min_m, max_m;
+  };
+  std::vector<Rows> rows;
   for (int b : graphs_->buckets()) {
-    if (b >= gemm_tune_rows_ && b <= max_batch && b <= arena_tokens_) rows.push_back(b);
+    if (gemm_tune_rows_ > 0 && b >= gemm_tune_rows_ && b <= max_batch && b <= arena_tokens_) {
+      rows.push_back({b, b, b});
+    }
+  }
+  for (int size : {512, 1024, 2048, 4096, 8192}) {
+    if (prefill_tune_ && size <= arena_tokens_) {
+      rows.push_back({size, size * 3 / 4, size * 3 / 2 - 1});
+    }
   }
   if (rows.empty()) return absl::OkStatus();
 
   // Inputs of unit scale (zeros would time faster than real data), h too (it is accumulated).
-  const int m_max = *std::max_element(rows.begin(), rows.end());
+  int m_max = 1;
+  for (const Rows& r : rows) m_max = std::max(m_max, r.m);
   uint64_t seed = 0x7a11;
   for (const auto& [off, width] :
        {std::pair<size_t, int>{al.normed, H}, {al.attn, attn_width}, {al.mlp, I}, {al.h, H}}) {
@@ -134,7 +150,8 @@ absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
   };
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::string> notes;
-  for (int m : rows) {
+  for (const Rows& rr : rows) {
+    const int m = rr.m;
     for (TuneForm& f : forms) {
       if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() >
           kTuneBudgetS) {
@@ -177,8 +194,8 @@ absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
       std::sort(won.begin(), won.end());
       const GemmAlgoConfig& cfg = cands[pick];
       tuned_algos_.push_back(
-          {.min_m = m,
-           .max_m = m,
+          {.min_m = rr.min_m,
+           .max_m = rr.max_m,
            .n = p.n,
            .k = p.k,
            .accumulate = p.accumulate,
@@ -196,9 +213,10 @@ absl::Status CudaPhiModel::TuneDecodeGemms(int max_batch) {
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "tuning"));
   ApplyGemmChoices();
   Log(LogLevel::kInfo,
-      absl::StrFormat("decode GEMM tuning: %d forms of %zu buckets (>= %d rows) timed in %.2f s, "
-                      "%zu choices%s%s",
+      absl::StrFormat("GEMM tuning: %d forms at %zu row counts (decode buckets >= %d rows%s) "
+                      "timed in %.2f s, %zu choices%s%s",
                       tuned_forms_, rows.size(), gemm_tune_rows_,
+                      prefill_tune_ ? ", prefill sizes the arena holds" : "",
                       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                       tuned_algos_.size(), notes.empty() ? "" : ": ", absl::StrJoin(notes, "; ")));
   return absl::OkStatus();

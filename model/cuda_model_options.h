@@ -53,6 +53,7 @@ inline int DecodeFc1SmsMinKvTokensDefault(int hidden, int intermediate, int kv_h
 inline constexpr int kDecodeDenseBulkRowsDefault = 1;  // CudaModelOptions::decode_dense_bulk_rows
 inline constexpr int kDecodeFc2DeferDefault = 1;       // CudaModelOptions::decode_fc2_defer
 inline constexpr int kDecodeGemmTuneRowsDefault = 64;  // CudaModelOptions::decode_gemm_tune_rows
+inline constexpr int kPrefillGemmTuneDefault = 1;      // CudaModelOptions::prefill_gemm_tune
 
 struct CudaModelOptions {
   // "" (config's torch_dtype: bfloat16 -> bf16, float16/float32/absent -> fp16), "float16",
@@ -204,6 +205,14 @@ struct CudaModelOptions {
   // clock (x0.92 sustained), b256 ctx128 x0.956, b256 ctx1024 x0.99, b64 / b128 even; Phi-1.5
   // fc2 at 128 rows x0.83-0.87, b128 ctx128 x0.988-0.994, the rest even.
   int decode_gemm_tune_rows = -1;
+  // 1: the same Warmup tuning for prefill-sized GEMMs — 512, 1024, 2048, 4096 and 8192 rows, those
+  // the step arena holds then (Warmup's prefill has grown it) — each choice kept for rows in
+  // [3/4, 3/2) of its size. 0: off. -1: PHISHARD_PREFILL_GEMM_TUNE when set, else
+  // kPrefillGemmTuneDefault. Measured (H200, Phi-2 shape, perf-log 2026-11-30 13:49 / 13:53):
+  // fc1 + GELU at 1024 rows x0.86-0.89 (tile 20, cluster 3), nothing else at 512-2048 clears the
+  // margin; steps tuned / untuned alternated: 8x128 x0.972, 1x1400 x0.966, 1x512 / 1x768 /
+  // 1x1024 / 1x2048 within +-0.6 %. ~0.6 s more Warmup.
+  int prefill_gemm_tune = -1;
 };
 
 }  // namespace phishard

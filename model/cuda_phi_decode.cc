@@ -236,7 +236,7 @@ absl::Status CudaPhiModel::CaptureDecodeGraphs(int max_batch) {
   if (kv_ == nullptr) {
     return absl::FailedPreconditionError("decode graphs need the KV cache (AllocateKvCache first)");
   }
-  PHI_RETURN_IF_ERROR(TuneDecodeGemms(max_batch));  // model/cuda_gemm_tune.cc (first call only)
+  PHI_RETURN_IF_ERROR(TuneGemms(max_batch));  // model/cuda_gemm_tune.cc (first call only)
   if (!use_graphs_) return absl::OkStatus();
   DeviceSet(device_);
   lora_->Deactivate();  // base-model graphs: no adapter rows

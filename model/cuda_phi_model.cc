@@ -413,6 +413,11 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
                   kDecodeGemmTuneRowsDefault, 65536, "a row count (0: off)");
   PHI_RETURN_IF_ERROR(tune_rows.status());
   m->set_decode_gemm_tune(*tune_rows);
+  const absl::StatusOr<int> tune_prefill =
+      OptionOrEnv("PHISHARD_PREFILL_GEMM_TUNE", options.prefill_gemm_tune, kPrefillGemmTuneDefault,
+                  1, "0 (off) or 1 (on)");
+  PHI_RETURN_IF_ERROR(tune_prefill.status());
+  m->set_prefill_gemm_tune(*tune_prefill != 0);
   m->props_name_ = props.name;
   return m;
 }

@@ -155,8 +155,9 @@ class CudaPhiModel final : public ModelBackend {
   // Captures the decode graphs of every bucket up to `max_batch` now (warmup) instead of at each
   // bucket's first step; runs one all-padding step per bucket (writes no KV slot).
   absl::Status CaptureDecodeGraphs(int max_batch);
-  // set_decode_gemm_tune's tuning for steps of up to max_batch rows (model/cuda_gemm_tune.cc).
-  absl::Status TuneDecodeGemms(int max_batch);
+  // The Warmup GEMM tuning (set_decode_gemm_tune, set_prefill_gemm_tune; model/cuda_gemm_tune.cc)
+  // for decode steps of up to max_batch rows and the prefill sizes the arena holds.
+  absl::Status TuneGemms(int max_batch);
   absl::Status PrepareDecode(int max_batch) override { return CaptureDecodeGraphs(max_batch); }
   // Graphs on or off from the next step (off also drops the captured ones).
   void set_cuda_graphs(bool on);
@@ -305,6 +306,11 @@ class CudaPhiModel final : public ModelBackend {
   // PrepareDecode tunes again.
   void set_decode_gemm_tune(int rows, double margin = kGemmTuneMarginDefault);
   int decode_gemm_tune_rows() const { return gemm_tune_rows_; }
+  // The same for prefill-sized GEMMs (CudaModelOptions::prefill_gemm_tune): 512-8192 rows, those
+  // the step arena holds at the first PrepareDecode, each choice for rows in [3/4, 3/2) of its
+  // size; the margin is set_decode_gemm_tune's. A change drops the tuned choices as above.
+  void set_prefill_gemm_tune(bool on);
+  bool prefill_gemm_tune() const { return prefill_tune_; }
   const std::vector<GemmAlgoChoice>& tuned_gemm_choices() const { return tuned_algos_; }
   int tuned_gemm_forms() const { return tuned_forms_; }  // forms timed by the last tuning
   void set_prefill_gemm_algos(bool on);
@@ -359,6 +365,7 @@ class CudaPhiModel final : public ModelBackend {
   // The recorded choices, then the tuned ones, on both cuBLASLt handles (or none when
   // set_prefill_gemm_algos is off); drops the captured graphs.
   void ApplyGemmChoices();
+  void ForgetTunedGemms();  // the next PrepareDecode tunes again
   static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Init(const PhiConfig& config,
                                                             const CudaModelOptions& options);
   absl::Status Finish(const CudaModelOptions& options);
@@ -526,7 +533,8 @@ class CudaPhiModel final : public ModelBackend {
   std::vector<GemmAlgoChoice> gemm_algos_;  // what it applies (PrefillGemmAlgoChoicesFromEnv)
   int gemm_tune_rows_ = kDecodeGemmTuneRowsDefault;  // set_decode_gemm_tune
   double gemm_tune_margin_ = kGemmTuneMarginDefault;
-  bool gemm_tuned_ = false;  // TuneDecodeGemms ran for these settings
+  bool prefill_tune_ = kPrefillGemmTuneDefault != 0;  // set_prefill_gemm_tune
+  bool gemm_tuned_ = false;                           // TuneGemms ran for these settings
   int tuned_forms_ = 0;
   std::vector<GemmAlgoChoice> tuned_algos_;  // its choices, applied after gemm_algos_
   int64_t prefill_mlp_fork_steps_ = 0;

@@ -1,4 +1,4 @@
-// The decision rule of the decode GEMMs' warm-up tuning (CudaPhiModel::TuneDecodeGemms,
+// The decision rule of the Warmup GEMM tuning (CudaPhiModel::TuneGemms,
 // model/cuda_gemm_tune.cc): which cuBLASLt configuration, if any, replaces the heuristic's first
 // pick for one GEMM form. Host code only, so it is unit-tested without a GPU
 // (tests/model/gemm_tune_rule_test.cc).

@@ -593,6 +593,8 @@ TEST(CudaPhiModel, DecodeGemmTuningTakenAndClose) {
   PHI_REQUIRE_GPU();
   for (auto& [model, m] : FixtureModelsBf16()) {
     EXPECT_EQ(m->decode_gemm_tune_rows(), kDecodeGemmTuneRowsDefault);
+    EXPECT_EQ(m->prefill_gemm_tune(), kPrefillGemmTuneDefault != 0);
+    m->set_prefill_gemm_tune(false);  // PrefillGemmTuningTakenAndClose
     m->set_decode_gemm_tune(0);
     ASSERT_TRUE(m->PrepareDecode(4).ok());
     EXPECT_EQ(m->tuned_gemm_forms(), 0) << model;
@@ -618,6 +620,44 @@ TEST(CudaPhiModel, DecodeGemmTuningTakenAndClose) {
     }
     m->set_decode_gemm_tune(kDecodeGemmTuneRowsDefault);
     EXPECT_TRUE(m->tuned_gemm_choices().empty()) << model;
+    m->set_prefill_gemm_tune(kPrefillGemmTuneDefault != 0);
+  }
+}
+
+// The same tuning at prefill sizes (set_prefill_gemm_tune): with the arena grown to 512 rows only
+// size 512 is timed, its choices cover rows [384, 768), and a 400-token prefill takes them (a
+// margin of -1 forces choices, as above): bf16 bounds against the heuristic's picks.
+TEST(CudaPhiModel, PrefillGemmTuningTakenAndClose) {
+  PHI_REQUIRE_GPU();
+  for (const char* name : {"models/tiny-phi-code", "tests/golden/phi-gqa-hd80"}) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(kRepo / name, "bfloat16");
+    ASSERT_NE(m, nullptr) << name;
+    ASSERT_TRUE(m->AllocateKvCache(32, kKvBlockSize).ok()) << name;
+    ASSERT_TRUE(m->ReserveWorkspace(512).ok()) << name;
+    const int V = m->config().vocab_size;
+    std::vector<int32_t> ids(400);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 7919 + 13) % V);
+    const ForwardBatch prefill = OneSequence(ids, 0, Blocks(0, 400), /*all_rows=*/false);
+    m->set_decode_gemm_tune(0, -1.0);
+    m->set_prefill_gemm_tune(false);
+    ASSERT_TRUE(m->PrepareDecode(4).ok());
+    EXPECT_EQ(m->tuned_gemm_forms(), 0) << name;
+    std::vector<float> off;
+    ASSERT_TRUE(m->Forward(prefill, &off).ok()) << name;
+    EXPECT_EQ(m->chosen_gemm_plans(), 0u) << name;
+    m->set_prefill_gemm_tune(true);
+    ASSERT_TRUE(m->PrepareDecode(4).ok());
+    EXPECT_GT(m->tuned_gemm_forms(), 0) << name;
+    EXPECT_FALSE(m->tuned_gemm_choices().empty()) << name;
+    for (const GemmAlgoChoice& c : m->tuned_gemm_choices()) {
+      EXPECT_EQ(c.min_m, 384) << name;
+      EXPECT_EQ(c.max_m, 767) << name;
+    }
+    std::vector<float> on;
+    ASSERT_TRUE(m->Forward(prefill, &on).ok()) << name;
+    EXPECT_GT(m->chosen_gemm_plans(), 0u) << name << ": the prefill took no tuned choice";
+    ExpectLogitsClose(on, std::vector<double>(off.begin(), off.end()),
+                      std::string(name) + " tuned prefill vs heuristic");
   }
 }
 
