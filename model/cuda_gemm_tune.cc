@@ -63,7 +63,9 @@ absl::Status CudaPhiModel::TuneGemms(int max_batch) {
   char* a = static_cast<char*>(arena_);
   const Layer& w = layers_[0];  // every layer's GEMMs have these shapes
   // As a base decode step issues them (EnqueueLayers): with fc2 on the MLP stream dense adds to
-  // h and fc2 adds (rank 0) or starts the partial, else the other way round.
+  // h and fc2 adds (rank 0) or starts the partial, else the other way round. Prefill steps issue
+  // the latter; on one GPU both forms are the same (both add), on a rank other than 0 the
+  // prefill's dense / fc2 forms differ and their choices are not taken (the heuristic's stay).
   const bool fc2_branch = mlp_mode_ == kMlpStreamFc1Fc2 && (!shard_.sharded() || mlp_sharded_);
   const bool rank_adds = shard_.adds_row_parallel_bias();
   auto form = [&](const char* name, size_t x_off, const void* wt, const void* bias, size_t y_off,
@@ -133,7 +135,8 @@ absl::Status CudaPhiModel::TuneGemms(int max_batch) {
     if (st == KernelStatus::kInvalidShape) return -1.0;
     if (st != KernelStatus::kOk) {
       // A launch cuBLASLt refused at run time leaves the device usable: skip the candidate.
-      // Anything that also fails the stream (a sticky error) ends the tuning and the Warmup.
+      // Anything that also fails the stream (a sticky error) ends the tuning with an error
+      // (PrepareDecode's; the server's Warmup logs it and serves, Health reports the device).
       const int sync = DeviceStreamSync(stream_);
       const int last = DeviceGetLastError();
       if (sync != 0 || last != 0) failed = KernelResult(st, "tuning GEMM");
