@@ -2,7 +2,7 @@
 // set_prefill_gemm_tune, CudaModelOptions::decode_gemm_tune_rows / prefill_gemm_tune). cuBLASLt's
 // heuristic ranks candidate kernels by a model of the GPU, not by timing, and at some shapes its
 // first pick is measurably slower than another candidate (H200, Phi-2: fc2's split-K pick at 256
-// rows x1.09 of a non-split one, perf-log 2026-11-30 13:01; fc1 + GELU at 1024 rows x1.16, 13:49).
+// rows x1.09 of a non-split one, perf-log 2026-11-30 13:01; fc1 + GELU at 1024 rows x1.16, 13:46).
 // So at the first PrepareDecode each layer GEMM form of every decode graph bucket of at least
 // gemm_tune_rows_ rows, and of the prefill sizes 512-8192 the arena holds, is timed here on the
 // model's own weights and arena: every candidate of CudaGemm::ListAlgos once, then those clearly

@@ -208,7 +208,7 @@ struct CudaModelOptions {
   // 1: the same Warmup tuning for prefill-sized GEMMs — 512, 1024, 2048, 4096 and 8192 rows, those
   // the step arena holds then (Warmup's prefill has grown it) — each choice kept for rows in
   // [3/4, 3/2) of its size. 0: off. -1: PHISHARD_PREFILL_GEMM_TUNE when set, else
-  // kPrefillGemmTuneDefault. Measured (H200, Phi-2 shape, perf-log 2026-11-30 13:49 / 13:53):
+  // kPrefillGemmTuneDefault. Measured (H200, Phi-2 shape, perf-log 2026-11-30 13:46 / 13:50):
   // fc1 + GELU at 1024 rows x0.86-0.89 (tile 20, cluster 3), nothing else at 512-2048 clears the
   // margin; steps tuned / untuned alternated: 8x128 x0.972, 1x1400 x0.966, 1x512 / 1x768 /
   // 1x1024 / 1x2048 within +-0.6 %. ~0.6 s more Warmup (~2.3 s when the arena holds 8192 rows).
