@@ -45,12 +45,20 @@ struct TuneForm {
 }  // namespace
 
 absl::Status CudaPhiModel::TuneGemms(int max_batch) {
-  if (gemm_tuned_ || (gemm_tune_rows_ <= 0 && !prefill_tune_) || graphs_ == nullptr) {
+  // Nothing to tune, or choices switched off (set_prefill_gemm_algos(false): nothing would be
+  // installed; a later PrepareDecode tunes once they are on).
+  if (gemm_tuned_ || (gemm_tune_rows_ <= 0 && !prefill_tune_) || graphs_ == nullptr ||
+      !prefill_gemm_algos_) {
     return absl::OkStatus();
   }
   gemm_tuned_ = true;
   tuned_algos_.clear();
   tuned_forms_ = 0;
+  // A failed tuning keeps none of its choices (a later ApplyGemmChoices would install them).
+  bool finished = false;
+  const absl::Cleanup forget_on_error = [&] {
+    if (!finished) tuned_algos_.clear();
+  };
   DeviceSet(device_);
   const PhiConfig& c = config_;  // this rank's shapes
   const int H = c.hidden_size, I = c.intermediate_size;
@@ -134,12 +142,12 @@ absl::Status CudaPhiModel::TuneGemms(int max_batch) {
     }
     if (st == KernelStatus::kInvalidShape) return -1.0;
     if (st != KernelStatus::kOk) {
-      // A launch cuBLASLt refused at run time leaves the device usable: skip the candidate.
-      // Anything that also fails the stream (a sticky error) ends the tuning with an error
-      // (PrepareDecode's; the server's Warmup logs it and serves, Health reports the device).
+      // A launch cuBLASLt refused at run time leaves the device usable (its error is cleared
+      // here): skip the candidate. Only one that also fails the stream (a sticky error) ends
+      // the tuning.
       const int sync = DeviceStreamSync(stream_);
-      const int last = DeviceGetLastError();
-      if (sync != 0 || last != 0) failed = KernelResult(st, "tuning GEMM");
+      DeviceGetLastError();
+      if (sync != 0) failed = KernelResult(st, "tuning GEMM");
       return -1.0;
     }
     float ms = 0.0f;
@@ -187,7 +195,9 @@ absl::Status CudaPhiModel::TuneGemms(int max_batch) {
           }
         }
         PHI_RETURN_IF_ERROR(failed);
-        if (GemmTuneWins(ratios, gemm_tune_margin_)) {
+        // Every alternation timed (none refused) and won.
+        if (static_cast<int>(ratios.size()) == kGemmTuneRounds &&
+            GemmTuneWins(ratios, gemm_tune_margin_)) {
           pick = c;
           won = std::move(ratios);
           break;
@@ -214,6 +224,7 @@ absl::Status CudaPhiModel::TuneGemms(int max_batch) {
     }
   }
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "tuning"));
+  finished = true;
   ApplyGemmChoices();
   Log(LogLevel::kInfo,
       absl::StrFormat("GEMM tuning: %d forms at %zu row counts (decode buckets >= %d rows%s) "

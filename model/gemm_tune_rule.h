@@ -40,9 +40,10 @@ inline std::vector<int> GemmTuneFinalists(const std::vector<double>& times, doub
   return out;
 }
 
-// ratios[j]: finalist j's times over the first pick's (the mean of its timings just before and
+// ratios: a finalist's times over the first pick's (the mean of its timings just before and
 // after), one per alternation. True when there is at least one and every one is at most
-// 1 - margin (never for a NaN).
+// 1 - margin (never for a NaN). The tuning also requires all kGemmTuneRounds of them (a refused
+// timing leaves one out).
 inline bool GemmTuneWins(const std::vector<double>& ratios, double margin) {
   return !ratios.empty() &&
          std::all_of(ratios.begin(), ratios.end(), [&](double x) { return x <= 1.0 - margin; });

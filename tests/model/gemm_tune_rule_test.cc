@@ -13,8 +13,9 @@ namespace {
 using Ints = std::vector<int>;
 
 TEST(GemmTuneFinalists, ClearlyFasterCandidatesInTheHeuristicsOrder) {
-  // Candidate 0 is the heuristic's pick (10 µs); 8 % faster means at most 9.2 µs.
-  const std::vector<double> t = {10.0, 9.5, 8.0, 9.2, 7.0, 11.0, -1.0, 9.0};
+  // Candidate 0 is the heuristic's pick (10 µs); 8 % faster means at most 9.2 µs (values kept
+  // clear of that boundary, where the product's rounding would decide).
+  const std::vector<double> t = {10.0, 9.5, 8.0, 9.1, 7.0, 11.0, -1.0, 9.0};
   EXPECT_EQ(GemmTuneFinalists(t, kGemmTuneMarginDefault), (Ints{2, 3, 4}));  // rank, not speed
   EXPECT_EQ(GemmTuneFinalists(t, kGemmTuneMarginDefault, 5), (Ints{2, 3, 4, 7}));
   EXPECT_EQ(GemmTuneFinalists(t, 0.25), (Ints{4}));
@@ -35,8 +36,9 @@ TEST(GemmTuneWins, EveryAlternationByTheMargin) {
   // Faster every time, but by less than the margin (dense at 256 rows: 0.966).
   EXPECT_FALSE(GemmTuneWins({0.95, 0.96, 0.966}, kGemmTuneMarginDefault));
   EXPECT_TRUE(GemmTuneWins({0.95, 0.96, 0.966}, 0.03));
-  // Exactly at the margin counts; a NaN never does.
-  EXPECT_TRUE(GemmTuneWins({0.97, 0.97, 0.97}, 0.03));
+  // Exactly at the margin counts (0.75 = 1 - 0.25 exactly in binary); a NaN never does.
+  EXPECT_TRUE(GemmTuneWins({0.75, 0.75, 0.75}, 0.25));
+  EXPECT_FALSE(GemmTuneWins({0.75, 0.7500001, 0.75}, 0.25));
   EXPECT_FALSE(GemmTuneWins({0.8, NAN, 0.8}, kGemmTuneMarginDefault));
   EXPECT_TRUE(GemmTuneWins({1.5, 1.9}, -1.0));
   EXPECT_FALSE(GemmTuneWins({1.5, 2.1}, -1.0));
