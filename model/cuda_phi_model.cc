@@ -5,14 +5,11 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
-#include <string_view>
 #include <utility>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
@@ -64,23 +61,6 @@ absl::StatusOr<DataType> ResolveDtype(const std::string& requested, const PhiCon
     PHI_LOG(WARNING) << "config.json asks for bfloat16 but this GPU lacks it: using float16";
   }
   return DataType::kF16;  // float16, float32 and absent all run in float16 (spec 6.1)
-}
-
-// `option` when >= 0; else the environment variable `name` when set (an integer in [0, max],
-// INVALID_ARGUMENT naming it and `what` otherwise); else `fallback`. (The variable's name comes
-// first: tests/deploy/check_deploy.py finds the variables the code reads as the first argument
-// of calls named ...Env.)
-absl::StatusOr<int> OptionOrEnv(const char* name, int option, int fallback, int max,
-                                const char* what) {
-  if (option >= 0) return option;
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  int value = 0;
-  if (!absl::SimpleAtoi(v, &value) || value < 0 || value > max) {
-    return absl::InvalidArgumentError(absl::StrCat("environment variable ", name, "='", v,
-                                                   "' must be ", what, " in [0, ", max, "]"));
-  }
-  return value;
 }
 
 }  // namespace
@@ -256,168 +236,7 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   m->lora_ = std::make_unique<CudaLora>(m->config_, m->dtype_, options.device);
   m->lora_graphs_->set_node_priority(m->lora_->BranchPriority());  // model/cuda_lora.h
   PHI_RETURN_IF_ERROR(m->InitTpOverlap(options));
-  m->use_graphs_ = options.cuda_graphs;
-  m->gemv_max_rows_ = options.gemv_max_rows;
-  m->gemv_single_segment_ = options.gemv_single_segment;
-  m->pdl_ = options.pdl && props.cc_major >= 9;
-  m->mlp_sharded_ = options.mlp_stream_sharded == 1;
-  if (options.mlp_stream_sharded < 0) {
-    if (const char* v = std::getenv("PHISHARD_MLP_STREAM_TP"); v != nullptr && *v != '\0') {
-      const std::string_view s(v);
-      if (s != "0" && s != "1") {
-        return absl::InvalidArgumentError(
-            absl::StrCat("environment variable PHISHARD_MLP_STREAM_TP='", v, "' must be 0 or 1"));
-      }
-      m->mlp_sharded_ = s == "1";
-    }
-  }
-  if (const char* v = std::getenv("PHISHARD_PREFILL_KV_STORE"); v != nullptr && *v != '\0') {
-    const std::string_view s(v);
-    if (s != "0" && s != "1") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("environment variable PHISHARD_PREFILL_KV_STORE='", v, "' must be 0 or 1"));
-    }
-    m->prefill_kv_store_ = s == "1";
-  }
-  if (const char* v = std::getenv("PHISHARD_PREFILL_LAST_ROWS"); v != nullptr && *v != '\0') {
-    const std::string_view s(v);
-    if (s != "0" && s != "1") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("environment variable PHISHARD_PREFILL_LAST_ROWS='", v, "' must be 0 or 1"));
-    }
-    m->prefill_last_rows_ = s == "1";
-  }
-  absl::StatusOr<std::vector<GemmAlgoChoice>> algos = GemmAlgoChoicesFromEnv(m->dtype_);
-  if (!algos.ok()) return algos.status();
-  m->gemm_algos_ = *std::move(algos);
-  m->set_prefill_gemm_algos(true);
-  if (const char* v = std::getenv("PHISHARD_PREFILL_MLP_FORK"); v != nullptr && *v != '\0') {
-    const std::string_view s(v);
-    if (s != "0" && s != "1") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("environment variable PHISHARD_PREFILL_MLP_FORK='", v, "' must be 0 or 1"));
-    }
-    m->prefill_mlp_fork_ = s == "1";
-  }
-  if (const char* v = std::getenv("PHISHARD_PREFILL_GELU_SPLIT"); v != nullptr && *v != '\0') {
-    const std::string_view s(v);
-    if (s != "0" && s != "1") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "environment variable PHISHARD_PREFILL_GELU_SPLIT='", v, "' must be 0 or 1"));
-    }
-    m->prefill_gelu_split_ = s == "1";
-  }
-  m->mlp_join_sharded_ = options.mlp_join_sharded;
-  if (m->mlp_join_sharded_ < 0) {
-    m->mlp_join_sharded_ = 0;
-    if (const char* v = std::getenv("PHISHARD_MLP_JOIN_TP"); v != nullptr && *v != '\0') {
-      const std::string_view s(v);
-      if (s != "0" && s != "1" && s != "2") {
-        return absl::InvalidArgumentError(
-            absl::StrCat("environment variable PHISHARD_MLP_JOIN_TP='", v, "' must be 0, 1 or 2"));
-      }
-      m->mlp_join_sharded_ = s[0] - '0';
-    }
-  } else if (m->mlp_join_sharded_ > 2) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("mlp_join_sharded = %d must be 0, 1 or 2", m->mlp_join_sharded_));
-  }
-  int mlp_mode = options.mlp_stream;
-  if (mlp_mode < 0) {
-    mlp_mode = kMlpStreamDefault;
-    if (const char* v = std::getenv("PHISHARD_MLP_STREAM"); v != nullptr && *v != '\0') {
-      const std::string_view s(v);
-      if (s != "0" && s != "1" && s != "2") {
-        return absl::InvalidArgumentError(
-            absl::StrCat("environment variable PHISHARD_MLP_STREAM='", v, "' must be 0, 1 or 2"));
-      }
-      mlp_mode = s[0] - '0';
-    }
-  }
-  PHI_RETURN_IF_ERROR(m->set_mlp_stream_mode(mlp_mode));
-  // CudaModelOptions::bulk_gemv_*: the option, else the environment variable, else the default.
-  auto bulk_env = [](const char* name, int option, int fallback, int max) -> absl::StatusOr<int> {
-    if (option >= 0) return option;
-    const char* v = std::getenv(name);
-    if (v == nullptr || *v == '\0') return fallback;
-    const std::string_view s(v);
-    if (s.size() != 1 || s[0] < '0' || s[0] > '0' + max) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("environment variable ", name, "='", v, "' must be in [0, ", max, "]"));
-    }
-    return s[0] - '0';
-  };
-  const absl::StatusOr<int> bulk_rows = bulk_env("PHISHARD_BULK_GEMV_ROWS", options.bulk_gemv_rows,
-                                                 kBulkGemvRowsDefault, kGemvMaxRows);
-  const absl::StatusOr<int> bulk_pdl =
-      bulk_env("PHISHARD_BULK_GEMV_PDL", options.bulk_gemv_pdl, kBulkGemvPdlDefault, 1);
-  const absl::StatusOr<int> bulk_ln =
-      bulk_env("PHISHARD_BULK_GEMV_LN", options.bulk_gemv_ln, kBulkGemvLnDefault, 1);
-  for (const absl::StatusOr<int>* v : {&bulk_rows, &bulk_pdl, &bulk_ln}) {
-    PHI_RETURN_IF_ERROR(v->status());
-  }
-  PHI_RETURN_IF_ERROR(m->set_bulk_gemv(*bulk_rows, *bulk_pdl != 0, *bulk_ln != 0));
-  const absl::StatusOr<int> mega =
-      bulk_env("PHISHARD_DECODE_MEGAKERNEL", options.decode_megakernel, 0, 1);
-  PHI_RETURN_IF_ERROR(mega.status());
-  PHI_RETURN_IF_ERROR(m->set_decode_megakernel(*mega != 0));
-  const absl::StatusOr<int> fold_rows =
-      OptionOrEnv("PHISHARD_DECODE_ATTENTION_FOLD", options.decode_attention_fold_rows,
-                  DecodeAttentionFoldRowsDefault(m->config().head_dim), 65536, "a row count");
-  PHI_RETURN_IF_ERROR(fold_rows.status());
-  m->set_decode_attention_fold_rows(*fold_rows);
-  const absl::StatusOr<int> fold_short_rows =
-      OptionOrEnv("PHISHARD_DECODE_FOLD_SHORT_ROWS", options.decode_fold_short_rows,
-                  kDecodeFoldShortRowsDefault, 65536, "a row count (0: off)");
-  PHI_RETURN_IF_ERROR(fold_short_rows.status());
-  const absl::StatusOr<int> fold_short_ctx =
-      OptionOrEnv("PHISHARD_DECODE_FOLD_SHORT_CTX", options.decode_fold_short_ctx,
-                  kDecodeFoldShortCtxDefault, 1 << 30, "a token count");
-  PHI_RETURN_IF_ERROR(fold_short_ctx.status());
-  m->set_decode_fold_short(*fold_short_rows, *fold_short_ctx);
-  const absl::StatusOr<int> short_regs =
-      OptionOrEnv("PHISHARD_DECODE_SHORT_REGS_ROWS", options.decode_short_regs_rows,
-                  kDecodeShortRegsRowsDefault, 65536, "a row count (0: off)");
-  PHI_RETURN_IF_ERROR(short_regs.status());
-  m->set_decode_short_regs_rows(*short_regs);
-  const absl::StatusOr<int> short_regs_ctx =
-      OptionOrEnv("PHISHARD_DECODE_SHORT_REGS_CTX", options.decode_short_regs_ctx,
-                  DecodeShortRegsCtxDefault(m->config().head_dim), 1 << 30, "a token count");
-  PHI_RETURN_IF_ERROR(short_regs_ctx.status());
-  m->set_decode_short_regs_ctx(*short_regs_ctx);
-  const absl::StatusOr<int> fc1_sms =
-      OptionOrEnv("PHISHARD_DECODE_FC1_SMS", options.decode_fc1_sms, kDecodeFc1SmsDefault, 4096,
-                  "an SM count (0: every SM)");
-  PHI_RETURN_IF_ERROR(fc1_sms.status());
-  m->set_decode_fc1_sms(*fc1_sms);
-  const PhiConfig& rc = m->config();
-  const absl::StatusOr<int> fc1_min_kv =
-      OptionOrEnv("PHISHARD_DECODE_FC1_SMS_MIN_KV_TOKENS", options.decode_fc1_sms_min_kv_tokens,
-                  DecodeFc1SmsMinKvTokensDefault(rc.hidden_size, rc.intermediate_size,
-                                                 rc.num_key_value_heads, rc.head_dim),
-                  1 << 30, "a token count (0: every step)");
-  PHI_RETURN_IF_ERROR(fc1_min_kv.status());
-  m->set_decode_fc1_sms_min_kv_tokens(*fc1_min_kv);
-  const absl::StatusOr<int> dense_bulk =
-      OptionOrEnv("PHISHARD_DECODE_DENSE_BULK_ROWS", options.decode_dense_bulk_rows,
-                  kDecodeDenseBulkRowsDefault, kGemvMaxRows, "a row count");
-  PHI_RETURN_IF_ERROR(dense_bulk.status());
-  m->set_decode_dense_bulk_rows(*dense_bulk);
-  const absl::StatusOr<int> fc2_defer =
-      OptionOrEnv("PHISHARD_DECODE_FC2_DEFER", options.decode_fc2_defer, kDecodeFc2DeferDefault, 1,
-                  "0 (off) or 1 (on)");
-  PHI_RETURN_IF_ERROR(fc2_defer.status());
-  m->set_decode_fc2_defer(*fc2_defer != 0);
-  const absl::StatusOr<int> tune_rows =
-      OptionOrEnv("PHISHARD_DECODE_GEMM_TUNE_ROWS", options.decode_gemm_tune_rows,
-                  kDecodeGemmTuneRowsDefault, 65536, "a row count (0: off)");
-  PHI_RETURN_IF_ERROR(tune_rows.status());
-  m->set_decode_gemm_tune(*tune_rows);
-  const absl::StatusOr<int> tune_prefill =
-      OptionOrEnv("PHISHARD_PREFILL_GEMM_TUNE", options.prefill_gemm_tune, kPrefillGemmTuneDefault,
-                  1, "0 (off) or 1 (on)");
-  PHI_RETURN_IF_ERROR(tune_prefill.status());
-  m->set_prefill_gemm_tune(*tune_prefill != 0);
+  PHI_RETURN_IF_ERROR(m->ApplySettings(options, props.cc_major));  // cuda_phi_settings.cc
   m->props_name_ = props.name;
   return m;
 }

@@ -369,6 +369,8 @@ class CudaPhiModel final : public ModelBackend {
   static absl::StatusOr<std::unique_ptr<CudaPhiModel>> Init(const PhiConfig& config,
                                                             const CudaModelOptions& options);
   absl::Status Finish(const CudaModelOptions& options);
+  // Init's settings from `options` and the environment (model/cuda_phi_settings.cc).
+  absl::Status ApplySettings(const CudaModelOptions& options, int cc_major);
   // Weights (model/cuda_phi_weights.cc): from a checkpoint, or random on the device.
   absl::Status UploadWeights(const WeightStore& store);
   absl::Status FillRandomWeights(uint64_t seed);
