@@ -44,6 +44,7 @@
 #include "bench/kernel_trace.h"
 #include "bench/lora_pairs.h"
 #include "bench/mega_sweep.h"
+#include "bench/model_sweeps.h"
 #include "bench/setting_sweep.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/device.h"
@@ -204,7 +205,7 @@ int Main(int argc, char** argv) {
       "kernel of --attn-variants, alternated (CudaPhiModel::set_decode_attention_variant)");
   app.add_option("--attn-variant-cases", attn_variant_cases, "BATCHxCTX decode steps of it");
   app.add_option("--attn-variants", attn_variants,
-                 "0 auto, 1 register-staged, 2 pipelined, 3 tensor core, 4 register-direct stream "
+                 "0 auto, 1 register-staged, 2 pipelined, 3 tensor core, 4 one warp a head "
                  "(the first is the base)");
   app.add_option("--attn-variant-mode", attn_variant_mode, "decode mode (greedy, graph)");
   app.add_option("--print-steps", print_steps,
@@ -216,60 +217,8 @@ int Main(int argc, char** argv) {
                  "on, alternated (CudaPhiModel::set_decode_attention_fold_rows; 0: none)");
   app.add_option("--fold-cases", fold_cases, "BATCHxCTX decode steps of --fold-rounds");
   app.add_option("--fold-mode", fold_mode, "decode mode of --fold-rounds (greedy, graph)");
-  bench::IntSettingSweep fc1_sms{.name = "fc1-sms",
-                                 .label = "fc1sms",
-                                 .title = "decode fc1 SM target sweep",
-                                 .cases = "4x1024,8x1024,16x1024,32x1024,8x4096",
-                                 .values = "0,24,33"};
-  fc1_sms.AddFlags(app, "set_decode_fc1_sms, applied to every step size 1-256 here",
-                   "SM count targets (0: every SM)");
-  bench::IntSettingSweep fc1_min_kv{.name = "fc1-min-kv",
-                                    .label = "fc1minkv",
-                                    .title = "decode fc1 SM target K/V bound sweep",
-                                    .cases = "8x128,8x512,8x1024,16x512,8x4096",
-                                    .values = "0,8192,1073741824"};
-  fc1_min_kv.AddFlags(app, "set_decode_fc1_sms_min_kv_tokens",
-                      "summed-context bounds in tokens (0: every step of the row range)");
-  bench::IntSettingSweep fold_short{.name = "fold-short-ctx",
-                                    .label = "foldshort",
-                                    .title = "decode fold of short-context steps sweep",
-                                    .cases = "16x128,32x128,32x256,16x512,32x1024",
-                                    .values = "0,256"};
-  fold_short.AddFlags(app, "set_decode_fold_short's mean-context bound",
-                      "mean contexts in tokens (0: off)");
-  bench::IntSettingSweep fc2_defer{.name = "fc2-defer",
-                                   .label = "fc2defer",
-                                   .title = "decode fc2 deferred to the next LayerNorm sweep",
-                                   .cases = "8x128,8x1024,12x1024,16x1024,8x4096,16x4096",
-                                   .values = "0,1"};
-  fc2_defer.AddFlags(app, "set_decode_fc2_defer (steps with fc1's SM target)", "0 (off) or 1 (on)");
-  bench::IntSettingSweep short_regs{.name = "short-regs",
-                                    .label = "shortregs",
-                                    .title = "decode short-context register-staged attention sweep",
-                                    .cases = "64x128,128x128,256x128,256x256,128x512",
-                                    .values = "0,256"};
-  short_regs.AddFlags(app, "set_decode_short_regs_rows", "row bounds (0: off)");
-  bench::IntSettingSweep short_regs_ctx{
-      .name = "short-regs-ctx",
-      .label = "shortregsctx",
-      .title = "decode short-context register-staged attention context bound sweep",
-      .cases = "128x192,256x160,256x192,256x256",
-      .values = "160,256"};
-  short_regs_ctx.AddFlags(app, "set_decode_short_regs_ctx", "mean-context bounds (tokens)");
-  bench::IntSettingSweep dense_bulk{.name = "dense-bulk",
-                                    .label = "densebulk",
-                                    .title = "decode dense bulk GEMV sweep",
-                                    .cases = "1x1024,2x1024,4x1024,1x4096",
-                                    .values = "0,1"};
-  dense_bulk.AddFlags(app, "set_decode_dense_bulk_rows", "row bounds (0: cuBLASLt)");
-  // Graph replay against eager launches alternated: the fixed table's graph / eager rows run
-  // minutes apart, and under the 700 W cap the later rows inherit what ran before them.
-  bench::IntSettingSweep graphs{.name = "graphs",
-                                .label = "graphs",
-                                .title = "decode graph replay against eager launches",
-                                .cases = "256x1024,1x1024",
-                                .values = "1,0"};
-  graphs.AddFlags(app, "set_cuda_graphs", "1 graph replays, 0 the same kernels launched eagerly");
+  bench::ModelSettingSweeps sweeps;
+  sweeps.AddFlags(app);
   std::string trace_csv;
   app.add_option("--trace-csv", trace_csv,
                  "CUPTI kernel timeline of two extra steps after each decode case (graphs "
@@ -528,46 +477,7 @@ int Main(int argc, char** argv) {
   if (fold_rounds > 0 && !lora_only) {
     DecodeFoldSweep(m, bench, fold_cases, fold_mode, fold_rounds, &rows);
   }
-  if (!lora_only) {
-    const int fc1_sms0 = m.decode_fc1_sms(), fc1_min_kv0 = m.decode_fc1_sms_min_kv_tokens();
-    fc1_sms.Run(
-        bench,
-        [&m](int v) {
-          m.set_decode_fc1_sms(v, 1, 256);
-          m.set_decode_fc1_sms_min_kv_tokens(0);  // every step: the target alone
-        },
-        [&m, fc1_sms0, fc1_min_kv0] {
-          m.set_decode_fc1_sms(fc1_sms0);
-          m.set_decode_fc1_sms_min_kv_tokens(fc1_min_kv0);
-        },
-        &rows);
-    const int fold_short_rows0 = m.decode_fold_short_rows();
-    const int fold_short_ctx0 = m.decode_fold_short_ctx();
-    fold_short.Run(
-        bench, [&m, fold_short_rows0](int v) { m.set_decode_fold_short(fold_short_rows0, v); },
-        [&m, fold_short_rows0, fold_short_ctx0] {
-          m.set_decode_fold_short(fold_short_rows0, fold_short_ctx0);
-        },
-        &rows);
-    short_regs.Run(
-        bench, [&m] { return m.decode_short_regs_rows(); },
-        [&m](int v) { m.set_decode_short_regs_rows(v); }, &rows);
-    short_regs_ctx.Run(
-        bench, [&m] { return m.decode_short_regs_ctx(); },
-        [&m](int v) { m.set_decode_short_regs_ctx(v); }, &rows);
-    fc2_defer.Run(
-        bench, [&m] { return m.decode_fc2_defer() ? 1 : 0; },
-        [&m](int v) { m.set_decode_fc2_defer(v != 0); }, &rows);
-    fc1_min_kv.Run(
-        bench, [&m] { return m.decode_fc1_sms_min_kv_tokens(); },
-        [&m](int v) { m.set_decode_fc1_sms_min_kv_tokens(v); }, &rows);
-    dense_bulk.Run(
-        bench, [&m] { return m.decode_dense_bulk_rows(); },
-        [&m](int v) { m.set_decode_dense_bulk_rows(v); }, &rows);
-    graphs.Run(
-        bench, [&m] { return m.cuda_graphs() ? 1 : 0; }, [&m](int v) { m.set_cuda_graphs(v != 0); },
-        &rows);
-  }
+  if (!lora_only) sweeps.Run(m, bench, &rows);
   const bench::MegaSweepOptions mega{.rounds = mega_sweep,
                                      .forms = mega_forms,
                                      .tunings = mega_tunings,

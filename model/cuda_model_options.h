@@ -38,6 +38,23 @@ inline constexpr int kDecodeShortRegsRowsDefault = 256;  // CudaModelOptions::de
 // x1.020, b256 ctx128 x0.982 / ctx160 x0.997 / ctx192 x1.009 / ctx224 x1.025 / ctx256 x1.031;
 // Phi-1.5 b256 ctx128 x0.969 / ctx192 x0.974 / ctx256 x0.993, b128 ctx192 x0.998.
 inline int DecodeShortRegsCtxDefault(int head_dim) { return head_dim % 64 == 0 ? 256 : 160; }
+// CudaModelOptions::decode_warp_heads: on, with DecodeVariantRules' bounds from the SM count —
+// at least kDecodeWarpHeadsMinWarpsPerSm live query heads an SM (2.25 waves of the kernel's 16
+// resident warps an SM) with a mean context of at most kDecodeWarpHeadsCtx, or
+// kDecodeWarpHeadsMoreWarpsPerSm (2.75 waves) with a mean of at most kDecodeWarpHeadsMoreCtx.
+// Measured (H200, Phi-2 shape, on against off / the kernels chosen before, alternated in one
+// process, greedy steps, perf-log 2026-11-30 14:57-15:15, two hosts): b256 ctx128 x0.946 /
+// x0.956, ctx192 x0.870 / x0.922, ctx256 x0.915 / x0.931, ctx384 x0.969, ctx512 x0.954 / x0.970;
+// b192 ctx128 x0.942, ctx256 x0.943, ctx512 x0.961 / x0.973; b160 ctx128 x0.964 / x0.954, ctx256
+// x0.973; Phi-1.5 b256 ctx128 x0.975, b192 ctx512 x0.977. Left out: long contexts (b256 ctx1024
+// x0.976, x1.000 and, in a process run hot after the GPU tests, x1.106; b192 ctx1024 x0.994 /
+// x0.995) and fewer heads (b160 ctx512 x1.081 in that hot process, b160 ctx1024 x1.024, b128
+// ctx128 x1.006 / x1.008, ctx512 x1.075).
+inline constexpr int kDecodeWarpHeadsDefault = 1;
+inline constexpr int kDecodeWarpHeadsMinWarpsPerSm = 36;
+inline constexpr int kDecodeWarpHeadsCtx = 256;
+inline constexpr int kDecodeWarpHeadsMoreWarpsPerSm = 44;
+inline constexpr int kDecodeWarpHeadsMoreCtx = 512;
 inline constexpr int kDecodeFc1SmsDefault = 24;          // CudaModelOptions::decode_fc1_sms
 inline constexpr int kDecodeFc1SmsMinRows = 5;
 inline constexpr int kDecodeFc1SmsMaxRows = 16;
@@ -156,6 +173,12 @@ struct CudaModelOptions {
   int decode_short_regs_rows = -1;
   // -1: PHISHARD_DECODE_SHORT_REGS_CTX when set, else DecodeShortRegsCtxDefault of the head dim.
   int decode_short_regs_ctx = -1;
+  // MHA models' base decode steps whose live query heads fill the GPU several times over take the
+  // one-warp-a-head decode attention (PagedDecodeVariant::kWarpPerHead, a graph variant of their
+  // bucket; bounds and measurements at kDecodeWarpHeadsDefault): the 4-warp-a-head kernels' fixed
+  // work a block (prologue, cross-warp merge) is what limits them at short contexts. Bf16 bounds.
+  // 0: off; -1: PHISHARD_DECODE_WARP_HEADS (0 or 1) when set, else kDecodeWarpHeadsDefault.
+  int decode_warp_heads = -1;
   // Base decode steps (no adapter rows) of kDecodeFc1SmsMinRows..kDecodeFc1SmsMaxRows rows (the
   // graph buckets 8 and 16) run fc1 on the MLP stream with this cuBLASLt SM count target, leaving
   // SMs to qkv and the attention grid beside it; 0: every SM. -1: PHISHARD_DECODE_FC1_SMS when

@@ -84,6 +84,7 @@ void CudaPhiModel::SetDecodeVariant(int rows, int variant, StepInputs* in) const
   in->fc1_narrow = (variant & kVariantFc1Narrow) != 0;
   in->short_regs = (variant & kVariantFoldShort) != 0 && VariantRules().ShortRegsRows(rows);
   in->fold_short = (variant & kVariantFoldShort) != 0 && !in->short_regs;
+  in->warp_heads = (variant & kVariantWarpHeads) != 0;
 }
 
 absl::Status CudaPhiModel::EnqueueDecode(int rows, int variant) {

@@ -51,10 +51,12 @@ struct CudaPhiModel::StepInputs {
   bool decode = false;      // one token per sequence: PagedDecodeCuda
   int min_live = 1;         // decode: fewest live sequences this launch serves
   // decode: the step's graph variant (DecodeVariantRules, CudaPhiModel::SetDecodeVariant): fc1
-  // with its SM count target, the attention fold beyond its rows, the register-staged attention.
+  // with its SM count target, the attention fold beyond its rows, the register-staged attention,
+  // the one-warp-a-head attention.
   bool fc1_narrow = false;
   bool fold_short = false;
   bool short_regs = false;
+  bool warp_heads = false;  // the one-warp-a-head attention (DecodeVariantRules::WarpHeads)
   int max_q_len = 0;        // prefill plan
   int max_ctx = 0;
   bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)

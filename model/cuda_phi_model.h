@@ -194,6 +194,25 @@ class CudaPhiModel final : public ModelBackend {
   int decode_short_regs_ctx() const { return short_regs_ctx_; }
   // Decode steps enqueued so far with the short-context register-staged attention (ShortRegs).
   int64_t decode_short_regs_steps() const { return short_regs_steps_; }
+  // CudaModelOptions::decode_warp_heads; drops graphs when it changes.
+  void set_decode_warp_heads(bool on) { SetDroppingGraphs(&warp_heads_, on); }
+  bool decode_warp_heads() const { return warp_heads_; }
+  // DecodeVariantRules' kWarpHeads bounds (live query heads, mean context; two tiers): the
+  // defaults come from the SM count (kDecodeWarpHeads*); tests and benches move them. Drops graphs.
+  void set_decode_warp_heads_bounds(int64_t min_warps, int ctx, int64_t more_warps, int more_ctx) {
+    DropGraphs();
+    warp_min_warps_ = min_warps;
+    warp_ctx_ = ctx;
+    warp_more_warps_ = more_warps;
+    warp_more_ctx_ = more_ctx;
+  }
+  void set_decode_warp_heads_default_bounds() {
+    set_decode_warp_heads_bounds(
+        int64_t{kDecodeWarpHeadsMinWarpsPerSm} * multiprocessors_, kDecodeWarpHeadsCtx,
+        int64_t{kDecodeWarpHeadsMoreWarpsPerSm} * multiprocessors_, kDecodeWarpHeadsMoreCtx);
+  }
+  // Decode steps enqueued so far with the one-warp-a-head decode attention.
+  int64_t decode_warp_heads_steps() const { return warp_heads_steps_; }
   // CudaModelOptions::decode_fc1_sms for steps of min_rows..max_rows rows (0: every SM); drops
   // graphs when it changes.
   void set_decode_fc1_sms(int sms, int min_rows = kDecodeFc1SmsMinRows,
@@ -223,11 +242,13 @@ class CudaPhiModel final : public ModelBackend {
   int64_t decode_fc2_defer_steps() const { return fc2_defer_steps_; }
   int64_t decode_attention_fold_steps() const { return decode_fold_steps_; }  // steps so far
   // The decode attention kernel of decode steps: a PagedDecodeVariant value
-  // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default; 3 = kTensorCore). For benches
+  // (kernels/cuda/paged_decode_cuda.h; 0 = kAuto, the default; 3 = kTensorCore, 4 =
+  // kWarpPerHead, every step). For benches
   // (phishard_bench --attn-variant-rounds); drops graphs when it changes.
   absl::Status set_decode_attention_variant(int v) {
-    if (v < 0 || v > 3) {
-      return absl::InvalidArgumentError("decode attention variant: 0 (auto) to 3 (tensor core)");
+    if (v < 0 || v > 4) {
+      return absl::InvalidArgumentError(
+          "decode attention variant: 0 (auto) to 4 (one warp a head)");
     }
     SetDroppingGraphs(&decode_attention_variant_, v);
     return absl::OkStatus();
@@ -359,6 +380,7 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status ReserveWorkspace(int tokens);
   // Device stream the model runs on (for timing from tests).
   cudaStream_t stream() const { return stream_; }
+  int multiprocessors() const { return multiprocessors_; }  // of its device
 
  private:
   CudaPhiModel(PhiConfig config, PhiShard shard, Communicator* comm, DataType dtype, int device);
@@ -388,23 +410,29 @@ class CudaPhiModel final : public ModelBackend {
   // The short-context variant: the decode attention fold (FoldShort) up to decode_fold_short_rows
   // rows, the register-staged attention kernel above (ShortRegs); their row ranges are disjoint.
   static constexpr int kVariantFoldShort = DecodeVariantRules::kShortContext;
+  // The one-warp-a-head decode attention (DecodeVariantRules::WarpHeads).
+  static constexpr int kVariantWarpHeads = DecodeVariantRules::kWarpHeads;
   static constexpr int kDecodeGraphVariants = DecodeVariantRules::kVariants;
   // The captured part of a decode step of `rows` rows (its bucket) in graph variant `variant`.
   absl::Status EnqueueDecode(int rows, int variant);
   // The variant rules of the current settings.
   DecodeVariantRules VariantRules() const {
-    return DecodeVariantRules{
-        .fc1_sms = fc1_sms_,
-        .fc1_min_rows = fc1_sms_min_rows_,
-        .fc1_max_rows = fc1_sms_max_rows_,
-        .fc1_min_kv = fc1_sms_min_kv_,
-        .sharded = shard_.sharded(),
-        .mha = config_.num_key_value_heads == config_.num_attention_heads,
-        .fold_rows = decode_fold_rows_,
-        .fold_short_rows = fold_short_rows_,
-        .fold_short_ctx = fold_short_ctx_,
-        .short_regs_rows = short_regs_rows_,
-        .short_regs_ctx = short_regs_ctx_};
+    return DecodeVariantRules{.fc1_sms = fc1_sms_,
+                              .fc1_min_rows = fc1_sms_min_rows_,
+                              .fc1_max_rows = fc1_sms_max_rows_,
+                              .fc1_min_kv = fc1_sms_min_kv_,
+                              .sharded = shard_.sharded(),
+                              .mha = config_.num_key_value_heads == config_.num_attention_heads,
+                              .fold_rows = decode_fold_rows_,
+                              .fold_short_rows = fold_short_rows_,
+                              .fold_short_ctx = fold_short_ctx_,
+                              .short_regs_rows = short_regs_rows_,
+                              .short_regs_ctx = short_regs_ctx_,
+                              .num_heads = config_.num_attention_heads,
+                              .warp_min_warps = warp_heads_ ? warp_min_warps_ : 0,
+                              .warp_ctx = warp_ctx_,
+                              .warp_more_warps = warp_more_warps_,
+                              .warp_more_ctx = warp_more_ctx_};
   }
   // The step inputs of `variant` for a decode step of `rows` rows.
   void SetDecodeVariant(int rows, int variant, StepInputs* in) const;
@@ -624,6 +652,11 @@ class CudaPhiModel final : public ModelBackend {
   int short_regs_rows_ = kDecodeShortRegsRowsDefault;  // set_decode_short_regs_rows
   int short_regs_ctx_ = DecodeShortRegsCtxDefault(config_.head_dim);  // set_decode_short_regs_ctx
   int64_t short_regs_steps_ = 0;
+  bool warp_heads_ = kDecodeWarpHeadsDefault != 0;  // set_decode_warp_heads
+  // set_decode_warp_heads_bounds (Init: set_decode_warp_heads_default_bounds)
+  int64_t warp_min_warps_ = 0, warp_more_warps_ = 0;
+  int warp_ctx_ = 0, warp_more_ctx_ = 0;
+  int64_t warp_heads_steps_ = 0;
   int fc1_sms_min_kv_ = 0;                             // set_decode_fc1_sms_min_kv_tokens
   int64_t fc1_sms_steps_ = 0;                          // decode_fc1_sms_steps
   int dense_bulk_rows_ = kDecodeDenseBulkRowsDefault;  // set_decode_dense_bulk_rows

@@ -132,6 +132,11 @@ absl::Status CudaPhiModel::ApplySettings(const CudaModelOptions& options, int cc
                   DecodeShortRegsCtxDefault(config().head_dim), 1 << 30, "a token count");
   PHI_RETURN_IF_ERROR(short_regs_ctx.status());
   set_decode_short_regs_ctx(*short_regs_ctx);
+  const absl::StatusOr<int> warp_heads =
+      DigitEnv("PHISHARD_DECODE_WARP_HEADS", options.decode_warp_heads, kDecodeWarpHeadsDefault, 1);
+  PHI_RETURN_IF_ERROR(warp_heads.status());
+  set_decode_warp_heads(*warp_heads != 0);
+  set_decode_warp_heads_default_bounds();
   const absl::StatusOr<int> fc1_sms =
       OptionOrEnv("PHISHARD_DECODE_FC1_SMS", options.decode_fc1_sms, kDecodeFc1SmsDefault, 4096,
                   "an SM count (0: every SM)");

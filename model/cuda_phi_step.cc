@@ -220,6 +220,11 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     decode_plan.variant = PagedDecodeVariant::kRegisterStages;
     ++short_regs_steps_;
   }
+  // CudaModelOptions::decode_warp_heads: steps whose query heads fill the GPU several times over.
+  if (in.decode && in.warp_heads && !lora && decode_plan.variant == PagedDecodeVariant::kAuto) {
+    decode_plan.variant = PagedDecodeVariant::kWarpPerHead;
+    ++warp_heads_steps_;
+  }
   // Decode steps without adapter rows (LoRA folds its deltas into the rotary launch), unsharded
   // (not run with NCCL yet): rotary + K/V write and the split merge inside the attention launch
   // (set_decode_attention_fold_rows: steps of up to that many rows; bit-identical,

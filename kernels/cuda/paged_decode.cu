@@ -330,19 +330,6 @@ struct SoftmaxState {
   float acc[kPerLane][8];
 };
 
-// Lanes a key of the pipelined kernel: 8 where the head's 16-byte slices fill them (head dim a
-// multiple of 64), else 4 — at head dim 80 a lane of 8 holds slices j and j + 8 of 10, so 6 of
-// every 16 slice computations were on zeros; with 4 lanes (slices j, j + 4, j + 8: 12 for 10) the
-// loop issues ~20 % fewer instructions a key: b128-b256 ctx512-1024 x0.964-0.978 at Phi-2's shape
-// (perf-log 2026-11-30 10:29-10:33); at head dim 64 (Phi-1.5) 4 lanes lost (x1.085 at ctx128).
-constexpr int PipeLanesPerKey(int head_dim) { return (head_dim / 8) % 8 == 0 ? 8 : 4; }
-
-// The pipelined kernel's online softmax moves a group's reference max only when a score passes it
-// by more than this (log2 units: a weight stays <= 256 against it), skipping the rescale of the
-// sum and output for most keys: b128-b256 ctx512-1024 x0.983-0.985 at Phi-2's shape, b256
-// ctx1024 x0.988 at Phi-1.5's (perf-log 2026-11-30 10:40).
-constexpr float kRescaleSlack = 8.0f;
-
 template <typename T, int HD, bool kBlock16, int kTile, int kStages, int kLpk>
 __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args a) {
   // kLpk lanes a key (PipeLanesPerKey): a lane holds kPL 16-byte slices of the head; a warp round
@@ -699,6 +686,7 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);
   a.scale_log2 = p.scale * kLog2e;
   const bool mma = plan.variant == PagedDecodeVariant::kTensorCore;
+  const bool warp_heads = plan.variant == PagedDecodeVariant::kWarpPerHead;
   const int heads_per_block = mma ? kMmaHeadsPerBlock : kMaxHeadsPerBlock;
   a.head_chunks = (a.group + heads_per_block - 1) / heads_per_block;
   // Small MHA grids go to the register-staged kernel (see the header).
@@ -706,7 +694,9 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                          (plan.variant == PagedDecodeVariant::kAuto && a.group == 1 &&
                           static_cast<int64_t>(p.num_seqs) * p.num_heads * max_splits <
                               16 * static_cast<int64_t>(std::max(plan.num_multiprocessors, 1)));
-  a.blocks_per_seq = registers ? p.num_heads : p.num_kv_heads * a.head_chunks;
+  a.blocks_per_seq = registers    ? p.num_heads
+                     : warp_heads ? (p.num_heads + kWarps - 1) / kWarps
+                                  : p.num_kv_heads * a.head_chunks;
   // The fused form (register-staged kernel): rotary + K/V write inside, and the merge where
   // counters are given. The pipelined kernel runs the rotary launch before it, as unfused.
   const bool fold = plan.fold_rotary && registers;
@@ -728,8 +718,9 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
     constexpr int HD = decltype(hd_tag)::value;
     return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      if (mma) {
-        if (KernelStatus st = LaunchPagedDecodeMma(a, HD, p.dtype, stream);
+      if (mma || warp_heads) {
+        if (KernelStatus st = mma ? LaunchPagedDecodeMma(a, HD, p.dtype, stream)
+                                  : LaunchPagedDecodeWarp(a, HD, p.dtype, stream);
             st != KernelStatus::kOk) {
           return st;
         }

@@ -26,6 +26,19 @@ constexpr int kKeysPerIter = 64;
 // Query heads of one KV head a block of the tensor-core kernel serves (the mma's N).
 constexpr int kMmaHeadsPerBlock = 8;
 
+// Lanes a key of the pipelined kernel: 8 where the head's 16-byte slices fill them (head dim a
+// multiple of 64), else 4 — at head dim 80 a lane of 8 holds slices j and j + 8 of 10, so 6 of
+// every 16 slice computations were on zeros; with 4 lanes (slices j, j + 4, j + 8: 12 for 10) the
+// loop issues ~20 % fewer instructions a key: b128-b256 ctx512-1024 x0.964-0.978 at Phi-2's shape
+// (perf-log 2026-11-30 10:29-10:33); at head dim 64 (Phi-1.5) 4 lanes lost (x1.085 at ctx128).
+constexpr int PipeLanesPerKey(int head_dim) { return (head_dim / 8) % 8 == 0 ? 8 : 4; }
+
+// The pipelined kernel's online softmax moves a group's reference max only when a score passes it
+// by more than this (log2 units: a weight stays <= 256 against it), skipping the rescale of the
+// sum and output for most keys: b128-b256 ctx512-1024 x0.983-0.985 at Phi-2's shape, b256
+// ctx1024 x0.988 at Phi-1.5's (perf-log 2026-11-30 10:40).
+constexpr float kRescaleSlack = 8.0f;
+
 template <int HD>
 struct Head {
   static constexpr int kChunks = HD / 8;                                        // 16-byte slices
@@ -249,5 +262,10 @@ __device__ __forceinline__ void MergeSplits(const Args& a, int s, int h, int spl
 // kernel on the grid (a.blocks_per_seq, a.num_seqs, a.max_splits), a.head_chunks chunks of
 // kMmaHeadsPerBlock query heads per KV head. The split merge (several splits) is the caller's.
 KernelStatus LaunchPagedDecodeMma(const Args& a, int head_dim, DataType dtype, cudaStream_t stream);
+// kernels/cuda/paged_decode_warp.cu (PagedDecodeVariant::kWarpPerHead): one warp per (query head,
+// sequence, split) on the grid (a.blocks_per_seq = ceil(num_heads / kWarps), a.num_seqs,
+// a.max_splits). The split merge (several splits) is the caller's.
+KernelStatus LaunchPagedDecodeWarp(const Args& a, int head_dim, DataType dtype,
+                                   cudaStream_t stream);
 
 }  // namespace phishard::paged_decode

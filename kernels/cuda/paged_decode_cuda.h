@@ -62,6 +62,9 @@ enum class PagedDecodeVariant {
   kPipelined,       // 32-key tiles x 4 shared-memory stages (64 x 3, 32 x 6 measured slower)
   kTensorCore,      // QK and PV on mma.sync (paged_decode_mma.cu), up to 8 query heads of a KV
                     // head a block: 0.53x the instructions, not faster (perf-log dmma); opt-in
+  kWarpPerHead,     // one warp per query head (paged_decode_warp.cu): no shared memory, no
+                    // block barrier; for grids of many heads (CudaModelOptions::
+                    // decode_warp_heads: the fixed work of a 4-warp head at short contexts)
   // (A register-direct streaming form, no shared memory, had the same J/GB as kPipelined and
   // ran 1.5x slower in the step: perf-log dmma2, branch dmma2; not kept.)
   // (A bulk-copy form, each stage filled by cp.async.bulk copies of whole (block, head) runs, was

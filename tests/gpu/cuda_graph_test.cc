@@ -226,9 +226,11 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
       for (int splits : {1, 3, 16}) {
-        // Both production kernels on every case (kAuto picks one of them by grid size).
+        // The production kernels on every case (kAuto picks one of the first two by grid size;
+        // the one-warp-a-head kernel where the model asks for it).
         for (PagedDecodeVariant v :
-             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages}) {
+             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
+              PagedDecodeVariant::kWarpPerHead}) {
           SCOPED_TRACE(testing::Message()
                        << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim
                        << " splits " << splits << " variant " << static_cast<int>(v));
@@ -287,7 +289,7 @@ TEST(CudaPagedDecode, BadBlockIdsReadAsZeros) {
     for (int splits : {1, 3}) {
       for (PagedDecodeVariant v :
            {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
-            PagedDecodeVariant::kTensorCore}) {
+            PagedDecodeVariant::kTensorCore, PagedDecodeVariant::kWarpPerHead}) {
         SCOPED_TRACE(testing::Message()
                      << "seqs " << c.ctx.size() << " heads " << c.num_heads << "/" << c.num_kv_heads
                      << " block " << c.block_size << " splits " << splits << " variant "
@@ -313,7 +315,7 @@ TEST(CudaPagedDecode, WideScoresRescaleMidStream) {
       for (int splits : {1, 3}) {
         for (PagedDecodeVariant v :
              {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
-              PagedDecodeVariant::kTensorCore}) {
+              PagedDecodeVariant::kTensorCore, PagedDecodeVariant::kWarpPerHead}) {
           SCOPED_TRACE(testing::Message()
                        << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim
                        << " splits " << splits << " variant " << static_cast<int>(v));
@@ -338,6 +340,10 @@ TEST(CudaPagedDecode, SmallCasesForSanitizer) {
                 PagedDecodeVariant::kTensorCore);
   RunDecodeCase({{33, 16}, 2, 4, 4, 64, 5}, DataType::kF16, 1, /*device_info=*/true,
                 PagedDecodeVariant::kTensorCore);
+  RunDecodeCase({{70, 3, 0}, 2, 6, 2, 80, 16}, DataType::kBF16, 4, /*device_info=*/true,
+                PagedDecodeVariant::kWarpPerHead);  // 6 heads: the second block's warps 2-3 idle
+  RunDecodeCase({{33, 16}, 2, 4, 4, 64, 5}, DataType::kF16, 1, /*device_info=*/true,
+                PagedDecodeVariant::kWarpPerHead);
 }
 
 // ---------------------------------------------------------------------------------------------

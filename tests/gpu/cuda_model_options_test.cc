@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -468,6 +469,57 @@ TEST(CudaPhiModel, ShortRegsOnlyForShortMhaSteps) {
     m->set_decode_fold_short(kDecodeFoldShortRowsDefault, kDecodeFoldShortCtxDefault);
     m->set_decode_short_regs_rows(kDecodeShortRegsRowsDefault);
     m->set_decode_short_regs_ctx(short_regs_ctx);
+  }
+}
+
+// The one-warp-a-head decode attention (set_decode_warp_heads; bounds moved down so the fixtures'
+// 3-row steps reach them: from 1 live query head, mean context at most 22 — RunModeSteps' decode
+// step d = 0 alone; the second tier out of reach), MHA models only, above the fold's rows (both
+// fold bounds 0, ShortRegs off): its own graph variant; another kernel (another summation order),
+// so the bf16 bounds against the run without it, graph replays equal to eager steps; the GQA
+// fixtures keep the pipelined kernel, bit for bit.
+TEST(CudaPhiModel, WarpHeadsOnlyForMhaStepsInItsBounds) {
+  PHI_REQUIRE_GPU();
+  std::vector<FixtureModel> models = FixtureModelsBf16();
+  std::unique_ptr<CudaPhiModel> mha = LoadCuda(kRepo / "tests/golden/phi-mha-hd64", "bfloat16");
+  ASSERT_NE(mha, nullptr);
+  ASSERT_TRUE(mha->AllocateKvCache(16, kKvBlockSize).ok());
+  models.push_back({"tests/golden/phi-mha-hd64", std::move(mha)});
+  for (auto& [model, m] : models) {
+    EXPECT_EQ(m->decode_warp_heads(), kDecodeWarpHeadsDefault != 0);
+    const bool is_mha = m->config().num_key_value_heads == m->config().num_attention_heads;
+    const int fold_rows = m->decode_attention_fold_rows();
+    m->set_decode_attention_fold_rows(0);
+    m->set_decode_fold_short(0, 22);
+    m->set_decode_short_regs_rows(0);
+    m->set_decode_warp_heads_bounds(1, 22, std::numeric_limits<int64_t>::max(), 0);
+    m->set_decode_warp_heads(false);
+    const int64_t off_before = m->decode_warp_heads_steps();
+    const auto off = RunModeSteps(*m);
+    EXPECT_EQ(m->decode_warp_heads_steps(), off_before) << model << ": took it while off";
+    m->set_decode_warp_heads(true);
+    const GraphEagerRuns r = RunGraphThenEager(*m, [&] { return m->decode_warp_heads_steps(); });
+    if (is_mha) {
+      EXPECT_GT(r.graph_count, 0) << model << ": no graph step took it";
+      EXPECT_EQ(r.eager_count, 1) << model << ": decode step 0 only";
+    } else {
+      EXPECT_EQ(r.graph_count + r.eager_count, 0) << model << ": a GQA model took it";
+    }
+    ASSERT_EQ(r.graph.size(), off.size());
+    ASSERT_EQ(r.eager.size(), off.size());
+    for (size_t i = 0; i < off.size(); ++i) {
+      const std::string step = std::string(model) + " step " + std::to_string(i);
+      EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
+      if (is_mha) {
+        ExpectLogitsClose(r.graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
+      } else {
+        EXPECT_TRUE(r.graph[i] == off[i]) << step << ": changed a GQA model's logits";
+      }
+    }
+    m->set_decode_attention_fold_rows(fold_rows);
+    m->set_decode_fold_short(kDecodeFoldShortRowsDefault, kDecodeFoldShortCtxDefault);
+    m->set_decode_short_regs_rows(kDecodeShortRegsRowsDefault);
+    m->set_decode_warp_heads_default_bounds();
   }
 }
 

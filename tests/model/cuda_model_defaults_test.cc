@@ -15,7 +15,7 @@ TEST(CudaModelDefaults, FoldRowsFollowTheHeadDim) {
 
 // The ShortRegs steps' context bound follows the pipelined decode attention's lanes a key: 256
 // where a head's 16-byte slices fill 8 lanes (head dims a multiple of 64), 160 where that kernel
-// takes 4 lanes (16, 32, 80, 96: PipeLanesPerKey in kernels/cuda/paged_decode.cu).
+// takes 4 lanes (16, 32, 80, 96: PipeLanesPerKey in kernels/cuda/paged_decode_common.cuh).
 TEST(CudaModelDefaults, ShortRegsContextFollowsTheHeadDim) {
   EXPECT_EQ(DecodeShortRegsCtxDefault(64), 256);  // Phi-1.5
   EXPECT_EQ(DecodeShortRegsCtxDefault(128), 256);
