@@ -232,25 +232,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   asm volatile("griddepcontrol.launch_dependents;" :::);
 
   // The 4 groups of the warp (lanes cl, cl + 8, cl + 16, cl + 24 hold the same slices).
-#pragma unroll
-  for (int off = kLanesPerKey; off < 32; off *= 2) {
-    const float m_o = __shfl_xor_sync(0xffffffffu, m, off);
-    const float l_o = __shfl_xor_sync(0xffffffffu, l, off);
-    const float m_new = fmaxf(m, m_o);
-    float fa, fb;
-    Rescale(m, m_new, &fa);
-    Rescale(m_o, m_new, &fb);
-    l = l * fa + l_o * fb;
-#pragma unroll
-    for (int i = 0; i < H::kPerLane; ++i) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float o = __shfl_xor_sync(0xffffffffu, acc[i][e], off);
-        acc[i][e] = acc[i][e] * fa + o * fb;
-      }
-    }
-    m = m_new;
-  }
+  MergeLaneGroups<kLanesPerKey, H::kPerLane>(m, l, acc);
   if (lane < kLanesPerKey) {
     if (lane == 0) {
       s_m[warp] = m;
@@ -540,25 +522,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
 
   // Groups of a warp, then the warps sharing a head.
   if (active) {
-#pragma unroll
-    for (int off = kLpk; off < 32; off *= 2) {
-      const float m_o = __shfl_xor_sync(0xffffffffu, S.m, off);
-      const float l_o = __shfl_xor_sync(0xffffffffu, S.l, off);
-      const float m_new = fmaxf(S.m, m_o);
-      float fa, fb;
-      Rescale(S.m, m_new, &fa);
-      Rescale(m_o, m_new, &fb);
-      S.l = S.l * fa + l_o * fb;
-#pragma unroll
-      for (int i = 0; i < kPL; ++i) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float o = __shfl_xor_sync(0xffffffffu, S.acc[i][e], off);
-          S.acc[i][e] = S.acc[i][e] * fa + o * fb;
-        }
-      }
-      S.m = m_new;
-    }
+    MergeLaneGroups<kLpk, kPL>(S.m, S.l, S.acc);
     if (lane < kLpk) {
       if (lane == 0) {
         s_m[warp] = S.m;

@@ -184,6 +184,33 @@ __device__ __forceinline__ void Rescale(float m, float m_new, float* factor) {
   *factor = m == -INFINITY ? 0.0f : exp2f(m - m_new);
 }
 
+// Merges the online-softmax states (log2-domain max m, sum l, unnormalised output acc over a
+// lane's kPL 16-byte slices) of a warp's lane groups of kLanes lanes — lanes cl, cl + kLanes, ...
+// hold the same slices — by shuffles; afterwards every group holds the warp's state. The decode
+// kernels' common epilogue (whole warps).
+template <int kLanes, int kPL>
+__device__ __forceinline__ void MergeLaneGroups(float& m, float& l, float (&acc)[kPL][8]) {
+#pragma unroll
+  for (int off = kLanes; off < 32; off *= 2) {
+    const float m_o = __shfl_xor_sync(0xffffffffu, m, off);
+    const float l_o = __shfl_xor_sync(0xffffffffu, l, off);
+    const float m_new = fmaxf(m, m_o);
+    float fa, fb;
+    Rescale(m, m_new, &fa);
+    Rescale(m_o, m_new, &fb);
+    l = l * fa + l_o * fb;
+#pragma unroll
+    for (int i = 0; i < kPL; ++i) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float o = __shfl_xor_sync(0xffffffffu, acc[i][e], off);
+        acc[i][e] = acc[i][e] * fa + o * fb;
+      }
+    }
+    m = m_new;
+  }
+}
+
 // out[s, h] = sum_i w_i o_i / sum_i w_i, w_i = l_i 2^(m_i - max m), over the `splits` partials of
 // (s, h); thread `tid` of `nthreads` writes dims tid, tid + nthreads, ... Partials are read
 // through L2 (__ldcg): in the fused form they were written by other blocks of the same launch.

@@ -209,25 +209,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodeWarpKernel(const Args 
   asm volatile("griddepcontrol.launch_dependents;" :::);
 
   // The groups of the warp (lanes cl, cl + kLpk, ... hold the same slices).
-#pragma unroll
-  for (int off = kLpk; off < 32; off *= 2) {
-    const float m_o = __shfl_xor_sync(0xffffffffu, m, off);
-    const float l_o = __shfl_xor_sync(0xffffffffu, l, off);
-    const float m_new = fmaxf(m, m_o);
-    float fa, fb;
-    Rescale(m, m_new, &fa);
-    Rescale(m_o, m_new, &fb);
-    l = l * fa + l_o * fb;
-#pragma unroll
-    for (int i = 0; i < kPL; ++i) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float o = __shfl_xor_sync(0xffffffffu, acc[i][e], off);
-        acc[i][e] = acc[i][e] * fa + o * fb;
-      }
-    }
-    m = m_new;
-  }
+  MergeLaneGroups<kLpk, kPL>(m, l, acc);
   if (lane >= kLpk) return;
   const float inv_l = 1.0f / l;
   const size_t idx = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits + sp;

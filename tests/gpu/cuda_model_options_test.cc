@@ -420,105 +420,97 @@ TEST(CudaPhiModel, FoldShortOnlyForShortContexts) {
   }
 }
 
+// RunModeSteps with a decode attention switch off, then on (graph replays, then eager steps): an
+// MHA model takes it in some graph step and in eager decode step 0 only (the callers' bounds), its
+// logits within the bf16 bounds of the run without it (another kernel, another summation order),
+// graph replays equal to eager steps; a GQA model never takes it, bit for bit.
+void ExpectMhaOnlyAttentionSwitch(const std::string& model, CudaPhiModel& m,
+                                  const std::function<void(bool)>& set,
+                                  const std::function<int64_t()>& count) {
+  const bool is_mha = m.config().num_key_value_heads == m.config().num_attention_heads;
+  set(false);
+  const int64_t off_before = count();
+  const auto off = RunModeSteps(m);
+  EXPECT_EQ(count(), off_before) << model << ": took it while off";
+  set(true);
+  const GraphEagerRuns r = RunGraphThenEager(m, count);
+  if (is_mha) {
+    EXPECT_GT(r.graph_count, 0) << model << ": no graph step took it";
+    EXPECT_EQ(r.eager_count, 1) << model << ": decode step 0 only";
+  } else {
+    EXPECT_EQ(r.graph_count + r.eager_count, 0) << model << ": a GQA model took it";
+  }
+  ASSERT_EQ(r.graph.size(), off.size());
+  ASSERT_EQ(r.eager.size(), off.size());
+  for (size_t i = 0; i < off.size(); ++i) {
+    const std::string step = model + " step " + std::to_string(i);
+    EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
+    if (is_mha) {
+      ExpectLogitsClose(r.graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
+    } else {
+      EXPECT_TRUE(r.graph[i] == off[i]) << step << ": changed a GQA model's logits";
+    }
+  }
+}
+
+// The bf16 fixtures and the MHA golden fixture (head_dim 64).
+std::vector<FixtureModel> FixtureModelsWithMha() {
+  std::vector<FixtureModel> models = FixtureModelsBf16();
+  std::unique_ptr<CudaPhiModel> mha = LoadCuda(kRepo / "tests/golden/phi-mha-hd64", "bfloat16");
+  EXPECT_NE(mha, nullptr);
+  if (mha != nullptr) {
+    EXPECT_TRUE(mha->AllocateKvCache(16, kKvBlockSize).ok());
+    models.push_back({"tests/golden/phi-mha-hd64", std::move(mha)});
+  }
+  return models;
+}
+
 // The register-staged decode attention for short-context steps above the fold's rows
 // (set_decode_short_regs_rows), MHA models only: with both fold bounds 0, RunModeSteps' 3-row
 // steps take it only while their mean context (20.67 + d + 1) is at most 22
 // (set_decode_short_regs_ctx; step d = 0 alone), in their bucket's short-context variant graph.
-// Another kernel (another summation order), so the bf16 bounds against the run without it, graph
-// replays equal to eager steps; the GQA fixtures keep the pipelined kernel, bit for bit.
 TEST(CudaPhiModel, ShortRegsOnlyForShortMhaSteps) {
   PHI_REQUIRE_GPU();
-  std::vector<FixtureModel> models = FixtureModelsBf16();
-  std::unique_ptr<CudaPhiModel> mha = LoadCuda(kRepo / "tests/golden/phi-mha-hd64", "bfloat16");
-  ASSERT_NE(mha, nullptr);
-  ASSERT_TRUE(mha->AllocateKvCache(16, kKvBlockSize).ok());
-  models.push_back({"tests/golden/phi-mha-hd64", std::move(mha)});
-  for (auto& [model, m] : models) {
+  for (auto& [model, m] : FixtureModelsWithMha()) {
     EXPECT_EQ(m->decode_short_regs_rows(), kDecodeShortRegsRowsDefault);
     const int short_regs_ctx = m->decode_short_regs_ctx();
     EXPECT_EQ(short_regs_ctx, DecodeShortRegsCtxDefault(m->config().head_dim));
-    const bool is_mha = m->config().num_key_value_heads == m->config().num_attention_heads;
     const int fold_rows = m->decode_attention_fold_rows();
     m->set_decode_attention_fold_rows(0);
     m->set_decode_fold_short(0, 22);
     m->set_decode_short_regs_ctx(22);
-    m->set_decode_short_regs_rows(0);
-    const int64_t off_before = m->decode_short_regs_steps();
-    const auto off = RunModeSteps(*m);
-    EXPECT_EQ(m->decode_short_regs_steps(), off_before) << model << ": took it while off";
-    m->set_decode_short_regs_rows(32);
-    const GraphEagerRuns r = RunGraphThenEager(*m, [&] { return m->decode_short_regs_steps(); });
-    if (is_mha) {
-      EXPECT_GT(r.graph_count, 0) << model << ": no graph step took it";
-      EXPECT_EQ(r.eager_count, 1) << model << ": decode step 0 only";
-    } else {
-      EXPECT_EQ(r.graph_count + r.eager_count, 0) << model << ": a GQA model took it";
-    }
-    ASSERT_EQ(r.graph.size(), off.size());
-    ASSERT_EQ(r.eager.size(), off.size());
-    for (size_t i = 0; i < off.size(); ++i) {
-      const std::string step = std::string(model) + " step " + std::to_string(i);
-      EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
-      if (is_mha) {
-        ExpectLogitsClose(r.graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
-      } else {
-        EXPECT_TRUE(r.graph[i] == off[i]) << step << ": changed a GQA model's logits";
-      }
-    }
+    m->set_decode_warp_heads(false);
+    ExpectMhaOnlyAttentionSwitch(
+        model, *m, [&](bool on) { m->set_decode_short_regs_rows(on ? 32 : 0); },
+        [&] { return m->decode_short_regs_steps(); });
     m->set_decode_attention_fold_rows(fold_rows);
     m->set_decode_fold_short(kDecodeFoldShortRowsDefault, kDecodeFoldShortCtxDefault);
     m->set_decode_short_regs_rows(kDecodeShortRegsRowsDefault);
     m->set_decode_short_regs_ctx(short_regs_ctx);
+    m->set_decode_warp_heads(kDecodeWarpHeadsDefault != 0);
   }
 }
 
 // The one-warp-a-head decode attention (set_decode_warp_heads; bounds moved down so the fixtures'
 // 3-row steps reach them: from 1 live query head, mean context at most 22 — RunModeSteps' decode
 // step d = 0 alone; the second tier out of reach), MHA models only, above the fold's rows (both
-// fold bounds 0, ShortRegs off): its own graph variant; another kernel (another summation order),
-// so the bf16 bounds against the run without it, graph replays equal to eager steps; the GQA
-// fixtures keep the pipelined kernel, bit for bit.
+// fold bounds 0, ShortRegs off), in its own graph variant.
 TEST(CudaPhiModel, WarpHeadsOnlyForMhaStepsInItsBounds) {
   PHI_REQUIRE_GPU();
-  std::vector<FixtureModel> models = FixtureModelsBf16();
-  std::unique_ptr<CudaPhiModel> mha = LoadCuda(kRepo / "tests/golden/phi-mha-hd64", "bfloat16");
-  ASSERT_NE(mha, nullptr);
-  ASSERT_TRUE(mha->AllocateKvCache(16, kKvBlockSize).ok());
-  models.push_back({"tests/golden/phi-mha-hd64", std::move(mha)});
-  for (auto& [model, m] : models) {
+  for (auto& [model, m] : FixtureModelsWithMha()) {
     EXPECT_EQ(m->decode_warp_heads(), kDecodeWarpHeadsDefault != 0);
-    const bool is_mha = m->config().num_key_value_heads == m->config().num_attention_heads;
     const int fold_rows = m->decode_attention_fold_rows();
     m->set_decode_attention_fold_rows(0);
     m->set_decode_fold_short(0, 22);
     m->set_decode_short_regs_rows(0);
     m->set_decode_warp_heads_bounds(1, 22, std::numeric_limits<int64_t>::max(), 0);
-    m->set_decode_warp_heads(false);
-    const int64_t off_before = m->decode_warp_heads_steps();
-    const auto off = RunModeSteps(*m);
-    EXPECT_EQ(m->decode_warp_heads_steps(), off_before) << model << ": took it while off";
-    m->set_decode_warp_heads(true);
-    const GraphEagerRuns r = RunGraphThenEager(*m, [&] { return m->decode_warp_heads_steps(); });
-    if (is_mha) {
-      EXPECT_GT(r.graph_count, 0) << model << ": no graph step took it";
-      EXPECT_EQ(r.eager_count, 1) << model << ": decode step 0 only";
-    } else {
-      EXPECT_EQ(r.graph_count + r.eager_count, 0) << model << ": a GQA model took it";
-    }
-    ASSERT_EQ(r.graph.size(), off.size());
-    ASSERT_EQ(r.eager.size(), off.size());
-    for (size_t i = 0; i < off.size(); ++i) {
-      const std::string step = std::string(model) + " step " + std::to_string(i);
-      EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
-      if (is_mha) {
-        ExpectLogitsClose(r.graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
-      } else {
-        EXPECT_TRUE(r.graph[i] == off[i]) << step << ": changed a GQA model's logits";
-      }
-    }
+    ExpectMhaOnlyAttentionSwitch(
+        model, *m, [&](bool on) { m->set_decode_warp_heads(on); },
+        [&] { return m->decode_warp_heads_steps(); });
     m->set_decode_attention_fold_rows(fold_rows);
     m->set_decode_fold_short(kDecodeFoldShortRowsDefault, kDecodeFoldShortCtxDefault);
     m->set_decode_short_regs_rows(kDecodeShortRegsRowsDefault);
+    m->set_decode_warp_heads(kDecodeWarpHeadsDefault != 0);
     m->set_decode_warp_heads_default_bounds();
   }
 }
