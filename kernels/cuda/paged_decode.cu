@@ -79,18 +79,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   // query head, device, or kFold: the rotated head in shared memory).
   float q[H::kPerLane][8];
   auto load_q = [&](const T* q_row) {
-#pragma unroll
-    for (int i = 0; i < H::kPerLane; ++i) {
-      const int j = cl + kLanesPerKey * i;
-      if (j < H::kChunks) {
-        Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) q[i][e] *= a.scale_log2;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
-      }
-    }
+    LoadQSlices<T, HD, kLanesPerKey, H::kPerLane>(q_row, cl, a.scale_log2, true, q);
   };
   if constexpr (!kFold) {
     load_q(static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride + h * HD);
@@ -428,17 +417,9 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodePipeKernel(const Args 
   {
     const int h = bw.h0 + (active ? my_head : 0);
     const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(bw.s) * a.q_stride + h * HD;
+    LoadQSlices<T, HD, kLpk, kPL>(q_row, cl, a.scale_log2, active, q);
 #pragma unroll
     for (int i = 0; i < kPL; ++i) {
-      const int j = cl + kLpk * i;
-      if (active && j < C) {
-        Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) q[i][e] *= a.scale_log2;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
-      }
 #pragma unroll
       for (int e = 0; e < 8; ++e) S.acc[i][e] = 0.0f;
     }

@@ -184,6 +184,26 @@ __device__ __forceinline__ void Rescale(float m, float m_new, float* factor) {
   *factor = m == -INFINITY ? 0.0f : exp2f(m - m_new);
 }
 
+// This lane's 16-byte slices cl, cl + kLanes, ... of a query head row (device), in float and
+// pre-scaled to log2 units (the softmax runs on exp2); slices past the head, and every slice when
+// !load, are zeros. The decode kernels' common prologue.
+template <typename T, int HD, int kLanes, int kPL>
+__device__ __forceinline__ void LoadQSlices(const T* q_row, int cl, float scale_log2, bool load,
+                                            float (&q)[kPL][8]) {
+#pragma unroll
+  for (int i = 0; i < kPL; ++i) {
+    const int j = cl + kLanes * i;
+    if (load && j < HD / 8) {
+      Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[i][e] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
+    }
+  }
+}
+
 // Merges the online-softmax states (log2-domain max m, sum l, unnormalised output acc over a
 // lane's kPL 16-byte slices) of a warp's lane groups of kLanes lanes — lanes cl, cl + kLanes, ...
 // hold the same slices — by shuffles; afterwards every group holds the warp's state. The decode

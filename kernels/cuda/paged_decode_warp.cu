@@ -83,17 +83,9 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodeWarpKernel(const Args 
   float acc[kPL][8];
   {
     const T* q_row = static_cast<const T*>(a.q) + static_cast<size_t>(s) * a.q_stride + h * HD;
+    LoadQSlices<T, HD, kLpk, kPL>(q_row, cl, a.scale_log2, true, q);
 #pragma unroll
     for (int i = 0; i < kPL; ++i) {
-      const int j = cl + kLpk * i;
-      if (j < C) {
-        Unpack8<T>(*reinterpret_cast<const uint4*>(q_row + 8 * j), q[i]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) q[i][e] *= a.scale_log2;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) q[i][e] = 0.0f;
-      }
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
     }
