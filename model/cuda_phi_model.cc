@@ -472,9 +472,17 @@ absl::Status CudaPhiModel::set_mlp_stream_mode(int mode) {
     }
   }
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "synchronize"));
+  // fc2 on the MLP branch or not changes the dense / fc2 forms the warm-up tuning timed
+  // (TuneGemms): forget its choices, the next PrepareDecode times the new forms.
+  const bool retune = (mode == kMlpStreamFc1Fc2) != (mlp_mode_ == kMlpStreamFc1Fc2);
   mlp_mode_ = mode;
-  ApplyGemmChoices();  // the MLP stream's GEMMs take the choices too; drops the graphs (they bake
-                       // in the old branch layout)
+  // Either way ApplyGemmChoices runs: the MLP stream's GEMMs take the choices too, and the graphs
+  // (they bake in the old branch layout) are dropped.
+  if (retune) {
+    ForgetTunedGemms();
+  } else {
+    ApplyGemmChoices();
+  }
   return absl::OkStatus();
 }
 

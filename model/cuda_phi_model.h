@@ -345,7 +345,9 @@ class CudaPhiModel final : public ModelBackend {
     prefill_mlp_fork_tp_ = mlp_fork;
     prefill_last_rows_tp_ = last_rows;
   }
-  // The MLP branch's stream (CudaModelOptions::mlp_stream); a change drops the captured graphs.
+  // The MLP branch's stream (CudaModelOptions::mlp_stream); a change drops the captured graphs,
+  // and one that moves fc2 on or off the branch the warm-up tuning's choices (re-timed at the next
+  // PrepareDecode: the dense / fc2 forms differ).
   absl::Status set_mlp_stream_mode(int mode);
   int mlp_stream_mode() const { return mlp_mode_; }
   // Benchmarks: when on, each step records device events around its device work (inputs upload

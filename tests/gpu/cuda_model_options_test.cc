@@ -662,6 +662,21 @@ TEST(CudaPhiModel, DecodeGemmTuningTakenAndClose) {
       EXPECT_TRUE(r.graph[i] == r.eager[i]) << step << ": graph != eager";
       ExpectLogitsClose(r.graph[i], std::vector<double>(off[i].begin(), off[i].end()), step);
     }
+    // fc2 moved on or off the MLP branch changes the dense / fc2 forms: the choices are
+    // forgotten and the next PrepareDecode times the forms again; fc1 alone on the branch or no
+    // branch at all issue the same forms and keep them.
+    const int mode = m->mlp_stream_mode();
+    const int other = mode == kMlpStreamFc1Fc2 ? kMlpStreamFc1 : kMlpStreamFc1Fc2;
+    ASSERT_TRUE(m->set_mlp_stream_mode(other).ok());
+    EXPECT_TRUE(m->tuned_gemm_choices().empty()) << model << ": mlp stream " << other;
+    ASSERT_TRUE(m->PrepareDecode(4).ok());
+    EXPECT_GT(m->tuned_gemm_forms(), 0) << model << ": re-timed in mlp stream " << other;
+    EXPECT_FALSE(m->tuned_gemm_choices().empty()) << model;
+    if (other == kMlpStreamFc1) {
+      ASSERT_TRUE(m->set_mlp_stream_mode(kMlpStreamOff).ok());
+      EXPECT_FALSE(m->tuned_gemm_choices().empty()) << model << ": the same forms, kept";
+    }
+    ASSERT_TRUE(m->set_mlp_stream_mode(mode).ok());
     m->set_decode_gemm_tune(kDecodeGemmTuneRowsDefault);
     EXPECT_TRUE(m->tuned_gemm_choices().empty()) << model;
     m->set_prefill_gemm_tune(kPrefillGemmTuneDefault != 0);
