@@ -18,7 +18,7 @@ namespace {
 struct KernelRecord {
   uint64_t start = 0, end = 0, graph_node = 0;
   uint32_t stream = 0;
-  int grid = 0, block = 0, smem = 0;
+  int grid = 0, block = 0, smem = 0, regs = 0;
   std::string name;
 };
 
@@ -57,6 +57,7 @@ void CUPTIAPI BufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size
                    .grid = k->gridX * k->gridY * k->gridZ,
                    .block = k->blockX * k->blockY * k->blockZ,
                    .smem = k->staticSharedMemory + k->dynamicSharedMemory,
+                   .regs = k->registersPerThread,
                    .name = k->name != nullptr ? k->name : "?"});
   }
   std::free(buffer);
@@ -85,7 +86,7 @@ bool KernelTrace::Enable(const std::string& csv) {
     s.out = nullptr;
     return false;
   }
-  std::fprintf(s.out, "label,start_ns,end_ns,stream,graph_node,grid,block,smem,name\n");
+  std::fprintf(s.out, "label,start_ns,end_ns,stream,graph_node,grid,block,smem,regs,name\n");
   s.enabled = true;
   return true;
 #else
@@ -122,10 +123,10 @@ int KernelTrace::Window(const std::string& label, const std::function<void()>& f
     // Kernel names may hold commas (template arguments): quoted, inner quotes doubled.
     std::string name;
     for (char c : r.name) name += c == '"' ? std::string("\"\"") : std::string(1, c);
-    std::fprintf(s.out, "%s,%llu,%llu,%u,%llu,%d,%d,%d,\"%s\"\n", label.c_str(),
+    std::fprintf(s.out, "%s,%llu,%llu,%u,%llu,%d,%d,%d,%d,\"%s\"\n", label.c_str(),
                  static_cast<unsigned long long>(r.start - base),
                  static_cast<unsigned long long>(r.end - base), r.stream,
-                 static_cast<unsigned long long>(r.graph_node), r.grid, r.block, r.smem,
+                 static_cast<unsigned long long>(r.graph_node), r.grid, r.block, r.smem, r.regs,
                  name.c_str());
   }
   std::fflush(s.out);

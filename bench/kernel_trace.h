@@ -6,7 +6,7 @@
 // Enable() must run before the CUDA graphs to be traced are instantiated (records of graphs made
 // earlier are not guaranteed). Window(label, fn) runs fn (which must leave the GPU idle, e.g. end
 // in a stream synchronise), then appends one CSV line per kernel that started inside the window:
-//   label,start_ns,end_ns,stream,graph_node,grid,block,smem,name
+//   label,start_ns,end_ns,stream,graph_node,grid,block,smem,regs,name
 // with start / end relative to the window's first kernel. Built only when CUPTI is found
 // (PHISHARD_HAVE_CUPTI); otherwise Enable() returns false.
 #pragma once
