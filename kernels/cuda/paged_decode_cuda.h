@@ -70,6 +70,9 @@ enum class PagedDecodeVariant {
   // (A bulk-copy form, each stage filled by cp.async.bulk copies of whole (block, head) runs, was
   // correct but 0.90 of the copy bandwidth at the same J/GB: perf-log 14:48, branch bulk; not
   // kept.)
+  // (A one-shot form, the register-staged grid with each block's keys copied into shared memory
+  // at once, 63 registers: even at b1, 3-10 % slower elsewhere; perf-log 2026-11-30 16:31; not
+  // kept.)
 };
 
 struct PagedDecodeCudaPlan {
