@@ -18,11 +18,22 @@
 // 164-225 KB of shared memory), and ends when fc2's do, whichever kernel it is.
 //
 // Shape: Phi-2's layer (32 MHA heads x 80, bf16), one sequence of CTX tokens in blocks of 16
-// (consecutive in the pool), as bench/bench_device.h lays it out. Background: a read kernel of
-// 132 x 256 threads (8 x 16-byte loads in flight a thread, ~12 K registers an SM, no shared
-// memory) over a 4 GiB buffer, so attention blocks still fit beside it on every SM.
-// Each case: 400 launches back to back between two events (the mean includes the launch gaps,
-// the same for every kernel), alone, then with the background running on another stream.
+// (consecutive in the pool), as bench/bench_device.h lays it out. Each case: 400 launches back to
+// back between two events (the mean includes the launch gaps, the same for every kernel), alone,
+// then beside, on another stream:
+//   1. a read kernel of 132 x 256 threads (8 x 16-byte loads in flight a thread, 32 registers, no
+//      shared memory) over a 4 GiB buffer: room for attention blocks on every SM;
+//   2. a read kernel holding N whole SMs (HoldingRead: 512 threads, 16 loads in flight a thread,
+//      200 KB of shared memory), the attention on the 132 - N others;
+//   3. a 1-row fc1 GEMV (10240 x 2560) back to back: LightGemv (persistent, 256 threads, ~40
+//      registers, 1-3 blocks an SM) and the bulk GEMV (kernels/cuda/gemv_bulk.cu) at its
+//      defaults;
+// then the one-shot chain taken apart by %globaltimer, alone and beside 1.
+// Measured (perf-log 2026-11-30 16:22-16:36, ctx 1024): beside 1, see above; beside 2, the stream
+// reads 4.50 / 4.25 / 4.00 / 3.59 TB/s on 132 / 100 / 84 / 68 SMs, the attention on the other 32
+// / 48 / 64 SMs takes 29-52 / 23-47 / 16-33 us; beside 3, the GEMVs stream 2.9-3.3 TB/s alone and
+// 2.2-3.2 beside, the attention takes 13-26 us (the library kernel 13.0 beside one LightGemv block
+// an SM). The attention keeps its time only beside a stream far lighter than a GEMV's.
 // Usage: phishard_attn_load_probe [ctx (default 1024)]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -37,6 +48,7 @@
 #include <vector>
 
 #include "bench/bench_device.h"
+#include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
 
 namespace phishard::bench {
@@ -230,6 +242,69 @@ __global__ void __launch_bounds__(256)
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads
 }
 
+// A stream that holds whole SMs, as cuBLASLt's m = 1 CTAs do (perf-log 2026-11-30 16:25): one
+// block of 512 threads an SM (kHoldSmem of dynamic shared memory, unused, keeps other blocks off
+// its SM), 16 16-byte loads in flight a thread (128 KB an SM).
+constexpr int kHoldSmem = 200 * 1024;
+__global__ void __launch_bounds__(512, 1)
+    HoldingRead(const uint4* buf, size_t n, int passes, uint32_t* sink) {
+  uint32_t acc = 0;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (int p = 0; p < passes; ++p) {
+    for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += 16 * stride) {
+      uint4 r[16];
+#pragma unroll
+      for (int u = 0; u < 16; ++u) {
+        const size_t j = i + u * stride;
+        r[u] = j < n ? __ldcg(buf + j) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < 16; ++u) acc ^= r[u].x ^ r[u].y ^ r[u].z ^ r[u].w;
+    }
+  }
+  if (acc == 0x9e3779b9u) sink[1] = acc;
+}
+
+// A light 1-row GEMV (y[n] = w[n, :] . x, bf16, float32 sums; no bias): a persistent grid of
+// blocks of 256 threads, no shared memory beyond x, ~40 registers, so it leaves most of every SM
+// to other kernels; warp w of block b takes output columns b * 8 + w, + 8 x gridDim, ...; a lane
+// reads 16-byte chunks l, l + 32, ... of the column's weight row (K / 256 of them, all in flight)
+// against x from shared memory.
+template <int KC>  // 16-byte chunks a lane (K = 256 KC)
+__global__ void __launch_bounds__(256)
+    LightGemv(const __nv_bfloat16* w, const __nv_bfloat16* x, __nv_bfloat16* y, int n) {
+  constexpr int K = 256 * KC;
+  __shared__ __align__(16) __nv_bfloat16 sx[K];
+  for (int i = threadIdx.x; i < K / 8; i += 256) {
+    reinterpret_cast<uint4*>(sx)[i] = reinterpret_cast<const uint4*>(x)[i];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * 8;
+  for (int col = blockIdx.x * 8 + (threadIdx.x >> 5); col < n; col += warps) {
+    const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<size_t>(col) * K);
+    uint4 r[KC];
+#pragma unroll
+    for (int c = 0; c < KC; ++c) r[c] = __ldcs(row + lane + 32 * c);
+    float acc = 0.0f;
+#pragma unroll
+    for (int c = 0; c < KC; ++c) {
+      const uint4 xv = reinterpret_cast<const uint4*>(sx)[lane + 32 * c];
+      const uint32_t wa[4] = {r[c].x, r[c].y, r[c].z, r[c].w};
+      const uint32_t xa[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
+        const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xa[e]));
+        acc = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc));
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) y[col] = __float2bfloat16(acc);
+  }
+}
+
 float ElapsedMs(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0;
   ALP_CHECK(cudaEventElapsedTime(&ms, a, b));
@@ -372,6 +447,144 @@ int Main(int argc, char** argv) {
     std::printf("%-34s %10.2f %10.2f %7.2f %14.0f\n", c.name, alone_us, beside_us,
                 beside_us / alone_us, bg_beside);
   }
+  // Beside a stream holding N whole SMs: the stream's bandwidth on N SMs, and each attention on
+  // the other 132 - N (what a b1 step could do with GEMVs that leave SMs free).
+  ALP_CHECK(
+      cudaFuncSetAttribute(HoldingRead, cudaFuncAttributeMaxDynamicSharedMemorySize, kHoldSmem));
+  auto holding = [&](int blocks, int passes) {
+    HoldingRead<<<blocks, 512, kHoldSmem, bg>>>(static_cast<const uint4*>(bg_buf), n_vec, passes,
+                                                sink);
+  };
+  std::printf("%-34s %10s %10s %7s %14s\n", "stream on N SMs; attention beside", "alone us",
+              "beside us", "ratio", "stream GB/s");
+  for (int n_sms : {132, 116, 100, 84, 68}) {
+    holding(n_sms, 1);
+    ALP_CHECK(cudaEventRecord(b0, bg));
+    holding(n_sms, 4);
+    ALP_CHECK(cudaEventRecord(b1, bg));
+    ALP_CHECK(cudaStreamSynchronize(bg));
+    const double hold_gbps = 4.0 * bg_bytes / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
+    std::printf("stream on %3d SMs alone %*s %14.0f\n", n_sms, 40, "", hold_gbps);
+    if (n_sms >= 132) continue;  // no SM left for the attention
+    for (const Case& c : cases) {
+      for (int i = 0; i < 20; ++i) c.launch();
+      ALP_CHECK(cudaEventRecord(e0, fg));
+      for (int i = 0; i < kLaunches; ++i) c.launch();
+      ALP_CHECK(cudaEventRecord(e1, fg));
+      ALP_CHECK(cudaStreamSynchronize(fg));
+      const double alone_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
+      const int passes = std::max(
+          4, static_cast<int>(alone_us * kLaunches * 4 * 1e-6 * hold_gbps * 1e9 / bg_bytes) + 2);
+      ALP_CHECK(cudaEventRecord(b0, bg));
+      holding(n_sms, passes);
+      ALP_CHECK(cudaEventRecord(b1, bg));
+      ALP_CHECK(cudaStreamWaitEvent(fg, b0));
+      for (int i = 0; i < 20; ++i) c.launch();
+      ALP_CHECK(cudaEventRecord(e0, fg));
+      for (int i = 0; i < kLaunches; ++i) c.launch();
+      ALP_CHECK(cudaEventRecord(e1, fg));
+      ALP_CHECK(cudaDeviceSynchronize());
+      ALP_CHECK(cudaGetLastError());
+      const double beside_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
+      const double gbps = passes * static_cast<double>(bg_bytes) / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
+      char name[64];
+      std::snprintf(name, sizeof(name), "%s, %d SMs", c.name, 132 - n_sms);
+      std::printf("%-34s %10.2f %10.2f %7.2f %14.0f\n", name, alone_us, beside_us,
+                  beside_us / alone_us, gbps);
+    }
+  }
+
+  // Beside the bulk GEMV (kernels/cuda/gemv_bulk.cu) streaming a 1-row fc1 (10240 x 2560 + GELU,
+  // Phi-2's) back to back: a real weight stream whose blocks leave room on their SMs, at 1 or 2
+  // blocks an SM (GemvParams::bulk_*: blocks an SM, stage KiB, stages).
+  {
+    const int gn = 10240, gk = 2560;
+    void* gw = DeviceAllocOrDie(size_t{2} * gn * gk, kProg);
+    void* gx = DeviceAllocOrDie(size_t{2} * gk, kProg);
+    void* gb = DeviceAllocOrDie(size_t{2} * gn, kProg);
+    void* gy = DeviceAllocOrDie(size_t{2} * gn, kProg);
+    RandomFillOrDie(gw, size_t{gn} * gk, 41, DataType::kBF16, fg, kProg, 0.05f);
+    RandomFillOrDie(gx, gk, 42, DataType::kBF16, fg, kProg);
+    RandomFillOrDie(gb, gn, 43, DataType::kBF16, fg, kProg);
+    ALP_CHECK(cudaDeviceSynchronize());
+    struct GemvForm {
+      int blocks_per_sm, stage_kb, stages;
+    };
+    std::printf("%-34s %10s %10s %7s %14s\n", "bulk GEMV fc1 (bpsm.kb.stages)", "alone us",
+                "beside us", "ratio", "GEMV GB/s");
+    // The light GEMV (LightGemv, K = 2560) at 1, 2 and 3 blocks an SM first (form {-B, 0, 0}).
+    for (const GemvForm& f :
+         {GemvForm{-1, 0, 0}, GemvForm{-2, 0, 0}, GemvForm{-3, 0, 0}, GemvForm{2, 48, 2}}) {
+      GemvParams gp{.a = GemmParams{.x = gx,
+                                    .w = gw,
+                                    .bias = gb,
+                                    .y = gy,
+                                    .m = 1,
+                                    .n = gn,
+                                    .k = gk,
+                                    .epilogue = GemmEpilogue::kGeluTanh,
+                                    .dtype = DataType::kBF16},
+                    .y_dtype = DataType::kBF16,
+                    .bulk = true,
+                    .bulk_stage_kb = f.stage_kb,
+                    .bulk_stages = f.stages,
+                    .bulk_blocks_per_sm = f.blocks_per_sm};
+      const bool light = f.blocks_per_sm < 0;
+      if (!light && !GemvCudaSupports(gp)) {
+        std::printf("bulk GEMV %d.%d.%d: not supported here\n", f.blocks_per_sm, f.stage_kb,
+                    f.stages);
+        continue;
+      }
+      auto gemv = [&](int times) {
+        for (int i = 0; i < times; ++i) {
+          if (light) {
+            LightGemv<10><<<132 * -f.blocks_per_sm, 256, 0, bg>>>(
+                static_cast<const __nv_bfloat16*>(gw), static_cast<const __nv_bfloat16*>(gx),
+                static_cast<__nv_bfloat16*>(gy), gn);
+          } else if (GemvCuda(gp, bg) != KernelStatus::kOk) {
+            std::fprintf(stderr, "%s: GemvCuda failed\n", kProg);
+            std::exit(1);
+          }
+        }
+      };
+      gemv(5);
+      ALP_CHECK(cudaEventRecord(b0, bg));
+      gemv(200);
+      ALP_CHECK(cudaEventRecord(b1, bg));
+      ALP_CHECK(cudaStreamSynchronize(bg));
+      const double gemv_us = ElapsedMs(b0, b1) * 1e3 / 200;
+      const double gemv_gbps = 2.0 * gn * gk / (gemv_us * 1e-6) / 1e9;
+      std::printf("bulk GEMV %d.%d.%d alone: %.2f us a launch, %.0f GB/s\n", f.blocks_per_sm,
+                  f.stage_kb, f.stages, gemv_us, gemv_gbps);
+      for (const Case& c : cases) {
+        for (int i = 0; i < 20; ++i) c.launch();
+        ALP_CHECK(cudaEventRecord(e0, fg));
+        for (int i = 0; i < kLaunches; ++i) c.launch();
+        ALP_CHECK(cudaEventRecord(e1, fg));
+        ALP_CHECK(cudaStreamSynchronize(fg));
+        const double alone_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
+        const int times = static_cast<int>(alone_us * kLaunches * 3 / gemv_us) + 20;
+        ALP_CHECK(cudaEventRecord(b0, bg));
+        gemv(times);
+        ALP_CHECK(cudaEventRecord(b1, bg));
+        ALP_CHECK(cudaStreamWaitEvent(fg, b0));
+        for (int i = 0; i < 20; ++i) c.launch();
+        ALP_CHECK(cudaEventRecord(e0, fg));
+        for (int i = 0; i < kLaunches; ++i) c.launch();
+        ALP_CHECK(cudaEventRecord(e1, fg));
+        ALP_CHECK(cudaDeviceSynchronize());
+        ALP_CHECK(cudaGetLastError());
+        const double beside_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
+        const double gbps = 2.0 * gn * gk * times / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
+        char name[80];
+        std::snprintf(name, sizeof(name), "%s, GEMV %d.%d.%d", c.name, f.blocks_per_sm, f.stage_kb,
+                      f.stages);
+        std::printf("%-34s %10.2f %10.2f %7.2f %14.0f\n", name, alone_us, beside_us,
+                    beside_us / alone_us, gbps);
+      }
+    }
+  }
+
   // The one-shot chain taken apart beside the background: start -> every block's K/V landed ->
   // the last merge stored (the part a launch made ahead of q, as a programmatic dependent of the
   // qkv GEMV, would still pay), mean over 100 single launches.
