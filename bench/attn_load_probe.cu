@@ -23,7 +23,7 @@
 // then beside, on another stream:
 //   1. a read kernel of 132 x 256 threads (8 x 16-byte loads in flight a thread, 32 registers, no
 //      shared memory) over a 4 GiB buffer: room for attention blocks on every SM;
-//   2. a read kernel holding N whole SMs (HoldingRead: 512 threads, 16 loads in flight a thread,
+//   2. a read kernel holding N whole SMs (ReadStream<16>: 512 threads, 16 loads in flight a thread,
 //      200 KB of shared memory), the attention on the 132 - N others;
 //   3. a 1-row fc1 GEMV (10240 x 2560) back to back: LightGemv (persistent, 256 threads, ~40
 //      registers, 1-3 blocks an SM) and the bulk GEMV (kernels/cuda/gemv_bulk.cu) at its
@@ -222,47 +222,30 @@ __global__ void __launch_bounds__(kThreads) OneShotAttn(const OneShotArgs a) {
   if (a.stamps != nullptr && tid == 0) atomicMax(a.stamps + 2, GlobalTimer());
 }
 
-// The background: every thread keeps 8 16-byte loads in flight over `n` vectors, `passes` times.
-__global__ void __launch_bounds__(256)
-    BackgroundRead(const uint4* buf, size_t n, int passes, uint32_t* sink) {
+// The read streams: every thread keeps U 16-byte loads in flight over `n` vectors, `passes`
+// times. The background of 1: 132 blocks of 256 threads, U = 8 (32 registers, no shared memory).
+// The stream of 2: one block of 512 threads an SM, U = 16, kHoldSmem of dynamic shared memory
+// (unused: it keeps other blocks off the SM), as cuBLASLt's m = 1 CTAs hold theirs (perf-log
+// 2026-11-30 16:25).
+constexpr int kHoldSmem = 200 * 1024;
+template <int U>
+__global__ void __launch_bounds__(512)
+    ReadStream(const uint4* buf, size_t n, int passes, uint32_t* sink) {
   uint32_t acc = 0;
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   for (int p = 0; p < passes; ++p) {
-    for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += 8 * stride) {
-      uint4 r[8];
+    for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += U * stride) {
+      uint4 r[U];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < U; ++u) {
         const size_t j = i + u * stride;
         r[u] = j < n ? __ldcg(buf + j) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) acc ^= r[u].x ^ r[u].y ^ r[u].z ^ r[u].w;
+      for (int u = 0; u < U; ++u) acc ^= r[u].x ^ r[u].y ^ r[u].z ^ r[u].w;
     }
   }
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads
-}
-
-// A stream that holds whole SMs, as cuBLASLt's m = 1 CTAs do (perf-log 2026-11-30 16:25): one
-// block of 512 threads an SM (kHoldSmem of dynamic shared memory, unused, keeps other blocks off
-// its SM), 16 16-byte loads in flight a thread (128 KB an SM).
-constexpr int kHoldSmem = 200 * 1024;
-__global__ void __launch_bounds__(512, 1)
-    HoldingRead(const uint4* buf, size_t n, int passes, uint32_t* sink) {
-  uint32_t acc = 0;
-  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (int p = 0; p < passes; ++p) {
-    for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += 16 * stride) {
-      uint4 r[16];
-#pragma unroll
-      for (int u = 0; u < 16; ++u) {
-        const size_t j = i + u * stride;
-        r[u] = j < n ? __ldcg(buf + j) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < 16; ++u) acc ^= r[u].x ^ r[u].y ^ r[u].z ^ r[u].w;
-    }
-  }
-  if (acc == 0x9e3779b9u) sink[1] = acc;
 }
 
 // A light 1-row GEMV (y[n] = w[n, :] . x, bf16, float32 sums; no bias): a persistent grid of
@@ -406,91 +389,84 @@ int Main(int argc, char** argv) {
   ALP_CHECK(cudaEventCreate(&b0));
   ALP_CHECK(cudaEventCreate(&b1));
   const size_t n_vec = bg_bytes / 16;
-  auto background = [&](int passes) {
-    BackgroundRead<<<132, 256, 0, bg>>>(static_cast<const uint4*>(bg_buf), n_vec, passes, sink);
-  };
-  // The background alone: its read bandwidth.
-  background(1);
-  ALP_CHECK(cudaEventRecord(b0, bg));
-  background(8);
-  ALP_CHECK(cudaEventRecord(b1, bg));
-  ALP_CHECK(cudaStreamSynchronize(bg));
-  const double bg_gbps = 8.0 * bg_bytes / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
-  std::printf("background read alone: %.0f GB/s\n", bg_gbps);
-
   constexpr int kLaunches = 400;
-  std::printf("%-34s %10s %10s %7s %14s\n", "kernel (ctx, 1 sequence, 32 x 80)", "alone us",
-              "beside us", "ratio", "background GB/s");
-  for (const Case& c : cases) {
-    for (int i = 0; i < 20; ++i) c.launch();
-    ALP_CHECK(cudaEventRecord(e0, fg));
-    for (int i = 0; i < kLaunches; ++i) c.launch();
-    ALP_CHECK(cudaEventRecord(e1, fg));
-    ALP_CHECK(cudaStreamSynchronize(fg));
-    const double alone_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
-    // Beside: the background first (its pass count outlasts the launches), then the same.
-    const int passes = std::max(
-        4, static_cast<int>(alone_us * kLaunches * 3 * 1e-6 * bg_gbps * 1e9 / bg_bytes) + 2);
-    ALP_CHECK(cudaEventRecord(b0, bg));
-    background(passes);
-    ALP_CHECK(cudaEventRecord(b1, bg));
-    ALP_CHECK(cudaStreamWaitEvent(fg, b0));
+  // Mean us a launch of c: 20 warm-up launches, then kLaunches between two events.
+  auto time_case = [&](const Case& c) {
     for (int i = 0; i < 20; ++i) c.launch();
     ALP_CHECK(cudaEventRecord(e0, fg));
     for (int i = 0; i < kLaunches; ++i) c.launch();
     ALP_CHECK(cudaEventRecord(e1, fg));
     ALP_CHECK(cudaDeviceSynchronize());
     ALP_CHECK(cudaGetLastError());
-    const double beside_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
-    const double bg_beside =
-        passes * static_cast<double>(bg_bytes) / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
-    std::printf("%-34s %10.2f %10.2f %7.2f %14.0f\n", c.name, alone_us, beside_us,
-                beside_us / alone_us, bg_beside);
-  }
-  // Beside a stream holding N whole SMs: the stream's bandwidth on N SMs, and each attention on
-  // the other 132 - N (what a b1 step could do with GEMVs that leave SMs free).
-  ALP_CHECK(
-      cudaFuncSetAttribute(HoldingRead, cudaFuncAttributeMaxDynamicSharedMemorySize, kHoldSmem));
-  auto holding = [&](int blocks, int passes) {
-    HoldingRead<<<blocks, 512, kHoldSmem, bg>>>(static_cast<const uint4*>(bg_buf), n_vec, passes,
-                                                sink);
+    return ElapsedMs(e0, e1) * 1e3 / kLaunches;
   };
+  // One row: c alone, then beside stream(units) started first on bg, `units` = units_for(the alone
+  // time) so that it outlasts the launches; the stream's GB/s over its run (bytes_per_unit each).
+  auto alone_and_beside = [&](const Case& c, const char* name,
+                              const std::function<int(double)>& units_for,
+                              const std::function<void(int)>& stream, double bytes_per_unit) {
+    const double alone_us = time_case(c);
+    const int units = units_for(alone_us);
+    ALP_CHECK(cudaEventRecord(b0, bg));
+    stream(units);
+    ALP_CHECK(cudaEventRecord(b1, bg));
+    ALP_CHECK(cudaStreamWaitEvent(fg, b0));
+    const double beside_us = time_case(c);
+    const double gbps = units * bytes_per_unit / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
+    std::printf("%-34s %10.2f %10.2f %7.2f %14.0f\n", name, alone_us, beside_us,
+                beside_us / alone_us, gbps);
+  };
+  // A stream's GB/s alone: `units` of it after one to warm up.
+  auto stream_alone = [&](const std::function<void(int)>& stream, int units,
+                          double bytes_per_unit) {
+    stream(1);
+    ALP_CHECK(cudaEventRecord(b0, bg));
+    stream(units);
+    ALP_CHECK(cudaEventRecord(b1, bg));
+    ALP_CHECK(cudaStreamSynchronize(bg));
+    return units * bytes_per_unit / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
+  };
+  const double buf_bytes = static_cast<double>(bg_bytes);
+
+  // 1: the light read stream.
+  const std::function<void(int)> background = [&](int passes) {
+    ReadStream<8><<<132, 256, 0, bg>>>(static_cast<const uint4*>(bg_buf), n_vec, passes, sink);
+  };
+  const double bg_gbps = stream_alone(background, 8, buf_bytes);
+  std::printf("background read alone: %.0f GB/s\n", bg_gbps);
+  std::printf("%-34s %10s %10s %7s %14s\n", "kernel (ctx, 1 sequence, 32 x 80)", "alone us",
+              "beside us", "ratio", "background GB/s");
+  for (const Case& c : cases) {
+    alone_and_beside(
+        c, c.name,
+        [&](double us) {
+          return std::max(4, static_cast<int>(us * kLaunches * 3e3 * bg_gbps / buf_bytes) + 2);
+        },
+        background, buf_bytes);
+  }
+  // 2: a stream holding N whole SMs, the attention on the other 132 - N (what a b1 step could do
+  // with GEMVs that leave SMs free).
+  ALP_CHECK(
+      cudaFuncSetAttribute(ReadStream<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, kHoldSmem));
   std::printf("%-34s %10s %10s %7s %14s\n", "stream on N SMs; attention beside", "alone us",
               "beside us", "ratio", "stream GB/s");
   for (int n_sms : {132, 116, 100, 84, 68}) {
-    holding(n_sms, 1);
-    ALP_CHECK(cudaEventRecord(b0, bg));
-    holding(n_sms, 4);
-    ALP_CHECK(cudaEventRecord(b1, bg));
-    ALP_CHECK(cudaStreamSynchronize(bg));
-    const double hold_gbps = 4.0 * bg_bytes / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
+    const std::function<void(int)> holding = [&, n_sms](int passes) {
+      ReadStream<16>
+          <<<n_sms, 512, kHoldSmem, bg>>>(static_cast<const uint4*>(bg_buf), n_vec, passes, sink);
+    };
+    const double hold_gbps = stream_alone(holding, 4, buf_bytes);
     std::printf("stream on %3d SMs alone %*s %14.0f\n", n_sms, 40, "", hold_gbps);
     if (n_sms >= 132) continue;  // no SM left for the attention
     for (const Case& c : cases) {
-      for (int i = 0; i < 20; ++i) c.launch();
-      ALP_CHECK(cudaEventRecord(e0, fg));
-      for (int i = 0; i < kLaunches; ++i) c.launch();
-      ALP_CHECK(cudaEventRecord(e1, fg));
-      ALP_CHECK(cudaStreamSynchronize(fg));
-      const double alone_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
-      const int passes = std::max(
-          4, static_cast<int>(alone_us * kLaunches * 4 * 1e-6 * hold_gbps * 1e9 / bg_bytes) + 2);
-      ALP_CHECK(cudaEventRecord(b0, bg));
-      holding(n_sms, passes);
-      ALP_CHECK(cudaEventRecord(b1, bg));
-      ALP_CHECK(cudaStreamWaitEvent(fg, b0));
-      for (int i = 0; i < 20; ++i) c.launch();
-      ALP_CHECK(cudaEventRecord(e0, fg));
-      for (int i = 0; i < kLaunches; ++i) c.launch();
-      ALP_CHECK(cudaEventRecord(e1, fg));
-      ALP_CHECK(cudaDeviceSynchronize());
-      ALP_CHECK(cudaGetLastError());
-      const double beside_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
-      const double gbps = passes * static_cast<double>(bg_bytes) / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
       char name[64];
       std::snprintf(name, sizeof(name), "%s, %d SMs", c.name, 132 - n_sms);
-      std::printf("%-34s %10.2f %10.2f %7.2f %14.0f\n", name, alone_us, beside_us,
-                  beside_us / alone_us, gbps);
+      alone_and_beside(
+          c, name,
+          [&](double us) {
+            return std::max(4, static_cast<int>(us * kLaunches * 4e3 * hold_gbps / buf_bytes) + 2);
+          },
+          holding, buf_bytes);
     }
   }
 
@@ -535,7 +511,7 @@ int Main(int argc, char** argv) {
                     f.stages);
         continue;
       }
-      auto gemv = [&](int times) {
+      const std::function<void(int)> gemv = [&](int times) {
         for (int i = 0; i < times; ++i) {
           if (light) {
             LightGemv<10><<<132 * -f.blocks_per_sm, 256, 0, bg>>>(
@@ -547,40 +523,18 @@ int Main(int argc, char** argv) {
           }
         }
       };
-      gemv(5);
-      ALP_CHECK(cudaEventRecord(b0, bg));
-      gemv(200);
-      ALP_CHECK(cudaEventRecord(b1, bg));
-      ALP_CHECK(cudaStreamSynchronize(bg));
-      const double gemv_us = ElapsedMs(b0, b1) * 1e3 / 200;
-      const double gemv_gbps = 2.0 * gn * gk / (gemv_us * 1e-6) / 1e9;
+      const double gemv_bytes = 2.0 * gn * gk;
+      const double gemv_gbps = stream_alone(gemv, 200, gemv_bytes);
+      const double gemv_us = gemv_bytes / (gemv_gbps * 1e9) * 1e6;
       std::printf("bulk GEMV %d.%d.%d alone: %.2f us a launch, %.0f GB/s\n", f.blocks_per_sm,
                   f.stage_kb, f.stages, gemv_us, gemv_gbps);
       for (const Case& c : cases) {
-        for (int i = 0; i < 20; ++i) c.launch();
-        ALP_CHECK(cudaEventRecord(e0, fg));
-        for (int i = 0; i < kLaunches; ++i) c.launch();
-        ALP_CHECK(cudaEventRecord(e1, fg));
-        ALP_CHECK(cudaStreamSynchronize(fg));
-        const double alone_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
-        const int times = static_cast<int>(alone_us * kLaunches * 3 / gemv_us) + 20;
-        ALP_CHECK(cudaEventRecord(b0, bg));
-        gemv(times);
-        ALP_CHECK(cudaEventRecord(b1, bg));
-        ALP_CHECK(cudaStreamWaitEvent(fg, b0));
-        for (int i = 0; i < 20; ++i) c.launch();
-        ALP_CHECK(cudaEventRecord(e0, fg));
-        for (int i = 0; i < kLaunches; ++i) c.launch();
-        ALP_CHECK(cudaEventRecord(e1, fg));
-        ALP_CHECK(cudaDeviceSynchronize());
-        ALP_CHECK(cudaGetLastError());
-        const double beside_us = ElapsedMs(e0, e1) * 1e3 / kLaunches;
-        const double gbps = 2.0 * gn * gk * times / (ElapsedMs(b0, b1) * 1e-3) / 1e9;
         char name[80];
         std::snprintf(name, sizeof(name), "%s, GEMV %d.%d.%d", c.name, f.blocks_per_sm, f.stage_kb,
                       f.stages);
-        std::printf("%-34s %10.2f %10.2f %7.2f %14.0f\n", name, alone_us, beside_us,
-                    beside_us / alone_us, gbps);
+        alone_and_beside(
+            c, name, [&](double us) { return static_cast<int>(us * kLaunches * 3 / gemv_us) + 20; },
+            gemv, gemv_bytes);
       }
     }
   }
