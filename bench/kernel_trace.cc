@@ -48,6 +48,19 @@ void CUPTIAPI BufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size
   CUpti_Activity* rec = nullptr;
   std::vector<KernelRecord> got;
   while (cuptiActivityGetNextRecord(buffer, valid, &rec) == CUPTI_SUCCESS) {
+    if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {  // host <-> device copies: grid 0, name "memcpy"
+      const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
+      const char* kind = m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_HTOD   ? "HtoD"
+                         : m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOH ? "DtoH"
+                         : m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOD ? "DtoD"
+                                                                          : "other";
+      got.push_back({.start = m->start,
+                     .end = m->end,
+                     .graph_node = m->graphNodeId,
+                     .stream = m->streamId,
+                     .name = std::string("memcpy ") + kind + " " + std::to_string(m->bytes) + "B"});
+      continue;
+    }
     if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
     got.push_back({.start = k->start,
@@ -86,6 +99,8 @@ bool KernelTrace::Enable(const std::string& csv) {
     s.out = nullptr;
     return false;
   }
+  // Copies too, where CUPTI records them (their rows: grid 0, name "memcpy KIND BYTESB").
+  cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);
   std::fprintf(s.out, "label,start_ns,end_ns,stream,graph_node,grid,block,smem,regs,name\n");
   s.enabled = true;
   return true;

@@ -7,6 +7,7 @@
 // earlier are not guaranteed). Window(label, fn) runs fn (which must leave the GPU idle, e.g. end
 // in a stream synchronise), then appends one CSV line per kernel that started inside the window:
 //   label,start_ns,end_ns,stream,graph_node,grid,block,smem,regs,name
+// (host <-> device copies as rows of grid 0 named "memcpy HtoD|DtoH|DtoD|other BYTESB")
 // with start / end relative to the window's first kernel. Built only when CUPTI is found
 // (PHISHARD_HAVE_CUPTI); otherwise Enable() returns false.
 #pragma once
