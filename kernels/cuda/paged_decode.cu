@@ -122,16 +122,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
         // kFold: the new key is not read from the cache (patch below).
         in_range = blk >= 0 && blk < a.num_blocks && (!kFold || key != new_key);
       }
-#pragma unroll
-      for (int i = 0; i < H::kPerLane; ++i) {
-        const int j = cl + kLanesPerKey * i;
-        st.k[u][i] = make_uint4(0, 0, 0, 0);
-        st.v[u][i] = make_uint4(0, 0, 0, 0);
-        if (in_range && j < H::kChunks) {
-          st.k[u][i] = __ldg(reinterpret_cast<const uint4*>(kc + base) + j);
-          st.v[u][i] = __ldg(reinterpret_cast<const uint4*>(vc + base) + j);
-        }
-      }
+      LoadKvSlices<T, HD, kLanesPerKey, H::kPerLane>(kc, vc, base, cl, in_range, st.k[u], st.v[u]);
     }
   };
   auto compute = [&](const Stage& st) {
@@ -139,14 +130,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      float d = 0.0f;
-#pragma unroll
-      for (int i = 0; i < H::kPerLane; ++i) {
-        float kf[8];
-        Unpack8<T>(st.k[u][i], kf);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) d = fmaf(q[i][e], kf[e], d);
-      }
+      float d = DotSlices<T, H::kPerLane>(q, st.k[u]);
       // Sum over the 8 lanes of the group (lanes outside the head hold zeros).
       d += __shfl_xor_sync(0xffffffffu, d, 1);
       d += __shfl_xor_sync(0xffffffffu, d, 2);

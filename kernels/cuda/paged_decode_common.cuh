@@ -204,6 +204,40 @@ __device__ __forceinline__ void LoadQSlices(const T* q_row, int cl, float scale_
   }
 }
 
+// This lane's 16-byte slices cl, cl + kLanes, ... of one key's K and V rows (device, starting at
+// element `base` of each cache); zeros past the head and when !in_range (a masked key, a block id
+// outside the pool). The register-staged and one-warp-a-head kernels' key load.
+template <typename T, int HD, int kLanes, int kPL>
+__device__ __forceinline__ void LoadKvSlices(const T* k_cache, const T* v_cache, int64_t base,
+                                             int cl, bool in_range, uint4 (&k)[kPL],
+                                             uint4 (&v)[kPL]) {
+#pragma unroll
+  for (int i = 0; i < kPL; ++i) {
+    const int j = cl + kLanes * i;
+    k[i] = make_uint4(0, 0, 0, 0);
+    v[i] = make_uint4(0, 0, 0, 0);
+    if (in_range && j < HD / 8) {
+      k[i] = __ldg(reinterpret_cast<const uint4*>(k_cache + base) + j);
+      v[i] = __ldg(reinterpret_cast<const uint4*>(v_cache + base) + j);
+    }
+  }
+}
+
+// q · k over this lane's slices (float32, slice by slice, element by element): one lane's part of
+// a score, summed over the key's lanes by the caller.
+template <typename T, int kPL>
+__device__ __forceinline__ float DotSlices(const float (&q)[kPL][8], const uint4 (&k)[kPL]) {
+  float d = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPL; ++i) {
+    float kf[8];
+    Unpack8<T>(k[i], kf);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) d = fmaf(q[i][e], kf[e], d);
+  }
+  return d;
+}
+
 // Merges the online-softmax states (log2-domain max m, sum l, unnormalised output acc over a
 // lane's kPL 16-byte slices) of a warp's lane groups of kLanes lanes — lanes cl, cl + kLanes, ...
 // hold the same slices — by shuffles; afterwards every group holds the warp's state. The decode

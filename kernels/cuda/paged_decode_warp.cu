@@ -122,16 +122,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodeWarpKernel(const Args 
           base = KvOffset(blk, key % bs, kvh, bs, a.num_kv_heads, HD);
         }
       }
-#pragma unroll
-      for (int i = 0; i < kPL; ++i) {
-        const int j = cl + kLpk * i;
-        st.k[u][i] = make_uint4(0, 0, 0, 0);
-        st.v[u][i] = make_uint4(0, 0, 0, 0);
-        if (in_range && j < C) {
-          st.k[u][i] = __ldg(reinterpret_cast<const uint4*>(kc + base) + j);
-          st.v[u][i] = __ldg(reinterpret_cast<const uint4*>(vc + base) + j);
-        }
-      }
+      LoadKvSlices<T, HD, kLpk, kPL>(kc, vc, base, cl, in_range, st.k[u], st.v[u]);
     }
   };
   auto compute = [&](const Stage& st) {
@@ -139,14 +130,7 @@ __global__ void __launch_bounds__(kThreads, 4) PagedDecodeWarpKernel(const Args 
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      float d = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kPL; ++i) {
-        float kf[8];
-        Unpack8<T>(st.k[u][i], kf);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) d = fmaf(q[i][e], kf[e], d);
-      }
+      float d = DotSlices<T, kPL>(q, st.k[u]);
 #pragma unroll
       for (int off = 1; off < kLpk; off *= 2) d += __shfl_xor_sync(0xffffffffu, d, off);
       sc[u] = st.valid[u] ? d : -INFINITY;
