@@ -25,15 +25,20 @@
 //      shared memory) over a 4 GiB buffer: room for attention blocks on every SM;
 //   2. a read kernel holding N whole SMs (ReadStream<16>: 512 threads, 16 loads in flight a thread,
 //      200 KB of shared memory), the attention on the 132 - N others;
-//   3. a 1-row fc1 GEMV (10240 x 2560) back to back: LightGemv (persistent, 256 threads, ~40
-//      registers, 1-3 blocks an SM) and the bulk GEMV (kernels/cuda/gemv_bulk.cu) at its
-//      defaults;
+//   3. a 1-row fc1 GEMV (10240 x 2560) back to back over 8 distinct weight copies: LightGemv
+//      (persistent, 256 threads, ~40 registers, 1-3 blocks an SM; optionally each warp asking the
+//      row it takes D columns later into L2 first) and the bulk GEMV (kernels/cuda/gemv_bulk.cu)
+//      at its defaults;
 // then the one-shot chain taken apart by %globaltimer, alone and beside 1.
 // Measured (perf-log 2026-11-30 16:22-16:36, ctx 1024): beside 1, see above; beside 2, the stream
 // reads 4.50 / 4.25 / 4.00 / 3.59 TB/s on 132 / 100 / 84 / 68 SMs, the attention on the other 32
 // / 48 / 64 SMs takes 29-52 / 23-47 / 16-33 us; beside 3, the GEMVs stream 2.9-3.3 TB/s alone and
 // 2.2-3.2 beside, the attention takes 13-26 us (the library kernel 13.0 beside one LightGemv block
 // an SM). The attention keeps its time only beside a stream far lighter than a GEMV's.
+// Those GEMV rates read one 52 MB copy back to back, part of it still in the 50 MB L2; over 8
+// copies (perf-log 2026-11-30 17:44, session 26) LightGemv reads 2.6 / 3.3 TB/s at 1 / 3 blocks an
+// SM (3.40-3.49 at 4-8), the bulk GEMV 2.7, and asking rows into L2 ahead lowers it (2.1-2.6 TB/s
+// at D = 1-8, 1-2 blocks an SM: 4.45 on the one copy, which was L2 reuse).
 // Usage: phishard_attn_load_probe [ctx (default 1024)]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -50,6 +55,7 @@
 #include "bench/bench_device.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
+#include "kernels/cuda/sm90_ptx.cuh"
 
 namespace phishard::bench {
 namespace {
@@ -253,7 +259,10 @@ __global__ void __launch_bounds__(512)
 // to other kernels; warp w of block b takes output columns b * 8 + w, + 8 x gridDim, ...; a lane
 // reads 16-byte chunks l, l + 32, ... of the column's weight row (K / 256 of them, all in flight)
 // against x from shared memory.
-template <int KC>  // 16-byte chunks a lane (K = 256 KC)
+// With D > 0 lane 0 of each warp also asks the weight row it will take D columns later into L2
+// (cp.async.bulk.prefetch.L2: no registers or shared memory held for those bytes), so the row's
+// own loads hit L2 and the DRAM stream keeps D rows a warp in flight beyond them.
+template <int KC, int D = 0>  // 16-byte chunks a lane (K = 256 KC); rows asked ahead a warp
 __global__ void __launch_bounds__(256)
     LightGemv(const __nv_bfloat16* w, const __nv_bfloat16* x, __nv_bfloat16* y, int n) {
   constexpr int K = 256 * KC;
@@ -264,7 +273,20 @@ __global__ void __launch_bounds__(256)
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * 8;
-  for (int col = blockIdx.x * 8 + (threadIdx.x >> 5); col < n; col += warps) {
+  const int col0 = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if constexpr (D > 0) {
+    if (lane == 0) {
+      for (int d = 0; d < D && col0 + d * warps < n; ++d) {
+        sm90::BulkPrefetchL2(w + static_cast<size_t>(col0 + d * warps) * K, K * 2);
+      }
+    }
+  }
+  for (int col = col0; col < n; col += warps) {
+    if constexpr (D > 0) {
+      if (lane == 0 && col + D * warps < n) {
+        sm90::BulkPrefetchL2(w + static_cast<size_t>(col + D * warps) * K, K * 2);
+      }
+    }
     const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<size_t>(col) * K);
     uint4 r[KC];
 #pragma unroll
@@ -475,22 +497,30 @@ int Main(int argc, char** argv) {
   // blocks an SM (GemvParams::bulk_*: blocks an SM, stage KiB, stages).
   {
     const int gn = 10240, gk = 2560;
-    void* gw = DeviceAllocOrDie(size_t{2} * gn * gk, kProg);
+    // kCopies distinct weight copies, launch i reading copy i % kCopies: 420 MB, so no launch finds
+    // the one before's weights in the 50 MB L2 (one copy back to back did: 52 MB).
+    constexpr int kCopies = 8;
+    const size_t wbytes = size_t{2} * gn * gk;
+    char* gw = static_cast<char*>(DeviceAllocOrDie(wbytes * kCopies, kProg));
     void* gx = DeviceAllocOrDie(size_t{2} * gk, kProg);
     void* gb = DeviceAllocOrDie(size_t{2} * gn, kProg);
     void* gy = DeviceAllocOrDie(size_t{2} * gn, kProg);
-    RandomFillOrDie(gw, size_t{gn} * gk, 41, DataType::kBF16, fg, kProg, 0.05f);
+    RandomFillOrDie(gw, size_t{gn} * gk * kCopies, 41, DataType::kBF16, fg, kProg, 0.05f);
     RandomFillOrDie(gx, gk, 42, DataType::kBF16, fg, kProg);
     RandomFillOrDie(gb, gn, 43, DataType::kBF16, fg, kProg);
     ALP_CHECK(cudaDeviceSynchronize());
     struct GemvForm {
-      int blocks_per_sm, stage_kb, stages;
+      int blocks_per_sm, stage_kb, stages, ahead = 0;  // ahead: LightGemv's D
     };
     std::printf("%-34s %10s %10s %7s %14s\n", "bulk GEMV fc1 (bpsm.kb.stages)", "alone us",
                 "beside us", "ratio", "GEMV GB/s");
     // The light GEMV (LightGemv, K = 2560) at 1, 2 and 3 blocks an SM first (form {-B, 0, 0}).
+    // Then LightGemv with D rows a warp asked into L2 ahead (form {-B, 0, 0, D}).
     for (const GemvForm& f :
-         {GemvForm{-1, 0, 0}, GemvForm{-2, 0, 0}, GemvForm{-3, 0, 0}, GemvForm{2, 48, 2}}) {
+         {GemvForm{-1, 0, 0}, GemvForm{-3, 0, 0}, GemvForm{2, 48, 2}, GemvForm{-1, 0, 0, 1},
+          GemvForm{-1, 0, 0, 2}, GemvForm{-1, 0, 0, 4}, GemvForm{-1, 0, 0, 8},
+          GemvForm{-2, 0, 0, 2}, GemvForm{-2, 0, 0, 4}, GemvForm{-4, 0, 0}, GemvForm{-5, 0, 0},
+          GemvForm{-6, 0, 0}, GemvForm{-8, 0, 0}}) {
       GemvParams gp{.a = GemmParams{.x = gx,
                                     .w = gw,
                                     .bias = gb,
@@ -511,12 +541,20 @@ int Main(int argc, char** argv) {
                     f.stages);
         continue;
       }
+      int launch = 0;
       const std::function<void(int)> gemv = [&](int times) {
         for (int i = 0; i < times; ++i) {
+          char* const wi = gw + wbytes * (launch++ % kCopies);
+          gp.a.w = wi;
           if (light) {
-            LightGemv<10><<<132 * -f.blocks_per_sm, 256, 0, bg>>>(
-                static_cast<const __nv_bfloat16*>(gw), static_cast<const __nv_bfloat16*>(gx),
-                static_cast<__nv_bfloat16*>(gy), gn);
+            auto* k = f.ahead == 0   ? LightGemv<10, 0>
+                      : f.ahead == 1 ? LightGemv<10, 1>
+                      : f.ahead == 2 ? LightGemv<10, 2>
+                      : f.ahead == 4 ? LightGemv<10, 4>
+                                     : LightGemv<10, 8>;
+            k<<<132 * -f.blocks_per_sm, 256, 0, bg>>>(reinterpret_cast<const __nv_bfloat16*>(wi),
+                                                      static_cast<const __nv_bfloat16*>(gx),
+                                                      static_cast<__nv_bfloat16*>(gy), gn);
           } else if (GemvCuda(gp, bg) != KernelStatus::kOk) {
             std::fprintf(stderr, "%s: GemvCuda failed\n", kProg);
             std::exit(1);
@@ -526,12 +564,12 @@ int Main(int argc, char** argv) {
       const double gemv_bytes = 2.0 * gn * gk;
       const double gemv_gbps = stream_alone(gemv, 200, gemv_bytes);
       const double gemv_us = gemv_bytes / (gemv_gbps * 1e9) * 1e6;
-      std::printf("bulk GEMV %d.%d.%d alone: %.2f us a launch, %.0f GB/s\n", f.blocks_per_sm,
-                  f.stage_kb, f.stages, gemv_us, gemv_gbps);
+      std::printf("bulk GEMV %d.%d.%d.%d alone: %.2f us a launch, %.0f GB/s\n", f.blocks_per_sm,
+                  f.stage_kb, f.stages, f.ahead, gemv_us, gemv_gbps);
       for (const Case& c : cases) {
         char name[80];
-        std::snprintf(name, sizeof(name), "%s, GEMV %d.%d.%d", c.name, f.blocks_per_sm, f.stage_kb,
-                      f.stages);
+        std::snprintf(name, sizeof(name), "%s, GEMV %d.%d.%d.%d", c.name, f.blocks_per_sm,
+                      f.stage_kb, f.stages, f.ahead);
         alone_and_beside(
             c, name, [&](double us) { return static_cast<int>(us * kLaunches * 3 / gemv_us) + 20; },
             gemv, gemv_bytes);
