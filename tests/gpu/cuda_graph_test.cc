@@ -58,20 +58,35 @@ struct DecodeCase {
   float q_scale = 1.0f;
 };
 
-// Runs one case with the given split bound; poisons the output, every cache slot no sequence
-// owns (K and V NaN: a read past a context shows up), and uses a table pitch wider than needed.
-// bad_ids: one table entry of each live sequence (its second block where it has two, else its
-// first) is out of [0, num_blocks) (-1 or past the pool); the kernels read it as zero K/V, the
-// reference reads an all-zero block appended to the pool.
-void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_info,
-                   PagedDecodeVariant variant = PagedDecodeVariant::kAuto, bool bad_ids = false) {
+// One case's inputs on the device and its CPU reference, shared by every split bound and kernel
+// variant run on it (building the pool of the long cases dominated the test's time). Poisons
+// every cache slot no sequence owns (K and V NaN: a read past a context shows up) and uses a
+// table pitch wider than needed. bad_ids: one table entry of each live sequence (its second block
+// where it has two, else its first) is out of [0, num_blocks) (-1 or past the pool); the kernels
+// read it as zero K/V, the reference reads an all-zero block appended to the pool.
+struct PreparedDecode {
+  DecodeCase c;
+  DataType t;
+  bool device_info;
+  DeviceBuffer d_q, d_k, d_v, d_ctx, d_tables, d_info;
+  PagedAttentionParams p;  // .out set by each run
+  std::vector<float> ref;  // [S, heads x head_dim]
+  bool ref_ok = true;      // the CPU reference ran
+};
+
+std::unique_ptr<PreparedDecode> PrepareDecodeCase(const DecodeCase& c, DataType t, bool device_info,
+                                                  bool bad_ids) {
+  auto pd = std::make_unique<PreparedDecode>();
+  pd->c = c;
+  pd->t = t;
+  pd->device_info = device_info;
   const int S = static_cast<int>(c.ctx.size());
   const int bs = c.block_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
   int max_ctx = 1;
   for (int x : c.ctx) max_ctx = std::max(max_ctx, x);
   const int pitch = KvBlockAllocator::BlocksFor(max_ctx, bs) + 2;
   const int num_blocks = S * pitch + 3;
-  std::mt19937 rng(S * 131 + hd + max_splits);
+  std::mt19937 rng(S * 131 + hd);
   std::vector<int32_t> ids(num_blocks);
   std::iota(ids.begin(), ids.end(), 0);
   std::shuffle(ids.begin(), ids.end(), rng);
@@ -113,64 +128,43 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
     testing_util::FillCacheSlot(reinterpret_cast<uint16_t*>(vb.data()), slot, uint16_t{0xFFFF}, bs,
                                 nkv, hd);
   }
-  std::vector<int32_t> cu(S + 1), ctx(c.ctx.begin(), c.ctx.end());
-  std::iota(cu.begin(), cu.end(), 0);
+  std::vector<int32_t> ctx(c.ctx.begin(), c.ctx.end());
   const std::vector<int32_t> info = {c.live, pitch, 0, 0};
-  DeviceBuffer d_q = DeviceBuffer::From(Encode(q, t));
-  DeviceBuffer d_k = DeviceBuffer::From(kb);
-  DeviceBuffer d_v = DeviceBuffer::From(vb);
-  DeviceBuffer d_ctx = DeviceBuffer::From(ctx);
-  DeviceBuffer d_tables = DeviceBuffer::From(tables);
-  DeviceBuffer d_info = DeviceBuffer::From(info);
-  DeviceBuffer d_out(static_cast<size_t>(S) * nh * hd * 2);
-  d_out.Poison();
-  const size_t ws_bytes = PagedDecodeCudaWorkspaceBytes(S, nh, hd, kPagedDecodeMaxSplits);
-  DeviceBuffer d_ws(std::max<size_t>(ws_bytes, 16));
-  d_ws.Poison();
-  PagedAttentionParams p{.q = d_q.get(),
-                         .k_cache = d_k.get(),
-                         .v_cache = d_v.get(),
-                         .out = d_out.get(),
-                         .context_lens = d_ctx.as<int32_t>(),
-                         .block_tables = d_tables.as<int32_t>(),
-                         .num_seqs = S,
-                         .num_tokens = S,
-                         .max_blocks_per_seq = device_info ? 0 : pitch,
-                         .num_blocks = num_blocks,
-                         .block_size = bs,
-                         .num_heads = nh,
-                         .num_kv_heads = nkv,
-                         .head_dim = hd,
-                         .q_stride = q_stride,
-                         .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
-                         .dtype = t};
-  PagedDecodeCudaPlan plan{.step_info = device_info ? d_info.as<int32_t>() : nullptr,
-                           .max_splits = max_splits,
-                           .workspace = d_ws.get(),
-                           .workspace_bytes = ws_bytes,
-                           .num_multiprocessors = 132,
-                           .variant = variant};
-  int bound = 0;
-  ASSERT_EQ(PagedDecodeCuda(p, plan, nullptr, &bound), KernelStatus::kOk);
-  gpu_test::ExpectDeviceClean(nullptr);
-  EXPECT_EQ(bound, max_splits);
-  const std::vector<float> out = Decode(d_out.DownloadBytes(), t);
+  pd->d_q = DeviceBuffer::From(Encode(q, t));
+  pd->d_k = DeviceBuffer::From(kb);
+  pd->d_v = DeviceBuffer::From(vb);
+  pd->d_ctx = DeviceBuffer::From(ctx);
+  pd->d_tables = DeviceBuffer::From(tables);
+  pd->d_info = DeviceBuffer::From(info);
+  pd->p = PagedAttentionParams{.q = pd->d_q.get(),
+                               .k_cache = pd->d_k.get(),
+                               .v_cache = pd->d_v.get(),
+                               .context_lens = pd->d_ctx.as<int32_t>(),
+                               .block_tables = pd->d_tables.as<int32_t>(),
+                               .num_seqs = S,
+                               .num_tokens = S,
+                               .max_blocks_per_seq = device_info ? 0 : pitch,
+                               .num_blocks = num_blocks,
+                               .block_size = bs,
+                               .num_heads = nh,
+                               .num_kv_heads = nkv,
+                               .head_dim = hd,
+                               .q_stride = q_stride,
+                               .scale = 1.0f / std::sqrt(static_cast<float>(hd)),
+                               .dtype = t};
 
   // Reference over the live rows only (the CPU op has no padding rows).
   std::vector<float> kf = Decode(kb, t), vf = Decode(vb, t);
   kf.resize(kf.size() + static_cast<size_t>(KvBlockElems(bs, nkv, hd)), 0.0f);
   vf.resize(vf.size() + static_cast<size_t>(KvBlockElems(bs, nkv, hd)), 0.0f);
-  std::vector<float> ref(static_cast<size_t>(S) * nh * hd, 0.0f);
-  std::vector<int32_t> live_idx;
+  pd->ref.assign(static_cast<size_t>(S) * nh * hd, 0.0f);
   for (int s = 0; s < S; ++s) {
-    if (c.ctx[s] > 0) live_idx.push_back(s);
-  }
-  for (int s : live_idx) {
+    if (c.ctx[s] <= 0) continue;
     const std::vector<int32_t> one_cu = {0, 1}, one_ctx = {c.ctx[s]};
     std::vector<int32_t> one_table(ref_tables.begin() + static_cast<size_t>(s) * pitch,
                                    ref_tables.begin() + static_cast<size_t>(s + 1) * pitch);
     std::vector<float> one_out(static_cast<size_t>(nh) * hd);
-    PagedAttentionParams pc = p;
+    PagedAttentionParams pc = pd->p;
     pc.q = q.data() + static_cast<size_t>(s) * q_stride;
     pc.k_cache = kf.data();
     pc.v_cache = vf.data();
@@ -183,18 +177,67 @@ void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_
     pc.max_blocks_per_seq = pitch;
     pc.num_blocks = num_blocks + 1;
     pc.dtype = DataType::kF32;
-    ASSERT_EQ(PagedAttentionCpu(pc), KernelStatus::kOk);
-    std::copy(one_out.begin(), one_out.end(), ref.begin() + static_cast<size_t>(s) * nh * hd);
+    const KernelStatus st = PagedAttentionCpu(pc);
+    EXPECT_EQ(st, KernelStatus::kOk);
+    pd->ref_ok = pd->ref_ok && st == KernelStatus::kOk;
+    std::copy(one_out.begin(), one_out.end(), pd->ref.begin() + static_cast<size_t>(s) * nh * hd);
   }
+  return pd;
+}
+
+// One kernel launch on a prepared case with the given split bound, into a poisoned output and
+// workspace: padding rows exactly zero, live rows within one rounding of the reference.
+void RunPrepared(const PreparedDecode& pd, int max_splits,
+                 PagedDecodeVariant variant = PagedDecodeVariant::kAuto) {
+  const DecodeCase& c = pd.c;
+  const int S = static_cast<int>(c.ctx.size()), nh = c.num_heads, hd = c.head_dim;
+  DeviceBuffer d_out(static_cast<size_t>(S) * nh * hd * 2);
+  d_out.Poison();
+  const size_t ws_bytes = PagedDecodeCudaWorkspaceBytes(S, nh, hd, kPagedDecodeMaxSplits);
+  DeviceBuffer d_ws(std::max<size_t>(ws_bytes, 16));
+  d_ws.Poison();
+  PagedAttentionParams p = pd.p;
+  p.out = d_out.get();
+  PagedDecodeCudaPlan plan{.step_info = pd.device_info ? pd.d_info.as<int32_t>() : nullptr,
+                           .max_splits = max_splits,
+                           .workspace = d_ws.get(),
+                           .workspace_bytes = ws_bytes,
+                           .num_multiprocessors = 132,
+                           .variant = variant};
+  int bound = 0;
+  ASSERT_EQ(PagedDecodeCuda(p, plan, nullptr, &bound), KernelStatus::kOk);
+  gpu_test::ExpectDeviceClean(nullptr);
+  EXPECT_EQ(bound, max_splits);
+  const std::vector<float> out = Decode(d_out.DownloadBytes(), pd.t);
   for (int s = 0; s < S; ++s) {
     if (c.ctx[s] > 0) continue;
     for (int i = 0; i < nh * hd; ++i) {
       ASSERT_EQ(out[static_cast<size_t>(s) * nh * hd + i], 0.0f) << "padding row " << s;
     }
   }
-  const gpu_test::Diff d = Compare(out, ref);
+  const gpu_test::Diff d = Compare(out, pd.ref);
   EXPECT_EQ(d.nonfinite, 0u);
-  EXPECT_LE(d.rel, OneRoundingTol(t)) << gpu_test::ToString(d);
+  EXPECT_LE(d.rel, OneRoundingTol(pd.t)) << gpu_test::ToString(d);
+}
+
+// Prepares one case and runs it with every split bound x kernel variant (the trace names both).
+void RunDecodeCase(const DecodeCase& c, DataType t, const std::vector<int>& splits,
+                   bool device_info, const std::vector<PagedDecodeVariant>& variants,
+                   bool bad_ids = false) {
+  const std::unique_ptr<PreparedDecode> pd = PrepareDecodeCase(c, t, device_info, bad_ids);
+  if (!pd->ref_ok) return;
+  for (int sp : splits) {
+    for (PagedDecodeVariant v : variants) {
+      SCOPED_TRACE(testing::Message() << "splits " << sp << " variant " << static_cast<int>(v));
+      RunPrepared(*pd, sp, v);
+      if (testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
+
+void RunDecodeCase(const DecodeCase& c, DataType t, int max_splits, bool device_info,
+                   PagedDecodeVariant variant = PagedDecodeVariant::kAuto, bool bad_ids = false) {
+  RunDecodeCase(c, t, std::vector<int>{max_splits}, device_info, {variant}, bad_ids);
 }
 
 // The swept shapes: one key, long contexts, block and tile edges, GQA groups of 2, 3, 4 and 8,
@@ -225,26 +268,15 @@ TEST(CudaPagedDecode, MatchesCpuReferenceAcrossShapesAndSplits) {
   const std::vector<DecodeCase> cases = DecodeCases();
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
-      for (int splits : {1, 3, 16}) {
-        // The production kernels on every case (kAuto picks one of the first two by grid size;
-        // the one-warp-a-head kernel where the model asks for it).
-        for (PagedDecodeVariant v :
-             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
-              PagedDecodeVariant::kWarpPerHead}) {
-          SCOPED_TRACE(testing::Message()
-                       << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim
-                       << " splits " << splits << " variant " << static_cast<int>(v));
-          RunDecodeCase(c, t, splits, /*device_info=*/true, v);
-          if (HasFatalFailure()) return;
-        }
-      }
-    }
-  }
-  // kAuto (one of the two by grid size): the same answers.
-  for (const DecodeCase& c : cases) {
-    for (int splits : {1, 3}) {
-      SCOPED_TRACE(testing::Message() << "auto, seqs " << c.ctx.size() << " splits " << splits);
-      RunDecodeCase(c, DataType::kBF16, splits, /*device_info=*/true, PagedDecodeVariant::kAuto);
+      SCOPED_TRACE(testing::Message()
+                   << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim);
+      // The production kernels on every case (kAuto picks one of the first two by grid size;
+      // the one-warp-a-head kernel where the model asks for it), and kAuto itself in bf16.
+      std::vector<PagedDecodeVariant> variants = {PagedDecodeVariant::kPipelined,
+                                                  PagedDecodeVariant::kRegisterStages,
+                                                  PagedDecodeVariant::kWarpPerHead};
+      if (t == DataType::kBF16) variants.push_back(PagedDecodeVariant::kAuto);
+      RunDecodeCase(c, t, {1, 3, 16}, /*device_info=*/true, variants);
       if (HasFatalFailure()) return;
     }
   }
@@ -262,14 +294,11 @@ TEST(CudaPagedDecode, TensorCoreMatchesCpuReference) {
   cases.push_back({{1024, 1023, 17, 0}, 3, 32, 32, 80, 16});  // Phi-2 heads, ctx 1024
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
-      for (int splits : {1, 3, 16}) {
-        SCOPED_TRACE(testing::Message() << DataTypeName(t) << " seqs " << c.ctx.size()
-                                        << " heads " << c.num_heads << "/" << c.num_kv_heads
-                                        << " head_dim " << c.head_dim << " block "
-                                        << c.block_size << " splits " << splits);
-        RunDecodeCase(c, t, splits, /*device_info=*/true, PagedDecodeVariant::kTensorCore);
-        if (HasFatalFailure()) return;
-      }
+      SCOPED_TRACE(testing::Message()
+                   << DataTypeName(t) << " seqs " << c.ctx.size() << " heads " << c.num_heads << "/"
+                   << c.num_kv_heads << " head_dim " << c.head_dim << " block " << c.block_size);
+      RunDecodeCase(c, t, {1, 3, 16}, /*device_info=*/true, {PagedDecodeVariant::kTensorCore});
+      if (HasFatalFailure()) return;
     }
   }
   RunDecodeCase({{40, 41, 1}, 3, 8, 8, 64, 16}, DataType::kBF16, 4, /*device_info=*/false,
@@ -286,18 +315,13 @@ TEST(CudaPagedDecode, BadBlockIdsReadAsZeros) {
                                          {{1000, 70}, 2, 32, 32, 80, 16},
                                          {{50, 12}, 2, 4, 2, 80, 7}};
   for (const DecodeCase& c : cases) {
-    for (int splits : {1, 3}) {
-      for (PagedDecodeVariant v :
-           {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
-            PagedDecodeVariant::kTensorCore, PagedDecodeVariant::kWarpPerHead}) {
-        SCOPED_TRACE(testing::Message()
-                     << "seqs " << c.ctx.size() << " heads " << c.num_heads << "/" << c.num_kv_heads
-                     << " block " << c.block_size << " splits " << splits << " variant "
-                     << static_cast<int>(v));
-        RunDecodeCase(c, DataType::kBF16, splits, /*device_info=*/true, v, /*bad_ids=*/true);
-        if (HasFatalFailure()) return;
-      }
-    }
+    SCOPED_TRACE(testing::Message() << "seqs " << c.ctx.size() << " heads " << c.num_heads << "/"
+                                    << c.num_kv_heads << " block " << c.block_size);
+    RunDecodeCase(c, DataType::kBF16, {1, 3}, /*device_info=*/true,
+                  {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
+                   PagedDecodeVariant::kTensorCore, PagedDecodeVariant::kWarpPerHead},
+                  /*bad_ids=*/true);
+    if (HasFatalFailure()) return;
   }
 }
 
@@ -312,17 +336,12 @@ TEST(CudaPagedDecode, WideScoresRescaleMidStream) {
                                          {{700, 129}, 2, 4, 4, 96, 16, 24.0f}};
   for (const DecodeCase& c : cases) {
     for (DataType t : kHalfTypes) {
-      for (int splits : {1, 3}) {
-        for (PagedDecodeVariant v :
-             {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
-              PagedDecodeVariant::kTensorCore, PagedDecodeVariant::kWarpPerHead}) {
-          SCOPED_TRACE(testing::Message()
-                       << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim
-                       << " splits " << splits << " variant " << static_cast<int>(v));
-          RunDecodeCase(c, t, splits, /*device_info=*/true, v);
-          if (HasFatalFailure()) return;
-        }
-      }
+      SCOPED_TRACE(testing::Message()
+                   << DataTypeName(t) << " seqs " << c.ctx.size() << " head_dim " << c.head_dim);
+      RunDecodeCase(c, t, {1, 3}, /*device_info=*/true,
+                    {PagedDecodeVariant::kPipelined, PagedDecodeVariant::kRegisterStages,
+                     PagedDecodeVariant::kTensorCore, PagedDecodeVariant::kWarpPerHead});
+      if (HasFatalFailure()) return;
     }
   }
 }
