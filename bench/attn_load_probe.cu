@@ -38,7 +38,9 @@
 // Those GEMV rates read one 52 MB copy back to back, part of it still in the 50 MB L2; over 8
 // copies (perf-log 2026-11-30 17:44, session 26) LightGemv reads 2.6 / 3.3 TB/s at 1 / 3 blocks an
 // SM (3.40-3.49 at 4-8), the bulk GEMV 2.7, and asking rows into L2 ahead lowers it (2.1-2.6 TB/s
-// at D = 1-8, 1-2 blocks an SM: 4.45 on the one copy, which was L2 reuse).
+// at D = 1-8, 1-2 blocks an SM: 4.45 on the one copy, which was L2 reuse); LightGemv2 (two rows in
+// flight a warp, one block an SM) 3.40 (perf-log 17:55). Every form tops out at ~3.5 TB/s a 52 MB
+// launch (15 us against 11.7 at the read rate: each launch's start, ramp and tail).
 // Usage: phishard_attn_load_probe [ctx (default 1024)]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -310,6 +312,59 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// LightGemv with two weight rows in flight a warp: the next column's loads go out before the
+// current column's products, so a warp's stream has no gap while it computes (184 registers: one
+// block an SM).
+template <int KC>
+__device__ __forceinline__ void LoadRow(const __nv_bfloat16* w, int col, int lane, uint4 (&r)[KC]) {
+  const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<size_t>(col) * 256 * KC);
+#pragma unroll
+  for (int c = 0; c < KC; ++c) r[c] = __ldcs(row + lane + 32 * c);
+}
+template <int KC>
+__device__ __forceinline__ void DotRow(const uint4 (&r)[KC], const __nv_bfloat16* sx, int lane,
+                                       int col, __nv_bfloat16* y) {
+  float acc = 0.0f;
+#pragma unroll
+  for (int c = 0; c < KC; ++c) {
+    const uint4 xv = reinterpret_cast<const uint4*>(sx)[lane + 32 * c];
+    const uint32_t wa[4] = {r[c].x, r[c].y, r[c].z, r[c].w};
+    const uint32_t xa[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
+      const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xa[e]));
+      acc = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc));
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) y[col] = __float2bfloat16(acc);
+}
+template <int KC>
+__global__ void __launch_bounds__(256)
+    LightGemv2(const __nv_bfloat16* w, const __nv_bfloat16* x, __nv_bfloat16* y, int n) {
+  constexpr int K = 256 * KC;
+  __shared__ __align__(16) __nv_bfloat16 sx[K];
+  for (int i = threadIdx.x; i < K / 8; i += 256) {
+    reinterpret_cast<uint4*>(sx)[i] = reinterpret_cast<const uint4*>(x)[i];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int W = gridDim.x * 8;
+  const int c0 = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (c0 >= n) return;
+  uint4 a[KC], b[KC];
+  LoadRow<KC>(w, c0, lane, a);
+  for (int c = c0; c < n; c += 2 * W) {
+    if (c + W < n) LoadRow<KC>(w, c + W, lane, b);
+    DotRow<KC>(a, sx, lane, c, y);
+    if (c + W >= n) break;
+    if (c + 2 * W < n) LoadRow<KC>(w, c + 2 * W, lane, a);
+    DotRow<KC>(b, sx, lane, c + W, y);
+  }
+}
+
 float ElapsedMs(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0;
   ALP_CHECK(cudaEventElapsedTime(&ms, a, b));
@@ -510,7 +565,7 @@ int Main(int argc, char** argv) {
     RandomFillOrDie(gb, gn, 43, DataType::kBF16, fg, kProg);
     ALP_CHECK(cudaDeviceSynchronize());
     struct GemvForm {
-      int blocks_per_sm, stage_kb, stages, ahead = 0;  // ahead: LightGemv's D
+      int blocks_per_sm, stage_kb, stages, ahead = 0;  // ahead: LightGemv's D (-1: LightGemv2)
     };
     std::printf("%-34s %10s %10s %7s %14s\n", "bulk GEMV fc1 (bpsm.kb.stages)", "alone us",
                 "beside us", "ratio", "GEMV GB/s");
@@ -520,7 +575,7 @@ int Main(int argc, char** argv) {
          {GemvForm{-1, 0, 0}, GemvForm{-3, 0, 0}, GemvForm{2, 48, 2}, GemvForm{-1, 0, 0, 1},
           GemvForm{-1, 0, 0, 2}, GemvForm{-1, 0, 0, 4}, GemvForm{-1, 0, 0, 8},
           GemvForm{-2, 0, 0, 2}, GemvForm{-2, 0, 0, 4}, GemvForm{-4, 0, 0}, GemvForm{-5, 0, 0},
-          GemvForm{-6, 0, 0}, GemvForm{-8, 0, 0}}) {
+          GemvForm{-6, 0, 0}, GemvForm{-8, 0, 0}, GemvForm{-1, 0, 0, -1}}) {
       GemvParams gp{.a = GemmParams{.x = gx,
                                     .w = gw,
                                     .bias = gb,
@@ -547,7 +602,8 @@ int Main(int argc, char** argv) {
           char* const wi = gw + wbytes * (launch++ % kCopies);
           gp.a.w = wi;
           if (light) {
-            auto* k = f.ahead == 0   ? LightGemv<10, 0>
+            auto* k = f.ahead < 0    ? LightGemv2<10>
+                      : f.ahead == 0 ? LightGemv<10, 0>
                       : f.ahead == 1 ? LightGemv<10, 1>
                       : f.ahead == 2 ? LightGemv<10, 2>
                       : f.ahead == 4 ? LightGemv<10, 4>
