@@ -256,65 +256,9 @@ __global__ void __launch_bounds__(512)
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads
 }
 
-// A light 1-row GEMV (y[n] = w[n, :] . x, bf16, float32 sums; no bias): a persistent grid of
-// blocks of 256 threads, no shared memory beyond x, ~40 registers, so it leaves most of every SM
-// to other kernels; warp w of block b takes output columns b * 8 + w, + 8 x gridDim, ...; a lane
-// reads 16-byte chunks l, l + 32, ... of the column's weight row (K / 256 of them, all in flight)
-// against x from shared memory.
-// With D > 0 lane 0 of each warp also asks the weight row it will take D columns later into L2
-// (cp.async.bulk.prefetch.L2: no registers or shared memory held for those bytes), so the row's
-// own loads hit L2 and the DRAM stream keeps D rows a warp in flight beyond them.
-template <int KC, int D = 0>  // 16-byte chunks a lane (K = 256 KC); rows asked ahead a warp
-__global__ void __launch_bounds__(256)
-    LightGemv(const __nv_bfloat16* w, const __nv_bfloat16* x, __nv_bfloat16* y, int n) {
-  constexpr int K = 256 * KC;
-  __shared__ __align__(16) __nv_bfloat16 sx[K];
-  for (int i = threadIdx.x; i < K / 8; i += 256) {
-    reinterpret_cast<uint4*>(sx)[i] = reinterpret_cast<const uint4*>(x)[i];
-  }
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int warps = gridDim.x * 8;
-  const int col0 = blockIdx.x * 8 + (threadIdx.x >> 5);
-  if constexpr (D > 0) {
-    if (lane == 0) {
-      for (int d = 0; d < D && col0 + d * warps < n; ++d) {
-        sm90::BulkPrefetchL2(w + static_cast<size_t>(col0 + d * warps) * K, K * 2);
-      }
-    }
-  }
-  for (int col = col0; col < n; col += warps) {
-    if constexpr (D > 0) {
-      if (lane == 0 && col + D * warps < n) {
-        sm90::BulkPrefetchL2(w + static_cast<size_t>(col + D * warps) * K, K * 2);
-      }
-    }
-    const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<size_t>(col) * K);
-    uint4 r[KC];
-#pragma unroll
-    for (int c = 0; c < KC; ++c) r[c] = __ldcs(row + lane + 32 * c);
-    float acc = 0.0f;
-#pragma unroll
-    for (int c = 0; c < KC; ++c) {
-      const uint4 xv = reinterpret_cast<const uint4*>(sx)[lane + 32 * c];
-      const uint32_t wa[4] = {r[c].x, r[c].y, r[c].z, r[c].w};
-      const uint32_t xa[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
-        const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xa[e]));
-        acc = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc));
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) y[col] = __float2bfloat16(acc);
-  }
-}
-
-// LightGemv with two weight rows in flight a warp: the next column's loads go out before the
-// current column's products, so a warp's stream has no gap while it computes (184 registers: one
-// block an SM).
+// A warp's 1-row GEMV pieces: lane l's chunks l, l + 32, ... of column col's weight row
+// (K = 256 KC elements) into registers, and their products with x (shared memory) summed over the
+// warp into y[col].
 template <int KC>
 __device__ __forceinline__ void LoadRow(const __nv_bfloat16* w, int col, int lane, uint4 (&r)[KC]) {
   const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<size_t>(col) * 256 * KC);
@@ -341,15 +285,60 @@ __device__ __forceinline__ void DotRow(const uint4 (&r)[KC], const __nv_bfloat16
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   if (lane == 0) y[col] = __float2bfloat16(acc);
 }
+// x [K] into the block's shared copy (every thread of the block, then a barrier).
+template <int K>
+__device__ __forceinline__ void StageX(const __nv_bfloat16* x, __nv_bfloat16* sx) {
+  for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
+    reinterpret_cast<uint4*>(sx)[i] = reinterpret_cast<const uint4*>(x)[i];
+  }
+  __syncthreads();
+}
+
+// A light 1-row GEMV (y[n] = w[n, :] . x, bf16, float32 sums; no bias): a persistent grid of
+// blocks of 256 threads, no shared memory beyond x, ~40 registers, so it leaves most of every SM
+// to other kernels; warp w of block b takes output columns b * 8 + w, + 8 x gridDim, ...; a lane
+// reads 16-byte chunks l, l + 32, ... of the column's weight row (K / 256 of them, all in flight)
+// against x from shared memory.
+// With D > 0 lane 0 of each warp also asks the weight row it will take D columns later into L2
+// (cp.async.bulk.prefetch.L2: no registers or shared memory held for those bytes), so the row's
+// own loads hit L2 and the DRAM stream keeps D rows a warp in flight beyond them.
+template <int KC, int D = 0>  // 16-byte chunks a lane (K = 256 KC); rows asked ahead a warp
+__global__ void __launch_bounds__(256)
+    LightGemv(const __nv_bfloat16* w, const __nv_bfloat16* x, __nv_bfloat16* y, int n) {
+  constexpr int K = 256 * KC;
+  __shared__ __align__(16) __nv_bfloat16 sx[K];
+  StageX<K>(x, sx);
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * 8;
+  const int col0 = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if constexpr (D > 0) {
+    if (lane == 0) {
+      for (int d = 0; d < D && col0 + d * warps < n; ++d) {
+        sm90::BulkPrefetchL2(w + static_cast<size_t>(col0 + d * warps) * K, K * 2);
+      }
+    }
+  }
+  for (int col = col0; col < n; col += warps) {
+    if constexpr (D > 0) {
+      if (lane == 0 && col + D * warps < n) {
+        sm90::BulkPrefetchL2(w + static_cast<size_t>(col + D * warps) * K, K * 2);
+      }
+    }
+    uint4 r[KC];
+    LoadRow<KC>(w, col, lane, r);
+    DotRow<KC>(r, sx, lane, col, y);
+  }
+}
+
+// LightGemv with two weight rows in flight a warp: the next column's loads go out before the
+// current column's products, so a warp's stream has no gap while it computes (184 registers: one
+// block an SM).
 template <int KC>
 __global__ void __launch_bounds__(256)
     LightGemv2(const __nv_bfloat16* w, const __nv_bfloat16* x, __nv_bfloat16* y, int n) {
   constexpr int K = 256 * KC;
   __shared__ __align__(16) __nv_bfloat16 sx[K];
-  for (int i = threadIdx.x; i < K / 8; i += 256) {
-    reinterpret_cast<uint4*>(sx)[i] = reinterpret_cast<const uint4*>(x)[i];
-  }
-  __syncthreads();
+  StageX<K>(x, sx);
   const int lane = threadIdx.x & 31;
   const int W = gridDim.x * 8;
   const int c0 = blockIdx.x * 8 + (threadIdx.x >> 5);
