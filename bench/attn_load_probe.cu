@@ -556,7 +556,7 @@ int Main(int argc, char** argv) {
     struct GemvForm {
       int blocks_per_sm, stage_kb, stages, ahead = 0;  // ahead: LightGemv's D (-1: LightGemv2)
     };
-    std::printf("%-34s %10s %10s %7s %14s\n", "bulk GEMV fc1 (bpsm.kb.stages)", "alone us",
+    std::printf("%-34s %10s %10s %7s %14s\n", "fc1 GEMV (form bpsm.kb.stages.D)", "alone us",
                 "beside us", "ratio", "GEMV GB/s");
     // The light GEMV (LightGemv, K = 2560) at 1, 2 and 3 blocks an SM first (form {-B, 0, 0}).
     // Then LightGemv with D rows a warp asked into L2 ahead (form {-B, 0, 0, D}).
@@ -609,7 +609,9 @@ int Main(int argc, char** argv) {
       const double gemv_bytes = 2.0 * gn * gk;
       const double gemv_gbps = stream_alone(gemv, 200, gemv_bytes);
       const double gemv_us = gemv_bytes / (gemv_gbps * 1e9) * 1e6;
-      std::printf("bulk GEMV %d.%d.%d.%d alone: %.2f us a launch, %.0f GB/s\n", f.blocks_per_sm,
+      // Forms: blocks an SM < 0 LightGemv (D = ahead; -1: LightGemv2), else the bulk GEMV.
+      const char* kind = !light ? "bulk GEMV" : f.ahead < 0 ? "LightGemv2" : "LightGemv";
+      std::printf("%s %d.%d.%d.%d alone: %.2f us a launch, %.0f GB/s\n", kind, f.blocks_per_sm,
                   f.stage_kb, f.stages, f.ahead, gemv_us, gemv_gbps);
       for (const Case& c : cases) {
         char name[80];
