@@ -1,0 +1,194 @@
+// The per-item pieces of bench/layer_probe.cu's LayerStream (included inside its namespace, after
+// LayerArgs): the warp dot and the axpy of a stage, the consumers' barrier, the LayerNorm fold at
+// a layer's start, and the attention item of the "attention in the stream" form.
+
+// Dot of a row in shared memory with x in shared memory, lane's units l, l + 32, ... (KC of them),
+// summed over the warp.
+template <int KC>
+__device__ __forceinline__ float WarpDot(const bf16* row, const bf16* x, int lane) {
+  float d = 0.0f;
+#pragma unroll
+  for (int u = 0; u < KC; ++u) {
+    const uint4 wv = reinterpret_cast<const uint4*>(row)[lane + 32 * u];
+    const uint4 xv = reinterpret_cast<const uint4*>(x)[lane + 32 * u];
+    const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w}, xa[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
+      const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xa[e]));
+      d = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, d));
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+  return d;
+}
+
+// acc[0..8) += sum_r g[r] * rows[r, 8t .. 8t + 8) over R rows of K in shared memory.
+template <int R, int K>
+__device__ __forceinline__ void Axpy(const bf16* rows, const float* g, int t, float (&acc)[8]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const uint4 wv = reinterpret_cast<const uint4*>(rows)[r * (K / 8) + t];
+    const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
+      acc[2 * e] = fmaf(g[r], wf.x, acc[2 * e]);
+      acc[2 * e + 1] = fmaf(g[r], wf.y, acc[2 * e + 1]);
+    }
+  }
+}
+
+__device__ __forceinline__ void ConsumerSync(int threads) {
+  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
+}
+
+// The LayerNorm of h_in + acc_in (the residual; the previous layer's blocks all done first) into
+// sx, every consumer thread 8 columns (K = 8 x consumers); block 0 also writes the residual out.
+template <int KC>
+__device__ __forceinline__ void LnFold(const LayerArgs& a, bf16* sx, float* sred, int tid) {
+  constexpr int K = 256 * KC, kConsumers = 32 * KC;
+  const int warp = tid >> 5, lane = tid & 31;
+  if (a.prev_ctr != nullptr && tid == 0) {
+    WaitAtLeast(a.prev_ctr + kBlocksDone, static_cast<int>(gridDim.x));
+  }
+  ConsumerSync(kConsumers);
+  float v[8];
+  const uint4 hv = __ldcg(reinterpret_cast<const uint4*>(a.h_in) + tid);
+  const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
+  float4 a0 = make_float4(0, 0, 0, 0), a1 = a0;
+  if (a.acc_in != nullptr) {
+    for (int c = 0; c < a.acc_copies; ++c) {
+      const float4* src = reinterpret_cast<const float4*>(a.acc_in + static_cast<size_t>(c) * K);
+      const float4 p0 = __ldcg(src + 2 * tid), p1 = __ldcg(src + 2 * tid + 1);
+      a0 = make_float4(a0.x + p0.x, a0.y + p0.y, a0.z + p0.z, a0.w + p0.w);
+      a1 = make_float4(a1.x + p1.x, a1.y + p1.y, a1.z + p1.z, a1.w + p1.w);
+    }
+  }
+  const float ad[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+  float sum = 0.0f;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ha[e]));
+    v[2 * e] = __bfloat162float(__float2bfloat16(f.x + ad[2 * e]));
+    v[2 * e + 1] = __bfloat162float(__float2bfloat16(f.y + ad[2 * e + 1]));
+    sum += v[2 * e] + v[2 * e + 1];
+  }
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) sred[warp] = sum;
+  ConsumerSync(kConsumers);
+  float mean = 0.0f;
+  for (int w = 0; w < KC; ++w) mean += sred[w];
+  mean /= K;
+  float sq = 0.0f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) sq += (v[e] - mean) * (v[e] - mean);
+  for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+  if (lane == 0) sred[32 + warp] = sq;
+  ConsumerSync(kConsumers);
+  float var = 0.0f;
+  for (int w = 0; w < KC; ++w) var += sred[32 + w];
+  const float rstd = rsqrtf(var / K + 1e-5f);
+  const uint4 wv = reinterpret_cast<const uint4*>(a.ln_w)[tid];
+  const uint4 bv = reinterpret_cast<const uint4*>(a.ln_b)[tid];
+  const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w}, ba[4] = {bv.x, bv.y, bv.z, bv.w};
+  uint32_t xo[4], hn[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
+    const float2 bf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ba[e]));
+    const __nv_bfloat162 r = __floats2bfloat162_rn((v[2 * e] - mean) * rstd * wf.x + bf.x,
+                                                   (v[2 * e + 1] - mean) * rstd * wf.y + bf.y);
+    xo[e] = *reinterpret_cast<const uint32_t*>(&r);
+    const __nv_bfloat162 hr = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
+    hn[e] = *reinterpret_cast<const uint32_t*>(&hr);
+  }
+  reinterpret_cast<uint4*>(sx)[tid] = make_uint4(xo[0], xo[1], xo[2], xo[3]);
+  if (blockIdx.x == 0)
+    reinterpret_cast<uint4*>(a.h_out)[tid] = make_uint4(hn[0], hn[1], hn[2], hn[3]);
+  ConsumerSync(kConsumers);
+}
+
+// One attention item of the stream: (head, split) = (idx / splits, idx % splits); K and V of its
+// kAttnKeys keys are in the stage ([K rows][V rows], 80 wide), q comes from the layer's q/k/v rows
+// once every block has counted its q/k/v chunks. Writes the split's partial (o, max, sum); the
+// last split of the head merges them into o and counts the head done.
+template <int KC>
+__device__ __forceinline__ void AttendStage(const LayerArgs& a, int idx, const bf16* stage,
+                                            float* sq, float* sp, float* sred, int* sflag,
+                                            int tid) {
+  constexpr int kConsumers = 32 * KC;
+  const int h = idx / a.splits, split = idx % a.splits;
+  const int ctx = __ldg(a.ctx_len);
+  const int nkeys = min(kAttnKeys, ctx - split * kAttnKeys);
+  if (tid == 0) WaitAtLeast(a.ctr + kQkvDone, a.q_chunks);
+  ConsumerSync(kConsumers);
+  if (tid < kHd) sq[tid] = __bfloat162float(__ldcg(a.qkv + h * kHd + tid));
+  ConsumerSync(kConsumers);
+  const bf16* sk = stage;
+  const bf16* sv = stage + kAttnKeys * kHd;
+  float sc = -INFINITY;
+  if (tid < kAttnKeys && tid < nkeys) {
+    float d = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kHd / 8; ++c) {
+      const uint4 u = reinterpret_cast<const uint4*>(sk + tid * kHd)[c];
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e]));
+        d = fmaf(sq[c * 8 + 2 * e], f.x, fmaf(sq[c * 8 + 2 * e + 1], f.y, d));
+      }
+    }
+    sc = d * a.scale_log2;
+  }
+  // max and sum over the kAttnKeys threads (warps 0 and 1)
+  float mx = sc;
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((tid & 31) == 0 && tid < kAttnKeys) sred[tid >> 5] = mx;
+  ConsumerSync(kConsumers);
+  mx = fmaxf(sred[0], sred[1]);
+  const float p = tid < kAttnKeys && sc != -INFINITY ? exp2f(sc - mx) : 0.0f;
+  if (tid < kAttnKeys) sp[tid] = p;
+  float sum = p;
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((tid & 31) == 0 && tid < kAttnKeys) sred[2 + (tid >> 5)] = sum;
+  ConsumerSync(kConsumers);
+  float* part = a.partials + (static_cast<size_t>(h) * a.splits + split) * (kHd + 2);
+  if (tid < kHd) {
+    float o0 = 0.0f;
+    for (int k = 0; k < nkeys; ++k) o0 = fmaf(sp[k], __bfloat162float(sv[k * kHd + tid]), o0);
+    part[tid] = o0;
+  }
+  if (tid == 0) {
+    part[kHd] = mx;
+    part[kHd + 1] = sred[2] + sred[3];
+  }
+  __threadfence();
+  ConsumerSync(kConsumers);
+  if (tid == 0) sflag[0] = atomicAdd(a.split_ctr + h, 1) == a.splits - 1;
+  ConsumerSync(kConsumers);
+  if (sflag[0] == 0) return;
+  __threadfence();
+  if (tid < kHd) {
+    const float* base = a.partials + static_cast<size_t>(h) * a.splits * (kHd + 2);
+    float m_all = -INFINITY;
+    for (int sp_i = 0; sp_i < a.splits; ++sp_i)
+      m_all = fmaxf(m_all, __ldcg(base + sp_i * (kHd + 2) + kHd));
+    float acc = 0.0f, l_all = 0.0f;
+    for (int sp_i = 0; sp_i < a.splits; ++sp_i) {
+      const float* ps = base + sp_i * (kHd + 2);
+      const float m = __ldcg(ps + kHd);
+      const float w = m == -INFINITY ? 0.0f : exp2f(m - m_all);
+      acc = fmaf(w, __ldcg(ps + tid), acc);
+      l_all = fmaf(w, __ldcg(ps + kHd + 1), l_all);
+    }
+    const_cast<bf16*>(a.o)[h * kHd + tid] = __float2bfloat16(acc / l_all);
+  }
+  ConsumerSync(kConsumers);
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(a.ctr + kHeadsDone, 1);
+  }
+}
