@@ -26,15 +26,17 @@
 // or as a programmatic dependent of the kernel before it (its producer streams the next layer's
 // weights while this layer drains; its consumers wait for the layer before through a counter);
 // one launch a step (LayerStream over all layers, the ring running across layer boundaries) with
-// a persistent attention kernel beside it (StepAttn) or with the attention as items of the stream
-// itself (K/V through the ring); the block partial sums into 1 / 4 / 16 copies of acc (fewer
-// blocks adding into one address); q/k/v rows ordered by head with per-head ready counters. A
-// profile (clock64 per block and layer) splits a step form's consumer time.
-// Measured (perf-log 2026-11-30 18:2x-18:3x, session 27; us a layer, ctx 1024): the stream alone
-// 45-46 (a launch a layer), 43.8-45.7 (PDL), 41.3-42.4 (one launch a step, 4 stages, 4 acc
-// copies); with the attention: 47.2-48.9 (a launch a layer + PDL + the attention as dependent),
-// 50-58 (persistent StepAttn), 83-97 (attention items in the stream: their latency chains stall
-// the consumers). Today's op-by-op b1 layer: ~55.
+// a persistent attention kernel beside it (StepAttn), with the attention as items of the stream
+// itself (K/V through the ring), or with 4 attention warps in every block (their own cp.async K/V
+// and named barrier, beside the weight consumers); the block partial sums into 1 / 4 / 16 copies of
+// acc (fewer blocks adding into one address); q/k/v rows ordered by head with per-head ready
+// counters. A profile (clock64 per block and layer) splits a step form's consumer time. Measured
+// (perf-log 2026-11-30 18:2x-18:3x, session 27; us a layer, ctx 1024): the stream alone 45-46 (a
+// launch a layer), 43.8-45.7 (PDL), 41.3-42.4 (one launch a step, 4 stages, 4 acc copies); with the
+// attention: 47.2-48.9 (a launch a layer + PDL + the attention as dependent), 50-58 (persistent
+// StepAttn), 83-97 (attention items in the stream: their latency chains stall the consumers), 58-68
+// with the attention warps (46.3 when dense does not wait for them: the attention's own cost beside
+// the stream is ~3 us a layer). Today's op-by-op b1 layer: ~55.
 //
 // Shape: Phi-2's layer (K = 2560, 32 heads x 80, I = 10240, bf16; 157 MB of weights + 10.5 MB of
 // K/V at ctx 1024), 32 layers with distinct weights (5 GB: no L2 reuse between layers). The probe
@@ -135,6 +137,10 @@ struct LayerArgs {
   float scale_log2;
   float* partials;  // [heads, splits, 82]
   int* split_ctr;   // [heads] zero
+  // Attention warps in every block (aw_items > 0; launched with kAttnWarps more warps): aw_items
+  // (head, split) items of kAttnKeys keys taken from kAttnNext by each block's attention warps,
+  // which run beside its weight consumers (their own K/V loads and barriers; nothing in the ring).
+  int aw_items;
 };
 constexpr int kAttnKeys = 64;
 
@@ -179,7 +185,7 @@ __device__ __forceinline__ void WaitAtLeast(const int* p, int target) {
 // producer streaming the next layer's weights while the consumers finish this one). A layer ends,
 // for a block, with a stage whose item is -1: its sums go out, then its blocks-done count.
 template <int KC>
-__global__ void __launch_bounds__(32 * KC + 32, 1)
+__global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
     LayerStream(const LayerArgs* __restrict__ layers, int num_layers, int S,
                 long long* __restrict__ prof) {
   constexpr int K = 256 * KC, R = KC, kConsumers = 32 * KC;
@@ -207,6 +213,13 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
   }
   __syncthreads();
 
+  if (warp > KC) {  // attention warps (launched only for aw_items forms)
+    const uintptr_t end = reinterpret_cast<uintptr_t>(empty + S);
+    AttentionWarps(layers, num_layers,
+                   reinterpret_cast<unsigned char*>((end + 15) & ~uintptr_t{15}),
+                   tid - 32 * (KC + 1));
+    return;
+  }
   if (warp == KC) {  // producer: weights never depend on the layer before, so no wait here
     int it = 0;
     for (int l = 0; l < num_layers; ++l) {
@@ -393,10 +406,11 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
   }
 }
 
-int LayerStreamSmem(int kc, int stages) {
+int LayerStreamSmem(int kc, int stages, bool attn_warps = false) {
   const int k = 256 * kc;
-  return stages * kc * k * 2 + k * 2 + stages * kc * 4 + 2 * kc * 4 + 64 * 4 + kAttnKeys * 4 +
-         kHd * 4 + 16 + ((stages + 1) & ~1) * 4 + 2 * stages * 8;
+  const int base = stages * kc * k * 2 + k * 2 + stages * kc * 4 + 2 * kc * 4 + 64 * 4 +
+                   kAttnKeys * 4 + kHd * 4 + 16 + ((stages + 1) & ~1) * 4 + 2 * stages * 8;
+  return attn_warps ? (base + 15) / 16 * 16 + kAttnWarpSmem : base;
 }
 
 #include "bench/layer_probe_attention.cuh"
@@ -444,7 +458,7 @@ int Main(int argc, char** argv) {
   LP_CHECK(cudaMemset(split_ctr, 0, 4 * heads * L));
   LP_CHECK(cudaDeviceSynchronize());
   LP_CHECK(cudaFuncSetAttribute(LayerStream<KC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                LayerStreamSmem(KC, 4)));
+                                std::max(LayerStreamSmem(KC, 4), LayerStreamSmem(KC, 3, true))));
   // Both kernels ask for the largest shared-memory carveout: blocks of kernels whose carveouts
   // differ do not share an SM, and the attention must run beside the stream.
   LP_CHECK(
@@ -452,7 +466,8 @@ int Main(int argc, char** argv) {
   SetAttentionSmem();
 
   // Every layer's arguments, on the device (the kernels read them there).
-  auto layer_args = [&](int l, bool wait, int copies, bool per_head, int ring_m_first = -1) {
+  auto layer_args = [&](int l, bool wait, int copies, bool per_head, int ring_m_first = -1,
+                        bool aw = false) {
     bf16* wl = w + per_layer * l;
     const bf16* bl = bias + small * l;
     return LayerArgs{
@@ -490,7 +505,8 @@ int Main(int argc, char** argv) {
         .max_blocks = blocks,
         .scale_log2 = 0.1118f * 1.4426950408889634f,
         .partials = partials + static_cast<size_t>(heads) * 64 * (kHd + 2) * l,
-        .split_ctr = ctr + kCounters * l + kHeadReady};
+        .split_ctr = ctr + kCounters * l + kHeadReady,
+        .aw_items = aw ? heads * ((ctx + kAttnKeys - 1) / kAttnKeys) : 0};
   };
   auto attn_args = [&](int l, bool per_head) {
     return AttnArgs{.q = qkv + NQ * l,
@@ -539,6 +555,15 @@ int Main(int argc, char** argv) {
       static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_ring.size(), kProg));
   LP_CHECK(cudaMemcpy(ring_args, h_ring.data(), sizeof(LayerArgs) * h_ring.size(),
                       cudaMemcpyHostToDevice));
+  // The attention warps in every block (4 acc copies): dense waits / does not wait.
+  std::vector<LayerArgs> h_aw;
+  for (int w = 0; w < 2; ++w) {
+    for (int l = 0; l < L; ++l) h_aw.push_back(layer_args(l, w == 0, 4, false, -1, true));
+  }
+  LayerArgs* aw_args =
+      static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_aw.size(), kProg));
+  LP_CHECK(
+      cudaMemcpy(aw_args, h_aw.data(), sizeof(LayerArgs) * h_aw.size(), cudaMemcpyHostToDevice));
   const size_t nla = h_largs_wait.size();
   LayerArgs* largs_wait = static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * nla, kProg));
   LayerArgs* largs_nowait =
@@ -565,6 +590,7 @@ int Main(int argc, char** argv) {
     int copies_index = 0;  // into copies_of
     bool per_head = false;
     int ring = -1;  // >= 0: the attention in the stream, m_first = ring_first[ring]
+    bool aw = false;  // the attention warps in every block (wait: dense waits for them)
   };
   long long* prof =
       static_cast<long long*>(DeviceAllocOrDie(sizeof(long long) * L * 132 * kProf, kProg));
@@ -577,9 +603,11 @@ int Main(int argc, char** argv) {
         static_cast<size_t>(L) * (f.copies_index + (f.per_head ? copies_of.size() : 0));
     const AttnArgs* aa = aargs + (f.per_head ? L : 0);
     if (f.ring >= 0) la = ring_args + static_cast<size_t>(L) * f.ring;
-    const int smem = LayerStreamSmem(KC, f.stages);
+    if (f.aw) la = aw_args + (f.wait ? 0 : static_cast<size_t>(L));
+    const int smem = LayerStreamSmem(KC, f.stages, f.aw);
+    const int threads = 32 * KC + 32 + (f.aw ? 32 * kAttnWarps : 0);
     if (f.step) {
-      LayerStream<KC><<<132, 32 * KC + 32, smem, st>>>(la, L, f.stages, prof_on ? prof : nullptr);
+      LayerStream<KC><<<132, threads, smem, st>>>(la, L, f.stages, prof_on ? prof : nullptr);
       if (f.keys > 0) LaunchStepAttention(aa, L, f.keys, ctx, f.attn_blocks, next, st);
       return;
     }
@@ -587,7 +615,7 @@ int Main(int argc, char** argv) {
       if (f.pdl && l > 0) {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(132);
-        cfg.blockDim = dim3(32 * KC + 32);
+        cfg.blockDim = dim3(threads);
         cfg.dynamicSmemBytes = smem;
         cfg.stream = st;
         cudaLaunchAttribute attr[1];
@@ -598,7 +626,7 @@ int Main(int argc, char** argv) {
         LP_CHECK(cudaLaunchKernelEx(&cfg, LayerStream<KC>, la + l, 1, f.stages,
                                     static_cast<long long*>(nullptr)));
       } else {
-        LayerStream<KC><<<132, 32 * KC + 32, smem, st>>>(la + l, 1, f.stages, nullptr);
+        LayerStream<KC><<<132, threads, smem, st>>>(la + l, 1, f.stages, nullptr);
       }
       if (f.keys > 0) LaunchAttention(h_aargs[(f.per_head ? L : 0) + l], f.keys, ctx, st);
     }
@@ -613,13 +641,12 @@ int Main(int argc, char** argv) {
     for (const Form& f :
          {Form{2, 64, true, true, false, 0, 1}, Form{3, 0, false, false, true, 0, 1},
           Form{4, 0, false, false, true, 0, 1}, Form{3, 64, true, false, true, 264, 1},
-          Form{4, 0, true, false, true, 0, 1, false, 0},
-          Form{4, 0, true, false, true, 0, 1, false, 1},
           Form{4, 0, true, false, true, 0, 1, false, 2},
-          Form{4, 0, true, false, true, 0, 1, false, 3},
-          Form{3, 0, true, false, true, 0, 1, false, 2},
-          Form{2, 0, true, true, false, 0, 1, false, 2},
-          Form{3, 0, true, false, false, 0, 1, false, 2}}) {
+          Form{3, 0, true, false, true, 0, 1, false, -1, true},
+          Form{3, 0, false, false, true, 0, 1, false, -1, true},
+          Form{2, 0, true, false, true, 0, 1, false, -1, true},
+          Form{2, 0, true, true, false, 0, 1, false, -1, true},
+          Form{3, 0, true, false, false, 0, 1, false, -1, true}}) {
       if (round == 0) {
         std::printf("form stages %d keys %d wait %d pdl %d step %d blocks %d ...\n", f.stages,
                     f.keys, f.wait ? 1 : 0, f.pdl ? 1 : 0, f.step ? 1 : 0, f.attn_blocks);
@@ -636,7 +663,9 @@ int Main(int argc, char** argv) {
       LP_CHECK(cudaGetLastError());
       const double us = ElapsedMs(e0, e1) * 1e3 / kSteps;
       char attn[64];
-      if (f.ring >= 0) {
+      if (f.aw) {
+        std::snprintf(attn, sizeof(attn), "warps in block%s", f.wait ? "" : " (no wait)");
+      } else if (f.ring >= 0) {
         std::snprintf(attn, sizeof(attn), "in stream after %d", ring_first[f.ring]);
       } else {
         std::snprintf(attn, sizeof(attn), "%s%s",
@@ -660,8 +689,8 @@ int Main(int argc, char** argv) {
   int clock_khz = 0;
   LP_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   prof_on = true;
-  for (const Form& f :
-       {Form{3, 64, true, false, true, 264, 1}, Form{4, 0, true, false, true, 0, 1, false, 2}}) {
+  for (const Form& f : {Form{3, 0, false, false, true, 0, 1},
+                        Form{3, 0, true, false, true, 0, 1, false, -1, true}}) {
     chain(f);  // warm
     LP_CHECK(cudaMemset(prof, 0, sizeof(long long) * L * 132 * kProf));
     chain(f);

@@ -27,13 +27,6 @@ struct AttnArgs {
   int head_target;
 };
 
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
-                   static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
-               "l"(gmem)
-               : "memory");
-}
-
 // One (head, split) item: keys [split * KEYS, split * KEYS + KEYS) of head h; `wait`: thread 0
 // waits for the layer's q/k/v counter after the K/V loads went out (false once this block has
 // seen it for this layer). Ends with a block barrier (shared memory free for the next item).

@@ -192,3 +192,134 @@ __device__ __forceinline__ void AttendStage(const LayerArgs& a, int idx, const b
     atomicAdd(a.ctr + kHeadsDone, 1);
   }
 }
+
+// The attention warps of a LayerStream block (kAttnWarps warps, `at` = 0..127): per layer with
+// aw_items > 0, (head, split) items from the layer's kAttnNext counter. An item's K and V rows go
+// out by cp.async first; the first item of a layer then waits for the layer's q/k/v counter
+// (the K/V of that item are in flight meanwhile); scores, softmax, P.V, the split's partial; the
+// last split of a head merges into o and counts kHeadsDone. Named barrier 2 (their own), so the
+// weight consumers never wait for them.
+constexpr int kAttnWarps = 4;
+constexpr int kAttnWarpSmem = 2 * kAttnKeys * kHd * 2 + kHd * 4 + kAttnKeys * 4 + 8 * 4 + 16;
+
+__device__ __forceinline__ void AttnSync() {
+  asm volatile("bar.sync 2, %0;" ::"n"(32 * kAttnWarps) : "memory");
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
+               "l"(gmem)
+               : "memory");
+}
+
+__device__ __forceinline__ void AttentionWarps(const LayerArgs* layers, int num_layers,
+                                               unsigned char* smem, int at) {
+  constexpr int kT = 32 * kAttnWarps;
+  bf16* sK = reinterpret_cast<bf16*>(smem);  // [kAttnKeys, 80]
+  bf16* sV = sK + kAttnKeys * kHd;
+  float* sQ = reinterpret_cast<float*>(sV + kAttnKeys * kHd);  // [80]
+  float* sP = sQ + kHd;                                        // [kAttnKeys]
+  float* sRed = sP + kAttnKeys;                                // [8]
+  int* sInt = reinterpret_cast<int*>(sRed + 8);                // [0] item, [1] last
+  for (int l = 0; l < num_layers; ++l) {
+    const LayerArgs& a = layers[l];
+    if (a.aw_items == 0) continue;
+    const int ctx = __ldg(a.ctx_len);
+    bool waited = false;
+    for (;;) {
+      if (at == 0) sInt[0] = atomicAdd(&a.ctr[kAttnNext], 1);
+      AttnSync();
+      const int item = sInt[0];
+      AttnSync();
+      if (item >= a.aw_items) break;
+      const int h = item / a.splits, split = item % a.splits;
+      // K / V of the split's keys: kAttnKeys rows x 10 16-byte chunks, K and V.
+      for (int i = at; i < kAttnKeys * (kHd / 8); i += kT) {
+        const int r = i / (kHd / 8), c = i % (kHd / 8);
+        const int key = split * kAttnKeys + r;
+        const int b = key / kBs;
+        if (key >= ctx || b >= a.max_blocks) continue;
+        const int phys = __ldg(a.table + b);
+        const size_t off =
+            ((static_cast<size_t>(phys) * a.heads + h) * kBs + key % kBs) * kHd + c * 8;
+        CpAsync16(sK + r * kHd + c * 8, a.kc + off);
+        CpAsync16(sV + r * kHd + c * 8, a.vc + off);
+      }
+      if (!waited) {
+        if (at == 0) WaitAtLeast(a.ctr + kQkvDone, a.q_chunks);
+        waited = true;
+      }
+      AttnSync();
+      if (at < kHd) sQ[at] = __bfloat162float(__ldcg(a.qkv + h * kHd + at));
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      AttnSync();
+      const int nkeys = min(kAttnKeys, ctx - split * kAttnKeys);
+      float sc = -INFINITY;
+      if (at < nkeys) {
+        float d = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kHd / 8; ++c) {
+          const uint4 u = reinterpret_cast<const uint4*>(sK + at * kHd)[c];
+          const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e]));
+            d = fmaf(sQ[c * 8 + 2 * e], f.x, fmaf(sQ[c * 8 + 2 * e + 1], f.y, d));
+          }
+        }
+        sc = d * a.scale_log2;
+      }
+      float mx = sc;
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      if ((at & 31) == 0) sRed[at >> 5] = mx;
+      AttnSync();
+      mx = fmaxf(fmaxf(sRed[0], sRed[1]), fmaxf(sRed[2], sRed[3]));
+      const float p = sc != -INFINITY ? exp2f(sc - mx) : 0.0f;
+      if (at < kAttnKeys) sP[at] = p;
+      float sum = p;
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if ((at & 31) == 0) sRed[4 + (at >> 5)] = sum;
+      AttnSync();
+      float* part = a.partials + (static_cast<size_t>(h) * a.splits + split) * (kHd + 2);
+      if (at < kHd) {
+        float o0 = 0.0f;
+        for (int k = 0; k < nkeys; ++k) o0 = fmaf(sP[k], __bfloat162float(sV[k * kHd + at]), o0);
+        part[at] = o0;
+      }
+      if (at == 0) {
+        part[kHd] = mx;
+        part[kHd + 1] = sRed[4] + sRed[5] + sRed[6] + sRed[7];
+      }
+      __threadfence();
+      AttnSync();
+      if (at == 0) sInt[1] = atomicAdd(a.split_ctr + h, 1) == a.splits - 1;
+      AttnSync();
+      if (sInt[1] != 0) {
+        __threadfence();
+        if (at < kHd) {
+          const float* base = a.partials + static_cast<size_t>(h) * a.splits * (kHd + 2);
+          float m_all = -INFINITY;
+          for (int i = 0; i < a.splits; ++i) {
+            m_all = fmaxf(m_all, __ldcg(base + i * (kHd + 2) + kHd));
+          }
+          float acc = 0.0f, l_all = 0.0f;
+          for (int i = 0; i < a.splits; ++i) {
+            const float* ps = base + i * (kHd + 2);
+            const float m = __ldcg(ps + kHd);
+            const float w = m == -INFINITY ? 0.0f : exp2f(m - m_all);
+            acc = fmaf(w, __ldcg(ps + at), acc);
+            l_all = fmaf(w, __ldcg(ps + kHd + 1), l_all);
+          }
+          const_cast<bf16*>(a.o)[h * kHd + at] = __float2bfloat16(acc / l_all);
+        }
+        AttnSync();
+        if (at == 0) {
+          __threadfence();
+          atomicAdd(a.ctr + kHeadsDone, 1);
+        }
+      }
+      AttnSync();  // sK / sV / sInt free for the next item
+    }
+  }
+}
