@@ -141,6 +141,8 @@ struct LayerArgs {
   // (head, split) items of kAttnKeys keys taken from kAttnNext by each block's attention warps,
   // which run beside its weight consumers (their own K/V loads and barriers; nothing in the ring).
   int aw_items;
+  int aw_mode;  // 1: the 4 warps take 64-key items together; 2: each warp its own 32-key item
+  int d_rows;   // rows a dense item (R, or R / 2: a finer tail at the layer's end)
 };
 constexpr int kAttnKeys = 64;
 
@@ -215,9 +217,12 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
 
   if (warp > KC) {  // attention warps (launched only for aw_items forms)
     const uintptr_t end = reinterpret_cast<uintptr_t>(empty + S);
-    AttentionWarps(layers, num_layers,
-                   reinterpret_cast<unsigned char*>((end + 15) & ~uintptr_t{15}),
-                   tid - 32 * (KC + 1));
+    unsigned char* at_smem = reinterpret_cast<unsigned char*>((end + 15) & ~uintptr_t{15});
+    if (layers[0].aw_mode == 2) {
+      AttentionWarpItems(layers, num_layers, at_smem, warp - (KC + 1), lane);
+    } else {
+      AttentionWarps(layers, num_layers, at_smem, tid - 32 * (KC + 1));
+    }
     return;
   }
   if (warp == KC) {  // producer: weights never depend on the layer before, so no wait here
@@ -274,13 +279,14 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
             src = (half == 0 ? a.w1 : a.w2t) + static_cast<size_t>(c.idx) * R * K;
             if (half == 0 && lane < R) sb[s * R + lane] = __bfloat162float(a.b1[c.idx * R + lane]);
           } else {
-            src = a.wdt + static_cast<size_t>(c.idx) * R * K;
+            src = a.wdt + static_cast<size_t>(c.idx) * a.d_rows * K;
           }
           __syncwarp();
           if (lane == 0) {
+            const uint32_t bytes = c.kind == kItemDense ? a.d_rows * K * 2 : kStageBytes;
             item_of[s] = item;
-            sm90::MbarExpect(&full[s], kStageBytes);
-            sm90::BulkLoad(dst, src, kStageBytes, &full[s]);
+            sm90::MbarExpect(&full[s], bytes);
+            sm90::BulkLoad(dst, src, bytes, &full[s]);
           }
         }
         if (c.kind == kItemEnd) break;
@@ -377,8 +383,14 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
           }
           float g[R];
 #pragma unroll
-          for (int r = 0; r < R; ++r) g[r] = __bfloat162float(__ldcg(a.o + c.idx * R + r));
-          Axpy<R, K>(rows, g, tid, acc);
+          for (int r = 0; r < R; ++r) {
+            g[r] = r < a.d_rows ? __bfloat162float(__ldcg(a.o + c.idx * a.d_rows + r)) : 0.0f;
+          }
+          if (a.d_rows == R) {
+            Axpy<R, K>(rows, g, tid, acc);
+          } else {
+            Axpy<R / 2, K>(rows, g, tid, acc);
+          }
           __syncwarp();
           if (lane == 0) sm90::MbarArrive(&empty[s]);
           ++it;
@@ -410,7 +422,7 @@ int LayerStreamSmem(int kc, int stages, bool attn_warps = false) {
   const int k = 256 * kc;
   const int base = stages * kc * k * 2 + k * 2 + stages * kc * 4 + 2 * kc * 4 + 64 * 4 +
                    kAttnKeys * 4 + kHd * 4 + 16 + ((stages + 1) & ~1) * 4 + 2 * stages * 8;
-  return attn_warps ? (base + 15) / 16 * 16 + kAttnWarpSmem : base;
+  return attn_warps ? (base + 15) / 16 * 16 + std::max(kAttnWarpSmem, kAttnWarpItemSmem) : base;
 }
 
 #include "bench/layer_probe_attention.cuh"
@@ -467,7 +479,7 @@ int Main(int argc, char** argv) {
 
   // Every layer's arguments, on the device (the kernels read them there).
   auto layer_args = [&](int l, bool wait, int copies, bool per_head, int ring_m_first = -1,
-                        bool aw = false) {
+                        int aw = 0, int d_rows = 0) {
     bf16* wl = w + per_layer * l;
     const bf16* bl = bias + small * l;
     return LayerArgs{
@@ -490,14 +502,14 @@ int Main(int argc, char** argv) {
         .prev_ctr = l == 0 ? nullptr : ctr + kCounters * (l - 1),
         .q_chunks = NQ / R,
         .m_chunks = I / R,
-        .d_chunks = K / R,
+        .d_chunks = K / (d_rows > 0 ? d_rows : R),
         .heads = heads,
         .wait_attention = wait,
         .per_head = per_head,
         .head_chunks = NQ / R / heads,
         .attn_items = ring_m_first >= 0 ? heads * ((ctx + kAttnKeys - 1) / kAttnKeys) : 0,
         .m_first = ring_m_first,
-        .splits = (ctx + kAttnKeys - 1) / kAttnKeys,
+        .splits = aw == 2 ? (ctx + kWarpKeys - 1) / kWarpKeys : (ctx + kAttnKeys - 1) / kAttnKeys,
         .kc = kcache + kv_elems * l,
         .vc = vcache + kv_elems * l,
         .ctx_len = meta,
@@ -506,7 +518,11 @@ int Main(int argc, char** argv) {
         .scale_log2 = 0.1118f * 1.4426950408889634f,
         .partials = partials + static_cast<size_t>(heads) * 64 * (kHd + 2) * l,
         .split_ctr = ctr + kCounters * l + kHeadReady,
-        .aw_items = aw ? heads * ((ctx + kAttnKeys - 1) / kAttnKeys) : 0};
+        .aw_items = aw == 1   ? heads * ((ctx + kAttnKeys - 1) / kAttnKeys)
+                    : aw == 2 ? heads * ((ctx + kWarpKeys - 1) / kWarpKeys)
+                              : 0,
+        .aw_mode = aw,
+        .d_rows = d_rows > 0 ? d_rows : R};
   };
   auto attn_args = [&](int l, bool per_head) {
     return AttnArgs{.q = qkv + NQ * l,
@@ -556,9 +572,16 @@ int Main(int argc, char** argv) {
   LP_CHECK(cudaMemcpy(ring_args, h_ring.data(), sizeof(LayerArgs) * h_ring.size(),
                       cudaMemcpyHostToDevice));
   // The attention warps in every block (4 acc copies): dense waits / does not wait.
+  // [mode 1, 2][wait, no wait][copies 4, 8][dense rows R, R / 2][layer]
   std::vector<LayerArgs> h_aw;
-  for (int w = 0; w < 2; ++w) {
-    for (int l = 0; l < L; ++l) h_aw.push_back(layer_args(l, w == 0, 4, false, -1, true));
+  for (int mode = 1; mode <= 2; ++mode) {
+    for (int w = 0; w < 2; ++w) {
+      for (int c : {4, 8}) {
+        for (int dr : {R, R / 2}) {
+          for (int l = 0; l < L; ++l) h_aw.push_back(layer_args(l, w == 0, c, false, -1, mode, dr));
+        }
+      }
+    }
   }
   LayerArgs* aw_args =
       static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_aw.size(), kProg));
@@ -590,7 +613,8 @@ int Main(int argc, char** argv) {
     int copies_index = 0;  // into copies_of
     bool per_head = false;
     int ring = -1;  // >= 0: the attention in the stream, m_first = ring_first[ring]
-    bool aw = false;  // the attention warps in every block (wait: dense waits for them)
+    int aw = 0;     // the attention warps in every block, mode 1 / 2 (wait: dense waits for them)
+    bool copies8 = false, fine_dense = false;  // (aw forms) 8 acc copies; dense items of R / 2 rows
   };
   long long* prof =
       static_cast<long long*>(DeviceAllocOrDie(sizeof(long long) * L * 132 * kProf, kProg));
@@ -603,9 +627,13 @@ int Main(int argc, char** argv) {
         static_cast<size_t>(L) * (f.copies_index + (f.per_head ? copies_of.size() : 0));
     const AttnArgs* aa = aargs + (f.per_head ? L : 0);
     if (f.ring >= 0) la = ring_args + static_cast<size_t>(L) * f.ring;
-    if (f.aw) la = aw_args + (f.wait ? 0 : static_cast<size_t>(L));
-    const int smem = LayerStreamSmem(KC, f.stages, f.aw);
-    const int threads = 32 * KC + 32 + (f.aw ? 32 * kAttnWarps : 0);
+    if (f.aw > 0) {
+      la = aw_args + static_cast<size_t>(L) *
+                         ((((f.aw - 1) * 2 + (f.wait ? 0 : 1)) * 2 + (f.copies8 ? 1 : 0)) * 2 +
+                          (f.fine_dense ? 1 : 0));
+    }
+    const int smem = LayerStreamSmem(KC, f.stages, f.aw > 0);
+    const int threads = 32 * KC + 32 + (f.aw > 0 ? 32 * kAttnWarps : 0);
     if (f.step) {
       LayerStream<KC><<<132, threads, smem, st>>>(la, L, f.stages, prof_on ? prof : nullptr);
       if (f.keys > 0) LaunchStepAttention(aa, L, f.keys, ctx, f.attn_blocks, next, st);
@@ -641,12 +669,14 @@ int Main(int argc, char** argv) {
     for (const Form& f :
          {Form{2, 64, true, true, false, 0, 1}, Form{3, 0, false, false, true, 0, 1},
           Form{4, 0, false, false, true, 0, 1}, Form{3, 64, true, false, true, 264, 1},
-          Form{4, 0, true, false, true, 0, 1, false, 2},
-          Form{3, 0, true, false, true, 0, 1, false, -1, true},
-          Form{3, 0, false, false, true, 0, 1, false, -1, true},
-          Form{2, 0, true, false, true, 0, 1, false, -1, true},
-          Form{2, 0, true, true, false, 0, 1, false, -1, true},
-          Form{3, 0, true, false, false, 0, 1, false, -1, true}}) {
+          Form{3, 0, true, false, true, 0, 1, false, -1, 1},
+          Form{3, 0, true, false, true, 0, 1, false, -1, 2},
+          Form{3, 0, false, false, true, 0, 1, false, -1, 2},
+          Form{3, 0, true, false, true, 0, 1, false, -1, 2, true},
+          Form{3, 0, true, false, true, 0, 1, false, -1, 2, false, true},
+          Form{3, 0, true, false, true, 0, 1, false, -1, 2, true, true},
+          Form{3, 0, false, false, true, 0, 1, false, -1, 2, true, true},
+          Form{2, 0, true, true, false, 0, 1, false, -1, 2}}) {
       if (round == 0) {
         std::printf("form stages %d keys %d wait %d pdl %d step %d blocks %d ...\n", f.stages,
                     f.keys, f.wait ? 1 : 0, f.pdl ? 1 : 0, f.step ? 1 : 0, f.attn_blocks);
@@ -663,8 +693,9 @@ int Main(int argc, char** argv) {
       LP_CHECK(cudaGetLastError());
       const double us = ElapsedMs(e0, e1) * 1e3 / kSteps;
       char attn[64];
-      if (f.aw) {
-        std::snprintf(attn, sizeof(attn), "warps in block%s", f.wait ? "" : " (no wait)");
+      if (f.aw > 0) {
+        std::snprintf(attn, sizeof(attn), "warps %s%s%s%s", f.aw == 1 ? "64k" : "32k/warp",
+                      f.wait ? "" : " nowait", f.copies8 ? " 8cp" : "", f.fine_dense ? " d5" : "");
       } else if (f.ring >= 0) {
         std::snprintf(attn, sizeof(attn), "in stream after %d", ring_first[f.ring]);
       } else {
@@ -689,8 +720,8 @@ int Main(int argc, char** argv) {
   int clock_khz = 0;
   LP_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   prof_on = true;
-  for (const Form& f : {Form{3, 0, false, false, true, 0, 1},
-                        Form{3, 0, true, false, true, 0, 1, false, -1, true}}) {
+  for (const Form& f :
+       {Form{3, 0, false, false, true, 0, 1}, Form{3, 0, true, false, true, 0, 1, false, -1, 2}}) {
     chain(f);  // warm
     LP_CHECK(cudaMemset(prof, 0, sizeof(long long) * L * 132 * kProf));
     chain(f);

@@ -323,3 +323,130 @@ __device__ __forceinline__ void AttentionWarps(const LayerArgs* layers, int num_
     }
   }
 }
+
+// Mode 2 of the attention warps: each of the kAttnWarps warps takes its own (head, split) items of
+// kWarpKeys keys (no barrier beyond its warp): lane = key for the scores, lanes over dimensions for
+// P.V and the merge; several items of a block in flight at once.
+constexpr int kWarpKeys = 32;
+constexpr int kWarpItemSmem = 2 * kWarpKeys * kHd * 2 + kHd * 4;  // K, V, q
+constexpr int kAttnWarpItemSmem = kAttnWarps * kWarpItemSmem;
+
+__device__ __forceinline__ void AttentionWarpItems(const LayerArgs* layers, int num_layers,
+                                                   unsigned char* smem, int w, int lane) {
+  bf16* sK = reinterpret_cast<bf16*>(smem + w * kWarpItemSmem);  // [kWarpKeys, 80]
+  bf16* sV = sK + kWarpKeys * kHd;
+  float* sQ = reinterpret_cast<float*>(sV + kWarpKeys * kHd);  // [80]
+  constexpr int kDims = (kHd + 31) / 32;                       // dimensions a lane
+  for (int l = 0; l < num_layers; ++l) {
+    const LayerArgs& a = layers[l];
+    if (a.aw_items == 0) continue;
+    const int ctx = __ldg(a.ctx_len);
+    bool waited = false;
+    for (;;) {
+      int item = 0;
+      if (lane == 0) item = atomicAdd(&a.ctr[kAttnNext], 1);
+      item = __shfl_sync(0xffffffffu, item, 0);
+      if (item >= a.aw_items) break;
+      const int h = item / a.splits, split = item % a.splits;
+      for (int i = lane; i < kWarpKeys * (kHd / 8); i += 32) {
+        const int r = i / (kHd / 8), c = i % (kHd / 8);
+        const int key = split * kWarpKeys + r;
+        const int b = key / kBs;
+        if (key >= ctx || b >= a.max_blocks) continue;
+        const int phys = __ldg(a.table + b);
+        const size_t off =
+            ((static_cast<size_t>(phys) * a.heads + h) * kBs + key % kBs) * kHd + c * 8;
+        CpAsync16(sK + r * kHd + c * 8, a.kc + off);
+        CpAsync16(sV + r * kHd + c * 8, a.vc + off);
+      }
+      if (!waited) {
+        if (lane == 0) WaitAtLeast(a.ctr + kQkvDone, a.q_chunks);
+        __syncwarp();
+        waited = true;
+      }
+#pragma unroll
+      for (int j = 0; j < kDims; ++j) {
+        const int d = lane + 32 * j;
+        if (d < kHd) sQ[d] = __bfloat162float(__ldcg(a.qkv + h * kHd + d));
+      }
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      __syncwarp();
+      const int nkeys = min(kWarpKeys, ctx - split * kWarpKeys);
+      float sc = -INFINITY;
+      if (lane < nkeys) {
+        float d = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kHd / 8; ++c) {
+          const uint4 u = reinterpret_cast<const uint4*>(sK + lane * kHd)[c];
+          const uint32_t wd[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wd[e]));
+            d = fmaf(sQ[c * 8 + 2 * e], f.x, fmaf(sQ[c * 8 + 2 * e + 1], f.y, d));
+          }
+        }
+        sc = d * a.scale_log2;
+      }
+      float mx = sc;
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float p = sc != -INFINITY ? exp2f(sc - mx) : 0.0f;
+      float sum = p;
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      float* part = a.partials + (static_cast<size_t>(h) * a.splits + split) * (kHd + 2);
+      float o_acc[kDims] = {};
+      for (int k = 0; k < nkeys; ++k) {
+        const float pk = __shfl_sync(0xffffffffu, p, k);
+#pragma unroll
+        for (int j = 0; j < kDims; ++j) {
+          const int d = lane + 32 * j;
+          if (d < kHd) o_acc[j] = fmaf(pk, __bfloat162float(sV[k * kHd + d]), o_acc[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kDims; ++j) {
+        const int d = lane + 32 * j;
+        if (d < kHd) part[d] = o_acc[j];
+      }
+      if (lane == 0) {
+        part[kHd] = mx;
+        part[kHd + 1] = sum;
+      }
+      __threadfence();
+      __syncwarp();
+      int last = 0;
+      if (lane == 0) last = atomicAdd(a.split_ctr + h, 1) == a.splits - 1;
+      last = __shfl_sync(0xffffffffu, last, 0);
+      if (last) {
+        __threadfence();
+        const float* base = a.partials + static_cast<size_t>(h) * a.splits * (kHd + 2);
+        // lane i holds split i's (and i + 32's, ...) max and sum
+        float m_all = -INFINITY;
+        for (int i = lane; i < a.splits; i += 32)
+          m_all = fmaxf(m_all, __ldcg(base + i * (kHd + 2) + kHd));
+        for (int o = 16; o > 0; o >>= 1)
+          m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, o));
+        float out[kDims] = {}, l_all = 0.0f;
+        for (int i = 0; i < a.splits; ++i) {
+          const float* ps = base + i * (kHd + 2);
+          const float m = __ldcg(ps + kHd);
+          const float wgt = m == -INFINITY ? 0.0f : exp2f(m - m_all);
+          l_all = fmaf(wgt, __ldcg(ps + kHd + 1), l_all);
+#pragma unroll
+          for (int j = 0; j < kDims; ++j) {
+            const int d = lane + 32 * j;
+            if (d < kHd) out[j] = fmaf(wgt, __ldcg(ps + d), out[j]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kDims; ++j) {
+          const int d = lane + 32 * j;
+          if (d < kHd) const_cast<bf16*>(a.o)[h * kHd + d] = __float2bfloat16(out[j] / l_all);
+        }
+        __threadfence();
+        __syncwarp();
+        if (lane == 0) atomicAdd(a.ctr + kHeadsDone, 1);
+      }
+      __syncwarp();  // sK / sV / sQ free for the next item
+    }
+  }
+}
