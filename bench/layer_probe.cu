@@ -35,8 +35,9 @@
 // launch a layer), 43.8-45.7 (PDL), 41.3-42.4 (one launch a step, 4 stages, 4 acc copies); with the
 // attention: 47.2-48.9 (a launch a layer + PDL + the attention as dependent), 50-58 (persistent
 // StepAttn), 83-97 (attention items in the stream: their latency chains stall the consumers), 58-68
-// with the attention warps (46.3 when dense does not wait for them: the attention's own cost beside
-// the stream is ~3 us a layer). Today's op-by-op b1 layer: ~55.
+// with the attention warps, 64-key items a block or 32-key items a warp (46.3-49 when dense does
+// not wait for them: the attention's own cost beside the stream is ~3 us a layer, and its items end
+// 8-20 us after the MLP chunks). Today's op-by-op b1 layer: ~55.
 //
 // Shape: Phi-2's layer (K = 2560, 32 heads x 80, I = 10240, bf16; 157 MB of weights + 10.5 MB of
 // K/V at ctx 1024), 32 layers with distinct weights (5 GB: no L2 reuse between layers). The probe
