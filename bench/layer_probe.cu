@@ -44,7 +44,7 @@
 // has no rotary and no new-row K/V store (the real attention adds them after q arrives), and its
 // outputs are not checked against a reference beyond finiteness (bench/mlp_probe.cu checks the
 // MLP's arithmetic).
-// Usage: phishard_layer_probe [ctx (default 1024)]
+// Usage: phishard_layer_probe [ctx (default 1024)] [pdl (only the best forms)]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -53,6 +53,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "bench/bench_device.h"
@@ -666,18 +667,29 @@ int Main(int argc, char** argv) {
   const double layer_bytes = 2.0 * per_layer + 4.0 * kv_elems;
   std::printf("ctx %d: %.1f MB of weights + %.1f MB of K/V a layer\n", ctx, 2e-6 * per_layer,
               4e-6 * kv_elems);
+  // argv[2] == "pdl": only the a-launch-a-layer PDL forms (the best with the attention) and the
+  // stream alone as one launch a step.
+  const bool pdl_only = argc > 2 && std::string(argv[2]) == "pdl";
+  const std::vector<Form> forms =
+      pdl_only ? std::vector<Form>{Form{2, 0, false, true, false, 0, 1},
+                                   Form{2, 64, true, true, false, 0, 1},
+                                   Form{2, 128, true, true, false, 0, 1},
+                                   Form{2, 64, false, true, false, 0, 1},
+                                   Form{4, 0, false, false, true, 0, 1}}
+               : std::vector<Form>{Form{2, 64, true, true, false, 0, 1},
+                                   Form{3, 0, false, false, true, 0, 1},
+                                   Form{4, 0, false, false, true, 0, 1},
+                                   Form{3, 64, true, false, true, 264, 1},
+                                   Form{3, 0, true, false, true, 0, 1, false, -1, 1},
+                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2},
+                                   Form{3, 0, false, false, true, 0, 1, false, -1, 2},
+                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2, true},
+                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2, false, true},
+                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2, true, true},
+                                   Form{3, 0, false, false, true, 0, 1, false, -1, 2, true, true},
+                                   Form{2, 0, true, true, false, 0, 1, false, -1, 2}};
   for (int round = 0; round < 2; ++round) {
-    for (const Form& f :
-         {Form{2, 64, true, true, false, 0, 1}, Form{3, 0, false, false, true, 0, 1},
-          Form{4, 0, false, false, true, 0, 1}, Form{3, 64, true, false, true, 264, 1},
-          Form{3, 0, true, false, true, 0, 1, false, -1, 1},
-          Form{3, 0, true, false, true, 0, 1, false, -1, 2},
-          Form{3, 0, false, false, true, 0, 1, false, -1, 2},
-          Form{3, 0, true, false, true, 0, 1, false, -1, 2, true},
-          Form{3, 0, true, false, true, 0, 1, false, -1, 2, false, true},
-          Form{3, 0, true, false, true, 0, 1, false, -1, 2, true, true},
-          Form{3, 0, false, false, true, 0, 1, false, -1, 2, true, true},
-          Form{2, 0, true, true, false, 0, 1, false, -1, 2}}) {
+    for (const Form& f : forms) {
       if (round == 0) {
         std::printf("form stages %d keys %d wait %d pdl %d step %d blocks %d ...\n", f.stages,
                     f.keys, f.wait ? 1 : 0, f.pdl ? 1 : 0, f.step ? 1 : 0, f.attn_blocks);
@@ -721,8 +733,11 @@ int Main(int argc, char** argv) {
   int clock_khz = 0;
   LP_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   prof_on = true;
-  for (const Form& f :
-       {Form{3, 0, false, false, true, 0, 1}, Form{3, 0, true, false, true, 0, 1, false, -1, 2}}) {
+  const std::vector<Form> profiled =
+      pdl_only ? std::vector<Form>{}
+               : std::vector<Form>{Form{3, 0, false, false, true, 0, 1},
+                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2}};
+  for (const Form& f : profiled) {
     chain(f);  // warm
     LP_CHECK(cudaMemset(prof, 0, sizeof(long long) * L * 132 * kProf));
     chain(f);
