@@ -118,6 +118,7 @@ struct LayerArgs {
   const bf16* o;        // [K] the attention's output
   float* acc;           // [copies, K] zero; this layer's output sums (block b adds into b % copies)
   int acc_copies;       // fewer blocks adding into each address: less atomic contention
+  bool fixed_point;     // acc as int64 (x 2^24): integer atomics, so the sums are deterministic
   int* ctr;             // [kCounters] this layer's
   const int* prev_ctr;  // the previous layer's, or null
   int q_chunks, m_chunks, d_chunks, heads;
@@ -147,6 +148,7 @@ struct LayerArgs {
   int d_rows;   // rows a dense item (R, or R / 2: a finer tail at the layer's end)
 };
 constexpr int kAttnKeys = 64;
+constexpr float kFixedScale = 16777216.0f;  // 2^24: fixed_point sums
 
 // Item kinds of a layer, in stream order: q/k/v chunks, the first m_first MLP chunks, attention
 // items, the other MLP chunks, dense chunks, then the end.
@@ -399,11 +401,20 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
         }
       }
       const long long t_flush = clock64();
-      float4* o =
-          reinterpret_cast<float4*>(a.acc + static_cast<size_t>(blockIdx.x % a.acc_copies) * K) +
-          2 * tid;
-      atomicAdd(o, make_float4(acc[0], acc[1], acc[2], acc[3]));
-      atomicAdd(o + 1, make_float4(acc[4], acc[5], acc[6], acc[7]));
+      if (a.fixed_point) {
+        unsigned long long* o = reinterpret_cast<unsigned long long*>(a.acc) +
+                                static_cast<size_t>(blockIdx.x % a.acc_copies) * K + 8 * tid;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          atomicAdd(o + e, static_cast<unsigned long long>(llrintf(acc[e] * kFixedScale)));
+        }
+      } else {
+        float4* o =
+            reinterpret_cast<float4*>(a.acc + static_cast<size_t>(blockIdx.x % a.acc_copies) * K) +
+            2 * tid;
+        atomicAdd(o, make_float4(acc[0], acc[1], acc[2], acc[3]));
+        atomicAdd(o + 1, make_float4(acc[4], acc[5], acc[6], acc[7]));
+      }
       ConsumerSync(kConsumers);
       if (tid == 0) {
         __threadfence();
@@ -481,7 +492,7 @@ int Main(int argc, char** argv) {
 
   // Every layer's arguments, on the device (the kernels read them there).
   auto layer_args = [&](int l, bool wait, int copies, bool per_head, int ring_m_first = -1,
-                        int aw = 0, int d_rows = 0) {
+                        int aw = 0, int d_rows = 0, bool fixed = false) {
     bf16* wl = w + per_layer * l;
     const bf16* bl = bias + small * l;
     return LayerArgs{
@@ -500,6 +511,7 @@ int Main(int argc, char** argv) {
         .o = obuf + K * l,
         .acc = acc + size_t{K} * kMaxCopies * l,
         .acc_copies = copies,
+        .fixed_point = fixed,
         .ctr = ctr + kCounters * l,
         .prev_ctr = l == 0 ? nullptr : ctr + kCounters * (l - 1),
         .q_chunks = NQ / R,
@@ -589,6 +601,13 @@ int Main(int argc, char** argv) {
       static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_aw.size(), kProg));
   LP_CHECK(
       cudaMemcpy(aw_args, h_aw.data(), sizeof(LayerArgs) * h_aw.size(), cudaMemcpyHostToDevice));
+  // Fixed-point sums, 4 copies, dense waits.
+  std::vector<LayerArgs> h_fixed;
+  for (int l = 0; l < L; ++l) h_fixed.push_back(layer_args(l, true, 4, false, -1, 0, 0, true));
+  LayerArgs* fixed_args =
+      static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_fixed.size(), kProg));
+  LP_CHECK(cudaMemcpy(fixed_args, h_fixed.data(), sizeof(LayerArgs) * h_fixed.size(),
+                      cudaMemcpyHostToDevice));
   const size_t nla = h_largs_wait.size();
   LayerArgs* largs_wait = static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * nla, kProg));
   LayerArgs* largs_nowait =
@@ -617,6 +636,7 @@ int Main(int argc, char** argv) {
     int ring = -1;  // >= 0: the attention in the stream, m_first = ring_first[ring]
     int aw = 0;     // the attention warps in every block, mode 1 / 2 (wait: dense waits for them)
     bool copies8 = false, fine_dense = false;  // (aw forms) 8 acc copies; dense items of R / 2 rows
+    bool fixed = false;                        // int64 fixed-point sums (4 copies, dense waits)
   };
   long long* prof =
       static_cast<long long*>(DeviceAllocOrDie(sizeof(long long) * L * 132 * kProf, kProg));
@@ -629,6 +649,7 @@ int Main(int argc, char** argv) {
         static_cast<size_t>(L) * (f.copies_index + (f.per_head ? copies_of.size() : 0));
     const AttnArgs* aa = aargs + (f.per_head ? L : 0);
     if (f.ring >= 0) la = ring_args + static_cast<size_t>(L) * f.ring;
+    if (f.fixed) la = fixed_args;
     if (f.aw > 0) {
       la = aw_args + static_cast<size_t>(L) *
                          ((((f.aw - 1) * 2 + (f.wait ? 0 : 1)) * 2 + (f.copies8 ? 1 : 0)) * 2 +
@@ -674,7 +695,12 @@ int Main(int argc, char** argv) {
       pdl_only ? std::vector<Form>{Form{2, 0, false, true, false, 0, 1},
                                    Form{2, 64, true, true, false, 0, 1},
                                    Form{2, 128, true, true, false, 0, 1},
+                                   Form{2, 32, true, true, false, 0, 1},
                                    Form{2, 64, false, true, false, 0, 1},
+                                   Form{2, 64, true, true, false, 0, 1, false, -1, 0, false, false,
+                                        true},
+                                   Form{2, 32, true, true, false, 0, 1, false,
+                                        -1, 0, false, false, true},
                                    Form{4, 0, false, false, true, 0, 1}}
                : std::vector<Form>{Form{2, 64, true, true, false, 0, 1},
                                    Form{3, 0, false, false, true, 0, 1},
@@ -712,9 +738,11 @@ int Main(int argc, char** argv) {
       } else if (f.ring >= 0) {
         std::snprintf(attn, sizeof(attn), "in stream after %d", ring_first[f.ring]);
       } else {
-        std::snprintf(attn, sizeof(attn), "%s%s",
-                      f.keys ? (f.keys == 64 ? "64 keys" : "128 keys") : "none",
-                      f.keys && !f.wait ? " (no wait)" : "");
+        std::snprintf(attn, sizeof(attn), "%s%s%s",
+                      f.keys ? std::to_string(f.keys).c_str() : "none", f.keys ? " keys" : "",
+                      f.keys && !f.wait ? " (no wait)"
+                      : f.fixed         ? " int64 sums"
+                                        : "");
       }
       char launch[64];
       std::snprintf(launch, sizeof(launch), "%s",

@@ -82,6 +82,7 @@ __device__ __forceinline__ void AttendItem(const AttnArgs& a, int h, int split, 
     float dot = 0.0f;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
+      if (r >= KEYS) break;  // (fewer keys than threads: no row)
       const uint4 u = *reinterpret_cast<const uint4*>(sK + r * kHd + c * 8);
       const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -195,6 +196,10 @@ constexpr int AttnSmem() {
 }
 
 void SetAttentionSmem() {
+  LP_CHECK(cudaFuncSetAttribute(WaitingAttn<32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                AttnSmem<32>()));
+  LP_CHECK(
+      cudaFuncSetAttribute(WaitingAttn<32>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   LP_CHECK(cudaFuncSetAttribute(WaitingAttn<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 AttnSmem<64>()));
   LP_CHECK(cudaFuncSetAttribute(WaitingAttn<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -217,14 +222,18 @@ void LaunchAttention(const AttnArgs& a, int keys, int ctx, cudaStream_t st) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(a.heads, (ctx + keys - 1) / keys);
   cfg.blockDim = dim3(kAttnThreads);
-  cfg.dynamicSmemBytes = keys == 64 ? AttnSmem<64>() : AttnSmem<128>();
+  cfg.dynamicSmemBytes = keys == 32   ? AttnSmem<32>()
+                         : keys == 64 ? AttnSmem<64>()
+                                      : AttnSmem<128>();
   cfg.stream = st;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (keys == 64) {
+  if (keys == 32) {
+    LP_CHECK(cudaLaunchKernelEx(&cfg, WaitingAttn<32>, a));
+  } else if (keys == 64) {
     LP_CHECK(cudaLaunchKernelEx(&cfg, WaitingAttn<64>, a));
   } else {
     LP_CHECK(cudaLaunchKernelEx(&cfg, WaitingAttn<128>, a));

@@ -58,7 +58,19 @@ __device__ __forceinline__ void LnFold(const LayerArgs& a, bf16* sx, float* sred
   const uint4 hv = __ldcg(reinterpret_cast<const uint4*>(a.h_in) + tid);
   const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
   float4 a0 = make_float4(0, 0, 0, 0), a1 = a0;
-  if (a.acc_in != nullptr) {
+  if (a.acc_in != nullptr && a.fixed_point) {
+    long long q[8] = {};
+    for (int c = 0; c < a.acc_copies; ++c) {
+      const long long* src =
+          reinterpret_cast<const long long*>(a.acc_in) + static_cast<size_t>(c) * K;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[e] += __ldcg(src + 8 * tid + e);
+    }
+    a0 =
+        make_float4(q[0] / kFixedScale, q[1] / kFixedScale, q[2] / kFixedScale, q[3] / kFixedScale);
+    a1 =
+        make_float4(q[4] / kFixedScale, q[5] / kFixedScale, q[6] / kFixedScale, q[7] / kFixedScale);
+  } else if (a.acc_in != nullptr) {
     for (int c = 0; c < a.acc_copies; ++c) {
       const float4* src = reinterpret_cast<const float4*>(a.acc_in + static_cast<size_t>(c) * K);
       const float4 p0 = __ldcg(src + 2 * tid), p1 = __ldcg(src + 2 * tid + 1);
