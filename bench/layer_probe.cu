@@ -85,6 +85,7 @@ enum {
   kQkvDone = 2,
   kHeadsDone = 3,
   kAttnNext = 4,
+  kReduced = 5,  // blocks that reduced their columns of the slots (slot sums)
   kHeadReady = 8,
   kCounters = 48
 };
@@ -119,6 +120,13 @@ struct LayerArgs {
   float* acc;           // [copies, K] zero; this layer's output sums (block b adds into b % copies)
   int acc_copies;       // fewer blocks adding into each address: less atomic contention
   bool fixed_point;     // acc as int64 (x 2^24): integer atomics, so the sums are deterministic
+  // Slot sums (deterministic, no atomics): each block stores its partial into slots[block]; the
+  // next layer's blocks each sum their K / grid columns over the slots in a fixed order into
+  // colsum, count kReduced of the layer, and wait for every block's columns before the LayerNorm.
+  float* slots;       // [grid, K] this layer's (null: atomics into acc)
+  float* colsum;      // [K] this layer's
+  float* prev_slots;  // the previous layer's, or null
+  float* prev_colsum;
   int* ctr;             // [kCounters] this layer's
   const int* prev_ctr;  // the previous layer's, or null
   int q_chunks, m_chunks, d_chunks, heads;
@@ -401,7 +409,13 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
         }
       }
       const long long t_flush = clock64();
-      if (a.fixed_point) {
+      if (a.slots != nullptr) {
+        float4* o =
+            reinterpret_cast<float4*>(a.slots + static_cast<size_t>(blockIdx.x) * K) + 2 * tid;
+        o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        __threadfence();
+      } else if (a.fixed_point) {
         unsigned long long* o = reinterpret_cast<unsigned long long*>(a.acc) +
                                 static_cast<size_t>(blockIdx.x % a.acc_copies) * K + 8 * tid;
 #pragma unroll
@@ -490,9 +504,11 @@ int Main(int argc, char** argv) {
       cudaFuncSetAttribute(LayerStream<KC>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   SetAttentionSmem();
 
+  float* slots = static_cast<float*>(DeviceAllocOrDie(size_t{4} * 132 * K * L, kProg));
+  float* colsum = static_cast<float*>(DeviceAllocOrDie(size_t{4} * K * L, kProg));
   // Every layer's arguments, on the device (the kernels read them there).
   auto layer_args = [&](int l, bool wait, int copies, bool per_head, int ring_m_first = -1,
-                        int aw = 0, int d_rows = 0, bool fixed = false) {
+                        int aw = 0, int d_rows = 0, bool fixed = false, bool slot_sums = false) {
     bf16* wl = w + per_layer * l;
     const bf16* bl = bias + small * l;
     return LayerArgs{
@@ -512,6 +528,10 @@ int Main(int argc, char** argv) {
         .acc = acc + size_t{K} * kMaxCopies * l,
         .acc_copies = copies,
         .fixed_point = fixed,
+        .slots = slot_sums ? slots + size_t{132} * K * l : nullptr,
+        .colsum = slot_sums ? colsum + size_t{K} * l : nullptr,
+        .prev_slots = slot_sums && l > 0 ? slots + size_t{132} * K * (l - 1) : nullptr,
+        .prev_colsum = slot_sums && l > 0 ? colsum + size_t{K} * (l - 1) : nullptr,
         .ctr = ctr + kCounters * l,
         .prev_ctr = l == 0 ? nullptr : ctr + kCounters * (l - 1),
         .q_chunks = NQ / R,
@@ -601,9 +621,14 @@ int Main(int argc, char** argv) {
       static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_aw.size(), kProg));
   LP_CHECK(
       cudaMemcpy(aw_args, h_aw.data(), sizeof(LayerArgs) * h_aw.size(), cudaMemcpyHostToDevice));
-  // Fixed-point sums, 4 copies, dense waits.
+  // Fixed-point sums, 4 copies, dense waits; then slot sums, dense waits / stream alone.
   std::vector<LayerArgs> h_fixed;
   for (int l = 0; l < L; ++l) h_fixed.push_back(layer_args(l, true, 4, false, -1, 0, 0, true));
+  for (int w = 0; w < 2; ++w) {
+    for (int l = 0; l < L; ++l) {
+      h_fixed.push_back(layer_args(l, w == 0, 4, false, -1, 0, 0, false, true));
+    }
+  }
   LayerArgs* fixed_args =
       static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_fixed.size(), kProg));
   LP_CHECK(cudaMemcpy(fixed_args, h_fixed.data(), sizeof(LayerArgs) * h_fixed.size(),
@@ -637,6 +662,7 @@ int Main(int argc, char** argv) {
     int aw = 0;     // the attention warps in every block, mode 1 / 2 (wait: dense waits for them)
     bool copies8 = false, fine_dense = false;  // (aw forms) 8 acc copies; dense items of R / 2 rows
     bool fixed = false;                        // int64 fixed-point sums (4 copies, dense waits)
+    bool slot_sums = false;                    // deterministic slot sums
   };
   long long* prof =
       static_cast<long long*>(DeviceAllocOrDie(sizeof(long long) * L * 132 * kProf, kProg));
@@ -650,6 +676,7 @@ int Main(int argc, char** argv) {
     const AttnArgs* aa = aargs + (f.per_head ? L : 0);
     if (f.ring >= 0) la = ring_args + static_cast<size_t>(L) * f.ring;
     if (f.fixed) la = fixed_args;
+    if (f.slot_sums) la = fixed_args + static_cast<size_t>(L) * (f.wait ? 1 : 2);
     if (f.aw > 0) {
       la = aw_args + static_cast<size_t>(L) *
                          ((((f.aw - 1) * 2 + (f.wait ? 0 : 1)) * 2 + (f.copies8 ? 1 : 0)) * 2 +
@@ -699,8 +726,10 @@ int Main(int argc, char** argv) {
                                    Form{2, 64, false, true, false, 0, 1},
                                    Form{2, 64, true, true, false, 0, 1, false, -1, 0, false, false,
                                         true},
-                                   Form{2, 32, true, true, false, 0, 1, false,
-                                        -1, 0, false, false, true},
+                                   Form{2, 64, true, true, false, 0, 1, false,
+                                        -1, 0, false, false, false, true},
+                                   Form{2, 0, false, true, false, 0, 1, false,
+                                        -1, 0, false, false, false, true},
                                    Form{4, 0, false, false, true, 0, 1}}
                : std::vector<Form>{Form{2, 64, true, true, false, 0, 1},
                                    Form{3, 0, false, false, true, 0, 1},
@@ -743,6 +772,8 @@ int Main(int argc, char** argv) {
                       f.keys && !f.wait ? " (no wait)"
                       : f.fixed         ? " int64 sums"
                                         : "");
+        if (f.slot_sums)
+          std::snprintf(attn, sizeof(attn), "%s slot sums", f.keys ? "64 keys" : "none");
       }
       char launch[64];
       std::snprintf(launch, sizeof(launch), "%s",

@@ -54,11 +54,39 @@ __device__ __forceinline__ void LnFold(const LayerArgs& a, bf16* sx, float* sred
     WaitAtLeast(a.prev_ctr + kBlocksDone, static_cast<int>(gridDim.x));
   }
   ConsumerSync(kConsumers);
+  if (a.prev_slots != nullptr) {  // this block's columns of the previous layer's slots
+    const int G = gridDim.x;
+    const int c0 = K * blockIdx.x / G, nc = K * (blockIdx.x + 1) / G - c0;  // <= 20 at Phi-2
+    float* part = reinterpret_cast<float*>(sx);  // [16, nc] scratch (sx is written below)
+    if (tid < 16 * nc) {
+      const int c = tid % nc, q = tid / nc;
+      float t = 0.0f;
+      for (int b = q; b < G; b += 16)
+        t += __ldcg(a.prev_slots + static_cast<size_t>(b) * K + c0 + c);
+      part[q * nc + c] = t;
+    }
+    ConsumerSync(kConsumers);
+    if (tid < nc) {
+      float t = 0.0f;
+      for (int q = 0; q < 16; ++q) t += part[q * nc + tid];
+      a.prev_colsum[c0 + tid] = t;
+    }
+    __threadfence();
+    ConsumerSync(kConsumers);
+    if (tid == 0) {
+      atomicAdd(const_cast<int*>(a.prev_ctr) + kReduced, 1);
+      WaitAtLeast(a.prev_ctr + kReduced, G);
+    }
+    ConsumerSync(kConsumers);
+  }
   float v[8];
   const uint4 hv = __ldcg(reinterpret_cast<const uint4*>(a.h_in) + tid);
   const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
   float4 a0 = make_float4(0, 0, 0, 0), a1 = a0;
-  if (a.acc_in != nullptr && a.fixed_point) {
+  if (a.prev_colsum != nullptr) {
+    a0 = __ldcg(reinterpret_cast<const float4*>(a.prev_colsum) + 2 * tid);
+    a1 = __ldcg(reinterpret_cast<const float4*>(a.prev_colsum) + 2 * tid + 1);
+  } else if (a.acc_in != nullptr && a.fixed_point) {
     long long q[8] = {};
     for (int c = 0; c < a.acc_copies; ++c) {
       const long long* src =
