@@ -86,6 +86,7 @@ enum {
   kHeadsDone = 3,
   kAttnNext = 4,
   kReduced = 5,  // blocks that reduced their columns of the slots (slot sums)
+  kFc1Done = 6,  // fc1 chunks written (owner form)
   kHeadReady = 8,
   kCounters = 48
 };
@@ -154,18 +155,39 @@ struct LayerArgs {
   int aw_items;
   int aw_mode;  // 1: the 4 warps take 64-key items together; 2: each warp its own 32-key item
   int d_rows;   // rows a dense item (R, or R / 2: a finer tail at the layer's end)
+  // Owner form (docs/decode-stream-design.md): fc1 chunks write g = GELU(fc1) rounded into g;
+  // fc2 items take 2 rows of fc2's weight as stored ([K, I], the w2t region read that way), each
+  // warp a fifth of a row, the fifths summed in a fixed order (+ bias) into mlp_out; dense items
+  // take R rows of dense's weight as stored times o (+ bias) into attn_out; no cross-block sums.
+  // The next layer's fold: h = (attn_out + mlp_out) + h in HF's order and roundings.
+  bool owner;
+  bf16* g;               // [I]
+  bf16* mlp_out;         // [K]
+  bf16* attn_out;        // [K]
+  const bf16* prev_mlp;  // the previous layer's, or null
+  const bf16* prev_attn;
 };
 constexpr int kAttnKeys = 64;
 constexpr float kFixedScale = 16777216.0f;  // 2^24: fixed_point sums
 
 // Item kinds of a layer, in stream order: q/k/v chunks, the first m_first MLP chunks, attention
 // items, the other MLP chunks, dense chunks, then the end.
-enum ItemKind { kItemQkv, kItemMlp, kItemAttn, kItemDense, kItemEnd };
+enum ItemKind { kItemQkv, kItemMlp, kItemAttn, kItemDense, kItemEnd, kItemFc1, kItemFc2 };
 struct Item {
   ItemKind kind;
   int idx;
 };
 __device__ __forceinline__ Item Classify(const LayerArgs& a, int item) {
+  if (a.owner) {  // q/k/v, fc1 (m_chunks), fc2 (K / 2 items of 2 rows), dense (d_chunks)
+    if (item < a.q_chunks) return {kItemQkv, item};
+    item -= a.q_chunks;
+    if (item < a.m_chunks) return {kItemFc1, item};
+    item -= a.m_chunks;
+    if (item < a.d_chunks * a.d_rows / 2) return {kItemFc2, item};
+    item -= a.d_chunks * a.d_rows / 2;
+    if (item < a.d_chunks) return {kItemDense, item};
+    return {kItemEnd, 0};
+  }
   const int m1 = a.attn_items > 0 ? a.m_first : a.m_chunks;
   if (item < a.q_chunks) return {kItemQkv, item};
   item -= a.q_chunks;
@@ -216,6 +238,11 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
   int* item_of = sflag + 4;                          // [S]
   uint64_t* full = reinterpret_cast<uint64_t*>(item_of + ((S + 1) & ~1));
   uint64_t* empty = full + S;
+  // Owner form: g [4 K] and o [K] (bf16), the fc2 fifths [10] (after the barriers, 16-aligned).
+  bf16* sgi =
+      reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(empty + S) + 15) & ~uintptr_t{15});
+  bf16* so = sgi + 4 * K;
+  float* sfifth = reinterpret_cast<float*>(so + K);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   asm volatile("griddepcontrol.launch_dependents;" :::);  // the attention may start now
   if (tid == 0) {
@@ -284,7 +311,12 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
             continue;
           }
           const bf16* src;
-          if (c.kind == kItemQkv) {
+          if (c.kind == kItemFc1) {
+            src = a.w1 + static_cast<size_t>(c.idx) * R * K;
+            if (lane < R) sb[s * R + lane] = __bfloat162float(a.b1[c.idx * R + lane]);
+          } else if (c.kind == kItemFc2) {  // 2 rows of [K, I]; I = 4 K here (Phi-2)
+            src = a.w2t + static_cast<size_t>(c.idx) * 2 * (4 * K);
+          } else if (c.kind == kItemQkv) {
             src = a.wqkv + static_cast<size_t>(c.idx) * R * K;
             if (lane < R) sb[s * R + lane] = __bfloat162float(a.bqkv[c.idx * R + lane]);
           } else if (c.kind == kItemMlp) {
@@ -295,7 +327,9 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
           }
           __syncwarp();
           if (lane == 0) {
-            const uint32_t bytes = c.kind == kItemDense ? a.d_rows * K * 2 : kStageBytes;
+            const uint32_t bytes = c.kind == kItemDense ? a.d_rows * K * 2
+                                   : c.kind == kItemFc2 ? 2 * (4 * K) * 2
+                                                        : kStageBytes;
             item_of[s] = item;
             sm90::MbarExpect(&full[s], bytes);
             sm90::BulkLoad(dst, src, bytes, &full[s]);
@@ -316,7 +350,8 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
       LnFold<KC>(a, sx, sred, tid);
       pr[kProfLn] = clock64() - t_start;
       float acc[8] = {};
-      int qkv_unsignalled = 0, pending_head = -1;
+      int qkv_unsignalled = 0, pending_head = -1, fc1_unsignalled = 0;
+      bool g_loaded = false, o_loaded = false;
       bool attention_seen = !a.wait_attention;
       for (;;) {
         int s = it % S;
@@ -334,6 +369,14 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
           pending_head = -1;
         }
         const Item c = item < 0 ? Item{kItemEnd, 0} : Classify(a, item);
+        if (c.kind != kItemFc1 && fc1_unsignalled > 0) {  // this block's g rows out
+          ConsumerSync(kConsumers);
+          if (tid == 0) {
+            __threadfence();
+            atomicAdd(&a.ctr[kFc1Done], fc1_unsignalled);
+          }
+          fc1_unsignalled = 0;
+        }
         if (c.kind != kItemQkv && qkv_unsignalled > 0) {  // this block's q/k/v rows out
           ConsumerSync(kConsumers);
           if (tid == 0) {
@@ -360,6 +403,59 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
           } else {
             ++qkv_unsignalled;
           }
+          ++it;
+        } else if (c.kind == kItemFc1) {
+          const float d = WarpDot<KC>(rows + warp * K, sx, lane);
+          __syncwarp();
+          if (lane == 0) {
+            a.g[c.idx * R + warp] = __float2bfloat16(cuda::GeluTanh(d + sb[s * R + warp]));
+            sm90::MbarArrive(&empty[s]);
+          }
+          ++fc1_unsignalled;
+          ++it;
+        } else if (c.kind == kItemFc2) {
+          if (!g_loaded) {  // every fc1 row of the layer written: g into shared memory
+            if (tid == 0) WaitAtLeast(a.ctr + kFc1Done, a.m_chunks);
+            ConsumerSync(kConsumers);
+            for (int i = tid; i < 4 * K / 8; i += kConsumers) {
+              reinterpret_cast<uint4*>(sgi)[i] = __ldcg(reinterpret_cast<const uint4*>(a.g) + i);
+            }
+            ConsumerSync(kConsumers);
+            g_loaded = true;
+          }
+          // warp w: row w / 5 of the two, fifth w % 5 (4K / 5 elements: KC / 5 x 4 ... units)
+          const int r = warp / 5, f = warp % 5;
+          constexpr int kFifth = 4 * K / 5;  // 2048 at Phi-2
+          const bf16* row = rows + static_cast<size_t>(r) * 4 * K + f * kFifth;
+          float d = 0.0f;
+#pragma unroll
+          for (int u = 0; u < kFifth / 256; ++u) {
+            const uint4 wv = reinterpret_cast<const uint4*>(row)[lane + 32 * u];
+            const uint4 xv = reinterpret_cast<const uint4*>(sgi + f * kFifth)[lane + 32 * u];
+            const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w}, xa[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float2 wf =
+                  __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
+              const float2 xf =
+                  __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xa[e]));
+              d = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, d));
+            }
+          }
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+          __syncwarp();
+          if (lane == 0) {
+            sfifth[r * 5 + f] = d;
+            sm90::MbarArrive(&empty[s]);
+          }
+          ConsumerSync(kConsumers);
+          if (tid < 2) {
+            float t = 0.0f;
+            for (int q = 0; q < 5; ++q) t += sfifth[tid * 5 + q];
+            a.mlp_out[2 * c.idx + tid] = __float2bfloat16(t);  // (+ fc2 bias in the model)
+          }
+          ConsumerSync(kConsumers);  // sfifth free for the next fc2 item
           ++it;
         } else if (c.kind == kItemAttn) {
           AttendStage<KC>(a, c.idx, rows, sq, sp, sred, sflag, tid);
@@ -393,6 +489,23 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
             ConsumerSync(kConsumers);
             attention_seen = true;
           }
+          if (a.owner) {  // R rows of dense's weight as stored, dot with o (shared memory)
+            if (!o_loaded) {
+              for (int i = tid; i < K / 8; i += kConsumers) {
+                reinterpret_cast<uint4*>(so)[i] = __ldcg(reinterpret_cast<const uint4*>(a.o) + i);
+              }
+              ConsumerSync(kConsumers);
+              o_loaded = true;
+            }
+            const float d = WarpDot<KC>(rows + warp * K, so, lane);
+            __syncwarp();
+            if (lane == 0) {
+              a.attn_out[c.idx * R + warp] = __float2bfloat16(d);  // (+ dense bias in the model)
+              sm90::MbarArrive(&empty[s]);
+            }
+            ++it;
+            continue;
+          }
           float g[R];
 #pragma unroll
           for (int r = 0; r < R; ++r) {
@@ -409,7 +522,9 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
         }
       }
       const long long t_flush = clock64();
-      if (a.slots != nullptr) {
+      if (a.owner) {
+        // nothing to add: every output column was written by the block that owned it
+      } else if (a.slots != nullptr) {
         float4* o =
             reinterpret_cast<float4*>(a.slots + static_cast<size_t>(blockIdx.x) * K) + 2 * tid;
         o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -445,10 +560,12 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
   }
 }
 
-int LayerStreamSmem(int kc, int stages, bool attn_warps = false) {
+constexpr int kOwnerSmem(int k) { return 5 * k * 2 + 16 * 4; }
+int LayerStreamSmem(int kc, int stages, bool attn_warps = false, bool owner = false) {
   const int k = 256 * kc;
   const int base = stages * kc * k * 2 + k * 2 + stages * kc * 4 + 2 * kc * 4 + 64 * 4 +
                    kAttnKeys * 4 + kHd * 4 + 16 + ((stages + 1) & ~1) * 4 + 2 * stages * 8;
+  if (owner) return (base + 15) / 16 * 16 + kOwnerSmem(k);
   return attn_warps ? (base + 15) / 16 * 16 + std::max(kAttnWarpSmem, kAttnWarpItemSmem) : base;
 }
 
@@ -497,7 +614,8 @@ int Main(int argc, char** argv) {
   LP_CHECK(cudaMemset(split_ctr, 0, 4 * heads * L));
   LP_CHECK(cudaDeviceSynchronize());
   LP_CHECK(cudaFuncSetAttribute(LayerStream<KC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                std::max(LayerStreamSmem(KC, 4), LayerStreamSmem(KC, 3, true))));
+                                std::max({LayerStreamSmem(KC, 4), LayerStreamSmem(KC, 3, true),
+                                          LayerStreamSmem(KC, 3, false, true)})));
   // Both kernels ask for the largest shared-memory carveout: blocks of kernels whose carveouts
   // differ do not share an SM, and the attention must run beside the stream.
   LP_CHECK(
@@ -505,10 +623,14 @@ int Main(int argc, char** argv) {
   SetAttentionSmem();
 
   float* slots = static_cast<float*>(DeviceAllocOrDie(size_t{4} * 132 * K * L, kProg));
+  bf16* gbuf = static_cast<bf16*>(DeviceAllocOrDie(size_t{2} * I * L, kProg));
+  bf16* mlp_out = static_cast<bf16*>(DeviceAllocOrDie(size_t{2} * K * L, kProg));
+  bf16* attn_out = static_cast<bf16*>(DeviceAllocOrDie(size_t{2} * K * L, kProg));
   float* colsum = static_cast<float*>(DeviceAllocOrDie(size_t{4} * K * L, kProg));
   // Every layer's arguments, on the device (the kernels read them there).
   auto layer_args = [&](int l, bool wait, int copies, bool per_head, int ring_m_first = -1,
-                        int aw = 0, int d_rows = 0, bool fixed = false, bool slot_sums = false) {
+                        int aw = 0, int d_rows = 0, bool fixed = false, bool slot_sums = false,
+                        bool owner = false) {
     bf16* wl = w + per_layer * l;
     const bf16* bl = bias + small * l;
     return LayerArgs{
@@ -556,7 +678,13 @@ int Main(int argc, char** argv) {
                     : aw == 2 ? heads * ((ctx + kWarpKeys - 1) / kWarpKeys)
                               : 0,
         .aw_mode = aw,
-        .d_rows = d_rows > 0 ? d_rows : R};
+        .d_rows = d_rows > 0 ? d_rows : R,
+        .owner = owner,
+        .g = owner ? gbuf + size_t{I} * l : nullptr,
+        .mlp_out = owner ? mlp_out + size_t{K} * l : nullptr,
+        .attn_out = owner ? attn_out + size_t{K} * l : nullptr,
+        .prev_mlp = owner && l > 0 ? mlp_out + size_t{K} * (l - 1) : nullptr,
+        .prev_attn = owner && l > 0 ? attn_out + size_t{K} * (l - 1) : nullptr};
   };
   auto attn_args = [&](int l, bool per_head) {
     return AttnArgs{.q = qkv + NQ * l,
@@ -629,6 +757,11 @@ int Main(int argc, char** argv) {
       h_fixed.push_back(layer_args(l, w == 0, 4, false, -1, 0, 0, false, true));
     }
   }
+  for (int w = 0; w < 2; ++w) {  // owner form: dense waits / stream alone
+    for (int l = 0; l < L; ++l) {
+      h_fixed.push_back(layer_args(l, w == 0, 4, false, -1, 0, 0, false, false, true));
+    }
+  }
   LayerArgs* fixed_args =
       static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_fixed.size(), kProg));
   LP_CHECK(cudaMemcpy(fixed_args, h_fixed.data(), sizeof(LayerArgs) * h_fixed.size(),
@@ -663,6 +796,7 @@ int Main(int argc, char** argv) {
     bool copies8 = false, fine_dense = false;  // (aw forms) 8 acc copies; dense items of R / 2 rows
     bool fixed = false;                        // int64 fixed-point sums (4 copies, dense waits)
     bool slot_sums = false;                    // deterministic slot sums
+    bool owner = false;                        // the owner form
   };
   long long* prof =
       static_cast<long long*>(DeviceAllocOrDie(sizeof(long long) * L * 132 * kProf, kProg));
@@ -677,12 +811,13 @@ int Main(int argc, char** argv) {
     if (f.ring >= 0) la = ring_args + static_cast<size_t>(L) * f.ring;
     if (f.fixed) la = fixed_args;
     if (f.slot_sums) la = fixed_args + static_cast<size_t>(L) * (f.wait ? 1 : 2);
+    if (f.owner) la = fixed_args + static_cast<size_t>(L) * (f.wait ? 3 : 4);
     if (f.aw > 0) {
       la = aw_args + static_cast<size_t>(L) *
                          ((((f.aw - 1) * 2 + (f.wait ? 0 : 1)) * 2 + (f.copies8 ? 1 : 0)) * 2 +
                           (f.fine_dense ? 1 : 0));
     }
-    const int smem = LayerStreamSmem(KC, f.stages, f.aw > 0);
+    const int smem = LayerStreamSmem(KC, f.stages, f.aw > 0, f.owner);
     const int threads = 32 * KC + 32 + (f.aw > 0 ? 32 * kAttnWarps : 0);
     if (f.step) {
       LayerStream<KC><<<132, threads, smem, st>>>(la, L, f.stages, prof_on ? prof : nullptr);
@@ -730,6 +865,12 @@ int Main(int argc, char** argv) {
                                         -1, 0, false, false, false, true},
                                    Form{2, 0, false, true, false, 0, 1, false,
                                         -1, 0, false, false, false, true},
+                                   Form{2, 64, true, true, false, 0,
+                                        1, false, -1, 0, false, false, false, false, true},
+                                   Form{2, 0, false, true, false, 0, 1, false,
+                                        -1, 0, false, false, false, false, true},
+                                   Form{3, 64, true, true, false, 0,
+                                        1, false, -1, 0, false, false, false, false, true},
                                    Form{4, 0, false, false, true, 0, 1}}
                : std::vector<Form>{Form{2, 64, true, true, false, 0, 1},
                                    Form{3, 0, false, false, true, 0, 1},
@@ -774,6 +915,8 @@ int Main(int argc, char** argv) {
                                         : "");
         if (f.slot_sums)
           std::snprintf(attn, sizeof(attn), "%s slot sums", f.keys ? "64 keys" : "none");
+        if (f.owner)
+          std::snprintf(attn, sizeof(attn), "%s owner form", f.keys ? "64 keys" : "none");
       }
       char launch[64];
       std::snprintf(launch, sizeof(launch), "%s",

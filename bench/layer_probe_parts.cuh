@@ -106,7 +106,19 @@ __device__ __forceinline__ void LnFold(const LayerArgs& a, bf16* sx, float* sred
       a1 = make_float4(a1.x + p1.x, a1.y + p1.y, a1.z + p1.z, a1.w + p1.w);
     }
   }
-  const float ad[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+  float ad[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+  if (a.prev_mlp != nullptr) {  // owner form: bf16(attn_out + mlp_out), then + h below (HF's order)
+    const uint4 av = __ldcg(reinterpret_cast<const uint4*>(a.prev_attn) + tid);
+    const uint4 mv = __ldcg(reinterpret_cast<const uint4*>(a.prev_mlp) + tid);
+    const uint32_t aa[4] = {av.x, av.y, av.z, av.w}, ma[4] = {mv.x, mv.y, mv.z, mv.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 af = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&aa[e]));
+      const float2 mf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ma[e]));
+      ad[2 * e] = __bfloat162float(__float2bfloat16(af.x + mf.x));
+      ad[2 * e + 1] = __bfloat162float(__float2bfloat16(af.y + mf.y));
+    }
+  }
   float sum = 0.0f;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
