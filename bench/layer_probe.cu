@@ -77,8 +77,11 @@ constexpr int kHd = 80, kBs = 16, kAttnThreads = 128;
 
 using bf16 = __nv_bfloat16;
 
-#include "bench/layer_probe_attention.cuh"
+// (order matters: the attention uses the stream's helpers)
 #include "bench/layer_probe_stream.cuh"
+// clang-format off
+#include "bench/layer_probe_attention.cuh"
+// clang-format on
 
 float ElapsedMs(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0;
