@@ -54,9 +54,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench/bench_device.h"
+#include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/gelu_math.cuh"
 #include "kernels/cuda/sm90_ptx.cuh"
 
@@ -338,18 +340,8 @@ int Main(int argc, char** argv) {
     }
     for (int l = 0; l < L; ++l) {
       if (f.pdl && l > 0) {
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(132);
-        cfg.blockDim = dim3(threads);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = st;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        LP_CHECK(cudaLaunchKernelEx(&cfg, LayerStream<KC>, la + l, 1, f.stages,
-                                    static_cast<long long*>(nullptr)));
+        LaunchPdl(LayerStream<KC>, dim3(132), dim3(threads), smem, st, la + l, 1, f.stages,
+                  static_cast<long long*>(nullptr));
       } else {
         LayerStream<KC><<<132, threads, smem, st>>>(la + l, 1, f.stages, nullptr);
       }

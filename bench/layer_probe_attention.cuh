@@ -217,46 +217,38 @@ void SetAttentionSmem() {
       cudaFuncSetAttribute(WaitingAttn<128>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
 }
 
+// Launches of the probe's programmatic dependents; dies on a launch error.
+template <typename... KernelArgs, typename... Args>
+void LaunchPdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+               Args&&... args) {
+  if (cuda::LaunchMaybeProgrammatic(kernel, grid, block, smem, st, true,
+                                    std::forward<Args>(args)...) != KernelStatus::kOk) {
+    std::fprintf(stderr, "%s: programmatic launch failed\n", kProg);
+    std::exit(1);
+  }
+}
+
 // As a programmatic dependent of the kernel before it on `st` (LayerStream).
 void LaunchAttention(const AttnArgs& a, int keys, int ctx, cudaStream_t st) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(a.heads, (ctx + keys - 1) / keys);
-  cfg.blockDim = dim3(kAttnThreads);
-  cfg.dynamicSmemBytes = keys == 32   ? AttnSmem<32>()
-                         : keys == 64 ? AttnSmem<64>()
-                                      : AttnSmem<128>();
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const dim3 grid(a.heads, (ctx + keys - 1) / keys);
   if (keys == 32) {
-    LP_CHECK(cudaLaunchKernelEx(&cfg, WaitingAttn<32>, a));
+    LaunchPdl(WaitingAttn<32>, grid, dim3(kAttnThreads), AttnSmem<32>(), st, a);
   } else if (keys == 64) {
-    LP_CHECK(cudaLaunchKernelEx(&cfg, WaitingAttn<64>, a));
+    LaunchPdl(WaitingAttn<64>, grid, dim3(kAttnThreads), AttnSmem<64>(), st, a);
   } else {
-    LP_CHECK(cudaLaunchKernelEx(&cfg, WaitingAttn<128>, a));
+    LaunchPdl(WaitingAttn<128>, grid, dim3(kAttnThreads), AttnSmem<128>(), st, a);
   }
 }
 
 // The step's attention as a programmatic dependent of the whole-step LayerStream: `blocks` blocks.
 void LaunchStepAttention(const AttnArgs* layers, int num_layers, int keys, int ctx, int blocks,
                          int* const* next, cudaStream_t st) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kAttnThreads);
-  cfg.dynamicSmemBytes = keys == 64 ? AttnSmem<64>() : AttnSmem<128>();
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
   const int splits = (ctx + keys - 1) / keys;
   if (keys == 64) {
-    LP_CHECK(cudaLaunchKernelEx(&cfg, StepAttn<64>, layers, num_layers, splits, next));
+    LaunchPdl(StepAttn<64>, dim3(blocks), dim3(kAttnThreads), AttnSmem<64>(), st, layers,
+              num_layers, splits, next);
   } else {
-    LP_CHECK(cudaLaunchKernelEx(&cfg, StepAttn<128>, layers, num_layers, splits, next));
+    LaunchPdl(StepAttn<128>, dim3(blocks), dim3(kAttnThreads), AttnSmem<128>(), st, layers,
+              num_layers, splits, next);
   }
 }
