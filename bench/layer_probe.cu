@@ -30,14 +30,18 @@
 // itself (K/V through the ring), or with 4 attention warps in every block (their own cp.async K/V
 // and named barrier, beside the weight consumers); the block partial sums into 1 / 4 / 16 copies of
 // acc (fewer blocks adding into one address); q/k/v rows ordered by head with per-head ready
-// counters. A profile (clock64 per block and layer) splits a step form's consumer time. Measured
+// counters; three deterministic forms of the sums (int64 fixed-point atomics, block slots summed
+// in a fixed order, and the "owner" form: fc2 / dense rows as stored, every output column computed
+// by one block, no sums at all). A profile (clock64 per block and layer) splits a step form's
+// consumer time. docs/decode-stream-design.md has the design and every form's numbers. Measured
 // (perf-log 2026-11-30 18:2x-18:3x, session 27; us a layer, ctx 1024): the stream alone 45-46 (a
 // launch a layer), 43.8-45.7 (PDL), 41.3-42.4 (one launch a step, 4 stages, 4 acc copies); with the
 // attention: 47.2-48.9 (a launch a layer + PDL + the attention as dependent), 50-58 (persistent
 // StepAttn), 83-97 (attention items in the stream: their latency chains stall the consumers), 58-68
 // with the attention warps, 64-key items a block or 32-key items a warp (46.3-49 when dense does
 // not wait for them: the attention's own cost beside the stream is ~3 us a layer, and its items end
-// 8-20 us after the MLP chunks). Today's op-by-op b1 layer: ~55.
+// 8-20 us after the MLP chunks); the deterministic forms 4-10 us a layer above the float-atomics
+// one (perf-log 18:50-18:55). Today's op-by-op b1 layer: ~55.
 //
 // Shape: Phi-2's layer (K = 2560, 32 heads x 80, I = 10240, bf16; 157 MB of weights + 10.5 MB of
 // K/V at ctx 1024), 32 layers with distinct weights (5 GB: no L2 reuse between layers). The probe
