@@ -18,7 +18,10 @@
 // Main stream: cuBLASLt q/k/v, the library decode attention (kAuto), cuBLASLt dense accumulating
 // into y. The attention's blocks can share an SM with the fused kernel's only if both kernels
 // have the same shared-memory carveout (bench/layer_probe.cu); the library kernel sets none, so
-// this probe was run with a local build setting it (perf-log says which).
+// this probe was run with a local build setting it (perf-log says which). Schedule A's fc2 and
+// dense both add into y on two streams at once (its values are not meaningful; the timing is).
+// Measured (perf-log 2026-11-30 18:59, ctx 1024, us a layer): A 58.9-59.0, B 60.2-62.0, C 56.7-56.9
+// with the attention's carveout at 100 (57.5-60.7 without), D 66.0-66.4: ~4 % at best.
 // Usage: phishard_branch_probe [ctx (default 1024)]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
