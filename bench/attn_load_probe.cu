@@ -67,14 +67,7 @@ constexpr int kHd = 80;
 constexpr int kBs = 16;
 constexpr int kThreads = 128;
 
-#define ALP_CHECK(call)                                                          \
-  do {                                                                           \
-    const cudaError_t e = (call);                                                \
-    if (e != cudaSuccess) {                                                      \
-      std::fprintf(stderr, "%s: %s: %s\n", kProg, #call, cudaGetErrorString(e)); \
-      std::exit(1);                                                              \
-    }                                                                            \
-  } while (0)
+#define ALP_CHECK(call) PHI_BENCH_CHECK(kProg, call)
 
 struct OneShotArgs {
   const __nv_bfloat16* q;  // [1, q_stride]: q of head h at h * 80
@@ -354,11 +347,7 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-float ElapsedMs(cudaEvent_t a, cudaEvent_t b) {
-  float ms = 0;
-  ALP_CHECK(cudaEventElapsedTime(&ms, a, b));
-  return ms;
-}
+float ElapsedMs(cudaEvent_t a, cudaEvent_t b) { return ElapsedMsOrDie(a, b, kProg); }
 
 int Main(int argc, char** argv) {
   const int ctx = argc > 1 ? std::atoi(argv[1]) : 1024;

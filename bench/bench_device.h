@@ -1,7 +1,9 @@
 // Device helpers the CUDA benchmark programs share (phishard_kernel_bench's kernel_bench.cc and
-// sustain.cc): an allocation and a random fill that end the program with a message naming the
-// program when they fail. CUDA builds only.
+// sustain.cc, the probes): a runtime-call check, an event timer, an allocation and a random fill
+// that end the program with a message naming the program when they fail. CUDA builds only.
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -16,11 +18,28 @@
 
 namespace phishard::bench {
 
+// Ends the program with `prog`, the call and CUDA's message when a runtime call fails.
+#define PHI_BENCH_CHECK(prog, call)                                                       \
+  do {                                                                                    \
+    const cudaError_t phi_bench_e = (call);                                               \
+    if (phi_bench_e != cudaSuccess) {                                                     \
+      std::fprintf(stderr, "%s: %s: %s\n", prog, #call, cudaGetErrorString(phi_bench_e)); \
+      std::exit(1);                                                                       \
+    }                                                                                     \
+  } while (0)
+
 inline void DieUnless(bool ok, const char* prog, const char* what) {
   if (!ok) {
     std::fprintf(stderr, "%s: %s failed\n", prog, what);
     std::exit(1);
   }
+}
+
+// Milliseconds between two recorded events.
+inline float ElapsedMsOrDie(cudaEvent_t a, cudaEvent_t b, const char* prog) {
+  float ms = 0;
+  PHI_BENCH_CHECK(prog, cudaEventElapsedTime(&ms, a, b));
+  return ms;
 }
 
 // `bytes` of device memory (never freed by the benches: they run once and exit).

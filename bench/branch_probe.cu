@@ -44,22 +44,11 @@ namespace {
 
 constexpr const char* kProg = "phishard_branch_probe";
 
-#define BP_CHECK(call)                                                           \
-  do {                                                                           \
-    const cudaError_t e = (call);                                                \
-    if (e != cudaSuccess) {                                                      \
-      std::fprintf(stderr, "%s: %s: %s\n", kProg, #call, cudaGetErrorString(e)); \
-      std::exit(1);                                                              \
-    }                                                                            \
-  } while (0)
+#define BP_CHECK(call) PHI_BENCH_CHECK(kProg, call)
 
 #include "bench/fused_mlp.cuh"
 
-float ElapsedMs(cudaEvent_t a, cudaEvent_t b) {
-  float ms = 0;
-  BP_CHECK(cudaEventElapsedTime(&ms, a, b));
-  return ms;
-}
+float ElapsedMs(cudaEvent_t a, cudaEvent_t b) { return ElapsedMsOrDie(a, b, kProg); }
 
 int Main(int argc, char** argv) {
   const int ctx = argc > 1 ? std::atoi(argv[1]) : 1024;

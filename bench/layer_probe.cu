@@ -72,14 +72,7 @@ namespace {
 constexpr const char* kProg = "phishard_layer_probe";
 constexpr int kHd = 80, kBs = 16, kAttnThreads = 128;
 
-#define LP_CHECK(call)                                                           \
-  do {                                                                           \
-    const cudaError_t e = (call);                                                \
-    if (e != cudaSuccess) {                                                      \
-      std::fprintf(stderr, "%s: %s: %s\n", kProg, #call, cudaGetErrorString(e)); \
-      std::exit(1);                                                              \
-    }                                                                            \
-  } while (0)
+#define LP_CHECK(call) PHI_BENCH_CHECK(kProg, call)
 
 using bf16 = __nv_bfloat16;
 
@@ -89,11 +82,7 @@ using bf16 = __nv_bfloat16;
 #include "bench/layer_probe_attention.cuh"
 // clang-format on
 
-float ElapsedMs(cudaEvent_t a, cudaEvent_t b) {
-  float ms = 0;
-  LP_CHECK(cudaEventElapsedTime(&ms, a, b));
-  return ms;
-}
+float ElapsedMs(cudaEvent_t a, cudaEvent_t b) { return ElapsedMsOrDie(a, b, kProg); }
 
 int Main(int argc, char** argv) {
   const int ctx = argc > 1 ? std::atoi(argv[1]) : 1024;

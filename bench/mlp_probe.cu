@@ -45,22 +45,11 @@ namespace {
 
 constexpr const char* kProg = "phishard_mlp_probe";
 
-#define MLP_CHECK(call)                                                          \
-  do {                                                                           \
-    const cudaError_t e = (call);                                                \
-    if (e != cudaSuccess) {                                                      \
-      std::fprintf(stderr, "%s: %s: %s\n", kProg, #call, cudaGetErrorString(e)); \
-      std::exit(1);                                                              \
-    }                                                                            \
-  } while (0)
+#define MLP_CHECK(call) PHI_BENCH_CHECK(kProg, call)
 
 #include "bench/fused_mlp.cuh"
 
-float ElapsedMs(cudaEvent_t a, cudaEvent_t b) {
-  float ms = 0;
-  MLP_CHECK(cudaEventElapsedTime(&ms, a, b));
-  return ms;
-}
+float ElapsedMs(cudaEvent_t a, cudaEvent_t b) { return ElapsedMsOrDie(a, b, kProg); }
 
 float Bf(const __nv_bfloat16& v) { return __bfloat162float(v); }
 
