@@ -123,4 +123,17 @@ inline DecodeAttentionInputs MakeDecodeAttentionInputs(int seqs, int ctx, int he
   return in;
 }
 
+// A plan for PagedDecodeCuda on `in` with its own zeroed split-merge counters (the in-kernel
+// merge), 132 SMs.
+inline PagedDecodeCudaPlan DecodePlanOrDie(const DecodeAttentionInputs& in, const char* prog) {
+  constexpr int kCounters = 4096;
+  void* counters = DeviceAllocOrDie(size_t{4} * kCounters, prog);
+  PHI_BENCH_CHECK(prog, cudaMemset(counters, 0, size_t{4} * kCounters));
+  return PagedDecodeCudaPlan{.workspace = in.workspace,
+                             .workspace_bytes = in.workspace_bytes,
+                             .num_multiprocessors = 132,
+                             .merge_counters = static_cast<int32_t*>(counters),
+                             .merge_counters_len = kCounters};
+}
+
 }  // namespace phishard::bench

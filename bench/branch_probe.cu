@@ -76,13 +76,7 @@ int Main(int argc, char** argv) {
   BP_CHECK(cudaMemset(y, 0, 2 * K));
   BP_CHECK(cudaMemset(out, 0, 4 * K));
   DecodeAttentionInputs in = MakeDecodeAttentionInputs(1, ctx, heads, hd, 16, mainst, kProg);
-  int32_t* mcount = static_cast<int32_t*>(DeviceAllocOrDie(4 * 4096, kProg));
-  BP_CHECK(cudaMemset(mcount, 0, 4 * 4096));
-  const PagedDecodeCudaPlan plan{.workspace = in.workspace,
-                                 .workspace_bytes = in.workspace_bytes,
-                                 .num_multiprocessors = 132,
-                                 .merge_counters = mcount,
-                                 .merge_counters_len = 4096};
+  const PagedDecodeCudaPlan plan = DecodePlanOrDie(in, kProg);
   std::unique_ptr<CudaGemm> gemm_main, gemm_branch;
   if (CudaGemm::Create(size_t{32} << 20, &gemm_main) != KernelStatus::kOk ||
       CudaGemm::Create(size_t{32} << 20, &gemm_branch) != KernelStatus::kOk) {

@@ -1,7 +1,48 @@
 // The fused 1-row MLP kernel of bench/mlp_probe.cu (see its header), shared with
-// bench/branch_probe.cu; included inside their namespaces (after bf16 types are available).
+// bench/branch_probe.cu, and the two stage operations every streaming probe uses (WarpDot, Axpy;
+// bench/layer_probe.cu too); included inside their namespaces (after the CUDA headers).
 
 #pragma once
+
+// Dot of a row in shared memory with x in shared memory, lane's units l, l + 32, ... (KC of them),
+// summed over the warp.
+template <int KC>
+__device__ __forceinline__ float WarpDot(const __nv_bfloat16* row, const __nv_bfloat16* x,
+                                         int lane) {
+  float d = 0.0f;
+#pragma unroll
+  for (int u = 0; u < KC; ++u) {
+    const uint4 wv = reinterpret_cast<const uint4*>(row)[lane + 32 * u];
+    const uint4 xv = reinterpret_cast<const uint4*>(x)[lane + 32 * u];
+    const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w}, xa[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
+      const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xa[e]));
+      d = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, d));
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+  return d;
+}
+
+// acc[0..8) += sum_r g[r] * rows[r, 8t .. 8t + 8) over R rows of K in shared memory.
+template <int R, int K>
+__device__ __forceinline__ void Axpy(const __nv_bfloat16* rows, const float* g, int t,
+                                     float (&acc)[8]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const uint4 wv = reinterpret_cast<const uint4*>(rows)[r * (K / 8) + t];
+    const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
+      acc[2 * e] = fmaf(g[r], wf.x, acc[2 * e]);
+      acc[2 * e + 1] = fmaf(g[r], wf.y, acc[2 * e + 1]);
+    }
+  }
+}
 
 struct FusedMlpArgs {
   const __nv_bfloat16* x;    // [K] (the LayerNorm output)
@@ -77,23 +118,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1) FusedMlp(const FusedMlpArgs a
       const int c = chunk_of[s];
       if (c < 0) break;
       {  // fc1: warp w, row w of the chunk
-        const uint4* row =
-            reinterpret_cast<const uint4*>(ring + (static_cast<size_t>(s) * R + warp) * K);
-        float d = 0.0f;
-#pragma unroll
-        for (int u = 0; u < KC; ++u) {
-          const uint4 wv = row[lane + 32 * u];
-          const uint4 xv = reinterpret_cast<const uint4*>(sx)[lane + 32 * u];
-          const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w}, xa[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
-            const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xa[e]));
-            d = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, d));
-          }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        const float d = WarpDot<KC>(ring + (static_cast<size_t>(s) * R + warp) * K, sx, lane);
         __syncwarp();
         if (lane == 0) {
           const float pre = d + sb1[s * R + warp];
@@ -105,19 +130,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1) FusedMlp(const FusedMlpArgs a
       sm90::MbarWait(&full[s], ((it + 1) / S) & 1);
       asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");  // every g of the chunk
       {  // fc2: thread t, columns [8t, 8t + 8) over the chunk's R rows of w2t
-        const uint4* rows = reinterpret_cast<const uint4*>(ring + static_cast<size_t>(s) * R * K);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const uint4 wv = rows[r * (K / 8) + tid];
-          const float g = sg[(ci & 1) * R + r];
-          const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
-            acc[2 * e] = fmaf(g, wf.x, acc[2 * e]);
-            acc[2 * e + 1] = fmaf(g, wf.y, acc[2 * e + 1]);
-          }
-        }
+        Axpy<R, K>(ring + static_cast<size_t>(s) * R * K, sg + (ci & 1) * R, tid, acc);
         __syncwarp();
         if (lane == 0) sm90::MbarArrive(&empty[s]);
       }

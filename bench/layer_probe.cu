@@ -76,8 +76,11 @@ constexpr int kHd = 80, kBs = 16, kAttnThreads = 128;
 
 using bf16 = __nv_bfloat16;
 
-// (order matters: the attention uses the stream's helpers)
+// (order matters: the stream uses fused_mlp's stage operations, the attention the stream's helpers)
+// clang-format off
+#include "bench/fused_mlp.cuh"
 #include "bench/layer_probe_stream.cuh"
+// clang-format on
 // clang-format off
 #include "bench/layer_probe_attention.cuh"
 // clang-format on

@@ -234,13 +234,7 @@ int Main(int argc, char** argv) {
   // Beside the library decode attention (one sequence of ctx tokens, 32 x 80): the attention's
   // 400 launches on fg while the MLP runs back to back on bg.
   DecodeAttentionInputs in = MakeDecodeAttentionInputs(1, ctx, heads, hd, 16, fg, kProg);
-  int32_t* mcount = static_cast<int32_t*>(DeviceAllocOrDie(4 * 4096, kProg));
-  MLP_CHECK(cudaMemset(mcount, 0, 4 * 4096));
-  const PagedDecodeCudaPlan plan{.workspace = in.workspace,
-                                 .workspace_bytes = in.workspace_bytes,
-                                 .num_multiprocessors = 132,
-                                 .merge_counters = mcount,
-                                 .merge_counters_len = 4096};
+  const PagedDecodeCudaPlan plan = DecodePlanOrDie(in, kProg);
   auto attn = [&] {
     if (PagedDecodeCuda(in.p, plan, fg) != KernelStatus::kOk) {
       std::fprintf(stderr, "%s: PagedDecodeCuda failed\n", kProg);
