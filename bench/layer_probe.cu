@@ -41,14 +41,19 @@
 // with the attention warps, 64-key items a block or 32-key items a warp (46.3-49 when dense does
 // not wait for them: the attention's own cost beside the stream is ~3 us a layer, and its items end
 // 8-20 us after the MLP chunks); the deterministic forms 4-10 us a layer above the float-atomics
-// one (perf-log 18:50-18:55). Today's op-by-op b1 layer: ~55.
+// one (perf-log 18:50-18:55) — and not deterministic after all, since items come from a counter.
+// The grid sums (`qsum`, session 28, perf-log 19:24) are: every item's contribution is rounded to
+// a per-column power-of-two grid before it joins a sum, so every sum is exact in any order; same
+// speed as the float atomics, 0 differing sums over 5 pairs of runs. Today's op-by-op b1 layer:
+// ~55.
 //
 // Shape: Phi-2's layer (K = 2560, 32 heads x 80, I = 10240, bf16; 157 MB of weights + 10.5 MB of
 // K/V at ctx 1024), 32 layers with distinct weights (5 GB: no L2 reuse between layers). The probe
 // has no rotary and no new-row K/V store (the real attention adds them after q arrives), and its
 // outputs are not checked against a reference beyond finiteness (bench/mlp_probe.cu checks the
 // MLP's arithmetic).
-// Usage: phishard_layer_probe [ctx (default 1024)] [pdl (only the best forms)]
+// Usage: phishard_layer_probe [ctx (default 1024)] [pdl (only the best forms) | qsum (float atomics
+// against grid sums, then each one's run-to-run bit identity)]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -140,7 +145,7 @@ int Main(int argc, char** argv) {
   // Every layer's arguments, on the device (the kernels read them there).
   auto layer_args = [&](int l, bool wait, int copies, bool per_head, int ring_m_first = -1,
                         int aw = 0, int d_rows = 0, bool fixed = false, bool slot_sums = false,
-                        bool owner = false) {
+                        bool owner = false, bool qsum = false) {
     bf16* wl = w + per_layer * l;
     const bf16* bl = bias + small * l;
     return LayerArgs{
@@ -160,6 +165,7 @@ int Main(int argc, char** argv) {
         .acc = acc + size_t{K} * kMaxCopies * l,
         .acc_copies = copies,
         .fixed_point = fixed,
+        .qsum = qsum,
         .slots = slot_sums ? slots + size_t{132} * K * l : nullptr,
         .colsum = slot_sums ? colsum + size_t{K} * l : nullptr,
         .prev_slots = slot_sums && l > 0 ? slots + size_t{132} * K * (l - 1) : nullptr,
@@ -272,6 +278,11 @@ int Main(int argc, char** argv) {
       h_fixed.push_back(layer_args(l, w == 0, 4, false, -1, 0, 0, false, false, true));
     }
   }
+  for (int w = 0; w < 2; ++w) {  // grid sums: dense waits / stream alone
+    for (int l = 0; l < L; ++l) {
+      h_fixed.push_back(layer_args(l, w == 0, 4, false, -1, 0, 0, false, false, false, true));
+    }
+  }
   LayerArgs* fixed_args =
       static_cast<LayerArgs*>(DeviceAllocOrDie(sizeof(LayerArgs) * h_fixed.size(), kProg));
   LP_CHECK(cudaMemcpy(fixed_args, h_fixed.data(), sizeof(LayerArgs) * h_fixed.size(),
@@ -307,6 +318,7 @@ int Main(int argc, char** argv) {
     bool fixed = false;                        // int64 fixed-point sums (4 copies, dense waits)
     bool slot_sums = false;                    // deterministic slot sums
     bool owner = false;                        // the owner form
+    bool qsum = false;                         // grid sums (4 copies)
   };
   long long* prof =
       static_cast<long long*>(DeviceAllocOrDie(sizeof(long long) * L * 132 * kProf, kProg));
@@ -322,6 +334,7 @@ int Main(int argc, char** argv) {
     if (f.fixed) la = fixed_args;
     if (f.slot_sums) la = fixed_args + static_cast<size_t>(L) * (f.wait ? 1 : 2);
     if (f.owner) la = fixed_args + static_cast<size_t>(L) * (f.wait ? 3 : 4);
+    if (f.qsum) la = fixed_args + static_cast<size_t>(L) * (f.wait ? 5 : 6);
     if (f.aw > 0) {
       la = aw_args + static_cast<size_t>(L) *
                          ((((f.aw - 1) * 2 + (f.wait ? 0 : 1)) * 2 + (f.copies8 ? 1 : 0)) * 2 +
@@ -353,37 +366,48 @@ int Main(int argc, char** argv) {
   // argv[2] == "pdl": only the a-launch-a-layer PDL forms (the best with the attention) and the
   // stream alone as one launch a step.
   const bool pdl_only = argc > 2 && std::string(argv[2]) == "pdl";
+  // argv[2] == "qsum": the float-atomics form against the grid sums (with the attention and the
+  // stream alone), then each one's run-to-run bit identity.
+  const bool qsum_only = argc > 2 && std::string(argv[2]) == "qsum";
+  auto with_qsum = [](Form f) {
+    f.qsum = true;
+    return f;
+  };
+  const Form float_attn{2, 64, true, true, false, 0, 1},
+      float_alone{2, 0, false, true, false, 0, 1};
   const std::vector<Form> forms =
-      pdl_only ? std::vector<Form>{Form{2, 0, false, true, false, 0, 1},
-                                   Form{2, 64, true, true, false, 0, 1},
-                                   Form{2, 128, true, true, false, 0, 1},
-                                   Form{2, 32, true, true, false, 0, 1},
-                                   Form{2, 64, false, true, false, 0, 1},
-                                   Form{2, 64, true, true, false, 0, 1, false, -1, 0, false, false,
-                                        true},
-                                   Form{2, 64, true, true, false, 0, 1, false,
-                                        -1, 0, false, false, false, true},
-                                   Form{2, 0, false, true, false, 0, 1, false,
-                                        -1, 0, false, false, false, true},
-                                   Form{2, 64, true, true, false, 0,
-                                        1, false, -1, 0, false, false, false, false, true},
-                                   Form{2, 0, false, true, false, 0, 1, false,
-                                        -1, 0, false, false, false, false, true},
-                                   Form{3, 64, true, true, false, 0,
-                                        1, false, -1, 0, false, false, false, false, true},
-                                   Form{4, 0, false, false, true, 0, 1}}
-               : std::vector<Form>{Form{2, 64, true, true, false, 0, 1},
-                                   Form{3, 0, false, false, true, 0, 1},
-                                   Form{4, 0, false, false, true, 0, 1},
-                                   Form{3, 64, true, false, true, 264, 1},
-                                   Form{3, 0, true, false, true, 0, 1, false, -1, 1},
-                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2},
-                                   Form{3, 0, false, false, true, 0, 1, false, -1, 2},
-                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2, true},
-                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2, false, true},
-                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2, true, true},
-                                   Form{3, 0, false, false, true, 0, 1, false, -1, 2, true, true},
-                                   Form{2, 0, true, true, false, 0, 1, false, -1, 2}};
+      qsum_only  ? std::vector<Form>{float_attn, with_qsum(float_attn), float_alone,
+                                     with_qsum(float_alone)}
+      : pdl_only ? std::vector<Form>{Form{2, 0, false, true, false, 0, 1},
+                                     Form{2, 64, true, true, false, 0, 1},
+                                     Form{2, 128, true, true, false, 0, 1},
+                                     Form{2, 32, true, true, false, 0, 1},
+                                     Form{2, 64, false, true, false, 0, 1},
+                                     Form{2, 64, true, true, false, 0, 1, false, -1, 0, false,
+                                          false, true},
+                                     Form{2, 64, true, true, false, 0, 1, false,
+                                          -1, 0, false, false, false, true},
+                                     Form{2, 0, false, true, false, 0, 1, false,
+                                          -1, 0, false, false, false, true},
+                                     Form{2, 64, true, true, false, 0, 1, false,
+                                          -1, 0, false, false, false, false, true},
+                                     Form{2, 0, false, true, false, 0, 1, false,
+                                          -1, 0, false, false, false, false, true},
+                                     Form{3, 64, true, true, false, 0, 1, false,
+                                          -1, 0, false, false, false, false, true},
+                                     Form{4, 0, false, false, true, 0, 1}}
+                 : std::vector<Form>{Form{2, 64, true, true, false, 0, 1},
+                                     Form{3, 0, false, false, true, 0, 1},
+                                     Form{4, 0, false, false, true, 0, 1},
+                                     Form{3, 64, true, false, true, 264, 1},
+                                     Form{3, 0, true, false, true, 0, 1, false, -1, 1},
+                                     Form{3, 0, true, false, true, 0, 1, false, -1, 2},
+                                     Form{3, 0, false, false, true, 0, 1, false, -1, 2},
+                                     Form{3, 0, true, false, true, 0, 1, false, -1, 2, true},
+                                     Form{3, 0, true, false, true, 0, 1, false, -1, 2, false, true},
+                                     Form{3, 0, true, false, true, 0, 1, false, -1, 2, true, true},
+                                     Form{3, 0, false, false, true, 0, 1, false, -1, 2, true, true},
+                                     Form{2, 0, true, true, false, 0, 1, false, -1, 2}};
   for (int round = 0; round < 2; ++round) {
     for (const Form& f : forms) {
       if (round == 0) {
@@ -417,6 +441,7 @@ int Main(int argc, char** argv) {
           std::snprintf(attn, sizeof(attn), "%s slot sums", f.keys ? "64 keys" : "none");
         if (f.owner)
           std::snprintf(attn, sizeof(attn), "%s owner form", f.keys ? "64 keys" : "none");
+        if (f.qsum) std::snprintf(attn, sizeof(attn), "%s grid sums", f.keys ? "64 keys" : "none");
       }
       char launch[64];
       std::snprintf(launch, sizeof(launch), "%s",
@@ -436,9 +461,9 @@ int Main(int argc, char** argv) {
   LP_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   prof_on = true;
   const std::vector<Form> profiled =
-      pdl_only ? std::vector<Form>{}
-               : std::vector<Form>{Form{3, 0, false, false, true, 0, 1},
-                                   Form{3, 0, true, false, true, 0, 1, false, -1, 2}};
+      pdl_only || qsum_only ? std::vector<Form>{}
+                            : std::vector<Form>{Form{3, 0, false, false, true, 0, 1},
+                                                Form{3, 0, true, false, true, 0, 1, false, -1, 2}};
   for (const Form& f : profiled) {
     chain(f);  // warm
     LP_CHECK(cudaMemset(prof, 0, sizeof(long long) * L * 132 * kProf));
@@ -471,6 +496,77 @@ int Main(int argc, char** argv) {
         mx[kProfEmptyWait] * us);
   }
   prof_on = false;
+
+  // Run-to-run identity: each form twice, every layer's sums (acc) and h compared bit for bit,
+  // and the grid sums' h against the float-atomics form's.
+  if (qsum_only) {
+    const size_t acc_n = size_t{K} * L * kMaxCopies, h_n = size_t{K} * (L + 1);
+    auto run_once = [&](const Form& f, std::vector<float>& ha, std::vector<bf16>& hh) {
+      chain(f);
+      LP_CHECK(cudaStreamSynchronize(st));
+      LP_CHECK(cudaGetLastError());
+      ha.resize(acc_n);
+      hh.resize(h_n);
+      LP_CHECK(cudaMemcpy(ha.data(), acc, 4 * acc_n, cudaMemcpyDeviceToHost));
+      LP_CHECK(cudaMemcpy(hh.data(), hbuf, 2 * h_n, cudaMemcpyDeviceToHost));
+    };
+    // Layer l's output sums as the next layer's fold reads them: the 4 copies added in order.
+    auto layer_sums = [&](const std::vector<float>& ha, int l) {
+      std::vector<float> out(K, 0.0f);
+      for (int c = 0; c < 4; ++c) {
+        for (int i = 0; i < K; ++i) out[i] += ha[(size_t{K} * kMaxCopies * l) + size_t{K} * c + i];
+      }
+      return out;
+    };
+    std::vector<bf16> h_float;
+    std::vector<float> sums0_float;
+    for (const Form& f : {float_attn, with_qsum(float_attn)}) {
+      std::vector<float> a1, a2;
+      std::vector<bf16> h1, h2;
+      int acc_diff = 0, h_diff = 0;
+      for (int rep = 0; rep < 5; ++rep) {
+        run_once(f, a1, h1);
+        run_once(f, a2, h2);
+        for (int l = 0; l < L; ++l) {
+          const std::vector<float> s1 = layer_sums(a1, l), s2 = layer_sums(a2, l);
+          for (int i = 0; i < K; ++i) acc_diff += s1[i] != s2[i] ? 1 : 0;
+        }
+        for (size_t i = 0; i < h_n; ++i)
+          h_diff += __bfloat162float(h1[i]) != __bfloat162float(h2[i]) ? 1 : 0;
+      }
+      std::printf("%s: 5 pairs of runs: %d of %d layer sums and %d of %zu h values differ\n",
+                  f.qsum ? "grid sums" : "float atomics", acc_diff, 5 * L * K, h_diff, 5 * h_n);
+      if (!f.qsum) {
+        h_float = h1;
+        sums0_float = layer_sums(a1, 0);
+      } else {
+        // Layer 0 has the same input in both forms: its sums differ by the grid's roundings only.
+        const std::vector<float> s0 = layer_sums(a1, 0);
+        double max_d = 0.0, max_s = 0.0, ss_d = 0.0, ss_s = 0.0;
+        for (int i = 0; i < K; ++i) {
+          const double d = static_cast<double>(s0[i]) - sums0_float[i];
+          max_d = std::max(max_d, std::fabs(d));
+          max_s = std::max(max_s, std::fabs(static_cast<double>(sums0_float[i])));
+          ss_d += d * d;
+          ss_s += static_cast<double>(sums0_float[i]) * sums0_float[i];
+        }
+        std::printf(
+            "layer 0's sums, grid vs float atomics: max |diff| %.3g (max |sum| %.3g), "
+            "rms diff %.3g (rms sum %.3g)\n",
+            max_d, max_s, std::sqrt(ss_d / K), std::sqrt(ss_s / K));
+        double max_abs = 0.0, max_h = 0.0;
+        for (size_t i = size_t{K} * L; i < h_n; ++i) {
+          const double x = __bfloat162float(h1[i]), y = __bfloat162float(h_float[i]);
+          max_abs = std::max(max_abs, std::fabs(x - y));
+          max_h = std::max(max_h, std::fabs(y));
+        }
+        std::printf(
+            "grid sums vs float atomics, h after the last layer: max |diff| %.3g (max |h| "
+            "%.3g)\n",
+            max_abs, max_h);
+      }
+    }
+  }
 
   // The chain's output is finite (a smoke check that every layer ran and the waits resolved).
   std::vector<bf16> hl(K);

@@ -10,7 +10,8 @@ __device__ __forceinline__ void ConsumerSync(int threads) {
 // The LayerNorm of h_in + acc_in (the residual; the previous layer's blocks all done first) into
 // sx, every consumer thread 8 columns (K = 8 x consumers); block 0 also writes the residual out.
 template <int KC>
-__device__ __forceinline__ void LnFold(const LayerArgs& a, bf16* sx, float* sred, int tid) {
+__device__ __forceinline__ void LnFold(const LayerArgs& a, bf16* sx, float* sred, int tid,
+                                       float (&magic)[8]) {
   constexpr int K = 256 * KC, kConsumers = 32 * KC;
   const int warp = tid >> 5, lane = tid & 31;
   if (a.prev_ctr != nullptr && tid == 0) {
@@ -105,6 +106,9 @@ __device__ __forceinline__ void LnFold(const LayerArgs& a, bf16* sx, float* sred
   float var = 0.0f;
   for (int w = 0; w < KC; ++w) var += sred[32 + w];
   const float rstd = rsqrtf(var / K + 1e-5f);
+  const float rms = sqrtf(var / K + mean * mean);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) magic[e] = QuantMagic(fmaxf(fabsf(v[e]), rms));
   const uint4 wv = reinterpret_cast<const uint4*>(a.ln_w)[tid];
   const uint4 bv = reinterpret_cast<const uint4*>(a.ln_b)[tid];
   const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w}, ba[4] = {bv.x, bv.y, bv.z, bv.w};
