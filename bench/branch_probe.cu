@@ -38,6 +38,7 @@
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/sm90_ptx.cuh"
+#include "kernels/cuda/stream_stage.cuh"
 
 namespace phishard::bench {
 namespace {

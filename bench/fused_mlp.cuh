@@ -1,48 +1,12 @@
 // The fused 1-row MLP kernel of bench/mlp_probe.cu (see its header), shared with
-// bench/branch_probe.cu, and the two stage operations every streaming probe uses (WarpDot, Axpy;
-// bench/layer_probe.cu too); included inside their namespaces (after the CUDA headers).
+// bench/branch_probe.cu; included inside their namespaces (after the CUDA headers).
 
 #pragma once
 
-// Dot of a row in shared memory with x in shared memory, lane's units l, l + 32, ... (KC of them),
-// summed over the warp.
-template <int KC>
-__device__ __forceinline__ float WarpDot(const __nv_bfloat16* row, const __nv_bfloat16* x,
-                                         int lane) {
-  float d = 0.0f;
-#pragma unroll
-  for (int u = 0; u < KC; ++u) {
-    const uint4 wv = reinterpret_cast<const uint4*>(row)[lane + 32 * u];
-    const uint4 xv = reinterpret_cast<const uint4*>(x)[lane + 32 * u];
-    const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w}, xa[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
-      const float2 xf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xa[e]));
-      d = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, d));
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-  return d;
-}
-
-// acc[0..8) += sum_r g[r] * rows[r, 8t .. 8t + 8) over R rows of K in shared memory.
-template <int R, int K>
-__device__ __forceinline__ void Axpy(const __nv_bfloat16* rows, const float* g, int t,
-                                     float (&acc)[8]) {
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const uint4 wv = reinterpret_cast<const uint4*>(rows)[r * (K / 8) + t];
-    const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 wf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wa[e]));
-      acc[2 * e] = fmaf(g[r], wf.x, acc[2 * e]);
-      acc[2 * e + 1] = fmaf(g[r], wf.y, acc[2 * e + 1]);
-    }
-  }
-}
+// The stage operations (WarpDot, Axpy) are the library's (kernels/cuda/stream_stage.cuh, included
+// by every probe at its top).
+using cuda::Axpy;
+using cuda::WarpDot;
 
 struct FusedMlpArgs {
   const __nv_bfloat16* x;    // [K] (the LayerNorm output)

@@ -68,8 +68,10 @@
 
 #include "bench/bench_device.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/decode_stream_cuda.h"
 #include "kernels/cuda/gelu_math.cuh"
 #include "kernels/cuda/sm90_ptx.cuh"
+#include "kernels/cuda/stream_stage.cuh"
 
 namespace phishard::bench {
 namespace {
@@ -319,6 +321,7 @@ int Main(int argc, char** argv) {
     bool slot_sums = false;                    // deterministic slot sums
     bool owner = false;                        // the owner form
     bool qsum = false;                         // grid sums (4 copies)
+    bool lib = false;  // the library's kernel (kernels/cuda/decode_stream_cuda.h), grid sums
   };
   long long* prof =
       static_cast<long long*>(DeviceAllocOrDie(sizeof(long long) * L * 132 * kProf, kProg));
@@ -347,6 +350,41 @@ int Main(int argc, char** argv) {
       if (f.keys > 0) LaunchStepAttention(aa, L, f.keys, ctx, f.attn_blocks, next, st);
       return;
     }
+    if (f.lib) {  // the same operands through DecodeStreamLayerCuda (no biases in the fold here)
+      for (int l = 0; l < L; ++l) {
+        const LayerArgs& q = h_fixed[static_cast<size_t>(L) * 5 + l];
+        DecodeStreamParams p;
+        p.layer = DecodeStreamLayer{.ln_w = q.ln_w,
+                                    .ln_b = q.ln_b,
+                                    .qkv_w = q.wqkv,
+                                    .qkv_b = q.bqkv,
+                                    .fc1_w = q.w1,
+                                    .fc1_b = q.b1,
+                                    .fc2_wt = q.w2t,
+                                    .dense_wt = q.wdt,
+                                    .h_in = q.h_in,
+                                    .sums_in = q.acc_in,
+                                    .prev_counters = q.prev_ctr,
+                                    .h_out = q.h_out,
+                                    .qkv = q.qkv,
+                                    .attn = q.o,
+                                    .sums = q.acc,
+                                    .counters = q.ctr};
+        p.hidden = K;
+        p.intermediate = I;
+        p.num_heads = p.num_kv_heads = heads;
+        p.head_dim = kHd;
+        p.attn_heads = f.keys > 0 ? heads : 0;
+        p.stages = f.stages;
+        p.programmatic_launch = l > 0;
+        if (DecodeStreamLayerCuda(p, st) != KernelStatus::kOk) {
+          std::fprintf(stderr, "%s: DecodeStreamLayerCuda refused layer %d\n", kProg, l);
+          std::exit(1);
+        }
+        if (f.keys > 0) LaunchAttention(h_aargs[l], f.keys, ctx, st);
+      }
+      return;
+    }
     for (int l = 0; l < L; ++l) {
       if (f.pdl && l > 0) {
         LaunchPdl(LayerStream<KC>, dim3(132), dim3(threads), smem, st, la + l, 1, f.stages,
@@ -369,6 +407,12 @@ int Main(int argc, char** argv) {
   // argv[2] == "qsum": the float-atomics form against the grid sums (with the attention and the
   // stream alone), then each one's run-to-run bit identity.
   const bool qsum_only = argc > 2 && std::string(argv[2]) == "qsum";
+  // argv[2] == "lib": the grid-sums form against the library's kernel, with the attention / alone.
+  const bool lib_only = argc > 2 && std::string(argv[2]) == "lib";
+  auto with_lib = [](Form f) {
+    f.lib = true;
+    return f;
+  };
   auto with_qsum = [](Form f) {
     f.qsum = true;
     return f;
@@ -378,6 +422,8 @@ int Main(int argc, char** argv) {
   const std::vector<Form> forms =
       qsum_only  ? std::vector<Form>{float_attn, with_qsum(float_attn), float_alone,
                                      with_qsum(float_alone)}
+      : lib_only ? std::vector<Form>{with_qsum(float_attn), with_lib(float_attn),
+                                     with_qsum(float_alone), with_lib(float_alone)}
       : pdl_only ? std::vector<Form>{Form{2, 0, false, true, false, 0, 1},
                                      Form{2, 64, true, true, false, 0, 1},
                                      Form{2, 128, true, true, false, 0, 1},
@@ -442,6 +488,7 @@ int Main(int argc, char** argv) {
         if (f.owner)
           std::snprintf(attn, sizeof(attn), "%s owner form", f.keys ? "64 keys" : "none");
         if (f.qsum) std::snprintf(attn, sizeof(attn), "%s grid sums", f.keys ? "64 keys" : "none");
+        if (f.lib) std::snprintf(attn, sizeof(attn), "%s library", f.keys ? "64 keys" : "none");
       }
       char launch[64];
       std::snprintf(launch, sizeof(launch), "%s",
@@ -461,9 +508,10 @@ int Main(int argc, char** argv) {
   LP_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   prof_on = true;
   const std::vector<Form> profiled =
-      pdl_only || qsum_only ? std::vector<Form>{}
-                            : std::vector<Form>{Form{3, 0, false, false, true, 0, 1},
-                                                Form{3, 0, true, false, true, 0, 1, false, -1, 2}};
+      pdl_only || qsum_only || lib_only
+          ? std::vector<Form>{}
+          : std::vector<Form>{Form{3, 0, false, false, true, 0, 1},
+                              Form{3, 0, true, false, true, 0, 1, false, -1, 2}};
   for (const Form& f : profiled) {
     chain(f);  // warm
     LP_CHECK(cudaMemset(prof, 0, sizeof(long long) * L * 132 * kProf));

@@ -108,7 +108,7 @@ __device__ __forceinline__ void LnFold(const LayerArgs& a, bf16* sx, float* sred
   const float rstd = rsqrtf(var / K + 1e-5f);
   const float rms = sqrtf(var / K + mean * mean);
 #pragma unroll
-  for (int e = 0; e < 8; ++e) magic[e] = QuantMagic(fmaxf(fabsf(v[e]), rms));
+  for (int e = 0; e < 8; ++e) magic[e] = GridMagic(fmaxf(fabsf(v[e]), rms));
   const uint4 wv = reinterpret_cast<const uint4*>(a.ln_w)[tid];
   const uint4 bv = reinterpret_cast<const uint4*>(a.ln_b)[tid];
   const uint32_t wa[4] = {wv.x, wv.y, wv.z, wv.w}, ba[4] = {bv.x, bv.y, bv.z, bv.w};

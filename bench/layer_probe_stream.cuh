@@ -50,7 +50,7 @@ struct LayerArgs {
   // Grid sums (deterministic with float atomics): every item's contribution to column c is
   // rounded to a multiple of q_c = 2^(E_c - 16), 2^E_c >= max(|h_c|, rms(h)) of the layer's input,
   // before it joins acc, so every later sum (the block's, the atomics', the fold's) is exact while
-  // |sum| < 2^(E_c + 8) and their order cannot change it (QuantMagic).
+  // |sum| < 2^(E_c + 8) and their order cannot change it (GridMagic).
   bool qsum;
   // Slot sums (deterministic, no atomics): each block stores its partial into slots[block]; the
   // next layer's blocks each sum their K / grid columns over the slots in a fixed order into
@@ -100,21 +100,10 @@ struct LayerArgs {
 };
 constexpr int kAttnKeys = 64;
 constexpr float kFixedScale = 16777216.0f;  // 2^24: fixed_point sums
-// qsum's rounding constant of a column whose scale is s: M = 1.5 * 2^23 * q with q = 2^(E - 16),
-// 2^E >= s. x + M lies in [2^23 q, 2^24 q) for |x| < 2^22 q, where a float's ulp is q, so the add
-// rounds x to a multiple of q (larger |x|: a coarser multiple, still on the grid) and the
-// subtraction is exact; sums of multiples of q below 2^24 q in magnitude are exact.
-__device__ __forceinline__ float QuantMagic(float s) {
-  const int ex = max(static_cast<int>((__float_as_uint(s) >> 23) & 0xff), 40);  // E = ex - 126
-  return __uint_as_float(static_cast<uint32_t>(min(ex + 8, 254)) << 23 | 0x400000u);
-}
-
-// acc[e] += t[e] rounded to its column's grid (qsum).
-__device__ __forceinline__ void AddQuantized(float (&acc)[8], const float (&t)[8],
-                                             const float (&magic)[8]) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) acc[e] += __fsub_rn(__fadd_rn(t[e], magic[e]), magic[e]);
-}
+// qsum's grid: kernels/cuda/stream_stage.cuh (GridMagic, AddOnGrid), what the library's
+// decode stream kernel uses.
+using cuda::AddOnGrid;
+using cuda::GridMagic;
 
 // Item kinds of a layer, in stream order: q/k/v chunks, the first m_first MLP chunks, attention
 // items, the other MLP chunks, dense chunks, then the end.
@@ -426,7 +415,7 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
           if (a.qsum) {
             float t[8] = {};
             Axpy<R, K>(ring + static_cast<size_t>(s) * R * K, sg + (ci & 1) * R, tid, t);
-            AddQuantized(acc, t, magic);
+            AddOnGrid(acc, t, magic);
           } else {
             Axpy<R, K>(ring + static_cast<size_t>(s) * R * K, sg + (ci & 1) * R, tid, acc);
           }
@@ -467,7 +456,7 @@ __global__ void __launch_bounds__(32 * KC + 32 + 32 * kAttnWarps, 1)
           if (a.qsum) {
             float t[8] = {};
             Axpy<R, K>(rows, g, tid, t);
-            AddQuantized(acc, t, magic);
+            AddOnGrid(acc, t, magic);
           } else if (a.d_rows == R) {
             Axpy<R, K>(rows, g, tid, acc);
           } else {

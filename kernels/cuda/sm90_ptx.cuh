@@ -43,6 +43,14 @@ __device__ __forceinline__ void MbarExpect(uint64_t* bar, uint32_t bytes) {
                : "memory");
 }
 
+// Raise the barrier's expected transaction count by `bytes` WITHOUT arriving (the thread arrives
+// later, e.g. after writing more of the stage itself).
+__device__ __forceinline__ void MbarExpectTxOnly(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
 // Global -> shared bulk copy completing `bytes` of transaction count on `bar`.
 __device__ __forceinline__ void BulkLoad(void* dst, const void* src, uint32_t bytes,
                                          uint64_t* bar) {

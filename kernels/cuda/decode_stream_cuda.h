@@ -1,0 +1,115 @@
+// One Phi layer of a 1-row decode step as ONE weight stream (issue #4, decode batch 1;
+// docs/decode-stream-design.md has the design, its measurements and the plan it is a step of).
+//
+// Math of layer l (Phi's parallel residual; float32 accumulation, dtype roundings as marked):
+//   h_l  = dtype(h_{l-1} + S_{l-1} + b_dense_{l-1} + b_fc2_{l-1})   (the fold; h_0 = embedding)
+//   x    = dtype(LayerNorm(h_l) * ln_w + ln_b)                      float32 statistics, 2 passes
+//   qkv  = dtype(Wqkv x + b_qkv)                                    un-rotated (the attention's)
+//   a    = dtype(act(Wfc1 x + b_fc1))                               GELU-tanh or GELU-erf
+//   S_l  = Wfc2 a + Wdense attn                                     float32, the "grid sums"
+// where attn is the layer's attention output (nH hd, dtype; another kernel's, see below). S_l has
+// no biases: the next layer's fold (or DecodeStreamFoldCuda after the last layer) adds them.
+// S_l is summed on a grid (kernels/cuda/stream_stage.cuh, GridMagic): every item's contribution
+// to column c is rounded to a multiple of q_c = 2^(E_c - 16), 2^E_c >= max(|h_l[c]|, rms(h_l)),
+// so the float atomics that add the blocks' partials give the same bits in any order (a column
+// whose |S| leaves 2^(E_c + 8) rounds as plain float32 sums do there).
+//
+// Structure: one block an SM, K / 256 consumer warps (K = hidden, a multiple of 256) and one
+// producer warp that streams R x K weight stages (R = K / 256 rows) through a shared-memory ring
+// of bulk copies. The producer takes items from a per-layer counter in this order: q/k/v chunks
+// (R rows of Wqkv), MLP chunks (R rows of Wfc1, then the same R rows of Wfc2 TRANSPOSED), dense
+// chunks (R rows of Wdense TRANSPOSED); weights never depend on the layer before, so a layer's
+// producer starts at once. The consumers first fold h and the LayerNorm (waiting until every block
+// of the layer before has flushed), then run the items; at the end each block adds its float32
+// partial S into one of kDecodeStreamCopies copies (float atomics) and counts itself done.
+//
+// Synchronisation (device counters, DecodeStreamLayer::counters, zeroed before the step): the
+// block's q/k/v rows are published by a release count kStreamQkvDone (the attention kernel spins
+// on it), the dense chunks spin on kStreamHeadsDone >= attn_heads (the attention counts each head
+// once its output is stored; attn_heads = 0: attn is ready before the launch), the fold on the
+// previous layer's kStreamBlocksDone. No wait is on a kernel launched later or on a block not yet
+// started: layer l + 1 (and the attention) are launched as programmatic dependents, and every
+// block triggers its dependents at its start. A wait that does not end within ~10 s traps (a bug
+// must end in an error, not a hang).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/device.h"
+#include "kernels/dtype.h"
+#include "kernels/gemm.h"
+#include "kernels/kernel_status.h"
+
+namespace phishard {
+
+// Per-layer counters (int32, in DecodeStreamLayer::counters).
+enum DecodeStreamCounter : int {
+  kStreamNext = 0,                // the item counter (the producers')
+  kStreamBlocksDone = 1,          // blocks whose partial S is added
+  kStreamQkvDone = 2,             // q/k/v chunks whose rows are written (release)
+  kStreamHeadsDone = 3,           // attention heads whose output is written (the attention's)
+  kDecodeStreamCounterInts = 32,  // a layer's counters, 128 bytes (no false sharing)
+};
+inline constexpr int kDecodeStreamCopies = 4;  // copies of S (fewer blocks adding to one address)
+
+// One layer's operands (device pointers, dtype unless marked). Weights as CudaPhiModel holds them
+// plus two transposed copies: qkv_w [NQ, H] with NQ = (nH + 2 nKV) hd, fc1_w [I, H], fc2_wt [I, H]
+// (= fc2.weight^T), dense_wt [nH hd, H] (= dense.weight^T); biases [rows].
+struct DecodeStreamLayer {
+  const void *ln_w = nullptr, *ln_b = nullptr, *qkv_w = nullptr, *qkv_b = nullptr;
+  const void *fc1_w = nullptr, *fc1_b = nullptr, *fc2_wt = nullptr, *dense_wt = nullptr;
+  // The fold's inputs: h_{l-1} (layer 0: the embedding row, h_out may then equal it), S_{l-1}
+  // (float32 [kDecodeStreamCopies, H]) and the previous layer's dense / fc2 biases; sums_in and
+  // the biases null for layer 0.
+  const void* h_in = nullptr;
+  const float* sums_in = nullptr;
+  const void *prev_dense_b = nullptr, *prev_fc2_b = nullptr;
+  const int* prev_counters = nullptr;  // the previous layer's (null for layer 0)
+  void* h_out = nullptr;               // [H] h_l (block 0 writes it)
+  void* qkv = nullptr;                 // [NQ] out
+  const void* attn = nullptr;          // [nH hd] in (see attn_heads)
+  float* sums = nullptr;               // [kDecodeStreamCopies, H] float32, zero before; S_l out
+  int* counters = nullptr;             // [kDecodeStreamCounterInts], zero before
+};
+
+struct DecodeStreamParams {
+  DecodeStreamLayer layer;
+  int hidden = 0, intermediate = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  float eps = 1e-5f;
+  GemmEpilogue act = GemmEpilogue::kGeluTanh;  // kGeluTanh or kGeluErf
+  DataType dtype = DataType::kBF16;
+  // Dense chunks wait until counters[kStreamHeadsDone] >= attn_heads (0: no wait).
+  int attn_heads = 0;
+  // Ring stages (0: 2, which lets two consecutive layers' blocks share an SM at Phi-2's shape);
+  // blocks (0: the SM count).
+  int stages = 0;
+  int blocks = 0;
+  // Launch as a programmatic dependent of the kernel before it (the layer before, or the
+  // attention), so the producer streams while that kernel drains.
+  bool programmatic_launch = false;
+};
+
+// The fold alone, after the last layer: h_out = dtype(h_in + S + b_dense + b_fc2) (same float
+// operations as the next layer's fold would do). One small launch; waits for nothing but stream
+// order (launch it non-programmatically).
+struct DecodeStreamFoldParams {
+  const void* h_in = nullptr;
+  const float* sums = nullptr;  // [kDecodeStreamCopies, hidden]
+  const void *dense_b = nullptr, *fc2_b = nullptr;
+  void* h_out = nullptr;
+  int hidden = 0;
+  DataType dtype = DataType::kBF16;
+};
+
+// Shapes the kernel handles: kBF16 / kF16; hidden = 256 KC with KC in {1, 2, 4, 8, 10, 12, 16};
+// NQ, intermediate and nH hd multiples of R = KC; act GELU tanh / erf; the ring of >= 2 stages
+// in shared memory; sm_90 (bulk copies). Pointers are not checked beyond null.
+bool DecodeStreamCudaSupports(const DecodeStreamParams& p);
+
+// kInvalidShape / kUnsupportedDtype when not supported, kNullPointer for a missing operand,
+// kDeviceError when the launch is refused. Never allocates; capturable into a CUDA graph.
+KernelStatus DecodeStreamLayerCuda(const DecodeStreamParams& p, cudaStream_t stream);
+KernelStatus DecodeStreamFoldCuda(const DecodeStreamFoldParams& p, cudaStream_t stream);
+
+}  // namespace phishard
