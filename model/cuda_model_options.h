@@ -20,6 +20,7 @@ inline constexpr int kBulkGemvRowsDefault = 0;
 inline constexpr int kBulkGemvPdlDefault = 1;
 inline constexpr int kBulkGemvLnDefault = 0;
 inline constexpr int kDecodeAttentionFoldRowsDefault = 8;  // CudaModelOptions below
+inline constexpr int kDecodeStreamDefault = 0;  // CudaModelOptions::decode_stream (opt-in for now)
 // The default fold bound of a model: 16 rows at head_dim <= 64 (Phi-1.5's 32 x 64: the fused
 // kernel fits 5 blocks an SM there; b16 x0.946-0.973, b8 x0.961-0.998, perf-log 2026-11-30 04:51 /
 // 04:55), else 8.
@@ -140,6 +141,16 @@ struct CudaModelOptions {
   // weight stream runs across the ops' dependencies. 0 off, 1 on; -1: PHISHARD_DECODE_MEGAKERNEL
   // when set, else off (opt-in until measured faster, docs/perf-log.md).
   int decode_megakernel = -1;
+  // 1-row decode steps (no adapter rows, unsharded, a supported shape: hidden 256 x {1, 2, 4, 8,
+  // 10, 12}) through the decode stream (kernels/cuda/decode_stream_cuda.h, model/
+  // cuda_phi_stream.cc): each layer one weight-stream launch with the attention beside it, the
+  // layer's sums deterministic (grid sums). Costs fc2's and dense's weights a second time,
+  // transposed (+2.1 GB at Phi-2). Needs the GPU to itself: the attention runs beside each layer's
+  // stream kernel, which waits for it, so whatever keeps the two from running at once (an MPS
+  // thread limit, compute-sanitizer's serialised launches) turns a step into a ~10 s device trap.
+  // 0 off, 1 on; -1: PHISHARD_DECODE_STREAM when set, else kDecodeStreamDefault (off: opt-in;
+  // H200 b1 ctx 1024 1.65 against 1.83 ms, docs/perf-log.md 2026-11-30 19:5x).
+  int decode_stream = -1;
   // Decode steps (graph buckets) of at most this many rows, without adapter rows, unsharded, run
   // rotary + K/V write and the split merge inside the decode attention launch where it takes the
   // register-staged kernel (batch 1 to 64 at Phi-2 shape): the same bits, two launches fewer a

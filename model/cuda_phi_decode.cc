@@ -106,9 +106,13 @@ absl::Status CudaPhiModel::EnqueueDecode(int rows, int variant) {
   in.min_live = std::max(1, rows / 2);  // the bucket below holds every smaller batch
   SetDecodeVariant(rows, variant, &in);
   in.max_q_len = 1;
-  const absl::StatusOr<bool> mega = TryEnqueueMegaDecode(in);  // model/cuda_phi_mega.cc
-  PHI_RETURN_IF_ERROR(mega.status());
-  if (!*mega) PHI_RETURN_IF_ERROR(EnqueueLayers(in));
+  const absl::StatusOr<bool> streamed = TryEnqueueStreamDecode(in);  // model/cuda_phi_stream.cc
+  PHI_RETURN_IF_ERROR(streamed.status());
+  if (!*streamed) {
+    const absl::StatusOr<bool> mega = TryEnqueueMegaDecode(in);  // model/cuda_phi_mega.cc
+    PHI_RETURN_IF_ERROR(mega.status());
+    if (!*mega) PHI_RETURN_IF_ERROR(EnqueueLayers(in));
+  }
   const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
   char* a = static_cast<char*>(arena_);
   return EnqueueLogits(a + al.h, rows, reinterpret_cast<float*>(a + al.logits));

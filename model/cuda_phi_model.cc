@@ -106,6 +106,7 @@ CudaPhiModel::~CudaPhiModel() {
   if (ping_host_) DeviceFreeHost(ping_host_);
   if (tp_logits_) DeviceFree(tp_logits_);
   if (mega_buf_) DeviceFree(mega_buf_);
+  if (stream_buf_) DeviceFree(stream_buf_);
   if (mega_timeline_) DeviceFree(mega_timeline_);
   if (stream_) DeviceStreamDestroy(stream_);
   if (ping_stream_) DeviceStreamDestroy(ping_stream_);

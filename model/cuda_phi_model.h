@@ -254,6 +254,13 @@ class CudaPhiModel final : public ModelBackend {
     return absl::OkStatus();
   }
   int decode_attention_variant() const { return decode_attention_variant_; }
+  // CudaModelOptions::decode_stream (drops graphs; on: allocates the transposed fc2 / dense
+  // weights and the stream's buffers, ResourceExhausted when they do not fit; an unsupported
+  // model or device logs and stays off; off: frees them). model/cuda_phi_stream.cc.
+  absl::Status set_decode_stream(bool on);
+  bool decode_stream() const { return stream_on_; }
+  // Decode steps enqueued through the stream so far (eager steps and graph captures).
+  int64_t decode_stream_steps() const { return stream_steps_; }
   // CudaModelOptions::decode_megakernel (drops graphs).
   absl::Status set_decode_megakernel(bool on);
   bool decode_megakernel() const { return mega_on_; }
@@ -458,6 +465,9 @@ class CudaPhiModel final : public ModelBackend {
   // qualifies (decode_megakernel, one row, no adapter rows, unsharded, supported shape); false:
   // nothing enqueued.
   absl::StatusOr<bool> TryEnqueueMegaDecode(const StepInputs& in);
+  // Embedding + every layer through the decode stream (model/cuda_phi_stream.cc) when the step
+  // qualifies (decode_stream on, one row, no adapter rows, unsharded); false: nothing enqueued.
+  absl::StatusOr<bool> TryEnqueueStreamDecode(const StepInputs& in);
   absl::Status ReserveMegaDecode();  // its buffer and layer table, at load (unsharded models)
   // Sharded prefill (model/cuda_phi_tp_overlap.cc): EnqueueLayers in row chunks whose
   // all-reduces run on a second stream beside the next chunk's work; EnqueueLayers(in) itself
@@ -666,6 +676,9 @@ class CudaPhiModel final : public ModelBackend {
   int64_t decode_fold_steps_ = 0;
   int decode_attention_variant_ = 0;  // set_decode_attention_variant
   bool mega_refused_logged_ = false;
+  bool stream_on_ = false;      // CudaModelOptions::decode_stream
+  void* stream_buf_ = nullptr;  // device (model/cuda_phi_stream.cc: StreamBufLayout)
+  int64_t stream_steps_ = 0;
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
   int mega_stages_ = 0;

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/decode_stream_cuda.h"
@@ -325,6 +326,23 @@ __global__ void DecodeStreamFoldKernel(const DecodeStreamFoldParams p) {
   reinterpret_cast<uint4*>(p.h_out)[t] = *reinterpret_cast<const uint4*>(hn);
 }
 
+// 32 x 32 tiles through shared memory (a padded row: no bank conflicts), 32 x 8 threads.
+template <typename T>
+__global__ void TransposeKernel(const T* __restrict__ src, int rows, int cols,
+                                T* __restrict__ dst) {
+  __shared__ T tile[32][33];
+  const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int r = r0 + i, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[i][threadIdx.x] = src[static_cast<size_t>(r) * cols + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int c = c0 + i, r = r0 + threadIdx.x;
+    if (r < rows && c < cols) dst[static_cast<size_t>(c) * rows + r] = tile[threadIdx.x][i];
+  }
+}
+
 int StreamKc(int hidden) {
   if (hidden <= 0 || hidden % 256 != 0) return 0;
   const int kc = hidden / 256;
@@ -342,23 +360,32 @@ int MaxOptinSmem() {
   return smem;
 }
 
+// Attributes once per instantiation and size (the largest so far): the dynamic shared memory,
+// and the largest carveout — blocks of kernels whose carveouts differ never share an SM, and the
+// attention kernel beside this one asks for the same (docs/decode-stream-design.md). The first
+// call also loads the kernel (and the fold kernel of T).
 template <typename T, int KC>
-KernelStatus LaunchLayer(const DecodeStreamParams& p, cudaStream_t stream) {
-  const int S = Stages(p);
-  const size_t smem = StreamSmemBytes(KC, S, sizeof(T));
-  // Attributes once per instantiation and size (the largest so far): the dynamic shared memory,
-  // and the largest carveout — blocks of kernels whose carveouts differ never share an SM, and the
-  // attention kernel beside this one asks for the same (docs/decode-stream-design.md).
+KernelStatus PrepareLayer(const DecodeStreamParams& p) {
+  const size_t smem = StreamSmemBytes(KC, Stages(p), sizeof(T));
   static std::atomic<size_t> set_smem{0};
   if (smem > set_smem.load()) {
     if (cudaFuncSetAttribute(DecodeStreamKernel<T, KC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)) != cudaSuccess ||
         cudaFuncSetAttribute(DecodeStreamKernel<T, KC>,
-                             cudaFuncAttributePreferredSharedMemoryCarveout, 100) != cudaSuccess) {
+                             cudaFuncAttributePreferredSharedMemoryCarveout, 100) != cudaSuccess ||
+        cuda::LoadKernels(DecodeStreamFoldKernel<T>) != KernelStatus::kOk) {
       return KernelStatus::kDeviceError;
     }
     set_smem.store(smem);
   }
+  return KernelStatus::kOk;
+}
+
+template <typename T, int KC>
+KernelStatus LaunchLayer(const DecodeStreamParams& p, cudaStream_t stream) {
+  const int S = Stages(p);
+  const size_t smem = StreamSmemBytes(KC, S, sizeof(T));
+  if (KernelStatus st = PrepareLayer<T, KC>(p); st != KernelStatus::kOk) return st;
   int blocks = p.blocks;
   if (blocks <= 0) {
     int dev = 0;
@@ -378,21 +405,22 @@ KernelStatus LaunchLayer(const DecodeStreamParams& p, cudaStream_t stream) {
                                        smem, stream, p.programmatic_launch, p.layer, sh, S);
 }
 
-template <typename T>
-KernelStatus LaunchLayerKc(const DecodeStreamParams& p, cudaStream_t stream) {
-  switch (StreamKc(p.hidden)) {
+// f(std::integral_constant<int, KC>) for the instantiated KC of p.hidden, else kInvalidShape.
+template <typename F>
+KernelStatus DispatchKc(int hidden, F&& f) {
+  switch (StreamKc(hidden)) {
     case 1:
-      return LaunchLayer<T, 1>(p, stream);
+      return f(std::integral_constant<int, 1>{});
     case 2:
-      return LaunchLayer<T, 2>(p, stream);
+      return f(std::integral_constant<int, 2>{});
     case 4:
-      return LaunchLayer<T, 4>(p, stream);
+      return f(std::integral_constant<int, 4>{});
     case 8:
-      return LaunchLayer<T, 8>(p, stream);
+      return f(std::integral_constant<int, 8>{});
     case 10:
-      return LaunchLayer<T, 10>(p, stream);
+      return f(std::integral_constant<int, 10>{});
     case 12:
-      return LaunchLayer<T, 12>(p, stream);
+      return f(std::integral_constant<int, 12>{});
   }
   return KernelStatus::kInvalidShape;
 }
@@ -435,7 +463,16 @@ KernelStatus DecodeStreamLayerCuda(const DecodeStreamParams& p, cudaStream_t str
   }
   return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return LaunchLayerKc<T>(p, stream);
+    return DispatchKc(p.hidden,
+                      [&](auto kc) { return LaunchLayer<T, decltype(kc)::value>(p, stream); });
+  });
+}
+
+KernelStatus DecodeStreamCudaPrepare(const DecodeStreamParams& p) {
+  if (!DecodeStreamCudaSupports(p)) return KernelStatus::kInvalidShape;
+  return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return DispatchKc(p.hidden, [&](auto kc) { return PrepareLayer<T, decltype(kc)::value>(p); });
   });
 }
 
@@ -448,6 +485,19 @@ KernelStatus DecodeStreamFoldCuda(const DecodeStreamFoldParams& p, cudaStream_t 
     using T = typename decltype(tag)::type;
     const int threads = 128, blocks = cuda::CeilDiv(p.hidden / 8, threads);
     DecodeStreamFoldKernel<T><<<blocks, threads, 0, stream>>>(p);
+    return cuda::LaunchStatus();
+  });
+}
+
+KernelStatus DecodeStreamTransposeCuda(const void* src, int rows, int cols, void* dst,
+                                       DataType dtype, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return KernelStatus::kInvalidShape;
+  if (src == nullptr || dst == nullptr) return KernelStatus::kNullPointer;
+  return cuda::DispatchHalfTypes(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const dim3 grid(cuda::CeilDiv(cols, 32), cuda::CeilDiv(rows, 32));
+    TransposeKernel<T><<<grid, dim3(32, 8), 0, stream>>>(static_cast<const T*>(src), rows, cols,
+                                                         static_cast<T*>(dst));
     return cuda::LaunchStatus();
   });
 }

@@ -110,6 +110,16 @@ bool DecodeStreamCudaSupports(const DecodeStreamParams& p);
 // kInvalidShape / kUnsupportedDtype when not supported, kNullPointer for a missing operand,
 // kDeviceError when the launch is refused. Never allocates; capturable into a CUDA graph.
 KernelStatus DecodeStreamLayerCuda(const DecodeStreamParams& p, cudaStream_t stream);
+// Before the first step: loads the layer and fold kernels for p's shape and dtype and sets their
+// attributes, so no launch of a step loads a module (under lazy loading that waits for the work
+// in flight, which a stream step's kernels wait on each other inside: see
+// PagedDecodeCudaPrepareBesideStream). kInvalidShape when not supported, kDeviceError.
+KernelStatus DecodeStreamCudaPrepare(const DecodeStreamParams& p);
 KernelStatus DecodeStreamFoldCuda(const DecodeStreamFoldParams& p, cudaStream_t stream);
+
+// dst [cols, rows] = src [rows, cols]^T (device, kF16 / kBF16): the transposed fc2 / dense copies
+// the stream reads (made once at load). kInvalidShape for sizes <= 0, kNullPointer, kDeviceError.
+KernelStatus DecodeStreamTransposeCuda(const void* src, int rows, int cols, void* dst,
+                                       DataType dtype, cudaStream_t stream);
 
 }  // namespace phishard

@@ -34,6 +34,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   // PagedDecodeCudaPlan::trigger_dependents_early: a programmatic dependent may launch now (and
   // stream its weights beside the attention; it waits for this grid before reading its output).
   if (a.trigger_early) asm volatile("griddepcontrol.launch_dependents;" :::);
+  if (kFold && a.qkv_ready != nullptr) WaitQkvReady(a.qkv_ready, a.qkv_ready_target);
   const int sp = blockIdx.x;
   const int s = blockIdx.y;
   const int h = blockIdx.z;
@@ -50,6 +51,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   if (ctx <= 0) {  // padding row
     if (sp == 0) {
       for (int d = threadIdx.x; d < HD; d += kThreads) out_row[d] = cuda::FromFloat<T>(0.0f);
+      if (kFold && a.heads_done != nullptr) CountHeadDone(a.heads_done);
     }
     return;
   }
@@ -245,7 +247,11 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
       }
     }
   }
-  if (splits > 1 && a.merge_counters != nullptr) MergeIfLast<T, HD, kFold>(a, s, h, splits);
+  if (splits > 1 && a.merge_counters != nullptr) {
+    MergeIfLast<T, HD, kFold>(a, s, h, splits);
+  } else if (kFold && splits == 1 && a.heads_done != nullptr) {
+    CountHeadDone(a.heads_done);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -545,6 +551,15 @@ __global__ void PagedDecodeMergeKernel(const Args a) {
   MergeSplits<T, HD>(a, s, h, splits, threadIdx.x, blockDim.x);
 }
 
+// The largest shared-memory carveout for a kernel launched beside the decode stream (blocks of
+// kernels whose carveouts differ never share an SM); setting it also loads the kernel.
+KernelStatus PrepareBesideStream(void (*kernel)(Args)) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100) ==
+                 cudaSuccess
+             ? KernelStatus::kOk
+             : KernelStatus::kDeviceError;
+}
+
 // PagedDecodeCuda's body (in this namespace with its kernels).
 KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                  cudaStream_t stream, int* splits_bound) {
@@ -637,7 +652,16 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.rotary_dim = plan.rotary.rotary_dim;
   a.theta = plan.rotary.theta;
   a.merge_counters = registers ? plan.merge_counters : nullptr;
-  a.trigger_early = plan.trigger_dependents_early;
+  a.trigger_early = plan.trigger_dependents_early || plan.qkv_ready != nullptr;
+  a.qkv_ready = plan.qkv_ready;
+  a.qkv_ready_target = plan.qkv_ready_target;
+  a.heads_done = plan.heads_done;
+  // Beside the decode stream: only the register-staged fused form with its own merge, one
+  // sequence, spins and counts (see the plan).
+  if ((plan.qkv_ready != nullptr) != (plan.heads_done != nullptr) ||
+      (plan.qkv_ready != nullptr && (!fold || plan.merge_counters == nullptr || p.num_seqs != 1))) {
+    return KernelStatus::kInvalidShape;
+  }
   if (plan.fold_rotary && !registers) {
     if (KernelStatus st = RotaryKvWriteCuda(plan.rotary, stream); st != KernelStatus::kOk) {
       return st;
@@ -659,7 +683,16 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                                                  : PagedDecodeKernel<T, HD, true, false>)
                                          : (fold ? PagedDecodeKernel<T, HD, false, true>
                                                  : PagedDecodeKernel<T, HD, false, false>);
-        kernel<<<grid, kThreads, 0, stream>>>(a);
+        if (a.qkv_ready != nullptr) {  // beside the decode stream (see the plan)
+          if (KernelStatus st = PrepareBesideStream(kernel); st != KernelStatus::kOk) return st;
+          if (KernelStatus st =
+                  cuda::LaunchMaybeProgrammatic(kernel, grid, dim3(kThreads), 0, stream, true, a);
+              st != KernelStatus::kOk) {
+            return st;
+          }
+        } else {
+          kernel<<<grid, kThreads, 0, stream>>>(a);
+        }
       } else {
         const dim3 grid(a.blocks_per_seq, p.num_seqs, max_splits);
         KernelStatus st = KernelStatus::kOk;
@@ -712,6 +745,21 @@ size_t PagedDecodeCudaWorkspaceBytes(int num_seqs, int num_heads, int head_dim, 
 KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                              cudaStream_t stream, int* splits_bound) {
   return paged_decode::Run(p, plan, stream, splits_bound);
+}
+
+KernelStatus PagedDecodeCudaPrepareBesideStream(int head_dim, DataType dtype) {
+  if (!PagedDecodeCudaSupportsHeadDim(head_dim)) return KernelStatus::kInvalidShape;
+  return cuda::DispatchAttentionHeadDim(head_dim, [&](auto hd_tag) {
+    constexpr int HD = decltype(hd_tag)::value;
+    return cuda::DispatchHalfTypes(dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      const KernelStatus st =
+          paged_decode::PrepareBesideStream(paged_decode::PagedDecodeKernel<T, HD, true, true>);
+      return st != KernelStatus::kOk ? st
+                                     : paged_decode::PrepareBesideStream(
+                                           paged_decode::PagedDecodeKernel<T, HD, false, true>);
+    });
+  });
 }
 
 }  // namespace phishard

@@ -86,7 +86,43 @@ struct Args {
   int32_t* merge_counters;
   // PagedDecodeCudaPlan::trigger_dependents_early (register-staged kernel).
   bool trigger_early;
+  // PagedDecodeCudaPlan::qkv_ready / heads_done (register-staged fused kernel; null: off).
+  const int32_t* qkv_ready;
+  int qkv_ready_target;
+  int32_t* heads_done;
 };
+
+// PagedDecodeCudaPlan::qkv_ready: thread 0 spins (acquire) until *ready >= target, then the block
+// barrier hands that to every thread. A wait past ~10 s traps (the stream kernel beside this one
+// is resident by construction, so that is a bug; an error, not a hang).
+__device__ __forceinline__ void WaitQkvReady(const int32_t* ready, int target) {
+  if (threadIdx.x == 0) {
+    uint64_t start = 0;
+    for (int n = 0;; ++n) {
+      int v;
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ready) : "memory");
+      if (v >= target) break;
+      __nanosleep(32);
+      if ((n & 1023) == 1023) {
+        uint64_t now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        if (start == 0) start = now;
+        if (now - start > 10000000000ull) __trap();
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// PagedDecodeCudaPlan::heads_done: after a (sequence, head)'s output is stored by this block (every
+// thread calls it): the barrier orders every thread's stores before thread 0's fence and count.
+__device__ __forceinline__ void CountHeadDone(int32_t* heads_done) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(heads_done, 1);
+  }
+}
 
 // The split rule of the header; returns split_len, *splits the non-empty splits (ctx >= 1).
 __device__ __forceinline__ int SplitLen(const Args& a, int ctx, int* splits) {

@@ -103,6 +103,18 @@ struct PagedDecodeCudaPlan {
   // writes before its griddepcontrol.wait and has work to do before it (the dense bulk GEMV
   // streams its weights into shared memory; CudaModelOptions::decode_dense_bulk_rows).
   bool trigger_dependents_early = false;
+  // Beside the decode stream (kernels/cuda/decode_stream_cuda.h; the register-staged fused form
+  // only: fold_rotary, merge_counters and one sequence): the launch is a programmatic dependent
+  // of the stream kernel that writes the qkv row, and its blocks wait for that row by spinning
+  // until *qkv_ready >= qkv_ready_target (an acquire load) instead of by stream order; each
+  // (sequence, head) whose output is stored adds 1 to *heads_done (release), which the stream's
+  // dense items wait for; the kernel asks for the largest shared-memory carveout (blocks of
+  // kernels whose carveouts differ never share an SM, and these must run beside the stream's).
+  // Implies trigger_dependents_early. kInvalidShape when the register-staged fused form is not
+  // what this launch would run.
+  const int32_t* qkv_ready = nullptr;
+  int qkv_ready_target = 0;
+  int32_t* heads_done = nullptr;
 };
 
 // Grid split bound for a launch that will serve at least `min_live_seqs` live sequences.
@@ -118,5 +130,13 @@ bool PagedDecodeCudaSupportsHeadDim(int head_dim);
 // split bound.
 KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                              cudaStream_t stream, int* splits_bound = nullptr);
+
+// Before the first launch beside the decode stream (PagedDecodeCudaPlan::qkv_ready): loads the
+// kernels such launches run for this head_dim / dtype (both block-size forms) and sets their
+// carveout. Under
+// CUDA's lazy module loading a kernel's first launch loads its module, which waits for the work
+// in flight — the stream kernel, which waits for this one: a deadlock. kInvalidShape for a
+// head_dim or dtype the kernels do not take, kDeviceError.
+KernelStatus PagedDecodeCudaPrepareBesideStream(int head_dim, DataType dtype);
 
 }  // namespace phishard

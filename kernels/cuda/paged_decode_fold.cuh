@@ -163,6 +163,7 @@ __device__ __forceinline__ void MergeIfLast(const Args& a, int s, int h, int spl
   if (s_last) {
     if constexpr (!kFast) __threadfence();
     MergeSplits<T, HD, kFast>(a, s, h, splits, threadIdx.x, kThreads);
+    if (a.heads_done != nullptr) CountHeadDone(a.heads_done);  // beside the decode stream
   }
 }
 

@@ -1,8 +1,10 @@
-// The persistent decode kernel (kernels/cuda/decode_mega_cuda.h, CudaModelOptions::
-// decode_megakernel) against the op-by-op decode path of the same model, end to end through
-// CudaPhiModel::Forward, on the fixtures tiny-phi-code (MHA, head_dim 32, partial rotary 16,
-// bf16 and f16) and phi-gqa-hd80 (GQA 4/2, head_dim 80, rotary 32), and random checkpoints with
-// head_dim 16 and 128.
+// The two fused 1-row decode paths against the op-by-op decode path of the same model, end to end
+// through CudaPhiModel::Forward: the persistent decode kernel (kernels/cuda/decode_mega_cuda.h,
+// CudaModelOptions::decode_megakernel) on the fixtures tiny-phi-code (MHA, head_dim 32, partial
+// rotary 16, bf16 and f16) and phi-gqa-hd80 (GQA 4/2, head_dim 80, rotary 32), and random
+// checkpoints with head_dim 16 and 128; the decode stream (kernels/cuda/decode_stream_cuda.h,
+// CudaModelOptions::decode_stream: hidden 256 KC only) on tiny-phi-code and random checkpoints
+// (GQA 8/2 x 64 at hidden 512; one Phi-2-shaped layer, hidden 2560, 32 x 80, I 10240).
 //
 // Steps: sequence A is prefilled with 90 tokens (the op-by-op prefill, identical in every run),
 // then decodes 22 one-token steps (context 91..112, crossing the block boundary at 96 and 112);
@@ -20,6 +22,13 @@
 // emulation in cuda_model_test_util.h gives their origin). Greedy tokens must agree unless the
 // reference's top-2 gap is a near-tie (< 0.008 of the scale, kTieFrac of cuda_model_test.cc). A
 // graph replay runs the eager launch's work with the same reduction orders: bit-identical.
+// The stream rounds h once a layer (as the fused op-by-op forms) and sums its layer outputs on a
+// grid (kernels/cuda/stream_stage.cuh: each item's contribution rounded to <= 2^-16 of the
+// column's scale) — differences of the same kind and size, the same bounds; its sums are exact in
+// any order, so graph replays and eager steps are bit-identical too, whichever blocks ran which
+// items. The stream tests cannot run under compute-sanitizer: it serialises kernels, and the
+// stream's attention must run beside it (such a step traps after ~10 s instead of hanging); the
+// stream kernel alone is sanitised by cuda_decode_stream_test.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -49,8 +58,11 @@ constexpr double kLogitNormRel = 0.015;
 constexpr double kTieFrac = 0.008;
 
 std::unique_ptr<CudaPhiModel> LoadModel(const fs::path& dir, const std::string& dtype) {
-  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = CudaPhiModel::Load(
-      dir, {.dtype = dtype, .device = 0, .reserve_tokens = 256, .decode_megakernel = 0});
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> m = CudaPhiModel::Load(dir, {.dtype = dtype,
+                                                                             .device = 0,
+                                                                             .reserve_tokens = 256,
+                                                                             .decode_megakernel = 0,
+                                                                             .decode_stream = 0});
   EXPECT_TRUE(m.ok()) << m.status();
   return m.ok() ? *std::move(m) : nullptr;
 }
@@ -129,25 +141,37 @@ void ExpectClose(const std::vector<float>& ours, const std::vector<float>& ref,
   }
 }
 
-void CompareWithOpByOp(const fs::path& dir, const std::string& dtype) {
+// The fused 1-row decode paths (each switched on alone).
+enum class Path { kMega, kStream };
+absl::Status SetPath(CudaPhiModel& m, Path p, bool on) {
+  return p == Path::kMega ? m.set_decode_megakernel(on) : m.set_decode_stream(on);
+}
+int64_t PathLaunches(const CudaPhiModel& m, Path p) {
+  return p == Path::kMega ? m.mega_decode_launches() : m.decode_stream_steps();
+}
+
+void CompareWithOpByOp(const fs::path& dir, const std::string& dtype, Path path = Path::kMega) {
   std::unique_ptr<CudaPhiModel> m = LoadModel(dir, dtype);
   ASSERT_TRUE(m);
   ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
   ASSERT_TRUE(m->PoisonKvCache().ok());
   ASSERT_FALSE(m->decode_megakernel());
+  ASSERT_FALSE(m->decode_stream());
   const std::vector<std::vector<float>> ref = RunSteps(*m);
-  ASSERT_EQ(m->mega_decode_launches(), 0);
+  ASSERT_EQ(PathLaunches(*m, path), 0);
 
-  ASSERT_TRUE(m->set_decode_megakernel(true).ok());
+  ASSERT_TRUE(SetPath(*m, path, true).ok());
+  ASSERT_TRUE(path != Path::kStream || m->decode_stream()) << "decode stream refused the model";
   const int64_t graphs_before = m->decode_graph_captures();
   const std::vector<std::vector<float>> graph = RunSteps(*m);
   // The first 1-row step runs eagerly, the next ones replay the bucket's graph (captured once).
   EXPECT_EQ(m->decode_graph_captures(), graphs_before + 1) << "1-row graph not captured";
-  EXPECT_GE(m->mega_decode_launches(), 2) << "the persistent kernel did not run";
+  EXPECT_GE(PathLaunches(*m, path), 2) << "the fused path did not run";
+  const std::vector<std::vector<float>> graph2 = RunSteps(*m);  // replays only
   m->set_cuda_graphs(false);
-  const int64_t launches = m->mega_decode_launches();
+  const int64_t launches = PathLaunches(*m, path);
   const std::vector<std::vector<float>> eager = RunSteps(*m);
-  EXPECT_EQ(m->mega_decode_launches(), launches + static_cast<int64_t>(eager.size()));
+  EXPECT_EQ(PathLaunches(*m, path), launches + static_cast<int64_t>(eager.size()));
 
   ASSERT_EQ(graph.size(), ref.size());
   ASSERT_EQ(eager.size(), ref.size());
@@ -157,9 +181,11 @@ void CompareWithOpByOp(const fs::path& dir, const std::string& dtype) {
                              " (context " + std::to_string(StepContext(i)) + ")";
     ExpectClose(graph[i], ref[i], what, &worst);
     EXPECT_TRUE(graph[i] == eager[i]) << what << ": graph replay != eager";
+    EXPECT_TRUE(graph[i] == graph2[i]) << what << ": two runs differ";
   }
-  std::printf("  %s %s, %zu steps: worst max|d| %.4f of the logit scale, norm rel %.4f\n",
-              dir.filename().c_str(), dtype.c_str(), ref.size(), worst.frac, worst.norm_rel);
+  std::printf("  %s %s %s, %zu steps: worst max|d| %.4f of the logit scale, norm rel %.4f\n",
+              path == Path::kMega ? "megakernel" : "stream", dir.filename().c_str(), dtype.c_str(),
+              ref.size(), worst.frac, worst.norm_rel);
 }
 
 TEST(CudaMegaDecode, TinyPhiCodeBf16MatchesOpByOpPath) {
@@ -203,8 +229,7 @@ TEST(CudaMegaDecode, RandomHd16AndHd128MatchOpByOpPath) {
 
 // Decode steps of 2 rows keep the op-by-op path (the kernel is for one row): no launch, and the
 // same logits as with the switch off, bit for bit.
-TEST(CudaMegaDecode, MultiRowStepsKeepTheOpByOpPath) {
-  PHI_REQUIRE_GPU();
+void MultiRowStepsKeepTheOpByOpPath(Path path) {
   std::unique_ptr<CudaPhiModel> m = LoadModel(kRepo / "models" / "tiny-phi-code", "bfloat16");
   ASSERT_TRUE(m);
   ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
@@ -228,11 +253,72 @@ TEST(CudaMegaDecode, MultiRowStepsKeepTheOpByOpPath) {
     return out;
   };
   const auto off = run();
-  ASSERT_TRUE(m->set_decode_megakernel(true).ok());
+  ASSERT_TRUE(SetPath(*m, path, true).ok());
   const auto on = run();
-  EXPECT_EQ(m->mega_decode_launches(), 0);
+  EXPECT_EQ(PathLaunches(*m, path), 0);
   ASSERT_EQ(on.size(), off.size());
   for (size_t i = 0; i < on.size(); ++i) EXPECT_TRUE(on[i] == off[i]) << "step " << i;
+}
+
+TEST(CudaMegaDecode, MultiRowStepsKeepTheOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  MultiRowStepsKeepTheOpByOpPath(Path::kMega);
+}
+
+TEST(CudaDecodeStreamModel, MultiRowStepsKeepTheOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  MultiRowStepsKeepTheOpByOpPath(Path::kStream);
+}
+
+TEST(CudaDecodeStreamModel, TinyPhiCodeBf16MatchesOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  CompareWithOpByOp(kRepo / "models" / "tiny-phi-code", "bfloat16", Path::kStream);
+}
+
+TEST(CudaDecodeStreamModel, TinyPhiCodeFp16MatchesOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  CompareWithOpByOp(kRepo / "models" / "tiny-phi-code", "float16", Path::kStream);
+}
+
+// GQA 8/2 x 64 (rotary 32) at hidden 512, and one layer of Phi-2's shape (hidden 2560, 32 x 80,
+// I 10240, rotary 32; one layer: the fold after the last layer runs in place).
+TEST(CudaDecodeStreamModel, RandomGqaAndPhi2LayerMatchOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  const model_test::RandomPhiShape shapes[] = {{.hidden_size = 512,
+                                                .num_attention_heads = 8,
+                                                .num_key_value_heads = 2,
+                                                .intermediate_size = 2048,
+                                                .partial_rotary_factor = 0.5,
+                                                .seed = 5},
+                                               {.hidden_size = 2560,
+                                                .num_attention_heads = 32,
+                                                .num_key_value_heads = 32,
+                                                .intermediate_size = 10240,
+                                                .partial_rotary_factor = 0.4,
+                                                .num_hidden_layers = 1,
+                                                .seed = 6}};
+  for (const model_test::RandomPhiShape& shape : shapes) {
+    lora_test::TempDir dir("phishard-stream-shape");
+    model_test::WriteRandomPhiCheckpoint(dir.path(), shape);
+    ASSERT_FALSE(HasFatalFailure());
+    CompareWithOpByOp(dir.path(), "bfloat16", Path::kStream);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// A shape the stream does not take (hidden 320: not 256 KC) keeps the op-by-op path: the switch
+// logs and stays off, no step goes through it.
+TEST(CudaDecodeStreamModel, UnsupportedShapeStaysOff) {
+  PHI_REQUIRE_GPU();
+  std::unique_ptr<CudaPhiModel> m =
+      LoadModel(kRepo / "tests" / "golden" / "phi-gqa-hd80", "bfloat16");
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->set_decode_stream(true).ok());
+  EXPECT_FALSE(m->decode_stream());
+  ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
+  const std::vector<std::vector<float>> steps = RunSteps(*m);
+  EXPECT_EQ(m->decode_stream_steps(), 0);
+  EXPECT_EQ(steps.size(), 42u);
 }
 
 // The L2 lookahead (prefetch hints only) and the phase timeline (clock stamps only) change no

@@ -1,0 +1,247 @@
+// CudaPhiModel's decode-stream path (issue #4, decode batch 1): 1-row decode steps without
+// adapter rows on an unsharded model run each layer as ONE weight-stream launch
+// (kernels/cuda/decode_stream_cuda.h) with the fused decode attention beside it as a programmatic
+// dependent that spins on the stream's q/k/v counter (PagedDecodeCudaPlan::qkv_ready), then one
+// fold launch into the residual; the final LayerNorm and the LM head stay as they are.
+// docs/decode-stream-design.md has the design and its measurements. Switched by
+// CudaModelOptions::decode_stream / PHISHARD_DECODE_STREAM.
+//
+// Memory (stream_buf_, allocated when the path is switched on, freed when off): fc2's and dense's
+// weights transposed ([I, H] and [nH hd, H] a layer: +2.1 GB at Phi-2), then per layer the q/k/v
+// row, the attention output and h_l (dtype), then per layer the float32 sums
+// [kDecodeStreamCopies, H] and the counters, contiguous so one memset zeroes them every step.
+#ifdef PHISHARD_HAVE_CUDA
+
+#include <cmath>
+#include <cstdint>
+
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+#include "kernels/cuda/decode_stream_cuda.h"
+#include "kernels/cuda/embedding_cuda.h"
+#include "model/cuda_lora.h"
+#include "model/cuda_phi_internal.h"
+#include "model/cuda_phi_model.h"
+
+namespace phishard {
+namespace {
+
+using cuda_model::ArenaLayout;
+using cuda_model::MakeArenaLayout;
+using cuda_model::MakeDecodePlan;
+
+struct StreamBufLayout {
+  size_t fc2_t, dense_t;  // [L][I, H], [L][A, H]
+  size_t qkv, attn, h;    // [L][NQ], [L][A], [L][H] dtype
+  size_t sums, counters;  // [L][copies, H] float32, [L][kDecodeStreamCounterInts] int32
+  size_t zero_bytes;      // sums .. end: what the step zeroes
+  size_t total;
+};
+
+StreamBufLayout MakeStreamBufLayout(const PhiConfig& c, size_t elem) {
+  const size_t L = c.num_hidden_layers, H = c.hidden_size, I = c.intermediate_size;
+  const size_t A = static_cast<size_t>(c.num_attention_heads) * c.head_dim;
+  const size_t NQ =
+      static_cast<size_t>(c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+  StreamBufLayout m;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off += (bytes + 255) / 256 * 256;
+    return at;
+  };
+  m.fc2_t = take(L * I * H * elem);
+  m.dense_t = take(L * A * H * elem);
+  m.qkv = take(L * NQ * elem);
+  m.attn = take(L * A * elem);
+  m.h = take(L * H * elem);
+  m.sums = take(L * kDecodeStreamCopies * H * sizeof(float));
+  m.counters = take(L * kDecodeStreamCounterInts * sizeof(int32_t));
+  m.zero_bytes = off - m.sums;
+  m.total = off;
+  return m;
+}
+
+// The stream's shape parameters (layer pointers aside) of a model.
+DecodeStreamParams StreamShapeParams(const PhiConfig& c, DataType dtype) {
+  DecodeStreamParams p;
+  p.hidden = c.hidden_size;
+  p.intermediate = c.intermediate_size;
+  p.num_heads = c.num_attention_heads;
+  p.num_kv_heads = c.num_key_value_heads;
+  p.head_dim = c.head_dim;
+  p.eps = static_cast<float>(c.layer_norm_eps);
+  p.act = c.hidden_act == Activation::kGeluTanh ? GemmEpilogue::kGeluTanh : GemmEpilogue::kGeluErf;
+  p.dtype = dtype;
+  p.attn_heads = c.num_attention_heads;
+  return p;
+}
+
+}  // namespace
+
+absl::Status CudaPhiModel::set_decode_stream(bool on) {
+  DeviceSet(device_);
+  DropGraphs();
+  if (!on) {
+    stream_on_ = false;
+    if (stream_buf_ != nullptr) {
+      PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "decode stream sync"));
+      DeviceFree(stream_buf_);
+      stream_buf_ = nullptr;
+    }
+    return absl::OkStatus();
+  }
+  const PhiConfig& c = config_;
+  // Shapes and device the kernels take (an unsupported model keeps the op-by-op path).
+  const DecodeStreamParams shape = StreamShapeParams(c, dtype_);
+  bool supported = !shard_.sharded() && DecodeStreamCudaSupports(shape) &&
+                   PagedDecodeCudaSupportsHeadDim(c.head_dim);
+  for (const Layer& w : layers_) {
+    for (const void* ptr : {w.qkv_w, w.fc1_w, w.ln_w, w.ln_b}) {
+      supported = supported && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+    }
+  }
+  if (!supported) {
+    PHI_LOG(WARNING) << "decode stream: this model's shape, its sharding or this device is not "
+                     << "supported; 1-row decode steps keep the op-by-op path";
+    stream_on_ = false;
+    return absl::OkStatus();
+  }
+  // Load every kernel a stream step launches now: a first launch under lazy module loading waits
+  // for the work in flight, and inside a step the stream and the attention wait on each other.
+  PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamCudaPrepare(shape), "decode stream prepare"));
+  PHI_RETURN_IF_ERROR(KernelResult(PagedDecodeCudaPrepareBesideStream(c.head_dim, dtype_),
+                                   "decode stream attention prepare"));
+  if (stream_buf_ == nullptr) {
+    const StreamBufLayout m = MakeStreamBufLayout(c, DataTypeSize(dtype_));
+    if (DeviceMalloc(&stream_buf_, m.total) != 0) {
+      stream_buf_ = nullptr;
+      DeviceGetLastError();  // clear the failed allocation's error
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("decode stream: %.2f GiB for the transposed fc2 / dense weights and the "
+                          "stream's buffers are not free on the device",
+                          m.total / 1073741824.0));
+    }
+    char* b = static_cast<char*>(stream_buf_);
+    const size_t elem = DataTypeSize(dtype_);
+    const int H = c.hidden_size, I = c.intermediate_size, A = c.num_attention_heads * c.head_dim;
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& w = layers_[l];
+      PHI_RETURN_IF_ERROR(KernelResult(
+          DecodeStreamTransposeCuda(w.fc2_w, H, I, b + m.fc2_t + l * I * H * elem, dtype_, stream_),
+          "fc2 transpose"));
+      PHI_RETURN_IF_ERROR(
+          KernelResult(DecodeStreamTransposeCuda(w.dense_w, H, A, b + m.dense_t + l * A * H * elem,
+                                                 dtype_, stream_),
+                       "dense transpose"));
+    }
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "decode stream transposes"));
+    PHI_LOG(INFO) << absl::StrFormat(
+        "decode stream on: 1-row decode steps run a weight stream a layer (%.2f GiB of "
+        "transposed fc2 / dense weights and buffers)",
+        m.total / 1073741824.0);
+  }
+  stream_on_ = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) {
+  if (!stream_on_ || stream_buf_ == nullptr || in.tokens != 1 || lora_->active() ||
+      shard_.sharded() || kv_ == nullptr || in.merge_counters == nullptr) {
+    return false;
+  }
+  const PhiConfig& c = config_;
+  const int L = c.num_hidden_layers, H = c.hidden_size, I = c.intermediate_size;
+  const int nH = c.num_attention_heads, A = nH * c.head_dim;
+  const int NQ = (nH + 2 * c.num_key_value_heads) * c.head_dim;
+  const size_t elem = DataTypeSize(dtype_);
+  const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);
+  char* a = static_cast<char*>(arena_);
+  const StreamBufLayout m = MakeStreamBufLayout(c, elem);
+  char* b = static_cast<char*>(stream_buf_);
+  auto qkv_of = [&](int l) { return b + m.qkv + static_cast<size_t>(l) * NQ * elem; };
+  auto attn_of = [&](int l) { return b + m.attn + static_cast<size_t>(l) * A * elem; };
+  // h_l: layer 0's input is the embedding row in the arena's h; the fold after the last layer
+  // writes h_L back there (EnqueueLogits reads it).
+  auto h_of = [&](int l) -> void* {
+    return l == 0 ? static_cast<void*>(a + al.h) : b + m.h + static_cast<size_t>(l) * H * elem;
+  };
+  auto sums_of = [&](int l) {
+    return reinterpret_cast<float*>(b + m.sums) + static_cast<size_t>(l) * kDecodeStreamCopies * H;
+  };
+  auto counters_of = [&](int l) {
+    return reinterpret_cast<int32_t*>(b + m.counters) +
+           static_cast<size_t>(l) * kDecodeStreamCounterInts;
+  };
+  PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = in.ids,
+                                                  .table = embed_,
+                                                  .out = a + al.h,
+                                                  .num_tokens = 1,
+                                                  .num_rows = embed_rows_,
+                                                  .dim = H,
+                                                  .row_offset = embed_row_offset_,
+                                                  .dtype = dtype_},
+                                                 stream_),
+                                   "embedding"));
+  PHI_RETURN_IF_ERROR(
+      DeviceStatus(DeviceMemset(b + m.sums, 0, m.zero_bytes, stream_), "decode stream counters"));
+  const size_t layer_kv_bytes = static_cast<size_t>(kv_num_blocks_) * kv_block_size_ *
+                                c.num_key_value_heads * c.head_dim * elem;
+  for (int l = 0; l < L; ++l) {
+    const Layer& w = layers_[l];
+    const Layer* prev = l > 0 ? &layers_[l - 1] : nullptr;
+    DecodeStreamParams p = StreamShapeParams(c, dtype_);
+    p.layer = DecodeStreamLayer{.ln_w = w.ln_w,
+                                .ln_b = w.ln_b,
+                                .qkv_w = w.qkv_w,
+                                .qkv_b = w.qkv_b,
+                                .fc1_w = w.fc1_w,
+                                .fc1_b = w.fc1_b,
+                                .fc2_wt = b + m.fc2_t + static_cast<size_t>(l) * I * H * elem,
+                                .dense_wt = b + m.dense_t + static_cast<size_t>(l) * A * H * elem,
+                                .h_in = h_of(l == 0 ? 0 : l - 1),
+                                .sums_in = l == 0 ? nullptr : sums_of(l - 1),
+                                .prev_dense_b = prev != nullptr ? prev->dense_b : nullptr,
+                                .prev_fc2_b = prev != nullptr ? prev->fc2_b : nullptr,
+                                .prev_counters = l == 0 ? nullptr : counters_of(l - 1),
+                                .h_out = h_of(l),
+                                .qkv = qkv_of(l),
+                                .attn = attn_of(l),
+                                .sums = sums_of(l),
+                                .counters = counters_of(l)};
+    p.programmatic_launch = l > 0;  // a dependent of the attention of the layer before
+    PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamLayerCuda(p, stream_), "decode stream layer"));
+    char* k_cache = static_cast<char*>(kv_) + 2 * static_cast<size_t>(l) * layer_kv_bytes;
+    char* v_cache = k_cache + layer_kv_bytes;
+    PagedDecodeCudaPlan plan = MakeDecodePlan(1, nH, multiprocessors_, a, al);
+    plan.step_info = in.step_info;
+    plan.variant = PagedDecodeVariant::kRegisterStages;
+    plan.fold_rotary = true;
+    plan.rotary = LayerRotaryParams(qkv_of(l), in.positions, in.slots, 1, k_cache, v_cache);
+    plan.merge_counters = in.merge_counters;
+    plan.merge_counters_len = in.merge_counters_len;
+    plan.qkv_ready = counters_of(l) + kStreamQkvDone;
+    plan.qkv_ready_target = NQ / (H / 256);  // the stream's q/k/v chunks (R = H / 256 rows each)
+    plan.heads_done = counters_of(l) + kStreamHeadsDone;
+    const PagedAttentionParams ap =
+        LayerAttentionParams(in, qkv_of(l), attn_of(l), 1, k_cache, v_cache);
+    PHI_RETURN_IF_ERROR(KernelResult(PagedDecodeCuda(ap, plan, stream_, &last_decode_splits_),
+                                     "decode stream attention"));
+  }
+  const Layer& last = layers_[L - 1];
+  PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamFoldCuda({.h_in = h_of(L - 1),
+                                                         .sums = sums_of(L - 1),
+                                                         .dense_b = last.dense_b,
+                                                         .fc2_b = last.fc2_b,
+                                                         .h_out = a + al.h,
+                                                         .hidden = H,
+                                                         .dtype = dtype_},
+                                                        stream_),
+                                   "decode stream fold"));
+  ++stream_steps_;
+  return true;
+}
+
+}  // namespace phishard
+
+#endif  // PHISHARD_HAVE_CUDA
