@@ -34,7 +34,15 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   // PagedDecodeCudaPlan::trigger_dependents_early: a programmatic dependent may launch now (and
   // stream its weights beside the attention; it waits for this grid before reading its output).
   if (a.trigger_early) asm volatile("griddepcontrol.launch_dependents;" :::);
-  if (kFold && a.qkv_ready != nullptr) WaitQkvReady(a.qkv_ready, a.qkv_ready_target);
+  if (kFold && a.qkv_ready != nullptr) {
+    // Beside the decode stream: the blocks past the sequence's split count leave before they
+    // wait (they would hold SM slots the working blocks need, spinning), then the wait for q/k/v.
+    const int ctx0 = a.context_lens[blockIdx.y];
+    int splits0 = 1;
+    if (ctx0 > 0) SplitLen(a, ctx0, &splits0);
+    if (ctx0 > 0 && static_cast<int>(blockIdx.x) >= splits0) return;
+    WaitQkvReady(a.qkv_ready, a.qkv_ready_target);
+  }
   const int sp = blockIdx.x;
   const int s = blockIdx.y;
   const int h = blockIdx.z;
@@ -627,7 +635,10 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.block_elems = static_cast<int>(KvBlockElems(p.block_size, p.num_kv_heads, p.head_dim));
   a.q_stride = q_stride;
   a.max_splits = max_splits;
-  a.target_blocks = 4 * std::max(plan.num_multiprocessors, 1);
+  // Beside the decode stream the attention shares the SMs with the stream's blocks: 2 blocks an
+  // SM, not 4 (b1 ctx 1024: 8 splits of 32 heads 1.583 ms a step against 16 splits 1.654, perf-log
+  // 2026-11-30 19:5x).
+  a.target_blocks = (plan.qkv_ready != nullptr ? 2 : 4) * std::max(plan.num_multiprocessors, 1);
   a.scale_log2 = p.scale * kLog2e;
   const bool mma = plan.variant == PagedDecodeVariant::kTensorCore;
   const bool warp_heads = plan.variant == PagedDecodeVariant::kWarpPerHead;

@@ -110,8 +110,9 @@ struct PagedDecodeCudaPlan {
   // (sequence, head) whose output is stored adds 1 to *heads_done (release), which the stream's
   // dense items wait for; the kernel asks for the largest shared-memory carveout (blocks of
   // kernels whose carveouts differ never share an SM, and these must run beside the stream's).
-  // Implies trigger_dependents_early. kInvalidShape when the register-staged fused form is not
-  // what this launch would run.
+  // Implies trigger_dependents_early; the split rule's target is 2 blocks an SM instead of 4 (the
+  // stream holds the rest), and blocks past a sequence's splits leave before waiting.
+  // kInvalidShape when the register-staged fused form is not what this launch would run.
   const int32_t* qkv_ready = nullptr;
   int qkv_ready_target = 0;
   int32_t* heads_done = nullptr;
