@@ -12,6 +12,7 @@
 #include "kernels/cuda/decode_stream_cuda.h"
 #include "kernels/cuda/gelu_math.cuh"
 #include "kernels/cuda/sm90_ptx.cuh"
+#include "kernels/cuda/spin_wait.cuh"
 #include "kernels/cuda/stream_stage.cuh"
 
 namespace phishard {
@@ -42,27 +43,6 @@ constexpr size_t StreamSmemBytes(int kc, int stages, size_t elem) {
   const size_t k = 256 * static_cast<size_t>(kc);
   return kBarrierBytes + stages * kc * k * elem + k * elem + 4 * (stages * kc + 2 * kc + 64) +
          4 * stages;
-}
-
-__device__ __forceinline__ int LoadAcquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// Spins until *p >= target. Every wait is on work already running (the header's argument), so a
-// wait past ~10 s is a bug: trap (a sticky device error the caller reports) instead of a hang.
-__device__ __forceinline__ void WaitAtLeast(const int* p, int target) {
-  uint64_t start = 0;
-  for (int n = 0; LoadAcquire(p) < target; ++n) {
-    __nanosleep(64);
-    if ((n & 1023) == 1023) {
-      uint64_t now;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-      if (start == 0) start = now;
-      if (now - start > 10000000000ull) __trap();
-    }
-  }
 }
 
 // Named barrier 1 over the consumer warps (the producer warp never joins it).
@@ -109,7 +89,7 @@ __device__ __forceinline__ void FoldAndNorm(const DecodeStreamLayer& a, float ep
   constexpr int K = 256 * KC, kConsumers = 32 * KC;
   const int warp = tid >> 5, lane = tid & 31;
   if (a.prev_counters != nullptr && tid == 0) {
-    WaitAtLeast(a.prev_counters + kStreamBlocksDone, static_cast<int>(gridDim.x));
+    cuda::SpinUntilAtLeast(a.prev_counters + kStreamBlocksDone, static_cast<int>(gridDim.x));
   }
   ConsumerSync(kConsumers);
   float v[8];
@@ -287,7 +267,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       ++ci;
     } else {  // dense: R rows of dense's transposed weight times the attention output
       if (!attn_ready) {
-        if (tid == 0) WaitAtLeast(a.counters + kStreamHeadsDone, sh.attn_heads);
+        if (tid == 0) cuda::SpinUntilAtLeast(a.counters + kStreamHeadsDone, sh.attn_heads);
         ConsumerSync(kConsumers);
         attn_ready = true;
       }

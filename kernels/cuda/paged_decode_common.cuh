@@ -10,6 +10,7 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_decode_cuda.h"
+#include "kernels/cuda/spin_wait.cuh"
 #include "kernels/kv_layout.h"
 
 namespace phishard::paged_decode {
@@ -93,24 +94,9 @@ struct Args {
 };
 
 // PagedDecodeCudaPlan::qkv_ready: thread 0 spins (acquire) until *ready >= target, then the block
-// barrier hands that to every thread. A wait past ~10 s traps (the stream kernel beside this one
-// is resident by construction, so that is a bug; an error, not a hang).
+// barrier hands that to every thread (cuda::SpinUntilAtLeast: a trap after ~10 s, not a hang).
 __device__ __forceinline__ void WaitQkvReady(const int32_t* ready, int target) {
-  if (threadIdx.x == 0) {
-    uint64_t start = 0;
-    for (int n = 0;; ++n) {
-      int v;
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ready) : "memory");
-      if (v >= target) break;
-      __nanosleep(32);
-      if ((n & 1023) == 1023) {
-        uint64_t now;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-        if (start == 0) start = now;
-        if (now - start > 10000000000ull) __trap();
-      }
-    }
-  }
+  if (threadIdx.x == 0) cuda::SpinUntilAtLeast(ready, target);
   __syncthreads();
 }
 

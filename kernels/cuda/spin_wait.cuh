@@ -1,0 +1,34 @@
+// Internal to the kernels that wait on another block's or kernel's progress through a device
+// counter (the decode stream, kernels/cuda/decode_stream.cu, and the decode attention beside it,
+// kernels/cuda/paged_decode_common.cuh).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace phishard::cuda {
+
+__device__ __forceinline__ int LoadAcquireGpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Spins (the calling thread) until *p >= target, an acquire load each round. For waits on work
+// that is already running by construction (the decode stream and the attention beside it), so a
+// wait past ~10 s is a bug: trap (a sticky device error the host reports) instead of a hang.
+__device__ __forceinline__ void SpinUntilAtLeast(const int* p, int target) {
+  uint64_t start = 0;
+  for (int n = 0; LoadAcquireGpu(p) < target; ++n) {
+    __nanosleep(32);
+    if ((n & 1023) == 1023) {
+      uint64_t now;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      if (start == 0) start = now;
+      if (now - start > 10000000000ull) __trap();
+    }
+  }
+}
+
+}  // namespace phishard::cuda

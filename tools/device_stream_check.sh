@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The decode stream (PHISHARD_DECODE_STREAM=1, model/cuda_phi_stream.cc) through everything that
+# runs 1-row decode steps, on one GPU: every single-GPU test binary of the bundle with the stream
+# on wherever a test leaves the option to the environment (cuda_model_test's HF goldens included),
+# the gRPC integration suite against `serve --device cuda` with it on, then b1 steps with it on and
+# off (phishard_bench). Not under compute-sanitizer: it serialises kernels, and the stream's
+# attention must run beside it (memcheck of the default path: tools/device_final_check.sh).
+# Here, before the call: tools/device_final_bundle.sh. Then:
+#   run(command="OUT=$OUT bash tools/device_stream_check.sh", carry=[".dev-final"],
+#       kind="nvidia-h200", timeout_s=400)
+set -u
+OUT=${OUT:-/tmp/phishard-stream-check}
+mkdir -p "$OUT"
+BUDGET=${PHISHARD_CHECK_BUDGET_S:-330}
+START=$(date +%s)
+ROOT=$(pwd)
+if [ "$ROOT" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -s "$ROOT" /work/main; fi
+D=.dev-final
+python3 -c "import tarfile; tarfile.open('$D/bundle.txz').extractall('$D')"
+# shellcheck disable=SC1091
+source $D/env.sh
+B=$D/bin
+mkdir -p build-h11/bin && cp $B/phishard build-h11/bin/phishard &&
+  ln -sf phishard build-h11/bin/lorax-server
+# shellcheck source=tools/device_step.sh
+source "$ROOT/tools/device_step.sh"
+step_summary_header
+export PHISHARD_DECODE_STREAM=1
+GPU_TESTS=$(cd $B && ls *_test 2> /dev/null | grep -vE '^(serve_|metrics_|faults_|grpcurl_|health_|tp_launch_)' |
+  grep -v '_bench_test$' | grep -vE '^(nccl_communicator|custom_all_reduce|copy_engine_all_reduce|cuda_tp_model)_test$')
+for t in $GPU_TESTS; do
+  step "$t" 90 gpu_tests.log $B/$t
+done
+export PHISHARD_TEST_DEVICE=cuda
+for t in serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test \
+  metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test \
+  serve_limits_test serve_churn_test; do
+  step "cuda:$t" 80 integration.log $B/$t
+done
+unset PHISHARD_TEST_DEVICE
+for on in 1 0; do
+  PHISHARD_DECODE_STREAM=$on step "bench stream=$on" 60 bench.log $B/phishard_bench --batches 1,2 \
+    --contexts 128,1024,2048 --prefills "" --gemv-sweep 0 --steps 40
+done
+cat "$OUT/summary.txt"
+grep -E "decode (graph|greedy) b(1|2) " "$OUT/bench.log"
