@@ -251,6 +251,9 @@ absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
   PHI_RETURN_IF_ERROR(ReserveGreedyPicks(graphs_->max_batch()));
   PHI_RETURN_IF_ERROR(ReserveMegaDecode());  // model/cuda_phi_mega.cc
   PHI_RETURN_IF_ERROR(MakeFc2BiasF32());      // model/cuda_phi_weights.cc
+  // CudaModelOptions::decode_stream (ApplySettings read it): transposed copies of the weights
+  // uploaded above, before the KV pool is sized.
+  if (stream_requested_) PHI_RETURN_IF_ERROR(set_decode_stream(true));  // cuda_phi_stream.cc
   const PhiConfig& config = config_;  // this rank's shapes
   Log(LogLevel::kInfo,
       absl::StrFormat(

@@ -677,6 +677,7 @@ class CudaPhiModel final : public ModelBackend {
   int decode_attention_variant_ = 0;  // set_decode_attention_variant
   bool mega_refused_logged_ = false;
   bool stream_on_ = false;      // CudaModelOptions::decode_stream
+  bool stream_requested_ = false;  // the option, applied by Finish (after the weights)
   void* stream_buf_ = nullptr;  // device (model/cuda_phi_stream.cc: StreamBufLayout)
   int64_t stream_steps_ = 0;
   int64_t mega_launches_ = 0;

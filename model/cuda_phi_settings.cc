@@ -111,7 +111,8 @@ absl::Status CudaPhiModel::ApplySettings(const CudaModelOptions& options, int cc
   const absl::StatusOr<int> stream =
       DigitEnv("PHISHARD_DECODE_STREAM", options.decode_stream, kDecodeStreamDefault, 1);
   PHI_RETURN_IF_ERROR(stream.status());
-  PHI_RETURN_IF_ERROR(set_decode_stream(*stream != 0));
+  // Switched on in Finish: it copies fc2 / dense transposed, so it needs the weights uploaded.
+  stream_requested_ = *stream != 0;
   const absl::StatusOr<int> fold_rows =
       OptionOrEnv("PHISHARD_DECODE_ATTENTION_FOLD", options.decode_attention_fold_rows,
                   DecodeAttentionFoldRowsDefault(config().head_dim), 65536, "a row count");

@@ -92,6 +92,9 @@ absl::Status CudaPhiModel::set_decode_stream(bool on) {
     return absl::OkStatus();
   }
   const PhiConfig& c = config_;
+  if (layers_.empty() || layers_[0].fc2_w == nullptr) {
+    return absl::FailedPreconditionError("decode stream: the weights are not uploaded yet");
+  }
   // Shapes and device the kernels take (an unsupported model keeps the op-by-op path).
   const DecodeStreamParams shape = StreamShapeParams(c, dtype_);
   bool supported = !shard_.sharded() && DecodeStreamCudaSupports(shape) &&

@@ -306,6 +306,30 @@ TEST(CudaDecodeStreamModel, RandomGqaAndPhi2LayerMatchOpByOpPath) {
   }
 }
 
+// The option at load (CudaModelOptions::decode_stream = 1, what PHISHARD_DECODE_STREAM sets)
+// takes the stream with the weights uploaded: the same logits, bit for bit, as switching it on
+// after load (the stream's sums are exact, so two models of the same weights agree exactly).
+TEST(CudaDecodeStreamModel, OptionAtLoadEqualsTheSwitchAfterLoad) {
+  PHI_REQUIRE_GPU();
+  const fs::path dir = kRepo / "models" / "tiny-phi-code";
+  absl::StatusOr<std::unique_ptr<CudaPhiModel>> at_load = CudaPhiModel::Load(
+      dir, {.dtype = "bfloat16", .device = 0, .reserve_tokens = 256, .decode_stream = 1});
+  ASSERT_TRUE(at_load.ok()) << at_load.status();
+  ASSERT_TRUE((*at_load)->decode_stream());
+  std::unique_ptr<CudaPhiModel> after = LoadModel(dir, "bfloat16");
+  ASSERT_TRUE(after);
+  ASSERT_TRUE(after->set_decode_stream(true).ok());
+  std::vector<std::vector<float>> got[2];
+  CudaPhiModel* models[2] = {at_load->get(), after.get()};
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(models[i]->AllocateKvCache(24, kKvBlockSize).ok());
+    got[i] = RunSteps(*models[i]);
+    EXPECT_GE(models[i]->decode_stream_steps(), 2);
+  }
+  ASSERT_EQ(got[0].size(), got[1].size());
+  for (size_t i = 0; i < got[0].size(); ++i) EXPECT_TRUE(got[0][i] == got[1][i]) << "step " << i;
+}
+
 // A shape the stream does not take (hidden 320: not 256 KC) keeps the op-by-op path: the switch
 // logs and stays off, no step goes through it.
 TEST(CudaDecodeStreamModel, UnsupportedShapeStaysOff) {
