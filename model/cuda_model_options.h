@@ -20,7 +20,7 @@ inline constexpr int kBulkGemvRowsDefault = 0;
 inline constexpr int kBulkGemvPdlDefault = 1;
 inline constexpr int kBulkGemvLnDefault = 0;
 inline constexpr int kDecodeAttentionFoldRowsDefault = 8;  // CudaModelOptions below
-inline constexpr int kDecodeStreamDefault = 0;  // CudaModelOptions::decode_stream (opt-in for now)
+inline constexpr int kDecodeStreamDefault = 1;             // CudaModelOptions::decode_stream
 // The default fold bound of a model: 16 rows at head_dim <= 64 (Phi-1.5's 32 x 64: the fused
 // kernel fits 5 blocks an SM there; b16 x0.946-0.973, b8 x0.961-0.998, perf-log 2026-11-30 04:51 /
 // 04:55), else 8.
@@ -145,11 +145,11 @@ struct CudaModelOptions {
   // 10, 12}) through the decode stream (kernels/cuda/decode_stream_cuda.h, model/
   // cuda_phi_stream.cc): each layer one weight-stream launch with the attention beside it, the
   // layer's sums deterministic (grid sums). Costs fc2's and dense's weights a second time,
-  // transposed (+2.1 GB at Phi-2). Needs the GPU to itself: the attention runs beside each layer's
-  // stream kernel, which waits for it, so whatever keeps the two from running at once (an MPS
-  // thread limit, compute-sanitizer's serialised launches) turns a step into a ~10 s device trap.
-  // 0 off, 1 on; -1: PHISHARD_DECODE_STREAM when set, else kDecodeStreamDefault (off: opt-in;
-  // H200 b1 ctx 1024 1.65 against 1.83 ms, docs/perf-log.md 2026-11-30 19:5x).
+  // transposed (+2.1 GB at Phi-2). The attention runs beside each layer's stream kernel, which
+  // waits for it: a probe at switch-on (DecodeStreamCudaConcurrencyProbe) keeps the op-by-op path
+  // where kernels do not run beside each other (compute-sanitizer's serialised launches, an MPS
+  // thread limit). 0 off, 1 on; -1: PHISHARD_DECODE_STREAM when set, else kDecodeStreamDefault
+  // (on; H200 b1 ctx 1024 1.58-1.61 against 1.85 ms, docs/perf-log.md 2026-11-30 20:03-20:13).
   int decode_stream = -1;
   // Decode steps (graph buckets) of at most this many rows, without adapter rows, unsharded, run
   // rotary + K/V write and the split merge inside the decode attention launch where it takes the

@@ -678,6 +678,7 @@ class CudaPhiModel final : public ModelBackend {
   bool mega_refused_logged_ = false;
   bool stream_on_ = false;      // CudaModelOptions::decode_stream
   bool stream_requested_ = false;  // the option, applied by Finish (after the weights)
+  bool stream_probed_ = false, stream_concurrent_ = false;  // DecodeStreamCudaConcurrencyProbe
   void* stream_buf_ = nullptr;  // device (model/cuda_phi_stream.cc: StreamBufLayout)
   int64_t stream_steps_ = 0;
   int64_t mega_launches_ = 0;

@@ -105,8 +105,8 @@ absl::Status CudaPhiModel::set_decode_stream(bool on) {
     }
   }
   if (!supported) {
-    PHI_LOG(WARNING) << "decode stream: this model's shape, its sharding or this device is not "
-                     << "supported; 1-row decode steps keep the op-by-op path";
+    PHI_LOG(INFO) << "decode stream off: this model's shape, its sharding or this device is not "
+                  << "supported; 1-row decode steps keep the op-by-op path";
     stream_on_ = false;
     return absl::OkStatus();
   }
@@ -115,6 +115,27 @@ absl::Status CudaPhiModel::set_decode_stream(bool on) {
   PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamCudaPrepare(shape), "decode stream prepare"));
   PHI_RETURN_IF_ERROR(KernelResult(PagedDecodeCudaPrepareBesideStream(c.head_dim, dtype_),
                                    "decode stream attention prepare"));
+  // A step needs the attention to run beside the stream kernel: where launches are serialised
+  // (compute-sanitizer) or the stream's blocks cannot all be resident beside another kernel (an
+  // MPS thread limit), a step would trap; keep the op-by-op path there.
+  if (!stream_probed_) {
+    void* scratch = nullptr;
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&scratch, 2 * sizeof(int)), "stream probe"));
+    bool concurrent = false;
+    const KernelStatus probe =
+        DecodeStreamCudaConcurrencyProbe(shape, static_cast<int*>(scratch), stream_, &concurrent);
+    DeviceFree(scratch);
+    PHI_RETURN_IF_ERROR(KernelResult(probe, "decode stream concurrency probe"));
+    stream_probed_ = true;
+    stream_concurrent_ = concurrent;
+  }
+  if (!stream_concurrent_) {
+    PHI_LOG(WARNING) << "decode stream off: kernels do not run beside each other here "
+                     << "(compute-sanitizer, an MPS thread limit?); 1-row decode steps keep the "
+                     << "op-by-op path";
+    stream_on_ = false;
+    return absl::OkStatus();
+  }
   if (stream_buf_ == nullptr) {
     const StreamBufLayout m = MakeStreamBufLayout(c, DataTypeSize(dtype_));
     if (DeviceMalloc(&stream_buf_, m.total) != 0) {

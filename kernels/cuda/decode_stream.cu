@@ -323,6 +323,28 @@ __global__ void TransposeKernel(const T* __restrict__ src, int rows, int cols,
   }
 }
 
+// The concurrency probe (DecodeStreamCudaConcurrencyProbe): every block waits for the dependent's
+// flag (scratch[0]) up to ~200 ms and counts a give-up into scratch[1].
+__global__ void ProbeWaiterKernel(int* scratch) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if (threadIdx.x != 0) return;
+  uint64_t start;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  while (cuda::LoadAcquireGpu(scratch) == 0) {
+    __nanosleep(256);
+    uint64_t now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > 200000000ull) {
+      atomicAdd(scratch + 1, 1);
+      return;
+    }
+  }
+}
+
+__global__ void ProbeSetterKernel(int* scratch) {
+  if (threadIdx.x == 0) atomicExch(scratch, 1);
+}
+
 int StreamKc(int hidden) {
   if (hidden <= 0 || hidden % 256 != 0) return 0;
   const int kc = hidden / 256;
@@ -454,6 +476,44 @@ KernelStatus DecodeStreamCudaPrepare(const DecodeStreamParams& p) {
     using T = typename decltype(tag)::type;
     return DispatchKc(p.hidden, [&](auto kc) { return PrepareLayer<T, decltype(kc)::value>(p); });
   });
+}
+
+KernelStatus DecodeStreamCudaConcurrencyProbe(const DecodeStreamParams& p, int* scratch,
+                                              cudaStream_t stream, bool* concurrent) {
+  *concurrent = false;
+  if (!DecodeStreamCudaSupports(p)) return KernelStatus::kInvalidShape;
+  if (scratch == nullptr) return KernelStatus::kNullPointer;
+  int blocks = p.blocks, dev = 0;
+  if (blocks <= 0 &&
+      (cudaGetDevice(&dev) != cudaSuccess ||
+       cudaDeviceGetAttribute(&blocks, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)) {
+    return KernelStatus::kDeviceError;
+  }
+  const size_t smem = StreamSmemBytes(StreamKc(p.hidden), Stages(p), 2);
+  // Loaded first: a first launch under lazy loading would wait for the waiters (a false "no").
+  if (cuda::LoadKernels(ProbeWaiterKernel, ProbeSetterKernel) != KernelStatus::kOk ||
+      cudaFuncSetAttribute(ProbeWaiterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess ||
+      cudaFuncSetAttribute(ProbeWaiterKernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           100) != cudaSuccess ||
+      cudaMemsetAsync(scratch, 0, 2 * sizeof(int), stream) != cudaSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  ProbeWaiterKernel<<<blocks, 32, smem, stream>>>(scratch);
+  if (KernelStatus st = cuda::LaunchStatus(); st != KernelStatus::kOk) return st;
+  if (KernelStatus st = cuda::LaunchMaybeProgrammatic(ProbeSetterKernel, dim3(1), dim3(32), 0,
+                                                      stream, true, scratch);
+      st != KernelStatus::kOk) {
+    return st;
+  }
+  int gave_up = -1;
+  if (cudaMemcpyAsync(&gave_up, scratch + 1, sizeof(int), cudaMemcpyDeviceToHost, stream) !=
+          cudaSuccess ||
+      cudaStreamSynchronize(stream) != cudaSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  *concurrent = gave_up == 0;
+  return KernelStatus::kOk;
 }
 
 KernelStatus DecodeStreamFoldCuda(const DecodeStreamFoldParams& p, cudaStream_t stream) {

@@ -115,6 +115,15 @@ KernelStatus DecodeStreamLayerCuda(const DecodeStreamParams& p, cudaStream_t str
 // in flight, which a stream step's kernels wait on each other inside: see
 // PagedDecodeCudaPrepareBesideStream). kInvalidShape when not supported, kDeviceError.
 KernelStatus DecodeStreamCudaPrepare(const DecodeStreamParams& p);
+
+// Whether a kernel can run beside the stream on this device and in this process, as a step needs
+// (the attention beside the stream kernel, which waits for it): `blocks` blocks (0: the SM
+// count) holding p's shared memory each (p's shape, as DecodeStreamLayerCuda would launch them)
+// wait for a one-block programmatic dependent to set a flag, each giving up after ~200 ms. False
+// where launches are serialised (compute-sanitizer) or the blocks cannot all be resident beside
+// it (an MPS thread limit). `scratch`: 2 device ints. Synchronises `stream`.
+KernelStatus DecodeStreamCudaConcurrencyProbe(const DecodeStreamParams& p, int* scratch,
+                                              cudaStream_t stream, bool* concurrent);
 KernelStatus DecodeStreamFoldCuda(const DecodeStreamFoldParams& p, cudaStream_t stream);
 
 // dst [cols, rows] = src [rows, cols]^T (device, kF16 / kBF16): the transposed fc2 / dense copies
