@@ -253,7 +253,15 @@ absl::Status CudaPhiModel::Finish(const CudaModelOptions& options) {
   PHI_RETURN_IF_ERROR(MakeFc2BiasF32());      // model/cuda_phi_weights.cc
   // CudaModelOptions::decode_stream (ApplySettings read it): transposed copies of the weights
   // uploaded above, before the KV pool is sized.
-  if (stream_requested_) PHI_RETURN_IF_ERROR(set_decode_stream(true));  // cuda_phi_stream.cc
+  // Too little memory for the copies is not a reason to refuse the model: the op-by-op path.
+  if (stream_requested_) {
+    const absl::Status st = set_decode_stream(true);  // cuda_phi_stream.cc
+    if (absl::IsResourceExhausted(st)) {
+      PHI_LOG(WARNING) << st.message() << "; 1-row decode steps keep the op-by-op path";
+    } else {
+      PHI_RETURN_IF_ERROR(st);
+    }
+  }
   const PhiConfig& config = config_;  // this rank's shapes
   Log(LogLevel::kInfo,
       absl::StrFormat(
