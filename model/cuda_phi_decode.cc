@@ -37,20 +37,15 @@ struct DecodeLayout {
 
 DecodeLayout MakeDecodeLayout(int rows, int64_t ints, int heads) {
   DecodeLayout d;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += (bytes + 15) / 16 * 16;
-    return at;
-  };
-  d.info = take(sizeof(int32_t) * 4);
-  d.slots = take(sizeof(int64_t) * rows);
-  d.ids = take(sizeof(int32_t) * rows);
-  d.positions = take(sizeof(int32_t) * rows);
-  d.context_lens = take(sizeof(int32_t) * rows);
-  d.block_tables = take(sizeof(int32_t) * static_cast<size_t>(ints));
-  d.merge_counters = take(sizeof(int32_t) * static_cast<size_t>(rows) * heads);
-  d.total = off;
+  cuda_model::OffsetTaker offsets{16};  // consecutive sub-buffers, each 16-byte aligned
+  d.info = offsets.Take(sizeof(int32_t) * 4);
+  d.slots = offsets.Take(sizeof(int64_t) * rows);
+  d.ids = offsets.Take(sizeof(int32_t) * rows);
+  d.positions = offsets.Take(sizeof(int32_t) * rows);
+  d.context_lens = offsets.Take(sizeof(int32_t) * rows);
+  d.block_tables = offsets.Take(sizeof(int32_t) * static_cast<size_t>(ints));
+  d.merge_counters = offsets.Take(sizeof(int32_t) * static_cast<size_t>(rows) * heads);
+  d.total = offsets.off;
   return d;
 }
 

@@ -128,6 +128,18 @@ inline constexpr int kDecodeSplitRows = 256;
 inline constexpr int kMaxDecodeSplits = 16;
 
 inline size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+// Offsets of consecutive sub-buffers of one allocation (a layout's fields), each starting
+// `align`-byte aligned; `off` ends as the total.
+struct OffsetTaker {
+  size_t align;
+  size_t off = 0;
+  size_t Take(size_t bytes) {
+    const size_t at = off;
+    off += (bytes + align - 1) / align * align;
+    return at;
+  }
+};
 // Logit rows are padded to 64 floats so every row starts 256-byte aligned.
 inline int VocabPad(int v) { return (v + 63) / 64 * 64; }
 inline double GiB(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
@@ -142,25 +154,20 @@ inline ArenaLayout MakeArenaLayout(const PhiConfig& c, int tokens) {
   const size_t qkv_w =
       static_cast<size_t>(c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
   ArenaLayout l;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += AlignUp(bytes);
-    return at;
-  };
-  l.h = take(t * c.hidden_size * e);       // residual stream
-  l.normed = take(t * c.hidden_size * e);  // LayerNorm output feeding attention and MLP
-  l.qkv = take(t * qkv_w * e);
-  l.attn = take(t * c.num_attention_heads * c.head_dim * e);
-  l.mlp = take(t * c.intermediate_size * e);
-  l.last = take(t * c.hidden_size * e);                         // hidden rows that return logits
-  l.logits = take(t * VocabPad(c.vocab_size) * sizeof(float));  // float32 logits
+  OffsetTaker offsets{kAlign};                     // consecutive sub-buffers, each 256-byte aligned
+  l.h = offsets.Take(t * c.hidden_size * e);       // residual stream
+  l.normed = offsets.Take(t * c.hidden_size * e);  // LayerNorm output feeding attention and MLP
+  l.qkv = offsets.Take(t * qkv_w * e);
+  l.attn = offsets.Take(t * c.num_attention_heads * c.head_dim * e);
+  l.mlp = offsets.Take(t * c.intermediate_size * e);
+  l.last = offsets.Take(t * c.hidden_size * e);  // hidden rows that return logits
+  l.logits = offsets.Take(t * VocabPad(c.vocab_size) * sizeof(float));  // float32 logits
   const int rows = std::min(tokens, kDecodeSplitRows);
   l.attn_ws_bytes = std::max(
       PagedAttentionCudaWorkspaceBytes(rows, c.num_attention_heads, c.head_dim, kMaxDecodeSplits),
       PagedDecodeCudaWorkspaceBytes(rows, c.num_attention_heads, c.head_dim, kMaxDecodeSplits));
-  l.attn_ws = take(l.attn_ws_bytes);
-  l.total = off;
+  l.attn_ws = offsets.Take(l.attn_ws_bytes);
+  l.total = offsets.off;
   return l;
 }
 
@@ -171,20 +178,15 @@ struct MetaLayout {
 
 inline MetaLayout MakeMetaLayout(int T, int S, int R, int max_blocks) {
   MetaLayout m;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += (bytes + 15) / 16 * 16;
-    return at;
-  };
-  m.slots = take(sizeof(int64_t) * T);
-  m.ids = take(sizeof(int32_t) * T);
-  m.positions = take(sizeof(int32_t) * T);
-  m.cu_q_lens = take(sizeof(int32_t) * (S + 1));
-  m.context_lens = take(sizeof(int32_t) * S);
-  m.logit_rows = take(sizeof(int32_t) * std::max(R, 1));
-  m.block_tables = take(sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
-  m.total = off;
+  OffsetTaker offsets{16};  // consecutive sub-buffers, each 16-byte aligned
+  m.slots = offsets.Take(sizeof(int64_t) * T);
+  m.ids = offsets.Take(sizeof(int32_t) * T);
+  m.positions = offsets.Take(sizeof(int32_t) * T);
+  m.cu_q_lens = offsets.Take(sizeof(int32_t) * (S + 1));
+  m.context_lens = offsets.Take(sizeof(int32_t) * S);
+  m.logit_rows = offsets.Take(sizeof(int32_t) * std::max(R, 1));
+  m.block_tables = offsets.Take(sizeof(int32_t) * static_cast<size_t>(S) * max_blocks);
+  m.total = offsets.off;
   return m;
 }
 

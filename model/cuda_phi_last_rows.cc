@@ -46,17 +46,13 @@ struct LastRowsLayout {
 LastRowsLayout MakeLastRowsLayout(const PhiConfig& c, int rows) {
   const size_t r = static_cast<size_t>(rows), e = 2;  // 16-bit storage
   LastRowsLayout l;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += AlignUp(bytes);
-    return at;
-  };
-  l.qkv = take(r * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * e);
-  l.normed = take(r * c.hidden_size * e);
-  l.attn = take(r * c.num_attention_heads * c.head_dim * e);
-  l.mlp = take(r * c.intermediate_size * e);
-  l.total = off;
+  cuda_model::OffsetTaker offsets{
+      cuda_model::kAlign};  // consecutive sub-buffers, each 256-byte aligned
+  l.qkv = offsets.Take(r * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * e);
+  l.normed = offsets.Take(r * c.hidden_size * e);
+  l.attn = offsets.Take(r * c.num_attention_heads * c.head_dim * e);
+  l.mlp = offsets.Take(r * c.intermediate_size * e);
+  l.total = offsets.off;
   return l;
 }
 

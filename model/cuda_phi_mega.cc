@@ -10,7 +10,6 @@
 
 #include "common/logging.h"
 #include "kernels/cuda/decode_mega_cuda.h"
-#include "kernels/cuda/embedding_cuda.h"
 #include "model/cuda_lora.h"
 #include "model/cuda_phi_internal.h"
 #include "model/cuda_phi_model.h"
@@ -29,16 +28,11 @@ struct MegaBufLayout {
 
 MegaBufLayout MakeMegaBufLayout(const PhiConfig& c) {
   MegaBufLayout m;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += (bytes + 255) / 256 * 256;
-    return at;
-  };
-  m.table = take(sizeof(DecodeMegaLayer) * c.num_hidden_layers);
-  m.sync = take(DecodeMegaSyncBytes(c.num_attention_heads));
-  m.partials = take(DecodeMegaPartialsBytes(c.num_attention_heads, c.head_dim));
-  m.total = off;
+  cuda_model::OffsetTaker offsets{cuda_model::kAlign};  // consecutive sub-buffers, 256-byte aligned
+  m.table = offsets.Take(sizeof(DecodeMegaLayer) * c.num_hidden_layers);
+  m.sync = offsets.Take(DecodeMegaSyncBytes(c.num_attention_heads));
+  m.partials = offsets.Take(DecodeMegaPartialsBytes(c.num_attention_heads, c.head_dim));
+  m.total = offsets.off;
   return m;
 }
 
@@ -174,16 +168,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
     }
     return false;
   }
-  PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = in.ids,
-                                                  .table = embed_,
-                                                  .out = p.h,
-                                                  .num_tokens = 1,
-                                                  .num_rows = embed_rows_,
-                                                  .dim = c.hidden_size,
-                                                  .row_offset = embed_row_offset_,
-                                                  .dtype = dtype_},
-                                                 stream_),
-                                   "embedding"));
+  PHI_RETURN_IF_ERROR(EnqueueEmbedding(in.ids, p.h, 1));
   PHI_RETURN_IF_ERROR(KernelResult(DecodeMegaCuda(p, stream_), "decode megakernel"));
   ++mega_launches_;
   return true;

@@ -460,6 +460,8 @@ class CudaPhiModel final : public ModelBackend {
   bool DecodeVariantPossible(int rows, int variant) const {
     return VariantRules().Possible(rows, variant);
   }
+  // The embedding rows of `tokens` ids (device) into out [tokens, H] (device, dtype).
+  absl::Status EnqueueEmbedding(const int32_t* ids, void* out, int tokens);
   absl::Status EnqueueLayers(const StepInputs& in);
   // Embedding + every layer through the persistent kernel (model/cuda_phi_mega.cc) when the step
   // qualifies (decode_megakernel, one row, no adapter rows, unsharded, supported shape); false:

@@ -180,16 +180,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
     return p;
   };
 
-  PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = in.ids,
-                                                  .table = embed_,
-                                                  .out = h,
-                                                  .num_tokens = T,
-                                                  .num_rows = embed_rows_,
-                                                  .dim = H,
-                                                  .row_offset = embed_row_offset_,
-                                                  .dtype = dt},
-                                                 stream_),
-                                   "embedding"));
+  PHI_RETURN_IF_ERROR(EnqueueEmbedding(in.ids, h, T));
   // Row ranges of the ops next to the all-reduces (LayerNorm, qkv, rotary; dense + fc2): the whole
   // step, or the chunks of an overlapped prefill, whose hooks replace the all-reduces.
   const std::vector<RowRange> whole_step = {{0, T}};
@@ -469,6 +460,19 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
 
 // Final LayerNorm of `rows` hidden rows into the arena's `last` (in place when hidden is last),
 // then the LM head into float32 logits [rows, VocabPad(V)].
+absl::Status CudaPhiModel::EnqueueEmbedding(const int32_t* ids, void* out, int tokens) {
+  return KernelResult(EmbeddingCuda({.ids = ids,
+                                     .table = embed_,
+                                     .out = out,
+                                     .num_tokens = tokens,
+                                     .num_rows = embed_rows_,
+                                     .dim = config_.hidden_size,
+                                     .row_offset = embed_row_offset_,
+                                     .dtype = dtype_},
+                                    stream_),
+                      "embedding");
+}
+
 absl::Status CudaPhiModel::EnqueueLogits(const void* hidden, int rows, float* logits) {
   const PhiConfig& c = config_;
   const ArenaLayout al = MakeArenaLayout(c, arena_tokens_);

@@ -18,7 +18,6 @@
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
 #include "kernels/cuda/decode_stream_cuda.h"
-#include "kernels/cuda/embedding_cuda.h"
 #include "model/cuda_lora.h"
 #include "model/cuda_phi_internal.h"
 #include "model/cuda_phi_model.h"
@@ -44,21 +43,16 @@ StreamBufLayout MakeStreamBufLayout(const PhiConfig& c, size_t elem) {
   const size_t NQ =
       static_cast<size_t>(c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
   StreamBufLayout m;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t at = off;
-    off += (bytes + 255) / 256 * 256;
-    return at;
-  };
-  m.fc2_t = take(L * I * H * elem);
-  m.dense_t = take(L * A * H * elem);
-  m.qkv = take(L * NQ * elem);
-  m.attn = take(L * A * elem);
-  m.h = take(L * H * elem);
-  m.sums = take(L * kDecodeStreamCopies * H * sizeof(float));
-  m.counters = take(L * kDecodeStreamCounterInts * sizeof(int32_t));
-  m.zero_bytes = off - m.sums;
-  m.total = off;
+  cuda_model::OffsetTaker offsets{cuda_model::kAlign};  // consecutive sub-buffers, 256-byte aligned
+  m.fc2_t = offsets.Take(L * I * H * elem);
+  m.dense_t = offsets.Take(L * A * H * elem);
+  m.qkv = offsets.Take(L * NQ * elem);
+  m.attn = offsets.Take(L * A * elem);
+  m.h = offsets.Take(L * H * elem);
+  m.sums = offsets.Take(L * kDecodeStreamCopies * H * sizeof(float));
+  m.counters = offsets.Take(L * kDecodeStreamCounterInts * sizeof(int32_t));
+  m.zero_bytes = offsets.off - m.sums;
+  m.total = offsets.off;
   return m;
 }
 
@@ -197,16 +191,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) 
     return reinterpret_cast<int32_t*>(b + m.counters) +
            static_cast<size_t>(l) * kDecodeStreamCounterInts;
   };
-  PHI_RETURN_IF_ERROR(KernelResult(EmbeddingCuda({.ids = in.ids,
-                                                  .table = embed_,
-                                                  .out = a + al.h,
-                                                  .num_tokens = 1,
-                                                  .num_rows = embed_rows_,
-                                                  .dim = H,
-                                                  .row_offset = embed_row_offset_,
-                                                  .dtype = dtype_},
-                                                 stream_),
-                                   "embedding"));
+  PHI_RETURN_IF_ERROR(EnqueueEmbedding(in.ids, a + al.h, 1));
   PHI_RETURN_IF_ERROR(
       DeviceStatus(DeviceMemset(b + m.sums, 0, m.zero_bytes, stream_), "decode stream counters"));
   const size_t layer_kv_bytes = static_cast<size_t>(kv_num_blocks_) * kv_block_size_ *

@@ -23,21 +23,13 @@ BUDGET=${PHISHARD_CHECK_BUDGET_S:-330}
 START=$(date +%s)
 ROOT=$(pwd)
 export NCCL_NVLS_ENABLE=0
-# Test binaries carry /work/main paths (fixtures, models, build-h11/bin/phishard).
-if [ "$ROOT" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -s "$ROOT" /work/main; fi
-D=.dev-final
-python3 -c "import tarfile; tarfile.open('$D/bundle.txz').extractall('$D')"
-# shellcheck disable=SC1091
-source $D/env.sh
-B=$D/bin
-mkdir -p build-h11/bin && cp $B/phishard build-h11/bin/phishard &&
-  ln -sf phishard build-h11/bin/lorax-server
+# shellcheck source=tools/device_step.sh
+source "$ROOT/tools/device_step.sh"
+unpack_final_bundle  # D, B; phishard in build-h11/bin
 { date -u +%FT%TZ; echo "binaries built from: $(cat $D/build_commit.txt 2> /dev/null | tr '\n' ' ')"
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; } > "$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 SUMMARY="$OUT/summary.txt"
-# shellcheck source=tools/device_step.sh
-source "$ROOT/tools/device_step.sh"
 step_summary_header
 
 # Every GPU test binary in the bundle (tests/gpu/*_test.cc; the *_bench_test ones are timing

@@ -9,6 +9,21 @@
 # (gtest's PASSED / FAILED / SKIPPED counts, a line starting with SERVED), TIMEOUT on status 124.
 # shellcheck shell=bash
 
+# The bundle tools/device_final_bundle.sh packed (.dev-final, carried to the device): unpacked,
+# its env.sh sourced, phishard where the tests look for it (build-h11/bin; the test binaries carry
+# /work/main paths, so /work/main points here when the copy lives elsewhere). Needs ROOT (the
+# repository root); sets D (the bundle folder) and B (its binaries).
+unpack_final_bundle() {
+  if [ "$ROOT" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -s "$ROOT" /work/main; fi
+  D=.dev-final
+  python3 -c "import tarfile; tarfile.open('$D/bundle.txz').extractall('$D')"
+  # shellcheck disable=SC1091
+  source $D/env.sh
+  B=$D/bin
+  mkdir -p build-h11/bin && cp $B/phishard build-h11/bin/phishard &&
+    ln -sf phishard build-h11/bin/lorax-server
+}
+
 step_summary_header() {
   printf "%-30s %4s %7s  %s\n" step rc seconds result > "$OUT/summary.txt"
 }

@@ -14,16 +14,9 @@ mkdir -p "$OUT"
 BUDGET=${PHISHARD_CHECK_BUDGET_S:-330}
 START=$(date +%s)
 ROOT=$(pwd)
-if [ "$ROOT" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -s "$ROOT" /work/main; fi
-D=.dev-final
-python3 -c "import tarfile; tarfile.open('$D/bundle.txz').extractall('$D')"
-# shellcheck disable=SC1091
-source $D/env.sh
-B=$D/bin
-mkdir -p build-h11/bin && cp $B/phishard build-h11/bin/phishard &&
-  ln -sf phishard build-h11/bin/lorax-server
 # shellcheck source=tools/device_step.sh
 source "$ROOT/tools/device_step.sh"
+unpack_final_bundle  # D, B; phishard in build-h11/bin
 step_summary_header
 export PHISHARD_DECODE_STREAM=1
 GPU_TESTS=$(cd $B && ls *_test 2> /dev/null | grep -vE '^(serve_|metrics_|faults_|grpcurl_|health_|tp_launch_)' |
