@@ -61,7 +61,21 @@ struct ModelSettingSweeps {
                              .cases = "128x128,160x128,192x512,256x128,256x1024",
                              .values = "0,1"};
 
+  // The decode stream (model/cuda_phi_stream.cc) against the op-by-op 1-row path.
+  IntSettingSweep stream{.name = "stream",
+                         .label = "stream",
+                         .title = "decode stream against op by op",
+                         .cases = "1x128,1x1024,1x4096",
+                         .values = "1,0"};
+  IntSettingSweep stream_preload{.name = "stream-preload",
+                                 .label = "preload",
+                                 .title = "decode stream attention's K/V stages before its wait",
+                                 .cases = "1x128,1x1024,1x4096",
+                                 .values = "0,1,2"};
+
   void AddFlags(CLI::App& app) {
+    stream.AddFlags(app, "set_decode_stream", "1 (on) or 0 (off)");
+    stream_preload.AddFlags(app, "set_decode_stream_preload", "stages (0-2)");
     fc1_sms.AddFlags(app, "set_decode_fc1_sms, applied to every step size 1-256 here",
                      "SM count targets (0: every SM)");
     fc1_min_kv.AddFlags(app, "set_decode_fc1_sms_min_kv_tokens",
@@ -117,6 +131,12 @@ struct ModelSettingSweeps {
     warp_heads.Run(
         bench, [&m] { return m.decode_warp_heads() ? 1 : 0; },
         [&m](int v) { m.set_decode_warp_heads(v != 0); }, rows);
+    stream.Run(
+        bench, [&m] { return m.decode_stream() ? 1 : 0; },
+        [&m](int v) { BENCH_OK(m.set_decode_stream(v != 0)); }, rows);
+    stream_preload.Run(
+        bench, [&m] { return m.decode_stream_preload(); },
+        [&m](int v) { m.set_decode_stream_preload(v); }, rows);
     graphs.Run(
         bench, [&m] { return m.cuda_graphs() ? 1 : 0; }, [&m](int v) { m.set_cuda_graphs(v != 0); },
         rows);

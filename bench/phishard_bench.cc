@@ -46,6 +46,7 @@
 #include "bench/mega_sweep.h"
 #include "bench/model_sweeps.h"
 #include "bench/setting_sweep.h"
+#include "bench/stream_timeline.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/device.h"
 #include "model/adapter_registry.h"
@@ -135,6 +136,14 @@ int Main(int argc, char** argv) {
                  "also the timeline at context 1024 with each of these L2 lookaheads (KiB)");
   app.add_option("--mega-timeline-form", mega_timeline_form,
                  "the kernel form of the timelines (-1: its default)");
+  std::string stream_timeline;
+  app.add_option("--stream-timeline", stream_timeline,
+                 "print the decode stream's per-layer timeline (bench/stream_timeline.h) of a b1 "
+                 "graph step at each of these contexts, comma-separated (empty: off)");
+  std::string stream_timeline_preload;
+  app.add_option("--stream-timeline-preload", stream_timeline_preload,
+                 "the timelines with each of these set_decode_stream_preload values (empty: the "
+                 "model's)");
   app.add_flag("--lora-only", lora_only, "only the LoRA comparison (and the ceilings)");
   int lora_rounds = 3;
   app.add_option("--lora-rounds", lora_rounds,
@@ -489,6 +498,32 @@ int Main(int argc, char** argv) {
     if (const int rc = bench::MegaSweep(m, bench, mega, &rows); rc != 0) return rc;
   }
   if (mega_timeline > 0 && !lora_only) bench::MegaTimeline(m, bench, mega);
+  if (!stream_timeline.empty() && !lora_only) {
+    const bool on0 = m.decode_stream();
+    BENCH_OK(m.set_decode_stream(true));
+    const int preload0 = m.decode_stream_preload();
+    std::vector<int> preloads = ParseInts(stream_timeline_preload);
+    if (preloads.empty()) preloads.push_back(preload0);
+    for (int preload : preloads) {
+      m.set_decode_stream_preload(preload);
+      BENCH_OK(m.set_decode_stream_timeline(true));
+      for (int ctx : ParseInts(stream_timeline)) {
+        Row r;  // (a step the stream did not take shows as "no block stamped" below)
+        if (!bench.Decode(1, ctx, "graph", &r)) continue;
+        r.mode += absl::StrFormat(" timeline preload%d", preload);
+        PrintRow(r);
+        absl::StatusOr<std::vector<uint64_t>> tl = m.decode_stream_timeline();
+        BENCH_OK(tl.status());
+        std::printf("%s", FormatStreamTimeline(
+                              *tl, layers,
+                              absl::StrFormat("stream timeline b1 ctx%d preload%d", ctx, preload))
+                              .c_str());
+      }
+    }
+    m.set_decode_stream_preload(preload0);
+    BENCH_OK(m.set_decode_stream_timeline(false));
+    BENCH_OK(m.set_decode_stream(on0));
+  }
   for (auto [seqs, len] : lora_only ? std::vector<std::pair<int, int>>{} : prefill_cases) {
     for (auto [store, last, fork, algos, tiling, gelu_split] : modes) {
       if (store >= 0) {

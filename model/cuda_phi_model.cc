@@ -107,6 +107,7 @@ CudaPhiModel::~CudaPhiModel() {
   if (tp_logits_) DeviceFree(tp_logits_);
   if (mega_buf_) DeviceFree(mega_buf_);
   if (stream_buf_) DeviceFree(stream_buf_);
+  if (stream_timeline_) DeviceFree(stream_timeline_);
   if (mega_timeline_) DeviceFree(mega_timeline_);
   if (stream_) DeviceStreamDestroy(stream_);
   if (ping_stream_) DeviceStreamDestroy(ping_stream_);

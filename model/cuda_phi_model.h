@@ -261,6 +261,18 @@ class CudaPhiModel final : public ModelBackend {
   bool decode_stream() const { return stream_on_; }
   // Decode steps enqueued through the stream so far (eager steps and graph captures).
   int64_t decode_stream_steps() const { return stream_steps_; }
+  // Benchmarks: the stream steps record their per-block timeline (%globaltimer stamps, ns) into a
+  // device buffer of this model (drops graphs); decode_stream_timeline() copies the last step's
+  // out: per layer kStreamTimelineBlocks rows of kDecodeStreamTimelineEvents words (the stream
+  // kernel's blocks), then kStreamTimelineAttnBlocks rows of kPagedDecodeTimelineEvents words
+  // (the attention's blocks); 0 where an event did not happen.
+  static constexpr int kStreamTimelineBlocks = 256, kStreamTimelineAttnBlocks = 1024;
+  // The attention beside the stream: K/V stages each block requests before its wait for the
+  // q/k/v row (PagedDecodeCudaPlan::preload_stages, 0-2, default 2; drops graphs).
+  void set_decode_stream_preload(int stages);
+  int decode_stream_preload() const { return stream_preload_; }
+  absl::Status set_decode_stream_timeline(bool on);
+  absl::StatusOr<std::vector<uint64_t>> decode_stream_timeline();
   // CudaModelOptions::decode_megakernel (drops graphs).
   absl::Status set_decode_megakernel(bool on);
   bool decode_megakernel() const { return mega_on_; }
@@ -683,6 +695,10 @@ class CudaPhiModel final : public ModelBackend {
   bool stream_probed_ = false, stream_concurrent_ = false;  // DecodeStreamCudaConcurrencyProbe
   void* stream_buf_ = nullptr;  // device (model/cuda_phi_stream.cc: StreamBufLayout)
   int64_t stream_steps_ = 0;
+  void* stream_timeline_ = nullptr;  // device, set_decode_stream_timeline
+  // set_decode_stream_preload: 2 measured x0.975 / x0.971 at ctx 1024 / 4096 against 0 (the
+  // wait first), x0.999 at 128 (perf-log 2026-11-30 21:2x).
+  int stream_preload_ = 2;
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
   int mega_stages_ = 0;

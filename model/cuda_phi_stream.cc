@@ -12,6 +12,7 @@
 // [kDecodeStreamCopies, H] and the counters, contiguous so one memset zeroes them every step.
 #ifdef PHISHARD_HAVE_CUDA
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -163,6 +164,44 @@ absl::Status CudaPhiModel::set_decode_stream(bool on) {
   return absl::OkStatus();
 }
 
+namespace {
+size_t StreamTimelineLayerWords() {
+  return static_cast<size_t>(CudaPhiModel::kStreamTimelineBlocks) * kDecodeStreamTimelineEvents +
+         static_cast<size_t>(CudaPhiModel::kStreamTimelineAttnBlocks) * kPagedDecodeTimelineEvents;
+}
+}  // namespace
+
+void CudaPhiModel::set_decode_stream_preload(int stages) {
+  DropGraphs();
+  stream_preload_ = std::clamp(stages, 0, 2);
+}
+
+absl::Status CudaPhiModel::set_decode_stream_timeline(bool on) {
+  DeviceSet(device_);
+  DropGraphs();
+  if (stream_timeline_ != nullptr) {
+    PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
+    DeviceFree(stream_timeline_);
+    stream_timeline_ = nullptr;
+  }
+  if (!on) return absl::OkStatus();
+  const size_t bytes = sizeof(uint64_t) * config_.num_hidden_layers * StreamTimelineLayerWords();
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&stream_timeline_, bytes), "timeline buffer"));
+  return DeviceStatus(DeviceMemset(stream_timeline_, 0, bytes, stream_), "zero timeline");
+}
+
+absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::decode_stream_timeline() {
+  if (stream_timeline_ == nullptr) return absl::FailedPreconditionError("timeline is off");
+  DeviceSet(device_);
+  std::vector<uint64_t> out(config_.num_hidden_layers * StreamTimelineLayerWords());
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
+  PHI_RETURN_IF_ERROR(DeviceStatus(
+      DeviceCopyToHost(out.data(), stream_timeline_, out.size() * sizeof(uint64_t), stream_),
+      "timeline copy"));
+  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
+  return out;
+}
+
 absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) {
   if (!stream_on_ || stream_buf_ == nullptr || in.tokens != 1 || lora_->active() ||
       shard_.sharded() || kv_ == nullptr || in.merge_counters == nullptr) {
@@ -194,6 +233,12 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) 
   PHI_RETURN_IF_ERROR(EnqueueEmbedding(in.ids, a + al.h, 1));
   PHI_RETURN_IF_ERROR(
       DeviceStatus(DeviceMemset(b + m.sums, 0, m.zero_bytes, stream_), "decode stream counters"));
+  uint64_t* timeline = static_cast<uint64_t*>(stream_timeline_);
+  if (timeline != nullptr) {
+    PHI_RETURN_IF_ERROR(DeviceStatus(
+        DeviceMemset(timeline, 0, sizeof(uint64_t) * L * StreamTimelineLayerWords(), stream_),
+        "zero timeline"));
+  }
   const size_t layer_kv_bytes = static_cast<size_t>(kv_num_blocks_) * kv_block_size_ *
                                 c.num_key_value_heads * c.head_dim * elem;
   for (int l = 0; l < L; ++l) {
@@ -218,6 +263,11 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) 
                                 .attn = attn_of(l),
                                 .sums = sums_of(l),
                                 .counters = counters_of(l)};
+    uint64_t* layer_timeline = timeline != nullptr
+                                   ? timeline + static_cast<size_t>(l) * StreamTimelineLayerWords()
+                                   : nullptr;
+    p.layer.timeline = layer_timeline;
+    p.layer.timeline_blocks = kStreamTimelineBlocks;
     p.programmatic_launch = l > 0;  // a dependent of the attention of the layer before
     PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamLayerCuda(p, stream_), "decode stream layer"));
     char* k_cache = static_cast<char*>(kv_) + 2 * static_cast<size_t>(l) * layer_kv_bytes;
@@ -232,6 +282,12 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) 
     plan.qkv_ready = counters_of(l) + kStreamQkvDone;
     plan.qkv_ready_target = NQ / (H / 256);  // the stream's q/k/v chunks (R = H / 256 rows each)
     plan.heads_done = counters_of(l) + kStreamHeadsDone;
+    plan.preload_stages = stream_preload_;
+    if (layer_timeline != nullptr) {
+      plan.timeline =
+          layer_timeline + static_cast<size_t>(kStreamTimelineBlocks) * kDecodeStreamTimelineEvents;
+      plan.timeline_blocks = kStreamTimelineAttnBlocks;
+    }
     const PagedAttentionParams ap =
         LayerAttentionParams(in, qkv_of(l), attn_of(l), 1, k_cache, v_cache);
     PHI_RETURN_IF_ERROR(KernelResult(PagedDecodeCuda(ap, plan, stream_, &last_decode_splits_),

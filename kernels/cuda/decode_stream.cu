@@ -45,6 +45,13 @@ constexpr size_t StreamSmemBytes(int kc, int stages, size_t elem) {
          4 * stages;
 }
 
+// DecodeStreamLayer::timeline: the calling thread stamps event e of its block's row.
+__device__ __forceinline__ void Stamp(const DecodeStreamLayer& a, int e) {
+  if (a.timeline != nullptr && static_cast<int>(blockIdx.x) < a.timeline_blocks) {
+    a.timeline[blockIdx.x * kDecodeStreamTimelineEvents + e] = cuda::GlobalTimerNs();
+  }
+}
+
 // Named barrier 1 over the consumer warps (the producer warp never joins it).
 __device__ __forceinline__ void ConsumerSync(int threads) {
   asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
@@ -160,6 +167,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
   int* item_of = reinterpret_cast<int*>(sred + 64);      // [S]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if (tid == 0) Stamp(a, kTlStart);
   if (tid == 0) {
     // Every thread that writes or reads a stage's shared memory arrives itself (an arrive
     // releases only the arriving thread's own accesses): the producer's R bias lanes on `full`
@@ -191,7 +199,10 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
         const int s = it % S;
         if (it >= S) sm90::MbarWait(&empty[s], ((it / S) & 1) ^ 1);
         if (kind == kItemEnd) {  // this block's end of the layer
-          if (lane == 0) item_of[s] = -1;
+          if (lane == 0) {
+            item_of[s] = -1;
+            Stamp(a, kTlProducerEnd);
+          }
           if (lane < R) sm90::MbarArrive(&full[s]);
           continue;
         }
@@ -219,6 +230,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
 
   float magic[8];
   FoldAndNorm<T, KC>(a, sh.eps, sx, sred, tid, magic);
+  if (tid == 0) Stamp(a, kTlFolded);
   T* qkv = static_cast<T*>(a.qkv);
   const T* attn = static_cast<const T*>(a.attn);
   float acc[8] = {};
@@ -234,12 +246,14 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       if (tid == 0) {
         __threadfence();
         atomicAdd(a.counters + kStreamQkvDone, qkv_unsignalled);
+        Stamp(a, kTlQkvOut);
       }
       qkv_unsignalled = 0;
     }
     const T* rows = ring + static_cast<size_t>(s) * R * K;
     if (kind == kItemEnd) {
       sm90::MbarArrive(&empty[s]);
+      if (tid == 0) Stamp(a, kTlItemsDone);
       break;
     }
     if (kind == kItemQkv) {
@@ -267,7 +281,11 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       ++ci;
     } else {  // dense: R rows of dense's transposed weight times the attention output
       if (!attn_ready) {
-        if (tid == 0) cuda::SpinUntilAtLeast(a.counters + kStreamHeadsDone, sh.attn_heads);
+        if (tid == 0) {
+          Stamp(a, kTlDenseWait);
+          cuda::SpinUntilAtLeast(a.counters + kStreamHeadsDone, sh.attn_heads);
+          Stamp(a, kTlDenseGo);
+        }
         ConsumerSync(kConsumers);
         attn_ready = true;
       }
@@ -289,6 +307,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
   ConsumerSync(kConsumers);
   if (tid == 0) {
     __threadfence();
+    Stamp(a, kTlFlushed);  // before the count: the next layer's fold follows it
     atomicAdd(a.counters + kStreamBlocksDone, 1);
   }
 }
@@ -328,13 +347,10 @@ __global__ void TransposeKernel(const T* __restrict__ src, int rows, int cols,
 __global__ void ProbeWaiterKernel(int* scratch) {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if (threadIdx.x != 0) return;
-  uint64_t start;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  const uint64_t start = cuda::GlobalTimerNs();
   while (cuda::LoadAcquireGpu(scratch) == 0) {
     __nanosleep(256);
-    uint64_t now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > 200000000ull) {
+    if (cuda::GlobalTimerNs() - start > 200000000ull) {
       atomicAdd(scratch + 1, 1);
       return;
     }

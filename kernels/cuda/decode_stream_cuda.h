@@ -51,7 +51,21 @@ enum DecodeStreamCounter : int {
   kStreamHeadsDone = 3,           // attention heads whose output is written (the attention's)
   kDecodeStreamCounterInts = 32,  // a layer's counters, 128 bytes (no false sharing)
 };
-inline constexpr int kDecodeStreamCopies = 4;  // copies of S (fewer blocks adding to one address)
+inline constexpr int kDecodeStreamCopies = 4;
+
+// DecodeStreamLayer::timeline (benchmarks): a block's row of %globaltimer stamps (ns; 0: the event
+// did not happen in that block).
+enum DecodeStreamTimelineEvent : int {
+  kTlStart = 0,        // the block started (thread 0)
+  kTlFolded = 1,       // the consumers' fold and LayerNorm done (waited for the layer before)
+  kTlQkvOut = 2,       // the block's q/k/v rows published (blocks that took q/k/v chunks)
+  kTlDenseWait = 3,    // its first dense chunk: the wait for the attention's heads begins
+  kTlDenseGo = 4,      // ... and ends
+  kTlItemsDone = 5,    // the consumers' last item done
+  kTlFlushed = 6,      // the partial S added (just before the block counts itself done)
+  kTlProducerEnd = 7,  // the producer took the end item (its last copy was issued before)
+  kDecodeStreamTimelineEvents = 8,
+};  // copies of S (fewer blocks adding to one address)
 
 // One layer's operands (device pointers, dtype unless marked). Weights as CudaPhiModel holds them
 // plus two transposed copies: qkv_w [NQ, H] with NQ = (nH + 2 nKV) hd, fc1_w [I, H], fc2_wt [I, H]
@@ -71,6 +85,10 @@ struct DecodeStreamLayer {
   const void* attn = nullptr;          // [nH hd] in (see attn_heads)
   float* sums = nullptr;               // [kDecodeStreamCopies, H] float32, zero before; S_l out
   int* counters = nullptr;             // [kDecodeStreamCounterInts], zero before
+  // Benchmarks: [timeline_blocks, kDecodeStreamTimelineEvents] uint64 (null: off), block b writes
+  // row b when b < timeline_blocks.
+  uint64_t* timeline = nullptr;
+  int timeline_blocks = 0;
 };
 
 struct DecodeStreamParams {

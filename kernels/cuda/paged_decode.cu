@@ -34,26 +34,32 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   // PagedDecodeCudaPlan::trigger_dependents_early: a programmatic dependent may launch now (and
   // stream its weights beside the attention; it waits for this grid before reading its output).
   if (a.trigger_early) asm volatile("griddepcontrol.launch_dependents;" :::);
-  if (kFold && a.qkv_ready != nullptr) {
-    // Beside the decode stream: the blocks past the sequence's split count leave before they
-    // wait (they would hold SM slots the working blocks need, spinning), then the wait for q/k/v.
+  if (kFold) AttnStamp(a, kAttnTlStart);
+  // Beside the decode stream (a.qkv_ready): the blocks past the sequence's split count leave
+  // before they wait (they would hold SM slots the working blocks need, spinning); the wait for
+  // the q/k/v row comes first (a.preload_stages 0) or after the block's first 1-2 K/V stages are
+  // requested (they do not depend on the row: the new key is patched in from shared memory).
+  const bool beside = kFold && a.qkv_ready != nullptr;
+  const int preload = beside ? a.preload_stages : 0;
+  if (beside) {
     const int ctx0 = a.context_lens[blockIdx.y];
     int splits0 = 1;
     if (ctx0 > 0) SplitLen(a, ctx0, &splits0);
     if (ctx0 > 0 && static_cast<int>(blockIdx.x) >= splits0) return;
-    WaitQkvReady(a.qkv_ready, a.qkv_ready_target);
+    if (preload == 0) {
+      WaitQkvReady(a.qkv_ready, a.qkv_ready_target);
+      AttnStamp(a, kAttnTlReady);
+    }
   }
   const int sp = blockIdx.x;
   const int s = blockIdx.y;
   const int h = blockIdx.z;
-  // kFold: the new token's qkv elements, requested first (FoldLoad).
-  [[maybe_unused]] const auto fold_in = [&] {
-    if constexpr (kFold) {
-      return FoldLoad<T, HD>(a, s, h);
-    } else {
-      return 0;
-    }
-  }();
+  // kFold: the new token's qkv elements, requested first (FoldLoad) unless the block waits for
+  // them below (after its preloaded stages).
+  [[maybe_unused]] std::conditional_t<kFold, FoldIn<T>, int> fold_in{};
+  if constexpr (kFold) {
+    if (preload == 0) fold_in = FoldLoad<T, HD>(a, s, h);
+  }
   const int ctx = a.context_lens[s];
   T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
   if (ctx <= 0) {  // padding row
@@ -193,13 +199,27 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   Stage sa, sb;
   int k_it = k_begin;
   load(sa, k_it);
+  bool sb_loaded = false;  // the loop's first sb load was done before the wait
+  if (preload > 0) {
+    if (preload >= 2 && k_it + kStep < k_end) {
+      load(sb, k_it + kStep);
+      sb_loaded = true;
+    }
+    WaitQkvReady(a.qkv_ready, a.qkv_ready_target);
+    AttnStamp(a, kAttnTlReady);
+    if constexpr (kFold) fold_in = FoldLoad<T, HD>(a, s, h);
+  }
   if constexpr (kFold) {  // the rotation overlaps the first stage's loads
     FoldRotate<T, HD>(a, fold_in, new_key >= 0, fold_sm);
     FoldStoreNew<T, HD>(a, fold_in, h, new_key >= 0, bs, fold_sm);
     load_q(fold_sm.q);
   }
   while (true) {
-    if (k_it + kStep < k_end) load(sb, k_it + kStep);
+    if (sb_loaded) {
+      sb_loaded = false;
+    } else if (k_it + kStep < k_end) {
+      load(sb, k_it + kStep);
+    }
     patch(sa, k_it);
     compute(sa);
     k_it += kStep;
@@ -213,6 +233,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   // The next kernel, if a programmatic dependent (the fc1 GEMV), may start its weight prefetch
   // once every block is past its loads; it waits for this grid before reading anything else.
   asm volatile("griddepcontrol.launch_dependents;" :::);
+  if (kFold) AttnStamp(a, kAttnTlKeysDone);
 
   // The 4 groups of the warp (lanes cl, cl + 8, cl + 16, cl + 24 hold the same slices).
   MergeLaneGroups<kLanesPerKey, H::kPerLane>(m, l, acc);
@@ -260,6 +281,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   } else if (kFold && splits == 1 && a.heads_done != nullptr) {
     CountHeadDone(a.heads_done);
   }
+  if (kFold) AttnStamp(a, kAttnTlEnd);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -667,6 +689,9 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.qkv_ready = plan.qkv_ready;
   a.qkv_ready_target = plan.qkv_ready_target;
   a.heads_done = plan.heads_done;
+  a.preload_stages = std::clamp(plan.preload_stages, 0, 2);
+  a.timeline = plan.qkv_ready != nullptr ? plan.timeline : nullptr;
+  a.timeline_blocks = plan.timeline_blocks;
   // Beside the decode stream: only the register-staged fused form with its own merge, one
   // sequence, spins and counts (see the plan).
   if ((plan.qkv_ready != nullptr) != (plan.heads_done != nullptr) ||

@@ -91,7 +91,18 @@ struct Args {
   const int32_t* qkv_ready;
   int qkv_ready_target;
   int32_t* heads_done;
+  int preload_stages;  // PagedDecodeCudaPlan::preload_stages (0-2)
+  // PagedDecodeCudaPlan::timeline (benchmarks; null: off).
+  uint64_t* timeline;
+  int timeline_blocks;
 };
+
+// PagedDecodeCudaPlan::timeline: thread 0 stamps event e of its block's row.
+__device__ __forceinline__ void AttnStamp(const Args& a, int e) {
+  if (a.timeline == nullptr || threadIdx.x != 0) return;
+  const int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (b < a.timeline_blocks) a.timeline[b * kPagedDecodeTimelineEvents + e] = cuda::GlobalTimerNs();
+}
 
 // PagedDecodeCudaPlan::qkv_ready: thread 0 spins (acquire) until *ready >= target, then the block
 // barrier hands that to every thread (cuda::SpinUntilAtLeast: a trap after ~10 s, not a hang).

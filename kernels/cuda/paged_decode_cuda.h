@@ -116,6 +116,23 @@ struct PagedDecodeCudaPlan {
   const int32_t* qkv_ready = nullptr;
   int qkv_ready_target = 0;
   int32_t* heads_done = nullptr;
+  // Beside the decode stream: K/V stages (0-2, of 32 keys) each block requests before its wait
+  // for the q/k/v row (they do not depend on it); 0: it waits first.
+  int preload_stages = 0;
+  // Benchmarks, beside the decode stream: [timeline_blocks, kPagedDecodeTimelineEvents] uint64
+  // %globaltimer stamps (ns; null: off) of each block (linear id x + X (y + Y z)) below
+  // timeline_blocks; 0 where the event did not happen (blocks past the splits leave at once).
+  uint64_t* timeline = nullptr;
+  int timeline_blocks = 0;
+};
+
+// PagedDecodeCudaPlan::timeline's events.
+enum PagedDecodeTimelineEvent : int {
+  kAttnTlStart = 0,     // the block started
+  kAttnTlReady = 1,     // its wait for the q/k/v row ended
+  kAttnTlKeysDone = 2,  // its keys done (before the warps' merge)
+  kAttnTlEnd = 3,       // its output (or split partial, and the merge if last) stored and counted
+  kPagedDecodeTimelineEvents = 4,
 };
 
 // Grid split bound for a launch that will serve at least `min_live_seqs` live sequences.

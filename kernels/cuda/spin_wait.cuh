@@ -15,6 +15,12 @@ __device__ __forceinline__ int LoadAcquireGpu(const int* p) {
   return v;
 }
 
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // Spins (the calling thread) until *p >= target, an acquire load each round. For waits on work
 // that is already running by construction (the decode stream and the attention beside it), so a
 // wait past ~10 s is a bug: trap (a sticky device error the host reports) instead of a hang.
@@ -23,8 +29,7 @@ __device__ __forceinline__ void SpinUntilAtLeast(const int* p, int target) {
   for (int n = 0; LoadAcquireGpu(p) < target; ++n) {
     __nanosleep(32);
     if ((n & 1023) == 1023) {
-      uint64_t now;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      const uint64_t now = GlobalTimerNs();
       if (start == 0) start = now;
       if (now - start > 10000000000ull) __trap();
     }

@@ -41,6 +41,8 @@
 #include <vector>
 
 #include "kernels/cuda/decode_mega_cuda.h"
+#include "kernels/cuda/decode_stream_cuda.h"
+#include "kernels/cuda/paged_decode_cuda.h"
 #include "model/cuda_phi_model.h"
 #include "model/kv_cache.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -328,6 +330,86 @@ TEST(CudaDecodeStreamModel, OptionAtLoadEqualsTheSwitchAfterLoad) {
   }
   ASSERT_EQ(got[0].size(), got[1].size());
   for (size_t i = 0; i < got[0].size(); ++i) EXPECT_TRUE(got[0][i] == got[1][i]) << "step " << i;
+}
+
+// The attention's preloaded K/V stages (set_decode_stream_preload: loads moved before its wait)
+// and the timeline (clock stamps only) change no value: every step's logits equal the plain
+// path's bit for bit, over contexts 1-20 (one 32-key stage, part of one) and 91-112 (several
+// stages, the new key in each position of a stage). The last step's timeline: every layer's
+// stream blocks stamped start <= folded <= items done <= flushed, layer l's fold after layer
+// l - 1's last flush, and attention blocks start <= ready <= keys done <= end, with at least one
+// attention block a layer.
+TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
+  PHI_REQUIRE_GPU();
+  lora_test::TempDir gqa("phishard-stream-preload");
+  model_test::WriteRandomPhiCheckpoint(gqa.path(), {.hidden_size = 512,
+                                                    .num_attention_heads = 8,
+                                                    .num_key_value_heads = 2,
+                                                    .intermediate_size = 2048,
+                                                    .partial_rotary_factor = 0.5,
+                                                    .seed = 7});
+  ASSERT_FALSE(HasFatalFailure());
+  for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
+    SCOPED_TRACE(dir.string());
+    std::unique_ptr<CudaPhiModel> m = LoadModel(dir, "bfloat16");
+    ASSERT_TRUE(m);
+    ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
+    ASSERT_TRUE(m->PoisonKvCache().ok());
+    ASSERT_TRUE(m->set_decode_stream(true).ok());
+    ASSERT_TRUE(m->decode_stream());
+    m->set_decode_stream_preload(0);
+    const std::vector<std::vector<float>> base = RunSteps(*m);
+    for (int preload : {1, 2, 3}) {
+      m->set_decode_stream_preload(preload);
+      EXPECT_EQ(m->decode_stream_preload(), std::min(preload, 2));
+      const bool timeline = preload == 3;
+      ASSERT_TRUE(m->set_decode_stream_timeline(timeline).ok());
+      const int64_t steps0 = m->decode_stream_steps();
+      const std::vector<std::vector<float>> got = RunSteps(*m);
+      EXPECT_GE(m->decode_stream_steps() - steps0, 1);  // (graph captures count, replays not)
+      ASSERT_EQ(got.size(), base.size());
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_TRUE(got[i] == base[i]) << "preload " << preload << " step " << i;
+      }
+      if (!timeline) continue;
+      absl::StatusOr<std::vector<uint64_t>> tl = m->decode_stream_timeline();
+      ASSERT_TRUE(tl.ok()) << tl.status();
+      const int SB = CudaPhiModel::kStreamTimelineBlocks;
+      const int AB = CudaPhiModel::kStreamTimelineAttnBlocks;
+      const size_t per_layer = static_cast<size_t>(SB) * kDecodeStreamTimelineEvents +
+                               static_cast<size_t>(AB) * kPagedDecodeTimelineEvents;
+      ASSERT_EQ(tl->size(), per_layer * m->config().num_hidden_layers);
+      uint64_t prev_flush = 0;
+      for (int l = 0; l < m->config().num_hidden_layers; ++l) {
+        const uint64_t* rows = tl->data() + l * per_layer;
+        int stream_blocks = 0, attn_blocks = 0;
+        uint64_t last_flush = 0;
+        for (int b = 0; b < SB; ++b) {
+          const uint64_t* r = rows + b * kDecodeStreamTimelineEvents;
+          if (r[kTlStart] == 0) continue;
+          ++stream_blocks;
+          EXPECT_LE(r[kTlStart], r[kTlFolded]) << "layer " << l << " block " << b;
+          EXPECT_LE(r[kTlFolded], r[kTlItemsDone]) << "layer " << l << " block " << b;
+          EXPECT_LE(r[kTlItemsDone], r[kTlFlushed]) << "layer " << l << " block " << b;
+          EXPECT_GE(r[kTlFolded], prev_flush) << "layer " << l << " block " << b;
+          last_flush = std::max(last_flush, r[kTlFlushed]);
+        }
+        const uint64_t* arows = rows + static_cast<size_t>(SB) * kDecodeStreamTimelineEvents;
+        for (int b = 0; b < AB; ++b) {
+          const uint64_t* r = arows + b * kPagedDecodeTimelineEvents;
+          if (r[kAttnTlEnd] == 0) continue;
+          ++attn_blocks;
+          EXPECT_LE(r[kAttnTlStart], r[kAttnTlReady]) << "layer " << l << " block " << b;
+          EXPECT_LE(r[kAttnTlReady], r[kAttnTlKeysDone]) << "layer " << l << " block " << b;
+          EXPECT_LE(r[kAttnTlKeysDone], r[kAttnTlEnd]) << "layer " << l << " block " << b;
+        }
+        EXPECT_GT(stream_blocks, 0) << "layer " << l;
+        EXPECT_GT(attn_blocks, 0) << "layer " << l;
+        prev_flush = last_flush;
+      }
+    }
+    ASSERT_TRUE(m->set_decode_stream_timeline(false).ok());
+  }
 }
 
 // A shape the stream does not take (hidden 320: not 256 KC) keeps the op-by-op path: the switch
