@@ -72,10 +72,34 @@ struct ModelSettingSweeps {
                                  .title = "decode stream attention's K/V stages before its wait",
                                  .cases = "1x128,1x1024,1x4096",
                                  .values = "0,1,2"};
+  IntSettingSweep stream_blocks{.name = "stream-blocks",
+                                .label = "blocks",
+                                .title = "decode stream kernel's grid (0: every SM)",
+                                .cases = "1x128,1x1024,1x4096",
+                                .values = "0,120,108"};
+  IntSettingSweep stream_head{.name = "stream-head",
+                              .label = "head",
+                              .title = "decode stream: the LM head as a stream launch",
+                              .cases = "1x128,1x1024,1x4096",
+                              .values = "0,1"};
+  IntSettingSweep stream_inflight{.name = "stream-inflight",
+                                  .label = "oneinflight",
+                                  .title = "decode stream: one copy in flight a block",
+                                  .cases = "1x128,1x1024,1x4096",
+                                  .values = "0,1"};
+  IntSettingSweep stream_attn_smem{.name = "stream-attn-smem",
+                                   .label = "attnsmem",
+                                   .title = "decode stream dense chunks' attention output in smem",
+                                   .cases = "1x128,1x1024,1x4096",
+                                   .values = "0,1"};
 
   void AddFlags(CLI::App& app) {
     stream.AddFlags(app, "set_decode_stream", "1 (on) or 0 (off)");
     stream_preload.AddFlags(app, "set_decode_stream_preload", "stages (0-2)");
+    stream_blocks.AddFlags(app, "set_decode_stream_blocks", "blocks (0: every SM)");
+    stream_attn_smem.AddFlags(app, "set_decode_stream_attn_smem", "0 or 1");
+    stream_head.AddFlags(app, "set_decode_stream_head", "0 or 1");
+    stream_inflight.AddFlags(app, "set_decode_stream_one_in_flight", "0 or 1");
     fc1_sms.AddFlags(app, "set_decode_fc1_sms, applied to every step size 1-256 here",
                      "SM count targets (0: every SM)");
     fc1_min_kv.AddFlags(app, "set_decode_fc1_sms_min_kv_tokens",
@@ -137,6 +161,18 @@ struct ModelSettingSweeps {
     stream_preload.Run(
         bench, [&m] { return m.decode_stream_preload(); },
         [&m](int v) { m.set_decode_stream_preload(v); }, rows);
+    stream_blocks.Run(
+        bench, [&m] { return m.decode_stream_blocks(); },
+        [&m](int v) { m.set_decode_stream_blocks(v); }, rows);
+    stream_attn_smem.Run(
+        bench, [&m] { return m.decode_stream_attn_smem() ? 1 : 0; },
+        [&m](int v) { m.set_decode_stream_attn_smem(v != 0); }, rows);
+    stream_head.Run(
+        bench, [&m] { return m.decode_stream_head() ? 1 : 0; },
+        [&m](int v) { m.set_decode_stream_head(v != 0); }, rows);
+    stream_inflight.Run(
+        bench, [&m] { return m.decode_stream_one_in_flight() ? 1 : 0; },
+        [&m](int v) { m.set_decode_stream_one_in_flight(v != 0); }, rows);
     graphs.Run(
         bench, [&m] { return m.cuda_graphs() ? 1 : 0; }, [&m](int v) { m.set_cuda_graphs(v != 0); },
         rows);

@@ -101,8 +101,11 @@ absl::Status CudaPhiModel::EnqueueDecode(int rows, int variant) {
   in.min_live = std::max(1, rows / 2);  // the bucket below holds every smaller batch
   SetDecodeVariant(rows, variant, &in);
   in.max_q_len = 1;
-  const absl::StatusOr<bool> streamed = TryEnqueueStreamDecode(in);  // model/cuda_phi_stream.cc
+  bool logits_done = false;
+  const absl::StatusOr<bool> streamed =
+      TryEnqueueStreamDecode(in, &logits_done);  // model/cuda_phi_stream.cc
   PHI_RETURN_IF_ERROR(streamed.status());
+  if (logits_done) return absl::OkStatus();
   if (!*streamed) {
     const absl::StatusOr<bool> mega = TryEnqueueMegaDecode(in);  // model/cuda_phi_mega.cc
     PHI_RETURN_IF_ERROR(mega.status());

@@ -271,6 +271,20 @@ class CudaPhiModel final : public ModelBackend {
   // q/k/v row (PagedDecodeCudaPlan::preload_stages, 0-2, default 2; drops graphs).
   void set_decode_stream_preload(int stages);
   int decode_stream_preload() const { return stream_preload_; }
+  // Benchmarks: the stream kernel's grid (DecodeStreamParams::blocks, 0: the SM count) and
+  // DecodeStreamParams::dense_attn_in_smem (drop graphs).
+  void set_decode_stream_blocks(int blocks);
+  int decode_stream_blocks() const { return stream_blocks_; }
+  void set_decode_stream_attn_smem(bool on);
+  bool decode_stream_attn_smem() const { return stream_attn_smem_; }
+  // The final LayerNorm and the LM head as one more stream launch (DecodeStreamParams::
+  // head_vocab) where the vocabulary is a multiple of hidden / 256 and no LoRA is active, instead
+  // of the fold + the LM head's bulk GEMV (drops graphs).
+  void set_decode_stream_head(bool on);
+  // DecodeStreamParams::one_in_flight for the stream's launches (drops graphs).
+  void set_decode_stream_one_in_flight(bool on);
+  bool decode_stream_one_in_flight() const { return stream_one_in_flight_; }
+  bool decode_stream_head() const { return stream_head_; }
   absl::Status set_decode_stream_timeline(bool on);
   absl::StatusOr<std::vector<uint64_t>> decode_stream_timeline();
   // CudaModelOptions::decode_megakernel (drops graphs).
@@ -481,7 +495,8 @@ class CudaPhiModel final : public ModelBackend {
   absl::StatusOr<bool> TryEnqueueMegaDecode(const StepInputs& in);
   // Embedding + every layer through the decode stream (model/cuda_phi_stream.cc) when the step
   // qualifies (decode_stream on, one row, no adapter rows, unsharded); false: nothing enqueued.
-  absl::StatusOr<bool> TryEnqueueStreamDecode(const StepInputs& in);
+  // *logits_done: the step's logits were enqueued too (the LM head form of the stream).
+  absl::StatusOr<bool> TryEnqueueStreamDecode(const StepInputs& in, bool* logits_done);
   absl::Status ReserveMegaDecode();  // its buffer and layer table, at load (unsharded models)
   // Sharded prefill (model/cuda_phi_tp_overlap.cc): EnqueueLayers in row chunks whose
   // all-reduces run on a second stream beside the next chunk's work; EnqueueLayers(in) itself
@@ -699,6 +714,15 @@ class CudaPhiModel final : public ModelBackend {
   // set_decode_stream_preload: 2 measured x0.975 / x0.971 at ctx 1024 / 4096 against 0 (the
   // wait first), x0.999 at 128 (perf-log 2026-11-30 21:2x).
   int stream_preload_ = 2;
+  int stream_blocks_ = 0;  // set_decode_stream_blocks
+  // set_decode_stream_attn_smem: x0.988 at b1 ctx 1024, x0.992 at 4096, x0.997 at 128
+  // (perf-log 2026-11-30 21:25).
+  bool stream_attn_smem_ = true;
+  // set_decode_stream_head: x0.996 at b1 ctx 128 / 1024 / 4096 (perf-log 2026-11-30 21:3x).
+  bool stream_head_ = true;
+  // set_decode_stream_one_in_flight: x0.962 at b1 ctx 4096, x0.999 at 1024, x1.003 at 128
+  // (perf-log 2026-11-30 21:3x).
+  bool stream_one_in_flight_ = true;
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
   int mega_stages_ = 0;

@@ -33,7 +33,7 @@ using cuda_model::MakeDecodePlan;
 struct StreamBufLayout {
   size_t fc2_t, dense_t;  // [L][I, H], [L][A, H]
   size_t qkv, attn, h;    // [L][NQ], [L][A], [L][H] dtype
-  size_t sums, counters;  // [L][copies, H] float32, [L][kDecodeStreamCounterInts] int32
+  size_t sums, counters;  // [L][copies, H] float32, [L + 1][kDecodeStreamCounterInts] int32
   size_t zero_bytes;      // sums .. end: what the step zeroes
   size_t total;
 };
@@ -51,7 +51,7 @@ StreamBufLayout MakeStreamBufLayout(const PhiConfig& c, size_t elem) {
   m.attn = offsets.Take(L * A * elem);
   m.h = offsets.Take(L * H * elem);
   m.sums = offsets.Take(L * kDecodeStreamCopies * H * sizeof(float));
-  m.counters = offsets.Take(L * kDecodeStreamCounterInts * sizeof(int32_t));
+  m.counters = offsets.Take((L + 1) * kDecodeStreamCounterInts * sizeof(int32_t));  // + the head's
   m.zero_bytes = offsets.off - m.sums;
   m.total = offsets.off;
   return m;
@@ -176,6 +176,26 @@ void CudaPhiModel::set_decode_stream_preload(int stages) {
   stream_preload_ = std::clamp(stages, 0, 2);
 }
 
+void CudaPhiModel::set_decode_stream_blocks(int blocks) {
+  DropGraphs();
+  stream_blocks_ = std::clamp(blocks, 0, multiprocessors_);
+}
+
+void CudaPhiModel::set_decode_stream_one_in_flight(bool on) {
+  DropGraphs();
+  stream_one_in_flight_ = on;
+}
+
+void CudaPhiModel::set_decode_stream_head(bool on) {
+  DropGraphs();
+  stream_head_ = on;
+}
+
+void CudaPhiModel::set_decode_stream_attn_smem(bool on) {
+  DropGraphs();
+  stream_attn_smem_ = on;
+}
+
 absl::Status CudaPhiModel::set_decode_stream_timeline(bool on) {
   DeviceSet(device_);
   DropGraphs();
@@ -202,7 +222,8 @@ absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::decode_stream_timeline() {
   return out;
 }
 
-absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) {
+absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, bool* logits_done) {
+  *logits_done = false;
   if (!stream_on_ || stream_buf_ == nullptr || in.tokens != 1 || lora_->active() ||
       shard_.sharded() || kv_ == nullptr || in.merge_counters == nullptr) {
     return false;
@@ -268,6 +289,9 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) 
                                    : nullptr;
     p.layer.timeline = layer_timeline;
     p.layer.timeline_blocks = kStreamTimelineBlocks;
+    p.blocks = stream_blocks_;
+    p.dense_attn_in_smem = stream_attn_smem_;
+    p.one_in_flight = stream_one_in_flight_;
     p.programmatic_launch = l > 0;  // a dependent of the attention of the layer before
     PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamLayerCuda(p, stream_), "decode stream layer"));
     char* k_cache = static_cast<char*>(kv_) + 2 * static_cast<size_t>(l) * layer_kv_bytes;
@@ -294,6 +318,32 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in) 
                                      "decode stream attention"));
   }
   const Layer& last = layers_[L - 1];
+  if (stream_head_ && c.vocab_size % (H / 256) == 0 &&
+      reinterpret_cast<uintptr_t>(lm_head_w_) % 16 == 0) {
+    // The final LayerNorm and the LM head as one more stream launch (float32 logits).
+    DecodeStreamParams p = StreamShapeParams(c, dtype_);
+    p.attn_heads = 0;
+    p.head_vocab = c.vocab_size;
+    p.blocks = stream_blocks_;
+    p.one_in_flight = stream_one_in_flight_;
+    p.programmatic_launch = true;  // a dependent of the last layer's attention
+    p.layer = DecodeStreamLayer{.ln_w = final_ln_w_,
+                                .ln_b = final_ln_b_,
+                                .qkv_w = lm_head_w_,
+                                .h_in = h_of(L - 1),
+                                .sums_in = sums_of(L - 1),
+                                .prev_dense_b = last.dense_b,
+                                .prev_fc2_b = last.fc2_b,
+                                .prev_counters = counters_of(L - 1),
+                                .h_out = a + al.h,
+                                .counters = counters_of(L),
+                                .logits = reinterpret_cast<float*>(a + al.logits),
+                                .head_bias = lm_head_b_};
+    PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamLayerCuda(p, stream_), "decode stream LM head"));
+    *logits_done = true;
+    ++stream_steps_;
+    return true;
+  }
   PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamFoldCuda({.h_in = h_of(L - 1),
                                                          .sums = sums_of(L - 1),
                                                          .dense_b = last.dense_b,

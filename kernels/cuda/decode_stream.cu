@@ -33,6 +33,8 @@ constexpr int kBarrierBytes = 128;  // 2 kMaxStages mbarriers, then the ring (16
 struct StreamShape {
   int q_chunks, m_chunks, d_chunks;  // items of each kind (R rows each)
   int attn_heads;
+  bool attn_smem;      // DecodeStreamParams::dense_attn_in_smem (and nH hd == K)
+  bool one_in_flight;  // DecodeStreamParams::one_in_flight
   float eps;
   bool gelu_erf;
 };
@@ -198,6 +200,8 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       for (int half = 0; half < stages_of; ++half, ++it) {
         const int s = it % S;
         if (it >= S) sm90::MbarWait(&empty[s], ((it / S) & 1) ^ 1);
+        // DecodeStreamParams::one_in_flight: the copy before this one has landed.
+        if (sh.one_in_flight && it >= 1) sm90::MbarWait(&full[(it - 1) % S], ((it - 1) / S) & 1);
         if (kind == kItemEnd) {  // this block's end of the layer
           if (lane == 0) {
             item_of[s] = -1;
@@ -219,7 +223,9 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
           sm90::BulkLoad(ring + static_cast<size_t>(s) * R * K, src, kStageBytes, &full[s]);
         }
         if (lane < R) {
-          sb[s * R + lane] = bias != nullptr ? ToFloat(bias[idx * R + lane]) : 0.0f;
+          sb[s * R + lane] = a.head_bias != nullptr ? a.head_bias[idx * R + lane]
+                             : bias != nullptr      ? ToFloat(bias[idx * R + lane])
+                                                    : 0.0f;
           sm90::MbarArrive(&full[s]);
         }
       }
@@ -259,7 +265,13 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
     if (kind == kItemQkv) {
       const float d = WarpDot<KC>(rows + warp * K, sx, lane) + sb[s * R + warp];
       sm90::MbarArrive(&empty[s]);
-      if (lane == 0) qkv[idx * R + warp] = FromFloat<T>(d);
+      if (lane == 0) {
+        if (a.logits != nullptr) {  // the LM head form: float32 logits
+          a.logits[idx * R + warp] = d;
+        } else {
+          qkv[idx * R + warp] = FromFloat<T>(d);
+        }
+      }
       ++qkv_unsignalled;
       ++it;
     } else if (kind == kItemMlp) {
@@ -287,11 +299,17 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
           Stamp(a, kTlDenseGo);
         }
         ConsumerSync(kConsumers);
+        if (sh.attn_smem) {  // the whole output into sx (no q/k/v or MLP item reads it now)
+          reinterpret_cast<uint4*>(sx)[tid] = __ldcg(reinterpret_cast<const uint4*>(attn) + tid);
+          ConsumerSync(kConsumers);
+        }
         attn_ready = true;
       }
       float g[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) g[r] = ToFloat(__ldcg(attn + idx * R + r));
+      for (int r = 0; r < R; ++r) {
+        g[r] = ToFloat(sh.attn_smem ? sx[idx * R + r] : __ldcg(attn + idx * R + r));
+      }
       float t[8] = {};
       Axpy<R, K>(rows, g, tid, t);
       AddOnGrid(acc, t, magic);
@@ -299,11 +317,13 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       ++it;
     }
   }
-  float4* o = reinterpret_cast<float4*>(a.sums +
-                                        static_cast<size_t>(blockIdx.x % kDecodeStreamCopies) * K) +
-              2 * tid;
-  atomicAdd(o, make_float4(acc[0], acc[1], acc[2], acc[3]));
-  atomicAdd(o + 1, make_float4(acc[4], acc[5], acc[6], acc[7]));
+  if (sh.m_chunks + sh.d_chunks > 0) {  // (the LM head form has no partial S)
+    float4* o = reinterpret_cast<float4*>(
+                    a.sums + static_cast<size_t>(blockIdx.x % kDecodeStreamCopies) * K) +
+                2 * tid;
+    atomicAdd(o, make_float4(acc[0], acc[1], acc[2], acc[3]));
+    atomicAdd(o + 1, make_float4(acc[4], acc[5], acc[6], acc[7]));
+  }
   ConsumerSync(kConsumers);
   if (tid == 0) {
     __threadfence();
@@ -413,10 +433,14 @@ KernelStatus LaunchLayer(const DecodeStreamParams& p, cudaStream_t stream) {
     }
   }
   const int R = KC, nq = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim;
-  const StreamShape sh{nq / R,
-                       p.intermediate / R,
-                       p.num_heads * p.head_dim / R,
+  const bool head = p.head_vocab > 0;  // the LM head form: its rows only
+  const StreamShape sh{head ? p.head_vocab / R : nq / R,
+                       head ? 0 : p.intermediate / R,
+                       head ? 0 : p.num_heads * p.head_dim / R,
                        p.attn_heads,
+                       p.dense_attn_in_smem && p.num_heads * p.head_dim == p.hidden &&
+                           reinterpret_cast<uintptr_t>(p.layer.attn) % 16 == 0,
+                       p.one_in_flight,
                        p.eps,
                        p.act == GemmEpilogue::kGeluErf};
   return cuda::LaunchMaybeProgrammatic(DecodeStreamKernel<T, KC>, dim3(blocks), dim3(32 * KC + 32),
@@ -459,6 +483,7 @@ bool DecodeStreamCudaSupports(const DecodeStreamParams& p) {
   }
   const int S = Stages(p);
   if (S < 2 || S > kMaxStages || p.attn_heads < 0 || p.blocks < 0) return false;
+  if (p.head_vocab < 0 || p.head_vocab % kc != 0) return false;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -474,9 +499,19 @@ KernelStatus DecodeStreamLayerCuda(const DecodeStreamParams& p, cudaStream_t str
   }
   if (!DecodeStreamCudaSupports(p)) return KernelStatus::kInvalidShape;
   const DecodeStreamLayer& l = p.layer;
-  if (l.ln_w == nullptr || l.ln_b == nullptr || l.qkv_w == nullptr || l.fc1_w == nullptr ||
-      l.fc2_wt == nullptr || l.dense_wt == nullptr || l.h_in == nullptr || l.qkv == nullptr ||
-      l.attn == nullptr || l.sums == nullptr || l.counters == nullptr) {
+  if (p.head_vocab > 0) {  // the LM head form
+    if (p.head_vocab % StreamKc(p.hidden) != 0 || p.attn_heads != 0) {
+      return KernelStatus::kInvalidShape;
+    }
+    if (l.ln_w == nullptr || l.ln_b == nullptr || l.qkv_w == nullptr || l.h_in == nullptr ||
+        l.logits == nullptr || l.counters == nullptr) {
+      return KernelStatus::kNullPointer;
+    }
+    if (l.qkv_b != nullptr) return KernelStatus::kInvalidShape;  // (its bias: head_bias)
+  } else if (l.ln_w == nullptr || l.ln_b == nullptr || l.qkv_w == nullptr || l.fc1_w == nullptr ||
+             l.fc2_wt == nullptr || l.dense_wt == nullptr || l.h_in == nullptr ||
+             l.qkv == nullptr || l.attn == nullptr || l.sums == nullptr || l.counters == nullptr ||
+             l.logits != nullptr || l.head_bias != nullptr) {
     return KernelStatus::kNullPointer;
   }
   return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {

@@ -89,6 +89,10 @@ struct DecodeStreamLayer {
   // row b when b < timeline_blocks.
   uint64_t* timeline = nullptr;
   int timeline_blocks = 0;
+  // The LM head form (DecodeStreamParams::head_vocab): float32 [head_vocab] out and the LM
+  // head's float32 bias [head_vocab] (or null); null otherwise.
+  float* logits = nullptr;
+  const float* head_bias = nullptr;
 };
 
 struct DecodeStreamParams {
@@ -103,6 +107,19 @@ struct DecodeStreamParams {
   // blocks (0: the SM count).
   int stages = 0;
   int blocks = 0;
+  // The dense chunks read the attention output from shared memory, loaded once by the block at
+  // its first dense chunk (one L2 round trip a block instead of one a chunk); needs nH hd ==
+  // hidden and attn 16-byte aligned (else per chunk, as with false).
+  bool dense_attn_in_smem = false;
+  // The producer issues a stage's copy only after the one before it has landed: one stage in
+  // flight a block (less queued in the memory system, so shorter round trips for the waits).
+  bool one_in_flight = false;
+  // > 0: the LM head form after the last layer: the fold of the last layer's output, the final
+  // LayerNorm (layer.ln_w / ln_b, eps) and logits = Wlm x + blm as float32 (layer.qkv_w: the LM
+  // head's weight [head_vocab, hidden], layer.head_bias its bias or null, layer.logits out), the
+  // rows streamed as the q/k/v chunks are; no MLP, dense or attention (fc1 / fc2 / dense / qkv /
+  // attn / sums unused; attn_heads 0). head_vocab a multiple of R = hidden / 256.
+  int head_vocab = 0;
   // Launch as a programmatic dependent of the kernel before it (the layer before, or the
   // attention), so the producer streams while that kernel drains.
   bool programmatic_launch = false;

@@ -152,9 +152,12 @@ int64_t PathLaunches(const CudaPhiModel& m, Path p) {
   return p == Path::kMega ? m.mega_decode_launches() : m.decode_stream_steps();
 }
 
-void CompareWithOpByOp(const fs::path& dir, const std::string& dtype, Path path = Path::kMega) {
+// `configure`: applied to the model after load (a path's settings).
+void CompareWithOpByOp(const fs::path& dir, const std::string& dtype, Path path = Path::kMega,
+                       const std::function<void(CudaPhiModel&)>& configure = nullptr) {
   std::unique_ptr<CudaPhiModel> m = LoadModel(dir, dtype);
   ASSERT_TRUE(m);
+  if (configure) configure(*m);
   ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
   ASSERT_TRUE(m->PoisonKvCache().ok());
   ASSERT_FALSE(m->decode_megakernel());
@@ -308,6 +311,33 @@ TEST(CudaDecodeStreamModel, RandomGqaAndPhi2LayerMatchOpByOpPath) {
   }
 }
 
+// Both forms of the stream step's end (the fold + the LM head's bulk GEMV, or the LM head as one
+// more stream launch: set_decode_stream_head) match the op-by-op path within the same bounds, on
+// tiny-phi-code (bf16 and fp16) and a GQA model (8 / 2 heads of 64, hidden 512: two LM head rows
+// a stage).
+TEST(CudaDecodeStreamModel, BothHeadFormsMatchOpByOpPath) {
+  PHI_REQUIRE_GPU();
+  lora_test::TempDir gqa("phishard-stream-head");
+  model_test::WriteRandomPhiCheckpoint(gqa.path(), {.hidden_size = 512,
+                                                    .num_attention_heads = 8,
+                                                    .num_key_value_heads = 2,
+                                                    .intermediate_size = 2048,
+                                                    .partial_rotary_factor = 0.5,
+                                                    .seed = 9});
+  ASSERT_FALSE(HasFatalFailure());
+  for (bool head : {false, true}) {
+    for (const auto& [dir, dtype] : {std::pair{kRepo / "models" / "tiny-phi-code", "bfloat16"},
+                                     std::pair{kRepo / "models" / "tiny-phi-code", "float16"},
+                                     std::pair{gqa.path(), "bfloat16"}}) {
+      SCOPED_TRACE(std::string(head ? "LM head in the stream " : "LM head GEMV ") + dir.string() +
+                   " " + dtype);
+      CompareWithOpByOp(dir, dtype, Path::kStream,
+                        [head](CudaPhiModel& m) { m.set_decode_stream_head(head); });
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 // The option at load (CudaModelOptions::decode_stream = 1, what PHISHARD_DECODE_STREAM sets)
 // takes the stream with the weights uploaded: the same logits, bit for bit, as switching it on
 // after load (the stream's sums are exact, so two models of the same weights agree exactly).
@@ -332,9 +362,12 @@ TEST(CudaDecodeStreamModel, OptionAtLoadEqualsTheSwitchAfterLoad) {
   for (size_t i = 0; i < got[0].size(); ++i) EXPECT_TRUE(got[0][i] == got[1][i]) << "step " << i;
 }
 
-// The attention's preloaded K/V stages (set_decode_stream_preload: loads moved before its wait)
-// and the timeline (clock stamps only) change no value: every step's logits equal the plain
-// path's bit for bit, over contexts 1-20 (one 32-key stage, part of one) and 91-112 (several
+// The attention's preloaded K/V stages (set_decode_stream_preload: loads moved before its wait),
+// the dense chunks' attention output through shared memory (set_decode_stream_attn_smem), a
+// smaller stream grid (set_decode_stream_blocks: the grid sums are exact in any order), one copy
+// in flight a block (set_decode_stream_one_in_flight) and the
+// timeline (clock stamps only) change no value: every step's logits equal the plain path's bit
+// for bit, over contexts 1-20 (one 32-key stage, part of one) and 91-112 (several
 // stages, the new key in each position of a stage). The last step's timeline: every layer's
 // stream blocks stamped start <= folded <= items done <= flushed, layer l's fold after layer
 // l - 1's last flush, and attention blocks start <= ready <= keys done <= end, with at least one
@@ -358,11 +391,17 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
     ASSERT_TRUE(m->set_decode_stream(true).ok());
     ASSERT_TRUE(m->decode_stream());
     m->set_decode_stream_preload(0);
+    m->set_decode_stream_attn_smem(false);
+    m->set_decode_stream_blocks(0);
+    m->set_decode_stream_head(false);  // (the LM head form's logits are its own; both as base)
     const std::vector<std::vector<float>> base = RunSteps(*m);
-    for (int preload : {1, 2, 3}) {
+    for (int preload : {1, 2, 3, 4}) {
       m->set_decode_stream_preload(preload);
       EXPECT_EQ(m->decode_stream_preload(), std::min(preload, 2));
-      const bool timeline = preload == 3;
+      m->set_decode_stream_attn_smem(preload >= 2);
+      m->set_decode_stream_blocks(preload == 4 ? 7 : 0);
+      m->set_decode_stream_one_in_flight(preload >= 3);
+      const bool timeline = preload >= 3;
       ASSERT_TRUE(m->set_decode_stream_timeline(timeline).ok());
       const int64_t steps0 = m->decode_stream_steps();
       const std::vector<std::vector<float>> got = RunSteps(*m);
