@@ -281,6 +281,10 @@ class CudaPhiModel final : public ModelBackend {
   // head_vocab) where the vocabulary is a multiple of hidden / 256 and no LoRA is active, instead
   // of the fold + the LM head's bulk GEMV (drops graphs).
   void set_decode_stream_head(bool on);
+  // DecodeStreamParams::dense_poll_attn (where nH hd == hidden): the dense chunks wait for the
+  // attention output itself, the attention counts nothing (drops graphs; arms the buffers).
+  absl::Status set_decode_stream_poll(bool on);
+  bool decode_stream_poll() const { return stream_poll_; }
   // DecodeStreamParams::one_in_flight for the stream's launches (drops graphs).
   void set_decode_stream_one_in_flight(bool on);
   bool decode_stream_one_in_flight() const { return stream_one_in_flight_; }
@@ -723,6 +727,9 @@ class CudaPhiModel final : public ModelBackend {
   // set_decode_stream_one_in_flight: x0.962 at b1 ctx 4096, x0.999 at 1024, x1.003 at 128
   // (perf-log 2026-11-30 21:3x).
   bool stream_one_in_flight_ = true;
+  // set_decode_stream_poll: x0.993 / x0.997 / x0.993 at b1 ctx 128 / 1024 / 4096 (perf-log
+  // 2026-11-30 21:4x).
+  bool stream_poll_ = true;
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
   int mega_stages_ = 0;

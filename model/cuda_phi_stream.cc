@@ -154,6 +154,9 @@ absl::Status CudaPhiModel::set_decode_stream(bool on) {
                                                  dtype_, stream_),
                        "dense transpose"));
     }
+    PHI_RETURN_IF_ERROR(
+        DeviceStatus(DeviceMemset(b + m.attn, kDecodeStreamAttnSentinelByte, m.h - m.attn, stream_),
+                     "decode stream attention sentinel"));
     PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "decode stream transposes"));
     PHI_LOG(INFO) << absl::StrFormat(
         "decode stream on: 1-row decode steps run a weight stream a layer (%.2f GiB of "
@@ -184,6 +187,18 @@ void CudaPhiModel::set_decode_stream_blocks(int blocks) {
 void CudaPhiModel::set_decode_stream_one_in_flight(bool on) {
   DropGraphs();
   stream_one_in_flight_ = on;
+}
+
+absl::Status CudaPhiModel::set_decode_stream_poll(bool on) {
+  DeviceSet(device_);
+  DropGraphs();
+  stream_poll_ = on;
+  if (!on || stream_buf_ == nullptr) return absl::OkStatus();
+  // Steps without it leave their attention outputs in the buffers: arm them again.
+  const StreamBufLayout m = MakeStreamBufLayout(config_, DataTypeSize(dtype_));
+  return DeviceStatus(DeviceMemset(static_cast<char*>(stream_buf_) + m.attn,
+                                   kDecodeStreamAttnSentinelByte, m.h - m.attn, stream_),
+                      "decode stream attention sentinel");
 }
 
 void CudaPhiModel::set_decode_stream_head(bool on) {
@@ -251,6 +266,9 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
     return reinterpret_cast<int32_t*>(b + m.counters) +
            static_cast<size_t>(l) * kDecodeStreamCounterInts;
   };
+  // set_decode_stream_poll: the attention outputs hold the sentinel between steps (armed when the
+  // buffers are made or the mode switched on, re-armed by each layer's fold after their use).
+  const bool poll = stream_poll_ && A == H;
   PHI_RETURN_IF_ERROR(EnqueueEmbedding(in.ids, a + al.h, 1));
   PHI_RETURN_IF_ERROR(
       DeviceStatus(DeviceMemset(b + m.sums, 0, m.zero_bytes, stream_), "decode stream counters"));
@@ -292,6 +310,11 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
     p.blocks = stream_blocks_;
     p.dense_attn_in_smem = stream_attn_smem_;
     p.one_in_flight = stream_one_in_flight_;
+    if (poll) {  // the dense chunks wait for the attention output itself
+      p.dense_poll_attn = true;
+      p.attn_heads = 0;
+      p.layer.rearm_attn = l > 0 ? attn_of(l - 1) : nullptr;
+    }
     p.programmatic_launch = l > 0;  // a dependent of the attention of the layer before
     PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamLayerCuda(p, stream_), "decode stream layer"));
     char* k_cache = static_cast<char*>(kv_) + 2 * static_cast<size_t>(l) * layer_kv_bytes;
@@ -305,7 +328,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
     plan.merge_counters_len = in.merge_counters_len;
     plan.qkv_ready = counters_of(l) + kStreamQkvDone;
     plan.qkv_ready_target = NQ / (H / 256);  // the stream's q/k/v chunks (R = H / 256 rows each)
-    plan.heads_done = counters_of(l) + kStreamHeadsDone;
+    plan.heads_done = poll ? nullptr : counters_of(l) + kStreamHeadsDone;
     plan.preload_stages = stream_preload_;
     if (layer_timeline != nullptr) {
       plan.timeline =
@@ -338,21 +361,24 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
                                 .h_out = a + al.h,
                                 .counters = counters_of(L),
                                 .logits = reinterpret_cast<float*>(a + al.logits),
-                                .head_bias = lm_head_b_};
+                                .head_bias = lm_head_b_,
+                                .rearm_attn = poll ? attn_of(L - 1) : nullptr};
     PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamLayerCuda(p, stream_), "decode stream LM head"));
     *logits_done = true;
     ++stream_steps_;
     return true;
   }
-  PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamFoldCuda({.h_in = h_of(L - 1),
-                                                         .sums = sums_of(L - 1),
-                                                         .dense_b = last.dense_b,
-                                                         .fc2_b = last.fc2_b,
-                                                         .h_out = a + al.h,
-                                                         .hidden = H,
-                                                         .dtype = dtype_},
-                                                        stream_),
-                                   "decode stream fold"));
+  PHI_RETURN_IF_ERROR(
+      KernelResult(DecodeStreamFoldCuda({.h_in = h_of(L - 1),
+                                         .sums = sums_of(L - 1),
+                                         .dense_b = last.dense_b,
+                                         .fc2_b = last.fc2_b,
+                                         .h_out = a + al.h,
+                                         .hidden = H,
+                                         .dtype = dtype_,
+                                         .rearm_attn = poll ? attn_of(L - 1) : nullptr},
+                                        stream_),
+                   "decode stream fold"));
   ++stream_steps_;
   return true;
 }

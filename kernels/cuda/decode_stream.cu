@@ -35,6 +35,7 @@ struct StreamShape {
   int attn_heads;
   bool attn_smem;      // DecodeStreamParams::dense_attn_in_smem (and nH hd == K)
   bool one_in_flight;  // DecodeStreamParams::one_in_flight
+  bool poll_attn;      // DecodeStreamParams::dense_poll_attn
   float eps;
   bool gelu_erf;
 };
@@ -138,7 +139,39 @@ __device__ __forceinline__ void FoldAndNorm(const DecodeStreamLayer& a, float ep
   if (blockIdx.x == 0 && a.h_out != nullptr && a.h_out != a.h_in) {
     reinterpret_cast<uint4*>(a.h_out)[tid] = *reinterpret_cast<const uint4*>(hn);
   }
+  if (blockIdx.x == 0 && a.rearm_attn != nullptr) {  // every reader of it is done (the wait)
+    reinterpret_cast<uint4*>(a.rearm_attn)[tid] = make_uint4(~0u, ~0u, ~0u, ~0u);
+  }
   ConsumerSync(kConsumers);
+}
+
+// DecodeStreamParams::dense_poll_attn: whether any 16-bit element of v is the sentinel.
+__device__ __forceinline__ bool HasSentinel(const uint4& v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  bool any = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) any |= (w[i] & 0xFFFFu) == 0xFFFFu || (w[i] >> 16) == 0xFFFFu;
+  return any;
+}
+
+// Re-reads 16 bytes (through L2, a volatile load each round) until no element is the sentinel;
+// traps after ~10 s like cuda::SpinUntilAtLeast (the attention writing it runs beside).
+__device__ __forceinline__ uint4 WaitNoSentinel(const void* p) {
+  uint4 v;
+  uint64_t start = 0;
+  for (int n = 0;; ++n) {
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    if (!HasSentinel(v)) return v;
+    __nanosleep(32);
+    if ((n & 1023) == 1023) {
+      const uint64_t now = cuda::GlobalTimerNs();
+      if (start == 0) start = now;
+      if (now - start > 10000000000ull) __trap();
+    }
+  }
 }
 
 enum ItemKind { kItemQkv, kItemMlp, kItemDense, kItemEnd };
@@ -241,7 +274,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
   const T* attn = static_cast<const T*>(a.attn);
   float acc[8] = {};
   int it = 0, ci = 0, qkv_unsignalled = 0;
-  bool attn_ready = sh.attn_heads == 0;
+  bool attn_ready = sh.attn_heads == 0 && !sh.poll_attn;
   for (;;) {
     int s = it % S;
     sm90::MbarWait(&full[s], (it / S) & 1);
@@ -292,6 +325,14 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       ++it;
       ++ci;
     } else {  // dense: R rows of dense's transposed weight times the attention output
+      if (!attn_ready && sh.poll_attn) {  // the output itself, into sx
+        if (tid == 0) Stamp(a, kTlDenseWait);
+        reinterpret_cast<uint4*>(sx)[tid] =
+            WaitNoSentinel(reinterpret_cast<const uint4*>(attn) + tid);
+        ConsumerSync(kConsumers);
+        if (tid == 0) Stamp(a, kTlDenseGo);
+        attn_ready = true;
+      }
       if (!attn_ready) {
         if (tid == 0) {
           Stamp(a, kTlDenseWait);
@@ -308,7 +349,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       float g[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        g[r] = ToFloat(sh.attn_smem ? sx[idx * R + r] : __ldcg(attn + idx * R + r));
+        g[r] = ToFloat(sh.attn_smem || sh.poll_attn ? sx[idx * R + r] : __ldcg(attn + idx * R + r));
       }
       float t[8] = {};
       Axpy<R, K>(rows, g, tid, t);
@@ -343,6 +384,9 @@ __global__ void DecodeStreamFoldKernel(const DecodeStreamFoldParams p) {
 #pragma unroll
   for (int e = 0; e < 8; ++e) hn[e] = FromFloat<T>(v[e]);
   reinterpret_cast<uint4*>(p.h_out)[t] = *reinterpret_cast<const uint4*>(hn);
+  if (p.rearm_attn != nullptr) {
+    reinterpret_cast<uint4*>(p.rearm_attn)[t] = make_uint4(~0u, ~0u, ~0u, ~0u);
+  }
 }
 
 // 32 x 32 tiles through shared memory (a padded row: no bank conflicts), 32 x 8 threads.
@@ -441,6 +485,7 @@ KernelStatus LaunchLayer(const DecodeStreamParams& p, cudaStream_t stream) {
                        p.dense_attn_in_smem && p.num_heads * p.head_dim == p.hidden &&
                            reinterpret_cast<uintptr_t>(p.layer.attn) % 16 == 0,
                        p.one_in_flight,
+                       p.dense_poll_attn,
                        p.eps,
                        p.act == GemmEpilogue::kGeluErf};
   return cuda::LaunchMaybeProgrammatic(DecodeStreamKernel<T, KC>, dim3(blocks), dim3(32 * KC + 32),
@@ -513,6 +558,14 @@ KernelStatus DecodeStreamLayerCuda(const DecodeStreamParams& p, cudaStream_t str
              l.qkv == nullptr || l.attn == nullptr || l.sums == nullptr || l.counters == nullptr ||
              l.logits != nullptr || l.head_bias != nullptr) {
     return KernelStatus::kNullPointer;
+  }
+  if (p.dense_poll_attn && (p.head_vocab > 0 || p.num_heads * p.head_dim != p.hidden ||
+                            reinterpret_cast<uintptr_t>(l.attn) % 16 != 0 || p.attn_heads != 0)) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (l.rearm_attn != nullptr && (p.num_heads * p.head_dim != p.hidden ||
+                                  reinterpret_cast<uintptr_t>(l.rearm_attn) % 16 != 0)) {
+    return KernelStatus::kInvalidShape;
   }
   return cuda::DispatchHalfTypes(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

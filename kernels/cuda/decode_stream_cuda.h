@@ -52,6 +52,7 @@ enum DecodeStreamCounter : int {
   kDecodeStreamCounterInts = 32,  // a layer's counters, 128 bytes (no false sharing)
 };
 inline constexpr int kDecodeStreamCopies = 4;
+inline constexpr unsigned char kDecodeStreamAttnSentinelByte = 0xFF;  // dense_poll_attn
 
 // DecodeStreamLayer::timeline (benchmarks): a block's row of %globaltimer stamps (ns; 0: the event
 // did not happen in that block).
@@ -93,6 +94,10 @@ struct DecodeStreamLayer {
   // head's float32 bias [head_vocab] (or null); null otherwise.
   float* logits = nullptr;
   const float* head_bias = nullptr;
+  // DecodeStreamParams::dense_poll_attn: block 0 writes the sentinel over this buffer ([nH hd]
+  // dtype: the previous layer's attention output, all of whose readers are done once the fold's
+  // wait ends) after its fold's wait; null: none.
+  void* rearm_attn = nullptr;
 };
 
 struct DecodeStreamParams {
@@ -114,6 +119,15 @@ struct DecodeStreamParams {
   // The producer issues a stage's copy only after the one before it has landed: one stage in
   // flight a block (less queued in the memory system, so shorter round trips for the waits).
   bool one_in_flight = false;
+  // The dense chunks wait for the attention output itself instead of a heads-done count: every
+  // element of layer.attn holds the sentinel kDecodeStreamAttnSentinel (all ones: a NaN with the
+  // sign set, which no float-to-dtype conversion gives) until the attention stores it, and each
+  // consumer thread re-reads its 16 bytes until none is the sentinel (then into shared memory,
+  // as dense_attn_in_smem); one round trip fewer on the attention -> dense path, and no fence
+  // + count in the attention. The buffer must hold the sentinel before the layer (the caller arms
+  // it once; rearm_attn re-arms each layer's after use). Needs nH hd == hidden, attn 16-byte
+  // aligned, attn_heads 0.
+  bool dense_poll_attn = false;
   // > 0: the LM head form after the last layer: the fold of the last layer's output, the final
   // LayerNorm (layer.ln_w / ln_b, eps) and logits = Wlm x + blm as float32 (layer.qkv_w: the LM
   // head's weight [head_vocab, hidden], layer.head_bias its bias or null, layer.logits out), the
@@ -135,6 +149,7 @@ struct DecodeStreamFoldParams {
   void* h_out = nullptr;
   int hidden = 0;
   DataType dtype = DataType::kBF16;
+  void* rearm_attn = nullptr;  // as DecodeStreamLayer::rearm_attn ([hidden] dtype), or null
 };
 
 // Shapes the kernel handles: kBF16 / kF16; hidden = 256 KC with KC in {1, 2, 4, 8, 10, 12, 16};

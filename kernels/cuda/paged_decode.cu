@@ -694,7 +694,7 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.timeline_blocks = plan.timeline_blocks;
   // Beside the decode stream: only the register-staged fused form with its own merge, one
   // sequence, spins and counts (see the plan).
-  if ((plan.qkv_ready != nullptr) != (plan.heads_done != nullptr) ||
+  if ((plan.heads_done != nullptr && plan.qkv_ready == nullptr) ||
       (plan.qkv_ready != nullptr && (!fold || plan.merge_counters == nullptr || p.num_seqs != 1))) {
     return KernelStatus::kInvalidShape;
   }

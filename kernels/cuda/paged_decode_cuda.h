@@ -107,11 +107,12 @@ struct PagedDecodeCudaPlan {
   // only: fold_rotary, merge_counters and one sequence): the launch is a programmatic dependent
   // of the stream kernel that writes the qkv row, and its blocks wait for that row by spinning
   // until *qkv_ready >= qkv_ready_target (an acquire load) instead of by stream order; each
-  // (sequence, head) whose output is stored adds 1 to *heads_done (release), which the stream's
-  // dense items wait for; the kernel asks for the largest shared-memory carveout (blocks of
-  // kernels whose carveouts differ never share an SM, and these must run beside the stream's).
-  // Implies trigger_dependents_early; the split rule's target is 2 blocks an SM instead of 4 (the
-  // stream holds the rest), and blocks past a sequence's splits leave before waiting.
+  // (sequence, head) whose output is stored adds 1 to *heads_done (release; null: no count, the
+  // stream's dense items wait for the output itself: DecodeStreamParams::dense_poll_attn), which
+  // the stream's dense items wait for; the kernel asks for the largest shared-memory carveout
+  // (blocks of kernels whose carveouts differ never share an SM, and these must run beside the
+  // stream's). Implies trigger_dependents_early; the split rule's target is 2 blocks an SM instead
+  // of 4 (the stream holds the rest), and blocks past a sequence's splits leave before waiting.
   // kInvalidShape when the register-staged fused form is not what this launch would run.
   const int32_t* qkv_ready = nullptr;
   int qkv_ready_target = 0;
