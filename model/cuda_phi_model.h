@@ -716,19 +716,19 @@ class CudaPhiModel final : public ModelBackend {
   int64_t stream_steps_ = 0;
   void* stream_timeline_ = nullptr;  // device, set_decode_stream_timeline
   // set_decode_stream_preload: 2 measured x0.975 / x0.971 at ctx 1024 / 4096 against 0 (the
-  // wait first), x0.999 at 128 (perf-log 2026-11-30 21:2x).
+  // wait first), x0.999 at 128 (perf-log 2026-11-30 21:13).
   int stream_preload_ = 2;
   int stream_blocks_ = 0;  // set_decode_stream_blocks
   // set_decode_stream_attn_smem: x0.988 at b1 ctx 1024, x0.992 at 4096, x0.997 at 128
-  // (perf-log 2026-11-30 21:25).
+  // (perf-log 2026-11-30 21:24).
   bool stream_attn_smem_ = true;
-  // set_decode_stream_head: x0.996 at b1 ctx 128 / 1024 / 4096 (perf-log 2026-11-30 21:3x).
+  // set_decode_stream_head: x0.996 at b1 ctx 128 / 1024 / 4096 (perf-log 2026-11-30 21:28).
   bool stream_head_ = true;
   // set_decode_stream_one_in_flight: x0.962 at b1 ctx 4096, x0.999 at 1024, x1.003 at 128
-  // (perf-log 2026-11-30 21:3x).
+  // (perf-log 2026-11-30 21:31).
   bool stream_one_in_flight_ = true;
   // set_decode_stream_poll: x0.993 / x0.997 / x0.993 at b1 ctx 128 / 1024 / 4096 (perf-log
-  // 2026-11-30 21:4x).
+  // 2026-11-30 21:41).
   bool stream_poll_ = true;
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
