@@ -143,6 +143,16 @@ void ExpectClose(const std::vector<float>& ours, const std::vector<float>& ref,
   }
 }
 
+// A GQA shape the stream takes (hidden 512: R = 2 rows a stage; 8 / 2 heads of 64).
+model_test::RandomPhiShape Gqa512(uint32_t seed) {
+  return {.hidden_size = 512,
+          .num_attention_heads = 8,
+          .num_key_value_heads = 2,
+          .intermediate_size = 2048,
+          .partial_rotary_factor = 0.5,
+          .seed = seed};
+}
+
 // The fused 1-row decode paths (each switched on alone).
 enum class Path { kMega, kStream };
 absl::Status SetPath(CudaPhiModel& m, Path p, bool on) {
@@ -289,12 +299,7 @@ TEST(CudaDecodeStreamModel, TinyPhiCodeFp16MatchesOpByOpPath) {
 // I 10240, rotary 32; one layer: the fold after the last layer runs in place).
 TEST(CudaDecodeStreamModel, RandomGqaAndPhi2LayerMatchOpByOpPath) {
   PHI_REQUIRE_GPU();
-  const model_test::RandomPhiShape shapes[] = {{.hidden_size = 512,
-                                                .num_attention_heads = 8,
-                                                .num_key_value_heads = 2,
-                                                .intermediate_size = 2048,
-                                                .partial_rotary_factor = 0.5,
-                                                .seed = 5},
+  const model_test::RandomPhiShape shapes[] = {Gqa512(5),
                                                {.hidden_size = 2560,
                                                 .num_attention_heads = 32,
                                                 .num_key_value_heads = 32,
@@ -318,12 +323,7 @@ TEST(CudaDecodeStreamModel, RandomGqaAndPhi2LayerMatchOpByOpPath) {
 TEST(CudaDecodeStreamModel, BothHeadFormsMatchOpByOpPath) {
   PHI_REQUIRE_GPU();
   lora_test::TempDir gqa("phishard-stream-head");
-  model_test::WriteRandomPhiCheckpoint(gqa.path(), {.hidden_size = 512,
-                                                    .num_attention_heads = 8,
-                                                    .num_key_value_heads = 2,
-                                                    .intermediate_size = 2048,
-                                                    .partial_rotary_factor = 0.5,
-                                                    .seed = 9});
+  model_test::WriteRandomPhiCheckpoint(gqa.path(), Gqa512(9));
   ASSERT_FALSE(HasFatalFailure());
   for (bool head : {false, true}) {
     for (const auto& [dir, dtype] : {std::pair{kRepo / "models" / "tiny-phi-code", "bfloat16"},
@@ -376,12 +376,7 @@ TEST(CudaDecodeStreamModel, OptionAtLoadEqualsTheSwitchAfterLoad) {
 TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
   PHI_REQUIRE_GPU();
   lora_test::TempDir gqa("phishard-stream-preload");
-  model_test::WriteRandomPhiCheckpoint(gqa.path(), {.hidden_size = 512,
-                                                    .num_attention_heads = 8,
-                                                    .num_key_value_heads = 2,
-                                                    .intermediate_size = 2048,
-                                                    .partial_rotary_factor = 0.5,
-                                                    .seed = 7});
+  model_test::WriteRandomPhiCheckpoint(gqa.path(), Gqa512(7));
   ASSERT_FALSE(HasFatalFailure());
   for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
     SCOPED_TRACE(dir.string());
