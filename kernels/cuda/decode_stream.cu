@@ -325,7 +325,10 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       ++it;
       ++ci;
     } else {  // dense: R rows of dense's transposed weight times the attention output
-      if (!attn_ready && sh.poll_attn) {  // the output itself, into sx
+      if (!attn_ready && sh.poll_attn) {
+        // The output itself, into sx: no warp reads sx any more (every warp passed the barrier
+        // after its last MLP chunk's fc1 dot, or the q/k/v publish barrier), so each thread
+        // stores its 16 bytes as soon as they are in; the barrier after hands them to all.
         if (tid == 0) Stamp(a, kTlDenseWait);
         reinterpret_cast<uint4*>(sx)[tid] =
             WaitNoSentinel(reinterpret_cast<const uint4*>(attn) + tid);
@@ -555,9 +558,10 @@ KernelStatus DecodeStreamLayerCuda(const DecodeStreamParams& p, cudaStream_t str
     if (l.qkv_b != nullptr) return KernelStatus::kInvalidShape;  // (its bias: head_bias)
   } else if (l.ln_w == nullptr || l.ln_b == nullptr || l.qkv_w == nullptr || l.fc1_w == nullptr ||
              l.fc2_wt == nullptr || l.dense_wt == nullptr || l.h_in == nullptr ||
-             l.qkv == nullptr || l.attn == nullptr || l.sums == nullptr || l.counters == nullptr ||
-             l.logits != nullptr || l.head_bias != nullptr) {
+             l.qkv == nullptr || l.attn == nullptr || l.sums == nullptr || l.counters == nullptr) {
     return KernelStatus::kNullPointer;
+  } else if (l.logits != nullptr || l.head_bias != nullptr) {
+    return KernelStatus::kInvalidShape;  // the LM head form's operands without head_vocab
   }
   if (p.dense_poll_attn && (p.head_vocab > 0 || p.num_heads * p.head_dim != p.hidden ||
                             reinterpret_cast<uintptr_t>(l.attn) % 16 != 0 || p.attn_heads != 0)) {

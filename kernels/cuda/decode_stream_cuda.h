@@ -120,8 +120,9 @@ struct DecodeStreamParams {
   // flight a block (less queued in the memory system, so shorter round trips for the waits).
   bool one_in_flight = false;
   // The dense chunks wait for the attention output itself instead of a heads-done count: every
-  // element of layer.attn holds the sentinel kDecodeStreamAttnSentinel (all ones: a NaN with the
-  // sign set, which no float-to-dtype conversion gives) until the attention stores it, and each
+  // element of layer.attn holds the sentinel (bytes kDecodeStreamAttnSentinelByte: 0xFFFF, a NaN
+  // with the sign set; the attention stores dtype(o / l), and a division's NaN is the canonical
+  // positive one, so no output is the sentinel) until the attention stores it, and each
   // consumer thread re-reads its 16 bytes until none is the sentinel (then into shared memory,
   // as dense_attn_in_smem); one round trip fewer on the attention -> dense path, and no fence
   // + count in the attention. The buffer must hold the sentinel before the layer (the caller arms
