@@ -77,13 +77,18 @@ absl::Status CudaPhiModel::set_decode_megakernel_timeline(int layers) {
 
 absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::decode_megakernel_timeline() {
   if (mega_timeline_ == nullptr) return absl::FailedPreconditionError("timeline is off");
+  return CopyTimelineWords(mega_timeline_, static_cast<size_t>(kMegaTimelineBlocks) *
+                                               (mega_timeline_layers_ + 1) * kDecodeMegaEvents);
+}
+
+absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::CopyTimelineWords(const void* timeline,
+                                                                      size_t words) {
   DeviceSet(device_);
-  std::vector<uint64_t> out(static_cast<size_t>(kMegaTimelineBlocks) * (mega_timeline_layers_ + 1) *
-                            kDecodeMegaEvents);
+  std::vector<uint64_t> out(words);
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
-  PHI_RETURN_IF_ERROR(DeviceStatus(
-      DeviceCopyToHost(out.data(), mega_timeline_, out.size() * sizeof(uint64_t), stream_),
-      "timeline copy"));
+  PHI_RETURN_IF_ERROR(
+      DeviceStatus(DeviceCopyToHost(out.data(), timeline, out.size() * sizeof(uint64_t), stream_),
+                   "timeline copy"));
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
   return out;
 }

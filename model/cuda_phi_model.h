@@ -499,6 +499,8 @@ class CudaPhiModel final : public ModelBackend {
   absl::StatusOr<bool> TryEnqueueMegaDecode(const StepInputs& in);
   // Embedding + every layer through the decode stream (model/cuda_phi_stream.cc) when the step
   // qualifies (decode_stream on, one row, no adapter rows, unsharded); false: nothing enqueued.
+  // A timeline buffer's `words` uint64 (device) copied to the host after the stream's work.
+  absl::StatusOr<std::vector<uint64_t>> CopyTimelineWords(const void* timeline, size_t words);
   // *logits_done: the step's logits were enqueued too (the LM head form of the stream).
   absl::StatusOr<bool> TryEnqueueStreamDecode(const StepInputs& in, bool* logits_done);
   absl::Status ReserveMegaDecode();  // its buffer and layer table, at load (unsharded models)

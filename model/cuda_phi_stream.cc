@@ -227,14 +227,8 @@ absl::Status CudaPhiModel::set_decode_stream_timeline(bool on) {
 
 absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::decode_stream_timeline() {
   if (stream_timeline_ == nullptr) return absl::FailedPreconditionError("timeline is off");
-  DeviceSet(device_);
-  std::vector<uint64_t> out(config_.num_hidden_layers * StreamTimelineLayerWords());
-  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
-  PHI_RETURN_IF_ERROR(DeviceStatus(
-      DeviceCopyToHost(out.data(), stream_timeline_, out.size() * sizeof(uint64_t), stream_),
-      "timeline copy"));
-  PHI_RETURN_IF_ERROR(DeviceStatus(DeviceStreamSync(stream_), "timeline sync"));
-  return out;
+  return CopyTimelineWords(stream_timeline_,
+                           config_.num_hidden_layers * StreamTimelineLayerWords());
 }
 
 absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, bool* logits_done) {
