@@ -171,6 +171,30 @@ KernelStatus LaunchMaybeProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, d
   return LaunchStatus();
 }
 
+// Programmatic, no dynamic shared memory, the grid's x in clusters of `cluster_x` blocks
+// (grid.x a multiple of it).
+template <typename... KernelArgs, typename... Args>
+KernelStatus LaunchProgrammaticClusters(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                                        int cluster_x, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = static_cast<unsigned>(cluster_x);
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 2;
+  if (cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...) != cudaSuccess) {
+    return KernelStatus::kDeviceError;
+  }
+  return LaunchStatus();
+}
+
 // The same, always programmatic, no dynamic shared memory.
 template <typename... KernelArgs, typename... Args>
 KernelStatus LaunchProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
