@@ -745,11 +745,12 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                                                  : PagedDecodeKernel<T, HD, false, false>);
         if (a.qkv_ready != nullptr) {  // beside the decode stream (see the plan)
           if (KernelStatus st = PrepareBesideStream(kernel); st != KernelStatus::kOk) return st;
-          if (KernelStatus st = a.cluster_merge
-                                    ? cuda::LaunchProgrammaticClusters(kernel, grid, dim3(kThreads),
-                                                                       max_splits, stream, a)
-                                    : cuda::LaunchMaybeProgrammatic(kernel, grid, dim3(kThreads), 0,
-                                                                    stream, true, a);
+          if (KernelStatus st =
+                  a.cluster_merge
+                      ? cuda::LaunchMaybeProgrammaticClusters(kernel, grid, dim3(kThreads), 0,
+                                                              stream, true, max_splits, a)
+                      : cuda::LaunchMaybeProgrammatic(kernel, grid, dim3(kThreads), 0, stream, true,
+                                                      a);
               st != KernelStatus::kOk) {
             return st;
           }

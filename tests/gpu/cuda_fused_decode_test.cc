@@ -153,6 +153,18 @@ model_test::RandomPhiShape Gqa512(uint32_t seed) {
           .seed = seed};
 }
 
+// A bf16 model of `dir` with a poisoned 24-block KV pool and the decode stream on (null and a
+// test failure otherwise).
+std::unique_ptr<CudaPhiModel> StreamModel(const fs::path& dir) {
+  std::unique_ptr<CudaPhiModel> m = LoadModel(dir, "bfloat16");
+  if (!m || !m->AllocateKvCache(24, kKvBlockSize).ok() || !m->PoisonKvCache().ok() ||
+      !m->set_decode_stream(true).ok() || !m->decode_stream()) {
+    ADD_FAILURE() << dir << ": no model with the decode stream on";
+    return nullptr;
+  }
+  return m;
+}
+
 // The fused 1-row decode paths (each switched on alone).
 enum class Path { kMega, kStream };
 absl::Status SetPath(CudaPhiModel& m, Path p, bool on) {
@@ -380,12 +392,8 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
   ASSERT_FALSE(HasFatalFailure());
   for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
     SCOPED_TRACE(dir.string());
-    std::unique_ptr<CudaPhiModel> m = LoadModel(dir, "bfloat16");
+    std::unique_ptr<CudaPhiModel> m = StreamModel(dir);
     ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
-    ASSERT_TRUE(m->PoisonKvCache().ok());
-    ASSERT_TRUE(m->set_decode_stream(true).ok());
-    ASSERT_TRUE(m->decode_stream());
     m->set_decode_stream_preload(0);
     m->set_decode_stream_attn_smem(false);
     m->set_decode_stream_blocks(0);
@@ -462,12 +470,8 @@ TEST(CudaDecodeStreamModel, DISABLED_ClusterMergeKeepsTheLogits) {
   ASSERT_FALSE(HasFatalFailure());
   for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
     SCOPED_TRACE(dir.string());
-    std::unique_ptr<CudaPhiModel> m = LoadModel(dir, "bfloat16");
+    std::unique_ptr<CudaPhiModel> m = StreamModel(dir);
     ASSERT_TRUE(m);
-    ASSERT_TRUE(m->AllocateKvCache(24, kKvBlockSize).ok());
-    ASSERT_TRUE(m->PoisonKvCache().ok());
-    ASSERT_TRUE(m->set_decode_stream(true).ok());
-    ASSERT_TRUE(m->decode_stream());
     for (bool poll : {false, true}) {
       ASSERT_TRUE(m->set_decode_stream_poll(poll).ok());
       m->set_decode_stream_cluster_merge(false);
