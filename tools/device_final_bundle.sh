@@ -22,9 +22,9 @@ fi
 GPU_TESTS=$(find tests/gpu -maxdepth 1 -name '*_test.cc' ! -name '*_bench_test.cc' -printf '%f\n' | sed 's/\.cc$//' | sort)
 # The one timing table the check runs (issue #4's prefill attention kernel line beside SDPA).
 GPU_TESTS="$GPU_TESTS cuda_attention_bench_test"
-INTEGRATION="serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test
-  metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test
-  serve_limits_test serve_churn_test tp_launch_test"
+# shellcheck source=tools/device_step.sh
+source "$(dirname "$0")/device_step.sh"  # CUDA_INTEGRATION_TESTS
+INTEGRATION="$CUDA_INTEGRATION_TESTS tp_launch_test"
 # shellcheck disable=SC2086
 cmake --build "$BUILD" --target phishard phishard_bench phishard_tp_bench phishard_kernel_bench \
   phishard_graph_probe $GPU_TESTS $INTEGRATION -j"${JOBS:-2}"

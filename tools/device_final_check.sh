@@ -34,9 +34,7 @@ step_summary_header
 
 # Every GPU test binary in the bundle (tests/gpu/*_test.cc; the *_bench_test ones are timing
 # tables for the perf helpers, left out), the TP ones last.
-GPU_TESTS=$(cd $B && ls *_test 2> /dev/null | grep -vE '^(serve_|metrics_|faults_|grpcurl_|health_|tp_launch_)' |
-  grep -v '_bench_test$' | grep -vE '^(nccl_communicator|custom_all_reduce|copy_engine_all_reduce|cuda_tp_model)_test$')
-GPU_TESTS="$GPU_TESTS $(cd $B && ls nccl_communicator_test custom_all_reduce_test \
+GPU_TESTS="$(single_gpu_tests) $(cd $B && ls nccl_communicator_test custom_all_reduce_test \
   copy_engine_all_reduce_test cuda_tp_model_test 2> /dev/null)"
 # CHECK_TP_ONLY=1 (a 2-GPU call after a whole check on one GPU): only the TP tests, the served
 # TP=2 check and the TP bench.
@@ -51,17 +49,9 @@ if [ "${CHECK_ATTN_ONLY:-0}" = 1 ]; then
   GPU_TESTS=""
 fi
 for t in $GPU_TESTS; do
-  step "$t" 90 gpu_tests.log $B/$t
+  step "$t" 90 gpu_tests.log "$B/$t"
 done
-if ((FULL)); then
-  export PHISHARD_TEST_DEVICE=cuda
-  for t in serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test \
-    metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test \
-    serve_limits_test serve_churn_test; do
-    step "cuda:$t" 80 integration.log $B/$t
-  done
-  unset PHISHARD_TEST_DEVICE
-fi
+if ((FULL)); then run_cuda_integration; fi
 
 # Issue #4's acceptance: compute-sanitizer memcheck clean on the model test.
 SAN=/usr/local/cuda/bin/compute-sanitizer

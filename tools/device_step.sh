@@ -24,6 +24,28 @@ unpack_final_bundle() {
     ln -sf phishard build-h11/bin/lorax-server
 }
 
+# The gRPC integration suite the checks run against `serve --device cuda` (the bundle's
+# integration tests but tp_launch_test).
+CUDA_INTEGRATION_TESTS="serve_router_flow_test serve_process_test serve_bad_input_test
+  serve_reflection_test metrics_process_test faults_test serve_adapters_test grpcurl_docs_test
+  health_states_test serve_limits_test serve_churn_test"
+
+# The bundle's single-GPU test binaries (in $B): every *_test but the integration tests, the
+# *_bench_test timing tables and the two-GPU ones.
+single_gpu_tests() {
+  find "$B" -maxdepth 1 -name '*_test' -printf '%f\n' | sort |
+    grep -vE '^(serve_|metrics_|faults_|grpcurl_|health_|tp_launch_)' | grep -v '_bench_test$' |
+    grep -vE '^(nccl_communicator|custom_all_reduce|copy_engine_all_reduce|cuda_tp_model)_test$'
+}
+
+# Each test of CUDA_INTEGRATION_TESTS against `serve --device cuda` (a step each).
+run_cuda_integration() {
+  local t
+  for t in $CUDA_INTEGRATION_TESTS; do
+    PHISHARD_TEST_DEVICE=cuda step "cuda:$t" 80 integration.log "$B/$t"
+  done
+}
+
 step_summary_header() {
   printf "%-30s %4s %7s  %s\n" step rc seconds result > "$OUT/summary.txt"
 }

@@ -19,18 +19,10 @@ source "$ROOT/tools/device_step.sh"
 unpack_final_bundle  # D, B; phishard in build-h11/bin
 step_summary_header
 export PHISHARD_DECODE_STREAM=1
-GPU_TESTS=$(cd $B && ls *_test 2> /dev/null | grep -vE '^(serve_|metrics_|faults_|grpcurl_|health_|tp_launch_)' |
-  grep -v '_bench_test$' | grep -vE '^(nccl_communicator|custom_all_reduce|copy_engine_all_reduce|cuda_tp_model)_test$')
-for t in $GPU_TESTS; do
-  step "$t" 90 gpu_tests.log $B/$t
+for t in $(single_gpu_tests); do
+  step "$t" 90 gpu_tests.log "$B/$t"
 done
-export PHISHARD_TEST_DEVICE=cuda
-for t in serve_router_flow_test serve_process_test serve_bad_input_test serve_reflection_test \
-  metrics_process_test faults_test serve_adapters_test grpcurl_docs_test health_states_test \
-  serve_limits_test serve_churn_test; do
-  step "cuda:$t" 80 integration.log $B/$t
-done
-unset PHISHARD_TEST_DEVICE
+run_cuda_integration
 for on in 1 0; do
   PHISHARD_DECODE_STREAM=$on step "bench stream=$on" 60 bench.log $B/phishard_bench --batches 1,2 \
     --contexts 128,1024,2048 --prefills "" --gemv-sweep 0 --steps 40

@@ -381,12 +381,12 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeMegaKernel(const Args a) {
            (static_cast<size_t>(blockIdx.x) * (a.p.timeline_layers + 1) + a.p.timeline_layers) *
                kDecodeMegaEvents;
     head[0] = clock64();
-    head[1] = GlobalTimer();
+    head[1] = cuda::GlobalTimerNs();
   }
   Consume<T, kTl, kForm>(a, bp, sm);
   if (head != nullptr) {
     head[2] = clock64();
-    head[3] = GlobalTimer();
+    head[3] = cuda::GlobalTimerNs();
     head[4] = 1;
     head[5] = gridDim.x;
   }

@@ -11,6 +11,7 @@
 #include "kernels/cuda/decode_mega_cuda.h"
 #include "kernels/cuda/gemv_common.cuh"
 #include "kernels/cuda/sm90_ptx.cuh"
+#include "kernels/cuda/spin_wait.cuh"  // cuda::GlobalTimerNs
 #include "kernels/kv_layout.h"
 
 namespace phishard {
@@ -111,12 +112,6 @@ __device__ __forceinline__ int TileRows(int r, int r1, int rps, int split) {
   int n = r1 - r < rps ? r1 - r : rps;
   if (split > 0 && split - r % split < n) n = split - r % split;
   return n;
-}
-
-__device__ __forceinline__ uint64_t GlobalTimer() {
-  uint64_t v;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
-  return v;
 }
 
 // The timeline row of this block's layer l (consumer thread 0 / the producer thread only), or

@@ -154,24 +154,18 @@ __device__ __forceinline__ bool HasSentinel(const uint4& v) {
   return any;
 }
 
-// Re-reads 16 bytes (through L2, a volatile load each round) until no element is the sentinel;
-// traps after ~10 s like cuda::SpinUntilAtLeast (the attention writing it runs beside).
+// Re-reads 16 bytes (through L2, a volatile load each round) until no element is the sentinel
+// (cuda::SpinUntil: a trap after ~10 s; the attention writing them runs beside).
 __device__ __forceinline__ uint4 WaitNoSentinel(const void* p) {
   uint4 v;
-  uint64_t start = 0;
-  for (int n = 0;; ++n) {
+  cuda::SpinUntil([&] {
     asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p)
                  : "memory");
-    if (!HasSentinel(v)) return v;
-    __nanosleep(32);
-    if ((n & 1023) == 1023) {
-      const uint64_t now = cuda::GlobalTimerNs();
-      if (start == 0) start = now;
-      if (now - start > 10000000000ull) __trap();
-    }
-  }
+    return !HasSentinel(v);
+  });
+  return v;
 }
 
 enum ItemKind { kItemQkv, kItemMlp, kItemDense, kItemEnd };

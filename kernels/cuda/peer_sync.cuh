@@ -1,13 +1,13 @@
 // Device-side helpers of the two-rank peer-to-peer collectives (custom_all_reduce.cu,
 // copy_engine_all_reduce.cu): system-scope release/acquire on 32-bit flags that the peer GPU
-// writes over NVLink, the SM's nanosecond timer, the bounded wait for a peer's flag, and the
-// two-rank sum of packed elements.
+// writes over NVLink, the bounded wait for a peer's flag, and the two-rank sum of packed elements.
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/custom_all_reduce_cuda.h"
+#include "kernels/cuda/spin_wait.cuh"  // GlobalTimerNs
 
 namespace phishard::cuda {
 
@@ -19,12 +19,6 @@ __device__ __forceinline__ uint32_t LoadAcquireSys(const uint32_t* addr) {
   uint32_t v;
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(addr) : "memory");
   return v;
-}
-
-__device__ __forceinline__ uint64_t GlobalTimerNs() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
 }
 
 // One thread: spins until `*flag` reaches `epoch` (cyclic: (int32)(flag - epoch) >= 0, so a peer

@@ -1,5 +1,6 @@
-// Internal to the kernels that wait on another block's or kernel's progress through a device
-// counter (the decode stream, kernels/cuda/decode_stream.cu, and the decode attention beside it,
+// The SM's nanosecond timer (%globaltimer; the peer collectives' waits use it too), and the waits
+// of kernels on another block's or kernel's progress through device memory (the decode stream,
+// kernels/cuda/decode_stream.cu, and the decode attention beside it,
 // kernels/cuda/paged_decode_common.cuh).
 #pragma once
 
@@ -21,12 +22,13 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
-// Spins (the calling thread) until *p >= target, an acquire load each round. For waits on work
-// that is already running by construction (the decode stream and the attention beside it), so a
-// wait past ~10 s is a bug: trap (a sticky device error the host reports) instead of a hang.
-__device__ __forceinline__ void SpinUntilAtLeast(const int* p, int target) {
+// Spins (the calling thread) until done() returns true, a short sleep between rounds. For waits on
+// work that is already running by construction (the decode stream and the attention beside it),
+// so a wait past ~10 s is a bug: trap (a sticky device error the host reports) instead of a hang.
+template <typename Done>
+__device__ __forceinline__ void SpinUntil(Done&& done) {
   uint64_t start = 0;
-  for (int n = 0; LoadAcquireGpu(p) < target; ++n) {
+  for (int n = 0; !done(); ++n) {
     __nanosleep(32);
     if ((n & 1023) == 1023) {
       const uint64_t now = GlobalTimerNs();
@@ -34,6 +36,11 @@ __device__ __forceinline__ void SpinUntilAtLeast(const int* p, int target) {
       if (now - start > 10000000000ull) __trap();
     }
   }
+}
+
+// SpinUntil *p >= target, an acquire load each round.
+__device__ __forceinline__ void SpinUntilAtLeast(const int* p, int target) {
+  SpinUntil([&] { return LoadAcquireGpu(p) >= target; });
 }
 
 }  // namespace phishard::cuda
