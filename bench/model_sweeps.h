@@ -92,11 +92,6 @@ struct ModelSettingSweeps {
                               .title = "decode stream: dense waits on the attention output itself",
                               .cases = "1x128,1x1024,1x4096",
                               .values = "0,1"};
-  IntSettingSweep stream_cluster{.name = "stream-cluster",
-                                 .label = "cluster",
-                                 .title = "decode stream: the attention's split merge in a cluster",
-                                 .cases = "1x128,1x1024,1x4096",
-                                 .values = "0,1"};
   IntSettingSweep stream_attn_smem{.name = "stream-attn-smem",
                                    .label = "attnsmem",
                                    .title = "decode stream dense chunks' attention output in smem",
@@ -111,7 +106,6 @@ struct ModelSettingSweeps {
     stream_head.AddFlags(app, "set_decode_stream_head", "0 or 1");
     stream_inflight.AddFlags(app, "set_decode_stream_one_in_flight", "0 or 1");
     stream_poll.AddFlags(app, "set_decode_stream_poll", "0 or 1");
-    stream_cluster.AddFlags(app, "set_decode_stream_cluster_merge", "0 or 1");
     fc1_sms.AddFlags(app, "set_decode_fc1_sms, applied to every step size 1-256 here",
                      "SM count targets (0: every SM)");
     fc1_min_kv.AddFlags(app, "set_decode_fc1_sms_min_kv_tokens",
@@ -188,9 +182,6 @@ struct ModelSettingSweeps {
     stream_poll.Run(
         bench, [&m] { return m.decode_stream_poll() ? 1 : 0; },
         [&m](int v) { BENCH_OK(m.set_decode_stream_poll(v != 0)); }, rows);
-    stream_cluster.Run(
-        bench, [&m] { return m.decode_stream_cluster_merge() ? 1 : 0; },
-        [&m](int v) { m.set_decode_stream_cluster_merge(v != 0); }, rows);
     graphs.Run(
         bench, [&m] { return m.cuda_graphs() ? 1 : 0; }, [&m](int v) { m.set_cuda_graphs(v != 0); },
         rows);

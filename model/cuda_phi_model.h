@@ -285,10 +285,6 @@ class CudaPhiModel final : public ModelBackend {
   // attention output itself, the attention counts nothing (drops graphs; arms the buffers).
   absl::Status set_decode_stream_poll(bool on);
   bool decode_stream_poll() const { return stream_poll_; }
-  // PagedDecodeCudaPlan::cluster_merge for the attention beside the stream (drops graphs). NOT
-  // YET RUN ON A GPU (session 29): off by default.
-  void set_decode_stream_cluster_merge(bool on);
-  bool decode_stream_cluster_merge() const { return stream_cluster_merge_; }
   // DecodeStreamParams::one_in_flight for the stream's launches (drops graphs).
   void set_decode_stream_one_in_flight(bool on);
   bool decode_stream_one_in_flight() const { return stream_one_in_flight_; }
@@ -736,7 +732,6 @@ class CudaPhiModel final : public ModelBackend {
   // set_decode_stream_poll: x0.993 / x0.997 / x0.993 at b1 ctx 128 / 1024 / 4096 (perf-log
   // 2026-11-30 21:41).
   bool stream_poll_ = true;
-  bool stream_cluster_merge_ = false;  // set_decode_stream_cluster_merge
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
   int mega_stages_ = 0;

@@ -184,11 +184,6 @@ void CudaPhiModel::set_decode_stream_blocks(int blocks) {
   stream_blocks_ = std::clamp(blocks, 0, multiprocessors_);
 }
 
-void CudaPhiModel::set_decode_stream_cluster_merge(bool on) {
-  DropGraphs();
-  stream_cluster_merge_ = on;
-}
-
 void CudaPhiModel::set_decode_stream_one_in_flight(bool on) {
   DropGraphs();
   stream_one_in_flight_ = on;
@@ -329,7 +324,6 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
     plan.qkv_ready_target = NQ / (H / 256);  // the stream's q/k/v chunks (R = H / 256 rows each)
     plan.heads_done = poll ? nullptr : counters_of(l) + kStreamHeadsDone;
     plan.preload_stages = stream_preload_;
-    plan.cluster_merge = stream_cluster_merge_;
     if (layer_timeline != nullptr) {
       plan.timeline =
           layer_timeline + static_cast<size_t>(kStreamTimelineBlocks) * kDecodeStreamTimelineEvents;

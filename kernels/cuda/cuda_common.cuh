@@ -150,44 +150,25 @@ inline KernelStatus LaunchStatus() {
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch (Hopper PDL)
 // when `programmatic`: it may start while the kernel before it in the stream finishes, so it must
 // call cudaGridDependencySynchronize() (griddepcontrol.wait) before reading that kernel's output.
-// kDeviceError when the launch is refused, then LaunchStatus(). cluster_x > 0: the grid's x in
-// thread-block clusters of that many blocks (grid.x a multiple of it); 0: no clusters.
+// kDeviceError when the launch is refused, then LaunchStatus().
 template <typename... KernelArgs, typename... Args>
-KernelStatus LaunchMaybeProgrammaticClusters(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                                             size_t smem, cudaStream_t stream, bool programmatic,
-                                             int cluster_x, Args&&... args) {
+KernelStatus LaunchMaybeProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                                     size_t smem, cudaStream_t stream, bool programmatic,
+                                     Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (programmatic) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster_x > 0) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = static_cast<unsigned>(cluster_x);
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
-  config.numAttrs = n;
+  config.numAttrs = programmatic ? 1 : 0;
   if (cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...) != cudaSuccess) {
     return KernelStatus::kDeviceError;
   }
   return LaunchStatus();
-}
-
-// The same without clusters.
-template <typename... KernelArgs, typename... Args>
-KernelStatus LaunchMaybeProgrammatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                                     size_t smem, cudaStream_t stream, bool programmatic,
-                                     Args&&... args) {
-  return LaunchMaybeProgrammaticClusters(kernel, grid, block, smem, stream, programmatic, 0,
-                                         std::forward<Args>(args)...);
 }
 
 // The same, always programmatic, no dynamic shared memory.

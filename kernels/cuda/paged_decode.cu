@@ -31,7 +31,6 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   __shared__ float s_l[kWarps];
   __shared__ float s_acc[kWarps][HD];
   __shared__ std::conditional_t<kFold, FoldSmem<T, HD>, char> fold_sm;
-  __shared__ float s_split_ml[2];  // a.cluster_merge: this split's (max, sum)
   // PagedDecodeCudaPlan::trigger_dependents_early: a programmatic dependent may launch now (and
   // stream its weights beside the attention; it waits for this grid before reading its output).
   if (a.trigger_early) asm volatile("griddepcontrol.launch_dependents;" :::);
@@ -46,14 +45,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
     const int ctx0 = a.context_lens[blockIdx.y];
     int splits0 = 1;
     if (ctx0 > 0) SplitLen(a, ctx0, &splits0);
-    if (ctx0 > 0 && static_cast<int>(blockIdx.x) >= splits0) {
-      if constexpr (kFold) {  // (with a cluster a split: its barriers, idle)
-        if (a.cluster_merge) {
-          ClusterMergeSplits<T, HD>(a, blockIdx.y, blockIdx.z, splits0, nullptr, nullptr, true);
-        }
-      }
-      return;
-    }
+    if (ctx0 > 0 && static_cast<int>(blockIdx.x) >= splits0) return;
     if (preload == 0) {
       WaitQkvReady(a.qkv_ready, a.qkv_ready_target);
       AttnStamp(a, kAttnTlReady);
@@ -73,10 +65,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
   if (ctx <= 0) {  // padding row
     if (sp == 0) {
       for (int d = threadIdx.x; d < HD; d += kThreads) out_row[d] = cuda::FromFloat<T>(0.0f);
-      if (kFold && a.heads_done != nullptr && !a.cluster_merge) CountHeadDone(a.heads_done);
-    }
-    if constexpr (kFold) {  // block 0 counts the zero row after the barrier
-      if (a.cluster_merge) ClusterMergeSplits<T, HD>(a, s, h, 1, nullptr, nullptr, sp != 0);
+      if (kFold && a.heads_done != nullptr) CountHeadDone(a.heads_done);
     }
     return;
   }
@@ -278,13 +267,6 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
     }
     if (splits == 1) {
       out_row[d] = cuda::FromFloat<T>(o / ll);
-    } else if (kFold && a.cluster_merge) {  // the partial in shared memory (thread d has read
-                                            // every warp's s_acc[.][d] above)
-      s_acc[0][d] = o / ll;
-      if (d == 0) {
-        s_split_ml[0] = mm;
-        s_split_ml[1] = ll;
-      }
     } else {
       const size_t idx = (static_cast<size_t>(s) * a.num_heads + h) * a.max_splits + sp;
       a.partial_o[idx * HD + d] = o / ll;
@@ -294,10 +276,7 @@ __global__ void __launch_bounds__(kThreads, kFold ? (HD >= 80 ? 4 : 5) : 0)
       }
     }
   }
-  if (kFold && a.cluster_merge) {
-    if constexpr (kFold)
-      ClusterMergeSplits<T, HD>(a, s, h, splits, &s_acc[0][0], s_split_ml, false);
-  } else if (splits > 1 && a.merge_counters != nullptr) {
+  if (splits > 1 && a.merge_counters != nullptr) {
     MergeIfLast<T, HD, kFold>(a, s, h, splits);
   } else if (kFold && splits == 1 && a.heads_done != nullptr) {
     CountHeadDone(a.heads_done);
@@ -650,7 +629,6 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                                        : PagedDecodeCudaMaxSplits(p.num_seqs, p.num_heads,
                                                                   plan.num_multiprocessors);
   max_splits = std::min(max_splits, kPagedDecodeMaxSplits);
-  if (plan.cluster_merge) max_splits = std::min(max_splits, 8);  // a portable cluster
   while (max_splits > 1 && (plan.workspace == nullptr ||
                             PagedDecodeCudaWorkspaceBytes(p.num_seqs, p.num_heads, p.head_dim,
                                                           max_splits) > plan.workspace_bytes)) {
@@ -712,14 +690,12 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
   a.qkv_ready_target = plan.qkv_ready_target;
   a.heads_done = plan.heads_done;
   a.preload_stages = std::clamp(plan.preload_stages, 0, 2);
-  a.cluster_merge = plan.cluster_merge;
   a.timeline = plan.qkv_ready != nullptr ? plan.timeline : nullptr;
   a.timeline_blocks = plan.timeline_blocks;
   // Beside the decode stream: only the register-staged fused form with its own merge, one
   // sequence, spins and counts (see the plan).
   if ((plan.heads_done != nullptr && plan.qkv_ready == nullptr) ||
-      (plan.qkv_ready != nullptr && (!fold || plan.merge_counters == nullptr || p.num_seqs != 1)) ||
-      (plan.cluster_merge && plan.qkv_ready == nullptr)) {
+      (plan.qkv_ready != nullptr && (!fold || plan.merge_counters == nullptr || p.num_seqs != 1))) {
     return KernelStatus::kInvalidShape;
   }
   if (plan.fold_rotary && !registers) {
@@ -746,11 +722,7 @@ KernelStatus Run(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
         if (a.qkv_ready != nullptr) {  // beside the decode stream (see the plan)
           if (KernelStatus st = PrepareBesideStream(kernel); st != KernelStatus::kOk) return st;
           if (KernelStatus st =
-                  a.cluster_merge
-                      ? cuda::LaunchMaybeProgrammaticClusters(kernel, grid, dim3(kThreads), 0,
-                                                              stream, true, max_splits, a)
-                      : cuda::LaunchMaybeProgrammatic(kernel, grid, dim3(kThreads), 0, stream, true,
-                                                      a);
+                  cuda::LaunchMaybeProgrammatic(kernel, grid, dim3(kThreads), 0, stream, true, a);
               st != KernelStatus::kOk) {
             return st;
           }

@@ -92,7 +92,6 @@ struct Args {
   int qkv_ready_target;
   int32_t* heads_done;
   int preload_stages;  // PagedDecodeCudaPlan::preload_stages (0-2)
-  bool cluster_merge;  // PagedDecodeCudaPlan::cluster_merge (the grid's x a cluster)
   // PagedDecodeCudaPlan::timeline (benchmarks; null: off).
   uint64_t* timeline;
   int timeline_blocks;

@@ -120,10 +120,6 @@ struct PagedDecodeCudaPlan {
   // Beside the decode stream: K/V stages (0-2, of 32 keys) each block requests before its wait
   // for the q/k/v row (they do not depend on it); 0: it waits first.
   int preload_stages = 0;
-  // Beside the decode stream: the splits of a head are one thread-block cluster and merge through
-  // distributed shared memory (no partials through L2, no merge_counters use); caps the splits at
-  // 8 (a portable cluster). NOT YET RUN ON A GPU (session 29): off unless asked for.
-  bool cluster_merge = false;
   // Benchmarks, beside the decode stream: [timeline_blocks, kPagedDecodeTimelineEvents] uint64
   // %globaltimer stamps (ns; null: off) of each block (linear id x + X (y + Y z)) below
   // timeline_blocks; 0 where the event did not happen (blocks past the splits leave at once).

@@ -6,8 +6,6 @@
 // kernels/cuda/paged_decode.cu only.
 #pragma once
 
-#include <cooperative_groups.h>
-
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -167,45 +165,6 @@ __device__ __forceinline__ void MergeIfLast(const Args& a, int s, int h, int spl
     MergeSplits<T, HD, kFast>(a, s, h, splits, threadIdx.x, kThreads);
     if (a.heads_done != nullptr) CountHeadDone(a.heads_done);  // beside the decode stream
   }
-}
-
-// PagedDecodeCudaPlan::cluster_merge (beside the decode stream): the splits of head h are one
-// thread-block cluster along x (cluster rank = split). Every block of the cluster calls this,
-// the ones past the split count (`idle`) and padding rows too, so both cluster barriers complete.
-// A working block has left its split's normalised output in its own shared memory (po [HD],
-// ml = (max, sum)); after the first barrier the rank-0 block reads the others' through
-// distributed shared memory and merges them with the float operations of PagedDecodeMergeKernel
-// in its order (so the bits of the other merges), stores the head's output row and counts it
-// (heads_done, when counting); the second barrier keeps every block's shared memory alive until
-// rank 0 has read it. No global round trip between the splits (the merge through L2 costs an
-// acq_rel count, the partials' loads and a fence, each ~1.5-3 us beside the stream).
-template <typename T, int HD>
-__device__ __forceinline__ void ClusterMergeSplits(const Args& a, int s, int h, int splits,
-                                                   float* po, float* ml, bool idle) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();  // every split's partial is in its block's shared memory
-  if (!idle && cluster.block_rank() == 0 && splits > 1) {
-    T* out_row = static_cast<T*>(a.out) + (static_cast<size_t>(s) * a.num_heads + h) * HD;
-    float mm = -INFINITY;
-    for (int i = 0; i < splits; ++i) mm = fmaxf(mm, cluster.map_shared_rank(ml, i)[0]);
-    float wsum = 0.0f;
-    for (int i = 0; i < splits; ++i) {
-      const float* mli = cluster.map_shared_rank(ml, i);
-      wsum += mli[1] * exp2f(mli[0] - mm);
-    }
-    for (int d = threadIdx.x; d < HD; d += kThreads) {
-      float o = 0.0f;
-      for (int i = 0; i < splits; ++i) {
-        const float* mli = cluster.map_shared_rank(ml, i);
-        const float w = mli[1] * exp2f(mli[0] - mm);
-        o = fmaf(w, cluster.map_shared_rank(po, i)[d], o);
-      }
-      out_row[d] = cuda::FromFloat<T>(o / wsum);
-    }
-  }
-  if (!idle && cluster.block_rank() == 0 && a.heads_done != nullptr) CountHeadDone(a.heads_done);
-  cluster.sync();  // rank 0 has read every block's shared memory
 }
 
 // PagedDecodeCudaPlan::rotary against the attention's own parameters: the same qkv rows, caches

@@ -457,35 +457,6 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
   }
 }
 
-// The attention's split merge through a thread-block cluster (set_decode_stream_cluster_merge:
-// distributed shared memory instead of partials through L2, the same float operations in the
-// same order) gives the logits of the merge through L2 bit for bit, with the dense chunks
-// counting heads and polling the output, over contexts 1-20 and 91-112 (one split and several,
-// idle cluster blocks). DISABLED until it has run on a GPU (written in session 29 without device
-// time): run with --gtest_also_run_disabled_tests.
-TEST(CudaDecodeStreamModel, DISABLED_ClusterMergeKeepsTheLogits) {
-  PHI_REQUIRE_GPU();
-  lora_test::TempDir gqa("phishard-stream-cluster");
-  model_test::WriteRandomPhiCheckpoint(gqa.path(), Gqa512(11));
-  ASSERT_FALSE(HasFatalFailure());
-  for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
-    SCOPED_TRACE(dir.string());
-    std::unique_ptr<CudaPhiModel> m = StreamModel(dir);
-    ASSERT_TRUE(m);
-    for (bool poll : {false, true}) {
-      ASSERT_TRUE(m->set_decode_stream_poll(poll).ok());
-      m->set_decode_stream_cluster_merge(false);
-      const std::vector<std::vector<float>> base = RunSteps(*m);
-      m->set_decode_stream_cluster_merge(true);
-      const std::vector<std::vector<float>> got = RunSteps(*m);
-      ASSERT_EQ(got.size(), base.size());
-      for (size_t i = 0; i < got.size(); ++i) {
-        EXPECT_TRUE(got[i] == base[i]) << "poll " << poll << " step " << i;
-      }
-    }
-  }
-}
-
 // A shape the stream does not take (hidden 320: not 256 KC) keeps the op-by-op path: the switch
 // logs and stays off, no step goes through it.
 TEST(CudaDecodeStreamModel, UnsupportedShapeStaysOff) {
