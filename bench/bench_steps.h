@@ -197,7 +197,7 @@ class Bench {
       }
     };
     for (int i = 0; i < 3; ++i) step();  // first: eager + capture
-    std::vector<double> host, dev;
+    std::vector<double> host, dev, graph_ms, tail_ms;
     // Graph activity during the timed steps: every step should be one replay and no capture.
     const int64_t replays0 = m_.decode_graph_replays() + m_.lora_decode_graph_replays();
     const int64_t captures0 = m_.decode_graph_captures() + m_.lora_decode_graph_captures();
@@ -210,6 +210,8 @@ class Bench {
       step();
       host.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       dev.push_back(m_.last_step_device_ms());
+      graph_ms.push_back(m_.last_step_phases().graph_ms);
+      tail_ms.push_back(m_.last_step_phases().tail_ms);
     }
     nvtxRangePop();
     if (print_steps_ > 0) {  // --print-steps N: device ms of each N timed steps (clock drift)
@@ -246,8 +248,14 @@ class Bench {
     r->context = ctx;
     r->ms = Median(host);
     r->device_ms = Median(dev);
+    r->note.clear();
+    if (Median(graph_ms) > 0) {  // --step-phases (CudaPhiModel::set_step_phase_timing)
+      r->note = absl::StrFormat("phases us: graph %.2f, tail %.2f, rest %.2f; ",
+                                Median(graph_ms) * 1e3, Median(tail_ms) * 1e3,
+                                (r->device_ms - Median(graph_ms) - Median(tail_ms)) * 1e3);
+    }
     Floors(DecodeCost(shape_, batch, ctx), r);
-    r->note = absl::StrFormat("splits<=%d", m_.last_decode_splits());
+    r->note += absl::StrFormat("splits<=%d", m_.last_decode_splits());
     if (m_.lora_beside_decode_steps() > beside0) r->note += "; LoRA beside mode";
     const int64_t replays = m_.decode_graph_replays() + m_.lora_decode_graph_replays() - replays0;
     const int64_t captures =

@@ -219,6 +219,11 @@ int Main(int argc, char** argv) {
   app.add_option("--attn-variant-mode", attn_variant_mode, "decode mode (greedy, graph)");
   app.add_option("--print-steps", print_steps,
                  "print the mean device ms of every N timed decode steps (clock drift; 0: off)");
+  bool step_phases = false;
+  app.add_flag("--step-phases", step_phases,
+               "decode rows' notes split the step's device time into the graph, the tail (picks / "
+               "download) and the rest (upload, sync), two more event pairs a step "
+               "(CudaPhiModel::set_step_phase_timing)");
   int fold_rounds = 0;
   std::string fold_cases = "1x1024,8x1024,32x1024,128x1024,256x1024,1x4096", fold_mode = "greedy";
   app.add_option("--fold-rounds", fold_rounds,
@@ -341,6 +346,7 @@ int Main(int argc, char** argv) {
   DeviceMemGetInfo(&free1, &total);
   const double graph_mib = (static_cast<double>(free0) - static_cast<double>(free1)) / (1 << 20);
   m.set_step_timing(true);
+  m.set_step_phase_timing(step_phases);
 
   const int H = config.hidden_size, I = config.intermediate_size, V = config.vocab_size;
   Shape shape;
@@ -516,7 +522,8 @@ int Main(int argc, char** argv) {
         BENCH_OK(tl.status());
         std::printf("%s", FormatStreamTimeline(
                               *tl, layers,
-                              absl::StrFormat("stream timeline b1 ctx%d preload%d", ctx, preload))
+                              absl::StrFormat("stream timeline b1 ctx%d preload%d", ctx, preload),
+                              r.device_ms)
                               .c_str());
       }
     }

@@ -43,10 +43,57 @@ struct Acc {
   }
 };
 
+// The step's ends (see the header): layer 0 from its first block's start, the LM head row
+// from the last layer's last flush, and the span against the step's device time.
+std::string FormatStepEnds(const std::vector<uint64_t>& words, int layers, size_t per_layer,
+                           double period_us, double step_device_ms) {
+  const int SB = CudaPhiModel::kStreamTimelineBlocks, SE = kDecodeStreamTimelineEvents;
+  // min (first) / max (last) of event e over layer row l's stream blocks; 0 when none stamped.
+  auto first_last = [&](int l, int e, bool last) {
+    uint64_t t = 0;
+    for (int b = 0; b < SB; ++b) {
+      const uint64_t v = words[l * per_layer + static_cast<size_t>(b) * SE + e];
+      if (v != 0 && (t == 0 || (last ? v > t : v < t))) t = v;
+    }
+    return t;
+  };
+  const uint64_t t0 = first_last(0, kTlStart, false);
+  const uint64_t l0_fold = first_last(0, kTlFolded, true), l0_end = first_last(0, kTlFlushed, true);
+  const uint64_t last_end = first_last(layers - 1, kTlFlushed, true);
+  if (t0 == 0 || l0_end == 0 || last_end == 0) return "";
+  auto us = [](uint64_t a, uint64_t b) { return (static_cast<double>(b) - a) / 1e3; };
+  std::string out = absl::StrFormat(
+      "\nstep ends (us): layer 0 first start -> last fold %.2f, -> last flush %.2f (steady "
+      "period %.2f); layers 0..%d span %.2f (%d x period %.2f)\n",
+      us(t0, l0_fold), us(t0, l0_end), period_us, layers - 1, us(t0, last_end), layers,
+      layers * period_us);
+  uint64_t end = last_end;
+  const bool head = words.size() >= per_layer * (layers + 1) && first_last(layers, kTlStart, false);
+  if (head) {
+    const uint64_t h_start = first_last(layers, kTlStart, false);
+    const uint64_t h_fold = first_last(layers, kTlFolded, true);
+    const uint64_t h_items = first_last(layers, kTlItemsDone, true);
+    end = first_last(layers, kTlFlushed, true);
+    out += absl::StrFormat(
+        "LM head (us from the last layer's last flush): first start %.2f, last fold %.2f, last "
+        "item %.2f, last flush %.2f\n",
+        us(last_end, h_start), us(last_end, h_fold), us(last_end, h_items), us(last_end, end));
+  }
+  if (step_device_ms > 0) {
+    const double span = us(t0, end);
+    out += absl::StrFormat(
+        "stream kernels' span %.2f us of the step's %.2f us device time: %.2f us outside them "
+        "(upload, embedding, zeroing, %spicks / download, the gaps between)\n",
+        span, step_device_ms * 1e3, step_device_ms * 1e3 - span,
+        head ? "" : "the fold after the last layer, the LM head, ");
+  }
+  return out;
+}
+
 }  // namespace
 
 std::string FormatStreamTimeline(const std::vector<uint64_t>& words, int layers,
-                                 const std::string& title) {
+                                 const std::string& title, double step_device_ms) {
   const int SB = CudaPhiModel::kStreamTimelineBlocks, AB = CudaPhiModel::kStreamTimelineAttnBlocks;
   const int SE = kDecodeStreamTimelineEvents, AE = kPagedDecodeTimelineEvents;
   const size_t per_layer = static_cast<size_t>(SB) * SE + static_cast<size_t>(AB) * AE;
@@ -146,6 +193,7 @@ std::string FormatStreamTimeline(const std::vector<uint64_t>& words, int layers,
   out += period.Row("layer period (last flush to last flush)");
   out += qkv_to_heads.Row("last q/k/v publish -> last attention end");
   out += heads_to_dense.Row("last attention end -> first dense wait (< 0: dense waited)");
+  out += FormatStepEnds(words, layers, per_layer, period.med / period.layers, step_device_ms);
   return out;
 }
 

@@ -171,6 +171,7 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
   StepTimerStart();
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(decode_dev_, decode_host_, upload, stream_),
                                    "decode inputs upload"));
+  PhaseTimerStart(0);
   if (use_graphs_ && graphs.Has(B, variant)) {
     PHI_RETURN_IF_ERROR(graphs.Replay(B, stream_, variant));
     last_decode_splits_ =
@@ -194,6 +195,8 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
       }
     }
   }
+  PhaseTimerStop(0);
+  PhaseTimerStart(1);
   const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
   return CopyLogitsOut(batch,
                        reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), B,
@@ -222,6 +225,7 @@ absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float*
                                           batch.logit_rows[r], n, step_rows));
     r += n;
   }
+  PhaseTimerStop(1);
   if (absl::Status st = SyncStep(); !st.ok()) {
     healthy_ = false;
     return st;

@@ -90,6 +90,9 @@ CudaPhiModel::~CudaPhiModel() {
   if (mlp_stream_) DeviceStreamDestroy(mlp_stream_);
   gemm_.reset();
   if (step_timer_) DeviceTimerDestroy(step_timer_);
+  for (DeviceTimer* t : phase_timers_) {
+    if (t != nullptr) DeviceTimerDestroy(t);
+  }
   if (fc2_defer_dev_) DeviceFree(fc2_defer_dev_);
   if (fc2_bias_f32_) DeviceFree(fc2_bias_f32_);
   if (decode_dev_) DeviceFree(decode_dev_);
@@ -543,7 +546,32 @@ void CudaPhiModel::set_step_timing(bool on) {
   }
 }
 
+void CudaPhiModel::set_step_phase_timing(bool on) {
+  for (DeviceTimer*& t : phase_timers_) {
+    if (on && t == nullptr) {
+      if (DeviceTimerCreate(&t) != 0) {
+        DeviceGetLastError();
+        t = nullptr;
+      }
+    } else if (!on && t != nullptr) {
+      DeviceTimerDestroy(t);
+      t = nullptr;
+    }
+  }
+}
+
+void CudaPhiModel::PhaseTimerStart(int i) {
+  if (phase_timers_[i] != nullptr) DeviceTimerStart(phase_timers_[i], stream_);
+}
+
+void CudaPhiModel::PhaseTimerStop(int i) {
+  if (phase_timers_[i] != nullptr) DeviceTimerStop(phase_timers_[i], stream_);
+  if (i == 1 && phase_timers_[0] != nullptr && phase_timers_[1] != nullptr) phases_recorded_ = true;
+}
+
 void CudaPhiModel::StepTimerStart() {
+  last_step_phases_ = {};
+  phases_recorded_ = false;
   if (step_timer_) DeviceTimerStart(step_timer_, stream_);
 }
 
@@ -553,6 +581,13 @@ void CudaPhiModel::StepTimerStop() {
   if (DeviceTimerElapsedMs(step_timer_, &last_step_device_ms_) != 0) {
     DeviceGetLastError();
     last_step_device_ms_ = 0.0f;
+  }
+  float* phases[2] = {&last_step_phases_.graph_ms, &last_step_phases_.tail_ms};
+  for (int i = 0; i < 2 && phases_recorded_; ++i) {
+    if (DeviceTimerElapsedMs(phase_timers_[i], phases[i]) != 0) {
+      DeviceGetLastError();
+      *phases[i] = 0.0f;
+    }
   }
 }
 

@@ -265,7 +265,8 @@ class CudaPhiModel final : public ModelBackend {
   // device buffer of this model (drops graphs); decode_stream_timeline() copies the last step's
   // out: per layer kStreamTimelineBlocks rows of kDecodeStreamTimelineEvents words (the stream
   // kernel's blocks), then kStreamTimelineAttnBlocks rows of kPagedDecodeTimelineEvents words
-  // (the attention's blocks); 0 where an event did not happen.
+  // (the attention's blocks); after the layers one more such row for the LM head form (its
+  // stream blocks; the attention rows stay 0); 0 where an event did not happen.
   static constexpr int kStreamTimelineBlocks = 256, kStreamTimelineAttnBlocks = 1024;
   // The attention beside the stream: K/V stages each block requests before its wait for the
   // q/k/v row (PagedDecodeCudaPlan::preload_stages, 0-2, default 2; drops graphs).
@@ -391,6 +392,15 @@ class CudaPhiModel final : public ModelBackend {
   // to logits download) and last_step_device_ms() reads them after the step.
   void set_step_timing(bool on);
   float last_step_device_ms() const { return last_step_device_ms_; }
+  // Benchmarks, decode steps with step timing on: two more event pairs split the step into the
+  // graph (or eager layers: after the inputs upload to the logits) and the tail (logits to the
+  // picks / download done, before the sync); the step's rest is the upload and the sync's end.
+  // The extra events cost a little themselves: off by default.
+  void set_step_phase_timing(bool on);
+  struct StepPhases {
+    float graph_ms = 0, tail_ms = 0;
+  };
+  StepPhases last_step_phases() const { return last_step_phases_; }
   // Benchmarks: fills the whole KV pool with random values of unit scale, as if every slot held a
   // prefilled token (decode timings at long contexts without the prefills).
   absl::Status FillKvCacheRandom(uint64_t seed);
@@ -746,6 +756,11 @@ class CudaPhiModel final : public ModelBackend {
   std::unique_ptr<CudaGraphRunner> lora_graphs_;  // decode graphs of steps with adapter rows
   DeviceTimer* step_timer_ = nullptr;             // non-null while step timing is on
   float last_step_device_ms_ = 0.0f;
+  DeviceTimer* phase_timers_[2] = {nullptr, nullptr};  // set_step_phase_timing: graph, tail
+  StepPhases last_step_phases_;
+  bool phases_recorded_ = false;  // this step recorded both phase pairs (decode steps)
+  void PhaseTimerStart(int i);
+  void PhaseTimerStop(int i);
 
   // Ping: own stream and buffers, serialised by its own mutex.
   std::mutex ping_mu_;

@@ -220,7 +220,9 @@ absl::Status CudaPhiModel::set_decode_stream_timeline(bool on) {
     stream_timeline_ = nullptr;
   }
   if (!on) return absl::OkStatus();
-  const size_t bytes = sizeof(uint64_t) * config_.num_hidden_layers * StreamTimelineLayerWords();
+  // A row per layer and one for the LM head form (its stream blocks only).
+  const size_t bytes =
+      sizeof(uint64_t) * (config_.num_hidden_layers + 1) * StreamTimelineLayerWords();
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceMalloc(&stream_timeline_, bytes), "timeline buffer"));
   return DeviceStatus(DeviceMemset(stream_timeline_, 0, bytes, stream_), "zero timeline");
 }
@@ -228,7 +230,7 @@ absl::Status CudaPhiModel::set_decode_stream_timeline(bool on) {
 absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::decode_stream_timeline() {
   if (stream_timeline_ == nullptr) return absl::FailedPreconditionError("timeline is off");
   return CopyTimelineWords(stream_timeline_,
-                           config_.num_hidden_layers * StreamTimelineLayerWords());
+                           (config_.num_hidden_layers + 1) * StreamTimelineLayerWords());
 }
 
 absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, bool* logits_done) {
@@ -269,7 +271,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
   uint64_t* timeline = static_cast<uint64_t*>(stream_timeline_);
   if (timeline != nullptr) {
     PHI_RETURN_IF_ERROR(DeviceStatus(
-        DeviceMemset(timeline, 0, sizeof(uint64_t) * L * StreamTimelineLayerWords(), stream_),
+        DeviceMemset(timeline, 0, sizeof(uint64_t) * (L + 1) * StreamTimelineLayerWords(), stream_),
         "zero timeline"));
   }
   const size_t layer_kv_bytes = static_cast<size_t>(kv_num_blocks_) * kv_block_size_ *
@@ -357,6 +359,10 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
                                 .logits = reinterpret_cast<float*>(a + al.logits),
                                 .head_bias = lm_head_b_,
                                 .rearm_attn = poll ? attn_of(L - 1) : nullptr};
+    if (timeline != nullptr) {
+      p.layer.timeline = timeline + static_cast<size_t>(L) * StreamTimelineLayerWords();
+      p.layer.timeline_blocks = kStreamTimelineBlocks;
+    }
     PHI_RETURN_IF_ERROR(KernelResult(DecodeStreamLayerCuda(p, stream_), "decode stream LM head"));
     *logits_done = true;
     ++stream_steps_;

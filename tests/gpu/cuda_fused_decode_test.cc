@@ -423,9 +423,11 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
       const int AB = CudaPhiModel::kStreamTimelineAttnBlocks;
       const size_t per_layer = static_cast<size_t>(SB) * kDecodeStreamTimelineEvents +
                                static_cast<size_t>(AB) * kPagedDecodeTimelineEvents;
-      ASSERT_EQ(tl->size(), per_layer * m->config().num_hidden_layers);
+      // The layers' rows, then the LM head form's (stream blocks only).
+      const int L = m->config().num_hidden_layers;
+      ASSERT_EQ(tl->size(), per_layer * (L + 1));
       uint64_t prev_flush = 0;
-      for (int l = 0; l < m->config().num_hidden_layers; ++l) {
+      for (int l = 0; l <= L; ++l) {
         const uint64_t* rows = tl->data() + l * per_layer;
         int stream_blocks = 0, attn_blocks = 0;
         uint64_t last_flush = 0;
@@ -447,6 +449,11 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
           EXPECT_LE(r[kAttnTlStart], r[kAttnTlReady]) << "layer " << l << " block " << b;
           EXPECT_LE(r[kAttnTlReady], r[kAttnTlKeysDone]) << "layer " << l << " block " << b;
           EXPECT_LE(r[kAttnTlKeysDone], r[kAttnTlEnd]) << "layer " << l << " block " << b;
+        }
+        if (l == L) {  // the LM head form is off here: its row stays zero
+          EXPECT_EQ(stream_blocks, 0);
+          EXPECT_EQ(attn_blocks, 0);
+          break;
         }
         EXPECT_GT(stream_blocks, 0) << "layer " << l;
         EXPECT_GT(attn_blocks, 0) << "layer " << l;
