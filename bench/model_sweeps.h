@@ -84,9 +84,11 @@ struct ModelSettingSweeps {
                               .values = "0,1"};
   IntSettingSweep stream_inflight{.name = "stream-inflight",
                                   .label = "oneinflight",
-                                  .title = "decode stream: one copy in flight a block",
+                                  .title =
+                                      "decode stream: one copy in flight a block from "
+                                      "this context (-1: never)",
                                   .cases = "1x128,1x1024,1x4096",
-                                  .values = "0,1"};
+                                  .values = "-1,0"};
   IntSettingSweep stream_poll{.name = "stream-poll",
                               .label = "poll",
                               .title = "decode stream: dense waits on the attention output itself",
@@ -104,7 +106,8 @@ struct ModelSettingSweeps {
     stream_blocks.AddFlags(app, "set_decode_stream_blocks", "blocks (0: every SM)");
     stream_attn_smem.AddFlags(app, "set_decode_stream_attn_smem", "0 or 1");
     stream_head.AddFlags(app, "set_decode_stream_head", "0 or 1");
-    stream_inflight.AddFlags(app, "set_decode_stream_one_in_flight", "0 or 1");
+    stream_inflight.AddFlags(app, "set_decode_stream_one_in_flight_ctx",
+                             "contexts from which (0: every step; -1: none)");
     stream_poll.AddFlags(app, "set_decode_stream_poll", "0 or 1");
     fc1_sms.AddFlags(app, "set_decode_fc1_sms, applied to every step size 1-256 here",
                      "SM count targets (0: every SM)");
@@ -177,8 +180,8 @@ struct ModelSettingSweeps {
         bench, [&m] { return m.decode_stream_head() ? 1 : 0; },
         [&m](int v) { m.set_decode_stream_head(v != 0); }, rows);
     stream_inflight.Run(
-        bench, [&m] { return m.decode_stream_one_in_flight() ? 1 : 0; },
-        [&m](int v) { m.set_decode_stream_one_in_flight(v != 0); }, rows);
+        bench, [&m] { return m.decode_stream_one_in_flight_ctx(); },
+        [&m](int v) { m.set_decode_stream_one_in_flight_ctx(v); }, rows);
     stream_poll.Run(
         bench, [&m] { return m.decode_stream_poll() ? 1 : 0; },
         [&m](int v) { BENCH_OK(m.set_decode_stream_poll(v != 0)); }, rows);

@@ -80,6 +80,7 @@ void CudaPhiModel::SetDecodeVariant(int rows, int variant, StepInputs* in) const
   in->short_regs = (variant & kVariantFoldShort) != 0 && VariantRules().ShortRegsRows(rows);
   in->fold_short = (variant & kVariantFoldShort) != 0 && !in->short_regs;
   in->warp_heads = (variant & kVariantWarpHeads) != 0;
+  in->stream_one_in_flight = (variant & kVariantStreamLong) != 0;
 }
 
 absl::Status CudaPhiModel::EnqueueDecode(int rows, int variant) {

@@ -57,6 +57,8 @@ struct CudaPhiModel::StepInputs {
   bool fold_short = false;
   bool short_regs = false;
   bool warp_heads = false;  // the one-warp-a-head attention (DecodeVariantRules::WarpHeads)
+  // The decode stream's launches keep one copy in flight (DecodeVariantRules::StreamLong).
+  bool stream_one_in_flight = false;
   int max_q_len = 0;        // prefill plan
   int max_ctx = 0;
   bool skip_last_layer = false;  // prefill: the caller runs it (EnqueueLastLayerRows)

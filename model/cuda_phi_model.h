@@ -286,9 +286,11 @@ class CudaPhiModel final : public ModelBackend {
   // attention output itself, the attention counts nothing (drops graphs; arms the buffers).
   absl::Status set_decode_stream_poll(bool on);
   bool decode_stream_poll() const { return stream_poll_; }
-  // DecodeStreamParams::one_in_flight for the stream's launches (drops graphs).
-  void set_decode_stream_one_in_flight(bool on);
-  bool decode_stream_one_in_flight() const { return stream_one_in_flight_; }
+  // DecodeStreamParams::one_in_flight for the stream's launches of 1-row steps whose context is
+  // at least `ctx` tokens (a graph variant of bucket 1: DecodeVariantRules::kStreamLong); 0:
+  // every step; < 0: none (drops graphs).
+  void set_decode_stream_one_in_flight_ctx(int ctx);
+  int decode_stream_one_in_flight_ctx() const { return stream_one_in_flight_ctx_; }
   bool decode_stream_head() const { return stream_head_; }
   absl::Status set_decode_stream_timeline(bool on);
   absl::StatusOr<std::vector<uint64_t>> decode_stream_timeline();
@@ -461,27 +463,31 @@ class CudaPhiModel final : public ModelBackend {
   static constexpr int kVariantFoldShort = DecodeVariantRules::kShortContext;
   // The one-warp-a-head decode attention (DecodeVariantRules::WarpHeads).
   static constexpr int kVariantWarpHeads = DecodeVariantRules::kWarpHeads;
+  // A 1-row step of a long context through the decode stream (DecodeVariantRules::StreamLong).
+  static constexpr int kVariantStreamLong = DecodeVariantRules::kStreamLong;
   static constexpr int kDecodeGraphVariants = DecodeVariantRules::kVariants;
   // The captured part of a decode step of `rows` rows (its bucket) in graph variant `variant`.
   absl::Status EnqueueDecode(int rows, int variant);
   // The variant rules of the current settings.
   DecodeVariantRules VariantRules() const {
-    return DecodeVariantRules{.fc1_sms = fc1_sms_,
-                              .fc1_min_rows = fc1_sms_min_rows_,
-                              .fc1_max_rows = fc1_sms_max_rows_,
-                              .fc1_min_kv = fc1_sms_min_kv_,
-                              .sharded = shard_.sharded(),
-                              .mha = config_.num_key_value_heads == config_.num_attention_heads,
-                              .fold_rows = decode_fold_rows_,
-                              .fold_short_rows = fold_short_rows_,
-                              .fold_short_ctx = fold_short_ctx_,
-                              .short_regs_rows = short_regs_rows_,
-                              .short_regs_ctx = short_regs_ctx_,
-                              .num_heads = config_.num_attention_heads,
-                              .warp_min_warps = warp_heads_ ? warp_min_warps_ : 0,
-                              .warp_ctx = warp_ctx_,
-                              .warp_more_warps = warp_more_warps_,
-                              .warp_more_ctx = warp_more_ctx_};
+    return DecodeVariantRules{
+        .fc1_sms = fc1_sms_,
+        .fc1_min_rows = fc1_sms_min_rows_,
+        .fc1_max_rows = fc1_sms_max_rows_,
+        .fc1_min_kv = fc1_sms_min_kv_,
+        .sharded = shard_.sharded(),
+        .mha = config_.num_key_value_heads == config_.num_attention_heads,
+        .fold_rows = decode_fold_rows_,
+        .fold_short_rows = fold_short_rows_,
+        .fold_short_ctx = fold_short_ctx_,
+        .short_regs_rows = short_regs_rows_,
+        .short_regs_ctx = short_regs_ctx_,
+        .num_heads = config_.num_attention_heads,
+        .warp_min_warps = warp_heads_ ? warp_min_warps_ : 0,
+        .warp_ctx = warp_ctx_,
+        .warp_more_warps = warp_more_warps_,
+        .warp_more_ctx = warp_more_ctx_,
+        .stream_long_ctx = stream_on_ && !shard_.sharded() ? stream_one_in_flight_ctx_ : -1};
   }
   // The step inputs of `variant` for a decode step of `rows` rows.
   void SetDecodeVariant(int rows, int variant, StepInputs* in) const;
@@ -736,9 +742,7 @@ class CudaPhiModel final : public ModelBackend {
   bool stream_attn_smem_ = true;
   // set_decode_stream_head: x0.996 at b1 ctx 128 / 1024 / 4096 (perf-log 2026-11-30 21:28).
   bool stream_head_ = true;
-  // set_decode_stream_one_in_flight: x0.962 at b1 ctx 4096, x0.999 at 1024, x1.003 at 128
-  // (perf-log 2026-11-30 21:31).
-  bool stream_one_in_flight_ = true;
+  int stream_one_in_flight_ctx_ = kDecodeStreamOneInFlightCtxDefault;
   // set_decode_stream_poll: x0.993 / x0.997 / x0.993 at b1 ctx 128 / 1024 / 4096 (perf-log
   // 2026-11-30 21:41).
   bool stream_poll_ = true;

@@ -184,9 +184,9 @@ void CudaPhiModel::set_decode_stream_blocks(int blocks) {
   stream_blocks_ = std::clamp(blocks, 0, multiprocessors_);
 }
 
-void CudaPhiModel::set_decode_stream_one_in_flight(bool on) {
+void CudaPhiModel::set_decode_stream_one_in_flight_ctx(int ctx) {
   DropGraphs();
-  stream_one_in_flight_ = on;
+  stream_one_in_flight_ctx_ = std::max(ctx, -1);
 }
 
 absl::Status CudaPhiModel::set_decode_stream_poll(bool on) {
@@ -305,7 +305,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
     p.layer.timeline_blocks = kStreamTimelineBlocks;
     p.blocks = stream_blocks_;
     p.dense_attn_in_smem = stream_attn_smem_;
-    p.one_in_flight = stream_one_in_flight_;
+    p.one_in_flight = in.stream_one_in_flight;  // (the step's variant)
     if (poll) {  // the dense chunks wait for the attention output itself
       p.dense_poll_attn = true;
       p.attn_heads = 0;
@@ -344,7 +344,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
     p.attn_heads = 0;
     p.head_vocab = c.vocab_size;
     p.blocks = stream_blocks_;
-    p.one_in_flight = stream_one_in_flight_;
+    p.one_in_flight = in.stream_one_in_flight;  // (the step's variant)
     p.programmatic_launch = true;  // a dependent of the last layer's attention
     p.layer = DecodeStreamLayer{.ln_w = final_ln_w_,
                                 .ln_b = final_ln_b_,

@@ -20,6 +20,10 @@
 //    (kernels/cuda/paged_decode_warp.cu; its 4-warp blocks run 4 an SM, 16 warps, so the
 //    defaults, 36 and 44 warps an SM, are 2.25 and 2.75 waves). It takes precedence over the
 //    short-context bit: a step has at most one of the two.
+//  * kStreamLong: a 1-row step through the decode stream (model/cuda_phi_stream.cc) whose
+//    context is at least stream_long_ctx keeps one weight copy in flight a stream block
+//    (DecodeStreamParams::one_in_flight): shorter loaded round trips for its attention's chain,
+//    which pays from ~1,536 tokens of context and costs below (perf-log 2026-11-30 23:44).
 #pragma once
 
 #include <algorithm>
@@ -32,7 +36,8 @@ struct DecodeVariantRules {
   static constexpr int kFc1Narrow = 1;
   static constexpr int kShortContext = 2;
   static constexpr int kWarpHeads = 4;
-  static constexpr int kVariants = 8;  // every combination of the bits (not all possible)
+  static constexpr int kStreamLong = 8;
+  static constexpr int kVariants = 16;  // every combination of the bits (not all possible)
 
   int fc1_sms = 0;  // 0: no SM target
   int fc1_min_rows = 0, fc1_max_rows = -1;
@@ -47,6 +52,7 @@ struct DecodeVariantRules {
   int warp_ctx = 0;
   int64_t warp_more_warps = 0;
   int warp_more_ctx = 0;
+  int stream_long_ctx = -1;  // < 0: no kStreamLong (no decode stream, or never one in flight)
 
   bool Fc1Narrow(int rows, int64_t kv_tokens) const {
     return fc1_sms > 0 && rows >= fc1_min_rows && rows <= fc1_max_rows && kv_tokens >= fc1_min_kv;
@@ -75,16 +81,28 @@ struct DecodeVariantRules {
     return (warps >= warp_min_warps && MeanAtMost(kv_tokens, live, warp_ctx)) ||
            (warps >= warp_more_warps && MeanAtMost(kv_tokens, live, warp_more_ctx));
   }
+  bool StreamLong(int rows, int64_t kv_tokens) const {
+    return stream_long_ctx >= 0 && rows == 1 && kv_tokens >= stream_long_ctx;
+  }
   // The variant of a step of `rows` rows whose `live` sequences' contexts sum to kv_tokens.
   int Variant(int rows, int64_t kv_tokens, int live) const {
     const bool warp = WarpHeads(rows, kv_tokens, live);
     const bool short_context =
         !warp && (FoldShort(rows, kv_tokens, live) || ShortRegs(rows, kv_tokens, live));
     return (Fc1Narrow(rows, kv_tokens) ? kFc1Narrow : 0) | (short_context ? kShortContext : 0) |
-           (warp ? kWarpHeads : 0);
+           (warp ? kWarpHeads : 0) | (StreamLong(rows, kv_tokens) ? kStreamLong : 0);
   }
   // Whether some step of a `rows`-row bucket (at most `rows` live sequences) can be in `variant`.
   bool Possible(int rows, int variant) const {
+    if ((variant & kStreamLong) != 0) {  // with whatever else a 1-row step of a long context takes
+      return StreamLong(rows, std::numeric_limits<int64_t>::max()) &&
+             PossibleWithoutStream(rows, variant & ~kStreamLong);
+    }
+    return PossibleWithoutStream(rows, variant);
+  }
+
+ private:
+  bool PossibleWithoutStream(int rows, int variant) const {
     const bool narrow = (variant & kFc1Narrow) != 0, short_context = (variant & kShortContext) != 0;
     const bool warp = (variant & kWarpHeads) != 0;
     if (narrow && !Fc1Narrow(rows, std::numeric_limits<int64_t>::max())) return false;

@@ -377,8 +377,8 @@ TEST(CudaDecodeStreamModel, OptionAtLoadEqualsTheSwitchAfterLoad) {
 // The attention's preloaded K/V stages (set_decode_stream_preload: loads moved before its wait),
 // the dense chunks' attention output through shared memory (set_decode_stream_attn_smem), a
 // smaller stream grid (set_decode_stream_blocks: the grid sums are exact in any order), one copy
-// in flight a block (set_decode_stream_one_in_flight), the dense chunks waiting on the attention
-// output itself (set_decode_stream_poll, switched off and on again between runs) and the
+// in flight a block (set_decode_stream_one_in_flight_ctx), the dense chunks waiting on the
+// attention output itself (set_decode_stream_poll, switched off and on again between runs) and the
 // timeline (clock stamps only) change no value: every step's logits equal the plain path's bit
 // for bit, over contexts 1-20 (one 32-key stage, part of one) and 91-112 (several
 // stages, the new key in each position of a stage). The last step's timeline: every layer's
@@ -405,7 +405,7 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
       EXPECT_EQ(m->decode_stream_preload(), std::min(preload, 2));
       m->set_decode_stream_attn_smem(preload >= 2);
       m->set_decode_stream_blocks(preload == 4 ? 7 : 0);
-      m->set_decode_stream_one_in_flight(preload >= 3);
+      m->set_decode_stream_one_in_flight_ctx(preload >= 3 ? 0 : -1);
       ASSERT_TRUE(m->set_decode_stream_poll(preload != 2).ok());
       const bool timeline = preload >= 3;
       ASSERT_TRUE(m->set_decode_stream_timeline(timeline).ok());

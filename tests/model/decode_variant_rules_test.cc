@@ -33,7 +33,8 @@ R Defaults(int hidden, int intermediate, int heads, int kv_heads, int head_dim) 
            .warp_min_warps = int64_t{kDecodeWarpHeadsMinWarpsPerSm} * kSms,
            .warp_ctx = kDecodeWarpHeadsCtx,
            .warp_more_warps = int64_t{kDecodeWarpHeadsMoreWarpsPerSm} * kSms,
-           .warp_more_ctx = kDecodeWarpHeadsMoreCtx};
+           .warp_more_ctx = kDecodeWarpHeadsMoreCtx,
+           .stream_long_ctx = kDecodeStreamOneInFlightCtxDefault};  // (the stream on: the default)
 }
 R Phi2() { return Defaults(2560, 10240, 32, 32, 80); }
 R Phi15() { return Defaults(2048, 8192, 32, 32, 64); }
@@ -182,32 +183,53 @@ TEST(DecodeVariantRules, WarpHeadsByHeadsAndContext) {
   EXPECT_FALSE(wide.WarpHeads(32, 32 * 128, 32 * 1000)) << "rows that fold keep the fold";
 }
 
-// Warm-up's graph count: every bucket's variant 0, fc1's target at 8 and 16, the short-context
-// variant above the fold's rows; both bits only where a summed context can reach fc1's bound with
-// a short mean (Phi-2 at 16 rows: 16 x 256 = 4,096 < 8,192, so not there).
+// The decode stream's long-context bit: 1-row steps only, from the bound on; none without the
+// stream (stream_long_ctx < 0); bound 0: every 1-row step.
+TEST(DecodeVariantRules, StreamLongOnlyForOneRowFromItsBound) {
+  R r = Phi2();
+  EXPECT_EQ(r.Variant(1, 1535, 1), 0);
+  EXPECT_EQ(r.Variant(1, 1536, 1), R::kStreamLong);
+  EXPECT_EQ(r.Variant(1, 4096, 1), R::kStreamLong);
+  EXPECT_EQ(r.Variant(2, 2 * 4096, 2), 0);  // the stream takes 1-row steps only
+  EXPECT_TRUE(r.Possible(1, R::kStreamLong));
+  EXPECT_FALSE(r.Possible(2, R::kStreamLong));
+  EXPECT_FALSE(r.Possible(1, R::kStreamLong | R::kFc1Narrow));  // (fc1's rows start at 5)
+  r.stream_long_ctx = -1;
+  EXPECT_EQ(r.Variant(1, 4096, 1), 0);
+  EXPECT_FALSE(r.Possible(1, R::kStreamLong));
+  r.stream_long_ctx = 0;
+  EXPECT_EQ(r.Variant(1, 0, 0), R::kStreamLong);
+  EXPECT_EQ(r.Variant(1, 7, 1), R::kStreamLong);
+}
+
+// Warm-up's graph count: every bucket's variant 0, the stream's long-context variant of bucket 1,
+// fc1's target at 8 and 16, the short-context variant above the fold's rows; both bits only where
+// a summed context can reach fc1's bound with a short mean (Phi-2 at 16 rows: 16 x 256 = 4,096 <
+// 8,192, so not there).
 TEST(DecodeVariantRules, PlannedGraphsPerModel) {
   const std::vector<int> buckets = {1, 2, 4, 8, 16, 32, 64, 128, 256};
-  // Phi-2 (fold rows 8): 9 + fc1 {8, 16} + short {16, 32, 64, 128, 256} + warp {256} = 17.
+  // Phi-2 (fold rows 8): 9 + stream {1} + fc1 {8, 16} + short {16, 32, 64, 128, 256} + warp {256}
+  // = 18.
   EXPECT_FALSE(Phi2().Possible(16, R::kFc1Narrow | R::kShortContext));
   EXPECT_FALSE(Phi2().Possible(8, R::kShortContext));
-  EXPECT_EQ(Planned(Phi2(), buckets), 17);
+  EXPECT_EQ(Planned(Phi2(), buckets), 18);
   R wide = Phi2();  // a bound the short mean can reach: both bits at 16 rows
   wide.fc1_min_kv = 16 * 256;
   EXPECT_TRUE(wide.Possible(16, R::kFc1Narrow | R::kShortContext));
   EXPECT_EQ(wide.Variant(16, 16 * 256, 16), R::kFc1Narrow | R::kShortContext);
-  // Phi-1.5 (head_dim 64: fold rows 16): 9 + fc1 {8, 16} + short {32, 64, 128, 256} + warp {256}
-  // = 16.
+  // Phi-1.5 (head_dim 64: fold rows 16): 9 + stream {1} + fc1 {8, 16} + short {32, 64, 128,
+  // 256} + warp {256} = 17.
   EXPECT_FALSE(Phi15().Possible(16, R::kShortContext));
-  EXPECT_EQ(Planned(Phi15(), buckets), 16);
-  // tiny-phi-code (MHA 8 x 32, hidden 256; max_graph_batch 48 as in cuda_graph_test): 7 + fc1
-  // {8, 16} + short {32 (fold), 48 (ShortRegs)} = 11.
+  EXPECT_EQ(Planned(Phi15(), buckets), 17);
+  // tiny-phi-code (MHA 8 x 32, hidden 256; max_graph_batch 48 as in cuda_graph_test): 7 + stream
+  // {1} + fc1 {8, 16} + short {32 (fold), 48 (ShortRegs)} = 12.
   const R tiny = Defaults(256, 1024, 8, 8, 32);
-  EXPECT_EQ(Planned(tiny, {1, 2, 4, 8, 16, 32, 48}), 11);
+  EXPECT_EQ(Planned(tiny, {1, 2, 4, 8, 16, 32, 48}), 12);
   // A GQA model of Phi-2's width (8 K/V heads): no ShortRegs buckets; fc1's bound, 4 x 8,192
   // tokens, is out of reach of a short mean at 16 rows.
   const R gqa = Defaults(2560, 10240, 32, 8, 80);
   EXPECT_FALSE(gqa.Possible(16, R::kFc1Narrow | R::kShortContext));
-  EXPECT_EQ(Planned(gqa, buckets), 9 + 2 + 2);
+  EXPECT_EQ(Planned(gqa, buckets), 9 + 1 + 2 + 2);
 }
 
 }  // namespace
