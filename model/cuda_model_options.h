@@ -23,7 +23,7 @@ inline constexpr int kDecodeAttentionFoldRowsDefault = 8;  // CudaModelOptions b
 inline constexpr int kDecodeStreamDefault = 1;             // CudaModelOptions::decode_stream
 // The decode stream's 1-row steps keep one weight copy in flight a block from this context on
 // (DecodeVariantRules::kStreamLong; CudaPhiModel::set_decode_stream_one_in_flight_ctx): x1.012 at
-// ctx 1024, x0.999 at 1536, x0.981 at 2048, x0.939 at 3072 / 4096 (perf-log 2026-11-30 23:44).
+// ctx 1024, x0.999 at 1536, x0.981 at 2048, x0.939 at 3072 / 4096 (perf-log 2026-11-30 23:18).
 inline constexpr int kDecodeStreamOneInFlightCtxDefault = 1536;
 // The default fold bound of a model: 16 rows at head_dim <= 64 (Phi-1.5's 32 x 64: the fused
 // kernel fits 5 blocks an SM there; b16 x0.946-0.973, b8 x0.961-0.998, perf-log 2026-11-30 04:51 /

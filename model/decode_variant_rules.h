@@ -23,7 +23,7 @@
 //  * kStreamLong: a 1-row step through the decode stream (model/cuda_phi_stream.cc) whose
 //    context is at least stream_long_ctx keeps one weight copy in flight a stream block
 //    (DecodeStreamParams::one_in_flight): shorter loaded round trips for its attention's chain,
-//    which pays from ~1,536 tokens of context and costs below (perf-log 2026-11-30 23:44).
+//    which pays from ~1,536 tokens of context and costs below (perf-log 2026-11-30 23:18).
 #pragma once
 
 #include <algorithm>
