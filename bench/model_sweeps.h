@@ -89,6 +89,12 @@ struct ModelSettingSweeps {
                                       "this context (-1: never)",
                                   .cases = "1x128,1x1024,1x4096",
                                   .values = "-1,0"};
+  IntSettingSweep stream_host_logits{.name = "stream-host-logits",
+                                     .label = "hostlogits",
+                                     .title = "decode stream: the LM head writes the host logits",
+                                     .cases = "1x128,1x1024,1x4096",
+                                     .values = "0,1",
+                                     .mode = "graph"};  // (greedy steps download no logits)
   IntSettingSweep stream_poll{.name = "stream-poll",
                               .label = "poll",
                               .title = "decode stream: dense waits on the attention output itself",
@@ -109,6 +115,7 @@ struct ModelSettingSweeps {
     stream_inflight.AddFlags(app, "set_decode_stream_one_in_flight_ctx",
                              "contexts from which (0: every step; -1: none)");
     stream_poll.AddFlags(app, "set_decode_stream_poll", "0 or 1");
+    stream_host_logits.AddFlags(app, "set_decode_stream_host_logits", "0 or 1");
     fc1_sms.AddFlags(app, "set_decode_fc1_sms, applied to every step size 1-256 here",
                      "SM count targets (0: every SM)");
     fc1_min_kv.AddFlags(app, "set_decode_fc1_sms_min_kv_tokens",
@@ -185,6 +192,9 @@ struct ModelSettingSweeps {
     stream_poll.Run(
         bench, [&m] { return m.decode_stream_poll() ? 1 : 0; },
         [&m](int v) { BENCH_OK(m.set_decode_stream_poll(v != 0)); }, rows);
+    stream_host_logits.Run(
+        bench, [&m] { return m.decode_stream_host_logits() ? 1 : 0; },
+        [&m](int v) { m.set_decode_stream_host_logits(v != 0); }, rows);
     graphs.Run(
         bench, [&m] { return m.cuda_graphs() ? 1 : 0; }, [&m](int v) { m.set_cuda_graphs(v != 0); },
         rows);

@@ -85,6 +85,7 @@ struct IntSettingSweep {
   std::string name, label, title;
   std::string cases, values;  // defaults of --NAME-cases and --NAME
   int rounds = 0;
+  std::string mode = "greedy";  // the decode steps' mode (Bench::Decode: greedy, graph, ...)
 
   // `what`: the setting, for the help text; `values_help`: what a value means.
   void AddFlags(CLI::App& app, const std::string& what, const std::string& values_help) {
@@ -94,7 +95,7 @@ struct IntSettingSweep {
     app.add_option("--" + name + "-cases", cases, "BATCHxCTX decode steps of it");
     app.add_option("--" + name, values, values_help + ", comma-separated");
   }
-  // Greedy decode steps under set(v) for each value; restore() afterwards.
+  // Decode steps (`mode`) under set(v) for each value; restore() afterwards.
   void Run(Bench& bench, const std::function<void(int)>& set, const std::function<void()>& restore,
            std::vector<Row>* rows) const {
     if (rounds <= 0) return;
@@ -102,7 +103,7 @@ struct IntSettingSweep {
     for (int v : ParseInts(values)) {
       settings.push_back({absl::StrFormat("%s%d", label, v), [set, v] { set(v); }});
     }
-    SettingSweep(bench, title, "--" + name + "-cases", cases, "greedy", rounds, settings, rows);
+    SettingSweep(bench, title, "--" + name + "-cases", cases, mode, rounds, settings, rows);
     restore();
   }
   // The same for one setting read by `get` and written by `set`: what get() read at the start is

@@ -26,6 +26,10 @@ using cuda_model::ArenaLayout;
 using cuda_model::MakeArenaLayout;
 using cuda_model::VocabPad;
 
+// set_decode_stream_host_logits: the staging's first word before a step whose LM head form
+// writes it — a NaN with a payload no float operation produces (the GPU's NaNs are canonical).
+constexpr uint32_t kHostLogitsSentinelBits = 0x7fbadbadu;
+
 // The decode path's inputs, at fixed offsets for the life of the buffer (`rows` rows, `ints`
 // block-table entries): info = {live sequences, block-table pitch, 0, 0}, then per row the slot,
 // token id, position and context length, then the block tables [live, pitch], so a step
@@ -169,6 +173,12 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
   const bool lora = lora_->active();
   CudaGraphRunner& graphs = lora ? *lora_graphs_ : *graphs_;
   const int variant = lora ? 0 : DecodeVariantOf(batch, B);
+  // set_decode_stream_host_logits: the stream's LM head form writes a 1-row step's logits into
+  // the staging itself; a sentinel in its first word shows after the step whether it did.
+  const bool host_row0 = stream_host_logits_ && StreamTakesDecode(B) && StreamHeadForm() &&
+                         batch.logit_rows.size() == 1 && batch.logit_rows[0] == 0 &&
+                         !(greedy_step_ && !batch.greedy_rows.empty() && batch.greedy_rows[0] != 0);
+  if (host_row0) std::memcpy(logits_host_, &kHostLogitsSentinelBits, sizeof(float));
   StepTimerStart();
   PHI_RETURN_IF_ERROR(DeviceStatus(DeviceCopyToDevice(decode_dev_, decode_host_, upload, stream_),
                                    "decode inputs upload"));
@@ -201,7 +211,7 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
   const ArenaLayout al = MakeArenaLayout(config_, arena_tokens_);
   return CopyLogitsOut(batch,
                        reinterpret_cast<const float*>(static_cast<char*>(arena_) + al.logits), B,
-                       logits, view);
+                       logits, view, host_row0);
 }
 
 // Requested rows of the device logits [rows, VocabPad(V)] -> pinned staging (one 2-D copy per
@@ -209,12 +219,14 @@ absl::Status CudaPhiModel::DecodeStep(const ForwardBatch& batch, std::vector<flo
 // with its stream sync.
 absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float* d_logits,
                                          int step_rows, std::vector<float>* logits,
-                                         absl::Span<const float>* view) {
+                                         absl::Span<const float>* view, bool host_row0) {
   const int V = full_config_.vocab_size, R = static_cast<int>(batch.logit_rows.size());
   // ForwardGreedy: marked rows are chosen on the device and not downloaded.
   const bool greedy = greedy_step_ && !batch.greedy_rows.empty();
   if (greedy) PHI_RETURN_IF_ERROR(EnqueueGreedyPicks(batch, d_logits, step_rows));
-  const auto skip = [&](int r) { return greedy && batch.greedy_rows[r] != 0; };
+  const auto skip = [&](int r) {
+    return (greedy && batch.greedy_rows[r] != 0) || (host_row0 && r == 0);
+  };
   for (int r = 0; r < R;) {
     if (skip(r)) {
       ++r;
@@ -230,6 +242,18 @@ absl::Status CudaPhiModel::CopyLogitsOut(const ForwardBatch& batch, const float*
   if (absl::Status st = SyncStep(); !st.ok()) {
     healthy_ = false;
     return st;
+  }
+  if (host_row0 && std::memcmp(logits_host_, &kHostLogitsSentinelBits, sizeof(float)) == 0) {
+    // The step did not write them (a bug in the conditions): download them after all.
+    if (host_logits_misses_++ == 0) {
+      PHI_LOG(ERROR) << "decode stream: the step's logits were not written to the host staging; "
+                        "downloading them (counted in decode_stream_host_logits_misses)";
+    }
+    PHI_RETURN_IF_ERROR(DownloadLogitRows(logits_host_, d_logits, 0, 1, step_rows));
+    if (absl::Status st = SyncStep(); !st.ok()) {
+      healthy_ = false;
+      return st;
+    }
   }
   StepTimerStop();
   if (view != nullptr) {

@@ -292,6 +292,13 @@ class CudaPhiModel final : public ModelBackend {
   void set_decode_stream_one_in_flight_ctx(int ctx);
   int decode_stream_one_in_flight_ctx() const { return stream_one_in_flight_ctx_; }
   bool decode_stream_head() const { return stream_head_; }
+  // DecodeStreamLayer::logits_host: the LM head form also writes a 1-row step's logits into the
+  // pinned logits staging, so a step that wants them downloads nothing (drops graphs).
+  void set_decode_stream_host_logits(bool on);
+  bool decode_stream_host_logits() const { return stream_host_logits_; }
+  // Steps whose host logits the LM head form should have written and did not (a bug: the
+  // download then ran after the step; tests check it stays 0).
+  int64_t decode_stream_host_logits_misses() const { return host_logits_misses_; }
   absl::Status set_decode_stream_timeline(bool on);
   absl::StatusOr<std::vector<uint64_t>> decode_stream_timeline();
   // CudaModelOptions::decode_megakernel (drops graphs).
@@ -543,8 +550,15 @@ class CudaPhiModel final : public ModelBackend {
   absl::Status Linear(const GemmParams& p, DataType y_dtype, const char* op,
                       const GemmParams* second = nullptr, cudaStream_t stream = nullptr,
                       CudaGemm* gemm = nullptr);
+  // Whether a decode step of `rows` rows (its bucket; after PlanLora) goes through the decode
+  // stream, and whether the stream's steps end with the LM head form (TryEnqueueStreamDecode).
+  bool StreamTakesDecode(int rows) const;
+  bool StreamHeadForm() const;
+  // `host_row0`: the step's only logit row, row 0, is written into logits_host_ by the step
+  // itself (set_decode_stream_host_logits; its first word held a sentinel before).
   absl::Status CopyLogitsOut(const ForwardBatch& batch, const float* d_logits, int step_rows,
-                             std::vector<float>* logits, absl::Span<const float>* view);
+                             std::vector<float>* logits, absl::Span<const float>* view,
+                             bool host_row0 = false);
   // While greedy_step_: enqueues GreedyPickCuda over the step's device logit rows holding marked
   // rows, and the download of their pairs into picks_host_ (model/cuda_phi_greedy.cc).
   absl::Status EnqueueGreedyPicks(const ForwardBatch& batch, const float* d_logits, int step_rows);
@@ -746,6 +760,10 @@ class CudaPhiModel final : public ModelBackend {
   // set_decode_stream_poll: x0.993 / x0.997 / x0.993 at b1 ctx 128 / 1024 / 4096 (perf-log
   // 2026-11-30 21:41).
   bool stream_poll_ = true;
+  // set_decode_stream_host_logits: x0.995 / 0.996 / 0.995 at b1 ctx 128 / 1024 / 4096, graph
+  // mode (the ~10 us logits download gone; perf-log 2026-11-30 23:46).
+  bool stream_host_logits_ = true;
+  int64_t host_logits_misses_ = 0;
   int64_t mega_launches_ = 0;
   int mega_blocks_ = 0;  // set_decode_megakernel_tuning
   int mega_stages_ = 0;

@@ -206,6 +206,21 @@ void CudaPhiModel::set_decode_stream_head(bool on) {
   stream_head_ = on;
 }
 
+void CudaPhiModel::set_decode_stream_host_logits(bool on) {
+  DropGraphs();
+  stream_host_logits_ = on;
+}
+
+bool CudaPhiModel::StreamTakesDecode(int rows) const {
+  return stream_on_ && stream_buf_ != nullptr && rows == 1 && !lora_->active() &&
+         !shard_.sharded() && kv_ != nullptr;
+}
+
+bool CudaPhiModel::StreamHeadForm() const {
+  return stream_head_ && config_.vocab_size % (config_.hidden_size / 256) == 0 &&
+         reinterpret_cast<uintptr_t>(lm_head_w_) % 16 == 0;
+}
+
 void CudaPhiModel::set_decode_stream_attn_smem(bool on) {
   DropGraphs();
   stream_attn_smem_ = on;
@@ -235,10 +250,7 @@ absl::StatusOr<std::vector<uint64_t>> CudaPhiModel::decode_stream_timeline() {
 
 absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, bool* logits_done) {
   *logits_done = false;
-  if (!stream_on_ || stream_buf_ == nullptr || in.tokens != 1 || lora_->active() ||
-      shard_.sharded() || kv_ == nullptr || in.merge_counters == nullptr) {
-    return false;
-  }
+  if (!StreamTakesDecode(in.tokens) || in.merge_counters == nullptr) return false;
   const PhiConfig& c = config_;
   const int L = c.num_hidden_layers, H = c.hidden_size, I = c.intermediate_size;
   const int nH = c.num_attention_heads, A = nH * c.head_dim;
@@ -337,8 +349,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
                                      "decode stream attention"));
   }
   const Layer& last = layers_[L - 1];
-  if (stream_head_ && c.vocab_size % (H / 256) == 0 &&
-      reinterpret_cast<uintptr_t>(lm_head_w_) % 16 == 0) {
+  if (StreamHeadForm()) {
     // The final LayerNorm and the LM head as one more stream launch (float32 logits).
     DecodeStreamParams p = StreamShapeParams(c, dtype_);
     p.attn_heads = 0;
@@ -358,6 +369,8 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
                                 .counters = counters_of(L),
                                 .logits = reinterpret_cast<float*>(a + al.logits),
                                 .head_bias = lm_head_b_,
+                                // (logits_host_ holds >= 1 row; a staging change drops graphs)
+                                .logits_host = stream_host_logits_ ? logits_host_ : nullptr,
                                 .rearm_attn = poll ? attn_of(L - 1) : nullptr};
     if (timeline != nullptr) {
       p.layer.timeline = timeline + static_cast<size_t>(L) * StreamTimelineLayerWords();

@@ -295,6 +295,7 @@ __global__ void __launch_bounds__(32 * KC + 32, 1)
       if (lane == 0) {
         if (a.logits != nullptr) {  // the LM head form: float32 logits
           a.logits[idx * R + warp] = d;
+          if (a.logits_host != nullptr) a.logits_host[idx * R + warp] = d;
         } else {
           qkv[idx * R + warp] = FromFloat<T>(d);
         }
@@ -554,7 +555,7 @@ KernelStatus DecodeStreamLayerCuda(const DecodeStreamParams& p, cudaStream_t str
              l.fc2_wt == nullptr || l.dense_wt == nullptr || l.h_in == nullptr ||
              l.qkv == nullptr || l.attn == nullptr || l.sums == nullptr || l.counters == nullptr) {
     return KernelStatus::kNullPointer;
-  } else if (l.logits != nullptr || l.head_bias != nullptr) {
+  } else if (l.logits != nullptr || l.head_bias != nullptr || l.logits_host != nullptr) {
     return KernelStatus::kInvalidShape;  // the LM head form's operands without head_vocab
   }
   if (p.dense_poll_attn && (p.head_vocab > 0 || p.num_heads * p.head_dim != p.hidden ||

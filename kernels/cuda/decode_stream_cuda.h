@@ -94,6 +94,9 @@ struct DecodeStreamLayer {
   // head's float32 bias [head_vocab] (or null); null otherwise.
   float* logits = nullptr;
   const float* head_bias = nullptr;
+  // The LM head form: the logits also written here (or null): pinned host memory the device
+  // addresses (the step's logits staging), so no download follows the step.
+  float* logits_host = nullptr;
   // DecodeStreamParams::dense_poll_attn: block 0 writes the sentinel over this buffer ([nH hd]
   // dtype: the previous layer's attention output, all of whose readers are done once the fold's
   // wait ends) after its fold's wait; null: none.

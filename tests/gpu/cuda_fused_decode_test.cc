@@ -464,6 +464,31 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
   }
 }
 
+// The LM head form writing a 1-row step's logits straight into the pinned staging
+// (set_decode_stream_host_logits) gives the logits the download gives, bit for bit, and never
+// falls back to the download (the staging's sentinel was overwritten every step).
+TEST(CudaDecodeStreamModel, HostLogitsEqualTheDownload) {
+  PHI_REQUIRE_GPU();
+  lora_test::TempDir gqa("phishard-stream-host-logits");
+  model_test::WriteRandomPhiCheckpoint(gqa.path(), Gqa512(15));
+  ASSERT_FALSE(HasFatalFailure());
+  for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
+    SCOPED_TRACE(dir.string());
+    std::unique_ptr<CudaPhiModel> m = StreamModel(dir);
+    ASSERT_TRUE(m);
+    EXPECT_TRUE(m->decode_stream_host_logits());  // the default
+    m->set_decode_stream_host_logits(false);
+    const std::vector<std::vector<float>> base = RunSteps(*m);
+    m->set_decode_stream_host_logits(true);
+    const int64_t steps0 = m->decode_stream_steps();
+    const std::vector<std::vector<float>> got = RunSteps(*m);
+    EXPECT_GE(m->decode_stream_steps() - steps0, 1);
+    EXPECT_EQ(m->decode_stream_host_logits_misses(), 0);
+    ASSERT_EQ(got.size(), base.size());
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(got[i] == base[i]) << "step " << i;
+  }
+}
+
 // A shape the stream does not take (hidden 320: not 256 KC) keeps the op-by-op path: the switch
 // logs and stays off, no step goes through it.
 TEST(CudaDecodeStreamModel, UnsupportedShapeStaysOff) {
