@@ -534,30 +534,25 @@ void CudaPhiModel::set_gemv_single_segment(bool on) {
   DropGraphs();
 }
 
-void CudaPhiModel::set_step_timing(bool on) {
-  if (on && step_timer_ == nullptr) {
-    if (DeviceTimerCreate(&step_timer_) != 0) {
+namespace {
+// Creates (on) or destroys (off) a benchmark timer; a failed creation leaves it null (no timing).
+void SwitchTimer(DeviceTimer*& t, bool on) {
+  if (on && t == nullptr) {
+    if (DeviceTimerCreate(&t) != 0) {
       DeviceGetLastError();
-      step_timer_ = nullptr;
-    }
-  } else if (!on && step_timer_ != nullptr) {
-    DeviceTimerDestroy(step_timer_);
-    step_timer_ = nullptr;
-  }
-}
-
-void CudaPhiModel::set_step_phase_timing(bool on) {
-  for (DeviceTimer*& t : phase_timers_) {
-    if (on && t == nullptr) {
-      if (DeviceTimerCreate(&t) != 0) {
-        DeviceGetLastError();
-        t = nullptr;
-      }
-    } else if (!on && t != nullptr) {
-      DeviceTimerDestroy(t);
       t = nullptr;
     }
+  } else if (!on && t != nullptr) {
+    DeviceTimerDestroy(t);
+    t = nullptr;
   }
+}
+}  // namespace
+
+void CudaPhiModel::set_step_timing(bool on) { SwitchTimer(step_timer_, on); }
+
+void CudaPhiModel::set_step_phase_timing(bool on) {
+  for (DeviceTimer*& t : phase_timers_) SwitchTimer(t, on);
 }
 
 void CudaPhiModel::PhaseTimerStart(int i) {
