@@ -165,6 +165,22 @@ std::unique_ptr<CudaPhiModel> StreamModel(const fs::path& dir) {
   return m;
 }
 
+// body(model) for StreamModel of tiny-phi-code and of a random GQA-512 checkpoint (Gqa512(seed),
+// written into a temporary folder named `tmp`), each under a SCOPED_TRACE of its folder.
+void ForEachStreamModel(const char* tmp, uint32_t seed,
+                        const std::function<void(CudaPhiModel&)>& body) {
+  lora_test::TempDir gqa(tmp);
+  model_test::WriteRandomPhiCheckpoint(gqa.path(), Gqa512(seed));
+  ASSERT_FALSE(testing::Test::HasFatalFailure());
+  for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
+    SCOPED_TRACE(dir.string());
+    std::unique_ptr<CudaPhiModel> m = StreamModel(dir);
+    ASSERT_TRUE(m);
+    body(*m);
+    if (testing::Test::HasFatalFailure()) return;
+  }
+}
+
 // The fused 1-row decode paths (each switched on alone).
 enum class Path { kMega, kStream };
 absl::Status SetPath(CudaPhiModel& m, Path p, bool on) {
@@ -387,44 +403,38 @@ TEST(CudaDecodeStreamModel, OptionAtLoadEqualsTheSwitchAfterLoad) {
 // attention block a layer.
 TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
   PHI_REQUIRE_GPU();
-  lora_test::TempDir gqa("phishard-stream-preload");
-  model_test::WriteRandomPhiCheckpoint(gqa.path(), Gqa512(7));
-  ASSERT_FALSE(HasFatalFailure());
-  for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
-    SCOPED_TRACE(dir.string());
-    std::unique_ptr<CudaPhiModel> m = StreamModel(dir);
-    ASSERT_TRUE(m);
-    m->set_decode_stream_preload(0);
-    m->set_decode_stream_attn_smem(false);
-    m->set_decode_stream_blocks(0);
-    m->set_decode_stream_head(false);  // (the LM head form's logits are its own; both as base)
-    ASSERT_TRUE(m->set_decode_stream_poll(false).ok());
-    const std::vector<std::vector<float>> base = RunSteps(*m);
+  ForEachStreamModel("phishard-stream-preload", 7, [](CudaPhiModel& m) {
+    m.set_decode_stream_preload(0);
+    m.set_decode_stream_attn_smem(false);
+    m.set_decode_stream_blocks(0);
+    m.set_decode_stream_head(false);  // (the LM head form's logits are its own; both as base)
+    ASSERT_TRUE(m.set_decode_stream_poll(false).ok());
+    const std::vector<std::vector<float>> base = RunSteps(m);
     for (int preload : {1, 2, 3, 4}) {
-      m->set_decode_stream_preload(preload);
-      EXPECT_EQ(m->decode_stream_preload(), std::min(preload, 2));
-      m->set_decode_stream_attn_smem(preload >= 2);
-      m->set_decode_stream_blocks(preload == 4 ? 7 : 0);
-      m->set_decode_stream_one_in_flight_ctx(preload >= 3 ? 0 : -1);
-      ASSERT_TRUE(m->set_decode_stream_poll(preload != 2).ok());
+      m.set_decode_stream_preload(preload);
+      EXPECT_EQ(m.decode_stream_preload(), std::min(preload, 2));
+      m.set_decode_stream_attn_smem(preload >= 2);
+      m.set_decode_stream_blocks(preload == 4 ? 7 : 0);
+      m.set_decode_stream_one_in_flight_ctx(preload >= 3 ? 0 : -1);
+      ASSERT_TRUE(m.set_decode_stream_poll(preload != 2).ok());
       const bool timeline = preload >= 3;
-      ASSERT_TRUE(m->set_decode_stream_timeline(timeline).ok());
-      const int64_t steps0 = m->decode_stream_steps();
-      const std::vector<std::vector<float>> got = RunSteps(*m);
-      EXPECT_GE(m->decode_stream_steps() - steps0, 1);  // (graph captures count, replays not)
+      ASSERT_TRUE(m.set_decode_stream_timeline(timeline).ok());
+      const int64_t steps0 = m.decode_stream_steps();
+      const std::vector<std::vector<float>> got = RunSteps(m);
+      EXPECT_GE(m.decode_stream_steps() - steps0, 1);  // (graph captures count, replays not)
       ASSERT_EQ(got.size(), base.size());
       for (size_t i = 0; i < got.size(); ++i) {
         EXPECT_TRUE(got[i] == base[i]) << "preload " << preload << " step " << i;
       }
       if (!timeline) continue;
-      absl::StatusOr<std::vector<uint64_t>> tl = m->decode_stream_timeline();
+      absl::StatusOr<std::vector<uint64_t>> tl = m.decode_stream_timeline();
       ASSERT_TRUE(tl.ok()) << tl.status();
       const int SB = CudaPhiModel::kStreamTimelineBlocks;
       const int AB = CudaPhiModel::kStreamTimelineAttnBlocks;
       const size_t per_layer = static_cast<size_t>(SB) * kDecodeStreamTimelineEvents +
                                static_cast<size_t>(AB) * kPagedDecodeTimelineEvents;
       // The layers' rows, then the LM head form's (stream blocks only).
-      const int L = m->config().num_hidden_layers;
+      const int L = m.config().num_hidden_layers;
       ASSERT_EQ(tl->size(), per_layer * (L + 1));
       uint64_t prev_flush = 0;
       for (int l = 0; l <= L; ++l) {
@@ -460,8 +470,8 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
         prev_flush = last_flush;
       }
     }
-    ASSERT_TRUE(m->set_decode_stream_timeline(false).ok());
-  }
+    ASSERT_TRUE(m.set_decode_stream_timeline(false).ok());
+  });
 }
 
 // The LM head form writing a 1-row step's logits straight into the pinned staging
@@ -469,24 +479,18 @@ TEST(CudaDecodeStreamModel, PreloadAndTimelineKeepTheLogits) {
 // falls back to the download (the staging's sentinel was overwritten every step).
 TEST(CudaDecodeStreamModel, HostLogitsEqualTheDownload) {
   PHI_REQUIRE_GPU();
-  lora_test::TempDir gqa("phishard-stream-host-logits");
-  model_test::WriteRandomPhiCheckpoint(gqa.path(), Gqa512(15));
-  ASSERT_FALSE(HasFatalFailure());
-  for (const fs::path& dir : {kRepo / "models" / "tiny-phi-code", gqa.path()}) {
-    SCOPED_TRACE(dir.string());
-    std::unique_ptr<CudaPhiModel> m = StreamModel(dir);
-    ASSERT_TRUE(m);
-    EXPECT_TRUE(m->decode_stream_host_logits());  // the default
-    m->set_decode_stream_host_logits(false);
-    const std::vector<std::vector<float>> base = RunSteps(*m);
-    m->set_decode_stream_host_logits(true);
-    const int64_t steps0 = m->decode_stream_steps();
-    const std::vector<std::vector<float>> got = RunSteps(*m);
-    EXPECT_GE(m->decode_stream_steps() - steps0, 1);
-    EXPECT_EQ(m->decode_stream_host_logits_misses(), 0);
+  ForEachStreamModel("phishard-stream-host-logits", 15, [](CudaPhiModel& m) {
+    EXPECT_TRUE(m.decode_stream_host_logits());  // the default
+    m.set_decode_stream_host_logits(false);
+    const std::vector<std::vector<float>> base = RunSteps(m);
+    m.set_decode_stream_host_logits(true);
+    const int64_t steps0 = m.decode_stream_steps();
+    const std::vector<std::vector<float>> got = RunSteps(m);
+    EXPECT_GE(m.decode_stream_steps() - steps0, 1);
+    EXPECT_EQ(m.decode_stream_host_logits_misses(), 0);
     ASSERT_EQ(got.size(), base.size());
     for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(got[i] == base[i]) << "step " << i;
-  }
+  });
 }
 
 // A shape the stream does not take (hidden 320: not 256 KC) keeps the op-by-op path: the switch
