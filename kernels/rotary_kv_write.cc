@@ -19,6 +19,23 @@ void RotateHead(float* x, const float* cos, const float* sin, int half) {
   }
 }
 
+// LayerNormCpu's statistics (two passes in double, rounded once to float32) over the `heads`
+// consecutive heads at x, in place, with one [head_dim] weight / bias for all of them.
+void NormHeads(float* x, int heads, int head_dim, const float* w, const float* b, float eps) {
+  for (int h = 0; h < heads; ++h) {
+    float* xh = x + static_cast<size_t>(h) * head_dim;
+    double sum = 0.0;
+    for (int i = 0; i < head_dim; ++i) sum += xh[i];
+    const double mean = sum / head_dim;
+    double sq = 0.0;
+    for (int i = 0; i < head_dim; ++i) sq += (xh[i] - mean) * (xh[i] - mean);
+    const float inv_std =
+        static_cast<float>(1.0 / std::sqrt(sq / head_dim + static_cast<double>(eps)));
+    const float mean_f = static_cast<float>(mean);
+    for (int i = 0; i < head_dim; ++i) xh[i] = (xh[i] - mean_f) * inv_std * w[i] + b[i];
+  }
+}
+
 }  // namespace
 
 KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
@@ -39,6 +56,8 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
   if (!p.qkv || !p.positions || (p.write_cache && (!p.slots || !p.k_cache || !p.v_cache))) {
     return KernelStatus::kNullPointer;
   }
+  const bool norm = p.q_norm_w != nullptr;
+  if (norm && (!p.q_norm_b || !p.k_norm_w || !p.k_norm_b)) return KernelStatus::kNullPointer;
   for (int t = 0; t < p.num_tokens; ++t) {
     if ((p.slots && (p.slots[t] < 0 || p.slots[t] >= p.num_slots)) || p.positions[t] < 0) {
       return KernelStatus::kOutOfRange;
@@ -72,6 +91,10 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
     float* q = row;
     float* k = row + static_cast<size_t>(p.num_heads) * p.head_dim;
     const float* v = k + kv_row;
+    if (norm) {
+      NormHeads(q, p.num_heads, p.head_dim, p.q_norm_w, p.q_norm_b, p.norm_eps);
+      NormHeads(k, p.num_kv_heads, p.head_dim, p.k_norm_w, p.k_norm_b, p.norm_eps);
+    }
     if (half > 0) {
       for (int h = 0; h < p.num_heads; ++h)
         RotateHead(q + h * p.head_dim, cos.data(), sin.data(), half);

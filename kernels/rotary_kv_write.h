@@ -15,6 +15,7 @@
 // slots[t] of the cache. One layer's cache is K and V, each [num_blocks, num_kv_heads,
 // block_size, head_dim] (kernels/kv_layout.h: KvSlotOffset); the slot of position p of a sequence
 // is block_table[p / block_size] * block_size + p % block_size (the caller computes it).
+// Optional per-head LayerNorm first (HF PhiConfig.qk_layernorm, see q_norm_w below).
 // All slots are checked before anything is written: on error neither qkv nor the cache changes.
 #pragma once
 
@@ -51,9 +52,21 @@ struct RotaryKvWriteParams {
   // slots are still checked when given). A prefill whose attention kernel stores the new K/V
   // itself (PagedAttentionCudaPlan::store_new_kv) uses it.
   bool write_cache = true;
+  // Optional per-head LayerNorm (HF q_layernorm / k_layernorm, PhiConfig::qk_layernorm): when
+  // q_norm_w is set, each Q head and each K head x (head_dim values, after the fold) becomes
+  //   y = (x - mean) * rsqrt(var + norm_eps) * w + b   (float32; var biased; w, b shared by the
+  //                                                     heads: q_norm_* for Q, k_norm_* for K)
+  // rounded once to dtype; then y rotates as above, and every element of the Q and K heads is
+  // written back to qkv. All four pointers [head_dim] float32, in the memory space of qkv.
+  const float* q_norm_w = nullptr;
+  const float* q_norm_b = nullptr;
+  const float* k_norm_w = nullptr;
+  const float* k_norm_b = nullptr;
+  float norm_eps = 1e-5f;
 };
 
-// Host memory, kF32 only. kInvalidShape when ld_fold is below the q | k | v width.
+// Host memory, kF32 only. kInvalidShape when ld_fold is below the q | k | v width; kNullPointer
+// when q_norm_w is set and one of the other three norm pointers is not.
 KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p);
 
 }  // namespace phishard

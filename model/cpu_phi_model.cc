@@ -533,7 +533,12 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                           .num_kv_heads = nKV,
                           .head_dim = hd,
                           .rotary_dim = c.rotary_dim,
-                          .theta = static_cast<float>(c.rope_theta)}),
+                          .theta = static_cast<float>(c.rope_theta),
+                          .q_norm_w = c.qk_layernorm ? w.q_norm_weight.data() : nullptr,
+                          .q_norm_b = w.q_norm_bias.data(),
+                          .k_norm_w = w.k_norm_weight.data(),
+                          .k_norm_b = w.k_norm_bias.data(),
+                          .norm_eps = c.layer_norm_eps}),
         "rotary_kv_write"));
     PHI_RETURN_IF_ERROR(
         KernelResult(PagedAttentionCpu({.q = s.qkv.data(),

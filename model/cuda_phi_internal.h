@@ -68,12 +68,15 @@ struct CudaPhiModel::StepInputs {
 };
 
 // Rotary on q and k of `tokens` rows of qkv ([tokens, qkv_width] device) and their K/V into
-// one layer's cache (k_cache / v_cache: [kv_num_blocks_, nKV, kv_block_size_, hd] device); the
+// layer `layer`'s cache (k_cache / v_cache: [kv_num_blocks_, nKV, kv_block_size_, hd] device),
+// after the layer's q / k LayerNorm when the checkpoint has them (PhiConfig::qk_layernorm); the
 // caller sets the optional fields (write_cache, fold_delta).
-inline RotaryKvWriteParams CudaPhiModel::LayerRotaryParams(void* qkv, const int32_t* positions,
+inline RotaryKvWriteParams CudaPhiModel::LayerRotaryParams(int layer, void* qkv,
+                                                           const int32_t* positions,
                                                            const int64_t* slots, int tokens,
                                                            void* k_cache, void* v_cache) const {
   const PhiConfig& c = config_;
+  const Layer& w = layers_[layer];
   return RotaryKvWriteParams{.qkv = qkv,
                              .positions = positions,
                              .slots = slots,
@@ -87,7 +90,12 @@ inline RotaryKvWriteParams CudaPhiModel::LayerRotaryParams(void* qkv, const int3
                              .head_dim = c.head_dim,
                              .rotary_dim = c.rotary_dim,
                              .theta = static_cast<float>(c.rope_theta),
-                             .dtype = dtype_};
+                             .dtype = dtype_,
+                             .q_norm_w = w.q_norm_w,
+                             .q_norm_b = w.q_norm_b,
+                             .k_norm_w = w.k_norm_w,
+                             .k_norm_b = w.k_norm_b,
+                             .norm_eps = c.layer_norm_eps};
 }
 
 // Attention of `tokens` query rows (q: the q heads of [tokens, qkv_width] device rows; out:

@@ -152,7 +152,7 @@ absl::Status CudaPhiModel::EnqueueLastLayerRows(const StepInputs& in, const int3
         KernelResult(lora_->AfterQkv(L - 1, normed, qkv, stream_), "last lora qkv"));
   }
   PHI_RETURN_IF_ERROR(KernelResult(
-      RotaryKvWriteCuda(LayerRotaryParams(qkv, in.positions, in.slots, T, k_cache, v_cache),
+      RotaryKvWriteCuda(LayerRotaryParams(L - 1, qkv, in.positions, in.slots, T, k_cache, v_cache),
                         stream_),
       "last rotary_kv_write"));
 

@@ -539,10 +539,12 @@ class CudaPhiModel final : public ModelBackend {
   bool PrefillLastRowsApplies(const ForwardBatch& batch) const;
   absl::Status EnqueueLastLayerRows(const StepInputs& in, const int32_t* logit_rows, int rows,
                                     void* out);
-  // One layer's rotary + K/V write of `tokens` rows and its attention over the step's block
-  // tables, shapes from config_ (defined in model/cuda_phi_internal.h).
-  RotaryKvWriteParams LayerRotaryParams(void* qkv, const int32_t* positions, const int64_t* slots,
-                                        int tokens, void* k_cache, void* v_cache) const;
+  // One layer's rotary + K/V write of `tokens` rows (with layer's q / k LayerNorm when the
+  // config has them) and its attention over the step's block tables, shapes from config_
+  // (defined in model/cuda_phi_internal.h).
+  RotaryKvWriteParams LayerRotaryParams(int layer, void* qkv, const int32_t* positions,
+                                        const int64_t* slots, int tokens, void* k_cache,
+                                        void* v_cache) const;
   PagedAttentionParams LayerAttentionParams(const StepInputs& in, const void* q, void* out,
                                             int tokens, const void* k_cache,
                                             const void* v_cache) const;
@@ -662,6 +664,8 @@ class CudaPhiModel final : public ModelBackend {
   size_t weights_bytes_ = 0;
   struct Layer {
     const void *ln_w, *ln_b, *qkv_w, *qkv_b, *dense_w, *dense_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+    // [hd] float32 each; null without PhiConfig::qk_layernorm
+    const float *q_norm_w = nullptr, *q_norm_b = nullptr, *k_norm_w = nullptr, *k_norm_b = nullptr;
   };
   std::vector<Layer> layers_;
   const void* embed_ = nullptr;       // [V, H]

@@ -222,7 +222,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // kernels/cuda/paged_decode_cuda.h).
   const bool fold_attention = in.decode && (T <= decode_fold_rows_ || in.fold_short) &&
                               in.merge_counters != nullptr && !lora && !shard_.sharded() &&
-                              in.chunks == nullptr;
+                              in.chunks == nullptr && !config_.qk_layernorm;
   if (fold_attention) {
     ++decode_fold_steps_;
     decode_plan.merge_counters = in.merge_counters;
@@ -388,8 +388,9 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
         PHI_RETURN_IF_ERROR(KernelResult(lora_->AfterQkv(l, normed, qkv, stream_), "lora qkv"));
       }
       if (lora && prefill_fork) PHI_RETURN_IF_ERROR(lora_fc1_branch(l));
-      RotaryKvWriteParams rot = LayerRotaryParams(at(qkv, rr, qkv_width), in.positions + rr.begin,
-                                                  in.slots + rr.begin, rr.rows, k_cache, v_cache);
+      RotaryKvWriteParams rot =
+          LayerRotaryParams(l, at(qkv, rr, qkv_width), in.positions + rr.begin, in.slots + rr.begin,
+                            rr.rows, k_cache, v_cache);
       rot.write_cache = !kv_store;
       if (lora) lora_->FoldIntoRotary(&rot);  // the q / k / v deltas (CudaLora rotary fold)
       decode_plan.fold_rotary = fold_attention;

@@ -92,7 +92,8 @@ absl::Status CudaPhiModel::set_decode_stream(bool on) {
   }
   // Shapes and device the kernels take (an unsupported model keeps the op-by-op path).
   const DecodeStreamParams shape = StreamShapeParams(c, dtype_);
-  bool supported = !shard_.sharded() && DecodeStreamCudaSupports(shape) &&
+  // (Its attention rotates q / k itself: no q / k LayerNorm.)
+  bool supported = !shard_.sharded() && !c.qk_layernorm && DecodeStreamCudaSupports(shape) &&
                    PagedDecodeCudaSupportsHeadDim(c.head_dim);
   for (const Layer& w : layers_) {
     for (const void* ptr : {w.qkv_w, w.fc1_w, w.ln_w, w.ln_b}) {
@@ -331,7 +332,7 @@ absl::StatusOr<bool> CudaPhiModel::TryEnqueueStreamDecode(const StepInputs& in, 
     plan.step_info = in.step_info;
     plan.variant = PagedDecodeVariant::kRegisterStages;
     plan.fold_rotary = true;
-    plan.rotary = LayerRotaryParams(qkv_of(l), in.positions, in.slots, 1, k_cache, v_cache);
+    plan.rotary = LayerRotaryParams(l, qkv_of(l), in.positions, in.slots, 1, k_cache, v_cache);
     plan.merge_counters = in.merge_counters;
     plan.merge_counters_len = in.merge_counters_len;
     plan.qkv_ready = counters_of(l) + kStreamQkvDone;

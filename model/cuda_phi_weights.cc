@@ -41,7 +41,9 @@ constexpr size_t kNone = SIZE_MAX;
 struct WeightPlan {
   std::vector<WeightItem> items;
   size_t embed = 0, fln_w = 0, fln_b = 0, lm_w = kNone, lm_b = kNone;
-  std::vector<std::array<size_t, 10>> layers;  // ln w/b, qkv w/b, dense w/b, fc1 w/b, fc2 w/b
+  // ln w/b, qkv w/b, dense w/b, fc1 w/b, fc2 w/b, then q / k LayerNorm w/b (float32; kNone
+  // without PhiConfig::qk_layernorm)
+  std::vector<std::array<size_t, 14>> layers;
   size_t bytes = 0;
 };
 
@@ -107,6 +109,13 @@ absl::StatusOr<WeightPlan> PlanWeights(const PhiConfig& c, const PhiShard& sh, b
     li[7] = add(p + "mlp.fc1.bias", {I}, {.row_begin = i0, .row_end = i1});
     li[8] = add(p + "mlp.fc2.weight", {H, I}, {.col_begin = i0, .col_end = i1});
     li[9] = row_bias ? add(p + "mlp.fc2.bias", {H}) : kNone;
+    li[10] = li[11] = li[12] = li[13] = kNone;
+    if (c.qk_layernorm) {  // [hd], shared by the heads: the same on every rank
+      li[10] = add(p + "self_attn.q_layernorm.weight", {hd}, {}, /*f32=*/true);
+      li[11] = add(p + "self_attn.q_layernorm.bias", {hd}, {}, /*f32=*/true);
+      li[12] = add(p + "self_attn.k_layernorm.weight", {hd}, {}, /*f32=*/true);
+      li[13] = add(p + "self_attn.k_layernorm.bias", {hd}, {}, /*f32=*/true);
+    }
   }
   plan.bytes = AlignUp(off);
   return plan;
@@ -211,8 +220,10 @@ void CudaPhiModel::SetWeightPointers(const void* weight_plan) {
   layers_.resize(config_.num_hidden_layers);
   for (int l = 0; l < config_.num_hidden_layers; ++l) {
     const auto& li = plan.layers[l];
-    layers_[l] = Layer{at(li[0]), at(li[1]), at(li[2]), at(li[3]), at(li[4]),
-                       at(li[5]), at(li[6]), at(li[7]), at(li[8]), at(li[9])};
+    auto f32 = [&](size_t i) { return static_cast<const float*>(at(i)); };
+    layers_[l] =
+        Layer{at(li[0]), at(li[1]), at(li[2]), at(li[3]),   at(li[4]),   at(li[5]),   at(li[6]),
+              at(li[7]), at(li[8]), at(li[9]), f32(li[10]), f32(li[11]), f32(li[12]), f32(li[13])};
   }
 }
 

@@ -237,12 +237,7 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
   }
 
   PHI_RETURN_IF_ERROR(f.OptionalBool("tie_word_embeddings", &c.tie_word_embeddings));
-  bool qk_layernorm = false;
-  PHI_RETURN_IF_ERROR(f.OptionalBool("qk_layernorm", &qk_layernorm));
-  if (qk_layernorm) {
-    return absl::UnimplementedError(
-        absl::StrCat(source, ": field 'qk_layernorm' = true is not supported"));
-  }
+  PHI_RETURN_IF_ERROR(f.OptionalBool("qk_layernorm", &c.qk_layernorm));
   if (f.Has("quantization_config")) {
     return absl::UnimplementedError(absl::StrCat(
         source, ": field 'quantization_config' is set; quantized checkpoints are not supported"));

@@ -35,6 +35,10 @@ struct PhiConfig {
   Activation hidden_act = Activation::kGeluTanh;
   std::string hidden_act_name;   // as written in config.json
   bool tie_word_embeddings = false;
+  // HF PhiConfig.qk_layernorm: a LayerNorm over head_dim (weights shared by the heads, eps
+  // layer_norm_eps) on every q and every k head after the projections, before the rotary
+  // (model.layers.N.self_attn.{q,k}_layernorm.{weight,bias}).
+  bool qk_layernorm = false;
   int max_position_embeddings = 2048;
   std::string torch_dtype;       // "float16", "bfloat16", "float32" or "" when absent
   std::vector<int> eos_token_ids;  // from config.json eos_token_id (int or list); may be empty

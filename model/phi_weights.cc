@@ -116,6 +116,12 @@ absl::Status LoadLayer(const WeightStore& store, const PhiConfig& c, const PhiSh
     l->qkv_weight.insert(l->qkv_weight.end(), w.begin(), w.end());
     l->qkv_bias.insert(l->qkv_bias.end(), b.begin(), b.end());
   }
+  if (c.qk_layernorm) {  // over head_dim, shared by the heads: the same on every rank
+    PHI_RETURN_IF_ERROR(store.ReadF32(p + "self_attn.q_layernorm.weight", {hd}, &l->q_norm_weight));
+    PHI_RETURN_IF_ERROR(store.ReadF32(p + "self_attn.q_layernorm.bias", {hd}, &l->q_norm_bias));
+    PHI_RETURN_IF_ERROR(store.ReadF32(p + "self_attn.k_layernorm.weight", {hd}, &l->k_norm_weight));
+    PHI_RETURN_IF_ERROR(store.ReadF32(p + "self_attn.k_layernorm.bias", {hd}, &l->k_norm_bias));
+  }
   PHI_RETURN_IF_ERROR(ReadF32Slice(store, p + "self_attn.dense.weight", {H, q_out},
                                    {.col_begin = q0, .col_end = q1}, &l->dense_weight));
   PHI_RETURN_IF_ERROR(ReadF32Slice(store, p + "mlp.fc1.weight", {I, H},

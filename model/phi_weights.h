@@ -102,6 +102,8 @@ struct PhiLayerWeightsF32 {
   std::vector<float> fc1_bias;            // [I]
   std::vector<float> fc2_weight;          // [H, I]
   std::vector<float> fc2_bias;            // [H]; empty on ranks other than 0 when sharded
+  // PhiConfig::qk_layernorm only (else empty): self_attn.{q,k}_layernorm, [hd] each, every rank.
+  std::vector<float> q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias;
 };
 // (Shapes above are local: nH, nKV and I are the shard's counts.)
 

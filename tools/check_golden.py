@@ -62,6 +62,7 @@ def read_config(model_dir):
         "L": c["num_hidden_layers"], "nH": nh, "nKV": c.get("num_key_value_heads") or nh,
         "hd": hd, "rot": int(factor * hd), "eps": c["layer_norm_eps"],
         "theta": rp.get("rope_theta", c.get("rope_theta", 10000.0)),
+        "qk_ln": bool(c.get("qk_layernorm")), "tied": bool(c.get("tie_word_embeddings")),
     }
 
 
@@ -102,8 +103,14 @@ def forward(w, cfg, ids, lora=None):
     for i in range(cfg["L"]):
         p = f"model.layers.{i}."
         n = layer_norm(h, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], cfg["eps"])
-        q = rotary(linear(p + "self_attn.q_proj", n).reshape(t, nh, hd), cfg["rot"], cfg["theta"])
-        k = rotary(linear(p + "self_attn.k_proj", n).reshape(t, nkv, hd), cfg["rot"], cfg["theta"])
+        q = linear(p + "self_attn.q_proj", n).reshape(t, nh, hd)
+        k = linear(p + "self_attn.k_proj", n).reshape(t, nkv, hd)
+        if cfg["qk_ln"]:  # over head_dim, before the rotary
+            q = layer_norm(q, w[p + "self_attn.q_layernorm.weight"],
+                           w[p + "self_attn.q_layernorm.bias"], cfg["eps"])
+            k = layer_norm(k, w[p + "self_attn.k_layernorm.weight"],
+                           w[p + "self_attn.k_layernorm.bias"], cfg["eps"])
+        q, k = rotary(q, cfg["rot"], cfg["theta"]), rotary(k, cfg["rot"], cfg["theta"])
         v = linear(p + "self_attn.v_proj", n).reshape(t, nkv, hd)
         att = np.empty((t, nh, hd))
         for head in range(nh):
@@ -115,6 +122,8 @@ def forward(w, cfg, ids, lora=None):
         mlp = linear(p + "mlp.fc2", gelu_tanh(linear(p + "mlp.fc1", n)))
         h = h + attn + mlp
     h = layer_norm(h, w["model.final_layernorm.weight"], w["model.final_layernorm.bias"], cfg["eps"])
+    if cfg["tied"] and "lm_head.weight" not in w:
+        return h @ w["model.embed_tokens.weight"].T + w["lm_head.bias"]
     return linear("lm_head", h)
 
 

@@ -6,9 +6,10 @@ reference math is float32 with `attn_implementation="eager"`, models in eval mod
 
 Phases (all by default; `--phases` picks some, each writes its own files, a failing phase does not stop
 the others and makes the exit status 1):
-  random   tests/golden/phi-mha-hd64/ and phi-gqa-hd80/: random-weight PhiForCausalLM checkpoints saved
-           in bf16 (config.json, model.safetensors) and golden.json computed in float32 from those bf16
-           values, after loading them back with from_pretrained.
+  random   tests/golden/phi-mha-hd64/, phi-gqa-hd80/ and phi-qkln-tied/: random-weight PhiForCausalLM
+           checkpoints saved in bf16 (config.json, model.safetensors) and golden.json computed in
+           float32 from those bf16 values, after loading them back with from_pretrained
+           (`--random-models` picks some of them).
   tiny     tests/golden/tiny-phi-code.json: the demo model models/tiny-phi-code (real bf16 weights and
            tokenizer) on a few Python prompts.
   adapters tests/golden/tiny-phi-code-adapters.json and tests/golden/adapters/<name>/: the repo's real
@@ -16,6 +17,7 @@ the others and makes the exit status 1):
 
 The file format is described in tools/README.md.
 Usage: python3 gen_golden.py --out OUTDIR [--device cuda|cpu] [--phases random,tiny,adapters]
+                             [--random-models NAME,...]
 """
 import argparse
 import json
@@ -60,6 +62,12 @@ RANDOM_MODELS = [
     dict(name="phi-gqa-hd80", layout="5.x", hidden_size=320, num_attention_heads=4,
          num_key_value_heads=2, intermediate_size=384, partial_rotary_factor=0.4,
          eos_token_id=2, bos_token_id=1, seed=2000),
+    # qk_layernorm (a LayerNorm over head_dim on every q / k head before the rotary) with tied
+    # input / output embeddings (no lm_head.weight in the file; lm_head.bias stays), GQA 4 / 2,
+    # head_dim 64, rotary 0.5 -> 32 dims; transformers 5.x config layout.
+    dict(name="phi-qkln-tied", layout="5.x", hidden_size=256, num_attention_heads=4,
+         num_key_value_heads=2, intermediate_size=512, partial_rotary_factor=0.5,
+         eos_token_id=2, bos_token_id=1, seed=3000, qk_layernorm=True, tie=True),
 ]
 RANDOM_VOCAB = 512
 RANDOM_LAYERS = 2
@@ -227,11 +235,16 @@ def check_equals_bf16_file(model, st_path):
 
 def expected_weight_names(cfg):
     names = {"model.embed_tokens.weight", "model.final_layernorm.weight",
-             "model.final_layernorm.bias", "lm_head.weight", "lm_head.bias"}
+             "model.final_layernorm.bias", "lm_head.bias"}
+    if not cfg.tie_word_embeddings:
+        names.add("lm_head.weight")
+    modules = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+               "self_attn.dense", "mlp.fc1", "mlp.fc2"]
+    if cfg.qk_layernorm:
+        modules += ["self_attn.q_layernorm", "self_attn.k_layernorm"]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        for m in ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                  "self_attn.dense", "mlp.fc1", "mlp.fc2"]:
+        for m in modules:
             names |= {p + m + ".weight", p + m + ".bias"}
     return names
 
@@ -249,7 +262,8 @@ def init_random_weights(model, seed):
     for name, p in sorted(model.named_parameters()):
         shape = tuple(p.shape)
         if name == "model.embed_tokens.weight":
-            t = normal(shape, 1.0)
+            # Tied, it is the LM head too: the head's scale (the input LayerNorm rescales it).
+            t = normal(shape, 6.0 / math.sqrt(hidden) if model.config.tie_word_embeddings else 1.0)
         elif name.endswith("layernorm.weight"):
             t = 1.0 + normal(shape, 0.1)
         elif name.endswith("layernorm.bias"):
@@ -279,8 +293,9 @@ def make_config(spec):
         # also save its BC default partial_rotary_factor=0.5 at top level, contradicting it.
         partial_rotary_factor=spec["partial_rotary_factor"], rope_theta=10000.0,
         max_position_embeddings=256, hidden_act="gelu_new", layer_norm_eps=1e-5,
-        tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
-        eos_token_id=spec["eos_token_id"], bos_token_id=spec["bos_token_id"], qk_layernorm=False)
+        tie_word_embeddings=spec.get("tie", False), resid_pdrop=0.0, embd_pdrop=0.0,
+        attention_dropout=0.0, eos_token_id=spec["eos_token_id"],
+        bos_token_id=spec["bos_token_id"], qk_layernorm=spec.get("qk_layernorm", False))
 
 
 def layout_config(saved, spec):
@@ -322,6 +337,10 @@ def check_loaded_config(model, spec):
         "inv_freq length": (model.model.rotary_emb.inv_freq.numel(),
                             int(spec["partial_rotary_factor"] * hd) // 2),
         "hidden_act": (c.hidden_act, "gelu_new"),
+        "qk_layernorm": (attn.qk_layernorm, spec.get("qk_layernorm", False)),
+        "q_layernorm present": (hasattr(attn, "q_layernorm"), spec.get("qk_layernorm", False)),
+        "tied lm_head": (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
+                         spec.get("tie", False)),
     }
     for what, (got, want) in checks.items():
         if got != want:
@@ -352,8 +371,13 @@ def build_random_model(spec, out_dir, seed, device):
     return ref
 
 
+SELECTED_RANDOM_MODELS = None  # --random-models (None: all)
+
+
 def phase_random(out, device, meta):
     for spec in RANDOM_MODELS:
+        if SELECTED_RANDOM_MODELS is not None and spec["name"] not in SELECTED_RANDOM_MODELS:
+            continue
         t0 = time.time()
         out_dir = out / spec["name"]
         gen = torch.Generator().manual_seed(spec["seed"] + 7)  # prompts do not move with re-seeding
@@ -570,7 +594,15 @@ def main():
     ap.add_argument("--out", required=True, help="output folder (laid out like tests/golden/)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--phases", default="random,tiny,adapters")
+    ap.add_argument("--random-models", default="",
+                    help="comma-separated names of RANDOM_MODELS for the random phase (default all)")
     args = ap.parse_args()
+    global SELECTED_RANDOM_MODELS
+    if args.random_models:
+        SELECTED_RANDOM_MODELS = set(args.random_models.split(","))
+        unknown = SELECTED_RANDOM_MODELS - {s["name"] for s in RANDOM_MODELS}
+        if unknown:
+            sys.exit(f"unknown --random-models {sorted(unknown)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device_name = setup_torch(args.device)

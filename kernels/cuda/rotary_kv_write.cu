@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/rope.cuh"
@@ -64,14 +65,22 @@ __device__ __forceinline__ int64_t SlotHead0Offset(int64_t slot, int64_t num_slo
 // kFold (RotaryKvWriteParams::fold_delta): step 1 stores qkv + delta (float32 add, one rounding)
 // into shared memory, and step 2 writes every Pack of the block's heads back to qkv.
 // write_cache = false: step 2 stores nothing to the cache (slots are not read).
-template <typename T, int N, bool kFold = false>
+// kNorm (RotaryKvWriteParams::q_norm_w): between steps 1 and 2 each warp takes Q / K heads of the
+// block and normalises them in shared memory (float32 mean, then centred variance over head_dim,
+// rsqrtf as kernels/cuda/layer_norm.cu, one rounding to T); step 2 then writes every Pack of the
+// Q and K heads back to qkv.
+template <typename T, int N, bool kFold = false, bool kNorm = false>
 __global__ void __launch_bounds__(kThreads)
     RotaryKvWriteKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions,
                         const int64_t* __restrict__ slots, T* __restrict__ k_cache,
                         T* __restrict__ v_cache, int64_t num_slots, int block_size, int stride,
                         int num_heads, int num_kv_heads, int head_dim, int rotary_dim, float theta,
                         int heads_per_block, bool write_cache,
-                        const float* __restrict__ delta = nullptr, int ld_delta = 0) {
+                        const float* __restrict__ delta = nullptr, int ld_delta = 0,
+                        const float* __restrict__ q_norm_w = nullptr,
+                        const float* __restrict__ q_norm_b = nullptr,
+                        const float* __restrict__ k_norm_w = nullptr,
+                        const float* __restrict__ k_norm_b = nullptr, float norm_eps = 0.0f) {
   extern __shared__ __align__(16) unsigned char smem[];
   using P = Pack<T, N>;
   const int t = blockIdx.x;
@@ -119,6 +128,31 @@ __global__ void __launch_bounds__(kThreads)
       cached ? SlotHead0Offset(slot, num_slots, block_size, num_kv_heads, head_dim) : 0;
   const int64_t head_run = KvHeadRunElems(block_size, head_dim);
   __syncthreads();
+  if constexpr (kNorm) {
+    T* xs = reinterpret_cast<T*>(smem);
+    const int lane = threadIdx.x % 32;
+    for (int hl = threadIdx.x / 32; hl < heads; hl += kThreads / 32) {
+      const int head = head0 + hl;
+      if (head >= num_heads + num_kv_heads) break;  // V heads: the block's heads ascend
+      const bool is_q = head < num_heads;
+      const float* w = is_q ? q_norm_w : k_norm_w;
+      const float* b = is_q ? q_norm_b : k_norm_b;
+      T* xh = xs + hl * head_dim;
+      float sum = 0.0f;
+      for (int d = lane; d < head_dim; d += 32) sum += cuda::ToFloat(xh[d]);
+      const float mean = cuda::WarpSum(sum) / head_dim;
+      float sq = 0.0f;
+      for (int d = lane; d < head_dim; d += 32) {
+        const float c = cuda::ToFloat(xh[d]) - mean;
+        sq += c * c;
+      }
+      const float rstd = rsqrtf(cuda::WarpSum(sq) / head_dim + norm_eps);
+      for (int d = lane; d < head_dim; d += 32) {
+        xh[d] = cuda::FromFloat<T>((cuda::ToFloat(xh[d]) - mean) * rstd * w[d] + b[d]);
+      }
+    }
+    __syncthreads();
+  }
   const T* shx = reinterpret_cast<const T*>(smem);
   for (int i = threadIdx.x; i < packs; i += kThreads) {
     const int hl = i / packs_per_head;  // head within the block
@@ -140,12 +174,13 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       T* dst = seg + hl * head_dim + d0;
-      if (kFold || d0 + N <= rotary_dim) {
+      if (kFold || kNorm || d0 + N <= rotary_dim) {
         *reinterpret_cast<P*>(dst) = out;
       } else {
         for (int e = 0; e < N && d0 + e < rotary_dim; ++e) dst[e] = out.v[e];
       }
-    } else if (kFold) {  // the folded Packs that do not rotate
+    } else if (kFold || (kNorm && head < num_heads + num_kv_heads)) {
+      // the folded / normalised Packs that do not rotate
       *reinterpret_cast<P*>(seg + hl * head_dim + d0) = out;
     }
     if (cached && head >= num_heads) {
@@ -238,9 +273,10 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <typename T, int N>
 KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t stream) {
   const int half = p.rotary_dim / 2;
-  if (!p.write_cache && half == 0 && p.fold_delta == nullptr) return KernelStatus::kOk;
-  // The rotation-only kernel has no fold: a folded launch takes the row kernel below.
-  if (!p.write_cache && p.fold_delta == nullptr && N > 1 && half % N == 0 && half <= 128) {
+  const bool norm = p.q_norm_w != nullptr;
+  if (!p.write_cache && half == 0 && p.fold_delta == nullptr && !norm) return KernelStatus::kOk;
+  // The rotation-only kernel has no fold and no norm: those launches take the row kernel below.
+  if (!p.write_cache && p.fold_delta == nullptr && !norm && N > 1 && half % N == 0 && half <= 128) {
     const int per_token = (p.num_heads + p.num_kv_heads) * (half / N);
     // Tokens filling one round of the block's threads, their trig computable by one pass of them.
     const int tokens_per_block = std::max(
@@ -268,17 +304,21 @@ KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t strea
   // need an opt-in attribute, so refuse it explicitly.
   if (smem > 48 * 1024) return KernelStatus::kInvalidShape;
   const dim3 grid(p.num_tokens, groups);
+  const int ld_fold = p.ld_fold == 0 ? total_heads * p.head_dim : p.ld_fold;
+  auto launch = [&](auto fold_tag, auto norm_tag) {
+    RotaryKvWriteKernel<T, N, decltype(fold_tag)::value, decltype(norm_tag)::value>
+        <<<grid, kThreads, smem, stream>>>(
+            static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
+            static_cast<T*>(p.v_cache), p.num_slots, p.block_size, stride, p.num_heads,
+            p.num_kv_heads, p.head_dim, p.rotary_dim, p.theta, heads_per_block, p.write_cache,
+            p.fold_delta, ld_fold, p.q_norm_w, p.q_norm_b, p.k_norm_w, p.k_norm_b, p.norm_eps);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
   if (p.fold_delta != nullptr) {
-    RotaryKvWriteKernel<T, N, true><<<grid, kThreads, smem, stream>>>(
-        static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
-        static_cast<T*>(p.v_cache), p.num_slots, p.block_size, stride, p.num_heads, p.num_kv_heads,
-        p.head_dim, p.rotary_dim, p.theta, heads_per_block, p.write_cache, p.fold_delta,
-        p.ld_fold == 0 ? total_heads * p.head_dim : p.ld_fold);
+    norm ? launch(Yes{}, Yes{}) : launch(Yes{}, No{});
   } else {
-    RotaryKvWriteKernel<T, N><<<grid, kThreads, smem, stream>>>(
-        static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
-        static_cast<T*>(p.v_cache), p.num_slots, p.block_size, stride, p.num_heads, p.num_kv_heads,
-        p.head_dim, p.rotary_dim, p.theta, heads_per_block, p.write_cache);
+    norm ? launch(No{}, Yes{}) : launch(No{}, No{});
   }
   return cuda::LaunchStatus();
 }
@@ -302,6 +342,9 @@ KernelStatus RotaryKvWriteCuda(const RotaryKvWriteParams& p, cudaStream_t stream
   }
   if (p.num_tokens == 0) return KernelStatus::kOk;
   if (!p.qkv || !p.positions || (p.write_cache && (!p.slots || !p.k_cache || !p.v_cache))) {
+    return KernelStatus::kNullPointer;
+  }
+  if (p.q_norm_w != nullptr && (!p.q_norm_b || !p.k_norm_w || !p.k_norm_b)) {
     return KernelStatus::kNullPointer;
   }
   return cuda::DispatchAllTypes(p.dtype, [&](auto tag) {

@@ -181,7 +181,7 @@ TEST_P(CudaGoldenRandom, MatchesTransformersWithinBf16) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaGoldenRandom,
-                         ::testing::Values("phi-mha-hd64", "phi-gqa-hd80"));
+                         ::testing::Values("phi-mha-hd64", "phi-gqa-hd80", "phi-qkln-tied"));
 
 TEST(CudaGoldenTiny, MatchesTransformersWithinBf16) {
   PHI_REQUIRE_GPU();

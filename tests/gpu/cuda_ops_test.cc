@@ -223,12 +223,21 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
   const int64_t num_slots = 64 * block_size;
   const size_t kv_row = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
   // write_cache = false (the prefill attention kernel stores K/V then): the same rotation, and
-  // the cache untouched.
+  // the cache untouched. qk_norm: the q / k LayerNorm first (HF qk_layernorm), its weights
+  // [head_dim] float32 on the device.
+  const std::vector<float> norm_host[4] = {
+      RandomVector(s.head_dim, 41, 0.5f, 1.5f), RandomVector(s.head_dim, 42, -0.5f, 0.5f),
+      RandomVector(s.head_dim, 43, 0.5f, 1.5f), RandomVector(s.head_dim, 44, -0.5f, 0.5f)};
+  DeviceBuffer norm_dev[4] = {DeviceBuffer::From(norm_host[0]), DeviceBuffer::From(norm_host[1]),
+                              DeviceBuffer::From(norm_host[2]), DeviceBuffer::From(norm_host[3])};
   for (DataType t : kAllTypes) {
-    for (bool write_cache : {true, false}) {
+    for (auto [write_cache, qk_norm] : {std::pair{true, false}, std::pair{false, false},
+                                        std::pair{true, true}, std::pair{false, true}}) {
       SCOPED_TRACE(testing::Message()
                    << DataTypeName(t) << " T " << s.tokens << " hd " << s.head_dim << " rot "
-                   << s.rotary_dim << " write_cache " << write_cache);
+                   << s.rotary_dim << " write_cache " << write_cache << " qk_norm " << qk_norm);
+      auto norm_d = [&](int i) { return qk_norm ? norm_dev[i].as<float>() : nullptr; };
+      auto norm_h = [&](int i) { return qk_norm ? norm_host[i].data() : nullptr; };
       std::vector<float> qkv = RandomVector(static_cast<size_t>(s.tokens) * stride, s.tokens + 7);
       const std::vector<char> qkv_bytes = Encode(qkv, t);
       std::vector<int32_t> positions(s.tokens);
@@ -274,7 +283,11 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
                                    .rotary_dim = s.rotary_dim,
                                    .theta = 10000.0f,
                                    .dtype = t,
-                                   .write_cache = write_cache},
+                                   .write_cache = write_cache,
+                                   .q_norm_w = norm_d(0),
+                                   .q_norm_b = norm_d(1),
+                                   .k_norm_w = norm_d(2),
+                                   .k_norm_b = norm_d(3)},
                                   nullptr),
                 KernelStatus::kOk);
       gpu_test::ExpectDeviceClean(nullptr);
@@ -296,7 +309,11 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
                                   .head_dim = s.head_dim,
                                   .rotary_dim = s.rotary_dim,
                                   .theta = 10000.0f,
-                                  .write_cache = write_cache}),
+                                  .write_cache = write_cache,
+                                  .q_norm_w = norm_h(0),
+                                  .q_norm_b = norm_h(1),
+                                  .k_norm_w = norm_h(2),
+                                  .k_norm_b = norm_h(3)}),
                 KernelStatus::kOk);
       const std::vector<float> out_qkv = Decode(d_qkv.DownloadBytes(), t);
       const std::vector<float> out_k = Decode(d_k.DownloadBytes(), t);
@@ -304,16 +321,18 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
       // Rotated q/k: one rounding of a float32 rotation. The device's powf may differ from
       // std::pow by 1 ulp in inv_freq (it does for rotary_dim 20 and 40), which moves an angle of
       // up to 4095 rad by up to 4095 * 2^-24 = 2.4e-4 rad: invisible after a bf16/fp16 rounding,
-      // but above float32's 1e-5, so float32 gets 2.5e-4.
-      const double tol = t == DataType::kF32 ? 2.5e-4 : OneRoundingTol(t);
+      // but above float32's 1e-5, so float32 gets 2.5e-4. With the norm a bf16 / fp16 q / k
+      // value is rounded twice (the normalised head, then its rotation): 2 x one rounding.
+      const double tol = t == DataType::kF32 ? 2.5e-4 : OneRoundingTol(t) * (qk_norm ? 2 : 1);
       const gpu_test::Diff dq = Compare(out_qkv, ref_qkv);
       EXPECT_EQ(dq.nonfinite, 0u);
       EXPECT_LE(dq.rel, tol) << "qkv: " << gpu_test::ToString(dq);
-      // Dims that do not rotate (and V, and the row padding) are copied bit for bit.
+      // Dims that do not rotate (and V, and the row padding) are copied bit for bit; with the
+      // norm every q / k dim changes (compared above).
       for (int tok = 0; tok < s.tokens; ++tok) {
         for (int c = 0; c < stride; ++c) {
-          const bool rotated =
-              c < (s.num_heads + s.num_kv_heads) * s.head_dim && c % s.head_dim < s.rotary_dim;
+          const bool qk = c < (s.num_heads + s.num_kv_heads) * s.head_dim;
+          const bool rotated = qk && (qk_norm || c % s.head_dim < s.rotary_dim);
           if (rotated) continue;
           const size_t i = static_cast<size_t>(tok) * stride + c;
           ASSERT_EQ(out_qkv[i], qkv[i]) << "token " << tok << " column " << c;

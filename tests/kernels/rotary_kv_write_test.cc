@@ -285,5 +285,91 @@ TEST(RotaryKvWrite, RotateOnlyLeavesTheCache) {
   EXPECT_EQ(RotaryKvWriteCpu(r), KernelStatus::kOutOfRange);
 }
 
+// The q / k LayerNorm (RotaryKvWriteParams::q_norm_w, HF qk_layernorm): each Q and K head is
+// normalised over head_dim with its own weight / bias pair (q_* for Q heads, k_* for K heads),
+// then rotated; compared with a naive double LayerNorm + rotate-half. V and padding stay as they
+// were, the cache holds the normalised, rotated K. Tolerance: the normalised value y carries
+// ~5 u (|y| + |b|) (x - mean, * inv_std, inv_std itself, * w, + b, each one float32 rounding),
+// which the rotation carries over onto its two inputs, plus RotaryKvWriteTest's angle error:
+//   tol = 2 (3 p + 4) u (|y1| + |y2|) + 2 * 5 u (|y1| + |y2| + |b1| + |b2|).
+// Heads with a constant value (var 0: y = b exactly up to the eps) are included.
+TEST(RotaryKvWrite, QkNormThenRotateMatchesNaive) {
+  const int nH = 4, nKV = 2, hd = 16, rot = 8, half = rot / 2, T = 5;
+  const int width = (nH + 2 * nKV) * hd, stride = width + 2;
+  const float eps = 1e-5f;
+  std::vector<float> qkv = Poisoned(T * stride);
+  const std::vector<float> vals = RandomVector(T * width, 31, -3.0f, 3.0f);
+  for (int t = 0; t < T; ++t)
+    std::copy_n(vals.begin() + t * width, width, qkv.begin() + t * stride);
+  std::fill_n(qkv.begin() + 2 * stride + hd, hd, 0.75f);  // token 2, Q head 1: constant
+  const std::vector<float> qkv_in = qkv;
+  std::vector<float> qw = RandomVector(hd, 32, 0.8f, 1.2f), qb = RandomVector(hd, 33, -0.2f, 0.2f);
+  std::vector<float> kw = RandomVector(hd, 34, 0.8f, 1.2f), kb = RandomVector(hd, 35, -0.2f, 0.2f);
+  const std::vector<int32_t> positions = {0, 5, 17, 300, 1023};
+  const std::vector<int64_t> slots = {3, 0, 9, 2, 7};
+  std::vector<float> k_cache = Poisoned(16 * nKV * hd), v_cache = Poisoned(16 * nKV * hd);
+  RotaryKvWriteParams p{.qkv = qkv.data(),
+                        .positions = positions.data(),
+                        .slots = slots.data(),
+                        .k_cache = k_cache.data(),
+                        .v_cache = v_cache.data(),
+                        .num_slots = 16,
+                        .block_size = 4,
+                        .num_tokens = T,
+                        .qkv_stride = stride,
+                        .num_heads = nH,
+                        .num_kv_heads = nKV,
+                        .head_dim = hd,
+                        .rotary_dim = rot,
+                        .q_norm_w = qw.data(),
+                        .q_norm_b = qb.data(),
+                        .k_norm_w = kw.data(),
+                        .k_norm_b = kb.data(),
+                        .norm_eps = eps};
+  ASSERT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOk);
+  for (int t = 0; t < T; ++t) {
+    const float* in = qkv_in.data() + t * stride;
+    const float* out = qkv.data() + t * stride;
+    for (int h = 0; h < nH + nKV; ++h) {
+      const float* w = h < nH ? qw.data() : kw.data();
+      const float* b = h < nH ? qb.data() : kb.data();
+      const float* x = in + h * hd;
+      double mean = 0, var = 0;
+      for (int d = 0; d < hd; ++d) mean += x[d];
+      mean /= hd;
+      for (int d = 0; d < hd; ++d) var += (x[d] - mean) * (x[d] - mean);
+      var /= hd;
+      std::vector<double> y(hd);
+      for (int d = 0; d < hd; ++d) y[d] = (x[d] - mean) / std::sqrt(var + eps) * w[d] + b[d];
+      for (int d = 0; d < hd; ++d) {
+        double ref = y[d], mag = std::fabs(y[d]) + std::fabs(b[d]), angle_mag = 0;
+        if (d < rot) {
+          const int j = d % half;
+          const double angle = positions[t] * std::pow(10000.0, -2.0 * j / rot);
+          ref = d < half ? y[j] * std::cos(angle) - y[j + half] * std::sin(angle)
+                         : y[j + half] * std::cos(angle) + y[j] * std::sin(angle);
+          angle_mag = std::fabs(y[j]) + std::fabs(y[j + half]);
+          mag = angle_mag + std::fabs(b[j]) + std::fabs(b[j + half]);
+        }
+        const double tol =
+            2.0 * (3.0 * positions[t] + 4.0) * kF32Unit * angle_mag + 10.0 * kF32Unit * mag;
+        ASSERT_NEAR(out[h * hd + d], ref, tol) << "t=" << t << " h=" << h << " d=" << d;
+      }
+    }
+    for (int i = (nH + nKV) * hd; i < width; ++i) ASSERT_EQ(out[i], in[i]);  // V as it was
+    for (int i = width; i < stride; ++i) ASSERT_TRUE(std::isnan(out[i]));
+    for (int h = 0; h < nKV; ++h) {
+      for (int d = 0; d < hd; ++d) {
+        const size_t i = CacheIndex(slots[t], h, d, 4, nKV, hd);
+        ASSERT_EQ(k_cache[i], out[(nH + h) * hd + d]);
+        ASSERT_EQ(v_cache[i], out[(nH + nKV + h) * hd + d]);
+      }
+    }
+  }
+  // A norm needs all four vectors.
+  p.k_norm_b = nullptr;
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kNullPointer);
+}
+
 }  // namespace
 }  // namespace phishard

@@ -188,10 +188,10 @@ TEST_P(RandomWeightGolden, MatchesTransformersFloat32) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, RandomWeightGolden,
-                         ::testing::Values("phi-mha-hd64", "phi-gqa-hd80"));
+                         ::testing::Values("phi-mha-hd64", "phi-gqa-hd80", "phi-qkln-tied"));
 
 // The fixtures must exercise what they are named for, or the test above proves less.
-TEST(RandomWeightGoldenFixtures, CoverMhaHd64AndGqaHd80) {
+TEST(RandomWeightGoldenFixtures, CoverWhatTheyAreNamedFor) {
   absl::StatusOr<std::unique_ptr<CpuPhiModel>> mha = CpuPhiModel::Load(kGolden / "phi-mha-hd64");
   ASSERT_TRUE(mha.ok()) << mha.status();
   EXPECT_EQ((*mha)->config().head_dim, 64);
@@ -202,6 +202,12 @@ TEST(RandomWeightGoldenFixtures, CoverMhaHd64AndGqaHd80) {
   EXPECT_EQ((*gqa)->config().head_dim, 80);
   EXPECT_LT((*gqa)->config().num_key_value_heads, (*gqa)->config().num_attention_heads);
   EXPECT_EQ((*gqa)->config().rotary_dim, 32);
+  // q / k LayerNorm and tied embeddings: the file has no lm_head.weight.
+  absl::StatusOr<std::unique_ptr<CpuPhiModel>> qkln = CpuPhiModel::Load(kGolden / "phi-qkln-tied");
+  ASSERT_TRUE(qkln.ok()) << qkln.status();
+  EXPECT_TRUE((*qkln)->config().qk_layernorm);
+  EXPECT_TRUE((*qkln)->config().tie_word_embeddings);
+  EXPECT_LT((*qkln)->config().num_key_value_heads, (*qkln)->config().num_attention_heads);
 }
 
 TEST(TinyPhiCodeGolden, MatchesTransformersFloat32) {

@@ -125,6 +125,7 @@ TEST(PhiConfig, Phi2TransformersV4) {
   EXPECT_EQ(c->hidden_act, Activation::kGeluTanh);
   EXPECT_EQ(c->hidden_act_name, "gelu_new");
   EXPECT_FALSE(c->tie_word_embeddings);
+  EXPECT_FALSE(c->qk_layernorm);
   EXPECT_EQ(c->max_position_embeddings, 2048);
   EXPECT_EQ(c->torch_dtype, "float16");
   EXPECT_THAT(c->eos_token_ids, ElementsAre(50256));
@@ -294,9 +295,6 @@ TEST(PhiConfig, DerivedShapeChecks) {
 
 TEST(PhiConfig, UnsupportedFeaturesAreUnimplemented) {
   json j = Phi2Config();
-  j["qk_layernorm"] = true;
-  ExpectError(j, absl::StatusCode::kUnimplemented, {"qk_layernorm"});
-  j = Phi2Config();
   j["rope_scaling"] = {{"type", "dynamic"}, {"factor", 2.0}};
   ExpectError(j, absl::StatusCode::kUnimplemented, {"rope_scaling.type", "dynamic"});
   j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
@@ -307,6 +305,18 @@ TEST(PhiConfig, UnsupportedFeaturesAreUnimplemented) {
   j = Phi2Config();
   j["quantization_config"] = {{"quant_method", "gptq"}};
   ExpectError(j, absl::StatusCode::kUnimplemented, {"quantization_config"});
+}
+
+TEST(PhiConfig, QkLayerNormParsed) {
+  json j = Phi2Config();
+  j["qk_layernorm"] = true;
+  auto c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->qk_layernorm);
+  j["qk_layernorm"] = nullptr;  // HF's default
+  c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->qk_layernorm);
 }
 
 TEST(PhiConfig, IdentityRopeScalingAccepted) {

@@ -262,6 +262,10 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"gqa_hd80", kGolden / "phi-gqa-hd80", kGolden / "phi-gqa-hd80/golden.json", 2},
         Case{"gqa_hd80_kv_replicated", kGolden / "phi-gqa-hd80",
              kGolden / "phi-gqa-hd80/golden.json", 4},
+        // q / k LayerNorm (replicated on every rank) and a tied, vocab-split embedding / head
+        Case{"qkln_tied", kGolden / "phi-qkln-tied", kGolden / "phi-qkln-tied/golden.json", 2},
+        Case{"qkln_tied_kv_replicated", kGolden / "phi-qkln-tied",
+             kGolden / "phi-qkln-tied/golden.json", 4},
         Case{"tiny_phi_code", kTiny, kGolden / "tiny-phi-code.json", 2},
         Case{"tiny_phi_code", kTiny, kGolden / "tiny-phi-code.json", 4}),
     [](const ::testing::TestParamInfo<Case>& info) {
