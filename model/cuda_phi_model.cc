@@ -18,6 +18,7 @@
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/layer_norm_cuda.h"
 #include "kernels/cuda/paged_attention_cuda.h"
+#include "kernels/cuda/paged_attention_generic_cuda.h"
 #include "kernels/cuda/random_fill_cuda.h"
 #include "kernels/cuda/rotary_kv_write_cuda.h"
 #include "kernels/device_event.h"
@@ -197,11 +198,16 @@ absl::StatusOr<std::unique_ptr<CudaPhiModel>> CudaPhiModel::Init(const PhiConfig
   }
   absl::StatusOr<DataType> dtype = ResolveDtype(options.dtype, config, props.cc_major);
   if (!dtype.ok()) return dtype.status();
-  if (!PagedAttentionCudaSupportsHeadDim(config.head_dim)) {
+  if (config.head_dim > kPagedAttentionGenericMaxHeadDim) {
     return absl::UnimplementedError(absl::StrFormat(
-        "the CUDA backend supports head_dim 16, 32, 64, 80, 96 and 128; this model has "
-        "head_dim %d (hidden_size %d / num_attention_heads %d)",
-        config.head_dim, config.hidden_size, config.num_attention_heads));
+        "the CUDA backend supports head_dim up to %d; this model has head_dim %d (hidden_size %d "
+        "/ num_attention_heads %d)",
+        kPagedAttentionGenericMaxHeadDim, config.head_dim, config.hidden_size,
+        config.num_attention_heads));
+  }
+  if (!PagedAttentionCudaSupportsHeadDim(config.head_dim)) {
+    PHI_LOG(WARNING) << "head_dim " << config.head_dim << " has no tuned CUDA attention kernel "
+                     << "(16, 32, 64, 80, 96, 128): attention runs the generic kernel (slow)";
   }
   if (config.num_key_value_heads <= 0 ||
       config.num_attention_heads % config.num_key_value_heads != 0) {

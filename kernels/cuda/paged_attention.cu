@@ -4,6 +4,7 @@
 #include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/paged_attention_cuda.h"
+#include "kernels/cuda/paged_attention_generic_cuda.h"
 #include "kernels/cuda/paged_attention_prefill.cuh"
 #include "kernels/kv_layout.h"
 
@@ -257,6 +258,19 @@ KernelStatus PagedAttentionCuda(const PagedAttentionParams& p, const PagedAttent
   if (splits_used) *splits_used = 0;
   if (p.dtype != DataType::kF16 && p.dtype != DataType::kBF16) {
     return KernelStatus::kUnsupportedDtype;
+  }
+  if (!PagedAttentionCudaSupportsHeadDim(p.head_dim)) {  // a head dim of no tuned kernel
+    // The plan's rules still hold: no fused store on a decode launch, no wgmma tiling.
+    const bool decode = plan.kernel == AttentionKernel::kDecode ||
+                        (plan.kernel == AttentionKernel::kAuto && plan.max_q_len == 1);
+    const bool wgmma = plan.prefill_tiling == PrefillTiling::kWgmma ||
+                       plan.prefill_tiling == PrefillTiling::kWgmmaWs;
+    if ((decode && (plan.store_new_k != nullptr || plan.store_new_v != nullptr)) ||
+        (!decode && wgmma)) {
+      return KernelStatus::kInvalidShape;
+    }
+    if (splits_used) *splits_used = 1;
+    return PagedAttentionGenericCuda(p, plan.store_new_k, plan.store_new_v, nullptr, stream);
   }
   if (p.num_seqs < 0 || p.num_tokens < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
       p.block_size <= 0 || p.num_blocks < 0 || p.max_blocks_per_seq < 0 ||

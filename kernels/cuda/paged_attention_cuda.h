@@ -17,11 +17,13 @@
 // kernels/kv_layout.h, [num_blocks, num_kv_heads, block_size, head_dim]: a block's keys of one KV
 // head are one contiguous run, and every cached-K/V copy walks such runs (consecutive keys
 // head_dim elements apart) with 16-byte loads.
-// Closed dispatch: head_dim in {16, 32, 64, 80, 96, 128} x {kF16, kBF16}; anything else is
-// kInvalidShape / kUnsupportedDtype before any launch. The wgmma tilings (kWgmma, kWgmmaWs) take
-// head_dim 32, 64 and 80 only (kInvalidShape otherwise); kAuto never picks them for another.
-// Requirements beyond the CPU reference: q_stride and head_dim multiples of 8, q, k_cache, v_cache
-// 16-byte aligned (16-byte vector loads), out 4-byte aligned, num_seqs <= 65535 (a grid
+// Tuned kernels for head_dim in {16, 32, 64, 80, 96, 128} x {kF16, kBF16}; any other head_dim up
+// to 256 runs the generic kernel (paged_attention_generic_cuda.h: correct, slow; the plan's
+// tiling and splits do not apply, a fused store runs as its own launch first), larger ones are
+// kInvalidShape, other dtypes kUnsupportedDtype, before any launch. The wgmma tilings (kWgmma,
+// kWgmmaWs) take head_dim 32, 64 and 80 only (kInvalidShape otherwise); kAuto never picks them for
+// another. Requirements beyond the CPU reference: q_stride and head_dim multiples of 8, q, k_cache,
+// v_cache 16-byte aligned (16-byte vector loads), out 4-byte aligned, num_seqs <= 65535 (a grid
 // dimension), and for the prefill kernel a finite non-zero scale. Block ids live in device memory
 // and are not validated here: an id outside [0, num_blocks) reads as zero K/V. The model
 // validates block tables on the host before upload.
@@ -81,7 +83,8 @@ struct PagedAttentionCudaPlan {
 };
 
 // Whether the decode and the default (mma.sync) prefill kernels take head_dim: 16, 32, 64, 80, 96,
-// 128 (kernels/cuda/attention_dispatch.cuh, AttentionHeadDims).
+// 128 (kernels/cuda/attention_dispatch.cuh, AttentionHeadDims). Other head dims in
+// [1, kPagedAttentionGenericMaxHeadDim] take the generic kernel.
 bool PagedAttentionCudaSupportsHeadDim(int head_dim);
 
 // Whether PrefillTiling::kWgmma and kWgmmaWs can run: the library holds sm_90a code and the current

@@ -4,6 +4,7 @@
 
 #include "kernels/cuda/attention_dispatch.cuh"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/paged_attention_generic_cuda.h"
 #include "kernels/cuda/paged_decode_common.cuh"
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/cuda/paged_decode_fold.cuh"
@@ -780,6 +781,28 @@ size_t PagedDecodeCudaWorkspaceBytes(int num_seqs, int num_heads, int head_dim, 
 
 KernelStatus PagedDecodeCuda(const PagedAttentionParams& p, const PagedDecodeCudaPlan& plan,
                              cudaStream_t stream, int* splits_bound) {
+  if (!PagedDecodeCudaSupportsHeadDim(p.head_dim)) {
+    // A head dim of no tuned kernel: the generic one, after the folded rotary as its own launch
+    // (the same checks as the fused form's); never beside the decode stream.
+    if (splits_bound) *splits_bound = 1;
+    if (plan.qkv_ready != nullptr || plan.heads_done != nullptr || p.num_tokens != p.num_seqs) {
+      return KernelStatus::kInvalidShape;
+    }
+    if (plan.fold_rotary) {
+      if (p.block_size <= 0) return KernelStatus::kInvalidShape;
+      const int q_stride = p.q_stride == 0 ? p.num_heads * p.head_dim : p.q_stride;
+      if (KernelStatus st = paged_decode::CheckFoldedRotary(p, q_stride, plan.rotary);
+          st != KernelStatus::kOk) {
+        return st;
+      }
+      if (KernelStatus st = RotaryKvWriteCuda(plan.rotary, stream); st != KernelStatus::kOk) {
+        return st;
+      }
+    }
+    PagedAttentionParams one_row = p;
+    one_row.cu_q_lens = nullptr;  // row s = sequence s
+    return PagedAttentionGenericCuda(one_row, nullptr, nullptr, plan.step_info, stream);
+  }
   return paged_decode::Run(p, plan, stream, splits_bound);
 }
 

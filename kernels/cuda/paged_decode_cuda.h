@@ -141,6 +141,9 @@ int PagedDecodeCudaMaxSplits(int min_live_seqs, int num_heads, int num_multiproc
 
 size_t PagedDecodeCudaWorkspaceBytes(int num_seqs, int num_heads, int head_dim, int max_splits);
 
+// Whether the tuned decode kernels (and so the fused forms beside the decode stream) take
+// head_dim (cuda::AttentionHeadDims); PagedDecodeCuda runs any other head dim up to
+// kPagedAttentionGenericMaxHeadDim on the generic kernel (paged_attention_generic_cuda.h).
 bool PagedDecodeCudaSupportsHeadDim(int head_dim);
 
 // Requirements: num_tokens == num_seqs, q_stride and head_dim multiples of 8, q / caches 16-byte

@@ -197,7 +197,8 @@ void RunCase(const AttnCase& c, const RunOptions& o) {
     const bool decode_launch =
         o.kernel == AttentionKernel::kDecode || (o.kernel == AttentionKernel::kAuto && max_q == 1);
     if (wgmma && !decode_launch && hd != 32 && hd != 64 && hd != 80) {
-      // The wgmma kernels are built for head dims 32, 64 and 80 only: refused before any launch.
+      // The wgmma kernels are built for head dims 32, 64 and 80 only: refused before any launch
+      // (the generic kernel of the other head dims too: an explicit tiling it does not have).
       PagedAttentionCudaPlan plan{.max_q_len = max_q,
                                   .max_context_len = max_ctx,
                                   .kernel = o.kernel,
@@ -414,6 +415,33 @@ TEST(CudaPagedAttention, DecodeMatchesCpuReferenceWithEverySplitCount) {
   }
 }
 
+// Head dims of no tuned kernel (paged_attention_generic.cu): HF's own tiny test shape (8), odd
+// multiples of 8 (24, 48, 112), one that is not (20: no 16-byte vectors anywhere) and the largest
+// (256), MHA and GQA, through every entry mode: prefill with cached prefixes and varlen rows,
+// the fused K/V store, decode batches, and the tilings the generic kernel refuses.
+TEST(CudaPagedAttention, GenericHeadDimsMatchCpuReference) {
+  PHI_REQUIRE_GPU();
+  for (int hd : {8, 20, 24, 48, 112, 256}) {
+    ASSERT_FALSE(PagedAttentionCudaSupportsHeadDim(hd)) << hd;
+    for (auto [nh, nkv] : {std::pair{4, 4}, std::pair{6, 2}}) {
+      const std::string tag = "generic_hd" + std::to_string(hd) + "_h" + std::to_string(nh) +
+                              "_kv" + std::to_string(nkv);
+      const AttnCase prefill{tag + "_prefill", nh, nkv, hd, {{1, 1}, {17, 100}, {40, 40}, {5, 33}}};
+      const AttnCase bs12{tag + "_bs12", nh, nkv, hd, {{30, 50}, {1, 13}}, 12};
+      const AttnCase decode{tag + "_decode", nh, nkv, hd, {{1, 1}, {1, 16}, {1, 17}, {1, 300}}};
+      for (DataType t : {DataType::kBF16, DataType::kF16}) {
+        RunCase(prefill, {.dtype = t, .tilings = AllTilings()});
+        RunCase(prefill, {.dtype = t, .tilings = AllTilings(), .store_new_kv = true});
+        RunCase(bs12, {.dtype = t, .store_new_kv = true});
+        RunCase(decode, {.dtype = t, .kernel = AttentionKernel::kDecode, .expect_splits = 1});
+        RunCase(decode, {.dtype = t, .kernel = AttentionKernel::kPrefill});
+        RunCase(decode, {.dtype = t, .store_new_kv = true});  // refused on a decode launch
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
 TEST(CudaPagedAttention, DecodeFp16) {
   PHI_REQUIRE_GPU();
   for (const AttnCase& c : DecodeCases()) {
@@ -464,12 +492,15 @@ TEST(CudaPagedAttention, RejectsUnsupportedShapes) {
                          .scale = 0.1f,
                          .dtype = DataType::kBF16};
   PagedAttentionCudaPlan plan{.max_q_len = 1, .max_context_len = 1};
-  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape);  // head_dim 48
-  for (int hd : {8, 24, 136, 256}) {  // 8: below the prefill's k16 step; 136+: past the dispatch
+  for (int hd : {257, 320}) {  // past the generic kernel's lanes
     p.head_dim = hd;
     EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kInvalidShape) << hd;
     EXPECT_FALSE(PagedAttentionCudaSupportsHeadDim(hd)) << hd;
   }
+  p.head_dim = 48;  // the generic kernel's: still the dtype rule
+  p.dtype = DataType::kF32;
+  EXPECT_EQ(PagedAttentionCuda(p, plan, nullptr), KernelStatus::kUnsupportedDtype);
+  p.dtype = DataType::kBF16;
   if (PagedAttentionPrefillWgmmaAvailable()) {  // a supported head dim the wgmma kernels lack
     PagedAttentionCudaPlan wg{.max_q_len = 1,
                               .max_context_len = 1,
