@@ -41,7 +41,8 @@ void NormHeads(float* x, int heads, int head_dim, const float* w, const float* b
 KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
   if (p.dtype != DataType::kF32) return KernelStatus::kUnsupportedDtype;
   if (p.num_tokens < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
-      p.num_slots < 0 || p.rotary_dim < 0 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0) {
+      p.num_slots < 0 || p.rotary_dim < 0 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0 ||
+      !(p.rope_factor > 0.0f)) {
     return KernelStatus::kInvalidShape;
   }
   if (p.write_cache && (p.block_size <= 0 || p.num_slots % p.block_size != 0)) {
@@ -70,6 +71,7 @@ KernelStatus RotaryKvWriteCpu(const RotaryKvWriteParams& p) {
   for (int j = 0; j < half; ++j) {
     const float exponent = static_cast<float>(2 * j) / static_cast<float>(p.rotary_dim);
     inv_freq[j] = 1.0f / std::pow(p.theta, exponent);
+    if (p.rope_factor != 1.0f) inv_freq[j] /= p.rope_factor;  // transformers: inv_freq /= factor
   }
 
   auto* qkv = static_cast<float*>(p.qkv);

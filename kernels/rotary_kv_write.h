@@ -6,7 +6,8 @@
 //                                       v: num_kv_heads x head_dim | (unused up to qkv_stride) ]
 // For every Q and K head, only dims [0, rotary_dim) rotate; [rotary_dim, head_dim) pass through.
 // With half = rotary_dim / 2, j in [0, half):
-//   inv_freq[j] = theta^(-2j / rotary_dim)      (float32)
+//   inv_freq[j] = theta^(-2j / rotary_dim)      (float32; then / rope_factor when it is not 1:
+//                                                  linear RoPE scaling)
 //   angle       = positions[t] * inv_freq[j]    (float32), cos/sin of it in float32
 //   x1 = x[j], x2 = x[j + half]
 //   x[j]        = x1 * cos - x2 * sin
@@ -41,6 +42,7 @@ struct RotaryKvWriteParams {
   int head_dim = 0;
   int rotary_dim = 0;  // even, in [0, head_dim]; 0 disables rotation
   float theta = 10000.0f;
+  float rope_factor = 1.0f;  // linear RoPE scaling: inv_freq / rope_factor (> 0)
   DataType dtype = DataType::kF32;
   // Optional fold (LoRA decode steps, model/cuda_lora.h): when set, every element of q, k and v
   // first becomes qkv + fold_delta (float32 add, rounded once to dtype), and the whole q | k | v

@@ -534,6 +534,7 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
                           .head_dim = hd,
                           .rotary_dim = c.rotary_dim,
                           .theta = static_cast<float>(c.rope_theta),
+                          .rope_factor = static_cast<float>(c.rope_linear_factor),
                           .q_norm_w = c.qk_layernorm ? w.q_norm_weight.data() : nullptr,
                           .q_norm_b = w.q_norm_bias.data(),
                           .k_norm_w = w.k_norm_weight.data(),

@@ -117,21 +117,23 @@ class Fields {
 };
 
 // A RoPE scaling description (4.x `rope_scaling`, 5.x `rope_parameters`): Phi-1/1.5/2 never
-// scale; "default" (or none) and the identity "linear" with factor 1 are accepted, everything
-// else is UNIMPLEMENTED rather than silently computing the wrong positions.
-absl::Status CheckRopeType(const Fields& f, const std::string& source) {
+// scale; "default" (or none) and "linear" (positions divided by `factor`, as transformers'
+// inv_freq /= factor; `*linear_factor` receives it) are accepted, everything else (dynamic,
+// yarn, longrope, llama3, ...) is UNIMPLEMENTED rather than silently computing the wrong
+// positions.
+absl::Status CheckRopeType(const Fields& f, const std::string& source, double* linear_factor) {
   std::string type;
   const std::string key = f.Has("rope_type") ? "rope_type" : "type";
   PHI_RETURN_IF_ERROR(f.OptionalString(key, &type));
   if (type.empty() || type == "default" || type == "none") return absl::OkStatus();
   if (type == "linear") {
-    double factor = 1.0;
-    PHI_RETURN_IF_ERROR(f.OptionalPositive("factor", &factor));
-    if (factor == 1.0) return absl::OkStatus();
+    if (!f.Has("factor")) return f.Error("factor", "is missing (required for linear RoPE scaling)");
+    PHI_RETURN_IF_ERROR(f.OptionalPositive("factor", linear_factor));
+    return absl::OkStatus();
   }
   return absl::UnimplementedError(absl::StrFormat(
-      "%s: field '%s' = \"%s\" (RoPE scaling) is not supported; Phi-1/1.5/2 use unscaled RoPE",
-      source, f.Name(key), type));
+      "%s: field '%s' = \"%s\" (RoPE scaling) is not supported (default and linear are)", source,
+      f.Name(key), type));
 }
 
 absl::StatusOr<json> ParseJsonObject(std::string_view text, const std::string& source) {
@@ -195,12 +197,15 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
   PHI_RETURN_IF_ERROR(f.OptionalPositive("rope_theta", &c.rope_theta));
   if (const json* rs = f.Find("rope_scaling")) {
     if (!rs->is_object()) return f.WrongType("rope_scaling", "an object or null");
-    PHI_RETURN_IF_ERROR(CheckRopeType(Fields(*rs, source, "rope_scaling."), source));
+    PHI_RETURN_IF_ERROR(
+        CheckRopeType(Fields(*rs, source, "rope_scaling."), source, &c.rope_linear_factor));
   }
   if (const json* rp = f.Find("rope_parameters")) {
     if (!rp->is_object()) return f.WrongType("rope_parameters", "an object or null");
     const Fields r(*rp, source, "rope_parameters.");
-    PHI_RETURN_IF_ERROR(CheckRopeType(r, source));
+    // (rope_parameters wins over rope_scaling, as in transformers 5.x.)
+    c.rope_linear_factor = 1.0;
+    PHI_RETURN_IF_ERROR(CheckRopeType(r, source, &c.rope_linear_factor));
     for (auto [key, top] :
          {std::pair<std::string, double*>{"partial_rotary_factor", &c.partial_rotary_factor},
           {"rope_theta", &c.rope_theta}}) {

@@ -31,6 +31,9 @@ struct PhiConfig {
   int rotary_dim = 0;            // int(partial_rotary_factor * head_dim), even
   double partial_rotary_factor = 0.5;
   double rope_theta = 10000.0;
+  // Linear RoPE scaling (rope_scaling / rope_parameters {"rope_type": "linear", "factor": f}):
+  // inv_freq / f, i.e. positions / f. 1: none.
+  double rope_linear_factor = 1.0;
   float layer_norm_eps = 1e-5f;
   Activation hidden_act = Activation::kGeluTanh;
   std::string hidden_act_name;   // as written in config.json

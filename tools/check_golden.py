@@ -63,7 +63,21 @@ def read_config(model_dir):
         "hd": hd, "rot": int(factor * hd), "eps": c["layer_norm_eps"],
         "theta": rp.get("rope_theta", c.get("rope_theta", 10000.0)),
         "qk_ln": bool(c.get("qk_layernorm")), "tied": bool(c.get("tie_word_embeddings")),
+        "rope_factor": linear_factor(c),
     }
+
+
+def linear_factor(c):
+    """Linear RoPE scaling's factor (5.x rope_parameters wins over 4.x rope_scaling), else 1."""
+    for rs in (c.get("rope_parameters"), c.get("rope_scaling")):
+        if rs:
+            kind = rs.get("rope_type", rs.get("type", "default"))
+            if kind == "linear":
+                return float(rs["factor"])
+            if kind != "default":
+                raise ValueError(f"RoPE scaling {kind} not handled here")
+            return 1.0
+    return 1.0
 
 
 def gelu_tanh(x):
@@ -76,10 +90,11 @@ def layer_norm(x, w, b, eps):
     return (x - mu) / np.sqrt(var + eps) * w + b
 
 
-def rotary(x, rot, theta):
-    """x [T, heads, hd]; rotate-half on the first `rot` dims, position p = row index."""
+def rotary(x, rot, theta, factor=1.0):
+    """x [T, heads, hd]; rotate-half on the first `rot` dims, position p = row index; linear
+    scaling divides every frequency by `factor`."""
     t = x.shape[0]
-    inv = 1.0 / theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+    inv = 1.0 / theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot) / factor
     ang = np.arange(t, dtype=np.float64)[:, None] * inv[None, :]  # [T, rot/2]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     x1, x2 = x[..., :rot // 2], x[..., rot // 2:rot]
@@ -110,7 +125,8 @@ def forward(w, cfg, ids, lora=None):
                            w[p + "self_attn.q_layernorm.bias"], cfg["eps"])
             k = layer_norm(k, w[p + "self_attn.k_layernorm.weight"],
                            w[p + "self_attn.k_layernorm.bias"], cfg["eps"])
-        q, k = rotary(q, cfg["rot"], cfg["theta"]), rotary(k, cfg["rot"], cfg["theta"])
+        q = rotary(q, cfg["rot"], cfg["theta"], cfg["rope_factor"])
+        k = rotary(k, cfg["rot"], cfg["theta"], cfg["rope_factor"])
         v = linear(p + "self_attn.v_proj", n).reshape(t, nkv, hd)
         att = np.empty((t, nh, hd))
         for head in range(nh):

@@ -6,7 +6,7 @@ reference math is float32 with `attn_implementation="eager"`, models in eval mod
 
 Phases (all by default; `--phases` picks some, each writes its own files, a failing phase does not stop
 the others and makes the exit status 1):
-  random   tests/golden/phi-mha-hd64/, phi-gqa-hd80/ and phi-qkln-tied/: random-weight PhiForCausalLM
+  random   tests/golden/phi-mha-hd64/, phi-gqa-hd80/, phi-qkln-tied/, phi-rope-linear/: random-weight PhiForCausalLM
            checkpoints saved in bf16 (config.json, model.safetensors) and golden.json computed in
            float32 from those bf16 values, after loading them back with from_pretrained
            (`--random-models` picks some of them).
@@ -68,6 +68,11 @@ RANDOM_MODELS = [
     dict(name="phi-qkln-tied", layout="5.x", hidden_size=256, num_attention_heads=4,
          num_key_value_heads=2, intermediate_size=512, partial_rotary_factor=0.5,
          eos_token_id=2, bos_token_id=1, seed=3000, qk_layernorm=True, tie=True),
+    # Linear RoPE scaling (factor 2: every frequency halved), MHA, head_dim 64, rotary 0.5; config
+    # in the transformers 4.x layout with `rope_scaling: {"type": "linear", "factor": 2.0}`.
+    dict(name="phi-rope-linear", layout="4.x", hidden_size=128, num_attention_heads=2,
+         num_key_value_heads=None, intermediate_size=256, partial_rotary_factor=0.5,
+         eos_token_id=None, bos_token_id=None, seed=4000, rope_linear=2.0),
 ]
 RANDOM_VOCAB = 512
 RANDOM_LAYERS = 2
@@ -284,7 +289,12 @@ def init_random_weights(model, seed):
 
 
 def make_config(spec):
-    return PhiConfig(
+    scaling = {}
+    if spec.get("rope_linear"):  # the top-level kwargs below agree with it
+        scaling["rope_parameters"] = {"rope_type": "linear", "factor": spec["rope_linear"],
+                                      "rope_theta": 10000.0,
+                                      "partial_rotary_factor": spec["partial_rotary_factor"]}
+    return PhiConfig(**scaling,
         vocab_size=RANDOM_VOCAB, hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate_size"], num_hidden_layers=RANDOM_LAYERS,
         num_attention_heads=spec["num_attention_heads"],
@@ -304,6 +314,9 @@ def layout_config(saved, spec):
     want = spec["partial_rotary_factor"]
     if rp.get("partial_rotary_factor") != want or rp.get("rope_theta") != 10000.0:
         raise RuntimeError(f"saved rope_parameters {rp} do not hold factor {want}, theta 10000")
+    if spec.get("rope_linear") and (rp.get("rope_type") != "linear"
+                                    or rp.get("factor") != spec["rope_linear"]):
+        raise RuntimeError(f"saved rope_parameters {rp} do not hold linear {spec['rope_linear']}")
     if saved.get("partial_rotary_factor", want) != want:
         raise RuntimeError(f"saved top-level partial_rotary_factor {saved['partial_rotary_factor']}"
                            f" contradicts rope_parameters {rp}")
@@ -315,7 +328,8 @@ def layout_config(saved, spec):
            if k not in ("rope_parameters", "dtype", "transformers_version")}
     cfg["rope_theta"] = rp["rope_theta"]
     cfg["partial_rotary_factor"] = rp["partial_rotary_factor"]
-    cfg["rope_scaling"] = None
+    cfg["rope_scaling"] = ({"type": "linear", "factor": spec["rope_linear"]}
+                           if spec.get("rope_linear") else None)
     cfg["torch_dtype"] = "bfloat16"
     if spec["num_key_value_heads"] is None:
         cfg["num_key_value_heads"] = None
@@ -341,7 +355,15 @@ def check_loaded_config(model, spec):
         "q_layernorm present": (hasattr(attn, "q_layernorm"), spec.get("qk_layernorm", False)),
         "tied lm_head": (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
                          spec.get("tie", False)),
+        "rope_type": (c.rope_parameters.get("rope_type", "default"),
+                      "linear" if spec.get("rope_linear") else "default"),
     }
+    if spec.get("rope_linear"):  # the loaded frequencies are the default ones / factor
+        rot = int(spec["partial_rotary_factor"] * hd)
+        base = 1.0 / (10000.0 ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))
+        got = model.model.rotary_emb.inv_freq.detach().cpu()
+        if not torch.allclose(got, base / spec["rope_linear"], rtol=1e-6, atol=0):
+            raise RuntimeError(f"{spec['name']}: inv_freq {got} is not the default / factor")
     for what, (got, want) in checks.items():
         if got != want:
             raise RuntimeError(f"{spec['name']}: loaded {what} = {got}, expected {want}")

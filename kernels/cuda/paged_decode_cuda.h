@@ -90,7 +90,8 @@ struct PagedDecodeCudaPlan {
   // Fused form (see above): `rotary` is this step's rotary + K/V write (RotaryKvWriteCuda's
   // parameters) and must describe the attention's own rows: qkv == q (q_stride its row pitch),
   // the same caches, heads, head_dim, block_size and dtype, num_slots a multiple of block_size,
-  // num_tokens == num_seqs, write_cache, no fold_delta, no q_norm_w (else kInvalidShape). slots[s]
+  // num_tokens == num_seqs, write_cache, no fold_delta, no q_norm_w, rope_factor 1 (else
+  // kInvalidShape). slots[s]
   // must be the cache slot of key ctx - 1 of sequence s (the new token), as the model builds them.
   bool fold_rotary = false;
   RotaryKvWriteParams rotary = {};

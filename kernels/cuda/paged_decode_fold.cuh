@@ -170,7 +170,8 @@ __device__ __forceinline__ void MergeIfLast(const Args& a, int s, int h, int spl
 // PagedDecodeCudaPlan::rotary against the attention's own parameters: the same qkv rows, caches
 // and shapes (block_size included: the fused write addresses the cache by p.block_size, and
 // RotaryKvWriteCuda's rule, num_slots a multiple of it), a plain write (no LoRA fold, no q / k
-// LayerNorm: the fused rotation has neither), or kInvalidShape / kNullPointer. p.block_size >= 1 is
+// LayerNorm, no RoPE scaling: the fused rotation has none of them), or kInvalidShape /
+// kNullPointer. p.block_size >= 1 is
 // checked before.
 inline KernelStatus CheckFoldedRotary(const PagedAttentionParams& p, int q_stride,
                                       const RotaryKvWriteParams& r) {
@@ -180,8 +181,8 @@ inline KernelStatus CheckFoldedRotary(const PagedAttentionParams& p, int q_strid
       r.num_tokens != p.num_seqs || r.num_heads != p.num_heads ||
       r.num_kv_heads != p.num_kv_heads || r.head_dim != p.head_dim || r.dtype != p.dtype ||
       r.block_size != p.block_size || r_stride != q_stride || q_stride < width || !r.write_cache ||
-      r.fold_delta != nullptr || r.q_norm_w != nullptr || r.rotary_dim < 0 ||
-      r.rotary_dim > p.head_dim || r.rotary_dim % 2 != 0 || r.num_slots < 0 ||
+      r.fold_delta != nullptr || r.q_norm_w != nullptr || r.rope_factor != 1.0f ||
+      r.rotary_dim < 0 || r.rotary_dim > p.head_dim || r.rotary_dim % 2 != 0 || r.num_slots < 0 ||
       r.num_slots % p.block_size != 0) {
     return KernelStatus::kInvalidShape;
   }

@@ -8,12 +8,13 @@
 namespace phishard::cuda {
 
 // cos / sin of position `pos` at frequency j (0 <= j < rotary_dim / 2), as the Hugging Face
-// reference: angle = float(pos) * inv_freq in float32, inv_freq = 1 / theta^(2j / rotary_dim).
+// reference: angle = float(pos) * inv_freq in float32, inv_freq = 1 / theta^(2j / rotary_dim),
+// divided by `factor` (linear RoPE scaling) when that is not 1.
 // sincosf (not __sincosf) keeps full accuracy at angles of several thousand radians.
 __device__ __forceinline__ void RopeCosSin(int pos, int j, int rotary_dim, float theta, float* c,
-                                           float* s) {
-  const float inv_freq =
-      1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
+                                           float* s, float factor = 1.0f) {
+  float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
+  if (factor != 1.0f) inv_freq = __fdiv_rn(inv_freq, factor);
   sincosf(static_cast<float>(pos) * inv_freq, s, c);
 }
 

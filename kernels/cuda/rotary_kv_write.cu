@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
                         const int64_t* __restrict__ slots, T* __restrict__ k_cache,
                         T* __restrict__ v_cache, int64_t num_slots, int block_size, int stride,
                         int num_heads, int num_kv_heads, int head_dim, int rotary_dim, float theta,
-                        int heads_per_block, bool write_cache,
+                        float rope_factor, int heads_per_block, bool write_cache,
                         const float* __restrict__ delta = nullptr, int ld_delta = 0,
                         const float* __restrict__ q_norm_w = nullptr,
                         const float* __restrict__ q_norm_b = nullptr,
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
     // As the Hugging Face reference (cuda::RopeCosSin, shared with the fused decode attention).
     const int j = threadIdx.x;
     float s, c;
-    cuda::RopeCosSin(positions[t], j, rotary_dim, theta, &c, &s);
+    cuda::RopeCosSin(positions[t], j, rotary_dim, theta, &c, &s, rope_factor);
     sh_cos[j] = c;
     sh_cos[half + j] = s;
   }
@@ -208,7 +208,7 @@ template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     RotaryInPlaceKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions, int stride,
                         int num_tokens, int tokens_per_block, int num_heads, int num_kv_heads,
-                        int head_dim, int rotary_dim, float theta) {
+                        int head_dim, int rotary_dim, float theta, float rope_factor) {
   __shared__ float sh_trig[kInPlaceMaxTokens][2 * 128];  // per token: cos[half], sin[half]
   using P = Pack<T, N>;
   const int half = rotary_dim / 2;
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kThreads)
     const int tl = threadIdx.x / half;
     const int j = threadIdx.x - tl * half;
     float sn, cs;
-    cuda::RopeCosSin(positions[t0 + tl], j, rotary_dim, theta, &cs, &sn);
+    cuda::RopeCosSin(positions[t0 + tl], j, rotary_dim, theta, &cs, &sn, rope_factor);
     sh_trig[tl][j] = cs;
     sh_trig[tl][half + j] = sn;
   }
@@ -284,7 +284,7 @@ KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t strea
     RotaryInPlaceKernel<T, N>
         <<<cuda::CeilDiv(p.num_tokens, tokens_per_block), kThreads, 0, stream>>>(
             static_cast<T*>(p.qkv), p.positions, stride, p.num_tokens, tokens_per_block,
-            p.num_heads, p.num_kv_heads, p.head_dim, p.rotary_dim, p.theta);
+            p.num_heads, p.num_kv_heads, p.head_dim, p.rotary_dim, p.theta, p.rope_factor);
     return cuda::LaunchStatus();
   }
   const int total_heads = p.num_heads + 2 * p.num_kv_heads;
@@ -310,8 +310,9 @@ KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t strea
         <<<grid, kThreads, smem, stream>>>(
             static_cast<T*>(p.qkv), p.positions, p.slots, static_cast<T*>(p.k_cache),
             static_cast<T*>(p.v_cache), p.num_slots, p.block_size, stride, p.num_heads,
-            p.num_kv_heads, p.head_dim, p.rotary_dim, p.theta, heads_per_block, p.write_cache,
-            p.fold_delta, ld_fold, p.q_norm_w, p.q_norm_b, p.k_norm_w, p.k_norm_b, p.norm_eps);
+            p.num_kv_heads, p.head_dim, p.rotary_dim, p.theta, p.rope_factor, heads_per_block,
+            p.write_cache, p.fold_delta, ld_fold, p.q_norm_w, p.q_norm_b, p.k_norm_w, p.k_norm_b,
+            p.norm_eps);
   };
   using Yes = std::true_type;
   using No = std::false_type;
@@ -327,7 +328,8 @@ KernelStatus Launch(const RotaryKvWriteParams& p, int stride, cudaStream_t strea
 
 KernelStatus RotaryKvWriteCuda(const RotaryKvWriteParams& p, cudaStream_t stream) {
   if (p.num_tokens < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
-      p.num_slots < 0 || p.rotary_dim < 0 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0) {
+      p.num_slots < 0 || p.rotary_dim < 0 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0 ||
+      !(p.rope_factor > 0.0f)) {
     return KernelStatus::kInvalidShape;
   }
   // As RotaryKvWriteCpu: the cache layout needs the block size (kernels/kv_layout.h).

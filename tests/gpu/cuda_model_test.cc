@@ -181,7 +181,8 @@ TEST_P(CudaGoldenRandom, MatchesTransformersWithinBf16) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaGoldenRandom,
-                         ::testing::Values("phi-mha-hd64", "phi-gqa-hd80", "phi-qkln-tied"));
+                         ::testing::Values("phi-mha-hd64", "phi-gqa-hd80", "phi-qkln-tied",
+                                           "phi-rope-linear"));
 
 TEST(CudaGoldenTiny, MatchesTransformersWithinBf16) {
   PHI_REQUIRE_GPU();

@@ -231,11 +231,18 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
   DeviceBuffer norm_dev[4] = {DeviceBuffer::From(norm_host[0]), DeviceBuffer::From(norm_host[1]),
                               DeviceBuffer::From(norm_host[2]), DeviceBuffer::From(norm_host[3])};
   for (DataType t : kAllTypes) {
-    for (auto [write_cache, qk_norm] : {std::pair{true, false}, std::pair{false, false},
-                                        std::pair{true, true}, std::pair{false, true}}) {
+    // rope_factor: linear RoPE scaling, through the row kernel and the rotate-only one.
+    struct Form {
+      bool write_cache, qk_norm;
+      float rope_factor;
+    };
+    for (auto [write_cache, qk_norm, rope_factor] :
+         {Form{true, false, 1.0f}, Form{false, false, 1.0f}, Form{true, true, 1.0f},
+          Form{false, true, 1.0f}, Form{true, false, 2.5f}, Form{false, false, 2.5f}}) {
       SCOPED_TRACE(testing::Message()
                    << DataTypeName(t) << " T " << s.tokens << " hd " << s.head_dim << " rot "
-                   << s.rotary_dim << " write_cache " << write_cache << " qk_norm " << qk_norm);
+                   << s.rotary_dim << " write_cache " << write_cache << " qk_norm " << qk_norm
+                   << " rope_factor " << rope_factor);
       auto norm_d = [&](int i) { return qk_norm ? norm_dev[i].as<float>() : nullptr; };
       auto norm_h = [&](int i) { return qk_norm ? norm_host[i].data() : nullptr; };
       std::vector<float> qkv = RandomVector(static_cast<size_t>(s.tokens) * stride, s.tokens + 7);
@@ -282,6 +289,7 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
                                    .head_dim = s.head_dim,
                                    .rotary_dim = s.rotary_dim,
                                    .theta = 10000.0f,
+                                   .rope_factor = rope_factor,
                                    .dtype = t,
                                    .write_cache = write_cache,
                                    .q_norm_w = norm_d(0),
@@ -309,6 +317,7 @@ TEST_P(CudaRotaryKvWrite, MatchesCpuReferenceAndWritesOnlyItsSlots) {
                                   .head_dim = s.head_dim,
                                   .rotary_dim = s.rotary_dim,
                                   .theta = 10000.0f,
+                                  .rope_factor = rope_factor,
                                   .write_cache = write_cache,
                                   .q_norm_w = norm_h(0),
                                   .q_norm_b = norm_h(1),

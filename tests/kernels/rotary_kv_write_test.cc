@@ -285,6 +285,50 @@ TEST(RotaryKvWrite, RotateOnlyLeavesTheCache) {
   EXPECT_EQ(RotaryKvWriteCpu(r), KernelStatus::kOutOfRange);
 }
 
+// Linear RoPE scaling (RotaryKvWriteParams::rope_factor): every frequency divided by the factor,
+// against the naive double rotation with angle p theta^(-2j / rot) / factor. Tolerance as
+// RotaryKvWriteTest's, one more float32 rounding (the division) in the angle:
+//   tol = 2 (4 p + 4) u (|x1| + |x2|).
+TEST(RotaryKvWrite, LinearScalingDividesTheFrequencies) {
+  const int nH = 2, nKV = 1, hd = 16, rot = 8, half = rot / 2, T = 4;
+  const int width = (nH + 2 * nKV) * hd;
+  const float factor = 2.5f;
+  const std::vector<float> in = RandomVector(T * width, 51);
+  std::vector<float> qkv = in;
+  const std::vector<int32_t> positions = {0, 7, 300, 2047};
+  RotaryKvWriteParams p{.qkv = qkv.data(),
+                        .positions = positions.data(),
+                        .num_tokens = T,
+                        .num_heads = nH,
+                        .num_kv_heads = nKV,
+                        .head_dim = hd,
+                        .rotary_dim = rot,
+                        .rope_factor = factor,
+                        .write_cache = false};
+  ASSERT_EQ(RotaryKvWriteCpu(p), KernelStatus::kOk);
+  for (int t = 0; t < T; ++t) {
+    for (int h = 0; h < nH + nKV; ++h) {
+      const float* x = in.data() + t * width + h * hd;
+      for (int d = 0; d < hd; ++d) {
+        const float got = qkv[t * width + h * hd + d];
+        if (d >= rot) {
+          ASSERT_EQ(got, x[d]);
+          continue;
+        }
+        const int j = d % half;
+        const double angle = positions[t] * std::pow(10000.0, -2.0 * j / rot) / factor;
+        const double ref = d < half ? x[j] * std::cos(angle) - x[j + half] * std::sin(angle)
+                                    : x[j + half] * std::cos(angle) + x[j] * std::sin(angle);
+        const double mag = std::fabs(x[j]) + std::fabs(x[j + half]);
+        ASSERT_NEAR(got, ref, 2.0 * (4.0 * positions[t] + 4.0) * kF32Unit * mag)
+            << "t=" << t << " h=" << h << " d=" << d;
+      }
+    }
+  }
+  p.rope_factor = 0.0f;  // no scaling is 1, not 0
+  EXPECT_EQ(RotaryKvWriteCpu(p), KernelStatus::kInvalidShape);
+}
+
 // The q / k LayerNorm (RotaryKvWriteParams::q_norm_w, HF qk_layernorm): each Q and K head is
 // normalised over head_dim with its own weight / bias pair (q_* for Q heads, k_* for K heads),
 // then rotated; compared with a naive double LayerNorm + rotate-half. V and padding stay as they

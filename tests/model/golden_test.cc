@@ -188,7 +188,8 @@ TEST_P(RandomWeightGolden, MatchesTransformersFloat32) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, RandomWeightGolden,
-                         ::testing::Values("phi-mha-hd64", "phi-gqa-hd80", "phi-qkln-tied"));
+                         ::testing::Values("phi-mha-hd64", "phi-gqa-hd80", "phi-qkln-tied",
+                                           "phi-rope-linear"));
 
 // The fixtures must exercise what they are named for, or the test above proves less.
 TEST(RandomWeightGoldenFixtures, CoverWhatTheyAreNamedFor) {
@@ -208,6 +209,10 @@ TEST(RandomWeightGoldenFixtures, CoverWhatTheyAreNamedFor) {
   EXPECT_TRUE((*qkln)->config().qk_layernorm);
   EXPECT_TRUE((*qkln)->config().tie_word_embeddings);
   EXPECT_LT((*qkln)->config().num_key_value_heads, (*qkln)->config().num_attention_heads);
+  // Linear RoPE scaling, written in the 4.x layout's rope_scaling.
+  absl::StatusOr<std::unique_ptr<CpuPhiModel>> lin = CpuPhiModel::Load(kGolden / "phi-rope-linear");
+  ASSERT_TRUE(lin.ok()) << lin.status();
+  EXPECT_EQ((*lin)->config().rope_linear_factor, 2.0);
 }
 
 TEST(TinyPhiCodeGolden, MatchesTransformersFloat32) {

@@ -297,8 +297,8 @@ TEST(PhiConfig, UnsupportedFeaturesAreUnimplemented) {
   json j = Phi2Config();
   j["rope_scaling"] = {{"type", "dynamic"}, {"factor", 2.0}};
   ExpectError(j, absl::StatusCode::kUnimplemented, {"rope_scaling.type", "dynamic"});
-  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
-  ExpectError(j, absl::StatusCode::kUnimplemented, {"rope_scaling.rope_type", "linear"});
+  j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 2.0}};
+  ExpectError(j, absl::StatusCode::kUnimplemented, {"rope_scaling.rope_type", "llama3"});
   j = Phi2ConfigV5();
   j["rope_parameters"]["rope_type"] = "yarn";
   ExpectError(j, absl::StatusCode::kUnimplemented, {"rope_parameters.rope_type", "yarn"});
@@ -319,12 +319,34 @@ TEST(PhiConfig, QkLayerNormParsed) {
   EXPECT_FALSE(c->qk_layernorm);
 }
 
+// Linear RoPE scaling in both layouts (4.x rope_scaling with "type", 5.x rope_parameters with
+// "rope_type"); rope_parameters wins over a stale rope_scaling; the factor is required.
+TEST(PhiConfig, LinearRopeScalingParsed) {
+  json j = Phi2Config();
+  j["rope_scaling"] = {{"type", "linear"}, {"factor", 2.5}};
+  auto c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_linear_factor, 2.5);
+  j = Phi2ConfigV5();
+  j["rope_parameters"]["rope_type"] = "linear";
+  j["rope_parameters"]["factor"] = 4;
+  j["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  c = Parse(j);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_linear_factor, 4.0);
+  j["rope_parameters"].erase("factor");
+  ExpectError(j, absl::StatusCode::kInvalidArgument, {"rope_parameters.factor", "missing"});
+  j["rope_parameters"]["factor"] = -2.0;
+  ExpectError(j, absl::StatusCode::kInvalidArgument, {"rope_parameters.factor"});
+}
+
 TEST(PhiConfig, IdentityRopeScalingAccepted) {
   json j = Phi2Config();
   j["rope_scaling"] = {{"type", "linear"}, {"factor", 1.0}};
   EXPECT_TRUE(Parse(j).ok());
   j["rope_scaling"] = {{"rope_type", "default"}};
   EXPECT_TRUE(Parse(j).ok());
+  EXPECT_EQ(Parse(j)->rope_linear_factor, 1.0);
 }
 
 TEST(PhiConfig, RopeParametersWinOverStaleTopLevel) {

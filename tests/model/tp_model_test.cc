@@ -266,6 +266,8 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"qkln_tied", kGolden / "phi-qkln-tied", kGolden / "phi-qkln-tied/golden.json", 2},
         Case{"qkln_tied_kv_replicated", kGolden / "phi-qkln-tied",
              kGolden / "phi-qkln-tied/golden.json", 4},
+        Case{"rope_linear", kGolden / "phi-rope-linear", kGolden / "phi-rope-linear/golden.json",
+             2},
         Case{"tiny_phi_code", kTiny, kGolden / "tiny-phi-code.json", 2},
         Case{"tiny_phi_code", kTiny, kGolden / "tiny-phi-code.json", 4}),
     [](const ::testing::TestParamInfo<Case>& info) {
