@@ -583,15 +583,14 @@ absl::StatusOr<LoraAdapter> LoraAdapter::LoadDir(const fs::path& dir, const PhiC
     }
   }
   std::sort(files.begin(), files.end());
+  // As peft: adapter_model.safetensors, else the PyTorch checkpoint older peft versions wrote
+  // (model/torch_checkpoint.h: a restricted reader, no pickle code runs).
+  if (files.empty() && fs::is_regular_file(dir / "adapter_model.bin", ec)) {
+    files.push_back(dir / "adapter_model.bin");
+  }
   if (files.empty()) {
-    if (fs::exists(dir / "adapter_model.bin", ec)) {
-      return absl::NotFoundError(absl::StrCat(
-          "adapter directory '", dir.string(),
-          "' has only adapter_model.bin (a PyTorch pickle); "
-          "pickle checkpoints are not loaded: convert it to adapter_model.safetensors"));
-    }
-    return absl::NotFoundError(
-        absl::StrCat("adapter directory '", dir.string(), "' has no *.safetensors file"));
+    return absl::NotFoundError(absl::StrCat("adapter directory '", dir.string(),
+                                            "' has no *.safetensors file (nor adapter_model.bin)"));
   }
   absl::StatusOr<std::unique_ptr<WeightStore>> store = WeightStore::OpenFiles(files);
   if (!store.ok()) return store.status();

@@ -106,9 +106,10 @@ class LoraAdapter {
   // SetModule).
   LoraAdapter(std::string name, int num_layers);
 
-  // Loads `dir` for a base model with config `base`. NOT_FOUND: the directory, its
-  // adapter_config.json or its safetensors are missing (a directory with only the pickle
-  // adapter_model.bin says so); the other errors as described at the top of this file.
+  // Loads `dir` for a base model with config `base`: its *.safetensors, else the PyTorch
+  // checkpoint adapter_model.bin (model/torch_checkpoint.h). NOT_FOUND: the directory, its
+  // adapter_config.json or both weight forms are missing; the other errors as described at the
+  // top of this file.
   static absl::StatusOr<LoraAdapter> LoadDir(const std::filesystem::path& dir,
                                              const PhiConfig& base);
 

@@ -9,16 +9,20 @@
 #include <bit>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <optional>
 #include <set>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
+#include "common/status_macros.h"
 #include "model/json_depth.h"
 #include "model/text_file.h"
+#include "model/torch_checkpoint.h"
 #include "nlohmann/json.hpp"
 
 namespace phishard {
@@ -62,7 +66,7 @@ int UnsupportedDTypeBits(std::string_view s) {
 std::string UnsupportedDTypeMessage(std::string_view file, std::string_view dtype,
                                     std::string_view tensor) {
   return absl::StrFormat(
-      "safetensors file '%s': unsupported dtype %s for tensor '%s' (phishard loads only F32, "
+      "weight file '%s': unsupported dtype %s for tensor '%s' (phishard loads only F32, "
       "F16, BF16)",
       file, dtype, tensor);
 }
@@ -305,12 +309,11 @@ uint16_t FloatToBF16(float f) { return FloatToBF16Impl(f); }
 // ---------------------------------------------------------------------------------------------
 // SafetensorsFile
 
-SafetensorsFile::~SafetensorsFile() {
+WeightFile::~WeightFile() {
   if (map_ != nullptr) munmap(map_, map_size_);
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs::path& path) {
-  const std::string where = absl::StrCat("safetensors file '", path.string(), "'");
+absl::Status WeightFile::Map(const fs::path& path, const std::string& where, uint64_t min_bytes) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -325,10 +328,10 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs:
     return absl::InvalidArgumentError(absl::StrCat(where, " is not a regular file"));
   }
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
-  if (file_size < 8) {
+  if (file_size < min_bytes) {
     ::close(fd);
     return absl::InvalidArgumentError(absl::StrFormat(
-        "%s is %d bytes, shorter than the 8-byte header length field", where, file_size));
+        "%s is %d bytes, too short to be one (at least %d)", where, file_size, min_bytes));
   }
   void* map = mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
   const int map_err = errno;
@@ -337,11 +340,19 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs:
     return absl::InternalError(
         absl::StrCat("mmap of ", where, " failed: ", std::strerror(map_err)));
   }
+  path_ = path;
+  map_ = map;
+  map_size_ = file_size;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs::path& path) {
+  const std::string where = absl::StrCat("safetensors file '", path.string(), "'");
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
-  file->path_ = path;
-  file->map_ = map;
-  file->map_size_ = file_size;
-  const auto* bytes = static_cast<const std::byte*>(map);
+  // 8 bytes: the header length field.
+  PHI_RETURN_IF_ERROR(file->Map(path, where, 8));
+  const uint64_t file_size = file->map_size_;
+  const auto* bytes = static_cast<const std::byte*>(file->map_);
 
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | std::to_integer<uint64_t>(bytes[i]);
@@ -499,6 +510,24 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const fs:
   return file;
 }
 
+absl::StatusOr<std::unique_ptr<WeightFile>> OpenWeightFile(const fs::path& path) {
+  // A ZIP archive (torch.save) starts with a local file header; so do only PyTorch checkpoints
+  // among weight files. Without one the name decides (a .bin / .pt / .pth of the legacy format
+  // gets the PyTorch reader's message).
+  char magic[4] = {};
+  std::ifstream(path, std::ios::binary).read(magic, sizeof(magic));
+  const bool zip = std::memcmp(magic, "PK\x03\x04", 4) == 0;
+  const fs::path ext = path.extension();
+  if (!zip && ext != ".bin" && ext != ".pt" && ext != ".pth") {
+    absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(path);
+    if (!f.ok()) return f.status();
+    return std::unique_ptr<WeightFile>(*std::move(f));
+  }
+  absl::StatusOr<std::unique_ptr<TorchCheckpointFile>> f = TorchCheckpointFile::Open(path);
+  if (!f.ok()) return f.status();
+  return std::unique_ptr<WeightFile>(*std::move(f));
+}
+
 // ---------------------------------------------------------------------------------------------
 // WeightStore
 
@@ -507,7 +536,7 @@ absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenFiles(
   if (files.empty()) return absl::InvalidArgumentError("WeightStore::OpenFiles: no files given");
   std::unique_ptr<WeightStore> store(new WeightStore());
   for (const fs::path& p : files) {
-    absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(p);
+    absl::StatusOr<std::unique_ptr<WeightFile>> f = OpenWeightFile(p);
     if (!f.ok()) return f.status();
     for (const auto& [name, view] : (*f)->tensors()) {
       if (absl::Status s = store->AddName(name, view.file); !s.ok()) return s;
@@ -522,41 +551,63 @@ absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenFiles(
   return store;
 }
 
+namespace {
+
+// The files of one weight format in a directory (is_regular_file follows symlinks: HF cache
+// snapshots are links into blobs/).
+absl::StatusOr<std::vector<fs::path>> FilesWithExtension(const fs::path& dir,
+                                                         std::string_view ext) {
+  std::error_code ec;
+  std::vector<fs::path> files;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+    if (e.path().extension() == ext && fs::is_regular_file(e.path(), ec)) files.push_back(e.path());
+  }
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("cannot list directory '", dir.string(), "': ", ec.message()));
+  }
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenDir(const fs::path& dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
     return absl::NotFoundError(
         absl::StrCat("model directory '", dir.string(), "' does not exist or is not a directory"));
   }
-  const fs::path index_path = dir / "model.safetensors.index.json";
+  // Safetensors first, as transformers; PyTorch checkpoints only when there is none.
+  for (const auto& [single, index, ext] :
+       {std::tuple{"model.safetensors", "model.safetensors.index.json", ".safetensors"},
+        std::tuple{"pytorch_model.bin", "pytorch_model.bin.index.json", ".bin"}}) {
+    absl::StatusOr<std::vector<fs::path>> files = FilesWithExtension(dir, ext);
+    if (!files.ok()) return files.status();
+    if (!files->empty() || fs::exists(dir / index, ec)) {
+      return OpenDirFormat(dir, single, index, *std::move(files));
+    }
+  }
+  return absl::NotFoundError(
+      absl::StrCat("no *.safetensors (or PyTorch *.bin) weight files in "
+                   "model directory '",
+                   dir.string(), "'"));
+}
+
+absl::StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenDirFormat(
+    const fs::path& dir, const std::string& single, const std::string& index_name,
+    std::vector<fs::path> all_files) {
+  std::error_code ec;
+  const fs::path index_path = dir / index_name;
   // Hugging Face's order: a single model.safetensors wins over an index (a directory re-saved
   // unsharded often keeps the old index, whose shards may be gone).
-  const fs::path single_path = dir / "model.safetensors";
+  const fs::path single_path = dir / single;
   if (fs::exists(index_path, ec) && fs::is_regular_file(single_path, ec)) {
-    PHI_LOG(WARNING) << "'" << dir.string() << "' has both model.safetensors and "
-                     << "model.safetensors.index.json: loading model.safetensors (Hugging Face "
-                        "order), ignoring the index";
+    PHI_LOG(WARNING) << "'" << dir.string() << "' has both " << single << " and " << index_name
+                     << ": loading " << single << " (Hugging Face order), ignoring the index";
     return OpenFiles({single_path});
   }
-  if (!fs::exists(index_path, ec)) {
-    std::vector<fs::path> files;
-    for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
-      // is_regular_file follows symlinks: HF cache snapshots are links into blobs/.
-      if (e.path().extension() == ".safetensors" && fs::is_regular_file(e.path(), ec)) {
-        files.push_back(e.path());
-      }
-    }
-    if (ec) {
-      return absl::InternalError(
-          absl::StrCat("cannot list directory '", dir.string(), "': ", ec.message()));
-    }
-    if (files.empty()) {
-      return absl::NotFoundError(
-          absl::StrCat("no *.safetensors files in model directory '", dir.string(), "'"));
-    }
-    std::sort(files.begin(), files.end());
-    return OpenFiles(files);
-  }
+  if (!fs::exists(index_path, ec)) return OpenFiles(all_files);
 
   const std::string where = absl::StrCat("index '", index_path.string(), "'");
   absl::StatusOr<std::string> text = ReadTextFile(index_path);

@@ -34,23 +34,27 @@ struct TensorView {
   int64_t numel() const;
 };
 
-// One mmapped .safetensors file.
-class SafetensorsFile {
+// One mmapped weight file: a .safetensors file (SafetensorsFile) or a PyTorch checkpoint
+// (TorchCheckpointFile, model/torch_checkpoint.h).
+class WeightFile {
  public:
-  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::filesystem::path& path);
-  ~SafetensorsFile();
-  SafetensorsFile(const SafetensorsFile&) = delete;
-  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+  virtual ~WeightFile();
+  WeightFile(const WeightFile&) = delete;
+  WeightFile& operator=(const WeightFile&) = delete;
 
   // Tensors phishard can read (F32, F16, BF16).
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
-  // Well-formed tensors of any other safetensors dtype, name -> dtype ("I64", "BOOL", ...):
-  // range-checked like the others, never readable (see UnsupportedDTypeBits).
+  // Well-formed tensors of any other dtype, name -> dtype ("I64", "BOOL", ...): range-checked
+  // like the others, never readable (see UnsupportedDTypeBits).
   const std::map<std::string, std::string>& unsupported() const { return unsupported_; }
   const std::filesystem::path& path() const { return path_; }
 
- private:
-  SafetensorsFile() = default;
+ protected:
+  WeightFile() = default;
+  // Maps `path` read-only into map_ / map_size_ (path_ set); `where` names it in errors, and a
+  // file shorter than min_bytes is INVALID_ARGUMENT.
+  absl::Status Map(const std::filesystem::path& path, const std::string& where, uint64_t min_bytes);
+
   std::filesystem::path path_;
   void* map_ = nullptr;
   size_t map_size_ = 0;
@@ -58,9 +62,24 @@ class SafetensorsFile {
   std::map<std::string, std::string> unsupported_;
 };
 
+// One mmapped .safetensors file.
+class SafetensorsFile : public WeightFile {
+ public:
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::filesystem::path& path);
+
+ private:
+  SafetensorsFile() = default;
+};
+
+// A weight file: a ZIP archive or a *.bin / *.pt / *.pth as a PyTorch checkpoint
+// (pytorch_model.bin, adapter_model.bin), anything else as SafetensorsFile.
+absl::StatusOr<std::unique_ptr<WeightFile>> OpenWeightFile(const std::filesystem::path& path);
+
 // All weights of a model directory: model.safetensors when both it and an index exist (Hugging
 // Face's order), else model.safetensors.index.json when present (only the files it names), else
-// every *.safetensors file in the directory. A name in two files is an error.
+// every *.safetensors file in the directory; without any of them the same for PyTorch
+// checkpoints (pytorch_model.bin, pytorch_model.bin.index.json, every *.bin). A name in two
+// files is an error.
 class WeightStore {
  public:
   static absl::StatusOr<std::unique_ptr<WeightStore>> OpenDir(const std::filesystem::path& dir);
@@ -86,10 +105,15 @@ class WeightStore {
                         std::vector<uint16_t>* out) const;
 
  private:
+  // OpenDir for one format: `single` (model.safetensors / pytorch_model.bin) when it and `index`
+  // exist, else `index` when it exists, else all_files (the directory's files of the format).
+  static absl::StatusOr<std::unique_ptr<WeightStore>> OpenDirFormat(
+      const std::filesystem::path& dir, const std::string& single, const std::string& index,
+      std::vector<std::filesystem::path> all_files);
   // Records `name` as held by `file`; a name already held is an error naming both files.
   absl::Status AddName(const std::string& name, const std::string& file);
 
-  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::vector<std::unique_ptr<WeightFile>> files_;
   std::map<std::string, const TensorView*, std::less<>> index_;  // readable tensors
   std::map<std::string, std::string, std::less<>> unsupported_;  // name -> Get's error
   std::map<std::string, std::string, std::less<>> files_of_;     // every name -> its file

@@ -65,7 +65,7 @@ absl::Status CheckIdSyntax(const std::string& id) {
 }
 
 bool IsAdapterFile(const fs::path& name) {
-  return name == "adapter_config.json" || name == "config.json" ||
+  return name == "adapter_config.json" || name == "config.json" || name == "adapter_model.bin" ||
          name.extension() == ".safetensors";
 }
 

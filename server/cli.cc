@@ -365,7 +365,8 @@ int RunCli(int argc, char** argv) {
       ->delimiter(':');
   int dl_embedding_dim = -1;
   d->add_option("--embedding-dim", dl_embedding_dim, "Accepted, no effect");
-  AddBool(d, "auto-convert", &dl.auto_convert, "Accepted; .bin weights are never converted");
+  AddBool(d, "auto-convert", &dl.auto_convert,
+          "Accepted; PyTorch .bin weights need no conversion (read as they are)");
   d->add_option("--api-token", dl.api_token, "Accepted, no effect (no network access)");
 
   // ---- tokenize ----

@@ -80,10 +80,19 @@ absl::StatusOr<std::vector<fs::path>> WeightFiles(const fs::path& dir,
       files.push_back(entry.path());
     }
   }
+  if (files.empty() && extension == ".safetensors") {
+    // As serve (WeightStore::OpenDir): a directory with only PyTorch checkpoints is read as it
+    // is (model/torch_checkpoint.h), where upstream would convert it to safetensors first.
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+      if (entry.is_regular_file(ec) && entry.path().extension() == ".bin") {
+        files.push_back(entry.path());
+      }
+    }
+  }
   if (files.empty()) {
-    return absl::NotFoundError(
-        absl::StrCat("no *", extension, " weight files in ", dir.string(),
-                     " (this shard reads local files only and converts nothing)"));
+    return absl::NotFoundError(absl::StrCat("no *", extension,
+                                            " (or PyTorch *.bin) weight files in ", dir.string(),
+                                            " (this shard reads local files only)"));
   }
   return files;
 }

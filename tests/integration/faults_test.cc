@@ -465,9 +465,10 @@ TEST(Security, NoTcpListenerUnlessAskedAndLoopbackByDefault) {
       << tcp_shard.process->out();
 }
 
-TEST(Security, PickleOnlyModelIsRefused) {
-  // A model directory whose weights exist only as a PyTorch pickle: never unpickled, refused
-  // before any socket exists.
+TEST(Security, HostilePickleModelIsRefused) {
+  // A model directory whose weights exist only as a PyTorch checkpoint whose pickle calls
+  // posix.system (tests/data/torch/misc/evil.bin): the restricted reader
+  // (model/torch_checkpoint.h) runs nothing and refuses it by name, before any socket exists.
   TempDir dir;
   const fs::path model = fs::path(dir.path()) / "model";
   fs::create_directories(model);
@@ -475,13 +476,17 @@ TEST(Security, PickleOnlyModelIsRefused) {
        {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}) {
     fs::copy_file(fs::path(integration::DemoModel()) / f, model / f);
   }
-  std::ofstream(model / "pytorch_model.bin") << "\x80\x02}q\x00(X\x05\x00\x00\x00torchq";
+  fs::copy_file(fs::path(integration::DemoModel()).parent_path().parent_path() / "tests" / "data" /
+                    "torch" / "misc" / "evil.bin",
+                model / "pytorch_model.bin");
+  fs::remove("/tmp/phishard-pwned");
   integration::ShardProcess p(integration::BinaryPath(),
                               integration::ServeArgs(model.string(), dir / "s"), dir.path(),
                               integration::CleanEnv());
   EXPECT_EQ(p.Wait(60), 1) << p.Logs();
-  EXPECT_NE(p.err().find("safetensors"), std::string::npos) << p.Logs();
+  EXPECT_NE(p.err().find("posix.system is not allowed"), std::string::npos) << p.Logs();
   EXPECT_FALSE(fs::exists(dir / "s-0"));
+  EXPECT_FALSE(fs::exists("/tmp/phishard-pwned"));
 }
 
 TEST(Security, SocketIsNeverConnectableByOthersEvenUnderUmaskZero) {

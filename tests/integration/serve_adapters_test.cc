@@ -545,7 +545,7 @@ TEST_F(ServeAdapters, MalformedAdaptersAreRejectedAndTheShardKeepsServing) {
       {"bad_json", pb::LOCAL, grpc::StatusCode::INVALID_ARGUMENT, "adapter 'bad_json'"},
       {"dora", pb::LOCAL, grpc::StatusCode::UNIMPLEMENTED, "DoRA"},
       {"wrong_rank", pb::LOCAL, grpc::StatusCode::INVALID_ARGUMENT, "adapter 'wrong_rank'"},
-      {"pickle_only", pb::LOCAL, grpc::StatusCode::NOT_FOUND, "adapter_model.bin"},
+      {"pickle_only", pb::LOCAL, grpc::StatusCode::INVALID_ARGUMENT, "adapter_model.bin"},
       {"truncated", pb::LOCAL, grpc::StatusCode::INVALID_ARGUMENT, "adapter 'truncated'"},
       {"medusa", pb::LOCAL, grpc::StatusCode::UNIMPLEMENTED, "Medusa"},
       {"not_lora", pb::LOCAL, grpc::StatusCode::UNIMPLEMENTED, "peft_type = \"IA3\""},

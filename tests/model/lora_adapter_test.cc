@@ -294,14 +294,16 @@ TEST_F(MalformedAdapter, CorruptSafetensors) {
   EXPECT_THAT(std::string(st.message()), HasSubstr("adapter_model.safetensors"));
 }
 
-TEST_F(MalformedAdapter, PickleOnly) {
+// adapter_model.bin is read (model/torch_checkpoint.h; real ones in torch_checkpoint_test): one
+// that is not a torch.save archive is INVALID_ARGUMENT naming the file.
+TEST_F(MalformedAdapter, BrokenPickleCheckpoint) {
   fs::create_directories(dir_.path());
   WriteText(dir_.path() / "adapter_config.json", config_.dump());
-  WriteText(dir_.path() / "adapter_model.bin", "PK\x03\x04 pretend pickle");
+  WriteText(dir_.path() / "adapter_model.bin", "PK\x03\x04 pretend pickle, with no ZIP directory");
   const absl::Status st = LoraAdapter::LoadDir(dir_.path(), TinyConfig()).status();
-  EXPECT_EQ(st.code(), absl::StatusCode::kNotFound) << st;
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
   EXPECT_THAT(std::string(st.message()),
-              AllOf(HasSubstr("adapter_model.bin"), HasSubstr("safetensors")));
+              AllOf(HasSubstr("adapter_model.bin"), HasSubstr("not a ZIP archive")));
 }
 
 TEST_F(MalformedAdapter, PathsWithoutFiles) {

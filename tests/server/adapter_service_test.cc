@@ -262,7 +262,7 @@ TEST_F(AdapterServiceTest, MalformedAdaptersFailCleanlyAndNothingChanges) {
       {"bad_json", absl::StatusCode::kInvalidArgument},
       {"wrong_rank", absl::StatusCode::kInvalidArgument},
       {"dora", absl::StatusCode::kUnimplemented},
-      {"pickle", absl::StatusCode::kNotFound},
+      {"pickle", absl::StatusCode::kInvalidArgument},  // not a torch.save archive
       {"truncated", absl::StatusCode::kInvalidArgument},
   };
   for (const auto& [name, code] : cases) {
