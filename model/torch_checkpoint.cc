@@ -278,7 +278,7 @@ class Unpickler {
         case 0x86:
         case 0x87: {  // TUPLE1..3
           const size_t k = op - 0x84;
-          if (stack_.size() < k) return Bad("stack underflow");
+          if (stack_.size() < k + Floor()) return Bad("stack underflow");
           ValuePtr v = Make(Value::kTuple);
           v->items.assign(stack_.end() - k, stack_.end());
           stack_.resize(stack_.size() - k);
@@ -354,7 +354,7 @@ class Unpickler {
         case 'u': {  // SETITEM, SETITEMS
           std::vector<ValuePtr> kv;
           if (op == 's') {
-            if (stack_.size() < 3) return Bad("stack underflow");
+            if (stack_.size() < 3 + Floor()) return Bad("stack underflow");
             kv.assign(stack_.end() - 2, stack_.end());
             stack_.resize(stack_.size() - 2);
           } else {
@@ -418,10 +418,11 @@ class Unpickler {
     stack_.push_back(std::move(v));
     return absl::OkStatus();
   }
+  // The stack's lowest slot above the innermost MARK: values below it are not the current
+  // opcode's to take.
+  size_t Floor() const { return marks_.empty() ? 0 : marks_.back(); }
   absl::Status Pop(ValuePtr* v) {
-    if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) {
-      return Bad("stack underflow");
-    }
+    if (stack_.size() <= Floor()) return Bad("stack underflow");
     *v = std::move(stack_.back());
     stack_.pop_back();
     return absl::OkStatus();
@@ -430,6 +431,7 @@ class Unpickler {
     if (marks_.empty()) return Bad("no MARK");
     const size_t m = marks_.back();
     marks_.pop_back();
+    if (m > stack_.size()) return Bad("MARK above the stack");
     items->assign(stack_.begin() + m, stack_.end());
     stack_.resize(m);
     return absl::OkStatus();
@@ -560,13 +562,15 @@ absl::StatusOr<std::unique_ptr<TorchCheckpointFile>> TorchCheckpointFile::Open(
       return absl::InvalidArgumentError(absl::StrCat(
           where, ": tensor '", name, "' is not contiguous (save tensor.contiguous())"));
     }
-    const uint64_t begin = static_cast<uint64_t>(value->offset) * elem;
-    if (static_cast<uint64_t>(value->offset) > entry->second.size ||
-        numel * elem > entry->second.size - std::min(begin, entry->second.size) ||
-        begin > entry->second.size) {
+    // offset + numel elements within the storage's bytes (each step overflow-free: numel and
+    // offset are first bounded by the entry size, elem <= 8).
+    const uint64_t bytes = entry->second.size;
+    const uint64_t off = static_cast<uint64_t>(value->offset);
+    if (off > bytes / elem || numel > bytes / elem || off * elem + numel * elem > bytes) {
       return absl::InvalidArgumentError(
           absl::StrCat(where, ": tensor '", name, "' runs past its storage"));
     }
+    const uint64_t begin = off * elem;
     if (file->tensors_.count(name) || file->unsupported_.count(name)) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": tensor '", name, "' twice"));
     }
