@@ -229,15 +229,17 @@ absl::StatusOr<PhiConfig> ParsePhiConfig(std::string_view json_text, std::string
 
   c.hidden_act_name = "gelu_new";
   PHI_RETURN_IF_ERROR(f.OptionalString("hidden_act", &c.hidden_act_name));
+  // transformers' ACT2FN names of the two GELUs: the tanh form (gelu_accurate is the same
+  // formula with its constant precomputed) and the exact erf form (gelu_python spells it out).
   if (c.hidden_act_name == "gelu_new" || c.hidden_act_name == "gelu_pytorch_tanh" ||
-      c.hidden_act_name == "gelu_fast") {
+      c.hidden_act_name == "gelu_fast" || c.hidden_act_name == "gelu_accurate") {
     c.hidden_act = Activation::kGeluTanh;
-  } else if (c.hidden_act_name == "gelu") {
+  } else if (c.hidden_act_name == "gelu" || c.hidden_act_name == "gelu_python") {
     c.hidden_act = Activation::kGeluErf;
   } else {
     return f.Error("hidden_act",
                    absl::StrFormat("= \"%s\" is not supported (gelu_new, gelu_pytorch_tanh, "
-                                   "gelu_fast, gelu)",
+                                   "gelu_fast, gelu_accurate, gelu, gelu_python)",
                                    c.hidden_act_name));
   }
 

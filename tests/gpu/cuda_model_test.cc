@@ -360,6 +360,27 @@ TEST(CudaVsCpu, RandomHd48Bf16) {
                        "bfloat16");
 }
 
+// A model whose weights are a PyTorch checkpoint (model/torch_checkpoint.h; the fixture is
+// tests/golden/phi-mha-hd64's state dict saved by torch): the same device weights, so the same
+// logits bit for bit as from model.safetensors.
+TEST(CudaPhiModel, PytorchBinCheckpointGivesTheSameLogits) {
+  PHI_REQUIRE_GPU();
+  auto logits = [](const fs::path& dir) {
+    std::unique_ptr<CudaPhiModel> m = LoadCuda(dir);
+    EXPECT_TRUE(m);
+    if (!m) return std::vector<float>();
+    EXPECT_TRUE(m->AllocateKvCache(8, kKvBlockSize).ok());
+    std::vector<float> out;
+    const absl::Status s =
+        m->Forward(OneSequence({5, 17, 300, 42, 7, 99, 511, 0, 12}, 0, Blocks(0, 9), true), &out);
+    EXPECT_TRUE(s.ok()) << s;
+    return out;
+  };
+  const std::vector<float> from_bin = logits(kRepo / "tests" / "data" / "torch" / "model-bin");
+  ASSERT_FALSE(from_bin.empty());
+  EXPECT_EQ(from_bin, logits(kGolden / "phi-mha-hd64"));
+}
+
 // ---------------------------------------------------------------------------------------------
 TEST(CudaPhiModel, RejectsBadInputsWithClearErrors) {
   PHI_REQUIRE_GPU();

@@ -364,10 +364,9 @@ TEST(PhiConfig, RopeParametersWinOverStaleTopLevel) {
 
 TEST(PhiConfig, Activations) {
   const std::vector<std::pair<std::string, Activation>> ok = {
-      {"gelu_new", Activation::kGeluTanh},
-      {"gelu_pytorch_tanh", Activation::kGeluTanh},
-      {"gelu_fast", Activation::kGeluTanh},
-      {"gelu", Activation::kGeluErf}};
+      {"gelu_new", Activation::kGeluTanh},  {"gelu_pytorch_tanh", Activation::kGeluTanh},
+      {"gelu_fast", Activation::kGeluTanh}, {"gelu_accurate", Activation::kGeluTanh},
+      {"gelu", Activation::kGeluErf},       {"gelu_python", Activation::kGeluErf}};
   for (const auto& [name, act] : ok) {
     json j = Phi2Config();
     j["hidden_act"] = name;
