@@ -112,9 +112,8 @@ absl::Status CudaPhiModel::ReserveMegaDecode() {
 }
 
 absl::StatusOr<bool> CudaPhiModel::TryEnqueueMegaDecode(const StepInputs& in) {
-  // (The megakernel rotates q / k itself: no q / k LayerNorm, no RoPE scaling.)
   if (!mega_on_ || in.tokens != 1 || lora_->active() || shard_.sharded() || kv_ == nullptr ||
-      mega_buf_ == nullptr || config_.qk_layernorm || config_.rope_linear_factor != 1.0) {
+      mega_buf_ == nullptr || !PlainRotary()) {
     return false;
   }
   const PhiConfig& c = config_;

@@ -555,6 +555,10 @@ class CudaPhiModel final : public ModelBackend {
   // Whether a decode step of `rows` rows (its bucket; after PlanLora) goes through the decode
   // stream, and whether the stream's steps end with the LM head form (TryEnqueueStreamDecode).
   bool StreamTakesDecode(int rows) const;
+  // Whether the fused decode forms that rotate q / k themselves (the attention's fold, the decode
+  // stream's attention, the megakernel) may run: plain RoPE, no q / k LayerNorm (PhiConfig::
+  // qk_layernorm) and no RoPE scaling, which only RotaryKvWriteCuda applies.
+  bool PlainRotary() const { return !config_.qk_layernorm && config_.rope_linear_factor == 1.0; }
   bool StreamHeadForm() const;
   // `host_row0`: the step's only logit row, row 0, is written into logits_host_ by the step
   // itself (set_decode_stream_host_logits; its first word held a sentinel before).

@@ -222,8 +222,7 @@ absl::Status CudaPhiModel::EnqueueLayers(const StepInputs& in) {
   // kernels/cuda/paged_decode_cuda.h).
   const bool fold_attention = in.decode && (T <= decode_fold_rows_ || in.fold_short) &&
                               in.merge_counters != nullptr && !lora && !shard_.sharded() &&
-                              in.chunks == nullptr && !config_.qk_layernorm &&
-                              config_.rope_linear_factor == 1.0;
+                              in.chunks == nullptr && PlainRotary();
   if (fold_attention) {
     ++decode_fold_steps_;
     decode_plan.merge_counters = in.merge_counters;

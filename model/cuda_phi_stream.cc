@@ -92,9 +92,8 @@ absl::Status CudaPhiModel::set_decode_stream(bool on) {
   }
   // Shapes and device the kernels take (an unsupported model keeps the op-by-op path).
   const DecodeStreamParams shape = StreamShapeParams(c, dtype_);
-  // (Its attention rotates q / k itself: no q / k LayerNorm, no RoPE scaling.)
-  bool supported = !shard_.sharded() && !c.qk_layernorm && c.rope_linear_factor == 1.0 &&
-                   DecodeStreamCudaSupports(shape) && PagedDecodeCudaSupportsHeadDim(c.head_dim);
+  bool supported = !shard_.sharded() && PlainRotary() && DecodeStreamCudaSupports(shape) &&
+                   PagedDecodeCudaSupportsHeadDim(c.head_dim);
   for (const Layer& w : layers_) {
     for (const void* ptr : {w.qkv_w, w.fc1_w, w.ln_w, w.ln_b}) {
       supported = supported && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
