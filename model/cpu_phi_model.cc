@@ -20,10 +20,10 @@
 #include "kernels/gemm.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
-#include "kernels/rotary_kv_write.h"
 #include "kernels/sgmv.h"
 #include "model/kv_cache.h"
 #include "model/lora_shard.h"
+#include "model/rotary_params.h"
 
 namespace phishard {
 namespace {
@@ -520,27 +520,22 @@ absl::Status CpuPhiModel::Forward(const ForwardBatch& batch, std::vector<float>*
       PHI_RETURN_IF_ERROR(ApplyLora(s.lora_tokens, l, t, s.normed.data(), H,
                                     s.qkv.data() + qkv_offsets[static_cast<int>(t)], qkv_width));
     }
-    PHI_RETURN_IF_ERROR(KernelResult(
-        RotaryKvWriteCpu({.qkv = s.qkv.data(),
-                          .positions = batch.positions.data(),
-                          .slots = s.slots.data(),
-                          .k_cache = k_cache,
-                          .v_cache = v_cache,
-                          .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
-                          .block_size = kv_block_size_,
-                          .num_tokens = T,
-                          .num_heads = nH,
-                          .num_kv_heads = nKV,
-                          .head_dim = hd,
-                          .rotary_dim = c.rotary_dim,
-                          .theta = static_cast<float>(c.rope_theta),
-                          .rope_factor = static_cast<float>(c.rope_linear_factor),
-                          .q_norm_w = c.qk_layernorm ? w.q_norm_weight.data() : nullptr,
-                          .q_norm_b = w.q_norm_bias.data(),
-                          .k_norm_w = w.k_norm_weight.data(),
-                          .k_norm_b = w.k_norm_bias.data(),
-                          .norm_eps = c.layer_norm_eps}),
-        "rotary_kv_write"));
+    RotaryKvWriteParams rot = RotaryParamsOf(c);
+    rot.qkv = s.qkv.data();
+    rot.positions = batch.positions.data();
+    rot.slots = s.slots.data();
+    rot.k_cache = k_cache;
+    rot.v_cache = v_cache;
+    rot.num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_;
+    rot.block_size = kv_block_size_;
+    rot.num_tokens = T;
+    if (c.qk_layernorm) {
+      rot.q_norm_w = w.q_norm_weight.data();
+      rot.q_norm_b = w.q_norm_bias.data();
+      rot.k_norm_w = w.k_norm_weight.data();
+      rot.k_norm_b = w.k_norm_bias.data();
+    }
+    PHI_RETURN_IF_ERROR(KernelResult(RotaryKvWriteCpu(rot), "rotary_kv_write"));
     PHI_RETURN_IF_ERROR(
         KernelResult(PagedAttentionCpu({.q = s.qkv.data(),
                                         .k_cache = k_cache,

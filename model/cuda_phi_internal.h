@@ -13,10 +13,10 @@
 #include "kernels/cuda/paged_attention_cuda.h"
 #include "kernels/cuda/paged_decode_cuda.h"
 #include "kernels/paged_attention.h"
-#include "kernels/rotary_kv_write.h"
 #include "model/cuda_phi_model.h"
 #include "model/cuda_phi_tp_overlap.h"
 #include "model/phi_config.h"
+#include "model/rotary_params.h"
 #include "model/tp_prefill_split.h"
 
 namespace phishard {
@@ -75,28 +75,22 @@ inline RotaryKvWriteParams CudaPhiModel::LayerRotaryParams(int layer, void* qkv,
                                                            const int32_t* positions,
                                                            const int64_t* slots, int tokens,
                                                            void* k_cache, void* v_cache) const {
-  const PhiConfig& c = config_;
   const Layer& w = layers_[layer];
-  return RotaryKvWriteParams{.qkv = qkv,
-                             .positions = positions,
-                             .slots = slots,
-                             .k_cache = k_cache,
-                             .v_cache = v_cache,
-                             .num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_,
-                             .block_size = kv_block_size_,
-                             .num_tokens = tokens,
-                             .num_heads = c.num_attention_heads,
-                             .num_kv_heads = c.num_key_value_heads,
-                             .head_dim = c.head_dim,
-                             .rotary_dim = c.rotary_dim,
-                             .theta = static_cast<float>(c.rope_theta),
-                             .rope_factor = static_cast<float>(c.rope_linear_factor),
-                             .dtype = dtype_,
-                             .q_norm_w = w.q_norm_w,
-                             .q_norm_b = w.q_norm_b,
-                             .k_norm_w = w.k_norm_w,
-                             .k_norm_b = w.k_norm_b,
-                             .norm_eps = c.layer_norm_eps};
+  RotaryKvWriteParams p = RotaryParamsOf(config_);
+  p.qkv = qkv;
+  p.positions = positions;
+  p.slots = slots;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.num_slots = static_cast<int64_t>(kv_num_blocks_) * kv_block_size_;
+  p.block_size = kv_block_size_;
+  p.num_tokens = tokens;
+  p.dtype = dtype_;
+  p.q_norm_w = w.q_norm_w;
+  p.q_norm_b = w.q_norm_b;
+  p.k_norm_w = w.k_norm_w;
+  p.k_norm_b = w.k_norm_b;
+  return p;
 }
 
 // Attention of `tokens` query rows (q: the q heads of [tokens, qkv_width] device rows; out:
